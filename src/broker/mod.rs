@@ -1,0 +1,202 @@
+//! The broker core: vhosts, users, exchanges, queues, routing and delivery. No I/O.
+//!
+//! `server` drives it from AMQP connections (and `admin` from HTTP). Everything
+//! here is synchronous and short: locks are never held across an await.
+
+pub mod exchange;
+pub mod message;
+pub mod queue;
+pub mod vhost;
+
+use crate::config::Config;
+use crate::wire::FieldTable;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+pub use vhost::VHost;
+
+/// Message counters (monotonic totals); rates are derived by whoever samples them.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+    pub confirmed: AtomicU64,
+    pub redelivered: AtomicU64,
+    pub returned: AtomicU64,
+    pub unroutable: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Lets the broker (admin API, shutdown) close a connection it does not own.
+pub trait ConnectionControl: Send + Sync + std::fmt::Debug {
+    /// Close with 320 CONNECTION_FORCED and this reason.
+    fn force_close(&self, reason: &str);
+}
+
+/// What the broker knows of an open AMQP connection.
+#[derive(Debug)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    /// RabbitMQ-style name: `peer -> local`.
+    pub name: String,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub user: String,
+    pub vhost: String,
+    /// ms since the epoch.
+    pub connected_at: u64,
+    pub client_properties: FieldTable,
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub heartbeat: u16,
+    pub channels: AtomicU32,
+    pub control: Arc<dyn ConnectionControl>,
+}
+
+/// A broker user.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    password: String,
+    pub tags: Vec<String>,
+    /// May only connect from loopback addresses.
+    pub loopback_only: bool,
+}
+
+/// Why a login failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginError {
+    /// Unknown user or wrong password.
+    Refused,
+    /// The user may only connect from localhost.
+    LoopbackOnly,
+}
+
+/// Shared state of one broker instance.
+#[derive(Debug)]
+pub struct Broker {
+    vhosts: RwLock<HashMap<String, Arc<VHost>>>,
+    users: RwLock<HashMap<String, User>>,
+    next_connection_id: AtomicU64,
+    connections: RwLock<HashMap<u64, Arc<ConnectionInfo>>>,
+    /// Broker-wide message totals.
+    pub counters: Counters,
+}
+
+impl Broker {
+    pub fn new(config: &Config) -> Arc<Broker> {
+        let broker = Broker {
+            vhosts: RwLock::new(HashMap::new()),
+            users: RwLock::new(HashMap::new()),
+            next_connection_id: AtomicU64::new(1),
+            connections: RwLock::new(HashMap::new()),
+            counters: Counters::default(),
+        };
+        broker.add_vhost("/");
+        broker.users.write().insert(
+            config.default_user.clone(),
+            User {
+                name: config.default_user.clone(),
+                password: config.default_pass.clone(),
+                tags: vec!["administrator".into()],
+                loopback_only: config.default_user_loopback_only,
+            },
+        );
+        Arc::new(broker)
+    }
+
+    pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
+        Arc::clone(
+            self.vhosts
+                .write()
+                .entry(name.to_string())
+                .or_insert_with(|| VHost::new(name)),
+        )
+    }
+
+    pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
+        self.vhosts.read().get(name).cloned()
+    }
+
+    pub fn vhosts(&self) -> Vec<Arc<VHost>> {
+        self.vhosts.read().values().cloned().collect()
+    }
+
+    /// Periodic work of every vhost (TTL, queue expiry, delayed messages).
+    pub fn tick(&self, now: u64) {
+        for vhost in self.vhosts() {
+            vhost.tick(now);
+        }
+    }
+
+    /// A fresh id for a connection (used for exclusive ownership and consumers).
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn register_connection(&self, info: Arc<ConnectionInfo>) {
+        self.connections.write().insert(info.id, info);
+    }
+
+    pub fn unregister_connection(&self, id: u64) {
+        self.connections.write().remove(&id);
+    }
+
+    pub fn connections(&self) -> Vec<Arc<ConnectionInfo>> {
+        self.connections.read().values().cloned().collect()
+    }
+
+    /// Close the connection named `name` (or with id `id`); false if unknown.
+    pub fn close_connection(&self, name: &str, reason: &str) -> bool {
+        let found = self
+            .connections
+            .read()
+            .values()
+            .find(|c| c.name == name)
+            .cloned();
+        match found {
+            Some(c) => {
+                c.control.force_close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Close every connection (shutdown).
+    pub fn close_all_connections(&self, reason: &str) {
+        for c in self.connections() {
+            c.control.force_close(reason);
+        }
+    }
+
+    /// Check a user's password; `from_loopback` says whether the peer is local.
+    pub fn authenticate(
+        &self,
+        user: &str,
+        password: &str,
+        from_loopback: bool,
+    ) -> Result<User, LoginError> {
+        let users = self.users.read();
+        let u = users.get(user).ok_or(LoginError::Refused)?;
+        if u.password != password {
+            return Err(LoginError::Refused);
+        }
+        if u.loopback_only && !from_loopback {
+            return Err(LoginError::LoopbackOnly);
+        }
+        Ok(u.clone())
+    }
+}

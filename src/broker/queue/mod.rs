@@ -1,0 +1,498 @@
+//! Queues: ready messages, unacked accounting, consumers and delivery, and the
+//! RabbitMQ queue semantics on top (TTL, expiry, length limits, dead-lettering,
+//! single active consumer).
+//!
+//! A queue is an `Arc<Queue>` with its state behind its own mutex: publishers on
+//! different queues never contend, and no lock is held across an await. Delivery
+//! tags are not known here (the channel owns them): a queue hands a [`Delivery`] to
+//! the consumer's [`DeliverySink`] and counts it unacked until the channel acks,
+//! rejects or requeues it. Dead letters are collected under the lock and routed
+//! after it is released, so queues never lock each other.
+
+pub mod args;
+pub mod consumer;
+pub mod dead_letter;
+pub mod ready;
+
+pub use args::{Overflow, QueueArgs};
+pub use consumer::{Consumer, Credit, Delivery, DeliverySink};
+pub use dead_letter::Reason;
+
+use crate::broker::message::{now_ms, Entry, Message};
+use crate::broker::vhost::VHost;
+use crate::error::{AmqpError, AmqpResult};
+use crate::wire::FieldTable;
+use parking_lot::Mutex;
+use ready::Ready;
+use std::sync::{Arc, Weak};
+
+/// Declared properties of a queue (what queue.declare set).
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueSpec {
+    pub name: Arc<str>,
+    pub vhost: Arc<str>,
+    pub durable: bool,
+    /// Connection id of the owner of an exclusive queue.
+    pub exclusive_owner: Option<u64>,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+}
+
+#[derive(Debug)]
+pub struct Queue {
+    pub spec: QueueSpec,
+    pub args: QueueArgs,
+    /// Totals of messages in, delivered and acked, for the admin API.
+    pub counters: crate::broker::Counters,
+    vhost: Weak<VHost>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    ready: Ready,
+    /// Messages handed to consumers (or basic.get) and not yet acked.
+    unacked: usize,
+    /// Sorted by priority, highest first; round-robin within a priority.
+    consumers: Vec<Arc<Consumer>>,
+    next_consumer: usize,
+    next_seq: u64,
+    /// A consumer was ever attached (auto-delete only applies after that).
+    had_consumer: bool,
+    deleted: bool,
+    /// Some ready message may carry an expiry.
+    may_expire: bool,
+    /// Last time the queue was used (for `x-expires`), ms since the epoch.
+    last_used: u64,
+}
+
+/// Counters of a queue, for declare-ok and the admin API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub ready: usize,
+    pub unacked: usize,
+    pub consumers: usize,
+    pub ready_bytes: usize,
+}
+
+/// Dead letters gathered under the lock, routed once it is released.
+type DeadLetters = Vec<(Entry, Reason)>;
+
+impl Queue {
+    pub fn new(spec: QueueSpec, args: QueueArgs, vhost: Weak<VHost>) -> Arc<Queue> {
+        let max_priority = args.max_priority;
+        Arc::new(Queue {
+            spec,
+            args,
+            counters: Default::default(),
+            vhost,
+            state: Mutex::new(State {
+                ready: Ready::new(max_priority),
+                unacked: 0,
+                consumers: Vec::new(),
+                next_consumer: 0,
+                next_seq: 1,
+                had_consumer: false,
+                deleted: false,
+                may_expire: false,
+                last_used: now_ms(),
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn stats(&self) -> QueueStats {
+        let mut dead = DeadLetters::new();
+        let stats = {
+            let mut s = self.state.lock();
+            self.expire_locked(&mut s, now_ms(), &mut dead);
+            QueueStats {
+                ready: s.ready.len(),
+                unacked: s.unacked,
+                consumers: s.consumers.len(),
+                ready_bytes: s.ready.bytes(),
+            }
+        };
+        self.dead_letter(dead);
+        stats
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.state.lock().deleted
+    }
+
+    /// Mark the queue used now (declare, get, consume) for `x-expires`.
+    pub fn touch(&self) {
+        self.state.lock().last_used = now_ms();
+    }
+
+    /// Check that `connection` may use this queue (exclusive queues: only the owner).
+    pub fn check_access(&self, connection: u64) -> AmqpResult<()> {
+        match self.spec.exclusive_owner {
+            Some(owner) if owner != connection => Err(AmqpError::resource_locked(format!(
+                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be \
+                 originally declared on another connection or the exclusive property value does \
+                 not match that of the original declaration.",
+                self.spec.name, self.spec.vhost
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Add a published message and deliver what can be delivered. Returns false when
+    /// the queue refused it (`x-overflow` reject-publish / reject-publish-dlx).
+    pub fn enqueue(self: &Arc<Self>, message: Arc<Message>) -> bool {
+        let now = now_ms();
+        let mut dead = DeadLetters::new();
+        let accepted = {
+            let mut s = self.state.lock();
+            if s.deleted {
+                return true;
+            }
+            let ttl = match (self.args.message_ttl, message.ttl()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let size = message.size();
+            let full = self
+                .args
+                .max_length
+                .is_some_and(|m| s.ready.len() as u64 >= m)
+                || self
+                    .args
+                    .max_length_bytes
+                    .is_some_and(|m| (s.ready.bytes() + size) as u64 > m);
+            let seq = s.next_seq;
+            s.next_seq += 1;
+            let entry = Entry {
+                seq,
+                message,
+                redelivered: false,
+                expires_at: ttl.map(|t| now.saturating_add(t)),
+            };
+            crate::broker::Counters::add(&self.counters.published, 1);
+            if full && self.args.overflow != Overflow::DropHead {
+                if self.args.overflow == Overflow::RejectPublishDlx {
+                    dead.push((entry, Reason::MaxLen));
+                }
+                false
+            } else {
+                s.may_expire |= entry.expires_at.is_some();
+                s.ready.push_back(entry);
+                self.enforce_limits(&mut s, &mut dead);
+                self.dispatch_locked(&mut s, now, &mut dead);
+                // TTL 0: what no consumer took at once expires now.
+                self.expire_locked(&mut s, now, &mut dead);
+                true
+            }
+        };
+        self.dead_letter(dead);
+        accepted
+    }
+
+    /// drop-head: remove the oldest messages until the limits hold.
+    fn enforce_limits(&self, s: &mut State, dead: &mut DeadLetters) {
+        loop {
+            let over_len = self
+                .args
+                .max_length
+                .is_some_and(|m| s.ready.len() as u64 > m);
+            let over_bytes = self
+                .args
+                .max_length_bytes
+                .is_some_and(|m| s.ready.bytes() as u64 > m);
+            if !(over_len || over_bytes) {
+                return;
+            }
+            match s.ready.pop_oldest_lowest() {
+                Some(e) => dead.push((e, Reason::MaxLen)),
+                None => return,
+            }
+        }
+    }
+
+    /// Drop (dead-letter) expired messages at the head, as RabbitMQ does.
+    fn expire_locked(&self, s: &mut State, now: u64, dead: &mut DeadLetters) {
+        if !s.may_expire {
+            return;
+        }
+        while let Some(head) = s.ready.peek() {
+            match head.expires_at {
+                Some(at) if at <= now => {
+                    if let Some(e) = s.ready.pop() {
+                        dead.push((e, Reason::Expired));
+                    }
+                }
+                _ => break,
+            }
+        }
+        if s.ready.is_empty() {
+            s.may_expire = false;
+        }
+    }
+
+    /// Periodic work: expire messages at the head. Returns true if the queue itself
+    /// has expired (`x-expires`) and should be deleted.
+    pub fn tick(self: &Arc<Self>, now: u64) -> bool {
+        let mut dead = DeadLetters::new();
+        let expired = {
+            let mut s = self.state.lock();
+            self.expire_locked(&mut s, now, &mut dead);
+            self.args
+                .expires
+                .is_some_and(|ttl| s.consumers.is_empty() && now.saturating_sub(s.last_used) >= ttl)
+        };
+        self.dead_letter(dead);
+        expired
+    }
+
+    /// Whether `tick` has anything to do for this queue.
+    pub fn needs_tick(&self) -> bool {
+        self.args.expires.is_some()
+            || self.args.message_ttl.is_some()
+            || self.state.lock().may_expire
+    }
+
+    /// Deliver ready messages to consumers with credit.
+    pub fn dispatch(self: &Arc<Self>) {
+        let mut dead = DeadLetters::new();
+        {
+            let mut s = self.state.lock();
+            self.dispatch_locked(&mut s, now_ms(), &mut dead);
+        }
+        self.dead_letter(dead);
+    }
+
+    fn dispatch_locked(self: &Arc<Self>, s: &mut State, now: u64, dead: &mut DeadLetters) {
+        while !s.ready.is_empty() && !s.consumers.is_empty() && !s.deleted {
+            self.expire_locked(s, now, dead);
+            if s.ready.is_empty() {
+                return;
+            }
+            let Some(idx) = pick_consumer(s, self.args.single_active_consumer) else {
+                return;
+            };
+            let Some(entry) = s.ready.pop() else {
+                return;
+            };
+            let consumer = Arc::clone(&s.consumers[idx]);
+            if !consumer.no_ack {
+                s.unacked += 1;
+            }
+            crate::broker::Counters::add(&self.counters.delivered, 1);
+            if entry.redelivered {
+                crate::broker::Counters::add(&self.counters.redelivered, 1);
+            }
+            let delivery = Delivery {
+                channel: consumer.channel,
+                consumer_tag: Arc::clone(&consumer.tag),
+                queue: Arc::clone(self),
+                entry,
+                no_ack: consumer.no_ack,
+            };
+            if let Err(back) = consumer.sink.deliver(delivery) {
+                // The connection is gone: take the message back and drop the consumer.
+                consumer.give_back_credit();
+                if !consumer.no_ack {
+                    s.unacked -= 1;
+                }
+                s.ready.requeue(back.entry);
+                s.consumers.retain(|c| !Arc::ptr_eq(c, &consumer));
+            }
+        }
+    }
+
+    /// basic.get: the next message and how many remain. Counted unacked unless `no_ack`.
+    pub fn get(&self, no_ack: bool) -> Option<(Entry, usize)> {
+        let mut dead = DeadLetters::new();
+        let got = {
+            let mut s = self.state.lock();
+            let now = now_ms();
+            s.last_used = now;
+            self.expire_locked(&mut s, now, &mut dead);
+            let entry = s.ready.pop();
+            if entry.is_some() && !no_ack {
+                s.unacked += 1;
+            }
+            if entry.is_some() {
+                crate::broker::Counters::add(&self.counters.delivered, 1);
+            }
+            entry.map(|e| (e, s.ready.len()))
+        };
+        self.dead_letter(dead);
+        got
+    }
+
+    /// `count` unacked messages were acked.
+    pub fn settle(&self, count: usize) {
+        crate::broker::Counters::add(&self.counters.acked, count as u64);
+        let mut s = self.state.lock();
+        s.unacked = s.unacked.saturating_sub(count);
+    }
+
+    /// Unacked messages were rejected without requeue: settle and dead-letter them.
+    pub fn reject(&self, entries: Vec<Entry>) {
+        self.settle(entries.len());
+        self.dead_letter(entries.into_iter().map(|e| (e, Reason::Rejected)).collect());
+    }
+
+    /// Put messages back at their original positions.
+    /// `were_unacked`: they were counted unacked (false for deliveries never sent);
+    /// `redelivered`: mark them redelivered (they reached the client).
+    pub fn requeue(self: &Arc<Self>, entries: Vec<Entry>, were_unacked: bool, redelivered: bool) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut dead = DeadLetters::new();
+        {
+            let mut s = self.state.lock();
+            if were_unacked {
+                s.unacked = s.unacked.saturating_sub(entries.len());
+            }
+            if s.deleted {
+                return;
+            }
+            for mut entry in entries {
+                entry.redelivered |= redelivered;
+                s.may_expire |= entry.expires_at.is_some();
+                s.ready.requeue(entry);
+            }
+            self.dispatch_locked(&mut s, now_ms(), &mut dead);
+        }
+        self.dead_letter(dead);
+    }
+
+    /// Attach a consumer and start delivering to it.
+    pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>) -> AmqpResult<()> {
+        let mut dead = DeadLetters::new();
+        {
+            let mut s = self.state.lock();
+            if s.deleted {
+                return Err(AmqpError::not_found(format!(
+                    "no queue '{}' in vhost '{}'",
+                    self.spec.name, self.spec.vhost
+                )));
+            }
+            if s.consumers.iter().any(|c| c.exclusive)
+                || (consumer.exclusive && !s.consumers.is_empty())
+            {
+                return Err(AmqpError::access_refused(format!(
+                    "queue '{}' in vhost '{}' in exclusive use",
+                    self.spec.name, self.spec.vhost
+                )));
+            }
+            let pos = s
+                .consumers
+                .partition_point(|c| c.priority >= consumer.priority);
+            s.consumers.insert(pos, consumer);
+            s.had_consumer = true;
+            let now = now_ms();
+            s.last_used = now;
+            self.dispatch_locked(&mut s, now, &mut dead);
+        }
+        self.dead_letter(dead);
+        Ok(())
+    }
+
+    /// Detach a consumer. Returns it, and whether the queue is now due for auto-delete.
+    pub fn remove_consumer(
+        self: &Arc<Self>,
+        connection: u64,
+        channel: u16,
+        tag: &str,
+    ) -> (Option<Arc<Consumer>>, bool) {
+        let mut s = self.state.lock();
+        let removed = s
+            .consumers
+            .iter()
+            .position(|c| c.is(connection, channel, tag))
+            .map(|i| s.consumers.remove(i));
+        s.last_used = now_ms();
+        let unused = self.spec.auto_delete && s.had_consumer && s.consumers.is_empty();
+        if removed.is_some() && self.args.single_active_consumer && !unused {
+            // The next consumer becomes active.
+            let mut dead = DeadLetters::new();
+            self.dispatch_locked(&mut s, now_ms(), &mut dead);
+            drop(s);
+            self.dead_letter(dead);
+        }
+        (removed.clone(), removed.is_some() && unused)
+    }
+
+    /// Remove every ready message; returns how many.
+    pub fn purge(&self) -> usize {
+        let mut s = self.state.lock();
+        let n = s.ready.len();
+        s.ready.drain();
+        n
+    }
+
+    /// Mark deleted, drop the ready messages, and return the consumers to notify and
+    /// how many messages were ready.
+    pub fn delete(&self) -> (Vec<Arc<Consumer>>, usize) {
+        let mut s = self.state.lock();
+        s.deleted = true;
+        let n = s.ready.len();
+        s.ready.drain();
+        (std::mem::take(&mut s.consumers), n)
+    }
+
+    /// Route dead letters to the dead-letter exchange (dropped if there is none).
+    fn dead_letter(&self, dead: DeadLetters) {
+        if dead.is_empty() {
+            return;
+        }
+        let Some(dlx) = self.args.dead_letter_exchange.as_deref() else {
+            return;
+        };
+        let Some(vhost) = self.vhost.upgrade() else {
+            return;
+        };
+        let now_secs = now_ms() / 1000;
+        let key = self.args.dead_letter_routing_key.as_deref();
+        for (entry, reason) in dead {
+            let m =
+                dead_letter::dead_letter(&entry.message, self.name(), reason, dlx, key, now_secs);
+            let mut targets = Vec::new();
+            if vhost.route_unchecked(dlx, &m, &mut targets).is_err() {
+                continue;
+            }
+            for q in targets {
+                if !dead_letter::is_cycle(&m, q.name()) {
+                    q.enqueue(Arc::clone(&m));
+                }
+            }
+        }
+    }
+}
+
+/// The consumer to serve next: the highest priority with credit, round-robin within
+/// it. With single active consumer only the first (longest-standing) one is served.
+fn pick_consumer(s: &mut State, single_active: bool) -> Option<usize> {
+    if single_active {
+        return s
+            .consumers
+            .first()
+            .filter(|c| c.try_take_credit())
+            .map(|_| 0);
+    }
+    let n = s.consumers.len();
+    let mut start = 0;
+    while start < n {
+        let priority = s.consumers[start].priority;
+        let end = start + s.consumers[start..].partition_point(|c| c.priority == priority);
+        let group = end - start;
+        for k in 0..group {
+            let idx = start + (s.next_consumer + k) % group;
+            if s.consumers[idx].try_take_credit() {
+                s.next_consumer = s.next_consumer.wrapping_add(k + 1);
+                return Some(idx);
+            }
+        }
+        start = end;
+    }
+    None
+}

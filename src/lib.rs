@@ -1,0 +1,53 @@
+//! # warren
+//!
+//! A RabbitMQ-compatible AMQP 0-9-1 message broker.
+//!
+//! # Layout
+//! - `wire`: AMQP frames, methods (generated from `amqp-spec/`), field tables and
+//!   content properties; pure bytes in and out, no I/O.
+//! - `broker`: vhosts, exchanges, bindings, queues, consumers and routing; no I/O.
+//! - `server`: the AMQP listener, one task per connection, channel state.
+//! - `config`: settings from defaults, a TOML file and `WARREN_*` variables.
+//! - `error`: errors that carry AMQP reply codes.
+
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod server;
+pub mod storage;
+pub mod wire;
+
+pub use config::Config;
+
+use std::sync::Arc;
+
+/// A running broker: the AMQP server (and, when enabled, the admin API).
+pub struct Warren {
+    pub server: server::Server,
+}
+
+impl Warren {
+    pub fn amqp_addr(&self) -> std::net::SocketAddr {
+        self.server.amqp_addr()
+    }
+}
+
+/// Start a broker with `config` on the current tokio runtime.
+pub async fn start(config: Config) -> std::io::Result<Warren> {
+    let config = Arc::new(config);
+    let broker = broker::Broker::new(&config);
+    let server = server::start(Arc::clone(&config), Arc::clone(&broker)).await?;
+    let ticker = Arc::downgrade(&broker);
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(std::time::Duration::from_millis(20));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let Some(broker) = ticker.upgrade() else {
+                return;
+            };
+            broker.tick(broker::message::now_ms());
+        }
+    });
+    Ok(Warren { server })
+}

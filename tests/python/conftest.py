@@ -1,0 +1,102 @@
+"""Fixtures for the pika client suite.
+
+`amqp_url` is the broker under test: env WARREN_TEST_URI if set; otherwise the
+warren binary (env WARREN_BIN, default target/debug/warren under the repo root)
+is started on free ports with a temporary data dir and killed at the end.
+"""
+import os
+import pathlib
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import pika
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port, proc, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"warren exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"warren did not accept connections on port {port} within {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def amqp_url():
+    url = os.environ.get("WARREN_TEST_URI")
+    if url:
+        yield url
+        return
+    binary = pathlib.Path(os.environ.get("WARREN_BIN", "target/debug/warren"))
+    if not binary.is_absolute():
+        binary = REPO_ROOT / binary
+    if not binary.exists():
+        pytest.fail(f"WARREN_TEST_URI unset and broker binary {binary} not found (build it or set WARREN_BIN)")
+    amqp_port = _free_port()
+    admin_port = _free_port()
+    while admin_port == amqp_port:
+        admin_port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="warren-pytest-") as data_dir:
+        env = dict(os.environ)
+        env.update(
+            WARREN_AMQP_PORT=str(amqp_port),
+            WARREN_ADMIN_PORT=str(admin_port),
+            WARREN_DATA_DIR=data_dir,
+        )
+        log = open(os.path.join(data_dir, "warren.log"), "wb")
+        proc = subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
+        try:
+            _wait_port(amqp_port, proc)
+            yield f"amqp://guest:guest@127.0.0.1:{amqp_port}/%2F"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+@pytest.fixture
+def params(amqp_url):
+    p = pika.URLParameters(amqp_url)
+    p.socket_timeout = 5
+    p.blocked_connection_timeout = 5
+    return p
+
+
+@pytest.fixture
+def conn(params):
+    c = pika.BlockingConnection(params)
+    yield c
+    if c.is_open:
+        c.close()
+
+
+@pytest.fixture
+def ch(conn):
+    return conn.channel()
+
+
+@pytest.fixture
+def uniq():
+    def make(prefix="t"):
+        return f"pytest.{prefix}.{uuid.uuid4().hex[:16]}"
+    return make
