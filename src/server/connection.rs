@@ -45,6 +45,8 @@ pub enum Outbound {
 #[derive(Debug)]
 pub struct ConnSink {
     tx: mpsc::UnboundedSender<Outbound>,
+    /// Output backlog over the limit: queues skip this connection's consumers.
+    blocked: std::sync::atomic::AtomicBool,
 }
 
 impl DeliverySink for ConnSink {
@@ -59,6 +61,10 @@ impl DeliverySink for ConnSink {
 
     fn cancelled(&self, channel: u16, tag: Arc<str>) {
         let _ = self.tx.send(Outbound::Cancelled { channel, tag });
+    }
+
+    fn blocked(&self) -> bool {
+        self.blocked.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -180,6 +186,9 @@ struct Conn {
     registered: bool,
     /// We sent connection.close during the handshake.
     close_sent: bool,
+    /// Unwritten output above which the connection stops taking deliveries
+    /// and reading input (back-pressure on a peer that does not read).
+    backlog_limit: usize,
 }
 
 /// How the main loop ended.
@@ -230,7 +239,11 @@ async fn serve(
         ctx: None,
         channels: HashMap::new(),
         rx,
-        sink: Arc::new(ConnSink { tx }),
+        sink: Arc::new(ConnSink {
+            tx,
+            blocked: Default::default(),
+        }),
+        backlog_limit: config.write_backlog_limit.max(64 * 1024),
         local,
         registered: false,
         close_sent: false,
@@ -471,6 +484,7 @@ impl Conn {
             conn: Arc::clone(&self.sink),
             max_message_size: config.max_message_size,
             cancel_notify,
+            limits: config.limits(),
         });
         Ok(())
     }
@@ -527,9 +541,62 @@ impl Conn {
         };
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Consumer timeouts are checked on their own, finer tick.
+        let timeout_tick = self
+            .ctx
+            .as_ref()
+            .and_then(|c| c.limits.consumer_timeout_ms)
+            .map_or(Duration::from_secs(3600), |ms| {
+                Duration::from_millis(ms / 4)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(5))
+            });
+        let mut timeouts = tokio::time::interval(timeout_tick);
+        timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut blocked = false;
         loop {
+            // Back-pressure: while the peer has not read what we wrote, take no
+            // deliveries from the mailbox and read no more input.
+            let over = self.out.backlog() > self.backlog_limit;
+            if over != blocked {
+                blocked = over;
+                self.sink
+                    .blocked
+                    .store(blocked, std::sync::atomic::Ordering::Release);
+                if blocked {
+                    tracing::debug!(
+                        id = self.id,
+                        backlog = self.out.backlog(),
+                        "output backlog over the limit; pausing"
+                    );
+                } else {
+                    for ch in self.channels.values() {
+                        ch.resume_deliveries();
+                    }
+                }
+            }
             tokio::select! {
-                frame = self.reader.next() => {
+                _ = tokio::time::sleep(Duration::from_millis(5)), if blocked => {
+                    // The peer is not reading, so it cannot be expected to send
+                    // heartbeats we would read: do not count this time against it.
+                    self.last_read = Instant::now();
+                }
+                _ = timeouts.tick() => {
+                    let now = std::time::Instant::now();
+                    let expired: Vec<(u16, AmqpError)> = self
+                        .channels
+                        .values()
+                        .filter_map(|ch| ch.ack_timed_out(now).map(|e| (ch.id, e)))
+                        .collect();
+                    if let Some(ctx) = self.ctx.clone() {
+                        for (channel, e) in expired {
+                            tracing::warn!(id = self.id, channel, "{}", e.text);
+                            if let Err(e) = self.channel_result(&ctx, channel, Err(e)) {
+                                return End::Error(e, true);
+                            }
+                        }
+                    }
+                }
+                frame = self.reader.next(), if !blocked => {
                     match self.on_read(frame) {
                         Ok(true) => {}
                         Ok(false) => return End::Done,
@@ -545,7 +612,7 @@ impl Conn {
                         }
                     }
                 }
-                msg = self.rx.recv() => {
+                msg = self.rx.recv(), if !blocked => {
                     if let Some(msg) = msg {
                         if let Err(e) = self.on_outbound(msg) {
                             return End::Error(e, true);
@@ -723,6 +790,18 @@ impl Conn {
         channel: u16,
         method: Method,
     ) -> Result<(), AmqpError> {
+        // RabbitMQ's check: opening one more channel than channel_max (530).
+        if matches!(method, Method::ChannelOpen(_))
+            && self.channel_max != 0
+            && !self.channels.contains_key(&channel)
+            && self.channels.len() >= usize::from(self.channel_max)
+        {
+            return Err(AmqpError::not_allowed(format!(
+                "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                self.channels.len(),
+                self.channel_max
+            )));
+        }
         if channel > self.channel_max {
             return Err(AmqpError::channel_error(format!(
                 "channel {channel} is above the negotiated channel_max {}",
@@ -736,6 +815,7 @@ impl Conn {
                         "second 'channel.open' seen on channel {channel}"
                     )));
                 }
+
                 self.channels.insert(channel, Channel::new(channel));
                 self.out.method(channel, &ChannelOpenOk::default().into());
                 Ok(())

@@ -29,6 +29,8 @@ pub struct QueueArgs {
     pub dead_letter_routing_key: Option<String>,
     pub max_priority: u8,
     pub single_active_consumer: bool,
+    /// `x-consumer-timeout` (ms): overrides the broker's `consumer_timeout`.
+    pub consumer_timeout: Option<u64>,
 }
 
 fn type_name(v: &FieldValue) -> &'static str {
@@ -88,6 +90,7 @@ impl QueueArgs {
                     }
                     a.max_priority = p as u8;
                 }
+                "x-consumer-timeout" => a.consumer_timeout = Some(int(name, v, 1)?),
                 "x-dead-letter-exchange" => a.dead_letter_exchange = Some(string(name, v)?),
                 "x-dead-letter-routing-key" => a.dead_letter_routing_key = Some(string(name, v)?),
                 "x-overflow" => {
