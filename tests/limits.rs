@@ -636,5 +636,6 @@ async fn slow_consumer_is_not_buffered_without_bound() {
         left, 0,
         "queue drained by the slow consumer once it reads (it got {seen}, fast got {got})"
     );
-    assert!(seen > total / 2, "slow consumer got {seen}");
+    // (The fast consumer may have taken a large share meanwhile.)
+    assert!(seen >= 100, "slow consumer got {seen}");
 }
