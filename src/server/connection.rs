@@ -765,6 +765,9 @@ impl Conn {
     fn on_connection_method(&mut self, method: Method) -> Result<bool, AmqpError> {
         match method {
             Method::ConnectionClose(_) => {
+                // Release exclusive queues and consumers before close-ok, so a
+                // client that saw close-ok never finds them still held.
+                self.cleanup();
                 self.out.method(0, &ConnectionCloseOk::default().into());
                 self.out.flush();
                 Ok(false)
@@ -888,11 +891,13 @@ impl Conn {
     }
 
     /// Release everything the connection holds in the broker.
+    /// Idempotent: a second call finds nothing left to release.
     fn cleanup(&mut self) {
         if self.registered {
             self.broker.unregister_connection(self.id);
+            self.registered = false;
         }
-        let Some(ctx) = self.ctx.clone() else { return };
+        let Some(ctx) = self.ctx.take() else { return };
         for (_, mut ch) in self.channels.drain() {
             ch.close(&ctx);
         }
