@@ -32,6 +32,10 @@ pub enum Outbound {
     },
     /// Close the connection with this error (e.g. forced by an operator).
     Close(AmqpError),
+    /// A transaction's persistent messages are on disk: send tx.commit-ok.
+    TxCommitted {
+        channel: u16,
+    },
     /// The store flushed publishes `first..=last` of `channel` (or failed to).
     Durable {
         channel: u16,
@@ -71,6 +75,13 @@ impl ConnSink {
             last,
             ok,
         });
+    }
+}
+
+impl ConnSink {
+    /// Called from the store's flusher once a transaction's messages are on disk.
+    pub fn tx_committed(&self, channel: u16) {
+        let _ = self.tx.send(Outbound::TxCommitted { channel });
     }
 }
 
@@ -842,6 +853,11 @@ impl Conn {
                 }
             }
             Outbound::Close(e) => return Err(e),
+            Outbound::TxCommitted { channel } => {
+                if self.channels.get(&channel).is_some_and(|c| !c.closing) {
+                    self.out.method(channel, &TxCommitOk::default().into());
+                }
+            }
             Outbound::Durable {
                 channel,
                 first,
