@@ -192,14 +192,29 @@ fn assert_death(
     routing_keys: &[&str],
     original_expiration: Option<&str>,
 ) {
-    let mut keys = vec!["count", "exchange", "queue", "reason", "routing-keys", "time"];
+    let mut keys = vec![
+        "count",
+        "exchange",
+        "queue",
+        "reason",
+        "routing-keys",
+        "time",
+    ];
     if original_expiration.is_some() {
         keys.push("original-expiration");
         keys.sort();
     }
-    assert_eq!(e.keys().map(String::as_str).collect::<Vec<_>>(), keys, "{e:?}");
+    assert_eq!(
+        e.keys().map(String::as_str).collect::<Vec<_>>(),
+        keys,
+        "{e:?}"
+    );
     // RabbitMQ sends count as a signed 64-bit long ('l') and time as a timestamp ('T').
-    assert_eq!(e.get("count"), Some(&AMQPValue::LongLongInt(count)), "{e:?}");
+    assert_eq!(
+        e.get("count"),
+        Some(&AMQPValue::LongLongInt(count)),
+        "{e:?}"
+    );
     assert_eq!(text(e.get("reason")).as_deref(), Some(reason));
     assert_eq!(text(e.get("queue")).as_deref(), Some(queue));
     assert_eq!(text(e.get("exchange")).as_deref(), Some(exchange));
@@ -311,7 +326,10 @@ async fn per_message_ttl_expires_only_at_head() {
     pub_exp(&ch, &q, "short", "30").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(message_count(&ch, &q).await, 2);
-    assert_eq!(get(&ch, &q).await.map(|d| body(&d)).as_deref(), Some("live"));
+    assert_eq!(
+        get(&ch, &q).await.map(|d| body(&d)).as_deref(),
+        Some("live")
+    );
     // Now at the head and expired: never delivered.
     assert!(get(&ch, &q).await.is_none());
 }
@@ -432,7 +450,9 @@ async fn priority_queue_delivers_to_consumer_in_priority_order() {
         pub_prio(&ch, &q, b, Some(p)).await;
     }
     wait_message_count(&ch, &q, 3).await;
-    t(ch.basic_qos(1, BasicQosOptions::default())).await.unwrap();
+    t(ch.basic_qos(1, BasicQosOptions::default()))
+        .await
+        .unwrap();
     let mut c = consume(&ch, &q, false, FieldTable::default()).await;
     let mut got = vec![];
     for _ in 0..3 {
@@ -471,14 +491,26 @@ async fn dead_letter_rejected_x_death_exact() {
     .await
     .unwrap();
     let dlq = xqueue(&ch, "rej.dlq", &[]).await;
-    t(ch.queue_bind(&dlq, &dlx, "", QueueBindOptions::default(), FieldTable::default()))
-        .await
-        .unwrap();
+    t(ch.queue_bind(
+        &dlq,
+        &dlx,
+        "",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .unwrap();
     let q = xqueue(&ch, "rej", &[("x-dead-letter-exchange", s(&dlx))]).await;
     // Published to amq.direct with a CC header: routing-keys lists key + CC.
-    t(ch.queue_bind(&q, "amq.direct", "k1", QueueBindOptions::default(), FieldTable::default()))
-        .await
-        .unwrap();
+    t(ch.queue_bind(
+        &q,
+        "amq.direct",
+        "k1",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .unwrap();
     let mut cc = FieldArray::default();
     cc.push(s("k2"));
     let mut h = FieldTable::default();
@@ -763,7 +795,10 @@ async fn dead_letter_cycles_without_rejection_are_dropped() {
             exclusive: true,
             ..Default::default()
         },
-        table(&[("x-message-ttl", int(30)), ("x-dead-letter-exchange", s(""))]),
+        table(&[
+            ("x-message-ttl", int(30)),
+            ("x-dead-letter-exchange", s("")),
+        ]),
     ))
     .await
     .unwrap();
@@ -817,7 +852,10 @@ async fn dead_letter_cycle_with_an_earlier_rejection_is_not_dropped() {
     for (name, args) in [
         (
             &a,
-            table(&[("x-message-ttl", int(30)), ("x-dead-letter-exchange", s(&fan))]),
+            table(&[
+                ("x-message-ttl", int(30)),
+                ("x-dead-letter-exchange", s(&fan)),
+            ]),
         ),
         (
             &b,
@@ -840,9 +878,15 @@ async fn dead_letter_cycle_with_an_earlier_rejection_is_not_dropped() {
         .unwrap();
     }
     for q in [&b, &seen] {
-        t(ch.queue_bind(q, &fan, "", QueueBindOptions::default(), FieldTable::default()))
-            .await
-            .unwrap();
+        t(ch.queue_bind(
+            q,
+            &fan,
+            "",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ))
+        .await
+        .unwrap();
     }
     let entry = xqueue(
         &ch,
@@ -1142,12 +1186,24 @@ async fn alternate_exchange_gets_unroutable_messages() {
     .unwrap();
     let routed = xqueue(&ch, "ae.routed", &[]).await;
     let unrouted = xqueue(&ch, "ae.unrouted", &[]).await;
-    t(ch.queue_bind(&routed, &main, "known", QueueBindOptions::default(), FieldTable::default()))
-        .await
-        .unwrap();
-    t(ch.queue_bind(&unrouted, &ae, "", QueueBindOptions::default(), FieldTable::default()))
-        .await
-        .unwrap();
+    t(ch.queue_bind(
+        &routed,
+        &main,
+        "known",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .unwrap();
+    t(ch.queue_bind(
+        &unrouted,
+        &ae,
+        "",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .unwrap();
     confirm_mode(&ch).await;
     for key in ["known", "unknown"] {
         let c = publish_with(
@@ -1180,7 +1236,12 @@ async fn alternate_exchange_gets_unroutable_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_active_consumer_gets_everything_until_cancelled() {
     let (_c, ch) = connect_channel().await;
-    let q = xqueue(&ch, "sac", &[("x-single-active-consumer", AMQPValue::Boolean(true))]).await;
+    let q = xqueue(
+        &ch,
+        "sac",
+        &[("x-single-active-consumer", AMQPValue::Boolean(true))],
+    )
+    .await;
     let mut c1 = consume(&ch, &q, true, FieldTable::default()).await;
     // A later consumer with a higher priority does not take over (RabbitMQ 3.10 keeps
     // the first-registered consumer active on classic queues).
@@ -1205,8 +1266,12 @@ async fn consumer_priorities_serve_highest_with_credit_first() {
     let ch_hi = t(conn.create_channel()).await.unwrap();
     let ch_lo = t(conn.create_channel()).await.unwrap();
     let q = xqueue(&ch_hi, "cprio", &[]).await;
-    t(ch_hi.basic_qos(2, BasicQosOptions::default())).await.unwrap();
-    t(ch_lo.basic_qos(10, BasicQosOptions::default())).await.unwrap();
+    t(ch_hi.basic_qos(2, BasicQosOptions::default()))
+        .await
+        .unwrap();
+    t(ch_lo.basic_qos(10, BasicQosOptions::default()))
+        .await
+        .unwrap();
     let mut lo = consume(&ch_lo, &q, false, table(&[("x-priority", int(1))])).await;
     let mut hi = consume(&ch_hi, &q, false, table(&[("x-priority", int(10))])).await;
     for i in 0..5 {
@@ -1276,7 +1341,13 @@ async fn direct_reply_to_rpc_round_trip() {
         .await;
     expect_closed_with(rx, 406).await;
 
-    let mut replies = consume(&client, "amq.rabbitmq.reply-to", true, FieldTable::default()).await;
+    let mut replies = consume(
+        &client,
+        "amq.rabbitmq.reply-to",
+        true,
+        FieldTable::default(),
+    )
+    .await;
     let props = BasicProperties::default()
         .with_reply_to("amq.rabbitmq.reply-to".into())
         .with_correlation_id("42".into());
@@ -1336,14 +1407,24 @@ async fn basic_get_sees_ttl_priority_and_dlx() {
         ("x-dead-letter-routing-key", s(&dlq)),
     ];
     // TTL: an expired message is never returned by basic.get; it is dead-lettered.
-    let ttl = xqueue(&ch, "get.ttl", &[&dl[..], &[("x-message-ttl", int(40))]].concat()).await;
+    let ttl = xqueue(
+        &ch,
+        "get.ttl",
+        &[&dl[..], &[("x-message-ttl", int(40))]].concat(),
+    )
+    .await;
     publish(&ch, "", &ttl, b"stale").await;
     pub_exp(&ch, &ttl, "fresh-but-short", "10").await;
     wait_message_count(&ch, &ttl, 2).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(get(&ch, &ttl).await.is_none());
     // Priority: basic.get takes the highest first, and message_count is what is left.
-    let prio = xqueue(&ch, "get.prio", &[&dl[..], &[("x-max-priority", int(5))]].concat()).await;
+    let prio = xqueue(
+        &ch,
+        "get.prio",
+        &[&dl[..], &[("x-max-priority", int(5))]].concat(),
+    )
+    .await;
     pub_prio(&ch, &prio, "low", Some(1)).await;
     pub_prio(&ch, &prio, "high", Some(4)).await;
     pub_prio(&ch, &prio, "none", None).await;
@@ -1397,12 +1478,16 @@ async fn delayed_message_exchange_holds_messages_for_x_delay() {
     .await
     .unwrap();
     let q = xqueue(&ch, "delayed.q", &[]).await;
-    t(ch.queue_bind(&q, &ex, "k", QueueBindOptions::default(), FieldTable::default()))
-        .await
-        .unwrap();
-    let delayed = |ms: i32| {
-        BasicProperties::default().with_headers(table(&[("x-delay", int(ms))]))
-    };
+    t(ch.queue_bind(
+        &q,
+        &ex,
+        "k",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .unwrap();
+    let delayed = |ms: i32| BasicProperties::default().with_headers(table(&[("x-delay", int(ms))]));
     let start = Instant::now();
     pub_props(&ch, &ex, "k", "late", delayed(250)).await;
     pub_props(&ch, &ex, "k", "soon", delayed(100)).await;
