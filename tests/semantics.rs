@@ -287,8 +287,11 @@ fn err_406<T: std::fmt::Debug>(r: lapin::Result<T>) -> String {
     }
 }
 
+/// The broker under test is the reference RabbitMQ (port 5673, or
+/// `WARREN_TEST_RABBITMQ=1` for another RabbitMQ node).
 fn against_reference_rabbitmq() -> bool {
     std::env::var("WARREN_TEST_URI").is_ok_and(|u| u.contains(":5673"))
+        || std::env::var("WARREN_TEST_RABBITMQ").is_ok_and(|v| v == "1")
 }
 
 // ---------------------------------------------------------------- TTL
@@ -1094,6 +1097,83 @@ async fn max_length_drop_head_dead_letters_head_and_confirms() {
     assert_eq!(body(&d), "old");
     assert_death(&x_death(&d)[0], 1, "maxlen", &q, "", &[&q], None);
     assert_eq!(drain(&ch, &q).await, ["new"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_length_drop_head_in_priority_queue() {
+    let (_c, ch) = connect_channel().await;
+    let q = xqueue(
+        &ch,
+        "len.prio",
+        &[("x-max-length", int(2)), ("x-max-priority", int(5))],
+    )
+    .await;
+    pub_prio(&ch, &q, "low", Some(1)).await;
+    pub_prio(&ch, &q, "high", Some(5)).await;
+    pub_prio(&ch, &q, "mid", Some(3)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // RabbitMQ surprise: "head" is the next message to deliver, so a priority queue
+    // drops its highest-priority message, not the oldest or the lowest.
+    assert_eq!(drain(&ch, &q).await, ["mid", "low"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requeued_expired_message_is_dead_lettered_as_expired() {
+    let (_c, ch) = connect_channel().await;
+    let dlq = xqueue(&ch, "reexp.dlq", &[]).await;
+    let q = xqueue(
+        &ch,
+        "reexp",
+        &[
+            ("x-message-ttl", int(60)),
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s(&dlq)),
+        ],
+    )
+    .await;
+    publish(&ch, "", &q, b"late").await;
+    // Unacked messages do not expire...
+    let m = wait_get_acked(&ch, &q).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(message_count(&ch, &dlq).await, 0);
+    // ...but once requeued past their TTL they expire at once.
+    t(m.acker.nack(BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    }))
+    .await
+    .unwrap();
+    let d = wait_get(&ch, &dlq).await;
+    assert_eq!(body(&d), "late");
+    assert_death(&x_death(&d)[0], 1, "expired", &q, "", &[&q], None);
+    assert_eq!(message_count(&ch, &q).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_and_delete_do_not_dead_letter() {
+    let (_c, ch) = connect_channel().await;
+    let dlq = xqueue(&ch, "nodl.dlq", &[]).await;
+    let dl = [
+        ("x-dead-letter-exchange", s("")),
+        ("x-dead-letter-routing-key", s(&dlq)),
+    ];
+    let q = xqueue(&ch, "nodl", &dl).await;
+    for b in ["1", "2"] {
+        publish(&ch, "", &q, b.as_bytes()).await;
+    }
+    wait_message_count(&ch, &q, 2).await;
+    let purged = t(ch.queue_purge(&q, QueuePurgeOptions::default()))
+        .await
+        .unwrap();
+    assert_eq!(purged, 2);
+    publish(&ch, "", &q, b"3").await;
+    wait_message_count(&ch, &q, 1).await;
+    let deleted = t(ch.queue_delete(&q, QueueDeleteOptions::default()))
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(message_count(&ch, &dlq).await, 0);
 }
 
 // ---------------------------------------------------------------- argument validation

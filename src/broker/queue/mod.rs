@@ -245,7 +245,9 @@ impl Queue {
             if !(over_len || over_bytes) {
                 return;
             }
-            match s.ready.pop_oldest_lowest() {
+            // The head is the next message to deliver: in a priority queue RabbitMQ
+            // drops the highest-priority one.
+            match s.ready.pop() {
                 Some(e) => {
                     self.forget(&e);
                     dead.push((e, Reason::MaxLen));
