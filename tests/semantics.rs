@@ -570,6 +570,41 @@ async fn wait_get_acked(ch: &Channel, q: &str) -> Delivery {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_routing_key_drops_cc_header() {
+    let (_c, ch) = connect_channel().await;
+    let dlq = xqueue(&ch, "dlcc.dlq", &[]).await;
+    let q = xqueue(
+        &ch,
+        "dlcc",
+        &[
+            ("x-dead-letter-exchange", s("")),
+            ("x-dead-letter-routing-key", s(&dlq)),
+        ],
+    )
+    .await;
+    let mut cc = FieldArray::default();
+    cc.push(s("elsewhere"));
+    let props =
+        BasicProperties::default().with_headers(table(&[("CC", AMQPValue::FieldArray(cc))]));
+    pub_props(&ch, "", &q, "cc", props).await;
+    let m = wait_get_acked(&ch, &q).await;
+    reject(&m).await;
+    let d = wait_get(&ch, &dlq).await;
+    // With x-dead-letter-routing-key the CC header is removed from the message, but
+    // x-death still records the keys it was published with.
+    assert!(!headers(&d).contains_key("CC"), "{:?}", headers(&d));
+    assert_death(
+        &x_death(&d)[0],
+        1,
+        "rejected",
+        &q,
+        "",
+        &[&q, "elsewhere"],
+        None,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_nack_and_requeue_semantics() {
     let (_c, ch) = connect_channel().await;
     let dlq = xqueue(&ch, "nack.dlq", &[]).await;
