@@ -5,7 +5,8 @@
 //! Every test here was checked against RabbitMQ 3.10
 //! (`WARREN_TEST_URI=amqp://guest:guest@127.0.0.1:5673/%2f cargo test --test semantics`)
 //! except the delayed-message exchange, a plugin that reference broker lacks: those
-//! tests skip themselves when the broker under test is on port 5673.
+//! tests skip themselves when the broker under test is on port 5673 (or when
+//! `WARREN_TEST_RABBITMQ=1` says another RabbitMQ node is under test).
 //! TTLs are tens to hundreds of ms so the file stays fast.
 
 mod common;
