@@ -246,7 +246,9 @@ impl Queue {
             if !(over_len || over_bytes) {
                 return;
             }
-            match s.ready.pop_oldest_lowest() {
+            // The head is the next message to deliver: in a priority queue RabbitMQ
+            // drops the highest-priority one.
+            match s.ready.pop() {
                 Some(e) => {
                     let Some(e) = self.page_in(e) else { continue };
                     self.forget(&e);
@@ -312,7 +314,9 @@ impl Queue {
 
     fn dispatch_locked(self: &Arc<Self>, s: &mut State, now: u64, dead: &mut DeadLetters) {
         while !s.ready.is_empty() && !s.consumers.is_empty() && !s.deleted {
-            self.expire_locked(s, now, dead);
+            // A message due exactly now is still delivered: TTL 0 reaches a waiting
+            // consumer (the caller expires what is left).
+            self.expire_locked(s, now.saturating_sub(1), dead);
             if s.ready.is_empty() {
                 return;
             }
@@ -505,6 +509,10 @@ impl Queue {
                 s.may_expire |= entry.expires_at.is_some();
                 s.ready.requeue(entry);
             }
+            // RabbitMQ applies drop-head on requeue too: the requeued head may go.
+            if self.args.overflow == Overflow::DropHead {
+                self.enforce_limits(&mut s, &mut dead);
+            }
             self.dispatch_locked(&mut s, now_ms(), &mut dead);
         }
         self.dead_letter(dead);
@@ -529,9 +537,14 @@ impl Queue {
                     self.spec.name, self.spec.vhost
                 )));
             }
-            let pos = s
-                .consumers
-                .partition_point(|c| c.priority >= consumer.priority);
+            // Single active consumer: the first registered stays active, whatever the
+            // priorities (RabbitMQ 3.10 classic queues).
+            let pos = if self.args.single_active_consumer {
+                s.consumers.len()
+            } else {
+                s.consumers
+                    .partition_point(|c| c.priority >= consumer.priority)
+            };
             s.consumers.insert(pos, consumer);
             s.had_consumer = true;
             let now = now_ms();
