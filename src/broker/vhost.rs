@@ -107,6 +107,8 @@ pub struct VHost {
     /// Messages held by delayed exchanges: (due ms, order, exchange, message).
     delayed: Mutex<BinaryHeap<Reverse<Delayed>>>,
     delayed_seq: AtomicU64,
+    /// Policies of this vhost (applied to queues as they are declared).
+    pub policies: crate::broker::policy::Policies,
 }
 
 /// A message waiting in a delayed exchange.
@@ -197,6 +199,7 @@ impl VHost {
             queues: RwLock::new(HashMap::new()),
             delayed: Mutex::new(BinaryHeap::new()),
             delayed_seq: AtomicU64::new(0),
+            policies: Default::default(),
         });
         {
             let mut ex = vhost.exchanges.write();
@@ -402,7 +405,9 @@ impl VHost {
         } else {
             d.name.clone()
         };
-        let args = QueueArgs::parse(&d.arguments, &name, &self.name)?;
+        let policy = self.policies.matching(&self.name, true, &name);
+        let effective = crate::broker::policy::effective_arguments(&d.arguments, policy.as_ref());
+        let args = QueueArgs::parse(&effective, &name, &self.name)?;
         let mut queues = self.queues.write();
         if let Some(existing) = queues.get(&name) {
             existing.check_access(connection)?;
