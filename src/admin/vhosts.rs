@@ -63,6 +63,12 @@ pub async fn put(
     }
     let existed = s.broker.vhost(&name).is_some();
     s.broker.add_vhost(&name);
+    if !existed {
+        // As RabbitMQ's management API does: the creating user gets full permissions.
+        if let Ok(all) = crate::broker::auth::Permission::new(".*", ".*", ".*") {
+            s.broker.auth.set_permission(&name, &caller.0.name, all);
+        }
+    }
     Ok(if existed {
         StatusCode::NO_CONTENT
     } else {
