@@ -47,7 +47,8 @@ pub async fn start(config: Config) -> std::io::Result<Warren> {
     let server = server::start(Arc::clone(&config), Arc::clone(&broker)).await?;
     let admin = if config.admin_enabled {
         let addr = format!("{}:{}", bracket(&config.bind), config.admin_port);
-        Some(admin::start(&addr, Arc::clone(&broker)).await?)
+        let every = std::time::Duration::from_secs(config.admin_sample_interval_secs.max(1));
+        Some(admin::start(&addr, Arc::clone(&broker), every).await?)
     } else {
         None
     };

@@ -1,4 +1,4 @@
-//! Message rates (sampled from the broker's and queues' counters every 5 s) and the
+//! Message rates (sampled from the broker's and queues' counters, every 5 s by default) and the
 //! Prometheus text exposition at `/metrics`, with RabbitMQ's metric names.
 
 use super::AdminState;
@@ -11,9 +11,6 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-
-/// How often counters are sampled.
-pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Totals of one counter set at one sample.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -74,7 +71,7 @@ impl Rates {
         Arc::new(Rates::default())
     }
 
-    /// Take a sample now (the sampler calls this every [`SAMPLE_INTERVAL`]).
+    /// Take a sample now (the sampler task calls this periodically).
     pub fn sample(&self, broker: &Broker) {
         let now = Instant::now();
         let global = Totals::of(&broker.counters);
@@ -123,10 +120,10 @@ impl Rates {
     }
 }
 
-/// Sample every [`SAMPLE_INTERVAL`] until the broker is dropped.
-pub fn spawn_sampler(broker: Weak<Broker>, rates: Arc<Rates>) {
+/// Sample every `every` until the broker is dropped.
+pub fn spawn_sampler(broker: Weak<Broker>, rates: Arc<Rates>, every: Duration) {
     tokio::spawn(async move {
-        let mut interval = tokio::time::interval(SAMPLE_INTERVAL);
+        let mut interval = tokio::time::interval(every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;

@@ -214,10 +214,26 @@ where
             .auth
             .check_password(&user, &pass)
             .ok_or_else(|| ApiError::unauthorized("Login failed"))?;
+        let from_loopback = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .is_none_or(|c| is_loopback(&c.0));
+        if u.loopback_only && !from_loopback {
+            return Err(ApiError::unauthorized("User can only log in via localhost"));
+        }
         if !u.tags.iter().any(|t| MANAGEMENT_TAGS.contains(&t.as_str())) {
             return Err(ApiError::forbidden("Not management user"));
         }
         Ok(Caller(u))
+    }
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -345,11 +361,15 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Bind the admin listener and serve it in the background; returns its address.
-pub async fn start(addr: &str, broker: Arc<Broker>) -> std::io::Result<SocketAddr> {
+pub async fn start(
+    addr: &str,
+    broker: Arc<Broker>,
+    sample_every: std::time::Duration,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let rates = metrics::Rates::new();
-    metrics::spawn_sampler(Arc::downgrade(&broker), Arc::clone(&rates));
+    metrics::spawn_sampler(Arc::downgrade(&broker), Arc::clone(&rates), sample_every);
     let state = AdminState {
         broker,
         rates,
@@ -357,7 +377,8 @@ pub async fn start(addr: &str, broker: Arc<Broker>) -> std::io::Result<SocketAdd
     };
     let app = router(state);
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service).await {
             tracing::error!(error = %e, "admin listener stopped");
         }
     });

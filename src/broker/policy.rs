@@ -161,10 +161,11 @@ impl Policies {
         let map = self.by_key.read();
         let mut best: Option<&Policy> = None;
         for p in map.values() {
-            if p.vhost == vhost && p.applies(queue, name) {
-                if best.map_or(true, |b| p.priority > b.priority) {
-                    best = Some(p);
-                }
+            if p.vhost == vhost
+                && p.applies(queue, name)
+                && best.is_none_or(|b| p.priority > b.priority)
+            {
+                best = Some(p);
             }
         }
         best.cloned()
