@@ -40,10 +40,19 @@ impl Warren {
     }
 }
 
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Start a broker with `config` on the current tokio runtime.
-pub async fn start(config: Config) -> std::io::Result<Warren> {
+pub async fn start(config: Config) -> Result<Warren, StartError> {
     let config = Arc::new(config);
-    let broker = broker::Broker::new(&config);
+    let broker = broker::Broker::open(&config)?;
     let server = server::start(Arc::clone(&config), Arc::clone(&broker)).await?;
     let admin = if config.admin_enabled {
         let addr = format!("{}:{}", bracket(&config.bind), config.admin_port);

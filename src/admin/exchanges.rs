@@ -197,7 +197,10 @@ pub async fn publish(
     }
     let mut routed = held;
     for q in &queues {
-        routed |= q.enqueue(std::sync::Arc::clone(&message));
+        routed |= matches!(
+            q.enqueue(std::sync::Arc::clone(&message)),
+            crate::broker::queue::Enqueued::Accepted { .. }
+        );
     }
     Ok(Json(json!({ "routed": routed })))
 }

@@ -267,7 +267,7 @@ pub async fn get_messages(
     } else if reject {
         q.reject(entries);
     } else {
-        q.settle(entries.len());
+        q.ack(&entries);
         crate::broker::Counters::add(&s.broker.counters.acked, out.len() as u64);
     }
     Ok(Json(Value::Array(out)))

@@ -55,6 +55,8 @@ pub struct Entry {
     pub redelivered: bool,
     /// When it expires (ms since the epoch), from the queue's or the message's TTL.
     pub expires_at: Option<u64>,
+    /// Written to the message store (persistent message on a durable queue).
+    pub persisted: bool,
 }
 
 /// Milliseconds since the Unix epoch: the broker's clock for TTLs and expiry.

@@ -6,11 +6,13 @@
 pub mod auth;
 pub mod exchange;
 pub mod message;
+pub mod persist;
 pub mod policy;
 pub mod queue;
 pub mod vhost;
 
 use crate::config::Config;
+use crate::storage::{StorageError, Store};
 use crate::wire::FieldTable;
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -90,11 +92,42 @@ pub struct Broker {
     connections: RwLock<HashMap<u64, Arc<ConnectionInfo>>>,
     /// Broker-wide message totals.
     pub counters: Counters,
+    /// The message and topology store (None: a broker that persists nothing).
+    pub store: Option<Store>,
 }
 
 impl Broker {
+    /// A broker backed by the store in `config.data_dir`, with what it holds recovered.
+    pub fn open(config: &Config) -> Result<Arc<Broker>, StorageError> {
+        let started = std::time::Instant::now();
+        let store = Store::open(&config.data_dir)?;
+        let broker = Self::build(config, Some(store.clone()));
+        let recovered = persist::recover(&store, &|name| broker.add_vhost(name))?;
+        broker.auth.attach(&store)?;
+        for v in broker.vhosts() {
+            v.policies.recover(&v.name)?;
+        }
+        tracing::info!(
+            path = %store.path().display(),
+            vhosts = recovered.vhosts,
+            exchanges = recovered.exchanges,
+            queues = recovered.queues,
+            bindings = recovered.bindings,
+            messages = recovered.messages,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovered from the message store"
+        );
+        Ok(broker)
+    }
+
+    /// A broker that keeps everything in memory only.
     pub fn new(config: &Config) -> Arc<Broker> {
+        Self::build(config, None)
+    }
+
+    fn build(config: &Config, store: Option<Store>) -> Arc<Broker> {
         let broker = Broker {
+            store,
             vhosts: RwLock::new(HashMap::new()),
             auth: auth::Auth::default(),
             next_connection_id: AtomicU64::new(1),
@@ -114,13 +147,18 @@ impl Broker {
         Arc::new(broker)
     }
 
+    /// The vhost `name`, created (and persisted) if it does not exist.
     pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
-        Arc::clone(
-            self.vhosts
-                .write()
-                .entry(name.to_string())
-                .or_insert_with(|| VHost::new(name)),
-        )
+        let mut vhosts = self.vhosts.write();
+        if let Some(v) = vhosts.get(name) {
+            return Arc::clone(v);
+        }
+        let v = VHost::new(name, self.store.clone());
+        if let Some(store) = &self.store {
+            persist::save_vhost(store, name);
+        }
+        vhosts.insert(name.to_string(), Arc::clone(&v));
+        v
     }
 
     /// Delete a vhost: its objects, permissions, and connections (closed with 320).
@@ -130,6 +168,15 @@ impl Broker {
             return false;
         };
         self.auth.vhost_deleted(name);
+        vhost.policies.clear();
+        if let Some(store) = &self.store {
+            auth::drop_record(store, crate::storage::TopologyKind::VHost, name);
+        }
+        for e in vhost.exchanges() {
+            if !e.name.is_empty() && !e.name.starts_with("amq.") {
+                let _ = vhost.delete_exchange(&e.name, false);
+            }
+        }
         for c in self.connections() {
             if c.vhost == name {
                 c.control.force_close(&format!("vhost '{name}' is deleted"));

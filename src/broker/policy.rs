@@ -3,11 +3,13 @@
 //!
 //! For a queue or exchange the highest-priority matching policy applies (only one,
 //! as RabbitMQ does). How a definition combines with declared `x-` arguments is
-//! [`effective_arguments`]'s job.
+//! [`effective_arguments`]'s job. With a store, policies are written there.
 
+use crate::storage::{StorageError, Store, TopologyKind};
 use crate::wire::{FieldTable, FieldValue};
 use parking_lot::RwLock;
 use regex::Regex;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// What a policy applies to.
@@ -120,20 +122,97 @@ impl Policy {
     }
 }
 
-/// Every policy of every vhost.
+/// A policy as stored on disk.
+#[derive(Debug, Serialize, Deserialize)]
+struct PolicyRecord {
+    vhost: String,
+    name: String,
+    pattern: String,
+    apply_to: String,
+    priority: i64,
+    definition: serde_json::Map<String, serde_json::Value>,
+}
+
+fn policy_key(vhost: &str, name: &str) -> String {
+    format!("{vhost}\0{name}")
+}
+
+/// The policies of a vhost.
 #[derive(Debug, Default)]
 pub struct Policies {
     by_key: RwLock<BTreeMap<(String, String), Policy>>,
+    store: Option<Store>,
 }
 
 impl Policies {
+    /// Policies written to `store` (if any) as they change.
+    pub fn new(store: Option<Store>) -> Policies {
+        Policies {
+            by_key: RwLock::default(),
+            store,
+        }
+    }
+
+    /// Load the stored policies of `vhost`.
+    pub fn recover(&self, vhost: &str) -> Result<usize, StorageError> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for (key, bytes) in store.load_topology(TopologyKind::Policy)? {
+            let parsed = serde_json::from_slice::<PolicyRecord>(&bytes)
+                .map_err(|e| e.to_string())
+                .and_then(|r| {
+                    let apply_to = ApplyTo::parse(&r.apply_to).ok_or("bad apply-to")?;
+                    Policy::new(
+                        &r.vhost,
+                        &r.name,
+                        &r.pattern,
+                        apply_to,
+                        r.priority,
+                        r.definition,
+                    )
+                });
+            match parsed {
+                Ok(p) if p.vhost == vhost => {
+                    self.by_key
+                        .write()
+                        .insert((p.vhost.clone(), p.name.clone()), p);
+                    n += 1;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(key, error = %e, "skipping bad policy record"),
+            }
+        }
+        Ok(n)
+    }
+
     pub fn put(&self, p: Policy) {
+        if let Some(store) = &self.store {
+            let rec = PolicyRecord {
+                vhost: p.vhost.clone(),
+                name: p.name.clone(),
+                pattern: p.pattern.clone(),
+                apply_to: p.apply_to.as_str().into(),
+                priority: p.priority,
+                definition: p.definition.clone(),
+            };
+            crate::broker::auth::write_record(
+                store,
+                TopologyKind::Policy,
+                &policy_key(&p.vhost, &p.name),
+                &rec,
+            );
+        }
         self.by_key
             .write()
             .insert((p.vhost.clone(), p.name.clone()), p);
     }
 
     pub fn delete(&self, vhost: &str, name: &str) -> bool {
+        if let Some(store) = &self.store {
+            crate::broker::auth::drop_record(store, TopologyKind::Policy, &policy_key(vhost, name));
+        }
         self.by_key
             .write()
             .remove(&(vhost.to_string(), name.to_string()))
@@ -151,8 +230,18 @@ impl Policies {
         self.by_key.read().values().cloned().collect()
     }
 
-    pub fn vhost_deleted(&self, vhost: &str) {
-        self.by_key.write().retain(|(v, _), _| v != vhost);
+    /// The vhost is being deleted: forget (and unstore) all its policies.
+    pub fn clear(&self) {
+        let all = std::mem::take(&mut *self.by_key.write());
+        if let Some(store) = &self.store {
+            for (vhost, name) in all.keys() {
+                crate::broker::auth::drop_record(
+                    store,
+                    TopologyKind::Policy,
+                    &policy_key(vhost, name),
+                );
+            }
+        }
     }
 
     /// The policy in force for a queue (`queue` true) or exchange named `name`:

@@ -32,6 +32,13 @@ pub enum Outbound {
     },
     /// Close the connection with this error (e.g. forced by an operator).
     Close(AmqpError),
+    /// The store flushed publishes `first..=last` of `channel` (or failed to).
+    Durable {
+        channel: u16,
+        first: u64,
+        last: u64,
+        ok: bool,
+    },
 }
 
 /// The [`DeliverySink`] of a connection: an mpsc into its task.
@@ -52,6 +59,18 @@ impl DeliverySink for ConnSink {
 
     fn cancelled(&self, channel: u16, tag: Arc<str>) {
         let _ = self.tx.send(Outbound::Cancelled { channel, tag });
+    }
+}
+
+impl ConnSink {
+    /// Called from the store's flusher once publishes are on disk.
+    pub fn durable(&self, channel: u16, first: u64, last: u64, ok: bool) {
+        let _ = self.tx.send(Outbound::Durable {
+            channel,
+            first,
+            last,
+            ok,
+        });
     }
 }
 
@@ -463,6 +482,7 @@ impl Conn {
             vhost,
             user: user.name,
             sink: Arc::clone(&self.sink) as Arc<dyn DeliverySink>,
+            conn: Arc::clone(&self.sink),
             max_message_size: config.max_message_size,
             cancel_notify,
         });
@@ -565,8 +585,10 @@ impl Conn {
                     }
                 }
             }
-            for ch in self.channels.values_mut() {
-                ch.flush_confirms(&mut self.out);
+            if let Some(ctx) = &self.ctx {
+                for ch in self.channels.values_mut() {
+                    ch.flush_confirms(ctx, &mut self.out);
+                }
             }
             if !self.out.is_empty() {
                 self.last_write = Instant::now();
@@ -739,7 +761,7 @@ impl Conn {
                     .remove(&channel)
                     .ok_or_else(|| no_channel(channel))?;
                 self.broker.channel_closed(self.id, channel);
-                ch.flush_confirms(&mut self.out);
+                ch.flush_confirms(ctx, &mut self.out);
                 ch.close(ctx);
                 self.out.method(channel, &ChannelCloseOk::default().into());
                 Ok(())
@@ -788,6 +810,16 @@ impl Conn {
                 }
             }
             Outbound::Close(e) => return Err(e),
+            Outbound::Durable {
+                channel,
+                first,
+                last,
+                ok,
+            } => {
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    ch.durable_done(first, last, ok, &mut self.out);
+                }
+            }
         }
         Ok(())
     }

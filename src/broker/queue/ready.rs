@@ -121,6 +121,7 @@ mod tests {
             message: Message::new("", "k", props, Bytes::from_static(b"abc")),
             redelivered: false,
             expires_at: None,
+            persisted: false,
         }
     }
 
