@@ -862,6 +862,46 @@ async fn policies_apply_to_new_queues() {
     assert_eq!(lim["messages_ready"], 2);
     assert_eq!(lim["policy"], "short");
     assert_eq!(b.get("/api/queues/%2F/other").await["messages_ready"], 4);
+    // An exchange policy applies to an exchange declared before it.
+    b.ok(
+        "PUT",
+        "/api/exchanges/%2F/unrouted",
+        json!({"type": "direct"}),
+    )
+    .await;
+    b.ok("PUT", "/api/queues/%2F/ae.catch", json!({})).await;
+    b.ok(
+        "POST",
+        "/api/bindings/%2F/e/amq.fanout/q/ae.catch",
+        json!({}),
+    )
+    .await;
+    let publish = json!({"properties": {}, "routing_key": "nothing", "payload": "p", "payload_encoding": "string"});
+    let r = b
+        .call(
+            "POST",
+            "/api/exchanges/%2F/unrouted/publish",
+            GUEST,
+            Some(publish.clone()),
+        )
+        .await;
+    assert_eq!(r.1, json!({"routed": false}));
+    b.ok(
+        "PUT",
+        "/api/policies/%2F/ae",
+        json!({"pattern": "^unrouted$", "apply-to": "exchanges", "definition": {"alternate-exchange": "amq.fanout"}}),
+    )
+    .await;
+    let r = b
+        .call(
+            "POST",
+            "/api/exchanges/%2F/unrouted/publish",
+            GUEST,
+            Some(publish),
+        )
+        .await;
+    assert_eq!(r.1, json!({"routed": true}));
+    assert_eq!(b.get("/api/queues/%2F/ae.catch").await["messages_ready"], 1);
     assert_eq!(
         b.call("DELETE", "/api/policies/%2F/short", GUEST, None)
             .await

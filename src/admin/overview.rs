@@ -45,14 +45,12 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "rabbitmq_version": VERSION,
         "product_name": "warren",
         "product_version": VERSION,
-        "erlang_version": "n/a",
         "rates_mode": "basic",
         "cluster_name": node_name(),
         "node": node_name(),
         "message_stats": message_stats(&Totals::of(&b.counters), &s.rates.global()),
         "queue_totals": {
             "messages": ready + unacked,
-            "messages_details": super::details(0.0),
             "messages_ready": ready,
             "messages_unacknowledged": unacked,
         },
@@ -63,7 +61,6 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
             "queues": queues,
             "consumers": consumers,
         },
-        "listeners": [],
     }))
 }
 
@@ -77,7 +74,6 @@ fn node_json(s: &AdminState) -> Value {
         "disk_free_alarm": false,
         "uptime": now_ms().saturating_sub(s.started_at),
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "proc_used": 0,
         "fd_used": std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0),
     })
 }

@@ -34,7 +34,6 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
         "node": super::node_name(),
         "state": "running",
         "messages": st.ready + st.unacked,
-        "messages_details": super::details(0.0),
         "messages_ready": st.ready,
         "messages_unacknowledged": st.unacked,
         "message_bytes_ready": st.ready_bytes,

@@ -102,11 +102,15 @@ impl Broker {
         let started = std::time::Instant::now();
         let store = Store::open(&config.data_dir)?;
         let broker = Self::build(config, Some(store.clone()));
-        let recovered = persist::recover(&store, &|name| broker.add_vhost(name))?;
+        // Policies are loaded with their vhost, before its queues are recovered.
+        let recovered = persist::recover(&store, &|name| {
+            let v = broker.add_vhost(name);
+            if let Err(e) = v.policies.recover(name) {
+                tracing::error!(vhost = name, error = %e, "cannot load policies");
+            }
+            v
+        })?;
         broker.auth.attach(&store)?;
-        for v in broker.vhosts() {
-            v.policies.recover(&v.name)?;
-        }
         tracing::info!(
             path = %store.path().display(),
             vhosts = recovered.vhosts,

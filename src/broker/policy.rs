@@ -261,6 +261,21 @@ impl Policies {
     }
 }
 
+impl Policies {
+    /// The `alternate-exchange` of the policy in force for exchange `name`, if any.
+    /// Looked up at routing time, so policies apply to existing exchanges too.
+    pub fn alternate_exchange(&self, vhost: &str, name: &str) -> Option<String> {
+        if self.by_key.read().is_empty() {
+            return None;
+        }
+        self.matching(vhost, false, name)?
+            .definition
+            .get("alternate-exchange")?
+            .as_str()
+            .map(String::from)
+    }
+}
+
 fn to_field(v: &serde_json::Value) -> Option<FieldValue> {
     match v {
         serde_json::Value::String(s) => Some(FieldValue::string(s.clone())),
@@ -291,19 +306,6 @@ pub fn effective_arguments(declared: &FieldTable, policy: Option<&Policy>) -> Fi
                 }
             }
             Some(_) => {}
-        }
-    }
-    out
-}
-
-/// The `alternate-exchange` an exchange runs with: its argument wins over the policy.
-pub fn effective_exchange_arguments(declared: &FieldTable, policy: Option<&Policy>) -> FieldTable {
-    let mut out = declared.clone();
-    if let Some(ae) = policy.and_then(|p| p.definition.get("alternate-exchange")) {
-        if declared.get("alternate-exchange").is_none() {
-            if let Some(v) = to_field(ae) {
-                out.insert("alternate-exchange", v);
-            }
         }
     }
     out

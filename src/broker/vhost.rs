@@ -776,7 +776,11 @@ impl VHost {
                     dests.clear();
                     next.router.read().route(key, headers, &mut dests);
                     if dests.is_empty() {
-                        if let Some(ae) = next.alternate_exchange() {
+                        let ae = next
+                            .alternate_exchange()
+                            .map(str::to_string)
+                            .or_else(|| self.policies.alternate_exchange(&self.name, &next.name));
+                        if let Some(ae) = ae {
                             pending.push(Destination::Exchange(ae.into()));
                         }
                     }
