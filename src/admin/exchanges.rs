@@ -63,7 +63,8 @@ pub async fn show(
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    let e = v.exchange(&name).map_err(|_| ApiError::not_found())?;
+    let name = if name == "amq.default" { "" } else { &name };
+    let e = v.exchange(name).map_err(|_| ApiError::not_found())?;
     Ok(Json(exchange_json(&vhost, &e)))
 }
 

@@ -261,13 +261,14 @@ pub async fn get_messages(
         }));
         entries.push(entry);
     }
+    crate::broker::Counters::add(&s.broker.counters.delivered, entries.len() as u64);
     if requeue {
         q.requeue(entries, true, true);
     } else if reject {
         q.reject(entries);
     } else {
+        crate::broker::Counters::add(&s.broker.counters.acked, entries.len() as u64);
         q.ack(&entries);
-        crate::broker::Counters::add(&s.broker.counters.acked, out.len() as u64);
     }
     Ok(Json(Value::Array(out)))
 }
