@@ -17,6 +17,8 @@ pub struct Config {
     pub admin_port: u16,
     /// Run the admin HTTP API.
     pub admin_enabled: bool,
+    /// Seconds between samples of the message counters behind the API's rates.
+    pub admin_sample_interval_secs: u64,
     /// Directory of the message store and topology.
     pub data_dir: PathBuf,
     /// Heartbeat interval the server proposes, in seconds (0 disables).
@@ -54,6 +56,7 @@ impl Default for Config {
             amqp_port: 5672,
             admin_port: 15672,
             admin_enabled: true,
+            admin_sample_interval_secs: 5,
             data_dir: PathBuf::from("warren-data"),
             heartbeat: 60,
             frame_max: 131_072,

@@ -7,6 +7,7 @@
 //! connection.close.
 
 use super::writer::Out;
+use crate::broker::auth::Access;
 use crate::broker::exchange::Destination;
 use crate::broker::message::{Entry, Message};
 use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Enqueued, Queue};
@@ -32,6 +33,29 @@ pub struct ConnCtx {
     pub max_message_size: u64,
     /// The client understands server-sent basic.cancel.
     pub cancel_notify: bool,
+}
+
+impl ConnCtx {
+    /// RabbitMQ's resource check: 403 unless the user's `access` regex in this vhost
+    /// matches `name` (the default exchange is checked as `amq.default`).
+    fn permit(&self, access: Access, kind: &str, name: &str) -> AmqpResult<()> {
+        let name = if kind == "exchange" && name.is_empty() {
+            "amq.default"
+        } else {
+            name
+        };
+        if self
+            .broker
+            .auth
+            .allows(&self.vhost.name, &self.user, access, name)
+        {
+            return Ok(());
+        }
+        Err(AmqpError::access_refused(format!(
+            "access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+            self.vhost.name, self.user
+        )))
+    }
 }
 
 /// A message handed out and not yet acked.
@@ -249,6 +273,7 @@ impl Channel {
             }
             Method::BasicGet(g) => {
                 let name = self.queue_name(&g.queue)?;
+                ctx.permit(Access::Read, "queue", &name)?;
                 let q = vhost.queue(&name, ctx.id)?;
                 match q.get(g.no_ack) {
                     None => out.method(ch, &BasicGetEmpty::default().into()),
@@ -287,6 +312,9 @@ impl Channel {
             Method::BasicRecoverAsync(r) => self.recover(r.requeue)?,
             Method::ExchangeDeclare(d) => {
                 let nowait = d.nowait;
+                if !d.passive {
+                    ctx.permit(Access::Configure, "exchange", &d.exchange)?;
+                }
                 vhost.declare_exchange(&ExchangeDeclare {
                     name: d.exchange,
                     kind: d.kind,
@@ -301,12 +329,15 @@ impl Channel {
                 }
             }
             Method::ExchangeDelete(d) => {
+                ctx.permit(Access::Configure, "exchange", &d.exchange)?;
                 vhost.delete_exchange(&d.exchange, d.if_unused)?;
                 if !d.nowait {
                     out.method(ch, &ExchangeDeleteOk::default().into());
                 }
             }
             Method::ExchangeBind(b) => {
+                ctx.permit(Access::Write, "exchange", &b.destination)?;
+                ctx.permit(Access::Read, "exchange", &b.source)?;
                 let dest = Destination::Exchange(b.destination.as_str().into());
                 vhost.bind(&b.source, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 if !b.nowait {
@@ -314,6 +345,8 @@ impl Channel {
                 }
             }
             Method::ExchangeUnbind(b) => {
+                ctx.permit(Access::Write, "exchange", &b.destination)?;
+                ctx.permit(Access::Read, "exchange", &b.source)?;
                 let dest = Destination::Exchange(b.destination.as_str().into());
                 vhost.unbind(&b.source, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 if !b.nowait {
@@ -322,6 +355,9 @@ impl Channel {
             }
             Method::QueueDeclare(d) => {
                 let nowait = d.nowait;
+                if !d.passive && !d.queue.is_empty() {
+                    ctx.permit(Access::Configure, "queue", &d.queue)?;
+                }
                 let (q, stats) = vhost.declare_queue(
                     &QueueDeclare {
                         name: d.queue,
@@ -348,6 +384,8 @@ impl Channel {
             }
             Method::QueueBind(b) => {
                 let name = self.queue_name(&b.queue)?;
+                ctx.permit(Access::Write, "queue", &name)?;
+                ctx.permit(Access::Read, "exchange", &b.exchange)?;
                 let dest = Destination::Queue(name.as_str().into());
                 vhost.bind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 if !b.nowait {
@@ -356,12 +394,15 @@ impl Channel {
             }
             Method::QueueUnbind(b) => {
                 let name = self.queue_name(&b.queue)?;
+                ctx.permit(Access::Write, "queue", &name)?;
+                ctx.permit(Access::Read, "exchange", &b.exchange)?;
                 let dest = Destination::Queue(name.as_str().into());
                 vhost.unbind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 out.method(ch, &QueueUnbindOk::default().into());
             }
             Method::QueuePurge(p) => {
                 let name = self.queue_name(&p.queue)?;
+                ctx.permit(Access::Read, "queue", &name)?;
                 let n = vhost.purge_queue(&name, ctx.id)?;
                 if !p.nowait {
                     out.method(
@@ -375,6 +416,7 @@ impl Channel {
             }
             Method::QueueDelete(d) => {
                 let name = self.queue_name(&d.queue)?;
+                ctx.permit(Access::Configure, "queue", &name)?;
                 let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, ctx.id)?;
                 if !d.nowait {
                     out.method(
@@ -466,6 +508,7 @@ impl Channel {
             self.reply_to_queue(ctx, &c)?
         } else {
             let name = self.queue_name(&c.queue)?;
+            ctx.permit(Access::Read, "queue", &name)?;
             ctx.vhost.queue(&name, ctx.id)?
         };
         let tag: Arc<str> = if c.consumer_tag.is_empty() {
@@ -735,6 +778,8 @@ impl Channel {
             }
         };
         let publish = p.publish;
+        ctx.permit(Access::Write, "exchange", &publish.exchange)
+            .map_err(|e| e.at(60, 40))?;
         if let Some(uid) = properties.user_id.as_deref() {
             if uid != ctx.user {
                 return Err(AmqpError::precondition_failed(format!(

@@ -466,6 +466,19 @@ impl Conn {
                 AmqpError::not_allowed(format!("vhost {} not found", open.virtual_host)).at(10, 40),
             ));
         };
+        if !self
+            .broker
+            .auth
+            .vhost_access(&open.virtual_host, &user.name)
+        {
+            return Err(self.handshake_fail(
+                AmqpError::not_allowed(format!(
+                    "access to vhost '{}' refused for user '{}'",
+                    open.virtual_host, user.name
+                ))
+                .at(10, 40),
+            ));
+        }
         self.out.method(0, &ConnectionOpenOk::default().into());
         self.out.flush();
         let local = self.local;
@@ -482,6 +495,7 @@ impl Conn {
             channel_max: self.channel_max,
             heartbeat: tune_ok.heartbeat,
             channels: Default::default(),
+            open_channels: Default::default(),
             control: Arc::clone(&self.sink) as Arc<dyn ConnectionControl>,
         }));
         self.registered = true;
@@ -797,6 +811,7 @@ impl Conn {
                     )));
                 }
                 self.channels.insert(channel, Channel::new(channel));
+                self.broker.channel_opened(self.id, channel);
                 self.out.method(channel, &ChannelOpenOk::default().into());
                 Ok(())
             }
@@ -805,6 +820,7 @@ impl Conn {
                     .channels
                     .remove(&channel)
                     .ok_or_else(|| no_channel(channel))?;
+                self.broker.channel_closed(self.id, channel);
                 ch.flush_confirms(ctx, &mut self.out);
                 ch.close(ctx);
                 self.out.method(channel, &ChannelCloseOk::default().into());
@@ -814,6 +830,7 @@ impl Conn {
                 match self.channels.get(&channel) {
                     Some(ch) if ch.closing => {
                         self.channels.remove(&channel);
+                        self.broker.channel_closed(self.id, channel);
                     }
                     _ => {}
                 }

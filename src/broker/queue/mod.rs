@@ -580,6 +580,11 @@ impl Queue {
         (removed.clone(), removed.is_some() && unused)
     }
 
+    /// The attached consumers (for the admin API).
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.state.lock().consumers.clone()
+    }
+
     /// Remove every ready message; returns how many.
     pub fn purge(&self) -> usize {
         let mut s = self.state.lock();
