@@ -17,6 +17,8 @@ pub struct Config {
     pub admin_port: u16,
     /// Run the admin HTTP API.
     pub admin_enabled: bool,
+    /// Seconds between samples of the message counters behind the API's rates.
+    pub admin_sample_interval_secs: u64,
     /// Directory of the message store and topology.
     pub data_dir: PathBuf,
     /// Heartbeat interval the server proposes, in seconds (0 disables).
@@ -27,6 +29,14 @@ pub struct Config {
     pub channel_max: u16,
     /// Largest message body accepted, in bytes; bigger publishes get 406.
     pub max_message_size: u64,
+    /// Bytes of message bodies kept in memory across all queues; past it, persistent
+    /// messages on durable queues are paged out to the store (0: never page).
+    pub message_memory_limit: u64,
+    /// Memory (RSS) above which publishers are blocked (connection.blocked), as a
+    /// fraction of physical memory (RabbitMQ's vm_memory_high_watermark).
+    pub vm_memory_high_watermark: f64,
+    /// The same as an absolute number of bytes; overrides the fraction when non-zero.
+    pub memory_high_watermark_bytes: u64,
     /// Seconds a client has to complete the handshake.
     pub handshake_timeout_secs: u64,
     /// The user created on first start.
@@ -91,12 +101,16 @@ impl Default for Config {
             amqp_port: 5672,
             admin_port: 15672,
             admin_enabled: true,
+            admin_sample_interval_secs: 5,
             data_dir: PathBuf::from("warren-data"),
             heartbeat: 60,
             frame_max: 131_072,
             channel_max: 2047,
             max_message_size: 128 * 1024 * 1024,
             handshake_timeout_secs: 10,
+            message_memory_limit: 256 * 1024 * 1024,
+            vm_memory_high_watermark: 0.4,
+            memory_high_watermark_bytes: 0,
             default_user: "guest".into(),
             default_pass: "guest".into(),
             default_user_loopback_only: true,

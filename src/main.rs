@@ -1,4 +1,8 @@
-//! The `warren` binary: load configuration, start the broker, wait for a signal.
+//! The `warren` binary: load configuration, start the broker, wait for a signal;
+//! or, with a subcommand (`warren list-queues`, ...), talk to a running broker's
+//! admin API like rabbitmqctl.
+
+mod ctl;
 
 use clap::Parser;
 use std::path::PathBuf;
@@ -14,6 +18,17 @@ struct Cli {
     /// TOML configuration file (keys as in warren.example.toml).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Admin API base URL for subcommands (default: http://localhost:<admin_port>).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// User for subcommands.
+    #[arg(short = 'u', long = "user", global = true, default_value = "guest")]
+    api_user: String,
+    /// Password for subcommands.
+    #[arg(long = "password", global = true, default_value = "guest")]
+    api_password: String,
+    #[command(subcommand)]
+    command: Option<ctl::Command>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -25,6 +40,25 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Some(cmd) = cli.command {
+        let target = ctl::Target {
+            url: cli
+                .url
+                .unwrap_or_else(|| format!("http://localhost:{}", config.admin_port)),
+            user: cli.api_user,
+            password: cli.api_password,
+        };
+        return match ctl::run(&target, cmd) {
+            Ok(out) => {
+                print!("{out}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("warren: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -49,7 +83,7 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(1);
             }
         };
-        tracing::info!(addr = %broker.amqp_addr(), "warren started");
+        tracing::info!(addr = %broker.amqp_addr(), admin = ?broker.admin_addr(), "warren started");
         wait_for_signal().await;
         tracing::info!("shutting down");
         broker.server.shutdown();

@@ -3,9 +3,12 @@
 //! `server` drives it from AMQP connections (and `admin` from HTTP). Everything
 //! here is synchronous and short: locks are never held across an await.
 
+pub mod auth;
 pub mod exchange;
+pub mod memory;
 pub mod message;
 pub mod persist;
+pub mod policy;
 pub mod queue;
 pub mod vhost;
 
@@ -64,18 +67,12 @@ pub struct ConnectionInfo {
     pub channel_max: u16,
     pub heartbeat: u16,
     pub channels: AtomicU32,
+    /// Numbers of the open channels (for the admin API).
+    pub open_channels: parking_lot::Mutex<std::collections::BTreeSet<u16>>,
     pub control: Arc<dyn ConnectionControl>,
 }
 
-/// A broker user.
-#[derive(Debug, Clone)]
-pub struct User {
-    pub name: String,
-    password: String,
-    pub tags: Vec<String>,
-    /// May only connect from loopback addresses.
-    pub loopback_only: bool,
-}
+pub use auth::User;
 
 /// Why a login failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,13 +87,20 @@ pub enum LoginError {
 #[derive(Debug)]
 pub struct Broker {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
-    users: RwLock<HashMap<String, User>>,
+    /// Users and permissions.
+    pub auth: auth::Auth,
     next_connection_id: AtomicU64,
     connections: RwLock<HashMap<u64, Arc<ConnectionInfo>>>,
     /// Broker-wide message totals.
     pub counters: Counters,
     /// The message and topology store (None: a broker that persists nothing).
     pub store: Option<Store>,
+    /// Resident message bytes in all queues, and the paging limit.
+    pub budget: Arc<message::MemoryBudget>,
+    /// The memory alarm: true while the process is above its high watermark.
+    alarm: tokio::sync::watch::Sender<bool>,
+    /// The high watermark in bytes (0: no alarm).
+    watermark: AtomicU64,
 }
 
 impl Broker {
@@ -105,7 +109,15 @@ impl Broker {
         let started = std::time::Instant::now();
         let store = Store::open(&config.data_dir)?;
         let broker = Self::build(config, Some(store.clone()));
-        let recovered = persist::recover(&store, &|name| broker.add_vhost(name))?;
+        // Policies are loaded with their vhost, before its queues are recovered.
+        let recovered = persist::recover(&store, &|name| {
+            let v = broker.add_vhost(name);
+            if let Err(e) = v.policies.recover(name) {
+                tracing::error!(vhost = name, error = %e, "cannot load policies");
+            }
+            v
+        })?;
+        broker.auth.attach(&store)?;
         tracing::info!(
             path = %store.path().display(),
             vhosts = recovered.vhosts,
@@ -127,22 +139,25 @@ impl Broker {
     fn build(config: &Config, store: Option<Store>) -> Arc<Broker> {
         let broker = Broker {
             store,
+            budget: message::MemoryBudget::new(config.message_memory_limit as usize),
+            alarm: tokio::sync::watch::channel(false).0,
+            watermark: AtomicU64::new(memory::watermark_bytes(config)),
             vhosts: RwLock::new(HashMap::new()),
-            users: RwLock::new(HashMap::new()),
+            auth: auth::Auth::default(),
             next_connection_id: AtomicU64::new(1),
             connections: RwLock::new(HashMap::new()),
             counters: Counters::default(),
         };
         broker.add_vhost("/");
-        broker.users.write().insert(
-            config.default_user.clone(),
-            User {
-                name: config.default_user.clone(),
-                password: config.default_pass.clone(),
-                tags: vec!["administrator".into()],
-                loopback_only: config.default_user_loopback_only,
-            },
-        );
+        broker.auth.put_user(User {
+            name: config.default_user.clone(),
+            password_hash: auth::hash_password(&config.default_pass),
+            tags: vec!["administrator".into()],
+            loopback_only: config.default_user_loopback_only,
+        });
+        if let Ok(all) = auth::Permission::new(".*", ".*", ".*") {
+            broker.auth.set_permission("/", &config.default_user, all);
+        }
         Arc::new(broker)
     }
 
@@ -152,12 +167,39 @@ impl Broker {
         if let Some(v) = vhosts.get(name) {
             return Arc::clone(v);
         }
-        let v = VHost::new(name, self.store.clone());
+        let v = VHost::new(name, self.store.clone(), Arc::clone(&self.budget));
         if let Some(store) = &self.store {
             persist::save_vhost(store, name);
         }
         vhosts.insert(name.to_string(), Arc::clone(&v));
         v
+    }
+
+    /// Delete a vhost: its objects, permissions, and connections (closed with 320).
+    /// False if there was no such vhost.
+    pub fn delete_vhost(&self, name: &str) -> bool {
+        let Some(vhost) = self.vhosts.write().remove(name) else {
+            return false;
+        };
+        self.auth.vhost_deleted(name);
+        vhost.policies.clear();
+        if let Some(store) = &self.store {
+            auth::drop_record(store, crate::storage::TopologyKind::VHost, name);
+        }
+        for e in vhost.exchanges() {
+            if !e.name.is_empty() && !e.name.starts_with("amq.") {
+                let _ = vhost.delete_exchange(&e.name, false);
+            }
+        }
+        for c in self.connections() {
+            if c.vhost == name {
+                c.control.force_close(&format!("vhost '{name}' is deleted"));
+            }
+        }
+        for q in vhost.queues() {
+            vhost.remove_queue(&q);
+        }
+        true
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
@@ -175,6 +217,49 @@ impl Broker {
         }
     }
 
+    /// Whether the memory alarm is on (publishers blocked).
+    pub fn memory_alarm(&self) -> bool {
+        *self.alarm.borrow()
+    }
+
+    /// Follow the memory alarm (connections block publishers while it is on).
+    pub fn watch_alarm(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.alarm.subscribe()
+    }
+
+    /// The memory high watermark in bytes (0: none).
+    pub fn memory_watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Relaxed)
+    }
+
+    pub fn set_memory_watermark(&self, bytes: u64) {
+        self.watermark.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Compare the process's memory with the watermark and raise or clear the alarm.
+    pub fn check_memory(&self) {
+        let limit = self.memory_watermark();
+        let rss = memory::resident_bytes();
+        let on = limit != 0 && rss > limit;
+        self.alarm.send_if_modified(|cur| {
+            if *cur != on {
+                if on {
+                    tracing::warn!(
+                        rss,
+                        limit,
+                        "memory high watermark reached: blocking publishers"
+                    );
+                } else {
+                    tracing::info!(rss, limit, "memory alarm cleared: publishers unblocked");
+                }
+                *cur = on;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
     /// A fresh id for a connection (used for exclusive ownership and consumers).
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
@@ -186,6 +271,24 @@ impl Broker {
 
     pub fn unregister_connection(&self, id: u64) {
         self.connections.write().remove(&id);
+    }
+
+    /// A channel was opened on connection `id` (counted for the admin API).
+    pub fn channel_opened(&self, id: u64, channel: u16) {
+        if let Some(c) = self.connections.read().get(&id) {
+            if c.open_channels.lock().insert(channel) {
+                c.channels.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A channel of connection `id` was closed.
+    pub fn channel_closed(&self, id: u64, channel: u16) {
+        if let Some(c) = self.connections.read().get(&id) {
+            if c.open_channels.lock().remove(&channel) {
+                c.channels.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn connections(&self) -> Vec<Arc<ConnectionInfo>> {
@@ -223,14 +326,13 @@ impl Broker {
         password: &str,
         from_loopback: bool,
     ) -> Result<User, LoginError> {
-        let users = self.users.read();
-        let u = users.get(user).ok_or(LoginError::Refused)?;
-        if u.password != password {
-            return Err(LoginError::Refused);
-        }
+        let u = self
+            .auth
+            .check_password(user, password)
+            .ok_or(LoginError::Refused)?;
         if u.loopback_only && !from_loopback {
             return Err(LoginError::LoopbackOnly);
         }
-        Ok(u.clone())
+        Ok(u)
     }
 }

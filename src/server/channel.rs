@@ -7,6 +7,7 @@
 //! connection.close.
 
 use super::writer::Out;
+use crate::broker::auth::Access;
 use crate::broker::exchange::Destination;
 use crate::broker::message::{Entry, Message};
 use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Enqueued, Queue};
@@ -35,6 +36,29 @@ pub struct ConnCtx {
     pub cancel_notify: bool,
     /// Configured limits (queues, exchanges, consumers, consumer timeout).
     pub limits: crate::config::Limits,
+}
+
+impl ConnCtx {
+    /// RabbitMQ's resource check: 403 unless the user's `access` regex in this vhost
+    /// matches `name` (the default exchange is checked as `amq.default`).
+    fn permit(&self, access: Access, kind: &str, name: &str) -> AmqpResult<()> {
+        let name = if kind == "exchange" && name.is_empty() {
+            "amq.default"
+        } else {
+            name
+        };
+        if self
+            .broker
+            .auth
+            .allows(&self.vhost.name, &self.user, access, name)
+        {
+            return Ok(());
+        }
+        Err(AmqpError::access_refused(format!(
+            "access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+            self.vhost.name, self.user
+        )))
+    }
 }
 
 /// A message handed out and not yet acked.
@@ -263,6 +287,7 @@ impl Channel {
             }
             Method::BasicGet(g) => {
                 let name = self.queue_name(&g.queue)?;
+                ctx.permit(Access::Read, "queue", &name)?;
                 let q = vhost.queue(&name, ctx.id)?;
                 match q.get(g.no_ack) {
                     None => out.method(ch, &BasicGetEmpty::default().into()),
@@ -303,6 +328,9 @@ impl Channel {
             Method::BasicRecoverAsync(r) => self.recover(r.requeue)?,
             Method::ExchangeDeclare(d) => {
                 let nowait = d.nowait;
+                if !d.passive {
+                    ctx.permit(Access::Configure, "exchange", &d.exchange)?;
+                }
                 if let Some(max) = ctx.limits.max_exchanges_per_vhost {
                     if !d.passive
                         && vhost.exchange(&d.exchange).is_err()
@@ -329,12 +357,15 @@ impl Channel {
                 }
             }
             Method::ExchangeDelete(d) => {
+                ctx.permit(Access::Configure, "exchange", &d.exchange)?;
                 vhost.delete_exchange(&d.exchange, d.if_unused)?;
                 if !d.nowait {
                     out.method(ch, &ExchangeDeleteOk::default().into());
                 }
             }
             Method::ExchangeBind(b) => {
+                ctx.permit(Access::Write, "exchange", &b.destination)?;
+                ctx.permit(Access::Read, "exchange", &b.source)?;
                 let dest = Destination::Exchange(b.destination.as_str().into());
                 vhost.bind(&b.source, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 if !b.nowait {
@@ -342,6 +373,8 @@ impl Channel {
                 }
             }
             Method::ExchangeUnbind(b) => {
+                ctx.permit(Access::Write, "exchange", &b.destination)?;
+                ctx.permit(Access::Read, "exchange", &b.source)?;
                 let dest = Destination::Exchange(b.destination.as_str().into());
                 vhost.unbind(&b.source, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 if !b.nowait {
@@ -350,6 +383,9 @@ impl Channel {
             }
             Method::QueueDeclare(d) => {
                 let nowait = d.nowait;
+                if !d.passive && !d.queue.is_empty() {
+                    ctx.permit(Access::Configure, "queue", &d.queue)?;
+                }
                 if let Some(max) = ctx.limits.max_queues_per_vhost {
                     if !d.passive
                         && (d.queue.is_empty() || vhost.queue(&d.queue, ctx.id).is_err())
@@ -388,6 +424,8 @@ impl Channel {
             }
             Method::QueueBind(b) => {
                 let name = self.queue_name(&b.queue)?;
+                ctx.permit(Access::Write, "queue", &name)?;
+                ctx.permit(Access::Read, "exchange", &b.exchange)?;
                 let dest = Destination::Queue(name.as_str().into());
                 vhost.bind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 if !b.nowait {
@@ -396,12 +434,15 @@ impl Channel {
             }
             Method::QueueUnbind(b) => {
                 let name = self.queue_name(&b.queue)?;
+                ctx.permit(Access::Write, "queue", &name)?;
+                ctx.permit(Access::Read, "exchange", &b.exchange)?;
                 let dest = Destination::Queue(name.as_str().into());
                 vhost.unbind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 out.method(ch, &QueueUnbindOk::default().into());
             }
             Method::QueuePurge(p) => {
                 let name = self.queue_name(&p.queue)?;
+                ctx.permit(Access::Read, "queue", &name)?;
                 let n = vhost.purge_queue(&name, ctx.id)?;
                 if !p.nowait {
                     out.method(
@@ -415,6 +456,7 @@ impl Channel {
             }
             Method::QueueDelete(d) => {
                 let name = self.queue_name(&d.queue)?;
+                ctx.permit(Access::Configure, "queue", &name)?;
                 let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, ctx.id)?;
                 if !d.nowait {
                     out.method(
@@ -468,13 +510,21 @@ impl Channel {
                     AmqpError::precondition_failed("channel is not transactional")
                 })?;
                 self.tx = Some(Tx::default());
+                let mut durable = false;
                 for (exchange, mandatory, message) in tx.publishes {
-                    self.route_and_enqueue(ctx, &exchange, mandatory, message, out)?;
+                    durable |= self.route_and_enqueue(ctx, &exchange, mandatory, message, out)?;
                 }
                 for s in tx.settles {
                     self.apply_settle(ctx, s)?;
                 }
-                out.method(ch, &TxCommitOk::default().into());
+                match (&ctx.broker.store, durable) {
+                    // commit-ok once the persistent messages are on disk.
+                    (Some(store), true) => {
+                        let conn = Arc::clone(&ctx.conn);
+                        store.on_durable(Box::new(move |_| conn.tx_committed(ch)));
+                    }
+                    _ => out.method(ch, &TxCommitOk::default().into()),
+                }
             }
             Method::TxRollback(_) => {
                 let tx = self.tx.as_mut().ok_or_else(|| {
@@ -498,6 +548,7 @@ impl Channel {
             self.reply_to_queue(ctx, &c)?
         } else {
             let name = self.queue_name(&c.queue)?;
+            ctx.permit(Access::Read, "queue", &name)?;
             ctx.vhost.queue(&name, ctx.id)?
         };
         let tag: Arc<str> = if c.consumer_tag.is_empty() {
@@ -774,6 +825,8 @@ impl Channel {
             }
         };
         let publish = p.publish;
+        ctx.permit(Access::Write, "exchange", &publish.exchange)
+            .map_err(|e| e.at(60, 40))?;
         if let Some(uid) = properties.user_id.as_deref() {
             if uid != ctx.user {
                 return Err(AmqpError::precondition_failed(format!(
@@ -811,6 +864,7 @@ impl Channel {
             return Ok(());
         }
         self.route_and_enqueue(ctx, &publish.exchange, publish.mandatory, message, out)
+            .map(|_| ())
             .map_err(|e| e.at(60, 40))
     }
 
@@ -821,7 +875,7 @@ impl Channel {
         mandatory: bool,
         message: Arc<Message>,
         out: &mut Out,
-    ) -> AmqpResult<()> {
+    ) -> AmqpResult<bool> {
         let mut queues = Vec::new();
         let held = ctx.vhost.route(exchange, &message, &mut queues)?;
         let counters = &ctx.broker.counters;
@@ -866,7 +920,7 @@ impl Channel {
                     }
                     .into(),
                 );
-                return Ok(());
+                return Ok(durable);
             }
             if durable || self.durable_inflight > 0 || self.durable_batch.is_some() {
                 // Immediate confirms gathered before this one go out first.
@@ -895,7 +949,7 @@ impl Channel {
                 };
             }
         }
-        Ok(())
+        Ok(durable)
     }
 
     /// Send the confirms gathered in this batch: immediate ones as one basic.ack, and

@@ -32,6 +32,10 @@ pub enum Outbound {
     },
     /// Close the connection with this error (e.g. forced by an operator).
     Close(AmqpError),
+    /// A transaction's persistent messages are on disk: send tx.commit-ok.
+    TxCommitted {
+        channel: u16,
+    },
     /// The store flushed publishes `first..=last` of `channel` (or failed to).
     Durable {
         channel: u16,
@@ -77,6 +81,13 @@ impl ConnSink {
             last,
             ok,
         });
+    }
+}
+
+impl ConnSink {
+    /// Called from the store's flusher once a transaction's messages are on disk.
+    pub fn tx_committed(&self, channel: u16) {
+        let _ = self.tx.send(Outbound::TxCommitted { channel });
     }
 }
 
@@ -189,6 +200,12 @@ struct Conn {
     /// Unwritten output above which the connection stops taking deliveries
     /// and reading input (back-pressure on a peer that does not read).
     backlog_limit: usize,
+    /// The client published at least once (only publishers get blocked).
+    published: bool,
+    /// The client understands connection.blocked.
+    blocked_cap: bool,
+    /// We told the client it is blocked.
+    blocked_sent: bool,
 }
 
 /// How the main loop ended.
@@ -247,6 +264,9 @@ async fn serve(
         local,
         registered: false,
         close_sent: false,
+        published: false,
+        blocked_cap: false,
+        blocked_sent: false,
     };
     let result = match tokio::time::timeout(handshake_timeout, conn.handshake(peer, &config)).await
     {
@@ -262,8 +282,10 @@ async fn serve(
             let end = conn.main_loop().await;
             let r = match end {
                 End::Done => {
-                    // Let the client close first (it does on close-ok), so neither
-                    // side sees a reset with frames still unread.
+                    // Release queues and exclusive queues at once, then let the
+                    // client close first (it does on close-ok), so neither side
+                    // sees a reset with frames still unread.
+                    conn.cleanup();
                     conn.drain_input().await;
                     Ok(())
                 }
@@ -347,6 +369,7 @@ impl Conn {
         };
         let cancel_notify =
             client_capability(&start_ok.client_properties, "consumer_cancel_notify");
+        self.blocked_cap = client_capability(&start_ok.client_properties, "connection.blocked");
         let auth_close =
             client_capability(&start_ok.client_properties, "authentication_failure_close");
         let mechanism = start_ok.mechanism.clone();
@@ -456,6 +479,19 @@ impl Conn {
                 AmqpError::not_allowed(format!("vhost {} not found", open.virtual_host)).at(10, 40),
             ));
         };
+        if !self
+            .broker
+            .auth
+            .vhost_access(&open.virtual_host, &user.name)
+        {
+            return Err(self.handshake_fail(
+                AmqpError::not_allowed(format!(
+                    "access to vhost '{}' refused for user '{}'",
+                    open.virtual_host, user.name
+                ))
+                .at(10, 40),
+            ));
+        }
         self.out.method(0, &ConnectionOpenOk::default().into());
         self.out.flush();
         let local = self.local;
@@ -472,6 +508,7 @@ impl Conn {
             channel_max: self.channel_max,
             heartbeat: tune_ok.heartbeat,
             channels: Default::default(),
+            open_channels: Default::default(),
             control: Arc::clone(&self.sink) as Arc<dyn ConnectionControl>,
         }));
         self.registered = true;
@@ -501,6 +538,11 @@ impl Conn {
             .into(),
         );
         self.out.flush();
+    }
+
+    /// Publishers are not read from while the memory alarm is on.
+    fn is_blocked(&self, alarm: &tokio::sync::watch::Receiver<bool>) -> bool {
+        self.published && *alarm.borrow()
     }
 
     /// After the close handshake: read (and drop) until the peer closes, so unread
@@ -552,17 +594,19 @@ impl Conn {
             });
         let mut timeouts = tokio::time::interval(timeout_tick);
         timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut blocked = false;
+        let mut backlogged = false;
+        let mut alarm = self.broker.watch_alarm();
+        let mut alarm_open = true;
         loop {
             // Back-pressure: while the peer has not read what we wrote, take no
             // deliveries from the mailbox and read no more input.
             let over = self.out.backlog() > self.backlog_limit;
-            if over != blocked {
-                blocked = over;
+            if over != backlogged {
+                backlogged = over;
                 self.sink
                     .blocked
-                    .store(blocked, std::sync::atomic::Ordering::Release);
-                if blocked {
+                    .store(backlogged, std::sync::atomic::Ordering::Release);
+                if backlogged {
                     tracing::debug!(
                         id = self.id,
                         backlog = self.out.backlog(),
@@ -574,8 +618,21 @@ impl Conn {
                     }
                 }
             }
+            let alarm_blocked = self.is_blocked(&alarm);
+            if alarm_blocked && !self.blocked_sent && self.blocked_cap {
+                self.out.method(
+                    0,
+                    &ConnectionBlocked {
+                        reason: "low on memory".into(),
+                    }
+                    .into(),
+                );
+                self.blocked_sent = true;
+                self.out.flush();
+            }
+            let blocked = alarm_blocked || backlogged;
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(5)), if blocked => {
+                _ = tokio::time::sleep(Duration::from_millis(5)), if backlogged => {
                     // The peer is not reading, so it cannot be expected to send
                     // heartbeats we would read: do not count this time against it.
                     self.last_read = Instant::now();
@@ -596,6 +653,14 @@ impl Conn {
                         }
                     }
                 }
+                changed = alarm.changed(), if alarm_open => {
+                    if changed.is_err() {
+                        alarm_open = false;
+                    } else if !*alarm.borrow_and_update() && self.blocked_sent {
+                        self.out.method(0, &ConnectionUnblocked::default().into());
+                        self.blocked_sent = false;
+                    }
+                }
                 frame = self.reader.next(), if !blocked => {
                     match self.on_read(frame) {
                         Ok(true) => {}
@@ -604,6 +669,9 @@ impl Conn {
                     }
                     // Take what is already buffered before writing, to batch replies.
                     for _ in 0..128 {
+                        if self.is_blocked(&alarm) || self.out.backlog() > self.backlog_limit {
+                            break;
+                        }
                         let Some(frame) = self.reader.next().now_or_never() else { break };
                         match self.on_read(frame) {
                             Ok(true) => {}
@@ -612,7 +680,7 @@ impl Conn {
                         }
                     }
                 }
-                msg = self.rx.recv(), if !blocked => {
+                msg = self.rx.recv(), if !backlogged => {
                     if let Some(msg) = msg {
                         if let Err(e) = self.on_outbound(msg) {
                             return End::Error(e, true);
@@ -628,6 +696,10 @@ impl Conn {
                 _ = ticker.tick() => {
                     if !self.heartbeat.is_zero() {
                         let now = Instant::now();
+                        if blocked {
+                            // Not reading while blocked: the peer is not at fault.
+                            self.last_read = now;
+                        }
                         if now.duration_since(self.last_read) > self.heartbeat * 2 {
                             tracing::warn!(id = self.id, "missed heartbeats from client, timeout: {:?}", self.heartbeat);
                             return End::Done;
@@ -688,6 +760,9 @@ impl Conn {
             Frame::Method { channel: 0, method } => self.on_connection_method(method),
             Frame::Method { channel, method } => {
                 let (class_id, method_id) = (method.class_id(), method.method_id());
+                if matches!(method, Method::BasicPublish(_)) {
+                    self.published = true;
+                }
                 if class_id == 10 {
                     return Err(AmqpError::command_invalid(format!(
                         "{} on channel {channel}",
@@ -820,6 +895,7 @@ impl Conn {
                 }
 
                 self.channels.insert(channel, Channel::new(channel));
+                self.broker.channel_opened(self.id, channel);
                 self.out.method(channel, &ChannelOpenOk::default().into());
                 Ok(())
             }
@@ -828,6 +904,7 @@ impl Conn {
                     .channels
                     .remove(&channel)
                     .ok_or_else(|| no_channel(channel))?;
+                self.broker.channel_closed(self.id, channel);
                 ch.flush_confirms(ctx, &mut self.out);
                 ch.close(ctx);
                 self.out.method(channel, &ChannelCloseOk::default().into());
@@ -837,6 +914,7 @@ impl Conn {
                 match self.channels.get(&channel) {
                     Some(ch) if ch.closing => {
                         self.channels.remove(&channel);
+                        self.broker.channel_closed(self.id, channel);
                     }
                     _ => {}
                 }
@@ -876,6 +954,11 @@ impl Conn {
                 }
             }
             Outbound::Close(e) => return Err(e),
+            Outbound::TxCommitted { channel } => {
+                if self.channels.get(&channel).is_some_and(|c| !c.closing) {
+                    self.out.method(channel, &TxCommitOk::default().into());
+                }
+            }
             Outbound::Durable {
                 channel,
                 first,
@@ -893,7 +976,7 @@ impl Conn {
     /// Release everything the connection holds in the broker.
     /// Idempotent: a second call finds nothing left to release.
     fn cleanup(&mut self) {
-        if self.registered {
+        if std::mem::take(&mut self.registered) {
             self.broker.unregister_connection(self.id);
             self.registered = false;
         }
