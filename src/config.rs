@@ -157,3 +157,32 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn example_file_parses_with_the_defaults_and_limit_keys() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("warren.example.toml");
+        let c = Config::load(Some(&path)).expect("example config loads");
+        assert_eq!(c.max_connections, None);
+        assert_eq!(c.max_queues_per_vhost, None);
+        assert_eq!(c.consumer_max_per_channel, None);
+        assert_eq!(c.consumer_timeout_ms, Some(DEFAULT_CONSUMER_TIMEOUT_MS));
+        assert_eq!(c.write_backlog_limit, DEFAULT_WRITE_BACKLOG_LIMIT);
+        assert_eq!(c.channel_max, 2047);
+    }
+
+    #[test]
+    fn limits_come_from_the_config() {
+        let c = Config {
+            max_queues_per_vhost: Some(5),
+            consumer_timeout_ms: Some(0),
+            ..Config::default()
+        };
+        let l = c.limits();
+        assert_eq!(l.max_queues_per_vhost, Some(5));
+        assert_eq!(l.consumer_timeout_ms, None, "0 disables the timeout");
+    }
+}
