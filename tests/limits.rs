@@ -639,3 +639,99 @@ async fn slow_consumer_is_not_buffered_without_bound() {
     // (The fast consumer may have taken a large share meanwhile.)
     assert!(seen >= 100, "slow consumer got {seen}");
 }
+
+/// The fuzz target's record format: `[kind][channel][len16][payload]`.
+fn fuzz_records(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while data.len() >= 4 {
+        let kind = [1u8, 2, 3, 8][usize::from(data[0] % 4)];
+        let channel = u16::from(data[1] % 4);
+        let len = (usize::from(data[2]) << 8 | usize::from(data[3])).min(data.len() - 4);
+        out.push(kind);
+        out.extend_from_slice(&channel.to_be_bytes());
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.extend_from_slice(&data[4..4 + len]);
+        out.push(0xce);
+        data = &data[4 + len..];
+    }
+    out
+}
+
+/// Inputs the `connection` fuzz target aborted on (tests/fuzz/connection-*.bin),
+/// replayed: the broker must answer them and then accept a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzz_connection_inputs_replay_cleanly() {
+    let (w, _) = broker(|_| {}).await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz");
+    for entry in std::fs::read_dir(&dir).expect("tests/fuzz") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if !name.starts_with("connection-") {
+            continue;
+        }
+        let input = std::fs::read(&path).expect("read input");
+        for _ in 0..3 {
+            let mut r = Raw::open(w.amqp_addr(), 0).await;
+            r.send(1, wire::ChannelOpen::default().into()).await;
+            assert!(
+                matches!(r.method().await, Some((1, Method::ChannelOpenOk(_)))),
+                "{name}"
+            );
+            r.sock
+                .write_all(&fuzz_records(&input))
+                .await
+                .expect("write");
+            r.send(
+                0,
+                wire::ConnectionClose {
+                    reply_code: 200,
+                    reply_text: "bye".into(),
+                    class_id: 0,
+                    method_id: 0,
+                }
+                .into(),
+            )
+            .await;
+            // Some reply to the close (close-ok, or the broker's own close) or EOF.
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while let Some((ch, m)) = r.method().await {
+                    if ch == 0
+                        && matches!(m, Method::ConnectionCloseOk(_) | Method::ConnectionClose(_))
+                    {
+                        break;
+                    }
+                }
+            })
+            .await
+            .expect("the broker answers connection.close");
+        }
+    }
+    // And it still serves a fresh connection.
+    let mut r = Raw::open(w.amqp_addr(), 0).await;
+    r.send(1, wire::ChannelOpen::default().into()).await;
+    assert!(matches!(
+        r.method().await,
+        Some((1, Method::ChannelOpenOk(_)))
+    ));
+}
+
+/// The OOM input `frame_decoder` found (tests/fuzz/frame_decoder-*.bin): with
+/// no frame_max the decoder must not reserve what a header claims.
+#[test]
+fn fuzz_frame_decoder_oom_input() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz/frame_decoder-oom-4f4148b4.bin");
+    let data = std::fs::read(path).expect("input");
+    let mut codec = FrameCodec::new(0);
+    let mut src = BytesMut::from(&data[1..]);
+    while let Ok(Some(_)) = codec.decode(&mut src) {}
+    assert!(
+        src.capacity() <= wire::MAX_RESERVE + 4096,
+        "{}",
+        src.capacity()
+    );
+}

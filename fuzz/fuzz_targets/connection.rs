@@ -36,7 +36,7 @@ fn broker() -> SocketAddr {
         let _ = std::fs::remove_dir_all(&dir);
         let mut config = warren::Config::for_tests(&dir);
         config.heartbeat = 0;
-        config.handshake_timeout_secs = 5;
+        config.handshake_timeout_secs = 30;
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -85,16 +85,21 @@ impl Conn {
     }
 
     fn expect(&mut self, what: &str, ok: impl Fn(&Method) -> bool) {
+        let started = std::time::Instant::now();
         match self.read() {
             Some(Frame::Method { method, .. }) if ok(&method) => {}
-            other => panic!("broker does not answer the handshake ({what}): {other:?}"),
+            other => panic!(
+                "broker does not answer the handshake ({what}) after {:?}: {other:?}",
+                started.elapsed()
+            ),
         }
     }
 }
 
 fn handshake() -> Conn {
     let sock = TcpStream::connect(broker()).expect("broker accepts a fresh connection");
-    sock.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    // Generous: the fuzzer shares a niced, busy machine; a real hang is longer.
+    sock.set_read_timeout(Some(Duration::from_secs(15))).ok();
     sock.set_nodelay(true).ok();
     let mut c = Conn {
         sock,
