@@ -697,7 +697,7 @@ async fn fuzz_connection_inputs_replay_cleanly() {
             )
             .await;
             // Some reply to the close (close-ok, or the broker's own close) or EOF.
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::time::timeout(Duration::from_secs(5), async {
                 while let Some((ch, m)) = r.method().await {
                     if ch == 0
                         && matches!(m, Method::ConnectionCloseOk(_) | Method::ConnectionClose(_))
