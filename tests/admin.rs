@@ -863,6 +863,41 @@ async fn policies_apply_to_new_queues() {
     assert_eq!(lim["messages_ready"], 2);
     assert_eq!(lim["policy"], "short");
     assert_eq!(b.get("/api/queues/%2F/other").await["messages_ready"], 4);
+    // A policy applies to a queue that already exists: the new limit drops heads now,
+    // and deleting the policy lifts it again.
+    b.ok(
+        "PUT",
+        "/api/policies/%2F/one",
+        json!({"pattern": "^other$", "apply-to": "queues", "priority": 3, "definition": {"max-length": 1}}),
+    )
+    .await;
+    let other = b.get("/api/queues/%2F/other").await;
+    assert_eq!(other["messages_ready"], 1);
+    assert_eq!(other["policy"], "one");
+    let got = b
+        .call(
+            "POST",
+            "/api/queues/%2F/other/get",
+            GUEST,
+            Some(json!({"count": 5, "ackmode": "ack_requeue_true"})),
+        )
+        .await
+        .1;
+    assert_eq!(got[0]["payload"], "m3");
+    assert_eq!(
+        b.call("DELETE", "/api/policies/%2F/one", GUEST, None)
+            .await
+            .0,
+        204
+    );
+    b.ok(
+        "POST",
+        "/api/exchanges/%2F/amq.default/publish",
+        json!({"properties": {}, "routing_key": "other", "payload": "more", "payload_encoding": "string"}),
+    )
+    .await;
+    assert_eq!(b.get("/api/queues/%2F/other").await["messages_ready"], 2);
+
     // An exchange policy applies to an exchange declared before it.
     b.ok(
         "PUT",
