@@ -65,12 +65,17 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(std::time::Duration::from_millis(20));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
         loop {
             interval.tick().await;
             let Some(broker) = ticker.upgrade() else {
                 return;
             };
             broker.tick(broker::message::now_ms());
+            ticks = ticks.wrapping_add(1);
+            if ticks.is_multiple_of(10) {
+                broker.check_memory();
+            }
         }
     });
     Ok(Warren { server, admin })

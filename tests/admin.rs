@@ -222,6 +222,7 @@ async fn overview_nodes_whoami_health() {
     assert_eq!(me["name"], "guest");
     assert_eq!(me["tags"], json!(["administrator"]));
     assert_eq!(b.get("/api/health/checks/alarms").await["status"], "ok");
+    assert_eq!(b.get("/api/nodes").await[0]["mem_alarm"], false);
     assert_eq!(b.get("/api/aliveness-test/%2F").await["status"], "ok");
     assert_eq!(
         b.call("GET", "/api/aliveness-test/nope", GUEST, None)
@@ -1331,4 +1332,42 @@ async fn users_permissions_policies_vhosts_survive_restart() {
         .expect("carol connects after restart");
     stop_process(child);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_alarm_shows_in_health_check_nodes_and_metrics() {
+    let dir = std::env::temp_dir().join(format!(
+        "warren-admin-alarm-{}-{}",
+        std::process::id(),
+        common::uniq("d")
+    ));
+    let mut config = warren::Config::for_tests(dir);
+    config.admin_enabled = true;
+    config.memory_high_watermark_bytes = 1;
+    let w = warren::start(config).await.expect("broker starts");
+    let b = Broker {
+        amqp: w.amqp_addr(),
+        base: format!("http://{}", w.admin_addr().expect("admin")),
+        _warren: Some(w),
+    };
+    let mut status = 0;
+    for _ in 0..100 {
+        status = b
+            .call("GET", "/api/health/checks/alarms", GUEST, None)
+            .await
+            .0;
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 503);
+    let (_, v) = b
+        .call("GET", "/api/health/checks/alarms", GUEST, None)
+        .await;
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["alarms"][0]["resource"], "memory");
+    assert_eq!(b.get("/api/nodes").await[0]["mem_alarm"], true);
+    let m = parse_metrics(&b.text("/metrics").await);
+    assert_eq!(metric(&m, "rabbitmq_alarms_memory_used_watermark", ""), 1.0);
 }

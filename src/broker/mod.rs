@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod exchange;
+pub mod memory;
 pub mod message;
 pub mod persist;
 pub mod policy;
@@ -94,6 +95,12 @@ pub struct Broker {
     pub counters: Counters,
     /// The message and topology store (None: a broker that persists nothing).
     pub store: Option<Store>,
+    /// Resident message bytes in all queues, and the paging limit.
+    pub budget: Arc<message::MemoryBudget>,
+    /// The memory alarm: true while the process is above its high watermark.
+    alarm: tokio::sync::watch::Sender<bool>,
+    /// The high watermark in bytes (0: no alarm).
+    watermark: AtomicU64,
 }
 
 impl Broker {
@@ -132,6 +139,9 @@ impl Broker {
     fn build(config: &Config, store: Option<Store>) -> Arc<Broker> {
         let broker = Broker {
             store,
+            budget: message::MemoryBudget::new(config.message_memory_limit as usize),
+            alarm: tokio::sync::watch::channel(false).0,
+            watermark: AtomicU64::new(memory::watermark_bytes(config)),
             vhosts: RwLock::new(HashMap::new()),
             auth: auth::Auth::default(),
             next_connection_id: AtomicU64::new(1),
@@ -157,7 +167,7 @@ impl Broker {
         if let Some(v) = vhosts.get(name) {
             return Arc::clone(v);
         }
-        let v = VHost::new(name, self.store.clone());
+        let v = VHost::new(name, self.store.clone(), Arc::clone(&self.budget));
         if let Some(store) = &self.store {
             persist::save_vhost(store, name);
         }
@@ -205,6 +215,49 @@ impl Broker {
         for vhost in self.vhosts() {
             vhost.tick(now);
         }
+    }
+
+    /// Whether the memory alarm is on (publishers blocked).
+    pub fn memory_alarm(&self) -> bool {
+        *self.alarm.borrow()
+    }
+
+    /// Follow the memory alarm (connections block publishers while it is on).
+    pub fn watch_alarm(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.alarm.subscribe()
+    }
+
+    /// The memory high watermark in bytes (0: none).
+    pub fn memory_watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Relaxed)
+    }
+
+    pub fn set_memory_watermark(&self, bytes: u64) {
+        self.watermark.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Compare the process's memory with the watermark and raise or clear the alarm.
+    pub fn check_memory(&self) {
+        let limit = self.memory_watermark();
+        let rss = memory::resident_bytes();
+        let on = limit != 0 && rss > limit;
+        self.alarm.send_if_modified(|cur| {
+            if *cur != on {
+                if on {
+                    tracing::warn!(
+                        rss,
+                        limit,
+                        "memory high watermark reached: blocking publishers"
+                    );
+                } else {
+                    tracing::info!(rss, limit, "memory alarm cleared: publishers unblocked");
+                }
+                *cur = on;
+                true
+            } else {
+                false
+            }
+        });
     }
 
     /// A fresh id for a connection (used for exclusive ownership and consumers).

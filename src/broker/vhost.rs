@@ -5,8 +5,8 @@
 //! `exchanges`, then `queues`, then a queue's own state.
 
 use crate::broker::exchange::{self, Binding, Destination, ExchangeKind, Router};
-use crate::broker::message::now_ms;
 use crate::broker::message::Message;
+use crate::broker::message::{now_ms, MemoryBudget};
 use crate::broker::persist;
 use crate::broker::queue::QueueArgs;
 use crate::broker::queue::{Consumer, Queue, QueueSpec, QueueStats};
@@ -111,6 +111,8 @@ pub struct VHost {
     delayed_seq: AtomicU64,
     /// Where durable topology and persistent messages go (None: nothing persists).
     store: Option<Store>,
+    /// Broker-wide resident message bytes (paging threshold).
+    budget: Arc<MemoryBudget>,
     /// Policies of this vhost (applied to queues as they are declared).
     pub policies: crate::broker::policy::Policies,
 }
@@ -195,10 +197,11 @@ fn same_arg(a: Option<&crate::wire::FieldValue>, b: Option<&crate::wire::FieldVa
 
 impl VHost {
     /// A vhost with the default and `amq.*` exchanges.
-    pub fn new(name: &str, store: Option<Store>) -> Arc<VHost> {
+    pub fn new(name: &str, store: Option<Store>, budget: Arc<MemoryBudget>) -> Arc<VHost> {
         let policies = crate::broker::policy::Policies::new(store.clone());
         let vhost = Arc::new_cyclic(|this| VHost {
             store,
+            budget,
             name: name.into(),
             this: this.clone(),
             exchanges: RwLock::new(HashMap::new()),
@@ -492,6 +495,7 @@ impl VHost {
             args,
             self.this.clone(),
             self.store.clone().filter(|_| d.durable && !d.exclusive),
+            Arc::clone(&self.budget),
         );
         if let (true, false, Some(store)) = (d.durable, d.exclusive, &self.store) {
             persist::save_queue(store, &self.name, &name, d.auto_delete, &d.arguments);
@@ -519,6 +523,7 @@ impl VHost {
             QueueArgs::default(),
             self.this.clone(),
             None,
+            Arc::clone(&self.budget),
         );
         self.queues.write().insert(name.to_string(), Arc::clone(&q));
         Ok((q, QueueStats::default()))

@@ -470,13 +470,21 @@ impl Channel {
                     AmqpError::precondition_failed("channel is not transactional")
                 })?;
                 self.tx = Some(Tx::default());
+                let mut durable = false;
                 for (exchange, mandatory, message) in tx.publishes {
-                    self.route_and_enqueue(ctx, &exchange, mandatory, message, out)?;
+                    durable |= self.route_and_enqueue(ctx, &exchange, mandatory, message, out)?;
                 }
                 for s in tx.settles {
                     self.apply_settle(ctx, s)?;
                 }
-                out.method(ch, &TxCommitOk::default().into());
+                match (&ctx.broker.store, durable) {
+                    // commit-ok once the persistent messages are on disk.
+                    (Some(store), true) => {
+                        let conn = Arc::clone(&ctx.conn);
+                        store.on_durable(Box::new(move |_| conn.tx_committed(ch)));
+                    }
+                    _ => out.method(ch, &TxCommitOk::default().into()),
+                }
             }
             Method::TxRollback(_) => {
                 let tx = self.tx.as_mut().ok_or_else(|| {
@@ -809,6 +817,7 @@ impl Channel {
             return Ok(());
         }
         self.route_and_enqueue(ctx, &publish.exchange, publish.mandatory, message, out)
+            .map(|_| ())
             .map_err(|e| e.at(60, 40))
     }
 
@@ -819,7 +828,7 @@ impl Channel {
         mandatory: bool,
         message: Arc<Message>,
         out: &mut Out,
-    ) -> AmqpResult<()> {
+    ) -> AmqpResult<bool> {
         let mut queues = Vec::new();
         let held = ctx.vhost.route(exchange, &message, &mut queues)?;
         let counters = &ctx.broker.counters;
@@ -864,7 +873,7 @@ impl Channel {
                     }
                     .into(),
                 );
-                return Ok(());
+                return Ok(durable);
             }
             if durable || self.durable_inflight > 0 || self.durable_batch.is_some() {
                 // Immediate confirms gathered before this one go out first.
@@ -893,7 +902,7 @@ impl Channel {
                 };
             }
         }
-        Ok(())
+        Ok(durable)
     }
 
     /// Send the confirms gathered in this batch: immediate ones as one basic.ack, and

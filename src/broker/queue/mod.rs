@@ -18,7 +18,7 @@ pub use args::{Overflow, QueueArgs};
 pub use consumer::{Consumer, Credit, Delivery, DeliverySink};
 pub use dead_letter::Reason;
 
-use crate::broker::message::{now_ms, Entry, Message};
+use crate::broker::message::{now_ms, paged_placeholder, Entry, MemoryBudget, Message};
 use crate::broker::vhost::VHost;
 use crate::error::{AmqpError, AmqpResult};
 use crate::storage::{Store, StoredMessage};
@@ -49,6 +49,8 @@ pub struct Queue {
     vhost: Weak<VHost>,
     /// Where persistent messages of a durable queue are written.
     store: Option<QueueStore>,
+    /// Resident message bytes broker-wide; past its limit persistent messages page out.
+    budget: Arc<MemoryBudget>,
     state: Mutex<State>,
 }
 
@@ -106,6 +108,7 @@ impl Queue {
         args: QueueArgs,
         vhost: Weak<VHost>,
         store: Option<Store>,
+        budget: Arc<MemoryBudget>,
     ) -> Arc<Queue> {
         let max_priority = args.max_priority;
         let store = store.map(|store| QueueStore {
@@ -118,8 +121,9 @@ impl Queue {
             counters: Default::default(),
             vhost,
             store,
+            budget: Arc::clone(&budget),
             state: Mutex::new(State {
-                ready: Ready::new(max_priority),
+                ready: Ready::new(max_priority, budget),
                 unacked: 0,
                 consumers: Vec::new(),
                 next_consumer: 0,
@@ -198,13 +202,7 @@ impl Queue {
                     .is_some_and(|m| (s.ready.bytes() + size) as u64 > m);
             let seq = s.next_seq;
             s.next_seq += 1;
-            let mut entry = Entry {
-                seq,
-                message,
-                redelivered: false,
-                expires_at: ttl.map(|t| now.saturating_add(t)),
-                persisted: false,
-            };
+            let mut entry = Entry::new(seq, message, ttl.map(|t| now.saturating_add(t)));
             crate::broker::Counters::add(&self.counters.published, 1);
             if full && self.args().overflow != Overflow::DropHead {
                 if self.args().overflow == Overflow::RejectPublishDlx {
@@ -216,6 +214,9 @@ impl Queue {
                     if entry.message.is_persistent() {
                         qs.store.insert_message(&qs.key, seq, &stored(&entry));
                         entry.persisted = true;
+                        if self.budget.over(entry.size()) {
+                            page_out(&mut entry);
+                        }
                     }
                 }
                 let durable = entry.persisted;
@@ -246,8 +247,11 @@ impl Queue {
             if !(over_len || over_bytes) {
                 return;
             }
-            match s.ready.pop_oldest_lowest() {
+            // The head is the next message to deliver: in a priority queue RabbitMQ
+            // drops the highest-priority one.
+            match s.ready.pop() {
                 Some(e) => {
+                    let Some(e) = self.page_in(e) else { continue };
                     self.forget(&e);
                     dead.push((e, Reason::MaxLen));
                 }
@@ -264,7 +268,7 @@ impl Queue {
         while let Some(head) = s.ready.peek() {
             match head.expires_at {
                 Some(at) if at <= now => {
-                    if let Some(e) = s.ready.pop() {
+                    if let Some(e) = s.ready.pop().and_then(|e| self.page_in(e)) {
                         self.forget(&e);
                         dead.push((e, Reason::Expired));
                     }
@@ -311,7 +315,9 @@ impl Queue {
 
     fn dispatch_locked(self: &Arc<Self>, s: &mut State, now: u64, dead: &mut DeadLetters) {
         while !s.ready.is_empty() && !s.consumers.is_empty() && !s.deleted {
-            self.expire_locked(s, now, dead);
+            // A message due exactly now is still delivered: TTL 0 reaches a waiting
+            // consumer (the caller expires what is left).
+            self.expire_locked(s, now.saturating_sub(1), dead);
             if s.ready.is_empty() {
                 return;
             }
@@ -320,6 +326,10 @@ impl Queue {
             };
             let Some(entry) = s.ready.pop() else {
                 return;
+            };
+            let Some(entry) = self.page_in(entry) else {
+                consumer_give_back(&s.consumers[idx]);
+                continue;
             };
             let consumer = Arc::clone(&s.consumers[idx]);
             if !consumer.no_ack {
@@ -357,7 +367,16 @@ impl Queue {
             let now = now_ms();
             s.last_used = now;
             self.expire_locked(&mut s, now, &mut dead);
-            let entry = s.ready.pop();
+            let mut entry = s.ready.pop();
+            while let Some(e) = entry {
+                match self.page_in(e) {
+                    Some(e) => {
+                        entry = Some(e);
+                        break;
+                    }
+                    None => entry = s.ready.pop(),
+                }
+            }
             if entry.is_some() && !no_ack {
                 s.unacked += 1;
             }
@@ -391,6 +410,30 @@ impl Queue {
             s.unacked = s.unacked.saturating_sub(entries.len());
         }
         self.dead_letter(entries.into_iter().map(|e| (e, Reason::Rejected)).collect());
+    }
+
+    /// Load a paged-out entry back from the store. `None` (logged) if the store no
+    /// longer has it, which would be a bug: the entry is dropped.
+    fn page_in(&self, mut e: Entry) -> Option<Entry> {
+        if e.paged.is_none() {
+            return Some(e);
+        }
+        let qs = self.store.as_ref()?;
+        let loaded = match qs.store.get_message(&qs.key, e.seq) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tracing::error!(queue = %self.spec.name, seq = e.seq, "paged-out message missing from the store");
+                return None;
+            }
+            Err(err) => {
+                tracing::error!(queue = %self.spec.name, seq = e.seq, error = %err, "cannot page a message in");
+                return None;
+            }
+        };
+        let properties = crate::wire::BasicProperties::decode(&loaded.properties).ok()?;
+        e.message = Message::new(loaded.exchange, loaded.routing_key, properties, loaded.body);
+        e.paged = None;
+        Some(e)
     }
 
     /// A message left the queue for good: remove it from the store.
@@ -431,13 +474,17 @@ impl Queue {
             };
             s.next_seq = s.next_seq.max(seq + 1);
             s.may_expire |= m.expires_at.is_some();
-            s.ready.push_back(Entry {
+            let mut entry = Entry::new(
                 seq,
-                message: Message::new(m.exchange, m.routing_key, properties, m.body),
-                redelivered: m.redelivered,
-                expires_at: m.expires_at,
-                persisted: true,
-            });
+                Message::new(m.exchange, m.routing_key, properties, m.body),
+                m.expires_at,
+            );
+            entry.redelivered = m.redelivered;
+            entry.persisted = true;
+            if self.budget.over(entry.size()) {
+                page_out(&mut entry);
+            }
+            s.ready.push_back(entry);
         }
         n
     }
@@ -463,6 +510,10 @@ impl Queue {
                 s.may_expire |= entry.expires_at.is_some();
                 s.ready.requeue(entry);
             }
+            // RabbitMQ applies drop-head on requeue too: the requeued head may go.
+            if self.args().overflow == Overflow::DropHead {
+                self.enforce_limits(&mut s, &mut dead);
+            }
             self.dispatch_locked(&mut s, now_ms(), &mut dead);
         }
         self.dead_letter(dead);
@@ -487,9 +538,14 @@ impl Queue {
                     self.spec.name, self.spec.vhost
                 )));
             }
-            let pos = s
-                .consumers
-                .partition_point(|c| c.priority >= consumer.priority);
+            // Single active consumer: the first registered stays active, whatever the
+            // priorities (RabbitMQ 3.10 classic queues).
+            let pos = if self.args().single_active_consumer {
+                s.consumers.len()
+            } else {
+                s.consumers
+                    .partition_point(|c| c.priority >= consumer.priority)
+            };
             s.consumers.insert(pos, consumer);
             s.had_consumer = true;
             let now = now_ms();
@@ -597,6 +653,17 @@ impl Queue {
             }
         }
     }
+}
+
+/// Drop an entry's body from memory; the store has it.
+fn page_out(e: &mut Entry) {
+    e.paged = Some(u32::try_from(e.message.size()).unwrap_or(u32::MAX));
+    e.message = paged_placeholder();
+}
+
+/// Undo the credit taken for a delivery that could not be made.
+fn consumer_give_back(c: &Consumer) {
+    c.give_back_credit();
 }
 
 /// The store key of a queue.
