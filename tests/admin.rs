@@ -1029,6 +1029,20 @@ async fn amqp_permissions_are_enforced() {
         .await,
         403,
     );
+    // Server-named queues are checked under their generated name (amq.gen-...).
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(
+        ch.queue_declare("", QueueDeclareOptions::default(), FieldTable::default())
+            .await,
+        403,
+    );
+    assert!(b
+        .get("/api/queues/%2F")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|q| !q["name"].as_str().unwrap().starts_with("amq.gen")));
     // read refused: consume and get.
     let ch = conn.create_channel().await.unwrap();
     assert_code(
