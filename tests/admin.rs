@@ -155,6 +155,54 @@ async fn auth_failures_are_401_and_403() {
     );
     // Without permissions in "/" a management user sees no queues there.
     assert_eq!(b.call("GET", "/api/queues/%2F", m, None).await.0, 403);
+    // The API acts as the user: resource permissions apply as on AMQP.
+    b.ok(
+        "PUT",
+        "/api/permissions/%2F/mgmt",
+        json!({"configure": "^m\\.", "write": "^m\\.", "read": "^m\\."}),
+    )
+    .await;
+    assert_eq!(
+        b.call("PUT", "/api/queues/%2F/m.q", m, Some(json!({})))
+            .await
+            .0,
+        201
+    );
+    let (s, v) = b
+        .call("PUT", "/api/queues/%2F/x.q", m, Some(json!({})))
+        .await;
+    assert_eq!(s, 403);
+    assert_eq!(
+        v["reason"],
+        "access to queue 'x.q' in vhost '/' refused for user 'mgmt'"
+    );
+    b.ok("PUT", "/api/queues/%2F/x.q", json!({})).await;
+    assert_eq!(
+        b.call("DELETE", "/api/queues/%2F/x.q/contents", m, None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        b.call("DELETE", "/api/queues/%2F/x.q", m, None).await.0,
+        403
+    );
+    assert_eq!(
+        b.call("DELETE", "/api/queues/%2F/m.q", m, None).await.0,
+        204
+    );
+    let publish = json!({"properties": {}, "routing_key": "x.q", "payload": "p", "payload_encoding": "string"});
+    assert_eq!(
+        b.call(
+            "POST",
+            "/api/exchanges/%2F/amq.default/publish",
+            m,
+            Some(publish)
+        )
+        .await
+        .0,
+        403
+    );
     // monitoring: nodes yes, users no.
     b.ok(
         "PUT",
