@@ -383,6 +383,7 @@ impl Channel {
             }
             Method::QueueDeclare(d) => {
                 let nowait = d.nowait;
+                let server_named = !d.passive && d.queue.is_empty();
                 if !d.passive && !d.queue.is_empty() {
                     ctx.permit(Access::Configure, "queue", &d.queue)?;
                 }
@@ -409,6 +410,13 @@ impl Channel {
                     },
                     ctx.id,
                 )?;
+                if server_named {
+                    // RabbitMQ checks configure on the generated name.
+                    if let Err(e) = ctx.permit(Access::Configure, "queue", q.name()) {
+                        vhost.remove_queue(&q);
+                        return Err(e);
+                    }
+                }
                 self.last_queue = Some(q.name().to_string());
                 if !nowait {
                     out.method(
