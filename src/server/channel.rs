@@ -76,7 +76,7 @@ struct Unacked {
 /// The deadline of a delivery from `queue` made now, if a consumer timeout applies.
 fn ack_deadline(ctx: &ConnCtx, queue: &Queue) -> Option<(Instant, u64)> {
     let ms = queue
-        .args
+        .args()
         .consumer_timeout
         .or(ctx.limits.consumer_timeout_ms)?;
     Some((Instant::now() + std::time::Duration::from_millis(ms), ms))
