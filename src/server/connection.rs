@@ -197,15 +197,15 @@ struct Conn {
     registered: bool,
     /// We sent connection.close during the handshake.
     close_sent: bool,
-    /// Unwritten output above which the connection stops taking deliveries
-    /// and reading input (back-pressure on a peer that does not read).
-    backlog_limit: usize,
     /// The client published at least once (only publishers get blocked).
     published: bool,
     /// The client understands connection.blocked.
     blocked_cap: bool,
     /// We told the client it is blocked.
     blocked_sent: bool,
+    /// Unwritten output above which the connection stops taking deliveries
+    /// and reading input (back-pressure on a peer that does not read).
+    backlog_limit: usize,
 }
 
 /// How the main loop ended.
@@ -342,6 +342,14 @@ impl Conn {
         e.text
     }
 
+    /// A handshake step got the wrong method: 503, answered at `method_id`.
+    fn unexpected(&mut self, got: &Method, expected: &str, method_id: u16) -> String {
+        self.handshake_fail(
+            AmqpError::command_invalid(format!("expected {expected}, got {}", got.name()))
+                .at(10, method_id),
+        )
+    }
+
     async fn handshake(&mut self, peer: SocketAddr, config: &Config) -> Result<(), String> {
         self.out.method(
             0,
@@ -357,15 +365,7 @@ impl Conn {
         self.out.flush();
         let start_ok = match self.expect_method().await? {
             Method::ConnectionStartOk(s) => s,
-            other => {
-                return Err(self.handshake_fail(
-                    AmqpError::command_invalid(format!(
-                        "expected connection.start-ok, got {}",
-                        other.name()
-                    ))
-                    .at(10, 11),
-                ))
-            }
+            other => return Err(self.unexpected(&other, "connection.start-ok", 11)),
         };
         let cancel_notify =
             client_capability(&start_ok.client_properties, "consumer_cancel_notify");
@@ -427,15 +427,7 @@ impl Conn {
         self.out.flush();
         let tune_ok = match self.expect_method().await? {
             Method::ConnectionTuneOk(t) => t,
-            other => {
-                return Err(self.handshake_fail(
-                    AmqpError::command_invalid(format!(
-                        "expected connection.tune-ok, got {}",
-                        other.name()
-                    ))
-                    .at(10, 31),
-                ))
-            }
+            other => return Err(self.unexpected(&other, "connection.tune-ok", 31)),
         };
         let frame_max = match tune_ok.frame_max {
             0 => server_frame_max,
@@ -464,15 +456,7 @@ impl Conn {
         self.heartbeat = Duration::from_secs(u64::from(tune_ok.heartbeat));
         let open = match self.expect_method().await? {
             Method::ConnectionOpen(o) => o,
-            other => {
-                return Err(self.handshake_fail(
-                    AmqpError::command_invalid(format!(
-                        "expected connection.open, got {}",
-                        other.name()
-                    ))
-                    .at(10, 40),
-                ))
-            }
+            other => return Err(self.unexpected(&other, "connection.open", 40)),
         };
         let Some(vhost) = self.broker.vhost(&open.virtual_host) else {
             return Err(self.handshake_fail(
@@ -583,6 +567,8 @@ impl Conn {
         };
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut alarm = self.broker.watch_alarm();
+        let mut alarm_open = true;
         // Consumer timeouts are checked on their own, finer tick.
         let timeout_tick = self
             .ctx
@@ -594,19 +580,17 @@ impl Conn {
             });
         let mut timeouts = tokio::time::interval(timeout_tick);
         timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut backlogged = false;
-        let mut alarm = self.broker.watch_alarm();
-        let mut alarm_open = true;
+        let mut backpressure = false;
         loop {
             // Back-pressure: while the peer has not read what we wrote, take no
             // deliveries from the mailbox and read no more input.
             let over = self.out.backlog() > self.backlog_limit;
-            if over != backlogged {
-                backlogged = over;
+            if over != backpressure {
+                backpressure = over;
                 self.sink
                     .blocked
-                    .store(backlogged, std::sync::atomic::Ordering::Release);
-                if backlogged {
+                    .store(backpressure, std::sync::atomic::Ordering::Release);
+                if backpressure {
                     tracing::debug!(
                         id = self.id,
                         backlog = self.out.backlog(),
@@ -618,6 +602,7 @@ impl Conn {
                     }
                 }
             }
+            // The memory alarm: publishers are not read from.
             let alarm_blocked = self.is_blocked(&alarm);
             if alarm_blocked && !self.blocked_sent && self.blocked_cap {
                 self.out.method(
@@ -630,9 +615,17 @@ impl Conn {
                 self.blocked_sent = true;
                 self.out.flush();
             }
-            let blocked = alarm_blocked || backlogged;
+            let blocked = backpressure || alarm_blocked;
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(5)), if backlogged => {
+                changed = alarm.changed(), if alarm_open => {
+                    if changed.is_err() {
+                        alarm_open = false;
+                    } else if !*alarm.borrow_and_update() && self.blocked_sent {
+                        self.out.method(0, &ConnectionUnblocked::default().into());
+                        self.blocked_sent = false;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(5)), if backpressure => {
                     // The peer is not reading, so it cannot be expected to send
                     // heartbeats we would read: do not count this time against it.
                     self.last_read = Instant::now();
@@ -651,14 +644,6 @@ impl Conn {
                                 return End::Error(e, true);
                             }
                         }
-                    }
-                }
-                changed = alarm.changed(), if alarm_open => {
-                    if changed.is_err() {
-                        alarm_open = false;
-                    } else if !*alarm.borrow_and_update() && self.blocked_sent {
-                        self.out.method(0, &ConnectionUnblocked::default().into());
-                        self.blocked_sent = false;
                     }
                 }
                 frame = self.reader.next(), if !blocked => {
@@ -680,7 +665,7 @@ impl Conn {
                         }
                     }
                 }
-                msg = self.rx.recv(), if !backlogged => {
+                msg = self.rx.recv(), if !backpressure => {
                     if let Some(msg) = msg {
                         if let Err(e) = self.on_outbound(msg) {
                             return End::Error(e, true);
