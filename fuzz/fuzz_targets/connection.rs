@@ -59,6 +59,7 @@ struct Conn {
     sock: TcpStream,
     codec: FrameCodec,
     buf: BytesMut,
+    last_io: String,
 }
 
 impl Conn {
@@ -68,7 +69,7 @@ impl Conn {
         self.sock.write_all(&b)
     }
 
-    /// Next frame, or `None` on EOF / error / timeout.
+    /// Next frame, or `None` on EOF / error / timeout (recorded in `last_io`).
     fn read(&mut self) -> Option<Frame> {
         loop {
             match self.codec.decode(&mut self.buf) {
@@ -78,26 +79,49 @@ impl Conn {
             }
             let mut chunk = [0u8; 16 * 1024];
             match self.sock.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
+                Ok(0) => {
+                    self.last_io = "EOF".into();
+                    return None;
+                }
+                Err(e) => {
+                    self.last_io = e.to_string();
+                    return None;
+                }
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
     }
 
-    fn expect(&mut self, what: &str, ok: impl Fn(&Method) -> bool) {
+    fn expect(&mut self, what: &str, ok: impl Fn(&Method) -> bool) -> Result<(), String> {
         let started = std::time::Instant::now();
         match self.read() {
-            Some(Frame::Method { method, .. }) if ok(&method) => {}
-            other => panic!(
-                "broker does not answer the handshake ({what}) after {:?}: {other:?}",
-                started.elapsed()
-            ),
+            Some(Frame::Method { method, .. }) if ok(&method) => Ok(()),
+            other => Err(format!(
+                "broker does not answer the handshake ({what}) after {:?}: {other:?} ({})",
+                started.elapsed(),
+                self.last_io
+            )),
         }
     }
 }
 
+/// A fresh, open connection with channel 1 open. Loopback connection churn at
+/// thousands per second can reset a single connection (TIME_WAIT reuse), so a
+/// failed handshake is retried; a broker that fails three in a row aborts.
 fn handshake() -> Conn {
-    let sock = TcpStream::connect(broker()).expect("broker accepts a fresh connection");
+    let mut errors = Vec::new();
+    for _ in 0..3 {
+        match try_handshake() {
+            Ok(c) => return c,
+            Err(e) => errors.push(e),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("broker stopped answering fresh connections: {errors:?}");
+}
+
+fn try_handshake() -> Result<Conn, String> {
+    let sock = TcpStream::connect(broker()).map_err(|e| format!("connect: {e}"))?;
     // Generous: the fuzzer shares a niced, busy machine; a real hang is longer.
     sock.set_read_timeout(Some(Duration::from_secs(15))).ok();
     sock.set_nodelay(true).ok();
@@ -105,9 +129,11 @@ fn handshake() -> Conn {
         sock,
         codec: FrameCodec::new(0),
         buf: BytesMut::new(),
+        last_io: String::new(),
     };
-    c.sock.write_all(wire::PROTOCOL_HEADER).expect("write header");
-    c.expect("start", |m| matches!(m, Method::ConnectionStart(_)));
+    let io = |e: std::io::Error| format!("write: {e}");
+    c.sock.write_all(wire::PROTOCOL_HEADER).map_err(io)?;
+    c.expect("start", |m| matches!(m, Method::ConnectionStart(_)))?;
     c.send(
         0,
         wire::ConnectionStartOk {
@@ -118,8 +144,8 @@ fn handshake() -> Conn {
         }
         .into(),
     )
-    .expect("write start-ok");
-    c.expect("tune", |m| matches!(m, Method::ConnectionTune(_)));
+    .map_err(io)?;
+    c.expect("tune", |m| matches!(m, Method::ConnectionTune(_)))?;
     c.send(
         0,
         wire::ConnectionTuneOk {
@@ -129,7 +155,7 @@ fn handshake() -> Conn {
         }
         .into(),
     )
-    .expect("write tune-ok");
+    .map_err(io)?;
     c.send(
         0,
         wire::ConnectionOpen {
@@ -138,12 +164,12 @@ fn handshake() -> Conn {
         }
         .into(),
     )
-    .expect("write open");
-    c.expect("open-ok", |m| matches!(m, Method::ConnectionOpenOk(_)));
+    .map_err(io)?;
+    c.expect("open-ok", |m| matches!(m, Method::ConnectionOpenOk(_)))?;
     c.send(1, wire::ChannelOpen::default().into())
-        .expect("write channel.open");
-    c.expect("channel.open-ok", |m| matches!(m, Method::ChannelOpenOk(_)));
-    c
+        .map_err(io)?;
+    c.expect("channel.open-ok", |m| matches!(m, Method::ChannelOpenOk(_)))?;
+    Ok(c)
 }
 
 fn frames(mut data: &[u8]) -> Vec<u8> {
