@@ -70,7 +70,7 @@ fn node_json(s: &AdminState) -> Value {
         "type": "disc",
         "running": true,
         "mem_used": resident_memory().unwrap_or(0),
-        "mem_alarm": false,
+        "mem_alarm": s.broker.memory_alarm(),
         "disk_free_alarm": false,
         "uptime": now_ms().saturating_sub(s.started_at),
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -99,9 +99,24 @@ pub async fn whoami(caller: Caller) -> Json<Value> {
     Json(json!({"name": caller.0.name, "tags": caller.0.tags_list()}))
 }
 
-/// No resource alarms exist in warren yet, so the check always passes.
-pub async fn alarms(_caller: Caller) -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// The memory alarm is warren's only resource alarm; while it is on the check
+/// fails with 503, as RabbitMQ's does.
+pub async fn alarms(
+    State(s): State<AdminState>,
+    _caller: Caller,
+) -> (axum::http::StatusCode, Json<Value>) {
+    if s.broker.memory_alarm() {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "failed",
+                "reason": "resource alarm(s) in effect in the cluster",
+                "alarms": [{"node": node_name(), "resource": "memory"}],
+            })),
+        )
+    } else {
+        (axum::http::StatusCode::OK, Json(json!({"status": "ok"})))
+    }
 }
 
 /// Declare `aliveness-test`, publish to it and get the message back, as RabbitMQ does.
