@@ -42,7 +42,7 @@ const base = `http://127.0.0.1:${adminPort}`;
 const guest = 'Basic ' + Buffer.from('guest:guest').toString('base64');
 const brokerLog = [];
 const broker = spawn(binary, [], {
-  env: { ...process.env, WARREN_AMQP_PORT: String(amqpPort), WARREN_ADMIN_PORT: String(adminPort), WARREN_DATA_DIR: dataDir, WARREN_BIND: '127.0.0.1', RUST_LOG: process.env.RUST_LOG || 'warn' },
+  env: { ...process.env, WARREN_AMQP_PORT: String(amqpPort), WARREN_ADMIN_PORT: String(adminPort), WARREN_DATA_DIR: dataDir, WARREN_BIND: '127.0.0.1', WARREN_ADMIN_SAMPLE_INTERVAL_SECS: '1', RUST_LOG: process.env.RUST_LOG || 'warn' },
   stdio: ['ignore', 'pipe', 'pipe'],
 });
 broker.stdout.on('data', (d) => brokerLog.push(String(d)));
@@ -64,10 +64,11 @@ async function waitFor(what, fn, timeout = 10_000) {
   throw new Error(`timed out waiting for ${what}${last ? ': ' + last.message : ''}`);
 }
 
-let browser, conn, passed = 0, failed = 0;
+let browser, conn, traffic, passed = 0, failed = 0;
 const cleanupDirs = [];
 const failures = [];
 async function cleanup() {
+  clearInterval(traffic);
   try { if (conn) await conn.close(); } catch { /* already closed */ }
   try { if (browser) await browser.close(); } catch { /* gone */ }
   broker.kill('SIGTERM');
@@ -173,7 +174,9 @@ try {
     await ch.waitForConfirms();
     await ch.prefetch(5);
     await ch.assertQueue('ui-work', { durable: false });
-    await ch.consume('ui-work', () => {}, { noAck: false });
+    await ch.consume('ui-work', (m) => ch.ack(m), { noAck: false });
+    // Steady traffic through ui-work (about 40 msg/s, consumed and acked) for the rate charts.
+    traffic = setInterval(() => { for (let i = 0; i < 4; i++) ch.sendToQueue('ui-work', Buffer.from('tick')); }, 100);
     await page.click('nav a[href="#/queues"]');
     const row = page.locator('#queues-table tr', { hasText: 'ui-orders' });
     await waitFor('ui-orders row with 3 ready', async () => /\t3\t/.test(await row.innerText()));
@@ -191,7 +194,12 @@ try {
 
   await test('overview charts the message rates', async () => {
     await page.click('nav a[href="#/"]');
-    await waitFor('a non-zero published rate sample', async () => (await page.locator('#ov-chart polyline').count()) === 3, 12_000);
+    // Three samples with traffic in the client-side history, drawn as three lines.
+    await waitFor('three samples with a published rate', async () => {
+      const pts = await page.locator('#ov-chart polyline').first().getAttribute('points');
+      const title = await page.locator('#ov-chart title').textContent();
+      return (await page.locator('#ov-chart polyline').count()) === 3 && pts.split(' ').length >= 3 && !/published 0\//.test(title);
+    }, 20_000);
     await expectText(page.locator('#ov-tiles'), /Queues/);
     await shot('overview', true);
   });
@@ -302,6 +310,8 @@ try {
     await page.fill('#pol-add [name=priority]', '5');
     await page.click('#pol-add button');
     await waitFor('priority 5', async () => (await api('GET', '/policies/%2F/ui-ttl')).priority === 5);
+    await expectText(page.locator('#policies-table'), /ui-ttl[^\n]*\t5\t/);
+    await expectText(flash, /Policy "ui-ttl" saved/);
     await page.fill('#pol-add [name=name]', 'ui-bad');
     await page.fill('#pol-add [name=pattern]', '^x');
     await page.fill('#pol-add [name=definition]', '[1,2]');

@@ -15,7 +15,7 @@
   let me = null; // {name, tags}
   let timers = [];
   const history = []; // {t, publish, deliver, ack}
-  const HISTORY_MAX = 120;
+  const HISTORY_MAX = 200; // 10 minutes at one sample every 3 s
   let overviewTimer = null;
 
   // ---- API ---------------------------------------------------------------
@@ -94,7 +94,7 @@
     $('#login').hidden = true; $('#nav').hidden = false; $('#logout').hidden = false;
     $('#who').textContent = 'User: ' + me.name + (me.tags.length ? ' (' + me.tags.join(', ') + ')' : '');
     $$('#nav [data-admin]').forEach((a) => { a.hidden = !isAdmin(); });
-    if (!overviewTimer) { sampleOverview(); overviewTimer = setInterval(sampleOverview, 5000); }
+    if (!overviewTimer) { sampleOverview(); overviewTimer = setInterval(sampleOverview, 3000); }
     route();
   }
 
@@ -237,7 +237,8 @@
     if (!svg) return;
     const W = svg.clientWidth || 800, H = svg.clientHeight || 220, L = 48, R = 10, T = 10, B = 24;
     const series = [['publish', '#0b5cad'], ['deliver', '#1b7a34'], ['ack', '#c46a00']];
-    const now = Date.now(), span = 10 * 60 * 1000;
+    // The time axis covers the history kept so far: one minute at first, growing to ten.
+    const now = Date.now(), span = Math.min(600000, Math.max(60000, data.length ? now - data[0].t : 0));
     let max = 1;
     data.forEach((d) => series.forEach(([k]) => { if (d[k] > max) max = d[k]; }));
     const mag = Math.pow(10, Math.floor(Math.log10(max)));
@@ -249,13 +250,15 @@
       const v = (max * i) / 4, yy = y(v).toFixed(1);
       s += '<line x1="' + L + '" x2="' + (W - R) + '" y1="' + yy + '" y2="' + yy + '" stroke="#e3e7eb"/><text x="' + (L - 6) + '" y="' + yy + '" dy="4" text-anchor="end" font-size="11" fill="#5b6570">' + esc(Math.round(v * 10) / 10) + '/s</text>';
     }
-    for (let m = 0; m <= 10; m += 2) {
-      const xx = x(now - m * 60000).toFixed(1);
-      s += '<text x="' + xx + '" y="' + (H - 6) + '" text-anchor="middle" font-size="11" fill="#5b6570">' + (m ? '-' + m + ' min' : 'now') + '</text>';
+    for (let i = 0; i <= 5; i++) {
+      const ago = (span * i) / 5, xx = x(now - ago).toFixed(1);
+      const label = !i ? 'now' : ago < 120000 ? '-' + Math.round(ago / 1000) + ' s' : '-' + Math.round(ago / 6000) / 10 + ' min';
+      s += '<text x="' + xx + '" y="' + (H - 6) + '" text-anchor="' + (i === 5 ? 'start' : i ? 'middle' : 'end') + '" font-size="11" fill="#5b6570">' + label + '</text>';
     }
-    series.forEach(([k, color]) => {
+    // Widest first, so lines that coincide stay visible.
+    series.forEach(([k, color], i) => {
       const pts = data.filter((d) => now - d.t <= span).map((d) => x(d.t).toFixed(1) + ',' + y(d[k]).toFixed(1)).join(' ');
-      if (pts) s += '<polyline fill="none" stroke="' + color + '" stroke-width="2" points="' + pts + '"/>';
+      if (pts) s += '<polyline fill="none" stroke="' + color + '" stroke-width="' + (4 - i * 1.25) + '" stroke-linejoin="round" points="' + pts + '"/>';
     });
     const last = data[data.length - 1];
     s += '<title>' + (last ? 'Now: published ' + last.publish + '/s, delivered ' + last.deliver + '/s, acked ' + last.ack + '/s' : 'No samples yet') + '</title>';
