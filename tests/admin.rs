@@ -155,6 +155,54 @@ async fn auth_failures_are_401_and_403() {
     );
     // Without permissions in "/" a management user sees no queues there.
     assert_eq!(b.call("GET", "/api/queues/%2F", m, None).await.0, 403);
+    // The API acts as the user: resource permissions apply as on AMQP.
+    b.ok(
+        "PUT",
+        "/api/permissions/%2F/mgmt",
+        json!({"configure": "^m\\.", "write": "^m\\.", "read": "^m\\."}),
+    )
+    .await;
+    assert_eq!(
+        b.call("PUT", "/api/queues/%2F/m.q", m, Some(json!({})))
+            .await
+            .0,
+        201
+    );
+    let (s, v) = b
+        .call("PUT", "/api/queues/%2F/x.q", m, Some(json!({})))
+        .await;
+    assert_eq!(s, 403);
+    assert_eq!(
+        v["reason"],
+        "access to queue 'x.q' in vhost '/' refused for user 'mgmt'"
+    );
+    b.ok("PUT", "/api/queues/%2F/x.q", json!({})).await;
+    assert_eq!(
+        b.call("DELETE", "/api/queues/%2F/x.q/contents", m, None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        b.call("DELETE", "/api/queues/%2F/x.q", m, None).await.0,
+        403
+    );
+    assert_eq!(
+        b.call("DELETE", "/api/queues/%2F/m.q", m, None).await.0,
+        204
+    );
+    let publish = json!({"properties": {}, "routing_key": "x.q", "payload": "p", "payload_encoding": "string"});
+    assert_eq!(
+        b.call(
+            "POST",
+            "/api/exchanges/%2F/amq.default/publish",
+            m,
+            Some(publish)
+        )
+        .await
+        .0,
+        403
+    );
     // monitoring: nodes yes, users no.
     b.ok(
         "PUT",
@@ -222,6 +270,7 @@ async fn overview_nodes_whoami_health() {
     assert_eq!(me["name"], "guest");
     assert_eq!(me["tags"], json!(["administrator"]));
     assert_eq!(b.get("/api/health/checks/alarms").await["status"], "ok");
+    assert_eq!(b.get("/api/nodes").await[0]["mem_alarm"], false);
     assert_eq!(b.get("/api/aliveness-test/%2F").await["status"], "ok");
     assert_eq!(
         b.call("GET", "/api/aliveness-test/nope", GUEST, None)
@@ -863,6 +912,41 @@ async fn policies_apply_to_new_queues() {
     assert_eq!(lim["messages_ready"], 2);
     assert_eq!(lim["policy"], "short");
     assert_eq!(b.get("/api/queues/%2F/other").await["messages_ready"], 4);
+    // A policy applies to a queue that already exists: the new limit drops heads now,
+    // and deleting the policy lifts it again.
+    b.ok(
+        "PUT",
+        "/api/policies/%2F/one",
+        json!({"pattern": "^other$", "apply-to": "queues", "priority": 3, "definition": {"max-length": 1}}),
+    )
+    .await;
+    let other = b.get("/api/queues/%2F/other").await;
+    assert_eq!(other["messages_ready"], 1);
+    assert_eq!(other["policy"], "one");
+    let got = b
+        .call(
+            "POST",
+            "/api/queues/%2F/other/get",
+            GUEST,
+            Some(json!({"count": 5, "ackmode": "ack_requeue_true"})),
+        )
+        .await
+        .1;
+    assert_eq!(got[0]["payload"], "m3");
+    assert_eq!(
+        b.call("DELETE", "/api/policies/%2F/one", GUEST, None)
+            .await
+            .0,
+        204
+    );
+    b.ok(
+        "POST",
+        "/api/exchanges/%2F/amq.default/publish",
+        json!({"properties": {}, "routing_key": "other", "payload": "more", "payload_encoding": "string"}),
+    )
+    .await;
+    assert_eq!(b.get("/api/queues/%2F/other").await["messages_ready"], 2);
+
     // An exchange policy applies to an exchange declared before it.
     b.ok(
         "PUT",
@@ -993,6 +1077,20 @@ async fn amqp_permissions_are_enforced() {
         .await,
         403,
     );
+    // Server-named queues are checked under their generated name (amq.gen-...).
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(
+        ch.queue_declare("", QueueDeclareOptions::default(), FieldTable::default())
+            .await,
+        403,
+    );
+    assert!(b
+        .get("/api/queues/%2F")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|q| !q["name"].as_str().unwrap().starts_with("amq.gen")));
     // read refused: consume and get.
     let ch = conn.create_channel().await.unwrap();
     assert_code(
@@ -1296,4 +1394,115 @@ async fn users_permissions_policies_vhosts_survive_restart() {
         .expect("carol connects after restart");
     stop_process(child);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_alarm_shows_in_health_check_nodes_and_metrics() {
+    let dir = std::env::temp_dir().join(format!(
+        "warren-admin-alarm-{}-{}",
+        std::process::id(),
+        common::uniq("d")
+    ));
+    let mut config = warren::Config::for_tests(dir);
+    config.admin_enabled = true;
+    config.memory_high_watermark_bytes = 1;
+    let w = warren::start(config).await.expect("broker starts");
+    let b = Broker {
+        amqp: w.amqp_addr(),
+        base: format!("http://{}", w.admin_addr().expect("admin")),
+        _warren: Some(w),
+    };
+    let mut status = 0;
+    for _ in 0..100 {
+        status = b
+            .call("GET", "/api/health/checks/alarms", GUEST, None)
+            .await
+            .0;
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 503);
+    let (_, v) = b
+        .call("GET", "/api/health/checks/alarms", GUEST, None)
+        .await;
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["alarms"][0]["resource"], "memory");
+    assert_eq!(b.get("/api/nodes").await[0]["mem_alarm"], true);
+    let m = parse_metrics(&b.text("/metrics").await);
+    assert_eq!(metric(&m, "rabbitmq_alarms_memory_used_watermark", ""), 1.0);
+}
+
+/// Run `warren <args>` (the CLI) against `base`; (success, stdout, stderr).
+async fn cli(base: &str, args: &[&str]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_warren"));
+    cmd.arg("--url").arg(base).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run warren"))
+        .await
+        .expect("task");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_subcommands_talk_to_the_api() {
+    let b = start().await;
+    let base = b.base.clone();
+    let (ok, out, err) = cli(&base, &["add-user", "dave", "pw", "--tags", "management"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "Added user 'dave'\n");
+    assert!(
+        cli(
+            &base,
+            &["set-permissions", "-p", "/", "dave", "^d", ".*", ".*"]
+        )
+        .await
+        .0
+    );
+    assert_eq!(b.get("/api/permissions/%2F/dave").await["configure"], "^d");
+    let (_, users, _) = cli(&base, &["list-users"]).await;
+    assert!(users.starts_with("user   tags\n"), "{users}");
+    assert!(users.contains("dave   management\n"), "{users}");
+
+    b.ok("PUT", "/api/queues/%2F/cli.q", json!({})).await;
+    b.ok(
+        "POST",
+        "/api/exchanges/%2F/amq.default/publish",
+        json!({"properties": {}, "routing_key": "cli.q", "payload": "x", "payload_encoding": "string"}),
+    )
+    .await;
+    let (_, queues, _) = cli(&base, &["list-queues"]).await;
+    let lines: Vec<&str> = queues.lines().collect();
+    assert_eq!(
+        lines[0],
+        "name   messages  messages_ready  messages_unacknowledged  consumers"
+    );
+    assert_eq!(
+        lines[1],
+        "cli.q  1         1               0                        0"
+    );
+    let (_, ex, _) = cli(&base, &["list-exchanges"]).await;
+    assert!(ex.contains("amq.topic    topic"), "{ex}");
+    let (_, bindings, _) = cli(&base, &["list-bindings"]).await;
+    assert!(bindings.contains("cli.q"), "{bindings}");
+    let (ok, conns, _) = cli(&base, &["list-connections"]).await;
+    assert!(ok && conns.starts_with("name"), "{conns}");
+    assert!(cli(&base, &["purge-queue", "cli.q"]).await.0);
+    assert_eq!(b.get("/api/queues/%2F/cli.q").await["messages_ready"], 0);
+    assert!(cli(&base, &["delete-queue", "cli.q"]).await.0);
+    assert_eq!(
+        b.call("GET", "/api/queues/%2F/cli.q", GUEST, None).await.0,
+        404
+    );
+    assert!(cli(&base, &["delete-user", "dave"]).await.0);
+    let (ok, _, err) = cli(&base, &["delete-user", "dave"]).await;
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+    let (ok, _, err) = cli(&base, &["-u", "guest", "--password", "bad", "list-users"]).await;
+    assert!(!ok);
+    assert!(err.contains("401"), "{err}");
 }

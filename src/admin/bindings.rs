@@ -354,6 +354,14 @@ pub async fn delete_queue(
     Path((vhost, src, dst, props)): Path<(String, String, String, String)>,
 ) -> ApiResult<StatusCode> {
     caller.require_vhost(&s.broker, &vhost)?;
+    caller.permit(&s.broker, &vhost, Access::Write, "queue", &dst)?;
+    caller.permit(
+        &s.broker,
+        &vhost,
+        Access::Read,
+        "exchange",
+        source_name(&src),
+    )?;
     delete(&s, &vhost, &src, &dst, true, &props)
 }
 
@@ -363,5 +371,13 @@ pub async fn delete_exchange(
     Path((vhost, src, dst, props)): Path<(String, String, String, String)>,
 ) -> ApiResult<StatusCode> {
     caller.require_vhost(&s.broker, &vhost)?;
+    caller.permit(&s.broker, &vhost, Access::Write, "exchange", &dst)?;
+    caller.permit(
+        &s.broker,
+        &vhost,
+        Access::Read,
+        "exchange",
+        source_name(&src),
+    )?;
     delete(&s, &vhost, &src, &dst, false, &props)
 }

@@ -4,6 +4,7 @@
 use super::{
     flag, json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller,
 };
+use crate::broker::auth::Access;
 use crate::broker::message::Message;
 use crate::broker::vhost::{Exchange, ExchangeDeclare};
 use crate::broker::Counters;
@@ -95,6 +96,7 @@ pub async fn put(
     Body(body): Body,
 ) -> ApiResult<StatusCode> {
     caller.require_vhost(&s.broker, &vhost)?;
+    caller.permit(&s.broker, &vhost, Access::Configure, "exchange", &name)?;
     Ok(if declare_from(&s, &vhost, &name, &body)? {
         StatusCode::CREATED
     } else {
@@ -111,6 +113,7 @@ pub async fn remove(
     caller.require_vhost(&s.broker, &vhost)?;
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     v.exchange(&name).map_err(|_| ApiError::not_found())?;
+    caller.permit(&s.broker, &vhost, Access::Configure, "exchange", &name)?;
     let if_unused = q.get("if-unused").is_some_and(|x| x == "true");
     v.delete_exchange(&name, if_unused)?;
     Ok(StatusCode::NO_CONTENT)
@@ -163,17 +166,7 @@ pub async fn publish(
     if !exchange.is_empty() {
         v.exchange(exchange).map_err(|_| ApiError::not_found())?;
     }
-    if !b.auth.allows(
-        &vhost,
-        &caller.0.name,
-        crate::broker::auth::Access::Write,
-        &name,
-    ) {
-        return Err(ApiError::forbidden(format!(
-            "access to exchange '{name}' in vhost '{vhost}' refused for user '{}'",
-            caller.0.name
-        )));
-    }
+    caller.permit(b, &vhost, Access::Write, "exchange", exchange)?;
     let routing_key = text(&body, "routing_key", "")?;
     let payload = text(&body, "payload", "")?;
     let payload = match text(&body, "payload_encoding", "string")? {

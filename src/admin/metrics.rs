@@ -268,6 +268,13 @@ pub fn render(broker: &Broker) -> String {
         "Total number of messages confirmed to publishers",
         Counters::get(&c.confirmed),
     );
+    metric(
+        &mut out,
+        "rabbitmq_alarms_memory_used_watermark",
+        "gauge",
+        "is set to 1 when the memory alarm is in effect",
+        u64::from(broker.memory_alarm()),
+    );
     if let Some(rss) = resident_memory() {
         metric(
             &mut out,

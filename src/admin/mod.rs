@@ -184,6 +184,31 @@ impl Caller {
     pub fn sees(&self, broker: &Broker, vhost: &str) -> bool {
         self.is_monitor() || broker.auth.vhost_access(vhost, &self.0.name)
     }
+    /// The caller's own resource permission, as the AMQP side checks it (403 otherwise).
+    /// The API acts as the user, so administrators need permissions too, as in RabbitMQ.
+    pub fn permit(
+        &self,
+        broker: &Broker,
+        vhost: &str,
+        access: crate::broker::auth::Access,
+        kind: &str,
+        name: &str,
+    ) -> ApiResult<()> {
+        let name = if kind == "exchange" && name.is_empty() {
+            "amq.default"
+        } else {
+            name
+        };
+        if broker.auth.allows(vhost, &self.0.name, access, name) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "access to {kind} '{name}' in vhost '{vhost}' refused for user '{}'",
+                self.0.name
+            )))
+        }
+    }
+
     /// Acting on `vhost` needs a permission entry there (administrators included,
     /// as in RabbitMQ).
     pub fn require_vhost(&self, broker: &Broker, vhost: &str) -> ApiResult<()> {

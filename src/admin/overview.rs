@@ -71,6 +71,7 @@ fn node_json(s: &AdminState) -> Value {
         "running": true,
         "mem_used": resident_memory().unwrap_or(0),
         "mem_alarm": s.broker.memory_alarm(),
+        "mem_limit": s.broker.memory_watermark(),
         "disk_free_alarm": false,
         "uptime": now_ms().saturating_sub(s.started_at),
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -99,23 +100,22 @@ pub async fn whoami(caller: Caller) -> Json<Value> {
     Json(json!({"name": caller.0.name, "tags": caller.0.tags_list()}))
 }
 
-/// The memory alarm is warren's only resource alarm; while it is on the check
-/// fails with 503, as RabbitMQ's does.
-pub async fn alarms(
-    State(s): State<AdminState>,
-    _caller: Caller,
-) -> (axum::http::StatusCode, Json<Value>) {
+/// 200 when no resource alarm is in effect, 503 listing them otherwise (RabbitMQ's
+/// shape). warren's only alarm is the memory alarm.
+pub async fn alarms(State(s): State<AdminState>, _caller: Caller) -> axum::response::Response {
+    use axum::response::IntoResponse;
     if s.broker.memory_alarm() {
         (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
                 "status": "failed",
-                "reason": "resource alarm(s) in effect in the cluster",
+                "reason": "There are alarms in effect in the cluster",
                 "alarms": [{"node": node_name(), "resource": "memory"}],
             })),
         )
+            .into_response()
     } else {
-        (axum::http::StatusCode::OK, Json(json!({"status": "ok"})))
+        Json(json!({"status": "ok"})).into_response()
     }
 }
 

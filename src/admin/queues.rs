@@ -5,6 +5,7 @@ use super::metrics::{message_stats, Totals};
 use super::{
     flag, json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller,
 };
+use crate::broker::auth::Access;
 use crate::broker::queue::Queue;
 use crate::broker::vhost::QueueDeclare;
 use crate::wire::BasicProperties;
@@ -252,6 +253,7 @@ pub async fn put(
     Body(body): Body,
 ) -> ApiResult<StatusCode> {
     caller.require_vhost(&s.broker, &vhost)?;
+    caller.permit(&s.broker, &vhost, Access::Configure, "queue", &name)?;
     Ok(if declare_from(&s, &vhost, &name, &body)? {
         StatusCode::CREATED
     } else {
@@ -267,6 +269,7 @@ pub async fn remove(
 ) -> ApiResult<StatusCode> {
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
+    caller.permit(&s.broker, &vhost, Access::Configure, "queue", &name)?;
     let st = q.stats();
     if params.get("if-unused").is_some_and(|x| x == "true") && st.consumers > 0 {
         return Err(ApiError::bad_request(format!("queue '{name}' in use")));
@@ -288,7 +291,9 @@ pub async fn purge(
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     caller.require_vhost(&s.broker, &vhost)?;
-    find(&s, &vhost, &name)?.purge();
+    let q = find(&s, &vhost, &name)?;
+    caller.permit(&s.broker, &vhost, Access::Read, "queue", &name)?;
+    q.purge();
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -328,6 +333,7 @@ pub async fn get_messages(
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
+    caller.permit(&s.broker, &vhost, Access::Read, "queue", &name)?;
     let count = match body.get("count") {
         None => 1,
         Some(v) => v

@@ -2,7 +2,8 @@
 //! set queue and exchange options without client arguments, as in RabbitMQ.
 //!
 //! For a queue or exchange the highest-priority matching policy applies (only one,
-//! as RabbitMQ does). How a definition combines with declared `x-` arguments is
+//! as RabbitMQ does), to queues declared later and, through [`apply_to_queues`], to
+//! existing ones. How a definition combines with declared `x-` arguments is
 //! [`effective_arguments`]'s job. With a store, policies are written there.
 
 use crate::storage::{StorageError, Store, TopologyKind};
@@ -273,6 +274,20 @@ impl Policies {
             .get("alternate-exchange")?
             .as_str()
             .map(String::from)
+    }
+}
+
+/// Re-apply the vhost's policies to its existing queues (after a policy changed):
+/// each queue whose effective arguments differ runs with the new ones from now on.
+pub fn apply_to_queues(vhost: &crate::broker::VHost) {
+    for q in vhost.queues() {
+        let policy = vhost.policies.matching(&vhost.name, true, q.name());
+        let effective = effective_arguments(&q.spec.arguments, policy.as_ref());
+        match crate::broker::queue::QueueArgs::parse(&effective, q.name(), &vhost.name) {
+            Ok(args) if args != *q.args() => q.set_args(args),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(queue = q.name(), error = %e.text, "policy not applied"),
+        }
     }
 }
 

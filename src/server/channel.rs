@@ -19,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What a channel needs to know about its connection.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct ConnCtx {
     pub max_message_size: u64,
     /// The client understands server-sent basic.cancel.
     pub cancel_notify: bool,
+    /// Configured limits (queues, exchanges, consumers, consumer timeout).
+    pub limits: crate::config::Limits,
 }
 
 impl ConnCtx {
@@ -66,6 +69,17 @@ struct Unacked {
     entry: Entry,
     /// The consumer's window to give back on ack (None for basic.get).
     credit: Option<Arc<Credit>>,
+    /// When the consumer timeout runs out for it: (deadline, timeout in ms).
+    deadline: Option<(Instant, u64)>,
+}
+
+/// The deadline of a delivery from `queue` made now, if a consumer timeout applies.
+fn ack_deadline(ctx: &ConnCtx, queue: &Queue) -> Option<(Instant, u64)> {
+    let ms = queue
+        .args()
+        .consumer_timeout
+        .or(ctx.limits.consumer_timeout_ms)?;
+    Some((Instant::now() + std::time::Duration::from_millis(ms), ms))
 }
 
 #[derive(Debug)]
@@ -295,11 +309,13 @@ impl Channel {
                         );
                         out.content(ch, &m.properties, &m.body);
                         if !g.no_ack {
+                            let deadline = ack_deadline(ctx, &q);
                             self.unacked.push_back(Unacked {
                                 tag,
                                 queue: q,
                                 entry,
                                 credit: None,
+                                deadline,
                             });
                         }
                     }
@@ -314,6 +330,18 @@ impl Channel {
                 let nowait = d.nowait;
                 if !d.passive {
                     ctx.permit(Access::Configure, "exchange", &d.exchange)?;
+                }
+                if let Some(max) = ctx.limits.max_exchanges_per_vhost {
+                    if !d.passive
+                        && vhost.exchange(&d.exchange).is_err()
+                        && vhost.exchanges().len() >= max
+                    {
+                        return Err(AmqpError::precondition_failed(format!(
+                            "cannot declare exchange '{}' in vhost '{}': exchange limit ({max}) is reached",
+                            d.exchange,
+                            vhost.name
+                        )));
+                    }
                 }
                 vhost.declare_exchange(&ExchangeDeclare {
                     name: d.exchange,
@@ -355,8 +383,21 @@ impl Channel {
             }
             Method::QueueDeclare(d) => {
                 let nowait = d.nowait;
+                let server_named = !d.passive && d.queue.is_empty();
                 if !d.passive && !d.queue.is_empty() {
                     ctx.permit(Access::Configure, "queue", &d.queue)?;
+                }
+                if let Some(max) = ctx.limits.max_queues_per_vhost {
+                    if !d.passive
+                        && (d.queue.is_empty() || vhost.queue(&d.queue, ctx.id).is_err())
+                        && vhost.queues().len() >= max
+                    {
+                        return Err(AmqpError::precondition_failed(format!(
+                            "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
+                            d.queue,
+                            vhost.name
+                        )));
+                    }
                 }
                 let (q, stats) = vhost.declare_queue(
                     &QueueDeclare {
@@ -369,6 +410,13 @@ impl Channel {
                     },
                     ctx.id,
                 )?;
+                if server_named {
+                    // RabbitMQ checks configure on the generated name.
+                    if let Err(e) = ctx.permit(Access::Configure, "queue", q.name()) {
+                        vhost.remove_queue(&q);
+                        return Err(e);
+                    }
+                }
                 self.last_queue = Some(q.name().to_string());
                 if !nowait {
                     out.method(
@@ -520,6 +568,13 @@ impl Channel {
             return Err(AmqpError::not_allowed(format!(
                 "attempt to reuse consumer tag '{tag}'"
             )));
+        }
+        if let Some(max) = ctx.limits.consumer_max_per_channel {
+            if self.consumers.len() >= max {
+                return Err(AmqpError::precondition_failed(format!(
+                    "reached maximum ({max}) of consumers per channel"
+                )));
+            }
         }
         let priority = match c.arguments.get("x-priority") {
             None => 0,
@@ -993,13 +1048,39 @@ impl Channel {
         );
         out.content(self.id, &m.properties, &m.body);
         if !d.no_ack {
+            let deadline = ack_deadline(ctx, &d.queue);
             self.unacked.push_back(Unacked {
                 tag,
                 queue: d.queue,
                 entry: d.entry,
                 credit: Some(credit),
+                deadline,
             });
         }
+    }
+
+    /// A delivery has stayed unacked past its consumer timeout: the error to
+    /// close this channel with (RabbitMQ's wording).
+    pub fn ack_timed_out(&self, now: Instant) -> Option<AmqpError> {
+        if self.closing {
+            return None;
+        }
+        let ms = self
+            .unacked
+            .iter()
+            .filter_map(|u| u.deadline)
+            .find(|(at, _)| *at <= now)?
+            .1;
+        Some(AmqpError::precondition_failed(format!(
+            "delivery acknowledgement on channel {} timed out. Timeout value used: {ms} ms. \
+             This timeout value can be configured, see consumers doc guide to learn more",
+            self.id
+        )))
+    }
+
+    /// Let every consumer's queue deliver again (the connection caught up on output).
+    pub fn resume_deliveries(&self) {
+        self.kick_consumers();
     }
 
     /// The queue behind a consumer was deleted.

@@ -49,6 +49,8 @@ pub enum Outbound {
 #[derive(Debug)]
 pub struct ConnSink {
     tx: mpsc::UnboundedSender<Outbound>,
+    /// Output backlog over the limit: queues skip this connection's consumers.
+    blocked: std::sync::atomic::AtomicBool,
 }
 
 impl DeliverySink for ConnSink {
@@ -63,6 +65,10 @@ impl DeliverySink for ConnSink {
 
     fn cancelled(&self, channel: u16, tag: Arc<str>) {
         let _ = self.tx.send(Outbound::Cancelled { channel, tag });
+    }
+
+    fn blocked(&self) -> bool {
+        self.blocked.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -197,6 +203,9 @@ struct Conn {
     blocked_cap: bool,
     /// We told the client it is blocked.
     blocked_sent: bool,
+    /// Unwritten output above which the connection stops taking deliveries
+    /// and reading input (back-pressure on a peer that does not read).
+    backlog_limit: usize,
 }
 
 /// How the main loop ended.
@@ -247,7 +256,11 @@ async fn serve(
         ctx: None,
         channels: HashMap::new(),
         rx,
-        sink: Arc::new(ConnSink { tx }),
+        sink: Arc::new(ConnSink {
+            tx,
+            blocked: Default::default(),
+        }),
+        backlog_limit: config.write_backlog_limit.max(64 * 1024),
         local,
         registered: false,
         close_sent: false,
@@ -508,6 +521,7 @@ impl Conn {
             conn: Arc::clone(&self.sink),
             max_message_size: config.max_message_size,
             cancel_notify,
+            limits: config.limits(),
         });
         Ok(())
     }
@@ -571,9 +585,42 @@ impl Conn {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut alarm = self.broker.watch_alarm();
         let mut alarm_open = true;
+        // Consumer timeouts are checked on their own, finer tick.
+        let timeout_tick = self
+            .ctx
+            .as_ref()
+            .and_then(|c| c.limits.consumer_timeout_ms)
+            .map_or(Duration::from_secs(3600), |ms| {
+                Duration::from_millis(ms / 4)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(5))
+            });
+        let mut timeouts = tokio::time::interval(timeout_tick);
+        timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backpressure = false;
         loop {
-            let blocked = self.is_blocked(&alarm);
-            if blocked && !self.blocked_sent && self.blocked_cap {
+            // Back-pressure: while the peer has not read what we wrote, take no
+            // deliveries from the mailbox and read no more input.
+            let over = self.out.backlog() > self.backlog_limit;
+            if over != backpressure {
+                backpressure = over;
+                self.sink
+                    .blocked
+                    .store(backpressure, std::sync::atomic::Ordering::Release);
+                if backpressure {
+                    tracing::debug!(
+                        id = self.id,
+                        backlog = self.out.backlog(),
+                        "output backlog over the limit; pausing"
+                    );
+                } else {
+                    for ch in self.channels.values() {
+                        ch.resume_deliveries();
+                    }
+                }
+            }
+            // The memory alarm: publishers are not read from.
+            let alarm_blocked = self.is_blocked(&alarm);
+            if alarm_blocked && !self.blocked_sent && self.blocked_cap {
                 self.out.method(
                     0,
                     &ConnectionBlocked {
@@ -584,6 +631,7 @@ impl Conn {
                 self.blocked_sent = true;
                 self.out.flush();
             }
+            let blocked = backpressure || alarm_blocked;
             tokio::select! {
                 changed = alarm.changed(), if alarm_open => {
                     if changed.is_err() {
@@ -591,6 +639,27 @@ impl Conn {
                     } else if !*alarm.borrow_and_update() && self.blocked_sent {
                         self.out.method(0, &ConnectionUnblocked::default().into());
                         self.blocked_sent = false;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(5)), if backpressure => {
+                    // The peer is not reading, so it cannot be expected to send
+                    // heartbeats we would read: do not count this time against it.
+                    self.last_read = Instant::now();
+                }
+                _ = timeouts.tick() => {
+                    let now = std::time::Instant::now();
+                    let expired: Vec<(u16, AmqpError)> = self
+                        .channels
+                        .values()
+                        .filter_map(|ch| ch.ack_timed_out(now).map(|e| (ch.id, e)))
+                        .collect();
+                    if let Some(ctx) = self.ctx.clone() {
+                        for (channel, e) in expired {
+                            tracing::warn!(id = self.id, channel, "{}", e.text);
+                            if let Err(e) = self.channel_result(&ctx, channel, Err(e)) {
+                                return End::Error(e, true);
+                            }
+                        }
                     }
                 }
                 frame = self.reader.next(), if !blocked => {
@@ -612,7 +681,7 @@ impl Conn {
                         }
                     }
                 }
-                msg = self.rx.recv() => {
+                msg = self.rx.recv(), if !backpressure => {
                     if let Some(msg) = msg {
                         if let Err(e) = self.on_outbound(msg) {
                             return End::Error(e, true);
@@ -797,6 +866,18 @@ impl Conn {
         channel: u16,
         method: Method,
     ) -> Result<(), AmqpError> {
+        // RabbitMQ's check: opening one more channel than channel_max (530).
+        if matches!(method, Method::ChannelOpen(_))
+            && self.channel_max != 0
+            && !self.channels.contains_key(&channel)
+            && self.channels.len() >= usize::from(self.channel_max)
+        {
+            return Err(AmqpError::not_allowed(format!(
+                "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                self.channels.len(),
+                self.channel_max
+            )));
+        }
         if channel > self.channel_max {
             return Err(AmqpError::channel_error(format!(
                 "channel {channel} is above the negotiated channel_max {}",
@@ -810,6 +891,7 @@ impl Conn {
                         "second 'channel.open' seen on channel {channel}"
                     )));
                 }
+
                 self.channels.insert(channel, Channel::new(channel));
                 self.broker.channel_opened(self.id, channel);
                 self.out.method(channel, &ChannelOpenOk::default().into());
