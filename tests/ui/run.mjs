@@ -269,8 +269,27 @@ try {
     await shot('exchange-detail');
   });
 
-  await test('connections and channels pages list the AMQP client', async () => {
+  await test('the default exchange has its own page', async () => {
+    await page.click('nav a[href="#/exchanges"]');
+    await page.click('#exchanges-table a:text-is("(AMQP default)")');
+    await expectText(page.locator('#page h1'), /Exchange\W*\(AMQP default\)/);
+    await page.fill('#xd-pub [name=routing_key]', 'ui-target');
+    await page.fill('#xd-pub [name=payload]', 'via default');
+    await page.click('#xd-pub button');
+    await expectText(flash, /Message published and routed/);
+  });
+
+  await test('connections and channels pages list the AMQP client; close a connection', async () => {
+    const victim = await amqp.connect(`amqp://guest:guest@127.0.0.1:${amqpPort}`);
+    victim.on('error', () => {});
+    const closed = new Promise((r) => victim.once('close', r));
+    const localPort = victim.connection.stream.localPort;
     await page.click('nav a[href="#/connections"]');
+    await expectText(page.locator('#c-table'), /guest/);
+    const row = page.locator('#c-table tr', { hasText: `:${localPort} ` });
+    await row.locator('button.close-conn').click();
+    await expectText(flash, /Connection .* closed/);
+    await Promise.race([closed, sleep(5000).then(() => { throw new Error('client saw no close'); })]);
     await expectText(page.locator('#c-table'), /guest/);
     await shot('connections');
     await page.click('nav a[href="#/channels"]');

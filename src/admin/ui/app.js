@@ -228,7 +228,7 @@
       if (nodeError) node.innerHTML = '<span role="status">Node details unavailable: ' + esc(nodeError) + '</span>';
       else if (!nodeInfo) node.textContent = 'Node details need the monitoring or administrator tag.';
       else node.innerHTML = '<dl class="kv"><dt>Name</dt><dd>' + esc(nodeInfo.name) + '</dd><dt>Version</dt><dd>' + esc(o.product_name) + ' ' + esc(o.product_version) +
-        '</dd><dt>Uptime</dt><dd>' + esc(Math.round(nodeInfo.uptime / 1000)) + ' s</dd><dt>Memory alarm</dt><dd>' + (nodeInfo.mem_alarm ? 'ON — publishers are blocked' : 'off') +
+        '</dd><dt>Uptime</dt><dd>' + esc(Math.round(nodeInfo.uptime / 1000)) + ' s</dd><dt>Memory high watermark</dt><dd>' + (nodeInfo.mem_limit ? esc(bytes(nodeInfo.mem_limit)) : 'none') + '</dd><dt>Memory alarm</dt><dd>' + (nodeInfo.mem_alarm ? 'ON — publishers are blocked' : 'off') +
         '</dd><dt>Alarm check</dt><dd>' + esc(alarmInfo ? (alarmInfo.status === 'ok' ? 'ok' : alarmInfo.reason || alarmInfo.status) : '') + '</dd><dt>File descriptors</dt><dd>' + esc(nodeInfo.fd_used) + '</dd></dl>';
     }
     drawChart($('#ov-chart'), history);
