@@ -134,7 +134,8 @@
     if (!me) return;
     stopTimers();
     clearFlash();
-    const path = decodeURI(location.hash.replace(/^#/, '')) || '/';
+    let path = location.hash.replace(/^#/, '') || '/';
+    try { path = decodeURI(path); } catch (e) { /* shown as typed */ }
     const raw = location.hash.replace(/^#/, '') || '/';
     for (const [re, name, fn] of routes) {
       const m = raw.match(re);
@@ -142,7 +143,9 @@
         currentPage = name;
         const nav = '#/' + (name === 'queue' ? 'queues' : name === 'exchange' ? 'exchanges' : name === 'overview' ? '' : name);
         $$('#nav a').forEach((a) => { if (a.getAttribute('href') === nav) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current'); });
-        Promise.resolve(fn(...m.slice(1).map(decodeURIComponent))).catch(fail);
+        let args;
+        try { args = m.slice(1).map(decodeURIComponent); } catch (e) { setPage('<h1>Not found</h1>'); fail(new Error('Malformed address: ' + raw)); return; }
+        Promise.resolve().then(() => fn(...args)).catch(fail);
         $('#main').focus({ preventScroll: true });
         return;
       }
@@ -503,7 +506,7 @@
       $('#ch-table').innerHTML = table([
         { label: 'Channel', cell: (c) => esc(c.name) }, { label: 'Virtual host', cell: (c) => esc(c.vhost) }, { label: 'User', cell: (c) => esc(c.user) },
         { label: 'State', cell: (c) => esc(c.state) }, { label: 'Consumers', n: 1, cell: (c) => num(c.consumer_count) },
-        { label: 'Unacked', n: 1, cell: (c) => num(c.messages_unacknowledged) }, { label: 'Prefetch', n: 1, cell: (c) => num(c.prefetch_count) },
+        { label: 'Connection', cell: (c) => esc(c.connection_details && c.connection_details.name) },
       ], cs, { label: 'Channels', empty: 'No channels.' });
     };
     await load();
