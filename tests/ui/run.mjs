@@ -192,6 +192,17 @@ try {
     await waitFor('sorted by name', async () => /ui-dead/.test(await page.locator('#queues-table tbody tr').first().innerText()));
   });
 
+  await test('add a queue with arguments from the queues page', async () => {
+    await page.fill('#q-add [name=name]', 'ui-made');
+    await page.selectOption('#q-add [name=durable]', 'false');
+    await page.fill('#q-add [name=arguments]', '{"x-max-length": 10}');
+    await page.click('#q-add button');
+    await expectText(flash, /Queue "ui-made" declared/);
+    const q = await api('GET', '/queues/%2F/ui-made');
+    if (q.durable !== false || q.arguments['x-max-length'] !== 10) throw new Error(JSON.stringify(q));
+    await api('DELETE', '/queues/%2F/ui-made');
+  });
+
   await test('overview charts the message rates', async () => {
     await page.click('nav a[href="#/"]');
     // Three samples with traffic in the client-side history, drawn as three lines.
