@@ -65,6 +65,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log)),
         )
         .init();
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,4 +113,37 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Raise the open-files limit to its hard maximum: every AMQP connection is a file
+/// descriptor. Logs the result, or why it could not.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            tracing::warn!("cannot read the open-files limit; connections are limited by it");
+            return;
+        }
+        if lim.rlim_cur >= lim.rlim_max {
+            tracing::info!(limit = lim.rlim_cur, "open-files limit");
+            return;
+        }
+        let before = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            tracing::info!(from = before, to = lim.rlim_max, "open-files limit raised");
+        } else {
+            tracing::warn!(
+                limit = before,
+                hard = lim.rlim_max,
+                "cannot raise the open-files limit; at most about that many connections"
+            );
+        }
+    }
 }

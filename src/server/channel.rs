@@ -334,7 +334,7 @@ impl Channel {
                 if let Some(max) = ctx.limits.max_exchanges_per_vhost {
                     if !d.passive
                         && vhost.exchange(&d.exchange).is_err()
-                        && vhost.exchanges().len() >= max
+                        && vhost.exchange_count() >= max
                     {
                         return Err(AmqpError::precondition_failed(format!(
                             "cannot declare exchange '{}' in vhost '{}': exchange limit ({max}) is reached",
@@ -390,7 +390,7 @@ impl Channel {
                 if let Some(max) = ctx.limits.max_queues_per_vhost {
                     if !d.passive
                         && (d.queue.is_empty() || vhost.queue(&d.queue, ctx.id).is_err())
-                        && vhost.queues().len() >= max
+                        && vhost.queue_count() >= max
                     {
                         return Err(AmqpError::precondition_failed(format!(
                             "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
@@ -697,18 +697,7 @@ impl Channel {
         if requeue.is_none() {
             Counters::add(&ctx.broker.counters.acked, taken.len() as u64);
         }
-        let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
-        for u in taken {
-            if let Some(credit) = &u.credit {
-                credit.release(1);
-                self.channel_credit.release(1);
-            }
-            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
-                Some((_, v)) => v.push(u.entry),
-                None => by_queue.push((u.queue, vec![u.entry])),
-            }
-        }
-        for (q, entries) in by_queue {
+        for (q, entries) in self.release(taken) {
             match requeue {
                 Some(true) => q.requeue(entries, true, true),
                 Some(false) => q.reject(entries),
@@ -730,8 +719,17 @@ impl Channel {
 
     /// Give every unacked message back to its queue, in original order.
     fn requeue_all(&mut self) {
+        let all: Vec<Unacked> = self.unacked.drain(..).collect();
+        for (q, entries) in self.release(all) {
+            q.requeue(entries, true, true);
+        }
+    }
+
+    /// Settled messages give their prefetch credit back; returns them grouped by
+    /// queue, in delivery order within each queue.
+    fn release(&self, settled: Vec<Unacked>) -> Vec<(Arc<Queue>, Vec<Entry>)> {
         let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
-        for u in self.unacked.drain(..) {
+        for u in settled {
             if let Some(credit) = &u.credit {
                 credit.release(1);
                 self.channel_credit.release(1);
@@ -741,9 +739,7 @@ impl Channel {
                 None => by_queue.push((u.queue, vec![u.entry])),
             }
         }
-        for (q, entries) in by_queue {
-            q.requeue(entries, true, true);
-        }
+        by_queue
     }
 
     /// A content header frame arrived.

@@ -342,6 +342,14 @@ impl Conn {
         e.text
     }
 
+    /// A handshake step got the wrong method: 503, answered at `method_id`.
+    fn unexpected(&mut self, got: &Method, expected: &str, method_id: u16) -> String {
+        self.handshake_fail(
+            AmqpError::command_invalid(format!("expected {expected}, got {}", got.name()))
+                .at(10, method_id),
+        )
+    }
+
     async fn handshake(&mut self, peer: SocketAddr, config: &Config) -> Result<(), String> {
         self.out.method(
             0,
@@ -357,15 +365,7 @@ impl Conn {
         self.out.flush();
         let start_ok = match self.expect_method().await? {
             Method::ConnectionStartOk(s) => s,
-            other => {
-                return Err(self.handshake_fail(
-                    AmqpError::command_invalid(format!(
-                        "expected connection.start-ok, got {}",
-                        other.name()
-                    ))
-                    .at(10, 11),
-                ))
-            }
+            other => return Err(self.unexpected(&other, "connection.start-ok", 11)),
         };
         let cancel_notify =
             client_capability(&start_ok.client_properties, "consumer_cancel_notify");
@@ -427,15 +427,7 @@ impl Conn {
         self.out.flush();
         let tune_ok = match self.expect_method().await? {
             Method::ConnectionTuneOk(t) => t,
-            other => {
-                return Err(self.handshake_fail(
-                    AmqpError::command_invalid(format!(
-                        "expected connection.tune-ok, got {}",
-                        other.name()
-                    ))
-                    .at(10, 31),
-                ))
-            }
+            other => return Err(self.unexpected(&other, "connection.tune-ok", 31)),
         };
         let frame_max = match tune_ok.frame_max {
             0 => server_frame_max,
@@ -464,15 +456,7 @@ impl Conn {
         self.heartbeat = Duration::from_secs(u64::from(tune_ok.heartbeat));
         let open = match self.expect_method().await? {
             Method::ConnectionOpen(o) => o,
-            other => {
-                return Err(self.handshake_fail(
-                    AmqpError::command_invalid(format!(
-                        "expected connection.open, got {}",
-                        other.name()
-                    ))
-                    .at(10, 40),
-                ))
-            }
+            other => return Err(self.unexpected(&other, "connection.open", 40)),
         };
         let Some(vhost) = self.broker.vhost(&open.virtual_host) else {
             return Err(self.handshake_fail(
