@@ -1506,3 +1506,104 @@ async fn cli_subcommands_talk_to_the_api() {
     assert!(!ok);
     assert!(err.contains("401"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_listing_pages_filters_and_sorts() {
+    let b = start().await;
+    for (i, name) in ["orders-a", "orders-b", "orders-c", "jobs-1", "jobs-2"]
+        .iter()
+        .enumerate()
+    {
+        b.ok("PUT", &format!("/api/queues/%2F/{name}"), json!({}))
+            .await;
+        for _ in 0..i {
+            b.ok(
+                "POST",
+                "/api/exchanges/%2F/amq.default/publish",
+                json!({"routing_key": name, "payload": "x", "payload_encoding": "string", "properties": {}}),
+            )
+            .await;
+        }
+    }
+    // Without `page` the listing stays a plain array.
+    assert_eq!(b.get("/api/queues").await.as_array().unwrap().len(), 5);
+    let p = b.get("/api/queues?page=2&page_size=2").await;
+    assert_eq!(p["page"], 2);
+    assert_eq!(p["page_count"], 3);
+    assert_eq!(p["total_count"], 5);
+    assert_eq!(p["filtered_count"], 5);
+    assert_eq!(p["item_count"], 2);
+    let names: Vec<&str> = p["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["orders-a", "orders-b"]);
+    let p = b
+        .get(
+            "/api/queues/%2F?page=1&page_size=10&name=ORDERS&sort=messages_ready&sort_reverse=true",
+        )
+        .await;
+    assert_eq!(p["filtered_count"], 3);
+    assert_eq!(p["items"][0]["name"], "orders-c");
+    assert_eq!(p["items"][0]["messages_ready"], 2);
+    let p = b
+        .get("/api/queues?page=1&name=%5Ejobs-%5B2-9%5D%24&use_regex=true")
+        .await;
+    assert_eq!(p["filtered_count"], 1);
+    assert_eq!(p["items"][0]["name"], "jobs-2");
+    for bad in [
+        "/api/queues?page=9",
+        "/api/queues?page=0",
+        "/api/queues?page=1&page_size=501",
+        "/api/queues?page=1&name=(&use_regex=true",
+    ] {
+        let (s, v) = b.call("GET", bad, GUEST, None).await;
+        assert_eq!(s, 400, "{bad}: {v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_is_served_beside_the_api() {
+    let b = start().await;
+    let base = b.base.clone();
+    let (index, js, css, challenge, plain_challenge) = tokio::task::spawn_blocking(move || {
+        let get = |p: &str| ureq::get(&format!("{base}{p}")).call().expect(p);
+        let index = get("/");
+        let js = get("/ui/app.js");
+        let css = get("/ui/style.css");
+        let status_and_header = |r: Result<ureq::Response, ureq::Error>| match r {
+            Err(ureq::Error::Status(s, r)) => (s, r.header("www-authenticate").map(String::from)),
+            other => panic!("expected 401, got {other:?}"),
+        };
+        let challenge = status_and_header(
+            ureq::get(&format!("{base}/api/overview"))
+                .set("X-Requested-With", "XMLHttpRequest")
+                .call(),
+        );
+        let plain = status_and_header(ureq::get(&format!("{base}/api/overview")).call());
+        (
+            (
+                index.content_type().to_string(),
+                index.into_string().unwrap(),
+            ),
+            js.content_type().to_string(),
+            css.content_type().to_string(),
+            challenge,
+            plain,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(index.0, "text/html");
+    assert!(index.1.contains("/ui/app.js"));
+    assert_eq!(js, "text/javascript");
+    assert_eq!(css, "text/css");
+    // The UI's own requests get no browser password prompt; other clients do.
+    assert_eq!(challenge, (401, None));
+    assert_eq!(plain_challenge.0, 401);
+    assert!(plain_challenge.1.unwrap().starts_with("Basic"));
+    let (s, _) = b.call("GET", "/ui/missing.js", None, None).await;
+    assert_eq!(s, 404);
+}

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod overview;
 pub mod policies;
 pub mod queues;
+pub mod ui;
 pub mod users;
 pub mod vhosts;
 
@@ -381,8 +382,28 @@ pub fn router(state: AdminState) -> Router {
                 .delete(policies::remove),
         )
         .route("/metrics", get(metrics::prometheus))
+        .merge(ui::routes())
         .fallback(|| async { ApiError::not_found() })
+        .layer(axum::middleware::from_fn(no_browser_challenge))
         .with_state(state)
+}
+
+/// Requests marked `X-Requested-With: XMLHttpRequest` (the web UI's) get their 401s
+/// without `WWW-Authenticate`, so browsers show the UI's own login form instead of
+/// a native password prompt.
+async fn no_browser_challenge(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let from_script = req
+        .headers()
+        .get("x-requested-with")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"XMLHttpRequest"));
+    let mut res = next.run(req).await;
+    if from_script {
+        res.headers_mut().remove(header::WWW_AUTHENTICATE);
+    }
+    res
 }
 
 /// Bind the admin listener and serve it in the background; returns its address.

@@ -45,32 +45,160 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
     })
 }
 
-fn collect(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
+/// The visible queues (of `only` if given) whose names pass `keep`, in vhost / name
+/// order, and how many visible queues there are in all.
+fn collect(
+    s: &AdminState,
+    caller: &Caller,
+    only: Option<&str>,
+    keep: &dyn Fn(&str) -> bool,
+) -> (Vec<Arc<Queue>>, usize) {
     let b = &s.broker;
     let mut out = Vec::new();
+    let mut total = 0;
     for v in b.vhosts() {
         if only.is_some_and(|o| o != &*v.name) || !caller.sees(b, &v.name) {
             continue;
         }
         for q in v.queues() {
-            out.push(queue_json(s, &q));
+            total += 1;
+            if keep(q.name()) {
+                out.push(q);
+            }
         }
     }
-    super::sort_by_vhost_name(&mut out);
-    out
+    out.sort_by(|a, b| (&*a.spec.vhost, a.name()).cmp(&(&*b.spec.vhost, b.name())));
+    (out, total)
 }
 
-pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(Value::Array(collect(&s, &caller, None)))
+/// The value at a dotted path (`message_stats.publish_details.rate`).
+fn at_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |v, k| v.get(k))
+}
+
+fn cmp_values(a: Option<&Value>, b: Option<&Value>) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    match (a, b) {
+        (Some(Value::Number(x)), Some(Value::Number(y))) => x
+            .as_f64()
+            .partial_cmp(&y.as_f64())
+            .unwrap_or(Ordering::Equal),
+        (Some(Value::String(x)), Some(Value::String(y))) => x.cmp(y),
+        (Some(Value::Null) | None, Some(Value::Null) | None) => Ordering::Equal,
+        (Some(Value::Null) | None, _) => Ordering::Less,
+        (_, Some(Value::Null) | None) => Ordering::Greater,
+        (Some(x), Some(y)) => x.to_string().cmp(&y.to_string()),
+    }
+}
+
+fn number_param(params: &HashMap<String, String>, key: &str, default: usize) -> ApiResult<usize> {
+    match params.get(key) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| ApiError::bad_request(format!("{key} must be a positive integer"))),
+    }
+}
+
+/// A listing, paginated as RabbitMQ's management API does when `page` is given
+/// (`page`, `page_size` (max 500), `name` (substring, or a regex with
+/// `use_regex=true`), `sort` (a dotted field path), `sort_reverse`); a plain
+/// array otherwise.
+fn listing(
+    s: &AdminState,
+    caller: &Caller,
+    only: Option<&str>,
+    params: &HashMap<String, String>,
+) -> ApiResult<Value> {
+    let name = params.get("name").map(String::as_str).unwrap_or("");
+    let regex = if params.get("use_regex").is_some_and(|x| x == "true") && !name.is_empty() {
+        Some(
+            regex::Regex::new(name)
+                .map_err(|e| ApiError::bad_request(format!("invalid regex: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let needle = name.to_lowercase();
+    let keep = |n: &str| match &regex {
+        Some(r) => r.is_match(n),
+        None => needle.is_empty() || n.to_lowercase().contains(&needle),
+    };
+    let (mut queues, total) = collect(s, caller, only, &keep);
+    let sort = params.get("sort").map(String::as_str).unwrap_or("");
+    let reverse = params.get("sort_reverse").is_some_and(|x| x == "true");
+    // Sorting by name or vhost needs no JSON, so a page of 10,000 queues only
+    // renders the queues on that page.
+    let by_name = matches!(sort, "" | "name" | "vhost");
+    if sort == "name" {
+        queues.sort_by(|a, b| a.name().cmp(b.name()));
+    }
+    if by_name && reverse {
+        queues.reverse();
+    }
+    let render =
+        |qs: &[Arc<Queue>]| -> Vec<Value> { qs.iter().map(|q| queue_json(s, q)).collect() };
+    let mut items = if by_name && params.contains_key("page") {
+        Vec::new()
+    } else {
+        render(&queues)
+    };
+    if !by_name {
+        items.sort_by(|a, b| cmp_values(at_path(a, sort), at_path(b, sort)));
+        if reverse {
+            items.reverse();
+        }
+    }
+    if !params.contains_key("page") {
+        return Ok(Value::Array(items));
+    }
+    let page = number_param(params, "page", 1)?;
+    let page_size = number_param(params, "page_size", 100)?;
+    if page_size > 500 {
+        return Err(ApiError::bad_request("page_size must not exceed 500"));
+    }
+    let filtered = queues.len();
+    let page_count = filtered.div_ceil(page_size).max(1);
+    if page > page_count {
+        return Err(ApiError::bad_request(format!(
+            "page out of range: {page} of {page_count}"
+        )));
+    }
+    let start = (page - 1) * page_size;
+    let items: Vec<Value> = if by_name {
+        render(&queues[start.min(filtered)..(start + page_size).min(filtered)])
+    } else {
+        items.into_iter().skip(start).take(page_size).collect()
+    };
+    Ok(json!({
+        "filtered_count": filtered,
+        "item_count": items.len(),
+        "items": items,
+        "page": page,
+        "page_count": page_count,
+        "page_size": page_size,
+        "total_count": total,
+    }))
+}
+
+pub async fn list(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(listing(&s, &caller, None, &params)?))
 }
 
 pub async fn list_vhost(
     State(s): State<AdminState>,
     caller: Caller,
     Path(vhost): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(Value::Array(collect(&s, &caller, Some(&vhost)))))
+    Ok(Json(listing(&s, &caller, Some(&vhost), &params)?))
 }
 
 /// The queue `name` in `vhost` for the API (exclusive queues included).

@@ -1,0 +1,625 @@
+// warren management UI: a small hash-routed single-page app over the /api routes.
+// No dependencies; credentials live in sessionStorage and go out as HTTP basic auth.
+'use strict';
+(function () {
+  const $ = (sel, root) => (root || document).querySelector(sel);
+  const $$ = (sel, root) => Array.from((root || document).querySelectorAll(sel));
+  const esc = (v) => String(v == null ? '' : v).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
+  const enc = encodeURIComponent;
+  const num = (n) => (n == null ? '' : Number(n).toLocaleString('en-US'));
+  const rate = (o) => (o && o.rate != null ? (Math.round(o.rate * 10) / 10).toFixed(1) + '/s' : '0.0/s');
+  const bytes = (b) => { if (!b) return '0 B'; const u = ['B', 'KiB', 'MiB', 'GiB']; let i = 0; while (b >= 1024 && i < 3) { b /= 1024; i++; } return b.toFixed(i ? 1 : 0) + ' ' + u[i]; };
+  const json = (v) => esc(JSON.stringify(v));
+
+  const AUTH_KEY = 'warren.auth';
+  let me = null; // {name, tags}
+  let timers = [];
+  const history = []; // {t, publish, deliver, ack}
+  const HISTORY_MAX = 200; // 10 minutes at one sample every 3 s
+  let overviewTimer = null;
+
+  // ---- API ---------------------------------------------------------------
+  class ApiError extends Error {
+    constructor(status, message) { super(message); this.status = status; }
+  }
+  function describe(status, body) {
+    const reason = body && (body.reason || body.error) ? (body.reason || body.error) : '';
+    if (status === 401) return 'Not logged in or wrong username/password (401' + (reason ? ': ' + reason : '') + ').';
+    if (status === 403) return 'Not allowed: your user\'s tags or permissions do not permit this (403' + (reason ? ': ' + reason : '') + ').';
+    if (status === 404) return 'Not found (404' + (reason ? ': ' + reason : '') + ').';
+    if (status === 503) return 'Service unavailable (503' + (reason ? ': ' + reason : '') + ').';
+    return 'Request failed with HTTP ' + status + (reason ? ': ' + reason : '') + '.';
+  }
+  async function api(method, path, body, authOverride) {
+    const headers = { Accept: 'application/json', 'X-Requested-With': 'XMLHttpRequest' };
+    const auth = authOverride || sessionStorage.getItem(AUTH_KEY);
+    if (auth) headers.Authorization = 'Basic ' + auth;
+    if (body !== undefined) headers['Content-Type'] = 'application/json';
+    let res;
+    try {
+      res = await fetch('/api' + path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    } catch (e) {
+      throw new ApiError(0, 'Cannot reach the broker: ' + e.message);
+    }
+    const text = await res.text();
+    let data = null;
+    if (text) { try { data = JSON.parse(text); } catch (e) { data = { reason: text.slice(0, 200) }; } }
+    if (!res.ok) {
+      if (res.status === 401 && !authOverride) { logout('Your session is no longer valid: ' + describe(401, data)); }
+      throw new ApiError(res.status, describe(res.status, data));
+    }
+    return data;
+  }
+  const isAdmin = () => me && me.tags.includes('administrator');
+  const isMonitor = () => me && (isAdmin() || me.tags.includes('monitoring'));
+
+  // ---- flash messages ------------------------------------------------------
+  function flash(msg, kind) {
+    const f = $('#flash');
+    f.className = kind || 'error';
+    f.textContent = msg;
+  }
+  const clearFlash = () => { $('#flash').textContent = ''; };
+  const fail = (e) => flash(e && e.message ? e.message : String(e), 'error');
+  const info = (m) => flash(m, 'info');
+
+  // ---- login -------------------------------------------------------------
+  function showLogin() {
+    stopTimers();
+    if (overviewTimer) { clearInterval(overviewTimer); overviewTimer = null; }
+    me = null;
+    $('#login').hidden = false; $('#page').innerHTML = ''; $('#nav').hidden = true; $('#logout').hidden = true; $('#who').textContent = '';
+    const u = $('#login-form [name=username]'); if (u) u.focus();
+  }
+  function logout(msg) {
+    sessionStorage.removeItem(AUTH_KEY);
+    showLogin();
+    if (msg) flash(msg); else clearFlash();
+  }
+  $('#login-form').addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const f = ev.target;
+    const token = btoa(unescape(encodeURIComponent(f.username.value + ':' + f.password.value)));
+    try {
+      me = await api('GET', '/whoami', undefined, token);
+      sessionStorage.setItem(AUTH_KEY, token);
+      f.password.value = '';
+      clearFlash();
+      loggedIn();
+    } catch (e) { flash('Login failed: ' + e.message); }
+  });
+  $('#logout').addEventListener('click', () => logout());
+
+  function loggedIn() {
+    $('#login').hidden = true; $('#nav').hidden = false; $('#logout').hidden = false;
+    $('#who').textContent = 'User: ' + me.name + (me.tags.length ? ' (' + me.tags.join(', ') + ')' : '');
+    $$('#nav [data-admin]').forEach((a) => { a.hidden = !isAdmin(); });
+    if (!overviewTimer) { sampleOverview(); overviewTimer = setInterval(sampleOverview, 3000); }
+    route();
+  }
+
+  // ---- overview sampling (client-side history for the charts) --------------
+  let lastOverview = null;
+  async function sampleOverview() {
+    try {
+      const o = await api('GET', '/overview');
+      lastOverview = o;
+      const ms = o.message_stats || {};
+      history.push({ t: Date.now(), publish: (ms.publish_details || {}).rate || 0, deliver: (ms.deliver_get_details || {}).rate || 0, ack: (ms.ack_details || {}).rate || 0 });
+      while (history.length > HISTORY_MAX) history.shift();
+      if (currentPage === 'overview') renderOverview();
+    } catch (e) { if (currentPage === 'overview') fail(e); }
+  }
+
+  // ---- routing -----------------------------------------------------------
+  let currentPage = null;
+  function stopTimers() { timers.forEach(clearInterval); timers = []; }
+  function every(ms, fn) { timers.push(setInterval(fn, ms)); }
+  function setPage(html) { $('#page').innerHTML = html; }
+
+  const routes = [
+    [/^\/?$/, 'overview', pageOverview],
+    [/^\/queues$/, 'queues', pageQueues],
+    [/^\/queues\/([^/]+)\/([^/]+)$/, 'queue', pageQueue],
+    [/^\/exchanges$/, 'exchanges', pageExchanges],
+    [/^\/exchanges\/([^/]+)\/([^/]*)$/, 'exchange', pageExchange],
+    [/^\/connections$/, 'connections', pageConnections],
+    [/^\/channels$/, 'channels', pageChannels],
+    [/^\/users$/, 'users', pageUsers],
+    [/^\/vhosts$/, 'vhosts', pageVhosts],
+    [/^\/policies$/, 'policies', pagePolicies],
+    [/^\/definitions$/, 'definitions', pageDefinitions],
+  ];
+  function route() {
+    if (!me) return;
+    stopTimers();
+    clearFlash();
+    let path = location.hash.replace(/^#/, '') || '/';
+    try { path = decodeURI(path); } catch (e) { /* shown as typed */ }
+    const raw = location.hash.replace(/^#/, '') || '/';
+    for (const [re, name, fn] of routes) {
+      const m = raw.match(re);
+      if (m) {
+        currentPage = name;
+        const nav = '#/' + (name === 'queue' ? 'queues' : name === 'exchange' ? 'exchanges' : name === 'overview' ? '' : name);
+        $$('#nav a').forEach((a) => { if (a.getAttribute('href') === nav) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current'); });
+        let args;
+        try { args = m.slice(1).map(decodeURIComponent); } catch (e) { setPage('<h1>Not found</h1>'); fail(new Error('Malformed address: ' + raw)); return; }
+        Promise.resolve().then(() => fn(...args)).catch(fail);
+        $('#main').focus({ preventScroll: true });
+        return;
+      }
+    }
+    currentPage = null;
+    setPage('<h1>Not found</h1><p>No page at ' + esc(path) + '.</p>');
+  }
+  window.addEventListener('hashchange', route);
+
+  // ---- small render helpers ---------------------------------------------------
+  function table(cols, rows, opts) {
+    opts = opts || {};
+    const head = cols.map((c) => {
+      const cls = c.n ? ' class="n"' : '';
+      if (opts.sort && c.sort) {
+        const active = opts.sort.field === c.sort;
+        const dir = active ? (opts.sort.reverse ? 'descending' : 'ascending') : 'none';
+        return '<th' + cls + ' aria-sort="' + dir + '"><button class="sort" data-sort="' + esc(c.sort) + '">' + esc(c.label) + (active ? (opts.sort.reverse ? ' ▼' : ' ▲') : '') + '</button></th>';
+      }
+      return '<th' + cls + ' scope="col">' + esc(c.label) + '</th>';
+    }).join('');
+    const body = rows.length ? rows.map((r) => '<tr>' + cols.map((c) => '<td' + (c.n ? ' class="n"' : '') + '>' + c.cell(r) + '</td>').join('') + '</tr>').join('')
+      : '<tr><td colspan="' + cols.length + '" class="muted">' + esc(opts.empty || 'Nothing here.') + '</td></tr>';
+    return '<table' + (opts.id ? ' id="' + opts.id + '"' : '') + (opts.label ? ' aria-label="' + esc(opts.label) + '"' : '') + '><thead><tr>' + head + '</tr></thead><tbody>' + body + '</tbody></table>';
+  }
+  const qlink = (vh, n) => '<a href="#/queues/' + enc(vh) + '/' + enc(n) + '">' + esc(n) + '</a>';
+  const xlink = (vh, n) => '<a href="#/exchanges/' + enc(vh) + '/' + enc(n || 'amq.default') + '">' + esc(n || '(AMQP default)') + '</a>';
+  async function vhostOptions(selected) {
+    let vhosts = [];
+    try { vhosts = await api('GET', '/vhosts'); } catch (e) { vhosts = [{ name: '/' }]; }
+    return vhosts.map((v) => '<option' + (v.name === selected ? ' selected' : '') + '>' + esc(v.name) + '</option>').join('');
+  }
+  function formData(form) {
+    const o = {};
+    new FormData(form).forEach((v, k) => { o[k] = v; });
+    $$('input[type=checkbox]', form).forEach((c) => { o[c.name] = c.checked; });
+    return o;
+  }
+  function parseJsonField(text, what) {
+    if (!text || !text.trim()) return {};
+    try { const v = JSON.parse(text); if (v && typeof v === 'object' && !Array.isArray(v)) return v; } catch (e) { /* fallthrough */ }
+    throw new Error(what + ' must be a JSON object, e.g. {"x-message-ttl": 60000}.');
+  }
+  function onSubmit(sel, fn) {
+    const f = $(sel);
+    if (f) f.addEventListener('submit', async (ev) => { ev.preventDefault(); try { await fn(formData(f), f); } catch (e) { fail(e); } });
+  }
+  function onClick(sel, fn) {
+    $$(sel).forEach((b) => b.addEventListener('click', async (ev) => { try { await fn(b, ev); } catch (e) { fail(e); } }));
+  }
+
+  // ---- overview ----------------------------------------------------------
+  async function pageOverview() {
+    setPage('<h1>Overview</h1><div id="ov-tiles" class="tiles" aria-live="polite"></div>' +
+      '<h2>Message rates</h2><div class="legend"><span><i style="background:#0b5cad"></i>Published</span><span><i style="background:#1b7a34"></i>Delivered / got</span><span><i style="background:#c46a00"></i>Acknowledged</span></div>' +
+      '<svg id="ov-chart" class="chart" role="img" aria-label="Message rates over the last minutes"></svg>' +
+      '<h2>Node</h2><div id="ov-node" class="muted">Loading…</div>');
+    renderOverview();
+    await refreshNode();
+    every(5000, refreshNode);
+  }
+  let nodeInfo = null, alarmInfo = null, nodeError = null;
+  async function refreshNode() {
+    nodeError = null;
+    try { nodeInfo = isMonitor() ? (await api('GET', '/nodes'))[0] : null; } catch (e) { nodeError = e.message; }
+    try { alarmInfo = await api('GET', '/health/checks/alarms'); } catch (e) { alarmInfo = e.status === 503 ? { status: 'failed', reason: e.message } : { status: 'unknown', reason: e.message }; }
+    renderOverview();
+  }
+  function renderOverview() {
+    const tiles = $('#ov-tiles');
+    if (!tiles) return;
+    const o = lastOverview || {};
+    const ot = o.object_totals || {}, qt = o.queue_totals || {};
+    const alarmOn = alarmInfo && alarmInfo.status !== 'ok' || (nodeInfo && (nodeInfo.mem_alarm || nodeInfo.disk_free_alarm));
+    const tile = (label, v, cls) => '<div class="tile ' + (cls || '') + '"><b>' + esc(v) + '</b><span>' + esc(label) + '</span></div>';
+    tiles.innerHTML = tile('Queues', num(ot.queues)) + tile('Connections', num(ot.connections)) + tile('Channels', num(ot.channels)) +
+      tile('Consumers', num(ot.consumers)) + tile('Exchanges', num(ot.exchanges)) + tile('Messages ready', num(qt.messages_ready)) +
+      tile('Unacknowledged', num(qt.messages_unacknowledged)) +
+      tile('Memory', nodeInfo ? bytes(nodeInfo.mem_used) : (isMonitor() ? '…' : 'n/a')) +
+      tile('Alarms', alarmInfo ? (alarmOn ? 'ALARM' : 'none') : '…', alarmOn ? 'bad' : 'good');
+    const node = $('#ov-node');
+    if (node) {
+      if (nodeError) node.innerHTML = '<span role="status">Node details unavailable: ' + esc(nodeError) + '</span>';
+      else if (!nodeInfo) node.textContent = 'Node details need the monitoring or administrator tag.';
+      else node.innerHTML = '<dl class="kv"><dt>Name</dt><dd>' + esc(nodeInfo.name) + '</dd><dt>Version</dt><dd>' + esc(o.product_name) + ' ' + esc(o.product_version) +
+        '</dd><dt>Uptime</dt><dd>' + esc(Math.round(nodeInfo.uptime / 1000)) + ' s</dd><dt>Memory high watermark</dt><dd>' + (nodeInfo.mem_limit ? esc(bytes(nodeInfo.mem_limit)) : 'none') + '</dd><dt>Memory alarm</dt><dd>' + (nodeInfo.mem_alarm ? 'ON — publishers are blocked' : 'off') +
+        '</dd><dt>Alarm check</dt><dd>' + esc(alarmInfo ? (alarmInfo.status === 'ok' ? 'ok' : alarmInfo.reason || alarmInfo.status) : '') + '</dd><dt>File descriptors</dt><dd>' + esc(nodeInfo.fd_used) + '</dd></dl>';
+    }
+    drawChart($('#ov-chart'), history);
+  }
+  function drawChart(svg, data) {
+    if (!svg) return;
+    const W = svg.clientWidth || 800, H = svg.clientHeight || 220, L = 48, R = 10, T = 10, B = 24;
+    const series = [['publish', '#0b5cad'], ['deliver', '#1b7a34'], ['ack', '#c46a00']];
+    // The time axis covers the history kept so far: one minute at first, growing to ten.
+    const now = Date.now(), span = Math.min(600000, Math.max(60000, data.length ? now - data[0].t : 0));
+    let max = 1;
+    data.forEach((d) => series.forEach(([k]) => { if (d[k] > max) max = d[k]; }));
+    const mag = Math.pow(10, Math.floor(Math.log10(max)));
+    max = Math.ceil(max / mag) * mag;
+    const x = (t) => L + (W - L - R) * (1 - (now - t) / span);
+    const y = (v) => T + (H - T - B) * (1 - v / max);
+    let s = '';
+    for (let i = 0; i <= 4; i++) {
+      const v = (max * i) / 4, yy = y(v).toFixed(1);
+      s += '<line x1="' + L + '" x2="' + (W - R) + '" y1="' + yy + '" y2="' + yy + '" stroke="#e3e7eb"/><text x="' + (L - 6) + '" y="' + yy + '" dy="4" text-anchor="end" font-size="11" fill="#5b6570">' + esc(Math.round(v * 10) / 10) + '/s</text>';
+    }
+    for (let i = 0; i <= 5; i++) {
+      const ago = (span * i) / 5, xx = x(now - ago).toFixed(1);
+      const label = !i ? 'now' : ago < 120000 ? '-' + Math.round(ago / 1000) + ' s' : '-' + Math.round(ago / 6000) / 10 + ' min';
+      s += '<text x="' + xx + '" y="' + (H - 6) + '" text-anchor="' + (i === 5 ? 'start' : i ? 'middle' : 'end') + '" font-size="11" fill="#5b6570">' + label + '</text>';
+    }
+    // Widest first, so lines that coincide stay visible.
+    series.forEach(([k, color], i) => {
+      const pts = data.filter((d) => now - d.t <= span).map((d) => x(d.t).toFixed(1) + ',' + y(d[k]).toFixed(1)).join(' ');
+      if (pts) s += '<polyline fill="none" stroke="' + color + '" stroke-width="' + (4 - i * 1.25) + '" stroke-linejoin="round" points="' + pts + '"/>';
+    });
+    const last = data[data.length - 1];
+    s += '<title>' + (last ? 'Now: published ' + last.publish + '/s, delivered ' + last.deliver + '/s, acked ' + last.ack + '/s' : 'No samples yet') + '</title>';
+    svg.setAttribute('viewBox', '0 0 ' + W + ' ' + H);
+    svg.innerHTML = s;
+  }
+
+  // ---- queues ------------------------------------------------------------
+  const qstate = { page: 1, page_size: 100, name: '', use_regex: false, sort: 'name', reverse: false };
+  async function pageQueues() {
+    setPage('<h1>Queues</h1>' +
+      '<div class="toolbar"><label>Filter <input id="q-filter" type="search" value="' + esc(qstate.name) + '" placeholder="name"></label>' +
+      '<label><input id="q-regex" type="checkbox"' + (qstate.use_regex ? ' checked' : '') + '> Regex</label>' +
+      '<label>Per page <select id="q-size">' + [20, 100, 500].map((n) => '<option' + (n === qstate.page_size ? ' selected' : '') + '>' + n + '</option>').join('') + '</select></label>' +
+      '<span id="q-count" class="muted" aria-live="polite"></span></div>' +
+      '<div id="q-table"></div><div class="toolbar" id="q-pager"></div>' +
+      '<h2>Add a queue</h2><form id="q-add" class="box"><label>Virtual host <select name="vhost">' + (await vhostOptions('/')) + '</select></label>' +
+      '<label>Name <input name="name" required></label><label>Durable <select name="durable"><option value="true">yes</option><option value="false">no</option></select></label>' +
+      '<label>Auto delete <select name="auto_delete"><option value="false">no</option><option value="true">yes</option></select></label>' +
+      '<label>Arguments (JSON) <textarea name="arguments" placeholder=\'{"x-message-ttl": 60000}\'></textarea></label><button class="primary">Add queue</button></form>');
+    let debounce = null;
+    $('#q-filter').addEventListener('input', (ev) => { clearTimeout(debounce); debounce = setTimeout(() => { qstate.name = ev.target.value; qstate.page = 1; loadQueues(); }, 250); });
+    $('#q-regex').addEventListener('change', (ev) => { qstate.use_regex = ev.target.checked; qstate.page = 1; loadQueues(); });
+    $('#q-size').addEventListener('change', (ev) => { qstate.page_size = Number(ev.target.value); qstate.page = 1; loadQueues(); });
+    onSubmit('#q-add', async (d) => {
+      await api('PUT', '/queues/' + enc(d.vhost) + '/' + enc(d.name), { durable: d.durable === 'true', auto_delete: d.auto_delete === 'true', arguments: parseJsonField(d.arguments, 'Arguments') });
+      info('Queue "' + d.name + '" declared.');
+      loadQueues();
+    });
+    await loadQueues();
+    every(5000, loadQueues);
+  }
+  let queuesLoading = false;
+  async function loadQueues() {
+    if (queuesLoading) return;
+    queuesLoading = true;
+    try {
+      const qs = '?page=' + qstate.page + '&page_size=' + qstate.page_size + '&name=' + enc(qstate.name) + '&use_regex=' + qstate.use_regex +
+        '&sort=' + enc(qstate.sort) + '&sort_reverse=' + qstate.reverse;
+      let r;
+      try { r = await api('GET', '/queues' + qs); } catch (e) {
+        if (e.status === 400 && qstate.page > 1) { qstate.page = 1; queuesLoading = false; return loadQueues(); }
+        throw e;
+      }
+      if (!$('#q-table')) return;
+      const cols = [
+        { label: 'Virtual host', sort: 'vhost', cell: (q) => esc(q.vhost) },
+        { label: 'Name', sort: 'name', cell: (q) => qlink(q.vhost, q.name) },
+        { label: 'Features', cell: (q) => esc([q.durable ? 'D' : '', q.auto_delete ? 'AD' : '', q.exclusive ? 'Excl' : '', Object.keys(q.arguments || {}).length ? 'Args' : ''].filter(Boolean).join(' ')) + (q.policy ? ' <span class="muted">' + esc(q.policy) + '</span>' : '') },
+        { label: 'Ready', sort: 'messages_ready', n: 1, cell: (q) => num(q.messages_ready) },
+        { label: 'Unacked', sort: 'messages_unacknowledged', n: 1, cell: (q) => num(q.messages_unacknowledged) },
+        { label: 'Total', sort: 'messages', n: 1, cell: (q) => num(q.messages) },
+        { label: 'Incoming', sort: 'message_stats.publish_details.rate', n: 1, cell: (q) => rate((q.message_stats || {}).publish_details) },
+        { label: 'Deliver / get', sort: 'message_stats.deliver_get_details.rate', n: 1, cell: (q) => rate((q.message_stats || {}).deliver_get_details) },
+        { label: 'Ack', sort: 'message_stats.ack_details.rate', n: 1, cell: (q) => rate((q.message_stats || {}).ack_details) },
+        { label: 'Consumers', sort: 'consumers', n: 1, cell: (q) => num(q.consumers) },
+      ];
+      $('#q-table').innerHTML = table(cols, r.items, { sort: { field: qstate.sort, reverse: qstate.reverse }, id: 'queues-table', label: 'Queues', empty: r.total_count ? 'No queue matches the filter.' : 'No queues yet.' });
+      $('#q-count').textContent = num(r.filtered_count) + ' of ' + num(r.total_count) + ' queues' + (r.page_count > 1 ? ', page ' + r.page + ' of ' + r.page_count : '');
+      $$('#q-table button.sort').forEach((b) => b.addEventListener('click', () => {
+        const f = b.dataset.sort;
+        if (qstate.sort === f) qstate.reverse = !qstate.reverse; else { qstate.sort = f; qstate.reverse = f !== 'name' && f !== 'vhost'; }
+        loadQueues();
+      }));
+      const pager = $('#q-pager');
+      pager.innerHTML = r.page_count > 1 ? '<button id="q-prev"' + (r.page <= 1 ? ' disabled' : '') + '>← Previous</button><span>Page ' + r.page + ' / ' + r.page_count + '</span><button id="q-next"' + (r.page >= r.page_count ? ' disabled' : '') + '>Next →</button>' : '';
+      onClick('#q-prev', () => { qstate.page--; loadQueues(); });
+      onClick('#q-next', () => { qstate.page++; loadQueues(); });
+    } catch (e) { fail(e); } finally { queuesLoading = false; }
+  }
+
+  // ---- queue detail --------------------------------------------------------
+  async function pageQueue(vhost, name) {
+    const base = '/queues/' + enc(vhost) + '/' + enc(name);
+    const [q, bindings, consumers, exchanges] = await Promise.all([
+      api('GET', base), api('GET', base + '/bindings'),
+      api('GET', '/consumers/' + enc(vhost)).catch(() => []),
+      api('GET', '/exchanges/' + enc(vhost)).catch(() => []),
+    ]);
+    const mine = consumers.filter((c) => c.queue && c.queue.name === name);
+    const xopts = exchanges.filter((x) => x.name !== '').map((x) => '<option>' + esc(x.name) + '</option>').join('');
+    setPage('<h1>Queue <q>' + esc(name) + '</q> <span class="muted">in virtual host ' + esc(vhost) + '</span></h1>' +
+      '<div id="qd-tiles" class="tiles"></div>' +
+      '<dl class="kv"><dt>Durable</dt><dd>' + (q.durable ? 'yes' : 'no') + '</dd><dt>Auto delete</dt><dd>' + (q.auto_delete ? 'yes' : 'no') + '</dd><dt>Exclusive</dt><dd>' + (q.exclusive ? 'yes' : 'no') +
+      '</dd><dt>Policy</dt><dd>' + esc(q.policy || 'none') + '</dd><dt>Effective policy</dt><dd><code>' + json(q.effective_policy_definition || {}) + '</code></dd><dt>Arguments</dt><dd><code>' + json(q.arguments || {}) + '</code></dd></dl>' +
+      '<h2>Consumers</h2>' + table([
+        { label: 'Channel', cell: (c) => esc(c.channel_details && c.channel_details.name) },
+        { label: 'Consumer tag', cell: (c) => esc(c.consumer_tag) },
+        { label: 'Ack required', cell: (c) => (c.ack_required ? 'yes' : 'no') },
+        { label: 'Exclusive', cell: (c) => (c.exclusive ? 'yes' : 'no') },
+        { label: 'Prefetch', n: 1, cell: (c) => num(c.prefetch_count) },
+      ], mine, { empty: 'No consumers.', label: 'Consumers' }) +
+      '<h2>Bindings</h2>' + table([
+        { label: 'From exchange', cell: (b) => xlink(vhost, b.source) },
+        { label: 'Routing key', cell: (b) => esc(b.routing_key) },
+        { label: 'Arguments', cell: (b) => '<code>' + json(b.arguments || {}) + '</code>' },
+        { label: '', cell: (b) => (b.source ? '<button class="danger unbind" data-src="' + esc(b.source) + '" data-props="' + esc(b.properties_key) + '">Unbind</button>' : '') },
+      ], bindings, { label: 'Bindings' }) +
+      '<form id="qd-bind" class="box"><label>From exchange <select name="source">' + xopts + '</select></label><label>Routing key <input name="routing_key"></label><button>Bind</button></form>' +
+      '<h2>Publish message</h2><form id="qd-pub" class="box"><p class="muted">Published to the default exchange with routing key <q>' + esc(name) + '</q>.</p>' +
+      '<label>Delivery mode <select name="delivery_mode"><option value="1">1 – non-persistent</option><option value="2">2 – persistent</option></select></label>' +
+      '<label>Headers (JSON) <textarea name="headers" placeholder=\'{"x-source": "ui"}\'></textarea></label><label>Payload <textarea name="payload" required></textarea></label><button class="primary">Publish message</button></form>' +
+      '<h2>Get messages</h2><form id="qd-get" class="box"><label>Ack mode <select name="ackmode"><option value="ack_requeue_true">Nack message requeue true</option><option value="ack_requeue_false">Automatic ack</option><option value="reject_requeue_true">Reject requeue true</option><option value="reject_requeue_false">Reject requeue false</option></select></label>' +
+      '<label>Encoding <select name="encoding"><option value="auto">Auto string / base64</option><option value="base64">base64</option></select></label><label>Messages <input name="count" type="number" min="1" value="1"></label><button class="primary">Get messages</button></form><div id="qd-msgs" aria-live="polite"></div>' +
+      '<h2>Move messages (dead-letter triage)</h2><form id="qd-move" class="box"><p class="muted">Takes messages off this queue (acknowledged) and republishes each to the chosen exchange with its original routing key and properties.</p>' +
+      '<label>To exchange <select name="exchange"><option value="amq.default">(AMQP default)</option>' + xopts + '</select></label><label>Routing key (blank: keep original) <input name="routing_key"></label><label>Messages <input name="count" type="number" min="1" value="10"></label><button>Move messages</button></form>' +
+      '<h2>Purge / delete</h2><div class="box"><button id="qd-purge" class="danger">Purge messages</button> <button id="qd-delete" class="danger">Delete queue</button></div>');
+    const renderTiles = (q) => {
+      const t = $('#qd-tiles'); if (!t) return;
+      const ms = q.message_stats || {};
+      t.innerHTML = [['Ready', num(q.messages_ready)], ['Unacked', num(q.messages_unacknowledged)], ['Total', num(q.messages)], ['Consumers', num(q.consumers)],
+        ['Incoming', rate(ms.publish_details)], ['Deliver / get', rate(ms.deliver_get_details)], ['Ack', rate(ms.ack_details)]]
+        .map(([l, v]) => '<div class="tile"><b>' + esc(v) + '</b><span>' + esc(l) + '</span></div>').join('');
+    };
+    renderTiles(q);
+    const refresh = async () => { try { renderTiles(await api('GET', base)); } catch (e) { fail(e); } };
+    every(5000, refresh);
+    onSubmit('#qd-bind', async (d) => {
+      await api('POST', '/bindings/' + enc(vhost) + '/e/' + enc(d.source) + '/q/' + enc(name), { routing_key: d.routing_key, arguments: {} });
+      route(); info('Bound to exchange "' + d.source + '".');
+    });
+    onClick('.unbind', async (b) => {
+      await api('DELETE', '/bindings/' + enc(vhost) + '/e/' + enc(b.dataset.src) + '/q/' + enc(name) + '/' + enc(b.dataset.props));
+      route(); info('Binding removed.');
+    });
+    onSubmit('#qd-pub', async (d) => {
+      const props = { delivery_mode: Number(d.delivery_mode) };
+      const headers = parseJsonField(d.headers, 'Headers');
+      if (Object.keys(headers).length) props.headers = headers;
+      const r = await api('POST', '/exchanges/' + enc(vhost) + '/amq.default/publish', { routing_key: name, payload: d.payload, payload_encoding: 'string', properties: props });
+      if (r.routed) info('Message published.'); else flash('Message published but not routed to any queue.');
+      refresh();
+    });
+    onSubmit('#qd-get', async (d) => {
+      const msgs = await api('POST', base + '/get', { count: Number(d.count) || 1, ackmode: d.ackmode, encoding: d.encoding, truncate: 50000 });
+      const out = $('#qd-msgs');
+      out.innerHTML = msgs.length ? msgs.map((m, i) => '<div class="box message"><h3>Message ' + (i + 1) + '</h3><dl class="kv"><dt>Exchange</dt><dd>' + esc(m.exchange || '(AMQP default)') + '</dd><dt>Routing key</dt><dd>' + esc(m.routing_key) +
+        '</dd><dt>Redelivered</dt><dd>' + (m.redelivered ? 'yes' : 'no') + '</dd><dt>Remaining in queue</dt><dd>' + esc(m.message_count) + '</dd><dt>Properties</dt><dd><code>' + json(m.properties) + '</code></dd><dt>Payload</dt><dd><span class="muted">' + esc(m.payload_bytes) + ' bytes, encoding ' + esc(m.payload_encoding) +
+        '</span><pre class="payload">' + esc(m.payload) + '</pre></dd></dl></div>').join('') : '<p>Queue is empty.</p>';
+      info('Got ' + msgs.length + ' message' + (msgs.length === 1 ? '' : 's') + '.');
+      refresh();
+    });
+    onSubmit('#qd-move', async (d) => {
+      const want = Math.max(1, Number(d.count) || 1);
+      if (!confirm('Move up to ' + want + ' messages from "' + name + '" to exchange "' + d.exchange + '"? They are removed from this queue.')) return;
+      const msgs = await api('POST', base + '/get', { count: want, ackmode: 'ack_requeue_false', encoding: 'base64' });
+      let routed = 0, unrouted = 0; const errors = [];
+      for (const m of msgs) {
+        try {
+          const r = await api('POST', '/exchanges/' + enc(vhost) + '/' + enc(d.exchange) + '/publish', { routing_key: d.routing_key || m.routing_key, payload: m.payload, payload_encoding: 'base64', properties: m.properties || {} });
+          if (r.routed) routed++; else unrouted++;
+        } catch (e) { errors.push(e.message); }
+      }
+      const msg = 'Took ' + msgs.length + ' message' + (msgs.length === 1 ? '' : 's') + ' from the queue: ' + routed + ' republished and routed, ' + unrouted + ' published but unroutable (dropped), ' + errors.length + ' failed' + (errors.length ? ' (' + errors[0] + ')' : '') + '.';
+      if (errors.length || unrouted) flash(msg); else info(msg);
+      refresh();
+    });
+    onClick('#qd-purge', async () => {
+      if (!confirm('Purge all ready messages from "' + name + '"?')) return;
+      await api('DELETE', base + '/contents'); info('Queue purged.'); refresh();
+    });
+    onClick('#qd-delete', async () => {
+      if (!confirm('Delete queue "' + name + '"?')) return;
+      await api('DELETE', base); location.hash = '#/queues'; info('Queue "' + name + '" deleted.');
+    });
+  }
+
+  // ---- exchanges -----------------------------------------------------------
+  async function pageExchanges() {
+    const xs = await api('GET', '/exchanges');
+    setPage('<h1>Exchanges</h1><div class="toolbar"><label>Filter <input id="x-filter" type="search"></label></div><div id="x-table"></div>' +
+      '<h2>Add an exchange</h2><form id="x-add" class="box"><label>Virtual host <select name="vhost">' + (await vhostOptions('/')) + '</select></label><label>Name <input name="name" required></label>' +
+      '<label>Type <select name="type"><option>direct</option><option>fanout</option><option>topic</option><option>headers</option></select></label>' +
+      '<label>Durable <select name="durable"><option value="true">yes</option><option value="false">no</option></select></label><label>Internal <select name="internal"><option value="false">no</option><option value="true">yes</option></select></label><button class="primary">Add exchange</button></form>');
+    const render = (f) => {
+      const rows = xs.filter((x) => !f || (x.name || 'amq.default').toLowerCase().includes(f.toLowerCase()));
+      $('#x-table').innerHTML = table([
+        { label: 'Virtual host', cell: (x) => esc(x.vhost) }, { label: 'Name', cell: (x) => xlink(x.vhost, x.name) }, { label: 'Type', cell: (x) => esc(x.type) },
+        { label: 'Features', cell: (x) => esc([x.durable ? 'D' : '', x.auto_delete ? 'AD' : '', x.internal ? 'I' : ''].filter(Boolean).join(' ')) },
+      ], rows, { label: 'Exchanges', id: 'exchanges-table' });
+    };
+    render('');
+    $('#x-filter').addEventListener('input', (e) => render(e.target.value));
+    onSubmit('#x-add', async (d) => {
+      await api('PUT', '/exchanges/' + enc(d.vhost) + '/' + enc(d.name), { type: d.type, durable: d.durable === 'true', internal: d.internal === 'true', auto_delete: false, arguments: {} });
+      route(); info('Exchange "' + d.name + '" declared.');
+    });
+  }
+  async function pageExchange(vhost, name) {
+    const base = '/exchanges/' + enc(vhost) + '/' + enc(name);
+    const isDefault = name === 'amq.default' || name === '';
+    const [x, bindings] = await Promise.all([api('GET', base), isDefault ? Promise.resolve([]) : api('GET', base + '/bindings/source')]);
+    setPage('<h1>Exchange <q>' + esc(x.name || '(AMQP default)') + '</q> <span class="muted">in virtual host ' + esc(vhost) + '</span></h1>' +
+      '<dl class="kv"><dt>Type</dt><dd>' + esc(x.type) + '</dd><dt>Durable</dt><dd>' + (x.durable ? 'yes' : 'no') + '</dd><dt>Internal</dt><dd>' + (x.internal ? 'yes' : 'no') + '</dd><dt>Arguments</dt><dd><code>' + json(x.arguments || {}) + '</code></dd></dl>' +
+      '<h2>Bindings from this exchange</h2>' + (isDefault ? '<p class="muted">The default exchange routes to every queue by name.</p>' : table([
+        { label: 'To', cell: (b) => (b.destination_type === 'queue' ? 'queue ' + qlink(vhost, b.destination) : 'exchange ' + xlink(vhost, b.destination)) },
+        { label: 'Routing key', cell: (b) => esc(b.routing_key) }, { label: 'Arguments', cell: (b) => '<code>' + json(b.arguments || {}) + '</code>' },
+      ], bindings, { label: 'Bindings', empty: 'No bindings.' })) +
+      '<h2>Publish message</h2><form id="xd-pub" class="box"><label>Routing key <input name="routing_key"></label><label>Delivery mode <select name="delivery_mode"><option value="1">1 – non-persistent</option><option value="2">2 – persistent</option></select></label>' +
+      '<label>Headers (JSON) <textarea name="headers"></textarea></label><label>Payload <textarea name="payload"></textarea></label><button class="primary">Publish message</button></form>' +
+      (isDefault || x.name.startsWith('amq.') ? '' : '<h2>Delete</h2><div class="box"><button id="xd-delete" class="danger">Delete exchange</button></div>'));
+    onSubmit('#xd-pub', async (d) => {
+      const props = { delivery_mode: Number(d.delivery_mode) };
+      const headers = parseJsonField(d.headers, 'Headers');
+      if (Object.keys(headers).length) props.headers = headers;
+      const r = await api('POST', '/exchanges/' + enc(vhost) + '/' + enc(isDefault ? 'amq.default' : name) + '/publish', { routing_key: d.routing_key, payload: d.payload, payload_encoding: 'string', properties: props });
+      if (r.routed) info('Message published and routed.'); else flash('Message published but not routed to any queue.');
+    });
+    onClick('#xd-delete', async () => {
+      if (!confirm('Delete exchange "' + name + '"?')) return;
+      await api('DELETE', base); location.hash = '#/exchanges'; info('Exchange deleted.');
+    });
+  }
+
+  // ---- connections / channels -------------------------------------------------
+  async function pageConnections() {
+    setPage('<h1>Connections</h1><div id="c-table">Loading…</div>');
+    const load = async () => {
+      const cs = await api('GET', '/connections');
+      if (!$('#c-table')) return;
+      $('#c-table').innerHTML = table([
+        { label: 'Name', cell: (c) => esc(c.name) }, { label: 'Virtual host', cell: (c) => esc(c.vhost) }, { label: 'User', cell: (c) => esc(c.user) },
+        { label: 'Client', cell: (c) => esc(((c.client_properties || {}).product || '') + ' ' + ((c.client_properties || {}).version || '')) },
+        { label: 'Channels', n: 1, cell: (c) => num(c.channels) }, { label: 'Heartbeat', n: 1, cell: (c) => esc(c.timeout) + ' s' },
+        { label: '', cell: (c) => '<button class="danger close-conn" data-name="' + esc(c.name) + '">Close</button>' },
+      ], cs, { label: 'Connections', empty: 'No connections.' });
+      onClick('.close-conn', async (b) => {
+        if (!confirm('Force-close connection ' + b.dataset.name + '?')) return;
+        const res = await fetch('/api/connections/' + enc(b.dataset.name), { method: 'DELETE', headers: { Authorization: 'Basic ' + sessionStorage.getItem(AUTH_KEY), 'X-Requested-With': 'XMLHttpRequest', 'X-Reason': 'Closed via warren management UI' } });
+        if (!res.ok) { let body = null; try { body = await res.json(); } catch (e) { /* none */ } throw new ApiError(res.status, describe(res.status, body)); }
+        info('Connection ' + b.dataset.name + ' closed.'); load();
+      });
+    };
+    await load();
+    every(5000, () => load().catch(fail));
+  }
+  async function pageChannels() {
+    setPage('<h1>Channels</h1><div id="ch-table">Loading…</div>');
+    const load = async () => {
+      const cs = await api('GET', '/channels');
+      if (!$('#ch-table')) return;
+      $('#ch-table').innerHTML = table([
+        { label: 'Channel', cell: (c) => esc(c.name) }, { label: 'Virtual host', cell: (c) => esc(c.vhost) }, { label: 'User', cell: (c) => esc(c.user) },
+        { label: 'State', cell: (c) => esc(c.state) }, { label: 'Consumers', n: 1, cell: (c) => num(c.consumer_count) },
+        { label: 'Connection', cell: (c) => esc(c.connection_details && c.connection_details.name) },
+      ], cs, { label: 'Channels', empty: 'No channels.' });
+    };
+    await load();
+    every(5000, () => load().catch(fail));
+  }
+
+  // ---- users / vhosts / permissions -------------------------------------------
+  async function pageUsers() {
+    const [users, perms] = await Promise.all([api('GET', '/users'), api('GET', '/permissions')]);
+    const vopts = await vhostOptions('/');
+    const uopts = users.map((u) => '<option>' + esc(u.name) + '</option>').join('');
+    setPage('<h1>Users</h1>' + table([
+      { label: 'Name', cell: (u) => esc(u.name) }, { label: 'Tags', cell: (u) => esc((u.tags || []).join(', ')) },
+      { label: 'Can access virtual hosts', cell: (u) => esc(perms.filter((p) => p.user === u.name).map((p) => p.vhost).join(', ') || 'none') },
+      { label: '', cell: (u) => '<button class="edit-user" data-name="' + esc(u.name) + '" data-tags="' + esc((u.tags || []).join(',')) + '">Edit</button> <button class="danger del-user" data-name="' + esc(u.name) + '">Delete</button>' },
+    ], users, { label: 'Users', id: 'users-table' }) +
+      '<h2 id="u-form-title">Add / update a user</h2><form id="u-add" class="box"><label>Username <input name="name" required></label><label>Password <input name="password" type="password" autocomplete="new-password"></label>' +
+      '<label>Tags (comma separated) <input name="tags" placeholder="administrator, monitoring, policymaker, management"></label><button class="primary">Save user</button><p class="muted">Leave the password blank when editing to keep the current one.</p></form>' +
+      '<h2>Permissions</h2>' + table([
+        { label: 'User', cell: (p) => esc(p.user) }, { label: 'Virtual host', cell: (p) => esc(p.vhost) }, { label: 'Configure', cell: (p) => '<code>' + esc(p.configure) + '</code>' },
+        { label: 'Write', cell: (p) => '<code>' + esc(p.write) + '</code>' }, { label: 'Read', cell: (p) => '<code>' + esc(p.read) + '</code>' },
+        { label: '', cell: (p) => '<button class="danger del-perm" data-user="' + esc(p.user) + '" data-vhost="' + esc(p.vhost) + '">Clear</button>' },
+      ], perms, { label: 'Permissions', id: 'permissions-table' }) +
+      '<form id="p-set" class="box"><label>User <select name="user">' + uopts + '</select></label><label>Virtual host <select name="vhost">' + vopts + '</select></label>' +
+      '<label>Configure regexp <input name="configure" value=".*"></label><label>Write regexp <input name="write" value=".*"></label><label>Read regexp <input name="read" value=".*"></label><button class="primary">Set permission</button></form>');
+    onSubmit('#u-add', async (d) => {
+      const body = { tags: d.tags.split(',').map((t) => t.trim()).filter(Boolean).join(',') };
+      const existing = users.find((u) => u.name === d.name);
+      if (d.password) body.password = d.password; else if (existing) body.password_hash = existing.password_hash; else throw new Error('A new user needs a password.');
+      await api('PUT', '/users/' + enc(d.name), body);
+      await route(); info('User "' + d.name + '" saved.');
+    });
+    onClick('.edit-user', (b) => { const f = $('#u-add'); f.name.value = b.dataset.name; f.tags.value = b.dataset.tags; f.password.value = ''; f.password.focus(); });
+    onClick('.del-user', async (b) => {
+      if (!confirm('Delete user "' + b.dataset.name + '"?')) return;
+      await api('DELETE', '/users/' + enc(b.dataset.name)); await route(); info('User "' + b.dataset.name + '" deleted.');
+    });
+    onSubmit('#p-set', async (d) => {
+      await api('PUT', '/permissions/' + enc(d.vhost) + '/' + enc(d.user), { configure: d.configure, write: d.write, read: d.read });
+      await route(); info('Permission set for "' + d.user + '" on "' + d.vhost + '".');
+    });
+    onClick('.del-perm', async (b) => {
+      await api('DELETE', '/permissions/' + enc(b.dataset.vhost) + '/' + enc(b.dataset.user)); await route(); info('Permission cleared.');
+    });
+  }
+  async function pageVhosts() {
+    const vs = await api('GET', '/vhosts');
+    setPage('<h1>Virtual hosts</h1>' + table([
+      { label: 'Name', cell: (v) => esc(v.name) }, { label: 'Ready', n: 1, cell: (v) => num(v.messages_ready) }, { label: 'Unacked', n: 1, cell: (v) => num(v.messages_unacknowledged) },
+      { label: 'Connections', n: 1, cell: (v) => num(v.connections) },
+      { label: '', cell: (v) => '<button class="danger del-vhost" data-name="' + esc(v.name) + '">Delete</button>' },
+    ], vs, { label: 'Virtual hosts' }) + '<h2>Add a virtual host</h2><form id="v-add" class="box"><label>Name <input name="name" required></label><button class="primary">Add virtual host</button></form>');
+    onSubmit('#v-add', async (d) => { await api('PUT', '/vhosts/' + enc(d.name), {}); await route(); info('Virtual host "' + d.name + '" added.'); });
+    onClick('.del-vhost', async (b) => {
+      if (!confirm('Delete virtual host "' + b.dataset.name + '" and everything in it?')) return;
+      await api('DELETE', '/vhosts/' + enc(b.dataset.name)); await route(); info('Virtual host deleted.');
+    });
+  }
+
+  // ---- policies ----------------------------------------------------------
+  async function pagePolicies() {
+    const ps = await api('GET', '/policies');
+    setPage('<h1>Policies</h1>' + table([
+      { label: 'Virtual host', cell: (p) => esc(p.vhost) }, { label: 'Name', cell: (p) => esc(p.name) }, { label: 'Pattern', cell: (p) => '<code>' + esc(p.pattern) + '</code>' },
+      { label: 'Apply to', cell: (p) => esc(p['apply-to']) }, { label: 'Definition', cell: (p) => '<code>' + json(p.definition) + '</code>' }, { label: 'Priority', n: 1, cell: (p) => esc(p.priority) },
+      { label: '', cell: (p, i) => '<button class="edit-pol" data-i="' + ps.indexOf(p) + '">Edit</button> <button class="danger del-pol" data-vhost="' + esc(p.vhost) + '" data-name="' + esc(p.name) + '">Delete</button>' },
+    ], ps, { label: 'Policies', id: 'policies-table', empty: 'No policies.' }) +
+      '<h2>Add / update a policy</h2><form id="pol-add" class="box"><label>Virtual host <select name="vhost">' + (await vhostOptions('/')) + '</select></label><label>Name <input name="name" required></label>' +
+      '<label>Pattern <input name="pattern" required placeholder="^orders\\."></label><label>Apply to <select name="apply_to"><option>all</option><option>queues</option><option>exchanges</option></select></label>' +
+      '<label>Priority <input name="priority" type="number" value="0"></label><label>Definition (JSON) <textarea name="definition" required placeholder=\'{"message-ttl": 60000}\'></textarea></label><button class="primary">Save policy</button></form>');
+    onSubmit('#pol-add', async (d) => {
+      const definition = parseJsonField(d.definition, 'Definition');
+      await api('PUT', '/policies/' + enc(d.vhost) + '/' + enc(d.name), { pattern: d.pattern, 'apply-to': d.apply_to, priority: Number(d.priority) || 0, definition });
+      await route(); info('Policy "' + d.name + '" saved.');
+    });
+    onClick('.edit-pol', (b) => {
+      const p = ps[Number(b.dataset.i)], f = $('#pol-add');
+      f.vhost.value = p.vhost; f.name.value = p.name; f.pattern.value = p.pattern; f.apply_to.value = p['apply-to']; f.priority.value = p.priority; f.definition.value = JSON.stringify(p.definition);
+      f.name.focus();
+    });
+    onClick('.del-pol', async (b) => {
+      if (!confirm('Delete policy "' + b.dataset.name + '"?')) return;
+      await api('DELETE', '/policies/' + enc(b.dataset.vhost) + '/' + enc(b.dataset.name)); await route(); info('Policy deleted.');
+    });
+  }
+
+  // ---- definitions -------------------------------------------------------
+  async function pageDefinitions() {
+    setPage('<h1>Definitions</h1><h2>Export</h2><div class="box"><p>Users, virtual hosts, permissions, policies, queues, exchanges and bindings as JSON.</p><button id="d-export" class="primary">Download definitions</button></div>' +
+      '<h2>Import</h2><form id="d-import" class="box"><label>Definitions file (JSON) <input name="file" type="file" accept=".json,application/json" required></label><button class="primary">Upload definitions</button></form>');
+    onClick('#d-export', async () => {
+      const defs = await api('GET', '/definitions');
+      const blob = new Blob([JSON.stringify(defs, null, 2)], { type: 'application/json' });
+      const a = document.createElement('a');
+      a.href = URL.createObjectURL(blob);
+      a.download = 'warren-definitions-' + new Date().toISOString().slice(0, 10) + '.json';
+      document.body.appendChild(a); a.click(); a.remove();
+      setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+      info('Definitions exported (' + (defs.queues || []).length + ' queues, ' + (defs.exchanges || []).length + ' exchanges, ' + (defs.users || []).length + ' users).');
+    });
+    onSubmit('#d-import', async (d, f) => {
+      const file = f.file.files[0];
+      if (!file) throw new Error('Choose a JSON file first.');
+      let defs;
+      try { defs = JSON.parse(await file.text()); } catch (e) { throw new Error('The file is not valid JSON: ' + e.message); }
+      await api('POST', '/definitions', defs);
+      info('Definitions imported from ' + file.name + '.');
+    });
+  }
+
+  // ---- start -----------------------------------------------------------------
+  (async function start() {
+    if (!sessionStorage.getItem(AUTH_KEY)) return showLogin();
+    try { me = await api('GET', '/whoami'); loggedIn(); } catch (e) { if (!me) { showLogin(); fail(e); } }
+  })();
+})();
