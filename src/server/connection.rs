@@ -153,7 +153,8 @@ struct Conn {
     heartbeat: Duration,
     last_read: Instant,
     last_write: Instant,
-    ctx: Option<ConnCtx>,
+    /// Shared so that taking it per frame costs a refcount, not a deep clone.
+    ctx: Option<Arc<ConnCtx>>,
     channels: HashMap<u16, Channel>,
     rx: mpsc::UnboundedReceiver<Outbound>,
     sink: Arc<ConnSink>,
@@ -443,7 +444,7 @@ impl Conn {
             control: Arc::clone(&self.sink) as Arc<dyn ConnectionControl>,
         }));
         self.registered = true;
-        self.ctx = Some(ConnCtx {
+        self.ctx = Some(Arc::new(ConnCtx {
             broker: Arc::clone(&self.broker),
             id: self.id,
             vhost,
@@ -451,7 +452,7 @@ impl Conn {
             sink: Arc::clone(&self.sink) as Arc<dyn DeliverySink>,
             max_message_size: config.max_message_size,
             cancel_notify,
-        });
+        }));
         Ok(())
     }
 
