@@ -27,6 +27,14 @@ pub struct Config {
     pub channel_max: u16,
     /// Largest message body accepted, in bytes; bigger publishes get 406.
     pub max_message_size: u64,
+    /// Bytes of message bodies kept in memory across all queues; past it, persistent
+    /// messages on durable queues are paged out to the store (0: never page).
+    pub message_memory_limit: u64,
+    /// Memory (RSS) above which publishers are blocked (connection.blocked), as a
+    /// fraction of physical memory (RabbitMQ's vm_memory_high_watermark).
+    pub vm_memory_high_watermark: f64,
+    /// The same as an absolute number of bytes; overrides the fraction when non-zero.
+    pub memory_high_watermark_bytes: u64,
     /// Seconds a client has to complete the handshake.
     pub handshake_timeout_secs: u64,
     /// The user created on first start.
@@ -52,6 +60,9 @@ impl Default for Config {
             channel_max: 2047,
             max_message_size: 128 * 1024 * 1024,
             handshake_timeout_secs: 10,
+            message_memory_limit: 256 * 1024 * 1024,
+            vm_memory_high_watermark: 0.4,
+            memory_high_watermark_bytes: 0,
             default_user: "guest".into(),
             default_pass: "guest".into(),
             default_user_loopback_only: true,

@@ -32,21 +32,35 @@ impl Warren {
     }
 }
 
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Start a broker with `config` on the current tokio runtime.
-pub async fn start(config: Config) -> std::io::Result<Warren> {
+pub async fn start(config: Config) -> Result<Warren, StartError> {
     let config = Arc::new(config);
-    let broker = broker::Broker::new(&config);
+    let broker = broker::Broker::open(&config)?;
     let server = server::start(Arc::clone(&config), Arc::clone(&broker)).await?;
     let ticker = Arc::downgrade(&broker);
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(std::time::Duration::from_millis(20));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
         loop {
             interval.tick().await;
             let Some(broker) = ticker.upgrade() else {
                 return;
             };
             broker.tick(broker::message::now_ms());
+            ticks = ticks.wrapping_add(1);
+            if ticks.is_multiple_of(10) {
+                broker.check_memory();
+            }
         }
     });
     Ok(Warren { server })

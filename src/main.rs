@@ -53,6 +53,14 @@ fn main() -> std::process::ExitCode {
         wait_for_signal().await;
         tracing::info!("shutting down");
         broker.server.shutdown();
+        let core = std::sync::Arc::clone(&broker.server.broker);
+        core.close_all_connections("broker shutdown");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        if let Some(store) = &core.store {
+            if let Err(e) = store.flush_blocking() {
+                tracing::error!(error = %e, "final flush of the message store failed");
+            }
+        }
         std::process::ExitCode::SUCCESS
     })
 }

@@ -287,6 +287,90 @@ pub struct Entry {
     pub redelivered: bool,
     /// When it expires (ms since the epoch), from the queue's or the message's TTL.
     pub expires_at: Option<u64>,
+    /// Written to the message store (persistent message on a durable queue).
+    pub persisted: bool,
+    /// The `priority` property, for priority queues.
+    pub priority: u8,
+    /// Paged out: the body (and properties) are only in the store; the value is
+    /// the body size. `message` is then a placeholder until paged back in.
+    pub paged: Option<u32>,
+}
+
+impl Entry {
+    pub fn new(seq: u64, message: Arc<Message>, expires_at: Option<u64>) -> Entry {
+        Entry {
+            seq,
+            priority: message.properties.priority.unwrap_or(0),
+            message,
+            redelivered: false,
+            expires_at,
+            persisted: false,
+            paged: None,
+        }
+    }
+
+    /// Body size in bytes, whether resident or paged out.
+    pub fn size(&self) -> usize {
+        match self.paged {
+            Some(n) => n as usize,
+            None => self.message.size(),
+        }
+    }
+
+    /// Body bytes held in memory.
+    pub fn resident_size(&self) -> usize {
+        match self.paged {
+            Some(_) => 0,
+            None => self.message.size(),
+        }
+    }
+}
+
+/// Bytes of message bodies held in memory by all ready lists, against a limit past
+/// which durable queues page persistent messages out to the store.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+impl MemoryBudget {
+    /// `limit` 0 means unlimited.
+    pub fn new(limit: usize) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            limit,
+            used: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    pub fn unlimited() -> Arc<MemoryBudget> {
+        Self::new(0)
+    }
+
+    pub fn add(&self, n: usize) {
+        self.used.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn sub(&self, n: usize) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Would holding `n` more bytes go past the limit?
+    pub fn over(&self, n: usize) -> bool {
+        self.limit != 0 && self.used() + n > self.limit
+    }
+}
+
+/// The stand-in `message` of a paged-out entry.
+pub fn paged_placeholder() -> Arc<Message> {
+    static PLACEHOLDER: std::sync::OnceLock<Arc<Message>> = std::sync::OnceLock::new();
+    Arc::clone(
+        PLACEHOLDER.get_or_init(|| Message::new("", "", BasicProperties::default(), Bytes::new())),
+    )
 }
 
 /// Milliseconds since the Unix epoch: the broker's clock for TTLs and expiry.

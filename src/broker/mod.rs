@@ -4,11 +4,14 @@
 //! here is synchronous and short: locks are never held across an await.
 
 pub mod exchange;
+pub mod memory;
 pub mod message;
+pub mod persist;
 pub mod queue;
 pub mod vhost;
 
 use crate::config::Config;
+use crate::storage::{StorageError, Store};
 use crate::wire::FieldTable;
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -93,11 +96,47 @@ pub struct Broker {
     connections: RwLock<HashMap<u64, Arc<ConnectionInfo>>>,
     /// Broker-wide message totals.
     pub counters: Counters,
+    /// The message and topology store (None: a broker that persists nothing).
+    pub store: Option<Store>,
+    /// Resident message bytes in all queues, and the paging limit.
+    pub budget: Arc<message::MemoryBudget>,
+    /// The memory alarm: true while the process is above its high watermark.
+    alarm: tokio::sync::watch::Sender<bool>,
+    /// The high watermark in bytes (0: no alarm).
+    watermark: AtomicU64,
 }
 
 impl Broker {
+    /// A broker backed by the store in `config.data_dir`, with what it holds recovered.
+    pub fn open(config: &Config) -> Result<Arc<Broker>, StorageError> {
+        let started = std::time::Instant::now();
+        let store = Store::open(&config.data_dir)?;
+        let broker = Self::build(config, Some(store.clone()));
+        let recovered = persist::recover(&store, &|name| broker.add_vhost(name))?;
+        tracing::info!(
+            path = %store.path().display(),
+            vhosts = recovered.vhosts,
+            exchanges = recovered.exchanges,
+            queues = recovered.queues,
+            bindings = recovered.bindings,
+            messages = recovered.messages,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "recovered from the message store"
+        );
+        Ok(broker)
+    }
+
+    /// A broker that keeps everything in memory only.
     pub fn new(config: &Config) -> Arc<Broker> {
+        Self::build(config, None)
+    }
+
+    fn build(config: &Config, store: Option<Store>) -> Arc<Broker> {
         let broker = Broker {
+            store,
+            budget: message::MemoryBudget::new(config.message_memory_limit as usize),
+            alarm: tokio::sync::watch::channel(false).0,
+            watermark: AtomicU64::new(memory::watermark_bytes(config)),
             vhosts: RwLock::new(HashMap::new()),
             users: RwLock::new(HashMap::new()),
             next_connection_id: AtomicU64::new(1),
@@ -117,13 +156,18 @@ impl Broker {
         Arc::new(broker)
     }
 
+    /// The vhost `name`, created (and persisted) if it does not exist.
     pub fn add_vhost(&self, name: &str) -> Arc<VHost> {
-        Arc::clone(
-            self.vhosts
-                .write()
-                .entry(name.to_string())
-                .or_insert_with(|| VHost::new(name)),
-        )
+        let mut vhosts = self.vhosts.write();
+        if let Some(v) = vhosts.get(name) {
+            return Arc::clone(v);
+        }
+        let v = VHost::new(name, self.store.clone(), Arc::clone(&self.budget));
+        if let Some(store) = &self.store {
+            persist::save_vhost(store, name);
+        }
+        vhosts.insert(name.to_string(), Arc::clone(&v));
+        v
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
@@ -139,6 +183,49 @@ impl Broker {
         for vhost in self.vhosts() {
             vhost.tick(now);
         }
+    }
+
+    /// Whether the memory alarm is on (publishers blocked).
+    pub fn memory_alarm(&self) -> bool {
+        *self.alarm.borrow()
+    }
+
+    /// Follow the memory alarm (connections block publishers while it is on).
+    pub fn watch_alarm(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.alarm.subscribe()
+    }
+
+    /// The memory high watermark in bytes (0: none).
+    pub fn memory_watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Relaxed)
+    }
+
+    pub fn set_memory_watermark(&self, bytes: u64) {
+        self.watermark.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Compare the process's memory with the watermark and raise or clear the alarm.
+    pub fn check_memory(&self) {
+        let limit = self.memory_watermark();
+        let rss = memory::resident_bytes();
+        let on = limit != 0 && rss > limit;
+        self.alarm.send_if_modified(|cur| {
+            if *cur != on {
+                if on {
+                    tracing::warn!(
+                        rss,
+                        limit,
+                        "memory high watermark reached: blocking publishers"
+                    );
+                } else {
+                    tracing::info!(rss, limit, "memory alarm cleared: publishers unblocked");
+                }
+                *cur = on;
+                true
+            } else {
+                false
+            }
+        });
     }
 
     /// A fresh id for a connection (used for exclusive ownership and consumers).

@@ -5,11 +5,13 @@
 //! `exchanges`, then `queues`, then a queue's own state.
 
 use crate::broker::exchange::{self, Binding, Destination, ExchangeKind, Router};
-use crate::broker::message::now_ms;
 use crate::broker::message::Message;
+use crate::broker::message::{now_ms, MemoryBudget};
+use crate::broker::persist;
 use crate::broker::queue::QueueArgs;
 use crate::broker::queue::{Consumer, Queue, QueueSpec, QueueStats};
 use crate::error::{AmqpError, AmqpResult};
+use crate::storage::Store;
 use crate::wire::FieldTable;
 use parking_lot::{Mutex, RwLock};
 use std::cmp::Reverse;
@@ -107,6 +109,10 @@ pub struct VHost {
     /// Messages held by delayed exchanges: (due ms, order, exchange, message).
     delayed: Mutex<BinaryHeap<Reverse<Delayed>>>,
     delayed_seq: AtomicU64,
+    /// Where durable topology and persistent messages go (None: nothing persists).
+    store: Option<Store>,
+    /// Broker-wide resident message bytes (paging threshold).
+    budget: Arc<MemoryBudget>,
 }
 
 /// A message waiting in a delayed exchange.
@@ -189,8 +195,10 @@ fn same_arg(a: Option<&crate::wire::FieldValue>, b: Option<&crate::wire::FieldVa
 
 impl VHost {
     /// A vhost with the default and `amq.*` exchanges.
-    pub fn new(name: &str) -> Arc<VHost> {
+    pub fn new(name: &str, store: Option<Store>, budget: Arc<MemoryBudget>) -> Arc<VHost> {
         let vhost = Arc::new_cyclic(|this| VHost {
+            store,
+            budget,
             name: name.into(),
             this: this.clone(),
             exchanges: RwLock::new(HashMap::new()),
@@ -334,6 +342,9 @@ impl VHost {
             d.arguments.clone(),
         );
         exchanges.insert(d.name.clone(), Arc::clone(&ex));
+        if let (true, Some(store)) = (ex.durable, &self.store) {
+            persist::save_exchange(store, &self.name, &ex);
+        }
         Ok(ex)
     }
 
@@ -355,7 +366,9 @@ impl VHost {
                 self.name
             )));
         }
-        exchanges.remove(name);
+        if let Some(removed) = exchanges.remove(name) {
+            self.forget_exchange(&removed);
+        }
         let dest = Destination::Exchange(name.into());
         self.remove_destination_locked(&mut exchanges, &dest);
         Ok(())
@@ -370,13 +383,34 @@ impl VHost {
         let mut emptied = Vec::new();
         for ex in exchanges.values() {
             let mut router = ex.router.write();
-            if router.remove_destination(dest) > 0 && ex.auto_delete && router.is_empty() {
-                emptied.push(ex.name.to_string());
+            if router.remove_destination(dest) > 0 {
+                if ex.auto_delete && router.is_empty() {
+                    emptied.push(ex.name.to_string());
+                } else {
+                    drop(router);
+                    self.save_bindings(ex);
+                }
             }
         }
         for name in emptied {
-            exchanges.remove(&name);
+            if let Some(removed) = exchanges.remove(&name) {
+                self.forget_exchange(&removed);
+            }
             self.remove_destination_locked(exchanges, &Destination::Exchange(name.as_str().into()));
+        }
+    }
+
+    /// Persist the bindings of a durable exchange.
+    fn save_bindings(&self, ex: &Exchange) {
+        if let (true, Some(store)) = (ex.durable, &self.store) {
+            persist::save_bindings(store, &self.name, &ex.name, &ex.bindings());
+        }
+    }
+
+    /// A durable exchange is gone: drop its records.
+    fn forget_exchange(&self, ex: &Exchange) {
+        if let (true, Some(store)) = (ex.durable, &self.store) {
+            persist::delete_exchange(store, &self.name, &ex.name);
         }
     }
 
@@ -454,7 +488,12 @@ impl VHost {
             },
             args,
             self.this.clone(),
+            self.store.clone().filter(|_| d.durable && !d.exclusive),
+            Arc::clone(&self.budget),
         );
+        if let (true, false, Some(store)) = (d.durable, d.exclusive, &self.store) {
+            persist::save_queue(store, &self.name, &name, d.auto_delete, &d.arguments);
+        }
         queues.insert(name, Arc::clone(&q));
         Ok((q, QueueStats::default()))
     }
@@ -477,6 +516,8 @@ impl VHost {
             },
             QueueArgs::default(),
             self.this.clone(),
+            None,
+            Arc::clone(&self.budget),
         );
         self.queues.write().insert(name.to_string(), Arc::clone(&q));
         Ok((q, QueueStats::default()))
@@ -520,6 +561,9 @@ impl VHost {
             match queues.get(q.name()) {
                 Some(existing) if Arc::ptr_eq(existing, q) => {
                     queues.remove(q.name());
+                    if let (true, Some(store)) = (q.spec.durable, &self.store) {
+                        persist::delete_queue(store, &self.name, q.name());
+                    }
                 }
                 _ => return 0,
             }
@@ -561,11 +605,14 @@ impl VHost {
         self.check_destination(&dest, connection)?;
         let ex = self.check_bindable_source(source)?;
         exchange::validate_binding(ex.kind, arguments).map_err(AmqpError::precondition_failed)?;
-        ex.router.write().bind(Binding {
+        let added = ex.router.write().bind(Binding {
             destination: dest,
             routing_key: routing_key.to_string(),
             arguments: arguments.clone(),
         });
+        if added {
+            self.save_bindings(&ex);
+        }
         Ok(())
     }
 
@@ -584,16 +631,22 @@ impl VHost {
             routing_key: routing_key.to_string(),
             arguments: arguments.clone(),
         };
-        let now_empty = {
+        let (removed, now_empty) = {
             let mut router = ex.router.write();
-            router.unbind(&binding) && router.is_empty()
+            let removed = router.unbind(&binding);
+            (removed, removed && router.is_empty())
         };
+        if removed && !(now_empty && ex.auto_delete) {
+            self.save_bindings(&ex);
+        }
         if now_empty && ex.auto_delete {
             let mut exchanges = self.exchanges.write();
             if exchanges.get(source).is_some_and(|e| Arc::ptr_eq(e, &ex))
                 && ex.router.read().is_empty()
             {
-                exchanges.remove(source);
+                if let Some(removed) = exchanges.remove(source) {
+                    self.forget_exchange(&removed);
+                }
                 self.remove_destination_locked(
                     &mut exchanges,
                     &Destination::Exchange(source.into()),

@@ -9,7 +9,7 @@
 use super::writer::Out;
 use crate::broker::exchange::Destination;
 use crate::broker::message::{Entry, Message};
-use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Queue};
+use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Enqueued, Queue};
 use crate::broker::vhost::{ExchangeDeclare, QueueDeclare, VHost};
 use crate::broker::Counters;
 use crate::error::{AmqpError, AmqpResult};
@@ -27,6 +27,8 @@ pub struct ConnCtx {
     pub vhost: Arc<VHost>,
     pub user: String,
     pub sink: Arc<dyn DeliverySink>,
+    /// The connection's own mailbox (durable confirms come back through it).
+    pub conn: Arc<super::connection::ConnSink>,
     pub max_message_size: u64,
     /// The client understands server-sent basic.cancel.
     pub cancel_notify: bool,
@@ -95,6 +97,11 @@ pub struct Channel {
     next_publish_seq: u64,
     /// Confirms accumulated in this batch: (first, last) publish seq, acked together.
     confirm_acks: Option<(u64, u64)>,
+    /// Confirms of this batch that wait for the store's next flush.
+    durable_batch: Option<(u64, u64)>,
+    /// Batches handed to the store and not yet confirmed; while any is out, later
+    /// confirms queue behind it so `multiple` acks never cover an unflushed message.
+    durable_inflight: usize,
     tx: Option<Tx>,
     /// The queue last declared on this channel (an empty queue name means it).
     last_queue: Option<String>,
@@ -137,6 +144,8 @@ impl Channel {
             confirm: false,
             next_publish_seq: 1,
             confirm_acks: None,
+            durable_batch: None,
+            durable_inflight: 0,
             tx: None,
             last_queue: None,
             reply_queue: None,
@@ -419,13 +428,21 @@ impl Channel {
                     AmqpError::precondition_failed("channel is not transactional")
                 })?;
                 self.tx = Some(Tx::default());
+                let mut durable = false;
                 for (exchange, mandatory, message) in tx.publishes {
-                    self.route_and_enqueue(ctx, &exchange, mandatory, message, out)?;
+                    durable |= self.route_and_enqueue(ctx, &exchange, mandatory, message, out)?;
                 }
                 for s in tx.settles {
                     self.apply_settle(ctx, s)?;
                 }
-                out.method(ch, &TxCommitOk::default().into());
+                match (&ctx.broker.store, durable) {
+                    // commit-ok once the persistent messages are on disk.
+                    (Some(store), true) => {
+                        let conn = Arc::clone(&ctx.conn);
+                        store.on_durable(Box::new(move |_| conn.tx_committed(ch)));
+                    }
+                    _ => out.method(ch, &TxCommitOk::default().into()),
+                }
             }
             Method::TxRollback(_) => {
                 let tx = self.tx.as_mut().ok_or_else(|| {
@@ -597,7 +614,7 @@ impl Channel {
             match requeue {
                 Some(true) => q.requeue(entries, true, true),
                 Some(false) => q.reject(entries),
-                None => q.settle(entries.len()),
+                None => q.ack(&entries),
             }
         }
         self.kick_consumers();
@@ -755,6 +772,7 @@ impl Channel {
             return Ok(());
         }
         self.route_and_enqueue(ctx, &publish.exchange, publish.mandatory, message, out)
+            .map(|_| ())
             .map_err(|e| e.at(60, 40))
     }
 
@@ -765,7 +783,7 @@ impl Channel {
         mandatory: bool,
         message: Arc<Message>,
         out: &mut Out,
-    ) -> AmqpResult<()> {
+    ) -> AmqpResult<bool> {
         let mut queues = Vec::new();
         let held = ctx.vhost.route(exchange, &message, &mut queues)?;
         let counters = &ctx.broker.counters;
@@ -788,15 +806,19 @@ impl Channel {
             out.content(self.id, &message.properties, &message.body);
         }
         let mut rejected = false;
+        let mut durable = false;
         for q in &queues {
-            rejected |= !q.enqueue(Arc::clone(&message));
+            match q.enqueue(Arc::clone(&message)) {
+                Enqueued::Rejected => rejected = true,
+                Enqueued::Accepted { durable: d } => durable |= d,
+            }
         }
         if self.confirm {
             let seq = self.next_publish_seq;
             self.next_publish_seq += 1;
             if rejected {
                 // One queue refusing (x-overflow reject-publish) is enough to nack.
-                self.flush_confirms(out);
+                self.flush_confirms(ctx, out);
                 out.method(
                     self.id,
                     &BasicNack {
@@ -806,22 +828,41 @@ impl Channel {
                     }
                     .into(),
                 );
-                return Ok(());
+                return Ok(durable);
             }
-            self.confirm_acks = match self.confirm_acks {
-                Some((first, last)) if last + 1 == seq => Some((first, seq)),
-                Some(_) => {
-                    self.flush_confirms(out);
-                    Some((seq, seq))
+            if durable || self.durable_inflight > 0 || self.durable_batch.is_some() {
+                // Immediate confirms gathered before this one go out first.
+                if let Some((first, last)) = self.confirm_acks.take() {
+                    out.method(
+                        self.id,
+                        &BasicAck {
+                            delivery_tag: last,
+                            multiple: first != last,
+                        }
+                        .into(),
+                    );
                 }
-                None => Some((seq, seq)),
-            };
+                self.durable_batch = Some(match self.durable_batch {
+                    Some((first, _)) => (first, seq),
+                    None => (seq, seq),
+                });
+            } else {
+                self.confirm_acks = match self.confirm_acks {
+                    Some((first, last)) if last + 1 == seq => Some((first, seq)),
+                    Some(_) => {
+                        self.flush_confirms(ctx, out);
+                        Some((seq, seq))
+                    }
+                    None => Some((seq, seq)),
+                };
+            }
         }
-        Ok(())
+        Ok(durable)
     }
 
-    /// Send the confirms gathered in this batch as one basic.ack.
-    pub fn flush_confirms(&mut self, out: &mut Out) {
+    /// Send the confirms gathered in this batch: immediate ones as one basic.ack, and
+    /// hand the durable ones to the store, to be acked after its next flush.
+    pub fn flush_confirms(&mut self, ctx: &ConnCtx, out: &mut Out) {
         if let Some((first, last)) = self.confirm_acks.take() {
             out.method(
                 self.id,
@@ -831,6 +872,47 @@ impl Channel {
                 }
                 .into(),
             );
+        }
+        if let Some((first, last)) = self.durable_batch.take() {
+            self.durable_inflight += 1;
+            let channel = self.id;
+            let conn = Arc::clone(&ctx.conn);
+            match &ctx.broker.store {
+                Some(store) => store.on_durable(Box::new(move |result| {
+                    conn.durable(channel, first, last, result.is_ok());
+                })),
+                None => conn.durable(channel, first, last, true),
+            }
+        }
+    }
+
+    /// The store flushed a batch of this channel's publishes: confirm them.
+    pub fn durable_done(&mut self, first: u64, last: u64, ok: bool, out: &mut Out) {
+        self.durable_inflight = self.durable_inflight.saturating_sub(1);
+        if self.closing || !self.confirm {
+            return;
+        }
+        if ok {
+            out.method(
+                self.id,
+                &BasicAck {
+                    delivery_tag: last,
+                    multiple: first != last,
+                }
+                .into(),
+            );
+        } else {
+            for tag in first..=last {
+                out.method(
+                    self.id,
+                    &BasicNack {
+                        delivery_tag: tag,
+                        multiple: false,
+                        requeue: false,
+                    }
+                    .into(),
+                );
+            }
         }
     }
 

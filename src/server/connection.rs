@@ -32,6 +32,17 @@ pub enum Outbound {
     },
     /// Close the connection with this error (e.g. forced by an operator).
     Close(AmqpError),
+    /// A transaction's persistent messages are on disk: send tx.commit-ok.
+    TxCommitted {
+        channel: u16,
+    },
+    /// The store flushed publishes `first..=last` of `channel` (or failed to).
+    Durable {
+        channel: u16,
+        first: u64,
+        last: u64,
+        ok: bool,
+    },
 }
 
 /// The [`DeliverySink`] of a connection: an mpsc into its task.
@@ -52,6 +63,25 @@ impl DeliverySink for ConnSink {
 
     fn cancelled(&self, channel: u16, tag: Arc<str>) {
         let _ = self.tx.send(Outbound::Cancelled { channel, tag });
+    }
+}
+
+impl ConnSink {
+    /// Called from the store's flusher once publishes are on disk.
+    pub fn durable(&self, channel: u16, first: u64, last: u64, ok: bool) {
+        let _ = self.tx.send(Outbound::Durable {
+            channel,
+            first,
+            last,
+            ok,
+        });
+    }
+}
+
+impl ConnSink {
+    /// Called from the store's flusher once a transaction's messages are on disk.
+    pub fn tx_committed(&self, channel: u16) {
+        let _ = self.tx.send(Outbound::TxCommitted { channel });
     }
 }
 
@@ -162,6 +192,12 @@ struct Conn {
     registered: bool,
     /// We sent connection.close during the handshake.
     close_sent: bool,
+    /// The client published at least once (only publishers get blocked).
+    published: bool,
+    /// The client understands connection.blocked.
+    blocked_cap: bool,
+    /// We told the client it is blocked.
+    blocked_sent: bool,
 }
 
 /// How the main loop ended.
@@ -216,6 +252,9 @@ async fn serve(
         local,
         registered: false,
         close_sent: false,
+        published: false,
+        blocked_cap: false,
+        blocked_sent: false,
     };
     let result = match tokio::time::timeout(handshake_timeout, conn.handshake(peer, &config)).await
     {
@@ -231,8 +270,10 @@ async fn serve(
             let end = conn.main_loop().await;
             let r = match end {
                 End::Done => {
-                    // Let the client close first (it does on close-ok), so neither
-                    // side sees a reset with frames still unread.
+                    // Release queues and exclusive queues at once, then let the
+                    // client close first (it does on close-ok), so neither side
+                    // sees a reset with frames still unread.
+                    conn.cleanup();
                     conn.drain_input().await;
                     Ok(())
                 }
@@ -316,6 +357,7 @@ impl Conn {
         };
         let cancel_notify =
             client_capability(&start_ok.client_properties, "consumer_cancel_notify");
+        self.blocked_cap = client_capability(&start_ok.client_properties, "connection.blocked");
         let auth_close =
             client_capability(&start_ok.client_properties, "authentication_failure_close");
         let mechanism = start_ok.mechanism.clone();
@@ -450,6 +492,7 @@ impl Conn {
             vhost,
             user: user.name,
             sink: Arc::clone(&self.sink) as Arc<dyn DeliverySink>,
+            conn: Arc::clone(&self.sink),
             max_message_size: config.max_message_size,
             cancel_notify,
         }));
@@ -468,6 +511,11 @@ impl Conn {
             .into(),
         );
         self.out.flush();
+    }
+
+    /// Publishers are not read from while the memory alarm is on.
+    fn is_blocked(&self, alarm: &tokio::sync::watch::Receiver<bool>) -> bool {
+        self.published && *alarm.borrow()
     }
 
     /// After the close handshake: read (and drop) until the peer closes, so unread
@@ -508,9 +556,31 @@ impl Conn {
         };
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut alarm = self.broker.watch_alarm();
+        let mut alarm_open = true;
         loop {
+            let blocked = self.is_blocked(&alarm);
+            if blocked && !self.blocked_sent && self.blocked_cap {
+                self.out.method(
+                    0,
+                    &ConnectionBlocked {
+                        reason: "low on memory".into(),
+                    }
+                    .into(),
+                );
+                self.blocked_sent = true;
+                self.out.flush();
+            }
             tokio::select! {
-                frame = self.reader.next() => {
+                changed = alarm.changed(), if alarm_open => {
+                    if changed.is_err() {
+                        alarm_open = false;
+                    } else if !*alarm.borrow_and_update() && self.blocked_sent {
+                        self.out.method(0, &ConnectionUnblocked::default().into());
+                        self.blocked_sent = false;
+                    }
+                }
+                frame = self.reader.next(), if !blocked => {
                     match self.on_read(frame) {
                         Ok(true) => {}
                         Ok(false) => return End::Done,
@@ -518,6 +588,9 @@ impl Conn {
                     }
                     // Take what is already buffered before writing, to batch replies.
                     for _ in 0..128 {
+                        if self.is_blocked(&alarm) {
+                            break;
+                        }
                         let Some(frame) = self.reader.next().now_or_never() else { break };
                         match self.on_read(frame) {
                             Ok(true) => {}
@@ -542,6 +615,10 @@ impl Conn {
                 _ = ticker.tick() => {
                     if !self.heartbeat.is_zero() {
                         let now = Instant::now();
+                        if blocked {
+                            // Not reading while blocked: the peer is not at fault.
+                            self.last_read = now;
+                        }
                         if now.duration_since(self.last_read) > self.heartbeat * 2 {
                             tracing::warn!(id = self.id, "missed heartbeats from client, timeout: {:?}", self.heartbeat);
                             return End::Done;
@@ -552,8 +629,10 @@ impl Conn {
                     }
                 }
             }
-            for ch in self.channels.values_mut() {
-                ch.flush_confirms(&mut self.out);
+            if let Some(ctx) = &self.ctx {
+                for ch in self.channels.values_mut() {
+                    ch.flush_confirms(ctx, &mut self.out);
+                }
             }
             if !self.out.is_empty() {
                 self.last_write = Instant::now();
@@ -600,6 +679,9 @@ impl Conn {
             Frame::Method { channel: 0, method } => self.on_connection_method(method),
             Frame::Method { channel, method } => {
                 let (class_id, method_id) = (method.class_id(), method.method_id());
+                if matches!(method, Method::BasicPublish(_)) {
+                    self.published = true;
+                }
                 if class_id == 10 {
                     return Err(AmqpError::command_invalid(format!(
                         "{} on channel {channel}",
@@ -724,7 +806,7 @@ impl Conn {
                     .channels
                     .remove(&channel)
                     .ok_or_else(|| no_channel(channel))?;
-                ch.flush_confirms(&mut self.out);
+                ch.flush_confirms(ctx, &mut self.out);
                 ch.close(ctx);
                 self.out.method(channel, &ChannelCloseOk::default().into());
                 Ok(())
@@ -772,16 +854,31 @@ impl Conn {
                 }
             }
             Outbound::Close(e) => return Err(e),
+            Outbound::TxCommitted { channel } => {
+                if self.channels.get(&channel).is_some_and(|c| !c.closing) {
+                    self.out.method(channel, &TxCommitOk::default().into());
+                }
+            }
+            Outbound::Durable {
+                channel,
+                first,
+                last,
+                ok,
+            } => {
+                if let Some(ch) = self.channels.get_mut(&channel) {
+                    ch.durable_done(first, last, ok, &mut self.out);
+                }
+            }
         }
         Ok(())
     }
 
     /// Release everything the connection holds in the broker.
     fn cleanup(&mut self) {
-        if self.registered {
+        if std::mem::take(&mut self.registered) {
             self.broker.unregister_connection(self.id);
         }
-        let Some(ctx) = self.ctx.clone() else { return };
+        let Some(ctx) = self.ctx.take() else { return };
         for (_, mut ch) in self.channels.drain() {
             ch.close(&ctx);
         }

@@ -145,6 +145,9 @@ struct Shared {
     redelivered: Tree,
     max_pending_bytes: usize,
     pending: Mutex<Pending>,
+    /// The group the flusher is applying right now, readable by `get_message`
+    /// until it is in the trees. Lock order: `pending`, then `inflight`.
+    inflight: Mutex<Option<Arc<Vec<Op>>>>,
     /// Signalled when the pending list goes from idle to non-idle, or on shutdown.
     work: Condvar,
     /// Signalled when the flusher takes the pending list (back-pressure release).
@@ -299,6 +302,7 @@ impl Store {
             redelivered,
             max_pending_bytes: options.max_pending_bytes.max(1),
             pending: Mutex::new(Pending::default()),
+            inflight: Mutex::new(None),
             work: Condvar::new(),
             space: Condvar::new(),
             messages_written: AtomicU64::new(0),
@@ -518,6 +522,64 @@ impl Store {
         Ok(out)
     }
 
+    /// One message of `queue`, including writes still buffered or being applied
+    /// (for paging a message back in). `None` if it was removed or never stored.
+    /// The redelivered flag is not applied.
+    pub fn get_message(
+        &self,
+        queue: &str,
+        seq: u64,
+    ) -> Result<Option<StoredMessage>, StorageError> {
+        let sh = self.shared();
+        let key = codec::message_key(queue, seq);
+        let decode = |record: &[u8]| {
+            codec::decode_message(Bytes::copy_from_slice(record)).map_err(|e| {
+                StorageError::Corrupt {
+                    path: sh.store_path.clone(),
+                    detail: format!("message {seq} of queue {queue:?}: {e}"),
+                }
+            })
+        };
+        // Newest first: the buffered ops, then the group being applied.
+        let found = {
+            let p = sh.pending.lock();
+            let inflight = sh.inflight.lock();
+            let groups = [
+                Some(p.ops.as_slice()),
+                inflight.as_ref().map(|o| o.as_slice()),
+            ];
+            let mut found = None;
+            'search: for ops in groups.into_iter().flatten() {
+                for op in ops.iter().rev() {
+                    match op {
+                        Op::Insert { key: k, record } if k.as_ref() == key.as_slice() => {
+                            found = Some(Some(record.clone()));
+                            break 'search;
+                        }
+                        Op::Remove { key: k } if k.as_ref() == key.as_slice() => {
+                            found = Some(None);
+                            break 'search;
+                        }
+                        Op::DeleteQueue { prefix } if key.starts_with(prefix) => {
+                            found = Some(None);
+                            break 'search;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            found
+        };
+        match found {
+            Some(Some(record)) => Ok(Some(decode(&record)?)),
+            Some(None) => Ok(None),
+            None => match sh.messages.get(&key)? {
+                Some(record) => Ok(Some(decode(&record)?)),
+                None => Ok(None),
+            },
+        }
+    }
+
     /// Queue keys that have at least one stored message (applied ones).
     pub fn queue_keys_with_messages(&self) -> Result<Vec<String>, StorageError> {
         self.shared().queue_keys(&self.shared().messages)
@@ -658,7 +720,7 @@ impl Shared {
     }
 
     /// Folds one group of operations into per-tree write sets and applies them.
-    fn apply(&self, ops: Vec<Op>) -> Result<(), StorageError> {
+    fn apply(&self, ops: &[Op]) -> Result<(), StorageError> {
         let mut msgs: BTreeMap<IVec, Option<IVec>> = BTreeMap::new();
         let mut flags: BTreeMap<IVec, Option<IVec>> = BTreeMap::new();
         let mut inserts = 0u64;
@@ -666,16 +728,16 @@ impl Shared {
             match op {
                 Op::Insert { key, record } => {
                     inserts += 1;
-                    msgs.insert(key, Some(record));
+                    msgs.insert(key.clone(), Some(record.clone()));
                 }
                 Op::Remove { key } => {
                     // Deleting an absent key is a no-op in sled, so an insert
                     // and remove in the same group cost nothing on disk.
                     flags.insert(key.clone(), None);
-                    msgs.insert(key, None);
+                    msgs.insert(key.clone(), None);
                 }
                 Op::MarkRedelivered { key } => {
-                    flags.insert(key, Some(IVec::default()));
+                    flags.insert(key.clone(), Some(IVec::default()));
                 }
                 Op::DeleteQueue { prefix } => {
                     for (tree, set) in
@@ -685,12 +747,12 @@ impl Shared {
                             std::ops::Bound::Included(prefix.as_slice()),
                             std::ops::Bound::Unbounded,
                         )) {
-                            if !v.0.starts_with(&prefix) {
+                            if !v.0.starts_with(prefix) {
                                 break;
                             }
                             *v.1 = None;
                         }
-                        for k in tree.scan_prefix(&prefix).keys() {
+                        for k in tree.scan_prefix(prefix).keys() {
                             set.insert(k?, None);
                         }
                     }
@@ -754,11 +816,9 @@ fn flusher_main(sh: Arc<Shared>) {
             }
             p.bytes = 0;
             let dirty = std::mem::take(&mut p.topology_dirty);
-            (
-                std::mem::take(&mut p.ops),
-                std::mem::take(&mut p.waiters),
-                dirty,
-            )
+            let ops = Arc::new(std::mem::take(&mut p.ops));
+            *sh.inflight.lock() = Some(Arc::clone(&ops));
+            (ops, std::mem::take(&mut p.waiters), dirty)
         };
         sh.space.notify_all();
 
@@ -767,7 +827,9 @@ fn flusher_main(sh: Arc<Shared>) {
             Ok(())
         } else {
             let n = ops.len();
-            let r = sh.apply(ops).and_then(|()| {
+            let applied = sh.apply(&ops);
+            *sh.inflight.lock() = None;
+            let r = applied.and_then(|()| {
                 sh.db.flush()?;
                 Ok(())
             });
@@ -885,6 +947,25 @@ mod tests {
         keys.sort();
         assert_eq!(keys, vec!["v\0other".to_string(), "v\0q".to_string()]);
         assert_eq!(store.stats().messages_written, 6);
+    }
+
+    #[test]
+    fn get_message_sees_buffered_and_flushed_writes() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        store.insert_message("v\0q", 7, &msg(7));
+        // Buffered (maybe not yet applied) writes are visible at once.
+        assert_eq!(store.get_message("v\0q", 7).unwrap(), Some(msg(7)));
+        store.flush_blocking().unwrap();
+        assert_eq!(store.get_message("v\0q", 7).unwrap(), Some(msg(7)));
+        assert_eq!(store.get_message("v\0q", 8).unwrap(), None);
+        store.remove_message("v\0q", 7);
+        assert_eq!(store.get_message("v\0q", 7).unwrap(), None);
+        store.flush_blocking().unwrap();
+        assert_eq!(store.get_message("v\0q", 7).unwrap(), None);
+        store.insert_message("v\0q", 9, &msg(9));
+        store.delete_queue_messages("v\0q");
+        assert_eq!(store.get_message("v\0q", 9).unwrap(), None);
     }
 
     #[test]

@@ -46,6 +46,7 @@ fn embedded_uri() -> &'static str {
                 .expect("runtime");
             rt.block_on(async move {
                 let dir = std::env::temp_dir().join(format!("warren-test-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
                 let mut config = warren::Config::for_tests(dir);
                 config.admin_enabled = false;
                 let broker = warren::start(config).await.expect("embedded broker starts");

@@ -31,18 +31,28 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
 }
 
+/// The field type as RabbitMQ names it in `{unacceptable_type,...}`.
 fn type_name(v: &FieldValue) -> &'static str {
     match v {
         FieldValue::Bool(_) => "bool",
+        FieldValue::I8(_) => "byte",
+        FieldValue::U8(_) => "unsignedbyte",
+        FieldValue::I16(_) => "short",
+        FieldValue::U16(_) => "unsignedshort",
+        FieldValue::I32(_) => "signedint",
+        FieldValue::U32(_) => "unsignedint",
+        FieldValue::I64(_) => "long",
         FieldValue::LongString(_) => "longstr",
         FieldValue::Table(_) => "table",
         FieldValue::Array(_) => "array",
         FieldValue::Void => "void",
-        FieldValue::F32(_) | FieldValue::F64(_) => "float",
+        FieldValue::F32(_) => "float",
+        FieldValue::F64(_) => "double",
         FieldValue::Decimal(..) => "decimal",
-        FieldValue::ByteArray(_) => "bytes",
+        FieldValue::ByteArray(_) => "binary",
         FieldValue::Timestamp(_) => "timestamp",
-        _ => "integer",
+        #[allow(unreachable_patterns)]
+        _ => "unknown",
     }
 }
 
@@ -58,7 +68,7 @@ impl QueueArgs {
             let i = v
                 .as_i64()
                 .filter(|_| !matches!(v, FieldValue::Timestamp(_)))
-                .ok_or_else(|| bad(name, format!("{{unacceptable_type,{}}}", type_name(v))))?;
+                .ok_or_else(|| bad(name, format!("\"expected integer, got {}\"", type_name(v))))?;
             if i < min {
                 let what = if i == 0 {
                     "value_zero"
@@ -84,20 +94,25 @@ impl QueueArgs {
                 "x-max-priority" => {
                     let p = int(name, v, 0)?;
                     if p > 255 {
-                        return Err(bad(name, format!("{{value_too_large,{p},255}}")));
+                        return Err(bad(name, format!("{{max_value_exceeded,{p}}}")));
                     }
                     a.max_priority = p as u8;
                 }
-                "x-dead-letter-exchange" => a.dead_letter_exchange = Some(string(name, v)?),
+                "x-dead-letter-exchange" => {
+                    a.dead_letter_exchange = Some(v.as_str().map(str::to_string).ok_or_else(|| {
+                        AmqpError::precondition_failed(format!(
+                            "invalid type '{}' for arg '{name}' in queue '{queue}' in vhost '{vhost}'",
+                            type_name(v)
+                        ))
+                    })?)
+                }
                 "x-dead-letter-routing-key" => a.dead_letter_routing_key = Some(string(name, v)?),
                 "x-overflow" => {
                     a.overflow = match string(name, v)?.as_str() {
                         "drop-head" => Overflow::DropHead,
                         "reject-publish" => Overflow::RejectPublish,
                         "reject-publish-dlx" => Overflow::RejectPublishDlx,
-                        other => {
-                            return Err(bad(name, format!("{{unknown_value,<<\"{other}\">>}}")))
-                        }
+                        _ => return Err(bad(name, "invalid_overflow".to_string())),
                     }
                 }
                 "x-single-active-consumer" => {
@@ -107,14 +122,16 @@ impl QueueArgs {
                 }
                 "x-queue-mode" => match string(name, v)?.as_str() {
                     "default" | "lazy" => {}
-                    other => return Err(bad(name, format!("{{unknown_value,<<\"{other}\">>}}"))),
+                    other => {
+                        return Err(bad(name, format!("\"unsupported queue mode '{other}'\"")))
+                    }
                 },
                 "x-queue-type" => match string(name, v)?.as_str() {
                     "classic" => {}
                     other => {
                         return Err(bad(
                             name,
-                            format!("{{unsupported_queue_type,<<\"{other}\">>}}"),
+                            format!("\"unsupported queue type '{other}'\""),
                         ))
                     }
                 },

@@ -69,9 +69,9 @@ pub fn dead_letter(
         Some(i) => {
             let mut existing = deaths.remove(i);
             if let FieldValue::Table(t) = &mut existing {
+                // Only the count changes: RabbitMQ keeps the first death's time.
                 let count = t.get("count").and_then(|c| c.as_i64()).unwrap_or(0);
                 t.insert("count", FieldValue::I64(count + 1));
-                t.insert("time", FieldValue::Timestamp(now_secs));
             }
             existing
         }
@@ -91,6 +91,10 @@ pub fn dead_letter(
     };
     deaths.insert(0, entry);
     props.expiration = None;
+    if routing_key.is_some() {
+        // Routed by the dead-letter routing key alone: RabbitMQ drops the CC keys.
+        headers.remove("CC");
+    }
     if headers.get("x-first-death-queue").is_none() {
         headers.insert("x-first-death-queue", FieldValue::string(queue));
         headers.insert("x-first-death-reason", FieldValue::string(reason.as_str()));
@@ -190,6 +194,7 @@ mod tests {
         let first = death(&c, 0);
         assert_eq!(first.get("queue").and_then(text), Some("q1"));
         assert_eq!(first.get("count"), Some(&FieldValue::I64(2)));
+        assert_eq!(first.get("time"), Some(&FieldValue::Timestamp(1)));
         assert_eq!(death(&c, 1).get("queue").and_then(text), Some("q2"));
         let h = c.properties.headers.as_ref().expect("headers");
         assert_eq!(

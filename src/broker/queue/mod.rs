@@ -18,9 +18,10 @@ pub use args::{Overflow, QueueArgs};
 pub use consumer::{Consumer, Credit, Delivery, DeliverySink};
 pub use dead_letter::Reason;
 
-use crate::broker::message::{now_ms, Entry, Message};
+use crate::broker::message::{now_ms, paged_placeholder, Entry, MemoryBudget, Message};
 use crate::broker::vhost::VHost;
 use crate::error::{AmqpError, AmqpResult};
+use crate::storage::{Store, StoredMessage};
 use crate::wire::FieldTable;
 use parking_lot::Mutex;
 use ready::Ready;
@@ -45,7 +46,28 @@ pub struct Queue {
     /// Totals of messages in, delivered and acked, for the admin API.
     pub counters: crate::broker::Counters,
     vhost: Weak<VHost>,
+    /// Where persistent messages of a durable queue are written.
+    store: Option<QueueStore>,
+    /// Resident message bytes broker-wide; past its limit persistent messages page out.
+    budget: Arc<MemoryBudget>,
     state: Mutex<State>,
+}
+
+/// A durable queue's handle on the message store.
+#[derive(Debug)]
+struct QueueStore {
+    store: Store,
+    /// The queue's key in the store: `vhost \0 name`.
+    key: String,
+}
+
+/// What happened to a published message at one queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Accepted; `durable`: written to the store (confirm after the next flush).
+    Accepted { durable: bool },
+    /// Refused by `x-overflow` reject-publish(-dlx).
+    Rejected,
 }
 
 #[derive(Debug)]
@@ -79,15 +101,28 @@ pub struct QueueStats {
 type DeadLetters = Vec<(Entry, Reason)>;
 
 impl Queue {
-    pub fn new(spec: QueueSpec, args: QueueArgs, vhost: Weak<VHost>) -> Arc<Queue> {
+    /// A queue; `store` is given for durable queues, whose persistent messages it keeps.
+    pub fn new(
+        spec: QueueSpec,
+        args: QueueArgs,
+        vhost: Weak<VHost>,
+        store: Option<Store>,
+        budget: Arc<MemoryBudget>,
+    ) -> Arc<Queue> {
         let max_priority = args.max_priority;
+        let store = store.map(|store| QueueStore {
+            key: store_key(&spec.vhost, &spec.name),
+            store,
+        });
         Arc::new(Queue {
             spec,
             args,
             counters: Default::default(),
             vhost,
+            store,
+            budget: Arc::clone(&budget),
             state: Mutex::new(State {
-                ready: Ready::new(max_priority),
+                ready: Ready::new(max_priority, budget),
                 unacked: 0,
                 consumers: Vec::new(),
                 next_consumer: 0,
@@ -142,15 +177,14 @@ impl Queue {
         }
     }
 
-    /// Add a published message and deliver what can be delivered. Returns false when
-    /// the queue refused it (`x-overflow` reject-publish / reject-publish-dlx).
-    pub fn enqueue(self: &Arc<Self>, message: Arc<Message>) -> bool {
+    /// Add a published message and deliver what can be delivered.
+    pub fn enqueue(self: &Arc<Self>, message: Arc<Message>) -> Enqueued {
         let now = now_ms();
         let mut dead = DeadLetters::new();
         let accepted = {
             let mut s = self.state.lock();
             if s.deleted {
-                return true;
+                return Enqueued::Accepted { durable: false };
             }
             let ttl = match (self.args.message_ttl, message.ttl()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -167,26 +201,31 @@ impl Queue {
                     .is_some_and(|m| (s.ready.bytes() + size) as u64 > m);
             let seq = s.next_seq;
             s.next_seq += 1;
-            let entry = Entry {
-                seq,
-                message,
-                redelivered: false,
-                expires_at: ttl.map(|t| now.saturating_add(t)),
-            };
+            let mut entry = Entry::new(seq, message, ttl.map(|t| now.saturating_add(t)));
             crate::broker::Counters::add(&self.counters.published, 1);
             if full && self.args.overflow != Overflow::DropHead {
                 if self.args.overflow == Overflow::RejectPublishDlx {
                     dead.push((entry, Reason::MaxLen));
                 }
-                false
+                Enqueued::Rejected
             } else {
+                if let Some(qs) = &self.store {
+                    if entry.message.is_persistent() {
+                        qs.store.insert_message(&qs.key, seq, &stored(&entry));
+                        entry.persisted = true;
+                        if self.budget.over(entry.size()) {
+                            page_out(&mut entry);
+                        }
+                    }
+                }
+                let durable = entry.persisted;
                 s.may_expire |= entry.expires_at.is_some();
                 s.ready.push_back(entry);
                 self.enforce_limits(&mut s, &mut dead);
                 self.dispatch_locked(&mut s, now, &mut dead);
                 // TTL 0: what no consumer took at once expires now.
                 self.expire_locked(&mut s, now, &mut dead);
-                true
+                Enqueued::Accepted { durable }
             }
         };
         self.dead_letter(dead);
@@ -207,8 +246,14 @@ impl Queue {
             if !(over_len || over_bytes) {
                 return;
             }
-            match s.ready.pop_oldest_lowest() {
-                Some(e) => dead.push((e, Reason::MaxLen)),
+            // The head is the next message to deliver: in a priority queue RabbitMQ
+            // drops the highest-priority one.
+            match s.ready.pop() {
+                Some(e) => {
+                    let Some(e) = self.page_in(e) else { continue };
+                    self.forget(&e);
+                    dead.push((e, Reason::MaxLen));
+                }
                 None => return,
             }
         }
@@ -222,7 +267,8 @@ impl Queue {
         while let Some(head) = s.ready.peek() {
             match head.expires_at {
                 Some(at) if at <= now => {
-                    if let Some(e) = s.ready.pop() {
+                    if let Some(e) = s.ready.pop().and_then(|e| self.page_in(e)) {
+                        self.forget(&e);
                         dead.push((e, Reason::Expired));
                     }
                 }
@@ -268,7 +314,9 @@ impl Queue {
 
     fn dispatch_locked(self: &Arc<Self>, s: &mut State, now: u64, dead: &mut DeadLetters) {
         while !s.ready.is_empty() && !s.consumers.is_empty() && !s.deleted {
-            self.expire_locked(s, now, dead);
+            // A message due exactly now is still delivered: TTL 0 reaches a waiting
+            // consumer (the caller expires what is left).
+            self.expire_locked(s, now.saturating_sub(1), dead);
             if s.ready.is_empty() {
                 return;
             }
@@ -278,6 +326,10 @@ impl Queue {
             let Some(entry) = s.ready.pop() else {
                 return;
             };
+            let Some(entry) = self.page_in(entry) else {
+                consumer_give_back(&s.consumers[idx]);
+                continue;
+            };
             let consumer = Arc::clone(&s.consumers[idx]);
             if !consumer.no_ack {
                 s.unacked += 1;
@@ -286,6 +338,7 @@ impl Queue {
             if entry.redelivered {
                 crate::broker::Counters::add(&self.counters.redelivered, 1);
             }
+            self.handed_out(&entry, consumer.no_ack);
             let delivery = Delivery {
                 channel: consumer.channel,
                 consumer_tag: Arc::clone(&consumer.tag),
@@ -313,12 +366,22 @@ impl Queue {
             let now = now_ms();
             s.last_used = now;
             self.expire_locked(&mut s, now, &mut dead);
-            let entry = s.ready.pop();
+            let mut entry = s.ready.pop();
+            while let Some(e) = entry {
+                match self.page_in(e) {
+                    Some(e) => {
+                        entry = Some(e);
+                        break;
+                    }
+                    None => entry = s.ready.pop(),
+                }
+            }
             if entry.is_some() && !no_ack {
                 s.unacked += 1;
             }
-            if entry.is_some() {
+            if let Some(e) = &entry {
                 crate::broker::Counters::add(&self.counters.delivered, 1);
+                self.handed_out(e, no_ack);
             }
             entry.map(|e| (e, s.ready.len()))
         };
@@ -326,17 +389,103 @@ impl Queue {
         got
     }
 
-    /// `count` unacked messages were acked.
-    pub fn settle(&self, count: usize) {
-        crate::broker::Counters::add(&self.counters.acked, count as u64);
+    /// Unacked messages were acked: they are gone for good.
+    pub fn ack(&self, entries: &[Entry]) {
+        crate::broker::Counters::add(&self.counters.acked, entries.len() as u64);
+        for e in entries {
+            self.forget(e);
+        }
         let mut s = self.state.lock();
-        s.unacked = s.unacked.saturating_sub(count);
+        s.unacked = s.unacked.saturating_sub(entries.len());
     }
 
-    /// Unacked messages were rejected without requeue: settle and dead-letter them.
+    /// Unacked messages were rejected without requeue: drop and dead-letter them.
     pub fn reject(&self, entries: Vec<Entry>) {
-        self.settle(entries.len());
+        for e in &entries {
+            self.forget(e);
+        }
+        {
+            let mut s = self.state.lock();
+            s.unacked = s.unacked.saturating_sub(entries.len());
+        }
         self.dead_letter(entries.into_iter().map(|e| (e, Reason::Rejected)).collect());
+    }
+
+    /// Load a paged-out entry back from the store. `None` (logged) if the store no
+    /// longer has it, which would be a bug: the entry is dropped.
+    fn page_in(&self, mut e: Entry) -> Option<Entry> {
+        if e.paged.is_none() {
+            return Some(e);
+        }
+        let qs = self.store.as_ref()?;
+        let loaded = match qs.store.get_message(&qs.key, e.seq) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                tracing::error!(queue = %self.spec.name, seq = e.seq, "paged-out message missing from the store");
+                return None;
+            }
+            Err(err) => {
+                tracing::error!(queue = %self.spec.name, seq = e.seq, error = %err, "cannot page a message in");
+                return None;
+            }
+        };
+        let properties = crate::wire::BasicProperties::decode(&loaded.properties).ok()?;
+        e.message = Message::new(loaded.exchange, loaded.routing_key, properties, loaded.body);
+        e.paged = None;
+        Some(e)
+    }
+
+    /// A message left the queue for good: remove it from the store.
+    fn forget(&self, e: &Entry) {
+        if e.persisted {
+            if let Some(qs) = &self.store {
+                qs.store.remove_message(&qs.key, e.seq);
+            }
+        }
+    }
+
+    /// A message went to a consumer or basic.get: without ack it is gone; with ack
+    /// it must come back redelivered after a restart.
+    fn handed_out(&self, e: &Entry, no_ack: bool) {
+        if !e.persisted {
+            return;
+        }
+        if no_ack {
+            self.forget(e);
+        } else if !e.redelivered {
+            if let Some(qs) = &self.store {
+                qs.store.mark_redelivered(&qs.key, e.seq);
+            }
+        }
+    }
+
+    /// Put recovered messages (from the store) back, in order.
+    pub fn restore(&self, messages: Vec<(u64, StoredMessage)>) -> usize {
+        let mut s = self.state.lock();
+        let n = messages.len();
+        for (seq, m) in messages {
+            let properties = match crate::wire::BasicProperties::decode(&m.properties) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(queue = %self.spec.name, seq, error = %e, "unreadable stored properties; message skipped");
+                    continue;
+                }
+            };
+            s.next_seq = s.next_seq.max(seq + 1);
+            s.may_expire |= m.expires_at.is_some();
+            let mut entry = Entry::new(
+                seq,
+                Message::new(m.exchange, m.routing_key, properties, m.body),
+                m.expires_at,
+            );
+            entry.redelivered = m.redelivered;
+            entry.persisted = true;
+            if self.budget.over(entry.size()) {
+                page_out(&mut entry);
+            }
+            s.ready.push_back(entry);
+        }
+        n
     }
 
     /// Put messages back at their original positions.
@@ -359,6 +508,10 @@ impl Queue {
                 entry.redelivered |= redelivered;
                 s.may_expire |= entry.expires_at.is_some();
                 s.ready.requeue(entry);
+            }
+            // RabbitMQ applies drop-head on requeue too: the requeued head may go.
+            if self.args.overflow == Overflow::DropHead {
+                self.enforce_limits(&mut s, &mut dead);
             }
             self.dispatch_locked(&mut s, now_ms(), &mut dead);
         }
@@ -384,9 +537,14 @@ impl Queue {
                     self.spec.name, self.spec.vhost
                 )));
             }
-            let pos = s
-                .consumers
-                .partition_point(|c| c.priority >= consumer.priority);
+            // Single active consumer: the first registered stays active, whatever the
+            // priorities (RabbitMQ 3.10 classic queues).
+            let pos = if self.args.single_active_consumer {
+                s.consumers.len()
+            } else {
+                s.consumers
+                    .partition_point(|c| c.priority >= consumer.priority)
+            };
             s.consumers.insert(pos, consumer);
             s.had_consumer = true;
             let now = now_ms();
@@ -425,9 +583,11 @@ impl Queue {
     /// Remove every ready message; returns how many.
     pub fn purge(&self) -> usize {
         let mut s = self.state.lock();
-        let n = s.ready.len();
-        s.ready.drain();
-        n
+        let drained = s.ready.drain();
+        for e in &drained {
+            self.forget(e);
+        }
+        drained.len()
     }
 
     /// Mark deleted, drop the ready messages, and return the consumers to notify and
@@ -437,6 +597,9 @@ impl Queue {
         s.deleted = true;
         let n = s.ready.len();
         s.ready.drain();
+        if let Some(qs) = &self.store {
+            qs.store.delete_queue_messages(&qs.key);
+        }
         (std::mem::take(&mut s.consumers), n)
     }
 
@@ -466,6 +629,36 @@ impl Queue {
                 }
             }
         }
+    }
+}
+
+/// Drop an entry's body from memory; the store has it.
+fn page_out(e: &mut Entry) {
+    e.paged = Some(u32::try_from(e.message.size()).unwrap_or(u32::MAX));
+    e.message = paged_placeholder();
+}
+
+/// Undo the credit taken for a delivery that could not be made.
+fn consumer_give_back(c: &Consumer) {
+    c.give_back_credit();
+}
+
+/// The store key of a queue.
+pub fn store_key(vhost: &str, name: &str) -> String {
+    format!("{vhost}\0{name}")
+}
+
+/// The stored form of an entry.
+fn stored(e: &Entry) -> StoredMessage {
+    let mut props = bytes::BytesMut::new();
+    e.message.properties.encode(&mut props);
+    StoredMessage {
+        exchange: e.message.exchange.clone(),
+        routing_key: e.message.routing_key.clone(),
+        properties: props.freeze(),
+        body: e.message.body.clone(),
+        redelivered: e.redelivered,
+        expires_at: e.expires_at,
     }
 }
 

@@ -4,8 +4,9 @@
 //! messages going back to their original position (by sequence number). Counting bytes
 //! is here too, for length limits. Expiry and dead-lettering live one layer up.
 
-use crate::broker::message::Entry;
+use crate::broker::message::{Entry, MemoryBudget};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct Ready {
@@ -13,15 +14,18 @@ pub struct Ready {
     levels: Vec<VecDeque<Entry>>,
     len: usize,
     bytes: usize,
+    /// Broker-wide count of resident body bytes, kept up to date here.
+    budget: Arc<MemoryBudget>,
 }
 
 impl Ready {
     /// `max_priority` 0 is a plain FIFO queue.
-    pub fn new(max_priority: u8) -> Ready {
+    pub fn new(max_priority: u8, budget: Arc<MemoryBudget>) -> Ready {
         Ready {
             levels: (0..=max_priority).map(|_| VecDeque::new()).collect(),
             len: 0,
             bytes: 0,
+            budget,
         }
     }
 
@@ -43,13 +47,14 @@ impl Ready {
         if top == 0 {
             return 0;
         }
-        usize::from(entry.message.properties.priority.unwrap_or(0)).min(top)
+        usize::from(entry.priority).min(top)
     }
 
     /// Append a newly published message.
     pub fn push_back(&mut self, entry: Entry) {
         let level = self.level_of(&entry);
-        self.bytes += entry.message.size();
+        self.bytes += entry.size();
+        self.budget.add(entry.resident_size());
         self.len += 1;
         self.levels[level].push_back(entry);
     }
@@ -57,7 +62,8 @@ impl Ready {
     /// Put a message back at its original position (by sequence number).
     pub fn requeue(&mut self, entry: Entry) {
         let level = self.level_of(&entry);
-        self.bytes += entry.message.size();
+        self.bytes += entry.size();
+        self.budget.add(entry.resident_size());
         self.len += 1;
         let fifo = &mut self.levels[level];
         match fifo.front() {
@@ -79,7 +85,8 @@ impl Ready {
     pub fn pop(&mut self) -> Option<Entry> {
         let entry = self.levels.iter_mut().rev().find_map(|l| l.pop_front())?;
         self.len -= 1;
-        self.bytes -= entry.message.size();
+        self.bytes -= entry.size();
+        self.budget.sub(entry.resident_size());
         Some(entry)
     }
 
@@ -87,7 +94,8 @@ impl Ready {
     pub fn pop_oldest_lowest(&mut self) -> Option<Entry> {
         let entry = self.levels.iter_mut().find_map(|l| l.pop_front())?;
         self.len -= 1;
-        self.bytes -= entry.message.size();
+        self.bytes -= entry.size();
+        self.budget.sub(entry.resident_size());
         Some(entry)
     }
 
@@ -95,7 +103,9 @@ impl Ready {
     pub fn drain(&mut self) -> Vec<Entry> {
         self.len = 0;
         self.bytes = 0;
-        self.levels.iter_mut().flat_map(|l| l.drain(..)).collect()
+        let all: Vec<Entry> = self.levels.iter_mut().flat_map(|l| l.drain(..)).collect();
+        self.budget.sub(all.iter().map(Entry::resident_size).sum());
+        all
     }
 
     /// Iterate in delivery order.
@@ -116,17 +126,16 @@ mod tests {
             priority,
             ..Default::default()
         };
-        Entry {
+        Entry::new(
             seq,
-            message: Message::new("", "k", props, Bytes::from_static(b"abc")),
-            redelivered: false,
-            expires_at: None,
-        }
+            Message::new("", "k", props, Bytes::from_static(b"abc")),
+            None,
+        )
     }
 
     #[test]
     fn fifo_and_requeue_order() {
-        let mut r = Ready::new(0);
+        let mut r = Ready::new(0, MemoryBudget::unlimited());
         for s in 1..=5 {
             r.push_back(entry(s, None));
         }
@@ -145,7 +154,7 @@ mod tests {
 
     #[test]
     fn priorities_deliver_highest_first_fifo_within() {
-        let mut r = Ready::new(5);
+        let mut r = Ready::new(5, MemoryBudget::unlimited());
         r.push_back(entry(1, None));
         r.push_back(entry(2, Some(9)));
         r.push_back(entry(3, Some(2)));

@@ -1,0 +1,273 @@
+//! Durable topology: the records vhosts, exchanges, queues and bindings are
+//! stored as, and recovery of a broker from the store at start-up.
+//!
+//! Records are JSON (argument tables kept as their AMQP encoding, so every type
+//! survives). Bindings are stored as one record per durable source exchange,
+//! rewritten whenever that exchange's bindings change.
+
+use crate::broker::exchange::{Binding, Destination};
+use crate::broker::queue::store_key;
+use crate::broker::vhost::{Exchange, ExchangeDeclare, QueueDeclare, VHost};
+use crate::storage::{StorageError, Store, TopologyKind};
+use crate::wire::{encode_field_table, parse_field_table, FieldTable};
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VHostRecord {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExchangeRecord {
+    pub vhost: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct QueueRecord {
+    pub vhost: String,
+    pub name: String,
+    pub auto_delete: bool,
+    pub arguments: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BindingRecord {
+    /// "queue" or "exchange".
+    pub destination_type: String,
+    pub destination: String,
+    pub routing_key: String,
+    pub arguments: Vec<u8>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BindingsRecord {
+    pub vhost: String,
+    pub source: String,
+    pub bindings: Vec<BindingRecord>,
+}
+
+fn table_bytes(t: &FieldTable) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    encode_field_table(t, &mut b);
+    b.to_vec()
+}
+
+fn table_from(bytes: &[u8], store: &Store) -> Result<FieldTable, StorageError> {
+    parse_field_table(bytes)
+        .map(|(_, t)| t)
+        .map_err(|e| corrupt(store, format!("bad argument table: {e:?}")))
+}
+
+fn corrupt(store: &Store, detail: String) -> StorageError {
+    StorageError::Corrupt {
+        path: store.path().to_path_buf(),
+        detail,
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn put(store: &Store, kind: TopologyKind, key: &str, record: &[u8]) {
+    if let Err(e) = store.put_topology(kind, key, record) {
+        tracing::error!(error = %e, key, "cannot persist topology");
+    }
+}
+
+fn delete(store: &Store, kind: TopologyKind, key: &str) {
+    if let Err(e) = store.delete_topology(kind, key) {
+        tracing::error!(error = %e, key, "cannot delete topology record");
+    }
+}
+
+pub fn save_vhost(store: &Store, name: &str) {
+    put(
+        store,
+        TopologyKind::VHost,
+        name,
+        &json(&VHostRecord { name: name.into() }),
+    );
+}
+
+pub fn save_exchange(store: &Store, vhost: &str, ex: &Exchange) {
+    let rec = ExchangeRecord {
+        vhost: vhost.into(),
+        name: ex.name.to_string(),
+        kind: ex.type_name().into(),
+        auto_delete: ex.auto_delete,
+        internal: ex.internal,
+        arguments: table_bytes(&ex.arguments),
+    };
+    put(
+        store,
+        TopologyKind::Exchange,
+        &store_key(vhost, &ex.name),
+        &json(&rec),
+    );
+}
+
+pub fn delete_exchange(store: &Store, vhost: &str, name: &str) {
+    let key = store_key(vhost, name);
+    delete(store, TopologyKind::Exchange, &key);
+    delete(store, TopologyKind::Binding, &key);
+}
+
+pub fn save_queue(
+    store: &Store,
+    vhost: &str,
+    name: &str,
+    auto_delete: bool,
+    arguments: &FieldTable,
+) {
+    let rec = QueueRecord {
+        vhost: vhost.into(),
+        name: name.into(),
+        auto_delete,
+        arguments: table_bytes(arguments),
+    };
+    put(
+        store,
+        TopologyKind::Queue,
+        &store_key(vhost, name),
+        &json(&rec),
+    );
+}
+
+pub fn delete_queue(store: &Store, vhost: &str, name: &str) {
+    delete(store, TopologyKind::Queue, &store_key(vhost, name));
+}
+
+/// Rewrite the bindings record of a durable source exchange.
+pub fn save_bindings(store: &Store, vhost: &str, source: &str, bindings: &[Binding]) {
+    let key = store_key(vhost, source);
+    if bindings.is_empty() {
+        delete(store, TopologyKind::Binding, &key);
+        return;
+    }
+    let rec = BindingsRecord {
+        vhost: vhost.into(),
+        source: source.into(),
+        bindings: bindings
+            .iter()
+            .map(|b| {
+                let (t, d) = match &b.destination {
+                    Destination::Queue(q) => ("queue", q),
+                    Destination::Exchange(e) => ("exchange", e),
+                };
+                BindingRecord {
+                    destination_type: t.into(),
+                    destination: d.to_string(),
+                    routing_key: b.routing_key.clone(),
+                    arguments: table_bytes(&b.arguments),
+                }
+            })
+            .collect(),
+    };
+    put(store, TopologyKind::Binding, &key, &json(&rec));
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(
+    store: &Store,
+    key: &str,
+    bytes: &[u8],
+) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(store, format!("record {key}: {e}")))
+}
+
+/// What recovery found.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub vhosts: usize,
+    pub exchanges: usize,
+    pub queues: usize,
+    pub bindings: usize,
+    pub messages: usize,
+}
+
+/// Rebuild vhosts, exchanges, queues (with their messages) and bindings.
+/// `vhost` creates (or returns) a vhost by name.
+pub fn recover(
+    store: &Store,
+    vhost: &dyn Fn(&str) -> Arc<VHost>,
+) -> Result<Recovered, StorageError> {
+    let mut r = Recovered::default();
+    for (key, bytes) in store.load_topology(TopologyKind::VHost)? {
+        let rec: VHostRecord = parse(store, &key, &bytes)?;
+        vhost(&rec.name);
+        r.vhosts += 1;
+    }
+    for (key, bytes) in store.load_topology(TopologyKind::Exchange)? {
+        let rec: ExchangeRecord = parse(store, &key, &bytes)?;
+        let v = vhost(&rec.vhost);
+        let arguments = table_from(&rec.arguments, store)?;
+        let d = ExchangeDeclare {
+            name: rec.name.clone(),
+            kind: rec.kind,
+            passive: false,
+            durable: true,
+            auto_delete: rec.auto_delete,
+            internal: rec.internal,
+            arguments,
+        };
+        match v.declare_exchange(&d) {
+            Ok(_) => r.exchanges += 1,
+            Err(e) => {
+                tracing::error!(exchange = %rec.name, error = %e.text, "cannot recover exchange")
+            }
+        }
+    }
+    let mut live_keys = std::collections::HashSet::new();
+    for (key, bytes) in store.load_topology(TopologyKind::Queue)? {
+        let rec: QueueRecord = parse(store, &key, &bytes)?;
+        let v = vhost(&rec.vhost);
+        let d = QueueDeclare {
+            name: rec.name.clone(),
+            passive: false,
+            durable: true,
+            exclusive: false,
+            auto_delete: rec.auto_delete,
+            arguments: table_from(&rec.arguments, store)?,
+        };
+        match v.declare_queue(&d, 0) {
+            Ok((q, _)) => {
+                let qkey = store_key(&rec.vhost, &rec.name);
+                let messages = store.load_messages(&qkey)?;
+                r.messages += q.restore(messages);
+                live_keys.insert(qkey);
+                r.queues += 1;
+            }
+            Err(e) => tracing::error!(queue = %rec.name, error = %e.text, "cannot recover queue"),
+        }
+    }
+    // Messages of queues deleted just before a crash.
+    for key in store.queue_keys_with_messages()? {
+        if !live_keys.contains(&key) {
+            store.delete_queue_messages(&key);
+        }
+    }
+    for (key, bytes) in store.load_topology(TopologyKind::Binding)? {
+        let rec: BindingsRecord = parse(store, &key, &bytes)?;
+        let v = vhost(&rec.vhost);
+        for b in rec.bindings {
+            let dest = match b.destination_type.as_str() {
+                "exchange" => Destination::Exchange(b.destination.as_str().into()),
+                _ => Destination::Queue(b.destination.as_str().into()),
+            };
+            let args = table_from(&b.arguments, store)?;
+            if v.bind(&rec.source, dest, &b.routing_key, &args, 0).is_ok() {
+                r.bindings += 1;
+            }
+        }
+    }
+    Ok(r)
+}

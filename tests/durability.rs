@@ -1,0 +1,433 @@
+//! Durability: the real binary as a child process, restarted cleanly and killed
+//! with SIGKILL; confirmed messages and durable topology must survive.
+
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+struct Broker {
+    child: Child,
+    port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn data_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("warren-dur-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+impl Broker {
+    async fn start(dir: &Path) -> Broker {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .env("WARREN_AMQP_PORT", port.to_string())
+            .env("WARREN_BIND", "127.0.0.1")
+            .env("WARREN_ADMIN_ENABLED", "false")
+            .env("WARREN_DATA_DIR", dir)
+            .env("WARREN_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn warren");
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Broker { child, port };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("warren did not start on port {port}");
+    }
+
+    fn uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    async fn connect(&self) -> Connection {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(&self.uri(), ConnectionProperties::default()),
+        )
+        .await
+        .expect("connect timeout")
+        .expect("connect")
+    }
+
+    fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("warren did not stop on SIGTERM");
+    }
+}
+
+impl Drop for Broker {
+    /// A failing test must not leave the broker running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_topology_and_messages_survive_restart() {
+    let dir = data_dir("restart");
+    let b = Broker::start(&dir).await;
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(5));
+    ch.queue_declare("dq", durable, args.clone()).await.unwrap();
+    ch.queue_declare("tq", QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    ch.exchange_declare(
+        "dx",
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        "dq",
+        "dx",
+        "a.#",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("h".into(), AMQPValue::LongString("v".into()));
+    for i in 0..5u8 {
+        let props = persistent()
+            .with_headers(headers.clone())
+            .with_priority(i % 2)
+            .with_content_type("text/plain".into());
+        ch.basic_publish(
+            "dx",
+            "a.b",
+            BasicPublishOptions::default(),
+            &[b'm', b'0' + i],
+            props,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    // A transient message on the durable queue is not kept.
+    ch.basic_publish(
+        "",
+        "dq",
+        BasicPublishOptions::default(),
+        b"transient",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    // One delivered but unacked message comes back redelivered.
+    let got = ch
+        .basic_get("dq", BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("a message");
+    assert_eq!(got.delivery.data, b"m1", "priority 1 first");
+    // One acked message never comes back.
+    let acked = ch
+        .basic_get("dq", BasicGetOptions { no_ack: false })
+        .await
+        .unwrap()
+        .expect("a message");
+    acked
+        .delivery
+        .ack(BasicAckOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(acked.delivery.data, b"m3");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.stop();
+
+    let b = Broker::start(&dir).await;
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            "dq",
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("durable queue survives");
+    assert_eq!(q.message_count(), 4);
+    let e = ch
+        .queue_declare(
+            "tq",
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(e.is_err(), "transient queue must be gone");
+    let ch = conn.create_channel().await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(m) = ch
+        .basic_get("dq", BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let body = String::from_utf8_lossy(&m.delivery.data).to_string();
+        let props = &m.delivery.properties;
+        assert_eq!(props.delivery_mode(), &Some(2));
+        assert_eq!(
+            props.content_type().as_ref().map(|c| c.as_str()),
+            Some("text/plain")
+        );
+        let h = props.headers().as_ref().expect("headers kept");
+        assert_eq!(h.inner().get("h"), Some(&AMQPValue::LongString("v".into())));
+        seen.push((body, m.delivery.redelivered));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("m1".to_string(), true),
+            ("m0".to_string(), false),
+            ("m2".to_string(), false),
+            ("m4".to_string(), false),
+        ],
+        "priority order kept, unacked redelivered, acked and transient gone"
+    );
+    // The durable binding still routes.
+    ch.basic_publish(
+        "dx",
+        "a.c",
+        BasicPublishOptions::default(),
+        b"again",
+        persistent(),
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let m = ch
+        .basic_get("dq", BasicGetOptions { no_ack: true })
+        .await
+        .unwrap();
+    assert_eq!(
+        m.expect("routed through recovered binding").delivery.data,
+        b"again"
+    );
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Publish persistent messages with confirms from several connections until killed.
+async fn publish_until_killed(uri: String, id: u32, confirmed: Arc<Mutex<BTreeSet<String>>>) {
+    let Ok(conn) = Connection::connect(&uri, ConnectionProperties::default()).await else {
+        return;
+    };
+    let Ok(ch) = conn.create_channel().await else {
+        return;
+    };
+    if ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut n = 0u32;
+    loop {
+        let body = format!("{id}-{n}");
+        let Ok(pending) = ch
+            .basic_publish(
+                "",
+                "kq",
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                persistent(),
+            )
+            .await
+        else {
+            return;
+        };
+        match pending.await {
+            Ok(c) if c.is_ack() => {
+                confirmed.lock().unwrap().insert(body);
+            }
+            _ => return,
+        }
+        n += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_confirmed_message() {
+    let dir = data_dir("kill9");
+    let mut all_confirmed = BTreeSet::new();
+    let mut drained: HashSet<String> = HashSet::new();
+    for cycle in 0..3u64 {
+        let b = Broker::start(&dir).await;
+        let conn = b.connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.queue_declare(
+            "kq",
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+        // Everything confirmed in earlier cycles and not yet drained must be here, once.
+        let mut consumer = ch
+            .basic_consume(
+                "kq",
+                "drain",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let expected = all_confirmed.len() - drained.len();
+        let mut this_round = HashSet::new();
+        while this_round.len() < expected {
+            let d = tokio::time::timeout(Duration::from_secs(5), consumer.next())
+                .await
+                .expect("confirmed message missing after kill -9")
+                .expect("stream")
+                .expect("delivery");
+            let body = String::from_utf8_lossy(&d.data).to_string();
+            assert!(
+                this_round.insert(body.clone()),
+                "duplicate after restart: {body}"
+            );
+            assert!(
+                !drained.contains(&body),
+                "an acked message came back: {body}"
+            );
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        // Unconfirmed extras may exist; take them too, but nothing may repeat.
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(300), consumer.next()).await
+        {
+            let body = String::from_utf8_lossy(&d.data).to_string();
+            assert!(
+                this_round.insert(body.clone()),
+                "duplicate after restart: {body}"
+            );
+            assert!(
+                !drained.contains(&body),
+                "an acked message came back: {body}"
+            );
+            d.ack(BasicAckOptions::default()).await.unwrap();
+        }
+        for c in all_confirmed.iter() {
+            if !drained.contains(c) {
+                assert!(this_round.contains(c), "confirmed message {c} lost");
+            }
+        }
+        drained.extend(this_round);
+        ch.basic_cancel("drain", BasicCancelOptions::default())
+            .await
+            .unwrap();
+        // Acks reach the disk with the next group flush.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let confirmed = Arc::new(Mutex::new(BTreeSet::new()));
+        let tasks: Vec<_> = (0..3)
+            .map(|p| {
+                tokio::spawn(publish_until_killed(
+                    b.uri(),
+                    (cycle as u32) * 10 + p,
+                    Arc::clone(&confirmed),
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300 + 150 * cycle)).await;
+        b.kill9();
+        for t in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        let got = confirmed.lock().unwrap().clone();
+        assert!(
+            !got.is_empty(),
+            "cycle {cycle}: nothing was confirmed before the kill"
+        );
+        all_confirmed.extend(got);
+    }
+    // Final check after the last kill.
+    let b = Broker::start(&dir).await;
+    let conn = b.connect().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut left = HashSet::new();
+    while let Some(m) = ch
+        .basic_get("kq", BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let body = String::from_utf8_lossy(&m.delivery.data).to_string();
+        assert!(left.insert(body.clone()), "duplicate: {body}");
+        assert!(!drained.contains(&body), "acked message came back: {body}");
+    }
+    for c in &all_confirmed {
+        assert!(
+            drained.contains(c) || left.contains(c),
+            "confirmed message {c} lost"
+        );
+    }
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
