@@ -232,7 +232,7 @@ async fn serve(
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (read_half, write_half) = stream.into_split();
     let frame_max = config.frame_max.max(FRAME_MIN_SIZE_BYTES);
-    let reader = FramedRead::new(read_half, FrameCodec::new(frame_max));
+    let reader = FramedRead::with_capacity(read_half, FrameCodec::new(frame_max), 1024);
     let (out, writer_task) = writer::spawn(write_half, FRAME_MIN_SIZE_BYTES);
     let (tx, rx) = mpsc::unbounded_channel();
     let now = Instant::now();

@@ -14,9 +14,14 @@ use std::sync::Arc;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// Capacity the encode buffer is topped up to after a flush. Small, so an idle
-/// connection holds little; a busy one grows it as needed.
-const BUF_RESERVE: usize = 4 * 1024;
+/// Initial capacity of the encode buffer: enough for the handshake replies. An idle
+/// connection keeps no more than this.
+const BUF_INITIAL: usize = 512;
+
+/// A connection that flushed at least this much at once is busy: its encode buffer is
+/// topped up to BUF_BUSY after a flush instead of growing by small steps.
+const BUSY_CHUNK: usize = 2 * 1024;
+const BUF_BUSY: usize = 32 * 1024;
 
 /// Chunks at most this big are copied into one buffer and written together.
 const COALESCE_MAX: usize = 64 * 1024;
@@ -96,10 +101,11 @@ impl Out {
             return true;
         }
         let chunk = self.buf.split().freeze();
-        self.in_flight.fetch_add(chunk.len(), Ordering::AcqRel);
+        let chunk_len = chunk.len();
+        self.in_flight.fetch_add(chunk_len, Ordering::AcqRel);
         let ok = self.tx.as_ref().is_some_and(|tx| tx.send(chunk).is_ok());
-        if self.buf.capacity() < 512 {
-            self.buf.reserve(BUF_RESERVE);
+        if chunk_len >= BUSY_CHUNK && self.buf.capacity() < BUSY_CHUNK {
+            self.buf.reserve(BUF_BUSY);
         }
         ok
     }
@@ -115,7 +121,7 @@ where
     let task = tokio::spawn(write_loop(sink, rx, Arc::clone(&in_flight)));
     (
         Out {
-            buf: BytesMut::with_capacity(BUF_RESERVE),
+            buf: BytesMut::with_capacity(BUF_INITIAL),
             frame_max,
             tx: Some(tx),
             in_flight,

@@ -227,7 +227,16 @@ pub fn write_heartbeat(buf: &mut BytesMut) {
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     frame_max: u32,
+    /// Bytes decoded since the decoder last ran out of input: how busy the
+    /// connection is, to size the read buffer (small when idle, large under load).
+    burst: usize,
 }
+
+/// The read buffer of an idle connection stays as small as its socket needs; once
+/// more than BUSY_BURST bytes arrive between two waits for input, the free space is
+/// topped up to READ_BUSY so a busy connection reads in large chunks.
+const BUSY_BURST: usize = 2 * 1024;
+const READ_BUSY: usize = 32 * 1024;
 
 impl Default for FrameCodec {
     fn default() -> Self {
@@ -238,7 +247,10 @@ impl Default for FrameCodec {
 impl FrameCodec {
     /// `frame_max` counts the whole frame (payload + 8); 0 means no limit.
     pub fn new(frame_max: u32) -> Self {
-        FrameCodec { frame_max }
+        FrameCodec {
+            frame_max,
+            burst: 0,
+        }
     }
 
     /// Apply the frame_max agreed in `connection.tune-ok`.
@@ -270,12 +282,28 @@ fn parse_header_payload(payload: &[u8]) -> Result<(u16, u64, BasicProperties), W
     Ok((class_id, body_size, properties))
 }
 
+impl FrameCodec {
+    /// The decoder needs `need` bytes in all and has fewer: make room for them, and
+    /// for a large read if the connection is busy.
+    fn out_of_input(&mut self, src: &mut BytesMut, need: usize) {
+        let mut want = need.saturating_sub(src.len());
+        if self.burst >= BUSY_BURST {
+            want = want.max(READ_BUSY);
+        }
+        self.burst = 0;
+        if src.capacity() - src.len() < want {
+            src.reserve(want);
+        }
+    }
+}
+
 impl Decoder for FrameCodec {
     type Item = Frame;
     type Error = WireError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         if src.len() < FRAME_HEADER_SIZE {
+            self.out_of_input(src, FRAME_HEADER_SIZE);
             return Ok(None);
         }
         let kind = src[0];
@@ -298,9 +326,10 @@ impl Decoder for FrameCodec {
         }
         let total = FRAME_HEADER_SIZE + size as usize + 1;
         if src.len() < total {
-            src.reserve(total - src.len());
+            self.out_of_input(src, total);
             return Ok(None);
         }
+        self.burst += total;
         let end = src[total - 1];
         if end != constants::FRAME_END {
             return Err(WireError::FrameEnd(end));
