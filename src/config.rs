@@ -17,6 +17,8 @@ pub struct Config {
     pub admin_port: u16,
     /// Run the admin HTTP API.
     pub admin_enabled: bool,
+    /// Seconds between samples of the message counters behind the API's rates.
+    pub admin_sample_interval_secs: u64,
     /// Directory of the message store and topology.
     pub data_dir: PathBuf,
     /// Heartbeat interval the server proposes, in seconds (0 disables).
@@ -45,6 +47,51 @@ pub struct Config {
     pub default_user_loopback_only: bool,
     /// tracing filter, e.g. `info` or `warren=debug`.
     pub log: String,
+    /// Most client connections at once (RabbitMQ's `connection_max`); further
+    /// connections are logged and their sockets closed. None: unlimited.
+    pub max_connections: Option<usize>,
+    /// Most queues per vhost (RabbitMQ's `max-queues` vhost limit); a declare
+    /// past it gets 406. None: unlimited.
+    pub max_queues_per_vhost: Option<usize>,
+    /// Most exchanges per vhost, the predeclared ones included; a declare past
+    /// it gets 406. None: unlimited.
+    pub max_exchanges_per_vhost: Option<usize>,
+    /// Most consumers on one channel (RabbitMQ's `consumer_max_per_channel`);
+    /// basic.consume past it gets 406. None: unlimited.
+    pub consumer_max_per_channel: Option<usize>,
+    /// Milliseconds a delivery may stay unacknowledged before its channel is
+    /// closed with 406 (RabbitMQ's `consumer_timeout`, 30 minutes). The queue
+    /// argument `x-consumer-timeout` overrides it. None: no timeout.
+    pub consumer_timeout_ms: Option<u64>,
+    /// Bytes a connection may have waiting to be written before it stops taking
+    /// deliveries and reading input until the peer catches up.
+    pub write_backlog_limit: usize,
+}
+
+/// RabbitMQ's default `consumer_timeout`: 30 minutes.
+pub const DEFAULT_CONSUMER_TIMEOUT_MS: u64 = 30 * 60 * 1000;
+
+/// Default [`Config::write_backlog_limit`]: 4 MiB.
+pub const DEFAULT_WRITE_BACKLOG_LIMIT: usize = 4 * 1024 * 1024;
+
+/// The limits a connection enforces, copied out of the [`Config`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub max_queues_per_vhost: Option<usize>,
+    pub max_exchanges_per_vhost: Option<usize>,
+    pub consumer_max_per_channel: Option<usize>,
+    pub consumer_timeout_ms: Option<u64>,
+}
+
+impl Config {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_queues_per_vhost: self.max_queues_per_vhost,
+            max_exchanges_per_vhost: self.max_exchanges_per_vhost,
+            consumer_max_per_channel: self.consumer_max_per_channel,
+            consumer_timeout_ms: self.consumer_timeout_ms.filter(|ms| *ms > 0),
+        }
+    }
 }
 
 impl Default for Config {
@@ -54,6 +101,7 @@ impl Default for Config {
             amqp_port: 5672,
             admin_port: 15672,
             admin_enabled: true,
+            admin_sample_interval_secs: 5,
             data_dir: PathBuf::from("warren-data"),
             heartbeat: 60,
             frame_max: 131_072,
@@ -67,6 +115,12 @@ impl Default for Config {
             default_pass: "guest".into(),
             default_user_loopback_only: true,
             log: "info".into(),
+            max_connections: None,
+            max_queues_per_vhost: None,
+            max_exchanges_per_vhost: None,
+            consumer_max_per_channel: None,
+            consumer_timeout_ms: Some(DEFAULT_CONSUMER_TIMEOUT_MS),
+            write_backlog_limit: DEFAULT_WRITE_BACKLOG_LIMIT,
         }
     }
 }

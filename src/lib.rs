@@ -7,9 +7,11 @@
 //!   content properties; pure bytes in and out, no I/O.
 //! - `broker`: vhosts, exchanges, bindings, queues, consumers and routing; no I/O.
 //! - `server`: the AMQP listener, one task per connection, channel state.
+//! - `admin`: the HTTP management API (RabbitMQ-shaped JSON) and Prometheus metrics.
 //! - `config`: settings from defaults, a TOML file and `WARREN_*` variables.
 //! - `error`: errors that carry AMQP reply codes.
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod error;
@@ -24,11 +26,17 @@ use std::sync::Arc;
 /// A running broker: the AMQP server (and, when enabled, the admin API).
 pub struct Warren {
     pub server: server::Server,
+    admin: Option<std::net::SocketAddr>,
 }
 
 impl Warren {
     pub fn amqp_addr(&self) -> std::net::SocketAddr {
         self.server.amqp_addr()
+    }
+
+    /// Where the admin HTTP API listens (None when `admin_enabled` is false).
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin
     }
 }
 
@@ -46,6 +54,13 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     let config = Arc::new(config);
     let broker = broker::Broker::open(&config)?;
     let server = server::start(Arc::clone(&config), Arc::clone(&broker)).await?;
+    let admin = if config.admin_enabled {
+        let addr = format!("{}:{}", bracket(&config.bind), config.admin_port);
+        let every = std::time::Duration::from_secs(config.admin_sample_interval_secs.max(1));
+        Some(admin::start(&addr, Arc::clone(&broker), every).await?)
+    } else {
+        None
+    };
     let ticker = Arc::downgrade(&broker);
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(std::time::Duration::from_millis(20));
@@ -63,5 +78,14 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
             }
         }
     });
-    Ok(Warren { server })
+    Ok(Warren { server, admin })
+}
+
+/// An IPv6 literal in brackets, for `host:port`.
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
 }

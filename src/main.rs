@@ -1,4 +1,8 @@
-//! The `warren` binary: load configuration, start the broker, wait for a signal.
+//! The `warren` binary: load configuration, start the broker, wait for a signal;
+//! or, with a subcommand (`warren list-queues`, ...), talk to a running broker's
+//! admin API like rabbitmqctl.
+
+mod ctl;
 
 use clap::Parser;
 use std::path::PathBuf;
@@ -14,6 +18,17 @@ struct Cli {
     /// TOML configuration file (keys as in warren.example.toml).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Admin API base URL for subcommands (default: http://localhost:<admin_port>).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// User for subcommands.
+    #[arg(short = 'u', long = "user", global = true, default_value = "guest")]
+    api_user: String,
+    /// Password for subcommands.
+    #[arg(long = "password", global = true, default_value = "guest")]
+    api_password: String,
+    #[command(subcommand)]
+    command: Option<ctl::Command>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -25,12 +40,32 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Some(cmd) = cli.command {
+        let target = ctl::Target {
+            url: cli
+                .url
+                .unwrap_or_else(|| format!("http://localhost:{}", config.admin_port)),
+            user: cli.api_user,
+            password: cli.api_password,
+        };
+        return match ctl::run(&target, cmd) {
+            Ok(out) => {
+                print!("{out}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("warren: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log)),
         )
         .init();
+    raise_fd_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -49,7 +84,7 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(1);
             }
         };
-        tracing::info!(addr = %broker.amqp_addr(), "warren started");
+        tracing::info!(addr = %broker.amqp_addr(), admin = ?broker.admin_addr(), "warren started");
         wait_for_signal().await;
         tracing::info!("shutting down");
         broker.server.shutdown();
@@ -78,4 +113,37 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Raise the open-files limit to its hard maximum: every AMQP connection is a file
+/// descriptor. Logs the result, or why it could not.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+            tracing::warn!("cannot read the open-files limit; connections are limited by it");
+            return;
+        }
+        if lim.rlim_cur >= lim.rlim_max {
+            tracing::info!(limit = lim.rlim_cur, "open-files limit");
+            return;
+        }
+        let before = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+            tracing::info!(from = before, to = lim.rlim_max, "open-files limit raised");
+        } else {
+            tracing::warn!(
+                limit = before,
+                hard = lim.rlim_max,
+                "cannot raise the open-files limit; at most about that many connections"
+            );
+        }
+    }
 }

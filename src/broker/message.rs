@@ -91,6 +91,12 @@ impl fmt::Display for ShortStr {
     }
 }
 
+impl serde::Serialize for ShortStr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
 impl From<&str> for ShortStr {
     fn from(s: &str) -> ShortStr {
         ShortStr::intern(s)

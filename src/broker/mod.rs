@@ -3,10 +3,12 @@
 //! `server` drives it from AMQP connections (and `admin` from HTTP). Everything
 //! here is synchronous and short: locks are never held across an await.
 
+pub mod auth;
 pub mod exchange;
 pub mod memory;
 pub mod message;
 pub mod persist;
+pub mod policy;
 pub mod queue;
 pub mod vhost;
 
@@ -65,18 +67,12 @@ pub struct ConnectionInfo {
     pub channel_max: u16,
     pub heartbeat: u16,
     pub channels: AtomicU32,
+    /// Numbers of the open channels (for the admin API).
+    pub open_channels: parking_lot::Mutex<std::collections::BTreeSet<u16>>,
     pub control: Arc<dyn ConnectionControl>,
 }
 
-/// A broker user.
-#[derive(Debug, Clone)]
-pub struct User {
-    pub name: String,
-    password: String,
-    pub tags: Vec<String>,
-    /// May only connect from loopback addresses.
-    pub loopback_only: bool,
-}
+pub use auth::User;
 
 /// Why a login failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +87,8 @@ pub enum LoginError {
 #[derive(Debug)]
 pub struct Broker {
     vhosts: RwLock<HashMap<String, Arc<VHost>>>,
-    users: RwLock<HashMap<String, User>>,
+    /// Users and permissions.
+    pub auth: auth::Auth,
     next_connection_id: AtomicU64,
     connections: RwLock<HashMap<u64, Arc<ConnectionInfo>>>,
     /// Broker-wide message totals.
@@ -112,7 +109,15 @@ impl Broker {
         let started = std::time::Instant::now();
         let store = Store::open(&config.data_dir)?;
         let broker = Self::build(config, Some(store.clone()));
-        let recovered = persist::recover(&store, &|name| broker.add_vhost(name))?;
+        // Policies are loaded with their vhost, before its queues are recovered.
+        let recovered = persist::recover(&store, &|name| {
+            let v = broker.add_vhost(name);
+            if let Err(e) = v.policies.recover(name) {
+                tracing::error!(vhost = name, error = %e, "cannot load policies");
+            }
+            v
+        })?;
+        broker.auth.attach(&store)?;
         tracing::info!(
             path = %store.path().display(),
             vhosts = recovered.vhosts,
@@ -138,21 +143,21 @@ impl Broker {
             alarm: tokio::sync::watch::channel(false).0,
             watermark: AtomicU64::new(memory::watermark_bytes(config)),
             vhosts: RwLock::new(HashMap::new()),
-            users: RwLock::new(HashMap::new()),
+            auth: auth::Auth::default(),
             next_connection_id: AtomicU64::new(1),
             connections: RwLock::new(HashMap::new()),
             counters: Counters::default(),
         };
         broker.add_vhost("/");
-        broker.users.write().insert(
-            config.default_user.clone(),
-            User {
-                name: config.default_user.clone(),
-                password: config.default_pass.clone(),
-                tags: vec!["administrator".into()],
-                loopback_only: config.default_user_loopback_only,
-            },
-        );
+        broker.auth.put_user(User {
+            name: config.default_user.clone(),
+            password_hash: auth::hash_password(&config.default_pass),
+            tags: vec!["administrator".into()],
+            loopback_only: config.default_user_loopback_only,
+        });
+        if let Ok(all) = auth::Permission::new(".*", ".*", ".*") {
+            broker.auth.set_permission("/", &config.default_user, all);
+        }
         Arc::new(broker)
     }
 
@@ -168,6 +173,33 @@ impl Broker {
         }
         vhosts.insert(name.to_string(), Arc::clone(&v));
         v
+    }
+
+    /// Delete a vhost: its objects, permissions, and connections (closed with 320).
+    /// False if there was no such vhost.
+    pub fn delete_vhost(&self, name: &str) -> bool {
+        let Some(vhost) = self.vhosts.write().remove(name) else {
+            return false;
+        };
+        self.auth.vhost_deleted(name);
+        vhost.policies.clear();
+        if let Some(store) = &self.store {
+            auth::drop_record(store, crate::storage::TopologyKind::VHost, name);
+        }
+        for e in vhost.exchanges() {
+            if !e.name.is_empty() && !e.name.starts_with("amq.") {
+                let _ = vhost.delete_exchange(&e.name, false);
+            }
+        }
+        for c in self.connections() {
+            if c.vhost == name {
+                c.control.force_close(&format!("vhost '{name}' is deleted"));
+            }
+        }
+        for q in vhost.queues() {
+            vhost.remove_queue(&q);
+        }
+        true
     }
 
     pub fn vhost(&self, name: &str) -> Option<Arc<VHost>> {
@@ -241,6 +273,24 @@ impl Broker {
         self.connections.write().remove(&id);
     }
 
+    /// A channel was opened on connection `id` (counted for the admin API).
+    pub fn channel_opened(&self, id: u64, channel: u16) {
+        if let Some(c) = self.connections.read().get(&id) {
+            if c.open_channels.lock().insert(channel) {
+                c.channels.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A channel of connection `id` was closed.
+    pub fn channel_closed(&self, id: u64, channel: u16) {
+        if let Some(c) = self.connections.read().get(&id) {
+            if c.open_channels.lock().remove(&channel) {
+                c.channels.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     pub fn connections(&self) -> Vec<Arc<ConnectionInfo>> {
         self.connections.read().values().cloned().collect()
     }
@@ -276,14 +326,13 @@ impl Broker {
         password: &str,
         from_loopback: bool,
     ) -> Result<User, LoginError> {
-        let users = self.users.read();
-        let u = users.get(user).ok_or(LoginError::Refused)?;
-        if u.password != password {
-            return Err(LoginError::Refused);
-        }
+        let u = self
+            .auth
+            .check_password(user, password)
+            .ok_or(LoginError::Refused)?;
         if u.loopback_only && !from_loopback {
             return Err(LoginError::LoopbackOnly);
         }
-        Ok(u.clone())
+        Ok(u)
     }
 }

@@ -113,6 +113,8 @@ pub struct VHost {
     store: Option<Store>,
     /// Broker-wide resident message bytes (paging threshold).
     budget: Arc<MemoryBudget>,
+    /// Policies of this vhost (applied to queues as they are declared).
+    pub policies: crate::broker::policy::Policies,
 }
 
 /// A message waiting in a delayed exchange.
@@ -196,6 +198,7 @@ fn same_arg(a: Option<&crate::wire::FieldValue>, b: Option<&crate::wire::FieldVa
 impl VHost {
     /// A vhost with the default and `amq.*` exchanges.
     pub fn new(name: &str, store: Option<Store>, budget: Arc<MemoryBudget>) -> Arc<VHost> {
+        let policies = crate::broker::policy::Policies::new(store.clone());
         let vhost = Arc::new_cyclic(|this| VHost {
             store,
             budget,
@@ -205,6 +208,7 @@ impl VHost {
             queues: RwLock::new(HashMap::new()),
             delayed: Mutex::new(BinaryHeap::new()),
             delayed_seq: AtomicU64::new(0),
+            policies,
         });
         {
             let mut ex = vhost.exchanges.write();
@@ -251,6 +255,14 @@ impl VHost {
             .ok_or_else(|| self.no_queue(name))?;
         q.check_access(connection)?;
         Ok(q)
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.read().len()
+    }
+
+    pub fn exchange_count(&self) -> usize {
+        self.exchanges.read().len()
     }
 
     pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
@@ -436,7 +448,9 @@ impl VHost {
         } else {
             d.name.clone()
         };
-        let args = QueueArgs::parse(&d.arguments, &name, &self.name)?;
+        let policy = self.policies.matching(&self.name, true, &name);
+        let effective = crate::broker::policy::effective_arguments(&d.arguments, policy.as_ref());
+        let args = QueueArgs::parse(&effective, &name, &self.name)?;
         let mut queues = self.queues.write();
         if let Some(existing) = queues.get(&name) {
             existing.check_access(connection)?;
@@ -775,7 +789,11 @@ impl VHost {
                     dests.clear();
                     next.router.read().route(key, headers, &mut dests);
                     if dests.is_empty() {
-                        if let Some(ae) = next.alternate_exchange() {
+                        let ae = next
+                            .alternate_exchange()
+                            .map(str::to_string)
+                            .or_else(|| self.policies.alternate_exchange(&self.name, &next.name));
+                        if let Some(ae) = ae {
                             pending.push(Destination::Exchange(ae.into()));
                         }
                     }

@@ -7,6 +7,7 @@
 //! connection.close.
 
 use super::writer::Out;
+use crate::broker::auth::Access;
 use crate::broker::exchange::Destination;
 use crate::broker::message::{Entry, Message};
 use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Enqueued, Queue};
@@ -18,6 +19,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What a channel needs to know about its connection.
 #[derive(Debug, Clone)]
@@ -32,6 +34,31 @@ pub struct ConnCtx {
     pub max_message_size: u64,
     /// The client understands server-sent basic.cancel.
     pub cancel_notify: bool,
+    /// Configured limits (queues, exchanges, consumers, consumer timeout).
+    pub limits: crate::config::Limits,
+}
+
+impl ConnCtx {
+    /// RabbitMQ's resource check: 403 unless the user's `access` regex in this vhost
+    /// matches `name` (the default exchange is checked as `amq.default`).
+    fn permit(&self, access: Access, kind: &str, name: &str) -> AmqpResult<()> {
+        let name = if kind == "exchange" && name.is_empty() {
+            "amq.default"
+        } else {
+            name
+        };
+        if self
+            .broker
+            .auth
+            .allows(&self.vhost.name, &self.user, access, name)
+        {
+            return Ok(());
+        }
+        Err(AmqpError::access_refused(format!(
+            "access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+            self.vhost.name, self.user
+        )))
+    }
 }
 
 /// A message handed out and not yet acked.
@@ -42,6 +69,17 @@ struct Unacked {
     entry: Entry,
     /// The consumer's window to give back on ack (None for basic.get).
     credit: Option<Arc<Credit>>,
+    /// When the consumer timeout runs out for it: (deadline, timeout in ms).
+    deadline: Option<(Instant, u64)>,
+}
+
+/// The deadline of a delivery from `queue` made now, if a consumer timeout applies.
+fn ack_deadline(ctx: &ConnCtx, queue: &Queue) -> Option<(Instant, u64)> {
+    let ms = queue
+        .args()
+        .consumer_timeout
+        .or(ctx.limits.consumer_timeout_ms)?;
+    Some((Instant::now() + std::time::Duration::from_millis(ms), ms))
 }
 
 #[derive(Debug)]
@@ -249,6 +287,7 @@ impl Channel {
             }
             Method::BasicGet(g) => {
                 let name = self.queue_name(&g.queue)?;
+                ctx.permit(Access::Read, "queue", &name)?;
                 let q = vhost.queue(&name, ctx.id)?;
                 match q.get(g.no_ack) {
                     None => out.method(ch, &BasicGetEmpty::default().into()),
@@ -270,11 +309,13 @@ impl Channel {
                         );
                         out.content(ch, &m.properties, &m.body);
                         if !g.no_ack {
+                            let deadline = ack_deadline(ctx, &q);
                             self.unacked.push_back(Unacked {
                                 tag,
                                 queue: q,
                                 entry,
                                 credit: None,
+                                deadline,
                             });
                         }
                     }
@@ -287,6 +328,21 @@ impl Channel {
             Method::BasicRecoverAsync(r) => self.recover(r.requeue)?,
             Method::ExchangeDeclare(d) => {
                 let nowait = d.nowait;
+                if !d.passive {
+                    ctx.permit(Access::Configure, "exchange", &d.exchange)?;
+                }
+                if let Some(max) = ctx.limits.max_exchanges_per_vhost {
+                    if !d.passive
+                        && vhost.exchange(&d.exchange).is_err()
+                        && vhost.exchange_count() >= max
+                    {
+                        return Err(AmqpError::precondition_failed(format!(
+                            "cannot declare exchange '{}' in vhost '{}': exchange limit ({max}) is reached",
+                            d.exchange,
+                            vhost.name
+                        )));
+                    }
+                }
                 vhost.declare_exchange(&ExchangeDeclare {
                     name: d.exchange,
                     kind: d.kind,
@@ -301,12 +357,15 @@ impl Channel {
                 }
             }
             Method::ExchangeDelete(d) => {
+                ctx.permit(Access::Configure, "exchange", &d.exchange)?;
                 vhost.delete_exchange(&d.exchange, d.if_unused)?;
                 if !d.nowait {
                     out.method(ch, &ExchangeDeleteOk::default().into());
                 }
             }
             Method::ExchangeBind(b) => {
+                ctx.permit(Access::Write, "exchange", &b.destination)?;
+                ctx.permit(Access::Read, "exchange", &b.source)?;
                 let dest = Destination::Exchange(b.destination.as_str().into());
                 vhost.bind(&b.source, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 if !b.nowait {
@@ -314,6 +373,8 @@ impl Channel {
                 }
             }
             Method::ExchangeUnbind(b) => {
+                ctx.permit(Access::Write, "exchange", &b.destination)?;
+                ctx.permit(Access::Read, "exchange", &b.source)?;
                 let dest = Destination::Exchange(b.destination.as_str().into());
                 vhost.unbind(&b.source, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 if !b.nowait {
@@ -322,6 +383,22 @@ impl Channel {
             }
             Method::QueueDeclare(d) => {
                 let nowait = d.nowait;
+                let server_named = !d.passive && d.queue.is_empty();
+                if !d.passive && !d.queue.is_empty() {
+                    ctx.permit(Access::Configure, "queue", &d.queue)?;
+                }
+                if let Some(max) = ctx.limits.max_queues_per_vhost {
+                    if !d.passive
+                        && (d.queue.is_empty() || vhost.queue(&d.queue, ctx.id).is_err())
+                        && vhost.queue_count() >= max
+                    {
+                        return Err(AmqpError::precondition_failed(format!(
+                            "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
+                            d.queue,
+                            vhost.name
+                        )));
+                    }
+                }
                 let (q, stats) = vhost.declare_queue(
                     &QueueDeclare {
                         name: d.queue,
@@ -333,6 +410,13 @@ impl Channel {
                     },
                     ctx.id,
                 )?;
+                if server_named {
+                    // RabbitMQ checks configure on the generated name.
+                    if let Err(e) = ctx.permit(Access::Configure, "queue", q.name()) {
+                        vhost.remove_queue(&q);
+                        return Err(e);
+                    }
+                }
                 self.last_queue = Some(q.name().to_string());
                 if !nowait {
                     out.method(
@@ -348,6 +432,8 @@ impl Channel {
             }
             Method::QueueBind(b) => {
                 let name = self.queue_name(&b.queue)?;
+                ctx.permit(Access::Write, "queue", &name)?;
+                ctx.permit(Access::Read, "exchange", &b.exchange)?;
                 let dest = Destination::Queue(name.as_str().into());
                 vhost.bind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 if !b.nowait {
@@ -356,12 +442,15 @@ impl Channel {
             }
             Method::QueueUnbind(b) => {
                 let name = self.queue_name(&b.queue)?;
+                ctx.permit(Access::Write, "queue", &name)?;
+                ctx.permit(Access::Read, "exchange", &b.exchange)?;
                 let dest = Destination::Queue(name.as_str().into());
                 vhost.unbind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
                 out.method(ch, &QueueUnbindOk::default().into());
             }
             Method::QueuePurge(p) => {
                 let name = self.queue_name(&p.queue)?;
+                ctx.permit(Access::Read, "queue", &name)?;
                 let n = vhost.purge_queue(&name, ctx.id)?;
                 if !p.nowait {
                     out.method(
@@ -375,6 +464,7 @@ impl Channel {
             }
             Method::QueueDelete(d) => {
                 let name = self.queue_name(&d.queue)?;
+                ctx.permit(Access::Configure, "queue", &name)?;
                 let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, ctx.id)?;
                 if !d.nowait {
                     out.method(
@@ -466,6 +556,7 @@ impl Channel {
             self.reply_to_queue(ctx, &c)?
         } else {
             let name = self.queue_name(&c.queue)?;
+            ctx.permit(Access::Read, "queue", &name)?;
             ctx.vhost.queue(&name, ctx.id)?
         };
         let tag: Arc<str> = if c.consumer_tag.is_empty() {
@@ -477,6 +568,13 @@ impl Channel {
             return Err(AmqpError::not_allowed(format!(
                 "attempt to reuse consumer tag '{tag}'"
             )));
+        }
+        if let Some(max) = ctx.limits.consumer_max_per_channel {
+            if self.consumers.len() >= max {
+                return Err(AmqpError::precondition_failed(format!(
+                    "reached maximum ({max}) of consumers per channel"
+                )));
+            }
         }
         let priority = match c.arguments.get("x-priority") {
             None => 0,
@@ -599,18 +697,7 @@ impl Channel {
         if requeue.is_none() {
             Counters::add(&ctx.broker.counters.acked, taken.len() as u64);
         }
-        let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
-        for u in taken {
-            if let Some(credit) = &u.credit {
-                credit.release(1);
-                self.channel_credit.release(1);
-            }
-            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &u.queue)) {
-                Some((_, v)) => v.push(u.entry),
-                None => by_queue.push((u.queue, vec![u.entry])),
-            }
-        }
-        for (q, entries) in by_queue {
+        for (q, entries) in self.release(taken) {
             match requeue {
                 Some(true) => q.requeue(entries, true, true),
                 Some(false) => q.reject(entries),
@@ -632,8 +719,17 @@ impl Channel {
 
     /// Give every unacked message back to its queue, in original order.
     fn requeue_all(&mut self) {
+        let all: Vec<Unacked> = self.unacked.drain(..).collect();
+        for (q, entries) in self.release(all) {
+            q.requeue(entries, true, true);
+        }
+    }
+
+    /// Settled messages give their prefetch credit back; returns them grouped by
+    /// queue, in delivery order within each queue.
+    fn release(&self, settled: Vec<Unacked>) -> Vec<(Arc<Queue>, Vec<Entry>)> {
         let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
-        for u in self.unacked.drain(..) {
+        for u in settled {
             if let Some(credit) = &u.credit {
                 credit.release(1);
                 self.channel_credit.release(1);
@@ -643,9 +739,7 @@ impl Channel {
                 None => by_queue.push((u.queue, vec![u.entry])),
             }
         }
-        for (q, entries) in by_queue {
-            q.requeue(entries, true, true);
-        }
+        by_queue
     }
 
     /// A content header frame arrived.
@@ -735,6 +829,8 @@ impl Channel {
             }
         };
         let publish = p.publish;
+        ctx.permit(Access::Write, "exchange", &publish.exchange)
+            .map_err(|e| e.at(60, 40))?;
         if let Some(uid) = properties.user_id.as_deref() {
             if uid != ctx.user {
                 return Err(AmqpError::precondition_failed(format!(
@@ -944,13 +1040,39 @@ impl Channel {
         };
         out.deliver(self.id, &args, &m.properties, &m.body);
         if !d.no_ack {
+            let deadline = ack_deadline(ctx, &d.queue);
             self.unacked.push_back(Unacked {
                 tag,
                 queue: d.queue,
                 entry: d.entry,
                 credit: Some(credit),
+                deadline,
             });
         }
+    }
+
+    /// A delivery has stayed unacked past its consumer timeout: the error to
+    /// close this channel with (RabbitMQ's wording).
+    pub fn ack_timed_out(&self, now: Instant) -> Option<AmqpError> {
+        if self.closing {
+            return None;
+        }
+        let ms = self
+            .unacked
+            .iter()
+            .filter_map(|u| u.deadline)
+            .find(|(at, _)| *at <= now)?
+            .1;
+        Some(AmqpError::precondition_failed(format!(
+            "delivery acknowledgement on channel {} timed out. Timeout value used: {ms} ms. \
+             This timeout value can be configured, see consumers doc guide to learn more",
+            self.id
+        )))
+    }
+
+    /// Let every consumer's queue deliver again (the connection caught up on output).
+    pub fn resume_deliveries(&self) {
+        self.kick_consumers();
     }
 
     /// The queue behind a consumer was deleted.

@@ -49,6 +49,8 @@ pub enum Outbound {
 #[derive(Debug)]
 pub struct ConnSink {
     tx: mpsc::UnboundedSender<Outbound>,
+    /// Output backlog over the limit: queues skip this connection's consumers.
+    blocked: std::sync::atomic::AtomicBool,
 }
 
 impl DeliverySink for ConnSink {
@@ -63,6 +65,10 @@ impl DeliverySink for ConnSink {
 
     fn cancelled(&self, channel: u16, tag: Arc<str>) {
         let _ = self.tx.send(Outbound::Cancelled { channel, tag });
+    }
+
+    fn blocked(&self) -> bool {
+        self.blocked.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -198,6 +204,9 @@ struct Conn {
     blocked_cap: bool,
     /// We told the client it is blocked.
     blocked_sent: bool,
+    /// Unwritten output above which the connection stops taking deliveries
+    /// and reading input (back-pressure on a peer that does not read).
+    backlog_limit: usize,
 }
 
 /// How the main loop ended.
@@ -248,7 +257,11 @@ async fn serve(
         ctx: None,
         channels: HashMap::new(),
         rx,
-        sink: Arc::new(ConnSink { tx }),
+        sink: Arc::new(ConnSink {
+            tx,
+            blocked: Default::default(),
+        }),
+        backlog_limit: config.write_backlog_limit.max(64 * 1024),
         local,
         registered: false,
         close_sent: false,
@@ -330,6 +343,14 @@ impl Conn {
         e.text
     }
 
+    /// A handshake step got the wrong method: 503, answered at `method_id`.
+    fn unexpected(&mut self, got: &Method, expected: &str, method_id: u16) -> String {
+        self.handshake_fail(
+            AmqpError::command_invalid(format!("expected {expected}, got {}", got.name()))
+                .at(10, method_id),
+        )
+    }
+
     async fn handshake(&mut self, peer: SocketAddr, config: &Config) -> Result<(), String> {
         self.out.method(
             0,
@@ -345,15 +366,7 @@ impl Conn {
         self.out.flush();
         let start_ok = match self.expect_method().await? {
             Method::ConnectionStartOk(s) => s,
-            other => {
-                return Err(self.handshake_fail(
-                    AmqpError::command_invalid(format!(
-                        "expected connection.start-ok, got {}",
-                        other.name()
-                    ))
-                    .at(10, 11),
-                ))
-            }
+            other => return Err(self.unexpected(&other, "connection.start-ok", 11)),
         };
         let cancel_notify =
             client_capability(&start_ok.client_properties, "consumer_cancel_notify");
@@ -415,15 +428,7 @@ impl Conn {
         self.out.flush();
         let tune_ok = match self.expect_method().await? {
             Method::ConnectionTuneOk(t) => t,
-            other => {
-                return Err(self.handshake_fail(
-                    AmqpError::command_invalid(format!(
-                        "expected connection.tune-ok, got {}",
-                        other.name()
-                    ))
-                    .at(10, 31),
-                ))
-            }
+            other => return Err(self.unexpected(&other, "connection.tune-ok", 31)),
         };
         let frame_max = match tune_ok.frame_max {
             0 => server_frame_max,
@@ -452,21 +457,26 @@ impl Conn {
         self.heartbeat = Duration::from_secs(u64::from(tune_ok.heartbeat));
         let open = match self.expect_method().await? {
             Method::ConnectionOpen(o) => o,
-            other => {
-                return Err(self.handshake_fail(
-                    AmqpError::command_invalid(format!(
-                        "expected connection.open, got {}",
-                        other.name()
-                    ))
-                    .at(10, 40),
-                ))
-            }
+            other => return Err(self.unexpected(&other, "connection.open", 40)),
         };
         let Some(vhost) = self.broker.vhost(&open.virtual_host) else {
             return Err(self.handshake_fail(
                 AmqpError::not_allowed(format!("vhost {} not found", open.virtual_host)).at(10, 40),
             ));
         };
+        if !self
+            .broker
+            .auth
+            .vhost_access(&open.virtual_host, &user.name)
+        {
+            return Err(self.handshake_fail(
+                AmqpError::not_allowed(format!(
+                    "access to vhost '{}' refused for user '{}'",
+                    open.virtual_host, user.name
+                ))
+                .at(10, 40),
+            ));
+        }
         self.out.method(0, &ConnectionOpenOk::default().into());
         self.out.flush();
         let local = self.local;
@@ -483,6 +493,7 @@ impl Conn {
             channel_max: self.channel_max,
             heartbeat: tune_ok.heartbeat,
             channels: Default::default(),
+            open_channels: Default::default(),
             control: Arc::clone(&self.sink) as Arc<dyn ConnectionControl>,
         }));
         self.registered = true;
@@ -495,6 +506,7 @@ impl Conn {
             conn: Arc::clone(&self.sink),
             max_message_size: config.max_message_size,
             cancel_notify,
+            limits: config.limits(),
         }));
         Ok(())
     }
@@ -558,9 +570,42 @@ impl Conn {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut alarm = self.broker.watch_alarm();
         let mut alarm_open = true;
+        // Consumer timeouts are checked on their own, finer tick.
+        let timeout_tick = self
+            .ctx
+            .as_ref()
+            .and_then(|c| c.limits.consumer_timeout_ms)
+            .map_or(Duration::from_secs(3600), |ms| {
+                Duration::from_millis(ms / 4)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(5))
+            });
+        let mut timeouts = tokio::time::interval(timeout_tick);
+        timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut backpressure = false;
         loop {
-            let blocked = self.is_blocked(&alarm);
-            if blocked && !self.blocked_sent && self.blocked_cap {
+            // Back-pressure: while the peer has not read what we wrote, take no
+            // deliveries from the mailbox and read no more input.
+            let over = self.out.backlog() > self.backlog_limit;
+            if over != backpressure {
+                backpressure = over;
+                self.sink
+                    .blocked
+                    .store(backpressure, std::sync::atomic::Ordering::Release);
+                if backpressure {
+                    tracing::debug!(
+                        id = self.id,
+                        backlog = self.out.backlog(),
+                        "output backlog over the limit; pausing"
+                    );
+                } else {
+                    for ch in self.channels.values() {
+                        ch.resume_deliveries();
+                    }
+                }
+            }
+            // The memory alarm: publishers are not read from.
+            let alarm_blocked = self.is_blocked(&alarm);
+            if alarm_blocked && !self.blocked_sent && self.blocked_cap {
                 self.out.method(
                     0,
                     &ConnectionBlocked {
@@ -571,6 +616,7 @@ impl Conn {
                 self.blocked_sent = true;
                 self.out.flush();
             }
+            let blocked = backpressure || alarm_blocked;
             tokio::select! {
                 changed = alarm.changed(), if alarm_open => {
                     if changed.is_err() {
@@ -578,6 +624,27 @@ impl Conn {
                     } else if !*alarm.borrow_and_update() && self.blocked_sent {
                         self.out.method(0, &ConnectionUnblocked::default().into());
                         self.blocked_sent = false;
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_millis(5)), if backpressure => {
+                    // The peer is not reading, so it cannot be expected to send
+                    // heartbeats we would read: do not count this time against it.
+                    self.last_read = Instant::now();
+                }
+                _ = timeouts.tick() => {
+                    let now = std::time::Instant::now();
+                    let expired: Vec<(u16, AmqpError)> = self
+                        .channels
+                        .values()
+                        .filter_map(|ch| ch.ack_timed_out(now).map(|e| (ch.id, e)))
+                        .collect();
+                    if let Some(ctx) = self.ctx.clone() {
+                        for (channel, e) in expired {
+                            tracing::warn!(id = self.id, channel, "{}", e.text);
+                            if let Err(e) = self.channel_result(&ctx, channel, Err(e)) {
+                                return End::Error(e, true);
+                            }
+                        }
                     }
                 }
                 frame = self.reader.next(), if !blocked => {
@@ -599,7 +666,7 @@ impl Conn {
                         }
                     }
                 }
-                msg = self.rx.recv() => {
+                msg = self.rx.recv(), if !backpressure => {
                     if let Some(msg) = msg {
                         if let Err(e) = self.on_outbound(msg) {
                             return End::Error(e, true);
@@ -784,6 +851,18 @@ impl Conn {
         channel: u16,
         method: Method,
     ) -> Result<(), AmqpError> {
+        // RabbitMQ's check: opening one more channel than channel_max (530).
+        if matches!(method, Method::ChannelOpen(_))
+            && self.channel_max != 0
+            && !self.channels.contains_key(&channel)
+            && self.channels.len() >= usize::from(self.channel_max)
+        {
+            return Err(AmqpError::not_allowed(format!(
+                "number of channels opened ({}) has reached the negotiated channel_max ({})",
+                self.channels.len(),
+                self.channel_max
+            )));
+        }
         if channel > self.channel_max {
             return Err(AmqpError::channel_error(format!(
                 "channel {channel} is above the negotiated channel_max {}",
@@ -797,7 +876,9 @@ impl Conn {
                         "second 'channel.open' seen on channel {channel}"
                     )));
                 }
+
                 self.channels.insert(channel, Channel::new(channel));
+                self.broker.channel_opened(self.id, channel);
                 self.out.method(channel, &ChannelOpenOk::default().into());
                 Ok(())
             }
@@ -806,6 +887,7 @@ impl Conn {
                     .channels
                     .remove(&channel)
                     .ok_or_else(|| no_channel(channel))?;
+                self.broker.channel_closed(self.id, channel);
                 ch.flush_confirms(ctx, &mut self.out);
                 ch.close(ctx);
                 self.out.method(channel, &ChannelCloseOk::default().into());
@@ -815,6 +897,7 @@ impl Conn {
                 match self.channels.get(&channel) {
                     Some(ch) if ch.closing => {
                         self.channels.remove(&channel);
+                        self.broker.channel_closed(self.id, channel);
                     }
                     _ => {}
                 }

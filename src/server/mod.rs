@@ -94,12 +94,27 @@ async fn accept_loop(
     config: Arc<Config>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(connection::run(stream, peer, Arc::clone(&broker), Arc::clone(&config)));
+                    let Some(slot) = ConnectionSlot::take(&open, config.max_connections) else {
+                        tracing::warn!(
+                            %peer,
+                            limit = config.max_connections.unwrap_or(0),
+                            "connection refused: connection limit ({}) reached",
+                            config.max_connections.unwrap_or(0)
+                        );
+                        drop(stream);
+                        continue;
+                    };
+                    let (broker, config) = (Arc::clone(&broker), Arc::clone(&config));
+                    tokio::spawn(async move {
+                        connection::run(stream, peer, broker, config).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     // Out of fds and the like: log, back off briefly, keep serving.
@@ -108,5 +123,26 @@ async fn accept_loop(
                 }
             }
         }
+    }
+}
+
+/// One of the `max_connections` places, given back when dropped.
+struct ConnectionSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ConnectionSlot {
+    fn take(open: &Arc<std::sync::atomic::AtomicUsize>, max: Option<usize>) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let prev = open.fetch_add(1, Ordering::AcqRel);
+        if max.is_some_and(|max| prev >= max) {
+            open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionSlot(Arc::clone(open)))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

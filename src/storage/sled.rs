@@ -1149,8 +1149,9 @@ mod tests {
                     let queue = format!("q{t}");
                     let mut syncs = Vec::new();
                     for i in 1..=PER {
-                        store.insert_message(&queue, i, &msg(i));
+                        // Read before the insert: the flusher may take it at once.
                         let flushes_before = store.shared().flushes.load(Ordering::SeqCst);
+                        store.insert_message(&queue, i, &msg(i));
                         let s = store.clone();
                         let c = confirmed.clone();
                         if i.is_multiple_of(2) {

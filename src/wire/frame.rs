@@ -20,6 +20,9 @@ pub const FRAME_OVERHEAD: u32 = 8;
 /// frame_max before tuning (RabbitMQ's default of 128 KiB).
 pub const DEFAULT_FRAME_MAX: u32 = 131_072;
 
+/// Most the decoder reserves ahead for a frame it has only seen the header of.
+pub const MAX_RESERVE: usize = 1024 * 1024;
+
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
@@ -286,7 +289,7 @@ impl FrameCodec {
     /// The decoder needs `need` bytes in all and has fewer: make room for them, and
     /// for a large read if the connection is busy.
     fn out_of_input(&mut self, src: &mut BytesMut, need: usize) {
-        let mut want = need.saturating_sub(src.len());
+        let mut want = need.saturating_sub(src.len()).min(MAX_RESERVE);
         if self.burst >= BUSY_BURST {
             want = want.max(READ_BUSY);
         }
@@ -326,6 +329,9 @@ impl Decoder for FrameCodec {
         }
         let total = FRAME_HEADER_SIZE + size as usize + 1;
         if src.len() < total {
+            // Reserve for the rest of the frame, but never more than
+            // MAX_RESERVE on the word of a header alone: with no frame_max a
+            // 7-byte header could otherwise ask for 4 GiB up front.
             self.out_of_input(src, total);
             return Ok(None);
         }
@@ -711,6 +717,16 @@ mod tests {
             decoded.push(f);
         }
         assert_eq!(decoded, frames);
+    }
+
+    /// Fuzz regression (frame_decoder, oom-4f4148b4): with no frame_max, a
+    /// header announcing a 4 GiB payload made the decoder reserve 4 GiB.
+    #[test]
+    fn huge_size_without_frame_max_does_not_preallocate() {
+        let mut codec = FrameCodec::new(0);
+        let mut src = BytesMut::from(&[3, 0, 1, 0xff, 0xff, 0xff, 0xf0, 1, 2][..]);
+        assert_eq!(codec.decode(&mut src).expect("waits"), None);
+        assert!(src.capacity() <= MAX_RESERVE + 64, "{}", src.capacity());
     }
 
     #[test]

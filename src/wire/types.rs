@@ -133,6 +133,9 @@ impl FieldValue {
 /// input is refused: hostile input must not be able to exhaust the stack.
 pub const MAX_NESTING: usize = 128;
 
+/// Detail length past which no more context is prefixed (see `ParseError::within`).
+const MAX_CONTEXT_LEN: usize = 120;
+
 /// Why a wire parser failed, in words fit for a `connection.close` reply text,
 /// outermost context first (`"arguments: field 'x-ttl': unexpected end of data"`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,8 +150,13 @@ impl ParseError {
         }
     }
 
+    /// Prefix the context `what`, unless the path is already long: reply texts
+    /// are short strings (255 bytes), so deep nesting must not push the reason
+    /// itself off the end.
     fn within(mut self, what: &str) -> Self {
-        self.detail = format!("{what}: {}", self.detail);
+        if self.detail.len() < MAX_CONTEXT_LEN {
+            self.detail = format!("{what}: {}", self.detail);
+        }
         self
     }
 }

@@ -89,26 +89,8 @@ impl Router for DirectRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::exchange::test_util::{b, q, route};
     use crate::wire::types::FieldValue;
-
-    fn q(name: &str) -> Destination {
-        Destination::Queue(name.into())
-    }
-
-    fn b(dest: &str, key: &str) -> Binding {
-        Binding {
-            destination: q(dest),
-            routing_key: key.into(),
-            arguments: FieldTable::new(),
-        }
-    }
-
-    fn route(r: &DirectRouter, key: &str) -> Vec<Destination> {
-        let mut out = Vec::new();
-        r.route(key, None, &mut out);
-        out.sort();
-        out
-    }
 
     #[test]
     fn exact_key_equality() {

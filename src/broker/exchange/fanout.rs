@@ -46,26 +46,8 @@ impl Router for FanoutRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::exchange::test_util::{b, q, route};
     use crate::wire::types::FieldValue;
-
-    fn q(name: &str) -> Destination {
-        Destination::Queue(name.into())
-    }
-
-    fn b(dest: &str, key: &str) -> Binding {
-        Binding {
-            destination: q(dest),
-            routing_key: key.into(),
-            arguments: FieldTable::new(),
-        }
-    }
-
-    fn route(r: &FanoutRouter, key: &str) -> Vec<Destination> {
-        let mut out = Vec::new();
-        r.route(key, None, &mut out);
-        out.sort();
-        out
-    }
 
     #[test]
     fn every_destination_once_whatever_the_key() {

@@ -402,3 +402,31 @@ mod tests {
         assert!(err.contains("x-match"), "{err}");
     }
 }
+
+/// Helpers shared by the routers' unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::{Binding, Destination, Router};
+    use crate::wire::types::FieldTable;
+
+    pub fn q(name: &str) -> Destination {
+        Destination::Queue(name.into())
+    }
+
+    /// A binding of queue `dest` with `key` and no arguments.
+    pub fn b(dest: &str, key: &str) -> Binding {
+        Binding {
+            destination: q(dest),
+            routing_key: key.into(),
+            arguments: FieldTable::new(),
+        }
+    }
+
+    /// Where `key` (without headers) routes, sorted.
+    pub fn route(r: &dyn Router, key: &str) -> Vec<Destination> {
+        let mut out = Vec::new();
+        r.route(key, None, &mut out);
+        out.sort();
+        out
+    }
+}

@@ -265,25 +265,7 @@ impl TopicRouter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn q(name: &str) -> Destination {
-        Destination::Queue(name.into())
-    }
-
-    fn b(dest: &str, key: &str) -> Binding {
-        Binding {
-            destination: q(dest),
-            routing_key: key.into(),
-            arguments: FieldTable::new(),
-        }
-    }
-
-    fn route(r: &TopicRouter, key: &str) -> Vec<Destination> {
-        let mut out = Vec::new();
-        r.route(key, None, &mut out);
-        out.sort();
-        out
-    }
+    use crate::broker::exchange::test_util::{b, q, route};
 
     /// Reference matcher: plain recursion over word lists, written independently
     /// of the trie, with the same empty-key rule.

@@ -29,6 +29,8 @@ pub struct QueueArgs {
     pub dead_letter_routing_key: Option<String>,
     pub max_priority: u8,
     pub single_active_consumer: bool,
+    /// `x-consumer-timeout` (ms): overrides the broker's `consumer_timeout`.
+    pub consumer_timeout: Option<u64>,
 }
 
 /// The field type as RabbitMQ names it in `{unacceptable_type,...}`.
@@ -98,6 +100,7 @@ impl QueueArgs {
                     }
                     a.max_priority = p as u8;
                 }
+                "x-consumer-timeout" => a.consumer_timeout = Some(int(name, v, 1)?),
                 "x-dead-letter-exchange" => {
                     a.dead_letter_exchange = Some(v.as_str().map(str::to_string).ok_or_else(|| {
                         AmqpError::precondition_failed(format!(

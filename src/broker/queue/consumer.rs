@@ -90,6 +90,11 @@ pub trait DeliverySink: Send + Sync + std::fmt::Debug {
     fn deliver(&self, delivery: Delivery) -> Result<(), Delivery>;
     /// The queue went away under this consumer (basic.cancel from the server).
     fn cancelled(&self, channel: u16, consumer_tag: Arc<str>);
+    /// The connection behind this sink has too much unwritten output: hand it
+    /// nothing until it catches up (it kicks its queues when it does).
+    fn blocked(&self) -> bool {
+        false
+    }
 }
 
 /// A consumer attached to a queue.
@@ -115,7 +120,7 @@ pub struct Consumer {
 impl Consumer {
     /// Reserve room for one more delivery (no-ack consumers are never limited).
     pub fn try_take_credit(&self) -> bool {
-        if !self.flow.load(Ordering::Acquire) {
+        if !self.flow.load(Ordering::Acquire) || self.sink.blocked() {
             return false;
         }
         if self.no_ack {

@@ -42,7 +42,8 @@ pub struct QueueSpec {
 #[derive(Debug)]
 pub struct Queue {
     pub spec: QueueSpec,
-    pub args: QueueArgs,
+    /// Effective arguments: declared `x-` arguments combined with the policy in force.
+    args: parking_lot::RwLock<Arc<QueueArgs>>,
     /// Totals of messages in, delivered and acked, for the admin API.
     pub counters: crate::broker::Counters,
     vhost: Weak<VHost>,
@@ -116,7 +117,7 @@ impl Queue {
         });
         Arc::new(Queue {
             spec,
-            args,
+            args: parking_lot::RwLock::new(Arc::new(args)),
             counters: Default::default(),
             vhost,
             store,
@@ -186,25 +187,25 @@ impl Queue {
             if s.deleted {
                 return Enqueued::Accepted { durable: false };
             }
-            let ttl = match (self.args.message_ttl, message.ttl()) {
+            let ttl = match (self.args().message_ttl, message.ttl()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
             let size = message.size();
             let full = self
-                .args
+                .args()
                 .max_length
                 .is_some_and(|m| s.ready.len() as u64 >= m)
                 || self
-                    .args
+                    .args()
                     .max_length_bytes
                     .is_some_and(|m| (s.ready.bytes() + size) as u64 > m);
             let seq = s.next_seq;
             s.next_seq += 1;
             let mut entry = Entry::new(seq, message, ttl.map(|t| now.saturating_add(t)));
             crate::broker::Counters::add(&self.counters.published, 1);
-            if full && self.args.overflow != Overflow::DropHead {
-                if self.args.overflow == Overflow::RejectPublishDlx {
+            if full && self.args().overflow != Overflow::DropHead {
+                if self.args().overflow == Overflow::RejectPublishDlx {
                     dead.push((entry, Reason::MaxLen));
                 }
                 Enqueued::Rejected
@@ -236,11 +237,11 @@ impl Queue {
     fn enforce_limits(&self, s: &mut State, dead: &mut DeadLetters) {
         loop {
             let over_len = self
-                .args
+                .args()
                 .max_length
                 .is_some_and(|m| s.ready.len() as u64 > m);
             let over_bytes = self
-                .args
+                .args()
                 .max_length_bytes
                 .is_some_and(|m| s.ready.bytes() as u64 > m);
             if !(over_len || over_bytes) {
@@ -287,7 +288,7 @@ impl Queue {
         let expired = {
             let mut s = self.state.lock();
             self.expire_locked(&mut s, now, &mut dead);
-            self.args
+            self.args()
                 .expires
                 .is_some_and(|ttl| s.consumers.is_empty() && now.saturating_sub(s.last_used) >= ttl)
         };
@@ -297,8 +298,8 @@ impl Queue {
 
     /// Whether `tick` has anything to do for this queue.
     pub fn needs_tick(&self) -> bool {
-        self.args.expires.is_some()
-            || self.args.message_ttl.is_some()
+        self.args().expires.is_some()
+            || self.args().message_ttl.is_some()
             || self.state.lock().may_expire
     }
 
@@ -320,7 +321,7 @@ impl Queue {
             if s.ready.is_empty() {
                 return;
             }
-            let Some(idx) = pick_consumer(s, self.args.single_active_consumer) else {
+            let Some(idx) = pick_consumer(s, self.args().single_active_consumer) else {
                 return;
             };
             let Some(entry) = s.ready.pop() else {
@@ -510,7 +511,7 @@ impl Queue {
                 s.ready.requeue(entry);
             }
             // RabbitMQ applies drop-head on requeue too: the requeued head may go.
-            if self.args.overflow == Overflow::DropHead {
+            if self.args().overflow == Overflow::DropHead {
                 self.enforce_limits(&mut s, &mut dead);
             }
             self.dispatch_locked(&mut s, now_ms(), &mut dead);
@@ -539,7 +540,7 @@ impl Queue {
             }
             // Single active consumer: the first registered stays active, whatever the
             // priorities (RabbitMQ 3.10 classic queues).
-            let pos = if self.args.single_active_consumer {
+            let pos = if self.args().single_active_consumer {
                 s.consumers.len()
             } else {
                 s.consumers
@@ -570,7 +571,7 @@ impl Queue {
             .map(|i| s.consumers.remove(i));
         s.last_used = now_ms();
         let unused = self.spec.auto_delete && s.had_consumer && s.consumers.is_empty();
-        if removed.is_some() && self.args.single_active_consumer && !unused {
+        if removed.is_some() && self.args().single_active_consumer && !unused {
             // The next consumer becomes active.
             let mut dead = DeadLetters::new();
             self.dispatch_locked(&mut s, now_ms(), &mut dead);
@@ -578,6 +579,27 @@ impl Queue {
             self.dead_letter(dead);
         }
         (removed.clone(), removed.is_some() && unused)
+    }
+
+    /// The effective arguments (declared, combined with the policy in force).
+    pub fn args(&self) -> Arc<QueueArgs> {
+        Arc::clone(&self.args.read())
+    }
+
+    /// A policy changed: run with `args` from now on, and apply new length limits at once.
+    pub fn set_args(self: &Arc<Self>, args: QueueArgs) {
+        *self.args.write() = Arc::new(args);
+        let mut dead = DeadLetters::new();
+        {
+            let mut s = self.state.lock();
+            self.enforce_limits(&mut s, &mut dead);
+        }
+        self.dead_letter(dead);
+    }
+
+    /// The attached consumers (for the admin API).
+    pub fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.state.lock().consumers.clone()
     }
 
     /// Remove every ready message; returns how many.
@@ -608,14 +630,15 @@ impl Queue {
         if dead.is_empty() {
             return;
         }
-        let Some(dlx) = self.args.dead_letter_exchange.as_deref() else {
+        let args = self.args();
+        let Some(dlx) = args.dead_letter_exchange.as_deref() else {
             return;
         };
         let Some(vhost) = self.vhost.upgrade() else {
             return;
         };
         let now_secs = now_ms() / 1000;
-        let key = self.args.dead_letter_routing_key.as_deref();
+        let key = args.dead_letter_routing_key.as_deref();
         for (entry, reason) in dead {
             let m =
                 dead_letter::dead_letter(&entry.message, self.name(), reason, dlx, key, now_secs);

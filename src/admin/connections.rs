@@ -1,0 +1,203 @@
+//! `/api/connections[/{name}]` (list, show, force-close), `/api/channels` and
+//! `/api/consumers[/{vhost}]`.
+
+use super::{table_to_json, AdminState, ApiError, ApiResult, Caller};
+use crate::broker::ConnectionInfo;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub fn connection_json(c: &ConnectionInfo) -> Value {
+    json!({
+        "name": c.name,
+        "vhost": c.vhost,
+        "user": c.user,
+        "node": super::node_name(),
+        "type": "network",
+        "protocol": "AMQP 0-9-1",
+        "state": "running",
+        "peer_host": c.peer.ip().to_string(),
+        "peer_port": c.peer.port(),
+        "host": c.local.ip().to_string(),
+        "port": c.local.port(),
+        "channels": c.channels.load(Ordering::Relaxed),
+        "connected_at": c.connected_at,
+        "client_properties": table_to_json(&c.client_properties),
+        "frame_max": c.frame_max,
+        "channel_max": c.channel_max,
+        "timeout": c.heartbeat,
+        "ssl": false,
+    })
+}
+
+/// Connections the caller may see: monitors all, others their own.
+fn visible(s: &AdminState, caller: &Caller) -> Vec<Arc<ConnectionInfo>> {
+    let mut v: Vec<_> = s
+        .broker
+        .connections()
+        .into_iter()
+        .filter(|c| caller.is_monitor() || c.user == caller.0.name)
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(Value::Array(
+        visible(&s, &caller)
+            .iter()
+            .map(|c| connection_json(c))
+            .collect(),
+    ))
+}
+
+pub async fn list_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(Value::Array(
+        visible(&s, &caller)
+            .iter()
+            .filter(|c| c.vhost == vhost)
+            .map(|c| connection_json(c))
+            .collect(),
+    )))
+}
+
+fn find(s: &AdminState, caller: &Caller, name: &str) -> ApiResult<Arc<ConnectionInfo>> {
+    visible(s, caller)
+        .into_iter()
+        .find(|c| c.name == name)
+        .ok_or_else(ApiError::not_found)
+}
+
+pub async fn show(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let c = find(&s, &caller, &name)?;
+    Ok(Json(connection_json(&c)))
+}
+
+/// Close with 320 CONNECTION_FORCED; the reason comes from the `X-Reason` header.
+pub async fn close(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<StatusCode> {
+    let c = find(&s, &caller, &name)?;
+    if !caller.is_admin() && c.user != caller.0.name {
+        return Err(ApiError::forbidden("Not administrator user"));
+    }
+    let reason = headers
+        .get("x-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("Closed via management plugin");
+    if s.broker.close_connection(&name, reason) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found())
+    }
+}
+
+pub async fn channels(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    let consumers = consumer_counts(&s);
+    let mut out = Vec::new();
+    for c in visible(&s, &caller) {
+        let numbers: Vec<u16> = c.open_channels.lock().iter().copied().collect();
+        for n in numbers {
+            out.push(json!({
+                "name": format!("{} ({n})", c.name),
+                "number": n,
+                "vhost": c.vhost,
+                "user": c.user,
+                "node": super::node_name(),
+                "state": "running",
+                "consumer_count": consumers.get(&(c.id, n)).copied().unwrap_or(0),
+                "connection_details": {
+                    "name": c.name,
+                    "peer_host": c.peer.ip().to_string(),
+                    "peer_port": c.peer.port(),
+                },
+            }));
+        }
+    }
+    Json(Value::Array(out))
+}
+
+fn consumer_counts(s: &AdminState) -> HashMap<(u64, u16), usize> {
+    let mut m = HashMap::new();
+    for v in s.broker.vhosts() {
+        for q in v.queues() {
+            for c in q.consumers() {
+                *m.entry((c.connection, c.channel)).or_insert(0) += 1;
+            }
+        }
+    }
+    m
+}
+
+fn consumers_where(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
+    let conns: HashMap<u64, Arc<ConnectionInfo>> = s
+        .broker
+        .connections()
+        .into_iter()
+        .map(|c| (c.id, c))
+        .collect();
+    let mut out = Vec::new();
+    for v in s.broker.vhosts() {
+        if only.is_some_and(|o| o != &*v.name) || !caller.sees(&s.broker, &v.name) {
+            continue;
+        }
+        for q in v.queues() {
+            for c in q.consumers() {
+                let conn = conns.get(&c.connection);
+                out.push(json!({
+                    "consumer_tag": &*c.tag,
+                    "queue": {"name": q.name(), "vhost": &*v.name},
+                    "channel_details": {
+                        "number": c.channel,
+                        "name": conn.map(|x| format!("{} ({})", x.name, c.channel)),
+                        "connection_name": conn.map(|x| x.name.clone()),
+                        "peer_host": conn.map(|x| x.peer.ip().to_string()),
+                        "peer_port": conn.map(|x| x.peer.port()),
+                        "user": conn.map(|x| x.user.clone()),
+                    },
+                    "ack_required": !c.no_ack,
+                    "exclusive": c.exclusive,
+                    "prefetch_count": c.credit.limit(),
+                    "priority": c.priority,
+                    "active": true,
+                    "activity_status": "up",
+                    "arguments": table_to_json(&c.arguments),
+                }));
+            }
+        }
+    }
+    out
+}
+
+pub async fn consumers(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(Value::Array(consumers_where(&s, &caller, None)))
+}
+
+pub async fn consumers_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(Value::Array(consumers_where(
+        &s,
+        &caller,
+        Some(&vhost),
+    ))))
+}

@@ -1,0 +1,153 @@
+//! `/api/definitions`: export and import of users, vhosts, permissions, policies,
+//! exchanges, queues and bindings in RabbitMQ's definitions JSON format.
+
+use super::{AdminState, ApiError, ApiResult, Body, Caller};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+
+pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    let b = &s.broker;
+    let users: Vec<Value> = b.auth.users().iter().map(super::users::user_json).collect();
+    let mut vhosts: Vec<Value> = b
+        .vhosts()
+        .iter()
+        .map(|v| json!({"name": &*v.name}))
+        .collect();
+    super::sort_by_vhost_name(&mut vhosts);
+    let permissions: Vec<Value> = b
+        .auth
+        .permissions()
+        .iter()
+        .map(|(v, u, p)| super::users::permission_json(v, u, p))
+        .collect();
+    let (mut exchanges, mut queues, mut bindings, mut policies) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for v in b.vhosts() {
+        policies.extend(v.policies.list().iter().map(super::policies::policy_json));
+        for e in v.exchanges() {
+            if e.name.is_empty() || e.name.starts_with("amq.") {
+                continue;
+            }
+            let mut j = super::exchanges::exchange_json(&v.name, &e);
+            if let Some(o) = j.as_object_mut() {
+                o.remove("user_who_performed_action");
+            }
+            exchanges.push(j);
+        }
+        for q in v.queues() {
+            if q.spec.exclusive_owner.is_some() {
+                continue;
+            }
+            queues.push(json!({
+                "name": q.name(),
+                "vhost": &*v.name,
+                "durable": q.spec.durable,
+                "auto_delete": q.spec.auto_delete,
+                "arguments": super::table_to_json(&q.spec.arguments),
+            }));
+        }
+        for (source, binding) in v.bindings() {
+            if source.is_empty() {
+                continue;
+            }
+            let mut j = super::bindings::binding_json(&v.name, &source, &binding);
+            if let Some(o) = j.as_object_mut() {
+                o.remove("properties_key");
+            }
+            bindings.push(j);
+        }
+    }
+    super::sort_by_vhost_name(&mut exchanges);
+    super::sort_by_vhost_name(&mut queues);
+    Ok(Json(json!({
+        "rabbit_version": super::overview::VERSION,
+        "rabbitmq_version": super::overview::VERSION,
+        "product_name": "warren",
+        "product_version": super::overview::VERSION,
+        "users": users,
+        "vhosts": vhosts,
+        "permissions": permissions,
+        "topic_permissions": [],
+        "parameters": [],
+        "global_parameters": [],
+        "policies": policies,
+        "queues": queues,
+        "exchanges": exchanges,
+        "bindings": bindings,
+    })))
+}
+
+fn items<'a>(body: &'a Value, key: &str) -> ApiResult<&'a [Value]> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(a)) => Ok(a),
+        Some(_) => Err(ApiError::bad_request(format!("{key} must be a list"))),
+    }
+}
+
+fn field<'a>(item: &'a Value, key: &str) -> ApiResult<&'a str> {
+    item.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request(format!("{key} missing in {item}")))
+}
+
+/// Apply a definitions document: vhosts and users first, then permissions and
+/// policies, then exchanges, queues and bindings (RabbitMQ's order).
+pub fn import_definitions(s: &AdminState, body: &Value) -> ApiResult<()> {
+    let b = &s.broker;
+    for v in items(body, "vhosts")? {
+        b.add_vhost(field(v, "name")?);
+    }
+    for u in items(body, "users")? {
+        super::users::put_user_from(b, field(u, "name")?, u)?;
+    }
+    for p in items(body, "permissions")? {
+        super::users::put_permission_from(b, field(p, "vhost")?, field(p, "user")?, p)?;
+    }
+    for p in items(body, "policies")? {
+        super::policies::put_from(s, field(p, "vhost")?, field(p, "name")?, p)?;
+    }
+    for e in items(body, "exchanges")? {
+        super::exchanges::declare_from(s, field(e, "vhost")?, field(e, "name")?, e)?;
+    }
+    for q in items(body, "queues")? {
+        super::queues::declare_from(s, field(q, "vhost")?, field(q, "name")?, q)?;
+    }
+    for bd in items(body, "bindings")? {
+        let queue = match field(bd, "destination_type")? {
+            "queue" => true,
+            "exchange" => false,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "bad destination_type '{other}'"
+                )))
+            }
+        };
+        super::bindings::create_from(
+            s,
+            None,
+            field(bd, "vhost")?,
+            field(bd, "source")?,
+            field(bd, "destination")?,
+            queue,
+            bd,
+        )?;
+    }
+    Ok(())
+}
+
+pub async fn import(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    if !body.is_object() {
+        return Err(ApiError::bad_request("definitions must be a JSON object"));
+    }
+    import_definitions(&s, &body)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,200 @@
+//! `/api/exchanges[/{vhost}[/{name}]]` (list, show, declare, delete) and
+//! `/api/exchanges/{vhost}/{name}/publish`.
+
+use super::{
+    flag, json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller,
+};
+use crate::broker::auth::Access;
+use crate::broker::message::Message;
+use crate::broker::vhost::{Exchange, ExchangeDeclare};
+use crate::broker::Counters;
+use crate::wire::BasicProperties;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use base64::Engine;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+pub fn exchange_json(vhost: &str, e: &Exchange) -> Value {
+    json!({
+        "name": &*e.name,
+        "vhost": vhost,
+        "type": e.type_name(),
+        "durable": e.durable,
+        "auto_delete": e.auto_delete,
+        "internal": e.internal,
+        "arguments": table_to_json(&e.arguments),
+        "user_who_performed_action": "",
+    })
+}
+
+fn collect(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
+    let b = &s.broker;
+    let mut out = Vec::new();
+    for v in b.vhosts() {
+        if only.is_some_and(|o| o != &*v.name) || !caller.sees(b, &v.name) {
+            continue;
+        }
+        for e in v.exchanges() {
+            out.push(exchange_json(&v.name, &e));
+        }
+    }
+    super::sort_by_vhost_name(&mut out);
+    out
+}
+
+pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(Value::Array(collect(&s, &caller, None)))
+}
+
+pub async fn list_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(Value::Array(collect(&s, &caller, Some(&vhost)))))
+}
+
+pub async fn show(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let name = if name == "amq.default" { "" } else { &name };
+    let e = v.exchange(name).map_err(|_| ApiError::not_found())?;
+    Ok(Json(exchange_json(&vhost, &e)))
+}
+
+/// Declare an exchange from an API / definitions body.
+pub fn declare_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> ApiResult<bool> {
+    let v = s.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
+    let existed = v.exchange(name).is_ok();
+    let kind = body
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("type must be set"))?;
+    v.declare_exchange(&ExchangeDeclare {
+        name: name.to_string(),
+        kind: kind.to_string(),
+        passive: false,
+        durable: flag(body, "durable", true)?,
+        auto_delete: flag(body, "auto_delete", false)?,
+        internal: flag(body, "internal", false)?,
+        arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))?,
+    })?;
+    Ok(!existed)
+}
+
+pub async fn put(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    caller.permit(&s.broker, &vhost, Access::Configure, "exchange", &name)?;
+    Ok(if declare_from(&s, &vhost, &name, &body)? {
+        StatusCode::CREATED
+    } else {
+        StatusCode::NO_CONTENT
+    })
+}
+
+pub async fn remove(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<StatusCode> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    v.exchange(&name).map_err(|_| ApiError::not_found())?;
+    caller.permit(&s.broker, &vhost, Access::Configure, "exchange", &name)?;
+    let if_unused = q.get("if-unused").is_some_and(|x| x == "true");
+    v.delete_exchange(&name, if_unused)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Message properties from the API's JSON (RabbitMQ's names).
+pub fn properties_from(v: &Value) -> ApiResult<BasicProperties> {
+    let mut p = BasicProperties::default();
+    let Some(m) = v.as_object() else {
+        return Ok(p);
+    };
+    let s = |k: &str| m.get(k).and_then(Value::as_str).map(String::from);
+    let n = |k: &str| m.get(k).and_then(Value::as_u64);
+    p.content_type = s("content_type");
+    p.content_encoding = s("content_encoding");
+    p.correlation_id = s("correlation_id");
+    p.reply_to = s("reply_to");
+    p.expiration = s("expiration");
+    p.message_id = s("message_id");
+    p.kind = s("type");
+    p.user_id = s("user_id");
+    p.app_id = s("app_id");
+    p.cluster_id = s("cluster_id");
+    p.timestamp = n("timestamp");
+    p.delivery_mode = n("delivery_mode").and_then(|d| u8::try_from(d).ok());
+    p.priority = n("priority").and_then(|d| u8::try_from(d).ok());
+    if let Some(h) = m.get("headers") {
+        let t = json_to_table(h)?;
+        if !t.is_empty() {
+            p.headers = Some(t);
+        }
+    }
+    Ok(p)
+}
+
+pub async fn publish(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Body(body): Body,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    let b = &s.broker;
+    let v = b.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let exchange = if name == "amq.default" {
+        ""
+    } else {
+        name.as_str()
+    };
+    if !exchange.is_empty() {
+        v.exchange(exchange).map_err(|_| ApiError::not_found())?;
+    }
+    caller.permit(b, &vhost, Access::Write, "exchange", exchange)?;
+    let routing_key = text(&body, "routing_key", "")?;
+    let payload = text(&body, "payload", "")?;
+    let payload = match text(&body, "payload_encoding", "string")? {
+        "string" => bytes::Bytes::from(payload.to_string()),
+        "base64" => base64::engine::general_purpose::STANDARD
+            .decode(payload)
+            .map(bytes::Bytes::from)
+            .map_err(|_| ApiError::bad_request("payload is not valid base64"))?,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "payload_encoding must be string or base64, not '{other}'"
+            )))
+        }
+    };
+    let props = properties_from(body.get("properties").unwrap_or(&Value::Null))?;
+    let message = Message::new(exchange, routing_key, props, payload);
+    let mut queues = Vec::new();
+    let held = v.route(exchange, &message, &mut queues)?;
+    Counters::add(&b.counters.published, 1);
+    if queues.is_empty() && !held {
+        Counters::add(&b.counters.unroutable, 1);
+    }
+    let mut routed = held;
+    for q in &queues {
+        routed |= matches!(
+            q.enqueue(std::sync::Arc::clone(&message)),
+            crate::broker::queue::Enqueued::Accepted { .. }
+        );
+    }
+    Ok(Json(json!({ "routed": routed })))
+}

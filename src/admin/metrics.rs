@@ -1,0 +1,328 @@
+//! Message rates (sampled from the broker's and queues' counters, every 5 s by default) and the
+//! Prometheus text exposition at `/metrics`, with RabbitMQ's metric names.
+
+use super::AdminState;
+use crate::broker::{Broker, Counters};
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// Totals of one counter set at one sample.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Totals {
+    pub publish: u64,
+    pub deliver_get: u64,
+    pub ack: u64,
+    pub redeliver: u64,
+}
+
+impl Totals {
+    pub fn of(c: &Counters) -> Totals {
+        Totals {
+            publish: Counters::get(&c.published),
+            deliver_get: Counters::get(&c.delivered),
+            ack: Counters::get(&c.acked),
+            redeliver: Counters::get(&c.redelivered),
+        }
+    }
+}
+
+/// Per-second rates over the last sample interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RateSet {
+    pub publish: f64,
+    pub deliver_get: f64,
+    pub ack: f64,
+    pub redeliver: f64,
+}
+
+fn rate(now: &Totals, then: &Totals, secs: f64) -> RateSet {
+    let r = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+    RateSet {
+        publish: r(now.publish, then.publish),
+        deliver_get: r(now.deliver_get, then.deliver_get),
+        ack: r(now.ack, then.ack),
+        redeliver: r(now.redeliver, then.redeliver),
+    }
+}
+
+#[derive(Debug, Default)]
+struct Sampled {
+    at: Option<Instant>,
+    global: Totals,
+    global_rate: RateSet,
+    /// Keyed by (vhost, queue).
+    queues: HashMap<(String, String), (Totals, RateSet)>,
+}
+
+/// The latest rates, shared by the sampler task and the handlers.
+#[derive(Debug, Default)]
+pub struct Rates {
+    inner: Mutex<Sampled>,
+}
+
+impl Rates {
+    pub fn new() -> Arc<Rates> {
+        Arc::new(Rates::default())
+    }
+
+    /// Take a sample now (the sampler task calls this periodically).
+    pub fn sample(&self, broker: &Broker) {
+        let now = Instant::now();
+        let global = Totals::of(&broker.counters);
+        let mut queues = HashMap::new();
+        for vhost in broker.vhosts() {
+            for q in vhost.queues() {
+                queues.insert(
+                    (vhost.name.to_string(), q.name().to_string()),
+                    Totals::of(&q.counters),
+                );
+            }
+        }
+        let mut s = self.inner.lock();
+        let secs =
+            s.at.map(|t| now.duration_since(t).as_secs_f64())
+                .filter(|&d| d > 0.0);
+        s.global_rate = secs
+            .map(|d| rate(&global, &s.global, d))
+            .unwrap_or_default();
+        s.global = global;
+        let old = std::mem::take(&mut s.queues);
+        s.queues = queues
+            .into_iter()
+            .map(|(k, t)| {
+                let r = match (old.get(&k), secs) {
+                    (Some((prev, _)), Some(d)) => rate(&t, prev, d),
+                    _ => RateSet::default(),
+                };
+                (k, (t, r))
+            })
+            .collect();
+        s.at = Some(now);
+    }
+
+    pub fn global(&self) -> RateSet {
+        self.inner.lock().global_rate
+    }
+
+    pub fn queue(&self, vhost: &str, queue: &str) -> RateSet {
+        self.inner
+            .lock()
+            .queues
+            .get(&(vhost.to_string(), queue.to_string()))
+            .map(|(_, r)| *r)
+            .unwrap_or_default()
+    }
+}
+
+/// Sample every `every` until the broker is dropped.
+pub fn spawn_sampler(broker: Weak<Broker>, rates: Arc<Rates>, every: Duration) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let Some(broker) = broker.upgrade() else {
+                return;
+            };
+            rates.sample(&broker);
+        }
+    });
+}
+
+/// RabbitMQ's `message_stats` object for a set of totals and rates.
+pub fn message_stats(t: &Totals, r: &RateSet) -> serde_json::Value {
+    serde_json::json!({
+        "publish": t.publish,
+        "publish_details": super::details(r.publish),
+        "deliver_get": t.deliver_get,
+        "deliver_get_details": super::details(r.deliver_get),
+        "ack": t.ack,
+        "ack_details": super::details(r.ack),
+        "redeliver": t.redeliver,
+        "redeliver_details": super::details(r.redeliver),
+    })
+}
+
+/// Resident memory of this process from `/proc/self/status` (VmRSS), in bytes.
+pub fn resident_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Escape a label value for the text format.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
+/// The Prometheus text exposition of the broker.
+pub fn render(broker: &Broker) -> String {
+    let mut out = String::new();
+    let c = &broker.counters;
+    let connections = broker.connections();
+    let channels: u64 = connections
+        .iter()
+        .map(|c| u64::from(c.channels.load(std::sync::atomic::Ordering::Relaxed)))
+        .sum();
+    let vhosts = broker.vhosts();
+    let mut queue_lines = Vec::new();
+    let mut consumers = 0u64;
+    for v in &vhosts {
+        for q in v.queues() {
+            let s = q.stats();
+            consumers += s.consumers as u64;
+            queue_lines.push((v.name.to_string(), q.name().to_string(), s));
+        }
+    }
+    queue_lines.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    metric(
+        &mut out,
+        "rabbitmq_connections",
+        "gauge",
+        "Connections currently open",
+        connections.len() as u64,
+    );
+    metric(
+        &mut out,
+        "rabbitmq_channels",
+        "gauge",
+        "Channels currently open",
+        channels,
+    );
+    metric(
+        &mut out,
+        "rabbitmq_consumers",
+        "gauge",
+        "Consumers currently connected",
+        consumers,
+    );
+    metric(
+        &mut out,
+        "rabbitmq_queues",
+        "gauge",
+        "Queues available",
+        queue_lines.len() as u64,
+    );
+    metric(
+        &mut out,
+        "rabbitmq_global_messages_received_total",
+        "counter",
+        "Total number of messages received from publishers",
+        Counters::get(&c.published),
+    );
+    metric(
+        &mut out,
+        "rabbitmq_global_messages_delivered_total",
+        "counter",
+        "Total number of messages delivered to consumers",
+        Counters::get(&c.delivered),
+    );
+    metric(
+        &mut out,
+        "rabbitmq_global_messages_acknowledged_total",
+        "counter",
+        "Total number of messages acknowledged by consumers",
+        Counters::get(&c.acked),
+    );
+    metric(
+        &mut out,
+        "rabbitmq_global_messages_redelivered_total",
+        "counter",
+        "Total number of messages redelivered to consumers",
+        Counters::get(&c.redelivered),
+    );
+    metric(
+        &mut out,
+        "rabbitmq_global_messages_unroutable_dropped_total",
+        "counter",
+        "Total number of messages published as non-mandatory into an exchange and dropped as unroutable",
+        Counters::get(&c.unroutable).saturating_sub(Counters::get(&c.returned)),
+    );
+    metric(
+        &mut out,
+        "rabbitmq_global_messages_unroutable_returned_total",
+        "counter",
+        "Total number of messages published as mandatory into an exchange and returned to the publisher as unroutable",
+        Counters::get(&c.returned),
+    );
+    metric(
+        &mut out,
+        "rabbitmq_global_messages_confirmed_total",
+        "counter",
+        "Total number of messages confirmed to publishers",
+        Counters::get(&c.confirmed),
+    );
+    metric(
+        &mut out,
+        "rabbitmq_alarms_memory_used_watermark",
+        "gauge",
+        "is set to 1 when the memory alarm is in effect",
+        u64::from(broker.memory_alarm()),
+    );
+    if let Some(rss) = resident_memory() {
+        metric(
+            &mut out,
+            "rabbitmq_process_resident_memory_bytes",
+            "gauge",
+            "Memory used in bytes",
+            rss,
+        );
+    }
+    for (name, help, pick) in [
+        (
+            "rabbitmq_queue_messages_ready",
+            "Messages ready to be delivered to consumers",
+            0,
+        ),
+        (
+            "rabbitmq_queue_messages_unacked",
+            "Messages delivered to consumers but not yet acknowledged",
+            1,
+        ),
+        ("rabbitmq_queue_consumers", "Consumers on a queue", 2),
+        (
+            "rabbitmq_queue_messages_ready_bytes",
+            "Size in bytes of ready messages",
+            3,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (vhost, queue, s) in &queue_lines {
+            let value = [s.ready, s.unacked, s.consumers, s.ready_bytes][pick];
+            let _ = writeln!(
+                out,
+                "{name}{{vhost=\"{}\",queue=\"{}\"}} {value}",
+                label(vhost),
+                label(queue)
+            );
+        }
+    }
+    out
+}
+
+/// `GET /metrics`: no authentication, like RabbitMQ's prometheus plugin.
+pub async fn prometheus(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(&state.broker),
+    )
+}

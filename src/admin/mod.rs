@@ -1,0 +1,522 @@
+//! The admin HTTP API, shaped like RabbitMQ's management plugin (`/api/...`, same
+//! JSON field names), plus Prometheus metrics at `/metrics`.
+//!
+//! Handlers only use `Broker`'s public API. Every `/api` route authenticates with
+//! HTTP basic auth against the broker's users ([`Caller`]); errors are RabbitMQ's
+//! `{"error": ..., "reason": ...}` bodies ([`ApiError`]).
+
+pub mod bindings;
+pub mod connections;
+pub mod definitions;
+pub mod exchanges;
+pub mod metrics;
+pub mod overview;
+pub mod policies;
+pub mod queues;
+pub mod users;
+pub mod vhosts;
+
+use crate::broker::{Broker, User};
+use crate::error::AmqpError;
+use crate::wire::{FieldTable, FieldValue};
+use axum::extract::{FromRef, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde_json::{json, Map, Value};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// What every handler gets.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    pub broker: Arc<Broker>,
+    pub rates: Arc<metrics::Rates>,
+    pub started_at: u64,
+}
+
+impl FromRef<AdminState> for Arc<Broker> {
+    fn from_ref(s: &AdminState) -> Arc<Broker> {
+        Arc::clone(&s.broker)
+    }
+}
+
+/// An API error: status plus RabbitMQ's JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub error: &'static str,
+    pub reason: String,
+}
+
+impl ApiError {
+    pub fn not_found() -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            error: "Object Not Found",
+            reason: "Not Found".into(),
+        }
+    }
+    pub fn bad_request(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            error: "bad_request",
+            reason: reason.into(),
+        }
+    }
+    pub fn unauthorized(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            error: "not_authorised",
+            reason: reason.into(),
+        }
+    }
+    pub fn forbidden(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            error: "not_authorised",
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<AmqpError> for ApiError {
+    fn from(e: AmqpError) -> ApiError {
+        use crate::wire::reply_code as rc;
+        let status = match e.code {
+            rc::NOT_FOUND => StatusCode::NOT_FOUND,
+            rc::ACCESS_REFUSED => StatusCode::FORBIDDEN,
+            rc::RESOURCE_LOCKED => StatusCode::LOCKED,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError {
+            status,
+            error: if status == StatusCode::NOT_FOUND {
+                "Object Not Found"
+            } else {
+                "bad_request"
+            },
+            reason: e.text,
+        }
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(e: axum::extract::rejection::JsonRejection) -> ApiError {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": self.error, "reason": self.reason}));
+        if self.status == StatusCode::UNAUTHORIZED {
+            (
+                self.status,
+                [(
+                    header::WWW_AUTHENTICATE,
+                    "Basic realm=\"RabbitMQ Management\"",
+                )],
+                body,
+            )
+                .into_response()
+        } else {
+            (self.status, body).into_response()
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON body that reports malformed input as a 400 `ApiError`.
+pub struct Body(pub Value);
+
+#[axum::async_trait]
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
+    type Rejection = ApiError;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Body, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            return Ok(Body(Value::Object(Map::new())));
+        }
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::bad_request(format!("failed to decode json: {e}")))
+    }
+}
+
+/// The authenticated user of a request (HTTP basic auth, management tags required).
+#[derive(Debug, Clone)]
+pub struct Caller(pub User);
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.0.has_tag("administrator")
+    }
+    /// Sees every vhost's objects (monitoring and administrator).
+    pub fn is_monitor(&self) -> bool {
+        self.is_admin() || self.0.has_tag("monitoring")
+    }
+    pub fn is_policymaker(&self) -> bool {
+        self.is_admin() || self.0.has_tag("policymaker")
+    }
+    pub fn require_admin(&self) -> ApiResult<()> {
+        if self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("Not administrator user"))
+        }
+    }
+    pub fn require_monitor(&self) -> ApiResult<()> {
+        if self.is_monitor() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("Not monitor user"))
+        }
+    }
+    /// Objects of `vhost` are visible: monitors see all, others need permissions there.
+    pub fn sees(&self, broker: &Broker, vhost: &str) -> bool {
+        self.is_monitor() || broker.auth.vhost_access(vhost, &self.0.name)
+    }
+    /// The caller's own resource permission, as the AMQP side checks it (403 otherwise).
+    /// The API acts as the user, so administrators need permissions too, as in RabbitMQ.
+    pub fn permit(
+        &self,
+        broker: &Broker,
+        vhost: &str,
+        access: crate::broker::auth::Access,
+        kind: &str,
+        name: &str,
+    ) -> ApiResult<()> {
+        let name = if kind == "exchange" && name.is_empty() {
+            "amq.default"
+        } else {
+            name
+        };
+        if broker.auth.allows(vhost, &self.0.name, access, name) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "access to {kind} '{name}' in vhost '{vhost}' refused for user '{}'",
+                self.0.name
+            )))
+        }
+    }
+
+    /// Acting on `vhost` needs a permission entry there (administrators included,
+    /// as in RabbitMQ).
+    pub fn require_vhost(&self, broker: &Broker, vhost: &str) -> ApiResult<()> {
+        if broker.vhost(vhost).is_none() {
+            return Err(ApiError::not_found());
+        }
+        if broker.auth.vhost_access(vhost, &self.0.name) || self.is_admin() {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("Access refused."))
+        }
+    }
+}
+
+const MANAGEMENT_TAGS: &[&str] = &["administrator", "monitoring", "policymaker", "management"];
+
+#[axum::async_trait]
+impl<S> FromRequestParts<S> for Caller
+where
+    Arc<Broker>: FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Caller, ApiError> {
+        let broker = Arc::<Broker>::from_ref(state);
+        let (user, pass) =
+            basic_credentials(parts).ok_or_else(|| ApiError::unauthorized("Login failed"))?;
+        let u = broker
+            .auth
+            .check_password(&user, &pass)
+            .ok_or_else(|| ApiError::unauthorized("Login failed"))?;
+        let from_loopback = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .is_none_or(|c| is_loopback(&c.0));
+        if u.loopback_only && !from_loopback {
+            return Err(ApiError::unauthorized("User can only log in via localhost"));
+        }
+        if !u.tags.iter().any(|t| MANAGEMENT_TAGS.contains(&t.as_str())) {
+            return Err(ApiError::forbidden("Not management user"));
+        }
+        Ok(Caller(u))
+    }
+}
+
+fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.is_loopback(),
+        std::net::IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+fn basic_credentials(parts: &Parts) -> Option<(String, String)> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some((u.to_string(), p.to_string()))
+}
+
+/// The admin router (also usable with `tower::ServiceExt::oneshot` in tests).
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/api/overview", get(overview::overview))
+        .route("/api/nodes", get(overview::nodes))
+        .route("/api/nodes/:node", get(overview::node))
+        .route("/api/whoami", get(overview::whoami))
+        .route("/api/health/checks/alarms", get(overview::alarms))
+        .route("/api/aliveness-test/:vhost", get(overview::aliveness))
+        .route("/api/vhosts", get(vhosts::list))
+        .route(
+            "/api/vhosts/:vhost",
+            get(vhosts::show).put(vhosts::put).delete(vhosts::remove),
+        )
+        .route(
+            "/api/vhosts/:vhost/permissions",
+            get(users::vhost_permissions),
+        )
+        .route("/api/users", get(users::list))
+        .route(
+            "/api/users/:name",
+            get(users::show).put(users::put).delete(users::remove),
+        )
+        .route("/api/users/:name/permissions", get(users::user_permissions))
+        .route("/api/permissions", get(users::permissions))
+        .route(
+            "/api/permissions/:vhost/:user",
+            get(users::show_permission)
+                .put(users::put_permission)
+                .delete(users::delete_permission),
+        )
+        .route("/api/exchanges", get(exchanges::list))
+        .route("/api/exchanges/:vhost", get(exchanges::list_vhost))
+        .route(
+            "/api/exchanges/:vhost/:name",
+            get(exchanges::show)
+                .put(exchanges::put)
+                .delete(exchanges::remove),
+        )
+        .route(
+            "/api/exchanges/:vhost/:name/publish",
+            post(exchanges::publish),
+        )
+        .route(
+            "/api/exchanges/:vhost/:name/bindings/source",
+            get(bindings::exchange_source),
+        )
+        .route(
+            "/api/exchanges/:vhost/:name/bindings/destination",
+            get(bindings::exchange_destination),
+        )
+        .route("/api/queues", get(queues::list))
+        .route("/api/queues/:vhost", get(queues::list_vhost))
+        .route(
+            "/api/queues/:vhost/:name",
+            get(queues::show).put(queues::put).delete(queues::remove),
+        )
+        .route("/api/queues/:vhost/:name/contents", delete(queues::purge))
+        .route("/api/queues/:vhost/:name/get", post(queues::get_messages))
+        .route(
+            "/api/queues/:vhost/:name/bindings",
+            get(bindings::queue_bindings),
+        )
+        .route("/api/bindings", get(bindings::list))
+        .route("/api/bindings/:vhost", get(bindings::list_vhost))
+        .route(
+            "/api/bindings/:vhost/e/:src/q/:dst",
+            get(bindings::between_queue).post(bindings::create_queue),
+        )
+        .route(
+            "/api/bindings/:vhost/e/:src/q/:dst/:props",
+            get(bindings::show_queue).delete(bindings::delete_queue),
+        )
+        .route(
+            "/api/bindings/:vhost/e/:src/e/:dst",
+            get(bindings::between_exchange).post(bindings::create_exchange),
+        )
+        .route(
+            "/api/bindings/:vhost/e/:src/e/:dst/:props",
+            get(bindings::show_exchange).delete(bindings::delete_exchange),
+        )
+        .route("/api/connections", get(connections::list))
+        .route(
+            "/api/connections/:name",
+            get(connections::show).delete(connections::close),
+        )
+        .route(
+            "/api/vhosts/:vhost/connections",
+            get(connections::list_vhost),
+        )
+        .route("/api/channels", get(connections::channels))
+        .route("/api/consumers", get(connections::consumers))
+        .route("/api/consumers/:vhost", get(connections::consumers_vhost))
+        .route(
+            "/api/definitions",
+            get(definitions::export).post(definitions::import),
+        )
+        .route("/api/policies", get(policies::list))
+        .route("/api/policies/:vhost", get(policies::list_vhost))
+        .route(
+            "/api/policies/:vhost/:name",
+            get(policies::show)
+                .put(policies::put)
+                .delete(policies::remove),
+        )
+        .route("/metrics", get(metrics::prometheus))
+        .fallback(|| async { ApiError::not_found() })
+        .with_state(state)
+}
+
+/// Bind the admin listener and serve it in the background; returns its address.
+pub async fn start(
+    addr: &str,
+    broker: Arc<Broker>,
+    sample_every: std::time::Duration,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let rates = metrics::Rates::new();
+    metrics::spawn_sampler(Arc::downgrade(&broker), Arc::clone(&rates), sample_every);
+    let state = AdminState {
+        broker,
+        rates,
+        started_at: crate::broker::message::now_ms(),
+    };
+    let app = router(state);
+    tokio::spawn(async move {
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service).await {
+            tracing::error!(error = %e, "admin listener stopped");
+        }
+    });
+    Ok(local)
+}
+
+/// A field table as RabbitMQ renders arguments and headers in JSON.
+pub fn table_to_json(t: &FieldTable) -> Value {
+    Value::Object(
+        t.iter()
+            .map(|(k, v)| (k.to_string(), value_to_json(v)))
+            .collect(),
+    )
+}
+
+pub fn value_to_json(v: &FieldValue) -> Value {
+    match v {
+        FieldValue::Bool(b) => json!(b),
+        FieldValue::F32(f) => json!(f),
+        FieldValue::F64(f) => json!(f),
+        FieldValue::Decimal(scale, n) => json!(f64::from(*n) / 10f64.powi(i32::from(*scale))),
+        FieldValue::LongString(b) | FieldValue::ByteArray(b) => match std::str::from_utf8(b) {
+            Ok(s) => json!(s),
+            Err(_) => json!(base64::engine::general_purpose::STANDARD.encode(b)),
+        },
+        FieldValue::Array(a) => Value::Array(a.iter().map(value_to_json).collect()),
+        FieldValue::Table(t) => table_to_json(t),
+        FieldValue::Void => Value::Null,
+        other => other.as_i64().map(|i| json!(i)).unwrap_or(Value::Null),
+    }
+}
+
+/// JSON arguments (`{"x-message-ttl": 1000}`) as a field table.
+pub fn json_to_table(v: &Value) -> ApiResult<FieldTable> {
+    match v {
+        Value::Null => Ok(FieldTable::new()),
+        Value::Object(m) => Ok(FieldTable(
+            m.iter()
+                .map(|(k, v)| (k.clone(), json_to_value(v)))
+                .collect(),
+        )),
+        _ => Err(ApiError::bad_request("arguments must be an object")),
+    }
+}
+
+pub fn json_to_value(v: &Value) -> FieldValue {
+    match v {
+        Value::Null => FieldValue::Void,
+        Value::Bool(b) => FieldValue::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => FieldValue::I64(i),
+            None => FieldValue::F64(n.as_f64().unwrap_or(0.0)),
+        },
+        Value::String(s) => FieldValue::string(s.clone()),
+        Value::Array(a) => FieldValue::Array(a.iter().map(json_to_value).collect()),
+        Value::Object(m) => FieldValue::Table(FieldTable(
+            m.iter()
+                .map(|(k, v)| (k.clone(), json_to_value(v)))
+                .collect(),
+        )),
+    }
+}
+
+/// A boolean field of a request body, with a default.
+pub fn flag(body: &Value, key: &str, default: bool) -> ApiResult<bool> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s == "true" => Ok(true),
+        Some(Value::String(s)) if s == "false" => Ok(false),
+        Some(_) => Err(ApiError::bad_request(format!("{key} must be a boolean"))),
+    }
+}
+
+/// A string field of a request body, with a default.
+pub fn text<'a>(body: &'a Value, key: &str, default: &'a str) -> ApiResult<&'a str> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(ApiError::bad_request(format!("{key} must be a string"))),
+    }
+}
+
+/// `{"rate": r}` as RabbitMQ's `*_details` objects.
+pub fn details(rate: f64) -> Value {
+    json!({ "rate": (rate * 10.0).round() / 10.0 })
+}
+
+/// Sort API listings by vhost then name, as RabbitMQ does.
+pub fn sort_by_vhost_name(items: &mut [Value]) {
+    items.sort_by(|a, b| {
+        let key = |v: &Value| {
+            (
+                v.get("vhost")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                v.get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+}
+
+/// The node name reported by the API (`warren@hostname`).
+pub fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("warren@{host}")
+}

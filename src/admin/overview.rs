@@ -1,0 +1,150 @@
+//! `/api/overview`, `/api/nodes`, `/api/whoami`, `/api/health/checks/alarms` and
+//! `/api/aliveness-test/{vhost}`.
+
+use super::metrics::{message_stats, resident_memory, Totals};
+use super::{node_name, AdminState, ApiError, ApiResult, Caller};
+use crate::broker::message::{now_ms, Message};
+use crate::broker::vhost::QueueDeclare;
+use axum::extract::{Path, State};
+use axum::Json;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+
+/// The version we report where RabbitMQ reports `rabbitmq_version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    let b = &s.broker;
+    let visible: Vec<_> = b
+        .vhosts()
+        .into_iter()
+        .filter(|v| caller.sees(b, &v.name))
+        .collect();
+    let (mut ready, mut unacked, mut consumers, mut queues, mut exchanges) = (0, 0, 0, 0, 0);
+    for v in &visible {
+        exchanges += v.exchanges().len();
+        for q in v.queues() {
+            let st = q.stats();
+            ready += st.ready;
+            unacked += st.unacked;
+            consumers += st.consumers;
+            queues += 1;
+        }
+    }
+    let conns: Vec<_> = b
+        .connections()
+        .into_iter()
+        .filter(|c| caller.is_monitor() || c.user == caller.0.name)
+        .collect();
+    let channels: u32 = conns
+        .iter()
+        .map(|c| c.channels.load(Ordering::Relaxed))
+        .sum();
+    Json(json!({
+        "management_version": VERSION,
+        "rabbitmq_version": VERSION,
+        "product_name": "warren",
+        "product_version": VERSION,
+        "rates_mode": "basic",
+        "cluster_name": node_name(),
+        "node": node_name(),
+        "message_stats": message_stats(&Totals::of(&b.counters), &s.rates.global()),
+        "queue_totals": {
+            "messages": ready + unacked,
+            "messages_ready": ready,
+            "messages_unacknowledged": unacked,
+        },
+        "object_totals": {
+            "connections": conns.len(),
+            "channels": channels,
+            "exchanges": exchanges,
+            "queues": queues,
+            "consumers": consumers,
+        },
+    }))
+}
+
+fn node_json(s: &AdminState) -> Value {
+    json!({
+        "name": node_name(),
+        "type": "disc",
+        "running": true,
+        "mem_used": resident_memory().unwrap_or(0),
+        "mem_alarm": s.broker.memory_alarm(),
+        "mem_limit": s.broker.memory_watermark(),
+        "disk_free_alarm": false,
+        "uptime": now_ms().saturating_sub(s.started_at),
+        "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "fd_used": std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0),
+    })
+}
+
+pub async fn nodes(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require_monitor()?;
+    Ok(Json(json!([node_json(&s)])))
+}
+
+pub async fn node(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_monitor()?;
+    if name != node_name() {
+        return Err(ApiError::not_found());
+    }
+    Ok(Json(node_json(&s)))
+}
+
+pub async fn whoami(caller: Caller) -> Json<Value> {
+    Json(json!({"name": caller.0.name, "tags": caller.0.tags_list()}))
+}
+
+/// 200 when no resource alarm is in effect, 503 listing them otherwise (RabbitMQ's
+/// shape). warren's only alarm is the memory alarm.
+pub async fn alarms(State(s): State<AdminState>, _caller: Caller) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if s.broker.memory_alarm() {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "failed",
+                "reason": "There are alarms in effect in the cluster",
+                "alarms": [{"node": node_name(), "resource": "memory"}],
+            })),
+        )
+            .into_response()
+    } else {
+        Json(json!({"status": "ok"})).into_response()
+    }
+}
+
+/// Declare `aliveness-test`, publish to it and get the message back, as RabbitMQ does.
+pub async fn aliveness(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let (q, _) = v.declare_queue(
+        &QueueDeclare {
+            name: "aliveness-test".into(),
+            ..Default::default()
+        },
+        0,
+    )?;
+    let body = bytes::Bytes::from_static(b"test_message");
+    q.enqueue(Message::new(
+        "",
+        "aliveness-test",
+        Default::default(),
+        body.clone(),
+    ));
+    match q.get(true) {
+        Some((e, _)) if e.message.body == body => Ok(Json(json!({"status": "ok"}))),
+        _ => Ok(Json(
+            json!({"status": "failed", "reason": "message not received"}),
+        )),
+    }
+}

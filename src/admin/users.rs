@@ -1,0 +1,234 @@
+//! `/api/users[/{name}]` and `/api/permissions[/{vhost}/{user}]`: users with
+//! salted SHA-256 password hashes and tags, and per-vhost permission regexes.
+
+use super::{text, AdminState, ApiError, ApiResult, Body, Caller};
+use crate::broker::auth::{self, Permission, User, HASHING_ALGORITHM};
+use crate::broker::Broker;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+
+pub fn user_json(u: &User) -> Value {
+    json!({
+        "name": u.name,
+        "password_hash": u.password_hash,
+        "hashing_algorithm": HASHING_ALGORITHM,
+        "tags": u.tags_list(),
+        "limits": {},
+    })
+}
+
+pub fn permission_json(vhost: &str, user: &str, p: &Permission) -> Value {
+    json!({
+        "user": user,
+        "vhost": vhost,
+        "configure": p.configure,
+        "write": p.write,
+        "read": p.read,
+    })
+}
+
+/// `tags` as RabbitMQ accepts it: a comma-separated string or a list.
+pub fn parse_tags(v: Option<&Value>) -> ApiResult<Vec<String>> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+            .collect()),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| {
+                t.as_str()
+                    .map(String::from)
+                    .ok_or_else(|| ApiError::bad_request("tags must be strings"))
+            })
+            .collect(),
+        Some(_) => Err(ApiError::bad_request("tags must be a string or a list")),
+    }
+}
+
+/// Create or update a user from an API / definitions body.
+pub fn put_user_from(b: &Broker, name: &str, body: &Value) -> ApiResult<bool> {
+    let existing = b.auth.user(name);
+    let tags = parse_tags(body.get("tags"))?;
+    let hash = if let Some(pw) = body.get("password") {
+        let pw = pw
+            .as_str()
+            .ok_or_else(|| ApiError::bad_request("password must be a string"))?;
+        auth::hash_password(pw)
+    } else if let Some(h) = body.get("password_hash") {
+        let h = h
+            .as_str()
+            .ok_or_else(|| ApiError::bad_request("password_hash must be a string"))?;
+        let algo = text(body, "hashing_algorithm", HASHING_ALGORITHM)?;
+        if algo != HASHING_ALGORITHM {
+            return Err(ApiError::bad_request(format!(
+                "unsupported hashing_algorithm '{algo}'"
+            )));
+        }
+        if !auth::valid_hash(h) {
+            return Err(ApiError::bad_request("invalid password_hash"));
+        }
+        h.to_string()
+    } else if let Some(u) = &existing {
+        u.password_hash.clone()
+    } else {
+        return Err(ApiError::bad_request(
+            "one of password or password_hash must be set",
+        ));
+    };
+    b.auth.put_user(User {
+        name: name.to_string(),
+        password_hash: hash,
+        tags,
+        loopback_only: existing.as_ref().is_some_and(|u| u.loopback_only),
+    });
+    Ok(existing.is_none())
+}
+
+pub async fn list(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    Ok(Json(Value::Array(
+        s.broker.auth.users().iter().map(user_json).collect(),
+    )))
+}
+
+pub async fn show(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    let u = s.broker.auth.user(&name).ok_or_else(ApiError::not_found)?;
+    Ok(Json(user_json(&u)))
+}
+
+pub async fn put(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let created = put_user_from(&s.broker, &name, &body)?;
+    Ok(if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::NO_CONTENT
+    })
+}
+
+pub async fn remove(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    if s.broker.auth.delete_user(&name) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found())
+    }
+}
+
+fn permissions_where(b: &Broker, keep: impl Fn(&str, &str) -> bool) -> Json<Value> {
+    Json(Value::Array(
+        b.auth
+            .permissions()
+            .iter()
+            .filter(|(v, u, _)| keep(v, u))
+            .map(|(v, u, p)| permission_json(v, u, p))
+            .collect(),
+    ))
+}
+
+pub async fn permissions(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    Ok(permissions_where(&s.broker, |_, _| true))
+}
+
+pub async fn vhost_permissions(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    Ok(permissions_where(&s.broker, |v, _| v == vhost))
+}
+
+pub async fn user_permissions(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(user): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    s.broker.auth.user(&user).ok_or_else(ApiError::not_found)?;
+    Ok(permissions_where(&s.broker, |_, u| u == user))
+}
+
+pub async fn show_permission(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    let p = s
+        .broker
+        .auth
+        .permission(&vhost, &user)
+        .ok_or_else(ApiError::not_found)?;
+    Ok(Json(permission_json(&vhost, &user, &p)))
+}
+
+/// Set permissions from an API / definitions body.
+pub fn put_permission_from(b: &Broker, vhost: &str, user: &str, body: &Value) -> ApiResult<bool> {
+    if b.vhost(vhost).is_none() {
+        return Err(ApiError::bad_request(format!("vhost_not_found: {vhost}")));
+    }
+    if b.auth.user(user).is_none() {
+        return Err(ApiError::bad_request(format!("user_not_found: {user}")));
+    }
+    let field = |k: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad_request(format!("{k} must be set (a regex)")))
+    };
+    let p = Permission::new(field("configure")?, field("write")?, field("read")?)
+        .map_err(ApiError::bad_request)?;
+    let created = b.auth.permission(vhost, user).is_none();
+    b.auth.set_permission(vhost, user, p);
+    Ok(created)
+}
+
+pub async fn put_permission(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let created = put_permission_from(&s.broker, &vhost, &user, &body)?;
+    Ok(if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::NO_CONTENT
+    })
+}
+
+pub async fn delete_permission(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, user)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    if s.broker.auth.clear_permission(&vhost, &user) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found())
+    }
+}
