@@ -301,8 +301,8 @@ impl Channel {
                             &BasicGetOk {
                                 delivery_tag: tag,
                                 redelivered: entry.redelivered,
-                                exchange: m.exchange.clone(),
-                                routing_key: m.routing_key.clone(),
+                                exchange: m.exchange.to_string(),
+                                routing_key: m.routing_key.to_string(),
                                 message_count: remaining as u32,
                             }
                             .into(),
@@ -894,8 +894,8 @@ impl Channel {
                 &BasicReturn {
                     reply_code: reply_code::NO_ROUTE,
                     reply_text: "NO_ROUTE".into(),
-                    exchange: message.exchange.clone(),
-                    routing_key: message.routing_key.clone(),
+                    exchange: message.exchange.to_string(),
+                    routing_key: message.routing_key.to_string(),
                 }
                 .into(),
             );
@@ -1031,18 +1031,14 @@ impl Channel {
         self.next_tag += 1;
         Counters::add(&ctx.broker.counters.delivered, 1);
         let m = &d.entry.message;
-        out.method(
-            self.id,
-            &BasicDeliver {
-                consumer_tag: d.consumer_tag.to_string(),
-                delivery_tag: tag,
-                redelivered: d.entry.redelivered,
-                exchange: m.exchange.clone(),
-                routing_key: m.routing_key.clone(),
-            }
-            .into(),
-        );
-        out.content(self.id, &m.properties, &m.body);
+        let args = DeliverArgs {
+            consumer_tag: &d.consumer_tag,
+            delivery_tag: tag,
+            redelivered: d.entry.redelivered,
+            exchange: &m.exchange,
+            routing_key: &m.routing_key,
+        };
+        out.deliver(self.id, &args, &m.properties, &m.body);
         if !d.no_ack {
             let deadline = ack_deadline(ctx, &d.queue);
             self.unacked.push_back(Unacked {

@@ -189,7 +189,8 @@ struct Conn {
     heartbeat: Duration,
     last_read: Instant,
     last_write: Instant,
-    ctx: Option<ConnCtx>,
+    /// Shared so that taking it per frame costs a refcount, not a deep clone.
+    ctx: Option<Arc<ConnCtx>>,
     channels: HashMap<u16, Channel>,
     rx: mpsc::UnboundedReceiver<Outbound>,
     sink: Arc<ConnSink>,
@@ -240,7 +241,7 @@ async fn serve(
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (read_half, write_half) = stream.into_split();
     let frame_max = config.frame_max.max(FRAME_MIN_SIZE_BYTES);
-    let reader = FramedRead::new(read_half, FrameCodec::new(frame_max));
+    let reader = FramedRead::with_capacity(read_half, FrameCodec::new(frame_max), 1024);
     let (out, writer_task) = writer::spawn(write_half, FRAME_MIN_SIZE_BYTES);
     let (tx, rx) = mpsc::unbounded_channel();
     let now = Instant::now();
@@ -496,7 +497,7 @@ impl Conn {
             control: Arc::clone(&self.sink) as Arc<dyn ConnectionControl>,
         }));
         self.registered = true;
-        self.ctx = Some(ConnCtx {
+        self.ctx = Some(Arc::new(ConnCtx {
             broker: Arc::clone(&self.broker),
             id: self.id,
             vhost,
@@ -506,7 +507,7 @@ impl Conn {
             max_message_size: config.max_message_size,
             cancel_notify,
             limits: config.limits(),
-        });
+        }));
         Ok(())
     }
 

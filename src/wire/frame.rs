@@ -4,6 +4,7 @@
 
 use super::error::WireError;
 use super::methods::{constants, BasicProperties, Method};
+use super::types::encode_short_string;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -137,16 +138,87 @@ pub fn write_content(
     body: &[u8],
     frame_max: u32,
 ) {
+    write_content_with(
+        buf,
+        channel,
+        class_id,
+        |b| properties.encode(b),
+        body,
+        frame_max,
+    );
+}
+
+/// [`write_content`] with the properties (flags and values) written by `properties`,
+/// e.g. from a compact or pre-encoded form.
+pub fn write_content_with(
+    buf: &mut BytesMut,
+    channel: u16,
+    class_id: u16,
+    properties: impl FnOnce(&mut BytesMut),
+    body: &[u8],
+    frame_max: u32,
+) {
     let chunk = match frame_max {
         0 => body.len().max(1),
         max => (max.saturating_sub(FRAME_OVERHEAD) as usize).max(1),
     };
-    let frames = body.len().div_ceil(chunk);
-    buf.reserve(64 + body.len() + frames * FRAME_OVERHEAD as usize);
-    write_header(buf, channel, class_id, body.len() as u64, properties);
+    buf.reserve(64 + body.len() + body.len().div_ceil(chunk) * FRAME_OVERHEAD as usize);
+    write_frame(buf, constants::FRAME_HEADER, channel, |buf| {
+        buf.put_u16(class_id);
+        buf.put_u16(0); // weight, always 0
+        buf.put_u64(body.len() as u64);
+        properties(buf);
+    });
+    if body.len() <= chunk {
+        if !body.is_empty() {
+            write_body(buf, channel, body);
+        }
+        return;
+    }
     for part in body.chunks(chunk) {
         write_body(buf, channel, part);
     }
+}
+
+/// The arguments of a `basic.deliver`, borrowed: the delivery hot path encodes
+/// them straight into the output buffer without building a [`Method`].
+#[derive(Debug, Clone, Copy)]
+pub struct DeliverArgs<'a> {
+    pub consumer_tag: &'a str,
+    pub delivery_tag: u64,
+    pub redelivered: bool,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+}
+
+/// Append `basic.deliver`, its content header (properties written by `properties`)
+/// and the body frames, with a single reservation. Byte-identical to
+/// `write_method(BasicDeliver)` followed by `write_content`.
+pub fn write_deliver(
+    buf: &mut BytesMut,
+    channel: u16,
+    args: &DeliverArgs<'_>,
+    properties: impl FnOnce(&mut BytesMut),
+    body: &[u8],
+    frame_max: u32,
+) {
+    buf.reserve(
+        FRAME_OVERHEAD as usize
+            + 16
+            + args.consumer_tag.len()
+            + args.exchange.len()
+            + args.routing_key.len(),
+    );
+    write_frame(buf, constants::FRAME_METHOD, channel, |buf| {
+        buf.put_u16(60);
+        buf.put_u16(60);
+        encode_short_string(args.consumer_tag, buf);
+        buf.put_u64(args.delivery_tag);
+        buf.put_u8(u8::from(args.redelivered));
+        encode_short_string(args.exchange, buf);
+        encode_short_string(args.routing_key, buf);
+    });
+    write_content_with(buf, channel, 60, properties, body, frame_max);
 }
 
 /// Append a heartbeat frame (channel 0).
@@ -158,7 +230,16 @@ pub fn write_heartbeat(buf: &mut BytesMut) {
 #[derive(Debug, Clone)]
 pub struct FrameCodec {
     frame_max: u32,
+    /// Bytes decoded since the decoder last ran out of input: how busy the
+    /// connection is, to size the read buffer (small when idle, large under load).
+    burst: usize,
 }
+
+/// The read buffer of an idle connection stays as small as its socket needs; once
+/// more than BUSY_BURST bytes arrive between two waits for input, the free space is
+/// topped up to READ_BUSY so a busy connection reads in large chunks.
+const BUSY_BURST: usize = 2 * 1024;
+const READ_BUSY: usize = 32 * 1024;
 
 impl Default for FrameCodec {
     fn default() -> Self {
@@ -169,7 +250,10 @@ impl Default for FrameCodec {
 impl FrameCodec {
     /// `frame_max` counts the whole frame (payload + 8); 0 means no limit.
     pub fn new(frame_max: u32) -> Self {
-        FrameCodec { frame_max }
+        FrameCodec {
+            frame_max,
+            burst: 0,
+        }
     }
 
     /// Apply the frame_max agreed in `connection.tune-ok`.
@@ -201,12 +285,28 @@ fn parse_header_payload(payload: &[u8]) -> Result<(u16, u64, BasicProperties), W
     Ok((class_id, body_size, properties))
 }
 
+impl FrameCodec {
+    /// The decoder needs `need` bytes in all and has fewer: make room for them, and
+    /// for a large read if the connection is busy.
+    fn out_of_input(&mut self, src: &mut BytesMut, need: usize) {
+        let mut want = need.saturating_sub(src.len()).min(MAX_RESERVE);
+        if self.burst >= BUSY_BURST {
+            want = want.max(READ_BUSY);
+        }
+        self.burst = 0;
+        if src.capacity() - src.len() < want {
+            src.reserve(want);
+        }
+    }
+}
+
 impl Decoder for FrameCodec {
     type Item = Frame;
     type Error = WireError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, WireError> {
         if src.len() < FRAME_HEADER_SIZE {
+            self.out_of_input(src, FRAME_HEADER_SIZE);
             return Ok(None);
         }
         let kind = src[0];
@@ -232,9 +332,10 @@ impl Decoder for FrameCodec {
             // Reserve for the rest of the frame, but never more than
             // MAX_RESERVE on the word of a header alone: with no frame_max a
             // 7-byte header could otherwise ask for 4 GiB up front.
-            src.reserve((total - src.len()).min(MAX_RESERVE));
+            self.out_of_input(src, total);
             return Ok(None);
         }
+        self.burst += total;
         let end = src[total - 1];
         if end != constants::FRAME_END {
             return Err(WireError::FrameEnd(end));
@@ -631,5 +732,46 @@ mod tests {
     #[test]
     fn protocol_header() {
         assert_eq!(PROTOCOL_HEADER, b"AMQP\x00\x00\x09\x01");
+    }
+
+    #[test]
+    fn write_deliver_matches_generic_encoding() {
+        let props = BasicProperties {
+            delivery_mode: Some(1),
+            message_id: Some("m".into()),
+            ..Default::default()
+        };
+        for (body, frame_max) in [
+            (&b""[..], 4096u32),
+            (&b"0123456789abcdef"[..], 0),
+            (&[7u8; 9000][..], 4096),
+        ] {
+            for redelivered in [false, true] {
+                let mut expected = BytesMut::new();
+                write_method(
+                    &mut expected,
+                    3,
+                    &BasicDeliver {
+                        consumer_tag: "ctag".into(),
+                        delivery_tag: 42,
+                        redelivered,
+                        exchange: "ex".into(),
+                        routing_key: "key".into(),
+                    }
+                    .into(),
+                );
+                write_content(&mut expected, 3, 60, &props, body, frame_max);
+                let mut got = BytesMut::new();
+                let args = DeliverArgs {
+                    consumer_tag: "ctag",
+                    delivery_tag: 42,
+                    redelivered,
+                    exchange: "ex",
+                    routing_key: "key",
+                };
+                write_deliver(&mut got, 3, &args, |b| props.encode(b), body, frame_max);
+                assert_eq!(got, expected);
+            }
+        }
     }
 }

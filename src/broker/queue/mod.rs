@@ -676,8 +676,8 @@ fn stored(e: &Entry) -> StoredMessage {
     let mut props = bytes::BytesMut::new();
     e.message.properties.encode(&mut props);
     StoredMessage {
-        exchange: e.message.exchange.clone(),
-        routing_key: e.message.routing_key.clone(),
+        exchange: e.message.exchange.to_string(),
+        routing_key: e.message.routing_key.to_string(),
         properties: props.freeze(),
         body: e.message.body.clone(),
         redelivered: e.redelivered,
