@@ -23,29 +23,7 @@ async fn main() -> Res<()> {
     .await?;
     let mut subscribers = Vec::new();
     for _ in 0..2 {
-        let exclusive = QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        };
-        let q = ch
-            .queue_declare("", exclusive, FieldTable::default())
-            .await?;
-        ch.queue_bind(
-            q.name().as_str(),
-            "logs",
-            "",
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-        let no_ack = BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        };
-        subscribers.push(
-            ch.basic_consume(q.name().as_str(), "", no_ack, FieldTable::default())
-                .await?,
-        );
+        subscribers.push(subscribe(&ch, "logs", &[""]).await?);
     }
     for msg in ["info: Hello World!", "warning: disk at 80%"] {
         ch.basic_publish(

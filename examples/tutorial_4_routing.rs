@@ -23,30 +23,7 @@ async fn main() -> Res<()> {
     .await?;
     let mut consumers = Vec::new();
     for severities in [&["error"][..], &["info", "warning", "error"][..]] {
-        let exclusive = QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        };
-        let q = ch
-            .queue_declare("", exclusive, FieldTable::default())
-            .await?;
-        for s in severities {
-            ch.queue_bind(
-                q.name().as_str(),
-                "direct_logs",
-                s,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
-        let no_ack = BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        };
-        let c = ch
-            .basic_consume(q.name().as_str(), "", no_ack, FieldTable::default())
-            .await?;
+        let c = subscribe(&ch, "direct_logs", severities).await?;
         consumers.push((severities, c, severities.len()));
     }
     for (severity, msg) in [

@@ -34,30 +34,7 @@ async fn main() -> Res<()> {
     ];
     let mut consumers = Vec::new();
     for (binding_keys, expected) in patterns {
-        let exclusive = QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        };
-        let q = ch
-            .queue_declare("", exclusive, FieldTable::default())
-            .await?;
-        for k in binding_keys {
-            ch.queue_bind(
-                q.name().as_str(),
-                "topic_logs",
-                k,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        }
-        let no_ack = BasicConsumeOptions {
-            no_ack: true,
-            ..Default::default()
-        };
-        let c = ch
-            .basic_consume(q.name().as_str(), "", no_ack, FieldTable::default())
-            .await?;
+        let c = subscribe(&ch, "topic_logs", binding_keys).await?;
         consumers.push((binding_keys, c, expected));
     }
     for key in keys {

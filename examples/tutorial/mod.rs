@@ -1,7 +1,9 @@
 //! Shared by the tutorial examples: connecting, and taking messages with a timeout.
 
 use futures::StreamExt;
-use lapin::{Connection, ConnectionProperties, Consumer};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 use std::time::Duration;
 
 pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -27,4 +29,34 @@ pub async fn next(consumer: &mut Consumer) -> Res<lapin::message::Delivery> {
         Ok(None) => Err("consumer cancelled".into()),
         Err(_) => Err("no message within 5 s".into()),
     }
+}
+
+/// A subscriber: an exclusive server-named queue bound to `exchange` with each of
+/// `keys`, consumed without acks.
+#[allow(dead_code)] // not every tutorial subscribes
+pub async fn subscribe(ch: &Channel, exchange: &str, keys: &[&str]) -> Res<Consumer> {
+    let exclusive = QueueDeclareOptions {
+        exclusive: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare("", exclusive, FieldTable::default())
+        .await?;
+    for key in keys {
+        ch.queue_bind(
+            q.name().as_str(),
+            exchange,
+            key,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    let no_ack = BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    Ok(ch
+        .basic_consume(q.name().as_str(), "", no_ack, FieldTable::default())
+        .await?)
 }

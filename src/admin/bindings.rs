@@ -353,16 +353,7 @@ pub async fn delete_queue(
     caller: Caller,
     Path((vhost, src, dst, props)): Path<(String, String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    caller.require_vhost(&s.broker, &vhost)?;
-    caller.permit(&s.broker, &vhost, Access::Write, "queue", &dst)?;
-    caller.permit(
-        &s.broker,
-        &vhost,
-        Access::Read,
-        "exchange",
-        source_name(&src),
-    )?;
-    delete(&s, &vhost, &src, &dst, true, &props)
+    delete_checked(&s, &caller, &vhost, &src, &dst, true, &props)
 }
 
 pub async fn delete_exchange(
@@ -370,14 +361,22 @@ pub async fn delete_exchange(
     caller: Caller,
     Path((vhost, src, dst, props)): Path<(String, String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    caller.require_vhost(&s.broker, &vhost)?;
-    caller.permit(&s.broker, &vhost, Access::Write, "exchange", &dst)?;
-    caller.permit(
-        &s.broker,
-        &vhost,
-        Access::Read,
-        "exchange",
-        source_name(&src),
-    )?;
-    delete(&s, &vhost, &src, &dst, false, &props)
+    delete_checked(&s, &caller, &vhost, &src, &dst, false, &props)
+}
+
+/// Unbind as the caller: write on the destination, read on the source.
+fn delete_checked(
+    s: &AdminState,
+    caller: &Caller,
+    vhost: &str,
+    src: &str,
+    dst: &str,
+    to_queue: bool,
+    props: &str,
+) -> ApiResult<StatusCode> {
+    caller.require_vhost(&s.broker, vhost)?;
+    let kind = if to_queue { "queue" } else { "exchange" };
+    caller.permit(&s.broker, vhost, Access::Write, kind, dst)?;
+    caller.permit(&s.broker, vhost, Access::Read, "exchange", source_name(src))?;
+    delete(s, vhost, src, dst, to_queue, props)
 }
