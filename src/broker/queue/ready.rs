@@ -90,15 +90,6 @@ impl Ready {
         Some(entry)
     }
 
-    /// Remove and return the oldest message of the lowest priority (for drop-head).
-    pub fn pop_oldest_lowest(&mut self) -> Option<Entry> {
-        let entry = self.levels.iter_mut().find_map(|l| l.pop_front())?;
-        self.len -= 1;
-        self.bytes -= entry.size();
-        self.budget.sub(entry.resident_size());
-        Some(entry)
-    }
-
     /// Remove everything.
     pub fn drain(&mut self) -> Vec<Entry> {
         self.len = 0;
