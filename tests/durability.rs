@@ -396,7 +396,15 @@ async fn kill_9_loses_no_confirmed_message() {
                 ))
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(300 + 150 * cycle)).await;
+        // Kill at a varying moment once publishing is under way (a loaded machine
+        // can take a while to get the publishers connected).
+        for _ in 0..300 {
+            if confirmed.lock().unwrap().len() >= 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100 + 150 * cycle)).await;
         b.kill9();
         for t in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
