@@ -29,6 +29,8 @@ pub struct Config {
     pub channel_max: u16,
     /// Largest message body accepted, in bytes; bigger publishes get 406.
     pub max_message_size: u64,
+    /// Size of the message store's page cache in bytes (sled's cache capacity).
+    pub store_cache_size: u64,
     /// Bytes of message bodies kept in memory across all queues; past it, persistent
     /// messages on durable queues are paged out to the store (0: never page).
     pub message_memory_limit: u64,
@@ -109,6 +111,7 @@ impl Default for Config {
             max_message_size: 128 * 1024 * 1024,
             handshake_timeout_secs: 10,
             message_memory_limit: 256 * 1024 * 1024,
+            store_cache_size: 256 * 1024 * 1024,
             vm_memory_high_watermark: 0.4,
             memory_high_watermark_bytes: 0,
             default_user: "guest".into(),

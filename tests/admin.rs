@@ -251,7 +251,15 @@ async fn overview_nodes_whoami_health() {
     )
     .await
     .unwrap();
-    let o = b.get("/api/overview").await;
+    // basic.publish has no reply: wait until the broker has taken the message.
+    let mut o = b.get("/api/overview").await;
+    for _ in 0..100 {
+        if o["queue_totals"]["messages_ready"] == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        o = b.get("/api/overview").await;
+    }
     assert_eq!(o["object_totals"]["connections"], 1);
     assert_eq!(o["object_totals"]["channels"], 1);
     assert_eq!(o["object_totals"]["queues"], 1);

@@ -107,7 +107,11 @@ impl Broker {
     /// A broker backed by the store in `config.data_dir`, with what it holds recovered.
     pub fn open(config: &Config) -> Result<Arc<Broker>, StorageError> {
         let started = std::time::Instant::now();
-        let store = Store::open(&config.data_dir)?;
+        let options = crate::storage::StoreOptions {
+            cache_capacity: config.store_cache_size,
+            ..Default::default()
+        };
+        let store = Store::open_with(&config.data_dir, options)?;
         let broker = Self::build(config, Some(store.clone()));
         // Policies are loaded with their vhost, before its queues are recovered.
         let recovered = persist::recover(&store, &|name| {

@@ -39,7 +39,7 @@ mod sled;
 
 use std::path::PathBuf;
 
-pub use self::sled::Store;
+pub use self::sled::{Store, StoreOptions};
 pub use codec::{decode_message, encode_message, RECORD_VERSION};
 
 /// The content of `<data_dir>/VERSION` written and accepted by this build.

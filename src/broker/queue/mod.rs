@@ -181,31 +181,28 @@ impl Queue {
     /// Add a published message and deliver what can be delivered.
     pub fn enqueue(self: &Arc<Self>, message: Arc<Message>) -> Enqueued {
         let now = now_ms();
+        let args = self.args();
         let mut dead = DeadLetters::new();
         let accepted = {
             let mut s = self.state.lock();
             if s.deleted {
                 return Enqueued::Accepted { durable: false };
             }
-            let ttl = match (self.args().message_ttl, message.ttl()) {
+            let ttl = match (args.message_ttl, message.ttl()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
             let size = message.size();
-            let full = self
-                .args()
-                .max_length
-                .is_some_and(|m| s.ready.len() as u64 >= m)
-                || self
-                    .args()
+            let full = args.max_length.is_some_and(|m| s.ready.len() as u64 >= m)
+                || args
                     .max_length_bytes
                     .is_some_and(|m| (s.ready.bytes() + size) as u64 > m);
             let seq = s.next_seq;
             s.next_seq += 1;
             let mut entry = Entry::new(seq, message, ttl.map(|t| now.saturating_add(t)));
             crate::broker::Counters::add(&self.counters.published, 1);
-            if full && self.args().overflow != Overflow::DropHead {
-                if self.args().overflow == Overflow::RejectPublishDlx {
+            if full && args.overflow != Overflow::DropHead {
+                if args.overflow == Overflow::RejectPublishDlx {
                     dead.push((entry, Reason::MaxLen));
                 }
                 Enqueued::Rejected
@@ -235,13 +232,10 @@ impl Queue {
 
     /// drop-head: remove the oldest messages until the limits hold.
     fn enforce_limits(&self, s: &mut State, dead: &mut DeadLetters) {
+        let args = self.args();
         loop {
-            let over_len = self
-                .args()
-                .max_length
-                .is_some_and(|m| s.ready.len() as u64 > m);
-            let over_bytes = self
-                .args()
+            let over_len = args.max_length.is_some_and(|m| s.ready.len() as u64 > m);
+            let over_bytes = args
                 .max_length_bytes
                 .is_some_and(|m| s.ready.bytes() as u64 > m);
             if !(over_len || over_bytes) {
@@ -298,9 +292,8 @@ impl Queue {
 
     /// Whether `tick` has anything to do for this queue.
     pub fn needs_tick(&self) -> bool {
-        self.args().expires.is_some()
-            || self.args().message_ttl.is_some()
-            || self.state.lock().may_expire
+        let args = self.args();
+        args.expires.is_some() || args.message_ttl.is_some() || self.state.lock().may_expire
     }
 
     /// Deliver ready messages to consumers with credit.
@@ -314,6 +307,7 @@ impl Queue {
     }
 
     fn dispatch_locked(self: &Arc<Self>, s: &mut State, now: u64, dead: &mut DeadLetters) {
+        let single_active = self.args().single_active_consumer;
         while !s.ready.is_empty() && !s.consumers.is_empty() && !s.deleted {
             // A message due exactly now is still delivered: TTL 0 reaches a waiting
             // consumer (the caller expires what is left).
@@ -321,7 +315,7 @@ impl Queue {
             if s.ready.is_empty() {
                 return;
             }
-            let Some(idx) = pick_consumer(s, self.args().single_active_consumer) else {
+            let Some(idx) = pick_consumer(s, single_active) else {
                 return;
             };
             let Some(entry) = s.ready.pop() else {
