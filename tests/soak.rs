@@ -1,7 +1,7 @@
 //! A short soak: connections publish with confirms, consume, ack, nack, reject and
 //! disconnect at random. At the end every confirmed message was acked exactly once,
-//! nothing is left behind, and memory is back near where it started.
-//! `WARREN_SOAK_SECS` lengthens the run (default 6 s).
+//! nothing is left behind in the broker (connections, consumers, messages, resident
+//! bodies). `WARREN_SOAK_SECS` lengthens each of the two rounds (default 4 s).
 
 use futures::StreamExt;
 use lapin::options::*;
@@ -261,15 +261,12 @@ async fn soak_random_clients_lose_and_duplicate_nothing() {
         .unwrap();
         conn.close(200, "").await.unwrap();
     }
-    // The first round warms up allocator arenas and the store's cache; after the
-    // second, memory must be back near the level the first left it at.
+    // Two rounds on one broker: whatever the first leaves behind would make the
+    // second's checks fail. (Memory is checked through what the broker holds — no
+    // connection, consumer, ready, unacked or resident message left — not through
+    // RSS: the lapin clients share this process, so its RSS says little about the
+    // broker.)
     round(&uri, &core, secs, 0).await;
-    let rss_warm = warren::broker::memory::resident_bytes();
     round(&uri, &core, secs, 1).await;
-    let rss_after = warren::broker::memory::resident_bytes();
-    assert!(
-        rss_after < rss_warm + 32 * 1024 * 1024,
-        "memory grew from {rss_warm} to {rss_after} bytes over a round"
-    );
     let _ = std::fs::remove_dir_all(&dir);
 }
