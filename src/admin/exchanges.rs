@@ -97,11 +97,7 @@ pub async fn put(
 ) -> ApiResult<StatusCode> {
     caller.require_vhost(&s.broker, &vhost)?;
     caller.permit(&s.broker, &vhost, Access::Configure, "exchange", &name)?;
-    Ok(if declare_from(&s, &vhost, &name, &body)? {
-        StatusCode::CREATED
-    } else {
-        StatusCode::NO_CONTENT
-    })
+    Ok(super::put_status(declare_from(&s, &vhost, &name, &body)?))
 }
 
 pub async fn remove(

@@ -541,3 +541,13 @@ pub fn node_name() -> String {
         .unwrap_or_else(|| "localhost".into());
     format!("warren@{host}")
 }
+
+/// The answer to a PUT, as RabbitMQ gives it: 201 when it created the object, 204 when
+/// it updated an existing one.
+pub(crate) fn put_status(created: bool) -> StatusCode {
+    if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::NO_CONTENT
+    }
+}

@@ -100,11 +100,7 @@ pub async fn put(
         return Err(ApiError::forbidden("Not policymaker user"));
     }
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(if put_from(&s, &vhost, &name, &body)? {
-        StatusCode::CREATED
-    } else {
-        StatusCode::NO_CONTENT
-    })
+    Ok(super::put_status(put_from(&s, &vhost, &name, &body)?))
 }
 
 pub async fn remove(

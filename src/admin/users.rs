@@ -115,11 +115,7 @@ pub async fn put(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let created = put_user_from(&s.broker, &name, &body)?;
-    Ok(if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::NO_CONTENT
-    })
+    Ok(super::put_status(created))
 }
 
 pub async fn remove(
@@ -213,11 +209,7 @@ pub async fn put_permission(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let created = put_permission_from(&s.broker, &vhost, &user, &body)?;
-    Ok(if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::NO_CONTENT
-    })
+    Ok(super::put_status(created))
 }
 
 pub async fn delete_permission(

@@ -69,11 +69,7 @@ pub async fn put(
             s.broker.auth.set_permission(&name, &caller.0.name, all);
         }
     }
-    Ok(if existed {
-        StatusCode::NO_CONTENT
-    } else {
-        StatusCode::CREATED
-    })
+    Ok(super::put_status(!existed))
 }
 
 pub async fn remove(
