@@ -143,12 +143,24 @@ fn step(
     both(model, sut, replies)
 }
 
-/// The differences from RabbitMQ the model expects (none with `WARREN_MODEL_STRICT=1`).
+/// The differences from RabbitMQ the model expects. `WARREN_MODEL_STRICT=1` expects
+/// none; `WARREN_MODEL_STRICT=<quirk>[,<quirk>]` stops expecting the named ones.
 fn quirks() -> Quirks {
+    let mut q = Quirks::warren();
     match std::env::var("WARREN_MODEL_STRICT").as_deref() {
-        Ok("1") => Quirks::default(),
-        _ => Quirks::warren(),
+        Err(_) | Ok("") | Ok("0") => {}
+        Ok("1") => q = Quirks::default(),
+        Ok(names) => {
+            for name in names.split(',') {
+                match name.trim() {
+                    "limit_before_delivery" => q.limit_before_delivery = false,
+                    "credit_before_requeue" => q.credit_before_requeue = false,
+                    other => panic!("WARREN_MODEL_STRICT: unknown quirk {other:?}"),
+                }
+            }
+        }
     }
+    q
 }
 
 fn run(s: &Scenario, trace: bool) -> Result<(), Divergence> {
@@ -231,8 +243,12 @@ fn report(s: &Scenario, d: &Divergence) -> String {
         s.ops.len(),
         d.what
     );
+    let strict = match std::env::var("WARREN_MODEL_STRICT") {
+        Ok(v) if !v.is_empty() => format!("WARREN_MODEL_STRICT={v} "),
+        _ => String::new(),
+    };
     out += &format!(
-        "replay: WARREN_MODEL_SEED={} cargo test --test model -- --nocapture\n",
+        "replay: {strict}WARREN_MODEL_SEED={} cargo test --test model -- --nocapture\n",
         s.seed
     );
     out += "queue arguments (primary, alternative):\n";

@@ -137,6 +137,13 @@ pub struct Quirks {
     /// `x-max-length` 0, or a body over `x-max-length-bytes`, warren dead-letters
     /// (`maxlen`) a message RabbitMQ would deliver.
     pub limit_before_delivery: bool,
+    /// A settle gives every consumer its credit back before any queue takes its
+    /// messages back (`src/server/channel.rs`, `release` then requeue per queue). A
+    /// message dead-lettered by one queue's requeue (drop-head) into another queue
+    /// whose consumer was just given credit is delivered at once, ahead of the messages
+    /// that queue is about to get back. In RabbitMQ credit and requeue reach a queue
+    /// together, so the requeued (older) messages go first.
+    pub credit_before_requeue: bool,
 }
 
 impl Quirks {
@@ -144,6 +151,7 @@ impl Quirks {
     pub fn warren() -> Quirks {
         Quirks {
             limit_before_delivery: true,
+            credit_before_requeue: true,
         }
     }
 }
@@ -288,9 +296,18 @@ impl Model {
             return false;
         }
         if self.quirks.limit_before_delivery {
+            // warren: tail, drop-head, deliver.
             q.insert(m);
             self.drop_head(name);
             self.run(name);
+            self.expire(name);
+            return true;
+        }
+        if self.quirks.credit_before_requeue {
+            // warren: tail, deliver, drop-head.
+            q.insert(m);
+            self.run(name);
+            self.drop_head(name);
             self.expire(name);
             return true;
         }
