@@ -144,6 +144,17 @@ pub struct Quirks {
     /// that queue is about to get back. In RabbitMQ credit and requeue reach a queue
     /// together, so the requeued (older) messages go first.
     pub credit_before_requeue: bool,
+    /// basic.get-ok's message count is read before the new head's expiry is applied
+    /// (RabbitMQ's `fetch` drops expired messages, then the count is taken), so it
+    /// counts expired messages that the next operation dead-letters.
+    pub count_before_expiry: bool,
+    /// Delivery to consumers spares messages due exactly now (the queue expires with
+    /// `now - 1` before each delivery, so that TTL 0 reaches a waiting consumer), and
+    /// requeue applies no expiry of its own: a requeued message whose expiry is exactly
+    /// now goes back out, redelivered, where RabbitMQ (`requeue_and_run`: drop-head,
+    /// drop expired, then deliver) dead-letters it. With TTL 0 a consumer that nacks
+    /// with requeue in the same millisecond gets the message again and again.
+    pub due_now_dispatched: bool,
 }
 
 impl Quirks {
@@ -152,6 +163,8 @@ impl Quirks {
         Quirks {
             limit_before_delivery: true,
             credit_before_requeue: true,
+            count_before_expiry: true,
+            due_now_dispatched: true,
         }
     }
 }
@@ -337,7 +350,11 @@ impl Model {
 
     /// Dead-letter expired messages at the head.
     fn expire(&mut self, name: &str) {
-        let now = self.now;
+        self.expire_at(name, self.now);
+    }
+
+    /// Dead-letter messages at the head that are due at `now`.
+    fn expire_at(&mut self, name: &str, now: u64) {
         loop {
             let Some(q) = self.queues.get_mut(name) else {
                 return;
@@ -412,7 +429,19 @@ impl Model {
 
     /// Deliver to the consumer while it has room.
     fn run(&mut self, name: &str) {
+        let spare = self.quirks.due_now_dispatched;
         loop {
+            let Some(q) = self.queues.get(name) else {
+                return;
+            };
+            if q.consumer.is_none() || q.ready.is_empty() {
+                return;
+            }
+            if spare {
+                // warren: expire what was due before now, leave the rest to the next
+                // operation that reads the queue (the observation, at the latest).
+                self.expire_at(name, self.now.saturating_sub(1));
+            }
             let Some(q) = self.queues.get_mut(name) else {
                 return;
             };
@@ -421,11 +450,15 @@ impl Model {
             }
             let Some(m) = q.pop_head() else { return };
             self.push(name, m);
-            self.expire(name);
+            if !spare {
+                self.expire(name);
+            }
         }
     }
 
     pub fn get(&mut self, name: &str, no_ack: bool) -> Reply {
+        // A no-op for RabbitMQ's eager expiry; catches up warren's lazy one.
+        self.expire(name);
         let Some(q) = self.queues.get_mut(name) else {
             return Reply::Error(404);
         };
@@ -441,7 +474,10 @@ impl Model {
                 consumer: None,
             });
         }
-        self.expire(name);
+        // With the quirk the expiry waits for the next operation (the observation).
+        if !self.quirks.count_before_expiry {
+            self.expire(name);
+        }
         let message_count = self.queues.get(name).map_or(0, |q| q.ready.len());
         Reply::GetOk { msg, message_count }
     }
@@ -489,47 +525,63 @@ impl Model {
         } else {
             vec![self.outstanding.remove(i)]
         };
-        // Give the consumers their room back first.
-        for h in &taken {
+        let mut by_queue: Vec<(String, Vec<Held>)> = Vec::new();
+        for h in taken {
+            match by_queue.iter_mut().find(|(q, _)| *q == h.queue) {
+                Some((_, v)) => v.push(h),
+                None => by_queue.push((h.queue.clone(), vec![h])),
+            }
+        }
+        if self.quirks.credit_before_requeue {
+            for (_, held) in &by_queue {
+                self.give_room(held);
+            }
+        }
+        // Each queue handles its part in turn and delivers what it can at once; a
+        // dead letter reaches its target queue immediately.
+        for (name, held) in by_queue {
+            if !self.quirks.credit_before_requeue {
+                self.give_room(&held);
+            }
+            let Some(q) = self.queues.get_mut(&name) else {
+                continue;
+            };
+            q.unacked -= held.len();
+            match how {
+                Settle::Ack => {}
+                Settle::Discard => {
+                    for h in held {
+                        self.dead_letter(&name, h.msg.msg, "rejected");
+                    }
+                }
+                Settle::Requeue => {
+                    for mut h in held {
+                        h.msg.msg.redelivered = true;
+                        q.insert(h.msg);
+                    }
+                    self.drop_head(&name);
+                    if !self.quirks.due_now_dispatched {
+                        self.expire(&name);
+                    }
+                }
+            }
+            self.run(&name);
+        }
+        let names: Vec<String> = self.queues.keys().cloned().collect();
+        for name in names {
+            self.run(&name);
+        }
+    }
+
+    /// Settled deliveries give their consumer room again.
+    fn give_room(&mut self, held: &[Held]) {
+        for h in held {
             let q = self.queues.get_mut(&h.queue);
             if let Some(c) = q.and_then(|q| q.consumer.as_mut()) {
                 if Some(c.id) == h.consumer {
                     c.in_flight -= 1;
                 }
             }
-        }
-        let mut by_queue: Vec<(String, Vec<MMsg>)> = Vec::new();
-        for h in taken {
-            match by_queue.iter_mut().find(|(q, _)| *q == h.queue) {
-                Some((_, v)) => v.push(h.msg),
-                None => by_queue.push((h.queue, vec![h.msg])),
-            }
-        }
-        for (name, msgs) in by_queue {
-            let Some(q) = self.queues.get_mut(&name) else {
-                continue;
-            };
-            q.unacked -= msgs.len();
-            match how {
-                Settle::Ack => {}
-                Settle::Discard => {
-                    for m in msgs {
-                        self.dead_letter(&name, m.msg, "rejected");
-                    }
-                }
-                Settle::Requeue => {
-                    for mut m in msgs {
-                        m.msg.redelivered = true;
-                        q.insert(m);
-                    }
-                    self.drop_head(&name);
-                    self.expire(&name);
-                }
-            }
-        }
-        let names: Vec<String> = self.queues.keys().cloned().collect();
-        for name in names {
-            self.run(&name);
         }
     }
 
@@ -564,6 +616,12 @@ impl Model {
 
     /// What the step delivered, and the state now.
     pub fn observe(&mut self, reply: Reply) -> Observation {
+        // Reading the counters applies due expiry (a no-op for RabbitMQ's eager
+        // semantics; with quirks, it is where warren's lazy expiry catches up).
+        let names: Vec<String> = self.queues.keys().cloned().collect();
+        for name in names {
+            self.expire(&name);
+        }
         let mut step = std::mem::take(&mut self.pushed);
         step.sort_by(|a, b| a.0.queue.cmp(&b.0.queue));
         let mut pushed = Vec::new();
