@@ -180,7 +180,8 @@ pub async fn publish(
     let props = properties_from(body.get("properties").unwrap_or(&Value::Null))?;
     let message = Message::new(exchange, routing_key, props, payload);
     let mut queues = Vec::new();
-    let held = v.route(exchange, &message, &mut queues)?;
+    let now = crate::clock::now_ms();
+    let held = v.route(exchange, &message, &mut queues, now)?;
     Counters::add(&b.counters.published, 1);
     if queues.is_empty() && !held {
         Counters::add(&b.counters.unroutable, 1);
@@ -188,7 +189,7 @@ pub async fn publish(
     let mut routed = held;
     for q in &queues {
         routed |= matches!(
-            q.enqueue(std::sync::Arc::clone(&message)),
+            q.enqueue(std::sync::Arc::clone(&message), now),
             crate::broker::queue::Enqueued::Accepted { .. }
         );
     }

@@ -419,7 +419,7 @@ pub async fn start(
     let state = AdminState {
         broker,
         rates,
-        started_at: crate::broker::message::now_ms(),
+        started_at: crate::clock::now_ms(),
     };
     let app = router(state);
     tokio::spawn(async move {

@@ -1,7 +1,9 @@
 //! The broker core: vhosts, users, exchanges, queues, routing and delivery. No I/O.
 //!
 //! `server` drives it from AMQP connections (and `admin` from HTTP). Everything
-//! here is synchronous and short: locks are never held across an await.
+//! here is synchronous and short: locks are never held across an await. Nothing
+//! here reads a clock: operations that need the time take `now` (ms since the
+//! Unix epoch) from the caller, who reads [`crate::clock::now_ms`].
 
 pub mod auth;
 pub mod exchange;
@@ -104,9 +106,9 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// A broker backed by the store in `config.data_dir`, with what it holds recovered.
-    pub fn open(config: &Config) -> Result<Arc<Broker>, StorageError> {
-        let started = std::time::Instant::now();
+    /// A broker backed by the store in `config.data_dir`, with what it holds
+    /// recovered; `now` starts the recovered queues' `x-expires` clocks.
+    pub fn open(config: &Config, now: u64) -> Result<Arc<Broker>, StorageError> {
         let options = crate::storage::StoreOptions {
             cache_capacity: config.store_cache_size,
             ..Default::default()
@@ -114,13 +116,17 @@ impl Broker {
         let store = Store::open_with(&config.data_dir, options)?;
         let broker = Self::build(config, Some(store.clone()));
         // Policies are loaded with their vhost, before its queues are recovered.
-        let recovered = persist::recover(&store, &|name| {
-            let v = broker.add_vhost(name);
-            if let Err(e) = v.policies.recover(name) {
-                tracing::error!(vhost = name, error = %e, "cannot load policies");
-            }
-            v
-        })?;
+        let recovered = persist::recover(
+            &store,
+            &|name| {
+                let v = broker.add_vhost(name);
+                if let Err(e) = v.policies.recover(name) {
+                    tracing::error!(vhost = name, error = %e, "cannot load policies");
+                }
+                v
+            },
+            now,
+        )?;
         broker.auth.attach(&store)?;
         tracing::info!(
             path = %store.path().display(),
@@ -129,7 +135,6 @@ impl Broker {
             queues = recovered.queues,
             bindings = recovered.bindings,
             messages = recovered.messages,
-            elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered from the message store"
         );
         Ok(broker)

@@ -199,6 +199,7 @@ pub struct Recovered {
 pub fn recover(
     store: &Store,
     vhost: &dyn Fn(&str) -> Arc<VHost>,
+    now: u64,
 ) -> Result<Recovered, StorageError> {
     let mut r = Recovered::default();
     for (key, bytes) in store.load_topology(TopologyKind::VHost)? {
@@ -238,7 +239,7 @@ pub fn recover(
             auto_delete: rec.auto_delete,
             arguments: table_from(&rec.arguments, store)?,
         };
-        match v.declare_queue(&d, 0) {
+        match v.declare_queue(&d, 0, now) {
             Ok((q, _)) => {
                 let qkey = store_key(&rec.vhost, &rec.name);
                 let messages = store.load_messages(&qkey)?;

@@ -279,12 +279,12 @@ impl Policies {
 
 /// Re-apply the vhost's policies to its existing queues (after a policy changed):
 /// each queue whose effective arguments differ runs with the new ones from now on.
-pub fn apply_to_queues(vhost: &crate::broker::VHost) {
+pub fn apply_to_queues(vhost: &crate::broker::VHost, now: u64) {
     for q in vhost.queues() {
         let policy = vhost.policies.matching(&vhost.name, true, q.name());
         let effective = effective_arguments(&q.spec.arguments, policy.as_ref());
         match crate::broker::queue::QueueArgs::parse(&effective, q.name(), &vhost.name) {
-            Ok(args) if args != *q.args() => q.set_args(args),
+            Ok(args) if args != *q.args() => q.set_args(args, now),
             Ok(_) => {}
             Err(e) => tracing::warn!(queue = q.name(), error = %e.text, "policy not applied"),
         }

@@ -5,8 +5,8 @@
 //! `exchanges`, then `queues`, then a queue's own state.
 
 use crate::broker::exchange::{self, Binding, Destination, ExchangeKind, Router};
+use crate::broker::message::MemoryBudget;
 use crate::broker::message::Message;
-use crate::broker::message::{now_ms, MemoryBudget};
 use crate::broker::persist;
 use crate::broker::queue::QueueArgs;
 use crate::broker::queue::{Consumer, Queue, QueueSpec, QueueStats};
@@ -430,11 +430,12 @@ impl VHost {
         &self,
         d: &QueueDeclare,
         connection: u64,
+        now: u64,
     ) -> AmqpResult<(Arc<Queue>, QueueStats)> {
         if d.passive {
             let q = self.queue(&d.name, connection)?;
-            q.touch();
-            let stats = q.stats();
+            q.touch(now);
+            let stats = q.stats(now);
             return Ok((q, stats));
         }
         if d.name.starts_with("amq.") {
@@ -487,8 +488,8 @@ impl VHost {
             }
             let q = Arc::clone(existing);
             drop(queues);
-            q.touch();
-            let stats = q.stats();
+            q.touch(now);
+            let stats = q.stats(now);
             return Ok((q, stats));
         }
         let q = Queue::new(
@@ -504,6 +505,7 @@ impl VHost {
             self.this.clone(),
             self.store.clone().filter(|_| d.durable && !d.exclusive),
             Arc::clone(&self.budget),
+            now,
         );
         if let (true, false, Some(store)) = (d.durable, d.exclusive, &self.store) {
             persist::save_queue(store, &self.name, &name, d.auto_delete, &d.arguments);
@@ -518,6 +520,7 @@ impl VHost {
         &self,
         name: &str,
         connection: u64,
+        now: u64,
     ) -> AmqpResult<(Arc<Queue>, QueueStats)> {
         let q = Queue::new(
             QueueSpec {
@@ -532,6 +535,7 @@ impl VHost {
             self.this.clone(),
             None,
             Arc::clone(&self.budget),
+            now,
         );
         self.queues.write().insert(name.to_string(), Arc::clone(&q));
         Ok((q, QueueStats::default()))
@@ -544,6 +548,7 @@ impl VHost {
         if_unused: bool,
         if_empty: bool,
         connection: u64,
+        now: u64,
     ) -> AmqpResult<usize> {
         let q = match self.queue(name, connection) {
             Ok(q) => q,
@@ -551,7 +556,7 @@ impl VHost {
             Err(e) if e.code == crate::wire::reply_code::NOT_FOUND => return Ok(0),
             Err(e) => return Err(e),
         };
-        let stats = q.stats();
+        let stats = q.stats(now);
         if if_unused && stats.consumers > 0 {
             return Err(AmqpError::precondition_failed(format!(
                 "queue '{name}' in vhost '{}' in use",
@@ -701,14 +706,16 @@ impl VHost {
     /// The queues a message published to `exchange` reaches, following
     /// exchange-to-exchange bindings and alternate exchanges (each exchange visited
     /// once, so cycles end). `internal` exchanges refuse direct publishes. Returns
-    /// true when a delayed exchange took the message to route later.
+    /// true when a delayed exchange took the message to route later (its delay
+    /// counts from `now`).
     pub fn route(
         &self,
         exchange: &str,
         message: &Arc<Message>,
         out: &mut Vec<Arc<Queue>>,
+        now: u64,
     ) -> AmqpResult<bool> {
-        self.route_inner(exchange, message, out, true)
+        self.route_inner(exchange, message, out, true, now)
     }
 
     /// Like [`route`](Self::route) but allowed into internal exchanges (dead-lettering).
@@ -717,8 +724,9 @@ impl VHost {
         exchange: &str,
         message: &Arc<Message>,
         out: &mut Vec<Arc<Queue>>,
+        now: u64,
     ) -> AmqpResult<bool> {
-        self.route_inner(exchange, message, out, false)
+        self.route_inner(exchange, message, out, false, now)
     }
 
     fn route_inner(
@@ -727,6 +735,7 @@ impl VHost {
         message: &Arc<Message>,
         out: &mut Vec<Arc<Queue>>,
         from_client: bool,
+        now: u64,
     ) -> AmqpResult<bool> {
         let key = message.routing_key.as_str();
         if exchange.is_empty() {
@@ -756,7 +765,7 @@ impl VHost {
             if delay > 0 {
                 let seq = self.delayed_seq.fetch_add(1, Ordering::Relaxed);
                 self.delayed.lock().push(Reverse(Delayed {
-                    due: now_ms().saturating_add(delay as u64),
+                    due: now.saturating_add(delay as u64),
                     seq,
                     exchange: Arc::clone(&ex.name),
                     message: Arc::clone(message),
@@ -838,26 +847,28 @@ impl VHost {
                             }
                         }
                         Destination::Exchange(name) => {
-                            let _ = self.route_unchecked(&name, &d.message, &mut targets);
+                            let _ = self.route_unchecked(&name, &d.message, &mut targets, now);
                         }
                     }
                 }
             }
             for q in targets {
-                q.enqueue(Arc::clone(&d.message));
+                q.enqueue(Arc::clone(&d.message), now);
             }
         }
     }
 
-    /// Consumer cancelled: detach it and auto-delete the queue if it was the last.
+    /// Consumer cancelled at `now`: detach it and auto-delete the queue if it was
+    /// the last.
     pub fn cancel_consumer(
         &self,
         queue: &Arc<Queue>,
         connection: u64,
         channel: u16,
         tag: &str,
+        now: u64,
     ) -> Option<Arc<Consumer>> {
-        let (consumer, unused) = queue.remove_consumer(connection, channel, tag);
+        let (consumer, unused) = queue.remove_consumer(connection, channel, tag, now);
         if unused {
             self.remove_queue(queue);
         }

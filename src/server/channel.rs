@@ -273,7 +273,7 @@ impl Channel {
             Method::BasicCancel(c) => {
                 let tag: Arc<str> = c.consumer_tag.as_str().into();
                 if let Some(cref) = self.consumers.remove(&tag) {
-                    vhost.cancel_consumer(&cref.queue, ctx.id, ch, &tag);
+                    vhost.cancel_consumer(&cref.queue, ctx.id, ch, &tag, crate::clock::now_ms());
                 }
                 if !c.nowait {
                     out.method(
@@ -289,7 +289,7 @@ impl Channel {
                 let name = self.queue_name(&g.queue)?;
                 ctx.permit(Access::Read, "queue", &name)?;
                 let q = vhost.queue(&name, ctx.id)?;
-                match q.get(g.no_ack) {
+                match q.get(g.no_ack, crate::clock::now_ms()) {
                     None => out.method(ch, &BasicGetEmpty::default().into()),
                     Some((entry, remaining)) => {
                         Counters::add(&ctx.broker.counters.delivered, 1);
@@ -409,6 +409,7 @@ impl Channel {
                         arguments: d.arguments,
                     },
                     ctx.id,
+                    crate::clock::now_ms(),
                 )?;
                 if server_named {
                     // RabbitMQ checks configure on the generated name.
@@ -465,7 +466,13 @@ impl Channel {
             Method::QueueDelete(d) => {
                 let name = self.queue_name(&d.queue)?;
                 ctx.permit(Access::Configure, "queue", &name)?;
-                let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, ctx.id)?;
+                let n = vhost.delete_queue(
+                    &name,
+                    d.if_unused,
+                    d.if_empty,
+                    ctx.id,
+                    crate::clock::now_ms(),
+                )?;
                 if !d.nowait {
                     out.method(
                         ch,
@@ -600,7 +607,7 @@ impl Channel {
             flow: Arc::clone(&self.flow),
             sink: Arc::clone(&ctx.sink),
         });
-        q.add_consumer(Arc::clone(&consumer))?;
+        q.add_consumer(Arc::clone(&consumer), crate::clock::now_ms())?;
         self.consumers
             .insert(Arc::clone(&tag), ConsumerRef { queue: q, consumer });
         // consume-ok still precedes every delivery: deliveries reach this task
@@ -629,15 +636,18 @@ impl Channel {
             return Err(AmqpError::precondition_failed("reply consumer already set"));
         }
         let name = crate::broker::vhost::generate_name("amq.rabbitmq.reply-to.");
-        let (q, _) = ctx.vhost.declare_internal_queue(&name, ctx.id)?;
+        let (q, _) = ctx
+            .vhost
+            .declare_internal_queue(&name, ctx.id, crate::clock::now_ms())?;
         self.reply_queue = Some(name);
         Ok(q)
     }
 
     /// Let every consumer's queue deliver again (credit or flow changed).
     fn kick_consumers(&self) {
+        let now = crate::clock::now_ms();
         for cref in self.consumers.values() {
-            cref.queue.dispatch();
+            cref.queue.dispatch(now);
         }
     }
 
@@ -697,10 +707,11 @@ impl Channel {
         if requeue.is_none() {
             Counters::add(&ctx.broker.counters.acked, taken.len() as u64);
         }
+        let now = crate::clock::now_ms();
         for (q, entries) in self.release(taken) {
             match requeue {
-                Some(true) => q.requeue(entries, true, true),
-                Some(false) => q.reject(entries),
+                Some(true) => q.requeue(entries, true, true, now),
+                Some(false) => q.reject(entries, now),
                 None => q.ack(&entries),
             }
         }
@@ -720,8 +731,9 @@ impl Channel {
     /// Give every unacked message back to its queue, in original order.
     fn requeue_all(&mut self) {
         let all: Vec<Unacked> = self.unacked.drain(..).collect();
+        let now = crate::clock::now_ms();
         for (q, entries) in self.release(all) {
-            q.requeue(entries, true, true);
+            q.requeue(entries, true, true, now);
         }
     }
 
@@ -881,7 +893,8 @@ impl Channel {
         out: &mut Out,
     ) -> AmqpResult<bool> {
         let mut queues = Vec::new();
-        let held = ctx.vhost.route(exchange, &message, &mut queues)?;
+        let now = crate::clock::now_ms();
+        let held = ctx.vhost.route(exchange, &message, &mut queues, now)?;
         let counters = &ctx.broker.counters;
         Counters::add(&counters.published, 1);
         if queues.is_empty() && !held {
@@ -904,7 +917,7 @@ impl Channel {
         let mut rejected = false;
         let mut durable = false;
         for q in &queues {
-            match q.enqueue(Arc::clone(&message)) {
+            match q.enqueue(Arc::clone(&message), now) {
                 Enqueued::Rejected => rejected = true,
                 Enqueued::Accepted { durable: d } => durable |= d,
             }
@@ -1023,7 +1036,8 @@ impl Channel {
                 if !d.no_ack {
                     self.channel_credit.release(1);
                 }
-                d.queue.requeue(vec![d.entry], !d.no_ack, false);
+                d.queue
+                    .requeue(vec![d.entry], !d.no_ack, false, crate::clock::now_ms());
                 return;
             }
         };
@@ -1093,7 +1107,7 @@ impl Channel {
     pub fn close(&mut self, ctx: &ConnCtx) {
         for (tag, cref) in self.consumers.drain() {
             ctx.vhost
-                .cancel_consumer(&cref.queue, ctx.id, self.id, &tag);
+                .cancel_consumer(&cref.queue, ctx.id, self.id, &tag, crate::clock::now_ms());
         }
         self.requeue_all();
         self.pending = None;
