@@ -4,9 +4,10 @@
 //!
 //! # Group commit
 //!
-//! Message operations (`insert_message`, `remove_message`,
-//! `mark_redelivered`, `delete_queue_messages`) are appended, already
-//! encoded, to a pending list under a mutex; they never wait for disk. One
+//! Message operations ([`MessageOp`]s given to `submit`, or one at a time to
+//! `insert_message`, `remove_message`, `mark_redelivered`,
+//! `delete_queue_messages`) are appended, already encoded, to a pending list
+//! under a mutex; they never wait for disk. One
 //! dedicated thread (`warren-store-flusher`) loops:
 //!
 //! 1. wait until something is pending, then take *all* pending operations and
@@ -28,12 +29,13 @@
 //!
 //! The pending list is bounded by [`StoreOptions::max_pending_bytes`]
 //! (default 64 MiB of encoded records, plus a small per-operation overhead).
-//! Buffering an operation never blocks: callers run under no lock that a
-//! wait would hold up, but they must not outrun the disk for long. The
-//! producers' tasks await [`Store::ready`] (resolved when the flusher takes
-//! the list, i.e. at most about one batch's apply+flush time) before reading
-//! more input, so the excess past the limit is at most what one read of
-//! input can buffer per producer. No thread ever blocks on it.
+//! Buffering an operation never blocks (queues submit while they hold a
+//! per-queue ordering lock, which a wait would hold up). Producers instead
+//! must not outrun the disk for long: their tasks await [`Store::ready`]
+//! (resolved when the flusher takes the list, i.e. at most about one batch's
+//! apply+flush time) before reading more input, so the excess past the limit
+//! is at most what one read of input can buffer per producer. No thread ever
+//! blocks on it.
 //!
 //! # Crash consistency
 //!
