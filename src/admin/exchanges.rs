@@ -5,8 +5,8 @@ use super::{
     flag, json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller,
 };
 use crate::broker::auth::Access;
-use crate::broker::message::Message;
-use crate::broker::vhost::{Exchange, ExchangeDeclare};
+use crate::broker::message::{now_ms, Message};
+use crate::broker::vhost::{Exchange, ExchangeDeclare, PublishFrom};
 use crate::broker::Counters;
 use crate::wire::BasicProperties;
 use axum::extract::{Path, Query, State};
@@ -179,18 +179,10 @@ pub async fn publish(
     };
     let props = properties_from(body.get("properties").unwrap_or(&Value::Null))?;
     let message = Message::new(exchange, routing_key, props, payload);
-    let mut queues = Vec::new();
-    let held = v.route(exchange, &message, &mut queues)?;
+    let published = v.publish(exchange, &message, PublishFrom::Client, now_ms())?;
     Counters::add(&b.counters.published, 1);
-    if queues.is_empty() && !held {
+    if !published.routed {
         Counters::add(&b.counters.unroutable, 1);
     }
-    let mut routed = held;
-    for q in &queues {
-        routed |= matches!(
-            q.enqueue(std::sync::Arc::clone(&message)),
-            crate::broker::queue::Enqueued::Accepted { .. }
-        );
-    }
-    Ok(Json(json!({ "routed": routed })))
+    Ok(Json(json!({ "routed": published.accepted })))
 }

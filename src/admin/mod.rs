@@ -91,14 +91,17 @@ impl From<AmqpError> for ApiError {
             rc::NOT_FOUND => StatusCode::NOT_FOUND,
             rc::ACCESS_REFUSED => StatusCode::FORBIDDEN,
             rc::RESOURCE_LOCKED => StatusCode::LOCKED,
+            // A failed durable write (541 INTERNAL_ERROR).
+            rc::INTERNAL_ERROR => StatusCode::INTERNAL_SERVER_ERROR,
+            // 406 (e.g. a vhost limit) and the rest: RabbitMQ answers 400.
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError {
             status,
-            error: if status == StatusCode::NOT_FOUND {
-                "Object Not Found"
-            } else {
-                "bad_request"
+            error: match status {
+                StatusCode::NOT_FOUND => "Object Not Found",
+                StatusCode::INTERNAL_SERVER_ERROR => "internal_server_error",
+                _ => "bad_request",
             },
             reason: e.text,
         }

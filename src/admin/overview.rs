@@ -4,7 +4,7 @@
 use super::metrics::{message_stats, resident_memory, Totals};
 use super::{node_name, AdminState, ApiError, ApiResult, Caller};
 use crate::broker::message::{now_ms, Message};
-use crate::broker::vhost::QueueDeclare;
+use crate::broker::vhost::{PublishFrom, QueueDeclare};
 use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{json, Value};
@@ -135,12 +135,8 @@ pub async fn aliveness(
         0,
     )?;
     let body = bytes::Bytes::from_static(b"test_message");
-    q.enqueue(Message::new(
-        "",
-        "aliveness-test",
-        Default::default(),
-        body.clone(),
-    ));
+    let message = Message::new("", "aliveness-test", Default::default(), body.clone());
+    v.publish("", &message, PublishFrom::Client, now_ms())?;
     match q.get(true) {
         Some((e, _)) if e.message.body == body => Ok(Json(json!({"status": "ok"}))),
         _ => Ok(Json(

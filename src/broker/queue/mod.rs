@@ -19,7 +19,7 @@ pub use consumer::{Consumer, Credit, Delivery, DeliverySink};
 pub use dead_letter::Reason;
 
 use crate::broker::message::{now_ms, paged_placeholder, Entry, MemoryBudget, Message};
-use crate::broker::vhost::VHost;
+use crate::broker::vhost::{PublishFrom, VHost};
 use crate::error::{AmqpError, AmqpResult};
 use crate::storage::{Store, StoredMessage};
 use crate::wire::FieldTable;
@@ -631,20 +631,13 @@ impl Queue {
         let Some(vhost) = self.vhost.upgrade() else {
             return;
         };
-        let now_secs = now_ms() / 1000;
+        let now = now_ms();
         let key = args.dead_letter_routing_key.as_deref();
         for (entry, reason) in dead {
             let m =
-                dead_letter::dead_letter(&entry.message, self.name(), reason, dlx, key, now_secs);
-            let mut targets = Vec::new();
-            if vhost.route_unchecked(dlx, &m, &mut targets).is_err() {
-                continue;
-            }
-            for q in targets {
-                if !dead_letter::is_cycle(&m, q.name()) {
-                    q.enqueue(Arc::clone(&m));
-                }
-            }
+                dead_letter::dead_letter(&entry.message, self.name(), reason, dlx, key, now / 1000);
+            // A missing dead-letter exchange drops the message, as in RabbitMQ.
+            let _ = vhost.publish(dlx, &m, PublishFrom::DeadLetter, now);
         }
     }
 }
