@@ -98,7 +98,13 @@ impl Drop for Process {
 }
 
 const CONNECTIONS: usize = 16;
-const BINDS_EACH: usize = 25;
+/// Durable exchanges, each bound by every connection at once.
+const ROUNDS: usize = 10;
+const QUEUE: &str = "od.binds.q";
+
+fn source(round: usize) -> String {
+    format!("od.binds.{round}")
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_binds_to_one_durable_exchange_survive_restart() {
@@ -106,19 +112,21 @@ async fn concurrent_binds_to_one_durable_exchange_survive_restart() {
     let broker = Process::start(&dir).await;
     let setup = broker.connect().await;
     let ch = t(setup.create_channel()).await.expect("channel");
-    t(ch.exchange_declare(
-        "od.binds",
-        lapin::ExchangeKind::Direct,
-        ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    ))
-    .await
-    .expect("exchange");
+    for r in 0..ROUNDS {
+        t(ch.exchange_declare(
+            &source(r),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .await
+        .expect("exchange");
+    }
     t(ch.queue_declare(
-        "od.binds.q",
+        QUEUE,
         QueueDeclareOptions {
             durable: true,
             ..Default::default()
@@ -128,30 +136,32 @@ async fn concurrent_binds_to_one_durable_exchange_survive_restart() {
     .await
     .expect("queue");
 
-    // Every connection binds its own keys, all at once.
+    let mut channels = Vec::new();
     let mut conns = Vec::new();
     for _ in 0..CONNECTIONS {
-        conns.push(broker.connect().await);
+        let conn = broker.connect().await;
+        channels.push(t(conn.create_channel()).await.expect("channel"));
+        conns.push(conn);
     }
-    let mut tasks = Vec::new();
-    for (c, conn) in conns.iter().enumerate() {
-        let ch = t(conn.create_channel()).await.expect("channel");
-        tasks.push(tokio::spawn(async move {
-            for b in 0..BINDS_EACH {
+    // Each round, every connection binds its own key to one exchange at once.
+    for r in 0..ROUNDS {
+        let binds = channels.iter().enumerate().map(|(c, ch)| {
+            let (ch, exchange) = (ch.clone(), source(r));
+            tokio::spawn(async move {
                 t(ch.queue_bind(
-                    "od.binds.q",
-                    "od.binds",
-                    &format!("c{c}.b{b}"),
+                    QUEUE,
+                    &exchange,
+                    &format!("c{c}"),
                     QueueBindOptions::default(),
                     FieldTable::default(),
                 ))
                 .await
                 .expect("bind");
-            }
-        }));
-    }
-    for task in tasks {
-        task.await.expect("binder");
+            })
+        });
+        for bind in futures::future::join_all(binds).await {
+            bind.expect("binder");
+        }
     }
     for conn in conns {
         let _ = conn.close(200, "bye").await;
@@ -159,22 +169,19 @@ async fn concurrent_binds_to_one_durable_exchange_survive_restart() {
     let _ = setup.close(200, "bye").await;
     broker.stop();
 
-    // After the restart, each key routes one message: all bindings are back.
+    // After the restart, each (exchange, key) routes one message: all bindings are back.
     let broker = Process::start(&dir).await;
     let conn = broker.connect().await;
     let ch = t(conn.create_channel()).await.expect("channel");
     t(ch.confirm_select(ConfirmSelectOptions::default()))
         .await
         .expect("confirms");
-    t(ch.queue_purge("od.binds.q", QueuePurgeOptions::default()))
-        .await
-        .expect("purge");
     let mut confirms = Vec::new();
-    for c in 0..CONNECTIONS {
-        for b in 0..BINDS_EACH {
+    for r in 0..ROUNDS {
+        for c in 0..CONNECTIONS {
             let confirm = t(ch.basic_publish(
-                "od.binds",
-                &format!("c{c}.b{b}"),
+                &source(r),
+                &format!("c{c}"),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -184,19 +191,20 @@ async fn concurrent_binds_to_one_durable_exchange_survive_restart() {
             ))
             .await
             .expect("publish");
-            confirms.push(confirm);
+            confirms.push((r, c, confirm));
         }
     }
-    for confirm in confirms {
-        let c = t(confirm).await.expect("confirm");
-        assert!(c.is_ack(), "publish not acked");
+    for (r, c, confirm) in confirms {
+        let confirmation = t(confirm).await.expect("confirm");
+        assert!(confirmation.is_ack(), "publish not acked");
         assert!(
-            c.take_message().is_none(),
-            "a key came back unroutable: its binding was lost"
+            confirmation.take_message().is_none(),
+            "binding {} -> {QUEUE} (c{c}) was lost in the restart",
+            source(r)
         );
     }
     let q = t(ch.queue_declare(
-        "od.binds.q",
+        QUEUE,
         QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -205,7 +213,7 @@ async fn concurrent_binds_to_one_durable_exchange_survive_restart() {
     ))
     .await
     .expect("passive declare");
-    assert_eq!(q.message_count() as usize, CONNECTIONS * BINDS_EACH);
+    assert_eq!(q.message_count() as usize, ROUNDS * CONNECTIONS);
     let _ = conn.close(200, "bye").await;
     broker.stop();
     let _ = std::fs::remove_dir_all(&dir);

@@ -885,23 +885,31 @@ mod tests {
         );
     }
 
-    /// Binds from many threads to one durable exchange: the stored record ends
-    /// with every binding (each write happens under the router's lock).
+    /// Binds from many threads to one durable exchange, all released at once:
+    /// the stored record ends with every binding (each write happens under the
+    /// router's lock, so the last write is never an older snapshot).
     #[test]
     fn concurrent_binds_leave_every_binding_stored() {
+        const ROUNDS: usize = 40;
+        const THREADS: usize = 16;
         let store = store("binds");
         let v = vhost(Some(store.clone()), VHostLimits::default());
-        v.declare_exchange(&exchange("x", true)).expect("exchange");
         v.declare_queue(&queue("q", true), 0).expect("queue");
+        for r in 0..ROUNDS {
+            v.declare_exchange(&exchange(&format!("x{r}"), true))
+                .expect("exchange");
+        }
+        let barrier = std::sync::Barrier::new(THREADS);
         std::thread::scope(|s| {
-            for t in 0..8 {
-                let v = &v;
+            for t in 0..THREADS {
+                let (v, barrier) = (&v, &barrier);
                 s.spawn(move || {
-                    for i in 0..50 {
+                    for r in 0..ROUNDS {
+                        barrier.wait();
                         v.bind(
-                            "x",
+                            &format!("x{r}"),
                             to_queue("q"),
-                            &format!("{t}.{i}"),
+                            &t.to_string(),
                             &FieldTable::new(),
                             0,
                         )
@@ -910,8 +918,11 @@ mod tests {
                 });
             }
         });
-        assert_eq!(v.exchange("x").expect("x").bindings().len(), 400);
-        assert_eq!(stored_bindings(&store, "x").len(), 400);
+        for r in 0..ROUNDS {
+            let source = format!("x{r}");
+            assert_eq!(v.exchange(&source).expect("x").bindings().len(), THREADS);
+            assert_eq!(stored_bindings(&store, &source).len(), THREADS, "{source}");
+        }
     }
 
     #[test]
