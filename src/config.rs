@@ -53,10 +53,10 @@ pub struct Config {
     /// connections are logged and their sockets closed. None: unlimited.
     pub max_connections: Option<usize>,
     /// Most queues per vhost (RabbitMQ's `max-queues` vhost limit); a declare
-    /// past it gets 406. None: unlimited.
+    /// past it gets 406 (admin API and definitions import: 400). None: unlimited.
     pub max_queues_per_vhost: Option<usize>,
     /// Most exchanges per vhost, the predeclared ones included; a declare past
-    /// it gets 406. None: unlimited.
+    /// it gets 406 (admin API and definitions import: 400). None: unlimited.
     pub max_exchanges_per_vhost: Option<usize>,
     /// Most consumers on one channel (RabbitMQ's `consumer_max_per_channel`);
     /// basic.consume past it gets 406. None: unlimited.

@@ -298,16 +298,17 @@ pub fn recover(
 pub(crate) mod failpoint {
     use crate::storage::{StorageError, Store};
     use parking_lot::Mutex;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
 
     static FAILING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
-    /// Make every later topology write to `store` fail (or succeed again).
-    pub fn set(store: &Store, fail: bool) {
+    /// Make every later topology write to the store in `data_dir` fail (or
+    /// succeed again).
+    pub fn set(data_dir: &Path, fail: bool) {
         let mut failing = FAILING.lock();
-        failing.retain(|p| p != store.path());
+        failing.retain(|p| p != data_dir);
         if fail {
-            failing.push(store.path().to_path_buf());
+            failing.push(data_dir.to_path_buf());
         }
     }
 

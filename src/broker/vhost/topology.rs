@@ -826,7 +826,7 @@ mod tests {
         let none = FieldTable::new();
         v.bind("x", to_queue("q"), "kept", &none, 0).expect("bind");
 
-        failpoint::set(&store, true);
+        failpoint::set(store.path(), true);
         let code = |r: AmqpResult<()>| r.map_err(|e| (e.code, e.hard)).err();
         let internal = Some((reply_code::INTERNAL_ERROR, true));
         assert_eq!(code(v.bind("x", to_queue("q"), "new", &none, 0)), internal);
@@ -877,7 +877,7 @@ mod tests {
         v.declare_queue(&queue("transient", false), 0)
             .expect("transient queue");
 
-        failpoint::set(&store, false);
+        failpoint::set(store.path(), false);
         v.bind("x", to_queue("q"), "new", &none, 0).expect("bind");
         assert_eq!(
             stored_bindings(&store, "x"),
