@@ -128,12 +128,13 @@ pub fn save_exchange(store: &Store, vhost: &str, ex: &Exchange) -> Result<(), St
     )
 }
 
-/// Drop an exchange's record and its bindings record (bindings first: a crash in
-/// between leaves an exchange without bindings, never bindings without a source).
+/// Drop an exchange's record, then its bindings record. If only the first
+/// succeeds, what is left is a bindings record without a source, which recovery
+/// skips: never an exchange that silently lost its bindings.
 pub fn delete_exchange(store: &Store, vhost: &str, name: &str) -> Result<(), StorageError> {
     let key = store_key(vhost, name);
-    delete(store, TopologyKind::Binding, &key)?;
-    delete(store, TopologyKind::Exchange, &key)
+    delete(store, TopologyKind::Exchange, &key)?;
+    delete(store, TopologyKind::Binding, &key)
 }
 
 pub fn save_queue(
