@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use warren::broker::exchange::Destination;
 use warren::broker::message::Message;
 use warren::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Queue};
-use warren::broker::vhost::{ExchangeDeclare, QueueDeclare};
+use warren::broker::vhost::{ExchangeDeclare, PublishFrom, QueueDeclare};
 use warren::broker::{Broker, VHost};
 use warren::wire::{BasicProperties, FieldTable, FieldValue};
 
@@ -63,11 +63,8 @@ fn exists(v: &VHost, name: &str) -> bool {
 /// Publish through routing, as a channel does, at `now`.
 fn publish(v: &VHost, exchange: &str, key: &str, props: BasicProperties, body: &str, now: u64) {
     let m = Message::new(exchange, key, props, Bytes::from(body.to_string()));
-    let mut queues = Vec::new();
-    v.route(exchange, &m, &mut queues, now).expect("route");
-    for q in queues {
-        q.enqueue(Arc::clone(&m), now);
-    }
+    v.publish(exchange, &m, PublishFrom::Client, now)
+        .expect("publish");
 }
 
 fn plain(v: &VHost, q: &str, body: &str, now: u64) {

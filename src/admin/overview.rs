@@ -4,7 +4,7 @@
 use super::metrics::{message_stats, resident_memory, Totals};
 use super::{node_name, AdminState, ApiError, ApiResult, Caller};
 use crate::broker::message::Message;
-use crate::broker::vhost::QueueDeclare;
+use crate::broker::vhost::{PublishFrom, QueueDeclare};
 use crate::clock::now_ms;
 use axum::extract::{Path, State};
 use axum::Json;
@@ -25,7 +25,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
     for v in &visible {
         exchanges += v.exchanges().len();
         for q in v.queues() {
-            let st = q.stats(crate::clock::now_ms());
+            let st = q.stats(now_ms());
             ready += st.ready;
             unacked += st.unacked;
             consumers += st.consumers;
@@ -128,21 +128,18 @@ pub async fn aliveness(
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    let now = now_ms();
     let (q, _) = v.declare_queue(
         &QueueDeclare {
             name: "aliveness-test".into(),
             ..Default::default()
         },
         0,
-        now,
+        now_ms(),
     )?;
     let body = bytes::Bytes::from_static(b"test_message");
-    q.enqueue(
-        Message::new("", "aliveness-test", Default::default(), body.clone()),
-        now,
-    );
-    match q.get(true, now) {
+    let message = Message::new("", "aliveness-test", Default::default(), body.clone());
+    v.publish("", &message, PublishFrom::Client, now_ms())?;
+    match q.get(true, now_ms()) {
         Some((e, _)) if e.message.body == body => Ok(Json(json!({"status": "ok"}))),
         _ => Ok(Json(
             json!({"status": "failed", "reason": "message not received"}),

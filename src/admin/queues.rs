@@ -277,7 +277,7 @@ pub async fn remove(
         )));
     }
     if let Some(v) = s.broker.vhost(&vhost) {
-        v.remove_queue(&q);
+        v.remove_queue(&q)?;
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -103,6 +103,8 @@ pub struct Broker {
     alarm: tokio::sync::watch::Sender<bool>,
     /// The high watermark in bytes (0: no alarm).
     watermark: AtomicU64,
+    /// What each vhost may hold (given to it at creation).
+    vhost_limits: crate::config::VHostLimits,
 }
 
 impl Broker {
@@ -156,6 +158,7 @@ impl Broker {
             next_connection_id: AtomicU64::new(1),
             connections: RwLock::new(HashMap::new()),
             counters: Counters::default(),
+            vhost_limits: config.vhost_limits(),
         };
         broker.add_vhost("/");
         broker.auth.put_user(User {
@@ -176,9 +179,16 @@ impl Broker {
         if let Some(v) = vhosts.get(name) {
             return Arc::clone(v);
         }
-        let v = VHost::new(name, self.store.clone(), Arc::clone(&self.budget));
+        let v = VHost::new(
+            name,
+            self.store.clone(),
+            Arc::clone(&self.budget),
+            self.vhost_limits,
+        );
         if let Some(store) = &self.store {
-            persist::save_vhost(store, name);
+            if let Err(e) = persist::save_vhost(store, name) {
+                tracing::error!(vhost = name, error = %e, "cannot persist vhost");
+            }
         }
         vhosts.insert(name.to_string(), Arc::clone(&v));
         v
@@ -206,7 +216,9 @@ impl Broker {
             }
         }
         for q in vhost.queues() {
-            vhost.remove_queue(&q);
+            if let Err(e) = vhost.remove_queue(&q) {
+                tracing::error!(queue = q.name(), error = %e.text, "cannot delete queue");
+            }
         }
         true
     }

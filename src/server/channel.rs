@@ -10,8 +10,8 @@ use super::writer::Out;
 use crate::broker::auth::Access;
 use crate::broker::exchange::Destination;
 use crate::broker::message::{Entry, Message};
-use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Enqueued, Queue};
-use crate::broker::vhost::{ExchangeDeclare, QueueDeclare, VHost};
+use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Queue};
+use crate::broker::vhost::{ExchangeDeclare, PublishFrom, QueueDeclare, VHost};
 use crate::broker::Counters;
 use crate::error::{AmqpError, AmqpResult};
 use crate::wire::*;
@@ -34,7 +34,7 @@ pub struct ConnCtx {
     pub max_message_size: u64,
     /// The client understands server-sent basic.cancel.
     pub cancel_notify: bool,
-    /// Configured limits (queues, exchanges, consumers, consumer timeout).
+    /// Configured limits (consumers, consumer timeout); the vhost enforces its own.
     pub limits: crate::config::Limits,
 }
 
@@ -331,18 +331,6 @@ impl Channel {
                 if !d.passive {
                     ctx.permit(Access::Configure, "exchange", &d.exchange)?;
                 }
-                if let Some(max) = ctx.limits.max_exchanges_per_vhost {
-                    if !d.passive
-                        && vhost.exchange(&d.exchange).is_err()
-                        && vhost.exchange_count() >= max
-                    {
-                        return Err(AmqpError::precondition_failed(format!(
-                            "cannot declare exchange '{}' in vhost '{}': exchange limit ({max}) is reached",
-                            d.exchange,
-                            vhost.name
-                        )));
-                    }
-                }
                 vhost.declare_exchange(&ExchangeDeclare {
                     name: d.exchange,
                     kind: d.kind,
@@ -387,18 +375,6 @@ impl Channel {
                 if !d.passive && !d.queue.is_empty() {
                     ctx.permit(Access::Configure, "queue", &d.queue)?;
                 }
-                if let Some(max) = ctx.limits.max_queues_per_vhost {
-                    if !d.passive
-                        && (d.queue.is_empty() || vhost.queue(&d.queue, ctx.id).is_err())
-                        && vhost.queue_count() >= max
-                    {
-                        return Err(AmqpError::precondition_failed(format!(
-                            "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
-                            d.queue,
-                            vhost.name
-                        )));
-                    }
-                }
                 let (q, stats) = vhost.declare_queue(
                     &QueueDeclare {
                         name: d.queue,
@@ -414,7 +390,7 @@ impl Channel {
                 if server_named {
                     // RabbitMQ checks configure on the generated name.
                     if let Err(e) = ctx.permit(Access::Configure, "queue", q.name()) {
-                        vhost.remove_queue(&q);
+                        vhost.remove_queue(&q)?;
                         return Err(e);
                     }
                 }
@@ -892,15 +868,16 @@ impl Channel {
         message: Arc<Message>,
         out: &mut Out,
     ) -> AmqpResult<bool> {
-        let mut queues = Vec::new();
         let now = crate::clock::now_ms();
-        let held = ctx.vhost.route(exchange, &message, &mut queues, now)?;
+        let published = ctx
+            .vhost
+            .publish(exchange, &message, PublishFrom::Client, now)?;
         let counters = &ctx.broker.counters;
         Counters::add(&counters.published, 1);
-        if queues.is_empty() && !held {
+        if !published.routed {
             Counters::add(&counters.unroutable, 1);
         }
-        if queues.is_empty() && mandatory && !held {
+        if !published.routed && mandatory {
             Counters::add(&counters.returned, 1);
             out.method(
                 self.id,
@@ -914,14 +891,7 @@ impl Channel {
             );
             out.content(self.id, &message.properties, &message.body);
         }
-        let mut rejected = false;
-        let mut durable = false;
-        for q in &queues {
-            match q.enqueue(Arc::clone(&message), now) {
-                Enqueued::Rejected => rejected = true,
-                Enqueued::Accepted { durable: d } => durable |= d,
-            }
-        }
+        let (rejected, durable) = (published.rejected, published.durable);
         if self.confirm {
             let seq = self.next_publish_seq;
             self.next_publish_seq += 1;

@@ -36,7 +36,7 @@ pub use consumer::{Consumer, Credit, Delivery, DeliverySink};
 pub use dead_letter::Reason;
 
 use crate::broker::message::{paged_placeholder, Entry, MemoryBudget, Message};
-use crate::broker::vhost::VHost;
+use crate::broker::vhost::{PublishFrom, VHost};
 use crate::error::{AmqpError, AmqpResult};
 use crate::storage::{EncodedMessage, MessageOp, MessageParts, Store, StoredMessage};
 use crate::wire::FieldTable;
@@ -752,7 +752,6 @@ impl Queue {
             .and_then(|dlx| Some((dlx, self.vhost.upgrade()?)));
         let key = args.dead_letter_routing_key.as_deref();
         let mut removes = Vec::new();
-        let mut targets = Vec::new();
         for (entry, reason) in dead {
             if entry.persisted && self.store.is_some() {
                 removes.push(MessageOp::Remove { seq: entry.seq });
@@ -768,15 +767,8 @@ impl Queue {
                 None => entry.message,
             };
             let m = dead_letter::dead_letter(&message, self.name(), reason, dlx, key, now / 1000);
-            targets.clear();
-            if vhost.route_unchecked(dlx, &m, &mut targets, now).is_err() {
-                continue;
-            }
-            for q in targets.drain(..) {
-                if !dead_letter::is_cycle(&m, q.name()) {
-                    q.enqueue(Arc::clone(&m), now);
-                }
-            }
+            // A missing dead-letter exchange drops the message, as in RabbitMQ.
+            let _ = vhost.publish(dlx, &m, PublishFrom::DeadLetter, now);
         }
         if let (false, Some(qs)) = (removes.is_empty(), &self.store) {
             // In the queue's order, unless it was deleted meanwhile (its deletion

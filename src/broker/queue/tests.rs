@@ -74,7 +74,12 @@ fn setup(
     arguments: &[(&str, FieldValue)],
 ) -> (Store, Arc<VHost>, Arc<Queue>) {
     let store = Store::open(&dir.0).expect("store");
-    let v = VHost::new("/", Some(store.clone()), MemoryBudget::new(budget));
+    let v = VHost::new(
+        "/",
+        Some(store.clone()),
+        MemoryBudget::new(budget),
+        Default::default(),
+    );
     let mut args = FieldTable::new();
     for (k, val) in arguments {
         args.insert(*k, val.clone());
