@@ -53,10 +53,10 @@ pub struct Config {
     /// connections are logged and their sockets closed. None: unlimited.
     pub max_connections: Option<usize>,
     /// Most queues per vhost (RabbitMQ's `max-queues` vhost limit); a declare
-    /// past it gets 406. None: unlimited.
+    /// past it gets 406 (admin API and definitions import: 400). None: unlimited.
     pub max_queues_per_vhost: Option<usize>,
     /// Most exchanges per vhost, the predeclared ones included; a declare past
-    /// it gets 406. None: unlimited.
+    /// it gets 406 (admin API and definitions import: 400). None: unlimited.
     pub max_exchanges_per_vhost: Option<usize>,
     /// Most consumers on one channel (RabbitMQ's `consumer_max_per_channel`);
     /// basic.consume past it gets 406. None: unlimited.
@@ -79,19 +79,32 @@ pub const DEFAULT_WRITE_BACKLOG_LIMIT: usize = 4 * 1024 * 1024;
 /// The limits a connection enforces, copied out of the [`Config`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
-    pub max_queues_per_vhost: Option<usize>,
-    pub max_exchanges_per_vhost: Option<usize>,
     pub consumer_max_per_channel: Option<usize>,
     pub consumer_timeout_ms: Option<u64>,
+}
+
+/// The limits every vhost enforces on declares, whoever asks (AMQP, the admin
+/// API, definitions import); given to each vhost when it is created.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VHostLimits {
+    /// Most queues (`max_queues_per_vhost`).
+    pub max_queues: Option<usize>,
+    /// Most exchanges, the predeclared ones included (`max_exchanges_per_vhost`).
+    pub max_exchanges: Option<usize>,
 }
 
 impl Config {
     pub fn limits(&self) -> Limits {
         Limits {
-            max_queues_per_vhost: self.max_queues_per_vhost,
-            max_exchanges_per_vhost: self.max_exchanges_per_vhost,
             consumer_max_per_channel: self.consumer_max_per_channel,
             consumer_timeout_ms: self.consumer_timeout_ms.filter(|ms| *ms > 0),
+        }
+    }
+
+    pub fn vhost_limits(&self) -> VHostLimits {
+        VHostLimits {
+            max_queues: self.max_queues_per_vhost,
+            max_exchanges: self.max_exchanges_per_vhost,
         }
     }
 }
@@ -185,7 +198,8 @@ mod limit_tests {
             ..Config::default()
         };
         let l = c.limits();
-        assert_eq!(l.max_queues_per_vhost, Some(5));
+        assert_eq!(c.vhost_limits().max_queues, Some(5));
+        assert_eq!(c.vhost_limits().max_exchanges, None);
         assert_eq!(l.consumer_timeout_ms, None, "0 disables the timeout");
     }
 }

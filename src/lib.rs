@@ -5,7 +5,9 @@
 //! # Layout
 //! - `wire`: AMQP frames, methods (generated from `amqp-spec/`), field tables and
 //!   content properties; pure bytes in and out, no I/O.
-//! - `broker`: vhosts, exchanges, bindings, queues, consumers and routing; no I/O.
+//! - `broker`: vhosts, exchanges, bindings, queues, consumers and routing; no I/O
+//!   and no clock: callers pass `now`.
+//! - `clock`: the wall clock, read by the I/O side (server, admin, ticker) only.
 //! - `server`: the AMQP listener, one task per connection, channel state.
 //! - `admin`: the HTTP management API (RabbitMQ-shaped JSON) and Prometheus metrics.
 //! - `config`: settings from defaults, a TOML file and `WARREN_*` variables.
@@ -13,6 +15,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod error;
 pub mod server;
@@ -52,7 +55,12 @@ pub enum StartError {
 /// Start a broker with `config` on the current tokio runtime.
 pub async fn start(config: Config) -> Result<Warren, StartError> {
     let config = Arc::new(config);
-    let broker = broker::Broker::open(&config)?;
+    let started = std::time::Instant::now();
+    let broker = broker::Broker::open(&config, clock::now_ms())?;
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "broker opened"
+    );
     let server = server::start(Arc::clone(&config), Arc::clone(&broker)).await?;
     let admin = if config.admin_enabled {
         let addr = format!("{}:{}", bracket(&config.bind), config.admin_port);
@@ -71,7 +79,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
             let Some(broker) = ticker.upgrade() else {
                 return;
             };
-            broker.tick(broker::message::now_ms());
+            broker.tick(clock::now_ms());
             ticks = ticks.wrapping_add(1);
             if ticks.is_multiple_of(10) {
                 broker.check_memory();

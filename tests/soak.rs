@@ -193,7 +193,7 @@ async fn round(uri: &str, core: &warren::broker::Broker, secs: u64, round: usize
             let stats = core
                 .vhost("/")
                 .and_then(|v| v.queue(QUEUE, 0).ok())
-                .map(|q| q.stats());
+                .map(|q| q.stats(warren::clock::now_ms()));
             panic!(
                 "{} of {} confirmed messages were never acked, e.g. {:?}; queue {stats:?}; {} connections",
                 missing.len(),
@@ -221,7 +221,7 @@ async fn round(uri: &str, core: &warren::broker::Broker, secs: u64, round: usize
     assert!(twice.is_empty(), "acked more than once: {twice:?}");
     let vhost = core.vhost("/").expect("vhost");
     let q = vhost.queue(QUEUE, 0).expect("queue");
-    let stats = q.stats();
+    let stats = q.stats(warren::clock::now_ms());
     assert_eq!(
         (stats.ready, stats.unacked, stats.consumers),
         (0, 0, 0),

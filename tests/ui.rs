@@ -1,6 +1,6 @@
 //! Runs the browser suite in `tests/ui` (headless Chromium driven by playwright-core)
 //! against the warren binary. Needs `npm ci --prefix tests/ui` and Debian's
-//! `chromium` package (both done by `.ci/run`).
+//! `chromium` package (or `CHROMIUM` naming a Chromium binary): `./test.sh` provisions both.
 
 use std::path::Path;
 use std::process::Command;
@@ -11,13 +11,13 @@ fn ui_suite_passes() {
     let modules = root.join("tests/ui/node_modules/playwright-core");
     assert!(
         modules.exists(),
-        "{} is missing: run `npm ci --prefix tests/ui` first",
+        "{} is missing: run the tests with ./test.sh (or `npm ci --prefix tests/ui` first)",
         modules.display()
     );
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         Path::new(&chromium).exists(),
-        "{chromium} is missing: install Debian's chromium (`apt-get install -y chromium`) or set CHROMIUM"
+        "{chromium} is missing: run the tests with ./test.sh (or `apt-get install -y chromium`, or set CHROMIUM)"
     );
     let output = Command::new("node")
         .arg("tests/ui/run.mjs")

@@ -6,8 +6,9 @@ use super::{
 };
 use crate::broker::auth::Access;
 use crate::broker::message::Message;
-use crate::broker::vhost::{Exchange, ExchangeDeclare};
+use crate::broker::vhost::{Exchange, ExchangeDeclare, PublishFrom};
 use crate::broker::Counters;
+use crate::clock::now_ms;
 use crate::wire::BasicProperties;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -179,18 +180,10 @@ pub async fn publish(
     };
     let props = properties_from(body.get("properties").unwrap_or(&Value::Null))?;
     let message = Message::new(exchange, routing_key, props, payload);
-    let mut queues = Vec::new();
-    let held = v.route(exchange, &message, &mut queues)?;
+    let published = v.publish(exchange, &message, PublishFrom::Client, now_ms())?;
     Counters::add(&b.counters.published, 1);
-    if queues.is_empty() && !held {
+    if !published.routed {
         Counters::add(&b.counters.unroutable, 1);
     }
-    let mut routed = held;
-    for q in &queues {
-        routed |= matches!(
-            q.enqueue(std::sync::Arc::clone(&message)),
-            crate::broker::queue::Enqueued::Accepted { .. }
-        );
-    }
-    Ok(Json(json!({ "routed": routed })))
+    Ok(Json(json!({ "routed": published.accepted })))
 }

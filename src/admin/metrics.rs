@@ -185,7 +185,7 @@ pub fn render(broker: &Broker) -> String {
     let mut consumers = 0u64;
     for v in &vhosts {
         for q in v.queues() {
-            let s = q.stats();
+            let s = q.stats(crate::clock::now_ms());
             consumers += s.consumers as u64;
             queue_lines.push((v.name.to_string(), q.name().to_string(), s));
         }

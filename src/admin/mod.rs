@@ -91,14 +91,17 @@ impl From<AmqpError> for ApiError {
             rc::NOT_FOUND => StatusCode::NOT_FOUND,
             rc::ACCESS_REFUSED => StatusCode::FORBIDDEN,
             rc::RESOURCE_LOCKED => StatusCode::LOCKED,
+            // A failed durable write (541 INTERNAL_ERROR).
+            rc::INTERNAL_ERROR => StatusCode::INTERNAL_SERVER_ERROR,
+            // 406 (e.g. a vhost limit) and the rest: RabbitMQ answers 400.
             _ => StatusCode::BAD_REQUEST,
         };
         ApiError {
             status,
-            error: if status == StatusCode::NOT_FOUND {
-                "Object Not Found"
-            } else {
-                "bad_request"
+            error: match status {
+                StatusCode::NOT_FOUND => "Object Not Found",
+                StatusCode::INTERNAL_SERVER_ERROR => "internal_server_error",
+                _ => "bad_request",
             },
             reason: e.text,
         }
@@ -419,7 +422,7 @@ pub async fn start(
     let state = AdminState {
         broker,
         rates,
-        started_at: crate::broker::message::now_ms(),
+        started_at: crate::clock::now_ms(),
     };
     let app = router(state);
     tokio::spawn(async move {
@@ -549,5 +552,80 @@ pub(crate) fn put_status(created: bool) -> StatusCode {
         StatusCode::CREATED
     } else {
         StatusCode::NO_CONTENT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::persist::failpoint;
+
+    #[test]
+    fn amqp_errors_map_to_rabbitmq_statuses() {
+        let status = |e: AmqpError| ApiError::from(e).status;
+        assert_eq!(
+            status(AmqpError::precondition_failed("limit")),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            status(AmqpError::internal_error("store")),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        assert_eq!(status(AmqpError::not_found("q")), StatusCode::NOT_FOUND);
+    }
+
+    /// With the store refusing topology writes, a durable declare fails on
+    /// every door: 500 from the admin API, connection.close 541 over AMQP; and
+    /// nothing is created.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_durable_write_is_500_and_541() {
+        let dir = std::env::temp_dir().join(format!("warren-admin-541-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut config = crate::Config::for_tests(&dir);
+        config.admin_enabled = true;
+        let w = crate::start(config).await.expect("broker starts");
+        let admin = w.admin_addr().expect("admin enabled");
+        failpoint::set(&dir, true);
+
+        let url = format!("http://{admin}/api/queues/%2f/durable-q");
+        let (status, body) = tokio::task::spawn_blocking(move || {
+            let auth = base64::engine::general_purpose::STANDARD.encode("guest:guest");
+            let resp = ureq::put(&url)
+                .set("Authorization", &format!("Basic {auth}"))
+                .send_json(json!({"durable": true}));
+            match resp {
+                Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+                Err(ureq::Error::Status(s, r)) => (s, r.into_string().unwrap_or_default()),
+                Err(e) => (0, e.to_string()),
+            }
+        })
+        .await
+        .expect("http");
+        assert_eq!(status, 500, "{body}");
+        assert!(body.contains("INTERNAL_ERROR"), "{body}");
+
+        let uri = format!("amqp://guest:guest@{}/%2f", w.amqp_addr());
+        let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let e = ch
+            .queue_declare(
+                "durable-q",
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect_err("declare with a failing store");
+        match &e {
+            lapin::Error::ProtocolError(p) => assert_eq!(p.get_id(), 541, "{e:?}"),
+            other => panic!("expected 541, got {other:?}"),
+        }
+        failpoint::set(&dir, false);
+        let vhost = w.server.broker.vhost("/").expect("default vhost");
+        assert!(vhost.queue("durable-q", 0).is_err(), "nothing was created");
     }
 }

@@ -3,8 +3,9 @@
 
 use super::metrics::{message_stats, resident_memory, Totals};
 use super::{node_name, AdminState, ApiError, ApiResult, Caller};
-use crate::broker::message::{now_ms, Message};
-use crate::broker::vhost::QueueDeclare;
+use crate::broker::message::Message;
+use crate::broker::vhost::{PublishFrom, QueueDeclare};
+use crate::clock::now_ms;
 use axum::extract::{Path, State};
 use axum::Json;
 use serde_json::{json, Value};
@@ -24,7 +25,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
     for v in &visible {
         exchanges += v.exchanges().len();
         for q in v.queues() {
-            let st = q.stats();
+            let st = q.stats(now_ms());
             ready += st.ready;
             unacked += st.unacked;
             consumers += st.consumers;
@@ -133,15 +134,12 @@ pub async fn aliveness(
             ..Default::default()
         },
         0,
+        now_ms(),
     )?;
     let body = bytes::Bytes::from_static(b"test_message");
-    q.enqueue(Message::new(
-        "",
-        "aliveness-test",
-        Default::default(),
-        body.clone(),
-    ));
-    match q.get(true) {
+    let message = Message::new("", "aliveness-test", Default::default(), body.clone());
+    v.publish("", &message, PublishFrom::Client, now_ms())?;
+    match q.get(true, now_ms()) {
         Some((e, _)) if e.message.body == body => Ok(Json(json!({"status": "ok"}))),
         _ => Ok(Json(
             json!({"status": "failed", "reason": "message not received"}),

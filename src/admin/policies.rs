@@ -84,10 +84,7 @@ pub fn put_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> ApiRes
         .ok_or_else(|| ApiError::bad_request("definition must be an object"))?;
     let p = Policy::new(vhost, name, pattern, apply_to, priority, definition)
         .map_err(ApiError::bad_request)?;
-    let created = v.policies.get(vhost, name).is_none();
-    v.policies.put(p);
-    crate::broker::policy::apply_to_queues(&v);
-    Ok(created)
+    Ok(v.put_policy(p, crate::clock::now_ms())?)
 }
 
 pub async fn put(
@@ -113,8 +110,7 @@ pub async fn remove(
     }
     caller.require_vhost(&s.broker, &vhost)?;
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    if v.policies.delete(&vhost, &name) {
-        crate::broker::policy::apply_to_queues(&v);
+    if v.delete_policy(&name, crate::clock::now_ms())? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found())

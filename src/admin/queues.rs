@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
-    let st = q.stats();
+    let st = q.stats(crate::clock::now_ms());
     let vhost = &*q.spec.vhost;
     let policy = s
         .broker
@@ -242,6 +242,7 @@ pub fn declare_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> Ap
             arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))?,
         },
         0,
+        crate::clock::now_ms(),
     )?;
     Ok(!existed)
 }
@@ -266,7 +267,7 @@ pub async fn remove(
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
     caller.permit(&s.broker, &vhost, Access::Configure, "queue", &name)?;
-    let st = q.stats();
+    let st = q.stats(crate::clock::now_ms());
     if params.get("if-unused").is_some_and(|x| x == "true") && st.consumers > 0 {
         return Err(ApiError::bad_request(format!("queue '{name}' in use")));
     }
@@ -276,7 +277,7 @@ pub async fn remove(
         )));
     }
     if let Some(v) = s.broker.vhost(&vhost) {
-        v.remove_queue(&q);
+        v.remove_queue(&q)?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -364,7 +365,7 @@ pub async fn get_messages(
     let mut entries = Vec::new();
     let mut out = Vec::new();
     while (entries.len() as u64) < count {
-        let Some((entry, remaining)) = q.get(false) else {
+        let Some((entry, remaining)) = q.get(false, crate::clock::now_ms()) else {
             break;
         };
         let m = &entry.message;
@@ -393,9 +394,9 @@ pub async fn get_messages(
     }
     crate::broker::Counters::add(&s.broker.counters.delivered, entries.len() as u64);
     if requeue {
-        q.requeue(entries, true, true);
+        q.requeue(entries, true, true, crate::clock::now_ms());
     } else if reject {
-        q.reject(entries);
+        q.reject(entries, crate::clock::now_ms());
     } else {
         crate::broker::Counters::add(&s.broker.counters.acked, entries.len() as u64);
         q.ack(&entries);

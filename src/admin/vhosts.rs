@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 fn vhost_json(b: &Broker, v: &VHost) -> Value {
     let (mut ready, mut unacked) = (0, 0);
     for q in v.queues() {
-        let s = q.stats();
+        let s = q.stats(crate::clock::now_ms());
         ready += s.ready;
         unacked += s.unacked;
     }

@@ -379,14 +379,6 @@ pub fn paged_placeholder() -> Arc<Message> {
     )
 }
 
-/// Milliseconds since the Unix epoch: the broker's clock for TTLs and expiry.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,9 @@
 //! The broker core: vhosts, users, exchanges, queues, routing and delivery. No I/O.
 //!
 //! `server` drives it from AMQP connections (and `admin` from HTTP). Everything
-//! here is synchronous and short: locks are never held across an await.
+//! here is synchronous and short: locks are never held across an await. Nothing
+//! here reads a clock: operations that need the time take `now` (ms since the
+//! Unix epoch) from the caller, who reads [`crate::clock::now_ms`].
 
 pub mod auth;
 pub mod exchange;
@@ -101,12 +103,14 @@ pub struct Broker {
     alarm: tokio::sync::watch::Sender<bool>,
     /// The high watermark in bytes (0: no alarm).
     watermark: AtomicU64,
+    /// What each vhost may hold (given to it at creation).
+    vhost_limits: crate::config::VHostLimits,
 }
 
 impl Broker {
-    /// A broker backed by the store in `config.data_dir`, with what it holds recovered.
-    pub fn open(config: &Config) -> Result<Arc<Broker>, StorageError> {
-        let started = std::time::Instant::now();
+    /// A broker backed by the store in `config.data_dir`, with what it holds
+    /// recovered; `now` starts the recovered queues' `x-expires` clocks.
+    pub fn open(config: &Config, now: u64) -> Result<Arc<Broker>, StorageError> {
         let options = crate::storage::StoreOptions {
             cache_capacity: config.store_cache_size,
             ..Default::default()
@@ -114,13 +118,17 @@ impl Broker {
         let store = Store::open_with(&config.data_dir, options)?;
         let broker = Self::build(config, Some(store.clone()));
         // Policies are loaded with their vhost, before its queues are recovered.
-        let recovered = persist::recover(&store, &|name| {
-            let v = broker.add_vhost(name);
-            if let Err(e) = v.policies.recover(name) {
-                tracing::error!(vhost = name, error = %e, "cannot load policies");
-            }
-            v
-        })?;
+        let recovered = persist::recover(
+            &store,
+            &|name| {
+                let v = broker.add_vhost(name);
+                if let Err(e) = v.policies.recover(name) {
+                    tracing::error!(vhost = name, error = %e, "cannot load policies");
+                }
+                v
+            },
+            now,
+        )?;
         broker.auth.attach(&store)?;
         tracing::info!(
             path = %store.path().display(),
@@ -129,7 +137,6 @@ impl Broker {
             queues = recovered.queues,
             bindings = recovered.bindings,
             messages = recovered.messages,
-            elapsed_ms = started.elapsed().as_millis() as u64,
             "recovered from the message store"
         );
         Ok(broker)
@@ -151,6 +158,7 @@ impl Broker {
             next_connection_id: AtomicU64::new(1),
             connections: RwLock::new(HashMap::new()),
             counters: Counters::default(),
+            vhost_limits: config.vhost_limits(),
         };
         broker.add_vhost("/");
         broker.auth.put_user(User {
@@ -171,9 +179,16 @@ impl Broker {
         if let Some(v) = vhosts.get(name) {
             return Arc::clone(v);
         }
-        let v = VHost::new(name, self.store.clone(), Arc::clone(&self.budget));
+        let v = VHost::new(
+            name,
+            self.store.clone(),
+            Arc::clone(&self.budget),
+            self.vhost_limits,
+        );
         if let Some(store) = &self.store {
-            persist::save_vhost(store, name);
+            if let Err(e) = persist::save_vhost(store, name) {
+                tracing::error!(vhost = name, error = %e, "cannot persist vhost");
+            }
         }
         vhosts.insert(name.to_string(), Arc::clone(&v));
         v
@@ -201,7 +216,9 @@ impl Broker {
             }
         }
         for q in vhost.queues() {
-            vhost.remove_queue(&q);
+            if let Err(e) = vhost.remove_queue(&q) {
+                tracing::error!(queue = q.name(), error = %e.text, "cannot delete queue");
+            }
         }
         true
     }

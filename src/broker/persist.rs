@@ -4,6 +4,9 @@
 //! Records are JSON (argument tables kept as their AMQP encoding, so every type
 //! survives). Bindings are stored as one record per durable source exchange,
 //! rewritten whenever that exchange's bindings change.
+//!
+//! Every write returns its result: the vhost calls these under the lock of the
+//! change they record and fails that change (541) when the write fails.
 
 use crate::broker::exchange::{Binding, Destination};
 use crate::broker::queue::store_key;
@@ -78,28 +81,37 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-fn put(store: &Store, kind: TopologyKind, key: &str, record: &[u8]) {
-    if let Err(e) = store.put_topology(kind, key, record) {
+/// Write one topology record (every topology write goes through here or [`delete`]).
+pub(crate) fn put(
+    store: &Store,
+    kind: TopologyKind,
+    key: &str,
+    record: &[u8],
+) -> Result<(), StorageError> {
+    failpoint::check(store)?;
+    store.put_topology(kind, key, record).inspect_err(|e| {
         tracing::error!(error = %e, key, "cannot persist topology");
-    }
+    })
 }
 
-fn delete(store: &Store, kind: TopologyKind, key: &str) {
-    if let Err(e) = store.delete_topology(kind, key) {
+/// Drop one topology record.
+pub(crate) fn delete(store: &Store, kind: TopologyKind, key: &str) -> Result<(), StorageError> {
+    failpoint::check(store)?;
+    store.delete_topology(kind, key).inspect_err(|e| {
         tracing::error!(error = %e, key, "cannot delete topology record");
-    }
+    })
 }
 
-pub fn save_vhost(store: &Store, name: &str) {
+pub fn save_vhost(store: &Store, name: &str) -> Result<(), StorageError> {
     put(
         store,
         TopologyKind::VHost,
         name,
         &json(&VHostRecord { name: name.into() }),
-    );
+    )
 }
 
-pub fn save_exchange(store: &Store, vhost: &str, ex: &Exchange) {
+pub fn save_exchange(store: &Store, vhost: &str, ex: &Exchange) -> Result<(), StorageError> {
     let rec = ExchangeRecord {
         vhost: vhost.into(),
         name: ex.name.to_string(),
@@ -113,13 +125,16 @@ pub fn save_exchange(store: &Store, vhost: &str, ex: &Exchange) {
         TopologyKind::Exchange,
         &store_key(vhost, &ex.name),
         &json(&rec),
-    );
+    )
 }
 
-pub fn delete_exchange(store: &Store, vhost: &str, name: &str) {
+/// Drop an exchange's record, then its bindings record. If only the first
+/// succeeds, what is left is a bindings record without a source, which recovery
+/// skips: never an exchange that silently lost its bindings.
+pub fn delete_exchange(store: &Store, vhost: &str, name: &str) -> Result<(), StorageError> {
     let key = store_key(vhost, name);
-    delete(store, TopologyKind::Exchange, &key);
-    delete(store, TopologyKind::Binding, &key);
+    delete(store, TopologyKind::Exchange, &key)?;
+    delete(store, TopologyKind::Binding, &key)
 }
 
 pub fn save_queue(
@@ -128,7 +143,7 @@ pub fn save_queue(
     name: &str,
     auto_delete: bool,
     arguments: &FieldTable,
-) {
+) -> Result<(), StorageError> {
     let rec = QueueRecord {
         vhost: vhost.into(),
         name: name.into(),
@@ -140,19 +155,23 @@ pub fn save_queue(
         TopologyKind::Queue,
         &store_key(vhost, name),
         &json(&rec),
-    );
+    )
 }
 
-pub fn delete_queue(store: &Store, vhost: &str, name: &str) {
-    delete(store, TopologyKind::Queue, &store_key(vhost, name));
+pub fn delete_queue(store: &Store, vhost: &str, name: &str) -> Result<(), StorageError> {
+    delete(store, TopologyKind::Queue, &store_key(vhost, name))
 }
 
 /// Rewrite the bindings record of a durable source exchange.
-pub fn save_bindings(store: &Store, vhost: &str, source: &str, bindings: &[Binding]) {
+pub fn save_bindings(
+    store: &Store,
+    vhost: &str,
+    source: &str,
+    bindings: &[Binding],
+) -> Result<(), StorageError> {
     let key = store_key(vhost, source);
     if bindings.is_empty() {
-        delete(store, TopologyKind::Binding, &key);
-        return;
+        return delete(store, TopologyKind::Binding, &key);
     }
     let rec = BindingsRecord {
         vhost: vhost.into(),
@@ -173,7 +192,7 @@ pub fn save_bindings(store: &Store, vhost: &str, source: &str, bindings: &[Bindi
             })
             .collect(),
     };
-    put(store, TopologyKind::Binding, &key, &json(&rec));
+    put(store, TopologyKind::Binding, &key, &json(&rec))
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(
@@ -199,6 +218,7 @@ pub struct Recovered {
 pub fn recover(
     store: &Store,
     vhost: &dyn Fn(&str) -> Arc<VHost>,
+    now: u64,
 ) -> Result<Recovered, StorageError> {
     let mut r = Recovered::default();
     for (key, bytes) in store.load_topology(TopologyKind::VHost)? {
@@ -219,7 +239,7 @@ pub fn recover(
             internal: rec.internal,
             arguments,
         };
-        match v.declare_exchange(&d) {
+        match v.recover_exchange(&d) {
             Ok(_) => r.exchanges += 1,
             Err(e) => {
                 tracing::error!(exchange = %rec.name, error = %e.text, "cannot recover exchange")
@@ -238,8 +258,8 @@ pub fn recover(
             auto_delete: rec.auto_delete,
             arguments: table_from(&rec.arguments, store)?,
         };
-        match v.declare_queue(&d, 0) {
-            Ok((q, _)) => {
+        match v.recover_queue(&d, now) {
+            Ok(q) => {
                 let qkey = store_key(&rec.vhost, &rec.name);
                 let messages = store.load_messages(&qkey)?;
                 r.messages += q.restore(messages);
@@ -264,10 +284,52 @@ pub fn recover(
                 _ => Destination::Queue(b.destination.as_str().into()),
             };
             let args = table_from(&b.arguments, store)?;
-            if v.bind(&rec.source, dest, &b.routing_key, &args, 0).is_ok() {
+            if v.recover_binding(&rec.source, dest, &b.routing_key, &args)
+                .is_ok()
+            {
                 r.bindings += 1;
             }
         }
     }
     Ok(r)
+}
+
+/// Test-only failure injection: topology writes to a store whose data directory
+/// is listed fail with [`StorageError::Closed`], as a store that has gone away.
+#[cfg(test)]
+pub(crate) mod failpoint {
+    use crate::storage::{StorageError, Store};
+    use parking_lot::Mutex;
+    use std::path::{Path, PathBuf};
+
+    static FAILING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+    /// Make every later topology write to the store in `data_dir` fail (or
+    /// succeed again).
+    pub fn set(data_dir: &Path, fail: bool) {
+        let mut failing = FAILING.lock();
+        failing.retain(|p| p != data_dir);
+        if fail {
+            failing.push(data_dir.to_path_buf());
+        }
+    }
+
+    pub(super) fn check(store: &Store) -> Result<(), StorageError> {
+        if FAILING.lock().iter().any(|p| p == store.path()) {
+            return Err(StorageError::Closed {
+                path: store.path().to_path_buf(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(not(test))]
+mod failpoint {
+    use crate::storage::{StorageError, Store};
+
+    #[inline(always)]
+    pub(super) fn check(_: &Store) -> Result<(), StorageError> {
+        Ok(())
+    }
 }

@@ -188,7 +188,10 @@ impl Policies {
         Ok(n)
     }
 
-    pub fn put(&self, p: Policy) {
+    /// Store and set a policy (under the map's lock, so the store never lags);
+    /// true if it is new. Changed through [`VHost::put_policy`](crate::broker::VHost::put_policy).
+    pub fn put(&self, p: Policy) -> Result<bool, StorageError> {
+        let mut map = self.by_key.write();
         if let Some(store) = &self.store {
             let rec = PolicyRecord {
                 vhost: p.vhost.clone(),
@@ -198,26 +201,31 @@ impl Policies {
                 priority: p.priority,
                 definition: p.definition.clone(),
             };
-            crate::broker::auth::write_record(
+            let bytes = serde_json::to_vec(&rec).map_err(|e| StorageError::Corrupt {
+                path: store.path().to_path_buf(),
+                detail: format!("cannot encode policy: {e}"),
+            })?;
+            crate::broker::persist::put(
                 store,
                 TopologyKind::Policy,
                 &policy_key(&p.vhost, &p.name),
-                &rec,
-            );
+                &bytes,
+            )?;
         }
-        self.by_key
-            .write()
-            .insert((p.vhost.clone(), p.name.clone()), p);
+        Ok(map.insert((p.vhost.clone(), p.name.clone()), p).is_none())
     }
 
-    pub fn delete(&self, vhost: &str, name: &str) -> bool {
-        if let Some(store) = &self.store {
-            crate::broker::auth::drop_record(store, TopologyKind::Policy, &policy_key(vhost, name));
+    /// Drop a policy (record first); false if there was none.
+    pub fn delete(&self, vhost: &str, name: &str) -> Result<bool, StorageError> {
+        let mut map = self.by_key.write();
+        let key = (vhost.to_string(), name.to_string());
+        if !map.contains_key(&key) {
+            return Ok(false);
         }
-        self.by_key
-            .write()
-            .remove(&(vhost.to_string(), name.to_string()))
-            .is_some()
+        if let Some(store) = &self.store {
+            crate::broker::persist::delete(store, TopologyKind::Policy, &policy_key(vhost, name))?;
+        }
+        Ok(map.remove(&key).is_some())
     }
 
     pub fn get(&self, vhost: &str, name: &str) -> Option<Policy> {
@@ -279,12 +287,12 @@ impl Policies {
 
 /// Re-apply the vhost's policies to its existing queues (after a policy changed):
 /// each queue whose effective arguments differ runs with the new ones from now on.
-pub fn apply_to_queues(vhost: &crate::broker::VHost) {
+pub fn apply_to_queues(vhost: &crate::broker::VHost, now: u64) {
     for q in vhost.queues() {
         let policy = vhost.policies.matching(&vhost.name, true, q.name());
         let effective = effective_arguments(&q.spec.arguments, policy.as_ref());
         match crate::broker::queue::QueueArgs::parse(&effective, q.name(), &vhost.name) {
-            Ok(args) if args != *q.args() => q.set_args(args),
+            Ok(args) if args != *q.args() => q.set_args(args, now),
             Ok(_) => {}
             Err(e) => tracing::warn!(queue = q.name(), error = %e.text, "policy not applied"),
         }
@@ -363,8 +371,8 @@ mod tests {
         let mut b = policy(json!({"max-length": 2}));
         b.name = "b".into();
         b.priority = 5;
-        ps.put(a);
-        ps.put(b);
+        ps.put(a).expect("put a");
+        ps.put(b).expect("put b");
         assert_eq!(
             ps.matching("/", true, "queue").map(|p| p.name),
             Some("b".into())

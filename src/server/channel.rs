@@ -10,8 +10,8 @@ use super::writer::Out;
 use crate::broker::auth::Access;
 use crate::broker::exchange::Destination;
 use crate::broker::message::{Entry, Message};
-use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Enqueued, Queue};
-use crate::broker::vhost::{ExchangeDeclare, QueueDeclare, VHost};
+use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Queue};
+use crate::broker::vhost::{ExchangeDeclare, PublishFrom, QueueDeclare, VHost};
 use crate::broker::Counters;
 use crate::error::{AmqpError, AmqpResult};
 use crate::wire::*;
@@ -34,7 +34,7 @@ pub struct ConnCtx {
     pub max_message_size: u64,
     /// The client understands server-sent basic.cancel.
     pub cancel_notify: bool,
-    /// Configured limits (queues, exchanges, consumers, consumer timeout).
+    /// Configured limits (consumers, consumer timeout); the vhost enforces its own.
     pub limits: crate::config::Limits,
 }
 
@@ -273,7 +273,7 @@ impl Channel {
             Method::BasicCancel(c) => {
                 let tag: Arc<str> = c.consumer_tag.as_str().into();
                 if let Some(cref) = self.consumers.remove(&tag) {
-                    vhost.cancel_consumer(&cref.queue, ctx.id, ch, &tag);
+                    vhost.cancel_consumer(&cref.queue, ctx.id, ch, &tag, crate::clock::now_ms());
                 }
                 if !c.nowait {
                     out.method(
@@ -289,7 +289,7 @@ impl Channel {
                 let name = self.queue_name(&g.queue)?;
                 ctx.permit(Access::Read, "queue", &name)?;
                 let q = vhost.queue(&name, ctx.id)?;
-                match q.get(g.no_ack) {
+                match q.get(g.no_ack, crate::clock::now_ms()) {
                     None => out.method(ch, &BasicGetEmpty::default().into()),
                     Some((entry, remaining)) => {
                         Counters::add(&ctx.broker.counters.delivered, 1);
@@ -330,18 +330,6 @@ impl Channel {
                 let nowait = d.nowait;
                 if !d.passive {
                     ctx.permit(Access::Configure, "exchange", &d.exchange)?;
-                }
-                if let Some(max) = ctx.limits.max_exchanges_per_vhost {
-                    if !d.passive
-                        && vhost.exchange(&d.exchange).is_err()
-                        && vhost.exchange_count() >= max
-                    {
-                        return Err(AmqpError::precondition_failed(format!(
-                            "cannot declare exchange '{}' in vhost '{}': exchange limit ({max}) is reached",
-                            d.exchange,
-                            vhost.name
-                        )));
-                    }
                 }
                 vhost.declare_exchange(&ExchangeDeclare {
                     name: d.exchange,
@@ -387,18 +375,6 @@ impl Channel {
                 if !d.passive && !d.queue.is_empty() {
                     ctx.permit(Access::Configure, "queue", &d.queue)?;
                 }
-                if let Some(max) = ctx.limits.max_queues_per_vhost {
-                    if !d.passive
-                        && (d.queue.is_empty() || vhost.queue(&d.queue, ctx.id).is_err())
-                        && vhost.queue_count() >= max
-                    {
-                        return Err(AmqpError::precondition_failed(format!(
-                            "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
-                            d.queue,
-                            vhost.name
-                        )));
-                    }
-                }
                 let (q, stats) = vhost.declare_queue(
                     &QueueDeclare {
                         name: d.queue,
@@ -409,11 +385,12 @@ impl Channel {
                         arguments: d.arguments,
                     },
                     ctx.id,
+                    crate::clock::now_ms(),
                 )?;
                 if server_named {
                     // RabbitMQ checks configure on the generated name.
                     if let Err(e) = ctx.permit(Access::Configure, "queue", q.name()) {
-                        vhost.remove_queue(&q);
+                        vhost.remove_queue(&q)?;
                         return Err(e);
                     }
                 }
@@ -465,7 +442,13 @@ impl Channel {
             Method::QueueDelete(d) => {
                 let name = self.queue_name(&d.queue)?;
                 ctx.permit(Access::Configure, "queue", &name)?;
-                let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, ctx.id)?;
+                let n = vhost.delete_queue(
+                    &name,
+                    d.if_unused,
+                    d.if_empty,
+                    ctx.id,
+                    crate::clock::now_ms(),
+                )?;
                 if !d.nowait {
                     out.method(
                         ch,
@@ -600,7 +583,7 @@ impl Channel {
             flow: Arc::clone(&self.flow),
             sink: Arc::clone(&ctx.sink),
         });
-        q.add_consumer(Arc::clone(&consumer))?;
+        q.add_consumer(Arc::clone(&consumer), crate::clock::now_ms())?;
         self.consumers
             .insert(Arc::clone(&tag), ConsumerRef { queue: q, consumer });
         // consume-ok still precedes every delivery: deliveries reach this task
@@ -629,15 +612,18 @@ impl Channel {
             return Err(AmqpError::precondition_failed("reply consumer already set"));
         }
         let name = crate::broker::vhost::generate_name("amq.rabbitmq.reply-to.");
-        let (q, _) = ctx.vhost.declare_internal_queue(&name, ctx.id)?;
+        let (q, _) = ctx
+            .vhost
+            .declare_internal_queue(&name, ctx.id, crate::clock::now_ms())?;
         self.reply_queue = Some(name);
         Ok(q)
     }
 
     /// Let every consumer's queue deliver again (credit or flow changed).
     fn kick_consumers(&self) {
+        let now = crate::clock::now_ms();
         for cref in self.consumers.values() {
-            cref.queue.dispatch();
+            cref.queue.dispatch(now);
         }
     }
 
@@ -697,10 +683,11 @@ impl Channel {
         if requeue.is_none() {
             Counters::add(&ctx.broker.counters.acked, taken.len() as u64);
         }
+        let now = crate::clock::now_ms();
         for (q, entries) in self.release(taken) {
             match requeue {
-                Some(true) => q.requeue(entries, true, true),
-                Some(false) => q.reject(entries),
+                Some(true) => q.requeue(entries, true, true, now),
+                Some(false) => q.reject(entries, now),
                 None => q.ack(&entries),
             }
         }
@@ -720,8 +707,9 @@ impl Channel {
     /// Give every unacked message back to its queue, in original order.
     fn requeue_all(&mut self) {
         let all: Vec<Unacked> = self.unacked.drain(..).collect();
+        let now = crate::clock::now_ms();
         for (q, entries) in self.release(all) {
-            q.requeue(entries, true, true);
+            q.requeue(entries, true, true, now);
         }
     }
 
@@ -880,14 +868,16 @@ impl Channel {
         message: Arc<Message>,
         out: &mut Out,
     ) -> AmqpResult<bool> {
-        let mut queues = Vec::new();
-        let held = ctx.vhost.route(exchange, &message, &mut queues)?;
+        let now = crate::clock::now_ms();
+        let published = ctx
+            .vhost
+            .publish(exchange, &message, PublishFrom::Client, now)?;
         let counters = &ctx.broker.counters;
         Counters::add(&counters.published, 1);
-        if queues.is_empty() && !held {
+        if !published.routed {
             Counters::add(&counters.unroutable, 1);
         }
-        if queues.is_empty() && mandatory && !held {
+        if !published.routed && mandatory {
             Counters::add(&counters.returned, 1);
             out.method(
                 self.id,
@@ -901,14 +891,7 @@ impl Channel {
             );
             out.content(self.id, &message.properties, &message.body);
         }
-        let mut rejected = false;
-        let mut durable = false;
-        for q in &queues {
-            match q.enqueue(Arc::clone(&message)) {
-                Enqueued::Rejected => rejected = true,
-                Enqueued::Accepted { durable: d } => durable |= d,
-            }
-        }
+        let (rejected, durable) = (published.rejected, published.durable);
         if self.confirm {
             let seq = self.next_publish_seq;
             self.next_publish_seq += 1;
@@ -1023,7 +1006,8 @@ impl Channel {
                 if !d.no_ack {
                     self.channel_credit.release(1);
                 }
-                d.queue.requeue(vec![d.entry], !d.no_ack, false);
+                d.queue
+                    .requeue(vec![d.entry], !d.no_ack, false, crate::clock::now_ms());
                 return;
             }
         };
@@ -1093,7 +1077,7 @@ impl Channel {
     pub fn close(&mut self, ctx: &ConnCtx) {
         for (tag, cref) in self.consumers.drain() {
             ctx.vhost
-                .cancel_consumer(&cref.queue, ctx.id, self.id, &tag);
+                .cancel_consumer(&cref.queue, ctx.id, self.id, &tag, crate::clock::now_ms());
         }
         self.requeue_all();
         self.pending = None;

@@ -487,7 +487,7 @@ impl Conn {
             local,
             user: user.name.clone(),
             vhost: open.virtual_host.clone(),
-            connected_at: crate::broker::message::now_ms(),
+            connected_at: crate::clock::now_ms(),
             client_properties: start_ok.client_properties.clone(),
             frame_max,
             channel_max: self.channel_max,
@@ -582,6 +582,7 @@ impl Conn {
         let mut timeouts = tokio::time::interval(timeout_tick);
         timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut backpressure = false;
+        let store = self.broker.store.clone();
         loop {
             // Back-pressure: while the peer has not read what we wrote, take no
             // deliveries from the mailbox and read no more input.
@@ -616,8 +617,12 @@ impl Conn {
                 self.blocked_sent = true;
                 self.out.flush();
             }
-            let blocked = backpressure || alarm_blocked;
+            // The message store's write buffer is full: read no input until it drains
+            // (an async wait; no thread blocks on the store).
+            let store_full = store.as_ref().is_some_and(|s| !s.has_room());
+            let blocked = backpressure || alarm_blocked || store_full;
             tokio::select! {
+                _ = async { if let Some(s) = &store { s.ready().await } }, if store_full => {}
                 changed = alarm.changed(), if alarm_open => {
                     if changed.is_err() {
                         alarm_open = false;
@@ -655,7 +660,10 @@ impl Conn {
                     }
                     // Take what is already buffered before writing, to batch replies.
                     for _ in 0..128 {
-                        if self.is_blocked(&alarm) || self.out.backlog() > self.backlog_limit {
+                        if self.is_blocked(&alarm)
+                            || self.out.backlog() > self.backlog_limit
+                            || store.as_ref().is_some_and(|s| !s.has_room())
+                        {
                             break;
                         }
                         let Some(frame) = self.reader.next().now_or_never() else { break };
@@ -931,7 +939,9 @@ impl Conn {
         match msg {
             Outbound::Deliver(d) => match (self.channels.get_mut(&d.channel), self.ctx.as_ref()) {
                 (Some(ch), Some(ctx)) => ch.deliver(ctx, d, &mut self.out),
-                _ => d.queue.requeue(vec![d.entry], !d.no_ack, false),
+                _ => d
+                    .queue
+                    .requeue(vec![d.entry], !d.no_ack, false, crate::clock::now_ms()),
             },
             Outbound::Cancelled { channel, tag } => {
                 let notify = self.ctx.as_ref().is_some_and(|c| c.cancel_notify);
@@ -974,7 +984,8 @@ impl Conn {
         self.rx.close();
         while let Ok(msg) = self.rx.try_recv() {
             if let Outbound::Deliver(d) = msg {
-                d.queue.requeue(vec![d.entry], !d.no_ack, false);
+                d.queue
+                    .requeue(vec![d.entry], !d.no_ack, false, crate::clock::now_ms());
             }
         }
         ctx.vhost.connection_closed(self.id);

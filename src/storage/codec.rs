@@ -53,7 +53,8 @@ impl std::fmt::Display for DecodeError {
 }
 
 /// Encoded size of `msg`, in bytes.
-pub fn encoded_len(msg: &StoredMessage) -> usize {
+#[cfg(test)]
+fn encoded_len(msg: &StoredMessage) -> usize {
     1 + 4 * 4
         + msg.exchange.len()
         + msg.routing_key.len()
@@ -65,13 +66,46 @@ pub fn encoded_len(msg: &StoredMessage) -> usize {
 
 /// Encodes `msg` in the current record format.
 pub fn encode_message(msg: &StoredMessage) -> Vec<u8> {
-    let mut out = Vec::with_capacity(encoded_len(msg));
+    encode_parts(&MessageParts {
+        exchange: &msg.exchange,
+        routing_key: &msg.routing_key,
+        properties: &msg.properties,
+        body: &msg.body,
+        redelivered: msg.redelivered,
+        expires_at: msg.expires_at,
+    })
+}
+
+/// The fields of a message record, borrowed (so a caller holding them in
+/// other types encodes without building a [`StoredMessage`] first).
+#[derive(Debug, Clone, Copy)]
+pub struct MessageParts<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    /// Opaque: encoded by the caller.
+    pub properties: &'a [u8],
+    pub body: &'a [u8],
+    pub redelivered: bool,
+    pub expires_at: Option<u64>,
+}
+
+/// Encodes borrowed message fields in the current record format.
+pub fn encode_parts(msg: &MessageParts<'_>) -> Vec<u8> {
+    let len = 1
+        + 4 * 4
+        + msg.exchange.len()
+        + msg.routing_key.len()
+        + msg.properties.len()
+        + msg.body.len()
+        + 1
+        + if msg.expires_at.is_some() { 8 } else { 0 };
+    let mut out = Vec::with_capacity(len);
     out.push(RECORD_VERSION);
     for part in [
         msg.exchange.as_bytes(),
         msg.routing_key.as_bytes(),
-        &msg.properties[..],
-        &msg.body[..],
+        msg.properties,
+        msg.body,
     ] {
         put_len(&mut out, part.len());
         out.extend_from_slice(part);

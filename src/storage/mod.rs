@@ -27,9 +27,10 @@
 //!   `load_topology` immediately) and made durable by the next group flush;
 //!   await [`Store::sync`] before answering e.g. `queue.declare-ok` if the
 //!   declare must survive a crash.
-//! * `insert_message`/`remove_message`/`mark_redelivered`/
-//!   `delete_queue_messages` are buffered and applied, in call order, by the
-//!   flusher thread. They are durable once a later [`Store::sync`] resolves or
+//! * `submit` (and its one-operation forms `insert_message`/`remove_message`/
+//!   `mark_redelivered`/`delete_queue_messages`) buffers operations that the
+//!   flusher thread applies in call order. Buffering never blocks; producers
+//!   await [`Store::ready`] for back-pressure. They are durable once a later [`Store::sync`] resolves or
 //!   an [`Store::on_durable`] callback runs; that is the moment to send a
 //!   publisher confirm. `load_messages` only sees applied operations: it is
 //!   meant for recovery at startup (or after `flush_blocking`).
@@ -39,8 +40,8 @@ mod sled;
 
 use std::path::PathBuf;
 
-pub use self::sled::{Store, StoreOptions};
-pub use codec::{decode_message, encode_message, RECORD_VERSION};
+pub use self::sled::{EncodedMessage, MessageOp, Store, StoreOptions};
+pub use codec::{decode_message, encode_message, encode_parts, MessageParts, RECORD_VERSION};
 
 /// The content of `<data_dir>/VERSION` written and accepted by this build.
 pub const STORE_VERSION: &str = "warren-store 1";

@@ -4,9 +4,10 @@
 //!
 //! # Group commit
 //!
-//! Message operations (`insert_message`, `remove_message`,
-//! `mark_redelivered`, `delete_queue_messages`) are appended, already
-//! encoded, to a pending list under a mutex; they never wait for disk. One
+//! Message operations ([`MessageOp`]s given to `submit`, or one at a time to
+//! `insert_message`, `remove_message`, `mark_redelivered`,
+//! `delete_queue_messages`) are appended, already encoded, to a pending list
+//! under a mutex; they never wait for disk. One
 //! dedicated thread (`warren-store-flusher`) loops:
 //!
 //! 1. wait until something is pending, then take *all* pending operations and
@@ -28,11 +29,13 @@
 //!
 //! The pending list is bounded by [`StoreOptions::max_pending_bytes`]
 //! (default 64 MiB of encoded records, plus a small per-operation overhead).
-//! A producer that finds it full blocks (parking_lot condvar) until the
-//! flusher takes the list, i.e. at most about one batch's apply+flush time.
-//! Memory is thus bounded by roughly twice the limit (one batch being written
-//! plus one filling). Calls made from the flusher thread itself (inside an
-//! `on_durable` callback) never block, to avoid a self-deadlock.
+//! Buffering an operation never blocks (queues submit while they hold a
+//! per-queue ordering lock, which a wait would hold up). Producers instead
+//! must not outrun the disk for long: their tasks await [`Store::ready`]
+//! (resolved when the flusher takes the list, i.e. at most about one batch's
+//! apply+flush time) before reading more input, so the excess past the limit
+//! is at most what one read of input can buffer per producer. No thread ever
+//! blocks on it.
 //!
 //! # Crash consistency
 //!
@@ -46,7 +49,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -95,6 +98,55 @@ enum Op {
     DeleteQueue { prefix: Vec<u8> },
 }
 
+impl Op {
+    /// Bytes accounted against the pending limit.
+    fn size(&self) -> usize {
+        OP_OVERHEAD
+            + match self {
+                Op::Insert { key, record } => key.len() + record.len(),
+                Op::Remove { key } | Op::MarkRedelivered { key } => key.len(),
+                Op::DeleteQueue { prefix } => prefix.len(),
+            }
+    }
+}
+
+/// A message record encoded for the store, ready to buffer. Encoding is the
+/// costly part of a write (the body is copied), so callers do it before they
+/// take any lock.
+#[derive(Debug, Clone)]
+pub struct EncodedMessage(IVec);
+
+impl EncodedMessage {
+    pub fn new(msg: &StoredMessage) -> EncodedMessage {
+        EncodedMessage(IVec::from(codec::encode_message(msg)))
+    }
+
+    pub fn from_parts(parts: &codec::MessageParts<'_>) -> EncodedMessage {
+        EncodedMessage(IVec::from(codec::encode_parts(parts)))
+    }
+
+    /// Encoded size in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One operation on a queue's stored messages, for [`Store::submit`].
+#[derive(Debug, Clone)]
+pub enum MessageOp {
+    /// Write a message (a persistent message reached a durable queue).
+    Insert { seq: u64, record: EncodedMessage },
+    /// The message left the queue for good (acked, expired, dropped, purged).
+    Remove { seq: u64 },
+    /// The message was handed to a consumer: it comes back redelivered after a restart.
+    MarkRedelivered { seq: u64 },
+    /// The queue was deleted: drop all its messages.
+    DeleteQueue,
+}
 type Callback = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
 enum Waiter {
@@ -150,8 +202,10 @@ struct Shared {
     inflight: Mutex<Option<Arc<Vec<Op>>>>,
     /// Signalled when the pending list goes from idle to non-idle, or on shutdown.
     work: Condvar,
-    /// Signalled when the flusher takes the pending list (back-pressure release).
-    space: Condvar,
+    /// Woken when the flusher takes the pending list (back-pressure release).
+    room: tokio::sync::Notify,
+    /// `pending.bytes`, readable without the lock (for [`Store::has_room`]).
+    pending_hint: AtomicUsize,
     messages_written: AtomicU64,
     flushes: AtomicU64,
 }
@@ -166,7 +220,7 @@ impl Drop for Handle {
     fn drop(&mut self) {
         self.shared.pending.lock().shutdown = true;
         self.shared.work.notify_all();
-        self.shared.space.notify_all();
+        self.shared.room.notify_waiters();
         // If the last handle is dropped inside an on_durable callback, the
         // flusher exits by itself after this iteration; joining would deadlock.
         if !ON_FLUSHER.with(Cell::get) {
@@ -304,7 +358,8 @@ impl Store {
             pending: Mutex::new(Pending::default()),
             inflight: Mutex::new(None),
             work: Condvar::new(),
-            space: Condvar::new(),
+            room: tokio::sync::Notify::new(),
+            pending_hint: AtomicUsize::new(0),
             messages_written: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
         });
@@ -385,57 +440,114 @@ impl Store {
     }
 
     /// Buffers a message write into the current group-commit batch. Does not
-    /// wait for disk; blocks only when the pending buffer is full (see the
-    /// module docs on back-pressure).
+    /// wait for disk, and never blocks (see the module docs on back-pressure).
     pub fn insert_message(&self, queue: &str, seq: u64, msg: &StoredMessage) {
-        let key = IVec::from(codec::message_key(queue, seq));
-        let record = IVec::from(codec::encode_message(msg));
-        let size = key.len() + record.len() + OP_OVERHEAD;
-        self.push(Op::Insert { key, record }, size);
+        self.submit(
+            queue,
+            [MessageOp::Insert {
+                seq,
+                record: EncodedMessage::new(msg),
+            }],
+        );
     }
 
     /// Buffers the removal (ack) of a message and of its redelivered flag.
     pub fn remove_message(&self, queue: &str, seq: u64) {
-        let key = IVec::from(codec::message_key(queue, seq));
-        let size = key.len() + OP_OVERHEAD;
-        self.push(Op::Remove { key }, size);
+        self.submit(queue, [MessageOp::Remove { seq }]);
     }
 
     /// Buffers a "this message has been delivered" flag, so it is loaded with
     /// `redelivered = true` after a restart. Writes a small key only.
     pub fn mark_redelivered(&self, queue: &str, seq: u64) {
-        let key = IVec::from(codec::message_key(queue, seq));
-        let size = key.len() + OP_OVERHEAD;
-        self.push(Op::MarkRedelivered { key }, size);
+        self.submit(queue, [MessageOp::MarkRedelivered { seq }]);
     }
 
     /// Buffers the removal of every message of `queue` (queue deleted or
     /// purged). Operations on the queue buffered after this call are kept.
     pub fn delete_queue_messages(&self, queue: &str) {
-        let prefix = codec::queue_prefix(queue);
-        let size = prefix.len() + OP_OVERHEAD;
-        self.push(Op::DeleteQueue { prefix }, size);
+        self.submit(queue, [MessageOp::DeleteQueue]);
     }
 
-    fn push(&self, op: Op, size: usize) {
+    /// Buffers operations on the messages of `queue`, in order, into the
+    /// current group-commit batch (one lock acquisition for all of them).
+    /// Never blocks; see [`Store::ready`] for back-pressure.
+    pub fn submit(&self, queue: &str, ops: impl IntoIterator<Item = MessageOp>) {
+        let mut size = 0;
+        let built: Vec<Op> = ops
+            .into_iter()
+            .map(|op| {
+                let op = match op {
+                    MessageOp::Insert { seq, record } => Op::Insert {
+                        key: IVec::from(codec::message_key(queue, seq)),
+                        record: record.0,
+                    },
+                    MessageOp::Remove { seq } => Op::Remove {
+                        key: IVec::from(codec::message_key(queue, seq)),
+                    },
+                    MessageOp::MarkRedelivered { seq } => Op::MarkRedelivered {
+                        key: IVec::from(codec::message_key(queue, seq)),
+                    },
+                    MessageOp::DeleteQueue => Op::DeleteQueue {
+                        prefix: codec::queue_prefix(queue),
+                    },
+                };
+                size += op.size();
+                op
+            })
+            .collect();
+        if built.is_empty() {
+            return;
+        }
+        self.push(built, size);
+    }
+
+    fn push(&self, mut ops: Vec<Op>, size: usize) {
         let sh = self.shared();
         let mut p = sh.pending.lock();
-        if !ON_FLUSHER.with(Cell::get) {
-            while p.bytes >= sh.max_pending_bytes && !p.stopped && !p.shutdown {
-                sh.space.wait(&mut p);
-            }
-        }
         if p.stopped {
             drop(p);
             tracing::error!(path = %sh.data_dir.display(), "message store is shut down; dropping a write");
             return;
         }
         let was_idle = p.idle();
-        p.ops.push(op);
+        if p.ops.is_empty() {
+            p.ops = ops;
+        } else {
+            p.ops.append(&mut ops);
+        }
         p.bytes += size;
+        sh.pending_hint.store(p.bytes, Ordering::Relaxed);
         drop(p);
         if was_idle {
             sh.work.notify_one();
+        }
+    }
+
+    /// Whether the pending buffer is below its limit (cheap: no lock).
+    pub fn has_room(&self) -> bool {
+        let sh = self.shared();
+        sh.pending_hint.load(Ordering::Relaxed) < sh.max_pending_bytes
+    }
+
+    /// Resolves once the pending buffer is below its limit (at once if it is,
+    /// or if the store has stopped). A producer awaits this before taking more
+    /// input, so a full buffer makes its task wait instead of a thread block.
+    pub async fn ready(&self) {
+        let sh = self.shared();
+        loop {
+            if self.has_room() {
+                return;
+            }
+            let notified = sh.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let p = sh.pending.lock();
+                if p.bytes < sh.max_pending_bytes || p.stopped || p.shutdown {
+                    return;
+                }
+            }
+            notified.await;
         }
     }
 
@@ -791,9 +903,10 @@ impl Drop for StopGuard {
             p.stopped = true;
             p.ops.clear();
             p.bytes = 0;
+            sh.pending_hint.store(0, Ordering::Relaxed);
             std::mem::take(&mut p.waiters)
         };
-        sh.space.notify_all();
+        sh.room.notify_waiters();
         for w in waiters {
             w.complete(Err(StorageError::Closed {
                 path: sh.data_dir.clone(),
@@ -815,12 +928,13 @@ fn flusher_main(sh: Arc<Shared>) {
                 break;
             }
             p.bytes = 0;
+            sh.pending_hint.store(0, Ordering::Relaxed);
             let dirty = std::mem::take(&mut p.topology_dirty);
             let ops = Arc::new(std::mem::take(&mut p.ops));
             *sh.inflight.lock() = Some(Arc::clone(&ops));
             (ops, std::mem::take(&mut p.waiters), dirty)
         };
-        sh.space.notify_all();
+        sh.room.notify_waiters();
 
         let result = if ops.is_empty() && !dirty {
             // Everything registered before these waiters was flushed already.
@@ -1220,10 +1334,17 @@ mod tests {
             ..msg(0)
         };
         let mut max_seen = 0;
+        let mut waited = 0;
         for i in 0..300 {
+            // A producer awaits room before it takes more input.
+            if !store.has_room() {
+                waited += 1;
+            }
+            block_on(store.ready());
             store.insert_message("q", i, &big);
             max_seen = max_seen.max(store.pending_bytes());
         }
+        assert!(waited > 0, "the buffer never filled");
         store.flush_blocking().unwrap();
         assert!(
             max_seen <= limit + (33 << 10) + 4 * OP_OVERHEAD,

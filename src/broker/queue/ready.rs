@@ -4,7 +4,7 @@
 //! messages going back to their original position (by sequence number). Counting bytes
 //! is here too, for length limits. Expiry and dead-lettering live one layer up.
 
-use crate::broker::message::{Entry, MemoryBudget};
+use crate::broker::message::{Entry, MemoryBudget, Message};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -90,6 +90,40 @@ impl Ready {
         Some(entry)
     }
 
+    /// Where entry `seq` is: (level, index). Each level is sorted by seq.
+    fn find(&self, seq: u64) -> Option<(usize, usize)> {
+        self.levels.iter().enumerate().find_map(|(level, fifo)| {
+            let i = fifo.partition_point(|e| e.seq < seq);
+            (fifo.get(i).is_some_and(|e| e.seq == seq)).then_some((level, i))
+        })
+    }
+
+    /// Give a paged-out entry its message back (loaded from the store).
+    /// False if `seq` is not a paged-out entry here (any more).
+    pub fn page_in(&mut self, seq: u64, message: Arc<Message>) -> bool {
+        let Some((level, i)) = self.find(seq) else {
+            return false;
+        };
+        let e = &mut self.levels[level][i];
+        if e.paged.is_none() {
+            return false;
+        }
+        e.message = message;
+        e.paged = None;
+        self.budget.add(e.resident_size());
+        true
+    }
+
+    /// Remove entry `seq` wherever it is.
+    pub fn remove(&mut self, seq: u64) -> Option<Entry> {
+        let (level, i) = self.find(seq)?;
+        let entry = self.levels[level].remove(i)?;
+        self.len -= 1;
+        self.bytes -= entry.size();
+        self.budget.sub(entry.resident_size());
+        Some(entry)
+    }
+
     /// Remove everything.
     pub fn drain(&mut self) -> Vec<Entry> {
         self.len = 0;
@@ -108,7 +142,6 @@ impl Ready {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::message::Message;
     use crate::wire::BasicProperties;
     use bytes::Bytes;
 

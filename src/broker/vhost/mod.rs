@@ -1,0 +1,202 @@
+//! A virtual host: its exchanges, queues and bindings, and the one door every
+//! change and every message goes through.
+//!
+//! - [`topology`]: declare, delete, bind, unbind and policies, for AMQP channels,
+//!   the admin API, definitions import, recovery and clean-up alike. The vhost's
+//!   limits are checked there, and durable records are written under the lock of
+//!   the in-memory change (a failed write fails the change with 541).
+//! - [`publish`]: route a message (exchange-to-exchange bindings, alternate
+//!   exchanges) and enqueue it, for basic.publish, the admin API, dead-lettering
+//!   and delayed release.
+//! - [`delayed`]: messages held by `x-delayed-message` exchanges until due.
+//!
+//! Time is passed in (`now`, ms since the epoch). Lock order: `exchanges`, then
+//! `queues`, then an exchange's router, then a queue's own state; the store is
+//! only called under these, never the other way round.
+
+mod delayed;
+mod publish;
+mod topology;
+
+pub use publish::{PublishFrom, Published};
+pub use topology::{Exchange, ExchangeDeclare, QueueDeclare};
+
+use crate::broker::exchange::ExchangeKind;
+use crate::broker::message::MemoryBudget;
+use crate::broker::queue::{Consumer, Queue};
+use crate::config::VHostLimits;
+use crate::error::{AmqpError, AmqpResult};
+use crate::storage::Store;
+use crate::wire::FieldTable;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+#[derive(Debug)]
+pub struct VHost {
+    pub name: Arc<str>,
+    this: Weak<VHost>,
+    exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    queues: RwLock<HashMap<String, Arc<Queue>>>,
+    /// Messages held by delayed exchanges until they are due.
+    delayed: delayed::DelayedMessages,
+    /// Where durable topology and persistent messages go (None: nothing persists).
+    store: Option<Store>,
+    /// Broker-wide resident message bytes (paging threshold).
+    budget: Arc<MemoryBudget>,
+    /// Most queues and exchanges this vhost holds (checked on every declare).
+    limits: VHostLimits,
+    /// Policies of this vhost (applied to queues as they are declared). Changed
+    /// through [`VHost::put_policy`] / [`VHost::delete_policy`].
+    pub policies: crate::broker::policy::Policies,
+}
+
+impl VHost {
+    /// A vhost with the default and `amq.*` exchanges.
+    pub fn new(
+        name: &str,
+        store: Option<Store>,
+        budget: Arc<MemoryBudget>,
+        limits: VHostLimits,
+    ) -> Arc<VHost> {
+        let policies = crate::broker::policy::Policies::new(store.clone());
+        let vhost = Arc::new_cyclic(|this| VHost {
+            store,
+            budget,
+            limits,
+            name: name.into(),
+            this: this.clone(),
+            exchanges: RwLock::new(HashMap::new()),
+            queues: RwLock::new(HashMap::new()),
+            delayed: delayed::DelayedMessages::default(),
+            policies,
+        });
+        {
+            let mut ex = vhost.exchanges.write();
+            for (n, k) in [
+                ("", ExchangeKind::Direct),
+                ("amq.direct", ExchangeKind::Direct),
+                ("amq.fanout", ExchangeKind::Fanout),
+                ("amq.topic", ExchangeKind::Topic),
+                ("amq.headers", ExchangeKind::Headers),
+                ("amq.match", ExchangeKind::Headers),
+            ] {
+                ex.insert(
+                    n.to_string(),
+                    Exchange::new(n, k, false, true, false, false, FieldTable::new()),
+                );
+            }
+        }
+        vhost
+    }
+
+    /// The limits this vhost enforces.
+    pub fn limits(&self) -> VHostLimits {
+        self.limits
+    }
+
+    fn no_exchange(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no exchange '{name}' in vhost '{}'", self.name))
+    }
+
+    fn no_queue(&self, name: &str) -> AmqpError {
+        AmqpError::not_found(format!("no queue '{name}' in vhost '{}'", self.name))
+    }
+
+    pub fn exchange(&self, name: &str) -> AmqpResult<Arc<Exchange>> {
+        self.exchanges
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.no_exchange(name))
+    }
+
+    /// A queue the connection may use (404 if missing, 405 if exclusive to another).
+    pub fn queue(&self, name: &str, connection: u64) -> AmqpResult<Arc<Queue>> {
+        let q = self
+            .queues
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| self.no_queue(name))?;
+        q.check_access(connection)?;
+        Ok(q)
+    }
+
+    pub fn queue_count(&self) -> usize {
+        self.queues.read().len()
+    }
+
+    pub fn exchange_count(&self) -> usize {
+        self.exchanges.read().len()
+    }
+
+    pub fn exchanges(&self) -> Vec<Arc<Exchange>> {
+        self.exchanges.read().values().cloned().collect()
+    }
+
+    pub fn queues(&self) -> Vec<Arc<Queue>> {
+        self.queues.read().values().cloned().collect()
+    }
+
+    /// Periodic work at `now`: expire messages and queues, release due delayed messages.
+    pub fn tick(&self, now: u64) {
+        for q in self.queues() {
+            if q.needs_tick() && q.tick(now) {
+                self.clean_up(&q, "expired");
+            }
+        }
+        self.release_delayed(now);
+    }
+
+    /// Consumer cancelled: detach it and auto-delete the queue if it was the last.
+    pub fn cancel_consumer(
+        &self,
+        queue: &Arc<Queue>,
+        connection: u64,
+        channel: u16,
+        tag: &str,
+        now: u64,
+    ) -> Option<Arc<Consumer>> {
+        let (consumer, unused) = queue.remove_consumer(connection, channel, tag, now);
+        if unused {
+            self.clean_up(queue, "auto-delete");
+        }
+        consumer
+    }
+
+    /// A connection closed: delete its exclusive queues.
+    pub fn connection_closed(&self, connection: u64) {
+        let owned: Vec<Arc<Queue>> = self
+            .queues
+            .read()
+            .values()
+            .filter(|q| q.spec.exclusive_owner == Some(connection))
+            .cloned()
+            .collect();
+        for q in owned {
+            self.clean_up(&q, "exclusive");
+        }
+    }
+
+    /// Delete a queue on the broker's own initiative (no client to answer): a
+    /// failed durable write is logged, and the queue stays as the store has it.
+    fn clean_up(&self, q: &Arc<Queue>, why: &str) {
+        if let Err(e) = self.remove_queue(q) {
+            tracing::error!(queue = q.name(), vhost = %self.name, why, error = %e.text, "cannot delete queue");
+        }
+    }
+}
+
+/// A server-generated name: `prefix` + 22 url-safe random characters, like RabbitMQ's.
+pub fn generate_name(prefix: &str) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut rng = rand::thread_rng();
+    let mut s = String::with_capacity(prefix.len() + 22);
+    s.push_str(prefix);
+    for _ in 0..22 {
+        s.push(ALPHABET[rng.gen_range(0..ALPHABET.len())] as char);
+    }
+    s
+}

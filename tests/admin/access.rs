@@ -1,0 +1,412 @@
+//! Authentication and authorisation: 401/403 from the API, vhost / user / permission
+//! CRUD, and AMQP permission checks (configure / write / read) with lapin.
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_failures_are_401_and_403() {
+    let b = start().await;
+    let (s, v) = b.call("GET", "/api/overview", None, None).await;
+    assert_eq!(s, 401);
+    assert_eq!(v["error"], "not_authorised");
+    let (s, _) = b
+        .call("GET", "/api/overview", Some(("guest", "wrong")), None)
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = b
+        .call("GET", "/api/overview", Some(("nobody", "x")), None)
+        .await;
+    assert_eq!(s, 401);
+    // A user without management tags may not use the API at all.
+    b.ok(
+        "PUT",
+        "/api/users/plain",
+        json!({"password": "p", "tags": ""}),
+    )
+    .await;
+    let (s, _) = b
+        .call("GET", "/api/overview", Some(("plain", "p")), None)
+        .await;
+    assert_eq!(s, 403);
+    // management: overview yes, users / definitions / nodes no.
+    b.ok(
+        "PUT",
+        "/api/users/mgmt",
+        json!({"password": "m", "tags": "management"}),
+    )
+    .await;
+    let m = Some(("mgmt", "m"));
+    assert_eq!(b.call("GET", "/api/overview", m, None).await.0, 200);
+    assert_eq!(b.call("GET", "/api/whoami", m, None).await.0, 200);
+    assert_eq!(b.call("GET", "/api/users", m, None).await.0, 403);
+    assert_eq!(b.call("GET", "/api/definitions", m, None).await.0, 403);
+    assert_eq!(b.call("GET", "/api/nodes", m, None).await.0, 403);
+    assert_eq!(
+        b.call("PUT", "/api/vhosts/x", m, Some(json!({}))).await.0,
+        403
+    );
+    // Without permissions in "/" a management user sees no queues there.
+    assert_eq!(b.call("GET", "/api/queues/%2F", m, None).await.0, 403);
+    // The API acts as the user: resource permissions apply as on AMQP.
+    b.ok(
+        "PUT",
+        "/api/permissions/%2F/mgmt",
+        json!({"configure": "^m\\.", "write": "^m\\.", "read": "^m\\."}),
+    )
+    .await;
+    assert_eq!(
+        b.call("PUT", "/api/queues/%2F/m.q", m, Some(json!({})))
+            .await
+            .0,
+        201
+    );
+    let (s, v) = b
+        .call("PUT", "/api/queues/%2F/x.q", m, Some(json!({})))
+        .await;
+    assert_eq!(s, 403);
+    assert_eq!(
+        v["reason"],
+        "access to queue 'x.q' in vhost '/' refused for user 'mgmt'"
+    );
+    b.ok("PUT", "/api/queues/%2F/x.q", json!({})).await;
+    assert_eq!(
+        b.call("DELETE", "/api/queues/%2F/x.q/contents", m, None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        b.call("DELETE", "/api/queues/%2F/x.q", m, None).await.0,
+        403
+    );
+    assert_eq!(
+        b.call("DELETE", "/api/queues/%2F/m.q", m, None).await.0,
+        204
+    );
+    let publish = json!({"properties": {}, "routing_key": "x.q", "payload": "p", "payload_encoding": "string"});
+    assert_eq!(
+        b.call(
+            "POST",
+            "/api/exchanges/%2F/amq.default/publish",
+            m,
+            Some(publish)
+        )
+        .await
+        .0,
+        403
+    );
+    // monitoring: nodes yes, users no.
+    b.ok(
+        "PUT",
+        "/api/users/mon",
+        json!({"password": "m", "tags": ["monitoring"]}),
+    )
+    .await;
+    let mon = Some(("mon", "m"));
+    assert_eq!(b.call("GET", "/api/nodes", mon, None).await.0, 200);
+    assert_eq!(b.call("GET", "/api/users", mon, None).await.0, 403);
+    // Unknown paths and objects: 404 with RabbitMQ's body.
+    let (s, v) = b.call("GET", "/api/queues/%2F/missing", GUEST, None).await;
+    assert_eq!(s, 404);
+    assert_eq!(v["error"], "Object Not Found");
+    // Malformed JSON: 400.
+    let url = format!("{}/api/users/bad", b.base);
+    let s = tokio::task::spawn_blocking(move || {
+        match ureq::put(&url)
+            .set("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+            .send_string("{not json")
+        {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(c, _)) => c,
+            Err(e) => panic!("{e}"),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(s, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhosts_users_permissions_crud() {
+    let b = start().await;
+    assert_eq!(b.ok("PUT", "/api/vhosts/dev", json!({})).await, 201);
+    assert_eq!(b.ok("PUT", "/api/vhosts/dev", json!({})).await, 204);
+    let vhosts = b.get("/api/vhosts").await;
+    let names: Vec<_> = vhosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("/"), json!("dev")]);
+    // The new vhost has its amq.* exchanges.
+    let ex = b.get("/api/exchanges/dev").await;
+    assert!(ex
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "amq.topic"));
+    assert_eq!(b.get("/api/vhosts/dev").await["name"], "dev");
+
+    assert_eq!(
+        b.ok(
+            "PUT",
+            "/api/users/alice",
+            json!({"password": "pw", "tags": "management"})
+        )
+        .await,
+        201
+    );
+    let alice = b.get("/api/users/alice").await;
+    assert_eq!(alice["hashing_algorithm"], "rabbit_password_hashing_sha256");
+    assert_ne!(alice["password_hash"], "pw");
+    assert_eq!(alice["tags"], json!(["management"]));
+    // password_hash from RabbitMQ's docs ("test12").
+    b.ok(
+        "PUT",
+        "/api/users/bob",
+        json!({"password_hash": "kI3GCqW5JLMJa4iX1lo7X4D6XbYqlLgxIs30+P6tENUV2POR", "tags": "administrator"}),
+    )
+    .await;
+    assert_eq!(
+        b.call("GET", "/api/whoami", Some(("bob", "test12")), None)
+            .await
+            .0,
+        200
+    );
+    let (s, _) = b
+        .call("PUT", "/api/users/nopw", GUEST, Some(json!({"tags": ""})))
+        .await;
+    assert_eq!(s, 400);
+    assert_eq!(b.get("/api/users").await.as_array().unwrap().len(), 3);
+
+    assert_eq!(
+        b.ok(
+            "PUT",
+            "/api/permissions/dev/alice",
+            json!({"configure": "^a", "write": ".*", "read": ""})
+        )
+        .await,
+        201
+    );
+    let p = b.get("/api/permissions/dev/alice").await;
+    assert_eq!(p["configure"], "^a");
+    assert_eq!(p["read"], "");
+    assert!(b.get("/api/permissions").await.as_array().unwrap().len() >= 2);
+    // guest (creator) and alice.
+    assert_eq!(
+        b.get("/api/vhosts/dev/permissions")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(
+        b.get("/api/users/alice/permissions")
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let (s, _) = b
+        .call(
+            "PUT",
+            "/api/permissions/dev/alice",
+            GUEST,
+            Some(json!({"configure": "(", "write": "", "read": ""})),
+        )
+        .await;
+    assert_eq!(s, 400);
+    let (s, _) = b
+        .call(
+            "PUT",
+            "/api/permissions/nope/alice",
+            GUEST,
+            Some(json!({"configure": "", "write": "", "read": ""})),
+        )
+        .await;
+    assert_eq!(s, 400);
+    // alice (management) now sees dev but not /.
+    let a = Some(("alice", "pw"));
+    let vs = b.call("GET", "/api/vhosts", a, None).await.1;
+    assert_eq!(vs.as_array().unwrap().len(), 1);
+    assert_eq!(
+        b.call("DELETE", "/api/permissions/dev/alice", GUEST, None)
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        b.call("GET", "/api/permissions/dev/alice", GUEST, None)
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        b.call("DELETE", "/api/users/alice", GUEST, None).await.0,
+        204
+    );
+    assert_eq!(b.call("GET", "/api/users/alice", GUEST, None).await.0, 404);
+    assert_eq!(
+        b.call("DELETE", "/api/vhosts/dev", GUEST, None).await.0,
+        204
+    );
+    assert_eq!(b.call("GET", "/api/vhosts/dev", GUEST, None).await.0, 404);
+    assert_eq!(
+        b.call("DELETE", "/api/vhosts/dev", GUEST, None).await.0,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_permissions_are_enforced() {
+    let b = start().await;
+    b.ok("PUT", "/api/users/u", json!({"password": "p", "tags": ""}))
+        .await;
+    b.ok("PUT", "/api/vhosts/other", json!({})).await;
+    // u may configure/read "^u\." resources and write to "^u\." and amq.default.
+    b.ok(
+        "PUT",
+        "/api/permissions/%2F/u",
+        json!({"configure": "^u\\.", "write": "^(u\\..*|amq\\.default)$", "read": "^u\\."}),
+    )
+    .await;
+    b.ok("PUT", "/api/queues/%2F/secret", json!({})).await;
+    b.ok(
+        "PUT",
+        "/api/exchanges/%2F/x.secret",
+        json!({"type": "fanout"}),
+    )
+    .await;
+
+    // 530 on a vhost without permissions.
+    let e = b
+        .amqp("u", "p", "other")
+        .await
+        .expect_err("no access to vhost");
+    assert_eq!(code(&e), Some(530), "{e:?}");
+    assert!(
+        format!("{e:?}").contains("access to vhost 'other' refused for user 'u'"),
+        "{e:?}"
+    );
+
+    let conn = b.amqp("u", "p", "/").await.expect("u connects to /");
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("u.q", QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .expect("allowed declare");
+    ch.basic_publish(
+        "",
+        "u.q",
+        BasicPublishOptions::default(),
+        b"ok",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    ch.basic_get("u.q", BasicGetOptions { no_ack: true })
+        .await
+        .expect("allowed get");
+
+    // configure refused: declare.
+    let ch = conn.create_channel().await.unwrap();
+    let r = ch
+        .queue_declare(
+            "secret2",
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    let e = r.as_ref().expect_err("declare refused");
+    assert!(
+        format!("{e:?}").contains("access to queue 'secret2' in vhost '/' refused for user 'u'"),
+        "{e:?}"
+    );
+    assert_code(r, 403);
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(
+        ch.exchange_declare(
+            "x.mine",
+            lapin::ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await,
+        403,
+    );
+    // Server-named queues are checked under their generated name (amq.gen-...).
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(
+        ch.queue_declare("", QueueDeclareOptions::default(), FieldTable::default())
+            .await,
+        403,
+    );
+    assert!(b
+        .get("/api/queues/%2F")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|q| !q["name"].as_str().unwrap().starts_with("amq.gen")));
+    // read refused: consume and get.
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(
+        ch.basic_consume(
+            "secret",
+            "",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await,
+        403,
+    );
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(
+        ch.basic_get("secret", BasicGetOptions::default()).await,
+        403,
+    );
+    // bind needs read on the exchange.
+    let ch = conn.create_channel().await.unwrap();
+    assert_code(
+        ch.queue_bind(
+            "u.q",
+            "x.secret",
+            "",
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await,
+        403,
+    );
+    // write refused: publish closes the channel with 403.
+    let ch = conn.create_channel().await.unwrap();
+    let errors = common::watch_channel(&ch);
+    let _ = ch
+        .basic_publish(
+            "x.secret",
+            "",
+            BasicPublishOptions::default(),
+            b"no",
+            BasicProperties::default(),
+        )
+        .await;
+    let e = t(errors).await.expect("channel closed");
+    assert_eq!(code(&e), Some(403), "{e:?}");
+    assert!(
+        format!("{e:?}")
+            .contains("access to exchange 'x.secret' in vhost '/' refused for user 'u'"),
+        "{e:?}"
+    );
+    assert_eq!(b.get("/api/queues/%2F/secret").await["messages_ready"], 0);
+    // The connection survives channel errors.
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        "u.q2",
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("still usable");
+}

@@ -1,0 +1,17 @@
+//! The admin HTTP API and `/metrics` against a real broker (admin enabled, port 0),
+//! plus AMQP permission enforcement with lapin.
+
+#[path = "../common/mod.rs"]
+mod common;
+mod helpers;
+
+mod access;
+mod cli;
+mod connections;
+mod definitions;
+mod metrics;
+mod overview;
+mod policies;
+mod restart;
+mod topology;
+mod web_ui;

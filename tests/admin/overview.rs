@@ -1,0 +1,96 @@
+//! `/api/overview`, `/api/nodes`, `/api/whoami`, the health checks, and the memory
+//! alarm as they show it.
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overview_nodes_whoami_health() {
+    let b = start().await;
+    let conn = b.amqp("guest", "guest", "/").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare("ov", QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "",
+        "ov",
+        BasicPublishOptions::default(),
+        b"x",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    // basic.publish has no reply: wait until the broker has taken the message.
+    let mut o = b.get("/api/overview").await;
+    for _ in 0..100 {
+        if o["queue_totals"]["messages_ready"] == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        o = b.get("/api/overview").await;
+    }
+    assert_eq!(o["object_totals"]["connections"], 1);
+    assert_eq!(o["object_totals"]["channels"], 1);
+    assert_eq!(o["object_totals"]["queues"], 1);
+    assert!(o["object_totals"]["exchanges"].as_u64().unwrap() >= 6);
+    assert_eq!(o["queue_totals"]["messages_ready"], 1);
+    assert_eq!(o["queue_totals"]["messages"], 1);
+    assert_eq!(o["message_stats"]["publish"], 1);
+    assert!(o["message_stats"]["publish_details"]["rate"].is_number());
+    assert!(o["rabbitmq_version"].is_string());
+    assert!(o["node"].as_str().unwrap().starts_with("warren@"));
+    let nodes = b.get("/api/nodes").await;
+    assert_eq!(nodes[0]["running"], true);
+    let node = nodes[0]["name"].as_str().unwrap().to_string();
+    assert_eq!(b.get(&format!("/api/nodes/{node}")).await["name"], node);
+    let me = b.get("/api/whoami").await;
+    assert_eq!(me["name"], "guest");
+    assert_eq!(me["tags"], json!(["administrator"]));
+    assert_eq!(b.get("/api/health/checks/alarms").await["status"], "ok");
+    assert_eq!(b.get("/api/nodes").await[0]["mem_alarm"], false);
+    assert_eq!(b.get("/api/aliveness-test/%2F").await["status"], "ok");
+    assert_eq!(
+        b.call("GET", "/api/aliveness-test/nope", GUEST, None)
+            .await
+            .0,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_alarm_shows_in_health_check_nodes_and_metrics() {
+    let dir = std::env::temp_dir().join(format!(
+        "warren-admin-alarm-{}-{}",
+        std::process::id(),
+        common::uniq("d")
+    ));
+    let mut config = warren::Config::for_tests(dir);
+    config.admin_enabled = true;
+    config.memory_high_watermark_bytes = 1;
+    let w = warren::start(config).await.expect("broker starts");
+    let b = Broker {
+        amqp: w.amqp_addr(),
+        base: format!("http://{}", w.admin_addr().expect("admin")),
+        _warren: Some(w),
+    };
+    let mut status = 0;
+    for _ in 0..100 {
+        status = b
+            .call("GET", "/api/health/checks/alarms", GUEST, None)
+            .await
+            .0;
+        if status == 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 503);
+    let (_, v) = b
+        .call("GET", "/api/health/checks/alarms", GUEST, None)
+        .await;
+    assert_eq!(v["status"], "failed");
+    assert_eq!(v["alarms"][0]["resource"], "memory");
+    assert_eq!(b.get("/api/nodes").await[0]["mem_alarm"], true);
+    let m = parse_metrics(&b.text("/metrics").await);
+    assert_eq!(metric(&m, "rabbitmq_alarms_memory_used_watermark", ""), 1.0);
+}

@@ -1,0 +1,114 @@
+//! Users, permissions, policies and vhosts made through the API survive a restart of
+//! a broker process.
+
+use crate::helpers::*;
+
+/// A broker process with admin enabled on `dir`; (child, amqp port, admin base URL).
+async fn spawn_process(dir: &std::path::Path) -> (std::process::Child, u16, String) {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port")
+    };
+    let (amqp, admin) = (free(), free());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
+        .env("WARREN_AMQP_PORT", amqp.to_string())
+        .env("WARREN_ADMIN_PORT", admin.to_string())
+        .env("WARREN_BIND", "127.0.0.1")
+        .env("WARREN_DATA_DIR", dir)
+        .env("WARREN_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn warren");
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", admin))
+            .await
+            .is_ok()
+        {
+            return (child, amqp, format!("http://127.0.0.1:{admin}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("warren did not start");
+}
+
+fn stop_process(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    for _ in 0..100 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_permissions_policies_vhosts_survive_restart() {
+    let dir = std::env::temp_dir().join(format!("warren-admin-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (child, amqp, base) = spawn_process(&dir).await;
+    let b = Broker {
+        _warren: None,
+        amqp: ([127, 0, 0, 1], amqp).into(),
+        base,
+    };
+    b.ok("PUT", "/api/vhosts/kept", json!({})).await;
+    b.ok(
+        "PUT",
+        "/api/users/carol",
+        json!({"password": "c", "tags": "administrator"}),
+    )
+    .await;
+    b.ok(
+        "PUT",
+        "/api/permissions/kept/carol",
+        json!({"configure": "^c", "write": ".*", "read": ".*"}),
+    )
+    .await;
+    b.ok(
+        "PUT",
+        "/api/policies/kept/lim",
+        json!({"pattern": ".*", "definition": {"max-length": 3}}),
+    )
+    .await;
+    b.ok("PUT", "/api/vhosts/gone", json!({})).await;
+    assert_eq!(
+        b.call("DELETE", "/api/vhosts/gone", GUEST, None).await.0,
+        204
+    );
+    // The default user can be deleted and stays deleted.
+    let carol = Some(("carol", "c"));
+    assert_eq!(
+        b.call("DELETE", "/api/users/guest", carol, None).await.0,
+        204
+    );
+    stop_process(child);
+
+    let (child, amqp, base) = spawn_process(&dir).await;
+    let b = Broker {
+        _warren: None,
+        amqp: ([127, 0, 0, 1], amqp).into(),
+        base,
+    };
+    assert_eq!(b.call("GET", "/api/whoami", GUEST, None).await.0, 401);
+    let (s, p) = b
+        .call("GET", "/api/permissions/kept/carol", carol, None)
+        .await;
+    assert_eq!(s, 200, "{p}");
+    assert_eq!(p["configure"], "^c");
+    let (_, pol) = b.call("GET", "/api/policies/kept/lim", carol, None).await;
+    assert_eq!(pol["definition"]["max-length"], 3);
+    assert_eq!(b.call("GET", "/api/vhosts/gone", carol, None).await.0, 404);
+    b.amqp("carol", "c", "kept")
+        .await
+        .expect("carol connects after restart");
+    stop_process(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
