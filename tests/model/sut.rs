@@ -12,16 +12,16 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use warren::broker::exchange::Destination;
 use warren::broker::message::{Entry, Message};
-use warren::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Enqueued, Queue};
-use warren::broker::vhost::{ExchangeDeclare, QueueDeclare};
+use warren::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Queue};
+use warren::broker::vhost::{ExchangeDeclare, PublishFrom, QueueDeclare};
 use warren::broker::{Broker, VHost};
 use warren::wire::{BasicProperties, FieldTable, FieldValue};
 use warren::Config;
 
-/// Whether the broker takes the time from its caller, so sequences may include TTLs
-/// that fire and `Advance` steps. Until then only TTLs no sequence outlives are used
-/// (the broker reads the wall clock).
-pub const TIMED: bool = false;
+/// Whether the broker takes the time from its caller (it does: every call below passes
+/// the adapter's virtual `now`), so sequences include TTLs that fire and `Advance`
+/// steps. False would keep to TTLs no sequence outlives (for a wall-clock broker).
+pub const TIMED: bool = true;
 
 /// The connection and channel every call is made from.
 const CONN: u64 = 1;
@@ -144,7 +144,7 @@ impl Sut {
                 name: dlq.into(),
                 ..Default::default()
             };
-            vhost.declare_queue(&d, CONN).expect("declare dlq");
+            vhost.declare_queue(&d, CONN, T0).expect("declare dlq");
             vhost
                 .bind(
                     DLX,
@@ -172,7 +172,7 @@ impl Sut {
             arguments: table(args),
             ..Default::default()
         };
-        match self.vhost.declare_queue(&d, CONN) {
+        match self.vhost.declare_queue(&d, CONN, self.now) {
             Ok((_, stats)) => Reply::Declared {
                 messages: stats.ready,
                 consumers: stats.consumers,
@@ -206,17 +206,15 @@ impl Sut {
             ..Default::default()
         };
         let m = Message::new(exchange, key, props, Bytes::from(body.to_string()));
-        let mut queues = Vec::new();
-        if let Err(e) = self.vhost.route(exchange, &m, &mut queues) {
-            return error_code(e);
-        }
-        let mut rejected = false;
-        for q in &queues {
-            rejected |= q.enqueue(Arc::clone(&m)) == Enqueued::Rejected;
-        }
-        Reply::Published {
-            routed: !queues.is_empty(),
-            rejected,
+        match self
+            .vhost
+            .publish(exchange, &m, PublishFrom::Client, self.now)
+        {
+            Ok(p) => Reply::Published {
+                routed: p.routed,
+                rejected: p.rejected,
+            },
+            Err(e) => error_code(e),
         }
     }
 
@@ -225,7 +223,7 @@ impl Sut {
             Ok(q) => q,
             Err(e) => return error_code(e),
         };
-        match q.get(no_ack) {
+        match q.get(no_ack, self.now) {
             None => Reply::GetEmpty,
             Some((entry, remaining)) => {
                 let msg = seen(&entry);
@@ -265,7 +263,7 @@ impl Sut {
         });
         self.consumers
             .insert(name.to_string(), (Arc::clone(&q), Arc::clone(&consumer)));
-        match q.add_consumer(consumer) {
+        match q.add_consumer(consumer, self.now) {
             Ok(()) => Reply::Done,
             Err(e) => {
                 self.consumers.remove(name);
@@ -276,7 +274,8 @@ impl Sut {
 
     pub fn cancel(&mut self, name: &str) {
         if let Some((q, c)) = self.consumers.remove(name) {
-            self.vhost.cancel_consumer(&q, CONN, CHANNEL, &c.tag);
+            self.vhost
+                .cancel_consumer(&q, CONN, CHANNEL, &c.tag, self.now);
         }
     }
 
@@ -302,12 +301,12 @@ impl Sut {
         for (q, entries) in by_queue {
             match how {
                 Settle::Ack => q.ack(&entries),
-                Settle::Discard => q.reject(entries),
-                Settle::Requeue => q.requeue(entries, true, true),
+                Settle::Discard => q.reject(entries, self.now),
+                Settle::Requeue => q.requeue(entries, true, true, self.now),
             }
         }
         for (q, _) in self.consumers.values() {
-            q.dispatch();
+            q.dispatch(self.now);
         }
     }
 
@@ -320,7 +319,7 @@ impl Sut {
     /// Delete a queue; the channel forgets its unacked deliveries from it.
     pub fn delete(&mut self, name: &str) -> Reply {
         let q = self.vhost.queue(name, CONN).ok();
-        match self.vhost.delete_queue(name, false, false, CONN) {
+        match self.vhost.delete_queue(name, false, false, CONN, self.now) {
             Ok(n) => {
                 if let Some(q) = q {
                     self.outstanding.retain(|h| !Arc::ptr_eq(&h.queue, &q));
@@ -344,12 +343,12 @@ impl Sut {
         // another queue: settle every queue first, then read them all.
         let queues = self.vhost.queues();
         for q in &queues {
-            q.stats();
+            q.stats(self.now);
         }
         let depths = queues
             .iter()
             .map(|q| {
-                let s = q.stats();
+                let s = q.stats(self.now);
                 (q.name().to_string(), (s.ready, s.unacked, s.consumers))
             })
             .collect();
