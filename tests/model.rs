@@ -5,7 +5,9 @@
 //! queue semantics (`tests/model/reference.rs`), compared after every step: replies
 //! (get-ok body, redelivered, message count; confirm outcome; purge/delete counts;
 //! error codes), deliveries to consumers, unacked deliveries, and every queue's depths.
-//! At the end every queue is drained and compared message by message.
+//! At the end every queue is drained and compared message by message. Time is virtual:
+//! the adapter passes its own `now` to every broker call and `Advance` moves it and runs
+//! the broker's periodic tick, so TTLs (0 included) fire at exact moments, no sleeps.
 //!
 //! `WARREN_MODEL_SEEDS=N` runs seeds 0..N (default 2000); `WARREN_MODEL_SEED=S` replays
 //! seed S alone and prints its steps and deliveries. A failure prints the seed, a shrunk
