@@ -475,8 +475,8 @@ async fn qos_prefetch_size_is_not_implemented() {
     let (code, text, class, method) = f.close_info().unwrap();
     assert_eq!(code, 540, "{text}");
     // RabbitMQ 3.10: 540 NOT_IMPLEMENTED is a hard error -> connection.close.
-    assert_eq!(f.method_id(), Some((10, 50)), "{f:?}");
-    assert_eq!((class, method), (60, 10));
+    assert_eq!(f.method_id(), Some(id!(ConnectionClose)), "{f:?}");
+    assert_eq!((class, method), id!(BasicQos));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ mod common;
 use common::raw::{self, RawConn, Value};
 use common::*;
 use tokio::io::AsyncWriteExt;
+use warren::wire::{ChannelOpen, ConnectionCloseOk};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_and_close() {
@@ -141,7 +142,7 @@ async fn silent_client_is_disconnected_after_missed_heartbeats() {
         match c.read_any_frame().await {
             Err(_) => break,
             Ok(f) if f.typ == raw::FRAME_HEARTBEAT => continue,
-            Ok(f) if f.method_id() == Some((10, 50)) => continue, // a close is acceptable too
+            Ok(f) if f.method_id() == Some(id!(ConnectionClose)) => continue, // a close is acceptable too
             Ok(f) => panic!("unexpected frame {f:?}"),
         }
     }
@@ -171,7 +172,12 @@ async fn bad_frame_end_is_frame_error() {
     let mut c = RawConn::open().await;
     let mut a = vec![];
     raw::put_shortstr(&mut a, "");
-    let f = raw::frame_with_end(raw::FRAME_METHOD, 1, &raw::method(20, 10, &a), 0x00);
+    let f = raw::frame_with_end(
+        raw::FRAME_METHOD,
+        1,
+        &raw::method(ChannelOpen::CLASS_ID, ChannelOpen::METHOD_ID, &a),
+        0x00,
+    );
     c.send_raw(&f).await;
     // RabbitMQ treats framing errors as fatal: it sends connection.close 501 and
     // closes the socket even if close-ok never comes (after ~3 s on RabbitMQ 3.10;
@@ -236,13 +242,21 @@ async fn unknown_method_terminates_connection(class: u16, meth: u16) {
                 .unwrap_or_else(|| panic!("unexpected frame {f:?}"));
             assert_eq!(
                 f.method_id(),
-                Some((10, 50)),
+                Some(id!(ConnectionClose)),
                 "must be connection.close: {f:?}"
             );
             assert!([501, 503, 540].contains(&code), "code {code} {text}");
             let _ = c
                 .stream
-                .write_all(&raw::frame(raw::FRAME_METHOD, 0, &raw::method(10, 51, &[])))
+                .write_all(&raw::frame(
+                    raw::FRAME_METHOD,
+                    0,
+                    &raw::method(
+                        ConnectionCloseOk::CLASS_ID,
+                        ConnectionCloseOk::METHOD_ID,
+                        &[],
+                    ),
+                ))
                 .await;
         }
     }
@@ -291,7 +305,7 @@ async fn raw_publish_and_get_roundtrip() {
     )
     .await;
     let f = c.read_frame().await.unwrap();
-    assert_eq!(f.method_id(), Some((50, 11)));
+    assert_eq!(f.method_id(), Some(id!(QueueDeclareOk)));
     assert_eq!(f.channel, 1);
     let mut r = raw::Reader::new(&f.payload[4..]);
     assert!(r.shortstr().starts_with("amq.gen-"));

@@ -5,6 +5,14 @@
 //! is a change to `broker_uri` alone.
 #![allow(dead_code)]
 
+/// `(class id, method id)` of a generated method struct: `id!(ConnectionClose)`.
+#[macro_export]
+macro_rules! id {
+    ($m:ident) => {
+        (warren::wire::$m::CLASS_ID, warren::wire::$m::METHOD_ID)
+    };
+}
+
 pub mod raw;
 
 use std::future::Future;

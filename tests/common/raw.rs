@@ -7,6 +7,7 @@
 
 use std::io;
 use std::time::Duration;
+use warren::wire::ConnectionCloseOk;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -261,7 +262,7 @@ impl Frame {
     /// For connection.close (10.50) / channel.close (20.40): (code, text, class, method).
     pub fn close_info(&self) -> Option<(u16, String, u16, u16)> {
         match self.method_id()? {
-            (10, 50) | (20, 40) => {
+            id if id == id!(ConnectionClose) || id == id!(ChannelClose) => {
                 let mut r = Reader::new(&self.payload[4..]);
                 let code = r.u16();
                 let text = r.shortstr();
@@ -327,7 +328,7 @@ impl RawConn {
         let f = c.read_frame().await.expect("connection.start");
         assert_eq!(
             f.method_id(),
-            Some((10, 10)),
+            Some(id!(ConnectionStart)),
             "expected connection.start, got {f:?}"
         );
         let mut r = Reader::new(&f.payload[4..]);
@@ -358,7 +359,7 @@ impl RawConn {
         let f = c.read_frame().await.expect("connection.tune");
         assert_eq!(
             f.method_id(),
-            Some((10, 30)),
+            Some(id!(ConnectionTune)),
             "expected connection.tune, got {f:?}"
         );
         let mut r = Reader::new(&f.payload[4..]);
@@ -383,7 +384,7 @@ impl RawConn {
         let f = c.read_frame().await.expect("connection.open-ok");
         assert_eq!(
             f.method_id(),
-            Some((10, 41)),
+            Some(id!(ConnectionOpenOk)),
             "expected connection.open-ok, got {f:?}"
         );
         c
@@ -397,7 +398,7 @@ impl RawConn {
         let f = self.read_frame().await.expect("channel.open-ok");
         assert_eq!(
             f.method_id(),
-            Some((20, 11)),
+            Some(id!(ChannelOpenOk)),
             "expected channel.open-ok, got {f:?}"
         );
         assert_eq!(f.channel, ch);
@@ -469,7 +470,7 @@ impl RawConn {
         let f = self.expect_close().await;
         assert_eq!(
             f.method_id(),
-            Some((10, 50)),
+            Some(id!(ConnectionClose)),
             "expected connection.close, got {f:?}"
         );
         assert_eq!(f.channel, 0);
@@ -478,7 +479,15 @@ impl RawConn {
         // Reply with close-ok (the server may already have closed the socket).
         let _ = self
             .stream
-            .write_all(&frame(FRAME_METHOD, 0, &method(10, 51, &[])))
+            .write_all(&frame(
+                FRAME_METHOD,
+                0,
+                &method(
+                    ConnectionCloseOk::CLASS_ID,
+                    ConnectionCloseOk::METHOD_ID,
+                    &[],
+                ),
+            ))
             .await;
         let rest = read_to_eof(&mut self.stream).await;
         assert!(
@@ -494,7 +503,7 @@ impl RawConn {
         let f = self.expect_close().await;
         assert_eq!(
             f.method_id(),
-            Some((10, 50)),
+            Some(id!(ConnectionClose)),
             "expected connection.close, got {f:?}"
         );
         let (c, text, _, _) = f.close_info().unwrap();
