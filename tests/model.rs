@@ -13,9 +13,9 @@
 //! seed S alone and prints its steps and deliveries. A failure prints the seed, a shrunk
 //! step list, both observations and the command that replays it.
 //!
-//! Where warren knowingly differs from RabbitMQ the model is told so by a named quirk
-//! (see `reference::Quirks`); `WARREN_MODEL_STRICT=1` expects RabbitMQ exactly, and
-//! `WARREN_MODEL_STRICT=<quirk>,...` stops expecting the named ones (once fixed).
+//! The model expects RabbitMQ's semantics exactly: the four differences it first found
+//! (length limit before delivery, get-ok counting expired messages, due-now messages
+//! handed out again on requeue, credit returned ahead of requeues) are fixed.
 
 #[path = "model/ops.rs"]
 mod ops;
@@ -25,7 +25,7 @@ mod reference;
 mod sut;
 
 use ops::*;
-use reference::{Model, Quirks, Settle};
+use reference::{Model, Settle};
 use sut::Sut;
 
 /// Where a run diverged.
@@ -149,30 +149,8 @@ fn step(
     both(model, sut, replies)
 }
 
-/// The differences from RabbitMQ the model expects. `WARREN_MODEL_STRICT=1` expects
-/// none; `WARREN_MODEL_STRICT=<quirk>[,<quirk>]` stops expecting the named ones.
-fn quirks() -> Quirks {
-    let mut q = Quirks::warren();
-    match std::env::var("WARREN_MODEL_STRICT").as_deref() {
-        Err(_) | Ok("") | Ok("0") => {}
-        Ok("1") => q = Quirks::default(),
-        Ok(names) => {
-            for name in names.split(',') {
-                match name.trim() {
-                    "limit_before_delivery" => q.limit_before_delivery = false,
-                    "credit_before_requeue" => q.credit_before_requeue = false,
-                    "count_before_expiry" => q.count_before_expiry = false,
-                    "due_now_dispatched" => q.due_now_dispatched = false,
-                    other => panic!("WARREN_MODEL_STRICT: unknown quirk {other:?}"),
-                }
-            }
-        }
-    }
-    q
-}
-
 fn run(s: &Scenario, trace: bool) -> Result<(), Divergence> {
-    let mut model = Model::new(quirks());
+    let mut model = Model::new();
     let mut sut = Sut::new();
     let mut next_body = 0;
     for (i, op) in s.ops.iter().enumerate() {
@@ -254,12 +232,8 @@ fn report(s: &Scenario, d: &Divergence) -> String {
         s.ops.len(),
         d.what
     );
-    let strict = match std::env::var("WARREN_MODEL_STRICT") {
-        Ok(v) if !v.is_empty() => format!("WARREN_MODEL_STRICT={v} "),
-        _ => String::new(),
-    };
     out += &format!(
-        "replay: {strict}WARREN_MODEL_SEED={} cargo test --test model -- --nocapture\n",
+        "replay: WARREN_MODEL_SEED={} cargo test --test model -- --nocapture\n",
         s.seed
     );
     out += "queue arguments (primary, alternative):\n";

@@ -127,51 +127,8 @@ struct Held {
     consumer: Option<u64>,
 }
 
-/// Known, reported differences between warren and RabbitMQ that the model can be told
-/// to expect, so that the test guards everything else. `WARREN_MODEL_STRICT=1` turns
-/// them all off (pure RabbitMQ semantics) to see them fail.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Quirks {
-    /// drop-head applies the length limit before a waiting consumer can take a new
-    /// message (RabbitMQ's `deliver_or_enqueue` tries the consumer first): with
-    /// `x-max-length` 0, or a body over `x-max-length-bytes`, warren dead-letters
-    /// (`maxlen`) a message RabbitMQ would deliver.
-    pub limit_before_delivery: bool,
-    /// A settle gives every consumer its credit back before any queue takes its
-    /// messages back (`src/server/channel.rs`, `release` then requeue per queue). A
-    /// message dead-lettered by one queue's requeue (drop-head) into another queue
-    /// whose consumer was just given credit is delivered at once, ahead of the messages
-    /// that queue is about to get back. In RabbitMQ credit and requeue reach a queue
-    /// together, so the requeued (older) messages go first.
-    pub credit_before_requeue: bool,
-    /// basic.get-ok's message count is read before the new head's expiry is applied
-    /// (RabbitMQ's `fetch` drops expired messages, then the count is taken), so it
-    /// counts expired messages that the next operation dead-letters.
-    pub count_before_expiry: bool,
-    /// Delivery to consumers spares messages due exactly now (the queue expires with
-    /// `now - 1` before each delivery, so that TTL 0 reaches a waiting consumer), and
-    /// requeue applies no expiry of its own: a requeued message whose expiry is exactly
-    /// now goes back out, redelivered, where RabbitMQ (`requeue_and_run`: drop-head,
-    /// drop expired, then deliver) dead-letters it. With TTL 0 a consumer that nacks
-    /// with requeue in the same millisecond gets the message again and again.
-    pub due_now_dispatched: bool,
-}
-
-impl Quirks {
-    /// Every known difference expected.
-    pub fn warren() -> Quirks {
-        Quirks {
-            limit_before_delivery: true,
-            credit_before_requeue: true,
-            count_before_expiry: true,
-            due_now_dispatched: true,
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct Model {
-    quirks: Quirks,
     now: u64,
     queues: BTreeMap<String, MQueue>,
     /// Bindings on [`EXCHANGE`]: (queue, key).
@@ -192,13 +149,12 @@ pub enum Settle {
 
 impl Model {
     /// The state after setup: the dead-letter queues exist, empty.
-    pub fn new(quirks: Quirks) -> Model {
+    pub fn new() -> Model {
         let mut queues = BTreeMap::new();
         for d in DLQS {
             queues.insert(d.to_string(), MQueue::new(QArgs::default()));
         }
         Model {
-            quirks,
             now: T0,
             queues,
             bindings: BTreeSet::new(),
@@ -308,22 +264,6 @@ impl Model {
             }
             return false;
         }
-        if self.quirks.limit_before_delivery {
-            // warren: tail, drop-head, deliver.
-            q.insert(m);
-            self.drop_head(name);
-            self.run(name);
-            self.expire(name);
-            return true;
-        }
-        if self.quirks.credit_before_requeue {
-            // warren: tail, deliver, drop-head.
-            q.insert(m);
-            self.run(name);
-            self.drop_head(name);
-            self.expire(name);
-            return true;
-        }
         if q.ready.is_empty() && q.consumer.as_ref().is_some_and(MConsumer::has_room) {
             self.push(name, m);
             return true;
@@ -429,18 +369,12 @@ impl Model {
 
     /// Deliver to the consumer while it has room.
     fn run(&mut self, name: &str) {
-        let spare = self.quirks.due_now_dispatched;
         loop {
             let Some(q) = self.queues.get(name) else {
                 return;
             };
             if q.consumer.is_none() || q.ready.is_empty() {
                 return;
-            }
-            if spare {
-                // warren: expire what was due before now, leave the rest to the next
-                // operation that reads the queue (the observation, at the latest).
-                self.expire_at(name, self.now.saturating_sub(1));
             }
             let Some(q) = self.queues.get_mut(name) else {
                 return;
@@ -450,9 +384,7 @@ impl Model {
             }
             let Some(m) = q.pop_head() else { return };
             self.push(name, m);
-            if !spare {
-                self.expire(name);
-            }
+            self.expire(name);
         }
     }
 
@@ -474,10 +406,7 @@ impl Model {
                 consumer: None,
             });
         }
-        // With the quirk the expiry waits for the next operation (the observation).
-        if !self.quirks.count_before_expiry {
-            self.expire(name);
-        }
+        self.expire(name);
         let message_count = self.queues.get(name).map_or(0, |q| q.ready.len());
         Reply::GetOk { msg, message_count }
     }
@@ -532,17 +461,10 @@ impl Model {
                 None => by_queue.push((h.queue.clone(), vec![h])),
             }
         }
-        if self.quirks.credit_before_requeue {
-            for (_, held) in &by_queue {
-                self.give_room(held);
-            }
-        }
         // Each queue handles its part in turn and delivers what it can at once; a
         // dead letter reaches its target queue immediately.
         for (name, held) in by_queue {
-            if !self.quirks.credit_before_requeue {
-                self.give_room(&held);
-            }
+            self.give_room(&held);
             let Some(q) = self.queues.get_mut(&name) else {
                 continue;
             };
@@ -560,9 +482,7 @@ impl Model {
                         q.insert(h.msg);
                     }
                     self.drop_head(&name);
-                    if !self.quirks.due_now_dispatched {
-                        self.expire(&name);
-                    }
+                    self.expire(&name);
                 }
             }
             self.run(&name);
@@ -617,7 +537,7 @@ impl Model {
     /// What the step delivered, and the state now.
     pub fn observe(&mut self, reply: Reply) -> Observation {
         // Reading the counters applies due expiry (a no-op for RabbitMQ's eager
-        // semantics; with quirks, it is where warren's lazy expiry catches up).
+        // semantics).
         let names: Vec<String> = self.queues.keys().cloned().collect();
         for name in names {
             self.expire(&name);

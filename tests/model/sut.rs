@@ -288,17 +288,28 @@ impl Sut {
         } else {
             vec![self.outstanding.remove(i)]
         };
-        let mut by_queue: Vec<(Arc<Queue>, Vec<Entry>)> = Vec::new();
+        // Per queue: its consumers' credit comes back together with its messages (as
+        // the channel does), so another queue's dead letters cannot overtake them.
+        type Group = (Arc<Queue>, Vec<Entry>, Vec<Arc<Credit>>);
+        let mut by_queue: Vec<Group> = Vec::new();
         for h in taken {
-            if let Some(c) = &h.credit {
+            let i = match by_queue
+                .iter()
+                .position(|(q, _, _)| Arc::ptr_eq(q, &h.queue))
+            {
+                Some(i) => i,
+                None => {
+                    by_queue.push((Arc::clone(&h.queue), Vec::new(), Vec::new()));
+                    by_queue.len() - 1
+                }
+            };
+            by_queue[i].1.push(h.entry);
+            by_queue[i].2.extend(h.credit);
+        }
+        for (q, entries, credits) in by_queue {
+            for c in credits {
                 c.release(1);
             }
-            match by_queue.iter_mut().find(|(q, _)| Arc::ptr_eq(q, &h.queue)) {
-                Some((_, v)) => v.push(h.entry),
-                None => by_queue.push((h.queue, vec![h.entry])),
-            }
-        }
-        for (q, entries) in by_queue {
             match how {
                 Settle::Ack => q.ack(&entries),
                 Settle::Discard => q.reject(entries, self.now),

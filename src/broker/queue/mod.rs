@@ -261,8 +261,10 @@ impl Queue {
             let durable = entry.persisted;
             s.may_expire |= entry.expires_at.is_some();
             s.ready.push_back(entry);
-            self.enforce_limits(&mut s, &args, &mut fx);
+            // As RabbitMQ: a waiting consumer takes the message before the length
+            // limit applies (max-length 0 still reaches a consumer).
             self.dispatch_locked(&mut s, now, &mut fx);
+            self.enforce_limits(&mut s, &args, &mut fx);
             // TTL 0: what no consumer took at once expires now.
             self.expire_locked(&mut s, now, &mut fx);
             Enqueued::Accepted { durable }
@@ -352,10 +354,13 @@ impl Queue {
 
     fn dispatch_locked(self: &Arc<Self>, s: &mut State, now: u64, fx: &mut Effects) {
         let single_active = self.args().single_active_consumer;
+        // A message due exactly now is still delivered to a consumer waiting for it
+        // (TTL 0 reaches a waiting consumer; the caller expires what is left), but
+        // after the first delivery, as RabbitMQ's fetch, what is due now expires.
+        let mut cutoff = now.saturating_sub(1);
         while !s.ready.is_empty() && !s.consumers.is_empty() && !s.deleted {
-            // A message due exactly now is still delivered: TTL 0 reaches a waiting
-            // consumer (the caller expires what is left).
-            self.expire_locked(s, now.saturating_sub(1), fx);
+            self.expire_locked(s, cutoff, fx);
+            cutoff = now;
             let paged = match s.ready.peek() {
                 None => return,
                 Some(head) => head.paged.is_some(),
@@ -427,6 +432,8 @@ impl Queue {
                 crate::broker::Counters::add(&self.counters.delivered, 1);
                 self.handed_out(e, no_ack, &mut fx);
             }
+            // The count leaves out what has expired behind the head (RabbitMQ's fetch).
+            self.expire_locked(&mut s, now, &mut fx);
             let got = entry.map(|e| (e, s.ready.len()));
             self.finish(s, fx, now);
             return got;
@@ -538,6 +545,8 @@ impl Queue {
         if args.overflow == Overflow::DropHead {
             self.enforce_limits(&mut s, &args, &mut fx);
         }
+        // A requeued message already past (or at) its expiry is dead, not handed out again.
+        self.expire_locked(&mut s, now, &mut fx);
         self.dispatch_locked(&mut s, now, &mut fx);
         self.settle(s, fx, now);
     }
