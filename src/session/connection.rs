@@ -1,10 +1,11 @@
-//! The connection state machine: the protocol header, handshake states, frame
-//! routing to channels, connection-level methods, the close handshakes in both
-//! directions and every hard error. Bytes and `now` in, events and bytes out.
+//! The connection state machine's core: its states and events, the caller's API
+//! (input, timers, transmit, answers and notices), the protocol header, wire
+//! errors and the close handshakes in both directions. The handshake states are
+//! in `opening`, the frames of a running connection in `routing`.
 
 use super::channel::{Channel, ChannelIo};
 use super::confirms::StoreWait;
-use super::content::{Assembled, Pending};
+use super::content::Assembled;
 use super::handshake::{self, Header, Offer, FRAME_MIN_SIZE};
 use super::output::Output;
 use super::timer::{Expired, Timers, CLOSE_OK_TIMEOUT};
@@ -32,7 +33,7 @@ pub struct Config {
 
 /// Where the connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(super) enum State {
     /// Waiting for the 8-byte protocol header.
     Header,
     StartOk,
@@ -84,42 +85,42 @@ pub enum Event<T> {
 /// One AMQP connection's protocol state; see the [module docs](super).
 #[derive(Debug)]
 pub struct Session<T> {
-    config: Config,
-    offer: Offer,
-    state: State,
-    input: BytesMut,
-    codec: FrameCodec,
-    out: Output,
-    timers: Timers,
-    channels: HashMap<u16, Channel<T>>,
-    events: VecDeque<Event<T>>,
-    waits: VecDeque<StoreWait>,
-    frame_max: u32,
-    channel_max: u16,
-    heartbeat: u16,
-    client_properties: FieldTable,
-    mechanism: String,
-    cancel_notify: bool,
-    blocked_cap: bool,
-    auth_close: bool,
+    pub(super) config: Config,
+    pub(super) offer: Offer,
+    pub(super) state: State,
+    pub(super) input: BytesMut,
+    pub(super) codec: FrameCodec,
+    pub(super) out: Output,
+    pub(super) timers: Timers,
+    pub(super) channels: HashMap<u16, Channel<T>>,
+    pub(super) events: VecDeque<Event<T>>,
+    pub(super) waits: VecDeque<StoreWait>,
+    pub(super) frame_max: u32,
+    pub(super) channel_max: u16,
+    pub(super) heartbeat: u16,
+    pub(super) client_properties: FieldTable,
+    pub(super) mechanism: String,
+    pub(super) cancel_notify: bool,
+    pub(super) blocked_cap: bool,
+    pub(super) auth_close: bool,
     /// The client published at least once (only publishers get blocked).
-    published: bool,
+    pub(super) published: bool,
     /// The memory alarm is on.
-    alarm: bool,
+    pub(super) alarm: bool,
     /// We told the client it is blocked.
-    blocked_sent: bool,
+    pub(super) blocked_sent: bool,
     /// The caller stopped reading (output back-pressure).
-    backpressure: bool,
+    pub(super) backpressure: bool,
     /// The error we closed with, for the final event.
-    close_reason: Option<String>,
+    pub(super) close_reason: Option<String>,
 }
 
-fn no_channel(channel: u16) -> AmqpError {
+pub(super) fn no_channel(channel: u16) -> AmqpError {
     AmqpError::channel_error(format!("expected 'channel.open' on channel {channel}"))
 }
 
 /// AMQP classes whose methods go to the broker-facing handlers.
-fn broker_class(class_id: u16) -> bool {
+pub(super) fn broker_class(class_id: u16) -> bool {
     matches!(
         class_id,
         ExchangeDeclare::CLASS_ID
@@ -278,57 +279,6 @@ impl<T: Default> Session<T> {
     }
 
     // ---- answers and notices from the caller --------------------------------
-
-    /// The credentials of [`Event::Login`] are good: send connection.tune.
-    pub fn accept_login(&mut self) {
-        if self.state == State::Login {
-            self.out.method(0, &self.offer.tune());
-            self.state = State::TuneOk;
-        }
-    }
-
-    /// The credentials of [`Event::Login`] are refused with `e` (a 403): closed
-    /// with connection.close when the client understands it, else dropped.
-    pub fn refuse_login(&mut self, e: AmqpError, now: Instant) {
-        if self.state != State::Login {
-            return;
-        }
-        if self.auth_close {
-            self.close(e, now);
-        } else {
-            self.finish(Some(e.text), false);
-        }
-    }
-
-    /// The login's refusal error, in RabbitMQ's words, for [`Self::refuse_login`].
-    pub fn login_refused(&self) -> AmqpError {
-        handshake::login_refused(&self.mechanism)
-    }
-
-    /// The vhost of [`Event::Open`] may be used: send open-ok, start heartbeats.
-    pub fn accept_open(&mut self, now: Instant) {
-        if self.state != State::OpenAnswer {
-            return;
-        }
-        self.out.method(0, &ConnectionOpenOk::default().into());
-        self.state = State::Running;
-        self.timers.handshake = None;
-        self.timers.heartbeat =
-            (self.heartbeat > 0).then(|| Duration::from_secs(u64::from(self.heartbeat)));
-        self.timers.last_read = now;
-        self.timers.last_write = now;
-        self.update_blocked(now);
-    }
-
-    /// The vhost of [`Event::Open`] is refused (530).
-    pub fn refuse_open(&mut self, e: AmqpError, now: Instant) {
-        if self.state == State::OpenAnswer {
-            self.close(
-                e.at(ConnectionOpen::CLASS_ID, ConnectionOpen::METHOD_ID),
-                now,
-            );
-        }
-    }
 
     /// A handler failed on `channel`: a soft error closes the channel
     /// (after [`Event::Release`]), a hard one the connection.
@@ -507,7 +457,7 @@ impl<T: Default> Session<T> {
     // ---- internals -------------------------------------------------------------
 
     /// The connection is over; hand every channel back and say so.
-    fn finish(&mut self, reason: Option<String>, drain: bool) {
+    pub(super) fn finish(&mut self, reason: Option<String>, drain: bool) {
         self.state = State::Closed;
         self.timers.handshake = None;
         self.timers.close = None;
@@ -521,7 +471,7 @@ impl<T: Default> Session<T> {
         self.events.push_back(Event::Closed { reason, drain });
     }
 
-    fn update_blocked(&mut self, now: Instant) {
+    pub(super) fn update_blocked(&mut self, now: Instant) {
         if self.state != State::Running {
             return;
         }
@@ -593,304 +543,6 @@ impl<T: Default> Session<T> {
                 _ => {}
             },
             State::Header | State::Login | State::OpenAnswer | State::Closed => {}
-        }
-    }
-
-    /// A handshake step got the wrong method: 503, reported at the expected one.
-    fn unexpected(&mut self, got: &Method, expected: &str, ids: (u16, u16), now: Instant) {
-        self.close(
-            AmqpError::command_invalid(format!("expected {expected}, got {}", got.name()))
-                .at(ids.0, ids.1),
-            now,
-        );
-    }
-
-    fn on_handshake_frame(&mut self, frame: Frame, now: Instant) {
-        let method = match frame {
-            Frame::Heartbeat { .. } => return,
-            Frame::Method { channel: 0, method } => method,
-            other => {
-                return self.finish(
-                    Some(format!("unexpected frame during handshake: {other:?}")),
-                    false,
-                )
-            }
-        };
-        match (self.state, method) {
-            (State::StartOk, Method::ConnectionStartOk(s)) => {
-                let caps = &s.client_properties;
-                self.cancel_notify = handshake::client_capability(caps, "consumer_cancel_notify");
-                self.blocked_cap = handshake::client_capability(caps, "connection.blocked");
-                self.auth_close =
-                    handshake::client_capability(caps, "authentication_failure_close");
-                let Some((user, password)) = handshake::credentials(&s.mechanism, &s.response)
-                else {
-                    return self.close(handshake::bad_credentials(&s.mechanism), now);
-                };
-                self.client_properties = s.client_properties;
-                self.mechanism = s.mechanism.clone();
-                self.state = State::Login;
-                self.events.push_back(Event::Login {
-                    mechanism: s.mechanism,
-                    user,
-                    password,
-                });
-            }
-            (State::StartOk, other) => self.unexpected(
-                &other,
-                "connection.start-ok",
-                (ConnectionStartOk::CLASS_ID, ConnectionStartOk::METHOD_ID),
-                now,
-            ),
-            (State::TuneOk, Method::ConnectionTuneOk(t)) => match self.offer.accept(&t) {
-                Err(e) => self.close(e, now),
-                Ok((frame_max, channel_max)) => {
-                    self.frame_max = frame_max;
-                    self.channel_max = channel_max;
-                    self.heartbeat = t.heartbeat;
-                    self.out.set_frame_max(frame_max);
-                    self.codec.set_frame_max(frame_max);
-                    self.state = State::Open;
-                }
-            },
-            (State::TuneOk, other) => self.unexpected(
-                &other,
-                "connection.tune-ok",
-                (ConnectionTuneOk::CLASS_ID, ConnectionTuneOk::METHOD_ID),
-                now,
-            ),
-            (State::Open, Method::ConnectionOpen(o)) => {
-                self.state = State::OpenAnswer;
-                self.events.push_back(Event::Open {
-                    vhost: o.virtual_host,
-                });
-            }
-            (_, other) => self.unexpected(
-                &other,
-                "connection.open",
-                (ConnectionOpen::CLASS_ID, ConnectionOpen::METHOD_ID),
-                now,
-            ),
-        }
-    }
-
-    fn on_running_frame(&mut self, frame: Frame, now: Instant) -> Result<(), AmqpError> {
-        match frame {
-            Frame::Heartbeat { channel: 0 } => Ok(()),
-            Frame::Heartbeat { channel } => Err(AmqpError::frame_error(format!(
-                "heartbeat frame on channel {channel}"
-            ))),
-            Frame::Method { channel: 0, method } => self.on_connection_method(method),
-            Frame::Method { channel, method } => {
-                let (class_id, method_id) = (method.class_id(), method.method_id());
-                if class_id == ConnectionClose::CLASS_ID {
-                    return Err(AmqpError::command_invalid(format!(
-                        "{} on channel {channel}",
-                        method.name()
-                    ))
-                    .at(class_id, method_id));
-                }
-                if matches!(method, Method::BasicPublish(_)) && !self.published {
-                    self.published = true;
-                    self.update_blocked(now);
-                }
-                match self.on_channel_method(channel, method) {
-                    Ok(()) => Ok(()),
-                    Err(e) => {
-                        self.channel_error(channel, e.at(class_id, method_id), now);
-                        Ok(())
-                    }
-                }
-            }
-            Frame::Header {
-                channel,
-                class_id,
-                body_size,
-                properties,
-            } => {
-                let max = self.config.max_message_size;
-                let ch = self
-                    .channels
-                    .get_mut(&channel)
-                    .ok_or_else(|| no_channel(channel))?;
-                if ch.closing {
-                    return Ok(());
-                }
-                let Some(p) = ch.pending.take() else {
-                    return Err(AmqpError::unexpected_frame(format!(
-                        "expected method frame, got content header on channel {channel}"
-                    )));
-                };
-                let r = p.header(channel, class_id, body_size, properties, max);
-                self.content_result(channel, r, now);
-                Ok(())
-            }
-            Frame::Body { channel, payload } => {
-                let ch = self
-                    .channels
-                    .get_mut(&channel)
-                    .ok_or_else(|| no_channel(channel))?;
-                if ch.closing {
-                    return Ok(());
-                }
-                let Some(p) = ch.pending.take() else {
-                    return Err(AmqpError::unexpected_frame(format!(
-                        "expected method frame, got content body on channel {channel}"
-                    )));
-                };
-                let r = p.body(channel, payload);
-                self.content_result(channel, r, now);
-                Ok(())
-            }
-        }
-    }
-
-    fn content_result(
-        &mut self,
-        channel: u16,
-        r: Result<Result<Assembled, Pending>, AmqpError>,
-        now: Instant,
-    ) {
-        match r {
-            Ok(Ok(message)) => self.events.push_back(Event::Publish { channel, message }),
-            Ok(Err(pending)) => {
-                if let Some(ch) = self.channels.get_mut(&channel) {
-                    ch.pending = Some(pending);
-                }
-            }
-            Err(e) => self.channel_error(channel, e, now),
-        }
-    }
-
-    fn on_connection_method(&mut self, method: Method) -> Result<(), AmqpError> {
-        match method {
-            Method::ConnectionClose(_) => {
-                // The caller releases channels (events) before close-ok is written
-                // out, so a client that saw close-ok never finds them still held.
-                self.out.method(0, &ConnectionCloseOk::default().into());
-                self.finish(None, true);
-                Ok(())
-            }
-            Method::ConnectionCloseOk(_) => {
-                self.finish(None, true);
-                Ok(())
-            }
-            Method::ConnectionUpdateSecret(_) => {
-                self.out
-                    .method(0, &ConnectionUpdateSecretOk::default().into());
-                Ok(())
-            }
-            Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_) => Ok(()),
-            other => Err(AmqpError::command_invalid(format!(
-                "{} is not valid on channel 0",
-                other.name()
-            ))
-            .at(other.class_id(), other.method_id())),
-        }
-    }
-
-    fn on_channel_method(&mut self, channel: u16, method: Method) -> Result<(), AmqpError> {
-        // RabbitMQ's check: opening one more channel than channel_max (530).
-        if matches!(method, Method::ChannelOpen(_))
-            && self.channel_max != 0
-            && !self.channels.contains_key(&channel)
-            && self.channels.len() >= usize::from(self.channel_max)
-        {
-            return Err(AmqpError::not_allowed(format!(
-                "number of channels opened ({}) has reached the negotiated channel_max ({})",
-                self.channels.len(),
-                self.channel_max
-            )));
-        }
-        if channel > self.channel_max {
-            return Err(AmqpError::channel_error(format!(
-                "channel {channel} is above the negotiated channel_max {}",
-                self.channel_max
-            )));
-        }
-        match method {
-            Method::ChannelOpen(_) => {
-                if self.channels.contains_key(&channel) {
-                    return Err(AmqpError::channel_error(format!(
-                        "second 'channel.open' seen on channel {channel}"
-                    )));
-                }
-                self.channels.insert(channel, Channel::new());
-                self.out.method(channel, &ChannelOpenOk::default().into());
-                self.events.push_back(Event::ChannelOpened { channel });
-                Ok(())
-            }
-            Method::ChannelClose(_) => {
-                let mut ch = self
-                    .channels
-                    .remove(&channel)
-                    .ok_or_else(|| no_channel(channel))?;
-                ch.confirms.flush(channel, &mut self.out, &mut self.waits);
-                self.out.method(channel, &ChannelCloseOk::default().into());
-                self.events.push_back(Event::ChannelClosed {
-                    channel,
-                    data: ch.data,
-                });
-                Ok(())
-            }
-            Method::ChannelCloseOk(_) => {
-                if self.channels.get(&channel).is_some_and(|c| c.closing) {
-                    if let Some(ch) = self.channels.remove(&channel) {
-                        self.events.push_back(Event::ChannelClosed {
-                            channel,
-                            data: ch.data,
-                        });
-                    }
-                }
-                Ok(())
-            }
-            method => {
-                let ch = self
-                    .channels
-                    .get_mut(&channel)
-                    .ok_or_else(|| no_channel(channel))?;
-                if ch.closing {
-                    return Ok(());
-                }
-                if ch.pending.is_some() {
-                    return Err(AmqpError::unexpected_frame(format!(
-                        "expected content header for class 60, got non content header frame {} instead",
-                        method.name()
-                    )));
-                }
-                match method {
-                    Method::BasicPublish(p) => {
-                        if p.immediate {
-                            return Err(AmqpError::not_implemented("immediate=true"));
-                        }
-                        ch.pending = Some(Pending::new(p));
-                    }
-                    Method::ChannelFlow(f) => {
-                        if !f.active {
-                            // RabbitMQ refuses to stop deliveries with channel.flow.
-                            return Err(AmqpError::not_implemented("active=false"));
-                        }
-                        self.out
-                            .method(channel, &ChannelFlowOk { active: true }.into());
-                        self.events.push_back(Event::Resume { channel });
-                    }
-                    Method::ChannelFlowOk(_) => {}
-                    Method::AccessRequest(_) => {
-                        self.out
-                            .method(channel, &AccessRequestOk { reserved_1: 1 }.into());
-                    }
-                    m if broker_class(m.class_id()) => {
-                        self.events.push_back(Event::Method { channel, method: m })
-                    }
-                    other => {
-                        return Err(AmqpError::command_invalid(format!(
-                            "method {} is not valid from a client on a channel",
-                            other.name()
-                        )))
-                    }
-                }
-                Ok(())
-            }
         }
     }
 }

@@ -20,17 +20,20 @@
 //! assembly, publisher confirm batching, connection.blocked / unblocked, close
 //! handshakes in both directions and every hard error (501-505, 530, 403, 541).
 //!
-//! Files by concern: [`handshake`] (pure handshake rules), [`connection`] (the
-//! state machine and frame routing), [`channel`] (per-channel state and the
-//! handlers' [`ChannelIo`]), [`content`] (content assembly), [`confirms`],
-//! [`timer`] and [`output`].
+//! Files by concern: [`handshake`] (pure handshake rules), `opening` (the
+//! handshake states), [`connection`] (the state machine's API, input, timers,
+//! closing), `routing` (frames of a running connection), [`channel`]
+//! (per-channel state and the handlers' [`ChannelIo`]), [`content`] (content
+//! assembly), [`confirms`], [`timer`] and [`output`].
 
 pub mod channel;
 pub mod confirms;
 pub mod connection;
 pub mod content;
 pub mod handshake;
+mod opening;
 pub mod output;
+mod routing;
 pub mod timer;
 
 #[cfg(test)]
