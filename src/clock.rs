@@ -12,3 +12,22 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// One reading of both clocks, taken by the I/O side and passed down: `at`
+/// (monotonic) for deadlines such as consumer timeouts, `ms` (the wall clock, ms
+/// since the epoch) for the broker's message times (TTL, x-expires, x-death).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub at: std::time::Instant,
+    pub ms: u64,
+}
+
+impl Now {
+    /// Read both clocks now.
+    pub fn read() -> Now {
+        Now {
+            at: std::time::Instant::now(),
+            ms: now_ms(),
+        }
+    }
+}

@@ -7,18 +7,23 @@
 //!   content properties; pure bytes in and out, no I/O.
 //! - `broker`: vhosts, exchanges, bindings, queues, consumers and routing; no I/O
 //!   and no clock: callers pass `now`.
+//! - `session`: the AMQP connection and channel protocol state machines, sans-IO
+//!   (bytes and `now` in, events and bytes out).
+//! - `amqp`: the broker-facing channel methods, one file per AMQP class.
 //! - `clock`: the wall clock, read by the I/O side (server, admin, ticker) only.
-//! - `server`: the AMQP listener, one task per connection, channel state.
+//! - `server`: the AMQP listener, one task per connection driving a session.
 //! - `admin`: the HTTP management API (RabbitMQ-shaped JSON) and Prometheus metrics.
 //! - `config`: settings from defaults, a TOML file and `WARREN_*` variables.
 //! - `error`: errors that carry AMQP reply codes.
 
 pub mod admin;
+pub mod amqp;
 pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod error;
 pub mod server;
+pub mod session;
 pub mod storage;
 pub mod wire;
 

@@ -1,219 +1,253 @@
-//! The connection state machine under arbitrary frame sequences.
+//! The connection state machine under arbitrary input, in-process: a
+//! `warren::session::Session` is fed bytes, virtual time, alarms, back-pressure
+//! and store results, with a broker-less handler answering its events (login
+//! and vhost accepted for guest and `/`, publishes confirmed, flushes succeed or
+//! fail as the input says). No sockets, no broker, no clock.
 //!
-//! One embedded broker (`warren::start(Config::for_tests(tmp))`) is started
-//! lazily on its own runtime thread. Each input: open a fresh TCP connection
-//! and complete a valid handshake (this doubles as the liveness check: if the
-//! broker stopped accepting or answering, the target aborts), open channel 1,
-//! then send the input as a sequence of well-framed frames:
+//! Input: byte 0 bit 0 runs a valid handshake and opens channel 1 first (so most
+//! inputs reach the running state). Then ops, each picked by `byte % 5`:
+//! 0 raw bytes (`len` then bytes), 1 a well-framed frame (`kind % 4`,
+//! `channel % 4`, `len`, payload), 2 advance time by `byte * 50` ms and fire
+//! timers, 3 toggle the memory alarm / back-pressure, 4 answer the store waits.
 //!
-//! `[kind] [channel] [len_hi] [len_lo] payload[len]`, repeated, where `kind % 4`
-//! picks method / header / body / heartbeat, `channel % 4` the channel, and the
-//! length is capped at what is left. Frame size and frame end are always
-//! right so the input gets past the framing layer. Finally send
-//! `connection.close` and read until close-ok, the broker's own close, or EOF.
-//!
-//! Any panic anywhere in the process (broker tasks included) aborts.
+//! Checks: no panic anywhere; everything the session transmits decodes as valid
+//! frames (after our protocol header when the client's was wrong); once closed,
+//! the session asks for no timer.
 #![no_main]
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use libfuzzer_sys::fuzz_target;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio_util::codec::Decoder;
-use warren::wire::{self, Frame, FrameCodec, Method};
+use warren::session::{Config, Event, Outcome, Session, StoreWait};
+use warren::wire::{self, FieldTable, FieldValue, FrameCodec, Method, PROTOCOL_HEADER};
 
-static BROKER: OnceLock<SocketAddr> = OnceLock::new();
+type S = Session<u8>;
 
-fn broker() -> SocketAddr {
-    *BROKER.get_or_init(|| {
-        std::panic::set_hook(Box::new(|info| {
-            eprintln!("panic: {info}");
-            std::process::abort();
-        }));
-        let dir = std::env::temp_dir().join(format!("warren-fuzz-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut config = warren::Config::for_tests(&dir);
-        config.heartbeat = 0;
-        config.handshake_timeout_secs = 30;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let w = warren::start(config).await.expect("broker starts");
-                tx.send(w.amqp_addr()).expect("send addr");
-                std::future::pending::<()>().await;
-                drop(w);
-            });
-        });
-        rx.recv().expect("broker address")
-    })
-}
-
-struct Conn {
-    sock: TcpStream,
-    codec: FrameCodec,
-    buf: BytesMut,
-    last_io: String,
-}
-
-impl Conn {
-    fn send(&mut self, channel: u16, m: Method) -> std::io::Result<()> {
-        let mut b = BytesMut::new();
-        wire::write_method(&mut b, channel, &m);
-        self.sock.write_all(&b)
-    }
-
-    /// Next frame, or `None` on EOF / error / timeout (recorded in `last_io`).
-    fn read(&mut self) -> Option<Frame> {
-        loop {
-            match self.codec.decode(&mut self.buf) {
-                Ok(Some(f)) => return Some(f),
-                Ok(None) => {}
-                Err(e) => panic!("broker sent an undecodable frame: {e}"),
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            match self.sock.read(&mut chunk) {
-                Ok(0) => {
-                    self.last_io = "EOF".into();
-                    return None;
-                }
-                Err(e) => {
-                    self.last_io = e.to_string();
-                    return None;
-                }
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    }
-
-    fn expect(&mut self, what: &str, ok: impl Fn(&Method) -> bool) -> Result<(), String> {
-        let started = std::time::Instant::now();
-        match self.read() {
-            Some(Frame::Method { method, .. }) if ok(&method) => Ok(()),
-            other => Err(format!(
-                "broker does not answer the handshake ({what}) after {:?}: {other:?} ({})",
-                started.elapsed(),
-                self.last_io
-            )),
-        }
+fn config() -> Config {
+    Config {
+        frame_max: 8192,
+        channel_max: 4,
+        heartbeat: 5,
+        handshake_timeout: Duration::from_secs(10),
+        max_message_size: 4096,
     }
 }
 
-/// A fresh, open connection with channel 1 open. Loopback connection churn at
-/// thousands per second can reset a single connection (TIME_WAIT reuse), so a
-/// failed handshake is retried; a broker that fails three in a row aborts.
-fn handshake() -> Conn {
-    let mut errors = Vec::new();
-    for _ in 0..3 {
-        match try_handshake() {
-            Ok(c) => return c,
-            Err(e) => errors.push(e),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("broker stopped answering fresh connections: {errors:?}");
+fn method(buf: &mut Vec<u8>, channel: u16, m: impl Into<Method>) {
+    let mut b = BytesMut::new();
+    wire::write_method(&mut b, channel, &m.into());
+    buf.extend_from_slice(&b);
 }
 
-fn try_handshake() -> Result<Conn, String> {
-    let sock = TcpStream::connect(broker()).map_err(|e| format!("connect: {e}"))?;
-    // Generous: the fuzzer shares a niced, busy machine; a real hang is longer.
-    sock.set_read_timeout(Some(Duration::from_secs(15))).ok();
-    sock.set_nodelay(true).ok();
-    let mut c = Conn {
-        sock,
-        codec: FrameCodec::new(0),
-        buf: BytesMut::new(),
-        last_io: String::new(),
-    };
-    let io = |e: std::io::Error| format!("write: {e}");
-    c.sock.write_all(wire::PROTOCOL_HEADER).map_err(io)?;
-    c.expect("start", |m| matches!(m, Method::ConnectionStart(_)))?;
-    c.send(
+fn handshake() -> Vec<u8> {
+    let mut caps = FieldTable::new();
+    caps.insert("connection.blocked", FieldValue::Bool(true));
+    caps.insert("authentication_failure_close", FieldValue::Bool(true));
+    let mut props = FieldTable::new();
+    props.insert("capabilities", FieldValue::Table(caps));
+    let mut b = PROTOCOL_HEADER.to_vec();
+    method(
+        &mut b,
         0,
         wire::ConnectionStartOk {
-            client_properties: wire::FieldTable::new(),
+            client_properties: props,
             mechanism: "PLAIN".into(),
-            response: bytes::Bytes::from_static(b"\0guest\0guest"),
+            response: Bytes::from_static(b"\0guest\0guest"),
             locale: "en_US".into(),
-        }
-        .into(),
-    )
-    .map_err(io)?;
-    c.expect("tune", |m| matches!(m, Method::ConnectionTune(_)))?;
-    c.send(
+        },
+    );
+    method(
+        &mut b,
         0,
         wire::ConnectionTuneOk {
-            channel_max: 16,
-            frame_max: 131_072,
-            heartbeat: 0,
-        }
-        .into(),
-    )
-    .map_err(io)?;
-    c.send(
+            channel_max: 4,
+            frame_max: 8192,
+            heartbeat: 5,
+        },
+    );
+    method(
+        &mut b,
         0,
         wire::ConnectionOpen {
             virtual_host: "/".into(),
             ..Default::default()
-        }
-        .into(),
-    )
-    .map_err(io)?;
-    c.expect("open-ok", |m| matches!(m, Method::ConnectionOpenOk(_)))?;
-    c.send(1, wire::ChannelOpen::default().into())
-        .map_err(io)?;
-    c.expect("channel.open-ok", |m| matches!(m, Method::ChannelOpenOk(_)))?;
-    Ok(c)
+        },
+    );
+    method(&mut b, 1, wire::ChannelOpen::default());
+    b
 }
 
-fn frames(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 64);
-    while data.len() >= 4 {
-        let kind = [1u8, 2, 3, 8][usize::from(data[0] % 4)];
-        let channel = u16::from(data[1] % 4);
-        let len = (usize::from(data[2]) << 8 | usize::from(data[3])).min(data.len() - 4);
-        let payload = &data[4..4 + len];
-        data = &data[4 + len..];
-        out.push(kind);
-        out.extend_from_slice(&channel.to_be_bytes());
-        out.extend_from_slice(&(len as u32).to_be_bytes());
-        out.extend_from_slice(payload);
-        out.push(0xCE);
+/// A broker-less stand-in for the server's event handling.
+fn answer(s: &mut S, now: Instant) {
+    while let Some(event) = s.poll_event(now) {
+        match event {
+            Event::Login { user, .. } => {
+                if user == "guest" {
+                    s.accept_login();
+                } else {
+                    let e = s.login_refused();
+                    s.refuse_login(e, now);
+                }
+            }
+            Event::Open { vhost } => {
+                if vhost == "/" {
+                    s.accept_open(now);
+                } else {
+                    s.refuse_open(warren::error::AmqpError::not_allowed("no vhost"), now);
+                }
+            }
+            Event::Method { channel, method } => {
+                let Some((data, mut io)) = s.channel(channel) else {
+                    continue;
+                };
+                *data = data.wrapping_add(1);
+                match method {
+                    Method::ConfirmSelect(_) => {
+                        io.confirms.enable();
+                        io.method(&wire::ConfirmSelectOk::default().into());
+                    }
+                    Method::TxCommit(_) => io.await_tx_flush(),
+                    Method::QueueDelete(_) => s.channel_error(
+                        channel,
+                        warren::error::AmqpError::not_found("no queue").at(50, 40),
+                        now,
+                    ),
+                    _ => {}
+                }
+            }
+            Event::Publish { channel, message } => {
+                if let Some((_, mut io)) = s.channel(channel) {
+                    let outcome = match message.body.first().map(|b| b % 3) {
+                        Some(0) => Outcome::Rejected,
+                        Some(1) => Outcome::Accepted { durable: true },
+                        _ => Outcome::Accepted { durable: false },
+                    };
+                    io.published(outcome);
+                }
+            }
+            _ => {}
+        }
     }
-    out
+}
+
+/// Everything transmitted must decode as frames.
+fn check_output(s: &mut S, now: Instant, out: &mut BytesMut, codec: &mut FrameCodec) {
+    while let Some(chunk) = s.poll_transmit(now) {
+        out.extend_from_slice(&chunk);
+    }
+    while let Some(_frame) = codec
+        .decode(out)
+        .unwrap_or_else(|e| panic!("the session sent an undecodable frame: {e}"))
+    {}
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut c = handshake();
-    if c.sock.write_all(&frames(data)).is_err() {
-        return;
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut s = S::new(config(), now);
+    let mut out = BytesMut::new();
+    let mut codec = FrameCodec::new(0);
+    let mut header_checked = false;
+    let mut alarm = false;
+    let mut backpressure = false;
+    let mut waits: Vec<StoreWait> = Vec::new();
+    let (first, mut rest) = match data.split_first() {
+        Some((f, r)) => (*f, r),
+        None => return,
+    };
+    if first & 1 == 1 {
+        s.handle_input(&handshake(), now);
     }
-    let _ = c.send(
-        0,
-        wire::ConnectionClose {
-            reply_code: 200,
-            reply_text: "bye".into(),
-            class_id: 0,
-            method_id: 0,
+    let mut step = |s: &mut S, now: Instant, out: &mut BytesMut, waits: &mut Vec<StoreWait>| {
+        answer(s, now);
+        while let Some(chunk) = s.poll_transmit(now) {
+            out.extend_from_slice(&chunk);
         }
-        .into(),
-    );
-    while let Some(f) = c.read() {
-        if let Frame::Method { channel: 0, method } = f {
-            match method {
-                Method::ConnectionCloseOk(_) => break,
-                Method::ConnectionClose(_) => {
-                    let _ = c.send(0, wire::ConnectionCloseOk {}.into());
+        if !header_checked && out.len() >= 8 {
+            // A wrong client header is answered with ours.
+            if &out[..8] == PROTOCOL_HEADER {
+                let _ = out.split_to(8);
+            }
+            header_checked = true;
+        }
+        if header_checked {
+            check_output(s, now, out, &mut codec);
+        }
+        while let Some(w) = s.poll_store_wait() {
+            waits.push(w);
+        }
+    };
+    while let Some((&op, tail)) = rest.split_first() {
+        rest = tail;
+        match op % 5 {
+            0 => {
+                let n = rest
+                    .first()
+                    .map_or(0, |&n| usize::from(n))
+                    .min(rest.len().saturating_sub(1));
+                if !rest.is_empty() {
+                    s.handle_input(&rest[1..1 + n], now);
+                    rest = &rest[1 + n..];
+                }
+            }
+            1 => {
+                if rest.len() < 3 {
                     break;
                 }
-                _ => {}
+                let (kind, channel, len) =
+                    (rest[0] % 4, u16::from(rest[1] % 4), usize::from(rest[2]));
+                let payload_end = (3 + len).min(rest.len());
+                let payload = &rest[3..payload_end];
+                rest = &rest[payload_end..];
+                let kind = [1u8, 2, 3, 8][usize::from(kind)];
+                let payload: &[u8] = if kind == 8 { &[] } else { payload };
+                let mut f = vec![kind];
+                f.extend_from_slice(&channel.to_be_bytes());
+                f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                f.extend_from_slice(payload);
+                f.push(0xce);
+                s.handle_input(&f, now);
+            }
+            2 => {
+                let by = rest.first().copied().unwrap_or(1);
+                rest = rest.get(1..).unwrap_or(&[]);
+                now += Duration::from_millis(u64::from(by) * 50);
+                s.handle_timeout(now);
+            }
+            3 => {
+                let which = rest.first().copied().unwrap_or(0);
+                rest = rest.get(1..).unwrap_or(&[]);
+                if which & 1 == 0 {
+                    alarm = !alarm;
+                    s.set_alarm(alarm, now);
+                } else {
+                    backpressure = !backpressure;
+                    s.set_backpressure(backpressure, now);
+                }
+            }
+            _ => {
+                let ok = rest.first().is_none_or(|b| b & 1 == 0);
+                rest = rest.get(1..).unwrap_or(&[]);
+                for w in waits.drain(..) {
+                    match w {
+                        StoreWait::Confirms {
+                            channel,
+                            first,
+                            last,
+                        } => s.durable_done(channel, first, last, ok, now),
+                        StoreWait::TxCommit { channel } => s.tx_flushed(channel, ok, now),
+                    }
+                }
             }
         }
+        step(&mut s, now, &mut out, &mut waits);
+        if s.is_closed() {
+            assert_eq!(s.poll_timeout(), None);
+        }
     }
+    step(&mut s, now, &mut out, &mut waits);
+    s.handle_eof();
+    answer(&mut s, now);
+    assert!(s.is_closed());
 });

@@ -1,10 +1,11 @@
-//! The AMQP network side: listeners, the accept loop, one task per connection.
+//! The AMQP network side: listeners, the accept loop, one task per connection
+//! (a thin driver of a [`crate::session::Session`]), mailboxes and socket writes.
 //!
 //! [`start`] binds the listeners and returns a [`Server`] handle; dropping or
 //! calling [`Server::shutdown`] stops accepting.
 
-pub mod channel;
 pub mod connection;
+pub mod mailbox;
 pub mod writer;
 
 use crate::broker::Broker;

@@ -1,0 +1,563 @@
+//! The basic class: qos, consume, cancel, get, ack / nack / reject, recover,
+//! publish (route and enqueue) and deliveries from queues. Consumer-timeout
+//! deadlines are computed from the `now` the caller passes.
+
+use super::{not_from_client, Channel, ConnCtx, ConsumerRef, Settle, Unacked};
+use crate::broker::auth::Access;
+use crate::broker::message::{Entry, Message};
+use crate::broker::queue::{Consumer, Credit, Delivery, Queue};
+use crate::broker::vhost::PublishFrom;
+use crate::broker::Counters;
+use crate::clock::Now;
+use crate::error::{AmqpError, AmqpResult};
+use crate::session::{Assembled, ChannelIo, Outcome};
+use crate::wire::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Settled deliveries of one queue, with the consumer windows they held.
+struct Returned {
+    queue: Arc<Queue>,
+    entries: Vec<Entry>,
+    credits: Vec<Arc<Credit>>,
+}
+
+/// The pseudo-queue of RabbitMQ's direct reply-to.
+pub const REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+fn at_publish(e: AmqpError) -> AmqpError {
+    e.at(BasicPublish::CLASS_ID, BasicPublish::METHOD_ID)
+}
+
+/// The deadline of a delivery from `queue` made at `now`, if a consumer timeout applies.
+fn ack_deadline(ctx: &ConnCtx, queue: &Queue, now: Instant) -> Option<(Instant, u64)> {
+    let ms = queue
+        .args()
+        .consumer_timeout
+        .or(ctx.limits.consumer_timeout_ms)?;
+    Some((now + Duration::from_millis(ms), ms))
+}
+
+/// The `expiration` property must be a non-negative integer (ms), as RabbitMQ checks.
+fn validate_expiration(exp: &str) -> AmqpResult<()> {
+    match exp.parse::<i64>() {
+        Ok(v) if v >= 0 => Ok(()),
+        Ok(v) => Err(AmqpError::precondition_failed(format!(
+            "invalid expiration '{exp}': {{value_negative,{v}}}"
+        ))),
+        Err(_) => Err(AmqpError::precondition_failed(format!(
+            "invalid expiration '{exp}': no_integer"
+        ))),
+    }
+}
+
+pub fn handle(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    method: Method,
+    now: Now,
+) -> AmqpResult<()> {
+    match method {
+        Method::BasicAck(a) => settle(
+            ctx,
+            ch,
+            now,
+            Settle::Ack {
+                tag: a.delivery_tag,
+                multiple: a.multiple,
+            },
+        ),
+        Method::BasicNack(n) => settle(
+            ctx,
+            ch,
+            now,
+            Settle::Reject {
+                tag: n.delivery_tag,
+                multiple: n.multiple,
+                requeue: n.requeue,
+            },
+        ),
+        Method::BasicReject(r) => settle(
+            ctx,
+            ch,
+            now,
+            Settle::Reject {
+                tag: r.delivery_tag,
+                multiple: false,
+                requeue: r.requeue,
+            },
+        ),
+        Method::BasicQos(q) => {
+            if q.prefetch_size != 0 {
+                return Err(AmqpError::not_implemented(format!(
+                    "prefetch_size!=0 ({})",
+                    q.prefetch_size
+                )));
+            }
+            if q.global {
+                ch.channel_credit.set_limit(u32::from(q.prefetch_count));
+                ch.kick_consumers(now);
+            } else {
+                ch.consumer_prefetch = u32::from(q.prefetch_count);
+            }
+            io.method(&BasicQosOk::default().into());
+            Ok(())
+        }
+        Method::BasicConsume(c) => consume(ctx, ch, io, c, now),
+        Method::BasicCancel(c) => {
+            let tag: Arc<str> = c.consumer_tag.as_str().into();
+            if let Some(cref) = ch.consumers.remove(&tag) {
+                ctx.vhost
+                    .cancel_consumer(&cref.queue, ctx.id, io.id, &tag, now.ms);
+            }
+            if !c.nowait {
+                io.method(
+                    &BasicCancelOk {
+                        consumer_tag: c.consumer_tag,
+                    }
+                    .into(),
+                );
+            }
+            Ok(())
+        }
+        Method::BasicGet(g) => get(ctx, ch, io, g, now),
+        Method::BasicRecover(r) => {
+            recover(ch, r.requeue, now)?;
+            io.method(&BasicRecoverOk::default().into());
+            Ok(())
+        }
+        Method::BasicRecoverAsync(r) => recover(ch, r.requeue, now),
+        other => Err(not_from_client(&other)),
+    }
+}
+
+fn get(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    g: BasicGet,
+    now: Now,
+) -> AmqpResult<()> {
+    let name = ch.queue_name(&g.queue)?;
+    ctx.permit(Access::Read, "queue", &name)?;
+    let q = ctx.vhost.queue(&name, ctx.id)?;
+    match q.get(g.no_ack, now.ms) {
+        None => io.method(&BasicGetEmpty::default().into()),
+        Some((entry, remaining)) => {
+            Counters::add(&ctx.broker.counters.delivered, 1);
+            let tag = ch.next_tag;
+            ch.next_tag += 1;
+            let m = Arc::clone(&entry.message);
+            io.method(
+                &BasicGetOk {
+                    delivery_tag: tag,
+                    redelivered: entry.redelivered,
+                    exchange: m.exchange.to_string(),
+                    routing_key: m.routing_key.to_string(),
+                    message_count: remaining as u32,
+                }
+                .into(),
+            );
+            io.out.content(io.id, |b| m.properties.encode(b), &m.body);
+            if !g.no_ack {
+                let deadline = ack_deadline(ctx, &q, now.at);
+                ch.unacked.push_back(Unacked {
+                    tag,
+                    queue: q,
+                    entry,
+                    credit: None,
+                    deadline,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn consume(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    c: BasicConsume,
+    now: Now,
+) -> AmqpResult<()> {
+    let q = if c.queue == REPLY_TO {
+        reply_to_queue(ctx, ch, &c, now)?
+    } else {
+        let name = ch.queue_name(&c.queue)?;
+        ctx.permit(Access::Read, "queue", &name)?;
+        ctx.vhost.queue(&name, ctx.id)?
+    };
+    let tag: Arc<str> = if c.consumer_tag.is_empty() {
+        crate::broker::vhost::generate_name("amq.ctag-").into()
+    } else {
+        c.consumer_tag.as_str().into()
+    };
+    if ch.consumers.contains_key(&tag) {
+        return Err(AmqpError::not_allowed(format!(
+            "attempt to reuse consumer tag '{tag}'"
+        )));
+    }
+    if let Some(max) = ctx.limits.consumer_max_per_channel {
+        if ch.consumers.len() >= max {
+            return Err(AmqpError::precondition_failed(format!(
+                "reached maximum ({max}) of consumers per channel"
+            )));
+        }
+    }
+    let priority = match c.arguments.get("x-priority") {
+        None => 0,
+        Some(v) => v
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| {
+                AmqpError::precondition_failed(format!(
+                    "invalid arg 'x-priority' for consumer '{tag}': {v:?}"
+                ))
+            })?,
+    };
+    let consumer = Arc::new(Consumer {
+        tag: Arc::clone(&tag),
+        connection: ctx.id,
+        channel: io.id,
+        no_ack: c.no_ack,
+        exclusive: c.exclusive,
+        priority,
+        arguments: c.arguments.clone(),
+        credit: Credit::new(ch.consumer_prefetch),
+        channel_credit: Arc::clone(&ch.channel_credit),
+        flow: Arc::clone(&ch.flow),
+        sink: Arc::clone(&ctx.sink),
+    });
+    q.add_consumer(Arc::clone(&consumer), now.ms)?;
+    ch.consumers
+        .insert(Arc::clone(&tag), ConsumerRef { queue: q, consumer });
+    // consume-ok still precedes every delivery: deliveries reach the connection
+    // through its mailbox, after this method has been answered.
+    if !c.nowait {
+        io.method(
+            &BasicConsumeOk {
+                consumer_tag: tag.to_string(),
+            }
+            .into(),
+        );
+    }
+    Ok(())
+}
+
+/// Direct reply-to: a hidden exclusive auto-delete queue per channel, named so
+/// that the default exchange routes replies to it.
+fn reply_to_queue(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    c: &BasicConsume,
+    now: Now,
+) -> AmqpResult<Arc<Queue>> {
+    if !c.no_ack {
+        return Err(AmqpError::precondition_failed(
+            "reply consumer cannot acknowledge",
+        ));
+    }
+    if ch.reply_queue.is_some() {
+        return Err(AmqpError::precondition_failed("reply consumer already set"));
+    }
+    let name = crate::broker::vhost::generate_name("amq.rabbitmq.reply-to.");
+    let (q, _) = ctx.vhost.declare_internal_queue(&name, ctx.id, now.ms)?;
+    ch.reply_queue = Some(name);
+    Ok(q)
+}
+
+fn settle(ctx: &ConnCtx, ch: &mut Channel, now: Now, s: Settle) -> AmqpResult<()> {
+    // Unknown tags fail at once, even inside a transaction.
+    let (tag, multiple) = match s {
+        Settle::Ack { tag, multiple } | Settle::Reject { tag, multiple, .. } => (tag, multiple),
+    };
+    if !(multiple && tag == 0) && ch.position(tag).is_none() {
+        return Err(AmqpError::precondition_failed(format!(
+            "unknown delivery tag {tag}"
+        )));
+    }
+    if let Some(tx) = ch.tx.as_mut() {
+        tx.settles.push(s);
+        return Ok(());
+    }
+    apply_settle(ctx, ch, s, now)
+}
+
+pub(super) fn apply_settle(ctx: &ConnCtx, ch: &mut Channel, s: Settle, now: Now) -> AmqpResult<()> {
+    let (tag, multiple, requeue) = match s {
+        Settle::Ack { tag, multiple } => (tag, multiple, None),
+        Settle::Reject {
+            tag,
+            multiple,
+            requeue,
+        } => (tag, multiple, Some(requeue)),
+    };
+    let taken = ch.take_unacked(tag, multiple)?;
+    if requeue.is_none() {
+        Counters::add(&ctx.broker.counters.acked, taken.len() as u64);
+    }
+    for back in ch.release(taken) {
+        // The queue's consumers get their credit back together with its messages,
+        // so another queue's dead letters cannot overtake the requeued ones.
+        ch.give_back(&back.credits);
+        match requeue {
+            Some(true) => back.queue.requeue(back.entries, true, true, now.ms),
+            Some(false) => back.queue.reject(back.entries, now.ms),
+            None => back.queue.ack(&back.entries),
+        }
+    }
+    ch.kick_consumers(now);
+    Ok(())
+}
+
+fn recover(ch: &mut Channel, requeue: bool, now: Now) -> AmqpResult<()> {
+    if !requeue {
+        return Err(AmqpError::not_implemented("requeue=false"));
+    }
+    ch.requeue_all(now);
+    ch.kick_consumers(now);
+    Ok(())
+}
+
+impl Channel {
+    fn position(&self, tag: u64) -> Option<usize> {
+        self.unacked.binary_search_by_key(&tag, |u| u.tag).ok()
+    }
+
+    /// Take the unacked messages a (tag, multiple) pair names.
+    fn take_unacked(&mut self, tag: u64, multiple: bool) -> AmqpResult<Vec<Unacked>> {
+        if multiple {
+            let end = if tag == 0 {
+                self.unacked.len()
+            } else {
+                self.unacked.partition_point(|u| u.tag <= tag)
+            };
+            if end == 0 && tag != 0 {
+                return Err(AmqpError::precondition_failed(format!(
+                    "unknown delivery tag {tag}"
+                )));
+            }
+            Ok(self.unacked.drain(..end).collect())
+        } else {
+            let i = self.position(tag).ok_or_else(|| {
+                AmqpError::precondition_failed(format!("unknown delivery tag {tag}"))
+            })?;
+            Ok(self.unacked.remove(i).into_iter().collect())
+        }
+    }
+
+    /// Give every unacked message back to its queue, in original order.
+    pub(super) fn requeue_all(&mut self, now: Now) {
+        let all: Vec<Unacked> = self.unacked.drain(..).collect();
+        for back in self.release(all) {
+            self.give_back(&back.credits);
+            back.queue.requeue(back.entries, true, true, now.ms);
+        }
+    }
+
+    /// Settled messages grouped by queue, in delivery order within each queue,
+    /// with the consumer windows they hold (given back by the caller together
+    /// with that queue's messages).
+    fn release(&self, settled: Vec<Unacked>) -> Vec<Returned> {
+        let mut by_queue: Vec<Returned> = Vec::new();
+        for u in settled {
+            let i = match by_queue
+                .iter()
+                .position(|r| Arc::ptr_eq(&r.queue, &u.queue))
+            {
+                Some(i) => i,
+                None => {
+                    by_queue.push(Returned {
+                        queue: u.queue,
+                        entries: Vec::new(),
+                        credits: Vec::new(),
+                    });
+                    by_queue.len() - 1
+                }
+            };
+            by_queue[i].entries.push(u.entry);
+            by_queue[i].credits.extend(u.credit);
+        }
+        by_queue
+    }
+
+    /// Give settled deliveries' prefetch credit back (consumer and channel).
+    fn give_back(&self, credits: &[Arc<Credit>]) {
+        for credit in credits {
+            credit.release(1);
+            self.channel_credit.release(1);
+        }
+    }
+}
+
+/// A complete publish from the session: checks, then route and enqueue (or keep
+/// it for the transaction's commit).
+pub fn publish(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    message: Assembled,
+    now: Now,
+) -> AmqpResult<()> {
+    let Assembled {
+        publish,
+        mut properties,
+        body,
+    } = message;
+    ctx.permit(Access::Write, "exchange", &publish.exchange)
+        .map_err(at_publish)?;
+    if let Some(uid) = properties.user_id.as_deref() {
+        if uid != ctx.user {
+            return Err(at_publish(AmqpError::precondition_failed(format!(
+                "user_id property set to '{uid}' but authenticated user was '{}'",
+                ctx.user
+            ))));
+        }
+    }
+    if let Some(exp) = properties.expiration.as_deref() {
+        validate_expiration(exp).map_err(at_publish)?;
+    }
+    if properties.reply_to.as_deref() == Some(REPLY_TO) {
+        let queue = ch.reply_queue.as_ref().ok_or_else(|| {
+            at_publish(AmqpError::precondition_failed(
+                "fast reply consumer does not exist",
+            ))
+        })?;
+        properties.reply_to = Some(queue.clone());
+    }
+    let message = Message::new(
+        publish.exchange.clone(),
+        publish.routing_key,
+        properties,
+        body,
+    );
+    if let Some(tx) = ch.tx.as_mut() {
+        // Check the exchange now, as RabbitMQ does, but enqueue at commit.
+        if !publish.exchange.is_empty() {
+            ctx.vhost.exchange(&publish.exchange).map_err(at_publish)?;
+        }
+        tx.publishes
+            .push((publish.exchange, publish.mandatory, message));
+        return Ok(());
+    }
+    route_and_enqueue(ctx, io, &publish.exchange, publish.mandatory, message, now)
+        .map(|_| ())
+        .map_err(at_publish)
+}
+
+/// Route `message` and enqueue it; returns whether a durable copy was stored.
+pub(super) fn route_and_enqueue(
+    ctx: &ConnCtx,
+    io: &mut ChannelIo<'_>,
+    exchange: &str,
+    mandatory: bool,
+    message: Arc<Message>,
+    now: Now,
+) -> AmqpResult<bool> {
+    let published = ctx
+        .vhost
+        .publish(exchange, &message, PublishFrom::Client, now.ms)?;
+    let counters = &ctx.broker.counters;
+    Counters::add(&counters.published, 1);
+    if !published.routed {
+        Counters::add(&counters.unroutable, 1);
+    }
+    if !published.routed && mandatory {
+        Counters::add(&counters.returned, 1);
+        io.method(
+            &BasicReturn {
+                reply_code: reply_code::NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                exchange: message.exchange.to_string(),
+                routing_key: message.routing_key.to_string(),
+            }
+            .into(),
+        );
+        io.out
+            .content(io.id, |b| message.properties.encode(b), &message.body);
+    }
+    let (rejected, durable) = (published.rejected, published.durable);
+    let durable_confirm = durable && ctx.broker.store.is_some();
+    io.published(if rejected {
+        Outcome::Rejected
+    } else {
+        Outcome::Accepted {
+            durable: durable_confirm,
+        }
+    });
+    Ok(durable)
+}
+
+/// A queue handed this channel a delivery: assign a tag and write it.
+pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Delivery, now: Now) {
+    let credit = match ch.consumers.get(&d.consumer_tag) {
+        Some(cref) if Arc::ptr_eq(&cref.queue, &d.queue) && !io.closing => {
+            Arc::clone(&cref.consumer.credit)
+        }
+        _ => {
+            // Cancelled meanwhile: the message goes back untouched.
+            if !d.no_ack {
+                ch.channel_credit.release(1);
+            }
+            d.queue.requeue(vec![d.entry], !d.no_ack, false, now.ms);
+            return;
+        }
+    };
+    let tag = ch.next_tag;
+    ch.next_tag += 1;
+    Counters::add(&ctx.broker.counters.delivered, 1);
+    let m = &d.entry.message;
+    let args = DeliverArgs {
+        consumer_tag: &d.consumer_tag,
+        delivery_tag: tag,
+        redelivered: d.entry.redelivered,
+        exchange: &m.exchange,
+        routing_key: &m.routing_key,
+    };
+    io.out
+        .deliver(io.id, &args, |b| m.properties.encode(b), &m.body);
+    if !d.no_ack {
+        let deadline = ack_deadline(ctx, &d.queue, now.at);
+        ch.unacked.push_back(Unacked {
+            tag,
+            queue: d.queue,
+            entry: d.entry,
+            credit: Some(credit),
+            deadline,
+        });
+    }
+}
+
+/// A delivery has stayed unacked past its consumer timeout at `now`: the error
+/// to close this channel with (RabbitMQ's wording).
+pub fn ack_timed_out(ch: &Channel, io: &ChannelIo<'_>, now: Instant) -> Option<AmqpError> {
+    if io.closing {
+        return None;
+    }
+    let ms = ch
+        .unacked
+        .iter()
+        .filter_map(|u| u.deadline)
+        .find(|(at, _)| *at <= now)?
+        .1;
+    Some(AmqpError::precondition_failed(format!(
+        "delivery acknowledgement on channel {} timed out. Timeout value used: {ms} ms. \
+         This timeout value can be configured, see consumers doc guide to learn more",
+        io.id
+    )))
+}
+
+/// The queue behind a consumer was deleted.
+pub fn consumer_cancelled(ch: &mut Channel, io: &mut ChannelIo<'_>, tag: &Arc<str>, notify: bool) {
+    if ch.consumers.remove(tag).is_some() && notify && !io.closing {
+        io.method(
+            &BasicCancel {
+                consumer_tag: tag.to_string(),
+                nowait: true,
+            }
+            .into(),
+        );
+    }
+}

@@ -1,0 +1,192 @@
+//! The broker-facing side of AMQP channels: what exchange, queue, basic, confirm
+//! and tx methods do to the broker, one file per class. Pure code over the broker
+//! API: no sockets, no clock (callers pass `now`). Replies go out through the
+//! session's [`ChannelIo`]; errors come back as [`AmqpError`] for the session to
+//! turn into channel.close or connection.close.
+
+pub mod basic;
+pub mod confirm;
+pub mod exchange;
+pub mod queue;
+pub mod tx;
+
+use crate::broker::auth::Access;
+use crate::broker::message::{Entry, Message};
+use crate::broker::queue::{Consumer, Credit, DeliverySink, Queue};
+use crate::broker::vhost::VHost;
+use crate::clock::Now;
+use crate::error::{AmqpError, AmqpResult};
+use crate::session::ChannelIo;
+use crate::wire::Method;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What a channel needs to know about its connection.
+#[derive(Debug, Clone)]
+pub struct ConnCtx {
+    pub broker: Arc<crate::broker::Broker>,
+    pub id: u64,
+    pub vhost: Arc<VHost>,
+    pub user: String,
+    pub sink: Arc<dyn DeliverySink>,
+    /// The client understands server-sent basic.cancel.
+    pub cancel_notify: bool,
+    /// Configured limits (consumers, consumer timeout); the vhost enforces its own.
+    pub limits: crate::config::Limits,
+}
+
+impl ConnCtx {
+    /// RabbitMQ's resource check: 403 unless the user's `access` regex in this vhost
+    /// matches `name` (the default exchange is checked as `amq.default`).
+    pub(crate) fn permit(&self, access: Access, kind: &str, name: &str) -> AmqpResult<()> {
+        let name = if kind == "exchange" && name.is_empty() {
+            "amq.default"
+        } else {
+            name
+        };
+        if self
+            .broker
+            .auth
+            .allows(&self.vhost.name, &self.user, access, name)
+        {
+            return Ok(());
+        }
+        Err(AmqpError::access_refused(format!(
+            "access to {kind} '{name}' in vhost '{}' refused for user '{}'",
+            self.vhost.name, self.user
+        )))
+    }
+}
+
+/// A message handed out and not yet acked.
+#[derive(Debug)]
+struct Unacked {
+    tag: u64,
+    queue: Arc<Queue>,
+    entry: Entry,
+    /// The consumer's window to give back on ack (None for basic.get).
+    credit: Option<Arc<Credit>>,
+    /// When the consumer timeout runs out for it: (deadline, timeout in ms).
+    deadline: Option<(Instant, u64)>,
+}
+
+#[derive(Debug)]
+struct ConsumerRef {
+    queue: Arc<Queue>,
+    consumer: Arc<Consumer>,
+}
+
+/// Acknowledgement operations, kept aside inside a transaction.
+#[derive(Debug, Clone, Copy)]
+enum Settle {
+    Ack {
+        tag: u64,
+        multiple: bool,
+    },
+    Reject {
+        tag: u64,
+        multiple: bool,
+        requeue: bool,
+    },
+}
+
+/// A transaction's publishes and settlements, applied at commit.
+#[derive(Debug, Default)]
+struct Tx {
+    publishes: Vec<(String, bool, Arc<Message>)>,
+    settles: Vec<Settle>,
+}
+
+/// The broker-side state of one channel.
+#[derive(Debug)]
+pub struct Channel {
+    consumers: HashMap<Arc<str>, ConsumerRef>,
+    unacked: VecDeque<Unacked>,
+    next_tag: u64,
+    /// basic.qos global=false: the window of consumers started afterwards.
+    consumer_prefetch: u32,
+    /// basic.qos global=true: shared by all consumers of the channel.
+    channel_credit: Arc<Credit>,
+    flow: Arc<AtomicBool>,
+    tx: Option<Tx>,
+    /// The queue last declared on this channel (an empty queue name means it).
+    last_queue: Option<String>,
+    /// The hidden queue behind this channel's direct reply-to consumer.
+    reply_queue: Option<String>,
+}
+
+impl Default for Channel {
+    fn default() -> Self {
+        Channel {
+            consumers: HashMap::new(),
+            unacked: VecDeque::new(),
+            next_tag: 1,
+            consumer_prefetch: 0,
+            channel_credit: Credit::new(0),
+            flow: Arc::new(AtomicBool::new(true)),
+            tx: None,
+            last_queue: None,
+            reply_queue: None,
+        }
+    }
+}
+
+impl Channel {
+    fn queue_name(&self, name: &str) -> AmqpResult<String> {
+        if !name.is_empty() {
+            return Ok(name.to_string());
+        }
+        self.last_queue
+            .clone()
+            .ok_or_else(|| AmqpError::not_found("no previously declared queue"))
+    }
+
+    /// Let every consumer's queue deliver again (credit, flow or back-pressure
+    /// changed).
+    pub fn kick_consumers(&self, now: Now) {
+        for cref in self.consumers.values() {
+            cref.queue.dispatch(now.ms);
+        }
+    }
+
+    /// The channel is closing: cancel consumers, requeue unacked messages in order.
+    /// Idempotent.
+    pub fn close(&mut self, ctx: &ConnCtx, channel: u16, now: Now) {
+        for (tag, cref) in self.consumers.drain() {
+            ctx.vhost
+                .cancel_consumer(&cref.queue, ctx.id, channel, &tag, now.ms);
+        }
+        self.requeue_all(now);
+        self.tx = None;
+    }
+}
+
+/// Handle a method of the exchange, queue, basic, confirm or tx class.
+pub fn dispatch(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    method: Method,
+    now: Now,
+) -> AmqpResult<()> {
+    let (class_id, method_id) = (method.class_id(), method.method_id());
+    match class_id {
+        crate::wire::ExchangeDeclare::CLASS_ID => exchange::handle(ctx, io, method),
+        crate::wire::QueueDeclare::CLASS_ID => queue::handle(ctx, ch, io, method, now),
+        crate::wire::BasicQos::CLASS_ID => basic::handle(ctx, ch, io, method, now),
+        crate::wire::ConfirmSelect::CLASS_ID => confirm::handle(ch, io, method),
+        crate::wire::TxSelect::CLASS_ID => tx::handle(ctx, ch, io, method, now),
+        _ => Err(not_from_client(&method)),
+    }
+    .map_err(|e| e.at(class_id, method_id))
+}
+
+/// A method only the server sends.
+fn not_from_client(method: &Method) -> AmqpError {
+    AmqpError::command_invalid(format!(
+        "method {} is not valid from a client on a channel",
+        method.name()
+    ))
+}

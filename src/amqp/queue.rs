@@ -1,0 +1,105 @@
+//! The queue class: declare, bind, unbind, purge and delete.
+
+use super::{not_from_client, Channel, ConnCtx};
+use crate::broker::auth::Access;
+use crate::broker::exchange::Destination;
+use crate::broker::vhost::QueueDeclare;
+use crate::clock::Now;
+use crate::error::AmqpResult;
+use crate::session::ChannelIo;
+use crate::wire::*;
+
+pub fn handle(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    method: Method,
+    now: Now,
+) -> AmqpResult<()> {
+    let vhost = &ctx.vhost;
+    match method {
+        Method::QueueDeclare(d) => {
+            let nowait = d.nowait;
+            let server_named = !d.passive && d.queue.is_empty();
+            if !d.passive && !d.queue.is_empty() {
+                ctx.permit(Access::Configure, "queue", &d.queue)?;
+            }
+            let (q, stats) = vhost.declare_queue(
+                &QueueDeclare {
+                    name: d.queue,
+                    passive: d.passive,
+                    durable: d.durable,
+                    exclusive: d.exclusive,
+                    auto_delete: d.auto_delete,
+                    arguments: d.arguments,
+                },
+                ctx.id,
+                now.ms,
+            )?;
+            if server_named {
+                // RabbitMQ checks configure on the generated name.
+                if let Err(e) = ctx.permit(Access::Configure, "queue", q.name()) {
+                    vhost.remove_queue(&q)?;
+                    return Err(e);
+                }
+            }
+            ch.last_queue = Some(q.name().to_string());
+            if !nowait {
+                io.method(
+                    &QueueDeclareOk {
+                        queue: q.name().to_string(),
+                        message_count: stats.ready as u32,
+                        consumer_count: stats.consumers as u32,
+                    }
+                    .into(),
+                );
+            }
+        }
+        Method::QueueBind(b) => {
+            let name = ch.queue_name(&b.queue)?;
+            ctx.permit(Access::Write, "queue", &name)?;
+            ctx.permit(Access::Read, "exchange", &b.exchange)?;
+            let dest = Destination::Queue(name.as_str().into());
+            vhost.bind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
+            if !b.nowait {
+                io.method(&QueueBindOk::default().into());
+            }
+        }
+        Method::QueueUnbind(b) => {
+            let name = ch.queue_name(&b.queue)?;
+            ctx.permit(Access::Write, "queue", &name)?;
+            ctx.permit(Access::Read, "exchange", &b.exchange)?;
+            let dest = Destination::Queue(name.as_str().into());
+            vhost.unbind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
+            io.method(&QueueUnbindOk::default().into());
+        }
+        Method::QueuePurge(p) => {
+            let name = ch.queue_name(&p.queue)?;
+            ctx.permit(Access::Read, "queue", &name)?;
+            let n = vhost.purge_queue(&name, ctx.id)?;
+            if !p.nowait {
+                io.method(
+                    &QueuePurgeOk {
+                        message_count: n as u32,
+                    }
+                    .into(),
+                );
+            }
+        }
+        Method::QueueDelete(d) => {
+            let name = ch.queue_name(&d.queue)?;
+            ctx.permit(Access::Configure, "queue", &name)?;
+            let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, ctx.id, now.ms)?;
+            if !d.nowait {
+                io.method(
+                    &QueueDeleteOk {
+                        message_count: n as u32,
+                    }
+                    .into(),
+                );
+            }
+        }
+        other => return Err(not_from_client(&other)),
+    }
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! The tx class: select, commit (publishes and settlements applied, commit-ok once
+//! persistent messages are on disk) and rollback.
+
+use super::{basic, not_from_client, Channel, ConnCtx, Tx};
+use crate::clock::Now;
+use crate::error::{AmqpError, AmqpResult};
+use crate::session::ChannelIo;
+use crate::wire::*;
+
+pub fn handle(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    method: Method,
+    now: Now,
+) -> AmqpResult<()> {
+    match method {
+        Method::TxSelect(_) => {
+            if io.confirms.enabled() {
+                return Err(AmqpError::precondition_failed(
+                    "cannot switch from confirm to tx mode",
+                ));
+            }
+            if ch.tx.is_none() {
+                ch.tx = Some(Tx::default());
+            }
+            io.method(&TxSelectOk::default().into());
+        }
+        Method::TxCommit(_) => {
+            let tx = ch
+                .tx
+                .take()
+                .ok_or_else(|| AmqpError::precondition_failed("channel is not transactional"))?;
+            ch.tx = Some(Tx::default());
+            let mut durable = false;
+            for (exchange, mandatory, message) in tx.publishes {
+                durable |= basic::route_and_enqueue(ctx, io, &exchange, mandatory, message, now)?;
+            }
+            for s in tx.settles {
+                basic::apply_settle(ctx, ch, s, now)?;
+            }
+            if durable && ctx.broker.store.is_some() {
+                // commit-ok once the persistent messages are on disk.
+                io.await_tx_flush();
+            } else {
+                io.method(&TxCommitOk::default().into());
+            }
+        }
+        Method::TxRollback(_) => {
+            let tx = ch
+                .tx
+                .as_mut()
+                .ok_or_else(|| AmqpError::precondition_failed("channel is not transactional"))?;
+            *tx = Tx::default();
+            io.method(&TxRollbackOk::default().into());
+        }
+        other => return Err(not_from_client(&other)),
+    }
+    Ok(())
+}

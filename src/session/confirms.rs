@@ -1,0 +1,176 @@
+//! Publisher confirms of one channel: sequence numbers, batching of immediate acks
+//! into one `multiple` ack, and durable batches that are confirmed only after the
+//! store's flush (a failed flush closes the connection with 541 instead).
+
+use super::output::Output;
+use crate::error::AmqpError;
+use crate::wire::{BasicAck, BasicNack};
+use std::collections::VecDeque;
+
+/// What the broker did with one publish on a channel in confirm mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Enqueued (or dropped as unroutable); `durable` when a persistent copy must
+    /// reach the disk before the confirm.
+    Accepted { durable: bool },
+    /// A queue refused it (x-overflow reject-publish): nack.
+    Rejected,
+}
+
+/// Something the caller must wait for in the store before the session goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreWait {
+    /// Publishes `first..=last` of `channel` are acked once the store's next flush
+    /// ends; answer with [`super::Session::durable_done`].
+    Confirms { channel: u16, first: u64, last: u64 },
+    /// `tx.commit` on `channel` waits for the store's next flush; answer with
+    /// [`super::Session::tx_flushed`].
+    TxCommit { channel: u16 },
+}
+
+/// Confirm state of one channel.
+#[derive(Debug)]
+pub struct Confirms {
+    enabled: bool,
+    next_seq: u64,
+    /// Immediate confirms of this batch: (first, last), acked together.
+    acks: Option<(u64, u64)>,
+    /// Confirms of this batch that wait for the store's next flush.
+    durable_batch: Option<(u64, u64)>,
+    /// Batches handed to the store and not yet confirmed; while any is out, later
+    /// confirms queue behind it so `multiple` acks never cover an unflushed message.
+    inflight: usize,
+}
+
+impl Default for Confirms {
+    fn default() -> Self {
+        Confirms {
+            enabled: false,
+            next_seq: 1,
+            acks: None,
+            durable_batch: None,
+            inflight: 0,
+        }
+    }
+}
+
+fn ack(out: &mut Output, channel: u16, (first, last): (u64, u64)) {
+    out.method(
+        channel,
+        &BasicAck {
+            delivery_tag: last,
+            multiple: first != last,
+        }
+        .into(),
+    );
+}
+
+impl Confirms {
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// confirm.select.
+    pub fn enable(&mut self) {
+        self.enabled = true;
+    }
+
+    /// Record one publish; writes what must go out before later confirms.
+    pub(crate) fn published(
+        &mut self,
+        channel: u16,
+        outcome: Outcome,
+        out: &mut Output,
+        waits: &mut VecDeque<StoreWait>,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match outcome {
+            Outcome::Rejected => {
+                // One queue refusing is enough to nack.
+                self.flush(channel, out, waits);
+                out.method(
+                    channel,
+                    &BasicNack {
+                        delivery_tag: seq,
+                        multiple: false,
+                        requeue: false,
+                    }
+                    .into(),
+                );
+            }
+            Outcome::Accepted { durable }
+                if durable || self.inflight > 0 || self.durable_batch.is_some() =>
+            {
+                // Immediate confirms gathered before this one go out first.
+                if let Some(range) = self.acks.take() {
+                    ack(out, channel, range);
+                }
+                self.durable_batch = Some(match self.durable_batch {
+                    Some((first, _)) => (first, seq),
+                    None => (seq, seq),
+                });
+            }
+            Outcome::Accepted { .. } => {
+                self.acks = match self.acks {
+                    Some((first, last)) if last + 1 == seq => Some((first, seq)),
+                    Some(_) => {
+                        self.flush(channel, out, waits);
+                        Some((seq, seq))
+                    }
+                    None => Some((seq, seq)),
+                };
+            }
+        }
+    }
+
+    /// End of a batch: immediate confirms as one ack; the durable batch is handed
+    /// to the store.
+    pub(crate) fn flush(
+        &mut self,
+        channel: u16,
+        out: &mut Output,
+        waits: &mut VecDeque<StoreWait>,
+    ) {
+        if let Some(range) = self.acks.take() {
+            ack(out, channel, range);
+        }
+        if let Some((first, last)) = self.durable_batch.take() {
+            self.inflight += 1;
+            waits.push_back(StoreWait::Confirms {
+                channel,
+                first,
+                last,
+            });
+        }
+    }
+
+    /// The store flushed (or failed to flush) a batch handed out by [`Self::flush`].
+    pub(crate) fn durable_done(
+        &mut self,
+        channel: u16,
+        (first, last): (u64, u64),
+        ok: bool,
+        closing: bool,
+        out: &mut Output,
+    ) -> Result<(), AmqpError> {
+        self.inflight = self.inflight.saturating_sub(1);
+        if !ok {
+            return Err(AmqpError::internal_error(format!(
+                "publishes {first}..={last} on channel {channel} could not be written to disk"
+            )));
+        }
+        if !closing && self.enabled {
+            ack(out, channel, (first, last));
+        }
+        Ok(())
+    }
+
+    /// The channel is closing: immediate confirms not sent yet are dropped.
+    pub(crate) fn drop_pending(&mut self) {
+        self.acks = None;
+    }
+}
