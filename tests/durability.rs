@@ -1,102 +1,16 @@
 //! Durability: the real binary as a child process, restarted cleanly and killed
 //! with SIGKILL; confirmed messages and durable topology must survive.
 
+mod common;
+
+use common::process::{data_dir, BrokerProcess as Broker};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use std::collections::{BTreeSet, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-struct Broker {
-    child: Child,
-    port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn data_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("warren-dur-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-impl Broker {
-    async fn start(dir: &Path) -> Broker {
-        let port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
-            .env("WARREN_AMQP_PORT", port.to_string())
-            .env("WARREN_BIND", "127.0.0.1")
-            .env("WARREN_ADMIN_ENABLED", "false")
-            .env("WARREN_DATA_DIR", dir)
-            .env("WARREN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn warren");
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Broker { child, port };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("warren did not start on port {port}");
-    }
-
-    fn uri(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    async fn connect(&self) -> Connection {
-        tokio::time::timeout(
-            Duration::from_secs(5),
-            Connection::connect(&self.uri(), ConnectionProperties::default()),
-        )
-        .await
-        .expect("connect timeout")
-        .expect("connect")
-    }
-
-    fn kill9(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        panic!("warren did not stop on SIGTERM");
-    }
-}
-
-impl Drop for Broker {
-    /// A failing test must not leave the broker running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)

@@ -12,90 +12,12 @@
 
 mod common;
 
+use common::process::{data_dir, BrokerProcess as Process};
 use common::{props, t};
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection};
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-// ------------------------------------------------------------ a broker process
-
-struct Process {
-    child: Child,
-    port: u16,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn data_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(common::uniq(&format!("warren-one-door-{name}")));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-impl Process {
-    async fn start(dir: &Path) -> Process {
-        let port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
-            .env("WARREN_AMQP_PORT", port.to_string())
-            .env("WARREN_BIND", "127.0.0.1")
-            .env("WARREN_ADMIN_ENABLED", "false")
-            .env("WARREN_DATA_DIR", dir)
-            .env("WARREN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn warren");
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                return Process { child, port };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("warren did not start on port {port}");
-    }
-
-    async fn connect(&self) -> Connection {
-        let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port);
-        t(Connection::connect(&uri, props()))
-            .await
-            .expect("connect")
-    }
-
-    /// SIGTERM and wait for a clean exit.
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..200 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("warren did not stop on SIGTERM");
-    }
-}
-
-impl Drop for Process {
-    /// A failing test must not leave the broker running.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const CONNECTIONS: usize = 16;
 /// Durable exchanges, each bound by every connection at once.

@@ -13,6 +13,7 @@ macro_rules! id {
     };
 }
 
+pub mod process;
 pub mod raw;
 
 use std::future::Future;

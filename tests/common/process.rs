@@ -1,0 +1,100 @@
+//! The real `warren` binary as a child process on a data directory of its own:
+//! started, connected to, stopped with SIGTERM or killed with SIGKILL, for tests of
+//! what survives a restart.
+
+use lapin::{Connection, ConnectionProperties};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running broker process; killed when dropped, so a failing test leaves none.
+pub struct BrokerProcess {
+    child: Child,
+    pub port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A fresh, empty data directory for one test.
+pub fn data_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(super::uniq(&format!("warren-proc-{name}")));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+impl BrokerProcess {
+    /// Start the binary on `dir` (AMQP on a free loopback port, no admin API) and
+    /// wait until it accepts connections.
+    pub async fn start(dir: &Path) -> BrokerProcess {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .env("WARREN_AMQP_PORT", port.to_string())
+            .env("WARREN_BIND", "127.0.0.1")
+            .env("WARREN_ADMIN_ENABLED", "false")
+            .env("WARREN_DATA_DIR", dir)
+            .env("WARREN_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn warren");
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return BrokerProcess { child, port };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("warren did not start on port {port}");
+    }
+
+    pub fn uri(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub async fn connect(&self) -> Connection {
+        tokio::time::timeout(
+            super::TIMEOUT,
+            Connection::connect(&self.uri(), ConnectionProperties::default()),
+        )
+        .await
+        .expect("connect timeout")
+        .expect("connect")
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!("warren did not stop on SIGTERM");
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
