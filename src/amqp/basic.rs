@@ -561,3 +561,119 @@ pub fn consumer_cancelled(ch: &mut Channel, io: &mut ChannelIo<'_>, tag: &Arc<st
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Consumer timeouts on virtual time: a delivery's deadline comes from the `now`
+    //! it was delivered at, and the timeout fires at that exact moment, not before.
+
+    use super::*;
+    use crate::broker::queue::DeliverySink;
+    use crate::broker::vhost::QueueDeclare;
+    use crate::broker::Broker;
+    use crate::session::{Confirms, Output};
+    use std::collections::VecDeque;
+
+    /// Deliveries the queue hands this "connection", kept for the test to pass on.
+    #[derive(Debug, Default)]
+    struct Mailbox(parking_lot::Mutex<Vec<Delivery>>);
+
+    impl DeliverySink for Mailbox {
+        fn deliver(&self, d: Delivery) -> Result<(), Delivery> {
+            self.0.lock().push(d);
+            Ok(())
+        }
+        fn cancelled(&self, _: u16, _: Arc<str>) {}
+    }
+
+    fn at(t0: Now, ms: u64) -> Now {
+        Now {
+            at: t0.at + Duration::from_millis(ms),
+            ms: t0.ms + ms,
+        }
+    }
+
+    #[test]
+    fn consumer_timeout_fires_at_the_exact_moment() {
+        let broker = Broker::new(&crate::Config::default());
+        let mailbox = Arc::new(Mailbox::default());
+        let ctx = ConnCtx {
+            vhost: broker.vhost("/").expect("default vhost"),
+            broker,
+            id: 1,
+            user: "guest".into(),
+            sink: Arc::clone(&mailbox) as Arc<dyn DeliverySink>,
+            cancel_notify: true,
+            limits: crate::config::Limits {
+                consumer_timeout_ms: Some(300),
+                ..Default::default()
+            },
+        };
+        // Any origin works: only the distances from it matter.
+        let t0 = Now {
+            at: Instant::now(),
+            ms: 1_000_000,
+        };
+        ctx.vhost
+            .declare_queue(
+                &QueueDeclare {
+                    name: "q".into(),
+                    ..Default::default()
+                },
+                ctx.id,
+                t0.ms,
+            )
+            .expect("declare");
+        let (mut out, mut confirms, mut waits) =
+            (Output::new(4096), Confirms::default(), VecDeque::new());
+        let mut io = ChannelIo {
+            id: 1,
+            closing: false,
+            out: &mut out,
+            confirms: &mut confirms,
+            waits: &mut waits,
+        };
+        let mut ch = Channel::default();
+        let consume = BasicConsume {
+            queue: "q".into(),
+            consumer_tag: "c".into(),
+            ..Default::default()
+        };
+        super::super::dispatch(&ctx, &mut ch, &mut io, consume.into(), t0).expect("consume");
+        let publish = |body: &'static [u8], now: Now| {
+            let m = Message::new(
+                "",
+                "q",
+                BasicProperties::default(),
+                bytes::Bytes::from_static(body),
+            );
+            ctx.vhost
+                .publish("", &m, PublishFrom::Client, now.ms)
+                .expect("publish");
+            let ds: Vec<Delivery> = std::mem::take(&mut *mailbox.0.lock());
+            assert_eq!(ds.len(), 1, "one delivery");
+            ds
+        };
+        // Delivered at t0 + 100: due at t0 + 400.
+        for d in publish(b"a", at(t0, 100)) {
+            deliver(&ctx, &mut ch, &mut io, d, at(t0, 100));
+        }
+        assert!(ack_timed_out(&ch, &io, at(t0, 399).at).is_none());
+        let e = ack_timed_out(&ch, &io, at(t0, 400).at).expect("timed out at t0 + 400");
+        assert_eq!(e.code, crate::wire::reply_code::PRECONDITION_FAILED);
+        assert!(e.text.contains("Timeout value used: 300 ms"), "{}", e.text);
+        // Acked in time: no timeout ever after.
+        let ack = BasicAck {
+            delivery_tag: 1,
+            multiple: false,
+        };
+        super::super::dispatch(&ctx, &mut ch, &mut io, ack.into(), at(t0, 399)).expect("ack");
+        assert!(ack_timed_out(&ch, &io, at(t0, 10_000).at).is_none());
+        // The next delivery's deadline counts from its own delivery.
+        for d in publish(b"b", at(t0, 5_000)) {
+            deliver(&ctx, &mut ch, &mut io, d, at(t0, 5_000));
+        }
+        assert!(ack_timed_out(&ch, &io, at(t0, 5_299).at).is_none());
+        assert!(ack_timed_out(&ch, &io, at(t0, 5_300).at).is_some());
+    }
+}
