@@ -440,31 +440,14 @@ impl<T: Default> Session<T> {
     /// An open channel's data and its way out.
     pub fn channel(&mut self, id: u16) -> Option<(&mut T, ChannelIo<'_>)> {
         let ch = self.channels.get_mut(&id)?;
-        Some((
-            &mut ch.data,
-            ChannelIo {
-                id,
-                closing: ch.closing,
-                out: &mut self.out,
-                confirms: &mut ch.confirms,
-                waits: &mut self.waits,
-            },
-        ))
+        Some(channel_io(id, ch, &mut self.out, &mut self.waits))
     }
 
     /// Visit every channel.
     pub fn for_each_channel(&mut self, mut f: impl FnMut(&mut T, ChannelIo<'_>)) {
         for (&id, ch) in self.channels.iter_mut() {
-            f(
-                &mut ch.data,
-                ChannelIo {
-                    id,
-                    closing: ch.closing,
-                    out: &mut self.out,
-                    confirms: &mut ch.confirms,
-                    waits: &mut self.waits,
-                },
-            );
+            let (data, io) = channel_io(id, ch, &mut self.out, &mut self.waits);
+            f(data, io);
         }
     }
 
@@ -570,4 +553,23 @@ impl AdvanceHeader for BytesMut {
     fn advance_header(&mut self) {
         bytes::Buf::advance(self, PROTOCOL_HEADER.len());
     }
+}
+
+/// A channel's data and its way out, borrowed from the session's parts.
+fn channel_io<'a, T>(
+    id: u16,
+    ch: &'a mut Channel<T>,
+    out: &'a mut Output,
+    waits: &'a mut VecDeque<StoreWait>,
+) -> (&'a mut T, ChannelIo<'a>) {
+    (
+        &mut ch.data,
+        ChannelIo {
+            id,
+            closing: ch.closing,
+            out,
+            confirms: &mut ch.confirms,
+            waits,
+        },
+    )
 }

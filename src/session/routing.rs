@@ -45,40 +45,39 @@ impl<T: Default> Session<T> {
                 properties,
             } => {
                 let max = self.config.max_message_size;
-                let ch = self
-                    .channels
-                    .get_mut(&channel)
-                    .ok_or_else(|| no_channel(channel))?;
-                if ch.closing {
+                let Some(p) = self.pending_content(channel, "header")? else {
                     return Ok(());
-                }
-                let Some(p) = ch.pending.take() else {
-                    return Err(AmqpError::unexpected_frame(format!(
-                        "expected method frame, got content header on channel {channel}"
-                    )));
                 };
                 let r = p.header(channel, class_id, body_size, properties, max);
                 self.content_result(channel, r, now);
                 Ok(())
             }
             Frame::Body { channel, payload } => {
-                let ch = self
-                    .channels
-                    .get_mut(&channel)
-                    .ok_or_else(|| no_channel(channel))?;
-                if ch.closing {
+                let Some(p) = self.pending_content(channel, "body")? else {
                     return Ok(());
-                }
-                let Some(p) = ch.pending.take() else {
-                    return Err(AmqpError::unexpected_frame(format!(
-                        "expected method frame, got content body on channel {channel}"
-                    )));
                 };
                 let r = p.body(channel, payload);
                 self.content_result(channel, r, now);
                 Ok(())
             }
         }
+    }
+
+    /// The publish a content `part` (header or body) frame continues: None on a
+    /// channel that is closing (the frame is dropped); 505 if none is under way.
+    fn pending_content(&mut self, channel: u16, part: &str) -> Result<Option<Pending>, AmqpError> {
+        let ch = self
+            .channels
+            .get_mut(&channel)
+            .ok_or_else(|| no_channel(channel))?;
+        if ch.closing {
+            return Ok(None);
+        }
+        ch.pending.take().map(Some).ok_or_else(|| {
+            AmqpError::unexpected_frame(format!(
+                "expected method frame, got content {part} on channel {channel}"
+            ))
+        })
     }
 
     pub(super) fn content_result(
