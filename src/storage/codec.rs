@@ -55,25 +55,24 @@ impl std::fmt::Display for DecodeError {
 /// Encoded size of `msg`, in bytes.
 #[cfg(test)]
 fn encoded_len(msg: &StoredMessage) -> usize {
-    1 + 4 * 4
-        + msg.exchange.len()
-        + msg.routing_key.len()
-        + msg.properties.len()
-        + msg.body.len()
-        + 1
-        + if msg.expires_at.is_some() { 8 } else { 0 }
+    parts(msg).encoded_len()
 }
 
 /// Encodes `msg` in the current record format.
 pub fn encode_message(msg: &StoredMessage) -> Vec<u8> {
-    encode_parts(&MessageParts {
+    encode_parts(&parts(msg))
+}
+
+/// The borrowed fields of a stored message.
+fn parts(msg: &StoredMessage) -> MessageParts<'_> {
+    MessageParts {
         exchange: &msg.exchange,
         routing_key: &msg.routing_key,
         properties: &msg.properties,
         body: &msg.body,
         redelivered: msg.redelivered,
         expires_at: msg.expires_at,
-    })
+    }
 }
 
 /// The fields of a message record, borrowed (so a caller holding them in
@@ -89,17 +88,22 @@ pub struct MessageParts<'a> {
     pub expires_at: Option<u64>,
 }
 
+impl MessageParts<'_> {
+    /// Encoded size in bytes.
+    fn encoded_len(&self) -> usize {
+        1 + 4 * 4
+            + self.exchange.len()
+            + self.routing_key.len()
+            + self.properties.len()
+            + self.body.len()
+            + 1
+            + if self.expires_at.is_some() { 8 } else { 0 }
+    }
+}
+
 /// Encodes borrowed message fields in the current record format.
 pub fn encode_parts(msg: &MessageParts<'_>) -> Vec<u8> {
-    let len = 1
-        + 4 * 4
-        + msg.exchange.len()
-        + msg.routing_key.len()
-        + msg.properties.len()
-        + msg.body.len()
-        + 1
-        + if msg.expires_at.is_some() { 8 } else { 0 };
-    let mut out = Vec::with_capacity(len);
+    let mut out = Vec::with_capacity(msg.encoded_len());
     out.push(RECORD_VERSION);
     for part in [
         msg.exchange.as_bytes(),

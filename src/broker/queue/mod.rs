@@ -490,21 +490,14 @@ impl Queue {
         let mut s = self.state.lock();
         let n = messages.len();
         for (seq, m) in messages {
-            let properties = match crate::wire::BasicProperties::decode(&m.properties) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::error!(queue = %self.spec.name, seq, error = %e, "unreadable stored properties; message skipped");
-                    continue;
-                }
+            let (expires_at, redelivered) = (m.expires_at, m.redelivered);
+            let Some(message) = self.stored_message(seq, m) else {
+                continue;
             };
             s.next_seq = s.next_seq.max(seq + 1);
-            s.may_expire |= m.expires_at.is_some();
-            let mut entry = Entry::new(
-                seq,
-                Message::new(m.exchange, m.routing_key, properties, m.body),
-                m.expires_at,
-            );
-            entry.redelivered = m.redelivered;
+            s.may_expire |= expires_at.is_some();
+            let mut entry = Entry::new(seq, message, expires_at);
+            entry.redelivered = redelivered;
             entry.persisted = true;
             if self.budget.over(entry.size()) {
                 page_out(&mut entry);
@@ -671,12 +664,7 @@ impl Queue {
         if fx.ops.is_empty() && !barrier && !fx.dead.iter().any(|(e, _)| e.persisted) {
             return;
         }
-        let order = qs.order.lock();
-        drop(s);
-        if !fx.ops.is_empty() {
-            qs.store.submit(&qs.key, std::mem::take(&mut fx.ops));
-        }
-        drop(order);
+        submit_in_order(qs, s, std::mem::take(&mut fx.ops));
     }
 
     /// Release the lock, submit store operations and route dead letters.
@@ -708,27 +696,26 @@ impl Queue {
 
     fn load_one(&self, seq: u64) -> Option<Arc<Message>> {
         let qs = self.store.as_ref()?;
-        let loaded = match qs.store.get_message(&qs.key, seq) {
-            Ok(Some(m)) => m,
-            Ok(None) => return None,
+        match qs.store.get_message(&qs.key, seq) {
+            Ok(Some(m)) => self.stored_message(seq, m),
+            Ok(None) => None,
             Err(err) => {
                 tracing::error!(queue = %self.spec.name, seq, error = %err, "cannot page a message in");
-                return None;
+                None
             }
-        };
-        let properties = match crate::wire::BasicProperties::decode(&loaded.properties) {
-            Ok(p) => p,
+        }
+    }
+
+    /// The message a stored record holds; `None` (logged) if its properties do not
+    /// decode.
+    fn stored_message(&self, seq: u64, m: StoredMessage) -> Option<Arc<Message>> {
+        match crate::wire::BasicProperties::decode(&m.properties) {
+            Ok(properties) => Some(Message::new(m.exchange, m.routing_key, properties, m.body)),
             Err(err) => {
-                tracing::error!(queue = %self.spec.name, seq, error = %err, "unreadable stored properties");
-                return None;
+                tracing::error!(queue = %self.spec.name, seq, error = %err, "unreadable stored properties; message skipped");
+                None
             }
-        };
-        Some(Message::new(
-            loaded.exchange,
-            loaded.routing_key,
-            properties,
-            loaded.body,
-        ))
+        }
     }
 
     /// Put loaded messages back into their paged-out entries. An entry the store
@@ -786,12 +773,20 @@ impl Queue {
             if s.deleted {
                 return;
             }
-            let order = qs.order.lock();
-            drop(s);
-            qs.store.submit(&qs.key, removes);
-            drop(order);
+            submit_in_order(qs, s, removes);
         }
     }
+}
+
+/// Release a queue's state lock and submit `ops` (if any) in the queue's order: its
+/// submit lock is taken before the state lock goes, and held until they are buffered.
+fn submit_in_order(qs: &QueueStore, s: MutexGuard<'_, State>, ops: Vec<MessageOp>) {
+    let order = qs.order.lock();
+    drop(s);
+    if !ops.is_empty() {
+        qs.store.submit(&qs.key, ops);
+    }
+    drop(order);
 }
 
 /// The seqs of paged-out entries among the first `n` in delivery order.
