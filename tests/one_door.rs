@@ -166,26 +166,7 @@ impl Admin {
     /// One HTTP call as guest: (status, JSON body or Null).
     async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let url = format!("{}{}", self.base, path);
-        let method = method.to_string();
-        tokio::task::spawn_blocking(move || {
-            use base64::Engine;
-            let auth = base64::engine::general_purpose::STANDARD.encode("guest:guest");
-            let req = ureq::request(&method, &url).set("Authorization", &format!("Basic {auth}"));
-            let res = match body {
-                Some(b) => req.send_json(b),
-                None => req.call(),
-            };
-            let resp = match res {
-                Ok(r) => r,
-                Err(ureq::Error::Status(_, r)) => r,
-                Err(e) => panic!("{method} {url}: {e}"),
-            };
-            let status = resp.status();
-            let text = resp.into_string().unwrap_or_default();
-            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-        })
-        .await
-        .expect("http task")
+        common::http(method, &url, Some(("guest", "guest")), body).await
     }
 
     async fn queue_names(&self) -> Vec<String> {

@@ -45,35 +45,7 @@ impl Broker {
         auth: Option<(&str, &str)>,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let url = format!("{}{}", self.base, path);
-        let method = method.to_string();
-        let auth = auth.map(|(u, p)| {
-            use base64::Engine;
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-            )
-        });
-        tokio::task::spawn_blocking(move || {
-            let mut req = ureq::request(&method, &url);
-            if let Some(a) = &auth {
-                req = req.set("Authorization", a);
-            }
-            let res = match body {
-                Some(b) => req.send_json(b),
-                None => req.call(),
-            };
-            let resp = match res {
-                Ok(r) => r,
-                Err(ureq::Error::Status(_, r)) => r,
-                Err(e) => panic!("{method} {url}: {e}"),
-            };
-            let status = resp.status();
-            let text = resp.into_string().unwrap_or_default();
-            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-        })
-        .await
-        .expect("http task")
+        super::common::http(method, &format!("{}{}", self.base, path), auth, body).await
     }
 
     pub(crate) async fn get(&self, path: &str) -> Value {

@@ -436,3 +436,44 @@ pub async fn wait_queue_gone(conn: &Connection, queue: &str) {
         }
     }
 }
+
+/// One HTTP call to `url` (with basic auth when given): the status and the JSON body
+/// (Null when it is not JSON). Error statuses are answers, not failures.
+pub async fn http(
+    method: &str,
+    url: &str,
+    auth: Option<(&str, &str)>,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let (method, url) = (method.to_string(), url.to_string());
+    let auth = auth.map(|(u, p)| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        )
+    });
+    tokio::task::spawn_blocking(move || {
+        let mut req = ureq::request(&method, &url);
+        if let Some(a) = &auth {
+            req = req.set("Authorization", a);
+        }
+        let res = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {url}: {e}"),
+        };
+        let status = resp.status();
+        let text = resp.into_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    })
+    .await
+    .expect("http task")
+}
