@@ -137,6 +137,7 @@ impl Conn {
         let mut timeouts = tokio::time::interval(timeout_tick);
         timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let store = self.broker.store.clone();
+        let mut was_full = false;
         loop {
             if let Some(end) = self.process_events() {
                 return end;
@@ -146,7 +147,10 @@ impl Conn {
             // The message store's write buffer is full: read no input until it
             // drains (an async wait; no thread blocks on the store).
             let store_full = store.as_ref().is_some_and(|s| !s.has_room());
-            self.session.set_store_full(store_full, Instant::now());
+            if store_full != was_full {
+                was_full = store_full;
+                self.session.set_store_full(store_full, Instant::now());
+            }
             let running = self.session.is_running();
             let reading = !self.session.reading_paused();
             let deadline = self

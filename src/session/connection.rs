@@ -388,10 +388,8 @@ impl<T: Default> Session<T> {
     /// input is not read (the publish that would add to it waits, asynchronously,
     /// in the caller) and the peer's silence is not held against it.
     pub fn set_store_full(&mut self, on: bool, now: Instant) {
-        if self.store_full != on {
-            self.store_full = on;
-            self.timers.set_paused(self.reading_paused(), now);
-        }
+        self.store_full = on;
+        self.timers.set_paused(self.reading_paused(), now);
     }
 
     /// True while input must not be read (back-pressure or a blocked publisher).
