@@ -297,9 +297,10 @@ pub struct Entry {
     pub persisted: bool,
     /// The `priority` property, for priority queues.
     pub priority: u8,
-    /// Paged out: the body (and properties) are only in the store; the value is
-    /// the body size. `message` is then a placeholder until paged back in.
-    pub paged: Option<u32>,
+    /// Where it is in the message store (its position at its level), if it
+    /// was written there: durably if `persisted`, else paged out to save memory
+    /// while it waited in a tail.
+    pub pos: Option<u64>,
 }
 
 impl Entry {
@@ -311,29 +312,23 @@ impl Entry {
             redelivered: false,
             expires_at,
             persisted: false,
-            paged: None,
+            pos: None,
         }
     }
 
-    /// Body size in bytes, whether resident or paged out.
+    /// Body size in bytes.
     pub fn size(&self) -> usize {
-        match self.paged {
-            Some(n) => n as usize,
-            None => self.message.size(),
-        }
+        self.message.size()
     }
 
     /// Body bytes held in memory.
     pub fn resident_size(&self) -> usize {
-        match self.paged {
-            Some(_) => 0,
-            None => self.message.size(),
-        }
+        self.message.size()
     }
 }
 
 /// Bytes of message bodies held in memory by all ready lists, against a limit past
-/// which durable queues page persistent messages out to the store.
+/// which queues page new messages out to the store.
 #[derive(Debug)]
 pub struct MemoryBudget {
     limit: usize,
@@ -369,14 +364,6 @@ impl MemoryBudget {
     pub fn over(&self, n: usize) -> bool {
         self.limit != 0 && self.used() + n > self.limit
     }
-}
-
-/// The stand-in `message` of a paged-out entry.
-pub fn paged_placeholder() -> Arc<Message> {
-    static PLACEHOLDER: std::sync::OnceLock<Arc<Message>> = std::sync::OnceLock::new();
-    Arc::clone(
-        PLACEHOLDER.get_or_init(|| Message::new("", "", BasicProperties::default(), Bytes::new())),
-    )
 }
 
 #[cfg(test)]

@@ -137,6 +137,7 @@ impl Broker {
             queues = recovered.queues,
             bindings = recovered.bindings,
             messages = recovered.messages,
+            delayed = recovered.delayed,
             "recovered from the message store"
         );
         Ok(broker)

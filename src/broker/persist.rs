@@ -211,6 +211,8 @@ pub struct Recovered {
     pub queues: usize,
     pub bindings: usize,
     pub messages: usize,
+    /// Messages held by delayed exchanges.
+    pub delayed: usize,
 }
 
 /// Rebuild vhosts, exchanges, queues (with their messages) and bindings.
@@ -247,6 +249,19 @@ pub fn recover(
         }
     }
     let mut live_keys = std::collections::HashSet::new();
+    // Delayed messages of every vhost (exchanges are back, so they can route).
+    let mut names: Vec<String> = store
+        .load_topology(TopologyKind::VHost)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let v = vhost(&name);
+        r.delayed += v.recover_delayed()?;
+        live_keys.insert(VHost::delayed_store_key(&name));
+    }
     for (key, bytes) in store.load_topology(TopologyKind::Queue)? {
         let rec: QueueRecord = parse(store, &key, &bytes)?;
         let v = vhost(&rec.vhost);
@@ -261,8 +276,8 @@ pub fn recover(
         match v.recover_queue(&d, now) {
             Ok(q) => {
                 let qkey = store_key(&rec.vhost, &rec.name);
-                let messages = store.load_messages(&qkey)?;
-                r.messages += q.restore(messages);
+                let levels = store.recover_queue(&store.queue(&qkey, true))?;
+                r.messages += q.restore(&levels);
                 live_keys.insert(qkey);
                 r.queues += 1;
             }

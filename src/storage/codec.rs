@@ -1,4 +1,4 @@
-//! On-disk encoding of message records and message keys.
+//! On-disk encoding of message records (the unit inside a chunk, see segment.rs).
 //!
 //! This module owns the byte layout of everything the message store writes
 //! for a message; nothing else in the storage layer knows these formats.
@@ -20,17 +20,6 @@
 //! returned as a [`DecodeError`] that the store turns into
 //! `StorageError::Corrupt` naming the store's path.
 //!
-//! # Message key
-//!
-//! ```text
-//! u32 BE    queue key length, then the queue key bytes (may contain NUL)
-//! u64 BE    seq
-//! ```
-//!
-//! The length prefix makes the per-queue prefix unambiguous even when queue
-//! keys contain `\0` (e.g. `"vhost\0queue"`), and the big-endian seq makes a
-//! prefix scan return a queue's messages in seq order.
-
 use bytes::Bytes;
 
 use super::StoredMessage;
@@ -227,37 +216,6 @@ impl Reader<'_> {
     }
 }
 
-/// The key prefix shared by every message of `queue`.
-pub fn queue_prefix(queue: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + queue.len() + 8);
-    put_len(&mut k, queue.len());
-    k.extend_from_slice(queue.as_bytes());
-    k
-}
-
-/// The key of message `seq` of `queue`.
-pub fn message_key(queue: &str, seq: u64) -> Vec<u8> {
-    let mut k = queue_prefix(queue);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// Splits a message key into queue key and seq.
-pub fn decode_key(key: &[u8]) -> Result<(&str, u64), DecodeError> {
-    let bad = |why: &str| DecodeError(format!("malformed message key {key:02x?}: {why}"));
-    if key.len() < 4 + 8 {
-        return Err(bad("too short"));
-    }
-    let qlen = u32::from_be_bytes([key[0], key[1], key[2], key[3]]) as usize;
-    if key.len() != 4 + qlen + 8 {
-        return Err(bad("length does not match its queue-key length prefix"));
-    }
-    let queue = std::str::from_utf8(&key[4..4 + qlen]).map_err(|_| bad("queue key not UTF-8"))?;
-    let mut s = [0u8; 8];
-    s.copy_from_slice(&key[4 + qlen..]);
-    Ok((queue, u64::from_be_bytes(s)))
-}
-
 /// The smallest key greater than every key starting with `prefix`, or
 /// `None` if there is none (prefix is all 0xff).
 pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
@@ -334,15 +292,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_sort_by_seq_and_prefixes_are_unambiguous() {
-        assert!(message_key("q", 1) < message_key("q", 2));
-        assert!(message_key("q", 255) < message_key("q", 256));
-        // "a" must not be a prefix of queue "a\0b"'s keys.
-        let k = message_key("a\0b", 7);
-        assert!(!k.starts_with(&queue_prefix("a")));
-        assert!(k.starts_with(&queue_prefix("a\0b")));
-        assert_eq!(decode_key(&k).unwrap(), ("a\0b", 7));
-        assert!(decode_key(b"short").is_err());
+    fn prefix_successor_skips_ff() {
         assert_eq!(prefix_successor(&[1, 0xff]), Some(vec![2]));
         assert_eq!(prefix_successor(&[0xff]), None);
     }

@@ -10,16 +10,20 @@
 //!
 //! ```text
 //! <data_dir>/
-//!   VERSION        "warren-store 1" — the store format; an unknown value is refused
+//!   VERSION        "warren-store 2" — the store format; any other value is refused
 //!   store/         the sled database (one write-ahead log + snapshots), with trees:
-//!                    topology     "<kind>/<key>" -> caller's record
-//!                                 (kind = vhost|user|exchange|queue|binding|permission|policy)
-//!                    messages     u32 len + queue key + u64 BE seq -> message record (codec.rs)
-//!                    redelivered  same key -> empty ("was delivered before the restart")
+//!                    topology   "<kind>/<key>" -> caller's record
+//!                               (kind = vhost|user|exchange|queue|binding|permission|policy)
+//!                    segments   chunks of durable queues' messages and their metas
+//!                               (segment.rs has the key and record formats)
+//!                    ephemeral  the same for non-durable queues' paged-out messages;
+//!                               dropped at every open
+//!                  and, in the default tree, "epoch": a counter bumped at every open
 //! ```
 //!
-//! To back up, stop the broker and copy the whole data directory. To start
-//! from scratch, stop the broker and remove it.
+//! docs/storage.md describes the design (chunks, metas, compaction, recovery,
+//! the memory model). To back up, stop the broker and copy the whole data
+//! directory. To start from scratch, stop the broker and remove it.
 //!
 //! # Durability contract
 //!
@@ -27,24 +31,26 @@
 //!   `load_topology` immediately) and made durable by the next group flush;
 //!   await [`Store::sync`] before answering e.g. `queue.declare-ok` if the
 //!   declare must survive a crash.
-//! * `submit` (and its one-operation forms `insert_message`/`remove_message`/
-//!   `mark_redelivered`/`delete_queue_messages`) buffers operations that the
-//!   flusher thread applies in call order. Buffering never blocks; producers
-//!   await [`Store::ready`] for back-pressure. They are durable once a later [`Store::sync`] resolves or
+//! * [`Store::submit`] buffers operations that the flusher thread applies in
+//!   call order. Buffering never blocks; producers await [`Store::ready`] for
+//!   back-pressure. They are durable once a later [`Store::sync`] resolves or
 //!   an [`Store::on_durable`] callback runs; that is the moment to send a
-//!   publisher confirm. `load_messages` only sees applied operations: it is
-//!   meant for recovery at startup (or after `flush_blocking`).
+//!   publisher confirm. [`Store::read`] sees buffered operations too.
 
 mod codec;
+mod group;
+mod read;
+mod segment;
 mod sled;
 
 use std::path::PathBuf;
 
-pub use self::sled::{EncodedMessage, MessageOp, Store, StoreOptions};
+pub use self::read::{LevelSummary, ReadMessage};
+pub use self::sled::{EncodedMessage, MessageOp, QueueRef, Store, StoreOptions};
 pub use codec::{decode_message, encode_message, encode_parts, MessageParts, RECORD_VERSION};
 
 /// The content of `<data_dir>/VERSION` written and accepted by this build.
-pub const STORE_VERSION: &str = "warren-store 1";
+pub const STORE_VERSION: &str = "warren-store 2";
 
 /// A message as persisted on a durable queue.
 #[derive(Debug, Clone, PartialEq, Eq)]

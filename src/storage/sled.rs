@@ -1,22 +1,22 @@
 //! The sled-backed [`Store`]: opening and recovering the data directory, the
-//! topology tree, and the message trees written by a group-commit flusher
-//! thread.
+//! topology tree, and the segment trees written by a group-commit flusher
+//! thread. What a group writes is decided in [`group`](super::group); reads
+//! and recovery scans are in [`read`](super::read).
 //!
 //! # Group commit
 //!
-//! Message operations ([`MessageOp`]s given to `submit`, or one at a time to
-//! `insert_message`, `remove_message`, `mark_redelivered`,
-//! `delete_queue_messages`) are appended, already encoded, to a pending list
-//! under a mutex; they never wait for disk. One
-//! dedicated thread (`warren-store-flusher`) loops:
+//! Message operations ([`MessageOp`]s given to [`Store::submit`] for one
+//! queue) are appended, already encoded, to a pending list under a mutex; they
+//! never wait for disk. One dedicated thread (`warren-store-flusher`) loops:
 //!
 //! 1. wait until something is pending, then take *all* pending operations and
 //!    *all* registered waiters (`sync` futures, `on_durable` callbacks) at
 //!    once;
-//! 2. fold the operations, in call order, into one ordered write set per tree
-//!    (so an insert followed by a remove of the same message before the flush
-//!    collapses into a no-op delete: the body is never written) and apply it
-//!    with one `apply_batch` per tree;
+//! 2. fold the operations, in call order, into one write set: each level's
+//!    new messages become one chunk record (a message inserted and settled in
+//!    the same group is never written), settlements flip bits in chunk metas,
+//!    fully settled chunks are deleted and mostly settled ones compacted; and
+//!    apply it with one atomic `apply_batch` per tree;
 //! 3. call `db.flush()` once (fsync);
 //! 4. complete every waiter taken in step 1 with the flush's result.
 //!
@@ -39,13 +39,13 @@
 //!
 //! # Crash consistency
 //!
-//! Each tree's batch is atomic in sled, and sled recovers a prefix of its
-//! log. The `messages` batch is applied before the `redelivered` one; a crash
-//! between them can at worst leave a redelivered flag whose message is gone,
-//! and such orphans are removed when the store is opened.
+//! Everything one group changes in the `segments` tree (new chunks, metas,
+//! deletions, compacted chunks) is one sled batch, atomic, and sled recovers a
+//! prefix of its log: a kill -9 at any moment, compaction included, leaves
+//! the state after some whole number of groups. The `ephemeral` tree (pages of
+//! non-durable queues) is dropped at every open.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -54,16 +54,20 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use ::sled::{Batch, Db, IVec, Tree};
+use ::sled::{Db, Tree};
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
-use super::codec;
+use super::{codec, segment};
 use super::{StorageError, StoreStats, StoredMessage, TopologyKind, STORE_VERSION};
 
 const TOPOLOGY_TREE: &str = "topology";
-const MESSAGES_TREE: &str = "messages";
-const REDELIVERED_TREE: &str = "redelivered";
+const SEGMENTS_TREE: &str = "segments";
+const EPHEMERAL_TREE: &str = "ephemeral";
+/// Trees of the format 1 store; their presence means an old data directory.
+const V1_TREES: [&str; 2] = ["messages", "redelivered"];
+/// In the default tree: the store epoch (u64 BE), incremented at every open.
+const EPOCH_KEY: &[u8] = b"epoch";
 const STORE_DIR: &str = "store";
 const VERSION_FILE: &str = "VERSION";
 /// Accounted per pending operation on top of its key and record bytes.
@@ -91,38 +95,19 @@ impl Default for StoreOptions {
     }
 }
 
-enum Op {
-    Insert { key: IVec, record: IVec },
-    Remove { key: IVec },
-    MarkRedelivered { key: IVec },
-    DeleteQueue { prefix: Vec<u8> },
-}
-
-impl Op {
-    /// Bytes accounted against the pending limit.
-    fn size(&self) -> usize {
-        OP_OVERHEAD
-            + match self {
-                Op::Insert { key, record } => key.len() + record.len(),
-                Op::Remove { key } | Op::MarkRedelivered { key } => key.len(),
-                Op::DeleteQueue { prefix } => prefix.len(),
-            }
-    }
-}
-
 /// A message record encoded for the store, ready to buffer. Encoding is the
 /// costly part of a write (the body is copied), so callers do it before they
 /// take any lock.
 #[derive(Debug, Clone)]
-pub struct EncodedMessage(IVec);
+pub struct EncodedMessage(pub(super) Bytes);
 
 impl EncodedMessage {
     pub fn new(msg: &StoredMessage) -> EncodedMessage {
-        EncodedMessage(IVec::from(codec::encode_message(msg)))
+        EncodedMessage(Bytes::from(codec::encode_message(msg)))
     }
 
     pub fn from_parts(parts: &codec::MessageParts<'_>) -> EncodedMessage {
-        EncodedMessage(IVec::from(codec::encode_parts(parts)))
+        EncodedMessage(Bytes::from(codec::encode_parts(parts)))
     }
 
     /// Encoded size in bytes.
@@ -136,17 +121,86 @@ impl EncodedMessage {
 }
 
 /// One operation on a queue's stored messages, for [`Store::submit`].
+/// Positions are the queue's own, increasing per level (see `segment.rs`).
 #[derive(Debug, Clone)]
 pub enum MessageOp {
-    /// Write a message (a persistent message reached a durable queue).
-    Insert { seq: u64, record: EncodedMessage },
-    /// The message left the queue for good (acked, expired, dropped, purged).
-    Remove { seq: u64 },
+    /// Store a message at `pos` of `level`. `durable`: it survives a restart
+    /// (a persistent message on a durable queue); otherwise it is only paged
+    /// out to save memory. `size` is what the queue accounts for it (body bytes).
+    Insert {
+        level: u8,
+        pos: u64,
+        size: u32,
+        durable: bool,
+        record: EncodedMessage,
+    },
+    /// The message at `pos` left the queue for good (acked, expired, dropped).
+    /// `size` and `durable` as given to its `Insert`.
+    Settle {
+        level: u8,
+        pos: u64,
+        size: u32,
+        durable: bool,
+    },
     /// The message was handed to a consumer: it comes back redelivered after a restart.
-    MarkRedelivered { seq: u64 },
+    MarkDelivered { level: u8, pos: u64 },
+    /// Settle every message of `level` at `from` or later (a purge of what was
+    /// never loaded).
+    DropFrom { level: u8, from: u64 },
     /// The queue was deleted: drop all its messages.
     DeleteQueue,
 }
+
+impl MessageOp {
+    /// Bytes accounted against the pending limit.
+    fn size(&self) -> usize {
+        OP_OVERHEAD
+            + match self {
+                MessageOp::Insert { record, .. } => record.len(),
+                _ => 0,
+            }
+    }
+}
+
+/// A queue as the store knows it: its key and which tree holds it. Cheap to
+/// clone; made by [`Store::queue`].
+#[derive(Debug, Clone)]
+pub struct QueueRef(Arc<QueueKey>);
+
+#[derive(Debug)]
+pub(super) struct QueueKey {
+    pub(super) name: String,
+    /// `segment::queue_prefix(name)`.
+    pub(super) prefix: Vec<u8>,
+    /// In the `segments` tree (kept across restarts) or `ephemeral` (dropped).
+    pub(super) durable: bool,
+}
+
+impl QueueRef {
+    pub fn key(&self) -> &str {
+        &self.0.name
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.0.durable
+    }
+
+    pub(super) fn inner(&self) -> &QueueKey {
+        &self.0
+    }
+
+    pub(super) fn same(&self, other: &QueueRef) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.durable == other.0.durable && self.0.prefix == other.0.prefix)
+    }
+}
+
+/// The operations of one `submit` call.
+pub(super) struct Submitted {
+    pub(super) queue: QueueRef,
+    pub(super) ops: Vec<MessageOp>,
+}
+
 type Callback = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
 enum Waiter {
@@ -170,8 +224,8 @@ impl Waiter {
 }
 
 #[derive(Default)]
-struct Pending {
-    ops: Vec<Op>,
+pub(super) struct Pending {
+    pub(super) ops: Vec<Submitted>,
     bytes: usize,
     /// A topology write happened since the last flush was started.
     topology_dirty: bool,
@@ -188,25 +242,29 @@ impl Pending {
     }
 }
 
-struct Shared {
+pub(super) struct Shared {
     data_dir: PathBuf,
     store_path: PathBuf,
-    db: Db,
+    pub(super) db: Db,
     topology: Tree,
-    messages: Tree,
-    redelivered: Tree,
+    /// Chunks and metas of durable queues.
+    pub(super) segments: Tree,
+    /// Chunks and metas of non-durable queues' paged-out messages.
+    pub(super) ephemeral: Tree,
+    /// This run's epoch: transient entries written in an earlier one are dead.
+    pub(super) epoch: u64,
     max_pending_bytes: usize,
-    pending: Mutex<Pending>,
-    /// The group the flusher is applying right now, readable by `get_message`
+    pub(super) pending: Mutex<Pending>,
+    /// The group the flusher is applying right now, readable by `read`
     /// until it is in the trees. Lock order: `pending`, then `inflight`.
-    inflight: Mutex<Option<Arc<Vec<Op>>>>,
+    pub(super) inflight: Mutex<Option<Arc<Vec<Submitted>>>>,
     /// Signalled when the pending list goes from idle to non-idle, or on shutdown.
     work: Condvar,
     /// Woken when the flusher takes the pending list (back-pressure release).
     room: tokio::sync::Notify,
     /// `pending.bytes`, readable without the lock (for [`Store::has_room`]).
     pending_hint: AtomicUsize,
-    messages_written: AtomicU64,
+    pub(super) messages_written: AtomicU64,
     flushes: AtomicU64,
 }
 
@@ -277,7 +335,9 @@ impl Store {
                     return Err(StorageError::Corrupt {
                         path: version_path,
                         detail: format!(
-                            "unknown store format {:?}; this build of warren reads {STORE_VERSION:?}",
+                            "unknown store format {:?}; this build of warren reads {STORE_VERSION:?} \
+                             (format 1, one record per message, was written by earlier builds: \
+                             drain its queues with such a build, then start on a fresh data directory)",
                             text.trim()
                         ),
                     });
@@ -336,9 +396,34 @@ impl Store {
                 source,
             })
         };
+        let names = db.tree_names();
+        if let Some(old) = V1_TREES
+            .iter()
+            .find(|t| names.iter().any(|n| n.as_ref() == t.as_bytes()))
+        {
+            return Err(StorageError::Corrupt {
+                path: store_path,
+                detail: format!(
+                    "this database has a {old:?} tree, which only store format 1 (warren-store 1, \
+                     one record per message) writes; this build reads {STORE_VERSION:?} and will \
+                     not guess: drain its queues with the older build (or export definitions and \
+                     move messages with a shovel), then start on a fresh data directory"
+                ),
+            });
+        }
         let topology = tree(TOPOLOGY_TREE)?;
-        let messages = tree(MESSAGES_TREE)?;
-        let redelivered = tree(REDELIVERED_TREE)?;
+        let segments = tree(SEGMENTS_TREE)?;
+        // Pages of non-durable queues never outlive the process that wrote them.
+        db.drop_tree(EPHEMERAL_TREE)
+            .map_err(|source| StorageError::Open {
+                path: store_path.clone(),
+                source,
+            })?;
+        let ephemeral = tree(EPHEMERAL_TREE)?;
+        let epoch = next_epoch(&db).map_err(|source| StorageError::Open {
+            path: store_path.clone(),
+            source,
+        })?;
 
         if !version_present {
             if store_existed {
@@ -352,8 +437,9 @@ impl Store {
             store_path,
             db,
             topology,
-            messages,
-            redelivered,
+            segments,
+            ephemeral,
+            epoch,
             max_pending_bytes: options.max_pending_bytes.max(1),
             pending: Mutex::new(Pending::default()),
             inflight: Mutex::new(None),
@@ -378,7 +464,7 @@ impl Store {
         })
     }
 
-    fn shared(&self) -> &Shared {
+    pub(super) fn shared(&self) -> &Shared {
         &self.handle.shared
     }
 
@@ -439,69 +525,42 @@ impl Store {
         }
     }
 
-    /// Buffers a message write into the current group-commit batch. Does not
-    /// wait for disk, and never blocks (see the module docs on back-pressure).
-    pub fn insert_message(&self, queue: &str, seq: u64, msg: &StoredMessage) {
-        self.submit(
-            queue,
-            [MessageOp::Insert {
-                seq,
-                record: EncodedMessage::new(msg),
-            }],
-        );
+    /// The store's handle on queue `key`: `durable` for a durable queue's
+    /// messages (kept across restarts), else for paging out only.
+    pub fn queue(&self, key: &str, durable: bool) -> QueueRef {
+        QueueRef(Arc::new(QueueKey {
+            name: key.to_owned(),
+            prefix: segment::queue_prefix(key),
+            durable,
+        }))
     }
 
-    /// Buffers the removal (ack) of a message and of its redelivered flag.
-    pub fn remove_message(&self, queue: &str, seq: u64) {
-        self.submit(queue, [MessageOp::Remove { seq }]);
-    }
-
-    /// Buffers a "this message has been delivered" flag, so it is loaded with
-    /// `redelivered = true` after a restart. Writes a small key only.
-    pub fn mark_redelivered(&self, queue: &str, seq: u64) {
-        self.submit(queue, [MessageOp::MarkRedelivered { seq }]);
-    }
-
-    /// Buffers the removal of every message of `queue` (queue deleted or
-    /// purged). Operations on the queue buffered after this call are kept.
-    pub fn delete_queue_messages(&self, queue: &str) {
-        self.submit(queue, [MessageOp::DeleteQueue]);
+    /// Buffers the removal of every message of durable queue `key` (e.g. a
+    /// queue deleted just before a crash). Operations buffered after this
+    /// call are kept.
+    pub fn delete_queue_messages(&self, key: &str) {
+        self.submit(&self.queue(key, true), [MessageOp::DeleteQueue]);
     }
 
     /// Buffers operations on the messages of `queue`, in order, into the
     /// current group-commit batch (one lock acquisition for all of them).
     /// Never blocks; see [`Store::ready`] for back-pressure.
-    pub fn submit(&self, queue: &str, ops: impl IntoIterator<Item = MessageOp>) {
-        let mut size = 0;
-        let built: Vec<Op> = ops
-            .into_iter()
-            .map(|op| {
-                let op = match op {
-                    MessageOp::Insert { seq, record } => Op::Insert {
-                        key: IVec::from(codec::message_key(queue, seq)),
-                        record: record.0,
-                    },
-                    MessageOp::Remove { seq } => Op::Remove {
-                        key: IVec::from(codec::message_key(queue, seq)),
-                    },
-                    MessageOp::MarkRedelivered { seq } => Op::MarkRedelivered {
-                        key: IVec::from(codec::message_key(queue, seq)),
-                    },
-                    MessageOp::DeleteQueue => Op::DeleteQueue {
-                        prefix: codec::queue_prefix(queue),
-                    },
-                };
-                size += op.size();
-                op
-            })
-            .collect();
-        if built.is_empty() {
+    pub fn submit(&self, queue: &QueueRef, ops: impl IntoIterator<Item = MessageOp>) {
+        let ops: Vec<MessageOp> = ops.into_iter().collect();
+        if ops.is_empty() {
             return;
         }
-        self.push(built, size);
+        let size = ops.iter().map(MessageOp::size).sum();
+        self.push(
+            Submitted {
+                queue: queue.clone(),
+                ops,
+            },
+            size,
+        );
     }
 
-    fn push(&self, mut ops: Vec<Op>, size: usize) {
+    fn push(&self, ops: Submitted, size: usize) {
         let sh = self.shared();
         let mut p = sh.pending.lock();
         if p.stopped {
@@ -510,11 +569,7 @@ impl Store {
             return;
         }
         let was_idle = p.idle();
-        if p.ops.is_empty() {
-            p.ops = ops;
-        } else {
-            p.ops.append(&mut ops);
-        }
+        p.ops.push(ops);
         p.bytes += size;
         sh.pending_hint.store(p.bytes, Ordering::Relaxed);
         drop(p);
@@ -604,99 +659,6 @@ impl Store {
         })
     }
 
-    /// The messages of `queue` that have been applied (after a restart: that
-    /// were durable), in seq order, with redelivered flags applied.
-    pub fn load_messages(&self, queue: &str) -> Result<Vec<(u64, StoredMessage)>, StorageError> {
-        let sh = self.shared();
-        let prefix = codec::queue_prefix(queue);
-        let mut flags = Vec::new();
-        for item in sh.redelivered.scan_prefix(&prefix) {
-            let (k, _) = item?;
-            flags.push(sh.decode_key(&k)?.1);
-        }
-        let mut flags = flags.into_iter().peekable();
-        let mut out = Vec::new();
-        for item in sh.messages.scan_prefix(&prefix) {
-            let (k, v) = item?;
-            let (_, seq) = sh.decode_key(&k)?;
-            let mut msg = codec::decode_message(Bytes::from(v.to_vec())).map_err(|e| {
-                StorageError::Corrupt {
-                    path: sh.store_path.clone(),
-                    detail: format!("message {seq} of queue {queue:?}: {e}"),
-                }
-            })?;
-            while flags.next_if(|&f| f < seq).is_some() {}
-            if flags.next_if_eq(&seq).is_some() {
-                msg.redelivered = true;
-            }
-            out.push((seq, msg));
-        }
-        Ok(out)
-    }
-
-    /// One message of `queue`, including writes still buffered or being applied
-    /// (for paging a message back in). `None` if it was removed or never stored.
-    /// The redelivered flag is not applied.
-    pub fn get_message(
-        &self,
-        queue: &str,
-        seq: u64,
-    ) -> Result<Option<StoredMessage>, StorageError> {
-        let sh = self.shared();
-        let key = codec::message_key(queue, seq);
-        let decode = |record: &[u8]| {
-            codec::decode_message(Bytes::copy_from_slice(record)).map_err(|e| {
-                StorageError::Corrupt {
-                    path: sh.store_path.clone(),
-                    detail: format!("message {seq} of queue {queue:?}: {e}"),
-                }
-            })
-        };
-        // Newest first: the buffered ops, then the group being applied.
-        let found = {
-            let p = sh.pending.lock();
-            let inflight = sh.inflight.lock();
-            let groups = [
-                Some(p.ops.as_slice()),
-                inflight.as_ref().map(|o| o.as_slice()),
-            ];
-            let mut found = None;
-            'search: for ops in groups.into_iter().flatten() {
-                for op in ops.iter().rev() {
-                    match op {
-                        Op::Insert { key: k, record } if k.as_ref() == key.as_slice() => {
-                            found = Some(Some(record.clone()));
-                            break 'search;
-                        }
-                        Op::Remove { key: k } if k.as_ref() == key.as_slice() => {
-                            found = Some(None);
-                            break 'search;
-                        }
-                        Op::DeleteQueue { prefix } if key.starts_with(prefix) => {
-                            found = Some(None);
-                            break 'search;
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            found
-        };
-        match found {
-            Some(Some(record)) => Ok(Some(decode(&record)?)),
-            Some(None) => Ok(None),
-            None => match sh.messages.get(&key)? {
-                Some(record) => Ok(Some(decode(&record)?)),
-                None => Ok(None),
-            },
-        }
-    }
-
-    /// Queue keys that have at least one stored message (applied ones).
-    pub fn queue_keys_with_messages(&self) -> Result<Vec<String>, StorageError> {
-        self.shared().queue_keys(&self.shared().messages)
-    }
-
     pub fn stats(&self) -> StoreStats {
         let sh = self.shared();
         StoreStats {
@@ -760,52 +722,24 @@ fn write_version(path: &Path) -> io::Result<()> {
 }
 
 impl Shared {
-    fn corrupt(&self, detail: impl Into<String>) -> StorageError {
+    pub(super) fn corrupt(&self, detail: impl Into<String>) -> StorageError {
         StorageError::Corrupt {
             path: self.store_path.clone(),
             detail: detail.into(),
         }
     }
 
-    fn decode_key<'k>(&self, key: &'k [u8]) -> Result<(&'k str, u64), StorageError> {
-        codec::decode_key(key).map_err(|e| self.corrupt(e.0))
-    }
-
-    /// Distinct queue keys in `tree`, skipping from one queue's prefix to the
-    /// next (cost proportional to the number of queues, not messages).
-    fn queue_keys(&self, tree: &Tree) -> Result<Vec<String>, StorageError> {
-        let mut out = Vec::new();
-        let mut from: Vec<u8> = Vec::new();
-        while let Some(item) = tree.range(from.as_slice()..).next() {
-            let (k, _) = item?;
-            let (queue, _) = self.decode_key(&k)?;
-            out.push(queue.to_owned());
-            match codec::prefix_successor(&codec::queue_prefix(queue)) {
-                Some(next) => from = next,
-                None => break,
-            }
+    pub(super) fn tree(&self, durable: bool) -> &Tree {
+        if durable {
+            &self.segments
+        } else {
+            &self.ephemeral
         }
-        Ok(out)
     }
 
-    /// Startup: drop orphaned redelivered flags and log what was found.
+    /// Startup: log what was found.
     fn recover(&self, started: Instant, existed: bool) -> Result<(), StorageError> {
-        let mut orphans = Batch::default();
-        let mut orphan_count = 0usize;
-        let mut flags = 0usize;
-        for item in self.redelivered.iter() {
-            let (k, _) = item?;
-            flags += 1;
-            if !self.messages.contains_key(&k)? {
-                orphans.remove(k);
-                orphan_count += 1;
-            }
-        }
-        if orphan_count > 0 {
-            self.redelivered.apply_batch(orphans)?;
-            self.db.flush()?;
-        }
-        let queues = self.queue_keys(&self.messages)?.len();
+        let queues = self.queue_keys()?.len();
         let mut topo = Vec::new();
         for kind in TopologyKind::ALL {
             let n = self
@@ -820,9 +754,8 @@ impl Shared {
         tracing::info!(
             path = %self.data_dir.display(),
             new = !existed,
+            epoch = self.epoch,
             queues_with_messages = queues,
-            redelivered_flags = flags - orphan_count,
-            orphaned_flags_removed = orphan_count,
             topology = %topo.join(" "),
             bytes_on_disk = self.db.size_on_disk().unwrap_or(0),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -830,66 +763,19 @@ impl Shared {
         );
         Ok(())
     }
+}
 
-    /// Folds one group of operations into per-tree write sets and applies them.
-    fn apply(&self, ops: &[Op]) -> Result<(), StorageError> {
-        let mut msgs: BTreeMap<IVec, Option<IVec>> = BTreeMap::new();
-        let mut flags: BTreeMap<IVec, Option<IVec>> = BTreeMap::new();
-        let mut inserts = 0u64;
-        for op in ops {
-            match op {
-                Op::Insert { key, record } => {
-                    inserts += 1;
-                    msgs.insert(key.clone(), Some(record.clone()));
-                }
-                Op::Remove { key } => {
-                    // Deleting an absent key is a no-op in sled, so an insert
-                    // and remove in the same group cost nothing on disk.
-                    flags.insert(key.clone(), None);
-                    msgs.insert(key.clone(), None);
-                }
-                Op::MarkRedelivered { key } => {
-                    flags.insert(key.clone(), Some(IVec::default()));
-                }
-                Op::DeleteQueue { prefix } => {
-                    for (tree, set) in
-                        [(&self.messages, &mut msgs), (&self.redelivered, &mut flags)]
-                    {
-                        for v in set.range_mut::<[u8], _>((
-                            std::ops::Bound::Included(prefix.as_slice()),
-                            std::ops::Bound::Unbounded,
-                        )) {
-                            if !v.0.starts_with(prefix) {
-                                break;
-                            }
-                            *v.1 = None;
-                        }
-                        for k in tree.scan_prefix(prefix).keys() {
-                            set.insert(k?, None);
-                        }
-                    }
-                }
-            }
-        }
-        let to_batch = |set: BTreeMap<IVec, Option<IVec>>| {
-            let mut b = Batch::default();
-            for (k, v) in set {
-                match v {
-                    Some(v) => b.insert(k, v),
-                    None => b.remove(k),
-                }
-            }
-            b
-        };
-        if !msgs.is_empty() {
-            self.messages.apply_batch(to_batch(msgs))?;
-        }
-        if !flags.is_empty() {
-            self.redelivered.apply_batch(to_batch(flags))?;
-        }
-        self.messages_written.fetch_add(inserts, Ordering::Relaxed);
-        Ok(())
-    }
+/// Reads, increments and writes back the store epoch.
+fn next_epoch(db: &Db) -> Result<u64, ::sled::Error> {
+    let current = db
+        .get(EPOCH_KEY)?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0);
+    let next = current + 1;
+    db.insert(EPOCH_KEY, &next.to_be_bytes())?;
+    db.flush()?;
+    Ok(next)
 }
 
 /// Fails whatever is still queued if the flusher exits (normally or by panic).
@@ -941,7 +827,7 @@ fn flusher_main(sh: Arc<Shared>) {
             Ok(())
         } else {
             let n = ops.len();
-            let applied = sh.apply(&ops);
+            let applied = super::group::apply(&sh, &ops);
             *sh.inflight.lock() = None;
             let r = applied.and_then(|()| {
                 sh.db.flush()?;
@@ -969,6 +855,7 @@ fn flusher_main(sh: Arc<Shared>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::LevelSummary;
     use super::*;
     use std::io::BufRead;
     use std::sync::atomic::AtomicUsize;
@@ -1021,6 +908,49 @@ mod tests {
         v.iter().map(|(s, _)| *s).collect()
     }
 
+    /// The old one-message helpers, on level 0 of a durable queue.
+    impl Store {
+        fn insert_message(&self, queue: &str, pos: u64, msg: &StoredMessage) {
+            self.submit(
+                &self.queue(queue, true),
+                [MessageOp::Insert {
+                    level: 0,
+                    pos,
+                    size: msg.body.len() as u32,
+                    durable: true,
+                    record: EncodedMessage::new(msg),
+                }],
+            );
+        }
+
+        fn remove_message(&self, queue: &str, pos: u64) {
+            self.submit(
+                &self.queue(queue, true),
+                [MessageOp::Settle {
+                    level: 0,
+                    pos,
+                    size: 8,
+                    durable: true,
+                }],
+            );
+        }
+
+        fn mark_redelivered(&self, queue: &str, pos: u64) {
+            self.submit(
+                &self.queue(queue, true),
+                [MessageOp::MarkDelivered { level: 0, pos }],
+            );
+        }
+
+        fn load_messages(&self, queue: &str) -> Result<Vec<(u64, StoredMessage)>, StorageError> {
+            Ok(self
+                .read(&self.queue(queue, true), 0, 0, usize::MAX, usize::MAX)?
+                .into_iter()
+                .map(|r| (r.pos, r.message))
+                .collect())
+        }
+    }
+
     fn block_on<F: Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -1044,8 +974,7 @@ mod tests {
     fn round_trip_in_order() {
         let dir = TempDir::new();
         let store = Store::open(dir.path()).unwrap();
-        // Out-of-order inserts still load in seq order.
-        for i in [3u64, 1, 2, 300, 256] {
+        for i in [1u64, 2, 3, 256, 300] {
             store.insert_message("v\0q", i, &msg(i));
         }
         store.insert_message("v\0other", 1, &msg(99));
@@ -1061,25 +990,38 @@ mod tests {
         keys.sort();
         assert_eq!(keys, vec!["v\0other".to_string(), "v\0q".to_string()]);
         assert_eq!(store.stats().messages_written, 6);
+        // Reads from a position, bounded by count and bytes.
+        let q = store.queue("v\0q", true);
+        let r = store.read(&q, 0, 3, 2, usize::MAX).unwrap();
+        assert_eq!(r.iter().map(|m| m.pos).collect::<Vec<_>>(), vec![3, 256]);
+        let r = store.read(&q, 0, 4, 10, 1).unwrap();
+        assert_eq!(
+            r.iter().map(|m| m.pos).collect::<Vec<_>>(),
+            vec![256],
+            "at least one"
+        );
+        assert!(store.read(&q, 0, 301, 10, usize::MAX).unwrap().is_empty());
     }
 
     #[test]
-    fn get_message_sees_buffered_and_flushed_writes() {
+    fn read_sees_buffered_and_flushed_writes() {
         let dir = TempDir::new();
         let store = Store::open(dir.path()).unwrap();
         store.insert_message("v\0q", 7, &msg(7));
         // Buffered (maybe not yet applied) writes are visible at once.
-        assert_eq!(store.get_message("v\0q", 7).unwrap(), Some(msg(7)));
+        assert_eq!(store.load_messages("v\0q").unwrap(), vec![(7, msg(7))]);
         store.flush_blocking().unwrap();
-        assert_eq!(store.get_message("v\0q", 7).unwrap(), Some(msg(7)));
-        assert_eq!(store.get_message("v\0q", 8).unwrap(), None);
+        assert_eq!(store.load_messages("v\0q").unwrap(), vec![(7, msg(7))]);
+        store.insert_message("v\0q", 8, &msg(8));
+        assert_eq!(seqs(&store.load_messages("v\0q").unwrap()), vec![7, 8]);
         store.remove_message("v\0q", 7);
-        assert_eq!(store.get_message("v\0q", 7).unwrap(), None);
         store.flush_blocking().unwrap();
-        assert_eq!(store.get_message("v\0q", 7).unwrap(), None);
+        assert_eq!(seqs(&store.load_messages("v\0q").unwrap()), vec![8]);
+        // What a delete removes is gone once it is applied.
         store.insert_message("v\0q", 9, &msg(9));
         store.delete_queue_messages("v\0q");
-        assert_eq!(store.get_message("v\0q", 9).unwrap(), None);
+        store.flush_blocking().unwrap();
+        assert!(store.load_messages("v\0q").unwrap().is_empty());
     }
 
     #[test]
@@ -1119,32 +1061,176 @@ mod tests {
         let got = store.load_messages("q").unwrap();
         let flags: Vec<(u64, bool)> = got.iter().map(|(s, m)| (*s, m.redelivered)).collect();
         assert_eq!(flags, vec![(1, false), (2, true), (4, false)]);
-        assert_eq!(store.shared().redelivered.len(), 1);
+    }
+
+    /// Submits `n` inserts at `level` from position `from` (durable or not).
+    fn fill(store: &Store, q: &QueueRef, level: u8, from: u64, n: u64) {
+        store.submit(
+            q,
+            (from..from + n).map(|i| MessageOp::Insert {
+                level,
+                pos: i,
+                size: 8,
+                durable: q.is_durable(),
+                record: EncodedMessage::new(&msg(i)),
+            }),
+        );
+    }
+
+    fn settle(store: &Store, q: &QueueRef, level: u8, positions: impl Iterator<Item = u64>) {
+        store.submit(
+            q,
+            positions.map(|pos| MessageOp::Settle {
+                level,
+                pos,
+                size: 8,
+                durable: q.is_durable(),
+            }),
+        );
+    }
+
+    fn chunks(store: &Store, q: &QueueRef) -> Vec<(u8, u8, u64)> {
+        store
+            .shared()
+            .tree(q.is_durable())
+            .scan_prefix(&q.inner().prefix)
+            .keys()
+            .map(|k| {
+                let k = k.unwrap();
+                let d = segment::decode_key(&k).unwrap();
+                (d.level, d.kind, d.first)
+            })
+            .collect()
     }
 
     #[test]
-    fn orphaned_redelivered_flags_are_dropped_on_open() {
+    fn one_chunk_per_level_per_flush_and_settled_chunks_are_reclaimed() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        let q = store.queue("v\0q", true);
+        fill(&store, &q, 0, 0, 100);
+        fill(&store, &q, 3, 0, 10);
+        store.flush_blocking().unwrap();
+        fill(&store, &q, 0, 100, 100);
+        store.flush_blocking().unwrap();
+        let c = chunks(&store, &q);
+        assert_eq!(c.len(), 6, "{c:?}");
+        // Settling all of the first chunk deletes it and its meta.
+        settle(&store, &q, 0, 0..100);
+        store.flush_blocking().unwrap();
+        let c = chunks(&store, &q);
+        assert!(c.iter().all(|&(l, _, f)| !(l == 0 && f == 0)), "{c:?}");
+        assert_eq!(c.len(), 4);
+        let levels = store.recover_queue(&q).unwrap();
+        assert_eq!(
+            levels,
+            vec![
+                LevelSummary {
+                    level: 0,
+                    first: 100,
+                    next: 200,
+                    count: 100,
+                    bytes: 800
+                },
+                LevelSummary {
+                    level: 3,
+                    first: 0,
+                    next: 10,
+                    count: 10,
+                    bytes: 80
+                },
+            ]
+        );
+        // Inserted and settled in one group: never written.
+        let written = store.stats().messages_written;
+        fill(&store, &q, 0, 200, 5);
+        settle(&store, &q, 0, 200..205);
+        store.flush_blocking().unwrap();
+        assert_eq!(store.stats().messages_written, written + 5);
+        assert_eq!(chunks(&store, &q).len(), 4);
+    }
+
+    #[test]
+    fn mostly_settled_chunks_are_compacted_and_survive_reopen() {
         let dir = TempDir::new();
         {
             let store = Store::open(dir.path()).unwrap();
-            store.insert_message("q", 1, &msg(1));
+            let q = store.queue("q", true);
+            fill(&store, &q, 0, 0, 1000);
             store.flush_blocking().unwrap();
-            // Simulate a crash between the two trees' batches.
-            let sh = store.shared();
-            sh.redelivered
-                .insert(codec::message_key("q", 7), &[])
-                .unwrap();
-            sh.db.flush().unwrap();
+            let key = segment::key(&q.inner().prefix, 0, segment::KIND_CHUNK, 0);
+            let before = store.shared().segments.get(&key).unwrap().unwrap().len();
+            // Keep every 10th.
+            settle(&store, &q, 0, (0..1000).filter(|i| i % 10 != 0));
+            store.mark_redelivered("q", 500);
+            store.flush_blocking().unwrap();
+            let after = store.shared().segments.get(&key).unwrap().unwrap().len();
+            assert!(after * 5 < before, "compacted {before} -> {after}");
         }
         let store = Store::open(dir.path()).unwrap();
-        assert!(store.shared().redelivered.is_empty());
-        store.insert_message("q", 7, &msg(7));
+        let got = store.load_messages("q").unwrap();
+        assert_eq!(seqs(&got), (0..1000).step_by(10).collect::<Vec<_>>());
+        assert!(got.iter().all(|(s, m)| m.redelivered == (*s == 500)));
+        let q = store.queue("q", true);
+        assert_eq!(store.recover_queue(&q).unwrap()[0].count, 100);
+    }
+
+    #[test]
+    fn drop_from_settles_the_rest_of_a_level() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        let q = store.queue("q", true);
+        fill(&store, &q, 0, 0, 50);
         store.flush_blocking().unwrap();
-        assert!(store
-            .load_messages("q")
-            .unwrap()
-            .iter()
-            .all(|(_, m)| !m.redelivered));
+        fill(&store, &q, 0, 50, 50);
+        store.flush_blocking().unwrap();
+        fill(&store, &q, 0, 100, 10);
+        // From the middle of the first chunk: 0..20 stay (e.g. unacked).
+        store.submit(&q, [MessageOp::DropFrom { level: 0, from: 20 }]);
+        store.flush_blocking().unwrap();
+        assert_eq!(
+            seqs(&store.load_messages("q").unwrap()),
+            (0..20).collect::<Vec<_>>()
+        );
+        let l = store.recover_queue(&q).unwrap();
+        assert_eq!((l[0].count, l[0].bytes), (20, 160));
+        assert_eq!(chunks(&store, &q).len(), 2, "later chunks deleted whole");
+    }
+
+    #[test]
+    fn transient_pages_die_with_the_process() {
+        let dir = TempDir::new();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let q = store.queue("q", true);
+            // A durable queue with persistent and transient messages paged out.
+            store.submit(
+                &q,
+                (0..10u64).map(|i| MessageOp::Insert {
+                    level: 0,
+                    pos: i,
+                    size: 8,
+                    durable: i % 2 == 0,
+                    record: EncodedMessage::new(&msg(i)),
+                }),
+            );
+            let e = store.queue("q", false);
+            fill(&store, &e, 0, 0, 5);
+            store.flush_blocking().unwrap();
+            assert_eq!(store.load_messages("q").unwrap().len(), 10);
+            assert_eq!(store.read(&e, 0, 0, 100, usize::MAX).unwrap().len(), 5);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let got = store.load_messages("q").unwrap();
+        assert_eq!(seqs(&got), vec![0, 2, 4, 6, 8]);
+        let q = store.queue("q", true);
+        assert_eq!(store.recover_queue(&q).unwrap()[0].count, 5);
+        let e = store.queue("q", false);
+        assert!(store.read(&e, 0, 0, 100, usize::MAX).unwrap().is_empty());
+        // Settling the durable ones reclaims the chunk despite its dead transients.
+        settle(&store, &q, 0, [0u64, 2, 4, 6, 8].into_iter());
+        store.flush_blocking().unwrap();
+        assert!(chunks(&store, &q).is_empty());
     }
 
     #[test]
@@ -1235,7 +1321,7 @@ mod tests {
         assert_eq!(seqs(&store.load_messages("q2").unwrap()), vec![1]);
         assert_eq!(
             std::fs::read_to_string(dir.path().join("VERSION")).unwrap(),
-            "warren-store 1\n"
+            "warren-store 2\n"
         );
         assert!(dir.path().join("store").is_dir());
     }
@@ -1360,9 +1446,9 @@ mod tests {
         store.insert_message("q", 1, &msg(1));
         store.flush_blocking().unwrap();
         let sh = store.shared();
-        sh.messages
-            .insert(codec::message_key("q", 2), &b"\x01garbage"[..])
-            .unwrap();
+        let q = store.queue("q", true);
+        let key = segment::key(&q.inner().prefix, 0, segment::KIND_CHUNK, 1);
+        sh.segments.insert(key, &b"\x01garbage"[..]).unwrap();
         let err = store.load_messages("q").unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, StorageError::Corrupt { .. }), "{err:?}");
@@ -1370,14 +1456,34 @@ mod tests {
             text.contains(&dir.path().join("store").display().to_string()),
             "{text}"
         );
-        assert!(text.contains("message 2 of queue \"q\""), "{text}");
+        assert!(text.contains("chunk of \"q\" at 1"), "{text}");
 
         // A malformed key is reported too.
-        sh.messages.insert(b"xx", &b""[..]).unwrap();
+        sh.segments.insert(b"xx", &b""[..]).unwrap();
         assert!(matches!(
             store.queue_keys_with_messages(),
             Err(StorageError::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn a_format_1_store_is_refused_not_misread() {
+        let dir = TempDir::new();
+        drop(Store::open(dir.path()).unwrap());
+        {
+            let db = ::sled::open(dir.path().join("store")).unwrap();
+            db.open_tree("messages")
+                .unwrap()
+                .insert(b"k", b"v")
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err:?}");
+        assert!(err.to_string().contains("store format 1"), "{err}");
+        std::fs::write(dir.path().join("VERSION"), "warren-store 1\n").unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("format 1"), "{err}");
     }
 
     #[test]

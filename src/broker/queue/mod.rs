@@ -20,9 +20,19 @@
 //! gathered in [`Effects`] and done once the lock is released: store operations
 //! (written to the store in the order the queue made them: the queue takes its
 //! submit lock before it releases its state lock, and submitting never blocks),
-//! loading paged-out messages a consumer waits for (then delivery goes on under the
+//! loading stored messages a consumer waits for (then delivery goes on under the
 //! lock), and dead letters (routed to other queues, so queues never lock each
 //! other). A persistent message's record is encoded before the lock is taken.
+//!
+//! # Memory
+//!
+//! A queue holds a bounded window of messages in memory per priority level; the
+//! rest of a long queue is a tail in the message store, counted but not held (see
+//! [`ready`]). A persistent message on a durable queue joins the tail once the
+//! window holds [`PERSISTENT_WINDOW`] messages; any message does when the broker's
+//! message memory budget is spent (transient ones then go to the store's ephemeral
+//! space, gone after a restart). Consumers and `basic.get` load the tail's front
+//! in batches of [`PAGE_IN_BATCH`] as they reach it.
 
 pub mod args;
 pub mod consumer;
@@ -35,17 +45,24 @@ pub use args::{Overflow, QueueArgs};
 pub use consumer::{Consumer, Credit, Delivery, DeliverySink};
 pub use dead_letter::Reason;
 
-use crate::broker::message::{paged_placeholder, Entry, MemoryBudget, Message};
+use crate::broker::message::{Entry, MemoryBudget, Message};
 use crate::broker::vhost::{PublishFrom, VHost};
 use crate::error::{AmqpError, AmqpResult};
-use crate::storage::{EncodedMessage, MessageOp, MessageParts, Store, StoredMessage};
+use crate::storage::{
+    EncodedMessage, LevelSummary, MessageOp, MessageParts, QueueRef, ReadMessage, Store,
+};
 use crate::wire::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
-use ready::Ready;
+use ready::{level_for, Head, Ready};
 use std::sync::{Arc, Weak};
 
-/// How many paged-out messages at the head are loaded in one go for delivery.
-const PAGE_IN_BATCH: usize = 32;
+/// How many stored messages at the head are loaded in one go (read-ahead).
+pub const PAGE_IN_BATCH: usize = 512;
+/// ... or at most about this many record bytes.
+const PAGE_IN_BYTES: usize = 4 << 20;
+/// A durable queue keeps at most this many persistent messages per level in memory;
+/// later ones wait in the store until consumers get near them.
+pub const PERSISTENT_WINDOW: usize = 2048;
 
 /// Declared properties of a queue (what queue.declare set).
 #[derive(Debug, Clone, PartialEq)]
@@ -67,19 +84,22 @@ pub struct Queue {
     /// Totals of messages in, delivered and acked, for the admin API.
     pub counters: crate::broker::Counters,
     vhost: Weak<VHost>,
-    /// Where persistent messages of a durable queue are written.
+    /// Where persistent messages of a durable queue are written, and where any
+    /// queue pages messages out to.
     store: Option<QueueStore>,
+    /// `x-max-priority` (0: a plain queue); a message's level follows from it.
+    max_priority: u8,
     /// Resident message bytes broker-wide; past its limit persistent messages page out.
     budget: Arc<MemoryBudget>,
     state: Mutex<State>,
 }
 
-/// A durable queue's handle on the message store.
+/// A queue's handle on the message store.
 #[derive(Debug)]
 struct QueueStore {
     store: Store,
-    /// The queue's key in the store: `vhost \0 name`.
-    key: String,
+    /// The queue in the store (key `vhost \0 name`; durable or ephemeral).
+    queue: QueueRef,
     /// Held from before the state lock is released until this operation's store
     /// operations are submitted: the store sees them in the queue's order, and a
     /// reader that takes it knows every earlier write was submitted. Lock order:
@@ -140,19 +160,20 @@ struct Effects {
 }
 
 impl Queue {
-    /// A queue; `store` is given for durable queues, whose persistent messages it
-    /// keeps. `now` starts its `x-expires` clock.
+    /// A queue; with a `store` it pages messages out there, and if `durable` also
+    /// keeps its persistent messages there across restarts. `now` starts its
+    /// `x-expires` clock.
     pub fn new(
         spec: QueueSpec,
         args: QueueArgs,
         vhost: Weak<VHost>,
-        store: Option<Store>,
+        store: Option<(Store, bool)>,
         budget: Arc<MemoryBudget>,
         now: u64,
     ) -> Arc<Queue> {
         let max_priority = args.max_priority;
-        let store = store.map(|store| QueueStore {
-            key: store_key(&spec.vhost, &spec.name),
+        let store = store.map(|(store, durable)| QueueStore {
+            queue: store.queue(&store_key(&spec.vhost, &spec.name), durable),
             store,
             order: Mutex::new(()),
         });
@@ -162,6 +183,7 @@ impl Queue {
             counters: Default::default(),
             vhost,
             store,
+            max_priority,
             budget: Arc::clone(&budget),
             state: Mutex::new(State {
                 ready: Ready::new(max_priority, budget),
@@ -226,11 +248,9 @@ impl Queue {
             (a, b) => a.or(b),
         };
         let expires_at = ttl.map(|t| now.saturating_add(t));
+        let durable = self.is_durable() && message.is_persistent();
         // The costly part of a durable write (copying the body) happens unlocked.
-        let record = match &self.store {
-            Some(_) if message.is_persistent() => Some(encode(&message, false, expires_at)),
-            _ => None,
-        };
+        let record = durable.then(|| encode(&message, false, expires_at));
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         if s.deleted {
@@ -251,16 +271,39 @@ impl Queue {
             }
             Enqueued::Rejected
         } else {
-            if let Some(record) = record {
-                fx.ops.push(MessageOp::Insert { seq, record });
-                entry.persisted = true;
-                if self.budget.over(entry.size()) {
-                    page_out(&mut entry);
+            let level = level_for(entry.priority, self.max_priority);
+            let to_tail = self.store.is_some()
+                && (s.ready.tail(level).count > 0
+                    || (durable && s.ready.window_len(level) >= PERSISTENT_WINDOW)
+                    || self.budget.over(size));
+            if to_tail {
+                // Only in the store until a consumer gets near it.
+                let pos = s.ready.alloc_pos(level);
+                let record = record.unwrap_or_else(|| encode(&entry.message, false, expires_at));
+                fx.ops.push(MessageOp::Insert {
+                    level,
+                    pos,
+                    size: size as u32,
+                    durable,
+                    record,
+                });
+                s.ready.push_tail(level, pos, size, expires_at.is_some());
+            } else {
+                if let Some(record) = record {
+                    let pos = s.ready.alloc_pos(level);
+                    fx.ops.push(MessageOp::Insert {
+                        level,
+                        pos,
+                        size: size as u32,
+                        durable: true,
+                        record,
+                    });
+                    entry.persisted = true;
+                    entry.pos = Some(pos);
                 }
+                s.may_expire |= entry.expires_at.is_some();
+                s.ready.push_back(entry);
             }
-            let durable = entry.persisted;
-            s.may_expire |= entry.expires_at.is_some();
-            s.ready.push_back(entry);
             // As RabbitMQ: a waiting consumer takes the message before the length
             // limit applies (max-length 0 still reaches a consumer).
             self.dispatch_locked(&mut s, now, &mut fx);
@@ -285,9 +328,18 @@ impl Queue {
             }
             // The head is the next message to deliver: in a priority queue RabbitMQ
             // drops the highest-priority one.
-            match s.ready.pop() {
-                Some(e) => self.discard(e, Reason::MaxLen, args, fx),
-                None => return,
+            match s.ready.peek() {
+                Head::Entry(_) => {
+                    if let Some(e) = s.ready.pop() {
+                        self.discard(e, Reason::MaxLen, args, fx);
+                    }
+                }
+                // Loaded once the lock is released; the limit is applied after that.
+                Head::Paged(_) => {
+                    fx.page_in = true;
+                    return;
+                }
+                Head::Empty => return,
             }
         }
     }
@@ -308,15 +360,25 @@ impl Queue {
             return;
         }
         let mut args = None;
-        while let Some(head) = s.ready.peek() {
-            match head.expires_at {
-                Some(at) if at <= now => {
-                    if let Some(e) = s.ready.pop() {
-                        let args = args.get_or_insert_with(|| self.args());
-                        self.discard(e, Reason::Expired, args, fx);
+        loop {
+            match s.ready.peek() {
+                Head::Entry(head) => match head.expires_at {
+                    Some(at) if at <= now => {
+                        if let Some(e) = s.ready.pop() {
+                            let args = args.get_or_insert_with(|| self.args());
+                            self.discard(e, Reason::Expired, args, fx);
+                        }
                     }
+                    _ => break,
+                },
+                // Stored messages that may be due: load them to look.
+                Head::Paged(level) => {
+                    if s.ready.tail(level).may_expire {
+                        fx.page_in = true;
+                    }
+                    break;
                 }
-                _ => break,
+                Head::Empty => break,
             }
         }
         if s.ready.is_empty() {
@@ -334,7 +396,7 @@ impl Queue {
             .args()
             .expires
             .is_some_and(|ttl| s.consumers.is_empty() && now.saturating_sub(s.last_used) >= ttl);
-        self.finish(s, fx, now);
+        self.settle(s, fx, now);
         expired
     }
 
@@ -362,8 +424,9 @@ impl Queue {
             self.expire_locked(s, cutoff, fx);
             cutoff = now;
             let paged = match s.ready.peek() {
-                None => return,
-                Some(head) => head.paged.is_some(),
+                Head::Empty => return,
+                Head::Entry(_) => false,
+                Head::Paged(_) => true,
             };
             let Some(idx) = pick_consumer(s, single_active) else {
                 return;
@@ -414,13 +477,13 @@ impl Queue {
             let mut s = self.state.lock();
             s.last_used = now;
             self.expire_locked(&mut s, now, &mut fx);
-            if s.ready.peek().is_some_and(|e| e.paged.is_some()) {
+            if let Head::Paged(level) = s.ready.peek() {
                 // Load it with the lock released, then try again.
-                let seqs = paged_heads(&s, 1);
+                let from = s.ready.tail(level).from;
                 self.release(s, &mut fx, true);
-                let loaded = self.load(&seqs);
+                let loaded = self.load(level, from);
                 let mut s = self.state.lock();
-                self.install(&mut s, loaded);
+                self.install(&mut s, level, from, loaded);
                 self.finish(s, fx, now);
                 continue;
             }
@@ -467,9 +530,25 @@ impl Queue {
 
     /// A message left the queue for good: remove it from the store.
     fn forget(&self, e: &Entry, fx: &mut Effects) {
-        if e.persisted && self.store.is_some() {
-            fx.ops.push(MessageOp::Remove { seq: e.seq });
+        if let Some(op) = self.settle_op(e) {
+            fx.ops.push(op);
         }
+    }
+
+    /// The store operation that settles `e`, if it is in the store.
+    fn settle_op(&self, e: &Entry) -> Option<MessageOp> {
+        let pos = e.pos?;
+        self.store.as_ref()?;
+        Some(MessageOp::Settle {
+            level: level_for(e.priority, self.max_priority),
+            pos,
+            size: e.size() as u32,
+            durable: e.persisted,
+        })
+    }
+
+    fn is_durable(&self) -> bool {
+        self.store.as_ref().is_some_and(|qs| qs.queue.is_durable())
     }
 
     /// A message went to a consumer or basic.get: without ack it is gone; with ack
@@ -480,29 +559,24 @@ impl Queue {
         }
         if no_ack {
             self.forget(e, fx);
-        } else if !e.redelivered && self.store.is_some() {
-            fx.ops.push(MessageOp::MarkRedelivered { seq: e.seq });
+        } else if let (false, Some(pos)) = (e.redelivered, e.pos) {
+            fx.ops.push(MessageOp::MarkDelivered {
+                level: level_for(e.priority, self.max_priority),
+                pos,
+            });
         }
     }
 
-    /// Put recovered messages (from the store) back, in order.
-    pub fn restore(&self, messages: Vec<(u64, StoredMessage)>) -> usize {
+    /// Count recovered messages (per level, as the store summarized them) back
+    /// in; they are read as consumers reach them. Returns how many.
+    pub fn restore(&self, levels: &[LevelSummary]) -> usize {
         let mut s = self.state.lock();
-        let n = messages.len();
-        for (seq, m) in messages {
-            let (expires_at, redelivered) = (m.expires_at, m.redelivered);
-            let Some(message) = self.stored_message(seq, m) else {
-                continue;
-            };
-            s.next_seq = s.next_seq.max(seq + 1);
-            s.may_expire |= expires_at.is_some();
-            let mut entry = Entry::new(seq, message, expires_at);
-            entry.redelivered = redelivered;
-            entry.persisted = true;
-            if self.budget.over(entry.size()) {
-                page_out(&mut entry);
-            }
-            s.ready.push_back(entry);
+        let mut n = 0;
+        for l in levels {
+            let count = usize::try_from(l.count).unwrap_or(usize::MAX);
+            let bytes = usize::try_from(l.bytes).unwrap_or(usize::MAX);
+            s.ready.restore_tail(l.level, l.first, l.next, count, bytes);
+            n += count;
         }
         n
     }
@@ -629,12 +703,20 @@ impl Queue {
     pub fn purge(&self) -> usize {
         let mut fx = Effects::default();
         let mut s = self.state.lock();
-        let drained = s.ready.drain();
+        let n = s.ready.len();
+        let (drained, tails) = s.ready.drain();
         for e in &drained {
             self.forget(e, &mut fx);
         }
+        if self.store.is_some() {
+            fx.ops.extend(
+                tails
+                    .into_iter()
+                    .map(|(level, from)| MessageOp::DropFrom { level, from }),
+            );
+        }
         self.release(s, &mut fx, false);
-        drained.len()
+        n
     }
 
     /// Mark deleted, drop the ready messages, and return the consumers to notify and
@@ -661,7 +743,7 @@ impl Queue {
         let Some(qs) = &self.store else {
             return;
         };
-        if fx.ops.is_empty() && !barrier && !fx.dead.iter().any(|(e, _)| e.persisted) {
+        if fx.ops.is_empty() && !barrier && !fx.dead.iter().any(|(e, _)| e.pos.is_some()) {
             return;
         }
         submit_in_order(qs, s, std::mem::take(&mut fx.ops));
@@ -673,66 +755,74 @@ impl Queue {
         self.dead_letter(fx.dead, now);
     }
 
-    /// Like [`finish`](Self::finish), and while a consumer waits for paged-out
-    /// messages, load them (lock released) and deliver on.
+    /// Like [`finish`](Self::finish), and while the head is wanted but only in the
+    /// store (a consumer waits, a length limit or an expiry applies), load the next
+    /// batch (lock released) and go on.
     fn settle<'a>(self: &'a Arc<Self>, mut s: MutexGuard<'a, State>, mut fx: Effects, now: u64) {
         while fx.page_in {
             fx.page_in = false;
-            let seqs = paged_heads(&s, PAGE_IN_BATCH);
+            let Head::Paged(level) = s.ready.peek() else {
+                break;
+            };
+            let from = s.ready.tail(level).from;
             self.release(s, &mut fx, true);
-            let loaded = self.load(&seqs);
+            let loaded = self.load(level, from);
             s = self.state.lock();
-            self.install(&mut s, loaded);
+            self.install(&mut s, level, from, loaded);
+            let args = self.args();
+            self.enforce_limits(&mut s, &args, &mut fx);
+            self.expire_locked(&mut s, now, &mut fx);
             self.dispatch_locked(&mut s, now, &mut fx);
         }
         self.finish(s, fx, now);
     }
 
-    /// Read paged-out messages from the store (no lock held). `None` for one the
-    /// store does not have (removed meanwhile, or lost).
-    fn load(&self, seqs: &[u64]) -> Vec<(u64, Option<Arc<Message>>)> {
-        seqs.iter().map(|&seq| (seq, self.load_one(seq))).collect()
-    }
-
-    fn load_one(&self, seq: u64) -> Option<Arc<Message>> {
-        let qs = self.store.as_ref()?;
-        match qs.store.get_message(&qs.key, seq) {
-            Ok(Some(m)) => self.stored_message(seq, m),
-            Ok(None) => None,
+    /// Read the next batch of `level` from the store, from position `from` (no
+    /// lock held). Empty if there is none, or on a store error (logged).
+    fn load(&self, level: u8, from: u64) -> Vec<ReadMessage> {
+        let Some(qs) = &self.store else {
+            return Vec::new();
+        };
+        match qs
+            .store
+            .read(&qs.queue, level, from, PAGE_IN_BATCH, PAGE_IN_BYTES)
+        {
+            Ok(v) => v,
             Err(err) => {
-                tracing::error!(queue = %self.spec.name, seq, error = %err, "cannot page a message in");
-                None
+                tracing::error!(queue = %self.spec.name, level, from, error = %err, "cannot read stored messages");
+                Vec::new()
             }
         }
     }
 
-    /// The message a stored record holds; `None` (logged) if its properties do not
-    /// decode.
-    fn stored_message(&self, seq: u64, m: StoredMessage) -> Option<Arc<Message>> {
-        match crate::wire::BasicProperties::decode(&m.properties) {
-            Ok(properties) => Some(Message::new(m.exchange, m.routing_key, properties, m.body)),
-            Err(err) => {
-                tracing::error!(queue = %self.spec.name, seq, error = %err, "unreadable stored properties; message skipped");
-                None
-            }
+    /// Put messages loaded from the front of `level`'s tail into its window, if the
+    /// tail is still where the read started.
+    fn install(&self, s: &mut State, level: u8, from: u64, loaded: Vec<ReadMessage>) {
+        if s.ready.tail(level).from != from {
+            return;
         }
-    }
-
-    /// Put loaded messages back into their paged-out entries. An entry the store
-    /// did not have is dropped (a bug if it is still queued: logged).
-    fn install(&self, s: &mut State, loaded: Vec<(u64, Option<Arc<Message>>)>) {
-        for (seq, message) in loaded {
-            match message {
-                Some(m) => {
-                    s.ready.page_in(seq, m);
+        let next = loaded.last().map_or(from, |r| r.pos + 1);
+        let mut entries = Vec::with_capacity(loaded.len());
+        for r in loaded {
+            let m = r.message;
+            let properties = match crate::wire::BasicProperties::decode(&m.properties) {
+                Ok(p) => p,
+                Err(err) => {
+                    tracing::error!(queue = %self.spec.name, pos = r.pos, error = %err, "unreadable stored properties; message skipped");
+                    continue;
                 }
-                None => {
-                    if s.ready.remove(seq).is_some() {
-                        tracing::error!(queue = %self.spec.name, seq, "paged-out message missing from the store; dropped");
-                    }
-                }
-            }
+            };
+            let message = Message::new(m.exchange, m.routing_key, properties, m.body);
+            let seq = s.next_seq;
+            s.next_seq += 1;
+            let mut entry = Entry::new(seq, message, m.expires_at);
+            entry.redelivered = m.redelivered;
+            entry.persisted = r.durable;
+            entry.pos = Some(r.pos);
+            s.may_expire |= m.expires_at.is_some();
+            entries.push(entry);
         }
+        s.ready.install(level, from, next, entries);
     }
 
     /// Route dead letters (at `now`, the `x-death` time) to the dead-letter exchange
@@ -749,20 +839,12 @@ impl Queue {
         let key = args.dead_letter_routing_key.as_deref();
         let mut removes = Vec::new();
         for (entry, reason) in dead {
-            if entry.persisted && self.store.is_some() {
-                removes.push(MessageOp::Remove { seq: entry.seq });
-            }
+            removes.extend(self.settle_op(&entry));
             let Some((dlx, vhost)) = &target else {
                 continue;
             };
-            let message = match entry.paged {
-                Some(_) => match self.load_one(entry.seq) {
-                    Some(m) => m,
-                    None => continue,
-                },
-                None => entry.message,
-            };
-            let m = dead_letter::dead_letter(&message, self.name(), reason, dlx, key, now / 1000);
+            let m =
+                dead_letter::dead_letter(&entry.message, self.name(), reason, dlx, key, now / 1000);
             // A missing dead-letter exchange drops the message, as in RabbitMQ.
             let _ = vhost.publish(dlx, &m, PublishFrom::DeadLetter, now);
         }
@@ -784,25 +866,9 @@ fn submit_in_order(qs: &QueueStore, s: MutexGuard<'_, State>, ops: Vec<MessageOp
     let order = qs.order.lock();
     drop(s);
     if !ops.is_empty() {
-        qs.store.submit(&qs.key, ops);
+        qs.store.submit(&qs.queue, ops);
     }
     drop(order);
-}
-
-/// The seqs of paged-out entries among the first `n` in delivery order.
-fn paged_heads(s: &State, n: usize) -> Vec<u64> {
-    s.ready
-        .iter()
-        .take(n)
-        .filter(|e| e.paged.is_some())
-        .map(|e| e.seq)
-        .collect()
-}
-
-/// Drop an entry's body from memory; the store has it.
-fn page_out(e: &mut Entry) {
-    e.paged = Some(u32::try_from(e.message.size()).unwrap_or(u32::MAX));
-    e.message = paged_placeholder();
 }
 
 /// The store key of a queue.
@@ -811,7 +877,7 @@ pub fn store_key(vhost: &str, name: &str) -> String {
 }
 
 /// The store record of a message.
-fn encode(m: &Message, redelivered: bool, expires_at: Option<u64>) -> EncodedMessage {
+pub(crate) fn encode(m: &Message, redelivered: bool, expires_at: Option<u64>) -> EncodedMessage {
     let mut props = bytes::BytesMut::new();
     m.properties.encode(&mut props);
     EncodedMessage::from_parts(&MessageParts {

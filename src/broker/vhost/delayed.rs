@@ -1,11 +1,18 @@
 //! The delayed-message exchange (`x-delayed-message`, as RabbitMQ's plugin): a
-//! message published with a positive `x-delay` header (ms) waits here, in memory,
-//! until it is due; `tick(now)` then routes it from its exchange through
-//! [`VHost::publish`] like a new publish (bindings, exchange-to-exchange and the
-//! alternate exchange alike). Ties release in publish order.
+//! message published with a positive `x-delay` header (ms) waits here until it is
+//! due; `tick(now)` then routes it from its exchange through [`VHost::publish`]
+//! like a new publish (bindings, exchange-to-exchange and the alternate exchange
+//! alike). Ties release in publish order.
+//!
+//! A persistent message held by a durable delayed exchange is also written to the
+//! message store (under a per-vhost key no queue can have), so its confirm means
+//! what any confirm means: it survives a crash and is released after the restart
+//! (at once if it fell due meanwhile). Its record is settled when it is released.
+//! Held messages are kept in memory too (the heap orders them by due time).
 
 use super::{PublishFrom, VHost};
 use crate::broker::message::Message;
+use crate::storage::{MessageOp, QueueRef, StorageError, Store};
 use parking_lot::Mutex;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -14,7 +21,15 @@ use std::sync::Arc;
 /// The messages the delayed exchanges of one vhost hold, earliest due first.
 #[derive(Debug, Default)]
 pub(super) struct DelayedMessages {
-    heap: Mutex<(BinaryHeap<Reverse<Delayed>>, u64)>,
+    held: Mutex<Held>,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    heap: BinaryHeap<Reverse<Delayed>>,
+    next_seq: u64,
+    /// The next store position (level 0 of the vhost's delayed key).
+    next_pos: u64,
 }
 
 /// A message waiting in a delayed exchange.
@@ -26,6 +41,8 @@ struct Delayed {
     seq: u64,
     exchange: Arc<str>,
     message: Arc<Message>,
+    /// Its position in the store, if it was written there.
+    pos: Option<u64>,
 }
 
 impl PartialEq for Delayed {
@@ -57,47 +74,128 @@ pub(super) fn delay_of(message: &Message) -> Option<u64> {
 }
 
 impl DelayedMessages {
-    /// Hold `message` for `exchange` until `due`.
-    pub(super) fn hold(&self, due: u64, exchange: Arc<str>, message: Arc<Message>) {
-        let mut guard = self.heap.lock();
-        let (heap, next_seq) = &mut *guard;
-        let seq = *next_seq;
-        *next_seq += 1;
-        heap.push(Reverse(Delayed {
+    /// Hold `message` for `exchange` until `due`; `store`: also write it there
+    /// (under the lock, so the store sees positions in order).
+    pub(super) fn hold(
+        &self,
+        due: u64,
+        exchange: Arc<str>,
+        message: Arc<Message>,
+        store: Option<(&Store, &QueueRef)>,
+    ) {
+        let mut held = self.held.lock();
+        let pos = store.map(|(store, queue)| {
+            let pos = held.next_pos;
+            held.next_pos += 1;
+            store.submit(
+                queue,
+                [MessageOp::Insert {
+                    level: 0,
+                    pos,
+                    size: message.size() as u32,
+                    durable: true,
+                    record: crate::broker::queue::encode(&message, false, Some(due)),
+                }],
+            );
+            pos
+        });
+        self.push(&mut held, due, exchange, message, pos);
+    }
+
+    fn push(
+        &self,
+        held: &mut Held,
+        due: u64,
+        exchange: Arc<str>,
+        message: Arc<Message>,
+        pos: Option<u64>,
+    ) {
+        let seq = held.next_seq;
+        held.next_seq += 1;
+        held.heap.push(Reverse(Delayed {
             due,
             seq,
             exchange,
             message,
+            pos,
         }));
     }
 
     /// The earliest held message if it is due at `now`.
-    fn pop_due(&self, now: u64) -> Option<(Arc<str>, Arc<Message>)> {
-        let mut guard = self.heap.lock();
-        let heap = &mut guard.0;
-        match heap.peek() {
-            Some(Reverse(d)) if d.due <= now => {
-                heap.pop().map(|Reverse(d)| (d.exchange, d.message))
-            }
+    fn pop_due(&self, now: u64) -> Option<Delayed> {
+        let mut held = self.held.lock();
+        match held.heap.peek() {
+            Some(Reverse(d)) if d.due <= now => held.heap.pop().map(|Reverse(d)| d),
             _ => None,
         }
     }
 
     /// How many messages are held.
     pub(super) fn len(&self) -> usize {
-        self.heap.lock().0.len()
+        self.held.lock().heap.len()
     }
 }
 
 impl VHost {
     /// Route every delayed message due at `now`. One whose exchange has been
-    /// deleted meanwhile is dropped.
+    /// deleted meanwhile is dropped. A stored one is settled after it is routed
+    /// (a crash in between may release it twice, never lose it).
     pub(super) fn release_delayed(&self, now: u64) {
-        while let Some((exchange, message)) = self.delayed.pop_due(now) {
-            if let Err(e) = self.publish(&exchange, &message, PublishFrom::Delayed, now) {
-                tracing::debug!(exchange = %exchange, error = %e.text, "delayed message dropped");
+        while let Some(d) = self.delayed.pop_due(now) {
+            if let Err(e) = self.publish(&d.exchange, &d.message, PublishFrom::Delayed, now) {
+                tracing::debug!(exchange = %d.exchange, error = %e.text, "delayed message dropped");
+            }
+            if let (Some(pos), Some((store, queue))) = (d.pos, self.delayed_store()) {
+                store.submit(
+                    queue,
+                    [MessageOp::Settle {
+                        level: 0,
+                        pos,
+                        size: d.message.size() as u32,
+                        durable: true,
+                    }],
+                );
             }
         }
+    }
+
+    /// Where this vhost's delayed exchanges store persistent messages.
+    pub(super) fn delayed_store(&self) -> Option<(&Store, &QueueRef)> {
+        Some((self.store.as_ref()?, self.delayed_key.as_ref()?))
+    }
+
+    /// Recovery: hold again every delayed message the store has for this vhost
+    /// (due ones are released by the next tick). Returns how many.
+    pub fn recover_delayed(&self) -> Result<usize, StorageError> {
+        let Some((store, queue)) = self.delayed_store() else {
+            return Ok(0);
+        };
+        let stored = store.read(queue, 0, 0, usize::MAX, usize::MAX)?;
+        let mut held = self.delayed.held.lock();
+        let n = stored.len();
+        for r in stored {
+            held.next_pos = held.next_pos.max(r.pos + 1);
+            let m = r.message;
+            let properties = match crate::wire::BasicProperties::decode(&m.properties) {
+                Ok(p) => p,
+                Err(err) => {
+                    tracing::error!(pos = r.pos, error = %err, "unreadable stored delayed message; skipped");
+                    continue;
+                }
+            };
+            let due = m.expires_at.unwrap_or(0);
+            let exchange: Arc<str> = m.exchange.as_str().into();
+            let message = Message::new(m.exchange, m.routing_key, properties, m.body);
+            self.delayed
+                .push(&mut held, due, exchange, message, Some(r.pos));
+        }
+        Ok(n)
+    }
+
+    /// The store key of a vhost's delayed messages: starts with NUL, which no
+    /// queue key (`vhost NUL name`, vhost names are never empty) does.
+    pub fn delayed_store_key(vhost: &str) -> String {
+        format!("\0delayed\0{vhost}")
     }
 
     /// How many messages this vhost's delayed exchanges hold.
@@ -149,11 +247,11 @@ mod tests {
     #[test]
     fn heap_releases_by_due_then_publish_order() {
         let d = DelayedMessages::default();
-        d.hold(20, "a".into(), delayed_message("a", "k", 1, "late"));
-        d.hold(10, "a".into(), delayed_message("a", "k", 1, "first"));
-        d.hold(10, "a".into(), delayed_message("a", "k", 1, "second"));
+        d.hold(20, "a".into(), delayed_message("a", "k", 1, "late"), None);
+        d.hold(10, "a".into(), delayed_message("a", "k", 1, "first"), None);
+        d.hold(10, "a".into(), delayed_message("a", "k", 1, "second"), None);
         assert!(d.pop_due(9).is_none());
-        let body = |x: Option<(Arc<str>, Arc<Message>)>| x.map(|(_, m)| m.body.clone());
+        let body = |x: Option<Delayed>| x.map(|d| d.message.body.clone());
         assert_eq!(body(d.pop_due(10)), Some(Bytes::from_static(b"first")));
         assert_eq!(body(d.pop_due(10)), Some(Bytes::from_static(b"second")));
         assert!(d.pop_due(19).is_none());

@@ -42,6 +42,8 @@ pub struct VHost {
     delayed: delayed::DelayedMessages,
     /// Where durable topology and persistent messages go (None: nothing persists).
     store: Option<Store>,
+    /// The store's handle on this vhost's delayed messages.
+    delayed_key: Option<crate::storage::QueueRef>,
     /// Broker-wide resident message bytes (paging threshold).
     budget: Arc<MemoryBudget>,
     /// Most queues and exchanges this vhost holds (checked on every declare).
@@ -60,7 +62,11 @@ impl VHost {
         limits: VHostLimits,
     ) -> Arc<VHost> {
         let policies = crate::broker::policy::Policies::new(store.clone());
+        let delayed_key = store
+            .as_ref()
+            .map(|s| s.queue(&VHost::delayed_store_key(name), true));
         let vhost = Arc::new_cyclic(|this| VHost {
+            delayed_key,
             store,
             budget,
             limits,

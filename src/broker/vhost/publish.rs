@@ -66,8 +66,11 @@ impl VHost {
         now: u64,
     ) -> AmqpResult<Published> {
         let mut queues = Vec::new();
-        if self.route(exchange, message, from, now, &mut queues)? {
-            return Ok(Published::HELD);
+        if let Some(durable) = self.route(exchange, message, from, now, &mut queues)? {
+            return Ok(Published {
+                durable,
+                ..Published::HELD
+            });
         }
         let mut out = Published {
             routed: !queues.is_empty(),
@@ -89,7 +92,8 @@ impl VHost {
     }
 
     /// The queues a message published to `exchange` reaches, pushed into `out`.
-    /// Returns true when a delayed exchange took the message to release later.
+    /// Returns `Some(durable)` when a delayed exchange took the message to release
+    /// later (`durable`: it was written to the store).
     fn route(
         &self,
         exchange: &str,
@@ -97,13 +101,13 @@ impl VHost {
         from: PublishFrom,
         now: u64,
         out: &mut Vec<Arc<Queue>>,
-    ) -> AmqpResult<bool> {
+    ) -> AmqpResult<Option<bool>> {
         let key = message.routing_key.as_str();
         if exchange.is_empty() {
             if let Some(q) = self.queues.read().get(key) {
                 out.push(Arc::clone(q));
             }
-            return Ok(false);
+            return Ok(None);
         }
         let exchanges = self.exchanges.read();
         let ex = exchanges
@@ -117,12 +121,17 @@ impl VHost {
         }
         if ex.delayed && from != PublishFrom::Delayed {
             if let Some(delay) = super::delayed::delay_of(message) {
+                let store = self
+                    .delayed_store()
+                    .filter(|_| ex.durable && message.is_persistent());
+                let durable = store.is_some();
                 self.delayed.hold(
                     now.saturating_add(delay),
                     Arc::clone(&ex.name),
                     Arc::clone(message),
+                    store,
                 );
-                return Ok(true);
+                return Ok(Some(durable));
             }
         }
         let headers = message.properties.headers.as_ref();
@@ -162,6 +171,6 @@ impl VHost {
                 }
             }
         }
-        Ok(false)
+        Ok(None)
     }
 }

@@ -476,7 +476,7 @@ impl VHost {
             },
             args,
             self.this.clone(),
-            self.store.clone().filter(|_| persisted),
+            self.store.clone().map(|store| (store, persisted)),
             Arc::clone(&self.budget),
             now,
         );
@@ -512,7 +512,7 @@ impl VHost {
             },
             QueueArgs::default(),
             self.this.clone(),
-            None,
+            self.store.clone().map(|store| (store, false)),
             Arc::clone(&self.budget),
             now,
         );

@@ -1,0 +1,388 @@
+//! One group flush: folds the operations taken from the pending list, in call
+//! order, into the records to write, and applies them as one sled batch per
+//! tree.
+//!
+//! * Each level's inserts become a new chunk (split at the chunk limits) with
+//!   a fresh meta. A message settled in the same group it was inserted in is
+//!   left out (never written).
+//! * A settlement or delivery flips a bit in the meta of the chunk holding the
+//!   position (found by a range lookup on meta keys; loaded metas are cached
+//!   for the group, so a burst of acks in one chunk reads it once).
+//! * At the end, every changed meta is written, or, if nothing in its chunk
+//!   is live any more, the chunk and its meta are deleted (space reclaimed);
+//!   a chunk whose live entries are a quarter or less of what it holds is
+//!   rewritten with only those (compaction), in the same batch as its meta.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+
+use ::sled::{Batch, Tree};
+use bytes::Bytes;
+
+use super::segment::{self, ChunkEntry, Meta, KIND_CHUNK, KIND_META};
+use super::sled::{MessageOp, Shared, Submitted};
+use super::StorageError;
+
+/// Compaction: a chunk of at least this many entries...
+const COMPACT_MIN_ENTRIES: u32 = 32;
+/// ... whose live entries are at most 1/COMPACT_RATIO of them is rewritten.
+const COMPACT_RATIO: u32 = 4;
+
+/// A new chunk being gathered from a group's inserts.
+struct Builder {
+    entries: Vec<(ChunkEntry<Bytes>, bool)>,
+    bytes: usize,
+}
+
+/// The write set of one tree.
+#[derive(Default)]
+struct TreeWork {
+    /// Key -> new value (None: delete).
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Meta key -> meta as this group sees it (None: deleted in this group).
+    metas: BTreeMap<Vec<u8>, Option<Meta>>,
+    dirty: BTreeSet<Vec<u8>>,
+    /// (queue prefix, level) -> the chunk being built.
+    builders: BTreeMap<(Vec<u8>, u8), Builder>,
+}
+
+pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError> {
+    let mut work = [TreeWork::default(), TreeWork::default()];
+    let mut inserts = 0u64;
+    for sub in group {
+        let q = sub.queue.inner();
+        let durable = q.durable;
+        let tree = sh.tree(durable);
+        let w = &mut work[usize::from(durable)];
+        for op in &sub.ops {
+            match op {
+                MessageOp::Insert {
+                    level,
+                    pos,
+                    size,
+                    durable: d,
+                    record,
+                } => {
+                    inserts += 1;
+                    let b = w
+                        .builders
+                        .entry((q.prefix.clone(), *level))
+                        .or_insert_with(|| Builder {
+                            entries: Vec::new(),
+                            bytes: 0,
+                        });
+                    b.bytes += record.len();
+                    b.entries.push((
+                        ChunkEntry {
+                            pos: *pos,
+                            transient: !*d,
+                            size: *size,
+                            record: record.0.clone(),
+                        },
+                        false,
+                    ));
+                    if b.entries.len() >= segment::CHUNK_MAX_ENTRIES
+                        || b.bytes >= segment::CHUNK_MAX_BYTES
+                    {
+                        w.seal(sh, &q.prefix, *level);
+                    }
+                }
+                MessageOp::Settle {
+                    level,
+                    pos,
+                    size,
+                    durable: d,
+                } => {
+                    if let Some(b) = w.builders.get_mut(&(q.prefix.clone(), *level)) {
+                        if let Ok(i) = b.entries.binary_search_by_key(pos, |(e, _)| e.pos) {
+                            b.entries.remove(i);
+                            continue;
+                        }
+                    }
+                    if let Some(key) = w.find_meta(sh, tree, &q.prefix, *level, *pos)? {
+                        if let Some(Some(m)) = w.metas.get_mut(&key) {
+                            if m.settle(*pos) {
+                                if *d {
+                                    m.live_durable = m.live_durable.saturating_sub(1);
+                                    m.durable_bytes =
+                                        m.durable_bytes.saturating_sub(u64::from(*size));
+                                } else {
+                                    m.live_transient = m.live_transient.saturating_sub(1);
+                                }
+                                w.dirty.insert(key);
+                            }
+                        }
+                    }
+                }
+                MessageOp::MarkDelivered { level, pos } => {
+                    if let Some(b) = w.builders.get_mut(&(q.prefix.clone(), *level)) {
+                        if let Ok(i) = b.entries.binary_search_by_key(pos, |(e, _)| e.pos) {
+                            b.entries[i].1 = true;
+                            continue;
+                        }
+                    }
+                    if let Some(key) = w.find_meta(sh, tree, &q.prefix, *level, *pos)? {
+                        if let Some(Some(m)) = w.metas.get_mut(&key) {
+                            if !m.is_delivered(*pos) {
+                                m.deliver(*pos);
+                                w.dirty.insert(key);
+                            }
+                        }
+                    }
+                }
+                MessageOp::DropFrom { level, from } => {
+                    w.drop_from(sh, tree, &q.prefix, *level, *from)?;
+                }
+                MessageOp::DeleteQueue => w.delete_queue(tree, &q.prefix)?,
+            }
+        }
+    }
+    for (durable, mut w) in work.into_iter().enumerate() {
+        let keys: Vec<(Vec<u8>, u8)> = w.builders.keys().cloned().collect();
+        for (prefix, level) in keys {
+            w.seal(sh, &prefix, level);
+        }
+        let tree = sh.tree(durable == 1);
+        w.finish(sh, tree)?;
+        if !w.writes.is_empty() {
+            let mut batch = Batch::default();
+            for (k, v) in w.writes {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+            }
+            tree.apply_batch(batch)?;
+        }
+    }
+    sh.messages_written.fetch_add(inserts, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The chunk key of a meta key (same queue, level and first position).
+fn chunk_key(meta_key: &[u8]) -> Vec<u8> {
+    let mut k = meta_key.to_vec();
+    let i = k.len() - 9;
+    k[i] = KIND_CHUNK;
+    k
+}
+
+impl TreeWork {
+    /// Writes the builder of (`prefix`, `level`) as a chunk and its meta.
+    fn seal(&mut self, sh: &Shared, prefix: &[u8], level: u8) {
+        let Some(b) = self.builders.remove(&(prefix.to_vec(), level)) else {
+            return;
+        };
+        let (Some(first), Some(last)) = (b.entries.first(), b.entries.last()) else {
+            return;
+        };
+        let (first, end) = (first.0.pos, last.0.pos + 1);
+        let mut meta = Meta::new(first, end, sh.epoch);
+        meta.entries = b.entries.len() as u32;
+        for (e, delivered) in &b.entries {
+            if e.transient {
+                meta.live_transient += 1;
+            } else {
+                meta.live_durable += 1;
+                meta.durable_bytes += u64::from(e.size);
+            }
+            if *delivered {
+                meta.deliver(e.pos);
+            }
+        }
+        let entries: Vec<ChunkEntry<Bytes>> = b.entries.into_iter().map(|(e, _)| e).collect();
+        let key = segment::key(prefix, level, KIND_META, first);
+        self.writes
+            .insert(chunk_key(&key), Some(segment::encode_chunk(&entries)));
+        self.metas.insert(key.clone(), Some(meta));
+        self.dirty.insert(key);
+    }
+
+    /// The meta key of the chunk holding `pos` of `level`, loaded into
+    /// `self.metas`; `None` if no chunk holds it.
+    fn find_meta(
+        &mut self,
+        sh: &Shared,
+        tree: &Tree,
+        prefix: &[u8],
+        level: u8,
+        pos: u64,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let lo = segment::level_prefix(prefix, level, KIND_META);
+        let hi = segment::key(prefix, level, KIND_META, pos);
+        let cached = self
+            .metas
+            .range(lo.clone()..=hi.clone())
+            .next_back()
+            .map(|(k, _)| k.clone());
+        let stored = match tree.range(lo..=hi).next_back() {
+            Some(item) => Some(item?.0.to_vec()),
+            None => None,
+        };
+        let key = match (cached, stored) {
+            (Some(c), Some(s)) => c.max(s),
+            (Some(c), None) => c,
+            (None, Some(s)) => s,
+            (None, None) => return Ok(None),
+        };
+        if !self.metas.contains_key(&key) {
+            let meta = self.load_meta(sh, tree, &key)?;
+            self.metas.insert(key.clone(), meta);
+        }
+        Ok(match self.metas.get(&key) {
+            Some(Some(m)) if m.contains(pos) => Some(key),
+            _ => None,
+        })
+    }
+
+    fn load_meta(
+        &self,
+        sh: &Shared,
+        tree: &Tree,
+        key: &[u8],
+    ) -> Result<Option<Meta>, StorageError> {
+        let Some(raw) = tree.get(key)? else {
+            return Ok(None);
+        };
+        let first = segment::key_first(key).unwrap_or(0);
+        Meta::decode(first, &raw)
+            .map(Some)
+            .map_err(|e| sh.corrupt(format!("chunk meta {key:02x?}: {e}")))
+    }
+
+    /// The chunk record of `meta_key` as this group sees it.
+    fn chunk(&self, tree: &Tree, meta_key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+        let key = chunk_key(meta_key);
+        if let Some(v) = self.writes.get(&key) {
+            return Ok(v.clone());
+        }
+        Ok(tree.get(&key)?.map(|v| v.to_vec()))
+    }
+
+    fn delete_chunk(&mut self, meta_key: &[u8]) {
+        self.writes.insert(chunk_key(meta_key), None);
+        self.writes.insert(meta_key.to_vec(), None);
+        self.metas.insert(meta_key.to_vec(), None);
+        self.dirty.remove(meta_key);
+    }
+
+    /// Settles every position of `level` from `from` on.
+    fn drop_from(
+        &mut self,
+        sh: &Shared,
+        tree: &Tree,
+        prefix: &[u8],
+        level: u8,
+        from: u64,
+    ) -> Result<(), StorageError> {
+        if let Some(b) = self.builders.get_mut(&(prefix.to_vec(), level)) {
+            b.entries.retain(|(e, _)| e.pos < from);
+        }
+        // The chunk holding `from` may also hold earlier positions: settle its
+        // entries from `from` on one by one.
+        if let Some(key) = self.find_meta(sh, tree, prefix, level, from)? {
+            let starts_before = matches!(self.metas.get(&key), Some(Some(m)) if m.first < from);
+            if starts_before {
+                let raw = self.chunk(tree, &key)?.unwrap_or_default();
+                let entries = segment::decode_chunk(&raw)
+                    .map_err(|e| sh.corrupt(format!("chunk {key:02x?}: {e}")))?;
+                if let Some(Some(m)) = self.metas.get_mut(&key) {
+                    for e in entries.iter().filter(|e| e.pos >= from) {
+                        if m.settle(e.pos) {
+                            if e.transient {
+                                m.live_transient = m.live_transient.saturating_sub(1);
+                            } else {
+                                m.live_durable = m.live_durable.saturating_sub(1);
+                                m.durable_bytes = m.durable_bytes.saturating_sub(u64::from(e.size));
+                            }
+                        }
+                    }
+                }
+                self.dirty.insert(key);
+            }
+        }
+        // Every chunk starting at `from` or later goes whole.
+        let lo = segment::key(prefix, level, KIND_META, from);
+        let hi = segment::key(prefix, level, KIND_META, u64::MAX);
+        let mut doomed: BTreeSet<Vec<u8>> = self
+            .metas
+            .range(lo.clone()..=hi.clone())
+            .filter(|(_, m)| m.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for item in tree.range(lo..=hi) {
+            let k = item?.0.to_vec();
+            if !matches!(self.metas.get(&k), Some(None)) {
+                doomed.insert(k);
+            }
+        }
+        for k in doomed {
+            self.delete_chunk(&k);
+        }
+        Ok(())
+    }
+
+    /// Drops everything of the queue with key prefix `prefix`.
+    fn delete_queue(&mut self, tree: &Tree, prefix: &[u8]) -> Result<(), StorageError> {
+        self.builders.retain(|(p, _), _| p != prefix);
+        let mut keys: BTreeSet<Vec<u8>> = self
+            .writes
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for item in tree.scan_prefix(prefix).keys() {
+            keys.insert(item?.to_vec());
+        }
+        for k in keys {
+            if segment::decode_key(&k).is_ok_and(|d| d.kind == KIND_META) {
+                self.metas.insert(k.clone(), None);
+                self.dirty.remove(&k);
+            }
+            self.writes.insert(k, None);
+        }
+        Ok(())
+    }
+
+    /// Writes (or deletes, or compacts) every meta this group changed.
+    fn finish(&mut self, sh: &Shared, tree: &Tree) -> Result<(), StorageError> {
+        let dirty = std::mem::take(&mut self.dirty);
+        for key in dirty {
+            let Some(Some(mut meta)) = self.metas.get(&key).cloned() else {
+                continue;
+            };
+            let live = meta.live(sh.epoch);
+            if live == 0 {
+                self.delete_chunk(&key);
+                continue;
+            }
+            if meta.entries >= COMPACT_MIN_ENTRIES && live * COMPACT_RATIO <= meta.entries {
+                if let Some(raw) = self.chunk(tree, &key)? {
+                    let entries = segment::decode_chunk(&raw)
+                        .map_err(|e| sh.corrupt(format!("chunk {key:02x?}: {e}")))?;
+                    let old_epoch = meta.epoch != sh.epoch;
+                    let kept: Vec<ChunkEntry<&[u8]>> = entries
+                        .iter()
+                        .filter(|e| !(meta.is_settled(e.pos) || e.transient && old_epoch))
+                        .map(|e| ChunkEntry {
+                            pos: e.pos,
+                            transient: e.transient,
+                            size: e.size,
+                            record: &raw[e.record.clone()],
+                        })
+                        .collect();
+                    meta.entries = kept.len() as u32;
+                    if old_epoch {
+                        meta.live_transient = 0;
+                        meta.epoch = sh.epoch;
+                    }
+                    let chunk = segment::encode_chunk(&kept);
+                    self.writes.insert(chunk_key(&key), Some(chunk));
+                }
+            }
+            self.writes.insert(key.clone(), Some(meta.encode()));
+            self.metas.insert(key, Some(meta));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,499 @@
+//! Byte layout of the segment message store: keys, chunk records and chunk
+//! summaries ("metas"). Pure functions on bytes; the flusher in
+//! [`sled`](super::sled) decides what to write.
+//!
+//! # Model
+//!
+//! Each queue has up to 256 *levels* (one per priority; a plain queue uses
+//! level 0). A level is an ordered log of *positions* `0, 1, 2, ...` that the
+//! queue assigns as it stores messages. One group flush writes the new
+//! messages of one level as one **chunk** (split past [`CHUNK_MAX_ENTRIES`] or
+//! [`CHUNK_MAX_BYTES`]): a single sled record holding many messages. Next to
+//! each chunk sits its **meta**: the chunk's position range, live counts and
+//! bytes, and two bitmaps over the range (settled, delivered). Recovery reads
+//! metas only; bodies are read when a consumer reaches them.
+//!
+//! # Keys (all in one tree, so a flush's writes are one atomic batch)
+//!
+//! ```text
+//! u32 BE  queue key length, then the queue key   (the queue prefix)
+//! u8      level
+//! u8      kind: b'c' = meta, b'm' = chunk
+//! u64 BE  first position of the chunk
+//! ```
+//!
+//! # Chunk record, version 1
+//!
+//! ```text
+//! u8      version (= 1)
+//! u32 BE  entry count
+//! per entry, in position order:
+//!   u64 BE  position
+//!   u8      flags: bit 0 = transient (not to be recovered after a restart)
+//!   u32 BE  size the queue accounts for it (body bytes)
+//!   u32 BE  record length, then the message record (see codec.rs)
+//! ```
+//!
+//! # Meta record, version 1
+//!
+//! ```text
+//! u8      version (= 1)
+//! u64 BE  end: one past the last position of the chunk
+//! u32 BE  entries in the chunk record (fewer than end - first once compacted)
+//! u32 BE  live durable entries
+//! u32 BE  live transient entries
+//! u64 BE  bytes of live durable entries (sizes as accounted by the queue)
+//! u64 BE  store epoch the chunk was written in (transient entries of an older
+//!         epoch are dead: the broker restarted since)
+//! u8      flags: bit 0 = settled bitmap follows, bit 1 = delivered bitmap follows
+//! [ceil((end - first) / 8) bytes]  settled bitmap (bit i = position first + i)
+//! [ceil((end - first) / 8) bytes]  delivered bitmap
+//! ```
+//!
+//! Every decoder here returns a [`DecodeError`] on malformed input; none panics.
+
+use super::codec::DecodeError;
+
+pub const CHUNK_VERSION: u8 = 1;
+pub const META_VERSION: u8 = 1;
+pub const KIND_META: u8 = b'c';
+pub const KIND_CHUNK: u8 = b'm';
+
+/// A flush splits one level's new messages into chunks of at most this many.
+pub const CHUNK_MAX_ENTRIES: usize = 4096;
+/// ... and at most about this many record bytes.
+pub const CHUNK_MAX_BYTES: usize = 1 << 20;
+
+const CHUNK_TRANSIENT: u8 = 0b1;
+const META_SETTLED: u8 = 0b01;
+const META_DELIVERED: u8 = 0b10;
+
+/// The key prefix of everything a queue has in the store.
+pub fn queue_prefix(queue: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + queue.len() + 10);
+    k.extend_from_slice(&(queue.len() as u32).to_be_bytes());
+    k.extend_from_slice(queue.as_bytes());
+    k
+}
+
+/// The key prefix of one kind of record of one level of a queue.
+pub fn level_prefix(queue_prefix: &[u8], level: u8, kind: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(queue_prefix.len() + 10);
+    k.extend_from_slice(queue_prefix);
+    k.push(level);
+    k.push(kind);
+    k
+}
+
+/// The key of the chunk (or meta) starting at `first`.
+pub fn key(queue_prefix: &[u8], level: u8, kind: u8, first: u64) -> Vec<u8> {
+    let mut k = level_prefix(queue_prefix, level, kind);
+    k.extend_from_slice(&first.to_be_bytes());
+    k
+}
+
+/// A decoded key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key<'a> {
+    pub queue: &'a str,
+    pub level: u8,
+    pub kind: u8,
+    pub first: u64,
+}
+
+pub fn decode_key(k: &[u8]) -> Result<Key<'_>, DecodeError> {
+    let bad = |why: &str| DecodeError(format!("malformed segment key {k:02x?}: {why}"));
+    let len = k
+        .get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or_else(|| bad("too short"))?;
+    if k.len() != 4 + len + 2 + 8 {
+        return Err(bad("length does not match its queue-key length prefix"));
+    }
+    let queue = std::str::from_utf8(&k[4..4 + len]).map_err(|_| bad("queue key not UTF-8"))?;
+    let rest = &k[4 + len..];
+    let kind = rest[1];
+    if kind != KIND_META && kind != KIND_CHUNK {
+        return Err(bad("unknown record kind"));
+    }
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&rest[2..]);
+    Ok(Key {
+        queue,
+        level: rest[0],
+        kind,
+        first: u64::from_be_bytes(first),
+    })
+}
+
+/// The position in a chunk or meta key (its last 8 bytes).
+pub fn key_first(k: &[u8]) -> Option<u64> {
+    let tail: [u8; 8] = k.get(k.len().checked_sub(8)?..)?.try_into().ok()?;
+    Some(u64::from_be_bytes(tail))
+}
+
+/// One message in a chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkEntry<R> {
+    pub pos: u64,
+    pub transient: bool,
+    pub size: u32,
+    pub record: R,
+}
+
+/// Encodes a chunk; `entries` must be in increasing position order.
+pub fn encode_chunk<R: AsRef<[u8]>>(entries: &[ChunkEntry<R>]) -> Vec<u8> {
+    let len: usize = entries.iter().map(|e| 17 + e.record.as_ref().len()).sum();
+    let mut out = Vec::with_capacity(5 + len);
+    out.push(CHUNK_VERSION);
+    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    for e in entries {
+        out.extend_from_slice(&e.pos.to_be_bytes());
+        out.push(if e.transient { CHUNK_TRANSIENT } else { 0 });
+        out.extend_from_slice(&e.size.to_be_bytes());
+        out.extend_from_slice(&(e.record.as_ref().len() as u32).to_be_bytes());
+        out.extend_from_slice(e.record.as_ref());
+    }
+    out
+}
+
+/// Decodes a chunk into entries whose `record` is its byte range in `buf`.
+pub fn decode_chunk(buf: &[u8]) -> Result<Vec<ChunkEntry<std::ops::Range<usize>>>, DecodeError> {
+    let mut r = Reader { buf, pos: 0 };
+    let version = r.u8()?;
+    if version != CHUNK_VERSION {
+        return Err(DecodeError(format!(
+            "unknown chunk format version {version} (this build reads {CHUNK_VERSION})"
+        )));
+    }
+    let n = r.u32()? as usize;
+    // Each entry takes at least 17 bytes: a count past that is corrupt.
+    if n > buf.len() / 17 {
+        return Err(DecodeError(format!(
+            "chunk claims {n} entries in {} bytes",
+            buf.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(n);
+    let mut last = None;
+    for _ in 0..n {
+        let pos = r.u64()?;
+        if last.is_some_and(|l| pos <= l) {
+            return Err(DecodeError(format!(
+                "chunk positions out of order at {pos}"
+            )));
+        }
+        last = Some(pos);
+        let flags = r.u8()?;
+        if flags & !CHUNK_TRANSIENT != 0 {
+            return Err(DecodeError(format!(
+                "unknown chunk entry flags {flags:#04x}"
+            )));
+        }
+        let size = r.u32()?;
+        let len = r.u32()? as usize;
+        let start = r.pos;
+        r.take(len)?;
+        out.push(ChunkEntry {
+            pos,
+            transient: flags & CHUNK_TRANSIENT != 0,
+            size,
+            record: start..r.pos,
+        });
+    }
+    if r.pos != buf.len() {
+        return Err(DecodeError(format!(
+            "{} trailing bytes after the chunk",
+            buf.len() - r.pos
+        )));
+    }
+    Ok(out)
+}
+
+/// The summary of one chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// First position (from the key; not encoded in the value).
+    pub first: u64,
+    pub end: u64,
+    pub entries: u32,
+    pub live_durable: u32,
+    pub live_transient: u32,
+    pub durable_bytes: u64,
+    pub epoch: u64,
+    settled: Vec<u8>,
+    delivered: Vec<u8>,
+}
+
+impl Meta {
+    /// A fresh chunk's meta: every entry live, none delivered.
+    pub fn new(first: u64, end: u64, epoch: u64) -> Meta {
+        Meta {
+            first,
+            end,
+            entries: 0,
+            live_durable: 0,
+            live_transient: 0,
+            durable_bytes: 0,
+            epoch,
+            settled: Vec::new(),
+            delivered: Vec::new(),
+        }
+    }
+
+    pub fn contains(&self, pos: u64) -> bool {
+        pos >= self.first && pos < self.end
+    }
+
+    fn bit(&self, pos: u64) -> Option<(usize, u8)> {
+        self.contains(pos).then(|| {
+            let i = (pos - self.first) as usize;
+            (i / 8, 1u8 << (i % 8))
+        })
+    }
+
+    fn bytes_len(&self) -> usize {
+        (self.end - self.first).div_ceil(8) as usize
+    }
+
+    pub fn is_settled(&self, pos: u64) -> bool {
+        self.bit(pos)
+            .is_some_and(|(i, m)| self.settled.get(i).is_some_and(|b| b & m != 0))
+    }
+
+    pub fn is_delivered(&self, pos: u64) -> bool {
+        self.bit(pos)
+            .is_some_and(|(i, m)| self.delivered.get(i).is_some_and(|b| b & m != 0))
+    }
+
+    /// Marks `pos` settled; false if it was already (or is not in this chunk).
+    pub fn settle(&mut self, pos: u64) -> bool {
+        let Some((i, m)) = self.bit(pos) else {
+            return false;
+        };
+        let len = self.bytes_len();
+        if self.settled.is_empty() {
+            self.settled = vec![0; len];
+        }
+        if self.settled[i] & m != 0 {
+            return false;
+        }
+        self.settled[i] |= m;
+        true
+    }
+
+    pub fn deliver(&mut self, pos: u64) {
+        let Some((i, m)) = self.bit(pos) else {
+            return;
+        };
+        let len = self.bytes_len();
+        if self.delivered.is_empty() {
+            self.delivered = vec![0; len];
+        }
+        self.delivered[i] |= m;
+    }
+
+    /// Live entries that a reader in store epoch `epoch` would return.
+    pub fn live(&self, epoch: u64) -> u32 {
+        if self.epoch == epoch {
+            self.live_durable + self.live_transient
+        } else {
+            self.live_durable
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(38 + self.settled.len() + self.delivered.len());
+        out.push(META_VERSION);
+        out.extend_from_slice(&self.end.to_be_bytes());
+        out.extend_from_slice(&self.entries.to_be_bytes());
+        out.extend_from_slice(&self.live_durable.to_be_bytes());
+        out.extend_from_slice(&self.live_transient.to_be_bytes());
+        out.extend_from_slice(&self.durable_bytes.to_be_bytes());
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        let mut flags = 0;
+        if !self.settled.is_empty() {
+            flags |= META_SETTLED;
+        }
+        if !self.delivered.is_empty() {
+            flags |= META_DELIVERED;
+        }
+        out.push(flags);
+        out.extend_from_slice(&self.settled);
+        out.extend_from_slice(&self.delivered);
+        out
+    }
+
+    pub fn decode(first: u64, buf: &[u8]) -> Result<Meta, DecodeError> {
+        let mut r = Reader { buf, pos: 0 };
+        let version = r.u8()?;
+        if version != META_VERSION {
+            return Err(DecodeError(format!(
+                "unknown chunk meta format version {version} (this build reads {META_VERSION})"
+            )));
+        }
+        let end = r.u64()?;
+        if end <= first || end - first > u32::MAX as u64 {
+            return Err(DecodeError(format!(
+                "chunk meta range {first}..{end} is empty or too long"
+            )));
+        }
+        let mut m = Meta::new(first, end, 0);
+        m.entries = r.u32()?;
+        m.live_durable = r.u32()?;
+        m.live_transient = r.u32()?;
+        m.durable_bytes = r.u64()?;
+        m.epoch = r.u64()?;
+        let flags = r.u8()?;
+        if flags & !(META_SETTLED | META_DELIVERED) != 0 {
+            return Err(DecodeError(format!(
+                "unknown chunk meta flags {flags:#04x}"
+            )));
+        }
+        let len = m.bytes_len();
+        if flags & META_SETTLED != 0 {
+            m.settled = r.take(len)?.to_vec();
+        }
+        if flags & META_DELIVERED != 0 {
+            m.delivered = r.take(len)?.to_vec();
+        }
+        if r.pos != buf.len() {
+            return Err(DecodeError(format!(
+                "{} trailing bytes after the chunk meta",
+                buf.len() - r.pos
+            )));
+        }
+        if u64::from(m.live_durable) + u64::from(m.live_transient) > u64::from(m.entries) {
+            return Err(DecodeError(format!(
+                "chunk meta at {first} counts more live entries than it has"
+            )));
+        }
+        Ok(m)
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&end| end <= self.buf.len())
+            .ok_or_else(|| {
+                DecodeError(format!(
+                    "truncated: need {n} bytes at offset {}, have {}",
+                    self.pos,
+                    self.buf.len()
+                ))
+            })?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(a))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_order_and_decode() {
+        let p = queue_prefix("v\0q");
+        assert!(key(&p, 0, KIND_CHUNK, 255) < key(&p, 0, KIND_CHUNK, 256));
+        assert!(key(&p, 0, KIND_CHUNK, u64::MAX) < key(&p, 1, KIND_CHUNK, 0));
+        let k = key(&p, 3, KIND_META, 42);
+        assert_eq!(
+            decode_key(&k).unwrap(),
+            Key {
+                queue: "v\0q",
+                level: 3,
+                kind: KIND_META,
+                first: 42
+            }
+        );
+        assert_eq!(key_first(&k), Some(42));
+        assert!(!key(&queue_prefix("a\0b"), 0, KIND_META, 0).starts_with(&queue_prefix("a")));
+        assert!(decode_key(b"xx").is_err());
+        let mut bad = k.clone();
+        bad[4 + 3 + 1] = b'z';
+        assert!(decode_key(&bad).is_err());
+    }
+
+    #[test]
+    fn chunk_round_trip_and_garbage() {
+        let entries = vec![
+            ChunkEntry {
+                pos: 7,
+                transient: false,
+                size: 3,
+                record: b"abc".to_vec(),
+            },
+            ChunkEntry {
+                pos: 9,
+                transient: true,
+                size: 0,
+                record: Vec::new(),
+            },
+        ];
+        let enc = encode_chunk(&entries);
+        let dec = decode_chunk(&enc).unwrap();
+        assert_eq!(dec.len(), 2);
+        assert_eq!((dec[0].pos, dec[0].transient, dec[0].size), (7, false, 3));
+        assert_eq!(&enc[dec[0].record.clone()], b"abc");
+        assert_eq!((dec[1].pos, dec[1].transient), (9, true));
+        for n in 0..enc.len() {
+            assert!(decode_chunk(&enc[..n]).is_err(), "truncated at {n}");
+        }
+        let mut v = enc.clone();
+        v[0] = 9;
+        assert!(decode_chunk(&v).is_err());
+        let mut huge = enc.clone();
+        huge[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(decode_chunk(&huge).is_err());
+    }
+
+    #[test]
+    fn meta_bitmaps_round_trip() {
+        let mut m = Meta::new(100, 110, 4);
+        m.entries = 10;
+        m.live_durable = 8;
+        m.live_transient = 2;
+        m.durable_bytes = 80;
+        assert_eq!(Meta::decode(100, &m.encode()).unwrap(), m);
+        assert!(m.encode().len() < 40, "fresh meta carries no bitmaps");
+        assert!(m.settle(100));
+        assert!(!m.settle(100));
+        assert!(m.settle(109));
+        assert!(!m.settle(110), "outside the chunk");
+        m.deliver(105);
+        let back = Meta::decode(100, &m.encode()).unwrap();
+        assert!(back.is_settled(100) && back.is_settled(109) && !back.is_settled(101));
+        assert!(back.is_delivered(105) && !back.is_delivered(100));
+        assert_eq!(back.live(4), 10);
+        assert_eq!(back.live(5), 8);
+        let enc = m.encode();
+        for n in 0..enc.len() {
+            assert!(Meta::decode(100, &enc[..n]).is_err());
+        }
+        assert!(Meta::decode(200, &enc).is_err(), "end before first");
+    }
+}
