@@ -100,7 +100,16 @@ impl Store {
         let mut levels: BTreeMap<u8, LevelSummary> = BTreeMap::new();
         let mut dead = ::sled::Batch::default();
         let mut dead_count = 0usize;
-        for item in tree.scan_prefix(&queue.inner().prefix) {
+        // Metas only: chunk records (the bodies) sort after each level's metas and
+        // are never touched.
+        let metas = (0..=u8::MAX).flat_map(|level| {
+            tree.scan_prefix(segment::level_prefix(
+                &queue.inner().prefix,
+                level,
+                KIND_META,
+            ))
+        });
+        for item in metas {
             let (k, v) = item?;
             let key =
                 segment::decode_key(&k).map_err(|e| sh.corrupt(format!("segment key: {e}")))?;

@@ -62,7 +62,7 @@ pub const KIND_CHUNK: u8 = b'm';
 /// A flush splits one level's new messages into chunks of at most this many.
 pub const CHUNK_MAX_ENTRIES: usize = 4096;
 /// ... and at most about this many record bytes.
-pub const CHUNK_MAX_BYTES: usize = 1 << 20;
+pub const CHUNK_MAX_BYTES: usize = 256 << 10;
 
 const CHUNK_TRANSIENT: u8 = 0b1;
 const META_SETTLED: u8 = 0b01;

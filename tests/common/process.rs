@@ -31,8 +31,14 @@ impl BrokerProcess {
     /// Start the binary on `dir` (AMQP on a free loopback port, no admin API) and
     /// wait until it accepts connections.
     pub async fn start(dir: &Path) -> BrokerProcess {
+        Self::start_with(dir, &[]).await
+    }
+
+    /// Like [`start`](Self::start), with more `WARREN_*` settings.
+    pub async fn start_with(dir: &Path, env: &[(&str, &str)]) -> BrokerProcess {
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .envs(env.iter().copied())
             .env("WARREN_AMQP_PORT", port.to_string())
             .env("WARREN_BIND", "127.0.0.1")
             .env("WARREN_ADMIN_ENABLED", "false")
@@ -53,6 +59,15 @@ impl BrokerProcess {
         let _ = child.kill();
         let _ = child.wait();
         panic!("warren did not start on port {port}");
+    }
+
+    /// Resident set size of the broker process in bytes (from /proc).
+    pub fn rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/statm", self.child.id()))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .map(|pages| pages * 4096)
+            .unwrap_or(0)
     }
 
     pub fn uri(&self) -> String {

@@ -141,6 +141,9 @@ pub struct QueueStats {
     pub unacked: usize,
     pub consumers: usize,
     pub ready_bytes: usize,
+    /// Ready messages held in memory; the rest are only in the store.
+    pub ready_ram: usize,
+    pub ready_ram_bytes: usize,
 }
 
 /// Messages that left the queue to be dead-lettered.
@@ -208,11 +211,14 @@ impl Queue {
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         self.expire_locked(&mut s, now, &mut fx);
+        let (ready_ram, ready_ram_bytes) = s.ready.in_memory();
         let stats = QueueStats {
             ready: s.ready.len(),
             unacked: s.unacked,
             consumers: s.consumers.len(),
             ready_bytes: s.ready.bytes(),
+            ready_ram,
+            ready_ram_bytes,
         };
         self.finish(s, fx, now);
         stats
@@ -288,6 +294,7 @@ impl Queue {
                     record,
                 });
                 s.ready.push_tail(level, pos, size, expires_at.is_some());
+                s.may_expire |= expires_at.is_some();
             } else {
                 if let Some(record) = record {
                     let pos = s.ready.alloc_pos(level);
@@ -554,12 +561,12 @@ impl Queue {
     /// A message went to a consumer or basic.get: without ack it is gone; with ack
     /// it must come back redelivered after a restart.
     fn handed_out(&self, e: &Entry, no_ack: bool, fx: &mut Effects) {
-        if !e.persisted {
+        if e.pos.is_none() {
             return;
         }
         if no_ack {
             self.forget(e, fx);
-        } else if let (false, Some(pos)) = (e.redelivered, e.pos) {
+        } else if let (true, false, Some(pos)) = (e.persisted, e.redelivered, e.pos) {
             fx.ops.push(MessageOp::MarkDelivered {
                 level: level_for(e.priority, self.max_priority),
                 pos,
@@ -576,6 +583,7 @@ impl Queue {
             let count = usize::try_from(l.count).unwrap_or(usize::MAX);
             let bytes = usize::try_from(l.bytes).unwrap_or(usize::MAX);
             s.ready.restore_tail(l.level, l.first, l.next, count, bytes);
+            s.may_expire |= count > 0;
             n += count;
         }
         n

@@ -96,6 +96,15 @@ impl Ready {
         level_for(entry.priority, (self.levels.len() - 1) as u8)
     }
 
+    /// Ready messages held in memory (in windows), and their body bytes.
+    pub fn in_memory(&self) -> (usize, usize) {
+        let (n, b) = self
+            .levels
+            .iter()
+            .fold((0, 0), |(n, b), l| (n + l.tail.count, b + l.tail.bytes));
+        (self.len - n, self.bytes - b)
+    }
+
     /// Entries held in memory at `level`.
     pub fn window_len(&self, level: u8) -> usize {
         self.level(level).window.len()

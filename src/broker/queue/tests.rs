@@ -269,3 +269,256 @@ fn paged_out_messages_are_loaded_for_consumers_get_and_dead_letters() {
     assert_eq!(body(&s), "second");
     drop(store);
 }
+
+fn with_priority(body: &str, priority: u8) -> Arc<Message> {
+    let props = BasicProperties {
+        delivery_mode: Some(2),
+        priority: Some(priority),
+        ..Default::default()
+    };
+    Message::new("", "q", props, Bytes::from(body.to_string()))
+}
+
+fn transient(body: &str) -> Arc<Message> {
+    Message::new(
+        "",
+        "q",
+        BasicProperties::default(),
+        Bytes::from(body.to_string()),
+    )
+}
+
+fn get_all(q: &Queue, now: u64) -> Vec<String> {
+    std::iter::from_fn(|| q.get(true, now).map(|(e, _)| body(&e))).collect()
+}
+
+#[test]
+fn a_long_queue_keeps_a_bounded_window_in_memory() {
+    let dir = TempDir::new();
+    let (store, _v, q) = setup(&dir, 0, &[]);
+    let n = PERSISTENT_WINDOW + 1000;
+    for i in 0..n {
+        q.enqueue(persistent(&format!("m{i}")), T0);
+    }
+    let st = q.stats(T0);
+    assert_eq!((st.ready, st.ready_ram), (n, PERSISTENT_WINDOW));
+    assert_eq!(
+        st.ready_bytes,
+        (0..n).map(|i| format!("m{i}").len()).sum::<usize>()
+    );
+    // A transient message joins the tail behind them (order), in the store too.
+    q.enqueue(transient("t"), T0);
+    assert_eq!(q.stats(T0).ready_ram, PERSISTENT_WINDOW);
+    let mut want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    want.push("t".into());
+    assert_eq!(get_all(&q, T0), want);
+    assert_eq!(q.stats(T0).ready, 0);
+    assert_eq!(stored(&store), []);
+}
+
+#[test]
+fn paged_priorities_deliver_highest_first_fifo_within() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(&dir, 1, &[("x-max-priority", FieldValue::I64(5))]);
+    let order = [(1, 0), (2, 5), (3, 2), (4, 5), (5, 9), (6, 0), (7, 2)];
+    for (i, p) in order {
+        q.enqueue(with_priority(&format!("m{i}"), p), T0);
+    }
+    assert_eq!(
+        q.stats(T0).ready_ram,
+        0,
+        "a 1-byte budget pages everything out"
+    );
+    // Priority 9 counts as the maximum, 5.
+    assert_eq!(
+        get_all(&q, T0),
+        ["m2", "m4", "m5", "m3", "m7", "m1", "m6"].map(String::from)
+    );
+}
+
+#[test]
+fn paged_messages_expire_and_are_dead_lettered_with_x_death() {
+    let dir = TempDir::new();
+    let (_store, v, q) = setup(
+        &dir,
+        1,
+        &[
+            ("x-message-ttl", FieldValue::I64(1000)),
+            ("x-dead-letter-exchange", FieldValue::string("")),
+            ("x-dead-letter-routing-key", FieldValue::string("dlq")),
+        ],
+    );
+    let (dlq, _) = v
+        .declare_queue(
+            &QueueDeclare {
+                name: "dlq".into(),
+                ..Default::default()
+            },
+            1,
+            T0,
+        )
+        .expect("declare");
+    let n = PAGE_IN_BATCH * 2 + 3;
+    for i in 0..n {
+        q.enqueue(persistent(&format!("m{i}")), T0);
+    }
+    // At most one batch is read ahead to watch the head's expiry.
+    assert!(q.stats(T0).ready_ram <= PAGE_IN_BATCH);
+    assert!(!q.tick(T0 + 999));
+    assert_eq!(q.stats(T0 + 999).ready, n, "nothing due yet");
+    assert!(!q.tick(T0 + 1000));
+    assert_eq!(q.stats(T0 + 1000).ready, 0);
+    assert_eq!(dlq.stats(T0 + 1000).ready, n);
+    let (first, _) = dlq.get(true, T0 + 1000).expect("dead letter");
+    assert_eq!(body(&first), "m0");
+    let death = first
+        .message
+        .properties
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("x-death"))
+        .expect("x-death");
+    assert!(format!("{death:?}").contains("expired"), "{death:?}");
+}
+
+#[test]
+fn drop_head_and_reject_publish_count_paged_messages() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(&dir, 1, &[("x-max-length", FieldValue::I64(5))]);
+    for i in 0..12 {
+        q.enqueue(persistent(&format!("m{i}")), T0);
+    }
+    assert_eq!(q.stats(T0).ready, 5);
+    assert_eq!(
+        get_all(&q, T0),
+        ["m7", "m8", "m9", "m10", "m11"].map(String::from)
+    );
+
+    let dir2 = TempDir::new();
+    let (_store2, _v2, r) = setup(
+        &dir2,
+        1,
+        &[
+            ("x-max-length", FieldValue::I64(3)),
+            ("x-overflow", FieldValue::string("reject-publish")),
+        ],
+    );
+    for i in 0..3 {
+        assert!(matches!(
+            r.enqueue(persistent(&format!("m{i}")), T0),
+            Enqueued::Accepted { .. }
+        ));
+    }
+    assert_eq!(r.enqueue(persistent("m3"), T0), Enqueued::Rejected);
+    assert_eq!(get_all(&r, T0), ["m0", "m1", "m2"].map(String::from));
+}
+
+#[test]
+fn requeued_paged_messages_go_back_in_order_redelivered() {
+    let dir = TempDir::new();
+    let (store, _v, q) = setup(&dir, 1, &[]);
+    for i in 0..6 {
+        q.enqueue(persistent(&format!("m{i}")), T0);
+    }
+    let taken: Vec<Entry> = (0..3).map(|_| q.get(false, T0).expect("get").0).collect();
+    q.requeue(taken, true, true, T0);
+    let (e, left) = q.get(false, T0).expect("m0");
+    assert_eq!((body(&e), e.redelivered, left), ("m0".to_string(), true, 5));
+    q.ack(&[e]);
+    let rest: Vec<(String, bool)> = std::iter::from_fn(|| q.get(true, T0))
+        .map(|(e, _)| (body(&e), e.redelivered))
+        .collect();
+    let want: Vec<(String, bool)> = (1..6).map(|i| (format!("m{i}"), i < 3)).collect();
+    assert_eq!(rest, want);
+    assert_eq!(stored(&store), []);
+}
+
+#[test]
+fn purge_drops_the_tail_but_keeps_unacked_messages_stored() {
+    let dir = TempDir::new();
+    let (store, _v, q) = setup(&dir, 1, &[]);
+    for i in 0..50 {
+        q.enqueue(persistent(&format!("m{i}")), T0);
+    }
+    let (held, _) = q.get(false, T0).expect("m0");
+    assert_eq!(q.purge(), 49);
+    assert_eq!(q.stats(T0).ready, 0);
+    // Only the unacked one is left in the store, marked delivered.
+    assert_eq!(stored(&store), [(0, true)]);
+    q.enqueue(persistent("after"), T0);
+    assert_eq!(get_all(&q, T0), ["after".to_string()]);
+    q.ack(&[held]);
+    assert_eq!(stored(&store), []);
+}
+
+#[test]
+fn recovery_counts_stored_messages_without_loading_them() {
+    let dir = TempDir::new();
+    let (store, v, q) = setup(&dir, 0, &[]);
+    for i in 0..100 {
+        q.enqueue(persistent(&format!("m{i}")), T0);
+    }
+    let (e, _) = q.get(false, T0).expect("m0");
+    drop(e); // delivered, never acked: back redelivered after the restart
+    store.flush_blocking().expect("flush");
+    drop((q, v));
+    // A fresh queue over the same store, as recovery builds it.
+    let v = VHost::new(
+        "/",
+        Some(store.clone()),
+        MemoryBudget::new(0),
+        Default::default(),
+    );
+    let (q, _) = v
+        .declare_queue(
+            &QueueDeclare {
+                name: "q".into(),
+                durable: true,
+                ..Default::default()
+            },
+            1,
+            T0,
+        )
+        .expect("declare");
+    let levels = store
+        .recover_queue(&store.queue(&store_key("/", "q"), true))
+        .expect("recover");
+    assert_eq!(q.restore(&levels), 100);
+    let st = q.stats(T0);
+    assert_eq!((st.ready, st.ready_ram), (100, 0), "nothing loaded yet");
+    let (first, _) = q.get(true, T0).expect("m0");
+    assert_eq!((body(&first), first.redelivered), ("m0".to_string(), true));
+    assert!(q.stats(T0).ready_ram > 0, "read ahead");
+    // New messages go behind the recovered ones.
+    q.enqueue(persistent("new"), T0);
+    let rest = get_all(&q, T0);
+    assert_eq!(rest.len(), 100);
+    assert_eq!(rest.first().map(String::as_str), Some("m1"));
+    assert_eq!(rest.last().map(String::as_str), Some("new"));
+}
+
+#[test]
+fn transient_messages_page_out_when_memory_is_short() {
+    let dir = TempDir::new();
+    let (store, v, _q) = setup(&dir, 64, &[]);
+    let (t, _) = v
+        .declare_queue(
+            &QueueDeclare {
+                name: "t".into(),
+                ..Default::default()
+            },
+            1,
+            T0,
+        )
+        .expect("declare");
+    for i in 0..100 {
+        t.enqueue(transient(&format!("m{i:03}")), T0);
+    }
+    let st = t.stats(T0);
+    assert_eq!(st.ready, 100);
+    assert!(st.ready_ram < 20, "{} in memory", st.ready_ram);
+    // Not durable: nothing in the durable tree.
+    assert!(store.queue_keys_with_messages().expect("keys").is_empty());
+    let want: Vec<String> = (0..100).map(|i| format!("m{i:03}")).collect();
+    assert_eq!(get_all(&t, T0), want);
+}
