@@ -12,6 +12,8 @@
 //!   is live any more, the chunk and its meta are deleted (space reclaimed);
 //!   a chunk whose live entries are a quarter or less of what it holds is
 //!   rewritten with only those (compaction), in the same batch as its meta.
+//! * Chunk bytes are written as pieces of at most `PIECE_BYTES` (see segment.rs);
+//!   a rewritten or deleted chunk's old pieces are deleted in the same batch.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -19,7 +21,7 @@ use std::sync::atomic::Ordering;
 use ::sled::{Batch, Tree};
 use bytes::Bytes;
 
-use super::segment::{self, ChunkEntry, Meta, KIND_CHUNK, KIND_META};
+use super::segment::{self, ChunkEntry, Meta, KIND_META};
 use super::sled::{MessageOp, Shared, Submitted};
 use super::StorageError;
 
@@ -39,6 +41,10 @@ struct Builder {
 struct TreeWork {
     /// Key -> new value (None: delete).
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Meta key -> the chunk's bytes as this group sees them (None: deleted).
+    chunks: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Meta keys of chunks whose stored pieces go (rewritten or deleted).
+    replaced: BTreeSet<Vec<u8>>,
     /// Meta key -> meta as this group sees it (None: deleted in this group).
     metas: BTreeMap<Vec<u8>, Option<Meta>>,
     dirty: BTreeSet<Vec<u8>>,
@@ -144,6 +150,7 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
         }
         let tree = sh.tree(durable == 1);
         w.finish(sh, tree)?;
+        w.write_chunks(tree)?;
         if !w.writes.is_empty() {
             let mut batch = Batch::default();
             for (k, v) in w.writes {
@@ -157,14 +164,6 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
     }
     sh.messages_written.fetch_add(inserts, Ordering::Relaxed);
     Ok(())
-}
-
-/// The chunk key of a meta key (same queue, level and first position).
-fn chunk_key(meta_key: &[u8]) -> Vec<u8> {
-    let mut k = meta_key.to_vec();
-    let i = k.len() - 9;
-    k[i] = KIND_CHUNK;
-    k
 }
 
 impl TreeWork {
@@ -192,8 +191,8 @@ impl TreeWork {
         }
         let entries: Vec<ChunkEntry<Bytes>> = b.entries.into_iter().map(|(e, _)| e).collect();
         let key = segment::key(prefix, level, KIND_META, first);
-        self.writes
-            .insert(chunk_key(&key), Some(segment::encode_chunk(&entries)));
+        self.chunks
+            .insert(key.clone(), Some(segment::encode_chunk(&entries)));
         self.metas.insert(key.clone(), Some(meta));
         self.dirty.insert(key);
     }
@@ -252,15 +251,15 @@ impl TreeWork {
 
     /// The chunk record of `meta_key` as this group sees it.
     fn chunk(&self, tree: &Tree, meta_key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-        let key = chunk_key(meta_key);
-        if let Some(v) = self.writes.get(&key) {
+        if let Some(v) = self.chunks.get(meta_key) {
             return Ok(v.clone());
         }
-        Ok(tree.get(&key)?.map(|v| v.to_vec()))
+        read_chunk(tree, meta_key)
     }
 
     fn delete_chunk(&mut self, meta_key: &[u8]) {
-        self.writes.insert(chunk_key(meta_key), None);
+        self.chunks.insert(meta_key.to_vec(), None);
+        self.replaced.insert(meta_key.to_vec());
         self.writes.insert(meta_key.to_vec(), None);
         self.metas.insert(meta_key.to_vec(), None);
         self.dirty.remove(meta_key);
@@ -325,6 +324,9 @@ impl TreeWork {
     /// Drops everything of the queue with key prefix `prefix`.
     fn delete_queue(&mut self, tree: &Tree, prefix: &[u8]) -> Result<(), StorageError> {
         self.builders.retain(|(p, _), _| p != prefix);
+        // Every stored piece of the queue is deleted below.
+        self.chunks.retain(|k, _| !k.starts_with(prefix));
+        self.replaced.retain(|k| !k.starts_with(prefix));
         let mut keys: BTreeSet<Vec<u8>> = self
             .writes
             .range(prefix.to_vec()..)
@@ -377,7 +379,8 @@ impl TreeWork {
                         meta.epoch = sh.epoch;
                     }
                     let chunk = segment::encode_chunk(&kept);
-                    self.writes.insert(chunk_key(&key), Some(chunk));
+                    self.chunks.insert(key.clone(), Some(chunk));
+                    self.replaced.insert(key.clone());
                 }
             }
             self.writes.insert(key.clone(), Some(meta.encode()));
@@ -385,4 +388,33 @@ impl TreeWork {
         }
         Ok(())
     }
+
+    /// Turns the group's chunks into piece writes (and deletions of old pieces).
+    fn write_chunks(&mut self, tree: &Tree) -> Result<(), StorageError> {
+        for (meta_key, bytes) in std::mem::take(&mut self.chunks) {
+            let prefix = segment::chunk_prefix(&meta_key);
+            if self.replaced.contains(&meta_key) {
+                for k in tree.scan_prefix(&prefix).keys() {
+                    self.writes.insert(k?.to_vec(), None);
+                }
+            }
+            if let Some(bytes) = bytes {
+                for (n, piece) in bytes.chunks(segment::PIECE_BYTES).enumerate() {
+                    self.writes
+                        .insert(segment::piece_key(&prefix, n as u32), Some(piece.to_vec()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A chunk's bytes read back from its pieces; `None` if it has none (deleted).
+pub(super) fn read_chunk(tree: &Tree, meta_key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    let mut out: Option<Vec<u8>> = None;
+    for item in tree.scan_prefix(segment::chunk_prefix(meta_key)) {
+        let (_, v) = item?;
+        out.get_or_insert_with(Vec::new).extend_from_slice(&v);
+    }
+    Ok(out)
 }

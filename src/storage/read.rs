@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use super::segment::{self, Meta, KIND_CHUNK, KIND_META};
+use super::segment::{self, Meta, KIND_META};
 use super::sled::{MessageOp, QueueRef, Shared, Store, Submitted};
 use super::{codec, StorageError, StoredMessage};
 
@@ -121,10 +121,9 @@ impl Store {
             let live = meta.live(sh.epoch);
             if live == 0 {
                 dead.remove(k.clone());
-                let mut ck = k.to_vec();
-                let i = ck.len() - 9;
-                ck[i] = KIND_CHUNK;
-                dead.remove(ck);
+                for piece in tree.scan_prefix(segment::chunk_prefix(&k)).keys() {
+                    dead.remove(piece?);
+                }
                 dead_count += 1;
                 continue;
             }
@@ -210,14 +209,11 @@ fn read_applied(
         if meta.end <= *next {
             continue;
         }
-        let mut ck = k.to_vec();
-        let i = ck.len() - 9;
-        ck[i] = KIND_CHUNK;
         // Deleted meanwhile: everything in it was settled.
-        let Some(raw) = tree.get(&ck)? else {
+        let Some(raw) = super::group::read_chunk(tree, &k)? else {
             continue;
         };
-        let raw = Bytes::from(raw.to_vec());
+        let raw = Bytes::from(raw);
         let entries = segment::decode_chunk(&raw)
             .map_err(|e| sh.corrupt(format!("chunk of {:?} at {first}: {e}", queue.key())))?;
         let old_epoch = meta.epoch != sh.epoch;

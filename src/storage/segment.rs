@@ -18,9 +18,15 @@
 //! ```text
 //! u32 BE  queue key length, then the queue key   (the queue prefix)
 //! u8      level
-//! u8      kind: b'c' = meta, b'm' = chunk
+//! u8      kind: b'c' = meta, b'm' = chunk piece
 //! u64 BE  first position of the chunk
+//! u32 BE  piece number                           (chunk pieces only)
 //! ```
+//!
+//! A chunk's bytes are stored in pieces of at most [`PIECE_BYTES`], numbered from 0:
+//! sled keeps large values in memory long after they are written (measured: RSS
+//! grows with every byte written once values pass about 8 KiB, and stays flat at
+//! 4 KiB; see docs/storage.md), so no value the store writes is larger.
 //!
 //! # Chunk record, version 1
 //!
@@ -61,6 +67,8 @@ pub const KIND_CHUNK: u8 = b'm';
 
 /// A flush splits one level's new messages into chunks of at most this many.
 pub const CHUNK_MAX_ENTRIES: usize = 4096;
+/// Largest sled value the store writes: a chunk is split into pieces this big.
+pub const PIECE_BYTES: usize = 4000;
 /// ... and at most about this many record bytes.
 pub const CHUNK_MAX_BYTES: usize = 256 << 10;
 
@@ -85,10 +93,28 @@ pub fn level_prefix(queue_prefix: &[u8], level: u8, kind: u8) -> Vec<u8> {
     k
 }
 
-/// The key of the chunk (or meta) starting at `first`.
+/// The key of the meta of the chunk starting at `first` (with [`KIND_CHUNK`]: the
+/// prefix of the chunk's pieces).
 pub fn key(queue_prefix: &[u8], level: u8, kind: u8, first: u64) -> Vec<u8> {
     let mut k = level_prefix(queue_prefix, level, kind);
     k.extend_from_slice(&first.to_be_bytes());
+    k
+}
+
+/// The prefix of the pieces of the chunk whose meta key is `meta_key`.
+pub fn chunk_prefix(meta_key: &[u8]) -> Vec<u8> {
+    let mut k = meta_key.to_vec();
+    if let Some(i) = k.len().checked_sub(9) {
+        k[i] = KIND_CHUNK;
+    }
+    k
+}
+
+/// The key of piece `n` of a chunk.
+pub fn piece_key(chunk_prefix: &[u8], n: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(chunk_prefix.len() + 4);
+    k.extend_from_slice(chunk_prefix);
+    k.extend_from_slice(&n.to_be_bytes());
     k
 }
 
@@ -107,17 +133,22 @@ pub fn decode_key(k: &[u8]) -> Result<Key<'_>, DecodeError> {
         .get(..4)
         .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .ok_or_else(|| bad("too short"))?;
-    if k.len() != 4 + len + 2 + 8 {
-        return Err(bad("length does not match its queue-key length prefix"));
+    let rest = k
+        .get(4 + len..)
+        .filter(|r| r.len() >= 2)
+        .ok_or_else(|| bad("shorter than its queue-key length prefix"))?;
+    let kind = rest[1];
+    let want = match kind {
+        KIND_META => 2 + 8,
+        KIND_CHUNK => 2 + 8 + 4,
+        _ => return Err(bad("unknown record kind")),
+    };
+    if rest.len() != want {
+        return Err(bad("length does not match its kind"));
     }
     let queue = std::str::from_utf8(&k[4..4 + len]).map_err(|_| bad("queue key not UTF-8"))?;
-    let rest = &k[4 + len..];
-    let kind = rest[1];
-    if kind != KIND_META && kind != KIND_CHUNK {
-        return Err(bad("unknown record kind"));
-    }
     let mut first = [0u8; 8];
-    first.copy_from_slice(&rest[2..]);
+    first.copy_from_slice(&rest[2..10]);
     Ok(Key {
         queue,
         level: rest[0],
@@ -126,7 +157,7 @@ pub fn decode_key(k: &[u8]) -> Result<Key<'_>, DecodeError> {
     })
 }
 
-/// The position in a chunk or meta key (its last 8 bytes).
+/// The position in a meta key (its last 8 bytes).
 pub fn key_first(k: &[u8]) -> Option<u64> {
     let tail: [u8; 8] = k.get(k.len().checked_sub(8)?..)?.try_into().ok()?;
     Some(u64::from_be_bytes(tail))
@@ -420,6 +451,13 @@ mod tests {
         let p = queue_prefix("v\0q");
         assert!(key(&p, 0, KIND_CHUNK, 255) < key(&p, 0, KIND_CHUNK, 256));
         assert!(key(&p, 0, KIND_CHUNK, u64::MAX) < key(&p, 1, KIND_CHUNK, 0));
+        let chunk = piece_key(&chunk_prefix(&key(&p, 3, KIND_META, 42)), 7);
+        assert_eq!(decode_key(&chunk).unwrap().kind, KIND_CHUNK);
+        assert_eq!(decode_key(&chunk).unwrap().first, 42);
+        assert!(
+            piece_key(&chunk_prefix(&key(&p, 3, KIND_META, 42)), 255)
+                < piece_key(&chunk_prefix(&key(&p, 3, KIND_META, 42)), 256)
+        );
         let k = key(&p, 3, KIND_META, 42);
         assert_eq!(
             decode_key(&k).unwrap(),
