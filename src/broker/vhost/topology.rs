@@ -455,12 +455,11 @@ impl VHost {
             return Ok((q, stats));
         }
         if origin == Origin::Client {
-            if let Some(max) = self.limits.max_queues {
+            if let Some(max) = self.max_queues() {
                 if queues.len() >= max {
-                    return Err(AmqpError::precondition_failed(format!(
-                        "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
-                        d.name, self.name
-                    )));
+                    return Err(crate::broker::limits::queues_reached(
+                        &d.name, &self.name, max,
+                    ));
                 }
             }
         }
