@@ -129,6 +129,9 @@ impl Broker {
                 if let Err(e) = v.policies.recover(name) {
                     tracing::error!(vhost = name, error = %e, "cannot load policies");
                 }
+                if let Err(e) = v.operator_policies.recover(name) {
+                    tracing::error!(vhost = name, error = %e, "cannot load operator policies");
+                }
                 v
             },
             now,
@@ -207,6 +210,7 @@ impl Broker {
         };
         self.auth.vhost_deleted(name);
         vhost.policies.clear();
+        vhost.operator_policies.clear();
         if let Some(store) = &self.store {
             auth::drop_record(store, crate::storage::TopologyKind::VHost, name);
         }

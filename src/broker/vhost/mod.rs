@@ -52,6 +52,8 @@ pub struct VHost {
     /// Policies of this vhost (applied to queues as they are declared). Changed
     /// through [`VHost::put_policy`] / [`VHost::delete_policy`].
     pub policies: crate::broker::policy::Policies,
+    /// Operator policies: caps merged over `policies` (see [`crate::broker::policy`]).
+    pub operator_policies: crate::broker::policy::Policies,
 }
 
 impl VHost {
@@ -63,6 +65,7 @@ impl VHost {
         limits: VHostLimits,
     ) -> Arc<VHost> {
         let policies = crate::broker::policy::Policies::new(store.clone());
+        let operator_policies = crate::broker::policy::Policies::operator(store.clone());
         let vhost = Arc::new_cyclic(|this| VHost {
             store,
             budget,
@@ -73,6 +76,7 @@ impl VHost {
             queues: RwLock::new(HashMap::new()),
             delayed: delayed::DelayedMessages::default(),
             policies,
+            operator_policies,
             limit_values: Default::default(),
         });
         {

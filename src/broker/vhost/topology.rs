@@ -411,8 +411,7 @@ impl VHost {
         } else {
             d.name.clone()
         };
-        let policy = self.policies.matching(&self.name, true, &name);
-        let effective = crate::broker::policy::effective_arguments(&d.arguments, policy.as_ref());
+        let effective = crate::broker::policy::queue_arguments(self, &name, &d.arguments);
         let args = QueueArgs::parse(&effective, &name, &self.name)?;
         let mut queues = self.queues.write();
         if let Some(existing) = queues.get(&name) {
