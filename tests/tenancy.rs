@@ -190,6 +190,32 @@ async fn topic_permissions_limit_publish_and_bind_keys() {
         .expect_err("unbind is a read too");
     assert_eq!(code(&e), Some(403));
 
+    // The admin API's publish and bind act as the user: checked the same way.
+    b.ok(
+        "PUT",
+        "/api/users/alice",
+        json!({"password": "pw", "tags": "management"}),
+    )
+    .await;
+    let as_alice = |method: &'static str, path: String, body: Value| {
+        let url = format!("{}{path}", b.base);
+        async move { common::http(method, &url, Some(("alice", "pw")), Some(body)).await }
+    };
+    let publish_body = |key: &str| json!({"routing_key": key, "payload": "x", "payload_encoding": "string", "properties": {}});
+    let path = "/api/exchanges/%2F/amq.topic/publish".to_string();
+    let (status, body) = as_alice("POST", path.clone(), publish_body("bob.x")).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        body["reason"],
+        "write access to topic 'bob.x' in exchange 'amq.topic' in vhost '/' refused for user 'alice'"
+    );
+    assert_eq!(as_alice("POST", path, publish_body("alice.x")).await.0, 200);
+    let path = format!("/api/bindings/%2F/e/amq.topic/q/{q}");
+    let (status, _) = as_alice("POST", path.clone(), json!({"routing_key": "bob.*"})).await;
+    assert_eq!(status, 403);
+    let (status, _) = as_alice("POST", path, json!({"routing_key": "alice.*"})).await;
+    assert_eq!(status, 201);
+
     // Other users are not concerned; cleared, alice may publish anywhere again.
     let guest = b.connect("guest", "guest").await.expect("guest");
     publish(&confirm_channel(&guest).await, "amq.topic", "bob.orders")
