@@ -262,8 +262,54 @@ fn topic_permission_key(vhost: &str, user: &str, exchange: &str) -> String {
     format!("{vhost}\0{user}\0{exchange}")
 }
 
-/// Topic permissions keyed by (vhost, user, exchange).
-type TopicMap = BTreeMap<(String, String, String), TopicPermission>;
+/// Topic permissions by vhost, then user, then exchange: a publish looks one up
+/// by `&str`s, without allocating a key.
+#[derive(Debug, Default)]
+struct TopicMap(BTreeMap<String, BTreeMap<String, BTreeMap<String, TopicPermission>>>);
+
+impl TopicMap {
+    fn get(&self, vhost: &str, user: &str, exchange: &str) -> Option<&TopicPermission> {
+        self.0.get(vhost)?.get(user)?.get(exchange)
+    }
+
+    /// Set `user`'s permission on `p.exchange` in `vhost`; true if new.
+    fn insert(&mut self, vhost: &str, user: &str, p: TopicPermission) -> bool {
+        self.0
+            .entry(vhost.to_string())
+            .or_default()
+            .entry(user.to_string())
+            .or_default()
+            .insert(p.exchange.clone(), p)
+            .is_none()
+    }
+
+    /// Keep what `keep(vhost, user, exchange)` says to keep.
+    fn retain(&mut self, mut keep: impl FnMut(&str, &str, &str) -> bool) {
+        for (v, users) in self.0.iter_mut() {
+            for (u, exchanges) in users.iter_mut() {
+                exchanges.retain(|x, _| keep(v, u, x));
+            }
+            users.retain(|_, exchanges| !exchanges.is_empty());
+        }
+        self.0.retain(|_, users| !users.is_empty());
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &str, &TopicPermission)> {
+        self.0.iter().flat_map(|(v, users)| {
+            users
+                .iter()
+                .flat_map(move |(u, xs)| xs.values().map(move |p| (v.as_str(), u.as_str(), p)))
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.0
+            .values()
+            .flat_map(|users| users.values())
+            .map(BTreeMap::len)
+            .sum()
+    }
+}
 
 /// The user and permission store.
 #[derive(Debug, Default)]
@@ -318,14 +364,14 @@ impl Auth {
                 }
             }
             let mut perms = BTreeMap::new();
-            let mut topics = TopicMap::new();
+            let mut topics = TopicMap::default();
             for (key, bytes) in store.load_topology(TopologyKind::Permission)? {
                 let parsed =
                     serde_json::from_slice::<PermissionRecord>(&bytes).map_err(|e| e.to_string());
                 let loaded = parsed.and_then(|r| match &r.exchange {
                     Some(x) => {
                         TopicPermission::new(&r.vhost, &r.user, x, &r.write, &r.read).map(|p| {
-                            topics.insert((r.vhost.clone(), r.user.clone(), x.clone()), p);
+                            topics.insert(&r.vhost, &r.user, p);
                         })
                     }
                     None => Permission::new(&r.configure, &r.write, &r.read).map(|p| {
@@ -419,7 +465,7 @@ impl Auth {
     /// Drop the topic permissions whose (vhost, user, exchange) `doomed` picks.
     fn forget_topic_permissions(&self, doomed: impl Fn(&str, &str, &str) -> bool) {
         let mut topics = self.topic_permissions.write();
-        topics.retain(|(v, u, x), _| {
+        topics.retain(|v, u, x| {
             let gone = doomed(v, u, x);
             if gone {
                 if let Some(store) = self.store.get() {
@@ -441,8 +487,7 @@ impl Auth {
         if let Some(store) = self.store.get() {
             save_topic_permission(store, vhost, user, &p);
         }
-        let key = (vhost.to_string(), user.to_string(), p.exchange.clone());
-        let created = topics.insert(key, p).is_none();
+        let created = topics.insert(vhost, user, p);
         self.topic_count.store(topics.len(), Ordering::Relaxed);
         created
     }
@@ -462,7 +507,7 @@ impl Auth {
         self.topic_permissions
             .read()
             .iter()
-            .map(|((v, u, _), p)| (v.clone(), u.clone(), p.clone()))
+            .map(|(v, u, p)| (v.to_string(), u.to_string(), p.clone()))
             .collect()
     }
 
@@ -482,8 +527,7 @@ impl Auth {
         if self.topic_count.load(Ordering::Relaxed) == 0 {
             return true;
         }
-        let key = (vhost.to_string(), user.to_string(), exchange.to_string());
-        match self.topic_permissions.read().get(&key) {
+        match self.topic_permissions.read().get(vhost, user, exchange) {
             None => true,
             Some(p) => p.allows(access, routing_key, client_id),
         }

@@ -69,8 +69,6 @@ fn erlang_type(v: &FieldValue) -> &'static str {
         FieldValue::Table(_) => "table",
         FieldValue::ByteArray(_) => "binary",
         FieldValue::Void => "void",
-        #[allow(unreachable_patterns)]
-        _ => "unknown",
     }
 }
 
