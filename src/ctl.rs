@@ -1,5 +1,6 @@
 //! `warren <command>`: rabbitmqctl-style daily operations (list, purge, delete,
-//! users, permissions) performed through the admin HTTP API with `ureq`.
+//! users, permissions, topic permissions, vhost and user limits) performed
+//! through the admin HTTP API with `ureq`.
 
 use base64::Engine;
 use clap::Subcommand;
@@ -64,6 +65,49 @@ pub enum Command {
         #[arg(short = 'p', long, default_value = "/")]
         vhost: String,
     },
+    /// Set a user's topic permission regexes on an exchange in a vhost.
+    #[command(alias = "set_topic_permissions")]
+    SetTopicPermissions {
+        user: String,
+        exchange: String,
+        write: String,
+        read: String,
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
+    /// Clear a user's topic permissions in a vhost (on one exchange if given).
+    #[command(alias = "clear_topic_permissions")]
+    ClearTopicPermissions {
+        user: String,
+        exchange: Option<String>,
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
+    /// Set a vhost's limits, replacing its others: `'{"max-connections": 10, "max-queues": 50}'`.
+    #[command(alias = "set_vhost_limits")]
+    SetVhostLimits {
+        definition: String,
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
+    /// Clear every limit of a vhost.
+    #[command(alias = "clear_vhost_limits")]
+    ClearVhostLimits {
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
+    /// List vhost limits (of one vhost with -p).
+    #[command(alias = "list_vhost_limits")]
+    ListVhostLimits {
+        #[arg(short = 'p', long)]
+        vhost: Option<String>,
+    },
+    /// Set a user's limits, replacing their others: `'{"max-connections": 5, "max-channels": 20}'`.
+    #[command(alias = "set_user_limits")]
+    SetUserLimits { user: String, definition: String },
+    /// Clear one limit of a user (`max-connections`, `max-channels`) or `all`.
+    #[command(alias = "clear_user_limits")]
+    ClearUserLimits { user: String, limit: String },
 }
 
 /// Where and as whom to call the admin API.
@@ -171,6 +215,36 @@ fn rows(list: &Value, keys: &[&str]) -> Vec<Vec<String>> {
         .unwrap_or_default()
 }
 
+/// The limit names already set in a `[{"value": {...}}]` listing.
+fn limit_names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|row| row.get("value").and_then(Value::as_object))
+        .flat_map(|m| m.keys().cloned())
+        .collect()
+}
+
+/// Make the limits at `base` (`/api/vhost-limits/{vhost}` or
+/// `/api/user-limits/{user}`) exactly `definition` (a JSON object).
+fn replace_limits(target: &Target, base: &str, definition: &str) -> Result<(), String> {
+    let wanted: serde_json::Map<String, Value> = serde_json::from_str(definition)
+        .map_err(|e| format!("the limits must be a JSON object: {e}"))?;
+    for name in limit_names(&target.call("GET", base, None)?) {
+        if !wanted.contains_key(&name) {
+            target.call("DELETE", &format!("{base}/{}", seg(&name)), None)?;
+        }
+    }
+    for (name, value) in wanted {
+        target.call(
+            "PUT",
+            &format!("{base}/{}", seg(&name)),
+            Some(json!({ "value": value })),
+        )?;
+    }
+    Ok(())
+}
+
 /// Run one command; the output to print, or an error message.
 pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
     match cmd {
@@ -268,6 +342,84 @@ pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
             Ok(format!(
                 "Set permissions for user '{user}' in vhost '{vhost}'\n"
             ))
+        }
+        Command::SetTopicPermissions {
+            user,
+            exchange,
+            write,
+            read,
+            vhost,
+        } => {
+            target.call(
+                "PUT",
+                &format!("/api/topic-permissions/{}/{}", seg(&vhost), seg(&user)),
+                Some(json!({"exchange": exchange, "write": write, "read": read})),
+            )?;
+            Ok(format!(
+                "Set topic permissions on {exchange} for user '{user}' in vhost '{vhost}'\n"
+            ))
+        }
+        Command::ClearTopicPermissions {
+            user,
+            exchange,
+            vhost,
+        } => {
+            let query = exchange
+                .as_deref()
+                .map(|e| format!("?exchange={}", seg(e)))
+                .unwrap_or_default();
+            target.call(
+                "DELETE",
+                &format!(
+                    "/api/topic-permissions/{}/{}{query}",
+                    seg(&vhost),
+                    seg(&user)
+                ),
+                None,
+            )?;
+            Ok(format!(
+                "Cleared topic permissions for user '{user}' in vhost '{vhost}'\n"
+            ))
+        }
+        Command::SetVhostLimits { definition, vhost } => {
+            replace_limits(
+                target,
+                &format!("/api/vhost-limits/{}", seg(&vhost)),
+                &definition,
+            )?;
+            Ok(format!("Set vhost limits for vhost '{vhost}'\n"))
+        }
+        Command::ClearVhostLimits { vhost } => {
+            replace_limits(target, &format!("/api/vhost-limits/{}", seg(&vhost)), "{}")?;
+            Ok(format!("Cleared vhost limits for vhost '{vhost}'\n"))
+        }
+        Command::ListVhostLimits { vhost } => {
+            let path = match &vhost {
+                Some(v) => format!("/api/vhost-limits/{}", seg(v)),
+                None => "/api/vhost-limits".into(),
+            };
+            let list = target.call("GET", &path, None)?;
+            Ok(table(
+                &["vhost", "limits"],
+                rows(&list, &["vhost", "value"]),
+            ))
+        }
+        Command::SetUserLimits { user, definition } => {
+            replace_limits(
+                target,
+                &format!("/api/user-limits/{}", seg(&user)),
+                &definition,
+            )?;
+            Ok(format!("Set user limits for user '{user}'\n"))
+        }
+        Command::ClearUserLimits { user, limit } => {
+            let base = format!("/api/user-limits/{}", seg(&user));
+            if limit == "all" {
+                replace_limits(target, &base, "{}")?;
+            } else {
+                target.call("DELETE", &format!("{base}/{}", seg(&limit)), None)?;
+            }
+            Ok(format!("Cleared user limit '{limit}' for user '{user}'\n"))
         }
     }
 }

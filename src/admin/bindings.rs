@@ -220,6 +220,10 @@ pub fn create_from(
         }
     }
     let routing_key = text(body, "routing_key", "")?.to_string();
+    if let Some(user) = caller_name {
+        let keys = [routing_key.as_str()];
+        super::topic_permissions::permit_topic(&s.broker, vhost, user, Access::Read, src, &keys)?;
+    }
     let arguments = json_to_table(body.get("arguments").unwrap_or(&Value::Null))?;
     let dest = if queue {
         Destination::Queue(dst.into())
@@ -378,5 +382,14 @@ fn delete_checked(
     let kind = if to_queue { "queue" } else { "exchange" };
     caller.permit(&s.broker, vhost, Access::Write, kind, dst)?;
     caller.permit(&s.broker, vhost, Access::Read, "exchange", source_name(src))?;
+    let b = find_binding(s, vhost, src, dst, to_queue, props)?;
+    super::topic_permissions::permit_topic(
+        &s.broker,
+        vhost,
+        &caller.0.name,
+        Access::Read,
+        source_name(src),
+        &[b.routing_key.as_str()],
+    )?;
     delete(s, vhost, src, dst, to_queue, props)
 }

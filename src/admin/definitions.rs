@@ -1,5 +1,7 @@
-//! `/api/definitions`: export and import of users, vhosts, permissions, policies,
-//! exchanges, queues and bindings in RabbitMQ's definitions JSON format.
+//! `/api/definitions`: export and import of users (with their limits), vhosts,
+//! permissions, topic permissions, vhost limits (`parameters` of component
+//! `vhost-limits`), policies, exchanges, queues and bindings in RabbitMQ's
+//! definitions JSON format.
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use axum::extract::State;
@@ -10,7 +12,12 @@ use serde_json::{json, Value};
 pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
     let b = &s.broker;
-    let users: Vec<Value> = b.auth.users().iter().map(super::users::user_json).collect();
+    let users: Vec<Value> = b
+        .auth
+        .users()
+        .iter()
+        .map(|u| super::users::user_json_with_limits(b, u))
+        .collect();
     let mut vhosts: Vec<Value> = b
         .vhosts()
         .iter()
@@ -22,6 +29,12 @@ pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Js
         .permissions()
         .iter()
         .map(|(v, u, p)| super::users::permission_json(v, u, p))
+        .collect();
+    let topic_permissions: Vec<Value> = b
+        .auth
+        .topic_permissions()
+        .iter()
+        .map(|(v, u, p)| super::topic_permissions::topic_permission_json(v, u, p))
         .collect();
     let (mut exchanges, mut queues, mut bindings, mut policies) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -70,8 +83,8 @@ pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Js
         "users": users,
         "vhosts": vhosts,
         "permissions": permissions,
-        "topic_permissions": [],
-        "parameters": [],
+        "topic_permissions": topic_permissions,
+        "parameters": super::limits::vhost_limit_parameters(b),
         "global_parameters": [],
         "policies": policies,
         "queues": queues,
@@ -94,18 +107,27 @@ fn field<'a>(item: &'a Value, key: &str) -> ApiResult<&'a str> {
         .ok_or_else(|| ApiError::bad_request(format!("{key} missing in {item}")))
 }
 
-/// Apply a definitions document: vhosts and users first, then permissions and
-/// policies, then exchanges, queues and bindings (RabbitMQ's order).
+/// Apply a definitions document: vhosts and users first, then permissions, topic
+/// permissions, vhost limits and policies, then exchanges, queues and bindings
+/// (RabbitMQ's order).
 pub fn import_definitions(s: &AdminState, body: &Value) -> ApiResult<()> {
     let b = &s.broker;
     for v in items(body, "vhosts")? {
         b.add_vhost(field(v, "name")?);
     }
     for u in items(body, "users")? {
-        super::users::put_user_from(b, field(u, "name")?, u)?;
+        let name = field(u, "name")?;
+        super::users::put_user_from(b, name, u)?;
+        super::limits::import_user_limits(b, name, u)?;
     }
     for p in items(body, "permissions")? {
         super::users::put_permission_from(b, field(p, "vhost")?, field(p, "user")?, p)?;
+    }
+    for p in items(body, "topic_permissions")? {
+        super::topic_permissions::put_from(b, field(p, "vhost")?, field(p, "user")?, p)?;
+    }
+    for p in items(body, "parameters")? {
+        super::limits::import_parameter(b, p)?;
     }
     for p in items(body, "policies")? {
         super::policies::put_from(s, field(p, "vhost")?, field(p, "name")?, p)?;

@@ -178,9 +178,20 @@ pub async fn publish(
             )))
         }
     };
-    let props = properties_from(body.get("properties").unwrap_or(&Value::Null))?;
+    let mut props = properties_from(body.get("properties").unwrap_or(&Value::Null))?;
+    let cc = crate::broker::cc::take_cc_keys(&mut props)?;
+    let mut keys = vec![routing_key];
+    keys.extend(cc.iter().map(|k| k.as_str()));
+    super::topic_permissions::permit_topic(
+        b,
+        &vhost,
+        &caller.0.name,
+        Access::Write,
+        exchange,
+        &keys,
+    )?;
     let message = Message::new(exchange, routing_key, props, payload);
-    let published = v.publish(exchange, &message, PublishFrom::Client, now_ms())?;
+    let published = v.publish_cc(exchange, &message, &cc, PublishFrom::Client, now_ms())?;
     Counters::add(&b.counters.published, 1);
     if !published.routed {
         Counters::add(&b.counters.unroutable, 1);

@@ -9,10 +9,12 @@ pub mod bindings;
 pub mod connections;
 pub mod definitions;
 pub mod exchanges;
+pub mod limits;
 pub mod metrics;
 pub mod overview;
 pub mod policies;
 pub mod queues;
+pub mod topic_permissions;
 pub mod ui;
 pub mod users;
 pub mod vhosts;
@@ -384,11 +386,59 @@ pub fn router(state: AdminState) -> Router {
                 .put(policies::put)
                 .delete(policies::remove),
         )
+        .merge(tenancy_routes())
         .route("/metrics", get(metrics::prometheus))
         .merge(ui::routes())
         .fallback(|| async { ApiError::not_found() })
         .layer(axum::middleware::from_fn(no_browser_challenge))
         .with_state(state)
+}
+
+/// Topic permissions, vhost and user limits, operator policies.
+fn tenancy_routes() -> Router<AdminState> {
+    Router::new()
+        .route("/api/topic-permissions", get(topic_permissions::list))
+        .route(
+            "/api/topic-permissions/:vhost",
+            get(topic_permissions::list_vhost),
+        )
+        .route(
+            "/api/topic-permissions/:vhost/:user",
+            get(topic_permissions::show)
+                .put(topic_permissions::put)
+                .delete(topic_permissions::remove),
+        )
+        .route(
+            "/api/users/:name/topic-permissions",
+            get(topic_permissions::list_user),
+        )
+        .route(
+            "/api/vhosts/:vhost/topic-permissions",
+            get(topic_permissions::list_vhost),
+        )
+        .route("/api/vhost-limits", get(limits::list_vhosts))
+        .route("/api/vhost-limits/:vhost", get(limits::show_vhost))
+        .route(
+            "/api/vhost-limits/:vhost/:name",
+            axum::routing::put(limits::put_vhost).delete(limits::delete_vhost),
+        )
+        .route("/api/user-limits", get(limits::list_users))
+        .route("/api/user-limits/:user", get(limits::show_user))
+        .route(
+            "/api/user-limits/:user/:name",
+            axum::routing::put(limits::put_user).delete(limits::delete_user),
+        )
+        .route("/api/operator-policies", get(policies::list_operator))
+        .route(
+            "/api/operator-policies/:vhost",
+            get(policies::list_operator_vhost),
+        )
+        .route(
+            "/api/operator-policies/:vhost/:name",
+            get(policies::show_operator)
+                .put(policies::put_operator)
+                .delete(policies::remove_operator),
+        )
 }
 
 /// Requests marked `X-Requested-With: XMLHttpRequest` (the web UI's) get their 401s

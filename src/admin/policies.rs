@@ -1,7 +1,10 @@
-//! `/api/policies[/{vhost}[/{name}]]`: list, show, set and clear policies.
+//! `/api/policies[/{vhost}[/{name}]]`: list, show, set and clear policies; and
+//! `/api/operator-policies[/{vhost}[/{name}]]`, the same for operator policies
+//! (administrators only, numeric caps only, as in RabbitMQ).
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
-use crate::broker::policy::{ApplyTo, Policy};
+use crate::broker::policy::{ApplyTo, Policies, Policy};
+use crate::broker::VHost;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -18,20 +21,47 @@ pub fn policy_json(p: &Policy) -> Value {
     })
 }
 
-fn collect(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
+/// Which of a vhost's two policy sets a route is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    User,
+    Operator,
+}
+
+impl Kind {
+    fn of(self, v: &VHost) -> &Policies {
+        match self {
+            Kind::User => &v.policies,
+            Kind::Operator => &v.operator_policies,
+        }
+    }
+
+    /// Who may change these: policymakers, or administrators for operator policies.
+    fn require_writer(self, caller: &Caller) -> ApiResult<()> {
+        match self {
+            Kind::User if !caller.is_policymaker() => {
+                Err(ApiError::forbidden("Not policymaker user"))
+            }
+            Kind::Operator => caller.require_admin(),
+            Kind::User => Ok(()),
+        }
+    }
+}
+
+fn collect(s: &AdminState, caller: &Caller, only: Option<&str>, kind: Kind) -> Vec<Value> {
     let mut out = Vec::new();
     for v in s.broker.vhosts() {
         if only.is_some_and(|o| o != &*v.name) || !caller.sees(&s.broker, &v.name) {
             continue;
         }
-        out.extend(v.policies.list().iter().map(policy_json));
+        out.extend(kind.of(&v).list().iter().map(policy_json));
     }
     super::sort_by_vhost_name(&mut out);
     out
 }
 
 pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(Value::Array(collect(&s, &caller, None)))
+    Json(Value::Array(collect(&s, &caller, None, Kind::User)))
 }
 
 pub async fn list_vhost(
@@ -40,7 +70,12 @@ pub async fn list_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(Value::Array(collect(&s, &caller, Some(&vhost)))))
+    Ok(Json(Value::Array(collect(
+        &s,
+        &caller,
+        Some(&vhost),
+        Kind::User,
+    ))))
 }
 
 pub async fn show(
@@ -59,6 +94,17 @@ pub async fn show(
 
 /// Set a policy from an API / definitions body.
 pub fn put_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> ApiResult<bool> {
+    put_kind_from(s, vhost, name, body, Kind::User)
+}
+
+/// Set a policy or an operator policy from an API / definitions body.
+pub fn put_kind_from(
+    s: &AdminState,
+    vhost: &str,
+    name: &str,
+    body: &Value,
+    kind: Kind,
+) -> ApiResult<bool> {
     let v = s.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
     let pattern = body
         .get("pattern")
@@ -82,9 +128,19 @@ pub fn put_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> ApiRes
         .and_then(Value::as_object)
         .cloned()
         .ok_or_else(|| ApiError::bad_request("definition must be an object"))?;
-    let p = Policy::new(vhost, name, pattern, apply_to, priority, definition)
-        .map_err(ApiError::bad_request)?;
-    Ok(v.put_policy(p, crate::clock::now_ms())?)
+    let now = crate::clock::now_ms();
+    match kind {
+        Kind::User => {
+            let p = Policy::new(vhost, name, pattern, apply_to, priority, definition)
+                .map_err(ApiError::bad_request)?;
+            Ok(v.put_policy(p, now)?)
+        }
+        Kind::Operator => {
+            let p = Policy::new_operator(vhost, name, pattern, apply_to, priority, definition)
+                .map_err(ApiError::bad_request)?;
+            Ok(v.put_operator_policy(p, now)?)
+        }
+    }
 }
 
 pub async fn put(
@@ -111,6 +167,65 @@ pub async fn remove(
     caller.require_vhost(&s.broker, &vhost)?;
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     if v.delete_policy(&name, crate::clock::now_ms())? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found())
+    }
+}
+
+pub async fn list_operator(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(Value::Array(collect(&s, &caller, None, Kind::Operator)))
+}
+
+pub async fn list_operator_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(Value::Array(collect(
+        &s,
+        &caller,
+        Some(&vhost),
+        Kind::Operator,
+    ))))
+}
+
+pub async fn show_operator(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let p = v
+        .operator_policies
+        .get(&vhost, &name)
+        .ok_or_else(ApiError::not_found)?;
+    Ok(Json(policy_json(&p)))
+}
+
+pub async fn put_operator(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    Kind::Operator.require_writer(&caller)?;
+    caller.require_vhost(&s.broker, &vhost)?;
+    let created = put_kind_from(&s, &vhost, &name, &body, Kind::Operator)?;
+    Ok(super::put_status(created))
+}
+
+pub async fn remove_operator(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    Kind::Operator.require_writer(&caller)?;
+    caller.require_vhost(&s.broker, &vhost)?;
+    let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    if v.delete_operator_policy(&name, crate::clock::now_ms())? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found())

@@ -20,10 +20,12 @@ use std::sync::Arc;
 pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
     let st = q.stats(crate::clock::now_ms());
     let vhost = &*q.spec.vhost;
-    let policy = s
+    let (policy, operator) = s
         .broker
         .vhost(vhost)
-        .and_then(|v| v.policies.matching(vhost, true, q.name()));
+        .map(|v| crate::broker::policy::queue_policies(&v, q.name()))
+        .unwrap_or_default();
+    let effective = crate::broker::policy::merged_definition(policy.as_ref(), operator.as_ref());
     json!({
         "name": q.name(),
         "vhost": vhost,
@@ -46,7 +48,8 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
         "message_bytes_paged_out": st.ready_bytes - st.ready_ram_bytes,
         "consumers": st.consumers,
         "policy": policy.as_ref().map(|p| p.name.clone()),
-        "effective_policy_definition": policy.map(|p| Value::Object(p.definition)).unwrap_or(json!({})),
+        "operator_policy": operator.as_ref().map(|p| p.name.clone()),
+        "effective_policy_definition": effective.map(Value::Object).unwrap_or(json!({})),
         "message_stats": message_stats(&Totals::of(&q.counters), &s.rates.queue(vhost, q.name())),
     })
 }

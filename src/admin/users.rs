@@ -19,6 +19,19 @@ pub fn user_json(u: &User) -> Value {
     })
 }
 
+/// [`user_json`] with the user's limits filled in.
+pub fn user_json_with_limits(b: &Broker, u: &User) -> Value {
+    let mut j = user_json(u);
+    j["limits"] = Value::Object(
+        b.auth
+            .user_limits(&u.name)
+            .into_iter()
+            .map(|(k, v)| (k, json!(v)))
+            .collect(),
+    );
+    j
+}
+
 pub fn permission_json(vhost: &str, user: &str, p: &Permission) -> Value {
     json!({
         "user": user,
@@ -92,8 +105,13 @@ pub fn put_user_from(b: &Broker, name: &str, body: &Value) -> ApiResult<bool> {
 
 pub async fn list(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
+    let b = &s.broker;
     Ok(Json(Value::Array(
-        s.broker.auth.users().iter().map(user_json).collect(),
+        b.auth
+            .users()
+            .iter()
+            .map(|u| user_json_with_limits(b, u))
+            .collect(),
     )))
 }
 
@@ -104,7 +122,7 @@ pub async fn show(
 ) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
     let u = s.broker.auth.user(&name).ok_or_else(ApiError::not_found)?;
-    Ok(Json(user_json(&u)))
+    Ok(Json(user_json_with_limits(&s.broker, &u)))
 }
 
 pub async fn put(

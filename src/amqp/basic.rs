@@ -4,7 +4,7 @@
 
 use super::{not_from_client, Channel, ConnCtx, ConsumerRef, Settle, Unacked};
 use crate::broker::auth::Access;
-use crate::broker::message::{Entry, Message};
+use crate::broker::message::{Entry, Message, ShortStr};
 use crate::broker::queue::{Consumer, Credit, Delivery, Queue};
 use crate::broker::vhost::PublishFrom;
 use crate::broker::Counters;
@@ -419,6 +419,13 @@ pub fn publish(
     if let Some(exp) = properties.expiration.as_deref() {
         validate_expiration(exp).map_err(at_publish)?;
     }
+    let cc = crate::broker::cc::take_cc_keys(&mut properties).map_err(at_publish)?;
+    ctx.permit_topic(
+        Access::Write,
+        &publish.exchange,
+        std::iter::once(publish.routing_key.as_str()).chain(cc.iter().map(ShortStr::as_str)),
+    )
+    .map_err(at_publish)?;
     if properties.reply_to.as_deref() == Some(REPLY_TO) {
         let queue = ch.reply_queue.as_ref().ok_or_else(|| {
             at_publish(AmqpError::precondition_failed(
@@ -439,26 +446,36 @@ pub fn publish(
             ctx.vhost.exchange(&publish.exchange).map_err(at_publish)?;
         }
         tx.publishes
-            .push((publish.exchange, publish.mandatory, message));
+            .push((publish.exchange, publish.mandatory, message, cc));
         return Ok(());
     }
-    route_and_enqueue(ctx, io, &publish.exchange, publish.mandatory, message, now)
-        .map(|_| ())
-        .map_err(at_publish)
+    route_and_enqueue(
+        ctx,
+        io,
+        &publish.exchange,
+        publish.mandatory,
+        message,
+        &cc,
+        now,
+    )
+    .map(|_| ())
+    .map_err(at_publish)
 }
 
-/// Route `message` and enqueue it; returns whether a durable copy was stored.
+/// Route `message` (also with the `cc` keys) and enqueue it; returns whether a
+/// durable copy was stored.
 pub(super) fn route_and_enqueue(
     ctx: &ConnCtx,
     io: &mut ChannelIo<'_>,
     exchange: &str,
     mandatory: bool,
     message: Arc<Message>,
+    cc: &[ShortStr],
     now: Now,
 ) -> AmqpResult<bool> {
     let published = ctx
         .vhost
-        .publish(exchange, &message, PublishFrom::Client, now.ms)?;
+        .publish_cc(exchange, &message, cc, PublishFrom::Client, now.ms)?;
     let counters = &ctx.broker.counters;
     Counters::add(&counters.published, 1);
     if !published.routed {

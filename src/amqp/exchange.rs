@@ -39,6 +39,7 @@ pub fn handle(ctx: &ConnCtx, io: &mut ChannelIo<'_>, method: Method) -> AmqpResu
         Method::ExchangeBind(b) => {
             ctx.permit(Access::Write, "exchange", &b.destination)?;
             ctx.permit(Access::Read, "exchange", &b.source)?;
+            ctx.permit_topic(Access::Read, &b.source, [b.routing_key.as_str()])?;
             let dest = Destination::Exchange(b.destination.as_str().into());
             vhost.bind(&b.source, dest, &b.routing_key, &b.arguments, ctx.id)?;
             if !b.nowait {
@@ -48,6 +49,7 @@ pub fn handle(ctx: &ConnCtx, io: &mut ChannelIo<'_>, method: Method) -> AmqpResu
         Method::ExchangeUnbind(b) => {
             ctx.permit(Access::Write, "exchange", &b.destination)?;
             ctx.permit(Access::Read, "exchange", &b.source)?;
+            ctx.permit_topic(Access::Read, &b.source, [b.routing_key.as_str()])?;
             let dest = Destination::Exchange(b.destination.as_str().into());
             vhost.unbind(&b.source, dest, &b.routing_key, &b.arguments, ctx.id)?;
             if !b.nowait {

@@ -58,6 +58,51 @@ impl ConnCtx {
             self.vhost.name, self.user
         )))
     }
+
+    /// RabbitMQ's topic authorisation: on a topic exchange, `access` (write for
+    /// a publish, read for a bind or unbind) to each of `keys` must match the
+    /// user's topic permission for that exchange, if there is one (403
+    /// otherwise). Costs one atomic load while no topic permission exists.
+    pub(crate) fn permit_topic<'k>(
+        &self,
+        access: Access,
+        exchange: &str,
+        keys: impl IntoIterator<Item = &'k str>,
+    ) -> AmqpResult<()> {
+        let auth = &self.broker.auth;
+        if !auth.has_topic_permissions() || exchange.is_empty() {
+            return Ok(());
+        }
+        // A missing exchange is the caller's 404 to report.
+        let Ok(ex) = self.vhost.exchange(exchange) else {
+            return Ok(());
+        };
+        if ex.kind != crate::broker::exchange::ExchangeKind::Topic || ex.delayed {
+            return Ok(());
+        }
+        let client_id = || self.broker.client_property(self.id, "client_id");
+        for key in keys {
+            if !auth.topic_allows(
+                &self.vhost.name,
+                &self.user,
+                exchange,
+                access,
+                key,
+                &client_id,
+            ) {
+                let what = match access {
+                    Access::Write => "write",
+                    Access::Read => "read",
+                    Access::Configure => "configure",
+                };
+                return Err(AmqpError::access_refused(format!(
+                    "{what} access to topic '{key}' in exchange '{exchange}' in vhost '{}' refused for user '{}'",
+                    self.vhost.name, self.user
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A message handed out and not yet acked.
@@ -95,7 +140,13 @@ enum Settle {
 /// A transaction's publishes and settlements, applied at commit.
 #[derive(Debug, Default)]
 struct Tx {
-    publishes: Vec<(String, bool, Arc<Message>)>,
+    /// (exchange, mandatory, message, `CC` / `BCC` routing keys).
+    publishes: Vec<(
+        String,
+        bool,
+        Arc<Message>,
+        Vec<crate::broker::message::ShortStr>,
+    )>,
     settles: Vec<Settle>,
 }
 

@@ -59,6 +59,7 @@ pub fn handle(
             let name = ch.queue_name(&b.queue)?;
             ctx.permit(Access::Write, "queue", &name)?;
             ctx.permit(Access::Read, "exchange", &b.exchange)?;
+            ctx.permit_topic(Access::Read, &b.exchange, [b.routing_key.as_str()])?;
             let dest = Destination::Queue(name.as_str().into());
             vhost.bind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
             if !b.nowait {
@@ -69,6 +70,7 @@ pub fn handle(
             let name = ch.queue_name(&b.queue)?;
             ctx.permit(Access::Write, "queue", &name)?;
             ctx.permit(Access::Read, "exchange", &b.exchange)?;
+            ctx.permit_topic(Access::Read, &b.exchange, [b.routing_key.as_str()])?;
             let dest = Destination::Queue(name.as_str().into());
             vhost.unbind(&b.exchange, dest, &b.routing_key, &b.arguments, ctx.id)?;
             io.method(&QueueUnbindOk::default().into());

@@ -33,8 +33,9 @@ pub fn handle(
                 .ok_or_else(|| AmqpError::precondition_failed("channel is not transactional"))?;
             ch.tx = Some(Tx::default());
             let mut durable = false;
-            for (exchange, mandatory, message) in tx.publishes {
-                durable |= basic::route_and_enqueue(ctx, io, &exchange, mandatory, message, now)?;
+            for (exchange, mandatory, message, cc) in tx.publishes {
+                durable |=
+                    basic::route_and_enqueue(ctx, io, &exchange, mandatory, message, &cc, now)?;
             }
             for s in tx.settles {
                 basic::apply_settle(ctx, ch, s, now)?;

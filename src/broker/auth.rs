@@ -5,8 +5,13 @@
 //! `base64(salt(4 bytes) ++ sha256(salt ++ utf8 password))`, so definitions exported
 //! here import into RabbitMQ and the other way round. Permissions are three regexes
 //! (configure, write, read) per (vhost, user); the empty string means `^$`.
+//! Topic permissions add two regexes (write, read) per (vhost, user, exchange),
+//! matched against routing keys on topic exchanges, with `{username}`,
+//! `{vhost}` and `{client_id}` expanded as RabbitMQ does; user limits
+//! (`max-connections`, `max-channels`) are kept per user.
 //! Once [`Auth::attach`] gives it the store, every change is written there.
 
+use crate::broker::limits::LimitMap;
 use crate::storage::{StorageError, Store, TopologyKind};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -14,8 +19,9 @@ use parking_lot::RwLock;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// The only hashing algorithm we produce and accept.
 pub const HASHING_ALGORITHM: &str = "rabbit_password_hashing_sha256";
@@ -59,13 +65,15 @@ pub struct Permission {
     compiled: [Regex; 3],
 }
 
+/// Compile a permission regex; the empty string means `^$` (nothing).
+fn compile(re: &str) -> Result<Regex, String> {
+    let re = if re.is_empty() { "^$" } else { re };
+    Regex::new(re).map_err(|e| format!("invalid regex '{re}': {e}"))
+}
+
 impl Permission {
     /// Compile the three regexes; the error names the bad one.
     pub fn new(configure: &str, write: &str, read: &str) -> Result<Permission, String> {
-        let compile = |re: &str| {
-            let re = if re.is_empty() { "^$" } else { re };
-            Regex::new(re).map_err(|e| format!("invalid regex '{re}': {e}"))
-        };
         Ok(Permission {
             configure: configure.into(),
             write: write.into(),
@@ -81,6 +89,108 @@ impl Permission {
             Access::Read => 2,
         };
         self.compiled[idx].is_match(name)
+    }
+}
+
+/// The `{client_id}` placeholder: the one topic-permission variable that is not
+/// known when the permission is set.
+const CLIENT_ID: &str = "{client_id}";
+
+/// Compiled `{client_id}` expansions kept per pattern before the cache is reset.
+const EXPANSION_CACHE: usize = 256;
+
+/// One topic-permission regex. `{username}` and `{vhost}` are expanded when the
+/// permission is set (it belongs to one user in one vhost); a pattern still
+/// holding `{client_id}` is compiled per client id, and those are cached.
+#[derive(Debug)]
+struct TopicPattern {
+    fixed: Option<Regex>,
+    template: String,
+    expanded: parking_lot::Mutex<HashMap<String, Option<Regex>>>,
+}
+
+impl TopicPattern {
+    fn new(source: &str, vhost: &str, user: &str) -> Result<TopicPattern, String> {
+        let template = source.replace("{username}", user).replace("{vhost}", vhost);
+        if template.contains(CLIENT_ID) {
+            // Refuse what cannot compile whatever the client id.
+            compile(&template.replace(CLIENT_ID, "client"))?;
+            Ok(TopicPattern {
+                fixed: None,
+                template,
+                expanded: Default::default(),
+            })
+        } else {
+            Ok(TopicPattern {
+                fixed: Some(compile(&template)?),
+                template,
+                expanded: Default::default(),
+            })
+        }
+    }
+
+    /// Whether `key` matches; `client_id` is asked for only when the pattern uses
+    /// it (no client id: the empty string, as RabbitMQ expands a missing one).
+    fn is_match(&self, key: &str, client_id: &dyn Fn() -> Option<String>) -> bool {
+        if let Some(re) = &self.fixed {
+            return re.is_match(key);
+        }
+        let id = client_id().unwrap_or_default();
+        let mut cache = self.expanded.lock();
+        if cache.len() >= EXPANSION_CACHE && !cache.contains_key(&id) {
+            cache.clear();
+        }
+        cache
+            .entry(id)
+            .or_insert_with_key(|id| compile(&self.template.replace(CLIENT_ID, id)).ok())
+            .as_ref()
+            .is_some_and(|re| re.is_match(key))
+    }
+}
+
+/// A user's topic permissions on one exchange of one vhost.
+#[derive(Debug, Clone)]
+pub struct TopicPermission {
+    pub exchange: String,
+    pub write: String,
+    pub read: String,
+    compiled: Arc<[TopicPattern; 2]>,
+}
+
+impl TopicPermission {
+    /// Compile the write and read regexes for `user` in `vhost`; the error names
+    /// the bad one.
+    pub fn new(
+        vhost: &str,
+        user: &str,
+        exchange: &str,
+        write: &str,
+        read: &str,
+    ) -> Result<TopicPermission, String> {
+        Ok(TopicPermission {
+            exchange: exchange.into(),
+            write: write.into(),
+            read: read.into(),
+            compiled: Arc::new([
+                TopicPattern::new(write, vhost, user)?,
+                TopicPattern::new(read, vhost, user)?,
+            ]),
+        })
+    }
+
+    /// Whether `access` (write or read) to `routing_key` is allowed.
+    pub fn allows(
+        &self,
+        access: Access,
+        routing_key: &str,
+        client_id: &dyn Fn() -> Option<String>,
+    ) -> bool {
+        let i = match access {
+            Access::Write => 0,
+            Access::Read => 1,
+            Access::Configure => return true,
+        };
+        self.compiled[i].is_match(routing_key, client_id)
     }
 }
 
@@ -123,13 +233,19 @@ struct UserRecord {
     password_hash: String,
     tags: Vec<String>,
     loopback_only: bool,
+    /// `max-connections`, `max-channels`; absent in older records.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    limits: LimitMap,
 }
 
-/// A permission as stored on disk.
+/// A permission as stored on disk; with an `exchange`, a topic permission.
 #[derive(Debug, Serialize, Deserialize)]
 struct PermissionRecord {
     vhost: String,
     user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exchange: Option<String>,
+    #[serde(default)]
     configure: String,
     write: String,
     read: String,
@@ -140,12 +256,72 @@ fn permission_key(vhost: &str, user: &str) -> String {
     format!("{vhost}\0{user}")
 }
 
+/// Key of a topic-permission record: vhost, user and exchange, NUL-separated
+/// (three parts, so never equal to a [`permission_key`]).
+fn topic_permission_key(vhost: &str, user: &str, exchange: &str) -> String {
+    format!("{vhost}\0{user}\0{exchange}")
+}
+
+/// Topic permissions by vhost, then user, then exchange: a publish looks one up
+/// by `&str`s, without allocating a key.
+#[derive(Debug, Default)]
+struct TopicMap(BTreeMap<String, BTreeMap<String, BTreeMap<String, TopicPermission>>>);
+
+impl TopicMap {
+    fn get(&self, vhost: &str, user: &str, exchange: &str) -> Option<&TopicPermission> {
+        self.0.get(vhost)?.get(user)?.get(exchange)
+    }
+
+    /// Set `user`'s permission on `p.exchange` in `vhost`; true if new.
+    fn insert(&mut self, vhost: &str, user: &str, p: TopicPermission) -> bool {
+        self.0
+            .entry(vhost.to_string())
+            .or_default()
+            .entry(user.to_string())
+            .or_default()
+            .insert(p.exchange.clone(), p)
+            .is_none()
+    }
+
+    /// Keep what `keep(vhost, user, exchange)` says to keep.
+    fn retain(&mut self, mut keep: impl FnMut(&str, &str, &str) -> bool) {
+        for (v, users) in self.0.iter_mut() {
+            for (u, exchanges) in users.iter_mut() {
+                exchanges.retain(|x, _| keep(v, u, x));
+            }
+            users.retain(|_, exchanges| !exchanges.is_empty());
+        }
+        self.0.retain(|_, users| !users.is_empty());
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, &str, &TopicPermission)> {
+        self.0.iter().flat_map(|(v, users)| {
+            users
+                .iter()
+                .flat_map(move |(u, xs)| xs.values().map(move |p| (v.as_str(), u.as_str(), p)))
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.0
+            .values()
+            .flat_map(|users| users.values())
+            .map(BTreeMap::len)
+            .sum()
+    }
+}
+
 /// The user and permission store.
 #[derive(Debug, Default)]
 pub struct Auth {
     users: RwLock<BTreeMap<String, User>>,
     /// Keyed by (vhost, user).
     permissions: RwLock<BTreeMap<(String, String), Permission>>,
+    topic_permissions: RwLock<TopicMap>,
+    /// How many topic permissions exist: publishes skip the lookup when none do.
+    topic_count: AtomicUsize,
+    /// Per-user limits (users without any are absent).
+    user_limits: RwLock<BTreeMap<String, LimitMap>>,
     store: OnceLock<Store>,
 }
 
@@ -157,16 +333,23 @@ impl Auth {
         let users = store.load_topology(TopologyKind::User)?;
         if users.is_empty() {
             for u in self.users() {
-                save_user(store, &u);
+                save_user(store, &u, &self.user_limits(&u.name));
             }
             for (v, u, p) in self.permissions() {
                 save_permission(store, &v, &u, &p);
             }
+            for (v, u, p) in self.topic_permissions() {
+                save_topic_permission(store, &v, &u, &p);
+            }
         } else {
             let mut map = BTreeMap::new();
+            let mut limits = BTreeMap::new();
             for (key, bytes) in users {
                 match serde_json::from_slice::<UserRecord>(&bytes) {
                     Ok(r) => {
+                        if !r.limits.is_empty() {
+                            limits.insert(r.name.clone(), r.limits);
+                        }
                         map.insert(
                             r.name.clone(),
                             User {
@@ -181,19 +364,29 @@ impl Auth {
                 }
             }
             let mut perms = BTreeMap::new();
+            let mut topics = TopicMap::default();
             for (key, bytes) in store.load_topology(TopologyKind::Permission)? {
-                let parsed = serde_json::from_slice::<PermissionRecord>(&bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| Permission::new(&r.configure, &r.write, &r.read).map(|p| (r, p)));
-                match parsed {
-                    Ok((r, p)) => {
-                        perms.insert((r.vhost, r.user), p);
+                let parsed =
+                    serde_json::from_slice::<PermissionRecord>(&bytes).map_err(|e| e.to_string());
+                let loaded = parsed.and_then(|r| match &r.exchange {
+                    Some(x) => {
+                        TopicPermission::new(&r.vhost, &r.user, x, &r.write, &r.read).map(|p| {
+                            topics.insert(&r.vhost, &r.user, p);
+                        })
                     }
-                    Err(e) => tracing::error!(key, error = %e, "skipping bad permission record"),
+                    None => Permission::new(&r.configure, &r.write, &r.read).map(|p| {
+                        perms.insert((r.vhost.clone(), r.user.clone()), p);
+                    }),
+                });
+                if let Err(e) = loaded {
+                    tracing::error!(key, error = %e, "skipping bad permission record");
                 }
             }
             *self.users.write() = map;
             *self.permissions.write() = perms;
+            self.topic_count.store(topics.len(), Ordering::Relaxed);
+            *self.topic_permissions.write() = topics;
+            *self.user_limits.write() = limits;
         }
         let _ = self.store.set(store.clone());
         Ok(())
@@ -207,23 +400,26 @@ impl Auth {
         self.users.read().values().cloned().collect()
     }
 
-    /// Create or replace a user.
+    /// Create or replace a user (their limits stay).
     pub fn put_user(&self, user: User) {
         if let Some(store) = self.store.get() {
-            save_user(store, &user);
+            save_user(store, &user, &self.user_limits(&user.name));
         }
         self.users.write().insert(user.name.clone(), user);
     }
 
-    /// Delete a user and their permissions; false if unknown.
+    /// Delete a user, their permissions, topic permissions and limits; false if
+    /// unknown.
     pub fn delete_user(&self, name: &str) -> bool {
         let existed = self.users.write().remove(name).is_some();
+        self.user_limits.write().remove(name);
         self.permissions.write().retain(|(v, u), _| {
             if u == name {
                 self.forget_permission(v, u);
             }
             u != name
         });
+        self.forget_topic_permissions(|_, u, _| u == name);
         if let Some(store) = self.store.get() {
             drop_record(store, TopologyKind::User, name);
         }
@@ -255,7 +451,7 @@ impl Auth {
             .is_some()
     }
 
-    /// Drop every permission in a deleted vhost.
+    /// Drop every permission and topic permission in a deleted vhost.
     pub fn vhost_deleted(&self, vhost: &str) {
         self.permissions.write().retain(|(v, u), _| {
             if v == vhost {
@@ -263,6 +459,124 @@ impl Auth {
             }
             v != vhost
         });
+        self.forget_topic_permissions(|v, _, _| v == vhost);
+    }
+
+    /// Drop the topic permissions whose (vhost, user, exchange) `doomed` picks.
+    fn forget_topic_permissions(&self, doomed: impl Fn(&str, &str, &str) -> bool) {
+        let mut topics = self.topic_permissions.write();
+        topics.retain(|v, u, x| {
+            let gone = doomed(v, u, x);
+            if gone {
+                if let Some(store) = self.store.get() {
+                    drop_record(
+                        store,
+                        TopologyKind::Permission,
+                        &topic_permission_key(v, u, x),
+                    );
+                }
+            }
+            !gone
+        });
+        self.topic_count.store(topics.len(), Ordering::Relaxed);
+    }
+
+    /// Set `user`'s topic permission on `p.exchange` in `vhost`; true if new.
+    pub fn set_topic_permission(&self, vhost: &str, user: &str, p: TopicPermission) -> bool {
+        let mut topics = self.topic_permissions.write();
+        if let Some(store) = self.store.get() {
+            save_topic_permission(store, vhost, user, &p);
+        }
+        let created = topics.insert(vhost, user, p);
+        self.topic_count.store(topics.len(), Ordering::Relaxed);
+        created
+    }
+
+    /// Clear `user`'s topic permissions in `vhost`: on `exchange` only, or all of
+    /// them (None). False if there were none.
+    pub fn clear_topic_permission(&self, vhost: &str, user: &str, exchange: Option<&str>) -> bool {
+        let before = self.topic_count.load(Ordering::Relaxed);
+        self.forget_topic_permissions(|v, u, x| {
+            v == vhost && u == user && exchange.is_none_or(|e| e == x)
+        });
+        self.topic_count.load(Ordering::Relaxed) != before
+    }
+
+    /// All topic permissions as (vhost, user, permission), sorted.
+    pub fn topic_permissions(&self) -> Vec<(String, String, TopicPermission)> {
+        self.topic_permissions
+            .read()
+            .iter()
+            .map(|(v, u, p)| (v.to_string(), u.to_string(), p.clone()))
+            .collect()
+    }
+
+    /// RabbitMQ's topic authorisation: may `user` `access` (write: publish, read:
+    /// bind) `routing_key` on the topic exchange `exchange` of `vhost`? Allowed
+    /// when the user has no topic permission on that exchange. `client_id` is
+    /// asked for only when a pattern uses `{client_id}`.
+    pub fn topic_allows(
+        &self,
+        vhost: &str,
+        user: &str,
+        exchange: &str,
+        access: Access,
+        routing_key: &str,
+        client_id: &dyn Fn() -> Option<String>,
+    ) -> bool {
+        if self.topic_count.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        match self.topic_permissions.read().get(vhost, user, exchange) {
+            None => true,
+            Some(p) => p.allows(access, routing_key, client_id),
+        }
+    }
+
+    /// Whether any topic permission exists (checks can be skipped when none do).
+    pub fn has_topic_permissions(&self) -> bool {
+        self.topic_count.load(Ordering::Relaxed) > 0
+    }
+
+    /// `user`'s limits (empty when none are set).
+    pub fn user_limits(&self, user: &str) -> LimitMap {
+        self.user_limits
+            .read()
+            .get(user)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every user's limits, users without limits left out.
+    pub fn all_user_limits(&self) -> Vec<(String, LimitMap)> {
+        self.user_limits
+            .read()
+            .iter()
+            .map(|(u, l)| (u.clone(), l.clone()))
+            .collect()
+    }
+
+    /// Change `user`'s limits with `f` (stored with the user's record); the
+    /// limits before, or None if there is no such user.
+    pub fn change_user_limits(
+        &self,
+        user: &str,
+        f: impl FnOnce(&mut LimitMap),
+    ) -> Option<LimitMap> {
+        let u = self.user(user)?;
+        let mut all = self.user_limits.write();
+        let before = all.get(user).cloned().unwrap_or_default();
+        let mut next = before.clone();
+        f(&mut next);
+        if let Some(store) = self.store.get() {
+            save_user(store, &u, &next);
+        }
+        if next.is_empty() {
+            all.remove(user);
+        } else {
+            all.insert(user.to_string(), next);
+        }
+        Some(before)
     }
 
     fn forget_permission(&self, vhost: &str, user: &str) {
@@ -307,20 +621,39 @@ impl Auth {
     }
 }
 
-fn save_user(store: &Store, u: &User) {
+fn save_user(store: &Store, u: &User, limits: &LimitMap) {
     let rec = UserRecord {
         name: u.name.clone(),
         password_hash: u.password_hash.clone(),
         tags: u.tags.clone(),
         loopback_only: u.loopback_only,
+        limits: limits.clone(),
     };
     write_record(store, TopologyKind::User, &u.name, &rec);
+}
+
+fn save_topic_permission(store: &Store, vhost: &str, user: &str, p: &TopicPermission) {
+    let rec = PermissionRecord {
+        vhost: vhost.into(),
+        user: user.into(),
+        exchange: Some(p.exchange.clone()),
+        configure: String::new(),
+        write: p.write.clone(),
+        read: p.read.clone(),
+    };
+    write_record(
+        store,
+        TopologyKind::Permission,
+        &topic_permission_key(vhost, user, &p.exchange),
+        &rec,
+    );
 }
 
 fn save_permission(store: &Store, vhost: &str, user: &str, p: &Permission) {
     let rec = PermissionRecord {
         vhost: vhost.into(),
         user: user.into(),
+        exchange: None,
         configure: p.configure.clone(),
         write: p.write.clone(),
         read: p.read.clone(),
@@ -378,5 +711,37 @@ mod tests {
         assert!(!p.allows(Access::Write, "x"));
         assert!(p.allows(Access::Read, "anything"));
         assert!(Permission::new("(", "", "").is_err());
+    }
+
+    #[test]
+    fn topic_patterns_expand_username_vhost_and_client_id() {
+        let none = || None;
+        let p = TopicPermission::new("/", "alice", "amq.topic", "^{username}\\.", "^{vhost}|x")
+            .expect("valid");
+        assert!(p.allows(Access::Write, "alice.orders", &none));
+        assert!(!p.allows(Access::Write, "bob.orders", &none));
+        assert!(p.allows(Access::Read, "/", &none));
+        assert!(!p.allows(Access::Read, "y", &none));
+        let p = TopicPermission::new("/", "alice", "t", "^c\\.{client_id}$", "").expect("valid");
+        assert!(p.allows(Access::Write, "c.app1", &|| Some("app1".into())));
+        assert!(!p.allows(Access::Write, "c.app1", &|| Some("app2".into())));
+        assert!(!p.allows(Access::Write, "c.app1", &none));
+        assert!(!p.allows(Access::Read, "anything", &none), "empty is ^$");
+        assert!(TopicPermission::new("/", "a", "t", "(", ".*").is_err());
+    }
+
+    #[test]
+    fn without_topic_permissions_everything_is_allowed() {
+        let auth = Auth::default();
+        let none = || None;
+        assert!(auth.topic_allows("/", "u", "amq.topic", Access::Write, "k", &none));
+        let p = TopicPermission::new("/", "u", "amq.topic", "^a", "^a").expect("valid");
+        assert!(auth.set_topic_permission("/", "u", p));
+        assert!(!auth.topic_allows("/", "u", "amq.topic", Access::Write, "b", &none));
+        assert!(auth.topic_allows("/", "u", "other", Access::Write, "b", &none));
+        assert!(auth.topic_allows("/", "v", "amq.topic", Access::Write, "b", &none));
+        assert!(auth.clear_topic_permission("/", "u", None));
+        assert!(!auth.has_topic_permissions());
+        assert!(!auth.clear_topic_permission("/", "u", None));
     }
 }

@@ -6,7 +6,9 @@
 //! Unix epoch) from the caller, who reads [`crate::clock::now_ms`].
 
 pub mod auth;
+pub mod cc;
 pub mod exchange;
+pub mod limits;
 pub mod memory;
 pub mod message;
 pub mod persist;
@@ -105,6 +107,8 @@ pub struct Broker {
     watermark: AtomicU64,
     /// What each vhost may hold (given to it at creation).
     vhost_limits: crate::config::VHostLimits,
+    /// Serialises channel admissions of users with a `max-channels` limit.
+    admission: parking_lot::Mutex<()>,
 }
 
 impl Broker {
@@ -124,6 +128,9 @@ impl Broker {
                 let v = broker.add_vhost(name);
                 if let Err(e) = v.policies.recover(name) {
                     tracing::error!(vhost = name, error = %e, "cannot load policies");
+                }
+                if let Err(e) = v.operator_policies.recover(name) {
+                    tracing::error!(vhost = name, error = %e, "cannot load operator policies");
                 }
                 v
             },
@@ -160,6 +167,7 @@ impl Broker {
             connections: RwLock::new(HashMap::new()),
             counters: Counters::default(),
             vhost_limits: config.vhost_limits(),
+            admission: parking_lot::Mutex::new(()),
         };
         broker.add_vhost("/");
         broker.auth.put_user(User {
@@ -203,6 +211,7 @@ impl Broker {
         };
         self.auth.vhost_deleted(name);
         vhost.policies.clear();
+        vhost.operator_policies.clear();
         if let Some(store) = &self.store {
             auth::drop_record(store, crate::storage::TopologyKind::VHost, name);
         }
@@ -291,6 +300,84 @@ impl Broker {
         self.connections.write().insert(info.id, info);
     }
 
+    /// connection.open: register the connection unless its vhost's or user's
+    /// `max-connections` is reached (530 with RabbitMQ's text). The count and the
+    /// registration happen under one lock.
+    pub fn admit_connection(&self, info: Arc<ConnectionInfo>) -> crate::error::AmqpResult<()> {
+        let vhost_max = self
+            .vhost(&info.vhost)
+            .and_then(|v| v.limit_values.active("max-connections"));
+        let user_max = limits::active(&self.auth.user_limits(&info.user), "max-connections");
+        let mut connections = self.connections.write();
+        if let Some(max) = vhost_max {
+            if connections
+                .values()
+                .filter(|c| c.vhost == info.vhost)
+                .count()
+                >= max
+            {
+                return Err(limits::vhost_connections_reached(
+                    &info.vhost,
+                    &info.user,
+                    max,
+                ));
+            }
+        }
+        if let Some(max) = user_max {
+            if connections.values().filter(|c| c.user == info.user).count() >= max {
+                return Err(limits::user_connections_reached(&info.user, max));
+            }
+        }
+        connections.insert(info.id, info);
+        Ok(())
+    }
+
+    /// channel.open on connection `id`: counted, unless the user's
+    /// `max-channels` is reached (530, which closes the connection, as in
+    /// RabbitMQ).
+    pub fn admit_channel(&self, id: u64, channel: u16) -> crate::error::AmqpResult<()> {
+        let connections = self.connections.read();
+        let Some(c) = connections.get(&id) else {
+            return Ok(());
+        };
+        let max = limits::active(&self.auth.user_limits(&c.user), "max-channels");
+        let _serial = max.map(|_| self.admission.lock());
+        if let Some(max) = max {
+            let used: usize = connections
+                .values()
+                .filter(|o| o.user == c.user)
+                .map(|o| o.channels.load(Ordering::Relaxed) as usize)
+                .sum();
+            if used >= max {
+                return Err(limits::user_channels_reached(&c.user, max));
+            }
+        }
+        if c.open_channels.lock().insert(channel) {
+            c.channels.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Change the limits of `vhost` with `f` (stored first; 541 if that fails).
+    /// The limits before, or None if there is no such vhost.
+    pub fn change_vhost_limits(
+        &self,
+        vhost: &str,
+        f: impl FnOnce(&mut limits::LimitMap),
+    ) -> crate::error::AmqpResult<Option<limits::LimitMap>> {
+        let Some(v) = self.vhost(vhost) else {
+            return Ok(None);
+        };
+        v.limit_values
+            .change(f, |next| match &self.store {
+                Some(store) => persist::save_vhost_limits(store, vhost, next).map_err(|e| {
+                    crate::error::AmqpError::internal_error(format!("cannot store limits: {e}"))
+                }),
+                None => Ok(()),
+            })
+            .map(Some)
+    }
+
     pub fn unregister_connection(&self, id: u64) {
         self.connections.write().remove(&id);
     }
@@ -311,6 +398,13 @@ impl Broker {
                 c.channels.fetch_sub(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// The string client property `name` of connection `id` (e.g. `client_id`).
+    pub fn client_property(&self, id: u64, name: &str) -> Option<String> {
+        let connections = self.connections.read();
+        let value = connections.get(&id)?.client_properties.get(name)?;
+        value.as_str().map(String::from)
     }
 
     pub fn connections(&self) -> Vec<Arc<ConnectionInfo>> {

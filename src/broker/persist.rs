@@ -20,6 +20,10 @@ use std::sync::Arc;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VHostRecord {
     pub name: String,
+    /// Run-time limits (`max-connections`, `max-queues`); absent in records
+    /// written before limits existed.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub limits: crate::broker::limits::LimitMap,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -107,7 +111,27 @@ pub fn save_vhost(store: &Store, name: &str) -> Result<(), StorageError> {
         store,
         TopologyKind::VHost,
         name,
-        &json(&VHostRecord { name: name.into() }),
+        &json(&VHostRecord {
+            name: name.into(),
+            limits: Default::default(),
+        }),
+    )
+}
+
+/// Rewrite a vhost's record with its limits.
+pub fn save_vhost_limits(
+    store: &Store,
+    name: &str,
+    limits: &crate::broker::limits::LimitMap,
+) -> Result<(), StorageError> {
+    put(
+        store,
+        TopologyKind::VHost,
+        name,
+        &json(&VHostRecord {
+            name: name.into(),
+            limits: limits.clone(),
+        }),
     )
 }
 
@@ -225,7 +249,7 @@ pub fn recover(
     let mut r = Recovered::default();
     for (key, bytes) in store.load_topology(TopologyKind::VHost)? {
         let rec: VHostRecord = parse(store, &key, &bytes)?;
-        vhost(&rec.name);
+        vhost(&rec.name).limit_values.replace(rec.limits);
         r.vhosts += 1;
     }
     for (key, bytes) in store.load_topology(TopologyKind::Exchange)? {

@@ -5,7 +5,14 @@
 //! as RabbitMQ does), to queues declared later and, through [`apply_to_queues`], to
 //! existing ones. How a definition combines with declared `x-` arguments is
 //! [`effective_arguments`]'s job. With a store, policies are written there.
+//!
+//! Operator policies (a second [`Policies`] per vhost, [`Policies::operator`])
+//! hold caps users' policies cannot lift: for a queue, the highest-priority
+//! operator policy is merged with the user policy in force, the lower value
+//! winning for each numeric cap ([`merged_definition`], RabbitMQ's rule), and
+//! the result combines with the declared arguments as a policy does.
 
+use crate::error::{AmqpError, AmqpResult};
 use crate::storage::{StorageError, Store, TopologyKind};
 use crate::wire::{FieldTable, FieldValue};
 use parking_lot::RwLock;
@@ -48,6 +55,19 @@ pub const QUEUE_KEYS: &[(&str, &str)] = &[
     ("overflow", "x-overflow"),
     ("dead-letter-exchange", "x-dead-letter-exchange"),
     ("dead-letter-routing-key", "x-dead-letter-routing-key"),
+];
+
+/// What an operator policy may set (numeric caps, as RabbitMQ allows); where a
+/// user policy sets the same key the lower value wins.
+pub const OPERATOR_KEYS: &[&str] = &[
+    "expires",
+    "message-ttl",
+    "max-length",
+    "max-length-bytes",
+    "max-in-memory-length",
+    "max-in-memory-bytes",
+    "delivery-limit",
+    "target-group-size",
 ];
 
 /// Numeric limits where RabbitMQ applies the lower of policy and argument.
@@ -113,6 +133,33 @@ impl Policy {
         })
     }
 
+    /// An operator policy: as [`Policy::new`], with only [`OPERATOR_KEYS`],
+    /// each a non-negative integer.
+    pub fn new_operator(
+        vhost: &str,
+        name: &str,
+        pattern: &str,
+        apply_to: ApplyTo,
+        priority: i64,
+        definition: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Policy, String> {
+        let unknown: Vec<&str> = definition
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !OPERATOR_KEYS.contains(k))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "Validation failed\n\n{} are not recognised operator policy settings",
+                unknown.join(", ")
+            ));
+        }
+        if let Some((k, v)) = definition.iter().find(|(_, v)| v.as_u64().is_none()) {
+            return Err(format!("invalid value for '{k}': {v}"));
+        }
+        Policy::new(vhost, name, pattern, apply_to, priority, definition)
+    }
+
     fn applies(&self, queue: bool, name: &str) -> bool {
         let kind_ok = match self.apply_to {
             ApplyTo::All => true,
@@ -132,17 +179,27 @@ struct PolicyRecord {
     apply_to: String,
     priority: i64,
     definition: serde_json::Map<String, serde_json::Value>,
+    /// An operator policy (absent, false, in user policies' records).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    operator: bool,
 }
 
-fn policy_key(vhost: &str, name: &str) -> String {
-    format!("{vhost}\0{name}")
+/// Key of a policy record; operator policies' keys have a third part, so the
+/// two kinds never collide.
+fn policy_key(vhost: &str, name: &str, operator: bool) -> String {
+    if operator {
+        format!("{vhost}\0{name}\0operator")
+    } else {
+        format!("{vhost}\0{name}")
+    }
 }
 
-/// The policies of a vhost.
+/// The policies (or the operator policies) of a vhost.
 #[derive(Debug, Default)]
 pub struct Policies {
     by_key: RwLock<BTreeMap<(String, String), Policy>>,
     store: Option<Store>,
+    operator: bool,
 }
 
 impl Policies {
@@ -151,6 +208,15 @@ impl Policies {
         Policies {
             by_key: RwLock::default(),
             store,
+            operator: false,
+        }
+    }
+
+    /// Operator policies written to `store` (if any) as they change.
+    pub fn operator(store: Option<Store>) -> Policies {
+        Policies {
+            operator: true,
+            ..Policies::new(store)
         }
     }
 
@@ -163,6 +229,10 @@ impl Policies {
         for (key, bytes) in store.load_topology(TopologyKind::Policy)? {
             let parsed = serde_json::from_slice::<PolicyRecord>(&bytes)
                 .map_err(|e| e.to_string())
+                .and_then(|r| match r.operator == self.operator {
+                    true => Ok(r),
+                    false => Err(String::new()),
+                })
                 .and_then(|r| {
                     let apply_to = ApplyTo::parse(&r.apply_to).ok_or("bad apply-to")?;
                     Policy::new(
@@ -182,6 +252,8 @@ impl Policies {
                     n += 1;
                 }
                 Ok(_) => {}
+                // The other kind's record.
+                Err(e) if e.is_empty() => {}
                 Err(e) => tracing::error!(key, error = %e, "skipping bad policy record"),
             }
         }
@@ -200,6 +272,7 @@ impl Policies {
                 apply_to: p.apply_to.as_str().into(),
                 priority: p.priority,
                 definition: p.definition.clone(),
+                operator: self.operator,
             };
             let bytes = serde_json::to_vec(&rec).map_err(|e| StorageError::Corrupt {
                 path: store.path().to_path_buf(),
@@ -208,7 +281,7 @@ impl Policies {
             crate::broker::persist::put(
                 store,
                 TopologyKind::Policy,
-                &policy_key(&p.vhost, &p.name),
+                &policy_key(&p.vhost, &p.name, self.operator),
                 &bytes,
             )?;
         }
@@ -223,7 +296,11 @@ impl Policies {
             return Ok(false);
         }
         if let Some(store) = &self.store {
-            crate::broker::persist::delete(store, TopologyKind::Policy, &policy_key(vhost, name))?;
+            crate::broker::persist::delete(
+                store,
+                TopologyKind::Policy,
+                &policy_key(vhost, name, self.operator),
+            )?;
         }
         Ok(map.remove(&key).is_some())
     }
@@ -247,7 +324,7 @@ impl Policies {
                 crate::broker::auth::drop_record(
                     store,
                     TopologyKind::Policy,
-                    &policy_key(vhost, name),
+                    &policy_key(vhost, name, self.operator),
                 );
             }
         }
@@ -289,14 +366,40 @@ impl Policies {
 /// each queue whose effective arguments differ runs with the new ones from now on.
 pub fn apply_to_queues(vhost: &crate::broker::VHost, now: u64) {
     for q in vhost.queues() {
-        let policy = vhost.policies.matching(&vhost.name, true, q.name());
-        let effective = effective_arguments(&q.spec.arguments, policy.as_ref());
+        let effective = queue_arguments(vhost, q.name(), &q.spec.arguments);
         match crate::broker::queue::QueueArgs::parse(&effective, q.name(), &vhost.name) {
             Ok(args) if args != *q.args() => q.set_args(args, now),
             Ok(_) => {}
             Err(e) => tracing::warn!(queue = q.name(), error = %e.text, "policy not applied"),
         }
     }
+}
+
+impl crate::broker::VHost {
+    /// Set an operator policy (stored first) and apply it to the existing
+    /// queues; true if it is new.
+    pub fn put_operator_policy(&self, policy: Policy, now: u64) -> AmqpResult<bool> {
+        let created = self.operator_policies.put(policy).map_err(store_failed)?;
+        apply_to_queues(self, now);
+        Ok(created)
+    }
+
+    /// Clear the operator policy `name` (record dropped first); false if there
+    /// was none.
+    pub fn delete_operator_policy(&self, name: &str, now: u64) -> AmqpResult<bool> {
+        let removed = self
+            .operator_policies
+            .delete(&self.name, name)
+            .map_err(store_failed)?;
+        if removed {
+            apply_to_queues(self, now);
+        }
+        Ok(removed)
+    }
+}
+
+fn store_failed(e: StorageError) -> AmqpError {
+    AmqpError::internal_error(format!("cannot store topology: {e}"))
 }
 
 fn to_field(v: &serde_json::Value) -> Option<FieldValue> {
@@ -307,16 +410,70 @@ fn to_field(v: &serde_json::Value) -> Option<FieldValue> {
     }
 }
 
+/// The policy and operator policy in force for queue `name` of `vhost`.
+pub fn queue_policies(
+    vhost: &crate::broker::VHost,
+    name: &str,
+) -> (Option<Policy>, Option<Policy>) {
+    (
+        vhost.policies.matching(&vhost.name, true, name),
+        vhost.operator_policies.matching(&vhost.name, true, name),
+    )
+}
+
+/// The arguments queue `name` of `vhost` runs with: `declared` combined with
+/// its policy merged with its operator policy.
+pub fn queue_arguments(
+    vhost: &crate::broker::VHost,
+    name: &str,
+    declared: &FieldTable,
+) -> FieldTable {
+    let (user, op) = queue_policies(vhost, name);
+    let merged = merged_definition(user.as_ref(), op.as_ref());
+    effective_from(declared, merged.as_ref())
+}
+
+/// A policy's definition merged with an operator policy's, as RabbitMQ merges
+/// them: the operator's keys are added, and where both set a key the lower
+/// value wins. None when neither applies.
+pub fn merged_definition(
+    user: Option<&Policy>,
+    op: Option<&Policy>,
+) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let Some(op) = op else {
+        return user.map(|p| p.definition.clone());
+    };
+    let mut out = user.map(|p| p.definition.clone()).unwrap_or_default();
+    for (k, v) in &op.definition {
+        let lower = match (out.get(k).and_then(|u| u.as_i64()), v.as_i64()) {
+            (Some(u), Some(o)) if u <= o => None,
+            _ => Some(v.clone()),
+        };
+        if let Some(v) = lower {
+            out.insert(k.clone(), v);
+        }
+    }
+    Some(out)
+}
+
 /// The arguments a queue runs with: its declared `x-` arguments combined with the
 /// policy's definition. As in RabbitMQ, for TTLs and length limits the lower value
 /// wins; for every other key the queue's own argument wins over the policy.
 pub fn effective_arguments(declared: &FieldTable, policy: Option<&Policy>) -> FieldTable {
+    effective_from(declared, policy.map(|p| &p.definition))
+}
+
+/// [`effective_arguments`] with a definition (possibly a merged one).
+fn effective_from(
+    declared: &FieldTable,
+    definition: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> FieldTable {
     let mut out = declared.clone();
-    let Some(policy) = policy else {
+    let Some(definition) = definition else {
         return out;
     };
     for (key, arg) in QUEUE_KEYS {
-        let Some(value) = policy.definition.get(*key).and_then(to_field) else {
+        let Some(value) = definition.get(*key).and_then(to_field) else {
             continue;
         };
         match declared.get(arg) {
@@ -361,6 +518,36 @@ mod tests {
             eff.get("x-dead-letter-exchange").and_then(|v| v.as_str()),
             Some("mine")
         );
+    }
+
+    #[test]
+    fn operator_caps_win_when_lower() {
+        let user = policy(json!({"max-length": 100, "message-ttl": 10, "overflow": "drop-head"}));
+        let serde_json::Value::Object(m) =
+            json!({"max-length": 5, "message-ttl": 60, "expires": 1000})
+        else {
+            panic!()
+        };
+        let op = Policy::new_operator("/", "op", ".*", ApplyTo::Queues, 0, m).expect("valid");
+        let merged = merged_definition(Some(&user), Some(&op)).expect("merged");
+        assert_eq!(merged.get("max-length"), Some(&json!(5)));
+        assert_eq!(merged.get("message-ttl"), Some(&json!(10)));
+        assert_eq!(merged.get("expires"), Some(&json!(1000)));
+        assert_eq!(merged.get("overflow"), Some(&json!("drop-head")));
+        assert_eq!(
+            merged_definition(None, Some(&op)),
+            Some(op.definition.clone())
+        );
+        assert!(merged_definition(None, None).is_none());
+        // A declared argument cannot lift the cap either.
+        let mut declared = FieldTable::new();
+        declared.insert("x-max-length", FieldValue::I64(50));
+        let eff = effective_from(&declared, Some(&merged));
+        assert_eq!(eff.get("x-max-length").and_then(|v| v.as_i64()), Some(5));
+        let serde_json::Value::Object(bad) = json!({"overflow": "drop-head"}) else {
+            panic!()
+        };
+        assert!(Policy::new_operator("/", "op", ".*", ApplyTo::Queues, 0, bad).is_err());
     }
 
     #[test]

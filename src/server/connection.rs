@@ -296,10 +296,8 @@ impl Conn {
                 now,
             );
         }
-        self.session.accept_open(now);
-        tracing::debug!(peer = %self.peer, id = self.id, "connection opened");
         let (peer, local) = (self.peer, self.local);
-        self.broker.register_connection(Arc::new(ConnectionInfo {
+        let admitted = self.broker.admit_connection(Arc::new(ConnectionInfo {
             id: self.id,
             name: format!("{peer} -> {local}"),
             peer,
@@ -315,7 +313,17 @@ impl Conn {
             open_channels: Default::default(),
             control: Arc::clone(&self.sink) as Arc<dyn ConnectionControl>,
         }));
+        if let Err(e) = admitted {
+            return self.session.refuse_open(e, now);
+        }
+        self.session.accept_open(now);
+        tracing::debug!(peer = %self.peer, id = self.id, "connection opened");
         self.registered = true;
+        let (broker, id) = (Arc::clone(&self.broker), self.id);
+        self.session
+            .set_channel_gate(crate::session::ChannelGate(Box::new(move |channel| {
+                broker.admit_channel(id, channel)
+            })));
         self.ctx = Some(ConnCtx {
             broker: Arc::clone(&self.broker),
             id: self.id,

@@ -115,6 +115,19 @@ pub struct Session<T> {
     pub(super) store_full: bool,
     /// The error we closed with, for the final event.
     pub(super) close_reason: Option<String>,
+    /// Admits each channel.open (per-user channel limits), if set.
+    pub(super) channel_gate: Option<ChannelGate>,
+}
+
+/// The caller's decision on each channel.open, asked before channel.open-ok is
+/// sent (the broker's per-user `max-channels`): an error refuses the channel and
+/// closes the connection with it, as RabbitMQ does.
+pub struct ChannelGate(pub Box<dyn FnMut(u16) -> Result<(), AmqpError> + Send>);
+
+impl std::fmt::Debug for ChannelGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChannelGate")
+    }
 }
 
 pub(super) fn no_channel(channel: u16) -> AmqpError {
@@ -161,8 +174,14 @@ impl<T: Default> Session<T> {
             backpressure: false,
             store_full: false,
             close_reason: None,
+            channel_gate: None,
             config,
         }
+    }
+
+    /// Ask `gate` about every later channel.open.
+    pub fn set_channel_gate(&mut self, gate: ChannelGate) {
+        self.channel_gate = Some(gate);
     }
 
     // ---- input -------------------------------------------------------------

@@ -41,6 +41,6 @@ mod tests;
 
 pub use channel::ChannelIo;
 pub use confirms::{Confirms, Outcome, StoreWait};
-pub use connection::{Config, Event, Session};
+pub use connection::{ChannelGate, Config, Event, Session};
 pub use content::Assembled;
 pub use output::Output;

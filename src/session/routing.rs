@@ -154,6 +154,9 @@ impl<T: Default> Session<T> {
                         "second 'channel.open' seen on channel {channel}"
                     )));
                 }
+                if let Some(gate) = self.channel_gate.as_mut() {
+                    (gate.0)(channel)?;
+                }
                 self.channels.insert(channel, Channel::new());
                 self.out.method(channel, &ChannelOpenOk::default().into());
                 self.events.push_back(Event::ChannelOpened { channel });

@@ -912,3 +912,36 @@ fn tx_commit_ok_only_after_a_good_flush() {
     s.tx_flushed(1, true, t0);
     assert_eq!(sent(&mut s, t0), method(1, TxCommitOk::default()));
 }
+
+/// A channel gate refusing the third channel.open: channels 1 and 2 open, the
+/// third gets no open-ok but connection.close 530 at channel.open, as RabbitMQ's
+/// per-user channel limit closes the connection.
+#[test]
+fn channel_gate_refusal_closes_the_connection_without_open_ok() {
+    let t0 = Instant::now();
+    let mut s = running(t0, &[], 0);
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = std::sync::Arc::clone(&asked);
+    s.set_channel_gate(ChannelGate(Box::new(move |channel| {
+        let mut seen = seen
+            .lock()
+            .map_err(|_| AmqpError::internal_error("poisoned"))?;
+        seen.push(channel);
+        if seen.len() > 2 {
+            return Err(AmqpError::not_allowed("limit (2)"));
+        }
+        Ok(())
+    })));
+    open_channel(&mut s, 1, t0);
+    open_channel(&mut s, 2, t0);
+    s.handle_input(&method(3, ChannelOpen::default()), t0);
+    let ev = events(&mut s, t0);
+    assert!(
+        !ev.iter().any(|e| matches!(e, Event::ChannelOpened { .. })),
+        "{ev:?}"
+    );
+    let frames = sent_frames(&mut s, t0);
+    assert_eq!(frames.len(), 1, "close only, no open-ok: {frames:?}");
+    assert_eq!(close_of(&frames), (530, 20, 10));
+    assert_eq!(*asked.lock().expect("lock"), vec![1, 2, 3]);
+}

@@ -48,9 +48,14 @@ pub struct VHost {
     budget: Arc<MemoryBudget>,
     /// Most queues and exchanges this vhost holds (checked on every declare).
     limits: VHostLimits,
+    /// Limits set at run time (`max-connections`, `max-queues`), through
+    /// `/api/vhost-limits` or definitions; stored with the vhost's record.
+    pub limit_values: crate::broker::limits::VHostLimitValues,
     /// Policies of this vhost (applied to queues as they are declared). Changed
     /// through [`VHost::put_policy`] / [`VHost::delete_policy`].
     pub policies: crate::broker::policy::Policies,
+    /// Operator policies: caps merged over `policies` (see [`crate::broker::policy`]).
+    pub operator_policies: crate::broker::policy::Policies,
 }
 
 impl VHost {
@@ -65,6 +70,7 @@ impl VHost {
         let delayed_key = store
             .as_ref()
             .map(|s| s.queue(&VHost::delayed_store_key(name), true));
+        let operator_policies = crate::broker::policy::Policies::operator(store.clone());
         let vhost = Arc::new_cyclic(|this| VHost {
             delayed_key,
             store,
@@ -76,6 +82,8 @@ impl VHost {
             queues: RwLock::new(HashMap::new()),
             delayed: delayed::DelayedMessages::default(),
             policies,
+            operator_policies,
+            limit_values: Default::default(),
         });
         {
             let mut ex = vhost.exchanges.write();
@@ -99,6 +107,16 @@ impl VHost {
     /// The limits this vhost enforces.
     pub fn limits(&self) -> VHostLimits {
         self.limits
+    }
+
+    /// The queue limit in force: the lower of the configured one and the
+    /// vhost's `max-queues`.
+    pub fn max_queues(&self) -> Option<usize> {
+        let set = self.limit_values.active("max-queues");
+        match (self.limits.max_queues, set) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn no_exchange(&self, name: &str) -> AmqpError {

@@ -10,7 +10,7 @@
 
 use super::VHost;
 use crate::broker::exchange::Destination;
-use crate::broker::message::Message;
+use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::{dead_letter, Enqueued, Queue};
 use crate::error::{AmqpError, AmqpResult};
 use std::collections::HashSet;
@@ -65,8 +65,23 @@ impl VHost {
         from: PublishFrom,
         now: u64,
     ) -> AmqpResult<Published> {
+        self.publish_cc(exchange, message, &[], from, now)
+    }
+
+    /// [`Self::publish`], routed with each of `cc` as well as the message's
+    /// routing key (the `CC` / `BCC` headers, see [`crate::broker::cc`]); each
+    /// queue reached gets the message once. A delayed exchange holds the message
+    /// and routes it with its routing key and `CC` header only.
+    pub fn publish_cc(
+        &self,
+        exchange: &str,
+        message: &Arc<Message>,
+        cc: &[ShortStr],
+        from: PublishFrom,
+        now: u64,
+    ) -> AmqpResult<Published> {
         let mut queues = Vec::new();
-        if let Some(durable) = self.route(exchange, message, from, now, &mut queues)? {
+        if let Some(durable) = self.route(exchange, message, cc, from, now, &mut queues)? {
             return Ok(Published {
                 durable,
                 ..Published::HELD
@@ -98,14 +113,20 @@ impl VHost {
         &self,
         exchange: &str,
         message: &Arc<Message>,
+        cc: &[ShortStr],
         from: PublishFrom,
         now: u64,
         out: &mut Vec<Arc<Queue>>,
     ) -> AmqpResult<Option<bool>> {
         let key = message.routing_key.as_str();
         if exchange.is_empty() {
-            if let Some(q) = self.queues.read().get(key) {
-                out.push(Arc::clone(q));
+            let queues = self.queues.read();
+            for k in std::iter::once(key).chain(cc.iter().map(ShortStr::as_str)) {
+                if let Some(q) = queues.get(k) {
+                    if !out.iter().any(|o| Arc::ptr_eq(o, q)) {
+                        out.push(Arc::clone(q));
+                    }
+                }
             }
             return Ok(None);
         }
@@ -157,7 +178,12 @@ impl VHost {
                         continue;
                     };
                     dests.clear();
-                    next.router.read().route(key, headers, &mut dests);
+                    let router = next.router.read();
+                    router.route(key, headers, &mut dests);
+                    for k in cc {
+                        router.route(k, headers, &mut dests);
+                    }
+                    drop(router);
                     if dests.is_empty() {
                         let ae = next
                             .alternate_exchange()

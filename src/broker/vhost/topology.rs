@@ -411,8 +411,7 @@ impl VHost {
         } else {
             d.name.clone()
         };
-        let policy = self.policies.matching(&self.name, true, &name);
-        let effective = crate::broker::policy::effective_arguments(&d.arguments, policy.as_ref());
+        let effective = crate::broker::policy::queue_arguments(self, &name, &d.arguments);
         let args = QueueArgs::parse(&effective, &name, &self.name)?;
         let mut queues = self.queues.write();
         if let Some(existing) = queues.get(&name) {
@@ -455,12 +454,11 @@ impl VHost {
             return Ok((q, stats));
         }
         if origin == Origin::Client {
-            if let Some(max) = self.limits.max_queues {
+            if let Some(max) = self.max_queues() {
                 if queues.len() >= max {
-                    return Err(AmqpError::precondition_failed(format!(
-                        "cannot declare queue '{}': queue limit in vhost '{}' ({max}) is reached",
-                        d.name, self.name
-                    )));
+                    return Err(crate::broker::limits::queues_reached(
+                        &d.name, &self.name, max,
+                    ));
                 }
             }
         }

@@ -1,0 +1,184 @@
+//! `/api/vhost-limits[/{vhost}[/{name}]]` and `/api/user-limits[/{user}[/{name}]]`:
+//! list, set (`PUT {"value": N}`) and clear per-vhost `max-connections` /
+//! `max-queues` and per-user `max-connections` / `max-channels`, as RabbitMQ's
+//! management API does. Also the definitions' shapes of both.
+
+use super::{AdminState, ApiError, ApiResult, Body, Caller};
+use crate::broker::limits::{self, LimitMap, USER_LIMITS, VHOST_LIMITS};
+use crate::broker::Broker;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+
+fn limits_json(map: &LimitMap) -> Value {
+    Value::Object(map.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
+}
+
+/// `[{"vhost": ..., "value": {...}}]` for the vhosts `keep` picks that have limits.
+fn vhost_rows(b: &Broker, keep: impl Fn(&str) -> bool) -> Vec<Value> {
+    let mut rows: Vec<Value> = b
+        .vhosts()
+        .iter()
+        .filter(|v| keep(&v.name))
+        .filter_map(|v| {
+            let map = v.limit_values.all();
+            (!map.is_empty()).then(|| json!({"vhost": &*v.name, "value": limits_json(&map)}))
+        })
+        .collect();
+    super::sort_by_vhost_name(&mut rows);
+    rows
+}
+
+/// The vhost limits as definitions' `parameters` entries (component `vhost-limits`).
+pub fn vhost_limit_parameters(b: &Broker) -> Vec<Value> {
+    vhost_rows(b, |_| true)
+        .into_iter()
+        .map(|row| {
+            json!({
+                "value": row["value"],
+                "vhost": row["vhost"],
+                "component": "vhost-limits",
+                "name": "limits",
+            })
+        })
+        .collect()
+}
+
+/// Import one definitions `parameters` entry if it is a vhost's limits (true),
+/// replacing that vhost's limits as `rabbitmqctl set_vhost_limits` does.
+pub fn import_parameter(b: &Broker, p: &Value) -> ApiResult<bool> {
+    if p.get("component").and_then(Value::as_str) != Some("vhost-limits") {
+        return Ok(false);
+    }
+    let vhost = p
+        .get("vhost")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("vhost missing in vhost-limits parameter"))?;
+    let map = limits::validate_all(VHOST_LIMITS, p.get("value").unwrap_or(&Value::Null))
+        .map_err(ApiError::bad_request)?;
+    b.change_vhost_limits(vhost, |m| *m = map)?
+        .ok_or_else(|| ApiError::bad_request(format!("vhost_not_found: {vhost}")))?;
+    Ok(true)
+}
+
+pub async fn list_vhosts(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    let b = &s.broker;
+    Json(Value::Array(vhost_rows(b, |v| caller.sees(b, v))))
+}
+
+pub async fn show_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(Value::Array(vhost_rows(&s.broker, |v| v == vhost))))
+}
+
+/// The `value` of a limit PUT body, checked.
+fn body_value(known: &[&str], name: &str, body: &Value) -> ApiResult<i64> {
+    let value = body
+        .get("value")
+        .ok_or_else(|| ApiError::bad_request("value must be set"))?;
+    limits::validate(known, name, value).map_err(ApiError::bad_request)
+}
+
+pub async fn put_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let value = body_value(VHOST_LIMITS, &name, &body)?;
+    s.broker
+        .change_vhost_limits(&vhost, |m| {
+            m.insert(name.clone(), value);
+        })?
+        .ok_or_else(ApiError::not_found)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    s.broker
+        .change_vhost_limits(&vhost, |m| {
+            m.remove(&name);
+        })?
+        .ok_or_else(ApiError::not_found)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn user_rows(b: &Broker, keep: impl Fn(&str) -> bool) -> Vec<Value> {
+    b.auth
+        .all_user_limits()
+        .iter()
+        .filter(|(u, _)| keep(u))
+        .map(|(u, l)| json!({"user": u, "value": limits_json(l)}))
+        .collect()
+}
+
+pub async fn list_users(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    Ok(Json(Value::Array(user_rows(&s.broker, |_| true))))
+}
+
+pub async fn show_user(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(user): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    s.broker.auth.user(&user).ok_or_else(ApiError::not_found)?;
+    Ok(Json(Value::Array(user_rows(&s.broker, |u| u == user))))
+}
+
+pub async fn put_user(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((user, name)): Path<(String, String)>,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let value = body_value(USER_LIMITS, &name, &body)?;
+    s.broker
+        .auth
+        .change_user_limits(&user, |m| {
+            m.insert(name.clone(), value);
+        })
+        .ok_or_else(ApiError::not_found)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_user(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((user, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    s.broker
+        .auth
+        .change_user_limits(&user, |m| {
+            m.remove(&name);
+        })
+        .ok_or_else(ApiError::not_found)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Set a user's limits from a definitions / API user body's `limits` object,
+/// when it has one (replacing the user's limits).
+pub fn import_user_limits(b: &Broker, user: &str, body: &Value) -> ApiResult<()> {
+    let Some(value) = body.get("limits").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let map = limits::validate_all(USER_LIMITS, value).map_err(ApiError::bad_request)?;
+    b.auth
+        .change_user_limits(user, |m| *m = map)
+        .ok_or_else(|| ApiError::bad_request(format!("user_not_found: {user}")))?;
+    Ok(())
+}
