@@ -85,7 +85,7 @@ fn main() -> std::process::ExitCode {
             }
         };
         tracing::info!(addr = %broker.amqp_addr(), admin = ?broker.admin_addr(), "warren started");
-        wait_for_signal().await;
+        wait_for_signal(&broker).await;
         tracing::info!("shutting down");
         broker.server.shutdown();
         let core = std::sync::Arc::clone(&broker.server.broker);
@@ -100,16 +100,28 @@ fn main() -> std::process::ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// Until ctrl-c or SIGTERM; SIGHUP meanwhile reloads the TLS certificates.
+async fn wait_for_signal(broker: &warren::Warren) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+        if let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            let ctrl_c = tokio::signal::ctrl_c();
+            tokio::pin!(ctrl_c);
+            loop {
+                tokio::select! {
+                    _ = &mut ctrl_c => return,
+                    _ = term.recv() => return,
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading TLS certificates");
+                        // Failures are logged; the old certificates stay in use.
+                        let _ = broker.reload_tls();
+                    }
+                }
             }
-            return;
         }
     }
     let _ = tokio::signal::ctrl_c().await;

@@ -100,6 +100,8 @@ pub struct Session<T> {
     pub(super) heartbeat: u16,
     pub(super) client_properties: FieldTable,
     pub(super) mechanism: String,
+    /// EXTERNAL is offered (see [`Session::offer_external`]).
+    pub(super) external: bool,
     pub(super) cancel_notify: bool,
     pub(super) blocked_cap: bool,
     pub(super) auth_close: bool,
@@ -152,6 +154,7 @@ impl<T: Default> Session<T> {
             heartbeat: 0,
             client_properties: FieldTable::new(),
             mechanism: String::new(),
+            external: false,
             cancel_notify: false,
             blocked_cap: false,
             auth_close: false,
@@ -163,6 +166,14 @@ impl<T: Default> Session<T> {
             close_reason: None,
             config,
         }
+    }
+
+    /// Offer SASL EXTERNAL in connection.start: the caller has a verified
+    /// client certificate to take the user name from. Call before any input.
+    /// An EXTERNAL login comes out as [`Event::Login`] with empty user and
+    /// password; the caller supplies the name.
+    pub fn offer_external(&mut self) {
+        self.external = true;
     }
 
     // ---- input -------------------------------------------------------------
@@ -268,7 +279,12 @@ impl<T: Default> Session<T> {
                     }
                     Header::Ok => {
                         self.input.advance_header();
-                        self.out.method(0, &handshake::start());
+                        let start = if self.external {
+                            handshake::start_external()
+                        } else {
+                            handshake::start()
+                        };
+                        self.out.method(0, &start);
                         self.state = State::StartOk;
                     }
                 },
