@@ -55,6 +55,9 @@ pub enum Command {
     },
     /// Delete a user.
     DeleteUser { name: String },
+    /// Remove a user's password: it can then log in only with a client
+    /// certificate (SASL EXTERNAL), as rabbitmqctl clear_password.
+    ClearPassword { name: String },
     /// Set a user's configure / write / read regexes in a vhost.
     SetPermissions {
         user: String,
@@ -252,6 +255,17 @@ pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
         Command::DeleteUser { name } => {
             target.call("DELETE", &format!("/api/users/{}", seg(&name)), None)?;
             Ok(format!("Deleted user '{name}'\n"))
+        }
+        Command::ClearPassword { name } => {
+            let path = format!("/api/users/{}", seg(&name));
+            let user = target.call("GET", &path, None)?;
+            let tags = user.get("tags").cloned().unwrap_or(Value::Null);
+            target.call(
+                "PUT",
+                &path,
+                Some(json!({"password_hash": "", "tags": tags})),
+            )?;
+            Ok(format!("Cleared password for user '{name}'\n"))
         }
         Command::SetPermissions {
             user,

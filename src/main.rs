@@ -84,7 +84,13 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(1);
             }
         };
-        tracing::info!(addr = %broker.amqp_addr(), admin = ?broker.admin_addr(), "warren started");
+        tracing::info!(
+            addr = %broker.amqp_addr(),
+            amqps = ?broker.amqps_addr(),
+            admin = ?broker.admin_addr(),
+            admin_https = ?broker.admin_tls_addr(),
+            "warren started"
+        );
         wait_for_signal(&broker).await;
         tracing::info!("shutting down");
         broker.server.shutdown();
