@@ -18,9 +18,13 @@ struct Cli {
     /// TOML configuration file (keys as in warren.example.toml).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Admin API base URL for subcommands (default: http://localhost:<admin_port>).
+    /// Admin API base URL for subcommands (default: http://localhost:<admin_port>,
+    /// or https://localhost:<management.ssl.port> when plain HTTP is off).
     #[arg(long, global = true)]
     url: Option<String>,
+    /// CA certificates (PEM) to trust for an https:// admin URL.
+    #[arg(long, global = true)]
+    cacert: Option<PathBuf>,
     /// User for subcommands.
     #[arg(short = 'u', long = "user", global = true, default_value = "guest")]
     api_user: String,
@@ -41,12 +45,16 @@ fn main() -> std::process::ExitCode {
         }
     };
     if let Some(cmd) = cli.command {
+        let default_url = match (config.admin_tcp_port(), config.admin_ssl_port()) {
+            (None, Some(port)) => format!("https://localhost:{port}"),
+            (Some(port), _) => format!("http://localhost:{port}"),
+            (None, None) => format!("http://localhost:{}", config.admin_port),
+        };
         let target = ctl::Target {
-            url: cli
-                .url
-                .unwrap_or_else(|| format!("http://localhost:{}", config.admin_port)),
+            url: cli.url.unwrap_or(default_url),
             user: cli.api_user,
             password: cli.api_password,
+            cacert: cli.cacert,
         };
         return match ctl::run(&target, cmd) {
             Ok(out) => {

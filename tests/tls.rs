@@ -715,6 +715,42 @@ async fn sighup_serves_the_new_certificate_to_new_connections_and_keeps_old_ones
     let (status, _) = https_get(https_port, &new_ca.pem(), "/api/overview").await;
     assert_eq!(status, 200);
 
+    // The CLI reaches the HTTPS-only admin API, trusting the CA it is given.
+    std::fs::write(pki.path("new-ca.pem"), new_ca.pem()).expect("new-ca.pem");
+    let cli = |cacert: PathBuf| {
+        let url = format!("https://localhost:{https_port}");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_warren"));
+        cmd.args(["--url", &url, "--cacert"])
+            .arg(cacert)
+            .arg("list-connections");
+        cmd
+    };
+    let mut trusting = cli(pki.path("new-ca.pem"));
+    let mut distrusting = cli(pki.path("other.pem"));
+    std::fs::write(pki.path("other.pem"), Ca::new("unrelated").pem()).expect("other.pem");
+    let (ok, bad) = tokio::task::spawn_blocking(move || {
+        (
+            trusting.output().expect("run warren"),
+            distrusting.output().expect("run warren"),
+        )
+    })
+    .await
+    .expect("cli");
+    let listed = String::from_utf8_lossy(&ok.stdout).to_string();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(
+        listed.starts_with("name") && listed.contains("guest"),
+        "{listed}"
+    );
+    assert!(
+        !bad.status.success(),
+        "an untrusted server certificate was accepted"
+    );
+
     let _ = t(new.close(200, "bye")).await;
     let _ = t(old.close(200, "bye")).await;
     drop(child);
