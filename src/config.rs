@@ -68,6 +68,131 @@ pub struct Config {
     /// Bytes a connection may have waiting to be written before it stops taking
     /// deliveries and reading input until the peer catches up.
     pub write_backlog_limit: usize,
+    /// The AMQP listeners by RabbitMQ's names: `listeners.tcp` (`"none"` turns
+    /// the plain listener off; `{ default = PORT }` overrides `amqp_port`) and
+    /// `listeners.ssl.default` (the AMQPS port).
+    pub listeners: Listeners,
+    /// The AMQPS listener's certificates and peer verification (RabbitMQ's `ssl_options.*`).
+    pub ssl_options: SslOptions,
+    /// Milliseconds a TLS handshake may take before the socket is closed
+    /// (RabbitMQ's `ssl_handshake_timeout`, 5000).
+    pub ssl_handshake_timeout: u64,
+    /// Which part of a verified client certificate is the user name for SASL
+    /// EXTERNAL (rabbitmq_auth_mechanism_ssl's `ssl_cert_login_from`).
+    pub ssl_cert_login_from: CertLoginFrom,
+    /// With `subject_alternative_name`: which kind of SAN (`ssl_cert_login_san_type`).
+    pub ssl_cert_login_san_type: SanType,
+    /// With `subject_alternative_name`: which SAN of that kind, from 0
+    /// (`ssl_cert_login_san_index`).
+    pub ssl_cert_login_san_index: usize,
+    /// The admin API's listeners by the management plugin's names:
+    /// `management.tcp` (`"none"` or `{ port = PORT }`) and `management.ssl.*`.
+    pub management: Management,
+}
+
+/// A listener that can be switched off: `"none"`, or `{ default = PORT }`
+/// (also spelled `{ port = PORT }`, as the management plugin does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ListenerSetting {
+    Off(NoListener),
+    On {
+        #[serde(alias = "port")]
+        default: u16,
+    },
+}
+
+/// The word `none` (RabbitMQ's `listeners.tcp = none`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoListener {
+    #[serde(rename = "none")]
+    None,
+}
+
+/// `listeners.tcp` and `listeners.ssl`; unset means: plain on `amqp_port`, TLS
+/// on 5671 only when `ssl_options.certfile` is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Listeners {
+    pub tcp: Option<ListenerSetting>,
+    pub ssl: Option<ListenerSetting>,
+}
+
+/// RabbitMQ's default AMQPS port.
+pub const DEFAULT_AMQPS_PORT: u16 = 5671;
+/// The management plugin's default HTTPS port.
+pub const DEFAULT_MANAGEMENT_SSL_PORT: u16 = 15671;
+
+/// `verify_none` (no client certificate asked for) or `verify_peer`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verify {
+    #[default]
+    VerifyNone,
+    VerifyPeer,
+}
+
+/// Certificates and client verification of one TLS listener (RabbitMQ's
+/// `ssl_options.*`). Files are PEM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SslOptions {
+    /// CA certificates that client certificates must chain to (verify_peer).
+    pub cacertfile: Option<PathBuf>,
+    /// The server's certificate chain, leaf first.
+    pub certfile: Option<PathBuf>,
+    /// The server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub keyfile: Option<PathBuf>,
+    pub verify: Verify,
+    /// With verify_peer: refuse clients that present no certificate.
+    pub fail_if_no_peer_cert: bool,
+}
+
+/// Where the EXTERNAL user name comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertLoginFrom {
+    /// The subject's CN (exactly one).
+    #[default]
+    CommonName,
+    /// The whole subject as an RFC 4514 string, e.g. `CN=alice,O=Example`.
+    DistinguishedName,
+    /// A subject alternative name, see `ssl_cert_login_san_type` / `_index`.
+    SubjectAlternativeName,
+}
+
+/// The kinds of subject alternative name a login can come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SanType {
+    #[default]
+    Dns,
+    Email,
+    Uri,
+    Ip,
+}
+
+/// `management.tcp` and `management.ssl`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Management {
+    /// `"none"` turns the plain HTTP listener off; `{ port = P }` overrides `admin_port`.
+    pub tcp: Option<ListenerSetting>,
+    pub ssl: ManagementSsl,
+}
+
+/// `management.ssl.*`: the HTTPS listener of the admin API. Unset files fall
+/// back to `ssl_options`'.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ManagementSsl {
+    /// The HTTPS port (15671 when unset and a certificate is configured).
+    pub port: Option<u16>,
+    pub cacertfile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+    pub verify: Option<Verify>,
+    pub fail_if_no_peer_cert: Option<bool>,
 }
 
 /// RabbitMQ's default `consumer_timeout`: 30 minutes.
@@ -98,6 +223,66 @@ impl Config {
         Limits {
             consumer_max_per_channel: self.consumer_max_per_channel,
             consumer_timeout_ms: self.consumer_timeout_ms.filter(|ms| *ms > 0),
+        }
+    }
+
+    /// The plain AMQP port, None when `listeners.tcp = "none"`.
+    pub fn amqp_tcp_port(&self) -> Option<u16> {
+        match self.listeners.tcp {
+            Some(ListenerSetting::Off(_)) => None,
+            Some(ListenerSetting::On { default }) => Some(default),
+            None => Some(self.amqp_port),
+        }
+    }
+
+    /// The AMQPS port: `listeners.ssl.default`, or 5671 when a certificate is
+    /// configured and `listeners.ssl` is unset.
+    pub fn amqp_ssl_port(&self) -> Option<u16> {
+        match self.listeners.ssl {
+            Some(ListenerSetting::Off(_)) => None,
+            Some(ListenerSetting::On { default }) => Some(default),
+            None => self
+                .ssl_options
+                .certfile
+                .is_some()
+                .then_some(DEFAULT_AMQPS_PORT),
+        }
+    }
+
+    /// The plain admin HTTP port, None when switched off (or the API is disabled).
+    pub fn admin_tcp_port(&self) -> Option<u16> {
+        if !self.admin_enabled {
+            return None;
+        }
+        match self.management.tcp {
+            Some(ListenerSetting::Off(_)) => None,
+            Some(ListenerSetting::On { default }) => Some(default),
+            None => Some(self.admin_port),
+        }
+    }
+
+    /// The admin HTTPS port: `management.ssl.port`, or 15671 when a
+    /// `management.ssl.certfile` is configured.
+    pub fn admin_ssl_port(&self) -> Option<u16> {
+        if !self.admin_enabled {
+            return None;
+        }
+        let ssl = &self.management.ssl;
+        ssl.port.or(ssl
+            .certfile
+            .is_some()
+            .then_some(DEFAULT_MANAGEMENT_SSL_PORT))
+    }
+
+    /// The admin HTTPS listener's options: `management.ssl.*`, unset ones from `ssl_options`.
+    pub fn admin_ssl_options(&self) -> SslOptions {
+        let (m, o) = (&self.management.ssl, &self.ssl_options);
+        SslOptions {
+            cacertfile: m.cacertfile.clone().or_else(|| o.cacertfile.clone()),
+            certfile: m.certfile.clone().or_else(|| o.certfile.clone()),
+            keyfile: m.keyfile.clone().or_else(|| o.keyfile.clone()),
+            verify: m.verify.unwrap_or(o.verify),
+            fail_if_no_peer_cert: m.fail_if_no_peer_cert.unwrap_or(o.fail_if_no_peer_cert),
         }
     }
 
@@ -137,6 +322,13 @@ impl Default for Config {
             consumer_max_per_channel: None,
             consumer_timeout_ms: Some(DEFAULT_CONSUMER_TIMEOUT_MS),
             write_backlog_limit: DEFAULT_WRITE_BACKLOG_LIMIT,
+            listeners: Listeners::default(),
+            ssl_options: SslOptions::default(),
+            ssl_handshake_timeout: 5000,
+            ssl_cert_login_from: CertLoginFrom::default(),
+            ssl_cert_login_san_type: SanType::default(),
+            ssl_cert_login_san_index: 0,
+            management: Management::default(),
         }
     }
 }
@@ -188,6 +380,68 @@ mod limit_tests {
         assert_eq!(c.consumer_timeout_ms, Some(DEFAULT_CONSUMER_TIMEOUT_MS));
         assert_eq!(c.write_backlog_limit, DEFAULT_WRITE_BACKLOG_LIMIT);
         assert_eq!(c.channel_max, 2047);
+    }
+
+    #[test]
+    fn rabbitmq_listener_and_ssl_keys_load_from_toml() {
+        let dir = std::env::temp_dir().join(format!("warren-config-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("tls.toml");
+        std::fs::write(
+            &path,
+            r#"
+listeners.tcp = "none"
+listeners.ssl.default = 5671
+ssl_handshake_timeout = 2000
+ssl_cert_login_from = "distinguished_name"
+[ssl_options]
+cacertfile = "/etc/warren/ca.pem"
+certfile = "/etc/warren/server.pem"
+keyfile = "/etc/warren/server.key"
+verify = "verify_peer"
+fail_if_no_peer_cert = true
+[management.ssl]
+port = 15671
+certfile = "/etc/warren/admin.pem"
+"#,
+        )
+        .expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(c.amqp_tcp_port(), None);
+        assert_eq!(c.amqp_ssl_port(), Some(5671));
+        assert_eq!(c.ssl_options.verify, Verify::VerifyPeer);
+        assert!(c.ssl_options.fail_if_no_peer_cert);
+        assert_eq!(c.ssl_handshake_timeout, 2000);
+        assert_eq!(c.ssl_cert_login_from, CertLoginFrom::DistinguishedName);
+        assert_eq!(c.admin_tcp_port(), Some(15672));
+        assert_eq!(c.admin_ssl_port(), Some(15671));
+        let admin = c.admin_ssl_options();
+        assert_eq!(admin.certfile, Some(PathBuf::from("/etc/warren/admin.pem")));
+        assert_eq!(admin.keyfile, Some(PathBuf::from("/etc/warren/server.key")));
+        assert_eq!(admin.verify, Verify::VerifyPeer);
+        std::fs::write(&path, "listeners.tcp.default = 5673\n").expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(c.amqp_tcp_port(), Some(5673));
+        assert_eq!(c.amqp_ssl_port(), None, "no certificate, no TLS listener");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_certificate_alone_listens_on_the_default_tls_ports() {
+        let c = Config {
+            ssl_options: SslOptions {
+                certfile: Some("s.pem".into()),
+                ..SslOptions::default()
+            },
+            ..Config::default()
+        };
+        assert_eq!(c.amqp_tcp_port(), Some(5672));
+        assert_eq!(c.amqp_ssl_port(), Some(DEFAULT_AMQPS_PORT));
+        assert_eq!(
+            c.admin_ssl_port(),
+            None,
+            "the admin API needs management.ssl"
+        );
     }
 
     #[test]

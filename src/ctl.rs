@@ -56,6 +56,9 @@ pub enum Command {
     },
     /// Delete a user.
     DeleteUser { name: String },
+    /// Remove a user's password: it can then log in only with a client
+    /// certificate (SASL EXTERNAL), as rabbitmqctl clear_password.
+    ClearPassword { name: String },
     /// Set a user's configure / write / read regexes in a vhost.
     SetPermissions {
         user: String,
@@ -116,6 +119,9 @@ pub struct Target {
     pub url: String,
     pub user: String,
     pub password: String,
+    /// PEM CA certificates to trust for an `https://` URL (as curl's
+    /// `--cacert`); None: the public web PKI roots.
+    pub cacert: Option<std::path::PathBuf>,
 }
 
 /// Percent-encode one path segment (`/` becomes `%2F`).
@@ -132,11 +138,41 @@ fn seg(s: &str) -> String {
 }
 
 impl Target {
+    /// An HTTP agent that trusts `cacert` when one is given.
+    fn agent(&self) -> Result<ureq::Agent, String> {
+        use tokio_rustls::rustls::{self, pki_types::pem::PemObject, pki_types::CertificateDer};
+        let Some(path) = &self.cacert else {
+            return Ok(ureq::agent());
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(ureq::AgentBuilder::new()
+            .tls_config(std::sync::Arc::new(config))
+            .build())
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, String> {
         let url = format!("{}{}", self.url.trim_end_matches('/'), path);
         let auth = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", self.user, self.password));
-        let req = ureq::request(method, &url).set("Authorization", &format!("Basic {auth}"));
+        let req = self
+            .agent()?
+            .request(method, &url)
+            .set("Authorization", &format!("Basic {auth}"));
         let res = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
@@ -326,6 +362,17 @@ pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
         Command::DeleteUser { name } => {
             target.call("DELETE", &format!("/api/users/{}", seg(&name)), None)?;
             Ok(format!("Deleted user '{name}'\n"))
+        }
+        Command::ClearPassword { name } => {
+            let path = format!("/api/users/{}", seg(&name));
+            let user = target.call("GET", &path, None)?;
+            let tags = user.get("tags").cloned().unwrap_or(Value::Null);
+            target.call(
+                "PUT",
+                &path,
+                Some(json!({"password_hash": "", "tags": tags})),
+            )?;
+            Ok(format!("Cleared password for user '{name}'\n"))
         }
         Command::SetPermissions {
             user,

@@ -15,6 +15,8 @@
 //! - `admin`: the HTTP management API (RabbitMQ-shaped JSON) and Prometheus metrics.
 //! - `config`: settings from defaults, a TOML file and `WARREN_*` variables.
 //! - `error`: errors that carry AMQP reply codes.
+//! - `tls`: rustls server configurations (reloadable), the TLS handshake and
+//!   what it tells (protocol, cipher, client certificate, EXTERNAL user name).
 
 pub mod admin;
 pub mod amqp;
@@ -25,6 +27,7 @@ pub mod error;
 pub mod server;
 pub mod session;
 pub mod storage;
+pub mod tls;
 pub mod wire;
 
 pub use config::Config;
@@ -34,17 +37,51 @@ use std::sync::Arc;
 /// A running broker: the AMQP server (and, when enabled, the admin API).
 pub struct Warren {
     pub server: server::Server,
-    admin: Option<std::net::SocketAddr>,
+    admin: admin::Addrs,
+    admin_tls: Option<Arc<tls::ServerTls>>,
 }
 
 impl Warren {
+    /// The plain AMQP address (the AMQPS one when the plain listener is off).
     pub fn amqp_addr(&self) -> std::net::SocketAddr {
         self.server.amqp_addr()
     }
 
-    /// Where the admin HTTP API listens (None when `admin_enabled` is false).
+    /// The AMQPS address, when TLS is configured.
+    pub fn amqps_addr(&self) -> Option<std::net::SocketAddr> {
+        self.server.amqps_addr()
+    }
+
+    /// Where the admin HTTP API listens (None when `admin_enabled` is false or
+    /// `management.tcp = "none"`).
     pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
-        self.admin
+        self.admin.http
+    }
+
+    /// Where the admin API listens over HTTPS, when configured.
+    pub fn admin_tls_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin.https
+    }
+
+    /// Read the certificate, key and CA files of every TLS listener again (what
+    /// SIGHUP does): new connections get the new certificate, open ones keep
+    /// going. A listener whose files do not load keeps its configuration.
+    pub fn reload_tls(&self) -> Result<(), tls::TlsError> {
+        let mut result = Ok(());
+        for (what, t) in [
+            ("AMQPS", self.server.tls()),
+            ("admin HTTPS", self.admin_tls.as_ref()),
+        ] {
+            let Some(t) = t else { continue };
+            match t.reload() {
+                Ok(()) => tracing::info!("{what} certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "{what} certificate not reloaded; keeping the old one");
+                    result = Err(e);
+                }
+            }
+        }
+        result
     }
 }
 
@@ -55,6 +92,8 @@ pub enum StartError {
     Storage(#[from] storage::StorageError),
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// Start a broker with `config` on the current tokio runtime.
@@ -66,13 +105,33 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "broker opened"
     );
-    let server = server::start(Arc::clone(&config), Arc::clone(&broker)).await?;
-    let admin = if config.admin_enabled {
-        let addr = format!("{}:{}", bracket(&config.bind), config.admin_port);
+    let amqp_tls = match config.amqp_ssl_port() {
+        Some(_) => Some(tls::ServerTls::new(&config.ssl_options, &[])?),
+        None => None,
+    };
+    let server = server::start(Arc::clone(&config), Arc::clone(&broker), amqp_tls).await?;
+    let admin_tls = match config.admin_ssl_port() {
+        Some(_) => Some(tls::ServerTls::new(
+            &config.admin_ssl_options(),
+            &[b"http/1.1"],
+        )?),
+        None => None,
+    };
+    let host = bracket(&config.bind);
+    let http = config.admin_tcp_port().map(|port| format!("{host}:{port}"));
+    let https = config
+        .admin_ssl_port()
+        .zip(admin_tls.clone())
+        .map(|(port, tls)| admin::Https {
+            addr: format!("{host}:{port}"),
+            tls,
+            handshake_timeout: tls::handshake_timeout(&config),
+        });
+    let admin = if http.is_some() || https.is_some() {
         let every = std::time::Duration::from_secs(config.admin_sample_interval_secs.max(1));
-        Some(admin::start(&addr, Arc::clone(&broker), every).await?)
+        admin::start(http.as_deref(), https, Arc::clone(&broker), every).await?
     } else {
-        None
+        admin::Addrs::default()
     };
     let ticker = Arc::downgrade(&broker);
     tokio::spawn(async move {
@@ -91,7 +150,11 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
             }
         }
     });
-    Ok(Warren { server, admin })
+    Ok(Warren {
+        server,
+        admin,
+        admin_tls,
+    })
 }
 
 /// An IPv6 literal in brackets, for `host:port`.

@@ -18,9 +18,13 @@ struct Cli {
     /// TOML configuration file (keys as in warren.example.toml).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Admin API base URL for subcommands (default: http://localhost:<admin_port>).
+    /// Admin API base URL for subcommands (default: http://localhost:<admin_port>,
+    /// or https://localhost:<management.ssl.port> when plain HTTP is off).
     #[arg(long, global = true)]
     url: Option<String>,
+    /// CA certificates (PEM) to trust for an https:// admin URL.
+    #[arg(long, global = true)]
+    cacert: Option<PathBuf>,
     /// User for subcommands.
     #[arg(short = 'u', long = "user", global = true, default_value = "guest")]
     api_user: String,
@@ -41,12 +45,16 @@ fn main() -> std::process::ExitCode {
         }
     };
     if let Some(cmd) = cli.command {
+        let default_url = match (config.admin_tcp_port(), config.admin_ssl_port()) {
+            (None, Some(port)) => format!("https://localhost:{port}"),
+            (Some(port), _) => format!("http://localhost:{port}"),
+            (None, None) => format!("http://localhost:{}", config.admin_port),
+        };
         let target = ctl::Target {
-            url: cli
-                .url
-                .unwrap_or_else(|| format!("http://localhost:{}", config.admin_port)),
+            url: cli.url.unwrap_or(default_url),
             user: cli.api_user,
             password: cli.api_password,
+            cacert: cli.cacert,
         };
         return match ctl::run(&target, cmd) {
             Ok(out) => {
@@ -84,8 +92,14 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(1);
             }
         };
-        tracing::info!(addr = %broker.amqp_addr(), admin = ?broker.admin_addr(), "warren started");
-        wait_for_signal().await;
+        tracing::info!(
+            addr = %broker.amqp_addr(),
+            amqps = ?broker.amqps_addr(),
+            admin = ?broker.admin_addr(),
+            admin_https = ?broker.admin_tls_addr(),
+            "warren started"
+        );
+        wait_for_signal(&broker).await;
         tracing::info!("shutting down");
         broker.server.shutdown();
         let core = std::sync::Arc::clone(&broker.server.broker);
@@ -100,16 +114,28 @@ fn main() -> std::process::ExitCode {
     })
 }
 
-async fn wait_for_signal() {
+/// Until ctrl-c or SIGTERM; SIGHUP meanwhile reloads the TLS certificates.
+async fn wait_for_signal(broker: &warren::Warren) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+        if let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) {
+            let ctrl_c = tokio::signal::ctrl_c();
+            tokio::pin!(ctrl_c);
+            loop {
+                tokio::select! {
+                    _ = &mut ctrl_c => return,
+                    _ = term.recv() => return,
+                    _ = hup.recv() => {
+                        tracing::info!("SIGHUP: reloading TLS certificates");
+                        // Failures are logged; the old certificates stay in use.
+                        let _ = broker.reload_tls();
+                    }
+                }
             }
-            return;
         }
     }
     let _ = tokio::signal::ctrl_c().await;

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 pub fn connection_json(c: &ConnectionInfo) -> Value {
+    let tls = c.tls.as_ref();
     json!({
         "name": c.name,
         "vhost": c.vhost,
@@ -30,7 +31,12 @@ pub fn connection_json(c: &ConnectionInfo) -> Value {
         "frame_max": c.frame_max,
         "channel_max": c.channel_max,
         "timeout": c.heartbeat,
-        "ssl": false,
+        // As RabbitMQ: the TLS keys are null on a plain connection.
+        "ssl": tls.is_some(),
+        "ssl_protocol": tls.map(|t| t.protocol),
+        "ssl_cipher": tls.map(|t| t.cipher.as_str()),
+        "peer_cert_subject": tls.and_then(|t| t.peer_cert_subject.as_deref()),
+        "peer_cert_issuer": tls.and_then(|t| t.peer_cert_issuer.as_deref()),
     })
 }
 

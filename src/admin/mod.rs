@@ -9,6 +9,7 @@ pub mod bindings;
 pub mod connections;
 pub mod definitions;
 pub mod exchanges;
+mod https;
 pub mod limits;
 pub mod metrics;
 pub mod overview;
@@ -459,14 +460,38 @@ async fn no_browser_challenge(
     res
 }
 
-/// Bind the admin listener and serve it in the background; returns its address.
+/// The admin API's HTTPS listener: where, with which TLS configuration, and
+/// how long a handshake may take.
+pub struct Https {
+    pub addr: String,
+    pub tls: Arc<crate::tls::ServerTls>,
+    pub handshake_timeout: std::time::Duration,
+}
+
+/// Where the admin API listens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Addrs {
+    pub http: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
+}
+
+/// Bind the admin listeners (plain HTTP on `http`, HTTPS on `https`) and serve
+/// them in the background; returns their addresses.
 pub async fn start(
-    addr: &str,
+    http: Option<&str>,
+    https: Option<Https>,
     broker: Arc<Broker>,
     sample_every: std::time::Duration,
-) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
+) -> std::io::Result<Addrs> {
+    let plain = match http {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+        None => None,
+    };
+    let secure = match https {
+        Some(h) => Some((tokio::net::TcpListener::bind(&h.addr).await?, h)),
+        None => None,
+    };
+    let mut addrs = Addrs::default();
     let rates = metrics::Rates::new();
     metrics::spawn_sampler(Arc::downgrade(&broker), Arc::clone(&rates), sample_every);
     let state = AdminState {
@@ -475,13 +500,25 @@ pub async fn start(
         started_at: crate::clock::now_ms(),
     };
     let app = router(state);
-    tokio::spawn(async move {
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, service).await {
-            tracing::error!(error = %e, "admin listener stopped");
-        }
-    });
-    Ok(local)
+    if let Some((listener, h)) = secure {
+        addrs.https = Some(listener.local_addr()?);
+        tokio::spawn(https::serve(
+            listener,
+            h.tls,
+            app.clone(),
+            h.handshake_timeout,
+        ));
+    }
+    if let Some(listener) = plain {
+        addrs.http = Some(listener.local_addr()?);
+        tokio::spawn(async move {
+            let service = app.into_make_service_with_connect_info::<SocketAddr>();
+            if let Err(e) = axum::serve(listener, service).await {
+                tracing::error!(error = %e, "admin listener stopped");
+            }
+        });
+    }
+    Ok(addrs)
 }
 
 /// A field table as RabbitMQ renders arguments and headers in JSON.

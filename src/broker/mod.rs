@@ -54,6 +54,18 @@ pub trait ConnectionControl: Send + Sync + std::fmt::Debug {
     fn force_close(&self, reason: &str);
 }
 
+/// A TLS connection's session, as `/api/connections` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `tlsv1.2` or `tlsv1.3`, RabbitMQ's spelling.
+    pub protocol: &'static str,
+    /// The negotiated cipher suite, e.g. `TLS13_AES_256_GCM_SHA384`.
+    pub cipher: String,
+    /// The verified client certificate's subject and issuer (RFC 4514).
+    pub peer_cert_subject: Option<String>,
+    pub peer_cert_issuer: Option<String>,
+}
+
 /// What the broker knows of an open AMQP connection.
 #[derive(Debug)]
 pub struct ConnectionInfo {
@@ -70,6 +82,8 @@ pub struct ConnectionInfo {
     pub frame_max: u32,
     pub channel_max: u16,
     pub heartbeat: u16,
+    /// Set on a TLS connection.
+    pub tls: Option<TlsInfo>,
     pub channels: AtomicU32,
     /// Numbers of the open channels (for the admin API).
     pub open_channels: parking_lot::Mutex<std::collections::BTreeSet<u16>>,
@@ -446,6 +460,20 @@ impl Broker {
             .auth
             .check_password(user, password)
             .ok_or(LoginError::Refused)?;
+        if u.loopback_only && !from_loopback {
+            return Err(LoginError::LoopbackOnly);
+        }
+        Ok(u)
+    }
+
+    /// SASL EXTERNAL: the name came from a verified client certificate; the
+    /// user must exist (with or without a password).
+    pub fn authenticate_external(
+        &self,
+        user: &str,
+        from_loopback: bool,
+    ) -> Result<User, LoginError> {
+        let u = self.auth.user(user).ok_or(LoginError::Refused)?;
         if u.loopback_only && !from_loopback {
             return Err(LoginError::LoopbackOnly);
         }

@@ -4,6 +4,10 @@
 //! [`crate::amqp`], and hands its output to the writer task (see
 //! [`super::writer`]). Back-pressure: while the writer's backlog is over the
 //! limit, no input is read and queues skip this connection's consumers.
+//!
+//! The driver is generic over the stream's read half: plain TCP uses tokio's
+//! owned halves (no lock between reader and writer), TLS the halves of
+//! `tokio::io::split` over a rustls stream. Each is its own monomorphised copy.
 
 use super::mailbox::{self, ConnSink, Outbound};
 use super::writer::{self, Out};
@@ -13,20 +17,58 @@ use crate::broker::{Broker, ConnectionControl, ConnectionInfo, LoginError};
 use crate::clock::Now;
 use crate::config::Config;
 use crate::error::AmqpError;
+use crate::session::handshake::EXTERNAL;
 use crate::session::{self, Event, Session, StoreWait};
+use crate::tls::{CertLogin, Established};
 use crate::wire::ConnectionStartOk;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
 
 /// Handle one accepted socket until it closes.
 pub async fn run(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, config: Arc<Config>) {
     let _ = stream.set_nodelay(true);
-    match serve(stream, peer, broker, config).await {
+    let local = local_addr(&stream);
+    let (read, write) = stream.into_split();
+    let end = serve(read, write, peer, local, None, broker, config).await;
+    log_end(peer, end);
+}
+
+/// Handle one TLS connection, its handshake done, until it closes.
+pub async fn run_tls(
+    stream: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+) {
+    let (tcp, tls) = stream.get_ref();
+    let _ = tcp.set_nodelay(true);
+    let local = local_addr(tcp);
+    let established = crate::tls::established(tls, CertLogin::from_config(&config));
+    tracing::debug!(
+        %peer,
+        protocol = established.info.protocol,
+        cipher = %established.info.cipher,
+        subject = ?established.info.peer_cert_subject,
+        "TLS handshake done"
+    );
+    let (read, write) = tokio::io::split(stream);
+    let end = serve(read, write, peer, local, Some(established), broker, config).await;
+    log_end(peer, end);
+}
+
+fn local_addr(stream: &TcpStream) -> SocketAddr {
+    stream
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+fn log_end(peer: SocketAddr, end: Option<String>) {
+    match end {
         None => tracing::debug!(%peer, "connection closed"),
         Some(reason) => tracing::info!(%peer, %reason, "connection ended"),
     }
@@ -52,17 +94,19 @@ fn session_config(config: &Config) -> session::Config {
     }
 }
 
-struct Conn {
+struct Conn<R> {
     id: u64,
     broker: Arc<Broker>,
     config: Arc<Config>,
     session: Session<amqp::Channel>,
     out: Out,
-    read: OwnedReadHalf,
+    read: R,
     rx: mpsc::UnboundedReceiver<Outbound>,
     sink: Arc<ConnSink>,
     peer: SocketAddr,
     local: SocketAddr,
+    /// The TLS session of a TLS connection.
+    tls: Option<Established>,
     /// Set once the connection is open (vhost chosen).
     ctx: Option<ConnCtx>,
     /// The logged-in user, between login and open.
@@ -80,21 +124,28 @@ struct End {
     drain: bool,
 }
 
-async fn serve(
-    stream: TcpStream,
+async fn serve<R, W>(
+    read: R,
+    write: W,
     peer: SocketAddr,
+    local: SocketAddr,
+    tls: Option<Established>,
     broker: Arc<Broker>,
     config: Arc<Config>,
-) -> Option<String> {
-    let local = stream
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let (read, write_half) = stream.into_split();
-    let (out, writer_task) = writer::spawn(write_half);
+) -> Option<String>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (out, writer_task) = writer::spawn(write);
     let (sink, rx) = mailbox::new();
+    let mut session = Session::new(session_config(&config), Instant::now());
+    if tls.as_ref().is_some_and(|t| t.login.is_some()) {
+        session.offer_external();
+    }
     let mut conn = Conn {
         id: broker.next_connection_id(),
-        session: Session::new(session_config(&config), Instant::now()),
+        session,
         broker,
         backlog_limit: config.write_backlog_limit.max(64 * 1024),
         config,
@@ -104,6 +155,7 @@ async fn serve(
         sink,
         peer,
         local,
+        tls,
         ctx: None,
         user: None,
         registered: false,
@@ -121,7 +173,7 @@ async fn serve(
     end.reason
 }
 
-impl Conn {
+impl<R: AsyncRead + Unpin> Conn<R> {
     async fn main_loop(&mut self) -> End {
         let mut alarm = self.broker.watch_alarm();
         let mut alarm_open = true;
@@ -207,11 +259,33 @@ impl Conn {
 
     fn on_event(&mut self, event: Event<amqp::Channel>, now: Now) -> Option<End> {
         match event {
-            Event::Login { user, password, .. } => {
-                match self
-                    .broker
-                    .authenticate(&user, &password, loopback(&self.peer))
-                {
+            Event::Login {
+                mechanism,
+                user,
+                password,
+            } => {
+                let from_loopback = loopback(&self.peer);
+                let (user, result) = if mechanism == EXTERNAL {
+                    let login = self
+                        .tls
+                        .as_ref()
+                        .and_then(|t| t.login.clone())
+                        .unwrap_or_else(|| Err("no verified client certificate".into()));
+                    match login {
+                        Ok(name) => {
+                            let r = self.broker.authenticate_external(&name, from_loopback);
+                            (name, r)
+                        }
+                        Err(why) => {
+                            tracing::warn!(peer = %self.peer, "EXTERNAL login refused: {why}");
+                            (String::new(), Err(LoginError::Refused))
+                        }
+                    }
+                } else {
+                    let r = self.broker.authenticate(&user, &password, from_loopback);
+                    (user, r)
+                };
+                match result {
                     Ok(u) => {
                         self.user = Some(u.name);
                         self.session.accept_login();
@@ -309,6 +383,7 @@ impl Conn {
             frame_max: self.session.frame_max(),
             channel_max: self.session.channel_max(),
             heartbeat: self.session.heartbeat(),
+            tls: self.tls.as_ref().map(|t| t.info.clone()),
             channels: Default::default(),
             open_channels: Default::default(),
             control: Arc::clone(&self.sink) as Arc<dyn ConnectionControl>,

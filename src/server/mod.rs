@@ -1,8 +1,11 @@
 //! The AMQP network side: listeners, the accept loop, one task per connection
 //! (a thin driver of a [`crate::session::Session`]), mailboxes and socket writes.
 //!
-//! [`start`] binds the listeners and returns a [`Server`] handle; dropping or
-//! calling [`Server::shutdown`] stops accepting.
+//! [`start`] binds the listeners (plain AMQP, AMQPS, either can be off) and
+//! returns a [`Server`] handle; dropping or calling [`Server::shutdown`] stops
+//! accepting. A TLS connection's handshake (see [`crate::tls`]) runs in the
+//! connection's own task, bounded by `ssl_handshake_timeout`, so a stalled or
+//! plaintext client holds up nobody else.
 
 pub mod connection;
 pub mod mailbox;
@@ -10,6 +13,7 @@ pub mod writer;
 
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::tls::ServerTls;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -20,17 +24,35 @@ use tokio::sync::watch;
 pub struct Server {
     pub broker: Arc<Broker>,
     addrs: Vec<SocketAddr>,
+    tls_addrs: Vec<SocketAddr>,
+    tls: Option<Arc<ServerTls>>,
     shutdown: watch::Sender<bool>,
 }
 
 impl Server {
-    /// The first bound AMQP address (with the real port when 0 was asked).
+    /// The first bound plain AMQP address (with the real port when 0 was
+    /// asked); the first AMQPS address when the plain listener is off.
     pub fn amqp_addr(&self) -> SocketAddr {
-        self.addrs[0]
+        self.addrs
+            .first()
+            .or(self.tls_addrs.first())
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
+    /// The plain AMQP addresses (none when `listeners.tcp = "none"`).
     pub fn amqp_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The first AMQPS address, if TLS is configured.
+    pub fn amqps_addr(&self) -> Option<SocketAddr> {
+        self.tls_addrs.first().copied()
+    }
+
+    /// The AMQPS listener's TLS configuration (to reload it).
+    pub fn tls(&self) -> Option<&Arc<ServerTls>> {
+        self.tls.as_ref()
     }
 
     /// Stop accepting connections.
@@ -45,38 +67,61 @@ impl Drop for Server {
     }
 }
 
-/// Bind `config.bind:config.amqp_port`. `::` binds a dual-stack IPv6 socket and
-/// falls back to IPv4 where IPv6 is unavailable.
-async fn bind(config: &Config) -> std::io::Result<Vec<TcpListener>> {
+/// Bind `config.bind:port`. `::` binds a dual-stack IPv6 socket and falls back
+/// to IPv4 where IPv6 is unavailable.
+pub async fn bind(config: &Config, port: u16) -> std::io::Result<Vec<TcpListener>> {
     let host = config.bind.as_str();
     let addr = if host.contains(':') {
-        format!("[{host}]:{}", config.amqp_port)
+        format!("[{host}]:{port}")
     } else {
-        format!("{host}:{}", config.amqp_port)
+        format!("{host}:{port}")
     };
     match TcpListener::bind(&addr).await {
         Ok(l) => Ok(vec![l]),
         Err(e) if host == "::" => {
             tracing::warn!(error = %e, "IPv6 unavailable, listening on IPv4 only");
-            Ok(vec![
-                TcpListener::bind(("0.0.0.0", config.amqp_port)).await?,
-            ])
+            Ok(vec![TcpListener::bind(("0.0.0.0", port)).await?])
         }
         Err(e) => Err(e),
     }
 }
 
-/// Bind the AMQP listener(s) and start accepting.
-pub async fn start(config: Arc<Config>, broker: Arc<Broker>) -> std::io::Result<Server> {
-    let listeners = bind(&config).await?;
+/// Bind the AMQP listener(s) and start accepting: plain on
+/// [`Config::amqp_tcp_port`], TLS with `tls` on [`Config::amqp_ssl_port`].
+/// `max_connections` counts both.
+pub async fn start(
+    config: Arc<Config>,
+    broker: Arc<Broker>,
+    tls: Option<Arc<ServerTls>>,
+) -> std::io::Result<Server> {
     let (tx, rx) = watch::channel(false);
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut addrs = Vec::new();
-    for listener in listeners {
+    let mut tls_addrs = Vec::new();
+    let mut bound = Vec::new();
+    if let Some(port) = config.amqp_tcp_port() {
+        for listener in bind(&config, port).await? {
+            bound.push((listener, None));
+        }
+    }
+    if let (Some(port), Some(tls)) = (config.amqp_ssl_port(), &tls) {
+        for listener in bind(&config, port).await? {
+            bound.push((listener, Some(Arc::clone(tls))));
+        }
+    }
+    for (listener, tls) in bound {
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, "AMQP listener started");
-        addrs.push(addr);
+        if tls.is_some() {
+            tracing::info!(%addr, "AMQPS (TLS) listener started");
+            tls_addrs.push(addr);
+        } else {
+            tracing::info!(%addr, "AMQP listener started");
+            addrs.push(addr);
+        }
         tokio::spawn(accept_loop(
             listener,
+            tls,
+            Arc::clone(&open),
             Arc::clone(&broker),
             Arc::clone(&config),
             rx.clone(),
@@ -85,17 +130,21 @@ pub async fn start(config: Arc<Config>, broker: Arc<Broker>) -> std::io::Result<
     Ok(Server {
         broker,
         addrs,
+        tls_addrs,
+        tls,
         shutdown: tx,
     })
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
     broker: Arc<Broker>,
     config: Arc<Config>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handshake_timeout = crate::tls::handshake_timeout(&config);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -112,8 +161,18 @@ async fn accept_loop(
                         continue;
                     };
                     let (broker, config) = (Arc::clone(&broker), Arc::clone(&config));
+                    let Some(tls) = tls.clone() else {
+                        tokio::spawn(async move {
+                            connection::run(stream, peer, broker, config).await;
+                            drop(slot);
+                        });
+                        continue;
+                    };
                     tokio::spawn(async move {
-                        connection::run(stream, peer, broker, config).await;
+                        match crate::tls::accept(&tls, stream, handshake_timeout).await {
+                            Ok(stream) => connection::run_tls(stream, peer, broker, config).await,
+                            Err(e) => tracing::warn!(%peer, "TLS connection refused: {e}"),
+                        }
                         drop(slot);
                     });
                 }

@@ -100,6 +100,8 @@ pub struct Session<T> {
     pub(super) heartbeat: u16,
     pub(super) client_properties: FieldTable,
     pub(super) mechanism: String,
+    /// EXTERNAL is offered (see [`Session::offer_external`]).
+    pub(super) external: bool,
     pub(super) cancel_notify: bool,
     pub(super) blocked_cap: bool,
     pub(super) auth_close: bool,
@@ -165,6 +167,7 @@ impl<T: Default> Session<T> {
             heartbeat: 0,
             client_properties: FieldTable::new(),
             mechanism: String::new(),
+            external: false,
             cancel_notify: false,
             blocked_cap: false,
             auth_close: false,
@@ -182,6 +185,14 @@ impl<T: Default> Session<T> {
     /// Ask `gate` about every later channel.open.
     pub fn set_channel_gate(&mut self, gate: ChannelGate) {
         self.channel_gate = Some(gate);
+    }
+
+    /// Offer SASL EXTERNAL in connection.start: the caller has a verified
+    /// client certificate to take the user name from. Call before any input.
+    /// An EXTERNAL login comes out as [`Event::Login`] with empty user and
+    /// password; the caller supplies the name.
+    pub fn offer_external(&mut self) {
+        self.external = true;
     }
 
     // ---- input -------------------------------------------------------------
@@ -287,7 +298,12 @@ impl<T: Default> Session<T> {
                     }
                     Header::Ok => {
                         self.input.advance_header();
-                        self.out.method(0, &handshake::start());
+                        let start = if self.external {
+                            handshake::start_external()
+                        } else {
+                            handshake::start()
+                        };
+                        self.out.method(0, &start);
                         self.state = State::StartOk;
                     }
                 },

@@ -64,12 +64,24 @@ pub fn server_properties() -> FieldTable {
     props
 }
 
+/// `connection.start` offering PLAIN and AMQPLAIN.
 pub fn start() -> Method {
+    start_with(b"PLAIN AMQPLAIN")
+}
+
+/// `connection.start` that also offers EXTERNAL (a TLS connection with a
+/// verified client certificate). PLAIN stays first for clients that take the
+/// first mechanism they know.
+pub fn start_external() -> Method {
+    start_with(b"PLAIN AMQPLAIN EXTERNAL")
+}
+
+fn start_with(mechanisms: &'static [u8]) -> Method {
     ConnectionStart {
         version_major: 0,
         version_minor: 9,
         server_properties: server_properties(),
-        mechanisms: bytes::Bytes::from_static(b"PLAIN AMQPLAIN"),
+        mechanisms: bytes::Bytes::from_static(mechanisms),
         locales: bytes::Bytes::from_static(b"en_US"),
     }
     .into()
@@ -82,7 +94,11 @@ pub fn client_capability(props: &FieldTable, name: &str) -> bool {
     }
 }
 
-/// Parse a SASL response into (user, password).
+/// The SASL mechanism whose identity comes from the TLS client certificate.
+pub const EXTERNAL: &str = "EXTERNAL";
+
+/// Parse a SASL response into (user, password) (PLAIN, AMQPLAIN; EXTERNAL
+/// carries no credentials and is handled by the session).
 pub fn credentials(mechanism: &str, response: &[u8]) -> Option<(String, String)> {
     match mechanism {
         "PLAIN" => {

@@ -92,8 +92,14 @@ impl<T: Default> Session<T> {
                 self.blocked_cap = handshake::client_capability(caps, "connection.blocked");
                 self.auth_close =
                     handshake::client_capability(caps, "authentication_failure_close");
-                let Some((user, password)) = handshake::credentials(&s.mechanism, &s.response)
-                else {
+                let credentials = if s.mechanism == handshake::EXTERNAL && self.external {
+                    // The identity is the client certificate's; the response
+                    // (an optional authorization id) is ignored, as RabbitMQ does.
+                    Some((String::new(), String::new()))
+                } else {
+                    handshake::credentials(&s.mechanism, &s.response)
+                };
+                let Some((user, password)) = credentials else {
                     return self.close(handshake::bad_credentials(&s.mechanism), now);
                 };
                 self.client_properties = s.client_properties;

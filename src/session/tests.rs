@@ -607,6 +607,48 @@ fn login_refused_403() {
 }
 
 #[test]
+fn external_only_when_offered() {
+    let t0 = Instant::now();
+    // Not offered (no verified client certificate): 403 at start-ok.
+    let mut s = S::new(config(), t0);
+    s.handle_input(PROTOCOL_HEADER, t0);
+    assert!(events(&mut s, t0).is_empty());
+    assert_eq!(sent(&mut s, t0), method(0, handshake::start()));
+    s.handle_input(&start_ok(&[], "EXTERNAL", b""), t0);
+    assert!(events(&mut s, t0).is_empty());
+    assert_eq!(close_of(&sent_frames(&mut s, t0)), (403, 10, 11));
+
+    // Offered: listed in connection.start, and a start-ok with EXTERNAL asks the
+    // caller for the login with no name or password of its own.
+    let mut s = S::new(config(), t0);
+    s.offer_external();
+    s.handle_input(PROTOCOL_HEADER, t0);
+    assert!(events(&mut s, t0).is_empty());
+    let start = sent_frames(&mut s, t0);
+    match &start[..] {
+        [Frame::Method {
+            method: Method::ConnectionStart(m),
+            ..
+        }] => assert_eq!(&m.mechanisms[..], b"PLAIN AMQPLAIN EXTERNAL"),
+        other => panic!("{other:?}"),
+    }
+    s.handle_input(&start_ok(&[], "EXTERNAL", b"ignored-authzid"), t0);
+    match &events(&mut s, t0)[..] {
+        [Event::Login {
+            mechanism,
+            user,
+            password,
+        }] => assert_eq!(
+            (&mechanism[..], &user[..], &password[..]),
+            ("EXTERNAL", "", "")
+        ),
+        other => panic!("{other:?}"),
+    }
+    let e = s.login_refused();
+    assert!(e.text.contains("mechanism EXTERNAL"), "{}", e.text);
+}
+
+#[test]
 fn vhost_refused_530_at_connection_open() {
     let t0 = Instant::now();
     let mut s = S::new(config(), t0);

@@ -74,3 +74,26 @@ async fn cli_subcommands_talk_to_the_api() {
     assert!(!ok);
     assert!(err.contains("401"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_password_leaves_a_user_that_password_logins_refuse() {
+    let b = start().await;
+    let base = b.base.clone();
+    assert!(
+        cli(&base, &["add-user", "erin", "pw", "--tags", "management"])
+            .await
+            .0
+    );
+    let (ok, out, err) = cli(&base, &["clear-password", "erin"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out, "Cleared password for user 'erin'\n");
+    let user = b.get("/api/users/erin").await;
+    assert_eq!(user["password_hash"], "", "{user}");
+    assert_eq!(user["tags"], json!(["management"]), "tags kept: {user}");
+    let (status, _) = b
+        .call("GET", "/api/whoami", Some(("erin", "pw")), None)
+        .await;
+    assert_eq!(status, 401, "the old password no longer works");
+    let (status, _) = b.call("GET", "/api/whoami", Some(("erin", "")), None).await;
+    assert_eq!(status, 401, "nor does an empty one");
+}
