@@ -111,6 +111,10 @@ pub struct Args {
     /// --consumers 0 the run ends once all producers are done.
     #[arg(long, short = 'C', default_value_t = 0)]
     pub pmessages: u64,
+    /// Stop once consumers have consumed this many in all (0 = as many as published; with
+    /// --producers 0: drain an existing queue, e.g. `-x0 -u big --keep-queue --cmessages N`).
+    #[arg(long, default_value_t = 0)]
+    pub cmessages: u64,
     /// Do not delete the queue at the end (fresh queues are deleted by default).
     #[arg(long)]
     pub keep_queue: bool,

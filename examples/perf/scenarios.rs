@@ -181,13 +181,17 @@ pub async fn run(a: Args) -> Res<()> {
         Duration::from_secs(1),
     );
     let deadline = t0 + Duration::from_secs(a.duration);
-    let expected = a.pmessages * a.producers as u64;
+    let expected = if a.cmessages > 0 {
+        a.cmessages
+    } else {
+        a.pmessages * a.producers as u64
+    };
     let mut sec = 0u64;
     let end: Instant;
     loop {
         // end conditions
-        let producers_finished =
-            a.pmessages > 0 && st.producers_done.load(Relaxed) == a.producers as u64;
+        let producers_finished = (a.pmessages > 0 || a.cmessages > 0)
+            && st.producers_done.load(Relaxed) == a.producers as u64;
         let all_consumed = a.consumers == 0 || st.consumed.load(Relaxed) >= expected;
         if Instant::now() >= deadline || (producers_finished && all_consumed) {
             end = Instant::now();

@@ -213,7 +213,14 @@ impl TreeWork {
             .metas
             .range(lo.clone()..=hi.clone())
             .next_back()
-            .map(|(k, _)| k.clone());
+            .map(|(k, m)| (k.clone(), m.as_ref().is_some_and(|m| m.contains(pos))));
+        // Chunks never overlap: a cached chunk holding `pos` is the one (the
+        // common case: a burst of acks in one chunk costs one tree lookup).
+        let cached = match cached {
+            Some((k, true)) => return Ok(Some(k)),
+            Some((k, false)) => Some(k),
+            None => None,
+        };
         let stored = match tree.range(lo..=hi).next_back() {
             Some(item) => Some(item?.0.to_vec()),
             None => None,
