@@ -31,9 +31,28 @@ const COMPACT_MIN_ENTRIES: u32 = 32;
 const COMPACT_RATIO: u32 = 4;
 
 /// A new chunk being gathered from a group's inserts.
+#[derive(Default)]
 struct Builder {
-    entries: Vec<(ChunkEntry<Bytes>, bool)>,
+    entries: Vec<Built>,
     bytes: usize,
+}
+
+struct Built {
+    entry: ChunkEntry<Bytes>,
+    delivered: bool,
+    /// Settled in the same group: left out of the chunk (a tombstone, so a
+    /// burst of acks in insert order costs no shifting).
+    settled: bool,
+}
+
+impl Builder {
+    fn find(&mut self, pos: u64) -> Option<&mut Built> {
+        let i = self
+            .entries
+            .binary_search_by_key(&pos, |b| b.entry.pos)
+            .ok()?;
+        self.entries.get_mut(i).filter(|b| !b.settled)
+    }
 }
 
 /// The write set of one tree.
@@ -48,8 +67,8 @@ struct TreeWork {
     /// Meta key -> meta as this group sees it (None: deleted in this group).
     metas: BTreeMap<Vec<u8>, Option<Meta>>,
     dirty: BTreeSet<Vec<u8>>,
-    /// (queue prefix, level) -> the chunk being built.
-    builders: BTreeMap<(Vec<u8>, u8), Builder>,
+    /// Queue prefix -> level -> the chunk being built.
+    builders: BTreeMap<Vec<u8>, BTreeMap<u8, Builder>>,
 }
 
 pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError> {
@@ -70,23 +89,25 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
                     record,
                 } => {
                     inserts += 1;
+                    if !w.builders.contains_key(q.prefix.as_slice()) {
+                        w.builders.insert(q.prefix.clone(), BTreeMap::new());
+                    }
                     let b = w
                         .builders
-                        .entry((q.prefix.clone(), *level))
-                        .or_insert_with(|| Builder {
-                            entries: Vec::new(),
-                            bytes: 0,
-                        });
+                        .get_mut(q.prefix.as_slice())
+                        .map(|levels| levels.entry(*level).or_default())
+                        .ok_or_else(|| sh.corrupt("builder vanished"))?;
                     b.bytes += record.len();
-                    b.entries.push((
-                        ChunkEntry {
+                    b.entries.push(Built {
+                        entry: ChunkEntry {
                             pos: *pos,
                             transient: !*d,
                             size: *size,
                             record: record.0.clone(),
                         },
-                        false,
-                    ));
+                        delivered: false,
+                        settled: false,
+                    });
                     if b.entries.len() >= segment::CHUNK_MAX_ENTRIES
                         || b.bytes >= segment::CHUNK_MAX_BYTES
                     {
@@ -99,11 +120,9 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
                     size,
                     durable: d,
                 } => {
-                    if let Some(b) = w.builders.get_mut(&(q.prefix.clone(), *level)) {
-                        if let Ok(i) = b.entries.binary_search_by_key(pos, |(e, _)| e.pos) {
-                            b.entries.remove(i);
-                            continue;
-                        }
+                    if let Some(b) = w.builder(&q.prefix, *level).and_then(|b| b.find(*pos)) {
+                        b.settled = true;
+                        continue;
                     }
                     if let Some(key) = w.find_meta(sh, tree, &q.prefix, *level, *pos)? {
                         if let Some(Some(m)) = w.metas.get_mut(&key) {
@@ -121,11 +140,9 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
                     }
                 }
                 MessageOp::MarkDelivered { level, pos } => {
-                    if let Some(b) = w.builders.get_mut(&(q.prefix.clone(), *level)) {
-                        if let Ok(i) = b.entries.binary_search_by_key(pos, |(e, _)| e.pos) {
-                            b.entries[i].1 = true;
-                            continue;
-                        }
+                    if let Some(b) = w.builder(&q.prefix, *level).and_then(|b| b.find(*pos)) {
+                        b.delivered = true;
+                        continue;
                     }
                     if let Some(key) = w.find_meta(sh, tree, &q.prefix, *level, *pos)? {
                         if let Some(Some(m)) = w.metas.get_mut(&key) {
@@ -144,7 +161,11 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
         }
     }
     for (durable, mut w) in work.into_iter().enumerate() {
-        let keys: Vec<(Vec<u8>, u8)> = w.builders.keys().cloned().collect();
+        let keys: Vec<(Vec<u8>, u8)> = w
+            .builders
+            .iter()
+            .flat_map(|(p, levels)| levels.keys().map(move |l| (p.clone(), *l)))
+            .collect();
         for (prefix, level) in keys {
             w.seal(sh, &prefix, level);
         }
@@ -167,29 +188,34 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
 }
 
 impl TreeWork {
+    fn builder(&mut self, prefix: &[u8], level: u8) -> Option<&mut Builder> {
+        self.builders.get_mut(prefix)?.get_mut(&level)
+    }
+
     /// Writes the builder of (`prefix`, `level`) as a chunk and its meta.
     fn seal(&mut self, sh: &Shared, prefix: &[u8], level: u8) {
-        let Some(b) = self.builders.remove(&(prefix.to_vec(), level)) else {
+        let Some(b) = self.builders.get_mut(prefix).and_then(|l| l.remove(&level)) else {
             return;
         };
-        let (Some(first), Some(last)) = (b.entries.first(), b.entries.last()) else {
+        let live: Vec<Built> = b.entries.into_iter().filter(|b| !b.settled).collect();
+        let (Some(first), Some(last)) = (live.first(), live.last()) else {
             return;
         };
-        let (first, end) = (first.0.pos, last.0.pos + 1);
+        let (first, end) = (first.entry.pos, last.entry.pos + 1);
         let mut meta = Meta::new(first, end, sh.epoch);
-        meta.entries = b.entries.len() as u32;
-        for (e, delivered) in &b.entries {
-            if e.transient {
+        meta.entries = live.len() as u32;
+        for b in &live {
+            if b.entry.transient {
                 meta.live_transient += 1;
             } else {
                 meta.live_durable += 1;
-                meta.durable_bytes += u64::from(e.size);
+                meta.durable_bytes += u64::from(b.entry.size);
             }
-            if *delivered {
-                meta.deliver(e.pos);
+            if b.delivered {
+                meta.deliver(b.entry.pos);
             }
         }
-        let entries: Vec<ChunkEntry<Bytes>> = b.entries.into_iter().map(|(e, _)| e).collect();
+        let entries: Vec<ChunkEntry<Bytes>> = live.into_iter().map(|b| b.entry).collect();
         let key = segment::key(prefix, level, KIND_META, first);
         self.chunks
             .insert(key.clone(), Some(segment::encode_chunk(&entries)));
@@ -281,8 +307,8 @@ impl TreeWork {
         level: u8,
         from: u64,
     ) -> Result<(), StorageError> {
-        if let Some(b) = self.builders.get_mut(&(prefix.to_vec(), level)) {
-            b.entries.retain(|(e, _)| e.pos < from);
+        if let Some(b) = self.builder(prefix, level) {
+            b.entries.retain(|b| b.entry.pos < from);
         }
         // The chunk holding `from` may also hold earlier positions: settle its
         // entries from `from` on one by one.
@@ -330,7 +356,7 @@ impl TreeWork {
 
     /// Drops everything of the queue with key prefix `prefix`.
     fn delete_queue(&mut self, tree: &Tree, prefix: &[u8]) -> Result<(), StorageError> {
-        self.builders.retain(|(p, _), _| p != prefix);
+        self.builders.remove(prefix);
         // Every stored piece of the queue is deleted below.
         self.chunks.retain(|k, _| !k.starts_with(prefix));
         self.replaced.retain(|k| !k.starts_with(prefix));
