@@ -161,13 +161,14 @@ pub fn decode_message(buf: Bytes) -> Result<StoredMessage, DecodeError> {
     })
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// A bounds-checked reader over a record (shared by the segment formats).
+pub(super) struct Reader<'a> {
+    pub(super) buf: &'a [u8],
+    pub(super) pos: usize,
 }
 
 impl Reader<'_> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&[u8], DecodeError> {
+    pub(super) fn take(&mut self, n: usize, what: &str) -> Result<&[u8], DecodeError> {
         let end = self
             .pos
             .checked_add(n)
@@ -184,16 +185,16 @@ impl Reader<'_> {
         Ok(s)
     }
 
-    fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
+    pub(super) fn u8(&mut self, what: &str) -> Result<u8, DecodeError> {
         Ok(self.take(1, what)?[0])
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
+    pub(super) fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
         let b = self.take(4, what)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
+    pub(super) fn u64(&mut self, what: &str) -> Result<u64, DecodeError> {
         let b = self.take(8, what)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);

@@ -58,7 +58,7 @@
 //!
 //! Every decoder here returns a [`DecodeError`] on malformed input; none panics.
 
-use super::codec::DecodeError;
+use super::codec::{DecodeError, Reader};
 
 pub const CHUNK_VERSION: u8 = 1;
 pub const META_VERSION: u8 = 1;
@@ -191,13 +191,13 @@ pub fn encode_chunk<R: AsRef<[u8]>>(entries: &[ChunkEntry<R>]) -> Vec<u8> {
 /// Decodes a chunk into entries whose `record` is its byte range in `buf`.
 pub fn decode_chunk(buf: &[u8]) -> Result<Vec<ChunkEntry<std::ops::Range<usize>>>, DecodeError> {
     let mut r = Reader { buf, pos: 0 };
-    let version = r.u8()?;
+    let version = r.u8("chunk version")?;
     if version != CHUNK_VERSION {
         return Err(DecodeError(format!(
             "unknown chunk format version {version} (this build reads {CHUNK_VERSION})"
         )));
     }
-    let n = r.u32()? as usize;
+    let n = r.u32("chunk entry count")? as usize;
     // Each entry takes at least 17 bytes: a count past that is corrupt.
     if n > buf.len() / 17 {
         return Err(DecodeError(format!(
@@ -208,23 +208,23 @@ pub fn decode_chunk(buf: &[u8]) -> Result<Vec<ChunkEntry<std::ops::Range<usize>>
     let mut out = Vec::with_capacity(n);
     let mut last = None;
     for _ in 0..n {
-        let pos = r.u64()?;
+        let pos = r.u64("entry position")?;
         if last.is_some_and(|l| pos <= l) {
             return Err(DecodeError(format!(
                 "chunk positions out of order at {pos}"
             )));
         }
         last = Some(pos);
-        let flags = r.u8()?;
+        let flags = r.u8("entry flags")?;
         if flags & !CHUNK_TRANSIENT != 0 {
             return Err(DecodeError(format!(
                 "unknown chunk entry flags {flags:#04x}"
             )));
         }
-        let size = r.u32()?;
-        let len = r.u32()? as usize;
+        let size = r.u32("entry size")?;
+        let len = r.u32("record length")? as usize;
         let start = r.pos;
-        r.take(len)?;
+        r.take(len, "record")?;
         out.push(ChunkEntry {
             pos,
             transient: flags & CHUNK_TRANSIENT != 0,
@@ -357,25 +357,25 @@ impl Meta {
 
     pub fn decode(first: u64, buf: &[u8]) -> Result<Meta, DecodeError> {
         let mut r = Reader { buf, pos: 0 };
-        let version = r.u8()?;
+        let version = r.u8("meta version")?;
         if version != META_VERSION {
             return Err(DecodeError(format!(
                 "unknown chunk meta format version {version} (this build reads {META_VERSION})"
             )));
         }
-        let end = r.u64()?;
+        let end = r.u64("end")?;
         if end <= first || end - first > u32::MAX as u64 {
             return Err(DecodeError(format!(
                 "chunk meta range {first}..{end} is empty or too long"
             )));
         }
         let mut m = Meta::new(first, end, 0);
-        m.entries = r.u32()?;
-        m.live_durable = r.u32()?;
-        m.live_transient = r.u32()?;
-        m.durable_bytes = r.u64()?;
-        m.epoch = r.u64()?;
-        let flags = r.u8()?;
+        m.entries = r.u32("entries")?;
+        m.live_durable = r.u32("live durable")?;
+        m.live_transient = r.u32("live transient")?;
+        m.durable_bytes = r.u64("durable bytes")?;
+        m.epoch = r.u64("epoch")?;
+        let flags = r.u8("meta flags")?;
         if flags & !(META_SETTLED | META_DELIVERED) != 0 {
             return Err(DecodeError(format!(
                 "unknown chunk meta flags {flags:#04x}"
@@ -383,10 +383,10 @@ impl Meta {
         }
         let len = m.bytes_len();
         if flags & META_SETTLED != 0 {
-            m.settled = r.take(len)?.to_vec();
+            m.settled = r.take(len, "settled bitmap")?.to_vec();
         }
         if flags & META_DELIVERED != 0 {
-            m.delivered = r.take(len)?.to_vec();
+            m.delivered = r.take(len, "delivered bitmap")?.to_vec();
         }
         if r.pos != buf.len() {
             return Err(DecodeError(format!(
@@ -400,45 +400,6 @@ impl Meta {
             )));
         }
         Ok(m)
-    }
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&end| end <= self.buf.len())
-            .ok_or_else(|| {
-                DecodeError(format!(
-                    "truncated: need {n} bytes at offset {}, have {}",
-                    self.pos,
-                    self.buf.len()
-                ))
-            })?;
-        let s = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u32(&mut self) -> Result<u32, DecodeError> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    fn u64(&mut self) -> Result<u64, DecodeError> {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(self.take(8)?);
-        Ok(u64::from_be_bytes(a))
     }
 }
 
