@@ -486,6 +486,44 @@ certfile = "/etc/warren/admin.pem"
     }
 
     #[test]
+    fn auth_oauth2_keys_load_from_toml() {
+        let dir = std::env::temp_dir().join(format!("warren-config-oauth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("oauth.toml");
+        std::fs::write(
+            &path,
+            r#"
+[auth_oauth2]
+resource_server_id = "rabbitmq"
+additional_scopes_key = "roles groups"
+preferred_username_claims = ["user_name"]
+default_key = "id1"
+verify_aud = false
+jwks_file = "/etc/warren/jwks.json"
+[auth_oauth2.signing_keys]
+id1 = "/etc/warren/id1.pem"
+"#,
+        )
+        .expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        let o = c.auth_oauth2.expect("auth_oauth2");
+        assert_eq!(o.resource_server_id, "rabbitmq");
+        assert_eq!(o.additional_scopes_key.as_deref(), Some("roles groups"));
+        assert_eq!(o.preferred_username_claims, vec!["user_name".to_string()]);
+        assert!(!o.verify_aud);
+        assert_eq!(o.default_key.as_deref(), Some("id1"));
+        assert_eq!(
+            o.signing_keys.get("id1"),
+            Some(&PathBuf::from("/etc/warren/id1.pem"))
+        );
+        std::fs::write(&path, "[auth_oauth2]\nresource_server_id = \"r\"\n").expect("write");
+        let o = Config::load(Some(&path)).expect("loads").auth_oauth2;
+        assert!(o.is_some_and(|o| o.verify_aud && o.signing_keys.is_empty()));
+        assert!(Config::default().auth_oauth2.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn limits_come_from_the_config() {
         let c = Config {
             max_queues_per_vhost: Some(5),
