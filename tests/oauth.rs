@@ -395,7 +395,13 @@ fn admin_token(keys: &Keys) -> String {
     )
 }
 
-async fn admin_call(b: &warren::Warren, method: &str, path: &str, token: &str) -> (u16, Value) {
+async fn admin_call(
+    b: &warren::Warren,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
     let url = format!(
         "http://127.0.0.1:{}{path}",
         b.admin_addr().expect("admin API").port()
@@ -403,10 +409,9 @@ async fn admin_call(b: &warren::Warren, method: &str, path: &str, token: &str) -
     let (method, auth) = (method.to_string(), format!("Bearer {token}"));
     tokio::task::spawn_blocking(move || {
         let req = ureq::request(&method, &url).set("Authorization", &auth);
-        let res = if method == "PUT" {
-            req.send_json(json!({}))
-        } else {
-            req.call()
+        let res = match body {
+            Some(body) => req.send_json(body),
+            None => req.call(),
         };
         let resp = match res {
             Ok(r) => r,
@@ -422,11 +427,11 @@ async fn admin_call(b: &warren::Warren, method: &str, path: &str, token: &str) -
 }
 
 async fn admin_get(b: &warren::Warren, path: &str, token: &str) -> (u16, Value) {
-    admin_call(b, "GET", path, token).await
+    admin_call(b, "GET", path, token, None).await
 }
 
 async fn admin_put(b: &warren::Warren, path: &str, token: &str) -> (u16, Value) {
-    admin_call(b, "PUT", path, token).await
+    admin_call(b, "PUT", path, token, Some(json!({}))).await
 }
 
 #[tokio::test]
@@ -465,6 +470,28 @@ async fn the_admin_api_takes_bearer_tokens() {
     assert_eq!(admin_put(&b, "/api/queues/%2F/billing", &mgmt).await.0, 403);
     assert_eq!(admin_put(&b, "/api/vhosts/new-vhost", &mgmt).await.0, 403);
     assert_eq!(admin_get(&b, "/api/queues/%2F/app-api", &mgmt).await.0, 200);
+    let fanout = Some(json!({"type": "fanout"}));
+    let (status, _) = admin_call(&b, "PUT", "/api/exchanges/%2F/app-x", &mgmt, fanout).await;
+    assert_eq!(status, 201);
+    let bind = || Some(json!({"routing_key": "k"}));
+    let (status, _) = admin_call(
+        &b,
+        "POST",
+        "/api/bindings/%2F/e/app-x/q/app-api",
+        &mgmt,
+        bind(),
+    )
+    .await;
+    assert_eq!(status, 201, "write app-api and read app-x are in scope");
+    let (status, _) = admin_call(
+        &b,
+        "POST",
+        "/api/bindings/%2F/e/amq.fanout/q/app-api",
+        &mgmt,
+        bind(),
+    )
+    .await;
+    assert_eq!(status, 403, "read on amq.fanout is not");
     let (status, _) = admin_put(&b, "/api/vhosts/hidden", &admin_token(&keys)).await;
     assert_eq!(status, 201);
     assert_eq!(admin_get(&b, "/api/queues/hidden", &mgmt).await.0, 403);
