@@ -88,6 +88,46 @@ pub struct Config {
     /// The admin API's listeners by the management plugin's names:
     /// `management.tcp` (`"none"` or `{ port = PORT }`) and `management.ssl.*`.
     pub management: Management,
+    /// OAuth 2.0 / JWT access tokens as passwords and Bearer tokens
+    /// (rabbitmq_auth_backend_oauth2's `auth_oauth2.*`); None: off.
+    pub auth_oauth2: Option<OAuth2>,
+}
+
+/// `auth_oauth2.*`: how access tokens are verified and what their scopes mean.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OAuth2 {
+    /// The audience tokens must carry and the scopes' prefix (`rabbitmq`).
+    pub resource_server_id: String,
+    /// Scopes are `<scope_prefix>read:...`; unset: `<resource_server_id>.`.
+    pub scope_prefix: Option<String>,
+    /// Space-separated claim paths (dots for nesting) holding more scopes.
+    pub additional_scopes_key: Option<String>,
+    /// Claims tried for the user name, before `sub` and `client_id`.
+    pub preferred_username_claims: Vec<String>,
+    /// Require `resource_server_id` in the token's `aud`.
+    pub verify_aud: bool,
+    /// The key of tokens whose header has no `kid`.
+    pub default_key: Option<String>,
+    /// Public keys (PEM, RSA or EC) by key id.
+    pub signing_keys: std::collections::BTreeMap<String, PathBuf>,
+    /// A JWKS file (JSON, `{"keys": [...]}`) with more keys by `kid`.
+    pub jwks_file: Option<PathBuf>,
+}
+
+impl Default for OAuth2 {
+    fn default() -> Self {
+        OAuth2 {
+            resource_server_id: String::new(),
+            scope_prefix: None,
+            additional_scopes_key: None,
+            preferred_username_claims: Vec::new(),
+            verify_aud: true,
+            default_key: None,
+            signing_keys: Default::default(),
+            jwks_file: None,
+        }
+    }
 }
 
 /// A listener that can be switched off: `"none"`, or `{ default = PORT }`
@@ -329,6 +369,7 @@ impl Default for Config {
             ssl_cert_login_san_type: SanType::default(),
             ssl_cert_login_san_index: 0,
             management: Management::default(),
+            auth_oauth2: None,
         }
     }
 }
@@ -442,6 +483,44 @@ certfile = "/etc/warren/admin.pem"
             None,
             "the admin API needs management.ssl"
         );
+    }
+
+    #[test]
+    fn auth_oauth2_keys_load_from_toml() {
+        let dir = std::env::temp_dir().join(format!("warren-config-oauth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("oauth.toml");
+        std::fs::write(
+            &path,
+            r#"
+[auth_oauth2]
+resource_server_id = "rabbitmq"
+additional_scopes_key = "roles groups"
+preferred_username_claims = ["user_name"]
+default_key = "id1"
+verify_aud = false
+jwks_file = "/etc/warren/jwks.json"
+[auth_oauth2.signing_keys]
+id1 = "/etc/warren/id1.pem"
+"#,
+        )
+        .expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        let o = c.auth_oauth2.expect("auth_oauth2");
+        assert_eq!(o.resource_server_id, "rabbitmq");
+        assert_eq!(o.additional_scopes_key.as_deref(), Some("roles groups"));
+        assert_eq!(o.preferred_username_claims, vec!["user_name".to_string()]);
+        assert!(!o.verify_aud);
+        assert_eq!(o.default_key.as_deref(), Some("id1"));
+        assert_eq!(
+            o.signing_keys.get("id1"),
+            Some(&PathBuf::from("/etc/warren/id1.pem"))
+        );
+        std::fs::write(&path, "[auth_oauth2]\nresource_server_id = \"r\"\n").expect("write");
+        let o = Config::load(Some(&path)).expect("loads").auth_oauth2;
+        assert!(o.is_some_and(|o| o.verify_aud && o.signing_keys.is_empty()));
+        assert!(Config::default().auth_oauth2.is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

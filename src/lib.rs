@@ -94,6 +94,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    OAuth2(#[from] broker::oauth::OAuth2Error),
 }
 
 /// Start a broker with `config` on the current tokio runtime.
@@ -101,6 +103,11 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     let config = Arc::new(config);
     let started = std::time::Instant::now();
     let broker = broker::Broker::open(&config, clock::now_ms())?;
+    if let Some(oauth2) = &config.auth_oauth2 {
+        broker
+            .auth
+            .set_oauth2(broker::oauth::Verifier::new(oauth2)?);
+    }
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "broker opened"

@@ -201,7 +201,7 @@ pub async fn between_exchange(
 /// Bind from an API / definitions body; returns the new binding's properties key.
 pub fn create_from(
     s: &AdminState,
-    caller_name: Option<&str>,
+    caller: Option<&Caller>,
     vhost: &str,
     src: &str,
     dst: &str,
@@ -209,19 +209,14 @@ pub fn create_from(
     body: &Value,
 ) -> ApiResult<String> {
     let v = s.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
-    if let Some(user) = caller_name {
+    if let Some(caller) = caller {
         let kind = if queue { "queue" } else { "exchange" };
-        for (access, k, name) in [(Access::Write, kind, dst), (Access::Read, "exchange", src)] {
-            if !s.broker.auth.allows(vhost, user, access, name) {
-                return Err(ApiError::forbidden(format!(
-                    "access to {k} '{name}' in vhost '{vhost}' refused for user '{user}'"
-                )));
-            }
-        }
+        caller.permit(&s.broker, vhost, Access::Write, kind, dst)?;
+        caller.permit(&s.broker, vhost, Access::Read, "exchange", src)?;
     }
     let routing_key = text(body, "routing_key", "")?.to_string();
-    if let Some(user) = caller_name {
-        let keys = [routing_key.as_str()];
+    if let Some(caller) = caller {
+        let (user, keys) = (&caller.0.name, [routing_key.as_str()]);
         super::topic_permissions::permit_topic(&s.broker, vhost, user, Access::Read, src, &keys)?;
     }
     let arguments = json_to_table(body.get("arguments").unwrap_or(&Value::Null))?;
@@ -267,7 +262,7 @@ pub async fn create_queue(
     Body(body): Body,
 ) -> ApiResult<Response> {
     caller.require_vhost(&s.broker, &vhost)?;
-    let key = create_from(&s, Some(&caller.0.name), &vhost, &src, &dst, true, &body)?;
+    let key = create_from(&s, Some(&caller), &vhost, &src, &dst, true, &body)?;
     Ok(created(&vhost, &src, "q", &dst, &key))
 }
 
@@ -278,7 +273,7 @@ pub async fn create_exchange(
     Body(body): Body,
 ) -> ApiResult<Response> {
     caller.require_vhost(&s.broker, &vhost)?;
-    let key = create_from(&s, Some(&caller.0.name), &vhost, &src, &dst, false, &body)?;
+    let key = create_from(&s, Some(&caller), &vhost, &src, &dst, false, &body)?;
     Ok(created(&vhost, &src, "e", &dst, &key))
 }
 

@@ -2,7 +2,9 @@
 //! JSON field names), plus Prometheus metrics at `/metrics`.
 //!
 //! Handlers only use `Broker`'s public API. Every `/api` route authenticates with
-//! HTTP basic auth against the broker's users ([`Caller`]); errors are RabbitMQ's
+//! HTTP basic auth against the broker's users, or with an OAuth 2.0 access token
+//! (`Authorization: Bearer`, when `auth_oauth2` is configured) whose scopes stand
+//! in for tags and permissions ([`Caller`]); errors are RabbitMQ's
 //! `{"error": ..., "reason": ...}` bodies ([`ApiError`]).
 
 pub mod bindings;
@@ -157,9 +159,11 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Body {
     }
 }
 
-/// The authenticated user of a request (HTTP basic auth, management tags required).
+/// The authenticated user of a request (HTTP basic auth or a Bearer token,
+/// management tags required). With a token, its scopes decide what the caller
+/// reaches instead of the user's permission records.
 #[derive(Debug, Clone)]
-pub struct Caller(pub User);
+pub struct Caller(pub User, pub Option<Arc<crate::broker::oauth::Token>>);
 
 impl Caller {
     pub fn is_admin(&self) -> bool {
@@ -188,7 +192,15 @@ impl Caller {
     }
     /// Objects of `vhost` are visible: monitors see all, others need permissions there.
     pub fn sees(&self, broker: &Broker, vhost: &str) -> bool {
-        self.is_monitor() || broker.auth.vhost_access(vhost, &self.0.name)
+        self.is_monitor() || self.vhost_access(broker, vhost)
+    }
+
+    /// Has a permission entry (or, with a token, a scope) in `vhost`.
+    fn vhost_access(&self, broker: &Broker, vhost: &str) -> bool {
+        match &self.1 {
+            Some(t) => t.vhost_access(vhost),
+            None => broker.auth.vhost_access(vhost, &self.0.name),
+        }
     }
     /// The caller's own resource permission, as the AMQP side checks it (403 otherwise).
     /// The API acts as the user, so administrators need permissions too, as in RabbitMQ.
@@ -205,7 +217,11 @@ impl Caller {
         } else {
             name
         };
-        if broker.auth.allows(vhost, &self.0.name, access, name) {
+        let allowed = match &self.1 {
+            Some(t) => t.allows(vhost, access, name),
+            None => broker.auth.allows(vhost, &self.0.name, access, name),
+        };
+        if allowed {
             Ok(())
         } else {
             Err(ApiError::forbidden(format!(
@@ -221,7 +237,7 @@ impl Caller {
         if broker.vhost(vhost).is_none() {
             return Err(ApiError::not_found());
         }
-        if broker.auth.vhost_access(vhost, &self.0.name) || self.is_admin() {
+        if self.vhost_access(broker, vhost) || self.is_admin() {
             Ok(())
         } else {
             Err(ApiError::forbidden("Access refused."))
@@ -240,6 +256,9 @@ where
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Caller, ApiError> {
         let broker = Arc::<Broker>::from_ref(state);
+        if let Some(token) = bearer_token(parts) {
+            return token_caller(&broker, token);
+        }
         let (user, pass) =
             basic_credentials(parts).ok_or_else(|| ApiError::unauthorized("Login failed"))?;
         let u = broker
@@ -256,8 +275,35 @@ where
         if !u.tags.iter().any(|t| MANAGEMENT_TAGS.contains(&t.as_str())) {
             return Err(ApiError::forbidden("Not management user"));
         }
-        Ok(Caller(u))
+        Ok(Caller(u, None))
     }
+}
+
+/// A Bearer token's caller: 401 unless it verifies now, 403 without a
+/// management tag scope.
+fn token_caller(broker: &Broker, token: &str) -> Result<Caller, ApiError> {
+    let verifier = broker
+        .auth
+        .oauth2()
+        .ok_or_else(|| ApiError::unauthorized("Login failed"))?;
+    let t = verifier
+        .verify(token, crate::clock::now_ms() / 1000, true)
+        .map_err(|why| {
+            tracing::warn!("admin API: OAuth 2 token refused: {why}");
+            ApiError::unauthorized("Login failed")
+        })?;
+    if !t.tags.iter().any(|t| MANAGEMENT_TAGS.contains(&t.as_str())) {
+        return Err(ApiError::forbidden("Not management user"));
+    }
+    Ok(Caller(t.as_user(), Some(Arc::new(t))))
+}
+
+fn bearer_token(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
 }
 
 fn is_loopback(addr: &SocketAddr) -> bool {

@@ -625,6 +625,7 @@ mod tests {
                 consumer_timeout_ms: Some(300),
                 ..Default::default()
             },
+            token: None,
         };
         // Any origin works: only the distances from it matter.
         let t0 = Now {

@@ -35,6 +35,9 @@ pub struct ConnCtx {
     pub cancel_notify: bool,
     /// Configured limits (consumers, consumer timeout); the vhost enforces its own.
     pub limits: crate::config::Limits,
+    /// A connection logged in with an access token: its scopes, not the user's
+    /// permission records, decide every resource and topic check.
+    pub token: Option<Arc<crate::broker::oauth::Grant>>,
 }
 
 impl ConnCtx {
@@ -46,11 +49,14 @@ impl ConnCtx {
         } else {
             name
         };
-        if self
-            .broker
-            .auth
-            .allows(&self.vhost.name, &self.user, access, name)
-        {
+        let allowed = match &self.token {
+            Some(t) => t.allows(&self.vhost.name, access, name),
+            None => self
+                .broker
+                .auth
+                .allows(&self.vhost.name, &self.user, access, name),
+        };
+        if allowed {
             return Ok(());
         }
         Err(AmqpError::access_refused(format!(
@@ -70,7 +76,7 @@ impl ConnCtx {
         keys: impl IntoIterator<Item = &'k str>,
     ) -> AmqpResult<()> {
         let auth = &self.broker.auth;
-        if !auth.has_topic_permissions() || exchange.is_empty() {
+        if (self.token.is_none() && !auth.has_topic_permissions()) || exchange.is_empty() {
             return Ok(());
         }
         // A missing exchange is the caller's 404 to report.
@@ -82,14 +88,18 @@ impl ConnCtx {
         }
         let client_id = || self.broker.client_property(self.id, "client_id");
         for key in keys {
-            if !auth.topic_allows(
-                &self.vhost.name,
-                &self.user,
-                exchange,
-                access,
-                key,
-                &client_id,
-            ) {
+            let allowed = match &self.token {
+                Some(t) => t.topic_allows(&self.vhost.name, exchange, access, key),
+                None => auth.topic_allows(
+                    &self.vhost.name,
+                    &self.user,
+                    exchange,
+                    access,
+                    key,
+                    &client_id,
+                ),
+            };
+            if !allowed {
                 let what = match access {
                     Access::Write => "write",
                     Access::Read => "read",

@@ -323,6 +323,8 @@ pub struct Auth {
     /// Per-user limits (users without any are absent).
     user_limits: RwLock<BTreeMap<String, LimitMap>>,
     store: OnceLock<Store>,
+    /// Access tokens are accepted when set (`auth_oauth2.*`).
+    oauth2: OnceLock<crate::broker::oauth::Verifier>,
 }
 
 impl Auth {
@@ -390,6 +392,16 @@ impl Auth {
         }
         let _ = self.store.set(store.clone());
         Ok(())
+    }
+
+    /// Accept OAuth 2.0 access tokens, checked by `verifier` (set once, at start).
+    pub fn set_oauth2(&self, verifier: crate::broker::oauth::Verifier) {
+        let _ = self.oauth2.set(verifier);
+    }
+
+    /// The access-token verifier, when tokens are accepted.
+    pub fn oauth2(&self) -> Option<&crate::broker::oauth::Verifier> {
+        self.oauth2.get()
     }
 
     pub fn user(&self, name: &str) -> Option<User> {

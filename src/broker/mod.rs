@@ -11,6 +11,7 @@ pub mod exchange;
 pub mod limits;
 pub mod memory;
 pub mod message;
+pub mod oauth;
 pub mod persist;
 pub mod policy;
 pub mod queue;

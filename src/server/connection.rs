@@ -12,15 +12,16 @@
 use super::mailbox::{self, ConnSink, Outbound};
 use super::writer::{self, Out};
 use crate::amqp::{self, ConnCtx};
+use crate::broker::oauth::{Grant, Verifier};
 use crate::broker::queue::DeliverySink;
 use crate::broker::{Broker, ConnectionControl, ConnectionInfo, LoginError};
 use crate::clock::Now;
 use crate::config::Config;
 use crate::error::AmqpError;
-use crate::session::handshake::EXTERNAL;
+use crate::session::handshake::{self, EXTERNAL};
 use crate::session::{self, Event, Session, StoreWait};
 use crate::tls::{CertLogin, Established};
-use crate::wire::ConnectionStartOk;
+use crate::wire::{ConnectionStartOk, ConnectionUpdateSecret};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -111,6 +112,8 @@ struct Conn<R> {
     ctx: Option<ConnCtx>,
     /// The logged-in user, between login and open.
     user: Option<String>,
+    /// The access token of a connection that logged in with one.
+    grant: Option<Arc<Grant>>,
     registered: bool,
     /// Unwritten output above which the connection stops taking deliveries
     /// and reading input (back-pressure on a peer that does not read).
@@ -158,6 +161,7 @@ where
         tls,
         ctx: None,
         user: None,
+        grant: None,
         registered: false,
         backpressure: false,
     };
@@ -282,8 +286,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                         }
                     }
                 } else {
-                    let r = self.broker.authenticate(&user, &password, from_loopback);
-                    (user, r)
+                    match self.broker.authenticate(&user, &password, from_loopback) {
+                        Err(LoginError::Refused) => self.token_login(user, &password, now),
+                        r => (user, r),
+                    }
                 };
                 match result {
                     Ok(u) => {
@@ -303,7 +309,8 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                     }
                 }
             }
-            Event::Open { vhost } => self.open(vhost, now.at),
+            Event::Open { vhost } => self.open(vhost, now),
+            Event::UpdateSecret { secret, reason } => self.update_secret(&secret, &reason, now),
             Event::ChannelOpened { channel } => self.broker.channel_opened(self.id, channel),
             Event::Release { channel } => {
                 if let (Some(ctx), Some((data, _))) = (&self.ctx, self.session.channel(channel)) {
@@ -353,8 +360,84 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         None
     }
 
+    /// A password that is no user's may be an access token (with
+    /// `auth_oauth2` configured): the login's user name and outcome.
+    fn token_login(
+        &mut self,
+        user: String,
+        password: &str,
+        now: Now,
+    ) -> (String, Result<crate::broker::User, LoginError>) {
+        let broker = Arc::clone(&self.broker);
+        let Some(verifier) = broker.auth.oauth2() else {
+            return (user, Err(LoginError::Refused));
+        };
+        if !Verifier::looks_like_token(password) {
+            return (user, Err(LoginError::Refused));
+        }
+        match verifier.verify(password, now.ms / 1000, true) {
+            Ok(token) => {
+                let u = token.as_user();
+                self.grant = Some(Grant::new(token));
+                (u.name.clone(), Ok(u))
+            }
+            Err(why) => {
+                tracing::warn!(peer = %self.peer, "OAuth 2 token refused: {why}");
+                (user, Err(LoginError::Refused))
+            }
+        }
+    }
+
+    /// connection.update-secret: a token connection takes a fresh token (same
+    /// user, still reaching its vhost) and its expiry; anything else closes it
+    /// with RabbitMQ's 530. Other connections have nothing to update.
+    fn update_secret(&mut self, secret: &[u8], reason: &str, now: Now) {
+        let Some(grant) = self.grant.clone() else {
+            return self.session.accept_update_secret(None);
+        };
+        let broker = Arc::clone(&self.broker);
+        let verified = match (broker.auth.oauth2(), std::str::from_utf8(secret)) {
+            (Some(v), Ok(token)) => v.verify(token, now.ms / 1000, false),
+            _ => Err("not a token".into()),
+        };
+        let current = grant.token();
+        let token = match verified {
+            Ok(t) if t.user != current.user => {
+                Err("Not allowed to change username on refreshed token".to_string())
+            }
+            other => other,
+        };
+        match token {
+            Err(why) => {
+                tracing::warn!(id = self.id, user = %current.user, "secret update refused: {why}");
+                self.session.close(handshake::secret_refused(), now.at);
+            }
+            Ok(t) => {
+                let vhost = self.ctx.as_ref().map(|c| c.vhost.name.clone());
+                if let Some(vhost) = vhost.filter(|v| !t.vhost_access(v)) {
+                    let e = AmqpError::not_allowed(format!(
+                        "access to vhost '{vhost}' refused for user '{}'",
+                        t.user
+                    ))
+                    .at(
+                        ConnectionUpdateSecret::CLASS_ID,
+                        ConnectionUpdateSecret::METHOD_ID,
+                    );
+                    return self.session.close(e, now.at);
+                }
+                tracing::info!(id = self.id, user = %t.user, %reason, "secret updated");
+                let expiry = expiry_at(now, t.exp);
+                grant.replace(t);
+                self.session.accept_update_secret(Some(expiry));
+            }
+        }
+    }
+
     /// connection.open: the vhost must exist and the user may use it.
-    fn open(&mut self, vhost_name: String, now: Instant) {
+    fn open(&mut self, vhost_name: String, now: Now) {
+        let token = self.grant.as_ref().map(|g| g.token());
+        let now_ms = now.ms;
+        let now = now.at;
         let user = self.user.clone().unwrap_or_default();
         let Some(vhost) = self.broker.vhost(&vhost_name) else {
             return self.session.refuse_open(
@@ -362,7 +445,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 now,
             );
         };
-        if !self.broker.auth.vhost_access(&vhost_name, &user) {
+        let access = match &token {
+            Some(t) => t.vhost_access(&vhost_name),
+            None => self.broker.auth.vhost_access(&vhost_name, &user),
+        };
+        if !access {
             return self.session.refuse_open(
                 AmqpError::not_allowed(format!(
                     "access to vhost '{vhost_name}' refused for user '{user}'"
@@ -392,6 +479,16 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             return self.session.refuse_open(e, now);
         }
         self.session.accept_open(now);
+        if let Some(t) = &token {
+            let expiry = expiry_at(
+                Now {
+                    at: now,
+                    ms: now_ms,
+                },
+                t.exp,
+            );
+            self.session.set_credential_expiry(Some(expiry));
+        }
         tracing::debug!(peer = %self.peer, id = self.id, "connection opened");
         self.registered = true;
         let (broker, id) = (Arc::clone(&self.broker), self.id);
@@ -407,6 +504,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             sink: Arc::clone(&self.sink) as Arc<dyn DeliverySink>,
             cancel_notify: self.session.cancel_notify(),
             limits: self.config.limits(),
+            token: self.grant.clone(),
         });
         let alarm = *self.broker.watch_alarm().borrow();
         self.session.set_alarm(alarm, now);
@@ -562,6 +660,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         })
         .await;
     }
+}
+
+/// The moment a credential with `exp` (Unix seconds) runs out, on the clock of `now`.
+fn expiry_at(now: Now, exp_secs: u64) -> Instant {
+    now.at + Duration::from_millis(exp_secs.saturating_mul(1000).saturating_sub(now.ms))
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -77,6 +77,10 @@ pub enum Event<T> {
     Method { channel: u16, method: Method },
     /// A complete publish.
     Publish { channel: u16, message: Assembled },
+    /// `connection.update-secret` (a refreshed access token): answer with
+    /// [`Session::accept_update_secret`], or close with
+    /// [`handshake::secret_refused`].
+    UpdateSecret { secret: Bytes, reason: String },
     /// The connection is over: transmit what is left, then close the socket.
     /// `drain`: a close handshake finished; read until the peer closes.
     Closed { reason: Option<String>, drain: bool },
@@ -246,6 +250,11 @@ impl<T: Default> Session<T> {
                     self.out.heartbeat();
                     self.timers.last_write = now;
                 }
+                Some(Expired::Credential) => {
+                    self.timers.credential = None;
+                    // RabbitMQ's words: 320 CONNECTION_FORCED - credential expired.
+                    self.close(AmqpError::connection_forced("credential expired"), now);
+                }
             }
         }
     }
@@ -318,6 +327,25 @@ impl<T: Default> Session<T> {
 
     // ---- answers and notices from the caller --------------------------------
 
+    /// The connection's credential (an access token) runs out at `at`: then the
+    /// connection is closed with 320 `credential expired`. None: never.
+    pub fn set_credential_expiry(&mut self, at: Option<Instant>) {
+        if !matches!(self.state, State::CloseSent | State::Closed) {
+            self.timers.credential = at;
+        }
+    }
+
+    /// The secret of an [`Event::UpdateSecret`] was accepted: update-secret-ok
+    /// goes out and the credential now runs out at `expiry` (None: never).
+    pub fn accept_update_secret(&mut self, expiry: Option<Instant>) {
+        if self.state != State::Running {
+            return;
+        }
+        self.out
+            .method(0, &ConnectionUpdateSecretOk::default().into());
+        self.timers.credential = expiry;
+    }
+
     /// A handler failed on `channel`: a soft error closes the channel
     /// (after [`Event::Release`]), a hard one the connection.
     pub fn channel_error(&mut self, channel: u16, e: AmqpError, now: Instant) {
@@ -370,6 +398,7 @@ impl<T: Default> Session<T> {
         self.state = State::CloseSent;
         self.timers.handshake = None;
         self.timers.heartbeat = None;
+        self.timers.credential = None;
         self.timers.close = Some(now + CLOSE_OK_TIMEOUT);
     }
 
@@ -492,6 +521,7 @@ impl<T: Default> Session<T> {
         self.timers.handshake = None;
         self.timers.close = None;
         self.timers.heartbeat = None;
+        self.timers.credential = None;
         for (channel, ch) in self.channels.drain() {
             self.events.push_back(Event::ChannelClosed {
                 channel,

@@ -138,6 +138,15 @@ pub fn bad_credentials(mechanism: &str) -> AmqpError {
     }
 }
 
+/// A `connection.update-secret` whose new secret was refused: 530, in
+/// RabbitMQ's words.
+pub fn secret_refused() -> AmqpError {
+    AmqpError::not_allowed("New secret was refused by one of the backends").at(
+        ConnectionUpdateSecret::CLASS_ID,
+        ConnectionUpdateSecret::METHOD_ID,
+    )
+}
+
 /// What the server offers in `connection.tune`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Offer {

@@ -18,7 +18,9 @@
 //! when idle, the peer dead after two silent intervals not counting time we were
 //! not reading), the handshake timeout, channel open / close / flow, content
 //! assembly, publisher confirm batching, connection.blocked / unblocked, close
-//! handshakes in both directions and every hard error (501-505, 530, 403, 541).
+//! handshakes in both directions and every hard error (501-505, 530, 403, 541),
+//! and the credential's expiry (an access token's `exp`, closing with 320 unless
+//! a `connection.update-secret` the caller accepts moves it).
 //!
 //! Files by concern: [`handshake`] (pure handshake rules), `opening` (the
 //! handshake states), [`connection`] (the state machine's API, input, timers,

@@ -110,9 +110,11 @@ impl<T: Default> Session<T> {
                 self.finish(None, true);
                 Ok(())
             }
-            Method::ConnectionUpdateSecret(_) => {
-                self.out
-                    .method(0, &ConnectionUpdateSecretOk::default().into());
+            Method::ConnectionUpdateSecret(m) => {
+                self.events.push_back(Event::UpdateSecret {
+                    secret: m.new_secret,
+                    reason: m.reason,
+                });
                 Ok(())
             }
             Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_) => Ok(()),

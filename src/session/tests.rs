@@ -987,3 +987,72 @@ fn channel_gate_refusal_closes_the_connection_without_open_ok() {
     assert_eq!(close_of(&frames), (530, 20, 10));
     assert_eq!(*asked.lock().expect("lock"), vec![1, 2, 3]);
 }
+
+fn update_secret(secret: &'static [u8]) -> Vec<u8> {
+    method(
+        0,
+        ConnectionUpdateSecret {
+            new_secret: Bytes::from_static(secret),
+            reason: "refresh".into(),
+        },
+    )
+}
+
+#[test]
+fn an_expired_credential_closes_with_320_at_the_exact_moment() {
+    let t0 = Instant::now();
+    let mut s = running(t0, &[], 0);
+    s.set_credential_expiry(Some(ms(t0, 2_000)));
+    assert_eq!(s.poll_timeout(), Some(ms(t0, 2_000)));
+    s.handle_timeout(ms(t0, 1_999));
+    assert!(sent(&mut s, ms(t0, 1_999)).is_empty());
+    s.handle_timeout(ms(t0, 2_000));
+    let frames = sent_frames(&mut s, ms(t0, 2_000));
+    assert_eq!(close_of(&frames), (320, 0, 0));
+    match &frames[..] {
+        [Frame::Method {
+            method: Method::ConnectionClose(c),
+            ..
+        }] => assert_eq!(c.reply_text, "CONNECTION_FORCED - credential expired"),
+        other => panic!("{other:?}"),
+    }
+    // Only the close-ok wait is left.
+    assert_eq!(
+        s.poll_timeout(),
+        Some(ms(t0, 2_000) + timer::CLOSE_OK_TIMEOUT)
+    );
+}
+
+#[test]
+fn update_secret_is_the_callers_to_accept_and_moves_the_expiry() {
+    let t0 = Instant::now();
+    let mut s = running(t0, &[], 0);
+    s.set_credential_expiry(Some(ms(t0, 1_000)));
+    s.handle_input(&update_secret(b"fresh"), ms(t0, 500));
+    match &events(&mut s, ms(t0, 500))[..] {
+        [Event::UpdateSecret { secret, reason }] => {
+            assert_eq!((&secret[..], &reason[..]), (&b"fresh"[..], "refresh"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        sent(&mut s, ms(t0, 500)).is_empty(),
+        "no ok before the answer"
+    );
+    s.accept_update_secret(Some(ms(t0, 5_000)));
+    assert!(matches!(
+        sent_frames(&mut s, ms(t0, 500))[..],
+        [Frame::Method {
+            channel: 0,
+            method: Method::ConnectionUpdateSecretOk(_)
+        }]
+    ));
+    s.handle_timeout(ms(t0, 1_000));
+    assert!(s.is_running(), "the old expiry is gone");
+    assert_eq!(s.poll_timeout(), Some(ms(t0, 5_000)));
+    // A refused secret: the caller closes with 530 on update-secret.
+    s.handle_input(&update_secret(b"bad"), ms(t0, 600));
+    assert_eq!(events(&mut s, ms(t0, 600)).len(), 1);
+    s.close(handshake::secret_refused(), ms(t0, 600));
+    assert_eq!(close_of(&sent_frames(&mut s, ms(t0, 600))), (530, 10, 70));
+}

@@ -1,7 +1,8 @@
 //! The session's clocks, all driven by the `now` its caller passes in: the
 //! handshake deadline, heartbeats to send when idle, the peer's heartbeat loss
 //! (two missed intervals; time spent not reading is not counted against the
-//! peer) and the wait for `connection.close-ok`.
+//! peer), the wait for `connection.close-ok` and the expiry of the
+//! connection's credential (an access token's `exp`).
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,8 @@ pub(crate) struct Timers {
     pub last_write: Instant,
     /// We are not reading from the peer (back-pressure or a blocked publisher).
     pub paused: bool,
+    /// The credential (an access token) expires then: the connection is closed.
+    pub credential: Option<Instant>,
 }
 
 /// What a timeout means.
@@ -29,6 +32,7 @@ pub(crate) enum Expired {
     CloseOk,
     PeerDead,
     SendHeartbeat,
+    Credential,
 }
 
 impl Timers {
@@ -40,6 +44,7 @@ impl Timers {
             last_read: now,
             last_write: now,
             paused: false,
+            credential: None,
         }
     }
 
@@ -57,10 +62,16 @@ impl Timers {
     }
 
     pub fn next(&self) -> Option<Instant> {
-        [self.handshake, self.close, self.dead_at(), self.send_at()]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            self.handshake,
+            self.close,
+            self.dead_at(),
+            self.send_at(),
+            self.credential,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The most urgent timer that has run out at `now`.
@@ -70,6 +81,8 @@ impl Timers {
             Some(Expired::Handshake)
         } else if due(self.close) {
             Some(Expired::CloseOk)
+        } else if due(self.credential) {
+            Some(Expired::Credential)
         } else if due(self.dead_at()) {
             Some(Expired::PeerDead)
         } else if due(self.send_at()) {
