@@ -88,6 +88,10 @@ pub struct Config {
     /// The admin API's listeners by the management plugin's names:
     /// `management.tcp` (`"none"` or `{ port = PORT }`) and `management.ssl.*`.
     pub management: Management,
+    /// Static shovels: `[shovels.<name>]` tables with the keys of a dynamic
+    /// shovel's definition (`src-uri`, `src-queue`, `dest-uri`, ...), started
+    /// with the broker in vhost `/`.
+    pub shovels: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// A listener that can be switched off: `"none"`, or `{ default = PORT }`
@@ -329,6 +333,7 @@ impl Default for Config {
             ssl_cert_login_san_type: SanType::default(),
             ssl_cert_login_san_index: 0,
             management: Management::default(),
+            shovels: Default::default(),
         }
     }
 }
