@@ -427,6 +427,68 @@ async fn validation_errors_are_400_and_failures_show_a_reason() {
     let (status, list) = http("GET", &node.api("/api/shovels"), GUEST, None).await;
     assert_eq!(status, 200);
     assert_eq!(list.as_array().map(Vec::len), Some(1));
+
+    // A missing vhost is refused; deleting a vhost deletes its shovels.
+    let (status, _) = http(
+        "PUT",
+        &node.api("/api/parameters/shovel/nope/x"),
+        GUEST,
+        Some(json!({"value": {"src-uri": "amqp://", "src-queue": "q", "dest-uri": "amqp://"}})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(
+        http(
+            "PUT",
+            &node.api("/api/vhosts/tenant"),
+            GUEST,
+            Some(json!({}))
+        )
+        .await
+        .0,
+        201
+    );
+    let (status, _) = http(
+        "PUT",
+        &node.api("/api/permissions/tenant/guest"),
+        GUEST,
+        Some(json!({"configure": ".*", "write": ".*", "read": ".*"})),
+    )
+    .await;
+    assert!(status == 201 || status == 204, "{status}");
+    let (status, body) = http(
+        "PUT",
+        &node.api("/api/parameters/shovel/tenant/t1"),
+        GUEST,
+        Some(json!({"value": {"src-uri": "amqp://", "src-queue": "q", "dest-uri": "amqp://"}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        http(
+            "GET",
+            &node.api("/api/parameters/shovel/tenant"),
+            GUEST,
+            None
+        )
+        .await
+        .1
+        .as_array()
+        .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        http("DELETE", &node.api("/api/vhosts/tenant"), GUEST, None)
+            .await
+            .0,
+        204
+    );
+    let (_, all) = http("GET", &node.api("/api/parameters/shovel"), GUEST, None).await;
+    assert!(
+        all.as_array()
+            .is_some_and(|a| a.iter().all(|p| p["vhost"] != "tenant")),
+        "{all}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -506,6 +568,9 @@ async fn dynamic_shovels_survive_a_restart() {
     assert_eq!(s, 200, "{got}");
     assert_eq!(got["value"]["dest-queue"], "b");
     let (conn, ch) = channel(&p.uri()).await;
+    // Declared here too (the shovel's own declare may not have happened yet).
+    durable_queue(&ch, "a").await;
+    durable_queue(&ch, "b").await;
     publish_all(&ch, "", "a", (0..3).map(|i| format!("k{i}"))).await;
     eventually(
         TIMEOUT * 2,

@@ -279,6 +279,23 @@ impl Shovels {
         Ok(true)
     }
 
+    /// Delete every dynamic shovel of `vhost` (the vhost was deleted). Failures
+    /// to delete a record are logged.
+    pub fn delete_vhost(&self, vhost: &str) {
+        let names: Vec<String> = self
+            .entries
+            .lock()
+            .iter()
+            .filter(|((v, _), e)| v == vhost && e.kind == Kind::Dynamic)
+            .map(|((_, n), _)| n.clone())
+            .collect();
+        for name in names {
+            if let Err(e) = self.delete(vhost, &name) {
+                tracing::error!(vhost, name, error = %e, "cannot delete the shovel of a deleted vhost");
+            }
+        }
+    }
+
     /// Restart a shovel's task (`DELETE /api/shovels/vhost/{vhost}/{name}/restart`).
     pub fn restart(&self, vhost: &str, name: &str) -> bool {
         let found = self

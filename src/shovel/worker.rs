@@ -159,36 +159,38 @@ async fn connect(job: &Job, uri: &str, side: &str) -> Result<Connection, String>
     }
 }
 
-/// Make sure `queue` exists (passive declare; declared durable when absent,
-/// unless `predeclared`); its message count.
+/// Make sure `queue` exists, as RabbitMQ's shovel does (declared durable when
+/// absent; only checked when `predeclared`); its message count.
+///
+/// The durable declare goes first: it creates an absent queue and is a no-op on
+/// an equal one; a queue that exists with other properties (arguments, a queue
+/// type) refuses it, and a passive declare on a fresh channel then checks it is
+/// there. Asking passively first would make every absent queue a channel error.
 async fn ensure_queue(conn: &Connection, queue: &str, predeclared: bool) -> lapin::Result<u32> {
-    let ch = conn.create_channel().await?;
     let passive = QueueDeclareOptions {
         passive: true,
         ..Default::default()
     };
-    match ch
-        .queue_declare(queue, passive, FieldTable::default())
-        .await
-    {
-        Ok(q) => {
+    if !predeclared {
+        let ch = conn.create_channel().await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        if let Ok(q) = ch
+            .queue_declare(queue, durable, FieldTable::default())
+            .await
+        {
             let _ = ch.close(200, "ok").await;
-            Ok(q.message_count())
-        }
-        Err(e) if predeclared => Err(e),
-        Err(_) => {
-            let ch = conn.create_channel().await?;
-            let durable = QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            };
-            let q = ch
-                .queue_declare(queue, durable, FieldTable::default())
-                .await?;
-            let _ = ch.close(200, "ok").await;
-            Ok(q.message_count())
+            return Ok(q.message_count());
         }
     }
+    let ch = conn.create_channel().await?;
+    let q = ch
+        .queue_declare(queue, passive, FieldTable::default())
+        .await?;
+    let _ = ch.close(200, "ok").await;
+    Ok(q.message_count())
 }
 
 /// One connected run: Ok when `src-delete-after` is done, else why it stopped.

@@ -363,6 +363,8 @@ try {
     await waitFor('shovel running', async () => (await api('GET', '/shovels/vhost/%2F/ui-shovel')).state === 'running');
     await page.fill('#shovel-add [name=name]', 'ui-bad-shovel');
     await page.fill('#shovel-add [name=src_uri]', 'http://nowhere');
+    await page.fill('#shovel-add [name=src_queue]', 'ui-shovel-src');
+    await page.fill('#shovel-add [name=dest_queue]', 'ui-shovel-dst');
     await page.click('#shovel-add button');
     await expectText(flash, /not a valid URI/);
     await page.click('nav a[href="#/shovels"]');
