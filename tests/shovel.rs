@@ -826,3 +826,55 @@ async fn from_rabbitmq_into_warren() {
     assert_eq!(bodies, (0..n).map(|i| format!("r{i}")).collect::<Vec<_>>());
     let _ = t(rch.queue_delete(&queue, QueueDeleteOptions::default())).await;
 }
+
+/// A destination that refuses what is published (an exchange that does not
+/// exist): with on-confirm nothing is acknowledged at the source, the shovel
+/// reports why, and once the exchange exists every message arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_publishes_stay_at_the_source() {
+    let node = Node::start("refused").await;
+    let (_c, ch) = node.channel().await;
+    durable_queue(&ch, "pending").await;
+    publish_all(&ch, "", "pending", (0..20).map(|i| format!("p{i}"))).await;
+    let (status, body) = put_shovel(
+        &node,
+        "to-missing",
+        json!({"src-uri": "amqp://", "src-queue": "pending",
+               "dest-uri": "amqp://", "dest-exchange": "not-yet", "dest-exchange-key": "k",
+               "reconnect-delay": 0.1}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let st = wait_state(&node, "to-missing", "terminated").await;
+    let reason = st["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("destination"), "{st}");
+    assert!(reason.contains("not-yet"), "{st}");
+    // Nothing was acknowledged at the source.
+    common::wait_message_count(&ch, "pending", 20).await;
+    t(ch.exchange_declare(
+        "not-yet",
+        lapin::ExchangeKind::Direct,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("exchange");
+    durable_queue(&ch, "arrived").await;
+    t(ch.queue_bind(
+        "arrived",
+        "not-yet",
+        "k",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("bind");
+    eventually(Duration::from_secs(20), "all arrived", || async {
+        count(&ch, "arrived").await >= 20 && count(&ch, "pending").await == 0
+    })
+    .await;
+    let bodies = consume_all(&ch, "arrived").await;
+    for i in 0..20 {
+        assert!(bodies.contains(&format!("p{i}")), "p{i} lost: {bodies:?}");
+    }
+}

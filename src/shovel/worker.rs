@@ -324,6 +324,15 @@ async fn transfer(
     status.set(State::Running, None);
     *ran = true;
     tracing::info!(vhost = %job.vhost, name = %job.name, "shovel running");
+    // A closed channel (or connection) says why through these; the failing
+    // call that notices it only says the channel is closing.
+    for (ch, side) in [(&src_ch, "source"), (&dest_ch, "destination")] {
+        let tx = fail_tx.clone();
+        ch.on_error(move |e| {
+            let _ = tx.send(format!("{side}: {e}"));
+        });
+    }
+    let outcome: Result<(), String> = async {
     let forward = Forward::new(job);
     let mut confirms = FuturesOrdered::new();
     loop {
@@ -402,6 +411,17 @@ async fn transfer(
                 }
             }
         }
+    }
+    }
+    .await;
+    match outcome {
+        Ok(()) => Ok(()),
+        // The close's reason reaches the handlers just after the channel is
+        // marked closing: wait a moment for it.
+        Err(e) => match tokio::time::timeout(Duration::from_millis(250), fail_rx.recv()).await {
+            Ok(Some(reason)) => Err(reason),
+            _ => Err(e),
+        },
     }
 }
 
