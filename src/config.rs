@@ -91,6 +91,10 @@ pub struct Config {
     /// OAuth 2.0 / JWT access tokens as passwords and Bearer tokens
     /// (rabbitmq_auth_backend_oauth2's `auth_oauth2.*`); None: off.
     pub auth_oauth2: Option<OAuth2>,
+    /// Static shovels: `[shovels.<name>]` tables with the keys of a dynamic
+    /// shovel's definition (`src-uri`, `src-queue`, `dest-uri`, ...), started
+    /// with the broker in vhost `/`.
+    pub shovels: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// `auth_oauth2.*`: how access tokens are verified and what their scopes mean.
@@ -370,6 +374,7 @@ impl Default for Config {
             ssl_cert_login_san_index: 0,
             management: Management::default(),
             auth_oauth2: None,
+            shovels: Default::default(),
         }
     }
 }

@@ -17,6 +17,8 @@
 //! - `error`: errors that carry AMQP reply codes.
 //! - `tls`: rustls server configurations (reloadable), the TLS handshake and
 //!   what it tells (protocol, cipher, client certificate, EXTERNAL user name).
+//! - `shovel`: shovels (dynamic runtime parameters and static ones from the
+//!   config), each an AMQP client task moving messages between brokers.
 
 pub mod admin;
 pub mod amqp;
@@ -26,6 +28,7 @@ pub mod config;
 pub mod error;
 pub mod server;
 pub mod session;
+pub mod shovel;
 pub mod storage;
 pub mod tls;
 pub mod wire;
@@ -37,6 +40,8 @@ use std::sync::Arc;
 /// A running broker: the AMQP server (and, when enabled, the admin API).
 pub struct Warren {
     pub server: server::Server,
+    /// The shovels this broker runs.
+    pub shovels: Arc<shovel::Shovels>,
     admin: admin::Addrs,
     admin_tls: Option<Arc<tls::ServerTls>>,
 }
@@ -117,6 +122,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         None => None,
     };
     let server = server::start(Arc::clone(&config), Arc::clone(&broker), amqp_tls).await?;
+    let shovels = start_shovels(&config, &broker, server.amqp_addr())?;
     let admin_tls = match config.admin_ssl_port() {
         Some(_) => Some(tls::ServerTls::new(
             &config.admin_ssl_options(),
@@ -136,7 +142,8 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         });
     let admin = if http.is_some() || https.is_some() {
         let every = std::time::Duration::from_secs(config.admin_sample_interval_secs.max(1));
-        admin::start(http.as_deref(), https, Arc::clone(&broker), every).await?
+        let state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
+        admin::start(http.as_deref(), https, state, every).await?
     } else {
         admin::Addrs::default()
     };
@@ -159,9 +166,52 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     });
     Ok(Warren {
         server,
+        shovels,
         admin,
         admin_tls,
     })
+}
+
+/// The shovel registry: the dynamic shovels in the store and the static ones
+/// in the config, started. `amqp://` without a host in a shovel URI means this
+/// broker, reached on loopback as the default user.
+fn start_shovels(
+    config: &Config,
+    broker: &broker::Broker,
+    amqp: std::net::SocketAddr,
+) -> Result<Arc<shovel::Shovels>, StartError> {
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|c| match c {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (c as char).to_string()
+                }
+                _ => format!("%{c:02X}"),
+            })
+            .collect()
+    };
+    let host = if amqp.ip().is_ipv6() {
+        "[::1]"
+    } else {
+        "127.0.0.1"
+    };
+    let local = format!(
+        "{}:{}@{host}:{}",
+        enc(&config.default_user),
+        enc(&config.default_pass),
+        amqp.port()
+    );
+    let shovels = shovel::Shovels::new(broker.store.clone(), local);
+    let n = shovels.recover()?;
+    if n > 0 {
+        tracing::info!(count = n, "dynamic shovels recovered");
+    }
+    for (name, value) in &config.shovels {
+        if let Err(e) = shovels.start_static(name, value.clone()) {
+            tracing::error!(name, error = %e, "static shovel not started");
+        }
+    }
+    Ok(shovels)
 }
 
 /// An IPv6 literal in brackets, for `host:port`.

@@ -102,6 +102,7 @@ fn main() -> std::process::ExitCode {
         wait_for_signal(&broker).await;
         tracing::info!("shutting down");
         broker.server.shutdown();
+        broker.shovels.stop_all();
         let core = std::sync::Arc::clone(&broker.server.broker);
         core.close_all_connections("broker shutdown");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -1,6 +1,6 @@
 //! `/api/definitions`: export and import of users (with their limits), vhosts,
-//! permissions, topic permissions, vhost limits (`parameters` of component
-//! `vhost-limits`), policies, exchanges, queues and bindings in RabbitMQ's
+//! permissions, topic permissions, vhost limits and shovels (`parameters` of
+//! components `vhost-limits` and `shovel`), policies, exchanges, queues and bindings in RabbitMQ's
 //! definitions JSON format.
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
@@ -75,6 +75,8 @@ pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Js
     }
     super::sort_by_vhost_name(&mut exchanges);
     super::sort_by_vhost_name(&mut queues);
+    let mut parameters = super::limits::vhost_limit_parameters(b);
+    parameters.extend(s.shovels.parameters(None));
     Ok(Json(json!({
         "rabbit_version": super::overview::VERSION,
         "rabbitmq_version": super::overview::VERSION,
@@ -84,7 +86,7 @@ pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Js
         "vhosts": vhosts,
         "permissions": permissions,
         "topic_permissions": topic_permissions,
-        "parameters": super::limits::vhost_limit_parameters(b),
+        "parameters": parameters,
         "global_parameters": [],
         "policies": policies,
         "queues": queues,
@@ -127,6 +129,10 @@ pub fn import_definitions(s: &AdminState, body: &Value) -> ApiResult<()> {
         super::topic_permissions::put_from(b, field(p, "vhost")?, field(p, "user")?, p)?;
     }
     for p in items(body, "parameters")? {
+        if p.get("component").and_then(Value::as_str) == Some(crate::shovel::COMPONENT) {
+            super::shovels::put_from(s, field(p, "vhost")?, field(p, "name")?, p)?;
+            continue;
+        }
         super::limits::import_parameter(b, p)?;
     }
     for p in items(body, "policies")? {

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod overview;
 pub mod policies;
 pub mod queues;
+pub mod shovels;
 pub mod topic_permissions;
 pub mod ui;
 pub mod users;
@@ -42,6 +43,19 @@ pub struct AdminState {
     pub broker: Arc<Broker>,
     pub rates: Arc<metrics::Rates>,
     pub started_at: u64,
+    pub shovels: Arc<crate::shovel::Shovels>,
+}
+
+impl AdminState {
+    /// The state for `broker` and its `shovels`, with fresh rate samples.
+    pub fn new(broker: Arc<Broker>, shovels: Arc<crate::shovel::Shovels>) -> AdminState {
+        AdminState {
+            broker,
+            rates: metrics::Rates::new(),
+            started_at: crate::clock::now_ms(),
+            shovels,
+        }
+    }
 }
 
 impl FromRef<AdminState> for Arc<Broker> {
@@ -434,6 +448,7 @@ pub fn router(state: AdminState) -> Router {
                 .delete(policies::remove),
         )
         .merge(tenancy_routes())
+        .merge(shovels::routes())
         .route("/metrics", get(metrics::prometheus))
         .merge(ui::routes())
         .fallback(|| async { ApiError::not_found() })
@@ -526,7 +541,7 @@ pub struct Addrs {
 pub async fn start(
     http: Option<&str>,
     https: Option<Https>,
-    broker: Arc<Broker>,
+    state: AdminState,
     sample_every: std::time::Duration,
 ) -> std::io::Result<Addrs> {
     let plain = match http {
@@ -538,13 +553,11 @@ pub async fn start(
         None => None,
     };
     let mut addrs = Addrs::default();
-    let rates = metrics::Rates::new();
-    metrics::spawn_sampler(Arc::downgrade(&broker), Arc::clone(&rates), sample_every);
-    let state = AdminState {
-        broker,
-        rates,
-        started_at: crate::clock::now_ms(),
-    };
+    metrics::spawn_sampler(
+        Arc::downgrade(&state.broker),
+        Arc::clone(&state.rates),
+        sample_every,
+    );
     let app = router(state);
     if let Some((listener, h)) = secure {
         addrs.https = Some(listener.local_addr()?);

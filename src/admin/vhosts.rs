@@ -79,6 +79,8 @@ pub async fn remove(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     if s.broker.delete_vhost(&name) {
+        // Its runtime parameters go with it, as in RabbitMQ.
+        s.shovels.delete_vhost(&name);
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found())

@@ -93,10 +93,12 @@ pub enum TopologyKind {
     Binding,
     Permission,
     Policy,
+    /// Runtime parameters other than policies and limits (shovels).
+    Parameter,
 }
 
 impl TopologyKind {
-    pub const ALL: [TopologyKind; 7] = [
+    pub const ALL: [TopologyKind; 8] = [
         TopologyKind::VHost,
         TopologyKind::User,
         TopologyKind::Exchange,
@@ -104,6 +106,7 @@ impl TopologyKind {
         TopologyKind::Binding,
         TopologyKind::Permission,
         TopologyKind::Policy,
+        TopologyKind::Parameter,
     ];
 
     /// The name used in the on-disk key (`"<name>/<key>"`).
@@ -116,6 +119,7 @@ impl TopologyKind {
             TopologyKind::Binding => "binding",
             TopologyKind::Permission => "permission",
             TopologyKind::Policy => "policy",
+            TopologyKind::Parameter => "parameter",
         }
     }
 }

@@ -350,6 +350,30 @@ try {
     await shot('policies');
   });
 
+  await test('add, watch and delete a shovel', async () => {
+    await page.click('nav a[href="#/shovels"]');
+    await page.waitForSelector('#shovel-add');
+    await page.fill('#shovel-add [name=name]', 'ui-shovel');
+    await page.fill('#shovel-add [name=src_uri]', 'amqp://');
+    await page.fill('#shovel-add [name=src_queue]', 'ui-shovel-src');
+    await page.fill('#shovel-add [name=dest_queue]', 'ui-shovel-dst');
+    await page.click('#shovel-add button');
+    await expectText(flash, /Shovel "ui-shovel" saved/);
+    await expectText(page.locator('#shovels-table'), /ui-shovel/);
+    await waitFor('shovel running', async () => (await api('GET', '/shovels/vhost/%2F/ui-shovel')).state === 'running');
+    await page.fill('#shovel-add [name=name]', 'ui-bad-shovel');
+    await page.fill('#shovel-add [name=src_uri]', 'http://nowhere');
+    await page.fill('#shovel-add [name=src_queue]', 'ui-shovel-src');
+    await page.fill('#shovel-add [name=dest_queue]', 'ui-shovel-dst');
+    await page.click('#shovel-add button');
+    await expectText(flash, /not a valid URI/);
+    await page.click('nav a[href="#/shovels"]');
+    await page.waitForSelector('#shovels-table .del-shovel');
+    await page.click('#shovels-table .del-shovel');
+    await expectText(flash, /Shovel deleted/);
+    await waitFor('shovel gone', async () => (await api('GET', '/shovels')).length === 0);
+  });
+
   await test('vhosts page adds a virtual host', async () => {
     await page.click('nav a[href="#/vhosts"]');
     await page.waitForSelector('#v-add');

@@ -128,6 +128,7 @@
     [/^\/users$/, 'users', pageUsers],
     [/^\/vhosts$/, 'vhosts', pageVhosts],
     [/^\/policies$/, 'policies', pagePolicies],
+    [/^\/shovels$/, 'shovels', pageShovels],
     [/^\/definitions$/, 'definitions', pageDefinitions],
   ];
   function route() {
@@ -590,6 +591,55 @@
     onClick('.del-pol', async (b) => {
       if (!confirm('Delete policy "' + b.dataset.name + '"?')) return;
       await api('DELETE', '/policies/' + enc(b.dataset.vhost) + '/' + enc(b.dataset.name)); await route(); info('Policy deleted.');
+    });
+  }
+
+  // ---- shovels -----------------------------------------------------------
+  function shovelTable(ss) {
+    const end = (s, side) => {
+      const q = s[side + '_queue'], x = s[side + '_exchange'], k = s[side + '_exchange_key'];
+      const what = q !== undefined ? 'queue ' + q : x !== undefined ? 'exchange ' + (x || '(AMQP default)') + (k ? ' (' + k + ')' : '') : 'same exchange and key';
+      return esc(s[side + '_uri'] || '') + '<br><span class="muted">' + esc(what) + '</span>';
+    };
+    return table([
+      { label: 'Virtual host', cell: (s) => esc(s.vhost) }, { label: 'Name', cell: (s) => esc(s.name) }, { label: 'Type', cell: (s) => esc(s.type) },
+      { label: 'State', cell: (s) => esc(s.state) + (s.reason ? '<br><span class="muted">' + esc(s.reason) + '</span>' : '') },
+      { label: 'Source', cell: (s) => end(s, 'src') }, { label: 'Destination', cell: (s) => end(s, 'dest') },
+      { label: 'Forwarded', n: 1, cell: (s) => esc(s.forwarded) }, { label: 'Remaining', n: 1, cell: (s) => esc(s.remaining === null ? '?' : s.remaining) },
+      { label: '', cell: (s) => '<button class="restart-shovel" data-vhost="' + esc(s.vhost) + '" data-name="' + esc(s.name) + '">Restart</button>' +
+          (s.type === 'dynamic' ? ' <button class="danger del-shovel" data-vhost="' + esc(s.vhost) + '" data-name="' + esc(s.name) + '">Delete</button>' : '') },
+    ], ss, { label: 'Shovels', id: 'shovels-table', empty: 'No shovels.' });
+  }
+  function bindShovelButtons() {
+    onClick('.del-shovel', async (b) => {
+      if (!confirm('Delete shovel "' + b.dataset.name + '"?')) return;
+      await api('DELETE', '/parameters/shovel/' + enc(b.dataset.vhost) + '/' + enc(b.dataset.name)); await route(); info('Shovel deleted.');
+    });
+    onClick('.restart-shovel', async (b) => {
+      await api('DELETE', '/shovels/vhost/' + enc(b.dataset.vhost) + '/' + enc(b.dataset.name) + '/restart'); await route(); info('Shovel restarted.');
+    });
+  }
+  async function pageShovels() {
+    const ss = await api('GET', '/shovels');
+    setPage('<h1>Shovels</h1><p class="muted">Shovels move messages from a queue or exchange on one broker to another (or this one: <code>amqp://</code>). With ack mode on-confirm a message leaves the source only once the destination confirmed it.</p>' +
+      '<div id="shovels-wrap">' + shovelTable(ss) + '</div>' +
+      '<h2>Add a shovel</h2><form id="shovel-add" class="box"><label>Virtual host <select name="vhost">' + (await vhostOptions('/')) + '</select></label><label>Name <input name="name" required></label>' +
+      '<label>Source URI <input name="src_uri" required placeholder="amqp://user:pass@host:5672/%2F"></label><label>Source queue <input name="src_queue" required></label>' +
+      '<label>Destination URI <input name="dest_uri" required value="amqp://"></label><label>Destination queue <input name="dest_queue" required></label>' +
+      '<label>Ack mode <select name="ack_mode"><option>on-confirm</option><option>on-publish</option><option>no-ack</option></select></label>' +
+      '<label>Delete after <select name="delete_after"><option>never</option><option>queue-length</option></select></label>' +
+      '<label>More keys (JSON, optional) <textarea name="more" placeholder=\'{"src-prefetch-count": 100}\'></textarea></label><button class="primary">Add shovel</button></form>');
+    bindShovelButtons();
+    onSubmit('#shovel-add', async (d) => {
+      const more = parseJsonField(d.more, 'More keys');
+      const value = Object.assign({ 'src-protocol': 'amqp091', 'src-uri': d.src_uri, 'src-queue': d.src_queue, 'dest-protocol': 'amqp091', 'dest-uri': d.dest_uri, 'dest-queue': d.dest_queue,
+        'ack-mode': d.ack_mode, 'src-delete-after': d.delete_after }, more);
+      await api('PUT', '/parameters/shovel/' + enc(d.vhost) + '/' + enc(d.name), { value });
+      await route(); info('Shovel "' + d.name + '" saved.');
+    });
+    every(5000, async () => {
+      if (currentPage !== 'shovels') return;
+      try { $('#shovels-wrap').innerHTML = shovelTable(await api('GET', '/shovels')); bindShovelButtons(); } catch (e) { /* next tick */ }
     });
   }
 

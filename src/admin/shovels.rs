@@ -1,0 +1,165 @@
+//! Shovels in the management API, as RabbitMQ's shovel management plugin has
+//! them: the `shovel` runtime parameters (`/api/parameters/shovel[/{vhost}[/{name}]]`,
+//! set and cleared by policymakers) and the status of every shovel, dynamic and
+//! static (`/api/shovels[/{vhost}]`, `/api/shovels/vhost/{vhost}/{name}`, and its
+//! `/restart`).
+
+use super::{AdminState, ApiError, ApiResult, Body, Caller};
+use crate::shovel::PutError;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use serde_json::Value;
+
+pub fn routes() -> Router<AdminState> {
+    Router::new()
+        .route("/api/parameters", get(list_all))
+        .route("/api/parameters/shovel", get(list_all))
+        .route("/api/parameters/shovel/:vhost", get(list_vhost))
+        .route(
+            "/api/parameters/shovel/:vhost/:name",
+            get(show).put(put).delete(remove),
+        )
+        .route("/api/shovels", get(status_all))
+        .route("/api/shovels/:vhost", get(status_vhost))
+        .route("/api/shovels/vhost/:vhost/:name", get(status_one))
+        .route("/api/shovels/vhost/:vhost/:name/restart", delete(restart))
+}
+
+/// Rows of vhosts the caller may see.
+fn visible(s: &AdminState, caller: &Caller, rows: Vec<Value>) -> Vec<Value> {
+    rows.into_iter()
+        .filter(|r| {
+            r.get("vhost")
+                .and_then(Value::as_str)
+                .is_some_and(|v| caller.sees(&s.broker, v))
+        })
+        .collect()
+}
+
+async fn list_all(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(Value::Array(visible(
+        &s,
+        &caller,
+        s.shovels.parameters(None),
+    )))
+}
+
+async fn list_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(Value::Array(s.shovels.parameters(Some(&vhost)))))
+}
+
+async fn show(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    s.shovels
+        .parameter(&vhost, &name)
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
+}
+
+fn require_policymaker(caller: &Caller) -> ApiResult<()> {
+    if caller.is_policymaker() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("Not policymaker user"))
+    }
+}
+
+/// Set a shovel from a parameter body (`{"value": {...}}`); true when new.
+pub fn put_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> ApiResult<bool> {
+    if s.broker.vhost(vhost).is_none() {
+        return Err(ApiError::bad_request(format!("vhost_not_found: {vhost}")));
+    }
+    if name.is_empty() {
+        return Err(ApiError::bad_request("a shovel needs a name"));
+    }
+    let value = body
+        .get("value")
+        .ok_or_else(|| ApiError::bad_request("Validation failed\n\nvalue must be set"))?;
+    s.shovels
+        .put(vhost, name, value.clone())
+        .map_err(|e| match e {
+            PutError::Invalid(reason) => ApiError::bad_request(reason),
+            PutError::Storage(e) => ApiError::from(crate::error::AmqpError::internal_error(
+                format!("cannot store the shovel: {e}"),
+            )),
+        })
+}
+
+async fn put(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    require_policymaker(&caller)?;
+    caller.require_vhost(&s.broker, &vhost)?;
+    put_from(&s, &vhost, &name, &body).map(super::put_status)
+}
+
+async fn remove(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    require_policymaker(&caller)?;
+    caller.require_vhost(&s.broker, &vhost)?;
+    match s.shovels.delete(&vhost, &name) {
+        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(false) => Err(ApiError::not_found()),
+        Err(e) => Err(ApiError::from(crate::error::AmqpError::internal_error(
+            format!("cannot delete the shovel: {e}"),
+        ))),
+    }
+}
+
+async fn status_all(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(Value::Array(visible(&s, &caller, s.shovels.statuses(None))))
+}
+
+async fn status_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(Value::Array(s.shovels.statuses(Some(&vhost)))))
+}
+
+async fn status_one(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    s.shovels
+        .statuses(Some(&vhost))
+        .into_iter()
+        .find(|r| r.get("name").and_then(Value::as_str) == Some(name.as_str()))
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn restart(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    require_policymaker(&caller)?;
+    caller.require_vhost(&s.broker, &vhost)?;
+    if s.shovels.restart(&vhost, &name) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found())
+    }
+}
