@@ -17,9 +17,79 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// The queue type (`x-queue-type`), fixed at declaration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    #[default]
+    Classic,
+    /// A quorum queue: durable, never exclusive or auto-delete, every message
+    /// stored, a delivery limit (20 unless set), one replica until clustering exists.
+    Quorum,
+}
+
+impl QueueType {
+    /// The name in `x-queue-type` and in the admin API's `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+
+    /// The implementing module, as RabbitMQ names the type in its errors.
+    pub fn module(self) -> &'static str {
+        match self {
+            QueueType::Classic => "rabbit_classic_queue",
+            QueueType::Quorum => "rabbit_quorum_queue",
+        }
+    }
+}
+
+/// `x-dead-letter-strategy` (quorum queues).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeadLetterStrategy {
+    #[default]
+    AtMostOnce,
+    /// Dead letters are routed before they leave the source's store; needs
+    /// `x-overflow: reject-publish` (else RabbitMQ falls back to at-most-once).
+    AtLeastOnce,
+}
+
+/// The delivery limit of a quorum queue that sets none (RabbitMQ 4.0).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
+/// Arguments only some queue types take: declaring another type with one is a
+/// 406 naming the type, as RabbitMQ's `check_arguments_key` does.
+const CLASSIC_ONLY: &[&str] = &[
+    "x-max-priority",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-queue-master-locator",
+];
+const QUORUM_ONLY: &[&str] = &[
+    "x-dead-letter-strategy",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-quorum-initial-group-size",
+];
+const STREAM_ONLY: &[&str] = &[
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-stream-filter-size-bytes",
+    "x-initial-cluster-size",
+];
+
 /// The typed form of a queue's arguments.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueArgs {
+    pub queue_type: QueueType,
+    /// Returns after which a message is dead-lettered (`x-delivery-limit`,
+    /// policy `delivery-limit`); `None`: unlimited. Quorum queues default to
+    /// [`DEFAULT_DELIVERY_LIMIT`]; warren also honours it on classic queues.
+    pub delivery_limit: Option<u32>,
+    pub dead_letter_strategy: DeadLetterStrategy,
+    /// `x-quorum-initial-group-size`: recorded (one replica is all there is).
+    pub initial_group_size: Option<u64>,
     pub message_ttl: Option<u64>,
     pub expires: Option<u64>,
     pub max_length: Option<u64>,
@@ -34,7 +104,7 @@ pub struct QueueArgs {
 }
 
 /// The field type as RabbitMQ names it in `{unacceptable_type,...}`.
-fn type_name(v: &FieldValue) -> &'static str {
+pub(crate) fn type_name(v: &FieldValue) -> &'static str {
     match v {
         FieldValue::Bool(_) => "bool",
         FieldValue::I8(_) => "byte",
@@ -87,6 +157,34 @@ impl QueueArgs {
                 .ok_or_else(|| bad(name, format!("{{unacceptable_type,{}}}", type_name(v))))
         };
         let mut a = QueueArgs::default();
+        // The type first: which arguments are valid depends on it.
+        if let Some(v) = arguments.get("x-queue-type") {
+            a.queue_type = match string("x-queue-type", v)?.as_str() {
+                // RabbitMQ treats an empty or "undefined" type as the default.
+                "classic" | "" | "undefined" => QueueType::Classic,
+                "quorum" => QueueType::Quorum,
+                other => {
+                    return Err(bad(
+                        "x-queue-type",
+                        format!("\"unsupported queue type '{other}'\""),
+                    ))
+                }
+            };
+        }
+        let foreign: &[&[&str]] = match a.queue_type {
+            QueueType::Classic => &[QUORUM_ONLY, STREAM_ONLY],
+            QueueType::Quorum => &[CLASSIC_ONLY, STREAM_ONLY],
+        };
+        if let Some((name, _)) = arguments
+            .iter()
+            .find(|(k, _)| foreign.iter().any(|list| list.contains(k)))
+        {
+            return Err(AmqpError::precondition_failed(format!(
+                "invalid arg '{name}' for queue '{queue}' in vhost '{vhost}' of queue type {}",
+                a.queue_type.module()
+            )));
+        }
+        let mut delivery_limit = None;
         for (name, v) in arguments.iter() {
             match name {
                 "x-message-ttl" => a.message_ttl = Some(int(name, v, 0)?),
@@ -129,16 +227,47 @@ impl QueueArgs {
                         return Err(bad(name, format!("\"unsupported queue mode '{other}'\"")))
                     }
                 },
-                "x-queue-type" => match string(name, v)?.as_str() {
-                    "classic" => {}
-                    other => {
-                        return Err(bad(
-                            name,
-                            format!("\"unsupported queue type '{other}'\""),
-                        ))
+                "x-delivery-limit" => {
+                    let i = v.as_i64().filter(|_| !matches!(v, FieldValue::Timestamp(_)));
+                    delivery_limit = Some(i.ok_or_else(|| {
+                        bad(name, format!("\"expected integer, got {}\"", type_name(v)))
+                    })?);
+                }
+                "x-dead-letter-strategy" => {
+                    a.dead_letter_strategy = match string(name, v)?.as_str() {
+                        "at-most-once" => DeadLetterStrategy::AtMostOnce,
+                        "at-least-once" => DeadLetterStrategy::AtLeastOnce,
+                        _ => return Err(bad(name, "invalid_dlx_strategy".to_string())),
                     }
-                },
+                }
+                "x-quorum-initial-group-size" => a.initial_group_size = Some(int(name, v, 1)?),
+                "x-max-in-memory-length" | "x-max-in-memory-bytes" => {
+                    int(name, v, 0)?;
+                }
                 _ => {}
+            }
+        }
+        // A negative limit means none (RabbitMQ 4's way back to 3.13's unlimited).
+        a.delivery_limit = match delivery_limit {
+            Some(l) if l < 0 => None,
+            Some(l) => Some(u32::try_from(l).unwrap_or(u32::MAX)),
+            None if a.queue_type == QueueType::Quorum => Some(DEFAULT_DELIVERY_LIMIT),
+            None => None,
+        };
+        if a.queue_type == QueueType::Quorum {
+            // Quorum queues have no reject-publish-dlx: RabbitMQ warns and uses
+            // its default (drop-head).
+            if a.overflow == Overflow::RejectPublishDlx {
+                tracing::warn!(queue, vhost, "invalid overflow strategy reject-publish-dlx for quorum queue; using drop-head");
+                a.overflow = Overflow::DropHead;
+            }
+            // at-least-once needs reject-publish and a dead-letter exchange;
+            // otherwise RabbitMQ falls back to at-most-once (with a warning).
+            if a.dead_letter_strategy == DeadLetterStrategy::AtLeastOnce
+                && (a.overflow != Overflow::RejectPublish || a.dead_letter_exchange.is_none())
+            {
+                tracing::warn!(queue, vhost, "dead-letter-strategy at-least-once needs overflow reject-publish and a dead-letter exchange; falling back to at-most-once");
+                a.dead_letter_strategy = DeadLetterStrategy::AtMostOnce;
             }
         }
         if a.dead_letter_routing_key.is_some() && a.dead_letter_exchange.is_none() {
