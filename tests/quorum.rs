@@ -424,20 +424,20 @@ async fn global_qos_is_refused_on_quorum_queues() {
 }
 
 /// An in-process broker with the admin API, for policies and `/api/queues`.
-async fn admin_broker() -> (warren::Warren, String) {
+async fn admin_broker() -> (warren::Warren, String, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(uniq("warren-quorum-admin"));
-    let mut config = warren::Config::for_tests(dir);
+    let mut config = warren::Config::for_tests(dir.clone());
     config.admin_enabled = true;
     let w = warren::start(config).await.expect("broker starts");
     let base = format!("http://{}", w.admin_addr().expect("admin"));
-    (w, base)
+    (w, base, dir)
 }
 
 const GUEST: Option<(&str, &str)> = Some(("guest", "guest"));
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_shows_type_and_one_replica_and_policy_sets_the_limit() {
-    let (w, base) = admin_broker().await;
+    let (w, base, dir) = admin_broker().await;
     let uri = format!("amqp://guest:guest@{}/%2f", w.amqp_addr());
     let conn = connect_with(&uri).await.expect("connect");
     let ch = t(conn.create_channel()).await.unwrap();
@@ -540,6 +540,7 @@ async fn admin_api_shows_type_and_one_replica_and_policy_sets_the_limit() {
     assert_eq!(v["delivery_limit"], "unlimited");
     drop(conn);
     drop(w);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -582,4 +583,49 @@ async fn transient_messages_in_a_quorum_queue_survive_a_restart() {
     drop(conn);
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// RabbitMQ 4.0 lowered the default `max_message_size` to 16 MiB (3.13: 128 MiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_max_message_size_is_16_mib() {
+    const LIMIT: usize = 16 * 1024 * 1024;
+    let (conn, ch) = connect_channel().await;
+    let q = xqueue(&ch, "max.size", &[]).await;
+    t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .unwrap();
+    let at_limit = vec![b'x'; LIMIT];
+    let confirm = t(ch.basic_publish(
+        "",
+        &q,
+        BasicPublishOptions::default(),
+        &at_limit,
+        BasicProperties::default(),
+    ))
+    .await
+    .expect("publish 16 MiB");
+    assert!(t(confirm).await.expect("confirm").is_ack());
+    drop(at_limit);
+    t(ch.queue_purge(&q, QueuePurgeOptions::default()))
+        .await
+        .unwrap();
+    let over = vec![b'x'; LIMIT + 1];
+    let r = t(ch.basic_publish(
+        "",
+        &q,
+        BasicPublishOptions::default(),
+        &over,
+        BasicProperties::default(),
+    ))
+    .await;
+    let r = match r {
+        Ok(confirm) => t(confirm).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    let msg = text_406(r);
+    assert_eq!(
+        msg,
+        "PRECONDITION_FAILED - message size 16777217 is larger than configured max size 16777216"
+    );
+    assert!(conn.status().connected(), "a channel error only");
 }

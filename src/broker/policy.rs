@@ -558,6 +558,41 @@ mod tests {
     }
 
     #[test]
+    fn delivery_limit_resolves_as_rabbitmq() {
+        let cases = [(5, 10, 5), (10, 5, 5), (-1, 5, 5), (5, -1, 5), (-1, -1, -1)];
+        for (declared_limit, policy_limit, want) in cases {
+            let p = policy(json!({ "delivery-limit": policy_limit }));
+            let mut declared = FieldTable::new();
+            declared.insert("x-delivery-limit", FieldValue::I64(declared_limit));
+            let eff = effective_arguments(&declared, Some(&p));
+            // RabbitMQ's resolve_delivery_limit: a negative side wins (max),
+            // else the lower.
+            let want = if declared_limit < 0 || policy_limit < 0 {
+                declared_limit.max(policy_limit)
+            } else {
+                want
+            };
+            assert_eq!(
+                eff.get("x-delivery-limit").and_then(|v| v.as_i64()),
+                Some(want),
+                "{declared_limit} / {policy_limit}"
+            );
+        }
+        let eff = effective_arguments(
+            &FieldTable::new(),
+            Some(&policy(json!({"delivery-limit": 7}))),
+        );
+        assert_eq!(
+            eff.get("x-delivery-limit").and_then(|v| v.as_i64()),
+            Some(7)
+        );
+        let serde_json::Value::Object(bad) = json!({"delivery-limit": "many"}) else {
+            panic!()
+        };
+        assert!(Policy::new("/", "p", ".*", ApplyTo::Queues, 0, bad).is_err());
+    }
+
+    #[test]
     fn operator_caps_win_when_lower() {
         let user = policy(json!({"max-length": 100, "message-ttl": 10, "overflow": "drop-head"}));
         let serde_json::Value::Object(m) =

@@ -336,4 +336,83 @@ mod tests {
         .expect_err("dlrk without dlx");
         assert!(e.text.contains("x-dead-letter-exchange"));
     }
+
+    #[test]
+    fn quorum_type_limits_and_fallbacks() {
+        let quorum = ("x-queue-type", FieldValue::string("quorum"));
+        let a = QueueArgs::parse(&table(std::slice::from_ref(&quorum)), "q", "/").expect("quorum");
+        assert_eq!(a.queue_type, QueueType::Quorum);
+        assert_eq!(a.delivery_limit, Some(DEFAULT_DELIVERY_LIMIT));
+        // Classic: no limit unless set; a negative one is none anywhere.
+        let a = QueueArgs::parse(&table(&[]), "q", "/").expect("classic");
+        assert_eq!((a.queue_type, a.delivery_limit), (QueueType::Classic, None));
+        let a = QueueArgs::parse(
+            &table(&[("x-delivery-limit", FieldValue::I16(3))]),
+            "q",
+            "/",
+        )
+        .expect("classic limit");
+        assert_eq!(a.delivery_limit, Some(3));
+        let a = QueueArgs::parse(
+            &table(&[quorum.clone(), ("x-delivery-limit", FieldValue::I64(-1))]),
+            "q",
+            "/",
+        )
+        .expect("unlimited");
+        assert_eq!(a.delivery_limit, None);
+        // reject-publish-dlx: drop-head on a quorum queue (RabbitMQ warns).
+        let a = QueueArgs::parse(
+            &table(&[
+                quorum.clone(),
+                ("x-overflow", FieldValue::string("reject-publish-dlx")),
+            ]),
+            "q",
+            "/",
+        )
+        .expect("accepted");
+        assert_eq!(a.overflow, Overflow::DropHead);
+        // at-least-once only with reject-publish and a dead-letter exchange.
+        let strategy = (
+            "x-dead-letter-strategy",
+            FieldValue::string("at-least-once"),
+        );
+        let dlx = ("x-dead-letter-exchange", FieldValue::string("dlx"));
+        let a = QueueArgs::parse(
+            &table(&[quorum.clone(), strategy.clone(), dlx.clone()]),
+            "q",
+            "/",
+        )
+        .expect("falls back");
+        assert_eq!(a.dead_letter_strategy, DeadLetterStrategy::AtMostOnce);
+        let a = QueueArgs::parse(
+            &table(&[
+                quorum.clone(),
+                strategy,
+                dlx,
+                ("x-overflow", FieldValue::string("reject-publish")),
+            ]),
+            "q",
+            "/",
+        )
+        .expect("at-least-once");
+        assert_eq!(a.dead_letter_strategy, DeadLetterStrategy::AtLeastOnce);
+        // Arguments of another type name that type.
+        let e = QueueArgs::parse(
+            &table(&[quorum, ("x-max-priority", FieldValue::U8(2))]),
+            "q",
+            "/",
+        )
+        .expect_err("classic-only");
+        assert_eq!(
+            e.text,
+            "PRECONDITION_FAILED - invalid arg 'x-max-priority' for queue 'q' in vhost '/' of queue type rabbit_quorum_queue"
+        );
+        let e = QueueArgs::parse(&table(&[("x-max-age", FieldValue::string("1D"))]), "q", "/")
+            .expect_err("stream-only");
+        assert!(
+            e.text.ends_with("of queue type rabbit_classic_queue"),
+            "{}",
+            e.text
+        );
+    }
 }
