@@ -29,6 +29,9 @@ pub enum ApplyTo {
     ClassicQueues,
     /// Quorum queues only (`quorum_queues`).
     QuorumQueues,
+    /// Streams only: accepted (definitions from RabbitMQ carry it), matches
+    /// nothing, as warren has no streams.
+    Streams,
     Exchanges,
     All,
 }
@@ -46,6 +49,7 @@ impl ApplyTo {
             "queues" => Some(ApplyTo::Queues),
             "classic_queues" => Some(ApplyTo::ClassicQueues),
             "quorum_queues" => Some(ApplyTo::QuorumQueues),
+            "streams" => Some(ApplyTo::Streams),
             "exchanges" => Some(ApplyTo::Exchanges),
             "all" => Some(ApplyTo::All),
             _ => None,
@@ -56,6 +60,7 @@ impl ApplyTo {
             ApplyTo::Queues => "queues",
             ApplyTo::ClassicQueues => "classic_queues",
             ApplyTo::QuorumQueues => "quorum_queues",
+            ApplyTo::Streams => "streams",
             ApplyTo::Exchanges => "exchanges",
             ApplyTo::All => "all",
         }
