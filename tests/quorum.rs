@@ -538,6 +538,21 @@ async fn admin_api_shows_type_and_one_replica_and_policy_sets_the_limit() {
     )
     .await;
     assert_eq!(v["delivery_limit"], "unlimited");
+    // The API's get shows the header a client would see.
+    pub_props(&ch, "", "qq.orders", "p2", BasicProperties::default()).await;
+    let d = wait_get_acked(&ch, "qq.orders").await;
+    nack_requeue(&d).await;
+    let (status, v) = common::http(
+        "POST",
+        &format!("{base}/api/queues/%2f/qq.orders/get"),
+        GUEST,
+        Some(serde_json::json!({"count": 1, "ackmode": "ack_requeue_false", "encoding": "auto"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v[0]["payload"], "p2");
+    assert_eq!(v[0]["redelivered"], true);
+    assert_eq!(v[0]["properties"]["headers"]["x-delivery-count"], 1);
     drop(conn);
     drop(w);
     let _ = std::fs::remove_dir_all(&dir);

@@ -413,7 +413,7 @@ pub async fn get_messages(
             "exchange": m.exchange,
             "routing_key": m.routing_key,
             "message_count": remaining,
-            "properties": properties_json(&m.properties),
+            "properties": properties_json(&entry.delivery_properties()),
             "payload": text_payload,
             "payload_encoding": enc,
         }));

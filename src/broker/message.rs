@@ -331,12 +331,21 @@ impl Entry {
         if self.delivery_count == 0 {
             return self.message.properties.encode(buf);
         }
+        self.delivery_properties().encode(buf);
+    }
+
+    /// The content properties a delivery of this entry carries (see
+    /// [`encode_properties`](Self::encode_properties)).
+    pub fn delivery_properties(&self) -> std::borrow::Cow<'_, BasicProperties> {
+        if self.delivery_count == 0 {
+            return std::borrow::Cow::Borrowed(&self.message.properties);
+        }
         let mut p: BasicProperties = (*self.message.properties).clone();
         p.headers.get_or_insert_with(Default::default).insert(
             "x-delivery-count",
             crate::wire::FieldValue::I64(i64::from(self.delivery_count)),
         );
-        p.encode(buf);
+        std::borrow::Cow::Owned(p)
     }
 
     /// Body size in bytes.
