@@ -644,3 +644,52 @@ async fn default_max_message_size_is_16_mib() {
     );
     assert!(conn.status().connected(), "a channel error only");
 }
+
+/// The delivery count of a stored message survives a restart: it comes back
+/// with `x-delivery-count` where it left off, and the limit still applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_count_survives_a_restart() {
+    use common::process::{data_dir, BrokerProcess};
+    let dir = data_dir("quorum-count-restart");
+    let b = BrokerProcess::start(&dir).await;
+    {
+        let conn = b.connect().await;
+        let ch = t(conn.create_channel()).await.unwrap();
+        t(ch.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .unwrap();
+        declare(&ch, "qq.count", &[quorum(), ("x-delivery-limit", int(3))])
+            .await
+            .expect("quorum");
+        let confirm = t(ch.basic_publish(
+            "",
+            "qq.count",
+            BasicPublishOptions::default(),
+            b"again",
+            BasicProperties::default(),
+        ))
+        .await
+        .expect("publish");
+        t(confirm).await.expect("confirm");
+        for n in 0..2 {
+            let d = wait_get_acked(&ch, "qq.count").await;
+            assert_eq!(delivery_count(&d), (n > 0).then_some(n));
+            nack_requeue(&d).await;
+        }
+    }
+    b.stop();
+    let b = BrokerProcess::start(&dir).await;
+    let conn = b.connect().await;
+    let ch = t(conn.create_channel()).await.unwrap();
+    let d = wait_get_acked(&ch, "qq.count").await;
+    assert!(d.redelivered);
+    assert_eq!(delivery_count(&d), Some(2), "the count came back");
+    nack_requeue(&d).await;
+    let d = wait_get_acked(&ch, "qq.count").await;
+    assert_eq!(delivery_count(&d), Some(3));
+    nack_requeue(&d).await;
+    assert!(get(&ch, "qq.count").await.is_none(), "past the limit of 3");
+    drop(conn);
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -300,8 +300,8 @@ pub struct Entry {
     /// Times it came back to the queue after reaching a client (nack / reject
     /// with requeue, recover, a channel closed with it unacked), counted on
     /// queues with a delivery limit and on quorum queues: RabbitMQ 4's
-    /// acquired count, sent as `x-delivery-count` on redelivery. Not stored:
-    /// it starts again at 0 after a restart.
+    /// acquired count, sent as `x-delivery-count` on redelivery. Kept in the
+    /// message store for stored messages (`MessageOp::SetReturns`).
     pub delivery_count: u32,
     /// Where it is in the message store (its position at its level), if it
     /// was written there: durably if `persisted`, else paged out to save memory

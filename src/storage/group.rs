@@ -34,6 +34,8 @@ const COMPACT_RATIO: u32 = 4;
 struct Builder {
     entries: Vec<(ChunkEntry<Bytes>, bool)>,
     bytes: usize,
+    /// Return counts set in the same group as the insert: position -> count.
+    returns: BTreeMap<u64, u32>,
 }
 
 /// The write set of one tree.
@@ -76,6 +78,7 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
                         .or_insert_with(|| Builder {
                             entries: Vec::new(),
                             bytes: 0,
+                            returns: BTreeMap::new(),
                         });
                     b.bytes += record.len();
                     b.entries.push((
@@ -136,6 +139,21 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
                         }
                     }
                 }
+                MessageOp::SetReturns { level, pos, count } => {
+                    if let Some(b) = w.builders.get_mut(&(q.prefix.clone(), *level)) {
+                        if b.entries.binary_search_by_key(pos, |(e, _)| e.pos).is_ok() {
+                            b.returns.insert(*pos, *count);
+                            continue;
+                        }
+                    }
+                    if let Some(key) = w.find_meta(sh, tree, &q.prefix, *level, *pos)? {
+                        if let Some(Some(m)) = w.metas.get_mut(&key) {
+                            if m.set_returns(*pos, *count) {
+                                w.dirty.insert(key);
+                            }
+                        }
+                    }
+                }
                 MessageOp::DropFrom { level, from } => {
                     w.drop_from(sh, tree, &q.prefix, *level, *from)?;
                 }
@@ -188,6 +206,9 @@ impl TreeWork {
             if *delivered {
                 meta.deliver(e.pos);
             }
+        }
+        for (pos, count) in &b.returns {
+            meta.set_returns(*pos, *count);
         }
         let entries: Vec<ChunkEntry<Bytes>> = b.entries.into_iter().map(|(e, _)| e).collect();
         let key = segment::key(prefix, level, KIND_META, first);

@@ -642,6 +642,14 @@ impl Queue {
                     self.discard(entry, Reason::DeliveryLimit, &args, &mut fx);
                     continue;
                 }
+                // A stored message keeps its count across a restart.
+                if let (true, Some(pos), Some(_)) = (entry.persisted, entry.pos, &self.store) {
+                    fx.ops.push(MessageOp::SetReturns {
+                        level: level_for(entry.priority, self.max_priority),
+                        pos,
+                        count: entry.delivery_count,
+                    });
+                }
             }
             s.may_expire |= entry.expires_at.is_some();
             s.ready.requeue(entry);
@@ -855,6 +863,7 @@ impl Queue {
             s.next_seq += 1;
             let mut entry = Entry::new(seq, message, m.expires_at);
             entry.redelivered = m.redelivered;
+            entry.delivery_count = r.returns;
             entry.persisted = r.durable;
             entry.pos = Some(r.pos);
             s.may_expire |= m.expires_at.is_some();
