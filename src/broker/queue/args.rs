@@ -241,6 +241,12 @@ impl QueueArgs {
                     }
                 }
                 "x-quorum-initial-group-size" => a.initial_group_size = Some(int(name, v, 1)?),
+                // Classic queue storage versions RabbitMQ (3.13 to 4.2) knows;
+                // warren has one store for both.
+                "x-queue-version" => match int(name, v, 0)? {
+                    1 | 2 => {}
+                    n => return Err(bad(name, format!("\"unsupported queue version '{n}'\""))),
+                },
                 "x-max-in-memory-length" | "x-max-in-memory-bytes" => {
                     int(name, v, 0)?;
                 }
@@ -406,6 +412,17 @@ mod tests {
         assert_eq!(
             e.text,
             "PRECONDITION_FAILED - invalid arg 'x-max-priority' for queue 'q' in vhost '/' of queue type rabbit_quorum_queue"
+        );
+        for (v, ok) in [(1, true), (2, true), (3, false)] {
+            let r = QueueArgs::parse(&table(&[("x-queue-version", FieldValue::I32(v))]), "q", "/");
+            assert_eq!(r.is_ok(), ok, "x-queue-version {v}");
+        }
+        let e = QueueArgs::parse(&table(&[("x-queue-version", FieldValue::I32(3))]), "q", "/")
+            .expect_err("version 3");
+        assert!(
+            e.text.ends_with("\"unsupported queue version '3'\""),
+            "{}",
+            e.text
         );
         let e = QueueArgs::parse(&table(&[("x-max-age", FieldValue::string("1D"))]), "q", "/")
             .expect_err("stream-only");
