@@ -28,6 +28,7 @@ pub struct Config {
     /// Highest channel number a connection may use.
     pub channel_max: u16,
     /// Largest message body accepted, in bytes; bigger publishes get 406.
+    /// Default 16 MiB, RabbitMQ 4.0's (3.13's was 128 MiB).
     pub max_message_size: u64,
     /// Size of the message store's page cache in bytes (sled's cache capacity).
     pub store_cache_size: u64,
@@ -350,7 +351,7 @@ impl Default for Config {
             heartbeat: 60,
             frame_max: 131_072,
             channel_max: 2047,
-            max_message_size: 128 * 1024 * 1024,
+            max_message_size: 16 * 1024 * 1024,
             handshake_timeout_secs: 10,
             message_memory_limit: 256 * 1024 * 1024,
             store_cache_size: 256 * 1024 * 1024,

@@ -6,7 +6,7 @@ use super::{
     flag, json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller,
 };
 use crate::broker::auth::Access;
-use crate::broker::queue::Queue;
+use crate::broker::queue::{Queue, QueueType};
 use crate::broker::vhost::QueueDeclare;
 use crate::wire::BasicProperties;
 use axum::extract::{Path, Query, State};
@@ -23,17 +23,18 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
     let (policy, operator) = s
         .broker
         .vhost(vhost)
-        .map(|v| crate::broker::policy::queue_policies(&v, q.name()))
+        .map(|v| crate::broker::policy::queue_policies(&v, q.name(), q.queue_type()))
         .unwrap_or_default();
     let effective = crate::broker::policy::merged_definition(policy.as_ref(), operator.as_ref());
-    json!({
+    let kind = q.queue_type();
+    let mut v = json!({
         "name": q.name(),
         "vhost": vhost,
         "durable": q.spec.durable,
         "auto_delete": q.spec.auto_delete,
         "exclusive": q.spec.exclusive_owner.is_some(),
         "arguments": table_to_json(&q.spec.arguments),
-        "type": "classic",
+        "type": kind.as_str(),
         "node": super::node_name(),
         "state": "running",
         "messages": st.ready + st.unacked,
@@ -51,7 +52,24 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
         "operator_policy": operator.as_ref().map(|p| p.name.clone()),
         "effective_policy_definition": effective.map(Value::Object).unwrap_or(json!({})),
         "message_stats": message_stats(&Totals::of(&q.counters), &s.rates.queue(vhost, q.name())),
-    })
+    });
+    if kind == QueueType::Quorum {
+        // RabbitMQ's quorum-queue fields; warren has no clustering, so the one
+        // replica on this node is member, leader and online.
+        let node = super::node_name();
+        let args = q.args();
+        if let Value::Object(m) = &mut v {
+            m.insert("members".into(), json!([node]));
+            m.insert("leader".into(), json!(node));
+            m.insert("online".into(), json!([node]));
+            m.insert("replicas".into(), json!(1));
+            m.insert(
+                "delivery_limit".into(),
+                args.delivery_limit.map_or(json!("unlimited"), |l| json!(l)),
+            );
+        }
+    }
+    v
 }
 
 /// The visible queues (of `only` if given) whose names pass `keep`, in vhost / name
@@ -395,7 +413,7 @@ pub async fn get_messages(
             "exchange": m.exchange,
             "routing_key": m.routing_key,
             "message_count": remaining,
-            "properties": properties_json(&m.properties),
+            "properties": properties_json(&entry.delivery_properties()),
             "payload": text_payload,
             "payload_encoding": enc,
         }));

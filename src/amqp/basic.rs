@@ -5,7 +5,7 @@
 use super::{not_from_client, Channel, ConnCtx, ConsumerRef, Settle, Unacked};
 use crate::broker::auth::Access;
 use crate::broker::message::{Entry, Message, ShortStr};
-use crate::broker::queue::{Consumer, Credit, Delivery, Queue};
+use crate::broker::queue::{Consumer, Credit, Delivery, Queue, QueueType};
 use crate::broker::vhost::PublishFrom;
 use crate::broker::Counters;
 use crate::clock::Now;
@@ -159,7 +159,8 @@ fn get(
                 }
                 .into(),
             );
-            io.out.content(io.id, |b| m.properties.encode(b), &m.body);
+            io.out
+                .content(io.id, |b| entry.encode_properties(b), &m.body);
             if !g.no_ack {
                 let deadline = ack_deadline(ctx, &q, now.at);
                 ch.unacked.push_back(Unacked {
@@ -187,7 +188,16 @@ fn consume(
     } else {
         let name = ch.queue_name(&c.queue)?;
         ctx.permit(Access::Read, "queue", &name)?;
-        ctx.vhost.queue(&name, ctx.id)?
+        let q = ctx.vhost.queue(&name, ctx.id)?;
+        // Quorum queues have no channel-wide (global) prefetch: RabbitMQ
+        // refuses the consumer with a connection error.
+        if q.queue_type() == QueueType::Quorum && ch.channel_credit.limit() > 0 {
+            return Err(AmqpError::not_implemented(format!(
+                "queue '{name}' in vhost '{}' does not support global qos",
+                ctx.vhost.name
+            )));
+        }
+        q
     };
     let tag: Arc<str> = if c.consumer_tag.is_empty() {
         crate::broker::vhost::generate_name("amq.ctag-").into()
@@ -534,7 +544,7 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
         routing_key: &m.routing_key,
     };
     io.out
-        .deliver(io.id, &args, |b| m.properties.encode(b), &m.body);
+        .deliver(io.id, &args, |b| d.entry.encode_properties(b), &m.body);
     if !d.no_ack {
         let deadline = ack_deadline(ctx, &d.queue, now.at);
         ch.unacked.push_back(Unacked {

@@ -297,6 +297,12 @@ pub struct Entry {
     pub persisted: bool,
     /// The `priority` property, for priority queues.
     pub priority: u8,
+    /// Times it came back to the queue after reaching a client (nack / reject
+    /// with requeue, recover, a channel closed with it unacked), counted on
+    /// queues with a delivery limit and on quorum queues: RabbitMQ 4's
+    /// acquired count, sent as `x-delivery-count` on redelivery. Kept in the
+    /// message store for stored messages (`MessageOp::SetReturns`).
+    pub delivery_count: u32,
     /// Where it is in the message store (its position at its level), if it
     /// was written there: durably if `persisted`, else paged out to save memory
     /// while it waited in a tail.
@@ -313,7 +319,33 @@ impl Entry {
             expires_at,
             persisted: false,
             pos: None,
+            delivery_count: 0,
         }
+    }
+
+    /// Append the content properties a delivery of this entry carries: the
+    /// message's own, plus an `x-delivery-count` header once it has been
+    /// returned (RabbitMQ 4 quorum queues). The common case copies nothing.
+    #[inline]
+    pub fn encode_properties(&self, buf: &mut BytesMut) {
+        if self.delivery_count == 0 {
+            return self.message.properties.encode(buf);
+        }
+        self.delivery_properties().encode(buf);
+    }
+
+    /// The content properties a delivery of this entry carries (see
+    /// [`encode_properties`](Self::encode_properties)).
+    pub fn delivery_properties(&self) -> std::borrow::Cow<'_, BasicProperties> {
+        if self.delivery_count == 0 {
+            return std::borrow::Cow::Borrowed(&self.message.properties);
+        }
+        let mut p: BasicProperties = (*self.message.properties).clone();
+        p.headers.get_or_insert_with(Default::default).insert(
+            "x-delivery-count",
+            crate::wire::FieldValue::I64(i64::from(self.delivery_count)),
+        );
+        std::borrow::Cow::Owned(p)
     }
 
     /// Body size in bytes.

@@ -12,6 +12,7 @@
 //! winning for each numeric cap ([`merged_definition`], RabbitMQ's rule), and
 //! the result combines with the declared arguments as a policy does.
 
+use crate::broker::queue::QueueType;
 use crate::error::{AmqpError, AmqpResult};
 use crate::storage::{StorageError, Store, TopologyKind};
 use crate::wire::{FieldTable, FieldValue};
@@ -24,14 +25,31 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApplyTo {
     Queues,
+    /// Classic queues only (RabbitMQ 3.12+ `classic_queues`).
+    ClassicQueues,
+    /// Quorum queues only (`quorum_queues`).
+    QuorumQueues,
+    /// Streams only: accepted (definitions from RabbitMQ carry it), matches
+    /// nothing, as warren has no streams.
+    Streams,
     Exchanges,
     All,
+}
+
+/// What a policy is matched against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Exchange,
+    Queue(QueueType),
 }
 
 impl ApplyTo {
     pub fn parse(s: &str) -> Option<ApplyTo> {
         match s {
             "queues" => Some(ApplyTo::Queues),
+            "classic_queues" => Some(ApplyTo::ClassicQueues),
+            "quorum_queues" => Some(ApplyTo::QuorumQueues),
+            "streams" => Some(ApplyTo::Streams),
             "exchanges" => Some(ApplyTo::Exchanges),
             "all" => Some(ApplyTo::All),
             _ => None,
@@ -40,6 +58,9 @@ impl ApplyTo {
     pub fn as_str(self) -> &'static str {
         match self {
             ApplyTo::Queues => "queues",
+            ApplyTo::ClassicQueues => "classic_queues",
+            ApplyTo::QuorumQueues => "quorum_queues",
+            ApplyTo::Streams => "streams",
             ApplyTo::Exchanges => "exchanges",
             ApplyTo::All => "all",
         }
@@ -55,6 +76,7 @@ pub const QUEUE_KEYS: &[(&str, &str)] = &[
     ("overflow", "x-overflow"),
     ("dead-letter-exchange", "x-dead-letter-exchange"),
     ("dead-letter-routing-key", "x-dead-letter-routing-key"),
+    ("delivery-limit", "x-delivery-limit"),
 ];
 
 /// What an operator policy may set (numeric caps, as RabbitMQ allows); where a
@@ -108,6 +130,8 @@ impl Policy {
                 "message-ttl" | "expires" | "max-length" | "max-length-bytes" => {
                     v.as_u64().is_some_and(|n| k != "expires" || n > 0)
                 }
+                // Any integer; a negative one lifts the limit (RabbitMQ 4).
+                "delivery-limit" => v.as_i64().is_some(),
                 "overflow" => matches!(
                     v.as_str(),
                     Some("drop-head" | "reject-publish" | "reject-publish-dlx")
@@ -160,11 +184,14 @@ impl Policy {
         Policy::new(vhost, name, pattern, apply_to, priority, definition)
     }
 
-    fn applies(&self, queue: bool, name: &str) -> bool {
-        let kind_ok = match self.apply_to {
-            ApplyTo::All => true,
-            ApplyTo::Queues => queue,
-            ApplyTo::Exchanges => !queue,
+    fn applies(&self, target: Target, name: &str) -> bool {
+        let kind_ok = match (self.apply_to, target) {
+            (ApplyTo::All, _) => true,
+            (ApplyTo::Queues, Target::Queue(_)) => true,
+            (ApplyTo::ClassicQueues, Target::Queue(t)) => t == QueueType::Classic,
+            (ApplyTo::QuorumQueues, Target::Queue(t)) => t == QueueType::Quorum,
+            (ApplyTo::Exchanges, Target::Exchange) => true,
+            _ => false,
         };
         kind_ok && self.regex.is_match(name)
     }
@@ -332,12 +359,12 @@ impl Policies {
 
     /// The policy in force for a queue (`queue` true) or exchange named `name`:
     /// the highest priority match (ties: the first by name).
-    pub fn matching(&self, vhost: &str, queue: bool, name: &str) -> Option<Policy> {
+    pub fn matching(&self, vhost: &str, target: Target, name: &str) -> Option<Policy> {
         let map = self.by_key.read();
         let mut best: Option<&Policy> = None;
         for p in map.values() {
             if p.vhost == vhost
-                && p.applies(queue, name)
+                && p.applies(target, name)
                 && best.is_none_or(|b| p.priority > b.priority)
             {
                 best = Some(p);
@@ -354,7 +381,7 @@ impl Policies {
         if self.by_key.read().is_empty() {
             return None;
         }
-        self.matching(vhost, false, name)?
+        self.matching(vhost, Target::Exchange, name)?
             .definition
             .get("alternate-exchange")?
             .as_str()
@@ -414,10 +441,12 @@ fn to_field(v: &serde_json::Value) -> Option<FieldValue> {
 pub fn queue_policies(
     vhost: &crate::broker::VHost,
     name: &str,
+    kind: QueueType,
 ) -> (Option<Policy>, Option<Policy>) {
+    let target = Target::Queue(kind);
     (
-        vhost.policies.matching(&vhost.name, true, name),
-        vhost.operator_policies.matching(&vhost.name, true, name),
+        vhost.policies.matching(&vhost.name, target, name),
+        vhost.operator_policies.matching(&vhost.name, target, name),
     )
 }
 
@@ -428,7 +457,12 @@ pub fn queue_arguments(
     name: &str,
     declared: &FieldTable,
 ) -> FieldTable {
-    let (user, op) = queue_policies(vhost, name);
+    // The type comes from the declaration (no policy sets it).
+    let kind = match declared.get("x-queue-type").and_then(FieldValue::as_str) {
+        Some("quorum") => QueueType::Quorum,
+        _ => QueueType::Classic,
+    };
+    let (user, op) = queue_policies(vhost, name, kind);
     let merged = merged_definition(user.as_ref(), op.as_ref());
     effective_from(declared, merged.as_ref())
 }
@@ -478,6 +512,14 @@ fn effective_from(
         };
         match declared.get(arg) {
             None => out.insert(*arg, value),
+            // RabbitMQ's resolve_delivery_limit: a negative (unlimited) side
+            // wins, else the lower limit.
+            Some(existing) if *arg == "x-delivery-limit" => {
+                if let (Some(a), Some(b)) = (existing.as_i64(), value.as_i64()) {
+                    let pick = if a < 0 || b < 0 { a.max(b) } else { a.min(b) };
+                    out.insert(*arg, FieldValue::I64(pick));
+                }
+            }
             Some(existing) if MIN_KEYS.contains(arg) => {
                 if let (Some(a), Some(b)) = (existing.as_i64(), value.as_i64()) {
                     if b < a {
@@ -521,6 +563,41 @@ mod tests {
     }
 
     #[test]
+    fn delivery_limit_resolves_as_rabbitmq() {
+        let cases = [(5, 10, 5), (10, 5, 5), (-1, 5, 5), (5, -1, 5), (-1, -1, -1)];
+        for (declared_limit, policy_limit, want) in cases {
+            let p = policy(json!({ "delivery-limit": policy_limit }));
+            let mut declared = FieldTable::new();
+            declared.insert("x-delivery-limit", FieldValue::I64(declared_limit));
+            let eff = effective_arguments(&declared, Some(&p));
+            // RabbitMQ's resolve_delivery_limit: a negative side wins (max),
+            // else the lower.
+            let want = if declared_limit < 0 || policy_limit < 0 {
+                declared_limit.max(policy_limit)
+            } else {
+                want
+            };
+            assert_eq!(
+                eff.get("x-delivery-limit").and_then(|v| v.as_i64()),
+                Some(want),
+                "{declared_limit} / {policy_limit}"
+            );
+        }
+        let eff = effective_arguments(
+            &FieldTable::new(),
+            Some(&policy(json!({"delivery-limit": 7}))),
+        );
+        assert_eq!(
+            eff.get("x-delivery-limit").and_then(|v| v.as_i64()),
+            Some(7)
+        );
+        let serde_json::Value::Object(bad) = json!({"delivery-limit": "many"}) else {
+            panic!()
+        };
+        assert!(Policy::new("/", "p", ".*", ApplyTo::Queues, 0, bad).is_err());
+    }
+
+    #[test]
     fn operator_caps_win_when_lower() {
         let user = policy(json!({"max-length": 100, "message-ttl": 10, "overflow": "drop-head"}));
         let serde_json::Value::Object(m) =
@@ -561,10 +638,28 @@ mod tests {
         ps.put(a).expect("put a");
         ps.put(b).expect("put b");
         assert_eq!(
-            ps.matching("/", true, "queue").map(|p| p.name),
+            ps.matching("/", Target::Queue(QueueType::Classic), "queue")
+                .map(|p| p.name),
             Some("b".into())
         );
-        assert!(ps.matching("/", false, "queue").is_none());
-        assert!(ps.matching("/", true, "other").is_none());
+        assert!(ps.matching("/", Target::Exchange, "queue").is_none());
+        assert!(ps
+            .matching("/", Target::Queue(QueueType::Classic), "other")
+            .is_none());
+        let mut q = policy(json!({"delivery-limit": 3}));
+        q.name = "q".into();
+        q.priority = 9;
+        q.apply_to = ApplyTo::QuorumQueues;
+        ps.put(q).expect("put q");
+        let quorum = Target::Queue(QueueType::Quorum);
+        assert_eq!(
+            ps.matching("/", quorum, "queue").map(|p| p.name),
+            Some("q".into())
+        );
+        assert_eq!(
+            ps.matching("/", Target::Queue(QueueType::Classic), "queue")
+                .map(|p| p.name),
+            Some("b".into())
+        );
     }
 }

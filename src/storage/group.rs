@@ -35,6 +35,8 @@ const COMPACT_RATIO: u32 = 4;
 struct Builder {
     entries: Vec<Built>,
     bytes: usize,
+    /// Return counts set in the same group as the insert: position -> count.
+    returns: BTreeMap<u64, u32>,
 }
 
 struct Built {
@@ -153,6 +155,21 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
                         }
                     }
                 }
+                MessageOp::SetReturns { level, pos, count } => {
+                    if let Some(b) = w.builder(&q.prefix, *level) {
+                        if b.find(*pos).is_some() {
+                            b.returns.insert(*pos, *count);
+                            continue;
+                        }
+                    }
+                    if let Some(key) = w.find_meta(sh, tree, &q.prefix, *level, *pos)? {
+                        if let Some(Some(m)) = w.metas.get_mut(&key) {
+                            if m.set_returns(*pos, *count) {
+                                w.dirty.insert(key);
+                            }
+                        }
+                    }
+                }
                 MessageOp::DropFrom { level, from } => {
                     w.drop_from(sh, tree, &q.prefix, *level, *from)?;
                 }
@@ -214,6 +231,9 @@ impl TreeWork {
             if b.delivered {
                 meta.deliver(b.entry.pos);
             }
+        }
+        for (pos, count) in &b.returns {
+            meta.set_returns(*pos, *count);
         }
         let entries: Vec<ChunkEntry<Bytes>> = live.into_iter().map(|b| b.entry).collect();
         let key = segment::key(prefix, level, KIND_META, first);

@@ -24,6 +24,9 @@ pub struct ReadMessage {
     pub durable: bool,
     /// `redelivered` is set if it was handed to a consumer before.
     pub message: StoredMessage,
+    /// Times it came back to its queue after reaching a client
+    /// ([`MessageOp::SetReturns`](super::MessageOp::SetReturns)).
+    pub returns: u32,
 }
 
 /// What recovery finds of one level of a queue.
@@ -81,11 +84,14 @@ impl Store {
             let message = codec::decode_message(record).map_err(|e| {
                 sh.corrupt(format!("buffered message {pos} of {:?}: {e}", queue.key()))
             })?;
+            // Not flushed yet: a return count of it would be pending too, but
+            // a returned message stays in its queue's memory until a restart.
             out.push(ReadMessage {
                 pos,
                 size,
                 durable,
                 message,
+                returns: 0,
             });
         }
         Ok(out)
@@ -240,6 +246,7 @@ fn read_applied(
                 size: e.size,
                 durable: !e.transient,
                 message,
+                returns: meta.returns(e.pos),
             });
         }
     }

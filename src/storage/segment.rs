@@ -51,9 +51,13 @@
 //! u64 BE  bytes of live durable entries (sizes as accounted by the queue)
 //! u64 BE  store epoch the chunk was written in (transient entries of an older
 //!         epoch are dead: the broker restarted since)
-//! u8      flags: bit 0 = settled bitmap follows, bit 1 = delivered bitmap follows
+//! u8      flags: bit 0 = settled bitmap follows, bit 1 = delivered bitmap follows,
+//!         bit 2 = return counts follow
 //! [ceil((end - first) / 8) bytes]  settled bitmap (bit i = position first + i)
 //! [ceil((end - first) / 8) bytes]  delivered bitmap
+//! u32 BE n, then n x (u32 BE position - first, u32 BE count), by position:
+//!         how often each of those messages came back to its queue after
+//!         reaching a client (delivery limits; only messages with one)
 //! ```
 //!
 //! Every decoder here returns a [`DecodeError`] on malformed input; none panics.
@@ -75,6 +79,7 @@ pub const CHUNK_MAX_BYTES: usize = 256 << 10;
 const CHUNK_TRANSIENT: u8 = 0b1;
 const META_SETTLED: u8 = 0b01;
 const META_DELIVERED: u8 = 0b10;
+const META_RETURNS: u8 = 0b100;
 
 /// The key prefix of everything a queue has in the store.
 pub fn queue_prefix(queue: &str) -> Vec<u8> {
@@ -254,6 +259,8 @@ pub struct Meta {
     pub epoch: u64,
     settled: Vec<u8>,
     delivered: Vec<u8>,
+    /// (position - first, times returned), sorted by position.
+    returns: Vec<(u32, u32)>,
 }
 
 impl Meta {
@@ -269,6 +276,7 @@ impl Meta {
             epoch,
             settled: Vec::new(),
             delivered: Vec::new(),
+            returns: Vec::new(),
         }
     }
 
@@ -324,6 +332,39 @@ impl Meta {
         self.delivered[i] |= m;
     }
 
+    /// How often the message at `pos` came back after reaching a client.
+    pub fn returns(&self, pos: u64) -> u32 {
+        let Some(off) = self.offset(pos) else {
+            return 0;
+        };
+        self.returns
+            .binary_search_by_key(&off, |(o, _)| *o)
+            .map_or(0, |i| self.returns[i].1)
+    }
+
+    /// Records that the message at `pos` came back `count` times; false if
+    /// that is what the meta says already (or `pos` is not in this chunk).
+    pub fn set_returns(&mut self, pos: u64, count: u32) -> bool {
+        let Some(off) = self.offset(pos) else {
+            return false;
+        };
+        match self.returns.binary_search_by_key(&off, |(o, _)| *o) {
+            Ok(i) if self.returns[i].1 == count => false,
+            Ok(i) => {
+                self.returns[i].1 = count;
+                true
+            }
+            Err(i) => {
+                self.returns.insert(i, (off, count));
+                true
+            }
+        }
+    }
+
+    fn offset(&self, pos: u64) -> Option<u32> {
+        self.contains(pos).then(|| (pos - self.first) as u32)
+    }
+
     /// Live entries that a reader in store epoch `epoch` would return.
     pub fn live(&self, epoch: u64) -> u32 {
         if self.epoch == epoch {
@@ -349,9 +390,19 @@ impl Meta {
         if !self.delivered.is_empty() {
             flags |= META_DELIVERED;
         }
+        if !self.returns.is_empty() {
+            flags |= META_RETURNS;
+        }
         out.push(flags);
         out.extend_from_slice(&self.settled);
         out.extend_from_slice(&self.delivered);
+        if !self.returns.is_empty() {
+            out.extend_from_slice(&(self.returns.len() as u32).to_be_bytes());
+            for (off, count) in &self.returns {
+                out.extend_from_slice(&off.to_be_bytes());
+                out.extend_from_slice(&count.to_be_bytes());
+            }
+        }
         out
     }
 
@@ -376,7 +427,7 @@ impl Meta {
         m.durable_bytes = r.u64("durable bytes")?;
         m.epoch = r.u64("epoch")?;
         let flags = r.u8("meta flags")?;
-        if flags & !(META_SETTLED | META_DELIVERED) != 0 {
+        if flags & !(META_SETTLED | META_DELIVERED | META_RETURNS) != 0 {
             return Err(DecodeError(format!(
                 "unknown chunk meta flags {flags:#04x}"
             )));
@@ -387,6 +438,21 @@ impl Meta {
         }
         if flags & META_DELIVERED != 0 {
             m.delivered = r.take(len, "delivered bitmap")?.to_vec();
+        }
+        if flags & META_RETURNS != 0 {
+            let n = r.u32("return counts")?;
+            let span = end - first;
+            let mut last = None;
+            for _ in 0..n {
+                let (off, count) = (r.u32("return offset")?, r.u32("return count")?);
+                if u64::from(off) >= span || last.is_some_and(|l| off <= l) {
+                    return Err(DecodeError(format!(
+                        "chunk meta at {first}: return count at offset {off} out of order or range"
+                    )));
+                }
+                last = Some(off);
+                m.returns.push((off, count));
+            }
         }
         if r.pos != buf.len() {
             return Err(DecodeError(format!(
@@ -468,6 +534,38 @@ mod tests {
         let mut huge = enc.clone();
         huge[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(decode_chunk(&huge).is_err());
+    }
+
+    #[test]
+    fn meta_return_counts_round_trip() {
+        let mut m = Meta::new(100, 110, 4);
+        m.entries = 10;
+        m.live_durable = 10;
+        assert!(!m.encode().is_empty());
+        assert!(m.set_returns(107, 2));
+        assert!(m.set_returns(101, 1));
+        assert!(!m.set_returns(101, 1), "unchanged");
+        assert!(m.set_returns(107, 3));
+        assert!(!m.set_returns(110, 1), "outside the chunk");
+        let enc = m.encode();
+        let back = Meta::decode(100, &enc).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(
+            (back.returns(101), back.returns(107), back.returns(102)),
+            (1, 3, 0)
+        );
+        for n in 0..enc.len() {
+            assert!(Meta::decode(100, &enc[..n]).is_err(), "truncated at {n}");
+        }
+        // Offsets out of order or past the chunk are corruption, not misread.
+        let tail = enc.len() - 16;
+        let mut swapped = enc.clone();
+        swapped[tail..tail + 8].copy_from_slice(&enc[tail + 8..]);
+        swapped[tail + 8..].copy_from_slice(&enc[tail..tail + 8]);
+        assert!(Meta::decode(100, &swapped).is_err());
+        let mut far = enc.clone();
+        far[tail..tail + 4].copy_from_slice(&10u32.to_be_bytes());
+        assert!(Meta::decode(100, &far).is_err());
     }
 
     #[test]

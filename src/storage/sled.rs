@@ -144,6 +144,9 @@ pub enum MessageOp {
     },
     /// The message was handed to a consumer: it comes back redelivered after a restart.
     MarkDelivered { level: u8, pos: u64 },
+    /// The message came back to its queue `count` times after reaching a
+    /// client (the delivery-limit count): it comes back with it after a restart.
+    SetReturns { level: u8, pos: u64, count: u32 },
     /// Settle every message of `level` at `from` or later (a purge of what was
     /// never loaded).
     DropFrom { level: u8, from: u64 },
@@ -1061,6 +1064,48 @@ mod tests {
         let got = store.load_messages("q").unwrap();
         let flags: Vec<(u64, bool)> = got.iter().map(|(s, m)| (*s, m.redelivered)).collect();
         assert_eq!(flags, vec![(1, false), (2, true), (4, false)]);
+    }
+
+    #[test]
+    fn return_counts_survive_reopen() {
+        let dir = TempDir::new();
+        let q = |store: &Store| store.queue("q", true);
+        {
+            let store = Store::open(dir.path()).unwrap();
+            for i in 1..=3 {
+                store.insert_message("q", i, &msg(i));
+            }
+            // Set in the group of its insert (a builder) ...
+            store.submit(
+                &q(&store),
+                [MessageOp::SetReturns {
+                    level: 0,
+                    pos: 3,
+                    count: 1,
+                }],
+            );
+            block_on(store.sync()).unwrap();
+            // ... and on a written chunk, twice (the last count wins).
+            for count in [1, 2] {
+                store.submit(
+                    &q(&store),
+                    [MessageOp::SetReturns {
+                        level: 0,
+                        pos: 2,
+                        count,
+                    }],
+                );
+            }
+            block_on(store.sync()).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let got: Vec<(u64, u32)> = store
+            .read(&q(&store), 0, 0, usize::MAX, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.pos, r.returns))
+            .collect();
+        assert_eq!(got, vec![(1, 0), (2, 2), (3, 1)]);
     }
 
     /// Submits `n` inserts at `level` from position `from` (durable or not).

@@ -311,6 +311,7 @@
       const cols = [
         { label: 'Virtual host', sort: 'vhost', cell: (q) => esc(q.vhost) },
         { label: 'Name', sort: 'name', cell: (q) => qlink(q.vhost, q.name) },
+        { label: 'Type', sort: 'type', cell: (q) => esc(q.type || 'classic') },
         { label: 'Features', cell: (q) => esc([q.durable ? 'D' : '', q.auto_delete ? 'AD' : '', q.exclusive ? 'Excl' : '', Object.keys(q.arguments || {}).length ? 'Args' : ''].filter(Boolean).join(' ')) + (q.policy ? ' <span class="muted">' + esc(q.policy) + '</span>' : '') },
         { label: 'Ready', sort: 'messages_ready', n: 1, cell: (q) => num(q.messages_ready) },
         { label: 'Unacked', sort: 'messages_unacknowledged', n: 1, cell: (q) => num(q.messages_unacknowledged) },
@@ -346,7 +347,9 @@
     const xopts = exchanges.filter((x) => x.name !== '').map((x) => '<option>' + esc(x.name) + '</option>').join('');
     setPage('<h1>Queue <q>' + esc(name) + '</q> <span class="muted">in virtual host ' + esc(vhost) + '</span></h1>' +
       '<div id="qd-tiles" class="tiles"></div>' +
-      '<dl class="kv"><dt>Durable</dt><dd>' + (q.durable ? 'yes' : 'no') + '</dd><dt>Auto delete</dt><dd>' + (q.auto_delete ? 'yes' : 'no') + '</dd><dt>Exclusive</dt><dd>' + (q.exclusive ? 'yes' : 'no') +
+      '<dl class="kv"><dt>Type</dt><dd id="qd-type">' + esc(q.type || 'classic') +
+      (q.type === 'quorum' ? ' <span class="muted">1 replica (no clustering yet); delivery limit ' + esc(q.delivery_limit) + '</span>' : '') +
+      '</dd><dt>Durable</dt><dd>' + (q.durable ? 'yes' : 'no') + '</dd><dt>Auto delete</dt><dd>' + (q.auto_delete ? 'yes' : 'no') + '</dd><dt>Exclusive</dt><dd>' + (q.exclusive ? 'yes' : 'no') +
       '</dd><dt>Policy</dt><dd>' + esc(q.policy || 'none') + '</dd><dt>Effective policy</dt><dd><code>' + json(q.effective_policy_definition || {}) + '</code></dd><dt>Arguments</dt><dd><code>' + json(q.arguments || {}) + '</code></dd></dl>' +
       '<h2>Consumers</h2>' + table([
         { label: 'Channel', cell: (c) => esc(c.channel_details && c.channel_details.name) },
@@ -576,7 +579,7 @@
       { label: '', cell: (p, i) => '<button class="edit-pol" data-i="' + ps.indexOf(p) + '">Edit</button> <button class="danger del-pol" data-vhost="' + esc(p.vhost) + '" data-name="' + esc(p.name) + '">Delete</button>' },
     ], ps, { label: 'Policies', id: 'policies-table', empty: 'No policies.' }) +
       '<h2>Add / update a policy</h2><form id="pol-add" class="box"><label>Virtual host <select name="vhost">' + (await vhostOptions('/')) + '</select></label><label>Name <input name="name" required></label>' +
-      '<label>Pattern <input name="pattern" required placeholder="^orders\\."></label><label>Apply to <select name="apply_to"><option>all</option><option>queues</option><option>exchanges</option></select></label>' +
+      '<label>Pattern <input name="pattern" required placeholder="^orders\\."></label><label>Apply to <select name="apply_to"><option>all</option><option>queues</option><option>classic_queues</option><option>quorum_queues</option><option>exchanges</option></select></label>' +
       '<label>Priority <input name="priority" type="number" value="0"></label><label>Definition (JSON) <textarea name="definition" required placeholder=\'{"message-ttl": 60000}\'></textarea></label><button class="primary">Save policy</button></form>');
     onSubmit('#pol-add', async (d) => {
       const definition = parseJsonField(d.definition, 'Definition');

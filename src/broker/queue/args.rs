@@ -17,9 +17,79 @@ pub enum Overflow {
     RejectPublishDlx,
 }
 
+/// The queue type (`x-queue-type`), fixed at declaration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    #[default]
+    Classic,
+    /// A quorum queue: durable, never exclusive or auto-delete, every message
+    /// stored, a delivery limit (20 unless set), one replica until clustering exists.
+    Quorum,
+}
+
+impl QueueType {
+    /// The name in `x-queue-type` and in the admin API's `type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+
+    /// The implementing module, as RabbitMQ names the type in its errors.
+    pub fn module(self) -> &'static str {
+        match self {
+            QueueType::Classic => "rabbit_classic_queue",
+            QueueType::Quorum => "rabbit_quorum_queue",
+        }
+    }
+}
+
+/// `x-dead-letter-strategy` (quorum queues).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeadLetterStrategy {
+    #[default]
+    AtMostOnce,
+    /// Dead letters are routed before they leave the source's store; needs
+    /// `x-overflow: reject-publish` (else RabbitMQ falls back to at-most-once).
+    AtLeastOnce,
+}
+
+/// The delivery limit of a quorum queue that sets none (RabbitMQ 4.0).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
+/// Arguments only some queue types take: declaring another type with one is a
+/// 406 naming the type, as RabbitMQ's `check_arguments_key` does.
+const CLASSIC_ONLY: &[&str] = &[
+    "x-max-priority",
+    "x-queue-mode",
+    "x-queue-version",
+    "x-queue-master-locator",
+];
+const QUORUM_ONLY: &[&str] = &[
+    "x-dead-letter-strategy",
+    "x-max-in-memory-length",
+    "x-max-in-memory-bytes",
+    "x-quorum-initial-group-size",
+];
+const STREAM_ONLY: &[&str] = &[
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-stream-filter-size-bytes",
+    "x-initial-cluster-size",
+];
+
 /// The typed form of a queue's arguments.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct QueueArgs {
+    pub queue_type: QueueType,
+    /// Returns after which a message is dead-lettered (`x-delivery-limit`,
+    /// policy `delivery-limit`); `None`: unlimited. Quorum queues default to
+    /// [`DEFAULT_DELIVERY_LIMIT`]; warren also honours it on classic queues.
+    pub delivery_limit: Option<u32>,
+    pub dead_letter_strategy: DeadLetterStrategy,
+    /// `x-quorum-initial-group-size`: recorded (one replica is all there is).
+    pub initial_group_size: Option<u64>,
     pub message_ttl: Option<u64>,
     pub expires: Option<u64>,
     pub max_length: Option<u64>,
@@ -34,7 +104,7 @@ pub struct QueueArgs {
 }
 
 /// The field type as RabbitMQ names it in `{unacceptable_type,...}`.
-fn type_name(v: &FieldValue) -> &'static str {
+pub(crate) fn type_name(v: &FieldValue) -> &'static str {
     match v {
         FieldValue::Bool(_) => "bool",
         FieldValue::I8(_) => "byte",
@@ -87,6 +157,34 @@ impl QueueArgs {
                 .ok_or_else(|| bad(name, format!("{{unacceptable_type,{}}}", type_name(v))))
         };
         let mut a = QueueArgs::default();
+        // The type first: which arguments are valid depends on it.
+        if let Some(v) = arguments.get("x-queue-type") {
+            a.queue_type = match string("x-queue-type", v)?.as_str() {
+                // RabbitMQ treats an empty or "undefined" type as the default.
+                "classic" | "" | "undefined" => QueueType::Classic,
+                "quorum" => QueueType::Quorum,
+                other => {
+                    return Err(bad(
+                        "x-queue-type",
+                        format!("\"unsupported queue type '{other}'\""),
+                    ))
+                }
+            };
+        }
+        let foreign: &[&[&str]] = match a.queue_type {
+            QueueType::Classic => &[QUORUM_ONLY, STREAM_ONLY],
+            QueueType::Quorum => &[CLASSIC_ONLY, STREAM_ONLY],
+        };
+        if let Some((name, _)) = arguments
+            .iter()
+            .find(|(k, _)| foreign.iter().any(|list| list.contains(k)))
+        {
+            return Err(AmqpError::precondition_failed(format!(
+                "invalid arg '{name}' for queue '{queue}' in vhost '{vhost}' of queue type {}",
+                a.queue_type.module()
+            )));
+        }
+        let mut delivery_limit = None;
         for (name, v) in arguments.iter() {
             match name {
                 "x-message-ttl" => a.message_ttl = Some(int(name, v, 0)?),
@@ -129,16 +227,53 @@ impl QueueArgs {
                         return Err(bad(name, format!("\"unsupported queue mode '{other}'\"")))
                     }
                 },
-                "x-queue-type" => match string(name, v)?.as_str() {
-                    "classic" => {}
-                    other => {
-                        return Err(bad(
-                            name,
-                            format!("\"unsupported queue type '{other}'\""),
-                        ))
+                "x-delivery-limit" => {
+                    let i = v.as_i64().filter(|_| !matches!(v, FieldValue::Timestamp(_)));
+                    delivery_limit = Some(i.ok_or_else(|| {
+                        bad(name, format!("\"expected integer, got {}\"", type_name(v)))
+                    })?);
+                }
+                "x-dead-letter-strategy" => {
+                    a.dead_letter_strategy = match string(name, v)?.as_str() {
+                        "at-most-once" => DeadLetterStrategy::AtMostOnce,
+                        "at-least-once" => DeadLetterStrategy::AtLeastOnce,
+                        _ => return Err(bad(name, "invalid_dlx_strategy".to_string())),
                     }
+                }
+                "x-quorum-initial-group-size" => a.initial_group_size = Some(int(name, v, 1)?),
+                // Classic queue storage versions RabbitMQ (3.13 to 4.2) knows;
+                // warren has one store for both.
+                "x-queue-version" => match int(name, v, 0)? {
+                    1 | 2 => {}
+                    n => return Err(bad(name, format!("\"unsupported queue version '{n}'\""))),
                 },
+                "x-max-in-memory-length" | "x-max-in-memory-bytes" => {
+                    int(name, v, 0)?;
+                }
                 _ => {}
+            }
+        }
+        // A negative limit means none (RabbitMQ 4's way back to 3.13's unlimited).
+        a.delivery_limit = match delivery_limit {
+            Some(l) if l < 0 => None,
+            Some(l) => Some(u32::try_from(l).unwrap_or(u32::MAX)),
+            None if a.queue_type == QueueType::Quorum => Some(DEFAULT_DELIVERY_LIMIT),
+            None => None,
+        };
+        if a.queue_type == QueueType::Quorum {
+            // Quorum queues have no reject-publish-dlx: RabbitMQ warns and uses
+            // its default (drop-head).
+            if a.overflow == Overflow::RejectPublishDlx {
+                tracing::warn!(queue, vhost, "invalid overflow strategy reject-publish-dlx for quorum queue; using drop-head");
+                a.overflow = Overflow::DropHead;
+            }
+            // at-least-once needs reject-publish and a dead-letter exchange;
+            // otherwise RabbitMQ falls back to at-most-once (with a warning).
+            if a.dead_letter_strategy == DeadLetterStrategy::AtLeastOnce
+                && (a.overflow != Overflow::RejectPublish || a.dead_letter_exchange.is_none())
+            {
+                tracing::warn!(queue, vhost, "dead-letter-strategy at-least-once needs overflow reject-publish and a dead-letter exchange; falling back to at-most-once");
+                a.dead_letter_strategy = DeadLetterStrategy::AtMostOnce;
             }
         }
         if a.dead_letter_routing_key.is_some() && a.dead_letter_exchange.is_none() {
@@ -206,5 +341,95 @@ mod tests {
         )
         .expect_err("dlrk without dlx");
         assert!(e.text.contains("x-dead-letter-exchange"));
+    }
+
+    #[test]
+    fn quorum_type_limits_and_fallbacks() {
+        let quorum = ("x-queue-type", FieldValue::string("quorum"));
+        let a = QueueArgs::parse(&table(std::slice::from_ref(&quorum)), "q", "/").expect("quorum");
+        assert_eq!(a.queue_type, QueueType::Quorum);
+        assert_eq!(a.delivery_limit, Some(DEFAULT_DELIVERY_LIMIT));
+        // Classic: no limit unless set; a negative one is none anywhere.
+        let a = QueueArgs::parse(&table(&[]), "q", "/").expect("classic");
+        assert_eq!((a.queue_type, a.delivery_limit), (QueueType::Classic, None));
+        let a = QueueArgs::parse(
+            &table(&[("x-delivery-limit", FieldValue::I16(3))]),
+            "q",
+            "/",
+        )
+        .expect("classic limit");
+        assert_eq!(a.delivery_limit, Some(3));
+        let a = QueueArgs::parse(
+            &table(&[quorum.clone(), ("x-delivery-limit", FieldValue::I64(-1))]),
+            "q",
+            "/",
+        )
+        .expect("unlimited");
+        assert_eq!(a.delivery_limit, None);
+        // reject-publish-dlx: drop-head on a quorum queue (RabbitMQ warns).
+        let a = QueueArgs::parse(
+            &table(&[
+                quorum.clone(),
+                ("x-overflow", FieldValue::string("reject-publish-dlx")),
+            ]),
+            "q",
+            "/",
+        )
+        .expect("accepted");
+        assert_eq!(a.overflow, Overflow::DropHead);
+        // at-least-once only with reject-publish and a dead-letter exchange.
+        let strategy = (
+            "x-dead-letter-strategy",
+            FieldValue::string("at-least-once"),
+        );
+        let dlx = ("x-dead-letter-exchange", FieldValue::string("dlx"));
+        let a = QueueArgs::parse(
+            &table(&[quorum.clone(), strategy.clone(), dlx.clone()]),
+            "q",
+            "/",
+        )
+        .expect("falls back");
+        assert_eq!(a.dead_letter_strategy, DeadLetterStrategy::AtMostOnce);
+        let a = QueueArgs::parse(
+            &table(&[
+                quorum.clone(),
+                strategy,
+                dlx,
+                ("x-overflow", FieldValue::string("reject-publish")),
+            ]),
+            "q",
+            "/",
+        )
+        .expect("at-least-once");
+        assert_eq!(a.dead_letter_strategy, DeadLetterStrategy::AtLeastOnce);
+        // Arguments of another type name that type.
+        let e = QueueArgs::parse(
+            &table(&[quorum, ("x-max-priority", FieldValue::U8(2))]),
+            "q",
+            "/",
+        )
+        .expect_err("classic-only");
+        assert_eq!(
+            e.text,
+            "PRECONDITION_FAILED - invalid arg 'x-max-priority' for queue 'q' in vhost '/' of queue type rabbit_quorum_queue"
+        );
+        for (v, ok) in [(1, true), (2, true), (3, false)] {
+            let r = QueueArgs::parse(&table(&[("x-queue-version", FieldValue::I32(v))]), "q", "/");
+            assert_eq!(r.is_ok(), ok, "x-queue-version {v}");
+        }
+        let e = QueueArgs::parse(&table(&[("x-queue-version", FieldValue::I32(3))]), "q", "/")
+            .expect_err("version 3");
+        assert!(
+            e.text.ends_with("\"unsupported queue version '3'\""),
+            "{}",
+            e.text
+        );
+        let e = QueueArgs::parse(&table(&[("x-max-age", FieldValue::string("1D"))]), "q", "/")
+            .expect_err("stream-only");
+        assert!(
+            e.text.ends_with("of queue type rabbit_classic_queue"),
+            "{}",
+            e.text
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Dead-lettering: the `x-death` bookkeeping RabbitMQ does when a message is
-//! rejected, expires or is dropped by a length limit, and cycle detection.
+//! rejected, expires, is dropped by a length limit or goes past its delivery
+//! limit, and cycle detection.
 
 use crate::broker::message::Message;
 use crate::wire::{BasicProperties, FieldTable, FieldValue};
@@ -11,6 +12,8 @@ pub enum Reason {
     Rejected,
     Expired,
     MaxLen,
+    /// Returned more often than the queue's delivery limit allows.
+    DeliveryLimit,
 }
 
 impl Reason {
@@ -19,6 +22,7 @@ impl Reason {
             Reason::Rejected => "rejected",
             Reason::Expired => "expired",
             Reason::MaxLen => "maxlen",
+            Reason::DeliveryLimit => "delivery_limit",
         }
     }
 }

@@ -41,7 +41,7 @@ pub mod ready;
 #[cfg(test)]
 mod tests;
 
-pub use args::{Overflow, QueueArgs};
+pub use args::{DeadLetterStrategy, Overflow, QueueArgs, QueueType};
 pub use consumer::{Consumer, Credit, Delivery, DeliverySink};
 pub use dead_letter::Reason;
 
@@ -89,6 +89,9 @@ pub struct Queue {
     store: Option<QueueStore>,
     /// `x-max-priority` (0: a plain queue); a message's level follows from it.
     max_priority: u8,
+    /// A quorum queue (`x-queue-type`, fixed at declaration): it stores every
+    /// message, transient ones too, as RabbitMQ's quorum queues do.
+    quorum: bool,
     /// Resident message bytes broker-wide; past its limit persistent messages page out.
     budget: Arc<MemoryBudget>,
     state: Mutex<State>,
@@ -175,6 +178,7 @@ impl Queue {
         now: u64,
     ) -> Arc<Queue> {
         let max_priority = args.max_priority;
+        let quorum = args.queue_type == QueueType::Quorum;
         let store = store.map(|(store, durable)| QueueStore {
             queue: store.queue(&store_key(&spec.vhost, &spec.name), durable),
             store,
@@ -187,6 +191,7 @@ impl Queue {
             vhost,
             store,
             max_priority,
+            quorum,
             budget: Arc::clone(&budget),
             state: Mutex::new(State {
                 ready: Ready::new(max_priority, budget),
@@ -204,6 +209,15 @@ impl Queue {
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// The queue type, fixed at declaration.
+    pub fn queue_type(&self) -> QueueType {
+        if self.quorum {
+            QueueType::Quorum
+        } else {
+            QueueType::Classic
+        }
     }
 
     /// The counters as of `now` (messages due by then are expired first).
@@ -254,7 +268,7 @@ impl Queue {
             (a, b) => a.or(b),
         };
         let expires_at = ttl.map(|t| now.saturating_add(t));
-        let durable = self.is_durable() && message.is_persistent();
+        let durable = self.is_durable() && (self.quorum || message.is_persistent());
         // The costly part of a durable write (copying the body) happens unlocked.
         let record = durable.then(|| encode(&message, false, expires_at));
         let mut fx = Effects::default();
@@ -591,7 +605,10 @@ impl Queue {
 
     /// Put messages back at their original positions, at `now`.
     /// `were_unacked`: they were counted unacked (false for deliveries never sent);
-    /// `redelivered`: mark them redelivered (they reached the client).
+    /// `redelivered`: mark them redelivered (they reached the client); on a
+    /// queue that counts deliveries this is a return, and a message returned
+    /// more often than the delivery limit is dead-lettered (`delivery_limit`)
+    /// or dropped instead.
     pub fn requeue(
         self: &Arc<Self>,
         entries: Vec<Entry>,
@@ -610,13 +627,34 @@ impl Queue {
         if s.deleted {
             return;
         }
+        let args = self.args();
+        // A return of a message that reached a client counts towards the
+        // delivery limit (RabbitMQ 4: the acquired count, on every return).
+        let counting = redelivered && (self.quorum || args.delivery_limit.is_some());
         for mut entry in entries {
             entry.redelivered |= redelivered;
+            if counting {
+                entry.delivery_count = entry.delivery_count.saturating_add(1);
+                if args
+                    .delivery_limit
+                    .is_some_and(|l| entry.delivery_count > l)
+                {
+                    self.discard(entry, Reason::DeliveryLimit, &args, &mut fx);
+                    continue;
+                }
+                // A stored message keeps its count across a restart.
+                if let (true, Some(pos), Some(_)) = (entry.persisted, entry.pos, &self.store) {
+                    fx.ops.push(MessageOp::SetReturns {
+                        level: level_for(entry.priority, self.max_priority),
+                        pos,
+                        count: entry.delivery_count,
+                    });
+                }
+            }
             s.may_expire |= entry.expires_at.is_some();
             s.ready.requeue(entry);
         }
         // RabbitMQ applies drop-head on requeue too: the requeued head may go.
-        let args = self.args();
         if args.overflow == Overflow::DropHead {
             self.enforce_limits(&mut s, &args, &mut fx);
         }
@@ -825,6 +863,7 @@ impl Queue {
             s.next_seq += 1;
             let mut entry = Entry::new(seq, message, m.expires_at);
             entry.redelivered = m.redelivered;
+            entry.delivery_count = r.returns;
             entry.persisted = r.durable;
             entry.pos = Some(r.pos);
             s.may_expire |= m.expires_at.is_some();

@@ -13,7 +13,7 @@ use super::VHost;
 use crate::broker::exchange::{self, Binding, Destination, ExchangeKind, Router};
 use crate::broker::persist;
 use crate::broker::policy::Policy;
-use crate::broker::queue::{Queue, QueueArgs, QueueSpec, QueueStats};
+use crate::broker::queue::{Queue, QueueArgs, QueueSpec, QueueStats, QueueType};
 use crate::error::{AmqpError, AmqpResult};
 use crate::storage::StorageError;
 use crate::wire::{FieldTable, FieldValue};
@@ -126,6 +126,38 @@ fn keep_first(acc: &mut AmqpResult<()>, r: AmqpResult<()>) {
     }
 }
 
+/// A redeclare with another argument value, in RabbitMQ's words.
+fn inequivalent_arg(
+    arg: &str,
+    name: &str,
+    vhost: &str,
+    got: Option<&FieldValue>,
+    cur: Option<&FieldValue>,
+) -> AmqpError {
+    AmqpError::precondition_failed(format!(
+        "inequivalent arg '{arg}' for queue '{name}' in vhost '{vhost}': received {} but current is {}",
+        describe(got),
+        describe(cur)
+    ))
+}
+
+/// What a quorum queue cannot be, checked in RabbitMQ's order
+/// (`rabbit_queue_type_util`): auto-delete, exclusive, non-durable.
+fn check_quorum(d: &QueueDeclare, name: &str, vhost: &str) -> AmqpResult<()> {
+    let property = if d.auto_delete {
+        "auto-delete"
+    } else if d.exclusive {
+        "exclusive-owner"
+    } else if !d.durable {
+        "non-durable"
+    } else {
+        return Ok(());
+    };
+    Err(AmqpError::precondition_failed(format!(
+        "invalid property '{property}' for queue '{name}' in vhost '{vhost}'"
+    )))
+}
+
 fn inequivalent(
     what: &str,
     kind: &str,
@@ -139,41 +171,60 @@ fn inequivalent(
     ))
 }
 
-/// Queue arguments whose values must match on redeclare, as RabbitMQ checks them.
+/// Queue arguments whose values must match on redeclare, as RabbitMQ checks
+/// them: those every type takes, then the existing queue's type's own
+/// (RabbitMQ compares the type's `queue_arguments`).
 const EQUIVALENCE_ARGS: &[&str] = &[
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
     "x-expires",
     "x-max-length",
     "x-max-length-bytes",
-    "x-max-priority",
     "x-message-ttl",
     "x-overflow",
-    "x-queue-mode",
     "x-queue-type",
     "x-single-active-consumer",
 ];
+const CLASSIC_EQUIVALENCE_ARGS: &[&str] = &[
+    "x-max-priority",
+    "x-queue-mode",
+    // warren's extension: classic queues honour a delivery limit too.
+    "x-delivery-limit",
+];
+const QUORUM_EQUIVALENCE_ARGS: &[&str] = &[
+    "x-delivery-limit",
+    "x-dead-letter-strategy",
+    "x-quorum-initial-group-size",
+];
 
+/// An argument's value as RabbitMQ's equivalence error shows it.
 fn describe(v: Option<&FieldValue>) -> String {
-    match v {
-        None => "none".into(),
-        Some(FieldValue::LongString(b)) => String::from_utf8_lossy(b).into_owned(),
-        Some(FieldValue::Bool(b)) => b.to_string(),
-        Some(other) => other
+    let Some(v) = v else {
+        return "none".into();
+    };
+    let value = match v {
+        FieldValue::LongString(b) => String::from_utf8_lossy(b).into_owned(),
+        FieldValue::Bool(b) => b.to_string(),
+        other => other
             .as_i64()
             .map(|i| i.to_string())
             .unwrap_or_else(|| format!("{other:?}")),
-    }
+    };
+    format!(
+        "the value '{value}' of type '{}'",
+        crate::broker::queue::args::type_name(v)
+    )
 }
 
-fn same_arg(a: Option<&FieldValue>, b: Option<&FieldValue>) -> bool {
+fn same_arg(key: &str, a: Option<&FieldValue>, b: Option<&FieldValue>) -> bool {
     match (a, b) {
         (Some(x), Some(y)) => match (x.as_i64(), y.as_i64()) {
             (Some(i), Some(j)) => i == j,
             _ => x == y,
         },
         (None, None) => true,
-        _ => false,
+        // A classic queue need not carry its type (rabbitmq-common#341).
+        (Some(x), None) | (None, Some(x)) => key == "x-queue-type" && x.as_str() == Some("classic"),
     }
 }
 
@@ -225,11 +276,10 @@ impl VHost {
                     )
                 })?
         } else {
+            // RabbitMQ 4.0 made this a channel error (406); 3.13 closed the
+            // connection with 503 COMMAND_INVALID.
             ExchangeKind::parse(&d.kind).ok_or_else(|| {
-                AmqpError::command_invalid(format!(
-                    "invalid exchange type '{}' for exchange '{}' in vhost '{}'",
-                    d.kind, d.name, self.name
-                ))
+                AmqpError::precondition_failed(format!("unknown exchange type '{}'", d.kind))
             })?
         };
         let mut exchanges = self.exchanges.write();
@@ -407,6 +457,12 @@ impl VHost {
             )));
         }
         let name = if d.name.is_empty() {
+            if d.arguments.get("x-queue-type").and_then(FieldValue::as_str) == Some("quorum") {
+                return Err(AmqpError::precondition_failed(format!(
+                    "Cannot declare a server-named queue for type {}",
+                    QueueType::Quorum.module()
+                )));
+            }
             super::generate_name("amq.gen-")
         } else {
             d.name.clone()
@@ -441,10 +497,14 @@ impl VHost {
                     spec.auto_delete.to_string(),
                 ));
             }
-            for arg in EQUIVALENCE_ARGS {
+            let own = match existing.queue_type() {
+                QueueType::Classic => CLASSIC_EQUIVALENCE_ARGS,
+                QueueType::Quorum => QUORUM_EQUIVALENCE_ARGS,
+            };
+            for arg in EQUIVALENCE_ARGS.iter().chain(own) {
                 let (got, cur) = (d.arguments.get(arg), spec.arguments.get(arg));
-                if !same_arg(got, cur) {
-                    return Err(e(arg, describe(got), describe(cur)));
+                if !same_arg(arg, got, cur) {
+                    return Err(inequivalent_arg(arg, &name, &self.name, got, cur));
                 }
             }
             let q = Arc::clone(existing);
@@ -452,6 +512,9 @@ impl VHost {
             q.touch(now);
             let stats = q.stats(now);
             return Ok((q, stats));
+        }
+        if args.queue_type == QueueType::Quorum {
+            check_quorum(d, &name, &self.name)?;
         }
         if origin == Origin::Client {
             if let Some(max) = self.max_queues() {
