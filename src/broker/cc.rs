@@ -40,36 +40,13 @@ pub fn take_cc_keys(properties: &mut BasicProperties) -> AmqpResult<Vec<ShortStr
             Some(other) => {
                 return Err(AmqpError::precondition_failed(format!(
                     "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",
-                    erlang_type(other)
+                    other.rabbit_type_name()
                 )))
             }
         }
     }
     headers.remove("BCC");
     Ok(keys)
-}
-
-/// RabbitMQ's name of a field value's type, for the error text.
-fn erlang_type(v: &FieldValue) -> &'static str {
-    match v {
-        FieldValue::Bool(_) => "bool",
-        FieldValue::I8(_) => "byte",
-        FieldValue::U8(_) => "unsignedbyte",
-        FieldValue::I16(_) => "short",
-        FieldValue::U16(_) => "unsignedshort",
-        FieldValue::I32(_) => "signedint",
-        FieldValue::U32(_) => "unsignedint",
-        FieldValue::I64(_) => "long",
-        FieldValue::F32(_) => "float",
-        FieldValue::F64(_) => "double",
-        FieldValue::Decimal(..) => "decimal",
-        FieldValue::LongString(_) => "longstr",
-        FieldValue::Array(_) => "array",
-        FieldValue::Timestamp(_) => "timestamp",
-        FieldValue::Table(_) => "table",
-        FieldValue::ByteArray(_) => "binary",
-        FieldValue::Void => "void",
-    }
 }
 
 #[cfg(test)]

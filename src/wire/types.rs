@@ -93,6 +93,30 @@ impl FieldTable {
 }
 
 impl FieldValue {
+    /// The value's type as RabbitMQ (Erlang) names it in error texts, e.g.
+    /// `{unacceptable_type,longstr}`.
+    pub fn rabbit_type_name(&self) -> &'static str {
+        match self {
+            FieldValue::Bool(_) => "bool",
+            FieldValue::I8(_) => "byte",
+            FieldValue::U8(_) => "unsignedbyte",
+            FieldValue::I16(_) => "short",
+            FieldValue::U16(_) => "unsignedshort",
+            FieldValue::I32(_) => "signedint",
+            FieldValue::U32(_) => "unsignedint",
+            FieldValue::I64(_) => "long",
+            FieldValue::F32(_) => "float",
+            FieldValue::F64(_) => "double",
+            FieldValue::Decimal(..) => "decimal",
+            FieldValue::LongString(_) => "longstr",
+            FieldValue::Array(_) => "array",
+            FieldValue::Timestamp(_) => "timestamp",
+            FieldValue::Table(_) => "table",
+            FieldValue::ByteArray(_) => "binary",
+            FieldValue::Void => "void",
+        }
+    }
+
     /// The value as a signed integer, for any integer type.
     pub fn as_i64(&self) -> Option<i64> {
         match *self {

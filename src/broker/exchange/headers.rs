@@ -17,7 +17,7 @@
 //! n-th argument named `k` is compared with the n-th header named `k`.
 //! The routing key plays no part.
 
-use super::{canonical, rabbit_type_name, Binding, BindingIndex, Collector, Destination, Router};
+use super::{canonical, Binding, BindingIndex, Collector, Destination, Router};
 use crate::wire::types::{FieldTable, FieldValue};
 
 /// Routing table of a headers exchange.
@@ -178,7 +178,7 @@ pub(super) fn validate(arguments: &FieldTable) -> Result<(), String> {
         },
         Some(other) => Err(format!(
             "Invalid x-match field type {} (value {}); expected longstr",
-            rabbit_type_name(other),
+            other.rabbit_type_name(),
             erlang_value(other)
         )),
     }

@@ -26,7 +26,7 @@ pub use fanout::FanoutRouter;
 pub use headers::HeadersRouter;
 pub use topic::TopicRouter;
 
-use crate::wire::types::{FieldTable, FieldValue};
+use crate::wire::types::FieldTable;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -255,32 +255,10 @@ impl<'a> Collector<'a> {
     }
 }
 
-/// RabbitMQ's name for a field value's type, as it appears in its error messages.
-fn rabbit_type_name(value: &FieldValue) -> &'static str {
-    match value {
-        FieldValue::Bool(_) => "bool",
-        FieldValue::I8(_) => "byte",
-        FieldValue::U8(_) => "unsignedbyte",
-        FieldValue::I16(_) => "short",
-        FieldValue::U16(_) => "unsignedshort",
-        FieldValue::I32(_) => "signedint",
-        FieldValue::U32(_) => "unsignedint",
-        FieldValue::I64(_) => "long",
-        FieldValue::F32(_) => "float",
-        FieldValue::F64(_) => "double",
-        FieldValue::Decimal(..) => "decimal",
-        FieldValue::LongString(_) => "longstr",
-        FieldValue::Array(_) => "array",
-        FieldValue::Timestamp(_) => "timestamp",
-        FieldValue::Table(_) => "table",
-        FieldValue::Void => "void",
-        FieldValue::ByteArray(_) => "binary",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::types::FieldValue;
 
     pub(super) fn q(name: &str) -> Destination {
         Destination::Queue(name.into())

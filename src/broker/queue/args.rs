@@ -103,31 +103,6 @@ pub struct QueueArgs {
     pub consumer_timeout: Option<u64>,
 }
 
-/// The field type as RabbitMQ names it in `{unacceptable_type,...}`.
-pub(crate) fn type_name(v: &FieldValue) -> &'static str {
-    match v {
-        FieldValue::Bool(_) => "bool",
-        FieldValue::I8(_) => "byte",
-        FieldValue::U8(_) => "unsignedbyte",
-        FieldValue::I16(_) => "short",
-        FieldValue::U16(_) => "unsignedshort",
-        FieldValue::I32(_) => "signedint",
-        FieldValue::U32(_) => "unsignedint",
-        FieldValue::I64(_) => "long",
-        FieldValue::LongString(_) => "longstr",
-        FieldValue::Table(_) => "table",
-        FieldValue::Array(_) => "array",
-        FieldValue::Void => "void",
-        FieldValue::F32(_) => "float",
-        FieldValue::F64(_) => "double",
-        FieldValue::Decimal(..) => "decimal",
-        FieldValue::ByteArray(_) => "binary",
-        FieldValue::Timestamp(_) => "timestamp",
-        #[allow(unreachable_patterns)]
-        _ => "unknown",
-    }
-}
-
 impl QueueArgs {
     /// Parse and validate `arguments` of queue `queue` in `vhost`.
     pub fn parse(arguments: &FieldTable, queue: &str, vhost: &str) -> AmqpResult<QueueArgs> {
@@ -140,7 +115,12 @@ impl QueueArgs {
             let i = v
                 .as_i64()
                 .filter(|_| !matches!(v, FieldValue::Timestamp(_)))
-                .ok_or_else(|| bad(name, format!("\"expected integer, got {}\"", type_name(v))))?;
+                .ok_or_else(|| {
+                    bad(
+                        name,
+                        format!("\"expected integer, got {}\"", v.rabbit_type_name()),
+                    )
+                })?;
             if i < min {
                 let what = if i == 0 {
                     "value_zero"
@@ -152,9 +132,12 @@ impl QueueArgs {
             Ok(i as u64)
         };
         let string = |name: &str, v: &FieldValue| -> AmqpResult<String> {
-            v.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| bad(name, format!("{{unacceptable_type,{}}}", type_name(v))))
+            v.as_str().map(str::to_string).ok_or_else(|| {
+                bad(
+                    name,
+                    format!("{{unacceptable_type,{}}}", v.rabbit_type_name()),
+                )
+            })
         };
         let mut a = QueueArgs::default();
         // The type first: which arguments are valid depends on it.
@@ -203,7 +186,7 @@ impl QueueArgs {
                     a.dead_letter_exchange = Some(v.as_str().map(str::to_string).ok_or_else(|| {
                         AmqpError::precondition_failed(format!(
                             "invalid type '{}' for arg '{name}' in queue '{queue}' in vhost '{vhost}'",
-                            type_name(v)
+                            v.rabbit_type_name()
                         ))
                     })?)
                 }
@@ -218,7 +201,7 @@ impl QueueArgs {
                 }
                 "x-single-active-consumer" => {
                     a.single_active_consumer = v.as_bool().ok_or_else(|| {
-                        bad(name, format!("{{unacceptable_type,{}}}", type_name(v)))
+                        bad(name, format!("{{unacceptable_type,{}}}", v.rabbit_type_name()))
                     })?
                 }
                 "x-queue-mode" => match string(name, v)?.as_str() {
@@ -230,7 +213,7 @@ impl QueueArgs {
                 "x-delivery-limit" => {
                     let i = v.as_i64().filter(|_| !matches!(v, FieldValue::Timestamp(_)));
                     delivery_limit = Some(i.ok_or_else(|| {
-                        bad(name, format!("\"expected integer, got {}\"", type_name(v)))
+                        bad(name, format!("\"expected integer, got {}\"", v.rabbit_type_name()))
                     })?);
                 }
                 "x-dead-letter-strategy" => {

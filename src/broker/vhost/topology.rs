@@ -210,10 +210,7 @@ fn describe(v: Option<&FieldValue>) -> String {
             .map(|i| i.to_string())
             .unwrap_or_else(|| format!("{other:?}")),
     };
-    format!(
-        "the value '{value}' of type '{}'",
-        crate::broker::queue::args::type_name(v)
-    )
+    format!("the value '{value}' of type '{}'", v.rabbit_type_name())
 }
 
 fn same_arg(key: &str, a: Option<&FieldValue>, b: Option<&FieldValue>) -> bool {
