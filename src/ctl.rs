@@ -59,6 +59,10 @@ pub enum Command {
     /// Remove a user's password: it can then log in only with a client
     /// certificate (SASL EXTERNAL), as rabbitmqctl clear_password.
     ClearPassword { name: String },
+    /// Read the TLS certificate, key and CA files of the broker's listeners again
+    /// (what SIGHUP does): new connections get the new certificate.
+    #[command(alias = "reload_tls")]
+    ReloadTls,
     /// Set a user's configure / write / read regexes in a vhost.
     SetPermissions {
         user: String,
@@ -362,6 +366,10 @@ pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
         Command::DeleteUser { name } => {
             target.call("DELETE", &format!("/api/users/{}", seg(&name)), None)?;
             Ok(format!("Deleted user '{name}'\n"))
+        }
+        Command::ReloadTls => {
+            target.call("POST", "/api/warren/reload-tls", None)?;
+            Ok("Reloaded the TLS certificates\n".into())
         }
         Command::ClearPassword { name } => {
             let path = format!("/api/users/{}", seg(&name));

@@ -72,22 +72,23 @@ impl Warren {
     /// SIGHUP does): new connections get the new certificate, open ones keep
     /// going. A listener whose files do not load keeps its configuration.
     pub fn reload_tls(&self) -> Result<(), tls::TlsError> {
-        let mut result = Ok(());
-        for (what, t) in [
-            ("AMQPS", self.server.tls()),
-            ("admin HTTPS", self.admin_tls.as_ref()),
-        ] {
-            let Some(t) = t else { continue };
-            match t.reload() {
-                Ok(()) => tracing::info!("{what} certificate reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "{what} certificate not reloaded; keeping the old one");
-                    result = Err(e);
-                }
-            }
-        }
-        result
+        tls::reload_all(&self.tls_listeners())
     }
+
+    fn tls_listeners(&self) -> tls::Listeners {
+        tls_listeners(self.server.tls(), self.admin_tls.as_ref())
+    }
+}
+
+/// The TLS listeners that are configured, by name.
+fn tls_listeners(
+    amqps: Option<&Arc<tls::ServerTls>>,
+    admin: Option<&Arc<tls::ServerTls>>,
+) -> tls::Listeners {
+    [("AMQPS", amqps), ("admin HTTPS", admin)]
+        .into_iter()
+        .filter_map(|(what, t)| Some((what, Arc::clone(t?))))
+        .collect()
 }
 
 /// Why the broker could not start.
@@ -142,7 +143,8 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         });
     let admin = if http.is_some() || https.is_some() {
         let every = std::time::Duration::from_secs(config.admin_sample_interval_secs.max(1));
-        let state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
+        let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
+        state.tls = tls_listeners(server.tls(), admin_tls.as_ref());
         admin::start(http.as_deref(), https, state, every).await?
     } else {
         admin::Addrs::default()

@@ -751,6 +751,30 @@ async fn sighup_serves_the_new_certificate_to_new_connections_and_keeps_old_ones
         "an untrusted server certificate was accepted"
     );
 
+    // `warren reload-tls` does what SIGHUP does, through the admin API: a third
+    // certificate (same CA) is served once the command returns.
+    let third = pki.write_server(&new_ca);
+    assert_ne!(third.cert_der, second.cert_der);
+    let url = format!("https://localhost:{https_port}");
+    let mut reload = std::process::Command::new(env!("CARGO_BIN_EXE_warren"));
+    reload
+        .args(["--url", &url, "--cacert"])
+        .arg(pki.path("new-ca.pem"))
+        .arg("reload-tls");
+    let out = tokio::task::spawn_blocking(move || reload.output().expect("run warren"))
+        .await
+        .expect("cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        served_cert(amqps_port, &new_ca.pem()).await.expect("tls"),
+        third.cert_der,
+        "AMQPS serves the certificate reloaded by the CLI"
+    );
+
     let _ = t(new.close(200, "bye")).await;
     let _ = t(old.close(200, "bye")).await;
     drop(child);

@@ -44,6 +44,8 @@ pub struct AdminState {
     pub rates: Arc<metrics::Rates>,
     pub started_at: u64,
     pub shovels: Arc<crate::shovel::Shovels>,
+    /// The broker's TLS listeners (`POST /api/warren/reload-tls` reloads them).
+    pub tls: crate::tls::Listeners,
 }
 
 impl AdminState {
@@ -54,6 +56,7 @@ impl AdminState {
             rates: metrics::Rates::new(),
             started_at: crate::clock::now_ms(),
             shovels,
+            tls: Vec::new(),
         }
     }
 }
@@ -349,6 +352,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/nodes", get(overview::nodes))
         .route("/api/nodes/:node", get(overview::node))
         .route("/api/whoami", get(overview::whoami))
+        .route(
+            "/api/warren/reload-tls",
+            axum::routing::post(overview::reload_tls),
+        )
         .route("/api/health/checks/alarms", get(overview::alarms))
         .route("/api/aliveness-test/:vhost", get(overview::aliveness))
         .route("/api/vhosts", get(vhosts::list))

@@ -101,6 +101,28 @@ pub async fn whoami(caller: Caller) -> Json<Value> {
     Json(json!({"name": caller.0.name, "tags": caller.0.tags_list()}))
 }
 
+/// `POST /api/warren/reload-tls` (administrators; warren's own, the CLI's
+/// `reload-tls`): read the certificate, key and CA files of every TLS listener
+/// again, as SIGHUP does. 204; 400 when no TLS listener is configured; 500 with
+/// the reason when a file does not load (that listener keeps its certificate).
+pub async fn reload_tls(
+    State(s): State<AdminState>,
+    caller: Caller,
+) -> Result<axum::http::StatusCode, super::ApiError> {
+    caller.require_admin()?;
+    if s.tls.is_empty() {
+        return Err(super::ApiError::bad_request(
+            "no TLS listener is configured",
+        ));
+    }
+    crate::tls::reload_all(&s.tls).map_err(|e| super::ApiError {
+        status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        error: "reload_failed",
+        reason: e.to_string(),
+    })?;
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
 /// 200 when no resource alarm is in effect, 503 listing them otherwise (RabbitMQ's
 /// shape). warren's only alarm is the memory alarm.
 pub async fn alarms(State(s): State<AdminState>, _caller: Caller) -> axum::response::Response {
