@@ -364,6 +364,26 @@ fn san_value(name: &GeneralName<'_>, kind: SanType) -> Option<String> {
     }
 }
 
+/// The TLS listeners of a running broker, by name ("AMQPS", "admin HTTPS"), for
+/// reloading their files together (SIGHUP, or `warren reload-tls` via the API).
+pub type Listeners = Vec<(&'static str, Arc<ServerTls>)>;
+
+/// Reloads every listener's files; one whose files do not load keeps its
+/// configuration (logged), and the last such error is returned.
+pub fn reload_all(listeners: &Listeners) -> Result<(), TlsError> {
+    let mut result = Ok(());
+    for (what, t) in listeners {
+        match t.reload() {
+            Ok(()) => tracing::info!("{what} certificate reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "{what} certificate not reloaded; keeping the old one");
+                result = Err(e);
+            }
+        }
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,24 +506,4 @@ mod tests {
         ));
         let _ = std::fs::remove_dir_all(&dir);
     }
-}
-
-/// The TLS listeners of a running broker, by name ("AMQPS", "admin HTTPS"), for
-/// reloading their files together (SIGHUP, or `warren reload-tls` via the API).
-pub type Listeners = Vec<(&'static str, Arc<ServerTls>)>;
-
-/// Reloads every listener's files; one whose files do not load keeps its
-/// configuration (logged), and the last such error is returned.
-pub fn reload_all(listeners: &Listeners) -> Result<(), TlsError> {
-    let mut result = Ok(());
-    for (what, t) in listeners {
-        match t.reload() {
-            Ok(()) => tracing::info!("{what} certificate reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "{what} certificate not reloaded; keeping the old one");
-                result = Err(e);
-            }
-        }
-    }
-    result
 }
