@@ -850,23 +850,22 @@ impl Queue {
         let next = loaded.last().map_or(from, |r| r.pos + 1);
         let mut entries = Vec::with_capacity(loaded.len());
         for r in loaded {
-            let m = r.message;
-            let properties = match crate::wire::BasicProperties::decode(&m.properties) {
-                Ok(p) => p,
+            let (expires_at, redelivered) = (r.message.expires_at, r.message.redelivered);
+            let message = match stored_message(r.message) {
+                Ok(m) => m,
                 Err(err) => {
                     tracing::error!(queue = %self.spec.name, pos = r.pos, error = %err, "unreadable stored properties; message skipped");
                     continue;
                 }
             };
-            let message = Message::new(m.exchange, m.routing_key, properties, m.body);
             let seq = s.next_seq;
             s.next_seq += 1;
-            let mut entry = Entry::new(seq, message, m.expires_at);
-            entry.redelivered = m.redelivered;
+            let mut entry = Entry::new(seq, message, expires_at);
+            entry.redelivered = redelivered;
             entry.delivery_count = r.returns;
             entry.persisted = r.durable;
             entry.pos = Some(r.pos);
-            s.may_expire |= m.expires_at.is_some();
+            s.may_expire |= expires_at.is_some();
             entries.push(entry);
         }
         s.ready.install(level, from, next, entries);
@@ -921,6 +920,15 @@ fn submit_in_order(qs: &QueueStore, s: MutexGuard<'_, State>, ops: Vec<MessageOp
 /// The store key of a queue.
 pub fn store_key(vhost: &str, name: &str) -> String {
     format!("{vhost}\0{name}")
+}
+
+/// The message a stored record holds (its properties decoded); the error if they
+/// do not decode.
+pub(crate) fn stored_message(
+    m: crate::storage::StoredMessage,
+) -> Result<Arc<Message>, crate::wire::WireError> {
+    let properties = crate::wire::BasicProperties::decode(&m.properties)?;
+    Ok(Message::new(m.exchange, m.routing_key, properties, m.body))
 }
 
 /// The store record of a message.

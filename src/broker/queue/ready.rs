@@ -231,14 +231,6 @@ impl Ready {
         Head::Empty
     }
 
-    /// The next message to deliver if it is in memory.
-    pub fn peek_entry(&self) -> Option<&Entry> {
-        match self.peek() {
-            Head::Entry(e) => Some(e),
-            _ => None,
-        }
-    }
-
     /// Remove and return the next message to deliver; `None` if there is none or
     /// it must be loaded first ([`Head::Paged`]).
     pub fn pop(&mut self) -> Option<Entry> {
@@ -247,24 +239,6 @@ impl Ready {
             _ => return None,
         };
         let entry = self.level_mut(level).window.pop_front()?;
-        self.len -= 1;
-        self.bytes -= entry.size();
-        self.budget.sub(entry.resident_size());
-        Some(entry)
-    }
-
-    /// Where entry `seq` is: (level, index). Each window is sorted by seq.
-    fn find(&self, seq: u64) -> Option<(usize, usize)> {
-        self.levels.iter().enumerate().find_map(|(level, l)| {
-            let i = l.window.partition_point(|e| e.seq < seq);
-            (l.window.get(i).is_some_and(|e| e.seq == seq)).then_some((level, i))
-        })
-    }
-
-    /// Remove window entry `seq` wherever it is.
-    pub fn remove(&mut self, seq: u64) -> Option<Entry> {
-        let (level, i) = self.find(seq)?;
-        let entry = self.levels[level].window.remove(i)?;
         self.len -= 1;
         self.bytes -= entry.size();
         self.budget.sub(entry.resident_size());

@@ -175,17 +175,15 @@ impl VHost {
         let n = stored.len();
         for r in stored {
             held.next_pos = held.next_pos.max(r.pos + 1);
-            let m = r.message;
-            let properties = match crate::wire::BasicProperties::decode(&m.properties) {
-                Ok(p) => p,
+            let due = r.message.expires_at.unwrap_or(0);
+            let exchange: Arc<str> = r.message.exchange.as_str().into();
+            let message = match crate::broker::queue::stored_message(r.message) {
+                Ok(m) => m,
                 Err(err) => {
                     tracing::error!(pos = r.pos, error = %err, "unreadable stored delayed message; skipped");
                     continue;
                 }
             };
-            let due = m.expires_at.unwrap_or(0);
-            let exchange: Arc<str> = m.exchange.as_str().into();
-            let message = Message::new(m.exchange, m.routing_key, properties, m.body);
             self.delayed
                 .push(&mut held, due, exchange, message, Some(r.pos));
         }
