@@ -19,6 +19,7 @@ pub mod policies;
 pub mod queues;
 pub mod shovels;
 pub mod topic_permissions;
+pub mod trace;
 pub mod ui;
 pub mod users;
 pub mod vhosts;
@@ -392,6 +393,7 @@ pub fn router(state: AdminState) -> Router {
             "/api/exchanges/:vhost/:name/publish",
             post(exchanges::publish),
         )
+        .route("/api/exchanges/:vhost/:name/trace", post(trace::trace))
         .route(
             "/api/exchanges/:vhost/:name/bindings/source",
             get(bindings::exchange_source),

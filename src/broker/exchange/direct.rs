@@ -65,6 +65,14 @@ impl Router for DirectRouter {
         }
     }
 
+    fn matching(&self, routing_key: &str, _headers: Option<&FieldTable>) -> Vec<Binding> {
+        let Some(dests) = self.by_key.get(routing_key) else {
+            return Vec::new();
+        };
+        self.index
+            .bindings_where(|dest, key| key == routing_key && dests.contains(dest))
+    }
+
     fn bindings(&self) -> Vec<Binding> {
         self.index.bindings()
     }

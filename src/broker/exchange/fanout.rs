@@ -26,6 +26,10 @@ impl Router for FanoutRouter {
         out.extend(self.index.destinations().cloned());
     }
 
+    fn matching(&self, _routing_key: &str, _headers: Option<&FieldTable>) -> Vec<Binding> {
+        self.index.bindings()
+    }
+
     fn bindings(&self) -> Vec<Binding> {
         self.index.bindings()
     }

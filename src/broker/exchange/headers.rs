@@ -204,6 +204,14 @@ fn erlang_value(v: &FieldValue) -> String {
     }
 }
 
+/// A message's headers sorted by name (stable), as [`Rule::matches`] takes them;
+/// no headers is an empty table.
+fn sorted(headers: Option<&FieldTable>) -> Vec<(&str, &FieldValue)> {
+    let mut data: Vec<(&str, &FieldValue)> = headers.map_or_else(Vec::new, |h| h.iter().collect());
+    data.sort_by(|a, b| a.0.cmp(b.0));
+    data
+}
+
 impl Router for HeadersRouter {
     fn bind(&mut self, binding: Binding) -> bool {
         let binding = canonical(binding);
@@ -230,15 +238,25 @@ impl Router for HeadersRouter {
         if self.entries.is_empty() {
             return;
         }
-        let mut data: Vec<(&str, &FieldValue)> =
-            headers.map_or_else(Vec::new, |h| h.iter().collect());
-        data.sort_by(|a, b| a.0.cmp(b.0));
+        let data = sorted(headers);
         let mut collector = Collector::new(out);
         for entry in &self.entries {
             if entry.rule.matches(&data) {
                 collector.push(&entry.binding.destination);
             }
         }
+    }
+
+    fn matching(&self, _routing_key: &str, headers: Option<&FieldTable>) -> Vec<Binding> {
+        let data = sorted(headers);
+        let mut out: Vec<Binding> = self
+            .entries
+            .iter()
+            .filter(|e| e.rule.matches(&data))
+            .map(|e| e.binding.clone())
+            .collect();
+        out.sort_by(|a, b| a.destination.cmp(&b.destination));
+        out
     }
 
     fn bindings(&self) -> Vec<Binding> {

@@ -86,6 +86,10 @@ pub trait Router: Send + Sync + std::fmt::Debug {
     ///
     /// Dedupe covers what this call pushes; entries already in `out` are left alone.
     fn route(&self, routing_key: &str, headers: Option<&FieldTable>, out: &mut Vec<Destination>);
+    /// The bindings this message matches, ordered by destination: [`Router::route`]'s
+    /// answer binding by binding, found with the same matching (a trace shows it).
+    /// Not on the publish path.
+    fn matching(&self, routing_key: &str, headers: Option<&FieldTable>) -> Vec<Binding>;
     /// All bindings, for listing and persistence.
     fn bindings(&self) -> Vec<Binding>;
     /// Remove all bindings to `destination` (queue or exchange deleted); returns how many.
@@ -197,16 +201,24 @@ impl BindingIndex {
 
     /// All bindings, ordered by destination, then in binding order.
     fn bindings(&self) -> Vec<Binding> {
+        self.bindings_where(|_, _| true)
+    }
+
+    /// The bindings `(destination, routing key)` for which `keep` holds, ordered
+    /// as [`Self::bindings`].
+    fn bindings_where(&self, keep: impl Fn(&Destination, &str) -> bool) -> Vec<Binding> {
         let mut dests: Vec<&Destination> = self.by_dest.keys().collect();
         dests.sort();
-        let mut out = Vec::with_capacity(self.len);
+        let mut out = Vec::new();
         for dest in dests {
             for (key, args) in &self.by_dest[dest] {
-                out.push(Binding {
-                    destination: dest.clone(),
-                    routing_key: key.clone(),
-                    arguments: args.clone(),
-                });
+                if keep(dest, key) {
+                    out.push(Binding {
+                        destination: dest.clone(),
+                        routing_key: key.clone(),
+                        arguments: args.clone(),
+                    });
+                }
             }
         }
         out
@@ -354,6 +366,56 @@ mod tests {
             let mut out = Vec::new();
             r.route("k", None, &mut out);
             assert!(out.is_empty());
+        }
+    }
+
+    /// `matching` explains `route`: its bindings' destinations are exactly the
+    /// routed ones, and each is a binding the router holds.
+    #[test]
+    fn matching_agrees_with_route() {
+        let patterns = ["a", "a.b", "*.b", "#", "a.#", "#.b", "", "*", "a.*.c", "x"];
+        let keys = ["a", "a.b", "a.x.c", "b", "", "x", "a.b.c"];
+        let header_sets: Vec<FieldTable> = vec![
+            FieldTable::new(),
+            FieldTable(vec![("h".into(), FieldValue::string("a"))]),
+            FieldTable(vec![
+                ("h".into(), FieldValue::string("a.b")),
+                ("x-k".into(), FieldValue::string("x")),
+            ]),
+        ];
+        for kind in [
+            ExchangeKind::Direct,
+            ExchangeKind::Fanout,
+            ExchangeKind::Topic,
+            ExchangeKind::Headers,
+        ] {
+            let mut r = new_router(kind);
+            for (i, p) in patterns.iter().enumerate() {
+                let mode = ["all", "any", "all-with-x", "any-with-x"][i % 4];
+                r.bind(Binding {
+                    destination: q(&format!("q{}", i % 4)),
+                    routing_key: p.to_string(),
+                    arguments: FieldTable(vec![
+                        ("x-match".into(), FieldValue::string(mode)),
+                        ("h".into(), FieldValue::string(*p)),
+                        ("x-k".into(), FieldValue::string("x")),
+                    ]),
+                });
+            }
+            let all = r.bindings();
+            for key in keys {
+                for h in &header_sets {
+                    let mut routed = Vec::new();
+                    r.route(key, Some(h), &mut routed);
+                    routed.sort();
+                    let m = r.matching(key, Some(h));
+                    assert!(m.iter().all(|b| all.contains(b)), "{kind:?}");
+                    let mut dests: Vec<Destination> =
+                        m.into_iter().map(|b| b.destination).collect();
+                    dests.dedup();
+                    assert_eq!(dests, routed, "{kind:?} {key:?} {h:?}");
+                }
+            }
         }
     }
 

@@ -132,6 +132,19 @@ fn enter<'a>(live: &mut Vec<&'a Node>, node: &'a Node) {
 }
 
 impl TopicRouter {
+    /// The trie node of the binding key `pattern`, if any binding made it.
+    fn node_at(&self, pattern: &str) -> Option<&Node> {
+        let mut node = &self.root;
+        for word in words(pattern) {
+            node = match word {
+                "*" => node.star.as_deref()?,
+                "#" => node.hash.as_deref()?,
+                _ => node.literal.get(word)?,
+            };
+        }
+        Some(node)
+    }
+
     /// The trie nodes whose pattern matches `routing_key`.
     fn matching_nodes(&self, routing_key: &str) -> Vec<&Node> {
         let mut live = Vec::new();
@@ -212,6 +225,15 @@ impl Router for TopicRouter {
                 }
             }
         }
+    }
+
+    fn matching(&self, routing_key: &str, _headers: Option<&FieldTable>) -> Vec<Binding> {
+        let nodes = self.matching_nodes(routing_key);
+        self.index.bindings_where(|dest, pattern| {
+            self.node_at(pattern).is_some_and(|node| {
+                node.dests.contains(dest) && nodes.iter().any(|n| std::ptr::eq(*n, node))
+            })
+        })
     }
 
     fn bindings(&self) -> Vec<Binding> {

@@ -9,6 +9,7 @@
 //!   exchanges) and enqueue it, for basic.publish, the admin API, dead-lettering
 //!   and delayed release.
 //! - [`delayed`]: messages held by `x-delayed-message` exchanges until due.
+//! - [`trace`]: where a message would go, explained, without publishing it.
 //!
 //! Time is passed in (`now`, ms since the epoch). Lock order: `exchanges`, then
 //! `queues`, then an exchange's router, then a queue's own state; the store is
@@ -17,9 +18,11 @@
 mod delayed;
 mod publish;
 mod topology;
+pub mod trace;
 
 pub use publish::{PublishFrom, Published};
 pub use topology::{Exchange, ExchangeDeclare, QueueDeclare};
+pub use trace::Trace;
 
 use crate::broker::exchange::ExchangeKind;
 use crate::broker::message::MemoryBudget;

@@ -8,12 +8,13 @@
 //! queue once so cycles end. A delayed exchange takes a message with a positive
 //! `x-delay` to hold instead of routing it (see [`super::delayed`]).
 
-use super::VHost;
-use crate::broker::exchange::Destination;
+use super::{Exchange, VHost};
+use crate::broker::exchange::{Destination, Router};
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::{dead_letter, Enqueued, Queue};
 use crate::error::{AmqpError, AmqpResult};
-use std::collections::HashSet;
+use crate::wire::FieldTable;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Who publishes: decides what routing allows.
@@ -109,7 +110,7 @@ impl VHost {
     /// The queues a message published to `exchange` reaches, pushed into `out`.
     /// Returns `Some(durable)` when a delayed exchange took the message to release
     /// later (`durable`: it was written to the store).
-    fn route(
+    pub(super) fn route(
         &self,
         exchange: &str,
         message: &Arc<Message>,
@@ -120,25 +121,15 @@ impl VHost {
     ) -> AmqpResult<Option<bool>> {
         let key = message.routing_key.as_str();
         if exchange.is_empty() {
-            let queues = self.queues.read();
-            for k in std::iter::once(key).chain(cc.iter().map(ShortStr::as_str)) {
-                if let Some(q) = queues.get(k) {
-                    if !out.iter().any(|o| Arc::ptr_eq(o, q)) {
-                        out.push(Arc::clone(q));
-                    }
-                }
-            }
+            route_default(&self.queues.read(), key, cc, out);
             return Ok(None);
         }
         let exchanges = self.exchanges.read();
         let ex = exchanges
             .get(exchange)
             .ok_or_else(|| self.no_exchange(exchange))?;
-        if from == PublishFrom::Client && ex.internal {
-            return Err(AmqpError::access_refused(format!(
-                "cannot publish to internal exchange '{exchange}' in vhost '{}'",
-                self.name
-            )));
+        if let Some(refused) = self.refuses(ex, from) {
+            return Err(refused);
         }
         if ex.delayed && from != PublishFrom::Delayed {
             if let Some(delay) = super::delayed::delay_of(message) {
@@ -157,9 +148,41 @@ impl VHost {
         }
         let headers = message.properties.headers.as_ref();
         let queues = self.queues.read();
+        self.traverse(&exchanges, &queues, ex, key, cc, headers, out, &mut Quiet);
+        Ok(None)
+    }
+
+    /// Why `from` may not publish to `ex`: a client publishing to an internal
+    /// exchange gets 403.
+    pub(super) fn refuses(&self, ex: &Exchange, from: PublishFrom) -> Option<AmqpError> {
+        (from == PublishFrom::Client && ex.internal).then(|| {
+            AmqpError::access_refused(format!(
+                "cannot publish to internal exchange '{}' in vhost '{}'",
+                ex.name, self.name
+            ))
+        })
+    }
+
+    /// Route from exchange `start` (not the default exchange) with `key` and
+    /// each of `cc`, following exchange-to-exchange bindings and alternate
+    /// exchanges, visiting each exchange and queue once so cycles end; the
+    /// queues reached are pushed into `out`. `watch` hears every step (a trace);
+    /// publishing passes [`Quiet`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn traverse<W: Watch>(
+        &self,
+        exchanges: &HashMap<String, Arc<Exchange>>,
+        queues: &HashMap<String, Arc<Queue>>,
+        start: &Exchange,
+        key: &str,
+        cc: &[ShortStr],
+        headers: Option<&FieldTable>,
+        out: &mut Vec<Arc<Queue>>,
+        watch: &mut W,
+    ) {
         let mut seen_ex: HashSet<Arc<str>> = HashSet::new();
         let mut seen_q: HashSet<Arc<str>> = HashSet::new();
-        let mut pending = vec![Destination::Exchange(Arc::clone(&ex.name))];
+        let mut pending = vec![Destination::Exchange(Arc::clone(&start.name))];
         let mut dests = Vec::new();
         while let Some(d) = pending.pop() {
             match d {
@@ -175,6 +198,7 @@ impl VHost {
                         continue;
                     }
                     let Some(next) = exchanges.get(&*name) else {
+                        watch.missing_exchange(&name);
                         continue;
                     };
                     dests.clear();
@@ -183,6 +207,7 @@ impl VHost {
                     for k in cc {
                         router.route(k, headers, &mut dests);
                     }
+                    watch.exchange(next, &**router, key, cc, headers);
                     drop(router);
                     if dests.is_empty() {
                         let ae = next
@@ -190,6 +215,7 @@ impl VHost {
                             .map(str::to_string)
                             .or_else(|| self.policies.alternate_exchange(&self.name, &next.name));
                         if let Some(ae) = ae {
+                            watch.alternate(next, &ae);
                             pending.push(Destination::Exchange(ae.into()));
                         }
                     }
@@ -197,6 +223,46 @@ impl VHost {
                 }
             }
         }
-        Ok(None)
     }
 }
+
+/// The default exchange: the queue named by the routing key (and by each of `cc`).
+pub(super) fn route_default(
+    queues: &HashMap<String, Arc<Queue>>,
+    key: &str,
+    cc: &[ShortStr],
+    out: &mut Vec<Arc<Queue>>,
+) {
+    for k in std::iter::once(key).chain(cc.iter().map(ShortStr::as_str)) {
+        if let Some(q) = queues.get(k) {
+            if !out.iter().any(|o| Arc::ptr_eq(o, q)) {
+                out.push(Arc::clone(q));
+            }
+        }
+    }
+}
+
+/// What routing tells as it goes, for a trace to explain a route. Publishing
+/// passes [`Quiet`], whose hooks are empty and compile away.
+pub(super) trait Watch {
+    /// `exchange` was reached, routing table `router` (read-locked), routed
+    /// with `key` and each of `cc`.
+    fn exchange(
+        &mut self,
+        _exchange: &Exchange,
+        _router: &dyn Router,
+        _key: &str,
+        _cc: &[ShortStr],
+        _headers: Option<&FieldTable>,
+    ) {
+    }
+    /// Nothing matched at `from`: the message goes on to `to`, its alternate exchange.
+    fn alternate(&mut self, _from: &Exchange, _to: &str) {}
+    /// An exchange a binding or an alternate exchange names does not exist.
+    fn missing_exchange(&mut self, _name: &str) {}
+}
+
+/// Hears nothing: the publish path's [`Watch`].
+pub(super) struct Quiet;
+
+impl Watch for Quiet {}
