@@ -145,6 +145,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         let every = std::time::Duration::from_secs(config.admin_sample_interval_secs.max(1));
         let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
         state.tls = tls_listeners(server.tls(), admin_tls.as_ref());
+        state.data_dir = Some(config.data_dir.clone());
         admin::start(http.as_deref(), https, state, every).await?
     } else {
         admin::Addrs::default()

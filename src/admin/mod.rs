@@ -8,9 +8,11 @@
 //! `{"error": ..., "reason": ...}` bodies ([`ApiError`]).
 
 pub mod bindings;
+pub mod charts;
 pub mod connections;
 pub mod definitions;
 pub mod exchanges;
+pub mod history;
 mod https;
 pub mod limits;
 pub mod metrics;
@@ -47,6 +49,10 @@ pub struct AdminState {
     pub shovels: Arc<crate::shovel::Shovels>,
     /// The broker's TLS listeners (`POST /api/warren/reload-tls` reloads them).
     pub tls: crate::tls::Listeners,
+    /// The charts' history (sampled by [`charts::spawn_sampler`]).
+    pub history: Arc<history::History>,
+    /// The data directory, whose file system's free space the node reports.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 impl AdminState {
@@ -58,6 +64,8 @@ impl AdminState {
             started_at: crate::clock::now_ms(),
             shovels,
             tls: Vec::new(),
+            history: Arc::new(history::History::new()),
+            data_dir: None,
         }
     }
 }
@@ -349,9 +357,9 @@ fn basic_credentials(parts: &Parts) -> Option<(String, String)> {
 /// The admin router (also usable with `tower::ServiceExt::oneshot` in tests).
 pub fn router(state: AdminState) -> Router {
     Router::new()
-        .route("/api/overview", get(overview::overview))
+        .route("/api/overview", get(charts::overview))
         .route("/api/nodes", get(overview::nodes))
-        .route("/api/nodes/:node", get(overview::node))
+        .route("/api/nodes/:node", get(charts::node))
         .route("/api/whoami", get(overview::whoami))
         .route(
             "/api/warren/reload-tls",
@@ -385,7 +393,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/exchanges/:vhost", get(exchanges::list_vhost))
         .route(
             "/api/exchanges/:vhost/:name",
-            get(exchanges::show)
+            get(charts::exchange)
                 .put(exchanges::put)
                 .delete(exchanges::remove),
         )
@@ -406,7 +414,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/queues/:vhost", get(queues::list_vhost))
         .route(
             "/api/queues/:vhost/:name",
-            get(queues::show).put(queues::put).delete(queues::remove),
+            get(charts::queue).put(queues::put).delete(queues::remove),
         )
         .route("/api/queues/:vhost/:name/contents", delete(queues::purge))
         .route("/api/queues/:vhost/:name/get", post(queues::get_messages))
@@ -565,6 +573,12 @@ pub async fn start(
     metrics::spawn_sampler(
         Arc::downgrade(&state.broker),
         Arc::clone(&state.rates),
+        sample_every,
+    );
+    charts::spawn_sampler(
+        Arc::downgrade(&state.broker),
+        Arc::clone(&state.history),
+        state.data_dir.clone(),
         sample_every,
     );
     let app = router(state);

@@ -37,6 +37,8 @@ pub struct Counters {
     pub redelivered: AtomicU64,
     pub returned: AtomicU64,
     pub unroutable: AtomicU64,
+    /// Messages a queue dead-lettered to its dead-letter exchange (queues' counters).
+    pub dead_lettered: AtomicU64,
 }
 
 impl Counters {

@@ -6,6 +6,7 @@ mod common;
 mod helpers;
 
 mod access;
+mod charts;
 mod cli;
 mod connections;
 mod definitions;

@@ -889,6 +889,7 @@ impl Queue {
             let Some((dlx, vhost)) = &target else {
                 continue;
             };
+            crate::broker::Counters::add(&self.counters.dead_lettered, 1);
             let m =
                 dead_letter::dead_letter(&entry.message, self.name(), reason, dlx, key, now / 1000);
             // A missing dead-letter exchange drops the message, as in RabbitMQ.

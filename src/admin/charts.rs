@@ -1,0 +1,422 @@
+//! The charts' data on RabbitMQ's own endpoints: the sampler task that feeds
+//! [`History`], and RabbitMQ's range parameters (`lengths_age` / `_incr`,
+//! `msg_rates_*`, `node_stats_*`, in seconds) on `/api/queues/{vhost}/{name}`,
+//! `/api/exchanges/{vhost}/{name}`, `/api/nodes/{node}` and `/api/overview`.
+//! With a range, a `*_details` object carries `samples` (newest first,
+//! `{"sample", "timestamp"}`; running totals for message counters, values for
+//! gauges), `avg` and `avg_rate`, as RabbitMQ's do.
+//!
+//! warren's own additions: a queue's `message_stats.dead_lettered`, and an
+//! exchange's `message_stats.bound_queues_publish` (messages that entered the
+//! queues bound to it: warren counts nothing per exchange on the publish path).
+
+use super::history::{widen, History, Key, NodePoint, QueuePoint, QueueTotals, Snapshot};
+use super::{AdminState, ApiError, ApiResult, Caller};
+use crate::broker::exchange::Destination;
+use crate::broker::{Broker, Counters};
+use axum::extract::{Path, Query, State};
+use axum::Json;
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+/// Record a snapshot into `history` whenever a slot is due (checked every
+/// `every`), until the broker is dropped.
+pub fn spawn_sampler(
+    broker: Weak<Broker>,
+    history: Arc<History>,
+    data_dir: Option<PathBuf>,
+    every: Duration,
+) {
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(every.min(Duration::from_secs(5)));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            let Some(broker) = broker.upgrade() else {
+                return;
+            };
+            let now = crate::clock::now_ms();
+            if history.due(now) {
+                let snap = snapshot(&broker, data_dir.as_deref(), now);
+                history.record(now, &snap);
+            }
+        }
+    });
+}
+
+/// Read every counter and gauge the history keeps.
+pub fn snapshot(broker: &Broker, data_dir: Option<&std::path::Path>, now: u64) -> Snapshot {
+    let mut snap = Snapshot::default();
+    for v in broker.vhosts() {
+        for q in v.queues() {
+            let st = q.stats(now);
+            let c = &q.counters;
+            snap.queues.insert(
+                (v.name.to_string(), q.name().to_string()),
+                QueueTotals {
+                    publish: Counters::get(&c.published),
+                    deliver_get: Counters::get(&c.delivered),
+                    ack: Counters::get(&c.acked),
+                    redeliver: Counters::get(&c.redelivered),
+                    dead_lettered: Counters::get(&c.dead_lettered),
+                    ready: st.ready as u64,
+                    unacked: st.unacked as u64,
+                },
+            );
+        }
+        for e in v.exchanges() {
+            if e.name.is_empty() {
+                continue;
+            }
+            let bound = e
+                .bindings()
+                .into_iter()
+                .filter_map(|b| match b.destination {
+                    Destination::Queue(n) => Some(n.to_string()),
+                    Destination::Exchange(_) => None,
+                })
+                .collect();
+            snap.exchanges
+                .insert((v.name.to_string(), e.name.to_string()), bound);
+        }
+    }
+    let c = &broker.counters;
+    let connections = broker.connections();
+    snap.node = NodePoint {
+        publish: Counters::get(&c.published) as u32,
+        deliver_get: Counters::get(&c.delivered) as u32,
+        ack: Counters::get(&c.acked) as u32,
+        redeliver: Counters::get(&c.redelivered) as u32,
+        mem_used: super::metrics::resident_memory().unwrap_or(0),
+        disk_free: data_dir.and_then(disk_free).unwrap_or(0),
+        connections: connections.len() as u32,
+        channels: connections
+            .iter()
+            .map(|c| c.channels.load(std::sync::atomic::Ordering::Relaxed))
+            .sum(),
+        fd_used: fd_used() as u32,
+    };
+    snap
+}
+
+/// Open file descriptors of this process.
+pub fn fd_used() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Bytes free for unprivileged users on the file system holding `path`.
+pub fn disk_free(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` is writable memory of the
+    // right type; statvfs only writes into it, and we read it only on success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// RabbitMQ's range parameters `{prefix}_age` and `{prefix}_incr` (seconds), in ms.
+pub fn range(params: &HashMap<String, String>, prefix: &str) -> ApiResult<Option<(u64, u64)>> {
+    let get = |k: &str| params.get(&format!("{prefix}_{k}"));
+    let (Some(age), Some(incr)) = (get("age"), get("incr")) else {
+        return Ok(None);
+    };
+    let parse = |v: &String| v.parse::<u64>().ok().filter(|n| *n > 0 && *n <= 86_400);
+    match (parse(age), parse(incr)) {
+        (Some(a), Some(i)) => Ok(Some((a * 1000, i * 1000))),
+        _ => Err(ApiError::bad_request(format!(
+            "{prefix}_age and {prefix}_incr must be positive integers (seconds, at most a day)"
+        ))),
+    }
+}
+
+/// A `*_details` object with samples (newest first): `rate` as given, `avg`
+/// the mean sample, `avg_rate` the change per second across the window.
+fn details(rate: f64, samples: &[(u64, f64)]) -> Value {
+    let list: Vec<Value> = samples
+        .iter()
+        .map(|(t, v)| json!({"sample": v, "timestamp": t}))
+        .collect();
+    let avg = if samples.is_empty() {
+        0.0
+    } else {
+        samples.iter().map(|s| s.1).sum::<f64>() / samples.len() as f64
+    };
+    let avg_rate = match (samples.first(), samples.last()) {
+        (Some(new), Some(old)) if new.0 > old.0 => {
+            (new.1 - old.1) / ((new.0 - old.0) as f64 / 1000.0)
+        }
+        _ => 0.0,
+    };
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    json!({"rate": round(rate), "samples": list, "avg": round(avg), "avg_rate": round(avg_rate)})
+}
+
+/// The rate between the two newest samples (per second), for gauges.
+fn last_rate(samples: &[(u64, f64)]) -> f64 {
+    match samples {
+        [new, old, ..] if new.0 > old.0 => (new.1 - old.1) / ((new.0 - old.0) as f64 / 1000.0),
+        _ => 0.0,
+    }
+}
+
+/// Counter samples widened to full totals against the live total `full`.
+fn totals<P>(samples: &[(u64, P)], full: u64, pick: impl Fn(&P) -> u32) -> Vec<(u64, f64)> {
+    samples
+        .iter()
+        .map(|(t, p)| (*t, widen(full, full as u32, pick(p)) as f64))
+        .collect()
+}
+
+fn gauges<P>(samples: &[(u64, P)], pick: impl Fn(&P) -> f64) -> Vec<(u64, f64)> {
+    samples.iter().map(|(t, p)| (*t, pick(p))).collect()
+}
+
+fn object(v: &mut Value) -> &mut Map<String, Value> {
+    if !v.is_object() {
+        *v = Value::Object(Map::new());
+    }
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("made an object above"),
+    }
+}
+
+/// `GET /api/queues/{vhost}/{name}`, with samples when a range is asked for.
+pub async fn queue(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let lengths = range(&params, "lengths")?;
+    let rates = range(&params, "msg_rates")?;
+    let Json(mut v) = super::queues::show(
+        State(s.clone()),
+        caller,
+        Path((vhost.clone(), name.clone())),
+    )
+    .await?;
+    let q = super::queues::find(&s, &vhost, &name)?;
+    let key: Key = (vhost, name);
+    let c = &q.counters;
+    let dead = Counters::get(&c.dead_lettered);
+    let root = object(&mut v);
+    if let Some((age, incr)) = lengths {
+        let w = s.history.queue(&key, age, incr);
+        for (field, pick) in [
+            (
+                "messages_details",
+                (|p: &QueuePoint| f64::from(p.ready) + f64::from(p.unacked))
+                    as fn(&QueuePoint) -> f64,
+            ),
+            ("messages_ready_details", |p| f64::from(p.ready)),
+            ("messages_unacknowledged_details", |p| f64::from(p.unacked)),
+        ] {
+            let g = gauges(&w, pick);
+            root.insert(field.into(), details(last_rate(&g), &g));
+        }
+    }
+    let stats = object(root.entry("message_stats").or_insert(json!({})));
+    stats.insert("dead_lettered".into(), json!(dead));
+    let w = rates.map(|(age, incr)| s.history.queue(&key, age, incr));
+    let fine = s.history.queue(&key, 5_000, 5_000);
+    let dead_samples = totals(&fine, dead, |p| p.dead_lettered);
+    stats.insert(
+        "dead_lettered_details".into(),
+        json!({"rate": last_rate(&dead_samples)}),
+    );
+    if let Some(w) = w {
+        for (field, full, pick) in [
+            (
+                "publish",
+                Counters::get(&c.published),
+                (|p: &QueuePoint| p.publish) as fn(&QueuePoint) -> u32,
+            ),
+            ("deliver_get", Counters::get(&c.delivered), |p| {
+                p.deliver_get
+            }),
+            ("ack", Counters::get(&c.acked), |p| p.ack),
+            ("redeliver", Counters::get(&c.redelivered), |p| p.redeliver),
+            ("dead_lettered", dead, |p| p.dead_lettered),
+        ] {
+            let key = format!("{field}_details");
+            let rate = stats
+                .get(&key)
+                .and_then(|d| d.get("rate"))
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0);
+            let samples = totals(&w, full, pick);
+            stats.insert(key, details(rate, &samples));
+        }
+    }
+    Ok(Json(v))
+}
+
+/// `GET /api/exchanges/{vhost}/{name}` with `message_stats.bound_queues_publish`
+/// (and samples when a `msg_rates` range is asked for).
+pub async fn exchange(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let rates = range(&params, "msg_rates")?;
+    let Json(mut v) = super::exchanges::show(
+        State(s.clone()),
+        caller,
+        Path((vhost.clone(), name.clone())),
+    )
+    .await?;
+    let name = if name == "amq.default" {
+        String::new()
+    } else {
+        name
+    };
+    let key: Key = (vhost, name);
+    let total = s.history.exchange_total(&key);
+    let fine = totals(&s.history.exchange(&key, 5_000, 5_000), total, |p| {
+        p.bound_queues_publish
+    });
+    let rate = last_rate(&fine);
+    let mut d = json!({ "rate": (rate * 10.0).round() / 10.0 });
+    if let Some((age, incr)) = rates {
+        let w = s.history.exchange(&key, age, incr);
+        d = details(rate, &totals(&w, total, |p| p.bound_queues_publish));
+    }
+    let root = object(&mut v);
+    let stats = object(root.entry("message_stats").or_insert(json!({})));
+    stats.insert("bound_queues_publish".into(), json!(total));
+    stats.insert("bound_queues_publish_details".into(), d);
+    Ok(Json(v))
+}
+
+/// `GET /api/nodes/{node}`, with `sockets_used` (AMQP connections),
+/// `disk_free` and, for a `node_stats` range, samples of them and of
+/// `mem_used`, `fd_used` and `channels`.
+pub async fn node(
+    State(s): State<AdminState>,
+    caller: Caller,
+    path: Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let stats = range(&params, "node_stats")?;
+    let Json(mut v) = super::overview::node(State(s.clone()), caller, path).await?;
+    let root = object(&mut v);
+    root.insert("sockets_used".into(), json!(s.broker.connections().len()));
+    let free = s.data_dir.as_deref().and_then(disk_free).unwrap_or(0);
+    root.insert("disk_free".into(), json!(free));
+    if let Some((age, incr)) = stats {
+        let w = s.history.node(age, incr);
+        for (field, pick) in [
+            (
+                "mem_used_details",
+                (|p| p.mem_used as f64) as fn(&NodePoint) -> f64,
+            ),
+            ("disk_free_details", |p| p.disk_free as f64),
+            ("fd_used_details", |p| f64::from(p.fd_used)),
+            ("sockets_used_details", |p| f64::from(p.connections)),
+            ("channels_details", |p| f64::from(p.channels)),
+        ] {
+            let g = gauges(&w, pick);
+            root.insert(field.into(), details(last_rate(&g), &g));
+        }
+    }
+    Ok(Json(v))
+}
+
+/// `GET /api/overview`, with samples of the global message counters for a
+/// `msg_rates` range.
+pub async fn overview(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let rates = range(&params, "msg_rates")?;
+    let Json(mut v) = super::overview::overview(State(s.clone()), caller).await;
+    if let Some((age, incr)) = rates {
+        let w = s.history.node(age, incr);
+        let c = &s.broker.counters;
+        let root = object(&mut v);
+        let stats = object(root.entry("message_stats").or_insert(json!({})));
+        for (field, full, pick) in [
+            (
+                "publish",
+                Counters::get(&c.published),
+                (|p| p.publish) as fn(&NodePoint) -> u32,
+            ),
+            ("deliver_get", Counters::get(&c.delivered), |p| {
+                p.deliver_get
+            }),
+            ("ack", Counters::get(&c.acked), |p| p.ack),
+            ("redeliver", Counters::get(&c.redelivered), |p| p.redeliver),
+        ] {
+            let key = format!("{field}_details");
+            let rate = stats
+                .get(&key)
+                .and_then(|d| d.get("rate"))
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0);
+            stats.insert(key, details(rate, &totals(&w, full, pick)));
+        }
+    }
+    Ok(Json(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_parameters() {
+        let p = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(range(&p(&[]), "lengths").ok(), Some(None));
+        assert_eq!(
+            range(
+                &p(&[("lengths_age", "60"), ("lengths_incr", "5")]),
+                "lengths"
+            )
+            .ok(),
+            Some(Some((60_000, 5_000)))
+        );
+        assert!(range(
+            &p(&[("lengths_age", "x"), ("lengths_incr", "5")]),
+            "lengths"
+        )
+        .is_err());
+        assert!(range(
+            &p(&[("lengths_age", "0"), ("lengths_incr", "5")]),
+            "lengths"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn details_average_and_rate() {
+        let d = details(1.0, &[(10_000, 30.0), (5_000, 20.0), (0, 10.0)]);
+        assert_eq!(d["avg"], 20.0);
+        assert_eq!(d["avg_rate"], 2.0);
+        assert_eq!(d["samples"][0]["sample"], 30.0);
+        assert_eq!(d["samples"][0]["timestamp"], 10_000);
+        assert_eq!(last_rate(&[(10_000, 30.0), (5_000, 20.0)]), 2.0);
+    }
+
+    #[test]
+    fn disk_free_of_the_temp_dir() {
+        assert!(disk_free(&std::env::temp_dir()).is_some_and(|b| b > 0));
+        assert_eq!(disk_free(std::path::Path::new("/no/such/dir")), None);
+    }
+}

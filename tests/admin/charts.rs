@@ -1,0 +1,273 @@
+//! `POST /api/exchanges/{vhost}/{name}/trace` (the router's answer, nothing
+//! published) and the charts' samples on the queue, exchange and node endpoints.
+
+use crate::helpers::*;
+
+async fn trace(b: &Broker, exchange: &str, body: Value) -> Value {
+    let (s, v) = b
+        .call(
+            "POST",
+            &format!("/api/exchanges/%2F/{exchange}/trace"),
+            GUEST,
+            Some(body),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v
+}
+
+fn sorted(v: &Value) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_str().expect("string").to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_answers_like_the_router_without_publishing() {
+    let b = start().await;
+    for (name, kind, args) in [
+        ("t-unrouted", "fanout", json!({})),
+        (
+            "t-topic",
+            "topic",
+            json!({"alternate-exchange": "t-unrouted"}),
+        ),
+        ("t-headers", "headers", json!({})),
+        ("t-dlx", "direct", json!({})),
+    ] {
+        b.ok(
+            "PUT",
+            &format!("/api/exchanges/%2F/{name}"),
+            json!({"type": kind, "arguments": args}),
+        )
+        .await;
+    }
+    for (name, args) in [
+        (
+            "t-eu",
+            json!({"x-dead-letter-exchange": "t-dlx", "x-dead-letter-routing-key": "dead"}),
+        ),
+        ("t-all", json!({})),
+        ("t-lost", json!({})),
+        ("t-dead", json!({})),
+        ("t-h", json!({})),
+    ] {
+        b.ok(
+            "PUT",
+            &format!("/api/queues/%2F/{name}"),
+            json!({"arguments": args}),
+        )
+        .await;
+    }
+    for (src, dest, key, args) in [
+        ("t-topic", "t-eu", "*.eu", json!({})),
+        ("t-topic", "t-all", "orders.#", json!({})),
+        ("t-unrouted", "t-lost", "", json!({})),
+        ("t-dlx", "t-dead", "dead", json!({})),
+        (
+            "t-headers",
+            "t-h",
+            "",
+            json!({"x-match": "any", "a": "1", "b": "2"}),
+        ),
+    ] {
+        b.ok(
+            "POST",
+            &format!("/api/bindings/%2F/e/{src}/q/{dest}"),
+            json!({"routing_key": key, "arguments": args}),
+        )
+        .await;
+    }
+
+    // Topic: both patterns match; the dead-letter exchange of t-eu leads to t-dead.
+    let t = trace(&b, "t-topic", json!({"routing_key": "orders.eu"})).await;
+    assert_eq!(sorted(&t["queues"]), ["t-all", "t-eu"], "{t}");
+    assert_eq!(t["routed"], true);
+    let hop = &t["hops"][0];
+    assert_eq!(hop["exchange"], "t-topic");
+    assert_eq!(hop["type"], "topic");
+    assert_eq!(hop["matched"].as_array().map(Vec::len), Some(2), "{t}");
+    let dl = &t["dead_letters"][0];
+    assert_eq!(dl["queue"], "t-eu");
+    assert_eq!(dl["dead_letter_exchange"], "t-dlx");
+    assert_eq!(dl["routing_key"], "dead");
+    assert_eq!(dl["queues"], json!(["t-dead"]));
+
+    // No match: the alternate exchange.
+    let t = trace(&b, "t-topic", json!({"routing_key": "payments"})).await;
+    assert_eq!(t["hops"][0]["alternate_exchange"], "t-unrouted", "{t}");
+    assert_eq!(t["queues"], json!(["t-lost"]));
+
+    // CC / BCC keys route too.
+    let t = trace(
+        &b,
+        "t-topic",
+        json!({"routing_key": "payments", "properties": {"headers": {"BCC": ["x.eu"]}}}),
+    )
+    .await;
+    assert_eq!(t["cc"], json!(["x.eu"]));
+    assert_eq!(t["queues"], json!(["t-eu"]), "{t}");
+    assert_eq!(t["hops"][0]["matched"][0]["matched_by"], "x.eu");
+
+    // Headers: x-match any.
+    let t = trace(
+        &b,
+        "t-headers",
+        json!({"properties": {"headers": {"b": "2"}}}),
+    )
+    .await;
+    assert_eq!(t["queues"], json!(["t-h"]), "{t}");
+    let t = trace(
+        &b,
+        "t-headers",
+        json!({"properties": {"headers": {"b": "3"}}}),
+    )
+    .await;
+    assert_eq!(t["queues"], json!([]));
+    assert_eq!(t["routed"], false);
+
+    // The default exchange.
+    let t = trace(&b, "amq.default", json!({"routing_key": "t-all"})).await;
+    assert_eq!(t["queues"], json!(["t-all"]));
+
+    // Nothing was published.
+    for q in ["t-eu", "t-all", "t-lost", "t-dead", "t-h"] {
+        let v = b.get(&format!("/api/queues/%2F/{q}")).await;
+        assert_eq!(v["messages"], 0, "{q}");
+    }
+
+    let (s, _) = b
+        .call(
+            "POST",
+            "/api/exchanges/%2F/nope/trace",
+            GUEST,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 404);
+    let (s, v) = b
+        .call(
+            "POST",
+            "/api/exchanges/%2F/t-topic/trace",
+            GUEST,
+            Some(json!({"properties": {"headers": {"CC": "not-an-array"}}})),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = b
+        .call(
+            "POST",
+            "/api/exchanges/%2F/t-topic/trace",
+            None,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_exchange_and_node_samples() {
+    let b = start().await;
+    b.ok("PUT", "/api/queues/%2F/c-q", json!({})).await;
+    b.ok("PUT", "/api/exchanges/%2F/c-x", json!({"type": "fanout"}))
+        .await;
+    b.ok(
+        "POST",
+        "/api/bindings/%2F/e/c-x/q/c-q",
+        json!({"routing_key": ""}),
+    )
+    .await;
+    let publish = |n: usize| {
+        let b = &b;
+        async move {
+            for _ in 0..n {
+                b.ok(
+                    "POST",
+                    "/api/exchanges/%2F/c-x/publish",
+                    json!({"routing_key": "", "payload": "x"}),
+                )
+                .await;
+            }
+        }
+    };
+    publish(3).await;
+    let path =
+        "/api/queues/%2F/c-q?lengths_age=60&lengths_incr=5&msg_rates_age=60&msg_rates_incr=5";
+    // The sampler records a point every 5 s: wait for one that saw the messages.
+    let mut q = Value::Null;
+    for _ in 0..150 {
+        q = b.get(path).await;
+        if q["messages_ready_details"]["samples"][0]["sample"] == 3.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        q["messages_ready_details"]["samples"][0]["sample"], 3.0,
+        "{q}"
+    );
+    assert_eq!(
+        q["message_stats"]["publish_details"]["samples"][0]["sample"], 3.0,
+        "{q}"
+    );
+    assert!(q["message_stats"]["publish_details"]["avg_rate"].is_number());
+    assert_eq!(q["message_stats"]["dead_lettered"], 0);
+    // Without a range: no samples, RabbitMQ's shape unchanged.
+    let plain = b.get("/api/queues/%2F/c-q").await;
+    assert!(plain["messages_ready_details"].is_null());
+    assert!(plain["message_stats"]["publish_details"]["samples"].is_null());
+
+    // The exchange's inflow: what entered its bound queue after the first record.
+    publish(2).await;
+    let mut x = Value::Null;
+    for _ in 0..150 {
+        x = b
+            .get("/api/exchanges/%2F/c-x?msg_rates_age=60&msg_rates_incr=5")
+            .await;
+        if x["message_stats"]["bound_queues_publish"].as_u64() >= Some(2) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        x["message_stats"]["bound_queues_publish"].as_u64() >= Some(2),
+        "{x}"
+    );
+    assert!(x["message_stats"]["bound_queues_publish_details"]["samples"].is_array());
+
+    let nodes = b.get("/api/nodes").await;
+    let name = nodes[0]["name"].as_str().expect("node name").to_string();
+    let n = b
+        .get(&format!(
+            "/api/nodes/{name}?node_stats_age=60&node_stats_incr=5"
+        ))
+        .await;
+    assert!(
+        n["mem_used_details"]["samples"][0]["sample"].as_f64() > Some(0.0),
+        "{n}"
+    );
+    assert!(n["disk_free"].as_u64() > Some(0), "{n}");
+    assert!(n["sockets_used_details"]["samples"].is_array());
+    let o = b
+        .get("/api/overview?msg_rates_age=60&msg_rates_incr=5")
+        .await;
+    assert!(
+        o["message_stats"]["publish_details"]["samples"].is_array(),
+        "{o}"
+    );
+
+    let (s, _) = b
+        .call(
+            "GET",
+            "/api/queues/%2F/c-q?lengths_age=abc&lengths_incr=5",
+            GUEST,
+            None,
+        )
+        .await;
+    assert_eq!(s, 400);
+}
