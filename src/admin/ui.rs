@@ -9,6 +9,7 @@ use axum::Router;
 
 const INDEX_HTML: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
+const FLOW_JS: &str = include_str!("ui/flow.js");
 const STYLE_CSS: &str = include_str!("ui/style.css");
 
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
@@ -22,7 +23,7 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     )
 }
 
-/// `/`, `/index.html`, `/ui/app.js` and `/ui/style.css` (no overlap with `/api/*`
+/// `/`, `/index.html`, `/ui/app.js`, `/ui/flow.js` and `/ui/style.css` (no overlap with `/api/*`
 /// or `/metrics`).
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
@@ -37,6 +38,10 @@ pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
         .route(
             "/ui/app.js",
             get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route(
+            "/ui/flow.js",
+            get(|| async { asset("text/javascript; charset=utf-8", FLOW_JS) }),
         )
         .route(
             "/ui/style.css",

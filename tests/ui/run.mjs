@@ -21,7 +21,7 @@ const binary = path.resolve(process.argv[2] || process.env.WARREN_BIN || path.jo
 const chromiumPath = process.env.CHROMIUM || '/usr/bin/chromium';
 const outDir = path.join(here, 'output');
 const docsDir = path.join(root, 'docs', 'screenshots');
-const deadline = Date.now() + 120_000;
+const deadline = Date.now() + 300_000;
 
 for (const [what, p] of [['warren binary', binary], ['chromium', chromiumPath]]) {
   if (!fs.existsSync(p)) { console.error(`${what} not found at ${p}`); process.exit(2); }
@@ -288,6 +288,152 @@ try {
     await page.fill('#xd-pub [name=payload]', 'via default');
     await page.click('#xd-pub button');
     await expectText(flash, /Message published and routed/);
+  });
+
+  await test('the topology view draws a known topology (nodes and edges in the DOM)', async () => {
+    for (const [name, type, args] of [['topo-alt', 'fanout', {}], ['topo-in', 'topic', { 'alternate-exchange': 'topo-alt' }], ['topo-fan', 'fanout', {}], ['topo-dlx', 'direct', {}], ['topo-h', 'headers', {}]]) {
+      await api('PUT', `/exchanges/%2F/${name}`, { type, durable: false, arguments: args });
+    }
+    for (const [name, args] of [['topo-a', { 'x-dead-letter-exchange': 'topo-dlx', 'x-dead-letter-routing-key': 'dead' }], ['topo-b', {}], ['topo-lost', {}], ['topo-dead', {}]]) {
+      await api('PUT', `/queues/%2F/${name}`, { durable: false, arguments: args });
+    }
+    for (const [src, kind, dest, key, args] of [['topo-in', 'q', 'topo-a', 'a.*', {}], ['topo-in', 'e', 'topo-fan', 'fan.#', {}], ['topo-fan', 'q', 'topo-b', '', {}], ['topo-alt', 'q', 'topo-lost', '', {}],
+      ['topo-dlx', 'q', 'topo-dead', 'dead', {}], ['amq.direct', 'q', 'topo-b', 'k1', {}], ['topo-h', 'q', 'topo-b', '', { 'x-match': 'all', format: 'pdf' }]]) {
+      await api('POST', `/bindings/%2F/e/${src}/${kind}/${dest}`, { routing_key: key, arguments: args });
+    }
+    await page.click('nav a[href="#/topology"]');
+    await page.waitForSelector('#topo-svg[data-ready]');
+    if ((await page.locator('#topo-svg .node[data-id="q:ui-orders"]').count()) !== 1) throw new Error('unfiltered graph lacks ui-orders');
+    await page.fill('#topo-filter', 'topo-');
+    await waitFor('filtered graph', async () => (await page.locator('#topo-svg .node[data-id="q:ui-orders"]').count()) === 0 && (await page.locator('#topo-svg .node[data-id="e:topo-in"]').count()) === 1);
+    for (const id of ['e:topo-in', 'e:topo-alt', 'e:topo-fan', 'e:topo-dlx', 'q:topo-a', 'q:topo-b', 'q:topo-lost', 'q:topo-dead']) {
+      if ((await page.locator(`#topo-svg .node[data-id="${id}"]`).count()) !== 1) throw new Error(`node ${id} missing`);
+    }
+    const edge = (from, to, kind) => page.locator(`#topo-svg path.edge[data-from="${from}"][data-to="${to}"][data-kind="${kind}"]`).count();
+    for (const [f, t, k] of [['e:topo-in', 'q:topo-a', 'binding'], ['e:topo-in', 'e:topo-fan', 'e2e'], ['e:topo-fan', 'q:topo-b', 'binding'], ['e:topo-in', 'e:topo-alt', 'alternate'],
+      ['q:topo-a', 'e:topo-dlx', 'dead-letter'], ['e:topo-dlx', 'q:topo-dead', 'binding'], ['e:topo-h', 'q:topo-b', 'binding']]) {
+      if ((await edge(f, t, k)) !== 1) throw new Error(`edge ${f} -> ${t} (${k}) missing`);
+    }
+    // Layered: topo-in left of the exchanges it routes to, queues right of their exchanges.
+    const x = async (id) => Number((await page.locator(`#topo-svg .node[data-id="${id}"]`).getAttribute('transform')).match(/translate\(([-\d.]+)/)[1]);
+    if (!((await x('e:topo-in')) < (await x('e:topo-fan')) && (await x('e:topo-fan')) < (await x('q:topo-b')) && (await x('e:topo-in')) < (await x('e:topo-alt')))) throw new Error('layers out of order');
+    // Live depth on the queue node.
+    await api('POST', '/exchanges/%2F/topo-in/publish', { routing_key: 'a.1', payload: 'x', payload_encoding: 'string', properties: {} });
+    await waitFor('depth 1 on topo-a', async () => (await page.locator('#topo-svg .node[data-id="q:topo-a"] .node-detail').textContent()) === '1', 12_000);
+    // Select, focus, click through.
+    await page.click('#topo-svg .node[data-id="q:topo-a"]');
+    await expectText(page.locator('#topo-info'), /queue\s+.?topo-a/);
+    await page.click('#topo-focus-btn');
+    await waitFor('focused', async () => (await page.locator('#topo-svg .node[data-id="q:topo-lost"]').count()) === 0 && (await page.locator('#topo-svg .node[data-id="e:topo-dlx"]').count()) === 1);
+    await shot('topology', true);
+    await page.click('#topo-open');
+    await expectText(page.locator('#page h1'), /Queue\W*topo-a/);
+  });
+
+  await test('trace shows the router\'s answer: topic, direct, headers, alternate and dead-letter', async () => {
+    const traceIt = async (exchange, key, headers) => {
+      await page.goto(base + '/#/trace/%2F/' + encodeURIComponent(exchange));
+      await page.waitForSelector('#tr-form');
+      await page.fill('#tr-form [name=routing_key]', key);
+      await page.fill('#tr-form [name=headers]', headers ? JSON.stringify(headers) : '');
+      await page.evaluate(() => { const r = document.querySelector('#tr-result'); if (r) r.innerHTML = ''; });
+      await page.click('#tr-form button');
+      await page.waitForSelector('#tr-summary');
+      return page.$$eval('#tr-queues li[data-queue]', (ls) => ls.map((l) => l.dataset.queue).sort());
+    };
+    const same = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+    // Topic, with the dead-letter path of topo-a.
+    let qs = await traceIt('topo-in', 'a.x');
+    if (!same(qs, ['topo-a'])) throw new Error('topic: ' + qs);
+    const api1 = await api('POST', '/exchanges/%2F/topo-in/trace', { routing_key: 'a.x' });
+    if (!same(api1.queues, qs)) throw new Error('UI and API disagree');
+    await expectText(page.locator('#tr-dead [data-queue="topo-a"]'), /topo-dlx[\s\S]*dead[\s\S]*topo-dead/);
+    if ((await page.locator('#tr-svg path.edge.on-path[data-kind="dead-letter"]').count()) !== 1) throw new Error('dead-letter edge not on the traced graph');
+    await shot('trace', true);
+    // Exchange-to-exchange.
+    qs = await traceIt('topo-in', 'fan.1');
+    if (!same(qs, ['topo-b'])) throw new Error('e2e: ' + qs);
+    if ((await page.locator('#tr-svg path.edge.on-path[data-kind="e2e"]').count()) !== 1) throw new Error('e2e edge not drawn');
+    // Alternate exchange.
+    qs = await traceIt('topo-in', 'nothing.matches.this');
+    if (!same(qs, ['topo-lost'])) throw new Error('alternate: ' + qs);
+    await expectText(page.locator('.hop[data-exchange="topo-in"] .alt'), /alternate exchange topo-alt/);
+    // Direct.
+    qs = await traceIt('amq.direct', 'k1');
+    if (!same(qs, ['topo-b'])) throw new Error('direct: ' + qs);
+    // Headers: x-match all.
+    qs = await traceIt('topo-h', '', { format: 'pdf' });
+    if (!same(qs, ['topo-b'])) throw new Error('headers: ' + qs);
+    qs = await traceIt('topo-h', '', { format: 'txt' });
+    if (qs.length) throw new Error('headers mismatch routed: ' + qs);
+    await expectText(page.locator('#tr-summary'), /Unroutable/);
+    // Nothing was published by tracing.
+    const b = await api('GET', '/queues/%2F/topo-b');
+    if (b.messages !== 0) throw new Error('tracing published ' + b.messages + ' messages');
+    for (const q of ['topo-a', 'topo-b', 'topo-lost', 'topo-dead']) await api('DELETE', `/queues/%2F/${q}`);
+  });
+
+  await test('charts update under load (queue, exchange, node)', async () => {
+    await page.goto(base + '/#/queues/%2F/ui-work');
+    await page.waitForSelector('#qd-rates');
+    const published = async () => {
+      const t = await page.locator('#qd-rates title').textContent();
+      const m = t.match(/Published ([\d.]+)/);
+      return m ? Number(m[1]) : 0;
+    };
+    await waitFor('a publish rate drawn from the samples', async () => (await published()) > 0 && ((await page.locator('#qd-rates polyline[data-series="publish"]').getAttribute('points')) || '').split(' ').length >= 2, 20_000);
+    const before = await page.locator('#qd-rates polyline[data-series="publish"]').getAttribute('points');
+    await waitFor('the chart moves on', async () => (await page.locator('#qd-rates polyline[data-series="publish"]').getAttribute('points')) !== before, 15_000);
+    if (!(await page.locator('#qd-depth polyline[data-series="messages_ready"]').count())) throw new Error('no depth chart');
+    await page.selectOption('#qd-window', '60');
+    await waitFor('the 1-minute axis', async () => /-15 s/.test(await page.locator('#qd-rates').textContent()));
+    await shot('queue-charts', true);
+    await page.selectOption('#qd-window', '600');
+    await page.click('nav a[href="#/"]');
+    await waitFor('node memory chart', async () => (await page.locator('#ov-mem polyline').count()) === 1 && (await page.locator('#ov-conns polyline').count()) === 2);
+  });
+
+  await test('the topology stays responsive with 1,000 queues and 5,000 bindings', async () => {
+    await api('PUT', '/vhosts/ui-big', {});
+    await api('PUT', '/permissions/ui-big/guest', { configure: '.*', write: '.*', read: '.*' });
+    const bigConn = await amqp.connect(`amqp://guest:guest@127.0.0.1:${amqpPort}/ui-big`);
+    const ch = await bigConn.createChannel();
+    const t0 = Date.now();
+    const pending = [];
+    for (let e = 0; e < 20; e++) pending.push(ch.assertExchange(`big-x-${String(e).padStart(2, '0')}`, 'topic', { durable: false }));
+    await Promise.all(pending);
+    pending.length = 0;
+    for (let i = 0; i < 1000; i++) pending.push(ch.assertQueue(`big-q-${String(i).padStart(4, '0')}`, { durable: false }));
+    await Promise.all(pending);
+    pending.length = 0;
+    for (let i = 0; i < 1000; i++) for (let k = 0; k < 5; k++) pending.push(ch.bindQueue(`big-q-${String(i).padStart(4, '0')}`, `big-x-${String((i + k * 3) % 20).padStart(2, '0')}`, `k.${k}.#`));
+    await Promise.all(pending);
+    await bigConn.close();
+    const declared = Date.now() - t0;
+    const bindings = await api('GET', '/bindings/ui-big');
+    if (bindings.filter((b) => b.source !== '').length !== 5000) throw new Error('expected 5,000 bindings, got ' + bindings.length);
+    const t1 = Date.now();
+    await page.goto(base + '/#/topology/ui-big');
+    await page.waitForSelector('#topo-svg[data-ready]', { timeout: 20_000 });
+    const grouped = Date.now() - t1;
+    const groupedPaint = Number(await page.locator('#topo-svg').getAttribute('data-paint-ms'));
+    if ((await page.locator('#topo-svg .node[data-kind="group"]').count()) !== 1) throw new Error('1,000 queues named big-q-… should collapse into one group');
+    // Everything at once: 1,000 queue nodes and 5,000 binding edges.
+    const t2 = Date.now();
+    await page.uncheck('#topo-group');
+    await waitFor('every queue drawn', async () => (await page.locator('#topo-svg .node[data-kind="queue"]').count()) === 1000, 30_000);
+    const full = Date.now() - t2;
+    const edges = await page.locator('#topo-svg path.edge').count();
+    if (edges !== 5000) throw new Error(`expected 5,000 edges, drew ${edges}`);
+    // Still responsive: a filter answers quickly.
+    const t3 = Date.now();
+    await page.fill('#topo-filter', 'big-q-0007');
+    await waitFor('filtered to one queue', async () => (await page.locator('#topo-svg .node[data-kind="queue"]').count()) === 1, 10_000);
+    const filtered = Date.now() - t3;
+    console.log(`#   topology of 1,000 queues / 5,000 bindings (declared in ${declared} ms): first paint ${grouped} ms (page: ${groupedPaint} ms, grouped), all nodes and edges drawn in ${full} ms, filtered in ${filtered} ms`);
+    if (grouped > 10_000 || full > 15_000 || filtered > 5_000) throw new Error('topology too slow');
+    await shot('topology-1k');
+    await api('DELETE', '/vhosts/ui-big');
   });
 
   await test('connections and channels pages list the AMQP client; close a connection', async () => {

@@ -123,6 +123,11 @@
     [/^\/queues\/([^/]+)\/([^/]+)$/, 'queue', pageQueue],
     [/^\/exchanges$/, 'exchanges', pageExchanges],
     [/^\/exchanges\/([^/]+)\/([^/]*)$/, 'exchange', pageExchange],
+    [/^\/topology$/, 'topology', pageTopology],
+    [/^\/topology\/([^/]+)$/, 'topology', pageTopology],
+    [/^\/topology\/([^/]+)\/([^/]+)$/, 'topology', pageTopology],
+    [/^\/trace$/, 'trace', pageTrace],
+    [/^\/trace\/([^/]+)\/([^/]*)$/, 'trace', pageTrace],
     [/^\/connections$/, 'connections', pageConnections],
     [/^\/channels$/, 'channels', pageChannels],
     [/^\/users$/, 'users', pageUsers],
@@ -203,7 +208,12 @@
     setPage('<h1>Overview</h1><div id="ov-tiles" class="tiles" aria-live="polite"></div>' +
       '<h2>Message rates</h2><div class="legend"><span><i style="background:#0b5cad"></i>Published</span><span><i style="background:#1b7a34"></i>Delivered / got</span><span><i style="background:#c46a00"></i>Acknowledged</span></div>' +
       '<svg id="ov-chart" class="chart" role="img" aria-label="Message rates over the last minutes"></svg>' +
-      '<h2>Node</h2><div id="ov-node" class="muted">Loading…</div>');
+      '<h2>Node</h2><div id="ov-node" class="muted">Loading…</div>' +
+      '<div id="ov-node-charts"' + (isMonitor() ? '' : ' hidden') + '><h2>Node over time</h2><div class="toolbar">' + windowSelect('ov-window') + '</div>' +
+      '<div class="chart-grid"><figure><figcaption>Memory used</figcaption><svg id="ov-mem" class="chart small" role="img" aria-label="Memory used"></svg></figure>' +
+      '<figure><figcaption>Connections and channels</figcaption>' + legend(NODE_CONNS) + '<svg id="ov-conns" class="chart small" role="img" aria-label="Connections and channels"></svg></figure>' +
+      '<figure><figcaption>Free disk (data directory)</figcaption><svg id="ov-disk" class="chart small" role="img" aria-label="Free disk space"></svg></figure></div></div>');
+    onWindowChange('ov-window', refreshNode);
     renderOverview();
     await refreshNode();
     every(5000, refreshNode);
@@ -211,7 +221,10 @@
   let nodeInfo = null, alarmInfo = null, nodeError = null;
   async function refreshNode() {
     nodeError = null;
-    try { nodeInfo = isMonitor() ? (await api('GET', '/nodes'))[0] : null; } catch (e) { nodeError = e.message; }
+    try {
+      nodeInfo = isMonitor() ? (await api('GET', '/nodes'))[0] : null;
+      if (nodeInfo) nodeInfo = await api('GET', '/nodes/' + enc(nodeInfo.name) + rangeQuery(['node_stats']));
+    } catch (e) { nodeError = e.message; }
     try { alarmInfo = await api('GET', '/health/checks/alarms'); } catch (e) { alarmInfo = e.status === 503 ? { status: 'failed', reason: e.message } : { status: 'unknown', reason: e.message }; }
     renderOverview();
   }
@@ -236,6 +249,12 @@
         '</dd><dt>Alarm check</dt><dd>' + esc(alarmInfo ? (alarmInfo.status === 'ok' ? 'ok' : alarmInfo.reason || alarmInfo.status) : '') + '</dd><dt>File descriptors</dt><dd>' + esc(nodeInfo.fd_used) + '</dd></dl>';
     }
     drawChart($('#ov-chart'), history);
+    if (nodeInfo && $('#ov-mem')) {
+      const span = chartWindow() * 1000, P = window.WarrenFlow.pointsOf, now = newest(nodeInfo.mem_used_details);
+      window.WarrenFlow.lineChart($('#ov-mem'), [{ key: 'mem_used', label: 'Memory', color: '#0b5cad', points: P((nodeInfo.mem_used_details || {}).samples) }], { span, now, format: bytes, title: 'Memory used' });
+      window.WarrenFlow.lineChart($('#ov-conns'), NODE_CONNS.map(([k, l, c]) => ({ key: k, label: l, color: c, points: P((nodeInfo[k + '_details'] || {}).samples) })), { span, now, title: 'Connections' });
+      window.WarrenFlow.lineChart($('#ov-disk'), [{ key: 'disk_free', label: 'Free', color: '#1b7a34', points: P((nodeInfo.disk_free_details || {}).samples) }], { span, now, format: bytes, title: 'Free disk' });
+    }
   }
   function drawChart(svg, data) {
     if (!svg) return;
@@ -347,6 +366,10 @@
     const xopts = exchanges.filter((x) => x.name !== '').map((x) => '<option>' + esc(x.name) + '</option>').join('');
     setPage('<h1>Queue <q>' + esc(name) + '</q> <span class="muted">in virtual host ' + esc(vhost) + '</span></h1>' +
       '<div id="qd-tiles" class="tiles"></div>' +
+      '<p><a href="#/topology/' + enc(vhost) + '/' + enc('q:' + name) + '">Show in the topology</a></p>' +
+      '<h2>Charts</h2><div class="toolbar">' + windowSelect('qd-window') + '</div>' +
+      legend(QUEUE_RATES) + '<svg id="qd-rates" class="chart" role="img" aria-label="Message rates of this queue"></svg>' +
+      legend(QUEUE_DEPTH) + '<svg id="qd-depth" class="chart" role="img" aria-label="Messages in this queue"></svg>' +
       '<dl class="kv"><dt>Type</dt><dd id="qd-type">' + esc(q.type || 'classic') +
       (q.type === 'quorum' ? ' <span class="muted">1 replica (no clustering yet); delivery limit ' + esc(q.delivery_limit) + '</span>' : '') +
       '</dd><dt>Durable</dt><dd>' + (q.durable ? 'yes' : 'no') + '</dd><dt>Auto delete</dt><dd>' + (q.auto_delete ? 'yes' : 'no') + '</dd><dt>Exclusive</dt><dd>' + (q.exclusive ? 'yes' : 'no') +
@@ -381,7 +404,9 @@
         .map(([l, v]) => '<div class="tile"><b>' + esc(v) + '</b><span>' + esc(l) + '</span></div>').join('');
     };
     renderTiles(q);
-    const refresh = async () => { try { renderTiles(await api('GET', base)); } catch (e) { fail(e); } };
+    const refresh = async () => { try { const q = await api('GET', base + rangeQuery(['lengths', 'msg_rates'])); if (!$('#qd-tiles')) return; renderTiles(q); drawQueueCharts(q); } catch (e) { fail(e); } };
+    onWindowChange('qd-window', refresh);
+    refresh();
     every(5000, refresh);
     onSubmit('#qd-bind', async (d) => {
       await api('POST', '/bindings/' + enc(vhost) + '/e/' + enc(d.source) + '/q/' + enc(name), { routing_key: d.routing_key, arguments: {} });
@@ -433,6 +458,232 @@
     });
   }
 
+  // ---- charts ----------------------------------------------------------------
+  // Window -> [age, incr] in seconds (RabbitMQ's range parameters).
+  const WINDOWS = { 60: [60, 5], 600: [600, 5], 3600: [3600, 60] };
+  let chartWindowSecs = 600;
+  const chartWindow = () => chartWindowSecs;
+  const windowSelect = (id) => '<label>Window <select id="' + id + '" class="chart-window">' +
+    [[60, '1 minute'], [600, '10 minutes'], [3600, '1 hour']].map(([v, l]) => '<option value="' + v + '"' + (v === chartWindowSecs ? ' selected' : '') + '>' + l + '</option>').join('') + '</select></label>';
+  function onWindowChange(id, fn) {
+    const sel = $('#' + id);
+    if (sel) sel.addEventListener('change', () => { chartWindowSecs = Number(sel.value) || 600; fn(); });
+  }
+  function rangeQuery(prefixes) {
+    const [age, incr] = WINDOWS[chartWindowSecs];
+    return '?' + prefixes.map((p) => p + '_age=' + age + '&' + p + '_incr=' + incr).join('&');
+  }
+  const legend = (series) => '<div class="legend">' + series.map(([, l, c]) => '<span><i style="background:' + c + '"></i>' + esc(l) + '</span>').join('') + '</div>';
+  const QUEUE_RATES = [['publish', 'Published', '#0b5cad'], ['deliver_get', 'Delivered / got', '#1b7a34'], ['ack', 'Acknowledged', '#c46a00'], ['redeliver', 'Redelivered', '#7b3fb0'], ['dead_lettered', 'Dead-lettered', '#b00020']];
+  const QUEUE_DEPTH = [['messages_ready', 'Ready', '#0b5cad'], ['messages_unacknowledged', 'Unacknowledged', '#c46a00']];
+  const EXCHANGE_RATES = [['bound_queues_publish', 'Into bound queues', '#0b5cad']];
+  const NODE_CONNS = [['sockets_used', 'Connections', '#0b5cad'], ['channels', 'Channels', '#1b7a34']];
+  const newest = (details) => (details && details.samples && details.samples.length ? details.samples[0].timestamp : Date.now());
+  function drawQueueCharts(q) {
+    const F = window.WarrenFlow, ms = q.message_stats || {}, span = chartWindow() * 1000;
+    const now = newest(q.messages_ready_details);
+    F.lineChart($('#qd-rates'), QUEUE_RATES.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.ratesOf((ms[k + '_details'] || {}).samples) })), { span, now, format: (v) => Math.round(v * 10) / 10 + '/s', title: 'Rates' });
+    F.lineChart($('#qd-depth'), QUEUE_DEPTH.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.pointsOf((q[k + '_details'] || {}).samples) })), { span, now, format: num, title: 'Messages' });
+  }
+  function drawExchangeCharts(x) {
+    const F = window.WarrenFlow, ms = x.message_stats || {}, d = ms.bound_queues_publish_details || {};
+    F.lineChart($('#xd-rates'), EXCHANGE_RATES.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.ratesOf(d.samples) })), { span: chartWindow() * 1000, now: newest(d), format: (v) => Math.round(v * 10) / 10 + '/s', title: 'Rates' });
+  }
+
+  // ---- topology ----------------------------------------------------------------
+  // Exchanges, queues and their bindings as a layered graph, with alternate and
+  // dead-letter exchanges as their own kinds of edge. Big vhosts stay readable:
+  // filter by name (matches plus their neighbours), focus on the neighbourhood of
+  // the selected node, and queues sharing a name prefix collapse into a group.
+  const GROUP_ABOVE = 60;
+  const prefixOf = (name) => { const m = name.match(/^[^.\-_:]*[.\-_:]/); return m ? m[0] : null; };
+  function topologyModel(exchanges, queues, bindings) {
+    const nodes = new Map(), edges = new Map();
+    const edge = (from, to, kind, title, rateOf) => {
+      if (!nodes.has(from) || !nodes.has(to)) return;
+      const k = from + '>' + to + '>' + kind;
+      const e = edges.get(k);
+      if (e) { e.count++; e.title += '\n' + title; } else edges.set(k, { from, to, kind, title, count: 1, rateOf });
+    };
+    exchanges.filter((x) => x.name !== '').forEach((x) => nodes.set('e:' + x.name, { id: 'e:' + x.name, kind: 'exchange', name: x.name, label: x.name, detail: x.type, title: 'exchange ' + x.name + ' (' + x.type + ')' + (x.internal ? ', internal' : '') }));
+    queues.forEach((q) => nodes.set('q:' + q.name, { id: 'q:' + q.name, kind: 'queue', name: q.name, label: q.name, detail: num(q.messages), title: 'queue ' + q.name + ': ' + num(q.messages_ready) + ' ready, ' + num(q.messages_unacknowledged) + ' unacked', q }));
+    bindings.filter((b) => b.source !== '').forEach((b) => {
+      const to = (b.destination_type === 'queue' ? 'q:' : 'e:') + b.destination;
+      edge('e:' + b.source, to, b.destination_type === 'queue' ? 'binding' : 'e2e', 'binding ' + b.source + ' → ' + b.destination + (b.routing_key ? ' (' + b.routing_key + ')' : ''), b.destination_type === 'queue' ? b.destination : null);
+    });
+    exchanges.forEach((x) => { const ae = (x.arguments || {})['alternate-exchange']; if (ae && x.name) edge('e:' + x.name, 'e:' + ae, 'alternate', 'alternate exchange of ' + x.name + ': ' + ae); });
+    queues.forEach((q) => {
+      const a = q.arguments || {}, pol = q.effective_policy_definition || {};
+      const dlx = a['x-dead-letter-exchange'] !== undefined ? a['x-dead-letter-exchange'] : pol['dead-letter-exchange'];
+      const key = a['x-dead-letter-routing-key'] !== undefined ? a['x-dead-letter-routing-key'] : pol['dead-letter-routing-key'];
+      if (dlx === undefined || dlx === null) return;
+      const title = 'dead letters of ' + q.name + ' → ' + (dlx || '(AMQP default)') + (key ? ' (' + key + ')' : '');
+      if (dlx === '') { if (key) edge('q:' + q.name, 'q:' + key, 'dead-letter', title); } else edge('q:' + q.name, 'e:' + dlx, 'dead-letter', title);
+    });
+    return { nodes, edges: Array.from(edges.values()) };
+  }
+  const rateLabel = (q) => { const r = ((q && q.message_stats) || {}).publish_details; return r && r.rate > 0 ? (Math.round(r.rate * 10) / 10) + '/s' : ''; };
+
+  async function pageTopology(vhostArg, focusArg) {
+    const t0 = performance.now();
+    const vhost = vhostArg || '/';
+    setPage('<h1>Topology <span class="muted">of virtual host ' + esc(vhost) + '</span></h1>' +
+      '<div class="toolbar"><label>Virtual host <select id="topo-vhost">' + (await vhostOptions(vhost)) + '</select></label>' +
+      '<label>Filter <input id="topo-filter" type="search" placeholder="name"></label>' +
+      '<label><input id="topo-focus" type="checkbox"> Only the selection\'s neighbourhood</label>' +
+      '<label><input id="topo-group" type="checkbox" checked> Group queues by name prefix when more than ' + GROUP_ABOVE + '</label>' +
+      '<span id="topo-count" class="muted" aria-live="polite"></span></div>' +
+      '<div class="legend"><span><i style="background:#6b7785"></i>binding to a queue (label: messages/s into the queue)</span><span><i style="background:#7b3fb0"></i>exchange-to-exchange binding</span>' +
+      '<span><i class="dash" style="border-color:#c46a00"></i>alternate exchange</span><span><i class="dash" style="border-color:#b00020"></i>dead-letter exchange</span><span>node: queue depth / exchange type</span></div>' +
+      '<div class="topo"><div id="topo-wrap" class="graph-wrap"><svg id="topo-svg" role="img" aria-label="Exchanges, queues and bindings"></svg></div><aside id="topo-info" class="box" aria-live="polite"><p class="muted">Select an exchange or queue.</p></aside></div>');
+    $('#topo-vhost').addEventListener('change', (e) => { location.hash = '#/topology/' + enc(e.target.value); });
+    const [exchanges, queues, bindings] = await Promise.all([api('GET', '/exchanges/' + enc(vhost)), api('GET', '/queues/' + enc(vhost)), api('GET', '/bindings/' + enc(vhost))]);
+    if (!$('#topo-svg')) return;
+    const model = topologyModel(exchanges, queues, bindings);
+    const view = { selected: focusArg && model.nodes.has(focusArg) ? focusArg : null, focus: !!focusArg, filter: '', group: true, expanded: new Set() };
+    if (view.focus) $('#topo-focus').checked = true;
+    let shown = null;
+    const neighbours = new Map();
+    model.edges.forEach((e) => { (neighbours.get(e.from) || neighbours.set(e.from, []).get(e.from)).push(e.to); (neighbours.get(e.to) || neighbours.set(e.to, []).get(e.to)).push(e.from); });
+    const within = (start, hops) => {
+      const seen = new Set([start]); let front = [start];
+      for (let i = 0; i < hops; i++) { const next = []; front.forEach((id) => (neighbours.get(id) || []).forEach((n) => { if (!seen.has(n)) { seen.add(n); next.push(n); } })); front = next; }
+      return seen;
+    };
+    function visible() {
+      let ids = new Set(model.nodes.keys());
+      if (view.filter) {
+        const f = view.filter.toLowerCase(), hit = new Set();
+        model.nodes.forEach((n, id) => { if (n.name.toLowerCase().includes(f)) { hit.add(id); (neighbours.get(id) || []).forEach((m) => hit.add(m)); } });
+        ids = hit;
+      }
+      if (view.focus && view.selected && model.nodes.has(view.selected)) { const near = within(view.selected, 2); ids = new Set([...ids].filter((id) => near.has(id))); ids.add(view.selected); }
+      // Group queues sharing a name prefix when there are many.
+      const groupOf = new Map(), groups = new Map();
+      const qs = [...ids].filter((id) => id.startsWith('q:'));
+      if (view.group && qs.length > GROUP_ABOVE) {
+        const byPrefix = new Map();
+        qs.forEach((id) => { const p = prefixOf(model.nodes.get(id).name); if (p && !view.expanded.has(p) && id !== view.selected) (byPrefix.get(p) || byPrefix.set(p, []).get(p)).push(id); });
+        byPrefix.forEach((members, p) => { if (members.length >= 3) { const gid = 'g:' + p; groups.set(gid, { id: gid, kind: 'group', name: p, label: p + '* (' + members.length + ' queues)', detail: num(members.reduce((a, id) => a + (model.nodes.get(id).q.messages || 0), 0)), title: members.length + ' queues named ' + p + '…; select to expand', members }); members.forEach((id) => groupOf.set(id, gid)); } });
+      }
+      const nodes = [], seenEdge = new Map();
+      ids.forEach((id) => { if (!groupOf.has(id)) nodes.push(model.nodes.get(id)); });
+      groups.forEach((g) => nodes.push(g));
+      model.edges.forEach((e) => {
+        if (!ids.has(e.from) || !ids.has(e.to)) return;
+        const from = groupOf.get(e.from) || e.from, to = groupOf.get(e.to) || e.to;
+        const k = from + '>' + to + '>' + e.kind;
+        if (!seenEdge.has(k)) seenEdge.set(k, { from, to, kind: e.kind, title: e.title, label: e.rateOf && !groupOf.has(e.to) ? rateLabel(model.nodes.get(e.to).q) : '', rateOf: groupOf.has(e.to) ? null : e.rateOf });
+      });
+      return { nodes, edges: Array.from(seenEdge.values()), groups };
+    }
+    function draw() {
+      shown = visible();
+      const lay = window.WarrenFlow.layout(shown.nodes, shown.edges);
+      const svg = $('#topo-svg');
+      if (!svg) return;
+      svg.setAttribute('width', lay.width); svg.setAttribute('height', lay.height); svg.setAttribute('viewBox', '0 0 ' + lay.width + ' ' + lay.height);
+      const marks = { nodes: new Set(view.selected ? [view.selected] : []), edges: new Set(view.selected ? shown.edges.filter((e) => e.from === view.selected || e.to === view.selected).map((e) => e.from + '>' + e.to + '>' + e.kind) : []) };
+      svg.innerHTML = window.WarrenFlow.graphSvg(shown.nodes, shown.edges, lay, marks);
+      $('#topo-count').textContent = shown.nodes.length + ' of ' + model.nodes.size + ' nodes, ' + shown.edges.length + ' edges shown' + (shown.groups.size ? ', ' + shown.groups.size + ' queue groups' : '');
+      info();
+    }
+    function info() {
+      const box = $('#topo-info'); if (!box) return;
+      const id = view.selected;
+      const n = id && (model.nodes.get(id) || (shown && shown.groups.get(id)));
+      if (!n) { box.innerHTML = '<p class="muted">Select an exchange or queue.</p>'; return; }
+      const ins = model.edges.filter((e) => e.to === id), outs = model.edges.filter((e) => e.from === id);
+      let h = '<h2>' + esc(n.kind) + ' <q>' + esc(n.name) + '</q></h2>';
+      if (n.kind === 'queue') h += '<p>' + esc(n.title) + '</p><p><a id="topo-open" href="#/queues/' + enc(vhost) + '/' + enc(n.name) + '">Open the queue page</a></p>';
+      if (n.kind === 'exchange') h += '<p><a id="topo-open" href="#/exchanges/' + enc(vhost) + '/' + enc(n.name) + '">Open the exchange page</a> · <a href="#/trace/' + enc(vhost) + '/' + enc(n.name) + '">Trace a message from here</a></p>';
+      if (n.kind === 'group') h += '<p>' + esc(n.title) + '</p><button id="topo-expand">Expand the group</button>';
+      else h += '<button id="topo-focus-btn">' + (view.focus ? 'Show everything' : 'Focus on its neighbourhood') + '</button>';
+      const list = (es, side) => es.slice(0, 30).map((e) => '<li>' + esc(e.kind) + ' ' + esc(side === 'in' ? e.from.slice(2) : e.to.slice(2)) + '</li>').join('') + (es.length > 30 ? '<li>… ' + (es.length - 30) + ' more</li>' : '');
+      if (n.kind !== 'group') h += '<h3>In (' + ins.length + ')</h3><ul>' + list(ins, 'in') + '</ul><h3>Out (' + outs.length + ')</h3><ul>' + list(outs, 'out') + '</ul>';
+      box.innerHTML = h;
+      const ex = $('#topo-expand'); if (ex) ex.addEventListener('click', () => { view.expanded.add(n.name); view.selected = null; draw(); });
+      const fb = $('#topo-focus-btn'); if (fb) fb.addEventListener('click', () => { view.focus = !view.focus; $('#topo-focus').checked = view.focus; draw(); });
+    }
+    const svg = $('#topo-svg');
+    const pick = (ev) => { const g = ev.target.closest && ev.target.closest('.node'); if (!g) return; view.selected = g.dataset.id; draw(); };
+    svg.addEventListener('click', pick);
+    svg.addEventListener('keydown', (ev) => { if (ev.key === 'Enter' || ev.key === ' ') { ev.preventDefault(); pick(ev); } });
+    let debounce = null;
+    $('#topo-filter').addEventListener('input', (ev) => { clearTimeout(debounce); debounce = setTimeout(() => { view.filter = ev.target.value.trim(); draw(); }, 200); });
+    $('#topo-focus').addEventListener('change', (ev) => { view.focus = ev.target.checked; draw(); });
+    $('#topo-group').addEventListener('change', (ev) => { view.group = ev.target.checked; draw(); });
+    draw();
+    requestAnimationFrame(() => { const s = $('#topo-svg'); if (s) { s.dataset.paintMs = String(Math.round(performance.now() - t0)); s.dataset.ready = '1'; } });
+    // Live depth and rates, without laying out again.
+    every(5000, async () => {
+      if (currentPage !== 'topology' || !$('#topo-svg')) return;
+      let qs;
+      try { qs = await api('GET', '/queues/' + enc(vhost)); } catch (e) { return; }
+      qs.forEach((q) => {
+        const n = model.nodes.get('q:' + q.name); if (!n) return;
+        n.q = q; n.detail = num(q.messages);
+        const g = $('#topo-svg .node[data-id="' + CSS.escape(n.id) + '"] .node-detail'); if (g) g.textContent = n.detail;
+        $$('#topo-svg .edge-label[data-to="' + CSS.escape(n.id) + '"]').forEach((t) => { t.textContent = rateLabel(q); });
+      });
+    });
+  }
+
+  // ---- trace -------------------------------------------------------------------
+  async function pageTrace(vhostArg, exchangeArg) {
+    const vhost = vhostArg || '/';
+    const exchanges = await api('GET', '/exchanges/' + enc(vhost));
+    const xopts = exchanges.map((x) => '<option value="' + esc(x.name || 'amq.default') + '"' + ((x.name || 'amq.default') === (exchangeArg || '') ? ' selected' : '') + '>' + esc(x.name || '(AMQP default)') + ' (' + esc(x.type) + ')</option>').join('');
+    setPage('<h1>Trace a message</h1><p class="muted">The broker\'s own router answers where a message would go: the bindings that match at each exchange, alternate exchanges, the queues reached, and where dead-lettered copies would go. Nothing is published.</p>' +
+      '<form id="tr-form" class="box"><label>Virtual host <select name="vhost">' + (await vhostOptions(vhost)) + '</select></label><label>Exchange <select name="exchange">' + xopts + '</select></label>' +
+      '<label>Routing key <input name="routing_key"></label><label>Headers (JSON; CC / BCC too) <textarea name="headers" placeholder=\'{"format": "pdf", "CC": ["other.key"]}\'></textarea></label><button class="primary">Trace</button></form>' +
+      '<div id="tr-result" aria-live="polite"></div><div class="graph-wrap"><svg id="tr-svg" role="img" aria-label="The traced path"></svg></div>');
+    $('#tr-form [name=vhost]').addEventListener('change', (e) => { location.hash = '#/trace/' + enc(e.target.value) + '/'; });
+    onSubmit('#tr-form', async (d) => {
+      const headers = parseJsonField(d.headers, 'Headers');
+      const body = { routing_key: d.routing_key, properties: Object.keys(headers).length ? { headers } : {} };
+      const t = await api('POST', '/exchanges/' + enc(vhost) + '/' + enc(d.exchange) + '/trace', body);
+      renderTrace(vhost, t);
+    });
+  }
+  function renderTrace(vhost, t) {
+    const bindingRows = (h) => table([
+      { label: 'To', cell: (b) => (b.destination_type === 'queue' ? 'queue ' + qlink(vhost, b.destination) : 'exchange ' + xlink(vhost, b.destination)) },
+      { label: 'Binding key', cell: (b) => esc(b.routing_key) }, { label: 'Arguments', cell: (b) => '<code>' + json(b.arguments || {}) + '</code>' },
+      { label: 'Matched by', cell: (b) => esc(b.matched_by) },
+    ], h.matched, { empty: 'No binding matches.', label: 'Matching bindings of ' + (h.exchange || 'the default exchange') });
+    const hops = (r) => r.hops.map((h) => '<div class="hop" data-exchange="' + esc(h.exchange) + '"><h3>Exchange ' + xlink(vhost, h.exchange) + ' <span class="muted">' + esc(h.type) + '</span></h3>' + bindingRows(h) +
+      (h.alternate_exchange ? '<p class="alt">Nothing matched: on to the alternate exchange ' + xlink(vhost, h.alternate_exchange) + '.</p>' : '') + '</div>').join('') +
+      (r.missing_exchanges.length ? '<p class="bad">Missing exchanges (the message is dropped there): ' + esc(r.missing_exchanges.join(', ')) + '</p>' : '');
+    const qlist = (id, qs) => '<ul id="' + id + '" class="reached">' + (qs.length ? qs.map((q) => '<li data-queue="' + esc(q) + '">' + qlink(vhost, q) + '</li>').join('') : '<li class="muted">none</li>') + '</ul>';
+    let h = '<h2 id="tr-summary">' + (t.routed ? 'Routed to ' + t.queues.length + ' queue' + (t.queues.length === 1 ? '' : 's') : 'Unroutable: no queue receives this message') + '</h2>';
+    if (t.refused) h += '<p class="bad" id="tr-refused">A client publish would be refused: ' + esc(t.refused) + '</p>';
+    if (t.delayed_ms) h += '<p>The delayed exchange holds the message for ' + esc(t.delayed_ms) + ' ms, then routes it as below.</p>';
+    if (t.cc.length) h += '<p>Also routed with the CC / BCC keys: ' + esc(t.cc.join(', ')) + '</p>';
+    h += hops(t) + '<h3>Queues reached</h3>' + qlist('tr-queues', t.queues);
+    if (t.dead_letters.length) {
+      h += '<h2>If messages are dead-lettered</h2><div id="tr-dead">' + t.dead_letters.map((d) => '<div class="box dead" data-queue="' + esc(d.queue) + '"><p>From queue ' + qlink(vhost, d.queue) + ' (expired, over a length limit or rejected) to ' +
+        (d.exchange_exists ? 'exchange ' + xlink(vhost, d.dead_letter_exchange) : 'the missing exchange <q>' + esc(d.dead_letter_exchange) + '</q> (dropped)') + ' with routing key <q>' + esc(d.routing_key) + '</q>:</p>' +
+        qlist('tr-dead-' + d.depth + '-' + d.queue.replace(/\W/g, '_'), d.queues) + (d.dropped_as_cycle.length ? '<p class="muted">Dropped as a cycle unless rejected: ' + esc(d.dropped_as_cycle.join(', ')) + '</p>' : '') + '</div>').join('') + '</div>';
+    }
+    $('#tr-result').innerHTML = h;
+    // The path as a graph: every node and edge on it is marked.
+    const nodes = new Map(), edges = [];
+    const node = (kind, name) => { const id = (kind === 'exchange' ? 'e:' : 'q:') + name; if (!nodes.has(id)) nodes.set(id, { id, kind, name, label: kind === 'exchange' && !name ? '(AMQP default)' : name, detail: kind === 'exchange' ? '' : '' }); return id; };
+    const addRoute = (r) => r.hops.forEach((hp) => {
+      const from = node('exchange', hp.exchange);
+      hp.matched.forEach((b) => edges.push({ from, to: node(b.destination_type, b.destination), kind: b.destination_type === 'queue' ? 'binding' : 'e2e', title: b.routing_key }));
+      if (hp.alternate_exchange) edges.push({ from, to: node('exchange', hp.alternate_exchange), kind: 'alternate', title: 'alternate exchange' });
+    });
+    addRoute(t);
+    t.dead_letters.forEach((d) => { edges.push({ from: node('queue', d.queue), to: node('exchange', d.dead_letter_exchange), kind: 'dead-letter', title: 'dead letters' }); addRoute(d); });
+    const list = Array.from(nodes.values());
+    const lay = window.WarrenFlow.layout(list, edges);
+    const svg = $('#tr-svg');
+    svg.setAttribute('width', lay.width); svg.setAttribute('height', lay.height); svg.setAttribute('viewBox', '0 0 ' + lay.width + ' ' + lay.height);
+    svg.innerHTML = window.WarrenFlow.graphSvg(list, edges, lay, { nodes: new Set(nodes.keys()), edges: new Set(edges.map((e) => e.from + '>' + e.to + '>' + e.kind)) });
+  }
+
   // ---- exchanges -----------------------------------------------------------
   async function pageExchanges() {
     const xs = await api('GET', '/exchanges');
@@ -460,6 +711,9 @@
     const [x, bindings] = await Promise.all([api('GET', base), isDefault ? Promise.resolve([]) : api('GET', base + '/bindings/source')]);
     setPage('<h1>Exchange <q>' + esc(x.name || '(AMQP default)') + '</q> <span class="muted">in virtual host ' + esc(vhost) + '</span></h1>' +
       '<dl class="kv"><dt>Type</dt><dd>' + esc(x.type) + '</dd><dt>Durable</dt><dd>' + (x.durable ? 'yes' : 'no') + '</dd><dt>Internal</dt><dd>' + (x.internal ? 'yes' : 'no') + '</dd><dt>Arguments</dt><dd><code>' + json(x.arguments || {}) + '</code></dd></dl>' +
+      (isDefault ? '' : '<p><a id="xd-trace" href="#/trace/' + enc(vhost) + '/' + enc(x.name) + '">Trace a message from this exchange</a> · <a href="#/topology/' + enc(vhost) + '/' + enc('e:' + x.name) + '">Show in the topology</a></p>' +
+        '<h2>Charts</h2><div class="toolbar">' + windowSelect('xd-window') + '</div>' + legend(EXCHANGE_RATES) +
+        '<svg id="xd-rates" class="chart" role="img" aria-label="Messages entering the queues bound to this exchange"></svg><p class="muted">warren counts nothing per exchange on the publish path: the chart shows the messages that entered the queues bound to this exchange (a queue bound to several exchanges counts under each).</p>') +
       '<h2>Bindings from this exchange</h2>' + (isDefault ? '<p class="muted">The default exchange routes to every queue by name.</p>' : table([
         { label: 'To', cell: (b) => (b.destination_type === 'queue' ? 'queue ' + qlink(vhost, b.destination) : 'exchange ' + xlink(vhost, b.destination)) },
         { label: 'Routing key', cell: (b) => esc(b.routing_key) }, { label: 'Arguments', cell: (b) => '<code>' + json(b.arguments || {}) + '</code>' },
@@ -474,6 +728,12 @@
       const r = await api('POST', '/exchanges/' + enc(vhost) + '/' + enc(isDefault ? 'amq.default' : name) + '/publish', { routing_key: d.routing_key, payload: d.payload, payload_encoding: 'string', properties: props });
       if (r.routed) info('Message published and routed.'); else flash('Message published but not routed to any queue.');
     });
+    if (!isDefault) {
+      const refresh = async () => { try { const x = await api('GET', base + rangeQuery(['msg_rates'])); if ($('#xd-rates')) drawExchangeCharts(x); } catch (e) { fail(e); } };
+      onWindowChange('xd-window', refresh);
+      refresh();
+      every(5000, refresh);
+    }
     onClick('#xd-delete', async () => {
       if (!confirm('Delete exchange "' + name + '"?')) return;
       await api('DELETE', base); location.hash = '#/exchanges'; info('Exchange deleted.');
