@@ -6,17 +6,18 @@
 (function () {
   const esc = (v) => String(v == null ? '' : v).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' }[c]));
 
-  // Ranks follow routing: exchanges by the longest path over binding and
-  // alternate-exchange edges from exchanges nothing routes into; a queue one
-  // column right of its furthest source. Dead-letter edges (queue -> exchange)
-  // run backwards and do not rank. Cycles are cut where DFS meets its own path.
+  // Ranks follow the flow of messages: each node one column right of its
+  // furthest source over binding, alternate and dead-letter edges, so a
+  // dead-letter exchange sits right of the queues feeding it. Cycles (a retry
+  // loop through a dead-letter exchange) are cut where the DFS meets its own
+  // path; the cut edges are drawn looping back underneath.
   const NODE_W = 190, NODE_H = 26, COL_GAP = 90, ROW_GAP = 10;
   function layout(nodes, edges) {
     const byId = new Map(nodes.map((n) => [n.id, n]));
     const out = new Map(nodes.map((n) => [n.id, []]));
     const inc = new Map(nodes.map((n) => [n.id, []]));
     for (const e of edges) {
-      if (e.kind === 'dead-letter' || !byId.has(e.from) || !byId.has(e.to)) continue;
+      if (!byId.has(e.from) || !byId.has(e.to)) continue;
       out.get(e.from).push(e.to); inc.get(e.to).push(e.from);
     }
     const rank = new Map(), state = new Map();
@@ -30,10 +31,7 @@
       return r;
     };
     nodes.forEach((n) => visit(n.id));
-    // Queues (and groups) sit right of every exchange column they hang from; a
-    // queue nothing routes to goes in the first queue column.
-    let maxEx = 0;
-    nodes.forEach((n) => { if (n.kind === 'exchange') maxEx = Math.max(maxEx, rank.get(n.id)); });
+    // A queue nothing routes to goes in the first queue column.
     nodes.forEach((n) => { if (n.kind !== 'exchange' && !inc.get(n.id).length) rank.set(n.id, 1); });
     const layers = [];
     nodes.forEach((n) => { const r = rank.get(n.id); (layers[r] = layers[r] || []).push(n.id); });
@@ -59,7 +57,8 @@
       const offset = ((tallest - l.length) * (NODE_H + ROW_GAP)) / 2;
       l.forEach((id, i) => placed.set(id, { x: 10 + r * (NODE_W + COL_GAP), y: 10 + offset + i * (NODE_H + ROW_GAP) }));
     });
-    return { pos: placed, width: 20 + layers.length * (NODE_W + COL_GAP) - COL_GAP, height: 20 + tallest * (NODE_H + ROW_GAP), ranks: rank, maxExchangeRank: maxEx };
+    // Room underneath for edges that loop back.
+    return { pos: placed, width: 20 + layers.length * (NODE_W + COL_GAP) - COL_GAP, height: 90 + tallest * (NODE_H + ROW_GAP), ranks: rank };
   }
 
   const short = (s, n) => (s.length > n ? s.slice(0, n - 1) + '…' : s);
@@ -71,7 +70,7 @@
     const markN = (marks && marks.nodes) || new Set(), markE = (marks && marks.edges) || new Set();
     const many = edges.length > 400;
     let s = '<defs>';
-    for (const [k, c] of Object.entries(EDGE_COLORS)) s += '<marker id="arr-' + k + '" viewBox="0 0 8 8" refX="8" refY="4" markerWidth="7" markerHeight="7" orient="auto"><path d="M0,0L8,4L0,8z" fill="' + c + '"/></marker>';
+    for (const [k, c] of Object.entries(EDGE_COLORS)) s += '<marker id="arr-' + k + '" viewBox="0 0 8 8" refX="8" refY="4" markerUnits="userSpaceOnUse" markerWidth="9" markerHeight="9" orient="auto"><path d="M0,0L8,4L0,8z" fill="' + c + '"/></marker>';
     s += '</defs><g class="edges">';
     for (const e of edges) {
       const a = lay.pos.get(e.from), b = lay.pos.get(e.to);
