@@ -391,6 +391,12 @@ try {
     await page.selectOption('#qd-window', '600');
     await page.click('nav a[href="#/"]');
     await waitFor('node memory chart', async () => (await page.locator('#ov-mem polyline').count()) === 1 && (await page.locator('#ov-conns polyline').count()) === 2);
+    // The overview's message rates come from the broker's history: a window
+    // choice redraws them over that window.
+    await page.selectOption('#ov-window', '60');
+    await waitFor('overview rates over one minute', async () => /-12 s/.test(await page.locator('#ov-chart').textContent()) && (await page.locator('#ov-chart polyline').count()) === 3);
+    await page.selectOption('#ov-window', '600');
+    await shot('overview-charts', true);
   });
 
   await test('the topology stays responsive with 1,000 queues and 5,000 bindings', async () => {

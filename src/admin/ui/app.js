@@ -100,11 +100,16 @@
 
   // ---- overview sampling (client-side history for the charts) --------------
   let lastOverview = null;
+  let serverRates = [];
   async function sampleOverview() {
     try {
-      const o = await api('GET', '/overview');
+      const o = await api('GET', '/overview' + rangeQuery(['msg_rates']));
       lastOverview = o;
       const ms = o.message_stats || {};
+      // The broker's history when it has enough points for the window; until
+      // then what this page sampled since it loaded.
+      const R = window.WarrenFlow.ratesOf, pub = R((ms.publish_details || {}).samples), del = R((ms.deliver_get_details || {}).samples), ack = R((ms.ack_details || {}).samples);
+      serverRates = pub.map(([t, v], i) => ({ t, publish: Math.round(v * 10) / 10, deliver: Math.round(((del[i] || [])[1] || 0) * 10) / 10, ack: Math.round(((ack[i] || [])[1] || 0) * 10) / 10 }));
       history.push({ t: Date.now(), publish: (ms.publish_details || {}).rate || 0, deliver: (ms.deliver_get_details || {}).rate || 0, ack: (ms.ack_details || {}).rate || 0 });
       while (history.length > HISTORY_MAX) history.shift();
       if (currentPage === 'overview') renderOverview();
@@ -206,14 +211,14 @@
   // ---- overview ----------------------------------------------------------
   async function pageOverview() {
     setPage('<h1>Overview</h1><div id="ov-tiles" class="tiles" aria-live="polite"></div>' +
-      '<h2>Message rates</h2><div class="legend"><span><i style="background:#0b5cad"></i>Published</span><span><i style="background:#1b7a34"></i>Delivered / got</span><span><i style="background:#c46a00"></i>Acknowledged</span></div>' +
+      '<h2>Message rates</h2><div class="toolbar">' + windowSelect('ov-window') + '</div><div class="legend"><span><i style="background:#0b5cad"></i>Published</span><span><i style="background:#1b7a34"></i>Delivered / got</span><span><i style="background:#c46a00"></i>Acknowledged</span></div>' +
       '<svg id="ov-chart" class="chart" role="img" aria-label="Message rates over the last minutes"></svg>' +
       '<h2>Node</h2><div id="ov-node" class="muted">Loading…</div>' +
-      '<div id="ov-node-charts"' + (isMonitor() ? '' : ' hidden') + '><h2>Node over time</h2><div class="toolbar">' + windowSelect('ov-window') + '</div>' +
+      '<div id="ov-node-charts"' + (isMonitor() ? '' : ' hidden') + '><h2>Node over time</h2>' +
       '<div class="chart-grid"><figure><figcaption>Memory used</figcaption><svg id="ov-mem" class="chart small" role="img" aria-label="Memory used"></svg></figure>' +
       '<figure><figcaption>Connections and channels</figcaption>' + legend(NODE_CONNS) + '<svg id="ov-conns" class="chart small" role="img" aria-label="Connections and channels"></svg></figure>' +
       '<figure><figcaption>Free disk (data directory)</figcaption><svg id="ov-disk" class="chart small" role="img" aria-label="Free disk space"></svg></figure></div></div>');
-    onWindowChange('ov-window', refreshNode);
+    onWindowChange('ov-window', () => { sampleOverview(); refreshNode(); });
     renderOverview();
     await refreshNode();
     every(5000, refreshNode);
@@ -248,7 +253,7 @@
         '</dd><dt>Uptime</dt><dd>' + esc(Math.round(nodeInfo.uptime / 1000)) + ' s</dd><dt>Memory high watermark</dt><dd>' + (nodeInfo.mem_limit ? esc(bytes(nodeInfo.mem_limit)) : 'none') + '</dd><dt>Memory alarm</dt><dd>' + (nodeInfo.mem_alarm ? 'ON — publishers are blocked' : 'off') +
         '</dd><dt>Alarm check</dt><dd>' + esc(alarmInfo ? (alarmInfo.status === 'ok' ? 'ok' : alarmInfo.reason || alarmInfo.status) : '') + '</dd><dt>File descriptors</dt><dd>' + esc(nodeInfo.fd_used) + '</dd></dl>';
     }
-    drawChart($('#ov-chart'), history);
+    if (serverRates.length >= 3) drawChart($('#ov-chart'), serverRates, chartWindow() * 1000); else drawChart($('#ov-chart'), history);
     if (nodeInfo && $('#ov-mem')) {
       const span = chartWindow() * 1000, P = window.WarrenFlow.pointsOf, now = newest(nodeInfo.mem_used_details);
       window.WarrenFlow.lineChart($('#ov-mem'), [{ key: 'mem_used', label: 'Memory', color: '#0b5cad', points: P((nodeInfo.mem_used_details || {}).samples) }], { span, now, format: bytes, title: 'Memory used' });
@@ -256,12 +261,12 @@
       window.WarrenFlow.lineChart($('#ov-disk'), [{ key: 'disk_free', label: 'Free', color: '#1b7a34', points: P((nodeInfo.disk_free_details || {}).samples) }], { span, now, format: bytes, title: 'Free disk' });
     }
   }
-  function drawChart(svg, data) {
+  function drawChart(svg, data, spanMs) {
     if (!svg) return;
     const W = svg.clientWidth || 800, H = svg.clientHeight || 220, L = 48, R = 10, T = 10, B = 24;
     const series = [['publish', '#0b5cad'], ['deliver', '#1b7a34'], ['ack', '#c46a00']];
-    // The time axis covers the history kept so far: one minute at first, growing to ten.
-    const now = Date.now(), span = Math.min(600000, Math.max(60000, data.length ? now - data[0].t : 0));
+    // The time axis: the chosen window for the broker's history; else what this page sampled so far (one minute at first, growing to ten).
+    const now = spanMs && data.length ? data[data.length - 1].t : Date.now(), span = spanMs || Math.min(600000, Math.max(60000, data.length ? now - data[0].t : 0));
     let max = 1;
     data.forEach((d) => series.forEach(([k]) => { if (d[k] > max) max = d[k]; }));
     const mag = Math.pow(10, Math.floor(Math.log10(max)));
