@@ -336,9 +336,9 @@ impl History {
 }
 
 /// The samples of `series` over the last `age_ms` (up to the newest recorded
-/// slot), one every `incr_ms`, newest first: each is the latest point at or
-/// before its time. From the finest tier that reaches back far enough, else
-/// the coarsest.
+/// slot), about one every `incr_ms`, newest first: for each step back, the
+/// latest point at or before it, with the time it was recorded (each point
+/// once). From the finest tier that reaches back far enough, else the coarsest.
 fn window<P: Copy>(clocks: &[Clock], series: &Series<P>, age_ms: u64, incr_ms: u64) -> Samples<P> {
     let incr = incr_ms.max(1);
     let timed = |t: usize| -> Vec<(u64, P)> {
@@ -373,8 +373,9 @@ fn window<P: Copy>(clocks: &[Clock], series: &Series<P>, age_ms: u64, incr_ms: u
     let Some(&(newest, _)) = chosen.last() else {
         return Vec::new();
     };
-    let mut out = Vec::new();
+    let mut out: Vec<(u64, P)> = Vec::new();
     let mut idx = chosen.len();
+    let mut last = usize::MAX;
     let mut at = newest;
     loop {
         while idx > 0 && chosen[idx - 1].0 > at {
@@ -383,7 +384,12 @@ fn window<P: Copy>(clocks: &[Clock], series: &Series<P>, age_ms: u64, incr_ms: u
         if idx == 0 {
             break;
         }
-        out.push((at, chosen[idx - 1].1));
+        // A point's own time (slots are recorded a little late or early), each
+        // point once: rates between samples then divide by the real interval.
+        if idx - 1 != last {
+            out.push(chosen[idx - 1]);
+            last = idx - 1;
+        }
         match at.checked_sub(incr) {
             Some(next) if newest - next <= age_ms => at = next,
             _ => break,
@@ -456,6 +462,24 @@ mod tests {
         assert_eq!(hour.len(), 61);
         // Coarse points are a minute apart.
         assert_eq!(hour[0].0 - hour[1].0, 60_000);
+    }
+
+    #[test]
+    fn jittered_slots_keep_their_own_times_once() {
+        let h = History::new();
+        for (now, publish) in [(0, 0), (5_900, 10), (10_000, 20)] {
+            h.record(now, &snap(publish, 0, &["q"]));
+        }
+        let w = h.queue(&key("q"), 10_000, 5_000);
+        let got: Vec<(u64, u32)> = w.iter().map(|(t, p)| (*t, p.publish)).collect();
+        assert_eq!(
+            got,
+            [(10_000, 20), (0, 0)],
+            "5.9 s is after the 5 s step: skipped, not repeated"
+        );
+        let w = h.queue(&key("q"), 10_000, 1_000);
+        let got: Vec<u64> = w.iter().map(|(t, _)| *t).collect();
+        assert_eq!(got, [10_000, 5_900, 0]);
     }
 
     #[test]
