@@ -30,6 +30,26 @@ pub fn exchange_json(vhost: &str, e: &Exchange) -> Value {
     })
 }
 
+/// [`exchange_json`] with the policy in force (`policy`, its name, as RabbitMQ
+/// shows it, and warren's `effective_policy_definition`, as for queues).
+fn with_policy(v: &crate::broker::VHost, e: &Exchange) -> Value {
+    let mut j = exchange_json(&v.name, e);
+    let policy = v
+        .policies
+        .matching(&v.name, crate::broker::policy::Target::Exchange, &e.name);
+    if let Value::Object(m) = &mut j {
+        m.insert(
+            "policy".into(),
+            json!(policy.as_ref().map(|p| p.name.clone())),
+        );
+        m.insert(
+            "effective_policy_definition".into(),
+            Value::Object(policy.map(|p| p.definition).unwrap_or_default()),
+        );
+    }
+    j
+}
+
 fn collect(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
     let b = &s.broker;
     let mut out = Vec::new();
@@ -38,7 +58,7 @@ fn collect(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
             continue;
         }
         for e in v.exchanges() {
-            out.push(exchange_json(&v.name, &e));
+            out.push(with_policy(&v, &e));
         }
     }
     super::sort_by_vhost_name(&mut out);
@@ -67,7 +87,7 @@ pub async fn show(
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     let name = if name == "amq.default" { "" } else { &name };
     let e = v.exchange(name).map_err(|_| ApiError::not_found())?;
-    Ok(Json(exchange_json(&vhost, &e)))
+    Ok(Json(with_policy(&v, &e)))
 }
 
 /// Declare an exchange from an API / definitions body.

@@ -141,6 +141,34 @@ async fn trace_answers_like_the_router_without_publishing() {
         assert_eq!(v["messages"], 0, "{q}");
     }
 
+    // A policy's alternate exchange: followed by the trace, shown on the exchange.
+    b.ok(
+        "PUT",
+        "/api/policies/%2F/t-ae",
+        json!({"pattern": "^t-headers$", "apply-to": "exchanges", "definition": {"alternate-exchange": "t-unrouted"}}),
+    )
+    .await;
+    let t = trace(
+        &b,
+        "t-headers",
+        json!({"properties": {"headers": {"b": "3"}}}),
+    )
+    .await;
+    assert_eq!(t["hops"][0]["alternate_exchange"], "t-unrouted", "{t}");
+    assert_eq!(t["queues"], json!(["t-lost"]));
+    let x = b.get("/api/exchanges/%2F/t-headers").await;
+    assert_eq!(x["policy"], "t-ae");
+    assert_eq!(
+        x["effective_policy_definition"]["alternate-exchange"],
+        "t-unrouted"
+    );
+    let listed = b.get("/api/exchanges/%2F").await;
+    let topic = listed
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == "t-topic"))
+        .expect("t-topic listed");
+    assert_eq!(topic["policy"], Value::Null);
+
     let (s, _) = b
         .call(
             "POST",

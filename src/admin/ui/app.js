@@ -516,7 +516,8 @@
       const to = (b.destination_type === 'queue' ? 'q:' : 'e:') + b.destination;
       edge('e:' + b.source, to, b.destination_type === 'queue' ? 'binding' : 'e2e', 'binding ' + b.source + ' → ' + b.destination + (b.routing_key ? ' (' + b.routing_key + ')' : ''), b.destination_type === 'queue' ? b.destination : null);
     });
-    exchanges.forEach((x) => { const ae = (x.arguments || {})['alternate-exchange']; if (ae && x.name) edge('e:' + x.name, 'e:' + ae, 'alternate', 'alternate exchange of ' + x.name + ': ' + ae); });
+    // The argument wins over a policy's, as in routing.
+    exchanges.forEach((x) => { const ae = (x.arguments || {})['alternate-exchange'] || (x.effective_policy_definition || {})['alternate-exchange']; if (ae && x.name) edge('e:' + x.name, 'e:' + ae, 'alternate', 'alternate exchange of ' + x.name + ': ' + ae); });
     queues.forEach((q) => {
       const a = q.arguments || {}, pol = q.effective_policy_definition || {};
       const dlx = a['x-dead-letter-exchange'] !== undefined ? a['x-dead-letter-exchange'] : pol['dead-letter-exchange'];
