@@ -11,7 +11,7 @@
 
 use super::publish::{route_default, Watch};
 use super::{Exchange, PublishFrom, VHost};
-use crate::broker::exchange::{Binding, Router};
+use crate::broker::exchange::{Binding, Destination, Router};
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::{dead_letter, Queue, Reason};
 use crate::error::AmqpResult;
@@ -208,25 +208,25 @@ impl VHost {
         let mut recorder = Recorder {
             route: Route::default(),
         };
+        let mut refused = None;
         if exchange.is_empty() {
             route_default(&self.queues.read(), key, cc, &mut out);
+            // The default exchange's implicit binding to each queue, by its name.
+            let matched = out
+                .iter()
+                .map(|q| {
+                    let b = Binding {
+                        destination: Destination::Queue(q.name().into()),
+                        routing_key: q.name().to_string(),
+                        arguments: FieldTable::new(),
+                    };
+                    (b, q.name().to_string())
+                })
+                .collect();
             recorder.route.hops.push(Hop {
                 exchange: String::new(),
                 kind: "direct",
-                // The default exchange's implicit binding to each queue, by its name.
-                matched: out
-                    .iter()
-                    .map(|q| {
-                        let b = Binding {
-                            destination: crate::broker::exchange::Destination::Queue(
-                                q.name().into(),
-                            ),
-                            routing_key: q.name().to_string(),
-                            arguments: FieldTable::new(),
-                        };
-                        (b, q.name().to_string())
-                    })
-                    .collect(),
+                matched,
                 alternate: None,
             });
         } else {
@@ -234,7 +234,7 @@ impl VHost {
             let ex = exchanges
                 .get(exchange)
                 .ok_or_else(|| self.no_exchange(exchange))?;
-            let refused = self.refuses(ex, from).map(|e| e.text);
+            refused = self.refuses(ex, from).map(|e| e.text);
             let mut cc = cc;
             if ex.delayed && from != PublishFrom::Delayed {
                 if let Some(delay) = super::delayed::delay_of(message) {
@@ -255,22 +255,16 @@ impl VHost {
                 &mut out,
                 &mut recorder,
             );
-            drop(queues);
-            drop(exchanges);
-            let mut route = recorder.route;
-            route.queues = out.iter().map(|q| q.name().to_string()).collect();
-            return Ok((route, out, refused));
         }
         let mut route = recorder.route;
         route.queues = out.iter().map(|q| q.name().to_string()).collect();
-        Ok((route, out, None))
+        Ok((route, out, refused))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::exchange::Destination;
     use crate::broker::message::MemoryBudget;
     use crate::broker::vhost::{ExchangeDeclare, QueueDeclare};
     use crate::config::VHostLimits;
