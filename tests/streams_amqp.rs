@@ -475,7 +475,6 @@ async fn confirmed_messages_survive_kill_9() {
     confirm_mode(&ch).await;
     publish_all(&ch, "ks", &["after".to_string()]).await;
     assert_eq!(take(&mut c, 1).await, vec![(200, "after".to_string())]);
-    let _ = c.next();
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
