@@ -11,7 +11,6 @@ mod common;
 mod helpers;
 
 use common::process::{data_dir, BrokerProcess};
-use futures::StreamExt;
 use helpers::*;
 
 fn stream() -> (&'static str, AMQPValue) {
