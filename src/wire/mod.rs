@@ -9,6 +9,7 @@ pub mod amqp10;
 pub mod error;
 pub mod frame;
 pub mod methods;
+pub mod stream;
 pub mod types;
 
 pub use error::WireError;
