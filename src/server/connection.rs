@@ -611,17 +611,29 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             return true;
         };
         let sink = Arc::clone(&self.sink);
+        // Streams fsync their own files: a confirm also waits for every stream
+        // append made before it (at once when none is pending).
+        let streams = self.broker.streams.clone();
+        let then_streams =
+            move |r: Result<(), crate::storage::StorageError>,
+                  done: Box<dyn FnOnce(bool) + Send>| match (r, streams) {
+                (Ok(()), Some(streams)) => streams.on_durable(Box::new(move |r| done(r.is_ok()))),
+                (r, _) => done(r.is_ok()),
+            };
         match wait {
             StoreWait::Confirms {
                 channel,
                 first,
                 last,
             } => store.on_durable(Box::new(move |r| {
-                sink.durable(channel, first, last, r.is_ok())
+                then_streams(
+                    r,
+                    Box::new(move |ok| sink.durable(channel, first, last, ok)),
+                )
             })),
-            StoreWait::TxCommit { channel } => {
-                store.on_durable(Box::new(move |r| sink.tx_committed(channel, r.is_ok())))
-            }
+            StoreWait::TxCommit { channel } => store.on_durable(Box::new(move |r| {
+                then_streams(r, Box::new(move |ok| sink.tx_committed(channel, ok)))
+            })),
         }
         false
     }
