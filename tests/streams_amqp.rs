@@ -545,3 +545,69 @@ async fn admin_api_shows_streams_and_a_policy_sets_retention() {
     drop(w);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn filtering_by_x_stream_filter() {
+    let (conn, ch) = connect_channel().await;
+    let q = uniq("s.filter");
+    declare_stream(&ch, &q, &[]).await.expect("declare");
+    confirm_mode(&ch).await;
+    for (body, value) in [
+        ("e1", Some("emea")),
+        ("a1", Some("amer")),
+        ("n1", None),
+        ("e2", Some("emea")),
+    ] {
+        let mut props = BasicProperties::default();
+        if let Some(v) = value {
+            props = props.with_headers(table(&[("x-stream-filter-value", s(v))]));
+        }
+        let conf = publish_with(
+            &ch,
+            "",
+            &q,
+            BasicPublishOptions::default(),
+            props,
+            body.as_bytes(),
+        )
+        .await
+        .expect("confirm");
+        assert!(conf.is_ack());
+    }
+    let read = |filter: AMQPValue, unfiltered: bool, n: usize| {
+        let conn = &conn;
+        let q = q.clone();
+        async move {
+            let c = t(conn.create_channel()).await.expect("channel");
+            t(c.basic_qos(10, BasicQosOptions::default()))
+                .await
+                .expect("qos");
+            let mut consumer = t(c.basic_consume(
+                &q,
+                "f",
+                BasicConsumeOptions::default(),
+                table(&[
+                    ("x-stream-offset", s("first")),
+                    ("x-stream-filter", filter),
+                    ("x-stream-match-unfiltered", AMQPValue::Boolean(unfiltered)),
+                ]),
+            ))
+            .await
+            .expect("consume");
+            let got: Vec<String> = take(&mut consumer, n)
+                .await
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect();
+            assert_no_delivery(&mut consumer, Duration::from_millis(100)).await;
+            got
+        }
+    };
+    assert_eq!(read(s("emea"), false, 2).await, ["e1", "e2"]);
+    assert_eq!(read(s("amer"), true, 2).await, ["a1", "n1"]);
+    let both = AMQPValue::FieldArray(FieldArray::from(vec![s("amer"), s("emea")]));
+    assert_eq!(read(both, false, 3).await, ["e1", "a1", "e2"]);
+    t(ch.queue_delete(&q, QueueDeleteOptions::default()))
+        .await
+        .expect("delete");
+}
