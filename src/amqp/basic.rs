@@ -142,6 +142,12 @@ fn get(
     let name = ch.queue_name(&g.queue)?;
     ctx.permit(Access::Read, "queue", &name)?;
     let q = ctx.vhost.queue(&name, ctx.id)?;
+    if q.queue_type() == QueueType::Stream {
+        return Err(AmqpError::not_implemented(format!(
+            "basic.get not supported by stream queues queue '{name}' in vhost '{}'",
+            ctx.vhost.name
+        )));
+    }
     match q.get(g.no_ack, now.ms) {
         None => io.method(&BasicGetEmpty::default().into()),
         Some((entry, remaining)) => {
@@ -196,6 +202,22 @@ fn consume(
                 "queue '{name}' in vhost '{}' does not support global qos",
                 ctx.vhost.name
             )));
+        }
+        if q.queue_type() == QueueType::Stream {
+            // RabbitMQ's order: no-ack first, then the prefetch (a channel-wide
+            // one does not count).
+            if c.no_ack {
+                return Err(AmqpError::not_implemented(format!(
+                    "automatic acknowledgement not supported by stream queues queue '{name}' in vhost '{}'",
+                    ctx.vhost.name
+                )));
+            }
+            if ch.consumer_prefetch == 0 {
+                return Err(AmqpError::precondition_failed(format!(
+                    "consumer prefetch count is not set for 'queue '{name}' in vhost '{}''",
+                    ctx.vhost.name
+                )));
+            }
         }
         q
     };
@@ -288,6 +310,9 @@ fn settle(ctx: &ConnCtx, ch: &mut Channel, now: Now, s: Settle) -> AmqpResult<()
             "unknown delivery tag {tag}"
         )));
     }
+    if let Settle::Reject { .. } = s {
+        ch.refuse_stream_reject(tag, multiple, &ctx.vhost.name)?;
+    }
     if let Some(tx) = ch.tx.as_mut() {
         tx.settles.push(s);
         return Ok(());
@@ -332,6 +357,31 @@ fn recover(ch: &mut Channel, requeue: bool, now: Now) -> AmqpResult<()> {
 }
 
 impl Channel {
+    /// basic.nack and basic.reject of a stream delivery: RabbitMQ's 540.
+    fn refuse_stream_reject(&self, tag: u64, multiple: bool, vhost: &str) -> AmqpResult<()> {
+        let named = if multiple {
+            let end = if tag == 0 {
+                self.unacked.len()
+            } else {
+                self.unacked.partition_point(|u| u.tag <= tag)
+            };
+            self.unacked
+                .range(..end)
+                .find(|u| u.queue.stream().is_some())
+        } else {
+            self.position(tag)
+                .map(|i| &self.unacked[i])
+                .filter(|u| u.queue.stream().is_some())
+        };
+        match named {
+            Some(u) => Err(AmqpError::not_implemented(format!(
+                "basic.nack and basic.reject not supported by stream queues queue '{}' in vhost '{vhost}'",
+                u.queue.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn position(&self, tag: u64) -> Option<usize> {
         self.unacked.binary_search_by_key(&tag, |u| u.tag).ok()
     }

@@ -116,6 +116,8 @@ pub struct Broker {
     pub counters: Counters,
     /// The message and topology store (None: a broker that persists nothing).
     pub store: Option<Store>,
+    /// The streams' logs, in `<data_dir>/streams` (None without a store).
+    pub streams: Option<crate::storage::stream::StreamStore>,
     /// Resident message bytes in all queues, and the paging limit.
     pub budget: Arc<message::MemoryBudget>,
     /// The memory alarm: true while the process is above its high watermark.
@@ -137,7 +139,12 @@ impl Broker {
             ..Default::default()
         };
         let store = Store::open_with(&config.data_dir, options)?;
-        let broker = Self::build(config, Some(store.clone()));
+        let streams = crate::storage::stream::StreamStore::open(&config.data_dir.join("streams"))
+            .map_err(|e| StorageError::Corrupt {
+            path: config.data_dir.join("streams"),
+            detail: e.to_string(),
+        })?;
+        let broker = Self::build(config, Some(store.clone()), Some(streams));
         // Policies are loaded with their vhost, before its queues are recovered.
         let recovered = persist::recover(
             &store,
@@ -169,12 +176,17 @@ impl Broker {
 
     /// A broker that keeps everything in memory only.
     pub fn new(config: &Config) -> Arc<Broker> {
-        Self::build(config, None)
+        Self::build(config, None, None)
     }
 
-    fn build(config: &Config, store: Option<Store>) -> Arc<Broker> {
+    fn build(
+        config: &Config,
+        store: Option<Store>,
+        streams: Option<crate::storage::stream::StreamStore>,
+    ) -> Arc<Broker> {
         let broker = Broker {
             store,
+            streams,
             budget: message::MemoryBudget::new(config.message_memory_limit as usize),
             alarm: tokio::sync::watch::channel(false).0,
             watermark: AtomicU64::new(memory::watermark_bytes(config)),
@@ -211,6 +223,9 @@ impl Broker {
             Arc::clone(&self.budget),
             self.vhost_limits,
         );
+        if let Some(streams) = &self.streams {
+            v.set_streams(streams.clone());
+        }
         if let Some(store) = &self.store {
             if let Err(e) = persist::save_vhost(store, name) {
                 tracing::error!(vhost = name, error = %e, "cannot persist vhost");

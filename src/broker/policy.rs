@@ -77,6 +77,19 @@ pub const QUEUE_KEYS: &[(&str, &str)] = &[
     ("dead-letter-exchange", "x-dead-letter-exchange"),
     ("dead-letter-routing-key", "x-dead-letter-routing-key"),
     ("delivery-limit", "x-delivery-limit"),
+    ("max-age", "x-max-age"),
+    (
+        "stream-max-segment-size-bytes",
+        "x-stream-max-segment-size-bytes",
+    ),
+];
+
+/// The policy keys that apply to streams (the others do not reach them, and
+/// these reach nothing else).
+const STREAM_KEYS: &[&str] = &[
+    "x-max-length-bytes",
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
 ];
 
 /// What an operator policy may set (numeric caps, as RabbitMQ allows); where a
@@ -130,6 +143,10 @@ impl Policy {
                 "message-ttl" | "expires" | "max-length" | "max-length-bytes" => {
                     v.as_u64().is_some_and(|n| k != "expires" || n > 0)
                 }
+                "stream-max-segment-size-bytes" => v.as_u64().is_some_and(|n| n > 0),
+                "max-age" => v
+                    .as_str()
+                    .is_some_and(|s| crate::storage::stream::parse_age(s).is_some()),
                 // Any integer; a negative one lifts the limit (RabbitMQ 4).
                 "delivery-limit" => v.as_i64().is_some(),
                 "overflow" => matches!(
@@ -190,6 +207,7 @@ impl Policy {
             (ApplyTo::Queues, Target::Queue(_)) => true,
             (ApplyTo::ClassicQueues, Target::Queue(t)) => t == QueueType::Classic,
             (ApplyTo::QuorumQueues, Target::Queue(t)) => t == QueueType::Quorum,
+            (ApplyTo::Streams, Target::Queue(t)) => t == QueueType::Stream,
             (ApplyTo::Exchanges, Target::Exchange) => true,
             _ => false,
         };
@@ -460,11 +478,12 @@ pub fn queue_arguments(
     // The type comes from the declaration (no policy sets it).
     let kind = match declared.get("x-queue-type").and_then(FieldValue::as_str) {
         Some("quorum") => QueueType::Quorum,
+        Some("stream") => QueueType::Stream,
         _ => QueueType::Classic,
     };
     let (user, op) = queue_policies(vhost, name, kind);
     let merged = merged_definition(user.as_ref(), op.as_ref());
-    effective_from(declared, merged.as_ref())
+    effective_for(declared, merged.as_ref(), kind == QueueType::Stream)
 }
 
 /// A policy's definition merged with an operator policy's, as RabbitMQ merges
@@ -494,19 +513,27 @@ pub fn merged_definition(
 /// policy's definition. As in RabbitMQ, for TTLs and length limits the lower value
 /// wins; for every other key the queue's own argument wins over the policy.
 pub fn effective_arguments(declared: &FieldTable, policy: Option<&Policy>) -> FieldTable {
-    effective_from(declared, policy.map(|p| &p.definition))
+    let stream = declared.get("x-queue-type").and_then(FieldValue::as_str) == Some("stream");
+    effective_for(declared, policy.map(|p| &p.definition), stream)
 }
 
-/// [`effective_arguments`] with a definition (possibly a merged one).
-fn effective_from(
+/// [`effective_arguments`] with a definition (possibly a merged one), for a
+/// stream (only [`STREAM_KEYS`] apply) or another queue (all keys but those
+/// only streams take).
+fn effective_for(
     declared: &FieldTable,
     definition: Option<&serde_json::Map<String, serde_json::Value>>,
+    stream: bool,
 ) -> FieldTable {
     let mut out = declared.clone();
     let Some(definition) = definition else {
         return out;
     };
     for (key, arg) in QUEUE_KEYS {
+        let stream_key = STREAM_KEYS.contains(arg);
+        if stream != stream_key && *arg != "x-max-length-bytes" {
+            continue;
+        }
         let Some(value) = definition.get(*key).and_then(to_field) else {
             continue;
         };
@@ -619,7 +646,7 @@ mod tests {
         // A declared argument cannot lift the cap either.
         let mut declared = FieldTable::new();
         declared.insert("x-max-length", FieldValue::I64(50));
-        let eff = effective_from(&declared, Some(&merged));
+        let eff = effective_for(&declared, Some(&merged), false);
         assert_eq!(eff.get("x-max-length").and_then(|v| v.as_i64()), Some(5));
         let serde_json::Value::Object(bad) = json!({"overflow": "drop-head"}) else {
             panic!()

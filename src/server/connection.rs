@@ -193,6 +193,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         let mut timeouts = tokio::time::interval(timeout_tick);
         timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let store = self.broker.store.clone();
+        let streams = self.broker.streams.clone();
         let mut was_full = false;
         loop {
             if let Some(end) = self.process_events() {
@@ -202,7 +203,8 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             self.update_backpressure();
             // The message store's write buffer is full: read no input until it
             // drains (an async wait; no thread blocks on the store).
-            let store_full = store.as_ref().is_some_and(|s| !s.has_room());
+            let store_full = store.as_ref().is_some_and(|s| !s.has_room())
+                || streams.as_ref().is_some_and(|s| !s.has_room());
             if store_full != was_full {
                 was_full = store_full;
                 self.session.set_store_full(store_full, Instant::now());
@@ -222,7 +224,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                         self.session.set_alarm(on, Instant::now());
                     }
                 }
-                _ = async { if let Some(s) = &store { s.ready().await } }, if store_full => {}
+                _ = async {
+                    if let Some(s) = &store { s.ready().await }
+                    if let Some(s) = &streams { s.ready().await }
+                }, if store_full => {}
                 // The writer makes progress without telling us: look again soon.
                 _ = tokio::time::sleep(Duration::from_millis(5)), if self.backpressure => {}
                 _ = timeouts.tick(), if running => self.check_consumer_timeouts(),
@@ -611,17 +616,29 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             return true;
         };
         let sink = Arc::clone(&self.sink);
+        // Streams fsync their own files: a confirm also waits for every stream
+        // append made before it (at once when none is pending).
+        let streams = self.broker.streams.clone();
+        let then_streams =
+            move |r: Result<(), crate::storage::StorageError>,
+                  done: Box<dyn FnOnce(bool) + Send>| match (r, streams) {
+                (Ok(()), Some(streams)) => streams.on_durable(Box::new(move |r| done(r.is_ok()))),
+                (r, _) => done(r.is_ok()),
+            };
         match wait {
             StoreWait::Confirms {
                 channel,
                 first,
                 last,
             } => store.on_durable(Box::new(move |r| {
-                sink.durable(channel, first, last, r.is_ok())
+                then_streams(
+                    r,
+                    Box::new(move |ok| sink.durable(channel, first, last, ok)),
+                )
             })),
-            StoreWait::TxCommit { channel } => {
-                store.on_durable(Box::new(move |r| sink.tx_committed(channel, r.is_ok())))
-            }
+            StoreWait::TxCommit { channel } => store.on_durable(Box::new(move |r| {
+                then_streams(r, Box::new(move |ok| sink.tx_committed(channel, ok)))
+            })),
         }
         false
     }

@@ -42,6 +42,7 @@ mod group;
 mod read;
 mod segment;
 mod sled;
+pub mod stream;
 
 use std::path::PathBuf;
 

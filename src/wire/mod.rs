@@ -5,9 +5,11 @@
 //! [`methods`]. [`frame`] splits a byte stream into frames, [`types`] owns
 //! field tables, and [`error`] says why input was refused.
 
+pub mod amqp10;
 pub mod error;
 pub mod frame;
 pub mod methods;
+pub mod stream;
 pub mod types;
 
 pub use error::WireError;

@@ -25,6 +25,9 @@ pub enum QueueType {
     /// A quorum queue: durable, never exclusive or auto-delete, every message
     /// stored, a delivery limit (20 unless set), one replica until clustering exists.
     Quorum,
+    /// A stream: an append-only log read from any offset (see
+    /// [`crate::storage::stream`]); durable, never exclusive or auto-delete.
+    Stream,
 }
 
 impl QueueType {
@@ -33,6 +36,7 @@ impl QueueType {
         match self {
             QueueType::Classic => "classic",
             QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
         }
     }
 
@@ -41,6 +45,7 @@ impl QueueType {
         match self {
             QueueType::Classic => "rabbit_classic_queue",
             QueueType::Quorum => "rabbit_quorum_queue",
+            QueueType::Stream => "rabbit_stream_queue",
         }
     }
 }
@@ -78,6 +83,19 @@ const STREAM_ONLY: &[&str] = &[
     "x-stream-filter-size-bytes",
     "x-initial-cluster-size",
 ];
+/// Arguments of classic and quorum queues that a stream refuses (RabbitMQ
+/// 3.10+: `rabbit_stream_queue` takes only its own and `x-max-length-bytes`).
+const NOT_STREAM: &[&str] = &[
+    "x-message-ttl",
+    "x-expires",
+    "x-max-length",
+    "x-overflow",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-single-active-consumer",
+    "x-delivery-limit",
+    "x-consumer-timeout",
+];
 
 /// The typed form of a queue's arguments.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -101,6 +119,14 @@ pub struct QueueArgs {
     pub single_active_consumer: bool,
     /// `x-consumer-timeout` (ms): overrides the broker's `consumer_timeout`.
     pub consumer_timeout: Option<u64>,
+    /// Streams: `x-max-age` in ms.
+    pub max_age: Option<u64>,
+    /// Streams: `x-stream-max-segment-size-bytes`.
+    pub stream_max_segment_size: Option<u64>,
+    /// Streams: `x-initial-cluster-size` (recorded; one node is all there is).
+    pub initial_cluster_size: Option<u64>,
+    /// Streams: `x-stream-filter-size-bytes` (16 to 255).
+    pub stream_filter_size: Option<u8>,
 }
 
 impl QueueArgs {
@@ -146,6 +172,7 @@ impl QueueArgs {
                 // RabbitMQ treats an empty or "undefined" type as the default.
                 "classic" | "" | "undefined" => QueueType::Classic,
                 "quorum" => QueueType::Quorum,
+                "stream" => QueueType::Stream,
                 other => {
                     return Err(bad(
                         "x-queue-type",
@@ -157,6 +184,7 @@ impl QueueArgs {
         let foreign: &[&[&str]] = match a.queue_type {
             QueueType::Classic => &[QUORUM_ONLY, STREAM_ONLY],
             QueueType::Quorum => &[CLASSIC_ONLY, STREAM_ONLY],
+            QueueType::Stream => &[CLASSIC_ONLY, QUORUM_ONLY, NOT_STREAM],
         };
         if let Some((name, _)) = arguments
             .iter()
@@ -232,6 +260,26 @@ impl QueueArgs {
                 },
                 "x-max-in-memory-length" | "x-max-in-memory-bytes" => {
                     int(name, v, 0)?;
+                }
+                "x-max-age" => {
+                    let s = v.as_str().ok_or_else(|| {
+                        bad(name, format!("{{unacceptable_type,{}}}", v.rabbit_type_name()))
+                    })?;
+                    a.max_age = Some(
+                        crate::storage::stream::parse_age(s)
+                            .ok_or_else(|| bad(name, "invalid_max_age".to_string()))?,
+                    );
+                }
+                "x-stream-max-segment-size-bytes" => {
+                    a.stream_max_segment_size = Some(int(name, v, 1)?)
+                }
+                "x-initial-cluster-size" => a.initial_cluster_size = Some(int(name, v, 1)?),
+                "x-stream-filter-size-bytes" => {
+                    let n = int(name, v, 1)?;
+                    if !(16..=255).contains(&n) {
+                        return Err(bad(name, format!("{{value_out_of_range,{n}}}")));
+                    }
+                    a.stream_filter_size = Some(n as u8);
                 }
                 _ => {}
             }

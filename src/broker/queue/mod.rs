@@ -38,6 +38,7 @@ pub mod args;
 pub mod consumer;
 pub mod dead_letter;
 pub mod ready;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -94,6 +95,8 @@ pub struct Queue {
     quorum: bool,
     /// Resident message bytes broker-wide; past its limit persistent messages page out.
     budget: Arc<MemoryBudget>,
+    /// A stream queue's log and readers (`x-queue-type: stream`).
+    stream: Option<stream::StreamQueue>,
     state: Mutex<State>,
 }
 
@@ -177,6 +180,30 @@ impl Queue {
         budget: Arc<MemoryBudget>,
         now: u64,
     ) -> Arc<Queue> {
+        Self::build(spec, args, vhost, store, None, budget, now)
+    }
+
+    /// A stream queue writing to `log` (no message-store queue of its own).
+    pub fn new_stream(
+        spec: QueueSpec,
+        args: QueueArgs,
+        vhost: Weak<VHost>,
+        log: stream::StreamQueue,
+        budget: Arc<MemoryBudget>,
+        now: u64,
+    ) -> Arc<Queue> {
+        Self::build(spec, args, vhost, None, Some(log), budget, now)
+    }
+
+    fn build(
+        spec: QueueSpec,
+        args: QueueArgs,
+        vhost: Weak<VHost>,
+        store: Option<(Store, bool)>,
+        stream: Option<stream::StreamQueue>,
+        budget: Arc<MemoryBudget>,
+        now: u64,
+    ) -> Arc<Queue> {
         let max_priority = args.max_priority;
         let quorum = args.queue_type == QueueType::Quorum;
         let store = store.map(|(store, durable)| QueueStore {
@@ -192,6 +219,7 @@ impl Queue {
             store,
             max_priority,
             quorum,
+            stream,
             budget: Arc::clone(&budget),
             state: Mutex::new(State {
                 ready: Ready::new(max_priority, budget),
@@ -213,15 +241,35 @@ impl Queue {
 
     /// The queue type, fixed at declaration.
     pub fn queue_type(&self) -> QueueType {
-        if self.quorum {
+        if self.stream.is_some() {
+            QueueType::Stream
+        } else if self.quorum {
             QueueType::Quorum
         } else {
             QueueType::Classic
         }
     }
 
-    /// The counters as of `now` (messages due by then are expired first).
+    /// The log of a stream queue (None for other queue types).
+    pub fn stream(&self) -> Option<&Arc<crate::storage::stream::StreamLog>> {
+        self.stream.as_ref().map(|sq| &sq.log)
+    }
+
+    /// The counters as of `now` (messages due by then are expired first). A
+    /// stream's ready messages are the messages it keeps.
     pub fn stats(&self, now: u64) -> QueueStats {
+        if let Some(sq) = &self.stream {
+            let st = sq.log.stats();
+            let s = self.state.lock();
+            return QueueStats {
+                ready: st.messages as usize,
+                unacked: s.unacked,
+                consumers: s.consumers.len(),
+                ready_bytes: st.bytes as usize,
+                ready_ram: 0,
+                ready_ram_bytes: 0,
+            };
+        }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         self.expire_locked(&mut s, now, &mut fx);
@@ -262,6 +310,9 @@ impl Queue {
 
     /// Add a message published at `now` and deliver what can be delivered.
     pub fn enqueue(self: &Arc<Self>, message: Arc<Message>, now: u64) -> Enqueued {
+        if let Some(sq) = &self.stream {
+            return self.stream_enqueue(sq, &message, now);
+        }
         let args = self.args();
         let ttl = match (args.message_ttl, message.ttl()) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -410,6 +461,10 @@ impl Queue {
     /// Periodic work at `now`: expire messages at the head. Returns true if the
     /// queue itself has expired (`x-expires`) and should be deleted.
     pub fn tick(self: &Arc<Self>, now: u64) -> bool {
+        if let Some(sq) = &self.stream {
+            sq.log.apply_retention(now as i64);
+            return false;
+        }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         self.expire_locked(&mut s, now, &mut fx);
@@ -423,12 +478,18 @@ impl Queue {
 
     /// Whether `tick` has anything to do for this queue.
     pub fn needs_tick(&self) -> bool {
+        if let Some(sq) = &self.stream {
+            return sq.log.has_closed_segments();
+        }
         let args = self.args();
         args.expires.is_some() || args.message_ttl.is_some() || self.state.lock().may_expire
     }
 
     /// Deliver ready messages to consumers with credit.
     pub fn dispatch(self: &Arc<Self>, now: u64) {
+        if let Some(sq) = &self.stream {
+            return sq.wake();
+        }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         self.dispatch_locked(&mut s, now, &mut fx);
@@ -493,6 +554,9 @@ impl Queue {
     /// basic.get at `now`: the next message and how many remain. Counted unacked
     /// unless `no_ack`.
     pub fn get(&self, no_ack: bool, now: u64) -> Option<(Entry, usize)> {
+        if self.stream.is_some() {
+            return None;
+        }
         loop {
             let mut fx = Effects::default();
             let mut s = self.state.lock();
@@ -527,6 +591,9 @@ impl Queue {
     /// Unacked messages were acked: they are gone for good.
     pub fn ack(&self, entries: &[Entry]) {
         crate::broker::Counters::add(&self.counters.acked, entries.len() as u64);
+        if self.stream.is_some() {
+            return self.stream_settled(entries.len());
+        }
         let mut fx = Effects::default();
         for e in entries {
             self.forget(e, &mut fx);
@@ -539,6 +606,9 @@ impl Queue {
     /// Unacked messages were rejected at `now` without requeue: drop and
     /// dead-letter them.
     pub fn reject(&self, entries: Vec<Entry>, now: u64) {
+        if self.stream.is_some() {
+            return self.stream_settled(entries.len());
+        }
         let args = self.args();
         let mut fx = Effects::default();
         let mut s = self.state.lock();
@@ -619,6 +689,13 @@ impl Queue {
         if entries.is_empty() {
             return;
         }
+        if self.stream.is_some() {
+            // Nothing goes back into a stream.
+            if were_unacked {
+                self.stream_settled(entries.len());
+            }
+            return;
+        }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         if were_unacked {
@@ -666,6 +743,9 @@ impl Queue {
 
     /// Attach a consumer at `now` and start delivering to it.
     pub fn add_consumer(self: &Arc<Self>, consumer: Arc<Consumer>, now: u64) -> AmqpResult<()> {
+        if let Some(sq) = &self.stream {
+            return self.stream_consume(sq, consumer, now);
+        }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         if s.deleted {
@@ -714,6 +794,9 @@ impl Queue {
             .position(|c| c.is(connection, channel, tag))
             .map(|i| s.consumers.remove(i));
         s.last_used = now;
+        if let (Some(sq), Some(c)) = (&self.stream, &removed) {
+            sq.stop(c);
+        }
         let unused = self.spec.auto_delete && s.had_consumer && s.consumers.is_empty();
         if removed.is_some() && self.args().single_active_consumer && !unused {
             // The next consumer becomes active.
@@ -732,6 +815,9 @@ impl Queue {
     /// A policy changed at `now`: run with `args` from now on, and apply new
     /// length limits at once.
     pub fn set_args(self: &Arc<Self>, args: QueueArgs, now: u64) {
+        if let Some(sq) = &self.stream {
+            sq.log.set_retention(stream::retention(&args));
+        }
         let args = Arc::new(args);
         *self.args.write() = Arc::clone(&args);
         let mut fx = Effects::default();
@@ -747,6 +833,9 @@ impl Queue {
 
     /// Remove every ready message; returns how many.
     pub fn purge(&self) -> usize {
+        if self.stream.is_some() {
+            return 0;
+        }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         let n = s.ready.len();
@@ -778,6 +867,9 @@ impl Queue {
         }
         let consumers = std::mem::take(&mut s.consumers);
         self.release(s, &mut fx, false);
+        if let Some(sq) = &self.stream {
+            sq.delete();
+        }
         (consumers, n)
     }
 

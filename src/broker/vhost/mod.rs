@@ -45,6 +45,8 @@ pub struct VHost {
     delayed: delayed::DelayedMessages,
     /// Where durable topology and persistent messages go (None: nothing persists).
     store: Option<Store>,
+    /// Where streams keep their logs (unset: streams cannot be declared).
+    streams: std::sync::OnceLock<crate::storage::stream::StreamStore>,
     /// The store's handle on this vhost's delayed messages.
     delayed_key: Option<crate::storage::QueueRef>,
     /// Broker-wide resident message bytes (paging threshold).
@@ -77,6 +79,7 @@ impl VHost {
         let vhost = Arc::new_cyclic(|this| VHost {
             delayed_key,
             store,
+            streams: std::sync::OnceLock::new(),
             budget,
             limits,
             name: name.into(),
@@ -105,6 +108,11 @@ impl VHost {
             }
         }
         vhost
+    }
+
+    /// Give this vhost the broker's stream store (once, before any declare).
+    pub fn set_streams(&self, streams: crate::storage::stream::StreamStore) {
+        let _ = self.streams.set(streams);
     }
 
     /// The limits this vhost enforces.

@@ -141,9 +141,9 @@ fn inequivalent_arg(
     ))
 }
 
-/// What a quorum queue cannot be, checked in RabbitMQ's order
+/// What a quorum queue or a stream cannot be, checked in RabbitMQ's order
 /// (`rabbit_queue_type_util`): auto-delete, exclusive, non-durable.
-fn check_quorum(d: &QueueDeclare, name: &str, vhost: &str) -> AmqpResult<()> {
+fn check_replicated(d: &QueueDeclare, name: &str, vhost: &str) -> AmqpResult<()> {
     let property = if d.auto_delete {
         "auto-delete"
     } else if d.exclusive {
@@ -190,6 +190,13 @@ const CLASSIC_EQUIVALENCE_ARGS: &[&str] = &[
     "x-queue-mode",
     // warren's extension: classic queues honour a delivery limit too.
     "x-delivery-limit",
+];
+const STREAM_EQUIVALENCE_ARGS: &[&str] = &[
+    "x-max-age",
+    "x-stream-max-segment-size-bytes",
+    "x-initial-cluster-size",
+    "x-queue-leader-locator",
+    "x-stream-filter-size-bytes",
 ];
 const QUORUM_EQUIVALENCE_ARGS: &[&str] = &[
     "x-delivery-limit",
@@ -454,10 +461,14 @@ impl VHost {
             )));
         }
         let name = if d.name.is_empty() {
-            if d.arguments.get("x-queue-type").and_then(FieldValue::as_str) == Some("quorum") {
+            let module = match d.arguments.get("x-queue-type").and_then(FieldValue::as_str) {
+                Some("quorum") => Some(QueueType::Quorum.module()),
+                Some("stream") => Some(QueueType::Stream.module()),
+                _ => None,
+            };
+            if let Some(module) = module {
                 return Err(AmqpError::precondition_failed(format!(
-                    "Cannot declare a server-named queue for type {}",
-                    QueueType::Quorum.module()
+                    "Cannot declare a server-named queue for type {module}"
                 )));
             }
             super::generate_name("amq.gen-")
@@ -497,6 +508,7 @@ impl VHost {
             let own = match existing.queue_type() {
                 QueueType::Classic => CLASSIC_EQUIVALENCE_ARGS,
                 QueueType::Quorum => QUORUM_EQUIVALENCE_ARGS,
+                QueueType::Stream => STREAM_EQUIVALENCE_ARGS,
             };
             for arg in EQUIVALENCE_ARGS.iter().chain(own) {
                 let (got, cur) = (d.arguments.get(arg), spec.arguments.get(arg));
@@ -510,8 +522,8 @@ impl VHost {
             let stats = q.stats(now);
             return Ok((q, stats));
         }
-        if args.queue_type == QueueType::Quorum {
-            check_quorum(d, &name, &self.name)?;
+        if matches!(args.queue_type, QueueType::Quorum | QueueType::Stream) {
+            check_replicated(d, &name, &self.name)?;
         }
         if origin == Origin::Client {
             if let Some(max) = self.max_queues() {
@@ -523,21 +535,41 @@ impl VHost {
             }
         }
         let persisted = d.durable && !d.exclusive;
-        let q = Queue::new(
-            QueueSpec {
-                name: name.as_str().into(),
-                vhost: Arc::clone(&self.name),
-                durable: d.durable,
-                exclusive_owner: d.exclusive.then_some(connection),
-                auto_delete: d.auto_delete,
-                arguments: d.arguments.clone(),
-            },
-            args,
-            self.this.clone(),
-            self.store.clone().map(|store| (store, persisted)),
-            Arc::clone(&self.budget),
-            now,
-        );
+        let spec = QueueSpec {
+            name: name.as_str().into(),
+            vhost: Arc::clone(&self.name),
+            durable: d.durable,
+            exclusive_owner: d.exclusive.then_some(connection),
+            auto_delete: d.auto_delete,
+            arguments: d.arguments.clone(),
+        };
+        let q = if args.queue_type == QueueType::Stream {
+            let streams = self.streams.get().ok_or_else(|| {
+                AmqpError::precondition_failed(format!(
+                    "cannot declare stream '{name}' in vhost '{}': this broker has no data directory",
+                    self.name
+                ))
+            })?;
+            let key = crate::broker::queue::store_key(&self.name, &name);
+            let sq = crate::broker::queue::stream::StreamQueue::open(streams, key, &args)?;
+            Queue::new_stream(
+                spec,
+                args,
+                self.this.clone(),
+                sq,
+                Arc::clone(&self.budget),
+                now,
+            )
+        } else {
+            Queue::new(
+                spec,
+                args,
+                self.this.clone(),
+                self.store.clone().map(|store| (store, persisted)),
+                Arc::clone(&self.budget),
+                now,
+            )
+        };
         if let (Origin::Client, true, Some(store)) = (origin, persisted, &self.store) {
             stored(persist::save_queue(
                 store,
@@ -638,7 +670,14 @@ impl VHost {
     }
 
     pub fn purge_queue(&self, name: &str, connection: u64) -> AmqpResult<usize> {
-        Ok(self.queue(name, connection)?.purge())
+        let q = self.queue(name, connection)?;
+        if q.queue_type() == QueueType::Stream {
+            return Err(AmqpError::not_implemented(format!(
+                "queue.purge not supported by stream queues queue '{name}' in vhost '{}'",
+                self.name
+            )));
+        }
+        Ok(q.purge())
     }
 
     /// The source of a bind or unbind: not the default exchange, and existing.

@@ -1,0 +1,1244 @@
+//! The RabbitMQ Stream protocol connection state machine, sans-IO: frames
+//! in (with the time), frames out, no sockets and no clock.
+//!
+//! The driver (`server::stream`) feeds it bytes ([`StreamSession::handle_input`]),
+//! tells it when a stream it uses committed more ([`StreamSession::handle_committed`])
+//! and when its timer fires ([`StreamSession::handle_timeout`]), and drains
+//! [`StreamSession::poll_transmit`] into the socket; [`StreamSession::watched`]
+//! lists the streams whose commits it must report.
+//!
+//! Owned here: the handshake (peer properties, SASL PLAIN / AMQPLAIN, tune
+//! with frame max and heartbeat, open with the vhost access check), the
+//! command-version exchange, heartbeats (sent when idle, the peer dead after
+//! two silent intervals), stream create / delete through the vhost (a stream
+//! is a queue with `x-queue-type: stream`), metadata, publishers (with
+//! deduplication by reference and publishing id: the log drops duplicates,
+//! and they are confirmed like the rest), confirms sent only once the log's
+//! committed offset passes the messages (one confirm frame per publisher per
+//! round), subscriptions with credit (one credit = one chunk, sent as stored),
+//! server-side offsets, stream stats, super streams (a direct exchange with
+//! its partition streams bound in order), and close in both directions.
+//! Frames it cannot parse close the connection with the protocol's code.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::broker::auth::{Access, User};
+use crate::broker::vhost::VHost;
+use crate::broker::{Broker, LoginError};
+use crate::storage::stream::{OffsetSpec as LogOffset, StreamError, StreamLog, StreamMessage, StreamReader};
+use crate::wire::stream::{
+    check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
+};
+use crate::wire::types::{FieldTable, FieldValue};
+
+/// What the session was configured with.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Largest frame we accept and propose (0: no limit).
+    pub frame_max: u32,
+    /// Heartbeat we propose, in seconds (0: none).
+    pub heartbeat: u32,
+    /// Host and port metadata and open advertise.
+    pub advertised_host: String,
+    pub advertised_port: u16,
+    /// Milliseconds a client has to finish the handshake.
+    pub handshake_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    PeerProperties,
+    Sasl,
+    Tune,
+    Open,
+    Running,
+    /// We sent a close and wait for its answer (or the timeout).
+    Closing,
+    Closed,
+}
+
+struct Publisher {
+    stream: String,
+    log: Arc<StreamLog>,
+    reference: Option<Arc<str>>,
+    /// (next offset that must be committed, publishing ids) per publish frame.
+    pending: VecDeque<(u64, Vec<u64>)>,
+}
+
+struct Subscription {
+    stream: String,
+    log: Arc<StreamLog>,
+    reader: StreamReader,
+    credit: u32,
+}
+
+/// A fixed cap on what one round of deliveries queues for the socket.
+const DELIVER_BUDGET: usize = 4 << 20;
+
+/// One stream connection.
+pub struct StreamSession {
+    broker: Arc<Broker>,
+    settings: StreamSettings,
+    connection_id: u64,
+    from_loopback: bool,
+    state: State,
+    user: Option<User>,
+    vhost: Option<Arc<VHost>>,
+    /// What we accept (the negotiated value once tuned).
+    frame_max: u32,
+    heartbeat_ms: u64,
+    deliver_version: u16,
+    started_ms: u64,
+    last_recv_ms: u64,
+    last_send_ms: u64,
+    /// When a close we sent gives up waiting for its answer.
+    closing_deadline_ms: u64,
+    publishers: HashMap<u8, Publisher>,
+    subscriptions: HashMap<u8, Subscription>,
+    watch_changed: bool,
+    /// Small frames being assembled.
+    out: BytesMut,
+    /// Whole pieces ready for the socket, in order.
+    ready: VecDeque<Bytes>,
+    /// Why the connection ended, once it has.
+    pub close_reason: Option<String>,
+}
+
+impl StreamSession {
+    pub fn new(
+        broker: Arc<Broker>,
+        settings: StreamSettings,
+        connection_id: u64,
+        from_loopback: bool,
+        now_ms: u64,
+    ) -> Self {
+        StreamSession {
+            broker,
+            frame_max: settings.frame_max,
+            settings,
+            connection_id,
+            from_loopback,
+            state: State::PeerProperties,
+            user: None,
+            vhost: None,
+            heartbeat_ms: 0,
+            deliver_version: 1,
+            started_ms: now_ms,
+            last_recv_ms: now_ms,
+            last_send_ms: now_ms,
+            closing_deadline_ms: 0,
+            publishers: HashMap::new(),
+            subscriptions: HashMap::new(),
+            watch_changed: false,
+            out: BytesMut::with_capacity(4096),
+            ready: VecDeque::new(),
+            close_reason: None,
+        }
+    }
+
+    /// The connection is over: flush what is queued, then close the socket.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// The user, once authenticated.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_ref().map(|u| u.name.as_str())
+    }
+
+    /// Frames from the socket: every whole frame in `buf` is handled and
+    /// removed; a partial one stays.
+    pub fn handle_input(&mut self, buf: &mut BytesMut, now_ms: u64) {
+        if !buf.is_empty() {
+            self.last_recv_ms = now_ms;
+        }
+        while !matches!(self.state, State::Closed) {
+            let max = match self.state {
+                // Before tune: a generous bound for handshake frames.
+                State::PeerProperties | State::Sasl | State::Tune | State::Open => {
+                    self.settings.frame_max.max(crate::wire::stream::MIN_FRAME_MAX)
+                }
+                _ => self.frame_max,
+            };
+            match check_frame(buf, max) {
+                Ok(None) => return,
+                Ok(Some(len)) => {
+                    let frame = buf.split_to(len).freeze();
+                    self.handle_frame(&frame, now_ms);
+                }
+                Err(e) => {
+                    buf.clear();
+                    self.fail(e.code(), &e.to_string(), now_ms);
+                    return;
+                }
+            }
+        }
+        buf.clear();
+    }
+
+    /// The socket reached its end.
+    pub fn handle_eof(&mut self) {
+        self.state = State::Closed;
+        self.close_reason.get_or_insert_with(|| "client closed the socket".into());
+    }
+
+    /// When `handle_timeout` is next due.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        match self.state {
+            State::Closed => None,
+            State::Closing => Some(self.closing_deadline_ms),
+            State::Running if self.heartbeat_ms > 0 => Some(
+                (self.last_send_ms + self.heartbeat_ms)
+                    .min(self.last_recv_ms + 2 * self.heartbeat_ms)
+                    .min(self.last_recv_ms + 1000),
+            ),
+            State::Running => Some(self.last_recv_ms.max(self.last_send_ms) + 1000),
+            _ => Some(self.started_ms + self.settings.handshake_timeout_ms),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        match self.state {
+            State::Closed => {}
+            State::Closing => {
+                if now_ms >= self.closing_deadline_ms {
+                    self.state = State::Closed;
+                }
+            }
+            State::Running => {
+                if self.heartbeat_ms > 0 && now_ms >= self.last_recv_ms + 2 * self.heartbeat_ms {
+                    self.close_reason = Some("missed heartbeats from client".into());
+                    self.state = State::Closed;
+                    return;
+                }
+                if self.heartbeat_ms > 0 && now_ms >= self.last_send_ms + self.heartbeat_ms {
+                    response::heartbeat(&mut self.out);
+                    self.last_send_ms = now_ms;
+                }
+                self.check_deleted();
+            }
+            _ => {
+                if now_ms >= self.started_ms + self.settings.handshake_timeout_ms {
+                    self.close_reason = Some("handshake timeout".into());
+                    self.state = State::Closed;
+                }
+            }
+        }
+    }
+
+    /// Streams whose committed offsets this session follows (publishers'
+    /// confirms and subscriptions' deliveries). `true` first when the set
+    /// changed since the last call.
+    pub fn watched(&mut self) -> Option<Vec<(String, tokio::sync::watch::Receiver<u64>)>> {
+        if !std::mem::take(&mut self.watch_changed) {
+            return None;
+        }
+        let mut seen: HashMap<&str, tokio::sync::watch::Receiver<u64>> = HashMap::new();
+        for p in self.publishers.values() {
+            seen.entry(&p.stream).or_insert_with(|| p.log.committed());
+        }
+        for s in self.subscriptions.values() {
+            seen.entry(&s.stream).or_insert_with(|| s.log.committed());
+        }
+        Some(seen.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    }
+
+    /// Some stream this session uses committed more: send the confirms it
+    /// allows, then deliveries.
+    pub fn handle_committed(&mut self, now_ms: u64) {
+        self.flush_confirms();
+        self.poll_deliveries(now_ms);
+    }
+
+    /// Bytes for the socket, in order.
+    pub fn poll_transmit(&mut self, now_ms: u64) -> Option<Bytes> {
+        if !self.out.is_empty() {
+            let b = self.out.split().freeze();
+            self.ready.push_back(b);
+        }
+        let b = self.ready.pop_front()?;
+        self.last_send_ms = now_ms;
+        Some(b)
+    }
+
+    /// Whether there is output waiting.
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty() || !self.ready.is_empty()
+    }
+
+    /// Deliver chunks to subscriptions with credit, up to a budget; `true`
+    /// when more could be sent right away (call again after writing).
+    pub fn poll_deliveries(&mut self, _now_ms: u64) -> bool {
+        if self.state != State::Running {
+            return false;
+        }
+        let mut sent = 0usize;
+        let version = self.deliver_version;
+        for (&id, sub) in self.subscriptions.iter_mut() {
+            while sub.credit > 0 {
+                let chunk = match sub.reader.next_chunk() {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(stream = %sub.stream, error = %e, "stream read failed");
+                        break;
+                    }
+                };
+                let mut head = [0u8; response::CHUNK_HEADER_LEN];
+                let Some(stored) = chunk.raw.get(..response::CHUNK_HEADER_LEN) else {
+                    break;
+                };
+                head.copy_from_slice(stored);
+                let data = chunk.data();
+                let committed = *sub.reader.committed().borrow();
+                response::deliver_head(
+                    &mut self.out,
+                    version,
+                    id,
+                    committed.saturating_sub(1),
+                    &head,
+                    data.len() as u32,
+                );
+                let head = self.out.split().freeze();
+                self.ready.push_back(head);
+                sent += data.len() + 64;
+                self.ready.push_back(data);
+                sub.credit -= 1;
+                if sent >= DELIVER_BUDGET {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    // ---- frames ----
+
+    fn handle_frame(&mut self, frame: &Bytes, now_ms: u64) {
+        let req = match request::parse(frame) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "stream frame refused");
+                self.fail(e.code(), &e.to_string(), now_ms);
+                return;
+            }
+        };
+        match (self.state, req) {
+            (_, Request::Heartbeat) => {}
+            (State::Closing, Request::CloseResponse { .. }) => self.state = State::Closed,
+            (State::Closing, _) => {}
+            (_, Request::Close {
+                correlation_id,
+                code: c,
+                reason,
+            }) => {
+                response::generic(&mut self.out, key::CLOSE, correlation_id, code::OK);
+                self.close_reason = Some(format!("client closed: {c} {reason}"));
+                self.state = State::Closed;
+            }
+            (State::PeerProperties, Request::PeerProperties { correlation_id, .. }) => {
+                let props = vec![
+                    ("product".to_string(), "RabbitMQ".to_string()),
+                    ("version".to_string(), "3.13.0".to_string()),
+                    ("platform".to_string(), "warren".to_string()),
+                    ("cluster_name".to_string(), "warren".to_string()),
+                ];
+                response::with_pairs(&mut self.out, key::PEER_PROPERTIES, correlation_id, code::OK, &props);
+                self.state = State::Sasl;
+            }
+            (State::Sasl | State::PeerProperties, Request::SaslHandshake { correlation_id }) => {
+                let mechs = vec!["PLAIN".to_string(), "AMQPLAIN".to_string()];
+                response::with_strings(&mut self.out, key::SASL_HANDSHAKE, correlation_id, code::OK, &mechs);
+                self.state = State::Sasl;
+            }
+            (State::Sasl, Request::SaslAuthenticate {
+                correlation_id,
+                mechanism,
+                data,
+            }) => self.authenticate(correlation_id, &mechanism, data.as_deref(), now_ms),
+            (State::Tune, Request::Tune {
+                frame_max,
+                heartbeat,
+            }) => {
+                self.frame_max = negotiate(self.settings.frame_max, frame_max);
+                if self.frame_max != 0 {
+                    self.frame_max = self.frame_max.max(crate::wire::stream::MIN_FRAME_MAX);
+                }
+                self.heartbeat_ms = u64::from(negotiate(self.settings.heartbeat, heartbeat)) * 1000;
+                self.state = State::Open;
+            }
+            (State::Open, Request::Open {
+                correlation_id,
+                vhost,
+            }) => self.open(correlation_id, &vhost, now_ms),
+            (State::Running, req) => self.running(req, now_ms),
+            (_, other) => {
+                let what = format!("{other:?}");
+                let what = what.split([' ', '{']).next().unwrap_or("frame").to_owned();
+                self.fail(code::UNKNOWN_FRAME, &format!("unexpected {what} in the handshake"), now_ms);
+            }
+        }
+    }
+
+    fn authenticate(&mut self, correlation_id: u32, mechanism: &str, data: Option<&[u8]>, now_ms: u64) {
+        if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
+            response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, code::SASL_MECHANISM_NOT_SUPPORTED);
+            return;
+        }
+        let Some((user, pass)) = crate::session::handshake::credentials(mechanism, data.unwrap_or_default()) else {
+            response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, code::SASL_ERROR);
+            return;
+        };
+        match self.broker.authenticate(&user, &pass, self.from_loopback) {
+            Ok(u) => {
+                self.user = Some(u);
+                response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, code::OK);
+                response::tune(&mut self.out, self.settings.frame_max, self.settings.heartbeat);
+                self.state = State::Tune;
+            }
+            Err(e) => {
+                let c = match e {
+                    LoginError::LoopbackOnly => code::SASL_AUTHENTICATION_FAILURE_LOOPBACK,
+                    _ => code::AUTHENTICATION_FAILURE,
+                };
+                response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, c);
+                self.close_reason = Some(format!("authentication failed for user '{user}'"));
+                let _ = now_ms;
+                self.state = State::Closed;
+            }
+        }
+    }
+
+    fn open(&mut self, correlation_id: u32, vhost: &str, now_ms: u64) {
+        let user = self.user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
+        let v = self.broker.vhost(vhost);
+        match v {
+            Some(v) if self.broker.auth.vhost_access(vhost, &user) => {
+                self.vhost = Some(v);
+                let props = vec![
+                    ("advertised_host".to_string(), self.settings.advertised_host.clone()),
+                    ("advertised_port".to_string(), self.settings.advertised_port.to_string()),
+                ];
+                response::with_pairs(&mut self.out, key::OPEN, correlation_id, code::OK, &props);
+                self.state = State::Running;
+                self.last_recv_ms = now_ms;
+            }
+            _ => {
+                response::with_pairs(&mut self.out, key::OPEN, correlation_id, code::VIRTUAL_HOST_ACCESS_FAILURE, &[]);
+                self.close_reason = Some(format!("no access to vhost '{vhost}'"));
+                self.state = State::Closed;
+            }
+        }
+    }
+
+    /// Send a close with `c` and wait (briefly) for the answer.
+    fn fail(&mut self, c: u16, reason: &str, now_ms: u64) {
+        if matches!(self.state, State::Closing | State::Closed) {
+            return;
+        }
+        response::close(&mut self.out, 0, c, reason);
+        self.close_reason = Some(reason.to_owned());
+        self.state = State::Closing;
+        self.closing_deadline_ms = now_ms + 1000;
+    }
+
+    fn allowed(&self, access: Access, name: &str) -> bool {
+        match (&self.vhost, &self.user) {
+            (Some(v), Some(u)) => self.broker.auth.allows(&v.name, &u.name, access, name),
+            _ => false,
+        }
+    }
+
+    /// The log of stream `name` in this vhost.
+    fn log(&self, name: &str) -> Option<Arc<StreamLog>> {
+        let v = self.vhost.as_ref()?;
+        let q = v.queue(name, self.connection_id).ok()?;
+        q.stream()
+    }
+
+    fn running(&mut self, req: Request, now_ms: u64) {
+        match req {
+            Request::Publish {
+                publisher_id,
+                messages,
+                ..
+            } => self.publish(publisher_id, messages, now_ms),
+            Request::Credit {
+                subscription_id,
+                credit,
+            } => match self.subscriptions.get_mut(&subscription_id) {
+                Some(s) => {
+                    s.credit = s.credit.saturating_add(u32::from(credit));
+                    self.poll_deliveries(now_ms);
+                }
+                None => response::credit_error(&mut self.out, code::SUBSCRIPTION_ID_DOES_NOT_EXIST, subscription_id),
+            },
+            Request::DeclarePublisher {
+                correlation_id,
+                publisher_id,
+                reference,
+                stream,
+            } => {
+                let c = self.declare_publisher(publisher_id, reference, &stream);
+                response::generic(&mut self.out, key::DECLARE_PUBLISHER, correlation_id, c);
+            }
+            Request::DeletePublisher {
+                correlation_id,
+                publisher_id,
+            } => {
+                let c = match self.publishers.remove(&publisher_id) {
+                    Some(mut p) => {
+                        // What it published is confirmed when committed, even now.
+                        self.confirm_ready(publisher_id, &mut p);
+                        self.watch_changed = true;
+                        code::OK
+                    }
+                    None => code::PUBLISHER_DOES_NOT_EXIST,
+                };
+                response::generic(&mut self.out, key::DELETE_PUBLISHER, correlation_id, c);
+            }
+            Request::QueryPublisherSequence {
+                correlation_id,
+                reference,
+                stream,
+            } => {
+                let (c, seq) = match self.log(&stream) {
+                    Some(log) if self.allowed(Access::Read, &stream) => (code::OK, log.publisher_sequence(&reference)),
+                    Some(_) => (code::ACCESS_REFUSED, 0),
+                    None => (code::STREAM_DOES_NOT_EXIST, 0),
+                };
+                response::with_u64(&mut self.out, key::QUERY_PUBLISHER_SEQUENCE, correlation_id, c, seq);
+            }
+            Request::Subscribe {
+                correlation_id,
+                subscription_id,
+                stream,
+                offset,
+                credit,
+                properties,
+            } => {
+                let c = self.subscribe(subscription_id, &stream, offset, credit, &properties);
+                response::generic(&mut self.out, key::SUBSCRIBE, correlation_id, c);
+                if c == code::OK {
+                    self.poll_deliveries(now_ms);
+                }
+            }
+            Request::Unsubscribe {
+                correlation_id,
+                subscription_id,
+            } => {
+                let c = match self.subscriptions.remove(&subscription_id) {
+                    Some(_) => {
+                        self.watch_changed = true;
+                        code::OK
+                    }
+                    None => code::SUBSCRIPTION_ID_DOES_NOT_EXIST,
+                };
+                response::generic(&mut self.out, key::UNSUBSCRIBE, correlation_id, c);
+            }
+            Request::StoreOffset {
+                reference,
+                stream,
+                offset,
+            } => {
+                // No response; failures are only logged, as RabbitMQ does.
+                if let Some(log) = self.log(&stream).filter(|_| self.allowed(Access::Read, &stream)) {
+                    if let Err(e) = log.store_offset(&reference, offset) {
+                        tracing::warn!(%stream, error = %e, "store offset failed");
+                    }
+                }
+            }
+            Request::QueryOffset {
+                correlation_id,
+                reference,
+                stream,
+            } => {
+                let (c, o) = match self.log(&stream) {
+                    Some(_) if !self.allowed(Access::Read, &stream) => (code::ACCESS_REFUSED, 0),
+                    Some(log) => match log.query_offset(&reference) {
+                        Some(o) => (code::OK, o),
+                        None => (code::NO_OFFSET, 0),
+                    },
+                    None => (code::STREAM_DOES_NOT_EXIST, 0),
+                };
+                response::with_u64(&mut self.out, key::QUERY_OFFSET, correlation_id, c, o);
+            }
+            Request::Create {
+                correlation_id,
+                stream,
+                arguments,
+            } => {
+                let c = self.create(&stream, &arguments, now_ms);
+                response::generic(&mut self.out, key::CREATE, correlation_id, c);
+            }
+            Request::Delete {
+                correlation_id,
+                stream,
+            } => {
+                let c = self.delete(&stream, now_ms);
+                response::generic(&mut self.out, key::DELETE, correlation_id, c);
+                self.check_deleted();
+            }
+            Request::Metadata {
+                correlation_id,
+                streams,
+            } => self.metadata(correlation_id, &streams),
+            Request::ExchangeCommandVersions {
+                correlation_id,
+                commands,
+            } => {
+                if let Some(&(_, _, hi)) = commands.iter().find(|(k, ..)| *k == key::DELIVER) {
+                    self.deliver_version = hi.clamp(1, 2);
+                }
+                response::command_versions(&mut self.out, correlation_id, code::OK, COMMAND_VERSIONS);
+            }
+            Request::StreamStats {
+                correlation_id,
+                stream,
+            } => match self.log(&stream) {
+                Some(log) => {
+                    let s = log.stats();
+                    let first = if s.messages == 0 { -1 } else { s.first_offset as i64 };
+                    let committed = if s.committed_offset == 0 {
+                        -1
+                    } else {
+                        s.committed_offset as i64 - 1
+                    };
+                    let stats = [
+                        ("first_chunk_id", first),
+                        ("committed_chunk_id", if s.chunks == 0 { -1 } else { s.last_offset as i64 }),
+                        ("last_offset", committed),
+                    ];
+                    response::stream_stats(&mut self.out, correlation_id, code::OK, &stats);
+                }
+                None => response::stream_stats(&mut self.out, correlation_id, code::STREAM_DOES_NOT_EXIST, &[]),
+            },
+            Request::Route {
+                correlation_id,
+                routing_key,
+                super_stream,
+            } => {
+                let (c, streams) = self.route(&routing_key, &super_stream);
+                response::with_strings(&mut self.out, key::ROUTE, correlation_id, c, &streams);
+            }
+            Request::Partitions {
+                correlation_id,
+                super_stream,
+            } => {
+                let (c, streams) = self.partitions(&super_stream);
+                response::with_strings(&mut self.out, key::PARTITIONS, correlation_id, c, &streams);
+            }
+            Request::CreateSuperStream {
+                correlation_id,
+                name,
+                partitions,
+                binding_keys,
+                arguments,
+            } => {
+                let c = self.create_super_stream(&name, &partitions, &binding_keys, &arguments, now_ms);
+                response::generic(&mut self.out, key::CREATE_SUPER_STREAM, correlation_id, c);
+            }
+            Request::DeleteSuperStream { correlation_id, name } => {
+                let c = self.delete_super_stream(&name, now_ms);
+                response::generic(&mut self.out, key::DELETE_SUPER_STREAM, correlation_id, c);
+                self.check_deleted();
+            }
+            Request::ConsumerUpdateResponse { .. } | Request::CloseResponse { .. } => {}
+            Request::PeerProperties { .. }
+            | Request::SaslHandshake { .. }
+            | Request::SaslAuthenticate { .. }
+            | Request::Tune { .. }
+            | Request::Open { .. } => {
+                self.fail(code::UNKNOWN_FRAME, "handshake command on an open connection", now_ms);
+            }
+            Request::Heartbeat | Request::Close { .. } => {}
+        }
+    }
+
+    fn declare_publisher(&mut self, id: u8, reference: Option<String>, stream: &str) -> u16 {
+        if self.publishers.contains_key(&id) {
+            return code::PRECONDITION_FAILED;
+        }
+        if reference.as_ref().is_some_and(|r| r.len() > 256) {
+            return code::PRECONDITION_FAILED;
+        }
+        let Some(log) = self.log(stream) else {
+            return code::STREAM_DOES_NOT_EXIST;
+        };
+        if !self.allowed(Access::Write, stream) {
+            return code::ACCESS_REFUSED;
+        }
+        // One publisher per reference and stream on a connection, as RabbitMQ.
+        if let Some(r) = &reference {
+            if self
+                .publishers
+                .values()
+                .any(|p| p.stream == stream && p.reference.as_deref() == Some(r.as_str()))
+            {
+                return code::PRECONDITION_FAILED;
+            }
+        }
+        self.publishers.insert(
+            id,
+            Publisher {
+                stream: stream.to_owned(),
+                log,
+                reference: reference.map(Arc::from),
+                pending: VecDeque::new(),
+            },
+        );
+        self.watch_changed = true;
+        code::OK
+    }
+
+    fn publish(&mut self, publisher_id: u8, messages: Vec<Published>, now_ms: u64) {
+        let Some(p) = self.publishers.get_mut(&publisher_id) else {
+            let errors: Vec<(u64, u16)> = messages
+                .iter()
+                .map(|m| (m.publishing_id, code::PUBLISHER_DOES_NOT_EXIST))
+                .collect();
+            response::publish_error(&mut self.out, publisher_id, &errors);
+            return;
+        };
+        let ids: Vec<u64> = messages.iter().map(|m| m.publishing_id).collect();
+        let batch: Vec<StreamMessage> = messages
+            .into_iter()
+            .map(|m| StreamMessage {
+                data: m.data,
+                filter: m.filter_value,
+                publisher: p.reference.as_ref().map(|r| (Arc::clone(r), m.publishing_id)),
+            })
+            .collect();
+        match p.log.append(batch, now_ms as i64) {
+            Ok(a) => {
+                p.pending.push_back((a.next_offset, ids));
+                let mut p = self.publishers.remove(&publisher_id);
+                if let Some(p) = p.as_mut() {
+                    self.confirm_ready(publisher_id, p);
+                }
+                if let Some(p) = p {
+                    self.publishers.insert(publisher_id, p);
+                }
+            }
+            Err(e) => {
+                let c = match e {
+                    StreamError::Deleted => code::STREAM_DOES_NOT_EXIST,
+                    StreamError::ReferenceTooLong => code::PRECONDITION_FAILED,
+                    _ => code::INTERNAL_ERROR,
+                };
+                let errors: Vec<(u64, u16)> = ids.into_iter().map(|id| (id, c)).collect();
+                response::publish_error(&mut self.out, publisher_id, &errors);
+            }
+        }
+    }
+
+    /// Confirm what `p` published that the log has committed: one frame.
+    fn confirm_ready(&mut self, id: u8, p: &mut Publisher) {
+        let committed = *p.log.committed().borrow();
+        let mut ids: Vec<u64> = Vec::new();
+        while let Some((until, _)) = p.pending.front() {
+            if *until > committed {
+                break;
+            }
+            if let Some((_, batch)) = p.pending.pop_front() {
+                if ids.is_empty() {
+                    ids = batch;
+                } else {
+                    ids.extend_from_slice(&batch);
+                }
+            }
+        }
+        if !ids.is_empty() {
+            response::publish_confirm(&mut self.out, id, ids.into_iter());
+        }
+    }
+
+    fn flush_confirms(&mut self) {
+        let ids: Vec<u8> = self
+            .publishers
+            .iter()
+            .filter(|(_, p)| !p.pending.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            if let Some(mut p) = self.publishers.remove(&id) {
+                self.confirm_ready(id, &mut p);
+                self.publishers.insert(id, p);
+            }
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        id: u8,
+        stream: &str,
+        offset: OffsetSpec,
+        credit: u16,
+        _properties: &[(String, String)],
+    ) -> u16 {
+        if self.subscriptions.contains_key(&id) {
+            return code::SUBSCRIPTION_ID_ALREADY_EXISTS;
+        }
+        let Some(log) = self.log(stream) else {
+            return code::STREAM_DOES_NOT_EXIST;
+        };
+        if !self.allowed(Access::Read, stream) {
+            return code::ACCESS_REFUSED;
+        }
+        let spec = match offset {
+            OffsetSpec::First => LogOffset::First,
+            OffsetSpec::Last => LogOffset::Last,
+            OffsetSpec::Next => LogOffset::Next,
+            OffsetSpec::Offset(o) => LogOffset::Offset(o),
+            OffsetSpec::Timestamp(t) => LogOffset::Timestamp(t),
+        };
+        let reader = log.reader(spec);
+        self.subscriptions.insert(
+            id,
+            Subscription {
+                stream: stream.to_owned(),
+                log,
+                reader,
+                credit: u32::from(credit),
+            },
+        );
+        self.watch_changed = true;
+        code::OK
+    }
+
+    fn create(&mut self, stream: &str, arguments: &[(String, String)], now_ms: u64) -> u16 {
+        let Some(v) = self.vhost.clone() else {
+            return code::INTERNAL_ERROR;
+        };
+        if stream.is_empty() || stream.len() > 255 || stream.starts_with("amq.") {
+            return code::PRECONDITION_FAILED;
+        }
+        if !self.allowed(Access::Configure, stream) {
+            return code::ACCESS_REFUSED;
+        }
+        if v.queue(stream, self.connection_id).is_ok() {
+            return code::STREAM_ALREADY_EXISTS;
+        }
+        let Some(args) = create_arguments(arguments) else {
+            return code::PRECONDITION_FAILED;
+        };
+        let d = crate::wire::QueueDeclare {
+            queue: stream.to_owned(),
+            durable: true,
+            arguments: args,
+            ..Default::default()
+        };
+        match v.declare_queue(&d, self.connection_id, now_ms) {
+            Ok(_) => code::OK,
+            Err(e) => {
+                tracing::debug!(%stream, error = %e.text, "stream create refused");
+                code::PRECONDITION_FAILED
+            }
+        }
+    }
+
+    fn delete(&mut self, stream: &str, now_ms: u64) -> u16 {
+        let Some(v) = self.vhost.clone() else {
+            return code::INTERNAL_ERROR;
+        };
+        if self.log(stream).is_none() {
+            return code::STREAM_DOES_NOT_EXIST;
+        }
+        if !self.allowed(Access::Configure, stream) {
+            return code::ACCESS_REFUSED;
+        }
+        match v.delete_queue(stream, false, false, self.connection_id, now_ms) {
+            Ok(_) => code::OK,
+            Err(_) => code::INTERNAL_ERROR,
+        }
+    }
+
+    fn metadata(&mut self, correlation_id: u32, streams: &[String]) {
+        let found: Vec<bool> = streams.iter().map(|s| self.log(s).is_some()).collect();
+        let meta: Vec<response::StreamMetadata<'_>> = streams
+            .iter()
+            .zip(&found)
+            .map(|(s, ok)| response::StreamMetadata {
+                stream: s,
+                code: if *ok { code::OK } else { code::STREAM_DOES_NOT_EXIST },
+                leader: if *ok { 0 } else { u16::MAX },
+                replicas: &[],
+            })
+            .collect();
+        let brokers = [response::Broker {
+            reference: 0,
+            host: &self.settings.advertised_host,
+            port: u32::from(self.settings.advertised_port),
+        }];
+        let brokers: &[response::Broker<'_>] = if found.iter().any(|f| *f) { &brokers } else { &[] };
+        response::metadata(&mut self.out, correlation_id, brokers, &meta);
+    }
+
+    /// Publishers and subscriptions on streams that are gone get a
+    /// metadata update ("stream not available") and are dropped.
+    fn check_deleted(&mut self) {
+        let mut gone: Vec<String> = Vec::new();
+        let still = |s: &Self, stream: &str, log: &Arc<StreamLog>| {
+            s.log(stream).is_some_and(|l| Arc::ptr_eq(&l, log))
+        };
+        for p in self.publishers.values() {
+            if !still(self, &p.stream, &p.log) && !gone.contains(&p.stream) {
+                gone.push(p.stream.clone());
+            }
+        }
+        for s in self.subscriptions.values() {
+            if !still(self, &s.stream, &s.log) && !gone.contains(&s.stream) {
+                gone.push(s.stream.clone());
+            }
+        }
+        for stream in gone {
+            response::metadata_update(&mut self.out, code::STREAM_NOT_AVAILABLE, &stream);
+            self.publishers.retain(|_, p| p.stream != stream);
+            self.subscriptions.retain(|_, s| s.stream != stream);
+            self.watch_changed = true;
+        }
+    }
+
+    // ---- super streams ----
+
+    fn route(&self, routing_key: &str, super_stream: &str) -> (u16, Vec<String>) {
+        let Some(v) = &self.vhost else {
+            return (code::INTERNAL_ERROR, Vec::new());
+        };
+        let Ok(ex) = v.exchange(super_stream) else {
+            return (code::STREAM_DOES_NOT_EXIST, Vec::new());
+        };
+        let streams: Vec<String> = ex
+            .bindings()
+            .into_iter()
+            .filter(|b| b.routing_key.as_ref() == routing_key)
+            .filter_map(|b| b.queue_name().map(str::to_owned))
+            .collect();
+        (code::OK, streams)
+    }
+
+    fn partitions(&self, super_stream: &str) -> (u16, Vec<String>) {
+        let Some(v) = &self.vhost else {
+            return (code::INTERNAL_ERROR, Vec::new());
+        };
+        let Ok(ex) = v.exchange(super_stream) else {
+            return (code::STREAM_DOES_NOT_EXIST, Vec::new());
+        };
+        let mut parts: Vec<(i64, String)> = ex
+            .bindings()
+            .into_iter()
+            .filter_map(|b| {
+                let order = b
+                    .arguments
+                    .get("x-super-stream-partition-order")
+                    .and_then(FieldValue::as_i64)
+                    .unwrap_or(i64::MAX);
+                b.queue_name().map(|q| (order, q.to_owned()))
+            })
+            .collect();
+        parts.sort();
+        parts.dedup_by(|a, b| a.1 == b.1);
+        (code::OK, parts.into_iter().map(|(_, s)| s).collect())
+    }
+
+    fn create_super_stream(
+        &mut self,
+        name: &str,
+        partitions: &[String],
+        binding_keys: &[String],
+        arguments: &[(String, String)],
+        now_ms: u64,
+    ) -> u16 {
+        let Some(v) = self.vhost.clone() else {
+            return code::INTERNAL_ERROR;
+        };
+        if name.is_empty() || partitions.is_empty() || partitions.len() != binding_keys.len() {
+            return code::PRECONDITION_FAILED;
+        }
+        if !self.allowed(Access::Configure, name)
+            || partitions.iter().any(|p| !self.allowed(Access::Configure, p))
+        {
+            return code::ACCESS_REFUSED;
+        }
+        if v.exchange(name).is_ok() || partitions.iter().any(|p| v.queue(p, self.connection_id).is_ok()) {
+            return code::STREAM_ALREADY_EXISTS;
+        }
+        let Some(args) = create_arguments(arguments) else {
+            return code::PRECONDITION_FAILED;
+        };
+        let mut ex_args = FieldTable::new();
+        ex_args.insert("x-super-stream", FieldValue::Bool(true));
+        let d = crate::wire::ExchangeDeclare {
+            exchange: name.to_owned(),
+            kind: "direct".into(),
+            durable: true,
+            arguments: ex_args,
+            ..Default::default()
+        };
+        if v.declare_exchange(&d).is_err() {
+            return code::PRECONDITION_FAILED;
+        }
+        for (i, (p, k)) in partitions.iter().zip(binding_keys).enumerate() {
+            let d = crate::wire::QueueDeclare {
+                queue: p.clone(),
+                durable: true,
+                arguments: args.clone(),
+                ..Default::default()
+            };
+            if v.declare_queue(&d, self.connection_id, now_ms).is_err() {
+                return code::PRECONDITION_FAILED;
+            }
+            let mut bargs = FieldTable::new();
+            bargs.insert("x-super-stream-partition-order", FieldValue::I32(i as i32));
+            let dest = crate::broker::exchange::Destination::Queue(Arc::from(p.as_str()));
+            if v.bind(name, dest, k, &bargs, self.connection_id).is_err() {
+                return code::PRECONDITION_FAILED;
+            }
+        }
+        code::OK
+    }
+
+    fn delete_super_stream(&mut self, name: &str, now_ms: u64) -> u16 {
+        let Some(v) = self.vhost.clone() else {
+            return code::INTERNAL_ERROR;
+        };
+        let (c, partitions) = self.partitions(name);
+        if c != code::OK {
+            return c;
+        }
+        if !self.allowed(Access::Configure, name) {
+            return code::ACCESS_REFUSED;
+        }
+        for p in &partitions {
+            let _ = v.delete_queue(p, false, false, self.connection_id, now_ms);
+        }
+        match v.delete_exchange(name, false) {
+            Ok(()) => code::OK,
+            Err(_) => code::INTERNAL_ERROR,
+        }
+    }
+}
+
+/// Negotiate a tune value: 0 on one side means the other's.
+fn negotiate(server: u32, client: u32) -> u32 {
+    match (server, client) {
+        (0, c) => c,
+        (s, 0) => s,
+        (s, c) => s.min(c),
+    }
+}
+
+/// Stream-protocol create arguments as queue arguments; None for an
+/// unknown key or a bad value (RabbitMQ: precondition failed).
+fn create_arguments(arguments: &[(String, String)]) -> Option<FieldTable> {
+    let mut t = FieldTable::new();
+    t.insert("x-queue-type", FieldValue::string("stream"));
+    for (k, v) in arguments {
+        match k.as_str() {
+            "max-length-bytes" | "stream-max-segment-size-bytes" | "initial-cluster-size" => {
+                let n: i64 = v.parse().ok().filter(|n| *n >= 0)?;
+                t.insert(format!("x-{k}"), FieldValue::I64(n));
+            }
+            "max-age" => {
+                crate::storage::stream::parse_age(v)?;
+                t.insert("x-max-age", FieldValue::string(v.clone()));
+            }
+            "queue-leader-locator" => {
+                t.insert("x-queue-leader-locator", FieldValue::string(v.clone()));
+            }
+            _ => return None,
+        }
+    }
+    Some(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::stream::request::Request as R;
+
+    fn session() -> StreamSession {
+        let broker = Broker::new(&crate::Config::default());
+        StreamSession::new(
+            broker,
+            StreamSettings {
+                frame_max: 1 << 20,
+                heartbeat: 60,
+                advertised_host: "localhost".into(),
+                advertised_port: 5552,
+                handshake_timeout_ms: 10_000,
+            },
+            1,
+            true,
+            0,
+        )
+    }
+
+    fn feed(s: &mut StreamSession, reqs: &[R], now: u64) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        for r in reqs {
+            r.encode(&mut b);
+        }
+        s.handle_input(&mut b, now);
+        let mut out = Vec::new();
+        while let Some(x) = s.poll_transmit(now) {
+            out.extend_from_slice(&x);
+        }
+        out
+    }
+
+    /// (key, correlation id or first u32, code) of each frame in `out`.
+    fn frames(out: &[u8]) -> Vec<(u16, u32, u16)> {
+        let mut v = Vec::new();
+        let mut i = 0;
+        while i + 4 <= out.len() {
+            let size = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
+            let f = &out[i + 4..i + 4 + size];
+            let k = u16::from_be_bytes([f[0], f[1]]);
+            let corr = f.get(4..8).map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            let c = f.get(8..10).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            v.push((k, corr, c));
+            i += 4 + size;
+        }
+        v
+    }
+
+    fn handshake(s: &mut StreamSession, user: &str, pass: &str) -> Vec<(u16, u32, u16)> {
+        let mut data = vec![0u8];
+        data.extend_from_slice(user.as_bytes());
+        data.push(0);
+        data.extend_from_slice(pass.as_bytes());
+        frames(&feed(
+            s,
+            &[
+                R::PeerProperties {
+                    correlation_id: 1,
+                    properties: vec![],
+                },
+                R::SaslHandshake { correlation_id: 2 },
+                R::SaslAuthenticate {
+                    correlation_id: 3,
+                    mechanism: "PLAIN".into(),
+                    data: Some(Bytes::from(data)),
+                },
+            ],
+            0,
+        ))
+    }
+
+    #[test]
+    fn handshake_then_open() {
+        let mut s = session();
+        let f = handshake(&mut s, "guest", "guest");
+        assert_eq!(f[0], (0x8011, 1, code::OK));
+        assert_eq!(f[1], (0x8012, 2, code::OK));
+        assert_eq!(f[2], (0x8013, 3, code::OK));
+        assert_eq!(f[3].0, key::TUNE);
+        let f = frames(&feed(
+            &mut s,
+            &[
+                R::Tune {
+                    frame_max: 65536,
+                    heartbeat: 10,
+                },
+                R::Open {
+                    correlation_id: 4,
+                    vhost: "/".into(),
+                },
+            ],
+            0,
+        ));
+        assert_eq!(f, vec![(0x8015, 4, code::OK)]);
+        assert_eq!(s.frame_max, 65536);
+        assert_eq!(s.heartbeat_ms, 10_000);
+        // Heartbeats: sent when idle, the peer dead after two silent intervals.
+        assert_eq!(s.poll_timeout(), Some(1000));
+        s.handle_timeout(10_000);
+        let mut hb = Vec::new();
+        while let Some(x) = s.poll_transmit(10_000) {
+            hb.extend_from_slice(&x);
+        }
+        assert_eq!(hb, vec![0, 0, 0, 4, 0, 23, 0, 1]);
+        s.handle_timeout(20_000);
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn bad_password_and_vhost() {
+        let mut s = session();
+        let f = handshake(&mut s, "guest", "nope");
+        assert_eq!(f[2], (0x8013, 3, code::AUTHENTICATION_FAILURE));
+        assert!(s.is_closed());
+
+        let mut s = session();
+        handshake(&mut s, "guest", "guest");
+        let f = frames(&feed(
+            &mut s,
+            &[
+                R::Tune {
+                    frame_max: 0,
+                    heartbeat: 0,
+                },
+                R::Open {
+                    correlation_id: 4,
+                    vhost: "nope".into(),
+                },
+            ],
+            0,
+        ));
+        assert_eq!(f, vec![(0x8015, 4, code::VIRTUAL_HOST_ACCESS_FAILURE)]);
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn unknown_and_oversized_frames_close_with_codes() {
+        let mut s = session();
+        let mut b = BytesMut::from(&[0u8, 0, 0, 4, 0, 99, 0, 1][..]);
+        s.handle_input(&mut b, 0);
+        let mut out = Vec::new();
+        while let Some(x) = s.poll_transmit(0) {
+            out.extend_from_slice(&x);
+        }
+        assert_eq!(frames(&out), vec![(key::CLOSE, 0, code::UNKNOWN_FRAME)]);
+        // The close's answer ends it.
+        feed(
+            &mut s,
+            &[R::CloseResponse {
+                correlation_id: 0,
+                code: code::OK,
+            }],
+            1,
+        );
+        assert!(s.is_closed());
+
+        let mut s = session();
+        let mut b = BytesMut::from(&[0x7fu8, 0, 0, 0, 0, 17, 0, 1][..]);
+        s.handle_input(&mut b, 0);
+        let mut out = Vec::new();
+        while let Some(x) = s.poll_transmit(0) {
+            out.extend_from_slice(&x);
+        }
+        assert_eq!(frames(&out), vec![(key::CLOSE, 0, code::FRAME_TOO_LARGE)]);
+        s.handle_timeout(2000);
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn create_arguments_map_to_queue_arguments() {
+        let t = create_arguments(&[
+            ("max-length-bytes".into(), "1000".into()),
+            ("max-age".into(), "1h".into()),
+        ])
+        .expect("valid");
+        assert_eq!(t.get("x-queue-type"), Some(&FieldValue::string("stream")));
+        assert_eq!(t.get("x-max-length-bytes"), Some(&FieldValue::I64(1000)));
+        assert!(create_arguments(&[("bogus".into(), "1".into())]).is_none());
+        assert!(create_arguments(&[("max-length-bytes".into(), "x".into())]).is_none());
+        assert_eq!(negotiate(0, 5), 5);
+        assert_eq!(negotiate(7, 5), 5);
+        assert_eq!(negotiate(7, 0), 7);
+    }
+}

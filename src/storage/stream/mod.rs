@@ -1,0 +1,1223 @@
+//! Streams: append-only logs of messages that consumers read from any offset
+//! and that nothing deletes on ack, in store-owned segment files.
+//!
+//! A [`StreamStore`] owns `<data_dir>/streams/` and one flusher thread for all
+//! its streams. A [`StreamLog`] is one stream: [`StreamLog::append`] assigns
+//! offsets (and drops publisher duplicates) at once and buffers the messages;
+//! the flusher turns each stream's buffer into chunks ([`chunk`], RabbitMQ's
+//! osiris format), writes them to the stream's active segment and its index
+//! ([`segment`]), fdatasyncs every file it wrote in one round (group commit),
+//! then advances each stream's *committed* offset (a `watch`): readers only
+//! see chunks below it. [`StreamStore::on_durable`] runs a callback once
+//! everything appended before the call is fsynced (publisher confirms).
+//!
+//! Publisher sequences (deduplication) travel in the trailer of the chunk
+//! that stores the messages; consumer offsets (`store_offset`) in tracking
+//! delta chunks; each new segment starts with a tracking snapshot of both, so
+//! recovery reads only the last segment (and the first/last index records of
+//! the others). Retention drops whole closed segments, with `now` passed in.
+//!
+//! Memory per stream is a few words per segment plus what waits to be
+//! written; nothing per stored message.
+
+pub mod chunk;
+pub mod retention;
+mod segment;
+#[cfg(test)]
+mod tests;
+
+pub use retention::{parse_age, Retention, DEFAULT_MAX_SEGMENT_SIZE};
+
+use bytes::{Bytes, BytesMut};
+use chunk::Header;
+use parking_lot::{Condvar, Mutex};
+use segment::{IndexRecord, SegmentInfo};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Where a reader starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OffsetSpec {
+    /// The oldest chunk still kept.
+    First,
+    /// The last chunk written (its first offset).
+    Last,
+    /// What is written from now on.
+    Next,
+    /// This offset (the first kept one if it is older; the next one if it is
+    /// not written yet).
+    Offset(u64),
+    /// The first chunk whose timestamp (ms since the epoch) is at or after this.
+    Timestamp(i64),
+}
+
+/// One message to append.
+#[derive(Debug, Clone)]
+pub struct StreamMessage {
+    /// The AMQP 1.0 encoded message.
+    pub data: Bytes,
+    /// Its filter value (stream filtering).
+    pub filter: Option<String>,
+    /// (publisher reference, publishing id): deduplicated against the last id
+    /// stored for the reference.
+    pub publisher: Option<(Arc<str>, u64)>,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the first message written (= `next_offset` if none was).
+    pub first_offset: u64,
+    /// The stream's next offset after this append.
+    pub next_offset: u64,
+    /// Indexes (in the batch) of duplicates: not written, to be confirmed anyway.
+    pub duplicates: Vec<usize>,
+}
+
+/// Counters of one stream, for the admin API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    pub segments: u64,
+    /// Bytes in segment files.
+    pub bytes: u64,
+    pub first_offset: u64,
+    /// First offset of the last chunk written (0 when empty).
+    pub last_offset: u64,
+    /// Offsets below this are fsynced and readable.
+    pub committed_offset: u64,
+    pub chunks: u64,
+    /// Messages kept (offsets from first to committed).
+    pub messages: u64,
+    /// Timestamp of the oldest kept chunk (0 when empty).
+    pub first_timestamp: i64,
+}
+
+#[derive(thiserror::Error, Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("stream I/O error: {0}")]
+    Io(String),
+    #[error("the stream is deleted")]
+    Deleted,
+    #[error("publisher reference longer than {} bytes", chunk::MAX_REFERENCE)]
+    ReferenceTooLong,
+    #[error("the stream store is shut down")]
+    Closed,
+}
+
+impl From<std::io::Error> for StreamError {
+    fn from(e: std::io::Error) -> Self {
+        StreamError::Io(e.to_string())
+    }
+}
+
+/// A chunk read from a stream: header fields and the stored bytes.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub first_offset: u64,
+    pub num_entries: u16,
+    pub num_records: u32,
+    pub timestamp: i64,
+    /// Header, data and trailer (osiris format; the bloom filter, which
+    /// Stream protocol clients do not expect, is left out: send as it is).
+    pub raw: Bytes,
+    pub header: Header,
+    /// The chunk's bloom filter of filter values (empty: none of its messages
+    /// had one). Stored between header and data, left out of `raw`.
+    pub bloom: Bytes,
+}
+
+impl Chunk {
+    /// The data section (the entries).
+    pub fn data(&self) -> Bytes {
+        let at = chunk::HEADER_LEN;
+        self.raw.slice(at..at + self.header.data_len as usize)
+    }
+
+    /// Whether the chunk may hold a message a filtering consumer wants (one
+    /// whose filter value is in `values`, or one without a value if
+    /// `match_unfiltered`): false means it certainly does not (skip it).
+    pub fn may_match<S: AsRef<str>>(&self, values: &[S], match_unfiltered: bool) -> bool {
+        if self.bloom.is_empty() {
+            return match_unfiltered;
+        }
+        values
+            .iter()
+            .any(|v| chunk::bloom_contains(&self.bloom, v.as_ref()))
+            || (match_unfiltered && chunk::bloom_contains(&self.bloom, ""))
+    }
+
+    /// The simple entries with their offsets (a sub-batch entry advances the
+    /// offset by its record count and is not yielded).
+    pub fn entries(&self) -> impl Iterator<Item = (u64, Bytes)> {
+        let mut offset = self.first_offset;
+        chunk::entries(self.data()).filter_map(move |e| {
+            let at = offset;
+            offset += e.records();
+            match e {
+                chunk::Entry::Simple(b) => Some((at, b)),
+                chunk::Entry::SubBatch { .. } => None,
+            }
+        })
+    }
+}
+
+type Callback = Box<dyn FnOnce(Result<(), StreamError>) + Send>;
+
+/// The streams of one data directory and their flusher thread.
+#[derive(Clone)]
+pub struct StreamStore {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for StreamStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamStore")
+            .field("dir", &self.shared.dir)
+            .finish()
+    }
+}
+
+struct Shared {
+    dir: PathBuf,
+    queue: Mutex<FlushQueue>,
+    wake: Condvar,
+    /// Bumped by every append and tracking write (after it is buffered).
+    appended: AtomicU64,
+    /// The `appended` value whose writes are all fsynced.
+    synced: AtomicU64,
+    waiters: Mutex<Vec<(u64, Callback)>>,
+    /// Message bytes appended and not yet taken by the flusher (all streams).
+    pending_bytes: AtomicU64,
+    /// Notified when the flusher takes buffers (room for more).
+    room: tokio::sync::Notify,
+}
+
+/// Past this many buffered bytes, producers wait ([`StreamStore::ready`]).
+const MAX_PENDING_BYTES: u64 = 64 << 20;
+
+#[derive(Default)]
+struct FlushQueue {
+    dirty: Vec<Arc<LogInner>>,
+    shutdown: bool,
+}
+
+impl StreamStore {
+    /// Open (creating) `dir` as the streams directory and start the flusher.
+    pub fn open(dir: &Path) -> Result<StreamStore, StreamError> {
+        std::fs::create_dir_all(dir)?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            queue: Mutex::new(FlushQueue::default()),
+            wake: Condvar::new(),
+            appended: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
+            waiters: Mutex::new(Vec::new()),
+            pending_bytes: AtomicU64::new(0),
+            room: tokio::sync::Notify::new(),
+        });
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("warren-streams".into())
+            .spawn(move || flusher(s))?;
+        Ok(StreamStore { shared })
+    }
+
+    /// The directory of the stream stored under `key` (e.g. `vhost \0 name`).
+    fn log_dir(&self, key: &str) -> PathBuf {
+        use sha2::Digest;
+        let hash = sha2::Sha256::digest(key.as_bytes());
+        let hex: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
+        self.shared.dir.join(hex)
+    }
+
+    /// Open (creating or recovering) the stream stored under `key`.
+    pub fn open_log(&self, key: &str, retention: Retention) -> Result<Arc<StreamLog>, StreamError> {
+        let dir = self.log_dir(key);
+        std::fs::create_dir_all(&dir)?;
+        let inner = recover(&dir, key, retention)?;
+        Ok(Arc::new(StreamLog {
+            inner: Arc::new(inner),
+            store: Arc::clone(&self.shared),
+        }))
+    }
+
+    /// Remove the files of the stream stored under `key` (a deleted stream).
+    pub fn remove_log(&self, key: &str) {
+        let dir = self.log_dir(key);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot remove a deleted stream's files");
+            }
+        }
+    }
+
+    /// Call `f` once everything appended to any stream before this call is
+    /// fsynced (at once if nothing waits).
+    pub fn on_durable(&self, f: Callback) {
+        let target = self.shared.appended.load(Ordering::SeqCst);
+        if self.shared.synced.load(Ordering::SeqCst) >= target {
+            return f(Ok(()));
+        }
+        let mut w = self.shared.waiters.lock();
+        // The flusher may have caught up meanwhile (it drains under this lock).
+        if self.shared.synced.load(Ordering::SeqCst) >= target {
+            drop(w);
+            return f(Ok(()));
+        }
+        w.push((target, f));
+    }
+
+    /// Whether the write buffers are below their limit (cheap: no lock).
+    pub fn has_room(&self) -> bool {
+        self.shared.pending_bytes.load(Ordering::Relaxed) < MAX_PENDING_BYTES
+    }
+
+    /// Resolves once the write buffers are below their limit: a producer
+    /// (a connection reading publishes) awaits this before taking more input.
+    pub async fn ready(&self) {
+        loop {
+            if self.has_room() {
+                return;
+            }
+            let notified = self.shared.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Stop the flusher after it writes what is buffered.
+    pub fn shutdown(&self) {
+        self.shared.queue.lock().shutdown = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+/// One stream.
+pub struct StreamLog {
+    inner: Arc<LogInner>,
+    store: Arc<Shared>,
+}
+
+impl std::fmt::Debug for StreamLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamLog")
+            .field("key", &self.inner.key)
+            .finish()
+    }
+}
+
+struct LogInner {
+    dir: PathBuf,
+    key: String,
+    state: Mutex<LogState>,
+    writer: Mutex<Writer>,
+    committed: tokio::sync::watch::Sender<u64>,
+}
+
+struct Pending {
+    data: Bytes,
+    filter: Option<String>,
+    publisher: Option<(Arc<str>, u64)>,
+    timestamp: i64,
+}
+
+struct LogState {
+    /// Offset the next appended message gets.
+    next_offset: u64,
+    pending: Vec<Pending>,
+    pending_offsets: Vec<(String, u64)>,
+    /// Last publishing id per reference, appended ones included.
+    sequences: HashMap<Arc<str>, u64>,
+    /// Stored consumer offsets, pending ones included.
+    offsets: HashMap<String, u64>,
+    /// The segments (a copy of the writer's, for readers and stats).
+    segments: Vec<SegmentInfo>,
+    /// First offset of the last chunk written.
+    last_chunk: u64,
+    queued: bool,
+    deleted: bool,
+    retention: Retention,
+}
+
+struct Writer {
+    /// The active segment: (first offset, segment file, index file).
+    active: Option<(u64, File, File)>,
+    segments: Vec<SegmentInfo>,
+    /// What is written to the files (the snapshot a new segment starts with).
+    sequences: HashMap<String, (u64, u64)>,
+    offsets: HashMap<String, u64>,
+    next: u64,
+    last_timestamp: i64,
+    last_chunk: u64,
+    /// A write failed: nothing more is written to this stream.
+    failed: Option<StreamError>,
+    /// Files written this round, to fsync.
+    dirty: bool,
+}
+
+/// Most entries (and data bytes, roughly) in one chunk.
+const CHUNK_MAX_ENTRIES: usize = u16::MAX as usize;
+const CHUNK_TARGET_BYTES: usize = 1 << 20;
+
+impl StreamLog {
+    /// Append `msgs` (offsets assigned now, in order) stamped `timestamp_ms`;
+    /// they become readable once committed.
+    pub fn append(
+        &self,
+        msgs: Vec<StreamMessage>,
+        timestamp_ms: i64,
+    ) -> Result<Appended, StreamError> {
+        let mut s = self.inner.state.lock();
+        if s.deleted {
+            return Err(StreamError::Deleted);
+        }
+        let first = s.next_offset;
+        let mut duplicates = Vec::new();
+        let mut bytes = 0u64;
+        s.pending.reserve(msgs.len());
+        for (i, m) in msgs.into_iter().enumerate() {
+            if let Some((r, id)) = &m.publisher {
+                if r.len() > chunk::MAX_REFERENCE {
+                    return Err(StreamError::ReferenceTooLong);
+                }
+                match s.sequences.get_mut(r) {
+                    Some(last) if *id <= *last => {
+                        duplicates.push(i);
+                        continue;
+                    }
+                    Some(last) => *last = *id,
+                    None => {
+                        s.sequences.insert(Arc::clone(r), *id);
+                    }
+                }
+            }
+            bytes += m.data.len() as u64;
+            s.pending.push(Pending {
+                data: m.data,
+                filter: m.filter,
+                publisher: m.publisher,
+                timestamp: timestamp_ms,
+            });
+            s.next_offset += 1;
+        }
+        let first_offset = if s.next_offset == first {
+            s.next_offset
+        } else {
+            first
+        };
+        self.store.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let out = Appended {
+            first_offset,
+            next_offset: s.next_offset,
+            duplicates,
+        };
+        self.queue_locked(&mut s);
+        Ok(out)
+    }
+
+    /// Hand this stream to the flusher (once) and count the write.
+    fn queue_locked(&self, s: &mut LogState) {
+        if !s.queued {
+            s.queued = true;
+            self.store.queue.lock().dirty.push(Arc::clone(&self.inner));
+            self.store.wake.notify_one();
+        }
+        self.store.appended.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Follow the committed next offset: every offset below it is fsynced and
+    /// readable.
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.committed.subscribe()
+    }
+
+    /// A reader starting at `spec` (resolved now, against what is committed).
+    pub fn reader(&self, spec: OffsetSpec) -> StreamReader {
+        let committed_rx = self.inner.committed.subscribe();
+        let committed = *committed_rx.borrow();
+        let next = match self.resolve(spec, committed) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(stream = %self.inner.key, error = %e, "cannot resolve an offset; reading from the next one");
+                committed
+            }
+        };
+        StreamReader {
+            log: Arc::clone(&self.inner),
+            committed: committed_rx,
+            start: next,
+            next,
+            file: None,
+        }
+    }
+
+    fn resolve(&self, spec: OffsetSpec, committed: u64) -> Result<u64, StreamError> {
+        let segments = self.inner.state.lock().segments.clone();
+        let first = segments.first().map_or(committed, |s| s.first_offset);
+        Ok(match spec {
+            OffsetSpec::First => first,
+            OffsetSpec::Next => committed,
+            OffsetSpec::Offset(n) => n.clamp(first, committed.max(first)),
+            OffsetSpec::Last => {
+                for seg in segments.iter().rev() {
+                    let idx = File::open(segment::index_path(&self.inner.dir, seg.first_offset))?;
+                    let n = segment::index_count(idx.metadata()?.len());
+                    for i in (0..n).rev() {
+                        let r = segment::read_index(&idx, i)?;
+                        if r.chunk_type == chunk::TYPE_USER && r.chunk_id < committed {
+                            return Ok(r.chunk_id);
+                        }
+                    }
+                }
+                committed
+            }
+            OffsetSpec::Timestamp(t) => {
+                let Some(seg) = segments
+                    .iter()
+                    .find(|s| s.chunks > 0 && s.last_timestamp >= t)
+                else {
+                    return Ok(committed);
+                };
+                let idx = File::open(segment::index_path(&self.inner.dir, seg.first_offset))?;
+                let n = segment::index_count(idx.metadata()?.len());
+                let i = segment::search(&idx, n, |r| r.timestamp >= t)?;
+                if i == n {
+                    committed
+                } else {
+                    segment::read_index(&idx, i)?.chunk_id.min(committed)
+                }
+            }
+        })
+    }
+
+    /// The oldest offset kept.
+    pub fn first_offset(&self) -> u64 {
+        let s = self.inner.state.lock();
+        s.segments
+            .first()
+            .map_or(*self.inner.committed.borrow(), |seg| seg.first_offset)
+    }
+
+    /// The offset the next appended message gets.
+    pub fn next_offset(&self) -> u64 {
+        self.inner.state.lock().next_offset
+    }
+
+    /// The last publishing id stored (or appended) for `reference`; 0 if none.
+    pub fn publisher_sequence(&self, reference: &str) -> u64 {
+        self.inner
+            .state
+            .lock()
+            .sequences
+            .get(reference)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Store a consumer's offset under `reference` (durable with the next flush).
+    pub fn store_offset(&self, reference: &str, offset: u64) -> Result<(), StreamError> {
+        if reference.len() > chunk::MAX_REFERENCE {
+            return Err(StreamError::ReferenceTooLong);
+        }
+        let mut s = self.inner.state.lock();
+        if s.deleted {
+            return Err(StreamError::Deleted);
+        }
+        s.offsets.insert(reference.to_string(), offset);
+        s.pending_offsets.push((reference.to_string(), offset));
+        self.queue_locked(&mut s);
+        Ok(())
+    }
+
+    /// The offset stored under `reference`, if any.
+    pub fn query_offset(&self, reference: &str) -> Option<u64> {
+        self.inner.state.lock().offsets.get(reference).copied()
+    }
+
+    pub fn stats(&self) -> StreamStats {
+        let committed = *self.inner.committed.borrow();
+        let s = self.inner.state.lock();
+        let first = s.segments.first().map_or(committed, |seg| seg.first_offset);
+        StreamStats {
+            segments: s.segments.len() as u64,
+            bytes: s.segments.iter().map(|seg| seg.size).sum(),
+            first_offset: first,
+            last_offset: s.last_chunk,
+            committed_offset: committed,
+            chunks: s.segments.iter().map(|seg| seg.chunks).sum(),
+            messages: committed.saturating_sub(first),
+            first_timestamp: s
+                .segments
+                .iter()
+                .find(|seg| seg.chunks > 0)
+                .map_or(0, |seg| seg.first_timestamp),
+        }
+    }
+
+    /// The retention settings in force.
+    pub fn retention(&self) -> Retention {
+        self.inner.state.lock().retention
+    }
+
+    /// Change the retention settings (a policy changed); applied at the next
+    /// [`apply_retention`](Self::apply_retention) and segment roll.
+    pub fn set_retention(&self, r: Retention) {
+        self.inner.state.lock().retention = r;
+    }
+
+    /// Drop the oldest closed segments that retention no longer keeps, as of
+    /// `now_ms`. Returns how many were dropped.
+    pub fn apply_retention(&self, now_ms: i64) -> usize {
+        let mut w = self.inner.writer.lock();
+        let r = self.inner.state.lock().retention;
+        let mut total: u64 = w.segments.iter().map(|s| s.size).sum();
+        let mut dropped = 0;
+        while w.segments.len() > 1 {
+            let oldest = &w.segments[0];
+            let too_big = r.max_bytes.is_some_and(|m| total > m);
+            let too_old = r.max_age_ms.is_some_and(|age| {
+                oldest.chunks > 0 && oldest.last_timestamp.saturating_add(age as i64) < now_ms
+            });
+            if !(too_big || too_old) {
+                break;
+            }
+            let seg = w.segments.remove(0);
+            total -= seg.size;
+            dropped += 1;
+            // Readers stop picking it before its files go.
+            let segments = w.segments.clone();
+            self.inner.state.lock().segments = segments;
+            for p in [
+                segment::segment_path(&self.inner.dir, seg.first_offset),
+                segment::index_path(&self.inner.dir, seg.first_offset),
+            ] {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    tracing::error!(file = %p.display(), error = %e, "cannot remove a stream segment");
+                }
+            }
+        }
+        dropped
+    }
+
+    /// Whether retention has anything to look at (more than one segment).
+    pub fn has_closed_segments(&self) -> bool {
+        self.inner.state.lock().segments.len() > 1
+    }
+
+    /// The stream was deleted: refuse appends and stop writing. The files are
+    /// removed by [`StreamStore::remove_log`].
+    pub fn mark_deleted(&self) {
+        let mut s = self.inner.state.lock();
+        s.deleted = true;
+        let bytes: u64 = s.pending.iter().map(|p| p.data.len() as u64).sum();
+        self.store.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.store.room.notify_waiters();
+        s.pending.clear();
+        s.pending_offsets.clear();
+    }
+
+    /// Wait (blocking) until everything appended so far is committed; for tests
+    /// and shutdown.
+    pub fn wait_committed_blocking(&self) {
+        let target = self.next_offset();
+        let mut rx = self.committed();
+        while *rx.borrow_and_update() < target {
+            if self.inner.state.lock().deleted {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+}
+
+/// Reads a stream's committed chunks in order, from the files.
+pub struct StreamReader {
+    log: Arc<LogInner>,
+    committed: tokio::sync::watch::Receiver<u64>,
+    /// Where the reader started (entries of the first chunk below it are
+    /// before the requested offset).
+    start: u64,
+    /// Offset of the next chunk to return.
+    next: u64,
+    /// (segment first offset, open segment file, position of the next chunk).
+    file: Option<(u64, File, u64)>,
+}
+
+impl std::fmt::Debug for StreamReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamReader")
+            .field("stream", &self.log.key)
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl StreamReader {
+    /// The offset the reader was asked to start at (resolved): entries of the
+    /// first chunk below it come before it.
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// The offset of the next chunk this reader returns.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
+    /// Follow the stream's committed offset (to wait for new chunks).
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.clone()
+    }
+
+    /// The next committed user chunk; None when caught up with the committed
+    /// offset (wait on [`committed`](Self::committed) and call again).
+    pub fn next_chunk(&mut self) -> Result<Option<Chunk>, StreamError> {
+        loop {
+            let committed = *self.committed.borrow_and_update();
+            if self.next >= committed {
+                return Ok(None);
+            }
+            if self.file.is_none() {
+                self.locate()?;
+            }
+            let Some((seg_first, file, pos)) = &mut self.file else {
+                return Ok(None);
+            };
+            let mut head = [0u8; chunk::HEADER_LEN];
+            let n = read_at_most(file, &mut head, *pos)?;
+            if n < chunk::HEADER_LEN {
+                // The end of this segment: on to the next one.
+                let cur = *seg_first;
+                let next_seg = {
+                    let s = self.log.state.lock();
+                    s.segments
+                        .iter()
+                        .find(|seg| seg.first_offset > cur)
+                        .map(|seg| seg.first_offset)
+                };
+                let Some(first) = next_seg else {
+                    return Ok(None);
+                };
+                match File::open(segment::segment_path(&self.log.dir, first)) {
+                    Ok(f) => self.file = Some((first, f, segment::FILE_HEADER)),
+                    Err(_) => {
+                        self.file = None;
+                        self.next = self.next.max(first);
+                    }
+                }
+                continue;
+            }
+            let h = Header::parse(&head)
+                .ok_or_else(|| StreamError::Io(format!("bad chunk header at {}", *pos)))?;
+            let mut raw = vec![0u8; h.total_len() as usize];
+            file.read_exact_at(&mut raw, *pos)?;
+            *pos += h.total_len();
+            self.next = h.next_offset().max(self.next);
+            if h.chunk_type != chunk::TYPE_USER {
+                continue;
+            }
+            let bloom_end = chunk::HEADER_LEN + usize::from(h.bloom_len);
+            let bloom = Bytes::copy_from_slice(&raw[chunk::HEADER_LEN..bloom_end]);
+            raw.drain(chunk::HEADER_LEN..bloom_end);
+            return Ok(Some(Chunk {
+                bloom,
+                first_offset: h.first_offset,
+                num_entries: h.num_entries,
+                num_records: h.num_records,
+                timestamp: h.timestamp,
+                raw: Bytes::from(raw),
+                header: h,
+            }));
+        }
+    }
+
+    /// Open the segment holding `self.next` at the chunk holding it.
+    fn locate(&mut self) -> Result<(), StreamError> {
+        // Retention may drop the segment between the look-up and the open:
+        // look again (it never drops the active one, so this ends).
+        for _ in 0..1000 {
+            let segments = self.log.state.lock().segments.clone();
+            let Some(seg) = segments
+                .iter()
+                .rev()
+                .find(|s| s.first_offset <= self.next)
+                .or(segments.first())
+            else {
+                return Ok(());
+            };
+            let first = seg.first_offset;
+            let (f, idx) = match (
+                File::open(segment::segment_path(&self.log.dir, first)),
+                File::open(segment::index_path(&self.log.dir, first)),
+            ) {
+                (Ok(f), Ok(i)) => (f, i),
+                // Dropped by retention meanwhile: look again.
+                _ => continue,
+            };
+            if self.next < first {
+                self.next = first;
+            }
+            let n = segment::index_count(idx.metadata()?.len());
+            let target = self.next;
+            let i = segment::search(&idx, n, |r: &IndexRecord| r.chunk_id > target)?;
+            let pos = if i == 0 {
+                segment::FILE_HEADER
+            } else {
+                let r = segment::read_index(&idx, i - 1)?;
+                // A user chunk at the same id follows a tracking chunk: start there.
+                let j = segment::search(&idx, i, |x: &IndexRecord| x.chunk_id >= r.chunk_id)?;
+                let r = segment::read_index(&idx, j)?;
+                self.next = r.chunk_id.min(self.next);
+                r.pos
+            };
+            self.file = Some((first, f, pos));
+            return Ok(());
+        }
+        Err(StreamError::Io(format!(
+            "cannot open the segment holding offset {}",
+            self.next
+        )))
+    }
+}
+
+/// Read up to `buf.len()` bytes at `pos`; fewer at the end of the file.
+fn read_at_most(f: &File, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], pos + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Open a stream's directory: recover its segments and tracking state.
+fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, StreamError> {
+    let mut firsts = segment::list(dir)?;
+    let mut scanned = Vec::new();
+    // The last segment is scanned; an empty one (a crash right after a roll)
+    // is dropped and the one before becomes the last.
+    while let Some(&last) = firsts.last() {
+        scanned = segment::recover_last(dir, last)?;
+        if scanned.is_empty() && firsts.len() > 1 {
+            let _ = std::fs::remove_file(segment::segment_path(dir, last));
+            let _ = std::fs::remove_file(segment::index_path(dir, last));
+            firsts.pop();
+            continue;
+        }
+        break;
+    }
+    let mut segments = Vec::with_capacity(firsts.len());
+    for &first in firsts.iter().take(firsts.len().saturating_sub(1)) {
+        let info = match segment::summarize_closed(dir, first)? {
+            Some(i) => i,
+            None => {
+                // No usable index: rebuild it by a scan (rare: a lost index file).
+                let found = segment::recover_last(dir, first)?;
+                let mut info = SegmentInfo::empty(first);
+                for c in &found {
+                    info.add(&c.header);
+                }
+                info
+            }
+        };
+        segments.push(info);
+    }
+    let mut sequences: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut offsets: HashMap<String, u64> = HashMap::new();
+    let mut last_chunk = 0;
+    let mut last_timestamp = 0;
+    if let Some(&last) = firsts.last() {
+        let mut info = SegmentInfo::empty(last);
+        for c in &scanned {
+            info.add(&c.header);
+            if c.header.chunk_type == chunk::TYPE_TRACKING_SNAPSHOT {
+                sequences.clear();
+                offsets.clear();
+            }
+            if c.header.chunk_type == chunk::TYPE_USER {
+                last_chunk = c.header.first_offset;
+            }
+            last_timestamp = c.header.timestamp;
+            for t in &c.tracking {
+                match t {
+                    chunk::Tracking::Sequence {
+                        reference,
+                        chunk,
+                        sequence,
+                    } => {
+                        sequences.insert(reference.clone(), (*chunk, *sequence));
+                    }
+                    chunk::Tracking::Offset { reference, offset } => {
+                        offsets.insert(reference.clone(), *offset);
+                    }
+                }
+            }
+        }
+        segments.push(info);
+    }
+    let next = segments.last().map_or(0, |s| s.next_offset);
+    if last_chunk == 0 {
+        // The last user chunk is in an earlier segment: its index says.
+        for s in segments.iter().rev().skip(1) {
+            if let Ok(idx) = File::open(segment::index_path(dir, s.first_offset)) {
+                let n = segment::index_count(idx.metadata()?.len());
+                if let Some(r) = (0..n)
+                    .rev()
+                    .filter_map(|i| segment::read_index(&idx, i).ok())
+                    .find(|r| r.chunk_type == chunk::TYPE_USER)
+                {
+                    last_chunk = r.chunk_id;
+                    break;
+                }
+            }
+        }
+    }
+    let active = match firsts.last() {
+        Some(&last) => {
+            let open = |p: PathBuf| std::fs::OpenOptions::new().read(true).write(true).open(p);
+            Some((
+                last,
+                open(segment::segment_path(dir, last))?,
+                open(segment::index_path(dir, last))?,
+            ))
+        }
+        None => None,
+    };
+    let state = LogState {
+        next_offset: next,
+        pending: Vec::new(),
+        pending_offsets: Vec::new(),
+        sequences: sequences
+            .iter()
+            .map(|(k, (_, s))| (Arc::from(k.as_str()), *s))
+            .collect(),
+        offsets: offsets.clone(),
+        segments: segments.clone(),
+        last_chunk,
+        queued: false,
+        deleted: false,
+        retention,
+    };
+    let writer = Writer {
+        active,
+        segments,
+        sequences,
+        offsets,
+        next,
+        last_timestamp,
+        last_chunk,
+        failed: None,
+        dirty: false,
+    };
+    Ok(LogInner {
+        dir: dir.to_path_buf(),
+        key: key.to_string(),
+        state: Mutex::new(state),
+        writer: Mutex::new(writer),
+        committed: tokio::sync::watch::channel(next).0,
+    })
+}
+
+/// The flusher: write what streams buffered, fsync, publish committed offsets,
+/// run durability callbacks; repeat.
+fn flusher(shared: Arc<Shared>) {
+    loop {
+        let dirty = {
+            let mut q = shared.queue.lock();
+            // Writes buffered while the last round ran were taken by it
+            // without being counted in its target: one more (maybe empty)
+            // round counts them.
+            while q.dirty.is_empty()
+                && !q.shutdown
+                && shared.synced.load(Ordering::SeqCst) >= shared.appended.load(Ordering::SeqCst)
+            {
+                shared.wake.wait(&mut q);
+            }
+            if q.dirty.is_empty() && q.shutdown {
+                return;
+            }
+            std::mem::take(&mut q.dirty)
+        };
+        // Every write counted up to here is in a buffer taken below.
+        let target = shared.appended.load(Ordering::SeqCst);
+        let mut failed = None;
+        for log in &dirty {
+            if let Err(e) = flush_log(&shared, log) {
+                tracing::error!(stream = %log.key, error = %e, "cannot write a stream");
+                failed = Some(e);
+            }
+        }
+        shared.synced.fetch_max(target, Ordering::SeqCst);
+        let due: Vec<(u64, Callback)> = {
+            let mut w = shared.waiters.lock();
+            let (due, keep) = std::mem::take(&mut *w)
+                .into_iter()
+                .partition(|(t, _)| *t <= target);
+            *w = keep;
+            due
+        };
+        for (_, f) in due {
+            f(match &failed {
+                None => Ok(()),
+                Some(e) => Err(e.clone()),
+            });
+        }
+    }
+}
+
+/// Write one stream's buffered messages and offsets as chunks, fsync, commit.
+fn flush_log(shared: &Shared, log: &LogInner) -> Result<(), StreamError> {
+    let (msgs, offsets, retention) = {
+        let mut s = log.state.lock();
+        s.queued = false;
+        if s.deleted {
+            return Ok(());
+        }
+        (
+            std::mem::take(&mut s.pending),
+            std::mem::take(&mut s.pending_offsets),
+            s.retention,
+        )
+    };
+    let bytes: u64 = msgs.iter().map(|p| p.data.len() as u64).sum();
+    shared.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    shared.room.notify_waiters();
+    let mut w = log.writer.lock();
+    if let Some(e) = &w.failed {
+        return Err(e.clone());
+    }
+    let r = write_all(log, &mut w, msgs, offsets, retention).and_then(|()| {
+        if std::mem::take(&mut w.dirty) {
+            if let Some((_, seg, idx)) = &w.active {
+                seg.sync_data()?;
+                idx.sync_data()?;
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = &r {
+        w.failed = Some(e.clone());
+        return r;
+    }
+    let (segments, next, last_chunk) = (w.segments.clone(), w.next, w.last_chunk);
+    drop(w);
+    {
+        let mut s = log.state.lock();
+        s.segments = segments;
+        s.last_chunk = last_chunk;
+    }
+    log.committed.send_if_modified(|c| {
+        let changed = *c != next;
+        *c = next;
+        changed
+    });
+    Ok(())
+}
+
+fn write_all(
+    log: &LogInner,
+    w: &mut Writer,
+    msgs: Vec<Pending>,
+    offsets: Vec<(String, u64)>,
+    retention: Retention,
+) -> Result<(), StreamError> {
+    let mut data = BytesMut::new();
+    let mut trailer = BytesMut::new();
+    let mut refs: Vec<(Arc<str>, u64)> = Vec::new();
+    let mut filters: Vec<Option<String>> = Vec::new();
+    let mut it = msgs.into_iter().peekable();
+    while it.peek().is_some() {
+        data.clear();
+        trailer.clear();
+        refs.clear();
+        filters.clear();
+        let mut n = 0usize;
+        let mut ts = w.last_timestamp;
+        while let Some(m) = it.next_if(|_| n < CHUNK_MAX_ENTRIES && data.len() < CHUNK_TARGET_BYTES)
+        {
+            chunk::put_simple_entry(&mut data, &m.data);
+            ts = ts.max(m.timestamp);
+            filters.push(m.filter);
+            if let Some((r, id)) = m.publisher {
+                match refs.iter_mut().find(|(x, _)| *x == r) {
+                    Some(e) => e.1 = e.1.max(id),
+                    None => refs.push((r, id)),
+                }
+            }
+            n += 1;
+        }
+        let id = w.next;
+        for (r, seq) in &refs {
+            chunk::put_tracking(
+                &mut trailer,
+                &chunk::Tracking::Sequence {
+                    reference: r.to_string(),
+                    chunk: id,
+                    sequence: *seq,
+                },
+            );
+        }
+        let bloom = if filters.iter().any(Option::is_some) {
+            let mut b = vec![0u8; usize::from(retention.filter_size.max(1))];
+            for f in &filters {
+                chunk::bloom_insert(&mut b, f.as_deref().unwrap_or(""));
+            }
+            b
+        } else {
+            Vec::new()
+        };
+        let c = chunk::build(
+            chunk::TYPE_USER,
+            id,
+            ts,
+            (n as u16, n as u32),
+            &bloom,
+            &data,
+            &trailer,
+        );
+        write_chunk(log, w, &c, retention)?;
+        for (r, seq) in refs.drain(..) {
+            w.sequences.insert(r.to_string(), (id, seq));
+        }
+    }
+    if !offsets.is_empty() {
+        let mut d = BytesMut::new();
+        for (reference, offset) in offsets {
+            chunk::put_tracking(
+                &mut d,
+                &chunk::Tracking::Offset {
+                    reference: reference.clone(),
+                    offset,
+                },
+            );
+            w.offsets.insert(reference, offset);
+        }
+        let c = chunk::build(
+            chunk::TYPE_TRACKING_DELTA,
+            w.next,
+            w.last_timestamp,
+            (1, 0),
+            &[],
+            &d,
+            &[],
+        );
+        write_chunk(log, w, &c, retention)?;
+    }
+    Ok(())
+}
+
+/// Append one built chunk to the active segment (starting a new one first if
+/// this one is full), with its index record.
+fn write_chunk(
+    log: &LogInner,
+    w: &mut Writer,
+    c: &[u8],
+    retention: Retention,
+) -> Result<(), StreamError> {
+    let full = w
+        .segments
+        .last()
+        .is_none_or(|s| s.chunks > 0 && s.size + c.len() as u64 > retention.max_segment_size);
+    if w.active.is_none() || full {
+        roll(log, w)?;
+    }
+    let h = Header::parse(c).ok_or_else(|| StreamError::Io("built a bad chunk".into()))?;
+    let seg = w
+        .segments
+        .last_mut()
+        .ok_or_else(|| StreamError::Io("no active segment".into()))?;
+    let pos = seg.size;
+    let index_pos = segment::FILE_HEADER + seg.chunks * segment::INDEX_RECORD;
+    let Some((_, file, idx)) = &w.active else {
+        return Err(StreamError::Io("no active segment".into()));
+    };
+    file.write_all_at(c, pos)?;
+    idx.write_all_at(
+        &IndexRecord {
+            chunk_id: h.first_offset,
+            timestamp: h.timestamp,
+            pos,
+            num_records: h.num_records,
+            chunk_type: h.chunk_type,
+        }
+        .encode(),
+        index_pos,
+    )?;
+    seg.add(&h);
+    w.next = h.next_offset();
+    w.last_timestamp = w.last_timestamp.max(h.timestamp);
+    if h.chunk_type == chunk::TYPE_USER {
+        w.last_chunk = h.first_offset;
+    }
+    w.dirty = true;
+    Ok(())
+}
+
+/// Close the active segment (fsynced) and start a new one at `w.next`, with a
+/// tracking snapshot first if there is anything to track.
+fn roll(log: &LogInner, w: &mut Writer) -> Result<(), StreamError> {
+    if let Some((_, seg, idx)) = w.active.take() {
+        seg.sync_data()?;
+        idx.sync_data()?;
+    }
+    let first = w.next;
+    let (seg, idx) = segment::create(&log.dir, first)?;
+    // The directory entry of the new files must survive a crash too.
+    File::open(&log.dir)?.sync_all()?;
+    w.active = Some((first, seg, idx));
+    w.segments.push(SegmentInfo::empty(first));
+    if !w.sequences.is_empty() || !w.offsets.is_empty() {
+        let mut d = BytesMut::new();
+        for (reference, (chunk, sequence)) in &w.sequences {
+            chunk::put_tracking(
+                &mut d,
+                &chunk::Tracking::Sequence {
+                    reference: reference.clone(),
+                    chunk: *chunk,
+                    sequence: *sequence,
+                },
+            );
+        }
+        for (reference, offset) in &w.offsets {
+            chunk::put_tracking(
+                &mut d,
+                &chunk::Tracking::Offset {
+                    reference: reference.clone(),
+                    offset: *offset,
+                },
+            );
+        }
+        let c = chunk::build(
+            chunk::TYPE_TRACKING_SNAPSHOT,
+            first,
+            w.last_timestamp,
+            (1, 0),
+            &[],
+            &d,
+            &[],
+        );
+        // A snapshot never rolls (the segment is empty).
+        write_chunk(
+            log,
+            w,
+            &c,
+            Retention {
+                max_segment_size: u64::MAX,
+                ..Retention::default()
+            },
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! Segment and index files of one stream, and the recovery scan.
+//!
+//! ```text
+//! <stream dir>/
+//!   00000000000000000000.segment   "WSTL" u32 version, then chunks back to back
+//!   00000000000000000000.index     "WSTI" u32 version, then one 32-byte record a chunk:
+//!                                  chunk id u64, timestamp i64, file position u64,
+//!                                  num records u32, chunk type u8, 3 zero bytes
+//! ```
+//! A segment is named by the id of its first chunk. Only the last segment can
+//! end in a torn chunk (a segment is fsynced before the next is created), so
+//! recovery reads the first and last index records of the others and scans the
+//! last one chunk by chunk (checking each data CRC), truncating what does not
+//! check and rewriting its index from the scan.
+
+use super::chunk::{self, Header, HEADER_LEN};
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub const SEGMENT_MAGIC: &[u8; 8] = b"WSTL\0\0\0\x01";
+pub const INDEX_MAGIC: &[u8; 8] = b"WSTI\0\0\0\x01";
+pub const FILE_HEADER: u64 = 8;
+pub const INDEX_RECORD: u64 = 32;
+
+/// One index record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexRecord {
+    pub chunk_id: u64,
+    pub timestamp: i64,
+    pub pos: u64,
+    pub num_records: u32,
+    pub chunk_type: u8,
+}
+
+impl IndexRecord {
+    pub fn encode(&self) -> [u8; INDEX_RECORD as usize] {
+        let mut b = [0u8; INDEX_RECORD as usize];
+        b[0..8].copy_from_slice(&self.chunk_id.to_be_bytes());
+        b[8..16].copy_from_slice(&self.timestamp.to_be_bytes());
+        b[16..24].copy_from_slice(&self.pos.to_be_bytes());
+        b[24..28].copy_from_slice(&self.num_records.to_be_bytes());
+        b[28] = self.chunk_type;
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<IndexRecord> {
+        if b.len() < INDEX_RECORD as usize {
+            return None;
+        }
+        let u64_at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i..i + 8]);
+            u64::from_be_bytes(a)
+        };
+        Some(IndexRecord {
+            chunk_id: u64_at(0),
+            timestamp: u64_at(8) as i64,
+            pos: u64_at(16),
+            num_records: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
+            chunk_type: b[28],
+        })
+    }
+
+    pub fn next_offset(&self) -> u64 {
+        self.chunk_id + u64::from(self.num_records)
+    }
+}
+
+/// What the log keeps in memory about one segment (a few words, not per message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Id of its first chunk (its name).
+    pub first_offset: u64,
+    /// Offset after its last chunk.
+    pub next_offset: u64,
+    /// Timestamps of its first and last chunks (0 when empty).
+    pub first_timestamp: i64,
+    pub last_timestamp: i64,
+    /// File size in bytes.
+    pub size: u64,
+    pub chunks: u64,
+    /// User records (messages).
+    pub records: u64,
+}
+
+impl SegmentInfo {
+    pub fn empty(first_offset: u64) -> SegmentInfo {
+        SegmentInfo {
+            first_offset,
+            next_offset: first_offset,
+            first_timestamp: 0,
+            last_timestamp: 0,
+            size: FILE_HEADER,
+            chunks: 0,
+            records: 0,
+        }
+    }
+
+    /// Account for a chunk appended to this segment.
+    pub fn add(&mut self, h: &Header) {
+        if self.chunks == 0 {
+            self.first_timestamp = h.timestamp;
+        }
+        self.last_timestamp = h.timestamp;
+        self.chunks += 1;
+        if h.chunk_type == chunk::TYPE_USER {
+            self.records += u64::from(h.num_records);
+        }
+        self.next_offset = h.next_offset();
+        self.size += h.total_len();
+    }
+}
+
+pub fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}.segment"))
+}
+
+pub fn index_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}.index"))
+}
+
+/// The first offsets of the segments in `dir`, sorted.
+pub fn list(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(n) = name.strip_suffix(".segment") {
+            if let Ok(first) = n.parse::<u64>() {
+                v.push(first);
+            }
+        }
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Create a new segment and its index (headers written, not yet synced).
+pub fn create(dir: &Path, first: u64) -> io::Result<(File, File)> {
+    let open = |p: PathBuf| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(p)
+    };
+    let mut seg = open(segment_path(dir, first))?;
+    seg.write_all(SEGMENT_MAGIC)?;
+    let mut idx = open(index_path(dir, first))?;
+    idx.write_all(INDEX_MAGIC)?;
+    Ok((seg, idx))
+}
+
+/// The number of records in an index file of `len` bytes.
+pub fn index_count(len: u64) -> u64 {
+    len.saturating_sub(FILE_HEADER) / INDEX_RECORD
+}
+
+/// Read index record `i` of an open index file.
+pub fn read_index(idx: &File, i: u64) -> io::Result<IndexRecord> {
+    let mut b = [0u8; INDEX_RECORD as usize];
+    idx.read_exact_at(&mut b, FILE_HEADER + i * INDEX_RECORD)?;
+    IndexRecord::decode(&b).ok_or_else(|| io::Error::other("short index record"))
+}
+
+/// The summary of a closed (not last) segment from its index's first and last
+/// records; None if the index is missing or holds no record.
+pub fn summarize_closed(dir: &Path, first: u64) -> io::Result<Option<SegmentInfo>> {
+    let idx = match File::open(index_path(dir, first)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let n = index_count(idx.metadata()?.len());
+    if n == 0 {
+        return Ok(None);
+    }
+    let a = read_index(&idx, 0)?;
+    let b = read_index(&idx, n - 1)?;
+    let size = std::fs::metadata(segment_path(dir, first))?.len();
+    Ok(Some(SegmentInfo {
+        first_offset: a.chunk_id,
+        next_offset: b.next_offset(),
+        first_timestamp: a.timestamp,
+        last_timestamp: b.timestamp,
+        size,
+        chunks: n,
+        // Not known without reading every record: the offset span (tracking
+        // chunks hold no records, so this is exact).
+        records: b.next_offset() - a.chunk_id,
+    }))
+}
+
+/// A valid chunk found by the recovery scan.
+pub struct Scanned {
+    pub header: Header,
+    pub pos: u64,
+    /// The tracking records it carries (its trailer, or its data if a tracking chunk).
+    pub tracking: Vec<chunk::Tracking>,
+}
+
+/// Scan a segment from the start, keep the valid chunks, truncate a torn or
+/// corrupt tail and rewrite the index. Returns the chunks found.
+pub fn recover_last(dir: &Path, first: u64) -> io::Result<Vec<Scanned>> {
+    let path = segment_path(dir, first);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let len = f.metadata()?.len();
+    let mut magic = [0u8; 8];
+    let valid_magic = len >= FILE_HEADER && {
+        f.read_exact(&mut magic)?;
+        &magic == SEGMENT_MAGIC
+    };
+    let mut found = Vec::new();
+    let mut pos = FILE_HEADER;
+    let mut expected: Option<u64> = None;
+    if valid_magic {
+        let mut head = [0u8; HEADER_LEN];
+        while pos + HEADER_LEN as u64 <= len {
+            f.read_exact_at(&mut head, pos)?;
+            let Some(h) = Header::parse(&head) else { break };
+            if pos + h.total_len() > len || expected.is_some_and(|e| e != h.first_offset) {
+                break;
+            }
+            let mut rest = vec![0u8; (h.total_len() - HEADER_LEN as u64) as usize];
+            f.read_exact_at(&mut rest, pos + HEADER_LEN as u64)?;
+            let data_at = usize::from(h.bloom_len);
+            let data = &rest[data_at..data_at + h.data_len as usize];
+            if crc32fast::hash(data) != h.crc {
+                break;
+            }
+            let tracking = if h.chunk_type == chunk::TYPE_USER {
+                chunk::tracking(&rest[data_at + h.data_len as usize..])
+            } else {
+                chunk::tracking(data)
+            };
+            expected = Some(h.next_offset());
+            found.push(Scanned {
+                header: h,
+                pos,
+                tracking,
+            });
+            pos += h.total_len();
+        }
+    }
+    if !valid_magic {
+        f.set_len(0)?;
+        f.write_all_at(SEGMENT_MAGIC, 0)?;
+        pos = FILE_HEADER;
+    }
+    if pos < len || !valid_magic {
+        tracing::warn!(segment = %path.display(), kept = pos, dropped = len.saturating_sub(pos), "stream segment: truncating a torn or corrupt tail");
+        f.set_len(pos)?;
+        f.sync_data()?;
+    }
+    let mut idx = Vec::with_capacity(8 + found.len() * INDEX_RECORD as usize);
+    idx.extend_from_slice(INDEX_MAGIC);
+    for s in &found {
+        idx.extend_from_slice(
+            &IndexRecord {
+                chunk_id: s.header.first_offset,
+                timestamp: s.header.timestamp,
+                pos: s.pos,
+                num_records: s.header.num_records,
+                chunk_type: s.header.chunk_type,
+            }
+            .encode(),
+        );
+    }
+    let tmp = dir.join("index.tmp");
+    {
+        let mut t = File::create(&tmp)?;
+        t.write_all(&idx)?;
+        t.sync_data()?;
+    }
+    std::fs::rename(&tmp, index_path(dir, first))?;
+    Ok(found)
+}
+
+/// Find, in an open index of `n` records, the first record for which `past`
+/// is true (records are sorted by chunk id and by timestamp); `n` if none.
+pub fn search(idx: &File, n: u64, past: impl Fn(&IndexRecord) -> bool) -> io::Result<u64> {
+    let (mut lo, mut hi) = (0u64, n);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if past(&read_index(idx, mid)?) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(lo)
+}
