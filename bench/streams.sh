@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Side-by-side stream benchmark of warren and RabbitMQ in one go (issue 12's targets).
+# Method and results: docs/benchmarks.md.
+#
+#   bench/streams.sh [-r ROUNDS] [-n MESSAGES] [-N AMQP_MESSAGES] [-p STREAM_PERF] TARGET...
+#     TARGET = label=/path/to/warren       a warren binary (fresh process + data dir per round)
+#            | label=rabbitmq:SPORT:APORT  a running RabbitMQ (stream port, AMQP port; its
+#                                          beam.smp is measured)
+#
+# Per round and target, with examples/stream_perf (rabbitmq-stream-client 0.4, 16 B):
+#   pubsub       1 producer (batches of 100, confirms) + 1 consumer from first, N messages
+#   publish      publish only with confirms, N messages (kept for the next two)
+#   consume      Stream protocol consumer from first over those N stored messages
+#   amqp_consume AMQP 0-9-1 consumer (x-stream-offset first, prefetch 1000, multi-ack
+#                100) over a stream of M stored messages
+# Each line: msg/s and the broker's CPU per message (utime+stime from /proc/<pid>/stat
+# over that run, divided by the messages moved). Broker pinned to CPU 0, client to CPU 1.
+set -euo pipefail
+rounds=1 n=2000000 m=10000000 perf=target/release/examples/stream_perf
+while getopts "r:n:N:p:" o; do
+  case $o in r) rounds=$OPTARG ;; n) n=$OPTARG ;; N) m=$OPTARG ;; p) perf=$OPTARG ;; *) exit 2 ;; esac
+done
+shift $((OPTIND - 1))
+[ $# -ge 1 ] || { sed -n 2,17p "$0"; exit 2; }
+tck=$(getconf CLK_TCK)
+pin_b="" pin_c=""
+if [ "$(nproc)" -ge 2 ]; then pin_b="taskset -c 0" pin_c="taskset -c 1"; fi
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+pid="" sport="" aport="" data=""
+start_target() { # target
+  local t=$1
+  if [[ $t == rabbitmq:* ]]; then
+    IFS=: read -r _ sport aport <<<"$t"
+    pid=$(pgrep -f beam.smp | head -1)
+    [ -n "$pin_b" ] && taskset -a -pc 0 "$pid" >/dev/null
+    data=""
+  else
+    sport=5690 aport=5691
+    data=$(mktemp -d /tmp/warren-sbench.XXXXXX)
+    WARREN_AMQP_PORT=$aport WARREN_STREAM_PORT=$sport WARREN_ADMIN_ENABLED=false \
+      WARREN_DATA_DIR=$data $pin_b "$t" >"$data.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$sport) 2>/dev/null && break; sleep 0.1; done
+  fi
+}
+stop_target() {
+  if [ -n "$data" ]; then kill "$pid"; wait "$pid" 2>/dev/null || true; rm -rf "$data" "$data.log"; fi
+}
+
+measure() { # label scenario stream_perf-args...
+  local label=$1 name=$2 out t0 t1 rate moved
+  shift 2
+  t0=$(cpu_ticks "$pid")
+  out=$($pin_c "$perf" --port "$sport" --amqp-uri "amqp://guest:guest@127.0.0.1:$aport/%2f" "$@" 2>&1 | tail -1)
+  t1=$(cpu_ticks "$pid")
+  rate=$(sed -n 's/.* rate=\([0-9]*\).*/\1/p' <<<"$out")
+  moved=$(sed -n 's/.* messages=\([0-9]*\).*/\1/p' <<<"$out")
+  [ -n "$rate" ] || echo "$label $name failed: $out" >&2
+  awk -v l="$label" -v s="$name" -v r="${rate:-0}" -v m="${moved:-0}" -v d=$((t1 - t0)) -v t="$tck" \
+    'BEGIN { printf "%-10s %-14s %10d msg/s  %7.3f us CPU/msg\n", l, s, r, (m > 0 ? d * 1e6 / t / m : 0) }'
+}
+
+for round in $(seq "$rounds"); do
+  echo "# round $round"
+  for t in "$@"; do
+    label=${t%%=*}
+    start_target "${t#*=}"
+    measure "$label" pubsub --mode pubsub --stream sb-pubsub --messages "$n"
+    measure "$label" publish --mode publish --stream sb-stored --messages "$n"
+    measure "$label" consume --mode consume --stream sb-stored --messages "$n"
+    # The AMQP 0-9-1 stream: filled over the Stream protocol (not measured), then read.
+    $pin_c "$perf" --port "$sport" --mode publish --stream sb-amqp --messages "$m" >/dev/null
+    measure "$label" amqp_consume --mode amqp-consume --stream sb-amqp --messages "$m"
+    for s in sb-pubsub sb-stored sb-amqp; do
+      $pin_c "$perf" --port "$sport" --mode delete --stream "$s" >/dev/null 2>&1 || true
+    done
+    stop_target
+  done
+done
