@@ -107,6 +107,7 @@ pub enum StartError {
 /// Start a broker with `config` on the current tokio runtime.
 pub async fn start(config: Config) -> Result<Warren, StartError> {
     let config = Arc::new(config);
+    tls::install_default_provider();
     let started = std::time::Instant::now();
     let broker = broker::Broker::open(&config, clock::now_ms())?;
     if let Some(oauth2) = &config.auth_oauth2 {

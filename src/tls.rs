@@ -92,6 +92,15 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// A rustls server configuration from `options`.
+/// Make ring the process's default rustls provider, for the TLS clients warren runs
+/// itself (shovels to `amqps://` URIs, through lapin). rustls picks a default on its
+/// own only when exactly one provider is compiled in; a program embedding warren next
+/// to a crate that enables aws-lc-rs would otherwise have none, and those clients would
+/// fail. Does nothing when the process already has a default.
+pub fn install_default_provider() {
+    let _ = ring::default_provider().install_default();
+}
+
 fn build(options: &SslOptions, alpn: &[Vec<u8>]) -> Result<Arc<ServerConfig>, TlsError> {
     let certfile = options
         .certfile
