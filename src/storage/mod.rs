@@ -38,6 +38,7 @@
 //!   publisher confirm. [`Store::read`] sees buffered operations too.
 
 mod codec;
+mod files;
 mod group;
 mod read;
 mod segment;
@@ -50,7 +51,7 @@ pub use self::sled::{EncodedMessage, MessageOp, QueueRef, Store, StoreOptions};
 pub use codec::{decode_message, encode_message, encode_parts, MessageParts, RECORD_VERSION};
 
 /// The content of `<data_dir>/VERSION` written and accepted by this build.
-pub const STORE_VERSION: &str = "warren-store 2";
+pub const STORE_VERSION: &str = "warren-store 3";
 
 /// A message as persisted on a durable queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
