@@ -27,6 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -55,6 +56,8 @@ pub(super) struct DataFiles {
     inner: Mutex<Inner>,
     /// The copy-forward pass in progress (used by the flusher only).
     pub(super) gc: Mutex<Option<GcPass>>,
+    /// Chunk bytes copied forward so far (for logs and tests).
+    pub(super) copied: AtomicU64,
 }
 
 /// Files picked for copy-forward and how far through the metas the pass is.
@@ -150,6 +153,7 @@ impl DataFiles {
             roll_bytes: roll_bytes.max(1),
             inner: Mutex::new(inner),
             gc: Mutex::new(None),
+            copied: AtomicU64::new(0),
         })
     }
 

@@ -566,6 +566,7 @@ impl TreeWork {
                 )));
             };
             copied += raw.len();
+            files.copied.fetch_add(raw.len() as u64, Ordering::Relaxed);
             self.freed.push(loc);
             meta.loc = None;
             self.chunks.insert(key.clone(), Some(raw));

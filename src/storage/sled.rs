@@ -1874,7 +1874,7 @@ mod tests {
         let Ok(dir) = std::env::var(CRASH_ENV) else {
             return;
         };
-        let store = Store::open(Path::new(&dir)).unwrap();
+        let store = Store::open_with(Path::new(&dir), crash_options()).unwrap();
         store
             .put_topology(TopologyKind::Queue, "q", b"durable")
             .unwrap();
@@ -1882,13 +1882,13 @@ mod tests {
         let noise = store.clone();
         std::thread::spawn(move || {
             let m = StoredMessage {
-                body: Bytes::from(vec![1u8; 512]),
+                body: Bytes::from(vec![1u8; 2048]),
                 ..msg(0)
             };
             for i in 0u64.. {
                 noise.insert_message("noise", i, &m);
-                if i >= 2 {
-                    noise.remove_message("noise", i - 2);
+                if i >= 16 {
+                    noise.remove_message("noise", i - 16);
                 }
                 if i.is_multiple_of(50) {
                     std::thread::sleep(std::time::Duration::from_millis(1));
@@ -1909,9 +1909,25 @@ mod tests {
                 next += 1;
             }
             store.flush_blocking().unwrap();
-            // Ack multiples of 3 of this batch in the next group.
-            to_ack.extend((first..next).filter(|s| s.is_multiple_of(3)));
-            println!("synced {} acked_through {acked_through}", next - 1);
+            // Ack two of every three of this batch in the next group (chunks stay a
+            // third live: their files are picked for copy-forward).
+            to_ack.extend((first..next).filter(|s| !s.is_multiple_of(3)));
+            println!(
+                "synced {} acked_through {acked_through} copied {}",
+                next - 1,
+                store.shared().data.copied.load(Ordering::Relaxed)
+            );
+        }
+    }
+
+    /// Small data files, so the kill lands among rolls, unlinks and
+    /// copy-forward passes: the noise queue's chunks (2 KiB messages) die a
+    /// group or two after they are written while "q"'s stay, so files are
+    /// mostly dead and "q"'s chunks are copied forward again and again.
+    fn crash_options() -> StoreOptions {
+        StoreOptions {
+            data_file_bytes: 256 << 10,
+            ..StoreOptions::default()
         }
     }
 
@@ -1920,12 +1936,15 @@ mod tests {
         if std::env::var(CRASH_ENV).is_ok() {
             return;
         }
-        for round in 0..3 {
-            kill_9_round(round);
-        }
+        let copied: u64 = (0..3).map(kill_9_round).sum();
+        assert!(
+            copied > 0,
+            "no round copied anything forward before its kill"
+        );
     }
 
-    fn kill_9_round(round: u64) {
+    /// Returns the bytes the child copied forward before it was killed.
+    fn kill_9_round(round: u64) -> u64 {
         let dir = TempDir::new();
         let module = module_path!();
         let test_name = format!("{}::crash_child", &module[module.find("::").unwrap() + 2..]);
@@ -1944,15 +1963,17 @@ mod tests {
         let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut synced = 0u64;
         let mut acked_through = 0u64;
+        let mut copied = 0u64;
         let mut killed = false;
         for line in stdout.lines() {
             let line = line.unwrap();
             let Some(rest) = line.strip_prefix("synced ") else {
                 continue;
             };
-            let mut parts = rest.split(" acked_through ");
+            let mut parts = rest.split([' ']);
             synced = parts.next().unwrap().parse().unwrap();
-            acked_through = parts.next().unwrap().parse().unwrap();
+            acked_through = parts.nth(1).unwrap().parse().unwrap();
+            copied = parts.nth(1).unwrap().parse().unwrap();
             if synced >= 1000 && !killed {
                 // A little jitter so rounds stop at different points.
                 let jitter = std::time::SystemTime::now()
@@ -1969,7 +1990,7 @@ mod tests {
         assert!(killed, "child stopped early after synced {synced}");
         assert!(synced >= 1000);
 
-        let store = Store::open(dir.path()).unwrap();
+        let store = Store::open_with(dir.path(), crash_options()).unwrap();
         assert_eq!(store.load_topology(TopologyKind::Queue).unwrap().len(), 1);
         let got = store.load_messages("q").unwrap();
         assert!(
@@ -1978,12 +1999,12 @@ mod tests {
         );
         let present: std::collections::HashSet<u64> = got.iter().map(|(s, _)| *s).collect();
         for s in 1..=synced {
-            if s.is_multiple_of(3) && s > acked_through {
+            if !s.is_multiple_of(3) && s > acked_through {
                 // Its ack may have been issued (not yet confirmed) before the
                 // kill: present or absent are both correct.
                 continue;
             }
-            let acked = s.is_multiple_of(3);
+            let acked = !s.is_multiple_of(3);
             assert_eq!(
                 present.contains(&s),
                 !acked,
@@ -1994,10 +2015,12 @@ mod tests {
             assert_eq!(m, &msg(*s));
         }
         eprintln!(
-            "round {round}: kill -9 after {synced} synced (acked through {acked_through}): {} present, noise {}",
+            "round {round}: kill -9 after {synced} synced (acked through {acked_through}, {copied} bytes copied forward): {} present, noise {}, data files {:?}",
             got.len(),
-            store.load_messages("noise").unwrap().len()
+            store.load_messages("noise").unwrap().len(),
+            store.shared().data.summary()
         );
+        copied
     }
 
     /// `cargo test -- --ignored --nocapture bench_group_commit`
