@@ -13,8 +13,9 @@
 #           AMQP port accepts (recovery runs before the listener opens), RSS after
 #   drain   one consumer, prefetch 1000, multi-ack every 100, until MESSAGES consumed
 # Each phase prints msg/s, broker CPU per message (utime+stime / messages) and the
-# largest RSS sample; the data dir's size is printed after fill and after drain (and
-# 60 s after drain, once sled has had time to reclaim).
+# largest RSS sample; the data dir's size is printed before and after fill, after
+# drain and 60 s after drain (data files are unlinked by the flush that settles
+# their last chunk; the 60 s figure shows nothing else is waiting to be reclaimed).
 set -euo pipefail
 n=1000000 size=1024 perf=target/release/examples/perf
 while getopts "n:s:p:" o; do
@@ -80,6 +81,7 @@ for t in "$@"; do
   data=$(mktemp -d /tmp/warren-big.XXXXXX)
   uri="amqp://guest:guest@127.0.0.1:$port/%2f"
   start_warren "$target" "$data"
+  echo "$label disk before fill: $(du -sm "$data" | cut -f1) MiB"
   phase "$label" fill "$pid" "$uri" -x1 -y0 -C "$n" --persistent --confirm 1000
   echo "$label disk after fill: $(du -sm "$data" | cut -f1) MiB ($((n * size / 1048576)) MiB of bodies)"
   kill -9 "$pid"; wait "$pid" 2>/dev/null || true

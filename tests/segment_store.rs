@@ -30,6 +30,21 @@ const SMALL: &[(&str, &str)] = &[
     ("WARREN_STORE_CACHE_SIZE", "8388608"),
 ];
 
+/// Bytes of the files under `dir`, walked (what `du --apparent-size` says).
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }
@@ -149,8 +164,24 @@ async fn a_queue_many_times_memory_fills_restarts_and_drains_with_bounded_rss() 
     let ch = conn.create_channel().await.expect("channel");
     durable_queue(&ch, "big").await;
     let base = b.rss();
+    let empty_disk = dir_size(&dir);
     let fill_rss = fill(&b, &ch, "big", N, SIZE, persistent()).await;
     let data = (N * SIZE) as u64;
+    // Every body is confirmed, so on disk: the data files hold the chunks, sled
+    // the metas.
+    let full_disk = dir_size(&dir);
+    eprintln!(
+        "disk: {} KiB empty, {} KiB (sled {} KiB) holding {} KiB of bodies ({:.2}x)",
+        empty_disk >> 10,
+        full_disk >> 10,
+        dir_size(&dir.join("store")) >> 10,
+        data >> 10,
+        full_disk as f64 / data as f64
+    );
+    assert!(
+        full_disk * 10 <= data * 13,
+        "{full_disk} bytes on disk for {data} bytes of bodies (more than 1.3x)"
+    );
     eprintln!(
         "fill: base RSS {} MiB, max {} MiB for {} MiB of bodies",
         base / MIB,
@@ -184,6 +215,26 @@ async fn a_queue_many_times_memory_fills_restarts_and_drains_with_bounded_rss() 
         "RSS {drain_rss} while draining {data} bytes"
     );
     assert_eq!(durable_queue(&ch, "big").await, 0);
+
+    // Drained: the data files go once the flush settling their last chunks is
+    // durable (the broker's own timing, so polled with a deadline); the active
+    // file is kept while it holds less than 4 MiB.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while dir_size(&dir.join("store-data")) > 4 * MIB && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let drained_disk = dir_size(&dir);
+    eprintln!(
+        "disk after the drain: {} KiB (sled {} KiB, data files {} KiB; empty: {} KiB)",
+        drained_disk >> 10,
+        dir_size(&dir.join("store")) >> 10,
+        dir_size(&dir.join("store-data")) >> 10,
+        empty_disk >> 10
+    );
+    assert!(
+        drained_disk <= empty_disk + 64 * MIB,
+        "{drained_disk} bytes on disk after draining (empty: {empty_disk})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

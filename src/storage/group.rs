@@ -1,6 +1,7 @@
 //! One group flush: folds the operations taken from the pending list, in call
-//! order, into the records to write, and applies them as one sled batch per
-//! tree.
+//! order, into the chunks and metas to write, writes the chunks to the data
+//! files (one write per group per space, synced for the durable space) and
+//! then applies the metas as one sled batch per tree.
 //!
 //! * Each level's inserts become a new chunk (split at the chunk limits) with
 //!   a fresh meta. A message settled in the same group it was inserted in is
@@ -12,8 +13,12 @@
 //!   is live any more, the chunk and its meta are deleted (space reclaimed);
 //!   a chunk whose live entries are a quarter or less of what it holds is
 //!   rewritten with only those (compaction), in the same batch as its meta.
-//! * Chunk bytes are written as pieces of at most `PIECE_BYTES` (see segment.rs);
-//!   a rewritten or deleted chunk's old pieces are deleted in the same batch.
+//! * Every chunk written in the group (new, compacted, or copied forward out
+//!   of a mostly dead data file: a bounded slice of a copy-forward pass per
+//!   group) is appended to the active data file in one write; the metas then
+//!   point at it. The bytes a deleted or rewritten chunk leaves behind are
+//!   freed (counted dead) once the batch is applied; files with nothing live
+//!   are unlinked by the flusher after the sled flush (files.rs).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
@@ -21,7 +26,8 @@ use std::sync::atomic::Ordering;
 use ::sled::{Batch, Tree};
 use bytes::Bytes;
 
-use super::segment::{self, ChunkEntry, Meta, KIND_META};
+use super::files::{DataFiles, GcPass};
+use super::segment::{self, ChunkEntry, Loc, Meta, KIND_META};
 use super::sled::{MessageOp, Shared, Submitted};
 use super::StorageError;
 
@@ -29,6 +35,10 @@ use super::StorageError;
 const COMPACT_MIN_ENTRIES: u32 = 32;
 /// ... whose live entries are at most 1/COMPACT_RATIO of them is rewritten.
 const COMPACT_RATIO: u32 = 4;
+/// Copy-forward work per group and space: metas looked at ...
+const GC_MAX_METAS: usize = 512;
+/// ... and chunk bytes copied (a pass over a large store spreads over groups).
+const GC_MAX_BYTES: usize = 4 << 20;
 
 /// A new chunk being gathered from a group's inserts.
 #[derive(Default)]
@@ -60,12 +70,15 @@ impl Builder {
 /// The write set of one tree.
 #[derive(Default)]
 struct TreeWork {
+    /// The durable tree and space, or the ephemeral ones.
+    durable: bool,
     /// Key -> new value (None: delete).
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Meta key -> the chunk's bytes as this group sees them (None: deleted).
+    /// Meta key -> the chunk's bytes to write in this group (None: deleted).
     chunks: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-    /// Meta keys of chunks whose stored pieces go (rewritten or deleted).
-    replaced: BTreeSet<Vec<u8>>,
+    /// Locations of chunks deleted or rewritten in this group: dead once the
+    /// batch is applied.
+    freed: Vec<Loc>,
     /// Meta key -> meta as this group sees it (None: deleted in this group).
     metas: BTreeMap<Vec<u8>, Option<Meta>>,
     dirty: BTreeSet<Vec<u8>>,
@@ -74,7 +87,13 @@ struct TreeWork {
 }
 
 pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError> {
-    let mut work = [TreeWork::default(), TreeWork::default()];
+    let mut work = [
+        TreeWork::default(),
+        TreeWork {
+            durable: true,
+            ..TreeWork::default()
+        },
+    ];
     let mut inserts = 0u64;
     for sub in group {
         let q = sub.queue.inner();
@@ -173,7 +192,7 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
                 MessageOp::DropFrom { level, from } => {
                     w.drop_from(sh, tree, &q.prefix, *level, *from)?;
                 }
-                MessageOp::DeleteQueue => w.delete_queue(tree, &q.prefix)?,
+                MessageOp::DeleteQueue => w.delete_queue(sh, tree, &q.prefix)?,
             }
         }
     }
@@ -187,8 +206,10 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
             w.seal(sh, &prefix, level);
         }
         let tree = sh.tree(durable == 1);
-        w.finish(sh, tree)?;
-        w.write_chunks(tree)?;
+        let files = sh.files(durable == 1);
+        w.finish(sh)?;
+        w.copy_forward(sh, tree, files)?;
+        w.write_chunks(files)?;
         if !w.writes.is_empty() {
             let mut batch = Batch::default();
             for (k, v) in w.writes {
@@ -198,6 +219,9 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
                 }
             }
             tree.apply_batch(batch)?;
+        }
+        for loc in w.freed {
+            files.free(loc);
         }
     }
     sh.messages_written.fetch_add(inserts, Ordering::Relaxed);
@@ -302,17 +326,39 @@ impl TreeWork {
             .map_err(|e| sh.corrupt(format!("chunk meta {key:02x?}: {e}")))
     }
 
-    /// The chunk record of `meta_key` as this group sees it.
-    fn chunk(&self, tree: &Tree, meta_key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
+    /// The chunk record of `meta_key` as this group sees it (its meta loaded).
+    fn chunk(
+        &self,
+        sh: &Shared,
+        files: &DataFiles,
+        meta_key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StorageError> {
         if let Some(v) = self.chunks.get(meta_key) {
             return Ok(v.clone());
         }
-        read_chunk(tree, meta_key)
+        let Some(Some(loc)) = self
+            .metas
+            .get(meta_key)
+            .map(|m| m.as_ref().and_then(|m| m.loc))
+        else {
+            return Ok(None);
+        };
+        // Only this thread unlinks files, and not while a meta points at them.
+        match files.read(loc)? {
+            Some(raw) => Ok(Some(raw)),
+            None => Err(sh.corrupt(format!(
+                "chunk {meta_key:02x?}: data file {} is missing",
+                files.path_of(loc.file).display()
+            ))),
+        }
     }
 
+    /// Deletes the chunk of `meta_key` and its meta (loaded, or new in this group).
     fn delete_chunk(&mut self, meta_key: &[u8]) {
+        if let Some(Some(Meta { loc: Some(loc), .. })) = self.metas.get(meta_key) {
+            self.freed.push(*loc);
+        }
         self.chunks.insert(meta_key.to_vec(), None);
-        self.replaced.insert(meta_key.to_vec());
         self.writes.insert(meta_key.to_vec(), None);
         self.metas.insert(meta_key.to_vec(), None);
         self.dirty.remove(meta_key);
@@ -335,7 +381,9 @@ impl TreeWork {
         if let Some(key) = self.find_meta(sh, tree, prefix, level, from)? {
             let starts_before = matches!(self.metas.get(&key), Some(Some(m)) if m.first < from);
             if starts_before {
-                let raw = self.chunk(tree, &key)?.unwrap_or_default();
+                let raw = self
+                    .chunk(sh, sh.files(self.durable), &key)?
+                    .unwrap_or_default();
                 let entries = segment::decode_chunk(&raw)
                     .map_err(|e| sh.corrupt(format!("chunk {key:02x?}: {e}")))?;
                 if let Some(Some(m)) = self.metas.get_mut(&key) {
@@ -363,7 +411,12 @@ impl TreeWork {
             .map(|(k, _)| k.clone())
             .collect();
         for item in tree.range(lo..=hi) {
-            let k = item?.0.to_vec();
+            let (k, v) = item?;
+            let k = k.to_vec();
+            if !self.metas.contains_key(&k) {
+                let meta = decode_meta(sh, &k, &v)?;
+                self.metas.insert(k.clone(), Some(meta));
+            }
             if !matches!(self.metas.get(&k), Some(None)) {
                 doomed.insert(k);
             }
@@ -375,32 +428,37 @@ impl TreeWork {
     }
 
     /// Drops everything of the queue with key prefix `prefix`.
-    fn delete_queue(&mut self, tree: &Tree, prefix: &[u8]) -> Result<(), StorageError> {
+    fn delete_queue(
+        &mut self,
+        sh: &Shared,
+        tree: &Tree,
+        prefix: &[u8],
+    ) -> Result<(), StorageError> {
         self.builders.remove(prefix);
-        // Every stored piece of the queue is deleted below.
-        self.chunks.retain(|k, _| !k.starts_with(prefix));
-        self.replaced.retain(|k| !k.starts_with(prefix));
         let mut keys: BTreeSet<Vec<u8>> = self
-            .writes
+            .metas
             .range(prefix.to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
+            .filter(|(_, m)| m.is_some())
             .map(|(k, _)| k.clone())
             .collect();
-        for item in tree.scan_prefix(prefix).keys() {
-            keys.insert(item?.to_vec());
+        for item in tree.scan_prefix(prefix) {
+            let (k, v) = item?;
+            let k = k.to_vec();
+            if !self.metas.contains_key(&k) {
+                let meta = decode_meta(sh, &k, &v)?;
+                self.metas.insert(k.clone(), Some(meta));
+                keys.insert(k);
+            }
         }
         for k in keys {
-            if segment::decode_key(&k).is_ok_and(|d| d.kind == KIND_META) {
-                self.metas.insert(k.clone(), None);
-                self.dirty.remove(&k);
-            }
-            self.writes.insert(k, None);
+            self.delete_chunk(&k);
         }
         Ok(())
     }
 
     /// Writes (or deletes, or compacts) every meta this group changed.
-    fn finish(&mut self, sh: &Shared, tree: &Tree) -> Result<(), StorageError> {
+    fn finish(&mut self, sh: &Shared) -> Result<(), StorageError> {
         let dirty = std::mem::take(&mut self.dirty);
         for key in dirty {
             let Some(Some(mut meta)) = self.metas.get(&key).cloned() else {
@@ -412,7 +470,7 @@ impl TreeWork {
                 continue;
             }
             if meta.entries >= COMPACT_MIN_ENTRIES && live * COMPACT_RATIO <= meta.entries {
-                if let Some(raw) = self.chunk(tree, &key)? {
+                if let Some(raw) = self.chunk(sh, sh.files(self.durable), &key)? {
                     let entries = segment::decode_chunk(&raw)
                         .map_err(|e| sh.corrupt(format!("chunk {key:02x?}: {e}")))?;
                     let old_epoch = meta.epoch != sh.epoch;
@@ -433,7 +491,9 @@ impl TreeWork {
                     }
                     let chunk = segment::encode_chunk(&kept);
                     self.chunks.insert(key.clone(), Some(chunk));
-                    self.replaced.insert(key.clone());
+                    if let Some(loc) = meta.loc.take() {
+                        self.freed.push(loc);
+                    }
                 }
             }
             self.writes.insert(key.clone(), Some(meta.encode()));
@@ -442,32 +502,116 @@ impl TreeWork {
         Ok(())
     }
 
-    /// Turns the group's chunks into piece writes (and deletions of old pieces).
-    fn write_chunks(&mut self, tree: &Tree) -> Result<(), StorageError> {
-        for (meta_key, bytes) in std::mem::take(&mut self.chunks) {
-            let prefix = segment::chunk_prefix(&meta_key);
-            if self.replaced.contains(&meta_key) {
-                for k in tree.scan_prefix(&prefix).keys() {
-                    self.writes.insert(k?.to_vec(), None);
-                }
+    /// One slice of the copy-forward pass over this tree's metas: chunks in
+    /// a victim file (mostly dead, see files.rs) are read and queued for
+    /// writing to the active file under the same meta key, their metas
+    /// repointed in this group's batch. A pass starts when there are victims
+    /// and ends when its cursor reaches the end of the tree; each group looks
+    /// at no more than `GC_MAX_METAS` metas and copies `GC_MAX_BYTES`.
+    fn copy_forward(
+        &mut self,
+        sh: &Shared,
+        tree: &Tree,
+        files: &DataFiles,
+    ) -> Result<(), StorageError> {
+        let mut gc = files.gc.lock();
+        if gc.is_none() {
+            let victims = files.victims();
+            if victims.is_empty() {
+                return Ok(());
             }
+            tracing::debug!(files = ?victims, "copy-forward pass started");
+            *gc = Some(GcPass {
+                victims,
+                cursor: Vec::new(),
+            });
+        }
+        let Some(pass) = gc.as_mut() else {
+            return Ok(());
+        };
+        let (mut looked, mut copied) = (0usize, 0usize);
+        let mut iter = tree.range(pass.cursor.clone()..);
+        loop {
+            if looked >= GC_MAX_METAS || copied >= GC_MAX_BYTES {
+                return Ok(());
+            }
+            let Some(item) = iter.next() else {
+                tracing::debug!(files = ?pass.victims, "copy-forward pass done");
+                *gc = None;
+                return Ok(());
+            };
+            let (k, v) = item?;
+            looked += 1;
+            let key = k.to_vec();
+            pass.cursor = key.clone();
+            pass.cursor.push(0);
+            if self.chunks.contains_key(&key) {
+                continue; // written (or deleted) by this group anyway
+            }
+            let mut meta = match self.metas.get(&key) {
+                Some(None) => continue,
+                Some(Some(m)) => m.clone(),
+                None => decode_meta(sh, &key, &v)?,
+            };
+            let Some(loc) = meta.loc else {
+                continue;
+            };
+            if !pass.victims.contains(&loc.file) {
+                continue;
+            }
+            let Some(raw) = files.read(loc)? else {
+                return Err(sh.corrupt(format!(
+                    "chunk {key:02x?}: data file {} is missing",
+                    files.path_of(loc.file).display()
+                )));
+            };
+            copied += raw.len();
+            files.copied.fetch_add(raw.len() as u64, Ordering::Relaxed);
+            self.freed.push(loc);
+            meta.loc = None;
+            self.chunks.insert(key.clone(), Some(raw));
+            self.metas.insert(key, Some(meta));
+        }
+    }
+
+    /// Writes the group's chunks to the active data file (one write) and the
+    /// metas pointing at them.
+    fn write_chunks(&mut self, files: &DataFiles) -> Result<(), StorageError> {
+        let chunks = std::mem::take(&mut self.chunks);
+        let total: usize = chunks.values().flatten().map(Vec::len).sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(total);
+        let mut placed = Vec::with_capacity(chunks.len());
+        for (key, bytes) in chunks {
             if let Some(bytes) = bytes {
-                for (n, piece) in bytes.chunks(segment::PIECE_BYTES).enumerate() {
-                    self.writes
-                        .insert(segment::piece_key(&prefix, n as u32), Some(piece.to_vec()));
-                }
+                placed.push((
+                    key,
+                    buf.len() as u64,
+                    bytes.len() as u32,
+                    crc32fast::hash(&bytes),
+                ));
+                buf.extend_from_slice(&bytes);
+            }
+        }
+        let (file, base) = files.append(&buf)?;
+        for (key, offset, len, crc) in placed {
+            if let Some(Some(m)) = self.metas.get_mut(&key) {
+                m.loc = Some(Loc {
+                    file,
+                    offset: base + offset,
+                    len,
+                    crc,
+                });
+                self.writes.insert(key, Some(m.encode()));
             }
         }
         Ok(())
     }
 }
 
-/// A chunk's bytes read back from its pieces; `None` if it has none (deleted).
-pub(super) fn read_chunk(tree: &Tree, meta_key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
-    let mut out: Option<Vec<u8>> = None;
-    for item in tree.scan_prefix(segment::chunk_prefix(meta_key)) {
-        let (_, v) = item?;
-        out.get_or_insert_with(Vec::new).extend_from_slice(&v);
-    }
-    Ok(out)
+fn decode_meta(sh: &Shared, key: &[u8], raw: &[u8]) -> Result<Meta, StorageError> {
+    let first = segment::key_first(key).unwrap_or(0);
+    Meta::decode(first, raw).map_err(|e| sh.corrupt(format!("chunk meta {key:02x?}: {e}")))
 }

@@ -10,15 +10,18 @@
 //!
 //! ```text
 //! <data_dir>/
-//!   VERSION        "warren-store 2" — the store format; any other value is refused
+//!   VERSION        "warren-store 3" — the store format; any other value is refused
 //!   store/         the sled database (one write-ahead log + snapshots), with trees:
 //!                    topology   "<kind>/<key>" -> caller's record
 //!                               (kind = vhost|user|exchange|queue|binding|permission|policy)
-//!                    segments   chunks of durable queues' messages and their metas
-//!                               (segment.rs has the key and record formats)
+//!                    segments   metas of durable queues' chunks (segment.rs has the
+//!                               key and record formats)
 //!                    ephemeral  the same for non-durable queues' paged-out messages;
 //!                               dropped at every open
 //!                  and, in the default tree, "epoch": a counter bumped at every open
+//!   store-data/    NNNNNNNNNNNNNNNN.seg: append-only files of chunk bytes of durable
+//!                  queues, pointed at by the metas (files.rs)
+//!   store-ephemeral/  the same for non-durable queues' pages; emptied at every open
 //! ```
 //!
 //! docs/storage.md describes the design (chunks, metas, compaction, recovery,
@@ -38,6 +41,7 @@
 //!   publisher confirm. [`Store::read`] sees buffered operations too.
 
 mod codec;
+mod files;
 mod group;
 mod read;
 mod segment;
@@ -51,7 +55,7 @@ pub use self::sled::{EncodedMessage, MessageOp, QueueRef, Store, StoreOptions};
 pub use codec::{decode_message, encode_message, encode_parts, MessageParts, RECORD_VERSION};
 
 /// The content of `<data_dir>/VERSION` written and accepted by this build.
-pub const STORE_VERSION: &str = "warren-store 2";
+pub const STORE_VERSION: &str = "warren-store 3";
 
 /// A message as persisted on a durable queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,6 +136,7 @@ pub struct StoreStats {
     pub messages_written: u64,
     /// Group flushes (one fsync'd `db.flush()` each) performed by the flusher.
     pub flushes: u64,
-    /// sled's `size_on_disk` (0 if it could not be read).
+    /// sled's `size_on_disk` (0 if it could not be read) plus the bytes of
+    /// the data files.
     pub bytes_on_disk: u64,
 }

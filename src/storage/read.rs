@@ -99,15 +99,11 @@ impl Store {
 
     /// The live messages of every level of durable queue `queue`, summarized
     /// from chunk metas (no message is read). Chunks with nothing live any
-    /// more (transient pages of an earlier run) are deleted on the way.
+    /// more were deleted when the store was opened.
     pub fn recover_queue(&self, queue: &QueueRef) -> Result<Vec<LevelSummary>, StorageError> {
         let sh = self.shared();
         let tree = sh.tree(queue.is_durable());
         let mut levels: BTreeMap<u8, LevelSummary> = BTreeMap::new();
-        let mut dead = ::sled::Batch::default();
-        let mut dead_count = 0usize;
-        // Metas only: chunk records (the bodies) sort after each level's metas and
-        // are never touched.
         let metas = (0..=u8::MAX).flat_map(|level| {
             tree.scan_prefix(segment::level_prefix(
                 &queue.inner().prefix,
@@ -126,11 +122,6 @@ impl Store {
                 .map_err(|e| sh.corrupt(format!("chunk meta of {:?}: {e}", queue.key())))?;
             let live = meta.live(sh.epoch);
             if live == 0 {
-                dead.remove(k.clone());
-                for piece in tree.scan_prefix(segment::chunk_prefix(&k)).keys() {
-                    dead.remove(piece?);
-                }
-                dead_count += 1;
                 continue;
             }
             let l = levels.entry(key.level).or_insert(LevelSummary {
@@ -144,14 +135,6 @@ impl Store {
             l.next = l.next.max(meta.end);
             l.count += u64::from(live);
             l.bytes += meta.durable_bytes;
-        }
-        if dead_count > 0 {
-            tree.apply_batch(dead)?;
-            tracing::debug!(
-                queue = queue.key(),
-                chunks = dead_count,
-                "dropped chunks with nothing live"
-            );
         }
         Ok(levels.into_values().collect())
     }
@@ -210,13 +193,41 @@ fn read_applied(
         }
         let (k, v) = item?;
         let first = segment::key_first(&k).unwrap_or(0);
-        let meta = Meta::decode(first, &v)
-            .map_err(|e| sh.corrupt(format!("chunk meta of {:?}: {e}", queue.key())))?;
+        let decode = |v: &[u8]| {
+            Meta::decode(first, v)
+                .map_err(|e| sh.corrupt(format!("chunk meta of {:?}: {e}", queue.key())))
+        };
+        let mut meta = decode(&v)?;
         if meta.end <= *next {
             continue;
         }
-        // Deleted meanwhile: everything in it was settled.
-        let Some(raw) = super::group::read_chunk(tree, &k)? else {
+        // The flusher may delete the chunk, or move it (compaction,
+        // copy-forward) and unlink its old file, after the meta was read: a
+        // missing file sends us back to the meta.
+        let files = sh.files(queue.is_durable());
+        let raw = loop {
+            let Some(loc) = meta.loc else {
+                break None;
+            };
+            if let Some(raw) = files.read(loc)? {
+                break Some(raw);
+            }
+            match tree.get(&k)? {
+                None => break None, // deleted: everything in it was settled
+                Some(v) => {
+                    let again = decode(&v)?;
+                    if again.loc == meta.loc {
+                        return Err(sh.corrupt(format!(
+                            "chunk of {:?} at {first}: data file {} is missing",
+                            queue.key(),
+                            files.path_of(loc.file).display()
+                        )));
+                    }
+                    meta = again;
+                }
+            }
+        };
+        let Some(raw) = raw else {
             continue;
         };
         let raw = Bytes::from(raw);

@@ -8,25 +8,21 @@
 //! level 0). A level is an ordered log of *positions* `0, 1, 2, ...` that the
 //! queue assigns as it stores messages. One group flush writes the new
 //! messages of one level as one **chunk** (split past [`CHUNK_MAX_ENTRIES`] or
-//! [`CHUNK_MAX_BYTES`]): a single sled record holding many messages. Next to
-//! each chunk sits its **meta**: the chunk's position range, live counts and
-//! bytes, and two bitmaps over the range (settled, delivered). Recovery reads
-//! metas only; bodies are read when a consumer reaches them.
+//! [`CHUNK_MAX_BYTES`]): one run of bytes in a store-owned data file (see
+//! [`files`](super::files)) holding many messages. Its **meta**, in sled, holds
+//! the chunk's position range, live counts and bytes, where its bytes are
+//! (file, offset, length, CRC-32) and two bitmaps over the range (settled,
+//! delivered). Recovery reads metas only; bodies are read when a consumer
+//! reaches them.
 //!
-//! # Keys (all in one tree, so a flush's writes are one atomic batch)
+//! # Keys of metas (all in one tree, so a flush's metas are one atomic batch)
 //!
 //! ```text
 //! u32 BE  queue key length, then the queue key   (the queue prefix)
 //! u8      level
-//! u8      kind: b'c' = meta, b'm' = chunk piece
+//! u8      kind: b'c' = meta (format 2 also had b'm' chunk pieces; gone)
 //! u64 BE  first position of the chunk
-//! u32 BE  piece number                           (chunk pieces only)
 //! ```
-//!
-//! A chunk's bytes are stored in pieces of at most [`PIECE_BYTES`], numbered from 0:
-//! sled keeps large values in memory long after they are written (measured: RSS
-//! grows with every byte written once values pass about 8 KiB, and stays flat at
-//! 4 KiB; see docs/storage.md), so no value the store writes is larger.
 //!
 //! # Chunk record, version 1
 //!
@@ -40,10 +36,10 @@
 //!   u32 BE  record length, then the message record (see codec.rs)
 //! ```
 //!
-//! # Meta record, version 1
+//! # Meta record, version 2
 //!
 //! ```text
-//! u8      version (= 1)
+//! u8      version (= 2)
 //! u64 BE  end: one past the last position of the chunk
 //! u32 BE  entries in the chunk record (fewer than end - first once compacted)
 //! u32 BE  live durable entries
@@ -51,6 +47,8 @@
 //! u64 BE  bytes of live durable entries (sizes as accounted by the queue)
 //! u64 BE  store epoch the chunk was written in (transient entries of an older
 //!         epoch are dead: the broker restarted since)
+//! u64 BE  data file number    u64 BE offset in it
+//! u32 BE  chunk length        u32 BE CRC-32 (IEEE) of the chunk's bytes
 //! u8      flags: bit 0 = settled bitmap follows, bit 1 = delivered bitmap follows,
 //!         bit 2 = return counts follow
 //! [ceil((end - first) / 8) bytes]  settled bitmap (bit i = position first + i)
@@ -65,14 +63,11 @@
 use super::codec::{DecodeError, Reader};
 
 pub const CHUNK_VERSION: u8 = 1;
-pub const META_VERSION: u8 = 1;
+pub const META_VERSION: u8 = 2;
 pub const KIND_META: u8 = b'c';
-pub const KIND_CHUNK: u8 = b'm';
 
 /// A flush splits one level's new messages into chunks of at most this many.
 pub const CHUNK_MAX_ENTRIES: usize = 4096;
-/// Largest sled value the store writes: a chunk is split into pieces this big.
-pub const PIECE_BYTES: usize = 4000;
 /// ... and at most about this many record bytes.
 pub const CHUNK_MAX_BYTES: usize = 256 << 10;
 
@@ -98,28 +93,10 @@ pub fn level_prefix(queue_prefix: &[u8], level: u8, kind: u8) -> Vec<u8> {
     k
 }
 
-/// The key of the meta of the chunk starting at `first` (with [`KIND_CHUNK`]: the
-/// prefix of the chunk's pieces).
+/// The key of the meta of the chunk starting at `first`.
 pub fn key(queue_prefix: &[u8], level: u8, kind: u8, first: u64) -> Vec<u8> {
     let mut k = level_prefix(queue_prefix, level, kind);
     k.extend_from_slice(&first.to_be_bytes());
-    k
-}
-
-/// The prefix of the pieces of the chunk whose meta key is `meta_key`.
-pub fn chunk_prefix(meta_key: &[u8]) -> Vec<u8> {
-    let mut k = meta_key.to_vec();
-    if let Some(i) = k.len().checked_sub(9) {
-        k[i] = KIND_CHUNK;
-    }
-    k
-}
-
-/// The key of piece `n` of a chunk.
-pub fn piece_key(chunk_prefix: &[u8], n: u32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(chunk_prefix.len() + 4);
-    k.extend_from_slice(chunk_prefix);
-    k.extend_from_slice(&n.to_be_bytes());
     k
 }
 
@@ -145,7 +122,6 @@ pub fn decode_key(k: &[u8]) -> Result<Key<'_>, DecodeError> {
     let kind = rest[1];
     let want = match kind {
         KIND_META => 2 + 8,
-        KIND_CHUNK => 2 + 8 + 4,
         _ => return Err(bad("unknown record kind")),
     };
     if rest.len() != want {
@@ -246,6 +222,16 @@ pub fn decode_chunk(buf: &[u8]) -> Result<Vec<ChunkEntry<std::ops::Range<usize>>
     Ok(out)
 }
 
+/// Where a chunk's bytes are: `len` bytes at `offset` of data file `file`,
+/// whose CRC-32 is `crc`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Loc {
+    pub file: u64,
+    pub offset: u64,
+    pub len: u32,
+    pub crc: u32,
+}
+
 /// The summary of one chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meta {
@@ -257,6 +243,9 @@ pub struct Meta {
     pub live_transient: u32,
     pub durable_bytes: u64,
     pub epoch: u64,
+    /// Where the chunk's bytes are; `None` until the flusher has written them
+    /// (a meta is only ever encoded with one).
+    pub loc: Option<Loc>,
     settled: Vec<u8>,
     delivered: Vec<u8>,
     /// (position - first, times returned), sorted by position.
@@ -274,6 +263,7 @@ impl Meta {
             live_transient: 0,
             durable_bytes: 0,
             epoch,
+            loc: None,
             settled: Vec::new(),
             delivered: Vec::new(),
             returns: Vec::new(),
@@ -375,7 +365,7 @@ impl Meta {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(38 + self.settled.len() + self.delivered.len());
+        let mut out = Vec::with_capacity(62 + self.settled.len() + self.delivered.len());
         out.push(META_VERSION);
         out.extend_from_slice(&self.end.to_be_bytes());
         out.extend_from_slice(&self.entries.to_be_bytes());
@@ -383,6 +373,11 @@ impl Meta {
         out.extend_from_slice(&self.live_transient.to_be_bytes());
         out.extend_from_slice(&self.durable_bytes.to_be_bytes());
         out.extend_from_slice(&self.epoch.to_be_bytes());
+        let loc = self.loc.unwrap_or_default();
+        out.extend_from_slice(&loc.file.to_be_bytes());
+        out.extend_from_slice(&loc.offset.to_be_bytes());
+        out.extend_from_slice(&loc.len.to_be_bytes());
+        out.extend_from_slice(&loc.crc.to_be_bytes());
         let mut flags = 0;
         if !self.settled.is_empty() {
             flags |= META_SETTLED;
@@ -426,6 +421,18 @@ impl Meta {
         m.live_transient = r.u32("live transient")?;
         m.durable_bytes = r.u64("durable bytes")?;
         m.epoch = r.u64("epoch")?;
+        let loc = Loc {
+            file: r.u64("data file")?,
+            offset: r.u64("chunk offset")?,
+            len: r.u32("chunk length")?,
+            crc: r.u32("chunk CRC")?,
+        };
+        if loc.len == 0 {
+            return Err(DecodeError(format!(
+                "chunk meta at {first} has no chunk location"
+            )));
+        }
+        m.loc = Some(loc);
         let flags = r.u8("meta flags")?;
         if flags & !(META_SETTLED | META_DELIVERED | META_RETURNS) != 0 {
             return Err(DecodeError(format!(
@@ -473,18 +480,38 @@ impl Meta {
 mod tests {
     use super::*;
 
+    const LOC: Loc = Loc {
+        file: 3,
+        offset: 4096,
+        len: 700,
+        crc: 0xdead_beef,
+    };
+
+    #[test]
+    fn meta_location_round_trip_and_required() {
+        let mut m = Meta::new(5, 9, 1);
+        m.entries = 4;
+        m.live_durable = 4;
+        m.loc = Some(LOC);
+        let back = Meta::decode(5, &m.encode()).unwrap();
+        assert_eq!(back.loc, Some(LOC));
+        m.loc = None;
+        assert!(Meta::decode(5, &m.encode()).is_err(), "no location");
+        // A format-2 meta (version 1) is refused, not misread.
+        let mut old = back.encode();
+        old[0] = 1;
+        assert!(Meta::decode(5, &old).is_err());
+    }
+
     #[test]
     fn keys_order_and_decode() {
         let p = queue_prefix("v\0q");
-        assert!(key(&p, 0, KIND_CHUNK, 255) < key(&p, 0, KIND_CHUNK, 256));
-        assert!(key(&p, 0, KIND_CHUNK, u64::MAX) < key(&p, 1, KIND_CHUNK, 0));
-        let chunk = piece_key(&chunk_prefix(&key(&p, 3, KIND_META, 42)), 7);
-        assert_eq!(decode_key(&chunk).unwrap().kind, KIND_CHUNK);
-        assert_eq!(decode_key(&chunk).unwrap().first, 42);
-        assert!(
-            piece_key(&chunk_prefix(&key(&p, 3, KIND_META, 42)), 255)
-                < piece_key(&chunk_prefix(&key(&p, 3, KIND_META, 42)), 256)
-        );
+        assert!(key(&p, 0, KIND_META, 255) < key(&p, 0, KIND_META, 256));
+        assert!(key(&p, 0, KIND_META, u64::MAX) < key(&p, 1, KIND_META, 0));
+        // Format 2's chunk-piece keys are not read as metas.
+        let mut piece = key(&p, 3, b'm', 42);
+        piece.extend_from_slice(&7u32.to_be_bytes());
+        assert!(decode_key(&piece).is_err());
         let k = key(&p, 3, KIND_META, 42);
         assert_eq!(
             decode_key(&k).unwrap(),
@@ -539,6 +566,7 @@ mod tests {
     #[test]
     fn meta_return_counts_round_trip() {
         let mut m = Meta::new(100, 110, 4);
+        m.loc = Some(LOC);
         m.entries = 10;
         m.live_durable = 10;
         assert!(!m.encode().is_empty());
@@ -571,12 +599,13 @@ mod tests {
     #[test]
     fn meta_bitmaps_round_trip() {
         let mut m = Meta::new(100, 110, 4);
+        m.loc = Some(LOC);
         m.entries = 10;
         m.live_durable = 8;
         m.live_transient = 2;
         m.durable_bytes = 80;
         assert_eq!(Meta::decode(100, &m.encode()).unwrap(), m);
-        assert!(m.encode().len() < 40, "fresh meta carries no bitmaps");
+        assert!(m.encode().len() < 64, "fresh meta carries no bitmaps");
         assert!(m.settle(100));
         assert!(!m.settle(100));
         assert!(m.settle(109));
