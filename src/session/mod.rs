@@ -36,6 +36,7 @@ pub mod handshake;
 mod opening;
 pub mod output;
 mod routing;
+pub mod stream;
 pub mod timer;
 
 #[cfg(test)]

@@ -28,7 +28,9 @@ use bytes::{Bytes, BytesMut};
 use crate::broker::auth::{Access, User};
 use crate::broker::vhost::VHost;
 use crate::broker::{Broker, LoginError};
-use crate::storage::stream::{OffsetSpec as LogOffset, StreamError, StreamLog, StreamMessage, StreamReader};
+use crate::storage::stream::{
+    OffsetSpec as LogOffset, StreamError, StreamLog, StreamMessage, StreamReader,
+};
 use crate::wire::stream::{
     check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
 };
@@ -158,9 +160,10 @@ impl StreamSession {
         while !matches!(self.state, State::Closed) {
             let max = match self.state {
                 // Before tune: a generous bound for handshake frames.
-                State::PeerProperties | State::Sasl | State::Tune | State::Open => {
-                    self.settings.frame_max.max(crate::wire::stream::MIN_FRAME_MAX)
-                }
+                State::PeerProperties | State::Sasl | State::Tune | State::Open => self
+                    .settings
+                    .frame_max
+                    .max(crate::wire::stream::MIN_FRAME_MAX),
                 _ => self.frame_max,
             };
             match check_frame(buf, max) {
@@ -182,7 +185,8 @@ impl StreamSession {
     /// The socket reached its end.
     pub fn handle_eof(&mut self) {
         self.state = State::Closed;
-        self.close_reason.get_or_insert_with(|| "client closed the socket".into());
+        self.close_reason
+            .get_or_insert_with(|| "client closed the socket".into());
     }
 
     /// When `handle_timeout` is next due.
@@ -330,11 +334,14 @@ impl StreamSession {
             (_, Request::Heartbeat) => {}
             (State::Closing, Request::CloseResponse { .. }) => self.state = State::Closed,
             (State::Closing, _) => {}
-            (_, Request::Close {
-                correlation_id,
-                code: c,
-                reason,
-            }) => {
+            (
+                _,
+                Request::Close {
+                    correlation_id,
+                    code: c,
+                    reason,
+                },
+            ) => {
                 response::generic(&mut self.out, key::CLOSE, correlation_id, code::OK);
                 self.close_reason = Some(format!("client closed: {c} {reason}"));
                 self.state = State::Closed;
@@ -346,23 +353,41 @@ impl StreamSession {
                     ("platform".to_string(), "warren".to_string()),
                     ("cluster_name".to_string(), "warren".to_string()),
                 ];
-                response::with_pairs(&mut self.out, key::PEER_PROPERTIES, correlation_id, code::OK, &props);
+                response::with_pairs(
+                    &mut self.out,
+                    key::PEER_PROPERTIES,
+                    correlation_id,
+                    code::OK,
+                    &props,
+                );
                 self.state = State::Sasl;
             }
             (State::Sasl | State::PeerProperties, Request::SaslHandshake { correlation_id }) => {
                 let mechs = vec!["PLAIN".to_string(), "AMQPLAIN".to_string()];
-                response::with_strings(&mut self.out, key::SASL_HANDSHAKE, correlation_id, code::OK, &mechs);
+                response::with_strings(
+                    &mut self.out,
+                    key::SASL_HANDSHAKE,
+                    correlation_id,
+                    code::OK,
+                    &mechs,
+                );
                 self.state = State::Sasl;
             }
-            (State::Sasl, Request::SaslAuthenticate {
-                correlation_id,
-                mechanism,
-                data,
-            }) => self.authenticate(correlation_id, &mechanism, data.as_deref(), now_ms),
-            (State::Tune, Request::Tune {
-                frame_max,
-                heartbeat,
-            }) => {
+            (
+                State::Sasl,
+                Request::SaslAuthenticate {
+                    correlation_id,
+                    mechanism,
+                    data,
+                },
+            ) => self.authenticate(correlation_id, &mechanism, data.as_deref(), now_ms),
+            (
+                State::Tune,
+                Request::Tune {
+                    frame_max,
+                    heartbeat,
+                },
+            ) => {
                 self.frame_max = negotiate(self.settings.frame_max, frame_max);
                 if self.frame_max != 0 {
                     self.frame_max = self.frame_max.max(crate::wire::stream::MIN_FRAME_MAX);
@@ -370,33 +395,67 @@ impl StreamSession {
                 self.heartbeat_ms = u64::from(negotiate(self.settings.heartbeat, heartbeat)) * 1000;
                 self.state = State::Open;
             }
-            (State::Open, Request::Open {
-                correlation_id,
-                vhost,
-            }) => self.open(correlation_id, &vhost, now_ms),
+            (
+                State::Open,
+                Request::Open {
+                    correlation_id,
+                    vhost,
+                },
+            ) => self.open(correlation_id, &vhost, now_ms),
             (State::Running, req) => self.running(req, now_ms),
             (_, other) => {
                 let what = format!("{other:?}");
                 let what = what.split([' ', '{']).next().unwrap_or("frame").to_owned();
-                self.fail(code::UNKNOWN_FRAME, &format!("unexpected {what} in the handshake"), now_ms);
+                self.fail(
+                    code::UNKNOWN_FRAME,
+                    &format!("unexpected {what} in the handshake"),
+                    now_ms,
+                );
             }
         }
     }
 
-    fn authenticate(&mut self, correlation_id: u32, mechanism: &str, data: Option<&[u8]>, now_ms: u64) {
+    fn authenticate(
+        &mut self,
+        correlation_id: u32,
+        mechanism: &str,
+        data: Option<&[u8]>,
+        now_ms: u64,
+    ) {
         if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
-            response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, code::SASL_MECHANISM_NOT_SUPPORTED);
+            response::generic(
+                &mut self.out,
+                key::SASL_AUTHENTICATE,
+                correlation_id,
+                code::SASL_MECHANISM_NOT_SUPPORTED,
+            );
             return;
         }
-        let Some((user, pass)) = crate::session::handshake::credentials(mechanism, data.unwrap_or_default()) else {
-            response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, code::SASL_ERROR);
+        let Some((user, pass)) =
+            crate::session::handshake::credentials(mechanism, data.unwrap_or_default())
+        else {
+            response::generic(
+                &mut self.out,
+                key::SASL_AUTHENTICATE,
+                correlation_id,
+                code::SASL_ERROR,
+            );
             return;
         };
         match self.broker.authenticate(&user, &pass, self.from_loopback) {
             Ok(u) => {
                 self.user = Some(u);
-                response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, code::OK);
-                response::tune(&mut self.out, self.settings.frame_max, self.settings.heartbeat);
+                response::generic(
+                    &mut self.out,
+                    key::SASL_AUTHENTICATE,
+                    correlation_id,
+                    code::OK,
+                );
+                response::tune(
+                    &mut self.out,
+                    self.settings.frame_max,
+                    self.settings.heartbeat,
+                );
                 self.state = State::Tune;
             }
             Err(e) => {
@@ -413,21 +472,37 @@ impl StreamSession {
     }
 
     fn open(&mut self, correlation_id: u32, vhost: &str, now_ms: u64) {
-        let user = self.user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
+        let user = self
+            .user
+            .as_ref()
+            .map(|u| u.name.clone())
+            .unwrap_or_default();
         let v = self.broker.vhost(vhost);
         match v {
             Some(v) if self.broker.auth.vhost_access(vhost, &user) => {
                 self.vhost = Some(v);
                 let props = vec![
-                    ("advertised_host".to_string(), self.settings.advertised_host.clone()),
-                    ("advertised_port".to_string(), self.settings.advertised_port.to_string()),
+                    (
+                        "advertised_host".to_string(),
+                        self.settings.advertised_host.clone(),
+                    ),
+                    (
+                        "advertised_port".to_string(),
+                        self.settings.advertised_port.to_string(),
+                    ),
                 ];
                 response::with_pairs(&mut self.out, key::OPEN, correlation_id, code::OK, &props);
                 self.state = State::Running;
                 self.last_recv_ms = now_ms;
             }
             _ => {
-                response::with_pairs(&mut self.out, key::OPEN, correlation_id, code::VIRTUAL_HOST_ACCESS_FAILURE, &[]);
+                response::with_pairs(
+                    &mut self.out,
+                    key::OPEN,
+                    correlation_id,
+                    code::VIRTUAL_HOST_ACCESS_FAILURE,
+                    &[],
+                );
                 self.close_reason = Some(format!("no access to vhost '{vhost}'"));
                 self.state = State::Closed;
             }
@@ -456,7 +531,7 @@ impl StreamSession {
     fn log(&self, name: &str) -> Option<Arc<StreamLog>> {
         let v = self.vhost.as_ref()?;
         let q = v.queue(name, self.connection_id).ok()?;
-        q.stream()
+        q.stream().cloned()
     }
 
     fn running(&mut self, req: Request, now_ms: u64) {
@@ -474,7 +549,11 @@ impl StreamSession {
                     s.credit = s.credit.saturating_add(u32::from(credit));
                     self.poll_deliveries(now_ms);
                 }
-                None => response::credit_error(&mut self.out, code::SUBSCRIPTION_ID_DOES_NOT_EXIST, subscription_id),
+                None => response::credit_error(
+                    &mut self.out,
+                    code::SUBSCRIPTION_ID_DOES_NOT_EXIST,
+                    subscription_id,
+                ),
             },
             Request::DeclarePublisher {
                 correlation_id,
@@ -506,11 +585,19 @@ impl StreamSession {
                 stream,
             } => {
                 let (c, seq) = match self.log(&stream) {
-                    Some(log) if self.allowed(Access::Read, &stream) => (code::OK, log.publisher_sequence(&reference)),
+                    Some(log) if self.allowed(Access::Read, &stream) => {
+                        (code::OK, log.publisher_sequence(&reference))
+                    }
                     Some(_) => (code::ACCESS_REFUSED, 0),
                     None => (code::STREAM_DOES_NOT_EXIST, 0),
                 };
-                response::with_u64(&mut self.out, key::QUERY_PUBLISHER_SEQUENCE, correlation_id, c, seq);
+                response::with_u64(
+                    &mut self.out,
+                    key::QUERY_PUBLISHER_SEQUENCE,
+                    correlation_id,
+                    c,
+                    seq,
+                );
             }
             Request::Subscribe {
                 correlation_id,
@@ -545,7 +632,10 @@ impl StreamSession {
                 offset,
             } => {
                 // No response; failures are only logged, as RabbitMQ does.
-                if let Some(log) = self.log(&stream).filter(|_| self.allowed(Access::Read, &stream)) {
+                if let Some(log) = self
+                    .log(&stream)
+                    .filter(|_| self.allowed(Access::Read, &stream))
+                {
                     if let Err(e) = log.store_offset(&reference, offset) {
                         tracing::warn!(%stream, error = %e, "store offset failed");
                     }
@@ -593,7 +683,12 @@ impl StreamSession {
                 if let Some(&(_, _, hi)) = commands.iter().find(|(k, ..)| *k == key::DELIVER) {
                     self.deliver_version = hi.clamp(1, 2);
                 }
-                response::command_versions(&mut self.out, correlation_id, code::OK, COMMAND_VERSIONS);
+                response::command_versions(
+                    &mut self.out,
+                    correlation_id,
+                    code::OK,
+                    COMMAND_VERSIONS,
+                );
             }
             Request::StreamStats {
                 correlation_id,
@@ -601,7 +696,11 @@ impl StreamSession {
             } => match self.log(&stream) {
                 Some(log) => {
                     let s = log.stats();
-                    let first = if s.messages == 0 { -1 } else { s.first_offset as i64 };
+                    let first = if s.messages == 0 {
+                        -1
+                    } else {
+                        s.first_offset as i64
+                    };
                     let committed = if s.committed_offset == 0 {
                         -1
                     } else {
@@ -609,12 +708,24 @@ impl StreamSession {
                     };
                     let stats = [
                         ("first_chunk_id", first),
-                        ("committed_chunk_id", if s.chunks == 0 { -1 } else { s.last_offset as i64 }),
+                        (
+                            "committed_chunk_id",
+                            if s.chunks == 0 {
+                                -1
+                            } else {
+                                s.last_offset as i64
+                            },
+                        ),
                         ("last_offset", committed),
                     ];
                     response::stream_stats(&mut self.out, correlation_id, code::OK, &stats);
                 }
-                None => response::stream_stats(&mut self.out, correlation_id, code::STREAM_DOES_NOT_EXIST, &[]),
+                None => response::stream_stats(
+                    &mut self.out,
+                    correlation_id,
+                    code::STREAM_DOES_NOT_EXIST,
+                    &[],
+                ),
             },
             Request::Route {
                 correlation_id,
@@ -638,10 +749,14 @@ impl StreamSession {
                 binding_keys,
                 arguments,
             } => {
-                let c = self.create_super_stream(&name, &partitions, &binding_keys, &arguments, now_ms);
+                let c =
+                    self.create_super_stream(&name, &partitions, &binding_keys, &arguments, now_ms);
                 response::generic(&mut self.out, key::CREATE_SUPER_STREAM, correlation_id, c);
             }
-            Request::DeleteSuperStream { correlation_id, name } => {
+            Request::DeleteSuperStream {
+                correlation_id,
+                name,
+            } => {
                 let c = self.delete_super_stream(&name, now_ms);
                 response::generic(&mut self.out, key::DELETE_SUPER_STREAM, correlation_id, c);
                 self.check_deleted();
@@ -652,7 +767,11 @@ impl StreamSession {
             | Request::SaslAuthenticate { .. }
             | Request::Tune { .. }
             | Request::Open { .. } => {
-                self.fail(code::UNKNOWN_FRAME, "handshake command on an open connection", now_ms);
+                self.fail(
+                    code::UNKNOWN_FRAME,
+                    "handshake command on an open connection",
+                    now_ms,
+                );
             }
             Request::Heartbeat | Request::Close { .. } => {}
         }
@@ -709,7 +828,10 @@ impl StreamSession {
             .map(|m| StreamMessage {
                 data: m.data,
                 filter: m.filter_value,
-                publisher: p.reference.as_ref().map(|r| (Arc::clone(r), m.publishing_id)),
+                publisher: p
+                    .reference
+                    .as_ref()
+                    .map(|r| (Arc::clone(r), m.publishing_id)),
             })
             .collect();
         match p.log.append(batch, now_ms as i64) {
@@ -825,8 +947,8 @@ impl StreamSession {
         let Some(args) = create_arguments(arguments) else {
             return code::PRECONDITION_FAILED;
         };
-        let d = crate::wire::QueueDeclare {
-            queue: stream.to_owned(),
+        let d = crate::broker::vhost::QueueDeclare {
+            name: stream.to_owned(),
             durable: true,
             arguments: args,
             ..Default::default()
@@ -863,7 +985,11 @@ impl StreamSession {
             .zip(&found)
             .map(|(s, ok)| response::StreamMetadata {
                 stream: s,
-                code: if *ok { code::OK } else { code::STREAM_DOES_NOT_EXIST },
+                code: if *ok {
+                    code::OK
+                } else {
+                    code::STREAM_DOES_NOT_EXIST
+                },
                 leader: if *ok { 0 } else { u16::MAX },
                 replicas: &[],
             })
@@ -873,7 +999,11 @@ impl StreamSession {
             host: &self.settings.advertised_host,
             port: u32::from(self.settings.advertised_port),
         }];
-        let brokers: &[response::Broker<'_>] = if found.iter().any(|f| *f) { &brokers } else { &[] };
+        let brokers: &[response::Broker<'_>] = if found.iter().any(|f| *f) {
+            &brokers
+        } else {
+            &[]
+        };
         response::metadata(&mut self.out, correlation_id, brokers, &meta);
     }
 
@@ -914,8 +1044,8 @@ impl StreamSession {
         let streams: Vec<String> = ex
             .bindings()
             .into_iter()
-            .filter(|b| b.routing_key.as_ref() == routing_key)
-            .filter_map(|b| b.queue_name().map(str::to_owned))
+            .filter(|b| b.routing_key == routing_key)
+            .filter_map(|b| queue_of(&b.destination))
             .collect();
         (code::OK, streams)
     }
@@ -936,7 +1066,7 @@ impl StreamSession {
                     .get("x-super-stream-partition-order")
                     .and_then(FieldValue::as_i64)
                     .unwrap_or(i64::MAX);
-                b.queue_name().map(|q| (order, q.to_owned()))
+                queue_of(&b.destination).map(|q| (order, q))
             })
             .collect();
         parts.sort();
@@ -959,11 +1089,17 @@ impl StreamSession {
             return code::PRECONDITION_FAILED;
         }
         if !self.allowed(Access::Configure, name)
-            || partitions.iter().any(|p| !self.allowed(Access::Configure, p))
+            || partitions
+                .iter()
+                .any(|p| !self.allowed(Access::Configure, p))
         {
             return code::ACCESS_REFUSED;
         }
-        if v.exchange(name).is_ok() || partitions.iter().any(|p| v.queue(p, self.connection_id).is_ok()) {
+        if v.exchange(name).is_ok()
+            || partitions
+                .iter()
+                .any(|p| v.queue(p, self.connection_id).is_ok())
+        {
             return code::STREAM_ALREADY_EXISTS;
         }
         let Some(args) = create_arguments(arguments) else {
@@ -971,8 +1107,8 @@ impl StreamSession {
         };
         let mut ex_args = FieldTable::new();
         ex_args.insert("x-super-stream", FieldValue::Bool(true));
-        let d = crate::wire::ExchangeDeclare {
-            exchange: name.to_owned(),
+        let d = crate::broker::vhost::ExchangeDeclare {
+            name: name.to_owned(),
             kind: "direct".into(),
             durable: true,
             arguments: ex_args,
@@ -982,8 +1118,8 @@ impl StreamSession {
             return code::PRECONDITION_FAILED;
         }
         for (i, (p, k)) in partitions.iter().zip(binding_keys).enumerate() {
-            let d = crate::wire::QueueDeclare {
-                queue: p.clone(),
+            let d = crate::broker::vhost::QueueDeclare {
+                name: p.clone(),
                 durable: true,
                 arguments: args.clone(),
                 ..Default::default()
@@ -1019,6 +1155,13 @@ impl StreamSession {
             Ok(()) => code::OK,
             Err(_) => code::INTERNAL_ERROR,
         }
+    }
+}
+
+fn queue_of(d: &crate::broker::exchange::Destination) -> Option<String> {
+    match d {
+        crate::broker::exchange::Destination::Queue(q) => Some(q.to_string()),
+        crate::broker::exchange::Destination::Exchange(_) => None,
     }
 }
 
@@ -1098,7 +1241,9 @@ mod tests {
             let size = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
             let f = &out[i + 4..i + 4 + size];
             let k = u16::from_be_bytes([f[0], f[1]]);
-            let corr = f.get(4..8).map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            let corr = f
+                .get(4..8)
+                .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
             let c = f.get(8..10).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
             v.push((k, corr, c));
             i += 4 + size;
