@@ -14,6 +14,7 @@ use crate::error::{AmqpError, AmqpResult};
 use crate::storage::stream::{
     OffsetSpec, Retention, StreamLog, StreamMessage, StreamStore, DEFAULT_MAX_SEGMENT_SIZE,
 };
+use crate::wire::amqp10;
 use crate::wire::{BasicProperties, FieldValue};
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -244,7 +245,7 @@ async fn read_loop(
             c.give_back_credit();
             continue;
         };
-        let (mut props, body) = match amqp10::decode_to_091(&data) {
+        let (mut props, body) = match amqp10::decode_to_091_shared(&data) {
             Ok(m) => m,
             Err(e) => {
                 c.give_back_credit();
@@ -317,32 +318,5 @@ impl Filter {
             Some(v) => values.iter().any(|x| x == v),
             None => self.match_unfiltered,
         }
-    }
-}
-
-/// Placeholder for `crate::wire::amqp10` until the Stream protocol branch
-/// lands it: the same signatures.
-mod amqp10 {
-    use crate::wire::BasicProperties;
-    use bytes::{BufMut, Bytes, BytesMut};
-
-    pub fn encode_from_091(props: &BasicProperties, body: &[u8]) -> Bytes {
-        let mut p = BytesMut::new();
-        props.encode(&mut p);
-        let mut out = BytesMut::with_capacity(4 + p.len() + body.len());
-        out.put_u32(p.len() as u32);
-        out.put_slice(&p);
-        out.put_slice(body);
-        out.freeze()
-    }
-
-    pub fn decode_to_091(b: &[u8]) -> Result<(BasicProperties, Bytes), String> {
-        if b.len() < 4 {
-            return Err("short".into());
-        }
-        let n = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        let p = b.get(4..4 + n).ok_or("short")?;
-        let props = BasicProperties::decode(p).map_err(|e| e.to_string())?;
-        Ok((props, Bytes::copy_from_slice(&b[4 + n..])))
     }
 }

@@ -544,6 +544,9 @@ impl StreamLog {
             let seg = w.segments.remove(0);
             total -= seg.size;
             dropped += 1;
+            // Readers stop picking it before its files go.
+            let segments = w.segments.clone();
+            self.inner.state.lock().segments = segments;
             for p in [
                 segment::segment_path(&self.inner.dir, seg.first_offset),
                 segment::index_path(&self.inner.dir, seg.first_offset),
@@ -552,10 +555,6 @@ impl StreamLog {
                     tracing::error!(file = %p.display(), error = %e, "cannot remove a stream segment");
                 }
             }
-        }
-        if dropped > 0 {
-            let segments = w.segments.clone();
-            self.inner.state.lock().segments = segments;
         }
         dropped
     }
@@ -687,7 +686,9 @@ impl StreamReader {
 
     /// Open the segment holding `self.next` at the chunk holding it.
     fn locate(&mut self) -> Result<(), StreamError> {
-        for _ in 0..4 {
+        // Retention may drop the segment between the look-up and the open:
+        // look again (it never drops the active one, so this ends).
+        for _ in 0..1000 {
             let segments = self.log.state.lock().segments.clone();
             let Some(seg) = segments
                 .iter()
@@ -725,7 +726,10 @@ impl StreamReader {
             self.file = Some((first, f, pos));
             return Ok(());
         }
-        Ok(())
+        Err(StreamError::Io(format!(
+            "cannot open the segment holding offset {}",
+            self.next
+        )))
     }
 }
 
