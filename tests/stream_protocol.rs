@@ -452,3 +452,45 @@ async fn raw_publish_without_publisher_gets_publish_error() {
     assert_eq!(&f[9..17], &5u64.to_be_bytes());
     assert_eq!(&f[17..19], &18u16.to_be_bytes());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn single_active_consumer_fails_over() {
+    let env = env().await;
+    let s = uniq("sac");
+    t(env.stream_creator().create(&s)).await.expect("create");
+    let producer = t(env.producer().build(&s)).await.expect("producer");
+    let mut c1 = t(env
+        .consumer()
+        .name("group")
+        .enable_single_active_consumer(true)
+        .offset(OffsetSpecification::First)
+        .build(&s))
+    .await
+    .expect("consumer 1");
+    let mut c2 = t(env
+        .consumer()
+        .name("group")
+        .enable_single_active_consumer(true)
+        .offset(OffsetSpecification::First)
+        .consumer_update(|_active, _ctx| async { OffsetSpecification::First })
+        .build(&s))
+    .await
+    .expect("consumer 2");
+    for i in 0..3 {
+        t(producer.send_with_confirm(Message::builder().body(format!("a{i}")).build()))
+            .await
+            .expect("send");
+    }
+    for i in 0..3 {
+        let d = t(c1.next()).await.expect("delivery").expect("ok");
+        assert_eq!(body(d.message()), format!("a{i}"));
+    }
+    // The inactive one gets nothing.
+    assert!(tokio::time::timeout(Duration::from_millis(300), c2.next()).await.is_err());
+    c1.handle().close().await.expect("close 1");
+    // The second takes over, from the offset its consumer update answered.
+    let d = t(c2.next()).await.expect("delivery").expect("ok");
+    assert_eq!((d.offset(), body(d.message())), (0, "a0".to_string()));
+    let _ = c2.handle().close().await;
+    producer.close().await.expect("close");
+}

@@ -23,6 +23,7 @@ use crate::broker::Broker;
 use crate::clock;
 use crate::config::Config;
 use crate::session::stream::{StreamSession, StreamSettings};
+use crate::session::stream_sac::SacRegistry;
 
 /// A running stream listener.
 pub struct StreamServer {
@@ -41,6 +42,7 @@ pub async fn start(
     config: Arc<Config>,
     broker: Arc<Broker>,
 ) -> std::io::Result<Option<StreamServer>> {
+    let sac: Arc<SacRegistry> = Arc::default();
     let Some(port) = config.stream_tcp_port() else {
         return Ok(None);
     };
@@ -54,6 +56,7 @@ pub async fn start(
             listener,
             Arc::clone(&broker),
             Arc::clone(&config),
+            Arc::clone(&sac),
             rx.clone(),
         ));
     }
@@ -67,6 +70,7 @@ async fn accept_loop(
     listener: TcpListener,
     broker: Arc<Broker>,
     config: Arc<Config>,
+    sac: Arc<SacRegistry>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -75,8 +79,9 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let (broker, config) = (Arc::clone(&broker), Arc::clone(&config));
+                    let sac = Arc::clone(&sac);
                     tokio::spawn(async move {
-                        if let Err(e) = run(stream, peer, broker, config).await {
+                        if let Err(e) = run(stream, peer, broker, config, sac).await {
                             tracing::debug!(%peer, error = %e, "stream connection ended");
                         }
                     });
@@ -182,6 +187,7 @@ pub async fn run(
     peer: SocketAddr,
     broker: Arc<Broker>,
     config: Arc<Config>,
+    sac: Arc<SacRegistry>,
 ) -> std::io::Result<()> {
     let _ = sock.set_nodelay(true);
     let local = sock.local_addr()?;
@@ -195,9 +201,18 @@ pub async fn run(
             .unwrap_or_else(|| local.ip().to_string()),
         advertised_port: config.stream.advertised_port.unwrap_or(local.port()),
         handshake_timeout_ms: config.handshake_timeout_secs * 1000,
+        sac,
     };
+    let (sac_tx, mut sac_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = broker.next_connection_id();
-    let mut session = StreamSession::new(broker, settings, id, loopback(&peer), clock::now_ms());
+    let mut session = StreamSession::new(
+        broker,
+        settings,
+        id,
+        loopback(&peer),
+        sac_tx,
+        clock::now_ms(),
+    );
     let mut watches = Watches {
         notify: Arc::new(Notify::new()),
         tasks: HashMap::new(),
@@ -243,6 +258,7 @@ pub async fn run(
                 Err(e) => break Err(e),
             },
             _ = notify.notified() => session.handle_committed(clock::now_ms()),
+            Some(ev) = sac_rx.recv() => session.handle_sac(ev),
             _ = tokio::time::sleep(Duration::from_millis(deadline)) => session.handle_timeout(clock::now_ms()),
         }
     };

@@ -37,6 +37,7 @@ mod opening;
 pub mod output;
 mod routing;
 pub mod stream;
+pub mod stream_sac;
 pub mod timer;
 
 #[cfg(test)]

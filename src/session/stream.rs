@@ -28,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 use crate::broker::auth::{Access, User};
 use crate::broker::vhost::VHost;
 use crate::broker::{Broker, LoginError};
+use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
 use crate::storage::stream::{
     OffsetSpec as LogOffset, StreamError, StreamLog, StreamMessage, StreamReader,
 };
@@ -35,6 +36,7 @@ use crate::wire::stream::{
     check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
 };
 use crate::wire::types::{FieldTable, FieldValue};
+use tokio::sync::mpsc::UnboundedSender;
 
 /// What the session was configured with.
 #[derive(Debug, Clone)]
@@ -48,6 +50,8 @@ pub struct StreamSettings {
     pub advertised_port: u16,
     /// Milliseconds a client has to finish the handshake.
     pub handshake_timeout_ms: u64,
+    /// The broker's single active consumer groups.
+    pub sac: Arc<SacRegistry>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,8 +77,14 @@ struct Publisher {
 struct Subscription {
     stream: String,
     log: Arc<StreamLog>,
-    reader: StreamReader,
+    /// None while a single active consumer is inactive or waits for the
+    /// client's answer to its consumer update.
+    reader: Option<StreamReader>,
     credit: u32,
+    /// Its single active consumer group.
+    sac: Option<GroupKey>,
+    /// The correlation id of the consumer update it waits an answer for.
+    awaiting: Option<u32>,
 }
 
 /// A fixed cap on what one round of deliveries queues for the socket.
@@ -101,6 +111,12 @@ pub struct StreamSession {
     publishers: HashMap<u8, Publisher>,
     subscriptions: HashMap<u8, Subscription>,
     watch_changed: bool,
+    /// A subscription that became active while subscribing.
+    pending_activation: Option<u8>,
+    /// Where this connection hears of its subscriptions becoming active.
+    sac_tx: UnboundedSender<SacEvent>,
+    /// Correlation ids of the requests the server sends.
+    next_correlation: u32,
     /// Small frames being assembled.
     out: BytesMut,
     /// Whole pieces ready for the socket, in order.
@@ -115,6 +131,7 @@ impl StreamSession {
         settings: StreamSettings,
         connection_id: u64,
         from_loopback: bool,
+        sac_tx: UnboundedSender<SacEvent>,
         now_ms: u64,
     ) -> Self {
         StreamSession {
@@ -135,6 +152,9 @@ impl StreamSession {
             publishers: HashMap::new(),
             subscriptions: HashMap::new(),
             watch_changed: false,
+            sac_tx,
+            pending_activation: None,
+            next_correlation: 1,
             out: BytesMut::with_capacity(4096),
             ready: VecDeque::new(),
             close_reason: None,
@@ -282,8 +302,11 @@ impl StreamSession {
         let mut sent = 0usize;
         let version = self.deliver_version;
         for (&id, sub) in self.subscriptions.iter_mut() {
+            let Some(reader) = sub.reader.as_mut() else {
+                continue;
+            };
             while sub.credit > 0 {
-                let chunk = match sub.reader.next_chunk() {
+                let chunk = match reader.next_chunk() {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(e) => {
@@ -297,7 +320,7 @@ impl StreamSession {
                 };
                 head.copy_from_slice(stored);
                 let data = chunk.data();
-                let committed = *sub.reader.committed().borrow();
+                let committed = *reader.committed().borrow();
                 response::deliver_head(
                     &mut self.out,
                     version,
@@ -609,6 +632,10 @@ impl StreamSession {
             } => {
                 let c = self.subscribe(subscription_id, &stream, offset, credit, &properties);
                 response::generic(&mut self.out, key::SUBSCRIBE, correlation_id, c);
+                // The consumer update follows the subscribe response.
+                if let Some(id) = self.pending_activation.take() {
+                    self.activate(id);
+                }
                 if c == code::OK {
                     self.poll_deliveries(now_ms);
                 }
@@ -618,7 +645,8 @@ impl StreamSession {
                 subscription_id,
             } => {
                 let c = match self.subscriptions.remove(&subscription_id) {
-                    Some(_) => {
+                    Some(sub) => {
+                        self.leave_group(subscription_id, &sub);
                         self.watch_changed = true;
                         code::OK
                     }
@@ -761,7 +789,22 @@ impl StreamSession {
                 response::generic(&mut self.out, key::DELETE_SUPER_STREAM, correlation_id, c);
                 self.check_deleted();
             }
-            Request::ConsumerUpdateResponse { .. } | Request::CloseResponse { .. } => {}
+            Request::ConsumerUpdateResponse {
+                correlation_id,
+                offset,
+                ..
+            } => {
+                let sub = self
+                    .subscriptions
+                    .values_mut()
+                    .find(|s| s.awaiting == Some(correlation_id));
+                if let Some(sub) = sub {
+                    sub.awaiting = None;
+                    sub.reader = Some(sub.log.reader(log_offset(offset)));
+                    self.poll_deliveries(now_ms);
+                }
+            }
+            Request::CloseResponse { .. } => {}
             Request::PeerProperties { .. }
             | Request::SaslHandshake { .. }
             | Request::SaslAuthenticate { .. }
@@ -899,7 +942,7 @@ impl StreamSession {
         stream: &str,
         offset: OffsetSpec,
         credit: u16,
-        _properties: &[(String, String)],
+        properties: &[(String, String)],
     ) -> u16 {
         if self.subscriptions.contains_key(&id) {
             return code::SUBSCRIPTION_ID_ALREADY_EXISTS;
@@ -910,14 +953,30 @@ impl StreamSession {
         if !self.allowed(Access::Read, stream) {
             return code::ACCESS_REFUSED;
         }
-        let spec = match offset {
-            OffsetSpec::First => LogOffset::First,
-            OffsetSpec::Last => LogOffset::Last,
-            OffsetSpec::Next => LogOffset::Next,
-            OffsetSpec::Offset(o) => LogOffset::Offset(o),
-            OffsetSpec::Timestamp(t) => LogOffset::Timestamp(t),
+        let prop = |k: &str| {
+            properties
+                .iter()
+                .find(|(pk, _)| pk == k)
+                .map(|(_, v)| v.as_str())
         };
-        let reader = log.reader(spec);
+        let sac = prop("single-active-consumer") == Some("true");
+        let mut group = None;
+        let mut reader = None;
+        let mut activate = false;
+        if sac {
+            let (Some(name), Some(v)) = (prop("name").filter(|n| !n.is_empty()), &self.vhost)
+            else {
+                return code::PRECONDITION_FAILED;
+            };
+            let key: GroupKey = (v.name.to_string(), stream.to_owned(), name.to_owned());
+            activate =
+                self.settings
+                    .sac
+                    .join(key.clone(), self.connection_id, id, self.sac_tx.clone());
+            group = Some(key);
+        } else {
+            reader = Some(log.reader(log_offset(offset)));
+        }
         self.subscriptions.insert(
             id,
             Subscription {
@@ -925,10 +984,38 @@ impl StreamSession {
                 log,
                 reader,
                 credit: u32::from(credit),
+                sac: group,
+                awaiting: None,
             },
         );
+        if activate {
+            self.pending_activation = Some(id);
+        }
         self.watch_changed = true;
         code::OK
+    }
+
+    /// A subscription of this connection became its group's active consumer.
+    pub fn handle_sac(&mut self, event: SacEvent) {
+        let SacEvent::Activate { subscription_id } = event;
+        self.activate(subscription_id);
+    }
+
+    /// Tell the client `id` is active; deliveries start from the offset it answers.
+    fn activate(&mut self, id: u8) {
+        let correlation = self.next_correlation;
+        let Some(sub) = self.subscriptions.get_mut(&id) else {
+            return;
+        };
+        self.next_correlation = self.next_correlation.wrapping_add(1);
+        sub.awaiting = Some(correlation);
+        response::consumer_update(&mut self.out, correlation, id, true);
+    }
+
+    fn leave_group(&self, id: u8, sub: &Subscription) {
+        if let Some(key) = &sub.sac {
+            self.settings.sac.leave(key, self.connection_id, id);
+        }
     }
 
     fn create(&mut self, stream: &str, arguments: &[(String, String)], now_ms: u64) -> u16 {
@@ -1027,7 +1114,17 @@ impl StreamSession {
         for stream in gone {
             response::metadata_update(&mut self.out, code::STREAM_NOT_AVAILABLE, &stream);
             self.publishers.retain(|_, p| p.stream != stream);
-            self.subscriptions.retain(|_, s| s.stream != stream);
+            let gone_subs: Vec<u8> = self
+                .subscriptions
+                .iter()
+                .filter(|(_, s)| s.stream == stream)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone_subs {
+                if let Some(sub) = self.subscriptions.remove(&id) {
+                    self.leave_group(id, &sub);
+                }
+            }
             self.watch_changed = true;
         }
     }
@@ -1158,6 +1255,25 @@ impl StreamSession {
     }
 }
 
+impl Drop for StreamSession {
+    /// Leave every single active consumer group (the next member takes over).
+    fn drop(&mut self) {
+        for (id, sub) in &self.subscriptions {
+            self.leave_group(*id, sub);
+        }
+    }
+}
+
+fn log_offset(o: OffsetSpec) -> LogOffset {
+    match o {
+        OffsetSpec::First => LogOffset::First,
+        OffsetSpec::Last => LogOffset::Last,
+        OffsetSpec::Next => LogOffset::Next,
+        OffsetSpec::Offset(o) => LogOffset::Offset(o),
+        OffsetSpec::Timestamp(t) => LogOffset::Timestamp(t),
+    }
+}
+
 fn queue_of(d: &crate::broker::exchange::Destination) -> Option<String> {
     match d {
         crate::broker::exchange::Destination::Queue(q) => Some(q.to_string()),
@@ -1213,9 +1329,11 @@ mod tests {
                 advertised_host: "localhost".into(),
                 advertised_port: 5552,
                 handshake_timeout_ms: 10_000,
+                sac: Arc::default(),
             },
             1,
             true,
+            tokio::sync::mpsc::unbounded_channel().0,
             0,
         )
     }
