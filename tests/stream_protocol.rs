@@ -486,11 +486,244 @@ async fn single_active_consumer_fails_over() {
         assert_eq!(body(d.message()), format!("a{i}"));
     }
     // The inactive one gets nothing.
-    assert!(tokio::time::timeout(Duration::from_millis(300), c2.next()).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_millis(300), c2.next())
+        .await
+        .is_err());
     c1.handle().close().await.expect("close 1");
     // The second takes over, from the offset its consumer update answered.
     let d = t(c2.next()).await.expect("delivery").expect("ok");
     assert_eq!((d.offset(), body(d.message())), (0, "a0".to_string()));
     let _ = c2.handle().close().await;
     producer.close().await.expect("close");
+}
+
+// ---- across a broker restart (process broker, kill -9) ----
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+async fn process_client(port: u16) -> Client {
+    for _ in 0..100 {
+        if let Ok(c) = Client::connect(
+            ClientOptions::builder()
+                .host("127.0.0.1")
+                .port(port)
+                .build(),
+        )
+        .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("stream listener on {port} not reachable");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dedup_and_offsets_survive_kill9() {
+    let dir = common::process::data_dir("stream-dedup");
+    let port = free_port();
+    let env_port = port.to_string();
+    let settings = [("WARREN_STREAM__LISTENERS__TCP__DEFAULT", env_port.as_str())];
+    let broker = common::process::BrokerProcess::start_with(&dir, &settings).await;
+    let client = process_client(port).await;
+    let s = "durable-stream";
+    let r = t(client.create_stream(s, HashMap::new()))
+        .await
+        .expect("create");
+    assert_eq!(r.code(), &ResponseCode::Ok);
+    let env = Environment::builder()
+        .host("127.0.0.1")
+        .port(port)
+        .build()
+        .await
+        .expect("environment");
+    let mut p = t(env.producer().name("p1").build(s))
+        .await
+        .expect("producer");
+    let msgs: Vec<Message> = (0..50)
+        .map(|i| Message::builder().body(format!("m{i}")).build())
+        .collect();
+    let sts = t(p.batch_send_with_confirm(msgs)).await.expect("confirmed");
+    assert!(sts.iter().all(|s| s.confirmed()));
+    t(client.store_offset("reader", s, 17))
+        .await
+        .expect("store offset");
+    // store_offset has no answer: wait until a query sees it.
+    for _ in 0..100 {
+        if client.query_offset("reader".into(), s).await.ok() == Some(17) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(p);
+    broker.kill9();
+
+    let broker = common::process::BrokerProcess::start_with(&dir, &settings).await;
+    let client = process_client(port).await;
+    // Every confirmed message is there, and the sequence and offset too.
+    assert_eq!(
+        t(client.query_publisher_sequence("p1", s))
+            .await
+            .expect("sequence"),
+        49
+    );
+    assert_eq!(
+        t(client.query_offset("reader".into(), s))
+            .await
+            .expect("offset"),
+        17
+    );
+    // Resending 40..60 under the same reference stores only 50..60.
+    let r = t(client.declare_publisher(1, Some("p1".into()), s))
+        .await
+        .expect("declare");
+    assert_eq!(r.code(), &ResponseCode::Ok);
+    let msgs: Vec<Message> = (40..60)
+        .map(|i| {
+            Message::builder()
+                .body(format!("m{i}"))
+                .publishing_id(i)
+                .build()
+        })
+        .collect();
+    t(client.publish(1, msgs, 1)).await.expect("publish");
+    for _ in 0..100 {
+        if client.query_publisher_sequence("p1", s).await.ok() == Some(59) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let env = Environment::builder()
+        .host("127.0.0.1")
+        .port(port)
+        .build()
+        .await
+        .expect("environment");
+    let got = consume(&env, s, OffsetSpecification::First, 60).await;
+    let bodies: Vec<String> = got.into_iter().map(|(_, b)| b).collect();
+    assert_eq!(bodies, (0..60).map(|i| format!("m{i}")).collect::<Vec<_>>());
+    let mut c = env
+        .consumer()
+        .offset(OffsetSpecification::Offset(60))
+        .build(s)
+        .await
+        .expect("consumer");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), c.next())
+            .await
+            .is_err(),
+        "no duplicate after offset 59"
+    );
+    broker.stop();
+}
+
+// ---- across protocols ----
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_091_publish_reads_over_stream_and_back() {
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        QueueDeclareOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable as LTable};
+    use lapin::BasicProperties as LProps;
+    let (amqp, _) = broker();
+    let conn = lapin::Connection::connect(
+        &format!("amqp://guest:guest@{amqp}/%2f"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("amqp connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let s = uniq("x");
+    let mut args = LTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    t(ch.queue_declare(
+        &s,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    ))
+    .await
+    .expect("declare");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    let mut headers = LTable::default();
+    headers.insert("h".into(), AMQPValue::LongString("v".into()));
+    let props = LProps::default()
+        .with_message_id("mid".into())
+        .with_content_type("text/plain".into())
+        .with_headers(headers);
+    t(
+        t(ch.basic_publish("", &s, BasicPublishOptions::default(), b"from-091", props))
+            .await
+            .expect("publish"),
+    )
+    .await
+    .expect("confirm");
+
+    // Read over the stream protocol.
+    let env = env().await;
+    let got = consume(&env, &s, OffsetSpecification::First, 1).await;
+    assert_eq!(got[0], (0, "from-091".to_string()));
+    let mut c = env
+        .consumer()
+        .offset(OffsetSpecification::First)
+        .build(&s)
+        .await
+        .expect("consumer");
+    let d = t(c.next()).await.expect("delivery").expect("ok");
+    let m = d.message();
+    let p = m.properties().expect("properties");
+    assert_eq!(
+        format!("{:?}", p.message_id),
+        format!(
+            "{:?}",
+            Some(rabbitmq_stream_client::types::SimpleValue::String(
+                "mid".into()
+            ))
+        )
+    );
+    let ap = m.application_properties().expect("application properties");
+    assert!(format!("{ap:?}").contains("\"h\""), "{ap:?}");
+    let _ = c.handle().close().await;
+
+    // Publish over the stream protocol, read over AMQP 0-9-1.
+    let producer = t(env.producer().build(&s)).await.expect("producer");
+    let m = Message::builder()
+        .body("from-stream")
+        .application_properties()
+        .insert("k", "v2")
+        .message_builder()
+        .build();
+    t(producer.send_with_confirm(m)).await.expect("send");
+    producer.close().await.expect("close");
+    t(ch.basic_qos(10, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let mut cargs = LTable::default();
+    cargs.insert("x-stream-offset".into(), AMQPValue::LongLongInt(1));
+    let mut consumer = t(ch.basic_consume(&s, "c", BasicConsumeOptions::default(), cargs))
+        .await
+        .expect("consume");
+    let d = t(consumer.next()).await.expect("delivery").expect("ok");
+    assert_eq!(d.data, b"from-stream");
+    let h = d.properties.headers().clone().expect("headers");
+    assert_eq!(
+        h.inner().get("k"),
+        Some(&AMQPValue::LongString("v2".into()))
+    );
+    d.ack(BasicAckOptions::default()).await.expect("ack");
+    let _ = conn.close(200, "bye").await;
 }
