@@ -477,3 +477,137 @@ async fn confirmed_messages_survive_kill_9() {
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+const GUEST: Option<(&str, &str)> = Some(("guest", "guest"));
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_shows_streams_and_a_policy_sets_retention() {
+    let dir = std::env::temp_dir().join(uniq("warren-streams-admin"));
+    let mut config = warren::Config::for_tests(dir.clone());
+    config.admin_enabled = true;
+    let w = warren::start(config).await.expect("broker starts");
+    let base = format!("http://{}", w.admin_addr().expect("admin"));
+    let uri = format!("amqp://guest:guest@{}/%2f", w.amqp_addr());
+    let conn = connect_with(&uri).await.expect("connect");
+    let ch = t(conn.create_channel()).await.expect("channel");
+    declare_stream(
+        &ch,
+        "events",
+        &[("x-stream-max-segment-size-bytes", int(2_000))],
+    )
+    .await
+    .expect("declare");
+    confirm_mode(&ch).await;
+    let big = "e".repeat(500);
+    for i in 0..20 {
+        publish_all(&ch, "events", &[format!("{i}-{big}")]).await;
+    }
+    let url = format!("{base}/api/queues/%2f/events");
+    let (status, v) = common::http("GET", &url, GUEST, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(v["type"], "stream");
+    assert_eq!(v["messages"], 20);
+    assert_eq!(v["first_offset"], 0);
+    assert_eq!(v["committed_offset"], 20);
+    assert!(v["segments"].as_u64().expect("segments") > 2, "{v}");
+    assert!(v["message_bytes"].as_u64().expect("bytes") > 10_000, "{v}");
+    // A policy for streams: max-length-bytes drops old segments.
+    let (status, v) = common::http(
+        "PUT",
+        &format!("{base}/api/policies/%2f/stream-retention"),
+        GUEST,
+        Some(serde_json::json!({"pattern": "^events$", "definition": {"max-length-bytes": 3000}, "apply-to": "streams"})),
+    )
+    .await;
+    assert!((200..300).contains(&status), "{status} {v}");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let (_, v) = common::http("GET", &url, GUEST, None).await;
+        if v["first_offset"].as_u64().expect("first") > 0 {
+            assert_eq!(v["policy"], "stream-retention");
+            assert!(v["messages"].as_u64().expect("messages") < 20);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "retention did not apply: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Purge is refused through the API too; delete removes the files.
+    let (status, _) = common::http("DELETE", &format!("{url}/contents"), GUEST, None).await;
+    assert_eq!(status, 400);
+    let (status, _) = common::http("DELETE", &url, GUEST, None).await;
+    assert!((200..300).contains(&status));
+    let streams = dir.join("streams");
+    let left: Vec<_> = std::fs::read_dir(&streams).expect("streams dir").collect();
+    assert!(left.is_empty(), "files left after delete: {left:?}");
+    drop(w);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn filtering_by_x_stream_filter() {
+    let (conn, ch) = connect_channel().await;
+    let q = uniq("s.filter");
+    declare_stream(&ch, &q, &[]).await.expect("declare");
+    confirm_mode(&ch).await;
+    for (body, value) in [
+        ("e1", Some("emea")),
+        ("a1", Some("amer")),
+        ("n1", None),
+        ("e2", Some("emea")),
+    ] {
+        let mut props = BasicProperties::default();
+        if let Some(v) = value {
+            props = props.with_headers(table(&[("x-stream-filter-value", s(v))]));
+        }
+        let conf = publish_with(
+            &ch,
+            "",
+            &q,
+            BasicPublishOptions::default(),
+            props,
+            body.as_bytes(),
+        )
+        .await
+        .expect("confirm");
+        assert!(conf.is_ack());
+    }
+    let read = |filter: AMQPValue, unfiltered: bool, n: usize| {
+        let conn = &conn;
+        let q = q.clone();
+        async move {
+            let c = t(conn.create_channel()).await.expect("channel");
+            t(c.basic_qos(10, BasicQosOptions::default()))
+                .await
+                .expect("qos");
+            let mut consumer = t(c.basic_consume(
+                &q,
+                "f",
+                BasicConsumeOptions::default(),
+                table(&[
+                    ("x-stream-offset", s("first")),
+                    ("x-stream-filter", filter),
+                    ("x-stream-match-unfiltered", AMQPValue::Boolean(unfiltered)),
+                ]),
+            ))
+            .await
+            .expect("consume");
+            let got: Vec<String> = take(&mut consumer, n)
+                .await
+                .into_iter()
+                .map(|(_, b)| b)
+                .collect();
+            assert_no_delivery(&mut consumer, Duration::from_millis(100)).await;
+            got
+        }
+    };
+    assert_eq!(read(s("emea"), false, 2).await, ["e1", "e2"]);
+    assert_eq!(read(s("amer"), true, 2).await, ["a1", "n1"]);
+    let both = AMQPValue::FieldArray(FieldArray::from(vec![s("amer"), s("emea")]));
+    assert_eq!(read(both, false, 3).await, ["e1", "a1", "e2"]);
+    t(ch.queue_delete(&q, QueueDeleteOptions::default()))
+        .await
+        .expect("delete");
+}

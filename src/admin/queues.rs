@@ -69,6 +69,21 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
             );
         }
     }
+    if let (Some(log), Value::Object(m)) = (q.stream(), &mut v) {
+        // RabbitMQ's stream fields (one replica on this node), with the log's
+        // offsets and segments.
+        let node = super::node_name();
+        let st = log.stats();
+        m.insert("members".into(), json!([node]));
+        m.insert("leader".into(), json!(node));
+        m.insert("online".into(), json!([node]));
+        m.insert("segments".into(), json!(st.segments));
+        m.insert("first_offset".into(), json!(st.first_offset));
+        m.insert("last_offset".into(), json!(st.last_offset));
+        m.insert("committed_offset".into(), json!(st.committed_offset));
+        m.insert("first_timestamp".into(), json!(st.first_timestamp));
+        m.insert("chunks".into(), json!(st.chunks));
+    }
     v
 }
 
@@ -317,6 +332,11 @@ pub async fn purge(
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
     caller.permit(&s.broker, &vhost, Access::Read, "queue", &name)?;
+    if q.stream().is_some() {
+        return Err(ApiError::bad_request(format!(
+            "queue.purge not supported by stream queues queue '{name}' in vhost '{vhost}'"
+        )));
+    }
     q.purge();
     Ok(StatusCode::NO_CONTENT)
 }

@@ -47,6 +47,9 @@ pub fn retention(args: &QueueArgs) -> Retention {
         max_segment_size: args
             .stream_max_segment_size
             .unwrap_or(DEFAULT_MAX_SEGMENT_SIZE),
+        filter_size: args
+            .stream_filter_size
+            .unwrap_or(crate::storage::stream::retention::DEFAULT_FILTER_SIZE),
     }
 }
 
@@ -222,6 +225,9 @@ async fn read_loop(
         if pending.is_empty() {
             match reader.next_chunk() {
                 Ok(Some(chunk)) => {
+                    if filter.skips(&chunk) {
+                        continue;
+                    }
                     pending.extend(chunk.entries().filter(|(o, _)| *o >= start));
                 }
                 Ok(None) => {
@@ -303,6 +309,13 @@ impl Filter {
                 .and_then(FieldValue::as_bool)
                 .unwrap_or(false),
         }
+    }
+
+    /// The chunk's bloom filter says no message in it is wanted.
+    fn skips(&self, chunk: &crate::storage::stream::Chunk) -> bool {
+        self.values
+            .as_ref()
+            .is_some_and(|v| !chunk.may_match(v, self.match_unfiltered))
     }
 
     fn accepts(&self, props: &BasicProperties) -> bool {

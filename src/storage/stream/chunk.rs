@@ -203,6 +203,36 @@ pub fn entries(data: Bytes) -> impl Iterator<Item = Entry> {
     })
 }
 
+/// The two bit positions of `value` in a bloom filter of `len` bytes (CRC32
+/// of the value, and of the value after a 0xff byte: stable on disk).
+fn bloom_bits(len: usize, value: &str) -> [usize; 2] {
+    let bits = len * 8;
+    let a = crc32fast::hash(value.as_bytes()) as usize;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[0xff]);
+    h.update(value.as_bytes());
+    let b = h.finalize() as usize;
+    [a % bits, b % bits]
+}
+
+/// Add a filter value (`""`: a message without one) to a bloom filter.
+pub fn bloom_insert(bloom: &mut [u8], value: &str) {
+    if bloom.is_empty() {
+        return;
+    }
+    for bit in bloom_bits(bloom.len(), value) {
+        bloom[bit / 8] |= 1 << (bit % 8);
+    }
+}
+
+/// Whether a bloom filter may hold `value` (false: certainly not).
+pub fn bloom_contains(bloom: &[u8], value: &str) -> bool {
+    !bloom.is_empty()
+        && bloom_bits(bloom.len(), value)
+            .iter()
+            .all(|&bit| bloom[bit / 8] & (1 << (bit % 8)) != 0)
+}
+
 /// A tracking record: a publisher's last sequence or a consumer's offset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Tracking {

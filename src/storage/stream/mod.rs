@@ -121,21 +121,33 @@ pub struct Chunk {
     pub num_entries: u16,
     pub num_records: u32,
     pub timestamp: i64,
-    /// Header, bloom filter, data and trailer as stored (osiris format).
+    /// Header, data and trailer (osiris format; the bloom filter, which
+    /// Stream protocol clients do not expect, is left out: send as it is).
     pub raw: Bytes,
     pub header: Header,
+    /// The chunk's bloom filter of filter values (empty: none of its messages
+    /// had one). Stored between header and data, left out of `raw`.
+    pub bloom: Bytes,
 }
 
 impl Chunk {
     /// The data section (the entries).
     pub fn data(&self) -> Bytes {
-        let at = chunk::HEADER_LEN + usize::from(self.header.bloom_len);
+        let at = chunk::HEADER_LEN;
         self.raw.slice(at..at + self.header.data_len as usize)
     }
 
-    /// The bloom filter bytes (empty: the chunk has none).
-    pub fn bloom(&self) -> &[u8] {
-        &self.raw[chunk::HEADER_LEN..chunk::HEADER_LEN + usize::from(self.header.bloom_len)]
+    /// Whether the chunk may hold a message a filtering consumer wants (one
+    /// whose filter value is in `values`, or one without a value if
+    /// `match_unfiltered`): false means it certainly does not (skip it).
+    pub fn may_match<S: AsRef<str>>(&self, values: &[S], match_unfiltered: bool) -> bool {
+        if self.bloom.is_empty() {
+            return match_unfiltered;
+        }
+        values
+            .iter()
+            .any(|v| chunk::bloom_contains(&self.bloom, v.as_ref()))
+            || (match_unfiltered && chunk::bloom_contains(&self.bloom, ""))
     }
 
     /// The simple entries with their offsets (a sub-batch entry advances the
@@ -281,6 +293,7 @@ struct LogInner {
 
 struct Pending {
     data: Bytes,
+    filter: Option<String>,
     publisher: Option<(Arc<str>, u64)>,
     timestamp: i64,
 }
@@ -356,6 +369,7 @@ impl StreamLog {
             }
             s.pending.push(Pending {
                 data: m.data,
+                filter: m.filter,
                 publisher: m.publisher,
                 timestamp: timestamp_ms,
             });
@@ -673,7 +687,11 @@ impl StreamReader {
             if h.chunk_type != chunk::TYPE_USER {
                 continue;
             }
+            let bloom_end = chunk::HEADER_LEN + usize::from(h.bloom_len);
+            let bloom = Bytes::copy_from_slice(&raw[chunk::HEADER_LEN..bloom_end]);
+            raw.drain(chunk::HEADER_LEN..bloom_end);
             return Ok(Some(Chunk {
+                bloom,
                 first_offset: h.first_offset,
                 num_entries: h.num_entries,
                 num_records: h.num_records,
@@ -978,17 +996,20 @@ fn write_all(
     let mut data = BytesMut::new();
     let mut trailer = BytesMut::new();
     let mut refs: Vec<(Arc<str>, u64)> = Vec::new();
+    let mut filters: Vec<Option<String>> = Vec::new();
     let mut it = msgs.into_iter().peekable();
     while it.peek().is_some() {
         data.clear();
         trailer.clear();
         refs.clear();
+        filters.clear();
         let mut n = 0usize;
         let mut ts = w.last_timestamp;
         while let Some(m) = it.next_if(|_| n < CHUNK_MAX_ENTRIES && data.len() < CHUNK_TARGET_BYTES)
         {
             chunk::put_simple_entry(&mut data, &m.data);
             ts = ts.max(m.timestamp);
+            filters.push(m.filter);
             if let Some((r, id)) = m.publisher {
                 match refs.iter_mut().find(|(x, _)| *x == r) {
                     Some(e) => e.1 = e.1.max(id),
@@ -1008,12 +1029,21 @@ fn write_all(
                 },
             );
         }
+        let bloom = if filters.iter().any(Option::is_some) {
+            let mut b = vec![0u8; usize::from(retention.filter_size.max(1))];
+            for f in &filters {
+                chunk::bloom_insert(&mut b, f.as_deref().unwrap_or(""));
+            }
+            b
+        } else {
+            Vec::new()
+        };
         let c = chunk::build(
             chunk::TYPE_USER,
             id,
             ts,
             (n as u16, n as u32),
-            &[],
+            &bloom,
             &data,
             &trailer,
         );

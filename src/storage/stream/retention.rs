@@ -13,7 +13,13 @@ pub struct Retention {
     pub max_age_ms: Option<u64>,
     /// `x-stream-max-segment-size-bytes`: a new segment starts past this size.
     pub max_segment_size: u64,
+    /// `x-stream-filter-size-bytes`: the size of a chunk's bloom filter (16
+    /// to 255), when any of its messages has a filter value.
+    pub filter_size: u8,
 }
+
+/// Default `x-stream-filter-size-bytes` (RabbitMQ's).
+pub const DEFAULT_FILTER_SIZE: u8 = 16;
 
 impl Default for Retention {
     fn default() -> Self {
@@ -21,6 +27,7 @@ impl Default for Retention {
             max_bytes: None,
             max_age_ms: None,
             max_segment_size: DEFAULT_MAX_SEGMENT_SIZE,
+            filter_size: DEFAULT_FILTER_SIZE,
         }
     }
 }

@@ -258,3 +258,38 @@ fn dedup_reports_duplicates_and_tracking_round_trips() {
     store.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bloom_filters_chunks_and_raw_leaves_it_out() {
+    let dir = tmp("bloom");
+    let store = StreamStore::open(&dir).expect("open");
+    let log = store.open_log("k", Retention::default()).expect("log");
+    let with = |s: &str, f: Option<&str>| StreamMessage {
+        filter: f.map(str::to_string),
+        ..msg(s)
+    };
+    log.append(vec![with("x", Some("emea")), with("y", Some("amer"))], 0)
+        .expect("append");
+    log.wait_committed_blocking();
+    log.append(vec![with("z", None)], 0).expect("append");
+    log.wait_committed_blocking();
+    let mut r = log.reader(OffsetSpec::First);
+    let c = r.next_chunk().expect("read").expect("chunk");
+    assert_eq!(c.bloom.len(), 16);
+    assert_eq!(
+        c.raw.len(),
+        chunk::HEADER_LEN + c.header.data_len as usize + c.header.trailer_len as usize
+    );
+    assert_eq!(c.entries().count(), 2);
+    assert!(c.may_match(&["emea"], false));
+    assert!(c.may_match(&["apac", "amer"], false));
+    assert!(!c.may_match(&["apac"], false));
+    assert!(!c.may_match(&["apac"], true), "no unfiltered message in it");
+    // A chunk without filter values: only for consumers taking unfiltered ones.
+    let c = r.next_chunk().expect("read").expect("chunk");
+    assert!(c.bloom.is_empty());
+    assert!(!c.may_match(&["emea"], false));
+    assert!(c.may_match(&["emea"], true));
+    store.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
