@@ -727,3 +727,45 @@ async fn amqp_091_publish_reads_over_stream_and_back() {
     d.ack(BasicAckOptions::default()).await.expect("ack");
     let _ = conn.close(200, "bye").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn filtering_skips_chunks_the_bloom_filter_rules_out() {
+    use rabbitmq_stream_client::FilterConfiguration;
+    let env = env().await;
+    let s = uniq("filter");
+    t(env.stream_creator().create(&s)).await.expect("create");
+    let producer = t(env
+        .producer()
+        .filter_value_extractor(|m: &Message| {
+            String::from_utf8_lossy(m.data().unwrap_or_default())
+                .split('-')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .build(&s))
+    .await
+    .expect("producer");
+    // Each confirmed send is its own chunk.
+    for b in ["eu-1", "us-1", "us-2", "eu-2"] {
+        t(producer.send_with_confirm(Message::builder().body(b).build()))
+            .await
+            .expect("send");
+    }
+    producer.close().await.expect("close");
+    let mut c = t(env
+        .consumer()
+        .offset(OffsetSpecification::First)
+        .filter_input(Some(FilterConfiguration::new(vec!["eu".into()], false)))
+        .build(&s))
+    .await
+    .expect("consumer");
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = t(c.next()).await.expect("delivery").expect("ok");
+        got.push(body(d.message()));
+    }
+    // No client-side predicate: only the server skipped the "us" chunks.
+    assert_eq!(got, vec!["eu-1".to_string(), "eu-2".to_string()]);
+    let _ = c.handle().close().await;
+}

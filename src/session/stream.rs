@@ -85,6 +85,9 @@ struct Subscription {
     sac: Option<GroupKey>,
     /// The correlation id of the consumer update it waits an answer for.
     awaiting: Option<u32>,
+    /// Stream filtering (`filter.N` values, `match-unfiltered`): chunks whose
+    /// bloom filter rules them out are skipped (clients filter the rest).
+    filter: Option<(Vec<String>, bool)>,
 }
 
 /// A fixed cap on what one round of deliveries queues for the socket.
@@ -314,6 +317,11 @@ impl StreamSession {
                         break;
                     }
                 };
+                if let Some((values, unfiltered)) = &sub.filter {
+                    if !chunk.may_match(values, *unfiltered) {
+                        continue;
+                    }
+                }
                 let mut head = [0u8; response::CHUNK_HEADER_LEN];
                 let Some(stored) = chunk.raw.get(..response::CHUNK_HEADER_LEN) else {
                     break;
@@ -977,6 +985,13 @@ impl StreamSession {
         } else {
             reader = Some(log.reader(log_offset(offset)));
         }
+        let values: Vec<String> = properties
+            .iter()
+            .filter(|(k, _)| k.starts_with("filter."))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let filter =
+            (!values.is_empty()).then(|| (values, prop("match-unfiltered") == Some("true")));
         self.subscriptions.insert(
             id,
             Subscription {
@@ -986,6 +1001,7 @@ impl StreamSession {
                 credit: u32::from(credit),
                 sac: group,
                 awaiting: None,
+                filter,
             },
         );
         if activate {
