@@ -193,6 +193,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         let mut timeouts = tokio::time::interval(timeout_tick);
         timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let store = self.broker.store.clone();
+        let streams = self.broker.streams.clone();
         let mut was_full = false;
         loop {
             if let Some(end) = self.process_events() {
@@ -202,7 +203,8 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             self.update_backpressure();
             // The message store's write buffer is full: read no input until it
             // drains (an async wait; no thread blocks on the store).
-            let store_full = store.as_ref().is_some_and(|s| !s.has_room());
+            let store_full = store.as_ref().is_some_and(|s| !s.has_room())
+                || streams.as_ref().is_some_and(|s| !s.has_room());
             if store_full != was_full {
                 was_full = store_full;
                 self.session.set_store_full(store_full, Instant::now());
@@ -222,7 +224,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                         self.session.set_alarm(on, Instant::now());
                     }
                 }
-                _ = async { if let Some(s) = &store { s.ready().await } }, if store_full => {}
+                _ = async {
+                    if let Some(s) = &store { s.ready().await }
+                    if let Some(s) = &streams { s.ready().await }
+                }, if store_full => {}
                 // The writer makes progress without telling us: look again soon.
                 _ = tokio::time::sleep(Duration::from_millis(5)), if self.backpressure => {}
                 _ = timeouts.tick(), if running => self.check_consumer_timeouts(),

@@ -190,7 +190,14 @@ struct Shared {
     /// The `appended` value whose writes are all fsynced.
     synced: AtomicU64,
     waiters: Mutex<Vec<(u64, Callback)>>,
+    /// Message bytes appended and not yet taken by the flusher (all streams).
+    pending_bytes: AtomicU64,
+    /// Notified when the flusher takes buffers (room for more).
+    room: tokio::sync::Notify,
 }
+
+/// Past this many buffered bytes, producers wait ([`StreamStore::ready`]).
+const MAX_PENDING_BYTES: u64 = 64 << 20;
 
 #[derive(Default)]
 struct FlushQueue {
@@ -209,6 +216,8 @@ impl StreamStore {
             appended: AtomicU64::new(0),
             synced: AtomicU64::new(0),
             waiters: Mutex::new(Vec::new()),
+            pending_bytes: AtomicU64::new(0),
+            room: tokio::sync::Notify::new(),
         });
         let s = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -260,6 +269,28 @@ impl StreamStore {
             return f(Ok(()));
         }
         w.push((target, f));
+    }
+
+    /// Whether the write buffers are below their limit (cheap: no lock).
+    pub fn has_room(&self) -> bool {
+        self.shared.pending_bytes.load(Ordering::Relaxed) < MAX_PENDING_BYTES
+    }
+
+    /// Resolves once the write buffers are below their limit: a producer
+    /// (a connection reading publishes) awaits this before taking more input.
+    pub async fn ready(&self) {
+        loop {
+            if self.has_room() {
+                return;
+            }
+            let notified = self.shared.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.has_room() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Stop the flusher after it writes what is buffered.
@@ -350,6 +381,7 @@ impl StreamLog {
         }
         let first = s.next_offset;
         let mut duplicates = Vec::new();
+        let mut bytes = 0u64;
         s.pending.reserve(msgs.len());
         for (i, m) in msgs.into_iter().enumerate() {
             if let Some((r, id)) = &m.publisher {
@@ -367,6 +399,7 @@ impl StreamLog {
                     }
                 }
             }
+            bytes += m.data.len() as u64;
             s.pending.push(Pending {
                 data: m.data,
                 filter: m.filter,
@@ -380,6 +413,7 @@ impl StreamLog {
         } else {
             first
         };
+        self.store.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
         let out = Appended {
             first_offset,
             next_offset: s.next_offset,
@@ -583,6 +617,9 @@ impl StreamLog {
     pub fn mark_deleted(&self) {
         let mut s = self.inner.state.lock();
         s.deleted = true;
+        let bytes: u64 = s.pending.iter().map(|p| p.data.len() as u64).sum();
+        self.store.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.store.room.notify_waiters();
         s.pending.clear();
         s.pending_offsets.clear();
     }
@@ -917,7 +954,7 @@ fn flusher(shared: Arc<Shared>) {
         let target = shared.appended.load(Ordering::SeqCst);
         let mut failed = None;
         for log in &dirty {
-            if let Err(e) = flush_log(log) {
+            if let Err(e) = flush_log(&shared, log) {
                 tracing::error!(stream = %log.key, error = %e, "cannot write a stream");
                 failed = Some(e);
             }
@@ -941,7 +978,7 @@ fn flusher(shared: Arc<Shared>) {
 }
 
 /// Write one stream's buffered messages and offsets as chunks, fsync, commit.
-fn flush_log(log: &LogInner) -> Result<(), StreamError> {
+fn flush_log(shared: &Shared, log: &LogInner) -> Result<(), StreamError> {
     let (msgs, offsets, retention) = {
         let mut s = log.state.lock();
         s.queued = false;
@@ -954,6 +991,9 @@ fn flush_log(log: &LogInner) -> Result<(), StreamError> {
             s.retention,
         )
     };
+    let bytes: u64 = msgs.iter().map(|p| p.data.len() as u64).sum();
+    shared.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    shared.room.notify_waiters();
     let mut w = log.writer.lock();
     if let Some(e) = &w.failed {
         return Err(e.clone());
