@@ -205,6 +205,9 @@ pub async fn run(
     };
     let (sac_tx, mut sac_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = broker.next_connection_id();
+    // Back-pressure: past the stream store's write buffer limit, no input is
+    // read until the flusher catches up.
+    let streams = broker.streams.clone();
     let mut session = StreamSession::new(
         broker,
         settings,
@@ -248,8 +251,14 @@ pub async fn run(
         if rbuf.capacity() - rbuf.len() < 16 * 1024 {
             rbuf.reserve(64 * 1024);
         }
+        let full = streams.as_ref().is_some_and(|s| !s.has_room());
         tokio::select! {
-            r = sock.read_buf(&mut rbuf) => match r {
+            _ = async {
+                if let Some(s) = &streams {
+                    s.ready().await
+                }
+            }, if full => {}
+            r = sock.read_buf(&mut rbuf), if !full => match r {
                 Ok(0) => {
                     session.handle_eof();
                     break Ok(());
