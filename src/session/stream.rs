@@ -72,6 +72,24 @@ struct Publisher {
     reference: Option<Arc<str>>,
     /// (next offset that must be committed, publishing ids) per publish frame.
     pending: VecDeque<(u64, Vec<u64>)>,
+    /// The log's committed next offset.
+    committed: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Confirm what `p` published that the log has committed: one frame.
+fn confirm_ready(out: &mut BytesMut, id: u8, p: &mut Publisher) {
+    let committed = *p.committed.borrow();
+    let ready = p
+        .pending
+        .iter()
+        .take_while(|(until, _)| *until <= committed)
+        .count();
+    if ready == 0 {
+        return;
+    }
+    let count: usize = p.pending.iter().take(ready).map(|(_, ids)| ids.len()).sum();
+    let ids = p.pending.drain(..ready).flat_map(|(_, ids)| ids);
+    response::publish_confirm(out, id, count, ids);
 }
 
 struct Subscription {
@@ -602,7 +620,7 @@ impl StreamSession {
                 let c = match self.publishers.remove(&publisher_id) {
                     Some(mut p) => {
                         // What it published is confirmed when committed, even now.
-                        self.confirm_ready(publisher_id, &mut p);
+                        confirm_ready(&mut self.out, publisher_id, &mut p);
                         self.watch_changed = true;
                         code::OK
                     }
@@ -855,6 +873,7 @@ impl StreamSession {
             id,
             Publisher {
                 stream: stream.to_owned(),
+                committed: log.committed(),
                 log,
                 reference: reference.map(Arc::from),
                 pending: VecDeque::new(),
@@ -888,13 +907,7 @@ impl StreamSession {
         match p.log.append(batch, now_ms as i64) {
             Ok(a) => {
                 p.pending.push_back((a.next_offset, ids));
-                let mut p = self.publishers.remove(&publisher_id);
-                if let Some(p) = p.as_mut() {
-                    self.confirm_ready(publisher_id, p);
-                }
-                if let Some(p) = p {
-                    self.publishers.insert(publisher_id, p);
-                }
+                confirm_ready(&mut self.out, publisher_id, p);
             }
             Err(e) => {
                 let c = match e {
@@ -908,38 +921,10 @@ impl StreamSession {
         }
     }
 
-    /// Confirm what `p` published that the log has committed: one frame.
-    fn confirm_ready(&mut self, id: u8, p: &mut Publisher) {
-        let committed = *p.log.committed().borrow();
-        let mut ids: Vec<u64> = Vec::new();
-        while let Some((until, _)) = p.pending.front() {
-            if *until > committed {
-                break;
-            }
-            if let Some((_, batch)) = p.pending.pop_front() {
-                if ids.is_empty() {
-                    ids = batch;
-                } else {
-                    ids.extend_from_slice(&batch);
-                }
-            }
-        }
-        if !ids.is_empty() {
-            response::publish_confirm(&mut self.out, id, ids.into_iter());
-        }
-    }
-
     fn flush_confirms(&mut self) {
-        let ids: Vec<u8> = self
-            .publishers
-            .iter()
-            .filter(|(_, p)| !p.pending.is_empty())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            if let Some(mut p) = self.publishers.remove(&id) {
-                self.confirm_ready(id, &mut p);
-                self.publishers.insert(id, p);
+        for (id, p) in self.publishers.iter_mut() {
+            if !p.pending.is_empty() {
+                confirm_ready(&mut self.out, *id, p);
             }
         }
     }
