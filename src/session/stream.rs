@@ -108,6 +108,9 @@ struct Subscription {
     filter: Option<(Vec<String>, bool)>,
 }
 
+/// How often the streams a connection uses are checked for deletion.
+const CHECK_INTERVAL_MS: u64 = 1000;
+
 /// A fixed cap on what one round of deliveries queues for the socket.
 const DELIVER_BUDGET: usize = 4 << 20;
 
@@ -129,6 +132,8 @@ pub struct StreamSession {
     last_send_ms: u64,
     /// When a close we sent gives up waiting for its answer.
     closing_deadline_ms: u64,
+    /// When streams in use are next checked for deletion.
+    next_check_ms: u64,
     publishers: HashMap<u8, Publisher>,
     subscriptions: HashMap<u8, Subscription>,
     watch_changed: bool,
@@ -170,6 +175,7 @@ impl StreamSession {
             last_recv_ms: now_ms,
             last_send_ms: now_ms,
             closing_deadline_ms: 0,
+            next_check_ms: now_ms + CHECK_INTERVAL_MS,
             publishers: HashMap::new(),
             subscriptions: HashMap::new(),
             watch_changed: false,
@@ -238,9 +244,9 @@ impl StreamSession {
             State::Running if self.heartbeat_ms > 0 => Some(
                 (self.last_send_ms + self.heartbeat_ms)
                     .min(self.last_recv_ms + 2 * self.heartbeat_ms)
-                    .min(self.last_recv_ms + 1000),
+                    .min(self.next_check_ms),
             ),
-            State::Running => Some(self.last_recv_ms.max(self.last_send_ms) + 1000),
+            State::Running => Some(self.next_check_ms),
             _ => Some(self.started_ms + self.settings.handshake_timeout_ms),
         }
     }
@@ -263,7 +269,10 @@ impl StreamSession {
                     response::heartbeat(&mut self.out);
                     self.last_send_ms = now_ms;
                 }
-                self.check_deleted();
+                if now_ms >= self.next_check_ms {
+                    self.next_check_ms = now_ms + CHECK_INTERVAL_MS;
+                    self.check_deleted();
+                }
             }
             _ => {
                 if now_ms >= self.started_ms + self.settings.handshake_timeout_ms {
@@ -1420,6 +1429,9 @@ mod tests {
         assert_eq!(s.heartbeat_ms, 10_000);
         // Heartbeats: sent when idle, the peer dead after two silent intervals.
         assert_eq!(s.poll_timeout(), Some(1000));
+        // The periodic check moves on (no busy loop on a quiet connection).
+        s.handle_timeout(1000);
+        assert_eq!(s.poll_timeout(), Some(2000));
         s.handle_timeout(10_000);
         let mut hb = Vec::new();
         while let Some(x) = s.poll_transmit(10_000) {
