@@ -769,3 +769,37 @@ async fn filtering_skips_chunks_the_bloom_filter_rules_out() {
     assert_eq!(got, vec!["eu-1".to_string(), "eu-2".to_string()]);
     let _ = c.handle().close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn raw_stats_and_metadata_update_on_delete() {
+    let mut sock = raw_open().await;
+    let s = uniq("upd");
+    let mut create = 5u32.to_be_bytes().to_vec();
+    create.extend(s16(&s));
+    create.extend_from_slice(&0i32.to_be_bytes());
+    sock.write_all(&frame(13, 1, &create)).await.expect("write");
+    let f = read_frame(&mut sock).await.expect("create response");
+    assert_eq!((&f[..2], &f[8..10]), (&[0x80u8, 13][..], &[0u8, 1][..]));
+    // Stream stats of the empty stream.
+    let mut stats = 6u32.to_be_bytes().to_vec();
+    stats.extend(s16(&s));
+    sock.write_all(&frame(28, 1, &stats)).await.expect("write");
+    let f = read_frame(&mut sock).await.expect("stats response");
+    assert_eq!(&f[..2], &[0x80, 28]);
+    assert_eq!(&f[8..10], &[0, 1]);
+    assert_eq!(&f[10..14], &3i32.to_be_bytes());
+    // A publisher on it, then the stream deleted from another connection.
+    let mut decl = 7u32.to_be_bytes().to_vec();
+    decl.push(0);
+    decl.extend_from_slice(&(-1i16).to_be_bytes());
+    decl.extend(s16(&s));
+    sock.write_all(&frame(1, 1, &decl)).await.expect("write");
+    let f = read_frame(&mut sock).await.expect("declare response");
+    assert_eq!(&f[8..10], &[0, 1]);
+    let env = env().await;
+    t(env.delete_stream(&s)).await.expect("delete");
+    let f = read_frame(&mut sock).await.expect("metadata update");
+    assert_eq!(&f[..2], &[0, 16]);
+    assert_eq!(&f[4..6], &6u16.to_be_bytes());
+    assert_eq!(&f[6..], &s16(&s)[..]);
+}
