@@ -333,3 +333,31 @@ impl Filter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn x_stream_offset_as_rabbitmq_reads_it() {
+        let now = 10_000_000;
+        let spec = |v: FieldValue| offset_spec(Some(&v), now);
+        assert_eq!(offset_spec(None, now), Ok(OffsetSpec::Next));
+        assert_eq!(spec(FieldValue::string("first")), Ok(OffsetSpec::First));
+        assert_eq!(spec(FieldValue::string("last")), Ok(OffsetSpec::Last));
+        assert_eq!(spec(FieldValue::string("next")), Ok(OffsetSpec::Next));
+        assert_eq!(spec(FieldValue::I64(42)), Ok(OffsetSpec::Offset(42)));
+        assert_eq!(spec(FieldValue::I16(-3)), Ok(OffsetSpec::First));
+        assert_eq!(
+            spec(FieldValue::Timestamp(1_600_000_000)),
+            Ok(OffsetSpec::Timestamp(1_600_000_000_000))
+        );
+        assert_eq!(
+            spec(FieldValue::string("10s")),
+            Ok(OffsetSpec::Timestamp(now as i64 - 10_000))
+        );
+        for bad in [FieldValue::string("soon"), FieldValue::Bool(true)] {
+            assert_eq!(spec(bad).map_err(|e| e.code), Err(406));
+        }
+    }
+}
