@@ -475,6 +475,32 @@ mod limit_tests {
     use super::*;
 
     #[test]
+    fn stream_listener_settings() {
+        assert_eq!(
+            Config::default().stream_tcp_port(),
+            Some(DEFAULT_STREAM_PORT)
+        );
+        let dir = std::env::temp_dir().join(format!("warren-stream-conf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("w.toml");
+        std::fs::write(
+            &path,
+            "[stream]\nlisteners.tcp = { default = 5999 }\nadvertised_host = \"h\"\nheartbeat = 5\n",
+        )
+        .expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(c.stream_tcp_port(), Some(5999));
+        assert_eq!(c.stream.advertised_host.as_deref(), Some("h"));
+        assert_eq!((c.stream.heartbeat, c.stream.frame_max), (5, 1_048_576));
+        std::fs::write(&path, "[stream]\nlisteners.tcp = \"none\"\n").expect("write");
+        assert_eq!(
+            Config::load(Some(&path)).expect("loads").stream_tcp_port(),
+            None
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn example_file_parses_with_the_defaults_and_limit_keys() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("warren.example.toml");
         let c = Config::load(Some(&path)).expect("example config loads");
