@@ -96,6 +96,47 @@ pub struct Config {
     /// shovel's definition (`src-uri`, `src-queue`, `dest-uri`, ...), started
     /// with the broker in vhost `/`.
     pub shovels: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The RabbitMQ Stream protocol listener (`stream.*`).
+    pub stream: StreamConfig,
+}
+
+/// `stream.*`: the Stream protocol listener, as RabbitMQ's stream plugin names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StreamConfig {
+    /// `stream.listeners.tcp`: `"none"` or `{ default = PORT }`; unset: 5552.
+    pub listeners: StreamListeners,
+    /// Host the metadata and open responses advertise (unset: the address
+    /// the client connected to).
+    pub advertised_host: Option<String>,
+    /// Port they advertise (unset: the listener's).
+    pub advertised_port: Option<u16>,
+    /// Largest frame accepted and proposed in the tune, in bytes (0: no limit).
+    pub frame_max: u32,
+    /// Heartbeat proposed in the tune, in seconds (0: none).
+    pub heartbeat: u32,
+}
+
+/// `stream.listeners.*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StreamListeners {
+    pub tcp: Option<ListenerSetting>,
+}
+
+/// RabbitMQ's default Stream protocol port.
+pub const DEFAULT_STREAM_PORT: u16 = 5552;
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            listeners: StreamListeners::default(),
+            advertised_host: None,
+            advertised_port: None,
+            frame_max: 1_048_576,
+            heartbeat: 60,
+        }
+    }
 }
 
 /// `auth_oauth2.*`: how access tokens are verified and what their scopes mean.
@@ -271,6 +312,15 @@ impl Config {
         }
     }
 
+    /// The Stream protocol port, None when `stream.listeners.tcp = "none"`.
+    pub fn stream_tcp_port(&self) -> Option<u16> {
+        match self.stream.listeners.tcp {
+            Some(ListenerSetting::Off(_)) => None,
+            Some(ListenerSetting::On { default }) => Some(default),
+            None => Some(DEFAULT_STREAM_PORT),
+        }
+    }
+
     /// The plain AMQP port, None when `listeners.tcp = "none"`.
     pub fn amqp_tcp_port(&self) -> Option<u16> {
         match self.listeners.tcp {
@@ -376,6 +426,7 @@ impl Default for Config {
             management: Management::default(),
             auth_oauth2: None,
             shovels: Default::default(),
+            stream: StreamConfig::default(),
         }
     }
 }
@@ -408,6 +459,12 @@ impl Config {
             amqp_port: 0,
             admin_port: 0,
             data_dir: data_dir.into(),
+            stream: StreamConfig {
+                listeners: StreamListeners {
+                    tcp: Some(ListenerSetting::On { default: 0 }),
+                },
+                ..StreamConfig::default()
+            },
             ..Config::default()
         }
     }
@@ -416,6 +473,32 @@ impl Config {
 #[cfg(test)]
 mod limit_tests {
     use super::*;
+
+    #[test]
+    fn stream_listener_settings() {
+        assert_eq!(
+            Config::default().stream_tcp_port(),
+            Some(DEFAULT_STREAM_PORT)
+        );
+        let dir = std::env::temp_dir().join(format!("warren-stream-conf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("w.toml");
+        std::fs::write(
+            &path,
+            "[stream]\nlisteners.tcp = { default = 5999 }\nadvertised_host = \"h\"\nheartbeat = 5\n",
+        )
+        .expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(c.stream_tcp_port(), Some(5999));
+        assert_eq!(c.stream.advertised_host.as_deref(), Some("h"));
+        assert_eq!((c.stream.heartbeat, c.stream.frame_max), (5, 1_048_576));
+        std::fs::write(&path, "[stream]\nlisteners.tcp = \"none\"\n").expect("write");
+        assert_eq!(
+            Config::load(Some(&path)).expect("loads").stream_tcp_port(),
+            None
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn example_file_parses_with_the_defaults_and_limit_keys() {

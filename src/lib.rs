@@ -11,7 +11,8 @@
 //!   (bytes and `now` in, events and bytes out).
 //! - `amqp`: the broker-facing channel methods, one file per AMQP class.
 //! - `clock`: the wall clock, read by the I/O side (server, admin, ticker) only.
-//! - `server`: the AMQP listener, one task per connection driving a session.
+//! - `server`: the AMQP listener, one task per connection driving a session; the
+//!   Stream protocol listener (`server::stream`) likewise.
 //! - `admin`: the HTTP management API (RabbitMQ-shaped JSON) and Prometheus metrics.
 //! - `config`: settings from defaults, a TOML file and `WARREN_*` variables.
 //! - `error`: errors that carry AMQP reply codes.
@@ -42,6 +43,8 @@ pub struct Warren {
     pub server: server::Server,
     /// The shovels this broker runs.
     pub shovels: Arc<shovel::Shovels>,
+    /// The Stream protocol listener (None when `stream.listeners.tcp = "none"`).
+    pub stream: Option<server::stream::StreamServer>,
     admin: admin::Addrs,
     admin_tls: Option<Arc<tls::ServerTls>>,
 }
@@ -50,6 +53,11 @@ impl Warren {
     /// The plain AMQP address (the AMQPS one when the plain listener is off).
     pub fn amqp_addr(&self) -> std::net::SocketAddr {
         self.server.amqp_addr()
+    }
+
+    /// The Stream protocol address, when its listener is on.
+    pub fn stream_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.as_ref().and_then(|s| s.addrs.first().copied())
     }
 
     /// The AMQPS address, when TLS is configured.
@@ -124,6 +132,15 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         None => None,
     };
     let server = server::start(Arc::clone(&config), Arc::clone(&broker), amqp_tls).await?;
+    // A stream port that cannot be bound is logged, not fatal: the AMQP
+    // side stays up (several brokers on one host share the default 5552).
+    let stream = match server::stream::start(Arc::clone(&config), Arc::clone(&broker)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "stream protocol listener not started");
+            None
+        }
+    };
     let shovels = start_shovels(&config, &broker, server.amqp_addr())?;
     let admin_tls = match config.admin_ssl_port() {
         Some(_) => Some(tls::ServerTls::new(
@@ -171,6 +188,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     Ok(Warren {
         server,
         shovels,
+        stream,
         admin,
         admin_tls,
     })

@@ -1,4 +1,5 @@
-//! Runs the Python (pika) client suite in `tests/python` against the warren binary.
+//! Runs the Python client suites in `tests/python` (pika; `rstream` for the Stream
+//! protocol) against the warren binary.
 //! Needs pika and pytest (`tests/python/requirements.txt`): `./test.sh` installs them
 //! into a virtualenv and names its interpreter in `WARREN_PYTHON` (default `python3`).
 

@@ -203,6 +203,10 @@ async fn amqps(
     ca_pem: &str,
     client: Option<&Leaf>,
 ) -> lapin::Result<Connection> {
+    // lapin's rustls client takes the process default provider; with the
+    // stream client's dev-dependency both ring and aws-lc-rs are compiled in
+    // (no automatic default), so name warren's (ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let uri = format!("amqps://{login}localhost:{port}/%2f{query}");
     let tls = OwnedTLSConfig {
         identity: client.map(Leaf::identity),

@@ -9,6 +9,7 @@
 
 pub mod connection;
 pub mod mailbox;
+pub mod stream;
 pub mod writer;
 
 use crate::broker::Broker;

@@ -36,6 +36,8 @@ pub mod handshake;
 mod opening;
 pub mod output;
 mod routing;
+pub mod stream;
+pub mod stream_sac;
 pub mod timer;
 
 #[cfg(test)]

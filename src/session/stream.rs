@@ -28,11 +28,15 @@ use bytes::{Bytes, BytesMut};
 use crate::broker::auth::{Access, User};
 use crate::broker::vhost::VHost;
 use crate::broker::{Broker, LoginError};
-use crate::storage::stream::{OffsetSpec as LogOffset, StreamError, StreamLog, StreamMessage, StreamReader};
+use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
+use crate::storage::stream::{
+    OffsetSpec as LogOffset, StreamError, StreamLog, StreamMessage, StreamReader,
+};
 use crate::wire::stream::{
     check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
 };
 use crate::wire::types::{FieldTable, FieldValue};
+use tokio::sync::mpsc::UnboundedSender;
 
 /// What the session was configured with.
 #[derive(Debug, Clone)]
@@ -46,6 +50,8 @@ pub struct StreamSettings {
     pub advertised_port: u16,
     /// Milliseconds a client has to finish the handshake.
     pub handshake_timeout_ms: u64,
+    /// The broker's single active consumer groups.
+    pub sac: Arc<SacRegistry>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,14 +72,44 @@ struct Publisher {
     reference: Option<Arc<str>>,
     /// (next offset that must be committed, publishing ids) per publish frame.
     pending: VecDeque<(u64, Vec<u64>)>,
+    /// The log's committed next offset.
+    committed: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Confirm what `p` published that the log has committed: one frame.
+fn confirm_ready(out: &mut BytesMut, id: u8, p: &mut Publisher) {
+    let committed = *p.committed.borrow();
+    let ready = p
+        .pending
+        .iter()
+        .take_while(|(until, _)| *until <= committed)
+        .count();
+    if ready == 0 {
+        return;
+    }
+    let count: usize = p.pending.iter().take(ready).map(|(_, ids)| ids.len()).sum();
+    let ids = p.pending.drain(..ready).flat_map(|(_, ids)| ids);
+    response::publish_confirm(out, id, count, ids);
 }
 
 struct Subscription {
     stream: String,
     log: Arc<StreamLog>,
-    reader: StreamReader,
+    /// None while a single active consumer is inactive or waits for the
+    /// client's answer to its consumer update.
+    reader: Option<StreamReader>,
     credit: u32,
+    /// Its single active consumer group.
+    sac: Option<GroupKey>,
+    /// The correlation id of the consumer update it waits an answer for.
+    awaiting: Option<u32>,
+    /// Stream filtering (`filter.N` values, `match-unfiltered`): chunks whose
+    /// bloom filter rules them out are skipped (clients filter the rest).
+    filter: Option<(Vec<String>, bool)>,
 }
+
+/// How often the streams a connection uses are checked for deletion.
+const CHECK_INTERVAL_MS: u64 = 1000;
 
 /// A fixed cap on what one round of deliveries queues for the socket.
 const DELIVER_BUDGET: usize = 4 << 20;
@@ -96,9 +132,17 @@ pub struct StreamSession {
     last_send_ms: u64,
     /// When a close we sent gives up waiting for its answer.
     closing_deadline_ms: u64,
+    /// When streams in use are next checked for deletion.
+    next_check_ms: u64,
     publishers: HashMap<u8, Publisher>,
     subscriptions: HashMap<u8, Subscription>,
     watch_changed: bool,
+    /// A subscription that became active while subscribing.
+    pending_activation: Option<u8>,
+    /// Where this connection hears of its subscriptions becoming active.
+    sac_tx: UnboundedSender<SacEvent>,
+    /// Correlation ids of the requests the server sends.
+    next_correlation: u32,
     /// Small frames being assembled.
     out: BytesMut,
     /// Whole pieces ready for the socket, in order.
@@ -113,6 +157,7 @@ impl StreamSession {
         settings: StreamSettings,
         connection_id: u64,
         from_loopback: bool,
+        sac_tx: UnboundedSender<SacEvent>,
         now_ms: u64,
     ) -> Self {
         StreamSession {
@@ -130,9 +175,13 @@ impl StreamSession {
             last_recv_ms: now_ms,
             last_send_ms: now_ms,
             closing_deadline_ms: 0,
+            next_check_ms: now_ms + CHECK_INTERVAL_MS,
             publishers: HashMap::new(),
             subscriptions: HashMap::new(),
             watch_changed: false,
+            sac_tx,
+            pending_activation: None,
+            next_correlation: 1,
             out: BytesMut::with_capacity(4096),
             ready: VecDeque::new(),
             close_reason: None,
@@ -158,9 +207,10 @@ impl StreamSession {
         while !matches!(self.state, State::Closed) {
             let max = match self.state {
                 // Before tune: a generous bound for handshake frames.
-                State::PeerProperties | State::Sasl | State::Tune | State::Open => {
-                    self.settings.frame_max.max(crate::wire::stream::MIN_FRAME_MAX)
-                }
+                State::PeerProperties | State::Sasl | State::Tune | State::Open => self
+                    .settings
+                    .frame_max
+                    .max(crate::wire::stream::MIN_FRAME_MAX),
                 _ => self.frame_max,
             };
             match check_frame(buf, max) {
@@ -182,7 +232,8 @@ impl StreamSession {
     /// The socket reached its end.
     pub fn handle_eof(&mut self) {
         self.state = State::Closed;
-        self.close_reason.get_or_insert_with(|| "client closed the socket".into());
+        self.close_reason
+            .get_or_insert_with(|| "client closed the socket".into());
     }
 
     /// When `handle_timeout` is next due.
@@ -193,9 +244,9 @@ impl StreamSession {
             State::Running if self.heartbeat_ms > 0 => Some(
                 (self.last_send_ms + self.heartbeat_ms)
                     .min(self.last_recv_ms + 2 * self.heartbeat_ms)
-                    .min(self.last_recv_ms + 1000),
+                    .min(self.next_check_ms),
             ),
-            State::Running => Some(self.last_recv_ms.max(self.last_send_ms) + 1000),
+            State::Running => Some(self.next_check_ms),
             _ => Some(self.started_ms + self.settings.handshake_timeout_ms),
         }
     }
@@ -218,7 +269,10 @@ impl StreamSession {
                     response::heartbeat(&mut self.out);
                     self.last_send_ms = now_ms;
                 }
-                self.check_deleted();
+                if now_ms >= self.next_check_ms {
+                    self.next_check_ms = now_ms + CHECK_INTERVAL_MS;
+                    self.check_deleted();
+                }
             }
             _ => {
                 if now_ms >= self.started_ms + self.settings.handshake_timeout_ms {
@@ -278,8 +332,11 @@ impl StreamSession {
         let mut sent = 0usize;
         let version = self.deliver_version;
         for (&id, sub) in self.subscriptions.iter_mut() {
+            let Some(reader) = sub.reader.as_mut() else {
+                continue;
+            };
             while sub.credit > 0 {
-                let chunk = match sub.reader.next_chunk() {
+                let chunk = match reader.next_chunk() {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(e) => {
@@ -287,13 +344,18 @@ impl StreamSession {
                         break;
                     }
                 };
+                if let Some((values, unfiltered)) = &sub.filter {
+                    if !chunk.may_match(values, *unfiltered) {
+                        continue;
+                    }
+                }
                 let mut head = [0u8; response::CHUNK_HEADER_LEN];
                 let Some(stored) = chunk.raw.get(..response::CHUNK_HEADER_LEN) else {
                     break;
                 };
                 head.copy_from_slice(stored);
                 let data = chunk.data();
-                let committed = *sub.reader.committed().borrow();
+                let committed = *reader.committed().borrow();
                 response::deliver_head(
                     &mut self.out,
                     version,
@@ -330,11 +392,14 @@ impl StreamSession {
             (_, Request::Heartbeat) => {}
             (State::Closing, Request::CloseResponse { .. }) => self.state = State::Closed,
             (State::Closing, _) => {}
-            (_, Request::Close {
-                correlation_id,
-                code: c,
-                reason,
-            }) => {
+            (
+                _,
+                Request::Close {
+                    correlation_id,
+                    code: c,
+                    reason,
+                },
+            ) => {
                 response::generic(&mut self.out, key::CLOSE, correlation_id, code::OK);
                 self.close_reason = Some(format!("client closed: {c} {reason}"));
                 self.state = State::Closed;
@@ -346,23 +411,41 @@ impl StreamSession {
                     ("platform".to_string(), "warren".to_string()),
                     ("cluster_name".to_string(), "warren".to_string()),
                 ];
-                response::with_pairs(&mut self.out, key::PEER_PROPERTIES, correlation_id, code::OK, &props);
+                response::with_pairs(
+                    &mut self.out,
+                    key::PEER_PROPERTIES,
+                    correlation_id,
+                    code::OK,
+                    &props,
+                );
                 self.state = State::Sasl;
             }
             (State::Sasl | State::PeerProperties, Request::SaslHandshake { correlation_id }) => {
                 let mechs = vec!["PLAIN".to_string(), "AMQPLAIN".to_string()];
-                response::with_strings(&mut self.out, key::SASL_HANDSHAKE, correlation_id, code::OK, &mechs);
+                response::with_strings(
+                    &mut self.out,
+                    key::SASL_HANDSHAKE,
+                    correlation_id,
+                    code::OK,
+                    &mechs,
+                );
                 self.state = State::Sasl;
             }
-            (State::Sasl, Request::SaslAuthenticate {
-                correlation_id,
-                mechanism,
-                data,
-            }) => self.authenticate(correlation_id, &mechanism, data.as_deref(), now_ms),
-            (State::Tune, Request::Tune {
-                frame_max,
-                heartbeat,
-            }) => {
+            (
+                State::Sasl,
+                Request::SaslAuthenticate {
+                    correlation_id,
+                    mechanism,
+                    data,
+                },
+            ) => self.authenticate(correlation_id, &mechanism, data.as_deref(), now_ms),
+            (
+                State::Tune,
+                Request::Tune {
+                    frame_max,
+                    heartbeat,
+                },
+            ) => {
                 self.frame_max = negotiate(self.settings.frame_max, frame_max);
                 if self.frame_max != 0 {
                     self.frame_max = self.frame_max.max(crate::wire::stream::MIN_FRAME_MAX);
@@ -370,33 +453,67 @@ impl StreamSession {
                 self.heartbeat_ms = u64::from(negotiate(self.settings.heartbeat, heartbeat)) * 1000;
                 self.state = State::Open;
             }
-            (State::Open, Request::Open {
-                correlation_id,
-                vhost,
-            }) => self.open(correlation_id, &vhost, now_ms),
+            (
+                State::Open,
+                Request::Open {
+                    correlation_id,
+                    vhost,
+                },
+            ) => self.open(correlation_id, &vhost, now_ms),
             (State::Running, req) => self.running(req, now_ms),
             (_, other) => {
                 let what = format!("{other:?}");
                 let what = what.split([' ', '{']).next().unwrap_or("frame").to_owned();
-                self.fail(code::UNKNOWN_FRAME, &format!("unexpected {what} in the handshake"), now_ms);
+                self.fail(
+                    code::UNKNOWN_FRAME,
+                    &format!("unexpected {what} in the handshake"),
+                    now_ms,
+                );
             }
         }
     }
 
-    fn authenticate(&mut self, correlation_id: u32, mechanism: &str, data: Option<&[u8]>, now_ms: u64) {
+    fn authenticate(
+        &mut self,
+        correlation_id: u32,
+        mechanism: &str,
+        data: Option<&[u8]>,
+        now_ms: u64,
+    ) {
         if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
-            response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, code::SASL_MECHANISM_NOT_SUPPORTED);
+            response::generic(
+                &mut self.out,
+                key::SASL_AUTHENTICATE,
+                correlation_id,
+                code::SASL_MECHANISM_NOT_SUPPORTED,
+            );
             return;
         }
-        let Some((user, pass)) = crate::session::handshake::credentials(mechanism, data.unwrap_or_default()) else {
-            response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, code::SASL_ERROR);
+        let Some((user, pass)) =
+            crate::session::handshake::credentials(mechanism, data.unwrap_or_default())
+        else {
+            response::generic(
+                &mut self.out,
+                key::SASL_AUTHENTICATE,
+                correlation_id,
+                code::SASL_ERROR,
+            );
             return;
         };
         match self.broker.authenticate(&user, &pass, self.from_loopback) {
             Ok(u) => {
                 self.user = Some(u);
-                response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, code::OK);
-                response::tune(&mut self.out, self.settings.frame_max, self.settings.heartbeat);
+                response::generic(
+                    &mut self.out,
+                    key::SASL_AUTHENTICATE,
+                    correlation_id,
+                    code::OK,
+                );
+                response::tune(
+                    &mut self.out,
+                    self.settings.frame_max,
+                    self.settings.heartbeat,
+                );
                 self.state = State::Tune;
             }
             Err(e) => {
@@ -413,21 +530,37 @@ impl StreamSession {
     }
 
     fn open(&mut self, correlation_id: u32, vhost: &str, now_ms: u64) {
-        let user = self.user.as_ref().map(|u| u.name.clone()).unwrap_or_default();
+        let user = self
+            .user
+            .as_ref()
+            .map(|u| u.name.clone())
+            .unwrap_or_default();
         let v = self.broker.vhost(vhost);
         match v {
             Some(v) if self.broker.auth.vhost_access(vhost, &user) => {
                 self.vhost = Some(v);
                 let props = vec![
-                    ("advertised_host".to_string(), self.settings.advertised_host.clone()),
-                    ("advertised_port".to_string(), self.settings.advertised_port.to_string()),
+                    (
+                        "advertised_host".to_string(),
+                        self.settings.advertised_host.clone(),
+                    ),
+                    (
+                        "advertised_port".to_string(),
+                        self.settings.advertised_port.to_string(),
+                    ),
                 ];
                 response::with_pairs(&mut self.out, key::OPEN, correlation_id, code::OK, &props);
                 self.state = State::Running;
                 self.last_recv_ms = now_ms;
             }
             _ => {
-                response::with_pairs(&mut self.out, key::OPEN, correlation_id, code::VIRTUAL_HOST_ACCESS_FAILURE, &[]);
+                response::with_pairs(
+                    &mut self.out,
+                    key::OPEN,
+                    correlation_id,
+                    code::VIRTUAL_HOST_ACCESS_FAILURE,
+                    &[],
+                );
                 self.close_reason = Some(format!("no access to vhost '{vhost}'"));
                 self.state = State::Closed;
             }
@@ -456,7 +589,7 @@ impl StreamSession {
     fn log(&self, name: &str) -> Option<Arc<StreamLog>> {
         let v = self.vhost.as_ref()?;
         let q = v.queue(name, self.connection_id).ok()?;
-        q.stream()
+        q.stream().cloned()
     }
 
     fn running(&mut self, req: Request, now_ms: u64) {
@@ -474,7 +607,11 @@ impl StreamSession {
                     s.credit = s.credit.saturating_add(u32::from(credit));
                     self.poll_deliveries(now_ms);
                 }
-                None => response::credit_error(&mut self.out, code::SUBSCRIPTION_ID_DOES_NOT_EXIST, subscription_id),
+                None => response::credit_error(
+                    &mut self.out,
+                    code::SUBSCRIPTION_ID_DOES_NOT_EXIST,
+                    subscription_id,
+                ),
             },
             Request::DeclarePublisher {
                 correlation_id,
@@ -492,7 +629,7 @@ impl StreamSession {
                 let c = match self.publishers.remove(&publisher_id) {
                     Some(mut p) => {
                         // What it published is confirmed when committed, even now.
-                        self.confirm_ready(publisher_id, &mut p);
+                        confirm_ready(&mut self.out, publisher_id, &mut p);
                         self.watch_changed = true;
                         code::OK
                     }
@@ -506,11 +643,19 @@ impl StreamSession {
                 stream,
             } => {
                 let (c, seq) = match self.log(&stream) {
-                    Some(log) if self.allowed(Access::Read, &stream) => (code::OK, log.publisher_sequence(&reference)),
+                    Some(log) if self.allowed(Access::Read, &stream) => {
+                        (code::OK, log.publisher_sequence(&reference))
+                    }
                     Some(_) => (code::ACCESS_REFUSED, 0),
                     None => (code::STREAM_DOES_NOT_EXIST, 0),
                 };
-                response::with_u64(&mut self.out, key::QUERY_PUBLISHER_SEQUENCE, correlation_id, c, seq);
+                response::with_u64(
+                    &mut self.out,
+                    key::QUERY_PUBLISHER_SEQUENCE,
+                    correlation_id,
+                    c,
+                    seq,
+                );
             }
             Request::Subscribe {
                 correlation_id,
@@ -522,6 +667,10 @@ impl StreamSession {
             } => {
                 let c = self.subscribe(subscription_id, &stream, offset, credit, &properties);
                 response::generic(&mut self.out, key::SUBSCRIBE, correlation_id, c);
+                // The consumer update follows the subscribe response.
+                if let Some(id) = self.pending_activation.take() {
+                    self.activate(id);
+                }
                 if c == code::OK {
                     self.poll_deliveries(now_ms);
                 }
@@ -531,7 +680,8 @@ impl StreamSession {
                 subscription_id,
             } => {
                 let c = match self.subscriptions.remove(&subscription_id) {
-                    Some(_) => {
+                    Some(sub) => {
+                        self.leave_group(subscription_id, &sub);
                         self.watch_changed = true;
                         code::OK
                     }
@@ -545,7 +695,10 @@ impl StreamSession {
                 offset,
             } => {
                 // No response; failures are only logged, as RabbitMQ does.
-                if let Some(log) = self.log(&stream).filter(|_| self.allowed(Access::Read, &stream)) {
+                if let Some(log) = self
+                    .log(&stream)
+                    .filter(|_| self.allowed(Access::Read, &stream))
+                {
                     if let Err(e) = log.store_offset(&reference, offset) {
                         tracing::warn!(%stream, error = %e, "store offset failed");
                     }
@@ -593,7 +746,12 @@ impl StreamSession {
                 if let Some(&(_, _, hi)) = commands.iter().find(|(k, ..)| *k == key::DELIVER) {
                     self.deliver_version = hi.clamp(1, 2);
                 }
-                response::command_versions(&mut self.out, correlation_id, code::OK, COMMAND_VERSIONS);
+                response::command_versions(
+                    &mut self.out,
+                    correlation_id,
+                    code::OK,
+                    COMMAND_VERSIONS,
+                );
             }
             Request::StreamStats {
                 correlation_id,
@@ -601,7 +759,11 @@ impl StreamSession {
             } => match self.log(&stream) {
                 Some(log) => {
                     let s = log.stats();
-                    let first = if s.messages == 0 { -1 } else { s.first_offset as i64 };
+                    let first = if s.messages == 0 {
+                        -1
+                    } else {
+                        s.first_offset as i64
+                    };
                     let committed = if s.committed_offset == 0 {
                         -1
                     } else {
@@ -609,12 +771,24 @@ impl StreamSession {
                     };
                     let stats = [
                         ("first_chunk_id", first),
-                        ("committed_chunk_id", if s.chunks == 0 { -1 } else { s.last_offset as i64 }),
+                        (
+                            "committed_chunk_id",
+                            if s.chunks == 0 {
+                                -1
+                            } else {
+                                s.last_offset as i64
+                            },
+                        ),
                         ("last_offset", committed),
                     ];
                     response::stream_stats(&mut self.out, correlation_id, code::OK, &stats);
                 }
-                None => response::stream_stats(&mut self.out, correlation_id, code::STREAM_DOES_NOT_EXIST, &[]),
+                None => response::stream_stats(
+                    &mut self.out,
+                    correlation_id,
+                    code::STREAM_DOES_NOT_EXIST,
+                    &[],
+                ),
             },
             Request::Route {
                 correlation_id,
@@ -638,21 +812,44 @@ impl StreamSession {
                 binding_keys,
                 arguments,
             } => {
-                let c = self.create_super_stream(&name, &partitions, &binding_keys, &arguments, now_ms);
+                let c =
+                    self.create_super_stream(&name, &partitions, &binding_keys, &arguments, now_ms);
                 response::generic(&mut self.out, key::CREATE_SUPER_STREAM, correlation_id, c);
             }
-            Request::DeleteSuperStream { correlation_id, name } => {
+            Request::DeleteSuperStream {
+                correlation_id,
+                name,
+            } => {
                 let c = self.delete_super_stream(&name, now_ms);
                 response::generic(&mut self.out, key::DELETE_SUPER_STREAM, correlation_id, c);
                 self.check_deleted();
             }
-            Request::ConsumerUpdateResponse { .. } | Request::CloseResponse { .. } => {}
+            Request::ConsumerUpdateResponse {
+                correlation_id,
+                offset,
+                ..
+            } => {
+                let sub = self
+                    .subscriptions
+                    .values_mut()
+                    .find(|s| s.awaiting == Some(correlation_id));
+                if let Some(sub) = sub {
+                    sub.awaiting = None;
+                    sub.reader = Some(sub.log.reader(log_offset(offset)));
+                    self.poll_deliveries(now_ms);
+                }
+            }
+            Request::CloseResponse { .. } => {}
             Request::PeerProperties { .. }
             | Request::SaslHandshake { .. }
             | Request::SaslAuthenticate { .. }
             | Request::Tune { .. }
             | Request::Open { .. } => {
-                self.fail(code::UNKNOWN_FRAME, "handshake command on an open connection", now_ms);
+                self.fail(
+                    code::UNKNOWN_FRAME,
+                    "handshake command on an open connection",
+                    now_ms,
+                );
             }
             Request::Heartbeat | Request::Close { .. } => {}
         }
@@ -685,6 +882,7 @@ impl StreamSession {
             id,
             Publisher {
                 stream: stream.to_owned(),
+                committed: log.committed(),
                 log,
                 reference: reference.map(Arc::from),
                 pending: VecDeque::new(),
@@ -709,19 +907,16 @@ impl StreamSession {
             .map(|m| StreamMessage {
                 data: m.data,
                 filter: m.filter_value,
-                publisher: p.reference.as_ref().map(|r| (Arc::clone(r), m.publishing_id)),
+                publisher: p
+                    .reference
+                    .as_ref()
+                    .map(|r| (Arc::clone(r), m.publishing_id)),
             })
             .collect();
         match p.log.append(batch, now_ms as i64) {
             Ok(a) => {
                 p.pending.push_back((a.next_offset, ids));
-                let mut p = self.publishers.remove(&publisher_id);
-                if let Some(p) = p.as_mut() {
-                    self.confirm_ready(publisher_id, p);
-                }
-                if let Some(p) = p {
-                    self.publishers.insert(publisher_id, p);
-                }
+                confirm_ready(&mut self.out, publisher_id, p);
             }
             Err(e) => {
                 let c = match e {
@@ -735,38 +930,10 @@ impl StreamSession {
         }
     }
 
-    /// Confirm what `p` published that the log has committed: one frame.
-    fn confirm_ready(&mut self, id: u8, p: &mut Publisher) {
-        let committed = *p.log.committed().borrow();
-        let mut ids: Vec<u64> = Vec::new();
-        while let Some((until, _)) = p.pending.front() {
-            if *until > committed {
-                break;
-            }
-            if let Some((_, batch)) = p.pending.pop_front() {
-                if ids.is_empty() {
-                    ids = batch;
-                } else {
-                    ids.extend_from_slice(&batch);
-                }
-            }
-        }
-        if !ids.is_empty() {
-            response::publish_confirm(&mut self.out, id, ids.into_iter());
-        }
-    }
-
     fn flush_confirms(&mut self) {
-        let ids: Vec<u8> = self
-            .publishers
-            .iter()
-            .filter(|(_, p)| !p.pending.is_empty())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            if let Some(mut p) = self.publishers.remove(&id) {
-                self.confirm_ready(id, &mut p);
-                self.publishers.insert(id, p);
+        for (id, p) in self.publishers.iter_mut() {
+            if !p.pending.is_empty() {
+                confirm_ready(&mut self.out, *id, p);
             }
         }
     }
@@ -777,7 +944,7 @@ impl StreamSession {
         stream: &str,
         offset: OffsetSpec,
         credit: u16,
-        _properties: &[(String, String)],
+        properties: &[(String, String)],
     ) -> u16 {
         if self.subscriptions.contains_key(&id) {
             return code::SUBSCRIPTION_ID_ALREADY_EXISTS;
@@ -788,14 +955,37 @@ impl StreamSession {
         if !self.allowed(Access::Read, stream) {
             return code::ACCESS_REFUSED;
         }
-        let spec = match offset {
-            OffsetSpec::First => LogOffset::First,
-            OffsetSpec::Last => LogOffset::Last,
-            OffsetSpec::Next => LogOffset::Next,
-            OffsetSpec::Offset(o) => LogOffset::Offset(o),
-            OffsetSpec::Timestamp(t) => LogOffset::Timestamp(t),
+        let prop = |k: &str| {
+            properties
+                .iter()
+                .find(|(pk, _)| pk == k)
+                .map(|(_, v)| v.as_str())
         };
-        let reader = log.reader(spec);
+        let sac = prop("single-active-consumer") == Some("true");
+        let mut group = None;
+        let mut reader = None;
+        let mut activate = false;
+        if sac {
+            let (Some(name), Some(v)) = (prop("name").filter(|n| !n.is_empty()), &self.vhost)
+            else {
+                return code::PRECONDITION_FAILED;
+            };
+            let key: GroupKey = (v.name.to_string(), stream.to_owned(), name.to_owned());
+            activate =
+                self.settings
+                    .sac
+                    .join(key.clone(), self.connection_id, id, self.sac_tx.clone());
+            group = Some(key);
+        } else {
+            reader = Some(log.reader(log_offset(offset)));
+        }
+        let values: Vec<String> = properties
+            .iter()
+            .filter(|(k, _)| k.starts_with("filter."))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let filter =
+            (!values.is_empty()).then(|| (values, prop("match-unfiltered") == Some("true")));
         self.subscriptions.insert(
             id,
             Subscription {
@@ -803,10 +993,39 @@ impl StreamSession {
                 log,
                 reader,
                 credit: u32::from(credit),
+                sac: group,
+                awaiting: None,
+                filter,
             },
         );
+        if activate {
+            self.pending_activation = Some(id);
+        }
         self.watch_changed = true;
         code::OK
+    }
+
+    /// A subscription of this connection became its group's active consumer.
+    pub fn handle_sac(&mut self, event: SacEvent) {
+        let SacEvent::Activate { subscription_id } = event;
+        self.activate(subscription_id);
+    }
+
+    /// Tell the client `id` is active; deliveries start from the offset it answers.
+    fn activate(&mut self, id: u8) {
+        let correlation = self.next_correlation;
+        let Some(sub) = self.subscriptions.get_mut(&id) else {
+            return;
+        };
+        self.next_correlation = self.next_correlation.wrapping_add(1);
+        sub.awaiting = Some(correlation);
+        response::consumer_update(&mut self.out, correlation, id, true);
+    }
+
+    fn leave_group(&self, id: u8, sub: &Subscription) {
+        if let Some(key) = &sub.sac {
+            self.settings.sac.leave(key, self.connection_id, id);
+        }
     }
 
     fn create(&mut self, stream: &str, arguments: &[(String, String)], now_ms: u64) -> u16 {
@@ -825,8 +1044,8 @@ impl StreamSession {
         let Some(args) = create_arguments(arguments) else {
             return code::PRECONDITION_FAILED;
         };
-        let d = crate::wire::QueueDeclare {
-            queue: stream.to_owned(),
+        let d = crate::broker::vhost::QueueDeclare {
+            name: stream.to_owned(),
             durable: true,
             arguments: args,
             ..Default::default()
@@ -863,7 +1082,11 @@ impl StreamSession {
             .zip(&found)
             .map(|(s, ok)| response::StreamMetadata {
                 stream: s,
-                code: if *ok { code::OK } else { code::STREAM_DOES_NOT_EXIST },
+                code: if *ok {
+                    code::OK
+                } else {
+                    code::STREAM_DOES_NOT_EXIST
+                },
                 leader: if *ok { 0 } else { u16::MAX },
                 replicas: &[],
             })
@@ -873,7 +1096,11 @@ impl StreamSession {
             host: &self.settings.advertised_host,
             port: u32::from(self.settings.advertised_port),
         }];
-        let brokers: &[response::Broker<'_>] = if found.iter().any(|f| *f) { &brokers } else { &[] };
+        let brokers: &[response::Broker<'_>] = if found.iter().any(|f| *f) {
+            &brokers
+        } else {
+            &[]
+        };
         response::metadata(&mut self.out, correlation_id, brokers, &meta);
     }
 
@@ -897,7 +1124,17 @@ impl StreamSession {
         for stream in gone {
             response::metadata_update(&mut self.out, code::STREAM_NOT_AVAILABLE, &stream);
             self.publishers.retain(|_, p| p.stream != stream);
-            self.subscriptions.retain(|_, s| s.stream != stream);
+            let gone_subs: Vec<u8> = self
+                .subscriptions
+                .iter()
+                .filter(|(_, s)| s.stream == stream)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone_subs {
+                if let Some(sub) = self.subscriptions.remove(&id) {
+                    self.leave_group(id, &sub);
+                }
+            }
             self.watch_changed = true;
         }
     }
@@ -914,8 +1151,8 @@ impl StreamSession {
         let streams: Vec<String> = ex
             .bindings()
             .into_iter()
-            .filter(|b| b.routing_key.as_ref() == routing_key)
-            .filter_map(|b| b.queue_name().map(str::to_owned))
+            .filter(|b| b.routing_key == routing_key)
+            .filter_map(|b| queue_of(&b.destination))
             .collect();
         (code::OK, streams)
     }
@@ -936,7 +1173,7 @@ impl StreamSession {
                     .get("x-super-stream-partition-order")
                     .and_then(FieldValue::as_i64)
                     .unwrap_or(i64::MAX);
-                b.queue_name().map(|q| (order, q.to_owned()))
+                queue_of(&b.destination).map(|q| (order, q))
             })
             .collect();
         parts.sort();
@@ -959,11 +1196,17 @@ impl StreamSession {
             return code::PRECONDITION_FAILED;
         }
         if !self.allowed(Access::Configure, name)
-            || partitions.iter().any(|p| !self.allowed(Access::Configure, p))
+            || partitions
+                .iter()
+                .any(|p| !self.allowed(Access::Configure, p))
         {
             return code::ACCESS_REFUSED;
         }
-        if v.exchange(name).is_ok() || partitions.iter().any(|p| v.queue(p, self.connection_id).is_ok()) {
+        if v.exchange(name).is_ok()
+            || partitions
+                .iter()
+                .any(|p| v.queue(p, self.connection_id).is_ok())
+        {
             return code::STREAM_ALREADY_EXISTS;
         }
         let Some(args) = create_arguments(arguments) else {
@@ -971,8 +1214,8 @@ impl StreamSession {
         };
         let mut ex_args = FieldTable::new();
         ex_args.insert("x-super-stream", FieldValue::Bool(true));
-        let d = crate::wire::ExchangeDeclare {
-            exchange: name.to_owned(),
+        let d = crate::broker::vhost::ExchangeDeclare {
+            name: name.to_owned(),
             kind: "direct".into(),
             durable: true,
             arguments: ex_args,
@@ -982,8 +1225,8 @@ impl StreamSession {
             return code::PRECONDITION_FAILED;
         }
         for (i, (p, k)) in partitions.iter().zip(binding_keys).enumerate() {
-            let d = crate::wire::QueueDeclare {
-                queue: p.clone(),
+            let d = crate::broker::vhost::QueueDeclare {
+                name: p.clone(),
                 durable: true,
                 arguments: args.clone(),
                 ..Default::default()
@@ -1019,6 +1262,32 @@ impl StreamSession {
             Ok(()) => code::OK,
             Err(_) => code::INTERNAL_ERROR,
         }
+    }
+}
+
+impl Drop for StreamSession {
+    /// Leave every single active consumer group (the next member takes over).
+    fn drop(&mut self) {
+        for (id, sub) in &self.subscriptions {
+            self.leave_group(*id, sub);
+        }
+    }
+}
+
+fn log_offset(o: OffsetSpec) -> LogOffset {
+    match o {
+        OffsetSpec::First => LogOffset::First,
+        OffsetSpec::Last => LogOffset::Last,
+        OffsetSpec::Next => LogOffset::Next,
+        OffsetSpec::Offset(o) => LogOffset::Offset(o),
+        OffsetSpec::Timestamp(t) => LogOffset::Timestamp(t),
+    }
+}
+
+fn queue_of(d: &crate::broker::exchange::Destination) -> Option<String> {
+    match d {
+        crate::broker::exchange::Destination::Queue(q) => Some(q.to_string()),
+        crate::broker::exchange::Destination::Exchange(_) => None,
     }
 }
 
@@ -1070,9 +1339,11 @@ mod tests {
                 advertised_host: "localhost".into(),
                 advertised_port: 5552,
                 handshake_timeout_ms: 10_000,
+                sac: Arc::default(),
             },
             1,
             true,
+            tokio::sync::mpsc::unbounded_channel().0,
             0,
         )
     }
@@ -1098,7 +1369,9 @@ mod tests {
             let size = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
             let f = &out[i + 4..i + 4 + size];
             let k = u16::from_be_bytes([f[0], f[1]]);
-            let corr = f.get(4..8).map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            let corr = f
+                .get(4..8)
+                .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
             let c = f.get(8..10).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
             v.push((k, corr, c));
             i += 4 + size;
@@ -1156,6 +1429,9 @@ mod tests {
         assert_eq!(s.heartbeat_ms, 10_000);
         // Heartbeats: sent when idle, the peer dead after two silent intervals.
         assert_eq!(s.poll_timeout(), Some(1000));
+        // The periodic check moves on (no busy loop on a quiet connection).
+        s.handle_timeout(1000);
+        assert_eq!(s.poll_timeout(), Some(2000));
         s.handle_timeout(10_000);
         let mut hb = Vec::new();
         while let Some(x) = s.poll_transmit(10_000) {

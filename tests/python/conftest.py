@@ -17,6 +17,9 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
+# The Stream protocol port of the broker under test (set with the broker).
+_STREAM_PORT = {"port": None}
+
 
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -41,6 +44,8 @@ def _wait_port(port, proc, timeout=30.0):
 def amqp_url():
     url = os.environ.get("WARREN_TEST_URI")
     if url:
+        port = os.environ.get("WARREN_TEST_STREAM_PORT")
+        _STREAM_PORT["port"] = int(port) if port else None
         yield url
         return
     binary = pathlib.Path(os.environ.get("WARREN_BIN", "target/debug/warren"))
@@ -52,12 +57,17 @@ def amqp_url():
     admin_port = _free_port()
     while admin_port == amqp_port:
         admin_port = _free_port()
+    stream_port = _free_port()
+    while stream_port in (amqp_port, admin_port):
+        stream_port = _free_port()
+    _STREAM_PORT["port"] = stream_port
     with tempfile.TemporaryDirectory(prefix="warren-pytest-") as data_dir:
         env = dict(os.environ)
         env.update(
             WARREN_AMQP_PORT=str(amqp_port),
             WARREN_ADMIN_PORT=str(admin_port),
             WARREN_DATA_DIR=data_dir,
+            WARREN_STREAM__LISTENERS__TCP__DEFAULT=str(stream_port),
         )
         log = open(os.path.join(data_dir, "warren.log"), "wb")
         proc = subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
@@ -100,3 +110,12 @@ def uniq():
     def make(prefix="t"):
         return f"pytest.{prefix}.{uuid.uuid4().hex[:16]}"
     return make
+
+
+@pytest.fixture
+def stream_port(amqp_url):
+    """The broker's Stream protocol port (WARREN_TEST_STREAM_PORT with WARREN_TEST_URI)."""
+    port = _STREAM_PORT["port"]
+    if port is None:
+        pytest.skip("WARREN_TEST_URI set without WARREN_TEST_STREAM_PORT")
+    return port

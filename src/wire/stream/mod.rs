@@ -76,7 +76,8 @@ pub mod code {
 }
 
 /// (key, lowest version, highest version) of every command this codec
-/// knows, as the command-version exchange reports them.
+/// knows, as the command-version exchange reports them: in key order from
+/// 1 with no gap (`rstream` reads a key's entry at index key - 1).
 pub const COMMAND_VERSIONS: &[(u16, u16, u16)] = &[
     (key::DECLARE_PUBLISHER, 1, 1),
     (key::PUBLISH, 1, 2),
@@ -259,6 +260,9 @@ mod spec_tests {
             Err(FrameError::TooShort(3))
         );
         assert!(supported(key::PUBLISH, 2) && !supported(key::PUBLISH, 3));
+        for (i, (k, ..)) in COMMAND_VERSIONS.iter().enumerate() {
+            assert_eq!(usize::from(*k), i + 1);
+        }
         assert!(!supported(99, 1));
     }
 }

@@ -126,14 +126,16 @@ pub fn metadata_update(buf: &mut BytesMut, code: u16, stream: &str) {
     });
 }
 
+/// A confirm of `count` publishing ids (what `ids` yields).
 pub fn publish_confirm(
     buf: &mut BytesMut,
     publisher_id: u8,
-    ids: impl ExactSizeIterator<Item = u64>,
+    count: usize,
+    ids: impl Iterator<Item = u64>,
 ) {
     frame(buf, key::PUBLISH_CONFIRM, 1, |b| {
         b.put_u8(publisher_id);
-        b.put_i32(ids.len() as i32);
+        b.put_i32(count as i32);
         for id in ids {
             b.put_u64(id);
         }
@@ -240,7 +242,7 @@ mod tests {
         generic(&mut b, key::DECLARE_PUBLISHER, 7, code::OK);
         assert_eq!(&b[..], &[0, 0, 0, 10, 0x80, 1, 0, 1, 0, 0, 0, 7, 0, 1]);
         b.clear();
-        publish_confirm(&mut b, 3, [1u64, 2].into_iter());
+        publish_confirm(&mut b, 3, 2, [1u64, 2].into_iter());
         assert_eq!(
             &b[..],
             &[

@@ -1,0 +1,279 @@
+//! The RabbitMQ Stream protocol listener (`stream.listeners.tcp`, 5552) and
+//! one task per connection driving a sans-IO [`StreamSession`].
+//!
+//! The task reads the socket into the session, writes what it produces
+//! (deliveries as the stored chunk bytes, without copies, through vectored
+//! writes), fires its timer, and wakes it when a stream it follows commits
+//! more: one small forwarder task per followed stream turns the log's
+//! committed `watch` into a wake-up of the connection.
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::broker::Broker;
+use crate::clock;
+use crate::config::Config;
+use crate::session::stream::{StreamSession, StreamSettings};
+use crate::session::stream_sac::SacRegistry;
+
+/// A running stream listener.
+pub struct StreamServer {
+    pub addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Drop for StreamServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Bind the stream listener on [`Config::stream_tcp_port`] (None: off).
+pub async fn start(
+    config: Arc<Config>,
+    broker: Arc<Broker>,
+) -> std::io::Result<Option<StreamServer>> {
+    let sac: Arc<SacRegistry> = Arc::default();
+    let Some(port) = config.stream_tcp_port() else {
+        return Ok(None);
+    };
+    let (tx, rx) = watch::channel(false);
+    let mut addrs = Vec::new();
+    for listener in super::bind(&config, port).await? {
+        let addr = listener.local_addr()?;
+        tracing::info!(%addr, "stream protocol listener started");
+        addrs.push(addr);
+        tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(&broker),
+            Arc::clone(&config),
+            Arc::clone(&sac),
+            rx.clone(),
+        ));
+    }
+    Ok(Some(StreamServer {
+        addrs,
+        shutdown: tx,
+    }))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+    sac: Arc<SacRegistry>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let (broker, config) = (Arc::clone(&broker), Arc::clone(&config));
+                    let sac = Arc::clone(&sac);
+                    tokio::spawn(async move {
+                        if let Err(e) = run(stream, peer, broker, config, sac).await {
+                            tracing::debug!(%peer, error = %e, "stream connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "stream accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+fn loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Forwarders of the followed streams' commits, by stream.
+struct Watches {
+    notify: Arc<Notify>,
+    tasks: HashMap<String, JoinHandle<()>>,
+}
+
+impl Watches {
+    fn set(&mut self, wanted: Vec<(String, watch::Receiver<u64>)>) {
+        let keep: std::collections::HashSet<&str> =
+            wanted.iter().map(|(k, _)| k.as_str()).collect();
+        self.tasks.retain(|k, t| {
+            let on = keep.contains(k.as_str());
+            if !on {
+                t.abort();
+            }
+            on
+        });
+        for (k, mut rx) in wanted {
+            if self.tasks.contains_key(&k) {
+                continue;
+            }
+            let notify = Arc::clone(&self.notify);
+            let task = tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    notify.notify_one();
+                }
+            });
+            self.tasks.insert(k, task);
+        }
+    }
+}
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        for t in self.tasks.values() {
+            t.abort();
+        }
+    }
+}
+
+/// Write every piece, vectored, in order.
+async fn write_pieces(sock: &mut TcpStream, pieces: &mut Vec<Bytes>) -> std::io::Result<()> {
+    let mut first = 0usize;
+    let mut offset = 0usize;
+    while first < pieces.len() {
+        let n = {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity((pieces.len() - first).min(64));
+            slices.push(IoSlice::new(&pieces[first][offset..]));
+            for p in pieces.iter().skip(first + 1).take(63) {
+                slices.push(IoSlice::new(p));
+            }
+            sock.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut left = n;
+        while left > 0 && first < pieces.len() {
+            let avail = pieces[first].len() - offset;
+            if left >= avail {
+                left -= avail;
+                first += 1;
+                offset = 0;
+            } else {
+                offset += left;
+                left = 0;
+            }
+        }
+        while first < pieces.len() && pieces[first].len() == offset {
+            first += 1;
+            offset = 0;
+        }
+    }
+    pieces.clear();
+    Ok(())
+}
+
+/// Serve one stream connection until it closes.
+pub async fn run(
+    mut sock: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+    sac: Arc<SacRegistry>,
+) -> std::io::Result<()> {
+    let _ = sock.set_nodelay(true);
+    let local = sock.local_addr()?;
+    let settings = StreamSettings {
+        frame_max: config.stream.frame_max,
+        heartbeat: config.stream.heartbeat,
+        advertised_host: config
+            .stream
+            .advertised_host
+            .clone()
+            .unwrap_or_else(|| local.ip().to_string()),
+        advertised_port: config.stream.advertised_port.unwrap_or(local.port()),
+        handshake_timeout_ms: config.handshake_timeout_secs * 1000,
+        sac,
+    };
+    let (sac_tx, mut sac_rx) = tokio::sync::mpsc::unbounded_channel();
+    let id = broker.next_connection_id();
+    // Back-pressure: past the stream store's write buffer limit, no input is
+    // read until the flusher catches up.
+    let streams = broker.streams.clone();
+    let mut session = StreamSession::new(
+        broker,
+        settings,
+        id,
+        loopback(&peer),
+        sac_tx,
+        clock::now_ms(),
+    );
+    let mut watches = Watches {
+        notify: Arc::new(Notify::new()),
+        tasks: HashMap::new(),
+    };
+    let notify = Arc::clone(&watches.notify);
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+    let mut pieces: Vec<Bytes> = Vec::new();
+    let result = loop {
+        let now = clock::now_ms();
+        if let Some(w) = session.watched() {
+            watches.set(w);
+        }
+        // Write what is queued; deliveries continue while the budget allows.
+        loop {
+            while let Some(b) = session.poll_transmit(now) {
+                pieces.push(b);
+            }
+            if pieces.is_empty() {
+                break;
+            }
+            write_pieces(&mut sock, &mut pieces).await?;
+            if !session.poll_deliveries(now) && !session.has_output() {
+                break;
+            }
+        }
+        if session.is_closed() {
+            break Ok(());
+        }
+        let deadline = session
+            .poll_timeout()
+            .map(|t| t.saturating_sub(clock::now_ms()))
+            .unwrap_or(60_000);
+        if rbuf.capacity() - rbuf.len() < 16 * 1024 {
+            rbuf.reserve(64 * 1024);
+        }
+        let full = streams.as_ref().is_some_and(|s| !s.has_room());
+        tokio::select! {
+            _ = async {
+                if let Some(s) = &streams {
+                    s.ready().await
+                }
+            }, if full => {}
+            r = sock.read_buf(&mut rbuf), if !full => match r {
+                Ok(0) => {
+                    session.handle_eof();
+                    break Ok(());
+                }
+                Ok(_) => session.handle_input(&mut rbuf, clock::now_ms()),
+                Err(e) => break Err(e),
+            },
+            _ = notify.notified() => session.handle_committed(clock::now_ms()),
+            Some(ev) = sac_rx.recv() => session.handle_sac(ev),
+            _ = tokio::time::sleep(Duration::from_millis(deadline)) => session.handle_timeout(clock::now_ms()),
+        }
+    };
+    if let Some(reason) = &session.close_reason {
+        tracing::debug!(%peer, user = session.user().unwrap_or(""), reason, "stream connection closed");
+    }
+    let _ = sock.shutdown().await;
+    result
+}
