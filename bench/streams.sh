@@ -38,7 +38,7 @@ start_target() { # target
   else
     sport=5690 aport=5691
     data=$(mktemp -d /tmp/warren-sbench.XXXXXX)
-    WARREN_AMQP_PORT=$aport WARREN_STREAM_PORT=$sport WARREN_ADMIN_ENABLED=false \
+    WARREN_AMQP_PORT=$aport WARREN_STREAM__LISTENERS__TCP__DEFAULT=$sport WARREN_ADMIN_ENABLED=false \
       WARREN_DATA_DIR=$data $pin_b "$t" >"$data.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$sport) 2>/dev/null && break; sleep 0.1; done
