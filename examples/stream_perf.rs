@@ -148,7 +148,7 @@ async fn amqp_consume(a: &Args) -> Res<u64> {
         match tokio::time::timeout(Duration::from_secs(30), consumer.next()).await {
             Ok(Some(Ok(d))) => {
                 n += 1;
-                if n % 100 == 0 || n == a.messages {
+                if n.is_multiple_of(100) || n == a.messages {
                     d.acker.ack(BasicAckOptions { multiple: true }).await?;
                 }
             }

@@ -20,25 +20,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 fn broker() -> (SocketAddr, SocketAddr) {
     static ADDRS: std::sync::OnceLock<(SocketAddr, SocketAddr)> = std::sync::OnceLock::new();
     *ADDRS.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let dir = common::process::data_dir("stream-protocol");
-                let mut config = warren::Config::for_tests(dir);
-                config.admin_enabled = false;
-                let w = warren::start(config).await.expect("broker starts");
-                let stream = w.stream_addr().expect("stream listener");
-                tx.send((w.amqp_addr(), stream)).expect("send");
-                std::future::pending::<()>().await;
-                drop(w);
-            });
-        });
-        rx.recv().expect("broker addresses")
+        let dir = common::process::data_dir("stream-protocol");
+        let mut config = warren::Config::for_tests(dir);
+        config.admin_enabled = false;
+        common::spawn_broker(config, |w| {
+            (w.amqp_addr(), w.stream_addr().expect("stream listener"))
+        })
     })
 }
 

@@ -46,27 +46,37 @@ fn embedded_uri() -> &'static str {
                 .with_writer(std::io::stderr)
                 .try_init();
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let dir = std::env::temp_dir().join(format!("warren-test-{}", std::process::id()));
-                let _ = std::fs::remove_dir_all(&dir);
-                let mut config = warren::Config::for_tests(dir);
-                config.admin_enabled = false;
-                let broker = warren::start(config).await.expect("embedded broker starts");
-                tx.send(broker.amqp_addr()).expect("send addr");
-                std::future::pending::<()>().await;
-                drop(broker);
-            });
-        });
-        let addr = rx.recv().expect("embedded broker address");
+        let dir = std::env::temp_dir().join(format!("warren-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut config = warren::Config::for_tests(dir);
+        config.admin_enabled = false;
+        let addr = spawn_broker(config, |w| w.amqp_addr());
         format!("amqp://guest:guest@{addr}/%2f")
     })
+}
+
+/// Start a broker with `config` on its own thread and runtime, running until the
+/// test process ends (so it outlives every test's runtime), and return what `pick`
+/// reads from it (its addresses).
+pub fn spawn_broker<T: Send + 'static>(
+    config: warren::Config,
+    pick: impl FnOnce(&warren::Warren) -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let broker = warren::start(config).await.expect("broker starts");
+            tx.send(pick(&broker)).expect("send the broker's addresses");
+            std::future::pending::<()>().await;
+            drop(broker);
+        });
+    });
+    rx.recv().expect("the broker's addresses")
 }
 
 /// Parsed pieces of an `amqp://user:pass@host:port/vhost` URI.
