@@ -29,9 +29,7 @@ use crate::broker::auth::{Access, User};
 use crate::broker::vhost::VHost;
 use crate::broker::{Broker, LoginError};
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
-use crate::storage::stream::{
-    OffsetSpec as LogOffset, StreamError, StreamLog, StreamMessage, StreamReader,
-};
+use crate::storage::stream::{StreamError, StreamLog, StreamMessage, StreamReader};
 use crate::wire::stream::{
     check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
 };
@@ -835,7 +833,7 @@ impl StreamSession {
                     .find(|s| s.awaiting == Some(correlation_id));
                 if let Some(sub) = sub {
                     sub.awaiting = None;
-                    sub.reader = Some(sub.log.reader(log_offset(offset)));
+                    sub.reader = Some(sub.log.reader(offset));
                     self.poll_deliveries(now_ms);
                 }
             }
@@ -977,7 +975,7 @@ impl StreamSession {
                     .join(key.clone(), self.connection_id, id, self.sac_tx.clone());
             group = Some(key);
         } else {
-            reader = Some(log.reader(log_offset(offset)));
+            reader = Some(log.reader(offset));
         }
         let values: Vec<String> = properties
             .iter()
@@ -1271,16 +1269,6 @@ impl Drop for StreamSession {
         for (id, sub) in &self.subscriptions {
             self.leave_group(*id, sub);
         }
-    }
-}
-
-fn log_offset(o: OffsetSpec) -> LogOffset {
-    match o {
-        OffsetSpec::First => LogOffset::First,
-        OffsetSpec::Last => LogOffset::Last,
-        OffsetSpec::Next => LogOffset::Next,
-        OffsetSpec::Offset(o) => LogOffset::Offset(o),
-        OffsetSpec::Timestamp(t) => LogOffset::Timestamp(t),
     }
 }
 

@@ -39,21 +39,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-/// Where a reader starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OffsetSpec {
-    /// The oldest chunk still kept.
-    First,
-    /// The last chunk written (its first offset).
-    Last,
-    /// What is written from now on.
-    Next,
-    /// This offset (the first kept one if it is older; the next one if it is
-    /// not written yet).
-    Offset(u64),
-    /// The first chunk whose timestamp (ms since the epoch) is at or after this.
-    Timestamp(i64),
-}
+/// Where a reader starts: the Stream protocol's offset specification, which the
+/// AMQP 0-9-1 `x-stream-offset` argument is also read into.
+pub use crate::wire::stream::OffsetSpec;
 
 /// One message to append.
 #[derive(Debug, Clone)]

@@ -9,14 +9,19 @@ use nom::IResult;
 
 use super::{key, supported, ParseFailure};
 
-/// Where a subscription starts.
+/// Where a subscription (or any stream reader) starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OffsetSpec {
+    /// The oldest chunk still kept.
     First,
+    /// The last chunk written (its first offset).
     Last,
+    /// What is written from now on.
     Next,
+    /// This offset (the first kept one if it is older; the next one if it is
+    /// not written yet).
     Offset(u64),
-    /// Milliseconds since the epoch.
+    /// The first chunk whose timestamp (ms since the epoch) is at or after this.
     Timestamp(i64),
 }
 
