@@ -890,7 +890,26 @@ impl StreamSession {
         code::OK
     }
 
-    fn publish(&mut self, publisher_id: u8, messages: Vec<Published>, now_ms: u64) {
+    fn publish(&mut self, publisher_id: u8, mut messages: Vec<Published>, now_ms: u64) {
+        // A sub-entry batch RabbitMQ would not store (unknown codec, no
+        // records, sizes that cannot hold them) is refused with a publish
+        // error, and so is the rest of the frame (no gap in the ids).
+        let refused = messages
+            .iter()
+            .position(|m| m.sub_batch.is_some_and(|b| !b.is_valid(&m.data)))
+            .filter(|_| self.publishers.contains_key(&publisher_id))
+            .map(|i| messages.split_off(i));
+        if let Some(refused) = refused {
+            let errors: Vec<(u64, u16)> = refused
+                .iter()
+                .map(|m| (m.publishing_id, code::PRECONDITION_FAILED))
+                .collect();
+            if !messages.is_empty() {
+                self.publish(publisher_id, messages, now_ms);
+            }
+            response::publish_error(&mut self.out, publisher_id, &errors);
+            return;
+        }
         let Some(p) = self.publishers.get_mut(&publisher_id) else {
             let errors: Vec<(u64, u16)> = messages
                 .iter()
@@ -909,6 +928,7 @@ impl StreamSession {
                     .reference
                     .as_ref()
                     .map(|r| (Arc::clone(r), m.publishing_id)),
+                batch: m.sub_batch,
             })
             .collect();
         match p.log.append(batch, now_ms as i64) {

@@ -145,6 +145,7 @@ impl Queue {
             data,
             filter,
             publisher: None,
+            batch: None,
         };
         match sq.log.append(vec![m], now as i64) {
             Ok(_) => {

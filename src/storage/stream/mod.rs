@@ -42,6 +42,7 @@ use std::sync::Arc;
 /// Where a reader starts: the Stream protocol's offset specification, which the
 /// AMQP 0-9-1 `x-stream-offset` argument is also read into.
 pub use crate::wire::stream::OffsetSpec;
+pub use crate::wire::stream::SubBatch;
 
 /// One message to append.
 #[derive(Debug, Clone)]
@@ -53,6 +54,9 @@ pub struct StreamMessage {
     /// (publisher reference, publishing id): deduplicated against the last id
     /// stored for the reference.
     pub publisher: Option<(Arc<str>, u64)>,
+    /// Set when `data` is a Stream protocol sub-entry batch: stored as one
+    /// entry holding `records` messages (one offset each).
+    pub batch: Option<SubBatch>,
 }
 
 /// What an append did.
@@ -138,18 +142,11 @@ impl Chunk {
             || (match_unfiltered && chunk::bloom_contains(&self.bloom, ""))
     }
 
-    /// The simple entries with their offsets (a sub-batch entry advances the
-    /// offset by its record count and is not yielded).
-    pub fn entries(&self) -> impl Iterator<Item = (u64, Bytes)> {
-        let mut offset = self.first_offset;
-        chunk::entries(self.data()).filter_map(move |e| {
-            let at = offset;
-            offset += e.records();
-            match e {
-                chunk::Entry::Simple(b) => Some((at, b)),
-                chunk::Entry::SubBatch { .. } => None,
-            }
-        })
+    /// The messages with their offsets: each simple entry, and each record
+    /// of a sub-batch entry (uncompressed or gzip; a batch of another codec
+    /// is skipped, its offsets too, as RabbitMQ's AMQP 0-9-1 readers do).
+    pub fn entries(&self) -> chunk::Records {
+        chunk::Records::new(self.data(), self.first_offset)
     }
 }
 
@@ -314,6 +311,7 @@ struct Pending {
     data: Bytes,
     filter: Option<String>,
     publisher: Option<(Arc<str>, u64)>,
+    batch: Option<SubBatch>,
     timestamp: i64,
 }
 
@@ -388,13 +386,14 @@ impl StreamLog {
                 }
             }
             bytes += m.data.len() as u64;
+            s.next_offset += m.batch.map_or(1, |b| u64::from(b.records));
             s.pending.push(Pending {
                 data: m.data,
                 filter: m.filter,
                 publisher: m.publisher,
+                batch: m.batch,
                 timestamp: timestamp_ms,
             });
-            s.next_offset += 1;
         }
         let first_offset = if s.next_offset == first {
             s.next_offset
@@ -1032,10 +1031,15 @@ fn write_all(
         refs.clear();
         filters.clear();
         let mut n = 0usize;
+        let mut records = 0u32;
         let mut ts = w.last_timestamp;
         while let Some(m) = it.next_if(|_| n < CHUNK_MAX_ENTRIES && data.len() < CHUNK_TARGET_BYTES)
         {
-            chunk::put_simple_entry(&mut data, &m.data);
+            match &m.batch {
+                None => chunk::put_simple_entry(&mut data, &m.data),
+                Some(b) => chunk::put_sub_batch_entry(&mut data, b, &m.data),
+            }
+            records += m.batch.map_or(1, |b| u32::from(b.records));
             ts = ts.max(m.timestamp);
             filters.push(m.filter);
             if let Some((r, id)) = m.publisher {
@@ -1070,7 +1074,7 @@ fn write_all(
             chunk::TYPE_USER,
             id,
             ts,
-            (n as u16, n as u32),
+            (n as u16, records),
             &bloom,
             &data,
             &trailer,

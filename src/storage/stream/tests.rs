@@ -18,6 +18,7 @@ fn msg(s: &str) -> StreamMessage {
         data: Bytes::copy_from_slice(s.as_bytes()),
         filter: None,
         publisher: None,
+        batch: None,
     }
 }
 
@@ -290,6 +291,127 @@ fn bloom_filters_chunks_and_raw_leaves_it_out() {
     assert!(c.bloom.is_empty());
     assert!(!c.may_match(&["emea"], false));
     assert!(c.may_match(&["emea"], true));
+    store.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A sub-entry batch of `bodies` (records `size:32, bytes`), compressed with
+/// `compression` (0 none, 1 gzip; others: the bytes are left as they are).
+fn batch(bodies: &[&str], compression: u8, reference: Option<(&str, u64)>) -> StreamMessage {
+    use std::io::Write;
+    let mut raw = Vec::new();
+    for b in bodies {
+        raw.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        raw.extend_from_slice(b.as_bytes());
+    }
+    let data = if compression == 1 {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&raw).expect("gzip");
+        e.finish().expect("gzip")
+    } else {
+        raw.clone()
+    };
+    StreamMessage {
+        data: Bytes::from(data),
+        filter: None,
+        publisher: reference.map(|(r, id)| (Arc::from(r), id)),
+        batch: Some(SubBatch {
+            compression,
+            records: bodies.len() as u16,
+            uncompressed_len: raw.len() as u32,
+        }),
+    }
+}
+
+#[test]
+fn sub_batches_are_one_entry_with_an_offset_per_record() {
+    let dir = tmp("subbatch");
+    {
+        let store = StreamStore::open(&dir).expect("open");
+        let log = store.open_log("k", retention(400)).expect("log");
+        let a = log
+            .append(
+                vec![
+                    msg("a"),
+                    batch(&["b", "c", "d"], 0, Some(("p", 1))),
+                    batch(&["e", "f"], 1, Some(("p", 2))),
+                    // Snappy: stored and counted, not readable here.
+                    batch(&["g", "h"], 2, None),
+                    msg("i"),
+                ],
+                1_000,
+            )
+            .expect("append");
+        assert_eq!((a.first_offset, a.next_offset), (0, 9));
+        // The batch's one publishing id deduplicates it whole.
+        let d = log
+            .append(vec![batch(&["x", "y"], 0, Some(("p", 2)))], 1_000)
+            .expect("append");
+        assert_eq!((d.duplicates, d.next_offset), (vec![0], 9));
+        log.wait_committed_blocking();
+        assert_eq!(log.publisher_sequence("p"), 2);
+        let mut r = log.reader(OffsetSpec::First);
+        let c = r.next_chunk().expect("read").expect("chunk");
+        assert_eq!((c.num_entries, c.num_records), (5, 9));
+        assert_eq!(
+            read_all(&log, OffsetSpec::First),
+            vec![
+                (0, "a".into()),
+                (1, "b".into()),
+                (2, "c".into()),
+                (3, "d".into()),
+                (4, "e".into()),
+                (5, "f".into()),
+                (8, "i".into()),
+            ]
+        );
+        // An offset inside a batch: the chunk whole, the reader skips before.
+        assert_eq!(read_all(&log, OffsetSpec::Offset(5))[0], (5, "f".into()));
+        log.append(vec![batch(&["j", "k"], 1, None)], 2_000)
+            .expect("append");
+        log.wait_committed_blocking();
+        assert_eq!(
+            read_all(&log, OffsetSpec::Last),
+            vec![(9, "j".into()), (10, "k".into())]
+        );
+        assert_eq!(read_all(&log, OffsetSpec::Timestamp(1_500))[0].0, 9);
+        let st = log.stats();
+        assert_eq!(
+            (
+                st.first_offset,
+                st.last_offset,
+                st.committed_offset,
+                st.messages
+            ),
+            (0, 9, 11, 11)
+        );
+        store.shutdown();
+    }
+    // Recovery counts records, not entries: offsets and sequences continue.
+    let store = StreamStore::open(&dir).expect("open");
+    let log = store.open_log("k", retention(400)).expect("log");
+    assert_eq!(*log.committed().borrow(), 11);
+    assert_eq!(log.publisher_sequence("p"), 2);
+    let a = log.append(vec![msg("l")], 3_000).expect("append");
+    assert_eq!(a.first_offset, 11);
+    log.wait_committed_blocking();
+    assert_eq!(read_all(&log, OffsetSpec::Last), vec![(11, "l".into())]);
+    // Retention drops whole segments; offsets of what stays are unchanged.
+    for i in 0..20 {
+        log.append(vec![batch(&["m", "n"], 0, None)], 4_000 + i)
+            .expect("append");
+        log.wait_committed_blocking();
+    }
+    log.set_retention(Retention {
+        max_bytes: Some(600),
+        ..retention(400)
+    });
+    assert!(log.apply_retention(10_000) > 0);
+    let st = log.stats();
+    assert!(st.first_offset > 0);
+    let first = read_all(&log, OffsetSpec::First);
+    assert_eq!(first[0].0, st.first_offset);
+    assert_eq!(first.last().map(|x| x.0), Some(st.committed_offset - 1));
     store.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }

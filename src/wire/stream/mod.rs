@@ -14,7 +14,7 @@
 pub mod request;
 pub mod response;
 
-pub use request::{OffsetSpec, Published, Request};
+pub use request::{OffsetSpec, Published, Request, SubBatch};
 
 /// Command keys.
 pub mod key {

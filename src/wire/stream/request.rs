@@ -25,14 +25,80 @@ pub enum OffsetSpec {
     Timestamp(i64),
 }
 
-/// One message of a publish frame.
+/// One entry of a publish frame: a message, or a sub-entry batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
     pub publishing_id: u64,
     /// Version 2 only.
     pub filter_value: Option<String>,
-    /// The entry as the client encoded it (normally an AMQP 1.0 message).
+    /// The entry as the client encoded it: normally an AMQP 1.0 message; for
+    /// a sub-entry batch, its records as sent (maybe compressed).
     pub data: Bytes,
+    /// Set for a sub-entry batch (version 1 only): several messages under
+    /// one publishing id, stored as one entry and sent to consumers as is.
+    pub sub_batch: Option<SubBatch>,
+}
+
+/// The header of a sub-entry batch (`1:1, compression:3, reserved:4,
+/// records:16, uncompressed length:32`, then the data's length and bytes).
+/// The records inside are `size:32, bytes` each, compressed as a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubBatch {
+    /// 0 none, 1 gzip, 2 snappy, 3 lz4, 4 zstd (as the clients number them).
+    pub compression: u8,
+    pub records: u16,
+    pub uncompressed_len: u32,
+}
+
+/// Compression types of sub-entry batches (as the clients number them).
+pub mod compression {
+    pub const NONE: u8 = 0;
+    pub const GZIP: u8 = 1;
+    pub const SNAPPY: u8 = 2;
+    pub const LZ4: u8 = 3;
+    pub const ZSTD: u8 = 4;
+}
+
+/// Largest uncompressed size a sub-entry batch may declare (RabbitMQ's
+/// default limit, 64 MiB).
+pub const MAX_SUB_BATCH_UNCOMPRESSED: u32 = 64 << 20;
+
+impl SubBatch {
+    /// Whether RabbitMQ would store this batch with `data` (a well-formed
+    /// frame can still carry one it refuses with a publish error): a known
+    /// compression type (0 to 4), at least one record, at most
+    /// [`MAX_SUB_BATCH_UNCOMPRESSED`] bytes uncompressed, room for every
+    /// record's 4-byte size, and data unless uncompressed and empty.
+    /// Uncompressed batches must also be exactly `records` well-formed
+    /// records of `uncompressed_len` bytes (readers split them).
+    pub fn is_valid(&self, data: &[u8]) -> bool {
+        if self.compression > compression::ZSTD
+            || self.records == 0
+            || self.uncompressed_len > MAX_SUB_BATCH_UNCOMPRESSED
+            || u64::from(self.records) * 4 > u64::from(self.uncompressed_len)
+            || data.is_empty()
+        {
+            return false;
+        }
+        if self.compression != compression::NONE {
+            return true;
+        }
+        if data.len() != self.uncompressed_len as usize {
+            return false;
+        }
+        let mut rest = data;
+        for _ in 0..self.records {
+            let Some((size, tail)) = rest.split_first_chunk::<4>() else {
+                return false;
+            };
+            let size = u32::from_be_bytes(*size);
+            if size & 0x8000_0000 != 0 || tail.len() < size as usize {
+                return false;
+            }
+            rest = &tail[size as usize..];
+        }
+        rest.is_empty()
+    }
 }
 
 /// A frame a client sends.
@@ -322,14 +388,34 @@ fn parse_content<'a>(
             let (i, messages) = array(i, min, |i| {
                 let (i, publishing_id) = be_u64(i)?;
                 let (i, filter_value) = if version == 2 { nstring(i)? } else { (i, None) };
-                let (i, len) = be_i32(i)?;
-                if len < 0 {
-                    // A sub-entry batch (top bit set) or garbage.
-                    return Err(nom::Err::Error(nom::error::Error::new(
-                        i,
-                        nom::error::ErrorKind::Verify,
-                    )));
-                }
+                let (i, sub_batch, len) = match i.first() {
+                    Some(b) if b & 0x80 != 0 && version == 1 => {
+                        // A sub-entry batch: `1:1, compression:3,
+                        // reserved:4, records:16, uncompressed length:32,
+                        // length:32, data`.
+                        let (i, kind) = be_u8(i)?;
+                        let (i, records) = be_u16(i)?;
+                        let (i, uncompressed_len) = be_u32(i)?;
+                        let (i, len) = be_u32(i)?;
+                        let sb = SubBatch {
+                            compression: (kind >> 4) & 0x07,
+                            records,
+                            uncompressed_len,
+                        };
+                        (i, Some(sb), len)
+                    }
+                    Some(b) if b & 0x80 != 0 => {
+                        // Publish v2 (filtering) carries no sub-entry batches.
+                        return Err(nom::Err::Error(nom::error::Error::new(
+                            i,
+                            nom::error::ErrorKind::Verify,
+                        )));
+                    }
+                    _ => {
+                        let (i, len) = be_u32(i)?;
+                        (i, None, len)
+                    }
+                };
                 let (i, data) = take(len as usize)(i)?;
                 Ok((
                     i,
@@ -337,6 +423,7 @@ fn parse_content<'a>(
                         publishing_id,
                         filter_value,
                         data: frame.slice_ref(data),
+                        sub_batch,
                     },
                 ))
             })?;
@@ -743,7 +830,15 @@ impl Request {
                     if *version == 2 {
                         put_nstring(b, m.filter_value.as_deref());
                     }
-                    b.put_i32(m.data.len() as i32);
+                    match m.sub_batch {
+                        None => b.put_u32(m.data.len() as u32 & 0x7fff_ffff),
+                        Some(sb) => {
+                            b.put_u8(0x80 | (sb.compression & 0x07) << 4);
+                            b.put_u16(sb.records);
+                            b.put_u32(sb.uncompressed_len);
+                            b.put_u32(m.data.len() as u32);
+                        }
+                    }
                     b.put_slice(&m.data);
                 }
             }),
@@ -992,11 +1087,23 @@ mod tests {
                         publishing_id: 7,
                         filter_value: None,
                         data: Bytes::from_static(b"abc"),
+                        sub_batch: None,
                     },
                     Published {
                         publishing_id: 8,
                         filter_value: None,
                         data: Bytes::new(),
+                        sub_batch: None,
+                    },
+                    Published {
+                        publishing_id: 9,
+                        filter_value: None,
+                        data: Bytes::from_static(b"gz"),
+                        sub_batch: Some(SubBatch {
+                            compression: compression::GZIP,
+                            records: 3,
+                            uncompressed_len: 40,
+                        }),
                     },
                 ],
             },
@@ -1007,6 +1114,7 @@ mod tests {
                     publishing_id: 7,
                     filter_value: Some(s("eu")),
                     data: Bytes::from_static(b"abc"),
+                    sub_batch: None,
                 }],
             },
             Request::QueryPublisherSequence {
@@ -1183,6 +1291,7 @@ mod tests {
                 publishing_id: 1,
                 filter_value: None,
                 data: Bytes::from_static(b"xyz"),
+                sub_batch: None,
             }],
         }
         .to_frame();
@@ -1215,15 +1324,94 @@ mod tests {
             0, 0, 0, 9, 0, 2, 0, 1, 0, 0x7f, 0xff, 0xff, 0xff
         ]))
         .is_err());
-        // A sub-entry batch (negative length) is refused.
+        // A sub-entry batch in publish v1 parses (its data a slice of the
+        // frame) and re-encodes to the same bytes; in v2 it is refused.
         let mut b = BytesMut::new();
         frame(&mut b, key::PUBLISH, 1, |b| {
-            b.put_u8(0);
+            b.put_u8(3);
             b.put_i32(1);
-            b.put_u64(1);
-            b.put_u32(0x8000_0001);
-            b.put_u8(0);
+            b.put_u64(7);
+            b.put_u8(0x80 | 1 << 4);
+            b.put_u16(2);
+            b.put_u32(100);
+            b.put_u32(3);
+            b.put_slice(b"abc");
         });
-        assert!(parse(&b.freeze()).is_err());
+        let f = b.freeze();
+        let Ok(r @ Request::Publish { .. }) = parse(&f) else {
+            panic!("sub-entry publish parses");
+        };
+        let Request::Publish { messages, .. } = &r else {
+            unreachable!()
+        };
+        assert_eq!(
+            messages[0].sub_batch,
+            Some(SubBatch {
+                compression: compression::GZIP,
+                records: 2,
+                uncompressed_len: 100
+            })
+        );
+        assert_eq!(messages[0].publishing_id, 7);
+        assert_eq!(messages[0].data.as_ptr(), f[f.len() - 3..].as_ptr());
+        assert_eq!(r.to_frame(), f);
+        let mut v2 = BytesMut::new();
+        frame(&mut v2, key::PUBLISH, 2, |b| {
+            b.put_u8(3);
+            b.put_i32(1);
+            b.put_u64(7);
+            b.put_i16(-1);
+            b.put_u8(0x80);
+            b.put_u16(1);
+            b.put_u32(5);
+            b.put_u32(5);
+            b.put_slice(&[0, 0, 0, 1, 9]);
+        });
+        assert!(parse(&v2.freeze()).is_err());
+        // Lengths past the frame: malformed.
+        for cut in 1..=12 {
+            let short = f.slice(..f.len() - cut);
+            let mut g = BytesMut::from(&short[..]);
+            let n = (g.len() - 4) as u32;
+            g[..4].copy_from_slice(&n.to_be_bytes());
+            assert!(parse(&g.freeze()).is_err(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn sub_batch_validity_is_rabbitmqs() {
+        let sb = |compression, records, uncompressed_len| SubBatch {
+            compression,
+            records,
+            uncompressed_len,
+        };
+        // Two uncompressed records: 4 + 1 and 4 + 0 bytes.
+        let none = [0, 0, 0, 1, b'x', 0, 0, 0, 0];
+        assert!(sb(0, 2, 9).is_valid(&none));
+        assert!(
+            !sb(0, 3, 9).is_valid(&none),
+            "more records than the data holds"
+        );
+        assert!(
+            !sb(0, 1, 9).is_valid(&none),
+            "fewer records than the data holds"
+        );
+        assert!(!sb(0, 2, 10).is_valid(&none), "length differs");
+        assert!(
+            !sb(0, 1, 5).is_valid(&[0x80, 0, 0, 1, 1]),
+            "top bit in a record"
+        );
+        // Compressed: only the header is checked (RabbitMQ's rules).
+        for c in 1..=4 {
+            assert!(sb(c, 2, 100).is_valid(b"zz"));
+        }
+        for c in 5..=7 {
+            assert!(!sb(c, 1, 40).is_valid(b"0123456789"), "compression {c}");
+        }
+        assert!(!sb(1, 0, 40).is_valid(b"x"), "no records");
+        assert!(!sb(1, 100, 10).is_valid(b"x"), "records cannot fit");
+        assert!(!sb(1, 1, 40).is_valid(b""), "empty data");
+        assert!(sb(4, 65535, MAX_SUB_BATCH_UNCOMPRESSED).is_valid(b"tiny"));
+        assert!(!sb(1, 1, MAX_SUB_BATCH_UNCOMPRESSED + 1).is_valid(b"x"));
     }
 }
