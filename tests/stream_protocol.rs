@@ -790,3 +790,125 @@ async fn raw_stats_and_metadata_update_on_delete() {
     assert_eq!(&f[4..6], &6u16.to_be_bytes());
     assert_eq!(&f[6..], &s16(&s)[..]);
 }
+
+/// Single active consumer on a super stream: a group's consumers spread
+/// over the partitions (`partition index % consumers`) and rebalance when
+/// one joins or leaves, the stepping-down consumer told first.
+#[tokio::test(flavor = "multi_thread")]
+async fn super_stream_single_active_consumers_rebalance() {
+    use rabbitmq_stream_client::types::SuperStreamConsumer;
+    let env = env().await;
+    let ss = uniq("sacss");
+    t(env.stream_creator().create_super_stream(&ss, 3, None))
+        .await
+        .expect("create super stream");
+    let parts: Vec<String> = (0..3).map(|i| format!("{ss}-{i}")).collect();
+    let mut producers = Vec::new();
+    for p in &parts {
+        producers.push(t(env.producer().build(p)).await.expect("producer"));
+    }
+    let send = |round: usize| {
+        let producers = &producers;
+        async move {
+            for (i, p) in producers.iter().enumerate() {
+                t(p.send_with_confirm(Message::builder().body(format!("{round}:{i}")).build()))
+                    .await
+                    .expect("send");
+            }
+        }
+    };
+    // Each consumer's state changes, as its client saw them: (partition, active).
+    let updates: std::sync::Arc<parking_lot::Mutex<Vec<(String, String, u8)>>> =
+        std::sync::Arc::default();
+    let build = |who: &'static str| {
+        let env = &env;
+        let ss = ss.clone();
+        let updates = std::sync::Arc::clone(&updates);
+        async move {
+            t(env
+                .super_stream_consumer()
+                .name("group")
+                .enable_single_active_consumer(true)
+                .offset(OffsetSpecification::First)
+                .consumer_update(move |active, ctx| {
+                    updates.lock().push((who.to_string(), ctx.stream(), active));
+                    async { OffsetSpecification::First }
+                })
+                .build(&ss))
+            .await
+            .expect("super stream consumer")
+        }
+    };
+    /// The next `n` deliveries: (partition, body).
+    async fn take(c: &mut SuperStreamConsumer, n: usize) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            let d = t(c.next()).await.expect("delivery").expect("ok delivery");
+            out.push((d.stream().clone(), body(d.message())));
+        }
+        out.sort();
+        out
+    }
+    async fn quiet(c: &mut SuperStreamConsumer) -> bool {
+        tokio::time::timeout(Duration::from_millis(300), c.next())
+            .await
+            .is_err()
+    }
+    let mut a = build("a").await;
+    send(0).await;
+    // Alone in the group, `a` reads every partition.
+    let got = take(&mut a, 3).await;
+    assert_eq!(
+        got.iter().map(|x| x.1.as_str()).collect::<Vec<_>>(),
+        ["0:0", "0:1", "0:2"]
+    );
+    // `b` joins: partition 1 (1 % 2) moves to it; `a` keeps 0 and 2 (0 % 2,
+    // 2 % 2). `b` starts partition 1 from the offset it answered (first).
+    let mut b = build("b").await;
+    let got = take(&mut b, 1).await;
+    assert_eq!(got, vec![(parts[1].clone(), "0:1".to_string())]);
+    {
+        let u = updates.lock();
+        let a_down: Vec<_> = u.iter().filter(|x| x.0 == "a" && x.2 == 0).collect();
+        assert_eq!(a_down.len(), 1, "a stepped down once: {u:?}");
+        assert_eq!(a_down[0].1, parts[1]);
+        let pos_down = u.iter().position(|x| x.0 == "a" && x.2 == 0);
+        let pos_up = u.iter().position(|x| x.0 == "b" && x.2 == 1);
+        assert!(
+            pos_down < pos_up,
+            "the stepping-down one is told first: {u:?}"
+        );
+        assert_eq!(u.iter().filter(|x| x.0 == "b").count(), 1, "{u:?}");
+    }
+    send(1).await;
+    assert_eq!(
+        take(&mut a, 2).await,
+        vec![
+            (parts[0].clone(), "1:0".to_string()),
+            (parts[2].clone(), "1:2".to_string())
+        ]
+    );
+    assert_eq!(
+        take(&mut b, 1).await,
+        vec![(parts[1].clone(), "1:1".to_string())]
+    );
+    assert!(quiet(&mut a).await && quiet(&mut b).await);
+    // `a` leaves: `b` gets partitions 0 and 2 (from first, as it answers).
+    a.handle().close().await.expect("close a");
+    let got = take(&mut b, 4).await;
+    assert_eq!(
+        got,
+        vec![
+            (parts[0].clone(), "0:0".to_string()),
+            (parts[0].clone(), "1:0".to_string()),
+            (parts[2].clone(), "0:2".to_string()),
+            (parts[2].clone(), "1:2".to_string()),
+        ]
+    );
+    send(2).await;
+    assert_eq!(take(&mut b, 3).await.len(), 3);
+    let _ = b.handle().close().await;
+    for p in producers {
+        let _ = p.close().await;
+    }
+}

@@ -101,6 +101,9 @@ struct Subscription {
     sac: Option<GroupKey>,
     /// The correlation id of the consumer update it waits an answer for.
     awaiting: Option<u32>,
+    /// That consumer update told it to step down (its answer goes to the
+    /// group, not to a reader).
+    stepping_down: bool,
     /// Stream filtering (`filter.N` values, `match-unfiltered`): chunks whose
     /// bloom filter rules them out are skipped (clients filter the rest).
     filter: Option<(Vec<String>, bool)>,
@@ -667,7 +670,7 @@ impl StreamSession {
                 response::generic(&mut self.out, key::SUBSCRIBE, correlation_id, c);
                 // The consumer update follows the subscribe response.
                 if let Some(id) = self.pending_activation.take() {
-                    self.activate(id);
+                    self.activate(id, true);
                 }
                 if c == code::OK {
                     self.poll_deliveries(now_ms);
@@ -829,12 +832,18 @@ impl StreamSession {
             } => {
                 let sub = self
                     .subscriptions
-                    .values_mut()
-                    .find(|s| s.awaiting == Some(correlation_id));
-                if let Some(sub) = sub {
+                    .iter_mut()
+                    .find(|(_, s)| s.awaiting == Some(correlation_id));
+                if let Some((&id, sub)) = sub {
                     sub.awaiting = None;
-                    sub.reader = Some(sub.log.reader(offset));
-                    self.poll_deliveries(now_ms);
+                    if std::mem::take(&mut sub.stepping_down) {
+                        if let Some(key) = &sub.sac {
+                            self.settings.sac.stepped_down(key, self.connection_id, id);
+                        }
+                    } else {
+                        sub.reader = Some(sub.log.reader(offset));
+                        self.poll_deliveries(now_ms);
+                    }
                 }
             }
             Request::CloseResponse { .. } => {}
@@ -989,10 +998,17 @@ impl StreamSession {
                 return code::PRECONDITION_FAILED;
             };
             let key: GroupKey = (v.name.to_string(), stream.to_owned(), name.to_owned());
-            activate =
-                self.settings
-                    .sac
-                    .join(key.clone(), self.connection_id, id, self.sac_tx.clone());
+            // A super stream's partition: its index picks the group's active
+            // member (RabbitMQ's `partition index % consumers`).
+            let partition = prop("super-stream")
+                .and_then(|ss| self.partitions(ss).1.iter().position(|p| p == stream));
+            activate = self.settings.sac.join(
+                key.clone(),
+                self.connection_id,
+                id,
+                partition,
+                self.sac_tx.clone(),
+            );
             group = Some(key);
         } else {
             reader = Some(log.reader(offset));
@@ -1013,6 +1029,7 @@ impl StreamSession {
                 credit: u32::from(credit),
                 sac: group,
                 awaiting: None,
+                stepping_down: false,
                 filter,
             },
         );
@@ -1025,19 +1042,27 @@ impl StreamSession {
 
     /// A subscription of this connection became its group's active consumer.
     pub fn handle_sac(&mut self, event: SacEvent) {
-        let SacEvent::Activate { subscription_id } = event;
-        self.activate(subscription_id);
+        match event {
+            SacEvent::Activate { subscription_id } => self.activate(subscription_id, true),
+            SacEvent::StepDown { subscription_id } => self.activate(subscription_id, false),
+        }
     }
 
-    /// Tell the client `id` is active; deliveries start from the offset it answers.
-    fn activate(&mut self, id: u8) {
+    /// Tell the client whether `id` is active. Active: deliveries start from
+    /// the offset it answers. Stepping down: deliveries stop now, and its
+    /// answer lets the group activate the next member.
+    fn activate(&mut self, id: u8, active: bool) {
         let correlation = self.next_correlation;
         let Some(sub) = self.subscriptions.get_mut(&id) else {
             return;
         };
         self.next_correlation = self.next_correlation.wrapping_add(1);
         sub.awaiting = Some(correlation);
-        response::consumer_update(&mut self.out, correlation, id, true);
+        sub.stepping_down = !active;
+        if !active {
+            sub.reader = None;
+        }
+        response::consumer_update(&mut self.out, correlation, id, active);
     }
 
     fn leave_group(&self, id: u8, sub: &Subscription) {
