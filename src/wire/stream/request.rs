@@ -678,6 +678,12 @@ fn parse_content<'a>(
             let (i, correlation_id) = be_u32(i)?;
             let (i, code) = be_u16(i)?;
             let (i, offset) = offset_spec(i)?;
+            // `first`, `last` and `next` carry no value, but clients (rstream)
+            // send one anyway, which RabbitMQ ignores: so do we.
+            let i = match (offset, i.len()) {
+                (OffsetSpec::First | OffsetSpec::Last | OffsetSpec::Next, 8) => &i[8..],
+                _ => i,
+            };
             (
                 i,
                 Request::ConsumerUpdateResponse {
@@ -1376,6 +1382,26 @@ mod tests {
             g[..4].copy_from_slice(&n.to_be_bytes());
             assert!(parse(&g.freeze()).is_err(), "cut {cut}");
         }
+    }
+
+    #[test]
+    fn consumer_update_response_value_after_first_is_ignored() {
+        // rstream sends the offset value even for `first`.
+        let mut b = BytesMut::new();
+        frame(&mut b, key::CONSUMER_UPDATE | key::RESPONSE, 1, |b| {
+            b.put_u32(5);
+            b.put_u16(1);
+            b.put_u16(1);
+            b.put_u64(0);
+        });
+        assert_eq!(
+            parse(&b.freeze()),
+            Ok(Request::ConsumerUpdateResponse {
+                correlation_id: 5,
+                code: 1,
+                offset: OffsetSpec::First
+            })
+        );
     }
 
     #[test]
