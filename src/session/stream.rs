@@ -1211,9 +1211,11 @@ impl StreamSession {
             .bindings()
             .into_iter()
             .filter_map(|b| {
+                // RabbitMQ's key too (super streams it defined, imported).
                 let order = b
                     .arguments
                     .get("x-super-stream-partition-order")
+                    .or_else(|| b.arguments.get("x-stream-partition-order"))
                     .and_then(FieldValue::as_i64)
                     .unwrap_or(i64::MAX);
                 queue_of(&b.destination).map(|q| (order, q))

@@ -167,7 +167,9 @@ pub fn uncompressed(compression: u8, uncompressed_len: u32, data: Bytes) -> Opti
         compression::NONE => Some(data),
         compression::GZIP => {
             let len = uncompressed_len.min(MAX_SUB_BATCH_UNCOMPRESSED) as usize;
-            let mut out = Vec::with_capacity(len);
+            // Grown as it decodes: a batch only claiming to be large costs
+            // what it really holds.
+            let mut out = Vec::with_capacity(len.min(1 << 20));
             let mut d = flate2::read::GzDecoder::new(&data[..]).take(len as u64 + 1);
             d.read_to_end(&mut out).ok()?;
             (out.len() == uncompressed_len as usize).then(|| Bytes::from(out))
