@@ -7,7 +7,8 @@
 //! [`StreamSession::poll_transmit`] into the socket; [`StreamSession::watched`]
 //! lists the streams whose commits it must report.
 //!
-//! Owned here: the handshake (peer properties, SASL PLAIN / AMQPLAIN, tune
+//! Owned here: the handshake (peer properties, SASL PLAIN / AMQPLAIN, and
+//! EXTERNAL on a TLS connection with a verified client certificate, tune
 //! with frame max and heartbeat, open with the vhost access check), the
 //! command-version exchange, heartbeats (sent when idle, the peer dead after
 //! two silent intervals), stream create / delete through the vhost (a stream
@@ -28,6 +29,7 @@ use bytes::{Bytes, BytesMut};
 use crate::broker::auth::{Access, User};
 use crate::broker::vhost::VHost;
 use crate::broker::{Broker, LoginError};
+use crate::session::handshake::EXTERNAL;
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
 use crate::storage::stream::{StreamError, StreamLog, StreamMessage, StreamReader};
 use crate::wire::stream::{
@@ -147,6 +149,10 @@ pub struct StreamSession {
     ready: VecDeque<Bytes>,
     /// Why the connection ended, once it has.
     pub close_reason: Option<String>,
+    /// The TLS session of a TLS connection (its client certificate's login).
+    tls: Option<crate::tls::Established>,
+    /// The SASL mechanism the client logged in with.
+    auth_mechanism: &'static str,
 }
 
 impl StreamSession {
@@ -183,7 +189,20 @@ impl StreamSession {
             out: BytesMut::with_capacity(4096),
             ready: VecDeque::new(),
             close_reason: None,
+            tls: None,
+            auth_mechanism: "PLAIN",
         }
+    }
+
+    /// The connection is TLS: a verified client certificate makes SASL
+    /// EXTERNAL available (its user name from `ssl_cert_login_from`).
+    pub fn set_tls(&mut self, tls: crate::tls::Established) {
+        self.tls = Some(tls);
+    }
+
+    /// The TLS session, on a TLS connection.
+    pub fn tls(&self) -> Option<&crate::tls::Established> {
+        self.tls.as_ref()
     }
 
     /// The connection is over: flush what is queued, then close the socket.
@@ -419,7 +438,10 @@ impl StreamSession {
                 self.state = State::Sasl;
             }
             (State::Sasl | State::PeerProperties, Request::SaslHandshake { correlation_id }) => {
-                let mechs = vec!["PLAIN".to_string(), "AMQPLAIN".to_string()];
+                let mut mechs = vec!["PLAIN".to_string(), "AMQPLAIN".to_string()];
+                if self.tls.as_ref().is_some_and(|t| t.login.is_some()) {
+                    mechs.push(EXTERNAL.to_string());
+                }
                 response::with_strings(
                     &mut self.out,
                     key::SASL_HANDSHAKE,
@@ -478,6 +500,10 @@ impl StreamSession {
         data: Option<&[u8]>,
         now_ms: u64,
     ) {
+        let offered = |t: &crate::tls::Established| t.login.is_some();
+        if mechanism == EXTERNAL && self.tls.as_ref().is_some_and(offered) {
+            return self.authenticate_external(correlation_id);
+        }
         if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
             response::generic(
                 &mut self.out,
@@ -498,9 +524,49 @@ impl StreamSession {
             );
             return;
         };
-        match self.broker.authenticate(&user, &pass, self.from_loopback) {
+        let _ = now_ms;
+        let result = self.broker.authenticate(&user, &pass, self.from_loopback);
+        self.login_result(correlation_id, mechanism, &user, result);
+    }
+
+    /// SASL EXTERNAL: the user named by the verified client certificate (CN,
+    /// DN or a SAN per `ssl_cert_login_from`, as AMQPS), without a password.
+    fn authenticate_external(&mut self, correlation_id: u32) {
+        let login = self
+            .tls
+            .as_ref()
+            .and_then(|t| t.login.clone())
+            .unwrap_or_else(|| Err("no verified client certificate".into()));
+        let (user, result) = match login {
+            Ok(name) => {
+                let r = self.broker.authenticate_external(&name, self.from_loopback);
+                (name, r)
+            }
+            Err(why) => {
+                tracing::warn!("stream EXTERNAL login refused: {why}");
+                (String::new(), Err(LoginError::Refused))
+            }
+        };
+        self.login_result(correlation_id, EXTERNAL, &user, result);
+    }
+
+    /// Answer a SASL authenticate: on success, tune follows; on failure the
+    /// connection ends.
+    fn login_result(
+        &mut self,
+        correlation_id: u32,
+        mechanism: &str,
+        user: &str,
+        result: Result<User, LoginError>,
+    ) {
+        match result {
             Ok(u) => {
                 self.user = Some(u);
+                self.auth_mechanism = match mechanism {
+                    "AMQPLAIN" => "AMQPLAIN",
+                    EXTERNAL => EXTERNAL,
+                    _ => "PLAIN",
+                };
                 response::generic(
                     &mut self.out,
                     key::SASL_AUTHENTICATE,
@@ -521,7 +587,6 @@ impl StreamSession {
                 };
                 response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, c);
                 self.close_reason = Some(format!("authentication failed for user '{user}'"));
-                let _ = now_ms;
                 self.state = State::Closed;
             }
         }
