@@ -325,6 +325,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     if let Some(tls) = tls {
         session.set_tls(tls);
     }
+    // The admin API's view, and its way to close the connection.
+    let (close_tx, mut close_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    session.set_admin(
+        crate::session::stream_stats::StreamConnStats::new(close_tx),
+        peer,
+        local,
+    );
     let mut watches = Watches {
         notify: Arc::new(Notify::new()),
         tasks: HashMap::new(),
@@ -377,6 +384,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             },
             _ = notify.notified() => session.handle_committed(clock::now_ms()),
             Some(ev) = sac_rx.recv() => session.handle_sac(ev),
+            Some(reason) = close_rx.recv() => session.force_close(&reason),
             _ = tokio::time::sleep(Duration::from_millis(deadline)) => session.handle_timeout(clock::now_ms()),
         }
     };

@@ -31,6 +31,7 @@ use crate::broker::vhost::VHost;
 use crate::broker::{Broker, LoginError};
 use crate::session::handshake::EXTERNAL;
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
+use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
 use crate::storage::stream::{StreamError, StreamLog, StreamMessage, StreamReader};
 use crate::wire::stream::{
     check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
@@ -74,6 +75,7 @@ struct Publisher {
     pending: VecDeque<(u64, Vec<u64>)>,
     /// The log's committed next offset.
     committed: tokio::sync::watch::Receiver<u64>,
+    stats: Arc<PublisherStats>,
 }
 
 /// Confirm what `p` published that the log has committed: one frame.
@@ -88,6 +90,9 @@ fn confirm_ready(out: &mut BytesMut, id: u8, p: &mut Publisher) {
         return;
     }
     let count: usize = p.pending.iter().take(ready).map(|(_, ids)| ids.len()).sum();
+    p.stats
+        .confirmed
+        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
     let ids = p.pending.drain(..ready).flat_map(|(_, ids)| ids);
     response::publish_confirm(out, id, count, ids);
 }
@@ -106,6 +111,7 @@ struct Subscription {
     /// Stream filtering (`filter.N` values, `match-unfiltered`): chunks whose
     /// bloom filter rules them out are skipped (clients filter the rest).
     filter: Option<(Vec<String>, bool)>,
+    stats: Arc<ConsumerStats>,
 }
 
 /// How often the streams a connection uses are checked for deletion.
@@ -153,6 +159,19 @@ pub struct StreamSession {
     tls: Option<crate::tls::Established>,
     /// The SASL mechanism the client logged in with.
     auth_mechanism: &'static str,
+    /// The client's peer properties (its `client_properties` in the admin API).
+    peer_properties: Vec<(String, String)>,
+    /// How the admin API sees this connection, once given; registered with
+    /// the broker while open.
+    admin: Option<Admin>,
+}
+
+/// The admin API's view of a connection and where it came from.
+struct Admin {
+    stats: Arc<StreamConnStats>,
+    peer: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+    registered: bool,
 }
 
 impl StreamSession {
@@ -191,6 +210,8 @@ impl StreamSession {
             close_reason: None,
             tls: None,
             auth_mechanism: "PLAIN",
+            peer_properties: Vec::new(),
+            admin: None,
         }
     }
 
@@ -198,6 +219,29 @@ impl StreamSession {
     /// EXTERNAL available (its user name from `ssl_cert_login_from`).
     pub fn set_tls(&mut self, tls: crate::tls::Established) {
         self.tls = Some(tls);
+    }
+
+    /// Show the connection in the admin API (registered with the broker
+    /// from open to the end) with `stats`, reached from `peer` on `local`.
+    pub fn set_admin(
+        &mut self,
+        stats: Arc<StreamConnStats>,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    ) {
+        self.admin = Some(Admin {
+            stats,
+            peer,
+            local,
+            registered: false,
+        });
+    }
+
+    /// Closed through the admin API: as RabbitMQ, the socket is closed
+    /// without a close frame.
+    pub fn force_close(&mut self, reason: &str) {
+        self.close_reason = Some(format!("closed by the broker: {reason}"));
+        self.state = State::Closed;
     }
 
     /// The TLS session, on a TLS connection.
@@ -307,6 +351,12 @@ impl StreamSession {
         if !std::mem::take(&mut self.watch_changed) {
             return None;
         }
+        if let Some(a) = &self.admin {
+            a.stats.set_members(
+                self.publishers.values().map(|p| Arc::clone(&p.stats)),
+                self.subscriptions.values().map(|s| Arc::clone(&s.stats)),
+            );
+        }
         let mut seen: HashMap<&str, tokio::sync::watch::Receiver<u64>> = HashMap::new();
         for p in self.publishers.values() {
             seen.entry(&p.stream).or_insert_with(|| p.log.committed());
@@ -386,6 +436,8 @@ impl StreamSession {
                 sent += data.len() + 64;
                 self.ready.push_back(data);
                 sub.credit -= 1;
+                sub.stats
+                    .delivered(chunk.first_offset, chunk.num_records, sub.credit);
                 if sent >= DELIVER_BUDGET {
                     return true;
                 }
@@ -421,7 +473,14 @@ impl StreamSession {
                 self.close_reason = Some(format!("client closed: {c} {reason}"));
                 self.state = State::Closed;
             }
-            (State::PeerProperties, Request::PeerProperties { correlation_id, .. }) => {
+            (
+                State::PeerProperties,
+                Request::PeerProperties {
+                    correlation_id,
+                    properties,
+                },
+            ) => {
+                self.peer_properties = properties;
                 let props = vec![
                     ("product".to_string(), "RabbitMQ".to_string()),
                     ("version".to_string(), "3.13.0".to_string()),
@@ -567,6 +626,9 @@ impl StreamSession {
                     EXTERNAL => EXTERNAL,
                     _ => "PLAIN",
                 };
+                if let Some(a) = &self.admin {
+                    a.stats.set_auth_mechanism(self.auth_mechanism);
+                }
                 response::generic(
                     &mut self.out,
                     key::SASL_AUTHENTICATE,
@@ -601,6 +663,18 @@ impl StreamSession {
         let v = self.broker.vhost(vhost);
         match v {
             Some(v) if self.broker.auth.vhost_access(vhost, &user) => {
+                if let Err(e) = self.register(vhost, &user, now_ms) {
+                    response::with_pairs(
+                        &mut self.out,
+                        key::OPEN,
+                        correlation_id,
+                        code::VIRTUAL_HOST_ACCESS_FAILURE,
+                        &[],
+                    );
+                    self.close_reason = Some(e.text.to_string());
+                    self.state = State::Closed;
+                    return;
+                }
                 self.vhost = Some(v);
                 let props = vec![
                     (
@@ -628,6 +702,38 @@ impl StreamSession {
                 self.state = State::Closed;
             }
         }
+    }
+
+    /// Register with the broker for the admin API (when shown there),
+    /// unless the vhost's or user's `max-connections` is reached.
+    fn register(&mut self, vhost: &str, user: &str, now_ms: u64) -> crate::error::AmqpResult<()> {
+        let Some(a) = &mut self.admin else {
+            return Ok(());
+        };
+        let mut client_properties = FieldTable::new();
+        for (k, v) in &self.peer_properties {
+            client_properties.insert(k.as_str(), FieldValue::string(v.as_str()));
+        }
+        let info = crate::broker::ConnectionInfo {
+            id: self.connection_id,
+            name: format!("{} -> {}", a.peer, a.local),
+            peer: a.peer,
+            local: a.local,
+            user: user.to_owned(),
+            vhost: vhost.to_owned(),
+            connected_at: now_ms,
+            client_properties,
+            frame_max: self.frame_max,
+            channel_max: 0,
+            heartbeat: u16::try_from(self.heartbeat_ms / 1000).unwrap_or(u16::MAX),
+            tls: self.tls.as_ref().map(|t| t.info.clone()),
+            channels: Default::default(),
+            open_channels: Default::default(),
+            control: Arc::clone(&a.stats) as Arc<dyn crate::broker::ConnectionControl>,
+        };
+        self.broker.admit_connection(Arc::new(info))?;
+        a.registered = true;
+        Ok(())
     }
 
     /// Send a close with `c` and wait (briefly) for the answer.
@@ -668,6 +774,9 @@ impl StreamSession {
             } => match self.subscriptions.get_mut(&subscription_id) {
                 Some(s) => {
                     s.credit = s.credit.saturating_add(u32::from(credit));
+                    s.stats
+                        .credits
+                        .store(u64::from(s.credit), std::sync::atomic::Ordering::Relaxed);
                     self.poll_deliveries(now_ms);
                 }
                 None => response::credit_error(
@@ -941,9 +1050,11 @@ impl StreamSession {
                 return code::PRECONDITION_FAILED;
             }
         }
+        let stats = PublisherStats::new(id, stream, reference.as_deref());
         self.publishers.insert(
             id,
             Publisher {
+                stats,
                 stream: stream.to_owned(),
                 committed: log.committed(),
                 log,
@@ -965,6 +1076,9 @@ impl StreamSession {
             return;
         };
         let ids: Vec<u64> = messages.iter().map(|m| m.publishing_id).collect();
+        p.stats
+            .published
+            .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let batch: Vec<StreamMessage> = messages
             .into_iter()
             .map(|m| StreamMessage {
@@ -987,6 +1101,9 @@ impl StreamSession {
                     StreamError::ReferenceTooLong => code::PRECONDITION_FAILED,
                     _ => code::INTERNAL_ERROR,
                 };
+                p.stats
+                    .errored
+                    .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let errors: Vec<(u64, u16)> = ids.into_iter().map(|id| (id, c)).collect();
                 response::publish_error(&mut self.out, publisher_id, &errors);
             }
@@ -1049,9 +1166,11 @@ impl StreamSession {
             .collect();
         let filter =
             (!values.is_empty()).then(|| (values, prop("match-unfiltered") == Some("true")));
+        let stats = ConsumerStats::new(id, stream, properties, u32::from(credit));
         self.subscriptions.insert(
             id,
             Subscription {
+                stats,
                 stream: stream.to_owned(),
                 log,
                 reader,
@@ -1333,6 +1452,9 @@ impl Drop for StreamSession {
     fn drop(&mut self) {
         for (id, sub) in &self.subscriptions {
             self.leave_group(*id, sub);
+        }
+        if self.admin.as_ref().is_some_and(|a| a.registered) {
+            self.broker.unregister_connection(self.connection_id);
         }
     }
 }
