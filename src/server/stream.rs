@@ -304,7 +304,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             .stream
             .advertised_host
             .clone()
-            .unwrap_or_else(|| local.ip().to_string()),
+            // An IPv4 client on a dual-stack socket: its IPv4 address, not `::ffff:a.b.c.d`.
+            .unwrap_or_else(|| local.ip().to_canonical().to_string()),
         advertised_port,
         handshake_timeout_ms: config.handshake_timeout_secs * 1000,
         sac,
