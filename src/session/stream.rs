@@ -1617,6 +1617,141 @@ mod tests {
         assert!(s.is_closed());
     }
 
+    fn established(login: Option<Result<String, String>>) -> crate::tls::Established {
+        crate::tls::Established {
+            info: crate::broker::TlsInfo {
+                protocol: "tlsv1.3",
+                cipher: "TLS13_AES_128_GCM_SHA256".into(),
+                peer_cert_subject: Some("CN=guest".into()),
+                peer_cert_issuer: Some("CN=ca".into()),
+            },
+            login,
+        }
+    }
+
+    /// The mechanisms of the SASL handshake response in `out`.
+    fn mechanisms(out: &[u8]) -> Vec<String> {
+        let mut i = 0;
+        while i + 4 <= out.len() {
+            let size = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
+            let f = &out[i + 4..i + 4 + size];
+            if f[..2] == [0x80, 18] {
+                let n = u32::from_be_bytes([f[10], f[11], f[12], f[13]]) as usize;
+                let mut at = 14;
+                let mut v = Vec::new();
+                for _ in 0..n {
+                    let len = u16::from_be_bytes([f[at], f[at + 1]]) as usize;
+                    v.push(String::from_utf8_lossy(&f[at + 2..at + 2 + len]).into_owned());
+                    at += 2 + len;
+                }
+                return v;
+            }
+            i += 4 + size;
+        }
+        Vec::new()
+    }
+
+    fn external(s: &mut StreamSession) -> (Vec<String>, u16) {
+        let out = feed(
+            s,
+            &[
+                R::PeerProperties {
+                    correlation_id: 1,
+                    properties: vec![("connection_name".into(), "app".into())],
+                },
+                R::SaslHandshake { correlation_id: 2 },
+                R::SaslAuthenticate {
+                    correlation_id: 3,
+                    mechanism: "EXTERNAL".into(),
+                    data: None,
+                },
+            ],
+            0,
+        );
+        let code = frames(&out)
+            .into_iter()
+            .find(|f| f.0 == 0x8013)
+            .map_or(0, |f| f.2);
+        (mechanisms(&out), code)
+    }
+
+    #[test]
+    fn external_only_with_a_verified_certificate() {
+        // Plain TCP: not offered, refused as unsupported.
+        let mut s = session();
+        let (mechs, c) = external(&mut s);
+        assert_eq!(mechs, vec!["PLAIN", "AMQPLAIN"]);
+        assert_eq!(c, code::SASL_MECHANISM_NOT_SUPPORTED);
+        // TLS without a client certificate: the same.
+        let mut s = session();
+        s.set_tls(established(None));
+        assert_eq!(external(&mut s).1, code::SASL_MECHANISM_NOT_SUPPORTED);
+        // A certificate without a usable name: offered, and a failure.
+        let mut s = session();
+        s.set_tls(established(Some(Err("no CN".into()))));
+        let (mechs, c) = external(&mut s);
+        assert!(mechs.contains(&"EXTERNAL".to_string()));
+        assert_eq!(c, code::AUTHENTICATION_FAILURE);
+        assert!(s.is_closed());
+        // A certificate naming a known user: logged in as that user.
+        let mut s = session();
+        s.set_tls(established(Some(Ok("guest".into()))));
+        assert_eq!(external(&mut s).1, code::OK);
+        assert_eq!(s.user(), Some("guest"));
+        assert_eq!(s.auth_mechanism, EXTERNAL);
+        // An unknown one: authentication failure.
+        let mut s = session();
+        s.set_tls(established(Some(Ok("mallory".into()))));
+        assert_eq!(external(&mut s).1, code::AUTHENTICATION_FAILURE);
+    }
+
+    #[test]
+    fn registered_for_the_admin_api_from_open_until_dropped() {
+        let mut s = session();
+        let broker = Arc::clone(&s.broker);
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let stats = StreamConnStats::new(tx);
+        let peer: std::net::SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let local: std::net::SocketAddr = "127.0.0.1:5552".parse().expect("addr");
+        s.set_admin(Arc::clone(&stats), peer, local);
+        s.set_tls(established(Some(Ok("guest".into()))));
+        external(&mut s);
+        assert!(broker.connections().is_empty(), "not before open");
+        feed(
+            &mut s,
+            &[
+                R::Tune {
+                    frame_max: 0,
+                    heartbeat: 30,
+                },
+                R::Open {
+                    correlation_id: 4,
+                    vhost: "/".into(),
+                },
+            ],
+            7,
+        );
+        let c = broker.connections();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].name, "127.0.0.1:4000 -> 127.0.0.1:5552");
+        assert_eq!((c[0].user.as_str(), c[0].vhost.as_str()), ("guest", "/"));
+        assert_eq!(c[0].heartbeat, 30);
+        assert_eq!(c[0].connected_at, 7);
+        assert_eq!(
+            c[0].client_properties
+                .get("connection_name")
+                .and_then(|v| v.as_str()),
+            Some("app")
+        );
+        assert_eq!(c[0].tls.as_ref().map(|t| t.protocol), Some("tlsv1.3"));
+        assert_eq!(stats.auth_mechanism(), EXTERNAL);
+        assert!(c[0].control.stream().is_some());
+        s.force_close("by the admin");
+        assert!(s.is_closed());
+        drop(s);
+        assert!(broker.connections().is_empty(), "gone once dropped");
+    }
+
     #[test]
     fn bad_password_and_vhost() {
         let mut s = session();
