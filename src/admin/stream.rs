@@ -30,7 +30,6 @@ pub fn connection_json(c: &ConnectionInfo, st: &StreamConnStats) -> Value {
         "user_who_performed_action": c.user,
         "user_provided_name": c.client_properties.get("connection_name").and_then(|v| v.as_str()),
         "node": super::node_name(),
-        "type": "network",
         "protocol": "stream",
         "state": "running",
         "auth_mechanism": st.auth_mechanism(),
