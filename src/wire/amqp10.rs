@@ -1049,6 +1049,33 @@ fn id_to_091(v: &Value) -> (Option<String>, Option<&'static str>) {
     }
 }
 
+/// A message annotation value [`encode_from_091_into`] writes.
+enum Annotation<'a> {
+    None,
+    Str(&'a str),
+    Ubyte(u8),
+}
+
+impl Annotation<'_> {
+    /// Its encoded size.
+    fn size(&self) -> usize {
+        match self {
+            Annotation::None => 0,
+            Annotation::Str(s) => variable_size(s.len()),
+            Annotation::Ubyte(_) => 2,
+        }
+    }
+}
+
+/// The encoded size of a string, symbol or binary of `len` bytes.
+fn variable_size(len: usize) -> usize {
+    if len <= 0xff {
+        2 + len
+    } else {
+        5 + len
+    }
+}
+
 /// The AMQP 1.0 encoding of AMQP 0-9-1 content published to `exchange` with
 /// `routing_key`, as RabbitMQ writes an AMQP 0-9-1 publish into a stream.
 pub fn encode_from_091(
@@ -1070,36 +1097,49 @@ pub fn encode_from_091_into(
     body: &[u8],
     buf: &mut BytesMut,
 ) {
-    // The message annotations, written directly (one small buffer, no
-    // values): where it was published, then the `x-basic-*` properties.
-    let mut annotations = BytesMut::with_capacity(48 + exchange.len() + routing_key.len());
-    let mut count = 4;
-    put_variable(&mut annotations, 0xa3, 0xb3, X_EXCHANGE.as_bytes());
-    put_variable(&mut annotations, 0xa1, 0xb1, exchange.as_bytes());
-    put_variable(&mut annotations, 0xa3, 0xb3, X_ROUTING_KEY.as_bytes());
-    put_variable(&mut annotations, 0xa1, 0xb1, routing_key.as_bytes());
+    // The message annotations, written straight into `buf` (no values, no
+    // temporary buffer): where it was published, then the `x-basic-*`
+    // properties, as (symbol key, value) pairs of one map.
+    let expiration = props.expiration.as_deref();
+    let mut pairs: [(&str, Annotation<'_>); 5] = [
+        (X_EXCHANGE, Annotation::Str(exchange)),
+        (X_ROUTING_KEY, Annotation::Str(routing_key)),
+        (X_BASIC_PRIORITY, Annotation::None),
+        (X_BASIC_DELIVERY_MODE, Annotation::None),
+        (X_BASIC_EXPIRATION, Annotation::None),
+    ];
     if let Some(p) = props.priority {
-        put_variable(&mut annotations, 0xa3, 0xb3, X_BASIC_PRIORITY.as_bytes());
-        Value::Ubyte(p).encode(&mut annotations);
-        count += 2;
+        pairs[2].1 = Annotation::Ubyte(p);
     }
     if let Some(d) = props.delivery_mode {
-        put_variable(
-            &mut annotations,
-            0xa3,
-            0xb3,
-            X_BASIC_DELIVERY_MODE.as_bytes(),
-        );
-        Value::Ubyte(d).encode(&mut annotations);
-        count += 2;
+        pairs[3].1 = Annotation::Ubyte(d);
     }
-    if let Some(e) = &props.expiration {
-        put_variable(&mut annotations, 0xa3, 0xb3, X_BASIC_EXPIRATION.as_bytes());
-        put_variable(&mut annotations, 0xa1, 0xb1, e.as_bytes());
-        count += 2;
+    if let Some(e) = expiration {
+        pairs[4].1 = Annotation::Str(e);
     }
+    let present = || pairs.iter().filter(|(_, v)| !matches!(v, Annotation::None));
+    let count = present().count() * 2;
+    let size: usize = present()
+        .map(|(k, v)| variable_size(k.len()) + v.size())
+        .sum();
     buf.put_slice(&[0x00, 0x53, section::MESSAGE_ANNOTATIONS as u8]);
-    put_compound(buf, 0xc1, 0xd1, count, &annotations);
+    if size < 0xff && count <= 0xff {
+        buf.put_u8(0xc1);
+        buf.put_u8(size as u8 + 1);
+        buf.put_u8(count as u8);
+    } else {
+        buf.put_u8(0xd1);
+        buf.put_u32(size as u32 + 4);
+        buf.put_u32(count as u32);
+    }
+    for (k, v) in present() {
+        put_variable(buf, 0xa3, 0xb3, k.as_bytes());
+        match v {
+            Annotation::Str(s) => put_variable(buf, 0xa1, 0xb1, s.as_bytes()),
+            Annotation::Ubyte(b) => buf.put_slice(&[0x50, *b]),
+            Annotation::None => {}
+        }
+    }
     let has_properties = props.message_id.is_some()
         || props.user_id.is_some()
         || props.reply_to.is_some()
