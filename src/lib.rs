@@ -43,7 +43,8 @@ pub struct Warren {
     pub server: server::Server,
     /// The shovels this broker runs.
     pub shovels: Arc<shovel::Shovels>,
-    /// The Stream protocol listener (None when `stream.listeners.tcp = "none"`).
+    /// The Stream protocol listeners (None when `stream.listeners.tcp = "none"`
+    /// and `stream.listeners.ssl` is unset).
     pub stream: Option<server::stream::StreamServer>,
     admin: admin::Addrs,
     admin_tls: Option<Arc<tls::ServerTls>>,
