@@ -111,6 +111,9 @@ pub struct StreamConfig {
     pub advertised_host: Option<String>,
     /// Port they advertise (unset: the listener's).
     pub advertised_port: Option<u16>,
+    /// Port they advertise on a TLS connection (RabbitMQ's
+    /// `stream.advertised_tls_port`; unset: the TLS listener's).
+    pub advertised_tls_port: Option<u16>,
     /// Largest frame accepted and proposed in the tune, in bytes (0: no limit).
     pub frame_max: u32,
     /// Heartbeat proposed in the tune, in seconds (0: none).
@@ -122,6 +125,10 @@ pub struct StreamConfig {
 #[serde(default)]
 pub struct StreamListeners {
     pub tcp: Option<ListenerSetting>,
+    /// `stream.listeners.ssl`: `{ default = PORT }` (RabbitMQ's 5551) serves
+    /// the Stream protocol over TLS with the `ssl_options` certificates; unset
+    /// or `"none"`: off.
+    pub ssl: Option<ListenerSetting>,
 }
 
 /// RabbitMQ's default Stream protocol port.
@@ -133,6 +140,7 @@ impl Default for StreamConfig {
             listeners: StreamListeners::default(),
             advertised_host: None,
             advertised_port: None,
+            advertised_tls_port: None,
             frame_max: 1_048_576,
             heartbeat: 60,
         }
@@ -321,6 +329,15 @@ impl Config {
         }
     }
 
+    /// The Stream protocol TLS port (`stream.listeners.ssl`), None unless set:
+    /// as in RabbitMQ, certificates alone do not open it.
+    pub fn stream_ssl_port(&self) -> Option<u16> {
+        match self.stream.listeners.ssl {
+            Some(ListenerSetting::On { default }) => Some(default),
+            Some(ListenerSetting::Off(_)) | None => None,
+        }
+    }
+
     /// The plain AMQP port, None when `listeners.tcp = "none"`.
     pub fn amqp_tcp_port(&self) -> Option<u16> {
         match self.listeners.tcp {
@@ -462,6 +479,7 @@ impl Config {
             stream: StreamConfig {
                 listeners: StreamListeners {
                     tcp: Some(ListenerSetting::On { default: 0 }),
+                    ssl: None,
                 },
                 ..StreamConfig::default()
             },
@@ -492,11 +510,20 @@ mod limit_tests {
         assert_eq!(c.stream_tcp_port(), Some(5999));
         assert_eq!(c.stream.advertised_host.as_deref(), Some("h"));
         assert_eq!((c.stream.heartbeat, c.stream.frame_max), (5, 1_048_576));
+        assert_eq!(c.stream_ssl_port(), None, "TLS is off unless asked for");
         std::fs::write(&path, "[stream]\nlisteners.tcp = \"none\"\n").expect("write");
         assert_eq!(
             Config::load(Some(&path)).expect("loads").stream_tcp_port(),
             None
         );
+        std::fs::write(
+            &path,
+            "[stream]\nlisteners.ssl = { default = 5551 }\nadvertised_tls_port = 6551\n",
+        )
+        .expect("write");
+        let c = Config::load(Some(&path)).expect("loads");
+        assert_eq!(c.stream_ssl_port(), Some(5551));
+        assert_eq!(c.stream.advertised_tls_port, Some(6551));
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -43,7 +43,8 @@ pub struct Warren {
     pub server: server::Server,
     /// The shovels this broker runs.
     pub shovels: Arc<shovel::Shovels>,
-    /// The Stream protocol listener (None when `stream.listeners.tcp = "none"`).
+    /// The Stream protocol listeners (None when `stream.listeners.tcp = "none"`
+    /// and `stream.listeners.ssl` is unset).
     pub stream: Option<server::stream::StreamServer>,
     admin: admin::Addrs,
     admin_tls: Option<Arc<tls::ServerTls>>,
@@ -58,6 +59,13 @@ impl Warren {
     /// The Stream protocol address, when its listener is on.
     pub fn stream_addr(&self) -> Option<std::net::SocketAddr> {
         self.stream.as_ref().and_then(|s| s.addrs.first().copied())
+    }
+
+    /// The Stream protocol TLS address, when `stream.listeners.ssl` is set.
+    pub fn stream_tls_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream
+            .as_ref()
+            .and_then(|s| s.tls_addrs.first().copied())
     }
 
     /// The AMQPS address, when TLS is configured.
@@ -127,20 +135,23 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "broker opened"
     );
-    let amqp_tls = match config.amqp_ssl_port() {
+    // AMQPS and the Stream protocol's TLS port share `ssl_options` (and reloads).
+    let amqp_tls = match config.amqp_ssl_port().or(config.stream_ssl_port()) {
         Some(_) => Some(tls::ServerTls::new(&config.ssl_options, &[])?),
         None => None,
     };
     let server = server::start(Arc::clone(&config), Arc::clone(&broker), amqp_tls).await?;
     // A stream port that cannot be bound is logged, not fatal: the AMQP
     // side stays up (several brokers on one host share the default 5552).
-    let stream = match server::stream::start(Arc::clone(&config), Arc::clone(&broker)).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "stream protocol listener not started");
-            None
-        }
-    };
+    let stream_tls = server.tls().cloned();
+    let stream =
+        match server::stream::start(Arc::clone(&config), Arc::clone(&broker), stream_tls).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "stream protocol listener not started");
+                None
+            }
+        };
     let shovels = start_shovels(&config, &broker, server.amqp_addr())?;
     let admin_tls = match config.admin_ssl_port() {
         Some(_) => Some(tls::ServerTls::new(

@@ -912,3 +912,136 @@ async fn super_stream_single_active_consumers_rebalance() {
         let _ = p.close().await;
     }
 }
+
+/// The exchange and routing key of an AMQP 0-9-1 publish are kept as the
+/// `x-exchange` / `x-routing-key` message annotations (RabbitMQ 3.10.8 does
+/// the same): a stream client sees them, an AMQP 0-9-1 consumer gets them
+/// back as the delivery's exchange and routing key; a stream client's
+/// message with those annotations reads over 0-9-1 with them, one without
+/// with `""` and the stream's name.
+#[tokio::test(flavor = "multi_thread")]
+async fn exchange_and_routing_key_cross_protocols() {
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable as LTable};
+    use rabbitmq_stream_client::types::Value as V;
+    let (amqp, _) = broker();
+    let conn = lapin::Connection::connect(
+        &format!("amqp://guest:guest@{amqp}/%2f"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("amqp connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let s = uniq("routed");
+    let x = uniq("routed-x");
+    let mut args = LTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    t(ch.queue_declare(&s, durable, args))
+        .await
+        .expect("declare");
+    t(ch.exchange_declare(
+        &x,
+        lapin::ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        LTable::default(),
+    ))
+    .await
+    .expect("exchange");
+    t(ch.queue_bind(
+        &s,
+        &x,
+        "a.#",
+        QueueBindOptions::default(),
+        LTable::default(),
+    ))
+    .await
+    .expect("bind");
+    ch.confirm_select(Default::default())
+        .await
+        .expect("confirms");
+    for (exchange, key, body) in [(x.as_str(), "a.b.c", "via-x"), ("", s.as_str(), "direct")] {
+        t(t(ch.basic_publish(
+            exchange,
+            key,
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            Default::default(),
+        ))
+        .await
+        .expect("publish"))
+        .await
+        .expect("confirm");
+    }
+
+    // The stream protocol side: annotations.
+    let env = env().await;
+    let mut c = env
+        .consumer()
+        .offset(OffsetSpecification::First)
+        .build(&s)
+        .await
+        .expect("consumer");
+    for (exchange, key) in [(x.as_str(), "a.b.c"), ("", s.as_str())] {
+        let d = t(c.next()).await.expect("delivery").expect("ok");
+        let a = d.message().message_annotations().expect("annotations");
+        assert_eq!(a.get("x-exchange"), Some(&V::from(exchange.to_string())));
+        assert_eq!(a.get("x-routing-key"), Some(&V::from(key.to_string())));
+    }
+    let _ = c.handle().close().await;
+
+    // Stream publishes: one with the annotations, one without.
+    let producer = t(env.producer().build(&s)).await.expect("producer");
+    let annotated = Message::builder()
+        .body("annotated")
+        .message_annotations()
+        .insert("x-exchange", "ex1")
+        .insert("x-routing-key", "rk1")
+        .message_builder()
+        .build();
+    t(producer.send_with_confirm(annotated))
+        .await
+        .expect("send");
+    let plain = Message::builder().body("plain").build();
+    t(producer.send_with_confirm(plain)).await.expect("send");
+    producer.close().await.expect("close");
+
+    // The AMQP 0-9-1 side: exchange and routing key, no such headers.
+    t(ch.basic_qos(10, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let mut cargs = LTable::default();
+    cargs.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("first".into()),
+    );
+    let mut consumer = t(ch.basic_consume(&s, "c", BasicConsumeOptions::default(), cargs))
+        .await
+        .expect("consume");
+    let expected = [
+        (x.as_str(), "a.b.c", "via-x"),
+        ("", s.as_str(), "direct"),
+        ("ex1", "rk1", "annotated"),
+        ("", s.as_str(), "plain"),
+    ];
+    for (exchange, key, body) in expected {
+        let d = t(consumer.next()).await.expect("delivery").expect("ok");
+        assert_eq!(d.data, body.as_bytes());
+        assert_eq!(d.exchange.as_str(), exchange, "{body}");
+        assert_eq!(d.routing_key.as_str(), key, "{body}");
+        let h = d.properties.headers().clone().unwrap_or_default();
+        assert!(h.inner().get("x-exchange").is_none(), "{h:?}");
+        assert!(h.inner().get("x-routing-key").is_none(), "{h:?}");
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    let _ = conn.close(200, "bye").await;
+}

@@ -385,6 +385,11 @@ async fn routed_publishes_and_confirms_reach_the_stream() {
     let h = d.properties.headers().as_ref().expect("headers");
     assert_eq!(h.inner().get("h"), Some(&int(7)));
     assert_eq!(offset_of(&d), 0);
+    // Delivered with the exchange and routing key it was published with (as
+    // RabbitMQ: kept in the entry's x-exchange / x-routing-key annotations).
+    assert_eq!(d.exchange.as_str(), ex);
+    assert_eq!(d.routing_key.as_str(), "rk");
+    assert!(h.inner().get("x-exchange").is_none(), "{h:?}");
     // The declare-ok counts what the stream keeps.
     let ok = t(ch.queue_declare(
         &q,

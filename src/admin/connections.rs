@@ -1,4 +1,5 @@
-//! `/api/connections[/{name}]` (list, show, force-close), `/api/channels` and
+//! `/api/connections[/{name}]` (list, show, force-close; Stream protocol
+//! connections included, shown by [`super::stream`]), `/api/channels` and
 //! `/api/consumers[/{vhost}]`.
 
 use super::{table_to_json, AdminState, ApiError, ApiResult, Caller};
@@ -12,6 +13,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 pub fn connection_json(c: &ConnectionInfo) -> Value {
+    if let Some(st) = c.control.stream() {
+        return super::stream::connection_json(c, st);
+    }
     let tls = c.tls.as_ref();
     json!({
         "name": c.name,

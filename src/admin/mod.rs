@@ -20,6 +20,7 @@ pub mod overview;
 pub mod policies;
 pub mod queues;
 pub mod shovels;
+pub mod stream;
 pub mod topic_permissions;
 pub mod trace;
 pub mod ui;
@@ -449,6 +450,34 @@ pub fn router(state: AdminState) -> Router {
             "/api/vhosts/:vhost/connections",
             get(connections::list_vhost),
         )
+        .route("/api/stream/connections", get(stream::connections))
+        .route(
+            "/api/stream/connections/:vhost",
+            get(stream::connections_vhost),
+        )
+        .route(
+            "/api/stream/connections/:vhost/:name",
+            get(stream::connection).delete(stream::close),
+        )
+        .route(
+            "/api/stream/connections/:vhost/:name/publishers",
+            get(stream::connection_publishers),
+        )
+        .route(
+            "/api/stream/connections/:vhost/:name/consumers",
+            get(stream::connection_consumers),
+        )
+        .route("/api/stream/publishers", get(stream::publishers))
+        .route(
+            "/api/stream/publishers/:vhost",
+            get(stream::publishers_vhost),
+        )
+        .route(
+            "/api/stream/publishers/:vhost/:stream",
+            get(stream::publishers_stream),
+        )
+        .route("/api/stream/consumers", get(stream::consumers))
+        .route("/api/stream/consumers/:vhost", get(stream::consumers_vhost))
         .route("/api/channels", get(connections::channels))
         .route("/api/consumers", get(connections::consumers))
         .route("/api/consumers/:vhost", get(connections::consumers_vhost))

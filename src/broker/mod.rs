@@ -55,6 +55,12 @@ impl Counters {
 pub trait ConnectionControl: Send + Sync + std::fmt::Debug {
     /// Close with 320 CONNECTION_FORCED and this reason.
     fn force_close(&self, reason: &str);
+
+    /// A Stream protocol connection's publishers and consumers (None: an
+    /// AMQP 0-9-1 connection).
+    fn stream(&self) -> Option<&crate::session::stream_stats::StreamConnStats> {
+        None
+    }
 }
 
 /// A TLS connection's session, as `/api/connections` shows it.

@@ -1,5 +1,8 @@
-//! The RabbitMQ Stream protocol listener (`stream.listeners.tcp`, 5552) and
-//! one task per connection driving a sans-IO [`StreamSession`].
+//! The RabbitMQ Stream protocol listeners (`stream.listeners.tcp`, 5552, and
+//! `stream.listeners.ssl`, RabbitMQ's 5551, with the AMQPS certificates) and
+//! one task per connection driving a sans-IO [`StreamSession`]. A TLS
+//! connection's handshake runs in its own task (as for AMQPS); a verified
+//! client certificate makes SASL EXTERNAL available to it.
 //!
 //! The task reads the socket into the session, writes what it produces
 //! (deliveries as the stored chunk bytes, without copies, through vectored
@@ -14,20 +17,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
 
 use crate::broker::Broker;
 use crate::clock;
 use crate::config::Config;
 use crate::session::stream::{StreamSession, StreamSettings};
 use crate::session::stream_sac::SacRegistry;
+use crate::tls::{CertLogin, Established, ServerTls};
 
 /// A running stream listener.
 pub struct StreamServer {
     pub addrs: Vec<SocketAddr>,
+    /// The TLS listener's addresses (`stream.listeners.ssl`).
+    pub tls_addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -37,23 +44,44 @@ impl Drop for StreamServer {
     }
 }
 
-/// Bind the stream listener on [`Config::stream_tcp_port`] (None: off).
+/// Bind the stream listeners: plain on [`Config::stream_tcp_port`], TLS with
+/// `tls` (the AMQPS configuration) on [`Config::stream_ssl_port`]. None when
+/// both are off.
 pub async fn start(
     config: Arc<Config>,
     broker: Arc<Broker>,
+    tls: Option<Arc<ServerTls>>,
 ) -> std::io::Result<Option<StreamServer>> {
     let sac: Arc<SacRegistry> = Arc::default();
-    let Some(port) = config.stream_tcp_port() else {
+    let mut bound = Vec::new();
+    if let Some(port) = config.stream_tcp_port() {
+        for listener in super::bind(&config, port).await? {
+            bound.push((listener, None));
+        }
+    }
+    if let (Some(port), Some(tls)) = (config.stream_ssl_port(), &tls) {
+        for listener in super::bind(&config, port).await? {
+            bound.push((listener, Some(Arc::clone(tls))));
+        }
+    }
+    if bound.is_empty() {
         return Ok(None);
-    };
+    }
     let (tx, rx) = watch::channel(false);
     let mut addrs = Vec::new();
-    for listener in super::bind(&config, port).await? {
+    let mut tls_addrs = Vec::new();
+    for (listener, tls) in bound {
         let addr = listener.local_addr()?;
-        tracing::info!(%addr, "stream protocol listener started");
-        addrs.push(addr);
+        if tls.is_some() {
+            tracing::info!(%addr, "stream protocol TLS listener started");
+            tls_addrs.push(addr);
+        } else {
+            tracing::info!(%addr, "stream protocol listener started");
+            addrs.push(addr);
+        }
         tokio::spawn(accept_loop(
             listener,
+            tls,
             Arc::clone(&broker),
             Arc::clone(&config),
             Arc::clone(&sac),
@@ -62,17 +90,20 @@ pub async fn start(
     }
     Ok(Some(StreamServer {
         addrs,
+        tls_addrs,
         shutdown: tx,
     }))
 }
 
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
     broker: Arc<Broker>,
     config: Arc<Config>,
     sac: Arc<SacRegistry>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let handshake_timeout = crate::tls::handshake_timeout(&config);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -80,8 +111,21 @@ async fn accept_loop(
                 Ok((stream, peer)) => {
                     let (broker, config) = (Arc::clone(&broker), Arc::clone(&config));
                     let sac = Arc::clone(&sac);
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = run(stream, peer, broker, config, sac).await {
+                        let end = match tls {
+                            None => run(stream, peer, broker, config, sac).await,
+                            Some(tls) => {
+                                match crate::tls::accept(&tls, stream, handshake_timeout).await {
+                                    Ok(stream) => run_tls(stream, peer, broker, config, sac).await,
+                                    Err(e) => {
+                                        tracing::warn!(%peer, "stream TLS connection refused: {e}");
+                                        Ok(())
+                                    }
+                                }
+                            }
+                        };
+                        if let Err(e) = end {
                             tracing::debug!(%peer, error = %e, "stream connection ended");
                         }
                     });
@@ -145,7 +189,10 @@ impl Drop for Watches {
 }
 
 /// Write every piece, vectored, in order.
-async fn write_pieces(sock: &mut TcpStream, pieces: &mut Vec<Bytes>) -> std::io::Result<()> {
+async fn write_pieces<S: AsyncWrite + Unpin>(
+    sock: &mut S,
+    pieces: &mut Vec<Bytes>,
+) -> std::io::Result<()> {
     let mut first = 0usize;
     let mut offset = 0usize;
     while first < pieces.len() {
@@ -183,7 +230,7 @@ async fn write_pieces(sock: &mut TcpStream, pieces: &mut Vec<Bytes>) -> std::io:
 
 /// Serve one stream connection until it closes.
 pub async fn run(
-    mut sock: TcpStream,
+    sock: TcpStream,
     peer: SocketAddr,
     broker: Arc<Broker>,
     config: Arc<Config>,
@@ -191,6 +238,65 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let _ = sock.set_nodelay(true);
     let local = sock.local_addr()?;
+    let advertised_port = config.stream.advertised_port.unwrap_or(local.port());
+    serve(
+        sock,
+        peer,
+        local,
+        advertised_port,
+        None,
+        broker,
+        config,
+        sac,
+    )
+    .await
+}
+
+/// Serve one TLS stream connection, its handshake done, until it closes.
+/// Metadata and open advertise the TLS port (`stream.advertised_tls_port`).
+pub async fn run_tls(
+    sock: TlsStream<TcpStream>,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+    sac: Arc<SacRegistry>,
+) -> std::io::Result<()> {
+    let (tcp, session) = sock.get_ref();
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr()?;
+    let established = crate::tls::established(session, CertLogin::from_config(&config));
+    tracing::debug!(
+        %peer,
+        protocol = established.info.protocol,
+        cipher = %established.info.cipher,
+        subject = ?established.info.peer_cert_subject,
+        "stream TLS handshake done"
+    );
+    let advertised_port = config.stream.advertised_tls_port.unwrap_or(local.port());
+    serve(
+        sock,
+        peer,
+        local,
+        advertised_port,
+        Some(established),
+        broker,
+        config,
+        sac,
+    )
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut sock: S,
+    peer: SocketAddr,
+    local: SocketAddr,
+    advertised_port: u16,
+    tls: Option<Established>,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+    sac: Arc<SacRegistry>,
+) -> std::io::Result<()> {
     let settings = StreamSettings {
         frame_max: config.stream.frame_max,
         heartbeat: config.stream.heartbeat,
@@ -198,8 +304,9 @@ pub async fn run(
             .stream
             .advertised_host
             .clone()
-            .unwrap_or_else(|| local.ip().to_string()),
-        advertised_port: config.stream.advertised_port.unwrap_or(local.port()),
+            // An IPv4 client on a dual-stack socket: its IPv4 address, not `::ffff:a.b.c.d`.
+            .unwrap_or_else(|| local.ip().to_canonical().to_string()),
+        advertised_port,
         handshake_timeout_ms: config.handshake_timeout_secs * 1000,
         sac,
     };
@@ -215,6 +322,16 @@ pub async fn run(
         loopback(&peer),
         sac_tx,
         clock::now_ms(),
+    );
+    if let Some(tls) = tls {
+        session.set_tls(tls);
+    }
+    // The admin API's view, and its way to close the connection.
+    let (close_tx, mut close_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    session.set_admin(
+        crate::session::stream_stats::StreamConnStats::new(close_tx),
+        peer,
+        local,
     );
     let mut watches = Watches {
         notify: Arc::new(Notify::new()),
@@ -268,6 +385,7 @@ pub async fn run(
             },
             _ = notify.notified() => session.handle_committed(clock::now_ms()),
             Some(ev) = sac_rx.recv() => session.handle_sac(ev),
+            Some(reason) = close_rx.recv() => session.force_close(&reason),
             _ = tokio::time::sleep(Duration::from_millis(deadline)) => session.handle_timeout(clock::now_ms()),
         }
     };

@@ -38,6 +38,7 @@ pub mod output;
 mod routing;
 pub mod stream;
 pub mod stream_sac;
+pub mod stream_stats;
 pub mod timer;
 
 #[cfg(test)]

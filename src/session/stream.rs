@@ -7,7 +7,8 @@
 //! [`StreamSession::poll_transmit`] into the socket; [`StreamSession::watched`]
 //! lists the streams whose commits it must report.
 //!
-//! Owned here: the handshake (peer properties, SASL PLAIN / AMQPLAIN, tune
+//! Owned here: the handshake (peer properties, SASL PLAIN / AMQPLAIN, and
+//! EXTERNAL on a TLS connection with a verified client certificate, tune
 //! with frame max and heartbeat, open with the vhost access check), the
 //! command-version exchange, heartbeats (sent when idle, the peer dead after
 //! two silent intervals), stream create / delete through the vhost (a stream
@@ -28,7 +29,9 @@ use bytes::{Bytes, BytesMut};
 use crate::broker::auth::{Access, User};
 use crate::broker::vhost::VHost;
 use crate::broker::{Broker, LoginError};
+use crate::session::handshake::EXTERNAL;
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
+use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
 use crate::storage::stream::{StreamError, StreamLog, StreamMessage, StreamReader};
 use crate::wire::stream::{
     check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
@@ -72,6 +75,7 @@ struct Publisher {
     pending: VecDeque<(u64, Vec<u64>)>,
     /// The log's committed next offset.
     committed: tokio::sync::watch::Receiver<u64>,
+    stats: Arc<PublisherStats>,
 }
 
 /// Confirm what `p` published that the log has committed: one frame.
@@ -86,6 +90,9 @@ fn confirm_ready(out: &mut BytesMut, id: u8, p: &mut Publisher) {
         return;
     }
     let count: usize = p.pending.iter().take(ready).map(|(_, ids)| ids.len()).sum();
+    p.stats
+        .confirmed
+        .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
     let ids = p.pending.drain(..ready).flat_map(|(_, ids)| ids);
     response::publish_confirm(out, id, count, ids);
 }
@@ -107,6 +114,7 @@ struct Subscription {
     /// Stream filtering (`filter.N` values, `match-unfiltered`): chunks whose
     /// bloom filter rules them out are skipped (clients filter the rest).
     filter: Option<(Vec<String>, bool)>,
+    stats: Arc<ConsumerStats>,
 }
 
 /// How often the streams a connection uses are checked for deletion.
@@ -150,6 +158,23 @@ pub struct StreamSession {
     ready: VecDeque<Bytes>,
     /// Why the connection ended, once it has.
     pub close_reason: Option<String>,
+    /// The TLS session of a TLS connection (its client certificate's login).
+    tls: Option<crate::tls::Established>,
+    /// The SASL mechanism the client logged in with.
+    auth_mechanism: &'static str,
+    /// The client's peer properties (its `client_properties` in the admin API).
+    peer_properties: Vec<(String, String)>,
+    /// How the admin API sees this connection, once given; registered with
+    /// the broker while open.
+    admin: Option<Admin>,
+}
+
+/// The admin API's view of a connection and where it came from.
+struct Admin {
+    stats: Arc<StreamConnStats>,
+    peer: std::net::SocketAddr,
+    local: std::net::SocketAddr,
+    registered: bool,
 }
 
 impl StreamSession {
@@ -186,7 +211,45 @@ impl StreamSession {
             out: BytesMut::with_capacity(4096),
             ready: VecDeque::new(),
             close_reason: None,
+            tls: None,
+            auth_mechanism: "PLAIN",
+            peer_properties: Vec::new(),
+            admin: None,
         }
+    }
+
+    /// The connection is TLS: a verified client certificate makes SASL
+    /// EXTERNAL available (its user name from `ssl_cert_login_from`).
+    pub fn set_tls(&mut self, tls: crate::tls::Established) {
+        self.tls = Some(tls);
+    }
+
+    /// Show the connection in the admin API (registered with the broker
+    /// from open to the end) with `stats`, reached from `peer` on `local`.
+    pub fn set_admin(
+        &mut self,
+        stats: Arc<StreamConnStats>,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    ) {
+        self.admin = Some(Admin {
+            stats,
+            peer,
+            local,
+            registered: false,
+        });
+    }
+
+    /// Closed through the admin API: as RabbitMQ, the socket is closed
+    /// without a close frame.
+    pub fn force_close(&mut self, reason: &str) {
+        self.close_reason = Some(format!("closed by the broker: {reason}"));
+        self.state = State::Closed;
+    }
+
+    /// The TLS session, on a TLS connection.
+    pub fn tls(&self) -> Option<&crate::tls::Established> {
+        self.tls.as_ref()
     }
 
     /// The connection is over: flush what is queued, then close the socket.
@@ -291,6 +354,12 @@ impl StreamSession {
         if !std::mem::take(&mut self.watch_changed) {
             return None;
         }
+        if let Some(a) = &self.admin {
+            a.stats.set_members(
+                self.publishers.values().map(|p| Arc::clone(&p.stats)),
+                self.subscriptions.values().map(|s| Arc::clone(&s.stats)),
+            );
+        }
         let mut seen: HashMap<&str, tokio::sync::watch::Receiver<u64>> = HashMap::new();
         for p in self.publishers.values() {
             seen.entry(&p.stream).or_insert_with(|| p.log.committed());
@@ -370,6 +439,8 @@ impl StreamSession {
                 sent += data.len() + 64;
                 self.ready.push_back(data);
                 sub.credit -= 1;
+                sub.stats
+                    .delivered(chunk.first_offset, chunk.num_records, sub.credit);
                 if sent >= DELIVER_BUDGET {
                     return true;
                 }
@@ -405,7 +476,14 @@ impl StreamSession {
                 self.close_reason = Some(format!("client closed: {c} {reason}"));
                 self.state = State::Closed;
             }
-            (State::PeerProperties, Request::PeerProperties { correlation_id, .. }) => {
+            (
+                State::PeerProperties,
+                Request::PeerProperties {
+                    correlation_id,
+                    properties,
+                },
+            ) => {
+                self.peer_properties = properties;
                 let props = vec![
                     ("product".to_string(), "RabbitMQ".to_string()),
                     ("version".to_string(), "3.13.0".to_string()),
@@ -422,7 +500,10 @@ impl StreamSession {
                 self.state = State::Sasl;
             }
             (State::Sasl | State::PeerProperties, Request::SaslHandshake { correlation_id }) => {
-                let mechs = vec!["PLAIN".to_string(), "AMQPLAIN".to_string()];
+                let mut mechs = vec!["PLAIN".to_string(), "AMQPLAIN".to_string()];
+                if self.tls.as_ref().is_some_and(|t| t.login.is_some()) {
+                    mechs.push(EXTERNAL.to_string());
+                }
                 response::with_strings(
                     &mut self.out,
                     key::SASL_HANDSHAKE,
@@ -481,6 +562,10 @@ impl StreamSession {
         data: Option<&[u8]>,
         now_ms: u64,
     ) {
+        let offered = |t: &crate::tls::Established| t.login.is_some();
+        if mechanism == EXTERNAL && self.tls.as_ref().is_some_and(offered) {
+            return self.authenticate_external(correlation_id);
+        }
         if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
             response::generic(
                 &mut self.out,
@@ -501,9 +586,52 @@ impl StreamSession {
             );
             return;
         };
-        match self.broker.authenticate(&user, &pass, self.from_loopback) {
+        let _ = now_ms;
+        let result = self.broker.authenticate(&user, &pass, self.from_loopback);
+        self.login_result(correlation_id, mechanism, &user, result);
+    }
+
+    /// SASL EXTERNAL: the user named by the verified client certificate (CN,
+    /// DN or a SAN per `ssl_cert_login_from`, as AMQPS), without a password.
+    fn authenticate_external(&mut self, correlation_id: u32) {
+        let login = self
+            .tls
+            .as_ref()
+            .and_then(|t| t.login.clone())
+            .unwrap_or_else(|| Err("no verified client certificate".into()));
+        let (user, result) = match login {
+            Ok(name) => {
+                let r = self.broker.authenticate_external(&name, self.from_loopback);
+                (name, r)
+            }
+            Err(why) => {
+                tracing::warn!("stream EXTERNAL login refused: {why}");
+                (String::new(), Err(LoginError::Refused))
+            }
+        };
+        self.login_result(correlation_id, EXTERNAL, &user, result);
+    }
+
+    /// Answer a SASL authenticate: on success, tune follows; on failure the
+    /// connection ends.
+    fn login_result(
+        &mut self,
+        correlation_id: u32,
+        mechanism: &str,
+        user: &str,
+        result: Result<User, LoginError>,
+    ) {
+        match result {
             Ok(u) => {
                 self.user = Some(u);
+                self.auth_mechanism = match mechanism {
+                    "AMQPLAIN" => "AMQPLAIN",
+                    EXTERNAL => EXTERNAL,
+                    _ => "PLAIN",
+                };
+                if let Some(a) = &self.admin {
+                    a.stats.set_auth_mechanism(self.auth_mechanism);
+                }
                 response::generic(
                     &mut self.out,
                     key::SASL_AUTHENTICATE,
@@ -524,7 +652,6 @@ impl StreamSession {
                 };
                 response::generic(&mut self.out, key::SASL_AUTHENTICATE, correlation_id, c);
                 self.close_reason = Some(format!("authentication failed for user '{user}'"));
-                let _ = now_ms;
                 self.state = State::Closed;
             }
         }
@@ -539,6 +666,18 @@ impl StreamSession {
         let v = self.broker.vhost(vhost);
         match v {
             Some(v) if self.broker.auth.vhost_access(vhost, &user) => {
+                if let Err(e) = self.register(vhost, &user, now_ms) {
+                    response::with_pairs(
+                        &mut self.out,
+                        key::OPEN,
+                        correlation_id,
+                        code::VIRTUAL_HOST_ACCESS_FAILURE,
+                        &[],
+                    );
+                    self.close_reason = Some(e.text.to_string());
+                    self.state = State::Closed;
+                    return;
+                }
                 self.vhost = Some(v);
                 let props = vec![
                     (
@@ -566,6 +705,38 @@ impl StreamSession {
                 self.state = State::Closed;
             }
         }
+    }
+
+    /// Register with the broker for the admin API (when shown there),
+    /// unless the vhost's or user's `max-connections` is reached.
+    fn register(&mut self, vhost: &str, user: &str, now_ms: u64) -> crate::error::AmqpResult<()> {
+        let Some(a) = &mut self.admin else {
+            return Ok(());
+        };
+        let mut client_properties = FieldTable::new();
+        for (k, v) in &self.peer_properties {
+            client_properties.insert(k.as_str(), FieldValue::string(v.as_str()));
+        }
+        let info = crate::broker::ConnectionInfo {
+            id: self.connection_id,
+            name: format!("{} -> {}", a.peer, a.local),
+            peer: a.peer,
+            local: a.local,
+            user: user.to_owned(),
+            vhost: vhost.to_owned(),
+            connected_at: now_ms,
+            client_properties,
+            frame_max: self.frame_max,
+            channel_max: 0,
+            heartbeat: u16::try_from(self.heartbeat_ms / 1000).unwrap_or(u16::MAX),
+            tls: self.tls.as_ref().map(|t| t.info.clone()),
+            channels: Default::default(),
+            open_channels: Default::default(),
+            control: Arc::clone(&a.stats) as Arc<dyn crate::broker::ConnectionControl>,
+        };
+        self.broker.admit_connection(Arc::new(info))?;
+        a.registered = true;
+        Ok(())
     }
 
     /// Send a close with `c` and wait (briefly) for the answer.
@@ -606,6 +777,9 @@ impl StreamSession {
             } => match self.subscriptions.get_mut(&subscription_id) {
                 Some(s) => {
                     s.credit = s.credit.saturating_add(u32::from(credit));
+                    s.stats
+                        .credits
+                        .store(u64::from(s.credit), std::sync::atomic::Ordering::Relaxed);
                     self.poll_deliveries(now_ms);
                 }
                 None => response::credit_error(
@@ -885,9 +1059,11 @@ impl StreamSession {
                 return code::PRECONDITION_FAILED;
             }
         }
+        let stats = PublisherStats::new(id, stream, reference.as_deref());
         self.publishers.insert(
             id,
             Publisher {
+                stats,
                 stream: stream.to_owned(),
                 committed: log.committed(),
                 log,
@@ -928,6 +1104,9 @@ impl StreamSession {
             return;
         };
         let ids: Vec<u64> = messages.iter().map(|m| m.publishing_id).collect();
+        p.stats
+            .published
+            .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let batch: Vec<StreamMessage> = messages
             .into_iter()
             .map(|m| StreamMessage {
@@ -951,6 +1130,9 @@ impl StreamSession {
                     StreamError::ReferenceTooLong => code::PRECONDITION_FAILED,
                     _ => code::INTERNAL_ERROR,
                 };
+                p.stats
+                    .errored
+                    .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let errors: Vec<(u64, u16)> = ids.into_iter().map(|id| (id, c)).collect();
                 response::publish_error(&mut self.out, publisher_id, &errors);
             }
@@ -1020,9 +1202,11 @@ impl StreamSession {
             .collect();
         let filter =
             (!values.is_empty()).then(|| (values, prop("match-unfiltered") == Some("true")));
+        let stats = ConsumerStats::new(id, stream, properties, u32::from(credit));
         self.subscriptions.insert(
             id,
             Subscription {
+                stats,
                 stream: stream.to_owned(),
                 log,
                 reader,
@@ -1316,6 +1500,9 @@ impl Drop for StreamSession {
         for (id, sub) in &self.subscriptions {
             self.leave_group(*id, sub);
         }
+        if self.admin.as_ref().is_some_and(|a| a.registered) {
+            self.broker.unregister_connection(self.connection_id);
+        }
     }
 }
 
@@ -1475,6 +1662,141 @@ mod tests {
         assert_eq!(hb, vec![0, 0, 0, 4, 0, 23, 0, 1]);
         s.handle_timeout(20_000);
         assert!(s.is_closed());
+    }
+
+    fn established(login: Option<Result<String, String>>) -> crate::tls::Established {
+        crate::tls::Established {
+            info: crate::broker::TlsInfo {
+                protocol: "tlsv1.3",
+                cipher: "TLS13_AES_128_GCM_SHA256".into(),
+                peer_cert_subject: Some("CN=guest".into()),
+                peer_cert_issuer: Some("CN=ca".into()),
+            },
+            login,
+        }
+    }
+
+    /// The mechanisms of the SASL handshake response in `out`.
+    fn mechanisms(out: &[u8]) -> Vec<String> {
+        let mut i = 0;
+        while i + 4 <= out.len() {
+            let size = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
+            let f = &out[i + 4..i + 4 + size];
+            if f[..2] == [0x80, 18] {
+                let n = u32::from_be_bytes([f[10], f[11], f[12], f[13]]) as usize;
+                let mut at = 14;
+                let mut v = Vec::new();
+                for _ in 0..n {
+                    let len = u16::from_be_bytes([f[at], f[at + 1]]) as usize;
+                    v.push(String::from_utf8_lossy(&f[at + 2..at + 2 + len]).into_owned());
+                    at += 2 + len;
+                }
+                return v;
+            }
+            i += 4 + size;
+        }
+        Vec::new()
+    }
+
+    fn external(s: &mut StreamSession) -> (Vec<String>, u16) {
+        let out = feed(
+            s,
+            &[
+                R::PeerProperties {
+                    correlation_id: 1,
+                    properties: vec![("connection_name".into(), "app".into())],
+                },
+                R::SaslHandshake { correlation_id: 2 },
+                R::SaslAuthenticate {
+                    correlation_id: 3,
+                    mechanism: "EXTERNAL".into(),
+                    data: None,
+                },
+            ],
+            0,
+        );
+        let code = frames(&out)
+            .into_iter()
+            .find(|f| f.0 == 0x8013)
+            .map_or(0, |f| f.2);
+        (mechanisms(&out), code)
+    }
+
+    #[test]
+    fn external_only_with_a_verified_certificate() {
+        // Plain TCP: not offered, refused as unsupported.
+        let mut s = session();
+        let (mechs, c) = external(&mut s);
+        assert_eq!(mechs, vec!["PLAIN", "AMQPLAIN"]);
+        assert_eq!(c, code::SASL_MECHANISM_NOT_SUPPORTED);
+        // TLS without a client certificate: the same.
+        let mut s = session();
+        s.set_tls(established(None));
+        assert_eq!(external(&mut s).1, code::SASL_MECHANISM_NOT_SUPPORTED);
+        // A certificate without a usable name: offered, and a failure.
+        let mut s = session();
+        s.set_tls(established(Some(Err("no CN".into()))));
+        let (mechs, c) = external(&mut s);
+        assert!(mechs.contains(&"EXTERNAL".to_string()));
+        assert_eq!(c, code::AUTHENTICATION_FAILURE);
+        assert!(s.is_closed());
+        // A certificate naming a known user: logged in as that user.
+        let mut s = session();
+        s.set_tls(established(Some(Ok("guest".into()))));
+        assert_eq!(external(&mut s).1, code::OK);
+        assert_eq!(s.user(), Some("guest"));
+        assert_eq!(s.auth_mechanism, EXTERNAL);
+        // An unknown one: authentication failure.
+        let mut s = session();
+        s.set_tls(established(Some(Ok("mallory".into()))));
+        assert_eq!(external(&mut s).1, code::AUTHENTICATION_FAILURE);
+    }
+
+    #[test]
+    fn registered_for_the_admin_api_from_open_until_dropped() {
+        let mut s = session();
+        let broker = Arc::clone(&s.broker);
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let stats = StreamConnStats::new(tx);
+        let peer: std::net::SocketAddr = "127.0.0.1:4000".parse().expect("addr");
+        let local: std::net::SocketAddr = "127.0.0.1:5552".parse().expect("addr");
+        s.set_admin(Arc::clone(&stats), peer, local);
+        s.set_tls(established(Some(Ok("guest".into()))));
+        external(&mut s);
+        assert!(broker.connections().is_empty(), "not before open");
+        feed(
+            &mut s,
+            &[
+                R::Tune {
+                    frame_max: 0,
+                    heartbeat: 30,
+                },
+                R::Open {
+                    correlation_id: 4,
+                    vhost: "/".into(),
+                },
+            ],
+            7,
+        );
+        let c = broker.connections();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].name, "127.0.0.1:4000 -> 127.0.0.1:5552");
+        assert_eq!((c[0].user.as_str(), c[0].vhost.as_str()), ("guest", "/"));
+        assert_eq!(c[0].heartbeat, 30);
+        assert_eq!(c[0].connected_at, 7);
+        assert_eq!(
+            c[0].client_properties
+                .get("connection_name")
+                .and_then(|v| v.as_str()),
+            Some("app")
+        );
+        assert_eq!(c[0].tls.as_ref().map(|t| t.protocol), Some("tlsv1.3"));
+        assert_eq!(stats.auth_mechanism(), EXTERNAL);
+        assert!(c[0].control.stream().is_some());
+        s.force_close("by the admin");
+        assert!(s.is_closed());
+        drop(s);
+        assert!(broker.connections().is_empty(), "gone once dropped");
     }
 
     #[test]

@@ -10,8 +10,10 @@
 //! RabbitMQ's `rabbit_msg_record`: 0-9-1 properties map to the properties
 //! section, headers to application-properties, `type` and `app-id` to the
 //! `x-basic-type` / `x-basic-app-id` application properties, priority,
-//! delivery-mode and expiration to `x-basic-*` message annotations, and the
-//! body to one data section.
+//! delivery-mode and expiration to `x-basic-*` message annotations, the
+//! publish's exchange and routing key to the `x-exchange` / `x-routing-key`
+//! message annotations (and back to the 0-9-1 delivery's exchange and
+//! routing key, [`decode_to_091_routed`]), and the body to one data section.
 //!
 //! Pure code: decoding never panics and refuses nesting deeper than
 //! [`MAX_DEPTH`], so hostile input cannot exhaust the stack.
@@ -935,6 +937,10 @@ const X_BASIC_APP_ID: &str = "x-basic-app-id";
 const X_BASIC_PRIORITY: &str = "x-basic-priority";
 const X_BASIC_DELIVERY_MODE: &str = "x-basic-delivery-mode";
 const X_BASIC_EXPIRATION: &str = "x-basic-expiration";
+/// Where an AMQP 0-9-1 publish went (message annotations, as RabbitMQ's
+/// `rabbit_msg_record` writes them).
+const X_EXCHANGE: &str = "x-exchange";
+const X_ROUTING_KEY: &str = "x-routing-key";
 
 /// An AMQP 0-9-1 header value as AMQP 1.0.
 fn from_091(v: &FieldValue) -> Value {
@@ -1043,28 +1049,96 @@ fn id_to_091(v: &Value) -> (Option<String>, Option<&'static str>) {
     }
 }
 
-/// The AMQP 1.0 encoding of AMQP 0-9-1 content, as RabbitMQ writes an
-/// AMQP 0-9-1 publish into a stream.
-pub fn encode_from_091(props: &BasicProperties, body: &[u8]) -> Bytes {
-    let mut buf = BytesMut::with_capacity(body.len() + 64);
-    encode_from_091_into(props, body, &mut buf);
+/// A message annotation value [`encode_from_091_into`] writes.
+enum Annotation<'a> {
+    None,
+    Str(&'a str),
+    Ubyte(u8),
+}
+
+impl Annotation<'_> {
+    /// Its encoded size.
+    fn size(&self) -> usize {
+        match self {
+            Annotation::None => 0,
+            Annotation::Str(s) => variable_size(s.len()),
+            Annotation::Ubyte(_) => 2,
+        }
+    }
+}
+
+/// The encoded size of a string, symbol or binary of `len` bytes.
+fn variable_size(len: usize) -> usize {
+    if len <= 0xff {
+        2 + len
+    } else {
+        5 + len
+    }
+}
+
+/// The AMQP 1.0 encoding of AMQP 0-9-1 content published to `exchange` with
+/// `routing_key`, as RabbitMQ writes an AMQP 0-9-1 publish into a stream.
+pub fn encode_from_091(
+    exchange: &str,
+    routing_key: &str,
+    props: &BasicProperties,
+    body: &[u8],
+) -> Bytes {
+    let mut buf = BytesMut::with_capacity(body.len() + 96 + exchange.len() + routing_key.len());
+    encode_from_091_into(exchange, routing_key, props, body, &mut buf);
     buf.freeze()
 }
 
 /// [`encode_from_091`] appending to `buf`.
-pub fn encode_from_091_into(props: &BasicProperties, body: &[u8], buf: &mut BytesMut) {
-    let mut annotations = Vec::new();
+pub fn encode_from_091_into(
+    exchange: &str,
+    routing_key: &str,
+    props: &BasicProperties,
+    body: &[u8],
+    buf: &mut BytesMut,
+) {
+    // The message annotations, written straight into `buf` (no values, no
+    // temporary buffer): where it was published, then the `x-basic-*`
+    // properties, as (symbol key, value) pairs of one map.
+    let expiration = props.expiration.as_deref();
+    let mut pairs: [(&str, Annotation<'_>); 5] = [
+        (X_EXCHANGE, Annotation::Str(exchange)),
+        (X_ROUTING_KEY, Annotation::Str(routing_key)),
+        (X_BASIC_PRIORITY, Annotation::None),
+        (X_BASIC_DELIVERY_MODE, Annotation::None),
+        (X_BASIC_EXPIRATION, Annotation::None),
+    ];
     if let Some(p) = props.priority {
-        annotations.push((Value::Symbol(X_BASIC_PRIORITY.into()), Value::Ubyte(p)));
+        pairs[2].1 = Annotation::Ubyte(p);
     }
     if let Some(d) = props.delivery_mode {
-        annotations.push((Value::Symbol(X_BASIC_DELIVERY_MODE.into()), Value::Ubyte(d)));
+        pairs[3].1 = Annotation::Ubyte(d);
     }
-    if let Some(e) = &props.expiration {
-        annotations.push((
-            Value::Symbol(X_BASIC_EXPIRATION.into()),
-            Value::String(e.clone()),
-        ));
+    if let Some(e) = expiration {
+        pairs[4].1 = Annotation::Str(e);
+    }
+    let present = || pairs.iter().filter(|(_, v)| !matches!(v, Annotation::None));
+    let count = present().count() * 2;
+    let size: usize = present()
+        .map(|(k, v)| variable_size(k.len()) + v.size())
+        .sum();
+    buf.put_slice(&[0x00, 0x53, section::MESSAGE_ANNOTATIONS as u8]);
+    if size < 0xff && count <= 0xff {
+        buf.put_u8(0xc1);
+        buf.put_u8(size as u8 + 1);
+        buf.put_u8(count as u8);
+    } else {
+        buf.put_u8(0xd1);
+        buf.put_u32(size as u32 + 4);
+        buf.put_u32(count as u32);
+    }
+    for (k, v) in present() {
+        put_variable(buf, 0xa3, 0xb3, k.as_bytes());
+        match v {
+            Annotation::Str(s) => put_variable(buf, 0xa1, 0xb1, s.as_bytes()),
+            Annotation::Ubyte(b) => buf.put_slice(&[0x50, *b]),
+            Annotation::None => {}
+        }
     }
     let has_properties = props.message_id.is_some()
         || props.user_id.is_some()
@@ -1086,7 +1160,6 @@ pub fn encode_from_091_into(props: &BasicProperties, body: &[u8], buf: &mut Byte
         app.push((X_BASIC_APP_ID.to_owned(), Value::String(a.clone())));
     }
     let m = Message {
-        message_annotations: (!annotations.is_empty()).then_some(annotations),
         properties: has_properties.then(|| Properties {
             message_id: props.message_id.clone().map(Value::String),
             user_id: props.user_id.clone().map(Bytes::from),
@@ -1126,8 +1199,35 @@ pub fn decode_to_091_shared(
     message_to_091(Message::decode_shared(bytes)?)
 }
 
+/// A stream entry as an AMQP 0-9-1 delivery: its content and, when it was
+/// published over AMQP 0-9-1 (or carries the annotations), the exchange and
+/// routing key it was published with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed091 {
+    pub properties: BasicProperties,
+    pub body: Bytes,
+    /// The `x-exchange` message annotation.
+    pub exchange: Option<String>,
+    /// The `x-routing-key` message annotation.
+    pub routing_key: Option<String>,
+}
+
+/// [`decode_to_091_shared`] with the publish's exchange and routing key, as
+/// RabbitMQ delivers a stream entry to an AMQP 0-9-1 consumer (without them
+/// it uses `""` and the stream's name).
+pub fn decode_to_091_routed(bytes: &Bytes) -> std::result::Result<Routed091, Amqp10Error> {
+    message_to_091_routed(Message::decode_shared(bytes)?)
+}
+
 /// RabbitMQ's AMQP 1.0 → 0-9-1 mapping of a decoded message.
 pub fn message_to_091(m: Message) -> std::result::Result<(BasicProperties, Bytes), Amqp10Error> {
+    message_to_091_routed(m).map(|r| (r.properties, r.body))
+}
+
+/// [`message_to_091`] with the exchange and routing key annotations.
+pub fn message_to_091_routed(mut m: Message) -> std::result::Result<Routed091, Amqp10Error> {
+    let mut exchange = None;
+    let mut routing_key = None;
     let mut props = BasicProperties::default();
     let mut headers = FieldTable::new();
     if let Some(h) = &m.header {
@@ -1137,14 +1237,20 @@ pub fn message_to_091(m: Message) -> std::result::Result<(BasicProperties, Bytes
         props.priority = h.priority;
         props.expiration = h.ttl.map(|t| t.to_string());
     }
-    for (k, v) in m.message_annotations.iter().flatten() {
+    for (k, v) in m.message_annotations.iter_mut().flatten() {
         let Some(key) = k.as_str() else { continue };
+        let text = |v: &mut Value| match std::mem::replace(v, Value::Null) {
+            Value::String(s) | Value::Symbol(s) => Some(s),
+            _ => None,
+        };
         match key {
+            X_EXCHANGE => exchange = text(v),
+            X_ROUTING_KEY => routing_key = text(v),
             X_BASIC_PRIORITY => props.priority = v.as_u64().map(|p| p.min(255) as u8),
             X_BASIC_DELIVERY_MODE => props.delivery_mode = v.as_u64().map(|p| p.min(255) as u8),
             X_BASIC_EXPIRATION => props.expiration = v.as_str().map(str::to_owned),
-            // Other `x-` annotations (e.g. x-stream-filter-value, x-routing-key)
-            // reach the 0-9-1 side as headers, as RabbitMQ 3.13 does.
+            // Other `x-` annotations (e.g. x-stream-filter-value) reach the
+            // 0-9-1 side as headers, as RabbitMQ 3.13 does.
             k if k.starts_with("x-") => headers.insert(k, to_091(v)),
             _ => {}
         }
@@ -1205,7 +1311,12 @@ pub fn message_to_091(m: Message) -> std::result::Result<(BasicProperties, Bytes
             b.freeze()
         }
     };
-    Ok((props, body))
+    Ok(Routed091 {
+        properties: props,
+        body,
+        exchange,
+        routing_key,
+    })
 }
 
 #[cfg(test)]
@@ -1383,22 +1494,56 @@ mod tests {
             app_id: Some("app".into()),
             cluster_id: None,
         };
-        let bytes = encode_from_091(&props, b"body");
-        let (back, body) = decode_to_091(&bytes).expect("decodes");
-        assert_eq!(&body[..], b"body");
-        assert_eq!(back, props);
-        // No properties at all: only the data section.
-        let bytes = encode_from_091(&BasicProperties::default(), b"");
-        assert_eq!(&bytes[..], &[0x00, 0x53, 0x75, 0xa0, 0]);
+        let bytes = encode_from_091("amq.topic", "a.b", &props, b"body");
+        let back = decode_to_091_routed(&bytes).expect("decodes");
+        assert_eq!(&back.body[..], b"body");
+        assert_eq!(back.properties, props, "x-exchange is no header");
+        assert_eq!(back.exchange.as_deref(), Some("amq.topic"));
+        assert_eq!(back.routing_key.as_deref(), Some("a.b"));
+        let (plain, _) = decode_to_091(&bytes).expect("decodes");
+        assert_eq!(plain, props);
+        // No properties at all: where it was published, then the data section.
+        let bytes = encode_from_091("", "q", &BasicProperties::default(), b"");
+        let mut expected = vec![0x00, 0x53, 0x72, 0xc1, 33, 4];
+        expected.extend_from_slice(b"\xa3\x0ax-exchange\xa1\x00");
+        expected.extend_from_slice(b"\xa3\x0dx-routing-key\xa1\x01q");
+        expected.extend_from_slice(&[0x00, 0x53, 0x75, 0xa0, 0]);
+        assert_eq!(&bytes[..], &expected[..]);
+        let back = decode_to_091_routed(&bytes).expect("decodes");
         assert_eq!(
-            decode_to_091(&bytes).expect("decodes"),
+            (back.properties, back.body),
             (BasicProperties::default(), Bytes::new())
         );
-        // A large body uses vbin32.
+        assert_eq!(
+            (back.exchange.as_deref(), back.routing_key.as_deref()),
+            (Some(""), Some("q"))
+        );
+        // As a stream client reads it: symbol keys, string values.
+        let m = Message::decode(&bytes).expect("decodes");
+        assert_eq!(
+            m.message_annotations,
+            Some(vec![
+                (Value::Symbol("x-exchange".into()), Value::String("".into())),
+                (
+                    Value::Symbol("x-routing-key".into()),
+                    Value::String("q".into())
+                ),
+            ])
+        );
+        // A message without the annotations (a stream client's): no route.
+        let r = decode_to_091_routed(&Message::with_data("x").to_bytes()).expect("decodes");
+        assert_eq!((r.exchange, r.routing_key), (None, None));
+        // A large body uses vbin32; long names use str32.
         let big = vec![1u8; 1000];
-        let bytes = encode_from_091(&BasicProperties::default(), &big);
-        assert_eq!(&bytes[..4], &[0x00, 0x53, 0x75, 0xb0]);
-        assert_eq!(&decode_to_091(&bytes).expect("decodes").1[..], &big[..]);
+        let long = "k".repeat(300);
+        let bytes = encode_from_091("x", &long, &BasicProperties::default(), &big);
+        assert_eq!(
+            &bytes[bytes.len() - 1008..bytes.len() - 1000],
+            &[0x00, 0x53, 0x75, 0xb0, 0, 0, 0x03, 0xe8]
+        );
+        let back = decode_to_091_routed(&bytes).expect("decodes");
+        assert_eq!(&back.body[..], &big[..]);
+        assert_eq!(back.routing_key.as_deref(), Some(long.as_str()));
     }
 
     #[test]
@@ -1492,6 +1637,8 @@ mod tests {
         assert!(Message::decode(&deep).is_err());
         // Every prefix of a valid message fails or decodes, never panics.
         let good = encode_from_091(
+            "ex",
+            "rk",
             &BasicProperties {
                 message_id: Some("m".into()),
                 priority: Some(1),
@@ -1501,6 +1648,7 @@ mod tests {
         );
         for i in 0..good.len() {
             let _ = decode_to_091(&good[..i]);
+            let _ = decode_to_091_routed(&good.slice(..i));
         }
     }
 }

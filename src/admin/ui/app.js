@@ -754,6 +754,7 @@
       if (!$('#c-table')) return;
       $('#c-table').innerHTML = table([
         { label: 'Name', cell: (c) => esc(c.name) }, { label: 'Virtual host', cell: (c) => esc(c.vhost) }, { label: 'User', cell: (c) => esc(c.user) },
+        { label: 'Protocol', cell: (c) => esc(c.protocol) },
         { label: 'Client', cell: (c) => esc(((c.client_properties || {}).product || '') + ' ' + ((c.client_properties || {}).version || '')) },
         { label: 'Channels', n: 1, cell: (c) => num(c.channels) }, { label: 'Heartbeat', n: 1, cell: (c) => esc(c.timeout) + ' s' },
         { label: '', cell: (c) => '<button class="danger close-conn" data-name="' + esc(c.name) + '">Close</button>' },

@@ -133,7 +133,12 @@ pub fn offset_spec(arg: Option<&FieldValue>, now: u64) -> AmqpResult<OffsetSpec>
 impl Queue {
     /// A publish to a stream: append it (stored whatever its delivery mode).
     pub(super) fn stream_enqueue(&self, sq: &StreamQueue, message: &Message, now: u64) -> Enqueued {
-        let data = amqp10::encode_from_091(&message.properties, &message.body);
+        let data = amqp10::encode_from_091(
+            &message.exchange,
+            &message.routing_key,
+            &message.properties,
+            &message.body,
+        );
         let filter = message
             .properties
             .headers
@@ -252,7 +257,12 @@ async fn read_loop(
             c.give_back_credit();
             continue;
         };
-        let (mut props, body) = match amqp10::decode_to_091_shared(&data) {
+        let amqp10::Routed091 {
+            properties: mut props,
+            body,
+            exchange,
+            routing_key,
+        } = match amqp10::decode_to_091_routed(&data) {
             Ok(m) => m,
             Err(e) => {
                 c.give_back_credit();
@@ -268,7 +278,9 @@ async fn read_loop(
             .headers
             .get_or_insert_with(Default::default)
             .insert("x-stream-offset", FieldValue::I64(offset as i64));
-        let message = Message::new("", &*queue.spec.name, props, body);
+        let exchange = exchange.as_deref().unwrap_or("");
+        let routing_key = routing_key.as_deref().unwrap_or(&queue.spec.name);
+        let message = Message::new(exchange, routing_key, props, body);
         let delivery = Delivery {
             channel: c.channel,
             consumer_tag: Arc::clone(&c.tag),

@@ -1,0 +1,269 @@
+//! The stream management endpoints (RabbitMQ's `rabbitmq_stream_management`):
+//! `/api/stream/connections[/{vhost}[/{name}[/publishers|/consumers]]]`
+//! (`DELETE` on a connection closes it), `/api/stream/publishers[/{vhost}[/{stream}]]`
+//! and `/api/stream/consumers[/{vhost}]`, with RabbitMQ 3.10's field names
+//! (checked against one), and [`connection_json`], the form a Stream protocol
+//! connection takes in `/api/connections` too (`protocol: "stream"`).
+//!
+//! Stream connections are the broker's registered connections whose
+//! [`crate::broker::ConnectionControl::stream`] is set; their publishers and
+//! consumers come from [`StreamConnStats`].
+
+use super::{table_to_json, AdminState, ApiError, ApiResult, Caller};
+use crate::broker::ConnectionInfo;
+use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// A Stream protocol connection as RabbitMQ shows it (in `/api/connections`
+/// and `/api/stream/connections`).
+pub fn connection_json(c: &ConnectionInfo, st: &StreamConnStats) -> Value {
+    let tls = c.tls.as_ref();
+    json!({
+        "name": c.name,
+        "vhost": c.vhost,
+        "user": c.user,
+        "user_who_performed_action": c.user,
+        "user_provided_name": c.client_properties.get("connection_name").and_then(|v| v.as_str()),
+        "node": super::node_name(),
+        "protocol": "stream",
+        "state": "running",
+        "auth_mechanism": st.auth_mechanism(),
+        "peer_host": c.peer.ip().to_string(),
+        "peer_port": c.peer.port(),
+        "host": c.local.ip().to_string(),
+        "port": c.local.port(),
+        "channels": 0,
+        "channel_max": 0,
+        "connected_at": c.connected_at,
+        "client_properties": table_to_json(&c.client_properties),
+        "frame_max": c.frame_max,
+        "timeout": c.heartbeat,
+        "ssl": tls.is_some(),
+        "ssl_protocol": tls.map(|t| t.protocol),
+        "ssl_cipher": tls.map(|t| t.cipher.as_str()),
+        "ssl_hash": Value::Null,
+        "ssl_key_exchange": Value::Null,
+        "peer_cert_subject": tls.and_then(|t| t.peer_cert_subject.as_deref()),
+        "peer_cert_issuer": tls.and_then(|t| t.peer_cert_issuer.as_deref()),
+        "peer_cert_validity": Value::Null,
+    })
+}
+
+/// What `connection_details` says of a publisher's or consumer's connection.
+fn details(c: &ConnectionInfo) -> Value {
+    json!({
+        "name": c.name,
+        "node": super::node_name(),
+        "peer_host": c.peer.ip().to_string(),
+        "peer_port": c.peer.port(),
+        "user": c.user,
+    })
+}
+
+fn publisher_json(c: &ConnectionInfo, p: &PublisherStats) -> Value {
+    json!({
+        "publisher_id": p.id,
+        "reference": p.reference,
+        "queue": {"name": p.stream, "vhost": c.vhost},
+        "connection_details": details(c),
+        "published": p.published.load(Ordering::Relaxed),
+        "confirmed": p.confirmed.load(Ordering::Relaxed),
+        "errored": p.errored.load(Ordering::Relaxed),
+    })
+}
+
+fn consumer_json(s: &AdminState, c: &ConnectionInfo, x: &ConsumerStats) -> Value {
+    let offset = x.offset.load(Ordering::Relaxed);
+    // The stream's last committed offset, minus what the consumer reached.
+    let last = s
+        .broker
+        .vhost(&c.vhost)
+        .and_then(|v| v.queue(&x.stream, 0).ok())
+        .and_then(|q| q.stream().map(|log| *log.committed().borrow()))
+        .map_or(0, |next| next.saturating_sub(1));
+    let properties: serde_json::Map<String, Value> = x
+        .properties
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    json!({
+        "subscription_id": x.id,
+        "queue": {"name": x.stream, "vhost": c.vhost},
+        "connection_details": details(c),
+        "credits": x.credits.load(Ordering::Relaxed),
+        "consumed": x.consumed.load(Ordering::Relaxed),
+        "offset": offset,
+        "offset_lag": last.saturating_sub(offset),
+        "properties": properties,
+    })
+}
+
+/// The stream connections the caller may see (monitors all, others their
+/// own), of `vhost` if given, by name.
+fn visible(s: &AdminState, caller: &Caller, vhost: Option<&str>) -> Vec<Arc<ConnectionInfo>> {
+    let mut v: Vec<_> = s
+        .broker
+        .connections()
+        .into_iter()
+        .filter(|c| c.control.stream().is_some())
+        .filter(|c| vhost.is_none_or(|v| c.vhost == v))
+        .filter(|c| caller.is_monitor() || c.user == caller.0.name)
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+fn find(
+    s: &AdminState,
+    caller: &Caller,
+    vhost: &str,
+    name: &str,
+) -> ApiResult<Arc<ConnectionInfo>> {
+    visible(s, caller, Some(vhost))
+        .into_iter()
+        .find(|c| c.name == name)
+        .ok_or_else(ApiError::not_found)
+}
+
+fn connections_json(conns: &[Arc<ConnectionInfo>]) -> Value {
+    Value::Array(
+        conns
+            .iter()
+            .filter_map(|c| c.control.stream().map(|st| connection_json(c, st)))
+            .collect(),
+    )
+}
+
+pub async fn connections(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(connections_json(&visible(&s, &caller, None)))
+}
+
+pub async fn connections_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(connections_json(&visible(&s, &caller, Some(&vhost)))))
+}
+
+pub async fn connection(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let c = find(&s, &caller, &vhost, &name)?;
+    let st = c.control.stream().ok_or_else(ApiError::not_found)?;
+    Ok(Json(connection_json(&c, st)))
+}
+
+/// Close it, as `DELETE /api/connections/{name}` does (204).
+pub async fn close(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<StatusCode> {
+    let c = find(&s, &caller, &vhost, &name)?;
+    if !caller.is_admin() && c.user != caller.0.name {
+        return Err(ApiError::forbidden("Not administrator user"));
+    }
+    let reason = headers
+        .get("x-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("Closed via management plugin");
+    c.control.force_close(reason);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn connection_publishers(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let c = find(&s, &caller, &vhost, &name)?;
+    Ok(Json(publishers_of(&[c], None)))
+}
+
+pub async fn connection_consumers(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let c = find(&s, &caller, &vhost, &name)?;
+    Ok(Json(consumers_of(&s, &[c])))
+}
+
+fn publishers_of(conns: &[Arc<ConnectionInfo>], stream: Option<&str>) -> Value {
+    let mut out = Vec::new();
+    for c in conns {
+        let Some(st) = c.control.stream() else {
+            continue;
+        };
+        for p in st.publishers() {
+            if stream.is_none_or(|s| s == p.stream) {
+                out.push(publisher_json(c, &p));
+            }
+        }
+    }
+    Value::Array(out)
+}
+
+fn consumers_of(s: &AdminState, conns: &[Arc<ConnectionInfo>]) -> Value {
+    let mut out = Vec::new();
+    for c in conns {
+        let Some(st) = c.control.stream() else {
+            continue;
+        };
+        for x in st.consumers() {
+            out.push(consumer_json(s, c, &x));
+        }
+    }
+    Value::Array(out)
+}
+
+pub async fn publishers(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(publishers_of(&visible(&s, &caller, None), None))
+}
+
+pub async fn publishers_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(publishers_of(
+        &visible(&s, &caller, Some(&vhost)),
+        None,
+    )))
+}
+
+pub async fn publishers_stream(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, stream)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(publishers_of(
+        &visible(&s, &caller, Some(&vhost)),
+        Some(&stream),
+    )))
+}
+
+pub async fn consumers(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(consumers_of(&s, &visible(&s, &caller, None)))
+}
+
+pub async fn consumers_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(consumers_of(&s, &visible(&s, &caller, Some(&vhost)))))
+}

@@ -1,0 +1,142 @@
+"""The Stream protocol over TLS (`stream.listeners.ssl`) with the Python
+`rstream` client (skipped when it or openssl is missing, or when the suite runs
+against an external broker): publish with confirms and consume over TLS with
+PLAIN, then with SASL EXTERNAL as the client certificate's CN. Starts its own
+broker with certificates made here by the openssl command."""
+import asyncio
+import os
+import pathlib
+import shutil
+import subprocess
+import ssl
+import tempfile
+import uuid
+
+import pytest
+
+rstream = pytest.importorskip("rstream")
+from rstream import (  # noqa: E402
+    AMQPMessage,
+    Consumer,
+    ConsumerOffsetSpecification,
+    OffsetType,
+    Producer,
+    amqp_decoder,
+)
+from rstream.constants import SlasMechanism  # noqa: E402
+
+from conftest import REPO_ROOT, _free_port, _wait_port  # noqa: E402
+
+
+def _openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _pki(d):
+    """ca.pem, server.pem/key (localhost, 127.0.0.1) and client.pem/key (CN=guest)."""
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=rstream test CA",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
+    with open(os.path.join(d, "server.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    with open(os.path.join(d, "client.ext"), "w") as f:
+        f.write("extendedKeyUsage=clientAuth\n")
+    for name, subj in (("server", "/CN=localhost"), ("client", "/O=rstream tests/CN=guest")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subj, "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def tls_broker():
+    """(stream TLS port, certificate directory) of a broker of its own."""
+    if os.environ.get("WARREN_TEST_URI"):
+        pytest.skip("runs its own broker (not against WARREN_TEST_URI)")
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    binary = pathlib.Path(os.environ.get("WARREN_BIN", "target/debug/warren"))
+    if not binary.is_absolute():
+        binary = REPO_ROOT / binary
+    if not binary.exists():
+        pytest.fail(f"broker binary {binary} not found")
+    ports = set()
+    while len(ports) < 5:
+        ports.add(_free_port())
+    amqp, admin, amqps, stream, stream_tls = sorted(ports)
+    with tempfile.TemporaryDirectory(prefix="warren-rstream-tls-") as d:
+        _pki(d)
+        env = dict(os.environ)
+        env.update(
+            WARREN_AMQP_PORT=str(amqp),
+            WARREN_ADMIN_PORT=str(admin),
+            WARREN_DATA_DIR=os.path.join(d, "data"),
+            WARREN_LISTENERS__SSL__DEFAULT=str(amqps),
+            WARREN_STREAM__LISTENERS__TCP__DEFAULT=str(stream),
+            WARREN_STREAM__LISTENERS__SSL__DEFAULT=str(stream_tls),
+            WARREN_SSL_OPTIONS__CACERTFILE=os.path.join(d, "ca.pem"),
+            WARREN_SSL_OPTIONS__CERTFILE=os.path.join(d, "server.pem"),
+            WARREN_SSL_OPTIONS__KEYFILE=os.path.join(d, "server.key"),
+            WARREN_SSL_OPTIONS__VERIFY="verify_peer",
+            WARREN_SSL_OPTIONS__FAIL_IF_NO_PEER_CERT="false",
+        )
+        log = open(os.path.join(d, "warren.log"), "wb")
+        proc = subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
+        try:
+            _wait_port(stream_tls, proc)
+            yield stream_tls, d
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def _context(d, client_cert):
+    ctx = ssl.create_default_context(cafile=os.path.join(d, "ca.pem"))
+    if client_cert:
+        ctx.load_cert_chain(os.path.join(d, "client.pem"), os.path.join(d, "client.key"))
+    return ctx
+
+
+async def _round_trip(port, d, client_cert, mechanism):
+    stream = f"rstream.tls.{uuid.uuid4().hex[:12]}"
+    kw = dict(
+        ssl_context=_context(d, client_cert),
+        username="guest",
+        password="guest" if mechanism == SlasMechanism.MechanismPlain else "",
+        sasl_configuration_mechanism=mechanism,
+    )
+    async with Producer("localhost", port, **kw) as p:
+        await p.create_stream(stream)
+        for i in range(10):
+            await p.send_wait(stream, AMQPMessage(body=f"m{i}".encode()))
+    got = []
+    done = asyncio.Event()
+
+    async def on_message(msg, ctx):
+        got.append(bytes(msg.body))
+        if len(got) >= 10:
+            done.set()
+
+    async with Consumer("localhost", port, **kw) as c:
+        await c.subscribe(stream, on_message, decoder=amqp_decoder,
+                          offset_specification=ConsumerOffsetSpecification(OffsetType.FIRST, None))
+        await asyncio.wait_for(done.wait(), 10)
+    async with Producer("localhost", port, **kw) as p:
+        await p.delete_stream(stream)
+    return got[:10]
+
+
+def test_publish_and_consume_over_tls_with_plain(tls_broker):
+    port, d = tls_broker
+    got = asyncio.run(asyncio.wait_for(_round_trip(port, d, False, SlasMechanism.MechanismPlain), 60))
+    assert got == [f"m{i}".encode() for i in range(10)]
+
+
+def test_external_logs_in_as_the_certificate_cn(tls_broker):
+    port, d = tls_broker
+    got = asyncio.run(asyncio.wait_for(_round_trip(port, d, True, SlasMechanism.MechanismExternal), 60))
+    assert got == [f"m{i}".encode() for i in range(10)]

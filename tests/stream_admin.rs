@@ -1,0 +1,318 @@
+//! Stream protocol connections in the admin API, as RabbitMQ's stream
+//! management plugin shows them (field names checked against RabbitMQ 3.10.8):
+//! `/api/stream/connections[/{vhost}[/{name}[/publishers|/consumers]]]`,
+//! `/api/stream/publishers[/{vhost}[/{stream}]]`, `/api/stream/consumers[/{vhost}]`
+//! with their counters, `/api/connections` listing them with `protocol:
+//! "stream"`, and closing one with `DELETE` on either path.
+
+mod common;
+
+use common::http;
+use futures::StreamExt;
+use rabbitmq_stream_client::types::{Message, OffsetSpecification};
+use rabbitmq_stream_client::Environment;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
+
+async fn t<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .expect("timed out")
+}
+
+/// The test's data directory, removed at the end.
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn broker(name: &str) -> (warren::Warren, Dir) {
+    let dir = std::env::temp_dir().join(common::uniq(&format!("warren-sadmin-{name}")));
+    let w = warren::start(warren::Config::for_tests(&dir))
+        .await
+        .expect("broker starts");
+    (w, Dir(dir))
+}
+
+fn api(w: &warren::Warren, path: &str) -> String {
+    format!("http://{}/api{path}", w.admin_addr().expect("admin"))
+}
+
+async fn get(w: &warren::Warren, path: &str) -> Value {
+    let (status, body) = http("GET", &api(w, path), Some(("guest", "guest")), None).await;
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn array(v: &Value) -> &Vec<Value> {
+    v.as_array().expect("an array")
+}
+
+/// Poll `path` until `ok` holds for its body (the counters follow the
+/// confirms and deliveries the clients already saw, but the API may be asked
+/// between a chunk's write and the session's next round).
+async fn until(w: &warren::Warren, path: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = get(w, path).await;
+        if ok(&body) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never matched: {body:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stream_connections_publishers_and_consumers() {
+    let (w, _dir) = broker("list").await;
+    let port = w.stream_addr().expect("stream").port();
+    let env = t(Environment::builder()
+        .host("127.0.0.1")
+        .port(port)
+        .client_provided_name("admin-test")
+        .build())
+    .await
+    .expect("environment");
+    let stream = common::uniq("sadmin");
+    t(env.stream_creator().create(&stream))
+        .await
+        .expect("create");
+    let mut producer = t(env.producer().name("ref-1").build(&stream))
+        .await
+        .expect("producer");
+    for i in 0..5 {
+        let m = Message::builder().body(format!("m{i}")).build();
+        t(producer.send_with_confirm(m)).await.expect("confirmed");
+    }
+    let mut consumer = t(env
+        .consumer()
+        .offset(OffsetSpecification::First)
+        .build(&stream))
+    .await
+    .expect("consumer");
+    for _ in 0..5 {
+        t(consumer.next()).await.expect("delivery").expect("ok");
+    }
+
+    // Every stream connection is in /api/connections as protocol "stream".
+    let all = get(&w, "/connections").await;
+    let streams: Vec<&Value> = array(&all)
+        .iter()
+        .filter(|c| c["protocol"] == "stream")
+        .collect();
+    assert!(streams.len() >= 2, "{all:#}");
+    let listed = get(&w, "/stream/connections").await;
+    assert_eq!(array(&listed).len(), streams.len(), "{listed:#}");
+    let c = &array(&listed)[0];
+    for key in [
+        "name",
+        "vhost",
+        "user",
+        "node",
+        "auth_mechanism",
+        "peer_host",
+        "peer_port",
+        "host",
+        "port",
+        "connected_at",
+        "client_properties",
+        "frame_max",
+        "timeout",
+        "ssl",
+        "state",
+        "user_provided_name",
+    ] {
+        assert!(c.get(key).is_some(), "{key} missing: {c:#}");
+    }
+    assert_eq!(c["auth_mechanism"], "PLAIN");
+    assert_eq!(c["port"], port);
+    assert_eq!(c["ssl"], false);
+    assert_eq!(c["vhost"], "/");
+    assert_eq!(c["user"], "guest");
+    assert_eq!(
+        get(&w, "/stream/connections/%2F").await,
+        listed,
+        "one vhost, the same list"
+    );
+    let other = http(
+        "GET",
+        &api(&w, "/stream/connections/nope"),
+        Some(("guest", "guest")),
+        None,
+    )
+    .await;
+    assert_eq!(other.0, 404);
+
+    // The publisher with its counters and reference.
+    let pubs = until(&w, "/stream/publishers", |b| {
+        array(b).len() == 1 && b[0]["confirmed"] == 5
+    })
+    .await;
+    let p = &pubs[0];
+    assert_eq!(p["published"], 5);
+    assert_eq!(p["errored"], 0);
+    assert_eq!(p["reference"], "ref-1");
+    assert_eq!(p["queue"]["name"], stream.as_str());
+    assert_eq!(p["queue"]["vhost"], "/");
+    assert_eq!(p["connection_details"]["user"], "guest");
+    let pconn = p["connection_details"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    assert_eq!(
+        array(&get(&w, &format!("/stream/publishers/%2F/{}", enc(&stream))).await).len(),
+        1
+    );
+    assert!(array(&get(&w, "/stream/publishers/%2F/other").await).is_empty());
+    assert_eq!(array(&get(&w, "/stream/publishers/%2F").await).len(), 1);
+
+    // The consumer: consumed, last offset, lag, credits.
+    let cons = until(&w, "/stream/consumers", |b| {
+        array(b).len() == 1 && b[0]["consumed"] == 5
+    })
+    .await;
+    let x = &cons[0];
+    assert_eq!(x["offset"], 4);
+    assert_eq!(x["offset_lag"], 0);
+    assert!(x["credits"].as_u64().is_some(), "{x:#}");
+    assert_eq!(x["queue"]["name"], stream.as_str());
+    assert!(x["properties"].is_object());
+    let cconn = x["connection_details"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    assert_eq!(array(&get(&w, "/stream/consumers/%2F").await).len(), 1);
+
+    // One connection's publishers and consumers.
+    let one = get(&w, &format!("/stream/connections/%2F/{}", enc(&pconn))).await;
+    assert_eq!(one["name"], pconn.as_str());
+    assert_eq!(one["protocol"], "stream");
+    let ps = get(
+        &w,
+        &format!("/stream/connections/%2F/{}/publishers", enc(&pconn)),
+    )
+    .await;
+    assert_eq!(array(&ps).len(), 1);
+    if pconn != cconn {
+        let cs = get(
+            &w,
+            &format!("/stream/connections/%2F/{}/consumers", enc(&pconn)),
+        )
+        .await;
+        assert!(array(&cs).is_empty(), "{cs:#}");
+    }
+    let cs = get(
+        &w,
+        &format!("/stream/connections/%2F/{}/consumers", enc(&cconn)),
+    )
+    .await;
+    assert_eq!(array(&cs).len(), 1);
+
+    // Closing the publisher leaves the list.
+    t(producer.close()).await.expect("close");
+    until(&w, "/stream/publishers", |b| array(b).is_empty()).await;
+    let _ = t(consumer.handle().close()).await;
+    until(&w, "/stream/consumers", |b| array(b).is_empty()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_closes_a_stream_connection() {
+    let (w, _dir) = broker("close").await;
+    let port = w.stream_addr().expect("stream").port();
+    let env = t(Environment::builder().host("127.0.0.1").port(port).build())
+        .await
+        .expect("environment");
+    let stream = common::uniq("sclose");
+    t(env.stream_creator().create(&stream))
+        .await
+        .expect("create");
+    let _p1 = t(env.producer().build(&stream)).await.expect("producer");
+    let _p2 = t(env.producer().build(&stream)).await.expect("producer");
+    let pubs = until(&w, "/stream/publishers", |b| array(b).len() == 2).await;
+    let names: Vec<String> = array(&pubs)
+        .iter()
+        .map(|p| {
+            p["connection_details"]["name"]
+                .as_str()
+                .expect("name")
+                .to_string()
+        })
+        .collect();
+    // By the stream path, then by /api/connections/{name}: 204 each, and gone.
+    let (status, _) = http(
+        "DELETE",
+        &api(&w, &format!("/stream/connections/%2F/{}", enc(&names[0]))),
+        Some(("guest", "guest")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _) = http(
+        "DELETE",
+        &api(&w, &format!("/connections/{}", enc(&names[1]))),
+        Some(("guest", "guest")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    until(&w, "/stream/publishers", |b| array(b).is_empty()).await;
+    let conns = until(&w, "/stream/connections", |b| {
+        !array(b)
+            .iter()
+            .any(|c| names.contains(&c["name"].as_str().unwrap_or("").to_string()))
+    })
+    .await;
+    assert!(array(&conns).iter().all(|c| c["protocol"] == "stream"));
+    let (status, _) = http(
+        "DELETE",
+        &api(&w, &format!("/stream/connections/%2F/{}", enc(&names[0]))),
+        Some(("guest", "guest")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "already gone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vhost_max_connections_counts_stream_connections() {
+    let (w, _dir) = broker("limit").await;
+    let port = w.stream_addr().expect("stream").port();
+    let (status, body) = http(
+        "PUT",
+        &api(&w, "/vhost-limits/%2F/max-connections"),
+        Some(("guest", "guest")),
+        Some(serde_json::json!({"value": 1})),
+    )
+    .await;
+    assert!(status < 300, "{status} {body}");
+    let opts = || {
+        rabbitmq_stream_client::ClientOptions::builder()
+            .host("127.0.0.1")
+            .port(port)
+            .build()
+    };
+    let first = t(rabbitmq_stream_client::Client::connect(opts()))
+        .await
+        .expect("the first connection fits");
+    let second = t(rabbitmq_stream_client::Client::connect(opts())).await;
+    assert!(second.is_err(), "the second is over the limit");
+    assert_eq!(array(&get(&w, "/stream/connections").await).len(), 1);
+    let _ = first.close().await;
+}
