@@ -181,6 +181,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
         state.tls = tls_listeners(server.tls(), admin_tls.as_ref());
         state.data_dir = Some(config.data_dir.clone());
+        state.cluster = cluster.clone();
         admin::start(http.as_deref(), https, state, every).await?
     } else {
         admin::Addrs::default()

@@ -275,6 +275,11 @@ fn key(vhost: &str, name: &str) -> String {
 }
 
 impl Metadata {
+    /// Nothing replicated yet.
+    pub fn is_empty(&self) -> bool {
+        self.exchanges.is_empty() && self.queues.is_empty() && self.bindings.is_empty()
+    }
+
     /// Record a committed command (pure: no broker, no I/O).
     pub fn record(&mut self, cmd: &Command) {
         match cmd {

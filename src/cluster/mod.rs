@@ -75,9 +75,22 @@ pub struct Cluster {
     /// Where the inter-node listener is bound.
     pub listen: SocketAddr,
     ident: Arc<Identity>,
-    raft: openraft::Raft<TypeConfig>,
+    /// Replaced only when a lone node resets to join another cluster.
+    raft: parking_lot::RwLock<openraft::Raft<TypeConfig>>,
+    raft_config: Arc<openraft::Config>,
+    store: LogStore,
     sm: StateMachine,
     commit_timeout: Duration,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("me", &self.me)
+            .field("id", &self.id)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The Raft id of a node name: stable, the same on every node.
@@ -210,15 +223,24 @@ impl Cluster {
         let network = Network {
             ident: Arc::clone(&ident),
         };
-        let raft = openraft::Raft::new(id, Arc::new(raft_config), network, store, sm.clone())
-            .await
-            .map_err(|e| ClusterError::Store(e.to_string()))?;
+        let raft_config = Arc::new(raft_config);
+        let raft = openraft::Raft::new(
+            id,
+            Arc::clone(&raft_config),
+            network,
+            store.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| ClusterError::Store(e.to_string()))?;
         let cluster = Arc::new(Cluster {
             me,
             id,
             listen,
             ident,
-            raft,
+            raft: parking_lot::RwLock::new(raft),
+            raft_config,
+            store,
             sm,
             commit_timeout: Duration::from_millis(cc.commit_timeout_ms.max(1)),
         });
@@ -233,7 +255,7 @@ impl Cluster {
                 .collect();
             if seeds.is_empty() {
                 let members = BTreeMap::from([(id, cluster.me.clone())]);
-                if let Err(e) = cluster.raft.initialize(members).await {
+                if let Err(e) = cluster.raft().initialize(members).await {
                     tracing::error!(error = %e, "cannot form a cluster of one");
                 }
             } else {
@@ -266,6 +288,59 @@ impl Cluster {
         }
     }
 
+    /// The Raft handle (a cheap clone).
+    fn raft(&self) -> openraft::Raft<TypeConfig> {
+        self.raft.read().clone()
+    }
+
+    /// `warren cluster join <node>`: join the cluster of the node at `addr`.
+    /// Only a node that is alone (a cluster of one, or not yet in any) and has
+    /// no replicated metadata of its own can: its one-node group is dropped
+    /// and it starts afresh as a learner of the other cluster.
+    pub async fn join_cluster(&self, addr: &str) -> Result<(), String> {
+        let members = self.members();
+        if members.len() > 1 {
+            return Err(format!(
+                "this node is already a member of a cluster of {} nodes; forget-node it there first",
+                members.len()
+            ));
+        }
+        if !members.is_empty() {
+            if !self.sm.metadata().is_empty() {
+                return Err(
+                    "this node has replicated metadata of its own, which joining would \
+                     discard (resetting a node is not supported yet)"
+                        .into(),
+                );
+            }
+            let old = self.raft();
+            old.shutdown().await.map_err(|e| e.to_string())?;
+            self.store.reset().map_err(|e| e.to_string())?;
+            self.sm.reset();
+            let network = Network {
+                ident: Arc::clone(&self.ident),
+            };
+            let raft = openraft::Raft::new(
+                self.id,
+                Arc::clone(&self.raft_config),
+                network,
+                self.store.clone(),
+                self.sm.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            *self.raft.write() = raft;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.join(addr).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
     /// Ask the node at `addr` (or its leader) to add this node to its cluster.
     pub async fn join(&self, addr: &str) -> Result<(), String> {
         let mut peer = Peer::new(addr.to_string(), Arc::clone(&self.ident));
@@ -293,11 +368,11 @@ impl Cluster {
         if self.voters().contains(&id) {
             return Ok(());
         }
-        self.raft
+        self.raft()
             .add_learner(id, node, true)
             .await
             .map_err(|e| e.to_string())?;
-        self.raft
+        self.raft()
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
             .await
             .map_err(|e| e.to_string())?;
@@ -313,17 +388,17 @@ impl Cluster {
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        let m = self.raft.metrics().borrow().membership_config.clone();
+        let m = self.raft().metrics().borrow().membership_config.clone();
         if !m.membership().nodes().any(|(n, _)| *n == id) {
             return Err("not a member of this cluster".into());
         }
         if self.voters().contains(&id) {
-            self.raft
+            self.raft()
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
                 .await
                 .map_err(|e| e.to_string())?;
         } else {
-            self.raft
+            self.raft()
                 .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -343,7 +418,7 @@ impl Cluster {
     }
 
     fn voters(&self) -> BTreeSet<u64> {
-        let m = self.raft.metrics().borrow().membership_config.clone();
+        let m = self.raft().metrics().borrow().membership_config.clone();
         m.membership().voter_ids().collect()
     }
 
@@ -352,7 +427,7 @@ impl Cluster {
     async fn remote_leader(&self) -> Result<Option<NodeInfo>, String> {
         let deadline = tokio::time::Instant::now() + self.commit_timeout;
         loop {
-            let m = self.raft.metrics().borrow().clone();
+            let m = self.raft().metrics().borrow().clone();
             match m.current_leader {
                 Some(l) if l == self.id && m.state == ServerState::Leader => return Ok(None),
                 Some(l) if l != self.id => {
@@ -408,7 +483,7 @@ impl Cluster {
 
     /// Write on this node, which must be the leader.
     async fn write_here(&self, cmd: Command) -> Result<(), String> {
-        match self.raft.client_write(cmd).await {
+        match self.raft().client_write(cmd).await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                 Err(format!("not the leader (leader: {:?})", f.leader_id))
@@ -419,7 +494,7 @@ impl Cluster {
 
     /// Every member with what this node knows of it.
     pub fn members(&self) -> Vec<Member> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft().metrics().borrow().clone();
         let leader = m.current_leader;
         let membership = m.membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -448,12 +523,12 @@ impl Cluster {
         let Some(true) = heard.get(&id) else {
             return false;
         };
-        let hb = self.raft.metrics().borrow().millis_since_quorum_ack;
+        let hb = self.raft().metrics().borrow().millis_since_quorum_ack;
         hb.is_some_and(|ms| ms < self.commit_timeout.as_millis() as u64) && self.peer_acked(id)
     }
 
     fn peer_acked(&self, id: u64) -> bool {
-        self.raft
+        self.raft()
             .metrics()
             .borrow()
             .replication
@@ -464,7 +539,7 @@ impl Cluster {
 
     /// The leader's name, when one is known.
     pub fn leader(&self) -> Option<String> {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft().metrics().borrow().clone();
         let l = m.current_leader?;
         m.membership_config
             .membership()
@@ -479,7 +554,7 @@ impl Cluster {
 
     /// Raft state, term, last log index and last applied index, for status.
     pub fn raft_status(&self) -> serde_json::Value {
-        let m = self.raft.metrics().borrow().clone();
+        let m = self.raft().metrics().borrow().clone();
         serde_json::json!({
             "state": format!("{:?}", m.state),
             "term": m.current_term,
@@ -490,7 +565,7 @@ impl Cluster {
 
     /// Stop the Raft node (at broker shutdown).
     pub async fn shutdown(&self) {
-        let _ = self.raft.shutdown().await;
+        let _ = self.raft().shutdown().await;
     }
 }
 

@@ -241,15 +241,15 @@ impl Cluster {
         Ok(match frame.kind {
             Kind::AppendEntries => {
                 let req: AppendEntriesRequest<TypeConfig> = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.raft.append_entries(req).await)?
+                serde_json::to_vec(&self.raft().append_entries(req).await)?
             }
             Kind::Vote => {
                 let req: VoteRequest<NodeId> = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.raft.vote(req).await)?
+                serde_json::to_vec(&self.raft().vote(req).await)?
             }
             Kind::InstallSnapshot => {
                 let req: InstallSnapshotRequest<TypeConfig> = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.raft.install_snapshot(req).await)?
+                serde_json::to_vec(&self.raft().install_snapshot(req).await)?
             }
             Kind::Join => {
                 let (id, node): (NodeId, NodeInfo) = serde_json::from_slice(p)?;

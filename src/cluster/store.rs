@@ -71,6 +71,13 @@ impl LogStore {
         self.db.flush_async().await.map(drop)
     }
 
+    /// Forget the log, vote and state (a lone node about to join another cluster).
+    pub fn reset(&self) -> Result<(), sled::Error> {
+        self.log.clear()?;
+        self.meta.clear()?;
+        self.db.flush().map(drop)
+    }
+
     /// Whether this node has ever been part of a cluster (a vote or a log).
     pub fn is_fresh(&self) -> bool {
         self.meta.get(VOTE).ok().flatten().is_none() && self.log.is_empty()
@@ -254,6 +261,11 @@ impl StateMachine {
             store,
             state: Arc::new(Mutex::new(state)),
         })
+    }
+
+    /// Back to nothing applied (with [`LogStore::reset`]).
+    pub fn reset(&self) {
+        *self.state.lock() = Applied::default();
     }
 
     /// The committed model (for status and the admin API).
