@@ -144,6 +144,18 @@ impl Node {
         }
     }
 
+    /// PUT on the admin API: the status.
+    fn put(&self, path: &str, body: Value) -> u16 {
+        let r = ureq::put(&format!("{}{path}", self.url()))
+            .set("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+            .send_json(body);
+        match r {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(_) => 0,
+        }
+    }
+
     /// `warren <args>` (the CLI) against this node's admin API: (ok, stdout + stderr).
     fn ctl(&self, args: &[&str]) -> (bool, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_warren"))
@@ -318,6 +330,30 @@ async fn three_nodes_replicate_metadata_catch_up_and_refuse_without_quorum() {
         "queue record: {status}"
     );
 
+    // Vhosts, users, permissions and policies made through B's admin API too.
+    assert_eq!(b.put("/api/vhosts/cv", serde_json::json!({})), 201);
+    let user = serde_json::json!({"password": "secret", "tags": "management"});
+    assert_eq!(b.put("/api/users/cann", user), 201);
+    let perm = serde_json::json!({"configure": "^c", "write": ".*", "read": ".*"});
+    assert_eq!(b.put("/api/permissions/cv/cann", perm), 201);
+    let policy = serde_json::json!({"pattern": "^cq", "definition": {"max-length": 5}});
+    assert_eq!(b.put("/api/policies/cv/cp", policy), 201);
+    for node in [&a, &c] {
+        eventually("access replicated", Duration::from_secs(10), || {
+            node.get("/api/vhosts/cv").0 == 200
+                && node.get("/api/users/cann").1["tags"] == serde_json::json!(["management"])
+                && node.get("/api/permissions/cv/cann").1["configure"] == "^c"
+                && node.get("/api/policies/cv/cp").1["definition"]["max-length"] == 5
+        })
+        .await;
+    }
+    // The password works on another node (the hash was replicated).
+    let uri = format!("amqp://cann:secret@{}:{}/cv", a.ip, a.amqp);
+    let conn = common::t(Connection::connect(&uri, ConnectionProperties::default()))
+        .await
+        .expect("the replicated user logs in on A");
+    let _ = conn.close(200, "bye").await;
+
     // C stops; a change made meanwhile reaches it when it is back.
     c.stop();
     let (x2, q2) = (common::uniq("cx2"), common::uniq("cq2"));
@@ -392,4 +428,26 @@ async fn a_peer_with_the_wrong_cookie_is_refused() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (_, nodes) = a.get("/api/nodes");
     assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
+}
+
+#[tokio::test]
+async fn a_lone_node_joins_by_cli() {
+    let mut a = Node::new(1, "join");
+    let mut d = Node::new(4, "join");
+    a.start().await;
+    d.start().await;
+    let (x, q) = (common::uniq("jx"), common::uniq("jq"));
+    declare_and_bind(&a, &x, &q, "k").await;
+    // A has replicated metadata of its own: it cannot be reset into D's cluster.
+    let (ok, out) = a.ctl(&["cluster", "join", &d.seed()]);
+    assert!(!ok, "a node with metadata joined: {out}");
+    assert!(out.contains("replicated metadata"), "{out}");
+    // D is alone and empty: it joins A's cluster and gets A's metadata.
+    let (ok, out) = d.ctl(&["cluster", "join", &a.seed()]);
+    assert!(ok, "join failed: {out}");
+    wait_passive(&d, &x, &q).await;
+    eventually("two running members", Duration::from_secs(10), || {
+        a.running().len() == 2
+    })
+    .await;
 }

@@ -4,7 +4,7 @@
 //! leads the metadata group. Answers 400 on a node without `[cluster]`.
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Command};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -14,6 +14,23 @@ use std::sync::Arc;
 fn clustered(s: &AdminState) -> ApiResult<&Arc<Cluster>> {
     s.cluster.as_ref().ok_or_else(|| {
         ApiError::bad_request("this node is not clustered (no [cluster] in its configuration)")
+    })
+}
+
+/// Clustered: commit `cmd` (a change this node's API just made) in the
+/// metadata group before the request is answered; 503 when it cannot be
+/// committed in time (no majority). A node without `[cluster]` does nothing.
+pub async fn replicate(s: &AdminState, cmd: impl FnOnce() -> Option<Command>) -> ApiResult<()> {
+    let Some(c) = &s.cluster else {
+        return Ok(());
+    };
+    let Some(cmd) = cmd() else {
+        return Ok(());
+    };
+    c.propose(cmd).await.map_err(|reason| ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        error: "timeout",
+        reason,
     })
 }
 
@@ -49,7 +66,7 @@ pub async fn status(State(s): State<AdminState>, caller: Caller) -> ApiResult<Js
         .queues
         .values()
         .filter_map(|cmd| match cmd {
-            crate::cluster::Command::DeclareQueue {
+            Command::DeclareQueue {
                 vhost, name, node, ..
             } => Some(json!({"vhost": vhost, "name": name, "node": node})),
             _ => None,

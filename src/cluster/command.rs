@@ -63,6 +63,49 @@ pub enum Command {
     },
     Bind(BindingRec),
     Unbind(BindingRec),
+    /// A vhost; `creator` (an admin API user) gets full permissions on it when
+    /// it is new, as RabbitMQ's management API gives them.
+    PutVhost {
+        name: String,
+        creator: Option<String>,
+    },
+    DeleteVhost {
+        name: String,
+    },
+    /// A user with its password hash (salted once, on the node that took the
+    /// request) and tags.
+    PutUser {
+        name: String,
+        password_hash: String,
+        tags: Vec<String>,
+    },
+    DeleteUser {
+        name: String,
+    },
+    SetPermission {
+        vhost: String,
+        user: String,
+        configure: String,
+        write: String,
+        read: String,
+    },
+    ClearPermission {
+        vhost: String,
+        user: String,
+    },
+    /// A (user) policy; `definition` is its JSON object as text.
+    PutPolicy {
+        vhost: String,
+        name: String,
+        pattern: String,
+        apply_to: String,
+        priority: i64,
+        definition: String,
+    },
+    DeletePolicy {
+        vhost: String,
+        name: String,
+    },
 }
 
 /// A binding: from an exchange to a queue or an exchange.
@@ -185,12 +228,16 @@ impl Command {
     /// broker's own answer (a change that is refused on every node alike, e.g.
     /// an inequivalent redeclare, is refused here too) as text.
     pub fn apply_to(&self, broker: &Broker, now: u64) -> Result<(), String> {
+        if let Some(r) = self.apply_access(broker, now) {
+            return r;
+        }
         let vhost_name = match self {
             Command::DeclareExchange { vhost, .. }
             | Command::DeleteExchange { vhost, .. }
             | Command::DeclareQueue { vhost, .. }
             | Command::DeleteQueue { vhost, .. } => vhost,
             Command::Bind(b) | Command::Unbind(b) => &b.vhost,
+            _ => return Ok(()),
         };
         let Some(vhost) = broker.vhost(vhost_name) else {
             return Err(format!("no vhost '{vhost_name}' on this node"));
@@ -256,15 +303,97 @@ impl Command {
                 &b.arguments.table(),
                 0,
             ),
+            _ => Ok(()),
         };
         r.map_err(|e| e.text)
+    }
+
+    /// Vhosts, users, permissions and policies (None for topology commands).
+    fn apply_access(&self, broker: &Broker, now: u64) -> Option<Result<(), String>> {
+        use crate::broker::auth::{Permission, User};
+        use crate::broker::policy::{ApplyTo, Policy};
+        Some(match self {
+            Command::PutVhost { name, creator } => {
+                let existed = broker.vhost(name).is_some();
+                broker.add_vhost(name);
+                if let (false, Some(user)) = (existed, creator) {
+                    if let Ok(all) = Permission::new(".*", ".*", ".*") {
+                        broker.auth.set_permission(name, user, all);
+                    }
+                }
+                Ok(())
+            }
+            Command::DeleteVhost { name } => {
+                broker.delete_vhost(name);
+                Ok(())
+            }
+            Command::PutUser {
+                name,
+                password_hash,
+                tags,
+            } => {
+                let loopback_only = broker.auth.user(name).is_some_and(|u| u.loopback_only);
+                broker.auth.put_user(User {
+                    name: name.clone(),
+                    password_hash: password_hash.clone(),
+                    tags: tags.clone(),
+                    loopback_only,
+                });
+                Ok(())
+            }
+            Command::DeleteUser { name } => {
+                broker.auth.delete_user(name);
+                Ok(())
+            }
+            Command::SetPermission {
+                vhost,
+                user,
+                configure,
+                write,
+                read,
+            } => Permission::new(configure, write, read)
+                .map(|p| broker.auth.set_permission(vhost, user, p)),
+            Command::ClearPermission { vhost, user } => {
+                broker.auth.clear_permission(vhost, user);
+                Ok(())
+            }
+            Command::PutPolicy {
+                vhost,
+                name,
+                pattern,
+                apply_to,
+                priority,
+                definition,
+            } => {
+                let Some(v) = broker.vhost(vhost) else {
+                    return Some(Err(format!("no vhost '{vhost}' on this node")));
+                };
+                let definition = match serde_json::from_str(definition) {
+                    Ok(serde_json::Value::Object(m)) => m,
+                    _ => return Some(Err("policy definition is not an object".into())),
+                };
+                let apply_to = ApplyTo::parse(apply_to).unwrap_or(ApplyTo::All);
+                Policy::new(vhost, name, pattern, apply_to, *priority, definition)
+                    .and_then(|p| v.put_policy(p, now).map(drop).map_err(|e| e.text))
+            }
+            Command::DeletePolicy { vhost, name } => match broker.vhost(vhost) {
+                Some(v) => v.delete_policy(name, now).map(drop).map_err(|e| e.text),
+                None => Ok(()),
+            },
+            _ => return None,
+        })
     }
 }
 
 /// What the metadata group has committed: the records, keyed by vhost and
 /// name. A snapshot of the group is this model; installing one replays it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Metadata {
+    pub vhosts: BTreeMap<String, Command>,
+    pub users: BTreeMap<String, Command>,
+    pub permissions: BTreeMap<String, Command>,
+    pub policies: BTreeMap<String, Command>,
     pub exchanges: BTreeMap<String, Command>,
     pub queues: BTreeMap<String, Command>,
     pub bindings: BTreeMap<String, BindingRec>,
@@ -277,7 +406,13 @@ fn key(vhost: &str, name: &str) -> String {
 impl Metadata {
     /// Nothing replicated yet.
     pub fn is_empty(&self) -> bool {
-        self.exchanges.is_empty() && self.queues.is_empty() && self.bindings.is_empty()
+        self.vhosts.is_empty()
+            && self.users.is_empty()
+            && self.permissions.is_empty()
+            && self.policies.is_empty()
+            && self.exchanges.is_empty()
+            && self.queues.is_empty()
+            && self.bindings.is_empty()
     }
 
     /// Record a committed command (pure: no broker, no I/O).
@@ -308,13 +443,54 @@ impl Metadata {
             Command::Unbind(b) => {
                 self.bindings.remove(&b.key());
             }
+            Command::PutVhost { name, .. } => {
+                self.vhosts.insert(name.clone(), cmd.clone());
+            }
+            Command::DeleteVhost { name } => {
+                let prefix = format!("{name}\0");
+                self.vhosts.remove(name);
+                for map in [
+                    &mut self.permissions,
+                    &mut self.policies,
+                    &mut self.exchanges,
+                    &mut self.queues,
+                ] {
+                    map.retain(|k, _| !k.starts_with(&prefix));
+                }
+                self.bindings.retain(|_, b| b.vhost != *name);
+            }
+            Command::PutUser { name, .. } => {
+                self.users.insert(name.clone(), cmd.clone());
+            }
+            Command::DeleteUser { name } => {
+                self.users.remove(name);
+                self.permissions.retain(
+                    |_, p| !matches!(p, Command::SetPermission { user, .. } if user == name),
+                );
+            }
+            Command::SetPermission { vhost, user, .. } => {
+                self.permissions.insert(key(vhost, user), cmd.clone());
+            }
+            Command::ClearPermission { vhost, user } => {
+                self.permissions.remove(&key(vhost, user));
+            }
+            Command::PutPolicy { vhost, name, .. } => {
+                self.policies.insert(key(vhost, name), cmd.clone());
+            }
+            Command::DeletePolicy { vhost, name } => {
+                self.policies.remove(&key(vhost, name));
+            }
         }
     }
 
     /// The commands that rebuild this model on an empty node, in an order that
-    /// works: exchanges, queues, then bindings.
+    /// works: vhosts, users, permissions, policies, exchanges, queues, bindings.
     pub fn replay(&self) -> Vec<Command> {
-        let mut out: Vec<Command> = self.exchanges.values().cloned().collect();
+        let mut out: Vec<Command> = self.vhosts.values().cloned().collect();
+        out.extend(self.users.values().cloned());
+        out.extend(self.permissions.values().cloned());
+        out.extend(self.policies.values().cloned());
+        out.extend(self.exchanges.values().cloned());
         out.extend(self.queues.values().cloned());
         out.extend(self.bindings.values().cloned().map(Command::Bind));
         out
@@ -407,6 +583,43 @@ mod tests {
             back.replay(),
             vec![exchange("x"), queue("q"), bind("x", "q")]
         );
+    }
+
+    #[test]
+    fn deleting_a_vhost_or_user_takes_what_hangs_off_it() {
+        let mut m = Metadata::default();
+        let perm = |vhost: &str, user: &str| Command::SetPermission {
+            vhost: vhost.into(),
+            user: user.into(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        };
+        for c in [
+            Command::PutVhost {
+                name: "/".into(),
+                creator: None,
+            },
+            Command::PutUser {
+                name: "ann".into(),
+                password_hash: "h".into(),
+                tags: vec![],
+            },
+            perm("/", "ann"),
+            perm("other", "ann"),
+            perm("/", "bob"),
+            exchange("x"),
+            queue("q"),
+            bind("x", "q"),
+        ] {
+            m.record(&c);
+        }
+        m.record(&Command::DeleteUser { name: "ann".into() });
+        assert_eq!(m.permissions.len(), 1);
+        m.record(&Command::DeleteVhost { name: "/".into() });
+        assert!(m.permissions.is_empty() && m.exchanges.is_empty() && m.queues.is_empty());
+        assert!(m.bindings.is_empty() && m.vhosts.is_empty());
+        assert!(m.is_empty());
     }
 
     #[test]
