@@ -373,8 +373,16 @@ async fn three_nodes_replicate_metadata_catch_up_and_refuse_without_quorum() {
     }
     assert!(out.contains("Metadata leader: warren@127.0.0."), "{out}");
 
-    // forget-node: C leaves the membership for good.
+    // forget-node: C leaves the membership for good. Stopped, it is first
+    // listed as not running.
     c.stop();
+    eventually("C shown as not running", Duration::from_secs(10), || {
+        let (_, nodes) = b.get("/api/nodes");
+        nodes.as_array().into_iter().flatten().any(|n| {
+            n["name"].as_str() == Some(c.name().as_str()) && n["running"] == Value::Bool(false)
+        })
+    })
+    .await;
     let (ok, out) = a.ctl(&["cluster", "forget-node", &c.name()]);
     assert!(ok, "forget-node failed: {out}");
     eventually("two members left", Duration::from_secs(10), || {

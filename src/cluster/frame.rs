@@ -32,6 +32,8 @@ pub enum Kind {
     Propose = 14,
     /// The leader removes a member on behalf of another node.
     Forget = 15,
+    /// Liveness probe between members (answered at once).
+    Ping = 16,
     /// The answer to any request: a JSON `Result<T, String>`.
     Reply = 20,
 }
@@ -48,6 +50,7 @@ impl Kind {
             13 => Kind::Join,
             14 => Kind::Propose,
             15 => Kind::Forget,
+            16 => Kind::Ping,
             20 => Kind::Reply,
             _ => return None,
         })

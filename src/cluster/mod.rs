@@ -52,6 +52,10 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+/// How often members probe each other; one missing four probes is shown as
+/// not running.
+const PING_EVERY: Duration = Duration::from_millis(250);
+
 /// The default inter-node port (RabbitMQ's distribution port).
 pub const DEFAULT_PORT: u16 = 25672;
 
@@ -81,6 +85,8 @@ pub struct Cluster {
     store: LogStore,
     sm: StateMachine,
     commit_timeout: Duration,
+    /// When each other member last answered a probe.
+    seen: parking_lot::Mutex<BTreeMap<u64, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -164,8 +170,8 @@ pub struct Member {
     pub id: u64,
     /// A voter (false: a learner still catching up).
     pub voter: bool,
-    /// This node sees it as up: itself, or (on the leader) a member that
-    /// answered within the last few heartbeats, or (elsewhere) the leader.
+    /// This node sees it as up: itself, or a member that answered one of
+    /// this node's probes within the last second.
     pub running: bool,
     pub leader: bool,
 }
@@ -243,8 +249,10 @@ impl Cluster {
             store,
             sm,
             commit_timeout: Duration::from_millis(cc.commit_timeout_ms.max(1)),
+            seen: Default::default(),
         });
         network::serve(listener, Arc::downgrade(&cluster));
+        cluster.spawn_pinger();
         tracing::info!(node = %name, %listen, id, "cluster node started");
         if fresh {
             let seeds: Vec<String> = cc
@@ -498,12 +506,8 @@ impl Cluster {
         let leader = m.current_leader;
         let membership = m.membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
-        // On the leader: when each member last acknowledged replication.
-        let heard: BTreeMap<u64, bool> = match &m.replication {
-            Some(r) => r.keys().map(|id| (*id, r[id].is_some())).collect(),
-            None => BTreeMap::new(),
-        };
-        let fresh_leader = m.state == ServerState::Leader;
+        let seen = self.seen.lock();
+        let fresh = |id: &u64| seen.get(id).is_some_and(|at| at.elapsed() < PING_EVERY * 4);
         membership
             .nodes()
             .map(|(id, n)| Member {
@@ -511,30 +515,54 @@ impl Cluster {
                 addr: n.addr.clone(),
                 id: *id,
                 voter: voters.contains(id),
-                running: *id == self.id
-                    || (fresh_leader && self.peer_up(*id, &heard))
-                    || (!fresh_leader && Some(*id) == leader),
+                running: *id == self.id || fresh(id),
                 leader: Some(*id) == leader,
             })
             .collect()
     }
 
-    fn peer_up(&self, id: u64, heard: &BTreeMap<u64, bool>) -> bool {
-        let Some(true) = heard.get(&id) else {
-            return false;
-        };
-        let hb = self.raft().metrics().borrow().millis_since_quorum_ack;
-        hb.is_some_and(|ms| ms < self.commit_timeout.as_millis() as u64) && self.peer_acked(id)
-    }
-
-    fn peer_acked(&self, id: u64) -> bool {
-        self.raft()
-            .metrics()
-            .borrow()
-            .replication
-            .as_ref()
-            .and_then(|r| r.get(&id).cloned().flatten())
-            .is_some()
+    /// Probe every other member every [`PING_EVERY`]: what `running` in
+    /// [`Self::members`] is made of, the same on every node.
+    fn spawn_pinger(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let ident = Arc::clone(&self.ident);
+        tokio::spawn(async move {
+            let mut peers: BTreeMap<u64, Peer> = BTreeMap::new();
+            let mut tick = tokio::time::interval(PING_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(c) = weak.upgrade() else { return };
+                let m = c.raft().metrics().borrow().membership_config.clone();
+                let members: Vec<(u64, NodeInfo)> = m
+                    .membership()
+                    .nodes()
+                    .filter(|(id, _)| **id != c.id)
+                    .map(|(id, n)| (*id, n.clone()))
+                    .collect();
+                drop(c);
+                peers.retain(|id, _| members.iter().any(|(m, _)| m == id));
+                let probes = members.into_iter().map(|(id, node)| {
+                    let peer = peers
+                        .remove(&id)
+                        .unwrap_or_else(|| Peer::new(node.addr, Arc::clone(&ident)));
+                    async move {
+                        let mut peer = peer;
+                        let r: Result<(), _> = peer.call(Kind::Ping, &(), PING_EVERY).await;
+                        (id, peer, r.is_ok())
+                    }
+                });
+                let results = futures::future::join_all(probes).await;
+                let Some(c) = weak.upgrade() else { return };
+                let mut seen = c.seen.lock();
+                for (id, peer, ok) in results {
+                    if ok {
+                        seen.insert(id, std::time::Instant::now());
+                    }
+                    peers.insert(id, peer);
+                }
+            }
+        });
     }
 
     /// The leader's name, when one is known.

@@ -259,6 +259,7 @@ impl Cluster {
                 let cmd: super::Command = serde_json::from_slice(p)?;
                 serde_json::to_vec(&self.write_here(cmd).await)?
             }
+            Kind::Ping => serde_json::to_vec(&())?,
             Kind::Forget => {
                 let id: NodeId = serde_json::from_slice(p)?;
                 serde_json::to_vec(&self.remove_member(id).await)?
