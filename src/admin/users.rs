@@ -134,9 +134,8 @@ pub async fn put(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let created = put_user_from(&s.broker, &name, &body)?;
-    let user = s.broker.auth.user(&name);
     super::cluster::replicate(&s, || {
-        user.map(|u| Command::PutUser {
+        s.broker.auth.user(&name).map(|u| Command::PutUser {
             name: u.name,
             password_hash: u.password_hash,
             tags: u.tags,
@@ -238,8 +237,8 @@ pub async fn put_permission(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let created = put_permission_from(&s.broker, &vhost, &user, &body)?;
-    let p = s.broker.auth.permission(&vhost, &user);
     super::cluster::replicate(&s, || {
+        let p = s.broker.auth.permission(&vhost, &user);
         p.map(|p| Command::SetPermission {
             vhost,
             user,
