@@ -10,6 +10,9 @@ use nom::number::streaming::{be_u32, u8 as byte};
 /// Largest frame accepted (a snapshot chunk is far below it).
 pub const MAX_FRAME: u32 = 64 * 1024 * 1024;
 
+/// Largest frame accepted before the peer has proved the cookie.
+pub const MAX_HANDSHAKE_FRAME: u32 = 4096;
+
 /// What a frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -75,11 +78,11 @@ pub enum FrameError {
 
 /// The header of the frame at the start of `input`: (type byte, payload length),
 /// or None when fewer than 5 bytes are there.
-fn header(input: &[u8]) -> Result<Option<(u8, usize)>, FrameError> {
+fn header(input: &[u8], max: u32) -> Result<Option<(u8, usize)>, FrameError> {
     let parsed: nom::IResult<&[u8], (u32, u8)> = nom::sequence::tuple((be_u32, byte))(input);
     match parsed {
         Ok((_, (len, kind))) => {
-            if len == 0 || len > MAX_FRAME {
+            if len == 0 || len > max {
                 return Err(FrameError::Length(len));
             }
             Ok(Some((kind, len as usize - 1)))
@@ -88,7 +91,7 @@ fn header(input: &[u8]) -> Result<Option<(u8, usize)>, FrameError> {
             // Only a length of 0 can be refused before the type byte arrives.
             if input.len() >= 4 {
                 let len = u32::from_be_bytes([input[0], input[1], input[2], input[3]]);
-                if len == 0 || len > MAX_FRAME {
+                if len == 0 || len > max {
                     return Err(FrameError::Length(len));
                 }
             }
@@ -97,14 +100,15 @@ fn header(input: &[u8]) -> Result<Option<(u8, usize)>, FrameError> {
     }
 }
 
-/// Cut one frame off the front of `buf`: None until it is complete.
-pub fn decode(buf: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-    let Some((kind, len)) = header(buf)? else {
+/// Cut one frame (at most `max` bytes after the length) off the front of
+/// `buf`: None until it is complete.
+pub fn decode(buf: &mut BytesMut, max: u32) -> Result<Option<Frame>, FrameError> {
+    let Some((kind, len)) = header(buf, max)? else {
         return Ok(None);
     };
     let kind = Kind::from_u8(kind).ok_or(FrameError::UnknownType(kind))?;
+    // No reserve for the announced length: memory grows with bytes received.
     if buf.len() < 5 + len {
-        buf.reserve(5 + len - buf.len());
         return Ok(None);
     }
     buf.advance(5);
@@ -121,15 +125,33 @@ pub fn encode(kind: Kind, payload: &[u8], buf: &mut BytesMut) {
 }
 
 /// The codec for `tokio_util::codec::Framed` over an inter-node socket.
-#[derive(Debug, Default)]
-pub struct FrameCodec;
+#[derive(Debug)]
+pub struct FrameCodec {
+    /// The largest frame accepted from the peer.
+    pub max: u32,
+}
+
+impl FrameCodec {
+    /// For a connection whose peer has not proved the cookie yet.
+    pub fn handshake() -> FrameCodec {
+        FrameCodec {
+            max: MAX_HANDSHAKE_FRAME,
+        }
+    }
+}
+
+impl Default for FrameCodec {
+    fn default() -> FrameCodec {
+        FrameCodec { max: MAX_FRAME }
+    }
+}
 
 impl tokio_util::codec::Decoder for FrameCodec {
     type Item = Frame;
     type Error = std::io::Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, std::io::Error> {
-        decode(src).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        decode(src, self.max).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 }
 
@@ -161,7 +183,7 @@ mod tests {
         let mut buf = BytesMut::new();
         encode(Kind::Vote, b"{\"x\":1}", &mut buf);
         assert_eq!(&buf[..5], &[0, 0, 0, 8, 11]);
-        let f = decode(&mut buf).unwrap().unwrap();
+        let f = decode(&mut buf, MAX_FRAME).unwrap().unwrap();
         assert_eq!(f.kind, Kind::Vote);
         assert_eq!(&f.payload[..], b"{\"x\":1}");
         assert!(buf.is_empty());
@@ -173,7 +195,7 @@ mod tests {
         encode(Kind::Reply, b"hello", &mut whole);
         for cut in 0..whole.len() {
             let mut part = BytesMut::from(&whole[..cut]);
-            assert_eq!(decode(&mut part), Ok(None), "cut at {cut}");
+            assert_eq!(decode(&mut part, MAX_FRAME), Ok(None), "cut at {cut}");
             assert_eq!(part.len(), cut, "nothing consumed at {cut}");
         }
     }
@@ -184,23 +206,43 @@ mod tests {
         encode(Kind::Challenge, &[7; 16], &mut buf);
         encode(Kind::Hello, b"", &mut buf);
         buf.extend_from_slice(&[0, 0]); // the start of a third
-        assert_eq!(decode(&mut buf).unwrap().unwrap().kind, Kind::Challenge);
-        let f = decode(&mut buf).unwrap().unwrap();
+        assert_eq!(
+            decode(&mut buf, MAX_FRAME).unwrap().unwrap().kind,
+            Kind::Challenge
+        );
+        let f = decode(&mut buf, MAX_FRAME).unwrap().unwrap();
         assert_eq!((f.kind, f.payload.len()), (Kind::Hello, 0));
-        assert_eq!(decode(&mut buf), Ok(None));
+        assert_eq!(decode(&mut buf, MAX_FRAME), Ok(None));
         assert_eq!(&buf[..], &[0, 0]);
     }
 
     #[test]
     fn bad_lengths_and_types_are_errors() {
         let mut zero = BytesMut::from(&[0u8, 0, 0, 0][..]);
-        assert_eq!(decode(&mut zero), Err(FrameError::Length(0)));
+        assert_eq!(decode(&mut zero, MAX_FRAME), Err(FrameError::Length(0)));
         let mut huge = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff, 10][..]);
-        assert_eq!(decode(&mut huge), Err(FrameError::Length(u32::MAX)));
+        assert_eq!(
+            decode(&mut huge, MAX_FRAME),
+            Err(FrameError::Length(u32::MAX))
+        );
         let mut unknown = BytesMut::from(&[0u8, 0, 0, 1, 99][..]);
-        assert_eq!(decode(&mut unknown), Err(FrameError::UnknownType(99)));
+        assert_eq!(
+            decode(&mut unknown, MAX_FRAME),
+            Err(FrameError::UnknownType(99))
+        );
         // An AMQP client that dials the cluster port by mistake.
         let mut amqp = BytesMut::from(&b"AMQP\x00\x00\x09\x01"[..]);
-        assert!(decode(&mut amqp).is_err());
+        assert!(decode(&mut amqp, MAX_FRAME).is_err());
+    }
+
+    #[test]
+    fn before_the_handshake_frames_are_small() {
+        let mut buf = BytesMut::new();
+        encode(Kind::Hello, &[b'x'; 5000], &mut buf);
+        assert_eq!(
+            decode(&mut buf.clone(), MAX_HANDSHAKE_FRAME),
+            Err(FrameError::Length(5001))
+        );
+        assert!(decode(&mut buf, MAX_FRAME).unwrap().is_some());
     }
 }

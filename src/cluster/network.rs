@@ -89,7 +89,7 @@ async fn next(conn: &mut Conn) -> std::io::Result<Frame> {
 pub async fn dial(addr: &str, cookie: &str, me: &NodeInfo, id: NodeId) -> Result<Conn, CallError> {
     let stream = TcpStream::connect(addr).await?;
     let _ = stream.set_nodelay(true);
-    let mut conn = Framed::new(stream, FrameCodec);
+    let mut conn = Framed::new(stream, FrameCodec::default());
     let handshake = async {
         let challenge = next(&mut conn).await?;
         if challenge.kind != Kind::Challenge {
@@ -202,7 +202,7 @@ pub fn serve(listener: TcpListener, cluster: Weak<Cluster>) {
 async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError> {
     let peer = stream.peer_addr()?;
     let _ = stream.set_nodelay(true);
-    let mut conn = Framed::new(stream, FrameCodec);
+    let mut conn = Framed::new(stream, FrameCodec::handshake());
     let nonce: [u8; 16] = rand::random();
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         conn.send((Kind::Challenge, nonce.to_vec())).await?;
@@ -226,6 +226,7 @@ async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError
     };
     conn.send((Kind::Welcome, serde_json::to_vec(&welcome)?))
         .await?;
+    *conn.codec_mut() = FrameCodec::default();
     tracing::debug!(%peer, node = %hello.node.name, "inter-node connection accepted");
     loop {
         let frame = next(&mut conn).await?;

@@ -356,6 +356,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.persist(&snapshot)
             .map_err(|e| StorageIOError::write_state_machine(string_err(e)))?;
+        // On disk before openraft moves on: a restart must not apply these again.
+        self.store
+            .flush()
+            .await
+            .map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
         Ok(out)
     }
 
