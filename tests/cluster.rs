@@ -65,7 +65,7 @@ impl Node {
             "bind = \"{ip}\"\namqp_port = {amqp}\nadmin_port = {admin}\ndata_dir = \"{dir}\"\n\
              log = \"warn\"\n\n[stream.listeners]\ntcp = \"none\"\n\n[cluster]\n\
              node_name = \"warren@{ip}\"\nlisten = \"{ip}:{cluster}\"\ncookie = \"{cookie}\"\n\
-             seeds = [{seeds}]\ncommit_timeout_ms = 1500\nheartbeat_ms = 50\n",
+             seeds = [{seeds}]\ncommit_timeout_ms = 3000\nheartbeat_ms = 50\n",
             ip = self.ip,
             amqp = self.amqp,
             admin = self.admin,
