@@ -98,6 +98,47 @@ pub struct Config {
     pub shovels: std::collections::BTreeMap<String, serde_json::Value>,
     /// The RabbitMQ Stream protocol listener (`stream.*`).
     pub stream: StreamConfig,
+    /// Clustering (`[cluster]`): absent means a single node, with no inter-node
+    /// listener and nothing of `crate::cluster` running.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's name, the inter-node listener, the shared secret and
+/// the seed nodes to join. See docs/cluster.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterConfig {
+    /// `warren@<host>`; default `warren@` and the machine's host name. The host
+    /// part is the address other nodes reach this one at.
+    pub node_name: Option<String>,
+    /// Address of the inter-node listener (`host:port`, or a port alone for
+    /// the node name's host); default port 25672 on the node name's host.
+    pub listen: Option<String>,
+    /// The shared secret (RabbitMQ's Erlang cookie). When unset, the file
+    /// `.warren.cookie` in the data directory (created with a random one on
+    /// first start; copy it to every node).
+    pub cookie: Option<String>,
+    /// Nodes to join at first start (`warren@host:port`, `warren@host` or
+    /// `host:port`). Empty: this node starts a cluster of its own.
+    pub seeds: Vec<String>,
+    /// How long a client's declare, bind or delete waits for the metadata
+    /// change to be committed before the connection is closed with 541.
+    pub commit_timeout_ms: u64,
+    /// Raft heartbeat interval in ms (elections start after 3 to 6 of them).
+    pub heartbeat_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_name: None,
+            listen: None,
+            cookie: None,
+            seeds: Vec::new(),
+            commit_timeout_ms: 5000,
+            heartbeat_ms: 100,
+        }
+    }
 }
 
 /// `stream.*`: the Stream protocol listener, as RabbitMQ's stream plugin names it.
@@ -444,6 +485,7 @@ impl Default for Config {
             auth_oauth2: None,
             shovels: Default::default(),
             stream: StreamConfig::default(),
+            cluster: None,
         }
     }
 }

@@ -115,6 +115,22 @@ pub enum Command {
     /// Clear one limit of a user (`max-connections`, `max-channels`) or `all`.
     #[command(alias = "clear_user_limits")]
     ClearUserLimits { user: String, limit: String },
+    /// Cluster membership (a node with `[cluster]` in its configuration).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `warren cluster ...`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// This node, the metadata leader and every member with its state.
+    Status,
+    /// Join the cluster of another node (`warren@host[:port]`); only a node
+    /// alone in its own cluster, with no replicated metadata, can.
+    Join { node: String },
+    /// Remove a member (`warren@host`) from the cluster.
+    #[command(alias = "forget_cluster_node")]
+    ForgetNode { node: String },
 }
 
 /// Where and as whom to call the admin API.
@@ -285,9 +301,41 @@ fn replace_limits(target: &Target, base: &str, definition: &str) -> Result<(), S
     Ok(())
 }
 
+/// `warren cluster status`, as rabbitmqctl cluster_status prints it, shorter.
+fn cluster_status(target: &Target) -> Result<String, String> {
+    let s = target.call("GET", "/api/cluster", None)?;
+    let mut out = format!(
+        "Cluster status of node {}\nMetadata leader: {}\nRaft: {}\n\n",
+        cell(&s, "node"),
+        s.get("leader")
+            .and_then(Value::as_str)
+            .unwrap_or("(none: no majority)"),
+        s.get("raft").map(Value::to_string).unwrap_or_default(),
+    );
+    let members = s.get("members").cloned().unwrap_or(Value::Null);
+    out.push_str(&table(
+        &["node", "address", "voter", "running", "leader"],
+        rows(&members, &["name", "addr", "voter", "running", "leader"]),
+    ));
+    Ok(out)
+}
+
 /// Run one command; the output to print, or an error message.
 pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
     match cmd {
+        Command::Cluster(ClusterCommand::Status) => cluster_status(target),
+        Command::Cluster(ClusterCommand::Join { node }) => {
+            target.call("POST", "/api/cluster/join", Some(json!({ "node": node })))?;
+            Ok(format!("Joined the cluster of {node}\n"))
+        }
+        Command::Cluster(ClusterCommand::ForgetNode { node }) => {
+            target.call(
+                "DELETE",
+                &format!("/api/cluster/nodes/{}", seg(&node)),
+                None,
+            )?;
+            Ok(format!("Removed {node} from the cluster\n"))
+        }
         Command::ListQueues { vhost } => {
             let list = target.call("GET", &format!("/api/queues/{}", seg(&vhost)), None)?;
             let keys = [

@@ -11,6 +11,8 @@
 //!   (bytes and `now` in, events and bytes out).
 //! - `amqp`: the broker-facing channel methods, one file per AMQP class.
 //! - `clock`: the wall clock, read by the I/O side (server, admin, ticker) only.
+//! - `cluster`: clustering on openraft (with `[cluster]` only): node names, the
+//!   inter-node listener and its cookie handshake, the replicated metadata group.
 //! - `server`: the AMQP listener, one task per connection driving a session; the
 //!   Stream protocol listener (`server::stream`) likewise.
 //! - `admin`: the HTTP management API (RabbitMQ-shaped JSON) and Prometheus metrics.
@@ -25,6 +27,7 @@ pub mod admin;
 pub mod amqp;
 pub mod broker;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod server;
@@ -46,6 +49,8 @@ pub struct Warren {
     /// The Stream protocol listeners (None when `stream.listeners.tcp = "none"`
     /// and `stream.listeners.ssl` is unset).
     pub stream: Option<server::stream::StreamServer>,
+    /// This node's part of the cluster (None without `[cluster]`).
+    pub cluster: Option<Arc<cluster::Cluster>>,
     admin: admin::Addrs,
     admin_tls: Option<Arc<tls::ServerTls>>,
 }
@@ -118,6 +123,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     OAuth2(#[from] broker::oauth::OAuth2Error),
+    #[error(transparent)]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// Start a broker with `config` on the current tokio runtime.
@@ -140,7 +147,17 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         Some(_) => Some(tls::ServerTls::new(&config.ssl_options, &[])?),
         None => None,
     };
-    let server = server::start(Arc::clone(&config), Arc::clone(&broker), amqp_tls).await?;
+    let cluster = match &config.cluster {
+        Some(_) => Some(cluster::Cluster::start(&config, Arc::clone(&broker)).await?),
+        None => None,
+    };
+    let server = server::start(
+        Arc::clone(&config),
+        Arc::clone(&broker),
+        amqp_tls,
+        cluster.clone(),
+    )
+    .await?;
     // A stream port that cannot be bound is logged, not fatal: the AMQP
     // side stays up (several brokers on one host share the default 5552).
     let stream_tls = server.tls().cloned();
@@ -175,6 +192,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
         state.tls = tls_listeners(server.tls(), admin_tls.as_ref());
         state.data_dir = Some(config.data_dir.clone());
+        state.cluster = cluster.clone();
         admin::start(http.as_deref(), https, state, every).await?
     } else {
         admin::Addrs::default()
@@ -200,6 +218,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         server,
         shovels,
         stream,
+        cluster,
         admin,
         admin_tls,
     })

@@ -103,6 +103,9 @@ fn main() -> std::process::ExitCode {
         tracing::info!("shutting down");
         broker.server.shutdown();
         broker.shovels.stop_all();
+        if let Some(cluster) = &broker.cluster {
+            cluster.shutdown().await;
+        }
         let core = std::sync::Arc::clone(&broker.server.broker);
         core.close_all_connections("broker shutdown");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;

@@ -9,6 +9,7 @@
 
 pub mod bindings;
 pub mod charts;
+pub mod cluster;
 pub mod connections;
 pub mod definitions;
 pub mod exchanges;
@@ -54,6 +55,8 @@ pub struct AdminState {
     pub history: Arc<history::History>,
     /// The data directory, whose file system's free space the node reports.
     pub data_dir: Option<std::path::PathBuf>,
+    /// This node's part of the cluster, when clustered.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl AdminState {
@@ -67,6 +70,7 @@ impl AdminState {
             tls: Vec::new(),
             history: Arc::new(history::History::new()),
             data_dir: None,
+            cluster: None,
         }
     }
 }
@@ -360,6 +364,12 @@ pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/api/overview", get(charts::overview))
         .route("/api/nodes", get(overview::nodes))
+        .route("/api/cluster", get(cluster::status))
+        .route("/api/cluster/join", axum::routing::post(cluster::join))
+        .route(
+            "/api/cluster/nodes/:node",
+            axum::routing::delete(cluster::forget),
+        )
         .route("/api/nodes/:node", get(charts::node))
         .route("/api/whoami", get(overview::whoami))
         .route(

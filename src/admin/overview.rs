@@ -82,6 +82,9 @@ fn node_json(s: &AdminState) -> Value {
 
 pub async fn nodes(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require_monitor()?;
+    if let Some(c) = &s.cluster {
+        return Ok(Json(json!(super::cluster::nodes(c, node_json(&s)))));
+    }
     Ok(Json(json!([node_json(&s)])))
 }
 

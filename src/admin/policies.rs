@@ -5,6 +5,7 @@
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::policy::{ApplyTo, Policies, Policy};
 use crate::broker::VHost;
+use crate::cluster::Command;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -153,7 +154,26 @@ pub async fn put(
         return Err(ApiError::forbidden("Not policymaker user"));
     }
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(super::put_status(put_from(&s, &vhost, &name, &body)?))
+    let created = put_from(&s, &vhost, &name, &body)?;
+    let text = |k: &str, default: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or(default)
+            .to_string()
+    };
+    let cmd = Command::PutPolicy {
+        pattern: text("pattern", ""),
+        apply_to: text("apply-to", "all"),
+        priority: body.get("priority").and_then(Value::as_i64).unwrap_or(0),
+        definition: body
+            .get("definition")
+            .map(Value::to_string)
+            .unwrap_or_default(),
+        vhost,
+        name,
+    };
+    super::cluster::replicate(&s, || Some(cmd)).await?;
+    Ok(super::put_status(created))
 }
 
 pub async fn remove(
@@ -167,6 +187,7 @@ pub async fn remove(
     caller.require_vhost(&s.broker, &vhost)?;
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     if v.delete_policy(&name, crate::clock::now_ms())? {
+        super::cluster::replicate(&s, || Some(Command::DeletePolicy { vhost, name })).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found())

@@ -4,6 +4,7 @@
 use super::{text, AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::auth::{self, Permission, User, HASHING_ALGORITHM};
 use crate::broker::Broker;
+use crate::cluster::Command;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -133,6 +134,14 @@ pub async fn put(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let created = put_user_from(&s.broker, &name, &body)?;
+    super::cluster::replicate(&s, || {
+        s.broker.auth.user(&name).map(|u| Command::PutUser {
+            name: u.name,
+            password_hash: u.password_hash,
+            tags: u.tags,
+        })
+    })
+    .await?;
     Ok(super::put_status(created))
 }
 
@@ -143,6 +152,7 @@ pub async fn remove(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     if s.broker.auth.delete_user(&name) {
+        super::cluster::replicate(&s, || Some(Command::DeleteUser { name })).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found())
@@ -227,6 +237,17 @@ pub async fn put_permission(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let created = put_permission_from(&s.broker, &vhost, &user, &body)?;
+    super::cluster::replicate(&s, || {
+        let p = s.broker.auth.permission(&vhost, &user);
+        p.map(|p| Command::SetPermission {
+            vhost,
+            user,
+            configure: p.configure,
+            write: p.write,
+            read: p.read,
+        })
+    })
+    .await?;
     Ok(super::put_status(created))
 }
 
@@ -237,6 +258,7 @@ pub async fn delete_permission(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     if s.broker.auth.clear_permission(&vhost, &user) {
+        super::cluster::replicate(&s, || Some(Command::ClearPermission { vhost, user })).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found())

@@ -2,6 +2,7 @@
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::{Broker, VHost};
+use crate::cluster::Command;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -69,6 +70,8 @@ pub async fn put(
             s.broker.auth.set_permission(&name, &caller.0.name, all);
         }
     }
+    let creator = (!existed).then(|| caller.0.name.clone());
+    super::cluster::replicate(&s, || Some(Command::PutVhost { name, creator })).await?;
     Ok(super::put_status(!existed))
 }
 
@@ -81,6 +84,7 @@ pub async fn remove(
     if s.broker.delete_vhost(&name) {
         // Its runtime parameters go with it, as in RabbitMQ.
         s.shovels.delete_vhost(&name);
+        super::cluster::replicate(&s, || Some(Command::DeleteVhost { name })).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found())

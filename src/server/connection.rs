@@ -16,6 +16,7 @@ use crate::broker::oauth::{Grant, Verifier};
 use crate::broker::queue::DeliverySink;
 use crate::broker::{Broker, ConnectionControl, ConnectionInfo, LoginError};
 use crate::clock::Now;
+use crate::cluster::{Cluster, Command};
 use crate::config::Config;
 use crate::error::AmqpError;
 use crate::session::handshake::{self, EXTERNAL};
@@ -31,11 +32,17 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
 /// Handle one accepted socket until it closes.
-pub async fn run(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, config: Arc<Config>) {
+pub async fn run(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    config: Arc<Config>,
+    cluster: Option<Arc<Cluster>>,
+) {
     let _ = stream.set_nodelay(true);
     let local = local_addr(&stream);
     let (read, write) = stream.into_split();
-    let end = serve(read, write, peer, local, None, broker, config).await;
+    let end = serve(read, write, peer, local, None, broker, config, cluster).await;
     log_end(peer, end);
 }
 
@@ -45,6 +52,7 @@ pub async fn run_tls(
     peer: SocketAddr,
     broker: Arc<Broker>,
     config: Arc<Config>,
+    cluster: Option<Arc<Cluster>>,
 ) {
     let (tcp, tls) = stream.get_ref();
     let _ = tcp.set_nodelay(true);
@@ -58,7 +66,17 @@ pub async fn run_tls(
         "TLS handshake done"
     );
     let (read, write) = tokio::io::split(stream);
-    let end = serve(read, write, peer, local, Some(established), broker, config).await;
+    let end = serve(
+        read,
+        write,
+        peer,
+        local,
+        Some(established),
+        broker,
+        config,
+        cluster,
+    )
+    .await;
     log_end(peer, end);
 }
 
@@ -119,6 +137,11 @@ struct Conn<R> {
     /// and reading input (back-pressure on a peer that does not read).
     backlog_limit: usize,
     backpressure: bool,
+    /// The cluster, when this node is clustered (None: nothing below costs anything).
+    cluster: Option<Arc<Cluster>>,
+    /// A metadata change made by the last method, whose reply is held until the
+    /// cluster has committed it.
+    commit: Option<Command>,
 }
 
 /// How the session ended.
@@ -127,6 +150,8 @@ struct End {
     drain: bool,
 }
 
+// One more than clippy's limit since the cluster handle joined the list.
+#[allow(clippy::too_many_arguments)]
 async fn serve<R, W>(
     read: R,
     write: W,
@@ -135,6 +160,7 @@ async fn serve<R, W>(
     tls: Option<Established>,
     broker: Arc<Broker>,
     config: Arc<Config>,
+    cluster: Option<Arc<Cluster>>,
 ) -> Option<String>
 where
     R: AsyncRead + Unpin,
@@ -164,6 +190,8 @@ where
         grant: None,
         registered: false,
         backpressure: false,
+        cluster,
+        commit: None,
     };
     let end = conn.main_loop().await;
     conn.cleanup();
@@ -198,6 +226,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         loop {
             if let Some(end) = self.process_events() {
                 return end;
+            }
+            if let Some(change) = self.commit.take() {
+                self.await_commit(change).await;
+                continue;
             }
             self.transmit();
             self.update_backpressure();
@@ -252,12 +284,32 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
+    /// Clustered: wait until `change` (made locally by the last method) is
+    /// committed by the metadata group before its reply goes out. When it
+    /// cannot be (no quorum within `[cluster] commit_timeout_ms`), the held
+    /// output is dropped and the connection is closed with 541, as RabbitMQ's
+    /// Khepri does on a timeout: the client must not see `-ok`.
+    async fn await_commit(&mut self, change: Command) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        if let Err(why) = cluster.propose(change).await {
+            tracing::warn!(id = self.id, peer = %self.peer, "{why}");
+            let now = Instant::now();
+            while self.session.poll_transmit(now).is_some() {}
+            self.session.close(AmqpError::internal_error(why), now);
+        }
+    }
+
     /// Answer the session's events until it wants more input; Some when it ended.
     fn process_events(&mut self) -> Option<End> {
         let now = Now::read();
         while let Some(event) = self.session.poll_event(now.at) {
             if let Some(end) = self.on_event(event, now) {
                 return Some(end);
+            }
+            if self.commit.is_some() {
+                return None;
             }
             if !self.backpressure && self.backlog() > self.backlog_limit {
                 self.update_backpressure();
@@ -337,12 +389,24 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             }
             Event::Method { channel, method } => {
                 let Some(ctx) = &self.ctx else { return None };
+                // Clustered: a change of replicated metadata is made here, and
+                // its reply held until the cluster has committed it (see
+                // `await_commit`); what came before it goes out now.
+                let change = match &self.cluster {
+                    Some(c) => Command::from_method(&method, &ctx.vhost, ctx.id, &c.me.name),
+                    None => None,
+                };
+                if change.is_some() {
+                    self.transmit();
+                }
+                let Some(ctx) = &self.ctx else { return None };
                 let r = match self.session.channel(channel) {
                     Some((data, mut io)) => amqp::dispatch(ctx, data, &mut io, method, now),
                     None => Ok(()),
                 };
-                if let Err(e) = r {
-                    self.session.channel_error(channel, e, now.at);
+                match r {
+                    Err(e) => self.session.channel_error(channel, e, now.at),
+                    Ok(()) => self.commit = change,
                 }
             }
             Event::Publish { channel, message } => {

@@ -94,6 +94,7 @@ pub async fn start(
     config: Arc<Config>,
     broker: Arc<Broker>,
     tls: Option<Arc<ServerTls>>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
 ) -> std::io::Result<Server> {
     let (tx, rx) = watch::channel(false);
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -125,6 +126,7 @@ pub async fn start(
             Arc::clone(&open),
             Arc::clone(&broker),
             Arc::clone(&config),
+            cluster.clone(),
             rx.clone(),
         ));
     }
@@ -143,6 +145,7 @@ async fn accept_loop(
     open: Arc<std::sync::atomic::AtomicUsize>,
     broker: Arc<Broker>,
     config: Arc<Config>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let handshake_timeout = crate::tls::handshake_timeout(&config);
@@ -162,16 +165,19 @@ async fn accept_loop(
                         continue;
                     };
                     let (broker, config) = (Arc::clone(&broker), Arc::clone(&config));
+                    let cluster = cluster.clone();
                     let Some(tls) = tls.clone() else {
                         tokio::spawn(async move {
-                            connection::run(stream, peer, broker, config).await;
+                            connection::run(stream, peer, broker, config, cluster).await;
                             drop(slot);
                         });
                         continue;
                     };
                     tokio::spawn(async move {
                         match crate::tls::accept(&tls, stream, handshake_timeout).await {
-                            Ok(stream) => connection::run_tls(stream, peer, broker, config).await,
+                            Ok(stream) => {
+                                connection::run_tls(stream, peer, broker, config, cluster).await
+                            }
                             Err(e) => tracing::warn!(%peer, "TLS connection refused: {e}"),
                         }
                         drop(slot);

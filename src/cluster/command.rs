@@ -1,0 +1,632 @@
+//! The replicated metadata: the commands of the metadata Raft group (what a
+//! client's declare, bind or delete becomes when the node is clustered), the
+//! model they build (RabbitMQ's Khepri tree, cut down to what is replicated
+//! today), and how a committed command reaches the local broker: through the
+//! same vhost door the AMQP sessions use (`VHost::declare_exchange`, `bind`, ...).
+
+use crate::broker::exchange::Destination;
+use crate::broker::vhost::{ExchangeDeclare, QueueDeclare, VHost};
+use crate::broker::Broker;
+use crate::wire::{encode_field_table, parse_field_table, FieldTable, Method};
+use bytes::BytesMut;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Arguments (an AMQP field table) in their wire encoding: exact, whatever the
+/// value types.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Args(pub Vec<u8>);
+
+impl Args {
+    pub fn from_table(t: &FieldTable) -> Args {
+        let mut buf = BytesMut::new();
+        encode_field_table(t, &mut buf);
+        Args(buf.to_vec())
+    }
+
+    pub fn table(&self) -> FieldTable {
+        match parse_field_table(&self.0) {
+            Ok((_, t)) => t,
+            Err(_) => FieldTable::new(),
+        }
+    }
+}
+
+/// One change of the metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    DeclareExchange {
+        vhost: String,
+        name: String,
+        kind: String,
+        durable: bool,
+        auto_delete: bool,
+        internal: bool,
+        arguments: Args,
+    },
+    DeleteExchange {
+        vhost: String,
+        name: String,
+    },
+    /// A queue record; `node` is the node the queue was declared on (its home).
+    DeclareQueue {
+        vhost: String,
+        name: String,
+        node: String,
+        durable: bool,
+        auto_delete: bool,
+        arguments: Args,
+    },
+    DeleteQueue {
+        vhost: String,
+        name: String,
+    },
+    Bind(BindingRec),
+    Unbind(BindingRec),
+    /// A vhost; `creator` (an admin API user) gets full permissions on it when
+    /// it is new, as RabbitMQ's management API gives them.
+    PutVhost {
+        name: String,
+        creator: Option<String>,
+    },
+    DeleteVhost {
+        name: String,
+    },
+    /// A user with its password hash (salted once, on the node that took the
+    /// request) and tags.
+    PutUser {
+        name: String,
+        password_hash: String,
+        tags: Vec<String>,
+    },
+    DeleteUser {
+        name: String,
+    },
+    SetPermission {
+        vhost: String,
+        user: String,
+        configure: String,
+        write: String,
+        read: String,
+    },
+    ClearPermission {
+        vhost: String,
+        user: String,
+    },
+    /// A (user) policy; `definition` is its JSON object as text.
+    PutPolicy {
+        vhost: String,
+        name: String,
+        pattern: String,
+        apply_to: String,
+        priority: i64,
+        definition: String,
+    },
+    DeletePolicy {
+        vhost: String,
+        name: String,
+    },
+}
+
+/// A binding: from an exchange to a queue or an exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindingRec {
+    pub vhost: String,
+    pub source: String,
+    /// The destination is an exchange (exchange.bind), not a queue.
+    pub to_exchange: bool,
+    pub destination: String,
+    pub routing_key: String,
+    pub arguments: Args,
+}
+
+impl BindingRec {
+    fn key(&self) -> String {
+        let mut k = format!(
+            "{}\0{}\0{}\0{}\0{}\0",
+            self.vhost, self.source, self.to_exchange as u8, self.destination, self.routing_key
+        );
+        for b in &self.arguments.0 {
+            k.push_str(&format!("{b:02x}"));
+        }
+        k
+    }
+
+    fn destination(&self) -> Destination {
+        if self.to_exchange {
+            Destination::Exchange(self.destination.as_str().into())
+        } else {
+            Destination::Queue(self.destination.as_str().into())
+        }
+    }
+}
+
+impl Command {
+    /// The command a client's method becomes when it changed replicated
+    /// metadata, or None (passive declares, exclusive and server-named queues
+    /// and bindings to them, everything that is not topology). `node` is this
+    /// node's name, `connection` the client's connection id.
+    pub fn from_method(
+        method: &Method,
+        vhost: &VHost,
+        connection: u64,
+        node: &str,
+    ) -> Option<Command> {
+        let v = || vhost.name.to_string();
+        // A queue only this connection can see is not replicated, nor its bindings.
+        let local_queue = |name: &str| {
+            name.is_empty()
+                || vhost
+                    .queue(name, connection)
+                    .is_ok_and(|q| q.spec.exclusive_owner.is_some())
+        };
+        Some(match method {
+            Method::ExchangeDeclare(d) if !d.passive => Command::DeclareExchange {
+                vhost: v(),
+                name: d.exchange.clone(),
+                kind: d.kind.clone(),
+                durable: d.durable,
+                auto_delete: d.auto_delete,
+                internal: d.internal,
+                arguments: Args::from_table(&d.arguments),
+            },
+            Method::ExchangeDelete(d) => Command::DeleteExchange {
+                vhost: v(),
+                name: d.exchange.clone(),
+            },
+            Method::QueueDeclare(d) if !d.passive && !d.exclusive && !d.queue.is_empty() => {
+                Command::DeclareQueue {
+                    vhost: v(),
+                    name: d.queue.clone(),
+                    node: node.to_string(),
+                    durable: d.durable,
+                    auto_delete: d.auto_delete,
+                    arguments: Args::from_table(&d.arguments),
+                }
+            }
+            Method::QueueDelete(d) if !local_queue(&d.queue) => Command::DeleteQueue {
+                vhost: v(),
+                name: d.queue.clone(),
+            },
+            Method::QueueBind(b) if !local_queue(&b.queue) => Command::Bind(BindingRec {
+                vhost: v(),
+                source: b.exchange.clone(),
+                to_exchange: false,
+                destination: b.queue.clone(),
+                routing_key: b.routing_key.clone(),
+                arguments: Args::from_table(&b.arguments),
+            }),
+            Method::QueueUnbind(b) if !local_queue(&b.queue) => Command::Unbind(BindingRec {
+                vhost: v(),
+                source: b.exchange.clone(),
+                to_exchange: false,
+                destination: b.queue.clone(),
+                routing_key: b.routing_key.clone(),
+                arguments: Args::from_table(&b.arguments),
+            }),
+            Method::ExchangeBind(b) => Command::Bind(BindingRec {
+                vhost: v(),
+                source: b.source.clone(),
+                to_exchange: true,
+                destination: b.destination.clone(),
+                routing_key: b.routing_key.clone(),
+                arguments: Args::from_table(&b.arguments),
+            }),
+            Method::ExchangeUnbind(b) => Command::Unbind(BindingRec {
+                vhost: v(),
+                source: b.source.clone(),
+                to_exchange: true,
+                destination: b.destination.clone(),
+                routing_key: b.routing_key.clone(),
+                arguments: Args::from_table(&b.arguments),
+            }),
+            _ => return None,
+        })
+    }
+
+    /// Make the change in the local broker, through the vhost door; the
+    /// broker's own answer (a change that is refused on every node alike, e.g.
+    /// an inequivalent redeclare, is refused here too) as text.
+    pub fn apply_to(&self, broker: &Broker, now: u64) -> Result<(), String> {
+        if let Some(r) = self.apply_access(broker, now) {
+            return r;
+        }
+        let vhost_name = match self {
+            Command::DeclareExchange { vhost, .. }
+            | Command::DeleteExchange { vhost, .. }
+            | Command::DeclareQueue { vhost, .. }
+            | Command::DeleteQueue { vhost, .. } => vhost,
+            Command::Bind(b) | Command::Unbind(b) => &b.vhost,
+            _ => return Ok(()),
+        };
+        let Some(vhost) = broker.vhost(vhost_name) else {
+            return Err(format!("no vhost '{vhost_name}' on this node"));
+        };
+        let r = match self {
+            Command::DeclareExchange {
+                name,
+                kind,
+                durable,
+                auto_delete,
+                internal,
+                arguments,
+                ..
+            } => vhost
+                .declare_exchange(&ExchangeDeclare {
+                    name: name.clone(),
+                    kind: kind.clone(),
+                    passive: false,
+                    durable: *durable,
+                    auto_delete: *auto_delete,
+                    internal: *internal,
+                    arguments: arguments.table(),
+                })
+                .map(drop),
+            Command::DeleteExchange { name, .. } => match vhost.delete_exchange(name, false) {
+                Err(e) if e.code == crate::wire::reply_code::NOT_FOUND => Ok(()),
+                r => r,
+            },
+            Command::DeclareQueue {
+                name,
+                durable,
+                auto_delete,
+                arguments,
+                ..
+            } => vhost
+                .declare_queue(
+                    &QueueDeclare {
+                        name: name.clone(),
+                        passive: false,
+                        durable: *durable,
+                        exclusive: false,
+                        auto_delete: *auto_delete,
+                        arguments: arguments.table(),
+                    },
+                    0,
+                    now,
+                )
+                .map(drop),
+            Command::DeleteQueue { name, .. } => {
+                vhost.delete_queue(name, false, false, 0, now).map(drop)
+            }
+            Command::Bind(b) => vhost.bind(
+                &b.source,
+                b.destination(),
+                &b.routing_key,
+                &b.arguments.table(),
+                0,
+            ),
+            Command::Unbind(b) => vhost.unbind(
+                &b.source,
+                b.destination(),
+                &b.routing_key,
+                &b.arguments.table(),
+                0,
+            ),
+            _ => Ok(()),
+        };
+        r.map_err(|e| e.text)
+    }
+
+    /// Vhosts, users, permissions and policies (None for topology commands).
+    fn apply_access(&self, broker: &Broker, now: u64) -> Option<Result<(), String>> {
+        use crate::broker::auth::{Permission, User};
+        use crate::broker::policy::{ApplyTo, Policy};
+        Some(match self {
+            Command::PutVhost { name, creator } => {
+                let existed = broker.vhost(name).is_some();
+                broker.add_vhost(name);
+                if let (false, Some(user)) = (existed, creator) {
+                    if let Ok(all) = Permission::new(".*", ".*", ".*") {
+                        broker.auth.set_permission(name, user, all);
+                    }
+                }
+                Ok(())
+            }
+            Command::DeleteVhost { name } => {
+                broker.delete_vhost(name);
+                Ok(())
+            }
+            Command::PutUser {
+                name,
+                password_hash,
+                tags,
+            } => {
+                let loopback_only = broker.auth.user(name).is_some_and(|u| u.loopback_only);
+                broker.auth.put_user(User {
+                    name: name.clone(),
+                    password_hash: password_hash.clone(),
+                    tags: tags.clone(),
+                    loopback_only,
+                });
+                Ok(())
+            }
+            Command::DeleteUser { name } => {
+                broker.auth.delete_user(name);
+                Ok(())
+            }
+            Command::SetPermission {
+                vhost,
+                user,
+                configure,
+                write,
+                read,
+            } => Permission::new(configure, write, read)
+                .map(|p| broker.auth.set_permission(vhost, user, p)),
+            Command::ClearPermission { vhost, user } => {
+                broker.auth.clear_permission(vhost, user);
+                Ok(())
+            }
+            Command::PutPolicy {
+                vhost,
+                name,
+                pattern,
+                apply_to,
+                priority,
+                definition,
+            } => {
+                let Some(v) = broker.vhost(vhost) else {
+                    return Some(Err(format!("no vhost '{vhost}' on this node")));
+                };
+                let definition = match serde_json::from_str(definition) {
+                    Ok(serde_json::Value::Object(m)) => m,
+                    _ => return Some(Err("policy definition is not an object".into())),
+                };
+                let apply_to = ApplyTo::parse(apply_to).unwrap_or(ApplyTo::All);
+                Policy::new(vhost, name, pattern, apply_to, *priority, definition)
+                    .and_then(|p| v.put_policy(p, now).map(drop).map_err(|e| e.text))
+            }
+            Command::DeletePolicy { vhost, name } => match broker.vhost(vhost) {
+                Some(v) => v.delete_policy(name, now).map(drop).map_err(|e| e.text),
+                None => Ok(()),
+            },
+            _ => return None,
+        })
+    }
+}
+
+/// What the metadata group has committed: the records, keyed by vhost and
+/// name. A snapshot of the group is this model; installing one replays it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Metadata {
+    pub vhosts: BTreeMap<String, Command>,
+    pub users: BTreeMap<String, Command>,
+    pub permissions: BTreeMap<String, Command>,
+    pub policies: BTreeMap<String, Command>,
+    pub exchanges: BTreeMap<String, Command>,
+    pub queues: BTreeMap<String, Command>,
+    pub bindings: BTreeMap<String, BindingRec>,
+}
+
+fn key(vhost: &str, name: &str) -> String {
+    format!("{vhost}\0{name}")
+}
+
+impl Metadata {
+    /// Nothing replicated yet.
+    pub fn is_empty(&self) -> bool {
+        self.vhosts.is_empty()
+            && self.users.is_empty()
+            && self.permissions.is_empty()
+            && self.policies.is_empty()
+            && self.exchanges.is_empty()
+            && self.queues.is_empty()
+            && self.bindings.is_empty()
+    }
+
+    /// Record a committed command (pure: no broker, no I/O).
+    pub fn record(&mut self, cmd: &Command) {
+        match cmd {
+            Command::DeclareExchange { vhost, name, .. } => {
+                self.exchanges.insert(key(vhost, name), cmd.clone());
+            }
+            Command::DeleteExchange { vhost, name } => {
+                self.exchanges.remove(&key(vhost, name));
+                self.bindings.retain(|_, b| {
+                    !(b.vhost == *vhost
+                        && (b.source == *name || (b.to_exchange && b.destination == *name)))
+                });
+            }
+            Command::DeclareQueue { vhost, name, .. } => {
+                self.queues.insert(key(vhost, name), cmd.clone());
+            }
+            Command::DeleteQueue { vhost, name } => {
+                self.queues.remove(&key(vhost, name));
+                self.bindings.retain(|_, b| {
+                    !(b.vhost == *vhost && !b.to_exchange && b.destination == *name)
+                });
+            }
+            Command::Bind(b) => {
+                self.bindings.insert(b.key(), b.clone());
+            }
+            Command::Unbind(b) => {
+                self.bindings.remove(&b.key());
+            }
+            Command::PutVhost { name, .. } => {
+                self.vhosts.insert(name.clone(), cmd.clone());
+            }
+            Command::DeleteVhost { name } => {
+                let prefix = format!("{name}\0");
+                self.vhosts.remove(name);
+                for map in [
+                    &mut self.permissions,
+                    &mut self.policies,
+                    &mut self.exchanges,
+                    &mut self.queues,
+                ] {
+                    map.retain(|k, _| !k.starts_with(&prefix));
+                }
+                self.bindings.retain(|_, b| b.vhost != *name);
+            }
+            Command::PutUser { name, .. } => {
+                self.users.insert(name.clone(), cmd.clone());
+            }
+            Command::DeleteUser { name } => {
+                self.users.remove(name);
+                self.permissions.retain(
+                    |_, p| !matches!(p, Command::SetPermission { user, .. } if user == name),
+                );
+            }
+            Command::SetPermission { vhost, user, .. } => {
+                self.permissions.insert(key(vhost, user), cmd.clone());
+            }
+            Command::ClearPermission { vhost, user } => {
+                self.permissions.remove(&key(vhost, user));
+            }
+            Command::PutPolicy { vhost, name, .. } => {
+                self.policies.insert(key(vhost, name), cmd.clone());
+            }
+            Command::DeletePolicy { vhost, name } => {
+                self.policies.remove(&key(vhost, name));
+            }
+        }
+    }
+
+    /// The commands that rebuild this model on an empty node, in an order that
+    /// works: vhosts, users, permissions, policies, exchanges, queues, bindings.
+    pub fn replay(&self) -> Vec<Command> {
+        let mut out: Vec<Command> = self.vhosts.values().cloned().collect();
+        out.extend(self.users.values().cloned());
+        out.extend(self.permissions.values().cloned());
+        out.extend(self.policies.values().cloned());
+        out.extend(self.exchanges.values().cloned());
+        out.extend(self.queues.values().cloned());
+        out.extend(self.bindings.values().cloned().map(Command::Bind));
+        out
+    }
+
+    /// The home node of a queue record.
+    pub fn queue_node(&self, vhost: &str, name: &str) -> Option<&str> {
+        match self.queues.get(&key(vhost, name)) {
+            Some(Command::DeclareQueue { node, .. }) => Some(node),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bind(source: &str, queue: &str) -> Command {
+        Command::Bind(BindingRec {
+            vhost: "/".into(),
+            source: source.into(),
+            to_exchange: false,
+            destination: queue.into(),
+            routing_key: "k".into(),
+            arguments: Args::default(),
+        })
+    }
+
+    fn queue(name: &str) -> Command {
+        Command::DeclareQueue {
+            vhost: "/".into(),
+            name: name.into(),
+            node: "warren@a".into(),
+            durable: true,
+            auto_delete: false,
+            arguments: Args::default(),
+        }
+    }
+
+    fn exchange(name: &str) -> Command {
+        Command::DeclareExchange {
+            vhost: "/".into(),
+            name: name.into(),
+            kind: "direct".into(),
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            arguments: Args::default(),
+        }
+    }
+
+    #[test]
+    fn deletes_take_their_bindings_along() {
+        let mut m = Metadata::default();
+        for c in [
+            exchange("x"),
+            queue("q"),
+            queue("r"),
+            bind("x", "q"),
+            bind("x", "r"),
+        ] {
+            m.record(&c);
+        }
+        assert_eq!(m.bindings.len(), 2);
+        assert_eq!(m.queue_node("/", "q"), Some("warren@a"));
+        m.record(&Command::DeleteQueue {
+            vhost: "/".into(),
+            name: "q".into(),
+        });
+        assert_eq!(m.bindings.len(), 1);
+        m.record(&Command::DeleteExchange {
+            vhost: "/".into(),
+            name: "x".into(),
+        });
+        assert!(m.bindings.is_empty());
+        assert_eq!(m.replay(), vec![queue("r")]);
+    }
+
+    #[test]
+    fn replay_puts_bindings_after_their_ends_and_survives_json() {
+        let mut m = Metadata::default();
+        for c in [bind("x", "q"), queue("q"), exchange("x")] {
+            m.record(&c);
+        }
+        let json = serde_json::to_vec(&m).unwrap();
+        let back: Metadata = serde_json::from_slice(&json).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(
+            back.replay(),
+            vec![exchange("x"), queue("q"), bind("x", "q")]
+        );
+    }
+
+    #[test]
+    fn deleting_a_vhost_or_user_takes_what_hangs_off_it() {
+        let mut m = Metadata::default();
+        let perm = |vhost: &str, user: &str| Command::SetPermission {
+            vhost: vhost.into(),
+            user: user.into(),
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        };
+        for c in [
+            Command::PutVhost {
+                name: "/".into(),
+                creator: None,
+            },
+            Command::PutUser {
+                name: "ann".into(),
+                password_hash: "h".into(),
+                tags: vec![],
+            },
+            perm("/", "ann"),
+            perm("other", "ann"),
+            perm("/", "bob"),
+            exchange("x"),
+            queue("q"),
+            bind("x", "q"),
+        ] {
+            m.record(&c);
+        }
+        m.record(&Command::DeleteUser { name: "ann".into() });
+        assert_eq!(m.permissions.len(), 1);
+        m.record(&Command::DeleteVhost { name: "/".into() });
+        assert!(m.permissions.is_empty() && m.exchanges.is_empty() && m.queues.is_empty());
+        assert!(m.bindings.is_empty() && m.vhosts.is_empty());
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn arguments_keep_their_wire_types() {
+        let mut t = FieldTable::new();
+        t.insert("x-max-length", crate::wire::FieldValue::I32(10));
+        t.insert("x-queue-type", crate::wire::FieldValue::string("classic"));
+        assert_eq!(Args::from_table(&t).table(), t);
+    }
+}

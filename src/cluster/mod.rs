@@ -1,0 +1,630 @@
+//! Clustering (RabbitMQ's model, on openraft): this node's name and identity,
+//! the metadata Raft group every node is a member of, and joining/leaving it.
+//!
+//! - `frame`: the inter-node frame format (nom), pure bytes.
+//! - `network`: the inter-node listener and dialer, the cookie handshake, and
+//!   openraft's network traits over them.
+//! - `command`: the replicated metadata commands, the model they build (the
+//!   group's snapshot) and how a committed command reaches the local broker.
+//! - `store`: the group's log, vote and state machine on this node's disk.
+//!
+//! Nothing here runs without `[cluster]` in the configuration. See docs/cluster.md.
+
+pub mod command;
+pub mod frame;
+pub mod network;
+pub mod store;
+
+pub use command::Command;
+
+use crate::broker::Broker;
+use crate::config::{ClusterConfig, Config};
+use frame::Kind;
+use network::{Network, Peer};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use store::{LogStore, StateMachine};
+
+/// A member of the cluster as the metadata group records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// `warren@host`.
+    pub name: String,
+    /// Where its inter-node listener is reached (`host:port`).
+    pub addr: String,
+}
+
+openraft::declare_raft_types!(
+    /// The metadata group's types.
+    pub TypeConfig:
+        D = Command,
+        R = Option<String>,
+        NodeId = u64,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// How often members probe each other; one missing four probes is shown as
+/// not running.
+const PING_EVERY: Duration = Duration::from_millis(250);
+
+/// The default inter-node port (RabbitMQ's distribution port).
+pub const DEFAULT_PORT: u16 = 25672;
+
+/// Why clustering could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cluster: {0}")]
+    Config(String),
+    #[error("cluster store: {0}")]
+    Store(String),
+    #[error("cluster listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// This node's part of the cluster.
+pub struct Cluster {
+    /// This node's name and address.
+    pub me: NodeInfo,
+    /// Its Raft id (derived from the name).
+    pub id: u64,
+    /// Where the inter-node listener is bound.
+    pub listen: SocketAddr,
+    ident: Arc<Identity>,
+    /// Replaced only when a lone node resets to join another cluster.
+    raft: parking_lot::RwLock<openraft::Raft<TypeConfig>>,
+    raft_config: Arc<openraft::Config>,
+    store: LogStore,
+    sm: StateMachine,
+    commit_timeout: Duration,
+    /// When each other member last answered a probe.
+    seen: parking_lot::Mutex<BTreeMap<u64, std::time::Instant>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("me", &self.me)
+            .field("id", &self.id)
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The Raft id of a node name: stable, the same on every node.
+pub fn node_id(name: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(name.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b).max(1)
+}
+
+/// `warren@host:port`, `warren@host` or `host:port` -> (name or None, address).
+pub fn parse_seed(seed: &str) -> (Option<String>, String) {
+    let (name, hostport) = match seed.split_once('@') {
+        Some((prefix, rest)) => {
+            let host = rest.rsplit_once(':').map_or(rest, |(h, _)| h);
+            (Some(format!("{prefix}@{host}")), rest)
+        }
+        None => (None, seed),
+    };
+    let has_port = hostport
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+    let addr = if has_port {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:{DEFAULT_PORT}")
+    };
+    (name, addr)
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The shared secret: configured, or the cookie file in the data directory
+/// (created with a random one, readable by the owner only, on first start).
+fn cookie(cc: &ClusterConfig, data_dir: &std::path::Path) -> Result<String, ClusterError> {
+    if let Some(c) = cc.cookie.as_ref().filter(|c| !c.is_empty()) {
+        return Ok(c.clone());
+    }
+    let path = data_dir.join(".warren.cookie");
+    match std::fs::read_to_string(&path) {
+        Ok(c) if !c.trim().is_empty() => return Ok(c.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ClusterError::Config(format!("{}: {e}", path.display()))),
+    }
+    let bytes: [u8; 20] = rand::random();
+    let c: String = bytes.iter().map(|b| char::from(b'A' + b % 26)).collect();
+    std::fs::create_dir_all(data_dir)?;
+    std::fs::write(&path, &c)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400));
+    }
+    Ok(c)
+}
+
+/// One member, as `warren cluster status` and `/api/nodes` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Member {
+    pub name: String,
+    pub addr: String,
+    pub id: u64,
+    /// A voter (false: a learner still catching up).
+    pub voter: bool,
+    /// This node sees it as up: itself, or a member that answered one of
+    /// this node's probes within the last second.
+    pub running: bool,
+    pub leader: bool,
+}
+
+impl Cluster {
+    /// Start this node's part of the cluster: open the store, start the Raft
+    /// node and the inter-node listener, and on a first start either form a
+    /// cluster of one (no seeds) or join through the seeds (in the background).
+    pub async fn start(config: &Config, broker: Arc<Broker>) -> Result<Arc<Cluster>, ClusterError> {
+        let cc = config.cluster.clone().unwrap_or_default();
+        let name = cc
+            .node_name
+            .clone()
+            .unwrap_or_else(|| format!("warren@{}", host_name()));
+        let Some((_, host)) = name.split_once('@') else {
+            return Err(ClusterError::Config(format!(
+                "node name '{name}' is not of the form warren@host"
+            )));
+        };
+        let listen_spec = cc
+            .listen
+            .clone()
+            .unwrap_or_else(|| DEFAULT_PORT.to_string());
+        let listen_addr = match listen_spec.parse::<u16>() {
+            Ok(port) => format!("{host}:{port}"),
+            Err(_) => listen_spec.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind(&listen_addr).await?;
+        let listen = listener.local_addr()?;
+        let me = NodeInfo {
+            addr: format!("{host}:{}", listen.port()),
+            name: name.clone(),
+        };
+        let id = node_id(&name);
+        let cookie = cookie(&cc, &config.data_dir)?;
+        let store = LogStore::open(&config.data_dir.join("cluster"))
+            .map_err(|e| ClusterError::Store(e.to_string()))?;
+        let fresh = store.is_fresh();
+        let sm = StateMachine::open(broker, store.clone()).map_err(ClusterError::Store)?;
+        let hb = cc.heartbeat_ms.max(10);
+        let raft_config = openraft::Config {
+            cluster_name: "warren".into(),
+            heartbeat_interval: hb,
+            election_timeout_min: hb * 3,
+            election_timeout_max: hb * 6,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::Config(e.to_string()))?;
+        let ident = Arc::new(Identity {
+            me: me.clone(),
+            id,
+            cookie,
+        });
+        let network = Network {
+            ident: Arc::clone(&ident),
+        };
+        let raft_config = Arc::new(raft_config);
+        let raft = openraft::Raft::new(
+            id,
+            Arc::clone(&raft_config),
+            network,
+            store.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| ClusterError::Store(e.to_string()))?;
+        let cluster = Arc::new(Cluster {
+            me,
+            id,
+            listen,
+            ident,
+            raft: parking_lot::RwLock::new(raft),
+            raft_config,
+            store,
+            sm,
+            commit_timeout: Duration::from_millis(cc.commit_timeout_ms.max(1)),
+            seen: Default::default(),
+        });
+        network::serve(listener, Arc::downgrade(&cluster));
+        cluster.spawn_pinger();
+        tracing::info!(node = %name, %listen, id, "cluster node started");
+        if fresh {
+            let seeds: Vec<String> = cc
+                .seeds
+                .iter()
+                .map(|s| parse_seed(s).1)
+                .filter(|a| *a != cluster.me.addr)
+                .collect();
+            if seeds.is_empty() {
+                let members = BTreeMap::from([(id, cluster.me.clone())]);
+                if let Err(e) = cluster.raft().initialize(members).await {
+                    tracing::error!(error = %e, "cannot form a cluster of one");
+                }
+            } else {
+                let c = Arc::clone(&cluster);
+                tokio::spawn(async move { c.join_seeds(seeds).await });
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Ask the seeds, in turn and again until one accepts, to add this node.
+    async fn join_seeds(self: Arc<Self>, seeds: Vec<String>) {
+        let mut round = 0u32;
+        loop {
+            for addr in &seeds {
+                match self.join(addr).await {
+                    Ok(()) => {
+                        tracing::info!(seed = %addr, "joined the cluster");
+                        return;
+                    }
+                    Err(e) => {
+                        if round.is_multiple_of(20) {
+                            tracing::info!(seed = %addr, error = %e, "cannot join yet");
+                        }
+                    }
+                }
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The Raft handle (a cheap clone).
+    fn raft(&self) -> openraft::Raft<TypeConfig> {
+        self.raft.read().clone()
+    }
+
+    /// `warren cluster join <node>`: join the cluster of the node at `addr`.
+    /// Only a node that is alone (a cluster of one, or not yet in any) and has
+    /// no replicated metadata of its own can: its one-node group is dropped
+    /// and it starts afresh as a learner of the other cluster.
+    pub async fn join_cluster(&self, addr: &str) -> Result<(), String> {
+        let members = self.members();
+        if members.len() > 1 {
+            return Err(format!(
+                "this node is already a member of a cluster of {} nodes; forget-node it there first",
+                members.len()
+            ));
+        }
+        if !members.is_empty() {
+            if !self.sm.metadata().is_empty() {
+                return Err(
+                    "this node has replicated metadata of its own, which joining would \
+                     discard (resetting a node is not supported yet)"
+                        .into(),
+                );
+            }
+            let old = self.raft();
+            old.shutdown().await.map_err(|e| e.to_string())?;
+            self.store.reset().map_err(|e| e.to_string())?;
+            self.sm.reset();
+            let network = Network {
+                ident: Arc::clone(&self.ident),
+            };
+            let raft = openraft::Raft::new(
+                self.id,
+                Arc::clone(&self.raft_config),
+                network,
+                self.store.clone(),
+                self.sm.clone(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            *self.raft.write() = raft;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.join(addr).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// Ask the node at `addr` (or its leader) to add this node to its cluster.
+    pub async fn join(&self, addr: &str) -> Result<(), String> {
+        let mut peer = Peer::new(addr.to_string(), Arc::clone(&self.ident));
+        let r: Result<(), String> = peer
+            .call(
+                Kind::Join,
+                &(self.id, self.me.clone()),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        r
+    }
+
+    /// The leader's side of a join: add as a learner (it catches up), then
+    /// make it a voter. Elsewhere: forwarded to the leader.
+    async fn add_member(&self, id: u64, node: NodeInfo) -> Result<(), String> {
+        if let Some(leader) = self.remote_leader().await? {
+            let mut peer = Peer::new(leader.addr, Arc::clone(&self.ident));
+            return peer
+                .call(Kind::Join, &(id, node), Duration::from_secs(10))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if self.voters().contains(&id) {
+            return Ok(());
+        }
+        self.raft()
+            .add_learner(id, node, true)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.raft()
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Remove a member (the leader does it; elsewhere forwarded to it).
+    async fn remove_member(&self, id: u64) -> Result<(), String> {
+        if let Some(leader) = self.remote_leader().await? {
+            let mut peer = Peer::new(leader.addr, Arc::clone(&self.ident));
+            return peer
+                .call(Kind::Forget, &id, Duration::from_secs(10))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let m = self.raft().metrics().borrow().membership_config.clone();
+        if !m.membership().nodes().any(|(n, _)| *n == id) {
+            return Err("not a member of this cluster".into());
+        }
+        if self.voters().contains(&id) {
+            self.raft()
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            self.raft()
+                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// `warren cluster forget-node <name>`: remove a member by name.
+    pub async fn forget(&self, name: &str) -> Result<(), String> {
+        let id = node_id(name);
+        if id == self.id {
+            return Err("a node cannot forget itself; run this on another member".into());
+        }
+        tokio::time::timeout(self.commit_timeout * 2, self.remove_member(id))
+            .await
+            .map_err(|_| "timed out: no metadata leader (is a majority of nodes up?)".to_string())?
+    }
+
+    fn voters(&self) -> BTreeSet<u64> {
+        let m = self.raft().metrics().borrow().membership_config.clone();
+        m.membership().voter_ids().collect()
+    }
+
+    /// The leader when it is another node; None when this node leads. Waits
+    /// (up to the commit timeout) while no leader is known.
+    async fn remote_leader(&self) -> Result<Option<NodeInfo>, String> {
+        let deadline = tokio::time::Instant::now() + self.commit_timeout;
+        loop {
+            let m = self.raft().metrics().borrow().clone();
+            match m.current_leader {
+                Some(l) if l == self.id && m.state == ServerState::Leader => return Ok(None),
+                Some(l) if l != self.id => {
+                    if let Some(n) = m.membership_config.membership().get_node(&l) {
+                        return Ok(Some(n.clone()));
+                    }
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("no metadata leader: is a majority of the cluster up?".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Commit a metadata command, through the leader wherever it is; Ok once
+    /// it is committed (and applied on the leader). Errs after the commit
+    /// timeout (no majority, no leader): the change may still commit later.
+    pub async fn propose(&self, cmd: Command) -> Result<(), String> {
+        let timeout = self.commit_timeout;
+        match tokio::time::timeout(timeout, self.propose_loop(cmd)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "metadata change not committed within {} ms: no quorum of cluster nodes",
+                timeout.as_millis()
+            )),
+        }
+    }
+
+    async fn propose_loop(&self, cmd: Command) -> Result<(), String> {
+        loop {
+            match self.remote_leader().await {
+                Ok(None) => match self.write_here(cmd.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => tracing::debug!(error = %e, "metadata write failed; retrying"),
+                },
+                Ok(Some(leader)) => {
+                    let mut peer = Peer::new(leader.addr, Arc::clone(&self.ident));
+                    let r: Result<Result<(), String>, _> =
+                        peer.call(Kind::Propose, &cmd, self.commit_timeout).await;
+                    match r {
+                        Ok(Ok(())) => return Ok(()),
+                        Ok(Err(e)) => tracing::debug!(error = %e, "leader refused; retrying"),
+                        Err(e) => tracing::debug!(error = %e, "leader unreachable; retrying"),
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "no leader yet"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Write on this node, which must be the leader.
+    async fn write_here(&self, cmd: Command) -> Result<(), String> {
+        match self.raft().client_write(cmd).await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(format!("not the leader (leader: {:?})", f.leader_id))
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Every member with what this node knows of it.
+    pub fn members(&self) -> Vec<Member> {
+        let m = self.raft().metrics().borrow().clone();
+        let leader = m.current_leader;
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let seen = self.seen.lock();
+        let fresh = |id: &u64| seen.get(id).is_some_and(|at| at.elapsed() < PING_EVERY * 4);
+        membership
+            .nodes()
+            .map(|(id, n)| Member {
+                name: n.name.clone(),
+                addr: n.addr.clone(),
+                id: *id,
+                voter: voters.contains(id),
+                running: *id == self.id || fresh(id),
+                leader: Some(*id) == leader,
+            })
+            .collect()
+    }
+
+    /// Probe every other member every [`PING_EVERY`]: what `running` in
+    /// [`Self::members`] is made of, the same on every node.
+    fn spawn_pinger(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let ident = Arc::clone(&self.ident);
+        tokio::spawn(async move {
+            let mut peers: BTreeMap<u64, Peer> = BTreeMap::new();
+            let mut tick = tokio::time::interval(PING_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(c) = weak.upgrade() else { return };
+                let m = c.raft().metrics().borrow().membership_config.clone();
+                let members: Vec<(u64, NodeInfo)> = m
+                    .membership()
+                    .nodes()
+                    .filter(|(id, _)| **id != c.id)
+                    .map(|(id, n)| (*id, n.clone()))
+                    .collect();
+                drop(c);
+                peers.retain(|id, _| members.iter().any(|(m, _)| m == id));
+                let probes = members.into_iter().map(|(id, node)| {
+                    let peer = peers
+                        .remove(&id)
+                        .unwrap_or_else(|| Peer::new(node.addr, Arc::clone(&ident)));
+                    async move {
+                        let mut peer = peer;
+                        let r: Result<(), _> = peer.call(Kind::Ping, &(), PING_EVERY).await;
+                        (id, peer, r.is_ok())
+                    }
+                });
+                let results = futures::future::join_all(probes).await;
+                let Some(c) = weak.upgrade() else { return };
+                let mut seen = c.seen.lock();
+                for (id, peer, ok) in results {
+                    if ok {
+                        seen.insert(id, std::time::Instant::now());
+                    }
+                    peers.insert(id, peer);
+                }
+            }
+        });
+    }
+
+    /// The leader's name, when one is known.
+    pub fn leader(&self) -> Option<String> {
+        let m = self.raft().metrics().borrow().clone();
+        let l = m.current_leader?;
+        m.membership_config
+            .membership()
+            .get_node(&l)
+            .map(|n| n.name.clone())
+    }
+
+    /// The committed metadata model.
+    pub fn metadata(&self) -> command::Metadata {
+        self.sm.metadata()
+    }
+
+    /// Raft state, term, last log index and last applied index, for status.
+    pub fn raft_status(&self) -> serde_json::Value {
+        let m = self.raft().metrics().borrow().clone();
+        serde_json::json!({
+            "state": format!("{:?}", m.state),
+            "term": m.current_term,
+            "last_log_index": m.last_log_index,
+            "last_applied": m.last_applied.map(|l| l.index),
+        })
+    }
+
+    /// Stop the Raft node (at broker shutdown).
+    pub async fn shutdown(&self) {
+        let _ = self.raft().shutdown().await;
+    }
+}
+
+/// What the network needs to know of this node: its name, id and the cookie.
+pub struct Identity {
+    pub me: NodeInfo,
+    pub id: u64,
+    pub cookie: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_in_every_form() {
+        assert_eq!(
+            parse_seed("warren@127.0.0.2:25673"),
+            (Some("warren@127.0.0.2".into()), "127.0.0.2:25673".into())
+        );
+        assert_eq!(
+            parse_seed("warren@node-b"),
+            (Some("warren@node-b".into()), "node-b:25672".into())
+        );
+        assert_eq!(parse_seed("10.0.0.3:4000"), (None, "10.0.0.3:4000".into()));
+    }
+
+    #[test]
+    fn node_ids_are_stable_and_distinct() {
+        assert_eq!(node_id("warren@a"), node_id("warren@a"));
+        assert_ne!(node_id("warren@a"), node_id("warren@b"));
+        assert_ne!(node_id("warren@a"), 0);
+    }
+}

@@ -1,0 +1,463 @@
+//! Clustering: three warren processes on 127.0.0.1, .2 and .3 form a cluster
+//! through seeds; a declare and a bind on one node are committed by the
+//! metadata group and visible (admin API, passive declare) on the others; a
+//! restarted node catches up; `warren cluster status` / `forget-node` work;
+//! with no majority a declare fails with 541 instead of hanging; a peer with
+//! the wrong cookie is refused.
+
+mod common;
+
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const COOKIE: &str = "cluster-test-cookie";
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One warren process of the test cluster.
+struct Node {
+    ip: String,
+    dir: PathBuf,
+    amqp: u16,
+    admin: u16,
+    cluster: u16,
+    seeds: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn new(n: u8, tag: &str) -> Node {
+        let ip = format!("127.0.0.{n}");
+        let dir = std::env::temp_dir().join(common::uniq(&format!("warren-cluster-{tag}-{n}")));
+        let _ = std::fs::remove_dir_all(&dir);
+        Node {
+            amqp: free_port(&ip),
+            admin: free_port(&ip),
+            cluster: free_port(&ip),
+            ip,
+            dir,
+            seeds: Vec::new(),
+            child: None,
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("warren@{}", self.ip)
+    }
+
+    fn seed(&self) -> String {
+        format!("warren@{}:{}", self.ip, self.cluster)
+    }
+
+    fn config(&self, cookie: &str) -> PathBuf {
+        let seeds: Vec<String> = self.seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        let text = format!(
+            "bind = \"{ip}\"\namqp_port = {amqp}\nadmin_port = {admin}\ndata_dir = \"{dir}\"\n\
+             log = \"warn\"\n\n[stream.listeners]\ntcp = \"none\"\n\n[cluster]\n\
+             node_name = \"warren@{ip}\"\nlisten = \"{ip}:{cluster}\"\ncookie = \"{cookie}\"\n\
+             seeds = [{seeds}]\ncommit_timeout_ms = 3000\nheartbeat_ms = 50\n",
+            ip = self.ip,
+            amqp = self.amqp,
+            admin = self.admin,
+            dir = self.dir.display(),
+            cluster = self.cluster,
+            seeds = seeds.join(", "),
+        );
+        std::fs::create_dir_all(&self.dir).expect("data dir");
+        let path = self.dir.join("warren.toml");
+        std::fs::write(&path, text).expect("config");
+        path
+    }
+
+    async fn start(&mut self) {
+        self.start_with_cookie(COOKIE).await
+    }
+
+    async fn start_with_cookie(&mut self, cookie: &str) {
+        let config = self.config(cookie);
+        let child = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn warren");
+        self.child = Some(child);
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect((self.ip.as_str(), self.amqp))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("warren did not start on {}:{}", self.ip, self.amqp);
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    async fn connect(&self) -> Connection {
+        let uri = format!("amqp://guest:guest@{}:{}/%2f", self.ip, self.amqp);
+        common::t(Connection::connect(&uri, ConnectionProperties::default()))
+            .await
+            .expect("connect")
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}:{}", self.ip, self.admin)
+    }
+
+    /// GET on the admin API: (status, JSON body).
+    fn get(&self, path: &str) -> (u16, Value) {
+        let r = ureq::get(&format!("{}{path}", self.url()))
+            .set("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+            .call();
+        match r {
+            Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    /// PUT on the admin API: the status.
+    fn put(&self, path: &str, body: Value) -> u16 {
+        let r = ureq::put(&format!("{}{path}", self.url()))
+            .set("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+            .send_json(body);
+        match r {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(_) => 0,
+        }
+    }
+
+    /// `warren <args>` (the CLI) against this node's admin API: (ok, stdout + stderr).
+    fn ctl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .arg("--url")
+            .arg(self.url())
+            .args(args)
+            .output()
+            .expect("run warren cli");
+        let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+
+    /// The members this node's `/api/nodes` lists as running.
+    fn running(&self) -> Vec<String> {
+        let (_, nodes) = self.get("/api/nodes");
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["running"] == Value::Bool(true))
+            .filter_map(|n| n["name"].as_str().map(String::from))
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Poll `check` until it holds (at most `within`).
+async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a passive declare of exchange `x` and queue `q` succeeds on `node`.
+async fn passive_ok(node: &Node, x: &str, q: &str) -> bool {
+    let conn = node.connect().await;
+    let ch = common::t(conn.create_channel()).await.expect("channel");
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let ex =
+        common::t(ch.exchange_declare(x, ExchangeKind::Direct, passive, FieldTable::default()))
+            .await
+            .is_ok();
+    let ok = ex
+        && common::t(ch.queue_declare(
+            q,
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .await
+        .is_ok();
+    let _ = conn.close(200, "bye").await;
+    ok
+}
+
+async fn wait_passive(node: &Node, x: &str, q: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !passive_ok(node, x, q).await {
+        assert!(
+            Instant::now() < deadline,
+            "{x} / {q} not visible on {}",
+            node.name()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn has_binding(node: &Node, x: &str, q: &str, key: &str) -> bool {
+    let (status, list) = node.get(&format!("/api/exchanges/%2F/{x}/bindings/source"));
+    status == 200
+        && list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|b| b["destination"].as_str() == Some(q) && b["routing_key"].as_str() == Some(key))
+}
+
+async fn declare_and_bind(node: &Node, x: &str, q: &str, key: &str) {
+    let conn = node.connect().await;
+    let ch = common::t(conn.create_channel()).await.expect("channel");
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    common::t(ch.exchange_declare(x, ExchangeKind::Direct, durable, FieldTable::default()))
+        .await
+        .expect("exchange.declare");
+    let qd = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    common::t(ch.queue_declare(q, qd, FieldTable::default()))
+        .await
+        .expect("queue.declare");
+    common::t(ch.queue_bind(
+        q,
+        x,
+        key,
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("queue.bind");
+    let _ = conn.close(200, "bye").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_metadata_catch_up_and_refuse_without_quorum() {
+    let mut a = Node::new(1, "form");
+    let mut b = Node::new(2, "form");
+    let mut c = Node::new(3, "form");
+    b.seeds = vec![a.seed()];
+    c.seeds = vec![a.seed(), b.seed()];
+    a.start().await;
+    b.start().await;
+    c.start().await;
+    let all = [a.name(), b.name(), c.name()];
+    eventually("three running members", Duration::from_secs(20), || {
+        let r = a.running();
+        all.iter().all(|n| r.contains(n))
+    })
+    .await;
+    let (_, nodes) = b.get("/api/nodes");
+    let leaders: Vec<&Value> = nodes
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["metadata_leader"] == Value::Bool(true))
+        .collect();
+    assert_eq!(leaders.len(), 1, "one metadata leader in {nodes}");
+    assert_eq!(nodes.as_array().map(Vec::len), Some(3));
+
+    // A declare and a bind on B (a follower or the leader) are seen everywhere.
+    let (x, q) = (common::uniq("cx"), common::uniq("cq"));
+    declare_and_bind(&b, &x, &q, "k1").await;
+    for node in [&a, &b, &c] {
+        wait_passive(node, &x, &q).await;
+        let (status, _) = node.get(&format!("/api/exchanges/%2F/{x}"));
+        assert_eq!(status, 200, "exchange on {}", node.name());
+        eventually("binding replicated", Duration::from_secs(10), || {
+            has_binding(node, &x, &q, "k1")
+        })
+        .await;
+    }
+    let (_, status) = a.get("/api/cluster");
+    let home = status["queues"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"].as_str() == Some(q.as_str()))
+        .map(|r| r["node"].clone());
+    assert_eq!(
+        home,
+        Some(Value::String(b.name())),
+        "queue record: {status}"
+    );
+
+    // Vhosts, users, permissions and policies made through B's admin API too.
+    assert_eq!(b.put("/api/vhosts/cv", serde_json::json!({})), 201);
+    let user = serde_json::json!({"password": "secret", "tags": "management"});
+    assert_eq!(b.put("/api/users/cann", user), 201);
+    let perm = serde_json::json!({"configure": "^c", "write": ".*", "read": ".*"});
+    assert_eq!(b.put("/api/permissions/cv/cann", perm), 201);
+    let policy = serde_json::json!({"pattern": "^cq", "definition": {"max-length": 5}});
+    assert_eq!(b.put("/api/policies/cv/cp", policy), 201);
+    for node in [&a, &c] {
+        eventually("access replicated", Duration::from_secs(10), || {
+            node.get("/api/vhosts/cv").0 == 200
+                && node.get("/api/users/cann").1["tags"] == serde_json::json!(["management"])
+                && node.get("/api/permissions/cv/cann").1["configure"] == "^c"
+                && node.get("/api/policies/cv/cp").1["definition"]["max-length"] == 5
+        })
+        .await;
+    }
+    // The password works on another node (the hash was replicated).
+    let uri = format!("amqp://cann:secret@{}:{}/cv", a.ip, a.amqp);
+    let conn = common::t(Connection::connect(&uri, ConnectionProperties::default()))
+        .await
+        .expect("the replicated user logs in on A");
+    let _ = conn.close(200, "bye").await;
+
+    // C stops; a change made meanwhile reaches it when it is back.
+    c.stop();
+    let (x2, q2) = (common::uniq("cx2"), common::uniq("cq2"));
+    declare_and_bind(&a, &x2, &q2, "k2").await;
+    c.start().await;
+    wait_passive(&c, &x2, &q2).await;
+    eventually("binding caught up", Duration::from_secs(10), || {
+        has_binding(&c, &x2, &q2, "k2")
+    })
+    .await;
+
+    // The CLI: status lists the three members and the leader.
+    let (ok, out) = a.ctl(&["cluster", "status"]);
+    assert!(ok, "cluster status failed: {out}");
+    for n in &all {
+        assert!(out.contains(n.as_str()), "{n} missing in:\n{out}");
+    }
+    assert!(out.contains("Metadata leader: warren@127.0.0."), "{out}");
+
+    // forget-node: C leaves the membership for good. Stopped, it is first
+    // listed as not running.
+    c.stop();
+    eventually("C shown as not running", Duration::from_secs(10), || {
+        let (_, nodes) = b.get("/api/nodes");
+        nodes.as_array().into_iter().flatten().any(|n| {
+            n["name"].as_str() == Some(c.name().as_str()) && n["running"] == Value::Bool(false)
+        })
+    })
+    .await;
+    let (ok, out) = a.ctl(&["cluster", "forget-node", &c.name()]);
+    assert!(ok, "forget-node failed: {out}");
+    eventually("two members left", Duration::from_secs(10), || {
+        b.get("/api/nodes").1.as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+
+    // With B down too, A has no majority (1 of 2): a declare is refused with
+    // 541 after the commit timeout, never answered -ok, never hanging.
+    b.stop();
+    let conn = a.connect().await;
+    let ch = common::t(conn.create_channel()).await.expect("channel");
+    let started = Instant::now();
+    let r = common::within(
+        Duration::from_secs(10),
+        ch.exchange_declare(
+            &common::uniq("nox"),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("the declare hung instead of failing");
+    common::assert_code(r, 541);
+    assert!(started.elapsed() < Duration::from_secs(8));
+    // The admin API answers 503 instead of 201.
+    assert_eq!(a.put("/api/vhosts/noquorum", serde_json::json!({})), 503);
+}
+
+#[tokio::test]
+async fn a_peer_with_the_wrong_cookie_is_refused() {
+    let mut a = Node::new(1, "cookie");
+    a.start().await;
+    let addr = format!("{}:{}", a.ip, a.cluster);
+    let me = warren::cluster::NodeInfo {
+        name: "warren@intruder".into(),
+        addr: "127.0.0.9:1".into(),
+    };
+    let wrong = warren::cluster::network::dial(&addr, "not-the-cookie", &me, 7).await;
+    assert!(wrong.is_err(), "a wrong cookie was accepted");
+    let right = warren::cluster::network::dial(&addr, COOKIE, &me, 7).await;
+    assert!(
+        right.is_ok(),
+        "the right cookie was refused: {:?}",
+        right.err()
+    );
+
+    // A node configured with another cookie never joins.
+    let mut b = Node::new(2, "cookie");
+    b.seeds = vec![a.seed()];
+    b.start_with_cookie("another-cookie").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (_, nodes) = a.get("/api/nodes");
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1), "{nodes}");
+}
+
+#[tokio::test]
+async fn a_lone_node_joins_by_cli() {
+    let mut a = Node::new(1, "join");
+    let mut d = Node::new(4, "join");
+    a.start().await;
+    d.start().await;
+    let (x, q) = (common::uniq("jx"), common::uniq("jq"));
+    declare_and_bind(&a, &x, &q, "k").await;
+    // A has replicated metadata of its own: it cannot be reset into D's cluster.
+    let (ok, out) = a.ctl(&["cluster", "join", &d.seed()]);
+    assert!(!ok, "a node with metadata joined: {out}");
+    assert!(out.contains("replicated metadata"), "{out}");
+    // D is alone and empty: it joins A's cluster and gets A's metadata.
+    let (ok, out) = d.ctl(&["cluster", "join", &a.seed()]);
+    assert!(ok, "join failed: {out}");
+    wait_passive(&d, &x, &q).await;
+    eventually("two running members", Duration::from_secs(10), || {
+        a.running().len() == 2
+    })
+    .await;
+}
