@@ -12,7 +12,8 @@
 #   publish      publish only with confirms, N messages (kept for the next two)
 #   consume      Stream protocol consumer from first over those N stored messages
 #   amqp_consume AMQP 0-9-1 consumer (x-stream-offset first, prefetch 1000, multi-ack
-#                100) over a stream of M stored messages
+#                100; warren's codec as the client, --amqp-client raw) over a stream of
+#                M stored messages
 # Each line: msg/s and the broker's CPU per message: the run time of its threads over
 # that run (/proc/<pid>/task/*/schedstat, ns; a thread that ends meanwhile
 # is not counted), divided by the messages moved. Broker pinned to CPU 0, client to
