@@ -2,7 +2,7 @@
 # Side-by-side stream benchmark of warren and RabbitMQ in one go (issue 12's targets).
 # Method and results: docs/benchmarks.md.
 #
-#   bench/streams.sh [-r ROUNDS] [-n MESSAGES] [-N AMQP_MESSAGES] [-p STREAM_PERF] TARGET...
+#   bench/streams.sh [-r ROUNDS] [-n MESSAGES] [-N AMQP_MESSAGES] [-p STREAM_PERF] [-P SPORT:APORT] TARGET...
 #     TARGET = label=/path/to/warren       a warren binary (fresh process + data dir per round)
 #            | label=rabbitmq:SPORT:APORT  a running RabbitMQ (stream port, AMQP port; its
 #                                          beam.smp is measured)
@@ -12,20 +12,23 @@
 #   publish      publish only with confirms, N messages (kept for the next two)
 #   consume      Stream protocol consumer from first over those N stored messages
 #   amqp_consume AMQP 0-9-1 consumer (x-stream-offset first, prefetch 1000, multi-ack
-#                100) over a stream of M stored messages
-# Each line: msg/s and the broker's CPU per message (utime+stime from /proc/<pid>/stat
-# over that run, divided by the messages moved). Broker pinned to CPU 0, client to CPU 1.
+#                100; warren's codec as the client, --amqp-client raw) over a stream of
+#                M stored messages
+# Each line: msg/s and the broker's CPU per message: the run time of its threads over
+# that run (/proc/<pid>/task/*/schedstat, ns; a thread that ends meanwhile
+# is not counted), divided by the messages moved. Broker pinned to CPU 0, client to
+# CPU 1. -P: the ports a warren target listens on (default 5690:5691).
 set -euo pipefail
-rounds=1 n=2000000 m=10000000 perf=target/release/examples/stream_perf
-while getopts "r:n:N:p:" o; do
-  case $o in r) rounds=$OPTARG ;; n) n=$OPTARG ;; N) m=$OPTARG ;; p) perf=$OPTARG ;; *) exit 2 ;; esac
+rounds=1 n=2000000 m=10000000 perf=target/release/examples/stream_perf wports=5690:5691
+while getopts "r:n:N:p:P:" o; do
+  case $o in r) rounds=$OPTARG ;; n) n=$OPTARG ;; N) m=$OPTARG ;; p) perf=$OPTARG ;; P) wports=$OPTARG ;; *) exit 2 ;; esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { sed -n 2,17p "$0"; exit 2; }
-tck=$(getconf CLK_TCK)
+[ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
 pin_b="" pin_c=""
 if [ "$(nproc)" -ge 2 ]; then pin_b="taskset -c 0" pin_c="taskset -c 1"; fi
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# "tid ns" per thread of pid $1.
+cpu_ns() { for f in /proc/"$1"/task/*/schedstat; do t=${f%/schedstat}; echo "${t##*/} $(cut -d' ' -f1 "$f" 2>/dev/null)"; done; }
 
 pid="" sport="" aport="" data=""
 start_target() { # target
@@ -36,7 +39,7 @@ start_target() { # target
     [ -n "$pin_b" ] && taskset -a -pc 0 "$pid" >/dev/null
     data=""
   else
-    sport=5690 aport=5691
+    IFS=: read -r sport aport <<<"$wports"
     data=$(mktemp -d /tmp/warren-sbench.XXXXXX)
     WARREN_AMQP_PORT=$aport WARREN_STREAM__LISTENERS__TCP__DEFAULT=$sport WARREN_ADMIN_ENABLED=false \
       WARREN_DATA_DIR=$data $pin_b "$t" >"$data.log" 2>&1 &
@@ -49,16 +52,18 @@ stop_target() {
 }
 
 measure() { # label scenario stream_perf-args...
-  local label=$1 name=$2 out t0 t1 rate moved
+  local label=$1 name=$2 out t0 t1 rate moved ns
   shift 2
-  t0=$(cpu_ticks "$pid")
+  t0=$(cpu_ns "$pid")
   out=$($pin_c "$perf" --port "$sport" --amqp-uri "amqp://guest:guest@127.0.0.1:$aport/%2f" "$@" 2>&1 | tail -1)
-  t1=$(cpu_ticks "$pid")
+  t1=$(cpu_ns "$pid")
+  ns=$(awk 'NR == FNR { a[$1] = $2; next } { d += $2 - ($1 in a ? a[$1] : 0) } END { printf "%.0f", d }' \
+    <(echo "$t0") <(echo "$t1"))
   rate=$(sed -n 's/.* rate=\([0-9]*\).*/\1/p' <<<"$out")
   moved=$(sed -n 's/.* messages=\([0-9]*\).*/\1/p' <<<"$out")
   [ -n "$rate" ] || echo "$label $name failed: $out" >&2
-  awk -v l="$label" -v s="$name" -v r="${rate:-0}" -v m="${moved:-0}" -v d=$((t1 - t0)) -v t="$tck" \
-    'BEGIN { printf "%-10s %-14s %10d msg/s  %7.3f us CPU/msg\n", l, s, r, (m > 0 ? d * 1e6 / t / m : 0) }'
+  awk -v l="$label" -v s="$name" -v r="${rate:-0}" -v m="${moved:-0}" -v d="$ns" \
+    'BEGIN { printf "%-10s %-14s %10d msg/s  %7.3f us CPU/msg\n", l, s, r, (m > 0 ? d / 1e3 / m : 0) }'
 }
 
 for round in $(seq "$rounds"); do

@@ -1045,3 +1045,113 @@ async fn exchange_and_routing_key_cross_protocols() {
     }
     let _ = conn.close(200, "bye").await;
 }
+
+/// Publish `bodies` as one publish frame of publisher `pid` (ids from `first_id`).
+async fn raw_publish(sock: &mut tokio::net::TcpStream, pid: u8, first_id: u64, bodies: &[String]) {
+    let mut p = vec![pid];
+    p.extend_from_slice(&(bodies.len() as i32).to_be_bytes());
+    for (i, b) in bodies.iter().enumerate() {
+        p.extend_from_slice(&(first_id + i as u64).to_be_bytes());
+        p.extend_from_slice(&(b.len() as i32).to_be_bytes());
+        p.extend_from_slice(b.as_bytes());
+    }
+    sock.write_all(&frame(2, 1, &p)).await.expect("write");
+}
+
+/// Read publish confirms until publishing id `last` is confirmed.
+async fn raw_confirmed(sock: &mut tokio::net::TcpStream, last: u64) {
+    loop {
+        let f = read_frame(sock).await.expect("confirm");
+        assert_eq!(&f[..2], &[0, 3], "a publish confirm, got {f:?}");
+        let n = i32::from_be_bytes([f[5], f[6], f[7], f[8]]) as usize;
+        let ids: Vec<u64> = (0..n)
+            .map(|i| u64::from_be_bytes(f[9 + 8 * i..17 + 8 * i].try_into().expect("id")))
+            .collect();
+        if ids.contains(&last) {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_message_once_in_order_with_small_credit() {
+    let mut p = raw_open().await;
+    let s = uniq("credit");
+    let mut create = 1u32.to_be_bytes().to_vec();
+    create.extend(s16(&s));
+    create.extend_from_slice(&0i32.to_be_bytes());
+    p.write_all(&frame(13, 1, &create)).await.expect("write");
+    assert_eq!(&read_frame(&mut p).await.expect("created")[8..10], &[0, 1]);
+    let mut decl = 2u32.to_be_bytes().to_vec();
+    decl.push(0);
+    decl.extend_from_slice(&(-1i16).to_be_bytes());
+    decl.extend(s16(&s));
+    p.write_all(&frame(1, 1, &decl)).await.expect("write");
+    assert_eq!(&read_frame(&mut p).await.expect("declared")[8..10], &[0, 1]);
+    let body = |i: u64| format!("m{i}");
+    // Three publish frames without waiting (the flusher may merge them into
+    // one chunk), then five waited for one by one (a chunk each).
+    let mut id = 1u64;
+    for _ in 0..3 {
+        let b: Vec<String> = (id..id + 10).map(body).collect();
+        raw_publish(&mut p, 0, id, &b).await;
+        id += 10;
+    }
+    raw_confirmed(&mut p, id - 1).await;
+    for _ in 0..5 {
+        let b: Vec<String> = (id..id + 7).map(body).collect();
+        raw_publish(&mut p, 0, id, &b).await;
+        id += 7;
+        raw_confirmed(&mut p, id - 1).await;
+    }
+    let total = id - 1;
+
+    // A consumer from first with credit 1, then growing credit: never more
+    // chunks than credit, every message once, in order.
+    let mut c = raw_open().await;
+    let mut sub = 3u32.to_be_bytes().to_vec();
+    sub.push(1);
+    sub.extend(s16(&s));
+    sub.extend_from_slice(&1u16.to_be_bytes()); // first
+    sub.extend_from_slice(&1u16.to_be_bytes()); // credit
+    sub.extend_from_slice(&0i32.to_be_bytes());
+    c.write_all(&frame(7, 1, &sub)).await.expect("write");
+    let f = read_frame(&mut c).await.expect("subscribed");
+    assert_eq!((&f[..2], &f[8..10]), (&[0x80u8, 7][..], &[0u8, 1][..]));
+    let (mut granted, mut chunks, mut next_grant) = (1u64, 0u64, 2u16);
+    let mut seen: Vec<String> = Vec::new();
+    while (seen.len() as u64) < total {
+        let f = read_frame(&mut c).await.expect("deliver");
+        assert_eq!(&f[..2], &[0, 8], "a deliver, got {f:?}");
+        assert_eq!(f[4], 1, "subscription id");
+        chunks += 1;
+        assert!(chunks <= granted, "{chunks} chunks for {granted} credits");
+        let chunk = &f[5..];
+        let entries = u16::from_be_bytes([chunk[2], chunk[3]]) as usize;
+        let first = u64::from_be_bytes(chunk[24..32].try_into().expect("offset"));
+        let data_len = u32::from_be_bytes(chunk[36..40].try_into().expect("len")) as usize;
+        assert_eq!(
+            &chunk[40..48],
+            &[0u8; 8],
+            "trailer and bloom lengths zeroed"
+        );
+        assert_eq!(first, seen.len() as u64, "chunks follow each other");
+        let mut data = &chunk[48..48 + data_len];
+        assert_eq!(chunk.len(), 48 + data_len, "one chunk per frame");
+        for _ in 0..entries {
+            let n = u32::from_be_bytes(data[..4].try_into().expect("size")) as usize;
+            seen.push(String::from_utf8_lossy(&data[4..4 + n]).into_owned());
+            data = &data[4 + n..];
+        }
+        if chunks == granted {
+            let mut cr = vec![1u8];
+            cr.extend_from_slice(&next_grant.to_be_bytes());
+            c.write_all(&frame(9, 1, &cr)).await.expect("credit");
+            granted += u64::from(next_grant);
+            next_grant += 1;
+        }
+    }
+    let want: Vec<String> = (1..=total).map(body).collect();
+    assert_eq!(seen, want);
+    assert!(chunks < total, "messages arrive in chunks");
+}

@@ -6,9 +6,12 @@
 //!
 //! The task reads the socket into the session, writes what it produces
 //! (deliveries as the stored chunk bytes, without copies, through vectored
-//! writes), fires its timer, and wakes it when a stream it follows commits
-//! more: one small forwarder task per followed stream turns the log's
-//! committed `watch` into a wake-up of the connection.
+//! writes: many chunks per `writev`), fires its timer, and wakes it when a
+//! stream it follows commits more: one small forwarder task per followed
+//! stream turns the log's committed `watch` into a wake-up of the connection.
+//! It runs the session's chunk reads ([`ReadJob`]): here when the page cache
+//! holds the bytes (`RWF_NOWAIT`: no blocking), else on a blocking thread, so
+//! a cold read never stalls other connections on this worker.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -26,7 +29,7 @@ use tokio_rustls::server::TlsStream;
 use crate::broker::Broker;
 use crate::clock;
 use crate::config::Config;
-use crate::session::stream::{StreamSession, StreamSettings};
+use crate::session::stream::{ReadDone, StreamSession, StreamSettings};
 use crate::session::stream_sac::SacRegistry;
 use crate::tls::{CertLogin, Established, ServerTls};
 
@@ -188,6 +191,22 @@ impl Drop for Watches {
     }
 }
 
+/// Start the session's reads: those the page cache answers are done here and
+/// now, the others go to a blocking thread (one at a time per subscription).
+fn start_reads(session: &mut StreamSession, reads: &mut tokio::task::JoinSet<ReadDone>) {
+    while let Some(job) = session.poll_read() {
+        match job.run_cached() {
+            Ok(done) => session.handle_read(done),
+            Err(job) => {
+                reads.spawn_blocking(move || (*job).run());
+            }
+        }
+    }
+}
+
+/// Most slices one `writev` takes (two per delivered chunk).
+const MAX_SLICES: usize = 512;
+
 /// Write every piece, vectored, in order.
 async fn write_pieces<S: AsyncWrite + Unpin>(
     sock: &mut S,
@@ -197,9 +216,10 @@ async fn write_pieces<S: AsyncWrite + Unpin>(
     let mut offset = 0usize;
     while first < pieces.len() {
         let n = {
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity((pieces.len() - first).min(64));
+            let mut slices: Vec<IoSlice<'_>> =
+                Vec::with_capacity((pieces.len() - first).min(MAX_SLICES));
             slices.push(IoSlice::new(&pieces[first][offset..]));
-            for p in pieces.iter().skip(first + 1).take(63) {
+            for p in pieces.iter().skip(first + 1).take(MAX_SLICES - 1) {
                 slices.push(IoSlice::new(p));
             }
             sock.write_vectored(&slices).await?
@@ -340,13 +360,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     let notify = Arc::clone(&watches.notify);
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     let mut pieces: Vec<Bytes> = Vec::new();
+    let mut reads = tokio::task::JoinSet::new();
     let result = loop {
         let now = clock::now_ms();
         if let Some(w) = session.watched() {
             watches.set(w);
         }
-        // Write what is queued; deliveries continue while the budget allows.
+        // Write what is queued; deliveries continue while there is credit.
         loop {
+            start_reads(&mut session, &mut reads);
             while let Some(b) = session.poll_transmit(now) {
                 pieces.push(b);
             }
@@ -354,9 +376,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 break;
             }
             write_pieces(&mut sock, &mut pieces).await?;
-            if !session.poll_deliveries(now) && !session.has_output() {
-                break;
-            }
         }
         if session.is_closed() {
             break Ok(());
@@ -384,6 +403,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(e) => break Err(e),
             },
             _ = notify.notified() => session.handle_committed(clock::now_ms()),
+            Some(done) = reads.join_next(), if !reads.is_empty() => match done {
+                Ok(done) => session.handle_read(done),
+                Err(e) => break Err(std::io::Error::other(e)),
+            },
             Some(ev) = sac_rx.recv() => session.handle_sac(ev),
             Some(reason) = close_rx.recv() => session.force_close(&reason),
             _ = tokio::time::sleep(Duration::from_millis(deadline)) => session.handle_timeout(clock::now_ms()),

@@ -32,7 +32,9 @@ use crate::broker::{Broker, LoginError};
 use crate::session::handshake::EXTERNAL;
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
 use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
-use crate::storage::stream::{StreamError, StreamLog, StreamMessage, StreamReader};
+use crate::storage::stream::{
+    BatchLimits, BatchRead, ChunkSpan, StreamError, StreamLog, StreamMessage, StreamReader,
+};
 use crate::wire::stream::{
     check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
 };
@@ -113,14 +115,155 @@ struct Subscription {
     stepping_down: bool,
     /// Stream filtering (`filter.N` values, `match-unfiltered`): chunks whose
     /// bloom filter rules them out are skipped (clients filter the rest).
-    filter: Option<(Vec<String>, bool)>,
+    filter: Option<Arc<(Vec<String>, bool)>>,
     stats: Arc<ConsumerStats>,
+    /// The token of the read in flight (its reader is lent to it).
+    reading: Option<u64>,
+    /// Stored size of the last chunk sent: sizes the next read.
+    last_chunk_len: usize,
+}
+
+/// The most one read takes from a segment (and queues for the socket).
+const READ_MAX_BYTES: usize = 1 << 20;
+/// The least one read takes.
+const READ_MIN_BYTES: usize = 16 << 10;
+
+/// A subscription's read of its next chunks ([`StreamSession::poll_read`]):
+/// file I/O, run off the connection's state machine. [`ReadJob::run_cached`]
+/// reads only what the page cache holds (never blocks: fine on the
+/// connection's task); [`ReadJob::run`] may wait for the disk (a blocking
+/// thread). Either way one `pread` covers up to the subscription's credit in
+/// chunks, and the result goes back through [`StreamSession::handle_read`].
+pub struct ReadJob {
+    id: u8,
+    token: u64,
+    reader: StreamReader,
+    limits: BatchLimits,
+    filter: Option<Arc<(Vec<String>, bool)>>,
+    buf: Vec<u8>,
+    pool: BufPool,
+}
+
+/// What a [`ReadJob`] read.
+pub struct ReadDone {
+    id: u8,
+    token: u64,
+    reader: StreamReader,
+    buf: Vec<u8>,
+    spans: Vec<ChunkSpan>,
+    result: Result<(), StreamError>,
+    pool: BufPool,
+}
+
+impl std::fmt::Debug for ReadJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadJob").field("id", &self.id).finish()
+    }
+}
+
+impl std::fmt::Debug for ReadDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadDone")
+            .field("id", &self.id)
+            .field("chunks", &self.spans.len())
+            .finish()
+    }
+}
+
+impl ReadJob {
+    fn read(
+        &mut self,
+        cached_only: bool,
+        spans: &mut Vec<ChunkSpan>,
+    ) -> Result<BatchRead, StreamError> {
+        let limits = BatchLimits {
+            cached_only,
+            ..self.limits
+        };
+        let keep = |bloom: &[u8]| match self.filter.as_deref() {
+            Some((values, unfiltered)) => {
+                crate::storage::stream::may_match(bloom, values, *unfiltered)
+            }
+            None => true,
+        };
+        self.reader.read_batch(&mut self.buf, spans, limits, &keep)
+    }
+
+    fn done(self, spans: Vec<ChunkSpan>, result: Result<(), StreamError>) -> ReadDone {
+        ReadDone {
+            id: self.id,
+            token: self.token,
+            reader: self.reader,
+            buf: self.buf,
+            spans,
+            result,
+            pool: self.pool,
+        }
+    }
+
+    /// Read what the page cache holds, here and now; the job back if the
+    /// disk would have to be waited for.
+    pub fn run_cached(mut self) -> Result<ReadDone, Box<ReadJob>> {
+        let mut spans = Vec::new();
+        match self.read(true, &mut spans) {
+            Ok(BatchRead::WouldBlock) => Err(Box::new(self)),
+            Ok(BatchRead::Read) => Ok(self.done(spans, Ok(()))),
+            Err(e) => Ok(self.done(spans, Err(e))),
+        }
+    }
+
+    /// Read, waiting for the disk if need be (on a thread that may block).
+    pub fn run(mut self) -> ReadDone {
+        let mut spans = Vec::new();
+        let r = self.read(false, &mut spans).map(|_| ());
+        self.done(spans, r)
+    }
+}
+
+/// Read buffers of one connection: a buffer whose chunks were all written
+/// comes back here (when the last [`Bytes`] slice of it is dropped) and is
+/// reused, so steady reading allocates and zeroes nothing.
+#[derive(Clone, Default)]
+struct BufPool(Arc<parking_lot::Mutex<Vec<Vec<u8>>>>);
+
+/// Buffers a connection keeps for reuse.
+const POOL_KEEP: usize = 4;
+
+impl BufPool {
+    fn take(&self) -> Vec<u8> {
+        self.0.lock().pop().unwrap_or_default()
+    }
+
+    fn put(&self, buf: Vec<u8>) {
+        let mut p = self.0.lock();
+        if p.len() < POOL_KEEP && buf.capacity() > 0 {
+            p.push(buf);
+        }
+    }
+}
+
+/// A read buffer lent to the [`Bytes`] slices sent from it.
+struct Lent {
+    buf: Vec<u8>,
+    pool: BufPool,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.pool.put(std::mem::take(&mut self.buf));
+    }
 }
 
 /// How often the streams a connection uses are checked for deletion.
 const CHECK_INTERVAL_MS: u64 = 1000;
 
-/// A fixed cap on what one round of deliveries queues for the socket.
+/// Past this much output queued for the socket, no read starts.
 const DELIVER_BUDGET: usize = 4 << 20;
 
 /// One stream connection.
@@ -156,6 +299,11 @@ pub struct StreamSession {
     out: BytesMut,
     /// Whole pieces ready for the socket, in order.
     ready: VecDeque<Bytes>,
+    /// Bytes in `ready`.
+    ready_bytes: usize,
+    /// Tokens of reads ([`ReadJob`]).
+    next_read: u64,
+    read_bufs: BufPool,
     /// Why the connection ended, once it has.
     pub close_reason: Option<String>,
     /// The TLS session of a TLS connection (its client certificate's login).
@@ -210,6 +358,9 @@ impl StreamSession {
             next_correlation: 1,
             out: BytesMut::with_capacity(4096),
             ready: VecDeque::new(),
+            ready_bytes: 0,
+            next_read: 1,
+            read_bufs: BufPool::default(),
             close_reason: None,
             tls: None,
             auth_mechanism: "PLAIN",
@@ -371,19 +522,20 @@ impl StreamSession {
     }
 
     /// Some stream this session uses committed more: send the confirms it
-    /// allows, then deliveries.
-    pub fn handle_committed(&mut self, now_ms: u64) {
+    /// allows (deliveries: [`poll_read`](Self::poll_read)).
+    pub fn handle_committed(&mut self, _now_ms: u64) {
         self.flush_confirms();
-        self.poll_deliveries(now_ms);
     }
 
     /// Bytes for the socket, in order.
     pub fn poll_transmit(&mut self, now_ms: u64) -> Option<Bytes> {
         if !self.out.is_empty() {
             let b = self.out.split().freeze();
+            self.ready_bytes += b.len();
             self.ready.push_back(b);
         }
         let b = self.ready.pop_front()?;
+        self.ready_bytes -= b.len();
         self.last_send_ms = now_ms;
         Some(b)
     }
@@ -393,60 +545,107 @@ impl StreamSession {
         !self.out.is_empty() || !self.ready.is_empty()
     }
 
-    /// Deliver chunks to subscriptions with credit, up to a budget; `true`
-    /// when more could be sent right away (call again after writing).
-    pub fn poll_deliveries(&mut self, _now_ms: u64) -> bool {
-        if self.state != State::Running {
-            return false;
+    /// The next read to run: a subscription with credit whose stream has
+    /// committed chunks it has not read (its reader is lent to the job until
+    /// [`handle_read`](Self::handle_read)). None while the output queued for
+    /// the socket is over its budget.
+    pub fn poll_read(&mut self) -> Option<ReadJob> {
+        if self.state != State::Running || self.ready_bytes + self.out.len() >= DELIVER_BUDGET {
+            return None;
         }
-        let mut sent = 0usize;
-        let version = self.deliver_version;
-        for (&id, sub) in self.subscriptions.iter_mut() {
-            let Some(reader) = sub.reader.as_mut() else {
-                continue;
-            };
-            while sub.credit > 0 {
-                let chunk = match reader.next_chunk() {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(stream = %sub.stream, error = %e, "stream read failed");
-                        break;
-                    }
-                };
-                if let Some((values, unfiltered)) = &sub.filter {
-                    if !chunk.may_match(values, *unfiltered) {
-                        continue;
-                    }
-                }
-                let mut head = [0u8; response::CHUNK_HEADER_LEN];
-                let Some(stored) = chunk.raw.get(..response::CHUNK_HEADER_LEN) else {
-                    break;
-                };
-                head.copy_from_slice(stored);
-                let data = chunk.data();
-                let committed = *reader.committed().borrow();
-                response::deliver_head(
-                    &mut self.out,
-                    version,
-                    id,
-                    committed.saturating_sub(1),
-                    &head,
-                    data.len() as u32,
-                );
-                let head = self.out.split().freeze();
-                self.ready.push_back(head);
-                sent += data.len() + 64;
-                self.ready.push_back(data);
-                sub.credit -= 1;
-                sub.stats
-                    .delivered(chunk.first_offset, chunk.num_records, sub.credit);
-                if sent >= DELIVER_BUDGET {
-                    return true;
-                }
-            }
+        let (&id, sub) = self.subscriptions.iter_mut().find(|(_, s)| {
+            s.credit > 0 && s.reading.is_none() && s.reader.as_ref().is_some_and(|r| r.has_more())
+        })?;
+        let reader = sub.reader.take()?;
+        let token = self.next_read;
+        self.next_read += 1;
+        sub.reading = Some(token);
+        let chunks = sub.credit as usize;
+        // A credit's worth of chunks the size of the last one, within bounds.
+        let bytes = sub
+            .last_chunk_len
+            .saturating_mul(chunks)
+            .saturating_add(sub.last_chunk_len / 4)
+            .clamp(READ_MIN_BYTES, READ_MAX_BYTES);
+        Some(ReadJob {
+            id,
+            token,
+            reader,
+            limits: BatchLimits {
+                chunks,
+                bytes,
+                cached_only: false,
+            },
+            filter: sub.filter.clone(),
+            buf: self.read_bufs.take(),
+            pool: self.read_bufs.clone(),
+        })
+    }
+
+    /// A read ended: its chunks go out as Deliver frames, one per chunk (the
+    /// frame's head and the chunk's header, with the bloom and trailer
+    /// lengths zeroed, then the data section as a slice of the read buffer:
+    /// no copy), each taking one credit.
+    pub fn handle_read(&mut self, done: ReadDone) {
+        let ReadDone {
+            id,
+            token,
+            reader,
+            buf,
+            spans,
+            result,
+            pool,
+        } = done;
+        let Some(sub) = self
+            .subscriptions
+            .get_mut(&id)
+            .filter(|s| s.reading == Some(token))
+        else {
+            // Unsubscribed (or restarted by a consumer update) meanwhile.
+            pool.put(buf);
+            return;
+        };
+        sub.reading = None;
+        if sub.reader.is_none() {
+            sub.reader = Some(reader);
         }
-        false
+        if let Err(e) = result {
+            tracing::warn!(stream = %sub.stream, error = %e, "stream read failed");
+        }
+        if spans.is_empty() {
+            pool.put(buf);
+            return;
+        }
+        let committed = sub
+            .reader
+            .as_ref()
+            .map_or(0, |r| *r.committed().borrow())
+            .saturating_sub(1);
+        let lent = Bytes::from_owner(Lent { buf, pool });
+        for span in spans {
+            let mut head = [0u8; response::CHUNK_HEADER_LEN];
+            head.copy_from_slice(&lent[span.header_range()]);
+            let data = lent.slice(span.data_range());
+            response::deliver_head(
+                &mut self.out,
+                self.deliver_version,
+                id,
+                committed,
+                &head,
+                data.len() as u32,
+            );
+            let head = self.out.split().freeze();
+            self.ready_bytes += head.len() + data.len();
+            self.ready.push_back(head);
+            self.ready.push_back(data);
+            sub.last_chunk_len = span.header.total_len() as usize;
+            sub.credit = sub.credit.saturating_sub(1);
+            sub.stats.delivered(
+                span.header.first_offset,
+                span.header.num_records,
+                sub.credit,
+            );
+        }
     }
 
     // ---- frames ----
@@ -780,7 +979,6 @@ impl StreamSession {
                     s.stats
                         .credits
                         .store(u64::from(s.credit), std::sync::atomic::Ordering::Relaxed);
-                    self.poll_deliveries(now_ms);
                 }
                 None => response::credit_error(
                     &mut self.out,
@@ -845,9 +1043,6 @@ impl StreamSession {
                 // The consumer update follows the subscribe response.
                 if let Some(id) = self.pending_activation.take() {
                     self.activate(id, true);
-                }
-                if c == code::OK {
-                    self.poll_deliveries(now_ms);
                 }
             }
             Request::Unsubscribe {
@@ -1016,7 +1211,8 @@ impl StreamSession {
                         }
                     } else {
                         sub.reader = Some(sub.log.reader(offset));
-                        self.poll_deliveries(now_ms);
+                        // A read in flight from before is dropped when it ends.
+                        sub.reading = None;
                     }
                 }
             }
@@ -1200,8 +1396,8 @@ impl StreamSession {
             .filter(|(k, _)| k.starts_with("filter."))
             .map(|(_, v)| v.clone())
             .collect();
-        let filter =
-            (!values.is_empty()).then(|| (values, prop("match-unfiltered") == Some("true")));
+        let filter = (!values.is_empty())
+            .then(|| Arc::new((values, prop("match-unfiltered") == Some("true"))));
         let stats = ConsumerStats::new(id, stream, properties, u32::from(credit));
         self.subscriptions.insert(
             id,
@@ -1215,6 +1411,8 @@ impl StreamSession {
                 awaiting: None,
                 stepping_down: false,
                 filter,
+                reading: None,
+                last_chunk_len: READ_MIN_BYTES,
             },
         );
         if activate {

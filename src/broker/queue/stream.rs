@@ -9,10 +9,11 @@
 //! `x-stream-offset` header.
 
 use super::{Consumer, Delivery, Enqueued, Queue, QueueArgs};
-use crate::broker::message::{Entry, Message};
+use crate::broker::message::{Entry, Message, ShortStr};
 use crate::error::{AmqpError, AmqpResult};
 use crate::storage::stream::{
-    OffsetSpec, Retention, StreamLog, StreamMessage, StreamStore, DEFAULT_MAX_SEGMENT_SIZE,
+    chunk, BatchLimits, BatchRead, OffsetSpec, Retention, StreamError, StreamLog, StreamMessage,
+    StreamReader, StreamStore, DEFAULT_MAX_SEGMENT_SIZE,
 };
 use crate::wire::amqp10;
 use crate::wire::{BasicProperties, FieldValue};
@@ -209,91 +210,198 @@ impl Queue {
     }
 }
 
-/// A consumer's task: read chunks, deliver their messages while credit lasts,
-/// wait for credit or for newly committed chunks.
-async fn read_loop(
-    queue: Arc<Queue>,
-    r: Arc<Reader>,
-    mut reader: crate::storage::stream::StreamReader,
-) {
+/// Bytes a consumer reads ahead at once (a larger chunk is read whole).
+const READ_AHEAD: usize = 256 << 10;
+
+/// Read the next committed chunks (up to [`READ_AHEAD`] bytes) the filter may
+/// want: from the page cache on this task (`RWF_NOWAIT`, never blocking),
+/// else on a blocking thread so a cold read does not stall the runtime's
+/// worker. Their messages at or past `start` go to `pending`.
+async fn read_ahead(
+    reader: &mut Option<StreamReader>,
+    start: u64,
+    filter: &Filter,
+    pending: &mut VecDeque<(u64, Bytes)>,
+) -> Result<(), StreamError> {
+    let Some(mut rd) = reader.take() else {
+        return Ok(());
+    };
+    let mut buf = Vec::new();
+    let mut spans = Vec::new();
+    let mut limits = BatchLimits {
+        chunks: usize::MAX,
+        bytes: READ_AHEAD,
+        cached_only: true,
+    };
+    let r = match rd.read_batch(&mut buf, &mut spans, limits, &|_| true) {
+        Ok(BatchRead::WouldBlock) => {
+            limits.cached_only = false;
+            let joined = tokio::task::spawn_blocking(move || {
+                let r = rd.read_batch(&mut buf, &mut spans, limits, &|_| true);
+                (rd, buf, spans, r)
+            })
+            .await;
+            let Ok((back, b, sp, r)) = joined else {
+                return Err(StreamError::Io("the read thread failed".into()));
+            };
+            (rd, buf, spans) = (back, b, sp);
+            r
+        }
+        r => r,
+    };
+    *reader = Some(rd);
+    r?;
+    let bytes = Bytes::from(buf);
+    for span in &spans {
+        if filter.skips_bloom(&bytes[span.bloom_range()]) {
+            continue;
+        }
+        let mut offset = span.header.first_offset;
+        for e in chunk::entries(bytes.slice(span.data_range())) {
+            let at = offset;
+            offset += e.records();
+            if let chunk::Entry::Simple(b) = e {
+                if at >= start {
+                    pending.push_back((at, b));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A consumer's task: read chunks ahead, deliver their messages while credit
+/// lasts, wait for credit or for newly committed chunks.
+async fn read_loop(queue: Arc<Queue>, r: Arc<Reader>, reader: StreamReader) {
     let start = reader.start();
     let mut committed = reader.committed();
+    let mut reader = Some(reader);
     let mut pending: VecDeque<(u64, Bytes)> = VecDeque::new();
     let filter = Filter::new(&r.consumer.arguments);
     let c = &r.consumer;
+    let exchange = ShortStr::intern("");
+    let routing_key = ShortStr::intern(&queue.spec.name);
+    // The last exchange / routing key annotations seen, reused while equal.
+    let mut last_exchange: Option<ShortStr> = None;
+    let mut last_key: Option<ShortStr> = None;
     loop {
         if r.stop.load(Ordering::Acquire) {
             return;
         }
-        let woken = r.wake.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
         if pending.is_empty() {
-            match reader.next_chunk() {
-                Ok(Some(chunk)) => {
-                    if filter.skips(&chunk) {
-                        continue;
-                    }
-                    pending.extend(chunk.entries().filter(|(o, _)| *o >= start));
+            let caught_up = reader.as_ref().is_none_or(|rd| !rd.has_more());
+            if caught_up {
+                let woken = r.wake.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                if reader.as_ref().is_some_and(|rd| rd.has_more()) || r.stop.load(Ordering::Acquire)
+                {
+                    continue;
                 }
-                Ok(None) => {
-                    tokio::select! {
-                        res = committed.changed() => if res.is_err() { return },
-                        _ = &mut woken => {}
-                    }
+                tokio::select! {
+                    res = committed.changed() => if res.is_err() { return },
+                    _ = &mut woken => {}
                 }
-                Err(e) => {
-                    tracing::error!(queue = %queue.spec.name, error = %e, "cannot read a stream; consumer stops");
-                    return;
-                }
+                continue;
+            }
+            if let Err(e) = read_ahead(&mut reader, start, &filter, &mut pending).await {
+                tracing::error!(queue = %queue.spec.name, error = %e, "cannot read a stream; consumer stops");
+                return;
             }
             continue;
         }
-        if !c.try_take_credit() {
+        // Take the credit there is (up to what is read), count the deliveries
+        // unacked before any can be acked, then deliver.
+        let mut credits = 0usize;
+        while credits < pending.len() && c.try_take_credit() {
+            credits += 1;
+        }
+        if credits == 0 {
+            let woken = r.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            // Credit may have come back before the wait was registered.
+            if c.try_take_credit() {
+                c.give_back_credit();
+                continue;
+            }
+            if r.stop.load(Ordering::Acquire) {
+                return;
+            }
             woken.await;
             continue;
         }
-        let Some((offset, data)) = pending.pop_front() else {
-            c.give_back_credit();
-            continue;
-        };
-        let amqp10::Routed091 {
-            properties: mut props,
-            body,
-            exchange,
-            routing_key,
-        } = match amqp10::decode_to_091_routed(&data) {
-            Ok(m) => m,
-            Err(e) => {
-                c.give_back_credit();
-                tracing::warn!(queue = %queue.spec.name, offset, error = %e, "unreadable stream message skipped");
+        queue.state.lock().unacked += credits;
+        let mut delivered = 0u64;
+        let mut unused = 0usize;
+        for (offset, data) in pending.drain(..credits) {
+            let amqp10::Routed091 {
+                properties: mut props,
+                body,
+                exchange: published_exchange,
+                routing_key: published_key,
+            } = match amqp10::decode_to_091_routed(&data) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(queue = %queue.spec.name, offset, error = %e, "unreadable stream message skipped");
+                    unused += 1;
+                    continue;
+                }
+            };
+            if !filter.accepts(&props) {
+                unused += 1;
                 continue;
             }
-        };
-        if !filter.accepts(&props) {
-            c.give_back_credit();
-            continue;
+            props
+                .headers
+                .get_or_insert_with(Default::default)
+                .insert("x-stream-offset", FieldValue::I64(offset as i64));
+            let message = Arc::new(Message {
+                exchange: annotated(&mut last_exchange, published_exchange, &exchange),
+                routing_key: annotated(&mut last_key, published_key, &routing_key),
+                properties: props.into(),
+                body,
+            });
+            let delivery = Delivery {
+                channel: c.channel,
+                consumer_tag: Arc::clone(&c.tag),
+                queue: Arc::clone(&queue),
+                entry: Entry::new(offset, message, None),
+                no_ack: false,
+            };
+            if c.sink.deliver(delivery).is_err() {
+                // The consumer is gone: what was counted unacked and not
+                // delivered is settled here.
+                crate::broker::Counters::add(&queue.counters.delivered, delivered);
+                queue.stream_settled(credits - delivered as usize);
+                return;
+            }
+            delivered += 1;
         }
-        props
-            .headers
-            .get_or_insert_with(Default::default)
-            .insert("x-stream-offset", FieldValue::I64(offset as i64));
-        let exchange = exchange.as_deref().unwrap_or("");
-        let routing_key = routing_key.as_deref().unwrap_or(&queue.spec.name);
-        let message = Message::new(exchange, routing_key, props, body);
-        let delivery = Delivery {
-            channel: c.channel,
-            consumer_tag: Arc::clone(&c.tag),
-            queue: Arc::clone(&queue),
-            entry: Entry::new(offset, message, None),
-            no_ack: false,
-        };
-        queue.state.lock().unacked += 1;
-        crate::broker::Counters::add(&queue.counters.delivered, 1);
-        if c.sink.deliver(delivery).is_err() {
-            c.give_back_credit();
-            queue.stream_settled(1);
-            return;
+        crate::broker::Counters::add(&queue.counters.delivered, delivered);
+        if unused > 0 {
+            for _ in 0..unused {
+                c.give_back_credit();
+            }
+            queue.stream_settled(unused);
+        }
+    }
+}
+
+/// The exchange or routing key a message was published with (its
+/// `x-exchange` / `x-routing-key` annotation), or `default` without one; the
+/// previous message's name is reused while it is the same, so a stream
+/// written through one exchange and key interns nothing per message.
+fn annotated(last: &mut Option<ShortStr>, name: Option<String>, default: &ShortStr) -> ShortStr {
+    let Some(name) = name else {
+        return default.clone();
+    };
+    match last {
+        Some(l) if l.as_str() == name => l.clone(),
+        _ => {
+            let s = ShortStr::intern(&name);
+            *last = Some(s.clone());
+            s
         }
     }
 }
@@ -324,11 +432,11 @@ impl Filter {
         }
     }
 
-    /// The chunk's bloom filter says no message in it is wanted.
-    fn skips(&self, chunk: &crate::storage::stream::Chunk) -> bool {
+    /// A chunk's bloom filter says no message in it is wanted.
+    fn skips_bloom(&self, bloom: &[u8]) -> bool {
         self.values
             .as_ref()
-            .is_some_and(|v| !chunk.may_match(v, self.match_unfiltered))
+            .is_some_and(|v| !crate::storage::stream::may_match(bloom, v, self.match_unfiltered))
     }
 
     fn accepts(&self, props: &BasicProperties) -> bool {

@@ -133,13 +133,7 @@ impl Chunk {
     /// whose filter value is in `values`, or one without a value if
     /// `match_unfiltered`): false means it certainly does not (skip it).
     pub fn may_match<S: AsRef<str>>(&self, values: &[S], match_unfiltered: bool) -> bool {
-        if self.bloom.is_empty() {
-            return match_unfiltered;
-        }
-        values
-            .iter()
-            .any(|v| chunk::bloom_contains(&self.bloom, v.as_ref()))
-            || (match_unfiltered && chunk::bloom_contains(&self.bloom, ""))
+        may_match(&self.bloom, values, match_unfiltered)
     }
 
     /// The messages with their offsets: each simple entry, and each record
@@ -148,6 +142,70 @@ impl Chunk {
     pub fn entries(&self) -> chunk::Records {
         chunk::Records::new(self.data(), self.first_offset)
     }
+}
+
+/// Whether a chunk with this bloom filter (empty: none of its messages had a
+/// filter value) may hold a message a filtering consumer wants: see
+/// [`Chunk::may_match`].
+pub fn may_match<S: AsRef<str>>(bloom: &[u8], values: &[S], match_unfiltered: bool) -> bool {
+    if bloom.is_empty() {
+        return match_unfiltered;
+    }
+    values
+        .iter()
+        .any(|v| chunk::bloom_contains(bloom, v.as_ref()))
+        || (match_unfiltered && chunk::bloom_contains(bloom, ""))
+}
+
+/// Where one chunk of a batch ([`StreamReader::read_batch`]) is in the
+/// batch's buffer: its stored bytes start at `at` (header, bloom, data,
+/// trailer, as in the segment file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkSpan {
+    pub header: Header,
+    pub at: usize,
+}
+
+impl ChunkSpan {
+    /// The stored header (48 bytes).
+    pub fn header_range(&self) -> std::ops::Range<usize> {
+        self.at..self.at + chunk::HEADER_LEN
+    }
+
+    /// The bloom filter (empty: none).
+    pub fn bloom_range(&self) -> std::ops::Range<usize> {
+        let at = self.at + chunk::HEADER_LEN;
+        at..at + usize::from(self.header.bloom_len)
+    }
+
+    /// The data section (the entries).
+    pub fn data_range(&self) -> std::ops::Range<usize> {
+        let at = self.bloom_range().end;
+        at..at + self.header.data_len as usize
+    }
+}
+
+/// What one [`StreamReader::read_batch`] may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// User chunks (a consumer's credit).
+    pub chunks: usize,
+    /// Bytes read at once (a larger first chunk is still read whole).
+    pub bytes: usize,
+    /// Only what the page cache holds (`preadv2` with `RWF_NOWAIT`): never
+    /// wait for the disk; [`BatchRead::WouldBlock`] instead.
+    pub cached_only: bool,
+}
+
+/// How a [`StreamReader::read_batch`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchRead {
+    /// The spans hold what was read (none: caught up with the committed offset).
+    Read,
+    /// `cached_only` and the bytes are not in the page cache (or a file must
+    /// be opened): nothing was read, call again with `cached_only` off on a
+    /// thread that may block.
+    WouldBlock,
 }
 
 type Callback = Box<dyn FnOnce(Result<(), StreamError>) + Send>;
@@ -400,7 +458,11 @@ impl StreamLog {
         } else {
             first
         };
-        self.store.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let before = self.store.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before < LINGER.min_bytes && before + bytes >= LINGER.min_bytes {
+            // A lingering flusher waits for this much.
+            self.store.wake.notify_one();
+        }
         let out = Appended {
             first_offset,
             next_offset: s.next_offset,
@@ -683,22 +745,8 @@ impl StreamReader {
             if n < chunk::HEADER_LEN {
                 // The end of this segment: on to the next one.
                 let cur = *seg_first;
-                let next_seg = {
-                    let s = self.log.state.lock();
-                    s.segments
-                        .iter()
-                        .find(|seg| seg.first_offset > cur)
-                        .map(|seg| seg.first_offset)
-                };
-                let Some(first) = next_seg else {
+                if !self.next_segment(cur) {
                     return Ok(None);
-                };
-                match File::open(segment::segment_path(&self.log.dir, first)) {
-                    Ok(f) => self.file = Some((first, f, segment::FILE_HEADER)),
-                    Err(_) => {
-                        self.file = None;
-                        self.next = self.next.max(first);
-                    }
                 }
                 continue;
             }
@@ -724,6 +772,120 @@ impl StreamReader {
                 header: h,
             }));
         }
+    }
+
+    /// Whether committed chunks wait to be read.
+    pub fn has_more(&self) -> bool {
+        self.next < *self.committed.borrow()
+    }
+
+    /// Read the next committed chunks that `keep` wants (it sees each user
+    /// chunk's bloom filter; tracking chunks are skipped) with as few reads as
+    /// it can: one `pread` of a contiguous range of the segment (`limits.bytes`,
+    /// or the first chunk whole if it is larger) into `buf` (grown as needed,
+    /// never shrunk, so a reused buffer costs no allocation), and the chunks
+    /// whole in that range become `spans` (at most `limits.chunks`). Stops at
+    /// the end of a segment (the next call goes on in the next one).
+    pub fn read_batch(
+        &mut self,
+        buf: &mut Vec<u8>,
+        spans: &mut Vec<ChunkSpan>,
+        limits: BatchLimits,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<BatchRead, StreamError> {
+        spans.clear();
+        loop {
+            let committed = *self.committed.borrow_and_update();
+            if self.next >= committed || limits.chunks == 0 {
+                return Ok(BatchRead::Read);
+            }
+            if self.file.is_none() {
+                if limits.cached_only {
+                    return Ok(BatchRead::WouldBlock);
+                }
+                self.locate()?;
+            }
+            let Some((seg_first, file, pos)) = &mut self.file else {
+                return Ok(BatchRead::Read);
+            };
+            let want = limits.bytes.max(chunk::HEADER_LEN);
+            if buf.len() < want {
+                buf.resize(want, 0);
+            }
+            let Some(mut n) = read_into(file, &mut buf[..want], *pos, limits.cached_only)? else {
+                return Ok(BatchRead::WouldBlock);
+            };
+            if n < chunk::HEADER_LEN {
+                if limits.cached_only && n > 0 {
+                    return Ok(BatchRead::WouldBlock);
+                }
+                // The end of this segment: on to the next one.
+                if limits.cached_only {
+                    return Ok(BatchRead::WouldBlock);
+                }
+                let cur = *seg_first;
+                if !self.next_segment(cur) {
+                    return Ok(BatchRead::Read);
+                }
+                continue;
+            }
+            let (mut at, mut next, mut p) = (0usize, self.next, *pos);
+            // Only committed chunks are whole on disk: look at none past it.
+            while at + chunk::HEADER_LEN <= n && next < committed && spans.len() < limits.chunks {
+                let h = Header::parse(&buf[at..])
+                    .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
+                let total = h.total_len() as usize;
+                if at + total > n {
+                    if at > 0 {
+                        break;
+                    }
+                    // One chunk larger than the range: read it whole.
+                    if buf.len() < total {
+                        buf.resize(total, 0);
+                    }
+                    match read_into(file, &mut buf[..total], p, limits.cached_only)? {
+                        Some(m) if m == total => n = total,
+                        _ if limits.cached_only => return Ok(BatchRead::WouldBlock),
+                        _ => return Err(StreamError::Io(format!("short chunk at {p}"))),
+                    }
+                }
+                let span = ChunkSpan { header: h, at };
+                if h.chunk_type == chunk::TYPE_USER && keep(&buf[span.bloom_range()]) {
+                    spans.push(span);
+                }
+                at += total;
+                p += total as u64;
+                next = h.next_offset().max(next);
+            }
+            *pos = p;
+            self.next = next;
+            if !spans.is_empty() {
+                return Ok(BatchRead::Read);
+            }
+            // Only skipped chunks: read on (the buffer is free again).
+        }
+    }
+
+    /// Move to the segment after the one starting at `cur`; false if none.
+    fn next_segment(&mut self, cur: u64) -> bool {
+        let next_seg = {
+            let s = self.log.state.lock();
+            s.segments
+                .iter()
+                .find(|seg| seg.first_offset > cur)
+                .map(|seg| seg.first_offset)
+        };
+        let Some(first) = next_seg else {
+            return false;
+        };
+        match File::open(segment::segment_path(&self.log.dir, first)) {
+            Ok(f) => self.file = Some((first, f, segment::FILE_HEADER)),
+            Err(_) => {
+                self.file = None;
+                self.next = self.next.max(first);
+            }
+        }
+        true
     }
 
     /// Open the segment holding `self.next` at the chunk holding it.
@@ -787,6 +949,43 @@ fn read_at_most(f: &File, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Read into `buf` at `pos`: up to its length, fewer at the end of the file.
+/// With `cached_only`, one `preadv2(RWF_NOWAIT)`: what the page cache holds
+/// (`None` if nothing, or if the kernel cannot tell).
+fn read_into(
+    f: &File,
+    buf: &mut [u8],
+    pos: u64,
+    cached_only: bool,
+) -> std::io::Result<Option<usize>> {
+    if !cached_only {
+        return read_at_most(f, buf, pos).map(Some);
+    }
+    use std::os::fd::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(pos) else {
+        return Ok(None);
+    };
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: `iov` points into `buf`, which outlives the call and is
+    // writable for `iov_len` bytes; the fd is open for the call's duration.
+    let n = unsafe { libc::preadv2(f.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EAGAIN)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::EINVAL)
+            | Some(libc::ENOSYS)
+            | Some(libc::EINTR) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(n as usize))
 }
 
 /// Open a stream's directory: recover its segments and tracking state.
@@ -917,9 +1116,39 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
     })
 }
 
+/// When the flusher takes what is buffered: at once, unless the last round
+/// saw more appends arrive while it wrote (producers that do not wait for
+/// each confirm: sustained load). Then it lingers up to `max_wait_us` after
+/// waking, or until `min_bytes` are buffered, so a round merges more appends
+/// into each chunk (fewer, larger chunks: a consumer pays per chunk). A
+/// producer that waits for each confirm never makes a round busy (its next
+/// append comes after the commit), so it never waits here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Linger {
+    max_wait_us: u64,
+    min_bytes: u64,
+}
+
+const LINGER: Linger = Linger {
+    max_wait_us: 1_000,
+    min_bytes: 256 << 10,
+};
+
+impl Linger {
+    /// How long to wait more (µs) before taking the buffers, `now_us` after
+    /// the flusher woke to a round, with `pending` bytes buffered; 0: now.
+    fn wait_us(&self, busy: bool, pending: u64, now_us: u64) -> u64 {
+        if !busy || pending >= self.min_bytes {
+            return 0;
+        }
+        self.max_wait_us.saturating_sub(now_us)
+    }
+}
+
 /// The flusher: write what streams buffered, fsync, publish committed offsets,
 /// run durability callbacks; repeat.
 fn flusher(shared: Arc<Shared>) {
+    let mut busy = false;
     loop {
         let dirty = {
             let mut q = shared.queue.lock();
@@ -935,15 +1164,32 @@ fn flusher(shared: Arc<Shared>) {
             if q.dirty.is_empty() && q.shutdown {
                 return;
             }
+            let woke = std::time::Instant::now();
+            while !q.shutdown {
+                let waited = woke.elapsed().as_micros() as u64;
+                let pending = shared.pending_bytes.load(Ordering::Relaxed);
+                let more = LINGER.wait_us(busy, pending, waited);
+                if more == 0 {
+                    break;
+                }
+                // Appends that cross `min_bytes` notify.
+                shared
+                    .wake
+                    .wait_for(&mut q, std::time::Duration::from_micros(more));
+            }
             std::mem::take(&mut q.dirty)
         };
         // Every write counted up to here is in a buffer taken below.
         let target = shared.appended.load(Ordering::SeqCst);
         let mut failed = None;
+        busy = false;
         for log in &dirty {
-            if let Err(e) = flush_log(&shared, log) {
-                tracing::error!(stream = %log.key, error = %e, "cannot write a stream");
-                failed = Some(e);
+            match flush_log(&shared, log) {
+                Ok(b) => busy |= b,
+                Err(e) => {
+                    tracing::error!(stream = %log.key, error = %e, "cannot write a stream");
+                    failed = Some(e);
+                }
             }
         }
         shared.synced.fetch_max(target, Ordering::SeqCst);
@@ -965,12 +1211,14 @@ fn flusher(shared: Arc<Shared>) {
 }
 
 /// Write one stream's buffered messages and offsets as chunks, fsync, commit.
-fn flush_log(shared: &Shared, log: &LogInner) -> Result<(), StreamError> {
+/// `Ok(true)`: more appends arrived while it wrote (before the commit, so not
+/// from a producer waiting for this round's confirms).
+fn flush_log(shared: &Shared, log: &LogInner) -> Result<bool, StreamError> {
     let (msgs, offsets, retention) = {
         let mut s = log.state.lock();
         s.queued = false;
         if s.deleted {
-            return Ok(());
+            return Ok(false);
         }
         (
             std::mem::take(&mut s.pending),
@@ -994,47 +1242,76 @@ fn flush_log(shared: &Shared, log: &LogInner) -> Result<(), StreamError> {
         }
         Ok(())
     });
-    if let Err(e) = &r {
+    if let Err(e) = r {
         w.failed = Some(e.clone());
-        return r;
+        return Err(e);
     }
     let (segments, next, last_chunk) = (w.segments.clone(), w.next, w.last_chunk);
     drop(w);
-    {
+    let busy = {
         let mut s = log.state.lock();
         s.segments = segments;
         s.last_chunk = last_chunk;
-    }
+        !s.pending.is_empty()
+    };
     log.committed.send_if_modified(|c| {
         let changed = *c != next;
         *c = next;
         changed
     });
-    Ok(())
+    Ok(busy)
 }
 
-fn write_all(
-    log: &LogInner,
-    w: &mut Writer,
+/// The most a user chunk built by the flusher takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ChunkLimits {
+    entries: usize,
+    /// Data bytes: a chunk stops taking messages once it holds this many.
+    bytes: usize,
+}
+
+const CHUNK_LIMITS: ChunkLimits = ChunkLimits {
+    entries: CHUNK_MAX_ENTRIES,
+    bytes: CHUNK_TARGET_BYTES,
+};
+
+/// A user chunk built from buffered appends.
+struct BuiltChunk {
+    bytes: Bytes,
+    /// The highest publishing id per reference among its messages (its
+    /// trailer's sequences).
+    refs: Vec<(Arc<str>, u64)>,
+}
+
+/// Merge the messages buffered since the last flush (every append, in
+/// order) into as few user chunks as `limits` allow, as osiris's writer does
+/// with what its mailbox holds: the first gets id `first_id`, each the next
+/// one's; a chunk's timestamp is the newest of its messages' (never below
+/// `last_timestamp`); its trailer holds each reference's highest publishing
+/// id; its bloom filter (`filter_size` bytes) is there when any message has
+/// a filter value. Pure: bytes in, bytes out.
+fn build_user_chunks(
     msgs: Vec<Pending>,
-    offsets: Vec<(String, u64)>,
-    retention: Retention,
-) -> Result<(), StreamError> {
+    first_id: u64,
+    last_timestamp: i64,
+    filter_size: u8,
+    limits: ChunkLimits,
+) -> Vec<BuiltChunk> {
+    let mut out = Vec::new();
     let mut data = BytesMut::new();
     let mut trailer = BytesMut::new();
-    let mut refs: Vec<(Arc<str>, u64)> = Vec::new();
     let mut filters: Vec<Option<String>> = Vec::new();
+    let mut id = first_id;
+    let mut ts = last_timestamp;
     let mut it = msgs.into_iter().peekable();
     while it.peek().is_some() {
         data.clear();
         trailer.clear();
-        refs.clear();
         filters.clear();
+        let mut refs: Vec<(Arc<str>, u64)> = Vec::new();
         let mut n = 0usize;
         let mut records = 0u32;
-        let mut ts = w.last_timestamp;
-        while let Some(m) = it.next_if(|_| n < CHUNK_MAX_ENTRIES && data.len() < CHUNK_TARGET_BYTES)
-        {
+        while let Some(m) = it.next_if(|_| n < limits.entries.max(1) && data.len() < limits.bytes) {
             match &m.batch {
                 None => chunk::put_simple_entry(&mut data, &m.data),
                 Some(b) => chunk::put_sub_batch_entry(&mut data, b, &m.data),
@@ -1042,15 +1319,14 @@ fn write_all(
             records += m.batch.map_or(1, |b| u32::from(b.records));
             ts = ts.max(m.timestamp);
             filters.push(m.filter);
-            if let Some((r, id)) = m.publisher {
+            if let Some((r, seq)) = m.publisher {
                 match refs.iter_mut().find(|(x, _)| *x == r) {
-                    Some(e) => e.1 = e.1.max(id),
-                    None => refs.push((r, id)),
+                    Some(e) => e.1 = e.1.max(seq),
+                    None => refs.push((r, seq)),
                 }
             }
             n += 1;
         }
-        let id = w.next;
         for (r, seq) in &refs {
             chunk::put_tracking(
                 &mut trailer,
@@ -1062,7 +1338,7 @@ fn write_all(
             );
         }
         let bloom = if filters.iter().any(Option::is_some) {
-            let mut b = vec![0u8; usize::from(retention.filter_size.max(1))];
+            let mut b = vec![0u8; usize::from(filter_size.max(1))];
             for f in &filters {
                 chunk::bloom_insert(&mut b, f.as_deref().unwrap_or(""));
             }
@@ -1070,7 +1346,7 @@ fn write_all(
         } else {
             Vec::new()
         };
-        let c = chunk::build(
+        let bytes = chunk::build(
             chunk::TYPE_USER,
             id,
             ts,
@@ -1079,8 +1355,30 @@ fn write_all(
             &data,
             &trailer,
         );
-        write_chunk(log, w, &c, retention)?;
-        for (r, seq) in refs.drain(..) {
+        id += u64::from(records);
+        out.push(BuiltChunk { bytes, refs });
+    }
+    out
+}
+
+fn write_all(
+    log: &LogInner,
+    w: &mut Writer,
+    msgs: Vec<Pending>,
+    offsets: Vec<(String, u64)>,
+    retention: Retention,
+) -> Result<(), StreamError> {
+    let built = build_user_chunks(
+        msgs,
+        w.next,
+        w.last_timestamp,
+        retention.filter_size,
+        CHUNK_LIMITS,
+    );
+    for c in built {
+        let id = w.next;
+        write_chunk(log, w, &c.bytes, retention)?;
+        for (r, seq) in c.refs {
             w.sequences.insert(r.to_string(), (id, seq));
         }
     }

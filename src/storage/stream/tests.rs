@@ -323,6 +323,16 @@ fn batch(bodies: &[&str], compression: u8, reference: Option<(&str, u64)>) -> St
     }
 }
 
+fn pending(s: &str, ts: i64, filter: Option<&str>, publisher: Option<(&str, u64)>) -> Pending {
+    Pending {
+        data: Bytes::copy_from_slice(s.as_bytes()),
+        filter: filter.map(str::to_string),
+        publisher: publisher.map(|(r, id)| (Arc::from(r), id)),
+        batch: None,
+        timestamp: ts,
+    }
+}
+
 #[test]
 fn sub_batches_are_one_entry_with_an_offset_per_record() {
     let dir = tmp("subbatch");
@@ -412,6 +422,195 @@ fn sub_batches_are_one_entry_with_an_offset_per_record() {
     let first = read_all(&log, OffsetSpec::First);
     assert_eq!(first[0].0, st.first_offset);
     assert_eq!(first.last().map(|x| x.0), Some(st.committed_offset - 1));
+    store.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn appends_since_the_last_flush_merge_into_one_chunk() {
+    // Three appends' messages (as the flusher takes them): one chunk.
+    let msgs = vec![
+        pending("a", 1_000, None, Some(("p", 7))),
+        pending("b", 1_000, Some("eu"), Some(("p", 8))),
+        pending("c", 3_000, None, Some(("q", 2))),
+        pending("d", 2_000, None, Some(("p", 5))),
+    ];
+    let built = build_user_chunks(msgs, 10, 2_500, 16, CHUNK_LIMITS);
+    assert_eq!(built.len(), 1);
+    let raw = &built[0].bytes;
+    let h = Header::parse(raw).expect("header");
+    assert_eq!(h.chunk_type, chunk::TYPE_USER);
+    assert_eq!((h.first_offset, h.num_entries, h.num_records), (10, 4, 4));
+    // The newest message's time, never below the stream's last one.
+    assert_eq!(h.timestamp, 3_000);
+    assert_eq!(h.bloom_len, 16);
+    let bloom = &raw[chunk::HEADER_LEN..chunk::HEADER_LEN + 16];
+    assert!(chunk::bloom_contains(bloom, "eu"));
+    assert!(chunk::bloom_contains(bloom, ""));
+    let data_at = chunk::HEADER_LEN + 16;
+    let data = raw.slice(data_at..data_at + h.data_len as usize);
+    assert_eq!(h.crc, crc32fast::hash(&data));
+    let bodies: Vec<Bytes> = chunk::entries(data)
+        .filter_map(|e| match e {
+            chunk::Entry::Simple(b) => Some(b),
+            chunk::Entry::SubBatch { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        bodies,
+        ["a", "b", "c", "d"].map(|s| Bytes::from_static(s.as_bytes()))
+    );
+    // The trailer: each reference's highest publishing id, at this chunk.
+    let trailer = &raw[data_at + h.data_len as usize..];
+    assert_eq!(trailer.len(), h.trailer_len as usize);
+    let mut t = chunk::tracking(trailer);
+    t.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+    assert_eq!(
+        t,
+        vec![
+            chunk::Tracking::Sequence {
+                reference: "p".into(),
+                chunk: 10,
+                sequence: 8
+            },
+            chunk::Tracking::Sequence {
+                reference: "q".into(),
+                chunk: 10,
+                sequence: 2
+            },
+        ]
+    );
+    assert_eq!(built[0].refs.len(), 2);
+}
+
+#[test]
+fn merged_chunks_are_bounded() {
+    let msgs: Vec<Pending> = (0..5)
+        .map(|i| pending(&format!("m{i}"), 100 + i, None, Some(("p", 10 + i as u64))))
+        .collect();
+    let limits = ChunkLimits {
+        entries: 2,
+        bytes: 1 << 20,
+    };
+    let built = build_user_chunks(msgs, 0, 0, 16, limits);
+    let heads: Vec<(u64, u16, i64)> = built
+        .iter()
+        .map(|c| Header::parse(&c.bytes).expect("header"))
+        .map(|h| (h.first_offset, h.num_entries, h.timestamp))
+        .collect();
+    assert_eq!(heads, vec![(0, 2, 101), (2, 2, 103), (4, 1, 104)]);
+    // Each chunk's trailer names its own id and its own highest sequence.
+    assert_eq!(built[1].refs, vec![(Arc::from("p"), 13)]);
+    let h = Header::parse(&built[1].bytes).expect("header");
+    let at = chunk::HEADER_LEN + h.data_len as usize;
+    assert_eq!(
+        chunk::tracking(&built[1].bytes[at..]),
+        vec![chunk::Tracking::Sequence {
+            reference: "p".into(),
+            chunk: 2,
+            sequence: 13
+        }]
+    );
+    // A byte bound: a chunk stops taking messages once its data reaches it
+    // (each entry here is 4 + 2 bytes).
+    let msgs: Vec<Pending> = (0..5)
+        .map(|i| pending(&format!("m{i}"), 0, None, None))
+        .collect();
+    let limits = ChunkLimits {
+        entries: 100,
+        bytes: 12,
+    };
+    let sizes: Vec<u16> = build_user_chunks(msgs, 0, 0, 16, limits)
+        .iter()
+        .map(|c| Header::parse(&c.bytes).expect("header").num_entries)
+        .collect();
+    assert_eq!(sizes, vec![2, 2, 1]);
+}
+
+#[test]
+fn the_flusher_lingers_only_under_sustained_load() {
+    let l = Linger {
+        max_wait_us: 1_000,
+        min_bytes: 4_096,
+    };
+    // Not busy (e.g. a producer waiting for each confirm): at once.
+    assert_eq!(l.wait_us(false, 10, 0), 0);
+    // Busy: up to max_wait after waking, less as (virtual) time passes...
+    assert_eq!(l.wait_us(true, 10, 0), 1_000);
+    assert_eq!(l.wait_us(true, 10, 400), 600);
+    assert_eq!(l.wait_us(true, 10, 1_000), 0);
+    assert_eq!(l.wait_us(true, 10, 5_000), 0);
+    // ...or until enough is buffered.
+    assert_eq!(l.wait_us(true, 4_096, 0), 0);
+}
+
+#[test]
+fn batch_reads_take_contiguous_chunks_up_to_credit_and_bytes() {
+    let dir = tmp("batch");
+    let store = StreamStore::open(&dir).expect("open");
+    let log = store.open_log("/\0s", Retention::default()).expect("log");
+    // Five chunks of 3 messages (each append committed before the next).
+    for c in 0..5u64 {
+        let m: Vec<StreamMessage> = (0..3).map(|i| msg(&format!("{}", c * 3 + i))).collect();
+        log.append(m, 1_000).expect("append");
+        log.wait_committed_blocking();
+        if c == 1 {
+            // A tracking chunk between user chunks.
+            log.store_offset("reader", 4).expect("store");
+            log.wait_committed_blocking();
+            while log.stats().chunks < 3 {
+                std::thread::yield_now();
+            }
+        }
+    }
+    let mut r = log.reader(OffsetSpec::First);
+    let (mut buf, mut spans) = (Vec::new(), Vec::new());
+    let mut got = Vec::new();
+    let mut reads = Vec::new();
+    for (chunks, bytes) in [
+        (2, 1 << 20),
+        (1, 1 << 20),
+        (10, 60),
+        (10, 1 << 20),
+        (10, 1 << 20),
+    ] {
+        let limits = BatchLimits {
+            chunks,
+            bytes,
+            cached_only: false,
+        };
+        assert_eq!(
+            r.read_batch(&mut buf, &mut spans, limits, &|_| true),
+            Ok(BatchRead::Read)
+        );
+        reads.push(spans.len());
+        for s in &spans {
+            let data = Bytes::copy_from_slice(&buf[s.data_range()]);
+            for (o, e) in (s.header.first_offset..).zip(chunk::entries(data)) {
+                if let chunk::Entry::Simple(b) = e {
+                    got.push((o, String::from_utf8_lossy(&b).into_owned()));
+                }
+            }
+        }
+    }
+    // Up to the credit; a range smaller than a chunk still reads it whole;
+    // the tracking chunk is skipped; then caught up (nothing).
+    assert_eq!(reads, vec![2, 1, 1, 1, 0]);
+    let want: Vec<(u64, String)> = (0..15).map(|i| (i, i.to_string())).collect();
+    assert_eq!(got, want);
+    assert!(!r.has_more());
+    // A filter that wants nothing: skipped, the reader still catches up.
+    let mut r = log.reader(OffsetSpec::First);
+    let limits = BatchLimits {
+        chunks: 10,
+        bytes: 1 << 20,
+        cached_only: false,
+    };
+    assert_eq!(
+        r.read_batch(&mut buf, &mut spans, limits, &|_| false),
+        Ok(BatchRead::Read)
+    );
+    assert!(spans.is_empty() && !r.has_more());
     store.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
