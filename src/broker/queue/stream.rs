@@ -256,16 +256,9 @@ async fn read_ahead(
         if filter.skips_bloom(&bytes[span.bloom_range()]) {
             continue;
         }
-        let mut offset = span.header.first_offset;
-        for e in chunk::entries(bytes.slice(span.data_range())) {
-            let at = offset;
-            offset += e.records();
-            if let chunk::Entry::Simple(b) = e {
-                if at >= start {
-                    pending.push_back((at, b));
-                }
-            }
-        }
+        // Each simple entry and each record of a readable sub-batch.
+        let records = chunk::Records::new(bytes.slice(span.data_range()), span.header.first_offset);
+        pending.extend(records.filter(|(at, _)| *at >= start));
     }
     Ok(())
 }
