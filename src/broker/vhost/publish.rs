@@ -122,6 +122,7 @@ impl VHost {
         let key = message.routing_key.as_str();
         if exchange.is_empty() {
             route_default(&self.queues.read(), key, cc, out);
+            self.default_exchange.stats.routed(!out.is_empty());
             return Ok(None);
         }
         let exchanges = self.exchanges.read();
@@ -148,7 +149,7 @@ impl VHost {
         }
         let headers = message.properties.headers.as_ref();
         let queues = self.queues.read();
-        self.traverse(&exchanges, &queues, ex, key, cc, headers, out, &mut Quiet);
+        self.traverse(&exchanges, &queues, ex, key, cc, headers, out, &mut Count);
         Ok(None)
     }
 
@@ -167,7 +168,7 @@ impl VHost {
     /// each of `cc`, following exchange-to-exchange bindings and alternate
     /// exchanges, visiting each exchange and queue once so cycles end; the
     /// queues reached are pushed into `out`. `watch` hears every step (a trace);
-    /// publishing passes [`Quiet`].
+    /// publishing passes [`Count`].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn traverse<W: Watch>(
         &self,
@@ -209,6 +210,7 @@ impl VHost {
                     }
                     watch.exchange(next, &**router, key, cc, headers);
                     drop(router);
+                    watch.routed(next, !dests.is_empty());
                     if dests.is_empty() {
                         let ae = next
                             .alternate_exchange()
@@ -243,7 +245,7 @@ pub(super) fn route_default(
 }
 
 /// What routing tells as it goes, for a trace to explain a route. Publishing
-/// passes [`Quiet`], whose hooks are empty and compile away.
+/// passes [`Count`], which only counts each exchange's messages.
 pub(super) trait Watch {
     /// `exchange` was reached, routing table `router` (read-locked), routed
     /// with `key` and each of `cc`.
@@ -256,13 +258,26 @@ pub(super) trait Watch {
         _headers: Option<&FieldTable>,
     ) {
     }
+    /// `exchange` routed the message; `out`: to at least one destination.
+    fn routed(&mut self, _exchange: &Exchange, _out: bool) {}
     /// Nothing matched at `from`: the message goes on to `to`, its alternate exchange.
     fn alternate(&mut self, _from: &Exchange, _to: &str) {}
     /// An exchange a binding or an alternate exchange names does not exist.
     fn missing_exchange(&mut self, _name: &str) {}
 }
 
-/// Hears nothing: the publish path's [`Watch`].
-pub(super) struct Quiet;
+/// The publish path's [`Watch`]: counts each exchange's messages in and out
+/// ([`crate::broker::exchange::ExchangeStats`], relaxed atomics); a trace does not.
+pub(super) struct Count;
 
-impl Watch for Quiet {}
+impl Watch for Count {
+    #[inline]
+    fn routed(&mut self, exchange: &Exchange, out: bool) {
+        exchange.stats.routed(out);
+    }
+
+    #[inline]
+    fn alternate(&mut self, from: &Exchange, _to: &str) {
+        from.stats.alternated();
+    }
+}
