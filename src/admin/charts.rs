@@ -4,14 +4,17 @@
 //! `/api/exchanges/{vhost}/{name}`, `/api/nodes/{node}` and `/api/overview`.
 //! With a range, a `*_details` object carries `samples` (newest first,
 //! `{"sample", "timestamp"}`; running totals for message counters, values for
-//! gauges), `avg` and `avg_rate`, as RabbitMQ's do.
+//! gauges), `avg` and `avg_rate`, as RabbitMQ's do. A stream's queue, with a
+//! `lengths` range, also has its size and stored consumer offsets over time
+//! (see [`stream_samples`]).
 //!
 //! warren's own additions: a queue's `message_stats.dead_lettered`, and an
 //! exchange's `message_stats.alternate_out` (messages it passed to its
 //! alternate exchange) next to RabbitMQ's `publish_in` / `publish_out`.
 
 use super::history::{
-    widen, ExchangePoint, History, Key, NodePoint, QueuePoint, QueueTotals, Snapshot,
+    widen, ExchangePoint, History, Key, NodePoint, QueuePoint, QueueTotals, Snapshot, StreamPoint,
+    StreamTotals, MAX_OFFSETS,
 };
 use super::{AdminState, ApiError, ApiResult, Caller};
 use crate::broker::{Broker, Counters};
@@ -67,6 +70,23 @@ pub fn snapshot(broker: &Broker, data_dir: Option<&std::path::Path>, now: u64) -
                     unacked: st.unacked as u64,
                 },
             );
+            if let Some(log) = q.stream() {
+                let st = log.stats();
+                let mut offsets = log.stored_offsets();
+                offsets.truncate(MAX_OFFSETS);
+                snap.streams.insert(
+                    (v.name.to_string(), q.name().to_string()),
+                    StreamTotals {
+                        size: StreamPoint {
+                            bytes: st.bytes,
+                            first_offset: st.first_offset,
+                            committed_offset: st.committed_offset,
+                            segments: u32::try_from(st.segments).unwrap_or(u32::MAX),
+                        },
+                        offsets,
+                    },
+                );
+            }
         }
         for e in v.exchanges() {
             snap.exchanges
@@ -215,6 +235,9 @@ pub async fn queue(
             root.insert(field.into(), details(last_rate(&g), &g));
         }
     }
+    if let (Some((age, incr)), Some(log)) = (lengths, q.stream()) {
+        stream_samples(&s.history, &key, log, age, incr, root);
+    }
     let stats = object(root.entry("message_stats").or_insert(json!({})));
     if let Some((age, incr)) = rates {
         let w = s.history.queue(&key, age, incr);
@@ -242,6 +265,59 @@ pub async fn queue(
         }
     }
     Ok(Json(v))
+}
+
+/// A stream's size and stored consumer offsets over a `lengths` range:
+/// `stream_bytes` (bytes in segment files) and samples of it, of
+/// `first_offset`, `committed_offset` and `segments` (`*_details`), and
+/// `consumer_offsets`: each stored offset (`reference`, `offset`, `lag` behind
+/// the committed offset) with samples of both.
+fn stream_samples(
+    history: &History,
+    key: &Key,
+    log: &crate::storage::stream::StreamLog,
+    age: u64,
+    incr: u64,
+    root: &mut Map<String, Value>,
+) {
+    let st = log.stats();
+    root.insert("stream_bytes".into(), json!(st.bytes));
+    let w = history.stream(key, age, incr);
+    for (field, pick) in [
+        (
+            "stream_bytes_details",
+            (|p: &StreamPoint| p.bytes as f64) as fn(&StreamPoint) -> f64,
+        ),
+        ("first_offset_details", |p| p.first_offset as f64),
+        ("committed_offset_details", |p| p.committed_offset as f64),
+        ("segments_details", |p| f64::from(p.segments)),
+    ] {
+        let g = gauges(&w, pick);
+        root.insert(field.into(), details(last_rate(&g), &g));
+    }
+    let sampled = history.stream_offsets(key, age, incr);
+    let consumers: Vec<Value> = log
+        .stored_offsets()
+        .into_iter()
+        .take(MAX_OFFSETS)
+        .map(|(reference, offset)| {
+            let w = sampled
+                .iter()
+                .find(|(r, _)| *r == reference)
+                .map(|(_, w)| w.as_slice())
+                .unwrap_or_default();
+            let off = gauges(w, |p| p.offset as f64);
+            let lag = gauges(w, |p| p.lag as f64);
+            json!({
+                "reference": reference,
+                "offset": offset,
+                "lag": st.committed_offset.saturating_sub(offset),
+                "offset_details": details(last_rate(&off), &off),
+                "lag_details": details(last_rate(&lag), &lag),
+            })
+        })
+        .collect();
+    root.insert("consumer_offsets".into(), Value::Array(consumers));
 }
 
 /// `GET /api/exchanges/{vhost}/{name}`, with samples of `publish_in`,

@@ -413,3 +413,68 @@ async fn exchange_counters_follow_e2e_alternate_and_default_routes() {
     assert_eq!(mid["message_stats"]["publish_out"], 3, "{mid}");
     assert!(mid["message_stats"]["publish_out_details"]["rate"].is_number());
 }
+
+/// A stream's queue, with a `lengths` range, has its size and each stored
+/// consumer offset (with its lag behind the committed offset) over time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_size_and_consumer_offsets_over_time() {
+    let b = start().await;
+    b.ok(
+        "PUT",
+        "/api/queues/%2F/c-stream",
+        json!({"durable": true, "arguments": {"x-queue-type": "stream"}}),
+    )
+    .await;
+    for i in 0..5 {
+        b.ok(
+            "POST",
+            "/api/exchanges/%2F/amq.default/publish",
+            json!({"routing_key": "c-stream", "payload": format!("m{i}")}),
+        )
+        .await;
+    }
+    let w = b._warren.as_ref().expect("in-process broker");
+    let q = w
+        .server
+        .broker
+        .vhost("/")
+        .expect("default vhost")
+        .queue("c-stream", 0)
+        .expect("the stream");
+    q.stream()
+        .expect("a stream log")
+        .store_offset("reader-1", 2)
+        .expect("offset stored");
+    let path = "/api/queues/%2F/c-stream?lengths_age=60&lengths_incr=5";
+    let mut v = Value::Null;
+    for _ in 0..150 {
+        v = b.get(path).await;
+        let sampled = v["committed_offset_details"]["samples"][0]["sample"] == 5.0
+            && v["consumer_offsets"][0]["lag_details"]["samples"][0]["sample"] == 3.0;
+        if sampled {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        v["committed_offset_details"]["samples"][0]["sample"], 5.0,
+        "{v}"
+    );
+    assert!(v["stream_bytes"].as_u64() > Some(0), "{v}");
+    assert!(
+        v["stream_bytes_details"]["samples"][0]["sample"].as_f64() > Some(0.0),
+        "{v}"
+    );
+    assert_eq!(v["segments_details"]["samples"][0]["sample"], 1.0, "{v}");
+    let c = &v["consumer_offsets"][0];
+    assert_eq!(
+        (&c["reference"], &c["offset"], &c["lag"]),
+        (&json!("reader-1"), &json!(2), &json!(3)),
+        "{v}"
+    );
+    assert_eq!(c["offset_details"]["samples"][0]["sample"], 2.0, "{v}");
+    assert_eq!(c["lag_details"]["samples"][0]["sample"], 3.0, "{v}");
+    // Without a range, the queue's JSON is as before.
+    let plain = b.get("/api/queues/%2F/c-stream").await;
+    assert!(plain["consumer_offsets"].is_null(), "{plain}");
+}

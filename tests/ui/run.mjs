@@ -451,6 +451,34 @@ try {
     await api('DELETE', '/queues/%2F/ui-flow-q');
   });
 
+  await test('a stream\'s page charts its size and offsets as it grows', async () => {
+    const ch = await conn.createChannel();
+    await ch.assertQueue('ui-stream', { durable: true, arguments: { 'x-queue-type': 'stream' } });
+    const feed = setInterval(() => { for (let i = 0; i < 5; i++) ch.sendToQueue('ui-stream', Buffer.from('event ' + 'x'.repeat(200))); }, 100);
+    try {
+      await page.goto(base + '/#/queues/%2F/ui-stream');
+      await page.waitForSelector('#qd-stream-size');
+      const tile = async (k) => Number(((await page.locator(`#qd-stream-tiles .tile[data-stat="${k}"] b`).textContent()) || '').replace(/[^\d]/g, '')) || 0;
+      await waitFor('the committed offset tile', async () => (await tile('committed_offset')) > 0, 15_000);
+      const line = (svg, k) => page.locator(`#${svg} polyline[data-series="${k}"]`);
+      const points = async (svg, k) => ((await line(svg, k).count()) ? (await line(svg, k).getAttribute('points')) || '' : '');
+      await waitFor('size and offset charts with two samples', async () => (await points('qd-stream-size', 'stream_bytes')).split(' ').length >= 2 && (await points('qd-stream-offsets', 'committed_offset')).split(' ').length >= 2, 25_000);
+      const before = await points('qd-stream-offsets', 'committed_offset');
+      const firstCommitted = await tile('committed_offset');
+      await waitFor('the offsets chart moves on as the stream grows', async () => (await points('qd-stream-offsets', 'committed_offset')) !== before && (await tile('committed_offset')) > firstCommitted, 15_000);
+      // The size chart rises: its newest point is above its oldest.
+      const ys = (await points('qd-stream-size', 'stream_bytes')).split(' ').map((p) => Number(p.split(',')[1]));
+      if (!(ys[ys.length - 1] < ys[0])) throw new Error('stream size did not grow: ' + ys.join(' '));
+      await expectText(page.locator('#qd-lag-legend'), /No consumer has stored an offset/);
+      if ((await page.locator('#consumer-offsets-table').count()) !== 1) throw new Error('no consumer offsets table');
+      await shot('stream-charts', true);
+    } finally {
+      clearInterval(feed);
+      await ch.close();
+    }
+    await api('DELETE', '/queues/%2F/ui-stream');
+  });
+
   await test('the topology stays responsive with 1,000 queues and 5,000 bindings', async () => {
     await api('PUT', '/vhosts/ui-big', {});
     await api('PUT', '/permissions/ui-big/guest', { configure: '.*', write: '.*', read: '.*' });

@@ -375,6 +375,11 @@
       '<h2>Charts</h2><div class="toolbar">' + windowSelect('qd-window') + '</div>' +
       legend(QUEUE_RATES) + '<svg id="qd-rates" class="chart" role="img" aria-label="Message rates of this queue"></svg>' +
       legend(QUEUE_DEPTH) + '<svg id="qd-depth" class="chart" role="img" aria-label="Messages in this queue"></svg>' +
+      (q.type === 'stream' ? '<h2>Stream</h2><div id="qd-stream-tiles" class="tiles"></div><div class="chart-grid">' +
+        '<figure><figcaption>Size on disk</figcaption>' + legend(STREAM_SIZE) + '<svg id="qd-stream-size" class="chart small" role="img" aria-label="Bytes in the stream\'s segment files"></svg></figure>' +
+        '<figure><figcaption>Offsets kept</figcaption>' + legend(STREAM_OFFSETS) + '<svg id="qd-stream-offsets" class="chart small" role="img" aria-label="First and committed offsets of the stream"></svg></figure>' +
+        '<figure><figcaption>Consumer lag (messages behind the committed offset)</figcaption><div id="qd-lag-legend" class="legend"></div><svg id="qd-stream-lag" class="chart small" role="img" aria-label="Stored consumer offsets behind the committed offset"></svg></figure></div>' +
+        '<div id="qd-consumer-offsets"></div>' : '') +
       '<dl class="kv"><dt>Type</dt><dd id="qd-type">' + esc(q.type || 'classic') +
       (q.type === 'quorum' ? ' <span class="muted">1 replica (no clustering yet); delivery limit ' + esc(q.delivery_limit) + '</span>' : '') +
       '</dd><dt>Durable</dt><dd>' + (q.durable ? 'yes' : 'no') + '</dd><dt>Auto delete</dt><dd>' + (q.auto_delete ? 'yes' : 'no') + '</dd><dt>Exclusive</dt><dd>' + (q.exclusive ? 'yes' : 'no') +
@@ -409,7 +414,7 @@
         .map(([l, v]) => '<div class="tile"><b>' + esc(v) + '</b><span>' + esc(l) + '</span></div>').join('');
     };
     renderTiles(q);
-    const refresh = async () => { try { const q = await api('GET', base + rangeQuery(['lengths', 'msg_rates'])); if (!$('#qd-tiles')) return; renderTiles(q); drawQueueCharts(q); } catch (e) { fail(e); } };
+    const refresh = async () => { try { const q = await api('GET', base + rangeQuery(['lengths', 'msg_rates'])); if (!$('#qd-tiles')) return; renderTiles(q); drawQueueCharts(q); if (q.type === 'stream') drawStreamCharts(q); } catch (e) { fail(e); } };
     onWindowChange('qd-window', refresh);
     refresh();
     every(5000, refresh);
@@ -482,6 +487,27 @@
   const QUEUE_RATES = [['publish', 'Published', '#0b5cad'], ['deliver_get', 'Delivered / got', '#1b7a34'], ['ack', 'Acknowledged', '#c46a00'], ['redeliver', 'Redelivered', '#7b3fb0'], ['dead_lettered', 'Dead-lettered', '#b00020']];
   const QUEUE_DEPTH = [['messages_ready', 'Ready', '#0b5cad'], ['messages_unacknowledged', 'Unacknowledged', '#c46a00']];
   const EXCHANGE_RATES = [['publish_in', 'Published in', '#0b5cad'], ['publish_out', 'Routed out', '#1b7a34'], ['alternate_out', 'To the alternate exchange', '#c46a00']];
+  const STREAM_SIZE = [['stream_bytes', 'Bytes', '#0b5cad']];
+  const STREAM_OFFSETS = [['first_offset', 'First offset', '#c46a00'], ['committed_offset', 'Committed offset', '#1b7a34']];
+  const LAG_COLORS = ['#0b5cad', '#1b7a34', '#c46a00', '#7b3fb0', '#b00020', '#00838f', '#6b7785', '#8d6e00'];
+  // A stream's size, offsets and stored consumer offsets (lag) over the window.
+  function drawStreamCharts(q) {
+    const F = window.WarrenFlow, span = chartWindow() * 1000, now = newest(q.committed_offset_details);
+    const tiles = $('#qd-stream-tiles');
+    if (!tiles) return;
+    const offsets = q.consumer_offsets || [];
+    tiles.innerHTML = [['stream_bytes', 'On disk', bytes(q.stream_bytes)], ['segments', 'Segments', num(q.segments)], ['first_offset', 'First offset', num(q.first_offset)],
+      ['committed_offset', 'Committed offset', num(q.committed_offset)], ['consumer_offsets', 'Stored consumer offsets', num(offsets.length)]]
+      .map(([k, l, v]) => '<div class="tile" data-stat="' + k + '"><b>' + esc(v) + '</b><span>' + esc(l) + '</span></div>').join('');
+    F.lineChart($('#qd-stream-size'), STREAM_SIZE.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.pointsOf((q[k + '_details'] || {}).samples) })), { span, now, format: bytes, title: 'Size' });
+    F.lineChart($('#qd-stream-offsets'), STREAM_OFFSETS.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.pointsOf((q[k + '_details'] || {}).samples) })), { span, now, format: num, title: 'Offsets' });
+    const lags = offsets.map((o, i) => ({ key: 'lag:' + o.reference, label: o.reference, color: LAG_COLORS[i % LAG_COLORS.length], points: F.pointsOf((o.lag_details || {}).samples) }));
+    $('#qd-lag-legend').innerHTML = lags.length ? lags.map((l) => '<span><i style="background:' + l.color + '"></i>' + esc(l.label) + '</span>').join('') : '<span class="muted">No consumer has stored an offset in this stream.</span>';
+    F.lineChart($('#qd-stream-lag'), lags, { span, now, format: num, title: 'Lag' });
+    $('#qd-consumer-offsets').innerHTML = table([
+      { label: 'Consumer (reference)', cell: (o) => esc(o.reference) }, { label: 'Stored offset', n: 1, cell: (o) => num(o.offset) }, { label: 'Lag', n: 1, cell: (o) => num(o.lag) },
+    ], offsets, { empty: 'No stored consumer offsets.', label: 'Stored consumer offsets', id: 'consumer-offsets-table' });
+  }
   const NODE_CONNS = [['sockets_used', 'Connections', '#0b5cad'], ['channels', 'Channels', '#1b7a34']];
   const newest = (details) => (details && details.samples && details.samples.length ? details.samples[0].timestamp : Date.now());
   function drawQueueCharts(q) {
