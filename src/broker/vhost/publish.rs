@@ -6,7 +6,9 @@
 //! Routing follows exchange-to-exchange bindings and alternate exchanges (the
 //! `alternate-exchange` argument, or a policy's), visiting each exchange and
 //! queue once so cycles end. A delayed exchange takes a message with a positive
-//! `x-delay` to hold instead of routing it (see [`super::delayed`]).
+//! `x-delay` to hold instead of routing it (see [`super::delayed`]). Each
+//! exchange that routes a message counts it in and, if it went anywhere, out
+//! ([`crate::broker::exchange::ExchangeStats`], relaxed atomics).
 
 use super::{Exchange, VHost};
 use crate::broker::exchange::{Destination, Router};
@@ -279,5 +281,91 @@ impl Watch for Count {
     #[inline]
     fn alternate(&mut self, from: &Exchange, _to: &str) {
         from.stats.alternated();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::exchange::ExchangeTotals;
+    use crate::broker::message::MemoryBudget;
+    use crate::broker::vhost::{ExchangeDeclare, QueueDeclare};
+    use crate::config::VHostLimits;
+    use crate::wire::{BasicProperties, FieldValue};
+    use bytes::Bytes;
+
+    fn vhost() -> Arc<VHost> {
+        let v = VHost::new("/", None, MemoryBudget::new(0), VHostLimits::default());
+        for (name, kind, ae) in [
+            ("ae", "fanout", None),
+            ("in", "direct", Some("ae")),
+            ("mid", "fanout", None),
+            ("none", "direct", None),
+        ] {
+            let arguments = FieldTable(
+                ae.map(|a| ("alternate-exchange".to_string(), FieldValue::string(a)))
+                    .into_iter()
+                    .collect(),
+            );
+            v.declare_exchange(&ExchangeDeclare {
+                name: name.into(),
+                kind: kind.into(),
+                arguments,
+                ..Default::default()
+            })
+            .expect("exchange");
+        }
+        for q in ["q", "lost"] {
+            v.declare_queue(
+                &QueueDeclare {
+                    name: q.into(),
+                    ..Default::default()
+                },
+                0,
+                0,
+            )
+            .expect("queue");
+        }
+        let none = FieldTable::new();
+        v.bind("in", Destination::Exchange("mid".into()), "k", &none, 0)
+            .expect("bind");
+        v.bind("mid", Destination::Queue("q".into()), "", &none, 0)
+            .expect("bind");
+        v.bind("ae", Destination::Queue("lost".into()), "", &none, 0)
+            .expect("bind");
+        v
+    }
+
+    fn send(v: &VHost, ex: &str, key: &str) {
+        let m = Message::new(ex, key, BasicProperties::default(), Bytes::new());
+        v.publish(ex, &m, PublishFrom::Client, 0).expect("publish");
+    }
+
+    fn totals(v: &VHost, ex: &str) -> (u64, u64, u64) {
+        let ExchangeTotals {
+            publish_in,
+            publish_out,
+            alternate_out,
+        } = v.exchange(ex).expect("exchange").stats.totals();
+        (publish_in, publish_out, alternate_out)
+    }
+
+    #[test]
+    fn exchanges_count_in_and_out_along_the_route_and_a_trace_counts_nothing() {
+        let v = vhost();
+        for _ in 0..3 {
+            send(&v, "in", "k"); // in -> mid -> q
+        }
+        send(&v, "in", "other"); // in -> ae -> lost
+        send(&v, "none", "x"); // nowhere
+        send(&v, "", "q");
+        send(&v, "", "no-such-queue");
+        let m = Message::new("in", "k", BasicProperties::default(), Bytes::new());
+        v.trace("in", &m, &[], 0).expect("trace");
+        assert_eq!(totals(&v, "in"), (4, 4, 1));
+        assert_eq!(totals(&v, "mid"), (3, 3, 0));
+        assert_eq!(totals(&v, "ae"), (1, 1, 0));
+        assert_eq!(totals(&v, "none"), (1, 0, 0));
+        assert_eq!(totals(&v, ""), (2, 1, 0));
     }
 }
