@@ -401,14 +401,20 @@ try {
     await shot('overview-charts', true);
   });
 
-  await test('exchange counters, charts and edge rates update under load (e2e and alternate)', async () => {
+  await test('exchange counters, charts and edge rates update under load (e2e, alternate, dead-letter)', async () => {
     await api('PUT', '/exchanges/%2F/ui-flow-ae', { type: 'fanout', durable: false });
+    await api('PUT', '/exchanges/%2F/ui-flow-dlx', { type: 'fanout', durable: false });
     await api('PUT', '/exchanges/%2F/ui-flow', { type: 'direct', durable: false, arguments: { 'alternate-exchange': 'ui-flow-ae' } });
     await api('PUT', '/exchanges/%2F/ui-flow-next', { type: 'fanout', durable: false });
-    await api('PUT', '/queues/%2F/ui-flow-q', { durable: false, arguments: { 'x-max-length': 1000 } });
+    // ui-flow-q overflows at once and dead-letters what it drops to ui-flow-dlx.
+    await api('PUT', '/queues/%2F/ui-flow-q', { durable: false, arguments: { 'x-max-length': 20, 'x-dead-letter-exchange': 'ui-flow-dlx' } });
+    await api('PUT', '/queues/%2F/ui-flow-dead', { durable: false, arguments: { 'x-max-length': 20 } });
     await api('POST', '/bindings/%2F/e/ui-flow/e/ui-flow-next', { routing_key: 'go' });
     await api('POST', '/bindings/%2F/e/ui-flow-next/q/ui-flow-q', { routing_key: '' });
     await api('POST', '/bindings/%2F/e/ui-flow-ae/q/ui-flow-q', { routing_key: '' });
+    await api('POST', '/bindings/%2F/e/ui-flow-dlx/q/ui-flow-dead', { routing_key: '' });
+    // A second binding edge out of ui-flow-next: its e2e edge can only be bounded (≤).
+    await api('POST', '/bindings/%2F/e/ui-flow-next/e/ui-flow-dlx', { routing_key: '' });
     const ch = await conn.createChannel();
     // About 20 msg/s through the e2e binding and 10 msg/s to the alternate exchange.
     const flow = setInterval(() => { ch.publish('ui-flow', 'go', Buffer.from('e2e')); ch.publish('ui-flow', 'go', Buffer.from('e2e')); ch.publish('ui-flow', 'elsewhere', Buffer.from('alt')); }, 100);
@@ -431,15 +437,18 @@ try {
       await page.click('nav a[href="#/exchanges"]');
       await page.fill('#x-filter', 'ui-flow');
       await waitFor('ui-flow row with a rate in', async () => /ui-flow\t[^\n]*\t[1-9][\d.]*\/s\t/.test(await page.locator('#exchanges-table tbody').innerText()));
-      // Every edge of the flow carries a rate: e2e (exact, the only binding of ui-flow), alternate, binding.
+      // Every edge of the flow carries a rate: e2e (exact, the only binding of ui-flow;
+      // bounded out of ui-flow-next, which has two), alternate, binding, dead-letter.
       await page.goto(base + '/#/topology/%2F');
       await page.waitForSelector('#topo-svg[data-ready]');
       await page.fill('#topo-filter', 'ui-flow');
       const label = (f, t, k) => page.locator(`#topo-svg text.edge-label[data-from="${f}"][data-to="${t}"][data-kind="${k}"]`);
       await waitFor('filtered to the flow', async () => (await label('e:ui-flow', 'e:ui-flow-next', 'e2e').count()) === 1);
-      const rated = async (f, t, k, exact) => { const v = ((await label(f, t, k).textContent()) || '').trim(); return (exact ? /^[\d.]+\/s$/ : /^(≤ )?[\d.]+\/s$/).test(v) && parseFloat(v.replace('≤ ', '')) > 0; };
-      await waitFor('rates on the e2e, alternate and binding edges', async () => (await rated('e:ui-flow', 'e:ui-flow-next', 'e2e', true)) && (await rated('e:ui-flow', 'e:ui-flow-ae', 'alternate', true)) &&
-        (await rated('e:ui-flow-next', 'q:ui-flow-q', 'binding')) && (await rated('e:ui-flow-ae', 'q:ui-flow-q', 'binding')), 15_000);
+      const rated = async (f, t, k, form) => { const v = ((await label(f, t, k).textContent()) || '').trim(); return form.test(v) && parseFloat(v.replace('≤ ', '')) > 0; };
+      const exact = /^[\d.]+\/s$/, bounded = /^≤ [\d.]+\/s$/;
+      await waitFor('rates on the e2e, alternate, binding and dead-letter edges', async () => (await rated('e:ui-flow', 'e:ui-flow-next', 'e2e', exact)) && (await rated('e:ui-flow', 'e:ui-flow-ae', 'alternate', exact)) &&
+        (await rated('e:ui-flow-next', 'e:ui-flow-dlx', 'e2e', bounded)) && (await rated('e:ui-flow-next', 'q:ui-flow-q', 'binding', exact)) && (await rated('e:ui-flow-ae', 'q:ui-flow-q', 'binding', exact)) &&
+        (await rated('q:ui-flow-q', 'e:ui-flow-dlx', 'dead-letter', exact)) && (await rated('e:ui-flow-dlx', 'q:ui-flow-dead', 'binding', exact)), 15_000);
       await expectText(page.locator('#topo-rates'), /exchange to exchange/);
       await shot('topology-rates', true);
       await page.click('nav a[href="#/"]');
@@ -448,7 +457,7 @@ try {
       clearInterval(flow);
       await ch.close();
     }
-    await api('DELETE', '/queues/%2F/ui-flow-q');
+    for (const q of ['ui-flow-q', 'ui-flow-dead']) await api('DELETE', `/queues/%2F/${q}`);
   });
 
   await test('a stream\'s page charts its size and offsets as it grows', async () => {

@@ -90,8 +90,9 @@
       s += '<path class="edge edge-' + e.kind + (on ? ' on-path' : '') + '" data-kind="' + e.kind + '" data-from="' + esc(e.from) + '" data-to="' + esc(e.to) + '" d="' + d + '" stroke="' + EDGE_COLORS[e.kind] + '" marker-end="url(#arr-' + e.kind + ')"' +
         (e.kind === 'alternate' || e.kind === 'dead-letter' ? ' stroke-dasharray="6 4"' : '') + ' fill="none"><title>' + esc(e.title || e.kind) + '</title></path>';
       if (e.label != null && !many) {
-        const lx = b.x > a.x ? b.x - 8 : (a.x + b.x) / 2 + NODE_W / 2, ly = b.x > a.x ? y2 - 4 : Math.max(y1, y2) + 30;
-        s += '<text class="edge-label" data-kind="' + e.kind + '" data-from="' + esc(e.from) + '" data-to="' + esc(e.to) + '" x="' + lx + '" y="' + ly + '" text-anchor="end">' + esc(e.label) + '</text>';
+        // At the middle of the curve, so labels of edges meeting at one node stay apart.
+        const lx = b.x > a.x ? (a.x + NODE_W + b.x) / 2 : (a.x + b.x) / 2 + NODE_W / 2, ly = b.x > a.x ? (y1 + y2) / 2 - 3 : Math.max(y1, y2) + 30;
+        s += '<text class="edge-label" data-kind="' + e.kind + '" data-from="' + esc(e.from) + '" data-to="' + esc(e.to) + '" x="' + lx + '" y="' + ly + '" text-anchor="middle">' + esc(e.label) + '</text>';
       }
     }
     s += '</g><g class="nodes">';
