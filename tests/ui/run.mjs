@@ -480,6 +480,7 @@ try {
       if (!(ys[ys.length - 1] < ys[0])) throw new Error('stream size did not grow: ' + ys.join(' '));
       await expectText(page.locator('#qd-lag-legend'), /No consumer has stored an offset/);
       if ((await page.locator('#consumer-offsets-table').count()) !== 1) throw new Error('no consumer offsets table');
+      await page.evaluate(() => document.querySelector('#qd-stream-tiles').previousElementSibling.scrollIntoView());
       await shot('stream-charts', true);
     } finally {
       clearInterval(feed);
