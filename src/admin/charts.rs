@@ -4,15 +4,19 @@
 //! `/api/exchanges/{vhost}/{name}`, `/api/nodes/{node}` and `/api/overview`.
 //! With a range, a `*_details` object carries `samples` (newest first,
 //! `{"sample", "timestamp"}`; running totals for message counters, values for
-//! gauges), `avg` and `avg_rate`, as RabbitMQ's do.
+//! gauges), `avg` and `avg_rate`, as RabbitMQ's do. A stream's queue, with a
+//! `lengths` range, also has its size and stored consumer offsets over time
+//! (see [`stream_samples`]).
 //!
 //! warren's own additions: a queue's `message_stats.dead_lettered`, and an
-//! exchange's `message_stats.bound_queues_publish` (messages that entered the
-//! queues bound to it: warren counts nothing per exchange on the publish path).
+//! exchange's `message_stats.alternate_out` (messages it passed to its
+//! alternate exchange) next to RabbitMQ's `publish_in` / `publish_out`.
 
-use super::history::{widen, History, Key, NodePoint, QueuePoint, QueueTotals, Snapshot};
+use super::history::{
+    widen, ExchangePoint, History, Key, NodePoint, QueuePoint, QueueTotals, Snapshot, StreamPoint,
+    StreamTotals, MAX_OFFSETS,
+};
 use super::{AdminState, ApiError, ApiResult, Caller};
-use crate::broker::exchange::Destination;
 use crate::broker::{Broker, Counters};
 use axum::extract::{Path, Query, State};
 use axum::Json;
@@ -66,21 +70,27 @@ pub fn snapshot(broker: &Broker, data_dir: Option<&std::path::Path>, now: u64) -
                     unacked: st.unacked as u64,
                 },
             );
+            if let Some(log) = q.stream() {
+                let st = log.stats();
+                let mut offsets = log.stored_offsets();
+                offsets.truncate(MAX_OFFSETS);
+                snap.streams.insert(
+                    (v.name.to_string(), q.name().to_string()),
+                    StreamTotals {
+                        size: StreamPoint {
+                            bytes: st.bytes,
+                            first_offset: st.first_offset,
+                            committed_offset: st.committed_offset,
+                            segments: u32::try_from(st.segments).unwrap_or(u32::MAX),
+                        },
+                        offsets,
+                    },
+                );
+            }
         }
         for e in v.exchanges() {
-            if e.name.is_empty() {
-                continue;
-            }
-            let bound = e
-                .bindings()
-                .into_iter()
-                .filter_map(|b| match b.destination {
-                    Destination::Queue(n) => Some(n.to_string()),
-                    Destination::Exchange(_) => None,
-                })
-                .collect();
             snap.exchanges
-                .insert((v.name.to_string(), e.name.to_string()), bound);
+                .insert((v.name.to_string(), e.name.to_string()), e.stats.totals());
         }
     }
     let c = &broker.counters;
@@ -225,16 +235,12 @@ pub async fn queue(
             root.insert(field.into(), details(last_rate(&g), &g));
         }
     }
+    if let (Some((age, incr)), Some(log)) = (lengths, q.stream()) {
+        stream_samples(&s.history, &key, log, age, incr, root);
+    }
     let stats = object(root.entry("message_stats").or_insert(json!({})));
-    stats.insert("dead_lettered".into(), json!(dead));
-    let w = rates.map(|(age, incr)| s.history.queue(&key, age, incr));
-    let fine = s.history.queue(&key, 5_000, 5_000);
-    let dead_samples = totals(&fine, dead, |p| p.dead_lettered);
-    stats.insert(
-        "dead_lettered_details".into(),
-        json!({"rate": last_rate(&dead_samples)}),
-    );
-    if let Some(w) = w {
+    if let Some((age, incr)) = rates {
+        let w = s.history.queue(&key, age, incr);
         for (field, full, pick) in [
             (
                 "publish",
@@ -261,8 +267,61 @@ pub async fn queue(
     Ok(Json(v))
 }
 
-/// `GET /api/exchanges/{vhost}/{name}` with `message_stats.bound_queues_publish`
-/// (and samples when a `msg_rates` range is asked for).
+/// A stream's size and stored consumer offsets over a `lengths` range:
+/// `stream_bytes` (bytes in segment files) and samples of it, of
+/// `first_offset`, `committed_offset` and `segments` (`*_details`), and
+/// `consumer_offsets`: each stored offset (`reference`, `offset`, `lag` behind
+/// the committed offset) with samples of both.
+fn stream_samples(
+    history: &History,
+    key: &Key,
+    log: &crate::storage::stream::StreamLog,
+    age: u64,
+    incr: u64,
+    root: &mut Map<String, Value>,
+) {
+    let st = log.stats();
+    root.insert("stream_bytes".into(), json!(st.bytes));
+    let w = history.stream(key, age, incr);
+    for (field, pick) in [
+        (
+            "stream_bytes_details",
+            (|p: &StreamPoint| p.bytes as f64) as fn(&StreamPoint) -> f64,
+        ),
+        ("first_offset_details", |p| p.first_offset as f64),
+        ("committed_offset_details", |p| p.committed_offset as f64),
+        ("segments_details", |p| f64::from(p.segments)),
+    ] {
+        let g = gauges(&w, pick);
+        root.insert(field.into(), details(last_rate(&g), &g));
+    }
+    let sampled = history.stream_offsets(key, age, incr);
+    let consumers: Vec<Value> = log
+        .stored_offsets()
+        .into_iter()
+        .take(MAX_OFFSETS)
+        .map(|(reference, offset)| {
+            let w = sampled
+                .iter()
+                .find(|(r, _)| *r == reference)
+                .map(|(_, w)| w.as_slice())
+                .unwrap_or_default();
+            let off = gauges(w, |p| p.offset as f64);
+            let lag = gauges(w, |p| p.lag as f64);
+            json!({
+                "reference": reference,
+                "offset": offset,
+                "lag": st.committed_offset.saturating_sub(offset),
+                "offset_details": details(last_rate(&off), &off),
+                "lag_details": details(last_rate(&lag), &lag),
+            })
+        })
+        .collect();
+    root.insert("consumer_offsets".into(), Value::Array(consumers));
+}
+
+/// `GET /api/exchanges/{vhost}/{name}`, with samples of `publish_in`,
+/// `publish_out` and `alternate_out` when a `msg_rates` range is asked for.
 pub async fn exchange(
     State(s): State<AdminState>,
     caller: Caller,
@@ -276,26 +335,42 @@ pub async fn exchange(
         Path((vhost.clone(), name.clone())),
     )
     .await?;
+    let Some((age, incr)) = rates else {
+        return Ok(Json(v));
+    };
     let name = if name == "amq.default" {
         String::new()
     } else {
         name
     };
-    let key: Key = (vhost, name);
-    let total = s.history.exchange_total(&key);
-    let fine = totals(&s.history.exchange(&key, 5_000, 5_000), total, |p| {
-        p.bound_queues_publish
-    });
-    let rate = last_rate(&fine);
-    let mut d = json!({ "rate": (rate * 10.0).round() / 10.0 });
-    if let Some((age, incr)) = rates {
-        let w = s.history.exchange(&key, age, incr);
-        d = details(rate, &totals(&w, total, |p| p.bound_queues_publish));
-    }
+    let totals_now = s
+        .broker
+        .vhost(&vhost)
+        .and_then(|vh| vh.exchange(&name).ok())
+        .map(|e| e.stats.totals())
+        .unwrap_or_default();
+    let w = s.history.exchange(&(vhost, name), age, incr);
     let root = object(&mut v);
     let stats = object(root.entry("message_stats").or_insert(json!({})));
-    stats.insert("bound_queues_publish".into(), json!(total));
-    stats.insert("bound_queues_publish_details".into(), d);
+    for (field, full, pick) in [
+        (
+            "publish_in",
+            totals_now.publish_in,
+            (|p: &ExchangePoint| p.publish_in) as fn(&ExchangePoint) -> u32,
+        ),
+        ("publish_out", totals_now.publish_out, |p| p.publish_out),
+        ("alternate_out", totals_now.alternate_out, |p| {
+            p.alternate_out
+        }),
+    ] {
+        let key = format!("{field}_details");
+        let rate = stats
+            .get(&key)
+            .and_then(|d| d.get("rate"))
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0);
+        stats.insert(key, details(rate, &totals(&w, full, pick)));
+    }
     Ok(Json(v))
 }
 

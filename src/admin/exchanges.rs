@@ -1,5 +1,7 @@
 //! `/api/exchanges[/{vhost}[/{name}]]` (list, show, declare, delete) and
-//! `/api/exchanges/{vhost}/{name}/publish`.
+//! `/api/exchanges/{vhost}/{name}/publish`. Listed and shown exchanges carry
+//! RabbitMQ's `message_stats.publish_in` / `publish_out` (see
+//! [`crate::broker::exchange::ExchangeStats`]) with their rates.
 
 use super::{
     flag, json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller,
@@ -31,8 +33,9 @@ pub fn exchange_json(vhost: &str, e: &Exchange) -> Value {
 }
 
 /// [`exchange_json`] with the policy in force (`policy`, its name, as RabbitMQ
-/// shows it, and warren's `effective_policy_definition`, as for queues).
-fn with_policy(v: &crate::broker::VHost, e: &Exchange) -> Value {
+/// shows it, and warren's `effective_policy_definition`, as for queues) and
+/// the message counters and rates (`message_stats`).
+fn with_policy(s: &AdminState, v: &crate::broker::VHost, e: &Exchange) -> Value {
     let mut j = exchange_json(&v.name, e);
     let policy = v
         .policies
@@ -46,6 +49,10 @@ fn with_policy(v: &crate::broker::VHost, e: &Exchange) -> Value {
             "effective_policy_definition".into(),
             Value::Object(policy.map(|p| p.definition).unwrap_or_default()),
         );
+        m.insert(
+            "message_stats".into(),
+            super::metrics::exchange_stats(&e.stats.totals(), &s.rates.exchange(&v.name, &e.name)),
+        );
     }
     j
 }
@@ -58,7 +65,7 @@ fn collect(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
             continue;
         }
         for e in v.exchanges() {
-            out.push(with_policy(&v, &e));
+            out.push(with_policy(s, &v, &e));
         }
     }
     super::sort_by_vhost_name(&mut out);
@@ -87,7 +94,7 @@ pub async fn show(
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     let name = if name == "amq.default" { "" } else { &name };
     let e = v.exchange(name).map_err(|_| ApiError::not_found())?;
-    Ok(Json(with_policy(&v, &e)))
+    Ok(Json(with_policy(&s, &v, &e)))
 }
 
 /// Declare an exchange from an API / definitions body.

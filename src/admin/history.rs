@@ -1,7 +1,9 @@
 //! In-memory history for the charts: per-queue counters (publish, deliver/get,
 //! ack, redeliver, dead-lettered) and depth (ready, unacked), per-exchange
-//! inflow of its bound queues, the broker's global counters, and node gauges
-//! (memory, connections, channels, file descriptors, free disk).
+//! counters (publish in / out, to the alternate exchange), per-stream size
+//! (bytes, segments, first and committed offsets) and stored consumer offsets
+//! with their lag, the broker's global counters, and node gauges (memory,
+//! connections, channels, file descriptors, free disk).
 //!
 //! Sampled from counters that already exist (no per-message work): the sampler
 //! task records a snapshot when a tier's slot is due. Two tiers, as RabbitMQ's
@@ -10,16 +12,22 @@
 //! only its values (queue: 28 bytes; counters kept as their low 32 bits, which
 //! the reader widens again against the live total). At most [`MAX_OBJECTS`]
 //! queues and exchanges have history (about 5 KiB each when full), so the total
-//! stays bounded; an object missing from a snapshot (deleted) loses its history.
+//! stays bounded (a stream's size and each of its at most [`MAX_OFFSETS`] stored
+//! consumer offsets count as objects too); an object missing from a snapshot
+//! (deleted) loses its history.
 //!
 //! Read back as RabbitMQ's range samples (`?lengths_age=600&lengths_incr=5`,
 //! `msg_rates_*`, `node_stats_*`): see [`History::window`]. Time is passed in
 //! (ms), so all of this is tested without a clock.
 
+use crate::broker::exchange::ExchangeTotals;
 use std::collections::{HashMap, VecDeque};
 
 /// Most queues plus exchanges with history; further ones get none until others go.
 pub const MAX_OBJECTS: usize = 5_000;
+
+/// Most stored consumer offsets kept per stream (the first by reference).
+pub const MAX_OFFSETS: usize = 16;
 
 /// (step in ms, points kept) per tier, finest first.
 pub const TIERS: [(u64, usize); 2] = [(5_000, 121), (60_000, 61)];
@@ -36,12 +44,38 @@ pub struct QueuePoint {
     pub unacked: u32,
 }
 
-/// An exchange's sample: messages that entered the queues bound to it (low 32
-/// bits of the running total). warren counts nothing per exchange on the
-/// publish path, so this is what an exchange's chart shows.
+/// An exchange's sample: its counters' low 32 bits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExchangePoint {
-    pub bound_queues_publish: u32,
+    pub publish_in: u32,
+    pub publish_out: u32,
+    pub alternate_out: u32,
+}
+
+/// A stream's size at one sample (gauges).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamPoint {
+    /// Bytes in segment files.
+    pub bytes: u64,
+    pub first_offset: u64,
+    pub committed_offset: u64,
+    pub segments: u32,
+}
+
+/// A stored consumer offset at one sample, and how far it is behind the
+/// committed offset then.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OffsetPoint {
+    pub offset: u64,
+    pub lag: u64,
+}
+
+/// One stream in a snapshot: its size and stored consumer offsets
+/// (reference, offset), at most [`MAX_OFFSETS`] of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamTotals {
+    pub size: StreamPoint,
+    pub offsets: Vec<(String, u64)>,
 }
 
 /// The broker-wide counters (low 32 bits) and node gauges.
@@ -77,8 +111,9 @@ pub type Key = (String, String);
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub queues: HashMap<Key, QueueTotals>,
-    /// Each exchange with the names of the queues bound to it directly.
-    pub exchanges: HashMap<Key, Vec<String>>,
+    pub exchanges: HashMap<Key, ExchangeTotals>,
+    /// Streams (also in `queues`), by queue key.
+    pub streams: HashMap<Key, StreamTotals>,
     pub node: NodePoint,
 }
 
@@ -159,11 +194,10 @@ struct Inner {
     clocks: Vec<Clock>,
     queues: HashMap<Key, Series<QueuePoint>>,
     exchanges: HashMap<Key, Series<ExchangePoint>>,
+    streams: HashMap<Key, Series<StreamPoint>>,
+    /// Per stream, per consumer reference.
+    offsets: HashMap<Key, HashMap<String, Series<OffsetPoint>>>,
     node: Series<NodePoint>,
-    /// Running inflow total per exchange, and each queue's publish total at the
-    /// last record (to add the difference to the exchanges bound to it).
-    exchange_totals: HashMap<Key, u64>,
-    last_publish: HashMap<Key, u64>,
 }
 
 /// The charts' history, shared by the sampler task and the handlers.
@@ -217,33 +251,17 @@ impl History {
         if due.is_empty() {
             return;
         }
-        // Exchanges: add what entered their bound queues since the last record.
-        for (ex, bound) in &snap.exchanges {
-            let mut added = 0u64;
-            let mut seen: Vec<&str> = Vec::new();
-            for q in bound {
-                if seen.contains(&q.as_str()) {
-                    continue;
-                }
-                seen.push(q);
-                let key = (ex.0.clone(), q.clone());
-                if let (Some(now_t), Some(then)) = (snap.queues.get(&key), g.last_publish.get(&key))
-                {
-                    added += now_t.publish.saturating_sub(*then);
-                }
-            }
-            *g.exchange_totals.entry(ex.clone()).or_default() += added;
-        }
-        g.exchange_totals
-            .retain(|k, _| snap.exchanges.contains_key(k));
-        g.last_publish = snap
-            .queues
-            .iter()
-            .map(|(k, t)| (k.clone(), t.publish))
-            .collect();
         // Deleted objects lose their history.
         g.queues.retain(|k, _| snap.queues.contains_key(k));
         g.exchanges.retain(|k, _| snap.exchanges.contains_key(k));
+        g.streams.retain(|k, _| snap.streams.contains_key(k));
+        g.offsets.retain(|k, refs| match snap.streams.get(k) {
+            Some(st) => {
+                refs.retain(|r, _| st.offsets.iter().any(|(name, _)| name == r));
+                !refs.is_empty()
+            }
+            None => false,
+        });
         for t in due {
             let c = &mut g.clocks[t];
             c.last_slot = Some(now / c.step);
@@ -254,7 +272,7 @@ impl History {
             }
             let (seq, len) = (c.seq, c.len);
             for (k, q) in &snap.queues {
-                let room = g.queues.len() + g.exchanges.len() < MAX_OBJECTS;
+                let room = g.objects() < MAX_OBJECTS;
                 let series = match g.queues.get_mut(k) {
                     Some(s) => s,
                     None if room => g.queues.entry(k.clone()).or_default(),
@@ -275,9 +293,8 @@ impl History {
                     },
                 );
             }
-            for k in snap.exchanges.keys() {
-                let total = g.exchange_totals.get(k).copied().unwrap_or(0);
-                let room = g.queues.len() + g.exchanges.len() < MAX_OBJECTS;
+            for (k, x) in &snap.exchanges {
+                let room = g.objects() < MAX_OBJECTS;
                 let series = match g.exchanges.get_mut(k) {
                     Some(s) => s,
                     None if room => g.exchanges.entry(k.clone()).or_default(),
@@ -288,22 +305,41 @@ impl History {
                     seq,
                     len,
                     ExchangePoint {
-                        bound_queues_publish: low(total),
+                        publish_in: low(x.publish_in),
+                        publish_out: low(x.publish_out),
+                        alternate_out: low(x.alternate_out),
                     },
                 );
             }
+            for (k, st) in &snap.streams {
+                let room = g.objects() < MAX_OBJECTS;
+                let series = match g.streams.get_mut(k) {
+                    Some(s) => s,
+                    None if room => g.streams.entry(k.clone()).or_default(),
+                    None => continue,
+                };
+                series.push(t, seq, len, st.size);
+                for (reference, offset) in st.offsets.iter().take(MAX_OFFSETS) {
+                    let room = g.objects() < MAX_OBJECTS;
+                    let refs = g.offsets.entry(k.clone()).or_default();
+                    let series = match refs.get_mut(reference) {
+                        Some(s) => s,
+                        None if room => refs.entry(reference.clone()).or_default(),
+                        None => continue,
+                    };
+                    series.push(
+                        t,
+                        seq,
+                        len,
+                        OffsetPoint {
+                            offset: *offset,
+                            lag: st.size.committed_offset.saturating_sub(*offset),
+                        },
+                    );
+                }
+            }
             g.node.push(t, seq, len, snap.node);
         }
-    }
-
-    /// The running inflow total of an exchange's bound queues (0 if unknown).
-    pub fn exchange_total(&self, key: &Key) -> u64 {
-        self.inner
-            .lock()
-            .exchange_totals
-            .get(key)
-            .copied()
-            .unwrap_or(0)
     }
 
     /// A queue's samples over the last `age_ms`, one every `incr_ms`, newest first.
@@ -323,15 +359,54 @@ impl History {
             .unwrap_or_default()
     }
 
+    /// A stream's size samples.
+    pub fn stream(&self, key: &Key, age_ms: u64, incr_ms: u64) -> Samples<StreamPoint> {
+        let g = self.inner.lock();
+        g.streams
+            .get(key)
+            .map(|s| window(&g.clocks, s, age_ms, incr_ms))
+            .unwrap_or_default()
+    }
+
+    /// Each stored consumer offset of a stream with its samples, by reference.
+    pub fn stream_offsets(
+        &self,
+        key: &Key,
+        age_ms: u64,
+        incr_ms: u64,
+    ) -> Vec<(String, Samples<OffsetPoint>)> {
+        let g = self.inner.lock();
+        let mut out: Vec<(String, Samples<OffsetPoint>)> = g
+            .offsets
+            .get(key)
+            .map(|refs| {
+                refs.iter()
+                    .map(|(r, s)| (r.clone(), window(&g.clocks, s, age_ms, incr_ms)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     pub fn node(&self, age_ms: u64, incr_ms: u64) -> Samples<NodePoint> {
         let g = self.inner.lock();
         window(&g.clocks, &g.node, age_ms, incr_ms)
     }
 
-    /// How many queues and exchanges have history.
+    /// How many objects have history (queues, exchanges, streams' sizes and
+    /// stored consumer offsets).
     pub fn objects(&self) -> usize {
-        let g = self.inner.lock();
-        g.queues.len() + g.exchanges.len()
+        self.inner.lock().objects()
+    }
+}
+
+impl Inner {
+    fn objects(&self) -> usize {
+        self.queues.len()
+            + self.exchanges.len()
+            + self.streams.len()
+            + self.offsets.values().map(HashMap::len).sum::<usize>()
     }
 }
 
@@ -418,8 +493,14 @@ mod tests {
                 },
             );
         }
-        s.exchanges
-            .insert(key("x"), queues.iter().map(|q| q.to_string()).collect());
+        s.exchanges.insert(
+            key("x"),
+            ExchangeTotals {
+                publish_in: publish,
+                publish_out: publish / 2,
+                alternate_out: 0,
+            },
+        );
         s.node.mem_used = ready;
         s
     }
@@ -495,16 +576,60 @@ mod tests {
     }
 
     #[test]
-    fn exchange_inflow_adds_bound_queue_publishes() {
+    fn exchange_counters_are_kept_per_slot() {
         let h = History::new();
         h.record(0, &snap(100, 0, &["a", "b"]));
         h.record(5_000, &snap(110, 0, &["a", "b"]));
         h.record(10_000, &snap(130, 0, &["a", "b"]));
-        // (10 + 10) then (20 + 20); the first record has nothing to compare with.
-        assert_eq!(h.exchange_total(&key("x")), 60);
         let w = h.exchange(&key("x"), 10_000, 5_000);
-        let v: Vec<u32> = w.iter().map(|x| x.1.bound_queues_publish).collect();
-        assert_eq!(v, [60, 20, 0]);
+        let v: Vec<(u32, u32)> = w
+            .iter()
+            .map(|x| (x.1.publish_in, x.1.publish_out))
+            .collect();
+        assert_eq!(v, [(130, 65), (110, 55), (100, 50)]);
+    }
+
+    #[test]
+    fn stream_size_and_consumer_lag_are_kept_and_dropped_with_the_stream() {
+        let h = History::new();
+        let stream = |committed: u64, offsets: &[(&str, u64)]| {
+            let mut s = snap(0, 0, &["s"]);
+            s.streams.insert(
+                key("s"),
+                StreamTotals {
+                    size: StreamPoint {
+                        bytes: committed * 100,
+                        first_offset: 0,
+                        committed_offset: committed,
+                        segments: 1,
+                    },
+                    offsets: offsets.iter().map(|(r, o)| (r.to_string(), *o)).collect(),
+                },
+            );
+            s
+        };
+        h.record(0, &stream(10, &[("c1", 5)]));
+        h.record(5_000, &stream(30, &[("c1", 25), ("c2", 0)]));
+        let size: Vec<u64> = h
+            .stream(&key("s"), 60_000, 5_000)
+            .iter()
+            .map(|p| p.1.bytes)
+            .collect();
+        assert_eq!(size, [3_000, 1_000]);
+        let offsets = h.stream_offsets(&key("s"), 60_000, 5_000);
+        let lags: Vec<(&str, Vec<u64>)> = offsets
+            .iter()
+            .map(|(r, w)| (r.as_str(), w.iter().map(|p| p.1.lag).collect()))
+            .collect();
+        assert_eq!(lags, [("c1", vec![5, 5]), ("c2", vec![30])]);
+        assert_eq!(h.objects(), 5, "queue, exchange, stream, two offsets");
+        // c2 is no longer stored: its history goes; then the stream goes.
+        h.record(10_000, &stream(40, &[("c1", 40)]));
+        assert_eq!(h.stream_offsets(&key("s"), 60_000, 5_000).len(), 1);
+        h.record(15_000, &snap(0, 0, &["s"]));
+        assert!(h.stream(&key("s"), 60_000, 5_000).is_empty());
+        assert!(h.stream_offsets(&key("s"), 60_000, 5_000).is_empty());
+        assert_eq!(h.objects(), 2);
     }
 
     #[test]

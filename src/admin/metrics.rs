@@ -1,7 +1,8 @@
-//! Message rates (sampled from the broker's and queues' counters, every 5 s by default) and the
+//! Message rates (sampled from the broker's, queues' and exchanges' counters, every 5 s by default) and the
 //! Prometheus text exposition at `/metrics`, with RabbitMQ's metric names.
 
 use super::AdminState;
+use crate::broker::exchange::ExchangeTotals;
 use crate::broker::{Broker, Counters};
 use axum::extract::State;
 use axum::http::header;
@@ -19,6 +20,8 @@ pub struct Totals {
     pub deliver_get: u64,
     pub ack: u64,
     pub redeliver: u64,
+    /// Shown for queues only (`message_stats.dead_lettered`).
+    pub dead_lettered: u64,
 }
 
 impl Totals {
@@ -28,6 +31,7 @@ impl Totals {
             deliver_get: Counters::get(&c.delivered),
             ack: Counters::get(&c.acked),
             redeliver: Counters::get(&c.redelivered),
+            dead_lettered: Counters::get(&c.dead_lettered),
         }
     }
 }
@@ -39,6 +43,7 @@ pub struct RateSet {
     pub deliver_get: f64,
     pub ack: f64,
     pub redeliver: f64,
+    pub dead_lettered: f64,
 }
 
 fn rate(now: &Totals, then: &Totals, secs: f64) -> RateSet {
@@ -48,6 +53,7 @@ fn rate(now: &Totals, then: &Totals, secs: f64) -> RateSet {
         deliver_get: r(now.deliver_get, then.deliver_get),
         ack: r(now.ack, then.ack),
         redeliver: r(now.redeliver, then.redeliver),
+        dead_lettered: r(now.dead_lettered, then.dead_lettered),
     }
 }
 
@@ -58,6 +64,25 @@ struct Sampled {
     global_rate: RateSet,
     /// Keyed by (vhost, queue).
     queues: HashMap<(String, String), (Totals, RateSet)>,
+    /// Keyed by (vhost, exchange).
+    exchanges: HashMap<(String, String), (ExchangeTotals, ExchangeRates)>,
+}
+
+/// An exchange's per-second rates over the last sample interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExchangeRates {
+    pub publish_in: f64,
+    pub publish_out: f64,
+    pub alternate_out: f64,
+}
+
+fn exchange_rate(now: &ExchangeTotals, then: &ExchangeTotals, secs: f64) -> ExchangeRates {
+    let r = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+    ExchangeRates {
+        publish_in: r(now.publish_in, then.publish_in),
+        publish_out: r(now.publish_out, then.publish_out),
+        alternate_out: r(now.alternate_out, then.alternate_out),
+    }
 }
 
 /// The latest rates, shared by the sampler task and the handlers.
@@ -76,11 +101,18 @@ impl Rates {
         let now = Instant::now();
         let global = Totals::of(&broker.counters);
         let mut queues = HashMap::new();
+        let mut exchanges = HashMap::new();
         for vhost in broker.vhosts() {
             for q in vhost.queues() {
                 queues.insert(
                     (vhost.name.to_string(), q.name().to_string()),
                     Totals::of(&q.counters),
+                );
+            }
+            for e in vhost.exchanges() {
+                exchanges.insert(
+                    (vhost.name.to_string(), e.name.to_string()),
+                    e.stats.totals(),
                 );
             }
         }
@@ -103,6 +135,17 @@ impl Rates {
                 (k, (t, r))
             })
             .collect();
+        let old = std::mem::take(&mut s.exchanges);
+        s.exchanges = exchanges
+            .into_iter()
+            .map(|(k, t)| {
+                let r = match (old.get(&k), secs) {
+                    (Some((prev, _)), Some(d)) => exchange_rate(&t, prev, d),
+                    _ => ExchangeRates::default(),
+                };
+                (k, (t, r))
+            })
+            .collect();
         s.at = Some(now);
     }
 
@@ -118,6 +161,28 @@ impl Rates {
             .map(|(_, r)| *r)
             .unwrap_or_default()
     }
+
+    pub fn exchange(&self, vhost: &str, exchange: &str) -> ExchangeRates {
+        self.inner
+            .lock()
+            .exchanges
+            .get(&(vhost.to_string(), exchange.to_string()))
+            .map(|(_, r)| *r)
+            .unwrap_or_default()
+    }
+}
+
+/// RabbitMQ's `message_stats` of an exchange (`publish_in`, `publish_out`),
+/// with warren's `alternate_out` (messages passed to its alternate exchange).
+pub fn exchange_stats(t: &ExchangeTotals, r: &ExchangeRates) -> serde_json::Value {
+    serde_json::json!({
+        "publish_in": t.publish_in,
+        "publish_in_details": super::details(r.publish_in),
+        "publish_out": t.publish_out,
+        "publish_out_details": super::details(r.publish_out),
+        "alternate_out": t.alternate_out,
+        "alternate_out_details": super::details(r.alternate_out),
+    })
 }
 
 /// Sample every `every` until the broker is dropped.
@@ -147,6 +212,20 @@ pub fn message_stats(t: &Totals, r: &RateSet) -> serde_json::Value {
         "redeliver": t.redeliver,
         "redeliver_details": super::details(r.redeliver),
     })
+}
+
+/// A queue's `message_stats`: [`message_stats`] with warren's `dead_lettered`
+/// (messages it dead-lettered to its dead-letter exchange).
+pub fn queue_stats(t: &Totals, r: &RateSet) -> serde_json::Value {
+    let mut v = message_stats(t, r);
+    if let serde_json::Value::Object(m) = &mut v {
+        m.insert("dead_lettered".into(), t.dead_lettered.into());
+        m.insert(
+            "dead_lettered_details".into(),
+            super::details(r.dead_lettered),
+        );
+    }
+    v
 }
 
 /// Resident memory of this process from `/proc/self/status` (VmRSS), in bytes.

@@ -1,7 +1,7 @@
 //! `/api/queues[/{vhost}[/{name}]]` (list, show, declare, delete),
 //! `/api/queues/{vhost}/{name}/contents` (purge) and `/get` (fetch messages).
 
-use super::metrics::{message_stats, Totals};
+use super::metrics::{queue_stats, Totals};
 use super::{
     flag, json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller,
 };
@@ -51,7 +51,7 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
         "policy": policy.as_ref().map(|p| p.name.clone()),
         "operator_policy": operator.as_ref().map(|p| p.name.clone()),
         "effective_policy_definition": effective.map(Value::Object).unwrap_or(json!({})),
-        "message_stats": message_stats(&Totals::of(&q.counters), &s.rates.queue(vhost, q.name())),
+        "message_stats": queue_stats(&Totals::of(&q.counters), &s.rates.queue(vhost, q.name())),
     });
     if kind == QueueType::Quorum {
         // RabbitMQ's quorum-queue fields; warren has no clustering, so the one

@@ -250,23 +250,32 @@ async fn queue_exchange_and_node_samples() {
     assert!(plain["messages_ready_details"].is_null());
     assert!(plain["message_stats"]["publish_details"]["samples"].is_null());
 
-    // The exchange's inflow: what entered its bound queue after the first record.
+    // The exchange's own counters: five messages in, five routed out, and
+    // samples of them once a point saw the last two.
     publish(2).await;
     let mut x = Value::Null;
     for _ in 0..150 {
         x = b
             .get("/api/exchanges/%2F/c-x?msg_rates_age=60&msg_rates_incr=5")
             .await;
-        if x["message_stats"]["bound_queues_publish"].as_u64() >= Some(2) {
+        if x["message_stats"]["publish_in_details"]["samples"][0]["sample"] == 5.0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    assert!(
-        x["message_stats"]["bound_queues_publish"].as_u64() >= Some(2),
+    let ms = &x["message_stats"];
+    assert_eq!(ms["publish_in"], 5, "{x}");
+    assert_eq!(ms["publish_out"], 5, "{x}");
+    assert_eq!(ms["publish_in_details"]["samples"][0]["sample"], 5.0, "{x}");
+    assert_eq!(
+        ms["publish_out_details"]["samples"][0]["sample"], 5.0,
         "{x}"
     );
-    assert!(x["message_stats"]["bound_queues_publish_details"]["samples"].is_array());
+    assert!(ms["publish_in_details"]["avg_rate"].is_number(), "{x}");
+    assert!(ms["publish_in_details"]["rate"].is_number(), "{x}");
+    let plain = b.get("/api/exchanges/%2F/c-x").await;
+    assert_eq!(plain["message_stats"]["publish_in"], 5, "{plain}");
+    assert!(plain["message_stats"]["publish_in_details"]["samples"].is_null());
 
     let nodes = b.get("/api/nodes").await;
     let name = nodes[0]["name"].as_str().expect("node name").to_string();
@@ -298,4 +307,174 @@ async fn queue_exchange_and_node_samples() {
         )
         .await;
     assert_eq!(s, 400);
+}
+
+/// `publish_in` / `publish_out` count where messages go: through an
+/// exchange-to-exchange binding, to an alternate exchange, through the default
+/// exchange, and not when nothing matches. Tracing counts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_counters_follow_e2e_alternate_and_default_routes() {
+    let b = start().await;
+    b.ok("PUT", "/api/exchanges/%2F/n-ae", json!({"type": "fanout"}))
+        .await;
+    b.ok(
+        "PUT",
+        "/api/exchanges/%2F/n-in",
+        json!({"type": "direct", "arguments": {"alternate-exchange": "n-ae"}}),
+    )
+    .await;
+    b.ok("PUT", "/api/exchanges/%2F/n-mid", json!({"type": "fanout"}))
+        .await;
+    b.ok(
+        "PUT",
+        "/api/exchanges/%2F/n-none",
+        json!({"type": "direct"}),
+    )
+    .await;
+    for q in ["n-q", "n-lost"] {
+        b.ok("PUT", &format!("/api/queues/%2F/{q}"), json!({}))
+            .await;
+    }
+    for (path, key) in [
+        ("e/n-in/e/n-mid", "k"),
+        ("e/n-mid/q/n-q", ""),
+        ("e/n-ae/q/n-lost", ""),
+    ] {
+        b.ok(
+            "POST",
+            &format!("/api/bindings/%2F/{path}"),
+            json!({"routing_key": key}),
+        )
+        .await;
+    }
+    let send = |exchange: &'static str, key: &'static str| {
+        let b = &b;
+        async move {
+            b.ok(
+                "POST",
+                &format!("/api/exchanges/%2F/{exchange}/publish"),
+                json!({"routing_key": key, "payload": "x"}),
+            )
+            .await;
+        }
+    };
+    let before = b.get("/api/exchanges/%2F/amq.default").await["message_stats"]["publish_in"]
+        .as_u64()
+        .expect("default exchange counts");
+    for _ in 0..3 {
+        send("n-in", "k").await; // n-in -> n-mid -> n-q
+    }
+    send("n-in", "other").await; // n-in -> n-ae -> n-lost
+    send("n-none", "nothing").await; // matches nothing, no alternate
+    send("amq.default", "n-q").await;
+    send("amq.default", "no-such-queue").await;
+    b.ok(
+        "POST",
+        "/api/exchanges/%2F/n-in/trace",
+        json!({"routing_key": "k"}),
+    )
+    .await;
+    let stats = |name: &'static str| {
+        let b = &b;
+        async move { b.get(&format!("/api/exchanges/%2F/{name}")).await["message_stats"].clone() }
+    };
+    let ms = stats("n-in").await;
+    assert_eq!(
+        (&ms["publish_in"], &ms["publish_out"], &ms["alternate_out"]),
+        (&json!(4), &json!(4), &json!(1)),
+        "{ms}"
+    );
+    let ms = stats("n-mid").await;
+    assert_eq!(
+        (&ms["publish_in"], &ms["publish_out"]),
+        (&json!(3), &json!(3)),
+        "{ms}"
+    );
+    let ms = stats("n-ae").await;
+    assert_eq!(
+        (&ms["publish_in"], &ms["publish_out"]),
+        (&json!(1), &json!(1)),
+        "{ms}"
+    );
+    let ms = stats("n-none").await;
+    assert_eq!(
+        (&ms["publish_in"], &ms["publish_out"]),
+        (&json!(1), &json!(0)),
+        "{ms}"
+    );
+    let ms = stats("amq.default").await;
+    assert_eq!(ms["publish_in"].as_u64(), Some(before + 2), "{ms}");
+    // The list carries the same counters.
+    let list = b.get("/api/exchanges/%2F").await;
+    let mid = list
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["name"] == "n-mid"))
+        .expect("n-mid listed");
+    assert_eq!(mid["message_stats"]["publish_out"], 3, "{mid}");
+    assert!(mid["message_stats"]["publish_out_details"]["rate"].is_number());
+}
+
+/// A stream's queue, with a `lengths` range, has its size and each stored
+/// consumer offset (with its lag behind the committed offset) over time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_size_and_consumer_offsets_over_time() {
+    let b = start().await;
+    b.ok(
+        "PUT",
+        "/api/queues/%2F/c-stream",
+        json!({"durable": true, "arguments": {"x-queue-type": "stream"}}),
+    )
+    .await;
+    for i in 0..5 {
+        b.ok(
+            "POST",
+            "/api/exchanges/%2F/amq.default/publish",
+            json!({"routing_key": "c-stream", "payload": format!("m{i}")}),
+        )
+        .await;
+    }
+    let w = b._warren.as_ref().expect("in-process broker");
+    let q = w
+        .server
+        .broker
+        .vhost("/")
+        .expect("default vhost")
+        .queue("c-stream", 0)
+        .expect("the stream");
+    q.stream()
+        .expect("a stream log")
+        .store_offset("reader-1", 2)
+        .expect("offset stored");
+    let path = "/api/queues/%2F/c-stream?lengths_age=60&lengths_incr=5";
+    let mut v = Value::Null;
+    for _ in 0..150 {
+        v = b.get(path).await;
+        let sampled = v["committed_offset_details"]["samples"][0]["sample"] == 5.0
+            && v["consumer_offsets"][0]["lag_details"]["samples"][0]["sample"] == 3.0;
+        if sampled {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        v["committed_offset_details"]["samples"][0]["sample"], 5.0,
+        "{v}"
+    );
+    assert!(v["stream_bytes"].as_u64() > Some(0), "{v}");
+    assert!(
+        v["stream_bytes_details"]["samples"][0]["sample"].as_f64() > Some(0.0),
+        "{v}"
+    );
+    assert_eq!(v["segments_details"]["samples"][0]["sample"], 1.0, "{v}");
+    let c = &v["consumer_offsets"][0];
+    assert_eq!(
+        (&c["reference"], &c["offset"], &c["lag"]),
+        (&json!("reader-1"), &json!(2), &json!(3)),
+        "{v}"
+    );
+    assert_eq!(c["offset_details"]["samples"][0]["sample"], 2.0, "{v}");
+    assert_eq!(c["lag_details"]["samples"][0]["sample"], 3.0, "{v}");
+    // Without a range, the queue's JSON is as before.
+    let plain = b.get("/api/queues/%2F/c-stream").await;
+    assert!(plain["consumer_offsets"].is_null(), "{plain}");
 }

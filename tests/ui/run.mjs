@@ -334,6 +334,8 @@ try {
     const traceIt = async (exchange, key, headers) => {
       await page.goto(base + '/#/trace/%2F/' + encodeURIComponent(exchange));
       await page.waitForSelector('#tr-form');
+      // The previous trace's form stays until the new page is drawn.
+      await waitFor('the trace form of ' + exchange, async () => (await page.locator('#tr-form [name=exchange]').inputValue()) === exchange);
       await page.fill('#tr-form [name=routing_key]', key);
       await page.fill('#tr-form [name=headers]', headers ? JSON.stringify(headers) : '');
       await page.evaluate(() => { const r = document.querySelector('#tr-result'); if (r) r.innerHTML = ''; });
@@ -397,6 +399,94 @@ try {
     await waitFor('overview rates over one minute', async () => /-12 s/.test(await page.locator('#ov-chart').textContent()) && (await page.locator('#ov-chart polyline').count()) === 3);
     await page.selectOption('#ov-window', '600');
     await shot('overview-charts', true);
+  });
+
+  await test('exchange counters, charts and edge rates update under load (e2e, alternate, dead-letter)', async () => {
+    await api('PUT', '/exchanges/%2F/ui-flow-ae', { type: 'fanout', durable: false });
+    await api('PUT', '/exchanges/%2F/ui-flow-dlx', { type: 'fanout', durable: false });
+    await api('PUT', '/exchanges/%2F/ui-flow', { type: 'direct', durable: false, arguments: { 'alternate-exchange': 'ui-flow-ae' } });
+    await api('PUT', '/exchanges/%2F/ui-flow-next', { type: 'fanout', durable: false });
+    // ui-flow-q overflows at once and dead-letters what it drops to ui-flow-dlx.
+    await api('PUT', '/queues/%2F/ui-flow-q', { durable: false, arguments: { 'x-max-length': 20, 'x-dead-letter-exchange': 'ui-flow-dlx' } });
+    await api('PUT', '/queues/%2F/ui-flow-dead', { durable: false, arguments: { 'x-max-length': 20 } });
+    await api('POST', '/bindings/%2F/e/ui-flow/e/ui-flow-next', { routing_key: 'go' });
+    await api('POST', '/bindings/%2F/e/ui-flow-next/q/ui-flow-q', { routing_key: '' });
+    await api('POST', '/bindings/%2F/e/ui-flow-ae/q/ui-flow-q', { routing_key: '' });
+    await api('POST', '/bindings/%2F/e/ui-flow-dlx/q/ui-flow-dead', { routing_key: '' });
+    // A second binding edge out of ui-flow-next: its e2e edge can only be bounded (≤).
+    await api('POST', '/bindings/%2F/e/ui-flow-next/e/ui-flow-dlx', { routing_key: '' });
+    const ch = await conn.createChannel();
+    // About 20 msg/s through the e2e binding and 10 msg/s to the alternate exchange.
+    const flow = setInterval(() => { ch.publish('ui-flow', 'go', Buffer.from('e2e')); ch.publish('ui-flow', 'go', Buffer.from('e2e')); ch.publish('ui-flow', 'elsewhere', Buffer.from('alt')); }, 100);
+    try {
+      await page.goto(base + '/#/exchanges/%2F/ui-flow');
+      await page.waitForSelector('#xd-rates');
+      const tile = async (k) => Number(((await page.locator(`#xd-tiles .tile[data-stat="${k}"] b`).textContent()) || '').replace(/[^\d.]/g, '')) || 0;
+      await waitFor('in / out / alternate rates on the tiles', async () => (await tile('publish_in')) > 0 && (await tile('publish_out')) > 0 && (await tile('alternate_out')) > 0, 15_000);
+      await waitFor('the total counter grows', async () => (await tile('publish_in_total')) > 50, 15_000);
+      const line = (k) => page.locator(`#xd-rates polyline[data-series="${k}"]`);
+      const chartRate = async (label) => { const m = ((await page.locator('#xd-rates title').textContent()) || '').match(new RegExp(label + ' ([\\d.]+)')); return m ? Number(m[1]) : 0; };
+      await waitFor('exchange chart lines from the samples', async () => (await line('publish_in').count()) === 1 && ((await line('publish_in').getAttribute('points')) || '').split(' ').length >= 2 &&
+        (await chartRate('Published in')) > 0 && (await chartRate('Routed out')) > 0 && (await chartRate('To the alternate exchange')) > 0, 25_000);
+      const before = await line('publish_in').getAttribute('points');
+      await waitFor('the exchange chart moves on', async () => (await line('publish_in').getAttribute('points')) !== before, 15_000);
+      await shot('exchange-charts', true);
+      const x = await api('GET', '/exchanges/%2F/ui-flow?msg_rates_age=60&msg_rates_incr=5');
+      if (!(x.message_stats.publish_in >= x.message_stats.publish_out && x.message_stats.alternate_out > 0 && x.message_stats.publish_in_details.samples.length >= 2)) throw new Error('exchange samples: ' + JSON.stringify(x.message_stats));
+      // The exchanges table shows the rates too.
+      await page.click('nav a[href="#/exchanges"]');
+      await page.fill('#x-filter', 'ui-flow');
+      await waitFor('ui-flow row with a rate in', async () => /ui-flow\t[^\n]*\t[1-9][\d.]*\/s\t/.test(await page.locator('#exchanges-table tbody').innerText()));
+      // Every edge of the flow carries a rate: e2e (exact, the only binding of ui-flow;
+      // bounded out of ui-flow-next, which has two), alternate, binding, dead-letter.
+      await page.goto(base + '/#/topology/%2F');
+      await page.waitForSelector('#topo-svg[data-ready]');
+      await page.fill('#topo-filter', 'ui-flow');
+      const label = (f, t, k) => page.locator(`#topo-svg text.edge-label[data-from="${f}"][data-to="${t}"][data-kind="${k}"]`);
+      await waitFor('filtered to the flow', async () => (await label('e:ui-flow', 'e:ui-flow-next', 'e2e').count()) === 1);
+      const rated = async (f, t, k, form) => { const v = ((await label(f, t, k).textContent()) || '').trim(); return form.test(v) && parseFloat(v.replace('≤ ', '')) > 0; };
+      const exact = /^[\d.]+\/s$/, bounded = /^≤ [\d.]+\/s$/;
+      await waitFor('rates on the e2e, alternate, binding and dead-letter edges', async () => (await rated('e:ui-flow', 'e:ui-flow-next', 'e2e', exact)) && (await rated('e:ui-flow', 'e:ui-flow-ae', 'alternate', exact)) &&
+        (await rated('e:ui-flow-next', 'e:ui-flow-dlx', 'e2e', bounded)) && (await rated('e:ui-flow-next', 'q:ui-flow-q', 'binding', exact)) && (await rated('e:ui-flow-ae', 'q:ui-flow-q', 'binding', exact)) &&
+        (await rated('q:ui-flow-q', 'e:ui-flow-dlx', 'dead-letter', exact)) && (await rated('e:ui-flow-dlx', 'q:ui-flow-dead', 'binding', exact)), 15_000);
+      await expectText(page.locator('#topo-rates'), /exchange to exchange/);
+      await shot('topology-rates', true);
+      await page.click('nav a[href="#/"]');
+      await page.waitForSelector('#ov-tiles');
+    } finally {
+      clearInterval(flow);
+      await ch.close();
+    }
+    for (const q of ['ui-flow-q', 'ui-flow-dead']) await api('DELETE', `/queues/%2F/${q}`);
+  });
+
+  await test('a stream\'s page charts its size and offsets as it grows', async () => {
+    const ch = await conn.createChannel();
+    await ch.assertQueue('ui-stream', { durable: true, arguments: { 'x-queue-type': 'stream' } });
+    const feed = setInterval(() => { for (let i = 0; i < 5; i++) ch.sendToQueue('ui-stream', Buffer.from('event ' + 'x'.repeat(200))); }, 100);
+    try {
+      await page.goto(base + '/#/queues/%2F/ui-stream');
+      await page.waitForSelector('#qd-stream-size');
+      const tile = async (k) => Number(((await page.locator(`#qd-stream-tiles .tile[data-stat="${k}"] b`).textContent()) || '').replace(/[^\d]/g, '')) || 0;
+      await waitFor('the committed offset tile', async () => (await tile('committed_offset')) > 0, 15_000);
+      const line = (svg, k) => page.locator(`#${svg} polyline[data-series="${k}"]`);
+      const points = async (svg, k) => ((await line(svg, k).count()) ? (await line(svg, k).getAttribute('points')) || '' : '');
+      await waitFor('size and offset charts with two samples', async () => (await points('qd-stream-size', 'stream_bytes')).split(' ').length >= 2 && (await points('qd-stream-offsets', 'committed_offset')).split(' ').length >= 2, 25_000);
+      const before = await points('qd-stream-offsets', 'committed_offset');
+      const firstCommitted = await tile('committed_offset');
+      await waitFor('the offsets chart moves on as the stream grows', async () => (await points('qd-stream-offsets', 'committed_offset')) !== before && (await tile('committed_offset')) > firstCommitted, 15_000);
+      // The size chart rises: its newest point is above its oldest.
+      const ys = (await points('qd-stream-size', 'stream_bytes')).split(' ').map((p) => Number(p.split(',')[1]));
+      if (!(ys[ys.length - 1] < ys[0])) throw new Error('stream size did not grow: ' + ys.join(' '));
+      await expectText(page.locator('#qd-lag-legend'), /No consumer has stored an offset/);
+      if ((await page.locator('#consumer-offsets-table').count()) !== 1) throw new Error('no consumer offsets table');
+      await page.evaluate(() => document.querySelector('#qd-stream-tiles').previousElementSibling.scrollIntoView());
+      await shot('stream-charts', true);
+    } finally {
+      clearInterval(feed);
+      await ch.close();
+    }
+    await api('DELETE', '/queues/%2F/ui-stream');
   });
 
   await test('the topology stays responsive with 1,000 queues and 5,000 bindings', async () => {

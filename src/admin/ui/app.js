@@ -375,6 +375,11 @@
       '<h2>Charts</h2><div class="toolbar">' + windowSelect('qd-window') + '</div>' +
       legend(QUEUE_RATES) + '<svg id="qd-rates" class="chart" role="img" aria-label="Message rates of this queue"></svg>' +
       legend(QUEUE_DEPTH) + '<svg id="qd-depth" class="chart" role="img" aria-label="Messages in this queue"></svg>' +
+      (q.type === 'stream' ? '<h2>Stream</h2><div id="qd-stream-tiles" class="tiles"></div><div class="chart-grid">' +
+        '<figure><figcaption>Size on disk</figcaption>' + legend(STREAM_SIZE) + '<svg id="qd-stream-size" class="chart small" role="img" aria-label="Bytes in the stream\'s segment files"></svg></figure>' +
+        '<figure><figcaption>Offsets kept</figcaption>' + legend(STREAM_OFFSETS) + '<svg id="qd-stream-offsets" class="chart small" role="img" aria-label="First and committed offsets of the stream"></svg></figure>' +
+        '<figure><figcaption>Consumer lag (messages behind the committed offset)</figcaption><div id="qd-lag-legend" class="legend"></div><svg id="qd-stream-lag" class="chart small" role="img" aria-label="Stored consumer offsets behind the committed offset"></svg></figure></div>' +
+        '<div id="qd-consumer-offsets"></div>' : '') +
       '<dl class="kv"><dt>Type</dt><dd id="qd-type">' + esc(q.type || 'classic') +
       (q.type === 'quorum' ? ' <span class="muted">1 replica (no clustering yet); delivery limit ' + esc(q.delivery_limit) + '</span>' : '') +
       '</dd><dt>Durable</dt><dd>' + (q.durable ? 'yes' : 'no') + '</dd><dt>Auto delete</dt><dd>' + (q.auto_delete ? 'yes' : 'no') + '</dd><dt>Exclusive</dt><dd>' + (q.exclusive ? 'yes' : 'no') +
@@ -409,7 +414,7 @@
         .map(([l, v]) => '<div class="tile"><b>' + esc(v) + '</b><span>' + esc(l) + '</span></div>').join('');
     };
     renderTiles(q);
-    const refresh = async () => { try { const q = await api('GET', base + rangeQuery(['lengths', 'msg_rates'])); if (!$('#qd-tiles')) return; renderTiles(q); drawQueueCharts(q); } catch (e) { fail(e); } };
+    const refresh = async () => { try { const q = await api('GET', base + rangeQuery(['lengths', 'msg_rates'])); if (!$('#qd-tiles')) return; renderTiles(q); drawQueueCharts(q); if (q.type === 'stream') drawStreamCharts(q); } catch (e) { fail(e); } };
     onWindowChange('qd-window', refresh);
     refresh();
     every(5000, refresh);
@@ -481,7 +486,28 @@
   const legend = (series) => '<div class="legend">' + series.map(([, l, c]) => '<span><i style="background:' + c + '"></i>' + esc(l) + '</span>').join('') + '</div>';
   const QUEUE_RATES = [['publish', 'Published', '#0b5cad'], ['deliver_get', 'Delivered / got', '#1b7a34'], ['ack', 'Acknowledged', '#c46a00'], ['redeliver', 'Redelivered', '#7b3fb0'], ['dead_lettered', 'Dead-lettered', '#b00020']];
   const QUEUE_DEPTH = [['messages_ready', 'Ready', '#0b5cad'], ['messages_unacknowledged', 'Unacknowledged', '#c46a00']];
-  const EXCHANGE_RATES = [['bound_queues_publish', 'Into bound queues', '#0b5cad']];
+  const EXCHANGE_RATES = [['publish_in', 'Published in', '#0b5cad'], ['publish_out', 'Routed out', '#1b7a34'], ['alternate_out', 'To the alternate exchange', '#c46a00']];
+  const STREAM_SIZE = [['stream_bytes', 'Bytes', '#0b5cad']];
+  const STREAM_OFFSETS = [['first_offset', 'First offset', '#c46a00'], ['committed_offset', 'Committed offset', '#1b7a34']];
+  const LAG_COLORS = ['#0b5cad', '#1b7a34', '#c46a00', '#7b3fb0', '#b00020', '#00838f', '#6b7785', '#8d6e00'];
+  // A stream's size, offsets and stored consumer offsets (lag) over the window.
+  function drawStreamCharts(q) {
+    const F = window.WarrenFlow, span = chartWindow() * 1000, now = newest(q.committed_offset_details);
+    const tiles = $('#qd-stream-tiles');
+    if (!tiles) return;
+    const offsets = q.consumer_offsets || [];
+    tiles.innerHTML = [['stream_bytes', 'On disk', bytes(q.stream_bytes)], ['segments', 'Segments', num(q.segments)], ['first_offset', 'First offset', num(q.first_offset)],
+      ['committed_offset', 'Committed offset', num(q.committed_offset)], ['consumer_offsets', 'Stored consumer offsets', num(offsets.length)]]
+      .map(([k, l, v]) => '<div class="tile" data-stat="' + k + '"><b>' + esc(v) + '</b><span>' + esc(l) + '</span></div>').join('');
+    F.lineChart($('#qd-stream-size'), STREAM_SIZE.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.pointsOf((q[k + '_details'] || {}).samples) })), { span, now, format: bytes, title: 'Size' });
+    F.lineChart($('#qd-stream-offsets'), STREAM_OFFSETS.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.pointsOf((q[k + '_details'] || {}).samples) })), { span, now, format: num, title: 'Offsets' });
+    const lags = offsets.map((o, i) => ({ key: 'lag:' + o.reference, label: o.reference, color: LAG_COLORS[i % LAG_COLORS.length], points: F.pointsOf((o.lag_details || {}).samples) }));
+    $('#qd-lag-legend').innerHTML = lags.length ? lags.map((l) => '<span><i style="background:' + l.color + '"></i>' + esc(l.label) + '</span>').join('') : '<span class="muted">No consumer has stored an offset in this stream.</span>';
+    F.lineChart($('#qd-stream-lag'), lags, { span, now, format: num, title: 'Lag' });
+    $('#qd-consumer-offsets').innerHTML = table([
+      { label: 'Consumer (reference)', cell: (o) => esc(o.reference) }, { label: 'Stored offset', n: 1, cell: (o) => num(o.offset) }, { label: 'Lag', n: 1, cell: (o) => num(o.lag) },
+    ], offsets, { empty: 'No stored consumer offsets.', label: 'Stored consumer offsets', id: 'consumer-offsets-table' });
+  }
   const NODE_CONNS = [['sockets_used', 'Connections', '#0b5cad'], ['channels', 'Channels', '#1b7a34']];
   const newest = (details) => (details && details.samples && details.samples.length ? details.samples[0].timestamp : Date.now());
   function drawQueueCharts(q) {
@@ -491,8 +517,15 @@
     F.lineChart($('#qd-depth'), QUEUE_DEPTH.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.pointsOf((q[k + '_details'] || {}).samples) })), { span, now, format: num, title: 'Messages' });
   }
   function drawExchangeCharts(x) {
-    const F = window.WarrenFlow, ms = x.message_stats || {}, d = ms.bound_queues_publish_details || {};
-    F.lineChart($('#xd-rates'), EXCHANGE_RATES.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.ratesOf(d.samples) })), { span: chartWindow() * 1000, now: newest(d), format: (v) => Math.round(v * 10) / 10 + '/s', title: 'Rates' });
+    const F = window.WarrenFlow, ms = x.message_stats || {};
+    F.lineChart($('#xd-rates'), EXCHANGE_RATES.map(([k, l, c]) => ({ key: k, label: l, color: c, points: F.ratesOf((ms[k + '_details'] || {}).samples) })), { span: chartWindow() * 1000, now: newest(ms.publish_in_details), format: (v) => Math.round(v * 10) / 10 + '/s', title: 'Rates' });
+  }
+  function exchangeTiles(x) {
+    const t = $('#xd-tiles'); if (!t) return;
+    const ms = x.message_stats || {};
+    t.innerHTML = [['publish_in', 'In', rate(ms.publish_in_details)], ['publish_out', 'Out', rate(ms.publish_out_details)], ['alternate_out', 'To alternate', rate(ms.alternate_out_details)],
+      ['publish_in_total', 'Published in (total)', num(ms.publish_in || 0)], ['publish_out_total', 'Routed out (total)', num(ms.publish_out || 0)]]
+      .map(([k, l, v]) => '<div class="tile" data-stat="' + k + '"><b>' + esc(v) + '</b><span>' + esc(l) + '</span></div>').join('');
   }
 
   // ---- topology ----------------------------------------------------------------
@@ -504,17 +537,17 @@
   const prefixOf = (name) => { const m = name.match(/^[^.\-_:]*[.\-_:]/); return m ? m[0] : null; };
   function topologyModel(exchanges, queues, bindings) {
     const nodes = new Map(), edges = new Map();
-    const edge = (from, to, kind, title, rateOf) => {
+    const edge = (from, to, kind, title) => {
       if (!nodes.has(from) || !nodes.has(to)) return;
       const k = from + '>' + to + '>' + kind;
       const e = edges.get(k);
-      if (e) { e.count++; e.title += '\n' + title; } else edges.set(k, { from, to, kind, title, count: 1, rateOf });
+      if (e) { e.count++; e.title += '\n' + title; } else edges.set(k, { from, to, kind, title, count: 1 });
     };
-    exchanges.filter((x) => x.name !== '').forEach((x) => nodes.set('e:' + x.name, { id: 'e:' + x.name, kind: 'exchange', name: x.name, label: x.name, detail: x.type, title: 'exchange ' + x.name + ' (' + x.type + ')' + (x.internal ? ', internal' : '') }));
+    exchanges.filter((x) => x.name !== '').forEach((x) => nodes.set('e:' + x.name, { id: 'e:' + x.name, kind: 'exchange', name: x.name, label: x.name, detail: x.type, title: 'exchange ' + x.name + ' (' + x.type + ')' + (x.internal ? ', internal' : ''), x }));
     queues.forEach((q) => nodes.set('q:' + q.name, { id: 'q:' + q.name, kind: 'queue', name: q.name, label: q.name, detail: num(q.messages), title: 'queue ' + q.name + ': ' + num(q.messages_ready) + ' ready, ' + num(q.messages_unacknowledged) + ' unacked', q }));
     bindings.filter((b) => b.source !== '').forEach((b) => {
       const to = (b.destination_type === 'queue' ? 'q:' : 'e:') + b.destination;
-      edge('e:' + b.source, to, b.destination_type === 'queue' ? 'binding' : 'e2e', 'binding ' + b.source + ' → ' + b.destination + (b.routing_key ? ' (' + b.routing_key + ')' : ''), b.destination_type === 'queue' ? b.destination : null);
+      edge('e:' + b.source, to, b.destination_type === 'queue' ? 'binding' : 'e2e', 'binding ' + b.source + ' → ' + b.destination + (b.routing_key ? ' (' + b.routing_key + ')' : ''));
     });
     // The argument wins over a policy's, as in routing.
     exchanges.forEach((x) => { const ae = (x.arguments || {})['alternate-exchange'] || (x.effective_policy_definition || {})['alternate-exchange']; if (ae && x.name) edge('e:' + x.name, 'e:' + ae, 'alternate', 'alternate exchange of ' + x.name + ': ' + ae); });
@@ -526,9 +559,33 @@
       const title = 'dead letters of ' + q.name + ' → ' + (dlx || '(AMQP default)') + (key ? ' (' + key + ')' : '');
       if (dlx === '') { if (key) edge('q:' + q.name, 'q:' + key, 'dead-letter', title); } else edge('q:' + q.name, 'e:' + dlx, 'dead-letter', title);
     });
-    return { nodes, edges: Array.from(edges.values()) };
+    // How many edges lead out of each exchange through its bindings: an
+    // exchange-to-exchange edge that is the only one carries all that goes out.
+    const outs = new Map();
+    edges.forEach((e) => { if (e.kind === 'binding' || e.kind === 'e2e') outs.set(e.from, (outs.get(e.from) || 0) + 1); });
+    return { nodes, edges: Array.from(edges.values()), outs };
   }
-  const rateLabel = (q) => { const r = ((q && q.message_stats) || {}).publish_details; return r && r.rate > 0 ? (Math.round(r.rate * 10) / 10) + '/s' : ''; };
+  // An edge's label, as far as the broker's counters attribute it (the legend says which):
+  // binding to a queue: messages/s into that queue (from any source); exchange to
+  // exchange: what the source routes out through its bindings when this is its only
+  // binding edge, else at most the smaller of that and the destination's inflow (≤);
+  // alternate: what the source passes to its alternate exchange; dead-letter: what
+  // the queue dead-letters.
+  const fmtRate = (r) => (Math.round(r * 10) / 10) + '/s';
+  const statRate = (o, k) => ((((o || {}).message_stats || {})[k + '_details']) || {}).rate || 0;
+  function edgeLabel(model, e) {
+    const from = model.nodes.get(e.from), to = model.nodes.get(e.to);
+    if (!from || !to) return '';
+    let r = 0, bound = false;
+    if (e.kind === 'binding') r = statRate(to.q, 'publish');
+    else if (e.kind === 'alternate') r = statRate(from.x, 'alternate_out');
+    else if (e.kind === 'dead-letter') r = statRate(from.q, 'dead_lettered');
+    else if (e.kind === 'e2e') {
+      r = Math.max(0, statRate(from.x, 'publish_out') - statRate(from.x, 'alternate_out'));
+      if (model.outs.get(e.from) !== 1) { r = Math.min(r, statRate(to.x, 'publish_in')); bound = true; }
+    }
+    return r > 0 ? (bound ? '≤ ' : '') + fmtRate(r) : '';
+  }
 
   async function pageTopology(vhostArg, focusArg) {
     const t0 = performance.now();
@@ -539,8 +596,9 @@
       '<label><input id="topo-focus" type="checkbox"> Only the selection\'s neighbourhood</label>' +
       '<label><input id="topo-group" type="checkbox" checked> Group queues by name prefix when more than ' + GROUP_ABOVE + '</label>' +
       '<span id="topo-count" class="muted" aria-live="polite"></span></div>' +
-      '<div class="legend"><span><i style="background:#6b7785"></i>binding to a queue (label: messages/s into the queue)</span><span><i style="background:#7b3fb0"></i>exchange-to-exchange binding</span>' +
+      '<div class="legend"><span><i style="background:#6b7785"></i>binding to a queue</span><span><i style="background:#7b3fb0"></i>exchange-to-exchange binding</span>' +
       '<span><i class="dash" style="border-color:#c46a00"></i>alternate exchange</span><span><i class="dash" style="border-color:#b00020"></i>dead-letter exchange</span><span>node: queue depth / exchange type</span></div>' +
+      '<p id="topo-rates" class="muted">Edge labels, messages/s: to a queue, all that enters the queue; exchange to exchange, what the source routes out through its bindings (exact when it is the source\'s only binding edge, else “≤” the smaller of that and what enters the destination); alternate, what the source passes to its alternate exchange; dead-letter, what the queue dead-letters.</p>' +
       '<div class="topo"><div id="topo-wrap" class="graph-wrap"><svg id="topo-svg" role="img" aria-label="Exchanges, queues and bindings"></svg></div><aside id="topo-info" class="box" aria-live="polite"><p class="muted">Select an exchange or queue.</p></aside></div>');
     $('#topo-vhost').addEventListener('change', (e) => { location.hash = '#/topology/' + enc(e.target.value); });
     const [exchanges, queues, bindings] = await Promise.all([api('GET', '/exchanges/' + enc(vhost)), api('GET', '/queues/' + enc(vhost)), api('GET', '/bindings/' + enc(vhost))]);
@@ -579,7 +637,8 @@
         if (!ids.has(e.from) || !ids.has(e.to)) return;
         const from = groupOf.get(e.from) || e.from, to = groupOf.get(e.to) || e.to;
         const k = from + '>' + to + '>' + e.kind;
-        if (!seenEdge.has(k)) seenEdge.set(k, { from, to, kind: e.kind, title: e.title, label: e.rateOf && !groupOf.has(e.to) ? rateLabel(model.nodes.get(e.to).q) : '', rateOf: groupOf.has(e.to) ? null : e.rateOf });
+        const grouped = groupOf.has(e.from) || groupOf.has(e.to);
+        if (!seenEdge.has(k)) seenEdge.set(k, { from, to, kind: e.kind, title: e.title, label: grouped ? '' : edgeLabel(model, e) });
       });
       return { nodes, edges: Array.from(seenEdge.values()), groups };
     }
@@ -624,13 +683,18 @@
     // Live depth and rates, without laying out again.
     every(5000, async () => {
       if (currentPage !== 'topology' || !$('#topo-svg')) return;
-      let qs;
-      try { qs = await api('GET', '/queues/' + enc(vhost)); } catch (e) { return; }
+      let qs, xs;
+      try { [qs, xs] = await Promise.all([api('GET', '/queues/' + enc(vhost)), api('GET', '/exchanges/' + enc(vhost))]); } catch (e) { return; }
+      xs.forEach((x) => { const n = model.nodes.get('e:' + x.name); if (n) n.x = x; });
       qs.forEach((q) => {
         const n = model.nodes.get('q:' + q.name); if (!n) return;
         n.q = q; n.detail = num(q.messages);
         const g = $('#topo-svg .node[data-id="' + CSS.escape(n.id) + '"] .node-detail'); if (g) g.textContent = n.detail;
-        $$('#topo-svg .edge-label[data-to="' + CSS.escape(n.id) + '"]').forEach((t) => { t.textContent = rateLabel(q); });
+      });
+      const byKey = new Map(model.edges.map((m) => [m.from + '>' + m.to + '>' + m.kind, m]));
+      $$('#topo-svg .edge-label').forEach((t) => {
+        const e = byKey.get(t.dataset.from + '>' + t.dataset.to + '>' + t.dataset.kind);
+        if (e) t.textContent = edgeLabel(model, e);
       });
     });
   }
@@ -702,6 +766,8 @@
       $('#x-table').innerHTML = table([
         { label: 'Virtual host', cell: (x) => esc(x.vhost) }, { label: 'Name', cell: (x) => xlink(x.vhost, x.name) }, { label: 'Type', cell: (x) => esc(x.type) },
         { label: 'Features', cell: (x) => esc([x.durable ? 'D' : '', x.auto_delete ? 'AD' : '', x.internal ? 'I' : ''].filter(Boolean).join(' ')) },
+        { label: 'Message rate in', n: 1, cell: (x) => rate((x.message_stats || {}).publish_in_details) },
+        { label: 'Message rate out', n: 1, cell: (x) => rate((x.message_stats || {}).publish_out_details) },
       ], rows, { label: 'Exchanges', id: 'exchanges-table' });
     };
     render('');
@@ -717,9 +783,10 @@
     const [x, bindings] = await Promise.all([api('GET', base), isDefault ? Promise.resolve([]) : api('GET', base + '/bindings/source')]);
     setPage('<h1>Exchange <q>' + esc(x.name || '(AMQP default)') + '</q> <span class="muted">in virtual host ' + esc(vhost) + '</span></h1>' +
       '<dl class="kv"><dt>Type</dt><dd>' + esc(x.type) + '</dd><dt>Durable</dt><dd>' + (x.durable ? 'yes' : 'no') + '</dd><dt>Internal</dt><dd>' + (x.internal ? 'yes' : 'no') + '</dd><dt>Arguments</dt><dd><code>' + json(x.arguments || {}) + '</code></dd></dl>' +
-      (isDefault ? '' : '<p><a id="xd-trace" href="#/trace/' + enc(vhost) + '/' + enc(x.name) + '">Trace a message from this exchange</a> · <a href="#/topology/' + enc(vhost) + '/' + enc('e:' + x.name) + '">Show in the topology</a></p>' +
-        '<h2>Charts</h2><div class="toolbar">' + windowSelect('xd-window') + '</div>' + legend(EXCHANGE_RATES) +
-        '<svg id="xd-rates" class="chart" role="img" aria-label="Messages entering the queues bound to this exchange"></svg><p class="muted">warren counts nothing per exchange on the publish path: the chart shows the messages that entered the queues bound to this exchange (a queue bound to several exchanges counts under each).</p>') +
+      '<div id="xd-tiles" class="tiles"></div>' +
+      (isDefault ? '' : '<p><a id="xd-trace" href="#/trace/' + enc(vhost) + '/' + enc(x.name) + '">Trace a message from this exchange</a> · <a href="#/topology/' + enc(vhost) + '/' + enc('e:' + x.name) + '">Show in the topology</a></p>') +
+      '<h2>Charts</h2><div class="toolbar">' + windowSelect('xd-window') + '</div>' + legend(EXCHANGE_RATES) +
+      '<svg id="xd-rates" class="chart" role="img" aria-label="Messages in and out of this exchange"></svg><p class="muted">In: messages that reached this exchange (published to it, or through an exchange-to-exchange binding, as an alternate or a dead-letter exchange). Out: those that matched at least one binding or went on to the alternate exchange.</p>' +
       '<h2>Bindings from this exchange</h2>' + (isDefault ? '<p class="muted">The default exchange routes to every queue by name.</p>' : table([
         { label: 'To', cell: (b) => (b.destination_type === 'queue' ? 'queue ' + qlink(vhost, b.destination) : 'exchange ' + xlink(vhost, b.destination)) },
         { label: 'Routing key', cell: (b) => esc(b.routing_key) }, { label: 'Arguments', cell: (b) => '<code>' + json(b.arguments || {}) + '</code>' },
@@ -734,12 +801,11 @@
       const r = await api('POST', '/exchanges/' + enc(vhost) + '/' + enc(isDefault ? 'amq.default' : name) + '/publish', { routing_key: d.routing_key, payload: d.payload, payload_encoding: 'string', properties: props });
       if (r.routed) info('Message published and routed.'); else flash('Message published but not routed to any queue.');
     });
-    if (!isDefault) {
-      const refresh = async () => { try { const x = await api('GET', base + rangeQuery(['msg_rates'])); if ($('#xd-rates')) drawExchangeCharts(x); } catch (e) { fail(e); } };
-      onWindowChange('xd-window', refresh);
-      refresh();
-      every(5000, refresh);
-    }
+    exchangeTiles(x);
+    const refresh = async () => { try { const x = await api('GET', base + rangeQuery(['msg_rates'])); if ($('#xd-rates')) { exchangeTiles(x); drawExchangeCharts(x); } } catch (e) { fail(e); } };
+    onWindowChange('xd-window', refresh);
+    refresh();
+    every(5000, refresh);
     onClick('#xd-delete', async () => {
       if (!confirm('Delete exchange "' + name + '"?')) return;
       await api('DELETE', base); location.hash = '#/exchanges'; info('Exchange deleted.');

@@ -64,7 +64,7 @@
   const short = (s, n) => (s.length > n ? s.slice(0, n - 1) + '…' : s);
   const EDGE_COLORS = { binding: '#6b7785', e2e: '#7b3fb0', alternate: '#c46a00', 'dead-letter': '#b00020' };
   // The SVG of a laid-out graph. nodes: {id, kind, label, name, detail}; edges:
-  // {from, to, kind, label}. `marks` (optional): {nodes: Set, edges: Set of "from>to>kind"}
+  // {from, to, kind, label} (a label, even empty, gets a text element to update). `marks` (optional): {nodes: Set, edges: Set of "from>to>kind"}
   // to highlight (a traced path).
   function graphSvg(nodes, edges, lay, marks) {
     const markN = (marks && marks.nodes) || new Set(), markE = (marks && marks.edges) || new Set();
@@ -89,9 +89,10 @@
       const on = markE.has(key);
       s += '<path class="edge edge-' + e.kind + (on ? ' on-path' : '') + '" data-kind="' + e.kind + '" data-from="' + esc(e.from) + '" data-to="' + esc(e.to) + '" d="' + d + '" stroke="' + EDGE_COLORS[e.kind] + '" marker-end="url(#arr-' + e.kind + ')"' +
         (e.kind === 'alternate' || e.kind === 'dead-letter' ? ' stroke-dasharray="6 4"' : '') + ' fill="none"><title>' + esc(e.title || e.kind) + '</title></path>';
-      if (e.label && !many) {
-        const lx = b.x > a.x ? b.x - 8 : (a.x + b.x) / 2 + NODE_W / 2, ly = b.x > a.x ? y2 - 4 : Math.max(y1, y2) + 30;
-        s += '<text class="edge-label" data-from="' + esc(e.from) + '" data-to="' + esc(e.to) + '" x="' + lx + '" y="' + ly + '" text-anchor="end">' + esc(e.label) + '</text>';
+      if (e.label != null && !many) {
+        // At the middle of the curve, so labels of edges meeting at one node stay apart.
+        const lx = b.x > a.x ? (a.x + NODE_W + b.x) / 2 : (a.x + b.x) / 2 + NODE_W / 2, ly = b.x > a.x ? (y1 + y2) / 2 - 3 : Math.max(y1, y2) + 30;
+        s += '<text class="edge-label" data-kind="' + e.kind + '" data-from="' + esc(e.from) + '" data-to="' + esc(e.to) + '" x="' + lx + '" y="' + ly + '" text-anchor="middle">' + esc(e.label) + '</text>';
       }
     }
     s += '</g><g class="nodes">';

@@ -1,7 +1,8 @@
 //! Exchange routing: the contract every exchange type implements, and what they share.
 //!
 //! Owns [`Destination`], [`ExchangeKind`], [`Binding`], the [`Router`] trait,
-//! [`new_router`] and [`validate_binding`]. Each exchange type lives in its own
+//! [`new_router`], [`validate_binding`] and [`ExchangeStats`] (an exchange's
+//! message counters). Each exchange type lives in its own
 //! file behind [`Router`]: `direct`, `fanout`, `topic`, `headers`.
 //!
 //! Shared here: `BindingIndex`, which holds every binding of one exchange grouped
@@ -28,7 +29,60 @@ pub use topic::TopicRouter;
 
 use crate::wire::types::FieldTable;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// An exchange's message counters, RabbitMQ's `publish_in` / `publish_out`
+/// (and warren's `alternate_out`), as running totals. The publish path counts
+/// with relaxed atomics only: no lock, no allocation. Counted when the exchange
+/// routes a message (a delayed exchange: when the delay ends), whether the
+/// message was published to it or reached it through an exchange-to-exchange
+/// binding, as an alternate exchange or as a dead-letter exchange.
+#[derive(Debug, Default)]
+pub struct ExchangeStats {
+    publish_in: AtomicU64,
+    publish_out: AtomicU64,
+    alternate_out: AtomicU64,
+}
+
+/// A read of [`ExchangeStats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExchangeTotals {
+    /// Messages that reached the exchange.
+    pub publish_in: u64,
+    /// Messages that left it: through at least one binding, or to its
+    /// alternate exchange.
+    pub publish_out: u64,
+    /// Messages that matched no binding and went on to its alternate exchange
+    /// (part of `publish_out`).
+    pub alternate_out: u64,
+}
+
+impl ExchangeStats {
+    /// A message reached the exchange; `out`: it matched at least one binding.
+    #[inline]
+    pub fn routed(&self, out: bool) {
+        self.publish_in.fetch_add(1, Ordering::Relaxed);
+        if out {
+            self.publish_out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A message that matched no binding went on to the alternate exchange.
+    #[inline]
+    pub fn alternated(&self) {
+        self.publish_out.fetch_add(1, Ordering::Relaxed);
+        self.alternate_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn totals(&self) -> ExchangeTotals {
+        ExchangeTotals {
+            publish_in: self.publish_in.load(Ordering::Relaxed),
+            publish_out: self.publish_out.load(Ordering::Relaxed),
+            alternate_out: self.alternate_out.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// Where a binding leads.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

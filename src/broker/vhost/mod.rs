@@ -40,6 +40,9 @@ pub struct VHost {
     pub name: Arc<str>,
     this: Weak<VHost>,
     exchanges: RwLock<HashMap<String, Arc<Exchange>>>,
+    /// The default exchange (also in `exchanges` as ""): the publish path counts
+    /// its messages without the map's lock.
+    default_exchange: Arc<Exchange>,
     queues: RwLock<HashMap<String, Arc<Queue>>>,
     /// Messages held by delayed exchanges until they are due.
     delayed: delayed::DelayedMessages,
@@ -76,7 +79,17 @@ impl VHost {
             .as_ref()
             .map(|s| s.queue(&VHost::delayed_store_key(name), true));
         let operator_policies = crate::broker::policy::Policies::operator(store.clone());
+        let default_exchange = Exchange::new(
+            "",
+            ExchangeKind::Direct,
+            false,
+            true,
+            false,
+            false,
+            FieldTable::new(),
+        );
         let vhost = Arc::new_cyclic(|this| VHost {
+            default_exchange: Arc::clone(&default_exchange),
             delayed_key,
             store,
             streams: std::sync::OnceLock::new(),
@@ -93,8 +106,8 @@ impl VHost {
         });
         {
             let mut ex = vhost.exchanges.write();
+            ex.insert(String::new(), default_exchange);
             for (n, k) in [
-                ("", ExchangeKind::Direct),
                 ("amq.direct", ExchangeKind::Direct),
                 ("amq.fanout", ExchangeKind::Fanout),
                 ("amq.topic", ExchangeKind::Topic),

@@ -6,7 +6,9 @@
 //! Routing follows exchange-to-exchange bindings and alternate exchanges (the
 //! `alternate-exchange` argument, or a policy's), visiting each exchange and
 //! queue once so cycles end. A delayed exchange takes a message with a positive
-//! `x-delay` to hold instead of routing it (see [`super::delayed`]).
+//! `x-delay` to hold instead of routing it (see [`super::delayed`]). Each
+//! exchange that routes a message counts it in and, if it went anywhere, out
+//! ([`crate::broker::exchange::ExchangeStats`], relaxed atomics).
 
 use super::{Exchange, VHost};
 use crate::broker::exchange::{Destination, Router};
@@ -122,6 +124,7 @@ impl VHost {
         let key = message.routing_key.as_str();
         if exchange.is_empty() {
             route_default(&self.queues.read(), key, cc, out);
+            self.default_exchange.stats.routed(!out.is_empty());
             return Ok(None);
         }
         let exchanges = self.exchanges.read();
@@ -148,7 +151,7 @@ impl VHost {
         }
         let headers = message.properties.headers.as_ref();
         let queues = self.queues.read();
-        self.traverse(&exchanges, &queues, ex, key, cc, headers, out, &mut Quiet);
+        self.traverse(&exchanges, &queues, ex, key, cc, headers, out, &mut Count);
         Ok(None)
     }
 
@@ -167,7 +170,7 @@ impl VHost {
     /// each of `cc`, following exchange-to-exchange bindings and alternate
     /// exchanges, visiting each exchange and queue once so cycles end; the
     /// queues reached are pushed into `out`. `watch` hears every step (a trace);
-    /// publishing passes [`Quiet`].
+    /// publishing passes [`Count`].
     #[allow(clippy::too_many_arguments)]
     pub(super) fn traverse<W: Watch>(
         &self,
@@ -209,6 +212,7 @@ impl VHost {
                     }
                     watch.exchange(next, &**router, key, cc, headers);
                     drop(router);
+                    watch.routed(next, !dests.is_empty());
                     if dests.is_empty() {
                         let ae = next
                             .alternate_exchange()
@@ -243,7 +247,7 @@ pub(super) fn route_default(
 }
 
 /// What routing tells as it goes, for a trace to explain a route. Publishing
-/// passes [`Quiet`], whose hooks are empty and compile away.
+/// passes [`Count`], which only counts each exchange's messages.
 pub(super) trait Watch {
     /// `exchange` was reached, routing table `router` (read-locked), routed
     /// with `key` and each of `cc`.
@@ -256,13 +260,112 @@ pub(super) trait Watch {
         _headers: Option<&FieldTable>,
     ) {
     }
+    /// `exchange` routed the message; `out`: to at least one destination.
+    fn routed(&mut self, _exchange: &Exchange, _out: bool) {}
     /// Nothing matched at `from`: the message goes on to `to`, its alternate exchange.
     fn alternate(&mut self, _from: &Exchange, _to: &str) {}
     /// An exchange a binding or an alternate exchange names does not exist.
     fn missing_exchange(&mut self, _name: &str) {}
 }
 
-/// Hears nothing: the publish path's [`Watch`].
-pub(super) struct Quiet;
+/// The publish path's [`Watch`]: counts each exchange's messages in and out
+/// ([`crate::broker::exchange::ExchangeStats`], relaxed atomics); a trace does not.
+pub(super) struct Count;
 
-impl Watch for Quiet {}
+impl Watch for Count {
+    #[inline]
+    fn routed(&mut self, exchange: &Exchange, out: bool) {
+        exchange.stats.routed(out);
+    }
+
+    #[inline]
+    fn alternate(&mut self, from: &Exchange, _to: &str) {
+        from.stats.alternated();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::exchange::ExchangeTotals;
+    use crate::broker::message::MemoryBudget;
+    use crate::broker::vhost::{ExchangeDeclare, QueueDeclare};
+    use crate::config::VHostLimits;
+    use crate::wire::{BasicProperties, FieldValue};
+    use bytes::Bytes;
+
+    fn vhost() -> Arc<VHost> {
+        let v = VHost::new("/", None, MemoryBudget::new(0), VHostLimits::default());
+        for (name, kind, ae) in [
+            ("ae", "fanout", None),
+            ("in", "direct", Some("ae")),
+            ("mid", "fanout", None),
+            ("none", "direct", None),
+        ] {
+            let arguments = FieldTable(
+                ae.map(|a| ("alternate-exchange".to_string(), FieldValue::string(a)))
+                    .into_iter()
+                    .collect(),
+            );
+            v.declare_exchange(&ExchangeDeclare {
+                name: name.into(),
+                kind: kind.into(),
+                arguments,
+                ..Default::default()
+            })
+            .expect("exchange");
+        }
+        for q in ["q", "lost"] {
+            v.declare_queue(
+                &QueueDeclare {
+                    name: q.into(),
+                    ..Default::default()
+                },
+                0,
+                0,
+            )
+            .expect("queue");
+        }
+        let none = FieldTable::new();
+        v.bind("in", Destination::Exchange("mid".into()), "k", &none, 0)
+            .expect("bind");
+        v.bind("mid", Destination::Queue("q".into()), "", &none, 0)
+            .expect("bind");
+        v.bind("ae", Destination::Queue("lost".into()), "", &none, 0)
+            .expect("bind");
+        v
+    }
+
+    fn send(v: &VHost, ex: &str, key: &str) {
+        let m = Message::new(ex, key, BasicProperties::default(), Bytes::new());
+        v.publish(ex, &m, PublishFrom::Client, 0).expect("publish");
+    }
+
+    fn totals(v: &VHost, ex: &str) -> (u64, u64, u64) {
+        let ExchangeTotals {
+            publish_in,
+            publish_out,
+            alternate_out,
+        } = v.exchange(ex).expect("exchange").stats.totals();
+        (publish_in, publish_out, alternate_out)
+    }
+
+    #[test]
+    fn exchanges_count_in_and_out_along_the_route_and_a_trace_counts_nothing() {
+        let v = vhost();
+        for _ in 0..3 {
+            send(&v, "in", "k"); // in -> mid -> q
+        }
+        send(&v, "in", "other"); // in -> ae -> lost
+        send(&v, "none", "x"); // nowhere
+        send(&v, "", "q");
+        send(&v, "", "no-such-queue");
+        let m = Message::new("in", "k", BasicProperties::default(), Bytes::new());
+        v.trace("in", &m, &[], 0).expect("trace");
+        assert_eq!(totals(&v, "in"), (4, 4, 1));
+        assert_eq!(totals(&v, "mid"), (3, 3, 0));
+        assert_eq!(totals(&v, "ae"), (1, 1, 0));
+        assert_eq!(totals(&v, "none"), (1, 0, 0));
+        assert_eq!(totals(&v, ""), (2, 1, 0));
+    }
+}

@@ -10,7 +10,7 @@
 //! INTERNAL_ERROR. Recovery re-applies stored records without limits or writes.
 
 use super::VHost;
-use crate::broker::exchange::{self, Binding, Destination, ExchangeKind, Router};
+use crate::broker::exchange::{self, Binding, Destination, ExchangeKind, ExchangeStats, Router};
 use crate::broker::persist;
 use crate::broker::policy::Policy;
 use crate::broker::queue::{Queue, QueueArgs, QueueSpec, QueueStats, QueueType};
@@ -34,6 +34,8 @@ pub struct Exchange {
     pub internal: bool,
     pub arguments: FieldTable,
     pub(super) router: RwLock<Box<dyn Router>>,
+    /// Messages in and out (counted by the publish path).
+    pub stats: ExchangeStats,
 }
 
 impl Exchange {
@@ -55,6 +57,7 @@ impl Exchange {
             internal,
             arguments,
             router: RwLock::new(exchange::new_router(kind)),
+            stats: ExchangeStats::default(),
         })
     }
 

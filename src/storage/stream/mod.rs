@@ -591,6 +591,20 @@ impl StreamLog {
         self.inner.state.lock().offsets.get(reference).copied()
     }
 
+    /// Every stored consumer offset, (reference, offset), by reference.
+    pub fn stored_offsets(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .inner
+            .state
+            .lock()
+            .offsets
+            .iter()
+            .map(|(k, o)| (k.clone(), *o))
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn stats(&self) -> StreamStats {
         let committed = *self.inner.committed.borrow();
         let s = self.inner.state.lock();
