@@ -753,9 +753,12 @@ mod env_tests {
     fn one_seed_is_a_list_of_one_and_other_strings_stay_strings() {
         let c = env(&[
             ("WARREN_CLUSTER__SEEDS", "warren@node1"),
+            ("WARREN_CLUSTER__COOKIE", "12345"),
             ("WARREN_DEFAULT_USER", "a,b"),
         ]);
-        assert_eq!(c.cluster.expect("cluster").seeds, ["warren@node1"]);
+        let cc = c.cluster.expect("cluster");
+        assert_eq!(cc.seeds, ["warren@node1"]);
+        assert_eq!(cc.cookie.as_deref(), Some("12345"));
         assert_eq!(c.default_user, "a,b");
     }
 
