@@ -490,6 +490,9 @@ impl Default for Config {
     }
 }
 
+/// The keys whose `WARREN_*` environment variable is a comma-separated list.
+const ENV_LISTS: &[&str] = &["cluster.seeds"];
+
 /// A configuration that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
@@ -498,16 +501,31 @@ pub struct ConfigError(#[from] config::ConfigError);
 impl Config {
     /// Defaults, then `path` (TOML) if given, then `WARREN_<KEY>` environment variables.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        Config::load_with_env(path, None)
+    }
+
+    /// [`Config::load`] with the environment given (`None`: the process's).
+    /// `WARREN_A__B` sets key `b` of table `[a]`; the list keys in
+    /// [`ENV_LISTS`] take comma-separated values
+    /// (`WARREN_CLUSTER__SEEDS=warren@a:25672,warren@b:25672`).
+    fn load_with_env(
+        path: Option<&Path>,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Config, ConfigError> {
         let mut builder = config::Config::builder();
         if let Some(path) = path {
             builder = builder.add_source(config::File::from(path).required(true));
         }
-        builder = builder.add_source(
-            config::Environment::with_prefix("WARREN")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true),
-        );
+        let mut environment = config::Environment::with_prefix("WARREN")
+            .prefix_separator("_")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(env);
+        for key in ENV_LISTS {
+            environment = environment.with_list_parse_key(key);
+        }
+        builder = builder.add_source(environment);
         Ok(builder.build()?.try_deserialize()?)
     }
 
@@ -692,5 +710,60 @@ id1 = "/etc/warren/id1.pem"
         assert_eq!(c.vhost_limits().max_queues, Some(5));
         assert_eq!(c.vhost_limits().max_exchanges, None);
         assert_eq!(l.consumer_timeout_ms, None, "0 disables the timeout");
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(vars: &[(&str, &str)]) -> Config {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::load_with_env(None, Some(map)).expect("loads")
+    }
+
+    #[test]
+    fn cluster_settings_and_a_seed_list_come_from_the_environment() {
+        let c = env(&[
+            ("WARREN_CLUSTER__NODE_NAME", "warren@node2"),
+            ("WARREN_CLUSTER__LISTEN", "0.0.0.0:25672"),
+            ("WARREN_CLUSTER__COOKIE", "s3cret"),
+            (
+                "WARREN_CLUSTER__SEEDS",
+                "warren@node1:25672,warren@node3:25672",
+            ),
+            ("WARREN_CLUSTER__HEARTBEAT_MS", "50"),
+            ("WARREN_AMQP_PORT", "5673"),
+        ]);
+        let cc = c.cluster.expect("[cluster] from the environment");
+        assert_eq!(cc.node_name.as_deref(), Some("warren@node2"));
+        assert_eq!(cc.listen.as_deref(), Some("0.0.0.0:25672"));
+        assert_eq!(cc.cookie.as_deref(), Some("s3cret"));
+        assert_eq!(cc.seeds, ["warren@node1:25672", "warren@node3:25672"]);
+        assert_eq!(cc.heartbeat_ms, 50);
+        assert_eq!(cc.commit_timeout_ms, 5000);
+        assert_eq!(c.amqp_port, 5673);
+    }
+
+    #[test]
+    fn one_seed_is_a_list_of_one_and_other_strings_stay_strings() {
+        let c = env(&[
+            ("WARREN_CLUSTER__SEEDS", "warren@node1"),
+            ("WARREN_CLUSTER__COOKIE", "12345"),
+            ("WARREN_DEFAULT_USER", "a,b"),
+        ]);
+        let cc = c.cluster.expect("cluster");
+        assert_eq!(cc.seeds, ["warren@node1"]);
+        assert_eq!(cc.cookie.as_deref(), Some("12345"));
+        assert_eq!(c.default_user, "a,b");
+    }
+
+    #[test]
+    fn no_cluster_variables_no_cluster() {
+        assert!(env(&[("WARREN_AMQP_PORT", "5673")]).cluster.is_none());
     }
 }

@@ -329,6 +329,22 @@ async fn three_nodes_replicate_metadata_catch_up_and_refuse_without_quorum() {
         Some(Value::String(b.name())),
         "queue record: {status}"
     );
+    // Every node's queue JSON names that home node (RabbitMQ's `node`), and
+    // lists the members without figures it does not have for the others.
+    for node in [&a, &b, &c] {
+        let (_, queue) = node.get(&format!("/api/queues/%2F/{q}"));
+        assert_eq!(queue["node"], Value::String(b.name()), "on {}", node.name());
+        let (_, nodes) = node.get("/api/nodes");
+        for n in nodes.as_array().expect("nodes") {
+            let here = n["name"] == Value::String(node.name());
+            assert_eq!(
+                n.get("mem_used").is_some(),
+                here,
+                "{n} seen from {}",
+                node.name()
+            );
+        }
+    }
 
     // Vhosts, users, permissions and policies made through B's admin API too.
     assert_eq!(b.put("/api/vhosts/cv", serde_json::json!({})), 201);

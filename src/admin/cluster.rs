@@ -1,7 +1,8 @@
 //! `/api/cluster` (warren's own; the CLI's `cluster status`, `cluster join`,
 //! `cluster forget-node`) and the clustered form of `/api/nodes`: every member
 //! of the metadata group, whether this node sees it running, and which one
-//! leads the metadata group. Answers 400 on a node without `[cluster]`.
+//! leads the metadata group; and [`Homes`], the node each queue lives on for
+//! the queue JSON's `node`. Answers 400 on a node without `[cluster]`.
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::cluster::{Cluster, Command};
@@ -32,6 +33,39 @@ pub async fn replicate(s: &AdminState, cmd: impl FnOnce() -> Option<Command>) ->
         error: "timeout",
         reason,
     })
+}
+
+/// This node's name as the API shows it: its cluster name when clustered,
+/// else `warren@` and the host name.
+pub fn this_node(s: &AdminState) -> String {
+    s.cluster
+        .as_ref()
+        .map_or_else(super::node_name, |c| c.me.name.clone())
+}
+
+/// The node each queue lives on (RabbitMQ's `node` of a queue): the home
+/// node of its replicated record when clustered, else this node (a queue
+/// that is not replicated, or no cluster). Taken once per request.
+pub struct Homes {
+    here: String,
+    metadata: Option<crate::cluster::command::Metadata>,
+}
+
+impl Homes {
+    pub fn of(s: &AdminState) -> Homes {
+        Homes {
+            here: this_node(s),
+            metadata: s.cluster.as_ref().map(|c| c.metadata()),
+        }
+    }
+
+    /// The home node of `name` in `vhost`.
+    pub fn node(&self, vhost: &str, name: &str) -> &str {
+        self.metadata
+            .as_ref()
+            .and_then(|m| m.queue_node(vhost, name))
+            .unwrap_or(&self.here)
+    }
 }
 
 /// `/api/nodes` when clustered: this node's full record plus one per member.

@@ -1,8 +1,9 @@
 //! `/api/overview`, `/api/nodes`, `/api/whoami`, `/api/health/checks/alarms` and
 //! `/api/aliveness-test/{vhost}`.
 
+use super::cluster::this_node;
 use super::metrics::{message_stats, resident_memory, Totals};
-use super::{node_name, AdminState, ApiError, ApiResult, Caller};
+use super::{AdminState, ApiError, ApiResult, Caller};
 use crate::broker::message::Message;
 use crate::broker::vhost::{PublishFrom, QueueDeclare};
 use crate::clock::now_ms;
@@ -47,8 +48,8 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "product_name": "warren",
         "product_version": VERSION,
         "rates_mode": "basic",
-        "cluster_name": node_name(),
-        "node": node_name(),
+        "cluster_name": this_node(&s),
+        "node": this_node(&s),
         "message_stats": message_stats(&Totals::of(&b.counters), &s.rates.global()),
         "queue_totals": {
             "messages": ready + unacked,
@@ -67,7 +68,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
 
 fn node_json(s: &AdminState) -> Value {
     json!({
-        "name": node_name(),
+        "name": this_node(s),
         "type": "disc",
         "running": true,
         "mem_used": resident_memory().unwrap_or(0),
@@ -94,7 +95,7 @@ pub async fn node(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_monitor()?;
-    if name != node_name() {
+    if name != this_node(&s) {
         return Err(ApiError::not_found());
     }
     Ok(Json(node_json(&s)))
@@ -136,7 +137,7 @@ pub async fn alarms(State(s): State<AdminState>, _caller: Caller) -> axum::respo
             Json(json!({
                 "status": "failed",
                 "reason": "There are alarms in effect in the cluster",
-                "alarms": [{"node": node_name(), "resource": "memory"}],
+                "alarms": [{"node": this_node(&s), "resource": "memory"}],
             })),
         )
             .into_response()

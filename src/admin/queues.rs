@@ -1,6 +1,7 @@
 //! `/api/queues[/{vhost}[/{name}]]` (list, show, declare, delete),
 //! `/api/queues/{vhost}/{name}/contents` (purge) and `/get` (fetch messages).
 
+use super::cluster::Homes;
 use super::metrics::{queue_stats, Totals};
 use super::{
     flag, json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller,
@@ -17,9 +18,12 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
+/// A queue as the API shows it; `homes` (taken once per request) gives its
+/// `node`.
+pub fn queue_json(s: &AdminState, homes: &Homes, q: &Queue) -> Value {
     let st = q.stats(crate::clock::now_ms());
     let vhost = &*q.spec.vhost;
+    let node = homes.node(vhost, q.name());
     let (policy, operator) = s
         .broker
         .vhost(vhost)
@@ -35,7 +39,7 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
         "exclusive": q.spec.exclusive_owner.is_some(),
         "arguments": table_to_json(&q.spec.arguments),
         "type": kind.as_str(),
-        "node": super::node_name(),
+        "node": node,
         "state": "running",
         "messages": st.ready + st.unacked,
         "messages_ready": st.ready,
@@ -54,9 +58,9 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
         "message_stats": queue_stats(&Totals::of(&q.counters), &s.rates.queue(vhost, q.name())),
     });
     if kind == QueueType::Quorum {
-        // RabbitMQ's quorum-queue fields; warren has no clustering, so the one
-        // replica on this node is member, leader and online.
-        let node = super::node_name();
+        // RabbitMQ's quorum-queue fields; quorum queues are not replicated
+        // yet, so the one replica on the queue's node is member, leader and
+        // online.
         let args = q.args();
         if let Value::Object(m) = &mut v {
             m.insert("members".into(), json!([node]));
@@ -70,9 +74,8 @@ pub fn queue_json(s: &AdminState, q: &Queue) -> Value {
         }
     }
     if let (Some(log), Value::Object(m)) = (q.stream(), &mut v) {
-        // RabbitMQ's stream fields (one replica on this node), with the log's
-        // offsets and segments.
-        let node = super::node_name();
+        // RabbitMQ's stream fields (one replica on the queue's node), with
+        // the log's offsets and segments.
         let st = log.stats();
         m.insert("members".into(), json!([node]));
         m.insert("leader".into(), json!(node));
@@ -180,8 +183,9 @@ fn listing(
     if by_name && reverse {
         queues.reverse();
     }
+    let homes = Homes::of(s);
     let render =
-        |qs: &[Arc<Queue>]| -> Vec<Value> { qs.iter().map(|q| queue_json(s, q)).collect() };
+        |qs: &[Arc<Queue>]| -> Vec<Value> { qs.iter().map(|q| queue_json(s, &homes, q)).collect() };
     let mut items = if by_name && params.contains_key("page") {
         Vec::new()
     } else {
@@ -259,7 +263,7 @@ pub async fn show(
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
-    Ok(Json(queue_json(&s, &q)))
+    Ok(Json(queue_json(&s, &Homes::of(&s), &q)))
 }
 
 /// Declare a queue from an API / definitions body.

@@ -67,10 +67,17 @@ async function waitFor(what, fn, timeout = 10_000) {
 let browser, conn, traffic, passed = 0, failed = 0;
 const cleanupDirs = [];
 const failures = [];
+const extraBrokers = []; // brokers a test started (the clustered one)
+async function stopBroker(b) {
+  b.kill('SIGTERM');
+  await Promise.race([new Promise((r) => b.once('exit', r)), sleep(3000)]);
+  if (b.exitCode === null && b.signalCode === null) b.kill('SIGKILL');
+}
 async function cleanup() {
   clearInterval(traffic);
   try { if (conn) await conn.close(); } catch { /* already closed */ }
   try { if (browser) await browser.close(); } catch { /* gone */ }
+  for (const b of extraBrokers) await stopBroker(b);
   broker.kill('SIGTERM');
   await Promise.race([new Promise((r) => broker.once('exit', r)), sleep(3000)]);
   if (broker.exitCode === null) broker.kill('SIGKILL');
@@ -161,6 +168,23 @@ try {
     await expectText(page.locator('#ov-tiles'), /Alarms\s*$|none\s*Alarms/);
     await waitFor('the memory tile', async () => /[KMG]iB/.test(await page.locator('#ov-tiles').innerText()));
     if (!(await page.locator('#ov-chart line').count())) throw new Error('no chart axes drawn');
+  });
+
+  // Reads a table into one object per row, keyed by the column headers.
+  const readTable = (sel, p = page) => p.$$eval(sel + ' tbody tr', (trs) => {
+    const heads = Array.from(trs[0].closest('table').querySelectorAll('thead th')).map((th) => th.innerText.replace(/[▲▼]/g, '').trim());
+    return trs.map((tr) => Object.fromEntries(Array.from(tr.cells).map((td, i) => [heads[i], td.innerText.trim()])));
+  });
+
+  await test('the overview lists the one node with its health (no cluster columns)', async () => {
+    const nodes = await api('GET', '/nodes');
+    await waitFor('the nodes table', async () => (await page.locator('#nodes-table tbody tr').count()) === 1);
+    await waitFor('the disk figure', async () => /iB/.test((await readTable('#nodes-table'))[0]['Disk free']));
+    const [row] = await readTable('#nodes-table');
+    if (!row.Name.startsWith(nodes[0].name) || !/this node/.test(row.Name)) throw new Error('name: ' + JSON.stringify(row));
+    if (row.Running !== 'yes') throw new Error('running: ' + JSON.stringify(row));
+    if (!/iB/.test(row['Memory used']) || !/^\d+$/.test(row['File descriptors'].replace(/,/g, '')) || !/ s$/.test(row.Uptime)) throw new Error('figures: ' + JSON.stringify(row));
+    if ('Metadata leader' in row || 'Cluster address' in row) throw new Error('cluster columns on a single node: ' + JSON.stringify(row));
   });
 
   await test('a queue published to over AMQP appears in the queues table', async () => {
@@ -695,6 +719,62 @@ try {
     await page.click('#q-next');
     await expectText(page.locator('#q-pager'), /Page 2 \/ 101/);
     await shot('queues-10k');
+  });
+
+  await test('a cluster of one: the nodes table shows the node running and leading; queues show their node', async () => {
+    // A [cluster] with no seeds forms a cluster of one; every setting by env.
+    const [cAmqp, cAdmin, cPeer] = [await freePort(), await freePort(), await freePort()];
+    const cDir = fs.mkdtempSync(path.join(os.tmpdir(), 'warren-ui-cluster-'));
+    cleanupDirs.push(cDir);
+    const cLog = [];
+    const cb = spawn(binary, [], {
+      env: { ...process.env, WARREN_AMQP_PORT: String(cAmqp), WARREN_ADMIN_PORT: String(cAdmin), WARREN_DATA_DIR: cDir, WARREN_BIND: '127.0.0.1', RUST_LOG: 'warn',
+        WARREN_CLUSTER__NODE_NAME: 'warren@127.0.0.1', WARREN_CLUSTER__LISTEN: '127.0.0.1:' + cPeer, WARREN_CLUSTER__COOKIE: 'ui-suite', WARREN_CLUSTER__HEARTBEAT_MS: '50' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    extraBrokers.push(cb);
+    cb.stdout.on('data', (d) => cLog.push(String(d)));
+    cb.stderr.on('data', (d) => cLog.push(String(d)));
+    const cBase = `http://127.0.0.1:${cAdmin}`;
+    try {
+      const nodes = await waitFor('a leader in the cluster of one', async () => {
+        const r = await fetch(cBase + '/api/nodes', { headers: { Authorization: guest } });
+        const j = r.ok ? await r.json() : [];
+        return j.length === 1 && j[0].metadata_leader ? j : null;
+      }, 15_000);
+      const me = nodes[0];
+      if (me.name !== 'warren@127.0.0.1' || me.cluster_addr !== '127.0.0.1:' + cPeer || !me.running || !me.voter) throw new Error('/api/nodes: ' + JSON.stringify(nodes));
+      // A queue declared over AMQP is replicated with this node as its home.
+      const c2 = await amqp.connect(`amqp://guest:guest@127.0.0.1:${cAmqp}`);
+      try { const ch = await c2.createChannel(); await ch.assertQueue('ui-homed', { durable: true }); } finally { await c2.close(); }
+      const cp = await browser.newPage();
+      const errors = [];
+      cp.on('pageerror', (e) => errors.push(e.message));
+      try {
+        await cp.goto(cBase + '/');
+        await cp.fill('#login-form [name=username]', 'guest');
+        await cp.fill('#login-form [name=password]', 'guest');
+        await cp.click('#login-form button');
+        await cp.waitForSelector('#nodes-table tbody tr');
+        await waitFor('this node\'s figures in its row', async () => /iB/.test((await readTable('#nodes-table', cp))[0]['Disk free']));
+        const rows = await readTable('#nodes-table', cp);
+        const r = rows[0];
+        if (rows.length !== 1 || !r.Name.startsWith('warren@127.0.0.1') || r.Running !== 'yes' || r['Metadata leader'] !== 'leader' || r.Voter !== 'voter' || r['Cluster address'] !== '127.0.0.1:' + cPeer) throw new Error('nodes table: ' + JSON.stringify(rows));
+        if (!/iB/.test(r['Memory used']) || !/^\d+$/.test(r['File descriptors'].replace(/,/g, ''))) throw new Error('figures: ' + JSON.stringify(r));
+        await cp.screenshot({ path: path.join(outDir, 'cluster-nodes.png'), fullPage: true });
+        await cp.goto(cBase + '/#/queues');
+        await cp.waitForSelector('#queues-table tbody tr');
+        const qrow = (await readTable('#queues-table', cp)).find((q) => q.Name === 'ui-homed');
+        if (!qrow || qrow.Node !== 'warren@127.0.0.1') throw new Error('queues table: ' + JSON.stringify(await readTable('#queues-table', cp)));
+        await cp.goto(cBase + '/#/queues/%2F/ui-homed');
+        await waitFor('the queue\'s node', async () => (await cp.locator('#qd-node').innerText()) === 'warren@127.0.0.1');
+        if (errors.length) throw new Error('page errors: ' + errors.join('; '));
+      } finally { await cp.close(); }
+    } catch (e) {
+      throw new Error(e.message + '\nclustered broker log:\n' + cLog.join('').split('\n').slice(-20).join('\n'));
+    } finally {
+      await stopBroker(cb);
+    }
   });
 
   await test('the page made no foreign requests and threw no errors', async () => {

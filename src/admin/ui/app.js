@@ -52,6 +52,14 @@
   }
   const isAdmin = () => me && me.tags.includes('administrator');
   const isMonitor = () => me && (isAdmin() || me.tags.includes('monitoring'));
+  // /api/nodes as last fetched (monitoring users only); clustered when its
+  // records carry the cluster's fields.
+  let nodesList = null;
+  const isClustered = () => !!(nodesList && nodesList.some((n) => n.cluster_addr != null));
+  async function ensureNodes() {
+    if (nodesList || !isMonitor()) return;
+    try { nodesList = await api('GET', '/nodes'); } catch (e) { /* pages work without it */ }
+  }
 
   // ---- flash messages ------------------------------------------------------
   function flash(msg, kind) {
@@ -67,7 +75,7 @@
   function showLogin() {
     stopTimers();
     if (overviewTimer) { clearInterval(overviewTimer); overviewTimer = null; }
-    me = null;
+    me = null; nodesList = null;
     $('#login').hidden = false; $('#page').innerHTML = ''; $('#nav').hidden = true; $('#logout').hidden = true; $('#who').textContent = '';
     const u = $('#login-form [name=username]'); if (u) u.focus();
   }
@@ -213,6 +221,7 @@
     setPage('<h1>Overview</h1><div id="ov-tiles" class="tiles" aria-live="polite"></div>' +
       '<h2>Message rates</h2><div class="toolbar">' + windowSelect('ov-window') + '</div><div class="legend"><span><i style="background:#0b5cad"></i>Published</span><span><i style="background:#1b7a34"></i>Delivered / got</span><span><i style="background:#c46a00"></i>Acknowledged</span></div>' +
       '<svg id="ov-chart" class="chart" role="img" aria-label="Message rates over the last minutes"></svg>' +
+      '<h2>Nodes</h2><div id="ov-nodes" class="muted">Loading…</div>' +
       '<h2>Node</h2><div id="ov-node" class="muted">Loading…</div>' +
       '<div id="ov-node-charts"' + (isMonitor() ? '' : ' hidden') + '><h2>Node over time</h2>' +
       '<div class="chart-grid"><figure><figcaption>Memory used</figcaption><svg id="ov-mem" class="chart small" role="img" aria-label="Memory used"></svg></figure>' +
@@ -223,12 +232,19 @@
     await refreshNode();
     every(5000, refreshNode);
   }
-  let nodeInfo = null, alarmInfo = null, nodeError = null;
+  let nodeInfo = null, alarmInfo = null, nodeError = null, hereName = null;
   async function refreshNode() {
     nodeError = null;
     try {
-      nodeInfo = isMonitor() ? (await api('GET', '/nodes'))[0] : null;
-      if (nodeInfo) nodeInfo = await api('GET', '/nodes/' + enc(nodeInfo.name) + rangeQuery(['node_stats']));
+      if (isMonitor()) {
+        // Every member (one without [cluster]); this node's figures come from
+        // its own record, the only one the API has figures for.
+        const [list, o] = await Promise.all([api('GET', '/nodes'), lastOverview || api('GET', '/overview')]);
+        nodesList = list; hereName = o.node;
+        const here = list.find((n) => n.name === hereName);
+        if (here) nodeInfo = await api('GET', '/nodes/' + enc(here.name) + rangeQuery(['node_stats']));
+        else { nodeInfo = null; nodeError = 'this node (' + hereName + ') is not a member of the cluster yet'; }
+      } else nodeInfo = null;
     } catch (e) { nodeError = e.message; }
     try { alarmInfo = await api('GET', '/health/checks/alarms'); } catch (e) { alarmInfo = e.status === 503 ? { status: 'failed', reason: e.message } : { status: 'unknown', reason: e.message }; }
     renderOverview();
@@ -245,6 +261,11 @@
       tile('Unacknowledged', num(qt.messages_unacknowledged)) +
       tile('Memory', nodeInfo ? bytes(nodeInfo.mem_used) : (isMonitor() ? '…' : 'n/a')) +
       tile('Alarms', alarmInfo ? (alarmOn ? 'ALARM' : 'none') : '…', alarmOn ? 'bad' : 'good');
+    const nodesEl = $('#ov-nodes');
+    if (nodesEl) {
+      if (!isMonitor()) nodesEl.textContent = 'The node list needs the monitoring or administrator tag.';
+      else if (nodesList) { nodesEl.className = ''; nodesEl.innerHTML = nodesTable(nodesList); }
+    }
     const node = $('#ov-node');
     if (node) {
       if (nodeError) node.innerHTML = '<span role="status">Node details unavailable: ' + esc(nodeError) + '</span>';
@@ -260,6 +281,28 @@
       window.WarrenFlow.lineChart($('#ov-conns'), NODE_CONNS.map(([k, l, c]) => ({ key: k, label: l, color: c, points: P((nodeInfo[k + '_details'] || {}).samples) })), { span, now, title: 'Connections' });
       window.WarrenFlow.lineChart($('#ov-disk'), [{ key: 'disk_free', label: 'Free', color: '#1b7a34', points: P((nodeInfo.disk_free_details || {}).samples) }], { span, now, format: bytes, title: 'Free disk' });
     }
+  }
+  // RabbitMQ's nodes table: every member with its state, and the health
+  // figures where the API has them (this node's); "n/a" for the others.
+  function nodesTable(list) {
+    const clustered = isClustered();
+    const fig = (n, f) => { const d = n.name === hereName && nodeInfo ? nodeInfo : n; return d[f] == null ? null : d[f]; };
+    const show = (v, fmt) => (v == null ? '<span class="muted">n/a</span>' : esc(fmt(v)));
+    const cols = [
+      { label: 'Name', cell: (n) => esc(n.name) + (n.name === hereName ? ' <span class="muted">(this node)</span>' : '') },
+      { label: 'Running', cell: (n) => (n.running ? 'yes' : '<b class="down">no</b>') },
+    ];
+    if (clustered) {
+      cols.push({ label: 'Metadata leader', cell: (n) => (n.metadata_leader ? 'leader' : '') },
+        { label: 'Voter', cell: (n) => (n.voter ? 'voter' : 'learner (catching up)') },
+        { label: 'Cluster address', cell: (n) => esc(n.cluster_addr) });
+    }
+    cols.push({ label: 'Memory used', n: 1, cell: (n) => show(fig(n, 'mem_used'), bytes) + (fig(n, 'mem_limit') ? ' <span class="muted">of ' + esc(bytes(fig(n, 'mem_limit'))) + '</span>' : '') + (fig(n, 'mem_alarm') ? ' <b class="down">alarm</b>' : '') },
+      { label: 'Disk free', n: 1, cell: (n) => show(fig(n, 'disk_free'), bytes) },
+      { label: 'File descriptors', n: 1, cell: (n) => show(fig(n, 'fd_used'), num) },
+      { label: 'Uptime', n: 1, cell: (n) => show(fig(n, 'uptime'), (u) => Math.round(u / 1000) + ' s') });
+    return table(cols, list, { id: 'nodes-table', label: 'Nodes', empty: 'No members.' }) +
+      (clustered && list.some((n) => n.name !== hereName) ? '<p class="muted">Memory, disk and file descriptors are shown for this node only: the API has no figures for the other members yet.</p>' : '');
   }
   function drawChart(svg, data, spanMs) {
     if (!svg) return;
@@ -316,6 +359,7 @@
       info('Queue "' + d.name + '" declared.');
       loadQueues();
     });
+    await ensureNodes();
     await loadQueues();
     every(5000, loadQueues);
   }
@@ -336,6 +380,10 @@
         { label: 'Virtual host', sort: 'vhost', cell: (q) => esc(q.vhost) },
         { label: 'Name', sort: 'name', cell: (q) => qlink(q.vhost, q.name) },
         { label: 'Type', sort: 'type', cell: (q) => esc(q.type || 'classic') },
+      ];
+      // RabbitMQ's Node column: where each queue lives, when there is a cluster.
+      if (isClustered()) cols.push({ label: 'Node', sort: 'node', cell: (q) => esc(q.node) });
+      cols.push(
         { label: 'Features', cell: (q) => esc([q.durable ? 'D' : '', q.auto_delete ? 'AD' : '', q.exclusive ? 'Excl' : '', Object.keys(q.arguments || {}).length ? 'Args' : ''].filter(Boolean).join(' ')) + (q.policy ? ' <span class="muted">' + esc(q.policy) + '</span>' : '') },
         { label: 'Ready', sort: 'messages_ready', n: 1, cell: (q) => num(q.messages_ready) },
         { label: 'Unacked', sort: 'messages_unacknowledged', n: 1, cell: (q) => num(q.messages_unacknowledged) },
@@ -344,7 +392,7 @@
         { label: 'Deliver / get', sort: 'message_stats.deliver_get_details.rate', n: 1, cell: (q) => rate((q.message_stats || {}).deliver_get_details) },
         { label: 'Ack', sort: 'message_stats.ack_details.rate', n: 1, cell: (q) => rate((q.message_stats || {}).ack_details) },
         { label: 'Consumers', sort: 'consumers', n: 1, cell: (q) => num(q.consumers) },
-      ];
+      );
       $('#q-table').innerHTML = table(cols, r.items, { sort: { field: qstate.sort, reverse: qstate.reverse }, id: 'queues-table', label: 'Queues', empty: r.total_count ? 'No queue matches the filter.' : 'No queues yet.' });
       $('#q-count').textContent = num(r.filtered_count) + ' of ' + num(r.total_count) + ' queues' + (r.page_count > 1 ? ', page ' + r.page + ' of ' + r.page_count : '');
       $$('#q-table button.sort').forEach((b) => b.addEventListener('click', () => {
@@ -360,10 +408,15 @@
   }
 
   // ---- queue detail --------------------------------------------------------
+  // " (not running)" after a node's name when this node does not see it up.
+  function nodeState(name) {
+    const n = (nodesList || []).find((m) => m.name === name);
+    return n && !n.running ? ' <b class="down">(not running)</b>' : '';
+  }
   async function pageQueue(vhost, name) {
     const base = '/queues/' + enc(vhost) + '/' + enc(name);
-    const [q, bindings, consumers, exchanges] = await Promise.all([
-      api('GET', base), api('GET', base + '/bindings'),
+    const [q, bindings, , consumers, exchanges] = await Promise.all([
+      api('GET', base), api('GET', base + '/bindings'), ensureNodes(),
       api('GET', '/consumers/' + enc(vhost)).catch(() => []),
       api('GET', '/exchanges/' + enc(vhost)).catch(() => []),
     ]);
@@ -381,7 +434,8 @@
         '<figure><figcaption>Consumer lag (messages behind the committed offset)</figcaption><div id="qd-lag-legend" class="legend"></div><svg id="qd-stream-lag" class="chart small" role="img" aria-label="Stored consumer offsets behind the committed offset"></svg></figure></div>' +
         '<div id="qd-consumer-offsets"></div>' : '') +
       '<dl class="kv"><dt>Type</dt><dd id="qd-type">' + esc(q.type || 'classic') +
-      (q.type === 'quorum' ? ' <span class="muted">1 replica (no clustering yet); delivery limit ' + esc(q.delivery_limit) + '</span>' : '') +
+      (q.type === 'quorum' ? ' <span class="muted">1 replica (' + (isClustered() ? 'on its node; not replicated across nodes yet' : 'no clustering yet') + '); delivery limit ' + esc(q.delivery_limit) + '</span>' : '') +
+      (isClustered() ? '</dd><dt>Node</dt><dd id="qd-node">' + esc(q.node) + nodeState(q.node) : '') +
       '</dd><dt>Durable</dt><dd>' + (q.durable ? 'yes' : 'no') + '</dd><dt>Auto delete</dt><dd>' + (q.auto_delete ? 'yes' : 'no') + '</dd><dt>Exclusive</dt><dd>' + (q.exclusive ? 'yes' : 'no') +
       '</dd><dt>Policy</dt><dd>' + esc(q.policy || 'none') + '</dd><dt>Effective policy</dt><dd><code>' + json(q.effective_policy_definition || {}) + '</code></dd><dt>Arguments</dt><dd><code>' + json(q.arguments || {}) + '</code></dd></dl>' +
       '<h2>Consumers</h2>' + table([
