@@ -15,6 +15,7 @@ macro_rules! id {
 
 pub mod process;
 pub mod raw;
+pub mod stream;
 
 use std::future::Future;
 use std::time::Duration;
