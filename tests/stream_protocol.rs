@@ -543,14 +543,8 @@ async fn dedup_and_offsets_survive_kill9() {
 
 // ---- across protocols ----
 
-#[tokio::test(flavor = "multi_thread")]
-async fn amqp_091_publish_reads_over_stream_and_back() {
-    use lapin::options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        QueueDeclareOptions,
-    };
-    use lapin::types::{AMQPValue, FieldTable as LTable};
-    use lapin::BasicProperties as LProps;
+/// An AMQP 0-9-1 connection to the file's broker and a channel on it.
+async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     let (amqp, _) = broker();
     let conn = lapin::Connection::connect(
         &format!("amqp://guest:guest@{amqp}/%2f"),
@@ -559,22 +553,37 @@ async fn amqp_091_publish_reads_over_stream_and_back() {
     .await
     .expect("amqp connect");
     let ch = conn.create_channel().await.expect("channel");
-    let s = uniq("x");
-    let mut args = LTable::default();
+    (conn, ch)
+}
+
+/// Declare `name` over AMQP 0-9-1 as a durable stream queue.
+async fn declare_stream(ch: &lapin::Channel, name: &str) {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("stream".into()),
     );
-    t(ch.queue_declare(
-        &s,
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    ))
-    .await
-    .expect("declare");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    t(ch.queue_declare(name, durable, args))
+        .await
+        .expect("declare");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_091_publish_reads_over_stream_and_back() {
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable as LTable};
+    use lapin::BasicProperties as LProps;
+    let (conn, ch) = amqp_channel().await;
+    let s = uniq("x");
+    declare_stream(&ch, &s).await;
     ch.confirm_select(Default::default())
         .await
         .expect("confirms");
@@ -855,32 +864,14 @@ async fn super_stream_single_active_consumers_rebalance() {
 async fn exchange_and_routing_key_cross_protocols() {
     use lapin::options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+        ExchangeDeclareOptions, QueueBindOptions,
     };
     use lapin::types::{AMQPValue, FieldTable as LTable};
     use rabbitmq_stream_client::types::Value as V;
-    let (amqp, _) = broker();
-    let conn = lapin::Connection::connect(
-        &format!("amqp://guest:guest@{amqp}/%2f"),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .expect("amqp connect");
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = amqp_channel().await;
     let s = uniq("routed");
     let x = uniq("routed-x");
-    let mut args = LTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("stream".into()),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    t(ch.queue_declare(&s, durable, args))
-        .await
-        .expect("declare");
+    declare_stream(&ch, &s).await;
     t(ch.exchange_declare(
         &x,
         lapin::ExchangeKind::Topic,
