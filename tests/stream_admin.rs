@@ -8,18 +8,13 @@
 mod common;
 
 use common::http;
+use common::stream::t;
 use futures::StreamExt;
 use rabbitmq_stream_client::types::{Message, OffsetSpecification};
 use rabbitmq_stream_client::Environment;
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
-
-async fn t<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .expect("timed out")
-}
 
 /// The test's data directory, removed at the end.
 struct Dir(PathBuf);
@@ -46,6 +41,13 @@ async fn get(w: &warren::Warren, path: &str) -> Value {
     let (status, body) = http("GET", &api(w, path), Some(("guest", "guest")), None).await;
     assert_eq!(status, 200, "GET {path}: {body}");
     body
+}
+
+/// `DELETE path` as guest: the status.
+async fn delete(w: &warren::Warren, path: &str) -> u16 {
+    http("DELETE", &api(w, path), Some(("guest", "guest")), None)
+        .await
+        .0
 }
 
 fn enc(s: &str) -> String {
@@ -256,22 +258,14 @@ async fn delete_closes_a_stream_connection() {
         })
         .collect();
     // By the stream path, then by /api/connections/{name}: 204 each, and gone.
-    let (status, _) = http(
-        "DELETE",
-        &api(&w, &format!("/stream/connections/%2F/{}", enc(&names[0]))),
-        Some(("guest", "guest")),
-        None,
-    )
-    .await;
-    assert_eq!(status, 204);
-    let (status, _) = http(
-        "DELETE",
-        &api(&w, &format!("/connections/{}", enc(&names[1]))),
-        Some(("guest", "guest")),
-        None,
-    )
-    .await;
-    assert_eq!(status, 204);
+    assert_eq!(
+        delete(&w, &format!("/stream/connections/%2F/{}", enc(&names[0]))).await,
+        204
+    );
+    assert_eq!(
+        delete(&w, &format!("/connections/{}", enc(&names[1]))).await,
+        204
+    );
     until(&w, "/stream/publishers", |b| array(b).is_empty()).await;
     let conns = until(&w, "/stream/connections", |b| {
         !array(b)
@@ -280,14 +274,11 @@ async fn delete_closes_a_stream_connection() {
     })
     .await;
     assert!(array(&conns).iter().all(|c| c["protocol"] == "stream"));
-    let (status, _) = http(
-        "DELETE",
-        &api(&w, &format!("/stream/connections/%2F/{}", enc(&names[0]))),
-        Some(("guest", "guest")),
-        None,
-    )
-    .await;
-    assert_eq!(status, 404, "already gone");
+    assert_eq!(
+        delete(&w, &format!("/stream/connections/%2F/{}", enc(&names[0]))).await,
+        404,
+        "already gone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -14,19 +14,13 @@ use futures::StreamExt;
 use rabbitmq_stream_client::error::{ClientError, StreamCreateError};
 use rabbitmq_stream_client::types::{ByteCapacity, Message, OffsetSpecification, ResponseCode};
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+
+use common::stream::{self, frame, raw_open, read_frame, s16, t};
 
 /// One broker for the whole file (stream listener on a free port).
 fn broker() -> (SocketAddr, SocketAddr) {
-    static ADDRS: std::sync::OnceLock<(SocketAddr, SocketAddr)> = std::sync::OnceLock::new();
-    *ADDRS.get_or_init(|| {
-        let dir = common::process::data_dir("stream-protocol");
-        let mut config = warren::Config::for_tests(dir);
-        config.admin_enabled = false;
-        common::spawn_broker(config, |w| {
-            (w.amqp_addr(), w.stream_addr().expect("stream listener"))
-        })
-    })
+    stream::shared_broker("stream-protocol")
 }
 
 async fn env() -> Environment {
@@ -41,12 +35,6 @@ async fn env() -> Environment {
 
 fn uniq(p: &str) -> String {
     common::uniq(p)
-}
-
-async fn t<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .expect("timed out")
 }
 
 fn body(m: &Message) -> String {
@@ -329,62 +317,6 @@ async fn super_streams_route_and_partitions() {
 
 // ---- raw frames ----
 
-fn frame(key: u16, version: u16, content: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&((content.len() + 4) as u32).to_be_bytes());
-    f.extend_from_slice(&key.to_be_bytes());
-    f.extend_from_slice(&version.to_be_bytes());
-    f.extend_from_slice(content);
-    f
-}
-
-fn s16(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as i16).to_be_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
-async fn read_frame(sock: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
-    let mut len = [0u8; 4];
-    t(sock.read_exact(&mut len)).await.ok()?;
-    let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
-    t(sock.read_exact(&mut f)).await.ok()?;
-    Some(f)
-}
-
-/// A raw connection through the handshake to vhost `/`.
-async fn raw_open() -> tokio::net::TcpStream {
-    let (_, addr) = broker();
-    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let mut pp = 1u32.to_be_bytes().to_vec();
-    pp.extend_from_slice(&0i32.to_be_bytes());
-    sock.write_all(&frame(17, 1, &pp)).await.expect("write");
-    assert_eq!(&read_frame(&mut sock).await.expect("pp")[..2], &[0x80, 17]);
-    sock.write_all(&frame(18, 1, &2u32.to_be_bytes()))
-        .await
-        .expect("write");
-    read_frame(&mut sock).await.expect("handshake");
-    let mut auth = 3u32.to_be_bytes().to_vec();
-    auth.extend(s16("PLAIN"));
-    auth.extend_from_slice(&12i32.to_be_bytes());
-    auth.extend_from_slice(b"\0guest\0guest");
-    sock.write_all(&frame(19, 1, &auth)).await.expect("write");
-    let f = read_frame(&mut sock).await.expect("auth");
-    assert_eq!(&f[8..10], &[0, 1], "authenticated");
-    let tune = read_frame(&mut sock).await.expect("tune");
-    assert_eq!(&tune[..2], &[0, 20]);
-    let mut tr = (1u32 << 20).to_be_bytes().to_vec();
-    tr.extend_from_slice(&0u32.to_be_bytes());
-    sock.write_all(&frame(20, 1, &tr)).await.expect("write");
-    let mut open = 4u32.to_be_bytes().to_vec();
-    open.extend(s16("/"));
-    sock.write_all(&frame(21, 1, &open)).await.expect("write");
-    let f = read_frame(&mut sock).await.expect("open");
-    assert_eq!(&f[..2], &[0x80, 21]);
-    assert_eq!(&f[8..10], &[0, 1]);
-    sock
-}
-
 /// The close the server sends: its code.
 async fn close_code(sock: &mut tokio::net::TcpStream) -> u16 {
     let f = read_frame(sock).await.expect("close frame");
@@ -394,11 +326,11 @@ async fn close_code(sock: &mut tokio::net::TcpStream) -> u16 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn raw_unknown_command_and_bad_version() {
-    let mut sock = raw_open().await;
+    let mut sock = raw_open(broker().1).await;
     sock.write_all(&frame(0x77, 1, &[])).await.expect("write");
     assert_eq!(close_code(&mut sock).await, 13);
 
-    let mut sock = raw_open().await;
+    let mut sock = raw_open(broker().1).await;
     sock.write_all(&frame(9, 9, &[1, 0, 1]))
         .await
         .expect("write");
@@ -407,7 +339,7 @@ async fn raw_unknown_command_and_bad_version() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn raw_oversized_frame_and_bad_credit() {
-    let mut sock = raw_open().await;
+    let mut sock = raw_open(broker().1).await;
     // Credit for a subscription that does not exist: a credit response.
     sock.write_all(&frame(9, 1, &[7, 0, 1]))
         .await
@@ -421,12 +353,12 @@ async fn raw_oversized_frame_and_bad_credit() {
     sock.write_all(&big).await.expect("write");
     assert_eq!(close_code(&mut sock).await, 14);
     // The broker is still fine.
-    let _ = raw_open().await;
+    let _ = raw_open(broker().1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn raw_publish_without_publisher_gets_publish_error() {
-    let mut sock = raw_open().await;
+    let mut sock = raw_open(broker().1).await;
     let mut p = vec![9u8];
     p.extend_from_slice(&1i32.to_be_bytes());
     p.extend_from_slice(&5u64.to_be_bytes());
@@ -611,14 +543,8 @@ async fn dedup_and_offsets_survive_kill9() {
 
 // ---- across protocols ----
 
-#[tokio::test(flavor = "multi_thread")]
-async fn amqp_091_publish_reads_over_stream_and_back() {
-    use lapin::options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        QueueDeclareOptions,
-    };
-    use lapin::types::{AMQPValue, FieldTable as LTable};
-    use lapin::BasicProperties as LProps;
+/// An AMQP 0-9-1 connection to the file's broker and a channel on it.
+async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     let (amqp, _) = broker();
     let conn = lapin::Connection::connect(
         &format!("amqp://guest:guest@{amqp}/%2f"),
@@ -627,22 +553,37 @@ async fn amqp_091_publish_reads_over_stream_and_back() {
     .await
     .expect("amqp connect");
     let ch = conn.create_channel().await.expect("channel");
-    let s = uniq("x");
-    let mut args = LTable::default();
+    (conn, ch)
+}
+
+/// Declare `name` over AMQP 0-9-1 as a durable stream queue.
+async fn declare_stream(ch: &lapin::Channel, name: &str) {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("stream".into()),
     );
-    t(ch.queue_declare(
-        &s,
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    ))
-    .await
-    .expect("declare");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    t(ch.queue_declare(name, durable, args))
+        .await
+        .expect("declare");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn amqp_091_publish_reads_over_stream_and_back() {
+    use lapin::options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    };
+    use lapin::types::{AMQPValue, FieldTable as LTable};
+    use lapin::BasicProperties as LProps;
+    let (conn, ch) = amqp_channel().await;
+    let s = uniq("x");
+    declare_stream(&ch, &s).await;
     ch.confirm_select(Default::default())
         .await
         .expect("confirms");
@@ -759,7 +700,7 @@ async fn filtering_skips_chunks_the_bloom_filter_rules_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn raw_stats_and_metadata_update_on_delete() {
-    let mut sock = raw_open().await;
+    let mut sock = raw_open(broker().1).await;
     let s = uniq("upd");
     let mut create = 5u32.to_be_bytes().to_vec();
     create.extend(s16(&s));
@@ -923,32 +864,14 @@ async fn super_stream_single_active_consumers_rebalance() {
 async fn exchange_and_routing_key_cross_protocols() {
     use lapin::options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+        ExchangeDeclareOptions, QueueBindOptions,
     };
     use lapin::types::{AMQPValue, FieldTable as LTable};
     use rabbitmq_stream_client::types::Value as V;
-    let (amqp, _) = broker();
-    let conn = lapin::Connection::connect(
-        &format!("amqp://guest:guest@{amqp}/%2f"),
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .expect("amqp connect");
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = amqp_channel().await;
     let s = uniq("routed");
     let x = uniq("routed-x");
-    let mut args = LTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("stream".into()),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    t(ch.queue_declare(&s, durable, args))
-        .await
-        .expect("declare");
+    declare_stream(&ch, &s).await;
     t(ch.exchange_declare(
         &x,
         lapin::ExchangeKind::Topic,
@@ -1075,7 +998,7 @@ async fn raw_confirmed(sock: &mut tokio::net::TcpStream, last: u64) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_message_once_in_order_with_small_credit() {
-    let mut p = raw_open().await;
+    let mut p = raw_open(broker().1).await;
     let s = uniq("credit");
     let mut create = 1u32.to_be_bytes().to_vec();
     create.extend(s16(&s));
@@ -1108,7 +1031,7 @@ async fn every_message_once_in_order_with_small_credit() {
 
     // A consumer from first with credit 1, then growing credit: never more
     // chunks than credit, every message once, in order.
-    let mut c = raw_open().await;
+    let mut c = raw_open(broker().1).await;
     let mut sub = 3u32.to_be_bytes().to_vec();
     sub.push(1);
     sub.extend(s16(&s));

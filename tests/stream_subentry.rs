@@ -10,105 +10,17 @@ mod common;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
+
+use common::stream::{self, expect, frame, raw_open, read_frame, request, s16, t};
 
 /// One broker for the whole file: (AMQP, stream) addresses.
 fn broker() -> (SocketAddr, SocketAddr) {
-    static ADDRS: std::sync::OnceLock<(SocketAddr, SocketAddr)> = std::sync::OnceLock::new();
-    *ADDRS.get_or_init(|| {
-        let dir = common::process::data_dir("stream-subentry");
-        let mut config = warren::Config::for_tests(dir);
-        config.admin_enabled = false;
-        common::spawn_broker(config, |w| {
-            (w.amqp_addr(), w.stream_addr().expect("stream listener"))
-        })
-    })
-}
-
-async fn t<F: std::future::Future>(f: F) -> F::Output {
-    tokio::time::timeout(Duration::from_secs(20), f)
-        .await
-        .expect("timed out")
-}
-
-fn frame(key: u16, version: u16, content: &[u8]) -> Vec<u8> {
-    let mut f = Vec::new();
-    f.extend_from_slice(&((content.len() + 4) as u32).to_be_bytes());
-    f.extend_from_slice(&key.to_be_bytes());
-    f.extend_from_slice(&version.to_be_bytes());
-    f.extend_from_slice(content);
-    f
-}
-
-fn s16(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as i16).to_be_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
-async fn read_frame(sock: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut len = [0u8; 4];
-    t(sock.read_exact(&mut len)).await.ok()?;
-    let mut f = vec![0u8; u32::from_be_bytes(len) as usize];
-    t(sock.read_exact(&mut f)).await.ok()?;
-    Some(f)
-}
-
-/// The next frame with command `key` (others, like heartbeats, skipped).
-async fn expect(sock: &mut TcpStream, key: u16) -> Vec<u8> {
-    loop {
-        let f = read_frame(sock).await.expect("a frame");
-        if u16::from_be_bytes([f[0], f[1]]) == key {
-            return f;
-        }
-    }
-}
-
-/// A raw connection through the handshake to vhost `/`.
-async fn raw_open() -> TcpStream {
-    let (_, addr) = broker();
-    let mut sock = TcpStream::connect(addr).await.expect("connect");
-    let mut pp = 1u32.to_be_bytes().to_vec();
-    pp.extend_from_slice(&0i32.to_be_bytes());
-    sock.write_all(&frame(17, 1, &pp)).await.expect("write");
-    read_frame(&mut sock).await.expect("peer properties");
-    sock.write_all(&frame(18, 1, &2u32.to_be_bytes()))
-        .await
-        .expect("write");
-    read_frame(&mut sock).await.expect("handshake");
-    let mut auth = 3u32.to_be_bytes().to_vec();
-    auth.extend(s16("PLAIN"));
-    auth.extend_from_slice(&12i32.to_be_bytes());
-    auth.extend_from_slice(b"\0guest\0guest");
-    sock.write_all(&frame(19, 1, &auth)).await.expect("write");
-    let f = read_frame(&mut sock).await.expect("auth");
-    assert_eq!(&f[8..10], &[0, 1], "authenticated");
-    read_frame(&mut sock).await.expect("tune");
-    let mut tr = (1u32 << 20).to_be_bytes().to_vec();
-    tr.extend_from_slice(&0u32.to_be_bytes());
-    sock.write_all(&frame(20, 1, &tr)).await.expect("write");
-    let mut open = 4u32.to_be_bytes().to_vec();
-    open.extend(s16("/"));
-    sock.write_all(&frame(21, 1, &open)).await.expect("write");
-    let f = read_frame(&mut sock).await.expect("open");
-    assert_eq!(&f[8..10], &[0, 1]);
-    sock
-}
-
-/// A request with a correlation id; its response code.
-async fn request(sock: &mut TcpStream, key: u16, body: &[u8]) -> u16 {
-    let mut c = 77u32.to_be_bytes().to_vec();
-    c.extend_from_slice(body);
-    sock.write_all(&frame(key, 1, &c)).await.expect("write");
-    let f = expect(sock, 0x8000 | key).await;
-    assert_eq!(&f[4..8], &77u32.to_be_bytes());
-    u16::from_be_bytes([f[8], f[9]])
+    stream::shared_broker("stream-subentry")
 }
 
 /// An AMQP 1.0 message of one data section.
@@ -188,7 +100,7 @@ fn ids(f: &[u8]) -> Vec<(u64, u16)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn sub_entries_stored_confirmed_deduplicated_and_read_both_ways() {
     let stream = common::uniq("subentry");
-    let mut sock = raw_open().await;
+    let mut sock = raw_open(broker().1).await;
     let mut create = s16(&stream);
     create.extend_from_slice(&0i32.to_be_bytes());
     assert_eq!(request(&mut sock, 13, &create).await, 1);
@@ -349,13 +261,13 @@ async fn malformed_sub_entries_close_with_unknown_frame_and_the_broker_carries_o
         },
     ];
     for body in bodies {
-        let mut sock = raw_open().await;
+        let mut sock = raw_open(broker().1).await;
         sock.write_all(&publish(1, &[&body])).await.expect("write");
         let f = expect(&mut sock, 22).await;
         assert_eq!(u16::from_be_bytes([f[8], f[9]]), 13);
     }
     // A sub-entry in publish v2 (filtering) is not one RabbitMQ reads either.
-    let mut sock = raw_open().await;
+    let mut sock = raw_open(broker().1).await;
     let mut p = vec![1u8];
     p.extend_from_slice(&1u32.to_be_bytes());
     p.extend_from_slice(&1u64.to_be_bytes());
@@ -365,7 +277,7 @@ async fn malformed_sub_entries_close_with_unknown_frame_and_the_broker_carries_o
     let f = expect(&mut sock, 22).await;
     assert_eq!(u16::from_be_bytes([f[8], f[9]]), 13);
     // Still serving.
-    let mut sock = raw_open().await;
+    let mut sock = raw_open(broker().1).await;
     let mut meta = 1u32.to_be_bytes().to_vec();
     meta.extend(s16("nope"));
     let mut m = 9u32.to_be_bytes().to_vec();

@@ -170,6 +170,18 @@ fn details(rate: f64, samples: &[(u64, f64)]) -> Value {
     json!({"rate": round(rate), "samples": list, "avg": round(avg), "avg_rate": round(avg_rate)})
 }
 
+/// `stats["{field}_details"]` with `samples`, keeping the rate the plain
+/// endpoint already put there (0 if none).
+fn with_samples(stats: &mut Map<String, Value>, field: &str, samples: &[(u64, f64)]) {
+    let key = format!("{field}_details");
+    let rate = stats
+        .get(&key)
+        .and_then(|d| d.get("rate"))
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
+    stats.insert(key, details(rate, samples));
+}
+
 /// The rate between the two newest samples (per second), for gauges.
 fn last_rate(samples: &[(u64, f64)]) -> f64 {
     match samples {
@@ -254,14 +266,7 @@ pub async fn queue(
             ("redeliver", Counters::get(&c.redelivered), |p| p.redeliver),
             ("dead_lettered", dead, |p| p.dead_lettered),
         ] {
-            let key = format!("{field}_details");
-            let rate = stats
-                .get(&key)
-                .and_then(|d| d.get("rate"))
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0);
-            let samples = totals(&w, full, pick);
-            stats.insert(key, details(rate, &samples));
+            with_samples(stats, field, &totals(&w, full, pick));
         }
     }
     Ok(Json(v))
@@ -363,13 +368,7 @@ pub async fn exchange(
             p.alternate_out
         }),
     ] {
-        let key = format!("{field}_details");
-        let rate = stats
-            .get(&key)
-            .and_then(|d| d.get("rate"))
-            .and_then(Value::as_f64)
-            .unwrap_or(0.0);
-        stats.insert(key, details(rate, &totals(&w, full, pick)));
+        with_samples(stats, field, &totals(&w, full, pick));
     }
     Ok(Json(v))
 }
@@ -434,13 +433,7 @@ pub async fn overview(
             ("ack", Counters::get(&c.acked), |p| p.ack),
             ("redeliver", Counters::get(&c.redelivered), |p| p.redeliver),
         ] {
-            let key = format!("{field}_details");
-            let rate = stats
-                .get(&key)
-                .and_then(|d| d.get("rate"))
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0);
-            stats.insert(key, details(rate, &totals(&w, full, pick)));
+            with_samples(stats, field, &totals(&w, full, pick));
         }
     }
     Ok(Json(v))

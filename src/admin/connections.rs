@@ -96,6 +96,23 @@ pub async fn show(
     Ok(Json(connection_json(&c)))
 }
 
+/// The reason to close `c` with (the `X-Reason` header, or the management
+/// plugin's default), once `caller` may close it: an administrator, or the
+/// connection's own user.
+pub(super) fn close_reason<'h>(
+    caller: &Caller,
+    c: &ConnectionInfo,
+    headers: &'h axum::http::HeaderMap,
+) -> ApiResult<&'h str> {
+    if !caller.is_admin() && c.user != caller.0.name {
+        return Err(ApiError::forbidden("Not administrator user"));
+    }
+    Ok(headers
+        .get("x-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("Closed via management plugin"))
+}
+
 /// Close with 320 CONNECTION_FORCED; the reason comes from the `X-Reason` header.
 pub async fn close(
     State(s): State<AdminState>,
@@ -104,13 +121,7 @@ pub async fn close(
     headers: axum::http::HeaderMap,
 ) -> ApiResult<StatusCode> {
     let c = find(&s, &caller, &name)?;
-    if !caller.is_admin() && c.user != caller.0.name {
-        return Err(ApiError::forbidden("Not administrator user"));
-    }
-    let reason = headers
-        .get("x-reason")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("Closed via management plugin");
+    let reason = close_reason(&caller, &c, &headers)?;
     if s.broker.close_connection(&name, reason) {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -170,13 +170,7 @@ pub async fn close(
     headers: axum::http::HeaderMap,
 ) -> ApiResult<StatusCode> {
     let c = find(&s, &caller, &vhost, &name)?;
-    if !caller.is_admin() && c.user != caller.0.name {
-        return Err(ApiError::forbidden("Not administrator user"));
-    }
-    let reason = headers
-        .get("x-reason")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("Closed via management plugin");
+    let reason = super::connections::close_reason(&caller, &c, &headers)?;
     c.control.force_close(reason);
     Ok(StatusCode::NO_CONTENT)
 }

@@ -71,6 +71,26 @@ impl LogStore {
         self.db.flush_async().await.map(drop)
     }
 
+    /// Remove the log entries whose (big-endian) index keys are in `range`,
+    /// then flush: truncating the tail and purging the head alike.
+    async fn remove_logs(&self, range: impl RangeBounds<[u8; 8]>) -> Result<(), SErr> {
+        let keys: Vec<_> = self
+            .log
+            .range(range)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        for k in keys {
+            self.log
+                .remove(k)
+                .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        }
+        self.flush()
+            .await
+            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+        Ok(())
+    }
+
     /// Forget the log, vote and state (a lone node about to join another cluster).
     pub fn reset(&self) -> Result<(), sled::Error> {
         self.log.clear()?;
@@ -191,41 +211,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        let keys: Vec<_> = self
-            .log
-            .range(log_id.index.to_be_bytes()..)
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        for k in keys {
-            self.log
-                .remove(k)
-                .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        }
-        self.flush()
-            .await
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        Ok(())
+        self.remove_logs(log_id.index.to_be_bytes()..).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
         self.put(PURGED, &log_id)
             .map_err(|e| StorageIOError::write_logs(string_err(e)))?;
-        let keys: Vec<_> = self
-            .log
-            .range(..=log_id.index.to_be_bytes())
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        for k in keys {
-            self.log
-                .remove(k)
-                .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        }
-        self.flush()
-            .await
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        Ok(())
+        self.remove_logs(..=log_id.index.to_be_bytes()).await
     }
 }
 

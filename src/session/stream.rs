@@ -862,48 +862,40 @@ impl StreamSession {
             .as_ref()
             .map(|u| u.name.clone())
             .unwrap_or_default();
-        let v = self.broker.vhost(vhost);
-        match v {
-            Some(v) if self.broker.auth.vhost_access(vhost, &user) => {
-                if let Err(e) = self.register(vhost, &user, now_ms) {
-                    response::with_pairs(
-                        &mut self.out,
-                        key::OPEN,
-                        correlation_id,
-                        code::VIRTUAL_HOST_ACCESS_FAILURE,
-                        &[],
-                    );
-                    self.close_reason = Some(e.text.to_string());
-                    self.state = State::Closed;
-                    return;
-                }
-                self.vhost = Some(v);
-                let props = vec![
-                    (
-                        "advertised_host".to_string(),
-                        self.settings.advertised_host.clone(),
-                    ),
-                    (
-                        "advertised_port".to_string(),
-                        self.settings.advertised_port.to_string(),
-                    ),
-                ];
-                response::with_pairs(&mut self.out, key::OPEN, correlation_id, code::OK, &props);
-                self.state = State::Running;
-                self.last_recv_ms = now_ms;
-            }
-            _ => {
-                response::with_pairs(
-                    &mut self.out,
-                    key::OPEN,
-                    correlation_id,
-                    code::VIRTUAL_HOST_ACCESS_FAILURE,
-                    &[],
-                );
-                self.close_reason = Some(format!("no access to vhost '{vhost}'"));
-                self.state = State::Closed;
-            }
+        let access = |_: &_| self.broker.auth.vhost_access(vhost, &user);
+        let Some(v) = self.broker.vhost(vhost).filter(access) else {
+            return self.refuse_open(correlation_id, format!("no access to vhost '{vhost}'"));
+        };
+        if let Err(e) = self.register(vhost, &user, now_ms) {
+            return self.refuse_open(correlation_id, e.text.to_string());
         }
+        self.vhost = Some(v);
+        let props = vec![
+            (
+                "advertised_host".to_string(),
+                self.settings.advertised_host.clone(),
+            ),
+            (
+                "advertised_port".to_string(),
+                self.settings.advertised_port.to_string(),
+            ),
+        ];
+        response::with_pairs(&mut self.out, key::OPEN, correlation_id, code::OK, &props);
+        self.state = State::Running;
+        self.last_recv_ms = now_ms;
+    }
+
+    /// Answer open with VIRTUAL_HOST_ACCESS_FAILURE and close for `reason`.
+    fn refuse_open(&mut self, correlation_id: u32, reason: String) {
+        response::with_pairs(
+            &mut self.out,
+            key::OPEN,
+            correlation_id,
+            code::VIRTUAL_HOST_ACCESS_FAILURE,
+            &[],
+        );
+        self.close_reason = Some(reason);
+        self.state = State::Closed;
     }
 
     /// Register with the broker for the admin API (when shown there),

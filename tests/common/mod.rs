@@ -15,6 +15,8 @@ macro_rules! id {
 
 pub mod process;
 pub mod raw;
+pub mod stream;
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;

@@ -4,6 +4,7 @@
 warren binary (env WARREN_BIN, default target/debug/warren under the repo root)
 is started on free ports with a temporary data dir and killed at the end.
 """
+import contextlib
 import os
 import pathlib
 import socket
@@ -40,6 +41,65 @@ def _wait_port(port, proc, timeout=30.0):
     raise RuntimeError(f"warren did not accept connections on port {port} within {timeout}s")
 
 
+def _broker_binary():
+    """The warren binary: env WARREN_BIN, default target/debug/warren under the repo root."""
+    binary = pathlib.Path(os.environ.get("WARREN_BIN", "target/debug/warren"))
+    if not binary.is_absolute():
+        binary = REPO_ROOT / binary
+    if not binary.exists():
+        pytest.fail(f"broker binary {binary} not found (build it, set WARREN_BIN, or set WARREN_TEST_URI)")
+    return binary
+
+
+@contextlib.contextmanager
+def broker_process(log_dir, env, wait_ports):
+    """The warren binary running with `env` added to the environment (its output
+    in `log_dir`/warren.log) until the block ends, once it accepts connections on
+    each of `wait_ports`."""
+    binary = _broker_binary()
+    full_env = dict(os.environ)
+    full_env.update(env)
+    log = open(os.path.join(str(log_dir), "warren.log"), "wb")
+    proc = subprocess.Popen([str(binary)], env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
+    try:
+        for port in wait_ports:
+            _wait_port(port, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=str(cwd), check=True, capture_output=True)
+
+
+def make_ca(d, name, cn):
+    """A self-signed CA `name`.pem / `name`.key in `d` with CN `cn`."""
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", f"/CN={cn}",
+            "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+
+
+def issue(d, ca, name, subject, ext):
+    """A key and a certificate `name`.key / `name`.pem in `d` signed by the CA
+    `ca` (file prefix), with the x509 extensions `ext`."""
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
+    (pathlib.Path(d) / f"{name}.ext").write_text(ext)
+    openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+            "-CAcreateserial", "-days", "30", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+            cwd=d)
+
+
+SERVER_EXT = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+CLIENT_EXT = "extendedKeyUsage=clientAuth\n"
+
+
 @pytest.fixture(scope="session")
 def amqp_url():
     url = os.environ.get("WARREN_TEST_URI")
@@ -48,11 +108,6 @@ def amqp_url():
         _STREAM_PORT["port"] = int(port) if port else None
         yield url
         return
-    binary = pathlib.Path(os.environ.get("WARREN_BIN", "target/debug/warren"))
-    if not binary.is_absolute():
-        binary = REPO_ROOT / binary
-    if not binary.exists():
-        pytest.fail(f"WARREN_TEST_URI unset and broker binary {binary} not found (build it or set WARREN_BIN)")
     amqp_port = _free_port()
     admin_port = _free_port()
     while admin_port == amqp_port:
@@ -62,26 +117,14 @@ def amqp_url():
         stream_port = _free_port()
     _STREAM_PORT["port"] = stream_port
     with tempfile.TemporaryDirectory(prefix="warren-pytest-") as data_dir:
-        env = dict(os.environ)
-        env.update(
+        env = dict(
             WARREN_AMQP_PORT=str(amqp_port),
             WARREN_ADMIN_PORT=str(admin_port),
             WARREN_DATA_DIR=data_dir,
             WARREN_STREAM__LISTENERS__TCP__DEFAULT=str(stream_port),
         )
-        log = open(os.path.join(data_dir, "warren.log"), "wb")
-        proc = subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
-        try:
-            _wait_port(amqp_port, proc)
+        with broker_process(data_dir, env, [amqp_port]):
             yield f"amqp://guest:guest@127.0.0.1:{amqp_port}/%2F"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
 
 
 @pytest.fixture

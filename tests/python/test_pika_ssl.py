@@ -11,7 +11,6 @@ import os
 import pathlib
 import shutil
 import ssl
-import subprocess
 import tempfile
 import urllib.request
 
@@ -19,7 +18,7 @@ import pika
 import pytest
 from pika.exceptions import AMQPConnectionError
 
-from conftest import REPO_ROOT, _free_port, _wait_port
+from conftest import CLIENT_EXT, SERVER_EXT, _free_port, broker_process, issue, make_ca
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("WARREN_TEST_URI")) or shutil.which("openssl") is None,
@@ -27,41 +26,17 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _issue(d, ca, name, subject, ext):
-    """A key and a certificate signed by the CA `ca` (file prefix) in `d`."""
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
-    (d / f"{name}.ext").write_text(ext)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-days", "30", "-extfile", f"{name}.ext", "-out", f"{name}.pem",
-             cwd=d)
-
-
-def _ca(d, name, cn):
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", f"/CN={cn}",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
-
-
 @pytest.fixture(scope="module")
 def tls_broker():
-    binary = pathlib.Path(os.environ.get("WARREN_BIN", "target/debug/warren"))
-    if not binary.is_absolute():
-        binary = REPO_ROOT / binary
     with tempfile.TemporaryDirectory(prefix="warren-pytest-tls-") as tmp:
         d = pathlib.Path(tmp)
-        _ca(d, "ca", "pytest CA")
-        _ca(d, "other", "someone else")
-        _issue(d, "ca", "server", "/CN=localhost",
-               "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-        _issue(d, "ca", "alice", "/O=pytest/CN=alice", "extendedKeyUsage=clientAuth\n")
-        _issue(d, "other", "stranger", "/CN=alice", "extendedKeyUsage=clientAuth\n")
+        make_ca(d, "ca", "pytest CA")
+        make_ca(d, "other", "someone else")
+        issue(d, "ca", "server", "/CN=localhost", SERVER_EXT)
+        issue(d, "ca", "alice", "/O=pytest/CN=alice", CLIENT_EXT)
+        issue(d, "other", "stranger", "/CN=alice", CLIENT_EXT)
         amqp_port, amqps_port, admin_port = _free_port(), _free_port(), _free_port()
-        env = dict(os.environ)
-        env.update(
+        env = dict(
             WARREN_BIND="127.0.0.1",
             WARREN_AMQP_PORT=str(amqp_port),
             WARREN_ADMIN_PORT=str(admin_port),
@@ -73,21 +48,8 @@ def tls_broker():
             WARREN_SSL_OPTIONS__VERIFY="verify_peer",
             WARREN_SSL_OPTIONS__FAIL_IF_NO_PEER_CERT="false",
         )
-        log = open(d / "warren.log", "wb")
-        proc = subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                cwd=str(REPO_ROOT))
-        try:
-            _wait_port(amqps_port, proc)
-            _wait_port(admin_port, proc)
+        with broker_process(d, env, [amqps_port, admin_port]):
             yield {"dir": d, "port": amqps_port, "admin": admin_port}
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
 
 
 def _api(broker, method, path, body=None):

@@ -5,9 +5,7 @@ PLAIN, then with SASL EXTERNAL as the client certificate's CN. Starts its own
 broker with certificates made here by the openssl command."""
 import asyncio
 import os
-import pathlib
 import shutil
-import subprocess
 import ssl
 import tempfile
 import uuid
@@ -25,26 +23,14 @@ from rstream import (  # noqa: E402
 )
 from rstream.constants import SlasMechanism  # noqa: E402
 
-from conftest import REPO_ROOT, _free_port, _wait_port  # noqa: E402
-
-
-def _openssl(*args, cwd):
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+from conftest import CLIENT_EXT, SERVER_EXT, _free_port, broker_process, issue, make_ca  # noqa: E402
 
 
 def _pki(d):
     """ca.pem, server.pem/key (localhost, 127.0.0.1) and client.pem/key (CN=guest)."""
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=rstream test CA",
-             "-keyout", "ca.key", "-out", "ca.pem", cwd=d)
-    with open(os.path.join(d, "server.ext"), "w") as f:
-        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    with open(os.path.join(d, "client.ext"), "w") as f:
-        f.write("extendedKeyUsage=clientAuth\n")
-    for name, subj in (("server", "/CN=localhost"), ("client", "/O=rstream tests/CN=guest")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subj, "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
+    make_ca(d, "ca", "rstream test CA")
+    issue(d, "ca", "server", "/CN=localhost", SERVER_EXT)
+    issue(d, "ca", "client", "/O=rstream tests/CN=guest", CLIENT_EXT)
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +40,13 @@ def tls_broker():
         pytest.skip("runs its own broker (not against WARREN_TEST_URI)")
     if shutil.which("openssl") is None:
         pytest.skip("openssl not installed")
-    binary = pathlib.Path(os.environ.get("WARREN_BIN", "target/debug/warren"))
-    if not binary.is_absolute():
-        binary = REPO_ROOT / binary
-    if not binary.exists():
-        pytest.fail(f"broker binary {binary} not found")
     ports = set()
     while len(ports) < 5:
         ports.add(_free_port())
     amqp, admin, amqps, stream, stream_tls = sorted(ports)
     with tempfile.TemporaryDirectory(prefix="warren-rstream-tls-") as d:
         _pki(d)
-        env = dict(os.environ)
-        env.update(
+        env = dict(
             WARREN_AMQP_PORT=str(amqp),
             WARREN_ADMIN_PORT=str(admin),
             WARREN_DATA_DIR=os.path.join(d, "data"),
@@ -79,19 +59,8 @@ def tls_broker():
             WARREN_SSL_OPTIONS__VERIFY="verify_peer",
             WARREN_SSL_OPTIONS__FAIL_IF_NO_PEER_CERT="false",
         )
-        log = open(os.path.join(d, "warren.log"), "wb")
-        proc = subprocess.Popen([str(binary)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT))
-        try:
-            _wait_port(stream_tls, proc)
+        with broker_process(d, env, [stream_tls]):
             yield stream_tls, d
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
 
 
 def _context(d, client_cert):
