@@ -87,6 +87,31 @@ pub async fn bind(config: &Config, port: u16) -> std::io::Result<Vec<TcpListener
     }
 }
 
+/// A protocol's listeners: plain ones on `tcp_port`, TLS ones (with `tls`)
+/// on `ssl_port` when both are given.
+pub(crate) type Bound = Vec<(TcpListener, Option<Arc<ServerTls>>)>;
+
+/// Bind a protocol's plain and TLS ports ([`bind`] each).
+pub(crate) async fn bind_plain_and_tls(
+    config: &Config,
+    tcp_port: Option<u16>,
+    ssl_port: Option<u16>,
+    tls: Option<&Arc<ServerTls>>,
+) -> std::io::Result<Bound> {
+    let mut bound = Vec::new();
+    if let Some(port) = tcp_port {
+        for listener in bind(config, port).await? {
+            bound.push((listener, None));
+        }
+    }
+    if let (Some(port), Some(tls)) = (ssl_port, tls) {
+        for listener in bind(config, port).await? {
+            bound.push((listener, Some(Arc::clone(tls))));
+        }
+    }
+    Ok(bound)
+}
+
 /// Bind the AMQP listener(s) and start accepting: plain on
 /// [`Config::amqp_tcp_port`], TLS with `tls` on [`Config::amqp_ssl_port`].
 /// `max_connections` counts both.
@@ -100,17 +125,13 @@ pub async fn start(
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut addrs = Vec::new();
     let mut tls_addrs = Vec::new();
-    let mut bound = Vec::new();
-    if let Some(port) = config.amqp_tcp_port() {
-        for listener in bind(&config, port).await? {
-            bound.push((listener, None));
-        }
-    }
-    if let (Some(port), Some(tls)) = (config.amqp_ssl_port(), &tls) {
-        for listener in bind(&config, port).await? {
-            bound.push((listener, Some(Arc::clone(tls))));
-        }
-    }
+    let bound = bind_plain_and_tls(
+        &config,
+        config.amqp_tcp_port(),
+        config.amqp_ssl_port(),
+        tls.as_ref(),
+    )
+    .await?;
     for (listener, tls) in bound {
         let addr = listener.local_addr()?;
         if tls.is_some() {

@@ -56,17 +56,13 @@ pub async fn start(
     tls: Option<Arc<ServerTls>>,
 ) -> std::io::Result<Option<StreamServer>> {
     let sac: Arc<SacRegistry> = Arc::default();
-    let mut bound = Vec::new();
-    if let Some(port) = config.stream_tcp_port() {
-        for listener in super::bind(&config, port).await? {
-            bound.push((listener, None));
-        }
-    }
-    if let (Some(port), Some(tls)) = (config.stream_ssl_port(), &tls) {
-        for listener in super::bind(&config, port).await? {
-            bound.push((listener, Some(Arc::clone(tls))));
-        }
-    }
+    let bound = super::bind_plain_and_tls(
+        &config,
+        config.stream_tcp_port(),
+        config.stream_ssl_port(),
+        tls.as_ref(),
+    )
+    .await?;
     if bound.is_empty() {
         return Ok(None);
     }
