@@ -4,6 +4,7 @@
 use super::{json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::auth::Access;
 use crate::broker::exchange::{Binding, Destination};
+use crate::cluster::Command;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -207,7 +208,7 @@ pub fn create_from(
     dst: &str,
     queue: bool,
     body: &Value,
-) -> ApiResult<String> {
+) -> ApiResult<(String, Option<Command>)> {
     let v = s.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
     if let Some(caller) = caller {
         let kind = if queue { "queue" } else { "exchange" };
@@ -241,8 +242,11 @@ pub fn create_from(
             .unwrap_or(0),
         Destination::Exchange(_) => 0,
     };
-    v.bind(src, dest, &routing_key, &arguments, owner)?;
-    Ok(properties_key(&binding))
+    v.bind(src, dest.clone(), &routing_key, &arguments, owner)?;
+    // A binding of an exclusive queue is its connection's own: not replicated.
+    let cmd =
+        (owner == 0).then(|| Command::binding(true, vhost, src, &dest, &routing_key, &arguments));
+    Ok((properties_key(&binding), cmd))
 }
 
 fn created(vhost: &str, src: &str, kind: &str, dst: &str, key: &str) -> Response {
@@ -262,7 +266,8 @@ pub async fn create_queue(
     Body(body): Body,
 ) -> ApiResult<Response> {
     caller.require_vhost(&s.broker, &vhost)?;
-    let key = create_from(&s, Some(&caller), &vhost, &src, &dst, true, &body)?;
+    let (key, cmd) = create_from(&s, Some(&caller), &vhost, &src, &dst, true, &body)?;
+    super::cluster::replicate(&s, || cmd).await?;
     Ok(created(&vhost, &src, "q", &dst, &key))
 }
 
@@ -273,7 +278,8 @@ pub async fn create_exchange(
     Body(body): Body,
 ) -> ApiResult<Response> {
     caller.require_vhost(&s.broker, &vhost)?;
-    let key = create_from(&s, Some(&caller), &vhost, &src, &dst, false, &body)?;
+    let (key, cmd) = create_from(&s, Some(&caller), &vhost, &src, &dst, false, &body)?;
+    super::cluster::replicate(&s, || cmd).await?;
     Ok(created(&vhost, &src, "e", &dst, &key))
 }
 
@@ -326,7 +332,7 @@ fn delete(
     dst: &str,
     queue: bool,
     props: &str,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Option<Command>> {
     let b = find_binding(s, vhost, src, dst, queue, props)?;
     let v = s.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
     let owner = if queue {
@@ -337,14 +343,24 @@ fn delete(
     } else {
         0
     };
+    let source = source_name(src);
     v.unbind(
-        source_name(src),
-        b.destination,
+        source,
+        b.destination.clone(),
         &b.routing_key,
         &b.arguments,
         owner,
     )?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok((owner == 0).then(|| {
+        Command::binding(
+            false,
+            vhost,
+            source,
+            &b.destination,
+            &b.routing_key,
+            &b.arguments,
+        )
+    }))
 }
 
 pub async fn delete_queue(
@@ -352,7 +368,9 @@ pub async fn delete_queue(
     caller: Caller,
     Path((vhost, src, dst, props)): Path<(String, String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    delete_checked(&s, &caller, &vhost, &src, &dst, true, &props)
+    let cmd = delete_checked(&s, &caller, &vhost, &src, &dst, true, &props)?;
+    super::cluster::replicate(&s, || cmd).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 pub async fn delete_exchange(
@@ -360,7 +378,9 @@ pub async fn delete_exchange(
     caller: Caller,
     Path((vhost, src, dst, props)): Path<(String, String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    delete_checked(&s, &caller, &vhost, &src, &dst, false, &props)
+    let cmd = delete_checked(&s, &caller, &vhost, &src, &dst, false, &props)?;
+    super::cluster::replicate(&s, || cmd).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Unbind as the caller: write on the destination, read on the source.
@@ -372,7 +392,7 @@ fn delete_checked(
     dst: &str,
     to_queue: bool,
     props: &str,
-) -> ApiResult<StatusCode> {
+) -> ApiResult<Option<Command>> {
     caller.require_vhost(&s.broker, vhost)?;
     let kind = if to_queue { "queue" } else { "exchange" };
     caller.permit(&s.broker, vhost, Access::Write, kind, dst)?;

@@ -3,7 +3,9 @@
 //! components `vhost-limits` and `shovel`), policies, exchanges, queues and bindings in RabbitMQ's
 //! definitions JSON format.
 
+use super::policies::Kind;
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
+use crate::cluster::Command;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -111,38 +113,57 @@ fn field<'a>(item: &'a Value, key: &str) -> ApiResult<&'a str> {
 
 /// Apply a definitions document: vhosts and users first, then permissions, topic
 /// permissions, vhost limits and policies, then exchanges, queues and bindings
-/// (RabbitMQ's order).
-pub fn import_definitions(s: &AdminState, body: &Value) -> ApiResult<()> {
+/// (RabbitMQ's order). Pushes onto `cmds` the commands that replicate what
+/// was imported, in that order (shovels, which run on the node that has them,
+/// excepted), also for the part imported before an error.
+pub fn import_definitions(s: &AdminState, body: &Value, cmds: &mut Vec<Command>) -> ApiResult<()> {
     let b = &s.broker;
     for v in items(body, "vhosts")? {
-        b.add_vhost(field(v, "name")?);
+        let name = field(v, "name")?;
+        b.add_vhost(name);
+        cmds.push(Command::PutVhost {
+            name: name.to_string(),
+            creator: None,
+        });
     }
     for u in items(body, "users")? {
         let name = field(u, "name")?;
         super::users::put_user_from(b, name, u)?;
-        super::limits::import_user_limits(b, name, u)?;
+        cmds.extend(super::users::user_cmd(b, name));
+        cmds.extend(super::limits::import_user_limits(b, name, u)?);
     }
     for p in items(body, "permissions")? {
-        super::users::put_permission_from(b, field(p, "vhost")?, field(p, "user")?, p)?;
+        let (vhost, user) = (field(p, "vhost")?, field(p, "user")?);
+        super::users::put_permission_from(b, vhost, user, p)?;
+        cmds.extend(super::users::permission_cmd(b, vhost, user));
     }
     for p in items(body, "topic_permissions")? {
-        super::topic_permissions::put_from(b, field(p, "vhost")?, field(p, "user")?, p)?;
+        let (vhost, user) = (field(p, "vhost")?, field(p, "user")?);
+        super::topic_permissions::put_from(b, vhost, user, p)?;
+        let exchange = field(p, "exchange")?;
+        cmds.extend(super::topic_permissions::topic_cmd(
+            b, vhost, user, exchange,
+        ));
     }
     for p in items(body, "parameters")? {
         if p.get("component").and_then(Value::as_str) == Some(crate::shovel::COMPONENT) {
             super::shovels::put_from(s, field(p, "vhost")?, field(p, "name")?, p)?;
             continue;
         }
-        super::limits::import_parameter(b, p)?;
+        cmds.extend(super::limits::import_parameter(b, p)?);
     }
     for p in items(body, "policies")? {
-        super::policies::put_from(s, field(p, "vhost")?, field(p, "name")?, p)?;
+        let (vhost, name) = (field(p, "vhost")?, field(p, "name")?);
+        super::policies::put_from(s, vhost, name, p)?;
+        cmds.extend(super::policies::policy_cmd(s, vhost, name, Kind::User));
     }
     for e in items(body, "exchanges")? {
-        super::exchanges::declare_from(s, field(e, "vhost")?, field(e, "name")?, e)?;
+        let (vhost, name) = (field(e, "vhost")?, field(e, "name")?);
+        cmds.push(super::exchanges::declare_from(s, vhost, name, e)?.1);
     }
     for q in items(body, "queues")? {
-        super::queues::declare_from(s, field(q, "vhost")?, field(q, "name")?, q)?;
+        let (vhost, name) = (field(q, "vhost")?, field(q, "name")?);
+        cmds.extend(super::queues::declare_from(s, vhost, name, q)?.1);
     }
     for bd in items(body, "bindings")? {
         let queue = match field(bd, "destination_type")? {
@@ -154,7 +175,7 @@ pub fn import_definitions(s: &AdminState, body: &Value) -> ApiResult<()> {
                 )))
             }
         };
-        super::bindings::create_from(
+        let (_, cmd) = super::bindings::create_from(
             s,
             None,
             field(bd, "vhost")?,
@@ -163,10 +184,14 @@ pub fn import_definitions(s: &AdminState, body: &Value) -> ApiResult<()> {
             queue,
             bd,
         )?;
+        cmds.extend(cmd);
     }
     Ok(())
 }
 
+/// `POST /api/definitions`: import, then (clustered) commit everything
+/// imported as one entry of the metadata group before answering (503 when
+/// it cannot be committed in time).
 pub async fn import(
     State(s): State<AdminState>,
     caller: Caller,
@@ -176,6 +201,11 @@ pub async fn import(
     if !body.is_object() {
         return Err(ApiError::bad_request("definitions must be a JSON object"));
     }
-    import_definitions(&s, &body)?;
+    let mut cmds = Vec::new();
+    let imported = import_definitions(&s, &body, &mut cmds);
+    // What was imported before an error is replicated too: every node has it.
+    let batch = (!cmds.is_empty()).then_some(Command::Batch(cmds));
+    super::cluster::replicate(&s, || batch).await?;
+    imported?;
     Ok(StatusCode::NO_CONTENT)
 }

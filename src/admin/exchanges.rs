@@ -11,6 +11,7 @@ use crate::broker::message::Message;
 use crate::broker::vhost::{Exchange, ExchangeDeclare, PublishFrom};
 use crate::broker::Counters;
 use crate::clock::now_ms;
+use crate::cluster::Command;
 use crate::wire::BasicProperties;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -97,15 +98,21 @@ pub async fn show(
     Ok(Json(with_policy(&s, &v, &e)))
 }
 
-/// Declare an exchange from an API / definitions body.
-pub fn declare_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> ApiResult<bool> {
+/// Declare an exchange from an API / definitions body: whether it is new,
+/// and the command that replicates the declaration.
+pub fn declare_from(
+    s: &AdminState,
+    vhost: &str,
+    name: &str,
+    body: &Value,
+) -> ApiResult<(bool, Command)> {
     let v = s.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
     let existed = v.exchange(name).is_ok();
     let kind = body
         .get("type")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_request("type must be set"))?;
-    v.declare_exchange(&ExchangeDeclare {
+    let d = ExchangeDeclare {
         name: name.to_string(),
         kind: kind.to_string(),
         passive: false,
@@ -113,8 +120,9 @@ pub fn declare_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> Ap
         auto_delete: flag(body, "auto_delete", false)?,
         internal: flag(body, "internal", false)?,
         arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))?,
-    })?;
-    Ok(!existed)
+    };
+    v.declare_exchange(&d)?;
+    Ok((!existed, Command::exchange_declared(vhost, &d)))
 }
 
 pub async fn put(
@@ -125,7 +133,9 @@ pub async fn put(
 ) -> ApiResult<StatusCode> {
     caller.require_vhost(&s.broker, &vhost)?;
     caller.permit(&s.broker, &vhost, Access::Configure, "exchange", &name)?;
-    Ok(super::put_status(declare_from(&s, &vhost, &name, &body)?))
+    let (created, cmd) = declare_from(&s, &vhost, &name, &body)?;
+    super::cluster::replicate(&s, || Some(cmd)).await?;
+    Ok(super::put_status(created))
 }
 
 pub async fn remove(
@@ -140,6 +150,7 @@ pub async fn remove(
     caller.permit(&s.broker, &vhost, Access::Configure, "exchange", &name)?;
     let if_unused = q.get("if-unused").is_some_and(|x| x == "true");
     v.delete_exchange(&name, if_unused)?;
+    super::cluster::replicate(&s, || Some(Command::DeleteExchange { vhost, name })).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

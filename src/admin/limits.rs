@@ -6,6 +6,7 @@
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::limits::{self, LimitMap, USER_LIMITS, VHOST_LIMITS};
 use crate::broker::Broker;
+use crate::cluster::Command;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -45,11 +46,12 @@ pub fn vhost_limit_parameters(b: &Broker) -> Vec<Value> {
         .collect()
 }
 
-/// Import one definitions `parameters` entry if it is a vhost's limits (true),
-/// replacing that vhost's limits as `rabbitmqctl set_vhost_limits` does.
-pub fn import_parameter(b: &Broker, p: &Value) -> ApiResult<bool> {
+/// Import one definitions `parameters` entry if it is a vhost's limits,
+/// replacing that vhost's limits as `rabbitmqctl set_vhost_limits` does; the
+/// command that replicates them (None: not a vhost-limits entry).
+pub fn import_parameter(b: &Broker, p: &Value) -> ApiResult<Option<Command>> {
     if p.get("component").and_then(Value::as_str) != Some("vhost-limits") {
-        return Ok(false);
+        return Ok(None);
     }
     let vhost = p
         .get("vhost")
@@ -59,7 +61,23 @@ pub fn import_parameter(b: &Broker, p: &Value) -> ApiResult<bool> {
         .map_err(ApiError::bad_request)?;
     b.change_vhost_limits(vhost, |m| *m = map)?
         .ok_or_else(|| ApiError::bad_request(format!("vhost_not_found: {vhost}")))?;
-    Ok(true)
+    Ok(vhost_limits_cmd(b, vhost))
+}
+
+/// The command that replicates `vhost`'s limits as this node now has them.
+pub fn vhost_limits_cmd(b: &Broker, vhost: &str) -> Option<Command> {
+    b.vhost(vhost).map(|v| Command::SetVhostLimits {
+        vhost: vhost.to_string(),
+        limits: v.limit_values.all(),
+    })
+}
+
+/// The command that replicates `user`'s limits as this node now has them.
+pub fn user_limits_cmd(b: &Broker, user: &str) -> Option<Command> {
+    b.auth.user(user).map(|_| Command::SetUserLimits {
+        user: user.to_string(),
+        limits: b.auth.user_limits(user),
+    })
 }
 
 pub async fn list_vhosts(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
@@ -97,6 +115,7 @@ pub async fn put_vhost(
             m.insert(name.clone(), value);
         })?
         .ok_or_else(ApiError::not_found)?;
+    super::cluster::replicate(&s, || vhost_limits_cmd(&s.broker, &vhost)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -111,6 +130,7 @@ pub async fn delete_vhost(
             m.remove(&name);
         })?
         .ok_or_else(ApiError::not_found)?;
+    super::cluster::replicate(&s, || vhost_limits_cmd(&s.broker, &vhost)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -152,6 +172,7 @@ pub async fn put_user(
             m.insert(name.clone(), value);
         })
         .ok_or_else(ApiError::not_found)?;
+    super::cluster::replicate(&s, || user_limits_cmd(&s.broker, &user)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -167,18 +188,20 @@ pub async fn delete_user(
             m.remove(&name);
         })
         .ok_or_else(ApiError::not_found)?;
+    super::cluster::replicate(&s, || user_limits_cmd(&s.broker, &user)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Set a user's limits from a definitions / API user body's `limits` object,
-/// when it has one (replacing the user's limits).
-pub fn import_user_limits(b: &Broker, user: &str, body: &Value) -> ApiResult<()> {
+/// when it has one (replacing the user's limits); the command that
+/// replicates them.
+pub fn import_user_limits(b: &Broker, user: &str, body: &Value) -> ApiResult<Option<Command>> {
     let Some(value) = body.get("limits").filter(|v| !v.is_null()) else {
-        return Ok(());
+        return Ok(None);
     };
     let map = limits::validate_all(USER_LIMITS, value).map_err(ApiError::bad_request)?;
     b.auth
         .change_user_limits(user, |m| *m = map)
         .ok_or_else(|| ApiError::bad_request(format!("user_not_found: {user}")))?;
-    Ok(())
+    Ok(user_limits_cmd(b, user))
 }

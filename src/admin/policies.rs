@@ -144,54 +144,79 @@ pub fn put_kind_from(
     }
 }
 
+/// The command that replicates policy `name` as this node now has it.
+pub fn policy_cmd(s: &AdminState, vhost: &str, name: &str, kind: Kind) -> Option<Command> {
+    let v = s.broker.vhost(vhost)?;
+    let p = kind.of(&v).get(vhost, name)?;
+    Some(Command::PutPolicy {
+        vhost: p.vhost.clone(),
+        name: p.name.clone(),
+        pattern: p.pattern.clone(),
+        apply_to: p.apply_to.as_str().into(),
+        priority: p.priority,
+        definition: Value::Object(p.definition.clone()).to_string(),
+        operator: kind == Kind::Operator,
+    })
+}
+
+/// Set a policy of either kind, replicated when clustered.
+async fn put_kind(
+    s: AdminState,
+    caller: Caller,
+    (vhost, name): (String, String),
+    body: Value,
+    kind: Kind,
+) -> ApiResult<StatusCode> {
+    kind.require_writer(&caller)?;
+    caller.require_vhost(&s.broker, &vhost)?;
+    let created = put_kind_from(&s, &vhost, &name, &body, kind)?;
+    super::cluster::replicate(&s, || policy_cmd(&s, &vhost, &name, kind)).await?;
+    Ok(super::put_status(created))
+}
+
+/// Clear a policy of either kind, replicated when clustered.
+async fn remove_kind(
+    s: AdminState,
+    caller: Caller,
+    (vhost, name): (String, String),
+    kind: Kind,
+) -> ApiResult<StatusCode> {
+    kind.require_writer(&caller)?;
+    caller.require_vhost(&s.broker, &vhost)?;
+    let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
+    let now = crate::clock::now_ms();
+    let removed = match kind {
+        Kind::User => v.delete_policy(&name, now)?,
+        Kind::Operator => v.delete_operator_policy(&name, now)?,
+    };
+    if !removed {
+        return Err(ApiError::not_found());
+    }
+    let operator = kind == Kind::Operator;
+    let cmd = Command::DeletePolicy {
+        vhost,
+        name,
+        operator,
+    };
+    super::cluster::replicate(&s, || Some(cmd)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 pub async fn put(
     State(s): State<AdminState>,
     caller: Caller,
-    Path((vhost, name)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Body(body): Body,
 ) -> ApiResult<StatusCode> {
-    if !caller.is_policymaker() {
-        return Err(ApiError::forbidden("Not policymaker user"));
-    }
-    caller.require_vhost(&s.broker, &vhost)?;
-    let created = put_from(&s, &vhost, &name, &body)?;
-    let text = |k: &str, default: &str| {
-        body.get(k)
-            .and_then(Value::as_str)
-            .unwrap_or(default)
-            .to_string()
-    };
-    let cmd = Command::PutPolicy {
-        pattern: text("pattern", ""),
-        apply_to: text("apply-to", "all"),
-        priority: body.get("priority").and_then(Value::as_i64).unwrap_or(0),
-        definition: body
-            .get("definition")
-            .map(Value::to_string)
-            .unwrap_or_default(),
-        vhost,
-        name,
-    };
-    super::cluster::replicate(&s, || Some(cmd)).await?;
-    Ok(super::put_status(created))
+    put_kind(s, caller, path, body, Kind::User).await
 }
 
 pub async fn remove(
     State(s): State<AdminState>,
     caller: Caller,
-    Path((vhost, name)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    if !caller.is_policymaker() {
-        return Err(ApiError::forbidden("Not policymaker user"));
-    }
-    caller.require_vhost(&s.broker, &vhost)?;
-    let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    if v.delete_policy(&name, crate::clock::now_ms())? {
-        super::cluster::replicate(&s, || Some(Command::DeletePolicy { vhost, name })).await?;
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::not_found())
-    }
+    remove_kind(s, caller, path, Kind::User).await
 }
 
 pub async fn list_operator(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
@@ -229,26 +254,16 @@ pub async fn show_operator(
 pub async fn put_operator(
     State(s): State<AdminState>,
     caller: Caller,
-    Path((vhost, name)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
     Body(body): Body,
 ) -> ApiResult<StatusCode> {
-    Kind::Operator.require_writer(&caller)?;
-    caller.require_vhost(&s.broker, &vhost)?;
-    let created = put_kind_from(&s, &vhost, &name, &body, Kind::Operator)?;
-    Ok(super::put_status(created))
+    put_kind(s, caller, path, body, Kind::Operator).await
 }
 
 pub async fn remove_operator(
     State(s): State<AdminState>,
     caller: Caller,
-    Path((vhost, name)): Path<(String, String)>,
+    Path(path): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    Kind::Operator.require_writer(&caller)?;
-    caller.require_vhost(&s.broker, &vhost)?;
-    let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
-    if v.delete_operator_policy(&name, crate::clock::now_ms())? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::not_found())
-    }
+    remove_kind(s, caller, path, Kind::Operator).await
 }

@@ -9,6 +9,7 @@ use super::{
 use crate::broker::auth::Access;
 use crate::broker::queue::{Queue, QueueType};
 use crate::broker::vhost::QueueDeclare;
+use crate::cluster::Command;
 use crate::wire::BasicProperties;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -267,7 +268,14 @@ pub async fn show(
 }
 
 /// Declare a queue from an API / definitions body.
-pub fn declare_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> ApiResult<bool> {
+/// Declare a queue from an API / definitions body: whether it is new, and
+/// the command that replicates the declaration (this node is its home).
+pub fn declare_from(
+    s: &AdminState,
+    vhost: &str,
+    name: &str,
+    body: &Value,
+) -> ApiResult<(bool, Option<Command>)> {
     let v = s.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
     if name.is_empty() {
         return Err(ApiError::bad_request("queue name must not be empty"));
@@ -278,19 +286,17 @@ pub fn declare_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> Ap
             "exclusive queues can only be declared by AMQP connections",
         ));
     }
-    v.declare_queue(
-        &QueueDeclare {
-            name: name.to_string(),
-            passive: false,
-            durable: flag(body, "durable", true)?,
-            exclusive: false,
-            auto_delete: flag(body, "auto_delete", false)?,
-            arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))?,
-        },
-        0,
-        crate::clock::now_ms(),
-    )?;
-    Ok(!existed)
+    let d = QueueDeclare {
+        name: name.to_string(),
+        passive: false,
+        durable: flag(body, "durable", true)?,
+        exclusive: false,
+        auto_delete: flag(body, "auto_delete", false)?,
+        arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))?,
+    };
+    v.declare_queue(&d, 0, crate::clock::now_ms())?;
+    let node = super::cluster::this_node(s);
+    Ok((!existed, Command::queue_declared(vhost, &d, &node)))
 }
 
 pub async fn put(
@@ -301,7 +307,9 @@ pub async fn put(
 ) -> ApiResult<StatusCode> {
     caller.require_vhost(&s.broker, &vhost)?;
     caller.permit(&s.broker, &vhost, Access::Configure, "queue", &name)?;
-    Ok(super::put_status(declare_from(&s, &vhost, &name, &body)?))
+    let (created, cmd) = declare_from(&s, &vhost, &name, &body)?;
+    super::cluster::replicate(&s, || cmd).await?;
+    Ok(super::put_status(created))
 }
 
 pub async fn remove(
@@ -325,6 +333,10 @@ pub async fn remove(
     if let Some(v) = s.broker.vhost(&vhost) {
         v.remove_queue(&q)?;
     }
+    // An exclusive queue (its connection's own) is not replicated.
+    let replicated = q.spec.exclusive_owner.is_none();
+    let cmd = replicated.then_some(Command::DeleteQueue { vhost, name });
+    super::cluster::replicate(&s, || cmd).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -6,6 +6,7 @@ use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::auth::{Access, TopicPermission};
 use crate::broker::exchange::ExchangeKind;
 use crate::broker::Broker;
+use crate::cluster::Command;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -105,9 +106,26 @@ pub async fn put(
     Body(body): Body,
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
-    Ok(super::put_status(put_from(
-        &s.broker, &vhost, &user, &body,
-    )?))
+    let created = put_from(&s.broker, &vhost, &user, &body)?;
+    let exchange = body.get("exchange").and_then(Value::as_str).unwrap_or("");
+    super::cluster::replicate(&s, || topic_cmd(&s.broker, &vhost, &user, exchange)).await?;
+    Ok(super::put_status(created))
+}
+
+/// The command that replicates `user`'s topic permission on `exchange` in
+/// `vhost` as this node now has it.
+pub fn topic_cmd(b: &Broker, vhost: &str, user: &str, exchange: &str) -> Option<Command> {
+    b.auth
+        .topic_permissions()
+        .into_iter()
+        .find(|(v, u, p)| v == vhost && u == user && p.exchange == exchange)
+        .map(|(vhost, user, p)| Command::SetTopicPermission {
+            vhost,
+            user,
+            exchange: p.exchange,
+            write: p.write,
+            read: p.read,
+        })
 }
 
 /// Clear the user's topic permissions in the vhost (only on `?exchange=` when given).
@@ -123,6 +141,13 @@ pub async fn remove(
         .auth
         .clear_topic_permission(&vhost, &user, exchange)
     {
+        let exchange = exchange.map(String::from);
+        let cmd = Command::ClearTopicPermission {
+            vhost,
+            user,
+            exchange,
+        };
+        super::cluster::replicate(&s, || Some(cmd)).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found())

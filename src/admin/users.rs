@@ -134,15 +134,32 @@ pub async fn put(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let created = put_user_from(&s.broker, &name, &body)?;
-    super::cluster::replicate(&s, || {
-        s.broker.auth.user(&name).map(|u| Command::PutUser {
-            name: u.name,
-            password_hash: u.password_hash,
-            tags: u.tags,
-        })
-    })
-    .await?;
+    super::cluster::replicate(&s, || user_cmd(&s.broker, &name)).await?;
     Ok(super::put_status(created))
+}
+
+/// The command that replicates user `name` as this node now has it (the
+/// password hash, never the password).
+pub fn user_cmd(b: &Broker, name: &str) -> Option<Command> {
+    b.auth.user(name).map(|u| Command::PutUser {
+        name: u.name,
+        password_hash: u.password_hash,
+        tags: u.tags,
+    })
+}
+
+/// The command that replicates `user`'s permissions in `vhost` as this node
+/// now has them.
+pub fn permission_cmd(b: &Broker, vhost: &str, user: &str) -> Option<Command> {
+    b.auth
+        .permission(vhost, user)
+        .map(|p| Command::SetPermission {
+            vhost: vhost.to_string(),
+            user: user.to_string(),
+            configure: p.configure,
+            write: p.write,
+            read: p.read,
+        })
 }
 
 pub async fn remove(
@@ -237,17 +254,7 @@ pub async fn put_permission(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     let created = put_permission_from(&s.broker, &vhost, &user, &body)?;
-    super::cluster::replicate(&s, || {
-        let p = s.broker.auth.permission(&vhost, &user);
-        p.map(|p| Command::SetPermission {
-            vhost,
-            user,
-            configure: p.configure,
-            write: p.write,
-            read: p.read,
-        })
-    })
-    .await?;
+    super::cluster::replicate(&s, || permission_cmd(&s.broker, &vhost, &user)).await?;
     Ok(super::put_status(created))
 }
 

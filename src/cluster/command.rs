@@ -93,7 +93,8 @@ pub enum Command {
         vhost: String,
         user: String,
     },
-    /// A (user) policy; `definition` is its JSON object as text.
+    /// A policy (an operator policy when `operator`); `definition` is its
+    /// JSON object as text.
     PutPolicy {
         vhost: String,
         name: String,
@@ -101,11 +102,42 @@ pub enum Command {
         apply_to: String,
         priority: i64,
         definition: String,
+        #[serde(default)]
+        operator: bool,
     },
     DeletePolicy {
         vhost: String,
         name: String,
+        #[serde(default)]
+        operator: bool,
     },
+    /// A topic permission: `user`'s routing-key regexes on `exchange`.
+    SetTopicPermission {
+        vhost: String,
+        user: String,
+        exchange: String,
+        write: String,
+        read: String,
+    },
+    /// Clear `user`'s topic permissions in `vhost` (on one exchange, or all).
+    ClearTopicPermission {
+        vhost: String,
+        user: String,
+        exchange: Option<String>,
+    },
+    /// A vhost's limits, all of them (empty: none).
+    SetVhostLimits {
+        vhost: String,
+        limits: BTreeMap<String, i64>,
+    },
+    /// A user's limits, all of them (empty: none).
+    SetUserLimits {
+        user: String,
+        limits: BTreeMap<String, i64>,
+    },
+    /// Several changes committed as one entry (a definitions import), applied
+    /// in order; one the local broker refuses does not stop the others.
+    Batch(Vec<Command>),
 }
 
 /// A binding: from an exchange to a queue or an exchange.
@@ -142,6 +174,60 @@ impl BindingRec {
 }
 
 impl Command {
+    /// An exchange declared (by the admin API) with `d`.
+    pub fn exchange_declared(vhost: &str, d: &ExchangeDeclare) -> Command {
+        Command::DeclareExchange {
+            vhost: vhost.to_string(),
+            name: d.name.clone(),
+            kind: d.kind.clone(),
+            durable: d.durable,
+            auto_delete: d.auto_delete,
+            internal: d.internal,
+            arguments: Args::from_table(&d.arguments),
+        }
+    }
+
+    /// A queue declared (by the admin API) with `d` on `node`, its home;
+    /// None for an exclusive or server-named queue, which stays local.
+    pub fn queue_declared(vhost: &str, d: &QueueDeclare, node: &str) -> Option<Command> {
+        (!d.exclusive && !d.name.is_empty()).then(|| Command::DeclareQueue {
+            vhost: vhost.to_string(),
+            name: d.name.clone(),
+            node: node.to_string(),
+            durable: d.durable,
+            auto_delete: d.auto_delete,
+            arguments: Args::from_table(&d.arguments),
+        })
+    }
+
+    /// A binding made (`bind`) or removed by the admin API.
+    pub fn binding(
+        bind: bool,
+        vhost: &str,
+        source: &str,
+        destination: &Destination,
+        routing_key: &str,
+        arguments: &FieldTable,
+    ) -> Command {
+        let (to_exchange, destination) = match destination {
+            Destination::Queue(q) => (false, q.to_string()),
+            Destination::Exchange(e) => (true, e.to_string()),
+        };
+        let rec = BindingRec {
+            vhost: vhost.to_string(),
+            source: source.to_string(),
+            to_exchange,
+            destination,
+            routing_key: routing_key.to_string(),
+            arguments: Args::from_table(arguments),
+        };
+        if bind {
+            Command::Bind(rec)
+        } else {
+            Command::Unbind(rec)
+        }
+    }
+
     /// The command a client's method becomes when it changed replicated
     /// metadata, or None (passive declares, exclusive and server-named queues
     /// and bindings to them, everything that is not topology). `node` is this
@@ -224,10 +310,38 @@ impl Command {
         })
     }
 
+    /// Make the change in the local broker ([`Self::apply_to`]) and, when it
+    /// took, record it in `model`; a batch does so for each of its commands
+    /// (the refusals are joined in the answer).
+    pub fn apply_and_record(
+        &self,
+        broker: &Broker,
+        now: u64,
+        model: &mut Metadata,
+    ) -> Result<(), String> {
+        if let Command::Batch(cmds) = self {
+            let refused: Vec<String> = cmds
+                .iter()
+                .filter_map(|c| c.apply_and_record(broker, now, model).err())
+                .collect();
+            return if refused.is_empty() {
+                Ok(())
+            } else {
+                Err(refused.join("; "))
+            };
+        }
+        self.apply_to(broker, now)?;
+        model.record(self);
+        Ok(())
+    }
+
     /// Make the change in the local broker, through the vhost door; the
     /// broker's own answer (a change that is refused on every node alike, e.g.
     /// an inequivalent redeclare, is refused here too) as text.
     pub fn apply_to(&self, broker: &Broker, now: u64) -> Result<(), String> {
+        if let Command::Batch(_) = self {
+            return self.apply_and_record(broker, now, &mut Metadata::default());
+        }
         if let Some(r) = self.apply_access(broker, now) {
             return r;
         }
@@ -310,7 +424,7 @@ impl Command {
 
     /// Vhosts, users, permissions and policies (None for topology commands).
     fn apply_access(&self, broker: &Broker, now: u64) -> Option<Result<(), String>> {
-        use crate::broker::auth::{Permission, User};
+        use crate::broker::auth::{Permission, TopicPermission, User};
         use crate::broker::policy::{ApplyTo, Policy};
         Some(match self {
             Command::PutVhost { name, creator } => {
@@ -364,6 +478,7 @@ impl Command {
                 apply_to,
                 priority,
                 definition,
+                operator,
             } => {
                 let Some(v) = broker.vhost(vhost) else {
                     return Some(Err(format!("no vhost '{vhost}' on this node")));
@@ -373,13 +488,55 @@ impl Command {
                     _ => return Some(Err("policy definition is not an object".into())),
                 };
                 let apply_to = ApplyTo::parse(apply_to).unwrap_or(ApplyTo::All);
-                Policy::new(vhost, name, pattern, apply_to, *priority, definition)
-                    .and_then(|p| v.put_policy(p, now).map(drop).map_err(|e| e.text))
+                if *operator {
+                    Policy::new_operator(vhost, name, pattern, apply_to, *priority, definition)
+                        .and_then(|p| v.put_operator_policy(p, now).map(drop).map_err(|e| e.text))
+                } else {
+                    Policy::new(vhost, name, pattern, apply_to, *priority, definition)
+                        .and_then(|p| v.put_policy(p, now).map(drop).map_err(|e| e.text))
+                }
             }
-            Command::DeletePolicy { vhost, name } => match broker.vhost(vhost) {
-                Some(v) => v.delete_policy(name, now).map(drop).map_err(|e| e.text),
+            Command::DeletePolicy {
+                vhost,
+                name,
+                operator,
+            } => match broker.vhost(vhost) {
+                Some(v) if *operator => v.delete_operator_policy(name, now).map(drop),
+                Some(v) => v.delete_policy(name, now).map(drop),
                 None => Ok(()),
-            },
+            }
+            .map_err(|e| e.text),
+            Command::SetTopicPermission {
+                vhost,
+                user,
+                exchange,
+                write,
+                read,
+            } => TopicPermission::new(vhost, user, exchange, write, read).map(|p| {
+                broker.auth.set_topic_permission(vhost, user, p);
+            }),
+            Command::ClearTopicPermission {
+                vhost,
+                user,
+                exchange,
+            } => {
+                broker
+                    .auth
+                    .clear_topic_permission(vhost, user, exchange.as_deref());
+                Ok(())
+            }
+            Command::SetVhostLimits { vhost, limits } => {
+                match broker.change_vhost_limits(vhost, |m| *m = limits.clone()) {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err(format!("no vhost '{vhost}' on this node")),
+                    Err(e) => Err(e.text),
+                }
+            }
+            Command::SetUserLimits { user, limits } => broker
+                .auth
+                .change_user_limits(user, |m| *m = limits.clone())
+                .map(drop)
+                .ok_or_else(|| format!("no user '{user}' on this node")),
             _ => return None,
         })
     }
@@ -397,6 +554,11 @@ pub struct Metadata {
     pub exchanges: BTreeMap<String, Command>,
     pub queues: BTreeMap<String, Command>,
     pub bindings: BTreeMap<String, BindingRec>,
+    pub operator_policies: BTreeMap<String, Command>,
+    /// Keyed by vhost, user and exchange.
+    pub topic_permissions: BTreeMap<String, Command>,
+    pub vhost_limits: BTreeMap<String, Command>,
+    pub user_limits: BTreeMap<String, Command>,
 }
 
 fn key(vhost: &str, name: &str) -> String {
@@ -413,6 +575,10 @@ impl Metadata {
             && self.exchanges.is_empty()
             && self.queues.is_empty()
             && self.bindings.is_empty()
+            && self.operator_policies.is_empty()
+            && self.topic_permissions.is_empty()
+            && self.vhost_limits.is_empty()
+            && self.user_limits.is_empty()
     }
 
     /// Record a committed command (pure: no broker, no I/O).
@@ -454,10 +620,13 @@ impl Metadata {
                     &mut self.policies,
                     &mut self.exchanges,
                     &mut self.queues,
+                    &mut self.operator_policies,
+                    &mut self.topic_permissions,
                 ] {
                     map.retain(|k, _| !k.starts_with(&prefix));
                 }
                 self.bindings.retain(|_, b| b.vhost != *name);
+                self.vhost_limits.remove(name);
             }
             Command::PutUser { name, .. } => {
                 self.users.insert(name.clone(), cmd.clone());
@@ -467,6 +636,10 @@ impl Metadata {
                 self.permissions.retain(
                     |_, p| !matches!(p, Command::SetPermission { user, .. } if user == name),
                 );
+                self.topic_permissions.retain(
+                    |_, p| !matches!(p, Command::SetTopicPermission { user, .. } if user == name),
+                );
+                self.user_limits.remove(name);
             }
             Command::SetPermission { vhost, user, .. } => {
                 self.permissions.insert(key(vhost, user), cmd.clone());
@@ -474,22 +647,86 @@ impl Metadata {
             Command::ClearPermission { vhost, user } => {
                 self.permissions.remove(&key(vhost, user));
             }
-            Command::PutPolicy { vhost, name, .. } => {
-                self.policies.insert(key(vhost, name), cmd.clone());
+            Command::PutPolicy {
+                vhost,
+                name,
+                operator,
+                ..
+            } => {
+                self.policy_map(*operator)
+                    .insert(key(vhost, name), cmd.clone());
             }
-            Command::DeletePolicy { vhost, name } => {
-                self.policies.remove(&key(vhost, name));
+            Command::DeletePolicy {
+                vhost,
+                name,
+                operator,
+            } => {
+                self.policy_map(*operator).remove(&key(vhost, name));
+            }
+            Command::SetTopicPermission {
+                vhost,
+                user,
+                exchange,
+                ..
+            } => {
+                let k = format!("{}\0{exchange}", key(vhost, user));
+                self.topic_permissions.insert(k, cmd.clone());
+            }
+            Command::ClearTopicPermission {
+                vhost,
+                user,
+                exchange,
+            } => {
+                let prefix = format!("{}\0", key(vhost, user));
+                match exchange {
+                    Some(x) => drop(self.topic_permissions.remove(&format!("{prefix}{x}"))),
+                    None => self
+                        .topic_permissions
+                        .retain(|k, _| !k.starts_with(&prefix)),
+                }
+            }
+            Command::SetVhostLimits { vhost, limits } => {
+                if limits.is_empty() {
+                    self.vhost_limits.remove(vhost);
+                } else {
+                    self.vhost_limits.insert(vhost.clone(), cmd.clone());
+                }
+            }
+            Command::SetUserLimits { user, limits } => {
+                if limits.is_empty() {
+                    self.user_limits.remove(user);
+                } else {
+                    self.user_limits.insert(user.clone(), cmd.clone());
+                }
+            }
+            Command::Batch(cmds) => {
+                for c in cmds {
+                    self.record(c);
+                }
             }
         }
     }
 
+    fn policy_map(&mut self, operator: bool) -> &mut BTreeMap<String, Command> {
+        if operator {
+            &mut self.operator_policies
+        } else {
+            &mut self.policies
+        }
+    }
+
     /// The commands that rebuild this model on an empty node, in an order that
-    /// works: vhosts, users, permissions, policies, exchanges, queues, bindings.
+    /// works: vhosts, users, permissions, topic permissions, limits, policies,
+    /// exchanges, queues, bindings.
     pub fn replay(&self) -> Vec<Command> {
         let mut out: Vec<Command> = self.vhosts.values().cloned().collect();
         out.extend(self.users.values().cloned());
         out.extend(self.permissions.values().cloned());
+        out.extend(self.topic_permissions.values().cloned());
+        out.extend(self.vhost_limits.values().cloned());
+        out.extend(self.user_limits.values().cloned());
         out.extend(self.policies.values().cloned());
+        out.extend(self.operator_policies.values().cloned());
         out.extend(self.exchanges.values().cloned());
         out.extend(self.queues.values().cloned());
         out.extend(self.bindings.values().cloned().map(Command::Bind));
@@ -620,6 +857,80 @@ mod tests {
         assert!(m.permissions.is_empty() && m.exchanges.is_empty() && m.queues.is_empty());
         assert!(m.bindings.is_empty() && m.vhosts.is_empty());
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn a_batch_records_each_command_and_tenancy_goes_with_its_vhost_and_user() {
+        let mut m = Metadata::default();
+        let limits = BTreeMap::from([("max-queues".to_string(), 5)]);
+        m.record(&Command::Batch(vec![
+            Command::PutVhost {
+                name: "v".into(),
+                creator: None,
+            },
+            Command::SetTopicPermission {
+                vhost: "v".into(),
+                user: "ann".into(),
+                exchange: "amq.topic".into(),
+                write: "^w".into(),
+                read: ".*".into(),
+            },
+            Command::SetTopicPermission {
+                vhost: "v".into(),
+                user: "ann".into(),
+                exchange: "t2".into(),
+                write: ".*".into(),
+                read: ".*".into(),
+            },
+            Command::SetVhostLimits {
+                vhost: "v".into(),
+                limits: limits.clone(),
+            },
+            Command::SetUserLimits {
+                user: "ann".into(),
+                limits,
+            },
+            Command::PutPolicy {
+                vhost: "v".into(),
+                name: "cap".into(),
+                pattern: ".*".into(),
+                apply_to: "queues".into(),
+                priority: 0,
+                definition: "{}".into(),
+                operator: true,
+            },
+        ]));
+        assert_eq!(m.topic_permissions.len(), 2);
+        assert_eq!(m.operator_policies.len(), 1);
+        assert!(m.policies.is_empty(), "an operator policy is not a policy");
+        // Replayed after the vhost, as JSON and back.
+        let back: Metadata = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.replay().len(), 6);
+        m.record(&Command::ClearTopicPermission {
+            vhost: "v".into(),
+            user: "ann".into(),
+            exchange: Some("t2".into()),
+        });
+        assert_eq!(m.topic_permissions.len(), 1);
+        m.record(&Command::DeleteUser { name: "ann".into() });
+        assert!(m.topic_permissions.is_empty() && m.user_limits.is_empty());
+        m.record(&Command::DeleteVhost { name: "v".into() });
+        assert!(m.is_empty(), "{m:?}");
+    }
+
+    #[test]
+    fn a_policy_logged_before_operator_policies_reads_as_a_user_policy() {
+        let old = r#"{"DeletePolicy":{"vhost":"/","name":"p"}}"#;
+        let cmd: Command = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            cmd,
+            Command::DeletePolicy {
+                vhost: "/".into(),
+                name: "p".into(),
+                operator: false
+            }
+        );
     }
 
     #[test]

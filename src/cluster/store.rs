@@ -270,11 +270,8 @@ impl StateMachine {
     }
 
     fn apply_command(&self, state: &mut Applied, cmd: &Command, now: u64) -> Option<String> {
-        match cmd.apply_to(&self.broker, now) {
-            Ok(()) => {
-                state.metadata.record(cmd);
-                None
-            }
+        match cmd.apply_and_record(&self.broker, now, &mut state.metadata) {
+            Ok(()) => None,
             Err(why) => {
                 tracing::debug!(?cmd, %why, "committed metadata change refused locally");
                 Some(why)

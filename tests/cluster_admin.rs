@@ -1,0 +1,233 @@
+//! The management API of a cluster: changes made through any node's admin API
+//! (exchanges, queues, bindings, topic permissions, limits, operator
+//! policies, definitions import) are committed by the metadata group and seen
+//! on every node, through the API and over AMQP; without a majority they are
+//! answered 503; `/api/nodes` on any node has every member's figures.
+
+mod common;
+
+use common::cluster::*;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn three_nodes(tag: &str) -> (Node, Node, Node) {
+    let mut a = Node::new(1, tag);
+    let mut b = Node::new(2, tag);
+    let mut c = Node::new(3, tag);
+    b.seeds = vec![a.seed()];
+    c.seeds = vec![a.seed(), b.seed()];
+    a.start().await;
+    b.start().await;
+    c.start().await;
+    let all = [a.name(), b.name(), c.name()];
+    eventually("three running members", Duration::from_secs(20), || {
+        let r = a.running();
+        all.iter().all(|n| r.contains(n))
+    })
+    .await;
+    (a, b, c)
+}
+
+fn names(list: &Value, key: &str) -> Vec<String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v[key].as_str().map(String::from))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_writes_on_one_node_are_seen_on_all() {
+    let (a, b, c) = three_nodes("admin").await;
+
+    // Exchanges, a queue and bindings (e->q, e->e) made through A's API.
+    let (x, x2, q) = (common::uniq("ax"), common::uniq("ax2"), common::uniq("aq"));
+    assert_eq!(
+        a.put(
+            &format!("/api/exchanges/%2F/{x}"),
+            json!({"type": "topic", "durable": true})
+        ),
+        201
+    );
+    assert_eq!(
+        a.put(
+            &format!("/api/exchanges/%2F/{x2}"),
+            json!({"type": "fanout"})
+        ),
+        201
+    );
+    assert_eq!(
+        a.put(
+            &format!("/api/queues/%2F/{q}"),
+            json!({"durable": true, "arguments": {"x-max-length": 7}})
+        ),
+        201
+    );
+    let bind = json!({"routing_key": "k.#"});
+    assert_eq!(
+        a.send(
+            "POST",
+            &format!("/api/bindings/%2F/e/{x}/q/{q}"),
+            Some(bind)
+        ),
+        201
+    );
+    assert_eq!(
+        a.send(
+            "POST",
+            &format!("/api/bindings/%2F/e/{x}/e/{x2}"),
+            Some(json!({"routing_key": "fan"}))
+        ),
+        201
+    );
+    for node in [&b, &c] {
+        wait_passive(node, &x, &q).await;
+        wait_passive(node, &x2, &q).await;
+        eventually("bindings replicated", WAIT, || {
+            has_binding(node, &x, &q, "k.#") && has_binding(node, &x, &x2, "fan")
+        })
+        .await;
+        let (_, queue) = node.get(&format!("/api/queues/%2F/{q}"));
+        assert_eq!(queue["arguments"]["x-max-length"], 7, "{queue}");
+        // The queue's home is A, the node whose API declared it.
+        assert_eq!(queue["node"], Value::String(a.name()), "{queue}");
+        let (_, ex) = node.get(&format!("/api/exchanges/%2F/{x}"));
+        assert_eq!(ex["type"], "topic", "{ex}");
+    }
+
+    // Unbind and delete through C's API: gone on A and B.
+    assert_eq!(
+        c.send(
+            "DELETE",
+            &format!("/api/bindings/%2F/e/{x}/e/{x2}/fan"),
+            None
+        ),
+        204
+    );
+    assert_eq!(
+        c.send("DELETE", &format!("/api/exchanges/%2F/{x2}"), None),
+        204
+    );
+    for node in [&a, &b] {
+        eventually("unbind and delete replicated", WAIT, || {
+            !has_binding(node, &x, &x2, "fan")
+                && node.get(&format!("/api/exchanges/%2F/{x2}")).0 == 404
+        })
+        .await;
+        assert!(has_binding(node, &x, &q, "k.#"));
+    }
+
+    // Topic permissions, vhost and user limits, operator policies through B.
+    let tp = json!({"exchange": "amq.topic", "write": "^w", "read": "^r"});
+    assert_eq!(b.put("/api/topic-permissions/%2F/guest", tp), 201);
+    assert_eq!(
+        b.put("/api/vhost-limits/%2F/max-queues", json!({"value": 500})),
+        204
+    );
+    assert_eq!(
+        b.put("/api/user-limits/guest/max-channels", json!({"value": 40})),
+        204
+    );
+    let op = json!({"pattern": "^op", "definition": {"max-length": 9}, "apply-to": "queues"});
+    assert_eq!(b.put("/api/operator-policies/%2F/cap", op), 201);
+    for node in [&a, &c] {
+        eventually("tenancy replicated", WAIT, || {
+            node.get("/api/topic-permissions/%2F/guest").1[0]["write"] == "^w"
+                && node.get("/api/vhost-limits/%2F").1[0]["value"]["max-queues"] == 500
+                && node.get("/api/user-limits/guest").1[0]["value"]["max-channels"] == 40
+                && node.get("/api/operator-policies/%2F/cap").1["definition"]["max-length"] == 9
+        })
+        .await;
+    }
+    assert_eq!(
+        b.send("DELETE", "/api/operator-policies/%2F/cap", None),
+        204
+    );
+    assert_eq!(
+        b.send("DELETE", "/api/topic-permissions/%2F/guest", None),
+        204
+    );
+    assert_eq!(
+        b.send("DELETE", "/api/vhost-limits/%2F/max-queues", None),
+        204
+    );
+    eventually("clears replicated", WAIT, || {
+        a.get("/api/operator-policies/%2F/cap").0 == 404
+            && a.get("/api/topic-permissions/%2F/guest").0 == 404
+            && a.get("/api/vhost-limits/%2F").1 == json!([])
+    })
+    .await;
+
+    // A definitions import on B is seen on C.
+    let (dx, dq) = (common::uniq("dx"), common::uniq("dq"));
+    let defs = json!({
+        "vhosts": [{"name": "defs-v"}],
+        "users": [{"name": "defs-u", "password": "pw", "tags": "management",
+                   "limits": {"max-connections": 3}}],
+        "permissions": [{"vhost": "defs-v", "user": "defs-u",
+                         "configure": ".*", "write": ".*", "read": ".*"}],
+        "parameters": [{"vhost": "defs-v", "component": "vhost-limits",
+                        "name": "limits", "value": {"max-connections": 11}}],
+        "policies": [{"vhost": "defs-v", "name": "dp", "pattern": "^d",
+                      "definition": {"max-length": 2}}],
+        "exchanges": [{"vhost": "/", "name": dx, "type": "direct", "durable": true}],
+        "queues": [{"vhost": "/", "name": dq, "durable": true}],
+        "bindings": [{"vhost": "/", "source": dx, "destination": dq,
+                      "destination_type": "queue", "routing_key": "dk"}],
+    });
+    assert_eq!(b.send("POST", "/api/definitions", Some(defs)), 204);
+    wait_passive(&c, &dx, &dq).await;
+    eventually("definitions replicated", WAIT, || {
+        has_binding(&c, &dx, &dq, "dk")
+            && names(&c.get("/api/vhosts").1, "name").contains(&"defs-v".to_string())
+            && c.get("/api/users/defs-u").1["limits"]["max-connections"] == 3
+            && c.get("/api/permissions/defs-v/defs-u").0 == 200
+            && c.get("/api/vhost-limits/defs-v").1[0]["value"]["max-connections"] == 11
+            && c.get("/api/policies/defs-v/dp").1["definition"]["max-length"] == 2
+    })
+    .await;
+    let (_, queue) = c.get(&format!("/api/queues/%2F/{dq}"));
+    assert_eq!(queue["node"], Value::String(b.name()), "{queue}");
+
+    // An admin DELETE of the queue on B removes it everywhere.
+    assert_eq!(
+        b.send("DELETE", &format!("/api/queues/%2F/{dq}"), None),
+        204
+    );
+    eventually("queue delete replicated", WAIT, || {
+        a.get(&format!("/api/queues/%2F/{dq}")).0 == 404
+            && c.get(&format!("/api/queues/%2F/{dq}")).0 == 404
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_writes_without_a_majority_are_503() {
+    let (mut a, mut b, c) = three_nodes("noquorum").await;
+    a.stop();
+    b.stop();
+    let started = std::time::Instant::now();
+    let url = format!("{}/api/exchanges/%2F/{}", c.url(), common::uniq("nq"));
+    let r = ureq::put(&url)
+        .set("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+        .send_json(json!({"type": "direct"}));
+    match r {
+        Err(ureq::Error::Status(503, resp)) => {
+            let body: Value = resp.into_json().expect("json body");
+            assert_eq!(body["error"], "timeout", "{body}");
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let q = common::uniq("nqq");
+    assert_eq!(c.put(&format!("/api/queues/%2F/{q}"), json!({})), 503);
+    assert_eq!(
+        c.put("/api/vhost-limits/%2F/max-queues", json!({"value": 5})),
+        503
+    );
+    let defs =
+        json!({"exchanges": [{"vhost": "/", "name": common::uniq("nqd"), "type": "fanout"}]});
+    assert_eq!(c.send("POST", "/api/definitions", Some(defs)), 503);
+}
