@@ -310,6 +310,48 @@ impl Command {
         })
     }
 
+    /// The command that removes the record this one puts (None for a
+    /// command that is itself a removal).
+    fn undo(&self) -> Option<Command> {
+        Some(match self.clone() {
+            Command::DeclareExchange { vhost, name, .. } => Command::DeleteExchange { vhost, name },
+            Command::DeclareQueue { vhost, name, .. } => Command::DeleteQueue { vhost, name },
+            Command::Bind(b) => Command::Unbind(b),
+            Command::PutVhost { name, .. } => Command::DeleteVhost { name },
+            Command::PutUser { name, .. } => Command::DeleteUser { name },
+            Command::SetPermission { vhost, user, .. } => Command::ClearPermission { vhost, user },
+            Command::PutPolicy {
+                vhost,
+                name,
+                operator,
+                ..
+            } => Command::DeletePolicy {
+                vhost,
+                name,
+                operator,
+            },
+            Command::SetTopicPermission {
+                vhost,
+                user,
+                exchange,
+                ..
+            } => Command::ClearTopicPermission {
+                vhost,
+                user,
+                exchange: Some(exchange),
+            },
+            Command::SetVhostLimits { vhost, .. } => Command::SetVhostLimits {
+                vhost,
+                limits: BTreeMap::new(),
+            },
+            Command::SetUserLimits { user, .. } => Command::SetUserLimits {
+                user,
+                limits: BTreeMap::new(),
+            },
+            _ => return None,
+        })
+    }
+
     /// Make the change in the local broker ([`Self::apply_to`]) and, when it
     /// took, record it in `model`; a batch does so for each of its commands
     /// (the refusals are joined in the answer).
@@ -730,6 +772,136 @@ impl Metadata {
         out.extend(self.exchanges.values().cloned());
         out.extend(self.queues.values().cloned());
         out.extend(self.bindings.values().cloned().map(Command::Bind));
+        out
+    }
+
+    /// What `broker` has of the replicated kinds, as a model (for
+    /// [`Self::removals`]): its exchanges (not the default and `amq.*` ones
+    /// every vhost has), named non-exclusive queues and their bindings, topic
+    /// permissions, limits, policies and operator policies. Vhosts, users and
+    /// permissions are taken from `replicated` (the model this node had)
+    /// instead: every node makes the default vhost and user at boot, and those
+    /// are not records of the group until someone changes them.
+    pub fn of_broker(broker: &Broker, replicated: &Metadata) -> Metadata {
+        let mut m = Metadata {
+            vhosts: replicated.vhosts.clone(),
+            users: replicated.users.clone(),
+            permissions: replicated.permissions.clone(),
+            ..Metadata::default()
+        };
+        let put = |vhost: &str, p: &crate::broker::policy::Policy, operator| Command::PutPolicy {
+            vhost: vhost.to_string(),
+            name: p.name.clone(),
+            pattern: p.pattern.clone(),
+            apply_to: p.apply_to.as_str().into(),
+            priority: p.priority,
+            definition: serde_json::Value::Object(p.definition.clone()).to_string(),
+            operator,
+        };
+        for v in broker.vhosts() {
+            let vhost = v.name.to_string();
+            for p in v.policies.list() {
+                m.record(&put(&vhost, &p, false));
+            }
+            for p in v.operator_policies.list() {
+                m.record(&put(&vhost, &p, true));
+            }
+            m.record(&Command::SetVhostLimits {
+                vhost: vhost.clone(),
+                limits: v.limit_values.all(),
+            });
+            for e in v.exchanges() {
+                if e.name.is_empty() || e.name.starts_with("amq.") {
+                    continue;
+                }
+                m.record(&Command::DeclareExchange {
+                    vhost: vhost.clone(),
+                    name: e.name.to_string(),
+                    kind: e.type_name().into(),
+                    durable: e.durable,
+                    auto_delete: e.auto_delete,
+                    internal: e.internal,
+                    arguments: Args::from_table(&e.arguments),
+                });
+            }
+            let mut local = std::collections::BTreeSet::new();
+            for q in v.queues() {
+                // Exclusive and server-named queues are this node's own.
+                if q.spec.exclusive_owner.is_some() || q.name().starts_with("amq.") {
+                    local.insert(q.name().to_string());
+                    continue;
+                }
+                m.record(&Command::DeclareQueue {
+                    vhost: vhost.clone(),
+                    name: q.name().to_string(),
+                    node: String::new(),
+                    durable: q.spec.durable,
+                    auto_delete: q.spec.auto_delete,
+                    arguments: Args::from_table(&q.spec.arguments),
+                });
+            }
+            for (source, b) in v.bindings() {
+                let to_local =
+                    matches!(&b.destination, Destination::Queue(q) if local.contains(&**q));
+                if source.is_empty() || to_local {
+                    continue;
+                }
+                m.record(&Command::binding(
+                    true,
+                    &vhost,
+                    &source,
+                    &b.destination,
+                    &b.routing_key,
+                    &b.arguments,
+                ));
+            }
+        }
+        for (vhost, user, p) in broker.auth.topic_permissions() {
+            m.record(&Command::SetTopicPermission {
+                vhost,
+                user,
+                exchange: p.exchange,
+                write: p.write,
+                read: p.read,
+            });
+        }
+        for (user, limits) in broker.auth.all_user_limits() {
+            m.record(&Command::SetUserLimits { user, limits });
+        }
+        m
+    }
+
+    /// The deletes that take `have` to this model: one for every record of
+    /// `have` this model lacks, the dependent ones first (bindings, queues,
+    /// exchanges, policies, limits, topic permissions, permissions, users,
+    /// vhosts). Records both have are left to the replay, which updates them.
+    pub fn removals(&self, have: &Metadata) -> Vec<Command> {
+        let gone = |mine: &BTreeMap<String, Command>, theirs: &BTreeMap<String, Command>| {
+            theirs
+                .iter()
+                .filter(|(k, _)| !mine.contains_key(*k))
+                .map(|(_, c)| c.clone())
+                .collect::<Vec<_>>()
+        };
+        let mut out: Vec<Command> = have
+            .bindings
+            .iter()
+            .filter(|(k, _)| !self.bindings.contains_key(*k))
+            .map(|(_, b)| Command::Unbind(b.clone()))
+            .collect();
+        let deletes = gone(&self.queues, &have.queues)
+            .into_iter()
+            .chain(gone(&self.exchanges, &have.exchanges))
+            .chain(gone(&self.policies, &have.policies))
+            .chain(gone(&self.operator_policies, &have.operator_policies))
+            .chain(gone(&self.vhost_limits, &have.vhost_limits))
+            .chain(gone(&self.user_limits, &have.user_limits))
+            .chain(gone(&self.topic_permissions, &have.topic_permissions))
+            .chain(gone(&self.permissions, &have.permissions))
+            .chain(gone(&self.users, &have.users))
+            .chain(gone(&self.vhosts, &have.vhosts))
+            .filter_map(|c| c.undo());
+        out.extend(deletes);
         out
     }
 

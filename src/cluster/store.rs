@@ -372,6 +372,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let now = crate::clock::now_ms();
         let state = {
             let mut s = self.state.lock();
+            // Exact: what this node has of the replicated kinds and the
+            // snapshot lacks goes first (a record the group deleted while this
+            // node was behind, or a change made here that never committed).
+            let have = Metadata::of_broker(&self.broker, &s.metadata);
+            for cmd in metadata.removals(&have) {
+                if let Err(why) = cmd.apply_to(&self.broker, now) {
+                    tracing::debug!(?cmd, %why, "removal for a snapshot refused locally");
+                }
+            }
             s.metadata = Metadata::default();
             for cmd in metadata.replay() {
                 self.apply_command(&mut s, &cmd, now);
@@ -405,5 +414,126 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::vhost::{ExchangeDeclare, QueueDeclare};
+    use crate::cluster::command::{Args, Command};
+    use openraft::CommittedLeaderId;
+
+    fn exchange(name: &str) -> Command {
+        Command::DeclareExchange {
+            vhost: "/".into(),
+            name: name.into(),
+            kind: "direct".into(),
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            arguments: Args::default(),
+        }
+    }
+
+    fn queue(name: &str) -> Command {
+        Command::DeclareQueue {
+            vhost: "/".into(),
+            name: name.into(),
+            node: "warren@a".into(),
+            durable: true,
+            auto_delete: false,
+            arguments: Args::default(),
+        }
+    }
+
+    /// Installing a snapshot removes the replicated records the node has and
+    /// the snapshot lacks (made here and never committed, or deleted by the
+    /// group while this node was behind), keeps the node's own (exclusive,
+    /// server-named queues, the boot vhost and user) and adds the rest.
+    #[tokio::test]
+    async fn installing_a_snapshot_is_exact() {
+        let dir = std::env::temp_dir().join(format!("warren-sm-exact-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let broker = Broker::new(&crate::Config::default());
+        let store = LogStore::open(&dir).expect("store");
+        let mut sm = StateMachine::open(Arc::clone(&broker), store).expect("state machine");
+        let now = 1;
+        // Committed earlier: a vhost the group has since deleted.
+        let old = Command::PutVhost {
+            name: "gone-v".into(),
+            creator: None,
+        };
+        assert_eq!(sm.apply_command(&mut sm.state.lock(), &old, now), None);
+        // Made here only: an exchange, a queue, a binding between them, a policy.
+        let v = broker.vhost("/").expect("default vhost");
+        v.declare_exchange(&ExchangeDeclare {
+            name: "stale-x".into(),
+            kind: "direct".into(),
+            durable: true,
+            ..Default::default()
+        })
+        .expect("declare");
+        let plain = |name: &str| QueueDeclare {
+            name: name.into(),
+            durable: true,
+            ..Default::default()
+        };
+        v.declare_queue(&plain("stale-q"), 0, now).expect("declare");
+        v.declare_queue(&plain("keep-q"), 0, now).expect("declare");
+        let q = crate::broker::exchange::Destination::Queue("stale-q".into());
+        v.bind("stale-x", q, "k", &Default::default(), 0)
+            .expect("bind");
+        let def = serde_json::json!({"max-length": 1});
+        let p = crate::broker::policy::Policy::new(
+            "/",
+            "stale-p",
+            ".*",
+            crate::broker::policy::ApplyTo::All,
+            0,
+            def.as_object().cloned().unwrap_or_default(),
+        )
+        .expect("policy");
+        v.put_policy(p, now).expect("policy");
+        // This node's own: an exclusive and a server-named queue.
+        let exclusive = QueueDeclare {
+            name: "excl".into(),
+            exclusive: true,
+            ..Default::default()
+        };
+        v.declare_queue(&exclusive, 7, now).expect("declare");
+        let (named, _) = v
+            .declare_queue(&QueueDeclare::default(), 0, now)
+            .expect("declare");
+
+        let mut snapshot = Metadata::default();
+        for c in [exchange("keep-x"), queue("keep-q")] {
+            snapshot.record(&c);
+        }
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 10)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "t".into(),
+        };
+        let data = serde_json::to_vec(&snapshot).expect("json");
+        sm.install_snapshot(&meta, Box::new(Cursor::new(data)))
+            .await
+            .expect("install");
+
+        let v = broker.vhost("/").expect("the boot vhost stays");
+        assert!(broker.auth.user("guest").is_some(), "the boot user stays");
+        assert!(broker.vhost("gone-v").is_none());
+        assert!(v.exchange("stale-x").is_err());
+        assert!(v.queue("stale-q", 0).is_err());
+        assert!(v.policies.get("/", "stale-p").is_none());
+        assert!(v.exchange("keep-x").is_ok() && v.queue("keep-q", 0).is_ok());
+        assert!(v.queue("excl", 7).is_ok(), "exclusive queues are local");
+        assert!(
+            v.queue(named.name(), 0).is_ok(),
+            "server-named queues are local"
+        );
+        assert!(v.exchange("amq.direct").is_ok());
+        assert_eq!(sm.metadata(), snapshot);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
