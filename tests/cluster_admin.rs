@@ -2,7 +2,8 @@
 //! (exchanges, queues, bindings, topic permissions, limits, operator
 //! policies, definitions import) are committed by the metadata group and seen
 //! on every node, through the API and over AMQP; without a majority they are
-//! answered 503; `/api/nodes` on any node has every member's figures.
+//! answered 503; `/api/nodes` on any node has every member's figures,
+//! fetched from that member.
 
 mod common;
 
@@ -203,10 +204,63 @@ async fn admin_writes_on_one_node_are_seen_on_all() {
     .await;
 }
 
+/// `name`'s record in `node`'s `/api/nodes`.
+fn record(node: &Node, name: &str) -> Value {
+    let (_, nodes) = node.get("/api/nodes");
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["name"].as_str() == Some(name))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_writes_without_a_majority_are_503() {
-    let (mut a, mut b, c) = three_nodes("noquorum").await;
+async fn figures_of_every_member_and_503_without_a_majority() {
+    let (mut a, mut b, c) = three_nodes("figures").await;
+
+    // B's /api/nodes has A's and C's own figures, fetched from them: C holds
+    // two AMQP connections, which only C's sockets_used counts.
+    let conns = [c.connect().await, c.connect().await];
+    eventually("C's figures seen from B", WAIT, || {
+        let rc = record(&b, &c.name());
+        rc["running"] == true
+            && rc["sockets_used"] == 2
+            && record(&b, &b.name())["sockets_used"] == 0
+    })
+    .await;
+    for name in [a.name(), c.name()] {
+        let r = record(&b, &name);
+        for f in [
+            "mem_used",
+            "fd_used",
+            "disk_free",
+            "mem_limit",
+            "processors",
+        ] {
+            assert!(r[f].as_u64().is_some_and(|n| n > 0), "{f} of {name}: {r}");
+        }
+        assert!(r["uptime"].as_u64().is_some(), "{r}");
+    }
+    // One member's record on its own, fetched the same way.
+    let (status, rc) = b.get(&format!("/api/nodes/{}", c.name()));
+    assert_eq!(status, 200, "{rc}");
+    assert_eq!(rc["sockets_used"], 2, "{rc}");
+    for conn in conns {
+        let _ = conn.close(200, "bye").await;
+    }
+
+    // A member that does not answer is not running, and has no figures.
     a.stop();
+    eventually("A shown as not running", WAIT, || {
+        let ra = record(&b, &a.name());
+        ra["running"] == false && ra.get("mem_used").is_none()
+    })
+    .await;
+    assert_eq!(record(&b, &c.name())["running"], true);
+
+    // Without a majority, admin writes are 503 {"error": "timeout"}.
     b.stop();
     let started = std::time::Instant::now();
     let url = format!("{}/api/exchanges/%2F/{}", c.url(), common::uniq("nq"));

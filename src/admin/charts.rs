@@ -373,9 +373,9 @@ pub async fn exchange(
     Ok(Json(v))
 }
 
-/// `GET /api/nodes/{node}`, with `sockets_used` (AMQP connections),
-/// `disk_free` and, for a `node_stats` range, samples of them and of
-/// `mem_used`, `fd_used` and `channels`.
+/// `GET /api/nodes/{node}` (with `sockets_used`, the AMQP connections, and
+/// `disk_free`) and, for a `node_stats` range on the answering node, samples
+/// of them and of `mem_used`, `fd_used` and `channels`.
 pub async fn node(
     State(s): State<AdminState>,
     caller: Caller,
@@ -383,12 +383,11 @@ pub async fn node(
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     let stats = range(&params, "node_stats")?;
+    let here = path.0 == super::cluster::this_node(&s);
     let Json(mut v) = super::overview::node(State(s.clone()), caller, path).await?;
     let root = object(&mut v);
-    root.insert("sockets_used".into(), json!(s.broker.connections().len()));
-    let free = s.data_dir.as_deref().and_then(disk_free).unwrap_or(0);
-    root.insert("disk_free".into(), json!(free));
-    if let Some((age, incr)) = stats {
+    // The samples are this node's own history.
+    if let Some((age, incr)) = stats.filter(|_| here) {
         let w = s.history.node(age, incr);
         for (field, pick) in [
             (

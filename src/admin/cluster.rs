@@ -68,19 +68,25 @@ impl Homes {
     }
 }
 
-/// `/api/nodes` when clustered: this node's full record plus one per member.
-pub fn nodes(c: &Cluster, this_node: Value) -> Vec<Value> {
-    c.members()
+/// `/api/nodes` when clustered: this node's full record plus one per member,
+/// with the figures each member answered over the inter-node port (asked
+/// all at once; one that does not answer within a second is shown as not
+/// running, without figures).
+pub async fn nodes(c: &Cluster, this_node: Value) -> Vec<Value> {
+    c.member_stats(&json!({}))
+        .await
         .into_iter()
-        .map(|m| {
-            let mut j = if m.id == c.id {
+        .map(|(m, answer)| {
+            let here = m.id == c.id;
+            let mut j = if here {
                 this_node.clone()
             } else {
-                json!({"type": "disc"})
+                let figures = answer.as_ref().and_then(|a| a.get("node"));
+                super::overview::node_record(&m.name, answer.is_some(), figures)
             };
             if let Some(o) = j.as_object_mut() {
                 o.insert("name".into(), json!(m.name));
-                o.insert("running".into(), json!(m.running));
+                o.insert("running".into(), json!(here || answer.is_some()));
                 o.insert("metadata_leader".into(), json!(m.leader));
                 o.insert("voter".into(), json!(m.voter));
                 o.insert("cluster_addr".into(), json!(m.addr));
@@ -88,6 +94,24 @@ pub fn nodes(c: &Cluster, this_node: Value) -> Vec<Value> {
             j
         })
         .collect()
+}
+
+/// This node's answer to another member's stats request: its health
+/// figures (`node`).
+pub fn answer_stats(s: &AdminState, _query: &Value) -> Value {
+    json!({ "node": super::overview::node_figures(s) })
+}
+
+/// Let other members ask this node for its figures ([`answer_stats`]).
+pub fn serve_stats(s: &AdminState) {
+    let Some(c) = &s.cluster else {
+        return;
+    };
+    // The answering state holds no cluster handle: the cluster keeps this
+    // closure, and a cycle would keep both alive.
+    let mut local = s.clone();
+    local.cluster = None;
+    c.set_stats(Arc::new(move |query| answer_stats(&local, query)));
 }
 
 /// `GET /api/cluster`: this node, the leader, the members, the Raft state and

@@ -620,6 +620,7 @@ pub async fn start(
         state.data_dir.clone(),
         sample_every,
     );
+    cluster::serve_stats(&state);
     let app = router(state);
     if let Some((listener, h)) = secure {
         addrs.https = Some(listener.local_addr()?);

@@ -66,39 +66,68 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
     }))
 }
 
-fn node_json(s: &AdminState) -> Value {
+/// This node's health figures, as `/api/nodes` shows them (and as this node
+/// answers another member's stats request).
+pub fn node_figures(s: &AdminState) -> Value {
+    let disk_free = s
+        .data_dir
+        .as_deref()
+        .and_then(super::charts::disk_free)
+        .unwrap_or(0);
     json!({
-        "name": this_node(s),
-        "type": "disc",
-        "running": true,
         "mem_used": resident_memory().unwrap_or(0),
         "mem_alarm": s.broker.memory_alarm(),
         "mem_limit": s.broker.memory_watermark(),
         "disk_free_alarm": false,
+        "disk_free": disk_free,
         "uptime": now_ms().saturating_sub(s.started_at),
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        "fd_used": std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0),
+        "fd_used": super::charts::fd_used(),
+        "sockets_used": s.broker.connections().len(),
     })
+}
+
+/// A node's record: its name, type, whether it runs, and `figures`' fields.
+pub fn node_record(name: &str, running: bool, figures: Option<&Value>) -> Value {
+    let mut j = json!({"name": name, "type": "disc", "running": running});
+    if let (Some(Value::Object(f)), Value::Object(o)) = (figures, &mut j) {
+        for (k, v) in f {
+            o.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    j
+}
+
+fn node_json(s: &AdminState) -> Value {
+    node_record(&this_node(s), true, Some(&node_figures(s)))
 }
 
 pub async fn nodes(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require_monitor()?;
     if let Some(c) = &s.cluster {
-        return Ok(Json(json!(super::cluster::nodes(c, node_json(&s)))));
+        return Ok(Json(json!(super::cluster::nodes(c, node_json(&s)).await)));
     }
     Ok(Json(json!([node_json(&s)])))
 }
 
+/// `GET /api/nodes/{node}`: this node's record, or (clustered) another
+/// member's, with the figures it answered (404 when it is not a member or
+/// did not answer).
 pub async fn node(
     State(s): State<AdminState>,
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_monitor()?;
-    if name != this_node(&s) {
-        return Err(ApiError::not_found());
+    if name == this_node(&s) {
+        return Ok(Json(node_json(&s)));
     }
-    Ok(Json(node_json(&s)))
+    let c = s.cluster.as_ref().ok_or_else(ApiError::not_found)?;
+    let answer = c
+        .stats_of(&name, &json!({}))
+        .await
+        .ok_or_else(ApiError::not_found)?;
+    Ok(Json(node_record(&name, true, answer.get("node"))))
 }
 
 pub async fn whoami(caller: Caller) -> Json<Value> {

@@ -37,6 +37,9 @@ pub enum Kind {
     Forget = 15,
     /// Liveness probe between members (answered at once).
     Ping = 16,
+    /// A member asks for this node's figures (health, queue counts) for the
+    /// management API; the query and the answer are JSON.
+    Stats = 17,
     /// The answer to any request: a JSON `Result<T, String>`.
     Reply = 20,
 }
@@ -54,6 +57,7 @@ impl Kind {
             14 => Kind::Propose,
             15 => Kind::Forget,
             16 => Kind::Ping,
+            17 => Kind::Stats,
             20 => Kind::Reply,
             _ => return None,
         })

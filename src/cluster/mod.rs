@@ -87,7 +87,17 @@ pub struct Cluster {
     commit_timeout: Duration,
     /// When each other member last answered a probe.
     seen: parking_lot::Mutex<BTreeMap<u64, std::time::Instant>>,
+    /// What answers a member's [`Kind::Stats`] request (set by the admin API).
+    stats: parking_lot::RwLock<Option<StatsFn>>,
 }
+
+/// This node's figures for a query from another member (JSON in, JSON out:
+/// what is asked and answered is the management API's business).
+pub type StatsFn = Arc<dyn Fn(&serde_json::Value) -> serde_json::Value + Send + Sync>;
+
+/// How long a member has to answer a stats request before it is shown as
+/// not running.
+pub const STATS_TIMEOUT: Duration = Duration::from_millis(1000);
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -250,6 +260,7 @@ impl Cluster {
             sm,
             commit_timeout: Duration::from_millis(cc.commit_timeout_ms.max(1)),
             seen: Default::default(),
+            stats: Default::default(),
         });
         network::serve(listener, Arc::downgrade(&cluster));
         cluster.spawn_pinger();
@@ -563,6 +574,64 @@ impl Cluster {
                 }
             }
         });
+    }
+
+    /// Answer other members' stats requests with `f`.
+    pub fn set_stats(&self, f: StatsFn) {
+        *self.stats.write() = Some(f);
+    }
+
+    /// This node's answer to a stats request.
+    fn local_stats(&self, query: &serde_json::Value) -> Result<serde_json::Value, String> {
+        let f = self.stats.read().clone();
+        f.map(|f| f(query))
+            .ok_or_else(|| "this node has no management API to answer".to_string())
+    }
+
+    /// Ask every other member (all at once, each on a connection of its own,
+    /// at most [`STATS_TIMEOUT`]) for its figures: the members with the
+    /// answer of those that gave one.
+    pub async fn member_stats(
+        &self,
+        query: &serde_json::Value,
+    ) -> Vec<(Member, Option<serde_json::Value>)> {
+        let asks = self.members().into_iter().map(|m| async move {
+            if m.id == self.id {
+                return (m, None);
+            }
+            let mut peer = Peer::new(m.addr.clone(), Arc::clone(&self.ident));
+            let r: Result<Result<serde_json::Value, String>, _> =
+                peer.call(Kind::Stats, query, STATS_TIMEOUT).await;
+            match r {
+                Ok(Ok(v)) => (m, Some(v)),
+                Ok(Err(e)) => {
+                    tracing::debug!(node = %m.name, error = %e, "no figures");
+                    (m, None)
+                }
+                Err(e) => {
+                    tracing::debug!(node = %m.name, error = %e, "stats request failed");
+                    (m, None)
+                }
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// Ask one member, by name, for its figures (None: not a member, or no
+    /// answer within [`STATS_TIMEOUT`]).
+    pub async fn stats_of(
+        &self,
+        node: &str,
+        query: &serde_json::Value,
+    ) -> Option<serde_json::Value> {
+        let m = self.members().into_iter().find(|m| m.name == node)?;
+        if m.id == self.id {
+            return self.local_stats(query).ok();
+        }
+        let mut peer = Peer::new(m.addr, Arc::clone(&self.ident));
+        let r: Result<Result<serde_json::Value, String>, _> =
+            peer.call(Kind::Stats, query, STATS_TIMEOUT).await;
+        r.ok()?.ok()
     }
 
     /// The leader's name, when one is known.

@@ -4,7 +4,8 @@
 //! SHA-256 of the nonce and the cookie, so the cookie never crosses the wire);
 //! a peer that fails it is logged and disconnected before anything else is
 //! read. After it, the dialer sends requests (openraft's RPCs, join, propose,
-//! forget) and the listener answers each with one `Reply` frame, in order.
+//! forget, ping, stats) and the listener answers each with one `Reply` frame,
+//! in order.
 
 use super::frame::{Frame, FrameCodec, Kind};
 use super::{Cluster, Identity, NodeInfo, TypeConfig};
@@ -261,6 +262,10 @@ impl Cluster {
                 serde_json::to_vec(&self.write_here(cmd).await)?
             }
             Kind::Ping => serde_json::to_vec(&())?,
+            Kind::Stats => {
+                let query: serde_json::Value = serde_json::from_slice(p)?;
+                serde_json::to_vec(&self.local_stats(&query))?
+            }
             Kind::Forget => {
                 let id: NodeId = serde_json::from_slice(p)?;
                 serde_json::to_vec(&self.remove_member(id).await)?

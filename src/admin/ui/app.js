@@ -282,8 +282,9 @@
       window.WarrenFlow.lineChart($('#ov-disk'), [{ key: 'disk_free', label: 'Free', color: '#1b7a34', points: P((nodeInfo.disk_free_details || {}).samples) }], { span, now, format: bytes, title: 'Free disk' });
     }
   }
-  // RabbitMQ's nodes table: every member with its state, and the health
-  // figures where the API has them (this node's); "n/a" for the others.
+  // RabbitMQ's nodes table: every member with its state and health figures
+  // (fetched by the answering node from each member); "n/a" for a member
+  // that did not answer.
   function nodesTable(list) {
     const clustered = isClustered();
     const fig = (n, f) => { const d = n.name === hereName && nodeInfo ? nodeInfo : n; return d[f] == null ? null : d[f]; };
@@ -302,7 +303,7 @@
       { label: 'File descriptors', n: 1, cell: (n) => show(fig(n, 'fd_used'), num) },
       { label: 'Uptime', n: 1, cell: (n) => show(fig(n, 'uptime'), (u) => Math.round(u / 1000) + ' s') });
     return table(cols, list, { id: 'nodes-table', label: 'Nodes', empty: 'No members.' }) +
-      (clustered && list.some((n) => n.name !== hereName) ? '<p class="muted">Memory, disk and file descriptors are shown for this node only: the API has no figures for the other members yet.</p>' : '');
+      (clustered && list.some((n) => !n.running) ? '<p class="muted">n/a: the member did not answer this node within a second.</p>' : '');
   }
   function drawChart(svg, data, spanMs) {
     if (!svg) return;
