@@ -251,6 +251,39 @@ async fn figures_of_every_member_and_503_without_a_majority() {
         let _ = conn.close(200, "bye").await;
     }
 
+    // A queue's counts come from its home node: three messages published on
+    // A (the home) are counted by B and C, which hold none of them.
+    let q = common::uniq("fq");
+    assert_eq!(a.put(&format!("/api/queues/%2F/{q}"), json!({})), 201);
+    wait_passive(&b, "amq.direct", &q).await;
+    wait_passive(&c, "amq.direct", &q).await;
+    let publish = json!({"routing_key": q, "payload": "m", "payload_encoding": "string",
+                         "properties": {}});
+    for _ in 0..3 {
+        assert_eq!(
+            a.send(
+                "POST",
+                "/api/exchanges/%2F/amq.default/publish",
+                Some(publish.clone())
+            ),
+            200
+        );
+    }
+    let (_, on_b) = b.get(&format!("/api/queues/%2F/{q}"));
+    assert_eq!(on_b["messages"], 3, "{on_b}");
+    assert_eq!(on_b["messages_ready"], 3, "{on_b}");
+    let (_, listed) = c.get("/api/queues/%2F");
+    let row = listed
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|r| r["name"].as_str() == Some(q.as_str()))
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(row["messages"], 3, "{row}");
+    let (_, paged) = c.get(&format!("/api/queues/%2F?page=1&page_size=500&name={q}"));
+    assert_eq!(paged["items"][0]["messages"], 3, "{paged}");
+
     // A member that does not answer is not running, and has no figures.
     a.stop();
     eventually("A shown as not running", WAIT, || {
@@ -259,6 +292,9 @@ async fn figures_of_every_member_and_503_without_a_majority() {
     })
     .await;
     assert_eq!(record(&b, &c.name())["running"], true);
+    // With its home down, B shows its own counts of the queue (none).
+    let (_, on_b) = b.get(&format!("/api/queues/%2F/{q}"));
+    assert_eq!(on_b["messages"], 0, "{on_b}");
 
     // Without a majority, admin writes are 503 {"error": "timeout"}.
     b.stop();

@@ -1,8 +1,11 @@
 //! `/api/cluster` (warren's own; the CLI's `cluster status`, `cluster join`,
 //! `cluster forget-node`) and the clustered form of `/api/nodes`: every member
 //! of the metadata group, whether this node sees it running, and which one
-//! leads the metadata group; and [`Homes`], the node each queue lives on for
-//! the queue JSON's `node`. Answers 400 on a node without `[cluster]`.
+//! leads the metadata group, with each member's figures asked of it
+//! ([`answer_stats`] is what this node answers); [`Homes`], the node each
+//! queue lives on for the queue JSON's `node`, and the counts it has of the
+//! queue; and [`replicate`], the one door through which every admin write
+//! reaches the metadata group. Answers 400 on a node without `[cluster]`.
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::cluster::{Cluster, Command};
@@ -10,6 +13,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 fn clustered(s: &AdminState) -> ApiResult<&Arc<Cluster>> {
@@ -45,10 +49,14 @@ pub fn this_node(s: &AdminState) -> String {
 
 /// The node each queue lives on (RabbitMQ's `node` of a queue): the home
 /// node of its replicated record when clustered, else this node (a queue
-/// that is not replicated, or no cluster). Taken once per request.
+/// that is not replicated, or no cluster). Taken once per request; with
+/// [`Homes::fetch`], also the counts of queues whose home is another member,
+/// as that member has them.
 pub struct Homes {
     here: String,
     metadata: Option<crate::cluster::command::Metadata>,
+    /// Counts answered by the home node, by vhost and name.
+    remote: HashMap<(String, String), Value>,
 }
 
 impl Homes {
@@ -56,6 +64,7 @@ impl Homes {
         Homes {
             here: this_node(s),
             metadata: s.cluster.as_ref().map(|c| c.metadata()),
+            remote: HashMap::new(),
         }
     }
 
@@ -65,6 +74,47 @@ impl Homes {
             .as_ref()
             .and_then(|m| m.queue_node(vhost, name))
             .unwrap_or(&self.here)
+    }
+
+    /// Ask each home node (one request per member, all at once) for the
+    /// counts of those of `queues` that live there; a member that does not
+    /// answer leaves this node's own counts in place.
+    pub async fn fetch(&mut self, s: &AdminState, queues: &[Arc<crate::broker::queue::Queue>]) {
+        let Some(c) = &s.cluster else {
+            return;
+        };
+        let mut by_node: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for q in queues {
+            let (vhost, name) = (q.spec.vhost.to_string(), q.name().to_string());
+            let node = self.node(&vhost, &name);
+            if node != self.here && !self.remote.contains_key(&(vhost.clone(), name.clone())) {
+                by_node
+                    .entry(node.to_string())
+                    .or_default()
+                    .push((vhost, name));
+            }
+        }
+        let asks = by_node.into_iter().map(|(node, wanted)| async move {
+            let answer = c.stats_of(&node, &json!({ "queues": wanted })).await;
+            (wanted, answer)
+        });
+        for (wanted, answer) in futures::future::join_all(asks).await {
+            let Some(Value::Array(counts)) =
+                answer.and_then(|mut a| a.get_mut("queues").map(Value::take))
+            else {
+                continue;
+            };
+            for (key, counts) in wanted.into_iter().zip(counts) {
+                if counts.is_object() {
+                    self.remote.insert(key, counts);
+                }
+            }
+        }
+    }
+
+    /// The counts the home node answered for `name` in `vhost`, if it did.
+    pub fn counts(&self, vhost: &str, name: &str) -> Option<&Value> {
+        self.remote.get(&(vhost.to_string(), name.to_string()))
     }
 }
 
@@ -97,10 +147,30 @@ pub async fn nodes(c: &Cluster, this_node: Value) -> Vec<Value> {
 }
 
 /// This node's answer to another member's stats request: its health
-/// figures (`node`).
-pub fn answer_stats(s: &AdminState, _query: &Value) -> Value {
-    json!({ "node": super::overview::node_figures(s) })
+/// figures (`node`) and, for `{"queues": [[vhost, name], ...]}`, the counts
+/// of those queues (`queues`, in the same order; null for one it does not
+/// have).
+pub fn answer_stats(s: &AdminState, query: &Value) -> Value {
+    let wanted = query.get("queues").and_then(Value::as_array);
+    let queues: Vec<Value> = wanted
+        .into_iter()
+        .flatten()
+        .take(MAX_QUEUES_ASKED)
+        .map(|pair| {
+            let (Some(vhost), Some(name)) = (pair[0].as_str(), pair[1].as_str()) else {
+                return Value::Null;
+            };
+            super::queues::find(s, vhost, name)
+                .map(|q| Value::Object(super::queues::queue_counts(s, &q)))
+                .unwrap_or(Value::Null)
+        })
+        .collect();
+    json!({ "node": super::overview::node_figures(s), "queues": queues })
 }
+
+/// The most queues one stats request answers for: a bound on the work a
+/// single request makes.
+const MAX_QUEUES_ASKED: usize = 100_000;
 
 /// Let other members ask this node for its figures ([`answer_stats`]).
 pub fn serve_stats(s: &AdminState) {

@@ -19,10 +19,34 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// A queue as the API shows it; `homes` (taken once per request) gives its
-/// `node`.
-pub fn queue_json(s: &AdminState, homes: &Homes, q: &Queue) -> Value {
+/// A queue's counts (messages, bytes, consumers, message stats) as this node
+/// has them: what a queue's home node answers other members.
+pub fn queue_counts(s: &AdminState, q: &Queue) -> Map<String, Value> {
     let st = q.stats(crate::clock::now_ms());
+    let vhost = &*q.spec.vhost;
+    let counts = json!({
+        "messages": st.ready + st.unacked,
+        "messages_ready": st.ready,
+        "messages_unacknowledged": st.unacked,
+        "message_bytes_ready": st.ready_bytes,
+        "message_bytes": st.ready_bytes,
+        "messages_ram": st.ready_ram + st.unacked,
+        "messages_ready_ram": st.ready_ram,
+        "messages_paged_out": st.ready - st.ready_ram,
+        "message_bytes_ram": st.ready_ram_bytes,
+        "message_bytes_paged_out": st.ready_bytes - st.ready_ram_bytes,
+        "consumers": st.consumers,
+        "message_stats": queue_stats(&Totals::of(&q.counters), &s.rates.queue(vhost, q.name())),
+    });
+    match counts {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+/// A queue as the API shows it; `homes` (taken once per request) gives its
+/// `node` and, when its home is another member that answered, its counts.
+pub fn queue_json(s: &AdminState, homes: &Homes, q: &Queue) -> Value {
     let vhost = &*q.spec.vhost;
     let node = homes.node(vhost, q.name());
     let (policy, operator) = s
@@ -42,22 +66,16 @@ pub fn queue_json(s: &AdminState, homes: &Homes, q: &Queue) -> Value {
         "type": kind.as_str(),
         "node": node,
         "state": "running",
-        "messages": st.ready + st.unacked,
-        "messages_ready": st.ready,
-        "messages_unacknowledged": st.unacked,
-        "message_bytes_ready": st.ready_bytes,
-        "message_bytes": st.ready_bytes,
-        "messages_ram": st.ready_ram + st.unacked,
-        "messages_ready_ram": st.ready_ram,
-        "messages_paged_out": st.ready - st.ready_ram,
-        "message_bytes_ram": st.ready_ram_bytes,
-        "message_bytes_paged_out": st.ready_bytes - st.ready_ram_bytes,
-        "consumers": st.consumers,
         "policy": policy.as_ref().map(|p| p.name.clone()),
         "operator_policy": operator.as_ref().map(|p| p.name.clone()),
         "effective_policy_definition": effective.map(Value::Object).unwrap_or(json!({})),
-        "message_stats": queue_stats(&Totals::of(&q.counters), &s.rates.queue(vhost, q.name())),
     });
+    if let Value::Object(m) = &mut v {
+        match homes.counts(vhost, q.name()).and_then(Value::as_object) {
+            Some(remote) => m.extend(remote.clone()),
+            None => m.extend(queue_counts(s, q)),
+        }
+    }
     if kind == QueueType::Quorum {
         // RabbitMQ's quorum-queue fields; quorum queues are not replicated
         // yet, so the one replica on the queue's node is member, leader and
@@ -152,7 +170,7 @@ fn number_param(params: &HashMap<String, String>, key: &str, default: usize) -> 
 /// (`page`, `page_size` (max 500), `name` (substring, or a regex with
 /// `use_regex=true`), `sort` (a dotted field path), `sort_reverse`); a plain
 /// array otherwise.
-fn listing(
+async fn listing(
     s: &AdminState,
     caller: &Caller,
     only: Option<&str>,
@@ -184,13 +202,15 @@ fn listing(
     if by_name && reverse {
         queues.reverse();
     }
-    let homes = Homes::of(s);
-    let render =
-        |qs: &[Arc<Queue>]| -> Vec<Value> { qs.iter().map(|q| queue_json(s, &homes, q)).collect() };
+    let mut homes = Homes::of(s);
+    let render = |homes: &Homes, qs: &[Arc<Queue>]| -> Vec<Value> {
+        qs.iter().map(|q| queue_json(s, homes, q)).collect()
+    };
     let mut items = if by_name && params.contains_key("page") {
         Vec::new()
     } else {
-        render(&queues)
+        homes.fetch(s, &queues).await;
+        render(&homes, &queues)
     };
     if !by_name {
         items.sort_by(|a, b| cmp_values(at_path(a, sort), at_path(b, sort)));
@@ -215,7 +235,9 @@ fn listing(
     }
     let start = (page - 1) * page_size;
     let items: Vec<Value> = if by_name {
-        render(&queues[start.min(filtered)..(start + page_size).min(filtered)])
+        let page = &queues[start.min(filtered)..(start + page_size).min(filtered)];
+        homes.fetch(s, page).await;
+        render(&homes, page)
     } else {
         items.into_iter().skip(start).take(page_size).collect()
     };
@@ -235,7 +257,7 @@ pub async fn list(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(listing(&s, &caller, None, &params)?))
+    Ok(Json(listing(&s, &caller, None, &params).await?))
 }
 
 pub async fn list_vhost(
@@ -245,7 +267,7 @@ pub async fn list_vhost(
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(listing(&s, &caller, Some(&vhost), &params)?))
+    Ok(Json(listing(&s, &caller, Some(&vhost), &params).await?))
 }
 
 /// The queue `name` in `vhost` for the API (exclusive queues included).
@@ -264,7 +286,9 @@ pub async fn show(
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
-    Ok(Json(queue_json(&s, &Homes::of(&s), &q)))
+    let mut homes = Homes::of(&s);
+    homes.fetch(&s, std::slice::from_ref(&q)).await;
+    Ok(Json(queue_json(&s, &homes, &q)))
 }
 
 /// Declare a queue from an API / definitions body.
