@@ -292,6 +292,9 @@ async fn figures_of_every_member_and_503_without_a_majority() {
     })
     .await;
     assert_eq!(record(&b, &c.name())["running"], true);
+    let (status, ra) = b.get(&format!("/api/nodes/{}", a.name()));
+    assert_eq!((status, &ra["running"]), (200, &Value::Bool(false)), "{ra}");
+    assert_eq!(b.get("/api/nodes/warren@nowhere").0, 404);
     // With its home down, B shows its own counts of the queue (none).
     let (_, on_b) = b.get(&format!("/api/queues/%2F/{q}"));
     assert_eq!(on_b["messages"], 0, "{on_b}");

@@ -111,8 +111,8 @@ pub async fn nodes(State(s): State<AdminState>, caller: Caller) -> ApiResult<Jso
 }
 
 /// `GET /api/nodes/{node}`: this node's record, or (clustered) another
-/// member's, with the figures it answered (404 when it is not a member or
-/// did not answer).
+/// member's, with the figures it answered (`running: false` and none when
+/// it did not answer; 404 when it is not a member).
 pub async fn node(
     State(s): State<AdminState>,
     caller: Caller,
@@ -123,11 +123,12 @@ pub async fn node(
         return Ok(Json(node_json(&s)));
     }
     let c = s.cluster.as_ref().ok_or_else(ApiError::not_found)?;
-    let answer = c
-        .stats_of(&name, &json!({}))
-        .await
-        .ok_or_else(ApiError::not_found)?;
-    Ok(Json(node_record(&name, true, answer.get("node"))))
+    if !c.members().iter().any(|m| m.name == name) {
+        return Err(ApiError::not_found());
+    }
+    let answer = c.stats_of(&name, &json!({})).await;
+    let figures = answer.as_ref().and_then(|a| a.get("node"));
+    Ok(Json(node_record(&name, answer.is_some(), figures)))
 }
 
 pub async fn whoami(caller: Caller) -> Json<Value> {
