@@ -13,7 +13,9 @@ macro_rules! id {
     };
 }
 
+pub mod cluster;
 pub mod process;
+pub mod proxy;
 pub mod raw;
 pub mod stream;
 pub mod tls;

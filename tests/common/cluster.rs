@@ -1,0 +1,333 @@
+//! A warren cluster node as a child process for the cluster test files: its
+//! own address on 127.0.0.n, free AMQP, admin and inter-node ports, a data
+//! directory of its own, optional `[cluster.tls]` and `[cluster] dial`
+//! overrides, its log in a file; started, stopped (SIGTERM), killed (SIGKILL),
+//! and asked over AMQP and the admin API.
+#![allow(dead_code)]
+
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const COOKIE: &str = "cluster-test-cookie";
+
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// `[cluster.tls]` files of one node.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    pub certfile: PathBuf,
+    pub keyfile: PathBuf,
+    pub cacertfile: PathBuf,
+}
+
+/// One warren process of a test cluster.
+pub struct Node {
+    pub ip: String,
+    pub dir: PathBuf,
+    pub amqp: u16,
+    pub admin: u16,
+    pub cluster: u16,
+    pub seeds: Vec<String>,
+    pub cookie: String,
+    pub tls: Option<NodeTls>,
+    /// `[cluster] dial`: node name -> address.
+    pub dial: Vec<(String, String)>,
+    pub commit_timeout_ms: u64,
+    child: Option<Child>,
+}
+
+impl Node {
+    pub fn new(n: u8, tag: &str) -> Node {
+        let ip = format!("127.0.0.{n}");
+        let dir = std::env::temp_dir().join(super::uniq(&format!("warren-cluster-{tag}-{n}")));
+        let _ = std::fs::remove_dir_all(&dir);
+        Node {
+            amqp: free_port(&ip),
+            admin: free_port(&ip),
+            cluster: free_port(&ip),
+            ip,
+            dir,
+            seeds: Vec::new(),
+            cookie: COOKIE.into(),
+            tls: None,
+            dial: Vec::new(),
+            commit_timeout_ms: 3000,
+            child: None,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        format!("warren@{}", self.ip)
+    }
+
+    /// `warren@ip:port`, as a seed.
+    pub fn seed(&self) -> String {
+        format!("warren@{}:{}", self.ip, self.cluster)
+    }
+
+    /// The inter-node address the membership records.
+    pub fn cluster_addr(&self) -> String {
+        format!("{}:{}", self.ip, self.cluster)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("warren.log")
+    }
+
+    /// What the node logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn config(&self) -> PathBuf {
+        let seeds: Vec<String> = self.seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        let dial: Vec<String> = self
+            .dial
+            .iter()
+            .map(|(k, v)| format!("\"{k}\" = \"{v}\""))
+            .collect();
+        let mut text = format!(
+            "bind = \"{ip}\"\namqp_port = {amqp}\nadmin_port = {admin}\ndata_dir = \"{dir}\"\n\
+             log = \"warn\"\n\n[stream.listeners]\ntcp = \"none\"\n\n[cluster]\n\
+             node_name = \"warren@{ip}\"\nlisten = \"{ip}:{cluster}\"\ncookie = \"{cookie}\"\n\
+             seeds = [{seeds}]\ncommit_timeout_ms = {timeout}\nheartbeat_ms = 50\n\
+             dial = {{ {dial} }}\n",
+            ip = self.ip,
+            amqp = self.amqp,
+            admin = self.admin,
+            dir = self.dir.display(),
+            cluster = self.cluster,
+            cookie = self.cookie,
+            seeds = seeds.join(", "),
+            timeout = self.commit_timeout_ms,
+            dial = dial.join(", "),
+        );
+        if let Some(tls) = &self.tls {
+            text.push_str(&format!(
+                "\n[cluster.tls]\ncertfile = \"{}\"\nkeyfile = \"{}\"\ncacertfile = \"{}\"\n",
+                tls.certfile.display(),
+                tls.keyfile.display(),
+                tls.cacertfile.display()
+            ));
+        }
+        std::fs::create_dir_all(&self.dir).expect("data dir");
+        let path = self.dir.join("warren.toml");
+        std::fs::write(&path, text).expect("config");
+        path
+    }
+
+    /// Start the process and wait until it takes AMQP connections.
+    pub async fn start(&mut self) {
+        let config = self.config();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_warren"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::from(log))
+            .spawn()
+            .expect("spawn warren");
+        self.child = Some(child);
+        for _ in 0..400 {
+            if tokio::net::TcpStream::connect((self.ip.as_str(), self.amqp))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "warren did not start on {}:{}; log:\n{}",
+            self.ip,
+            self.amqp,
+            self.log()
+        );
+    }
+
+    /// SIGTERM, and wait for the exit.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGKILL: no chance to say goodbye to anyone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn connect(&self) -> Connection {
+        let uri = format!("amqp://guest:guest@{}:{}/%2f", self.ip, self.amqp);
+        super::t(Connection::connect(&uri, ConnectionProperties::default()))
+            .await
+            .expect("connect")
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}:{}", self.ip, self.admin)
+    }
+
+    /// GET on the admin API: (status, JSON body); (0, Null) when unreachable.
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let r = ureq::get(&format!("{}{path}", self.url()))
+            .set("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+            .timeout(Duration::from_secs(5))
+            .call();
+        match r {
+            Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or(Value::Null)),
+            Err(_) => (0, Value::Null),
+        }
+    }
+
+    /// The members this node's `/api/nodes` lists as running.
+    pub fn running(&self) -> Vec<String> {
+        let (_, nodes) = self.get("/api/nodes");
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["running"] == Value::Bool(true))
+            .filter_map(|n| n["name"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// `/api/nodes`' member count.
+    pub fn members(&self) -> usize {
+        self.get("/api/nodes").1.as_array().map_or(0, Vec::len)
+    }
+
+    /// The metadata leader this node knows of, if any.
+    pub fn leader(&self) -> Option<String> {
+        self.get("/api/cluster").1["leader"]
+            .as_str()
+            .map(String::from)
+    }
+
+    /// This node's Raft state (`Leader`, `Follower`, `Candidate`, ...).
+    pub fn raft_state(&self) -> String {
+        self.get("/api/cluster").1["raft"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Poll `check` until it holds (at most `within`).
+pub async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Declare the durable fanout exchange `x` on `node`: Ok when answered
+/// `-ok`, Err with the reply code (or 0 for no answer within `within`).
+pub async fn declare(node: &Node, x: &str, within: Duration) -> Result<(), u16> {
+    let uri = format!("amqp://guest:guest@{}:{}/%2f", node.ip, node.amqp);
+    let attempt = async {
+        let conn = Connection::connect(&uri, ConnectionProperties::default())
+            .await
+            .map_err(|e| super::code(&e).unwrap_or(0))?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| super::code(&e).unwrap_or(0))?;
+        let opts = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let r = ch
+            .exchange_declare(x, ExchangeKind::Fanout, opts, FieldTable::default())
+            .await
+            .map_err(|e| super::code(&e).unwrap_or(0));
+        let _ = conn.close(200, "bye").await;
+        r
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(0),
+    }
+}
+
+/// Which of `names` a passive declare finds on `node` (one connection).
+pub async fn passive_present(node: &Node, names: &[String]) -> Vec<String> {
+    let mut present = Vec::new();
+    let conn = node.connect().await;
+    let mut ch = super::t(conn.create_channel()).await.expect("channel");
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    for x in names {
+        let r =
+            super::t(ch.exchange_declare(x, ExchangeKind::Fanout, passive, FieldTable::default()))
+                .await;
+        match r {
+            Ok(()) => present.push(x.clone()),
+            // 404 closes the channel: open another for the next name.
+            Err(_) => ch = super::t(conn.create_channel()).await.expect("channel"),
+        }
+    }
+    let _ = conn.close(200, "bye").await;
+    present
+}
+
+/// Wait until every one of `names` exists on `node` (passive declares).
+pub async fn wait_all_present(node: &Node, names: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let present = passive_present(node, names).await;
+        if present.len() == names.len() {
+            return;
+        }
+        let missing: Vec<&String> = names.iter().filter(|n| !present.contains(n)).collect();
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} acknowledged declares missing on {}: {missing:?}",
+            missing.len(),
+            names.len(),
+            node.name()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
