@@ -214,6 +214,8 @@ pub struct Peer {
     addr: String,
     ident: Arc<Identity>,
     conn: Option<Conn>,
+    /// A dial under way (outlives a call abandoned while it runs).
+    dialing: Option<tokio::task::JoinHandle<Result<Conn, CallError>>>,
 }
 
 impl Peer {
@@ -224,6 +226,7 @@ impl Peer {
             addr,
             ident,
             conn: None,
+            dialing: None,
         }
     }
 
@@ -234,6 +237,7 @@ impl Peer {
             addr: node.addr.clone(),
             ident,
             conn: None,
+            dialing: None,
         }
     }
 
@@ -245,6 +249,7 @@ impl Peer {
             addr,
             ident,
             conn: None,
+            dialing: None,
         }
     }
 
@@ -270,21 +275,38 @@ impl Peer {
         }
     }
 
+    /// One request and its reply. Cancel-safe: the connection is taken out
+    /// of `self` while a request is in flight, so a call abandoned halfway
+    /// (openraft times its RPCs out by dropping them) drops that connection
+    /// rather than leaving a reply behind for the next request to mistake for
+    /// its own; and the dial runs in a task of its own, kept across abandoned
+    /// calls, so a slow link still ends up connected.
     async fn exchange(&mut self, kind: Kind, payload: Vec<u8>) -> Result<bytes::Bytes, CallError> {
-        if self.conn.is_none() {
-            self.conn = Some(dial(&self.ident, self.name.as_deref(), &self.addr).await?);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(CallError::Timeout);
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                let dialing = self.dialing.get_or_insert_with(|| {
+                    let (ident, name, addr) = (
+                        Arc::clone(&self.ident),
+                        self.name.clone(),
+                        self.addr.clone(),
+                    );
+                    tokio::spawn(async move { dial(&ident, name.as_deref(), &addr).await })
+                });
+                let r = dialing.await;
+                self.dialing = None;
+                r.map_err(|e| CallError::Io(std::io::Error::other(e)))??
+            }
         };
         conn.send((kind, payload)).await?;
-        let reply = next(conn).await?;
+        let reply = next(&mut conn).await?;
         if reply.kind != Kind::Reply {
             return Err(CallError::Handshake(
                 self.addr.clone(),
                 "not a reply".into(),
             ));
         }
+        self.conn = Some(conn);
         Ok(reply.payload)
     }
 }
@@ -332,7 +354,7 @@ async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError
                         e => e.to_string(),
                     };
                     c.ident.complain(
-                        &peer.ip().to_string(),
+                        &format!("{} {why}", peer.ip()),
                         || tracing::warn!(%peer, "inter-node connection refused: {why}"),
                     );
                     return Ok(());

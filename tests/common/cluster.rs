@@ -243,6 +243,13 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // On a failure (or with WARREN_TEST_LOGS set), what the node logged.
+        if std::thread::panicking() || std::env::var_os("WARREN_TEST_LOGS").is_some() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            eprintln!("--- last lines of {}'s log ---\n{tail}", self.name());
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
