@@ -1,7 +1,8 @@
 //! TLS between cluster nodes (`[cluster.tls]`): three nodes with certificates
 //! from one CA form a cluster and replicate a declare; a node whose
 //! certificate comes from another CA, and a node without TLS, never join, and
-//! both sides of each say why in their logs; a raw plain dial is refused.
+//! both sides of each say why in their logs; a plain dial at a TLS node and a
+//! TLS dial at a plain node fail with the reason.
 
 mod common;
 
@@ -151,6 +152,32 @@ async fn a_node_from_another_ca_or_without_tls_cannot_join() {
         },
     )
     .await;
+    // The reverse: a TLS node dialing a plain one says so too.
+    let mut tls_ident = warren::cluster::Identity::new(
+        warren::cluster::NodeInfo {
+            name: "warren@127.0.0.1".into(),
+            addr: "127.0.0.1:1".into(),
+        },
+        9,
+        COOKIE.into(),
+    );
+    let files = a.tls.clone().expect("A's files");
+    let options = warren::config::ClusterTls {
+        certfile: Some(files.certfile),
+        keyfile: Some(files.keyfile),
+        cacertfile: Some(files.cacertfile),
+    };
+    tls_ident.tls = Some(std::sync::Arc::new(
+        warren::tls::MutualTls::new(&options).expect("A's TLS loads"),
+    ));
+    let r = warren::cluster::network::dial(&tls_ident, Some(&c.name()), &c.cluster_addr()).await;
+    let err = r.err().expect("a TLS dial at a plain node succeeded");
+    assert!(
+        err.to_string()
+            .contains("the peer does not use TLS between nodes"),
+        "unclear error: {err}"
+    );
+
     // Neither got in, however long they keep trying.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(a.members(), 1, "a foreign node joined A's cluster");
