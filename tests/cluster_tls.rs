@@ -1,5 +1,6 @@
 //! TLS between cluster nodes (`[cluster.tls]`): three nodes with certificates
-//! from one CA form a cluster and replicate a declare; a node whose
+//! from one CA form a cluster (through proxies: the dialer checks the peer's
+//! node name, not the address it dialed) and replicate a declare; a node whose
 //! certificate comes from another CA, and a node without TLS, never join, and
 //! both sides of each say why in their logs; a plain dial at a TLS node and a
 //! TLS dial at a plain node fail with the reason.
@@ -7,6 +8,7 @@
 mod common;
 
 use common::cluster::{declare, eventually, wait_all_present, Node, NodeTls, COOKIE};
+use common::proxy::Proxy;
 use common::tls::Ca;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -54,6 +56,20 @@ async fn three_nodes_with_tls_form_a_cluster_and_replicate_a_declare() {
     let mut nodes: Vec<Node> = (1..=3).map(|n| Node::new(n, "tls")).collect();
     for n in nodes.iter_mut() {
         n.tls = Some(certs.node(&ca, "ca", &n.ip));
+    }
+    // Every node reaches the others through a proxy on 127.0.0.1: the
+    // certificates name 127.0.0.n only, so this passes only if the dialer
+    // checks the peer's node name, not the address it dialed.
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        for j in 0..3 {
+            if i != j {
+                let p = Proxy::start(&nodes[j].cluster_addr());
+                let to = (nodes[j].name(), p.addr.to_string());
+                nodes[i].dial.push(to);
+                proxies.push(p);
+            }
+        }
     }
     let seed = nodes[0].seed();
     nodes[1].seeds = vec![seed.clone()];
