@@ -149,7 +149,8 @@ async fn dial_inner(
 ) -> Result<Conn, CallError> {
     let stream = TcpStream::connect(target).await?;
     let _ = stream.set_nodelay(true);
-    let mut plain = Framed::new(stream, FrameCodec::default());
+    // Nothing large is expected before the handshake is over.
+    let mut plain = Framed::new(stream, FrameCodec::handshake());
     let first = next(&mut plain).await?;
     let tls_error = |why: &str| CallError::Tls(addr.into(), why.into());
     let (mut conn, challenge) =
@@ -178,7 +179,10 @@ async fn dial_inner(
             )),
             (_, _) => {
                 let parts = plain.into_parts();
-                (boxed(parts.io, parts.codec, parts.read_buf), first)
+                (
+                    boxed(parts.io, FrameCodec::default(), parts.read_buf),
+                    first,
+                )
             }
         };
     if challenge.kind != Kind::Challenge {
