@@ -57,7 +57,7 @@ async fn three_nodes_with_tls_form_a_cluster_and_replicate_a_declare() {
     for n in nodes.iter_mut() {
         n.tls = Some(certs.node(&ca, "ca", &n.ip));
     }
-    // Every node reaches the others through a proxy on 127.0.0.1: the
+    // Every node reaches the others through a proxy on another address: the
     // certificates name 127.0.0.n only, so this passes only if the dialer
     // checks the peer's node name, not the address it dialed.
     let mut proxies = Vec::new();

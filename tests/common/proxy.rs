@@ -19,8 +19,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+/// The address proxies listen on: apart from the nodes' 127.0.0.1-9, so a
+/// proxy's free port can never be one a node has picked but not bound yet.
+pub const PROXY_IP: &str = "127.0.0.100";
+
 pub struct Proxy {
-    /// Where the proxy listens (127.0.0.1, a free port).
+    /// Where the proxy listens ([`PROXY_IP`], a free port).
     pub addr: SocketAddr,
     /// Where it forwards to.
     pub target: String,
@@ -33,7 +37,7 @@ pub struct Proxy {
 impl Proxy {
     /// A proxy to `target` (`host:port`), forwarding from the start.
     pub fn start(target: &str) -> Proxy {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy bind");
+        let std_listener = std::net::TcpListener::bind((PROXY_IP, 0)).expect("proxy bind");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("proxy addr");
         let (cut, cut_rx) = watch::channel(false);
