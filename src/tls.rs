@@ -575,6 +575,34 @@ mod tests {
     }
 
     #[test]
+    fn inter_node_tls_needs_all_three_files() {
+        let dir = std::env::temp_dir().join(format!("warren-tls-mutual-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        std::fs::write(dir.join("n.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("n.key"), key.serialize_pem()).expect("write");
+        let mut options = ClusterTls {
+            certfile: Some(dir.join("n.pem")),
+            keyfile: Some(dir.join("n.key")),
+            cacertfile: None,
+        };
+        let err = MutualTls::new(&options).expect_err("no CA");
+        assert!(err.to_string().contains("cacertfile"), "{err}");
+        options.cacertfile = Some(dir.join("absent.pem"));
+        assert!(matches!(
+            MutualTls::new(&options),
+            Err(TlsError::Pem { .. })
+        ));
+        options.cacertfile = Some(dir.join("n.pem"));
+        assert!(MutualTls::new(&options).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn missing_or_broken_files_are_errors_not_panics() {
         let none = SslOptions::default();
         assert!(matches!(
