@@ -692,6 +692,10 @@ impl Identity {
         let now = std::time::Instant::now();
         if seen.len() > 1024 {
             seen.retain(|_, at| now.duration_since(*at) < COMPLAIN_EVERY);
+            if seen.len() > 1024 {
+                // A flood of distinct peers: forget them all rather than grow.
+                seen.clear();
+            }
         }
         match seen.get(peer) {
             Some(at) if now.duration_since(*at) < COMPLAIN_EVERY => {}
