@@ -3,6 +3,7 @@
 //! Loaded once in `main` (or by a test) and passed down; nothing reads it globally.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Every setting of the broker. See `warren.example.toml` for documentation of each key.
@@ -126,6 +127,28 @@ pub struct ClusterConfig {
     pub commit_timeout_ms: u64,
     /// Raft heartbeat interval in ms (elections start after 3 to 6 of them).
     pub heartbeat_ms: u64,
+    /// `[cluster.tls]`: mutual TLS on every inter-node connection (RabbitMQ's
+    /// inter-node TLS). Unset: inter-node traffic is plain TCP.
+    pub tls: Option<ClusterTls>,
+    /// Where to reach a peer instead of the address the membership records
+    /// for it, by node name (`"warren@node-b" = "10.0.0.7:25672"`) or by that
+    /// recorded address: for NAT, port forwarding or a proxy between nodes.
+    pub dial: BTreeMap<String, String>,
+}
+
+/// `[cluster.tls]`: this node's certificate and key, presented to every peer
+/// (as server and as client), and the CA every peer's certificate must chain
+/// to. All three are required; files are PEM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ClusterTls {
+    /// CA certificates that peers' certificates must chain to.
+    pub cacertfile: Option<PathBuf>,
+    /// This node's certificate chain, leaf first; its subject alternative
+    /// names must include the host part of the node name.
+    pub certfile: Option<PathBuf>,
+    /// This node's private key (PKCS#8, PKCS#1 or SEC1).
+    pub keyfile: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -137,6 +160,8 @@ impl Default for ClusterConfig {
             seeds: Vec::new(),
             commit_timeout_ms: 5000,
             heartbeat_ms: 100,
+            tls: None,
+            dial: BTreeMap::new(),
         }
     }
 }
@@ -760,6 +785,53 @@ mod env_tests {
         assert_eq!(cc.seeds, ["warren@node1"]);
         assert_eq!(cc.cookie.as_deref(), Some("12345"));
         assert_eq!(c.default_user, "a,b");
+    }
+
+    #[test]
+    fn cluster_tls_comes_from_the_environment_and_dial_from_toml() {
+        let c = env(&[
+            ("WARREN_CLUSTER__TLS__CERTFILE", "/etc/warren/node.pem"),
+            ("WARREN_CLUSTER__TLS__KEYFILE", "/etc/warren/node.key"),
+            ("WARREN_CLUSTER__TLS__CACERTFILE", "/etc/warren/ca.pem"),
+        ]);
+        let tls = c.cluster.expect("cluster").tls.expect("[cluster.tls]");
+        assert_eq!(
+            tls.certfile.as_deref(),
+            Some(Path::new("/etc/warren/node.pem"))
+        );
+        assert_eq!(
+            tls.keyfile.as_deref(),
+            Some(Path::new("/etc/warren/node.key"))
+        );
+        assert_eq!(
+            tls.cacertfile.as_deref(),
+            Some(Path::new("/etc/warren/ca.pem"))
+        );
+        assert!(env(&[("WARREN_CLUSTER__COOKIE", "x")])
+            .cluster
+            .expect("cluster")
+            .tls
+            .is_none());
+
+        let dir = std::env::temp_dir().join(format!("warren-config-dial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("dial.toml");
+        std::fs::write(
+            &path,
+            "[cluster]\ndial = { \"warren@127.0.0.2\" = \"127.0.0.1:7000\" }\n\n\
+             [cluster.tls]\ncertfile = \"n.pem\"\nkeyfile = \"n.key\"\ncacertfile = \"ca.pem\"\n",
+        )
+        .expect("write");
+        let cc = Config::load(Some(&path))
+            .expect("loads")
+            .cluster
+            .expect("cluster");
+        assert_eq!(
+            cc.dial.get("warren@127.0.0.2").map(String::as_str),
+            Some("127.0.0.1:7000")
+        );
+        assert_eq!(cc.tls.and_then(|t| t.keyfile), Some(PathBuf::from("n.key")));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! TLS for the AMQP listener and the admin API (rustls, ring provider, TLS 1.2
-//! and 1.3 only): server configurations built from RabbitMQ-style
-//! `ssl_options`, swapped on reload (new handshakes get the new certificate,
+//! TLS for the AMQP listener, the admin API and the connections between cluster
+//! nodes (rustls, ring provider, TLS 1.2 and 1.3 only): server configurations
+//! built from RabbitMQ-style `ssl_options`, swapped on reload (new handshakes get the new certificate,
 //! established sessions keep theirs), the handshake with its timeout and a
 //! plaintext check, and what a finished handshake tells: protocol, cipher suite,
 //! the verified client certificate's subject and the SASL EXTERNAL user name
-//! taken from it (rabbitmq_auth_mechanism_ssl's `ssl_cert_login_from`).
+//! taken from it (rabbitmq_auth_mechanism_ssl's `ssl_cert_login_from`); and
+//! [`MutualTls`], both ends of the inter-node connections (`[cluster.tls]`).
 
 use crate::broker::TlsInfo;
-use crate::config::{CertLoginFrom, Config, SanType, SslOptions, Verify};
+use crate::config::{CertLoginFrom, ClusterTls, Config, SanType, SslOptions, Verify};
 use parking_lot::RwLock;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,12 +17,12 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls::{
     self,
     crypto::ring,
-    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
     server::WebPkiClientVerifier,
-    RootCertStore, ServerConfig, ServerConnection,
+    ClientConfig, RootCertStore, ServerConfig, ServerConnection,
 };
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 use x509_parser::prelude::*;
 
 /// A TLS configuration that cannot be used.
@@ -91,7 +92,6 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
-/// A rustls server configuration from `options`.
 /// Make ring the process's default rustls provider, for the TLS clients warren runs
 /// itself (shovels to `amqps://` URIs, through lapin). rustls picks a default on its
 /// own only when exactly one provider is compiled in; a program embedding warren next
@@ -101,6 +101,25 @@ pub fn install_default_provider() {
     let _ = ring::default_provider().install_default();
 }
 
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        path: path.display().to_string(),
+        error: e.to_string(),
+    })
+}
+
+/// The certificates of the CA file `ca`, as trust anchors.
+fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Rustls(format!("{}: {e}", ca.display())))?;
+    }
+    Ok(roots)
+}
+
+/// A rustls server configuration from `options`.
 fn build(options: &SslOptions, alpn: &[Vec<u8>]) -> Result<Arc<ServerConfig>, TlsError> {
     let certfile = options
         .certfile
@@ -111,10 +130,7 @@ fn build(options: &SslOptions, alpn: &[Vec<u8>]) -> Result<Arc<ServerConfig>, Tl
         .as_deref()
         .ok_or(TlsError::Missing { what: "keyfile" })?;
     let chain = read_certs(certfile)?;
-    let key = PrivateKeyDer::from_pem_file(keyfile).map_err(|e| TlsError::Pem {
-        path: keyfile.display().to_string(),
-        error: e.to_string(),
-    })?;
+    let key = read_key(keyfile)?;
     let provider = Arc::new(ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -123,14 +139,8 @@ fn build(options: &SslOptions, alpn: &[Vec<u8>]) -> Result<Arc<ServerConfig>, Tl
         Verify::VerifyNone => builder.with_no_client_auth(),
         Verify::VerifyPeer => {
             let ca = options.cacertfile.as_deref().ok_or(TlsError::NoCa)?;
-            let mut roots = RootCertStore::empty();
-            for cert in read_certs(ca)? {
-                roots
-                    .add(cert)
-                    .map_err(|e| TlsError::Rustls(format!("{}: {e}", ca.display())))?;
-            }
             let mut verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider);
             if !options.fail_if_no_peer_cert {
                 verifier = verifier.allow_unauthenticated();
             }
@@ -145,6 +155,82 @@ fn build(options: &SslOptions, alpn: &[Vec<u8>]) -> Result<Arc<ServerConfig>, Tl
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
     config.alpn_protocols = alpn.to_vec();
     Ok(Arc::new(config))
+}
+
+/// Mutual TLS between cluster nodes (`[cluster.tls]`): every node is a server
+/// to the nodes that dial it and a client to the nodes it dials, presents its
+/// own certificate both ways and requires the peer's, chained to the CA. The
+/// dialer also checks that the listener's certificate names the host of the
+/// node it means to reach.
+pub struct MutualTls {
+    server: Arc<ServerTls>,
+    client: TlsConnector,
+}
+
+impl std::fmt::Debug for MutualTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MutualTls")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MutualTls {
+    pub fn new(options: &ClusterTls) -> Result<MutualTls, TlsError> {
+        let missing = |what| TlsError::Rustls(format!("[cluster.tls] needs {what}"));
+        let certfile = options.certfile.as_deref().ok_or(missing("certfile"))?;
+        let keyfile = options.keyfile.as_deref().ok_or(missing("keyfile"))?;
+        let ca = options.cacertfile.as_deref().ok_or(missing("cacertfile"))?;
+        let server = ServerTls::new(
+            &SslOptions {
+                cacertfile: Some(ca.to_path_buf()),
+                certfile: Some(certfile.to_path_buf()),
+                keyfile: Some(keyfile.to_path_buf()),
+                verify: Verify::VerifyPeer,
+                fail_if_no_peer_cert: true,
+            },
+            &[],
+        )?;
+        let client = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_root_certificates(roots(ca)?)
+            .with_client_auth_cert(read_certs(certfile)?, read_key(keyfile)?)
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        Ok(MutualTls {
+            server,
+            client: TlsConnector::from(Arc::new(client)),
+        })
+    }
+
+    /// The listener's side: [`accept`] with a client certificate required.
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+        timeout: Duration,
+    ) -> Result<TlsStream<TcpStream>, HandshakeError> {
+        accept(&self.server, stream, timeout).await
+    }
+
+    /// The dialer's side: the listener's certificate must chain to the CA and
+    /// be valid for `host` (a DNS name or an IP address).
+    pub async fn connect(
+        &self,
+        stream: TcpStream,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HandshakeError> {
+        let name = ServerName::try_from(host.to_string()).map_err(|e| {
+            HandshakeError::Failed(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("'{host}' is not a host name: {e}"),
+            ))
+        })?;
+        tokio::time::timeout(timeout, self.client.connect(name, stream))
+            .await
+            .map_err(|_| HandshakeError::Timeout(timeout))?
+            .map_err(HandshakeError::Failed)
+    }
 }
 
 /// Why a TLS handshake did not finish.
@@ -486,6 +572,34 @@ mod tests {
         assert_eq!(login(&der, san, SanType::Ip, 0), Ok("10.0.0.7".into()));
         assert!(login(&der, san, SanType::Dns, 2).is_err());
         assert!(login(&der, san, SanType::Uri, 0).is_err());
+    }
+
+    #[test]
+    fn inter_node_tls_needs_all_three_files() {
+        let dir = std::env::temp_dir().join(format!("warren-tls-mutual-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("cert");
+        std::fs::write(dir.join("n.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("n.key"), key.serialize_pem()).expect("write");
+        let mut options = ClusterTls {
+            certfile: Some(dir.join("n.pem")),
+            keyfile: Some(dir.join("n.key")),
+            cacertfile: None,
+        };
+        let err = MutualTls::new(&options).expect_err("no CA");
+        assert!(err.to_string().contains("cacertfile"), "{err}");
+        options.cacertfile = Some(dir.join("absent.pem"));
+        assert!(matches!(
+            MutualTls::new(&options),
+            Err(TlsError::Pem { .. })
+        ));
+        options.cacertfile = Some(dir.join("n.pem"));
+        assert!(MutualTls::new(&options).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

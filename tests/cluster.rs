@@ -171,9 +171,15 @@ async fn a_peer_with_the_wrong_cookie_is_refused() {
         name: "warren@intruder".into(),
         addr: "127.0.0.9:1".into(),
     };
-    let wrong = warren::cluster::network::dial(&addr, "not-the-cookie", &me, 7).await;
+    use warren::cluster::{network::dial, Identity};
+    let wrong = dial(
+        &Identity::new(me.clone(), 7, "not-the-cookie".into()),
+        None,
+        &addr,
+    )
+    .await;
     assert!(wrong.is_err(), "a wrong cookie was accepted");
-    let right = warren::cluster::network::dial(&addr, COOKIE, &me, 7).await;
+    let right = dial(&Identity::new(me, 7, COOKIE.into()), None, &addr).await;
     assert!(
         right.is_ok(),
         "the right cookie was refused: {:?}",

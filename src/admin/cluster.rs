@@ -227,8 +227,7 @@ pub async fn join(
             "body must be {\"node\": \"warren@host[:port]\"}",
         ));
     };
-    let addr = crate::cluster::parse_seed(node).1;
-    c.join_cluster(&addr).await.map_err(ApiError::bad_request)?;
+    c.join_cluster(node).await.map_err(ApiError::bad_request)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -19,6 +19,10 @@ pub const MAX_HANDSHAKE_FRAME: u32 = 4096;
 pub enum Kind {
     /// Listener -> dialer: a random nonce to prove the cookie against.
     Challenge = 1,
+    /// Listener -> dialer, in plain TCP, instead of the challenge: this
+    /// listener requires TLS (`[cluster.tls]`); the dialer starts the TLS
+    /// handshake and the challenge follows inside TLS.
+    StartTls = 4,
     /// Dialer -> listener: who it is, its proof of the cookie, its own nonce.
     Hello = 2,
     /// Listener -> dialer: accepted, with the listener's proof of the cookie.
@@ -50,6 +54,7 @@ impl Kind {
             1 => Kind::Challenge,
             2 => Kind::Hello,
             3 => Kind::Welcome,
+            4 => Kind::StartTls,
             10 => Kind::AppendEntries,
             11 => Kind::Vote,
             12 => Kind::InstallSnapshot,

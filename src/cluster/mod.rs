@@ -231,10 +231,18 @@ impl Cluster {
         }
         .validate()
         .map_err(|e| ClusterError::Config(e.to_string()))?;
+        let tls = match &cc.tls {
+            Some(t) => {
+                Some(Arc::new(crate::tls::MutualTls::new(t).map_err(|e| {
+                    ClusterError::Config(format!("[cluster.tls]: {e}"))
+                })?))
+            }
+            None => None,
+        };
         let ident = Arc::new(Identity {
-            me: me.clone(),
-            id,
-            cookie,
+            tls,
+            dial: cc.dial.clone(),
+            ..Identity::new(me.clone(), id, cookie)
         });
         let network = Network {
             ident: Arc::clone(&ident),
@@ -264,13 +272,14 @@ impl Cluster {
         });
         network::serve(listener, Arc::downgrade(&cluster));
         cluster.spawn_pinger();
-        tracing::info!(node = %name, %listen, id, "cluster node started");
+        let tls = cluster.ident.tls.is_some();
+        tracing::info!(node = %name, %listen, id, tls, "cluster node started");
         if fresh {
             let seeds: Vec<String> = cc
                 .seeds
                 .iter()
-                .map(|s| parse_seed(s).1)
-                .filter(|a| *a != cluster.me.addr)
+                .filter(|s| parse_seed(s).1 != cluster.me.addr)
+                .cloned()
                 .collect();
             if seeds.is_empty() {
                 let members = BTreeMap::from([(id, cluster.me.clone())]);
@@ -289,15 +298,15 @@ impl Cluster {
     async fn join_seeds(self: Arc<Self>, seeds: Vec<String>) {
         let mut round = 0u32;
         loop {
-            for addr in &seeds {
-                match self.join(addr).await {
+            for seed in &seeds {
+                match self.join(seed).await {
                     Ok(()) => {
-                        tracing::info!(seed = %addr, "joined the cluster");
+                        tracing::info!(%seed, "joined the cluster");
                         return;
                     }
                     Err(e) => {
                         if round.is_multiple_of(20) {
-                            tracing::info!(seed = %addr, error = %e, "cannot join yet");
+                            tracing::info!(%seed, error = %e, "cannot join yet");
                         }
                     }
                 }
@@ -312,11 +321,12 @@ impl Cluster {
         self.raft.read().clone()
     }
 
-    /// `warren cluster join <node>`: join the cluster of the node at `addr`.
+    /// `warren cluster join <node>`: join the cluster of `node`
+    /// (`warren@host[:port]` or `host:port`).
     /// Only a node that is alone (a cluster of one, or not yet in any) and has
     /// no replicated metadata of its own can: its one-node group is dropped
     /// and it starts afresh as a learner of the other cluster.
-    pub async fn join_cluster(&self, addr: &str) -> Result<(), String> {
+    pub async fn join_cluster(&self, node: &str) -> Result<(), String> {
         let members = self.members();
         if members.len() > 1 {
             return Err(format!(
@@ -352,7 +362,7 @@ impl Cluster {
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
-            match self.join(addr).await {
+            match self.join(node).await {
                 Ok(()) => return Ok(()),
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
@@ -360,9 +370,10 @@ impl Cluster {
         }
     }
 
-    /// Ask the node at `addr` (or its leader) to add this node to its cluster.
-    pub async fn join(&self, addr: &str) -> Result<(), String> {
-        let mut peer = Peer::new(addr.to_string(), Arc::clone(&self.ident));
+    /// Ask the node `seed` (`warren@host[:port]` or `host:port`), or its
+    /// leader, to add this node to its cluster.
+    pub async fn join(&self, seed: &str) -> Result<(), String> {
+        let mut peer = Peer::seed(seed, Arc::clone(&self.ident));
         let r: Result<(), String> = peer
             .call(
                 Kind::Join,
@@ -378,7 +389,7 @@ impl Cluster {
     /// make it a voter. Elsewhere: forwarded to the leader.
     async fn add_member(&self, id: u64, node: NodeInfo) -> Result<(), String> {
         if let Some(leader) = self.remote_leader().await? {
-            let mut peer = Peer::new(leader.addr, Arc::clone(&self.ident));
+            let mut peer = Peer::to(&leader, Arc::clone(&self.ident));
             return peer
                 .call(Kind::Join, &(id, node), Duration::from_secs(10))
                 .await
@@ -401,7 +412,7 @@ impl Cluster {
     /// Remove a member (the leader does it; elsewhere forwarded to it).
     async fn remove_member(&self, id: u64) -> Result<(), String> {
         if let Some(leader) = self.remote_leader().await? {
-            let mut peer = Peer::new(leader.addr, Arc::clone(&self.ident));
+            let mut peer = Peer::to(&leader, Arc::clone(&self.ident));
             return peer
                 .call(Kind::Forget, &id, Duration::from_secs(10))
                 .await
@@ -485,9 +496,19 @@ impl Cluster {
                     Err(e) => tracing::debug!(error = %e, "metadata write failed; retrying"),
                 },
                 Ok(Some(leader)) => {
-                    let mut peer = Peer::new(leader.addr, Arc::clone(&self.ident));
-                    let r: Result<Result<(), String>, _> =
-                        peer.call(Kind::Propose, &cmd, self.commit_timeout).await;
+                    let mut peer = Peer::to(&leader, Arc::clone(&self.ident));
+                    let call = peer.call(Kind::Propose, &cmd, self.commit_timeout);
+                    // A leader cut off from this node may never answer: when
+                    // another leader is known meanwhile, ask that one instead
+                    // (a command that reached both is applied twice, which
+                    // every command absorbs).
+                    let r: Result<Result<(), String>, _> = tokio::select! {
+                        r = call => r,
+                        () = self.leader_other_than(&leader.name) => {
+                            tracing::debug!(old = %leader.name, "leader changed; retrying");
+                            continue;
+                        }
+                    };
                     match r {
                         Ok(Ok(())) => return Ok(()),
                         Ok(Err(e)) => tracing::debug!(error = %e, "leader refused; retrying"),
@@ -497,6 +518,28 @@ impl Cluster {
                 Err(e) => tracing::debug!(error = %e, "no leader yet"),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Returns once this node knows of a leader that is not `name`.
+    async fn leader_other_than(&self, name: &str) {
+        let mut metrics = self.raft().metrics();
+        loop {
+            let other = {
+                let m = metrics.borrow_and_update();
+                m.current_leader.is_some_and(|l| {
+                    m.membership_config
+                        .membership()
+                        .get_node(&l)
+                        .is_some_and(|n| n.name != name)
+                })
+            };
+            if other {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -556,7 +599,7 @@ impl Cluster {
                 let probes = members.into_iter().map(|(id, node)| {
                     let peer = peers
                         .remove(&id)
-                        .unwrap_or_else(|| Peer::new(node.addr, Arc::clone(&ident)));
+                        .unwrap_or_else(|| Peer::to(&node, Arc::clone(&ident)));
                     async move {
                         let mut peer = peer;
                         let r: Result<(), _> = peer.call(Kind::Ping, &(), PING_EVERY).await;
@@ -666,11 +709,71 @@ impl Cluster {
     }
 }
 
-/// What the network needs to know of this node: its name, id and the cookie.
+/// What the network needs to know of this node: its name, id, the cookie,
+/// its inter-node TLS and where to dial peers.
 pub struct Identity {
     pub me: NodeInfo,
     pub id: u64,
     pub cookie: String,
+    /// `[cluster.tls]`, loaded: every inter-node connection is mutual TLS.
+    pub tls: Option<Arc<crate::tls::MutualTls>>,
+    /// `[cluster] dial`: node name or recorded address -> where to connect.
+    pub dial: BTreeMap<String, String>,
+    /// When a connection problem with a peer was last logged, by peer.
+    complaints: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+}
+
+/// How often the same connection problem with one peer is logged.
+const COMPLAIN_EVERY: Duration = Duration::from_secs(10);
+
+impl Identity {
+    /// A node's identity without TLS or dial overrides (set the fields for them).
+    pub fn new(me: NodeInfo, id: u64, cookie: String) -> Identity {
+        Identity {
+            me,
+            id,
+            cookie,
+            tls: None,
+            dial: BTreeMap::new(),
+            complaints: Default::default(),
+        }
+    }
+
+    /// Where to connect to reach the node `name` recorded at `addr`. Keys
+    /// match without regard to case (host names do not have one, and the
+    /// configuration loader lowercases keys).
+    pub fn route(&self, name: Option<&str>, addr: &str) -> String {
+        let get = |key: &str| {
+            self.dial
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v.clone())
+        };
+        name.and_then(get)
+            .or_else(|| get(addr))
+            .unwrap_or_else(|| addr.to_string())
+    }
+
+    /// Run `log` unless a problem with `peer` was logged in the last
+    /// [`COMPLAIN_EVERY`] (peers retry every few hundred ms).
+    pub fn complain(&self, peer: &str, log: impl FnOnce()) {
+        let mut seen = self.complaints.lock();
+        let now = std::time::Instant::now();
+        if seen.len() > 1024 {
+            seen.retain(|_, at| now.duration_since(*at) < COMPLAIN_EVERY);
+            if seen.len() > 1024 {
+                // A flood of distinct peers: forget them all rather than grow.
+                seen.clear();
+            }
+        }
+        match seen.get(peer) {
+            Some(at) if now.duration_since(*at) < COMPLAIN_EVERY => {}
+            _ => {
+                seen.insert(peer.to_string(), now);
+                log();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -688,6 +791,30 @@ mod tests {
             (Some("warren@node-b".into()), "node-b:25672".into())
         );
         assert_eq!(parse_seed("10.0.0.3:4000"), (None, "10.0.0.3:4000".into()));
+    }
+
+    #[test]
+    fn dial_overrides_by_name_then_recorded_address() {
+        let ident = Identity {
+            dial: BTreeMap::from([
+                ("warren@b".to_string(), "127.0.0.1:7000".to_string()),
+                ("10.0.0.3:25672".to_string(), "127.0.0.1:7001".to_string()),
+            ]),
+            ..Identity::new(NodeInfo::default(), 1, "c".into())
+        };
+        assert_eq!(ident.route(Some("warren@b"), "b:25672"), "127.0.0.1:7000");
+        assert_eq!(ident.route(Some("warren@B"), "B:25672"), "127.0.0.1:7000");
+        assert_eq!(ident.route(None, "10.0.0.3:25672"), "127.0.0.1:7001");
+        assert_eq!(
+            ident.route(Some("warren@c"), "10.0.0.3:25672"),
+            "127.0.0.1:7001"
+        );
+        assert_eq!(ident.route(Some("warren@d"), "d:25672"), "d:25672");
+        let mut logged = 0;
+        ident.complain("x", || logged += 1);
+        ident.complain("x", || logged += 1);
+        ident.complain("y", || logged += 1);
+        assert_eq!(logged, 2, "the same peer is logged once in a while");
     }
 
     #[test]

@@ -6,9 +6,19 @@
 //! read. After it, the dialer sends requests (openraft's RPCs, join, propose,
 //! forget, ping, stats) and the listener answers each with one `Reply` frame,
 //! in order.
+//!
+//! With `[cluster.tls]` every connection, whatever it carries, is mutual TLS
+//! ([`crate::tls::MutualTls`]): the listener sends a plain `StartTls` frame
+//! instead of the challenge, the dialer starts the TLS handshake, and the
+//! cookie handshake then runs inside TLS. A node with TLS and one without
+//! recognise each other from that first frame and say so in the log.
+//! [`dial`] and [`serve`] are the only ways in and out, so every connection
+//! type gets the same TLS and handshake. The dialer reaches a peer at the
+//! address `[cluster] dial` gives for it, if any (NAT, proxies).
 
-use super::frame::{Frame, FrameCodec, Kind};
+use super::frame::{self, Frame, FrameCodec, Kind};
 use super::{Cluster, Identity, NodeInfo, TypeConfig};
+use crate::tls::HandshakeError;
 use futures::{SinkExt, StreamExt};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -22,11 +32,18 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Framed, FramedParts};
 
 type NodeId = u64;
-type Conn = Framed<TcpStream, FrameCodec>;
+
+/// What an inter-node connection runs over: TCP, or TLS over TCP.
+pub trait Link: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Link for T {}
+
+/// An inter-node connection after the handshake.
+pub type Conn = Framed<Box<dyn Link>, FrameCodec>;
 
 /// How long a peer has for the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,71 +90,171 @@ pub enum CallError {
     Io(#[from] std::io::Error),
     #[error("handshake with {0} failed: {1}")]
     Handshake(String, String),
+    #[error("TLS with {0} failed: {1}")]
+    Tls(String, String),
     #[error("timed out")]
     Timeout,
     #[error("bad reply: {0}")]
     Decode(#[from] serde_json::Error),
 }
 
-async fn next(conn: &mut Conn) -> std::io::Result<Frame> {
+async fn next<T: Link>(conn: &mut Framed<T, FrameCodec>) -> std::io::Result<Frame> {
     match conn.next().await {
         Some(r) => r,
         None => Err(std::io::ErrorKind::UnexpectedEof.into()),
     }
 }
 
-/// Dial `addr` and do the dialer's side of the handshake.
-pub async fn dial(addr: &str, cookie: &str, me: &NodeInfo, id: NodeId) -> Result<Conn, CallError> {
-    let stream = TcpStream::connect(addr).await?;
-    let _ = stream.set_nodelay(true);
-    let mut conn = Framed::new(stream, FrameCodec::default());
-    let handshake = async {
-        let challenge = next(&mut conn).await?;
-        if challenge.kind != Kind::Challenge {
-            return Err(CallError::Handshake(addr.into(), "no challenge".into()));
-        }
-        let nonce: [u8; 16] = rand::random();
-        let hello = Hello {
-            node: me.clone(),
-            id,
-            proof: proof(cookie, &challenge.payload, "dialer"),
-            nonce: nonce.to_vec(),
-        };
-        conn.send((Kind::Hello, serde_json::to_vec(&hello)?))
-            .await?;
-        let welcome = next(&mut conn).await?;
-        if welcome.kind != Kind::Welcome {
-            return Err(CallError::Handshake(addr.into(), "refused".into()));
-        }
-        let w: Welcome = serde_json::from_slice(&welcome.payload)?;
-        if !same(&w.proof, &proof(cookie, &nonce, "listener")) {
-            return Err(CallError::Handshake(
-                addr.into(),
-                "the listener does not know the cookie".into(),
-            ));
-        }
-        Ok(())
-    };
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-        Ok(Ok(())) => Ok(conn),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(CallError::Timeout),
+/// The host a node name or an address names (`warren@host`, `host:port`,
+/// `[::1]:port`).
+fn host_of(name: Option<&str>, addr: &str) -> String {
+    if let Some((_, host)) = name.and_then(|n| n.split_once('@')) {
+        return host.to_string();
     }
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+/// Re-frame a connection's bytes (and what was read ahead of them) over a
+/// boxed link.
+fn boxed<T: Link + 'static>(io: T, codec: FrameCodec, read_ahead: bytes::BytesMut) -> Conn {
+    let mut parts = FramedParts::new::<(Kind, Vec<u8>)>(Box::new(io) as Box<dyn Link>, codec);
+    parts.read_buf = read_ahead;
+    Framed::from_parts(parts)
+}
+
+/// Dial the node `name` (when known) recorded at `addr`, reached where
+/// `[cluster] dial` says or at `addr`, and do the dialer's side of the
+/// handshake: TLS first when the node has `[cluster.tls]`, then the cookie.
+/// A TLS/plain mismatch or a failed TLS handshake is logged (once in a while
+/// per address) and returned.
+pub async fn dial(ident: &Identity, name: Option<&str>, addr: &str) -> Result<Conn, CallError> {
+    let target = ident.route(name, addr);
+    let r = tokio::time::timeout(HANDSHAKE_TIMEOUT, dial_inner(ident, name, addr, &target)).await;
+    let r = r.unwrap_or(Err(CallError::Timeout));
+    if let Err(e @ CallError::Tls(..)) = &r {
+        ident.complain(&target, || {
+            tracing::warn!(peer = %addr, via = %target, error = %e, "inter-node connection failed")
+        });
+    }
+    r
+}
+
+async fn dial_inner(
+    ident: &Identity,
+    name: Option<&str>,
+    addr: &str,
+    target: &str,
+) -> Result<Conn, CallError> {
+    let stream = TcpStream::connect(target).await?;
+    let _ = stream.set_nodelay(true);
+    // Nothing large is expected before the handshake is over.
+    let mut plain = Framed::new(stream, FrameCodec::handshake());
+    let first = next(&mut plain).await?;
+    let tls_error = |why: &str| CallError::Tls(addr.into(), why.into());
+    let (mut conn, challenge) =
+        match (first.kind, &ident.tls) {
+            (Kind::StartTls, Some(tls)) => {
+                let parts = plain.into_parts();
+                if !parts.read_buf.is_empty() {
+                    return Err(tls_error("bytes in plain text after the StartTls frame"));
+                }
+                let host = host_of(name, addr);
+                let stream = tls
+                    .connect(parts.io, &host, HANDSHAKE_TIMEOUT)
+                    .await
+                    .map_err(|e| CallError::Tls(addr.into(), e.to_string()))?;
+                let mut conn = boxed(stream, FrameCodec::default(), bytes::BytesMut::new());
+                let challenge = next(&mut conn).await?;
+                (conn, challenge)
+            }
+            (Kind::StartTls, None) => {
+                return Err(tls_error(
+                    "the peer requires TLS between nodes and this node has no [cluster.tls]",
+                ))
+            }
+            (Kind::Challenge, Some(_)) => return Err(tls_error(
+                "the peer does not use TLS between nodes and this node requires it ([cluster.tls])",
+            )),
+            (_, _) => {
+                let parts = plain.into_parts();
+                (
+                    boxed(parts.io, FrameCodec::default(), parts.read_buf),
+                    first,
+                )
+            }
+        };
+    if challenge.kind != Kind::Challenge {
+        return Err(CallError::Handshake(addr.into(), "no challenge".into()));
+    }
+    let nonce: [u8; 16] = rand::random();
+    let hello = Hello {
+        node: ident.me.clone(),
+        id: ident.id,
+        proof: proof(&ident.cookie, &challenge.payload, "dialer"),
+        nonce: nonce.to_vec(),
+    };
+    conn.send((Kind::Hello, serde_json::to_vec(&hello)?))
+        .await?;
+    let welcome = next(&mut conn).await?;
+    if welcome.kind != Kind::Welcome {
+        return Err(CallError::Handshake(addr.into(), "refused".into()));
+    }
+    let w: Welcome = serde_json::from_slice(&welcome.payload)?;
+    if !same(&w.proof, &proof(&ident.cookie, &nonce, "listener")) {
+        return Err(CallError::Handshake(
+            addr.into(),
+            "the listener does not know the cookie".into(),
+        ));
+    }
+    Ok(conn)
 }
 
 /// A connection to one peer, opened on first use and again after a failure.
 pub struct Peer {
+    /// The node's name, when known (a seed may be a bare address).
+    name: Option<String>,
     addr: String,
     ident: Arc<Identity>,
     conn: Option<Conn>,
+    /// A dial under way (outlives a call abandoned while it runs).
+    dialing: Option<tokio::task::JoinHandle<Result<Conn, CallError>>>,
 }
 
 impl Peer {
+    /// A peer known by its address only.
     pub fn new(addr: String, ident: Arc<Identity>) -> Peer {
         Peer {
+            name: None,
             addr,
             ident,
             conn: None,
+            dialing: None,
+        }
+    }
+
+    /// A member, by its name and recorded address.
+    pub fn to(node: &NodeInfo, ident: Arc<Identity>) -> Peer {
+        Peer {
+            name: Some(node.name.clone()),
+            addr: node.addr.clone(),
+            ident,
+            conn: None,
+            dialing: None,
+        }
+    }
+
+    /// A seed (`warren@host:port`, `warren@host` or `host:port`).
+    pub fn seed(seed: &str, ident: Arc<Identity>) -> Peer {
+        let (name, addr) = super::parse_seed(seed);
+        Peer {
+            name,
+            addr,
+            ident,
+            conn: None,
+            dialing: None,
         }
     }
 
@@ -163,22 +280,38 @@ impl Peer {
         }
     }
 
+    /// One request and its reply. Cancel-safe: the connection is taken out
+    /// of `self` while a request is in flight, so a call abandoned halfway
+    /// (openraft times its RPCs out by dropping them) drops that connection
+    /// rather than leaving a reply behind for the next request to mistake for
+    /// its own; and the dial runs in a task of its own, kept across abandoned
+    /// calls, so a slow link still ends up connected.
     async fn exchange(&mut self, kind: Kind, payload: Vec<u8>) -> Result<bytes::Bytes, CallError> {
-        if self.conn.is_none() {
-            let i = &self.ident;
-            self.conn = Some(dial(&self.addr, &i.cookie, &i.me, i.id).await?);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Err(CallError::Timeout);
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                let dialing = self.dialing.get_or_insert_with(|| {
+                    let (ident, name, addr) = (
+                        Arc::clone(&self.ident),
+                        self.name.clone(),
+                        self.addr.clone(),
+                    );
+                    tokio::spawn(async move { dial(&ident, name.as_deref(), &addr).await })
+                });
+                let r = dialing.await;
+                self.dialing = None;
+                r.map_err(|e| CallError::Io(std::io::Error::other(e)))??
+            }
         };
         conn.send((kind, payload)).await?;
-        let reply = next(conn).await?;
+        let reply = next(&mut conn).await?;
         if reply.kind != Kind::Reply {
             return Err(CallError::Handshake(
                 self.addr.clone(),
                 "not a reply".into(),
             ));
         }
+        self.conn = Some(conn);
         Ok(reply.payload)
     }
 }
@@ -203,7 +336,38 @@ pub fn serve(listener: TcpListener, cluster: Weak<Cluster>) {
 async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError> {
     let peer = stream.peer_addr()?;
     let _ = stream.set_nodelay(true);
-    let mut conn = Framed::new(stream, FrameCodec::handshake());
+    let link: Box<dyn Link> = match &c.ident.tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            let mut stream = stream;
+            let mut marker = bytes::BytesMut::new();
+            frame::encode(Kind::StartTls, &[], &mut marker);
+            stream.write_all(&marker).await?;
+            match tls.accept(stream, HANDSHAKE_TIMEOUT).await {
+                Ok(s) => Box::new(s),
+                Err(e) => {
+                    let why = match e {
+                        HandshakeError::Plaintext => {
+                            "not a TLS client: a node without [cluster.tls]?".to_string()
+                        }
+                        HandshakeError::Failed(e)
+                            if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                        {
+                            "closed before the TLS handshake: a node without [cluster.tls]?"
+                                .to_string()
+                        }
+                        e => e.to_string(),
+                    };
+                    c.ident.complain(
+                        &format!("{} {why}", peer.ip()),
+                        || tracing::warn!(%peer, "inter-node connection refused: {why}"),
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let mut conn = Framed::new(link, FrameCodec::handshake());
     let nonce: [u8; 16] = rand::random();
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         conn.send((Kind::Challenge, nonce.to_vec())).await?;
@@ -291,7 +455,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> PeerNetwork {
         PeerNetwork {
             target,
-            peer: Peer::new(node.addr.clone(), Arc::clone(&self.ident)),
+            peer: Peer::to(node, Arc::clone(&self.ident)),
         }
     }
 }
@@ -371,5 +535,13 @@ mod tests {
         assert_ne!(a, proof("secret", b"0123456789abcdef", "listener"));
         assert!(same(&a, &a.clone()));
         assert!(!same(&a, &a[1..]));
+    }
+
+    #[test]
+    fn the_tls_host_is_the_node_names_else_the_addresses() {
+        assert_eq!(host_of(Some("warren@node-b"), "10.0.0.2:25672"), "node-b");
+        assert_eq!(host_of(None, "127.0.0.3:4000"), "127.0.0.3");
+        assert_eq!(host_of(None, "[::1]:4000"), "::1");
+        assert_eq!(host_of(None, "node-c"), "node-c");
     }
 }

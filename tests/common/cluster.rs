@@ -1,9 +1,11 @@
-//! The 3-process cluster harness of tests/cluster.rs and tests/cluster_admin.rs:
-//! a [`Node`] is one warren process on its own loopback address (127.0.0.N)
-//! with free ports, a data directory of its own and `[cluster]` settings;
-//! helpers poll with deadlines for what another process makes true.
+//! A warren cluster node as a child process for the cluster test files: its
+//! own address on 127.0.0.n, free AMQP, admin and inter-node ports, a data
+//! directory of its own, optional `[cluster.tls]` and `[cluster] dial`
+//! overrides, its log in a file; started, stopped (SIGTERM), killed (SIGKILL),
+//! and asked over AMQP, the admin API and the CLI; helpers that poll with
+//! deadlines for what another process makes true.
+#![allow(dead_code)]
 
-use super::{t, uniq};
 use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
@@ -21,7 +23,15 @@ pub fn free_port(ip: &str) -> u16 {
         .expect("free port")
 }
 
-/// One warren process of the test cluster.
+/// `[cluster.tls]` files of one node.
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    pub certfile: PathBuf,
+    pub keyfile: PathBuf,
+    pub cacertfile: PathBuf,
+}
+
+/// One warren process of a test cluster.
 pub struct Node {
     pub ip: String,
     pub dir: PathBuf,
@@ -29,13 +39,18 @@ pub struct Node {
     pub admin: u16,
     pub cluster: u16,
     pub seeds: Vec<String>,
+    pub cookie: String,
+    pub tls: Option<NodeTls>,
+    /// `[cluster] dial`: node name -> address.
+    pub dial: Vec<(String, String)>,
+    pub commit_timeout_ms: u64,
     child: Option<Child>,
 }
 
 impl Node {
     pub fn new(n: u8, tag: &str) -> Node {
         let ip = format!("127.0.0.{n}");
-        let dir = std::env::temp_dir().join(uniq(&format!("warren-cluster-{tag}-{n}")));
+        let dir = std::env::temp_dir().join(super::uniq(&format!("warren-cluster-{tag}-{n}")));
         let _ = std::fs::remove_dir_all(&dir);
         Node {
             amqp: free_port(&ip),
@@ -44,6 +59,10 @@ impl Node {
             ip,
             dir,
             seeds: Vec::new(),
+            cookie: COOKIE.into(),
+            tls: None,
+            dial: Vec::new(),
+            commit_timeout_ms: 3000,
             child: None,
         }
     }
@@ -52,44 +71,78 @@ impl Node {
         format!("warren@{}", self.ip)
     }
 
+    /// `warren@ip:port`, as a seed.
     pub fn seed(&self) -> String {
         format!("warren@{}:{}", self.ip, self.cluster)
     }
 
-    pub fn config(&self, cookie: &str) -> PathBuf {
+    /// The inter-node address the membership records.
+    pub fn cluster_addr(&self) -> String {
+        format!("{}:{}", self.ip, self.cluster)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("warren.log")
+    }
+
+    /// What the node logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn config(&self) -> PathBuf {
         let seeds: Vec<String> = self.seeds.iter().map(|s| format!("\"{s}\"")).collect();
-        let text = format!(
+        let dial: Vec<String> = self
+            .dial
+            .iter()
+            .map(|(k, v)| format!("\"{k}\" = \"{v}\""))
+            .collect();
+        let mut text = format!(
             "bind = \"{ip}\"\namqp_port = {amqp}\nadmin_port = {admin}\ndata_dir = \"{dir}\"\n\
              log = \"warn\"\n\n[stream.listeners]\ntcp = \"none\"\n\n[cluster]\n\
              node_name = \"warren@{ip}\"\nlisten = \"{ip}:{cluster}\"\ncookie = \"{cookie}\"\n\
-             seeds = [{seeds}]\ncommit_timeout_ms = 3000\nheartbeat_ms = 50\n",
+             seeds = [{seeds}]\ncommit_timeout_ms = {timeout}\nheartbeat_ms = 50\n\
+             dial = {{ {dial} }}\n",
             ip = self.ip,
             amqp = self.amqp,
             admin = self.admin,
             dir = self.dir.display(),
             cluster = self.cluster,
+            cookie = self.cookie,
             seeds = seeds.join(", "),
+            timeout = self.commit_timeout_ms,
+            dial = dial.join(", "),
         );
+        if let Some(tls) = &self.tls {
+            text.push_str(&format!(
+                "\n[cluster.tls]\ncertfile = \"{}\"\nkeyfile = \"{}\"\ncacertfile = \"{}\"\n",
+                tls.certfile.display(),
+                tls.keyfile.display(),
+                tls.cacertfile.display()
+            ));
+        }
         std::fs::create_dir_all(&self.dir).expect("data dir");
         let path = self.dir.join("warren.toml");
         std::fs::write(&path, text).expect("config");
         path
     }
 
+    /// Start the process and wait until it takes AMQP connections.
     pub async fn start(&mut self) {
-        self.start_with_cookie(COOKIE).await
-    }
-
-    pub async fn start_with_cookie(&mut self, cookie: &str) {
-        let config = self.config(cookie);
+        let config = self.config();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_warren"))
             .arg("--config")
             .arg(&config)
-            .stdout(Stdio::null())
+            .stdout(Stdio::from(log))
             .spawn()
             .expect("spawn warren");
         self.child = Some(child);
-        for _ in 0..200 {
+        for _ in 0..400 {
             if tokio::net::TcpStream::connect((self.ip.as_str(), self.amqp))
                 .await
                 .is_ok()
@@ -98,9 +151,15 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("warren did not start on {}:{}", self.ip, self.amqp);
+        panic!(
+            "warren did not start on {}:{}; log:\n{}",
+            self.ip,
+            self.amqp,
+            self.log()
+        );
     }
 
+    /// SIGTERM, and wait for the exit.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -118,21 +177,36 @@ impl Node {
         let _ = child.wait();
     }
 
+    /// SIGKILL: no chance to say goodbye to anyone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     pub async fn connect(&self) -> Connection {
         let uri = format!("amqp://guest:guest@{}:{}/%2f", self.ip, self.amqp);
-        t(Connection::connect(&uri, ConnectionProperties::default()))
+        super::t(Connection::connect(&uri, ConnectionProperties::default()))
             .await
             .expect("connect")
+    }
+
+    /// Start with another cookie than the cluster's.
+    pub async fn start_with_cookie(&mut self, cookie: &str) {
+        self.cookie = cookie.into();
+        self.start().await
     }
 
     pub fn url(&self) -> String {
         format!("http://{}:{}", self.ip, self.admin)
     }
 
-    /// GET on the admin API: (status, JSON body).
+    /// GET on the admin API: (status, JSON body); (0, Null) when unreachable.
     pub fn get(&self, path: &str) -> (u16, Value) {
         let r = ureq::get(&format!("{}{path}", self.url()))
             .set("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+            .timeout(Duration::from_secs(5))
             .call();
         match r {
             Ok(r) => (r.status(), r.into_json().unwrap_or(Value::Null)),
@@ -149,7 +223,8 @@ impl Node {
     /// `method` on the admin API, with a JSON body or none: the status.
     pub fn send(&self, method: &str, path: &str, body: Option<Value>) -> u16 {
         let req = ureq::request(method, &format!("{}{path}", self.url()))
-            .set("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=");
+            .set("Authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+            .timeout(Duration::from_secs(15));
         let r = match body {
             Some(b) => req.send_json(b),
             None => req.call(),
@@ -185,10 +260,37 @@ impl Node {
             .filter_map(|n| n["name"].as_str().map(String::from))
             .collect()
     }
+
+    /// `/api/nodes`' member count.
+    pub fn members(&self) -> usize {
+        self.get("/api/nodes").1.as_array().map_or(0, Vec::len)
+    }
+
+    /// The metadata leader this node knows of, if any.
+    pub fn leader(&self) -> Option<String> {
+        self.get("/api/cluster").1["leader"]
+            .as_str()
+            .map(String::from)
+    }
+
+    /// This node's Raft state (`Leader`, `Follower`, `Candidate`, ...).
+    pub fn raft_state(&self) -> String {
+        self.get("/api/cluster").1["raft"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
+        // On a failure (or with WARREN_TEST_LOGS set), what the node logged.
+        if std::thread::panicking() || std::env::var_os("WARREN_TEST_LOGS").is_some() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+            eprintln!("--- last lines of {}'s log ---\n{tail}", self.name());
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -206,25 +308,97 @@ pub async fn eventually(what: &str, within: Duration, mut check: impl FnMut() ->
     }
 }
 
-/// Whether a passive declare of exchange `x` and queue `q` succeeds on `node`.
-pub async fn passive_ok(node: &Node, x: &str, q: &str) -> bool {
+/// Declare the durable fanout exchange `x` on `node`: Ok when answered
+/// `-ok`, Err with the reply code (or 0 for no answer within `within`).
+pub async fn declare(node: &Node, x: &str, within: Duration) -> Result<(), u16> {
+    let uri = format!("amqp://guest:guest@{}:{}/%2f", node.ip, node.amqp);
+    let attempt = async {
+        let conn = Connection::connect(&uri, ConnectionProperties::default())
+            .await
+            .map_err(|e| super::code(&e).unwrap_or(0))?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| super::code(&e).unwrap_or(0))?;
+        let opts = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let r = ch
+            .exchange_declare(x, ExchangeKind::Fanout, opts, FieldTable::default())
+            .await
+            .map_err(|e| super::code(&e).unwrap_or(0));
+        let _ = conn.close(200, "bye").await;
+        r
+    };
+    match tokio::time::timeout(within, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(0),
+    }
+}
+
+/// Which of `names` a passive declare finds on `node` (one connection).
+pub async fn passive_present(node: &Node, names: &[String]) -> Vec<String> {
+    let mut present = Vec::new();
     let conn = node.connect().await;
-    let ch = t(conn.create_channel()).await.expect("channel");
+    let mut ch = super::t(conn.create_channel()).await.expect("channel");
     let passive = ExchangeDeclareOptions {
         passive: true,
         ..Default::default()
     };
-    let ex = t(ch.exchange_declare(x, ExchangeKind::Direct, passive, FieldTable::default()))
+    for x in names {
+        let r =
+            super::t(ch.exchange_declare(x, ExchangeKind::Fanout, passive, FieldTable::default()))
+                .await;
+        match r {
+            Ok(()) => present.push(x.clone()),
+            // 404 closes the channel: open another for the next name.
+            Err(_) => ch = super::t(conn.create_channel()).await.expect("channel"),
+        }
+    }
+    let _ = conn.close(200, "bye").await;
+    present
+}
+
+/// Wait until every one of `names` exists on `node` (passive declares).
+pub async fn wait_all_present(node: &Node, names: &[String], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let present = passive_present(node, names).await;
+        if present.len() == names.len() {
+            return;
+        }
+        let missing: Vec<&String> = names.iter().filter(|n| !present.contains(n)).collect();
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} acknowledged declares missing on {}: {missing:?}",
+            missing.len(),
+            names.len(),
+            node.name()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether a passive declare of exchange `x` and queue `q` succeeds on `node`.
+pub async fn passive_ok(node: &Node, x: &str, q: &str) -> bool {
+    let conn = node.connecsuper::t().await;
+    let ch = super::t(conn.create_channel()).await.expecsuper::t("channel");
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::defaulsuper::t()
+    };
+    let ex = super::t(ch.exchange_declare(x, ExchangeKind::Direct, passive, FieldTable::defaulsuper::t()))
         .await
         .is_ok();
     let ok = ex
-        && t(ch.queue_declare(
+        && super::t(ch.queue_declare(
             q,
             QueueDeclareOptions {
                 passive: true,
-                ..Default::default()
+                ..Default::defaulsuper::t()
             },
-            FieldTable::default(),
+            FieldTable::defaulsuper::t(),
         ))
         .await
         .is_ok();
@@ -245,7 +419,7 @@ pub async fn wait_passive(node: &Node, x: &str, q: &str) {
 }
 
 pub fn has_binding(node: &Node, x: &str, q: &str, key: &str) -> bool {
-    let (status, list) = node.get(&format!("/api/exchanges/%2F/{x}/bindings/source"));
+    let (status, list) = node.gesuper::t(&format!("/api/exchanges/%2F/{x}/bindings/source"));
     status == 200
         && list
             .as_array()
@@ -255,30 +429,30 @@ pub fn has_binding(node: &Node, x: &str, q: &str, key: &str) -> bool {
 }
 
 pub async fn declare_and_bind(node: &Node, x: &str, q: &str, key: &str) {
-    let conn = node.connect().await;
-    let ch = t(conn.create_channel()).await.expect("channel");
+    let conn = node.connecsuper::t().await;
+    let ch = super::t(conn.create_channel()).await.expecsuper::t("channel");
     let durable = ExchangeDeclareOptions {
         durable: true,
-        ..Default::default()
+        ..Default::defaulsuper::t()
     };
-    t(ch.exchange_declare(x, ExchangeKind::Direct, durable, FieldTable::default()))
+    super::t(ch.exchange_declare(x, ExchangeKind::Direct, durable, FieldTable::defaulsuper::t()))
         .await
-        .expect("exchange.declare");
+        .expecsuper::t("exchange.declare");
     let qd = QueueDeclareOptions {
         durable: true,
-        ..Default::default()
+        ..Default::defaulsuper::t()
     };
-    t(ch.queue_declare(q, qd, FieldTable::default()))
+    super::t(ch.queue_declare(q, qd, FieldTable::defaulsuper::t()))
         .await
-        .expect("queue.declare");
-    t(ch.queue_bind(
+        .expecsuper::t("queue.declare");
+    super::t(ch.queue_bind(
         q,
         x,
         key,
-        QueueBindOptions::default(),
-        FieldTable::default(),
+        QueueBindOptions::defaulsuper::t(),
+        FieldTable::defaulsuper::t(),
     ))
     .await
-    .expect("queue.bind");
+    .expecsuper::t("queue.bind");
     let _ = conn.close(200, "bye").await;
 }

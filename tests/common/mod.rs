@@ -15,6 +15,7 @@ macro_rules! id {
 
 pub mod cluster;
 pub mod process;
+pub mod proxy;
 pub mod raw;
 pub mod stream;
 pub mod tls;

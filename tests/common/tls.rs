@@ -64,6 +64,30 @@ impl Ca {
             ca_der: self.cert.der().to_vec(),
         }
     }
+
+    /// A cluster node's certificate: for `host` (an IP or a DNS name, the
+    /// host part of its node name), usable as server and as client.
+    pub fn issue_node(&self, host: &str) -> Leaf {
+        let mut p = CertificateParams::new(vec![host.to_string()]).expect("params");
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::OrganizationName, "warren tests");
+        p.distinguished_name
+            .push(DnType::CommonName, format!("warren@{host}"));
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().expect("node key");
+        let cert = p.signed_by(&key, &self.cert, &self.key).expect("node cert");
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert_der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
+            ca_der: self.cert.der().to_vec(),
+        }
+    }
 }
 
 pub struct Leaf {
