@@ -382,13 +382,13 @@ pub async fn wait_all_present(node: &Node, names: &[String], within: Duration) {
 
 /// Whether a passive declare of exchange `x` and queue `q` succeeds on `node`.
 pub async fn passive_ok(node: &Node, x: &str, q: &str) -> bool {
-    let conn = node.connecsuper::t().await;
-    let ch = super::t(conn.create_channel()).await.expecsuper::t("channel");
+    let conn = node.connect().await;
+    let ch = super::t(conn.create_channel()).await.expect("channel");
     let passive = ExchangeDeclareOptions {
         passive: true,
-        ..Default::defaulsuper::t()
+        ..Default::default()
     };
-    let ex = super::t(ch.exchange_declare(x, ExchangeKind::Direct, passive, FieldTable::defaulsuper::t()))
+    let ex = super::t(ch.exchange_declare(x, ExchangeKind::Direct, passive, FieldTable::default()))
         .await
         .is_ok();
     let ok = ex
@@ -396,9 +396,9 @@ pub async fn passive_ok(node: &Node, x: &str, q: &str) -> bool {
             q,
             QueueDeclareOptions {
                 passive: true,
-                ..Default::defaulsuper::t()
+                ..Default::default()
             },
-            FieldTable::defaulsuper::t(),
+            FieldTable::default(),
         ))
         .await
         .is_ok();
@@ -419,7 +419,7 @@ pub async fn wait_passive(node: &Node, x: &str, q: &str) {
 }
 
 pub fn has_binding(node: &Node, x: &str, q: &str, key: &str) -> bool {
-    let (status, list) = node.gesuper::t(&format!("/api/exchanges/%2F/{x}/bindings/source"));
+    let (status, list) = node.get(&format!("/api/exchanges/%2F/{x}/bindings/source"));
     status == 200
         && list
             .as_array()
@@ -429,30 +429,30 @@ pub fn has_binding(node: &Node, x: &str, q: &str, key: &str) -> bool {
 }
 
 pub async fn declare_and_bind(node: &Node, x: &str, q: &str, key: &str) {
-    let conn = node.connecsuper::t().await;
-    let ch = super::t(conn.create_channel()).await.expecsuper::t("channel");
+    let conn = node.connect().await;
+    let ch = super::t(conn.create_channel()).await.expect("channel");
     let durable = ExchangeDeclareOptions {
         durable: true,
-        ..Default::defaulsuper::t()
+        ..Default::default()
     };
-    super::t(ch.exchange_declare(x, ExchangeKind::Direct, durable, FieldTable::defaulsuper::t()))
+    super::t(ch.exchange_declare(x, ExchangeKind::Direct, durable, FieldTable::default()))
         .await
-        .expecsuper::t("exchange.declare");
+        .expect("exchange.declare");
     let qd = QueueDeclareOptions {
         durable: true,
-        ..Default::defaulsuper::t()
+        ..Default::default()
     };
-    super::t(ch.queue_declare(q, qd, FieldTable::defaulsuper::t()))
+    super::t(ch.queue_declare(q, qd, FieldTable::default()))
         .await
-        .expecsuper::t("queue.declare");
+        .expect("queue.declare");
     super::t(ch.queue_bind(
         q,
         x,
         key,
-        QueueBindOptions::defaulsuper::t(),
-        FieldTable::defaulsuper::t(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
     ))
     .await
-    .expecsuper::t("queue.bind");
+    .expect("queue.bind");
     let _ = conn.close(200, "bye").await;
 }
