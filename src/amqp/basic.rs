@@ -509,7 +509,8 @@ pub fn publish(
             .push((publish.exchange, publish.mandatory, message, cc));
         return Ok(());
     }
-    route_and_enqueue(
+    let seq = io.confirms.next_seq();
+    let (_, forwarded) = route_and_enqueue(
         ctx,
         io,
         &publish.exchange,
@@ -518,12 +519,16 @@ pub fn publish(
         &cc,
         now,
     )
-    .map(|_| ())
-    .map_err(at_publish)
+    .map_err(at_publish)?;
+    if let Some(t) = forwarded.filter(|_| io.confirms.enabled()) {
+        ch.forwarded.push_back((seq, t));
+    }
+    Ok(())
 }
 
 /// Route `message` (also with the `cc` keys) and enqueue it; returns whether a
-/// durable copy was stored.
+/// durable copy was stored, and the ticket of copies forwarded to other nodes
+/// (its confirm waits for them: counted as durable here).
 pub(super) fn route_and_enqueue(
     ctx: &ConnCtx,
     io: &mut ChannelIo<'_>,
@@ -532,7 +537,7 @@ pub(super) fn route_and_enqueue(
     message: Arc<Message>,
     cc: &[ShortStr],
     now: Now,
-) -> AmqpResult<bool> {
+) -> AmqpResult<(bool, Option<Arc<crate::broker::remote::Ticket>>)> {
     let published = ctx
         .vhost
         .publish_cc(exchange, &message, cc, PublishFrom::Client, now.ms)?;
@@ -556,7 +561,8 @@ pub(super) fn route_and_enqueue(
             .content(io.id, |b| message.properties.encode(b), &message.body);
     }
     let (rejected, durable) = (published.rejected, published.durable);
-    let durable_confirm = durable && ctx.broker.store.is_some();
+    let forwarded = published.forwarded;
+    let durable_confirm = (durable && ctx.broker.store.is_some()) || forwarded.is_some();
     io.published(if rejected {
         Outcome::Rejected
     } else {
@@ -564,7 +570,7 @@ pub(super) fn route_and_enqueue(
             durable: durable_confirm,
         }
     });
-    Ok(durable)
+    Ok((durable, forwarded))
 }
 
 /// A queue handed this channel a delivery: assign a tag and write it.

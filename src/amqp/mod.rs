@@ -176,6 +176,10 @@ pub struct Channel {
     last_queue: Option<String>,
     /// The hidden queue behind this channel's direct reply-to consumer.
     reply_queue: Option<String>,
+    /// Clustered: publishes with copies forwarded to other nodes, by confirm
+    /// sequence number (0: in the transaction being committed), until the
+    /// connection waits on them with their confirm batch.
+    pub(crate) forwarded: VecDeque<(u64, Arc<crate::broker::remote::Ticket>)>,
 }
 
 impl Default for Channel {
@@ -190,6 +194,7 @@ impl Default for Channel {
             tx: None,
             last_queue: None,
             reply_queue: None,
+            forwarded: VecDeque::new(),
         }
     }
 }
@@ -202,6 +207,24 @@ impl Channel {
         self.last_queue
             .clone()
             .ok_or_else(|| AmqpError::not_found("no previously declared queue"))
+    }
+
+    /// The tickets of forwarded publishes `first..=last` (confirm sequence
+    /// numbers; 0..=0 for a transaction's), taken out of the channel.
+    pub fn take_forwarded(
+        &mut self,
+        first: u64,
+        last: u64,
+    ) -> Vec<Arc<crate::broker::remote::Ticket>> {
+        let mut out = Vec::new();
+        self.forwarded.retain(|(seq, t)| {
+            let hit = (first..=last).contains(seq);
+            if hit {
+                out.push(Arc::clone(t));
+            }
+            !hit
+        });
+        out
     }
 
     /// Let every consumer's queue deliver again (credit, flow or back-pressure

@@ -7,10 +7,13 @@
 //! - `command`: the replicated metadata commands, the model they build (the
 //!   group's snapshot) and how a committed command reaches the local broker.
 //! - `store`: the group's log, vote and state machine on this node's disk.
+//! - `forward`: the data links between nodes, over which queues homed on
+//!   another node are reached (publishes now).
 //!
 //! Nothing here runs without `[cluster]` in the configuration. See docs/cluster.md.
 
 pub mod command;
+pub mod forward;
 pub mod frame;
 pub mod network;
 pub mod store;
@@ -87,6 +90,10 @@ pub struct Cluster {
     commit_timeout: Duration,
     /// When each other member last answered a probe.
     seen: parking_lot::Mutex<BTreeMap<u64, std::time::Instant>>,
+    /// The local broker.
+    pub(crate) broker: Arc<Broker>,
+    /// The data links to the other nodes (queues homed elsewhere).
+    pub forward: Arc<forward::Forwarder>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -210,7 +217,8 @@ impl Cluster {
         let store = LogStore::open(&config.data_dir.join("cluster"))
             .map_err(|e| ClusterError::Store(e.to_string()))?;
         let fresh = store.is_fresh();
-        let sm = StateMachine::open(broker, store.clone()).map_err(ClusterError::Store)?;
+        let sm =
+            StateMachine::open(Arc::clone(&broker), store.clone()).map_err(ClusterError::Store)?;
         let hb = cc.heartbeat_ms.max(10);
         let raft_config = openraft::Config {
             cluster_name: "warren".into(),
@@ -229,6 +237,8 @@ impl Cluster {
         let network = Network {
             ident: Arc::clone(&ident),
         };
+        let fwd = forward::Forwarder::new(Arc::clone(&ident));
+        sm.set_forwarder(Arc::clone(&fwd));
         let raft_config = Arc::new(raft_config);
         let raft = openraft::Raft::new(
             id,
@@ -250,7 +260,12 @@ impl Cluster {
             sm,
             commit_timeout: Duration::from_millis(cc.commit_timeout_ms.max(1)),
             seen: Default::default(),
+            broker,
+            forward: fwd,
         });
+        cluster.forward.set_cluster(&cluster);
+        // Queues homed elsewhere keep no messages here, from the first publish on.
+        sm_mark_all(&cluster.sm);
         network::serve(listener, Arc::downgrade(&cluster));
         cluster.spawn_pinger();
         tracing::info!(node = %name, %listen, id, "cluster node started");
@@ -595,6 +610,11 @@ impl Cluster {
     pub async fn shutdown(&self) {
         let _ = self.raft().shutdown().await;
     }
+}
+
+/// Tell every replicated queue where its messages live.
+fn sm_mark_all(sm: &StateMachine) {
+    sm.mark_all();
 }
 
 /// What the network needs to know of this node: its name, id and the cookie.

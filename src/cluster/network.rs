@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Framed;
 
 type NodeId = u64;
-type Conn = Framed<TcpStream, FrameCodec>;
+pub(super) type Conn = Framed<TcpStream, FrameCodec>;
 
 /// How long a peer has for the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -230,6 +230,9 @@ async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError
     tracing::debug!(%peer, node = %hello.node.name, "inter-node connection accepted");
     loop {
         let frame = next(&mut conn).await?;
+        if frame.kind == Kind::Link {
+            return super::forward::serve_link(conn, Arc::clone(c), hello.node.name).await;
+        }
         let reply = c.handle_request(frame).await?;
         conn.send((Kind::Reply, reply)).await?;
     }

@@ -14,6 +14,7 @@ use super::writer::{self, Out};
 use crate::amqp::{self, ConnCtx};
 use crate::broker::oauth::{Grant, Verifier};
 use crate::broker::queue::DeliverySink;
+use crate::broker::remote::Ticket;
 use crate::broker::{Broker, ConnectionControl, ConnectionInfo, LoginError};
 use crate::clock::Now;
 use crate::cluster::{Cluster, Command};
@@ -142,6 +143,18 @@ struct Conn<R> {
     /// A metadata change made by the last method, whose reply is held until the
     /// cluster has committed it.
     commit: Option<Command>,
+    /// Confirm batches handed out per channel, in order, with their outcome
+    /// once known ((store ok, forwarded copies ok)): they are answered in the
+    /// order they were made, so a `multiple` ack never covers an earlier batch
+    /// still waiting (a forwarded one can take longer than a later local one).
+    batches: std::collections::HashMap<u16, std::collections::VecDeque<Batch>>,
+}
+
+/// One confirm batch waiting for the store and for other nodes.
+struct Batch {
+    first: u64,
+    last: u64,
+    done: Option<(bool, bool)>,
 }
 
 /// How the session ended.
@@ -192,6 +205,7 @@ where
         backpressure: false,
         cluster,
         commit: None,
+        batches: Default::default(),
     };
     let end = conn.main_loop().await;
     conn.cleanup();
@@ -222,6 +236,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let store = self.broker.store.clone();
         let streams = self.broker.streams.clone();
+        let fwd = self.cluster.as_ref().map(|c| Arc::clone(&c.forward));
         let mut was_full = false;
         loop {
             if let Some(end) = self.process_events() {
@@ -235,8 +250,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             self.update_backpressure();
             // The message store's write buffer is full: read no input until it
             // drains (an async wait; no thread blocks on the store).
+            // Clustered: so are the data links' windows of forwarded publishes.
             let store_full = store.as_ref().is_some_and(|s| !s.has_room())
-                || streams.as_ref().is_some_and(|s| !s.has_room());
+                || streams.as_ref().is_some_and(|s| !s.has_room())
+                || fwd.as_ref().is_some_and(|f| !f.has_room());
             if store_full != was_full {
                 was_full = store_full;
                 self.session.set_store_full(store_full, Instant::now());
@@ -259,6 +276,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 _ = async {
                     if let Some(s) = &store { s.ready().await }
                     if let Some(s) = &streams { s.ready().await }
+                    if let Some(f) = &fwd { f.ready().await }
                 }, if store_full => {}
                 // The writer makes progress without telling us: look again soon.
                 _ = tokio::time::sleep(Duration::from_millis(5)), if self.backpressure => {}
@@ -375,6 +393,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 }
             }
             Event::ChannelClosed { channel, mut data } => {
+                self.batches.remove(&channel);
                 if self.registered {
                     self.broker.channel_closed(self.id, channel);
                 }
@@ -600,7 +619,8 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 first,
                 last,
                 ok,
-            } => self.session.durable_done(channel, first, last, ok, now.at),
+                forwarded,
+            } => self.batch_done(channel, first, last, (ok, forwarded), now.at),
         }
     }
 
@@ -666,20 +686,93 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
+    /// A confirm batch's outcome is known: answer it and every batch after it
+    /// that is known too, in order.
+    fn batch_done(&mut self, channel: u16, first: u64, last: u64, r: (bool, bool), now: Instant) {
+        let Some(fifo) = self.batches.get_mut(&channel) else {
+            return self.answer_batch(channel, first, last, r, now);
+        };
+        match fifo.iter_mut().find(|b| b.first == first && b.last == last) {
+            Some(b) => b.done = Some(r),
+            None => return self.answer_batch(channel, first, last, r, now),
+        }
+        let mut ready = Vec::new();
+        while let Some(b) = fifo.front() {
+            let Some(r) = b.done else { break };
+            ready.push((b.first, b.last, r));
+            fifo.pop_front();
+        }
+        if fifo.is_empty() {
+            self.batches.remove(&channel);
+        }
+        for (first, last, r) in ready {
+            self.answer_batch(channel, first, last, r, now);
+        }
+    }
+
+    /// Store failure: 541 (as before); a forwarded copy lost or refused: nack.
+    fn answer_batch(&mut self, channel: u16, first: u64, last: u64, r: (bool, bool), now: Instant) {
+        match r {
+            (true, false) => self.session.durable_nacked(channel, first, last),
+            (ok, _) => self.session.durable_done(channel, first, last, ok, now),
+        }
+    }
+
+    /// The tickets of copies forwarded to other nodes by publishes
+    /// `first..=last` of `channel` (0..=0: its transaction).
+    fn forwarded(&mut self, channel: u16, first: u64, last: u64) -> Vec<Arc<Ticket>> {
+        match self.session.channel(channel) {
+            Some((data, _)) => data.take_forwarded(first, last),
+            None => Vec::new(),
+        }
+    }
+
     /// Ask the store to call back after its next flush; true if answered at once.
     fn store_wait(&mut self, wait: StoreWait, now: Instant) -> bool {
+        let tickets = match wait {
+            StoreWait::Confirms {
+                channel,
+                first,
+                last,
+            } => {
+                self.batches.entry(channel).or_default().push_back(Batch {
+                    first,
+                    last,
+                    done: None,
+                });
+                self.forwarded(channel, first, last)
+            }
+            StoreWait::TxCommit { channel } => self.forwarded(channel, 0, 0),
+        };
+        let sink = Arc::clone(&self.sink);
         let Some(store) = &self.broker.store else {
+            // Nothing to flush: only copies on other nodes to wait for.
             match wait {
                 StoreWait::Confirms {
                     channel,
                     first,
                     last,
-                } => self.session.durable_done(channel, first, last, true, now),
-                StoreWait::TxCommit { channel } => self.session.tx_flushed(channel, true, now),
+                } if tickets.is_empty() => self.batch_done(channel, first, last, (true, true), now),
+                StoreWait::Confirms {
+                    channel,
+                    first,
+                    last,
+                } => {
+                    Ticket::all(tickets, move |fwd| {
+                        sink.durable(channel, first, last, true, fwd)
+                    });
+                    return false;
+                }
+                StoreWait::TxCommit { channel } if tickets.is_empty() => {
+                    self.session.tx_flushed(channel, true, now)
+                }
+                StoreWait::TxCommit { channel } => {
+                    Ticket::all(tickets, move |fwd| sink.tx_committed(channel, fwd));
+                    return false;
+                }
             }
             return true;
         };
-        let sink = Arc::clone(&self.sink);
         // Streams fsync their own files: a confirm also waits for every stream
         // append made before it (at once when none is pending).
         let streams = self.broker.streams.clone();
@@ -697,11 +790,20 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             } => store.on_durable(Box::new(move |r| {
                 then_streams(
                     r,
-                    Box::new(move |ok| sink.durable(channel, first, last, ok)),
+                    Box::new(move |ok| {
+                        Ticket::all(tickets, move |fwd| {
+                            sink.durable(channel, first, last, ok, fwd)
+                        })
+                    }),
                 )
             })),
             StoreWait::TxCommit { channel } => store.on_durable(Box::new(move |r| {
-                then_streams(r, Box::new(move |ok| sink.tx_committed(channel, ok)))
+                then_streams(
+                    r,
+                    Box::new(move |ok| {
+                        Ticket::all(tickets, move |fwd| sink.tx_committed(channel, ok && fwd))
+                    }),
+                )
             })),
         }
         false

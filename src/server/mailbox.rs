@@ -24,12 +24,14 @@ pub enum Outbound {
         channel: u16,
         ok: bool,
     },
-    /// The store flushed publishes `first..=last` of `channel` (or failed to).
+    /// The store flushed publishes `first..=last` of `channel` (or failed to);
+    /// `forwarded`: every copy of them sent to another node was taken there.
     Durable {
         channel: u16,
         first: u64,
         last: u64,
         ok: bool,
+        forwarded: bool,
     },
 }
 
@@ -74,12 +76,13 @@ impl DeliverySink for ConnSink {
 
 impl ConnSink {
     /// Called from the store's flusher once publishes are on disk (or not).
-    pub fn durable(&self, channel: u16, first: u64, last: u64, ok: bool) {
+    pub fn durable(&self, channel: u16, first: u64, last: u64, ok: bool, forwarded: bool) {
         let _ = self.tx.send(Outbound::Durable {
             channel,
             first,
             last,
             ok,
+            forwarded,
         });
     }
 

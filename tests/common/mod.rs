@@ -13,6 +13,7 @@ macro_rules! id {
     };
 }
 
+pub mod cluster;
 pub mod process;
 pub mod raw;
 pub mod stream;

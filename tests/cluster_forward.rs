@@ -1,0 +1,203 @@
+//! Queues live on their home node and are reached from the others by
+//! forwarding: three warren processes (127.0.0.1, .2, .3; the harness of
+//! tests/common/cluster.rs), a durable queue declared on A, publishes with
+//! confirms on B, the messages only on A; with A killed (-9) a confirming
+//! publish on B is nacked; A restarted still has its persistent messages.
+
+mod common;
+
+use common::cluster::{eventually, Node};
+use lapin::options::*;
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use std::time::{Duration, Instant};
+
+async fn channel(conn: &Connection) -> Channel {
+    common::t(conn.create_channel()).await.expect("channel")
+}
+
+/// Declare durable queue `q` on `node` (its home).
+async fn declare_durable(node: &Node, q: &str) {
+    let conn = node.connect().await;
+    let ch = channel(&conn).await;
+    let qd = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    common::t(ch.queue_declare(q, qd, FieldTable::default()))
+        .await
+        .expect("queue.declare");
+    let _ = conn.close(200, "bye").await;
+}
+
+/// A passive declare of `q` on `node`: (messages, consumers), or the error text.
+async fn passive(node: &Node, q: &str) -> Result<(u32, u32), String> {
+    let conn = node.connect().await;
+    let ch = channel(&conn).await;
+    let r = common::t(ch.queue_declare(
+        q,
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    ))
+    .await
+    .map(|q| (q.message_count(), q.consumer_count()))
+    .map_err(|e| e.to_string());
+    let _ = conn.close(200, "bye").await;
+    r
+}
+
+async fn wait_visible(node: &Node, q: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while passive(node, q).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{q} not visible on {}",
+            node.name()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publish `n` persistent messages to `q` (default exchange) with confirms:
+/// how many were acked and how many nacked.
+async fn publish_confirmed(ch: &Channel, q: &str, n: usize, tag: &str) -> (usize, usize) {
+    let mut waits = Vec::new();
+    for i in 0..n {
+        let body = format!("{tag}-{i}");
+        let c = common::t(ch.basic_publish(
+            "",
+            q,
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        ))
+        .await
+        .expect("publish");
+        waits.push(c);
+    }
+    let (mut acked, mut nacked) = (0, 0);
+    for w in waits {
+        match common::t(w).await.expect("confirm") {
+            Confirmation::Ack(_) => acked += 1,
+            Confirmation::Nack(_) => nacked += 1,
+            Confirmation::NotRequested => panic!("confirms not on"),
+        }
+    }
+    (acked, nacked)
+}
+
+/// basic.get everything from `q` on `node` (acked): the bodies.
+async fn drain(node: &Node, q: &str) -> Vec<String> {
+    let conn = node.connect().await;
+    let ch = channel(&conn).await;
+    let mut out = Vec::new();
+    while let Some(m) = common::t(ch.basic_get(q, BasicGetOptions { no_ack: true }))
+        .await
+        .expect("basic.get")
+    {
+        out.push(String::from_utf8_lossy(&m.delivery.data).to_string());
+    }
+    let _ = conn.close(200, "bye").await;
+    out
+}
+
+async fn three(tag: &str) -> (Node, Node, Node) {
+    let mut a = Node::new(1, tag);
+    let mut b = Node::new(2, tag);
+    let mut c = Node::new(3, tag);
+    b.seeds = vec![a.seed()];
+    c.seeds = vec![a.seed(), b.seed()];
+    a.start().await;
+    b.start().await;
+    c.start().await;
+    let all = [a.name(), b.name(), c.name()];
+    eventually("three running members", Duration::from_secs(20), || {
+        let r = b.running();
+        all.iter().all(|n| r.contains(n))
+    })
+    .await;
+    (a, b, c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_on_another_node_live_on_the_home_node_and_are_nacked_when_it_is_down() {
+    let (mut a, b, c) = three("fwd-pub").await;
+    declare_durable(&a, "fq").await;
+    wait_visible(&b, "fq").await;
+    wait_visible(&c, "fq").await;
+
+    // Confirms on B come after A has the messages (on disk: persistent,
+    // durable queue).
+    let conn_b = b.connect().await;
+    let ch_b = channel(&conn_b).await;
+    common::t(ch_b.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    // The data link from B to A may still be opening: the first publishes
+    // can be nacked, never lost silently; retry until one is acked.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (acked, nacked) = publish_confirmed(&ch_b, "fq", 1, "probe").await;
+        if acked == 1 {
+            break;
+        }
+        assert_eq!(nacked, 1);
+        assert!(Instant::now() < deadline, "B never forwarded to A");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (acked, nacked) = publish_confirmed(&ch_b, "fq", 20, "b").await;
+    assert_eq!((acked, nacked), (20, 0));
+    // A publish on C reaches A too.
+    let conn_c = c.connect().await;
+    let ch_c = channel(&conn_c).await;
+    common::t(ch_c.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (acked, _) = publish_confirmed(&ch_c, "fq", 1, "c").await;
+        if acked == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "C never forwarded to A");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let on_a = passive(&a, "fq").await.expect("passive on A");
+    assert_eq!(
+        on_a.0, 22,
+        "A holds every message: probe, 20 from B, 1 from C"
+    );
+    // B and C keep none of them (their admin API shows the local queue).
+    for n in [&b, &c] {
+        let (status, q) = n.get("/api/queues/%2F/fq");
+        assert_eq!(status, 200);
+        assert_eq!(q["messages"].as_u64(), Some(0), "{} keeps none", n.name());
+    }
+
+    // A killed: B's confirming publishes are nacked, never acked.
+    a.kill();
+    eventually("A seen down by B", Duration::from_secs(10), || {
+        !b.running().contains(&a.name())
+    })
+    .await;
+    let (acked, nacked) = publish_confirmed(&ch_b, "fq", 5, "lost").await;
+    assert_eq!(
+        (acked, nacked),
+        (0, 5),
+        "no false ack with the home node down"
+    );
+    let _ = conn_b.close(200, "bye").await;
+    let _ = conn_c.close(200, "bye").await;
+
+    // A back: the persistent messages are still there, and only those.
+    a.start().await;
+    let bodies = drain(&a, "fq").await;
+    assert_eq!(bodies.len(), 22, "{bodies:?}");
+    assert_eq!(bodies[1], "b-0");
+    assert_eq!(bodies[20], "b-19");
+    assert!(bodies.iter().all(|b| !b.starts_with("lost")));
+}
