@@ -201,3 +201,166 @@ async fn publishes_on_another_node_live_on_the_home_node_and_are_nacked_when_it_
     assert_eq!(bodies[20], "b-19");
     assert!(bodies.iter().all(|b| !b.starts_with("lost")));
 }
+
+/// Publish on `ch` (confirming) until one publish is acked: the data link to
+/// the home node is up.
+async fn until_acked(ch: &Channel, q: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if publish_confirmed(ch, q, 1, "probe").await.0 == 1 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never forwarded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn until_count(node: &Node, q: &str, want: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = passive(node, q).await.expect("passive").0;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{q} on {}: {got} messages, want {want}",
+            node.name()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when_it_dies() {
+    use futures::StreamExt;
+    let (mut a, b, c) = three("fwd-con").await;
+    declare_durable(&a, "cq").await;
+    wait_visible(&b, "cq").await;
+    wait_visible(&c, "cq").await;
+    let conn_b = b.connect().await;
+    let ch_b = channel(&conn_b).await;
+    common::t(ch_b.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    until_acked(&ch_b, "cq").await;
+    assert_eq!(publish_confirmed(&ch_b, "cq", 10, "m").await, (10, 0));
+    until_count(&a, "cq", 11).await;
+
+    // Consumed on C with a prefetch of 3, acked one by one: C's own tags.
+    let conn_c = c.connect().await;
+    let ch_c = channel(&conn_c).await;
+    common::t(ch_c.basic_qos(3, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let mut consumer = common::t(ch_c.basic_consume(
+        "cq",
+        "c1",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume on C");
+    let mut bodies = Vec::new();
+    for i in 0..11u64 {
+        let d = common::t(consumer.next())
+            .await
+            .expect("a delivery")
+            .expect("delivery ok");
+        assert_eq!(d.delivery_tag, i + 1, "C numbers its own deliveries");
+        assert!(!d.redelivered);
+        bodies.push(String::from_utf8_lossy(&d.data).to_string());
+        common::t(d.ack(BasicAckOptions::default()))
+            .await
+            .expect("ack");
+    }
+    assert_eq!(bodies[0], "probe-0");
+    assert_eq!(
+        bodies[1..],
+        (0..10).map(|i| format!("m-{i}")).collect::<Vec<_>>()[..]
+    );
+    until_count(&a, "cq", 0).await;
+    // The consumer counts on the home node (passive declare there).
+    assert_eq!(passive(&a, "cq").await.expect("passive").1, 1);
+    common::t(ch_c.basic_cancel("c1", BasicCancelOptions::default()))
+        .await
+        .expect("cancel");
+
+    // Unacked on C when its channel closes: the home node requeues them,
+    // redelivered.
+    assert_eq!(publish_confirmed(&ch_b, "cq", 4, "r").await, (4, 0));
+    let ch_c2 = channel(&conn_c).await;
+    let mut consumer2 = common::t(ch_c2.basic_consume(
+        "cq",
+        "c2",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume on C");
+    for _ in 0..4 {
+        let d = common::t(consumer2.next())
+            .await
+            .expect("delivery")
+            .expect("ok");
+        assert!(!d.redelivered);
+    }
+    until_count(&a, "cq", 0).await;
+    common::t(ch_c2.close(200, "bye")).await.expect("close");
+    until_count(&a, "cq", 4).await;
+    let on_a = a.connect().await;
+    let ch_a = channel(&on_a).await;
+    let m = common::t(ch_a.basic_get("cq", BasicGetOptions { no_ack: true }))
+        .await
+        .expect("get")
+        .expect("a message");
+    assert!(
+        m.delivery.redelivered,
+        "requeued by the home node: redelivered"
+    );
+    let _ = on_a.close(200, "bye").await;
+
+    // The home node dies: C's consumer is cancelled (basic.cancel), and a
+    // declare of the queue on C names the home node as down.
+    let ch_c3 = channel(&conn_c).await;
+    let mut consumer3 = common::t(ch_c3.basic_consume(
+        "cq",
+        "c3",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume on C");
+    for _ in 0..3 {
+        let d = common::t(consumer3.next())
+            .await
+            .expect("delivery")
+            .expect("ok");
+        assert!(d.redelivered, "the rest of the requeued ones");
+        common::t(d.ack(BasicAckOptions::default()))
+            .await
+            .expect("ack");
+    }
+    until_count(&a, "cq", 0).await;
+    a.kill();
+    let end = tokio::time::timeout(Duration::from_secs(10), consumer3.next())
+        .await
+        .expect("basic.cancel within 10 s");
+    assert!(
+        end.is_none() || end.as_ref().is_some_and(|d| d.is_err()),
+        "the consumer ended: {end:?}"
+    );
+    let err = passive(&c, "cq")
+        .await
+        .expect_err("404 with the home node down");
+    assert!(err.contains("NOT_FOUND") || err.contains("404"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "home node '{}' of durable queue 'cq' in vhost '/' is down or inaccessible",
+            a.name()
+        )),
+        "{err}"
+    );
+    let _ = conn_b.close(200, "bye").await;
+    let _ = conn_c.close(200, "bye").await;
+}

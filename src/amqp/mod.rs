@@ -13,6 +13,7 @@ pub mod tx;
 use crate::broker::auth::Access;
 use crate::broker::message::{Entry, Message};
 use crate::broker::queue::{Consumer, Credit, DeliverySink, Queue};
+use crate::broker::remote::RemoteConsumer;
 use crate::broker::vhost::VHost;
 use crate::clock::Now;
 use crate::error::{AmqpError, AmqpResult};
@@ -125,12 +126,17 @@ struct Unacked {
     credit: Option<Arc<Credit>>,
     /// When the consumer timeout runs out for it: (deadline, timeout in ms).
     deadline: Option<(Instant, u64)>,
+    /// Clustered: delivered by a consumer on the queue's home node, with the
+    /// home node's tag; settled there, never in the local `queue`.
+    remote: Option<(RemoteConsumer, u64)>,
 }
 
 #[derive(Debug)]
 struct ConsumerRef {
     queue: Arc<Queue>,
     consumer: Arc<Consumer>,
+    /// Clustered: the consumer lives on the queue's home node.
+    remote: Option<RemoteConsumer>,
 }
 
 /// Acknowledgement operations, kept aside inside a transaction.
@@ -180,6 +186,9 @@ pub struct Channel {
     /// sequence number (0: in the transaction being committed), until the
     /// connection waits on them with their confirm batch.
     pub(crate) forwarded: VecDeque<(u64, Arc<crate::broker::remote::Ticket>)>,
+    /// Clustered: remote consumers cancelled by the client, released on the
+    /// home node (their unacked deliveries requeued) when the channel closes.
+    cancelled_remote: Vec<RemoteConsumer>,
 }
 
 impl Default for Channel {
@@ -195,6 +204,7 @@ impl Default for Channel {
             last_queue: None,
             reply_queue: None,
             forwarded: VecDeque::new(),
+            cancelled_remote: Vec::new(),
         }
     }
 }
@@ -238,11 +248,23 @@ impl Channel {
     /// The channel is closing: cancel consumers, requeue unacked messages in order.
     /// Idempotent.
     pub fn close(&mut self, ctx: &ConnCtx, channel: u16, now: Now) {
+        let mut remote = std::mem::take(&mut self.cancelled_remote);
         for (tag, cref) in self.consumers.drain() {
-            ctx.vhost
-                .cancel_consumer(&cref.queue, ctx.id, channel, &tag, now.ms);
+            match cref.remote {
+                Some(r) => remote.push(r),
+                None => {
+                    ctx.vhost
+                        .cancel_consumer(&cref.queue, ctx.id, channel, &tag, now.ms);
+                }
+            }
         }
         self.requeue_all(now);
+        // The home nodes requeue what is still unacked there.
+        for r in remote {
+            if r.is_alive() {
+                r.home.release(r.cid);
+            }
+        }
         self.tx = None;
     }
 }

@@ -24,6 +24,12 @@ pub fn handle(
             if !d.passive && !d.queue.is_empty() {
                 ctx.permit(Access::Configure, "queue", &d.queue)?;
             }
+            // Clustered: a durable queue whose home node is unreachable.
+            if let Ok(q) = vhost.queue(&d.queue, ctx.id) {
+                if let Some(home) = q.remote().filter(|h| q.spec.durable && !h.reachable()) {
+                    return Err(super::basic::home_down(ctx, &q, home.node()));
+                }
+            }
             let (q, stats) = vhost.declare_queue(
                 &QueueDeclare {
                     name: d.queue,

@@ -11,17 +11,89 @@
 //! on it; nothing here does I/O or reads a clock.
 
 use crate::broker::message::Message;
+use crate::broker::queue::DeliverySink;
 use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The other node a queue's messages live on.
 pub trait RemoteHome: Send + Sync + std::fmt::Debug {
     /// The home node's name (`warren@host`).
     fn node(&self) -> &str;
+    /// The link to the home node is up now.
+    fn reachable(&self) -> bool;
     /// Send `message` to the home node's queue `queue` in `vhost`. Must not
     /// block: a link that is down or full fails `ticket` at once. Every call
     /// [`Ticket::expect`]s one settlement before it returns.
     fn forward(&self, vhost: &str, queue: &str, message: &Arc<Message>, ticket: &Arc<Ticket>);
+    /// Open a consumer on the home node's queue; its deliveries come to
+    /// `sink` ([`DeliverySink::deliver_remote`]) for `channel`. Err when the
+    /// home node cannot be reached.
+    fn consume(
+        &self,
+        consume: RemoteConsume,
+        channel: u16,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Result<RemoteConsumer, String>;
+    /// Settle deliveries (home-node tags) of consumer `cid`.
+    fn settle(&self, cid: u64, tags: Vec<u64>, how: Settle);
+    /// basic.cancel: the home node stops delivering (what is unacked stays so).
+    fn cancel(&self, cid: u64);
+    /// The channel is gone: cancel, and requeue whatever is still unacked.
+    fn release(&self, cid: u64);
+}
+
+/// What a remote consumer asks of the home node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemoteConsume {
+    pub vhost: String,
+    pub queue: String,
+    pub tag: String,
+    /// The client's per-consumer prefetch (0: the link's own cap).
+    pub prefetch: u32,
+    pub exclusive: bool,
+    pub priority: i32,
+    /// The consume arguments in their wire encoding (`x-stream-offset`...).
+    pub arguments: Vec<u8>,
+}
+
+/// How deliveries are settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Settle {
+    Ack,
+    Requeue,
+    /// basic.reject / nack without requeue: dropped or dead-lettered.
+    Reject,
+}
+
+/// A consumer opened on another node: its id on the link, and whether the
+/// link it lives on is still up (false: its deliveries are gone, the home
+/// node requeued them; settling them does nothing).
+#[derive(Debug, Clone)]
+pub struct RemoteConsumer {
+    pub home: Arc<dyn RemoteHome>,
+    pub cid: u64,
+    pub alive: Arc<AtomicBool>,
+}
+
+impl RemoteConsumer {
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+}
+
+/// One message from a consumer on another node, on its way to a channel.
+#[derive(Debug)]
+pub struct RemoteDelivery {
+    pub channel: u16,
+    pub consumer_tag: Arc<str>,
+    /// The home node's delivery tag.
+    pub tag: u64,
+    pub redelivered: bool,
+    pub message: Arc<Message>,
+    /// The message's encoded properties as the home node delivers them.
+    pub properties: bytes::Bytes,
+    pub consumer: RemoteConsumer,
 }
 
 type Waiter = Box<dyn FnOnce(bool) + Send>;
@@ -131,7 +203,7 @@ impl Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::atomic::AtomicU8;
 
     fn watch(t: &Ticket) -> Arc<AtomicU8> {
         let seen = Arc::new(AtomicU8::new(0));

@@ -26,8 +26,11 @@ use super::frame::{pack, unpack, Frame, FrameCodec, Kind};
 use super::network::{dial, CallError};
 use super::{Cluster, Identity};
 use crate::broker::message::Message;
+use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Queue};
 use crate::broker::queue::{Enqueued, QueueType};
-use crate::broker::remote::{RemoteHome, Ticket};
+use crate::broker::remote::{
+    RemoteConsume, RemoteConsumer, RemoteDelivery, RemoteHome, Settle, Ticket,
+};
 use crate::broker::Broker;
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -44,6 +47,9 @@ use tokio_util::codec::Framed;
 pub const MAX_INFLIGHT: usize = 8192;
 /// Frames per link waiting to be written, at most.
 pub const QUEUE_FRAMES: usize = 4096;
+/// The window of a remote consumer whose client set no prefetch (or
+/// consumes with no-ack): deliveries on their way, at most.
+pub const REMOTE_PREFETCH: u32 = 256;
 /// How long a link waits before dialling a peer again.
 const REDIAL: Duration = Duration::from_millis(200);
 
@@ -65,6 +71,30 @@ pub enum Msg {
         ok: bool,
         why: Option<String>,
     },
+    /// Open consumer `cid` on the home node's queue.
+    Consume { cid: u64, spec: RemoteConsume },
+    /// Home -> consuming node: a delivery of consumer `cid` (message attached);
+    /// `tag` is the home node's.
+    Deliver {
+        cid: u64,
+        tag: u64,
+        redelivered: bool,
+        exchange: String,
+        routing_key: String,
+    },
+    /// Settle deliveries of consumer `cid`.
+    Settle {
+        cid: u64,
+        tags: Vec<u64>,
+        how: Settle,
+    },
+    /// basic.cancel of consumer `cid` (its unacked deliveries stay unacked).
+    Cancel { cid: u64 },
+    /// The consuming channel is gone: cancel, requeue what is unacked, forget.
+    Release { cid: u64 },
+    /// Home -> consuming node: consumer `cid` is no more (queue deleted, or it
+    /// could not be opened); `why` for the log.
+    Cancelled { cid: u64, why: String },
 }
 
 /// Encode a link message with its AMQP message, if any.
@@ -136,16 +166,19 @@ impl Forwarder {
             return Arc::clone(l);
         }
         let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let link = Arc::new(Link {
             node: node.to_string(),
             tx,
+            ctl,
+            consumers: Mutex::new(HashMap::new()),
             up: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
             forwarder: Arc::downgrade(self),
         });
         links.insert(node.to_string(), Arc::clone(&link));
-        tokio::spawn(run_link(Arc::clone(self), Arc::clone(&link), rx));
+        tokio::spawn(run_link(Arc::clone(self), Arc::clone(&link), rx, ctl_rx));
         link
     }
 
@@ -186,7 +219,11 @@ impl Forwarder {
             return;
         }
         let link = self.link(home);
-        q.set_remote(Some(Arc::new(RemoteQueue { link })));
+        let this = Arc::new_cyclic(|this| RemoteQueue {
+            link,
+            this: this.clone(),
+        });
+        q.set_remote(Some(this));
     }
 
     fn address(&self, node: &str) -> Option<String> {
@@ -206,7 +243,20 @@ pub struct Link {
     next_id: AtomicU64,
     /// Publishes sent and not answered yet.
     pending: Mutex<HashMap<u64, Arc<Ticket>>>,
+    /// Consumer traffic (consume, settle, cancel): bounded by the consumers'
+    /// windows, so it is never refused for lack of room.
+    ctl: mpsc::UnboundedSender<Vec<u8>>,
+    /// Consumers opened through this link, by id.
+    consumers: Mutex<HashMap<u64, Reg>>,
     forwarder: Weak<Forwarder>,
+}
+
+/// A consumer opened through a link: where its deliveries go.
+struct Reg {
+    sink: Arc<dyn DeliverySink>,
+    channel: u16,
+    tag: Arc<str>,
+    consumer: RemoteConsumer,
 }
 
 impl std::fmt::Debug for Link {
@@ -259,8 +309,66 @@ impl Link {
         }
     }
 
-    /// The link went down: every publish not answered is lost to its publisher.
+    fn control(&self, msg: &Msg) {
+        let _ = self.ctl.send(encode(msg, None));
+    }
+
+    /// A delivery for consumer `cid` arrived.
+    fn delivered(
+        &self,
+        cid: u64,
+        tag: u64,
+        redelivered: bool,
+        message: Arc<Message>,
+        properties: bytes::Bytes,
+    ) {
+        let reg = self.consumers.lock().get(&cid).map(|r| {
+            (
+                Arc::clone(&r.sink),
+                r.channel,
+                Arc::clone(&r.tag),
+                r.consumer.clone(),
+            )
+        });
+        let Some((sink, channel, consumer_tag, consumer)) = reg else {
+            // Released meanwhile: the home node requeued it already.
+            return;
+        };
+        let d = RemoteDelivery {
+            channel,
+            consumer_tag,
+            tag,
+            redelivered,
+            message,
+            properties,
+            consumer,
+        };
+        if sink.deliver_remote(d).is_err() {
+            self.control(&Msg::Settle {
+                cid,
+                tags: vec![tag],
+                how: Settle::Requeue,
+            });
+        }
+    }
+
+    /// The home node ended consumer `cid`.
+    fn cancelled(&self, cid: u64) {
+        let reg = self.consumers.lock().remove(&cid);
+        if let Some(r) = reg {
+            r.sink.cancelled(r.channel, r.tag);
+        }
+    }
+
+    /// The link went down: every publish not answered is lost to its
+    /// publisher, every consumer through it is cancelled (its unacked
+    /// deliveries are the home node's to requeue).
     fn fail_all(&self) {
+        let regs: Vec<Reg> = self.consumers.lock().drain().map(|(_, r)| r).collect();
+        for r in regs {
+            r.consumer.alive.store(false, Ordering::Release);
+            r.sink.cancelled(r.channel, r.tag);
+        }
         let all: Vec<Arc<Ticket>> = self.pending.lock().drain().map(|(_, t)| t).collect();
         for t in all {
             t.settle(false);
@@ -275,6 +383,7 @@ impl Link {
 #[derive(Debug)]
 pub struct RemoteQueue {
     link: Arc<Link>,
+    this: Weak<RemoteQueue>,
 }
 
 impl RemoteHome for RemoteQueue {
@@ -282,14 +391,69 @@ impl RemoteHome for RemoteQueue {
         &self.link.node
     }
 
+    fn reachable(&self) -> bool {
+        self.link.up.load(Ordering::Acquire)
+    }
+
     fn forward(&self, vhost: &str, queue: &str, message: &Arc<Message>, ticket: &Arc<Ticket>) {
         self.link.publish(vhost, queue, message, ticket);
+    }
+
+    fn consume(
+        &self,
+        spec: RemoteConsume,
+        channel: u16,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Result<RemoteConsumer, String> {
+        let link = &self.link;
+        let Some(home) = self.this.upgrade() else {
+            return Err("shutting down".into());
+        };
+        if !link.up.load(Ordering::Acquire) {
+            return Err(format!("node '{}' is down or inaccessible", link.node));
+        }
+        let cid = link.next_id.fetch_add(1, Ordering::Relaxed);
+        let consumer = RemoteConsumer {
+            home,
+            cid,
+            alive: Arc::new(AtomicBool::new(true)),
+        };
+        link.consumers.lock().insert(
+            cid,
+            Reg {
+                sink,
+                channel,
+                tag: spec.tag.as_str().into(),
+                consumer: consumer.clone(),
+            },
+        );
+        link.control(&Msg::Consume { cid, spec });
+        Ok(consumer)
+    }
+
+    fn settle(&self, cid: u64, tags: Vec<u64>, how: Settle) {
+        self.link.control(&Msg::Settle { cid, tags, how });
+    }
+
+    fn cancel(&self, cid: u64) {
+        self.link.consumers.lock().remove(&cid);
+        self.link.control(&Msg::Cancel { cid });
+    }
+
+    fn release(&self, cid: u64) {
+        self.link.consumers.lock().remove(&cid);
+        self.link.control(&Msg::Release { cid });
     }
 }
 
 /// Keep the link to `link.node` connected: dial, serve, and on loss fail what
 /// was unanswered and dial again.
-async fn run_link(fwd: Arc<Forwarder>, link: Arc<Link>, mut rx: mpsc::Receiver<(u64, Vec<u8>)>) {
+async fn run_link(
+    fwd: Arc<Forwarder>,
+    link: Arc<Link>,
+    mut rx: mpsc::Receiver<(u64, Vec<u8>)>,
+    mut ctl_rx: mpsc::UnboundedReceiver<Vec<u8>>,
+) {
     let weak = Arc::downgrade(&fwd);
     drop(fwd);
     let mut logged = false;
@@ -310,13 +474,15 @@ async fn run_link(fwd: Arc<Forwarder>, link: Arc<Link>, mut rx: mpsc::Receiver<(
                 tracing::info!(node = %link.node, "data link up");
                 logged = false;
                 link.up.store(true, Ordering::Release);
-                let why = serve_dialer(conn, &link, &mut rx).await;
+                let why = serve_dialer(conn, &link, &mut rx, &mut ctl_rx).await;
                 link.up.store(false, Ordering::Release);
                 tracing::warn!(node = %link.node, error = %why, "data link down");
                 link.fail_all();
                 while let Ok((id, _)) = rx.try_recv() {
                     link.answer(id, false);
                 }
+                // Consumer traffic of the old connection means nothing now.
+                while ctl_rx.try_recv().is_ok() {}
             }
             Err(e) => {
                 if !logged {
@@ -342,10 +508,27 @@ async fn serve_dialer(
     conn: Conn,
     link: &Link,
     rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
+    ctl_rx: &mut mpsc::UnboundedReceiver<Vec<u8>>,
 ) -> CallError {
     let (mut sink, mut stream) = conn.split();
     loop {
         tokio::select! {
+            out = ctl_rx.recv() => {
+                let Some(bytes) = out else {
+                    return CallError::Timeout;
+                };
+                if let Err(e) = sink.feed((Kind::Data, bytes)).await {
+                    return e.into();
+                }
+                while let Ok(more) = ctl_rx.try_recv() {
+                    if let Err(e) = sink.feed((Kind::Data, more)).await {
+                        return e.into();
+                    }
+                }
+                if let Err(e) = sink.flush().await {
+                    return e.into();
+                }
+            }
             out = rx.recv() => {
                 let Some((_, bytes)) = out else {
                     return CallError::Timeout;
@@ -379,6 +562,16 @@ async fn serve_dialer(
                         }
                         link.answer(id, ok);
                     }
+                    Ok((Msg::Deliver { cid, tag, redelivered, exchange, routing_key }, props, body)) => {
+                        match message(&exchange, &routing_key, &props, body) {
+                            Some(m) => link.delivered(cid, tag, redelivered, m, props),
+                            None => return CallError::Handshake(link.node.clone(), "bad delivery".into()),
+                        }
+                    }
+                    Ok((Msg::Cancelled { cid, why }, _, _)) => {
+                        tracing::debug!(node = %link.node, cid, %why, "remote consumer ended");
+                        link.cancelled(cid);
+                    }
                     Ok(_) => {}
                     Err(e) => {
                         return CallError::Handshake(link.node.clone(), e);
@@ -390,10 +583,12 @@ async fn serve_dialer(
 }
 
 /// The home node's side of a data link (the connection's first frame after
-/// the handshake was [`Kind::Link`]): take publishes, answer each.
+/// the handshake was [`Kind::Link`]): take publishes and answer each; serve
+/// the consumers the other node opens here.
 pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Result<(), CallError> {
     let (mut sink, mut stream) = conn.split();
-    // Answers: bounded by the dialer's window of unanswered publishes.
+    // Answers and deliveries: bounded by the dialer's window of unanswered
+    // publishes and by the consumers' windows.
     let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(async move {
         while let Some(bytes) = rx.recv().await {
@@ -413,8 +608,24 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
     let broker = Arc::clone(&c.broker);
     drop(c);
     tracing::debug!(node = %peer, "data link accepted");
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<SinkEvent>();
+    let mut home = Served {
+        broker: Arc::clone(&broker),
+        out: tx.clone(),
+        events: ev_tx,
+        consumers: HashMap::new(),
+    };
     let r = loop {
-        let frame = match stream.next().await {
+        let frame = tokio::select! {
+            ev = ev_rx.recv() => {
+                if let Some(ev) = ev {
+                    home.on_sink(ev);
+                }
+                continue;
+            }
+            frame = stream.next() => frame,
+        };
+        let frame = match frame {
             Some(Ok(f)) => f,
             Some(Err(e)) => break Err(e.into()),
             None => break Ok(()),
@@ -448,12 +659,207 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                     },
                 );
             }
-            Msg::Done { .. } => {}
+            Msg::Consume { cid, spec } => home.consume(cid, spec),
+            Msg::Settle { cid, tags, how } => home.settle(cid, tags, how),
+            Msg::Cancel { cid } => home.cancel(cid),
+            Msg::Release { cid } => home.release(cid),
+            Msg::Done { .. } | Msg::Deliver { .. } | Msg::Cancelled { .. } => {}
         }
     };
+    // The other node is gone: its consumers here end, their unacked
+    // deliveries go back to their queues (redelivered).
+    let cids: Vec<u64> = home.consumers.keys().copied().collect();
+    for cid in cids {
+        home.release(cid);
+    }
+    drop(home);
     drop(tx);
     let _ = writer.await;
     r
+}
+
+/// What a link's consumer sinks hand the link task (from under a queue's lock).
+enum SinkEvent {
+    Deliver(u64, Delivery),
+    Cancelled(u64),
+}
+
+/// The [`DeliverySink`] of a consumer another node opened here.
+#[derive(Debug)]
+struct LinkSink {
+    cid: u64,
+    events: mpsc::UnboundedSender<SinkEvent>,
+}
+
+impl DeliverySink for LinkSink {
+    fn deliver(&self, d: Delivery) -> Result<(), Delivery> {
+        match self.events.send(SinkEvent::Deliver(self.cid, d)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(SinkEvent::Deliver(_, d))) => Err(d),
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn cancelled(&self, _channel: u16, _tag: Arc<str>) {
+        let _ = self.events.send(SinkEvent::Cancelled(self.cid));
+    }
+}
+
+/// One consumer another node opened on a queue homed here.
+struct Served1 {
+    queue: Arc<Queue>,
+    /// The broker connection id it is attached under (one per consumer).
+    connection: u64,
+    tag: Arc<str>,
+    /// None once cancelled (its unacked deliveries may still be settled).
+    consumer: Option<Arc<Consumer>>,
+    unacked: std::collections::BTreeMap<u64, crate::broker::message::Entry>,
+    next_tag: u64,
+}
+
+/// The consumers served over one link.
+struct Served {
+    broker: Arc<Broker>,
+    out: mpsc::UnboundedSender<Vec<u8>>,
+    events: mpsc::UnboundedSender<SinkEvent>,
+    consumers: HashMap<u64, Served1>,
+}
+
+impl Served {
+    fn refuse(&self, cid: u64, why: String) {
+        let _ = self.out.send(encode(&Msg::Cancelled { cid, why }, None));
+    }
+
+    fn consume(&mut self, cid: u64, spec: RemoteConsume) {
+        let now = crate::clock::now_ms();
+        let q = self
+            .broker
+            .vhost(&spec.vhost)
+            .and_then(|v| v.queue(&spec.queue, 0).ok());
+        let Some(q) = q.filter(|q| q.remote().is_none()) else {
+            return self.refuse(cid, format!("no queue '{}' homed here", spec.queue));
+        };
+        let arguments = crate::cluster::command::Args(spec.arguments).table();
+        let tag: Arc<str> = spec.tag.as_str().into();
+        let connection = self.broker.next_connection_id();
+        let consumer = Arc::new(Consumer {
+            tag: Arc::clone(&tag),
+            connection,
+            channel: 1,
+            no_ack: false,
+            exclusive: spec.exclusive,
+            priority: spec.priority,
+            arguments,
+            credit: Credit::new(if spec.prefetch == 0 {
+                REMOTE_PREFETCH
+            } else {
+                spec.prefetch
+            }),
+            channel_credit: Credit::new(0),
+            flow: Arc::new(AtomicBool::new(true)),
+            sink: Arc::new(LinkSink {
+                cid,
+                events: self.events.clone(),
+            }),
+        });
+        // Registered first: the first deliveries may come at once.
+        self.consumers.insert(
+            cid,
+            Served1 {
+                queue: Arc::clone(&q),
+                connection,
+                tag,
+                consumer: Some(Arc::clone(&consumer)),
+                unacked: Default::default(),
+                next_tag: 1,
+            },
+        );
+        if let Err(e) = q.add_consumer(consumer, now) {
+            self.consumers.remove(&cid);
+            self.refuse(cid, e.text);
+        }
+    }
+
+    fn on_sink(&mut self, ev: SinkEvent) {
+        let now = crate::clock::now_ms();
+        match ev {
+            SinkEvent::Deliver(cid, d) => {
+                let Some(s) = self
+                    .consumers
+                    .get_mut(&cid)
+                    .filter(|s| s.consumer.is_some())
+                else {
+                    // Cancelled meanwhile: back untouched.
+                    d.queue.requeue(vec![d.entry], true, false, now);
+                    return;
+                };
+                let tag = s.next_tag;
+                s.next_tag += 1;
+                let m = &d.entry.message;
+                let mut props = bytes::BytesMut::new();
+                d.entry.encode_properties(&mut props);
+                let header = serde_json::to_vec(&Msg::Deliver {
+                    cid,
+                    tag,
+                    redelivered: d.entry.redelivered,
+                    exchange: m.exchange.to_string(),
+                    routing_key: m.routing_key.to_string(),
+                })
+                .unwrap_or_default();
+                let _ = self.out.send(pack(&header, &props, &m.body));
+                s.unacked.insert(tag, d.entry);
+            }
+            SinkEvent::Cancelled(cid) => {
+                if let Some(s) = self.consumers.get_mut(&cid) {
+                    s.consumer = None;
+                }
+                self.refuse(cid, "queue deleted".into());
+            }
+        }
+    }
+
+    fn settle(&mut self, cid: u64, tags: Vec<u64>, how: Settle) {
+        let now = crate::clock::now_ms();
+        let Some(s) = self.consumers.get_mut(&cid) else {
+            return;
+        };
+        let entries: Vec<_> = tags.iter().filter_map(|t| s.unacked.remove(t)).collect();
+        if entries.is_empty() {
+            return;
+        }
+        if let Some(c) = &s.consumer {
+            c.credit.release(entries.len() as u32);
+        }
+        let q = Arc::clone(&s.queue);
+        match how {
+            Settle::Ack => q.ack(&entries),
+            Settle::Requeue => q.requeue(entries, true, true, now),
+            Settle::Reject => q.reject(entries, now),
+        }
+        q.dispatch(now);
+    }
+
+    fn cancel(&mut self, cid: u64) {
+        let now = crate::clock::now_ms();
+        let Some(s) = self.consumers.get_mut(&cid) else {
+            return;
+        };
+        if s.consumer.take().is_some() {
+            if let Some(v) = self.broker.vhost(&s.queue.spec.vhost) {
+                v.cancel_consumer(&s.queue, s.connection, 1, &s.tag, now);
+            }
+        }
+    }
+
+    fn release(&mut self, cid: u64) {
+        self.cancel(cid);
+        let now = crate::clock::now_ms();
+        if let Some(s) = self.consumers.remove(&cid) {
+            let entries: Vec<_> = s.unacked.into_values().collect();
+            s.queue.requeue(entries, true, true, now);
+            s.queue.dispatch(now);
+        }
+    }
 }
 
 /// Enqueue a forwarded message here, its home; `answer` once it is taken

@@ -606,6 +606,16 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 }
                 _ => d.queue.requeue(vec![d.entry], !d.no_ack, false, now.ms),
             },
+            Outbound::RemoteDeliver(d) => match (&self.ctx, self.session.channel(d.channel)) {
+                (Some(ctx), Some((data, mut io))) => {
+                    amqp::basic::deliver_remote(ctx, data, &mut io, d, now)
+                }
+                _ => d.consumer.home.settle(
+                    d.consumer.cid,
+                    vec![d.tag],
+                    crate::broker::remote::Settle::Requeue,
+                ),
+            },
             Outbound::Cancelled { channel, tag } => {
                 let notify = self.session.cancel_notify();
                 if let Some((data, mut io)) = self.session.channel(channel) {
@@ -823,8 +833,14 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         // Deliveries still in the mailbox go back to their queues.
         self.rx.close();
         while let Ok(msg) = self.rx.try_recv() {
-            if let Outbound::Deliver(d) = msg {
-                d.queue.requeue(vec![d.entry], !d.no_ack, false, now.ms);
+            match msg {
+                Outbound::Deliver(d) => d.queue.requeue(vec![d.entry], !d.no_ack, false, now.ms),
+                Outbound::RemoteDeliver(d) => d.consumer.home.settle(
+                    d.consumer.cid,
+                    vec![d.tag],
+                    crate::broker::remote::Settle::Requeue,
+                ),
+                _ => {}
             }
         }
         ctx.vhost.connection_closed(id);

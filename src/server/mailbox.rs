@@ -13,6 +13,8 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 pub enum Outbound {
     Deliver(Delivery),
+    /// Clustered: a delivery from a consumer on another node.
+    RemoteDeliver(crate::broker::remote::RemoteDelivery),
     Cancelled {
         channel: u16,
         tag: Arc<str>,
@@ -67,6 +69,17 @@ impl DeliverySink for ConnSink {
 
     fn cancelled(&self, channel: u16, tag: Arc<str>) {
         let _ = self.tx.send(Outbound::Cancelled { channel, tag });
+    }
+
+    fn deliver_remote(
+        &self,
+        d: crate::broker::remote::RemoteDelivery,
+    ) -> Result<(), crate::broker::remote::RemoteDelivery> {
+        match self.tx.send(Outbound::RemoteDeliver(d)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(Outbound::RemoteDeliver(d))) => Err(d),
+            Err(_) => Ok(()),
+        }
     }
 
     fn blocked(&self) -> bool {
