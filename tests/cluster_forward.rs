@@ -364,3 +364,106 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
     let _ = conn_b.close(200, "bye").await;
     let _ = conn_c.close(200, "bye").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_operations_on_other_nodes_are_answered_by_the_home_node() {
+    let (a, b, c) = three("fwd-ops").await;
+    declare_durable(&a, "oq").await;
+    wait_visible(&b, "oq").await;
+    wait_visible(&c, "oq").await;
+    let conn_b = b.connect().await;
+    let ch_b = channel(&conn_b).await;
+    common::t(ch_b.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    until_acked(&ch_b, "oq").await;
+    assert_eq!(publish_confirmed(&ch_b, "oq", 5, "m").await, (5, 0));
+
+    // Passive declare on every node: the home node's counts.
+    for n in [&a, &b, &c] {
+        assert_eq!(passive(n, "oq").await, Ok((6, 0)), "on {}", n.name());
+    }
+    // A consumer on C counts everywhere.
+    let conn_c = c.connect().await;
+    let ch_c = channel(&conn_c).await;
+    common::t(ch_c.basic_qos(1, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let consumer = common::t(ch_c.basic_consume(
+        "oq",
+        "held",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while passive(&b, "oq").await != Ok((5, 1)) {
+        assert!(Instant::now() < deadline, "{:?}", passive(&b, "oq").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // queue.delete if-unused / if-empty on B: checked on the home node.
+    let ch_del = channel(&conn_b).await;
+    let err = common::t(ch_del.queue_delete(
+        "oq",
+        QueueDeleteOptions {
+            if_unused: true,
+            ..Default::default()
+        },
+    ))
+    .await
+    .expect_err("in use on the home node");
+    assert!(err.to_string().contains("in use"), "{err}");
+    drop(consumer);
+    common::t(ch_c.close(200, "bye")).await.expect("close");
+    until_count(&b, "oq", 6).await;
+    let ch_del = channel(&conn_b).await;
+    let err = common::t(ch_del.queue_delete(
+        "oq",
+        QueueDeleteOptions {
+            if_empty: true,
+            ..Default::default()
+        },
+    ))
+    .await
+    .expect_err("not empty on the home node");
+    assert!(err.to_string().contains("is not empty"), "{err}");
+
+    // basic.get on B: from the home node, acked on B, gone on A.
+    let ch_get = channel(&conn_b).await;
+    let m = common::t(ch_get.basic_get("oq", BasicGetOptions { no_ack: false }))
+        .await
+        .expect("get")
+        .expect("a message");
+    assert_eq!(m.delivery.data, b"probe-0");
+    assert_eq!(m.message_count, 5);
+    assert!(m.delivery.redelivered, "requeued when C's channel closed");
+    common::t(m.delivery.ack(BasicAckOptions::default()))
+        .await
+        .expect("ack");
+    until_count(&a, "oq", 5).await;
+    // One got and not acked goes back when the channel closes.
+    let m = common::t(ch_get.basic_get("oq", BasicGetOptions { no_ack: false }))
+        .await
+        .expect("get")
+        .expect("a message");
+    assert_eq!(m.delivery.data, b"m-0");
+    until_count(&a, "oq", 4).await;
+    common::t(ch_get.close(200, "bye")).await.expect("close");
+    until_count(&a, "oq", 5).await;
+
+    // queue.purge on C: the home node's messages, counted.
+    let ch_p = channel(&conn_c).await;
+    let purged = common::t(ch_p.queue_purge("oq", QueuePurgeOptions::default()))
+        .await
+        .expect("purge");
+    assert_eq!(purged, 5);
+    assert_eq!(passive(&a, "oq").await, Ok((0, 0)));
+    let ch_e = channel(&conn_c).await;
+    let empty = common::t(ch_e.basic_get("oq", BasicGetOptions { no_ack: true }))
+        .await
+        .expect("get");
+    assert!(empty.is_none());
+    let _ = conn_b.close(200, "bye").await;
+    let _ = conn_c.close(200, "bye").await;
+}

@@ -706,6 +706,50 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
     }
 }
 
+/// basic.get answered by the queue's home node: get-ok with this channel's
+/// tag (the message unacked on the home node under `getter` unless no-ack).
+#[allow(clippy::too_many_arguments)]
+pub fn got_remote(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    queue: Arc<Queue>,
+    getter: RemoteConsumer,
+    no_ack: bool,
+    (home_tag, redelivered, remaining): (u64, bool, u64),
+    (message, properties): (Arc<Message>, bytes::Bytes),
+    now: Now,
+) {
+    Counters::add(&ctx.broker.counters.delivered, 1);
+    let tag = ch.next_tag;
+    ch.next_tag += 1;
+    io.method(
+        &BasicGetOk {
+            delivery_tag: tag,
+            redelivered,
+            exchange: message.exchange.to_string(),
+            routing_key: message.routing_key.to_string(),
+            message_count: remaining as u32,
+        }
+        .into(),
+    );
+    io.out
+        .content(io.id, |b| b.extend_from_slice(&properties), &message.body);
+    if !no_ack {
+        let deadline = ack_deadline(ctx, &queue, now.at);
+        let mut entry = Entry::new(0, message, None);
+        entry.redelivered = redelivered;
+        ch.unacked.push_back(Unacked {
+            tag,
+            queue,
+            entry,
+            credit: None,
+            deadline,
+            remote: Some((getter, home_tag)),
+        });
+    }
+}
+
 /// A consumer on another node delivered: assign a tag of this channel and
 /// write it (no-ack consumers ack it on the home node at once).
 pub fn deliver_remote(

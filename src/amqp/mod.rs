@@ -189,6 +189,9 @@ pub struct Channel {
     /// Clustered: remote consumers cancelled by the client, released on the
     /// home node (their unacked deliveries requeued) when the channel closes.
     cancelled_remote: Vec<RemoteConsumer>,
+    /// Clustered: per queue homed elsewhere, the consumer id its basic.gets
+    /// are settled under on the home node (released with the channel).
+    remote_getters: HashMap<String, RemoteConsumer>,
 }
 
 impl Default for Channel {
@@ -205,12 +208,14 @@ impl Default for Channel {
             reply_queue: None,
             forwarded: VecDeque::new(),
             cancelled_remote: Vec::new(),
+            remote_getters: HashMap::new(),
         }
     }
 }
 
 impl Channel {
-    fn queue_name(&self, name: &str) -> AmqpResult<String> {
+    /// The queue `name` means on this channel ("" is the last declared one).
+    pub fn queue_name(&self, name: &str) -> AmqpResult<String> {
         if !name.is_empty() {
             return Ok(name.to_string());
         }
@@ -237,6 +242,29 @@ impl Channel {
         out
     }
 
+    /// A passive declare answered by the queue's home node: the queue is the
+    /// channel's last declared one.
+    pub fn set_last_queue(&mut self, name: &str) {
+        self.last_queue = Some(name.to_string());
+    }
+
+    /// The consumer id basic.get on `queue` (homed elsewhere) uses, made by
+    /// `make` the first time.
+    pub fn remote_getter(
+        &mut self,
+        queue: &str,
+        make: impl FnOnce() -> RemoteConsumer,
+    ) -> RemoteConsumer {
+        match self.remote_getters.get(queue).filter(|r| r.is_alive()) {
+            Some(r) => r.clone(),
+            None => {
+                let r = make();
+                self.remote_getters.insert(queue.to_string(), r.clone());
+                r
+            }
+        }
+    }
+
     /// Let every consumer's queue deliver again (credit, flow or back-pressure
     /// changed).
     pub fn kick_consumers(&self, now: Now) {
@@ -249,6 +277,7 @@ impl Channel {
     /// Idempotent.
     pub fn close(&mut self, ctx: &ConnCtx, channel: u16, now: Now) {
         let mut remote = std::mem::take(&mut self.cancelled_remote);
+        remote.extend(self.remote_getters.drain().map(|(_, r)| r));
         for (tag, cref) in self.consumers.drain() {
             match cref.remote {
                 Some(r) => remote.push(r),

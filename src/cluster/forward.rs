@@ -95,7 +95,62 @@ pub enum Msg {
     /// Home -> consuming node: consumer `cid` is no more (queue deleted, or it
     /// could not be opened); `why` for the log.
     Cancelled { cid: u64, why: String },
+    /// A queue operation the home node answers ([`Op`]).
+    Request {
+        id: u64,
+        vhost: String,
+        queue: String,
+        op: Op,
+    },
+    /// The answer to request `id`: Err is (AMQP reply code, text). A
+    /// `Reply::Got` carries the message.
+    Reply {
+        id: u64,
+        reply: Result<Reply, (u16, String)>,
+    },
 }
+
+/// What another node asks of a queue homed here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Ready messages and consumers (a passive queue.declare).
+    Info,
+    /// queue.purge.
+    Purge,
+    /// The if-unused / if-empty checks of a queue.delete.
+    DeleteCheck { if_unused: bool, if_empty: bool },
+    /// basic.get; an unacked message is settled as a delivery of `cid`.
+    Get { no_ack: bool, cid: u64 },
+}
+
+/// The home node's answer to an [`Op`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Info {
+        messages: u64,
+        consumers: u64,
+    },
+    Purged {
+        messages: u64,
+    },
+    Checked {
+        messages: u64,
+    },
+    Empty,
+    Got {
+        tag: u64,
+        redelivered: bool,
+        remaining: u64,
+        exchange: String,
+        routing_key: String,
+    },
+}
+
+/// An answer with the message of a `Reply::Got`.
+pub type Answer = (
+    Result<Reply, (u16, String)>,
+    Option<(Arc<Message>, bytes::Bytes)>,
+);
 
 /// Encode a link message with its AMQP message, if any.
 pub fn encode(msg: &Msg, message: Option<&Message>) -> Vec<u8> {
@@ -172,6 +227,7 @@ impl Forwarder {
             tx,
             ctl,
             consumers: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
             up: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             pending: Mutex::new(HashMap::new()),
@@ -248,6 +304,8 @@ pub struct Link {
     ctl: mpsc::UnboundedSender<Vec<u8>>,
     /// Consumers opened through this link, by id.
     consumers: Mutex<HashMap<u64, Reg>>,
+    /// Queue operations waiting for the home node's answer.
+    requests: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<Answer>>>,
     forwarder: Weak<Forwarder>,
 }
 
@@ -309,6 +367,52 @@ impl Link {
         }
     }
 
+    /// Ask the home node about `vhost`/`queue`: its answer, or None when the
+    /// link is down or goes down first.
+    pub async fn request(&self, vhost: &str, queue: &str, op: Op) -> Option<Answer> {
+        if !self.up.load(Ordering::Acquire) {
+            return None;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.requests.lock().insert(id, tx);
+        self.control(&Msg::Request {
+            id,
+            vhost: vhost.to_string(),
+            queue: queue.to_string(),
+            op,
+        });
+        let r = rx.await.ok();
+        self.requests.lock().remove(&id);
+        r
+    }
+
+    /// A consumer id for basic.get on `home`'s queue from `channel`: what it
+    /// gets unacked is settled like a consumer's deliveries.
+    pub fn getter(
+        &self,
+        home: Arc<dyn RemoteHome>,
+        channel: u16,
+        sink: Arc<dyn DeliverySink>,
+    ) -> RemoteConsumer {
+        let cid = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let consumer = RemoteConsumer {
+            home,
+            cid,
+            alive: Arc::new(AtomicBool::new(self.up.load(Ordering::Acquire))),
+        };
+        self.consumers.lock().insert(
+            cid,
+            Reg {
+                sink,
+                channel,
+                tag: "".into(),
+                consumer: consumer.clone(),
+            },
+        );
+        consumer
+    }
+
     fn control(&self, msg: &Msg) {
         let _ = self.ctl.send(encode(msg, None));
     }
@@ -364,6 +468,7 @@ impl Link {
     /// publisher, every consumer through it is cancelled (its unacked
     /// deliveries are the home node's to requeue).
     fn fail_all(&self) {
+        self.requests.lock().clear();
         let regs: Vec<Reg> = self.consumers.lock().drain().map(|(_, r)| r).collect();
         for r in regs {
             r.consumer.alive.store(false, Ordering::Release);
@@ -568,6 +673,18 @@ async fn serve_dialer(
                             None => return CallError::Handshake(link.node.clone(), "bad delivery".into()),
                         }
                     }
+                    Ok((Msg::Reply { id, reply }, props, body)) => {
+                        let msg = match &reply {
+                            Ok(Reply::Got { exchange, routing_key, .. }) => {
+                                message(exchange, routing_key, &props, body).map(|m| (m, props))
+                            }
+                            _ => None,
+                        };
+                        let waiter = link.requests.lock().remove(&id);
+                        if let Some(w) = waiter {
+                            let _ = w.send((reply, msg));
+                        }
+                    }
                     Ok((Msg::Cancelled { cid, why }, _, _)) => {
                         tracing::debug!(node = %link.node, cid, %why, "remote consumer ended");
                         link.cancelled(cid);
@@ -663,7 +780,13 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
             Msg::Settle { cid, tags, how } => home.settle(cid, tags, how),
             Msg::Cancel { cid } => home.cancel(cid),
             Msg::Release { cid } => home.release(cid),
-            Msg::Done { .. } | Msg::Deliver { .. } | Msg::Cancelled { .. } => {}
+            Msg::Request {
+                id,
+                vhost,
+                queue,
+                op,
+            } => home.request(id, &vhost, &queue, op),
+            Msg::Done { .. } | Msg::Deliver { .. } | Msg::Cancelled { .. } | Msg::Reply { .. } => {}
         }
     };
     // The other node is gone: its consumers here end, their unacked
@@ -816,6 +939,95 @@ impl Served {
                 self.refuse(cid, "queue deleted".into());
             }
         }
+    }
+
+    /// Answer a queue operation.
+    fn request(&mut self, id: u64, vhost: &str, queue: &str, op: Op) {
+        let now = crate::clock::now_ms();
+        let v = self.broker.vhost(vhost);
+        let q = v
+            .as_ref()
+            .and_then(|v| v.queue(queue, 0).ok())
+            .filter(|q| q.remote().is_none());
+        let (Some(v), Some(q)) = (v, q) else {
+            let reply = Err((
+                crate::wire::reply_code::NOT_FOUND,
+                format!("NOT_FOUND - no queue '{queue}' in vhost '{vhost}'"),
+            ));
+            let _ = self.out.send(encode(&Msg::Reply { id, reply }, None));
+            return;
+        };
+        let err = |e: crate::error::AmqpError| Err((e.code, e.text));
+        let mut attached: Option<(bytes::BytesMut, bytes::Bytes)> = None;
+        let reply = match op {
+            Op::Info => {
+                let st = q.stats(now);
+                Ok(Reply::Info {
+                    messages: st.ready as u64,
+                    consumers: st.consumers as u64,
+                })
+            }
+            Op::Purge => match v.purge_queue(queue, 0) {
+                Ok(n) => Ok(Reply::Purged { messages: n as u64 }),
+                Err(e) => err(e),
+            },
+            Op::DeleteCheck {
+                if_unused,
+                if_empty,
+            } => {
+                let st = q.stats(now);
+                if if_unused && st.consumers > 0 {
+                    err(crate::error::AmqpError::precondition_failed(format!(
+                        "queue '{queue}' in vhost '{vhost}' in use"
+                    )))
+                } else if if_empty && st.ready + st.unacked > 0 {
+                    err(crate::error::AmqpError::precondition_failed(format!(
+                        "queue '{queue}' in vhost '{vhost}' is not empty"
+                    )))
+                } else {
+                    Ok(Reply::Checked {
+                        messages: st.ready as u64,
+                    })
+                }
+            }
+            Op::Get { no_ack, cid } => match q.get(no_ack, now) {
+                None => Ok(Reply::Empty),
+                Some((entry, remaining)) => {
+                    let m = Arc::clone(&entry.message);
+                    let mut props = bytes::BytesMut::new();
+                    entry.encode_properties(&mut props);
+                    attached = Some((props, m.body.clone()));
+                    let redelivered = entry.redelivered;
+                    let mut tag = 0;
+                    if !no_ack {
+                        let s = self.consumers.entry(cid).or_insert_with(|| Served1 {
+                            queue: Arc::clone(&q),
+                            connection: 0,
+                            tag: "".into(),
+                            consumer: None,
+                            unacked: Default::default(),
+                            next_tag: 1,
+                        });
+                        tag = s.next_tag;
+                        s.next_tag += 1;
+                        s.unacked.insert(tag, entry);
+                    }
+                    Ok(Reply::Got {
+                        tag,
+                        redelivered,
+                        remaining: remaining as u64,
+                        exchange: m.exchange.to_string(),
+                        routing_key: m.routing_key.to_string(),
+                    })
+                }
+            },
+        };
+        let header = serde_json::to_vec(&Msg::Reply { id, reply }).unwrap_or_default();
+        let bytes = match attached {
+            Some((props, body)) => pack(&header, &props, &body),
+            None => pack(&header, &[], &[]),
+        };
+        let _ = self.out.send(bytes);
     }
 
     fn settle(&mut self, cid: u64, tags: Vec<u64>, how: Settle) {

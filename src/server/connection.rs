@@ -148,6 +148,21 @@ struct Conn<R> {
     /// order they were made, so a `multiple` ack never covers an earlier batch
     /// still waiting (a forwarded one can take longer than a later local one).
     batches: std::collections::HashMap<u16, std::collections::VecDeque<Batch>>,
+    /// Clustered: a queue operation whose answer is the queue's home node's;
+    /// the session's output is held until it comes.
+    remote: Option<RemoteOp>,
+    /// The next method runs locally even if its queue lives elsewhere (a
+    /// delete whose checks the home node passed).
+    skip_remote: bool,
+}
+
+/// A passive declare, basic.get, purge or checked delete of a queue homed on
+/// another node.
+struct RemoteOp {
+    channel: u16,
+    method: crate::wire::Method,
+    queue: Arc<crate::broker::queue::Queue>,
+    home: Arc<dyn crate::broker::remote::RemoteHome>,
 }
 
 /// One confirm batch waiting for the store and for other nodes.
@@ -206,6 +221,8 @@ where
         cluster,
         commit: None,
         batches: Default::default(),
+        remote: None,
+        skip_remote: false,
     };
     let end = conn.main_loop().await;
     conn.cleanup();
@@ -244,6 +261,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             }
             if let Some(change) = self.commit.take() {
                 self.await_commit(change).await;
+                continue;
+            }
+            if let Some(op) = self.remote.take() {
+                self.await_remote(op).await;
                 continue;
             }
             self.transmit();
@@ -319,6 +340,184 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
+    /// Clustered: the method is about a queue homed on another node and its
+    /// answer is that node's (passive declare: its counts; basic.get;
+    /// purge; delete's if-unused / if-empty checks). Checks made here first
+    /// (permissions; 404 when the home node is down).
+    fn remote_op(
+        &mut self,
+        channel: u16,
+        method: &crate::wire::Method,
+    ) -> Option<Result<RemoteOp, AmqpError>> {
+        use crate::broker::auth::Access;
+        use crate::wire::Method as M;
+        self.cluster.as_ref()?;
+        let ctx = self.ctx.as_ref()?;
+        let (name, access) = match method {
+            M::QueueDeclare(d) if d.passive => (&d.queue, None),
+            M::BasicGet(g) => (&g.queue, Some(Access::Read)),
+            M::QueuePurge(p) => (&p.queue, Some(Access::Read)),
+            M::QueueDelete(d) if d.if_unused || d.if_empty => (&d.queue, Some(Access::Configure)),
+            _ => return None,
+        };
+        let (data, _) = self.session.channel(channel)?;
+        let name = data.queue_name(name).ok()?;
+        let q = ctx.vhost.queue(&name, ctx.id).ok()?;
+        let home = q.remote()?;
+        if q.queue_type() == crate::broker::queue::QueueType::Stream
+            && matches!(method, M::BasicGet(_))
+        {
+            return None;
+        }
+        let at = |e: AmqpError| e.at(method.class_id(), method.method_id());
+        if let Some(access) = access {
+            if let Err(e) = ctx.permit(access, "queue", &name) {
+                return Some(Err(at(e)));
+            }
+        }
+        if !home.reachable() {
+            return Some(Err(at(amqp::basic::home_down(ctx, &q, home.node()))));
+        }
+        Some(Ok(RemoteOp {
+            channel,
+            method: method.clone(),
+            queue: q,
+            home,
+        }))
+    }
+
+    /// Ask the queue's home node and answer the method with what it says.
+    async fn await_remote(&mut self, op: RemoteOp) {
+        use crate::cluster::forward::{Op, Reply};
+        use crate::wire::Method as M;
+        let (Some(cluster), Some(ctx)) = (self.cluster.clone(), self.ctx.clone()) else {
+            return;
+        };
+        let link = cluster.forward.link(op.home.node());
+        let RemoteOp {
+            channel,
+            method,
+            queue,
+            home,
+        } = op;
+        let name = queue.name().to_string();
+        let mut getter = None;
+        let req = match &method {
+            M::QueueDeclare(_) => Op::Info,
+            M::QueuePurge(_) => Op::Purge,
+            M::QueueDelete(d) => Op::DeleteCheck {
+                if_unused: d.if_unused,
+                if_empty: d.if_empty,
+            },
+            M::BasicGet(g) => {
+                let Some((data, _)) = self.session.channel(channel) else {
+                    return;
+                };
+                let sink = Arc::clone(&ctx.sink);
+                let g2 =
+                    data.remote_getter(&name, || link.getter(Arc::clone(&home), channel, sink));
+                let cid = g2.cid;
+                getter = Some(g2);
+                Op::Get {
+                    no_ack: g.no_ack,
+                    cid,
+                }
+            }
+            _ => return,
+        };
+        let timeout = Duration::from_millis(
+            self.config
+                .cluster
+                .as_ref()
+                .map_or(5000, |c| c.commit_timeout_ms.max(1)),
+        );
+        let answer = tokio::time::timeout(timeout, link.request(&ctx.vhost.name, &name, req))
+            .await
+            .ok()
+            .flatten();
+        let now = Now::read();
+        let at = |e: AmqpError| e.at(method.class_id(), method.method_id());
+        let (reply, msg) = match answer {
+            None => {
+                let e = at(amqp::basic::home_down(&ctx, &queue, home.node()));
+                return self.session.channel_error(channel, e, now.at);
+            }
+            Some((Err((code, text)), _)) => {
+                return self.session.channel_error(
+                    channel,
+                    at(AmqpError::relayed(code, text)),
+                    now.at,
+                );
+            }
+            Some((Ok(reply), msg)) => (reply, msg),
+        };
+        if let (M::QueueDelete(_), Reply::Checked { .. }) = (&method, &reply) {
+            // The home node's checks passed: the delete itself is replicated.
+            self.skip_remote = true;
+            let _ = self.on_event(Event::Method { channel, method }, now);
+            return;
+        }
+        let Some((data, mut io)) = self.session.channel(channel) else {
+            return;
+        };
+        match (method, reply) {
+            (
+                M::QueueDeclare(d),
+                Reply::Info {
+                    messages,
+                    consumers,
+                },
+            ) => {
+                data.set_last_queue(&name);
+                if !d.nowait {
+                    io.method(
+                        &crate::wire::QueueDeclareOk {
+                            queue: name,
+                            message_count: messages as u32,
+                            consumer_count: consumers as u32,
+                        }
+                        .into(),
+                    );
+                }
+            }
+            (M::QueuePurge(p), Reply::Purged { messages }) if !p.nowait => {
+                io.method(
+                    &crate::wire::QueuePurgeOk {
+                        message_count: messages as u32,
+                    }
+                    .into(),
+                );
+            }
+            (M::BasicGet(_), Reply::Empty) => {
+                io.method(&crate::wire::BasicGetEmpty::default().into());
+            }
+            (
+                M::BasicGet(g),
+                Reply::Got {
+                    tag,
+                    redelivered,
+                    remaining,
+                    ..
+                },
+            ) => {
+                if let (Some(getter), Some(msg)) = (getter, msg) {
+                    amqp::basic::got_remote(
+                        &ctx,
+                        data,
+                        &mut io,
+                        queue,
+                        getter,
+                        g.no_ack,
+                        (tag, redelivered, remaining),
+                        msg,
+                        now,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Answer the session's events until it wants more input; Some when it ended.
     fn process_events(&mut self) -> Option<End> {
         let now = Now::read();
@@ -326,7 +525,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             if let Some(end) = self.on_event(event, now) {
                 return Some(end);
             }
-            if self.commit.is_some() {
+            if self.commit.is_some() || self.remote.is_some() {
                 return None;
             }
             if !self.backpressure && self.backlog() > self.backlog_limit {
@@ -407,6 +606,20 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 }
             }
             Event::Method { channel, method } => {
+                if !std::mem::take(&mut self.skip_remote) {
+                    match self.remote_op(channel, &method) {
+                        None => {}
+                        Some(Ok(op)) => {
+                            self.transmit();
+                            self.remote = Some(op);
+                            return None;
+                        }
+                        Some(Err(e)) => {
+                            self.session.channel_error(channel, e, now.at);
+                            return None;
+                        }
+                    }
+                }
                 let Some(ctx) = &self.ctx else { return None };
                 // Clustered: a change of replicated metadata is made here, and
                 // its reply held until the cluster has committed it (see
