@@ -190,15 +190,30 @@ async fn publishes_on_another_node_live_on_the_home_node_and_are_nacked_when_it_
         (0, 5),
         "no false ack with the home node down"
     );
-    let _ = conn_b.close(200, "bye").await;
     let _ = conn_c.close(200, "bye").await;
 
-    // A back: the persistent messages are still there, and only those.
+    // A back: the persistent messages are still there, and only those; B's
+    // link comes back by itself.
     a.start().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while passive(&a, "fq").await != Ok((22, 0)) {
+        assert!(Instant::now() < deadline, "{:?}", passive(&a, "fq").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if publish_confirmed(&ch_b, "fq", 1, "again").await.0 == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never reached A again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = conn_b.close(200, "bye").await;
     let bodies = drain(&a, "fq").await;
-    assert_eq!(bodies.len(), 22, "{bodies:?}");
+    assert_eq!(bodies.len(), 23, "{bodies:?}");
     assert_eq!(bodies[1], "b-0");
     assert_eq!(bodies[20], "b-19");
+    assert_eq!(bodies[22], "again-0");
     assert!(bodies.iter().all(|b| !b.starts_with("lost")));
 }
 

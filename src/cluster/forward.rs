@@ -282,6 +282,16 @@ impl Forwarder {
         q.set_remote(Some(this));
     }
 
+    /// Whether the metadata group's probes see `node` running (None: not a
+    /// member, or the cluster is gone).
+    fn running(&self, node: &str) -> Option<bool> {
+        let c = self.cluster.lock().upgrade()?;
+        c.members()
+            .into_iter()
+            .find(|m| m.name == node)
+            .map(|m| m.running)
+    }
+
     fn address(&self, node: &str) -> Option<String> {
         let c = self.cluster.lock().upgrade()?;
         c.members()
@@ -616,8 +626,21 @@ async fn serve_dialer(
     ctl_rx: &mut mpsc::UnboundedReceiver<Vec<u8>>,
 ) -> CallError {
     let (mut sink, mut stream) = conn.split();
+    // A peer that stops answering without closing the socket (a partition, a
+    // hung process) is found by the members' probes: the link is dropped
+    // once they miss it, after a grace period for them to start.
+    let opened = tokio::time::Instant::now();
+    let mut probe = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
+            _ = probe.tick() => {
+                if opened.elapsed() > Duration::from_secs(2) {
+                    let running = link.forwarder.upgrade().and_then(|f| f.running(&link.node));
+                    if running == Some(false) {
+                        return CallError::Timeout;
+                    }
+                }
+            }
             out = ctl_rx.recv() => {
                 let Some(bytes) = out else {
                     return CallError::Timeout;
