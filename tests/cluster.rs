@@ -251,6 +251,7 @@ async fn a_peer_with_the_wrong_cookie_is_refused() {
     let me = warren::cluster::NodeInfo {
         name: "warren@intruder".into(),
         addr: "127.0.0.9:1".into(),
+        stream: None,
     };
     let wrong = warren::cluster::network::dial(&addr, "not-the-cookie", &me, 7).await;
     assert!(wrong.is_err(), "a wrong cookie was accepted");

@@ -482,3 +482,93 @@ async fn queue_operations_on_other_nodes_are_answered_by_the_home_node() {
     let _ = conn_b.close(200, "bye").await;
     let _ = conn_c.close(200, "bye").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_led_by_its_home_node_and_consumed_from_another_node() {
+    use futures::StreamExt;
+    use rabbitmq_stream_client::{Client, ClientOptions};
+    let mut a = Node::new(1, "fwd-stream").with_stream();
+    let mut b = Node::new(2, "fwd-stream").with_stream();
+    b.seeds = vec![a.seed()];
+    a.start().await;
+    b.start().await;
+    let all = [a.name(), b.name()];
+    eventually("two running members", Duration::from_secs(20), || {
+        let r = b.running();
+        all.iter().all(|n| r.contains(n))
+    })
+    .await;
+    // A stream declared over AMQP on A.
+    let conn_a = a.connect().await;
+    let ch_a = channel(&conn_a).await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("stream".into()),
+    );
+    common::t(ch_a.queue_declare(
+        "sq",
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    ))
+    .await
+    .expect("stream declare");
+    let _ = conn_a.close(200, "bye").await;
+    wait_visible(&b, "sq").await;
+
+    // Stream protocol metadata on B names A as the leader.
+    let client = Client::connect(
+        ClientOptions::builder()
+            .host(&b.ip)
+            .port(b.stream.expect("stream port"))
+            .build(),
+    )
+    .await
+    .expect("stream client on B");
+    let m = common::t(client.metadata(vec!["sq".to_string()]))
+        .await
+        .expect("metadata");
+    let md = m.get("sq").expect("sq metadata");
+    assert_eq!(md.leader.host, a.ip);
+    assert_eq!(md.leader.port, u32::from(a.stream.expect("stream port")));
+    let _ = client.close().await;
+
+    // Published over AMQP on B (forwarded to A's log), read over AMQP on B
+    // from the first offset (the consumer lives on A).
+    let conn_b = b.connect().await;
+    let ch_b = channel(&conn_b).await;
+    common::t(ch_b.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    until_acked(&ch_b, "sq").await;
+    assert_eq!(publish_confirmed(&ch_b, "sq", 3, "s").await, (3, 0));
+    let ch_c = channel(&conn_b).await;
+    common::t(ch_c.basic_qos(10, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let mut cargs = FieldTable::default();
+    cargs.insert(
+        "x-stream-offset".into(),
+        lapin::types::AMQPValue::LongString("first".into()),
+    );
+    let mut consumer =
+        common::t(ch_c.basic_consume("sq", "reader", BasicConsumeOptions::default(), cargs))
+            .await
+            .expect("consume the stream on B");
+    let mut bodies = Vec::new();
+    while bodies.len() < 4 {
+        let d = common::t(consumer.next())
+            .await
+            .expect("delivery")
+            .expect("ok");
+        bodies.push(String::from_utf8_lossy(&d.data).to_string());
+        common::t(d.ack(BasicAckOptions::default()))
+            .await
+            .expect("ack");
+    }
+    assert_eq!(bodies[1..], ["s-0", "s-1", "s-2"]);
+    let _ = conn_b.close(200, "bye").await;
+}

@@ -22,6 +22,8 @@ pub trait RemoteHome: Send + Sync + std::fmt::Debug {
     fn node(&self) -> &str;
     /// The link to the home node is up now.
     fn reachable(&self) -> bool;
+    /// Where Stream protocol clients reach the home node (host, port).
+    fn stream_endpoint(&self) -> Option<(String, u16)>;
     /// Send `message` to the home node's queue `queue` in `vhost`. Must not
     /// block: a link that is down or full fails `ticket` at once. Every call
     /// [`Ticket::expect`]s one settlement before it returns.

@@ -510,6 +510,14 @@ impl RemoteHome for RemoteQueue {
         self.link.up.load(Ordering::Acquire)
     }
 
+    fn stream_endpoint(&self) -> Option<(String, u16)> {
+        let f = self.link.forwarder.upgrade()?;
+        let c = f.cluster.lock().upgrade()?;
+        let stream = c.node_info(&self.link.node)?.stream?;
+        let (host, port) = stream.rsplit_once(':')?;
+        Some((host.to_string(), port.parse().ok()?))
+    }
+
     fn forward(&self, vhost: &str, queue: &str, message: &Arc<Message>, ticket: &Arc<Ticket>) {
         self.link.publish(vhost, queue, message, ticket);
     }

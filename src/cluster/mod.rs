@@ -41,6 +41,11 @@ pub struct NodeInfo {
     pub name: String,
     /// Where its inter-node listener is reached (`host:port`).
     pub addr: String,
+    /// Where Stream protocol clients reach it (`host:port`; None: no
+    /// Stream protocol listener). Stream `metadata` names a stream's home
+    /// node by it.
+    #[serde(default)]
+    pub stream: Option<String>,
 }
 
 openraft::declare_raft_types!(
@@ -208,9 +213,14 @@ impl Cluster {
         };
         let listener = tokio::net::TcpListener::bind(&listen_addr).await?;
         let listen = listener.local_addr()?;
+        let stream = config.stream_tcp_port().map(|port| {
+            let h = config.stream.advertised_host.as_deref().unwrap_or(host);
+            format!("{h}:{}", config.stream.advertised_port.unwrap_or(port))
+        });
         let me = NodeInfo {
             addr: format!("{host}:{}", listen.port()),
             name: name.clone(),
+            stream,
         };
         let id = node_id(&name);
         let cookie = cookie(&cc, &config.data_dir)?;
@@ -578,6 +588,13 @@ impl Cluster {
                 }
             }
         });
+    }
+
+    /// A member's record, by name.
+    pub fn node_info(&self, name: &str) -> Option<NodeInfo> {
+        let m = self.raft().metrics().borrow().membership_config.clone();
+        let found = m.membership().nodes().find(|(_, n)| n.name == name);
+        found.map(|(_, n)| n.clone())
     }
 
     /// The leader's name, when one is known.

@@ -26,6 +26,8 @@ pub struct Node {
     pub cluster: u16,
     pub seeds: Vec<String>,
     pub child: Option<Child>,
+    /// The Stream protocol port, when the node listens for it (off by default).
+    pub stream: Option<u16>,
 }
 
 impl Node {
@@ -41,6 +43,7 @@ impl Node {
             dir,
             seeds: Vec::new(),
             child: None,
+            stream: None,
         }
     }
 
@@ -56,7 +59,7 @@ impl Node {
         let seeds: Vec<String> = self.seeds.iter().map(|s| format!("\"{s}\"")).collect();
         let text = format!(
             "bind = \"{ip}\"\namqp_port = {amqp}\nadmin_port = {admin}\ndata_dir = \"{dir}\"\n\
-             log = \"warn\"\n\n[stream.listeners]\ntcp = \"none\"\n\n[cluster]\n\
+             log = \"warn\"\n\n[stream.listeners]\ntcp = {stream}\n\n[cluster]\n\
              node_name = \"warren@{ip}\"\nlisten = \"{ip}:{cluster}\"\ncookie = \"{cookie}\"\n\
              seeds = [{seeds}]\ncommit_timeout_ms = 3000\nheartbeat_ms = 50\n",
             ip = self.ip,
@@ -65,6 +68,10 @@ impl Node {
             dir = self.dir.display(),
             cluster = self.cluster,
             seeds = seeds.join(", "),
+            stream = match self.stream {
+                Some(port) => format!("{{ default = {port} }}"),
+                None => "\"none\"".to_string(),
+            },
         );
         std::fs::create_dir_all(&self.dir).expect("data dir");
         let path = self.dir.join("warren.toml");
@@ -112,6 +119,12 @@ impl Node {
         }
         let _ = child.kill();
         let _ = child.wait();
+    }
+
+    /// Listen for the Stream protocol on a free port.
+    pub fn with_stream(mut self) -> Node {
+        self.stream = Some(free_port(&self.ip));
+        self
     }
 
     /// kill -9: no shutdown of any kind.
