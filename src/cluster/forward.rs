@@ -22,8 +22,10 @@
 //!   A link that is down or drops with publishes unanswered fails them (nack:
 //!   never a false ack).
 
-use super::frame::{pack, unpack, Frame, FrameCodec, Kind};
-use super::network::{dial, CallError};
+use super::frame::{pack, unpack, Frame, Kind};
+// The connection type is the network module's: whatever transport its
+// dial/accept give (plain TCP today) carries the data links too.
+use super::network::{dial, CallError, Conn};
 use super::{Cluster, Identity};
 use crate::broker::message::Message;
 use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Queue};
@@ -39,9 +41,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_util::codec::Framed;
 
 /// Publishes per link waiting for the home node's answer, at most.
 pub const MAX_INFLIGHT: usize = 8192;
@@ -182,8 +182,6 @@ fn message(
     let properties = crate::wire::BasicProperties::decode(props).ok()?;
     Some(Message::new(exchange, routing_key, properties, body))
 }
-
-type Conn = Framed<TcpStream, FrameCodec>;
 
 /// This node's links to the other nodes, by node name.
 pub struct Forwarder {
@@ -1072,6 +1070,7 @@ impl Served {
         }
         if let Some(c) = &s.consumer {
             c.credit.release(entries.len() as u32);
+            c.channel_credit.release(entries.len() as u32);
         }
         let q = Arc::clone(&s.queue);
         match how {
