@@ -394,10 +394,22 @@ async fn queue_operations_on_other_nodes_are_answered_by_the_home_node() {
     until_acked(&ch_b, "oq").await;
     assert_eq!(publish_confirmed(&ch_b, "oq", 5, "m").await, (5, 0));
 
-    // Passive declare on every node: the home node's counts.
+    // Passive declare on every node: the home node's counts; so does a
+    // (non-passive) redeclare on another node.
     for n in [&a, &b, &c] {
         assert_eq!(passive(n, "oq").await, Ok((6, 0)), "on {}", n.name());
     }
+    let redeclared = common::t(ch_b.queue_declare(
+        "oq",
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    ))
+    .await
+    .expect("redeclare on B");
+    assert_eq!(redeclared.message_count(), 6);
     // A consumer on C counts everywhere.
     let conn_c = c.connect().await;
     let ch_c = channel(&conn_c).await;
@@ -474,11 +486,29 @@ async fn queue_operations_on_other_nodes_are_answered_by_the_home_node() {
         .expect("purge");
     assert_eq!(purged, 5);
     assert_eq!(passive(&a, "oq").await, Ok((0, 0)));
+    // A queue.delete on B reports the home node's count and is replicated.
+    assert_eq!(publish_confirmed(&ch_b, "oq", 2, "d").await, (2, 0));
     let ch_e = channel(&conn_c).await;
     let empty = common::t(ch_e.basic_get("oq", BasicGetOptions { no_ack: true }))
         .await
-        .expect("get");
-    assert!(empty.is_none());
+        .expect("get")
+        .expect("one of the two");
+    assert_eq!(empty.delivery.data, b"d-0");
+    let ch_d = channel(&conn_b).await;
+    let deleted = common::t(ch_d.queue_delete("oq", QueueDeleteOptions::default()))
+        .await
+        .expect("delete on B");
+    assert_eq!(deleted, 1);
+    for n in [&a, &b, &c] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while passive(n, "oq").await.is_ok() {
+            assert!(Instant::now() < deadline, "oq still on {}", n.name());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let ch_e = channel(&conn_c).await;
+    let gone = common::t(ch_e.basic_get("oq", BasicGetOptions { no_ack: true })).await;
+    assert!(gone.is_err(), "404 once deleted: {gone:?}");
     let _ = conn_b.close(200, "bye").await;
     let _ = conn_c.close(200, "bye").await;
 }

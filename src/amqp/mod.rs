@@ -192,6 +192,9 @@ pub struct Channel {
     /// Clustered: per queue homed elsewhere, the consumer id its basic.gets
     /// are settled under on the home node (released with the channel).
     remote_getters: HashMap<String, RemoteConsumer>,
+    /// Clustered: the queue's home node's counts (messages, consumers) for
+    /// the declare-ok or delete-ok of the method being run.
+    remote_counts: Option<(u32, u32)>,
 }
 
 impl Default for Channel {
@@ -209,6 +212,7 @@ impl Default for Channel {
             forwarded: VecDeque::new(),
             cancelled_remote: Vec::new(),
             remote_getters: HashMap::new(),
+            remote_counts: None,
         }
     }
 }
@@ -246,6 +250,12 @@ impl Channel {
     /// channel's last declared one.
     pub fn set_last_queue(&mut self, name: &str) {
         self.last_queue = Some(name.to_string());
+    }
+
+    /// The next queue.declare-ok or delete-ok reports these counts (messages,
+    /// consumers) of the queue's home node instead of the local copy's.
+    pub fn set_remote_counts(&mut self, messages: u32, consumers: u32) {
+        self.remote_counts = Some((messages, consumers));
     }
 
     /// The consumer id basic.get on `queue` (homed elsewhere) uses, made by

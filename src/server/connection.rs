@@ -341,8 +341,8 @@ impl<R: AsyncRead + Unpin> Conn<R> {
     }
 
     /// Clustered: the method is about a queue homed on another node and its
-    /// answer is that node's (passive declare: its counts; basic.get;
-    /// purge; delete's if-unused / if-empty checks). Checks made here first
+    /// answer is that node's (declare: its counts; basic.get; purge;
+    /// delete: its if-unused / if-empty checks and its count). Checks made here first
     /// (permissions; 404 when the home node is down).
     fn remote_op(
         &mut self,
@@ -354,10 +354,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         self.cluster.as_ref()?;
         let ctx = self.ctx.as_ref()?;
         let (name, access) = match method {
-            M::QueueDeclare(d) if d.passive => (&d.queue, None),
+            M::QueueDeclare(d) if d.passive || !d.exclusive => (&d.queue, None),
             M::BasicGet(g) => (&g.queue, Some(Access::Read)),
             M::QueuePurge(p) => (&p.queue, Some(Access::Read)),
-            M::QueueDelete(d) if d.if_unused || d.if_empty => (&d.queue, Some(Access::Configure)),
+            M::QueueDelete(d) => (&d.queue, Some(Access::Configure)),
             _ => return None,
         };
         let (data, _) = self.session.channel(channel)?;
@@ -451,8 +451,23 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             }
             Some((Ok(reply), msg)) => (reply, msg),
         };
-        if let (M::QueueDelete(_), Reply::Checked { .. }) = (&method, &reply) {
-            // The home node's checks passed: the delete itself is replicated.
+        // A delete whose checks the home node passed, a non-passive declare:
+        // run here (checks, the replicated change) with the home's counts.
+        let counts = match (&method, &reply) {
+            (M::QueueDelete(_), Reply::Checked { messages }) => Some((*messages as u32, 0)),
+            (
+                M::QueueDeclare(d),
+                Reply::Info {
+                    messages,
+                    consumers,
+                },
+            ) if !d.passive => Some((*messages as u32, *consumers as u32)),
+            _ => None,
+        };
+        if let Some((messages, consumers)) = counts {
+            if let Some((data, _)) = self.session.channel(channel) {
+                data.set_remote_counts(messages, consumers);
+            }
             self.skip_remote = true;
             let _ = self.on_event(Event::Method { channel, method }, now);
             return;
