@@ -171,11 +171,20 @@ async fn publishes_on_another_node_live_on_the_home_node_and_are_nacked_when_it_
         on_a.0, 22,
         "A holds every message: probe, 20 from B, 1 from C"
     );
-    // B and C keep none of them (their admin API shows the local queue).
+    // The admin API on B and C shows the home node's figures.
     for n in [&b, &c] {
         let (status, q) = n.get("/api/queues/%2F/fq");
         assert_eq!(status, 200);
-        assert_eq!(q["messages"].as_u64(), Some(0), "{} keeps none", n.name());
+        assert_eq!(q["messages"].as_u64(), Some(22), "on {}", n.name());
+        assert_eq!(q["node"].as_str(), Some(a.name().as_str()));
+        let (_, list) = n.get("/api/queues");
+        let fq = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|q| q["name"] == "fq")
+            .expect("fq listed");
+        assert_eq!(fq["messages_ready"].as_u64(), Some(22), "on {}", n.name());
     }
 
     // A killed: B's confirming publishes are nacked, never acked.
@@ -184,6 +193,11 @@ async fn publishes_on_another_node_live_on_the_home_node_and_are_nacked_when_it_
         !b.running().contains(&a.name())
     })
     .await;
+    // With A down the API shows B's and C's own copies: they keep nothing.
+    for n in [&b, &c] {
+        let (_, q) = n.get("/api/queues/%2F/fq");
+        assert_eq!(q["messages"].as_u64(), Some(0), "{} keeps none", n.name());
+    }
     let (acked, nacked) = publish_confirmed(&ch_b, "fq", 5, "lost").await;
     assert_eq!(
         (acked, nacked),

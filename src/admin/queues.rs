@@ -234,7 +234,42 @@ pub async fn list(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    Ok(Json(listing(&s, &caller, None, &params)?))
+    let mut v = listing(&s, &caller, None, &params)?;
+    home_figures(&s, &mut v).await;
+    Ok(Json(v))
+}
+
+/// Clustered: the message and consumer figures of queues homed on another
+/// node are that node's (asked concurrently; a node that does not answer
+/// within a second leaves this node's copy's figures, which are empty).
+async fn home_figures(s: &AdminState, v: &mut Value) {
+    let Some(cluster) = &s.cluster else { return };
+    let items: Vec<&mut Value> = match v {
+        Value::Array(a) => a.iter_mut().collect(),
+        Value::Object(o) => match o.get_mut("items") {
+            Some(Value::Array(a)) => a.iter_mut().collect(),
+            _ => return,
+        },
+        _ => return,
+    };
+    let asks = items.into_iter().filter_map(|item| {
+        let vhost = item["vhost"].as_str()?.to_string();
+        let name = item["name"].as_str()?.to_string();
+        let fwd = Arc::clone(&cluster.forward);
+        let broker = Arc::clone(&s.broker);
+        Some(async move {
+            let figures = fwd
+                .home_figures(&broker, &vhost, &name, std::time::Duration::from_secs(1))
+                .await;
+            if let (Some((ready, unacked, consumers)), Value::Object(m)) = (figures, item) {
+                m.insert("messages".into(), json!(ready + unacked));
+                m.insert("messages_ready".into(), json!(ready));
+                m.insert("messages_unacknowledged".into(), json!(unacked));
+                m.insert("consumers".into(), json!(consumers));
+            }
+        })
+    });
+    futures::future::join_all(asks).await;
 }
 
 pub async fn list_vhost(
@@ -244,7 +279,9 @@ pub async fn list_vhost(
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(listing(&s, &caller, Some(&vhost), &params)?))
+    let mut v = listing(&s, &caller, Some(&vhost), &params)?;
+    home_figures(&s, &mut v).await;
+    Ok(Json(v))
 }
 
 /// The queue `name` in `vhost` for the API (exclusive queues included).
@@ -263,7 +300,12 @@ pub async fn show(
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
-    Ok(Json(queue_json(&s, &Homes::of(&s), &q)))
+    let mut v = Value::Array(vec![queue_json(&s, &Homes::of(&s), &q)]);
+    home_figures(&s, &mut v).await;
+    match v {
+        Value::Array(mut a) if a.len() == 1 => Ok(Json(a.remove(0))),
+        other => Ok(Json(other)),
+    }
 }
 
 /// Declare a queue from an API / definitions body.

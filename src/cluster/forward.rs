@@ -126,9 +126,12 @@ pub enum Op {
 /// The home node's answer to an [`Op`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reply {
+    /// Ready messages, consumers, and messages delivered and not yet acked.
     Info {
         messages: u64,
         consumers: u64,
+        #[serde(default)]
+        unacked: u64,
     },
     Purged {
         messages: u64,
@@ -288,6 +291,32 @@ impl Forwarder {
             .into_iter()
             .find(|m| m.name == node)
             .map(|m| m.running)
+    }
+
+    /// A queue's figures (ready, unacked, consumers) from its home node, when
+    /// it is homed elsewhere and that node answers within `within`.
+    pub async fn home_figures(
+        self: &Arc<Self>,
+        broker: &Broker,
+        vhost: &str,
+        queue: &str,
+        within: Duration,
+    ) -> Option<(u64, u64, u64)> {
+        let q = broker.vhost(vhost)?.queue(queue, 0).ok()?;
+        let home = q.remote()?;
+        let link = self.link(home.node());
+        let answer = tokio::time::timeout(within, link.request(vhost, queue, Op::Info)).await;
+        match answer.ok()?? {
+            (
+                Ok(Reply::Info {
+                    messages,
+                    consumers,
+                    unacked,
+                }),
+                _,
+            ) => Some((messages, unacked, consumers)),
+            _ => None,
+        }
     }
 
     fn address(&self, node: &str) -> Option<String> {
@@ -994,6 +1023,7 @@ impl Served {
                 Ok(Reply::Info {
                     messages: st.ready as u64,
                     consumers: st.consumers as u64,
+                    unacked: st.unacked as u64,
                 })
             }
             Op::Purge => match v.purge_queue(queue, 0) {

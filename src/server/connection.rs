@@ -460,6 +460,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 Reply::Info {
                     messages,
                     consumers,
+                    ..
                 },
             ) if !d.passive => Some((*messages as u32, *consumers as u32)),
             _ => None,
@@ -481,6 +482,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 Reply::Info {
                     messages,
                     consumers,
+                    ..
                 },
             ) => {
                 data.set_last_queue(&name);
