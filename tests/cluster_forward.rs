@@ -244,6 +244,15 @@ async fn until_acked(ch: &Channel, q: &str) {
     }
 }
 
+/// Close a channel that holds deliveries from a consumer on another node
+/// (with more time than `common::t`: this machine is shared while testing).
+async fn close_channel(ch: &Channel) {
+    tokio::time::timeout(Duration::from_secs(15), ch.close(200, "bye"))
+        .await
+        .expect("close-ok within 15 s")
+        .expect("close");
+}
+
 async fn until_count(node: &Node, q: &str, want: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -335,7 +344,7 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
         assert!(!d.redelivered);
     }
     until_count(&a, "cq", 0).await;
-    common::t(ch_c2.close(200, "bye")).await.expect("close");
+    close_channel(&ch_c2).await;
     until_count(&a, "cq", 4).await;
     let on_a = a.connect().await;
     let ch_a = channel(&on_a).await;
@@ -456,7 +465,7 @@ async fn queue_operations_on_other_nodes_are_answered_by_the_home_node() {
     .expect_err("in use on the home node");
     assert!(err.to_string().contains("in use"), "{err}");
     drop(consumer);
-    common::t(ch_c.close(200, "bye")).await.expect("close");
+    close_channel(&ch_c).await;
     until_count(&b, "oq", 6).await;
     let ch_del = channel(&conn_b).await;
     let err = common::t(ch_del.queue_delete(
@@ -490,7 +499,7 @@ async fn queue_operations_on_other_nodes_are_answered_by_the_home_node() {
         .expect("a message");
     assert_eq!(m.delivery.data, b"m-0");
     until_count(&a, "oq", 4).await;
-    common::t(ch_get.close(200, "bye")).await.expect("close");
+    close_channel(&ch_get).await;
     until_count(&a, "oq", 5).await;
 
     // queue.purge on C: the home node's messages, counted.

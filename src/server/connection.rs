@@ -354,7 +354,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         self.cluster.as_ref()?;
         let ctx = self.ctx.as_ref()?;
         let (name, access) = match method {
-            M::QueueDeclare(d) if d.passive || !d.exclusive => (&d.queue, None),
+            // ("" is the last declared queue only for a passive declare; a
+            // non-passive one gets a server-named queue.)
+            M::QueueDeclare(d) if d.passive || (!d.exclusive && !d.queue.is_empty()) => {
+                (&d.queue, None)
+            }
             M::BasicGet(g) => (&g.queue, Some(Access::Read)),
             M::QueuePurge(p) => (&p.queue, Some(Access::Read)),
             M::QueueDelete(d) => (&d.queue, Some(Access::Configure)),
