@@ -482,10 +482,12 @@ impl Queue {
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         self.expire_locked(&mut s, now, &mut fx);
-        let expired = self
-            .args()
-            .expires
-            .is_some_and(|ttl| s.consumers.is_empty() && now.saturating_sub(s.last_used) >= ttl);
+        // A copy of a queue homed on another node never expires here: its
+        // use (consumers, gets) happens on the home node.
+        let expired = self.remote.read().is_none()
+            && self.args().expires.is_some_and(|ttl| {
+                s.consumers.is_empty() && now.saturating_sub(s.last_used) >= ttl
+            });
         self.settle(s, fx, now);
         expired
     }
