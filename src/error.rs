@@ -32,6 +32,17 @@ impl AmqpError {
         }
     }
 
+    /// A channel error another node answered with (its code and full text).
+    pub fn relayed(code: u16, text: String) -> Self {
+        AmqpError {
+            code,
+            text,
+            hard: false,
+            class_id: 0,
+            method_id: 0,
+        }
+    }
+
     /// Attach the offending method, unless one is already set.
     pub fn at(mut self, class_id: u16, method_id: u16) -> Self {
         if self.class_id == 0 && self.method_id == 0 {

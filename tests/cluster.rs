@@ -170,6 +170,7 @@ async fn a_peer_with_the_wrong_cookie_is_refused() {
     let me = warren::cluster::NodeInfo {
         name: "warren@intruder".into(),
         addr: "127.0.0.9:1".into(),
+        ..Default::default()
     };
     use warren::cluster::{network::dial, Identity};
     let wrong = dial(

@@ -266,7 +266,7 @@ async fn kill_9_of_the_leader_then_a_whole_node_restarts() {
     }
     let old = net.wait_agreed_leader(Duration::from_secs(10)).await;
     let [p, q] = others(old);
-    net.nodes[old].kill9();
+    net.nodes[old].kill();
     let killed = Instant::now();
     // Time until a declare on a survivor is answered -ok: the new leader is
     // elected, knows itself and commits.

@@ -101,6 +101,7 @@ async fn three_nodes_with_tls_form_a_cluster_and_replicate_a_declare() {
     let me = warren::cluster::NodeInfo {
         name: "warren@127.0.0.9".into(),
         addr: "127.0.0.9:1".into(),
+        ..Default::default()
     };
     let plain = warren::cluster::Identity::new(me, 9, COOKIE.into());
     let addr = nodes[0].cluster_addr();
@@ -173,6 +174,7 @@ async fn a_node_from_another_ca_or_without_tls_cannot_join() {
         warren::cluster::NodeInfo {
             name: "warren@127.0.0.1".into(),
             addr: "127.0.0.1:1".into(),
+            ..Default::default()
         },
         9,
         COOKIE.into(),

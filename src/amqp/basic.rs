@@ -6,6 +6,9 @@ use super::{not_from_client, Channel, ConnCtx, ConsumerRef, Settle, Unacked};
 use crate::broker::auth::Access;
 use crate::broker::message::{Entry, Message, ShortStr};
 use crate::broker::queue::{Consumer, Credit, Delivery, Queue, QueueType};
+use crate::broker::remote::{
+    RemoteConsume, RemoteConsumer, RemoteDelivery, Settle as RemoteSettle,
+};
 use crate::broker::vhost::PublishFrom;
 use crate::broker::Counters;
 use crate::clock::Now;
@@ -108,8 +111,18 @@ pub fn handle(
         Method::BasicCancel(c) => {
             let tag: Arc<str> = c.consumer_tag.as_str().into();
             if let Some(cref) = ch.consumers.remove(&tag) {
-                ctx.vhost
-                    .cancel_consumer(&cref.queue, ctx.id, io.id, &tag, now.ms);
+                match cref.remote {
+                    Some(r) => {
+                        if r.is_alive() {
+                            r.home.cancel(r.cid);
+                        }
+                        ch.cancelled_remote.push(r);
+                    }
+                    None => {
+                        ctx.vhost
+                            .cancel_consumer(&cref.queue, ctx.id, io.id, &tag, now.ms);
+                    }
+                }
             }
             if !c.nowait {
                 io.method(
@@ -175,6 +188,7 @@ fn get(
                     entry,
                     credit: None,
                     deadline,
+                    remote: None,
                 });
             }
         }
@@ -262,9 +276,41 @@ fn consume(
         flow: Arc::clone(&ch.flow),
         sink: Arc::clone(&ctx.sink),
     });
-    q.add_consumer(Arc::clone(&consumer), now.ms)?;
-    ch.consumers
-        .insert(Arc::clone(&tag), ConsumerRef { queue: q, consumer });
+    let remote = match q.remote().filter(|_| c.queue != REPLY_TO) {
+        // Clustered: the queue lives on another node; the consumer is opened
+        // there and its deliveries come back over the data link.
+        Some(home) => {
+            let spec = RemoteConsume {
+                vhost: ctx.vhost.name.to_string(),
+                queue: q.name().to_string(),
+                tag: tag.to_string(),
+                prefetch: if c.no_ack { 0 } else { ch.consumer_prefetch },
+                exclusive: c.exclusive,
+                priority,
+                arguments: {
+                    let mut b = bytes::BytesMut::new();
+                    encode_field_table(&c.arguments, &mut b);
+                    b.to_vec()
+                },
+            };
+            let r = home
+                .consume(spec, io.id, Arc::clone(&ctx.sink))
+                .map_err(|_| home_down(ctx, &q, home.node()))?;
+            Some(r)
+        }
+        None => {
+            q.add_consumer(Arc::clone(&consumer), now.ms)?;
+            None
+        }
+    };
+    ch.consumers.insert(
+        Arc::clone(&tag),
+        ConsumerRef {
+            queue: q,
+            consumer,
+            remote,
+        },
+    );
     // consume-ok still precedes every delivery: deliveries reach the connection
     // through its mailbox, after this method has been answered.
     if !c.nowait {
@@ -276,6 +322,15 @@ fn consume(
         );
     }
     Ok(())
+}
+
+/// RabbitMQ's error for a queue whose home node cannot be reached.
+pub fn home_down(ctx: &ConnCtx, q: &Queue, node: &str) -> AmqpError {
+    AmqpError::not_found(format!(
+        "home node '{node}' of durable queue '{}' in vhost '{}' is down or inaccessible",
+        q.name(),
+        ctx.vhost.name
+    ))
 }
 
 /// Direct reply-to: a hidden exclusive auto-delete queue per channel, named so
@@ -329,10 +384,18 @@ pub(super) fn apply_settle(ctx: &ConnCtx, ch: &mut Channel, s: Settle, now: Now)
             requeue,
         } => (tag, multiple, Some(requeue)),
     };
-    let taken = ch.take_unacked(tag, multiple)?;
+    let mut taken = ch.take_unacked(tag, multiple)?;
     if requeue.is_none() {
         Counters::add(&ctx.broker.counters.acked, taken.len() as u64);
     }
+    settle_remote(
+        &mut taken,
+        match requeue {
+            None => RemoteSettle::Ack,
+            Some(true) => RemoteSettle::Requeue,
+            Some(false) => RemoteSettle::Reject,
+        },
+    );
     for back in ch.release(taken) {
         // The queue's consumers get their credit back together with its messages,
         // so another queue's dead letters cannot overtake the requeued ones.
@@ -345,6 +408,34 @@ pub(super) fn apply_settle(ctx: &ConnCtx, ch: &mut Channel, s: Settle, now: Now)
     }
     ch.kick_consumers(now);
     Ok(())
+}
+
+/// Take the deliveries of consumers on other nodes out of `taken` and settle
+/// them there, one message per consumer (nothing for a consumer whose link
+/// went down: its home node requeued them already).
+fn settle_remote(taken: &mut Vec<Unacked>, how: RemoteSettle) {
+    if taken.iter().all(|u| u.remote.is_none()) {
+        return;
+    }
+    let mut by_consumer: Vec<(RemoteConsumer, Vec<u64>)> = Vec::new();
+    taken.retain_mut(|u| {
+        let Some((r, tag)) = u.remote.take() else {
+            return true;
+        };
+        match by_consumer
+            .iter_mut()
+            .find(|(c, _)| c.cid == r.cid && Arc::ptr_eq(&c.alive, &r.alive))
+        {
+            Some((_, tags)) => tags.push(tag),
+            None => by_consumer.push((r, vec![tag])),
+        }
+        false
+    });
+    for (r, tags) in by_consumer {
+        if r.is_alive() {
+            r.home.settle(r.cid, tags, how);
+        }
+    }
 }
 
 fn recover(ch: &mut Channel, requeue: bool, now: Now) -> AmqpResult<()> {
@@ -410,7 +501,8 @@ impl Channel {
 
     /// Give every unacked message back to its queue, in original order.
     pub(super) fn requeue_all(&mut self, now: Now) {
-        let all: Vec<Unacked> = self.unacked.drain(..).collect();
+        let mut all: Vec<Unacked> = self.unacked.drain(..).collect();
+        settle_remote(&mut all, RemoteSettle::Requeue);
         for back in self.release(all) {
             self.give_back(&back.credits);
             back.queue.requeue(back.entries, true, true, now.ms);
@@ -509,7 +601,8 @@ pub fn publish(
             .push((publish.exchange, publish.mandatory, message, cc));
         return Ok(());
     }
-    route_and_enqueue(
+    let seq = io.confirms.next_seq();
+    let (_, forwarded) = route_and_enqueue(
         ctx,
         io,
         &publish.exchange,
@@ -518,12 +611,16 @@ pub fn publish(
         &cc,
         now,
     )
-    .map(|_| ())
-    .map_err(at_publish)
+    .map_err(at_publish)?;
+    if let Some(t) = forwarded.filter(|_| io.confirms.enabled()) {
+        ch.forwarded.push_back((seq, t));
+    }
+    Ok(())
 }
 
 /// Route `message` (also with the `cc` keys) and enqueue it; returns whether a
-/// durable copy was stored.
+/// durable copy was stored, and the ticket of copies forwarded to other nodes
+/// (its confirm waits for them: counted as durable here).
 pub(super) fn route_and_enqueue(
     ctx: &ConnCtx,
     io: &mut ChannelIo<'_>,
@@ -532,7 +629,7 @@ pub(super) fn route_and_enqueue(
     message: Arc<Message>,
     cc: &[ShortStr],
     now: Now,
-) -> AmqpResult<bool> {
+) -> AmqpResult<(bool, Option<Arc<crate::broker::remote::Ticket>>)> {
     let published = ctx
         .vhost
         .publish_cc(exchange, &message, cc, PublishFrom::Client, now.ms)?;
@@ -556,7 +653,8 @@ pub(super) fn route_and_enqueue(
             .content(io.id, |b| message.properties.encode(b), &message.body);
     }
     let (rejected, durable) = (published.rejected, published.durable);
-    let durable_confirm = durable && ctx.broker.store.is_some();
+    let forwarded = published.forwarded;
+    let durable_confirm = (durable && ctx.broker.store.is_some()) || forwarded.is_some();
     io.published(if rejected {
         Outcome::Rejected
     } else {
@@ -564,7 +662,7 @@ pub(super) fn route_and_enqueue(
             durable: durable_confirm,
         }
     });
-    Ok(durable)
+    Ok((durable, forwarded))
 }
 
 /// A queue handed this channel a delivery: assign a tag and write it.
@@ -603,8 +701,113 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
             entry: d.entry,
             credit: Some(credit),
             deadline,
+            remote: None,
         });
     }
+}
+
+/// basic.get answered by the queue's home node: get-ok with this channel's
+/// tag (the message unacked on the home node under `getter` unless no-ack).
+#[allow(clippy::too_many_arguments)]
+pub fn got_remote(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    queue: Arc<Queue>,
+    getter: RemoteConsumer,
+    no_ack: bool,
+    (home_tag, redelivered, remaining): (u64, bool, u64),
+    (message, properties): (Arc<Message>, bytes::Bytes),
+    now: Now,
+) {
+    Counters::add(&ctx.broker.counters.delivered, 1);
+    let tag = ch.next_tag;
+    ch.next_tag += 1;
+    io.method(
+        &BasicGetOk {
+            delivery_tag: tag,
+            redelivered,
+            exchange: message.exchange.to_string(),
+            routing_key: message.routing_key.to_string(),
+            message_count: remaining as u32,
+        }
+        .into(),
+    );
+    io.out
+        .content(io.id, |b| b.extend_from_slice(&properties), &message.body);
+    if !no_ack {
+        let deadline = ack_deadline(ctx, &queue, now.at);
+        let mut entry = Entry::new(0, message, None);
+        entry.redelivered = redelivered;
+        ch.unacked.push_back(Unacked {
+            tag,
+            queue,
+            entry,
+            credit: None,
+            deadline,
+            remote: Some((getter, home_tag)),
+        });
+    }
+}
+
+/// A consumer on another node delivered: assign a tag of this channel and
+/// write it (no-ack consumers ack it on the home node at once).
+pub fn deliver_remote(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    d: RemoteDelivery,
+    now: Now,
+) {
+    let (queue, no_ack) = match ch.consumers.get(&d.consumer_tag) {
+        Some(cref)
+            if cref
+                .remote
+                .as_ref()
+                .is_some_and(|r| r.cid == d.consumer.cid)
+                && !io.closing =>
+        {
+            (Arc::clone(&cref.queue), cref.consumer.no_ack)
+        }
+        _ => {
+            // Cancelled meanwhile: back to the home node's queue.
+            return d
+                .consumer
+                .home
+                .settle(d.consumer.cid, vec![d.tag], RemoteSettle::Requeue);
+        }
+    };
+    let tag = ch.next_tag;
+    ch.next_tag += 1;
+    Counters::add(&ctx.broker.counters.delivered, 1);
+    let m = &d.message;
+    let args = DeliverArgs {
+        consumer_tag: &d.consumer_tag,
+        delivery_tag: tag,
+        redelivered: d.redelivered,
+        exchange: &m.exchange,
+        routing_key: &m.routing_key,
+    };
+    let props = &d.properties;
+    io.out
+        .deliver(io.id, &args, |b| b.extend_from_slice(props), &m.body);
+    if no_ack {
+        return d
+            .consumer
+            .home
+            .settle(d.consumer.cid, vec![d.tag], RemoteSettle::Ack);
+    }
+    let deadline = ack_deadline(ctx, &queue, now.at);
+    let mut entry = Entry::new(0, Arc::clone(&d.message), None);
+    entry.redelivered = d.redelivered;
+    ch.unacked.push_back(Unacked {
+        tag,
+        queue,
+        entry,
+        credit: None,
+        deadline,
+        remote: Some((d.consumer, d.tag)),
+    });
 }
 
 /// A delivery has stayed unacked past its consumer timeout at `now`: the error
@@ -616,6 +819,7 @@ pub fn ack_timed_out(ch: &Channel, io: &ChannelIo<'_>, now: Instant) -> Option<A
     let ms = ch
         .unacked
         .iter()
+        .filter(|u| u.remote.as_ref().is_none_or(|(r, _)| r.is_alive()))
         .filter_map(|u| u.deadline)
         .find(|(at, _)| *at <= now)?
         .1;

@@ -13,6 +13,7 @@ pub mod tx;
 use crate::broker::auth::Access;
 use crate::broker::message::{Entry, Message};
 use crate::broker::queue::{Consumer, Credit, DeliverySink, Queue};
+use crate::broker::remote::RemoteConsumer;
 use crate::broker::vhost::VHost;
 use crate::clock::Now;
 use crate::error::{AmqpError, AmqpResult};
@@ -125,12 +126,17 @@ struct Unacked {
     credit: Option<Arc<Credit>>,
     /// When the consumer timeout runs out for it: (deadline, timeout in ms).
     deadline: Option<(Instant, u64)>,
+    /// Clustered: delivered by a consumer on the queue's home node, with the
+    /// home node's tag; settled there, never in the local `queue`.
+    remote: Option<(RemoteConsumer, u64)>,
 }
 
 #[derive(Debug)]
 struct ConsumerRef {
     queue: Arc<Queue>,
     consumer: Arc<Consumer>,
+    /// Clustered: the consumer lives on the queue's home node.
+    remote: Option<RemoteConsumer>,
 }
 
 /// Acknowledgement operations, kept aside inside a transaction.
@@ -176,6 +182,19 @@ pub struct Channel {
     last_queue: Option<String>,
     /// The hidden queue behind this channel's direct reply-to consumer.
     reply_queue: Option<String>,
+    /// Clustered: publishes with copies forwarded to other nodes, by confirm
+    /// sequence number (0: in the transaction being committed), until the
+    /// connection waits on them with their confirm batch.
+    pub(crate) forwarded: VecDeque<(u64, Arc<crate::broker::remote::Ticket>)>,
+    /// Clustered: remote consumers cancelled by the client, released on the
+    /// home node (their unacked deliveries requeued) when the channel closes.
+    cancelled_remote: Vec<RemoteConsumer>,
+    /// Clustered: per queue homed elsewhere, the consumer id its basic.gets
+    /// are settled under on the home node (released with the channel).
+    remote_getters: HashMap<String, RemoteConsumer>,
+    /// Clustered: the queue's home node's counts (messages, consumers) for
+    /// the declare-ok or delete-ok of the method being run.
+    remote_counts: Option<(u32, u32)>,
 }
 
 impl Default for Channel {
@@ -190,18 +209,70 @@ impl Default for Channel {
             tx: None,
             last_queue: None,
             reply_queue: None,
+            forwarded: VecDeque::new(),
+            cancelled_remote: Vec::new(),
+            remote_getters: HashMap::new(),
+            remote_counts: None,
         }
     }
 }
 
 impl Channel {
-    fn queue_name(&self, name: &str) -> AmqpResult<String> {
+    /// The queue `name` means on this channel ("" is the last declared one).
+    pub fn queue_name(&self, name: &str) -> AmqpResult<String> {
         if !name.is_empty() {
             return Ok(name.to_string());
         }
         self.last_queue
             .clone()
             .ok_or_else(|| AmqpError::not_found("no previously declared queue"))
+    }
+
+    /// The tickets of forwarded publishes `first..=last` (confirm sequence
+    /// numbers; 0..=0 for a transaction's), taken out of the channel.
+    pub fn take_forwarded(
+        &mut self,
+        first: u64,
+        last: u64,
+    ) -> Vec<Arc<crate::broker::remote::Ticket>> {
+        let mut out = Vec::new();
+        self.forwarded.retain(|(seq, t)| {
+            let hit = (first..=last).contains(seq);
+            if hit {
+                out.push(Arc::clone(t));
+            }
+            !hit
+        });
+        out
+    }
+
+    /// A passive declare answered by the queue's home node: the queue is the
+    /// channel's last declared one.
+    pub fn set_last_queue(&mut self, name: &str) {
+        self.last_queue = Some(name.to_string());
+    }
+
+    /// The next queue.declare-ok or delete-ok reports these counts (messages,
+    /// consumers) of the queue's home node instead of the local copy's.
+    pub fn set_remote_counts(&mut self, messages: u32, consumers: u32) {
+        self.remote_counts = Some((messages, consumers));
+    }
+
+    /// The consumer id basic.get on `queue` (homed elsewhere) uses, made by
+    /// `make` the first time.
+    pub fn remote_getter(
+        &mut self,
+        queue: &str,
+        make: impl FnOnce() -> RemoteConsumer,
+    ) -> RemoteConsumer {
+        match self.remote_getters.get(queue).filter(|r| r.is_alive()) {
+            Some(r) => r.clone(),
+            None => {
+                let r = make();
+                self.remote_getters.insert(queue.to_string(), r.clone());
+                r
+            }
+        }
     }
 
     /// Let every consumer's queue deliver again (credit, flow or back-pressure
@@ -215,11 +286,24 @@ impl Channel {
     /// The channel is closing: cancel consumers, requeue unacked messages in order.
     /// Idempotent.
     pub fn close(&mut self, ctx: &ConnCtx, channel: u16, now: Now) {
+        let mut remote = std::mem::take(&mut self.cancelled_remote);
+        remote.extend(self.remote_getters.drain().map(|(_, r)| r));
         for (tag, cref) in self.consumers.drain() {
-            ctx.vhost
-                .cancel_consumer(&cref.queue, ctx.id, channel, &tag, now.ms);
+            match cref.remote {
+                Some(r) => remote.push(r),
+                None => {
+                    ctx.vhost
+                        .cancel_consumer(&cref.queue, ctx.id, channel, &tag, now.ms);
+                }
+            }
         }
         self.requeue_all(now);
+        // The home nodes requeue what is still unacked there.
+        for r in remote {
+            if r.is_alive() {
+                r.home.release(r.cid);
+            }
+        }
         self.tx = None;
     }
 }

@@ -17,12 +17,21 @@ pub fn handle(
     now: Now,
 ) -> AmqpResult<()> {
     let vhost = &ctx.vhost;
+    // Clustered: the home node's counts for this method's reply (taken
+    // first, so a method that fails leaves none behind).
+    let remote_counts = ch.remote_counts.take();
     match method {
         Method::QueueDeclare(d) => {
             let nowait = d.nowait;
             let server_named = !d.passive && d.queue.is_empty();
             if !d.passive && !d.queue.is_empty() {
                 ctx.permit(Access::Configure, "queue", &d.queue)?;
+            }
+            // Clustered: a durable queue whose home node is unreachable.
+            if let Ok(q) = vhost.queue(&d.queue, ctx.id) {
+                if let Some(home) = q.remote().filter(|h| q.spec.durable && !h.reachable()) {
+                    return Err(super::basic::home_down(ctx, &q, home.node()));
+                }
             }
             let (q, stats) = vhost.declare_queue(
                 &QueueDeclare {
@@ -44,12 +53,14 @@ pub fn handle(
                 }
             }
             ch.last_queue = Some(q.name().to_string());
+            let (messages, consumers) =
+                remote_counts.unwrap_or((stats.ready as u32, stats.consumers as u32));
             if !nowait {
                 io.method(
                     &QueueDeclareOk {
                         queue: q.name().to_string(),
-                        message_count: stats.ready as u32,
-                        consumer_count: stats.consumers as u32,
+                        message_count: messages,
+                        consumer_count: consumers,
                     }
                     .into(),
                 );
@@ -92,6 +103,7 @@ pub fn handle(
             let name = ch.queue_name(&d.queue)?;
             ctx.permit(Access::Configure, "queue", &name)?;
             let n = vhost.delete_queue(&name, d.if_unused, d.if_empty, ctx.id, now.ms)?;
+            let n = remote_counts.map_or(n, |(m, _)| m as usize);
             if !d.nowait {
                 io.method(
                     &QueueDeleteOk {

@@ -34,13 +34,19 @@ pub fn handle(
             ch.tx = Some(Tx::default());
             let mut durable = false;
             for (exchange, mandatory, message, cc) in tx.publishes {
-                durable |=
+                let (d, forwarded) =
                     basic::route_and_enqueue(ctx, io, &exchange, mandatory, message, &cc, now)?;
+                durable |= d;
+                // Copies sent to other nodes: commit-ok waits for them too.
+                if let Some(t) = forwarded {
+                    ch.forwarded.push_back((0, t));
+                    durable = true;
+                }
             }
             for s in tx.settles {
                 basic::apply_settle(ctx, ch, s, now)?;
             }
-            if durable && ctx.broker.store.is_some() {
+            if durable && (ctx.broker.store.is_some() || !ch.forwarded.is_empty()) {
                 // commit-ok once the persistent messages are on disk.
                 io.await_tx_flush();
             } else {

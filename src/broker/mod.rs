@@ -15,6 +15,7 @@ pub mod oauth;
 pub mod persist;
 pub mod policy;
 pub mod queue;
+pub mod remote;
 pub mod vhost;
 
 use crate::config::Config;

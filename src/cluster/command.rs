@@ -637,7 +637,17 @@ impl Metadata {
                 });
             }
             Command::DeclareQueue { vhost, name, .. } => {
-                self.queues.insert(key(vhost, name), cmd.clone());
+                // A redeclare on another node does not move the queue: it
+                // keeps the home node of its first declaration.
+                let mut cmd = cmd.clone();
+                if let (
+                    Some(Command::DeclareQueue { node: home, .. }),
+                    Command::DeclareQueue { node, .. },
+                ) = (self.queues.get(&key(vhost, name)), &mut cmd)
+                {
+                    node.clone_from(home);
+                }
+                self.queues.insert(key(vhost, name), cmd);
             }
             Command::DeleteQueue { vhost, name } => {
                 self.queues.remove(&key(vhost, name));

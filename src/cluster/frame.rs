@@ -44,6 +44,11 @@ pub enum Kind {
     /// A member asks for this node's figures (health, queue counts) for the
     /// management API; the query and the answer are JSON.
     Stats = 17,
+    /// The dialer makes this connection its data link (payload: its node
+    /// name); from then on both sides send [`Kind::Data`] frames, pipelined.
+    Link = 18,
+    /// One message of a data link: see [`pack`] and `super::forward`.
+    Data = 19,
     /// The answer to any request: a JSON `Result<T, String>`.
     Reply = 20,
 }
@@ -63,6 +68,8 @@ impl Kind {
             15 => Kind::Forget,
             16 => Kind::Ping,
             17 => Kind::Stats,
+            18 => Kind::Link,
+            19 => Kind::Data,
             20 => Kind::Reply,
             _ => return None,
         })
@@ -131,6 +138,39 @@ pub fn encode(kind: Kind, payload: &[u8], buf: &mut BytesMut) {
     buf.put_u32(payload.len() as u32 + 1);
     buf.put_u8(kind as u8);
     buf.put_slice(payload);
+}
+
+/// A data-link payload: a JSON header, then an AMQP message's encoded
+/// properties and its body (both empty when the header carries no message):
+/// `u32 header length, header, u32 properties length, properties, body`.
+pub fn pack(header: &[u8], properties: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + header.len() + properties.len() + body.len());
+    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    out.extend_from_slice(header);
+    out.extend_from_slice(&(properties.len() as u32).to_be_bytes());
+    out.extend_from_slice(properties);
+    out.extend_from_slice(body);
+    out
+}
+
+/// A data-link payload cut into (header, properties, body), sharing `payload`'s
+/// memory; an error when a length points past the end.
+pub fn unpack(payload: &Bytes) -> Result<(Bytes, Bytes, Bytes), FrameError> {
+    fn part(b: &Bytes, at: usize) -> Result<(Bytes, usize), FrameError> {
+        let Some(len) = b.get(at..at + 4) else {
+            return Err(FrameError::Length(b.len() as u32));
+        };
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        let start = at + 4;
+        let end = start
+            .checked_add(len as usize)
+            .filter(|e| *e <= b.len())
+            .ok_or(FrameError::Length(len))?;
+        Ok((b.slice(start..end), end))
+    }
+    let (header, at) = part(payload, 0)?;
+    let (properties, at) = part(payload, at)?;
+    Ok((header, properties, payload.slice(at..)))
 }
 
 /// The codec for `tokio_util::codec::Framed` over an inter-node socket.
@@ -242,6 +282,40 @@ mod tests {
         // An AMQP client that dials the cluster port by mistake.
         let mut amqp = BytesMut::from(&b"AMQP\x00\x00\x09\x01"[..]);
         assert!(decode(&mut amqp, MAX_FRAME).is_err());
+    }
+
+    #[test]
+    fn data_payloads_round_trip_and_bad_lengths_are_errors() {
+        let packed = Bytes::from(pack(b"{\"Done\":1}", &[0x80, 0, 2], b"body"));
+        let (h, p, b) = unpack(&packed).unwrap();
+        assert_eq!(
+            (&h[..], &p[..], &b[..]),
+            (&b"{\"Done\":1}"[..], &[0x80u8, 0, 2][..], &b"body"[..])
+        );
+        let empty = Bytes::from(pack(b"{}", &[], &[]));
+        let (h, p, b) = unpack(&empty).unwrap();
+        assert_eq!((&h[..], p.len(), b.len()), (&b"{}"[..], 0, 0));
+        // Every cut of a payload is refused, never read past its end.
+        for cut in 0..packed.len() - 4 {
+            let short = packed.slice(..cut);
+            assert!(unpack(&short).is_err(), "cut at {cut}");
+        }
+        let lying = Bytes::from_static(&[0, 0, 0, 9, b'{', b'}']);
+        assert_eq!(unpack(&lying), Err(FrameError::Length(9)));
+        let huge = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff]);
+        assert!(unpack(&huge).is_err());
+        // The new kinds are known.
+        let mut buf = BytesMut::new();
+        encode(Kind::Data, &packed, &mut buf);
+        encode(Kind::Link, b"warren@a", &mut buf);
+        assert_eq!(
+            decode(&mut buf, MAX_FRAME).unwrap().unwrap().kind,
+            Kind::Data
+        );
+        assert_eq!(
+            decode(&mut buf, MAX_FRAME).unwrap().unwrap().kind,
+            Kind::Link
+        );
     }
 
     #[test]

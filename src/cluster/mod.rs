@@ -7,10 +7,13 @@
 //! - `command`: the replicated metadata commands, the model they build (the
 //!   group's snapshot) and how a committed command reaches the local broker.
 //! - `store`: the group's log, vote and state machine on this node's disk.
+//! - `forward`: the data links between nodes, over which queues homed on
+//!   another node are reached (publishes now).
 //!
 //! Nothing here runs without `[cluster]` in the configuration. See docs/cluster.md.
 
 pub mod command;
+pub mod forward;
 pub mod frame;
 pub mod network;
 pub mod store;
@@ -38,6 +41,11 @@ pub struct NodeInfo {
     pub name: String,
     /// Where its inter-node listener is reached (`host:port`).
     pub addr: String,
+    /// Where Stream protocol clients reach it (`host:port`; None: no
+    /// Stream protocol listener). Stream `metadata` names a stream's home
+    /// node by it.
+    #[serde(default)]
+    pub stream: Option<String>,
 }
 
 openraft::declare_raft_types!(
@@ -89,6 +97,10 @@ pub struct Cluster {
     seen: parking_lot::Mutex<BTreeMap<u64, std::time::Instant>>,
     /// What answers a member's [`Kind::Stats`] request (set by the admin API).
     stats: parking_lot::RwLock<Option<StatsFn>>,
+    /// The local broker.
+    pub(crate) broker: Arc<Broker>,
+    /// The data links to the other nodes (queues homed elsewhere).
+    pub forward: Arc<forward::Forwarder>,
 }
 
 /// This node's figures for a query from another member (JSON in, JSON out:
@@ -211,16 +223,22 @@ impl Cluster {
         };
         let listener = tokio::net::TcpListener::bind(&listen_addr).await?;
         let listen = listener.local_addr()?;
+        let stream = config.stream_tcp_port().map(|port| {
+            let h = config.stream.advertised_host.as_deref().unwrap_or(host);
+            format!("{h}:{}", config.stream.advertised_port.unwrap_or(port))
+        });
         let me = NodeInfo {
             addr: format!("{host}:{}", listen.port()),
             name: name.clone(),
+            stream,
         };
         let id = node_id(&name);
         let cookie = cookie(&cc, &config.data_dir)?;
         let store = LogStore::open(&config.data_dir.join("cluster"))
             .map_err(|e| ClusterError::Store(e.to_string()))?;
         let fresh = store.is_fresh();
-        let sm = StateMachine::open(broker, store.clone()).map_err(ClusterError::Store)?;
+        let sm =
+            StateMachine::open(Arc::clone(&broker), store.clone()).map_err(ClusterError::Store)?;
         let hb = cc.heartbeat_ms.max(10);
         let raft_config = openraft::Config {
             cluster_name: "warren".into(),
@@ -247,6 +265,8 @@ impl Cluster {
         let network = Network {
             ident: Arc::clone(&ident),
         };
+        let fwd = forward::Forwarder::new(Arc::clone(&ident));
+        sm.set_forwarder(Arc::clone(&fwd));
         let raft_config = Arc::new(raft_config);
         let raft = openraft::Raft::new(
             id,
@@ -269,7 +289,12 @@ impl Cluster {
             commit_timeout: Duration::from_millis(cc.commit_timeout_ms.max(1)),
             seen: Default::default(),
             stats: Default::default(),
+            broker,
+            forward: fwd,
         });
+        cluster.forward.set_cluster(&cluster);
+        // Queues homed elsewhere keep no messages here, from the first publish on.
+        sm_mark_all(&cluster.sm);
         network::serve(listener, Arc::downgrade(&cluster));
         cluster.spawn_pinger();
         let tls = cluster.ident.tls.is_some();
@@ -677,6 +702,13 @@ impl Cluster {
         r.ok()?.ok()
     }
 
+    /// A member's record, by name.
+    pub fn node_info(&self, name: &str) -> Option<NodeInfo> {
+        let m = self.raft().metrics().borrow().membership_config.clone();
+        let found = m.membership().nodes().find(|(_, n)| n.name == name);
+        found.map(|(_, n)| n.clone())
+    }
+
     /// The leader's name, when one is known.
     pub fn leader(&self) -> Option<String> {
         let m = self.raft().metrics().borrow().clone();
@@ -707,6 +739,11 @@ impl Cluster {
     pub async fn shutdown(&self) {
         let _ = self.raft().shutdown().await;
     }
+}
+
+/// Tell every replicated queue where its messages live.
+fn sm_mark_all(sm: &StateMachine) {
+    sm.mark_all();
 }
 
 /// What the network needs to know of this node: its name, id, the cookie,

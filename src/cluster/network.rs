@@ -395,6 +395,9 @@ async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError
     tracing::debug!(%peer, node = %hello.node.name, "inter-node connection accepted");
     loop {
         let frame = next(&mut conn).await?;
+        if frame.kind == Kind::Link {
+            return super::forward::serve_link(conn, Arc::clone(c), hello.node.name).await;
+        }
         let reply = c.handle_request(frame).await?;
         conn.send((Kind::Reply, reply)).await?;
     }

@@ -242,6 +242,8 @@ pub struct StateMachine {
     broker: Arc<Broker>,
     store: LogStore,
     state: Arc<Mutex<Applied>>,
+    /// Told each queue record's home node as records are applied.
+    forwarder: Arc<std::sync::OnceLock<Arc<super::forward::Forwarder>>>,
 }
 
 impl StateMachine {
@@ -252,7 +254,36 @@ impl StateMachine {
             broker,
             store,
             state: Arc::new(Mutex::new(state)),
+            forwarder: Arc::default(),
         })
+    }
+
+    /// Where queue records' home nodes are told (set once at start).
+    pub fn set_forwarder(&self, f: Arc<super::forward::Forwarder>) {
+        let _ = self.forwarder.set(f);
+    }
+
+    /// Tell every queue of the model where its messages live.
+    pub fn mark_all(&self) {
+        let Some(f) = self.forwarder.get() else {
+            return;
+        };
+        let queues: Vec<(String, String, String)> = {
+            let s = self.state.lock();
+            s.metadata
+                .queues
+                .values()
+                .filter_map(|c| match c {
+                    Command::DeclareQueue {
+                        vhost, name, node, ..
+                    } => Some((vhost.clone(), name.clone(), node.clone())),
+                    _ => None,
+                })
+                .collect()
+        };
+        for (vhost, name, node) in queues {
+            f.mark(&self.broker, &vhost, &name, &node);
+        }
     }
 
     /// Back to nothing applied (with [`LogStore::reset`]).
@@ -271,7 +302,16 @@ impl StateMachine {
 
     fn apply_command(&self, state: &mut Applied, cmd: &Command, now: u64) -> Option<String> {
         match cmd.apply_and_record(&self.broker, now, &mut state.metadata) {
-            Ok(()) => None,
+            Ok(()) => {
+                if let (Command::DeclareQueue { vhost, name, .. }, Some(f)) =
+                    (cmd, self.forwarder.get())
+                {
+                    if let Some(home) = state.metadata.queue_node(vhost, name) {
+                        f.mark(&self.broker, vhost, name, home);
+                    }
+                }
+                None
+            }
             Err(why) => {
                 tracing::debug!(?cmd, %why, "committed metadata change refused locally");
                 Some(why)
@@ -387,6 +427,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             // The model is the snapshot's, whatever this node's broker said.
             s.metadata = metadata;
+            if let Some(f) = self.forwarder.get() {
+                for c in s.metadata.queues.values() {
+                    if let Command::DeclareQueue {
+                        vhost, name, node, ..
+                    } = c
+                    {
+                        f.mark(&self.broker, vhost, name, node);
+                    }
+                }
+            }
             s.last_applied = meta.last_log_id;
             s.membership = meta.last_membership.clone();
             s.clone()

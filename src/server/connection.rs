@@ -14,6 +14,7 @@ use super::writer::{self, Out};
 use crate::amqp::{self, ConnCtx};
 use crate::broker::oauth::{Grant, Verifier};
 use crate::broker::queue::DeliverySink;
+use crate::broker::remote::Ticket;
 use crate::broker::{Broker, ConnectionControl, ConnectionInfo, LoginError};
 use crate::clock::Now;
 use crate::cluster::{Cluster, Command};
@@ -142,6 +143,33 @@ struct Conn<R> {
     /// A metadata change made by the last method, whose reply is held until the
     /// cluster has committed it.
     commit: Option<Command>,
+    /// Confirm batches handed out per channel, in order, with their outcome
+    /// once known ((store ok, forwarded copies ok)): they are answered in the
+    /// order they were made, so a `multiple` ack never covers an earlier batch
+    /// still waiting (a forwarded one can take longer than a later local one).
+    batches: std::collections::HashMap<u16, std::collections::VecDeque<Batch>>,
+    /// Clustered: a queue operation whose answer is the queue's home node's;
+    /// the session's output is held until it comes.
+    remote: Option<RemoteOp>,
+    /// The next method runs locally even if its queue lives elsewhere (a
+    /// delete whose checks the home node passed).
+    skip_remote: bool,
+}
+
+/// A passive declare, basic.get, purge or checked delete of a queue homed on
+/// another node.
+struct RemoteOp {
+    channel: u16,
+    method: crate::wire::Method,
+    queue: Arc<crate::broker::queue::Queue>,
+    home: Arc<dyn crate::broker::remote::RemoteHome>,
+}
+
+/// One confirm batch waiting for the store and for other nodes.
+struct Batch {
+    first: u64,
+    last: u64,
+    done: Option<(bool, bool)>,
 }
 
 /// How the session ended.
@@ -192,6 +220,9 @@ where
         backpressure: false,
         cluster,
         commit: None,
+        batches: Default::default(),
+        remote: None,
+        skip_remote: false,
     };
     let end = conn.main_loop().await;
     conn.cleanup();
@@ -222,6 +253,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         timeouts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let store = self.broker.store.clone();
         let streams = self.broker.streams.clone();
+        let fwd = self.cluster.as_ref().map(|c| Arc::clone(&c.forward));
         let mut was_full = false;
         loop {
             if let Some(end) = self.process_events() {
@@ -231,12 +263,18 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 self.await_commit(change).await;
                 continue;
             }
+            if let Some(op) = self.remote.take() {
+                self.await_remote(op).await;
+                continue;
+            }
             self.transmit();
             self.update_backpressure();
             // The message store's write buffer is full: read no input until it
             // drains (an async wait; no thread blocks on the store).
+            // Clustered: so are the data links' windows of forwarded publishes.
             let store_full = store.as_ref().is_some_and(|s| !s.has_room())
-                || streams.as_ref().is_some_and(|s| !s.has_room());
+                || streams.as_ref().is_some_and(|s| !s.has_room())
+                || fwd.as_ref().is_some_and(|f| !f.has_room());
             if store_full != was_full {
                 was_full = store_full;
                 self.session.set_store_full(store_full, Instant::now());
@@ -259,6 +297,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 _ = async {
                     if let Some(s) = &store { s.ready().await }
                     if let Some(s) = &streams { s.ready().await }
+                    if let Some(f) = &fwd { f.ready().await }
                 }, if store_full => {}
                 // The writer makes progress without telling us: look again soon.
                 _ = tokio::time::sleep(Duration::from_millis(5)), if self.backpressure => {}
@@ -301,6 +340,205 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
+    /// Clustered: the method is about a queue homed on another node and its
+    /// answer is that node's (declare: its counts; basic.get; purge;
+    /// delete: its if-unused / if-empty checks and its count). Checks made here first
+    /// (permissions; 404 when the home node is down).
+    fn remote_op(
+        &mut self,
+        channel: u16,
+        method: &crate::wire::Method,
+    ) -> Option<Result<RemoteOp, AmqpError>> {
+        use crate::broker::auth::Access;
+        use crate::wire::Method as M;
+        self.cluster.as_ref()?;
+        let ctx = self.ctx.as_ref()?;
+        let (name, access) = match method {
+            // ("" is the last declared queue only for a passive declare; a
+            // non-passive one gets a server-named queue.)
+            M::QueueDeclare(d) if d.passive || (!d.exclusive && !d.queue.is_empty()) => {
+                (&d.queue, None)
+            }
+            M::BasicGet(g) => (&g.queue, Some(Access::Read)),
+            M::QueuePurge(p) => (&p.queue, Some(Access::Read)),
+            M::QueueDelete(d) => (&d.queue, Some(Access::Configure)),
+            _ => return None,
+        };
+        let (data, _) = self.session.channel(channel)?;
+        let name = data.queue_name(name).ok()?;
+        let q = ctx.vhost.queue(&name, ctx.id).ok()?;
+        let home = q.remote()?;
+        if q.queue_type() == crate::broker::queue::QueueType::Stream
+            && matches!(method, M::BasicGet(_))
+        {
+            return None;
+        }
+        let at = |e: AmqpError| e.at(method.class_id(), method.method_id());
+        if let Some(access) = access {
+            if let Err(e) = ctx.permit(access, "queue", &name) {
+                return Some(Err(at(e)));
+            }
+        }
+        if !home.reachable() {
+            return Some(Err(at(amqp::basic::home_down(ctx, &q, home.node()))));
+        }
+        Some(Ok(RemoteOp {
+            channel,
+            method: method.clone(),
+            queue: q,
+            home,
+        }))
+    }
+
+    /// Ask the queue's home node and answer the method with what it says.
+    async fn await_remote(&mut self, op: RemoteOp) {
+        use crate::cluster::forward::{Op, Reply};
+        use crate::wire::Method as M;
+        let (Some(cluster), Some(ctx)) = (self.cluster.clone(), self.ctx.clone()) else {
+            return;
+        };
+        let link = cluster.forward.link(op.home.node());
+        let RemoteOp {
+            channel,
+            method,
+            queue,
+            home,
+        } = op;
+        let name = queue.name().to_string();
+        let mut getter = None;
+        let req = match &method {
+            M::QueueDeclare(_) => Op::Info,
+            M::QueuePurge(_) => Op::Purge,
+            M::QueueDelete(d) => Op::DeleteCheck {
+                if_unused: d.if_unused,
+                if_empty: d.if_empty,
+            },
+            M::BasicGet(g) => {
+                let Some((data, _)) = self.session.channel(channel) else {
+                    return;
+                };
+                let sink = Arc::clone(&ctx.sink);
+                let g2 =
+                    data.remote_getter(&name, || link.getter(Arc::clone(&home), channel, sink));
+                let cid = g2.cid;
+                getter = Some(g2);
+                Op::Get {
+                    no_ack: g.no_ack,
+                    cid,
+                }
+            }
+            _ => return,
+        };
+        let timeout = Duration::from_millis(
+            self.config
+                .cluster
+                .as_ref()
+                .map_or(5000, |c| c.commit_timeout_ms.max(1)),
+        );
+        let answer = tokio::time::timeout(timeout, link.request(&ctx.vhost.name, &name, req))
+            .await
+            .ok()
+            .flatten();
+        let now = Now::read();
+        let at = |e: AmqpError| e.at(method.class_id(), method.method_id());
+        let (reply, msg) = match answer {
+            None => {
+                let e = at(amqp::basic::home_down(&ctx, &queue, home.node()));
+                return self.session.channel_error(channel, e, now.at);
+            }
+            Some((Err((code, text)), _)) => {
+                return self.session.channel_error(
+                    channel,
+                    at(AmqpError::relayed(code, text)),
+                    now.at,
+                );
+            }
+            Some((Ok(reply), msg)) => (reply, msg),
+        };
+        // A delete whose checks the home node passed, a non-passive declare:
+        // run here (checks, the replicated change) with the home's counts.
+        let counts = match (&method, &reply) {
+            (M::QueueDelete(_), Reply::Checked { messages }) => Some((*messages as u32, 0)),
+            (
+                M::QueueDeclare(d),
+                Reply::Info {
+                    messages,
+                    consumers,
+                    ..
+                },
+            ) if !d.passive => Some((*messages as u32, *consumers as u32)),
+            _ => None,
+        };
+        if let Some((messages, consumers)) = counts {
+            if let Some((data, _)) = self.session.channel(channel) {
+                data.set_remote_counts(messages, consumers);
+            }
+            self.skip_remote = true;
+            let _ = self.on_event(Event::Method { channel, method }, now);
+            return;
+        }
+        let Some((data, mut io)) = self.session.channel(channel) else {
+            return;
+        };
+        match (method, reply) {
+            (
+                M::QueueDeclare(d),
+                Reply::Info {
+                    messages,
+                    consumers,
+                    ..
+                },
+            ) => {
+                data.set_last_queue(&name);
+                if !d.nowait {
+                    io.method(
+                        &crate::wire::QueueDeclareOk {
+                            queue: name,
+                            message_count: messages as u32,
+                            consumer_count: consumers as u32,
+                        }
+                        .into(),
+                    );
+                }
+            }
+            (M::QueuePurge(p), Reply::Purged { messages }) if !p.nowait => {
+                io.method(
+                    &crate::wire::QueuePurgeOk {
+                        message_count: messages as u32,
+                    }
+                    .into(),
+                );
+            }
+            (M::BasicGet(_), Reply::Empty) => {
+                io.method(&crate::wire::BasicGetEmpty::default().into());
+            }
+            (
+                M::BasicGet(g),
+                Reply::Got {
+                    tag,
+                    redelivered,
+                    remaining,
+                    ..
+                },
+            ) => {
+                if let (Some(getter), Some(msg)) = (getter, msg) {
+                    amqp::basic::got_remote(
+                        &ctx,
+                        data,
+                        &mut io,
+                        queue,
+                        getter,
+                        g.no_ack,
+                        (tag, redelivered, remaining),
+                        msg,
+                        now,
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Answer the session's events until it wants more input; Some when it ended.
     fn process_events(&mut self) -> Option<End> {
         let now = Now::read();
@@ -308,7 +546,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             if let Some(end) = self.on_event(event, now) {
                 return Some(end);
             }
-            if self.commit.is_some() {
+            if self.commit.is_some() || self.remote.is_some() {
                 return None;
             }
             if !self.backpressure && self.backlog() > self.backlog_limit {
@@ -375,6 +613,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 }
             }
             Event::ChannelClosed { channel, mut data } => {
+                self.batches.remove(&channel);
                 if self.registered {
                     self.broker.channel_closed(self.id, channel);
                 }
@@ -388,6 +627,20 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 }
             }
             Event::Method { channel, method } => {
+                if !std::mem::take(&mut self.skip_remote) {
+                    match self.remote_op(channel, &method) {
+                        None => {}
+                        Some(Ok(op)) => {
+                            self.transmit();
+                            self.remote = Some(op);
+                            return None;
+                        }
+                        Some(Err(e)) => {
+                            self.session.channel_error(channel, e, now.at);
+                            return None;
+                        }
+                    }
+                }
                 let Some(ctx) = &self.ctx else { return None };
                 // Clustered: a change of replicated metadata is made here, and
                 // its reply held until the cluster has committed it (see
@@ -587,6 +840,16 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 }
                 _ => d.queue.requeue(vec![d.entry], !d.no_ack, false, now.ms),
             },
+            Outbound::RemoteDeliver(d) => match (&self.ctx, self.session.channel(d.channel)) {
+                (Some(ctx), Some((data, mut io))) => {
+                    amqp::basic::deliver_remote(ctx, data, &mut io, d, now)
+                }
+                _ => d.consumer.home.settle(
+                    d.consumer.cid,
+                    vec![d.tag],
+                    crate::broker::remote::Settle::Requeue,
+                ),
+            },
             Outbound::Cancelled { channel, tag } => {
                 let notify = self.session.cancel_notify();
                 if let Some((data, mut io)) = self.session.channel(channel) {
@@ -600,7 +863,8 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 first,
                 last,
                 ok,
-            } => self.session.durable_done(channel, first, last, ok, now.at),
+                forwarded,
+            } => self.batch_done(channel, first, last, (ok, forwarded), now.at),
         }
     }
 
@@ -666,20 +930,93 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }
     }
 
+    /// A confirm batch's outcome is known: answer it and every batch after it
+    /// that is known too, in order.
+    fn batch_done(&mut self, channel: u16, first: u64, last: u64, r: (bool, bool), now: Instant) {
+        let Some(fifo) = self.batches.get_mut(&channel) else {
+            return self.answer_batch(channel, first, last, r, now);
+        };
+        match fifo.iter_mut().find(|b| b.first == first && b.last == last) {
+            Some(b) => b.done = Some(r),
+            None => return self.answer_batch(channel, first, last, r, now),
+        }
+        let mut ready = Vec::new();
+        while let Some(b) = fifo.front() {
+            let Some(r) = b.done else { break };
+            ready.push((b.first, b.last, r));
+            fifo.pop_front();
+        }
+        if fifo.is_empty() {
+            self.batches.remove(&channel);
+        }
+        for (first, last, r) in ready {
+            self.answer_batch(channel, first, last, r, now);
+        }
+    }
+
+    /// Store failure: 541 (as before); a forwarded copy lost or refused: nack.
+    fn answer_batch(&mut self, channel: u16, first: u64, last: u64, r: (bool, bool), now: Instant) {
+        match r {
+            (true, false) => self.session.durable_nacked(channel, first, last),
+            (ok, _) => self.session.durable_done(channel, first, last, ok, now),
+        }
+    }
+
+    /// The tickets of copies forwarded to other nodes by publishes
+    /// `first..=last` of `channel` (0..=0: its transaction).
+    fn forwarded(&mut self, channel: u16, first: u64, last: u64) -> Vec<Arc<Ticket>> {
+        match self.session.channel(channel) {
+            Some((data, _)) => data.take_forwarded(first, last),
+            None => Vec::new(),
+        }
+    }
+
     /// Ask the store to call back after its next flush; true if answered at once.
     fn store_wait(&mut self, wait: StoreWait, now: Instant) -> bool {
+        let tickets = match wait {
+            StoreWait::Confirms {
+                channel,
+                first,
+                last,
+            } => {
+                self.batches.entry(channel).or_default().push_back(Batch {
+                    first,
+                    last,
+                    done: None,
+                });
+                self.forwarded(channel, first, last)
+            }
+            StoreWait::TxCommit { channel } => self.forwarded(channel, 0, 0),
+        };
+        let sink = Arc::clone(&self.sink);
         let Some(store) = &self.broker.store else {
+            // Nothing to flush: only copies on other nodes to wait for.
             match wait {
                 StoreWait::Confirms {
                     channel,
                     first,
                     last,
-                } => self.session.durable_done(channel, first, last, true, now),
-                StoreWait::TxCommit { channel } => self.session.tx_flushed(channel, true, now),
+                } if tickets.is_empty() => self.batch_done(channel, first, last, (true, true), now),
+                StoreWait::Confirms {
+                    channel,
+                    first,
+                    last,
+                } => {
+                    Ticket::all(tickets, move |fwd| {
+                        sink.durable(channel, first, last, true, fwd)
+                    });
+                    return false;
+                }
+                StoreWait::TxCommit { channel } if tickets.is_empty() => {
+                    self.session.tx_flushed(channel, true, now)
+                }
+                StoreWait::TxCommit { channel } => {
+                    Ticket::all(tickets, move |fwd| sink.tx_committed(channel, fwd));
+                    return false;
+                }
             }
             return true;
         };
-        let sink = Arc::clone(&self.sink);
         // Streams fsync their own files: a confirm also waits for every stream
         // append made before it (at once when none is pending).
         let streams = self.broker.streams.clone();
@@ -697,11 +1034,20 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             } => store.on_durable(Box::new(move |r| {
                 then_streams(
                     r,
-                    Box::new(move |ok| sink.durable(channel, first, last, ok)),
+                    Box::new(move |ok| {
+                        Ticket::all(tickets, move |fwd| {
+                            sink.durable(channel, first, last, ok, fwd)
+                        })
+                    }),
                 )
             })),
             StoreWait::TxCommit { channel } => store.on_durable(Box::new(move |r| {
-                then_streams(r, Box::new(move |ok| sink.tx_committed(channel, ok)))
+                then_streams(
+                    r,
+                    Box::new(move |ok| {
+                        Ticket::all(tickets, move |fwd| sink.tx_committed(channel, ok && fwd))
+                    }),
+                )
             })),
         }
         false
@@ -721,8 +1067,14 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         // Deliveries still in the mailbox go back to their queues.
         self.rx.close();
         while let Ok(msg) = self.rx.try_recv() {
-            if let Outbound::Deliver(d) = msg {
-                d.queue.requeue(vec![d.entry], !d.no_ack, false, now.ms);
+            match msg {
+                Outbound::Deliver(d) => d.queue.requeue(vec![d.entry], !d.no_ack, false, now.ms),
+                Outbound::RemoteDeliver(d) => d.consumer.home.settle(
+                    d.consumer.cid,
+                    vec![d.tag],
+                    crate::broker::remote::Settle::Requeue,
+                ),
+                _ => {}
             }
         }
         ctx.vhost.connection_closed(id);

@@ -13,6 +13,8 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 pub enum Outbound {
     Deliver(Delivery),
+    /// Clustered: a delivery from a consumer on another node.
+    RemoteDeliver(crate::broker::remote::RemoteDelivery),
     Cancelled {
         channel: u16,
         tag: Arc<str>,
@@ -24,12 +26,14 @@ pub enum Outbound {
         channel: u16,
         ok: bool,
     },
-    /// The store flushed publishes `first..=last` of `channel` (or failed to).
+    /// The store flushed publishes `first..=last` of `channel` (or failed to);
+    /// `forwarded`: every copy of them sent to another node was taken there.
     Durable {
         channel: u16,
         first: u64,
         last: u64,
         ok: bool,
+        forwarded: bool,
     },
 }
 
@@ -67,6 +71,17 @@ impl DeliverySink for ConnSink {
         let _ = self.tx.send(Outbound::Cancelled { channel, tag });
     }
 
+    fn deliver_remote(
+        &self,
+        d: crate::broker::remote::RemoteDelivery,
+    ) -> Result<(), crate::broker::remote::RemoteDelivery> {
+        match self.tx.send(Outbound::RemoteDeliver(d)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendError(Outbound::RemoteDeliver(d))) => Err(d),
+            Err(_) => Ok(()),
+        }
+    }
+
     fn blocked(&self) -> bool {
         self.blocked.load(Ordering::Acquire)
     }
@@ -74,12 +89,13 @@ impl DeliverySink for ConnSink {
 
 impl ConnSink {
     /// Called from the store's flusher once publishes are on disk (or not).
-    pub fn durable(&self, channel: u16, first: u64, last: u64, ok: bool) {
+    pub fn durable(&self, channel: u16, first: u64, last: u64, ok: bool, forwarded: bool) {
         let _ = self.tx.send(Outbound::Durable {
             channel,
             first,
             last,
             ok,
+            forwarded,
         });
     }
 

@@ -70,6 +70,11 @@ impl Confirms {
         self.enabled
     }
 
+    /// The sequence number the next publish gets (in confirm mode).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// confirm.select.
     pub fn enable(&mut self) {
         self.enabled = true;
@@ -167,6 +172,29 @@ impl Confirms {
             ack(out, channel, (first, last));
         }
         Ok(())
+    }
+
+    /// A batch handed out by [`Self::flush`] cannot be confirmed (a copy
+    /// forwarded to another node was lost or refused): one nack for it.
+    pub(crate) fn durable_nacked(
+        &mut self,
+        channel: u16,
+        (first, last): (u64, u64),
+        closing: bool,
+        out: &mut Output,
+    ) {
+        self.inflight = self.inflight.saturating_sub(1);
+        if !closing && self.enabled {
+            out.method(
+                channel,
+                &BasicNack {
+                    delivery_tag: last,
+                    multiple: first != last,
+                    requeue: false,
+                }
+                .into(),
+            );
+        }
     }
 
     /// The channel is closing: immediate confirms not sent yet are dropped.

@@ -417,6 +417,17 @@ impl<T: Default> Session<T> {
         }
     }
 
+    /// A batch of [`StoreWait::Confirms`] is to be nacked: a copy forwarded to
+    /// another node was not taken there (the publisher may publish it again).
+    pub fn durable_nacked(&mut self, channel: u16, first: u64, last: u64) {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        let closing = ch.closing;
+        ch.confirms
+            .durable_nacked(channel, (first, last), closing, &mut self.out);
+    }
+
     /// The store flush a [`StoreWait::TxCommit`] waited for ended: commit-ok, or
     /// 541 when it failed.
     pub fn tx_flushed(&mut self, channel: u16, ok: bool, now: Instant) {

@@ -1494,25 +1494,57 @@ impl StreamSession {
 
     fn metadata(&mut self, correlation_id: u32, streams: &[String]) {
         let found: Vec<bool> = streams.iter().map(|s| self.log(s).is_some()).collect();
+        // Clustered: a stream homed on another node has that node as leader
+        // (where clients publish and consume); reference 0 is this node.
+        let homes: Vec<Option<(String, u16)>> = streams
+            .iter()
+            .zip(&found)
+            .map(|(s, ok)| {
+                let v = self.vhost.as_ref().filter(|_| *ok)?;
+                let q = v.queue(s, self.connection_id).ok()?;
+                q.remote()?.stream_endpoint()
+            })
+            .collect();
+        let mut others: Vec<(String, u16)> = Vec::new();
+        for h in homes.iter().flatten() {
+            if !others.contains(h) {
+                others.push(h.clone());
+            }
+        }
         let meta: Vec<response::StreamMetadata<'_>> = streams
             .iter()
             .zip(&found)
-            .map(|(s, ok)| response::StreamMetadata {
+            .zip(&homes)
+            .map(|((s, ok), home)| response::StreamMetadata {
                 stream: s,
                 code: if *ok {
                     code::OK
                 } else {
                     code::STREAM_DOES_NOT_EXIST
                 },
-                leader: if *ok { 0 } else { u16::MAX },
+                leader: match (ok, home) {
+                    (false, _) => u16::MAX,
+                    (true, None) => 0,
+                    (true, Some(h)) => others
+                        .iter()
+                        .position(|o| o == h)
+                        .map_or(0, |i| i as u16 + 1),
+                },
                 replicas: &[],
             })
             .collect();
-        let brokers = [response::Broker {
+        let mut brokers = vec![response::Broker {
             reference: 0,
             host: &self.settings.advertised_host,
             port: u32::from(self.settings.advertised_port),
         }];
+        for (i, (host, port)) in others.iter().enumerate() {
+            brokers.push(response::Broker {
+                reference: i as u16 + 1,
+                host,
+                port: u32::from(*port),
+            });
+        }
         let brokers: &[response::Broker<'_>] = if found.iter().any(|f| *f) {
             &brokers
         } else {

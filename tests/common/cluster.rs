@@ -44,7 +44,9 @@ pub struct Node {
     /// `[cluster] dial`: node name -> address.
     pub dial: Vec<(String, String)>,
     pub commit_timeout_ms: u64,
-    child: Option<Child>,
+    /// The Stream protocol port, when the node listens for it (off by default).
+    pub stream: Option<u16>,
+    pub child: Option<Child>,
 }
 
 impl Node {
@@ -63,6 +65,7 @@ impl Node {
             tls: None,
             dial: Vec::new(),
             commit_timeout_ms: 3000,
+            stream: None,
             child: None,
         }
     }
@@ -99,7 +102,7 @@ impl Node {
             .collect();
         let mut text = format!(
             "bind = \"{ip}\"\namqp_port = {amqp}\nadmin_port = {admin}\ndata_dir = \"{dir}\"\n\
-             log = \"warn\"\n\n[stream.listeners]\ntcp = \"none\"\n\n[cluster]\n\
+             log = \"warn\"\n\n[stream.listeners]\ntcp = {stream}\n\n[cluster]\n\
              node_name = \"warren@{ip}\"\nlisten = \"{ip}:{cluster}\"\ncookie = \"{cookie}\"\n\
              seeds = [{seeds}]\ncommit_timeout_ms = {timeout}\nheartbeat_ms = 50\n\
              dial = {{ {dial} }}\n",
@@ -112,6 +115,10 @@ impl Node {
             seeds = seeds.join(", "),
             timeout = self.commit_timeout_ms,
             dial = dial.join(", "),
+            stream = match self.stream {
+                Some(port) => format!("{{ default = {port} }}"),
+                None => "\"none\"".to_string(),
+            },
         );
         if let Some(tls) = &self.tls {
             text.push_str(&format!(
@@ -177,8 +184,14 @@ impl Node {
         let _ = child.wait();
     }
 
-    /// SIGKILL: no chance to say goodbye to anyone.
-    pub fn kill9(&mut self) {
+    /// Listen for the Stream protocol on a free port.
+    pub fn with_stream(mut self) -> Node {
+        self.stream = Some(free_port(&self.ip));
+        self
+    }
+
+    /// kill -9 (SIGKILL): no shutdown of any kind, no goodbye to anyone.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

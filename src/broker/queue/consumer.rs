@@ -90,6 +90,14 @@ pub trait DeliverySink: Send + Sync + std::fmt::Debug {
     fn deliver(&self, delivery: Delivery) -> Result<(), Delivery>;
     /// The queue went away under this consumer (basic.cancel from the server).
     fn cancelled(&self, channel: u16, consumer_tag: Arc<str>);
+    /// Clustered: a delivery from a consumer on another node (see
+    /// [`crate::broker::remote`]); gives it back if the connection is gone.
+    fn deliver_remote(
+        &self,
+        delivery: crate::broker::remote::RemoteDelivery,
+    ) -> Result<(), crate::broker::remote::RemoteDelivery> {
+        Err(delivery)
+    }
     /// The connection behind this sink has too much unwritten output: hand it
     /// nothing until it catches up (it kicks its queues when it does).
     fn blocked(&self) -> bool {

@@ -97,6 +97,9 @@ pub struct Queue {
     budget: Arc<MemoryBudget>,
     /// A stream queue's log and readers (`x-queue-type: stream`).
     stream: Option<stream::StreamQueue>,
+    /// Clustered: the other node this queue's messages live on (None: here).
+    /// Set by the cluster from the queue's replicated record.
+    remote: parking_lot::RwLock<Option<Arc<dyn crate::broker::remote::RemoteHome>>>,
     state: Mutex<State>,
 }
 
@@ -220,6 +223,7 @@ impl Queue {
             max_priority,
             quorum,
             stream,
+            remote: parking_lot::RwLock::new(None),
             budget: Arc::clone(&budget),
             state: Mutex::new(State {
                 ready: Ready::new(max_priority, budget),
@@ -237,6 +241,16 @@ impl Queue {
 
     pub fn name(&self) -> &str {
         &self.spec.name
+    }
+
+    /// Clustered: where this queue's messages live when that is another node.
+    pub fn remote(&self) -> Option<Arc<dyn crate::broker::remote::RemoteHome>> {
+        self.remote.read().clone()
+    }
+
+    /// The cluster records (or clears, with None) the queue's other home node.
+    pub fn set_remote(&self, home: Option<Arc<dyn crate::broker::remote::RemoteHome>>) {
+        *self.remote.write() = home;
     }
 
     /// The queue type, fixed at declaration.
@@ -468,10 +482,12 @@ impl Queue {
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         self.expire_locked(&mut s, now, &mut fx);
-        let expired = self
-            .args()
-            .expires
-            .is_some_and(|ttl| s.consumers.is_empty() && now.saturating_sub(s.last_used) >= ttl);
+        // A copy of a queue homed on another node never expires here: its
+        // use (consumers, gets) happens on the home node.
+        let expired = self.remote.read().is_none()
+            && self.args().expires.is_some_and(|ttl| {
+                s.consumers.is_empty() && now.saturating_sub(s.last_used) >= ttl
+            });
         self.settle(s, fx, now);
         expired
     }

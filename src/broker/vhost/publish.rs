@@ -32,7 +32,7 @@ pub enum PublishFrom {
 }
 
 /// What became of a published message.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Published {
     /// It reached at least one queue, or a delayed exchange holds it. False is
     /// what basic.return (mandatory) and the unroutable counter look at.
@@ -45,6 +45,9 @@ pub struct Published {
     pub rejected: bool,
     /// At least one queue wrote it to the store: confirm after the next flush.
     pub durable: bool,
+    /// Clustered: copies went to queues homed on other nodes; confirm once
+    /// the ticket settles (nack if it fails).
+    pub forwarded: Option<Arc<crate::broker::remote::Ticket>>,
 }
 
 impl Published {
@@ -54,6 +57,7 @@ impl Published {
         held: true,
         rejected: false,
         durable: false,
+        forwarded: None,
     };
 }
 
@@ -98,6 +102,15 @@ impl VHost {
             if from == PublishFrom::DeadLetter && dead_letter::is_cycle(message, q.name()) {
                 continue;
             }
+            // Clustered: a queue homed on another node keeps nothing here.
+            if let Some(home) = q.remote() {
+                let ticket = out
+                    .forwarded
+                    .get_or_insert_with(crate::broker::remote::Ticket::new);
+                home.forward(&self.name, q.name(), message, ticket);
+                out.accepted = true;
+                continue;
+            }
             match q.enqueue(Arc::clone(message), now) {
                 Enqueued::Rejected => out.rejected = true,
                 Enqueued::Accepted { durable } => {
@@ -106,7 +119,26 @@ impl VHost {
                 }
             }
         }
+        if let Some(t) = &out.forwarded {
+            t.seal();
+        }
         Ok(out)
+    }
+
+    /// Enqueue a message another node routed to this node's queue `queue`
+    /// (its home): the same enqueue as a local publish, with no routing.
+    /// None when the queue is not here (deleted, or homed elsewhere).
+    pub fn enqueue_forwarded(
+        &self,
+        queue: &str,
+        message: Arc<Message>,
+        now: u64,
+    ) -> Option<Enqueued> {
+        let q = self.queues.read().get(queue).cloned()?;
+        if q.remote().is_some() || q.is_deleted() {
+            return None;
+        }
+        Some(q.enqueue(message, now))
     }
 
     /// The queues a message published to `exchange` reaches, pushed into `out`.

@@ -1,0 +1,269 @@
+//! Queues whose messages live on another node (clustered only): what the
+//! broker core knows of them. A replicated classic queue or stream has one
+//! home node; every other node keeps the queue's record (for routing, bindings
+//! and declares) but no messages, and hands what it routes there to a
+//! [`RemoteHome`], which the cluster layer implements over its inter-node link
+//! (see `crate::cluster::forward`).
+//!
+//! A [`Ticket`] follows one publish to its home nodes: it settles once every
+//! home node has taken (and, for a persistent message on a durable queue,
+//! fsynced) its copy, or fails as soon as one cannot. Publisher confirms wait
+//! on it; nothing here does I/O or reads a clock.
+
+use crate::broker::message::Message;
+use crate::broker::queue::DeliverySink;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The other node a queue's messages live on.
+pub trait RemoteHome: Send + Sync + std::fmt::Debug {
+    /// The home node's name (`warren@host`).
+    fn node(&self) -> &str;
+    /// The link to the home node is up now.
+    fn reachable(&self) -> bool;
+    /// Where Stream protocol clients reach the home node (host, port).
+    fn stream_endpoint(&self) -> Option<(String, u16)>;
+    /// Send `message` to the home node's queue `queue` in `vhost`. Must not
+    /// block: a link that is down or full fails `ticket` at once. Every call
+    /// [`Ticket::expect`]s one settlement before it returns.
+    fn forward(&self, vhost: &str, queue: &str, message: &Arc<Message>, ticket: &Arc<Ticket>);
+    /// Open a consumer on the home node's queue; its deliveries come to
+    /// `sink` ([`DeliverySink::deliver_remote`]) for `channel`. Err when the
+    /// home node cannot be reached.
+    fn consume(
+        &self,
+        consume: RemoteConsume,
+        channel: u16,
+        sink: Arc<dyn DeliverySink>,
+    ) -> Result<RemoteConsumer, String>;
+    /// Settle deliveries (home-node tags) of consumer `cid`.
+    fn settle(&self, cid: u64, tags: Vec<u64>, how: Settle);
+    /// basic.cancel: the home node stops delivering (what is unacked stays so).
+    fn cancel(&self, cid: u64);
+    /// The channel is gone: cancel, and requeue whatever is still unacked.
+    fn release(&self, cid: u64);
+}
+
+/// What a remote consumer asks of the home node.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RemoteConsume {
+    pub vhost: String,
+    pub queue: String,
+    pub tag: String,
+    /// The client's per-consumer prefetch (0: the link's own cap).
+    pub prefetch: u32,
+    pub exclusive: bool,
+    pub priority: i32,
+    /// The consume arguments in their wire encoding (`x-stream-offset`...).
+    pub arguments: Vec<u8>,
+}
+
+/// How deliveries are settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Settle {
+    Ack,
+    Requeue,
+    /// basic.reject / nack without requeue: dropped or dead-lettered.
+    Reject,
+}
+
+/// A consumer opened on another node: its id on the link, and whether the
+/// link it lives on is still up (false: its deliveries are gone, the home
+/// node requeued them; settling them does nothing).
+#[derive(Debug, Clone)]
+pub struct RemoteConsumer {
+    pub home: Arc<dyn RemoteHome>,
+    pub cid: u64,
+    pub alive: Arc<AtomicBool>,
+}
+
+impl RemoteConsumer {
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire)
+    }
+}
+
+/// One message from a consumer on another node, on its way to a channel.
+#[derive(Debug)]
+pub struct RemoteDelivery {
+    pub channel: u16,
+    pub consumer_tag: Arc<str>,
+    /// The home node's delivery tag.
+    pub tag: u64,
+    pub redelivered: bool,
+    pub message: Arc<Message>,
+    /// The message's encoded properties as the home node delivers them.
+    pub properties: bytes::Bytes,
+    pub consumer: RemoteConsumer,
+}
+
+type Waiter = Box<dyn FnOnce(bool) + Send>;
+
+#[derive(Default)]
+struct TicketState {
+    /// Copies sent and not yet settled.
+    pending: usize,
+    /// One copy could not be delivered (or was refused).
+    failed: bool,
+    /// No more copies will be added: a settle to zero completes.
+    sealed: bool,
+    waiters: Vec<Waiter>,
+}
+
+/// The fate of one publish's forwarded copies.
+#[derive(Default)]
+pub struct Ticket {
+    state: Mutex<TicketState>,
+}
+
+impl std::fmt::Debug for Ticket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.state.lock();
+        f.debug_struct("Ticket")
+            .field("pending", &s.pending)
+            .field("failed", &s.failed)
+            .field("sealed", &s.sealed)
+            .finish()
+    }
+}
+
+impl Ticket {
+    pub fn new() -> Arc<Ticket> {
+        Arc::new(Ticket::default())
+    }
+
+    /// One more copy to wait for.
+    pub fn expect(&self) {
+        self.state.lock().pending += 1;
+    }
+
+    /// A copy was taken (`ok`) or lost.
+    pub fn settle(&self, ok: bool) {
+        let waiters = {
+            let mut s = self.state.lock();
+            s.pending = s.pending.saturating_sub(1);
+            s.failed |= !ok;
+            Self::finished(&mut s)
+        };
+        for w in waiters.0 {
+            w(waiters.1);
+        }
+    }
+
+    /// Every copy has been sent (publish routing is over).
+    pub fn seal(&self) {
+        let waiters = {
+            let mut s = self.state.lock();
+            s.sealed = true;
+            Self::finished(&mut s)
+        };
+        for w in waiters.0 {
+            w(waiters.1);
+        }
+    }
+
+    fn finished(s: &mut TicketState) -> (Vec<Waiter>, bool) {
+        if s.sealed && (s.pending == 0 || s.failed) {
+            (std::mem::take(&mut s.waiters), !s.failed)
+        } else {
+            (Vec::new(), false)
+        }
+    }
+
+    /// Settled: Some(every copy taken).
+    pub fn outcome(&self) -> Option<bool> {
+        let s = self.state.lock();
+        (s.sealed && (s.pending == 0 || s.failed)).then_some(!s.failed)
+    }
+
+    /// Call `f` with the outcome once settled (at once if it is).
+    pub fn on_done(&self, f: impl FnOnce(bool) + Send + 'static) {
+        let mut s = self.state.lock();
+        if s.sealed && (s.pending == 0 || s.failed) {
+            let ok = !s.failed;
+            drop(s);
+            return f(ok);
+        }
+        s.waiters.push(Box::new(f));
+    }
+
+    /// Call `f` once every ticket of `tickets` is settled: true if all were
+    /// taken everywhere.
+    pub fn all(tickets: Vec<Arc<Ticket>>, f: impl FnOnce(bool) + Send + 'static) {
+        let all = Ticket::new();
+        for t in &tickets {
+            all.expect();
+            let all = Arc::clone(&all);
+            t.on_done(move |ok| all.settle(ok));
+        }
+        all.on_done(f);
+        all.seal();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU8;
+
+    fn watch(t: &Ticket) -> Arc<AtomicU8> {
+        let seen = Arc::new(AtomicU8::new(0));
+        let s = Arc::clone(&seen);
+        t.on_done(move |ok| s.store(if ok { 1 } else { 2 }, Ordering::SeqCst));
+        seen
+    }
+
+    #[test]
+    fn a_ticket_settles_once_sealed_and_every_copy_is_taken() {
+        let t = Ticket::new();
+        t.expect();
+        t.expect();
+        let seen = watch(&t);
+        t.settle(true);
+        t.settle(true);
+        assert_eq!(seen.load(Ordering::SeqCst), 0, "not sealed yet");
+        t.seal();
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        assert_eq!(t.outcome(), Some(true));
+    }
+
+    #[test]
+    fn one_lost_copy_fails_the_ticket_without_waiting_for_the_rest() {
+        let t = Ticket::new();
+        t.expect();
+        t.expect();
+        t.seal();
+        let seen = watch(&t);
+        t.settle(false);
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+        assert_eq!(t.outcome(), Some(false));
+        // A late success changes nothing.
+        t.settle(true);
+        assert_eq!(t.outcome(), Some(false));
+    }
+
+    #[test]
+    fn all_waits_for_every_ticket() {
+        let (a, b) = (Ticket::new(), Ticket::new());
+        a.expect();
+        b.expect();
+        a.seal();
+        b.seal();
+        let seen = Arc::new(AtomicU8::new(0));
+        let s = Arc::clone(&seen);
+        Ticket::all(vec![Arc::clone(&a), Arc::clone(&b)], move |ok| {
+            s.store(if ok { 1 } else { 2 }, Ordering::SeqCst)
+        });
+        a.settle(true);
+        assert_eq!(seen.load(Ordering::SeqCst), 0);
+        b.settle(true);
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+        let seen2 = Arc::new(AtomicU8::new(0));
+        let s2 = Arc::clone(&seen2);
+        Ticket::all(vec![], move |ok| {
+            s2.store(if ok { 1 } else { 2 }, Ordering::SeqCst)
+        });
+        assert_eq!(seen2.load(Ordering::SeqCst), 1, "nothing to wait for");
+    }
+}
