@@ -7,10 +7,13 @@
 //! - `command`: the replicated metadata commands, the model they build (the
 //!   group's snapshot) and how a committed command reaches the local broker.
 //! - `store`: the group's log, vote and state machine on this node's disk.
+//! - `disk`: where the store's bytes live: sled, or memory that models a
+//!   disk (with crashes) for the simulation of the group.
 //!
 //! Nothing here runs without `[cluster]` in the configuration. See docs/cluster.md.
 
 pub mod command;
+pub mod disk;
 pub mod frame;
 pub mod network;
 pub mod store;

@@ -3,9 +3,12 @@
 //! before an append or a vote is acknowledged; and the state machine, which
 //! applies committed commands to the local broker and keeps the replicated
 //! model (its snapshot), persisted with the last applied log id so a restart
-//! never applies an entry twice.
+//! never applies an entry twice. The bytes live on a [`Disk`]: sled in a
+//! broker, memory that models a disk in the simulation of the group
+//! (`tests/raft_sim.rs`), which also applies to a [`Target`] of its own.
 
 use super::command::{Command, Metadata};
+use super::disk::{Disk, MemoryDisk, Tree, Write};
 use super::{NodeInfo, TypeConfig};
 use crate::broker::Broker;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -28,12 +31,10 @@ fn io_err(e: impl std::error::Error + 'static) -> openraft::AnyError {
     openraft::AnyError::new(&e)
 }
 
-/// The log, vote and commit index (cheap to clone: sled trees are handles).
+/// The log, vote and commit index (cheap to clone: a handle on its disk).
 #[derive(Clone)]
 pub struct LogStore {
-    db: sled::Db,
-    log: sled::Tree,
-    meta: sled::Tree,
+    disk: Disk,
 }
 
 const VOTE: &[u8] = b"vote";
@@ -43,17 +44,23 @@ const SM: &[u8] = b"state_machine";
 const SNAPSHOT: &[u8] = b"snapshot";
 
 impl LogStore {
+    /// The store in the sled database at `dir`.
     pub fn open(dir: &Path) -> Result<LogStore, sled::Error> {
-        let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
         Ok(LogStore {
-            log: db.open_tree("log")?,
-            meta: db.open_tree("meta")?,
-            db,
+            disk: Disk::open_sled(dir)?,
         })
     }
 
+    /// The store on a simulated disk, as it is now (after a crash: what the
+    /// crash left).
+    pub fn in_memory(disk: &MemoryDisk) -> LogStore {
+        LogStore {
+            disk: Disk::Memory(disk.handle()),
+        }
+    }
+
     fn get<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, String> {
-        match self.meta.get(key).map_err(|e| e.to_string())? {
+        match self.disk.get(Tree::Meta, key).map_err(|e| e.to_string())? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
@@ -63,26 +70,25 @@ impl LogStore {
 
     fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), String> {
         let v = serde_json::to_vec(value).map_err(|e| e.to_string())?;
-        self.meta.insert(key, v).map_err(|e| e.to_string())?;
-        Ok(())
+        self.disk
+            .write(vec![Write::Put(Tree::Meta, key.to_vec(), v)])
+            .map_err(|e| e.to_string())
     }
 
-    async fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush_async().await.map(drop)
+    async fn flush(&self) -> std::io::Result<()> {
+        self.disk.flush().await
     }
 
     /// Remove the log entries whose (big-endian) index keys are in `range`,
     /// then flush: truncating the tail and purging the head alike.
-    async fn remove_logs(&self, range: impl RangeBounds<[u8; 8]>) -> Result<(), SErr> {
-        let keys: Vec<_> = self
-            .log
-            .range(range)
-            .keys()
-            .collect::<Result<_, _>>()
+    async fn remove_logs(&self, from: u64, to: Option<u64>) -> Result<(), SErr> {
+        let keys = self
+            .disk
+            .log_range(from, to)
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        for k in keys {
-            self.log
-                .remove(k)
+        for (k, _) in keys {
+            self.disk
+                .write(vec![Write::Del(Tree::Log, k.to_be_bytes().to_vec())])
                 .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         }
         self.flush()
@@ -92,15 +98,14 @@ impl LogStore {
     }
 
     /// Forget the log, vote and state (a lone node about to join another cluster).
-    pub fn reset(&self) -> Result<(), sled::Error> {
-        self.log.clear()?;
-        self.meta.clear()?;
-        self.db.flush().map(drop)
+    pub fn reset(&self) -> std::io::Result<()> {
+        self.disk.clear()?;
+        self.disk.flush_blocking()
     }
 
     /// Whether this node has ever been part of a cluster (a vote or a log).
     pub fn is_fresh(&self) -> bool {
-        self.meta.get(VOTE).ok().flatten().is_none() && self.log.is_empty()
+        self.disk.get(Tree::Meta, VOTE).ok().flatten().is_none() && self.disk.log_is_empty()
     }
 }
 
@@ -116,16 +121,24 @@ impl RaftLogReader<TypeConfig> for LogStore {
         use std::ops::Bound;
         let start = match range.start_bound() {
             Bound::Included(&i) => i,
-            Bound::Excluded(&i) => i + 1,
+            Bound::Excluded(&i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        let mut out = Vec::new();
-        for kv in self.log.range(start.to_be_bytes()..) {
-            let (k, v) = kv.map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-            let idx = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
-            if !range.contains(&idx) {
-                break;
-            }
+        let end = match range.end_bound() {
+            Bound::Included(&i) => Some(i),
+            Bound::Excluded(&0) => return Ok(Vec::new()),
+            Bound::Excluded(&i) => Some(i - 1),
+            Bound::Unbounded => None,
+        };
+        if end.is_some_and(|e| e < start) {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .disk
+            .log_range(start, end)
+            .map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, v) in rows {
             let entry: Entry<TypeConfig> =
                 serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
             out.push(entry);
@@ -142,11 +155,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .get(PURGED)
             .map_err(|e| StorageIOError::read_logs(string_err(e)))?;
         let last = match self
-            .log
-            .last()
+            .disk
+            .log_last()
             .map_err(|e| StorageIOError::read_logs(io_err(e)))?
         {
-            Some((_, v)) => {
+            Some(v) => {
                 let e: Entry<TypeConfig> =
                     serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
                 Some(e.log_id)
@@ -196,28 +209,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = sled::Batch::default();
+        let mut batch = Vec::new();
         for e in entries {
             let v = serde_json::to_vec(&e).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-            batch.insert(&e.log_id.index.to_be_bytes(), v);
+            batch.push(Write::Put(
+                Tree::Log,
+                e.log_id.index.to_be_bytes().to_vec(),
+                v,
+            ));
         }
-        self.log
-            .apply_batch(batch)
+        self.disk
+            .write(batch)
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         // Acknowledged only once on disk.
-        let r = self.flush().await.map_err(std::io::Error::other);
+        let r = self.flush().await;
         callback.log_io_completed(r);
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        self.remove_logs(log_id.index.to_be_bytes()..).await
+        self.remove_logs(log_id.index, None).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
         self.put(PURGED, &log_id)
             .map_err(|e| StorageIOError::write_logs(string_err(e)))?;
-        self.remove_logs(..=log_id.index.to_be_bytes()).await
+        self.remove_logs(0, Some(log_id.index)).await
     }
 }
 
@@ -236,20 +253,34 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// Where a committed command takes effect, besides the model: the local
+/// broker ([`Command::apply_to`]). A command the target refuses is not
+/// recorded in the model. The simulation of the group has a target of its own.
+pub trait Target: Send + Sync + 'static {
+    fn apply(&self, cmd: &Command, now: u64) -> Result<(), String>;
+}
+
+impl Target for Broker {
+    fn apply(&self, cmd: &Command, now: u64) -> Result<(), String> {
+        cmd.apply_to(self, now)
+    }
+}
+
 /// The state machine: the local broker, and the replicated model.
 #[derive(Clone)]
 pub struct StateMachine {
-    broker: Arc<Broker>,
+    target: Arc<dyn Target>,
     store: LogStore,
     state: Arc<Mutex<Applied>>,
 }
 
 impl StateMachine {
-    /// The state machine over `broker`, resumed from what `store` persisted.
-    pub fn open(broker: Arc<Broker>, store: LogStore) -> Result<StateMachine, String> {
+    /// The state machine over `target` (the broker), resumed from what
+    /// `store` persisted.
+    pub fn open(target: Arc<dyn Target>, store: LogStore) -> Result<StateMachine, String> {
         let state: Applied = store.get(SM)?.unwrap_or_default();
         Ok(StateMachine {
-            broker,
+            target,
             store,
             state: Arc::new(Mutex::new(state)),
         })
@@ -270,7 +301,7 @@ impl StateMachine {
     }
 
     fn apply_command(&self, state: &mut Applied, cmd: &Command, now: u64) -> Option<String> {
-        match cmd.apply_to(&self.broker, now) {
+        match self.target.apply(cmd, now) {
             Ok(()) => {
                 state.metadata.record(cmd);
                 None
