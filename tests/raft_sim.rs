@@ -58,6 +58,9 @@ struct Plan {
     nodes: usize,
     /// Virtual time of the chaos phase.
     chaos: Duration,
+    /// The chance that a store write (append, truncate, purge, vote, apply,
+    /// snapshot install) has its member crash while it is being flushed.
+    io_crash: f64,
 }
 
 impl Plan {
@@ -65,9 +68,13 @@ impl Plan {
         Plan {
             nodes: if rng.gen_bool(0.65) { 3 } else { 5 },
             chaos: Duration::from_millis(rng.gen_range(500..1500)),
+            io_crash: [0.0, 0.0, 0.02, 0.1][rng.gen_range(0..4)],
         }
     }
 }
+
+/// A simulated disk's flush takes this long: the window of a crash point.
+const FLUSH_LATENCY: Duration = Duration::from_millis(1);
 
 /// A member: its disk outlives its lives.
 struct Slot {
@@ -92,6 +99,7 @@ struct World {
     group: Vec<u8>,
     loss: f64,
     max_delay_ms: u64,
+    io_crash: f64,
     trace: Vec<String>,
     keep_trace: bool,
     hash: u64,
@@ -355,6 +363,27 @@ struct ObservedLog {
     inner: LogStore,
     world: Shared,
     node: usize,
+    life: u64,
+}
+
+/// Maybe (by the plan's chance) crash member `node` in the middle of the
+/// store write it is starting: while the write is being flushed.
+fn crash_point(world: &Shared, node: usize, life: u64, what: &'static str) {
+    let at = {
+        let mut w = lock(world);
+        let chance = w.io_crash;
+        if w.slots[node].life != life || !w.rng.gen_bool(chance) {
+            return;
+        }
+        let micros = FLUSH_LATENCY.as_micros() as u64;
+        Duration::from_micros(w.rng.gen_range(1..micros))
+    };
+    let world = Arc::clone(world);
+    tokio::spawn(async move {
+        tokio::time::sleep(at).await;
+        lock(&world).note(|| format!("n{} crash point: {what}", id_of(node)));
+        crash(&world, node, Some(life)).await;
+    });
 }
 
 impl RaftLogReader<TypeConfig> for ObservedLog {
@@ -378,6 +407,7 @@ impl RaftLogStorage<TypeConfig> for ObservedLog {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
+        crash_point(&self.world, self.node, self.life, "save_vote");
         self.inner.save_vote(vote).await
     }
 
@@ -419,16 +449,19 @@ impl RaftLogStorage<TypeConfig> for ObservedLog {
                 }
             }
         }
+        crash_point(&self.world, self.node, self.life, "append");
         self.inner.append(entries, callback).await
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
         lock(&self.world).note(|| format!("n{} truncate from {}", id_of(self.node), log_id));
+        crash_point(&self.world, self.node, self.life, "truncate");
         self.inner.truncate(log_id).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
         lock(&self.world).note(|| format!("n{} purge to {}", id_of(self.node), log_id));
+        crash_point(&self.world, self.node, self.life, "purge");
         self.inner.purge(log_id).await
     }
 }
@@ -438,6 +471,7 @@ struct ObservedSm {
     inner: StateMachine,
     world: Shared,
     node: usize,
+    life: u64,
 }
 
 impl RaftStateMachine<TypeConfig> for ObservedSm {
@@ -478,6 +512,7 @@ impl RaftStateMachine<TypeConfig> for ObservedSm {
                 }
             }
         }
+        crash_point(&self.world, self.node, self.life, "apply");
         let r = self.inner.apply(entries).await;
         if r.is_ok() {
             let mut w = lock(&self.world);
@@ -510,6 +545,7 @@ impl RaftStateMachine<TypeConfig> for ObservedSm {
         meta: &SnapshotMeta<NodeId, NodeInfo>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
+        crash_point(&self.world, self.node, self.life, "install_snapshot");
         let r = self.inner.install_snapshot(meta, snapshot).await;
         if r.is_ok() {
             let mut w = lock(&self.world);
@@ -560,11 +596,13 @@ async fn start(world: &Shared, node: usize) {
         inner: store,
         world: Arc::clone(world),
         node,
+        life,
     };
     let osm = ObservedSm {
         inner: sm.clone(),
         world: Arc::clone(world),
         node,
+        life,
     };
     let net = Net {
         world: Arc::clone(world),
@@ -641,9 +679,14 @@ fn leader(world: &Shared) -> Option<usize> {
 
 /// Crash member `node`: its disk keeps the flushed writes and a random
 /// prefix of the others; everything of this life stops.
-async fn crash(world: &Shared, node: usize) {
+async fn crash(world: &Shared, node: usize, life: Option<u64>) {
     let raft = {
         let mut w = lock(world);
+        // A crash point fires only in its member's life, and not after the
+        // final heal.
+        if life.is_some_and(|l| l != w.slots[node].life || w.io_crash == 0.0) {
+            return;
+        }
         let Some(raft) = w.slots[node].raft.take() else {
             return;
         };
@@ -803,7 +846,7 @@ async fn run(seed: u64, keep_trace: bool) -> Outcome {
         start: Instant::now(),
         slots: (0..n)
             .map(|_| Slot {
-                disk: MemoryDisk::new(Duration::from_millis(1)),
+                disk: MemoryDisk::new(FLUSH_LATENCY),
                 life: 0,
                 raft: None,
                 sm: None,
@@ -814,6 +857,7 @@ async fn run(seed: u64, keep_trace: bool) -> Outcome {
         group: vec![0; n],
         loss: 0.0,
         max_delay_ms: 5,
+        io_crash: 0.0,
         trace: Vec::new(),
         keep_trace,
         hash: 0xcbf2_9ce4_8422_2325,
@@ -832,6 +876,8 @@ async fn run(seed: u64, keep_trace: bool) -> Outcome {
     if let Some(r) = first {
         r.initialize(members).await.expect("initialize");
     }
+    // Crash points from here on (a group that never formed tells nothing).
+    lock(&world).io_crash = plan.io_crash;
 
     // Chaos.
     let mut clients = Vec::new();
@@ -873,7 +919,7 @@ async fn run(seed: u64, keep_trace: bool) -> Outcome {
                         _ => w.rng.gen_range(0..n),
                     }
                 };
-                crash(&world, node).await;
+                crash(&world, node, None).await;
             }
             80..=91 => {
                 let down: Vec<usize> = {
@@ -902,6 +948,7 @@ async fn run(seed: u64, keep_trace: bool) -> Outcome {
         w.group = vec![0; n];
         w.loss = 0.0;
         w.max_delay_ms = 5;
+        w.io_crash = 0.0;
     }
     for node in 0..n {
         if !lock(&world).up(node) {

@@ -79,18 +79,23 @@ impl LogStore {
         self.disk.flush().await
     }
 
-    /// Remove the log entries whose (big-endian) index keys are in `range`,
-    /// then flush: truncating the tail and purging the head alike.
+    /// Remove the log entries with indexes in `[from, to]` (`to` None: to the
+    /// end), then flush: truncating the tail and purging the head alike. One
+    /// atomic write (a sled batch): removed one by one, a crash could keep
+    /// the first removals of a truncation and not the rest, leaving a hole
+    /// with an older leader's entries after it (see
+    /// `tests::a_crash_while_removing_entries_leaves_no_hole`).
     async fn remove_logs(&self, from: u64, to: Option<u64>) -> Result<(), SErr> {
-        let keys = self
+        let removals = self
             .disk
             .log_range(from, to)
+            .map_err(|e| StorageIOError::write_logs(io_err(e)))?
+            .into_iter()
+            .map(|(i, _)| Write::Del(Tree::Log, i.to_be_bytes().to_vec()))
+            .collect();
+        self.disk
+            .write(removals)
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        for (k, _) in keys {
-            self.disk
-                .write(vec![Write::Del(Tree::Log, k.to_be_bytes().to_vec())])
-                .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        }
         self.flush()
             .await
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
@@ -439,5 +444,71 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+    use std::time::Duration;
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// A log of entries 1..=5, on disk.
+    fn five(disk: &MemoryDisk) -> LogStore {
+        let store = LogStore::in_memory(disk);
+        let batch = (1..=5)
+            .map(|i| {
+                let v = serde_json::to_vec(&entry(1, i)).unwrap();
+                Write::Put(Tree::Log, i.to_be_bytes().to_vec(), v)
+            })
+            .collect();
+        store.disk.write(batch).unwrap();
+        store.disk.flush_blocking().unwrap();
+        store
+    }
+
+    /// Whatever a crash in the middle of a truncation or a purge keeps, the
+    /// log left is consecutive (openraft's first rule for a log store): the
+    /// removal is one atomic write, not one write per entry, which a crash
+    /// could cut after the first ones and leave the newer entries of an
+    /// older leader behind a hole.
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_while_removing_entries_leaves_no_hole() {
+        for purge in [false, true] {
+            for keep in 0..=4 {
+                let disk = MemoryDisk::new(Duration::from_millis(1));
+                let mut store = five(&disk);
+                let at = LogId::new(CommittedLeaderId::new(1, 1), 2);
+                let task = tokio::spawn({
+                    let mut store = store.clone();
+                    async move {
+                        if purge {
+                            store.purge(at).await
+                        } else {
+                            store.truncate(at).await
+                        }
+                    }
+                });
+                // The removal is written and being flushed when the power goes.
+                tokio::task::yield_now().await;
+                disk.crash(keep.min(disk.unflushed()));
+                assert!(task.await.unwrap().is_err(), "the old handle fails");
+                store = LogStore::in_memory(&disk);
+                let state = store.get_log_state().await.unwrap();
+                let from = state.last_purged_log_id.map_or(1, |l| l.index + 1);
+                let last = state.last_log_id.map_or(0, |l| l.index);
+                let got = store.try_get_log_entries(from..=last).await.unwrap();
+                let want: Vec<u64> = (from..=last).collect();
+                let have: Vec<u64> = got.iter().map(|e| e.log_id.index).collect();
+                assert_eq!(have, want, "purge {purge}, {keep} writes kept");
+            }
+        }
     }
 }
