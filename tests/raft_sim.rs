@@ -429,28 +429,36 @@ impl RaftLogStorage<TypeConfig> for ObservedLog {
         I::IntoIter: Send,
     {
         let entries: Vec<_> = entries.into_iter().collect();
-        {
-            let mut w = lock(&self.world);
-            for e in &entries {
-                let p = &e.payload;
-                match w.written.get(&e.log_id) {
-                    Some(q) if q != p => {
+        let written: Vec<(LogId<NodeId>, Payload)> = entries
+            .iter()
+            .map(|e| (e.log_id, e.payload.clone()))
+            .collect();
+        crash_point(&self.world, self.node, self.life, "append");
+        let r = self.inner.append(entries, callback).await;
+        // An append cut by a crash counts only if its entries reach another
+        // member's log (they are recorded there): a leader that lost an
+        // unflushed entry no one saw may write another under its log id.
+        let mut w = lock(&self.world);
+        if r.is_ok() && w.slots[self.node].life == self.life {
+            for (id, p) in written {
+                match w.written.get(&id) {
+                    Some(q) if *q != p => {
                         let v = format!(
-                            "log id {} written with two payloads (n{} now): {q:?} / {p:?}",
-                            e.log_id,
-                            id_of(self.node)
+                            "log id {id} written with two payloads (n{} now): {} / {}",
+                            id_of(self.node),
+                            show(q),
+                            show(&p)
                         );
                         w.violation(v);
                     }
                     Some(_) => {}
                     None => {
-                        w.written.insert(e.log_id, p.clone());
+                        w.written.insert(id, p);
                     }
                 }
             }
         }
-        crash_point(&self.world, self.node, self.life, "append");
-        self.inner.append(entries, callback).await
+        r
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
@@ -463,6 +471,14 @@ impl RaftLogStorage<TypeConfig> for ObservedLog {
         lock(&self.world).note(|| format!("n{} purge to {}", id_of(self.node), log_id));
         crash_point(&self.world, self.node, self.life, "purge");
         self.inner.purge(log_id).await
+    }
+}
+
+fn show(p: &Payload) -> String {
+    match p {
+        EntryPayload::Blank => "blank".into(),
+        EntryPayload::Normal(c) => format!("{c:?}"),
+        EntryPayload::Membership(m) => format!("{m:?}"),
     }
 }
 
@@ -497,10 +513,12 @@ impl RaftStateMachine<TypeConfig> for ObservedSm {
                 match w.committed.get(&e.log_id.index) {
                     Some((id, q)) if *id != e.log_id || *q != e.payload => {
                         let v = format!(
-                            "index {} applied as {} on n{} but as {id} before",
+                            "index {} applied as {} {} on n{} but as {id} {} before",
                             e.log_id.index,
                             e.log_id,
-                            id_of(self.node)
+                            show(&e.payload),
+                            id_of(self.node),
+                            show(q)
                         );
                         w.violation(v);
                     }
