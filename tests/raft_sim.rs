@@ -18,6 +18,7 @@
 //!   `WARREN_SIM_FIRST` (default 0).
 //! - `WARREN_SIM_SEED=S`: only seed S, with its event trace printed.
 
+use futures::FutureExt;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -71,7 +72,7 @@ impl Plan {
         Plan {
             nodes: if rng.gen_bool(0.65) { 3 } else { 5 },
             chaos: Duration::from_millis(rng.gen_range(500..1500)),
-            io_crash: [0.0, 0.0, 0.02, 0.1][rng.gen_range(0..4)],
+            io_crash: [0.0, 0.02, 0.1, 0.1][rng.gen_range(0..4)],
         }
     }
 }
@@ -370,11 +371,17 @@ struct ObservedLog {
 }
 
 /// Maybe (by the plan's chance) crash member `node` in the middle of the
-/// store write it is starting: while the write is being flushed.
+/// store write it is starting: while the write is being flushed. The rare
+/// writes (truncate, purge, snapshot install) crash five times as often.
 fn crash_point(world: &Shared, node: usize, life: u64, what: &'static str) {
     let at = {
         let mut w = lock(world);
-        let chance = w.io_crash;
+        let rare = matches!(what, "truncate" | "purge" | "install_snapshot");
+        let chance = if rare {
+            (w.io_crash * 5.0).min(0.5)
+        } else {
+            w.io_crash
+        };
         if w.slots[node].life != life || !w.rng.gen_bool(chance) {
             return;
         }
@@ -630,9 +637,15 @@ async fn start(world: &Shared, node: usize) {
         from: node,
         life,
     };
-    let raft = Raft::new(id_of(node), cfg, net, log, osm)
-        .await
-        .expect("raft starts");
+    let raft = match Raft::new(id_of(node), cfg, net, log, osm).await {
+        Ok(raft) => raft,
+        Err(e) => {
+            // It stays down (and the run cannot converge).
+            let v = format!("n{} cannot start from its store: {e}", id_of(node));
+            lock(world).violation(v);
+            return;
+        }
+    };
     watch(world, node, life, &raft);
     let mut w = lock(world);
     w.note(|| format!("n{} started (life {life})", id_of(node)));
@@ -714,6 +727,18 @@ async fn crash(world: &Shared, node: usize, life: Option<u64>) {
         let unflushed = w.slots[node].disk.unflushed();
         let keep = w.rng.gen_range(0..=unflushed);
         w.slots[node].disk.crash(keep);
+        // What the crash left must be a log openraft can start from: no hole
+        // (one a later truncation would repair is still one at restart).
+        let mut store = LogStore::in_memory(&w.slots[node].disk);
+        if let Some(Ok(entries)) = store.try_get_log_entries(..).now_or_never() {
+            let at: Vec<u64> = entries.iter().map(|e| e.log_id.index).collect();
+            if let (Some(f), Some(l)) = (at.first(), at.last()) {
+                if l - f + 1 != at.len() as u64 {
+                    let v = format!("n{}'s crash left a hole in its log: {at:?}", id_of(node));
+                    w.violation(v);
+                }
+            }
+        }
         w.slots[node].life += 1;
         w.slots[node].sm = None;
         w.note(|| {
@@ -827,9 +852,15 @@ async fn propose(world: &Shared, mut node: usize, cmd: Command) -> Result<u64, S
 }
 
 fn spawn_client(world: &Shared, n: usize) -> tokio::task::JoinHandle<()> {
+    let leader = leader(world);
     let (node, cmd) = {
         let mut w = lock(world);
-        let node = w.rng.gen_range(0..n);
+        // Half the clients are on the leader's node (even one cut off, whose
+        // uncommitted entries others truncate later), half on any node.
+        let node = match leader {
+            Some(l) if w.rng.gen_bool(0.5) => l,
+            _ => w.rng.gen_range(0..n),
+        };
         let cmd = command(&mut w.rng, n);
         (node, cmd)
     };
