@@ -326,6 +326,34 @@ mod tests {
     }
 
     #[test]
+    fn sled_and_memory_answer_alike() {
+        let dir = std::env::temp_dir().join(format!("warren-disk-{}", std::process::id()));
+        let memory = MemoryDisk::new(Duration::ZERO);
+        for d in [
+            Disk::open_sled(&dir).unwrap(),
+            Disk::Memory(memory.handle()),
+        ] {
+            let batch = (1u64..=4)
+                .map(|i| Write::Put(Tree::Log, i.to_be_bytes().to_vec(), vec![i as u8]))
+                .collect();
+            d.write(batch).unwrap();
+            d.write(put("vote", "v")).unwrap();
+            d.write(vec![Write::Del(Tree::Log, 4u64.to_be_bytes().to_vec())])
+                .unwrap();
+            d.flush_blocking().unwrap();
+            let rows = d.log_range(2, Some(3)).unwrap();
+            assert_eq!(rows, vec![(2, vec![2]), (3, vec![3])]);
+            assert_eq!(d.log_range(2, None).unwrap().len(), 2);
+            assert_eq!(d.log_last().unwrap(), Some(vec![3]));
+            assert_eq!(d.get(Tree::Meta, b"vote").unwrap(), Some(b"v".to_vec()));
+            d.clear().unwrap();
+            assert!(d.log_is_empty());
+            assert_eq!(d.get(Tree::Meta, b"vote").unwrap(), None);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_batch_survives_whole_or_not_at_all() {
         let disk = MemoryDisk::new(Duration::ZERO);
         let d = Disk::Memory(disk.handle());
