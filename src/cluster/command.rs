@@ -357,14 +357,14 @@ impl Command {
     /// (the refusals are joined in the answer).
     pub fn apply_and_record(
         &self,
-        broker: &Broker,
+        target: &dyn super::store::Target,
         now: u64,
         model: &mut Metadata,
     ) -> Result<(), String> {
         if let Command::Batch(cmds) = self {
             let refused: Vec<String> = cmds
                 .iter()
-                .filter_map(|c| c.apply_and_record(broker, now, model).err())
+                .filter_map(|c| c.apply_and_record(target, now, model).err())
                 .collect();
             return if refused.is_empty() {
                 Ok(())
@@ -372,7 +372,7 @@ impl Command {
                 Err(refused.join("; "))
             };
         }
-        self.apply_to(broker, now)?;
+        target.apply(self, now)?;
         model.record(self);
         Ok(())
     }

@@ -7,12 +7,15 @@
 //! - `command`: the replicated metadata commands, the model they build (the
 //!   group's snapshot) and how a committed command reaches the local broker.
 //! - `store`: the group's log, vote and state machine on this node's disk.
+//! - `disk`: where the store's bytes live: sled, or memory that models a
+//!   disk (with crashes) for the simulation of the group.
 //! - `forward`: the data links between nodes, over which queues homed on
-//!   another node are reached (publishes now).
+//!   another node are reached (publishes, consumers, queue operations).
 //!
 //! Nothing here runs without `[cluster]` in the configuration. See docs/cluster.md.
 
 pub mod command;
+pub mod disk;
 pub mod forward;
 pub mod frame;
 pub mod network;
@@ -237,8 +240,7 @@ impl Cluster {
         let store = LogStore::open(&config.data_dir.join("cluster"))
             .map_err(|e| ClusterError::Store(e.to_string()))?;
         let fresh = store.is_fresh();
-        let sm =
-            StateMachine::open(Arc::clone(&broker), store.clone()).map_err(ClusterError::Store)?;
+        let sm = StateMachine::open(broker.clone(), store.clone()).map_err(ClusterError::Store)?;
         let hb = cc.heartbeat_ms.max(10);
         let raft_config = openraft::Config {
             cluster_name: "warren".into(),

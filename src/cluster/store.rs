@@ -3,9 +3,12 @@
 //! before an append or a vote is acknowledged; and the state machine, which
 //! applies committed commands to the local broker and keeps the replicated
 //! model (its snapshot), persisted with the last applied log id so a restart
-//! never applies an entry twice.
+//! never applies an entry twice. The bytes live on a [`Disk`]: sled in a
+//! broker, memory that models a disk in the simulation of the group
+//! (`tests/raft_sim.rs`), which also applies to a [`Target`] of its own.
 
 use super::command::{Command, Metadata};
+use super::disk::{Disk, MemoryDisk, Tree, Write};
 use super::{NodeInfo, TypeConfig};
 use crate::broker::Broker;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -28,12 +31,10 @@ fn io_err(e: impl std::error::Error + 'static) -> openraft::AnyError {
     openraft::AnyError::new(&e)
 }
 
-/// The log, vote and commit index (cheap to clone: sled trees are handles).
+/// The log, vote and commit index (cheap to clone: a handle on its disk).
 #[derive(Clone)]
 pub struct LogStore {
-    db: sled::Db,
-    log: sled::Tree,
-    meta: sled::Tree,
+    disk: Disk,
 }
 
 const VOTE: &[u8] = b"vote";
@@ -43,17 +44,23 @@ const SM: &[u8] = b"state_machine";
 const SNAPSHOT: &[u8] = b"snapshot";
 
 impl LogStore {
+    /// The store in the sled database at `dir`.
     pub fn open(dir: &Path) -> Result<LogStore, sled::Error> {
-        let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
         Ok(LogStore {
-            log: db.open_tree("log")?,
-            meta: db.open_tree("meta")?,
-            db,
+            disk: Disk::open_sled(dir)?,
         })
     }
 
+    /// The store on a simulated disk, as it is now (after a crash: what the
+    /// crash left).
+    pub fn in_memory(disk: &MemoryDisk) -> LogStore {
+        LogStore {
+            disk: Disk::Memory(disk.handle()),
+        }
+    }
+
     fn get<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, String> {
-        match self.meta.get(key).map_err(|e| e.to_string())? {
+        match self.disk.get(Tree::Meta, key).map_err(|e| e.to_string())? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
                 .map(Some)
@@ -63,28 +70,32 @@ impl LogStore {
 
     fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), String> {
         let v = serde_json::to_vec(value).map_err(|e| e.to_string())?;
-        self.meta.insert(key, v).map_err(|e| e.to_string())?;
-        Ok(())
+        self.disk
+            .write(vec![Write::Put(Tree::Meta, key.to_vec(), v)])
+            .map_err(|e| e.to_string())
     }
 
-    async fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush_async().await.map(drop)
+    async fn flush(&self) -> std::io::Result<()> {
+        self.disk.flush().await
     }
 
-    /// Remove the log entries whose (big-endian) index keys are in `range`,
-    /// then flush: truncating the tail and purging the head alike.
-    async fn remove_logs(&self, range: impl RangeBounds<[u8; 8]>) -> Result<(), SErr> {
-        let keys: Vec<_> = self
-            .log
-            .range(range)
-            .keys()
-            .collect::<Result<_, _>>()
+    /// Remove the log entries with indexes in `[from, to]` (`to` None: to the
+    /// end), then flush: truncating the tail and purging the head alike. One
+    /// atomic write (a sled batch): removed one by one, a crash could keep
+    /// the first removals of a truncation and not the rest, leaving a hole
+    /// with an older leader's entries after it (see
+    /// `tests::a_crash_while_removing_entries_leaves_no_hole`).
+    async fn remove_logs(&self, from: u64, to: Option<u64>) -> Result<(), SErr> {
+        let removals = self
+            .disk
+            .log_range(from, to)
+            .map_err(|e| StorageIOError::write_logs(io_err(e)))?
+            .into_iter()
+            .map(|(i, _)| Write::Del(Tree::Log, i.to_be_bytes().to_vec()))
+            .collect();
+        self.disk
+            .write(removals)
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        for k in keys {
-            self.log
-                .remove(k)
-                .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        }
         self.flush()
             .await
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
@@ -92,15 +103,14 @@ impl LogStore {
     }
 
     /// Forget the log, vote and state (a lone node about to join another cluster).
-    pub fn reset(&self) -> Result<(), sled::Error> {
-        self.log.clear()?;
-        self.meta.clear()?;
-        self.db.flush().map(drop)
+    pub fn reset(&self) -> std::io::Result<()> {
+        self.disk.clear()?;
+        self.disk.flush_blocking()
     }
 
     /// Whether this node has ever been part of a cluster (a vote or a log).
     pub fn is_fresh(&self) -> bool {
-        self.meta.get(VOTE).ok().flatten().is_none() && self.log.is_empty()
+        self.disk.get(Tree::Meta, VOTE).ok().flatten().is_none() && self.disk.log_is_empty()
     }
 }
 
@@ -116,16 +126,24 @@ impl RaftLogReader<TypeConfig> for LogStore {
         use std::ops::Bound;
         let start = match range.start_bound() {
             Bound::Included(&i) => i,
-            Bound::Excluded(&i) => i + 1,
+            Bound::Excluded(&i) => i.saturating_add(1),
             Bound::Unbounded => 0,
         };
-        let mut out = Vec::new();
-        for kv in self.log.range(start.to_be_bytes()..) {
-            let (k, v) = kv.map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-            let idx = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
-            if !range.contains(&idx) {
-                break;
-            }
+        let end = match range.end_bound() {
+            Bound::Included(&i) => Some(i),
+            Bound::Excluded(&0) => return Ok(Vec::new()),
+            Bound::Excluded(&i) => Some(i - 1),
+            Bound::Unbounded => None,
+        };
+        if end.is_some_and(|e| e < start) {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .disk
+            .log_range(start, end)
+            .map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, v) in rows {
             let entry: Entry<TypeConfig> =
                 serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
             out.push(entry);
@@ -142,11 +160,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .get(PURGED)
             .map_err(|e| StorageIOError::read_logs(string_err(e)))?;
         let last = match self
-            .log
-            .last()
+            .disk
+            .log_last()
             .map_err(|e| StorageIOError::read_logs(io_err(e)))?
         {
-            Some((_, v)) => {
+            Some(v) => {
                 let e: Entry<TypeConfig> =
                     serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
                 Some(e.log_id)
@@ -196,28 +214,32 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut batch = sled::Batch::default();
+        let mut batch = Vec::new();
         for e in entries {
             let v = serde_json::to_vec(&e).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-            batch.insert(&e.log_id.index.to_be_bytes(), v);
+            batch.push(Write::Put(
+                Tree::Log,
+                e.log_id.index.to_be_bytes().to_vec(),
+                v,
+            ));
         }
-        self.log
-            .apply_batch(batch)
+        self.disk
+            .write(batch)
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         // Acknowledged only once on disk.
-        let r = self.flush().await.map_err(std::io::Error::other);
+        let r = self.flush().await;
         callback.log_io_completed(r);
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        self.remove_logs(log_id.index.to_be_bytes()..).await
+        self.remove_logs(log_id.index, None).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
         self.put(PURGED, &log_id)
             .map_err(|e| StorageIOError::write_logs(string_err(e)))?;
-        self.remove_logs(..=log_id.index.to_be_bytes()).await
+        self.remove_logs(0, Some(log_id.index)).await
     }
 }
 
@@ -236,10 +258,45 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// Where a committed command takes effect, besides the model: the local
+/// broker ([`Command::apply_to`]). A command the target refuses is not
+/// recorded in the model. The simulation of the group has a target of its own.
+pub trait Target: Send + Sync + 'static {
+    /// Make one committed change (a batch's commands each) in the target.
+    fn apply(&self, cmd: &Command, now: u64) -> Result<(), String>;
+
+    /// The replicated records the target holds now, given the model it was
+    /// last told (an exact snapshot install removes what it holds and the
+    /// snapshot lacks); a target that is the model holds the model.
+    fn holdings(&self, model: &Metadata) -> Metadata {
+        model.clone()
+    }
+
+    /// The broker, when the target is one (queue records' home nodes are told
+    /// to its queues).
+    fn broker(&self) -> Option<&Broker> {
+        None
+    }
+}
+
+impl Target for Broker {
+    fn apply(&self, cmd: &Command, now: u64) -> Result<(), String> {
+        cmd.apply_to(self, now)
+    }
+
+    fn holdings(&self, model: &Metadata) -> Metadata {
+        Metadata::of_broker(self, model)
+    }
+
+    fn broker(&self) -> Option<&Broker> {
+        Some(self)
+    }
+}
+
 /// The state machine: the local broker, and the replicated model.
 #[derive(Clone)]
 pub struct StateMachine {
-    broker: Arc<Broker>,
+    target: Arc<dyn Target>,
     store: LogStore,
     state: Arc<Mutex<Applied>>,
     /// Told each queue record's home node as records are applied.
@@ -247,11 +304,12 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    /// The state machine over `broker`, resumed from what `store` persisted.
-    pub fn open(broker: Arc<Broker>, store: LogStore) -> Result<StateMachine, String> {
+    /// The state machine over `target` (the broker), resumed from what
+    /// `store` persisted.
+    pub fn open(target: Arc<dyn Target>, store: LogStore) -> Result<StateMachine, String> {
         let state: Applied = store.get(SM)?.unwrap_or_default();
         Ok(StateMachine {
-            broker,
+            target,
             store,
             state: Arc::new(Mutex::new(state)),
             forwarder: Arc::default(),
@@ -265,7 +323,7 @@ impl StateMachine {
 
     /// Tell every queue of the model where its messages live.
     pub fn mark_all(&self) {
-        let Some(f) = self.forwarder.get() else {
+        let (Some(f), Some(broker)) = (self.forwarder.get(), self.target.broker()) else {
             return;
         };
         let queues: Vec<(String, String, String)> = {
@@ -282,7 +340,7 @@ impl StateMachine {
                 .collect()
         };
         for (vhost, name, node) in queues {
-            f.mark(&self.broker, &vhost, &name, &node);
+            f.mark(broker, &vhost, &name, &node);
         }
     }
 
@@ -301,13 +359,13 @@ impl StateMachine {
     }
 
     fn apply_command(&self, state: &mut Applied, cmd: &Command, now: u64) -> Option<String> {
-        match cmd.apply_and_record(&self.broker, now, &mut state.metadata) {
+        match cmd.apply_and_record(&*self.target, now, &mut state.metadata) {
             Ok(()) => {
-                if let (Command::DeclareQueue { vhost, name, .. }, Some(f)) =
-                    (cmd, self.forwarder.get())
+                if let (Command::DeclareQueue { vhost, name, .. }, Some(f), Some(broker)) =
+                    (cmd, self.forwarder.get(), self.target.broker())
                 {
                     if let Some(home) = state.metadata.queue_node(vhost, name) {
-                        f.mark(&self.broker, vhost, name, home);
+                        f.mark(broker, vhost, name, home);
                     }
                 }
                 None
@@ -415,9 +473,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             // Exact: what this node has of the replicated kinds and the
             // snapshot lacks goes first (a record the group deleted while this
             // node was behind, or a change made here that never committed).
-            let have = Metadata::of_broker(&self.broker, &s.metadata);
+            let have = self.target.holdings(&s.metadata);
             for cmd in metadata.removals(&have) {
-                if let Err(why) = cmd.apply_to(&self.broker, now) {
+                if let Err(why) = self.target.apply(&cmd, now) {
                     tracing::debug!(?cmd, %why, "removal for a snapshot refused locally");
                 }
             }
@@ -427,13 +485,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             // The model is the snapshot's, whatever this node's broker said.
             s.metadata = metadata;
-            if let Some(f) = self.forwarder.get() {
+            if let (Some(f), Some(broker)) = (self.forwarder.get(), self.target.broker()) {
                 for c in s.metadata.queues.values() {
                     if let Command::DeclareQueue {
                         vhost, name, node, ..
                     } = c
                     {
-                        f.mark(&self.broker, vhost, name, node);
+                        f.mark(broker, vhost, name, node);
                     }
                 }
             }
@@ -473,6 +531,7 @@ mod tests {
     use crate::broker::vhost::{ExchangeDeclare, QueueDeclare};
     use crate::cluster::command::{Args, Command};
     use openraft::CommittedLeaderId;
+    use std::time::Duration;
 
     fn exchange(name: &str) -> Command {
         Command::DeclareExchange {
@@ -507,7 +566,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let broker = Broker::new(&crate::Config::default());
         let store = LogStore::open(&dir).expect("store");
-        let mut sm = StateMachine::open(Arc::clone(&broker), store).expect("state machine");
+        let mut sm = StateMachine::open(broker.clone(), store).expect("state machine");
         let now = 1;
         // Committed earlier: a vhost the group has since deleted.
         let old = Command::PutVhost {
@@ -585,5 +644,64 @@ mod tests {
         assert!(v.exchange("amq.direct").is_ok());
         assert_eq!(sm.metadata(), snapshot);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// A log of entries 1..=5, on disk.
+    fn five(disk: &MemoryDisk) -> LogStore {
+        let store = LogStore::in_memory(disk);
+        let batch = (1..=5)
+            .map(|i| {
+                let v = serde_json::to_vec(&entry(1, i)).unwrap();
+                Write::Put(Tree::Log, i.to_be_bytes().to_vec(), v)
+            })
+            .collect();
+        store.disk.write(batch).unwrap();
+        store.disk.flush_blocking().unwrap();
+        store
+    }
+
+    /// Whatever a crash in the middle of a truncation or a purge keeps, the
+    /// log left is consecutive (openraft's first rule for a log store): the
+    /// removal is one atomic write, not one write per entry, which a crash
+    /// could cut after the first ones and leave the newer entries of an
+    /// older leader behind a hole.
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_while_removing_entries_leaves_no_hole() {
+        for purge in [false, true] {
+            for keep in 0..=4 {
+                let disk = MemoryDisk::new(Duration::from_millis(1));
+                let mut store = five(&disk);
+                let at = LogId::new(CommittedLeaderId::new(1, 1), 2);
+                let task = tokio::spawn({
+                    let mut store = store.clone();
+                    async move {
+                        if purge {
+                            store.purge(at).await
+                        } else {
+                            store.truncate(at).await
+                        }
+                    }
+                });
+                // The removal is written and being flushed when the power goes.
+                tokio::task::yield_now().await;
+                disk.crash(keep.min(disk.unflushed()));
+                assert!(task.await.unwrap().is_err(), "the old handle fails");
+                store = LogStore::in_memory(&disk);
+                let state = store.get_log_state().await.unwrap();
+                let from = state.last_purged_log_id.map_or(1, |l| l.index + 1);
+                let last = state.last_log_id.map_or(0, |l| l.index);
+                let got = store.try_get_log_entries(from..=last).await.unwrap();
+                let want: Vec<u64> = (from..=last).collect();
+                let have: Vec<u64> = got.iter().map(|e| e.log_id.index).collect();
+                assert_eq!(have, want, "purge {purge}, {keep} writes kept");
+            }
+        }
     }
 }
