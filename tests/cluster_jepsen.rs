@@ -1,0 +1,596 @@
+//! A Jepsen-style check of message traffic across nodes while partitions come
+//! and go: three warren processes on 127.0.0.1-3, each reaching the others
+//! only through a test-owned TCP proxy per directed pair (`[cluster] dial`
+//! overrides, as in tests/cluster_partition.rs).
+//!
+//! A durable queue is homed on A. Publishers with confirms (persistent
+//! messages, a unique id in each body) run on B and C; a consumer with manual
+//! acks runs on C (and, when its consumer is cancelled or its channel closed,
+//! consumes again on whichever node answers: C, B, then A). Meanwhile a
+//! seeded nemesis (`WARREN_JEPSEN_SEED`, printed) runs the scenarios in a
+//! seeded order, each followed by a heal: A cut from B, A cut from C, A
+//! isolated, random halves (one node against two). Then a final heal, and
+//! everything left is drained.
+//!
+//! Every publish is recorded as acked, nacked or unknown (the connection was
+//! lost before its confirm). Checked:
+//! - every acked message is consumed at least once (none lost);
+//! - nothing is consumed that was never published;
+//! - a message consumed twice was, the time before, acked at most
+//!   `ACK_IN_FLIGHT` before its consumer's link was cut or its consumer
+//!   cancelled / its channel or connection lost (the ack may never have
+//!   reached A), and comes again flagged redelivered;
+//! - no confirm hangs.
+//!
+//! A summary line per scenario is printed (published / acked / nacked /
+//! unknown / consumed / duplicates).
+
+mod common;
+
+use common::cluster::{eventually, Node};
+use common::proxy::Proxy;
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use parking_lot::Mutex;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const QUEUE: &str = "jepsen";
+/// How long a fault lasts, and the heal after it.
+const FAULT: Duration = Duration::from_millis(2000);
+const HEAL: Duration = Duration::from_millis(1200);
+/// A confirm not answered within this is a hang (a failure).
+const CONFIRM_WITHIN: Duration = Duration::from_secs(20);
+/// A consumer session is closed (cleanly) after this, so that consuming
+/// keeps going through the forwarding path rather than settling on A.
+const SESSION: Duration = Duration::from_millis(2500);
+
+/// How a publish ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Acked,
+    Nacked,
+    /// The connection or channel was lost before the confirm.
+    Unknown,
+}
+
+/// One delivery the consumer (or the drain) got.
+struct Got {
+    id: String,
+    redelivered: bool,
+    phase: usize,
+    /// When the client acked it (None: got with no-ack, by the drain).
+    acked: Option<Instant>,
+    /// The consumer session it came on (None: the drain).
+    session: Option<usize>,
+}
+
+#[derive(Default)]
+struct History {
+    /// Every publish sent: id -> (phase it was published in, outcome).
+    published: HashMap<String, (usize, Option<Outcome>)>,
+    /// Every delivery, in order.
+    got: Vec<Got>,
+    /// Per consumer session: when it ended abnormally (its consumer
+    /// cancelled, its channel or connection gone), or None.
+    sessions: Vec<Option<Instant>>,
+    /// When the nemesis cut links (a data link dies only then).
+    cuts: Vec<Instant>,
+    /// Confirms never answered.
+    hung: u64,
+}
+
+/// How long after an ack its link may die with the ack not yet settled on A
+/// (the ack on its way, in C's queue for the link or in the socket): only a
+/// delivery acked that shortly before its consumer's link or channel died may
+/// come back.
+const ACK_IN_FLIGHT: Duration = Duration::from_millis(1000);
+
+impl History {
+    /// Whether delivery `g` may be delivered again: it was unacked (or its
+    /// ack still on its way) when its consumer's channel or link died.
+    fn at_risk(&self, g: &Got) -> bool {
+        let (Some(acked), Some(session)) = (g.acked, g.session) else {
+            return false;
+        };
+        let died = |t: Instant| t >= acked && t <= acked + ACK_IN_FLIGHT;
+        self.cuts.iter().any(|&t| died(t)) || self.sessions[session].is_some_and(died)
+    }
+}
+
+struct Shared {
+    nodes: Vec<(String, u16)>,
+    history: Mutex<History>,
+    phase: AtomicUsize,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn uri(&self, i: usize) -> String {
+        let (ip, port) = &self.nodes[i];
+        format!("amqp://guest:guest@{ip}:{port}/%2f")
+    }
+}
+
+async fn connect(uri: &str) -> Option<Connection> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(uri, ConnectionProperties::default()),
+    )
+    .await
+    .ok()?
+    .ok()
+}
+
+/// Publish persistent messages with confirms on node `i` until stopped, a
+/// few at a time; record each outcome.
+async fn publisher(s: Arc<Shared>, i: usize, name: &'static str) {
+    let mut seq = 0u64;
+    while !s.stop.load(Ordering::Acquire) {
+        let Some(conn) = connect(&s.uri(i)).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(ch) = conn.create_channel().await else {
+            continue;
+        };
+        if ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        'session: while !s.stop.load(Ordering::Acquire) {
+            let mut waits = Vec::new();
+            for _ in 0..5 {
+                seq += 1;
+                let id = format!("{name}-{seq}");
+                let phase = s.phase.load(Ordering::Acquire);
+                s.history.lock().published.insert(id.clone(), (phase, None));
+                let r = ch
+                    .basic_publish(
+                        "",
+                        QUEUE,
+                        BasicPublishOptions::default(),
+                        id.as_bytes(),
+                        BasicProperties::default().with_delivery_mode(2),
+                    )
+                    .await;
+                match r {
+                    Ok(c) => waits.push((id, c)),
+                    Err(_) => {
+                        s.history.lock().published.get_mut(&id).unwrap().1 = Some(Outcome::Unknown);
+                        break;
+                    }
+                }
+            }
+            let mut lost = waits.is_empty();
+            for (id, w) in waits {
+                let outcome = match tokio::time::timeout(CONFIRM_WITHIN, w).await {
+                    Ok(Ok(Confirmation::Ack(_))) => Outcome::Acked,
+                    Ok(Ok(Confirmation::Nack(_))) => Outcome::Nacked,
+                    Ok(Ok(Confirmation::NotRequested)) => panic!("confirms are on"),
+                    Ok(Err(_)) => {
+                        lost = true;
+                        Outcome::Unknown
+                    }
+                    Err(_) => {
+                        s.history.lock().hung += 1;
+                        lost = true;
+                        Outcome::Unknown
+                    }
+                };
+                s.history.lock().published.get_mut(&id).unwrap().1 = Some(outcome);
+            }
+            if lost {
+                break 'session;
+            }
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+        let _ = conn.close(200, "bye").await;
+    }
+}
+
+/// One consumer session on node `i`: Ok(clean) when it ended by itself
+/// (session time or stop), Ok(false) when its consumer was cancelled or its
+/// channel or connection died, Err when the consume was refused.
+async fn consume_session(s: &Shared, i: usize, session: usize) -> Result<bool, ()> {
+    let conn = connect(&s.uri(i)).await.ok_or(())?;
+    let ch = conn.create_channel().await.map_err(|_| ())?;
+    ch.basic_qos(10, BasicQosOptions::default())
+        .await
+        .map_err(|_| ())?;
+    let consumer = ch
+        .basic_consume(
+            QUEUE,
+            "jepsen-consumer",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    let Ok(mut consumer) = consumer else {
+        let _ = conn.close(200, "bye").await;
+        return Err(());
+    };
+    let started = Instant::now();
+    let clean = loop {
+        if s.stop.load(Ordering::Acquire) || started.elapsed() > SESSION {
+            break true;
+        }
+        let next = tokio::time::timeout(Duration::from_millis(200), consumer.next()).await;
+        let d = match next {
+            Err(_) => continue,
+            Ok(Some(Ok(d))) => d,
+            // Cancelled by the server, or the channel/connection is gone.
+            Ok(_) => break false,
+        };
+        let id = String::from_utf8_lossy(&d.data).to_string();
+        let phase = s.phase.load(Ordering::Acquire);
+        let r = d.acker.ack(BasicAckOptions::default()).await;
+        s.history.lock().got.push(Got {
+            id,
+            redelivered: d.redelivered,
+            phase,
+            acked: Some(Instant::now()),
+            session: Some(session),
+        });
+        if r.is_err() {
+            break false;
+        }
+    };
+    let closed = ch.close(200, "bye").await.is_ok();
+    let _ = conn.close(200, "bye").await;
+    Ok(clean && closed)
+}
+
+/// Consume until stopped: C first, then B, then A.
+async fn consumer(s: Arc<Shared>) {
+    while !s.stop.load(Ordering::Acquire) {
+        let mut any = false;
+        for i in [2, 1, 0] {
+            let session = {
+                let mut h = s.history.lock();
+                h.sessions.push(None);
+                h.sessions.len() - 1
+            };
+            let r = consume_session(&s, i, session).await;
+            // A clean end: the acks went out before the close, in order, so
+            // nothing of this session comes back unless a cut killed its
+            // link under it (History::at_risk).
+            if r == Ok(false) {
+                s.history.lock().sessions[session] = Some(Instant::now());
+            }
+            if r.is_ok() {
+                any = true;
+                break;
+            }
+        }
+        if !any {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+struct Net {
+    nodes: Vec<Node>,
+    proxies: BTreeMap<(usize, usize), Proxy>,
+}
+
+impl Net {
+    async fn start() -> Net {
+        let mut nodes: Vec<Node> = (1..=3).map(|n| Node::new(n, "jepsen")).collect();
+        for n in nodes.iter_mut() {
+            n.commit_timeout_ms = 5000;
+        }
+        let mut proxies = BTreeMap::new();
+        for i in 0..3 {
+            for j in 0..3 {
+                if i != j {
+                    let p = Proxy::start(&nodes[j].cluster_addr());
+                    let to = (nodes[j].name(), p.addr.to_string());
+                    nodes[i].dial.push(to);
+                    proxies.insert((i, j), p);
+                }
+            }
+        }
+        let seed = nodes[0].seed();
+        nodes[1].seeds = vec![seed.clone()];
+        nodes[2].seeds = vec![seed];
+        for n in nodes.iter_mut() {
+            n.start().await;
+        }
+        let net = Net { nodes, proxies };
+        eventually("three running members", Duration::from_secs(30), || {
+            net.nodes.iter().all(|n| n.running().len() == 3)
+        })
+        .await;
+        net
+    }
+
+    /// Cut both directions between `a` and `b`.
+    fn cut(&self, a: usize, b: usize) {
+        self.proxies[&(a, b)].cut();
+        self.proxies[&(b, a)].cut();
+    }
+
+    fn isolate(&self, i: usize) {
+        for j in 0..3 {
+            if j != i {
+                self.cut(i, j);
+            }
+        }
+    }
+
+    fn heal(&self) {
+        for p in self.proxies.values() {
+            p.heal();
+        }
+    }
+}
+
+/// A passive declare of the queue on `uri` answers: (ready messages).
+async fn ready(uri: &str) -> Option<u32> {
+    let conn = connect(uri).await?;
+    let ch = conn.create_channel().await.ok()?;
+    let q = ch
+        .queue_declare(
+            QUEUE,
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|q| q.message_count());
+    let _ = conn.close(200, "bye").await;
+    q
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_and_consume_across_nodes_under_partitions() {
+    let seed: u64 = std::env::var("WARREN_JEPSEN_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen_range(0..10_000));
+    println!("jepsen: seed {seed} (WARREN_JEPSEN_SEED={seed} replays the nemesis)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+
+    let net = Net::start().await;
+    let (a, b, c) = (0, 1, 2);
+    // The queue, homed on A.
+    {
+        let conn = net.nodes[a].connect().await;
+        let ch = common::t(conn.create_channel()).await.expect("channel");
+        let qd = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        common::t(ch.queue_declare(QUEUE, qd, FieldTable::default()))
+            .await
+            .expect("queue.declare on A");
+        let _ = conn.close(200, "bye").await;
+    }
+    let shared = Arc::new(Shared {
+        nodes: net.nodes.iter().map(|n| (n.ip.clone(), n.amqp)).collect(),
+        history: Mutex::new(History::default()),
+        phase: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+    });
+    // Visible everywhere and forwarded from B and C before the nemesis starts.
+    for i in [b, c] {
+        let uri = shared.uri(i);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while ready(&uri).await.is_none() {
+            assert!(Instant::now() < deadline, "queue not visible on node {i}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    // The phases: the scenarios in a seeded order, each followed by a heal.
+    let mut scenarios = vec!["cut A-B", "cut A-C", "isolate A", "random halves"];
+    scenarios.shuffle(&mut rng);
+    let mut phases: Vec<String> = vec!["start (healed)".into()];
+    let publishers = [
+        tokio::spawn(publisher(Arc::clone(&shared), b, "b")),
+        tokio::spawn(publisher(Arc::clone(&shared), c, "c")),
+    ];
+    let consuming = tokio::spawn(consumer(Arc::clone(&shared)));
+    tokio::time::sleep(HEAL).await;
+    for sc in scenarios {
+        let name = match sc {
+            "cut A-B" => {
+                net.cut(a, b);
+                sc.to_string()
+            }
+            "cut A-C" => {
+                net.cut(a, c);
+                sc.to_string()
+            }
+            "isolate A" => {
+                net.isolate(a);
+                sc.to_string()
+            }
+            _ => {
+                let alone = rng.gen_range(0..3);
+                net.isolate(alone);
+                format!("random halves ({} alone)", ["A", "B", "C"][alone])
+            }
+        };
+        shared.history.lock().cuts.push(Instant::now());
+        phases.push(name);
+        shared.phase.store(phases.len() - 1, Ordering::Release);
+        tokio::time::sleep(FAULT).await;
+        net.heal();
+        phases.push("heal".into());
+        shared.phase.store(phases.len() - 1, Ordering::Release);
+        tokio::time::sleep(HEAL).await;
+    }
+
+    // Final heal: stop publishing and consuming, then drain from any node.
+    net.heal();
+    phases.push("final drain".into());
+    shared.phase.store(phases.len() - 1, Ordering::Release);
+    shared.stop.store(true, Ordering::Release);
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    consuming.await.expect("consumer");
+    // Deliveries held by consumers that died come back to A's queue once A
+    // sees their links gone: wait for no unacked and no consumer there.
+    eventually(
+        "nothing unacked or consumed on A",
+        Duration::from_secs(20),
+        || {
+            let (status, q) = net.nodes[a].get(&format!("/api/queues/%2F/{QUEUE}"));
+            status == 200
+                && q["messages_unacknowledged"].as_u64() == Some(0)
+                && q["consumers"].as_u64() == Some(0)
+        },
+    )
+    .await;
+    let drain_phase = phases.len() - 1;
+    let mut drained_on = None;
+    'drain: for i in [c, b, a] {
+        let Some(conn) = connect(&shared.uri(i)).await else {
+            continue;
+        };
+        let Ok(ch) = conn.create_channel().await else {
+            continue;
+        };
+        loop {
+            match common::t(ch.basic_get(QUEUE, BasicGetOptions { no_ack: true })).await {
+                Ok(Some(m)) => {
+                    let id = String::from_utf8_lossy(&m.delivery.data).to_string();
+                    shared.history.lock().got.push(Got {
+                        id,
+                        redelivered: m.delivery.redelivered,
+                        phase: drain_phase,
+                        acked: None,
+                        session: None,
+                    });
+                }
+                Ok(None) => {
+                    drained_on = Some(i);
+                    let _ = conn.close(200, "bye").await;
+                    break 'drain;
+                }
+                Err(_) => continue 'drain,
+            }
+        }
+    }
+    assert!(drained_on.is_some(), "no node drained the queue");
+    assert_eq!(
+        ready(&shared.uri(a)).await,
+        Some(0),
+        "the queue is empty on A after the drain"
+    );
+
+    // The checks.
+    let h = shared.history.lock();
+    let mut consumed: HashMap<&str, u32> = HashMap::new();
+    let mut last: HashMap<&str, &Got> = HashMap::new();
+    let mut never_published = Vec::new();
+    let mut bad_dups = Vec::new();
+    let mut at_risk = 0u64;
+    // Per phase: consumed, duplicates.
+    let mut consumed_in: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
+    for g in &h.got {
+        if !h.published.contains_key(&g.id) {
+            never_published.push(g.id.clone());
+        }
+        *consumed.entry(&g.id).or_default() += 1;
+        let e = consumed_in.entry(g.phase).or_default();
+        e.0 += 1;
+        if let Some(prev) = last.insert(&g.id, g) {
+            e.1 += 1;
+            if !h.at_risk(prev) {
+                bad_dups.push((g.id.clone(), "its earlier delivery was acked and settled"));
+            } else if !g.redelivered {
+                bad_dups.push((g.id.clone(), "delivered again without redelivered"));
+            }
+        }
+        at_risk += u64::from(h.at_risk(g));
+    }
+    let mut rows: BTreeMap<usize, [u64; 6]> = BTreeMap::new();
+    let mut lost = Vec::new();
+    let mut nacked_consumed = 0u64;
+    for (id, (phase, outcome)) in &h.published {
+        let r = rows.entry(*phase).or_default();
+        r[0] += 1;
+        let consumed = consumed.get(id.as_str()).copied().unwrap_or(0);
+        match outcome {
+            Some(Outcome::Acked) => {
+                r[1] += 1;
+                if consumed == 0 {
+                    lost.push(id.clone());
+                }
+            }
+            Some(Outcome::Nacked) => {
+                r[2] += 1;
+                nacked_consumed += u64::from(consumed > 0);
+            }
+            Some(Outcome::Unknown) | None => r[3] += 1,
+        }
+    }
+    rows.entry(drain_phase).or_default();
+    for (phase, (consumed, dups)) in &consumed_in {
+        let r = rows.entry(*phase).or_default();
+        r[4] += consumed;
+        r[5] += dups;
+    }
+    println!(
+        "{:<26} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
+        "phase", "published", "acked", "nacked", "unknown", "consumed", "dups"
+    );
+    let mut total = [0u64; 6];
+    for (phase, r) in &rows {
+        println!(
+            "{:<26} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
+            phases[*phase], r[0], r[1], r[2], r[3], r[4], r[5]
+        );
+        for k in 0..6 {
+            total[k] += r[k];
+        }
+    }
+    println!(
+        "{:<26} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
+        "total", total[0], total[1], total[2], total[3], total[4], total[5]
+    );
+    println!(
+        "jepsen: seed {seed}; drained on node {}; {} nacked publishes were consumed (nack: maybe \
+         not there, never a false ack); {} deliveries were acked within {ACK_IN_FLIGHT:?} of their consumer's death",
+        ["A", "B", "C"][drained_on.unwrap_or(0)],
+        nacked_consumed,
+        at_risk
+    );
+    assert_eq!(h.hung, 0, "confirms never answered");
+    assert!(
+        never_published.is_empty(),
+        "consumed, never published: {never_published:?}"
+    );
+    lost.sort();
+    assert!(
+        lost.is_empty(),
+        "{} acked messages never consumed (lost): {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+    assert!(
+        bad_dups.is_empty(),
+        "duplicates not explained by a consumer that died: {:?}",
+        &bad_dups[..bad_dups.len().min(20)]
+    );
+    assert!(total[1] > 0, "nothing was acked at all");
+    // The nemesis bit: B's publishes are nacked while A is cut from B.
+    assert!(total[2] > 0, "no publish was nacked during the faults");
+}
