@@ -20,7 +20,9 @@
 //!   `ACK_IN_FLIGHT` before its consumer's link was cut or its consumer
 //!   cancelled / its channel or connection lost (the ack may never have
 //!   reached A), and comes again flagged redelivered;
-//! - no confirm hangs.
+//! - no confirm hangs;
+//! - after the final heal and drain, a confirmed publish on B and on C is
+//!   acked again and got on C.
 //!
 //! A summary line per scenario is printed (published / acked / nacked /
 //! unknown / consumed / duplicates).
@@ -504,6 +506,61 @@ async fn publish_and_consume_across_nodes_under_partitions() {
         Some(0),
         "the queue is empty on A after the drain"
     );
+    // Healed, forwarding works again from both publishing nodes: a confirmed
+    // publish on B and on C is acked (within 15 s) and got on C.
+    let (mut sent, mut acked_after) = (Vec::new(), Vec::new());
+    for (i, name) in [(b, "after-b"), (c, "after-c")] {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let conn = connect(&shared.uri(i))
+            .await
+            .expect("connect after the heal");
+        let ch = common::t(conn.create_channel()).await.expect("channel");
+        common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .expect("confirm.select");
+        for attempt in 0.. {
+            let body = format!("{name}-{attempt}");
+            sent.push(body.clone());
+            let confirm = common::t(ch.basic_publish(
+                "",
+                QUEUE,
+                BasicPublishOptions::default(),
+                body.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            ))
+            .await
+            .expect("publish after the heal");
+            if common::t(confirm).await.expect("confirm").is_ack() {
+                acked_after.push(body);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} never forwarded again after the heal"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = conn.close(200, "bye").await;
+    }
+    let conn = connect(&shared.uri(c)).await.expect("connect to C");
+    let ch = common::t(conn.create_channel()).await.expect("channel");
+    let mut after = Vec::new();
+    while let Some(m) = common::t(ch.basic_get(QUEUE, BasicGetOptions { no_ack: true }))
+        .await
+        .expect("basic.get on C after the heal")
+    {
+        after.push(String::from_utf8_lossy(&m.delivery.data).to_string());
+    }
+    let _ = conn.close(200, "bye").await;
+    for body in &acked_after {
+        assert!(
+            after.contains(body),
+            "{body} acked, not got on C: {after:?}"
+        );
+    }
+    for body in &after {
+        assert!(sent.contains(body), "{body} got on C, never published");
+    }
 
     // The checks.
     let h = shared.history.lock();
