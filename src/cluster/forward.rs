@@ -559,6 +559,11 @@ impl RemoteHome for RemoteQueue {
         let Some(home) = self.this.upgrade() else {
             return Err("shutting down".into());
         };
+        // Checked, registered and sent under the consumers' lock, which the
+        // link takes to mark itself down: a consumer is either refused here or
+        // registered with its `Consume` queued before the link goes down, and
+        // then cancelled by `fail_all` (never registered and forgotten).
+        let mut consumers = link.consumers.lock();
         if !link.up.load(Ordering::Acquire) {
             return Err(format!("node '{}' is down or inaccessible", link.node));
         }
@@ -568,16 +573,17 @@ impl RemoteHome for RemoteQueue {
             cid,
             alive: Arc::new(AtomicBool::new(true)),
         };
-        link.consumers.lock().insert(
+        let tag = spec.tag.as_str().into();
+        link.control(&Msg::Consume { cid, spec });
+        consumers.insert(
             cid,
             Reg {
                 sink,
                 channel,
-                tag: spec.tag.as_str().into(),
+                tag,
                 consumer: consumer.clone(),
             },
         );
-        link.control(&Msg::Consume { cid, spec });
         Ok(consumer)
     }
 
@@ -625,7 +631,11 @@ async fn run_link(
                 logged = false;
                 link.up.store(true, Ordering::Release);
                 let why = serve_dialer(conn, &link, &mut rx, &mut ctl_rx).await;
-                link.up.store(false, Ordering::Release);
+                {
+                    // Under the consumers' lock: see `RemoteQueue::consume`.
+                    let _consumers = link.consumers.lock();
+                    link.up.store(false, Ordering::Release);
+                }
                 tracing::warn!(node = %link.node, error = %why, "data link down");
                 link.fail_all();
                 while let Ok((id, _)) = rx.try_recv() {
