@@ -159,6 +159,10 @@ pub struct StreamConfig {
     pub frame_max: u32,
     /// Heartbeat proposed in the tune, in seconds (0: none).
     pub heartbeat: u32,
+    /// Send delivered chunks' data straight from the segment files to plain
+    /// TCP sockets (`sendfile(2)`, as osiris does) instead of reading them
+    /// into memory first (TLS connections always read). Default on.
+    pub sendfile: bool,
 }
 
 /// `stream.listeners.*`.
@@ -184,6 +188,7 @@ impl Default for StreamConfig {
             advertised_tls_port: None,
             frame_max: 1_048_576,
             heartbeat: 60,
+            sendfile: true,
         }
     }
 }

@@ -307,3 +307,130 @@ async fn vhost_max_connections_counts_stream_connections() {
     assert_eq!(array(&get(&w, "/stream/connections").await).len(), 1);
     let _ = first.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn byte_counters_rates_and_subscriptions_as_consumers() {
+    let dir = std::env::temp_dir().join(common::uniq("warren-sadmin-bytes"));
+    let mut config = warren::Config::for_tests(&dir);
+    config.admin_sample_interval_secs = 1;
+    let w = warren::start(config).await.expect("broker starts");
+    let _dir = Dir(dir);
+    let port = w.stream_addr().expect("stream").port();
+    let env = t(Environment::builder().host("127.0.0.1").port(port).build())
+        .await
+        .expect("environment");
+    let stream = common::uniq("sbytes");
+    t(env.stream_creator().create(&stream))
+        .await
+        .expect("create");
+    let before = get(&w, "/overview").await;
+    assert_eq!(before["object_totals"]["consumers"], 0, "{before:#}");
+    let producer = t(env.producer().build(&stream)).await.expect("producer");
+    let body = vec![b'x'; 1000];
+    for _ in 0..20 {
+        let m = Message::builder().body(body.clone()).build();
+        t(producer.send_with_confirm(m)).await.expect("confirmed");
+    }
+    let mut consumer = t(env
+        .consumer()
+        .offset(OffsetSpecification::First)
+        .build(&stream))
+    .await
+    .expect("consumer");
+    for _ in 0..20 {
+        t(consumer.next()).await.expect("delivery").expect("ok");
+    }
+
+    // The publishing connection read at least the bodies, the consuming one
+    // wrote them; each counts its reads and writes.
+    let cons = until(&w, "/stream/consumers", |b| array(b).len() == 1).await;
+    let cname = cons[0]["connection_details"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let pubs = until(&w, "/stream/publishers", |b| array(b).len() == 1).await;
+    let pname = pubs[0]["connection_details"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let c = until(
+        &w,
+        &format!("/stream/connections/%2F/{}", enc(&cname)),
+        |c| c["send_oct"].as_u64().is_some_and(|n| n >= 20 * 1000),
+    )
+    .await;
+    assert!(c["send_cnt"].as_u64().is_some_and(|n| n >= 1), "{c:#}");
+    assert!(c["recv_oct"].as_u64().is_some_and(|n| n > 0), "{c:#}");
+    assert!(c["recv_cnt"].as_u64().is_some_and(|n| n >= 1), "{c:#}");
+    assert!(c["send_oct_details"]["rate"].is_number(), "{c:#}");
+    assert!(c["recv_oct_details"]["rate"].is_number(), "{c:#}");
+    let p = get(&w, &format!("/stream/connections/%2F/{}", enc(&pname))).await;
+    assert!(
+        p["recv_oct"].as_u64().is_some_and(|n| n >= 20 * 1000),
+        "{p:#}"
+    );
+    // /api/connections shows the same counters.
+    let all = get(&w, "/connections").await;
+    let listed = array(&all)
+        .iter()
+        .find(|x| x["name"] == pname.as_str())
+        .expect("listed");
+    assert!(
+        listed["recv_oct"].as_u64() >= p["recv_oct"].as_u64(),
+        "{listed:#}"
+    );
+
+    // The subscription is a consumer: counted in the overview, listed in
+    // /api/consumers as `stream.subid-N` of its connection.
+    let o = get(&w, "/overview").await;
+    assert_eq!(o["object_totals"]["consumers"], 1, "{o:#}");
+    let list = get(&w, "/consumers").await;
+    assert_eq!(array(&list).len(), 1, "{list:#}");
+    let x = &list[0];
+    assert!(
+        x["consumer_tag"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("stream.subid-")),
+        "{x:#}"
+    );
+    assert_eq!(x["queue"]["name"], stream.as_str());
+    assert_eq!(x["channel_details"]["connection_name"], cname.as_str());
+    assert_eq!(x["ack_required"], false);
+    assert_eq!(array(&get(&w, "/consumers/%2F").await).len(), 1);
+
+    // While messages flow, the sampled byte rates of both sides rise above 0.
+    let flowing = tokio::spawn(async move {
+        loop {
+            let m = Message::builder().body(vec![b'y'; 1000]).build();
+            if producer.send_with_confirm(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    let handle = consumer.handle();
+    let draining = tokio::spawn(async move { while let Some(Ok(_)) = consumer.next().await {} });
+    until(
+        &w,
+        &format!("/stream/connections/%2F/{}", enc(&pname)),
+        |c| {
+            c["recv_oct_details"]["rate"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0)
+        },
+    )
+    .await;
+    until(
+        &w,
+        &format!("/stream/connections/%2F/{}", enc(&cname)),
+        |c| {
+            c["send_oct_details"]["rate"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0)
+        },
+    )
+    .await;
+    flowing.abort();
+    let _ = t(handle.close()).await;
+    let _ = t(draining).await;
+    until(&w, "/overview", |o| o["object_totals"]["consumers"] == 0).await;
+}
