@@ -81,6 +81,12 @@ pub struct Config {
     /// Which part of a verified client certificate is the user name for SASL
     /// EXTERNAL (rabbitmq_auth_mechanism_ssl's `ssl_cert_login_from`).
     pub ssl_cert_login_from: CertLoginFrom,
+    /// The user a SASL `ANONYMOUS` login of a Stream protocol connection logs
+    /// in as (RabbitMQ 4's `anonymous_login_user`); unset: `ANONYMOUS` is
+    /// not offered.
+    pub anonymous_login_user: Option<String>,
+    /// That user's password (`anonymous_login_pass`; unset: empty).
+    pub anonymous_login_pass: Option<String>,
     /// With `subject_alternative_name`: which kind of SAN (`ssl_cert_login_san_type`).
     pub ssl_cert_login_san_type: SanType,
     /// With `subject_alternative_name`: which SAN of that kind, from 0
@@ -486,6 +492,8 @@ impl Default for Config {
             ssl_cert_login_from: CertLoginFrom::default(),
             ssl_cert_login_san_type: SanType::default(),
             ssl_cert_login_san_index: 0,
+            anonymous_login_user: None,
+            anonymous_login_pass: None,
             management: Management::default(),
             auth_oauth2: None,
             shovels: Default::default(),

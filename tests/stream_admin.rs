@@ -434,3 +434,74 @@ async fn byte_counters_rates_and_subscriptions_as_consumers() {
     let _ = t(draining).await;
     until(&w, "/overview", |o| o["object_totals"]["consumers"] == 0).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sasl_anonymous_logs_in_as_the_configured_user() {
+    let dir = std::env::temp_dir().join(common::uniq("warren-sadmin-anon"));
+    let mut config = warren::Config::for_tests(&dir);
+    config.anonymous_login_user = Some("anon".into());
+    config.anonymous_login_pass = Some("s3cret".into());
+    let w = warren::start(config).await.expect("broker starts");
+    let _dir = Dir(dir);
+    let addr = w.stream_addr().expect("stream");
+    let (status, body) = http(
+        "PUT",
+        &api(&w, "/users/anon"),
+        Some(("guest", "guest")),
+        Some(serde_json::json!({"password": "s3cret", "tags": ""})),
+    )
+    .await;
+    assert!(status < 300, "{status} {body}");
+    let (status, body) = http(
+        "PUT",
+        &api(&w, "/permissions/%2F/anon"),
+        Some(("guest", "guest")),
+        Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+    )
+    .await;
+    assert!(status < 300, "{status} {body}");
+
+    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mechs = common::stream::hello(&mut sock).await;
+    assert!(mechs.iter().any(|m| m == "ANONYMOUS"), "{mechs:?}");
+    assert_eq!(
+        common::stream::authenticate(&mut sock, "ANONYMOUS", b"").await,
+        1
+    );
+    assert_eq!(common::stream::open(&mut sock).await.0, 1, "opened");
+    let conns = until(&w, "/stream/connections", |b| array(b).len() == 1).await;
+    assert_eq!(conns[0]["user"], "anon");
+    assert_eq!(conns[0]["auth_mechanism"], "ANONYMOUS");
+
+    // A broker without anonymous_login_user neither offers nor takes it.
+    let (plain, _plain_dir) = broker("noanon").await;
+    let mut sock = tokio::net::TcpStream::connect(plain.stream_addr().expect("stream"))
+        .await
+        .expect("connect");
+    let mechs = common::stream::hello(&mut sock).await;
+    assert!(!mechs.iter().any(|m| m == "ANONYMOUS"), "{mechs:?}");
+    assert_eq!(
+        common::stream::authenticate(&mut sock, "ANONYMOUS", b"").await,
+        7,
+        "SASL mechanism not supported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sasl_anonymous_with_a_wrong_password_fails() {
+    let dir = std::env::temp_dir().join(common::uniq("warren-sadmin-anonbad"));
+    let mut config = warren::Config::for_tests(&dir);
+    config.anonymous_login_user = Some("guest".into());
+    config.anonymous_login_pass = Some("not-the-password".into());
+    let w = warren::start(config).await.expect("broker starts");
+    let _dir = Dir(dir);
+    let mut sock = tokio::net::TcpStream::connect(w.stream_addr().expect("stream"))
+        .await
+        .expect("connect");
+    common::stream::hello(&mut sock).await;
+    assert_eq!(
+        common::stream::authenticate(&mut sock, "ANONYMOUS", b"").await,
+        8,
+        "authentication failure"
+    );
+}

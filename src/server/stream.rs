@@ -512,6 +512,10 @@ async fn serve<S: Sink>(
         advertised_port,
         handshake_timeout_ms: config.handshake_timeout_secs * 1000,
         sac,
+        anonymous: config.anonymous_login_user.clone().map(|u| {
+            let pass = config.anonymous_login_pass.clone().unwrap_or_default();
+            (u, pass)
+        }),
     };
     let (sac_tx, mut sac_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = broker.next_connection_id();

@@ -9,8 +9,9 @@
 //! `sendfile(2)`); [`StreamSession::watched`]
 //! lists the streams whose commits it must report.
 //!
-//! Owned here: the handshake (peer properties, SASL PLAIN / AMQPLAIN, and
-//! EXTERNAL on a TLS connection with a verified client certificate, tune
+//! Owned here: the handshake (peer properties, SASL PLAIN / AMQPLAIN,
+//! EXTERNAL on a TLS connection with a verified client certificate, and
+//! ANONYMOUS as `anonymous_login_user` when configured, tune
 //! with frame max and heartbeat, open with the vhost access check), the
 //! command-version exchange, heartbeats (sent when idle, the peer dead after
 //! two silent intervals), stream create / delete through the vhost (a stream
@@ -44,6 +45,9 @@ use crate::wire::stream::{
 use crate::wire::types::{FieldTable, FieldValue};
 use tokio::sync::mpsc::UnboundedSender;
 
+/// SASL `ANONYMOUS` (RFC 4505): no credentials, the configured user.
+const ANONYMOUS: &str = "ANONYMOUS";
+
 /// What the session was configured with.
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
@@ -58,6 +62,9 @@ pub struct StreamSettings {
     pub handshake_timeout_ms: u64,
     /// The broker's single active consumer groups.
     pub sac: Arc<SacRegistry>,
+    /// SASL `ANONYMOUS` logs in as this user with this password (offered
+    /// only when set: `anonymous_login_user` / `anonymous_login_pass`).
+    pub anonymous: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -829,6 +836,9 @@ impl StreamSession {
                 if self.tls.as_ref().is_some_and(|t| t.login.is_some()) {
                     mechs.push(EXTERNAL.to_string());
                 }
+                if self.settings.anonymous.is_some() {
+                    mechs.push(ANONYMOUS.to_string());
+                }
                 response::with_strings(
                     &mut self.out,
                     key::SASL_HANDSHAKE,
@@ -891,6 +901,12 @@ impl StreamSession {
         if mechanism == EXTERNAL && self.tls.as_ref().is_some_and(offered) {
             return self.authenticate_external(correlation_id);
         }
+        if mechanism == ANONYMOUS {
+            if let Some((user, pass)) = self.settings.anonymous.clone() {
+                let result = self.broker.authenticate(&user, &pass, self.from_loopback);
+                return self.login_result(correlation_id, mechanism, &user, result);
+            }
+        }
         if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
             response::generic(
                 &mut self.out,
@@ -952,6 +968,7 @@ impl StreamSession {
                 self.auth_mechanism = match mechanism {
                     "AMQPLAIN" => "AMQPLAIN",
                     EXTERNAL => EXTERNAL,
+                    ANONYMOUS => ANONYMOUS,
                     _ => "PLAIN",
                 };
                 if let Some(a) = &self.admin {
@@ -1878,6 +1895,7 @@ mod tests {
                 advertised_port: 5552,
                 handshake_timeout_ms: 10_000,
                 sac: Arc::default(),
+                anonymous: None,
             },
             1,
             true,
