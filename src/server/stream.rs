@@ -247,7 +247,7 @@ async fn write_pieces<S: Sink>(
             match sock.tcp() {
                 // The frame heads before a file range: held back (`MSG_MORE`)
                 // to leave in the same segments as the data.
-                Some(tcp) if i + run < pieces.len() => {
+                Some(tcp) if pieces.get(i + run).is_some_and(|o| !o.is_empty()) => {
                     send_more(tcp, &pieces[i..i + run], stats).await?
                 }
                 _ => write_run(sock, &pieces[i..i + run], stats).await?,
