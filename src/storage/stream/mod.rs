@@ -958,6 +958,10 @@ impl StreamReader {
                 .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
             let bloom_end = chunk::HEADER_LEN + usize::from(h.bloom_len);
             if n < bloom_end {
+                // Part of the bloom filter is not cached.
+                if limits.cached_only {
+                    return would_block(spans);
+                }
                 return Err(StreamError::Io(format!("short chunk at {p}")));
             }
             let data_pos = p + bloom_end as u64;
