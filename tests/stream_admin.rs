@@ -399,12 +399,19 @@ async fn byte_counters_rates_and_subscriptions_as_consumers() {
     assert_eq!(array(&get(&w, "/consumers/%2F").await).len(), 1);
 
     // While messages flow, the sampled byte rates of both sides rise above 0.
-    let flowing = tokio::spawn(async move {
-        loop {
-            let m = Message::builder().body(vec![b'y'; 1000]).build();
-            if producer.send_with_confirm(m).await.is_err() {
-                return;
+    // (Stopped by a flag and closed: dropping the client's producer while
+    // it runs blocks a runtime thread.)
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flowing = tokio::spawn({
+        let stop = std::sync::Arc::clone(&stop);
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = Message::builder().body(vec![b'y'; 1000]).build();
+                if producer.send_with_confirm(m).await.is_err() {
+                    break;
+                }
             }
+            let _ = producer.close().await;
         }
     });
     let handle = consumer.handle();
@@ -429,7 +436,8 @@ async fn byte_counters_rates_and_subscriptions_as_consumers() {
         },
     )
     .await;
-    flowing.abort();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = t(flowing).await;
     let _ = t(handle.close()).await;
     let _ = t(draining).await;
     until(&w, "/overview", |o| o["object_totals"]["consumers"] == 0).await;
