@@ -82,6 +82,12 @@ pub struct Config {
     /// Which part of a verified client certificate is the user name for SASL
     /// EXTERNAL (rabbitmq_auth_mechanism_ssl's `ssl_cert_login_from`).
     pub ssl_cert_login_from: CertLoginFrom,
+    /// The user a SASL `ANONYMOUS` login of a Stream protocol connection logs
+    /// in as (RabbitMQ 4's `anonymous_login_user`); unset: `ANONYMOUS` is
+    /// not offered.
+    pub anonymous_login_user: Option<String>,
+    /// That user's password (`anonymous_login_pass`; unset: empty).
+    pub anonymous_login_pass: Option<String>,
     /// With `subject_alternative_name`: which kind of SAN (`ssl_cert_login_san_type`).
     pub ssl_cert_login_san_type: SanType,
     /// With `subject_alternative_name`: which SAN of that kind, from 0
@@ -184,6 +190,10 @@ pub struct StreamConfig {
     pub frame_max: u32,
     /// Heartbeat proposed in the tune, in seconds (0: none).
     pub heartbeat: u32,
+    /// Send delivered chunks' data straight from the segment files to plain
+    /// TCP sockets (`sendfile(2)`, as osiris does) instead of reading them
+    /// into memory first (TLS connections always read). Default on.
+    pub sendfile: bool,
 }
 
 /// `stream.listeners.*`.
@@ -209,6 +219,7 @@ impl Default for StreamConfig {
             advertised_tls_port: None,
             frame_max: 1_048_576,
             heartbeat: 60,
+            sendfile: true,
         }
     }
 }
@@ -506,6 +517,8 @@ impl Default for Config {
             ssl_cert_login_from: CertLoginFrom::default(),
             ssl_cert_login_san_type: SanType::default(),
             ssl_cert_login_san_index: 0,
+            anonymous_login_user: None,
+            anonymous_login_pass: None,
             management: Management::default(),
             auth_oauth2: None,
             shovels: Default::default(),

@@ -307,3 +307,209 @@ async fn vhost_max_connections_counts_stream_connections() {
     assert_eq!(array(&get(&w, "/stream/connections").await).len(), 1);
     let _ = first.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn byte_counters_rates_and_subscriptions_as_consumers() {
+    let dir = std::env::temp_dir().join(common::uniq("warren-sadmin-bytes"));
+    let mut config = warren::Config::for_tests(&dir);
+    config.admin_sample_interval_secs = 1;
+    let w = warren::start(config).await.expect("broker starts");
+    let _dir = Dir(dir);
+    let port = w.stream_addr().expect("stream").port();
+    let env = t(Environment::builder().host("127.0.0.1").port(port).build())
+        .await
+        .expect("environment");
+    let stream = common::uniq("sbytes");
+    t(env.stream_creator().create(&stream))
+        .await
+        .expect("create");
+    let before = get(&w, "/overview").await;
+    assert_eq!(before["object_totals"]["consumers"], 0, "{before:#}");
+    let producer = t(env.producer().build(&stream)).await.expect("producer");
+    let body = vec![b'x'; 1000];
+    for _ in 0..20 {
+        let m = Message::builder().body(body.clone()).build();
+        t(producer.send_with_confirm(m)).await.expect("confirmed");
+    }
+    let mut consumer = t(env
+        .consumer()
+        .offset(OffsetSpecification::First)
+        .build(&stream))
+    .await
+    .expect("consumer");
+    for _ in 0..20 {
+        t(consumer.next()).await.expect("delivery").expect("ok");
+    }
+
+    // The publishing connection read at least the bodies, the consuming one
+    // wrote them; each counts its reads and writes.
+    let cons = until(&w, "/stream/consumers", |b| array(b).len() == 1).await;
+    let cname = cons[0]["connection_details"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let pubs = until(&w, "/stream/publishers", |b| array(b).len() == 1).await;
+    let pname = pubs[0]["connection_details"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let c = until(
+        &w,
+        &format!("/stream/connections/%2F/{}", enc(&cname)),
+        |c| c["send_oct"].as_u64().is_some_and(|n| n >= 20 * 1000),
+    )
+    .await;
+    assert!(c["send_cnt"].as_u64().is_some_and(|n| n >= 1), "{c:#}");
+    assert!(c["recv_oct"].as_u64().is_some_and(|n| n > 0), "{c:#}");
+    assert!(c["recv_cnt"].as_u64().is_some_and(|n| n >= 1), "{c:#}");
+    assert!(c["send_oct_details"]["rate"].is_number(), "{c:#}");
+    assert!(c["recv_oct_details"]["rate"].is_number(), "{c:#}");
+    let p = get(&w, &format!("/stream/connections/%2F/{}", enc(&pname))).await;
+    assert!(
+        p["recv_oct"].as_u64().is_some_and(|n| n >= 20 * 1000),
+        "{p:#}"
+    );
+    // /api/connections shows the same counters.
+    let all = get(&w, "/connections").await;
+    let listed = array(&all)
+        .iter()
+        .find(|x| x["name"] == pname.as_str())
+        .expect("listed");
+    assert!(
+        listed["recv_oct"].as_u64() >= p["recv_oct"].as_u64(),
+        "{listed:#}"
+    );
+
+    // The subscription is a consumer: counted in the overview, listed in
+    // /api/consumers as `stream.subid-N` of its connection.
+    let o = get(&w, "/overview").await;
+    assert_eq!(o["object_totals"]["consumers"], 1, "{o:#}");
+    let list = get(&w, "/consumers").await;
+    assert_eq!(array(&list).len(), 1, "{list:#}");
+    let x = &list[0];
+    assert!(
+        x["consumer_tag"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("stream.subid-")),
+        "{x:#}"
+    );
+    assert_eq!(x["queue"]["name"], stream.as_str());
+    assert_eq!(x["channel_details"]["connection_name"], cname.as_str());
+    assert_eq!(x["ack_required"], false);
+    assert_eq!(array(&get(&w, "/consumers/%2F").await).len(), 1);
+
+    // While messages flow, the sampled byte rates of both sides rise above 0.
+    // (Stopped by a flag and closed: dropping the client's producer while
+    // it runs blocks a runtime thread.)
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flowing = tokio::spawn({
+        let stop = std::sync::Arc::clone(&stop);
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = Message::builder().body(vec![b'y'; 1000]).build();
+                if producer.send_with_confirm(m).await.is_err() {
+                    break;
+                }
+            }
+            let _ = producer.close().await;
+        }
+    });
+    let handle = consumer.handle();
+    let draining = tokio::spawn(async move { while let Some(Ok(_)) = consumer.next().await {} });
+    until(
+        &w,
+        &format!("/stream/connections/%2F/{}", enc(&pname)),
+        |c| {
+            c["recv_oct_details"]["rate"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0)
+        },
+    )
+    .await;
+    until(
+        &w,
+        &format!("/stream/connections/%2F/{}", enc(&cname)),
+        |c| {
+            c["send_oct_details"]["rate"]
+                .as_f64()
+                .is_some_and(|r| r > 0.0)
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = t(flowing).await;
+    let _ = t(handle.close()).await;
+    let _ = t(draining).await;
+    until(&w, "/overview", |o| o["object_totals"]["consumers"] == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sasl_anonymous_logs_in_as_the_configured_user() {
+    let dir = std::env::temp_dir().join(common::uniq("warren-sadmin-anon"));
+    let mut config = warren::Config::for_tests(&dir);
+    config.anonymous_login_user = Some("anon".into());
+    config.anonymous_login_pass = Some("s3cret".into());
+    let w = warren::start(config).await.expect("broker starts");
+    let _dir = Dir(dir);
+    let addr = w.stream_addr().expect("stream");
+    let (status, body) = http(
+        "PUT",
+        &api(&w, "/users/anon"),
+        Some(("guest", "guest")),
+        Some(serde_json::json!({"password": "s3cret", "tags": ""})),
+    )
+    .await;
+    assert!(status < 300, "{status} {body}");
+    let (status, body) = http(
+        "PUT",
+        &api(&w, "/permissions/%2F/anon"),
+        Some(("guest", "guest")),
+        Some(serde_json::json!({"configure": ".*", "write": ".*", "read": ".*"})),
+    )
+    .await;
+    assert!(status < 300, "{status} {body}");
+
+    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mechs = common::stream::hello(&mut sock).await;
+    assert!(mechs.iter().any(|m| m == "ANONYMOUS"), "{mechs:?}");
+    assert_eq!(
+        common::stream::authenticate(&mut sock, "ANONYMOUS", b"").await,
+        1
+    );
+    assert_eq!(common::stream::open(&mut sock).await.0, 1, "opened");
+    let conns = until(&w, "/stream/connections", |b| array(b).len() == 1).await;
+    assert_eq!(conns[0]["user"], "anon");
+    assert_eq!(conns[0]["auth_mechanism"], "ANONYMOUS");
+
+    // A broker without anonymous_login_user neither offers nor takes it.
+    let (plain, _plain_dir) = broker("noanon").await;
+    let mut sock = tokio::net::TcpStream::connect(plain.stream_addr().expect("stream"))
+        .await
+        .expect("connect");
+    let mechs = common::stream::hello(&mut sock).await;
+    assert!(!mechs.iter().any(|m| m == "ANONYMOUS"), "{mechs:?}");
+    assert_eq!(
+        common::stream::authenticate(&mut sock, "ANONYMOUS", b"").await,
+        7,
+        "SASL mechanism not supported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sasl_anonymous_with_a_wrong_password_fails() {
+    let dir = std::env::temp_dir().join(common::uniq("warren-sadmin-anonbad"));
+    let mut config = warren::Config::for_tests(&dir);
+    config.anonymous_login_user = Some("guest".into());
+    config.anonymous_login_pass = Some("not-the-password".into());
+    let w = warren::start(config).await.expect("broker starts");
+    let _dir = Dir(dir);
+    let mut sock = tokio::net::TcpStream::connect(w.stream_addr().expect("stream"))
+        .await
+        .expect("connect");
+    common::stream::hello(&mut sock).await;
+    assert_eq!(
+        common::stream::authenticate(&mut sock, "ANONYMOUS", b"").await,
+        8,
+        "authentication failure"
+    );
+}

@@ -1078,3 +1078,134 @@ async fn every_message_once_in_order_with_small_credit() {
     assert_eq!(seen, want);
     assert!(chunks < total, "messages arrive in chunks");
 }
+
+/// The deliver frames a subscription (id 1, version 1) gets for the user
+/// chunks stored in the segment files of `dir` (one stream): each chunk's
+/// header with the trailer and bloom lengths zeroed, then its data section.
+fn stored_deliveries(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    let mut segments: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .expect("stream dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "segment"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "several segments: {segments:?}");
+    let mut out = Vec::new();
+    for seg in segments {
+        let bytes = std::fs::read(&seg).expect("segment");
+        let mut at = 8;
+        while at + 48 <= bytes.len() {
+            let h = &bytes[at..at + 48];
+            let u32_at = |i: usize| u32::from_be_bytes(h[i..i + 4].try_into().expect("4")) as usize;
+            let (data_len, trailer_len, bloom_len) = (u32_at(36), u32_at(40), h[44] as usize);
+            if h[1] == 0 {
+                let data = at + 48 + bloom_len;
+                let mut f = vec![0, 8, 0, 1, 1];
+                f.extend_from_slice(&h[..40]);
+                f.extend_from_slice(&[0u8; 8]);
+                f.extend_from_slice(&bytes[data..data + data_len]);
+                out.push(f);
+            }
+            at += 48 + bloom_len + data_len + trailer_len;
+        }
+    }
+    out
+}
+
+/// Deliveries are the stored chunks byte for byte, across segment files and
+/// to many consumers at once, with chunk data sent by `sendfile(2)` (`on`) or
+/// read then written.
+async fn deliveries_are_the_stored_chunks(sendfile: bool) {
+    let dir = std::env::temp_dir().join(uniq(&format!("warren-sendfile-{sendfile}")));
+    let mut config = warren::Config::for_tests(&dir);
+    config.admin_enabled = false;
+    config.stream.sendfile = sendfile;
+    let w = warren::start(config).await.expect("broker starts");
+    let addr = w.stream_addr().expect("stream");
+    let mut p = raw_open(addr).await;
+    let s = uniq("sendfile");
+    let mut create = 1u32.to_be_bytes().to_vec();
+    create.extend(s16(&s));
+    create.extend_from_slice(&1i32.to_be_bytes());
+    create.extend(s16("stream-max-segment-size-bytes"));
+    create.extend(s16("16000"));
+    p.write_all(&frame(13, 1, &create)).await.expect("write");
+    assert_eq!(&read_frame(&mut p).await.expect("created")[8..10], &[0, 1]);
+    let mut decl = 2u32.to_be_bytes().to_vec();
+    decl.push(0);
+    decl.extend_from_slice(&(-1i16).to_be_bytes());
+    decl.extend(s16(&s));
+    p.write_all(&frame(1, 1, &decl)).await.expect("write");
+    assert_eq!(&read_frame(&mut p).await.expect("declared")[8..10], &[0, 1]);
+    // 60 chunks of 50 messages of different sizes: a dozen segments.
+    let body = |i: u64| format!("m{i}-{}", "x".repeat((i % 97) as usize));
+    let mut id = 1u64;
+    for _ in 0..60 {
+        let b: Vec<String> = (id..id + 50).map(body).collect();
+        raw_publish(&mut p, 0, id, &b).await;
+        id += 50;
+        raw_confirmed(&mut p, id - 1).await;
+    }
+    let total = id - 1;
+    let streams = dir.join("streams");
+    let log_dir = std::fs::read_dir(&streams)
+        .expect("streams dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.is_dir())
+        .expect("the stream's directory");
+    let want = stored_deliveries(&log_dir);
+
+    // Six consumers at once, from first, as the stock client grants credit:
+    // ten, then one per chunk.
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        tasks.push(tokio::spawn({
+            let s = s.clone();
+            async move {
+                let mut c = raw_open(addr).await;
+                let mut sub = 3u32.to_be_bytes().to_vec();
+                sub.push(1);
+                sub.extend(s16(&s));
+                sub.extend_from_slice(&1u16.to_be_bytes()); // first
+                sub.extend_from_slice(&10u16.to_be_bytes());
+                sub.extend_from_slice(&0i32.to_be_bytes());
+                c.write_all(&frame(7, 1, &sub)).await.expect("write");
+                let f = read_frame(&mut c).await.expect("subscribed");
+                assert_eq!(&f[8..10], &[0u8, 1][..]);
+                let (mut frames, mut seen) = (Vec::new(), 0u64);
+                while seen < total {
+                    let f = read_frame(&mut c).await.expect("deliver");
+                    assert_eq!(&f[..2], &[0, 8], "a deliver");
+                    seen += u64::from(u32::from_be_bytes(f[9..13].try_into().expect("4")));
+                    frames.push(f);
+                    c.write_all(&frame(9, 1, &[1, 0, 1])).await.expect("credit");
+                }
+                frames
+            }
+        }));
+    }
+    for task in tasks {
+        let got = t(task).await.expect("consumer");
+        assert_eq!(got.len(), want.len(), "one deliver per stored chunk");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g == w,
+                "chunk {i} differs ({} vs {} bytes)",
+                g.len(),
+                w.len()
+            );
+        }
+    }
+    drop(w);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sendfile_deliveries_are_the_stored_chunks() {
+    deliveries_are_the_stored_chunks(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_deliveries_are_the_stored_chunks() {
+    deliveries_are_the_stored_chunks(false).await;
+}

@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-pub fn connection_json(c: &ConnectionInfo) -> Value {
+pub fn connection_json(s: &AdminState, c: &ConnectionInfo) -> Value {
     if let Some(st) = c.control.stream() {
-        return super::stream::connection_json(c, st);
+        return super::stream::connection_json(s, c, st);
     }
     let tls = c.tls.as_ref();
     json!({
@@ -60,7 +60,7 @@ pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
     Json(Value::Array(
         visible(&s, &caller)
             .iter()
-            .map(|c| connection_json(c))
+            .map(|c| connection_json(&s, c))
             .collect(),
     ))
 }
@@ -75,7 +75,7 @@ pub async fn list_vhost(
         visible(&s, &caller)
             .iter()
             .filter(|c| c.vhost == vhost)
-            .map(|c| connection_json(c))
+            .map(|c| connection_json(&s, c))
             .collect(),
     )))
 }
@@ -93,7 +93,7 @@ pub async fn show(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let c = find(&s, &caller, &name)?;
-    Ok(Json(connection_json(&c)))
+    Ok(Json(connection_json(&s, &c)))
 }
 
 /// The reason to close `c` with (the `X-Reason` header, or the management
@@ -201,6 +201,45 @@ fn consumers_where(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<V
                     "arguments": table_to_json(&c.arguments),
                 }));
             }
+        }
+    }
+    // Stream protocol subscriptions, as RabbitMQ lists them: `stream.subid-N`
+    // of the connection, no ack, no prefetch, the subscription's properties
+    // as arguments.
+    let mut by_name: Vec<&Arc<ConnectionInfo>> = conns.values().collect();
+    by_name.sort_by(|a, b| a.name.cmp(&b.name));
+    for conn in by_name {
+        let Some(st) = conn.control.stream() else {
+            continue;
+        };
+        if only.is_some_and(|o| o != conn.vhost) || !caller.sees(&s.broker, &conn.vhost) {
+            continue;
+        }
+        for x in st.consumers() {
+            let arguments: serde_json::Map<String, Value> = x
+                .properties
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect();
+            out.push(json!({
+                "consumer_tag": format!("stream.subid-{}", x.id),
+                "queue": {"name": x.stream, "vhost": conn.vhost},
+                "channel_details": {
+                    "number": 0,
+                    "name": conn.name,
+                    "connection_name": conn.name,
+                    "peer_host": conn.peer.ip().to_string(),
+                    "peer_port": conn.peer.port(),
+                    "user": conn.user,
+                },
+                "ack_required": false,
+                "exclusive": false,
+                "prefetch_count": 0,
+                "priority": 0,
+                "active": true,
+                "activity_status": "up",
+                "arguments": arguments,
+            }));
         }
     }
     out

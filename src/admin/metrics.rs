@@ -1,4 +1,5 @@
-//! Message rates (sampled from the broker's, queues' and exchanges' counters, every 5 s by default) and the
+//! Message rates (sampled from the broker's, queues' and exchanges' counters, every 5 s by default),
+//! stream connections' byte rates, and the
 //! Prometheus text exposition at `/metrics`, with RabbitMQ's metric names.
 
 use super::AdminState;
@@ -66,6 +67,16 @@ struct Sampled {
     queues: HashMap<(String, String), (Totals, RateSet)>,
     /// Keyed by (vhost, exchange).
     exchanges: HashMap<(String, String), (ExchangeTotals, ExchangeRates)>,
+    /// Stream connections' (`recv_oct`, `send_oct`) and their rates, by
+    /// connection id.
+    connections: HashMap<u64, ((u64, u64), OctetRates)>,
+}
+
+/// A connection's bytes per second over the last sample interval.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OctetRates {
+    pub recv_oct: f64,
+    pub send_oct: f64,
 }
 
 /// An exchange's per-second rates over the last sample interval.
@@ -116,6 +127,11 @@ impl Rates {
                 );
             }
         }
+        let connections: Vec<(u64, (u64, u64))> = broker
+            .connections()
+            .iter()
+            .filter_map(|c| c.control.stream().map(|st| (c.id, st.octets())))
+            .collect();
         let mut s = self.inner.lock();
         let secs =
             s.at.map(|t| now.duration_since(t).as_secs_f64())
@@ -146,7 +162,31 @@ impl Rates {
                 (k, (t, r))
             })
             .collect();
+        let old = std::mem::take(&mut s.connections);
+        s.connections = connections
+            .into_iter()
+            .map(|(id, (recv, send))| {
+                let r = match (old.get(&id), secs) {
+                    (Some(((r0, s0), _)), Some(d)) => OctetRates {
+                        recv_oct: recv.saturating_sub(*r0) as f64 / d,
+                        send_oct: send.saturating_sub(*s0) as f64 / d,
+                    },
+                    _ => OctetRates::default(),
+                };
+                (id, ((recv, send), r))
+            })
+            .collect();
         s.at = Some(now);
+    }
+
+    /// A stream connection's byte rates (zero before two samples saw it).
+    pub fn connection(&self, id: u64) -> OctetRates {
+        self.inner
+            .lock()
+            .connections
+            .get(&id)
+            .map(|(_, r)| *r)
+            .unwrap_or_default()
     }
 
     pub fn global(&self) -> RateSet {

@@ -38,6 +38,15 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         .into_iter()
         .filter(|c| caller.is_monitor() || c.user == caller.0.name)
         .collect();
+    // Stream protocol subscriptions are consumers too (RabbitMQ registers
+    // each as `stream.subid-N` of its connection).
+    consumers += b
+        .connections()
+        .iter()
+        .filter(|c| caller.sees(b, &c.vhost))
+        .filter_map(|c| c.control.stream())
+        .map(|st| st.consumers().len())
+        .sum::<usize>();
     let channels: u32 = conns
         .iter()
         .map(|c| c.channels.load(Ordering::Relaxed))

@@ -21,8 +21,11 @@ use std::sync::Arc;
 
 /// A Stream protocol connection as RabbitMQ shows it (in `/api/connections`
 /// and `/api/stream/connections`).
-pub fn connection_json(c: &ConnectionInfo, st: &StreamConnStats) -> Value {
+/// With its socket's byte counters (`recv_oct`, `send_oct`, `recv_cnt`,
+/// `send_cnt`) and their rates over the last sample (`*_details.rate`).
+pub fn connection_json(s: &AdminState, c: &ConnectionInfo, st: &StreamConnStats) -> Value {
     let tls = c.tls.as_ref();
+    let rates = s.rates.connection(c.id);
     json!({
         "name": c.name,
         "vhost": c.vhost,
@@ -51,6 +54,12 @@ pub fn connection_json(c: &ConnectionInfo, st: &StreamConnStats) -> Value {
         "peer_cert_subject": tls.and_then(|t| t.peer_cert_subject.as_deref()),
         "peer_cert_issuer": tls.and_then(|t| t.peer_cert_issuer.as_deref()),
         "peer_cert_validity": Value::Null,
+        "recv_oct": st.recv_oct.load(Ordering::Relaxed),
+        "recv_oct_details": super::details(rates.recv_oct),
+        "recv_cnt": st.recv_cnt.load(Ordering::Relaxed),
+        "send_oct": st.send_oct.load(Ordering::Relaxed),
+        "send_oct_details": super::details(rates.send_oct),
+        "send_cnt": st.send_cnt.load(Ordering::Relaxed),
     })
 }
 
@@ -130,17 +139,17 @@ fn find(
         .ok_or_else(ApiError::not_found)
 }
 
-fn connections_json(conns: &[Arc<ConnectionInfo>]) -> Value {
+fn connections_json(s: &AdminState, conns: &[Arc<ConnectionInfo>]) -> Value {
     Value::Array(
         conns
             .iter()
-            .filter_map(|c| c.control.stream().map(|st| connection_json(c, st)))
+            .filter_map(|c| c.control.stream().map(|st| connection_json(s, c, st)))
             .collect(),
     )
 }
 
 pub async fn connections(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(connections_json(&visible(&s, &caller, None)))
+    Json(connections_json(&s, &visible(&s, &caller, None)))
 }
 
 pub async fn connections_vhost(
@@ -149,7 +158,10 @@ pub async fn connections_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(connections_json(&visible(&s, &caller, Some(&vhost)))))
+    Ok(Json(connections_json(
+        &s,
+        &visible(&s, &caller, Some(&vhost)),
+    )))
 }
 
 pub async fn connection(
@@ -159,7 +171,7 @@ pub async fn connection(
 ) -> ApiResult<Json<Value>> {
     let c = find(&s, &caller, &vhost, &name)?;
     let st = c.control.stream().ok_or_else(ApiError::not_found)?;
-    Ok(Json(connection_json(&c, st)))
+    Ok(Json(connection_json(&s, &c, st)))
 }
 
 /// Close it, as `DELETE /api/connections/{name}` does (204).

@@ -6,7 +6,10 @@
 //!
 //! The task reads the socket into the session, writes what it produces
 //! (deliveries as the stored chunk bytes, without copies, through vectored
-//! writes: many chunks per `writev`), fires its timer, and wakes it when a
+//! writes: many chunks per `writev`; on plain TCP, with `stream.sendfile`, a
+//! chunk's data section goes from its segment file with `sendfile(2)` when
+//! the page cache holds it, the frame heads written around it in order),
+//! fires its timer, and wakes it when a
 //! stream it follows commits more: one small forwarder task per followed
 //! stream turns the log's committed `watch` into a wake-up of the connection.
 //! It runs the session's chunk reads ([`ReadJob`]): here when the page cache
@@ -19,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
@@ -29,8 +32,9 @@ use tokio_rustls::server::TlsStream;
 use crate::broker::Broker;
 use crate::clock;
 use crate::config::Config;
-use crate::session::stream::{ReadDone, StreamSession, StreamSettings};
+use crate::session::stream::{Out, ReadDone, StreamSession, StreamSettings};
 use crate::session::stream_sac::SacRegistry;
+use crate::session::stream_stats::StreamConnStats;
 use crate::tls::{CertLogin, Established, ServerTls};
 
 /// A running stream listener.
@@ -203,26 +207,168 @@ fn start_reads(session: &mut StreamSession, reads: &mut tokio::task::JoinSet<Rea
 /// Most slices one `writev` takes (two per delivered chunk).
 const MAX_SLICES: usize = 512;
 
-/// Write every piece, vectored, in order.
-async fn write_pieces<S: AsyncWrite + Unpin>(
+/// A connection's socket: plain TCP takes file ranges with `sendfile(2)`.
+trait Sink: AsyncRead + AsyncWrite + Unpin {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl Sink for TcpStream {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl Sink for TlsStream<TcpStream> {}
+
+fn bytes_of(o: &Out) -> &[u8] {
+    match o {
+        Out::Bytes(b) => b,
+        Out::File { .. } => &[],
+    }
+}
+
+/// Write every piece in order: runs of bytes vectored, file ranges with
+/// `sendfile(2)` on plain TCP (read, then written, elsewhere or where the
+/// kernel refuses it).
+async fn write_pieces<S: Sink>(
     sock: &mut S,
-    pieces: &mut Vec<Bytes>,
+    pieces: &mut Vec<Out>,
+    stats: &StreamConnStats,
 ) -> std::io::Result<()> {
+    let mut i = 0;
+    while i < pieces.len() {
+        let run = pieces[i..]
+            .iter()
+            .position(|o| matches!(o, Out::File { .. }))
+            .unwrap_or(pieces.len() - i);
+        if run > 0 {
+            match sock.tcp() {
+                // The frame heads before a file range: held back (`MSG_MORE`)
+                // to leave in the same segments as the data.
+                Some(tcp) if pieces.get(i + run).is_some_and(|o| !o.is_empty()) => {
+                    send_more(tcp, &pieces[i..i + run], stats).await?
+                }
+                _ => write_run(sock, &pieces[i..i + run], stats).await?,
+            }
+            i += run;
+            continue;
+        }
+        if let Out::File { file, pos, len } = &pieces[i] {
+            let left = match sock.tcp() {
+                Some(tcp) => send_file(tcp, file, *pos, *len, stats).await?,
+                None => Some((*pos, *len)),
+            };
+            if let Some((pos, len)) = left {
+                let rest = Out::File {
+                    file: Arc::clone(file),
+                    pos,
+                    len,
+                }
+                .into_bytes()?;
+                write_run(sock, &[Out::Bytes(rest)], stats).await?;
+            }
+        }
+        i += 1;
+    }
+    pieces.clear();
+    Ok(())
+}
+
+/// `len` bytes of `file` from `pos` to the socket with `sendfile(2)`. What
+/// is left when the kernel cannot (`EINVAL`, `ENOSYS`, `EOPNOTSUPP`): the
+/// caller writes it another way.
+async fn send_file(
+    tcp: &TcpStream,
+    file: &std::fs::File,
+    mut pos: u64,
+    mut len: usize,
+    stats: &StreamConnStats,
+) -> std::io::Result<Option<(u64, usize)>> {
+    use std::os::fd::AsRawFd;
+    while len > 0 {
+        let Ok(mut off) = libc::off_t::try_from(pos) else {
+            return Ok(Some((pos, len)));
+        };
+        let r = tcp
+            .async_io(tokio::io::Interest::WRITABLE, || {
+                // SAFETY: both descriptors are open for the call (the
+                // socket and the file are borrowed); `off` is a local the
+                // kernel updates.
+                let n = unsafe { libc::sendfile(tcp.as_raw_fd(), file.as_raw_fd(), &mut off, len) };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            })
+            .await;
+        match r {
+            // The file is shorter than the chunk said: never for a committed chunk.
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                stats.sent(n);
+                pos += n as u64;
+                len -= n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP)
+                ) =>
+            {
+                return Ok(Some((pos, len)));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// Write byte pieces, vectored, in order, with `MSG_MORE`: more follows at
+/// once (`sendfile(2)` of a chunk's data, which sends the held bytes with it).
+async fn send_more(
+    tcp: &TcpStream,
+    pieces: &[Out],
+    stats: &StreamConnStats,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     let mut first = 0usize;
     let mut offset = 0usize;
     while first < pieces.len() {
-        let n = {
-            let mut slices: Vec<IoSlice<'_>> =
-                Vec::with_capacity((pieces.len() - first).min(MAX_SLICES));
-            slices.push(IoSlice::new(&pieces[first][offset..]));
-            for p in pieces.iter().skip(first + 1).take(MAX_SLICES - 1) {
-                slices.push(IoSlice::new(p));
-            }
-            sock.write_vectored(&slices).await?
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+        // `IoSlice` is ABI-compatible with `iovec` on Unix (and `Send`).
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity((pieces.len() - first).min(MAX_SLICES));
+        iov.push(IoSlice::new(&bytes_of(&pieces[first])[offset..]));
+        for p in pieces.iter().skip(first + 1).take(MAX_SLICES - 1) {
+            iov.push(IoSlice::new(bytes_of(p)));
         }
+        let r = tcp
+            .async_io(tokio::io::Interest::WRITABLE, || {
+                // SAFETY: a zeroed msghdr is valid; its iovecs point into
+                // `pieces`, borrowed (and unchanged) for the call; the
+                // socket is open for it.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+                msg.msg_iovlen = iov.len() as _;
+                let n = unsafe {
+                    libc::sendmsg(tcp.as_raw_fd(), &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL)
+                };
+                if n < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            })
+            .await;
+        let n = match r {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        stats.sent(n);
         let mut left = n;
         while left > 0 && first < pieces.len() {
             let avail = pieces[first].len() - offset;
@@ -240,7 +386,48 @@ async fn write_pieces<S: AsyncWrite + Unpin>(
             offset = 0;
         }
     }
-    pieces.clear();
+    Ok(())
+}
+
+/// Write byte pieces, vectored, in order.
+async fn write_run<S: Sink>(
+    sock: &mut S,
+    pieces: &[Out],
+    stats: &StreamConnStats,
+) -> std::io::Result<()> {
+    let mut first = 0usize;
+    let mut offset = 0usize;
+    while first < pieces.len() {
+        let n = {
+            let mut slices: Vec<IoSlice<'_>> =
+                Vec::with_capacity((pieces.len() - first).min(MAX_SLICES));
+            slices.push(IoSlice::new(&bytes_of(&pieces[first])[offset..]));
+            for p in pieces.iter().skip(first + 1).take(MAX_SLICES - 1) {
+                slices.push(IoSlice::new(bytes_of(p)));
+            }
+            sock.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        stats.sent(n);
+        let mut left = n;
+        while left > 0 && first < pieces.len() {
+            let avail = pieces[first].len() - offset;
+            if left >= avail {
+                left -= avail;
+                first += 1;
+                offset = 0;
+            } else {
+                offset += left;
+                left = 0;
+            }
+        }
+        while first < pieces.len() && pieces[first].len() == offset {
+            first += 1;
+            offset = 0;
+        }
+    }
     Ok(())
 }
 
@@ -303,7 +490,7 @@ pub async fn run_tls(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+async fn serve<S: Sink>(
     mut sock: S,
     peer: SocketAddr,
     local: SocketAddr,
@@ -325,6 +512,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         advertised_port,
         handshake_timeout_ms: config.handshake_timeout_secs * 1000,
         sac,
+        anonymous: config.anonymous_login_user.clone().map(|u| {
+            let pass = config.anonymous_login_pass.clone().unwrap_or_default();
+            (u, pass)
+        }),
     };
     let (sac_tx, mut sac_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = broker.next_connection_id();
@@ -339,23 +530,21 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         sac_tx,
         clock::now_ms(),
     );
-    if let Some(tls) = tls {
-        session.set_tls(tls);
+    match tls {
+        Some(tls) => session.set_tls(tls),
+        None => session.set_zero_copy(config.stream.sendfile && sock.tcp().is_some()),
     }
     // The admin API's view, and its way to close the connection.
     let (close_tx, mut close_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    session.set_admin(
-        crate::session::stream_stats::StreamConnStats::new(close_tx),
-        peer,
-        local,
-    );
+    let stats = StreamConnStats::new(close_tx);
+    session.set_admin(Arc::clone(&stats), peer, local);
     let mut watches = Watches {
         notify: Arc::new(Notify::new()),
         tasks: HashMap::new(),
     };
     let notify = Arc::clone(&watches.notify);
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
-    let mut pieces: Vec<Bytes> = Vec::new();
+    let mut pieces: Vec<Out> = Vec::new();
     let mut reads = tokio::task::JoinSet::new();
     let result = loop {
         let now = clock::now_ms();
@@ -365,13 +554,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // Write what is queued; deliveries continue while there is credit.
         loop {
             start_reads(&mut session, &mut reads);
-            while let Some(b) = session.poll_transmit(now) {
+            while let Some(b) = session.poll_output(now) {
                 pieces.push(b);
             }
             if pieces.is_empty() {
                 break;
             }
-            write_pieces(&mut sock, &mut pieces).await?;
+            write_pieces(&mut sock, &mut pieces, &stats).await?;
         }
         if session.is_closed() {
             break Ok(());
@@ -395,7 +584,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                     session.handle_eof();
                     break Ok(());
                 }
-                Ok(_) => session.handle_input(&mut rbuf, clock::now_ms()),
+                Ok(n) => {
+                    stats.received(n);
+                    session.handle_input(&mut rbuf, clock::now_ms());
+                }
                 Err(e) => break Err(e),
             },
             _ = notify.notified() => session.handle_committed(clock::now_ms()),

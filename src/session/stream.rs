@@ -4,11 +4,14 @@
 //! The driver (`server::stream`) feeds it bytes ([`StreamSession::handle_input`]),
 //! tells it when a stream it uses committed more ([`StreamSession::handle_committed`])
 //! and when its timer fires ([`StreamSession::handle_timeout`]), and drains
-//! [`StreamSession::poll_transmit`] into the socket; [`StreamSession::watched`]
+//! [`StreamSession::poll_output`] into the socket (bytes, and with
+//! [`StreamSession::set_zero_copy`] chunk data sections as file ranges for
+//! `sendfile(2)`); [`StreamSession::watched`]
 //! lists the streams whose commits it must report.
 //!
-//! Owned here: the handshake (peer properties, SASL PLAIN / AMQPLAIN, and
-//! EXTERNAL on a TLS connection with a verified client certificate, tune
+//! Owned here: the handshake (peer properties, SASL PLAIN / AMQPLAIN,
+//! EXTERNAL on a TLS connection with a verified client certificate, and
+//! ANONYMOUS as `anonymous_login_user` when configured, tune
 //! with frame max and heartbeat, open with the vhost access check), the
 //! command-version exchange, heartbeats (sent when idle, the peer dead after
 //! two silent intervals), stream create / delete through the vhost (a stream
@@ -33,13 +36,17 @@ use crate::session::handshake::EXTERNAL;
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
 use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
 use crate::storage::stream::{
-    BatchLimits, BatchRead, ChunkSpan, StreamError, StreamLog, StreamMessage, StreamReader,
+    BatchLimits, BatchRead, ChunkSpan, FileSpan, StreamError, StreamLog, StreamMessage,
+    StreamReader,
 };
 use crate::wire::stream::{
     check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
 };
 use crate::wire::types::{FieldTable, FieldValue};
 use tokio::sync::mpsc::UnboundedSender;
+
+/// SASL `ANONYMOUS` (RFC 4505): no credentials, the configured user.
+const ANONYMOUS: &str = "ANONYMOUS";
 
 /// What the session was configured with.
 #[derive(Debug, Clone)]
@@ -55,6 +62,9 @@ pub struct StreamSettings {
     pub handshake_timeout_ms: u64,
     /// The broker's single active consumer groups.
     pub sac: Arc<SacRegistry>,
+    /// SASL `ANONYMOUS` logs in as this user with this password (offered
+    /// only when set: `anonymous_login_user` / `anonymous_login_pass`).
+    pub anonymous: Option<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,6 +109,46 @@ fn confirm_ready(out: &mut BytesMut, id: u8, p: &mut Publisher) {
     response::publish_confirm(out, id, count, ids);
 }
 
+/// A piece of output for the socket, in order with the rest.
+#[derive(Debug, Clone)]
+pub enum Out {
+    Bytes(Bytes),
+    /// `len` bytes of `file` from `pos`: a delivered chunk's data section,
+    /// for `sendfile(2)` (committed chunks never change).
+    File {
+        file: Arc<std::fs::File>,
+        pos: u64,
+        len: usize,
+    },
+}
+
+impl Out {
+    pub fn len(&self) -> usize {
+        match self {
+            Out::Bytes(b) => b.len(),
+            Out::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes themselves (a file range is read: the fallback where
+    /// `sendfile(2)` cannot be used).
+    pub fn into_bytes(self) -> std::io::Result<Bytes> {
+        match self {
+            Out::Bytes(b) => Ok(b),
+            Out::File { file, pos, len } => {
+                use std::os::unix::fs::FileExt;
+                let mut v = vec![0u8; len];
+                file.read_exact_at(&mut v, pos)?;
+                Ok(Bytes::from(v))
+            }
+        }
+    }
+}
+
 struct Subscription {
     stream: String,
     log: Arc<StreamLog>,
@@ -137,6 +187,9 @@ const READ_MIN_BYTES: usize = 16 << 10;
 pub struct ReadJob {
     id: u8,
     token: u64,
+    /// Leave the data sections in the files when the page cache holds them
+    /// ([`Out::File`]).
+    zero_copy: bool,
     reader: StreamReader,
     limits: BatchLimits,
     filter: Option<Arc<(Vec<String>, bool)>>,
@@ -151,6 +204,8 @@ pub struct ReadDone {
     reader: StreamReader,
     buf: Vec<u8>,
     spans: Vec<ChunkSpan>,
+    /// Chunks left in their files (a zero-copy read).
+    files: Vec<FileSpan>,
     result: Result<(), StreamError>,
     pool: BufPool,
 }
@@ -165,7 +220,7 @@ impl std::fmt::Debug for ReadDone {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReadDone")
             .field("id", &self.id)
-            .field("chunks", &self.spans.len())
+            .field("chunks", &(self.spans.len() + self.files.len()))
             .finish()
     }
 }
@@ -196,6 +251,7 @@ impl ReadJob {
             reader: self.reader,
             buf: self.buf,
             spans,
+            files: Vec::new(),
             result,
             pool: self.pool,
         }
@@ -203,7 +259,38 @@ impl ReadJob {
 
     /// Read what the page cache holds, here and now; the job back if the
     /// disk would have to be waited for.
+    /// A zero-copy job locates the chunks and leaves their data in the
+    /// files; if the page cache does not hold them, [`run`](Self::run) reads
+    /// them (so `sendfile(2)` never waits for the disk on the connection's task).
     pub fn run_cached(mut self) -> Result<ReadDone, Box<ReadJob>> {
+        if self.zero_copy {
+            let mut files = Vec::new();
+            let limits = BatchLimits {
+                cached_only: true,
+                ..self.limits
+            };
+            let filter = self.filter.clone();
+            let keep = |bloom: &[u8]| match filter.as_deref() {
+                Some((values, unfiltered)) => {
+                    crate::storage::stream::may_match(bloom, values, *unfiltered)
+                }
+                None => true,
+            };
+            let r = self.reader.locate_batch(&mut files, limits, &keep);
+            return match r {
+                Ok(BatchRead::WouldBlock) => Err(Box::new(self)),
+                Ok(BatchRead::Read) => {
+                    let mut done = self.done(Vec::new(), Ok(()));
+                    done.files = files;
+                    Ok(done)
+                }
+                Err(e) => {
+                    let mut done = self.done(Vec::new(), Err(e));
+                    done.files = files;
+                    Ok(done)
+                }
+            };
+        }
         let mut spans = Vec::new();
         match self.read(true, &mut spans) {
             Ok(BatchRead::WouldBlock) => Err(Box::new(self)),
@@ -298,7 +385,9 @@ pub struct StreamSession {
     /// Small frames being assembled.
     out: BytesMut,
     /// Whole pieces ready for the socket, in order.
-    ready: VecDeque<Bytes>,
+    ready: VecDeque<Out>,
+    /// Deliver chunk data as file ranges ([`Out::File`]).
+    zero_copy: bool,
     /// Bytes in `ready`.
     ready_bytes: usize,
     /// Tokens of reads ([`ReadJob`]).
@@ -358,6 +447,7 @@ impl StreamSession {
             next_correlation: 1,
             out: BytesMut::with_capacity(4096),
             ready: VecDeque::new(),
+            zero_copy: false,
             ready_bytes: 0,
             next_read: 1,
             read_bufs: BufPool::default(),
@@ -367,6 +457,13 @@ impl StreamSession {
             peer_properties: Vec::new(),
             admin: None,
         }
+    }
+
+    /// Deliver chunks' data sections as file ranges ([`Out::File`]) when the
+    /// page cache holds them: the driver sends them with `sendfile(2)` (a
+    /// plain TCP socket).
+    pub fn set_zero_copy(&mut self, on: bool) {
+        self.zero_copy = on;
     }
 
     /// The connection is TLS: a verified client certificate makes SASL
@@ -527,17 +624,24 @@ impl StreamSession {
         self.flush_confirms();
     }
 
-    /// Bytes for the socket, in order.
-    pub fn poll_transmit(&mut self, now_ms: u64) -> Option<Bytes> {
+    /// Output for the socket, in order.
+    pub fn poll_output(&mut self, now_ms: u64) -> Option<Out> {
         if !self.out.is_empty() {
             let b = self.out.split().freeze();
             self.ready_bytes += b.len();
-            self.ready.push_back(b);
+            self.ready.push_back(Out::Bytes(b));
         }
         let b = self.ready.pop_front()?;
         self.ready_bytes -= b.len();
         self.last_send_ms = now_ms;
         Some(b)
+    }
+
+    /// Bytes for the socket, in order (file ranges read).
+    #[cfg(test)]
+    pub fn poll_transmit(&mut self, now_ms: u64) -> Option<Bytes> {
+        self.poll_output(now_ms)
+            .map(|o| o.into_bytes().expect("the file range reads"))
     }
 
     /// Whether there is output waiting.
@@ -570,6 +674,7 @@ impl StreamSession {
         Some(ReadJob {
             id,
             token,
+            zero_copy: self.zero_copy,
             reader,
             limits: BatchLimits {
                 chunks,
@@ -593,6 +698,7 @@ impl StreamSession {
             reader,
             buf,
             spans,
+            files,
             result,
             pool,
         } = done;
@@ -612,15 +718,42 @@ impl StreamSession {
         if let Err(e) = result {
             tracing::warn!(stream = %sub.stream, error = %e, "stream read failed");
         }
-        if spans.is_empty() {
-            pool.put(buf);
-            return;
-        }
         let committed = sub
             .reader
             .as_ref()
             .map_or(0, |r| *r.committed().borrow())
             .saturating_sub(1);
+        for span in files {
+            let head = span.raw_header;
+            let len = span.header.data_len as usize;
+            response::deliver_head(
+                &mut self.out,
+                self.deliver_version,
+                id,
+                committed,
+                &head,
+                len as u32,
+            );
+            let head = self.out.split().freeze();
+            self.ready_bytes += head.len() + len;
+            self.ready.push_back(Out::Bytes(head));
+            self.ready.push_back(Out::File {
+                file: span.file,
+                pos: span.data_pos,
+                len,
+            });
+            sub.last_chunk_len = span.header.total_len() as usize;
+            sub.credit = sub.credit.saturating_sub(1);
+            sub.stats.delivered(
+                span.header.first_offset,
+                span.header.num_records,
+                sub.credit,
+            );
+        }
+        if spans.is_empty() {
+            pool.put(buf);
+            return;
+        }
         let lent = Bytes::from_owner(Lent { buf, pool });
         for span in spans {
             let mut head = [0u8; response::CHUNK_HEADER_LEN];
@@ -636,8 +769,8 @@ impl StreamSession {
             );
             let head = self.out.split().freeze();
             self.ready_bytes += head.len() + data.len();
-            self.ready.push_back(head);
-            self.ready.push_back(data);
+            self.ready.push_back(Out::Bytes(head));
+            self.ready.push_back(Out::Bytes(data));
             sub.last_chunk_len = span.header.total_len() as usize;
             sub.credit = sub.credit.saturating_sub(1);
             sub.stats.delivered(
@@ -703,6 +836,9 @@ impl StreamSession {
                 if self.tls.as_ref().is_some_and(|t| t.login.is_some()) {
                     mechs.push(EXTERNAL.to_string());
                 }
+                if self.settings.anonymous.is_some() {
+                    mechs.push(ANONYMOUS.to_string());
+                }
                 response::with_strings(
                     &mut self.out,
                     key::SASL_HANDSHAKE,
@@ -765,6 +901,12 @@ impl StreamSession {
         if mechanism == EXTERNAL && self.tls.as_ref().is_some_and(offered) {
             return self.authenticate_external(correlation_id);
         }
+        if mechanism == ANONYMOUS {
+            if let Some((user, pass)) = self.settings.anonymous.clone() {
+                let result = self.broker.authenticate(&user, &pass, self.from_loopback);
+                return self.login_result(correlation_id, mechanism, &user, result);
+            }
+        }
         if mechanism != "PLAIN" && mechanism != "AMQPLAIN" {
             response::generic(
                 &mut self.out,
@@ -826,6 +968,7 @@ impl StreamSession {
                 self.auth_mechanism = match mechanism {
                     "AMQPLAIN" => "AMQPLAIN",
                     EXTERNAL => EXTERNAL,
+                    ANONYMOUS => ANONYMOUS,
                     _ => "PLAIN",
                 };
                 if let Some(a) = &self.admin {
@@ -1784,6 +1927,7 @@ mod tests {
                 advertised_port: 5552,
                 handshake_timeout_ms: 10_000,
                 sac: Arc::default(),
+                anonymous: None,
             },
             1,
             true,

@@ -9,7 +9,8 @@
 //! step when publishers and subscriptions come and go. Counters are relaxed
 //! atomics bumped once per publish frame, confirm frame and delivered chunk
 //! (never per message); the lists are locked only when they change and when
-//! the admin API reads them.
+//! the admin API reads them. The connection's task counts the socket's bytes
+//! and reads/writes (`recv_oct`, `send_oct`, `recv_cnt`, `send_cnt`).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -102,6 +103,14 @@ pub struct StreamConnStats {
     auth_mechanism: Mutex<&'static str>,
     publishers: Mutex<BTreeMap<u8, Arc<PublisherStats>>>,
     consumers: Mutex<BTreeMap<u8, Arc<ConsumerStats>>>,
+    /// Bytes read from the socket (RabbitMQ's `recv_oct`).
+    pub recv_oct: AtomicU64,
+    /// Socket reads that returned data (`recv_cnt`).
+    pub recv_cnt: AtomicU64,
+    /// Bytes written to the socket (`send_oct`).
+    pub send_oct: AtomicU64,
+    /// Socket writes (`send_cnt`).
+    pub send_cnt: AtomicU64,
 }
 
 impl StreamConnStats {
@@ -112,7 +121,31 @@ impl StreamConnStats {
             auth_mechanism: Mutex::new("PLAIN"),
             publishers: Mutex::new(BTreeMap::new()),
             consumers: Mutex::new(BTreeMap::new()),
+            recv_oct: AtomicU64::new(0),
+            recv_cnt: AtomicU64::new(0),
+            send_oct: AtomicU64::new(0),
+            send_cnt: AtomicU64::new(0),
         })
+    }
+
+    /// The connection's task read `n` bytes from its socket.
+    pub fn received(&self, n: usize) {
+        self.recv_oct.fetch_add(n as u64, Ordering::Relaxed);
+        self.recv_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The connection's task wrote `n` bytes to its socket in one write.
+    pub fn sent(&self, n: usize) {
+        self.send_oct.fetch_add(n as u64, Ordering::Relaxed);
+        self.send_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (`recv_oct`, `send_oct`) so far.
+    pub fn octets(&self) -> (u64, u64) {
+        (
+            self.recv_oct.load(Ordering::Relaxed),
+            self.send_oct.load(Ordering::Relaxed),
+        )
     }
 
     pub fn auth_mechanism(&self) -> &'static str {

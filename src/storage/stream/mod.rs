@@ -185,6 +185,19 @@ impl ChunkSpan {
     }
 }
 
+/// One chunk of a [`StreamReader::locate_batch`]: its header and where its
+/// data section is in its segment file (committed chunks never change, and
+/// the open file keeps its bytes even once retention removes it).
+#[derive(Debug, Clone)]
+pub struct FileSpan {
+    pub header: Header,
+    /// The header as stored.
+    pub raw_header: [u8; chunk::HEADER_LEN],
+    pub file: Arc<File>,
+    /// Where the data section starts in the file.
+    pub data_pos: u64,
+}
+
 /// What one [`StreamReader::read_batch`] may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
@@ -711,7 +724,7 @@ pub struct StreamReader {
     /// Offset of the next chunk to return.
     next: u64,
     /// (segment first offset, open segment file, position of the next chunk).
-    file: Option<(u64, File, u64)>,
+    file: Option<(u64, Arc<File>, u64)>,
 }
 
 impl std::fmt::Debug for StreamReader {
@@ -880,6 +893,101 @@ impl StreamReader {
         }
     }
 
+    /// As [`read_batch`](Self::read_batch), but only each chunk's header and
+    /// bloom filter are read (one small `pread` per chunk): the data sections
+    /// stay in the segment file, for `sendfile(2)`. `limits.bytes` bounds the
+    /// chunks' stored bytes (the first is taken whatever its size). With
+    /// `cached_only`, the headers must be in the page cache and so must the
+    /// last byte of each data section (chunks are written whole, so their
+    /// pages are cached and evicted together): else the chunks found so far,
+    /// or [`BatchRead::WouldBlock`] if none.
+    pub fn locate_batch(
+        &mut self,
+        spans: &mut Vec<FileSpan>,
+        limits: BatchLimits,
+        keep: &dyn Fn(&[u8]) -> bool,
+    ) -> Result<BatchRead, StreamError> {
+        spans.clear();
+        let mut head = [0u8; chunk::HEADER_LEN + 255];
+        let mut taken = 0usize;
+        loop {
+            let committed = *self.committed.borrow_and_update();
+            if self.next >= committed || spans.len() >= limits.chunks.max(1) {
+                return Ok(BatchRead::Read);
+            }
+            if !spans.is_empty() && taken >= limits.bytes {
+                return Ok(BatchRead::Read);
+            }
+            if self.file.is_none() {
+                if limits.cached_only {
+                    return Ok(if spans.is_empty() {
+                        BatchRead::WouldBlock
+                    } else {
+                        BatchRead::Read
+                    });
+                }
+                self.locate()?;
+            }
+            let Some((seg_first, file, pos)) = &mut self.file else {
+                return Ok(BatchRead::Read);
+            };
+            let would_block = |spans: &Vec<FileSpan>| {
+                Ok(if spans.is_empty() {
+                    BatchRead::WouldBlock
+                } else {
+                    BatchRead::Read
+                })
+            };
+            let Some(n) = read_into(file, &mut head, *pos, limits.cached_only)? else {
+                return would_block(spans);
+            };
+            if n < chunk::HEADER_LEN {
+                if limits.cached_only {
+                    // The end of the segment (or an uncached header): the
+                    // next segment is opened on a thread that may block.
+                    return would_block(spans);
+                }
+                let cur = *seg_first;
+                if !self.next_segment(cur) {
+                    return Ok(BatchRead::Read);
+                }
+                continue;
+            }
+            let p = *pos;
+            let h = Header::parse(&head[..n])
+                .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
+            let bloom_end = chunk::HEADER_LEN + usize::from(h.bloom_len);
+            if n < bloom_end {
+                // Part of the bloom filter is not cached.
+                if limits.cached_only {
+                    return would_block(spans);
+                }
+                return Err(StreamError::Io(format!("short chunk at {p}")));
+            }
+            let data_pos = p + bloom_end as u64;
+            if limits.cached_only && h.data_len > 0 {
+                let mut last = [0u8; 1];
+                let end = data_pos + u64::from(h.data_len) - 1;
+                if read_into(file, &mut last, end, true)? != Some(1) {
+                    return would_block(spans);
+                }
+            }
+            if h.chunk_type == chunk::TYPE_USER && keep(&head[chunk::HEADER_LEN..bloom_end]) {
+                let mut raw_header = [0u8; chunk::HEADER_LEN];
+                raw_header.copy_from_slice(&head[..chunk::HEADER_LEN]);
+                spans.push(FileSpan {
+                    header: h,
+                    raw_header,
+                    file: Arc::clone(file),
+                    data_pos,
+                });
+                taken += h.total_len() as usize;
+            }
+            *pos = p + h.total_len();
+            self.next = h.next_offset().max(self.next);
+        }
+    }
+
     /// Move to the segment after the one starting at `cur`; false if none.
     fn next_segment(&mut self, cur: u64) -> bool {
         let next_seg = {
@@ -893,7 +1001,7 @@ impl StreamReader {
             return false;
         };
         match File::open(segment::segment_path(&self.log.dir, first)) {
-            Ok(f) => self.file = Some((first, f, segment::FILE_HEADER)),
+            Ok(f) => self.file = Some((first, Arc::new(f), segment::FILE_HEADER)),
             Err(_) => {
                 self.file = None;
                 self.next = self.next.max(first);
@@ -941,7 +1049,7 @@ impl StreamReader {
                 self.next = r.chunk_id.min(self.next);
                 r.pos
             };
-            self.file = Some((first, f, pos));
+            self.file = Some((first, Arc::new(f), pos));
             return Ok(());
         }
         Err(StreamError::Io(format!(

@@ -614,3 +614,81 @@ fn batch_reads_take_contiguous_chunks_up_to_credit_and_bytes() {
     store.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn located_chunks_point_at_the_data_read_batch_reads() {
+    let dir = tmp("locate");
+    let store = StreamStore::open(&dir).expect("open");
+    let log = store.open_log("/\0s", Retention::default()).expect("log");
+    for c in 0..4u64 {
+        let m: Vec<StreamMessage> = (0..3).map(|i| msg(&format!("{}", c * 3 + i))).collect();
+        log.append(m, 1_000).expect("append");
+        log.wait_committed_blocking();
+        if c == 1 {
+            log.store_offset("reader", 4).expect("store");
+            log.wait_committed_blocking();
+        }
+    }
+    let limits = BatchLimits {
+        chunks: 10,
+        bytes: 1 << 20,
+        cached_only: false,
+    };
+    let mut r = log.reader(OffsetSpec::First);
+    let (mut buf, mut spans) = (Vec::new(), Vec::new());
+    assert_eq!(
+        r.read_batch(&mut buf, &mut spans, limits, &|_| true),
+        Ok(BatchRead::Read)
+    );
+    let mut files = Vec::new();
+    let mut located = log.reader(OffsetSpec::First);
+    // Two chunks at most, then the rest; the tracking chunk skipped.
+    let mut got = Vec::new();
+    for chunks in [2, 10] {
+        let limits = BatchLimits { chunks, ..limits };
+        assert_eq!(
+            located.locate_batch(&mut files, limits, &|_| true),
+            Ok(BatchRead::Read)
+        );
+        assert!(files.len() <= chunks);
+        got.append(&mut files);
+    }
+    assert_eq!(got.len(), spans.len());
+    assert_eq!(got.len(), 4);
+    for (f, s) in got.iter().zip(&spans) {
+        assert_eq!(f.header, s.header);
+        assert_eq!(&f.raw_header[..], &buf[s.header_range()]);
+        let mut data = vec![0u8; f.header.data_len as usize];
+        f.file.read_exact_at(&mut data, f.data_pos).expect("read");
+        assert_eq!(&data[..], &buf[s.data_range()]);
+    }
+    assert!(!located.has_more());
+    // What the page cache holds (just written): found without waiting.
+    let mut cached = log.reader(OffsetSpec::First);
+    let limits = BatchLimits {
+        cached_only: true,
+        ..limits
+    };
+    match cached.locate_batch(&mut files, limits, &|_| true) {
+        Ok(BatchRead::Read) => assert_eq!(files.len(), 4),
+        // The reader's segment is opened on a thread that may block.
+        Ok(BatchRead::WouldBlock) => assert!(files.is_empty()),
+        Err(e) => panic!("{e}"),
+    }
+    // A filter that wants nothing: none, and caught up.
+    let mut r = log.reader(OffsetSpec::First);
+    assert_eq!(
+        r.locate_batch(
+            &mut files,
+            BatchLimits {
+                cached_only: false,
+                ..limits
+            },
+            &|_| false
+        ),
+        Ok(BatchRead::Read)
+    );
+    assert!(files.is_empty() && !r.has_more());
+    store.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
