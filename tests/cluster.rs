@@ -16,20 +16,8 @@ use std::time::{Duration, Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_metadata_catch_up_and_refuse_without_quorum() {
-    let mut a = Node::new(1, "form");
-    let mut b = Node::new(2, "form");
-    let mut c = Node::new(3, "form");
-    b.seeds = vec![a.seed()];
-    c.seeds = vec![a.seed(), b.seed()];
-    a.start().await;
-    b.start().await;
-    c.start().await;
+    let (a, mut b, mut c) = three_nodes("form").await;
     let all = [a.name(), b.name(), c.name()];
-    eventually("three running members", Duration::from_secs(20), || {
-        let r = a.running();
-        all.iter().all(|n| r.contains(n))
-    })
-    .await;
     let (_, nodes) = b.get("/api/nodes");
     let leaders: Vec<&Value> = nodes
         .as_array()

@@ -13,24 +13,6 @@ use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn three_nodes(tag: &str) -> (Node, Node, Node) {
-    let mut a = Node::new(1, tag);
-    let mut b = Node::new(2, tag);
-    let mut c = Node::new(3, tag);
-    b.seeds = vec![a.seed()];
-    c.seeds = vec![a.seed(), b.seed()];
-    a.start().await;
-    b.start().await;
-    c.start().await;
-    let all = [a.name(), b.name(), c.name()];
-    eventually("three running members", Duration::from_secs(20), || {
-        let r = a.running();
-        all.iter().all(|n| r.contains(n))
-    })
-    .await;
-    (a, b, c)
-}
-
 fn names(list: &Value, key: &str) -> Vec<String> {
     list.as_array()
         .into_iter()

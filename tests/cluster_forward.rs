@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::cluster::{eventually, Node};
+use common::cluster::{eventually, three_nodes, Node};
 use lapin::options::*;
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::FieldTable;
@@ -105,27 +105,9 @@ async fn drain(node: &Node, q: &str) -> Vec<String> {
     out
 }
 
-async fn three(tag: &str) -> (Node, Node, Node) {
-    let mut a = Node::new(1, tag);
-    let mut b = Node::new(2, tag);
-    let mut c = Node::new(3, tag);
-    b.seeds = vec![a.seed()];
-    c.seeds = vec![a.seed(), b.seed()];
-    a.start().await;
-    b.start().await;
-    c.start().await;
-    let all = [a.name(), b.name(), c.name()];
-    eventually("three running members", Duration::from_secs(20), || {
-        let r = b.running();
-        all.iter().all(|n| r.contains(n))
-    })
-    .await;
-    (a, b, c)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_on_another_node_live_on_the_home_node_and_are_nacked_when_it_is_down() {
-    let (mut a, b, c) = three("fwd-pub").await;
+    let (mut a, b, c) = three_nodes("fwd-pub").await;
     declare_durable(&a, "fq").await;
     wait_visible(&b, "fq").await;
     wait_visible(&c, "fq").await;
@@ -272,7 +254,7 @@ async fn until_count(node: &Node, q: &str, want: u32) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when_it_dies() {
     use futures::StreamExt;
-    let (mut a, b, c) = three("fwd-con").await;
+    let (mut a, b, c) = three_nodes("fwd-con").await;
     declare_durable(&a, "cq").await;
     wait_visible(&b, "cq").await;
     wait_visible(&c, "cq").await;
@@ -405,7 +387,7 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_operations_on_other_nodes_are_answered_by_the_home_node() {
-    let (a, b, c) = three("fwd-ops").await;
+    let (a, b, c) = three_nodes("fwd-ops").await;
     declare_durable(&a, "oq").await;
     wait_visible(&b, "oq").await;
     wait_visible(&c, "oq").await;

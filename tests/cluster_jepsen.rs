@@ -29,7 +29,7 @@
 
 mod common;
 
-use common::cluster::{eventually, Node};
+use common::cluster::{eventually, start_proxied, Node};
 use common::proxy::Proxy;
 use futures::StreamExt;
 use lapin::options::*;
@@ -298,27 +298,7 @@ struct Net {
 
 impl Net {
     async fn start() -> Net {
-        let mut nodes: Vec<Node> = (1..=3).map(|n| Node::new(n, "jepsen")).collect();
-        for n in nodes.iter_mut() {
-            n.commit_timeout_ms = 5000;
-        }
-        let mut proxies = BTreeMap::new();
-        for i in 0..3 {
-            for j in 0..3 {
-                if i != j {
-                    let p = Proxy::start(&nodes[j].cluster_addr());
-                    let to = (nodes[j].name(), p.addr.to_string());
-                    nodes[i].dial.push(to);
-                    proxies.insert((i, j), p);
-                }
-            }
-        }
-        let seed = nodes[0].seed();
-        nodes[1].seeds = vec![seed.clone()];
-        nodes[2].seeds = vec![seed];
-        for n in nodes.iter_mut() {
-            n.start().await;
-        }
+        let (nodes, proxies) = start_proxied("jepsen", 5000).await;
         let net = Net { nodes, proxies };
         eventually("three running members", Duration::from_secs(30), || {
             net.nodes.iter().all(|n| n.running().len() == 3)

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::cluster::{declare, eventually, wait_all_present, Node};
+use common::cluster::{declare, eventually, start_proxied, wait_all_present, Node};
 use common::proxy::Proxy;
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
@@ -36,28 +36,7 @@ struct Net {
 
 impl Net {
     async fn start(tag: &str) -> Net {
-        let mut nodes: Vec<Node> = (1..=3).map(|n| Node::new(n, tag)).collect();
-        for n in nodes.iter_mut() {
-            // Room for an election and a commit on a loaded machine.
-            n.commit_timeout_ms = COMMIT_TIMEOUT_MS;
-        }
-        let mut proxies = BTreeMap::new();
-        for i in 0..3 {
-            for j in 0..3 {
-                if i != j {
-                    let p = Proxy::start(&nodes[j].cluster_addr());
-                    let to = (nodes[j].name(), p.addr.to_string());
-                    nodes[i].dial.push(to);
-                    proxies.insert((i, j), p);
-                }
-            }
-        }
-        let seed = nodes[0].seed();
-        nodes[1].seeds = vec![seed.clone()];
-        nodes[2].seeds = vec![seed];
-        for n in nodes.iter_mut() {
-            n.start().await;
-        }
+        let (nodes, proxies) = start_proxied(tag, COMMIT_TIMEOUT_MS).await;
         let net = Net {
             nodes,
             proxies,

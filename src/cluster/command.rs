@@ -925,7 +925,7 @@ impl Metadata {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn bind(source: &str, queue: &str) -> Command {
@@ -939,7 +939,7 @@ mod tests {
         })
     }
 
-    fn queue(name: &str) -> Command {
+    pub(crate) fn queue(name: &str) -> Command {
         Command::DeclareQueue {
             vhost: "/".into(),
             name: name.into(),
@@ -950,7 +950,7 @@ mod tests {
         }
     }
 
-    fn exchange(name: &str) -> Command {
+    pub(crate) fn exchange(name: &str) -> Command {
         Command::DeclareExchange {
             vhost: "/".into(),
             name: name.into(),

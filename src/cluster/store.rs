@@ -529,32 +529,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
     use crate::broker::vhost::{ExchangeDeclare, QueueDeclare};
-    use crate::cluster::command::{Args, Command};
+    use crate::cluster::command::tests::{exchange, queue};
+    use crate::cluster::command::Command;
     use openraft::CommittedLeaderId;
     use std::time::Duration;
-
-    fn exchange(name: &str) -> Command {
-        Command::DeclareExchange {
-            vhost: "/".into(),
-            name: name.into(),
-            kind: "direct".into(),
-            durable: true,
-            auto_delete: false,
-            internal: false,
-            arguments: Args::default(),
-        }
-    }
-
-    fn queue(name: &str) -> Command {
-        Command::DeclareQueue {
-            vhost: "/".into(),
-            name: name.into(),
-            node: "warren@a".into(),
-            durable: true,
-            auto_delete: false,
-            arguments: Args::default(),
-        }
-    }
 
     /// Installing a snapshot removes the replicated records the node has and
     /// the snapshot lacks (made here and never committed, or deleted by the

@@ -339,11 +339,7 @@ async fn send_more(
     let mut offset = 0usize;
     while first < pieces.len() {
         // `IoSlice` is ABI-compatible with `iovec` on Unix (and `Send`).
-        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity((pieces.len() - first).min(MAX_SLICES));
-        iov.push(IoSlice::new(&bytes_of(&pieces[first])[offset..]));
-        for p in pieces.iter().skip(first + 1).take(MAX_SLICES - 1) {
-            iov.push(IoSlice::new(bytes_of(p)));
-        }
+        let iov = slices(pieces, first, offset);
         let r = tcp
             .async_io(tokio::io::Interest::WRITABLE, || {
                 // SAFETY: a zeroed msghdr is valid; its iovecs point into
@@ -369,24 +365,42 @@ async fn send_more(
             Err(e) => return Err(e),
         };
         stats.sent(n);
-        let mut left = n;
-        while left > 0 && first < pieces.len() {
-            let avail = pieces[first].len() - offset;
-            if left >= avail {
-                left -= avail;
-                first += 1;
-                offset = 0;
-            } else {
-                offset += left;
-                left = 0;
-            }
-        }
-        while first < pieces.len() && pieces[first].len() == offset {
-            first += 1;
-            offset = 0;
-        }
+        (first, offset) = advance(pieces, first, offset, n);
     }
     Ok(())
+}
+
+/// The slices of `pieces` not written yet: from byte `offset` of piece
+/// `first`, at most [`MAX_SLICES`].
+fn slices(pieces: &[Out], first: usize, offset: usize) -> Vec<IoSlice<'_>> {
+    let mut iov = Vec::with_capacity((pieces.len() - first).min(MAX_SLICES));
+    iov.push(IoSlice::new(&bytes_of(&pieces[first])[offset..]));
+    for p in pieces.iter().skip(first + 1).take(MAX_SLICES - 1) {
+        iov.push(IoSlice::new(bytes_of(p)));
+    }
+    iov
+}
+
+/// Where writing resumes after `n` more bytes went out from `(first, offset)`
+/// (empty pieces skipped).
+fn advance(pieces: &[Out], mut first: usize, mut offset: usize, n: usize) -> (usize, usize) {
+    let mut left = n;
+    while left > 0 && first < pieces.len() {
+        let avail = pieces[first].len() - offset;
+        if left >= avail {
+            left -= avail;
+            first += 1;
+            offset = 0;
+        } else {
+            offset += left;
+            left = 0;
+        }
+    }
+    while first < pieces.len() && pieces[first].len() == offset {
+        first += 1;
+        offset = 0;
+    }
+    (first, offset)
 }
 
 /// Write byte pieces, vectored, in order.
@@ -398,35 +412,12 @@ async fn write_run<S: Sink>(
     let mut first = 0usize;
     let mut offset = 0usize;
     while first < pieces.len() {
-        let n = {
-            let mut slices: Vec<IoSlice<'_>> =
-                Vec::with_capacity((pieces.len() - first).min(MAX_SLICES));
-            slices.push(IoSlice::new(&bytes_of(&pieces[first])[offset..]));
-            for p in pieces.iter().skip(first + 1).take(MAX_SLICES - 1) {
-                slices.push(IoSlice::new(bytes_of(p)));
-            }
-            sock.write_vectored(&slices).await?
-        };
+        let n = sock.write_vectored(&slices(pieces, first, offset)).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
         stats.sent(n);
-        let mut left = n;
-        while left > 0 && first < pieces.len() {
-            let avail = pieces[first].len() - offset;
-            if left >= avail {
-                left -= avail;
-                first += 1;
-                offset = 0;
-            } else {
-                offset += left;
-                left = 0;
-            }
-        }
-        while first < pieces.len() && pieces[first].len() == offset {
-            first += 1;
-            offset = 0;
-        }
+        (first, offset) = advance(pieces, first, offset, n);
     }
     Ok(())
 }

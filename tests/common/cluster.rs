@@ -469,3 +469,59 @@ pub async fn declare_and_bind(node: &Node, x: &str, q: &str, key: &str) {
     .expect("queue.bind");
     let _ = conn.close(200, "bye").await;
 }
+
+/// Three nodes on 127.0.0.1, .2 and .3 (B seeded with A, C with A and B),
+/// started, and running as members in every node's view.
+pub async fn three_nodes(tag: &str) -> (Node, Node, Node) {
+    let mut a = Node::new(1, tag);
+    let mut b = Node::new(2, tag);
+    let mut c = Node::new(3, tag);
+    b.seeds = vec![a.seed()];
+    c.seeds = vec![a.seed(), b.seed()];
+    a.start().await;
+    b.start().await;
+    c.start().await;
+    let all = [a.name(), b.name(), c.name()];
+    eventually("three running members", Duration::from_secs(20), || {
+        [&a, &b, &c].iter().all(|n| {
+            let r = n.running();
+            all.iter().all(|m| r.contains(m))
+        })
+    })
+    .await;
+    (a, b, c)
+}
+
+/// Three nodes that reach each other only through a test-owned proxy per
+/// directed pair (`[cluster] dial` overrides; key `(from, to)`), each with
+/// `commit_timeout_ms`, started (B and C seeded with A). Not yet waited on.
+pub async fn start_proxied(
+    tag: &str,
+    commit_timeout_ms: u64,
+) -> (
+    Vec<Node>,
+    std::collections::BTreeMap<(usize, usize), super::proxy::Proxy>,
+) {
+    let mut nodes: Vec<Node> = (1..=3).map(|n| Node::new(n, tag)).collect();
+    for n in nodes.iter_mut() {
+        n.commit_timeout_ms = commit_timeout_ms;
+    }
+    let mut proxies = std::collections::BTreeMap::new();
+    for i in 0..3 {
+        for j in 0..3 {
+            if i != j {
+                let p = super::proxy::Proxy::start(&nodes[j].cluster_addr());
+                let to = (nodes[j].name(), p.addr.to_string());
+                nodes[i].dial.push(to);
+                proxies.insert((i, j), p);
+            }
+        }
+    }
+    let seed = nodes[0].seed();
+    nodes[1].seeds = vec![seed.clone()];
+    nodes[2].seeds = vec![seed];
+    for n in nodes.iter_mut() {
+        n.start().await;
+    }
+    (nodes, proxies)
+}
