@@ -397,6 +397,15 @@ async fn byte_counters_rates_and_subscriptions_as_consumers() {
     assert_eq!(x["channel_details"]["connection_name"], cname.as_str());
     assert_eq!(x["ack_required"], false);
     assert_eq!(array(&get(&w, "/consumers/%2F").await).len(), 1);
+    // ... and in its stream queue's `consumers`, shown and listed.
+    let q = get(&w, &format!("/queues/%2F/{}", enc(&stream))).await;
+    assert_eq!(q["consumers"], 1, "{q:#}");
+    let queues = get(&w, "/queues").await;
+    let listed = array(&queues)
+        .iter()
+        .find(|q| q["name"] == stream.as_str())
+        .expect("listed");
+    assert_eq!(listed["consumers"], 1, "{listed:#}");
 
     // While messages flow, the sampled byte rates of both sides rise above 0.
     // (Stopped by a flag and closed: dropping the client's producer while
@@ -441,6 +450,10 @@ async fn byte_counters_rates_and_subscriptions_as_consumers() {
     let _ = t(handle.close()).await;
     let _ = t(draining).await;
     until(&w, "/overview", |o| o["object_totals"]["consumers"] == 0).await;
+    until(&w, &format!("/queues/%2F/{}", enc(&stream)), |q| {
+        q["consumers"] == 0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

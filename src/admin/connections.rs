@@ -1,5 +1,6 @@
 //! `/api/connections[/{name}]` (list, show, force-close; Stream protocol
-//! connections included, shown by [`super::stream`]), `/api/channels` and
+//! connections included, shown by [`super::stream`]; both with their
+//! socket's counters and byte rates), `/api/channels` and
 //! `/api/consumers[/{vhost}]`.
 
 use super::{table_to_json, AdminState, ApiError, ApiResult, Caller};
@@ -17,7 +18,7 @@ pub fn connection_json(s: &AdminState, c: &ConnectionInfo) -> Value {
         return super::stream::connection_json(s, c, st);
     }
     let tls = c.tls.as_ref();
-    json!({
+    let v = json!({
         "name": c.name,
         "vhost": c.vhost,
         "user": c.user,
@@ -41,7 +42,30 @@ pub fn connection_json(s: &AdminState, c: &ConnectionInfo) -> Value {
         "ssl_cipher": tls.map(|t| t.cipher.as_str()),
         "peer_cert_subject": tls.and_then(|t| t.peer_cert_subject.as_deref()),
         "peer_cert_issuer": tls.and_then(|t| t.peer_cert_issuer.as_deref()),
-    })
+    });
+    with_socket_stats(s, c, v)
+}
+
+/// `v` (a connection's object) with its socket's counters (`recv_oct`,
+/// `recv_cnt`, `send_oct`, `send_cnt`) and the byte rates over the last
+/// sample (`recv_oct_details.rate`, `send_oct_details.rate`), for either
+/// protocol.
+pub(super) fn with_socket_stats(s: &AdminState, c: &ConnectionInfo, mut v: Value) -> Value {
+    let rates = s.rates.connection(c.id);
+    let io = &c.socket;
+    if let Value::Object(m) = &mut v {
+        for (k, x) in [
+            ("recv_oct", json!(io.recv_oct.load(Ordering::Relaxed))),
+            ("recv_oct_details", super::details(rates.recv_oct)),
+            ("recv_cnt", json!(io.recv_cnt.load(Ordering::Relaxed))),
+            ("send_oct", json!(io.send_oct.load(Ordering::Relaxed))),
+            ("send_oct_details", super::details(rates.send_oct)),
+            ("send_cnt", json!(io.send_cnt.load(Ordering::Relaxed))),
+        ] {
+            m.insert(k.into(), x);
+        }
+    }
+    v
 }
 
 /// Connections the caller may see: monitors all, others their own.

@@ -67,7 +67,7 @@ struct Sampled {
     queues: HashMap<(String, String), (Totals, RateSet)>,
     /// Keyed by (vhost, exchange).
     exchanges: HashMap<(String, String), (ExchangeTotals, ExchangeRates)>,
-    /// Stream connections' (`recv_oct`, `send_oct`) and their rates, by
+    /// Connections' (`recv_oct`, `send_oct`) and their rates, by
     /// connection id.
     connections: HashMap<u64, ((u64, u64), OctetRates)>,
 }
@@ -130,7 +130,7 @@ impl Rates {
         let connections: Vec<(u64, (u64, u64))> = broker
             .connections()
             .iter()
-            .filter_map(|c| c.control.stream().map(|st| (c.id, st.octets())))
+            .map(|c| (c.id, c.socket.octets()))
             .collect();
         let mut s = self.inner.lock();
         let secs =
@@ -179,7 +179,7 @@ impl Rates {
         s.at = Some(now);
     }
 
-    /// A stream connection's byte rates (zero before two samples saw it).
+    /// A connection's byte rates (zero before two samples saw it).
     pub fn connection(&self, id: u64) -> OctetRates {
         self.inner
             .lock()
@@ -304,7 +304,10 @@ pub fn render(broker: &Broker) -> String {
     let mut consumers = 0u64;
     for v in &vhosts {
         for q in v.queues() {
-            let s = q.stats(crate::clock::now_ms());
+            let mut s = q.stats(crate::clock::now_ms());
+            if q.stream().is_some() {
+                s.consumers += super::stream::subscriptions_to(broker, &v.name, q.name());
+            }
             consumers += s.consumers as u64;
             queue_lines.push((v.name.to_string(), q.name().to_string(), s));
         }

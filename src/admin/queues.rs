@@ -20,10 +20,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// A queue's counts (messages, bytes, consumers, message stats) as this node
-/// has them: what a queue's home node answers other members.
+/// has them: what a queue's home node answers other members. A stream's
+/// consumers are its AMQP consumers and its Stream protocol subscriptions.
 pub fn queue_counts(s: &AdminState, q: &Queue) -> Map<String, Value> {
-    let st = q.stats(crate::clock::now_ms());
+    let mut st = q.stats(crate::clock::now_ms());
     let vhost = &*q.spec.vhost;
+    if q.stream().is_some() {
+        st.consumers += super::stream::subscriptions_to(&s.broker, vhost, q.name());
+    }
     let counts = json!({
         "messages": st.ready + st.unacked,
         "messages_ready": st.ready,

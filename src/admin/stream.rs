@@ -25,8 +25,7 @@ use std::sync::Arc;
 /// `send_cnt`) and their rates over the last sample (`*_details.rate`).
 pub fn connection_json(s: &AdminState, c: &ConnectionInfo, st: &StreamConnStats) -> Value {
     let tls = c.tls.as_ref();
-    let rates = s.rates.connection(c.id);
-    json!({
+    let v = json!({
         "name": c.name,
         "vhost": c.vhost,
         "user": c.user,
@@ -54,13 +53,19 @@ pub fn connection_json(s: &AdminState, c: &ConnectionInfo, st: &StreamConnStats)
         "peer_cert_subject": tls.and_then(|t| t.peer_cert_subject.as_deref()),
         "peer_cert_issuer": tls.and_then(|t| t.peer_cert_issuer.as_deref()),
         "peer_cert_validity": Value::Null,
-        "recv_oct": st.recv_oct.load(Ordering::Relaxed),
-        "recv_oct_details": super::details(rates.recv_oct),
-        "recv_cnt": st.recv_cnt.load(Ordering::Relaxed),
-        "send_oct": st.send_oct.load(Ordering::Relaxed),
-        "send_oct_details": super::details(rates.send_oct),
-        "send_cnt": st.send_cnt.load(Ordering::Relaxed),
-    })
+    });
+    super::connections::with_socket_stats(s, c, v)
+}
+
+/// The Stream protocol subscriptions to `stream` of `vhost`: RabbitMQ counts
+/// them in a stream queue's `consumers`, with its AMQP consumers.
+pub fn subscriptions_to(b: &crate::broker::Broker, vhost: &str, stream: &str) -> usize {
+    b.connections()
+        .iter()
+        .filter(|c| c.vhost == vhost)
+        .filter_map(|c| c.control.stream())
+        .map(|st| st.consumers().iter().filter(|x| x.stream == stream).count())
+        .sum()
 }
 
 /// What `connection_details` says of a publisher's or consumer's connection.

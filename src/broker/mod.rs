@@ -52,6 +52,53 @@ impl Counters {
     }
 }
 
+/// A connection's socket traffic, as the management API shows it
+/// (RabbitMQ's `recv_oct`, `recv_cnt`, `send_oct`, `send_cnt`). The
+/// connection's tasks count with relaxed atomics, one add per socket read and
+/// per write call (never per frame); the admin API reads and samples them.
+///
+/// RabbitMQ counts packets in `recv_cnt` / `send_cnt`; here they count socket
+/// reads that returned data and write calls (the AMQP writer coalesces every
+/// waiting chunk into one write; a Stream connection counts each vectored
+/// write and each `sendfile(2)` call), the nearest user-space measure.
+#[derive(Debug, Default)]
+pub struct SocketStats {
+    /// Bytes read from the socket.
+    pub recv_oct: AtomicU64,
+    /// Socket reads that returned data.
+    pub recv_cnt: AtomicU64,
+    /// Bytes written to the socket.
+    pub send_oct: AtomicU64,
+    /// Socket writes.
+    pub send_cnt: AtomicU64,
+}
+
+impl SocketStats {
+    pub fn new() -> Arc<SocketStats> {
+        Arc::new(SocketStats::default())
+    }
+
+    /// `n` bytes were read from the socket in one read.
+    pub fn received(&self, n: usize) {
+        self.recv_oct.fetch_add(n as u64, Ordering::Relaxed);
+        self.recv_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `n` bytes were written to the socket in one write.
+    pub fn sent(&self, n: usize) {
+        self.send_oct.fetch_add(n as u64, Ordering::Relaxed);
+        self.send_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (`recv_oct`, `send_oct`) so far.
+    pub fn octets(&self) -> (u64, u64) {
+        (
+            self.recv_oct.load(Ordering::Relaxed),
+            self.send_oct.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Lets the broker (admin API, shutdown) close a connection it does not own.
 pub trait ConnectionControl: Send + Sync + std::fmt::Debug {
     /// Close with 320 CONNECTION_FORCED and this reason.
@@ -98,6 +145,8 @@ pub struct ConnectionInfo {
     /// Numbers of the open channels (for the admin API).
     pub open_channels: parking_lot::Mutex<std::collections::BTreeSet<u16>>,
     pub control: Arc<dyn ConnectionControl>,
+    /// Its socket's byte and read/write counters.
+    pub socket: Arc<SocketStats>,
 }
 
 pub use auth::User;

@@ -15,7 +15,7 @@ use crate::amqp::{self, ConnCtx};
 use crate::broker::oauth::{Grant, Verifier};
 use crate::broker::queue::DeliverySink;
 use crate::broker::remote::Ticket;
-use crate::broker::{Broker, ConnectionControl, ConnectionInfo, LoginError};
+use crate::broker::{Broker, ConnectionControl, ConnectionInfo, LoginError, SocketStats};
 use crate::clock::Now;
 use crate::cluster::{Cluster, Command};
 use crate::config::Config;
@@ -123,6 +123,9 @@ struct Conn<R> {
     read: R,
     rx: mpsc::UnboundedReceiver<Outbound>,
     sink: Arc<ConnSink>,
+    /// The socket's byte and read/write counters (the writer task counts
+    /// what it writes; reads are counted here, one add per read).
+    socket: Arc<SocketStats>,
     peer: SocketAddr,
     local: SocketAddr,
     /// The TLS session of a TLS connection.
@@ -194,7 +197,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (out, writer_task) = writer::spawn(write);
+    let socket = SocketStats::new();
+    let (out, writer_task) = writer::spawn(write, Arc::clone(&socket));
     let (sink, rx) = mailbox::new();
     let mut session = Session::new(session_config(&config), Instant::now());
     if tls.as_ref().is_some_and(|t| t.login.is_some()) {
@@ -210,6 +214,7 @@ where
         read,
         rx,
         sink,
+        socket,
         peer,
         local,
         tls,
@@ -304,7 +309,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 _ = timeouts.tick(), if running => self.check_consumer_timeouts(),
                 read = self.read.read_buf(self.session.input_buffer()), if reading => match read {
                     Ok(0) | Err(_) => self.session.handle_eof(),
-                    Ok(_) => self.session.handle_read(Instant::now()),
+                    Ok(n) => {
+                        self.socket.received(n);
+                        self.session.handle_read(Instant::now());
+                    }
                 },
                 msg = self.rx.recv(), if !self.backpressure => {
                     if let Some(msg) = msg {
@@ -796,6 +804,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             channels: Default::default(),
             open_channels: Default::default(),
             control: Arc::clone(&self.sink) as Arc<dyn ConnectionControl>,
+            socket: Arc::clone(&self.socket),
         }));
         if let Err(e) = admitted {
             return self.session.refuse_open(e, now);
@@ -1089,6 +1098,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 if n == 0 {
                     break;
                 }
+                self.socket.received(n);
             }
         })
         .await;

@@ -308,7 +308,7 @@ async fn send_file(
             // The file is shorter than the chunk said: never for a committed chunk.
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => {
-                stats.sent(n);
+                stats.socket.sent(n);
                 pos += n as u64;
                 len -= n;
             }
@@ -364,7 +364,7 @@ async fn send_more(
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        stats.sent(n);
+        stats.socket.sent(n);
         (first, offset) = advance(pieces, first, offset, n);
     }
     Ok(())
@@ -416,7 +416,7 @@ async fn write_run<S: Sink>(
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        stats.sent(n);
+        stats.socket.sent(n);
         (first, offset) = advance(pieces, first, offset, n);
     }
     Ok(())
@@ -576,7 +576,7 @@ async fn serve<S: Sink>(
                     break Ok(());
                 }
                 Ok(n) => {
-                    stats.received(n);
+                    stats.socket.received(n);
                     session.handle_input(&mut rbuf, clock::now_ms());
                 }
                 Err(e) => break Err(e),

@@ -2,8 +2,11 @@
 //! the connection task hands them in chunks to a writer task that owns the
 //! socket's write half, so a slow reader never blocks the connection's read loop.
 //!
-//! The writer coalesces every chunk waiting in its mailbox into one `write`.
+//! The writer coalesces every chunk waiting in its mailbox into one `write`,
+//! and counts each one in the connection's [`SocketStats`] (`send_oct`,
+//! `send_cnt`: one count per coalesced write, not per frame).
 
+use crate::broker::SocketStats;
 use bytes::{Bytes, BytesMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,14 +42,15 @@ impl Out {
     }
 }
 
-/// Start the writer task for `sink`; returns its handle and the task.
-pub fn spawn<W>(sink: W) -> (Out, tokio::task::JoinHandle<()>)
+/// Start the writer task for `sink`, counting what it writes in `stats`;
+/// returns its handle and the task.
+pub fn spawn<W>(sink: W, stats: Arc<SocketStats>) -> (Out, tokio::task::JoinHandle<()>)
 where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
     let in_flight = Arc::new(AtomicUsize::new(0));
-    let task = tokio::spawn(write_loop(sink, rx, Arc::clone(&in_flight)));
+    let task = tokio::spawn(write_loop(sink, rx, Arc::clone(&in_flight), stats));
     (
         Out {
             tx: Some(tx),
@@ -60,6 +64,7 @@ async fn write_loop<W>(
     mut sink: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     in_flight: Arc<AtomicUsize>,
+    stats: Arc<SocketStats>,
 ) where
     W: AsyncWrite + Unpin,
 {
@@ -98,6 +103,7 @@ async fn write_loop<W>(
             return;
         }
         in_flight.fetch_sub(total, Ordering::AcqRel);
+        stats.sent(total);
         if sink.flush().await.is_err() {
             return;
         }

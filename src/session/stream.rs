@@ -1067,6 +1067,7 @@ impl StreamSession {
             channels: Default::default(),
             open_channels: Default::default(),
             control: Arc::clone(&a.stats) as Arc<dyn crate::broker::ConnectionControl>,
+            socket: Arc::clone(&a.stats.socket),
         };
         self.broker.admit_connection(Arc::new(info))?;
         a.registered = true;

@@ -10,7 +10,7 @@
 //! atomics bumped once per publish frame, confirm frame and delivered chunk
 //! (never per message); the lists are locked only when they change and when
 //! the admin API reads them. The connection's task counts the socket's bytes
-//! and reads/writes (`recv_oct`, `send_oct`, `recv_cnt`, `send_cnt`).
+//! and reads/writes in its [`SocketStats`], as an AMQP connection's does.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +19,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::broker::ConnectionControl;
+use crate::broker::{ConnectionControl, SocketStats};
 
 /// One publisher of a stream connection.
 #[derive(Debug)]
@@ -103,14 +103,8 @@ pub struct StreamConnStats {
     auth_mechanism: Mutex<&'static str>,
     publishers: Mutex<BTreeMap<u8, Arc<PublisherStats>>>,
     consumers: Mutex<BTreeMap<u8, Arc<ConsumerStats>>>,
-    /// Bytes read from the socket (RabbitMQ's `recv_oct`).
-    pub recv_oct: AtomicU64,
-    /// Socket reads that returned data (`recv_cnt`).
-    pub recv_cnt: AtomicU64,
-    /// Bytes written to the socket (`send_oct`).
-    pub send_oct: AtomicU64,
-    /// Socket writes (`send_cnt`).
-    pub send_cnt: AtomicU64,
+    /// Its socket's counters (the connection's task counts them).
+    pub socket: Arc<SocketStats>,
 }
 
 impl StreamConnStats {
@@ -121,31 +115,8 @@ impl StreamConnStats {
             auth_mechanism: Mutex::new("PLAIN"),
             publishers: Mutex::new(BTreeMap::new()),
             consumers: Mutex::new(BTreeMap::new()),
-            recv_oct: AtomicU64::new(0),
-            recv_cnt: AtomicU64::new(0),
-            send_oct: AtomicU64::new(0),
-            send_cnt: AtomicU64::new(0),
+            socket: SocketStats::new(),
         })
-    }
-
-    /// The connection's task read `n` bytes from its socket.
-    pub fn received(&self, n: usize) {
-        self.recv_oct.fetch_add(n as u64, Ordering::Relaxed);
-        self.recv_cnt.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The connection's task wrote `n` bytes to its socket in one write.
-    pub fn sent(&self, n: usize) {
-        self.send_oct.fetch_add(n as u64, Ordering::Relaxed);
-        self.send_cnt.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// (`recv_oct`, `send_oct`) so far.
-    pub fn octets(&self) -> (u64, u64) {
-        (
-            self.recv_oct.load(Ordering::Relaxed),
-            self.send_oct.load(Ordering::Relaxed),
-        )
     }
 
     pub fn auth_mechanism(&self) -> &'static str {

@@ -90,3 +90,113 @@ async fn connections_channels_consumers_and_force_close() {
         404
     );
 }
+
+/// `path` of `b` polled (with a deadline) until `ok` holds for its body.
+async fn until(b: &Broker, path: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let body = b.get(path).await;
+        if ok(&body) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{path} never matched: {body:#}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+fn counter(c: &Value, field: &str) -> u64 {
+    c[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} missing: {c:#}"))
+}
+
+/// An AMQP 0-9-1 connection's socket counters: `recv_oct` grows by at least
+/// the bytes published, `send_oct` by at least the bytes delivered, the
+/// read/write counts with them, and the byte rates are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_connection_byte_counters() {
+    let b = start().await;
+    let conn = b.amqp("guest", "guest", "/").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.queue_declare(
+        "octets",
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let conns = b.get("/api/connections").await;
+    let c = &conns[0];
+    assert_eq!(c["protocol"], "AMQP 0-9-1");
+    let name = c["name"].as_str().unwrap().to_string();
+    let path = format!(
+        "/api/connections/{}",
+        name.replace(' ', "%20")
+            .replace('>', "%3E")
+            .replace(':', "%3A")
+    );
+    let before = b.get(&path).await;
+    let (recv0, send0) = (counter(&before, "recv_oct"), counter(&before, "send_oct"));
+    // The handshake and the declare went both ways already.
+    assert!(recv0 > 0 && send0 > 0, "{before:#}");
+    assert!(counter(&before, "recv_cnt") >= 1, "{before:#}");
+    assert!(counter(&before, "send_cnt") >= 1, "{before:#}");
+    assert!(before["recv_oct_details"]["rate"].is_number(), "{before:#}");
+    assert!(before["send_oct_details"]["rate"].is_number(), "{before:#}");
+
+    const N: usize = 20;
+    const SIZE: usize = 1000;
+    for _ in 0..N {
+        ch.basic_publish(
+            "",
+            "octets",
+            BasicPublishOptions::default(),
+            &[b'p'; SIZE],
+            BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let published = until(&b, &path, |c| {
+        c["recv_oct"]
+            .as_u64()
+            .is_some_and(|n| n >= recv0 + (N * SIZE) as u64)
+    })
+    .await;
+    assert!(
+        counter(&published, "recv_cnt") > counter(&before, "recv_cnt"),
+        "{published:#}"
+    );
+    let send1 = counter(&published, "send_oct");
+
+    for _ in 0..N {
+        let got = ch
+            .basic_get("octets", BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("a message");
+        assert_eq!(got.delivery.data.len(), SIZE);
+    }
+    let consumed = until(&b, &path, |c| {
+        c["send_oct"]
+            .as_u64()
+            .is_some_and(|n| n >= send1 + (N * SIZE) as u64)
+    })
+    .await;
+    assert!(
+        counter(&consumed, "send_cnt") > counter(&published, "send_cnt"),
+        "{consumed:#}"
+    );
+    // The list shows the same counters.
+    let listed = b.get("/api/connections").await;
+    assert!(counter(&listed[0], "send_oct") >= counter(&consumed, "send_oct"));
+    assert!(counter(&listed[0], "recv_oct") >= counter(&consumed, "recv_oct"));
+}
