@@ -554,3 +554,19 @@ impl Broker {
         Ok(u)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_stats_count_bytes_and_calls() {
+        let s = SocketStats::new();
+        s.received(100);
+        s.received(28);
+        s.sent(7);
+        assert_eq!(s.octets(), (128, 7));
+        assert_eq!(s.recv_cnt.load(Ordering::Relaxed), 2);
+        assert_eq!(s.send_cnt.load(Ordering::Relaxed), 1);
+    }
+}
