@@ -1099,6 +1099,16 @@ impl StreamSession {
         q.stream().cloned()
     }
 
+    /// Clustered: stream `name` is homed on another node (the forwarder's
+    /// `remote()` marker on the queue), so this node has no member of it and
+    /// its local log is an empty copy that must not be read or written.
+    fn homed_elsewhere(&self, name: &str) -> bool {
+        self.vhost
+            .as_ref()
+            .and_then(|v| v.queue(name, self.connection_id).ok())
+            .is_some_and(|q| q.remote().is_some())
+    }
+
     fn running(&mut self, req: Request, now_ms: u64) {
         match req {
             Request::Publish {
@@ -1152,10 +1162,9 @@ impl StreamSession {
                 stream,
             } => {
                 let (c, seq) = match self.log(&stream) {
-                    Some(log) if self.allowed(Access::Read, &stream) => {
-                        (code::OK, log.publisher_sequence(&reference))
-                    }
-                    Some(_) => (code::ACCESS_REFUSED, 0),
+                    Some(_) if !self.allowed(Access::Read, &stream) => (code::ACCESS_REFUSED, 0),
+                    Some(_) if self.homed_elsewhere(&stream) => (code::STREAM_NOT_AVAILABLE, 0),
+                    Some(log) => (code::OK, log.publisher_sequence(&reference)),
                     None => (code::STREAM_DOES_NOT_EXIST, 0),
                 };
                 response::with_u64(
@@ -1201,7 +1210,10 @@ impl StreamSession {
                 offset,
             } => {
                 // No response; failures are only logged, as RabbitMQ does.
-                if let Some(log) = self
+                // Never into the empty local copy of a stream homed elsewhere.
+                if self.homed_elsewhere(&stream) {
+                    tracing::warn!(%stream, "store offset: stream not available on this node");
+                } else if let Some(log) = self
                     .log(&stream)
                     .filter(|_| self.allowed(Access::Read, &stream))
                 {
@@ -1217,6 +1229,7 @@ impl StreamSession {
             } => {
                 let (c, o) = match self.log(&stream) {
                     Some(_) if !self.allowed(Access::Read, &stream) => (code::ACCESS_REFUSED, 0),
+                    Some(_) if self.homed_elsewhere(&stream) => (code::STREAM_NOT_AVAILABLE, 0),
                     Some(log) => match log.query_offset(&reference) {
                         Some(o) => (code::OK, o),
                         None => (code::NO_OFFSET, 0),
@@ -1381,6 +1394,11 @@ impl StreamSession {
         if !self.allowed(Access::Write, stream) {
             return code::ACCESS_REFUSED;
         }
+        // Clustered: the stream's leader is another node and Stream protocol
+        // publishes are not forwarded; refuse rather than write the local copy.
+        if self.homed_elsewhere(stream) {
+            return code::STREAM_NOT_AVAILABLE;
+        }
         // One publisher per reference and stream on a connection, as RabbitMQ.
         if let Some(r) = &reference {
             if self
@@ -1495,6 +1513,11 @@ impl StreamSession {
         };
         if !self.allowed(Access::Read, stream) {
             return code::ACCESS_REFUSED;
+        }
+        // Clustered: no member of the stream on this node (RabbitMQ's
+        // `lookup_local_member` failing), as RabbitMQ answers.
+        if self.homed_elsewhere(stream) {
+            return code::STREAM_NOT_AVAILABLE;
         }
         let prop = |k: &str| {
             properties
