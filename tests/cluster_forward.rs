@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::cluster::{eventually, three_nodes, Node};
+use common::cluster::{eventually, three_nodes, two_stream_nodes, Node};
 use lapin::options::*;
 use lapin::publisher_confirm::Confirmation;
 use lapin::types::FieldTable;
@@ -522,35 +522,11 @@ async fn queue_operations_on_other_nodes_are_answered_by_the_home_node() {
 async fn a_stream_is_led_by_its_home_node_and_consumed_from_another_node() {
     use futures::StreamExt;
     use rabbitmq_stream_client::{Client, ClientOptions};
-    let mut a = Node::new(1, "fwd-stream").with_stream();
-    let mut b = Node::new(2, "fwd-stream").with_stream();
-    b.seeds = vec![a.seed()];
-    a.start().await;
-    b.start().await;
-    let all = [a.name(), b.name()];
-    eventually("two running members", Duration::from_secs(20), || {
-        let r = b.running();
-        all.iter().all(|n| r.contains(n))
-    })
-    .await;
+    let (a, b) = two_stream_nodes("fwd-stream").await;
     // A stream declared over AMQP on A.
     let conn_a = a.connect().await;
     let ch_a = channel(&conn_a).await;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("stream".into()),
-    );
-    common::t(ch_a.queue_declare(
-        "sq",
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    ))
-    .await
-    .expect("stream declare");
+    common::stream::declare_stream(&ch_a, "sq").await;
     let _ = conn_a.close(200, "bye").await;
     wait_visible(&b, "sq").await;
 

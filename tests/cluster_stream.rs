@@ -7,11 +7,9 @@
 
 mod common;
 
-use common::cluster::{eventually, Node};
+use common::cluster::{two_stream_nodes, Node};
 use common::stream;
 use futures::StreamExt;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::{AMQPValue, FieldTable};
 use rabbitmq_stream_client::error::ClientError;
 use rabbitmq_stream_client::types::{Message, OffsetSpecification, ResponseCode};
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
@@ -31,34 +29,13 @@ async fn client(n: &Node) -> Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_subscribe_on_a_non_home_node_are_not_available() {
-    let mut a = Node::new(1, "strm-home").with_stream();
-    let mut b = Node::new(2, "strm-home").with_stream();
-    b.seeds = vec![a.seed()];
-    a.start().await;
-    b.start().await;
-    let all = [a.name(), b.name()];
-    eventually("two running members", Duration::from_secs(20), || {
-        let r = b.running();
-        all.iter().all(|n| r.contains(n))
-    })
-    .await;
+    let (a, b) = two_stream_nodes("strm-home").await;
 
     // Declared over AMQP on A (replicated; A is its home). The Stream
     // protocol's own `create` is not replicated yet (docs/cluster.md).
     let conn = a.connect().await;
     let ch = common::t(conn.create_channel()).await.expect("channel");
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("stream".into()),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    common::t(ch.queue_declare("ss", durable, args))
-        .await
-        .expect("stream declare on A");
+    stream::declare_stream(&ch, "ss").await;
     let _ = conn.close(200, "bye").await;
     let on_a = client(&a).await;
 

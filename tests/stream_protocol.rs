@@ -16,7 +16,7 @@ use rabbitmq_stream_client::types::{ByteCapacity, Message, OffsetSpecification, 
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
 use tokio::io::AsyncWriteExt;
 
-use common::stream::{self, frame, raw_open, read_frame, s16, t};
+use common::stream::{self, declare_stream, frame, raw_open, read_frame, s16, t};
 
 /// One broker for the whole file (stream listener on a free port).
 fn broker() -> (SocketAddr, SocketAddr) {
@@ -554,24 +554,6 @@ async fn amqp_channel() -> (lapin::Connection, lapin::Channel) {
     .expect("amqp connect");
     let ch = conn.create_channel().await.expect("channel");
     (conn, ch)
-}
-
-/// Declare `name` over AMQP 0-9-1 as a durable stream queue.
-async fn declare_stream(ch: &lapin::Channel, name: &str) {
-    use lapin::options::QueueDeclareOptions;
-    use lapin::types::{AMQPValue, FieldTable};
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("stream".into()),
-    );
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    t(ch.queue_declare(name, durable, args))
-        .await
-        .expect("declare");
 }
 
 #[tokio::test(flavor = "multi_thread")]

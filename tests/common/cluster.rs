@@ -525,3 +525,20 @@ pub async fn start_proxied(
     }
     (nodes, proxies)
 }
+
+/// Two nodes on 127.0.0.1 and .2 with Stream protocol listeners (B seeded
+/// with A), started, and both running in B's view.
+pub async fn two_stream_nodes(tag: &str) -> (Node, Node) {
+    let mut a = Node::new(1, tag).with_stream();
+    let mut b = Node::new(2, tag).with_stream();
+    b.seeds = vec![a.seed()];
+    a.start().await;
+    b.start().await;
+    let all = [a.name(), b.name()];
+    eventually("two running members", Duration::from_secs(20), || {
+        let r = b.running();
+        all.iter().all(|n| r.contains(n))
+    })
+    .await;
+    (a, b)
+}

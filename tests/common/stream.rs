@@ -166,3 +166,21 @@ pub async fn raw_open(addr: SocketAddr) -> TcpStream {
     assert_eq!(open(&mut sock).await.0, 1, "opened");
     sock
 }
+
+/// Declare `name` over AMQP 0-9-1 as a durable stream queue.
+pub async fn declare_stream(ch: &lapin::Channel, name: &str) {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    t(ch.queue_declare(name, durable, args))
+        .await
+        .expect("declare");
+}
