@@ -581,12 +581,7 @@ async fn cli_sets_and_clears_limits_and_topic_permissions() {
 
 /// A broker process with the admin API on `dir`; (child, admin base URL).
 async fn spawn_process(dir: &std::path::Path) -> (std::process::Child, String) {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port")
-    };
+    let free = || common::free_port("127.0.0.1");
     let (amqp, admin) = (free(), free());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
         .env("WARREN_AMQP_PORT", amqp.to_string())

@@ -450,10 +450,7 @@ async fn tcp_listener_can_be_turned_off() {
 // ------------------------------------------------------------ SIGHUP, real binary
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    common::free_port("127.0.0.1")
 }
 
 struct Child(std::process::Child);

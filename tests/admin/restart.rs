@@ -5,12 +5,7 @@ use crate::helpers::*;
 
 /// A broker process with admin enabled on `dir`; (child, amqp port, admin base URL).
 async fn spawn_process(dir: &std::path::Path) -> (std::process::Child, u16, String) {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port")
-    };
+    let free = || crate::common::free_port("127.0.0.1");
     let (amqp, admin) = (free(), free());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
         .env("WARREN_AMQP_PORT", amqp.to_string())

@@ -16,12 +16,7 @@ use std::time::{Duration, Instant};
 
 pub const COOKIE: &str = "cluster-test-cookie";
 
-pub fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use super::free_port;
 
 /// `[cluster.tls]` files of one node.
 #[derive(Debug, Clone)]

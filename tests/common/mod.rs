@@ -27,6 +27,35 @@ use lapin::options::*;
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
+/// A TCP port on `ip` for a broker child process to listen on.
+///
+/// Taken from 20000..32000, below the kernel's ephemeral range (32768..60999 by
+/// default): a port the OS handed out for `bind(0)` and we released could be
+/// handed out again, and the ephemeral range is also where every client
+/// connection's local port comes from, so a child process binding it later can
+/// find it taken ("Address already in use"). Each test binary starts at an offset
+/// of its own (from its pid) and walks on; a port is returned only if it can be
+/// bound on `ip` right now.
+pub fn free_port(ip: &str) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on {ip} in {LOW}..{}", LOW + SPAN)
+}
+
 /// Default timeout around every await that talks to the broker.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -14,10 +14,7 @@ pub struct BrokerProcess {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    super::free_port("127.0.0.1")
 }
 
 /// A fresh, empty data directory for one test.
