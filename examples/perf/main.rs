@@ -82,6 +82,9 @@ pub struct Args {
     /// Declare the queue durable.
     #[arg(long)]
     pub durable_queue: bool,
+    /// `x-queue-type` of the declared queue (`quorum`, `classic`); implies a durable queue.
+    #[arg(long)]
+    pub queue_type: Option<String>,
     /// Consumer prefetch (basic.qos prefetch-count, 0 = unlimited).
     #[arg(long, short = 'q', default_value_t = 1000)]
     pub prefetch: u16,

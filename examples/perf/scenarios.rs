@@ -113,8 +113,14 @@ pub async fn run(a: Args) -> Res<()> {
             FieldValue::from(dlx.as_str()),
         );
     }
+    if let Some(kind) = &a.queue_type {
+        table.insert(
+            "x-queue-type".try_into().unwrap(),
+            FieldValue::from(kind.as_str()),
+        );
+    }
     let qargs = QueueDeclareArguments::new(&queue)
-        .durable(a.durable_queue)
+        .durable(a.durable_queue || a.queue_type.is_some())
         .arguments(table)
         .finish();
     mch.queue_declare(qargs).await?;
