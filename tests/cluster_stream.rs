@@ -256,10 +256,15 @@ async fn stream_protocol_create_and_delete_are_replicated() {
     let on_b = client(&b).await;
 
     // Created on A over the Stream protocol: A is its home, B has its record.
+    let started = Instant::now();
     let r = common::t(on_a.create_stream("cs", HashMap::new()))
         .await
         .expect("create");
     assert_eq!(r.code(), &ResponseCode::Ok);
+    println!(
+        "create answered after its commit in {:?}",
+        started.elapsed()
+    );
     wait_led_by(&on_b, &["cs".to_string()], &a).await;
     assert!(queue_exists(&b, "cs").await, "passive declare of cs on B");
     let again = common::t(on_b.create_stream("cs", HashMap::new()))
@@ -342,10 +347,15 @@ async fn super_stream_created_on_a_routes_on_b() {
     let on_b = client(&b).await;
     let parts: Vec<String> = (0..3).map(|i| format!("sup-{i}")).collect();
     let keys: Vec<String> = ["x", "y", "z"].iter().map(|k| k.to_string()).collect();
+    let started = Instant::now();
     let r = common::t(on_a.create_super_stream("sup", parts.clone(), keys, HashMap::new()))
         .await
         .expect("create super stream");
     assert_eq!(r.code(), &ResponseCode::Ok);
+    println!(
+        "super stream of 3 answered after its 4 commits in {:?}",
+        started.elapsed()
+    );
 
     // B: the partitions in order, routing by binding key, A leading each.
     until("sup's partitions on B", || async {
