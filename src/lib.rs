@@ -161,14 +161,20 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     // A stream port that cannot be bound is logged, not fatal: the AMQP
     // side stays up (several brokers on one host share the default 5552).
     let stream_tls = server.tls().cloned();
-    let stream =
-        match server::stream::start(Arc::clone(&config), Arc::clone(&broker), stream_tls).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "stream protocol listener not started");
-                None
-            }
-        };
+    let stream = match server::stream::start(
+        Arc::clone(&config),
+        Arc::clone(&broker),
+        stream_tls,
+        cluster.clone(),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "stream protocol listener not started");
+            None
+        }
+    };
     let shovels = start_shovels(&config, &broker, server.amqp_addr())?;
     let admin_tls = match config.admin_ssl_port() {
         Some(_) => Some(tls::ServerTls::new(

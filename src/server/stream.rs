@@ -15,6 +15,12 @@
 //! It runs the session's chunk reads ([`ReadJob`]): here when the page cache
 //! holds the bytes (`RWF_NOWAIT`: no blocking), else on a blocking thread, so
 //! a cold read never stalls other connections on this worker.
+//!
+//! Clustered, a create or delete of a stream or super stream that changed
+//! replicated metadata ([`StreamSession::held_change`]) is proposed to the
+//! metadata group here, as the commands AMQP and the admin API use, and its
+//! response released only once committed (INTERNAL_ERROR when not within
+//! the commit timeout).
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -31,8 +37,11 @@ use tokio_rustls::server::TlsStream;
 
 use crate::broker::Broker;
 use crate::clock;
+use crate::cluster::{Cluster, Command};
 use crate::config::Config;
-use crate::session::stream::{Out, ReadDone, StreamSession, StreamSettings};
+use crate::session::stream::{
+    HeldChange, MetaChange, Out, ReadDone, StreamSession, StreamSettings,
+};
 use crate::session::stream_sac::SacRegistry;
 use crate::session::stream_stats::StreamConnStats;
 use crate::tls::{CertLogin, Established, ServerTls};
@@ -53,11 +62,13 @@ impl Drop for StreamServer {
 
 /// Bind the stream listeners: plain on [`Config::stream_tcp_port`], TLS with
 /// `tls` (the AMQPS configuration) on [`Config::stream_ssl_port`]. None when
-/// both are off.
+/// both are off. With `cluster`, stream and super stream creates and deletes
+/// are committed by the metadata group before they are answered.
 pub async fn start(
     config: Arc<Config>,
     broker: Arc<Broker>,
     tls: Option<Arc<ServerTls>>,
+    cluster: Option<Arc<Cluster>>,
 ) -> std::io::Result<Option<StreamServer>> {
     let sac: Arc<SacRegistry> = Arc::default();
     let bound = super::bind_plain_and_tls(
@@ -85,9 +96,12 @@ pub async fn start(
         tokio::spawn(accept_loop(
             listener,
             tls,
-            Arc::clone(&broker),
-            Arc::clone(&config),
-            Arc::clone(&sac),
+            Conn {
+                broker: Arc::clone(&broker),
+                config: Arc::clone(&config),
+                sac: Arc::clone(&sac),
+                cluster: cluster.clone(),
+            },
             rx.clone(),
         ));
     }
@@ -98,29 +112,36 @@ pub async fn start(
     }))
 }
 
+/// What every connection of a listener shares.
+#[derive(Clone)]
+pub struct Conn {
+    pub broker: Arc<Broker>,
+    pub config: Arc<Config>,
+    pub sac: Arc<SacRegistry>,
+    /// The cluster, when this node is clustered.
+    pub cluster: Option<Arc<Cluster>>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
-    broker: Arc<Broker>,
-    config: Arc<Config>,
-    sac: Arc<SacRegistry>,
+    conn: Conn,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let handshake_timeout = crate::tls::handshake_timeout(&config);
+    let handshake_timeout = crate::tls::handshake_timeout(&conn.config);
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let (broker, config) = (Arc::clone(&broker), Arc::clone(&config));
-                    let sac = Arc::clone(&sac);
+                    let conn = conn.clone();
                     let tls = tls.clone();
                     tokio::spawn(async move {
                         let end = match tls {
-                            None => run(stream, peer, broker, config, sac).await,
+                            None => run(stream, peer, conn).await,
                             Some(tls) => {
                                 match crate::tls::accept(&tls, stream, handshake_timeout).await {
-                                    Ok(stream) => run_tls(stream, peer, broker, config, sac).await,
+                                    Ok(stream) => run_tls(stream, peer, conn).await,
                                     Err(e) => {
                                         tracing::warn!(%peer, "stream TLS connection refused: {e}");
                                         Ok(())
@@ -423,27 +444,11 @@ async fn write_run<S: Sink>(
 }
 
 /// Serve one stream connection until it closes.
-pub async fn run(
-    sock: TcpStream,
-    peer: SocketAddr,
-    broker: Arc<Broker>,
-    config: Arc<Config>,
-    sac: Arc<SacRegistry>,
-) -> std::io::Result<()> {
+pub async fn run(sock: TcpStream, peer: SocketAddr, conn: Conn) -> std::io::Result<()> {
     let _ = sock.set_nodelay(true);
     let local = sock.local_addr()?;
-    let advertised_port = config.stream.advertised_port.unwrap_or(local.port());
-    serve(
-        sock,
-        peer,
-        local,
-        advertised_port,
-        None,
-        broker,
-        config,
-        sac,
-    )
-    .await
+    let advertised_port = conn.config.stream.advertised_port.unwrap_or(local.port());
+    serve(sock, peer, local, advertised_port, None, conn).await
 }
 
 /// Serve one TLS stream connection, its handshake done, until it closes.
@@ -451,14 +456,12 @@ pub async fn run(
 pub async fn run_tls(
     sock: TlsStream<TcpStream>,
     peer: SocketAddr,
-    broker: Arc<Broker>,
-    config: Arc<Config>,
-    sac: Arc<SacRegistry>,
+    conn: Conn,
 ) -> std::io::Result<()> {
     let (tcp, session) = sock.get_ref();
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr()?;
-    let established = crate::tls::established(session, CertLogin::from_config(&config));
+    let established = crate::tls::established(session, CertLogin::from_config(&conn.config));
     tracing::debug!(
         %peer,
         protocol = established.info.protocol,
@@ -466,31 +469,28 @@ pub async fn run_tls(
         subject = ?established.info.peer_cert_subject,
         "stream TLS handshake done"
     );
-    let advertised_port = config.stream.advertised_tls_port.unwrap_or(local.port());
-    serve(
-        sock,
-        peer,
-        local,
-        advertised_port,
-        Some(established),
-        broker,
-        config,
-        sac,
-    )
-    .await
+    let advertised_port = conn
+        .config
+        .stream
+        .advertised_tls_port
+        .unwrap_or(local.port());
+    serve(sock, peer, local, advertised_port, Some(established), conn).await
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn serve<S: Sink>(
     mut sock: S,
     peer: SocketAddr,
     local: SocketAddr,
     advertised_port: u16,
     tls: Option<Established>,
-    broker: Arc<Broker>,
-    config: Arc<Config>,
-    sac: Arc<SacRegistry>,
+    conn: Conn,
 ) -> std::io::Result<()> {
+    let Conn {
+        broker,
+        config,
+        sac,
+        cluster,
+    } = conn;
     let settings = StreamSettings {
         frame_max: config.stream.frame_max,
         heartbeat: config.stream.heartbeat,
@@ -507,6 +507,7 @@ async fn serve<S: Sink>(
             let pass = config.anonymous_login_pass.clone().unwrap_or_default();
             (u, pass)
         }),
+        clustered: cluster.is_some(),
     };
     let (sac_tx, mut sac_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = broker.next_connection_id();
@@ -556,6 +557,18 @@ async fn serve<S: Sink>(
         if session.is_closed() {
             break Ok(());
         }
+        // Clustered: a create or delete changed replicated metadata; its
+        // response goes out once the metadata group has committed it (what
+        // came before it is written above), frames after it wait.
+        if let Some(held) = session.held_change().cloned() {
+            let committed = match &cluster {
+                Some(c) => commit(c, &held, id, peer).await,
+                None => true,
+            };
+            session.change_committed(committed);
+            session.handle_input(&mut rbuf, clock::now_ms());
+            continue;
+        }
         let deadline = session
             .poll_timeout()
             .map(|t| t.saturating_sub(clock::now_ms()))
@@ -596,4 +609,136 @@ async fn serve<S: Sink>(
     }
     let _ = sock.shutdown().await;
     result
+}
+
+/// Propose what a Stream protocol request changed to the metadata group, as
+/// the same commands AMQP and the admin API use ([`proposals`]), one after
+/// the other; true once all are committed, false at the first that is not
+/// within the commit timeout.
+async fn commit(cluster: &Cluster, held: &HeldChange, id: u64, peer: SocketAddr) -> bool {
+    for cmd in proposals(held, &cluster.me.name) {
+        if let Err(why) = cluster.propose(cmd).await {
+            tracing::warn!(id, %peer, "stream protocol: {why}");
+            return false;
+        }
+    }
+    true
+}
+
+/// The metadata commands for `held`, made on the node `node` (the home of
+/// the streams it creates). Each stream's queue record is an entry of its
+/// own (the state machine tells the forwarder of a queue's home node for a
+/// queue record it applies alone, not inside a batch); everything else
+/// (a super stream's exchange and bindings, deletes) goes as one entry:
+/// one command, or a `Command::Batch` of them in their order.
+fn proposals(held: &HeldChange, node: &str) -> Vec<Command> {
+    let vhost = held.vhost.as_str();
+    let mut out = Vec::new();
+    let mut rest = Vec::new();
+    for c in &held.changes {
+        match c {
+            MetaChange::DeclareQueue(d) => out.extend(Command::queue_declared(vhost, d, node)),
+            MetaChange::DeleteQueue(name) => rest.push(Command::DeleteQueue {
+                vhost: vhost.to_string(),
+                name: name.clone(),
+            }),
+            MetaChange::DeclareExchange(d) => rest.push(Command::exchange_declared(vhost, d)),
+            MetaChange::DeleteExchange(name) => rest.push(Command::DeleteExchange {
+                vhost: vhost.to_string(),
+                name: name.clone(),
+            }),
+            MetaChange::Bind {
+                exchange,
+                queue,
+                routing_key,
+                arguments,
+            } => rest.push(Command::binding(
+                true,
+                vhost,
+                exchange,
+                &crate::broker::exchange::Destination::Queue(Arc::from(queue.as_str())),
+                routing_key,
+                arguments,
+            )),
+        }
+    }
+    match rest.len() {
+        0 => {}
+        1 => out.extend(rest),
+        _ => out.push(Command::Batch(rest)),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::vhost::{ExchangeDeclare, QueueDeclare};
+    use crate::wire::types::FieldTable;
+
+    fn queue(name: &str) -> MetaChange {
+        MetaChange::DeclareQueue(QueueDeclare {
+            name: name.into(),
+            durable: true,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn queue_records_go_alone_and_the_rest_as_one_entry() {
+        let create = HeldChange {
+            vhost: "v".into(),
+            changes: vec![queue("s")],
+        };
+        let p = proposals(&create, "warren@a");
+        assert!(
+            matches!(&p[..], [Command::DeclareQueue { vhost, name, node, durable: true, .. }]
+            if vhost == "v" && name == "s" && node == "warren@a")
+        );
+
+        let bind = |q: &str| MetaChange::Bind {
+            exchange: "ss".into(),
+            queue: q.into(),
+            routing_key: "k".into(),
+            arguments: FieldTable::new(),
+        };
+        let super_stream = HeldChange {
+            vhost: "v".into(),
+            changes: vec![
+                MetaChange::DeclareExchange(ExchangeDeclare {
+                    name: "ss".into(),
+                    kind: "direct".into(),
+                    durable: true,
+                    ..Default::default()
+                }),
+                queue("ss-0"),
+                bind("ss-0"),
+                queue("ss-1"),
+                bind("ss-1"),
+            ],
+        };
+        let p = proposals(&super_stream, "warren@a");
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(matches!(&p[0], Command::DeclareQueue { name, .. } if name == "ss-0"));
+        assert!(matches!(&p[1], Command::DeclareQueue { name, .. } if name == "ss-1"));
+        let Command::Batch(rest) = &p[2] else {
+            panic!("{p:?}")
+        };
+        assert!(matches!(&rest[..], [Command::DeclareExchange { name, .. },
+            Command::Bind(a), Command::Bind(b)]
+            if name == "ss" && a.destination == "ss-0" && b.destination == "ss-1"
+                && !a.to_exchange && a.source == "ss"));
+
+        let delete = HeldChange {
+            vhost: "v".into(),
+            changes: vec![
+                MetaChange::DeleteExchange("ss".into()),
+                MetaChange::DeleteQueue("ss-0".into()),
+            ],
+        };
+        let p = proposals(&delete, "warren@a");
+        assert!(matches!(&p[..], [Command::Batch(b)] if matches!(&b[..],
+            [Command::DeleteExchange { name, .. }, Command::DeleteQueue { name: q, .. }]
+            if name == "ss" && q == "ss-0")));
+    }
 }

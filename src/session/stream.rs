@@ -15,7 +15,11 @@
 //! with frame max and heartbeat, open with the vhost access check), the
 //! command-version exchange, heartbeats (sent when idle, the peer dead after
 //! two silent intervals), stream create / delete through the vhost (a stream
-//! is a queue with `x-queue-type: stream`), metadata, publishers (with
+//! is a queue with `x-queue-type: stream`; on a clustered node these and the
+//! super stream ones are reported as a [`HeldChange`] whose response waits
+//! until the driver says the metadata group committed it), metadata (the
+//! leader of each stream: this node, or a clustered stream's home node),
+//! publishers (with
 //! deduplication by reference and publishing id: the log drops duplicates,
 //! and they are confirmed like the rest), confirms sent only once the log's
 //! committed offset passes the messages (one confirm frame per publisher per
@@ -30,7 +34,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::broker::auth::{Access, User};
-use crate::broker::vhost::VHost;
+use crate::broker::vhost::{ExchangeDeclare, QueueDeclare, VHost};
 use crate::broker::{Broker, LoginError};
 use crate::session::handshake::EXTERNAL;
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
@@ -65,6 +69,43 @@ pub struct StreamSettings {
     /// SASL `ANONYMOUS` logs in as this user with this password (offered
     /// only when set: `anonymous_login_user` / `anonymous_login_pass`).
     pub anonymous: Option<(String, String)>,
+    /// The node is clustered: create / delete of a stream or super stream
+    /// report what they changed ([`StreamSession::held_change`]) and their
+    /// response waits for the metadata group's commit.
+    pub clustered: bool,
+}
+
+/// One change of replicated metadata a request made in the local broker
+/// (clustered only), as the vhost door took it.
+#[derive(Debug, Clone)]
+pub enum MetaChange {
+    DeclareQueue(QueueDeclare),
+    DeleteQueue(String),
+    DeclareExchange(ExchangeDeclare),
+    DeleteExchange(String),
+    /// A binding from `exchange` to the queue `queue`.
+    Bind {
+        exchange: String,
+        queue: String,
+        routing_key: String,
+        arguments: FieldTable,
+    },
+}
+
+/// What a request changed of the replicated metadata, in the order it was
+/// made; the request's response is held until the driver reports the
+/// commit ([`StreamSession::change_committed`]).
+#[derive(Debug, Clone)]
+pub struct HeldChange {
+    pub vhost: String,
+    pub changes: Vec<MetaChange>,
+}
+
+/// A response held for a [`HeldChange`].
+struct Held {
+    change: HeldChange,
+    key: u16,
+    correlation_id: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -404,6 +445,9 @@ pub struct StreamSession {
     /// How the admin API sees this connection, once given; registered with
     /// the broker while open.
     admin: Option<Admin>,
+    /// Clustered: a response waiting for its change's commit (no frame is
+    /// handled meanwhile).
+    held: Option<Held>,
 }
 
 /// The admin API's view of a connection and where it came from.
@@ -456,6 +500,7 @@ impl StreamSession {
             auth_mechanism: "PLAIN",
             peer_properties: Vec::new(),
             admin: None,
+            held: None,
         }
     }
 
@@ -511,12 +556,18 @@ impl StreamSession {
     }
 
     /// Frames from the socket: every whole frame in `buf` is handled and
-    /// removed; a partial one stays.
+    /// removed; a partial one stays. Clustered, a request whose response
+    /// waits for a commit ([`Self::held_change`]) stops the handling: the
+    /// frames after it stay in `buf` until [`Self::change_committed`] and
+    /// the next call.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now_ms: u64) {
         if !buf.is_empty() {
             self.last_recv_ms = now_ms;
         }
         while !matches!(self.state, State::Closed) {
+            if self.held.is_some() {
+                return;
+            }
             let max = match self.state {
                 // Before tune: a generous bound for handshake frames.
                 State::PeerProperties | State::Sasl | State::Tune | State::Open => self
@@ -539,6 +590,47 @@ impl StreamSession {
             }
         }
         buf.clear();
+    }
+
+    /// Clustered: the replicated metadata the last request changed in the
+    /// local broker. Its response is held, and no other frame is handled,
+    /// until the driver has proposed it to the metadata group and reports
+    /// the outcome with [`Self::change_committed`].
+    pub fn held_change(&self) -> Option<&HeldChange> {
+        self.held.as_ref().map(|h| &h.change)
+    }
+
+    /// The held change is committed (`true`), or was not within the commit
+    /// timeout: its response goes out, OK or INTERNAL_ERROR (what RabbitMQ's
+    /// stream reader answers a create that failed; never OK for a change
+    /// that may not be there). The local change is not undone (the proposal
+    /// may still commit). Feed what is left of the input again after this.
+    pub fn change_committed(&mut self, committed: bool) {
+        let Some(h) = self.held.take() else { return };
+        let c = if committed {
+            code::OK
+        } else {
+            code::INTERNAL_ERROR
+        };
+        response::generic(&mut self.out, h.key, h.correlation_id, c);
+        // A delete's metadata updates follow its response, as RabbitMQ sends them.
+        self.check_deleted();
+    }
+
+    /// Answer `key` with `c`, or, clustered, hold an OK that changed
+    /// replicated metadata until the change is committed.
+    fn respond_after(&mut self, key: u16, correlation_id: u32, c: u16, changes: Vec<MetaChange>) {
+        let vhost = self.vhost.as_ref().map(|v| v.name.to_string());
+        match vhost {
+            Some(vhost) if self.settings.clustered && c == code::OK && !changes.is_empty() => {
+                self.held = Some(Held {
+                    change: HeldChange { vhost, changes },
+                    key,
+                    correlation_id,
+                });
+            }
+            _ => response::generic(&mut self.out, key, correlation_id, c),
+        }
     }
 
     /// The socket reached its end.
@@ -1161,8 +1253,9 @@ impl StreamSession {
                 reference,
                 stream,
             } => {
+                // Permission first, then the stream, as RabbitMQ checks them.
                 let (c, seq) = match self.log(&stream) {
-                    Some(_) if !self.allowed(Access::Read, &stream) => (code::ACCESS_REFUSED, 0),
+                    _ if !self.allowed(Access::Read, &stream) => (code::ACCESS_REFUSED, 0),
                     Some(_) if self.homed_elsewhere(&stream) => (code::STREAM_NOT_AVAILABLE, 0),
                     Some(log) => (code::OK, log.publisher_sequence(&reference)),
                     None => (code::STREAM_DOES_NOT_EXIST, 0),
@@ -1228,7 +1321,7 @@ impl StreamSession {
                 stream,
             } => {
                 let (c, o) = match self.log(&stream) {
-                    Some(_) if !self.allowed(Access::Read, &stream) => (code::ACCESS_REFUSED, 0),
+                    _ if !self.allowed(Access::Read, &stream) => (code::ACCESS_REFUSED, 0),
                     Some(_) if self.homed_elsewhere(&stream) => (code::STREAM_NOT_AVAILABLE, 0),
                     Some(log) => match log.query_offset(&reference) {
                         Some(o) => (code::OK, o),
@@ -1243,16 +1336,20 @@ impl StreamSession {
                 stream,
                 arguments,
             } => {
-                let c = self.create(&stream, &arguments, now_ms);
-                response::generic(&mut self.out, key::CREATE, correlation_id, c);
+                let mut changes = Vec::new();
+                let c = self.create(&stream, &arguments, now_ms, &mut changes);
+                self.respond_after(key::CREATE, correlation_id, c, changes);
             }
             Request::Delete {
                 correlation_id,
                 stream,
             } => {
-                let c = self.delete(&stream, now_ms);
-                response::generic(&mut self.out, key::DELETE, correlation_id, c);
-                self.check_deleted();
+                let mut changes = Vec::new();
+                let c = self.delete(&stream, now_ms, &mut changes);
+                self.respond_after(key::DELETE, correlation_id, c, changes);
+                if self.held.is_none() {
+                    self.check_deleted();
+                }
             }
             Request::Metadata {
                 correlation_id,
@@ -1331,17 +1428,27 @@ impl StreamSession {
                 binding_keys,
                 arguments,
             } => {
-                let c =
-                    self.create_super_stream(&name, &partitions, &binding_keys, &arguments, now_ms);
-                response::generic(&mut self.out, key::CREATE_SUPER_STREAM, correlation_id, c);
+                let mut changes = Vec::new();
+                let c = self.create_super_stream(
+                    &name,
+                    &partitions,
+                    &binding_keys,
+                    &arguments,
+                    now_ms,
+                    &mut changes,
+                );
+                self.respond_after(key::CREATE_SUPER_STREAM, correlation_id, c, changes);
             }
             Request::DeleteSuperStream {
                 correlation_id,
                 name,
             } => {
-                let c = self.delete_super_stream(&name, now_ms);
-                response::generic(&mut self.out, key::DELETE_SUPER_STREAM, correlation_id, c);
-                self.check_deleted();
+                let mut changes = Vec::new();
+                let c = self.delete_super_stream(&name, now_ms, &mut changes);
+                self.respond_after(key::DELETE_SUPER_STREAM, correlation_id, c, changes);
+                if self.held.is_none() {
+                    self.check_deleted();
+                }
             }
             Request::ConsumerUpdateResponse {
                 correlation_id,
@@ -1388,12 +1495,13 @@ impl StreamSession {
         if reference.as_ref().is_some_and(|r| r.len() > 256) {
             return code::PRECONDITION_FAILED;
         }
-        let Some(log) = self.log(stream) else {
-            return code::STREAM_DOES_NOT_EXIST;
-        };
+        // Permission first, then the stream, as RabbitMQ checks them.
         if !self.allowed(Access::Write, stream) {
             return code::ACCESS_REFUSED;
         }
+        let Some(log) = self.log(stream) else {
+            return code::STREAM_DOES_NOT_EXIST;
+        };
         // Clustered: the stream's leader is another node and Stream protocol
         // publishes are not forwarded; refuse rather than write the local copy.
         if self.homed_elsewhere(stream) {
@@ -1508,12 +1616,12 @@ impl StreamSession {
         if self.subscriptions.contains_key(&id) {
             return code::SUBSCRIPTION_ID_ALREADY_EXISTS;
         }
-        let Some(log) = self.log(stream) else {
-            return code::STREAM_DOES_NOT_EXIST;
-        };
         if !self.allowed(Access::Read, stream) {
             return code::ACCESS_REFUSED;
         }
+        let Some(log) = self.log(stream) else {
+            return code::STREAM_DOES_NOT_EXIST;
+        };
         // Clustered: no member of the stream on this node (RabbitMQ's
         // `lookup_local_member` failing), as RabbitMQ answers.
         if self.homed_elsewhere(stream) {
@@ -1612,7 +1720,15 @@ impl StreamSession {
         }
     }
 
-    fn create(&mut self, stream: &str, arguments: &[(String, String)], now_ms: u64) -> u16 {
+    /// Create stream `stream` (a durable queue with `x-queue-type: stream`);
+    /// what it made goes to `changes`.
+    fn create(
+        &mut self,
+        stream: &str,
+        arguments: &[(String, String)],
+        now_ms: u64,
+        changes: &mut Vec<MetaChange>,
+    ) -> u16 {
         let Some(v) = self.vhost.clone() else {
             return code::INTERNAL_ERROR;
         };
@@ -1628,14 +1744,17 @@ impl StreamSession {
         let Some(args) = create_arguments(arguments) else {
             return code::PRECONDITION_FAILED;
         };
-        let d = crate::broker::vhost::QueueDeclare {
+        let d = QueueDeclare {
             name: stream.to_owned(),
             durable: true,
             arguments: args,
             ..Default::default()
         };
         match v.declare_queue(&d, self.connection_id, now_ms) {
-            Ok(_) => code::OK,
+            Ok(_) => {
+                changes.push(MetaChange::DeclareQueue(d));
+                code::OK
+            }
             Err(e) => {
                 tracing::debug!(%stream, error = %e.text, "stream create refused");
                 code::PRECONDITION_FAILED
@@ -1643,81 +1762,104 @@ impl StreamSession {
         }
     }
 
-    fn delete(&mut self, stream: &str, now_ms: u64) -> u16 {
+    /// Delete stream `stream`; what it removed goes to `changes`.
+    fn delete(&mut self, stream: &str, now_ms: u64, changes: &mut Vec<MetaChange>) -> u16 {
         let Some(v) = self.vhost.clone() else {
             return code::INTERNAL_ERROR;
         };
-        if self.log(stream).is_none() {
-            return code::STREAM_DOES_NOT_EXIST;
-        }
+        // Permission first, then the stream, as RabbitMQ checks them.
         if !self.allowed(Access::Configure, stream) {
             return code::ACCESS_REFUSED;
         }
+        if self.log(stream).is_none() {
+            return code::STREAM_DOES_NOT_EXIST;
+        }
         match v.delete_queue(stream, false, false, self.connection_id, now_ms) {
-            Ok(_) => code::OK,
+            Ok(_) => {
+                changes.push(MetaChange::DeleteQueue(stream.to_owned()));
+                code::OK
+            }
             Err(_) => code::INTERNAL_ERROR,
         }
     }
 
-    fn metadata(&mut self, correlation_id: u32, streams: &[String]) {
-        let found: Vec<bool> = streams.iter().map(|s| self.log(s).is_some()).collect();
-        // Clustered: a stream homed on another node has that node as leader
-        // (where clients publish and consume); reference 0 is this node.
-        let homes: Vec<Option<(String, u16)>> = streams
-            .iter()
-            .zip(&found)
-            .map(|(s, ok)| {
-                let v = self.vhost.as_ref().filter(|_| *ok)?;
-                let q = v.queue(s, self.connection_id).ok()?;
-                q.remote()?.stream_endpoint()
-            })
-            .collect();
-        let mut others: Vec<(String, u16)> = Vec::new();
-        for h in homes.iter().flatten() {
-            if !others.contains(h) {
-                others.push(h.clone());
-            }
+    /// Where stream `name` is led, as a metadata answer gives it.
+    fn lead(&self, name: &str) -> Lead {
+        let Some(v) = &self.vhost else {
+            return Lead::Missing;
+        };
+        if !self.allowed(Access::Read, name) && !self.allowed(Access::Write, name) {
+            return Lead::Refused;
         }
+        let Some(q) = v
+            .queue(name, self.connection_id)
+            .ok()
+            .filter(|q| q.stream().is_some())
+        else {
+            return Lead::Missing;
+        };
+        match q.remote() {
+            None => Lead::Here,
+            // Clustered: the home node, where its log is; none while that
+            // node is down (or has no Stream listener to name).
+            Some(home) if home.reachable() => match home.stream_endpoint() {
+                Some(endpoint) => Lead::There(endpoint),
+                None => Lead::Nobody,
+            },
+            Some(_) => Lead::Nobody,
+        }
+    }
+
+    /// The metadata answer, as RabbitMQ's stream reader gives it: the
+    /// brokers that lead one of `streams` (this node's advertised host and
+    /// port for its own, the home node's for a stream homed elsewhere);
+    /// per stream OK with its leader, STREAM_DOES_NOT_EXIST, ACCESS_REFUSED
+    /// (neither read nor write permission), or OK with no leader (reference
+    /// 0xffff, no replicas) while its home node is down, as RabbitMQ
+    /// answers for a stream whose members are all down.
+    fn metadata(&mut self, correlation_id: u32, streams: &[String]) {
+        let leads: Vec<Lead> = streams.iter().map(|s| self.lead(s)).collect();
+        let here = (
+            self.settings.advertised_host.clone(),
+            self.settings.advertised_port,
+        );
+        let mut endpoints: Vec<(String, u16)> = Vec::new();
+        let mut reference = |e: &(String, u16)| match endpoints.iter().position(|x| x == e) {
+            Some(i) => i as u16,
+            None => {
+                endpoints.push(e.clone());
+                endpoints.len() as u16 - 1
+            }
+        };
         let meta: Vec<response::StreamMetadata<'_>> = streams
             .iter()
-            .zip(&found)
-            .zip(&homes)
-            .map(|((s, ok), home)| response::StreamMetadata {
-                stream: s,
-                code: if *ok {
-                    code::OK
-                } else {
-                    code::STREAM_DOES_NOT_EXIST
-                },
-                leader: match (ok, home) {
-                    (false, _) => u16::MAX,
-                    (true, None) => 0,
-                    (true, Some(h)) => others
-                        .iter()
-                        .position(|o| o == h)
-                        .map_or(0, |i| i as u16 + 1),
-                },
-                replicas: &[],
+            .zip(&leads)
+            .map(|(s, lead)| {
+                let (code, leader) = match lead {
+                    Lead::Missing => (code::STREAM_DOES_NOT_EXIST, u16::MAX),
+                    Lead::Refused => (code::ACCESS_REFUSED, u16::MAX),
+                    Lead::Nobody => (code::OK, u16::MAX),
+                    Lead::Here => (code::OK, reference(&here)),
+                    Lead::There(e) => (code::OK, reference(e)),
+                };
+                response::StreamMetadata {
+                    stream: s,
+                    code,
+                    leader,
+                    replicas: &[],
+                }
             })
             .collect();
-        let mut brokers = vec![response::Broker {
-            reference: 0,
-            host: &self.settings.advertised_host,
-            port: u32::from(self.settings.advertised_port),
-        }];
-        for (i, (host, port)) in others.iter().enumerate() {
-            brokers.push(response::Broker {
-                reference: i as u16 + 1,
+        let brokers: Vec<response::Broker<'_>> = endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, (host, port))| response::Broker {
+                reference: i as u16,
                 host,
                 port: u32::from(*port),
-            });
-        }
-        let brokers: &[response::Broker<'_>] = if found.iter().any(|f| *f) {
-            &brokers
-        } else {
-            &[]
-        };
-        response::metadata(&mut self.out, correlation_id, brokers, &meta);
+            })
+            .collect();
+        response::metadata(&mut self.out, correlation_id, &brokers, &meta);
     }
 
     /// Publishers and subscriptions on streams that are gone get a
@@ -1799,6 +1941,10 @@ impl StreamSession {
         (code::OK, parts.into_iter().map(|(_, s)| s).collect())
     }
 
+    /// Create super stream `name`: a direct exchange (`x-super-stream`)
+    /// with the partition streams bound in order, each with its binding
+    /// key. What it made goes to `changes`; a failure part way undoes what
+    /// was made (as RabbitMQ's stream manager rolls back).
     fn create_super_stream(
         &mut self,
         name: &str,
@@ -1806,6 +1952,7 @@ impl StreamSession {
         binding_keys: &[String],
         arguments: &[(String, String)],
         now_ms: u64,
+        changes: &mut Vec<MetaChange>,
     ) -> u16 {
         let Some(v) = self.vhost.clone() else {
             return code::INTERNAL_ERROR;
@@ -1832,7 +1979,7 @@ impl StreamSession {
         };
         let mut ex_args = FieldTable::new();
         ex_args.insert("x-super-stream", FieldValue::Bool(true));
-        let d = crate::broker::vhost::ExchangeDeclare {
+        let d = ExchangeDeclare {
             name: name.to_owned(),
             kind: "direct".into(),
             durable: true,
@@ -1842,27 +1989,61 @@ impl StreamSession {
         if v.declare_exchange(&d).is_err() {
             return code::PRECONDITION_FAILED;
         }
+        changes.push(MetaChange::DeclareExchange(d));
         for (i, (p, k)) in partitions.iter().zip(binding_keys).enumerate() {
-            let d = crate::broker::vhost::QueueDeclare {
+            let d = QueueDeclare {
                 name: p.clone(),
                 durable: true,
                 arguments: args.clone(),
                 ..Default::default()
             };
             if v.declare_queue(&d, self.connection_id, now_ms).is_err() {
+                self.undo(&v, changes, now_ms);
                 return code::PRECONDITION_FAILED;
             }
+            changes.push(MetaChange::DeclareQueue(d));
             let mut bargs = FieldTable::new();
             bargs.insert("x-super-stream-partition-order", FieldValue::I32(i as i32));
             let dest = crate::broker::exchange::Destination::Queue(Arc::from(p.as_str()));
             if v.bind(name, dest, k, &bargs, self.connection_id).is_err() {
+                self.undo(&v, changes, now_ms);
                 return code::PRECONDITION_FAILED;
             }
+            changes.push(MetaChange::Bind {
+                exchange: name.to_owned(),
+                queue: p.clone(),
+                routing_key: k.clone(),
+                arguments: bargs,
+            });
         }
         code::OK
     }
 
-    fn delete_super_stream(&mut self, name: &str, now_ms: u64) -> u16 {
+    /// Remove what a failed super stream creation made (queues and the
+    /// exchange, which takes its bindings along); `changes` ends empty.
+    fn undo(&self, v: &VHost, changes: &mut Vec<MetaChange>, now_ms: u64) {
+        for c in changes.drain(..).rev() {
+            match c {
+                MetaChange::DeclareQueue(d) => {
+                    let _ = v.delete_queue(&d.name, false, false, self.connection_id, now_ms);
+                }
+                MetaChange::DeclareExchange(d) => {
+                    let _ = v.delete_exchange(&d.name, false);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Delete super stream `name`: its exchange (and bindings), then its
+    /// partition streams, as RabbitMQ's stream manager does; what it
+    /// removed goes to `changes`.
+    fn delete_super_stream(
+        &mut self,
+        name: &str,
+        now_ms: u64,
+        changes: &mut Vec<MetaChange>,
+    ) -> u16 {
         let Some(v) = self.vhost.clone() else {
             return code::INTERNAL_ERROR;
         };
@@ -1870,16 +2051,25 @@ impl StreamSession {
         if c != code::OK {
             return c;
         }
-        if !self.allowed(Access::Configure, name) {
+        if !self.allowed(Access::Configure, name)
+            || partitions
+                .iter()
+                .any(|p| !self.allowed(Access::Configure, p))
+        {
             return code::ACCESS_REFUSED;
         }
+        if v.delete_exchange(name, false).is_err() {
+            return code::INTERNAL_ERROR;
+        }
+        changes.push(MetaChange::DeleteExchange(name.to_owned()));
         for p in &partitions {
-            let _ = v.delete_queue(p, false, false, self.connection_id, now_ms);
+            if v.delete_queue(p, false, false, self.connection_id, now_ms)
+                .is_ok()
+            {
+                changes.push(MetaChange::DeleteQueue(p.clone()));
+            }
         }
-        match v.delete_exchange(name, false) {
-            Ok(()) => code::OK,
-            Err(_) => code::INTERNAL_ERROR,
-        }
+        code::OK
     }
 }
 
@@ -1893,6 +2083,18 @@ impl Drop for StreamSession {
             self.broker.unregister_connection(self.connection_id);
         }
     }
+}
+
+/// Where a stream is led, for a metadata answer.
+enum Lead {
+    Missing,
+    Refused,
+    /// This node has its log.
+    Here,
+    /// Its home node, reached there (host, port).
+    There((String, u16)),
+    /// Its home node is down: no leader.
+    Nobody,
 }
 
 fn queue_of(d: &crate::broker::exchange::Destination) -> Option<String> {
@@ -1952,6 +2154,7 @@ mod tests {
                 handshake_timeout_ms: 10_000,
                 sac: Arc::default(),
                 anonymous: None,
+                clustered: false,
             },
             1,
             true,
@@ -2247,6 +2450,348 @@ mod tests {
         assert_eq!(frames(&out), vec![(key::CLOSE, 0, code::FRAME_TOO_LARGE)]);
         s.handle_timeout(2000);
         assert!(s.is_closed());
+    }
+
+    /// An open session on a broker with a data directory (streams need
+    /// one), clustered or not.
+    fn opened(tag: &str, clustered: bool) -> (StreamSession, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "warren-session-stream-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let broker = Broker::open(&crate::Config::for_tests(dir.clone()), 0).expect("broker");
+        let mut s = StreamSession::new(
+            broker,
+            StreamSettings {
+                frame_max: 1 << 20,
+                heartbeat: 0,
+                advertised_host: "localhost".into(),
+                advertised_port: 5552,
+                handshake_timeout_ms: 10_000,
+                sac: Arc::default(),
+                anonymous: None,
+                clustered,
+            },
+            1,
+            true,
+            tokio::sync::mpsc::unbounded_channel().0,
+            0,
+        );
+        handshake(&mut s, "guest", "guest");
+        let f = frames(&feed(
+            &mut s,
+            &[
+                R::Tune {
+                    frame_max: 0,
+                    heartbeat: 0,
+                },
+                R::Open {
+                    correlation_id: 4,
+                    vhost: "/".into(),
+                },
+            ],
+            0,
+        ));
+        assert_eq!(f, vec![(0x8015, 4, code::OK)]);
+        (s, dir)
+    }
+
+    fn drain(s: &mut StreamSession) -> Vec<(u16, u32, u16)> {
+        let mut out = Vec::new();
+        while let Some(x) = s.poll_transmit(0) {
+            out.extend_from_slice(&x);
+        }
+        frames(&out)
+    }
+
+    fn create(id: u32, stream: &str) -> R {
+        R::Create {
+            correlation_id: id,
+            stream: stream.into(),
+            arguments: vec![],
+        }
+    }
+
+    #[test]
+    fn clustered_create_is_answered_after_its_commit_and_holds_later_frames() {
+        let (mut s, dir) = opened("held", true);
+        let mut b = BytesMut::new();
+        for r in [
+            create(10, "s1"),
+            R::Metadata {
+                correlation_id: 11,
+                streams: vec!["s1".into()],
+            },
+        ] {
+            r.encode(&mut b);
+        }
+        s.handle_input(&mut b, 1);
+        // Made locally, reported, not answered; the metadata request waits.
+        assert!(drain(&mut s).is_empty());
+        assert!(!b.is_empty(), "the frame after it stays in the buffer");
+        let held = s.held_change().expect("held").clone();
+        assert_eq!(held.vhost, "/");
+        assert!(matches!(&held.changes[..], [MetaChange::DeclareQueue(d)]
+            if d.name == "s1" && d.durable
+                && d.arguments.get("x-queue-type") == Some(&FieldValue::string("stream"))));
+        s.handle_input(&mut b, 2);
+        assert!(drain(&mut s).is_empty(), "nothing handled while held");
+        s.change_committed(true);
+        assert_eq!(drain(&mut s), vec![(key::CREATE | 0x8000, 10, code::OK)]);
+        s.handle_input(&mut b, 3);
+        assert_eq!(drain(&mut s), vec![(key::METADATA | 0x8000, 11, 0)]);
+        assert!(s.held_change().is_none());
+
+        // Not committed in time: INTERNAL_ERROR (0x0f), never OK.
+        let f = feed(&mut s, &[create(12, "s2")], 4);
+        assert!(f.is_empty());
+        s.change_committed(false);
+        assert_eq!(
+            drain(&mut s),
+            vec![(key::CREATE | 0x8000, 12, code::INTERNAL_ERROR)]
+        );
+        // A create refused locally is answered at once, nothing held.
+        let f = frames(&feed(&mut s, &[create(13, "s1")], 5));
+        assert_eq!(
+            f,
+            vec![(key::CREATE | 0x8000, 13, code::STREAM_ALREADY_EXISTS)]
+        );
+        assert!(s.held_change().is_none());
+
+        // A delete: held, then its response before the metadata update.
+        let f = feed(
+            &mut s,
+            &[R::Delete {
+                correlation_id: 14,
+                stream: "s1".into(),
+            }],
+            6,
+        );
+        assert!(f.is_empty());
+        assert!(matches!(&s.held_change().expect("held").changes[..],
+            [MetaChange::DeleteQueue(n)] if n == "s1"));
+        s.change_committed(true);
+        assert_eq!(drain(&mut s), vec![(key::DELETE | 0x8000, 14, code::OK)]);
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn clustered_super_stream_reports_its_exchange_partitions_and_bindings() {
+        let (mut s, dir) = opened("super", true);
+        let f = feed(
+            &mut s,
+            &[R::CreateSuperStream {
+                correlation_id: 20,
+                name: "ss".into(),
+                partitions: vec!["ss-0".into(), "ss-1".into()],
+                binding_keys: vec!["a".into(), "b".into()],
+                arguments: vec![],
+            }],
+            1,
+        );
+        assert!(f.is_empty());
+        let names: Vec<String> = s
+            .held_change()
+            .expect("held")
+            .changes
+            .iter()
+            .map(|c| match c {
+                MetaChange::DeclareExchange(d) => format!("x:{}", d.name),
+                MetaChange::DeclareQueue(d) => format!("q:{}", d.name),
+                MetaChange::Bind {
+                    exchange,
+                    queue,
+                    routing_key,
+                    arguments,
+                } => format!(
+                    "b:{exchange}>{queue}:{routing_key}:{:?}",
+                    arguments
+                        .get("x-super-stream-partition-order")
+                        .and_then(FieldValue::as_i64)
+                ),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "x:ss",
+                "q:ss-0",
+                "b:ss>ss-0:a:Some(0)",
+                "q:ss-1",
+                "b:ss>ss-1:b:Some(1)"
+            ]
+        );
+        s.change_committed(true);
+        assert_eq!(
+            drain(&mut s),
+            vec![(key::CREATE_SUPER_STREAM | 0x8000, 20, code::OK)]
+        );
+        // A partition the broker refuses (a reserved name) after the first
+        // was made: PRECONDITION_FAILED, nothing held, nothing left.
+        let f = frames(&feed(
+            &mut s,
+            &[R::CreateSuperStream {
+                correlation_id: 22,
+                name: "tt".into(),
+                partitions: vec!["tt-0".into(), "amq.tt-1".into()],
+                binding_keys: vec!["a".into(), "b".into()],
+                arguments: vec![],
+            }],
+            3,
+        ));
+        assert_eq!(
+            f,
+            vec![(
+                key::CREATE_SUPER_STREAM | 0x8000,
+                22,
+                code::PRECONDITION_FAILED
+            )]
+        );
+        assert!(s.held_change().is_none());
+        let v = s.vhost.clone().expect("vhost");
+        assert!(v.exchange("tt").is_err() && v.queue("tt-0", 1).is_err());
+        // Delete: the exchange, then the partitions, as one held change.
+        let f = feed(
+            &mut s,
+            &[R::DeleteSuperStream {
+                correlation_id: 23,
+                name: "ss".into(),
+            }],
+            4,
+        );
+        assert!(f.is_empty());
+        let changes = &s.held_change().expect("held").changes;
+        assert!(matches!(&changes[..], [MetaChange::DeleteExchange(x),
+            MetaChange::DeleteQueue(a), MetaChange::DeleteQueue(b)]
+            if x == "ss" && a == "ss-0" && b == "ss-1"));
+        s.change_committed(true);
+        assert_eq!(
+            drain(&mut s),
+            vec![(key::DELETE_SUPER_STREAM | 0x8000, 23, code::OK)]
+        );
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn unclustered_creates_are_answered_at_once_and_metadata_names_this_node() {
+        let (mut s, dir) = opened("plain", false);
+        let f = frames(&feed(&mut s, &[create(30, "p")], 1));
+        assert_eq!(f, vec![(key::CREATE | 0x8000, 30, code::OK)]);
+        assert!(s.held_change().is_none());
+        let out = feed(
+            &mut s,
+            &[R::Metadata {
+                correlation_id: 31,
+                streams: vec!["p".into(), "nope".into()],
+            }],
+            2,
+        );
+        // One broker (this node), "p" led by it, "nope" missing.
+        let f = &out[4..];
+        assert_eq!(&f[..2], &[0x80, 15]);
+        assert_eq!(i32::from_be_bytes([f[8], f[9], f[10], f[11]]), 1);
+        let tail = &f[f.len() - 25..];
+        // "p": OK, leader 0, no replicas; "nope": 2, 0xffff.
+        assert_eq!(
+            tail,
+            &[
+                0, 1, b'p', 0, 1, 0, 0, 0, 0, 0, 0, 0, 4, b'n', b'o', b'p', b'e', 0, 2, 0xff, 0xff,
+                0, 0, 0, 0
+            ][..]
+        );
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// (stream, code, leader reference) of each stream of a metadata
+    /// response (the one frame in `out`), and the number of brokers.
+    fn metadata_of(out: &[u8]) -> (u32, Vec<(String, u16, u16)>) {
+        let f = &out[4..];
+        assert_eq!(&f[..2], &[0x80, 15]);
+        let u16_at = |at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+        let u32_at = |at: usize| u32::from_be_bytes([f[at], f[at + 1], f[at + 2], f[at + 3]]);
+        let brokers = u32_at(8);
+        let mut at = 12;
+        for _ in 0..brokers {
+            at += 2;
+            at += 2 + u16_at(at) as usize + 4;
+        }
+        let n = u32_at(at);
+        at += 4;
+        let mut v = Vec::new();
+        for _ in 0..n {
+            let len = u16_at(at) as usize;
+            let name = String::from_utf8_lossy(&f[at + 2..at + 2 + len]).into_owned();
+            at += 2 + len;
+            v.push((name, u16_at(at), u16_at(at + 2)));
+            at += 4 + 4 + 2 * u32_at(at + 4) as usize;
+        }
+        (brokers, v)
+    }
+
+    #[test]
+    fn permission_is_checked_before_existence_as_rabbitmq_does() {
+        let (mut s, dir) = opened("perm", false);
+        for (i, name) in ["w1", "x1"].iter().enumerate() {
+            let f = frames(&feed(&mut s, &[create(40 + i as u32, name)], 1));
+            assert_eq!(f, vec![(key::CREATE | 0x8000, 40 + i as u32, code::OK)]);
+        }
+        // guest may write "w…" streams and read none.
+        let p = crate::broker::auth::Permission::new(".*", "^w", "^$").expect("regexes");
+        s.broker.auth.set_permission("/", "guest", p);
+        let out = feed(
+            &mut s,
+            &[R::Metadata {
+                correlation_id: 42,
+                streams: vec!["w1".into(), "x1".into(), "w-none".into()],
+            }],
+            2,
+        );
+        let (brokers, meta) = metadata_of(&out);
+        assert_eq!(brokers, 1);
+        assert_eq!(
+            meta,
+            vec![
+                ("w1".to_string(), code::OK, 0),
+                ("x1".to_string(), code::ACCESS_REFUSED, u16::MAX),
+                ("w-none".to_string(), code::STREAM_DOES_NOT_EXIST, u16::MAX),
+            ]
+        );
+        let f = frames(&feed(
+            &mut s,
+            &[
+                R::DeclarePublisher {
+                    correlation_id: 43,
+                    publisher_id: 1,
+                    reference: None,
+                    stream: "x-none".into(),
+                },
+                R::QueryOffset {
+                    correlation_id: 44,
+                    reference: "r".into(),
+                    stream: "x-none".into(),
+                },
+                R::Delete {
+                    correlation_id: 45,
+                    stream: "w-none".into(),
+                },
+            ],
+            3,
+        ));
+        assert_eq!(
+            f,
+            vec![
+                (key::DECLARE_PUBLISHER | 0x8000, 43, code::ACCESS_REFUSED),
+                (key::QUERY_OFFSET | 0x8000, 44, code::ACCESS_REFUSED),
+                (key::DELETE | 0x8000, 45, code::STREAM_DOES_NOT_EXIST),
+            ]
+        );
+        drop(s);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
