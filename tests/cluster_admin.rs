@@ -8,6 +8,9 @@
 mod common;
 
 use common::cluster::*;
+use lapin::options::*;
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -173,6 +176,50 @@ async fn admin_writes_on_one_node_are_seen_on_all() {
     .await;
     let (_, queue) = c.get(&format!("/api/queues/%2F/{dq}"));
     assert_eq!(queue["node"], Value::String(b.name()), "{queue}");
+
+    // The imported queue is homed on B on every node (its declare was inside
+    // the import's one batch): a message published on C lands on B.
+    let conn = c.connect().await;
+    let ch = common::t(conn.create_channel()).await.expect("channel");
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let confirm = common::t(ch.basic_publish(
+        &dx,
+        "dk",
+        BasicPublishOptions::default(),
+        b"via c",
+        BasicProperties::default(),
+    ))
+    .await
+    .expect("publish");
+    assert!(common::t(confirm).await.expect("confirm").is_ack());
+    let _ = conn.close(200, "bye").await;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let conn = b.connect().await;
+        let ch = common::t(conn.create_channel()).await.expect("channel");
+        let count = common::t(ch.queue_declare(
+            &dq,
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .await
+        .expect("passive on b")
+        .message_count();
+        let _ = conn.close(200, "bye").await;
+        if count == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the message published on C is not in B's copy of {dq} ({count})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // An admin DELETE of the queue on B removes it everywhere.
     assert_eq!(

@@ -358,18 +358,29 @@ impl StateMachine {
         self.store.put(SM, state)
     }
 
-    fn apply_command(&self, state: &mut Applied, cmd: &Command, now: u64) -> Option<String> {
-        match cmd.apply_and_record(&*self.target, now, &mut state.metadata) {
-            Ok(()) => {
-                if let (Command::DeclareQueue { vhost, name, .. }, Some(f), Some(broker)) =
-                    (cmd, self.forwarder.get(), self.target.broker())
-                {
-                    if let Some(home) = state.metadata.queue_node(vhost, name) {
-                        f.mark(broker, vhost, name, home);
-                    }
+    /// Tell the forwarder the home node of every queue `cmd` declared, those
+    /// inside a batch (a definitions import, a super stream) included.
+    fn mark_homes(&self, state: &Applied, cmd: &Command) {
+        let (Some(f), Some(broker)) = (self.forwarder.get(), self.target.broker()) else {
+            return;
+        };
+        match cmd {
+            Command::DeclareQueue { vhost, name, .. } => {
+                if let Some(home) = state.metadata.queue_node(vhost, name) {
+                    f.mark(broker, vhost, name, home);
                 }
-                None
             }
+            Command::Batch(cmds) => cmds.iter().for_each(|c| self.mark_homes(state, c)),
+            _ => {}
+        }
+    }
+
+    fn apply_command(&self, state: &mut Applied, cmd: &Command, now: u64) -> Option<String> {
+        let applied = cmd.apply_and_record(&*self.target, now, &mut state.metadata);
+        // What of a batch took is recorded even when a part was refused.
+        self.mark_homes(state, cmd);
+        match applied {
+            Ok(()) => None,
             Err(why) => {
                 tracing::debug!(?cmd, %why, "committed metadata change refused locally");
                 Some(why)
