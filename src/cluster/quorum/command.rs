@@ -1,0 +1,158 @@
+//! A quorum queue group's commands and the state they build (pure: no I/O,
+//! no broker). The state is the queue's live messages by id, an id being the
+//! log index of the message's `Enqueue`; it is the group's snapshot.
+
+use crate::broker::message::Message;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// One message as the group keeps it: enough to rebuild the AMQP message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QMsg {
+    pub exchange: String,
+    pub routing_key: String,
+    /// The encoded AMQP properties.
+    #[serde(with = "b64")]
+    pub properties: Vec<u8>,
+    #[serde(with = "b64")]
+    pub body: Vec<u8>,
+}
+
+impl QMsg {
+    pub fn of(m: &Message) -> QMsg {
+        let mut props = bytes::BytesMut::new();
+        m.properties.encode(&mut props);
+        QMsg {
+            exchange: m.exchange.to_string(),
+            routing_key: m.routing_key.to_string(),
+            properties: props.to_vec(),
+            body: m.body.to_vec(),
+        }
+    }
+
+    /// The AMQP message (None if its properties do not decode).
+    pub fn message(&self) -> Option<Arc<Message>> {
+        let properties = crate::wire::BasicProperties::decode(&self.properties).ok()?;
+        Some(Message::new(
+            &self.exchange,
+            &self.routing_key,
+            properties,
+            bytes::Bytes::copy_from_slice(&self.body),
+        ))
+    }
+}
+
+/// Bytes as base64 in the JSON the log and the RPCs carry.
+mod b64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One change of a quorum queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QCommand {
+    /// A published message; its id is this entry's log index.
+    Enqueue(QMsg),
+    /// Messages that left the queue for good (acked, rejected, expired,
+    /// dropped, dead-lettered, purged), by id.
+    Settle(Vec<u64>),
+}
+
+impl std::fmt::Display for QCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QCommand::Enqueue(m) => write!(f, "enqueue({} bytes)", m.body.len()),
+            QCommand::Settle(ids) => write!(f, "settle({} ids)", ids.len()),
+        }
+    }
+}
+
+/// The live messages of the queue, by id (ascending: the queue's order).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QState {
+    pub messages: BTreeMap<u64, QMsg>,
+}
+
+impl QState {
+    /// Apply the command at log index `index`.
+    pub fn apply(&mut self, index: u64, cmd: &QCommand) {
+        match cmd {
+            QCommand::Enqueue(m) => {
+                self.messages.insert(index, m.clone());
+            }
+            QCommand::Settle(ids) => {
+                for id in ids {
+                    self.messages.remove(id);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(body: &str) -> QMsg {
+        let m = Message::new(
+            "x",
+            "k",
+            crate::wire::BasicProperties::default(),
+            bytes::Bytes::copy_from_slice(body.as_bytes()),
+        );
+        QMsg::of(&m)
+    }
+
+    #[test]
+    fn enqueue_settle_and_order() {
+        let mut s = QState::default();
+        s.apply(3, &QCommand::Enqueue(msg("a")));
+        s.apply(5, &QCommand::Enqueue(msg("b")));
+        s.apply(7, &QCommand::Enqueue(msg("c")));
+        assert_eq!(
+            s.messages.keys().copied().collect::<Vec<_>>(),
+            vec![3, 5, 7]
+        );
+        s.apply(8, &QCommand::Settle(vec![5, 99]));
+        assert_eq!(s.messages.keys().copied().collect::<Vec<_>>(), vec![3, 7]);
+        // Settling again (a resent batch) changes nothing.
+        s.apply(9, &QCommand::Settle(vec![5]));
+        assert_eq!(s.messages.len(), 2);
+        let m = s.messages[&7].message().expect("decodes");
+        assert_eq!(&m.body[..], b"c");
+        assert_eq!(m.routing_key.as_str(), "k");
+    }
+
+    #[test]
+    fn commands_and_state_round_trip_through_json() {
+        let mut s = QState::default();
+        let body: Vec<u8> = (0..=255u8).collect();
+        let mut m = msg("");
+        m.body = body.clone();
+        let cmd = QCommand::Enqueue(m);
+        let json = serde_json::to_vec(&cmd).expect("encodes");
+        let back: QCommand = serde_json::from_slice(&json).expect("decodes");
+        assert_eq!(back, cmd);
+        s.apply(1, &back);
+        let json = serde_json::to_vec(&s).expect("encodes");
+        let back: QState = serde_json::from_slice(&json).expect("decodes");
+        assert_eq!(back, s);
+        assert_eq!(back.messages[&1].body, body);
+        assert!(serde_json::from_slice::<QCommand>(
+            br#"{"Enqueue":{"exchange":"","routing_key":"","properties":"!!","body":""}}"#
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! One quorum queue group on this node: follows the group's leadership and
+//! serves the queue while this node leads. On becoming leader (and having
+//! applied everything committed before: `ensure_linearizable`) it loads the
+//! state machine's messages into the local queue, every one flagged
+//! redelivered (the group does not log deliveries, so any may have been
+//! delivered by the old leader), attaches itself as the queue's
+//! [`Replica`] door and announces itself to the metadata group (other
+//! nodes then forward to it). On losing leadership it empties the local
+//! queue (the group keeps the messages) and cancels its consumers.
+//!
+//! Publishes are proposed as `Enqueue` (the confirm waits for the commit);
+//! messages leaving the queue are proposed as `Settle`, batched: one
+//! proposal in flight, the ids that arrive meanwhile go in the next.
+
+use super::command::{QCommand, QMsg};
+use super::store::QSm;
+use super::{Manager, QTypeConfig};
+use crate::broker::message::Message;
+use crate::broker::remote::{Replica, Ticket};
+use openraft::ServerState;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+type Raft = openraft::Raft<QTypeConfig>;
+
+/// This node's member of one quorum queue's group.
+pub struct Group {
+    pub id: String,
+    pub vhost: String,
+    pub name: String,
+    raft: OnceLock<Raft>,
+    sm: QSm,
+    serving: AtomicBool,
+    settle_tx: mpsc::UnboundedSender<Vec<u64>>,
+    settle_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Vec<u64>>>>,
+    commit_timeout: Duration,
+    manager: Weak<Manager>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("quorum::Group")
+            .field("id", &self.id)
+            .field("serving", &self.is_serving())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Group {
+    pub(super) fn new(
+        id: String,
+        vhost: String,
+        name: String,
+        sm: QSm,
+        commit_timeout: Duration,
+        manager: Weak<Manager>,
+    ) -> Arc<Group> {
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        Arc::new(Group {
+            id,
+            vhost,
+            name,
+            raft: OnceLock::new(),
+            sm,
+            serving: AtomicBool::new(false),
+            settle_tx,
+            settle_rx: parking_lot::Mutex::new(Some(settle_rx)),
+            commit_timeout,
+            manager,
+        })
+    }
+
+    pub fn raft(&self) -> Option<Raft> {
+        self.raft.get().cloned()
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    /// The group's Raft node is up: follow its leadership, propose settles.
+    pub(super) fn run(self: &Arc<Self>, raft: Raft) {
+        let _ = self.raft.set(raft.clone());
+        if let Some(rx) = self.settle_rx.lock().take() {
+            tokio::spawn(settle_loop(Arc::downgrade(self), raft.clone(), rx));
+        }
+        tokio::spawn(watch(Arc::downgrade(self), raft));
+    }
+
+    pub(super) async fn shutdown(&self) {
+        self.unserve();
+        if let Some(r) = self.raft() {
+            let _ = r.shutdown().await;
+        }
+    }
+
+    /// Load the group's messages into the local queue and serve it.
+    fn serve(self: &Arc<Self>) -> bool {
+        let Some(m) = self.manager.upgrade() else {
+            return false;
+        };
+        let Some(q) = m.queue(&self.vhost, &self.name) else {
+            return false;
+        };
+        let now = crate::clock::now_ms();
+        let mut s = self.sm.inner.lock();
+        q.set_replica(Some(self.clone()));
+        q.set_remote(None);
+        let _ = q.reset_replicated();
+        let messages: Vec<(u64, Option<Arc<Message>>)> = s
+            .state
+            .messages
+            .iter()
+            .map(|(id, m)| (*id, m.message()))
+            .collect();
+        let n = messages.len();
+        for (id, msg) in messages {
+            match msg {
+                Some(msg) => {
+                    q.enqueue_replicated(msg, id, true, now);
+                }
+                None => {
+                    let _ = self.settle_tx.send(vec![id]);
+                }
+            }
+        }
+        s.serving = Some(q);
+        self.serving.store(true, Ordering::Release);
+        drop(s);
+        tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");
+        m.announce(self);
+        true
+    }
+
+    /// Stop serving: the local queue forgets its messages (the group keeps
+    /// them) and its consumers are cancelled.
+    fn unserve(&self) {
+        let q = {
+            let mut s = self.sm.inner.lock();
+            self.serving.store(false, Ordering::Release);
+            s.serving.take()
+        };
+        if let Some(q) = q {
+            for c in q.reset_replicated() {
+                c.sink.cancelled(c.channel, Arc::clone(&c.tag));
+            }
+            tracing::info!(queue = %self.name, vhost = %self.vhost, "no longer serving the quorum queue");
+        }
+    }
+}
+
+impl Replica for Group {
+    fn serving(&self) -> bool {
+        self.is_serving()
+    }
+
+    fn enqueue(&self, message: &Arc<Message>, ticket: &Arc<Ticket>) {
+        ticket.expect();
+        let (Some(raft), true) = (self.raft(), self.is_serving()) else {
+            return ticket.settle(false);
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return ticket.settle(false);
+        };
+        let cmd = QCommand::Enqueue(QMsg::of(message));
+        let ticket = Arc::clone(ticket);
+        let within = self.commit_timeout;
+        rt.spawn(async move {
+            let ok = match tokio::time::timeout(within, raft.client_write(cmd)).await {
+                Ok(Ok(resp)) => resp.data,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "quorum queue publish not committed");
+                    false
+                }
+                Err(_) => false,
+            };
+            ticket.settle(ok);
+        });
+    }
+
+    fn settled(&self, ids: Vec<u64>) {
+        if !ids.is_empty() {
+            let _ = self.settle_tx.send(ids);
+        }
+    }
+}
+
+/// Follow the group's leadership until it shuts down.
+async fn watch(g: Weak<Group>, raft: Raft) {
+    let mut metrics = raft.metrics();
+    loop {
+        let leader = metrics.borrow_and_update().state == ServerState::Leader;
+        let Some(group) = g.upgrade() else { return };
+        if leader && !group.is_serving() {
+            // Everything committed before this term is applied first.
+            let ok = tokio::time::timeout(group.commit_timeout, raft.ensure_linearizable()).await;
+            let still = raft.metrics().borrow().state == ServerState::Leader;
+            if matches!(ok, Ok(Ok(_))) && still {
+                if !group.serve() {
+                    drop(group);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            } else {
+                drop(group);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            continue;
+        }
+        if !leader && group.is_serving() {
+            group.unserve();
+        }
+        drop(group);
+        if metrics.changed().await.is_err() {
+            if let Some(group) = g.upgrade() {
+                group.unserve();
+            }
+            return;
+        }
+    }
+}
+
+/// Propose the ids of messages that left the queue, a batch at a time.
+async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<Vec<u64>>) {
+    while let Some(mut ids) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            ids.extend(more);
+        }
+        let Some(group) = g.upgrade() else { return };
+        if !group.is_serving() {
+            // The next leader has them (and redelivers them).
+            continue;
+        }
+        let within = group.commit_timeout;
+        drop(group);
+        match tokio::time::timeout(within, raft.client_write(QCommand::Settle(ids))).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "quorum queue settle not committed"),
+            Err(_) => tracing::debug!("quorum queue settle not committed in time"),
+        }
+    }
+}
