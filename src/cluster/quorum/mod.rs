@@ -104,11 +104,17 @@ impl Manager {
         commit_timeout: Duration,
     ) -> Result<Arc<Manager>, String> {
         let db = sled::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // openraft gives an append-entries RPC one heartbeat interval: a
+        // group's appends carry message bodies and a follower fsyncs them
+        // before answering, so the interval is longer than the metadata
+        // group's (at least 200 ms), and elections wait 5-10 of them.
+        let heartbeat = (heartbeat_ms * 4).max(200);
         let config = openraft::Config {
             cluster_name: "warren-quorum".into(),
-            heartbeat_interval: heartbeat_ms,
-            election_timeout_min: heartbeat_ms * 3,
-            election_timeout_max: heartbeat_ms * 6,
+            heartbeat_interval: heartbeat,
+            election_timeout_min: heartbeat * 5,
+            election_timeout_max: heartbeat * 10,
+            max_payload_entries: 64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(4096),
             max_in_snapshot_log_to_keep: 256,
             ..Default::default()

@@ -171,10 +171,13 @@ impl Replica for Group {
             let ok = match tokio::time::timeout(within, raft.client_write(cmd)).await {
                 Ok(Ok(resp)) => resp.data,
                 Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "quorum queue publish not committed");
+                    tracing::warn!(error = %e, "quorum queue publish not committed");
                     false
                 }
-                Err(_) => false,
+                Err(_) => {
+                    tracing::warn!("quorum queue publish not committed in time");
+                    false
+                }
             };
             ticket.settle(ok);
         });
