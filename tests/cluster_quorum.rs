@@ -409,3 +409,133 @@ async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
     )
     .await;
 }
+
+/// The leader's node cut off from the two others (test-owned proxies between
+/// every pair): its local consumer is cancelled once it has not heard from a
+/// majority for an election timeout, a publish there is never acked, the two
+/// others elect a leader that serves every message and confirms new
+/// publishes; after the heal the old leader follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
+    let (nodes, proxies) = common::cluster::start_proxied("quorum-part", 3000).await;
+    eventually("three running members", Duration::from_secs(30), || {
+        nodes.iter().all(|n| n.running().len() == 3)
+    })
+    .await;
+    let q = "qq-part";
+    declare_quorum(&nodes[0], q).await;
+    let leader = leader_of(&nodes[0], q).expect("a leader");
+    let li = nodes
+        .iter()
+        .position(|n| n.name() == leader)
+        .expect("leader");
+    let other = (li + 1) % 3;
+    let conn = nodes[other].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let before = bodies("before", 20);
+    assert_eq!(publish_confirmed(&ch, q, &before).await, (20, 0));
+    let _ = conn.close(200, "bye").await;
+
+    // A consumer on the leader's node, holding what it gets.
+    let lconn = nodes[li].connect().await;
+    let lch = channel(&lconn).await;
+    common::t(lch.basic_qos(5, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let mut local = common::t(lch.basic_consume(
+        q,
+        "on-leader",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume on the leader");
+    let first = common::t(local.next())
+        .await
+        .expect("a delivery")
+        .expect("ok");
+    assert!(!first.redelivered);
+
+    for ((a, b), p) in &proxies {
+        if *a == li || *b == li {
+            p.cut();
+        }
+    }
+    let cut_at = Instant::now();
+    // The cut-off leader stops serving: its consumer is cancelled.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the cut-off leader kept its consumer");
+        match tokio::time::timeout(left, local.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_)) | None) | Err(_) => break,
+        }
+    }
+    assert!(
+        Instant::now() < deadline,
+        "the cut-off leader kept its consumer"
+    );
+    println!(
+        "isolated leader stopped serving {:.2} s after the cut",
+        cut_at.elapsed().as_secs_f64()
+    );
+    // A publish on the cut-off node is never acked.
+    common::t(lch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .ok();
+    if let Ok(c) = common::t(lch.basic_publish(
+        "",
+        q,
+        BasicPublishOptions::default(),
+        b"cut-off",
+        BasicProperties::default().with_delivery_mode(2),
+    ))
+    .await
+    {
+        let outcome = tokio::time::timeout(Duration::from_secs(5), c).await;
+        assert!(
+            !matches!(outcome, Ok(Ok(Confirmation::Ack(_)))),
+            "a publish on the cut-off leader was acked"
+        );
+    }
+    let _ = lconn.close(200, "bye").await;
+
+    // The majority: a new leader, every message, new publishes confirmed.
+    eventually(
+        "a new leader on the majority side",
+        Duration::from_secs(20),
+        || leader_of(&nodes[other], q).is_some_and(|l| l != leader),
+    )
+    .await;
+    let conn = nodes[other].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let during = bodies("during", 10);
+    assert_eq!(publish_confirmed(&ch, q, &during).await, (10, 0));
+    let _ = conn.close(200, "bye").await;
+    let want: BTreeSet<String> = before.iter().chain(&during).cloned().collect();
+    let seen = consume_all(&nodes[(li + 2) % 3], q, &want, Duration::from_secs(30)).await;
+    let got: BTreeSet<String> = seen.iter().map(|(b, _)| b.clone()).collect();
+    assert!(
+        got.is_superset(&want),
+        "missing: {:?}",
+        want.difference(&got)
+    );
+
+    for p in proxies.values() {
+        p.heal();
+    }
+    let new_leader = leader_of(&nodes[other], q).expect("leader");
+    eventually(
+        "the old leader follows the new one",
+        Duration::from_secs(20),
+        || leader_of(&nodes[li], q).as_deref() == Some(new_leader.as_str()),
+    )
+    .await;
+}

@@ -190,12 +190,30 @@ impl Replica for Group {
     }
 }
 
-/// Follow the group's leadership until it shuts down.
+/// Follow the group's leadership until it shuts down. While it serves, the
+/// leader checks every other heartbeat that a majority still answers it
+/// (`ensure_linearizable`: a round of heartbeats); one that cannot within an
+/// election timeout stops serving (the others may have elected another
+/// leader by then; openraft 0.9 keeps such a leader leading until it hears
+/// of a higher term), and serves again once a majority answers it.
 async fn watch(g: Weak<Group>, raft: Raft) {
     let mut metrics = raft.metrics();
+    let (tick, lost_after) = match g.upgrade().and_then(|g| g.manager.upgrade()) {
+        Some(m) => (
+            Duration::from_millis(m.config.heartbeat_interval * 2),
+            Duration::from_millis(m.config.election_timeout_min),
+        ),
+        None => return,
+    };
+    let mut checked = tokio::time::Instant::now();
     loop {
         let leader = metrics.borrow_and_update().state == ServerState::Leader;
         let Some(group) = g.upgrade() else { return };
+        let cut_off = leader && group.is_serving() && checked.elapsed() >= tick && {
+            checked = tokio::time::Instant::now();
+            let check = tokio::time::timeout(lost_after, raft.ensure_linearizable()).await;
+            !matches!(check, Ok(Ok(_)))
+        };
         if leader && !group.is_serving() {
             // Everything committed before this term is applied first.
             let ok = tokio::time::timeout(group.commit_timeout, raft.ensure_linearizable()).await;
@@ -211,15 +229,23 @@ async fn watch(g: Weak<Group>, raft: Raft) {
             }
             continue;
         }
-        if !leader && group.is_serving() {
+        if (!leader || cut_off) && group.is_serving() {
+            if cut_off {
+                tracing::warn!(queue = %group.name, vhost = %group.vhost, "quorum queue leader cut off from its members");
+            }
             group.unserve();
         }
         drop(group);
-        if metrics.changed().await.is_err() {
-            if let Some(group) = g.upgrade() {
-                group.unserve();
+        tokio::select! {
+            r = metrics.changed() => {
+                if r.is_err() {
+                    if let Some(group) = g.upgrade() {
+                        group.unserve();
+                    }
+                    return;
+                }
             }
-            return;
+            () = tokio::time::sleep(tick) => {}
         }
     }
 }
