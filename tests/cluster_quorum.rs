@@ -360,7 +360,8 @@ async fn a_quorum_queue_keeps_its_messages_across_a_whole_cluster_restart() {
 
 /// Confirmed publishes to a quorum queue, pipelined (the whole batch in
 /// flight), on the leader and on a follower, against a classic durable
-/// queue homed on the same node: every one acked, and the rates printed.
+/// queue homed on the same node: every one acked, the rates printed, and
+/// the quorum queue delivers them in the order they were published.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
     let (a, b, c) = three_nodes("quorum-rate").await;
@@ -412,6 +413,32 @@ async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
         || queue_api(&nodes[li], q)["messages"] == 2 * N,
     )
     .await;
+    // In the order they were published: the leader's, then the follower's.
+    let conn = nodes[li].connect().await;
+    let ch = channel(&conn).await;
+    let mut consumer = common::t(ch.basic_consume(
+        q,
+        "order",
+        BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume");
+    let expected: Vec<String> = bodies("quorum, on the leader", N)
+        .into_iter()
+        .chain(bodies("quorum, on a follower", N))
+        .collect();
+    for want in &expected {
+        let d = common::t(consumer.next())
+            .await
+            .expect("a delivery")
+            .expect("delivery");
+        assert_eq!(&String::from_utf8_lossy(&d.data), want, "queue order");
+    }
+    let _ = conn.close(200, "bye").await;
 }
 
 /// The leader's node cut off from the two others (test-owned proxies between

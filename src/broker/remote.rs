@@ -62,7 +62,7 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// took it, false when it did not commit (no majority, leader lost) or
     /// the queue refused it.
     fn enqueue(&self, message: &Arc<Message>, ticket: &Arc<Ticket>);
-    /// Messages (by id: the log index of their enqueue) left the queue for
+    /// Messages (by their id in the group) left the queue for
     /// good: acked, rejected, expired, dropped, dead-lettered, purged.
     fn settled(&self, ids: Vec<u64>);
 }

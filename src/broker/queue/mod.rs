@@ -281,8 +281,8 @@ impl Queue {
         self.replicated.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// A message the queue's Raft group committed, with its id there (the
-    /// log index of its enqueue), on the node serving the queue: enqueued
+    /// A message the queue's Raft group committed, with its id there
+    /// (increasing in the group's order), on the node serving the queue: enqueued
     /// like a publish, nothing written to the message store.
     pub fn enqueue_replicated(
         self: &Arc<Self>,

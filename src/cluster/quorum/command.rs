@@ -1,6 +1,7 @@
 //! A quorum queue group's commands and the state they build (pure: no I/O,
-//! no broker). The state is the queue's live messages by id, an id being the
-//! log index of the message's `Enqueue`; it is the group's snapshot.
+//! no broker). The state is the queue's live messages by id, an id being
+//! made of the log index of the message's `Enqueue` and its place in that
+//! batch ([`id`]: increasing in the queue's order); it is the group's snapshot.
 
 use crate::broker::message::Message;
 use serde::{Deserialize, Serialize};
@@ -60,11 +61,19 @@ mod b64 {
     }
 }
 
+/// Most messages in one `Enqueue`.
+pub const BATCH_MAX: usize = 1024;
+
+/// The id of the `i`th message of the `Enqueue` at log index `index`.
+pub fn id(index: u64, i: usize) -> u64 {
+    (index << 16) | (i as u64 & 0xffff)
+}
+
 /// One change of a quorum queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QCommand {
-    /// A published message; its id is this entry's log index.
-    Enqueue(QMsg),
+    /// Published messages (at most [`BATCH_MAX`]), in their order; ids by [`id`].
+    Enqueue(Vec<QMsg>),
     /// Messages that left the queue for good (acked, rejected, expired,
     /// dropped, dead-lettered, purged), by id.
     Settle(Vec<u64>),
@@ -73,7 +82,7 @@ pub enum QCommand {
 impl std::fmt::Display for QCommand {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            QCommand::Enqueue(m) => write!(f, "enqueue({} bytes)", m.body.len()),
+            QCommand::Enqueue(m) => write!(f, "enqueue({} messages)", m.len()),
             QCommand::Settle(ids) => write!(f, "settle({} ids)", ids.len()),
         }
     }
@@ -89,8 +98,10 @@ impl QState {
     /// Apply the command at log index `index`.
     pub fn apply(&mut self, index: u64, cmd: &QCommand) {
         match cmd {
-            QCommand::Enqueue(m) => {
-                self.messages.insert(index, m.clone());
+            QCommand::Enqueue(batch) => {
+                for (i, m) in batch.iter().enumerate() {
+                    self.messages.insert(id(index, i), m.clone());
+                }
             }
             QCommand::Settle(ids) => {
                 for id in ids {
@@ -118,19 +129,18 @@ mod tests {
     #[test]
     fn enqueue_settle_and_order() {
         let mut s = QState::default();
-        s.apply(3, &QCommand::Enqueue(msg("a")));
-        s.apply(5, &QCommand::Enqueue(msg("b")));
-        s.apply(7, &QCommand::Enqueue(msg("c")));
-        assert_eq!(
-            s.messages.keys().copied().collect::<Vec<_>>(),
-            vec![3, 5, 7]
-        );
-        s.apply(8, &QCommand::Settle(vec![5, 99]));
-        assert_eq!(s.messages.keys().copied().collect::<Vec<_>>(), vec![3, 7]);
+        s.apply(3, &QCommand::Enqueue(vec![msg("a"), msg("b")]));
+        s.apply(7, &QCommand::Enqueue(vec![msg("c")]));
+        let ids: Vec<u64> = s.messages.keys().copied().collect();
+        assert_eq!(ids, vec![id(3, 0), id(3, 1), id(7, 0)]);
+        assert!(id(3, 1) < id(4, 0), "ids follow the log, then the batch");
+        s.apply(8, &QCommand::Settle(vec![id(3, 1), 99]));
+        let ids: Vec<u64> = s.messages.keys().copied().collect();
+        assert_eq!(ids, vec![id(3, 0), id(7, 0)]);
         // Settling again (a resent batch) changes nothing.
-        s.apply(9, &QCommand::Settle(vec![5]));
+        s.apply(9, &QCommand::Settle(vec![id(3, 1)]));
         assert_eq!(s.messages.len(), 2);
-        let m = s.messages[&7].message().expect("decodes");
+        let m = s.messages[&id(7, 0)].message().expect("decodes");
         assert_eq!(&m.body[..], b"c");
         assert_eq!(m.routing_key.as_str(), "k");
     }
@@ -141,7 +151,7 @@ mod tests {
         let body: Vec<u8> = (0..=255u8).collect();
         let mut m = msg("");
         m.body = body.clone();
-        let cmd = QCommand::Enqueue(m);
+        let cmd = QCommand::Enqueue(vec![m]);
         let json = serde_json::to_vec(&cmd).expect("encodes");
         let back: QCommand = serde_json::from_slice(&json).expect("decodes");
         assert_eq!(back, cmd);
@@ -149,9 +159,9 @@ mod tests {
         let json = serde_json::to_vec(&s).expect("encodes");
         let back: QState = serde_json::from_slice(&json).expect("decodes");
         assert_eq!(back, s);
-        assert_eq!(back.messages[&1].body, body);
+        assert_eq!(back.messages[&id(1, 0)].body, body);
         assert!(serde_json::from_slice::<QCommand>(
-            br#"{"Enqueue":{"exchange":"","routing_key":"","properties":"!!","body":""}}"#
+            br#"{"Enqueue":[{"exchange":"","routing_key":"","properties":"!!","body":""}]}"#
         )
         .is_err());
     }

@@ -33,7 +33,7 @@ openraft::declare_raft_types!(
     /// A quorum queue group's types.
     pub QTypeConfig:
         D = command::QCommand,
-        R = bool,
+        R = Vec<bool>,
         NodeId = u64,
         Node = NodeInfo,
         Entry = openraft::Entry<QTypeConfig>,

@@ -8,9 +8,11 @@
 //! nodes then forward to it). On losing leadership it empties the local
 //! queue (the group keeps the messages) and cancels its consumers.
 //!
-//! Publishes are proposed as `Enqueue` (the confirm waits for the commit);
-//! messages leaving the queue are proposed as `Settle`, batched: one
-//! proposal in flight, the ids that arrive meanwhile go in the next.
+//! Publishes are proposed in their order as `Enqueue` batches: at most two
+//! batches wait for their commit, the publishes that arrive meanwhile form
+//! the next one (each confirm waits for its batch's commit); messages
+//! leaving the queue are proposed as `Settle`, batched: one proposal in
+//! flight, the ids that arrive meanwhile go in the next.
 
 use super::command::{QCommand, QMsg};
 use super::store::QSm;
@@ -35,6 +37,8 @@ pub struct Group {
     serving: AtomicBool,
     settle_tx: mpsc::UnboundedSender<Vec<u64>>,
     settle_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Vec<u64>>>>,
+    enqueue_tx: mpsc::UnboundedSender<Publish>,
+    enqueue_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Publish>>>,
     commit_timeout: Duration,
     manager: Weak<Manager>,
 }
@@ -58,7 +62,10 @@ impl Group {
         manager: Weak<Manager>,
     ) -> Arc<Group> {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let (enqueue_tx, enqueue_rx) = mpsc::unbounded_channel();
         Arc::new(Group {
+            enqueue_tx,
+            enqueue_rx: parking_lot::Mutex::new(Some(enqueue_rx)),
             id,
             vhost,
             name,
@@ -85,6 +92,9 @@ impl Group {
         let _ = self.raft.set(raft.clone());
         if let Some(rx) = self.settle_rx.lock().take() {
             tokio::spawn(settle_loop(Arc::downgrade(self), raft.clone(), rx));
+        }
+        if let Some(rx) = self.enqueue_rx.lock().take() {
+            tokio::spawn(propose_loop(Arc::downgrade(self), raft.clone(), rx));
         }
         tokio::spawn(watch(Arc::downgrade(self), raft));
     }
@@ -158,29 +168,15 @@ impl Replica for Group {
 
     fn enqueue(&self, message: &Arc<Message>, ticket: &Arc<Ticket>) {
         ticket.expect();
-        let (Some(raft), true) = (self.raft(), self.is_serving()) else {
+        if self.raft().is_none() || !self.is_serving() {
             return ticket.settle(false);
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return ticket.settle(false);
-        };
-        let cmd = QCommand::Enqueue(QMsg::of(message));
-        let ticket = Arc::clone(ticket);
-        let within = self.commit_timeout;
-        rt.spawn(async move {
-            let ok = match tokio::time::timeout(within, raft.client_write(cmd)).await {
-                Ok(Ok(resp)) => resp.data,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "quorum queue publish not committed");
-                    false
-                }
-                Err(_) => {
-                    tracing::warn!("quorum queue publish not committed in time");
-                    false
-                }
-            };
-            ticket.settle(ok);
-        });
+        }
+        if let Err(mpsc::error::SendError((_, t))) = self
+            .enqueue_tx
+            .send((QMsg::of(message), Arc::clone(ticket)))
+        {
+            t.settle(false);
+        }
     }
 
     fn settled(&self, ids: Vec<u64>) {
@@ -247,6 +243,72 @@ async fn watch(g: Weak<Group>, raft: Raft) {
             }
             () = tokio::time::sleep(tick) => {}
         }
+    }
+}
+
+/// A publish waiting to be proposed, and the ticket its confirm waits on.
+type Publish = (QMsg, Arc<Ticket>);
+
+/// Batches of publishes awaiting their commit, at most: while they wait,
+/// the next publishes gather into the next batch.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Propose publishes in the order they came, as batches (one `Enqueue` of
+/// up to [`super::command::BATCH_MAX`] messages: one log entry, one fsync
+/// per member), and settle each one's ticket with the outcome.
+async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<Publish>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < super::command::BATCH_MAX {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (messages, tickets): (Vec<QMsg>, Vec<Arc<Ticket>>) = batch.into_iter().unzip();
+        let Some(group) = g.upgrade() else { return };
+        let within = group.commit_timeout;
+        let serving = group.is_serving();
+        drop(group);
+        if !serving {
+            for t in tickets {
+                t.settle(false);
+            }
+            continue;
+        }
+        // Handed to the Raft core here, in order; the commit is awaited
+        // aside, so the next batch can be proposed meanwhile.
+        let sent = tokio::time::timeout(within, raft.client_write_ff(QCommand::Enqueue(messages)));
+        let answer = match sent.await {
+            Ok(Ok(answer)) => answer,
+            _ => {
+                for t in tickets {
+                    t.settle(false);
+                }
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let oks = match tokio::time::timeout(within, answer).await {
+                Ok(Ok(Ok(resp))) => resp.data,
+                Ok(Ok(Err(e))) => {
+                    tracing::debug!(error = %e, "quorum queue publishes not committed");
+                    Vec::new()
+                }
+                _ => {
+                    tracing::debug!("quorum queue publishes not committed in time");
+                    Vec::new()
+                }
+            };
+            for (i, t) in tickets.into_iter().enumerate() {
+                t.settle(oks.get(i).copied().unwrap_or(false));
+            }
+            drop(slot);
+        });
     }
 }
 

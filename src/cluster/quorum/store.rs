@@ -9,7 +9,7 @@
 //! so the tree stays bounded by the live messages plus the entries since the
 //! last snapshot.
 
-use super::command::{QCommand, QState};
+use super::command::{id, QCommand, QState};
 use super::QTypeConfig;
 use crate::broker::queue::{Enqueued, Queue};
 use crate::cluster::NodeInfo;
@@ -303,7 +303,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
         Ok((s.last_applied, s.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<bool>, SErr>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<bool>>, SErr>
     where
         I: IntoIterator<Item = Entry<QTypeConfig>> + Send,
         I::IntoIter: Send,
@@ -315,25 +315,31 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             s.last_applied = Some(entry.log_id);
             let index = entry.log_id.index;
             out.push(match &entry.payload {
-                EntryPayload::Blank => true,
+                EntryPayload::Blank => Vec::new(),
                 EntryPayload::Normal(cmd) => {
                     s.state.apply(index, cmd);
                     match (cmd, &s.serving) {
-                        // The node serving the queue delivers it from now on;
-                        // the publisher's confirm follows the queue's answer.
-                        (QCommand::Enqueue(m), Some(q)) => match m.message() {
-                            Some(msg) => !matches!(
-                                q.enqueue_replicated(msg, index, false, now),
-                                Enqueued::Rejected
-                            ),
-                            None => false,
-                        },
-                        _ => true,
+                        // The node serving the queue delivers them from now
+                        // on; each publisher's confirm follows the queue's
+                        // answer.
+                        (QCommand::Enqueue(batch), Some(q)) => batch
+                            .iter()
+                            .enumerate()
+                            .map(|(i, m)| match m.message() {
+                                Some(msg) => !matches!(
+                                    q.enqueue_replicated(msg, id(index, i), false, now),
+                                    Enqueued::Rejected
+                                ),
+                                None => false,
+                            })
+                            .collect(),
+                        (QCommand::Enqueue(batch), None) => vec![true; batch.len()],
+                        _ => Vec::new(),
                     }
                 }
                 EntryPayload::Membership(m) => {
                     s.membership = StoredMembership::new(Some(entry.log_id), m.clone());
-                    true
+                    Vec::new()
                 }
             });
         }
