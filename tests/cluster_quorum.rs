@@ -356,6 +356,44 @@ async fn a_quorum_queue_keeps_its_messages_across_a_whole_cluster_restart() {
         got, want,
         "the 20 unacked messages, and none of the acked ones"
     );
+
+    // Delete it (its group stops and its log goes on every member) with 5
+    // messages in it; declared again, on another node, it is a new group:
+    // empty, and working.
+    let conn = nodes[2].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    assert_eq!(publish_confirmed(&ch, q, &bodies("old", 5)).await, (5, 0));
+    let deleted = common::t(ch.queue_delete(q, QueueDeleteOptions::default()))
+        .await
+        .expect("queue.delete");
+    assert_eq!(deleted, 5, "delete-ok counts the leader's messages");
+    let _ = conn.close(200, "bye").await;
+    eventually("gone everywhere", Duration::from_secs(10), || {
+        nodes
+            .iter()
+            .all(|n| n.get(&format!("/api/queues/%2F/{q}")).0 == 404)
+    })
+    .await;
+    declare_quorum(&nodes[0], q).await;
+    eventually("a new, empty group", Duration::from_secs(10), || {
+        let v = queue_api(&nodes[1], q);
+        v["messages"] == 0 && v["leader"].is_string()
+    })
+    .await;
+    let conn = nodes[1].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    assert_eq!(publish_confirmed(&ch, q, &bodies("new", 3)).await, (3, 0));
+    let _ = conn.close(200, "bye").await;
+    let want: BTreeSet<String> = bodies("new", 3).into_iter().collect();
+    let seen = consume_all(&nodes[2], q, &want, Duration::from_secs(20)).await;
+    let got: BTreeSet<String> = seen.iter().map(|(b, _)| b.clone()).collect();
+    assert_eq!(got, want, "only the new group's messages");
 }
 
 /// Confirmed publishes to a quorum queue, pipelined (the whole batch in
