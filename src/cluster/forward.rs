@@ -247,12 +247,16 @@ impl Forwarder {
             .is_some_and(|l| l.up.load(Ordering::Acquire))
     }
 
-    /// Every link has room for more publishes (under half its window).
+    /// Every link has room for more publishes (under half its window), and
+    /// so have this node's quorum queue groups.
     pub fn has_room(&self) -> bool {
-        self.links
-            .lock()
-            .values()
-            .all(|l| l.pending.lock().len() < MAX_INFLIGHT / 2)
+        let quorum = self.cluster.lock().upgrade().map(|c| Arc::clone(&c.quorum));
+        quorum.is_none_or(|q| q.has_room())
+            && self
+                .links
+                .lock()
+                .values()
+                .all(|l| l.pending.lock().len() < MAX_INFLIGHT / 2)
     }
 
     /// Wait until [`Self::has_room`] may have changed.

@@ -86,7 +86,13 @@ pub struct Manager {
     cluster: Mutex<Weak<Cluster>>,
     /// Running groups, by group id.
     groups: Mutex<HashMap<String, Arc<serve::Group>>>,
+    /// Publishes handed to the groups and not answered yet, all groups.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// Publishes waiting for their group's commit on this node, at most, before
+/// the publishing connections stop reading (as for a full message store).
+pub const MAX_PENDING: usize = 16384;
 
 impl std::fmt::Debug for Manager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,11 +135,17 @@ impl Manager {
             commit_timeout,
             cluster: Mutex::new(Weak::new()),
             groups: Mutex::new(HashMap::new()),
+            pending: Arc::default(),
         }))
     }
 
     pub(super) fn set_cluster(&self, c: &Arc<Cluster>) {
         *self.cluster.lock() = Arc::downgrade(c);
+    }
+
+    /// The groups have room for more publishes (under [`MAX_PENDING`]).
+    pub fn has_room(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Relaxed) < MAX_PENDING
     }
 
     fn me(&self) -> &str {
@@ -186,6 +198,7 @@ impl Manager {
             sm.clone(),
             self.commit_timeout,
             Arc::downgrade(self),
+            Arc::clone(&self.pending),
         );
         groups.insert(rec.group.clone(), Arc::clone(&group));
         drop(groups);

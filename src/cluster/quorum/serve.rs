@@ -20,7 +20,7 @@ use super::{Manager, QTypeConfig};
 use crate::broker::message::Message;
 use crate::broker::remote::{Replica, Ticket};
 use openraft::ServerState;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -41,6 +41,8 @@ pub struct Group {
     enqueue_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Publish>>>,
     commit_timeout: Duration,
     manager: Weak<Manager>,
+    /// The manager's count of publishes not answered yet.
+    pending: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Group {
@@ -60,6 +62,7 @@ impl Group {
         sm: QSm,
         commit_timeout: Duration,
         manager: Weak<Manager>,
+        pending: Arc<AtomicUsize>,
     ) -> Arc<Group> {
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let (enqueue_tx, enqueue_rx) = mpsc::unbounded_channel();
@@ -76,6 +79,7 @@ impl Group {
             settle_rx: parking_lot::Mutex::new(Some(settle_rx)),
             commit_timeout,
             manager,
+            pending,
         })
     }
 
@@ -171,9 +175,10 @@ impl Replica for Group {
         if self.raft().is_none() || !self.is_serving() {
             return ticket.settle(false);
         }
-        if let Err(mpsc::error::SendError((_, t))) = self
-            .enqueue_tx
-            .send((QMsg::of(message), Arc::clone(ticket)))
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let counted = Counted(Some(Arc::clone(ticket)), Arc::clone(&self.pending));
+        if let Err(mpsc::error::SendError((_, t))) =
+            self.enqueue_tx.send((QMsg::of(message), counted))
         {
             t.settle(false);
         }
@@ -247,7 +252,29 @@ async fn watch(g: Weak<Group>, raft: Raft) {
 }
 
 /// A publish waiting to be proposed, and the ticket its confirm waits on.
-type Publish = (QMsg, Arc<Ticket>);
+type Publish = (QMsg, Counted);
+
+/// A publish's ticket, counted in the manager's pending publishes until it
+/// is settled; one dropped unsettled (its group stopped) is settled failed,
+/// so no confirm waits forever.
+struct Counted(Option<Arc<Ticket>>, Arc<AtomicUsize>);
+
+impl Counted {
+    fn settle(mut self, ok: bool) {
+        if let Some(t) = self.0.take() {
+            t.settle(ok);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.settle(false);
+        }
+        self.1.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Batches of publishes awaiting their commit, at most: while they wait,
 /// the next publishes gather into the next batch.
@@ -269,7 +296,7 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
                 Err(_) => break,
             }
         }
-        let (messages, tickets): (Vec<QMsg>, Vec<Arc<Ticket>>) = batch.into_iter().unzip();
+        let (messages, tickets): (Vec<QMsg>, Vec<Counted>) = batch.into_iter().unzip();
         let Some(group) = g.upgrade() else { return };
         let within = group.commit_timeout;
         let serving = group.is_serving();
