@@ -122,7 +122,9 @@ impl Group {
         let mut s = self.sm.inner.lock();
         q.set_replica(Some(self.clone()));
         q.set_remote(None);
-        let _ = q.reset_replicated();
+        // The local queue is empty here (nothing enqueues into it while this
+        // node does not serve it); consumers already attached to it (this
+        // node was the recorded leader) stay and get the messages.
         let messages: Vec<(u64, Option<Arc<Message>>)> = s
             .state
             .messages
