@@ -451,6 +451,37 @@ async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
         || queue_api(&nodes[li], q)["messages"] == 2 * N,
     )
     .await;
+    // x-quorum-initial-group-size 2: the declaring node and one other.
+    {
+        let conn = nodes[1].connect().await;
+        let ch = channel(&conn).await;
+        let mut args = quorum_args();
+        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(2));
+        let qd = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        common::t(ch.queue_declare("qq-two", qd, args))
+            .await
+            .expect("queue.declare");
+        let _ = conn.close(200, "bye").await;
+        eventually("qq-two's group on A", Duration::from_secs(10), || {
+            queue_api(&nodes[0], "qq-two")["members"]
+                .as_array()
+                .is_some_and(|m| !m.is_empty())
+        })
+        .await;
+        let v = queue_api(&nodes[0], "qq-two");
+        let members: Vec<&str> = v["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(members.len(), 2, "{v}");
+        assert_eq!(members[0], nodes[1].name(), "the declaring node first");
+        assert_eq!(v["replicas"], 2);
+    }
     // In the order they were published: the leader's, then the follower's.
     let conn = nodes[li].connect().await;
     let ch = channel(&conn).await;
