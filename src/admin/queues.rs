@@ -81,15 +81,31 @@ pub fn queue_json(s: &AdminState, homes: &Homes, q: &Queue) -> Value {
         }
     }
     if kind == QueueType::Quorum {
-        // RabbitMQ's quorum-queue fields; quorum queues are not replicated
-        // yet, so the one replica on the queue's node is member, leader and
-        // online.
+        // RabbitMQ's quorum-queue fields. Clustered: the queue's Raft group
+        // (its members, its leader as last announced, the members this node
+        // sees running); alone, the one replica on this node is all three.
         let args = q.args();
+        let group = s
+            .cluster
+            .as_ref()
+            .and_then(|c| Some((c.quorum_record(vhost, q.name())?, c.members())));
+        let (members, leader, online) = match group {
+            Some((rec, nodes)) => {
+                let online: Vec<&String> = rec
+                    .members
+                    .iter()
+                    .filter(|m| nodes.iter().any(|n| &n.name == *m && n.running))
+                    .collect();
+                (json!(rec.members), json!(rec.leader), json!(online))
+            }
+            None => (json!([node]), json!(node), json!([node])),
+        };
         if let Value::Object(m) = &mut v {
-            m.insert("members".into(), json!([node]));
-            m.insert("leader".into(), json!(node));
-            m.insert("online".into(), json!([node]));
-            m.insert("replicas".into(), json!(1));
+            let replicas = members.as_array().map_or(1, Vec::len);
+            m.insert("members".into(), members);
+            m.insert("leader".into(), leader);
+            m.insert("online".into(), online);
+            m.insert("replicas".into(), json!(replicas));
             m.insert(
                 "delivery_limit".into(),
                 args.delivery_limit.map_or(json!("unlimited"), |l| json!(l)),

@@ -9,6 +9,12 @@
 //! home node has taken (and, for a persistent message on a durable queue,
 //! fsynced) its copy, or fails as soon as one cannot. Publisher confirms wait
 //! on it; nothing here does I/O or reads a clock.
+//!
+//! A [`Replica`] is the other seam: a replicated quorum queue (its own Raft
+//! group, `crate::cluster::quorum`) on the node that serves it. Publishes
+//! routed to it are proposed to the group instead of enqueued (the message
+//! enters the queue when the group applies it), and messages that leave the
+//! queue for good are reported so the group drops them too.
 
 use crate::broker::message::Message;
 use crate::broker::queue::DeliverySink;
@@ -43,6 +49,22 @@ pub trait RemoteHome: Send + Sync + std::fmt::Debug {
     fn cancel(&self, cid: u64);
     /// The channel is gone: cancel, and requeue whatever is still unacked.
     fn release(&self, cid: u64);
+}
+
+/// A queue replicated by a Raft group of its own (clustered quorum queues),
+/// on a member node. The core calls it; the cluster layer implements it.
+pub trait Replica: Send + Sync + std::fmt::Debug {
+    /// This node serves the queue (it leads the group and has loaded its
+    /// messages): publishes are proposed here, consumers are served here.
+    fn serving(&self) -> bool;
+    /// Propose `message` to the group. Must not block: [`Ticket::expect`]s one
+    /// settlement, settled true once the group committed it and the queue
+    /// took it, false when it did not commit (no majority, leader lost) or
+    /// the queue refused it.
+    fn enqueue(&self, message: &Arc<Message>, ticket: &Arc<Ticket>);
+    /// Messages (by their id in the group) left the queue for
+    /// good: acked, rejected, expired, dropped, dead-lettered, purged.
+    fn settled(&self, ids: Vec<u64>);
 }
 
 /// What a remote consumer asks of the home node.

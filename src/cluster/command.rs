@@ -61,6 +61,15 @@ pub enum Command {
         vhost: String,
         name: String,
     },
+    /// The leader of a quorum queue's Raft group `group` (see
+    /// `super::quorum`), where the queue is served: proposed by the new
+    /// leader once it has loaded the queue's messages.
+    QueueLeader {
+        vhost: String,
+        name: String,
+        group: String,
+        node: String,
+    },
     Bind(BindingRec),
     Unbind(BindingRec),
     /// A vhost; `creator` (an admin API user) gets full permissions on it when
@@ -601,9 +610,25 @@ pub struct Metadata {
     pub topic_permissions: BTreeMap<String, Command>,
     pub vhost_limits: BTreeMap<String, Command>,
     pub user_limits: BTreeMap<String, Command>,
+    /// Quorum queues' Raft groups, keyed like `queues`.
+    pub quorum: BTreeMap<String, QuorumRec>,
 }
 
-fn key(vhost: &str, name: &str) -> String {
+/// A quorum queue's Raft group as the metadata records it: chosen when its
+/// declaration is applied (the same on every node: from the metadata
+/// group's membership at that log position), its leader as last announced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumRec {
+    /// Unique per declaration (a queue deleted and declared again gets a
+    /// new group): `vhost/name/<log index of the declaration>`.
+    pub group: String,
+    /// Node names; the first is the declaring node, which initialises it.
+    pub members: Vec<String>,
+    /// Where the queue is served (None until a leader announced itself).
+    pub leader: Option<String>,
+}
+
+pub(crate) fn key(vhost: &str, name: &str) -> String {
     format!("{vhost}\0{name}")
 }
 
@@ -649,7 +674,20 @@ impl Metadata {
                 }
                 self.queues.insert(key(vhost, name), cmd);
             }
+            Command::QueueLeader {
+                vhost,
+                name,
+                group,
+                node,
+            } => {
+                if let Some(q) = self.quorum.get_mut(&key(vhost, name)) {
+                    if q.group == *group {
+                        q.leader = Some(node.clone());
+                    }
+                }
+            }
             Command::DeleteQueue { vhost, name } => {
+                self.quorum.remove(&key(vhost, name));
                 self.queues.remove(&key(vhost, name));
                 self.bindings.retain(|_, b| {
                     !(b.vhost == *vhost && !b.to_exchange && b.destination == *name)
@@ -678,6 +716,7 @@ impl Metadata {
                     map.retain(|k, _| !k.starts_with(&prefix));
                 }
                 self.bindings.retain(|_, b| b.vhost != *name);
+                self.quorum.retain(|k, _| !k.starts_with(&prefix));
                 self.vhost_limits.remove(name);
             }
             Command::PutUser { name, .. } => {
@@ -915,8 +954,16 @@ impl Metadata {
         out
     }
 
-    /// The home node of a queue record.
+    /// The node a queue is served on: its home node, or for a replicated
+    /// quorum queue the leader of its group once one announced itself.
     pub fn queue_node(&self, vhost: &str, name: &str) -> Option<&str> {
+        if let Some(l) = self
+            .quorum
+            .get(&key(vhost, name))
+            .and_then(|q| q.leader.as_deref())
+        {
+            return Some(l);
+        }
         match self.queues.get(&key(vhost, name)) {
             Some(Command::DeclareQueue { node, .. }) => Some(node),
             _ => None,

@@ -28,8 +28,8 @@ use super::frame::{pack, unpack, Frame, Kind};
 use super::network::{dial, CallError, Conn};
 use super::{Cluster, Identity};
 use crate::broker::message::Message;
+use crate::broker::queue::Enqueued;
 use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Queue};
-use crate::broker::queue::{Enqueued, QueueType};
 use crate::broker::remote::{
     RemoteConsume, RemoteConsumer, RemoteDelivery, RemoteHome, Settle, Ticket,
 };
@@ -247,12 +247,16 @@ impl Forwarder {
             .is_some_and(|l| l.up.load(Ordering::Acquire))
     }
 
-    /// Every link has room for more publishes (under half its window).
+    /// Every link has room for more publishes (under half its window), and
+    /// so have this node's quorum queue groups.
     pub fn has_room(&self) -> bool {
-        self.links
-            .lock()
-            .values()
-            .all(|l| l.pending.lock().len() < MAX_INFLIGHT / 2)
+        let quorum = self.cluster.lock().upgrade().map(|c| Arc::clone(&c.quorum));
+        quorum.is_none_or(|q| q.has_room())
+            && self
+                .links
+                .lock()
+                .values()
+                .all(|l| l.pending.lock().len() < MAX_INFLIGHT / 2)
     }
 
     /// Wait until [`Self::has_room`] may have changed.
@@ -264,16 +268,24 @@ impl Forwarder {
     }
 
     /// Record where `vhost`/`name`'s messages live: `home` is this node, or
-    /// another (then publishes here go there). Quorum queues are left alone.
+    /// another (then publishes here go there). For a replicated quorum queue
+    /// `home` is its group's leader; a node serving it stays its home.
     pub fn mark(self: &Arc<Self>, broker: &Broker, vhost: &str, name: &str, home: &str) {
         let Some(v) = broker.vhost(vhost) else { return };
         let Ok(q) = v.queue(name, 0) else { return };
-        if home == self.ident.me.name || q.queue_type() == QueueType::Quorum {
+        if home == self.ident.me.name || q.replica().is_some_and(|r| r.serving()) {
             q.set_remote(None);
             return;
         }
         if q.remote().is_some_and(|r| r.node() == home) {
             return;
+        }
+        if q.replica().is_some() {
+            // A member of a quorum queue's group that does not serve it:
+            // consumers attached here would wait for nothing.
+            for c in q.reset_replicated() {
+                c.sink.cancelled(c.channel, Arc::clone(&c.tag));
+            }
         }
         let link = self.link(home);
         let this = Arc::new_cyclic(|this| RemoteQueue {
@@ -1165,6 +1177,20 @@ fn take_publish(
         return answer(false, Some(format!("no vhost '{vhost}'")));
     };
     let now = crate::clock::now_ms();
+    // A replicated quorum queue served here: proposed to its group, answered
+    // once committed.
+    if let Some(replica) = v
+        .queue(queue, 0)
+        .ok()
+        .filter(|q| q.remote().is_none())
+        .and_then(|q| q.replica())
+    {
+        let ticket = Ticket::new();
+        replica.enqueue(&m, &ticket);
+        ticket.on_done(move |ok| answer(ok, (!ok).then(|| "not committed".to_string())));
+        ticket.seal();
+        return;
+    }
     match v.enqueue_forwarded(queue, m, now) {
         None => answer(false, Some(format!("no queue '{queue}' homed here"))),
         Some(Enqueued::Rejected) => answer(false, Some("rejected (x-overflow)".into())),

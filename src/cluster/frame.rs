@@ -51,6 +51,9 @@ pub enum Kind {
     Data = 19,
     /// The answer to any request: a JSON `Result<T, String>`.
     Reply = 20,
+    /// A quorum queue group's Raft RPC (payload: the group id and the
+    /// request, `super::quorum::network::GroupRpc`).
+    Quorum = 21,
 }
 
 impl Kind {
@@ -71,6 +74,7 @@ impl Kind {
             18 => Kind::Link,
             19 => Kind::Data,
             20 => Kind::Reply,
+            21 => Kind::Quorum,
             _ => return None,
         })
     }

@@ -12,6 +12,9 @@
 //! - `forward`: the data links between nodes, over which queues homed on
 //!   another node are reached (publishes, consumers, queue operations).
 //!
+//! - `quorum`: quorum queues as Raft groups of their own, replicated on a
+//!   few nodes each.
+//!
 //! Nothing here runs without `[cluster]` in the configuration. See docs/cluster.md.
 
 pub mod command;
@@ -19,6 +22,7 @@ pub mod disk;
 pub mod forward;
 pub mod frame;
 pub mod network;
+pub mod quorum;
 pub mod store;
 
 pub use command::Command;
@@ -104,6 +108,8 @@ pub struct Cluster {
     pub(crate) broker: Arc<Broker>,
     /// The data links to the other nodes (queues homed elsewhere).
     pub forward: Arc<forward::Forwarder>,
+    /// This node's quorum queue groups.
+    pub quorum: Arc<quorum::Manager>,
 }
 
 /// This node's figures for a query from another member (JSON in, JSON out:
@@ -269,6 +275,15 @@ impl Cluster {
         };
         let fwd = forward::Forwarder::new(Arc::clone(&ident));
         sm.set_forwarder(Arc::clone(&fwd));
+        let quorum = quorum::Manager::open(
+            &config.data_dir.join("quorum"),
+            Arc::clone(&broker),
+            Arc::clone(&ident),
+            hb,
+            Duration::from_millis(cc.commit_timeout_ms.max(1)),
+        )
+        .map_err(ClusterError::Store)?;
+        sm.set_quorum(Arc::clone(&quorum));
         let raft_config = Arc::new(raft_config);
         let raft = openraft::Raft::new(
             id,
@@ -293,8 +308,10 @@ impl Cluster {
             stats: Default::default(),
             broker,
             forward: fwd,
+            quorum,
         });
         cluster.forward.set_cluster(&cluster);
+        cluster.quorum.set_cluster(&cluster);
         // Queues homed elsewhere keep no messages here, from the first publish on.
         sm_mark_all(&cluster.sm);
         network::serve(listener, Arc::downgrade(&cluster));
@@ -506,13 +523,44 @@ impl Cluster {
     /// timeout (no majority, no leader): the change may still commit later.
     pub async fn propose(&self, cmd: Command) -> Result<(), String> {
         let timeout = self.commit_timeout;
+        let quorum_queue = quorum_declare(&cmd);
         match tokio::time::timeout(timeout, self.propose_loop(cmd)).await {
-            Ok(r) => r,
+            Ok(Ok(())) => {
+                if let Some((vhost, name)) = quorum_queue {
+                    // The declare of a quorum queue is answered once its group
+                    // has a leader serving it (at most the commit timeout
+                    // more): publishes right after it are replicated.
+                    self.wait_quorum_leader(&vhost, &name).await;
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(format!(
                 "metadata change not committed within {} ms: no quorum of cluster nodes",
                 timeout.as_millis()
             )),
         }
+    }
+
+    /// Wait (up to the commit timeout) until the quorum queue `vhost`/`name`
+    /// has a leader recorded and this node knows where to reach it.
+    async fn wait_quorum_leader(&self, vhost: &str, name: &str) {
+        let deadline = tokio::time::Instant::now() + self.commit_timeout;
+        let key = command::key(vhost, name);
+        while tokio::time::Instant::now() < deadline {
+            let m = self.sm.metadata();
+            match m.quorum.get(&key) {
+                None => return,
+                Some(rec) if rec.leader.is_some() => return,
+                Some(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A quorum queue's group record (members, leader), when it has one.
+    pub fn quorum_record(&self, vhost: &str, name: &str) -> Option<command::QuorumRec> {
+        self.sm.quorum_record(vhost, name)
     }
 
     async fn propose_loop(&self, cmd: Command) -> Result<(), String> {
@@ -739,6 +787,7 @@ impl Cluster {
 
     /// Stop the Raft node (at broker shutdown).
     pub async fn shutdown(&self) {
+        self.quorum.shutdown().await;
         let _ = self.raft().shutdown().await;
     }
 }
@@ -746,6 +795,19 @@ impl Cluster {
 /// Tell every replicated queue where its messages live.
 fn sm_mark_all(sm: &StateMachine) {
     sm.mark_all();
+}
+
+/// The vhost and name of a quorum queue `cmd` declares.
+fn quorum_declare(cmd: &Command) -> Option<(String, String)> {
+    match cmd {
+        Command::DeclareQueue {
+            vhost,
+            name,
+            arguments,
+            ..
+        } if store::is_quorum(arguments) => Some((vhost.clone(), name.clone())),
+        _ => None,
+    }
 }
 
 /// What the network needs to know of this node: its name, id, the cookie,

@@ -429,6 +429,7 @@ impl Cluster {
                 serde_json::to_vec(&self.write_here(cmd).await)?
             }
             Kind::Ping => serde_json::to_vec(&())?,
+            Kind::Quorum => serde_json::to_vec(&self.quorum.handle(p).await)?,
             Kind::Stats => {
                 let query: serde_json::Value = serde_json::from_slice(p)?;
                 serde_json::to_vec(&self.local_stats(&query))?

@@ -18,6 +18,7 @@ use openraft::{
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::RangeBounds;
@@ -301,6 +302,45 @@ pub struct StateMachine {
     state: Arc<Mutex<Applied>>,
     /// Told each queue record's home node as records are applied.
     forwarder: Arc<std::sync::OnceLock<Arc<super::forward::Forwarder>>>,
+    /// Starts and stops this node's quorum queue groups as their records
+    /// are applied.
+    quorum: Arc<std::sync::OnceLock<Arc<super::quorum::Manager>>>,
+}
+
+/// Whether queue arguments make a quorum queue.
+pub fn is_quorum(arguments: &super::command::Args) -> bool {
+    arguments
+        .table()
+        .get("x-queue-type")
+        .and_then(|v| v.as_str())
+        .is_some_and(|t| t == "quorum")
+}
+
+/// The quorum queue declarations in `cmd` (a batch's too).
+fn quorum_declares(cmd: &Command, out: &mut Vec<(String, String, String, usize)>) {
+    match cmd {
+        Command::DeclareQueue {
+            vhost,
+            name,
+            node,
+            arguments,
+            ..
+        } if is_quorum(arguments) => {
+            let size = crate::broker::queue::QueueArgs::parse(&arguments.table(), name, vhost)
+                .ok()
+                .and_then(|a| a.initial_group_size)
+                .map_or(super::quorum::DEFAULT_GROUP_SIZE, |n| {
+                    usize::try_from(n).unwrap_or(usize::MAX)
+                });
+            out.push((vhost.clone(), name.clone(), node.clone(), size));
+        }
+        Command::Batch(cmds) => {
+            for c in cmds {
+                quorum_declares(c, out);
+            }
+        }
+        _ => {}
+    }
 }
 
 impl StateMachine {
@@ -313,7 +353,76 @@ impl StateMachine {
             store,
             state: Arc::new(Mutex::new(state)),
             forwarder: Arc::default(),
+            quorum: Arc::default(),
         })
+    }
+
+    /// Where quorum queue records are acted on (set once at start).
+    pub fn set_quorum(&self, q: Arc<super::quorum::Manager>) {
+        let _ = self.quorum.set(q);
+    }
+
+    /// A quorum queue's group record.
+    pub fn quorum_record(&self, vhost: &str, name: &str) -> Option<super::command::QuorumRec> {
+        let key = super::command::key(vhost, name);
+        self.state.lock().metadata.quorum.get(&key).cloned()
+    }
+
+    /// After `cmd` (at log index `index`) was applied: record the groups of
+    /// the quorum queues it declared (members from the membership in force
+    /// at this log position, the same on every node) and start this node's
+    /// members; stop the groups of queues it removed; point the queues whose
+    /// leader changed at it.
+    fn quorum_after(
+        &self,
+        state: &mut Applied,
+        before: &BTreeMap<String, super::command::QuorumRec>,
+        cmd: &Command,
+        index: u64,
+    ) {
+        let mut declares = Vec::new();
+        quorum_declares(cmd, &mut declares);
+        let nodes: Vec<String> = {
+            let m = state.membership.membership();
+            m.voter_ids()
+                .filter_map(|id| m.get_node(&id).map(|n| n.name.clone()))
+                .collect()
+        };
+        let mut started = Vec::new();
+        for (vhost, name, node, size) in declares {
+            let key = super::command::key(&vhost, &name);
+            if state.metadata.quorum.contains_key(&key) || !state.metadata.queues.contains_key(&key)
+            {
+                continue;
+            }
+            let rec = super::command::QuorumRec {
+                group: format!("{vhost}/{name}/{index}"),
+                members: super::quorum::choose_members(&key, &node, &nodes, size),
+                leader: None,
+            };
+            state.metadata.quorum.insert(key, rec.clone());
+            started.push((vhost, name, rec));
+        }
+        let Some(q) = self.quorum.get() else { return };
+        for (vhost, name, rec) in &started {
+            q.declared(vhost, name, rec);
+        }
+        for (key, rec) in before {
+            let now = state.metadata.quorum.get(key);
+            if now.is_none_or(|n| n.group != rec.group) {
+                q.stop(&rec.group);
+            }
+        }
+        let (Some(f), Some(broker)) = (self.forwarder.get(), self.target.broker()) else {
+            return;
+        };
+        for (key, rec) in &state.metadata.quorum {
+            if before.get(key).is_some_and(|b| b.leader != rec.leader) {
+                if let (Some((vhost, name)), Some(leader)) = (key.split_once('\0'), &rec.leader) {
+                    f.mark(broker, vhost, name, leader);
+                }
+            }
+        }
     }
 
     /// Where queue records' home nodes are told (set once at start).
@@ -326,21 +435,27 @@ impl StateMachine {
         let (Some(f), Some(broker)) = (self.forwarder.get(), self.target.broker()) else {
             return;
         };
-        let queues: Vec<(String, String, String)> = {
+        let (queues, metadata): (Vec<(String, String, String)>, Metadata) = {
             let s = self.state.lock();
-            s.metadata
+            let queues = s
+                .metadata
                 .queues
                 .values()
                 .filter_map(|c| match c {
-                    Command::DeclareQueue {
-                        vhost, name, node, ..
-                    } => Some((vhost.clone(), name.clone(), node.clone())),
+                    Command::DeclareQueue { vhost, name, .. } => {
+                        let node = s.metadata.queue_node(vhost, name)?;
+                        Some((vhost.clone(), name.clone(), node.to_string()))
+                    }
                     _ => None,
                 })
-                .collect()
+                .collect();
+            (queues, s.metadata.clone())
         };
         for (vhost, name, node) in queues {
             f.mark(broker, &vhost, &name, &node);
+        }
+        if let Some(q) = self.quorum.get() {
+            q.sync(&metadata);
         }
     }
 
@@ -443,7 +558,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 s.last_applied = Some(entry.log_id);
                 out.push(match &entry.payload {
                     EntryPayload::Blank => None,
-                    EntryPayload::Normal(cmd) => self.apply_command(&mut s, cmd, now),
+                    EntryPayload::Normal(cmd) => {
+                        let before = s.metadata.quorum.clone();
+                        let r = self.apply_command(&mut s, cmd, now);
+                        self.quorum_after(&mut s, &before, cmd, entry.log_id.index);
+                        r
+                    }
                     EntryPayload::Membership(m) => {
                         s.membership = StoredMembership::new(Some(entry.log_id), m.clone());
                         None
@@ -498,13 +618,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             s.metadata = metadata;
             if let (Some(f), Some(broker)) = (self.forwarder.get(), self.target.broker()) {
                 for c in s.metadata.queues.values() {
-                    if let Command::DeclareQueue {
-                        vhost, name, node, ..
-                    } = c
-                    {
-                        f.mark(broker, vhost, name, node);
+                    if let Command::DeclareQueue { vhost, name, .. } = c {
+                        if let Some(node) = s.metadata.queue_node(vhost, name) {
+                            f.mark(broker, vhost, name, node);
+                        }
                     }
                 }
+            }
+            if let Some(q) = self.quorum.get() {
+                q.sync(&s.metadata);
             }
             s.last_applied = meta.last_log_id;
             s.membership = meta.last_membership.clone();

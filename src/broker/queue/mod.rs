@@ -100,6 +100,13 @@ pub struct Queue {
     /// Clustered: the other node this queue's messages live on (None: here).
     /// Set by the cluster from the queue's replicated record.
     remote: parking_lot::RwLock<Option<Arc<dyn crate::broker::remote::RemoteHome>>>,
+    /// Clustered quorum queue on a member node: its Raft group (None: a
+    /// queue of this node alone). While set, the queue keeps nothing in the
+    /// message store (the group's log is its storage), its entries' `seq` is
+    /// their id in the group, and what leaves the queue for good is reported.
+    replica: parking_lot::RwLock<Option<Arc<dyn crate::broker::remote::Replica>>>,
+    /// `replica` is set (read without its lock on every message).
+    replicated: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -169,6 +176,8 @@ struct Effects {
     dead: DeadLetters,
     /// A consumer waits for paged-out messages at the head: load them, deliver on.
     page_in: bool,
+    /// Replicated queue: ids of messages that left for good, to report.
+    settled: Vec<u64>,
 }
 
 impl Queue {
@@ -224,6 +233,8 @@ impl Queue {
             quorum,
             stream,
             remote: parking_lot::RwLock::new(None),
+            replica: parking_lot::RwLock::new(None),
+            replicated: std::sync::atomic::AtomicBool::new(false),
             budget: Arc::clone(&budget),
             state: Mutex::new(State {
                 ready: Ready::new(max_priority, budget),
@@ -251,6 +262,48 @@ impl Queue {
     /// The cluster records (or clears, with None) the queue's other home node.
     pub fn set_remote(&self, home: Option<Arc<dyn crate::broker::remote::RemoteHome>>) {
         *self.remote.write() = home;
+    }
+
+    /// Clustered quorum queue: its Raft group on this node, if it is a member.
+    pub fn replica(&self) -> Option<Arc<dyn crate::broker::remote::Replica>> {
+        self.replica.read().clone()
+    }
+
+    /// The cluster attaches (or detaches, with None) the queue's Raft group.
+    pub fn set_replica(&self, replica: Option<Arc<dyn crate::broker::remote::Replica>>) {
+        let mut r = self.replica.write();
+        self.replicated
+            .store(replica.is_some(), std::sync::atomic::Ordering::Release);
+        *r = replica;
+    }
+
+    fn is_replicated(&self) -> bool {
+        self.replicated.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A message the queue's Raft group committed, with its id there
+    /// (increasing in the group's order), on the node serving the queue: enqueued
+    /// like a publish, nothing written to the message store.
+    pub fn enqueue_replicated(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        id: u64,
+        redelivered: bool,
+        now: u64,
+    ) -> Enqueued {
+        self.enqueue_inner(message, now, Some((id, redelivered)))
+    }
+
+    /// This node stopped serving the replicated queue (it lost the group's
+    /// leadership): forget the ready messages without reporting them (the
+    /// group keeps them) and detach every consumer; returns the consumers,
+    /// to be told they are cancelled.
+    pub fn reset_replicated(&self) -> Vec<Arc<Consumer>> {
+        let mut s = self.state.lock();
+        s.ready.drain();
+        s.unacked = 0;
+        s.may_expire = false;
+        std::mem::take(&mut s.consumers)
     }
 
     /// The queue type, fixed at declaration.
@@ -324,6 +377,17 @@ impl Queue {
 
     /// Add a message published at `now` and deliver what can be delivered.
     pub fn enqueue(self: &Arc<Self>, message: Arc<Message>, now: u64) -> Enqueued {
+        self.enqueue_inner(message, now, None)
+    }
+
+    /// `replicated`: the message's id in the queue's Raft group and whether
+    /// it comes redelivered (a replicated queue writes nothing to the store).
+    fn enqueue_inner(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        now: u64,
+        replicated: Option<(u64, bool)>,
+    ) -> Enqueued {
         if let Some(sq) = &self.stream {
             return self.stream_enqueue(sq, &message, now);
         }
@@ -333,7 +397,8 @@ impl Queue {
             (a, b) => a.or(b),
         };
         let expires_at = ttl.map(|t| now.saturating_add(t));
-        let durable = self.is_durable() && (self.quorum || message.is_persistent());
+        let durable =
+            replicated.is_none() && self.is_durable() && (self.quorum || message.is_persistent());
         // The costly part of a durable write (copying the body) happens unlocked.
         let record = durable.then(|| encode(&message, false, expires_at));
         let mut fx = Effects::default();
@@ -346,18 +411,27 @@ impl Queue {
             || args
                 .max_length_bytes
                 .is_some_and(|m| (s.ready.bytes() + size) as u64 > m);
-        let seq = s.next_seq;
-        s.next_seq += 1;
+        let seq = match replicated {
+            Some((id, _)) => id,
+            None => {
+                s.next_seq += 1;
+                s.next_seq - 1
+            }
+        };
         let mut entry = Entry::new(seq, message, expires_at);
+        entry.redelivered = replicated.is_some_and(|(_, r)| r);
         crate::broker::Counters::add(&self.counters.published, 1);
         let outcome = if full && args.overflow != Overflow::DropHead {
             if args.overflow == Overflow::RejectPublishDlx {
                 fx.dead.push((entry, Reason::MaxLen));
+            } else if replicated.is_some() {
+                fx.settled.push(seq);
             }
             Enqueued::Rejected
         } else {
             let level = level_for(entry.priority, self.max_priority);
             let to_tail = self.store.is_some()
+                && replicated.is_none()
                 && (s.ready.tail(level).count > 0
                     || (durable && s.ready.window_len(level) >= PERSISTENT_WINDOW)
                     || self.budget.over(size));
@@ -637,6 +711,9 @@ impl Queue {
 
     /// A message left the queue for good: remove it from the store.
     fn forget(&self, e: &Entry, fx: &mut Effects) {
+        if self.is_replicated() {
+            fx.settled.push(e.seq);
+        }
         if let Some(op) = self.settle_op(e) {
             fx.ops.push(op);
         }
@@ -661,6 +738,9 @@ impl Queue {
     /// A message went to a consumer or basic.get: without ack it is gone; with ack
     /// it must come back redelivered after a restart.
     fn handed_out(&self, e: &Entry, no_ack: bool, fx: &mut Effects) {
+        if no_ack && e.pos.is_none() && self.is_replicated() {
+            fx.settled.push(e.seq);
+        }
         if e.pos.is_none() {
             return;
         }
@@ -894,6 +974,12 @@ impl Queue {
     /// earlier operations of the queue be submitted (dead letters to be removed
     /// later need that too: a paged-out body is read before its removal).
     fn release(&self, s: MutexGuard<'_, State>, fx: &mut Effects, barrier: bool) {
+        if !fx.settled.is_empty() {
+            let settled = std::mem::take(&mut fx.settled);
+            if let Some(r) = self.replica() {
+                r.settled(settled);
+            }
+        }
         let Some(qs) = &self.store else {
             return;
         };
@@ -992,7 +1078,12 @@ impl Queue {
             .and_then(|dlx| Some((dlx, self.vhost.upgrade()?)));
         let key = args.dead_letter_routing_key.as_deref();
         let mut removes = Vec::new();
+        let mut settled = Vec::new();
+        let replicated = self.is_replicated();
         for (entry, reason) in dead {
+            if replicated {
+                settled.push(entry.seq);
+            }
             removes.extend(self.settle_op(&entry));
             let Some((dlx, vhost)) = &target else {
                 continue;
@@ -1002,6 +1093,9 @@ impl Queue {
                 dead_letter::dead_letter(&entry.message, self.name(), reason, dlx, key, now / 1000);
             // A missing dead-letter exchange drops the message, as in RabbitMQ.
             let _ = vhost.publish(dlx, &m, PublishFrom::DeadLetter, now);
+        }
+        if let (false, Some(r)) = (settled.is_empty(), self.replica()) {
+            r.settled(settled);
         }
         if let (false, Some(qs)) = (removes.is_empty(), &self.store) {
             // In the queue's order, unless it was deleted meanwhile (its deletion

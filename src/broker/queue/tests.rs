@@ -522,3 +522,83 @@ fn transient_messages_page_out_when_memory_is_short() {
     let want: Vec<String> = (0..100).map(|i| format!("m{i:03}")).collect();
     assert_eq!(get_all(&t, T0), want);
 }
+
+/// A [`crate::broker::remote::Replica`] that records what the queue reports.
+#[derive(Debug, Default)]
+struct Recorder {
+    settled: Mutex<Vec<u64>>,
+}
+
+impl crate::broker::remote::Replica for Recorder {
+    fn serving(&self) -> bool {
+        true
+    }
+    fn enqueue(&self, _m: &Arc<Message>, t: &Arc<crate::broker::remote::Ticket>) {
+        t.expect();
+        t.settle(false);
+    }
+    fn settled(&self, ids: Vec<u64>) {
+        self.settled.lock().extend(ids);
+    }
+}
+
+#[test]
+fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
+    let dir = TempDir::new();
+    let (store, _v, q) = setup(
+        &dir,
+        1 << 20,
+        &[
+            (
+                "x-queue-type",
+                FieldValue::LongString(Bytes::from("quorum")),
+            ),
+            ("x-max-length", FieldValue::I64(4)),
+        ],
+    );
+    let rec = Arc::new(Recorder::default());
+    q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
+    let taken = |ids: &[u64]| {
+        let mut v = std::mem::take(&mut *rec.settled.lock());
+        v.sort_unstable();
+        assert_eq!(v, ids);
+    };
+    // Ids are the group's; nothing goes to the message store.
+    for (id, b) in [(10, "a"), (12, "b"), (13, "c"), (20, "d"), (21, "e")] {
+        assert_eq!(
+            q.enqueue_replicated(persistent(b), id, false, T0),
+            Enqueued::Accepted { durable: false }
+        );
+    }
+    assert!(stored(&store).is_empty(), "the group's log is the storage");
+    // max-length 4, drop-head: the oldest went.
+    taken(&[10]);
+    // Acked, got without ack, rejected: each reported.
+    let (b, _) = q.get(false, T0).expect("b");
+    assert_eq!(b.seq, 12);
+    q.ack(&[b]);
+    taken(&[12]);
+    let (c, _) = q.get(true, T0).expect("c");
+    assert_eq!(body(&c), "c");
+    taken(&[13]);
+    let (d, _) = q.get(false, T0).expect("d");
+    // A requeue is not a settlement; it comes back redelivered.
+    q.requeue(vec![d], true, true, T0);
+    taken(&[]);
+    let (d, _) = q.get(false, T0).expect("d again");
+    assert!(d.redelivered);
+    q.reject(vec![d], T0);
+    taken(&[20]);
+    // Purged.
+    assert_eq!(q.purge(), 1);
+    taken(&[21]);
+    // A message loaded by a new leader comes redelivered.
+    q.enqueue_replicated(persistent("f"), 30, true, T0);
+    let (f, _) = q.get(false, T0).expect("f");
+    assert!(f.redelivered);
+    // Losing the leadership forgets without reporting.
+    q.enqueue_replicated(persistent("g"), 31, false, T0);
+    assert!(q.reset_replicated().is_empty());
+    assert_eq!(q.stats(T0).ready, 0);
+    taken(&[]);
+}

@@ -111,6 +111,16 @@ impl VHost {
                 out.accepted = true;
                 continue;
             }
+            // Clustered quorum queue served here: proposed to its Raft group;
+            // it enters the queue when committed, the confirm waits for that.
+            if let Some(replica) = q.replica() {
+                let ticket = out
+                    .forwarded
+                    .get_or_insert_with(crate::broker::remote::Ticket::new);
+                replica.enqueue(message, ticket);
+                out.accepted = true;
+                continue;
+            }
             match q.enqueue(Arc::clone(message), now) {
                 Enqueued::Rejected => out.rejected = true,
                 Enqueued::Accepted { durable } => {

@@ -1,0 +1,398 @@
+//! Quorum queues replicated in a cluster (RabbitMQ's model): each quorum
+//! queue is a Raft group of its own (openraft, a [`QTypeConfig`] of its own)
+//! on a few nodes (3 by default, `x-quorum-initial-group-size`), and
+//! survives losing a minority of them.
+//!
+//! - `command`: the group's commands and the state they build (pure).
+//! - `store`: every group's log in one sled database per node, and the state
+//!   machine, which feeds committed messages to the queue where it is served.
+//! - `network`: the groups' RPCs over the cluster's connections.
+//! - `serve`: following leadership: the leader loads the messages into its
+//!   local queue and serves it; proposals of publishes and settlements.
+//!
+//! The metadata group records each quorum queue's members (chosen when its
+//! declaration is applied, see [`choose_members`]) and its leader; this
+//! module starts, resumes and stops this node's groups from those records
+//! ([`Manager::sync`]). See docs/cluster.md, "Quorum queues".
+
+pub mod command;
+pub mod network;
+pub mod serve;
+pub mod store;
+
+use super::command::{Metadata, QuorumRec};
+use super::{Cluster, Identity, NodeInfo};
+use crate::broker::Broker;
+use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Cursor;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+openraft::declare_raft_types!(
+    /// A quorum queue group's types.
+    pub QTypeConfig:
+        D = command::QCommand,
+        R = Vec<bool>,
+        NodeId = u64,
+        Node = NodeInfo,
+        Entry = openraft::Entry<QTypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// The default number of members of a quorum queue's group (RabbitMQ's).
+pub const DEFAULT_GROUP_SIZE: usize = 3;
+
+/// The members of a new quorum queue's group: the declaring node, then up to
+/// `size - 1` of the other `nodes`, picked by a hash of the queue's key and
+/// each node's name (spreads queues over the nodes; the same on every node).
+pub fn choose_members(
+    queue_key: &str,
+    declaring: &str,
+    nodes: &[String],
+    size: usize,
+) -> Vec<String> {
+    use sha2::{Digest, Sha256};
+    let mut others: Vec<(Vec<u8>, &String)> = nodes
+        .iter()
+        .filter(|n| n.as_str() != declaring)
+        .map(|n| {
+            let mut h = Sha256::new();
+            h.update(queue_key.as_bytes());
+            h.update([0]);
+            h.update(n.as_bytes());
+            (h.finalize().to_vec(), n)
+        })
+        .collect();
+    others.sort();
+    let mut members = vec![declaring.to_string()];
+    members.extend(
+        others
+            .into_iter()
+            .take(size.max(1) - 1)
+            .map(|(_, n)| n.clone()),
+    );
+    members
+}
+
+/// This node's quorum queue groups.
+pub struct Manager {
+    db: sled::Db,
+    broker: Arc<Broker>,
+    ident: Arc<Identity>,
+    config: Arc<openraft::Config>,
+    commit_timeout: Duration,
+    cluster: Mutex<Weak<Cluster>>,
+    /// Running groups, by group id.
+    groups: Mutex<HashMap<String, Arc<serve::Group>>>,
+    /// Publishes handed to the groups and not answered yet, all groups.
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Publishes waiting for their group's commit on this node, at most, before
+/// the publishing connections stop reading (as for a full message store).
+pub const MAX_PENDING: usize = 16384;
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("quorum::Manager").finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// Open `<data_dir>/quorum`.
+    pub fn open(
+        dir: &std::path::Path,
+        broker: Arc<Broker>,
+        ident: Arc<Identity>,
+        heartbeat_ms: u64,
+        commit_timeout: Duration,
+    ) -> Result<Arc<Manager>, String> {
+        let db = sled::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // openraft gives an append-entries RPC one heartbeat interval: a
+        // group's appends carry message bodies and a follower fsyncs them
+        // before answering, so the interval is longer than the metadata
+        // group's (at least 200 ms), and elections wait 5-10 of them.
+        let heartbeat = (heartbeat_ms * 4).max(200);
+        let config = openraft::Config {
+            cluster_name: "warren-quorum".into(),
+            heartbeat_interval: heartbeat,
+            election_timeout_min: heartbeat * 5,
+            election_timeout_max: heartbeat * 10,
+            max_payload_entries: 64,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(4096),
+            max_in_snapshot_log_to_keep: 256,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Manager {
+            db,
+            broker,
+            ident,
+            config: Arc::new(config),
+            commit_timeout,
+            cluster: Mutex::new(Weak::new()),
+            groups: Mutex::new(HashMap::new()),
+            pending: Arc::default(),
+        }))
+    }
+
+    pub(super) fn set_cluster(&self, c: &Arc<Cluster>) {
+        *self.cluster.lock() = Arc::downgrade(c);
+    }
+
+    /// The groups have room for more publishes (under [`MAX_PENDING`]).
+    pub fn has_room(&self) -> bool {
+        self.pending.load(std::sync::atomic::Ordering::Relaxed) < MAX_PENDING
+    }
+
+    fn me(&self) -> &str {
+        &self.ident.me.name
+    }
+
+    /// The group `id` when it runs here.
+    pub fn group(&self, id: &str) -> Option<Arc<serve::Group>> {
+        self.groups.lock().get(id).cloned()
+    }
+
+    /// A quorum queue's record was just committed (its declaration applied):
+    /// start this node's member of it, and initialise the group when this
+    /// node declared the queue.
+    pub fn declared(self: &Arc<Self>, vhost: &str, name: &str, rec: &QuorumRec) {
+        let init = rec.members.first().is_some_and(|m| m == self.me());
+        self.start(vhost, name, rec, init);
+    }
+
+    /// Start (or resume from disk) this node's member of `rec`'s group, if
+    /// it is one and it is not running. `init`: initialise the group with
+    /// its members (the declaring node, once).
+    fn start(self: &Arc<Self>, vhost: &str, name: &str, rec: &QuorumRec, init: bool) {
+        if !rec.members.iter().any(|m| m == self.me()) {
+            return;
+        }
+        let mut groups = self.groups.lock();
+        if groups.contains_key(&rec.group) {
+            return;
+        }
+        let tree = match self.db.open_tree(rec.group.as_bytes()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(group = %rec.group, error = %e, "cannot open the quorum queue's log");
+                return;
+            }
+        };
+        let log = store::QLog::new(self.db.clone(), tree);
+        let sm = match store::QSm::open(log.clone()) {
+            Ok(sm) => sm,
+            Err(e) => {
+                tracing::error!(group = %rec.group, error = %e, "cannot read the quorum queue's snapshot");
+                return;
+            }
+        };
+        let group = serve::Group::new(
+            rec.group.clone(),
+            vhost.to_string(),
+            name.to_string(),
+            sm.clone(),
+            self.commit_timeout,
+            Arc::downgrade(self),
+            Arc::clone(&self.pending),
+        );
+        groups.insert(rec.group.clone(), Arc::clone(&group));
+        drop(groups);
+        // The queue proposes its publishes from now on (refused until this
+        // node serves it).
+        if let Some(q) = self.queue(vhost, name) {
+            q.set_replica(Some(group.clone()));
+        }
+        let members: BTreeMap<u64, NodeInfo> = {
+            let c = self.cluster.lock().upgrade();
+            rec.members
+                .iter()
+                .filter_map(|n| {
+                    c.as_ref()
+                        .and_then(|c| c.node_info(n))
+                        .map(|i| (super::node_id(n), i))
+                })
+                .collect()
+        };
+        let network = network::GroupNetwork {
+            ident: Arc::clone(&self.ident),
+            group: rec.group.clone(),
+        };
+        let config = Arc::clone(&self.config);
+        let id = self.ident.id;
+        tokio::spawn(async move {
+            let raft = match openraft::Raft::new(id, config, network, log, sm).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(group = %group.id, error = %e, "cannot start the quorum queue's group");
+                    return;
+                }
+            };
+            if init {
+                if let Err(e) = raft.initialize(members).await {
+                    tracing::debug!(group = %group.id, error = %e, "group not initialised");
+                }
+            }
+            group.run(raft);
+        });
+    }
+
+    /// The local queue `vhost`/`name`.
+    pub(crate) fn queue(
+        &self,
+        vhost: &str,
+        name: &str,
+    ) -> Option<Arc<crate::broker::queue::Queue>> {
+        self.broker.vhost(vhost)?.queue(name, 0).ok()
+    }
+
+    /// Stop the group `id` and drop its log (its queue was deleted).
+    pub fn stop(&self, id: &str) {
+        let group = self.groups.lock().remove(id);
+        let db = self.db.clone();
+        let id = id.to_string();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            if let Some(g) = group {
+                g.shutdown().await;
+            }
+            if let Err(e) = db.drop_tree(id.as_bytes()) {
+                tracing::warn!(group = %id, error = %e, "cannot drop the quorum queue's log");
+            }
+        });
+    }
+
+    /// Make the running groups those `metadata` gives this node: resume the
+    /// missing ones from disk, stop the ones whose queue is gone (and drop
+    /// their logs, and logs left by queues deleted while this node was down).
+    pub fn sync(self: &Arc<Self>, metadata: &Metadata) {
+        let me = self.me().to_string();
+        let mut wanted: HashMap<String, (String, String, QuorumRec)> = HashMap::new();
+        for (key, rec) in &metadata.quorum {
+            if !rec.members.contains(&me) {
+                continue;
+            }
+            let Some((vhost, name)) = key.split_once('\0') else {
+                continue;
+            };
+            wanted.insert(
+                rec.group.clone(),
+                (vhost.to_string(), name.to_string(), rec.clone()),
+            );
+        }
+        let running: Vec<String> = self.groups.lock().keys().cloned().collect();
+        for id in running {
+            if !wanted.contains_key(&id) {
+                self.stop(&id);
+            }
+        }
+        for name in self.db.tree_names() {
+            let Ok(id) = std::str::from_utf8(&name) else {
+                continue;
+            };
+            if id != "__sled__default" && !wanted.contains_key(id) && self.group(id).is_none() {
+                let _ = self.db.drop_tree(&name);
+            }
+        }
+        for (vhost, name, rec) in wanted.values() {
+            self.start(vhost, name, rec, false);
+        }
+    }
+
+    /// Tell the metadata group that this node leads `group` (retried until
+    /// committed, while it still does).
+    fn announce(&self, g: &Arc<serve::Group>) {
+        let Some(c) = self.cluster.lock().upgrade() else {
+            return;
+        };
+        let cmd = super::Command::QueueLeader {
+            vhost: g.vhost.clone(),
+            name: g.name.clone(),
+            group: g.id.clone(),
+            node: self.me().to_string(),
+        };
+        let g = Arc::downgrade(g);
+        let c = Arc::downgrade(&c);
+        tokio::spawn(async move {
+            loop {
+                let (Some(c), Some(g)) = (c.upgrade(), g.upgrade()) else {
+                    return;
+                };
+                if !g.is_serving() {
+                    return;
+                }
+                drop(g);
+                match c.propose(cmd.clone()).await {
+                    Ok(()) => return,
+                    Err(e) => tracing::debug!(error = %e, "quorum queue leader not announced yet"),
+                }
+                drop(c);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+
+    /// A peer's RPC for one of this node's groups: the JSON of openraft's
+    /// answer, or Err when the group does not run here.
+    pub async fn handle(&self, payload: &[u8]) -> Result<serde_json::Value, String> {
+        let req: network::GroupRpc = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        let raft = self
+            .group(&req.group)
+            .and_then(|g| g.raft())
+            .ok_or_else(|| format!("no quorum group '{}' here", req.group))?;
+        let v = match req.rpc {
+            network::Rpc::Append(r) => serde_json::to_value(raft.append_entries(r).await),
+            network::Rpc::Vote(r) => serde_json::to_value(raft.vote(r).await),
+            network::Rpc::Snapshot(r) => serde_json::to_value(raft.install_snapshot(r).await),
+        };
+        v.map_err(|e| e.to_string())
+    }
+
+    /// Stop every group (broker shutdown).
+    pub async fn shutdown(&self) {
+        let groups: Vec<_> = self.groups.lock().drain().map(|(_, g)| g).collect();
+        for g in groups {
+            g.shutdown().await;
+        }
+        let _ = self.db.flush_async().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_the_declaring_node_and_a_stable_pick() {
+        let nodes: Vec<String> = (1..=5).map(|i| format!("warren@n{i}")).collect();
+        let m = choose_members("/\0q", "warren@n3", &nodes, 3);
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[0], "warren@n3");
+        assert!(!m[1..].contains(&"warren@n3".to_string()));
+        assert_eq!(
+            m,
+            choose_members("/\0q", "warren@n3", &nodes, 3),
+            "deterministic"
+        );
+        assert_eq!(
+            choose_members("/\0q", "warren@n1", &nodes, 9).len(),
+            5,
+            "at most every node"
+        );
+        assert_eq!(
+            choose_members("/\0q", "warren@n1", &nodes, 1),
+            vec!["warren@n1".to_string()]
+        );
+        // Different queues spread over different nodes.
+        let picks: std::collections::BTreeSet<Vec<String>> = (0..20)
+            .map(|i| choose_members(&format!("/\0q{i}"), "warren@n1", &nodes, 2))
+            .collect();
+        assert!(picks.len() > 1);
+    }
+}

@@ -1,0 +1,363 @@
+//! One quorum queue group on this node: follows the group's leadership and
+//! serves the queue while this node leads. On becoming leader (and having
+//! applied everything committed before: `ensure_linearizable`) it loads the
+//! state machine's messages into the local queue, every one flagged
+//! redelivered (the group does not log deliveries, so any may have been
+//! delivered by the old leader), attaches itself as the queue's
+//! [`Replica`] door and announces itself to the metadata group (other
+//! nodes then forward to it). On losing leadership it empties the local
+//! queue (the group keeps the messages) and cancels its consumers.
+//!
+//! Publishes are proposed in their order as `Enqueue` batches: at most two
+//! batches wait for their commit, the publishes that arrive meanwhile form
+//! the next one (each confirm waits for its batch's commit); messages
+//! leaving the queue are proposed as `Settle`, batched: one proposal in
+//! flight, the ids that arrive meanwhile go in the next.
+
+use super::command::{QCommand, QMsg};
+use super::store::QSm;
+use super::{Manager, QTypeConfig};
+use crate::broker::message::Message;
+use crate::broker::remote::{Replica, Ticket};
+use openraft::ServerState;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+type Raft = openraft::Raft<QTypeConfig>;
+
+/// This node's member of one quorum queue's group.
+pub struct Group {
+    pub id: String,
+    pub vhost: String,
+    pub name: String,
+    raft: OnceLock<Raft>,
+    sm: QSm,
+    serving: AtomicBool,
+    settle_tx: mpsc::UnboundedSender<Vec<u64>>,
+    settle_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Vec<u64>>>>,
+    enqueue_tx: mpsc::UnboundedSender<Publish>,
+    enqueue_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Publish>>>,
+    commit_timeout: Duration,
+    manager: Weak<Manager>,
+    /// The manager's count of publishes not answered yet.
+    pending: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("quorum::Group")
+            .field("id", &self.id)
+            .field("serving", &self.is_serving())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Group {
+    pub(super) fn new(
+        id: String,
+        vhost: String,
+        name: String,
+        sm: QSm,
+        commit_timeout: Duration,
+        manager: Weak<Manager>,
+        pending: Arc<AtomicUsize>,
+    ) -> Arc<Group> {
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        let (enqueue_tx, enqueue_rx) = mpsc::unbounded_channel();
+        Arc::new(Group {
+            enqueue_tx,
+            enqueue_rx: parking_lot::Mutex::new(Some(enqueue_rx)),
+            id,
+            vhost,
+            name,
+            raft: OnceLock::new(),
+            sm,
+            serving: AtomicBool::new(false),
+            settle_tx,
+            settle_rx: parking_lot::Mutex::new(Some(settle_rx)),
+            commit_timeout,
+            manager,
+            pending,
+        })
+    }
+
+    pub fn raft(&self) -> Option<Raft> {
+        self.raft.get().cloned()
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    /// The group's Raft node is up: follow its leadership, propose settles.
+    pub(super) fn run(self: &Arc<Self>, raft: Raft) {
+        let _ = self.raft.set(raft.clone());
+        if let Some(rx) = self.settle_rx.lock().take() {
+            tokio::spawn(settle_loop(Arc::downgrade(self), raft.clone(), rx));
+        }
+        if let Some(rx) = self.enqueue_rx.lock().take() {
+            tokio::spawn(propose_loop(Arc::downgrade(self), raft.clone(), rx));
+        }
+        tokio::spawn(watch(Arc::downgrade(self), raft));
+    }
+
+    pub(super) async fn shutdown(&self) {
+        self.unserve();
+        if let Some(r) = self.raft() {
+            let _ = r.shutdown().await;
+        }
+    }
+
+    /// Load the group's messages into the local queue and serve it.
+    fn serve(self: &Arc<Self>) -> bool {
+        let Some(m) = self.manager.upgrade() else {
+            return false;
+        };
+        let Some(q) = m.queue(&self.vhost, &self.name) else {
+            return false;
+        };
+        let now = crate::clock::now_ms();
+        let mut s = self.sm.inner.lock();
+        q.set_replica(Some(self.clone()));
+        q.set_remote(None);
+        // The local queue is empty here (nothing enqueues into it while this
+        // node does not serve it); consumers already attached to it (this
+        // node was the recorded leader) stay and get the messages.
+        let messages: Vec<(u64, Option<Arc<Message>>)> = s
+            .state
+            .messages
+            .iter()
+            .map(|(id, m)| (*id, m.message()))
+            .collect();
+        let n = messages.len();
+        for (id, msg) in messages {
+            match msg {
+                Some(msg) => {
+                    q.enqueue_replicated(msg, id, true, now);
+                }
+                None => {
+                    let _ = self.settle_tx.send(vec![id]);
+                }
+            }
+        }
+        s.serving = Some(q);
+        self.serving.store(true, Ordering::Release);
+        drop(s);
+        tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");
+        m.announce(self);
+        true
+    }
+
+    /// Stop serving: the local queue forgets its messages (the group keeps
+    /// them) and its consumers are cancelled.
+    fn unserve(&self) {
+        let q = {
+            let mut s = self.sm.inner.lock();
+            self.serving.store(false, Ordering::Release);
+            s.serving.take()
+        };
+        if let Some(q) = q {
+            for c in q.reset_replicated() {
+                c.sink.cancelled(c.channel, Arc::clone(&c.tag));
+            }
+            tracing::info!(queue = %self.name, vhost = %self.vhost, "no longer serving the quorum queue");
+        }
+    }
+}
+
+impl Replica for Group {
+    fn serving(&self) -> bool {
+        self.is_serving()
+    }
+
+    fn enqueue(&self, message: &Arc<Message>, ticket: &Arc<Ticket>) {
+        ticket.expect();
+        if self.raft().is_none() || !self.is_serving() {
+            return ticket.settle(false);
+        }
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let counted = Counted(Some(Arc::clone(ticket)), Arc::clone(&self.pending));
+        if let Err(mpsc::error::SendError((_, t))) =
+            self.enqueue_tx.send((QMsg::of(message), counted))
+        {
+            t.settle(false);
+        }
+    }
+
+    fn settled(&self, ids: Vec<u64>) {
+        if !ids.is_empty() {
+            let _ = self.settle_tx.send(ids);
+        }
+    }
+}
+
+/// Follow the group's leadership until it shuts down. While it serves, the
+/// leader checks every other heartbeat that a majority still answers it
+/// (`ensure_linearizable`: a round of heartbeats); one that cannot within an
+/// election timeout stops serving (the others may have elected another
+/// leader by then; openraft 0.9 keeps such a leader leading until it hears
+/// of a higher term), and serves again once a majority answers it.
+async fn watch(g: Weak<Group>, raft: Raft) {
+    let mut metrics = raft.metrics();
+    let (tick, lost_after) = match g.upgrade().and_then(|g| g.manager.upgrade()) {
+        Some(m) => (
+            Duration::from_millis(m.config.heartbeat_interval * 2),
+            Duration::from_millis(m.config.election_timeout_min),
+        ),
+        None => return,
+    };
+    let mut checked = tokio::time::Instant::now();
+    loop {
+        let leader = metrics.borrow_and_update().state == ServerState::Leader;
+        let Some(group) = g.upgrade() else { return };
+        let cut_off = leader && group.is_serving() && checked.elapsed() >= tick && {
+            checked = tokio::time::Instant::now();
+            let check = tokio::time::timeout(lost_after, raft.ensure_linearizable()).await;
+            !matches!(check, Ok(Ok(_)))
+        };
+        if leader && !group.is_serving() {
+            // Everything committed before this term is applied first.
+            let ok = tokio::time::timeout(group.commit_timeout, raft.ensure_linearizable()).await;
+            let still = raft.metrics().borrow().state == ServerState::Leader;
+            if matches!(ok, Ok(Ok(_))) && still {
+                if !group.serve() {
+                    drop(group);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            } else {
+                drop(group);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            continue;
+        }
+        if (!leader || cut_off) && group.is_serving() {
+            if cut_off {
+                tracing::warn!(queue = %group.name, vhost = %group.vhost, "quorum queue leader cut off from its members");
+            }
+            group.unserve();
+        }
+        drop(group);
+        tokio::select! {
+            r = metrics.changed() => {
+                if r.is_err() {
+                    if let Some(group) = g.upgrade() {
+                        group.unserve();
+                    }
+                    return;
+                }
+            }
+            () = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+/// A publish waiting to be proposed, and the ticket its confirm waits on.
+type Publish = (QMsg, Counted);
+
+/// A publish's ticket, counted in the manager's pending publishes until it
+/// is settled; one dropped unsettled (its group stopped) is settled failed,
+/// so no confirm waits forever.
+struct Counted(Option<Arc<Ticket>>, Arc<AtomicUsize>);
+
+impl Counted {
+    fn settle(mut self, ok: bool) {
+        if let Some(t) = self.0.take() {
+            t.settle(ok);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            t.settle(false);
+        }
+        self.1.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Batches of publishes awaiting their commit, at most: while they wait,
+/// the next publishes gather into the next batch.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Propose publishes in the order they came, as batches (one `Enqueue` of
+/// up to [`super::command::BATCH_MAX`] messages: one log entry, one fsync
+/// per member), and settle each one's ticket with the outcome.
+async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<Publish>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < super::command::BATCH_MAX {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let (messages, tickets): (Vec<QMsg>, Vec<Counted>) = batch.into_iter().unzip();
+        let Some(group) = g.upgrade() else { return };
+        let within = group.commit_timeout;
+        let serving = group.is_serving();
+        drop(group);
+        if !serving {
+            for t in tickets {
+                t.settle(false);
+            }
+            continue;
+        }
+        // Handed to the Raft core here, in order; the commit is awaited
+        // aside, so the next batch can be proposed meanwhile.
+        let sent = tokio::time::timeout(within, raft.client_write_ff(QCommand::Enqueue(messages)));
+        let answer = match sent.await {
+            Ok(Ok(answer)) => answer,
+            _ => {
+                for t in tickets {
+                    t.settle(false);
+                }
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let oks = match tokio::time::timeout(within, answer).await {
+                Ok(Ok(Ok(resp))) => resp.data,
+                Ok(Ok(Err(e))) => {
+                    tracing::debug!(error = %e, "quorum queue publishes not committed");
+                    Vec::new()
+                }
+                _ => {
+                    tracing::debug!("quorum queue publishes not committed in time");
+                    Vec::new()
+                }
+            };
+            for (i, t) in tickets.into_iter().enumerate() {
+                t.settle(oks.get(i).copied().unwrap_or(false));
+            }
+            drop(slot);
+        });
+    }
+}
+
+/// Propose the ids of messages that left the queue, a batch at a time.
+async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<Vec<u64>>) {
+    while let Some(mut ids) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            ids.extend(more);
+        }
+        let Some(group) = g.upgrade() else { return };
+        if !group.is_serving() {
+            // The next leader has them (and redelivers them).
+            continue;
+        }
+        let within = group.commit_timeout;
+        drop(group);
+        match tokio::time::timeout(within, raft.client_write(QCommand::Settle(ids))).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "quorum queue settle not committed"),
+            Err(_) => tracing::debug!("quorum queue settle not committed in time"),
+        }
+    }
+}

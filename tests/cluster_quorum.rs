@@ -1,0 +1,641 @@
+//! Quorum queues replicated as Raft groups of their own: three warren
+//! processes (127.0.0.1, .2, .3; tests/common/cluster.rs). A quorum queue
+//! declared on A has three members; publishes confirmed on another node are
+//! committed by a majority; with the leader's node killed (-9) a new leader
+//! serves every message (those delivered and unacked before the kill come
+//! back redelivered) and confirms keep working; without a majority a publish
+//! is never confirmed; a whole-cluster restart keeps the messages and what
+//! was acked stays gone.
+
+mod common;
+
+use common::cluster::{eventually, three_nodes, Node};
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+async fn channel(conn: &Connection) -> Channel {
+    common::t(conn.create_channel()).await.expect("channel")
+}
+
+fn quorum_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args
+}
+
+/// Declare quorum queue `q` on `node`.
+async fn declare_quorum(node: &Node, q: &str) {
+    let conn = node.connect().await;
+    let ch = channel(&conn).await;
+    let qd = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    common::t(ch.queue_declare(q, qd, quorum_args()))
+        .await
+        .expect("queue.declare");
+    let _ = conn.close(200, "bye").await;
+}
+
+/// `/api/queues/%2F/{q}` on `node`.
+fn queue_api(node: &Node, q: &str) -> Value {
+    node.get(&format!("/api/queues/%2F/{q}")).1
+}
+
+/// The leader `node`'s API names for `q`.
+fn leader_of(node: &Node, q: &str) -> Option<String> {
+    queue_api(node, q)["leader"].as_str().map(String::from)
+}
+
+/// Publish `bodies` persistent to `q` with confirms on `ch`: (acked, nacked).
+async fn publish_confirmed(ch: &Channel, q: &str, bodies: &[String]) -> (usize, usize) {
+    let mut waits = Vec::new();
+    for body in bodies {
+        let c = common::t(ch.basic_publish(
+            "",
+            q,
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        ))
+        .await
+        .expect("publish");
+        waits.push(c);
+    }
+    let (mut acked, mut nacked) = (0, 0);
+    for w in waits {
+        match common::t(w).await.expect("confirm") {
+            Confirmation::Ack(_) => acked += 1,
+            Confirmation::Nack(_) => nacked += 1,
+            Confirmation::NotRequested => panic!("confirms not on"),
+        }
+    }
+    (acked, nacked)
+}
+
+fn bodies(tag: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{tag}-{i}")).collect()
+}
+
+/// Consume from `q` on `node` (manual acks, acking each) until `want` distinct
+/// bodies arrived or `within` passed; a consume refused or cancelled (leader
+/// not known yet, or gone) is retried. The bodies seen, with whether each
+/// came redelivered.
+async fn consume_all(
+    node: &Node,
+    q: &str,
+    want: &BTreeSet<String>,
+    within: Duration,
+) -> Vec<(String, bool)> {
+    let deadline = Instant::now() + within;
+    let mut seen: Vec<(String, bool)> = Vec::new();
+    let have = |seen: &Vec<(String, bool)>| want.iter().all(|w| seen.iter().any(|(b, _)| b == w));
+    while !have(&seen) && Instant::now() < deadline {
+        let conn = node.connect().await;
+        let ch = channel(&conn).await;
+        // A consume forwarded to a node that cannot be reached (a cut link,
+        // before the new leader is known here) may not be answered: retried.
+        let consumer = common::within(
+            Duration::from_secs(3),
+            ch.basic_consume(q, "", BasicConsumeOptions::default(), FieldTable::default()),
+        )
+        .await;
+        let Some(Ok(mut consumer)) = consumer else {
+            let _ = conn.close(200, "bye").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while !have(&seen) && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left.min(Duration::from_secs(2)), consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    seen.push((String::from_utf8_lossy(&d.data).to_string(), d.redelivered));
+                    if !matches!(
+                        common::within(Duration::from_secs(3), d.ack(BasicAckOptions::default()))
+                            .await,
+                        Some(Ok(()))
+                    ) {
+                        break;
+                    }
+                }
+                // Cancelled, the channel closed, or nothing for 2 s (the
+                // consume went to a node that no longer serves the queue):
+                // consume again.
+                Ok(Some(Err(_)) | None) | Err(_) => break,
+            }
+        }
+        let _ = conn.close(200, "bye").await;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
+    let (a, b, c) = three_nodes("quorum-failover").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-failover";
+    declare_quorum(&nodes[0], q).await;
+
+    // The queue's group: three members, a leader, the same on every node.
+    let names: BTreeSet<String> = nodes.iter().map(Node::name).collect();
+    eventually(
+        "the group's record on every node",
+        Duration::from_secs(10),
+        || {
+            nodes.iter().all(|n| {
+                let v = queue_api(n, q);
+                let members: BTreeSet<String> = v["members"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m.as_str().map(String::from))
+                    .collect();
+                v["type"] == "quorum" && members == names && v["leader"].is_string()
+            })
+        },
+    )
+    .await;
+    let leader = leader_of(&nodes[0], q).expect("a leader");
+    let li = nodes
+        .iter()
+        .position(|n| n.name() == leader)
+        .expect("leader is a node");
+    let (pi, ci) = ((li + 1) % 3, (li + 2) % 3);
+    assert_eq!(
+        queue_api(&nodes[pi], q)["node"],
+        Value::String(leader.clone())
+    );
+
+    // Publishes with confirms on a follower: all acked (committed).
+    let pconn = nodes[pi].connect().await;
+    let pch = channel(&pconn).await;
+    common::t(pch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let first = bodies("first", 40);
+    assert_eq!(publish_confirmed(&pch, q, &first).await, (40, 0));
+    let _ = pconn.close(200, "bye").await;
+    eventually("40 messages at the leader", Duration::from_secs(10), || {
+        queue_api(&nodes[ci], q)["messages"] == 40
+    })
+    .await;
+
+    // A consumer on the third node takes 5 and acks none of them.
+    let cconn = nodes[ci].connect().await;
+    let cch = channel(&cconn).await;
+    common::t(cch.basic_qos(5, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let mut consumer = common::t(cch.basic_consume(
+        q,
+        "held",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume");
+    let mut held = BTreeSet::new();
+    while held.len() < 5 {
+        let d = common::t(consumer.next())
+            .await
+            .expect("a delivery")
+            .expect("delivery");
+        assert!(!d.redelivered, "first delivery");
+        held.insert(String::from_utf8_lossy(&d.data).to_string());
+    }
+
+    // kill -9 of the leader's node.
+    let killed_at = Instant::now();
+    nodes[li].kill();
+    let _ = cconn.close(200, "bye").await;
+
+    // Every message, from a survivor, within a deadline; the 5 held ones
+    // come back redelivered.
+    let want: BTreeSet<String> = first.iter().cloned().collect();
+    let seen = consume_all(&nodes[ci], q, &want, Duration::from_secs(30)).await;
+    let got: BTreeSet<String> = seen.iter().map(|(b, _)| b.clone()).collect();
+    assert_eq!(got, want, "every confirmed message after the failover");
+    for h in &held {
+        assert!(
+            seen.iter().any(|(b, r)| b == h && *r),
+            "{h} was delivered before the kill: it comes back redelivered"
+        );
+    }
+    println!(
+        "failover: all 40 consumed on a survivor {:.2} s after kill -9 of the leader",
+        killed_at.elapsed().as_secs_f64()
+    );
+    let new_leader = leader_of(&nodes[ci], q).expect("a new leader");
+    assert_ne!(new_leader, leader, "a survivor leads now");
+
+    // After the failover publishing with confirms works (on both survivors).
+    let after = bodies("after", 10);
+    for i in [pi, ci] {
+        let conn = nodes[i].connect().await;
+        let ch = channel(&conn).await;
+        common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .expect("confirm.select");
+        let mine: Vec<String> = after.iter().map(|b| format!("{b}@{i}")).collect();
+        assert_eq!(publish_confirmed(&ch, q, &mine).await, (10, 0));
+        let _ = conn.close(200, "bye").await;
+    }
+    eventually(
+        "the acks reached the group",
+        Duration::from_secs(10),
+        || queue_api(&nodes[ci], q)["messages"] == 20,
+    )
+    .await;
+
+    // The killed node comes back as a follower of the group.
+    nodes[li].start().await;
+    eventually(
+        "the old leader knows the new one",
+        Duration::from_secs(20),
+        || leader_of(&nodes[li], q).is_some_and(|l| l != leader),
+    )
+    .await;
+
+    // No majority: two nodes down, a publish on the third is not confirmed
+    // (a nack, or no confirm within 8 s), never acked.
+    let lone = (0..3)
+        .find(|&i| nodes[i].name() != new_leader)
+        .expect("a follower");
+    let others: Vec<usize> = (0..3).filter(|&i| i != lone).collect();
+    let conn = nodes[lone].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    for &i in &others {
+        nodes[i].kill();
+    }
+    let c = common::t(ch.basic_publish(
+        "",
+        q,
+        BasicPublishOptions::default(),
+        b"minority",
+        BasicProperties::default().with_delivery_mode(2),
+    ))
+    .await
+    .expect("publish");
+    let outcome = tokio::time::timeout(Duration::from_secs(8), c).await;
+    assert!(
+        !matches!(outcome, Ok(Ok(Confirmation::Ack(_)))),
+        "a publish without a majority was acked"
+    );
+    let _ = conn.close(200, "bye").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_keeps_its_messages_across_a_whole_cluster_restart() {
+    let (a, b, c) = three_nodes("quorum-restart").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-restart";
+    declare_quorum(&nodes[1], q).await;
+    let conn = nodes[2].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let all = bodies("r", 30);
+    assert_eq!(publish_confirmed(&ch, q, &all).await, (30, 0));
+    // basic.get 10 with ack on A: their settlement is replicated.
+    let gconn = nodes[0].connect().await;
+    let gch = channel(&gconn).await;
+    let mut acked = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while acked.len() < 10 {
+        let got = common::t(gch.basic_get(q, BasicGetOptions { no_ack: false }))
+            .await
+            .expect("basic.get");
+        let Some(m) = got else {
+            // Nothing where A reaches the queue (a leader change under way).
+            assert!(Instant::now() < deadline, "10 messages from basic.get on A");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        acked.insert(String::from_utf8_lossy(&m.delivery.data).to_string());
+        common::t(m.delivery.ack(BasicAckOptions::default()))
+            .await
+            .expect("ack");
+    }
+    let _ = gconn.close(200, "bye").await;
+    let _ = conn.close(200, "bye").await;
+    eventually("20 left at the leader", Duration::from_secs(10), || {
+        queue_api(&nodes[0], q)["messages"] == 20
+    })
+    .await;
+    // The settle is proposed at the ack and committed a few ms later; the
+    // only outside sign of its commit is this bound (there is no API for a
+    // group's commit index). Then kill all three.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in nodes.iter_mut() {
+        n.kill();
+    }
+    for n in nodes.iter_mut() {
+        n.start().await;
+    }
+    let want: BTreeSet<String> = all
+        .iter()
+        .filter(|b| !acked.contains(*b))
+        .cloned()
+        .collect();
+    let seen = consume_all(&nodes[2], q, &want, Duration::from_secs(40)).await;
+    let got: BTreeSet<String> = seen.iter().map(|(b, _)| b.clone()).collect();
+    assert_eq!(
+        got, want,
+        "the 20 unacked messages, and none of the acked ones"
+    );
+
+    // Delete it (its group stops and its log goes on every member) with 5
+    // messages in it; declared again, on another node, it is a new group:
+    // empty, and working.
+    let conn = nodes[2].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    assert_eq!(publish_confirmed(&ch, q, &bodies("old", 5)).await, (5, 0));
+    let deleted = common::t(ch.queue_delete(q, QueueDeleteOptions::default()))
+        .await
+        .expect("queue.delete");
+    assert_eq!(deleted, 5, "delete-ok counts the leader's messages");
+    let _ = conn.close(200, "bye").await;
+    eventually("gone everywhere", Duration::from_secs(10), || {
+        nodes
+            .iter()
+            .all(|n| n.get(&format!("/api/queues/%2F/{q}")).0 == 404)
+    })
+    .await;
+    declare_quorum(&nodes[0], q).await;
+    eventually("a new, empty group", Duration::from_secs(10), || {
+        let v = queue_api(&nodes[1], q);
+        v["messages"] == 0 && v["leader"].is_string()
+    })
+    .await;
+    let conn = nodes[1].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    assert_eq!(publish_confirmed(&ch, q, &bodies("new", 3)).await, (3, 0));
+    let _ = conn.close(200, "bye").await;
+    let want: BTreeSet<String> = bodies("new", 3).into_iter().collect();
+    let seen = consume_all(&nodes[2], q, &want, Duration::from_secs(20)).await;
+    let got: BTreeSet<String> = seen.iter().map(|(b, _)| b.clone()).collect();
+    assert_eq!(got, want, "only the new group's messages");
+}
+
+/// Confirmed publishes to a quorum queue, pipelined (the whole batch in
+/// flight), on the leader and on a follower, against a classic durable
+/// queue homed on the same node: every one acked, the rates printed, and
+/// the quorum queue delivers them in the order they were published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
+    let (a, b, c) = three_nodes("quorum-rate").await;
+    let nodes = [a, b, c];
+    let q = "qq-rate";
+    declare_quorum(&nodes[0], q).await;
+    let leader = leader_of(&nodes[0], q).expect("a leader");
+    let li = nodes
+        .iter()
+        .position(|n| n.name() == leader)
+        .expect("leader");
+    let classic = "classic-rate";
+    {
+        let conn = nodes[li].connect().await;
+        let ch = channel(&conn).await;
+        let qd = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        common::t(ch.queue_declare(classic, qd, FieldTable::default()))
+            .await
+            .expect("queue.declare");
+        let _ = conn.close(200, "bye").await;
+    }
+    const N: usize = 2000;
+    for (what, queue, on) in [
+        ("quorum, on the leader", q, li),
+        ("quorum, on a follower", q, (li + 1) % 3),
+        ("classic, on its home", classic, li),
+    ] {
+        let conn = nodes[on].connect().await;
+        let ch = channel(&conn).await;
+        common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .expect("confirm.select");
+        let started = Instant::now();
+        let acked = publish_confirmed(&ch, queue, &bodies(what, N)).await;
+        let secs = started.elapsed().as_secs_f64();
+        assert_eq!(acked, (N, 0), "{what}");
+        println!(
+            "{what}: {N} confirmed publishes of ~20-byte bodies in {secs:.2} s = {:.0}/s",
+            N as f64 / secs
+        );
+        let _ = conn.close(200, "bye").await;
+    }
+    eventually(
+        "every quorum message at the leader",
+        Duration::from_secs(10),
+        || queue_api(&nodes[li], q)["messages"] == 2 * N,
+    )
+    .await;
+    // x-quorum-initial-group-size 2: the declaring node and one other.
+    {
+        let conn = nodes[1].connect().await;
+        let ch = channel(&conn).await;
+        let mut args = quorum_args();
+        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(2));
+        let qd = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        common::t(ch.queue_declare("qq-two", qd, args))
+            .await
+            .expect("queue.declare");
+        let _ = conn.close(200, "bye").await;
+        eventually("qq-two's group on A", Duration::from_secs(10), || {
+            queue_api(&nodes[0], "qq-two")["members"]
+                .as_array()
+                .is_some_and(|m| !m.is_empty())
+        })
+        .await;
+        let v = queue_api(&nodes[0], "qq-two");
+        let members: Vec<&str> = v["members"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(members.len(), 2, "{v}");
+        assert_eq!(members[0], nodes[1].name(), "the declaring node first");
+        assert_eq!(v["replicas"], 2);
+    }
+    // In the order they were published: the leader's, then the follower's.
+    let conn = nodes[li].connect().await;
+    let ch = channel(&conn).await;
+    let mut consumer = common::t(ch.basic_consume(
+        q,
+        "order",
+        BasicConsumeOptions {
+            no_ack: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume");
+    let expected: Vec<String> = bodies("quorum, on the leader", N)
+        .into_iter()
+        .chain(bodies("quorum, on a follower", N))
+        .collect();
+    for want in &expected {
+        let d = common::t(consumer.next())
+            .await
+            .expect("a delivery")
+            .expect("delivery");
+        assert_eq!(&String::from_utf8_lossy(&d.data), want, "queue order");
+    }
+    let _ = conn.close(200, "bye").await;
+}
+
+/// The leader's node cut off from the two others (test-owned proxies between
+/// every pair): its local consumer is cancelled once it has not heard from a
+/// majority for an election timeout, a publish there is never acked, the two
+/// others elect a leader that serves every message and confirms new
+/// publishes; after the heal the old leader follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
+    let (nodes, proxies) = common::cluster::start_proxied("quorum-part", 3000).await;
+    eventually("three running members", Duration::from_secs(30), || {
+        nodes.iter().all(|n| n.running().len() == 3)
+    })
+    .await;
+    let q = "qq-part";
+    declare_quorum(&nodes[0], q).await;
+    let leader = leader_of(&nodes[0], q).expect("a leader");
+    let li = nodes
+        .iter()
+        .position(|n| n.name() == leader)
+        .expect("leader");
+    let other = (li + 1) % 3;
+    let conn = nodes[other].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let before = bodies("before", 20);
+    assert_eq!(publish_confirmed(&ch, q, &before).await, (20, 0));
+    let _ = conn.close(200, "bye").await;
+
+    // A consumer on the leader's node, holding what it gets.
+    let lconn = nodes[li].connect().await;
+    let lch = channel(&lconn).await;
+    common::t(lch.basic_qos(5, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let mut local = common::t(lch.basic_consume(
+        q,
+        "on-leader",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume on the leader");
+    let first = common::t(local.next())
+        .await
+        .expect("a delivery")
+        .expect("ok");
+    assert!(!first.redelivered);
+
+    for ((a, b), p) in &proxies {
+        if *a == li || *b == li {
+            p.cut();
+        }
+    }
+    let cut_at = Instant::now();
+    // The cut-off leader stops serving: its consumer is cancelled.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "the cut-off leader kept its consumer");
+        match tokio::time::timeout(left, local.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_)) | None) | Err(_) => break,
+        }
+    }
+    assert!(
+        Instant::now() < deadline,
+        "the cut-off leader kept its consumer"
+    );
+    println!(
+        "isolated leader stopped serving {:.2} s after the cut",
+        cut_at.elapsed().as_secs_f64()
+    );
+    // A publish on the cut-off node is never acked.
+    common::t(lch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .ok();
+    if let Ok(c) = common::t(lch.basic_publish(
+        "",
+        q,
+        BasicPublishOptions::default(),
+        b"cut-off",
+        BasicProperties::default().with_delivery_mode(2),
+    ))
+    .await
+    {
+        let outcome = tokio::time::timeout(Duration::from_secs(5), c).await;
+        assert!(
+            !matches!(outcome, Ok(Ok(Confirmation::Ack(_)))),
+            "a publish on the cut-off leader was acked"
+        );
+    }
+    let _ = lconn.close(200, "bye").await;
+
+    // The majority: a new leader, every message, new publishes confirmed.
+    eventually(
+        "a new leader on the majority side",
+        Duration::from_secs(20),
+        || leader_of(&nodes[other], q).is_some_and(|l| l != leader),
+    )
+    .await;
+    let conn = nodes[other].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    let during = bodies("during", 10);
+    assert_eq!(publish_confirmed(&ch, q, &during).await, (10, 0));
+    let _ = conn.close(200, "bye").await;
+    let want: BTreeSet<String> = before.iter().chain(&during).cloned().collect();
+    let seen = consume_all(&nodes[(li + 2) % 3], q, &want, Duration::from_secs(30)).await;
+    let got: BTreeSet<String> = seen.iter().map(|(b, _)| b.clone()).collect();
+    assert!(
+        got.is_superset(&want),
+        "missing: {:?}",
+        want.difference(&got)
+    );
+
+    for p in proxies.values() {
+        p.heal();
+    }
+    let new_leader = leader_of(&nodes[other], q).expect("leader");
+    eventually(
+        "the old leader follows the new one",
+        Duration::from_secs(20),
+        || leader_of(&nodes[li], q).as_deref() == Some(new_leader.as_str()),
+    )
+    .await;
+}
