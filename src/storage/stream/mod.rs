@@ -649,6 +649,7 @@ impl StreamLog {
             start: next,
             next,
             file: None,
+            peek: None,
         }
     }
 
@@ -856,7 +857,22 @@ pub struct StreamReader {
     next: u64,
     /// (segment first offset, open segment file, position of the next chunk).
     file: Option<(u64, Arc<File>, u64)>,
+    /// The start of the next chunk (header and bloom filter), read ahead
+    /// with the last bytes of the one before ([`locate_batch`](Self::locate_batch)).
+    peek: Option<Peek>,
 }
+
+/// Bytes read ahead at (segment, position): a chunk's header and at most
+/// 255 bytes of bloom filter.
+struct Peek {
+    seg: u64,
+    pos: u64,
+    len: usize,
+    bytes: [u8; chunk::HEADER_LEN + 255],
+}
+
+/// The most trailer bytes read through to reach the next chunk's header.
+const PEEK_TRAILER_MAX: usize = 1024;
 
 impl std::fmt::Debug for StreamReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1069,8 +1085,19 @@ impl StreamReader {
                     BatchRead::Read
                 })
             };
-            let Some(n) = read_into(file, &mut head, *pos, limits.cached_only)? else {
-                return would_block(spans);
+            let peeked = match self.peek.take() {
+                Some(pk) if pk.seg == *seg_first && pk.pos == *pos => {
+                    head[..pk.len].copy_from_slice(&pk.bytes[..pk.len]);
+                    Some(pk.len)
+                }
+                _ => None,
+            };
+            let n = match peeked {
+                Some(n) => n,
+                None => match read_into(file, &mut head, *pos, limits.cached_only)? {
+                    Some(n) => n,
+                    None => return would_block(spans),
+                },
             };
             if n < chunk::HEADER_LEN {
                 if limits.cached_only {
@@ -1088,6 +1115,11 @@ impl StreamReader {
             let h = Header::parse(&head[..n])
                 .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
             let bloom_end = chunk::HEADER_LEN + usize::from(h.bloom_len);
+            if n < bloom_end && peeked.is_some() {
+                // Read ahead short of the whole bloom filter: read it here.
+                *pos = p;
+                continue;
+            }
             if n < bloom_end {
                 // Part of the bloom filter is not cached.
                 if limits.cached_only {
@@ -1097,10 +1129,33 @@ impl StreamReader {
             }
             let data_pos = p + bloom_end as u64;
             if limits.cached_only && h.data_len > 0 {
-                let mut last = [0u8; 1];
                 let end = data_pos + u64::from(h.data_len) - 1;
-                if read_into(file, &mut last, end, true)? != Some(1) {
-                    return would_block(spans);
+                let tail = 1 + h.trailer_len as usize;
+                // The next chunk is whole on disk once the committed offset
+                // is past its id: its header is read with this chunk's last
+                // byte (one `pread` per chunk).
+                let ahead = h.next_offset() < committed && tail <= PEEK_TRAILER_MAX;
+                let mut look = [0u8; PEEK_TRAILER_MAX + chunk::HEADER_LEN + 255];
+                let want = if ahead {
+                    tail + chunk::HEADER_LEN + 255
+                } else {
+                    1
+                };
+                match read_into(file, &mut look[..want], end, true)? {
+                    Some(m) if m >= 1 => {
+                        if ahead && m >= tail + chunk::HEADER_LEN {
+                            let len = m - tail;
+                            let mut bytes = [0u8; chunk::HEADER_LEN + 255];
+                            bytes[..len].copy_from_slice(&look[tail..m]);
+                            self.peek = Some(Peek {
+                                seg: *seg_first,
+                                pos: p + h.total_len(),
+                                len,
+                                bytes,
+                            });
+                        }
+                    }
+                    _ => return would_block(spans),
                 }
             }
             if h.chunk_type == chunk::TYPE_USER && keep(&head[chunk::HEADER_LEN..bloom_end]) {
@@ -1373,28 +1428,37 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
 /// saw more appends arrive while it wrote (producers that do not wait for
 /// each confirm: sustained load). Then it lingers up to `max_wait_us` after
 /// waking, or until `min_bytes` are buffered, so a round merges more appends
-/// into each chunk (fewer, larger chunks: a consumer pays per chunk). A
-/// producer that waits for each confirm never makes a round busy (its next
-/// append comes after the commit), so it never waits here.
+/// into each chunk (fewer, larger chunks: a consumer pays per chunk, and
+/// each round's writes and fsyncs are paid once for more messages) — but
+/// only while appends keep coming: `quiet_us` without one (producers
+/// waiting for their confirms, e.g. a full window of unconfirmed messages)
+/// ends the wait. A producer that waits for each confirm never makes a
+/// round busy (its next append comes after the commit), so it never waits
+/// here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Linger {
     max_wait_us: u64,
     min_bytes: u64,
+    quiet_us: u64,
 }
 
 const LINGER: Linger = Linger {
-    max_wait_us: 1_000,
-    min_bytes: 256 << 10,
+    max_wait_us: 5_000,
+    min_bytes: 512 << 10,
+    quiet_us: 500,
 };
 
 impl Linger {
     /// How long to wait more (µs) before taking the buffers, `now_us` after
     /// the flusher woke to a round, with `pending` bytes buffered; 0: now.
-    fn wait_us(&self, busy: bool, pending: u64, now_us: u64) -> u64 {
-        if !busy || pending >= self.min_bytes {
+    /// `before`: what was buffered when it last waited (None: it has not
+    /// yet): nothing more since then ends the wait. Each wait is at most
+    /// `quiet_us`.
+    fn wait_us(&self, busy: bool, pending: u64, before: Option<u64>, now_us: u64) -> u64 {
+        if !busy || pending >= self.min_bytes || before == Some(pending) {
             return 0;
         }
-        self.max_wait_us.saturating_sub(now_us)
+        self.max_wait_us.saturating_sub(now_us).min(self.quiet_us)
     }
 }
 
@@ -1418,13 +1482,15 @@ fn flusher(shared: Arc<Shared>) {
                 return;
             }
             let woke = std::time::Instant::now();
+            let mut before = None;
             while !q.shutdown {
                 let waited = woke.elapsed().as_micros() as u64;
                 let pending = shared.pending_bytes.load(Ordering::Relaxed);
-                let more = LINGER.wait_us(busy, pending, waited);
+                let more = LINGER.wait_us(busy, pending, before, waited);
                 if more == 0 {
                     break;
                 }
+                before = Some(pending);
                 // Appends that cross `min_bytes` notify.
                 shared
                     .wake

@@ -590,16 +590,20 @@ fn the_flusher_lingers_only_under_sustained_load() {
     let l = Linger {
         max_wait_us: 1_000,
         min_bytes: 4_096,
+        quiet_us: 300,
     };
     // Not busy (e.g. a producer waiting for each confirm): at once.
-    assert_eq!(l.wait_us(false, 10, 0), 0);
-    // Busy: up to max_wait after waking, less as (virtual) time passes...
-    assert_eq!(l.wait_us(true, 10, 0), 1_000);
-    assert_eq!(l.wait_us(true, 10, 400), 600);
-    assert_eq!(l.wait_us(true, 10, 1_000), 0);
-    assert_eq!(l.wait_us(true, 10, 5_000), 0);
-    // ...or until enough is buffered.
-    assert_eq!(l.wait_us(true, 4_096, 0), 0);
+    assert_eq!(l.wait_us(false, 10, None, 0), 0);
+    // Busy: in steps of at most quiet_us, up to max_wait after waking...
+    assert_eq!(l.wait_us(true, 10, None, 0), 300);
+    assert_eq!(l.wait_us(true, 20, Some(10), 300), 300);
+    assert_eq!(l.wait_us(true, 30, Some(20), 800), 200);
+    assert_eq!(l.wait_us(true, 40, Some(30), 1_000), 0);
+    assert_eq!(l.wait_us(true, 40, None, 5_000), 0);
+    // ...or until enough is buffered...
+    assert_eq!(l.wait_us(true, 4_096, None, 0), 0);
+    // ...or until a step passes without an append (producers wait for confirms).
+    assert_eq!(l.wait_us(true, 20, Some(20), 300), 0);
 }
 
 #[test]
@@ -733,6 +737,58 @@ fn located_chunks_point_at_the_data_read_batch_reads() {
         Ok(BatchRead::WouldBlock) => assert!(files.is_empty()),
         Err(e) => panic!("{e}"),
     }
+    // One chunk per call (a consumer giving one credit at a time), from the
+    // page cache once the segment is open: the same chunks, each next one's
+    // header read ahead with the last bytes of the one before (the tracking
+    // chunk's too).
+    let mut one = log.reader(OffsetSpec::First);
+    let opening = BatchLimits {
+        chunks: 1,
+        cached_only: false,
+        ..limits
+    };
+    let cached1 = BatchLimits {
+        cached_only: true,
+        ..opening
+    };
+    assert_eq!(
+        one.locate_batch(&mut files, opening, &|_| true),
+        Ok(BatchRead::Read)
+    );
+    let mut got = std::mem::take(&mut files);
+    let mut peeked = 0;
+    while one.has_more() {
+        peeked += usize::from(one.peek.is_some());
+        match one.locate_batch(&mut files, cached1, &|_| true) {
+            Ok(BatchRead::Read) => got.append(&mut files),
+            Ok(BatchRead::WouldBlock) => {
+                assert_eq!(
+                    one.locate_batch(&mut files, opening, &|_| true),
+                    Ok(BatchRead::Read)
+                );
+                got.append(&mut files);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        got.iter()
+            .map(|f| (f.header, f.data_pos))
+            .collect::<Vec<_>>(),
+        spans
+            .iter()
+            .zip(&got)
+            .map(|(s, f)| (s.header, f.data_pos))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(got.len(), 4);
+    for (f, s) in got.iter().zip(&spans) {
+        assert_eq!(&f.raw_header[..], &buf[s.header_range()]);
+    }
+    // The page cache holds what was just written: the calls after the
+    // second started from a header read ahead by the call before (the
+    // first, not page-cache only, reads no last byte and so none ahead).
+    assert_eq!(peeked, 2);
     // A filter that wants nothing: none, and caught up.
     let mut r = log.reader(OffsetSpec::First);
     assert_eq!(
