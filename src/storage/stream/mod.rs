@@ -1445,7 +1445,7 @@ struct Linger {
 const LINGER: Linger = Linger {
     max_wait_us: 5_000,
     min_bytes: 512 << 10,
-    quiet_us: 500,
+    quiet_us: 2_000,
 };
 
 impl Linger {
