@@ -14,6 +14,8 @@
 #   amqp_consume AMQP 0-9-1 consumer (x-stream-offset first, prefetch 1000, multi-ack
 #                100; warren's codec as the client, --amqp-client raw) over a stream of
 #                M stored messages
+# After publish, the chunks the stored stream took (messages per chunk: what a
+# consumer pays per chunk is paid once for that many messages).
 # Each line: msg/s and the broker's CPU per message: the run time of its threads over
 # that run (/proc/<pid>/task/*/schedstat, ns; a thread that ends meanwhile
 # is not counted), divided by the messages moved. Broker pinned to CPU 0, client to
@@ -51,6 +53,18 @@ stop_target() {
   if [ -n "$data" ]; then kill "$pid"; wait "$pid" 2>/dev/null || true; rm -rf "$data" "$data.log"; fi
 }
 
+# Chunks stored so far: warren (all streams of its data directory, 32 B per
+# index record) or RabbitMQ (the stream $1's osiris index, 29 B per record).
+chunks() {
+  local t=0 f
+  if [ -n "$data" ]; then
+    for f in "$data"/streams/*/*.index; do [ -e "$f" ] && t=$((t + ($(stat -c %s "$f") - 8) / 32)); done
+  else
+    for f in /var/lib/rabbitmq/mnesia/*/stream/__"$1"_*/*.index; do [ -e "$f" ] && t=$((t + ($(stat -c %s "$f") - 8) / 29)); done
+  fi
+  echo "$t"
+}
+
 measure() { # label scenario stream_perf-args...
   local label=$1 name=$2 out t0 t1 rate moved ns
   shift 2
@@ -72,7 +86,12 @@ for round in $(seq "$rounds"); do
     label=${t%%=*}
     start_target "${t#*=}"
     measure "$label" pubsub --mode pubsub --stream sb-pubsub --messages "$n"
+    c0=$(chunks sb-stored)
     measure "$label" publish --mode publish --stream sb-stored --messages "$n"
+    c1=$(chunks sb-stored)
+    [ -n "$data" ] || c0=0
+    awk -v l="$label" -v c=$((c1 - c0)) -v n="$n" \
+      'BEGIN { printf "%-10s %-14s %10d chunks  %7.0f msg/chunk\n", l, "stored", c, (c > 0 ? n / c : 0) }'
     measure "$label" consume --mode consume --stream sb-stored --messages "$n"
     # The AMQP 0-9-1 stream: filled over the Stream protocol (not measured), then read.
     $pin_c "$perf" --port "$sport" --mode publish --stream sb-amqp --messages "$m" >/dev/null

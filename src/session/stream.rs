@@ -40,8 +40,7 @@ use crate::session::handshake::EXTERNAL;
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
 use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
 use crate::storage::stream::{
-    BatchLimits, BatchRead, ChunkSpan, FileSpan, StreamError, StreamLog, StreamMessage,
-    StreamReader,
+    BatchLimits, BatchRead, ChunkSpan, FileSpan, NewMessage, StreamError, StreamLog, StreamReader,
 };
 use crate::wire::stream::{
     check_frame, code, key, request, response, OffsetSpec, Published, Request, COMMAND_VERSIONS,
@@ -124,8 +123,10 @@ struct Publisher {
     stream: String,
     log: Arc<StreamLog>,
     reference: Option<Arc<str>>,
-    /// (next offset that must be committed, publishing ids) per publish frame.
-    pending: VecDeque<(u64, Vec<u64>)>,
+    /// (next offset that must be committed, publishing ids) per publish
+    /// frame; the ids of all of them, in order, in `pending_ids`.
+    pending: VecDeque<(u64, usize)>,
+    pending_ids: VecDeque<u64>,
     /// The log's committed next offset.
     committed: tokio::sync::watch::Receiver<u64>,
     stats: Arc<PublisherStats>,
@@ -142,12 +143,11 @@ fn confirm_ready(out: &mut BytesMut, id: u8, p: &mut Publisher) {
     if ready == 0 {
         return;
     }
-    let count: usize = p.pending.iter().take(ready).map(|(_, ids)| ids.len()).sum();
+    let count: usize = p.pending.drain(..ready).map(|(_, n)| n).sum();
     p.stats
         .confirmed
         .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-    let ids = p.pending.drain(..ready).flat_map(|(_, ids)| ids);
-    response::publish_confirm(out, id, count, ids);
+    response::publish_confirm(out, id, count, p.pending_ids.drain(..count));
 }
 
 /// A piece of output for the socket, in order with the rest.
@@ -1527,6 +1527,7 @@ impl StreamSession {
                 log,
                 reference: reference.map(Arc::from),
                 pending: VecDeque::new(),
+                pending_ids: VecDeque::new(),
             },
         );
         self.watch_changed = true;
@@ -1561,25 +1562,24 @@ impl StreamSession {
             response::publish_error(&mut self.out, publisher_id, &errors);
             return;
         };
-        let ids: Vec<u64> = messages.iter().map(|m| m.publishing_id).collect();
         p.stats
             .published
-            .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        let batch: Vec<StreamMessage> = messages
-            .into_iter()
-            .map(|m| StreamMessage {
-                data: m.data,
-                filter: m.filter_value,
-                publisher: p
-                    .reference
-                    .as_ref()
-                    .map(|r| (Arc::clone(r), m.publishing_id)),
-                batch: m.sub_batch,
-            })
-            .collect();
-        match p.log.append(batch, now_ms as i64) {
+            .fetch_add(messages.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        // Encoded straight from the frame into the log's write buffer.
+        let batch = messages.iter().map(|m| NewMessage {
+            data: &m.data,
+            filter: m.filter_value.as_deref(),
+            publishing_id: m.publishing_id,
+            batch: m.sub_batch,
+        });
+        match p
+            .log
+            .append_from(p.reference.as_ref(), batch, now_ms as i64)
+        {
             Ok(a) => {
-                p.pending.push_back((a.next_offset, ids));
+                p.pending.push_back((a.next_offset, messages.len()));
+                p.pending_ids
+                    .extend(messages.iter().map(|m| m.publishing_id));
                 confirm_ready(&mut self.out, publisher_id, p);
             }
             Err(e) => {
@@ -1590,8 +1590,9 @@ impl StreamSession {
                 };
                 p.stats
                     .errored
-                    .fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                let errors: Vec<(u64, u16)> = ids.into_iter().map(|id| (id, c)).collect();
+                    .fetch_add(messages.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                let errors: Vec<(u64, u16)> =
+                    messages.iter().map(|m| (m.publishing_id, c)).collect();
                 response::publish_error(&mut self.out, publisher_id, &errors);
             }
         }

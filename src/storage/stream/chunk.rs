@@ -111,6 +111,36 @@ impl Header {
     }
 }
 
+/// The header and bloom filter of a chunk whose data section is `data`
+/// (encoded entries) and whose trailer takes `trailer_len` bytes: what goes
+/// before the data when the parts are written without being joined.
+pub fn build_head(
+    chunk_type: u8,
+    first_offset: u64,
+    timestamp: i64,
+    (num_entries, num_records): (u16, u32),
+    bloom: &[u8],
+    data: &[u8],
+    trailer_len: usize,
+) -> Bytes {
+    let header = Header {
+        chunk_type,
+        num_entries,
+        num_records,
+        timestamp,
+        epoch: EPOCH,
+        first_offset,
+        crc: crc32fast::hash(data),
+        data_len: data.len() as u32,
+        trailer_len: trailer_len as u32,
+        bloom_len: bloom.len() as u8,
+    };
+    let mut out = BytesMut::with_capacity(HEADER_LEN + bloom.len());
+    header.write(&mut out);
+    out.put_slice(bloom);
+    out.freeze()
+}
+
 /// Build a chunk from its parts; `data` holds encoded entries.
 pub fn build(
     chunk_type: u8,

@@ -378,18 +378,110 @@ struct LogInner {
     committed: tokio::sync::watch::Sender<u64>,
 }
 
+/// Messages appended and not yet taken by the flusher: their entries
+/// encoded as a chunk stores them, back to back (a chunk's data section is
+/// then a slice of `data`: no per-message structure, allocation or second
+/// copy), and per append what the chunk headers, bloom filters and
+/// trailers need.
+#[derive(Default)]
 struct Pending {
-    data: Bytes,
-    filter: Option<String>,
-    publisher: Option<(Arc<str>, u64)>,
-    batch: Option<SubBatch>,
+    data: BytesMut,
+    appends: Vec<AppendMeta>,
+}
+
+/// One append's entries in [`Pending::data`] (one publisher reference).
+struct AppendMeta {
+    /// Where its entries end in `data`.
+    end: usize,
+    entries: u32,
+    records: u64,
     timestamp: i64,
+    /// Each entry's filter value; empty when none had one.
+    filters: Vec<Option<String>>,
+    /// The publisher reference and each entry's publishing id (increasing:
+    /// duplicates are dropped before).
+    reference: Option<Arc<str>>,
+    ids: Vec<u64>,
+}
+
+/// One message for [`StreamLog::append_from`], borrowed from where it came.
+#[derive(Debug, Clone, Copy)]
+pub struct NewMessage<'a> {
+    /// The AMQP 1.0 encoded message (a sub-entry batch's records).
+    pub data: &'a [u8],
+    pub filter: Option<&'a str>,
+    /// Deduplicated against the reference's last id when the append has one.
+    pub publishing_id: u64,
+    pub batch: Option<SubBatch>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.appends.is_empty()
+    }
+
+    /// Encode `msgs` (stamped `timestamp`, published under `reference`)
+    /// after what is buffered. With a reference, a publishing id at or
+    /// below its last one in `sequences` (updated) is a duplicate: dropped,
+    /// its index plus `base` in `duplicates`. Returns the records added.
+    fn push<'a>(
+        &mut self,
+        reference: Option<&Arc<str>>,
+        msgs: impl IntoIterator<Item = NewMessage<'a>>,
+        timestamp: i64,
+        sequences: &mut HashMap<Arc<str>, u64>,
+        (duplicates, base): (&mut Vec<usize>, usize),
+    ) -> u64 {
+        let mut meta = AppendMeta {
+            end: 0,
+            entries: 0,
+            records: 0,
+            timestamp,
+            filters: Vec::new(),
+            reference: reference.cloned(),
+            ids: Vec::new(),
+        };
+        let mut last = reference.and_then(|r| sequences.get(r).copied());
+        let before = last;
+        for (i, m) in msgs.into_iter().enumerate() {
+            if reference.is_some() {
+                if last.is_some_and(|l| m.publishing_id <= l) {
+                    duplicates.push(base + i);
+                    continue;
+                }
+                last = Some(m.publishing_id);
+                meta.ids.push(m.publishing_id);
+            }
+            match &m.batch {
+                None => chunk::put_simple_entry(&mut self.data, m.data),
+                Some(b) => chunk::put_sub_batch_entry(&mut self.data, b, m.data),
+            }
+            if m.filter.is_some() || !meta.filters.is_empty() {
+                // The entries before the first with a value had none.
+                meta.filters.resize(meta.entries as usize, None);
+                meta.filters.push(m.filter.map(str::to_owned));
+            }
+            meta.records += m.batch.map_or(1, |b| u64::from(b.records));
+            meta.entries += 1;
+        }
+        if let (Some(r), Some(l)) = (reference, last) {
+            if before != last {
+                sequences.insert(Arc::clone(r), l);
+            }
+        }
+        let records = meta.records;
+        if meta.entries > 0 {
+            meta.end = self.data.len();
+            self.appends.push(meta);
+        }
+        records
+    }
 }
 
 struct LogState {
     /// Offset the next appended message gets.
     next_offset: u64,
-    pending: Vec<Pending>,
+    pending: Pending,
     pending_offsets: Vec<(String, u64)>,
     /// Last publishing id per reference, appended ones included.
     sequences: HashMap<Arc<str>, u64>,
@@ -432,40 +524,79 @@ impl StreamLog {
         msgs: Vec<StreamMessage>,
         timestamp_ms: i64,
     ) -> Result<Appended, StreamError> {
+        if msgs.iter().any(|m| {
+            m.publisher
+                .as_ref()
+                .is_some_and(|(r, _)| r.len() > chunk::MAX_REFERENCE)
+        }) {
+            return Err(StreamError::ReferenceTooLong);
+        }
+        // One append per run of messages with the same publisher reference.
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            let r = m.publisher.as_ref().map(|(r, _)| r);
+            match runs.last_mut() {
+                Some((start, end)) if msgs[*start].publisher.as_ref().map(|(r, _)| r) == r => {
+                    *end = i + 1
+                }
+                _ => runs.push((i, i + 1)),
+            }
+        }
+        self.append_runs(
+            runs.iter().map(|&(start, end)| {
+                let reference = msgs[start].publisher.as_ref().map(|(r, _)| r);
+                let it = msgs[start..end].iter().map(|m| NewMessage {
+                    data: &m.data,
+                    filter: m.filter.as_deref(),
+                    publishing_id: m.publisher.as_ref().map_or(0, |(_, id)| *id),
+                    batch: m.batch,
+                });
+                (reference, start, it)
+            }),
+            timestamp_ms,
+        )
+    }
+
+    /// Append `msgs`, published under `reference` (publisher deduplication:
+    /// an id at or below the reference's last one is dropped, its index in
+    /// [`Appended::duplicates`]), stamped `timestamp_ms`: as
+    /// [`append`](Self::append), with the messages borrowed (a publish
+    /// frame's, encoded straight into the write buffer).
+    pub fn append_from<'a>(
+        &self,
+        reference: Option<&Arc<str>>,
+        msgs: impl IntoIterator<Item = NewMessage<'a>>,
+        timestamp_ms: i64,
+    ) -> Result<Appended, StreamError> {
+        if reference.is_some_and(|r| r.len() > chunk::MAX_REFERENCE) {
+            return Err(StreamError::ReferenceTooLong);
+        }
+        self.append_runs(std::iter::once((reference, 0, msgs)), timestamp_ms)
+    }
+
+    fn append_runs<'a, 'r, I: IntoIterator<Item = NewMessage<'a>>>(
+        &self,
+        runs: impl Iterator<Item = (Option<&'r Arc<str>>, usize, I)>,
+        timestamp_ms: i64,
+    ) -> Result<Appended, StreamError> {
         let mut s = self.inner.state.lock();
         if s.deleted {
             return Err(StreamError::Deleted);
         }
         let first = s.next_offset;
         let mut duplicates = Vec::new();
-        let mut bytes = 0u64;
-        s.pending.reserve(msgs.len());
-        for (i, m) in msgs.into_iter().enumerate() {
-            if let Some((r, id)) = &m.publisher {
-                if r.len() > chunk::MAX_REFERENCE {
-                    return Err(StreamError::ReferenceTooLong);
-                }
-                match s.sequences.get_mut(r) {
-                    Some(last) if *id <= *last => {
-                        duplicates.push(i);
-                        continue;
-                    }
-                    Some(last) => *last = *id,
-                    None => {
-                        s.sequences.insert(Arc::clone(r), *id);
-                    }
-                }
-            }
-            bytes += m.data.len() as u64;
-            s.next_offset += m.batch.map_or(1, |b| u64::from(b.records));
-            s.pending.push(Pending {
-                data: m.data,
-                filter: m.filter,
-                publisher: m.publisher,
-                batch: m.batch,
-                timestamp: timestamp_ms,
-            });
+        let before_len = s.pending.data.len();
+        let st = &mut *s;
+        for (reference, base, msgs) in runs {
+            st.next_offset += st.pending.push(
+                reference,
+                msgs,
+                timestamp_ms,
+                &mut st.sequences,
+                (&mut duplicates, base),
+            );
         }
+        let bytes = (s.pending.data.len() - before_len) as u64;
         let first_offset = if s.next_offset == first {
             s.next_offset
         } else {
@@ -518,6 +649,7 @@ impl StreamLog {
             start: next,
             next,
             file: None,
+            peek: None,
         }
     }
 
@@ -693,10 +825,10 @@ impl StreamLog {
     pub fn mark_deleted(&self) {
         let mut s = self.inner.state.lock();
         s.deleted = true;
-        let bytes: u64 = s.pending.iter().map(|p| p.data.len() as u64).sum();
+        let bytes = s.pending.data.len() as u64;
         self.store.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.store.room.notify_waiters();
-        s.pending.clear();
+        s.pending = Pending::default();
         s.pending_offsets.clear();
     }
 
@@ -725,7 +857,22 @@ pub struct StreamReader {
     next: u64,
     /// (segment first offset, open segment file, position of the next chunk).
     file: Option<(u64, Arc<File>, u64)>,
+    /// The start of the next chunk (header and bloom filter), read ahead
+    /// with the last bytes of the one before ([`locate_batch`](Self::locate_batch)).
+    peek: Option<Peek>,
 }
+
+/// Bytes read ahead at (segment, position): a chunk's header and at most
+/// 255 bytes of bloom filter.
+struct Peek {
+    seg: u64,
+    pos: u64,
+    len: usize,
+    bytes: [u8; chunk::HEADER_LEN + 255],
+}
+
+/// The most trailer bytes read through to reach the next chunk's header.
+const PEEK_TRAILER_MAX: usize = 1024;
 
 impl std::fmt::Debug for StreamReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -938,8 +1085,19 @@ impl StreamReader {
                     BatchRead::Read
                 })
             };
-            let Some(n) = read_into(file, &mut head, *pos, limits.cached_only)? else {
-                return would_block(spans);
+            let peeked = match self.peek.take() {
+                Some(pk) if pk.seg == *seg_first && pk.pos == *pos => {
+                    head[..pk.len].copy_from_slice(&pk.bytes[..pk.len]);
+                    Some(pk.len)
+                }
+                _ => None,
+            };
+            let n = match peeked {
+                Some(n) => n,
+                None => match read_into(file, &mut head, *pos, limits.cached_only)? {
+                    Some(n) => n,
+                    None => return would_block(spans),
+                },
             };
             if n < chunk::HEADER_LEN {
                 if limits.cached_only {
@@ -957,6 +1115,11 @@ impl StreamReader {
             let h = Header::parse(&head[..n])
                 .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
             let bloom_end = chunk::HEADER_LEN + usize::from(h.bloom_len);
+            if n < bloom_end && peeked.is_some() {
+                // Read ahead short of the whole bloom filter: read it here.
+                *pos = p;
+                continue;
+            }
             if n < bloom_end {
                 // Part of the bloom filter is not cached.
                 if limits.cached_only {
@@ -966,10 +1129,33 @@ impl StreamReader {
             }
             let data_pos = p + bloom_end as u64;
             if limits.cached_only && h.data_len > 0 {
-                let mut last = [0u8; 1];
                 let end = data_pos + u64::from(h.data_len) - 1;
-                if read_into(file, &mut last, end, true)? != Some(1) {
-                    return would_block(spans);
+                let tail = 1 + h.trailer_len as usize;
+                // The next chunk is whole on disk once the committed offset
+                // is past its id: its header is read with this chunk's last
+                // byte (one `pread` per chunk).
+                let ahead = h.next_offset() < committed && tail <= PEEK_TRAILER_MAX;
+                let mut look = [0u8; PEEK_TRAILER_MAX + chunk::HEADER_LEN + 255];
+                let want = if ahead {
+                    tail + chunk::HEADER_LEN + 255
+                } else {
+                    1
+                };
+                match read_into(file, &mut look[..want], end, true)? {
+                    Some(m) if m >= 1 => {
+                        if ahead && m >= tail + chunk::HEADER_LEN {
+                            let len = m - tail;
+                            let mut bytes = [0u8; chunk::HEADER_LEN + 255];
+                            bytes[..len].copy_from_slice(&look[tail..m]);
+                            self.peek = Some(Peek {
+                                seg: *seg_first,
+                                pos: p + h.total_len(),
+                                len,
+                                bytes,
+                            });
+                        }
+                    }
+                    _ => return would_block(spans),
                 }
             }
             if h.chunk_type == chunk::TYPE_USER && keep(&head[chunk::HEADER_LEN..bloom_end]) {
@@ -1205,7 +1391,7 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
     };
     let state = LogState {
         next_offset: next,
-        pending: Vec::new(),
+        pending: Pending::default(),
         pending_offsets: Vec::new(),
         sequences: sequences
             .iter()
@@ -1242,28 +1428,37 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
 /// saw more appends arrive while it wrote (producers that do not wait for
 /// each confirm: sustained load). Then it lingers up to `max_wait_us` after
 /// waking, or until `min_bytes` are buffered, so a round merges more appends
-/// into each chunk (fewer, larger chunks: a consumer pays per chunk). A
-/// producer that waits for each confirm never makes a round busy (its next
-/// append comes after the commit), so it never waits here.
+/// into each chunk (fewer, larger chunks: a consumer pays per chunk, and
+/// each round's writes and fsyncs are paid once for more messages) — but
+/// only while appends keep coming: `quiet_us` without one (producers
+/// waiting for their confirms, e.g. a full window of unconfirmed messages)
+/// ends the wait. A producer that waits for each confirm never makes a
+/// round busy (its next append comes after the commit), so it never waits
+/// here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Linger {
     max_wait_us: u64,
     min_bytes: u64,
+    quiet_us: u64,
 }
 
 const LINGER: Linger = Linger {
-    max_wait_us: 1_000,
-    min_bytes: 256 << 10,
+    max_wait_us: 5_000,
+    min_bytes: 512 << 10,
+    quiet_us: 2_000,
 };
 
 impl Linger {
     /// How long to wait more (µs) before taking the buffers, `now_us` after
     /// the flusher woke to a round, with `pending` bytes buffered; 0: now.
-    fn wait_us(&self, busy: bool, pending: u64, now_us: u64) -> u64 {
-        if !busy || pending >= self.min_bytes {
+    /// `before`: what was buffered when it last waited (None: it has not
+    /// yet): nothing more since then ends the wait. Each wait is at most
+    /// `quiet_us`.
+    fn wait_us(&self, busy: bool, pending: u64, before: Option<u64>, now_us: u64) -> u64 {
+        if !busy || pending >= self.min_bytes || before == Some(pending) {
             return 0;
         }
-        self.max_wait_us.saturating_sub(now_us)
+        self.max_wait_us.saturating_sub(now_us).min(self.quiet_us)
     }
 }
 
@@ -1287,13 +1482,15 @@ fn flusher(shared: Arc<Shared>) {
                 return;
             }
             let woke = std::time::Instant::now();
+            let mut before = None;
             while !q.shutdown {
                 let waited = woke.elapsed().as_micros() as u64;
                 let pending = shared.pending_bytes.load(Ordering::Relaxed);
-                let more = LINGER.wait_us(busy, pending, waited);
+                let more = LINGER.wait_us(busy, pending, before, waited);
                 if more == 0 {
                     break;
                 }
+                before = Some(pending);
                 // Appends that cross `min_bytes` notify.
                 shared
                     .wake
@@ -1342,13 +1539,16 @@ fn flush_log(shared: &Shared, log: &LogInner) -> Result<bool, StreamError> {
         if s.deleted {
             return Ok(false);
         }
+        // The buffer's allocation stays (reclaimed once these bytes are written).
+        let data = s.pending.data.split().freeze();
+        let appends = std::mem::take(&mut s.pending.appends);
         (
-            std::mem::take(&mut s.pending),
+            (data, appends),
             std::mem::take(&mut s.pending_offsets),
             s.retention,
         )
     };
-    let bytes: u64 = msgs.iter().map(|p| p.data.len() as u64).sum();
+    let bytes = msgs.0.len() as u64;
     shared.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
     shared.room.notify_waiters();
     let mut w = log.writer.lock();
@@ -1397,12 +1597,43 @@ const CHUNK_LIMITS: ChunkLimits = ChunkLimits {
     bytes: CHUNK_TARGET_BYTES,
 };
 
-/// A user chunk built from buffered appends.
+/// A user chunk built from buffered appends: its header and bloom filter,
+/// its data section (a slice of the write buffer) and its trailer.
 struct BuiltChunk {
-    bytes: Bytes,
+    head: Bytes,
+    data: Bytes,
+    trailer: Bytes,
     /// The highest publishing id per reference among its messages (its
     /// trailer's sequences).
     refs: Vec<(Arc<str>, u64)>,
+}
+
+impl BuiltChunk {
+    /// The chunk as stored.
+    #[cfg(test)]
+    fn bytes(&self) -> Bytes {
+        [&self.head[..], &self.data[..], &self.trailer[..]]
+            .concat()
+            .into()
+    }
+}
+
+/// The stored length and records of the entry at the start of `b` (a
+/// simple entry or a sub-batch, as [`chunk::put_simple_entry`] and
+/// [`chunk::put_sub_batch_entry`] wrote it).
+fn entry_at(b: &[u8]) -> (usize, u64) {
+    match b.first() {
+        Some(k) if k & 0x80 != 0 && b.len() >= 11 => {
+            let records = u16::from_be_bytes([b[1], b[2]]);
+            let len = u32::from_be_bytes([b[7], b[8], b[9], b[10]]) as usize;
+            (11 + len, u64::from(records))
+        }
+        _ if b.len() >= 4 => {
+            let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff;
+            (4 + len as usize, 1)
+        }
+        _ => (b.len(), 1),
+    }
 }
 
 /// Merge the messages buffered since the last flush (every append, in
@@ -1411,44 +1642,86 @@ struct BuiltChunk {
 /// one's; a chunk's timestamp is the newest of its messages' (never below
 /// `last_timestamp`); its trailer holds each reference's highest publishing
 /// id; its bloom filter (`filter_size` bytes) is there when any message has
-/// a filter value. Pure: bytes in, bytes out.
+/// a filter value. A chunk's data section is a slice of `data`: whole
+/// appends are taken at once, an append is walked entry by entry only where
+/// a chunk must end inside it. Pure: bytes in, bytes out.
 fn build_user_chunks(
-    msgs: Vec<Pending>,
+    (data, appends): (Bytes, Vec<AppendMeta>),
     first_id: u64,
     last_timestamp: i64,
     filter_size: u8,
     limits: ChunkLimits,
 ) -> Vec<BuiltChunk> {
+    let max_entries = limits.entries.clamp(1, CHUNK_MAX_ENTRIES);
     let mut out = Vec::new();
-    let mut data = BytesMut::new();
-    let mut trailer = BytesMut::new();
-    let mut filters: Vec<Option<String>> = Vec::new();
     let mut id = first_id;
     let mut ts = last_timestamp;
-    let mut it = msgs.into_iter().peekable();
-    while it.peek().is_some() {
-        data.clear();
-        trailer.clear();
-        filters.clear();
-        let mut refs: Vec<(Arc<str>, u64)> = Vec::new();
+    // Where the next entry starts in `data`, and in which append (and
+    // which entry of it).
+    let (mut pos, mut a, mut e) = (0usize, 0usize, 0u32);
+    // Each append's start in `data`.
+    let mut starts = Vec::with_capacity(appends.len());
+    let mut at = 0;
+    for m in &appends {
+        starts.push(at);
+        at = m.end;
+    }
+    while a < appends.len() {
+        let chunk_start = pos;
         let mut n = 0usize;
-        let mut records = 0u32;
-        while let Some(m) = it.next_if(|_| n < limits.entries.max(1) && data.len() < limits.bytes) {
-            match &m.batch {
-                None => chunk::put_simple_entry(&mut data, &m.data),
-                Some(b) => chunk::put_sub_batch_entry(&mut data, b, &m.data),
+        let mut records = 0u64;
+        let mut refs: Vec<(Arc<str>, u64)> = Vec::new();
+        let mut filters = false;
+        // (append, first entry, end entry) pieces of this chunk.
+        let mut pieces: Vec<(usize, u32, u32)> = Vec::new();
+        while a < appends.len() && n < max_entries && pos - chunk_start < limits.bytes {
+            let m = &appends[a];
+            let left = (m.entries - e) as usize;
+            let take_all = n + left <= max_entries && m.end - chunk_start <= limits.bytes;
+            let (end_e, end_pos, recs) = if take_all && e == 0 {
+                (m.entries, m.end, m.records)
+            } else {
+                // Entry by entry, as long as the chunk takes more.
+                let (mut k, mut p, mut r) = (e, pos, 0u64);
+                while k < m.entries
+                    && n + ((k - e) as usize) < max_entries
+                    && p - chunk_start < limits.bytes
+                {
+                    let (len, rec) = entry_at(&data[p..m.end]);
+                    p += len;
+                    r += rec;
+                    k += 1;
+                }
+                (k, p, r)
+            };
+            if end_e == e {
+                break;
             }
-            records += m.batch.map_or(1, |b| u32::from(b.records));
+            pieces.push((a, e, end_e));
+            n += (end_e - e) as usize;
+            records += recs;
             ts = ts.max(m.timestamp);
-            filters.push(m.filter);
-            if let Some((r, seq)) = m.publisher {
-                match refs.iter_mut().find(|(x, _)| *x == r) {
-                    Some(e) => e.1 = e.1.max(seq),
-                    None => refs.push((r, seq)),
+            filters |= !m.filters.is_empty();
+            if let Some(r) = &m.reference {
+                if let Some(&seq) = m.ids.get(end_e as usize - 1) {
+                    match refs.iter_mut().find(|(x, _)| x == r) {
+                        Some(x) => x.1 = x.1.max(seq),
+                        None => refs.push((Arc::clone(r), seq)),
+                    }
                 }
             }
-            n += 1;
+            pos = end_pos;
+            if end_e == m.entries {
+                a += 1;
+                e = 0;
+                if let Some(&s) = starts.get(a) {
+                    pos = s;
+                }
+            } else {
+                e = end_e;
+            }
         }
+        let mut trailer = BytesMut::new();
         for (r, seq) in &refs {
             chunk::put_tracking(
                 &mut trailer,
@@ -1459,26 +1732,37 @@ fn build_user_chunks(
                 },
             );
         }
-        let bloom = if filters.iter().any(Option::is_some) {
+        let bloom = if filters {
             let mut b = vec![0u8; usize::from(filter_size.max(1))];
-            for f in &filters {
-                chunk::bloom_insert(&mut b, f.as_deref().unwrap_or(""));
+            for &(i, from, to) in &pieces {
+                let f = &appends[i].filters;
+                for k in from..to {
+                    let v = f.get(k as usize).and_then(|v| v.as_deref());
+                    chunk::bloom_insert(&mut b, v.unwrap_or(""));
+                }
             }
             b
         } else {
             Vec::new()
         };
-        let bytes = chunk::build(
+        let body = data.slice(chunk_start..pos);
+        let records = u32::try_from(records).unwrap_or(u32::MAX);
+        let head = chunk::build_head(
             chunk::TYPE_USER,
             id,
             ts,
             (n as u16, records),
             &bloom,
-            &data,
-            &trailer,
+            &body,
+            trailer.len(),
         );
         id += u64::from(records);
-        out.push(BuiltChunk { bytes, refs });
+        out.push(BuiltChunk {
+            head,
+            data: body,
+            trailer: trailer.freeze(),
+            refs,
+        });
     }
     out
 }
@@ -1486,7 +1770,7 @@ fn build_user_chunks(
 fn write_all(
     log: &LogInner,
     w: &mut Writer,
-    msgs: Vec<Pending>,
+    msgs: (Bytes, Vec<AppendMeta>),
     offsets: Vec<(String, u64)>,
     retention: Retention,
 ) -> Result<(), StreamError> {
@@ -1499,7 +1783,7 @@ fn write_all(
     );
     for c in built {
         let id = w.next;
-        write_chunk(log, w, &c.bytes, retention)?;
+        write_chunk(log, w, &[&c.head, &c.data, &c.trailer], retention)?;
         for (r, seq) in c.refs {
             w.sequences.insert(r.to_string(), (id, seq));
         }
@@ -1525,27 +1809,32 @@ fn write_all(
             &d,
             &[],
         );
-        write_chunk(log, w, &c, retention)?;
+        write_chunk(log, w, &[&c], retention)?;
     }
     Ok(())
 }
 
 /// Append one built chunk to the active segment (starting a new one first if
-/// this one is full), with its index record.
+/// this one is full), with its index record (`parts`: its
+/// bytes in order, the first holding the header).
 fn write_chunk(
     log: &LogInner,
     w: &mut Writer,
-    c: &[u8],
+    parts: &[&[u8]],
     retention: Retention,
 ) -> Result<(), StreamError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
     let full = w
         .segments
         .last()
-        .is_none_or(|s| s.chunks > 0 && s.size + c.len() as u64 > retention.max_segment_size);
+        .is_none_or(|s| s.chunks > 0 && s.size + len as u64 > retention.max_segment_size);
     if w.active.is_none() || full {
         roll(log, w)?;
     }
-    let h = Header::parse(c).ok_or_else(|| StreamError::Io("built a bad chunk".into()))?;
+    let h = parts
+        .first()
+        .and_then(|p| Header::parse(p))
+        .ok_or_else(|| StreamError::Io("built a bad chunk".into()))?;
     let seg = w
         .segments
         .last_mut()
@@ -1555,7 +1844,7 @@ fn write_chunk(
     let Some((_, file, idx)) = &w.active else {
         return Err(StreamError::Io("no active segment".into()));
     };
-    file.write_all_at(c, pos)?;
+    write_all_vectored_at(file, parts, pos)?;
     idx.write_all_at(
         &IndexRecord {
             chunk_id: h.first_offset,
@@ -1574,6 +1863,53 @@ fn write_chunk(
         w.last_chunk = h.first_offset;
     }
     w.dirty = true;
+    Ok(())
+}
+
+/// Write `parts` back to back at `pos` with `pwritev(2)` (no copy into one
+/// buffer), looping on short writes.
+fn write_all_vectored_at(f: &File, parts: &[&[u8]], mut pos: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut parts: Vec<&[u8]> = parts.iter().copied().filter(|p| !p.is_empty()).collect();
+    let mut first = 0;
+    while first < parts.len() {
+        let iov: Vec<libc::iovec> = parts[first..]
+            .iter()
+            .take(64)
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        let off = libc::off_t::try_from(pos)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: every iovec points into a slice of `parts`, borrowed and
+        // unchanged for the call; the file is open for it.
+        let n =
+            unsafe { libc::pwritev(f.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int, off) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n as usize;
+        pos += n as u64;
+        while n > 0 && first < parts.len() {
+            let p = parts[first];
+            if n >= p.len() {
+                n -= p.len();
+                first += 1;
+            } else {
+                parts[first] = &p[n..];
+                n = 0;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -1624,7 +1960,7 @@ fn roll(log: &LogInner, w: &mut Writer) -> Result<(), StreamError> {
         write_chunk(
             log,
             w,
-            &c,
+            &[&c],
             Retention {
                 max_segment_size: u64::MAX,
                 ..Retention::default()

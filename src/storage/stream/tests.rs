@@ -323,14 +323,34 @@ fn batch(bodies: &[&str], compression: u8, reference: Option<(&str, u64)>) -> St
     }
 }
 
-fn pending(s: &str, ts: i64, filter: Option<&str>, publisher: Option<(&str, u64)>) -> Pending {
-    Pending {
-        data: Bytes::copy_from_slice(s.as_bytes()),
-        filter: filter.map(str::to_string),
-        publisher: publisher.map(|(r, id)| (Arc::from(r), id)),
-        batch: None,
-        timestamp: ts,
+type Msg<'a> = (&'a str, i64, Option<&'a str>, Option<(&'a str, u64)>);
+
+/// The write buffer after one append per message (no deduplication).
+fn pending(msgs: &[Msg]) -> (Bytes, Vec<AppendMeta>) {
+    let mut p = Pending::default();
+    for &m in msgs {
+        push(&mut p, &[m]);
     }
+    (p.data.freeze(), p.appends)
+}
+
+/// One append of `msgs` (stamped with the first one's time, under the
+/// first one's reference).
+fn push(p: &mut Pending, msgs: &[Msg]) {
+    let r = msgs[0].3.map(|(r, _)| Arc::<str>::from(r));
+    let it = msgs.iter().map(|&(s, _, f, publ)| NewMessage {
+        data: s.as_bytes(),
+        filter: f,
+        publishing_id: publ.map_or(0, |x| x.1),
+        batch: None,
+    });
+    p.push(
+        r.as_ref(),
+        it,
+        msgs[0].1,
+        &mut HashMap::new(),
+        (&mut Vec::new(), 0),
+    );
 }
 
 #[test]
@@ -429,15 +449,15 @@ fn sub_batches_are_one_entry_with_an_offset_per_record() {
 #[test]
 fn appends_since_the_last_flush_merge_into_one_chunk() {
     // Three appends' messages (as the flusher takes them): one chunk.
-    let msgs = vec![
-        pending("a", 1_000, None, Some(("p", 7))),
-        pending("b", 1_000, Some("eu"), Some(("p", 8))),
-        pending("c", 3_000, None, Some(("q", 2))),
-        pending("d", 2_000, None, Some(("p", 5))),
-    ];
+    let msgs = pending(&[
+        ("a", 1_000, None, Some(("p", 7))),
+        ("b", 1_000, Some("eu"), Some(("p", 8))),
+        ("c", 3_000, None, Some(("q", 2))),
+        ("d", 2_000, None, Some(("p", 5))),
+    ]);
     let built = build_user_chunks(msgs, 10, 2_500, 16, CHUNK_LIMITS);
     assert_eq!(built.len(), 1);
-    let raw = &built[0].bytes;
+    let raw = &built[0].bytes();
     let h = Header::parse(raw).expect("header");
     assert_eq!(h.chunk_type, chunk::TYPE_USER);
     assert_eq!((h.first_offset, h.num_entries, h.num_records), (10, 4, 4));
@@ -485,9 +505,18 @@ fn appends_since_the_last_flush_merge_into_one_chunk() {
 
 #[test]
 fn merged_chunks_are_bounded() {
-    let msgs: Vec<Pending> = (0..5)
-        .map(|i| pending(&format!("m{i}"), 100 + i, None, Some(("p", 10 + i as u64))))
+    let names: Vec<String> = (0..5).map(|i| format!("m{i}")).collect();
+    let one: Vec<Msg> = (0..5)
+        .map(|i| {
+            (
+                names[i].as_str(),
+                100 + i as i64,
+                None,
+                Some(("p", 10 + i as u64)),
+            )
+        })
         .collect();
+    let msgs = pending(&one);
     let limits = ChunkLimits {
         entries: 2,
         bytes: 1 << 20,
@@ -495,16 +524,40 @@ fn merged_chunks_are_bounded() {
     let built = build_user_chunks(msgs, 0, 0, 16, limits);
     let heads: Vec<(u64, u16, i64)> = built
         .iter()
-        .map(|c| Header::parse(&c.bytes).expect("header"))
+        .map(|c| Header::parse(&c.head).expect("header"))
         .map(|h| (h.first_offset, h.num_entries, h.timestamp))
         .collect();
     assert_eq!(heads, vec![(0, 2, 101), (2, 2, 103), (4, 1, 104)]);
+    // The same five in one append: cut inside it, entry by entry, each
+    // chunk's trailer still with its own highest id.
+    let mut p = Pending::default();
+    push(&mut p, &one);
+    let split = build_user_chunks((p.data.freeze(), p.appends), 0, 0, 16, limits);
+    let heads: Vec<(u64, u16, i64)> = split
+        .iter()
+        .map(|c| Header::parse(&c.head).expect("header"))
+        .map(|h| (h.first_offset, h.num_entries, h.timestamp))
+        .collect();
+    assert_eq!(heads, vec![(0, 2, 100), (2, 2, 100), (4, 1, 100)]);
+    assert_eq!(
+        split.iter().map(|c| c.refs.clone()).collect::<Vec<_>>(),
+        vec![
+            vec![(Arc::from("p"), 11)],
+            vec![(Arc::from("p"), 13)],
+            vec![(Arc::from("p"), 14)]
+        ]
+    );
+    for (a, b) in built.iter().zip(&split) {
+        assert_eq!(a.data, b.data);
+        let (ha, hb) = (Header::parse(&a.head), Header::parse(&b.head));
+        assert_eq!(ha.map(|h| h.crc), hb.map(|h| h.crc));
+    }
     // Each chunk's trailer names its own id and its own highest sequence.
     assert_eq!(built[1].refs, vec![(Arc::from("p"), 13)]);
-    let h = Header::parse(&built[1].bytes).expect("header");
+    let h = Header::parse(&built[1].head).expect("header");
     let at = chunk::HEADER_LEN + h.data_len as usize;
     assert_eq!(
-        chunk::tracking(&built[1].bytes[at..]),
+        chunk::tracking(&built[1].bytes()[at..]),
         vec![chunk::Tracking::Sequence {
             reference: "p".into(),
             chunk: 2,
@@ -513,16 +566,21 @@ fn merged_chunks_are_bounded() {
     );
     // A byte bound: a chunk stops taking messages once its data reaches it
     // (each entry here is 4 + 2 bytes).
-    let msgs: Vec<Pending> = (0..5)
-        .map(|i| pending(&format!("m{i}"), 0, None, None))
-        .collect();
+    let five: Vec<Msg> = names.iter().map(|n| (n.as_str(), 0, None, None)).collect();
     let limits = ChunkLimits {
         entries: 100,
         bytes: 12,
     };
-    let sizes: Vec<u16> = build_user_chunks(msgs, 0, 0, 16, limits)
+    let sizes: Vec<u16> = build_user_chunks(pending(&five), 0, 0, 16, limits)
         .iter()
-        .map(|c| Header::parse(&c.bytes).expect("header").num_entries)
+        .map(|c| Header::parse(&c.head).expect("header").num_entries)
+        .collect();
+    assert_eq!(sizes, vec![2, 2, 1]);
+    let mut p = Pending::default();
+    push(&mut p, &five);
+    let sizes: Vec<u16> = build_user_chunks((p.data.freeze(), p.appends), 0, 0, 16, limits)
+        .iter()
+        .map(|c| Header::parse(&c.head).expect("header").num_entries)
         .collect();
     assert_eq!(sizes, vec![2, 2, 1]);
 }
@@ -532,16 +590,20 @@ fn the_flusher_lingers_only_under_sustained_load() {
     let l = Linger {
         max_wait_us: 1_000,
         min_bytes: 4_096,
+        quiet_us: 300,
     };
     // Not busy (e.g. a producer waiting for each confirm): at once.
-    assert_eq!(l.wait_us(false, 10, 0), 0);
-    // Busy: up to max_wait after waking, less as (virtual) time passes...
-    assert_eq!(l.wait_us(true, 10, 0), 1_000);
-    assert_eq!(l.wait_us(true, 10, 400), 600);
-    assert_eq!(l.wait_us(true, 10, 1_000), 0);
-    assert_eq!(l.wait_us(true, 10, 5_000), 0);
-    // ...or until enough is buffered.
-    assert_eq!(l.wait_us(true, 4_096, 0), 0);
+    assert_eq!(l.wait_us(false, 10, None, 0), 0);
+    // Busy: in steps of at most quiet_us, up to max_wait after waking...
+    assert_eq!(l.wait_us(true, 10, None, 0), 300);
+    assert_eq!(l.wait_us(true, 20, Some(10), 300), 300);
+    assert_eq!(l.wait_us(true, 30, Some(20), 800), 200);
+    assert_eq!(l.wait_us(true, 40, Some(30), 1_000), 0);
+    assert_eq!(l.wait_us(true, 40, None, 5_000), 0);
+    // ...or until enough is buffered...
+    assert_eq!(l.wait_us(true, 4_096, None, 0), 0);
+    // ...or until a step passes without an append (producers wait for confirms).
+    assert_eq!(l.wait_us(true, 20, Some(20), 300), 0);
 }
 
 #[test]
@@ -675,6 +737,58 @@ fn located_chunks_point_at_the_data_read_batch_reads() {
         Ok(BatchRead::WouldBlock) => assert!(files.is_empty()),
         Err(e) => panic!("{e}"),
     }
+    // One chunk per call (a consumer giving one credit at a time), from the
+    // page cache once the segment is open: the same chunks, each next one's
+    // header read ahead with the last bytes of the one before (the tracking
+    // chunk's too).
+    let mut one = log.reader(OffsetSpec::First);
+    let opening = BatchLimits {
+        chunks: 1,
+        cached_only: false,
+        ..limits
+    };
+    let cached1 = BatchLimits {
+        cached_only: true,
+        ..opening
+    };
+    assert_eq!(
+        one.locate_batch(&mut files, opening, &|_| true),
+        Ok(BatchRead::Read)
+    );
+    let mut got = std::mem::take(&mut files);
+    let mut peeked = 0;
+    while one.has_more() {
+        peeked += usize::from(one.peek.is_some());
+        match one.locate_batch(&mut files, cached1, &|_| true) {
+            Ok(BatchRead::Read) => got.append(&mut files),
+            Ok(BatchRead::WouldBlock) => {
+                assert_eq!(
+                    one.locate_batch(&mut files, opening, &|_| true),
+                    Ok(BatchRead::Read)
+                );
+                got.append(&mut files);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        got.iter()
+            .map(|f| (f.header, f.data_pos))
+            .collect::<Vec<_>>(),
+        spans
+            .iter()
+            .zip(&got)
+            .map(|(s, f)| (s.header, f.data_pos))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(got.len(), 4);
+    for (f, s) in got.iter().zip(&spans) {
+        assert_eq!(&f.raw_header[..], &buf[s.header_range()]);
+    }
+    // The page cache holds what was just written: the calls after the
+    // second started from a header read ahead by the call before (the
+    // first, not page-cache only, reads no last byte and so none ahead).
+    assert_eq!(peeked, 2);
     // A filter that wants nothing: none, and caught up.
     let mut r = log.reader(OffsetSpec::First);
     assert_eq!(
