@@ -2,8 +2,11 @@
 # A 3-node quorum queue, warren against RabbitMQ, side by side in one go.
 # Method and results: docs/benchmarks.md ("Quorum queues, 3 nodes").
 #
-#   bench/quorum.sh [-r ROUNDS] [-d SECS] [-w WARREN] [-p PERF] [-n]
+#   bench/quorum.sh [-r ROUNDS] [-d SECS] [-w WARREN] [-p PERF] [-n] [-f TRIALS]
 #     -n   warren only (no RabbitMQ cluster)
+#     -f   failover instead of throughput: TRIALS times, bench/failover.py kills the
+#          leader's node of a fresh quorum queue (kill -9) and measures the time to
+#          the next publisher confirm; the killed node is restarted between trials
 #
 # Starts three warren nodes (127.0.0.1..3, one cluster) and three RabbitMQ nodes
 # (q1..q3@localhost, one cluster, no plugins), then for every round runs
@@ -13,9 +16,12 @@
 # every 100. It prints msg/s consumed and the CPU of all three broker processes
 # (utime+stime from /proc/<pid>/stat over the run) per message consumed.
 set -euo pipefail
-rounds=2 secs=10 warren=target/release/warren perf=target/release/examples/perf rabbit=1
-while getopts "r:d:w:p:n" o; do
-  case $o in r) rounds=$OPTARG ;; d) secs=$OPTARG ;; w) warren=$OPTARG ;; p) perf=$OPTARG ;; n) rabbit=0 ;; *) exit 2 ;; esac
+rounds=2 secs=10 warren=target/release/warren perf=target/release/examples/perf rabbit=1 trials=0
+while getopts "r:d:w:p:nf:" o; do
+  case $o in
+    r) rounds=$OPTARG ;; d) secs=$OPTARG ;; w) warren=$OPTARG ;; p) perf=$OPTARG ;; n) rabbit=0 ;;
+    f) trials=$OPTARG rabbit=0 ;; *) exit 2 ;;
+  esac
 done
 tck=$(getconf CLK_TCK)
 work=$(mktemp -d /tmp/warren-quorum-bench.XXXXXX)
@@ -33,10 +39,9 @@ wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && 
 
 # --- warren: three nodes ----------------------------------------------------------
 warren_pids=()
-for n in 1 2 3; do
-  ip=127.0.0.$n dir=$work/w$n
+start_node() { # n: (re)start warren@127.0.0.n on its data directory
+  local n=$1 ip=127.0.0.$1 dir=$work/w$1 seeds=""
   mkdir -p "$dir"
-  seeds=""
   [ "$n" -gt 1 ] && seeds="\"warren@127.0.0.1:25701\""
   cat >"$dir/warren.toml" <<EOF
 bind = "$ip"
@@ -51,15 +56,38 @@ listen = "$ip:25701"
 cookie = "quorum-bench"
 seeds = [$seeds]
 EOF
-  "$warren" --config "$dir/warren.toml" >"$dir/log" 2>&1 &
-  pids+=($!) warren_pids+=($!)
+  "$warren" --config "$dir/warren.toml" >>"$dir/log" 2>&1 &
+  pids+=($!)
+  warren_pids[$((n - 1))]=$!
   wait_port "$ip" 5701
-done
+}
+all_running() {
+  for _ in $(seq 150); do
+    [ "$(curl -s -u guest:guest "http://$1:15701/api/nodes" | grep -o '"running":true' | wc -l)" -ge 3 ] && return 0
+    sleep 0.2
+  done
+  return 1
+}
+for n in 1 2 3; do start_node "$n"; done
 # All three members before measuring (a declare commits once a majority has it).
-for _ in $(seq 100); do
-  [ "$(curl -s -u guest:guest http://127.0.0.1:15701/api/nodes | grep -o '"running":true' | wc -l)" -ge 3 ] && break
-  sleep 0.2
-done
+all_running 127.0.0.1
+
+if [ "$trials" -gt 0 ]; then
+  py=target/test-venv/bin/python
+  [ -x "$py" ] || py=python3
+  for t in $(seq "$trials"); do
+    specs=()
+    for n in 1 2 3; do
+      specs+=("warren@127.0.0.$n,127.0.0.$n,5701,http://127.0.0.$n:15701,${warren_pids[$((n - 1))]}")
+    done
+    "$py" bench/failover.py "failover-$t-$$" "${specs[@]}"
+    for n in 1 2 3; do
+      kill -0 "${warren_pids[$((n - 1))]}" 2>/dev/null || start_node "$n"
+    done
+    all_running 127.0.0.1
+  done
+  exit 0
+fi
 
 # --- RabbitMQ: three nodes ----------------------------------------------------------
 rabbit_pids=()

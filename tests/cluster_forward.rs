@@ -8,9 +8,8 @@ mod common;
 
 use common::cluster::{eventually, three_nodes, two_stream_nodes, Node};
 use lapin::options::*;
-use lapin::publisher_confirm::Confirmation;
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Channel, Connection};
 use std::time::{Duration, Instant};
 
 async fn channel(conn: &Connection) -> Channel {
@@ -62,32 +61,10 @@ async fn wait_visible(node: &Node, q: &str) {
     }
 }
 
-/// Publish `n` persistent messages to `q` (default exchange) with confirms:
-/// how many were acked and how many nacked.
+/// Publish `n` persistent messages `tag-i` to `q` (default exchange) with
+/// confirms: how many were acked and how many nacked.
 async fn publish_confirmed(ch: &Channel, q: &str, n: usize, tag: &str) -> (usize, usize) {
-    let mut waits = Vec::new();
-    for i in 0..n {
-        let body = format!("{tag}-{i}");
-        let c = common::t(ch.basic_publish(
-            "",
-            q,
-            BasicPublishOptions::default(),
-            body.as_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        ))
-        .await
-        .expect("publish");
-        waits.push(c);
-    }
-    let (mut acked, mut nacked) = (0, 0);
-    for w in waits {
-        match common::t(w).await.expect("confirm") {
-            Confirmation::Ack(_) => acked += 1,
-            Confirmation::Nack(_) => nacked += 1,
-            Confirmation::NotRequested => panic!("confirms not on"),
-        }
-    }
-    (acked, nacked)
+    common::cluster::publish_confirmed(ch, q, &common::cluster::bodies(tag, n)).await
 }
 
 /// basic.get everything from `q` on `node` (acked): the bodies.

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::cluster::{eventually, three_nodes, Node};
+use common::cluster::{bodies, eventually, publish_confirmed, three_nodes, Node};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::publisher_confirm::Confirmation;
@@ -54,36 +54,6 @@ fn queue_api(node: &Node, q: &str) -> Value {
 /// The leader `node`'s API names for `q`.
 fn leader_of(node: &Node, q: &str) -> Option<String> {
     queue_api(node, q)["leader"].as_str().map(String::from)
-}
-
-/// Publish `bodies` persistent to `q` with confirms on `ch`: (acked, nacked).
-async fn publish_confirmed(ch: &Channel, q: &str, bodies: &[String]) -> (usize, usize) {
-    let mut waits = Vec::new();
-    for body in bodies {
-        let c = common::t(ch.basic_publish(
-            "",
-            q,
-            BasicPublishOptions::default(),
-            body.as_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        ))
-        .await
-        .expect("publish");
-        waits.push(c);
-    }
-    let (mut acked, mut nacked) = (0, 0);
-    for w in waits {
-        match common::t(w).await.expect("confirm") {
-            Confirmation::Ack(_) => acked += 1,
-            Confirmation::Nack(_) => nacked += 1,
-            Confirmation::NotRequested => panic!("confirms not on"),
-        }
-    }
-    (acked, nacked)
-}
-
-fn bodies(tag: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{tag}-{i}")).collect()
 }
 
 /// Consume from `q` on `node` (manual acks, acking each) until `want` distinct

@@ -7,8 +7,9 @@
 #![allow(dead_code)]
 
 use lapin::options::*;
+use lapin::publisher_confirm::Confirmation;
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -536,4 +537,35 @@ pub async fn two_stream_nodes(tag: &str) -> (Node, Node) {
     })
     .await;
     (a, b)
+}
+
+/// Publish `bodies` persistent to `q` with confirms on `ch`: (acked, nacked).
+pub async fn publish_confirmed(ch: &Channel, q: &str, bodies: &[String]) -> (usize, usize) {
+    let mut waits = Vec::new();
+    for body in bodies {
+        let c = super::t(ch.basic_publish(
+            "",
+            q,
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        ))
+        .await
+        .expect("publish");
+        waits.push(c);
+    }
+    let (mut acked, mut nacked) = (0, 0);
+    for w in waits {
+        match super::t(w).await.expect("confirm") {
+            Confirmation::Ack(_) => acked += 1,
+            Confirmation::Nack(_) => nacked += 1,
+            Confirmation::NotRequested => panic!("confirms not on"),
+        }
+    }
+    (acked, nacked)
+}
+
+/// `n` message bodies: `tag-0`, `tag-1`, ...
+pub fn bodies(tag: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{tag}-{i}")).collect()
 }

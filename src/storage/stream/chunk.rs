@@ -146,26 +146,22 @@ pub fn build(
     chunk_type: u8,
     first_offset: u64,
     timestamp: i64,
-    (num_entries, num_records): (u16, u32),
+    counts: (u16, u32),
     bloom: &[u8],
     data: &[u8],
     trailer: &[u8],
 ) -> Bytes {
-    let header = Header {
+    let head = build_head(
         chunk_type,
-        num_entries,
-        num_records,
-        timestamp,
-        epoch: EPOCH,
         first_offset,
-        crc: crc32fast::hash(data),
-        data_len: data.len() as u32,
-        trailer_len: trailer.len() as u32,
-        bloom_len: bloom.len() as u8,
-    };
-    let mut out = BytesMut::with_capacity(header.total_len() as usize);
-    header.write(&mut out);
-    out.put_slice(bloom);
+        timestamp,
+        counts,
+        bloom,
+        data,
+        trailer.len(),
+    );
+    let mut out = BytesMut::with_capacity(head.len() + data.len() + trailer.len());
+    out.put_slice(&head);
     out.put_slice(data);
     out.put_slice(trailer);
     out.freeze()
