@@ -118,6 +118,44 @@ pub enum Command {
     /// Cluster membership (a node with `[cluster]` in its configuration).
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Quorum queue members (RabbitMQ's `rabbitmq-queues`).
+    #[command(subcommand)]
+    Queues(QueuesCommand),
+}
+
+/// `warren queues ...`.
+#[derive(Debug, Subcommand)]
+pub enum QueuesCommand {
+    /// Add a node (`warren@host`) to a quorum queue's members.
+    #[command(alias = "add_member")]
+    AddMember {
+        queue: String,
+        node: String,
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
+    /// Remove a node from a quorum queue's members.
+    #[command(alias = "delete_member")]
+    DeleteMember {
+        queue: String,
+        node: String,
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
+    /// Add a node to every matching quorum queue (`all`) or to those with an
+    /// even number of members (`even`).
+    Grow {
+        node: String,
+        #[arg(default_value = "all")]
+        strategy: String,
+        #[arg(long, default_value = ".*")]
+        vhost_pattern: String,
+        #[arg(long, default_value = ".*")]
+        queue_pattern: String,
+    },
+    /// Remove a node from every quorum queue it is a member of (never the
+    /// last member).
+    Shrink { node: String },
 }
 
 /// `warren cluster ...`.
@@ -335,6 +373,65 @@ pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
                 None,
             )?;
             Ok(format!("Removed {node} from the cluster\n"))
+        }
+        Command::Queues(QueuesCommand::AddMember { queue, node, vhost }) => {
+            target.call(
+                "POST",
+                &format!(
+                    "/api/queues/quorum/{}/{}/replicas/add",
+                    seg(&vhost),
+                    seg(&queue)
+                ),
+                Some(json!({ "node": node })),
+            )?;
+            Ok(format!(
+                "Added {node} to quorum queue '{queue}' in vhost '{vhost}'\n"
+            ))
+        }
+        Command::Queues(QueuesCommand::DeleteMember { queue, node, vhost }) => {
+            target.call(
+                "DELETE",
+                &format!(
+                    "/api/queues/quorum/{}/{}/replicas/delete",
+                    seg(&vhost),
+                    seg(&queue)
+                ),
+                Some(json!({ "node": node })),
+            )?;
+            Ok(format!(
+                "Removed {node} from quorum queue '{queue}' in vhost '{vhost}'\n"
+            ))
+        }
+        Command::Queues(QueuesCommand::Grow {
+            node,
+            strategy,
+            vhost_pattern,
+            queue_pattern,
+        }) => {
+            let changed = target.call(
+                "POST",
+                &format!("/api/queues/quorum/replicas/on/{}/grow", seg(&node)),
+                Some(json!({
+                    "strategy": strategy,
+                    "vhost_pattern": vhost_pattern,
+                    "queue_pattern": queue_pattern,
+                })),
+            )?;
+            Ok(table(
+                &["vhost", "name"],
+                rows(&changed, &["vhost", "name"]),
+            ))
+        }
+        Command::Queues(QueuesCommand::Shrink { node }) => {
+            let changed = target.call(
+                "DELETE",
+                &format!("/api/queues/quorum/replicas/on/{}/shrink", seg(&node)),
+                None,
+            )?;
+            Ok(table(
+                &["vhost", "name"],
+                rows(&changed, &["vhost", "name"]),
+            ))
         }
         Command::ListQueues { vhost } => {
             let list = target.call("GET", &format!("/api/queues/{}", seg(&vhost)), None)?;

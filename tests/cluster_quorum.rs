@@ -609,3 +609,164 @@ async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
     )
     .await;
 }
+
+/// The names in `v[field]` (a JSON array of node names).
+fn names(v: &Value, field: &str) -> BTreeSet<String> {
+    v[field]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(String::from)
+        .collect()
+}
+
+/// Member management (RabbitMQ's `replicas/add`, `replicas/delete`, `grow`,
+/// `shrink` endpoints): a two-member queue gets the third node as a voter
+/// (proved by losing an original member: the majority left needs the new
+/// one to confirm), the other loses it again; refusals are 400s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_added_and_removed_through_the_api() {
+    let (a, b, c) = three_nodes("qmembers").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-members";
+    {
+        let conn = nodes[0].connect().await;
+        let ch = channel(&conn).await;
+        let mut args = quorum_args();
+        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(2));
+        let qd = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        common::t(ch.queue_declare(q, qd, args))
+            .await
+            .expect("queue.declare");
+        let _ = conn.close(200, "bye").await;
+    }
+    eventually("a leader", Duration::from_secs(20), || {
+        leader_of(&nodes[0], q).is_some()
+    })
+    .await;
+    let before = names(&queue_api(&nodes[0], q), "members");
+    assert_eq!(before.len(), 2);
+    let outsider = nodes
+        .iter()
+        .position(|n| !before.contains(&n.name()))
+        .expect("a node outside the group");
+    let leader = leader_of(&nodes[0], q).expect("leader");
+    let li = nodes
+        .iter()
+        .position(|n| n.name() == leader)
+        .expect("leader node");
+    let other = (0..3)
+        .find(|i| *i != li && *i != outsider)
+        .expect("the other member");
+
+    let conn = nodes[li].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    assert_eq!(
+        publish_confirmed(&ch, q, &bodies("before", 10)).await,
+        (10, 0)
+    );
+
+    // Refusals: unknown node, already a member, the last member, not quorum.
+    let path = format!("/api/queues/quorum/%2F/{q}/replicas/add");
+    let body = |n: &str| Some(serde_json::json!({ "node": n }));
+    assert_eq!(nodes[0].send("POST", &path, body("warren@nowhere")), 400);
+    assert_eq!(nodes[0].send("POST", &path, body(&leader)), 400);
+    assert_eq!(
+        nodes[0].send(
+            "POST",
+            "/api/queues/quorum/%2F/no-such-queue/replicas/add",
+            body(&leader)
+        ),
+        404
+    );
+
+    // Add the outsider (asked on it): it becomes a voter of the group.
+    assert_eq!(
+        nodes[outsider].send("POST", &path, body(&nodes[outsider].name())),
+        204
+    );
+    let all: BTreeSet<String> = nodes.iter().map(Node::name).collect();
+    eventually("three members recorded", Duration::from_secs(10), || {
+        names(&queue_api(&nodes[0], q), "members") == all
+    })
+    .await;
+    eventually(
+        "the outsider votes in the group",
+        Duration::from_secs(30),
+        || names(&queue_api(&nodes[outsider], q), "raft_voters") == all,
+    )
+    .await;
+
+    // The other original member dies: the leader and the new member are a
+    // majority, so publishes are still confirmed.
+    nodes[other].kill();
+    assert_eq!(publish_confirmed(&ch, q, &bodies("after", 5)).await, (5, 0));
+    let _ = conn.close(200, "bye").await;
+
+    // Remove the dead member: the group goes on with two voters.
+    let del = format!("/api/queues/quorum/%2F/{q}/replicas/delete");
+    assert_eq!(
+        nodes[li].send("DELETE", &del, body(&nodes[other].name())),
+        204
+    );
+    let two: BTreeSet<String> = [leader.clone(), nodes[outsider].name()].into();
+    eventually("two voters", Duration::from_secs(30), || {
+        names(&queue_api(&nodes[li], q), "raft_voters") == two
+    })
+    .await;
+    assert_eq!(
+        nodes[li].send("DELETE", &del, body(&nodes[other].name())),
+        400
+    );
+
+    // Shrink the outsider away, then there is one member left, which stays.
+    let (status, changed) = {
+        let status = nodes[li].send(
+            "DELETE",
+            &format!(
+                "/api/queues/quorum/replicas/on/{}/shrink",
+                nodes[outsider].name()
+            ),
+            None,
+        );
+        (status, names(&queue_api(&nodes[li], q), "members"))
+    };
+    assert_eq!(status, 200);
+    assert_eq!(changed, BTreeSet::from([leader.clone()]));
+    assert_eq!(
+        nodes[li].send("DELETE", &del, body(&leader)),
+        400,
+        "the last member"
+    );
+
+    eventually("one voter", Duration::from_secs(30), || {
+        names(&queue_api(&nodes[li], q), "raft_voters") == BTreeSet::from([leader.clone()])
+    })
+    .await;
+
+    // The CLI grows it back onto the outsider (a fresh member: its old log
+    // was dropped when it left), which catches up from the leader.
+    let (ok, out) = nodes[li].ctl(&["queues", "grow", &nodes[outsider].name()]);
+    assert!(ok, "{out}");
+    assert!(out.contains(q), "{out}");
+    eventually("two voters again", Duration::from_secs(30), || {
+        names(&queue_api(&nodes[outsider], q), "raft_voters") == two
+    })
+    .await;
+
+    // Every message is still there, on the leader.
+    let want: BTreeSet<String> = bodies("before", 10)
+        .into_iter()
+        .chain(bodies("after", 5))
+        .collect();
+    let got = consume_all(&nodes[li], q, &want, Duration::from_secs(20)).await;
+    let got: BTreeSet<String> = got.into_iter().map(|(b, _)| b).collect();
+    assert_eq!(got, want);
+}

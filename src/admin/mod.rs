@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod overview;
 pub mod policies;
 pub mod queues;
+pub mod quorum;
 pub mod shovels;
 pub mod stream;
 pub mod topic_permissions;
@@ -428,6 +429,22 @@ pub fn router(state: AdminState) -> Router {
             get(charts::queue).put(queues::put).delete(queues::remove),
         )
         .route("/api/queues/:vhost/:name/contents", delete(queues::purge))
+        .route(
+            "/api/queues/quorum/:vhost/:name/replicas/add",
+            post(quorum::add_member),
+        )
+        .route(
+            "/api/queues/quorum/:vhost/:name/replicas/delete",
+            delete(quorum::delete_member),
+        )
+        .route(
+            "/api/queues/quorum/replicas/on/:node/grow",
+            post(quorum::grow),
+        )
+        .route(
+            "/api/queues/quorum/replicas/on/:node/shrink",
+            delete(quorum::shrink),
+        )
         .route("/api/queues/:vhost/:name/get", post(queues::get_messages))
         .route(
             "/api/queues/:vhost/:name/bindings",

@@ -100,7 +100,16 @@ pub fn queue_json(s: &AdminState, homes: &Homes, q: &Queue) -> Value {
             }
             None => (json!([node]), json!(node), json!([node])),
         };
+        let voters = s
+            .cluster
+            .as_ref()
+            .and_then(|c| c.quorum_voters(vhost, q.name()));
         if let Value::Object(m) = &mut v {
+            if let Some(voters) = voters {
+                // The group's voters as this node's member sees them (a
+                // membership change shows here once the group made it).
+                m.insert("raft_voters".into(), json!(voters));
+            }
             let replicas = members.as_array().map_or(1, Vec::len);
             m.insert("members".into(), members);
             m.insert("leader".into(), leader);

@@ -70,6 +70,15 @@ pub enum Command {
         group: String,
         node: String,
     },
+    /// The members of a quorum queue's group `group` from now on (member
+    /// add/delete, grow/shrink): every node starts or stops its own member;
+    /// the group's leader changes the group's voters to match.
+    QuorumMembers {
+        vhost: String,
+        name: String,
+        group: String,
+        members: Vec<String>,
+    },
     Bind(BindingRec),
     Unbind(BindingRec),
     /// A vhost; `creator` (an admin API user) gets full permissions on it when
@@ -683,6 +692,18 @@ impl Metadata {
                 if let Some(q) = self.quorum.get_mut(&key(vhost, name)) {
                     if q.group == *group {
                         q.leader = Some(node.clone());
+                    }
+                }
+            }
+            Command::QuorumMembers {
+                vhost,
+                name,
+                group,
+                members,
+            } => {
+                if let Some(q) = self.quorum.get_mut(&key(vhost, name)) {
+                    if q.group == *group && !members.is_empty() {
+                        q.members.clone_from(members);
                     }
                 }
             }

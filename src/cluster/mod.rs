@@ -563,6 +563,26 @@ impl Cluster {
         self.sm.quorum_record(vhost, name)
     }
 
+    /// The voters of a quorum queue's group as this node's member of it
+    /// sees them, once a membership change is complete (None: the group
+    /// does not run here, or a change is half-way).
+    pub fn quorum_voters(&self, vhost: &str, name: &str) -> Option<Vec<String>> {
+        let rec = self.quorum_record(vhost, name)?;
+        let raft = self.quorum.group(&rec.group)?.raft()?;
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        if membership.get_joint_config().len() != 1 {
+            return None;
+        }
+        Some(
+            membership
+                .voter_ids()
+                .filter_map(|id| membership.get_node(&id).map(|n| n.name.clone()))
+                .collect(),
+        )
+    }
+
     async fn propose_loop(&self, cmd: Command) -> Result<(), String> {
         loop {
             match self.remote_leader().await {

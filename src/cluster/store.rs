@@ -413,6 +413,14 @@ impl StateMachine {
                 q.stop(&rec.group);
             }
         }
+        for (key, rec) in &state.metadata.quorum {
+            let changed = before
+                .get(key)
+                .is_some_and(|b| b.group == rec.group && b.members != rec.members);
+            if let (true, Some((vhost, name))) = (changed, key.split_once('\0')) {
+                q.members_changed(vhost, name, rec);
+            }
+        }
         let (Some(f), Some(broker)) = (self.forwarder.get(), self.target.broker()) else {
             return;
         };

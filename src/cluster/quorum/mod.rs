@@ -24,7 +24,7 @@ use super::command::{Metadata, QuorumRec};
 use super::{Cluster, Identity, NodeInfo};
 use crate::broker::Broker;
 use parking_lot::Mutex;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Cursor;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -88,6 +88,9 @@ pub struct Manager {
     groups: Mutex<HashMap<String, Arc<serve::Group>>>,
     /// Publishes handed to the groups and not answered yet, all groups.
     pending: Arc<std::sync::atomic::AtomicUsize>,
+    /// Groups being stopped (their log not dropped yet): started again
+    /// only after that, so a drop never takes a new member's log.
+    stopping: Arc<Mutex<HashSet<String>>>,
 }
 
 /// Publishes waiting for their group's commit on this node, at most, before
@@ -141,6 +144,7 @@ impl Manager {
             cluster: Mutex::new(Weak::new()),
             groups: Mutex::new(HashMap::new()),
             pending: Arc::default(),
+            stopping: Arc::default(),
         }))
     }
 
@@ -177,6 +181,23 @@ impl Manager {
         if !rec.members.iter().any(|m| m == self.me()) {
             return;
         }
+        if self.stopping.lock().contains(&rec.group) {
+            // Its previous member here is still being stopped: start once
+            // its log is dropped.
+            let (m, vhost, name, rec) = (
+                Arc::downgrade(self),
+                vhost.to_string(),
+                name.to_string(),
+                rec.clone(),
+            );
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Some(m) = m.upgrade() {
+                    m.start(&vhost, &name, &rec, init);
+                }
+            });
+            return;
+        }
         let mut groups = self.groups.lock();
         if groups.contains_key(&rec.group) {
             return;
@@ -205,6 +226,7 @@ impl Manager {
             Arc::downgrade(self),
             Arc::clone(&self.pending),
         );
+        group.set_members(rec.members.clone());
         groups.insert(rec.group.clone(), Arc::clone(&group));
         drop(groups);
         // The queue proposes its publishes from now on (refused until this
@@ -246,6 +268,57 @@ impl Manager {
         });
     }
 
+    /// A quorum queue's members changed (a committed `QuorumMembers`): a
+    /// node added starts its (empty) member, which the leader adds to the
+    /// group as a learner and then a voter; a node removed stops its member,
+    /// drops its log and reaches the queue through the leader like any other
+    /// node; the members that stay tell their group, whose leader makes the
+    /// group's voters match.
+    pub fn members_changed(self: &Arc<Self>, vhost: &str, name: &str, rec: &QuorumRec) {
+        if rec.members.iter().any(|m| m == self.me()) {
+            match self.group(&rec.group) {
+                Some(g) => g.set_members(rec.members.clone()),
+                None => self.start(vhost, name, rec, false),
+            }
+        } else if let Some(g) = self.group(&rec.group) {
+            // Not stopped yet: the group still counts this member until its
+            // leader has removed it (a two-member group needs both to commit
+            // that); the watch loop stops it then.
+            g.set_members(rec.members.clone());
+            g.leave();
+        }
+    }
+
+    /// A member that left its group (see [`Self::members_changed`]): stop
+    /// it, drop its log, and reach the queue through the leader.
+    pub(super) fn left(&self, g: &serve::Group) {
+        if let Some(q) = self.queue(&g.vhost, &g.name) {
+            q.set_replica(None);
+        }
+        self.stop(&g.id);
+    }
+
+    /// The Raft ids of the cluster members this node sees running.
+    pub(super) fn running_ids(&self) -> BTreeSet<u64> {
+        self.cluster
+            .lock()
+            .upgrade()
+            .map(|c| {
+                c.members()
+                    .into_iter()
+                    .filter(|m| m.running)
+                    .map(|m| m.id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Where `name` listens for inter-node traffic, when it is a member of
+    /// the cluster.
+    pub(super) fn node_info(&self, name: &str) -> Option<NodeInfo> {
+        self.cluster.lock().upgrade()?.node_info(name)
+    }
+
     /// The local queue `vhost`/`name`.
     pub(crate) fn queue(
         &self,
@@ -263,6 +336,8 @@ impl Manager {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let stopping = Arc::clone(&self.stopping);
+        stopping.lock().insert(id.clone());
         rt.spawn(async move {
             if let Some(g) = group {
                 g.shutdown().await;
@@ -270,6 +345,7 @@ impl Manager {
             if let Err(e) = db.drop_tree(id.as_bytes()) {
                 tracing::warn!(group = %id, error = %e, "cannot drop the quorum queue's log");
             }
+            stopping.lock().remove(&id);
         });
     }
 

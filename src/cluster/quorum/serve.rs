@@ -20,6 +20,7 @@ use super::{Manager, QTypeConfig};
 use crate::broker::message::Message;
 use crate::broker::remote::{Replica, Ticket};
 use openraft::ServerState;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -43,6 +44,11 @@ pub struct Group {
     manager: Weak<Manager>,
     /// The manager's count of publishes not answered yet.
     pending: Arc<AtomicUsize>,
+    /// The members the metadata records (node names); the leader makes the
+    /// group's voters match them.
+    members: parking_lot::Mutex<Vec<String>>,
+    /// No longer a recorded member (see [`Group::leave`]).
+    leaving: AtomicBool,
 }
 
 impl std::fmt::Debug for Group {
@@ -80,7 +86,31 @@ impl Group {
             commit_timeout,
             manager,
             pending,
+            members: parking_lot::Mutex::new(Vec::new()),
+            leaving: AtomicBool::new(false),
         })
+    }
+
+    /// The members the metadata records from now on.
+    pub(super) fn set_members(&self, members: Vec<String>) {
+        *self.members.lock() = members;
+    }
+
+    /// This node is no longer a recorded member: stop once the group's
+    /// voters no longer include it.
+    pub(super) fn leave(&self) {
+        self.leaving.store(true, Ordering::Release);
+    }
+
+    /// Whether this member is leaving and the group has removed it.
+    fn has_left(&self, raft: &Raft, me: u64) -> bool {
+        if !self.leaving.load(Ordering::Acquire) {
+            return false;
+        }
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        membership.get_joint_config().len() == 1 && !membership.voter_ids().any(|id| id == me)
     }
 
     pub fn raft(&self) -> Option<Raft> {
@@ -212,6 +242,13 @@ async fn watch(g: Weak<Group>, raft: Raft) {
     loop {
         let leader = metrics.borrow_and_update().state == ServerState::Leader;
         let Some(group) = g.upgrade() else { return };
+        if let Some(m) = group.manager.upgrade() {
+            if group.has_left(&raft, m.ident.id) {
+                tracing::info!(queue = %group.name, vhost = %group.vhost, "left the quorum queue's group");
+                m.left(&group);
+                return;
+            }
+        }
         let cut_off = leader && group.is_serving() && checked.elapsed() >= tick && {
             checked = tokio::time::Instant::now();
             let check = tokio::time::timeout(lost_after, raft.ensure_linearizable()).await;
@@ -232,6 +269,9 @@ async fn watch(g: Weak<Group>, raft: Raft) {
             }
             continue;
         }
+        if leader && !cut_off && group.is_serving() {
+            reconcile(&group, &raft).await;
+        }
         if (!leader || cut_off) && group.is_serving() {
             if cut_off {
                 tracing::warn!(queue = %group.name, vhost = %group.vhost, "quorum queue leader cut off from its members");
@@ -251,6 +291,96 @@ async fn watch(g: Weak<Group>, raft: Raft) {
             () = tokio::time::sleep(tick) => {}
         }
     }
+}
+
+/// On the leader: make the group's voters the members the metadata records.
+/// A node to add is added as a learner first (openraft sends it the log or a
+/// snapshot; this waits until it has caught up), then made a voter. A node
+/// to remove is made a learner, so that it still receives the configuration
+/// without it (and so stops its member, [`Group::has_left`]); it is dropped
+/// from the group once it has that entry, or at once when the cluster sees
+/// it down (it drops its log when it comes back: it is no member). One
+/// change per call; the watch loop calls again until they match.
+async fn reconcile(group: &Arc<Group>, raft: &Raft) {
+    use openraft::ChangeMembers;
+    let wanted: BTreeSet<u64> = group
+        .members
+        .lock()
+        .iter()
+        .map(|n| super::super::node_id(n))
+        .collect();
+    let (voters, learners, config_at, replicated) = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        if membership.get_joint_config().len() != 1 {
+            return;
+        }
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: BTreeSet<u64> = membership.learner_ids().collect();
+        let config_at = m.membership_config.log_id().map(|l| l.index);
+        (
+            voters,
+            learners,
+            config_at,
+            m.replication.clone().unwrap_or_default(),
+        )
+    };
+    let Some(manager) = group.manager.upgrade() else {
+        return;
+    };
+    if wanted.is_empty() {
+        return;
+    }
+    let within = group.commit_timeout;
+    let name_of = |id: u64| {
+        group
+            .members
+            .lock()
+            .iter()
+            .find(|n| super::super::node_id(n) == id)
+            .cloned()
+    };
+    let change = if let Some(add) = wanted.difference(&voters).next().copied() {
+        let Some(info) = name_of(add).and_then(|n| manager.node_info(&n)) else {
+            return;
+        };
+        let learner = tokio::time::timeout(within, raft.add_learner(add, info, true)).await;
+        if !matches!(learner, Ok(Ok(_))) {
+            tracing::debug!(group = %group.id, node = add, "quorum queue member not caught up yet");
+            return;
+        }
+        ChangeMembers::AddVoterIds(BTreeSet::from([add]))
+    } else if voters != wanted {
+        let remove: BTreeSet<u64> = voters.difference(&wanted).copied().collect();
+        let r = tokio::time::timeout(
+            within,
+            raft.change_membership(ChangeMembers::RemoveVoters(remove), true),
+        )
+        .await;
+        tracing::info!(group = %group.id, ok = matches!(r, Ok(Ok(_))), "quorum queue member removed");
+        return;
+    } else {
+        let running = manager.running_ids();
+        let gone: BTreeSet<u64> = learners
+            .difference(&wanted)
+            .filter(|id| {
+                let has_config = replicated
+                    .get(id)
+                    .and_then(|l| l.map(|l| l.index))
+                    .zip(config_at)
+                    .is_some_and(|(at, config)| at >= config);
+                has_config || !running.contains(id)
+            })
+            .copied()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        ChangeMembers::RemoveNodes(gone)
+    };
+    let r = tokio::time::timeout(within, raft.change_membership(change, false)).await;
+    tracing::info!(group = %group.id, ok = matches!(r, Ok(Ok(_))), "quorum queue membership changed");
 }
 
 /// A publish waiting to be proposed, and the ticket its confirm waits on.
