@@ -34,13 +34,23 @@ fn quorum_args() -> FieldTable {
 
 /// Declare quorum queue `q` on `node`.
 async fn declare_quorum(node: &Node, q: &str) {
+    declare_quorum_sized(node, q, None).await;
+}
+
+/// Declare quorum queue `q` on `node`, with `x-quorum-initial-group-size`
+/// when `size` is given.
+async fn declare_quorum_sized(node: &Node, q: &str, size: Option<i32>) {
     let conn = node.connect().await;
     let ch = channel(&conn).await;
+    let mut args = quorum_args();
+    if let Some(n) = size {
+        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(n));
+    }
     let qd = QueueDeclareOptions {
         durable: true,
         ..Default::default()
     };
-    common::t(ch.queue_declare(q, qd, quorum_args()))
+    common::t(ch.queue_declare(q, qd, args))
         .await
         .expect("queue.declare");
     let _ = conn.close(200, "bye").await;
@@ -423,18 +433,7 @@ async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
     .await;
     // x-quorum-initial-group-size 2: the declaring node and one other.
     {
-        let conn = nodes[1].connect().await;
-        let ch = channel(&conn).await;
-        let mut args = quorum_args();
-        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(2));
-        let qd = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        common::t(ch.queue_declare("qq-two", qd, args))
-            .await
-            .expect("queue.declare");
-        let _ = conn.close(200, "bye").await;
+        declare_quorum_sized(&nodes[1], "qq-two", Some(2)).await;
         eventually("qq-two's group on A", Duration::from_secs(10), || {
             queue_api(&nodes[0], "qq-two")["members"]
                 .as_array()
@@ -630,20 +629,7 @@ async fn members_are_added_and_removed_through_the_api() {
     let (a, b, c) = three_nodes("qmembers").await;
     let mut nodes = [a, b, c];
     let q = "qq-members";
-    {
-        let conn = nodes[0].connect().await;
-        let ch = channel(&conn).await;
-        let mut args = quorum_args();
-        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(2));
-        let qd = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        common::t(ch.queue_declare(q, qd, args))
-            .await
-            .expect("queue.declare");
-        let _ = conn.close(200, "bye").await;
-    }
+    declare_quorum_sized(&nodes[0], q, Some(2)).await;
     eventually("a leader", Duration::from_secs(20), || {
         leader_of(&nodes[0], q).is_some()
     })

@@ -31,13 +31,16 @@ pub struct GrowBody {
     strategy: Option<String>,
 }
 
-/// The cluster and this queue's group record; 404 for a queue that does not
-/// exist, 400 for one that is not a replicated quorum queue.
+/// The cluster and this queue's group record, for an administrator; 404 for
+/// a queue that does not exist, 400 for one that is not a replicated quorum
+/// queue.
 fn record(
     s: &AdminState,
+    caller: &Caller,
     vhost: &str,
     name: &str,
 ) -> ApiResult<(std::sync::Arc<crate::cluster::Cluster>, QuorumRec)> {
+    caller.require_admin()?;
     let q = s
         .broker
         .vhost(vhost)
@@ -55,6 +58,12 @@ fn record(
         .quorum_record(vhost, name)
         .ok_or_else(|| ApiError::bad_request(format!("quorum queue '{name}' has no group yet")))?;
     Ok((c, rec))
+}
+
+fn clustered(s: &AdminState) -> ApiResult<std::sync::Arc<crate::cluster::Cluster>> {
+    s.cluster
+        .clone()
+        .ok_or_else(|| ApiError::bad_request("this node is not clustered"))
 }
 
 fn cluster_node(c: &crate::cluster::Cluster, node: &str) -> ApiResult<()> {
@@ -91,8 +100,7 @@ pub async fn add_member(
     Path((vhost, name)): Path<(String, String)>,
     Json(body): Json<NodeBody>,
 ) -> ApiResult<StatusCode> {
-    caller.require_admin()?;
-    let (c, rec) = record(&s, &vhost, &name)?;
+    let (c, rec) = record(&s, &caller, &vhost, &name)?;
     cluster_node(&c, &body.node)?;
     if rec.members.contains(&body.node) {
         return Err(ApiError::bad_request(format!(
@@ -113,8 +121,7 @@ pub async fn delete_member(
     Path((vhost, name)): Path<(String, String)>,
     Json(body): Json<NodeBody>,
 ) -> ApiResult<StatusCode> {
-    caller.require_admin()?;
-    let (c, rec) = record(&s, &vhost, &name)?;
+    let (c, rec) = record(&s, &caller, &vhost, &name)?;
     if !rec.members.contains(&body.node) {
         return Err(ApiError::bad_request(format!(
             "node '{}' is not a member of quorum queue '{name}'",
@@ -165,10 +172,7 @@ pub async fn grow(
             )))
         }
     };
-    let c = s
-        .cluster
-        .clone()
-        .ok_or_else(|| ApiError::bad_request("this node is not clustered"))?;
+    let c = clustered(&s)?;
     cluster_node(&c, &node)?;
     let mut changed = Vec::new();
     for (key, rec) in c.metadata().quorum {
@@ -198,10 +202,7 @@ pub async fn shrink(
     Path(node): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
-    let c = s
-        .cluster
-        .clone()
-        .ok_or_else(|| ApiError::bad_request("this node is not clustered"))?;
+    let c = clustered(&s)?;
     let mut changed = Vec::new();
     for (key, rec) in c.metadata().quorum {
         let Some((vhost, name)) = key.split_once('\0') else {
