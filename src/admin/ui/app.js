@@ -435,7 +435,9 @@
         '<figure><figcaption>Consumer lag (messages behind the committed offset)</figcaption><div id="qd-lag-legend" class="legend"></div><svg id="qd-stream-lag" class="chart small" role="img" aria-label="Stored consumer offsets behind the committed offset"></svg></figure></div>' +
         '<div id="qd-consumer-offsets"></div>' : '') +
       '<dl class="kv"><dt>Type</dt><dd id="qd-type">' + esc(q.type || 'classic') +
-      (q.type === 'quorum' ? ' <span class="muted">1 replica (' + (isClustered() ? 'on its node; not replicated across nodes yet' : 'no clustering yet') + '); delivery limit ' + esc(q.delivery_limit) + '</span>' : '') +
+      (q.type === 'quorum' ? ' <span class="muted">' + (isClustered()
+        ? esc(q.replicas) + ' replicas (Raft group: ' + esc((q.members || []).join(', ')) + '; leader ' + esc(q.leader || 'none yet') + ')'
+        : '1 replica (not clustered)') + '; delivery limit ' + esc(q.delivery_limit) + '</span>' : '') +
       (isClustered() ? '</dd><dt>Node</dt><dd id="qd-node">' + esc(q.node) + nodeState(q.node) : '') +
       '</dd><dt>Durable</dt><dd>' + (q.durable ? 'yes' : 'no') + '</dd><dt>Auto delete</dt><dd>' + (q.auto_delete ? 'yes' : 'no') + '</dd><dt>Exclusive</dt><dd>' + (q.exclusive ? 'yes' : 'no') +
       '</dd><dt>Policy</dt><dd>' + esc(q.policy || 'none') + '</dd><dt>Effective policy</dt><dd><code>' + json(q.effective_policy_definition || {}) + '</code></dd><dt>Arguments</dt><dd><code>' + json(q.arguments || {}) + '</code></dd></dl>' +
