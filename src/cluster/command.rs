@@ -1018,6 +1018,42 @@ pub(crate) mod tests {
         }
     }
 
+    #[test]
+    fn quorum_members_replace_the_members_of_that_group_only() {
+        let mut m = Metadata::default();
+        m.quorum.insert(
+            key("/", "q"),
+            QuorumRec {
+                group: "//q/7".into(),
+                members: vec!["warren@a".into(), "warren@b".into()],
+                leader: Some("warren@a".into()),
+            },
+        );
+        let change = |group: &str, members: &[&str]| Command::QuorumMembers {
+            vhost: "/".into(),
+            name: "q".into(),
+            group: group.into(),
+            members: members.iter().map(|s| s.to_string()).collect(),
+        };
+        // Another (older) group of a queue with the same name: ignored.
+        m.record(&change("//q/3", &["warren@c"]));
+        // No members at all: ignored (a group keeps at least one).
+        m.record(&change("//q/7", &[]));
+        assert_eq!(m.quorum[&key("/", "q")].members, ["warren@a", "warren@b"]);
+        m.record(&change("//q/7", &["warren@a", "warren@b", "warren@c"]));
+        let rec = &m.quorum[&key("/", "q")];
+        assert_eq!(rec.members, ["warren@a", "warren@b", "warren@c"]);
+        assert_eq!(rec.leader.as_deref(), Some("warren@a"), "the leader stays");
+        // A queue without a group record gets none from it.
+        m.record(&Command::QuorumMembers {
+            vhost: "/".into(),
+            name: "other".into(),
+            group: "//other/9".into(),
+            members: vec!["warren@a".into()],
+        });
+        assert!(!m.quorum.contains_key(&key("/", "other")));
+    }
+
     pub(crate) fn exchange(name: &str) -> Command {
         Command::DeclareExchange {
             vhost: "/".into(),
