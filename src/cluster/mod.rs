@@ -568,19 +568,8 @@ impl Cluster {
     /// does not run here, or a change is half-way).
     pub fn quorum_voters(&self, vhost: &str, name: &str) -> Option<Vec<String>> {
         let rec = self.quorum_record(vhost, name)?;
-        let raft = self.quorum.group(&rec.group)?.raft()?;
-        let metrics = raft.metrics();
-        let m = metrics.borrow();
-        let membership = m.membership_config.membership();
-        if membership.get_joint_config().len() != 1 {
-            return None;
-        }
-        Some(
-            membership
-                .voter_ids()
-                .filter_map(|id| membership.get_node(&id).map(|n| n.name.clone()))
-                .collect(),
-        )
+        let voters = self.quorum.group(&rec.group)?.voters()?;
+        Some(voters.into_values().collect())
     }
 
     async fn propose_loop(&self, cmd: Command) -> Result<(), String> {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 type NodeId = u64;
 type SErr = StorageError<NodeId>;
 
-fn io_err(e: impl std::error::Error + 'static) -> openraft::AnyError {
+pub(super) fn io_err(e: impl std::error::Error + 'static) -> openraft::AnyError {
     openraft::AnyError::new(&e)
 }
 
@@ -115,8 +115,28 @@ impl LogStore {
     }
 }
 
-fn string_err(e: String) -> openraft::AnyError {
+pub(super) fn string_err(e: String) -> openraft::AnyError {
     openraft::AnyError::error(e)
+}
+
+/// The log indexes openraft asks for as `[start, end]` (`end` None: to the
+/// last entry); None when the range is empty.
+pub(super) fn index_range(range: &impl RangeBounds<u64>) -> Option<(u64, Option<u64>)> {
+    use std::ops::Bound;
+    let start = match range.start_bound() {
+        Bound::Included(&i) => i,
+        Bound::Excluded(&i) => i.checked_add(1)?,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&i) => Some(i),
+        Bound::Excluded(&i) => Some(i.checked_sub(1)?),
+        Bound::Unbounded => None,
+    };
+    match end {
+        Some(e) if e < start => None,
+        _ => Some((start, end)),
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -124,21 +144,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
-        use std::ops::Bound;
-        let start = match range.start_bound() {
-            Bound::Included(&i) => i,
-            Bound::Excluded(&i) => i.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(&i) => Some(i),
-            Bound::Excluded(&0) => return Ok(Vec::new()),
-            Bound::Excluded(&i) => Some(i - 1),
-            Bound::Unbounded => None,
-        };
-        if end.is_some_and(|e| e < start) {
+        let Some((start, end)) = index_range(&range) else {
             return Ok(Vec::new());
-        }
+        };
         let rows = self
             .disk
             .log_range(start, end)
@@ -252,11 +260,12 @@ struct Applied {
     metadata: Metadata,
 }
 
-/// A snapshot as kept on disk: its meta and the model's JSON.
+/// A snapshot as kept on disk: its meta and the state's JSON (the metadata
+/// model here, a quorum queue's messages in `quorum::store`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, NodeInfo>,
-    data: Vec<u8>,
+pub(super) struct StoredSnapshot {
+    pub meta: SnapshotMeta<NodeId, NodeInfo>,
+    pub data: Vec<u8>,
 }
 
 /// Where a committed command takes effect, besides the model: the local
@@ -413,22 +422,18 @@ impl StateMachine {
                 q.stop(&rec.group);
             }
         }
+        let marks = self.forwarder.get().zip(self.target.broker());
         for (key, rec) in &state.metadata.quorum {
-            let changed = before
-                .get(key)
-                .is_some_and(|b| b.group == rec.group && b.members != rec.members);
-            if let (true, Some((vhost, name))) = (changed, key.split_once('\0')) {
+            let (Some(b), Some((vhost, name))) = (before.get(key), key.split_once('\0')) else {
+                continue;
+            };
+            if b.group == rec.group && b.members != rec.members {
                 q.members_changed(vhost, name, rec);
             }
-        }
-        let (Some(f), Some(broker)) = (self.forwarder.get(), self.target.broker()) else {
-            return;
-        };
-        for (key, rec) in &state.metadata.quorum {
-            if before.get(key).is_some_and(|b| b.leader != rec.leader) {
-                if let (Some((vhost, name)), Some(leader)) = (key.split_once('\0'), &rec.leader) {
-                    f.mark(broker, vhost, name, leader);
-                }
+            if let (true, Some((f, broker)), Some(leader)) =
+                (b.leader != rec.leader, marks, &rec.leader)
+            {
+                f.mark(broker, vhost, name, leader);
             }
         }
     }

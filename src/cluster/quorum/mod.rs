@@ -234,17 +234,11 @@ impl Manager {
         if let Some(q) = self.queue(vhost, name) {
             q.set_replica(Some(group.clone()));
         }
-        let members: BTreeMap<u64, NodeInfo> = {
-            let c = self.cluster.lock().upgrade();
-            rec.members
-                .iter()
-                .filter_map(|n| {
-                    c.as_ref()
-                        .and_then(|c| c.node_info(n))
-                        .map(|i| (super::node_id(n), i))
-                })
-                .collect()
-        };
+        let members: BTreeMap<u64, NodeInfo> = rec
+            .members
+            .iter()
+            .filter_map(|n| Some((super::node_id(n), self.node_info(n)?)))
+            .collect();
         let network = network::GroupNetwork {
             ident: Arc::clone(&self.ident),
             group: rec.group.clone(),
@@ -275,17 +269,14 @@ impl Manager {
     /// node; the members that stay tell their group, whose leader makes the
     /// group's voters match.
     pub fn members_changed(self: &Arc<Self>, vhost: &str, name: &str, rec: &QuorumRec) {
-        if rec.members.iter().any(|m| m == self.me()) {
-            match self.group(&rec.group) {
-                Some(g) => g.set_members(rec.members.clone()),
-                None => self.start(vhost, name, rec, false),
-            }
-        } else if let Some(g) = self.group(&rec.group) {
-            // Not stopped yet: the group still counts this member until its
-            // leader has removed it (a two-member group needs both to commit
-            // that); the watch loop stops it then.
-            g.set_members(rec.members.clone());
-            g.leave();
+        match self.group(&rec.group) {
+            // A member removed is not stopped here: the group still counts
+            // it until its leader has removed it (a two-member group needs
+            // both to commit that); its watch loop stops it then
+            // (`Group::has_left`).
+            Some(g) => g.set_members(rec.members.clone()),
+            // `start` does nothing on a node that is not a member.
+            None => self.start(vhost, name, rec, false),
         }
     }
 

@@ -20,7 +20,7 @@ use super::{Manager, QTypeConfig};
 use crate::broker::message::Message;
 use crate::broker::remote::{Replica, Ticket};
 use openraft::ServerState;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -47,8 +47,6 @@ pub struct Group {
     /// The members the metadata records (node names); the leader makes the
     /// group's voters match them.
     members: parking_lot::Mutex<Vec<String>>,
-    /// No longer a recorded member (see [`Group::leave`]).
-    leaving: AtomicBool,
 }
 
 impl std::fmt::Debug for Group {
@@ -87,7 +85,6 @@ impl Group {
             manager,
             pending,
             members: parking_lot::Mutex::new(Vec::new()),
-            leaving: AtomicBool::new(false),
         })
     }
 
@@ -96,21 +93,37 @@ impl Group {
         *self.members.lock() = members;
     }
 
-    /// This node is no longer a recorded member: stop once the group's
-    /// voters no longer include it.
-    pub(super) fn leave(&self) {
-        self.leaving.store(true, Ordering::Release);
-    }
-
-    /// Whether this member is leaving and the group has removed it.
-    fn has_left(&self, raft: &Raft, me: u64) -> bool {
-        if !self.leaving.load(Ordering::Acquire) {
-            return false;
-        }
+    /// The voters of the group's configuration as this member sees it, by
+    /// id with their names; None while a membership change is half-way (a
+    /// joint configuration) or before the group runs.
+    pub fn voters(&self) -> Option<BTreeMap<u64, String>> {
+        let raft = self.raft()?;
         let metrics = raft.metrics();
         let m = metrics.borrow();
         let membership = m.membership_config.membership();
-        membership.get_joint_config().len() == 1 && !membership.voter_ids().any(|id| id == me)
+        if membership.get_joint_config().len() != 1 {
+            return None;
+        }
+        Some(
+            membership
+                .voter_ids()
+                .map(|id| {
+                    let name = membership.get_node(&id).map(|n| n.name.clone());
+                    (id, name.unwrap_or_default())
+                })
+                .collect(),
+        )
+    }
+
+    /// This node is no longer a recorded member ([`Manager::members_changed`])
+    /// and the group has removed it from its voters: its member can stop.
+    fn has_left(&self, me: u64) -> bool {
+        let recorded = self
+            .members
+            .lock()
+            .iter()
+            .any(|n| super::super::node_id(n) == me);
+        !recorded && self.voters().is_some_and(|v| !v.contains_key(&me))
     }
 
     pub fn raft(&self) -> Option<Raft> {
@@ -243,7 +256,7 @@ async fn watch(g: Weak<Group>, raft: Raft) {
         let leader = metrics.borrow_and_update().state == ServerState::Leader;
         let Some(group) = g.upgrade() else { return };
         if let Some(m) = group.manager.upgrade() {
-            if group.has_left(&raft, m.ident.id) {
+            if group.has_left(m.ident.id) {
                 tracing::info!(queue = %group.name, vhost = %group.vhost, "left the quorum queue's group");
                 m.left(&group);
                 return;
@@ -309,18 +322,17 @@ async fn reconcile(group: &Arc<Group>, raft: &Raft) {
         .iter()
         .map(|n| super::super::node_id(n))
         .collect();
-    let (voters, learners, config_at, replicated) = {
+    let Some(voters) = group.voters() else {
+        return;
+    };
+    let voters: BTreeSet<u64> = voters.into_keys().collect();
+    let (learners, config_at, replicated) = {
         let metrics = raft.metrics();
         let m = metrics.borrow();
         let membership = m.membership_config.membership();
-        if membership.get_joint_config().len() != 1 {
-            return;
-        }
-        let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let learners: BTreeSet<u64> = membership.learner_ids().collect();
         let config_at = m.membership_config.log_id().map(|l| l.index);
         (
-            voters,
             learners,
             config_at,
             m.replication.clone().unwrap_or_default(),

@@ -12,6 +12,7 @@
 use super::command::{id, QCommand, QState};
 use super::QTypeConfig;
 use crate::broker::queue::{Enqueued, Queue};
+use crate::cluster::store::{index_range, io_err, string_err, StoredSnapshot};
 use crate::cluster::NodeInfo;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -27,10 +28,6 @@ use std::sync::Arc;
 
 type NodeId = u64;
 type SErr = StorageError<NodeId>;
-
-fn io_err(e: impl std::error::Error + 'static) -> openraft::AnyError {
-    openraft::AnyError::new(&e)
-}
 
 const VOTE: &[u8] = b"m:vote";
 const COMMITTED: &[u8] = b"m:committed";
@@ -103,21 +100,10 @@ impl RaftLogReader<QTypeConfig> for QLog {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<QTypeConfig>>, SErr> {
-        use std::ops::Bound;
-        let start = match range.start_bound() {
-            Bound::Included(&i) => i,
-            Bound::Excluded(&i) => i.saturating_add(1),
-            Bound::Unbounded => 0,
-        };
-        let end = match range.end_bound() {
-            Bound::Included(&i) => i,
-            Bound::Excluded(&0) => return Ok(Vec::new()),
-            Bound::Excluded(&i) => i - 1,
-            Bound::Unbounded => u64::MAX,
-        };
-        if end < start {
+        let Some((start, end)) = index_range(&range) else {
             return Ok(Vec::new());
-        }
+        };
+        let end = end.unwrap_or(u64::MAX);
         let mut out = Vec::new();
         for kv in self.tree.range(log_key(start)..=log_key(end)) {
             let (_, v) = kv.map_err(|e| StorageIOError::read_logs(io_err(e)))?;
@@ -135,7 +121,7 @@ impl RaftLogStorage<QTypeConfig> for QLog {
     async fn get_log_state(&mut self) -> Result<LogState<QTypeConfig>, SErr> {
         let purged: Option<LogId<NodeId>> = self
             .get(PURGED)
-            .map_err(|e| StorageIOError::read_logs(openraft::AnyError::error(e)))?;
+            .map_err(|e| StorageIOError::read_logs(string_err(e)))?;
         let last = self
             .tree
             .range(log_key(0)..=log_key(u64::MAX))
@@ -162,7 +148,7 @@ impl RaftLogStorage<QTypeConfig> for QLog {
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
         self.put(VOTE, vote)
-            .map_err(|e| StorageIOError::write_vote(openraft::AnyError::error(e)))?;
+            .map_err(|e| StorageIOError::write_vote(string_err(e)))?;
         self.flush()
             .await
             .map_err(|e| StorageIOError::write_vote(io_err(e)))?;
@@ -172,19 +158,19 @@ impl RaftLogStorage<QTypeConfig> for QLog {
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
         Ok(self
             .get(VOTE)
-            .map_err(|e| StorageIOError::read_vote(openraft::AnyError::error(e)))?)
+            .map_err(|e| StorageIOError::read_vote(string_err(e)))?)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
         self.put(COMMITTED, &committed)
-            .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e)))?;
+            .map_err(|e| StorageIOError::write_logs(string_err(e)))?;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
         let c: Option<Option<LogId<NodeId>>> = self
             .get(COMMITTED)
-            .map_err(|e| StorageIOError::read_logs(openraft::AnyError::error(e)))?;
+            .map_err(|e| StorageIOError::read_logs(string_err(e)))?;
         Ok(c.flatten())
     }
 
@@ -213,16 +199,9 @@ impl RaftLogStorage<QTypeConfig> for QLog {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
         self.put(PURGED, &log_id)
-            .map_err(|e| StorageIOError::write_logs(openraft::AnyError::error(e)))?;
+            .map_err(|e| StorageIOError::write_logs(string_err(e)))?;
         self.remove_logs(0, Some(log_id.index)).await
     }
-}
-
-/// A snapshot as kept on disk: its meta and the state's JSON.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, NodeInfo>,
-    data: Vec<u8>,
 }
 
 /// What the state machine holds.
@@ -281,7 +260,7 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
         };
         self.log
             .put(SNAPSHOT, &stored)
-            .map_err(|e| StorageIOError::write_snapshot(None, openraft::AnyError::error(e)))?;
+            .map_err(|e| StorageIOError::write_snapshot(None, string_err(e)))?;
         self.log
             .flush()
             .await
@@ -376,9 +355,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                     data,
                 },
             )
-            .map_err(|e| {
-                StorageIOError::write_snapshot(Some(meta.signature()), openraft::AnyError::error(e))
-            })?;
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), string_err(e)))?;
         self.log
             .flush()
             .await
@@ -390,7 +367,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
         let stored: Option<StoredSnapshot> = self
             .log
             .get(SNAPSHOT)
-            .map_err(|e| StorageIOError::read_snapshot(None, openraft::AnyError::error(e)))?;
+            .map_err(|e| StorageIOError::read_snapshot(None, string_err(e)))?;
         Ok(stored.map(|s| Snapshot {
             meta: s.meta,
             snapshot: Box::new(Cursor::new(s.data)),
