@@ -156,6 +156,17 @@ pub enum QueuesCommand {
     /// Remove a node from every quorum queue it is a member of (never the
     /// last member).
     Shrink { node: String },
+    /// Spread the quorum queues' leaders over the running nodes (`all`,
+    /// `quorum`, `classic`, `stream`: only quorum queues have leaders to
+    /// move).
+    Rebalance {
+        #[arg(default_value = "all")]
+        queue_type: String,
+        #[arg(long, default_value = ".*")]
+        vhost_pattern: String,
+        #[arg(long, default_value = ".*")]
+        queue_pattern: String,
+    },
 }
 
 /// `warren cluster ...`.
@@ -421,6 +432,34 @@ pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
                 &["vhost", "name"],
                 rows(&changed, &["vhost", "name"]),
             ))
+        }
+        Command::Queues(QueuesCommand::Rebalance {
+            queue_type,
+            vhost_pattern,
+            queue_pattern,
+        }) => {
+            let outcome = target.call(
+                "POST",
+                "/api/rebalance/queues",
+                Some(json!({
+                    "type": queue_type,
+                    "vhost_pattern": vhost_pattern,
+                    "queue_pattern": queue_pattern,
+                    "wait": true,
+                })),
+            )?;
+            let mut out = table(
+                &["vhost", "name", "from", "to", "ok", "error"],
+                rows(
+                    &outcome["moves"],
+                    &["vhost", "name", "from", "to", "ok", "error"],
+                ),
+            );
+            out.push_str(&table(
+                &["node", "quorum_leaders"],
+                rows(&outcome["leaders"], &["node", "quorum_leaders"]),
+            ));
+            Ok(out)
         }
         Command::Queues(QueuesCommand::Shrink { node }) => {
             let changed = target.call(

@@ -756,3 +756,120 @@ async fn members_are_added_and_removed_through_the_api() {
     let got: BTreeSet<String> = got.into_iter().map(|(b, _)| b).collect();
     assert_eq!(got, want);
 }
+
+/// Leader rebalancing (RabbitMQ's `rabbitmq-queues rebalance quorum` and
+/// `POST /api/rebalance/queues`): six quorum queues led from the node that
+/// declared them end up led two per node, by leadership transfers to
+/// members, with every confirmed message still there and publishes
+/// confirmed by the new leaders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_are_rebalanced_over_the_nodes() {
+    let (a, b, c) = three_nodes("qrebalance").await;
+    let nodes = [a, b, c];
+    let queues: Vec<String> = (0..6).map(|i| format!("qq-rebalance-{i}")).collect();
+    for q in &queues {
+        declare_quorum(&nodes[0], q).await;
+    }
+    let leaders = |n: &Node| -> Vec<Option<String>> {
+        let (_, list) = n.get("/api/queues/%2F");
+        queues
+            .iter()
+            .map(|q| {
+                list.as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|v| v["name"] == q.as_str())
+                    .and_then(|v| v["leader"].as_str().map(String::from))
+            })
+            .collect()
+    };
+    eventually("every queue has a leader", Duration::from_secs(30), || {
+        leaders(&nodes[1]).iter().all(Option::is_some)
+    })
+    .await;
+    let per_node = |l: &[Option<String>]| -> Vec<usize> {
+        nodes
+            .iter()
+            .map(|n| l.iter().filter(|x| x.as_deref() == Some(&n.name())).count())
+            .collect()
+    };
+    let before = per_node(&leaders(&nodes[1]));
+    let excess: usize = before.iter().map(|c| c.saturating_sub(2)).sum();
+    println!("leaders per node before: {before:?}");
+
+    // Messages in every queue, confirmed through A.
+    let conn = nodes[0].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    for q in &queues {
+        assert_eq!(
+            publish_confirmed(&ch, q, &bodies(&format!("{q}-before"), 5)).await,
+            (5, 0)
+        );
+    }
+    let _ = conn.close(200, "bye").await;
+
+    // Refusals before anything moves.
+    assert_eq!(
+        nodes[0].send(
+            "POST",
+            "/api/rebalance/queues",
+            Some(serde_json::json!({"type": "lavinmq"}))
+        ),
+        400
+    );
+    assert_eq!(
+        nodes[0].send(
+            "POST",
+            "/api/rebalance/queues",
+            Some(serde_json::json!({"queue_pattern": "("}))
+        ),
+        400
+    );
+
+    let (ok, out) = nodes[2].ctl(&["queues", "rebalance", "quorum"]);
+    assert!(ok, "{out}");
+    println!("{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("qq-rebalance-")).count(),
+        excess,
+        "one move per leader over the share: {out}"
+    );
+    assert!(!out.contains("false"), "every move succeeded: {out}");
+    eventually("two leaders per node", Duration::from_secs(20), || {
+        per_node(&leaders(&nodes[0])) == vec![2, 2, 2]
+    })
+    .await;
+
+    // Balanced now: RabbitMQ's asynchronous form answers 204 and moves
+    // nothing.
+    assert_eq!(nodes[1].send("POST", "/api/rebalance/queues", None), 204);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(per_node(&leaders(&nodes[0])), vec![2, 2, 2]);
+
+    // Every queue still has its messages and confirms through its new
+    // leader (published on B, consumed on C: both forwarded or local).
+    let conn = nodes[1].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    for q in &queues {
+        assert_eq!(
+            publish_confirmed(&ch, q, &bodies(&format!("{q}-after"), 3)).await,
+            (3, 0)
+        );
+    }
+    let _ = conn.close(200, "bye").await;
+    for q in &queues {
+        let want: BTreeSet<String> = bodies(&format!("{q}-before"), 5)
+            .into_iter()
+            .chain(bodies(&format!("{q}-after"), 3))
+            .collect();
+        let got = consume_all(&nodes[2], q, &want, Duration::from_secs(20)).await;
+        let got: BTreeSet<String> = got.into_iter().map(|(b, _)| b).collect();
+        assert_eq!(got, want, "{q}");
+    }
+}

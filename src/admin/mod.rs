@@ -445,6 +445,8 @@ pub fn router(state: AdminState) -> Router {
             "/api/queues/quorum/replicas/on/:node/shrink",
             delete(quorum::shrink),
         )
+        .route("/api/rebalance/queues", post(quorum::rebalance))
+        .route("/api/rebalance/queues/", post(quorum::rebalance))
         .route("/api/queues/:vhost/:name/get", post(queues::get_messages))
         .route(
             "/api/queues/:vhost/:name/bindings",

@@ -3,13 +3,15 @@
 //! each computes the queue's new member list from the replicated record and
 //! commits it as one `QuorumMembers` metadata command; the group's leader
 //! then changes the group's voters to match (`cluster::quorum`). Answered
-//! once the metadata change is committed; administrators only.
+//! once the metadata change is committed; administrators only. And leader
+//! rebalancing (`POST /api/rebalance/queues`, `cluster::quorum::rebalance`).
 
 use super::{AdminState, ApiError, ApiResult, Caller};
 use crate::broker::queue::QueueType;
 use crate::cluster::command::{Command, QuorumRec};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::Value;
@@ -221,4 +223,72 @@ pub async fn shrink(
         changed.push(serde_json::json!({"vhost": vhost, "name": name}));
     }
     Ok(Json(Value::Array(changed)))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct RebalanceBody {
+    /// `all`, `quorum`, `classic` or `stream` (RabbitMQ's
+    /// `rabbitmq-queues rebalance <type>`); only quorum queues have
+    /// replicas to lead, so only they move.
+    #[serde(default, rename = "type")]
+    queue_type: Option<String>,
+    #[serde(default)]
+    vhost_pattern: Option<String>,
+    #[serde(default)]
+    queue_pattern: Option<String>,
+    /// Answer when done, with what moved (`warren queues rebalance`);
+    /// without it the rebalance runs in the background and the answer is
+    /// 204 at once, as RabbitMQ's.
+    #[serde(default)]
+    wait: bool,
+}
+
+/// `POST /api/rebalance/queues`: spread the quorum queues' leaders over the
+/// running nodes. RabbitMQ runs it in the background and answers 204 (the
+/// log says how it went); with `{"wait": true}` the answer is the moves
+/// and the leaders per node after them. A node alone has nothing to move.
+pub async fn rebalance(
+    State(s): State<AdminState>,
+    caller: Caller,
+    body: Option<Json<RebalanceBody>>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    let body = body.map(|Json(b)| b).unwrap_or_default();
+    let quorum = match body.queue_type.as_deref() {
+        None | Some("all") | Some("quorum") => true,
+        Some("classic") | Some("stream") => false,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "type must be all, quorum, classic or stream, not '{other}'"
+            )))
+        }
+    };
+    // Checked now, so a bad pattern is a 400 rather than a log line.
+    matches(&body.vhost_pattern, "")?;
+    matches(&body.queue_pattern, "")?;
+    let (Some(c), true) = (s.cluster.clone(), quorum) else {
+        return Ok(if body.wait {
+            Json(serde_json::json!({"moves": [], "leaders": []})).into_response()
+        } else {
+            StatusCode::NO_CONTENT.into_response()
+        });
+    };
+    let keep = move |vhost: &str, name: &str| {
+        matches(&body.vhost_pattern, vhost).unwrap_or(false)
+            && matches(&body.queue_pattern, name).unwrap_or(false)
+    };
+    if body.wait {
+        let outcome = c.quorum.rebalance(keep).await.map_err(|reason| ApiError {
+            status: StatusCode::CONFLICT,
+            error: "conflict",
+            reason,
+        })?;
+        return Ok(Json(outcome).into_response());
+    }
+    tokio::spawn(async move {
+        if let Err(e) = c.quorum.rebalance(keep).await {
+            tracing::warn!(error = %e, "quorum queue leader rebalance not run");
+        }
+    });
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

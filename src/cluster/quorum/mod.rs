@@ -8,7 +8,9 @@
 //!   machine, which feeds committed messages to the queue where it is served.
 //! - `network`: the groups' RPCs over the cluster's connections.
 //! - `serve`: following leadership: the leader loads the messages into its
-//!   local queue and serves it; proposals of publishes and settlements.
+//!   local queue and serves it; proposals of publishes and settlements;
+//!   leadership transfer.
+//! - `rebalance`: spreading the leaders over the running nodes.
 //!
 //! The metadata group records each quorum queue's members (chosen when its
 //! declaration is applied, see [`choose_members`]) and its leader; this
@@ -17,6 +19,7 @@
 
 pub mod command;
 pub mod network;
+pub mod rebalance;
 pub mod serve;
 pub mod store;
 
@@ -91,6 +94,8 @@ pub struct Manager {
     /// Groups being stopped (their log not dropped yet): started again
     /// only after that, so a drop never takes a new member's log.
     stopping: Arc<Mutex<HashSet<String>>>,
+    /// Held while a leader rebalance runs (one at a time).
+    rebalancing: tokio::sync::Mutex<()>,
 }
 
 /// Publishes waiting for their group's commit on this node, at most, before
@@ -145,6 +150,7 @@ impl Manager {
             groups: Mutex::new(HashMap::new()),
             pending: Arc::default(),
             stopping: Arc::default(),
+            rebalancing: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -414,14 +420,20 @@ impl Manager {
     /// answer, or Err when the group does not run here.
     pub async fn handle(&self, payload: &[u8]) -> Result<serde_json::Value, String> {
         let req: network::GroupRpc = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-        let raft = self
+        let group = self
             .group(&req.group)
-            .and_then(|g| g.raft())
             .ok_or_else(|| format!("no quorum group '{}' here", req.group))?;
+        let raft = group
+            .raft()
+            .ok_or_else(|| format!("quorum group '{}' not started", req.group))?;
         let v = match req.rpc {
             network::Rpc::Append(r) => serde_json::to_value(raft.append_entries(r).await),
             network::Rpc::Vote(r) => serde_json::to_value(raft.vote(r).await),
             network::Rpc::Snapshot(r) => serde_json::to_value(raft.install_snapshot(r).await),
+            network::Rpc::Transfer { to } => serde_json::to_value(group.transfer_to(to).await),
+            network::Rpc::Elect => {
+                serde_json::to_value(raft.trigger().elect().await.map_err(|e| e.to_string()))
+            }
         };
         v.map_err(|e| e.to_string())
     }

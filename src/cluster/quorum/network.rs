@@ -2,7 +2,8 @@
 //! own connections ([`crate::cluster::network::Peer`], so the same `dial`,
 //! TLS and cookie handshake) in [`Kind::Quorum`] frames that name the group;
 //! the listener ([`crate::cluster::network::serve`]) hands them to
-//! [`super::Manager::handle`]. No listener of their own.
+//! [`super::Manager::handle`]. No listener of their own. Besides openraft's
+//! three RPCs, two of ours carry a leadership transfer (rebalancing).
 
 use super::QTypeConfig;
 use crate::cluster::frame::Kind;
@@ -34,6 +35,14 @@ pub enum Rpc {
     Append(AppendEntriesRequest<QTypeConfig>),
     Vote(VoteRequest<NodeId>),
     Snapshot(InstallSnapshotRequest<QTypeConfig>),
+    /// To the leader: hand the leadership to member `to`
+    /// ([`super::serve::Group::transfer_to`]); answers `Result<(), String>`.
+    Transfer {
+        to: NodeId,
+    },
+    /// To a member, from the leader handing over: stand for election now
+    /// (openraft's `trigger().elect()`); answers `Result<(), String>`.
+    Elect,
 }
 
 /// openraft's view of the network, for one group.

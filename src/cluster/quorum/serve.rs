@@ -47,6 +47,11 @@ pub struct Group {
     /// The members the metadata records (node names); the leader makes the
     /// group's voters match them.
     members: parking_lot::Mutex<Vec<String>>,
+    /// A leadership transfer is under way ([`Group::transfer_to`]): nothing
+    /// is proposed and no heartbeat sent until it ends.
+    transferring: AtomicBool,
+    /// Wakes the proposal loops when a transfer ends.
+    transferred: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Group {
@@ -85,6 +90,8 @@ impl Group {
             manager,
             pending,
             members: parking_lot::Mutex::new(Vec::new()),
+            transferring: AtomicBool::new(false),
+            transferred: tokio::sync::Notify::new(),
         })
     }
 
@@ -210,6 +217,134 @@ impl Group {
     }
 }
 
+impl Group {
+    /// Wait while a leadership transfer is under way.
+    async fn not_transferring(&self) {
+        loop {
+            let woken = self.transferred.notified();
+            if !self.transferring.load(Ordering::Acquire) {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// On the leader: hand the leadership to member `to` (rebalancing).
+    /// openraft 0.9 has no leadership transfer, so this makes one from what
+    /// it has: proposals pause until everything proposed is applied and `to`
+    /// has all of it, heartbeats stop, and `to` is asked to stand
+    /// (`trigger().elect()`, [`Rpc::Elect`](super::network::Rpc::Elect)):
+    /// this leader grants the vote at once (no RPC of a leader renews its
+    /// own lease) and steps down; the other members grant it once their
+    /// lease has lapsed without heartbeats (an election timeout), so `to`
+    /// is asked again until it leads. Always before the other members' own
+    /// timers (lease plus election timeout), so none of them stands first.
+    /// Publishes that arrive meanwhile wait, then are nacked if this node no
+    /// longer leads (the queue's publishers may resend through the new
+    /// leader). Ok once `to` leads.
+    pub async fn transfer_to(self: &Arc<Self>, to: u64) -> Result<(), String> {
+        let raft = self.raft().ok_or("the group is not running here")?;
+        let manager = self.manager.upgrade().ok_or("shutting down")?;
+        let me = manager.ident.id;
+        let target = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            if m.state != ServerState::Leader || !self.is_serving() {
+                return Err("this node does not lead the queue".into());
+            }
+            if to == me {
+                return Ok(());
+            }
+            let membership = m.membership_config.membership();
+            if !membership.voter_ids().any(|v| v == to) {
+                return Err(format!("node {to} is not a voting member"));
+            }
+            membership
+                .get_node(&to)
+                .cloned()
+                .ok_or_else(|| format!("node {to} has no address"))?
+        };
+        if self.transferring.swap(true, Ordering::AcqRel) {
+            return Err("a leadership transfer is already under way".into());
+        }
+        let _resume = Resume(self, raft.clone());
+        let deadline = tokio::time::Instant::now() + self.commit_timeout;
+        // Everything proposed is applied here and replicated to `to`: its
+        // log is as long as this leader's, so it can win.
+        loop {
+            let caught_up = {
+                let metrics = raft.metrics();
+                let m = metrics.borrow();
+                let last = m.last_log_index;
+                let applied = m.last_applied.map(|l| l.index);
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&to).copied().flatten())
+                    .map(|l| l.index);
+                m.state == ServerState::Leader && applied == last && matched == last
+            };
+            if caught_up {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("node {to} did not catch up in time"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        raft.runtime_config().heartbeat(false);
+        let ask_every = Duration::from_millis(manager.config.heartbeat_interval);
+        let mut peer = crate::cluster::network::Peer::to(&target, Arc::clone(&manager.ident));
+        let give_up = tokio::time::Instant::now()
+            + Duration::from_millis(manager.config.election_timeout_max * 2);
+        let mut metrics = raft.metrics();
+        loop {
+            let req = super::network::GroupRpc {
+                group: self.id.clone(),
+                rpc: super::network::Rpc::Elect,
+            };
+            let asked: Result<Result<serde_json::Value, String>, _> = peer
+                .call(crate::cluster::frame::Kind::Quorum, &req, ask_every)
+                .await;
+            if let Err(e) = asked {
+                tracing::debug!(group = %self.id, error = %e, "leadership transfer: member not reached");
+            }
+            let until = tokio::time::Instant::now() + ask_every;
+            loop {
+                let leader = metrics.borrow_and_update().current_leader;
+                if leader == Some(to) {
+                    tracing::info!(queue = %self.name, vhost = %self.vhost, to, "quorum queue leadership transferred");
+                    return Ok(());
+                }
+                if leader.is_some_and(|l| l != me) {
+                    return Err(format!("node {} was elected instead", leader.unwrap_or(0)));
+                }
+                if tokio::time::timeout_at(until, metrics.changed())
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            if tokio::time::Instant::now() >= give_up {
+                return Err(format!("node {to} was not elected in time"));
+            }
+        }
+    }
+}
+
+/// Ends a leadership transfer, however it went: heartbeats again (a leader
+/// that stayed goes on leading) and proposals resume.
+struct Resume<'a>(&'a Group, Raft);
+
+impl Drop for Resume<'_> {
+    fn drop(&mut self) {
+        self.1.runtime_config().heartbeat(true);
+        self.0.transferring.store(false, Ordering::Release);
+        self.0.transferred.notify_waiters();
+    }
+}
+
 impl Replica for Group {
     fn serving(&self) -> bool {
         self.is_serving()
@@ -262,11 +397,13 @@ async fn watch(g: Weak<Group>, raft: Raft) {
                 return;
             }
         }
-        let cut_off = leader && group.is_serving() && checked.elapsed() >= tick && {
-            checked = tokio::time::Instant::now();
-            let check = tokio::time::timeout(lost_after, raft.ensure_linearizable()).await;
-            !matches!(check, Ok(Ok(_)))
-        };
+        let transferring = group.transferring.load(Ordering::Acquire);
+        let cut_off =
+            leader && group.is_serving() && !transferring && checked.elapsed() >= tick && {
+                checked = tokio::time::Instant::now();
+                let check = tokio::time::timeout(lost_after, raft.ensure_linearizable()).await;
+                !matches!(check, Ok(Ok(_)))
+            };
         if leader && !group.is_serving() {
             // Everything committed before this term is applied first.
             let ok = tokio::time::timeout(group.commit_timeout, raft.ensure_linearizable()).await;
@@ -282,7 +419,7 @@ async fn watch(g: Weak<Group>, raft: Raft) {
             }
             continue;
         }
-        if leader && !cut_off && group.is_serving() {
+        if leader && !cut_off && !transferring && group.is_serving() {
             reconcile(&group, &raft).await;
         }
         if (!leader || cut_off) && group.is_serving() {
@@ -442,6 +579,7 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
         }
         let (messages, tickets): (Vec<QMsg>, Vec<Counted>) = batch.into_iter().unzip();
         let Some(group) = g.upgrade() else { return };
+        group.not_transferring().await;
         let within = group.commit_timeout;
         let serving = group.is_serving();
         drop(group);
@@ -490,6 +628,7 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
             ids.extend(more);
         }
         let Some(group) = g.upgrade() else { return };
+        group.not_transferring().await;
         if !group.is_serving() {
             // The next leader has them (and redelivers them).
             continue;
