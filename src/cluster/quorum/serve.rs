@@ -238,7 +238,8 @@ impl Group {
     /// own lease) and steps down; the other members grant it once their
     /// lease has lapsed without heartbeats (an election timeout), so `to`
     /// is asked again until it leads. Always before the other members' own
-    /// timers (lease plus election timeout), so none of them stands first.
+    /// timers (lease plus election timeout), so none of them stands first;
+    /// given up (and heartbeats resumed) before those could fire.
     /// Publishes that arrive meanwhile wait, then are nacked if this node no
     /// longer leads (the queue's publishers may resend through the new
     /// leader). Ok once `to` leads.
@@ -264,6 +265,9 @@ impl Group {
                 .cloned()
                 .ok_or_else(|| format!("node {to} has no address"))?
         };
+        if !manager.running_ids().contains(&to) {
+            return Err(format!("node {to} is not running"));
+        }
         if self.transferring.swap(true, Ordering::AcqRel) {
             return Err("a leadership transfer is already under way".into());
         }
@@ -295,8 +299,13 @@ impl Group {
         raft.runtime_config().heartbeat(false);
         let ask_every = Duration::from_millis(manager.config.heartbeat_interval);
         let mut peer = crate::cluster::network::Peer::to(&target, Arc::clone(&manager.ident));
+        // Given up before any other member's own timer (lease plus an
+        // election timeout) can fire, so a transfer that fails does not
+        // cause an election of its own.
         let give_up = tokio::time::Instant::now()
-            + Duration::from_millis(manager.config.election_timeout_max * 2);
+            + Duration::from_millis(
+                manager.config.election_timeout_max + 2 * manager.config.heartbeat_interval,
+            );
         let mut metrics = raft.metrics();
         loop {
             let req = super::network::GroupRpc {
