@@ -96,6 +96,36 @@ impl Warren {
         tls::reload_all(&self.tls_listeners())
     }
 
+    /// Every bound listener, by RabbitMQ's protocol names.
+    pub fn listeners(&self) -> Vec<admin::health::Listener> {
+        use admin::health::Listener;
+        let mut all: Vec<Listener> = self
+            .server
+            .amqp_addrs()
+            .iter()
+            .map(|a| Listener {
+                protocol: "amqp",
+                addr: *a,
+            })
+            .collect();
+        let one = |protocol, addr: Option<std::net::SocketAddr>| {
+            addr.map(|addr| Listener { protocol, addr })
+        };
+        all.extend(
+            [
+                one("amqp/ssl", self.amqps_addr()),
+                one("stream", self.stream_addr()),
+                one("stream/ssl", self.stream_tls_addr()),
+                one("http", self.admin_addr()),
+                one("https", self.admin_tls_addr()),
+                one("clustering", self.cluster.as_ref().map(|c| c.listen)),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+        all
+    }
+
     fn tls_listeners(&self) -> tls::Listeners {
         tls_listeners(self.server.tls(), self.admin_tls.as_ref())
     }
@@ -193,12 +223,14 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
             tls,
             handshake_timeout: tls::handshake_timeout(&config),
         });
+    let mut listeners = None;
     let admin = if http.is_some() || https.is_some() {
         let every = std::time::Duration::from_secs(config.admin_sample_interval_secs.max(1));
         let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
         state.tls = tls_listeners(server.tls(), admin_tls.as_ref());
         state.data_dir = Some(config.data_dir.clone());
         state.cluster = cluster.clone();
+        listeners = Some(Arc::clone(&state.listeners));
         admin::start(http.as_deref(), https, state, every).await?
     } else {
         admin::Addrs::default()
@@ -220,14 +252,18 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
             }
         }
     });
-    Ok(Warren {
+    let warren = Warren {
         server,
         shovels,
         stream,
         cluster,
         admin,
         admin_tls,
-    })
+    };
+    if let Some(l) = listeners {
+        let _ = l.set(warren.listeners());
+    }
+    Ok(warren)
 }
 
 /// The shovel registry: the dynamic shovels in the store and the static ones

@@ -73,6 +73,35 @@ impl ServerTls {
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(Arc::clone(&self.current.read()))
     }
+
+    /// The configured certificate file, for reports.
+    pub fn certfile_name(&self) -> String {
+        self.options
+            .certfile
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Every certificate of the configured certificate file (the chain, as
+    /// read now) with its subject and `notAfter` (Unix seconds). A file
+    /// that no longer reads counts as expired now (`notAfter` 0), so a
+    /// health check that looks at it fails rather than passing blind.
+    pub fn certificate_expiries(&self) -> Vec<(String, i64)> {
+        let Some(path) = self.options.certfile.as_deref() else {
+            return Vec::new();
+        };
+        match read_certs(path) {
+            Ok(chain) => chain
+                .iter()
+                .map(|der| match X509Certificate::from_der(der.as_ref()) {
+                    Ok((_, c)) => (c.subject().to_string(), c.validity().not_after.timestamp()),
+                    Err(e) => (format!("unparsable certificate: {e}"), 0),
+                })
+                .collect(),
+            Err(e) => vec![(e.to_string(), 0)],
+        }
+    }
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

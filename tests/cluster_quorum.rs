@@ -766,6 +766,8 @@ async fn members_are_added_and_removed_through_the_api() {
 async fn leaders_are_rebalanced_over_the_nodes() {
     let (a, b, c) = three_nodes("qrebalance").await;
     let nodes = [a, b, c];
+    let critical = "/api/health/checks/node-is-quorum-critical";
+    assert_eq!(nodes[0].get(critical).0, 200, "no quorum queue yet");
     let queues: Vec<String> = (0..6).map(|i| format!("qq-rebalance-{i}")).collect();
     for q in &queues {
         declare_quorum(&nodes[0], q).await;
@@ -872,4 +874,28 @@ async fn leaders_are_rebalanced_over_the_nodes() {
         let got: BTreeSet<String> = got.into_iter().map(|(b, _)| b).collect();
         assert_eq!(got, want, "{q}");
     }
+
+    // RabbitMQ's rolling-restart check: with all three up, stopping one
+    // leaves every queue a majority; with C gone, stopping A would not.
+    let (status, body) = nodes[0].get(critical);
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("ok")),
+        "{body}"
+    );
+    let mut nodes = nodes;
+    nodes[2].kill();
+    eventually("A sees C down", Duration::from_secs(10), || {
+        nodes[0].get(critical).0 == 503
+    })
+    .await;
+    let (_, body) = nodes[0].get(critical);
+    let named: BTreeSet<String> = body["queues"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|q| q["name"].as_str().map(String::from))
+        .collect();
+    assert_eq!(named, queues.iter().cloned().collect(), "{body}");
+    assert_eq!(body["status"], "failed");
 }

@@ -431,6 +431,112 @@ async fn plaintext_and_stalled_handshakes_are_refused_without_harming_others() {
     let _ = t(conn.close(200, "bye")).await;
 }
 
+/// RabbitMQ's health checks over the admin API: listeners by port and by
+/// protocol (also listed by `/api/overview`), TLS certificates expiring
+/// within a period (the certificate file as it is now), and a node alone
+/// is never quorum-critical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_report_listeners_and_expiring_certificates() {
+    let pki = Pki::new("health");
+    let b = broker(&pki, Verify::VerifyNone, false).await;
+    let https = b.admin_tls_addr().expect("HTTPS listener").port();
+    let ca = pki.ca.pem();
+    let get = |path: String| {
+        let ca = ca.clone();
+        async move { https_get(https, &ca, &path).await }
+    };
+    let (_, overview) = get("/api/overview".into()).await;
+    let listed: Vec<(String, u64)> = overview["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .map(|l| {
+            (
+                l["protocol"].as_str().unwrap_or_default().to_string(),
+                l["port"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        listed.contains(&("amqp/ssl".into(), u64::from(port(&b)))),
+        "{listed:?}"
+    );
+    assert!(
+        listed.contains(&("https".into(), u64::from(https))),
+        "{listed:?}"
+    );
+    assert!(
+        listed.contains(&("amqp".into(), u64::from(b.amqp_addr().port()))),
+        "{listed:?}"
+    );
+
+    let (status, body) = get(format!("/api/health/checks/port-listener/{}", port(&b))).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("ok")),
+        "{body}"
+    );
+    let (status, body) = get("/api/health/checks/port-listener/1".into()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["status"], "failed");
+    assert_eq!(body["missing"], 1);
+    assert_eq!(
+        get("/api/health/checks/port-listener/x".into()).await.0,
+        400
+    );
+
+    for p in ["amqp", "amqps", "https", "management"] {
+        let (status, body) = get(format!("/api/health/checks/protocol-listener/{p}")).await;
+        assert_eq!(status, 200, "{p}: {body}");
+    }
+    let (status, body) = get("/api/health/checks/protocol-listener/mqtt".into()).await;
+    assert_eq!(
+        (status, body["missing"].as_str()),
+        (503, Some("mqtt")),
+        "{body}"
+    );
+    assert_eq!(
+        get("/api/health/checks/protocol-listener/gopher".into())
+            .await
+            .0,
+        400
+    );
+
+    // The test CA's server certificate is good until 4096.
+    let (status, body) = get("/api/health/checks/certificate-expiration/1/years".into()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        get("/api/health/checks/certificate-expiration/1/fortnights".into())
+            .await
+            .0,
+        400
+    );
+    // One that ends on January 1st, three years from about now: more than
+    // a year away, less than five.
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let year = 1970 + (secs / 31_556_952) as i32;
+    pki.write_server_until(year + 3);
+    let (status, body) = get("/api/health/checks/certificate-expiration/5/years".into()).await;
+    assert_eq!(status, 503, "{body}");
+    let expired = body["expired"].as_array().expect("expired");
+    assert!(
+        expired.iter().any(|e| e["protocol"] == "amqp/ssl"),
+        "{body}"
+    );
+    let (status, body) = get("/api/health/checks/certificate-expiration/1/years".into()).await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = get("/api/health/checks/node-is-quorum-critical".into()).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("ok")),
+        "{body}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_listener_can_be_turned_off() {
     let pki = Pki::new("tls-only");

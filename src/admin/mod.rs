@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod connections;
 pub mod definitions;
 pub mod exchanges;
+pub mod health;
 pub mod history;
 mod https;
 pub mod limits;
@@ -58,6 +59,8 @@ pub struct AdminState {
     pub data_dir: Option<std::path::PathBuf>,
     /// This node's part of the cluster, when clustered.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// Every listener of this node, set once they are all bound.
+    pub listeners: Arc<std::sync::OnceLock<Vec<health::Listener>>>,
 }
 
 impl AdminState {
@@ -72,6 +75,7 @@ impl AdminState {
             history: Arc::new(history::History::new()),
             data_dir: None,
             cluster: None,
+            listeners: Arc::default(),
         }
     }
 }
@@ -378,6 +382,23 @@ pub fn router(state: AdminState) -> Router {
             axum::routing::post(overview::reload_tls),
         )
         .route("/api/health/checks/alarms", get(overview::alarms))
+        .route("/api/health/checks/local-alarms", get(overview::alarms))
+        .route(
+            "/api/health/checks/port-listener/:port",
+            get(health::port_listener),
+        )
+        .route(
+            "/api/health/checks/protocol-listener/:protocol",
+            get(health::protocol_listener),
+        )
+        .route(
+            "/api/health/checks/certificate-expiration/:within/:unit",
+            get(health::certificate_expiration),
+        )
+        .route(
+            "/api/health/checks/node-is-quorum-critical",
+            get(health::node_is_quorum_critical),
+        )
         .route("/api/aliveness-test/:vhost", get(overview::aliveness))
         .route("/api/vhosts", get(vhosts::list))
         .route(

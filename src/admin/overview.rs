@@ -59,6 +59,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "rates_mode": "basic",
         "cluster_name": this_node(&s),
         "node": this_node(&s),
+        "listeners": super::health::overview_listeners(&s),
         "message_stats": message_stats(&Totals::of(&b.counters), &s.rates.global()),
         "queue_totals": {
             "messages": ready + unacked,

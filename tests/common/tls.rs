@@ -153,6 +153,21 @@ impl Pki {
         leaf
     }
 
+    /// Rewrite the server certificate (and key) with one that expires on
+    /// January 1st of `year`.
+    pub fn write_server_until(&self, year: i32) {
+        let mut p = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, "expiring");
+        p.not_after = rcgen::date_time_ymd(year, 1, 1);
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = p
+            .signed_by(&key, &self.ca.cert, &self.ca.key)
+            .expect("leaf cert");
+        std::fs::write(self.path("server.pem"), cert.pem()).expect("server.pem");
+        std::fs::write(self.path("server.key"), key.serialize_pem()).expect("server.key");
+    }
+
     pub fn options(&self, verify: Verify, fail_if_no_peer_cert: bool) -> SslOptions {
         SslOptions {
             cacertfile: Some(self.path("ca.pem")),
