@@ -899,3 +899,49 @@ async fn leaders_are_rebalanced_over_the_nodes() {
     assert_eq!(named, queues.iter().cloned().collect(), "{body}");
     assert_eq!(body["status"], "failed");
 }
+
+/// A graceful stop (SIGTERM) of the leader's node hands the leadership over
+/// to another member before the node goes (no election timeout to wait
+/// out): its log says so, a survivor leads, and every confirmed message is
+/// still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_hands_the_leadership_over() {
+    let (a, b, c) = three_nodes("qhandover").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-handover";
+    declare_quorum(&nodes[0], q).await;
+    eventually("a leader", Duration::from_secs(20), || {
+        leader_of(&nodes[1], q).is_some()
+    })
+    .await;
+    let leader = leader_of(&nodes[1], q).expect("leader");
+    let li = nodes
+        .iter()
+        .position(|n| n.name() == leader)
+        .expect("leader node");
+    let other = (li + 1) % 3;
+    let conn = nodes[other].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    assert_eq!(publish_confirmed(&ch, q, &bodies("h", 20)).await, (20, 0));
+    let _ = conn.close(200, "bye").await;
+
+    nodes[li].stop();
+    assert!(
+        nodes[li]
+            .log()
+            .contains("quorum queue leadership transferred"),
+        "no hand-over in the stopped node's log:\n{}",
+        nodes[li].log()
+    );
+    eventually("a survivor leads", Duration::from_secs(10), || {
+        leader_of(&nodes[other], q).is_some_and(|l| l != leader)
+    })
+    .await;
+    let want: BTreeSet<String> = bodies("h", 20).into_iter().collect();
+    let got = consume_all(&nodes[other], q, &want, Duration::from_secs(20)).await;
+    let got: BTreeSet<String> = got.into_iter().map(|(b, _)| b).collect();
+    assert_eq!(got, want);
+}

@@ -98,7 +98,7 @@ impl Node {
             .collect();
         let mut text = format!(
             "bind = \"{ip}\"\namqp_port = {amqp}\nadmin_port = {admin}\ndata_dir = \"{dir}\"\n\
-             log = \"warn\"\n\n[stream.listeners]\ntcp = {stream}\n\n[cluster]\n\
+             log = \"warn,warren::cluster::quorum=info\"\n\n[stream.listeners]\ntcp = {stream}\n\n[cluster]\n\
              node_name = \"warren@{ip}\"\nlisten = \"{ip}:{cluster}\"\ncookie = \"{cookie}\"\n\
              seeds = [{seeds}]\ncommit_timeout_ms = {timeout}\nheartbeat_ms = 50\n\
              dial = {{ {dial} }}\n",

@@ -98,6 +98,9 @@ pub struct Manager {
     rebalancing: tokio::sync::Mutex<()>,
 }
 
+/// How long a graceful stop waits for this node's leaderships to move.
+pub const HAND_OVER_WITHIN: Duration = Duration::from_secs(3);
+
 /// Publishes waiting for their group's commit on this node, at most, before
 /// the publishing connections stop reading (as for a full message store).
 pub const MAX_PENDING: usize = 16384;
@@ -416,6 +419,41 @@ impl Manager {
         });
     }
 
+    /// Before a graceful stop: every group this node leads hands its
+    /// leadership to its running voter with the longest log, all at once and
+    /// for at most [`HAND_OVER_WITHIN`], so that its queues go on at once
+    /// rather than after an election timeout (a node killed outright still
+    /// costs that). A group with no such member keeps its leader until the
+    /// stop.
+    async fn hand_over(&self) {
+        let running = self.running_ids();
+        let me = self.ident.id;
+        let groups: Vec<Arc<serve::Group>> = self.groups.lock().values().cloned().collect();
+        let moves = groups.into_iter().filter_map(|g| {
+            let raft = g.raft()?;
+            let target = {
+                let metrics = raft.metrics();
+                let m = metrics.borrow();
+                let replication = m.replication.as_ref()?;
+                m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .filter(|id| *id != me && running.contains(id))
+                    .max_by_key(|id| replication.get(id).copied().flatten())?
+            };
+            Some(async move {
+                let r = g.transfer_to(target).await;
+                if let Err(e) = r {
+                    tracing::info!(queue = %g.name, vhost = %g.vhost, error = %e, "quorum queue leadership not handed over");
+                }
+            })
+        });
+        let all = futures::future::join_all(moves);
+        if tokio::time::timeout(HAND_OVER_WITHIN, all).await.is_err() {
+            tracing::warn!("quorum queue leaderships not all handed over in time");
+        }
+    }
+
     /// A peer's RPC for one of this node's groups: the JSON of openraft's
     /// answer, or Err when the group does not run here.
     pub async fn handle(&self, payload: &[u8]) -> Result<serde_json::Value, String> {
@@ -438,8 +476,10 @@ impl Manager {
         v.map_err(|e| e.to_string())
     }
 
-    /// Stop every group (broker shutdown).
+    /// Stop every group (broker shutdown), after handing the leadership of
+    /// those this node leads to another member ([`Self::hand_over`]).
     pub async fn shutdown(&self) {
+        self.hand_over().await;
         let groups: Vec<_> = self.groups.lock().drain().map(|(_, g)| g).collect();
         for g in groups {
             g.shutdown().await;
