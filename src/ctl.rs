@@ -156,6 +156,10 @@ pub enum QueuesCommand {
     /// Remove a node from every quorum queue it is a member of (never the
     /// last member).
     Shrink { node: String },
+    /// Fail (exit code 1) when stopping this node would take a quorum queue
+    /// below its majority, listing those queues; for rolling restarts.
+    #[command(alias = "check_if_node_is_quorum_critical")]
+    CheckIfNodeIsQuorumCritical,
     /// Spread the quorum queues' leaders over the running nodes (`all`,
     /// `quorum`, `classic`, `stream`: only quorum queues have leaders to
     /// move).
@@ -257,7 +261,20 @@ impl Target {
                     .get("reason")
                     .and_then(Value::as_str)
                     .unwrap_or("request failed");
-                Err(format!("{code}: {reason}"))
+                // A failed health check lists what failed (RabbitMQ's
+                // `queues` of node-is-quorum-critical).
+                let listed: Vec<&str> = body
+                    .get("queues")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|q| q.get("readable_name").and_then(Value::as_str))
+                    .collect();
+                if listed.is_empty() {
+                    Err(format!("{code}: {reason}"))
+                } else {
+                    Err(format!("{code}: {reason}:\n{}", listed.join("\n")))
+                }
             }
             Err(e) => Err(format!("cannot reach {url}: {e}")),
         }
@@ -432,6 +449,13 @@ pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
                 &["vhost", "name"],
                 rows(&changed, &["vhost", "name"]),
             ))
+        }
+        Command::Queues(QueuesCommand::CheckIfNodeIsQuorumCritical) => {
+            target.call("GET", "/api/health/checks/node-is-quorum-critical", None)?;
+            Ok(
+                "Ok: this node can be stopped without any quorum queue losing its majority\n"
+                    .into(),
+            )
         }
         Command::Queues(QueuesCommand::Rebalance {
             queue_type,

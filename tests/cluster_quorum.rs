@@ -883,6 +883,8 @@ async fn leaders_are_rebalanced_over_the_nodes() {
         (200, Some("ok")),
         "{body}"
     );
+    let (ok, out) = nodes[0].ctl(&["queues", "check-if-node-is-quorum-critical"]);
+    assert!(ok, "{out}");
     let mut nodes = nodes;
     nodes[2].kill();
     eventually("A sees C down", Duration::from_secs(10), || {
@@ -898,6 +900,9 @@ async fn leaders_are_rebalanced_over_the_nodes() {
         .collect();
     assert_eq!(named, queues.iter().cloned().collect(), "{body}");
     assert_eq!(body["status"], "failed");
+    let (ok, out) = nodes[0].ctl(&["queues", "check_if_node_is_quorum_critical"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("queue 'qq-rebalance-0' in vhost '/'"), "{out}");
 }
 
 /// A graceful stop (SIGTERM) of the leader's node hands the leadership over
