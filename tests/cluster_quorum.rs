@@ -950,3 +950,72 @@ async fn a_graceful_stop_hands_the_leadership_over() {
     let got: BTreeSet<String> = got.into_iter().map(|(b, _)| b).collect();
     assert_eq!(got, want);
 }
+
+/// Established TCP connections to `ip:port` on this machine (both ends are
+/// here: loopback), from /proc/net/tcp.
+fn connections_to(ip: &str, port: u16) -> usize {
+    let octets: Vec<u8> = ip.split('.').filter_map(|o| o.parse().ok()).collect();
+    let want = format!(
+        "{:02X}{:02X}{:02X}{:02X}:{port:04X}",
+        octets[3], octets[2], octets[1], octets[0]
+    );
+    std::fs::read_to_string("/proc/net/tcp")
+        .expect("/proc/net/tcp")
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == want && f[3] == "01"
+        })
+        .count()
+}
+
+/// Ninety quorum queues' groups reach the other nodes over a few shared
+/// connections (a pool per node), not one per group and peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_quorum_queues_share_a_few_connections() {
+    let (a, b, c) = three_nodes("qpool").await;
+    let nodes = [a, b, c];
+    let n = 90;
+    let queues: Vec<String> = (0..n).map(|i| format!("qq-pool-{i}")).collect();
+    for (i, q) in queues.iter().enumerate() {
+        declare_quorum(&nodes[i % 3], q).await;
+    }
+    eventually("every queue has a leader", Duration::from_secs(60), || {
+        let (_, list) = nodes[0].get("/api/queues/%2F");
+        list.as_array()
+            .is_some_and(|l| l.iter().filter(|q| q["leader"].is_string()).count() == n)
+    })
+    .await;
+    // Every group's leader heartbeats its two followers every 200 ms: a
+    // connection per group and peer would be one to B's cluster port for
+    // each of the ~60 groups led from A or C (the test fails that way), plus
+    // the metadata group's, the probes' and the data links'; the pools
+    // keep at most 16 idle ones from each of A and C.
+    let target = &nodes[1];
+    eventually(
+        "fewer connections than groups",
+        Duration::from_secs(10),
+        || connections_to(&target.ip, target.cluster) < 50,
+    )
+    .await;
+    println!(
+        "connections to B's cluster port with {n} quorum queues: {}",
+        connections_to(&target.ip, target.cluster)
+    );
+    // And the groups work over them: each confirms a publish (a nack, from
+    // a leader change on a loaded machine, is retried).
+    let conn = nodes[2].connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    for q in &queues {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while publish_confirmed(&ch, q, &bodies(q, 1)).await != (1, 0) {
+            assert!(Instant::now() < deadline, "{q} never confirmed a publish");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let _ = conn.close(200, "bye").await;
+}

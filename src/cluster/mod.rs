@@ -831,6 +831,8 @@ pub struct Identity {
     pub dial: BTreeMap<String, String>,
     /// When a connection problem with a peer was last logged, by peer.
     complaints: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Idle connections the quorum queue groups share.
+    pub pool: network::Pool,
 }
 
 /// How often the same connection problem with one peer is logged.
@@ -846,6 +848,7 @@ impl Identity {
             tls: None,
             dial: BTreeMap::new(),
             complaints: Default::default(),
+            pool: network::Pool::default(),
         }
     }
 

@@ -221,6 +221,47 @@ pub struct Peer {
     conn: Option<Conn>,
     /// A dial under way (outlives a call abandoned while it runs).
     dialing: Option<tokio::task::JoinHandle<Result<Conn, CallError>>>,
+    /// Takes its connection from, and gives it back to, the node's [`Pool`]
+    /// between calls rather than keeping one of its own.
+    pooled: bool,
+}
+
+/// Idle inter-node connections shared by the [`Peer::pooled`] peers (the
+/// quorum queue groups'), by peer address: a group's RPC borrows one for
+/// its request and reply and gives it back, so the connections to a node
+/// number the RPCs in flight to it at once, not the groups. At most
+/// [`POOL_IDLE_MAX`] idle per peer; all of a peer's are dropped when one
+/// fails (they most likely share its fate: the peer restarted, the link
+/// was cut).
+#[derive(Default)]
+pub struct Pool {
+    idle: parking_lot::Mutex<std::collections::HashMap<String, Vec<Conn>>>,
+}
+
+/// Idle pooled connections kept per peer.
+pub const POOL_IDLE_MAX: usize = 16;
+
+impl Pool {
+    fn take(&self, addr: &str) -> Option<Conn> {
+        self.idle.lock().get_mut(addr)?.pop()
+    }
+
+    fn put(&self, addr: &str, conn: Conn) {
+        let mut idle = self.idle.lock();
+        let list = idle.entry(addr.to_string()).or_default();
+        if list.len() < POOL_IDLE_MAX {
+            list.push(conn);
+        }
+    }
+
+    fn clear(&self, addr: &str) {
+        self.idle.lock().remove(addr);
+    }
+
+    /// Idle connections to `addr` now.
+    pub fn idle(&self, addr: &str) -> usize {
+        self.idle.lock().get(addr).map_or(0, Vec::len)
+    }
 }
 
 impl Peer {
@@ -232,6 +273,7 @@ impl Peer {
             ident,
             conn: None,
             dialing: None,
+            pooled: false,
         }
     }
 
@@ -243,6 +285,15 @@ impl Peer {
             ident,
             conn: None,
             dialing: None,
+            pooled: false,
+        }
+    }
+
+    /// A member, reached over the node's shared [`Pool`] of connections.
+    pub fn pooled(node: &NodeInfo, ident: Arc<Identity>) -> Peer {
+        Peer {
+            pooled: true,
+            ..Peer::to(node, ident)
         }
     }
 
@@ -255,6 +306,7 @@ impl Peer {
             ident,
             conn: None,
             dialing: None,
+            pooled: false,
         }
     }
 
@@ -275,6 +327,9 @@ impl Peer {
             Ok(bytes) => Ok(serde_json::from_slice(&bytes)?),
             Err(e) => {
                 self.conn = None;
+                if self.pooled {
+                    self.ident.pool.clear(&self.addr);
+                }
                 Err(e)
             }
         }
@@ -287,7 +342,12 @@ impl Peer {
     /// its own; and the dial runs in a task of its own, kept across abandoned
     /// calls, so a slow link still ends up connected.
     async fn exchange(&mut self, kind: Kind, payload: Vec<u8>) -> Result<bytes::Bytes, CallError> {
-        let mut conn = match self.conn.take() {
+        let idle = match self.conn.take() {
+            Some(conn) => Some(conn),
+            None if self.pooled => self.ident.pool.take(&self.addr),
+            None => None,
+        };
+        let mut conn = match idle {
             Some(conn) => conn,
             None => {
                 let dialing = self.dialing.get_or_insert_with(|| {
@@ -311,7 +371,11 @@ impl Peer {
                 "not a reply".into(),
             ));
         }
-        self.conn = Some(conn);
+        if self.pooled {
+            self.ident.pool.put(&self.addr, conn);
+        } else {
+            self.conn = Some(conn);
+        }
         Ok(reply.payload)
     }
 }

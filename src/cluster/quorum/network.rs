@@ -1,7 +1,9 @@
 //! A quorum queue group's Raft RPCs between nodes: carried by the cluster's
 //! own connections ([`crate::cluster::network::Peer`], so the same `dial`,
-//! TLS and cookie handshake) in [`Kind::Quorum`] frames that name the group;
-//! the listener ([`crate::cluster::network::serve`]) hands them to
+//! TLS and cookie handshake), borrowed from the node's shared pool (so the
+//! connections to a node number the RPCs in flight, not the groups), in
+//! [`Kind::Quorum`] frames that name the group; the listener
+//! ([`crate::cluster::network::serve`]) hands them to
 //! [`super::Manager::handle`]. No listener of their own. Besides openraft's
 //! three RPCs, two of ours carry a leadership transfer (rebalancing).
 
@@ -58,7 +60,7 @@ impl RaftNetworkFactory<QTypeConfig> for GroupNetwork {
         GroupPeer {
             target,
             group: self.group.clone(),
-            peer: Peer::to(node, Arc::clone(&self.ident)),
+            peer: Peer::pooled(node, Arc::clone(&self.ident)),
         }
     }
 }
