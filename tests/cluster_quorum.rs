@@ -32,6 +32,16 @@ fn quorum_args() -> FieldTable {
     args
 }
 
+/// A connection to `node` and a channel on it in confirm mode.
+async fn confirming(node: &Node) -> (Connection, Channel) {
+    let conn = node.connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirm.select");
+    (conn, ch)
+}
+
 /// Declare quorum queue `q` on `node`.
 async fn declare_quorum(node: &Node, q: &str) {
     declare_quorum_sized(node, q, None).await;
@@ -251,11 +261,7 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
         .find(|&i| nodes[i].name() != new_leader)
         .expect("a follower");
     let others: Vec<usize> = (0..3).filter(|&i| i != lone).collect();
-    let conn = nodes[lone].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[lone]).await;
     for &i in &others {
         nodes[i].kill();
     }
@@ -282,11 +288,7 @@ async fn a_quorum_queue_keeps_its_messages_across_a_whole_cluster_restart() {
     let mut nodes = [a, b, c];
     let q = "qq-restart";
     declare_quorum(&nodes[1], q).await;
-    let conn = nodes[2].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[2]).await;
     let all = bodies("r", 30);
     assert_eq!(publish_confirmed(&ch, q, &all).await, (30, 0));
     // basic.get 10 with ack on A: their settlement is replicated.
@@ -340,11 +342,7 @@ async fn a_quorum_queue_keeps_its_messages_across_a_whole_cluster_restart() {
     // Delete it (its group stops and its log goes on every member) with 5
     // messages in it; declared again, on another node, it is a new group:
     // empty, and working.
-    let conn = nodes[2].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[2]).await;
     assert_eq!(publish_confirmed(&ch, q, &bodies("old", 5)).await, (5, 0));
     let deleted = common::t(ch.queue_delete(q, QueueDeleteOptions::default()))
         .await
@@ -363,11 +361,7 @@ async fn a_quorum_queue_keeps_its_messages_across_a_whole_cluster_restart() {
         v["messages"] == 0 && v["leader"].is_string()
     })
     .await;
-    let conn = nodes[1].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[1]).await;
     assert_eq!(publish_confirmed(&ch, q, &bodies("new", 3)).await, (3, 0));
     let _ = conn.close(200, "bye").await;
     let want: BTreeSet<String> = bodies("new", 3).into_iter().collect();
@@ -499,11 +493,7 @@ async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
         .position(|n| n.name() == leader)
         .expect("leader");
     let other = (li + 1) % 3;
-    let conn = nodes[other].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[other]).await;
     let before = bodies("before", 20);
     assert_eq!(publish_confirmed(&ch, q, &before).await, (20, 0));
     let _ = conn.close(200, "bye").await;
@@ -580,11 +570,7 @@ async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
         || leader_of(&nodes[other], q).is_some_and(|l| l != leader),
     )
     .await;
-    let conn = nodes[other].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[other]).await;
     let during = bodies("during", 10);
     assert_eq!(publish_confirmed(&ch, q, &during).await, (10, 0));
     let _ = conn.close(200, "bye").await;
@@ -649,11 +635,7 @@ async fn members_are_added_and_removed_through_the_api() {
         .find(|i| *i != li && *i != outsider)
         .expect("the other member");
 
-    let conn = nodes[li].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[li]).await;
     assert_eq!(
         publish_confirmed(&ch, q, &bodies("before", 10)).await,
         (10, 0)
@@ -800,11 +782,7 @@ async fn leaders_are_rebalanced_over_the_nodes() {
     println!("leaders per node before: {before:?}");
 
     // Messages in every queue, confirmed through A.
-    let conn = nodes[0].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[0]).await;
     for q in &queues {
         assert_eq!(
             publish_confirmed(&ch, q, &bodies(&format!("{q}-before"), 5)).await,
@@ -853,11 +831,7 @@ async fn leaders_are_rebalanced_over_the_nodes() {
 
     // Every queue still has its messages and confirms through its new
     // leader (published on B, consumed on C: both forwarded or local).
-    let conn = nodes[1].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[1]).await;
     for q in &queues {
         assert_eq!(
             publish_confirmed(&ch, q, &bodies(&format!("{q}-after"), 3)).await,
@@ -925,11 +899,7 @@ async fn a_graceful_stop_hands_the_leadership_over() {
         .position(|n| n.name() == leader)
         .expect("leader node");
     let other = (li + 1) % 3;
-    let conn = nodes[other].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[other]).await;
     assert_eq!(publish_confirmed(&ch, q, &bodies("h", 20)).await, (20, 0));
     let _ = conn.close(200, "bye").await;
 
@@ -1005,11 +975,7 @@ async fn many_quorum_queues_share_a_few_connections() {
     );
     // And the groups work over them: each confirms a publish (a nack, from
     // a leader change on a loaded machine, is retried).
-    let conn = nodes[2].connect().await;
-    let ch = channel(&conn).await;
-    common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (conn, ch) = confirming(&nodes[2]).await;
     for q in &queues {
         let deadline = Instant::now() + Duration::from_secs(20);
         while publish_confirmed(&ch, q, &bodies(q, 1)).await != (1, 0) {
