@@ -569,3 +569,30 @@ pub async fn publish_confirmed(ch: &Channel, q: &str, bodies: &[String]) -> (usi
 pub fn bodies(tag: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{tag}-{i}")).collect()
 }
+
+/// Declare the durable quorum queue `q` (`x-queue-type: quorum`) on `node`.
+pub async fn declare_quorum_queue(node: &Node, q: &str) {
+    let conn = node.connect().await;
+    let ch = super::t(conn.create_channel()).await.expect("channel");
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    let qd = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    super::t(ch.queue_declare(q, qd, args))
+        .await
+        .expect("queue.declare (quorum)");
+    let _ = conn.close(200, "bye").await;
+}
+
+/// The leader of quorum queue `q` (vhost `/`) as `node`'s `/api/queues`
+/// names it (the metadata's last announcement), if any.
+pub fn quorum_leader(node: &Node, q: &str) -> Option<String> {
+    node.get(&format!("/api/queues/%2F/{q}")).1["leader"]
+        .as_str()
+        .map(String::from)
+}

@@ -414,8 +414,23 @@ async fn watch(g: Weak<Group>, raft: Raft) {
                 !matches!(check, Ok(Ok(_)))
             };
         if leader && !group.is_serving() {
-            // Everything committed before this term is applied first.
-            let ok = tokio::time::timeout(group.commit_timeout, raft.ensure_linearizable()).await;
+            // Everything committed before this term is applied first, and
+            // everything already in this member's log: a leader restored at
+            // start (openraft makes a node whose saved vote is its own
+            // committed one leader again at once, with no new blank entry)
+            // may hold entries past its commit index that commit only now;
+            // loaded before they apply, their messages would be enqueued
+            // again when they do, as first deliveries (not redelivered,
+            // and even when a later `Settle` in that tail had acked them).
+            let last = raft.metrics().borrow().last_log_index;
+            let ready = async {
+                raft.ensure_linearizable().await.map_err(|_| ())?;
+                raft.wait(None)
+                    .applied_index_at_least(last, "the leader's log applied")
+                    .await
+                    .map_err(|_| ())
+            };
+            let ok = tokio::time::timeout(group.commit_timeout, ready).await;
             let still = raft.metrics().borrow().state == ServerState::Leader;
             if matches!(ok, Ok(Ok(_))) && still {
                 if !group.serve() {
