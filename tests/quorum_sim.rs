@@ -11,7 +11,7 @@
 //! live on every member, no message was enqueued under two ids, and every
 //! member's queue state is the same and the committed sequence's.
 //!
-//! - `WARREN_QSIM_SEEDS=N`: how many seeds (default 600), from
+//! - `WARREN_QSIM_SEEDS=N`: how many seeds (default 500), from
 //!   `WARREN_QSIM_FIRST` (default 0).
 //! - `WARREN_QSIM_SEED=S`: only seed S, with its event trace printed.
 
@@ -246,7 +246,7 @@ impl Kind for Quorum {
 
 #[test]
 fn seeded_schedules_keep_the_quorum_queue_invariants() {
-    sim::run_seeds::<Quorum>(600);
+    sim::run_seeds::<Quorum>(500);
 }
 
 #[test]

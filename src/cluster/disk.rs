@@ -310,6 +310,20 @@ impl MemoryDisk {
         s.volatile = s.durable.clone();
     }
 
+    /// A disk of its own holding what this one holds durably: what a crash
+    /// now that kept none of the unflushed writes would leave (the
+    /// simulation checks what was acknowledged against it).
+    pub fn durable_copy(&self) -> MemoryDisk {
+        let s = self.state.lock();
+        let copy = MemoryDisk::new(s.flush_latency);
+        {
+            let mut c = copy.state.lock();
+            c.durable = s.durable.clone();
+            c.volatile = s.durable.clone();
+        }
+        copy
+    }
+
     pub(crate) fn handle(&self) -> MemoryHandle {
         MemoryHandle {
             generation: self.state.lock().generation,
@@ -390,6 +404,10 @@ mod tests {
         d.write(put("b", "2")).unwrap();
         d.write(put("c", "3")).unwrap();
         assert_eq!(disk.unflushed(), 2);
+        let copy = Disk::Memory(disk.durable_copy().handle());
+        assert_eq!(copy.get(Tree::Meta, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(copy.get(Tree::Meta, b"b").unwrap(), None);
+        assert_eq!(d.get(Tree::Meta, b"b").unwrap(), Some(b"2".to_vec()));
         disk.crash(1);
         assert!(d.get(Tree::Meta, b"a").is_err(), "an old handle fails");
         let d = Disk::Memory(disk.handle());

@@ -61,6 +61,8 @@ const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"last_purged";
 const SM: &[u8] = b"state_machine";
+/// How long a purge waits for the snapshot it follows to be stored.
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Where a state machine keeps its last snapshot ([`StoredSnapshot`]).
 pub(crate) const SNAPSHOT: &[u8] = b"snapshot";
 
@@ -133,6 +135,36 @@ impl<C> LogStore<C> {
             .await
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         Ok(())
+    }
+
+    /// Wait until the state machine's snapshot in this store covers
+    /// `log_id`. openraft 0.9 purges the log behind a snapshot a follower
+    /// receives without waiting for the state machine to install it: purged
+    /// first, a crash before the install is durable would leave neither the
+    /// entries nor the snapshot (the quorum group's simulation found it).
+    /// Written before the purge's writes, the snapshot is durable with them
+    /// (a flush covers every earlier write; a crash keeps a prefix).
+    async fn snapshot_covers(&self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        /// A stored snapshot's meta (its data skipped).
+        #[derive(Deserialize)]
+        struct Meta {
+            meta: SnapshotMeta<NodeId, serde_json::Value>,
+        }
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT;
+        loop {
+            let stored: Option<Meta> = self
+                .get(SNAPSHOT)
+                .map_err(|e| StorageIOError::read_snapshot(None, string_err(e)))?;
+            let at = stored.and_then(|s| s.meta.last_log_id).map(|l| l.index);
+            if at >= Some(log_id.index) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let why = format!("no snapshot covers {log_id} to purge the log behind");
+                return Err(StorageIOError::write_logs(string_err(why)).into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
     /// Forget the log, vote and state (a lone node about to join another cluster).
@@ -284,6 +316,7 @@ impl<C: LogConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        self.snapshot_covers(log_id).await?;
         self.put(PURGED, &log_id)
             .map_err(|e| StorageIOError::write_logs(string_err(e)))?;
         self.remove_logs(0, Some(log_id.index)).await
@@ -825,8 +858,53 @@ mod tests {
             })
             .collect();
         store.disk.write(batch).unwrap();
+        // A snapshot to 3 (a purge waits for one that covers it).
+        let snapshot = StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 3)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "s".into(),
+            },
+            data: Vec::new(),
+        };
+        store.put(SNAPSHOT, &snapshot).unwrap();
         store.disk.flush_blocking().unwrap();
         store
+    }
+
+    /// A purge waits for the snapshot it follows to be stored: openraft
+    /// purges behind a snapshot a follower receives without waiting for the
+    /// state machine to install it.
+    #[tokio::test(start_paused = true)]
+    async fn a_purge_waits_for_its_snapshot() {
+        let disk = MemoryDisk::new(Duration::from_millis(1));
+        let mut store = five(&disk);
+        let at = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+        let task = tokio::spawn({
+            let mut store = store.clone();
+            async move { store.purge(at(4)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!task.is_finished(), "no snapshot covers 4 yet");
+        assert_eq!(
+            store.get_log_state().await.unwrap().last_purged_log_id,
+            None
+        );
+        let snapshot = StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(at(5)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "s2".into(),
+            },
+            data: b"[]".to_vec(),
+        };
+        store.put(SNAPSHOT, &snapshot).unwrap();
+        task.await.unwrap().unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(at(4)));
+        assert_eq!(store.try_get_log_entries(..).await.unwrap().len(), 1);
+        // Never: an error, not a hang.
+        assert!(store.purge(at(9)).await.is_err());
     }
 
     /// Whatever a crash in the middle of a truncation or a purge keeps, the

@@ -111,6 +111,9 @@ struct Plan {
     /// The chance that a store write (append, truncate, purge, vote, apply,
     /// snapshot install) has its member crash while it is being flushed.
     io_crash: f64,
+    /// How long a flush takes (the window of a crash point): as fast as the
+    /// network, or slower (an fsync of a few ms against a LAN's round trip).
+    flush: Duration,
 }
 
 impl Plan {
@@ -119,12 +122,10 @@ impl Plan {
             nodes: if rng.gen_bool(0.65) { 3 } else { 5 },
             chaos: Duration::from_millis(rng.gen_range(500..1500)),
             io_crash: [0.0, 0.02, 0.1, 0.1][rng.gen_range(0..4)],
+            flush: Duration::from_millis([1, 1, 3, 8][rng.gen_range(0..4)]),
         }
     }
 }
-
-/// A simulated disk's flush takes this long: the window of a crash point.
-const FLUSH_LATENCY: Duration = Duration::from_millis(1);
 
 /// A member: its disk outlives its lives.
 pub struct Slot<K: Kind> {
@@ -151,6 +152,7 @@ pub struct World<K: Kind> {
     loss: f64,
     max_delay_ms: u64,
     io_crash: f64,
+    flush: Duration,
     trace: Vec<String>,
     keep_trace: bool,
     hash: u64,
@@ -426,7 +428,7 @@ fn crash_point<K: Kind>(world: &Shared<K>, node: usize, life: u64, what: &'stati
         if w.slots[node].life != life || !w.rng.gen_bool(chance) {
             return;
         }
-        let micros = FLUSH_LATENCY.as_micros() as u64;
+        let micros = w.flush.as_micros() as u64;
         Duration::from_micros(w.rng.gen_range(1..micros))
     };
     let world = Arc::clone(world);
@@ -825,15 +827,23 @@ async fn crash<K: Kind>(world: &Shared<K>, node: usize, life: Option<u64>) {
 // ---------------------------------------------------------------- clients
 
 /// A client's proposal through member `node`, following redirections to the
-/// leader; Ok with the entry's index once committed.
-async fn propose<K: Kind>(world: &Shared<K>, mut node: usize, cmd: D<K>) -> Result<u64, String> {
+/// leader; Ok with the entry's log id once committed, and the membership the
+/// leader had then.
+async fn propose<K: Kind>(
+    world: &Shared<K>,
+    mut node: usize,
+    cmd: D<K>,
+) -> Result<(LogId<NodeId>, Membership), String> {
     for _ in 0..3 {
         let raft = lock(world).slots[node].raft.clone();
         let Some(raft) = raft else {
             return Err("member down".into());
         };
         match raft.client_write(cmd.clone()).await {
-            Ok(resp) => return Ok(resp.log_id.index),
+            Ok(resp) => {
+                let m = raft.metrics().borrow().membership_config.clone();
+                return Ok((resp.log_id, m));
+            }
             Err(RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f))) => {
                 match f.leader_id {
                     Some(l) => node = index_of(l),
@@ -844,6 +854,44 @@ async fn propose<K: Kind>(world: &Shared<K>, mut node: usize, cmd: D<K>) -> Resu
         }
     }
     Err("redirected too often".into())
+}
+
+type Membership = Arc<StoredMembership<NodeId, NodeInfo>>;
+
+/// An acknowledged entry is durable on a majority of each of the voter sets
+/// in force at its position (in its member's log, or behind its purge
+/// mark): whatever crashes now, it stays committed. Checked when the leader
+/// that answered knows no later membership than the entry.
+fn check_durable<K: Kind>(w: &mut World<K>, id: LogId<NodeId>, membership: &Membership) {
+    if membership.log_id().is_some_and(|m| m.index > id.index) {
+        return;
+    }
+    let has: Vec<bool> = w
+        .slots
+        .iter()
+        .map(|s| {
+            let mut store = LogStore::<K::C>::in_memory(&s.disk.durable_copy());
+            let purged = match store.get_log_state().now_or_never() {
+                Some(Ok(state)) => state.last_purged_log_id,
+                _ => None,
+            };
+            let entry = match store
+                .try_get_log_entries(id.index..=id.index)
+                .now_or_never()
+            {
+                Some(Ok(e)) => e.first().map(|e| e.log_id),
+                _ => None,
+            };
+            entry == Some(id) || purged.is_some_and(|p| p.index >= id.index)
+        })
+        .collect();
+    for voters in membership.membership().get_joint_config() {
+        let durable = voters.iter().filter(|v| has[index_of(**v)]).count();
+        if durable * 2 <= voters.len() {
+            let v = format!("{id} acknowledged but durable on {durable} of voters {voters:?} only");
+            w.violation(v);
+        }
+    }
 }
 
 fn spawn_client<K: Kind>(world: &Shared<K>, n: usize) -> tokio::task::JoinHandle<()> {
@@ -864,10 +912,11 @@ fn spawn_client<K: Kind>(world: &Shared<K>, n: usize) -> tokio::task::JoinHandle
         let r = tokio::time::timeout(CLIENT_TIMEOUT, propose(&world, node, cmd.clone())).await;
         let mut w = lock(&world);
         match r {
-            Ok(Ok(index)) => {
-                w.note(|| format!("client via n{}: committed at {index}: {cmd:?}", id_of(node)));
+            Ok(Ok((id, membership))) => {
+                w.note(|| format!("client via n{}: committed at {id}: {cmd:?}", id_of(node)));
+                check_durable(&mut w, id, &membership);
                 w.acks += 1;
-                K::acked(&mut w, index, cmd);
+                K::acked(&mut w, id.index, cmd);
             }
             Ok(Err(e)) => w.note(|| format!("client via n{}: {e}", id_of(node))),
             Err(_) => w.note(|| format!("client via n{}: timed out", id_of(node))),
@@ -934,7 +983,7 @@ async fn run<K: Kind>(seed: u64, keep_trace: bool) -> Outcome {
         start: Instant::now(),
         slots: (0..n)
             .map(|_| Slot {
-                disk: MemoryDisk::new(FLUSH_LATENCY),
+                disk: MemoryDisk::new(plan.flush),
                 life: 0,
                 raft: None,
                 sm: None,
@@ -946,6 +995,7 @@ async fn run<K: Kind>(seed: u64, keep_trace: bool) -> Outcome {
         loss: 0.0,
         max_delay_ms: 5,
         io_crash: 0.0,
+        flush: plan.flush,
         trace: Vec::new(),
         keep_trace,
         hash: 0xcbf2_9ce4_8422_2325,
@@ -1078,8 +1128,8 @@ async fn converge<K: Kind>(world: &Shared<K>, n: usize) -> Option<u64> {
             return None;
         }
         let r = tokio::time::timeout(CLIENT_TIMEOUT, propose(world, node, K::barrier())).await;
-        if let Ok(Ok(index)) = r {
-            break index;
+        if let Ok(Ok((id, _))) = r {
+            break id.index;
         }
         node = (node + 1) % n;
         tokio::time::sleep(Duration::from_millis(50)).await;
