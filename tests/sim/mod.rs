@@ -7,15 +7,16 @@
 //! Three or five members run in one process on a current-thread tokio runtime
 //! with paused time, each on warren's own log store (`cluster::store::LogStore`)
 //! and the kind's state machine over a simulated disk (`MemoryDisk`: writes are
-//! volatile until a flush; a crash keeps what was flushed plus a prefix of the
-//! rest). Messages go through a simulated network that, driven by one seeded
+//! volatile until a flush, which takes 1 to 8 ms; a crash keeps what was
+//! flushed plus a prefix of the rest). Messages go through a simulated network that, driven by one seeded
 //! RNG, loses, delays (and so reorders) and partitions them. A seed decides
 //! everything: client proposals, partitions and heals, crashes (at random and
 //! in the middle of store writes) and restarts, membership changes, message
 //! fates, election timeouts. Checked during the run: no log id written with
 //! two payloads, votes never going back, one entry per applied index on every
 //! member, no entry applied twice (in a life, or over lives for a state
-//! machine that persists what it applied); after a final heal: convergence,
+//! machine that persists what it applied), an acknowledged proposal durable
+//! on a majority of its voters; after a final heal: convergence,
 //! no holes and log matching, then the kind's checks of the state machines.
 //! A failing seed prints itself and the command that replays it.
 
