@@ -1155,6 +1155,8 @@ async fn converge<K: Kind>(world: &Shared<K>, n: usize) -> Option<u64> {
         })
         .await;
         if reached != Ok(true) {
+            let state = raft.metrics().borrow().running_state.clone();
+            lock(world).note(|| format!("n{} did not reach the barrier: {state:?}", id_of(node)));
             return None;
         }
     }
