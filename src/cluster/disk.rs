@@ -1,10 +1,13 @@
-//! Where the metadata group's store keeps its bytes: two trees (the log, keyed
-//! by big-endian index, and the metadata: vote, commit index, state machine,
-//! snapshot) in a sled database on this node's disk; or, for the deterministic
-//! simulation of the group (`tests/raft_sim.rs`), in memory that behaves like a
-//! disk: a write is volatile until a flush, a flush takes (virtual) time, and a
-//! crash keeps what was flushed plus a prefix of the writes after it (a batch
-//! is one write, as sled's batches are atomic).
+//! Where a Raft group's store keeps its bytes: two key spaces, the log (keyed
+//! by big-endian index) and the metadata (vote, commit index, state machine,
+//! snapshot). Three homes: the metadata group's two trees in a sled database
+//! of its own; one tree of a sled database that many groups share (a quorum
+//! queue group's: log keys prefixed `l`, metadata keys `m:`; one flush of the
+//! database covers every group's writes); or, for the deterministic
+//! simulations of the groups (`tests/raft_sim.rs`, `tests/quorum_sim.rs`),
+//! memory that behaves like a disk: a write is volatile until a flush, a flush
+//! takes (virtual) time, and a crash keeps what was flushed plus a prefix of
+//! the writes after it (a batch is one write, as sled's batches are atomic).
 
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -28,7 +31,33 @@ pub(crate) enum Disk {
         log: sled::Tree,
         meta: sled::Tree,
     },
+    /// One tree of a database shared with other groups: both key spaces in
+    /// it, told apart by a prefix ([`shared_key`]).
+    Shared {
+        db: sled::Db,
+        tree: sled::Tree,
+    },
     Memory(MemoryHandle),
+}
+
+/// Where the log's keys start in a [`Disk::Shared`] tree.
+const SHARED_LOG: u8 = b'l';
+
+/// A key of `tree` as a [`Disk::Shared`] tree spells it: `l` and the index
+/// for the log, `m:` and the name for the metadata (the purge mark is
+/// `m:purged`, as the quorum groups' store wrote it before it shared the
+/// metadata group's code).
+fn shared_key(tree: Tree, key: &[u8]) -> Vec<u8> {
+    match tree {
+        Tree::Log => [&[SHARED_LOG][..], key].concat(),
+        Tree::Meta if key == b"last_purged" => b"m:purged".to_vec(),
+        Tree::Meta => [&b"m:"[..], key].concat(),
+    }
+}
+
+/// The log index a stored log key names (a key of another length: past the end).
+fn index_of_key(k: &[u8]) -> u64 {
+    u64::from_be_bytes(k.try_into().unwrap_or([0xff; 8]))
 }
 
 /// A change of one key.
@@ -58,6 +87,10 @@ impl Disk {
                 let t = if tree == Tree::Log { log } else { meta };
                 Ok(t.get(key).map_err(sled_err)?.map(|v| v.to_vec()))
             }
+            Disk::Shared { tree: t, .. } => Ok(t
+                .get(shared_key(tree, key))
+                .map_err(sled_err)?
+                .map(|v| v.to_vec())),
             Disk::Memory(m) => m.read(|s| s.volatile(tree).get(key).cloned()),
         }
     }
@@ -89,6 +122,16 @@ impl Disk {
                 }
                 Ok(())
             }
+            Disk::Shared { tree, .. } => {
+                let mut batch = sled::Batch::default();
+                for w in writes {
+                    match w {
+                        Write::Put(t, k, v) => batch.insert(shared_key(t, &k), v),
+                        Write::Del(t, k) => batch.remove(shared_key(t, &k)),
+                    }
+                }
+                tree.apply_batch(batch).map_err(sled_err)
+            }
             Disk::Memory(m) => m.write(writes),
         }
     }
@@ -100,6 +143,7 @@ impl Disk {
                 log.clear().map_err(sled_err)?;
                 meta.clear().map_err(sled_err)
             }
+            Disk::Shared { tree, .. } => tree.clear().map_err(sled_err),
             Disk::Memory(m) => {
                 let all = m.read(|s| {
                     [Tree::Log, Tree::Meta]
@@ -119,16 +163,31 @@ impl Disk {
             Some(t) => Bound::Included(t.to_be_bytes().to_vec()),
             None => Bound::Unbounded,
         };
-        let index = |k: &[u8]| u64::from_be_bytes(k.try_into().unwrap_or([0xff; 8]));
         match self {
             Disk::Sled { log, .. } => log
                 .range::<Vec<u8>, _>((start, end))
-                .map(|kv| kv.map(|(k, v)| (index(&k), v.to_vec())).map_err(sled_err))
+                .map(|kv| {
+                    kv.map(|(k, v)| (index_of_key(&k), v.to_vec()))
+                        .map_err(sled_err)
+                })
                 .collect(),
+            Disk::Shared { tree, .. } => {
+                let prefixed = |b: Bound<Vec<u8>>| match b {
+                    Bound::Included(k) => Bound::Included(shared_key(Tree::Log, &k)),
+                    // The end of the log's keys, before the metadata's.
+                    _ => Bound::Excluded(vec![SHARED_LOG + 1]),
+                };
+                tree.range::<Vec<u8>, _>((prefixed(start), prefixed(end)))
+                    .map(|kv| {
+                        kv.map(|(k, v)| (index_of_key(&k[1..]), v.to_vec()))
+                            .map_err(sled_err)
+                    })
+                    .collect()
+            }
             Disk::Memory(m) => m.read(|s| {
                 s.volatile(Tree::Log)
                     .range((start, end))
-                    .map(|(k, v)| (index(k), v.clone()))
+                    .map(|(k, v)| (index_of_key(k), v.clone()))
                     .collect()
             }),
         }
@@ -138,6 +197,12 @@ impl Disk {
     pub(crate) fn log_last(&self) -> io::Result<Option<Vec<u8>>> {
         match self {
             Disk::Sled { log, .. } => Ok(log.last().map_err(sled_err)?.map(|(_, v)| v.to_vec())),
+            Disk::Shared { tree, .. } => Ok(tree
+                .range(vec![SHARED_LOG]..vec![SHARED_LOG + 1])
+                .next_back()
+                .transpose()
+                .map_err(sled_err)?
+                .map(|(_, v)| v.to_vec())),
             Disk::Memory(m) => m.read(|s| s.volatile(Tree::Log).values().next_back().cloned()),
         }
     }
@@ -145,6 +210,10 @@ impl Disk {
     pub(crate) fn log_is_empty(&self) -> bool {
         match self {
             Disk::Sled { log, .. } => log.is_empty(),
+            Disk::Shared { tree, .. } => tree
+                .range(vec![SHARED_LOG]..vec![SHARED_LOG + 1])
+                .next()
+                .is_none(),
             Disk::Memory(m) => m.read(|s| s.volatile(Tree::Log).is_empty()).unwrap_or(true),
         }
     }
@@ -152,7 +221,9 @@ impl Disk {
     /// Make every write so far durable.
     pub(crate) async fn flush(&self) -> io::Result<()> {
         match self {
-            Disk::Sled { db, .. } => db.flush_async().await.map(drop).map_err(sled_err),
+            Disk::Sled { db, .. } | Disk::Shared { db, .. } => {
+                db.flush_async().await.map(drop).map_err(sled_err)
+            }
             Disk::Memory(m) => m.flush().await,
         }
     }
@@ -160,7 +231,9 @@ impl Disk {
     /// [`Self::flush`], blocking.
     pub(crate) fn flush_blocking(&self) -> io::Result<()> {
         match self {
-            Disk::Sled { db, .. } => db.flush().map(drop).map_err(sled_err),
+            Disk::Sled { db, .. } | Disk::Shared { db, .. } => {
+                db.flush().map(drop).map_err(sled_err)
+            }
             Disk::Memory(m) => m.flush_now(),
         }
     }
@@ -235,6 +308,20 @@ impl MemoryDisk {
             }
         }
         s.volatile = s.durable.clone();
+    }
+
+    /// A disk of its own holding what this one holds durably: what a crash
+    /// now that kept none of the unflushed writes would leave (the
+    /// simulation checks what was acknowledged against it).
+    pub fn durable_copy(&self) -> MemoryDisk {
+        let s = self.state.lock();
+        let copy = MemoryDisk::new(s.flush_latency);
+        {
+            let mut c = copy.state.lock();
+            c.durable = s.durable.clone();
+            c.volatile = s.durable.clone();
+        }
+        copy
     }
 
     pub(crate) fn handle(&self) -> MemoryHandle {
@@ -317,6 +404,10 @@ mod tests {
         d.write(put("b", "2")).unwrap();
         d.write(put("c", "3")).unwrap();
         assert_eq!(disk.unflushed(), 2);
+        let copy = Disk::Memory(disk.durable_copy().handle());
+        assert_eq!(copy.get(Tree::Meta, b"a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(copy.get(Tree::Meta, b"b").unwrap(), None);
+        assert_eq!(d.get(Tree::Meta, b"b").unwrap(), Some(b"2".to_vec()));
         disk.crash(1);
         assert!(d.get(Tree::Meta, b"a").is_err(), "an old handle fails");
         let d = Disk::Memory(disk.handle());
@@ -329,8 +420,18 @@ mod tests {
     fn sled_and_memory_answer_alike() {
         let dir = std::env::temp_dir().join(format!("warren-disk-{}", std::process::id()));
         let memory = MemoryDisk::new(Duration::ZERO);
+        let shared = sled::Config::new().temporary(true).open().unwrap();
+        // A neighbour group's tree in the same database is left alone.
+        let other = shared.open_tree("other").unwrap();
+        other
+            .insert(shared_key(Tree::Log, &[0; 8]), &b"x"[..])
+            .unwrap();
         for d in [
             Disk::open_sled(&dir).unwrap(),
+            Disk::Shared {
+                tree: shared.open_tree("group").unwrap(),
+                db: shared.clone(),
+            },
             Disk::Memory(memory.handle()),
         ] {
             let batch = (1u64..=4)
@@ -348,8 +449,28 @@ mod tests {
             assert_eq!(d.get(Tree::Meta, b"vote").unwrap(), Some(b"v".to_vec()));
             d.clear().unwrap();
             assert!(d.log_is_empty());
+            assert_eq!(d.log_last().unwrap(), None);
             assert_eq!(d.get(Tree::Meta, b"vote").unwrap(), None);
         }
+        assert_eq!(other.len(), 1);
+        // The shared layout is the one the quorum store wrote before.
+        let tree = shared.open_tree("group").unwrap();
+        let d = Disk::Shared {
+            tree: tree.clone(),
+            db: shared.clone(),
+        };
+        d.write(vec![
+            Write::Put(Tree::Log, 3u64.to_be_bytes().to_vec(), vec![3]),
+            Write::Put(Tree::Meta, b"last_purged".to_vec(), vec![1]),
+            Write::Put(Tree::Meta, b"vote".to_vec(), vec![2]),
+        ])
+        .unwrap();
+        let keys: Vec<Vec<u8>> = tree.iter().keys().map(|k| k.unwrap().to_vec()).collect();
+        let log_key = [&b"l"[..], &3u64.to_be_bytes()].concat();
+        assert_eq!(
+            keys,
+            vec![log_key, b"m:purged".to_vec(), b"m:vote".to_vec()]
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

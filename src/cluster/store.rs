@@ -1,11 +1,15 @@
-//! The metadata group's storage on this node: the Raft log, vote and commit
-//! index in a sled database of their own (`<data_dir>/cluster`), flushed to disk
-//! before an append or a vote is acknowledged; and the state machine, which
-//! applies committed commands to the local broker and keeps the replicated
-//! model (its snapshot), persisted with the last applied log id so a restart
-//! never applies an entry twice. The bytes live on a [`Disk`]: sled in a
-//! broker, memory that models a disk in the simulation of the group
-//! (`tests/raft_sim.rs`), which also applies to a [`Target`] of its own.
+//! Raft storage on this node. The log store ([`LogStore`], generic over the
+//! group's type configuration) serves every group: the Raft log, vote and
+//! commit index, flushed to disk before an append or a vote is acknowledged;
+//! the metadata group's in a sled database of its own (`<data_dir>/cluster`),
+//! each quorum queue group's in a tree of the database they share
+//! (`quorum::store`). And the metadata group's state machine, which applies
+//! committed commands to the local broker and keeps the replicated model (its
+//! snapshot), persisted with the last applied log id so a restart never
+//! applies an entry twice. The bytes live on a [`Disk`]: sled in a broker,
+//! memory that models a disk in the simulations of the groups
+//! (`tests/raft_sim.rs`, `tests/quorum_sim.rs`); the metadata group's
+//! simulation applies to a [`Target`] of its own.
 
 use super::command::{Command, Metadata};
 use super::disk::{Disk, MemoryDisk, Tree, Write};
@@ -13,14 +17,15 @@ use super::{NodeInfo, TypeConfig};
 use crate::broker::Broker;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership, Vote,
+    Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, RaftTypeConfig, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
+use std::marker::PhantomData;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
@@ -32,35 +37,63 @@ pub(super) fn io_err(e: impl std::error::Error + 'static) -> openraft::AnyError 
     openraft::AnyError::new(&e)
 }
 
-/// The log, vote and commit index (cheap to clone: a handle on its disk).
-#[derive(Clone)]
-pub struct LogStore {
+/// A Raft group's log, vote and commit index (cheap to clone: a handle on its
+/// disk), for any of warren's groups: the metadata group's ([`TypeConfig`],
+/// its own sled database), a quorum queue's (`quorum::QTypeConfig`, a tree of
+/// the database the groups share), or a simulated member's ([`MemoryDisk`]).
+/// The state machines keep their snapshots (and the metadata group its
+/// applied state) in the same store ([`Self::get`], [`Self::put`]).
+pub struct LogStore<C = TypeConfig> {
     disk: Disk,
+    config: PhantomData<fn() -> C>,
+}
+
+impl<C> Clone for LogStore<C> {
+    fn clone(&self) -> Self {
+        LogStore {
+            disk: self.disk.clone(),
+            config: PhantomData,
+        }
+    }
 }
 
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"last_purged";
 const SM: &[u8] = b"state_machine";
-const SNAPSHOT: &[u8] = b"snapshot";
+/// How long a purge waits for the snapshot it follows to be stored.
+const SNAPSHOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Where a state machine keeps its last snapshot ([`StoredSnapshot`]).
+pub(crate) const SNAPSHOT: &[u8] = b"snapshot";
 
-impl LogStore {
-    /// The store in the sled database at `dir`.
+impl LogStore<TypeConfig> {
+    /// The metadata group's store, in the sled database at `dir`.
     pub fn open(dir: &Path) -> Result<LogStore, sled::Error> {
-        Ok(LogStore {
-            disk: Disk::open_sled(dir)?,
-        })
+        Ok(LogStore::on(Disk::open_sled(dir)?))
+    }
+}
+
+impl<C> LogStore<C> {
+    fn on(disk: Disk) -> LogStore<C> {
+        LogStore {
+            disk,
+            config: PhantomData,
+        }
     }
 
     /// The store on a simulated disk, as it is now (after a crash: what the
     /// crash left).
-    pub fn in_memory(disk: &MemoryDisk) -> LogStore {
-        LogStore {
-            disk: Disk::Memory(disk.handle()),
-        }
+    pub fn in_memory(disk: &MemoryDisk) -> LogStore<C> {
+        LogStore::on(Disk::Memory(disk.handle()))
     }
 
-    fn get<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, String> {
+    /// The store in `tree` of the database `db` that other groups share: a
+    /// flush of `db` makes every group's writes before it durable.
+    pub fn new(db: sled::Db, tree: sled::Tree) -> LogStore<C> {
+        LogStore::on(Disk::Shared { db, tree })
+    }
+
+    pub(crate) fn get<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, String> {
         match self.disk.get(Tree::Meta, key).map_err(|e| e.to_string())? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
@@ -69,14 +102,15 @@ impl LogStore {
         }
     }
 
-    fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), String> {
+    pub(crate) fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), String> {
         let v = serde_json::to_vec(value).map_err(|e| e.to_string())?;
         self.disk
             .write(vec![Write::Put(Tree::Meta, key.to_vec(), v)])
             .map_err(|e| e.to_string())
     }
 
-    async fn flush(&self) -> std::io::Result<()> {
+    /// Make every write so far durable.
+    pub(crate) async fn flush(&self) -> std::io::Result<()> {
         self.disk.flush().await
     }
 
@@ -101,6 +135,36 @@ impl LogStore {
             .await
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
         Ok(())
+    }
+
+    /// Wait until the state machine's snapshot in this store covers
+    /// `log_id`. openraft 0.9 purges the log behind a snapshot a follower
+    /// receives without waiting for the state machine to install it: purged
+    /// first, a crash before the install is durable would leave neither the
+    /// entries nor the snapshot (the quorum group's simulation found it).
+    /// Written before the purge's writes, the snapshot is durable with them
+    /// (a flush covers every earlier write; a crash keeps a prefix).
+    async fn snapshot_covers(&self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        /// A stored snapshot's meta (its data skipped).
+        #[derive(Deserialize)]
+        struct Meta {
+            meta: SnapshotMeta<NodeId, serde_json::Value>,
+        }
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT;
+        loop {
+            let stored: Option<Meta> = self
+                .get(SNAPSHOT)
+                .map_err(|e| StorageIOError::read_snapshot(None, string_err(e)))?;
+            let at = stored.and_then(|s| s.meta.last_log_id).map(|l| l.index);
+            if at >= Some(log_id.index) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let why = format!("no snapshot covers {log_id} to purge the log behind");
+                return Err(StorageIOError::write_logs(string_err(why)).into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
     }
 
     /// Forget the log, vote and state (a lone node about to join another cluster).
@@ -139,11 +203,17 @@ pub(super) fn index_range(range: &impl RangeBounds<u64>) -> Option<(u64, Option<
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
+/// The groups' type configurations a [`LogStore`] serves: node ids are
+/// `u64`, entries openraft's.
+pub trait LogConfig: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>> {}
+
+impl<C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>>> LogConfig for C {}
+
+impl<C: LogConfig> RaftLogReader<C> for LogStore<C> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+    ) -> Result<Vec<Entry<C>>, SErr> {
         let Some((start, end)) = index_range(&range) else {
             return Ok(Vec::new());
         };
@@ -153,7 +223,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::read_logs(io_err(e)))?;
         let mut out = Vec::with_capacity(rows.len());
         for (_, v) in rows {
-            let entry: Entry<TypeConfig> =
+            let entry: Entry<C> =
                 serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
             out.push(entry);
         }
@@ -161,10 +231,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = LogStore;
+impl<C: LogConfig> RaftLogStorage<C> for LogStore<C> {
+    type LogReader = LogStore<C>;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+    async fn get_log_state(&mut self) -> Result<LogState<C>, SErr> {
         let purged: Option<LogId<NodeId>> = self
             .get(PURGED)
             .map_err(|e| StorageIOError::read_logs(string_err(e)))?;
@@ -174,7 +244,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::read_logs(io_err(e)))?
         {
             Some(v) => {
-                let e: Entry<TypeConfig> =
+                let e: Entry<C> =
                     serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
                 Some(e.log_id)
             }
@@ -186,7 +256,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
     }
 
-    async fn get_log_reader(&mut self) -> LogStore {
+    async fn get_log_reader(&mut self) -> LogStore<C> {
         self.clone()
     }
 
@@ -218,9 +288,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(c.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<C>) -> Result<(), SErr>
     where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I: IntoIterator<Item = Entry<C>> + Send,
         I::IntoIter: Send,
     {
         let mut batch = Vec::new();
@@ -246,6 +316,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
+        self.snapshot_covers(log_id).await?;
         self.put(PURGED, &log_id)
             .map_err(|e| StorageIOError::write_logs(string_err(e)))?;
         self.remove_logs(0, Some(log_id.index)).await
@@ -787,8 +858,53 @@ mod tests {
             })
             .collect();
         store.disk.write(batch).unwrap();
+        // A snapshot to 3 (a purge waits for one that covers it).
+        let snapshot = StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 3)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "s".into(),
+            },
+            data: Vec::new(),
+        };
+        store.put(SNAPSHOT, &snapshot).unwrap();
         store.disk.flush_blocking().unwrap();
         store
+    }
+
+    /// A purge waits for the snapshot it follows to be stored: openraft
+    /// purges behind a snapshot a follower receives without waiting for the
+    /// state machine to install it.
+    #[tokio::test(start_paused = true)]
+    async fn a_purge_waits_for_its_snapshot() {
+        let disk = MemoryDisk::new(Duration::from_millis(1));
+        let mut store = five(&disk);
+        let at = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+        let task = tokio::spawn({
+            let mut store = store.clone();
+            async move { store.purge(at(4)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!task.is_finished(), "no snapshot covers 4 yet");
+        assert_eq!(
+            store.get_log_state().await.unwrap().last_purged_log_id,
+            None
+        );
+        let snapshot = StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(at(5)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "s2".into(),
+            },
+            data: b"[]".to_vec(),
+        };
+        store.put(SNAPSHOT, &snapshot).unwrap();
+        task.await.unwrap().unwrap();
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id, Some(at(4)));
+        assert_eq!(store.try_get_log_entries(..).await.unwrap().len(), 1);
+        // Never: an error, not a hang.
+        assert!(store.purge(at(9)).await.is_err());
     }
 
     /// Whatever a crash in the middle of a truncation or a purge keeps, the

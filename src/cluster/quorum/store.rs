@@ -1,6 +1,9 @@
-//! A quorum queue group's storage on this node. Every group's log, vote,
-//! commit index and snapshot live in ONE sled database (`<data_dir>/quorum`),
-//! a tree per group: an append is acknowledged after a flush of that
+//! A quorum queue group's storage on this node. The log store is the one
+//! every Raft group of warren uses (`cluster::store::LogStore`, here over
+//! [`QTypeConfig`]); every quorum group's log, vote, commit index and
+//! snapshot live in ONE sled database (`<data_dir>/quorum`), a tree per
+//! group (`cluster::disk`, `Disk::Shared`), or on a simulated disk in the
+//! simulation of the groups (`tests/quorum_sim.rs`). An append is acknowledged after a flush of that
 //! database, and one flush covers whatever every group wrote before it
 //! (sled fsyncs its whole log), so many groups share each fsync. The state
 //! machine (the queue's live messages, [`QState`]) is in memory, rebuilt at
@@ -12,197 +15,24 @@
 use super::command::{id, QCommand, QState};
 use super::QTypeConfig;
 use crate::broker::queue::{Enqueued, Queue};
-use crate::cluster::store::{index_range, io_err, string_err, StoredSnapshot};
+use crate::cluster::store::{io_err, string_err, LogStore, StoredSnapshot, SNAPSHOT};
 use crate::cluster::NodeInfo;
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership, Vote,
+    Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
 };
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
-use std::fmt::Debug;
 use std::io::Cursor;
-use std::ops::RangeBounds;
 use std::sync::Arc;
 
 type NodeId = u64;
 type SErr = StorageError<NodeId>;
 
-const VOTE: &[u8] = b"m:vote";
-const COMMITTED: &[u8] = b"m:committed";
-const PURGED: &[u8] = b"m:purged";
-const SNAPSHOT: &[u8] = b"m:snapshot";
-
-fn log_key(index: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = b'l';
-    k[1..].copy_from_slice(&index.to_be_bytes());
-    k
-}
-
-/// One group's log (a tree of the shared database).
-#[derive(Clone)]
-pub struct QLog {
-    db: sled::Db,
-    tree: sled::Tree,
-}
-
-impl QLog {
-    pub fn new(db: sled::Db, tree: sled::Tree) -> QLog {
-        QLog { db, tree }
-    }
-
-    fn get<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, String> {
-        match self.tree.get(key).map_err(|e| e.to_string())? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| e.to_string()),
-        }
-    }
-
-    fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), String> {
-        let v = serde_json::to_vec(value).map_err(|e| e.to_string())?;
-        self.tree.insert(key, v).map_err(|e| e.to_string())?;
-        Ok(())
-    }
-
-    async fn flush(&self) -> std::io::Result<()> {
-        self.db
-            .flush_async()
-            .await
-            .map(drop)
-            .map_err(std::io::Error::other)
-    }
-
-    /// Remove entries `[from, to]` (`to` None: to the end) in one atomic
-    /// batch, then flush.
-    async fn remove_logs(&self, from: u64, to: Option<u64>) -> Result<(), SErr> {
-        let end = log_key(to.unwrap_or(u64::MAX));
-        let mut batch = sled::Batch::default();
-        for kv in self.tree.range(log_key(from)..=end) {
-            let (k, _) = kv.map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-            batch.remove(k);
-        }
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        self.flush()
-            .await
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        Ok(())
-    }
-}
-
-impl RaftLogReader<QTypeConfig> for QLog {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
-        &mut self,
-        range: RB,
-    ) -> Result<Vec<Entry<QTypeConfig>>, SErr> {
-        let Some((start, end)) = index_range(&range) else {
-            return Ok(Vec::new());
-        };
-        let end = end.unwrap_or(u64::MAX);
-        let mut out = Vec::new();
-        for kv in self.tree.range(log_key(start)..=log_key(end)) {
-            let (_, v) = kv.map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-            let entry: Entry<QTypeConfig> =
-                serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-            out.push(entry);
-        }
-        Ok(out)
-    }
-}
-
-impl RaftLogStorage<QTypeConfig> for QLog {
-    type LogReader = QLog;
-
-    async fn get_log_state(&mut self) -> Result<LogState<QTypeConfig>, SErr> {
-        let purged: Option<LogId<NodeId>> = self
-            .get(PURGED)
-            .map_err(|e| StorageIOError::read_logs(string_err(e)))?;
-        let last = self
-            .tree
-            .range(log_key(0)..=log_key(u64::MAX))
-            .next_back()
-            .transpose()
-            .map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-        let last = match last {
-            Some((_, v)) => {
-                let e: Entry<QTypeConfig> =
-                    serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-                Some(e.log_id)
-            }
-            None => purged,
-        };
-        Ok(LogState {
-            last_purged_log_id: purged,
-            last_log_id: last,
-        })
-    }
-
-    async fn get_log_reader(&mut self) -> QLog {
-        self.clone()
-    }
-
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), SErr> {
-        self.put(VOTE, vote)
-            .map_err(|e| StorageIOError::write_vote(string_err(e)))?;
-        self.flush()
-            .await
-            .map_err(|e| StorageIOError::write_vote(io_err(e)))?;
-        Ok(())
-    }
-
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, SErr> {
-        Ok(self
-            .get(VOTE)
-            .map_err(|e| StorageIOError::read_vote(string_err(e)))?)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
-        self.put(COMMITTED, &committed)
-            .map_err(|e| StorageIOError::write_logs(string_err(e)))?;
-        Ok(())
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
-        let c: Option<Option<LogId<NodeId>>> = self
-            .get(COMMITTED)
-            .map_err(|e| StorageIOError::read_logs(string_err(e)))?;
-        Ok(c.flatten())
-    }
-
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<QTypeConfig>) -> Result<(), SErr>
-    where
-        I: IntoIterator<Item = Entry<QTypeConfig>> + Send,
-        I::IntoIter: Send,
-    {
-        let mut batch = sled::Batch::default();
-        for e in entries {
-            let v = serde_json::to_vec(&e).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-            batch.insert(&log_key(e.log_id.index)[..], v);
-        }
-        self.tree
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(io_err(e)))?;
-        // Acknowledged only once on disk.
-        let r = self.flush().await;
-        callback.log_io_completed(r);
-        Ok(())
-    }
-
-    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        self.remove_logs(log_id.index, None).await
-    }
-
-    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        self.put(PURGED, &log_id)
-            .map_err(|e| StorageIOError::write_logs(string_err(e)))?;
-        self.remove_logs(0, Some(log_id.index)).await
-    }
-}
+/// One group's log, vote, commit index and snapshot: the store every group
+/// uses, on a tree of the shared database ([`LogStore::new`]; in the
+/// simulation of the groups, on a simulated disk).
+pub type QLog = LogStore<QTypeConfig>;
 
 /// What the state machine holds.
 #[derive(Default)]
