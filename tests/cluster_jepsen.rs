@@ -30,6 +30,7 @@
 mod common;
 
 use common::cluster::{eventually, start_proxied, Node};
+use common::jepsen::Outcome;
 use common::proxy::Proxy;
 use futures::StreamExt;
 use lapin::options::*;
@@ -53,15 +54,6 @@ const CONFIRM_WITHIN: Duration = Duration::from_secs(20);
 /// A consumer session is closed (cleanly) after this, so that consuming
 /// keeps going through the forwarding path rather than settling on A.
 const SESSION: Duration = Duration::from_millis(2500);
-
-/// How a publish ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Acked,
-    Nacked,
-    /// The connection or channel was lost before the confirm.
-    Unknown,
-}
 
 /// One delivery the consumer (or the drain) got.
 struct Got {
@@ -581,51 +573,12 @@ async fn publish_and_consume_across_nodes_under_partitions() {
         }
         at_risk += u64::from(h.at_risk(g));
     }
-    let mut rows: BTreeMap<usize, [u64; 6]> = BTreeMap::new();
-    let mut lost = Vec::new();
-    let mut nacked_consumed = 0u64;
-    for (id, (phase, outcome)) in &h.published {
-        let r = rows.entry(*phase).or_default();
-        r[0] += 1;
-        let consumed = consumed.get(id.as_str()).copied().unwrap_or(0);
-        match outcome {
-            Some(Outcome::Acked) => {
-                r[1] += 1;
-                if consumed == 0 {
-                    lost.push(id.clone());
-                }
-            }
-            Some(Outcome::Nacked) => {
-                r[2] += 1;
-                nacked_consumed += u64::from(consumed > 0);
-            }
-            Some(Outcome::Unknown) | None => r[3] += 1,
-        }
-    }
-    rows.entry(drain_phase).or_default();
-    for (phase, (consumed, dups)) in &consumed_in {
-        let r = rows.entry(*phase).or_default();
-        r[4] += consumed;
-        r[5] += dups;
-    }
-    println!(
-        "{:<26} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
-        "phase", "published", "acked", "nacked", "unknown", "consumed", "dups"
-    );
-    let mut total = [0u64; 6];
-    for (phase, r) in &rows {
-        println!(
-            "{:<26} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
-            phases[*phase], r[0], r[1], r[2], r[3], r[4], r[5]
-        );
-        for k in 0..6 {
-            total[k] += r[k];
-        }
-    }
-    println!(
-        "{:<26} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
-        "total", total[0], total[1], total[2], total[3], total[4], total[5]
-    );
+    let common::jepsen::Tally {
+        rows,
+        lost,
+        nacked_consumed,
+    } = common::jepsen::tally(&h.published, &consumed, &consumed_in, phases.len());
+    let total = common::jepsen::print(&rows, &phases, 26);
     println!(
         "jepsen: seed {seed}; drained on node {}; {} nacked publishes were consumed (nack: maybe \
          not there, never a false ack); {} deliveries were acked within {ACK_IN_FLIGHT:?} of \
@@ -639,7 +592,6 @@ async fn publish_and_consume_across_nodes_under_partitions() {
         never_published.is_empty(),
         "consumed, never published: {never_published:?}"
     );
-    lost.sort();
     assert!(
         lost.is_empty(),
         "{} acked messages never consumed (lost): {:?}",

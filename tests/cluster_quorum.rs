@@ -9,11 +9,14 @@
 
 mod common;
 
-use common::cluster::{bodies, eventually, publish_confirmed, three_nodes, Node};
+use common::cluster::{
+    bodies, declare_quorum_queue, declare_quorum_sized, eventually, publish_confirmed,
+    quorum_leader, three_nodes, Node,
+};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::publisher_confirm::Confirmation;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
 use serde_json::Value;
 use std::collections::BTreeSet;
@@ -21,15 +24,6 @@ use std::time::{Duration, Instant};
 
 async fn channel(conn: &Connection) -> Channel {
     common::t(conn.create_channel()).await.expect("channel")
-}
-
-fn quorum_args() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    args
 }
 
 /// A connection to `node` and a channel on it in confirm mode.
@@ -42,38 +36,9 @@ async fn confirming(node: &Node) -> (Connection, Channel) {
     (conn, ch)
 }
 
-/// Declare quorum queue `q` on `node`.
-async fn declare_quorum(node: &Node, q: &str) {
-    declare_quorum_sized(node, q, None).await;
-}
-
-/// Declare quorum queue `q` on `node`, with `x-quorum-initial-group-size`
-/// when `size` is given.
-async fn declare_quorum_sized(node: &Node, q: &str, size: Option<i32>) {
-    let conn = node.connect().await;
-    let ch = channel(&conn).await;
-    let mut args = quorum_args();
-    if let Some(n) = size {
-        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(n));
-    }
-    let qd = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    common::t(ch.queue_declare(q, qd, args))
-        .await
-        .expect("queue.declare");
-    let _ = conn.close(200, "bye").await;
-}
-
 /// `/api/queues/%2F/{q}` on `node`.
 fn queue_api(node: &Node, q: &str) -> Value {
     node.get(&format!("/api/queues/%2F/{q}")).1
-}
-
-/// The leader `node`'s API names for `q`.
-fn leader_of(node: &Node, q: &str) -> Option<String> {
-    queue_api(node, q)["leader"].as_str().map(String::from)
 }
 
 /// Consume from `q` on `node` (manual acks, acking each) until `want` distinct
@@ -133,7 +98,7 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
     let (a, b, c) = three_nodes("quorum-failover").await;
     let mut nodes = [a, b, c];
     let q = "qq-failover";
-    declare_quorum(&nodes[0], q).await;
+    declare_quorum_queue(&nodes[0], q).await;
 
     // The queue's group: three members, a leader, the same on every node.
     let names: BTreeSet<String> = nodes.iter().map(Node::name).collect();
@@ -154,7 +119,7 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
         },
     )
     .await;
-    let leader = leader_of(&nodes[0], q).expect("a leader");
+    let leader = quorum_leader(&nodes[0], q).expect("a leader");
     let li = nodes
         .iter()
         .position(|n| n.name() == leader)
@@ -224,7 +189,7 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
         "failover: all 40 consumed on a survivor {:.2} s after kill -9 of the leader",
         killed_at.elapsed().as_secs_f64()
     );
-    let new_leader = leader_of(&nodes[ci], q).expect("a new leader");
+    let new_leader = quorum_leader(&nodes[ci], q).expect("a new leader");
     assert_ne!(new_leader, leader, "a survivor leads now");
 
     // After the failover publishing with confirms works (on both survivors).
@@ -251,7 +216,7 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
     eventually(
         "the old leader knows the new one",
         Duration::from_secs(20),
-        || leader_of(&nodes[li], q).is_some_and(|l| l != leader),
+        || quorum_leader(&nodes[li], q).is_some_and(|l| l != leader),
     )
     .await;
 
@@ -287,7 +252,7 @@ async fn a_quorum_queue_keeps_its_messages_across_a_whole_cluster_restart() {
     let (a, b, c) = three_nodes("quorum-restart").await;
     let mut nodes = [a, b, c];
     let q = "qq-restart";
-    declare_quorum(&nodes[1], q).await;
+    declare_quorum_queue(&nodes[1], q).await;
     let (conn, ch) = confirming(&nodes[2]).await;
     let all = bodies("r", 30);
     assert_eq!(publish_confirmed(&ch, q, &all).await, (30, 0));
@@ -355,7 +320,7 @@ async fn a_quorum_queue_keeps_its_messages_across_a_whole_cluster_restart() {
             .all(|n| n.get(&format!("/api/queues/%2F/{q}")).0 == 404)
     })
     .await;
-    declare_quorum(&nodes[0], q).await;
+    declare_quorum_queue(&nodes[0], q).await;
     eventually("a new, empty group", Duration::from_secs(10), || {
         let v = queue_api(&nodes[1], q);
         v["messages"] == 0 && v["leader"].is_string()
@@ -379,8 +344,8 @@ async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
     let (a, b, c) = three_nodes("quorum-rate").await;
     let nodes = [a, b, c];
     let q = "qq-rate";
-    declare_quorum(&nodes[0], q).await;
-    let leader = leader_of(&nodes[0], q).expect("a leader");
+    declare_quorum_queue(&nodes[0], q).await;
+    let leader = quorum_leader(&nodes[0], q).expect("a leader");
     let li = nodes
         .iter()
         .position(|n| n.name() == leader)
@@ -486,8 +451,8 @@ async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
     })
     .await;
     let q = "qq-part";
-    declare_quorum(&nodes[0], q).await;
-    let leader = leader_of(&nodes[0], q).expect("a leader");
+    declare_quorum_queue(&nodes[0], q).await;
+    let leader = quorum_leader(&nodes[0], q).expect("a leader");
     let li = nodes
         .iter()
         .position(|n| n.name() == leader)
@@ -567,7 +532,7 @@ async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
     eventually(
         "a new leader on the majority side",
         Duration::from_secs(20),
-        || leader_of(&nodes[other], q).is_some_and(|l| l != leader),
+        || quorum_leader(&nodes[other], q).is_some_and(|l| l != leader),
     )
     .await;
     let (conn, ch) = confirming(&nodes[other]).await;
@@ -586,11 +551,11 @@ async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
     for p in proxies.values() {
         p.heal();
     }
-    let new_leader = leader_of(&nodes[other], q).expect("leader");
+    let new_leader = quorum_leader(&nodes[other], q).expect("leader");
     eventually(
         "the old leader follows the new one",
         Duration::from_secs(20),
-        || leader_of(&nodes[li], q).as_deref() == Some(new_leader.as_str()),
+        || quorum_leader(&nodes[li], q).as_deref() == Some(new_leader.as_str()),
     )
     .await;
 }
@@ -617,7 +582,7 @@ async fn members_are_added_and_removed_through_the_api() {
     let q = "qq-members";
     declare_quorum_sized(&nodes[0], q, Some(2)).await;
     eventually("a leader", Duration::from_secs(20), || {
-        leader_of(&nodes[0], q).is_some()
+        quorum_leader(&nodes[0], q).is_some()
     })
     .await;
     let before = names(&queue_api(&nodes[0], q), "members");
@@ -626,7 +591,7 @@ async fn members_are_added_and_removed_through_the_api() {
         .iter()
         .position(|n| !before.contains(&n.name()))
         .expect("a node outside the group");
-    let leader = leader_of(&nodes[0], q).expect("leader");
+    let leader = quorum_leader(&nodes[0], q).expect("leader");
     let li = nodes
         .iter()
         .position(|n| n.name() == leader)
@@ -752,7 +717,7 @@ async fn leaders_are_rebalanced_over_the_nodes() {
     assert_eq!(nodes[0].get(critical).0, 200, "no quorum queue yet");
     let queues: Vec<String> = (0..6).map(|i| format!("qq-rebalance-{i}")).collect();
     for q in &queues {
-        declare_quorum(&nodes[0], q).await;
+        declare_quorum_queue(&nodes[0], q).await;
     }
     let leaders = |n: &Node| -> Vec<Option<String>> {
         let (_, list) = n.get("/api/queues/%2F");
@@ -823,11 +788,19 @@ async fn leaders_are_rebalanced_over_the_nodes() {
     })
     .await;
 
-    // Balanced now: RabbitMQ's asynchronous form answers 204 and moves
-    // nothing.
+    // Balanced now: asked again (on another node), every node ends at its
+    // share (nothing to move, unless an election meanwhile moved one).
+    let (ok, out) = nodes[0].ctl(&["queues", "rebalance"]);
+    assert!(ok, "{out}");
+    assert!(!out.contains("false"), "{out}");
+    let shares: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("warren@"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(shares, vec!["2", "2", "2"], "{out}");
+    // RabbitMQ's asynchronous form answers 204 at once.
     assert_eq!(nodes[1].send("POST", "/api/rebalance/queues", None), 204);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(per_node(&leaders(&nodes[0])), vec![2, 2, 2]);
 
     // Every queue still has its messages and confirms through its new
     // leader (published on B, consumed on C: both forwarded or local).
@@ -888,12 +861,12 @@ async fn a_graceful_stop_hands_the_leadership_over() {
     let (a, b, c) = three_nodes("qhandover").await;
     let mut nodes = [a, b, c];
     let q = "qq-handover";
-    declare_quorum(&nodes[0], q).await;
+    declare_quorum_queue(&nodes[0], q).await;
     eventually("a leader", Duration::from_secs(20), || {
-        leader_of(&nodes[1], q).is_some()
+        quorum_leader(&nodes[1], q).is_some()
     })
     .await;
-    let leader = leader_of(&nodes[1], q).expect("leader");
+    let leader = quorum_leader(&nodes[1], q).expect("leader");
     let li = nodes
         .iter()
         .position(|n| n.name() == leader)
@@ -912,7 +885,7 @@ async fn a_graceful_stop_hands_the_leadership_over() {
         nodes[li].log()
     );
     eventually("a survivor leads", Duration::from_secs(10), || {
-        leader_of(&nodes[other], q).is_some_and(|l| l != leader)
+        quorum_leader(&nodes[other], q).is_some_and(|l| l != leader)
     })
     .await;
     let want: BTreeSet<String> = bodies("h", 20).into_iter().collect();
@@ -949,7 +922,7 @@ async fn many_quorum_queues_share_a_few_connections() {
     let n = 90;
     let queues: Vec<String> = (0..n).map(|i| format!("qq-pool-{i}")).collect();
     for (i, q) in queues.iter().enumerate() {
-        declare_quorum(&nodes[i % 3], q).await;
+        declare_quorum_queue(&nodes[i % 3], q).await;
     }
     eventually("every queue has a leader", Duration::from_secs(60), || {
         let (_, list) = nodes[0].get("/api/queues/%2F");

@@ -54,6 +54,7 @@
 mod common;
 
 use common::cluster::{declare_quorum_queue, quorum_leader, start_proxied, Node};
+use common::jepsen::Outcome;
 use common::proxy::Proxy;
 use futures::StreamExt;
 use lapin::options::*;
@@ -103,15 +104,6 @@ const SETTLE_WINDOW: Duration = Duration::from_millis(1000);
 /// ms) and gives up after an election timeout (5 x 200 ms), so up to 1.4 s
 /// after the cut; then it cancels its consumers. Plus [`SETTLE_WINDOW`].
 const CUT_OFF_WINDOW: Duration = Duration::from_millis(1400 + 1000);
-
-/// How a publish ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Outcome {
-    Acked,
-    Nacked,
-    /// The connection or channel was lost before the confirm.
-    Unknown,
-}
 
 /// Something that can lose a settle not yet committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -945,53 +937,12 @@ async fn a_quorum_queue_under_partitions_kills_and_restarts() {
             }
         }
     }
-    let mut rows: BTreeMap<usize, [u64; 6]> = BTreeMap::new();
-    let mut lost = Vec::new();
-    let mut nacked_consumed = 0u64;
-    for (id, (phase, outcome)) in &h.published {
-        let r = rows.entry(*phase).or_default();
-        r[0] += 1;
-        let n = consumed.get(id.as_str()).copied().unwrap_or(0);
-        match outcome {
-            Some(Outcome::Acked) => {
-                r[1] += 1;
-                if n == 0 {
-                    lost.push(id.clone());
-                }
-            }
-            Some(Outcome::Nacked) => {
-                r[2] += 1;
-                nacked_consumed += u64::from(n > 0);
-            }
-            Some(Outcome::Unknown) | None => r[3] += 1,
-        }
-    }
-    for p in 0..phases.len() {
-        rows.entry(p).or_default();
-    }
-    for (phase, (n, dups)) in &consumed_in {
-        let r = rows.entry(*phase).or_default();
-        r[4] += n;
-        r[5] += dups;
-    }
-    let line = |name: &str, r: &[u64; 6]| {
-        println!(
-            "{:<38} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
-            name, r[0], r[1], r[2], r[3], r[4], r[5]
-        )
-    };
-    println!(
-        "{:<38} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
-        "phase", "published", "acked", "nacked", "unknown", "consumed", "dups"
-    );
-    let mut total = [0u64; 6];
-    for (phase, r) in &rows {
-        line(&phases[*phase], r);
-        for k in 0..6 {
-            total[k] += r[k];
-        }
-    }
-    line("total", &total);
+    let common::jepsen::Tally {
+        rows,
+        lost,
+        nacked_consumed,
+    } = common::jepsen::tally(&h.published, &consumed, &consumed_in, phases.len());
+    let total = common::jepsen::print(&rows, &phases, 38);
     widest.sort_by(|a, b| b.cmp(a));
     for (gap, ev, phase) in widest.iter().take(3) {
         println!(
@@ -1027,7 +978,6 @@ async fn a_quorum_queue_under_partitions_kills_and_restarts() {
         never_published.is_empty(),
         "consumed, never published: {never_published:?}"
     );
-    lost.sort();
     assert!(
         lost.is_empty(),
         "{} acked messages never consumed (lost): {:?}",

@@ -572,13 +572,23 @@ pub fn bodies(tag: &str, n: usize) -> Vec<String> {
 
 /// Declare the durable quorum queue `q` (`x-queue-type: quorum`) on `node`.
 pub async fn declare_quorum_queue(node: &Node, q: &str) {
+    declare_quorum_sized(node, q, None).await;
+}
+
+/// Declare the durable quorum queue `q` on `node`, with
+/// `x-quorum-initial-group-size` when `size` is given.
+pub async fn declare_quorum_sized(node: &Node, q: &str, size: Option<i32>) {
+    use lapin::types::AMQPValue;
     let conn = node.connect().await;
     let ch = super::t(conn.create_channel()).await.expect("channel");
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("quorum".into()),
+        AMQPValue::LongString("quorum".into()),
     );
+    if let Some(n) = size {
+        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(n));
+    }
     let qd = QueueDeclareOptions {
         durable: true,
         ..Default::default()

@@ -14,6 +14,7 @@ macro_rules! id {
 }
 
 pub mod cluster;
+pub mod jepsen;
 pub mod process;
 pub mod proxy;
 pub mod raw;

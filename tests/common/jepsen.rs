@@ -1,0 +1,97 @@
+//! What the Jepsen-style checks (tests/cluster_jepsen.rs for a classic queue,
+//! tests/cluster_quorum_jepsen.rs for a quorum queue) share: how a publish
+//! ended, and the per-phase table of what was published and consumed, with
+//! the acked publishes never consumed (lost).
+
+use std::collections::{BTreeMap, HashMap};
+
+/// How a publish ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Acked,
+    Nacked,
+    /// The connection or channel was lost before the confirm.
+    Unknown,
+}
+
+/// The table's columns, per phase: published, acked, nacked, unknown,
+/// consumed, duplicates.
+pub type Row = [u64; 6];
+
+/// What a run's history adds up to.
+pub struct Tally {
+    /// A row per phase (every phase, empty ones too).
+    pub rows: BTreeMap<usize, Row>,
+    /// Acked publishes never consumed.
+    pub lost: Vec<String>,
+    /// Nacked publishes that were consumed all the same (a nack is "maybe
+    /// not there", never a false ack).
+    pub nacked_consumed: u64,
+}
+
+/// Add up `published` (id -> phase it was published in and its outcome),
+/// `consumed` (id -> times consumed) and `consumed_in` (phase -> consumed,
+/// duplicates) over `phases` phases.
+pub fn tally(
+    published: &HashMap<String, (usize, Option<Outcome>)>,
+    consumed: &HashMap<&str, u32>,
+    consumed_in: &BTreeMap<usize, (u64, u64)>,
+    phases: usize,
+) -> Tally {
+    let mut rows: BTreeMap<usize, Row> = (0..phases).map(|p| (p, Row::default())).collect();
+    let mut lost = Vec::new();
+    let mut nacked_consumed = 0u64;
+    for (id, (phase, outcome)) in published {
+        let r = rows.entry(*phase).or_default();
+        r[0] += 1;
+        let n = consumed.get(id.as_str()).copied().unwrap_or(0);
+        match outcome {
+            Some(Outcome::Acked) => {
+                r[1] += 1;
+                if n == 0 {
+                    lost.push(id.clone());
+                }
+            }
+            Some(Outcome::Nacked) => {
+                r[2] += 1;
+                nacked_consumed += u64::from(n > 0);
+            }
+            Some(Outcome::Unknown) | None => r[3] += 1,
+        }
+    }
+    for (phase, (n, dups)) in consumed_in {
+        let r = rows.entry(*phase).or_default();
+        r[4] += n;
+        r[5] += dups;
+    }
+    lost.sort();
+    Tally {
+        rows,
+        lost,
+        nacked_consumed,
+    }
+}
+
+/// Print the table (phase names from `phases`, the first column `width`
+/// wide) and its total row; the totals.
+pub fn print(rows: &BTreeMap<usize, Row>, phases: &[String], width: usize) -> Row {
+    let line = |name: &str, r: &Row| {
+        println!(
+            "{name:<width$} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
+            r[0], r[1], r[2], r[3], r[4], r[5]
+        )
+    };
+    println!(
+        "{:<width$} {:>9} {:>6} {:>6} {:>7} {:>8} {:>4}",
+        "phase", "published", "acked", "nacked", "unknown", "consumed", "dups"
+    );
+    let mut total = Row::default();
+    for (phase, r) in rows {
+        line(phases.get(*phase).map_or("?", String::as_str), r);
+        for (t, v) in total.iter_mut().zip(r) {
+            *t += v;
+        }
+    }
+    line("total", &total);
+    total
+}
