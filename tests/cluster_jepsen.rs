@@ -588,16 +588,7 @@ async fn publish_and_consume_across_nodes_under_partitions() {
         at_risk
     );
     assert_eq!(h.hung, 0, "confirms never answered");
-    assert!(
-        never_published.is_empty(),
-        "consumed, never published: {never_published:?}"
-    );
-    assert!(
-        lost.is_empty(),
-        "{} acked messages never consumed (lost): {:?}",
-        lost.len(),
-        &lost[..lost.len().min(20)]
-    );
+    common::jepsen::assert_none_lost(&never_published, &lost);
     assert!(
         bad_dups.is_empty(),
         "duplicates not explained by a consumer that died: {:?}",

@@ -974,16 +974,7 @@ async fn a_quorum_queue_under_partitions_kills_and_restarts() {
             .count(),
     );
     assert_eq!(h.hung, 0, "publishes or confirms never answered");
-    assert!(
-        never_published.is_empty(),
-        "consumed, never published: {never_published:?}"
-    );
-    assert!(
-        lost.is_empty(),
-        "{} acked messages never consumed (lost): {:?}",
-        lost.len(),
-        &lost[..lost.len().min(20)]
-    );
+    common::jepsen::assert_none_lost(&never_published, &lost);
     assert!(
         bad_dups.is_empty(),
         "duplicates not explained: {:?}",

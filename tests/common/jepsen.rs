@@ -95,3 +95,18 @@ pub fn print(rows: &BTreeMap<usize, Row>, phases: &[String], width: usize) -> Ro
     line("total", &total);
     total
 }
+
+/// The safety checks both runs make: nothing consumed that was never
+/// published, no acked publish lost.
+pub fn assert_none_lost(never_published: &[String], lost: &[String]) {
+    assert!(
+        never_published.is_empty(),
+        "consumed, never published: {never_published:?}"
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acked messages never consumed (lost): {:?}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
+    );
+}
