@@ -203,11 +203,58 @@ pub(super) fn index_range(range: &impl RangeBounds<u64>) -> Option<(u64, Option<
     }
 }
 
+/// The meta of a snapshot built now by a state machine that has applied up
+/// to `last_applied` (its id names the leader, the index and the time of the
+/// build, so two builds never share one).
+pub(crate) fn snapshot_meta(
+    last_applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, NodeInfo>,
+) -> SnapshotMeta<NodeId, NodeInfo> {
+    let snapshot_id = match last_applied {
+        Some(l) => format!("{}-{}-{}", l.leader_id, l.index, crate::clock::now_ms()),
+        None => format!("empty-{}", crate::clock::now_ms()),
+    };
+    SnapshotMeta {
+        last_log_id: last_applied,
+        last_membership: membership,
+        snapshot_id,
+    }
+}
+
 /// The groups' type configurations a [`LogStore`] serves: node ids are
 /// `u64`, entries openraft's.
 pub trait LogConfig: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>> {}
 
 impl<C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>>> LogConfig for C {}
+
+impl<C: LogConfig<Node = NodeInfo, SnapshotData = Cursor<Vec<u8>>>> LogStore<C> {
+    /// Keep `data` as the snapshot `meta` describes: the one
+    /// [`Self::current_snapshot`] answers with, and purges wait for.
+    pub(crate) async fn put_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        data: Vec<u8>,
+    ) -> Result<(), SErr> {
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        self.put(SNAPSHOT, &stored).map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), string_err(e)).into()
+        })
+    }
+
+    /// The last snapshot kept, for openraft's `get_current_snapshot`.
+    pub(crate) async fn current_snapshot(&self) -> Result<Option<Snapshot<C>>, SErr> {
+        let stored: Option<StoredSnapshot> = self
+            .get(SNAPSHOT)
+            .map_err(|e| StorageIOError::read_snapshot(None, string_err(e)))?;
+        Ok(stored.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}
 
 impl<C: LogConfig> RaftLogReader<C> for LogStore<C> {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
@@ -594,24 +641,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let s = self.state.lock();
             let data = serde_json::to_vec(&s.metadata)
                 .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
-            let id = match s.last_applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, crate::clock::now_ms()),
-                None => format!("empty-{}", crate::clock::now_ms()),
-            };
-            let meta = SnapshotMeta {
-                last_log_id: s.last_applied,
-                last_membership: s.membership.clone(),
-                snapshot_id: id,
-            };
-            (meta, data)
+            (snapshot_meta(s.last_applied, s.membership.clone()), data)
         };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        };
-        self.store
-            .put(SNAPSHOT, &stored)
-            .map_err(|e| StorageIOError::write_snapshot(None, string_err(e)))?;
+        self.store.put_snapshot(&meta, data.clone()).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -718,27 +750,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.persist(&state)
             .map_err(|e| StorageIOError::write_state_machine(string_err(e)))?;
-        self.store
-            .put(
-                SNAPSHOT,
-                &StoredSnapshot {
-                    meta: meta.clone(),
-                    data,
-                },
-            )
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), string_err(e)))?;
-        Ok(())
+        self.store.put_snapshot(meta, data).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
-        let stored: Option<StoredSnapshot> = self
-            .store
-            .get(SNAPSHOT)
-            .map_err(|e| StorageIOError::read_snapshot(None, string_err(e)))?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        self.store.current_snapshot().await
     }
 }
 

@@ -15,7 +15,7 @@
 use super::command::{id, QCommand, QState};
 use super::QTypeConfig;
 use crate::broker::queue::{Enqueued, Queue};
-use crate::cluster::store::{io_err, string_err, LogStore, StoredSnapshot, SNAPSHOT};
+use crate::cluster::store::{io_err, snapshot_meta, LogStore, StoredSnapshot, SNAPSHOT};
 use crate::cluster::NodeInfo;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -73,32 +73,29 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
             let s = self.inner.lock();
             let data = serde_json::to_vec(&s.state)
                 .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
-            let id = match s.last_applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id, l.index, crate::clock::now_ms()),
-                None => format!("empty-{}", crate::clock::now_ms()),
-            };
-            let meta = SnapshotMeta {
-                last_log_id: s.last_applied,
-                last_membership: s.membership.clone(),
-                snapshot_id: id,
-            };
-            (meta, data)
+            (snapshot_meta(s.last_applied, s.membership.clone()), data)
         };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        };
-        self.log
-            .put(SNAPSHOT, &stored)
-            .map_err(|e| StorageIOError::write_snapshot(None, string_err(e)))?;
-        self.log
-            .flush()
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
+        self.put_snapshot(&meta, data.clone()).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         })
+    }
+}
+
+impl QSm {
+    /// Keep a snapshot, flushed (the quorum groups' store flushes only when
+    /// asked).
+    async fn put_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        data: Vec<u8>,
+    ) -> Result<(), SErr> {
+        self.log.put_snapshot(meta, data).await?;
+        self.log
+            .flush()
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)).into())
     }
 }
 
@@ -177,30 +174,10 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             s.last_applied = meta.last_log_id;
             s.membership = meta.last_membership.clone();
         }
-        self.log
-            .put(
-                SNAPSHOT,
-                &StoredSnapshot {
-                    meta: meta.clone(),
-                    data,
-                },
-            )
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), string_err(e)))?;
-        self.log
-            .flush()
-            .await
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)))?;
-        Ok(())
+        self.put_snapshot(meta, data).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<QTypeConfig>>, SErr> {
-        let stored: Option<StoredSnapshot> = self
-            .log
-            .get(SNAPSHOT)
-            .map_err(|e| StorageIOError::read_snapshot(None, string_err(e)))?;
-        Ok(stored.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        self.log.current_snapshot().await
     }
 }
