@@ -36,6 +36,29 @@ async fn confirming(node: &Node) -> (Connection, Channel) {
     (conn, ch)
 }
 
+/// A consumer `tag` of `q` on `node` with manual acks and a prefetch of 5,
+/// with its connection and channel.
+async fn holding_consumer(
+    node: &Node,
+    q: &str,
+    tag: &str,
+) -> (Connection, Channel, lapin::Consumer) {
+    let conn = node.connect().await;
+    let ch = channel(&conn).await;
+    common::t(ch.basic_qos(5, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let consumer = common::t(ch.basic_consume(
+        q,
+        tag,
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume");
+    (conn, ch, consumer)
+}
+
 /// `/api/queues/%2F/{q}` on `node`.
 fn queue_api(node: &Node, q: &str) -> Value {
     node.get(&format!("/api/queues/%2F/{q}")).1
@@ -145,19 +168,7 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
     .await;
 
     // A consumer on the third node takes 5 and acks none of them.
-    let cconn = nodes[ci].connect().await;
-    let cch = channel(&cconn).await;
-    common::t(cch.basic_qos(5, BasicQosOptions::default()))
-        .await
-        .expect("qos");
-    let mut consumer = common::t(cch.basic_consume(
-        q,
-        "held",
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    ))
-    .await
-    .expect("consume");
+    let (cconn, _, mut consumer) = holding_consumer(&nodes[ci], q, "held").await;
     let mut held = BTreeSet::new();
     while held.len() < 5 {
         let d = common::t(consumer.next())
@@ -464,19 +475,7 @@ async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
     let _ = conn.close(200, "bye").await;
 
     // A consumer on the leader's node, holding what it gets.
-    let lconn = nodes[li].connect().await;
-    let lch = channel(&lconn).await;
-    common::t(lch.basic_qos(5, BasicQosOptions::default()))
-        .await
-        .expect("qos");
-    let mut local = common::t(lch.basic_consume(
-        q,
-        "on-leader",
-        BasicConsumeOptions::default(),
-        FieldTable::default(),
-    ))
-    .await
-    .expect("consume on the leader");
+    let (lconn, lch, mut local) = holding_consumer(&nodes[li], q, "on-leader").await;
     let first = common::t(local.next())
         .await
         .expect("a delivery")
