@@ -2195,6 +2195,31 @@ mod tests {
         v
     }
 
+    /// Tune (`frame_max`, `heartbeat`) and open `vhost` (correlation id 4)
+    /// at `now`: the frames the session answers.
+    fn tune_and_open(
+        s: &mut StreamSession,
+        frame_max: u32,
+        heartbeat: u32,
+        vhost: &str,
+        now: u64,
+    ) -> Vec<u8> {
+        feed(
+            s,
+            &[
+                R::Tune {
+                    frame_max,
+                    heartbeat,
+                },
+                R::Open {
+                    correlation_id: 4,
+                    vhost: vhost.into(),
+                },
+            ],
+            now,
+        )
+    }
+
     fn handshake(s: &mut StreamSession, user: &str, pass: &str) -> Vec<(u16, u32, u16)> {
         let mut data = vec![0u8];
         data.extend_from_slice(user.as_bytes());
@@ -2226,20 +2251,7 @@ mod tests {
         assert_eq!(f[1], (0x8012, 2, code::OK));
         assert_eq!(f[2], (0x8013, 3, code::OK));
         assert_eq!(f[3].0, key::TUNE);
-        let f = frames(&feed(
-            &mut s,
-            &[
-                R::Tune {
-                    frame_max: 65536,
-                    heartbeat: 10,
-                },
-                R::Open {
-                    correlation_id: 4,
-                    vhost: "/".into(),
-                },
-            ],
-            0,
-        ));
+        let f = frames(&tune_and_open(&mut s, 65536, 10, "/", 0));
         assert_eq!(f, vec![(0x8015, 4, code::OK)]);
         assert_eq!(s.frame_max, 65536);
         assert_eq!(s.heartbeat_ms, 10_000);
@@ -2358,20 +2370,7 @@ mod tests {
         s.set_tls(established(Some(Ok("guest".into()))));
         external(&mut s);
         assert!(broker.connections().is_empty(), "not before open");
-        feed(
-            &mut s,
-            &[
-                R::Tune {
-                    frame_max: 0,
-                    heartbeat: 30,
-                },
-                R::Open {
-                    correlation_id: 4,
-                    vhost: "/".into(),
-                },
-            ],
-            7,
-        );
+        tune_and_open(&mut s, 0, 30, "/", 7);
         let c = broker.connections();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].name, "127.0.0.1:4000 -> 127.0.0.1:5552");
@@ -2402,20 +2401,7 @@ mod tests {
 
         let mut s = session();
         handshake(&mut s, "guest", "guest");
-        let f = frames(&feed(
-            &mut s,
-            &[
-                R::Tune {
-                    frame_max: 0,
-                    heartbeat: 0,
-                },
-                R::Open {
-                    correlation_id: 4,
-                    vhost: "nope".into(),
-                },
-            ],
-            0,
-        ));
+        let f = frames(&tune_and_open(&mut s, 0, 0, "nope", 0));
         assert_eq!(f, vec![(0x8015, 4, code::VIRTUAL_HOST_ACCESS_FAILURE)]);
         assert!(s.is_closed());
     }
@@ -2480,20 +2466,7 @@ mod tests {
             0,
         );
         handshake(&mut s, "guest", "guest");
-        let f = frames(&feed(
-            &mut s,
-            &[
-                R::Tune {
-                    frame_max: 0,
-                    heartbeat: 0,
-                },
-                R::Open {
-                    correlation_id: 4,
-                    vhost: "/".into(),
-                },
-            ],
-            0,
-        ));
+        let f = frames(&tune_and_open(&mut s, 0, 0, "/", 0));
         assert_eq!(f, vec![(0x8015, 4, code::OK)]);
         (s, dir)
     }
