@@ -272,29 +272,27 @@ impl Group {
             return Err("a leadership transfer is already under way".into());
         }
         let _resume = Resume(self, raft.clone());
-        let deadline = tokio::time::Instant::now() + self.commit_timeout;
         // Everything proposed is applied here and replicated to `to`: its
         // log is as long as this leader's, so it can win.
-        loop {
-            let caught_up = {
-                let metrics = raft.metrics();
-                let m = metrics.borrow();
-                let last = m.last_log_index;
-                let applied = m.last_applied.map(|l| l.index);
-                let matched = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(&to).copied().flatten())
-                    .map(|l| l.index);
-                m.state == ServerState::Leader && applied == last && matched == last
-            };
-            if caught_up {
-                break;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(format!("node {to} did not catch up in time"));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        let caught_up = raft
+            .wait(Some(self.commit_timeout))
+            .metrics(
+                |m| {
+                    let last = m.last_log_index;
+                    let matched = m
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&to).copied().flatten())
+                        .map(|l| l.index);
+                    m.state == ServerState::Leader
+                        && m.last_applied.map(|l| l.index) == last
+                        && matched == last
+                },
+                "the transfer's target caught up",
+            )
+            .await;
+        if caught_up.is_err() {
+            return Err(format!("node {to} did not catch up in time"));
         }
         raft.runtime_config().heartbeat(false);
         let ask_every = Duration::from_millis(manager.config.heartbeat_interval);
