@@ -26,6 +26,10 @@ use super::types::{FieldTable, FieldValue};
 /// How deeply lists, maps, arrays and described values may nest.
 pub const MAX_DEPTH: usize = 32;
 
+/// The longest symbol accepted as the shared descriptor of an array's
+/// elements (each element carries a copy).
+const MAX_ARRAY_DESCRIPTOR: usize = 64;
+
 /// Why AMQP 1.0 bytes were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Amqp10Error {
@@ -535,7 +539,14 @@ impl<'a> Reader<'a> {
                 let ctor = inner.u8()?;
                 let mut items = Vec::with_capacity(count.min(inner.buf.len()));
                 if ctor == 0x00 {
+                    // Every element gets a copy of the descriptor, so it must
+                    // be what the spec allows (a ulong or a symbol) and short.
                     let descriptor = inner.value(depth + 1)?;
+                    match &descriptor {
+                        Value::Ulong(_) => {}
+                        Value::Symbol(s) if s.len() <= MAX_ARRAY_DESCRIPTOR => {}
+                        _ => return Err(Amqp10Error::Invalid("array descriptor")),
+                    }
                     let elem = inner.u8()?;
                     for _ in 0..count {
                         let v = inner.value_with(elem, depth + 1)?;
@@ -577,6 +588,12 @@ impl<'a> Reader<'a> {
             ]) as usize
         };
         let rest = &body[width..];
+        // No honest encoding holds more items than bytes (a list item is at
+        // least its constructor); zero-width array elements (nulls, `true`,
+        // empty lists) could otherwise claim billions from a few bytes.
+        if count > rest.len() {
+            return Err(Amqp10Error::Invalid("item count larger than its size"));
+        }
         Ok((
             Reader {
                 buf: rest,
@@ -1399,6 +1416,29 @@ mod tests {
         assert_eq!(
             r.value(0),
             Ok(Value::Array(vec![Value::Ubyte(1), Value::Ubyte(2)]))
+        );
+        // Counts are bounded by the bytes that carry them: an array of
+        // four billion nulls in a few bytes is refused, not allocated.
+        let mut r = Reader::new(&[0xf0, 0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0x40], None);
+        assert_eq!(
+            r.value(0),
+            Err(Amqp10Error::Invalid("item count larger than its size"))
+        );
+        let mut r = Reader::new(&[0xe0, 2, 3, 0x40], None);
+        assert_eq!(
+            r.value(0),
+            Err(Amqp10Error::Invalid("item count larger than its size"))
+        );
+        // A described array's descriptor is a ulong or a short symbol.
+        let mut r = Reader::new(&[0xe0, 5, 1, 0x00, 0x45, 0x50, 7], None);
+        assert_eq!(r.value(0), Err(Amqp10Error::Invalid("array descriptor")));
+        let mut r = Reader::new(&[0xe0, 6, 1, 0x00, 0x53, 9, 0x50, 7], None);
+        assert_eq!(
+            r.value(0),
+            Ok(Value::Array(vec![Value::Described(
+                Box::new(Value::Ulong(9)),
+                Box::new(Value::Ubyte(7))
+            )]))
         );
         // A symbolic section descriptor.
         let mut b = BytesMut::new();
