@@ -516,7 +516,7 @@ impl<'a> Reader<'a> {
             0xc0 | 0xd0 | 0xc1 | 0xd1 => {
                 let small = code & 0xf0 == 0xc0;
                 let (mut inner, count) = self.compound(small)?;
-                let mut items = Vec::with_capacity(count.min(inner.buf.len()));
+                let mut items = Vec::with_capacity(count);
                 for _ in 0..count {
                     items.push(inner.value(depth + 1)?);
                 }
@@ -537,7 +537,7 @@ impl<'a> Reader<'a> {
             0xe0 | 0xf0 => {
                 let (mut inner, count) = self.compound(code == 0xe0)?;
                 let ctor = inner.u8()?;
-                let mut items = Vec::with_capacity(count.min(inner.buf.len()));
+                let mut items = Vec::with_capacity(count);
                 if ctor == 0x00 {
                     // Every element gets a copy of the descriptor, so it must
                     // be what the spec allows (a ulong or a symbol) and short.
@@ -571,7 +571,8 @@ impl<'a> Reader<'a> {
         })
     }
 
-    /// A list/map/array body: its own reader over `size` bytes, and the count.
+    /// A list/map/array body: its own reader over `size` bytes, and the count
+    /// (at most those bytes, so callers may reserve it).
     fn compound(&mut self, small: bool) -> Result<(Reader<'a>, usize)> {
         let size = self.len(small)?;
         let body = self.take(size)?;
