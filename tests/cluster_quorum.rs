@@ -957,3 +957,79 @@ async fn many_quorum_queues_share_a_few_connections() {
     }
     let _ = conn.close(200, "bye").await;
 }
+
+/// Publishes with confirms on a follower, 20 in flight, while the leader's
+/// node is killed (-9): the follower's publisher of the queue resends what
+/// the old leader had not answered to the new one, which recognises what
+/// did commit by the publisher's sequence numbers. Every publish is acked
+/// (none nacked: the failover takes less than the resend window), and
+/// every message is in the queue exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_in_flight_at_a_failover_are_resent_and_taken_once() {
+    let (a, b, c) = three_nodes("qresend").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-resend";
+    declare_quorum_queue(&nodes[0], q).await;
+    eventually("a leader", Duration::from_secs(20), || {
+        nodes.iter().all(|n| quorum_leader(n, q).is_some())
+    })
+    .await;
+    let leader = quorum_leader(&nodes[0], q).expect("leader");
+    let li = nodes
+        .iter()
+        .position(|n| n.name() == leader)
+        .expect("leader node");
+    let pi = (li + 1) % 3;
+    let (conn, ch) = confirming(&nodes[pi]).await;
+    let all = bodies("r", 600);
+    let mut waits = std::collections::VecDeque::new();
+    let (mut acked, mut nacked) = (0, 0);
+    let mut tally = |c: Confirmation| match c {
+        Confirmation::Ack(_) => acked += 1,
+        Confirmation::Nack(_) => nacked += 1,
+        Confirmation::NotRequested => panic!("confirms not on"),
+    };
+    for (i, body) in all.iter().enumerate() {
+        if i == 200 {
+            nodes[li].kill();
+        }
+        let c = common::t(ch.basic_publish(
+            "",
+            q,
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            BasicProperties::default().with_delivery_mode(2),
+        ))
+        .await
+        .expect("publish");
+        waits.push_back(c);
+        if waits.len() > 20 {
+            let w = waits.pop_front().expect("a confirm");
+            tally(
+                common::within(Duration::from_secs(20), w)
+                    .await
+                    .expect("confirmed")
+                    .expect("confirm"),
+            );
+        }
+    }
+    for w in waits {
+        tally(
+            common::within(Duration::from_secs(20), w)
+                .await
+                .expect("confirmed")
+                .expect("confirm"),
+        );
+    }
+    assert_eq!((acked, nacked), (600, 0), "every publish acked");
+    let _ = conn.close(200, "bye").await;
+    let want: BTreeSet<String> = all.iter().cloned().collect();
+    let seen = consume_all(&nodes[pi], q, &want, Duration::from_secs(30)).await;
+    let mut count = std::collections::BTreeMap::new();
+    for (b, _) in &seen {
+        *count.entry(b.clone()).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = count.iter().filter(|(_, n)| **n > 1).collect();
+    assert_eq!(count.len(), 600, "every message in the queue");
+    assert!(twice.is_empty(), "messages taken twice: {twice:?}");
+}

@@ -65,6 +65,8 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// Messages (by their id in the group) left the queue for
     /// good: acked, rejected, expired, dropped, dead-lettered, purged.
     fn settled(&self, ids: Vec<u64>);
+    /// The implementation, for the cluster layer that made it.
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }
 
 /// What a remote consumer asks of the home node.

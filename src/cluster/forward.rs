@@ -34,6 +34,7 @@ use crate::broker::remote::{
     RemoteConsume, RemoteConsumer, RemoteDelivery, RemoteHome, Settle, Ticket,
 };
 use crate::broker::Broker;
+use crate::cluster::quorum::publisher as quorum_pub;
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -63,13 +64,20 @@ pub enum Msg {
         queue: String,
         exchange: String,
         routing_key: String,
+        /// For a quorum queue: the publisher on the sending node and the
+        /// message's number in its sequence (`quorum::publisher`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<(u64, u64)>,
     },
     /// The outcome of request `id`: taken (after the fsync a durable copy
-    /// needs), or not (`why`).
+    /// needs), or not (`why`); `resend`: not taken for now (a quorum queue
+    /// not served here any more), to be sent again to its leader.
     Done {
         id: u64,
         ok: bool,
         why: Option<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resend: bool,
     },
     /// Open consumer `cid` on the home node's queue.
     Consume { cid: u64, spec: RemoteConsume },
@@ -288,9 +296,11 @@ impl Forwarder {
             }
         }
         let link = self.link(home);
+        let quorum = q.queue_type() == crate::broker::queue::QueueType::Quorum;
         let this = Arc::new_cyclic(|this| RemoteQueue {
             link,
             this: this.clone(),
+            quorum,
         });
         q.set_remote(Some(this));
     }
@@ -347,7 +357,7 @@ pub struct Link {
     up: AtomicBool,
     next_id: AtomicU64,
     /// Publishes sent and not answered yet.
-    pending: Mutex<HashMap<u64, Arc<Ticket>>>,
+    pending: Mutex<HashMap<u64, Waiting>>,
     /// Consumer traffic (consume, settle, cancel): bounded by the consumers'
     /// windows, so it is never refused for lack of room.
     ctl: mpsc::UnboundedSender<Vec<u8>>,
@@ -379,17 +389,48 @@ impl Link {
     /// Send one publish; `ticket` settles with the home node's answer.
     fn publish(&self, vhost: &str, queue: &str, message: &Arc<Message>, ticket: &Arc<Ticket>) {
         ticket.expect();
+        self.send_publish(
+            vhost,
+            queue,
+            message,
+            None,
+            Waiting::Ticket(Arc::clone(ticket)),
+        );
+    }
+
+    /// Send one publish of a quorum queue's publisher on this node (number
+    /// `seq` of it) to the queue's leader; `reply` gets its answer
+    /// (`Resend` when the link is down or goes down first).
+    pub fn publish_quorum(
+        &self,
+        vhost: &str,
+        queue: &str,
+        message: &Arc<Message>,
+        seq: (u64, u64),
+        reply: quorum_pub::Reply,
+    ) {
+        self.send_publish(vhost, queue, message, Some(seq), Waiting::Quorum(reply));
+    }
+
+    fn send_publish(
+        &self,
+        vhost: &str,
+        queue: &str,
+        message: &Arc<Message>,
+        seq: Option<(u64, u64)>,
+        waiting: Waiting,
+    ) {
         if !self.up.load(Ordering::Acquire) {
-            return ticket.settle(false);
+            return waiting.answer(false, true);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut pending = self.pending.lock();
             if pending.len() >= MAX_INFLIGHT {
                 drop(pending);
-                return ticket.settle(false);
+                return waiting.answer(false, true);
             }
-            pending.insert(id, Arc::clone(ticket));
+            pending.insert(id, waiting);
         }
         let msg = Msg::Publish {
             id,
@@ -397,19 +438,21 @@ impl Link {
             queue: queue.to_string(),
             exchange: message.exchange.to_string(),
             routing_key: message.routing_key.to_string(),
+            seq,
         };
         let sent = self.tx.try_send((id, encode(&msg, Some(message)))).is_ok();
         // Down meanwhile: the task failed what it saw pending; fail this one too.
         if !sent || !self.up.load(Ordering::Acquire) {
-            self.answer(id, false);
+            self.answer(id, false, true);
         }
     }
 
-    /// Settle request `id` (once).
-    fn answer(&self, id: u64, ok: bool) {
+    /// Settle request `id` (once); `resend`: the home node asks for it
+    /// again elsewhere.
+    fn answer(&self, id: u64, ok: bool, resend: bool) {
         let t = self.pending.lock().remove(&id);
         if let Some(t) = t {
-            t.settle(ok);
+            t.answer(ok, resend);
             if let Some(f) = self.forwarder.upgrade() {
                 f.room.notify_waiters();
             }
@@ -523,12 +566,37 @@ impl Link {
             r.consumer.alive.store(false, Ordering::Release);
             r.sink.cancelled(r.channel, r.tag);
         }
-        let all: Vec<Arc<Ticket>> = self.pending.lock().drain().map(|(_, t)| t).collect();
+        let all: Vec<Waiting> = self.pending.lock().drain().map(|(_, t)| t).collect();
         for t in all {
-            t.settle(false);
+            t.answer(false, true);
         }
         if let Some(f) = self.forwarder.upgrade() {
             f.room.notify_waiters();
+        }
+    }
+}
+
+/// What waits for a forwarded publish's answer.
+enum Waiting {
+    /// A classic queue's or stream's copy.
+    Ticket(Arc<Ticket>),
+    /// A quorum queue publisher's send.
+    Quorum(quorum_pub::Reply),
+}
+
+impl Waiting {
+    /// The home node's answer: `ok`, or not and `resend` (not taken for
+    /// now; also a publish lost with the link: the quorum publisher sends it
+    /// to the queue's next leader, whose group recognises a copy that did
+    /// commit), or refused.
+    fn answer(self, ok: bool, resend: bool) {
+        match self {
+            Waiting::Ticket(t) => t.settle(ok),
+            Waiting::Quorum(reply) => reply(match (ok, resend) {
+                (true, _) => quorum_pub::Answer::Taken,
+                (false, true) => quorum_pub::Answer::Resend,
+                (false, false) => quorum_pub::Answer::Refused,
+            }),
         }
     }
 }
@@ -538,6 +606,9 @@ impl Link {
 pub struct RemoteQueue {
     link: Arc<Link>,
     this: Weak<RemoteQueue>,
+    /// A quorum queue (homed on its group's leader): publishes go through
+    /// this node's publisher of it, which resends them after a failover.
+    quorum: bool,
 }
 
 impl RemoteHome for RemoteQueue {
@@ -558,7 +629,15 @@ impl RemoteHome for RemoteQueue {
     }
 
     fn forward(&self, vhost: &str, queue: &str, message: &Arc<Message>, ticket: &Arc<Ticket>) {
-        self.link.publish(vhost, queue, message, ticket);
+        let quorum = self.quorum.then(|| {
+            let f = self.link.forwarder.upgrade()?;
+            let c = f.cluster.lock().upgrade()?;
+            Some(Arc::clone(&c.quorum))
+        });
+        match quorum.flatten() {
+            Some(m) => m.publisher(vhost, queue).publish(message, ticket),
+            None => self.link.publish(vhost, queue, message, ticket),
+        }
     }
 
     fn consume(
@@ -651,7 +730,7 @@ async fn run_link(
                 tracing::warn!(node = %link.node, error = %why, "data link down");
                 link.fail_all();
                 while let Ok((id, _)) = rx.try_recv() {
-                    link.answer(id, false);
+                    link.answer(id, false, true);
                 }
                 // Consumer traffic of the old connection means nothing now.
                 while ctl_rx.try_recv().is_ok() {}
@@ -742,11 +821,11 @@ async fn serve_dialer(
                     continue;
                 }
                 match decode(&frame.payload) {
-                    Ok((Msg::Done { id, ok, why }, _, _)) => {
+                    Ok((Msg::Done { id, ok, why, resend }, _, _)) => {
                         if let Some(why) = why.filter(|_| !ok) {
                             tracing::debug!(node = %link.node, %why, "forwarded publish refused");
                         }
-                        link.answer(id, ok);
+                        link.answer(id, ok, resend);
                     }
                     Ok((Msg::Deliver { cid, tag, redelivered, exchange, routing_key }, props, body)) => {
                         match message(&exchange, &routing_key, &props, body) {
@@ -804,6 +883,7 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
         }
     });
     let broker = Arc::clone(&c.broker);
+    let quorum = Arc::clone(&c.quorum);
     drop(c);
     tracing::debug!(node = %peer, "data link accepted");
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<SinkEvent>();
@@ -842,6 +922,43 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                 queue,
                 exchange,
                 routing_key,
+                seq: Some(seq),
+            } => {
+                let tx = tx.clone();
+                let done = move |a: quorum_pub::Answer| {
+                    let (ok, resend) = (
+                        a == quorum_pub::Answer::Taken,
+                        a == quorum_pub::Answer::Resend,
+                    );
+                    let why = match a {
+                        quorum_pub::Answer::Taken => None,
+                        quorum_pub::Answer::Refused => Some("rejected (x-overflow)".to_string()),
+                        quorum_pub::Answer::Resend => {
+                            Some("not taken by the group's leader".to_string())
+                        }
+                    };
+                    let _ = tx.send(encode(
+                        &Msg::Done {
+                            id,
+                            ok,
+                            why,
+                            resend,
+                        },
+                        None,
+                    ));
+                };
+                match message(&exchange, &routing_key, &props, body) {
+                    Some(m) => quorum.take_forwarded(&vhost, &queue, &m, seq, Box::new(done)),
+                    None => done(quorum_pub::Answer::Refused),
+                }
+            }
+            Msg::Publish {
+                id,
+                vhost,
+                queue,
+                exchange,
+                routing_key,
+                seq: None,
             } => {
                 let tx = tx.clone();
                 take_publish(
@@ -853,7 +970,16 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                     &props,
                     body,
                     move |ok, why| {
-                        let _ = tx.send(encode(&Msg::Done { id, ok, why }, None));
+                        let resend = false;
+                        let _ = tx.send(encode(
+                            &Msg::Done {
+                                id,
+                                ok,
+                                why,
+                                resend,
+                            },
+                            None,
+                        ));
                     },
                 );
             }
@@ -1228,6 +1354,7 @@ mod tests {
             queue: "q".into(),
             exchange: "x".into(),
             routing_key: "k".into(),
+            seq: Some((3, 9)),
         };
         let payload = bytes::Bytes::from(encode(&msg, Some(&m)));
         let (back, p, body) = decode(&payload).unwrap();
@@ -1240,6 +1367,7 @@ mod tests {
             id: 7,
             ok: false,
             why: Some("no queue".into()),
+            resend: true,
         };
         let (back, p, b) = decode(&bytes::Bytes::from(encode(&done, None))).unwrap();
         assert_eq!((back, p.len(), b.len()), (done, 0, 0));

@@ -540,6 +540,9 @@ impl crate::broker::remote::Replica for Recorder {
     fn settled(&self, ids: Vec<u64>) {
         self.settled.lock().extend(ids);
     }
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
+    }
 }
 
 #[test]

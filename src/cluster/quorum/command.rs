@@ -18,6 +18,17 @@ pub struct QMsg {
     pub properties: Vec<u8>,
     #[serde(with = "b64")]
     pub body: Vec<u8>,
+    /// The publisher that sent it (one per queue and publishing node, see
+    /// `super::publisher`) and its number in that publisher's sequence; 0:
+    /// none (taken as it comes, never recognised as a resend).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub publisher: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seq: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl QMsg {
@@ -29,7 +40,16 @@ impl QMsg {
             routing_key: m.routing_key.to_string(),
             properties: props.to_vec(),
             body: m.body.to_vec(),
+            publisher: 0,
+            seq: 0,
         }
+    }
+
+    /// The same message as number `seq` of `publisher`.
+    pub fn sent_by(mut self, publisher: u64, seq: u64) -> QMsg {
+        self.publisher = publisher;
+        self.seq = seq;
+        self
     }
 
     /// The AMQP message (None if its properties do not decode).
@@ -88,25 +108,96 @@ impl std::fmt::Display for QCommand {
     }
 }
 
-/// The live messages of the queue, by id (ascending: the queue's order).
+/// What an `Enqueue` did with one of its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Into the queue's state.
+    New,
+    /// Its publisher's number was taken before (a resend after a failover
+    /// or a lost answer): the first copy stands.
+    Duplicate,
+    /// Past its publisher's next number (one before it never committed):
+    /// not taken; the publisher resends from its first unanswered message.
+    OutOfSequence,
+}
+
+/// A quorum publish's outcome, the group's answer to its publisher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Committed and in the queue (or taken before: a resend).
+    Taken,
+    /// Committed, and the queue refused it (`x-overflow: reject-publish`).
+    Refused,
+    /// Not taken: resend from the publisher's first unanswered message.
+    OutOfSequence,
+}
+
+/// One publisher as the group knows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enqueuer {
+    /// The number its next message must carry.
+    pub next: u64,
+    /// The log index of its last `Enqueue`.
+    pub at: u64,
+}
+
+/// A publisher not heard from for this many log entries is forgotten (it
+/// answered everything long ago: its node restarted, or it has been idle).
+pub const ENQUEUER_IDLE: u64 = 1 << 20;
+
+/// The live messages of the queue, by id (ascending: the queue's order),
+/// and its publishers' next numbers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QState {
     pub messages: BTreeMap<u64, QMsg>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub enqueuers: BTreeMap<u64, Enqueuer>,
 }
 
 impl QState {
-    /// Apply the command at log index `index`.
-    pub fn apply(&mut self, index: u64, cmd: &QCommand) {
+    /// Apply the command at log index `index`; for an `Enqueue`, what became
+    /// of each message. A publisher's messages are taken in its order: a
+    /// number below its next one is a duplicate, above it out of sequence
+    /// (RabbitMQ's `rabbit_fifo` enqueuers); a publisher not known takes
+    /// whatever number comes first.
+    pub fn apply(&mut self, index: u64, cmd: &QCommand) -> Vec<Taken> {
         match cmd {
             QCommand::Enqueue(batch) => {
-                for (i, m) in batch.iter().enumerate() {
-                    self.messages.insert(id(index, i), m.clone());
+                if index.is_multiple_of(4096) {
+                    self.enqueuers
+                        .retain(|_, e| index.saturating_sub(e.at) < ENQUEUER_IDLE);
                 }
+                let mut out = Vec::with_capacity(batch.len());
+                for (i, m) in batch.iter().enumerate() {
+                    let taken = if m.publisher == 0 {
+                        Taken::New
+                    } else {
+                        let e = self.enqueuers.entry(m.publisher).or_insert(Enqueuer {
+                            next: m.seq,
+                            at: index,
+                        });
+                        e.at = index;
+                        match m.seq.cmp(&e.next) {
+                            std::cmp::Ordering::Less => Taken::Duplicate,
+                            std::cmp::Ordering::Greater => Taken::OutOfSequence,
+                            std::cmp::Ordering::Equal => {
+                                e.next += 1;
+                                Taken::New
+                            }
+                        }
+                    };
+                    if taken == Taken::New {
+                        self.messages.insert(id(index, i), m.clone());
+                    }
+                    out.push(taken);
+                }
+                out
             }
             QCommand::Settle(ids) => {
                 for id in ids {
                     self.messages.remove(id);
                 }
+                Vec::new()
             }
         }
     }
@@ -143,6 +234,39 @@ mod tests {
         let m = s.messages[&id(7, 0)].message().expect("decodes");
         assert_eq!(&m.body[..], b"c");
         assert_eq!(m.routing_key.as_str(), "k");
+    }
+
+    #[test]
+    fn a_publishers_messages_are_taken_once_and_in_order() {
+        let mut s = QState::default();
+        let by = |seq: u64, body: &str| msg(body).sent_by(7, seq);
+        // A publisher not known starts where it starts.
+        let t = s.apply(2, &QCommand::Enqueue(vec![by(5, "a"), by(6, "b")]));
+        assert_eq!(t, vec![Taken::New, Taken::New]);
+        // Resent after a failover with one more: the first two are known.
+        let t = s.apply(
+            3,
+            &QCommand::Enqueue(vec![by(5, "a"), by(6, "b"), by(7, "c")]),
+        );
+        assert_eq!(t, vec![Taken::Duplicate, Taken::Duplicate, Taken::New]);
+        // 8 never committed: 9 is not taken, and neither is 10 behind it.
+        let t = s.apply(4, &QCommand::Enqueue(vec![by(9, "e"), by(10, "f")]));
+        assert_eq!(t, vec![Taken::OutOfSequence, Taken::OutOfSequence]);
+        let t = s.apply(
+            5,
+            &QCommand::Enqueue(vec![by(8, "d"), by(9, "e"), msg("x")]),
+        );
+        assert_eq!(t, vec![Taken::New, Taken::New, Taken::New]);
+        let bodies: Vec<&[u8]> = s.messages.values().map(|m| &m.body[..]).collect();
+        assert_eq!(bodies, [&b"a"[..], b"b", b"c", b"d", b"e", b"x"]);
+        assert_eq!(s.enqueuers[&7], Enqueuer { next: 10, at: 5 });
+        // Idle publishers are forgotten (checked every 4096 entries).
+        s.apply(ENQUEUER_IDLE + 4096, &QCommand::Enqueue(vec![msg("y")]));
+        assert!(s.enqueuers.is_empty());
+        // The enqueuers are part of the snapshot.
+        s.apply(ENQUEUER_IDLE + 4097, &QCommand::Enqueue(vec![by(1, "z")]));
+        let json = serde_json::to_vec(&s).expect("encodes");
+        assert_eq!(serde_json::from_slice::<QState>(&json).ok(), Some(s));
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 pub mod command;
 pub mod network;
+pub mod publisher;
 pub mod rebalance;
 pub mod serve;
 pub mod store;
@@ -36,7 +37,7 @@ openraft::declare_raft_types!(
     /// A quorum queue group's types.
     pub QTypeConfig:
         D = command::QCommand,
-        R = Vec<bool>,
+        R = Vec<command::Outcome>,
         NodeId = u64,
         Node = NodeInfo,
         Entry = openraft::Entry<QTypeConfig>,
@@ -96,6 +97,8 @@ pub struct Manager {
     stopping: Arc<Mutex<HashSet<String>>>,
     /// Held while a leader rebalance runs (one at a time).
     rebalancing: tokio::sync::Mutex<()>,
+    /// This node's publishers, by vhost and queue ([`publisher`]).
+    publishers: Mutex<HashMap<(String, String), Arc<publisher::Publisher>>>,
 }
 
 /// How long a graceful stop waits for this node's leaderships to move.
@@ -154,6 +157,7 @@ impl Manager {
             pending: Arc::default(),
             stopping: Arc::default(),
             rebalancing: tokio::sync::Mutex::new(()),
+            publishers: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -173,6 +177,55 @@ impl Manager {
     /// The group `id` when it runs here.
     pub fn group(&self, id: &str) -> Option<Arc<serve::Group>> {
         self.groups.lock().get(id).cloned()
+    }
+
+    /// This node's member of quorum queue `vhost`/`name`, when it is one.
+    pub fn group_of(&self, vhost: &str, name: &str) -> Option<Arc<serve::Group>> {
+        serve::Group::of(&*self.queue(vhost, name)?)
+    }
+
+    /// The publisher through which this node publishes to quorum queue
+    /// `vhost`/`name` (started on first use).
+    pub fn publisher(self: &Arc<Self>, vhost: &str, name: &str) -> Arc<publisher::Publisher> {
+        let key = (vhost.to_string(), name.to_string());
+        let mut publishers = self.publishers.lock();
+        if let Some(p) = publishers.get(&key) {
+            return Arc::clone(p);
+        }
+        let p = publisher::Publisher::start(self, vhost, name);
+        publishers.insert(key, Arc::clone(&p));
+        p
+    }
+
+    /// A publisher whose queue is gone ends.
+    fn publisher_gone(&self, p: &Arc<publisher::Publisher>) {
+        self.publishers.lock().retain(|_, q| !Arc::ptr_eq(p, q));
+    }
+
+    /// How long a publisher resends a publish before it nacks it: twice the
+    /// commit timeout (an election, and the commit after it, fit in).
+    fn resend_within(&self) -> Duration {
+        self.commit_timeout * 2
+    }
+
+    /// A forwarded publish, numbered by its publisher on another node, for
+    /// the queue this node serves; `reply` gets the group's answer.
+    pub fn take_forwarded(
+        &self,
+        vhost: &str,
+        name: &str,
+        message: &crate::broker::message::Message,
+        (publisher, seq): (u64, u64),
+        reply: publisher::Reply,
+    ) {
+        match self.group_of(vhost, name) {
+            Some(g) => g.propose(
+                command::QMsg::of(message).sent_by(publisher, seq),
+                reply,
+                true,
+            ),
+            None => reply(publisher::Answer::Resend),
+        }
     }
 
     /// A quorum queue's record was just committed (its declaration applied):

@@ -14,7 +14,8 @@
 //! leaving the queue are proposed as `Settle`, batched: one proposal in
 //! flight, the ids that arrive meanwhile go in the next.
 
-use super::command::{QCommand, QMsg};
+use super::command::{Outcome, QCommand, QMsg};
+use super::publisher::{Answer, Reply};
 use super::store::QSm;
 use super::{Manager, QTypeConfig};
 use crate::broker::message::Message;
@@ -133,12 +134,33 @@ impl Group {
         !recorded && self.voters().is_some_and(|v| !v.contains_key(&me))
     }
 
+    /// The member a local quorum queue is attached to ([`Replica`]).
+    pub fn of(q: &crate::broker::queue::Queue) -> Option<Arc<Group>> {
+        q.replica()?.as_any().downcast::<Group>().ok()
+    }
+
     pub fn raft(&self) -> Option<Raft> {
         self.raft.get().cloned()
     }
 
     pub fn is_serving(&self) -> bool {
         self.serving.load(Ordering::Acquire)
+    }
+
+    /// Propose one publish (numbered by its publisher) while this node
+    /// serves the queue; `reply` gets the group's answer ([`Answer::Resend`]
+    /// at once when it does not serve). `count`: counted in this node's
+    /// pending publishes (a publisher on another node).
+    pub fn propose(&self, m: QMsg, reply: Reply, count: bool) {
+        if self.raft().is_none() || !self.is_serving() {
+            return reply(Answer::Resend);
+        }
+        let counter = count.then(|| {
+            self.pending.fetch_add(1, Ordering::Relaxed);
+            Arc::clone(&self.pending)
+        });
+        // Not sent: the loop is gone and the publish is dropped, answering.
+        let _ = self.enqueue_tx.send((m, Counted(Some(reply), counter)));
     }
 
     /// The group's Raft node is up: follow its leadership, propose settles.
@@ -357,18 +379,22 @@ impl Replica for Group {
         self.is_serving()
     }
 
+    /// Through the queue's publisher on this node, which numbers it and
+    /// resends it after a failover ([`super::publisher`]).
     fn enqueue(&self, message: &Arc<Message>, ticket: &Arc<Ticket>) {
-        ticket.expect();
-        if self.raft().is_none() || !self.is_serving() {
-            return ticket.settle(false);
+        match self.manager.upgrade() {
+            Some(m) => m
+                .publisher(&self.vhost, &self.name)
+                .publish(message, ticket),
+            None => {
+                ticket.expect();
+                ticket.settle(false);
+            }
         }
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        let counted = Counted(Some(Arc::clone(ticket)), Arc::clone(&self.pending));
-        if let Err(mpsc::error::SendError((_, t))) =
-            self.enqueue_tx.send((QMsg::of(message), counted))
-        {
-            t.settle(false);
-        }
+    }
+
+    fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
+        self
     }
 
     fn settled(&self, ids: Vec<u64>) {
@@ -554,28 +580,31 @@ async fn reconcile(group: &Arc<Group>, raft: &Raft) {
     tracing::info!(group = %group.id, ok = matches!(r, Ok(Ok(_))), "quorum queue membership changed");
 }
 
-/// A publish waiting to be proposed, and the ticket its confirm waits on.
+/// A publish waiting to be proposed, and where its answer goes.
 type Publish = (QMsg, Counted);
 
-/// A publish's ticket, counted in the manager's pending publishes until it
-/// is settled; one dropped unsettled (its group stopped) is settled failed,
-/// so no confirm waits forever.
-struct Counted(Option<Arc<Ticket>>, Arc<AtomicUsize>);
+/// A publish's reply, counted in the manager's pending publishes until it
+/// is answered when its publisher is on another node (this node's own
+/// publishers count theirs); one dropped unanswered (its group stopped) is
+/// answered [`Answer::Resend`], so no publish waits forever.
+struct Counted(Option<Reply>, Option<Arc<AtomicUsize>>);
 
 impl Counted {
-    fn settle(mut self, ok: bool) {
-        if let Some(t) = self.0.take() {
-            t.settle(ok);
+    fn answer(mut self, a: Answer) {
+        if let Some(r) = self.0.take() {
+            r(a);
         }
     }
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        if let Some(t) = self.0.take() {
-            t.settle(false);
+        if let Some(r) = self.0.take() {
+            r(Answer::Resend);
         }
-        self.1.fetch_sub(1, Ordering::Relaxed);
+        if let Some(n) = &self.1 {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -607,7 +636,7 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
         drop(group);
         if !serving {
             for t in tickets {
-                t.settle(false);
+                t.answer(Answer::Resend);
             }
             continue;
         }
@@ -618,7 +647,7 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
             Ok(Ok(answer)) => answer,
             _ => {
                 for t in tickets {
-                    t.settle(false);
+                    t.answer(Answer::Resend);
                 }
                 continue;
             }
@@ -636,7 +665,11 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
                 }
             };
             for (i, t) in tickets.into_iter().enumerate() {
-                t.settle(oks.get(i).copied().unwrap_or(false));
+                t.answer(match oks.get(i) {
+                    Some(Outcome::Taken) => Answer::Taken,
+                    Some(Outcome::Refused) => Answer::Refused,
+                    Some(Outcome::OutOfSequence) | None => Answer::Resend,
+                });
             }
             drop(slot);
         });

@@ -12,7 +12,7 @@
 //! so the tree stays bounded by the live messages plus the entries since the
 //! last snapshot.
 
-use super::command::{id, QCommand, QState};
+use super::command::{id, Outcome, QCommand, QState, Taken};
 use super::QTypeConfig;
 use crate::broker::queue::{Enqueued, Queue};
 use crate::cluster::store::{io_err, snapshot_meta, LogStore, StoredSnapshot, SNAPSHOT};
@@ -109,7 +109,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
         Ok((s.last_applied, s.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<bool>>, SErr>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Outcome>>, SErr>
     where
         I: IntoIterator<Item = Entry<QTypeConfig>> + Send,
         I::IntoIter: Send,
@@ -123,25 +123,33 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             out.push(match &entry.payload {
                 EntryPayload::Blank => Vec::new(),
                 EntryPayload::Normal(cmd) => {
-                    s.state.apply(index, cmd);
-                    match (cmd, &s.serving) {
-                        // The node serving the queue delivers them from now
-                        // on; each publisher's confirm follows the queue's
-                        // answer.
-                        (QCommand::Enqueue(batch), Some(q)) => batch
-                            .iter()
-                            .enumerate()
-                            .map(|(i, m)| match m.message() {
-                                Some(msg) => !matches!(
-                                    q.enqueue_replicated(msg, id(index, i), false, now),
-                                    Enqueued::Rejected
-                                ),
-                                None => false,
-                            })
-                            .collect(),
-                        (QCommand::Enqueue(batch), None) => vec![true; batch.len()],
-                        _ => Vec::new(),
-                    }
+                    let taken = s.state.apply(index, cmd);
+                    let batch = match cmd {
+                        QCommand::Enqueue(batch) => batch,
+                        QCommand::Settle(_) => &Vec::new(),
+                    };
+                    // The node serving the queue delivers new messages from
+                    // now on; each publisher's confirm follows the queue's
+                    // answer.
+                    batch
+                        .iter()
+                        .zip(taken)
+                        .enumerate()
+                        .map(|(i, (m, taken))| match (taken, &s.serving) {
+                            (Taken::Duplicate, _) => Outcome::Taken,
+                            (Taken::OutOfSequence, _) => Outcome::OutOfSequence,
+                            (Taken::New, None) => Outcome::Taken,
+                            (Taken::New, Some(q)) => match m.message() {
+                                Some(msg) => {
+                                    match q.enqueue_replicated(msg, id(index, i), false, now) {
+                                        Enqueued::Rejected => Outcome::Refused,
+                                        Enqueued::Accepted { .. } => Outcome::Taken,
+                                    }
+                                }
+                                None => Outcome::Refused,
+                            },
+                        })
+                        .collect()
                 }
                 EntryPayload::Membership(m) => {
                     s.membership = StoredMembership::new(Some(entry.log_id), m.clone());

@@ -1,0 +1,285 @@
+//! Publishes to one quorum queue from this node, carried to the group's
+//! leader and resent after a failover until each is answered: RabbitMQ's
+//! enqueuer (`rabbit_fifo_client`) with its sequence numbers.
+//!
+//! Every publish a node routes to a quorum queue, on the leader or not,
+//! goes through the queue's [`Publisher`] here. It numbers them (1, 2, ...
+//! under an id of its own) and keeps each until the group answers it; it
+//! sends them, in their order, to wherever the queue is served: this node's
+//! member ([`Group::propose`]) or the leader's node over the data link
+//! ([`Link::publish_quorum`](crate::cluster::forward::Link::publish_quorum)).
+//! When one is not taken (the leader lost, stepped down or was unreachable,
+//! its commit did not come in time, or the group saw it out of sequence),
+//! the publisher stops sending, waits until the queue is served again, and
+//! resends everything not yet answered, in order. The group takes a
+//! publisher's numbers in order only and recognises the ones it has
+//! ([`super::command::QState::apply`]), so a message whose first copy did
+//! commit is not enqueued twice, and none is skipped. A publish still not
+//! answered [`Manager::resend_within`] after it came is nacked.
+
+use super::command::QMsg;
+use super::serve::Group;
+use super::Manager;
+use crate::broker::message::Message;
+use crate::broker::remote::Ticket;
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// What became of one send of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Committed and in the queue (or taken before).
+    Taken,
+    /// Committed, and the queue refused it (`x-overflow: reject-publish`).
+    Refused,
+    /// Not taken: send it again (with everything after it).
+    Resend,
+}
+
+/// Where a send's answer goes; called once.
+pub type Reply = Box<dyn FnOnce(Answer) + Send>;
+
+/// How often a publisher with publishes waiting looks for the queue's
+/// leader (when held) and for publishes waiting too long.
+const LOOK_EVERY: Duration = Duration::from_millis(50);
+/// How often an idle publisher checks that its queue still exists.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// One quorum queue's publisher on this node.
+pub struct Publisher {
+    vhost: String,
+    name: String,
+    manager: Weak<Manager>,
+    inner: Mutex<Inner>,
+    answers: mpsc::UnboundedSender<(u64, u64, Answer)>,
+    /// The manager's count of publishes not answered yet.
+    pending_count: Arc<AtomicUsize>,
+    give_up: Duration,
+}
+
+struct Inner {
+    /// Its id in the group's state (random: a restarted node is a new
+    /// publisher, and so is one that gave up on its publishes).
+    id: u64,
+    next: u64,
+    /// Bumped when sending stops: answers to earlier sends asking for a
+    /// resend are stale then.
+    epoch: u64,
+    /// Sending stopped until the queue is served again.
+    held: bool,
+    pending: BTreeMap<u64, Pending>,
+}
+
+struct Pending {
+    message: Arc<Message>,
+    ticket: Arc<Ticket>,
+    since: Instant,
+}
+
+/// Where the queue is served now.
+enum Target {
+    Local(Arc<Group>),
+    Remote(Arc<crate::cluster::forward::Link>),
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("quorum::Publisher")
+            .field("queue", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// A publisher for `vhost`/`name`, with its task.
+    pub(super) fn start(manager: &Arc<Manager>, vhost: &str, name: &str) -> Arc<Publisher> {
+        let (answers, rx) = mpsc::unbounded_channel();
+        let p = Arc::new(Publisher {
+            vhost: vhost.to_string(),
+            name: name.to_string(),
+            manager: Arc::downgrade(manager),
+            inner: Mutex::new(Inner {
+                id: rand::random::<u64>().max(1),
+                next: 1,
+                epoch: 0,
+                held: false,
+                pending: BTreeMap::new(),
+            }),
+            answers,
+            pending_count: Arc::clone(&manager.pending),
+            give_up: manager.resend_within(),
+        });
+        tokio::spawn(run(Arc::downgrade(&p), rx));
+        p
+    }
+
+    /// Publish `message`; `ticket` settles with the group's answer.
+    pub fn publish(&self, message: &Arc<Message>, ticket: &Arc<Ticket>) {
+        ticket.expect();
+        self.pending_count.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.inner.lock();
+        let seq = s.next;
+        s.next += 1;
+        s.pending.insert(
+            seq,
+            Pending {
+                message: Arc::clone(message),
+                ticket: Arc::clone(ticket),
+                since: Instant::now(),
+            },
+        );
+        if !s.held {
+            // Sent under the lock: the sends leave in their numbers' order.
+            self.send(s.id, seq, message, s.epoch);
+        }
+    }
+
+    /// Send number `seq` to wherever the queue is served now.
+    fn send(&self, id: u64, seq: u64, message: &Arc<Message>, epoch: u64) {
+        let tx = self.answers.clone();
+        let reply: Reply = Box::new(move |a| {
+            let _ = tx.send((seq, epoch, a));
+        });
+        match self.target() {
+            Some(Target::Local(g)) => g.propose(QMsg::of(message).sent_by(id, seq), reply, false),
+            Some(Target::Remote(link)) => {
+                link.publish_quorum(&self.vhost, &self.name, message, (id, seq), reply)
+            }
+            None => reply(Answer::Resend),
+        }
+    }
+
+    /// This node's member when it serves the queue, else the link to the
+    /// leader's node when it is up.
+    fn target(&self) -> Option<Target> {
+        let m = self.manager.upgrade()?;
+        let q = m.queue(&self.vhost, &self.name)?;
+        if let Some(home) = q.remote() {
+            if !home.reachable() {
+                return None;
+            }
+            let c = m.cluster.lock().upgrade()?;
+            return Some(Target::Remote(c.forward.link(home.node())));
+        }
+        let g = Group::of(&q)?;
+        g.is_serving().then_some(Target::Local(g))
+    }
+
+    /// Settle number `seq` with `ok`.
+    fn settle(&self, s: &mut Inner, seq: u64, ok: bool) {
+        if let Some(p) = s.pending.remove(&seq) {
+            p.ticket.settle(ok);
+            self.pending_count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Take an answer.
+    fn answered(&self, seq: u64, epoch: u64, a: Answer) {
+        let mut s = self.inner.lock();
+        match a {
+            Answer::Taken => self.settle(&mut s, seq, true),
+            Answer::Refused => self.settle(&mut s, seq, false),
+            Answer::Resend => {
+                if epoch == s.epoch && !s.held && s.pending.contains_key(&seq) {
+                    s.held = true;
+                    s.epoch += 1;
+                }
+            }
+        }
+    }
+
+    /// While held: nack what waited too long, and resend the rest, in
+    /// order, once the queue is served. False once the queue is gone and
+    /// nothing waits (the publisher can go).
+    fn tick(&self) -> bool {
+        let mut s = self.inner.lock();
+        let now = Instant::now();
+        // The oldest waited too long: all are nacked (their number may
+        // never have committed, so the ones after it would be out of
+        // sequence for good) and the publisher starts again as a new one.
+        let oldest = s.pending.first_key_value().map(|(_, p)| p.since);
+        if oldest.is_some_and(|t| now.duration_since(t) >= self.give_up) {
+            let all: Vec<u64> = s.pending.keys().copied().collect();
+            tracing::warn!(queue = %self.name, vhost = %self.vhost, nacked = all.len(), "quorum queue publishes not taken in time");
+            for seq in all {
+                self.settle(&mut s, seq, false);
+            }
+            s.id = rand::random::<u64>().max(1);
+            s.next = 1;
+            s.epoch += 1;
+            s.held = false;
+        }
+        let queue = self
+            .manager
+            .upgrade()
+            .and_then(|m| m.queue(&self.vhost, &self.name));
+        if queue.is_none() {
+            let all: Vec<u64> = s.pending.keys().copied().collect();
+            for seq in all {
+                self.settle(&mut s, seq, false);
+            }
+            return false;
+        }
+        if s.held && (s.pending.is_empty() || self.target().is_some()) {
+            s.held = false;
+            let epoch = s.epoch;
+            for (seq, p) in &s.pending {
+                self.send(s.id, *seq, &p.message, epoch);
+            }
+            if !s.pending.is_empty() {
+                tracing::debug!(queue = %self.name, vhost = %self.vhost, resent = s.pending.len(), "quorum queue publishes resent");
+            }
+        }
+        true
+    }
+}
+
+/// A publisher's task: takes answers; while publishes wait, checks every
+/// [`LOOK_EVERY`] for the leader and for publishes waiting too long; when
+/// none wait, every [`IDLE_CHECK`] whether the queue is still there.
+async fn run(p: Weak<Publisher>, mut answers: mpsc::UnboundedReceiver<(u64, u64, Answer)>) {
+    let mut next = tokio::time::Instant::now() + LOOK_EVERY;
+    loop {
+        tokio::select! {
+            a = answers.recv() => {
+                let (Some((seq, epoch, a)), Some(p)) = (a, p.upgrade()) else { return };
+                p.answered(seq, epoch, a);
+                while let Ok((seq, epoch, a)) = answers.try_recv() {
+                    p.answered(seq, epoch, a);
+                }
+            }
+            () = tokio::time::sleep_until(next) => {
+                let Some(p) = p.upgrade() else { return };
+                if !p.tick() {
+                    if let Some(m) = p.manager.upgrade() {
+                        m.publisher_gone(&p);
+                    }
+                    return;
+                }
+                let busy = !p.inner.lock().pending.is_empty();
+                next = tokio::time::Instant::now() + if busy { LOOK_EVERY } else { IDLE_CHECK };
+            }
+        }
+        // Publishes came while idle: look again soon.
+        if let Some(p) = p.upgrade() {
+            let soon = tokio::time::Instant::now() + LOOK_EVERY;
+            if next > soon && !p.inner.lock().pending.is_empty() {
+                next = soon;
+            }
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let pending = std::mem::take(&mut self.inner.get_mut().pending);
+        for (_, p) in pending {
+            p.ticket.settle(false);
+            self.pending_count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
