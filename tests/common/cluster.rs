@@ -469,9 +469,16 @@ pub async fn declare_and_bind(node: &Node, x: &str, q: &str, key: &str) {
 /// Three nodes on 127.0.0.1, .2 and .3 (B seeded with A, C with A and B),
 /// started, and running as members in every node's view.
 pub async fn three_nodes(tag: &str) -> (Node, Node, Node) {
-    let mut a = Node::new(1, tag);
-    let mut b = Node::new(2, tag);
-    let mut c = Node::new(3, tag);
+    three_nodes_with(tag, Node::new(1, tag).commit_timeout_ms).await
+}
+
+/// [`three_nodes`] with a commit timeout of `commit_timeout_ms`.
+pub async fn three_nodes_with(tag: &str, commit_timeout_ms: u64) -> (Node, Node, Node) {
+    let [mut a, mut b, mut c] = [1, 2, 3].map(|i| {
+        let mut n = Node::new(i, tag);
+        n.commit_timeout_ms = commit_timeout_ms;
+        n
+    });
     b.seeds = vec![a.seed()];
     c.seeds = vec![a.seed(), b.seed()];
     a.start().await;

@@ -11,6 +11,9 @@
 //!   local queue and serves it; proposals of publishes and settlements;
 //!   leadership transfer.
 //! - `rebalance`: spreading the leaders over the running nodes.
+//! - `elect`: elections with a pre-vote (openraft's own timer is off).
+//! - `publisher`: each node's publisher per queue, which numbers publishes
+//!   and resends them after a failover.
 //!
 //! The metadata group records each quorum queue's members (chosen when its
 //! declaration is applied, see [`choose_members`]) and its leader; this
@@ -18,6 +21,7 @@
 //! ([`Manager::sync`]). See docs/cluster.md, "Quorum queues".
 
 pub mod command;
+pub mod elect;
 pub mod network;
 pub mod publisher;
 pub mod rebalance;
@@ -142,11 +146,13 @@ impl Manager {
             max_payload_entries: 64,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(4096),
             max_in_snapshot_log_to_keep: 256,
+            // Elections are this module's, with a pre-vote (`elect`).
+            enable_elect: false,
             ..Default::default()
         }
         .validate()
         .map_err(|e| e.to_string())?;
-        Ok(Arc::new(Manager {
+        let m = Arc::new(Manager {
             db,
             broker,
             ident,
@@ -158,7 +164,14 @@ impl Manager {
             stopping: Arc::default(),
             rebalancing: tokio::sync::Mutex::new(()),
             publishers: Mutex::new(HashMap::new()),
-        }))
+        });
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(elect::run(Arc::downgrade(&m)));
+            }
+            Err(_) => return Err("the quorum groups need a tokio runtime".into()),
+        }
+        Ok(m)
     }
 
     pub(super) fn set_cluster(&self, c: &Arc<Cluster>) {
@@ -518,9 +531,31 @@ impl Manager {
             .raft()
             .ok_or_else(|| format!("quorum group '{}' not started", req.group))?;
         let v = match req.rpc {
-            network::Rpc::Append(r) => serde_json::to_value(raft.append_entries(r).await),
-            network::Rpc::Vote(r) => serde_json::to_value(raft.vote(r).await),
-            network::Rpc::Snapshot(r) => serde_json::to_value(raft.install_snapshot(r).await),
+            network::Rpc::Append(r) => {
+                let resp = raft.append_entries(r).await;
+                if matches!(&resp, Ok(a) if !matches!(a, openraft::raft::AppendEntriesResponse::HigherVote(_)))
+                {
+                    group.heard();
+                }
+                serde_json::to_value(resp)
+            }
+            network::Rpc::Vote(r) => {
+                let resp = raft.vote(r).await;
+                if matches!(&resp, Ok(v) if v.vote_granted) {
+                    group.heard();
+                }
+                serde_json::to_value(resp)
+            }
+            network::Rpc::Snapshot(r) => {
+                let resp = raft.install_snapshot(r).await;
+                if resp.is_ok() {
+                    group.heard();
+                }
+                serde_json::to_value(resp)
+            }
+            network::Rpc::PreVote { last_log_index } => {
+                serde_json::to_value(group.pre_vote(last_log_index, elect::lease(self)))
+            }
             network::Rpc::Transfer { to } => serde_json::to_value(group.transfer_to(to).await),
             network::Rpc::Elect => {
                 serde_json::to_value(raft.trigger().elect().await.map_err(|e| e.to_string()))

@@ -5,7 +5,8 @@
 //! [`Kind::Quorum`] frames that name the group; the listener
 //! ([`crate::cluster::network::serve`]) hands them to
 //! [`super::Manager::handle`]. No listener of their own. Besides openraft's
-//! three RPCs, two of ours carry a leadership transfer (rebalancing).
+//! three RPCs, two of ours carry a leadership transfer (rebalancing), and one
+//! the pre-vote before an election (`super::elect`).
 
 use super::QTypeConfig;
 use crate::cluster::frame::Kind;
@@ -45,6 +46,11 @@ pub enum Rpc {
     /// To a member, from the leader handing over: stand for election now
     /// (openraft's `trigger().elect()`); answers `Result<(), String>`.
     Elect,
+    /// Would the member vote for one whose log ends at `last_log_index`
+    /// ([`super::elect`])? Answers a bool; changes nothing.
+    PreVote {
+        last_log_index: Option<u64>,
+    },
 }
 
 /// openraft's view of the network, for one group.

@@ -53,6 +53,8 @@ pub struct Group {
     transferring: AtomicBool,
     /// Wakes the proposal loops when a transfer ends.
     transferred: tokio::sync::Notify,
+    /// When this member last heard from a leader ([`super::elect`]).
+    pub(super) timer: parking_lot::Mutex<super::elect::Timer>,
 }
 
 impl std::fmt::Debug for Group {
@@ -74,6 +76,10 @@ impl Group {
         manager: Weak<Manager>,
         pending: Arc<AtomicUsize>,
     ) -> Arc<Group> {
+        let wait = manager
+            .upgrade()
+            .map(|m| super::elect::draw(&m))
+            .unwrap_or_default();
         let (settle_tx, settle_rx) = mpsc::unbounded_channel();
         let (enqueue_tx, enqueue_rx) = mpsc::unbounded_channel();
         Arc::new(Group {
@@ -93,6 +99,7 @@ impl Group {
             members: parking_lot::Mutex::new(Vec::new()),
             transferring: AtomicBool::new(false),
             transferred: tokio::sync::Notify::new(),
+            timer: parking_lot::Mutex::new(super::elect::Timer::new(wait)),
         })
     }
 
@@ -240,6 +247,10 @@ impl Group {
 }
 
 impl Group {
+    pub(super) fn is_transferring(&self) -> bool {
+        self.transferring.load(Ordering::Acquire)
+    }
+
     /// Wait while a leadership transfer is under way.
     async fn not_transferring(&self) {
         loop {

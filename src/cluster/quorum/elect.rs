@@ -1,0 +1,201 @@
+//! Elections of the quorum queue groups, with a pre-vote (the Raft thesis,
+//! §9.6), which openraft 0.9 does not have. openraft's own election timer
+//! is off for these groups (`enable_elect: false`); this module stands
+//! members for election instead.
+//!
+//! A member that heard nothing from a leader (no append or snapshot it
+//! took, no vote it granted) for the leader lease (openraft refuses votes
+//! within it: `election_timeout_max`) plus a random part of the election
+//! timeout's spread, drawn again every round, first asks the other voters
+//! whether they would vote for it ([`Rpc::PreVote`], which changes nothing
+//! on them): yes only from a member that is not the leader, has heard from
+//! no leader within the lease either, and whose log is no longer than the
+//! asker's. Only with a majority of yeses does it stand (openraft's
+//! `trigger().elect()`, a real vote with a new term). So:
+//! - a member cut off alone never raises its term, and does not make the
+//!   leader step down when the cut heals (openraft without a pre-vote does:
+//!   a re-election for nothing);
+//! - in a partial partition, a member that cannot hear the leader while a
+//!   majority still does is refused, and leaves the leader alone;
+//! - after a leader's death the member with the shorter log is refused
+//!   before it takes a term, so the one with the longest log wins the first
+//!   round rather than both splitting it (and openraft's extra wait after a
+//!   refusal for log never comes in).
+//!
+//! One task per node ticks every group ([`run`]).
+
+use super::network::{GroupRpc, Rpc};
+use super::serve::Group;
+use super::Manager;
+use crate::cluster::frame::Kind;
+use crate::cluster::network::Peer;
+use openraft::ServerState;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// When a member last heard from a leader, and how long it waits from then
+/// (or from its last round, if later) before it asks for pre-votes.
+#[derive(Debug)]
+pub struct Timer {
+    /// The last append, snapshot or granted vote (or leadership of its own).
+    heard: Instant,
+    /// The end of its last pre-vote round: not leader contact, so it does
+    /// not make it refuse others' pre-votes.
+    round: Instant,
+    wait: Duration,
+    /// A pre-vote round (and the election after it) is under way.
+    asking: bool,
+}
+
+impl Timer {
+    pub fn new(wait: Duration) -> Timer {
+        Timer {
+            heard: Instant::now(),
+            round: Instant::now(),
+            wait,
+            asking: false,
+        }
+    }
+}
+
+/// The lease and the spread of the election timeout, from the groups'
+/// openraft config.
+fn timing(m: &Manager) -> (Duration, Duration) {
+    let c = &m.config;
+    (
+        Duration::from_millis(c.election_timeout_max),
+        Duration::from_millis(
+            c.election_timeout_max
+                .saturating_sub(c.election_timeout_min)
+                .max(1),
+        ),
+    )
+}
+
+/// The lease plus a random part of the spread: a member's wait for one round.
+pub(super) fn draw(m: &Manager) -> Duration {
+    let (lease, spread) = timing(m);
+    lease + Duration::from_millis(rand::random::<u64>() % (spread.as_millis() as u64 + 1))
+}
+
+impl Group {
+    /// A leader was heard from (an append or a snapshot taken, or a vote
+    /// granted to a candidate): the member waits a whole round again.
+    pub(super) fn heard(&self) {
+        self.timer.lock().heard = Instant::now();
+    }
+
+    /// A pre-vote for a candidate whose log ends at `candidate_last`.
+    pub(super) fn pre_vote(&self, candidate_last: Option<u64>, lease: Duration) -> bool {
+        let Some(raft) = self.raft() else {
+            return false;
+        };
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        m.state != ServerState::Leader
+            && self.timer.lock().heard.elapsed() >= lease
+            && candidate_last >= m.last_log_index
+    }
+
+    /// Due for a pre-vote round now (and marked as asking).
+    fn due(&self, me: u64, now: Instant) -> bool {
+        let Some(raft) = self.raft() else {
+            return false;
+        };
+        let (leader, voter) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            let voter = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == me);
+            (m.state == ServerState::Leader, voter)
+        };
+        let mut t = self.timer.lock();
+        if leader || self.is_transferring() {
+            // A leader that steps down waits a whole round first.
+            t.heard = now;
+            return false;
+        }
+        if !voter || t.asking || now.duration_since(t.heard.max(t.round)) < t.wait {
+            return false;
+        }
+        t.asking = true;
+        true
+    }
+
+    /// One round: ask the other voters for pre-votes, stand if a majority
+    /// (counting this member) would vote for it; then wait a new round.
+    async fn stand(self: Arc<Self>, m: Arc<Manager>) {
+        if let Some(raft) = self.raft() {
+            let me = m.ident.id;
+            let (others, voters, last) = {
+                let metrics = raft.metrics();
+                let x = metrics.borrow();
+                let membership = x.membership_config.membership();
+                let others: Vec<_> = membership
+                    .voter_ids()
+                    .filter(|v| *v != me)
+                    .filter_map(|v| membership.get_node(&v).cloned())
+                    .collect();
+                (others, membership.voter_ids().count(), x.last_log_index)
+            };
+            let within = Duration::from_millis(m.config.heartbeat_interval);
+            let asks = others.iter().map(|node| {
+                let mut peer = Peer::pooled(node, Arc::clone(&m.ident));
+                let req = GroupRpc {
+                    group: self.id.clone(),
+                    rpc: Rpc::PreVote {
+                        last_log_index: last,
+                    },
+                };
+                async move {
+                    let r: Result<Result<serde_json::Value, String>, _> =
+                        peer.call(Kind::Quorum, &req, within).await;
+                    matches!(r, Ok(Ok(serde_json::Value::Bool(true))))
+                }
+            });
+            let yes = 1 + futures::future::join_all(asks)
+                .await
+                .into_iter()
+                .filter(|y| *y)
+                .count();
+            if 2 * yes > voters {
+                tracing::info!(group = %self.id, queue = %self.name, votes = yes, voters, "quorum queue member stands for election (pre-vote won)");
+                let _ = raft.trigger().elect().await;
+            } else {
+                tracing::debug!(group = %self.id, votes = yes, voters, "pre-vote lost");
+            }
+        }
+        let mut t = self.timer.lock();
+        t.round = Instant::now();
+        t.wait = draw(&m);
+        t.asking = false;
+    }
+}
+
+/// Tick every group of this node every half heartbeat; start a round for
+/// each one due.
+pub(super) async fn run(m: Weak<Manager>) {
+    let every = match m.upgrade() {
+        Some(m) => Duration::from_millis((m.config.heartbeat_interval / 2).max(10)),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(m) = m.upgrade() else { return };
+        let now = Instant::now();
+        let groups: Vec<Arc<Group>> = m.groups.lock().values().cloned().collect();
+        for g in groups {
+            if g.due(m.ident.id, now) {
+                tokio::spawn(g.stand(Arc::clone(&m)));
+            }
+        }
+    }
+}
+
+/// The lease a pre-vote answer checks (see [`Group::pre_vote`]).
+pub(super) fn lease(m: &Manager) -> Duration {
+    timing(m).0
+}
