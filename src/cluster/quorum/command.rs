@@ -21,9 +21,9 @@ pub struct QMsg {
     /// The publisher that sent it (one per queue and publishing node, see
     /// `super::publisher`) and its number in that publisher's sequence; 0:
     /// none (taken as it comes, never recognised as a resend).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero", rename = "p")]
     pub publisher: u64,
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero", rename = "s")]
     pub seq: u64,
 }
 

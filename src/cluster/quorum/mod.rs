@@ -102,7 +102,7 @@ pub struct Manager {
     /// Held while a leader rebalance runs (one at a time).
     rebalancing: tokio::sync::Mutex<()>,
     /// This node's publishers, by vhost and queue ([`publisher`]).
-    publishers: Mutex<HashMap<(String, String), Arc<publisher::Publisher>>>,
+    publishers: Mutex<HashMap<String, HashMap<String, Arc<publisher::Publisher>>>>,
 }
 
 /// How long a graceful stop waits for this node's leaderships to move.
@@ -200,19 +200,25 @@ impl Manager {
     /// The publisher through which this node publishes to quorum queue
     /// `vhost`/`name` (started on first use).
     pub fn publisher(self: &Arc<Self>, vhost: &str, name: &str) -> Arc<publisher::Publisher> {
-        let key = (vhost.to_string(), name.to_string());
         let mut publishers = self.publishers.lock();
-        if let Some(p) = publishers.get(&key) {
+        if let Some(p) = publishers.get(vhost).and_then(|v| v.get(name)) {
             return Arc::clone(p);
         }
         let p = publisher::Publisher::start(self, vhost, name);
-        publishers.insert(key, Arc::clone(&p));
+        publishers
+            .entry(vhost.to_string())
+            .or_default()
+            .insert(name.to_string(), Arc::clone(&p));
         p
     }
 
     /// A publisher whose queue is gone ends.
     fn publisher_gone(&self, p: &Arc<publisher::Publisher>) {
-        self.publishers.lock().retain(|_, q| !Arc::ptr_eq(p, q));
+        let mut publishers = self.publishers.lock();
+        for v in publishers.values_mut() {
+            v.retain(|_, q| !Arc::ptr_eq(p, q));
+        }
+        publishers.retain(|_, v| !v.is_empty());
     }
 
     /// How long a publisher resends a publish before it nacks it: twice the

@@ -29,6 +29,12 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
+/// A new publisher id: random over 64 bits, so that two publishers of one
+/// queue never share one (they would share a sequence).
+fn new_id() -> u64 {
+    rand::random::<u64>().max(1)
+}
+
 /// What became of one send of a publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
@@ -51,6 +57,7 @@ const IDLE_CHECK: Duration = Duration::from_secs(5);
 
 /// One quorum queue's publisher on this node.
 pub struct Publisher {
+    this: Weak<Publisher>,
     vhost: String,
     name: String,
     manager: Weak<Manager>,
@@ -72,6 +79,8 @@ struct Inner {
     /// Sending stopped until the queue is served again.
     held: bool,
     pending: BTreeMap<u64, Pending>,
+    /// Where the sends go (see [`Publisher::send`]).
+    target: Option<Target>,
 }
 
 struct Pending {
@@ -98,16 +107,18 @@ impl Publisher {
     /// A publisher for `vhost`/`name`, with its task.
     pub(super) fn start(manager: &Arc<Manager>, vhost: &str, name: &str) -> Arc<Publisher> {
         let (answers, rx) = mpsc::unbounded_channel();
-        let p = Arc::new(Publisher {
+        let p = Arc::new_cyclic(|this| Publisher {
+            this: this.clone(),
             vhost: vhost.to_string(),
             name: name.to_string(),
             manager: Arc::downgrade(manager),
             inner: Mutex::new(Inner {
-                id: rand::random::<u64>().max(1),
+                id: new_id(),
                 next: 1,
                 epoch: 0,
                 held: false,
                 pending: BTreeMap::new(),
+                target: None,
             }),
             answers,
             pending_count: Arc::clone(&manager.pending),
@@ -134,17 +145,33 @@ impl Publisher {
         );
         if !s.held {
             // Sent under the lock: the sends leave in their numbers' order.
-            self.send(s.id, seq, message, s.epoch);
+            self.send(&mut s, seq, message);
         }
     }
 
-    /// Send number `seq` to wherever the queue is served now.
-    fn send(&self, id: u64, seq: u64, message: &Arc<Message>, epoch: u64) {
+    /// Send number `seq` to wherever the queue is served: where the last
+    /// sends went, until one is not taken (a target that no longer serves
+    /// the queue answers so), then wherever it is served now.
+    fn send(&self, s: &mut Inner, seq: u64, message: &Arc<Message>) {
+        let (id, epoch) = (s.id, s.epoch);
         let tx = self.answers.clone();
+        let this = self.this.clone();
+        // Taken where it comes (the group's commit task, the link's reader)
+        // when the publisher is free, else through its task: never waits
+        // for the publisher's lock (a send that fails at once answers
+        // under it).
         let reply: Reply = Box::new(move |a| {
+            if let Some(p) = this.upgrade() {
+                if let Some(mut s) = p.inner.try_lock() {
+                    return p.answered_locked(&mut s, seq, epoch, a);
+                }
+            }
             let _ = tx.send((seq, epoch, a));
         });
-        match self.target() {
+        if s.target.is_none() {
+            s.target = self.target();
+        }
+        match &s.target {
             Some(Target::Local(g)) => g.propose(QMsg::of(message).sent_by(id, seq), reply, false),
             Some(Target::Remote(link)) => {
                 link.publish_quorum(&self.vhost, &self.name, message, (id, seq), reply)
@@ -179,14 +206,18 @@ impl Publisher {
 
     /// Take an answer.
     fn answered(&self, seq: u64, epoch: u64, a: Answer) {
-        let mut s = self.inner.lock();
+        self.answered_locked(&mut self.inner.lock(), seq, epoch, a);
+    }
+
+    fn answered_locked(&self, s: &mut Inner, seq: u64, epoch: u64, a: Answer) {
         match a {
-            Answer::Taken => self.settle(&mut s, seq, true),
-            Answer::Refused => self.settle(&mut s, seq, false),
+            Answer::Taken => self.settle(s, seq, true),
+            Answer::Refused => self.settle(s, seq, false),
             Answer::Resend => {
                 if epoch == s.epoch && !s.held && s.pending.contains_key(&seq) {
                     s.held = true;
                     s.epoch += 1;
+                    s.target = None;
                 }
             }
         }
@@ -208,10 +239,11 @@ impl Publisher {
             for seq in all {
                 self.settle(&mut s, seq, false);
             }
-            s.id = rand::random::<u64>().max(1);
+            s.id = new_id();
             s.next = 1;
             s.epoch += 1;
             s.held = false;
+            s.target = None;
         }
         let queue = self
             .manager
@@ -224,11 +256,18 @@ impl Publisher {
             }
             return false;
         }
-        if s.held && (s.pending.is_empty() || self.target().is_some()) {
+        if s.held && s.target.is_none() {
+            s.target = self.target();
+        }
+        if s.held && (s.pending.is_empty() || s.target.is_some()) {
             s.held = false;
-            let epoch = s.epoch;
-            for (seq, p) in &s.pending {
-                self.send(s.id, *seq, &p.message, epoch);
+            let resend: Vec<(u64, Arc<Message>)> = s
+                .pending
+                .iter()
+                .map(|(seq, p)| (*seq, Arc::clone(&p.message)))
+                .collect();
+            for (seq, message) in &resend {
+                self.send(&mut s, *seq, message);
             }
             if !s.pending.is_empty() {
                 tracing::debug!(queue = %self.name, vhost = %self.vhost, resent = s.pending.len(), "quorum queue publishes resent");
