@@ -11,7 +11,7 @@ mod common;
 
 use common::cluster::{
     bodies, declare_quorum_queue, declare_quorum_sized, eventually, publish_confirmed,
-    quorum_leader, three_nodes, three_nodes_with, Node,
+    publish_persistent, quorum_leader, three_nodes, three_nodes_with, Node,
 };
 use futures::StreamExt;
 use lapin::options::*;
@@ -996,16 +996,7 @@ async fn publishes_in_flight_at_a_failover_are_resent_and_taken_once() {
             nodes[li].kill();
             killed_at = Instant::now();
         }
-        let c = common::t(ch.basic_publish(
-            "",
-            q,
-            BasicPublishOptions::default(),
-            body.as_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        ))
-        .await
-        .expect("publish");
-        waits.push_back(c);
+        waits.push_back(publish_persistent(&ch, q, body).await);
         if waits.len() > 20 {
             let w = waits.pop_front().expect("a confirm");
             tally(

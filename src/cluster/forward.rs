@@ -937,15 +937,7 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                             Some("not taken by the group's leader".to_string())
                         }
                     };
-                    let _ = tx.send(encode(
-                        &Msg::Done {
-                            id,
-                            ok,
-                            why,
-                            resend,
-                        },
-                        None,
-                    ));
+                    done_to(&tx, id, ok, why, resend);
                 };
                 match message(&exchange, &routing_key, &props, body) {
                     Some(m) => quorum.take_forwarded(&vhost, &queue, &m, seq, Box::new(done)),
@@ -969,18 +961,7 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                     &routing_key,
                     &props,
                     body,
-                    move |ok, why| {
-                        let resend = false;
-                        let _ = tx.send(encode(
-                            &Msg::Done {
-                                id,
-                                ok,
-                                why,
-                                resend,
-                            },
-                            None,
-                        ));
-                    },
+                    move |ok, why| done_to(&tx, id, ok, why, false),
                 );
             }
             Msg::Consume { cid, spec } => home.consume(cid, spec),
@@ -1281,6 +1262,23 @@ impl Served {
             s.queue.dispatch(now);
         }
     }
+}
+
+/// Answer publish `id` on a data link (a `Done`).
+fn done_to(
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    id: u64,
+    ok: bool,
+    why: Option<String>,
+    resend: bool,
+) {
+    let done = Msg::Done {
+        id,
+        ok,
+        why,
+        resend,
+    };
+    let _ = tx.send(encode(&done, None));
 }
 
 /// Enqueue a forwarded message here, its home; `answer` once it is taken

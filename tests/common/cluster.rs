@@ -546,20 +546,28 @@ pub async fn two_stream_nodes(tag: &str) -> (Node, Node) {
     (a, b)
 }
 
+/// Publish `body` persistent to `q` on `ch`: its confirm, to wait on.
+pub async fn publish_persistent(
+    ch: &Channel,
+    q: &str,
+    body: &str,
+) -> lapin::publisher_confirm::PublisherConfirm {
+    super::t(ch.basic_publish(
+        "",
+        q,
+        BasicPublishOptions::default(),
+        body.as_bytes(),
+        BasicProperties::default().with_delivery_mode(2),
+    ))
+    .await
+    .expect("publish")
+}
+
 /// Publish `bodies` persistent to `q` with confirms on `ch`: (acked, nacked).
 pub async fn publish_confirmed(ch: &Channel, q: &str, bodies: &[String]) -> (usize, usize) {
     let mut waits = Vec::new();
     for body in bodies {
-        let c = super::t(ch.basic_publish(
-            "",
-            q,
-            BasicPublishOptions::default(),
-            body.as_bytes(),
-            BasicProperties::default().with_delivery_mode(2),
-        ))
-        .await
-        .expect("publish");
-        waits.push(c);
+        waits.push(publish_persistent(ch, q, body).await);
     }
     let (mut acked, mut nacked) = (0, 0);
     for w in waits {
