@@ -81,6 +81,96 @@ mod b64 {
     }
 }
 
+/// An `Enqueue`'s messages with their publishers' numbers as runs: a
+/// message carries `p` only when its publisher differs from the one before
+/// it, and `s` only when its number is not the one before plus one (a batch
+/// from one publisher numbers only its first message). Entries written with
+/// the numbers on every message, or with none, read the same.
+mod runs {
+    use super::{b64, QMsg};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// One message as an `Enqueue` writes it: `p`/`s` only where they
+    /// differ from what the message before implies.
+    #[derive(Serialize)]
+    struct WireRef<'a> {
+        exchange: &'a str,
+        routing_key: &'a str,
+        #[serde(with = "b64")]
+        properties: &'a [u8],
+        #[serde(with = "b64")]
+        body: &'a [u8],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        p: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        s: Option<u64>,
+    }
+
+    #[derive(Deserialize)]
+    struct Wire {
+        exchange: String,
+        routing_key: String,
+        #[serde(with = "b64")]
+        properties: Vec<u8>,
+        #[serde(with = "b64")]
+        body: Vec<u8>,
+        #[serde(default)]
+        p: Option<u64>,
+        #[serde(default)]
+        s: Option<u64>,
+    }
+
+    /// The number a message of `publisher` is taken to carry when it does
+    /// not say, after one of `prev` numbered `prev_seq`.
+    fn implied(publisher: u64, prev: u64, prev_seq: u64) -> u64 {
+        if publisher != prev || publisher == 0 {
+            0
+        } else {
+            prev_seq + 1
+        }
+    }
+
+    pub fn serialize<S: Serializer>(msgs: &[QMsg], s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(msgs.len()))?;
+        let (mut prev, mut prev_seq) = (0, 0);
+        for m in msgs {
+            let implied = implied(m.publisher, prev, prev_seq);
+            seq.serialize_element(&WireRef {
+                exchange: &m.exchange,
+                routing_key: &m.routing_key,
+                properties: &m.properties,
+                body: &m.body,
+                p: (m.publisher != prev).then_some(m.publisher),
+                s: (m.seq != implied).then_some(m.seq),
+            })?;
+            (prev, prev_seq) = (m.publisher, m.seq);
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<QMsg>, D::Error> {
+        let wire = Vec::<Wire>::deserialize(d)?;
+        let (mut prev, mut prev_seq) = (0, 0);
+        Ok(wire
+            .into_iter()
+            .map(|w| {
+                let publisher = w.p.unwrap_or(prev);
+                let seq = w.s.unwrap_or_else(|| implied(publisher, prev, prev_seq));
+                (prev, prev_seq) = (publisher, seq);
+                QMsg {
+                    exchange: w.exchange,
+                    routing_key: w.routing_key,
+                    properties: w.properties,
+                    body: w.body,
+                    publisher,
+                    seq,
+                }
+            })
+            .collect())
+    }
+}
+
 /// Most messages in one `Enqueue`.
 pub const BATCH_MAX: usize = 1024;
 
@@ -92,8 +182,9 @@ pub fn id(index: u64, i: usize) -> u64 {
 /// One change of a quorum queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QCommand {
-    /// Published messages (at most [`BATCH_MAX`]), in their order; ids by [`id`].
-    Enqueue(Vec<QMsg>),
+    /// Published messages (at most [`BATCH_MAX`]), in their order; ids by
+    /// [`id`]. Their publishers' numbers are written as runs ([`runs`]).
+    Enqueue(#[serde(with = "runs")] Vec<QMsg>),
     /// Messages that left the queue for good (acked, rejected, expired,
     /// dropped, dead-lettered, purged), by id.
     Settle(Vec<u64>),
@@ -187,7 +278,8 @@ impl QState {
                         }
                     };
                     if taken == Taken::New {
-                        self.messages.insert(id(index, i), m.clone());
+                        // The state needs no numbers (smaller snapshots).
+                        self.messages.insert(id(index, i), m.clone().sent_by(0, 0));
                     }
                     out.push(taken);
                 }
@@ -267,6 +359,41 @@ mod tests {
         s.apply(ENQUEUER_IDLE + 4097, &QCommand::Enqueue(vec![by(1, "z")]));
         let json = serde_json::to_vec(&s).expect("encodes");
         assert_eq!(serde_json::from_slice::<QState>(&json).ok(), Some(s));
+    }
+
+    #[test]
+    fn an_enqueue_writes_its_numbers_as_runs() {
+        let by = |p: u64, seq: u64| msg("m").sent_by(p, seq);
+        let batch = vec![
+            by(7, 5),
+            by(7, 6),
+            by(7, 7),
+            by(0, 0),
+            by(0, 0),
+            by(9, 1),
+            by(9, 3),
+            by(7, 8),
+        ];
+        let cmd = QCommand::Enqueue(batch.clone());
+        let json = String::from_utf8(serde_json::to_vec(&cmd).expect("encodes")).expect("utf8");
+        assert_eq!(json.matches("\"p\":").count(), 4, "{json}");
+        assert_eq!(json.matches("\"s\":").count(), 4, "{json}");
+        let back: QCommand = serde_json::from_str(&json).expect("decodes");
+        assert_eq!(back, cmd);
+        // Numbers on every message (or on none) read the same.
+        let every = r#"{"Enqueue":[{"exchange":"x","routing_key":"k","properties":"","body":"","p":7,"s":5},{"exchange":"x","routing_key":"k","properties":"","body":"","p":7,"s":9}]}"#;
+        let QCommand::Enqueue(b) = serde_json::from_str(every).expect("decodes") else {
+            panic!("an enqueue")
+        };
+        assert_eq!(
+            (b[0].publisher, b[0].seq, b[1].publisher, b[1].seq),
+            (7, 5, 7, 9)
+        );
+        let none = r#"{"Enqueue":[{"exchange":"x","routing_key":"k","properties":"","body":""},{"exchange":"x","routing_key":"k","properties":"","body":""}]}"#;
+        let QCommand::Enqueue(b) = serde_json::from_str(none).expect("decodes") else {
+            panic!("an enqueue")
+        };
+        assert!(b.iter().all(|m| m.publisher == 0 && m.seq == 0));
     }
 
     #[test]
