@@ -29,6 +29,7 @@ use super::serve::Group;
 use super::Manager;
 use crate::cluster::frame::Kind;
 use crate::cluster::network::Peer;
+use futures::StreamExt;
 use openraft::ServerState;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -130,7 +131,8 @@ impl Group {
     async fn stand(self: Arc<Self>, m: Arc<Manager>) {
         if let Some(raft) = self.raft() {
             let me = m.ident.id;
-            let (others, voters, last) = {
+            let started = Instant::now();
+            let (others, voters, last, vote) = {
                 let metrics = raft.metrics();
                 let x = metrics.borrow();
                 let membership = x.membership_config.membership();
@@ -139,33 +141,50 @@ impl Group {
                     .filter(|v| *v != me)
                     .filter_map(|v| membership.get_node(&v).cloned())
                     .collect();
-                (others, membership.voter_ids().count(), x.last_log_index)
+                (
+                    others,
+                    membership.voter_ids().count(),
+                    x.last_log_index,
+                    x.vote,
+                )
             };
             let within = Duration::from_millis(m.config.heartbeat_interval);
-            let asks = others.iter().map(|node| {
-                let mut peer = Peer::pooled(node, Arc::clone(&m.ident));
-                let req = GroupRpc {
-                    group: self.id.clone(),
-                    rpc: Rpc::PreVote {
-                        last_log_index: last,
-                    },
-                };
-                async move {
-                    let r: Result<Result<serde_json::Value, String>, _> =
-                        peer.call(Kind::Quorum, &req, within).await;
-                    matches!(r, Ok(Ok(serde_json::Value::Bool(true))))
+            let mut asks: futures::stream::FuturesUnordered<_> = others
+                .iter()
+                .map(|node| {
+                    let mut peer = Peer::pooled(node, Arc::clone(&m.ident));
+                    let req = GroupRpc {
+                        group: self.id.clone(),
+                        rpc: Rpc::PreVote {
+                            last_log_index: last,
+                        },
+                    };
+                    async move {
+                        let r: Result<Result<serde_json::Value, String>, _> =
+                            peer.call(Kind::Quorum, &req, within).await;
+                        matches!(r, Ok(Ok(serde_json::Value::Bool(true))))
+                    }
+                })
+                .collect();
+            // Counting this member; done at a majority, not at the slowest
+            // answer (a dead member's is a timeout).
+            let mut yes = 1;
+            while 2 * yes <= voters {
+                match asks.next().await {
+                    Some(true) => yes += 1,
+                    Some(false) => {}
+                    None => break,
                 }
-            });
-            let yes = 1 + futures::future::join_all(asks)
-                .await
-                .into_iter()
-                .filter(|y| *y)
-                .count();
-            if 2 * yes > voters {
+            }
+            // A leader heard from, or a vote granted, while asking: another
+            // member won meanwhile (its round overlapped this one), and a
+            // new term from this member now would only unseat it.
+            let moved = self.timer.lock().heard > started || raft.metrics().borrow().vote != vote;
+            if 2 * yes > voters && !moved {
                 tracing::info!(group = %self.id, queue = %self.name, votes = yes, voters, "quorum queue member stands for election (pre-vote won)");
                 let _ = raft.trigger().elect().await;
             } else {
-                tracing::debug!(group = %self.id, votes = yes, voters, "pre-vote lost");
+                tracing::debug!(group = %self.id, votes = yes, voters, moved, "pre-vote lost");
             }
         }
         let mut t = self.timer.lock();
