@@ -922,9 +922,22 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                 queue,
                 exchange,
                 routing_key,
-                seq: Some(seq),
+                seq,
             } => {
                 let tx = tx.clone();
+                let Some(seq) = seq else {
+                    take_publish(
+                        &broker,
+                        &vhost,
+                        &queue,
+                        &exchange,
+                        &routing_key,
+                        &props,
+                        body,
+                        move |ok, why| done_to(&tx, id, ok, why, false),
+                    );
+                    continue;
+                };
                 let done = move |a: quorum_pub::Answer| {
                     let (ok, resend) = (
                         a == quorum_pub::Answer::Taken,
@@ -943,26 +956,6 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                     Some(m) => quorum.take_forwarded(&vhost, &queue, &m, seq, Box::new(done)),
                     None => done(quorum_pub::Answer::Refused),
                 }
-            }
-            Msg::Publish {
-                id,
-                vhost,
-                queue,
-                exchange,
-                routing_key,
-                seq: None,
-            } => {
-                let tx = tx.clone();
-                take_publish(
-                    &broker,
-                    &vhost,
-                    &queue,
-                    &exchange,
-                    &routing_key,
-                    &props,
-                    body,
-                    move |ok, why| done_to(&tx, id, ok, why, false),
-                );
             }
             Msg::Consume { cid, spec } => home.consume(cid, spec),
             Msg::Settle { cid, tags, how } => home.settle(cid, tags, how),
