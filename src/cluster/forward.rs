@@ -601,6 +601,16 @@ impl Waiting {
     }
 }
 
+/// A quorum group's answer as a `Done`'s `ok`, `why` and `resend` (read
+/// back by [`Waiting::answer`]).
+fn quorum_done(a: quorum_pub::Answer) -> (bool, Option<String>, bool) {
+    match a {
+        quorum_pub::Answer::Taken => (true, None, false),
+        quorum_pub::Answer::Refused => (false, Some("rejected (x-overflow)".into()), false),
+        quorum_pub::Answer::Resend => (false, Some("not taken by the group's leader".into()), true),
+    }
+}
+
 /// A queue homed on another node, as the vhost sees it.
 #[derive(Debug)]
 pub struct RemoteQueue {
@@ -939,17 +949,7 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                     continue;
                 };
                 let done = move |a: quorum_pub::Answer| {
-                    let (ok, resend) = (
-                        a == quorum_pub::Answer::Taken,
-                        a == quorum_pub::Answer::Resend,
-                    );
-                    let why = match a {
-                        quorum_pub::Answer::Taken => None,
-                        quorum_pub::Answer::Refused => Some("rejected (x-overflow)".to_string()),
-                        quorum_pub::Answer::Resend => {
-                            Some("not taken by the group's leader".to_string())
-                        }
-                    };
+                    let (ok, why, resend) = quorum_done(a);
                     done_to(&tx, id, ok, why, resend);
                 };
                 match message(&exchange, &routing_key, &props, body) {

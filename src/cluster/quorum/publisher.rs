@@ -234,11 +234,8 @@ impl Publisher {
         // sequence for good) and the publisher starts again as a new one.
         let oldest = s.pending.first_key_value().map(|(_, p)| p.since);
         if oldest.is_some_and(|t| now.duration_since(t) >= self.give_up) {
-            let all: Vec<u64> = s.pending.keys().copied().collect();
-            tracing::warn!(queue = %self.name, vhost = %self.vhost, nacked = all.len(), "quorum queue publishes not taken in time");
-            for seq in all {
-                self.settle(&mut s, seq, false);
-            }
+            tracing::warn!(queue = %self.name, vhost = %self.vhost, nacked = s.pending.len(), "quorum queue publishes not taken in time");
+            nack_all(&mut s.pending, &self.pending_count);
             s.id = new_id();
             s.next = 1;
             s.epoch += 1;
@@ -250,10 +247,7 @@ impl Publisher {
             .upgrade()
             .and_then(|m| m.queue(&self.vhost, &self.name));
         if queue.is_none() {
-            let all: Vec<u64> = s.pending.keys().copied().collect();
-            for seq in all {
-                self.settle(&mut s, seq, false);
-            }
+            nack_all(&mut s.pending, &self.pending_count);
             return false;
         }
         if s.held && s.target.is_none() {
@@ -315,10 +309,14 @@ async fn run(p: Weak<Publisher>, mut answers: mpsc::UnboundedReceiver<(u64, u64,
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        let pending = std::mem::take(&mut self.inner.get_mut().pending);
-        for (_, p) in pending {
-            p.ticket.settle(false);
-            self.pending_count.fetch_sub(1, Ordering::Relaxed);
-        }
+        nack_all(&mut self.inner.get_mut().pending, &self.pending_count);
+    }
+}
+
+/// Nack every publish waiting (and uncount it).
+fn nack_all(pending: &mut BTreeMap<u64, Pending>, count: &AtomicUsize) {
+    for (_, p) in std::mem::take(pending) {
+        p.ticket.settle(false);
+        count.fetch_sub(1, Ordering::Relaxed);
     }
 }

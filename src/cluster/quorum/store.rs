@@ -125,8 +125,8 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                 EntryPayload::Normal(cmd) => {
                     let taken = s.state.apply(index, cmd);
                     let batch = match cmd {
-                        QCommand::Enqueue(batch) => batch,
-                        QCommand::Settle(_) => &Vec::new(),
+                        QCommand::Enqueue(batch) => batch.as_slice(),
+                        QCommand::Settle(_) => &[],
                     };
                     // The node serving the queue delivers new messages from
                     // now on; each publisher's confirm follows the queue's
