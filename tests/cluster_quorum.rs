@@ -10,7 +10,7 @@
 mod common;
 
 use common::cluster::{
-    bodies, declare_quorum_queue, declare_quorum_sized, eventually, publish_confirmed,
+    bodies, declare_quorum_queue, declare_quorum_sized, eventually, node_index, publish_confirmed,
     publish_persistent, quorum_leader, three_nodes, three_nodes_with, Node,
 };
 use futures::StreamExt;
@@ -143,10 +143,7 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
     )
     .await;
     let leader = quorum_leader(&nodes[0], q).expect("a leader");
-    let li = nodes
-        .iter()
-        .position(|n| n.name() == leader)
-        .expect("leader is a node");
+    let li = node_index(&nodes, &leader);
     let (pi, ci) = ((li + 1) % 3, (li + 2) % 3);
     assert_eq!(
         queue_api(&nodes[pi], q)["node"],
@@ -357,10 +354,7 @@ async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
     let q = "qq-rate";
     declare_quorum_queue(&nodes[0], q).await;
     let leader = quorum_leader(&nodes[0], q).expect("a leader");
-    let li = nodes
-        .iter()
-        .position(|n| n.name() == leader)
-        .expect("leader");
+    let li = node_index(&nodes, &leader);
     let classic = "classic-rate";
     {
         let conn = nodes[li].connect().await;
@@ -464,10 +458,7 @@ async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
     let q = "qq-part";
     declare_quorum_queue(&nodes[0], q).await;
     let leader = quorum_leader(&nodes[0], q).expect("a leader");
-    let li = nodes
-        .iter()
-        .position(|n| n.name() == leader)
-        .expect("leader");
+    let li = node_index(&nodes, &leader);
     let other = (li + 1) % 3;
     let (conn, ch) = confirming(&nodes[other]).await;
     let before = bodies("before", 20);
@@ -591,10 +582,7 @@ async fn members_are_added_and_removed_through_the_api() {
         .position(|n| !before.contains(&n.name()))
         .expect("a node outside the group");
     let leader = quorum_leader(&nodes[0], q).expect("leader");
-    let li = nodes
-        .iter()
-        .position(|n| n.name() == leader)
-        .expect("leader node");
+    let li = node_index(&nodes, &leader);
     let other = (0..3)
         .find(|i| *i != li && *i != outsider)
         .expect("the other member");
@@ -866,10 +854,7 @@ async fn a_graceful_stop_hands_the_leadership_over() {
     })
     .await;
     let leader = quorum_leader(&nodes[1], q).expect("leader");
-    let li = nodes
-        .iter()
-        .position(|n| n.name() == leader)
-        .expect("leader node");
+    let li = node_index(&nodes, &leader);
     let other = (li + 1) % 3;
     let (conn, ch) = confirming(&nodes[other]).await;
     assert_eq!(publish_confirmed(&ch, q, &bodies("h", 20)).await, (20, 0));
@@ -976,10 +961,7 @@ async fn publishes_in_flight_at_a_failover_are_resent_and_taken_once() {
     })
     .await;
     let leader = quorum_leader(&nodes[0], q).expect("leader");
-    let li = nodes
-        .iter()
-        .position(|n| n.name() == leader)
-        .expect("leader node");
+    let li = node_index(&nodes, &leader);
     let pi = (li + 1) % 3;
     let (conn, ch) = confirming(&nodes[pi]).await;
     let all = bodies("r", 600);
@@ -1051,10 +1033,7 @@ async fn a_follower_cut_off_alone_does_not_unseat_the_leader() {
     })
     .await;
     let leader = quorum_leader(&nodes[0], q).expect("a leader");
-    let li = nodes
-        .iter()
-        .position(|n| n.name() == leader)
-        .expect("leader");
+    let li = node_index(&nodes, &leader);
     let f = (li + 1) % 3;
     let (conn, ch) = confirming(&nodes[li]).await;
     assert_eq!(publish_confirmed(&ch, q, &bodies("pv", 10)).await, (10, 0));

@@ -616,6 +616,14 @@ pub async fn declare_quorum_sized(node: &Node, q: &str, size: Option<i32>) {
 
 /// The leader of quorum queue `q` (vhost `/`) as `node`'s `/api/queues`
 /// names it (the metadata's last announcement), if any.
+/// Where the node named `name` is in `nodes`.
+pub fn node_index(nodes: &[Node], name: &str) -> usize {
+    nodes
+        .iter()
+        .position(|n| n.name() == name)
+        .unwrap_or_else(|| panic!("no node named {name}"))
+}
+
 pub fn quorum_leader(node: &Node, q: &str) -> Option<String> {
     node.get(&format!("/api/queues/%2F/{q}")).1["leader"]
         .as_str()
