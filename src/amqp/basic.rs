@@ -771,10 +771,7 @@ pub fn deliver_remote(
         }
         _ => {
             // Cancelled meanwhile: back to the home node's queue.
-            return d
-                .consumer
-                .home
-                .settle(d.consumer.cid, vec![d.tag], RemoteSettle::Requeue);
+            return d.unsent();
         }
     };
     let tag = ch.next_tag;

@@ -90,6 +90,9 @@ pub enum Settle {
     Requeue,
     /// basic.reject / nack without requeue: dropped or dead-lettered.
     Reject,
+    /// Never reached a client (its consumer or channel went while it was on
+    /// the way): back to the queue as it was, not marked redelivered.
+    Unsent,
 }
 
 /// A consumer opened on another node: its id on the link, and whether the
@@ -120,6 +123,15 @@ pub struct RemoteDelivery {
     /// The message's encoded properties as the home node delivers them.
     pub properties: bytes::Bytes,
     pub consumer: RemoteConsumer,
+}
+
+impl RemoteDelivery {
+    /// It never reached a client: back to the home node's queue as it was.
+    pub fn unsent(self) {
+        self.consumer
+            .home
+            .settle(self.consumer.cid, vec![self.tag], Settle::Unsent);
+    }
 }
 
 type Waiter = Box<dyn FnOnce(bool) + Send>;

@@ -526,24 +526,27 @@ impl Link {
                 r.consumer.clone(),
             )
         });
-        let Some((sink, channel, consumer_tag, consumer)) = reg else {
-            // Released meanwhile: the home node requeued it already.
-            return;
-        };
-        let d = RemoteDelivery {
-            channel,
-            consumer_tag,
-            tag,
-            redelivered,
-            message,
-            properties,
-            consumer,
-        };
-        if sink.deliver_remote(d).is_err() {
+        // Cancelled or released meanwhile, or the channel gone: back to the
+        // home node's queue (after a release the home node requeued it
+        // already and ignores this; after a cancel it would otherwise stay
+        // unacked there until the channel closed).
+        let delivered = reg.is_some_and(|(sink, channel, consumer_tag, consumer)| {
+            let d = RemoteDelivery {
+                channel,
+                consumer_tag,
+                tag,
+                redelivered,
+                message,
+                properties,
+                consumer,
+            };
+            sink.deliver_remote(d).is_ok()
+        });
+        if !delivered {
             self.control(&Msg::Settle {
                 cid,
                 tags: vec![tag],
-                how: Settle::Requeue,
+                how: Settle::Unsent,
             });
         }
     }
@@ -1229,6 +1232,7 @@ impl Served {
         match how {
             Settle::Ack => q.ack(&entries),
             Settle::Requeue => q.requeue(entries, true, true, now),
+            Settle::Unsent => q.requeue(entries, true, false, now),
             Settle::Reject => q.reject(entries, now),
         }
         q.dispatch(now);
@@ -1363,5 +1367,43 @@ mod tests {
         let (back, p, b) = decode(&bytes::Bytes::from(encode(&done, None))).unwrap();
         assert_eq!((back, p.len(), b.len()), (done, 0, 0));
         assert!(decode(&bytes::Bytes::from_static(b"\0\0\0\x02{}")).is_err());
+    }
+
+    /// A delivery for a consumer cancelled on this node while it was on the
+    /// wire goes back to the home node's queue (else it would stay unacked
+    /// there until the channel closed).
+    #[test]
+    fn a_delivery_for_a_consumer_gone_here_is_requeued_at_home() {
+        let (tx, _rx) = mpsc::channel(1);
+        let (ctl, mut ctl_rx) = mpsc::unbounded_channel();
+        let link = Link {
+            node: "a".into(),
+            tx,
+            ctl,
+            consumers: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
+            up: AtomicBool::new(true),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            forwarder: Weak::new(),
+        };
+        let m = Message::new(
+            "",
+            "q",
+            Default::default(),
+            bytes::Bytes::from_static(b"late"),
+        );
+        link.delivered(4, 12, false, m, bytes::Bytes::new());
+        let sent = ctl_rx.try_recv().expect("a settle went back");
+        let (msg, _, _) = decode(&bytes::Bytes::from(sent)).unwrap();
+        assert_eq!(
+            msg,
+            Msg::Settle {
+                cid: 4,
+                tags: vec![12],
+                how: Settle::Unsent
+            }
+        );
+        assert!(ctl_rx.try_recv().is_err(), "one settle only");
     }
 }

@@ -853,11 +853,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 (Some(ctx), Some((data, mut io))) => {
                     amqp::basic::deliver_remote(ctx, data, &mut io, d, now)
                 }
-                _ => d.consumer.home.settle(
-                    d.consumer.cid,
-                    vec![d.tag],
-                    crate::broker::remote::Settle::Requeue,
-                ),
+                _ => d.unsent(),
             },
             Outbound::Cancelled { channel, tag } => {
                 let notify = self.session.cancel_notify();
@@ -1078,11 +1074,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         while let Ok(msg) = self.rx.try_recv() {
             match msg {
                 Outbound::Deliver(d) => d.queue.requeue(vec![d.entry], !d.no_ack, false, now.ms),
-                Outbound::RemoteDeliver(d) => d.consumer.home.settle(
-                    d.consumer.cid,
-                    vec![d.tag],
-                    crate::broker::remote::Settle::Requeue,
-                ),
+                Outbound::RemoteDeliver(d) => d.unsent(),
                 _ => {}
             }
         }

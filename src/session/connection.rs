@@ -358,6 +358,7 @@ impl<T: Default> Session<T> {
         if ch.closing {
             return;
         }
+        tracing::warn!(channel, code = e.code, "closing channel: {}", e.text);
         ch.closing = true;
         ch.pending = None;
         ch.confirms.drop_pending();

@@ -181,19 +181,30 @@ impl Publisher {
     }
 
     /// This node's member when it serves the queue, else the link to the
-    /// leader's node when it is up.
+    /// leader's node when it is up: the leader this node's member heard
+    /// from (it knows a new one first), else the one the metadata records.
     fn target(&self) -> Option<Target> {
         let m = self.manager.upgrade()?;
         let q = m.queue(&self.vhost, &self.name)?;
-        if let Some(home) = q.remote() {
-            if !home.reachable() {
-                return None;
-            }
-            let c = m.cluster.lock().upgrade()?;
-            return Some(Target::Remote(c.forward.link(home.node())));
+        let member = Group::of(&q);
+        if let Some(g) = member.as_ref().filter(|g| g.is_serving()) {
+            return Some(Target::Local(Arc::clone(g)));
         }
-        let g = Group::of(&q)?;
-        g.is_serving().then_some(Target::Local(g))
+        let c = m.cluster.lock().upgrade()?;
+        let heard = member
+            .and_then(|g| g.leader_elsewhere(m.ident.id))
+            .filter(|node| c.forward.is_up(node));
+        let node = match heard {
+            Some(node) => node,
+            None => {
+                let home = q.remote()?;
+                if !home.reachable() {
+                    return None;
+                }
+                home.node().to_string()
+            }
+        };
+        Some(Target::Remote(c.forward.link(&node)))
     }
 
     /// Settle number `seq` with `ok`.

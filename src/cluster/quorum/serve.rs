@@ -130,6 +130,19 @@ impl Group {
         )
     }
 
+    /// The node this member last heard lead the group, when not node `me`:
+    /// known from the group itself as soon as an election ends, before the
+    /// metadata group commits the new leader's announcement (which a
+    /// failover may have left leaderless too).
+    pub fn leader_elsewhere(&self, me: u64) -> Option<String> {
+        let raft = self.raft()?;
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        let id = m.current_leader.filter(|l| *l != me)?;
+        let node = m.membership_config.membership().get_node(&id)?;
+        Some(node.name.clone())
+    }
+
     /// This node is no longer a recorded member ([`Manager::members_changed`])
     /// and the group has removed it from its voters: its member can stop.
     fn has_left(&self, me: u64) -> bool {
