@@ -63,6 +63,10 @@ pub struct Publisher {
     manager: Weak<Manager>,
     inner: Mutex<Inner>,
     answers: mpsc::UnboundedSender<(u64, u64, Answer)>,
+    /// Wakes its task when sending stops (an answer taken where it came,
+    /// not through `answers`): an idle task would otherwise look for the
+    /// leader only at its next idle check.
+    held: Arc<tokio::sync::Notify>,
     /// The manager's count of publishes not answered yet.
     pending_count: Arc<AtomicUsize>,
     give_up: Duration,
@@ -107,6 +111,7 @@ impl Publisher {
     /// A publisher for `vhost`/`name`, with its task.
     pub(super) fn start(manager: &Arc<Manager>, vhost: &str, name: &str) -> Arc<Publisher> {
         let (answers, rx) = mpsc::unbounded_channel();
+        let held = Arc::new(tokio::sync::Notify::new());
         let p = Arc::new_cyclic(|this| Publisher {
             this: this.clone(),
             vhost: vhost.to_string(),
@@ -121,10 +126,11 @@ impl Publisher {
                 target: None,
             }),
             answers,
+            held: Arc::clone(&held),
             pending_count: Arc::clone(&manager.pending),
             give_up: manager.resend_within(),
         });
-        tokio::spawn(run(Arc::downgrade(&p), rx));
+        tokio::spawn(run(Arc::downgrade(&p), rx, held));
         p
     }
 
@@ -229,6 +235,7 @@ impl Publisher {
                     s.held = true;
                     s.epoch += 1;
                     s.target = None;
+                    self.held.notify_one();
                 }
             }
         }
@@ -285,7 +292,11 @@ impl Publisher {
 /// A publisher's task: takes answers; while publishes wait, checks every
 /// [`LOOK_EVERY`] for the leader and for publishes waiting too long; when
 /// none wait, every [`IDLE_CHECK`] whether the queue is still there.
-async fn run(p: Weak<Publisher>, mut answers: mpsc::UnboundedReceiver<(u64, u64, Answer)>) {
+async fn run(
+    p: Weak<Publisher>,
+    mut answers: mpsc::UnboundedReceiver<(u64, u64, Answer)>,
+    held: Arc<tokio::sync::Notify>,
+) {
     let mut next = tokio::time::Instant::now() + LOOK_EVERY;
     loop {
         tokio::select! {
@@ -296,6 +307,7 @@ async fn run(p: Weak<Publisher>, mut answers: mpsc::UnboundedReceiver<(u64, u64,
                     p.answered(seq, epoch, a);
                 }
             }
+            () = held.notified() => {}
             () = tokio::time::sleep_until(next) => {
                 let Some(p) = p.upgrade() else { return };
                 if !p.tick() {
