@@ -423,8 +423,12 @@ async fn queue_operations_on_other_nodes_are_answered_by_the_home_node() {
     .await
     .expect_err("in use on the home node");
     assert!(err.to_string().contains("in use"), "{err}");
-    drop(consumer);
+    // Closed with its consumer still held: lapin cancels a dropped consumer
+    // from a task of its own, and a close racing that cancel fails the
+    // whole connection on the client side (its `basic_cancel` finds the
+    // channel closing and reports that as a connection error).
     close_channel(&ch_c).await;
+    drop(consumer);
     until_count(&b, "oq", 6).await;
     let ch_del = channel(&conn_b).await;
     let err = common::t(ch_del.queue_delete(
