@@ -229,19 +229,8 @@ impl Forwarder {
         if let Some(l) = links.get(node) {
             return Arc::clone(l);
         }
-        let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
-        let (ctl, ctl_rx) = mpsc::unbounded_channel();
-        let link = Arc::new(Link {
-            node: node.to_string(),
-            tx,
-            ctl,
-            consumers: Mutex::new(HashMap::new()),
-            requests: Mutex::new(HashMap::new()),
-            up: AtomicBool::new(false),
-            next_id: AtomicU64::new(1),
-            pending: Mutex::new(HashMap::new()),
-            forwarder: Arc::downgrade(self),
-        });
+        let (link, rx, ctl_rx) = Link::new(node, Arc::downgrade(self));
+        let link = Arc::new(link);
         links.insert(node.to_string(), Arc::clone(&link));
         tokio::spawn(run_link(Arc::clone(self), Arc::clone(&link), rx, ctl_rx));
         link
@@ -368,6 +357,11 @@ pub struct Link {
     forwarder: Weak<Forwarder>,
 }
 
+/// The receiving end of a link's publishes (id, encoded frame).
+type FrameRx = mpsc::Receiver<(u64, Vec<u8>)>;
+/// The receiving end of a link's consumer traffic.
+type CtlRx = mpsc::UnboundedReceiver<Vec<u8>>;
+
 /// A consumer opened through a link: where its deliveries go.
 struct Reg {
     sink: Arc<dyn DeliverySink>,
@@ -386,6 +380,25 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
+    /// A link to `node`, down, with the receiving ends of its publish and
+    /// consumer-traffic queues (for its task).
+    fn new(node: &str, forwarder: Weak<Forwarder>) -> (Link, FrameRx, CtlRx) {
+        let (tx, rx) = mpsc::channel(QUEUE_FRAMES);
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        let link = Link {
+            node: node.to_string(),
+            tx,
+            ctl,
+            consumers: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
+            up: AtomicBool::new(false),
+            next_id: AtomicU64::new(1),
+            pending: Mutex::new(HashMap::new()),
+            forwarder,
+        };
+        (link, rx, ctl_rx)
+    }
+
     /// Send one publish; `ticket` settles with the home node's answer.
     fn publish(&self, vhost: &str, queue: &str, message: &Arc<Message>, ticket: &Arc<Ticket>) {
         ticket.expect();
@@ -708,12 +721,7 @@ impl RemoteHome for RemoteQueue {
 
 /// Keep the link to `link.node` connected: dial, serve, and on loss fail what
 /// was unanswered and dial again.
-async fn run_link(
-    fwd: Arc<Forwarder>,
-    link: Arc<Link>,
-    mut rx: mpsc::Receiver<(u64, Vec<u8>)>,
-    mut ctl_rx: mpsc::UnboundedReceiver<Vec<u8>>,
-) {
+async fn run_link(fwd: Arc<Forwarder>, link: Arc<Link>, mut rx: FrameRx, mut ctl_rx: CtlRx) {
     let weak = Arc::downgrade(&fwd);
     drop(fwd);
     let mut logged = false;
@@ -769,12 +777,7 @@ async fn open(node: &str, addr: &str, ident: &Identity) -> Result<Conn, CallErro
 }
 
 /// The dialer's side of a link: write what is queued, read answers.
-async fn serve_dialer(
-    conn: Conn,
-    link: &Link,
-    rx: &mut mpsc::Receiver<(u64, Vec<u8>)>,
-    ctl_rx: &mut mpsc::UnboundedReceiver<Vec<u8>>,
-) -> CallError {
+async fn serve_dialer(conn: Conn, link: &Link, rx: &mut FrameRx, ctl_rx: &mut CtlRx) -> CallError {
     let (mut sink, mut stream) = conn.split();
     // A peer that stops answering without closing the socket (a partition, a
     // hung process) is found by the members' probes: the link is dropped
@@ -1374,19 +1377,7 @@ mod tests {
     /// there until the channel closed).
     #[test]
     fn a_delivery_for_a_consumer_gone_here_is_requeued_at_home() {
-        let (tx, _rx) = mpsc::channel(1);
-        let (ctl, mut ctl_rx) = mpsc::unbounded_channel();
-        let link = Link {
-            node: "a".into(),
-            tx,
-            ctl,
-            consumers: Mutex::new(HashMap::new()),
-            requests: Mutex::new(HashMap::new()),
-            up: AtomicBool::new(true),
-            next_id: AtomicU64::new(1),
-            pending: Mutex::new(HashMap::new()),
-            forwarder: Weak::new(),
-        };
+        let (link, _rx, mut ctl_rx) = Link::new("a", Weak::new());
         let m = Message::new(
             "",
             "q",
