@@ -550,9 +550,21 @@ impl PeerNetwork {
         match r {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            Err(CallError::Decode(e)) => Err(RPCError::Network(NetworkError::new(&e))),
-            Err(e) => Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e) => Err(rpc_error(e)),
         }
+    }
+}
+
+/// A failed call as openraft's error. Only a peer that could not be reached
+/// is `Unreachable`, which makes openraft pause replication to it (the
+/// backoff); a reply that was slow or did not decode is a `Network` error,
+/// retried at the next heartbeat: on a loaded machine a slow reply paused
+/// for a backoff longer than the election timeout made the followers elect
+/// again and again, and a majority committed nothing for seconds.
+pub(crate) fn rpc_error<E: std::error::Error>(e: CallError) -> RPCError<NodeId, NodeInfo, E> {
+    match e {
+        CallError::Decode(_) | CallError::Timeout => RPCError::Network(NetworkError::new(&e)),
+        e => RPCError::Unreachable(Unreachable::new(&e)),
     }
 }
 

@@ -101,8 +101,7 @@ impl GroupPeer {
                 let e = std::io::Error::other(why);
                 return Err(RPCError::Unreachable(Unreachable::new(&e)));
             }
-            Err(CallError::Decode(e)) => return Err(RPCError::Network(NetworkError::new(&e))),
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&e))),
+            Err(e) => return Err(crate::cluster::network::rpc_error(e)),
         };
         match serde_json::from_value::<Result<Resp, RaftError<NodeId, E>>>(value) {
             Ok(Ok(resp)) => Ok(resp),
