@@ -175,7 +175,7 @@ impl Publisher {
             let _ = tx.send((seq, epoch, a));
         });
         if s.target.is_none() {
-            s.target = self.target();
+            s.target = self.target(s.epoch);
         }
         match &s.target {
             Some(Target::Local(g)) => g.propose(QMsg::of(message).sent_by(id, seq), reply, false),
@@ -188,8 +188,11 @@ impl Publisher {
 
     /// This node's member when it serves the queue, else the link to the
     /// leader's node when it is up: the leader this node's member heard
-    /// from (it knows a new one first), else the one the metadata records.
-    fn target(&self) -> Option<Target> {
+    /// from (it knows a new one first), or the one the metadata records.
+    /// When both are up and differ, rounds of sends (`epoch`) alternate
+    /// between them: the member's view can be the stale one (it heard
+    /// nothing from a leader the metadata already records).
+    fn target(&self, epoch: u64) -> Option<Target> {
         let m = self.manager.upgrade()?;
         let q = m.queue(&self.vhost, &self.name)?;
         let member = Group::of(&q);
@@ -200,15 +203,14 @@ impl Publisher {
         let heard = member
             .and_then(|g| g.leader_elsewhere(m.ident.id))
             .filter(|node| c.forward.is_up(node));
-        let node = match heard {
-            Some(node) => node,
-            None => {
-                let home = q.remote()?;
-                if !home.reachable() {
-                    return None;
-                }
-                home.node().to_string()
-            }
+        let recorded = q
+            .remote()
+            .filter(|home| home.reachable())
+            .map(|home| home.node().to_string());
+        let node = match (heard, recorded) {
+            (Some(h), Some(r)) if h != r && epoch % 2 == 1 => r,
+            (Some(h), _) => h,
+            (None, r) => r?,
         };
         Some(Target::Remote(c.forward.link(&node)))
     }
@@ -269,7 +271,7 @@ impl Publisher {
             return false;
         }
         if s.held && s.target.is_none() {
-            s.target = self.target();
+            s.target = self.target(s.epoch);
         }
         if s.held && (s.pending.is_empty() || s.target.is_some()) {
             s.held = false;
