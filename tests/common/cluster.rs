@@ -614,8 +614,6 @@ pub async fn declare_quorum_sized(node: &Node, q: &str, size: Option<i32>) {
     let _ = conn.close(200, "bye").await;
 }
 
-/// The leader of quorum queue `q` (vhost `/`) as `node`'s `/api/queues`
-/// names it (the metadata's last announcement), if any.
 /// Where the node named `name` is in `nodes`.
 pub fn node_index(nodes: &[Node], name: &str) -> usize {
     nodes
@@ -624,6 +622,8 @@ pub fn node_index(nodes: &[Node], name: &str) -> usize {
         .unwrap_or_else(|| panic!("no node named {name}"))
 }
 
+/// The leader of quorum queue `q` (vhost `/`) as `node`'s `/api/queues`
+/// names it (the metadata's last announcement), if any.
 pub fn quorum_leader(node: &Node, q: &str) -> Option<String> {
     node.get(&format!("/api/queues/%2F/{q}")).1["leader"]
         .as_str()

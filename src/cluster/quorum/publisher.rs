@@ -63,10 +63,6 @@ pub struct Publisher {
     manager: Weak<Manager>,
     inner: Mutex<Inner>,
     answers: mpsc::UnboundedSender<(u64, u64, Answer)>,
-    /// Wakes its task when sending stops (an answer taken where it came,
-    /// not through `answers`): an idle task would otherwise look for the
-    /// leader only at its next idle check.
-    held: Arc<tokio::sync::Notify>,
     /// The manager's count of publishes not answered yet.
     pending_count: Arc<AtomicUsize>,
     give_up: Duration,
@@ -111,7 +107,6 @@ impl Publisher {
     /// A publisher for `vhost`/`name`, with its task.
     pub(super) fn start(manager: &Arc<Manager>, vhost: &str, name: &str) -> Arc<Publisher> {
         let (answers, rx) = mpsc::unbounded_channel();
-        let held = Arc::new(tokio::sync::Notify::new());
         let p = Arc::new_cyclic(|this| Publisher {
             this: this.clone(),
             vhost: vhost.to_string(),
@@ -126,11 +121,10 @@ impl Publisher {
                 target: None,
             }),
             answers,
-            held: Arc::clone(&held),
             pending_count: Arc::clone(&manager.pending),
             give_up: manager.resend_within(),
         });
-        tokio::spawn(run(Arc::downgrade(&p), rx, held));
+        tokio::spawn(run(Arc::downgrade(&p), rx));
         p
     }
 
@@ -165,11 +159,15 @@ impl Publisher {
         // Taken where it comes (the group's commit task, the link's reader)
         // when the publisher is free, else through its task: never waits
         // for the publisher's lock (a send that fails at once answers
-        // under it).
+        // under it). A resend always goes through the task: it stops the
+        // sending, and the task (asleep until its idle check when it was
+        // idle) must then look for the leader at once.
         let reply: Reply = Box::new(move |a| {
-            if let Some(p) = this.upgrade() {
-                if let Some(mut s) = p.inner.try_lock() {
-                    return p.answered_locked(&mut s, seq, epoch, a);
+            if a != Answer::Resend {
+                if let Some(p) = this.upgrade() {
+                    if let Some(mut s) = p.inner.try_lock() {
+                        return p.answered_locked(&mut s, seq, epoch, a);
+                    }
                 }
             }
             let _ = tx.send((seq, epoch, a));
@@ -237,7 +235,6 @@ impl Publisher {
                     s.held = true;
                     s.epoch += 1;
                     s.target = None;
-                    self.held.notify_one();
                 }
             }
         }
@@ -294,11 +291,7 @@ impl Publisher {
 /// A publisher's task: takes answers; while publishes wait, checks every
 /// [`LOOK_EVERY`] for the leader and for publishes waiting too long; when
 /// none wait, every [`IDLE_CHECK`] whether the queue is still there.
-async fn run(
-    p: Weak<Publisher>,
-    mut answers: mpsc::UnboundedReceiver<(u64, u64, Answer)>,
-    held: Arc<tokio::sync::Notify>,
-) {
+async fn run(p: Weak<Publisher>, mut answers: mpsc::UnboundedReceiver<(u64, u64, Answer)>) {
     let mut next = tokio::time::Instant::now() + LOOK_EVERY;
     loop {
         tokio::select! {
@@ -309,7 +302,6 @@ async fn run(
                     p.answered(seq, epoch, a);
                 }
             }
-            () = held.notified() => {}
             () = tokio::time::sleep_until(next) => {
                 let Some(p) = p.upgrade() else { return };
                 if !p.tick() {
