@@ -110,7 +110,7 @@ impl Kind for Quorum {
     fn acked(w: &mut World<Quorum>, index: u64, cmd: QCommand) {
         if let QCommand::Enqueue(batch) = cmd {
             for (i, m) in batch.into_iter().enumerate() {
-                w.record.acked.insert(id(index, i), m.body);
+                w.record.acked.insert(id(index, i), m.message.body.to_vec());
             }
         }
     }
@@ -186,10 +186,10 @@ impl Kind for Quorum {
                 reference.apply(*index, cmd);
                 if let QCommand::Enqueue(batch) = cmd {
                     for (i, m) in batch.iter().enumerate() {
-                        if let Some(other) = ids_of.insert(&m.body, id(*index, i)) {
+                        if let Some(other) = ids_of.insert(&m.message.body, id(*index, i)) {
                             found.push(format!(
                                 "message {} enqueued twice: ids {other:#x} and {:#x}",
-                                String::from_utf8_lossy(&m.body),
+                                String::from_utf8_lossy(&m.message.body),
                                 id(*index, i)
                             ));
                         }
@@ -216,7 +216,7 @@ impl Kind for Quorum {
                 if w.record.proposed_settles.contains(mid) {
                     continue;
                 }
-                if s.messages.get(mid).map(|m| &m.body) != Some(body) {
+                if s.messages.get(mid).map(|m| &m.message.body[..]) != Some(&body[..]) {
                     found.push(format!(
                         "n{}: acknowledged id {mid:#x} ({}) is not live",
                         id_of(i),

@@ -1,14 +1,19 @@
 //! The inter-node wire format: one frame is a 4-byte big-endian length, then a
 //! 1-byte type, then the payload (`length` counts the type byte and the
-//! payload). Payloads are JSON (serde) of the handshake messages and of
-//! openraft's RPCs. Pure bytes in and out: cut with nom, check-then-parse like
+//! payload). Payloads are the handshake messages, openraft's RPCs and the
+//! other requests and replies as `super::codec` writes them (MessagePack;
+//! JSON from earlier versions is still read). Pure bytes in and out: cut with nom, check-then-parse like
 //! the AMQP frame codec; too few bytes is `Ok(None)`, not an error.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use nom::number::streaming::{be_u32, u8 as byte};
 
-/// Largest frame accepted (a snapshot chunk is far below it).
-pub const MAX_FRAME: u32 = 64 * 1024 * 1024;
+/// Largest frame accepted from a peer that proved the cookie: one message
+/// as large as RabbitMQ allows (`max_message_size` at most 512 MiB) with
+/// room for its envelope. Snapshot chunks and append-entries requests are
+/// far below it (`quorum::network::RPC_BYTES_MAX`); the decoder never
+/// reserves for an announced length.
+pub const MAX_FRAME: u32 = 576 * 1024 * 1024;
 
 /// Largest frame accepted before the peer has proved the cookie.
 pub const MAX_HANDSHAKE_FRAME: u32 = 4096;

@@ -2,6 +2,8 @@
 //! the metadata Raft group every node is a member of, and joining/leaving it.
 //!
 //! - `frame`: the inter-node frame format (nom), pure bytes.
+//! - `codec`: how values are written as bytes in logs, snapshots and
+//!   requests (MessagePack; JSON from earlier versions still read).
 //! - `network`: the inter-node listener and dialer, the cookie handshake, and
 //!   openraft's network traits over them.
 //! - `command`: the replicated metadata commands, the model they build (the
@@ -17,6 +19,7 @@
 //!
 //! Nothing here runs without `[cluster]` in the configuration. See docs/cluster.md.
 
+pub mod codec;
 pub mod command;
 pub mod disk;
 pub mod forward;

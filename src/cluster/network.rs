@@ -95,7 +95,7 @@ pub enum CallError {
     #[error("timed out")]
     Timeout,
     #[error("bad reply: {0}")]
-    Decode(#[from] serde_json::Error),
+    Decode(#[from] super::codec::CodecError),
 }
 
 async fn next<T: Link>(conn: &mut Framed<T, FrameCodec>) -> std::io::Result<Frame> {
@@ -196,13 +196,13 @@ async fn dial_inner(
         proof: proof(&ident.cookie, &challenge.payload, "dialer"),
         nonce: nonce.to_vec(),
     };
-    conn.send((Kind::Hello, serde_json::to_vec(&hello)?))
+    conn.send((Kind::Hello, super::codec::encode(&hello)?))
         .await?;
     let welcome = next(&mut conn).await?;
     if welcome.kind != Kind::Welcome {
         return Err(CallError::Handshake(addr.into(), "refused".into()));
     }
-    let w: Welcome = serde_json::from_slice(&welcome.payload)?;
+    let w: Welcome = super::codec::decode(&welcome.payload)?;
     if !same(&w.proof, &proof(&ident.cookie, &nonce, "listener")) {
         return Err(CallError::Handshake(
             addr.into(),
@@ -317,14 +317,14 @@ impl Peer {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
-        let payload = serde_json::to_vec(req)?;
+        let payload = super::codec::encode(req)?;
         let r = tokio::time::timeout(timeout, self.exchange(kind, payload)).await;
         let r = match r {
             Ok(r) => r,
             Err(_) => Err(CallError::Timeout),
         };
         match r {
-            Ok(bytes) => Ok(serde_json::from_slice(&bytes)?),
+            Ok(bytes) => Ok(super::codec::decode(&bytes)?),
             Err(e) => {
                 self.conn = None;
                 if self.pooled {
@@ -440,7 +440,7 @@ async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError
     .await
     .map_err(|_| CallError::Timeout)??;
     let hello: Option<Hello> = match hello.kind {
-        Kind::Hello => serde_json::from_slice(&hello.payload).ok(),
+        Kind::Hello => super::codec::decode(&hello.payload).ok(),
         _ => None,
     };
     let Some(hello) = hello.filter(|h| same(&h.proof, &proof(&c.ident.cookie, &nonce, "dialer")))
@@ -453,7 +453,7 @@ async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError
         id: c.id,
         proof: proof(&c.ident.cookie, &hello.nonce, "listener"),
     };
-    conn.send((Kind::Welcome, serde_json::to_vec(&welcome)?))
+    conn.send((Kind::Welcome, super::codec::encode(&welcome)?))
         .await?;
     *conn.codec_mut() = FrameCodec::default();
     tracing::debug!(%peer, node = %hello.node.name, "inter-node connection accepted");
@@ -473,34 +473,34 @@ impl Cluster {
         let p = &frame.payload;
         Ok(match frame.kind {
             Kind::AppendEntries => {
-                let req: AppendEntriesRequest<TypeConfig> = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.raft().append_entries(req).await)?
+                let req: AppendEntriesRequest<TypeConfig> = super::codec::decode(p)?;
+                super::codec::encode(&self.raft().append_entries(req).await)?
             }
             Kind::Vote => {
-                let req: VoteRequest<NodeId> = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.raft().vote(req).await)?
+                let req: VoteRequest<NodeId> = super::codec::decode(p)?;
+                super::codec::encode(&self.raft().vote(req).await)?
             }
             Kind::InstallSnapshot => {
-                let req: InstallSnapshotRequest<TypeConfig> = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.raft().install_snapshot(req).await)?
+                let req: InstallSnapshotRequest<TypeConfig> = super::codec::decode(p)?;
+                super::codec::encode(&self.raft().install_snapshot(req).await)?
             }
             Kind::Join => {
-                let (id, node): (NodeId, NodeInfo) = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.add_member(id, node).await)?
+                let (id, node): (NodeId, NodeInfo) = super::codec::decode(p)?;
+                super::codec::encode(&self.add_member(id, node).await)?
             }
             Kind::Propose => {
-                let cmd: super::Command = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.write_here(cmd).await)?
+                let cmd: super::Command = super::codec::decode(p)?;
+                super::codec::encode(&self.write_here(cmd).await)?
             }
-            Kind::Ping => serde_json::to_vec(&())?,
-            Kind::Quorum => serde_json::to_vec(&self.quorum.handle(p).await)?,
+            Kind::Ping => super::codec::encode(&())?,
+            Kind::Quorum => super::codec::encode(&self.quorum.handle(p).await)?,
             Kind::Stats => {
-                let query: serde_json::Value = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.local_stats(&query))?
+                let query: serde_json::Value = super::codec::decode(p)?;
+                super::codec::encode(&self.local_stats(&query))?
             }
             Kind::Forget => {
-                let id: NodeId = serde_json::from_slice(p)?;
-                serde_json::to_vec(&self.remove_member(id).await)?
+                let id: NodeId = super::codec::decode(p)?;
+                super::codec::encode(&self.remove_member(id).await)?
             }
             other => {
                 return Err(CallError::Handshake(

@@ -96,14 +96,14 @@ impl<C> LogStore<C> {
     pub(crate) fn get<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, String> {
         match self.disk.get(Tree::Meta, key).map_err(|e| e.to_string())? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
+            Some(v) => super::codec::decode(&v)
                 .map(Some)
                 .map_err(|e| e.to_string()),
         }
     }
 
     pub(crate) fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), String> {
-        let v = serde_json::to_vec(value).map_err(|e| e.to_string())?;
+        let v = super::codec::encode(value).map_err(|e| e.to_string())?;
         self.disk
             .write(vec![Write::Put(Tree::Meta, key.to_vec(), v)])
             .map_err(|e| e.to_string())
@@ -271,7 +271,7 @@ impl<C: LogConfig> RaftLogReader<C> for LogStore<C> {
         let mut out = Vec::with_capacity(rows.len());
         for (_, v) in rows {
             let entry: Entry<C> =
-                serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+                super::codec::decode(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
             out.push(entry);
         }
         Ok(out)
@@ -292,7 +292,7 @@ impl<C: LogConfig> RaftLogStorage<C> for LogStore<C> {
         {
             Some(v) => {
                 let e: Entry<C> =
-                    serde_json::from_slice(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
+                    super::codec::decode(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
                 Some(e.log_id)
             }
             None => purged,
@@ -342,7 +342,7 @@ impl<C: LogConfig> RaftLogStorage<C> for LogStore<C> {
     {
         let mut batch = Vec::new();
         for e in entries {
-            let v = serde_json::to_vec(&e).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
+            let v = super::codec::encode(&e).map_err(|e| StorageIOError::write_logs(io_err(e)))?;
             batch.push(Write::Put(
                 Tree::Log,
                 e.log_id.index.to_be_bytes().to_vec(),
@@ -378,11 +378,14 @@ struct Applied {
     metadata: Metadata,
 }
 
-/// A snapshot as kept on disk: its meta and the state's JSON (the metadata
-/// model here, a quorum queue's messages in `quorum::store`).
+/// A snapshot as kept on disk: its meta and the state's bytes (the metadata
+/// model here, a quorum queue's messages in `quorum::store`; see
+/// `super::codec`), raw bytes in the binary encoding (JSON wrote them as an
+/// array of numbers, still read).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct StoredSnapshot {
     pub meta: SnapshotMeta<NodeId, NodeInfo>,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
 
@@ -639,7 +642,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
         let (meta, data) = {
             let s = self.state.lock();
-            let data = serde_json::to_vec(&s.metadata)
+            let data = super::codec::encode(&s.metadata)
                 .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
             (snapshot_meta(s.last_applied, s.membership.clone()), data)
         };
@@ -712,7 +715,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
-        let metadata: Metadata = serde_json::from_slice(&data)
+        let metadata: Metadata = super::codec::decode(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
         let now = crate::clock::now_ms();
         let state = {
@@ -886,6 +889,54 @@ mod tests {
         store.put(SNAPSHOT, &snapshot).unwrap();
         store.disk.flush_blocking().unwrap();
         store
+    }
+
+    /// A store written as JSON (before the binary encoding) is read as it
+    /// was: its vote, entries and snapshot; what is written now is binary.
+    #[tokio::test]
+    async fn a_store_written_as_json_is_still_read() {
+        let disk = MemoryDisk::new(Duration::from_millis(1));
+        let mut store = five(&disk);
+        let vote = Vote::new(3, 2);
+        fn json<T: Serialize>(v: &T) -> Vec<u8> {
+            serde_json::to_vec(v).unwrap()
+        }
+        store
+            .disk
+            .write(vec![Write::Put(Tree::Meta, VOTE.to_vec(), json(&vote))])
+            .unwrap();
+        let snapshot = StoredSnapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 1), 3)),
+                last_membership: StoredMembership::default(),
+                snapshot_id: "s".into(),
+            },
+            data: vec![1, 2, 250],
+        };
+        store
+            .disk
+            .write(vec![Write::Put(
+                Tree::Meta,
+                SNAPSHOT.to_vec(),
+                json(&snapshot),
+            )])
+            .unwrap();
+        assert_eq!(store.read_vote().await.unwrap(), Some(vote));
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(5));
+        let entries = store.try_get_log_entries(2..=4).await.unwrap();
+        assert_eq!(
+            entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            [2, 3, 4]
+        );
+        let current = store.current_snapshot().await.unwrap().expect("a snapshot");
+        assert_eq!(current.snapshot.into_inner(), vec![1, 2, 250]);
+        // Written again: binary, read back the same.
+        store.put(SNAPSHOT, &snapshot).unwrap();
+        let raw = store.disk.get(Tree::Meta, SNAPSHOT).unwrap().unwrap();
+        assert_eq!(raw[0], super::super::codec::MARKER);
+        let current = store.current_snapshot().await.unwrap().expect("a snapshot");
+        assert_eq!(current.snapshot.into_inner(), vec![1, 2, 250]);
     }
 
     /// A purge waits for the snapshot it follows to be stored: openraft

@@ -4,42 +4,27 @@
 //! batch ([`id`]: increasing in the queue's order); it is the group's snapshot.
 
 use crate::broker::message::Message;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// One message as the group keeps it: enough to rebuild the AMQP message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One message as the group keeps it: the broker's own message (shared with
+/// the local queue of the member that serves it, so a leader holds each
+/// body once), with the publisher that sent it (one per queue and
+/// publishing node, see `super::publisher`) and its number in that
+/// publisher's sequence; 0: none (taken as it comes, never recognised as a
+/// resend).
+#[derive(Debug, Clone)]
 pub struct QMsg {
-    pub exchange: String,
-    pub routing_key: String,
-    /// The encoded AMQP properties.
-    #[serde(with = "b64")]
-    pub properties: Vec<u8>,
-    #[serde(with = "b64")]
-    pub body: Vec<u8>,
-    /// The publisher that sent it (one per queue and publishing node, see
-    /// `super::publisher`) and its number in that publisher's sequence; 0:
-    /// none (taken as it comes, never recognised as a resend).
-    #[serde(default, skip_serializing_if = "is_zero", rename = "p")]
+    pub message: Arc<Message>,
     pub publisher: u64,
-    #[serde(default, skip_serializing_if = "is_zero", rename = "s")]
     pub seq: u64,
 }
 
-fn is_zero(v: &u64) -> bool {
-    *v == 0
-}
-
 impl QMsg {
-    pub fn of(m: &Message) -> QMsg {
-        let mut props = bytes::BytesMut::new();
-        m.properties.encode(&mut props);
+    pub fn of(m: &Arc<Message>) -> QMsg {
         QMsg {
-            exchange: m.exchange.to_string(),
-            routing_key: m.routing_key.to_string(),
-            properties: props.to_vec(),
-            body: m.body.to_vec(),
+            message: Arc::clone(m),
             publisher: 0,
             seq: 0,
         }
@@ -52,32 +37,108 @@ impl QMsg {
         self
     }
 
-    /// The AMQP message (None if its properties do not decode).
-    pub fn message(&self) -> Option<Arc<Message>> {
-        let properties = crate::wire::BasicProperties::decode(&self.properties).ok()?;
-        Some(Message::new(
-            &self.exchange,
-            &self.routing_key,
-            properties,
-            bytes::Bytes::copy_from_slice(&self.body),
-        ))
+    /// The AMQP message.
+    pub fn message(&self) -> Arc<Message> {
+        Arc::clone(&self.message)
+    }
+
+    /// The message's encoded AMQP properties.
+    fn properties(&self) -> bytes::BytesMut {
+        let mut props = bytes::BytesMut::new();
+        self.message.properties.encode(&mut props);
+        props
+    }
+
+    /// As written: the publisher's fields only where given (`p`, `s`).
+    fn wire(&self, p: Option<u64>, s: Option<u64>) -> wire::Ref<'_> {
+        wire::Ref {
+            exchange: &self.message.exchange,
+            routing_key: &self.message.routing_key,
+            properties: self.properties(),
+            body: &self.message.body,
+            p,
+            s,
+        }
     }
 }
 
-/// Bytes as base64 in the JSON the log and the RPCs carry.
-mod b64 {
-    use base64::Engine;
-    use serde::{Deserialize, Deserializer, Serializer};
+/// Two messages are equal when they would be written the same (properties
+/// compared encoded: the same values encode the same).
+impl PartialEq for QMsg {
+    fn eq(&self, other: &QMsg) -> bool {
+        let (a, b) = (&self.message, &other.message);
+        self.publisher == other.publisher
+            && self.seq == other.seq
+            && a.exchange == b.exchange
+            && a.routing_key == b.routing_key
+            && a.body == b.body
+            && self.properties() == other.properties()
+    }
+}
 
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+impl Eq for QMsg {}
+
+impl Serialize for QMsg {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let some = |v: u64| (v != 0).then_some(v);
+        self.wire(some(self.publisher), some(self.seq)).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for QMsg {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<QMsg, D::Error> {
+        let w = wire::Owned::deserialize(d)?;
+        let (p, s) = (w.p.unwrap_or(0), w.s.unwrap_or(0));
+        Ok(w.into_msg()?.sent_by(p, s))
+    }
+}
+
+/// One message as the log, the RPCs and the snapshots write it: by field
+/// name, the properties encoded as in a content header; bodies and
+/// properties are base64 in JSON and raw bytes in the binary encoding
+/// (`crate::cluster::codec`).
+mod wire {
+    use super::QMsg;
+    use crate::broker::message::Message;
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Serialize)]
+    pub struct Ref<'a> {
+        pub exchange: &'a str,
+        pub routing_key: &'a str,
+        #[serde(with = "crate::cluster::codec::bytes")]
+        pub properties: bytes::BytesMut,
+        #[serde(with = "crate::cluster::codec::bytes")]
+        pub body: &'a [u8],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub p: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub s: Option<u64>,
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s.as_bytes())
-            .map_err(serde::de::Error::custom)
+    #[derive(Deserialize)]
+    pub struct Owned {
+        exchange: String,
+        routing_key: String,
+        #[serde(with = "crate::cluster::codec::bytes")]
+        properties: bytes::Bytes,
+        #[serde(with = "crate::cluster::codec::bytes")]
+        body: bytes::Bytes,
+        #[serde(default)]
+        pub p: Option<u64>,
+        #[serde(default)]
+        pub s: Option<u64>,
+    }
+
+    impl Owned {
+        /// The message (its publisher's fields not set); an error when its
+        /// properties do not decode.
+        pub fn into_msg<E: serde::de::Error>(self) -> Result<QMsg, E> {
+            let properties = crate::wire::BasicProperties::decode(&self.properties)
+                .map_err(|e| E::custom(format!("message properties: {e:?}")))?;
+            let m = Message::new(&self.exchange, &self.routing_key, properties, self.body);
+            Ok(QMsg::of(&m))
+        }
     }
 }
 
@@ -87,38 +148,8 @@ mod b64 {
 /// from one publisher numbers only its first message). Entries written with
 /// the numbers on every message, or with none, read the same.
 mod runs {
-    use super::{b64, QMsg};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    /// One message as an `Enqueue` writes it: `p`/`s` only where they
-    /// differ from what the message before implies.
-    #[derive(Serialize)]
-    struct WireRef<'a> {
-        exchange: &'a str,
-        routing_key: &'a str,
-        #[serde(with = "b64")]
-        properties: &'a [u8],
-        #[serde(with = "b64")]
-        body: &'a [u8],
-        #[serde(skip_serializing_if = "Option::is_none")]
-        p: Option<u64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        s: Option<u64>,
-    }
-
-    #[derive(Deserialize)]
-    struct Wire {
-        exchange: String,
-        routing_key: String,
-        #[serde(with = "b64")]
-        properties: Vec<u8>,
-        #[serde(with = "b64")]
-        body: Vec<u8>,
-        #[serde(default)]
-        p: Option<u64>,
-        #[serde(default)]
-        s: Option<u64>,
-    }
+    use super::{wire, QMsg};
+    use serde::{Deserialize, Deserializer, Serializer};
 
     /// The number a message of `publisher` is taken to carry when it does
     /// not say, after one of `prev` numbered `prev_seq`.
@@ -136,43 +167,55 @@ mod runs {
         let (mut prev, mut prev_seq) = (0, 0);
         for m in msgs {
             let implied = implied(m.publisher, prev, prev_seq);
-            seq.serialize_element(&WireRef {
-                exchange: &m.exchange,
-                routing_key: &m.routing_key,
-                properties: &m.properties,
-                body: &m.body,
-                p: (m.publisher != prev).then_some(m.publisher),
-                s: (m.seq != implied).then_some(m.seq),
-            })?;
+            seq.serialize_element(&m.wire(
+                (m.publisher != prev).then_some(m.publisher),
+                (m.seq != implied).then_some(m.seq),
+            ))?;
             (prev, prev_seq) = (m.publisher, m.seq);
         }
         seq.end()
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<QMsg>, D::Error> {
-        let wire = Vec::<Wire>::deserialize(d)?;
+        let wire = Vec::<wire::Owned>::deserialize(d)?;
         let (mut prev, mut prev_seq) = (0, 0);
-        Ok(wire
-            .into_iter()
+        wire.into_iter()
             .map(|w| {
                 let publisher = w.p.unwrap_or(prev);
                 let seq = w.s.unwrap_or_else(|| implied(publisher, prev, prev_seq));
                 (prev, prev_seq) = (publisher, seq);
-                QMsg {
-                    exchange: w.exchange,
-                    routing_key: w.routing_key,
-                    properties: w.properties,
-                    body: w.body,
-                    publisher,
-                    seq,
-                }
+                Ok(w.into_msg()?.sent_by(publisher, seq))
             })
-            .collect())
+            .collect()
     }
 }
 
 /// Most messages in one `Enqueue`.
 pub const BATCH_MAX: usize = 1024;
+
+/// Most body bytes in one `Enqueue` (one message larger than this goes in
+/// an entry of its own): a log entry, and so an append-entries RPC, stays
+/// well under the inter-node frame limit whatever the message size.
+pub const BATCH_BYTES_MAX: usize = 256 << 10;
+
+impl QCommand {
+    /// About how many bytes the command takes encoded: its bodies, plus
+    /// a little per message and per id (for a budget, not exact).
+    pub fn size_hint(&self) -> usize {
+        match self {
+            QCommand::Enqueue(batch) => batch.iter().map(|m| m.size_hint()).sum(),
+            QCommand::Settle(ids) => ids.len() * 9 + 16,
+        }
+    }
+}
+
+impl QMsg {
+    /// About how many bytes the message takes encoded.
+    pub fn size_hint(&self) -> usize {
+        let m = &self.message;
+        m.body.len() + m.exchange.len() + m.routing_key.len() + 64
+    }
+}
 
 /// The id of the `i`th message of the `Enqueue` at log index `index`.
 pub fn id(index: u64, i: usize) -> u64 {
@@ -300,11 +343,15 @@ mod tests {
     use super::*;
 
     fn msg(body: &str) -> QMsg {
+        bytes_msg(body.as_bytes())
+    }
+
+    fn bytes_msg(body: &[u8]) -> QMsg {
         let m = Message::new(
             "x",
             "k",
             crate::wire::BasicProperties::default(),
-            bytes::Bytes::copy_from_slice(body.as_bytes()),
+            bytes::Bytes::copy_from_slice(body),
         );
         QMsg::of(&m)
     }
@@ -323,7 +370,7 @@ mod tests {
         // Settling again (a resent batch) changes nothing.
         s.apply(9, &QCommand::Settle(vec![id(3, 1)]));
         assert_eq!(s.messages.len(), 2);
-        let m = s.messages[&id(7, 0)].message().expect("decodes");
+        let m = s.messages[&id(7, 0)].message();
         assert_eq!(&m.body[..], b"c");
         assert_eq!(m.routing_key.as_str(), "k");
     }
@@ -349,7 +396,7 @@ mod tests {
             &QCommand::Enqueue(vec![by(8, "d"), by(9, "e"), msg("x")]),
         );
         assert_eq!(t, vec![Taken::New, Taken::New, Taken::New]);
-        let bodies: Vec<&[u8]> = s.messages.values().map(|m| &m.body[..]).collect();
+        let bodies: Vec<&[u8]> = s.messages.values().map(|m| &m.message.body[..]).collect();
         assert_eq!(bodies, [&b"a"[..], b"b", b"c", b"d", b"e", b"x"]);
         assert_eq!(s.enqueuers[&7], Enqueuer { next: 10, at: 5 });
         // Idle publishers are forgotten (checked every 4096 entries).
@@ -381,7 +428,7 @@ mod tests {
         let back: QCommand = serde_json::from_str(&json).expect("decodes");
         assert_eq!(back, cmd);
         // Numbers on every message (or on none) read the same.
-        let every = r#"{"Enqueue":[{"exchange":"x","routing_key":"k","properties":"","body":"","p":7,"s":5},{"exchange":"x","routing_key":"k","properties":"","body":"","p":7,"s":9}]}"#;
+        let every = r#"{"Enqueue":[{"exchange":"x","routing_key":"k","properties":"AAA=","body":"","p":7,"s":5},{"exchange":"x","routing_key":"k","properties":"AAA=","body":"","p":7,"s":9}]}"#;
         let QCommand::Enqueue(b) = serde_json::from_str(every).expect("decodes") else {
             panic!("an enqueue")
         };
@@ -389,7 +436,7 @@ mod tests {
             (b[0].publisher, b[0].seq, b[1].publisher, b[1].seq),
             (7, 5, 7, 9)
         );
-        let none = r#"{"Enqueue":[{"exchange":"x","routing_key":"k","properties":"","body":""},{"exchange":"x","routing_key":"k","properties":"","body":""}]}"#;
+        let none = r#"{"Enqueue":[{"exchange":"x","routing_key":"k","properties":"AAA=","body":""},{"exchange":"x","routing_key":"k","properties":"AAA=","body":""}]}"#;
         let QCommand::Enqueue(b) = serde_json::from_str(none).expect("decodes") else {
             panic!("an enqueue")
         };
@@ -397,11 +444,52 @@ mod tests {
     }
 
     #[test]
+    fn commands_and_state_round_trip_through_the_binary_encoding() {
+        use crate::cluster::codec::{decode, encode};
+        let body: Vec<u8> = (0..=255u8).collect();
+        let batch = vec![
+            bytes_msg(&body).sent_by(7, 1),
+            bytes_msg(b"").sent_by(7, 2),
+            bytes_msg(b"x"),
+        ];
+        let cmd = QCommand::Enqueue(batch);
+        let bin = encode(&cmd).expect("encodes");
+        let json = serde_json::to_vec(&cmd).expect("encodes");
+        assert!(bin.len() + 80 < json.len(), "{} {}", bin.len(), json.len());
+        assert_eq!(decode::<QCommand>(&bin).expect("decodes"), cmd);
+        // Entries written as JSON before are still read.
+        assert_eq!(decode::<QCommand>(&json).expect("decodes"), cmd);
+        let mut s = QState::default();
+        s.apply(1, &cmd);
+        let back: QState = decode(&encode(&s).expect("encodes")).expect("decodes");
+        assert_eq!(back, s);
+        assert_eq!(back.messages[&id(1, 0)].message.body, body);
+        // Properties that do not decode make the entry unreadable.
+        let settle = encode(&QCommand::Settle(vec![1, 2])).expect("encodes");
+        assert_eq!(
+            decode::<QCommand>(&settle).ok(),
+            Some(QCommand::Settle(vec![1, 2]))
+        );
+        let mut bad = bytes::BytesMut::new();
+        bad.extend_from_slice(&[0xff, 0xff]);
+        let w = wire::Ref {
+            exchange: "",
+            routing_key: "",
+            properties: bad,
+            body: b"",
+            p: None,
+            s: None,
+        };
+        let bad =
+            encode(&std::collections::BTreeMap::from([("Enqueue", vec![w])])).expect("encodes");
+        assert!(decode::<QCommand>(&bad).is_err());
+    }
+
+    #[test]
     fn commands_and_state_round_trip_through_json() {
         let mut s = QState::default();
         let body: Vec<u8> = (0..=255u8).collect();
-        let mut m = msg("");
-        m.body = body.clone();
+        let m = bytes_msg(&body);
         let cmd = QCommand::Enqueue(vec![m]);
         let json = serde_json::to_vec(&cmd).expect("encodes");
         let back: QCommand = serde_json::from_slice(&json).expect("decodes");
@@ -410,7 +498,7 @@ mod tests {
         let json = serde_json::to_vec(&s).expect("encodes");
         let back: QState = serde_json::from_slice(&json).expect("decodes");
         assert_eq!(back, s);
-        assert_eq!(back.messages[&id(1, 0)].body, body);
+        assert_eq!(back.messages[&id(1, 0)].message.body, body);
         assert!(serde_json::from_slice::<QCommand>(
             br#"{"Enqueue":[{"exchange":"","routing_key":"","properties":"!!","body":""}]}"#
         )

@@ -233,7 +233,7 @@ impl Manager {
         &self,
         vhost: &str,
         name: &str,
-        message: &crate::broker::message::Message,
+        message: &Arc<crate::broker::message::Message>,
         (publisher, seq): (u64, u64),
         reply: publisher::Reply,
     ) {
@@ -529,7 +529,8 @@ impl Manager {
     /// A peer's RPC for one of this node's groups: the JSON of openraft's
     /// answer, or Err when the group does not run here.
     pub async fn handle(&self, payload: &[u8]) -> Result<serde_json::Value, String> {
-        let req: network::GroupRpc = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        let req: network::GroupRpc =
+            crate::cluster::codec::decode(payload).map_err(|e| e.to_string())?;
         let group = self
             .group(&req.group)
             .ok_or_else(|| format!("no quorum group '{}' here", req.group))?;

@@ -20,6 +20,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{Entry, EntryPayload};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,13 +112,46 @@ impl GroupPeer {
     }
 }
 
+/// About the most bytes of entries one append-entries RPC carries; the
+/// rest go in the next (openraft takes a `PartialSuccess`). openraft sends
+/// up to `max_payload_entries` entries whatever their size, and an entry
+/// holds up to [`super::command::BATCH_BYTES_MAX`] of bodies (or one larger
+/// message): without this, a run of large messages made a request over the
+/// frame limit, which no follower could ever accept.
+pub const RPC_BYTES_MAX: usize = 1 << 20;
+
+/// How many of `entries`, from the first, fit in `budget` bytes (at least
+/// one: an entry larger than the budget goes alone).
+pub fn entries_within(entries: &[Entry<QTypeConfig>], budget: usize) -> usize {
+    let mut total = 0;
+    for (i, e) in entries.iter().enumerate() {
+        total += match &e.payload {
+            EntryPayload::Normal(cmd) => cmd.size_hint(),
+            _ => 64,
+        };
+        if total > budget {
+            return i.max(1);
+        }
+    }
+    entries.len()
+}
+
 impl RaftNetwork<QTypeConfig> for GroupPeer {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<QTypeConfig>,
+        mut rpc: AppendEntriesRequest<QTypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
-        self.rpc(Rpc::Append(rpc), &option).await
+        let keep = entries_within(&rpc.entries, RPC_BYTES_MAX);
+        let last_sent = (keep < rpc.entries.len()).then(|| rpc.entries[keep - 1].log_id);
+        rpc.entries.truncate(keep);
+        let resp = self.rpc(Rpc::Append(rpc), &option).await?;
+        Ok(match (resp, last_sent) {
+            (AppendEntriesResponse::Success, Some(last)) => {
+                AppendEntriesResponse::PartialSuccess(Some(last))
+            }
+            (resp, _) => resp,
+        })
     }
 
     async fn install_snapshot(
@@ -141,5 +175,54 @@ impl RaftNetwork<QTypeConfig> for GroupPeer {
 
     fn backoff(&self) -> openraft::network::Backoff {
         openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::message::Message;
+    use crate::cluster::quorum::command::{QCommand, QMsg};
+    use openraft::{CommittedLeaderId, LogId};
+
+    fn entry(index: u64, bodies: &[usize]) -> Entry<QTypeConfig> {
+        let batch = bodies
+            .iter()
+            .map(|n| {
+                let m = Message::new("", "q", Default::default(), vec![0u8; *n].into());
+                QMsg::of(&m)
+            })
+            .collect();
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(QCommand::Enqueue(batch)),
+        }
+    }
+
+    #[test]
+    fn an_append_carries_the_entries_that_fit_and_at_least_one() {
+        let small: Vec<_> = (1..=64).map(|i| entry(i, &[16; 10])).collect();
+        assert_eq!(entries_within(&small, RPC_BYTES_MAX), 64);
+        // Entries of a quarter of the budget (less their overhead): four fit.
+        let quarter = RPC_BYTES_MAX / 4 - 1024;
+        let big: Vec<_> = (1..=64).map(|i| entry(i, &[quarter])).collect();
+        let n = entries_within(&big, RPC_BYTES_MAX);
+        assert_eq!(n, 4);
+        let huge = vec![entry(1, &[4 * RPC_BYTES_MAX]), entry(2, &[16])];
+        assert_eq!(entries_within(&huge, RPC_BYTES_MAX), 1, "alone");
+        assert_eq!(entries_within(&[], RPC_BYTES_MAX), 0);
+        // Encoded, what fits stays under the frame limit.
+        let req = GroupRpc {
+            group: "g".into(),
+            rpc: Rpc::Append(AppendEntriesRequest {
+                vote: Default::default(),
+                prev_log_id: None,
+                leader_commit: None,
+                entries: big[..n].to_vec(),
+            }),
+        };
+        let bytes = crate::cluster::codec::encode(&req).expect("encodes");
+        assert!(bytes.len() <= RPC_BYTES_MAX, "{}", bytes.len());
+        assert!(bytes.len() > 4 * quarter);
     }
 }

@@ -217,7 +217,7 @@ impl Group {
         // The local queue is empty here (nothing enqueues into it while this
         // node does not serve it); consumers already attached to it (this
         // node was the recorded leader) stay and get the messages.
-        let messages: Vec<(u64, Option<Arc<Message>>)> = s
+        let messages: Vec<(u64, Arc<Message>)> = s
             .state
             .messages
             .iter()
@@ -225,14 +225,7 @@ impl Group {
             .collect();
         let n = messages.len();
         for (id, msg) in messages {
-            match msg {
-                Some(msg) => {
-                    q.enqueue_replicated(msg, id, true, now);
-                }
-                None => {
-                    let _ = self.settle_tx.send(vec![id]);
-                }
-            }
+            q.enqueue_replicated(msg, id, true, now);
         }
         s.serving = Some(q);
         self.serving.store(true, Ordering::Release);
@@ -637,7 +630,8 @@ impl Drop for Counted {
 const BATCHES_IN_FLIGHT: usize = 2;
 
 /// Propose publishes in the order they came, as batches (one `Enqueue` of
-/// up to [`super::command::BATCH_MAX`] messages: one log entry, one fsync
+/// up to [`super::command::BATCH_MAX`] messages and about
+/// [`super::command::BATCH_BYTES_MAX`] of bodies: one log entry, one fsync
 /// per member), and settle each one's ticket with the outcome.
 async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<Publish>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
@@ -645,10 +639,14 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
+        let mut bytes = first.0.size_hint();
         let mut batch = vec![first];
-        while batch.len() < super::command::BATCH_MAX {
+        while batch.len() < super::command::BATCH_MAX && bytes < super::command::BATCH_BYTES_MAX {
             match rx.try_recv() {
-                Ok(p) => batch.push(p),
+                Ok(p) => {
+                    bytes += p.0.size_hint();
+                    batch.push(p);
+                }
                 Err(_) => break,
             }
         }

@@ -56,7 +56,7 @@ impl QSm {
     pub fn open(log: QLog) -> Result<QSm, String> {
         let mut inner = SmInner::default();
         if let Some(snap) = log.get::<StoredSnapshot>(SNAPSHOT)? {
-            inner.state = serde_json::from_slice(&snap.data).map_err(|e| e.to_string())?;
+            inner.state = crate::cluster::codec::decode(&snap.data).map_err(|e| e.to_string())?;
             inner.last_applied = snap.meta.last_log_id;
             inner.membership = snap.meta.last_membership;
         }
@@ -71,7 +71,7 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
     async fn build_snapshot(&mut self) -> Result<Snapshot<QTypeConfig>, SErr> {
         let (meta, data) = {
             let s = self.inner.lock();
-            let data = serde_json::to_vec(&s.state)
+            let data = crate::cluster::codec::encode(&s.state)
                 .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
             (snapshot_meta(s.last_applied, s.membership.clone()), data)
         };
@@ -139,15 +139,12 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                             (Taken::Duplicate, _) => Outcome::Taken,
                             (Taken::OutOfSequence, _) => Outcome::OutOfSequence,
                             (Taken::New, None) => Outcome::Taken,
-                            (Taken::New, Some(q)) => match m.message() {
-                                Some(msg) => {
-                                    match q.enqueue_replicated(msg, id(index, i), false, now) {
-                                        Enqueued::Rejected => Outcome::Refused,
-                                        Enqueued::Accepted { .. } => Outcome::Taken,
-                                    }
+                            (Taken::New, Some(q)) => {
+                                match q.enqueue_replicated(m.message(), id(index, i), false, now) {
+                                    Enqueued::Rejected => Outcome::Refused,
+                                    Enqueued::Accepted { .. } => Outcome::Taken,
                                 }
-                                None => Outcome::Refused,
-                            },
+                            }
                         })
                         .collect()
                 }
@@ -174,7 +171,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
-        let state: QState = serde_json::from_slice(&data)
+        let state: QState = crate::cluster::codec::decode(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
         {
             let mut s = self.inner.lock();
