@@ -3,12 +3,14 @@
 //! snapshot). Three homes: the metadata group's two trees in a sled database
 //! of its own; one tree of a sled database that many groups share (a quorum
 //! queue group's: log keys prefixed `l`, metadata keys `m:`; one flush of the
-//! database covers every group's writes); or, for the deterministic
+//! database covers every group's writes; values over 4 KiB go to the node's
+//! value files, `super::values`, and the tree keeps a pointer); or, for the deterministic
 //! simulations of the groups (`tests/raft_sim.rs`, `tests/quorum_sim.rs`),
 //! memory that behaves like a disk: a write is volatile until a flush, a flush
 //! takes (virtual) time, and a crash keeps what was flushed plus a prefix of
 //! the writes after it (a batch is one write, as sled's batches are atomic).
 
+use super::values::{self, Pointer, ValueLog};
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
 use std::io;
@@ -32,10 +34,13 @@ pub(crate) enum Disk {
         meta: sled::Tree,
     },
     /// One tree of a database shared with other groups: both key spaces in
-    /// it, told apart by a prefix ([`shared_key`]).
+    /// it, told apart by a prefix ([`shared_key`]); values over
+    /// [`values::INLINE_MAX`] in the node's value files, a pointer in the
+    /// tree ([`super::values`]).
     Shared {
         db: sled::Db,
         tree: sled::Tree,
+        values: Arc<ValueLog>,
     },
     Memory(MemoryHandle),
 }
@@ -71,6 +76,29 @@ fn sled_err(e: sled::Error) -> io::Error {
     io::Error::other(e)
 }
 
+/// A shared tree's stored value: itself, or the value its pointer names.
+fn resolve(values: &ValueLog, stored: &[u8]) -> io::Result<Vec<u8>> {
+    match Pointer::decode(stored) {
+        Some(p) => values.get(&p),
+        None => Ok(stored.to_vec()),
+    }
+}
+
+/// The value files named by pointers in `db`'s trees (every quorum group's),
+/// for [`ValueLog::collect`].
+pub(crate) fn referenced_files(db: &sled::Db) -> io::Result<std::collections::BTreeSet<u64>> {
+    let mut live = std::collections::BTreeSet::new();
+    for name in db.tree_names() {
+        let tree = db.open_tree(&name).map_err(sled_err)?;
+        for kv in tree.iter().values() {
+            if let Some(p) = Pointer::decode(&kv.map_err(sled_err)?) {
+                live.insert(p.file);
+            }
+        }
+    }
+    Ok(live)
+}
+
 impl Disk {
     pub(crate) fn open_sled(dir: &std::path::Path) -> Result<Disk, sled::Error> {
         let db = sled::Config::new().path(dir).flush_every_ms(None).open()?;
@@ -87,10 +115,13 @@ impl Disk {
                 let t = if tree == Tree::Log { log } else { meta };
                 Ok(t.get(key).map_err(sled_err)?.map(|v| v.to_vec()))
             }
-            Disk::Shared { tree: t, .. } => Ok(t
+            Disk::Shared {
+                tree: t, values, ..
+            } => t
                 .get(shared_key(tree, key))
                 .map_err(sled_err)?
-                .map(|v| v.to_vec())),
+                .map(|v| resolve(values, &v))
+                .transpose(),
             Disk::Memory(m) => m.read(|s| s.volatile(tree).get(key).cloned()),
         }
     }
@@ -122,13 +153,26 @@ impl Disk {
                 }
                 Ok(())
             }
-            Disk::Shared { tree, .. } => {
+            Disk::Shared { tree, values, .. } => {
+                // No collection of the value files while the pointers are
+                // on their way into the tree.
+                let _writing = values.writes.read();
                 let mut batch = sled::Batch::default();
+                let mut spilled = false;
                 for w in writes {
                     match w {
+                        Write::Put(t, k, v) if v.len() > values::INLINE_MAX => {
+                            let p = values.put(&v)?;
+                            batch.insert(shared_key(t, &k), p.encode());
+                            spilled = true;
+                        }
                         Write::Put(t, k, v) => batch.insert(shared_key(t, &k), v),
                         Write::Del(t, k) => batch.remove(shared_key(t, &k)),
                     }
+                }
+                // The values are durable before any pointer can be.
+                if spilled {
+                    values.sync()?;
                 }
                 tree.apply_batch(batch).map_err(sled_err)
             }
@@ -171,7 +215,7 @@ impl Disk {
                         .map_err(sled_err)
                 })
                 .collect(),
-            Disk::Shared { tree, .. } => {
+            Disk::Shared { tree, values, .. } => {
                 let prefixed = |b: Bound<Vec<u8>>| match b {
                     Bound::Included(k) => Bound::Included(shared_key(Tree::Log, &k)),
                     // The end of the log's keys, before the metadata's.
@@ -179,8 +223,8 @@ impl Disk {
                 };
                 tree.range::<Vec<u8>, _>((prefixed(start), prefixed(end)))
                     .map(|kv| {
-                        kv.map(|(k, v)| (index_of_key(&k[1..]), v.to_vec()))
-                            .map_err(sled_err)
+                        let (k, v) = kv.map_err(sled_err)?;
+                        Ok((index_of_key(&k[1..]), resolve(values, &v)?))
                     })
                     .collect()
             }
@@ -197,12 +241,13 @@ impl Disk {
     pub(crate) fn log_last(&self) -> io::Result<Option<Vec<u8>>> {
         match self {
             Disk::Sled { log, .. } => Ok(log.last().map_err(sled_err)?.map(|(_, v)| v.to_vec())),
-            Disk::Shared { tree, .. } => Ok(tree
+            Disk::Shared { tree, values, .. } => tree
                 .range(vec![SHARED_LOG]..vec![SHARED_LOG + 1])
                 .next_back()
                 .transpose()
                 .map_err(sled_err)?
-                .map(|(_, v)| v.to_vec())),
+                .map(|(_, v)| resolve(values, &v))
+                .transpose(),
             Disk::Memory(m) => m.read(|s| s.volatile(Tree::Log).values().next_back().cloned()),
         }
     }
@@ -426,11 +471,14 @@ mod tests {
         other
             .insert(shared_key(Tree::Log, &[0; 8]), &b"x"[..])
             .unwrap();
+        let values = ValueLog::open(&dir.join("values")).unwrap();
+        let large = vec![5u8; values::INLINE_MAX + 1];
         for d in [
-            Disk::open_sled(&dir).unwrap(),
+            Disk::open_sled(&dir.join("sled")).unwrap(),
             Disk::Shared {
                 tree: shared.open_tree("group").unwrap(),
                 db: shared.clone(),
+                values: Arc::clone(&values),
             },
             Disk::Memory(memory.handle()),
         ] {
@@ -438,6 +486,32 @@ mod tests {
                 .map(|i| Write::Put(Tree::Log, i.to_be_bytes().to_vec(), vec![i as u8]))
                 .collect();
             d.write(batch).unwrap();
+            // A large value reads back the same wherever it is kept.
+            let key = 9u64.to_be_bytes().to_vec();
+            d.write(vec![Write::Put(Tree::Log, key.clone(), large.clone())])
+                .unwrap();
+            d.write(vec![Write::Put(
+                Tree::Meta,
+                b"snap".to_vec(),
+                large.clone(),
+            )])
+            .unwrap();
+            assert_eq!(d.log_range(9, None).unwrap(), vec![(9, large.clone())]);
+            assert_eq!(d.log_last().unwrap(), Some(large.clone()));
+            assert_eq!(d.get(Tree::Meta, b"snap").unwrap(), Some(large.clone()));
+            if let Disk::Shared { db, tree, .. } = &d {
+                let stored = tree.get(shared_key(Tree::Log, &key)).unwrap().unwrap();
+                assert_eq!(
+                    Pointer::decode(&stored).map(|p| p.len as usize),
+                    Some(large.len())
+                );
+                assert_eq!(referenced_files(db).unwrap().len(), 1);
+            }
+            d.write(vec![
+                Write::Del(Tree::Log, key),
+                Write::Del(Tree::Meta, b"snap".to_vec()),
+            ])
+            .unwrap();
             d.write(put("vote", "v")).unwrap();
             d.write(vec![Write::Del(Tree::Log, 4u64.to_be_bytes().to_vec())])
                 .unwrap();
@@ -458,6 +532,7 @@ mod tests {
         let d = Disk::Shared {
             tree: tree.clone(),
             db: shared.clone(),
+            values,
         };
         d.write(vec![
             Write::Put(Tree::Log, 3u64.to_be_bytes().to_vec(), vec![3]),

@@ -11,6 +11,8 @@
 //! - `store`: the group's log, vote and state machine on this node's disk.
 //! - `disk`: where the store's bytes live: sled, or memory that models a
 //!   disk (with crashes) for the simulation of the group.
+//! - `values`: the quorum groups' large values (log entries with bodies,
+//!   snapshots) in append-only files, out of sled.
 //! - `forward`: the data links between nodes, over which queues homed on
 //!   another node are reached (publishes, consumers, queue operations).
 //!
@@ -27,6 +29,7 @@ pub mod frame;
 pub mod network;
 pub mod quorum;
 pub mod store;
+pub mod values;
 
 pub use command::Command;
 

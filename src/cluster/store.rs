@@ -88,9 +88,14 @@ impl<C> LogStore<C> {
     }
 
     /// The store in `tree` of the database `db` that other groups share: a
-    /// flush of `db` makes every group's writes before it durable.
-    pub fn new(db: sled::Db, tree: sled::Tree) -> LogStore<C> {
-        LogStore::on(Disk::Shared { db, tree })
+    /// flush of `db` makes every group's writes before it durable; large
+    /// values go to the node's value files, `values`.
+    pub fn new(
+        db: sled::Db,
+        tree: sled::Tree,
+        values: Arc<super::values::ValueLog>,
+    ) -> LogStore<C> {
+        LogStore::on(Disk::Shared { db, tree, values })
     }
 
     pub(crate) fn get<T: for<'a> Deserialize<'a>>(&self, key: &[u8]) -> Result<Option<T>, String> {

@@ -87,6 +87,8 @@ pub fn choose_members(
 /// This node's quorum queue groups.
 pub struct Manager {
     db: sled::Db,
+    /// The groups' large values (`<data_dir>/quorum-values`).
+    values: Arc<crate::cluster::values::ValueLog>,
     broker: Arc<Broker>,
     ident: Arc<Identity>,
     config: Arc<openraft::Config>,
@@ -105,6 +107,37 @@ pub struct Manager {
     publishers: Mutex<HashMap<String, HashMap<String, Arc<publisher::Publisher>>>>,
 }
 
+/// How often the value files no log entry or snapshot names any more are
+/// looked for (a file goes at the second look that finds it unnamed).
+const COLLECT_EVERY: Duration = Duration::from_secs(30);
+
+/// Delete the value files that purges, truncations and dropped groups left
+/// unnamed ([`crate::cluster::values::ValueLog::collect`]), until the
+/// manager is dropped.
+async fn collect_values(m: Weak<Manager>) {
+    loop {
+        tokio::time::sleep(COLLECT_EVERY).await;
+        let Some(m) = m.upgrade() else { return };
+        let (db, values) = (m.db.clone(), Arc::clone(&m.values));
+        drop(m);
+        let r = tokio::task::spawn_blocking(move || {
+            let current = values.current();
+            let live = crate::cluster::disk::referenced_files(&db)?;
+            // The removals of the pointers not seen are durable before any
+            // file they named goes.
+            db.flush().map_err(std::io::Error::other)?;
+            values.collect(current, &live)
+        })
+        .await;
+        match r {
+            Ok(Ok(n)) if n > 0 => tracing::debug!(files = n, "quorum value files deleted"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "quorum value files not collected"),
+            Err(e) => tracing::warn!(error = %e, "quorum value files not collected"),
+        }
+    }
+}
+
 /// How long a graceful stop waits for this node's leaderships to move.
 pub const HAND_OVER_WITHIN: Duration = Duration::from_secs(3);
 
@@ -119,7 +152,8 @@ impl std::fmt::Debug for Manager {
 }
 
 impl Manager {
-    /// Open `<data_dir>/quorum`.
+    /// Open `<data_dir>/quorum` and the value files beside it
+    /// (`quorum-values`).
     pub fn open(
         dir: &std::path::Path,
         broker: Arc<Broker>,
@@ -128,6 +162,9 @@ impl Manager {
         commit_timeout: Duration,
     ) -> Result<Arc<Manager>, String> {
         let db = sled::open(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let values_dir = dir.with_file_name("quorum-values");
+        let values = crate::cluster::values::ValueLog::open(&values_dir)
+            .map_err(|e| format!("{}: {e}", values_dir.display()))?;
         // openraft gives an append-entries RPC one heartbeat interval: a
         // group's appends carry message bodies and a follower fsyncs them
         // before answering, so the interval is longer than the metadata
@@ -154,6 +191,7 @@ impl Manager {
         .map_err(|e| e.to_string())?;
         let m = Arc::new(Manager {
             db,
+            values,
             broker,
             ident,
             config: Arc::new(config),
@@ -168,6 +206,7 @@ impl Manager {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(elect::run(Arc::downgrade(&m)));
+                rt.spawn(collect_values(Arc::downgrade(&m)));
             }
             Err(_) => return Err("the quorum groups need a tokio runtime".into()),
         }
@@ -290,7 +329,7 @@ impl Manager {
                 return;
             }
         };
-        let log = store::QLog::new(self.db.clone(), tree);
+        let log = store::QLog::new(self.db.clone(), tree, Arc::clone(&self.values));
         let sm = match store::QSm::open(log.clone()) {
             Ok(sm) => sm,
             Err(e) => {

@@ -2,7 +2,8 @@
 //! every Raft group of warren uses (`cluster::store::LogStore`, here over
 //! [`QTypeConfig`]); every quorum group's log, vote, commit index and
 //! snapshot live in ONE sled database (`<data_dir>/quorum`), a tree per
-//! group (`cluster::disk`, `Disk::Shared`), or on a simulated disk in the
+//! group (`cluster::disk`, `Disk::Shared`; values over 4 KiB in the node's
+//! value files, `cluster::values`, a pointer in the tree), or on a simulated disk in the
 //! simulation of the groups (`tests/quorum_sim.rs`). An append is acknowledged after a flush of that
 //! database, and one flush covers whatever every group wrote before it
 //! (sled fsyncs its whole log), so many groups share each fsync. The state
