@@ -1116,3 +1116,80 @@ async fn large_messages_are_replicated_through_the_value_files_and_survive_a_res
     assert_eq!(got.len(), want.len(), "every message, once each");
     assert!(got == want, "the bodies come back whole");
 }
+
+/// `x-delivery-count` of a delivery (None: no header).
+fn delivery_count(d: &lapin::message::Delivery) -> Option<i64> {
+    let headers = d.properties.headers().as_ref()?;
+    match headers.inner().get("x-delivery-count")? {
+        lapin::types::AMQPValue::LongLongInt(n) => Some(*n),
+        other => panic!("x-delivery-count is not a long: {other:?}"),
+    }
+}
+
+/// A message nacked back three times on the leader, which is then killed
+/// (-9): the new leader delivers it with `x-delivery-count` 3, the returns
+/// the group counted (the delivery limit does not start again at a
+/// failover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivery_count_survives_a_failover() {
+    let (a, b, c) = three_nodes("quorum-returns").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-returns";
+    declare_quorum_queue(&nodes[0], q).await;
+    let (conn, ch) = confirming(&nodes[1]).await;
+    assert_eq!(publish_confirmed(&ch, q, &bodies("dc", 1)).await, (1, 0));
+    let _ = conn.close(200, "bye").await;
+    let leader = quorum_leader(&nodes[1], q).expect("a leader");
+    let l = node_index(&nodes, &leader);
+    let gconn = nodes[l].connect().await;
+    let gch = channel(&gconn).await;
+    for want in [None, Some(1)] {
+        let got = common::t(gch.basic_get(q, BasicGetOptions { no_ack: false }))
+            .await
+            .expect("basic.get")
+            .expect("the message");
+        assert_eq!(delivery_count(&got.delivery), want);
+        common::t(got.delivery.nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        }))
+        .await
+        .expect("nack");
+    }
+    let got = common::t(gch.basic_get(q, BasicGetOptions { no_ack: false }))
+        .await
+        .expect("basic.get")
+        .expect("the message");
+    assert_eq!(delivery_count(&got.delivery), Some(2));
+    common::t(got.delivery.nack(BasicNackOptions {
+        requeue: true,
+        multiple: false,
+    }))
+    .await
+    .expect("nack");
+    let _ = gconn.close(200, "bye").await;
+    // The returns are proposed at the nack and committed a few ms later
+    // (no API shows a group's commit index): then the leader's node dies.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes[l].kill();
+    let other = (l + 1) % 3;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        assert!(Instant::now() < deadline, "the message on a new leader");
+        let conn = nodes[other].connect().await;
+        let ch = channel(&conn).await;
+        let got = common::within(
+            Duration::from_secs(3),
+            ch.basic_get(q, BasicGetOptions { no_ack: true }),
+        )
+        .await;
+        let _ = conn.close(200, "bye").await;
+        match got {
+            Some(Ok(Some(m))) => break m,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    assert_eq!(String::from_utf8_lossy(&got.delivery.data), "dc-0");
+    assert!(got.delivery.redelivered);
+    assert_eq!(delivery_count(&got.delivery), Some(3), "three returns");
+}

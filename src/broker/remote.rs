@@ -65,6 +65,10 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// Messages (by their id in the group) left the queue for
     /// good: acked, rejected, expired, dropped, dead-lettered, purged.
     fn settled(&self, ids: Vec<u64>);
+    /// Messages (by id) that reached a client went back into the queue (a
+    /// requeue, a consumer gone): each counts one more return towards the
+    /// delivery limit, on whichever member serves the queue next.
+    fn returned(&self, ids: Vec<u64>);
     /// The implementation, for the cluster layer that made it.
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }

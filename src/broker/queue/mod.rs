@@ -283,15 +283,17 @@ impl Queue {
 
     /// A message the queue's Raft group committed, with its id there
     /// (increasing in the group's order), on the node serving the queue: enqueued
-    /// like a publish, nothing written to the message store.
+    /// like a publish, nothing written to the message store. A message a new
+    /// leader loads comes `redelivered`, with the `returns` the group
+    /// counted (towards the delivery limit, as `x-delivery-count`).
     pub fn enqueue_replicated(
         self: &Arc<Self>,
         message: Arc<Message>,
         id: u64,
-        redelivered: bool,
+        (redelivered, returns): (bool, u32),
         now: u64,
     ) -> Enqueued {
-        self.enqueue_inner(message, now, Some((id, redelivered)))
+        self.enqueue_inner(message, now, Some((id, redelivered, returns)))
     }
 
     /// This node stopped serving the replicated queue (it lost the group's
@@ -380,13 +382,14 @@ impl Queue {
         self.enqueue_inner(message, now, None)
     }
 
-    /// `replicated`: the message's id in the queue's Raft group and whether
-    /// it comes redelivered (a replicated queue writes nothing to the store).
+    /// `replicated`: the message's id in the queue's Raft group, whether it
+    /// comes redelivered and its returns so far (a replicated queue writes
+    /// nothing to the store).
     fn enqueue_inner(
         self: &Arc<Self>,
         message: Arc<Message>,
         now: u64,
-        replicated: Option<(u64, bool)>,
+        replicated: Option<(u64, bool, u32)>,
     ) -> Enqueued {
         if let Some(sq) = &self.stream {
             return self.stream_enqueue(sq, &message, now);
@@ -412,14 +415,17 @@ impl Queue {
                 .max_length_bytes
                 .is_some_and(|m| (s.ready.bytes() + size) as u64 > m);
         let seq = match replicated {
-            Some((id, _)) => id,
+            Some((id, _, _)) => id,
             None => {
                 s.next_seq += 1;
                 s.next_seq - 1
             }
         };
         let mut entry = Entry::new(seq, message, expires_at);
-        entry.redelivered = replicated.is_some_and(|(_, r)| r);
+        if let Some((_, redelivered, returns)) = replicated {
+            entry.redelivered = redelivered;
+            entry.delivery_count = returns;
+        }
         crate::broker::Counters::add(&self.counters.published, 1);
         let outcome = if full && args.overflow != Overflow::DropHead {
             if args.overflow == Overflow::RejectPublishDlx {
@@ -804,6 +810,9 @@ impl Queue {
         // A return of a message that reached a client counts towards the
         // delivery limit (RabbitMQ 4: the acquired count, on every return).
         let counting = redelivered && (self.quorum || args.delivery_limit.is_some());
+        // A replicated queue's group counts them too, for the next leader.
+        let mut returned = Vec::new();
+        let replicated = counting && self.is_replicated();
         for mut entry in entries {
             entry.redelivered |= redelivered;
             if counting {
@@ -814,6 +823,9 @@ impl Queue {
                 {
                     self.discard(entry, Reason::DeliveryLimit, &args, &mut fx);
                     continue;
+                }
+                if replicated {
+                    returned.push(entry.seq);
                 }
                 // A stored message keeps its count across a restart.
                 if let (true, Some(pos), Some(_)) = (entry.persisted, entry.pos, &self.store) {
@@ -830,6 +842,11 @@ impl Queue {
         // RabbitMQ applies drop-head on requeue too: the requeued head may go.
         if args.overflow == Overflow::DropHead {
             self.enforce_limits(&mut s, &args, &mut fx);
+        }
+        // Told before anything settles them again (in order, through one
+        // channel of the group's).
+        if let (false, Some(r)) = (returned.is_empty(), self.replica()) {
+            r.returned(returned);
         }
         // A requeued message already past (or at) its expiry is dead, not handed out again.
         self.expire_locked(&mut s, now, &mut fx);

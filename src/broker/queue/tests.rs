@@ -527,6 +527,7 @@ fn transient_messages_page_out_when_memory_is_short() {
 #[derive(Debug, Default)]
 struct Recorder {
     settled: Mutex<Vec<u64>>,
+    returned: Mutex<Vec<u64>>,
 }
 
 impl crate::broker::remote::Replica for Recorder {
@@ -539,6 +540,9 @@ impl crate::broker::remote::Replica for Recorder {
     }
     fn settled(&self, ids: Vec<u64>) {
         self.settled.lock().extend(ids);
+    }
+    fn returned(&self, ids: Vec<u64>) {
+        self.returned.lock().extend(ids);
     }
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
@@ -569,7 +573,7 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     // Ids are the group's; nothing goes to the message store.
     for (id, b) in [(10, "a"), (12, "b"), (13, "c"), (20, "d"), (21, "e")] {
         assert_eq!(
-            q.enqueue_replicated(persistent(b), id, false, T0),
+            q.enqueue_replicated(persistent(b), id, (false, 0), T0),
             Enqueued::Accepted { durable: false }
         );
     }
@@ -585,22 +589,27 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     assert_eq!(body(&c), "c");
     taken(&[13]);
     let (d, _) = q.get(false, T0).expect("d");
-    // A requeue is not a settlement; it comes back redelivered.
+    // A requeue is not a settlement; it comes back redelivered, and the
+    // group is told of the return.
     q.requeue(vec![d], true, true, T0);
     taken(&[]);
+    assert_eq!(std::mem::take(&mut *rec.returned.lock()), vec![20]);
     let (d, _) = q.get(false, T0).expect("d again");
     assert!(d.redelivered);
+    assert_eq!(d.delivery_count, 1);
     q.reject(vec![d], T0);
     taken(&[20]);
     // Purged.
     assert_eq!(q.purge(), 1);
     taken(&[21]);
-    // A message loaded by a new leader comes redelivered.
-    q.enqueue_replicated(persistent("f"), 30, true, T0);
+    // A message loaded by a new leader comes redelivered, with the returns
+    // the group counted.
+    q.enqueue_replicated(persistent("f"), 30, (true, 2), T0);
     let (f, _) = q.get(false, T0).expect("f");
     assert!(f.redelivered);
+    assert_eq!(f.delivery_count, 2);
     // Losing the leadership forgets without reporting.
-    q.enqueue_replicated(persistent("g"), 31, false, T0);
+    q.enqueue_replicated(persistent("g"), 31, (false, 0), T0);
     assert!(q.reset_replicated().is_empty());
     assert_eq!(q.stats(T0).ready, 0);
     taken(&[]);

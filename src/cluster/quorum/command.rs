@@ -204,7 +204,7 @@ impl QCommand {
     pub fn size_hint(&self) -> usize {
         match self {
             QCommand::Enqueue(batch) => batch.iter().map(|m| m.size_hint()).sum(),
-            QCommand::Settle(ids) => ids.len() * 9 + 16,
+            QCommand::Settle(ids) | QCommand::Return(ids) => ids.len() * 9 + 16,
         }
     }
 }
@@ -231,6 +231,10 @@ pub enum QCommand {
     /// Messages that left the queue for good (acked, rejected, expired,
     /// dropped, dead-lettered, purged), by id.
     Settle(Vec<u64>),
+    /// Messages that reached a client and went back into the queue, by id:
+    /// one more return each (RabbitMQ's delivery count, which
+    /// `x-delivery-limit` bounds), kept for the next leader.
+    Return(Vec<u64>),
 }
 
 impl std::fmt::Display for QCommand {
@@ -238,6 +242,7 @@ impl std::fmt::Display for QCommand {
         match self {
             QCommand::Enqueue(m) => write!(f, "enqueue({} messages)", m.len()),
             QCommand::Settle(ids) => write!(f, "settle({} ids)", ids.len()),
+            QCommand::Return(ids) => write!(f, "return({} ids)", ids.len()),
         }
     }
 }
@@ -280,12 +285,14 @@ pub struct Enqueuer {
 pub const ENQUEUER_IDLE: u64 = 1 << 20;
 
 /// The live messages of the queue, by id (ascending: the queue's order),
-/// and its publishers' next numbers.
+/// the returns of those returned, and its publishers' next numbers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QState {
     pub messages: BTreeMap<u64, QMsg>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub enqueuers: BTreeMap<u64, Enqueuer>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub returns: BTreeMap<u64, u32>,
 }
 
 impl QState {
@@ -331,10 +338,23 @@ impl QState {
             QCommand::Settle(ids) => {
                 for id in ids {
                     self.messages.remove(id);
+                    self.returns.remove(id);
+                }
+                Vec::new()
+            }
+            QCommand::Return(ids) => {
+                for id in ids.iter().filter(|id| self.messages.contains_key(id)) {
+                    let n = self.returns.entry(*id).or_default();
+                    *n = n.saturating_add(1);
                 }
                 Vec::new()
             }
         }
+    }
+
+    /// How many times message `id` went back into the queue.
+    pub fn returns(&self, id: u64) -> u32 {
+        self.returns.get(&id).copied().unwrap_or(0)
     }
 }
 
@@ -373,6 +393,32 @@ mod tests {
         let m = s.messages[&id(7, 0)].message();
         assert_eq!(&m.body[..], b"c");
         assert_eq!(m.routing_key.as_str(), "k");
+    }
+
+    #[test]
+    fn returns_are_counted_for_live_messages_and_kept_in_the_snapshot() {
+        let mut s = QState::default();
+        s.apply(1, &QCommand::Enqueue(vec![msg("a"), msg("b")]));
+        let (a, b) = (id(1, 0), id(1, 1));
+        s.apply(2, &QCommand::Return(vec![a, b]));
+        s.apply(3, &QCommand::Return(vec![a, 99]));
+        assert_eq!((s.returns(a), s.returns(b), s.returns(99)), (2, 1, 0));
+        assert!(
+            !s.returns.contains_key(&99),
+            "nothing kept for an id not live"
+        );
+        let back: QState =
+            crate::cluster::codec::decode(&crate::cluster::codec::encode(&s).expect("encodes"))
+                .expect("decodes");
+        assert_eq!(back, s);
+        // Settled: forgotten with its message; a late return changes nothing.
+        s.apply(4, &QCommand::Settle(vec![a]));
+        s.apply(5, &QCommand::Return(vec![a]));
+        assert_eq!((s.returns(a), s.returns(b)), (0, 1));
+        assert!(!s.returns.contains_key(&a));
+        // A state written before returns were counted reads as none.
+        let old: QState = serde_json::from_str(r#"{"messages":{}}"#).expect("decodes");
+        assert!(old.returns.is_empty());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! applied everything committed before: `ensure_linearizable`) it loads the
 //! state machine's messages into the local queue, every one flagged
 //! redelivered (the group does not log deliveries, so any may have been
-//! delivered by the old leader), attaches itself as the queue's
+//! delivered by the old leader) and with the returns the group counted
+//! (`x-delivery-count`, `x-delivery-limit`), attaches itself as the queue's
 //! [`Replica`] door and announces itself to the metadata group (other
 //! nodes then forward to it). On losing leadership it empties the local
 //! queue (the group keeps the messages) and cancels its consumers.
@@ -11,8 +12,9 @@
 //! Publishes are proposed in their order as `Enqueue` batches: at most two
 //! batches wait for their commit, the publishes that arrive meanwhile form
 //! the next one (each confirm waits for its batch's commit); messages
-//! leaving the queue are proposed as `Settle`, batched: one proposal in
-//! flight, the ids that arrive meanwhile go in the next.
+//! leaving the queue are proposed as `Settle`, and messages going back into
+//! it after reaching a client as `Return` (their delivery count), batched:
+//! one proposal in flight, the ids that arrive meanwhile go in the next.
 
 use super::command::{Outcome, QCommand, QMsg};
 use super::publisher::{Answer, Reply};
@@ -37,8 +39,8 @@ pub struct Group {
     raft: OnceLock<Raft>,
     sm: QSm,
     serving: AtomicBool,
-    settle_tx: mpsc::UnboundedSender<Vec<u64>>,
-    settle_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Vec<u64>>>>,
+    settle_tx: mpsc::UnboundedSender<Change>,
+    settle_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
     enqueue_tx: mpsc::UnboundedSender<Publish>,
     enqueue_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Publish>>>,
     commit_timeout: Duration,
@@ -217,15 +219,15 @@ impl Group {
         // The local queue is empty here (nothing enqueues into it while this
         // node does not serve it); consumers already attached to it (this
         // node was the recorded leader) stay and get the messages.
-        let messages: Vec<(u64, Arc<Message>)> = s
+        let messages: Vec<(u64, Arc<Message>, u32)> = s
             .state
             .messages
             .iter()
-            .map(|(id, m)| (*id, m.message()))
+            .map(|(id, m)| (*id, m.message(), s.state.returns(*id)))
             .collect();
         let n = messages.len();
-        for (id, msg) in messages {
-            q.enqueue_replicated(msg, id, true, now);
+        for (id, msg, returns) in messages {
+            q.enqueue_replicated(msg, id, (true, returns), now);
         }
         s.serving = Some(q);
         self.serving.store(true, Ordering::Release);
@@ -416,7 +418,13 @@ impl Replica for Group {
 
     fn settled(&self, ids: Vec<u64>) {
         if !ids.is_empty() {
-            let _ = self.settle_tx.send(ids);
+            let _ = self.settle_tx.send(Change::Settled(ids));
+        }
+    }
+
+    fn returned(&self, ids: Vec<u64>) {
+        if !ids.is_empty() {
+            let _ = self.settle_tx.send(Change::Returned(ids));
         }
     }
 }
@@ -698,11 +706,27 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
     }
 }
 
-/// Propose the ids of messages that left the queue, a batch at a time.
-async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<Vec<u64>>) {
-    while let Some(mut ids) = rx.recv().await {
-        while let Ok(more) = rx.try_recv() {
-            ids.extend(more);
+/// What the serving queue reports of its messages, in its order.
+enum Change {
+    /// Gone for good: proposed as `Settle`.
+    Settled(Vec<u64>),
+    /// Back in the queue after reaching a client: proposed as `Return`.
+    Returned(Vec<u64>),
+}
+
+/// Propose the ids of messages that went back into the queue and of those
+/// that left it, a batch at a time: whatever arrived meanwhile, the returns
+/// first (a message is returned before it is settled, never after).
+async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<Change>) {
+    while let Some(first) = rx.recv().await {
+        let (mut returned, mut settled) = (Vec::new(), Vec::new());
+        let mut next = Some(first);
+        while let Some(change) = next {
+            match change {
+                Change::Returned(ids) => returned.extend(ids),
+                Change::Settled(ids) => settled.extend(ids),
+            }
+            next = rx.try_recv().ok();
         }
         let Some(group) = g.upgrade() else { return };
         group.not_transferring().await;
@@ -712,10 +736,18 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
         }
         let within = group.commit_timeout;
         drop(group);
-        match tokio::time::timeout(within, raft.client_write(QCommand::Settle(ids))).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "quorum queue settle not committed"),
-            Err(_) => tracing::debug!("quorum queue settle not committed in time"),
+        for cmd in [QCommand::Return(returned), QCommand::Settle(settled)] {
+            if matches!(&cmd, QCommand::Return(ids) | QCommand::Settle(ids) if ids.is_empty()) {
+                continue;
+            }
+            let what = cmd.to_string();
+            match tokio::time::timeout(within, raft.client_write(cmd)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, %what, "quorum queue change not committed")
+                }
+                Err(_) => tracing::debug!(%what, "quorum queue change not committed in time"),
+            }
         }
     }
 }

@@ -127,7 +127,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                     let taken = s.state.apply(index, cmd);
                     let batch = match cmd {
                         QCommand::Enqueue(batch) => batch.as_slice(),
-                        QCommand::Settle(_) => &[],
+                        QCommand::Settle(_) | QCommand::Return(_) => &[],
                     };
                     // The node serving the queue delivers new messages from
                     // now on; each publisher's confirm follows the queue's
@@ -141,7 +141,12 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                             (Taken::OutOfSequence, _) => Outcome::OutOfSequence,
                             (Taken::New, None) => Outcome::Taken,
                             (Taken::New, Some(q)) => {
-                                match q.enqueue_replicated(m.message(), id(index, i), false, now) {
+                                match q.enqueue_replicated(
+                                    m.message(),
+                                    id(index, i),
+                                    (false, 0),
+                                    now,
+                                ) {
                                     Enqueued::Rejected => Outcome::Refused,
                                     Enqueued::Accepted { .. } => Outcome::Taken,
                                 }
