@@ -86,6 +86,10 @@ pub struct ValueLog {
     writer: Mutex<Writer>,
     /// Open files by id, for reads.
     readers: Mutex<HashMap<u64, Arc<File>>>,
+    /// Held through a whole [`Self::sync`]: a sync that finds nothing left
+    /// to sync returns only once the one under way (which took its writes)
+    /// is done.
+    syncing: Mutex<()>,
     /// Held (shared) by a write from its `put` until its pointers are in
     /// sled, and (exclusive) by [`Self::collect`] while it notes the
     /// current file: a pointer not yet in sled is always in a file that
@@ -140,6 +144,7 @@ impl ValueLog {
                 dirty: Vec::new(),
             }),
             readers: Mutex::new(HashMap::new()),
+            syncing: Mutex::new(()),
             writes: parking_lot::RwLock::new(()),
             unreferenced: Mutex::new(BTreeSet::new()),
         }))
@@ -173,6 +178,7 @@ impl ValueLog {
 
     /// Make every value put so far durable.
     pub fn sync(&self) -> io::Result<()> {
+        let _one_at_a_time = self.syncing.lock();
         let dirty = std::mem::take(&mut self.writer.lock().dirty);
         for f in dirty {
             f.sync_data()?;
