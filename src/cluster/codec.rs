@@ -43,16 +43,6 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     }
 }
 
-/// Encode as [`encode`] does when `binary`, else as JSON (for a peer that
-/// reads only JSON).
-pub fn encode_for<T: Serialize + ?Sized>(value: &T, binary: bool) -> Result<Vec<u8>, CodecError> {
-    if binary {
-        encode(value)
-    } else {
-        Ok(serde_json::to_vec(value)?)
-    }
-}
-
 /// Bytes as base64 in JSON and as raw bytes in MessagePack, read back from
 /// either (`#[serde(with = "crate::cluster::codec::bytes")]`).
 pub mod bytes {
@@ -110,7 +100,6 @@ mod tests {
         let json = serde_json::to_vec(&t).expect("json");
         assert!(String::from_utf8_lossy(&json).contains("\"AAH/Bw==\""));
         assert_eq!(decode::<T>(&json).expect("json decodes"), t);
-        assert_eq!(encode_for(&t, false).expect("json"), json);
         // A field skipped when empty (a map by name, not a tuple by place).
         let with_n = T { n: Some(3), ..t };
         assert_eq!(

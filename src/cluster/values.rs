@@ -238,16 +238,6 @@ impl ValueLog {
         *unreferenced = idle;
         Ok(deleted)
     }
-
-    /// Bytes in the files now.
-    pub fn disk_bytes(&self) -> u64 {
-        file_ids(&self.dir)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|id| std::fs::metadata(self.dir.join(file_name(*id))).ok())
-            .map(|m| m.len())
-            .sum()
-    }
 }
 
 #[cfg(test)]
