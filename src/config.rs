@@ -390,6 +390,15 @@ pub struct VHostLimits {
 }
 
 impl Config {
+    /// This node's name: `[cluster] node_name`, else `warren@` and the host
+    /// name (the name the API, the firehose and the cluster use).
+    pub fn node_name(&self) -> String {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.node_name.clone())
+            .unwrap_or_else(|| format!("warren@{}", host_name()))
+    }
+
     pub fn limits(&self) -> Limits {
         Limits {
             consumer_max_per_channel: self.consumer_max_per_channel,
@@ -584,6 +593,16 @@ impl Config {
             ..Config::default()
         }
     }
+}
+
+/// The machine's host name (`localhost` if it has none).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 #[cfg(test)]

@@ -115,6 +115,39 @@ pub enum Command {
     /// Clear one limit of a user (`max-connections`, `max-channels`) or `all`.
     #[command(alias = "clear_user_limits")]
     ClearUserLimits { user: String, limit: String },
+    /// List vhosts with their description, tags, default queue type and
+    /// whether the firehose is on.
+    #[command(alias = "list_vhosts")]
+    ListVhosts,
+    /// Create a vhost (or change its description, tags and default queue type).
+    #[command(alias = "add_vhost")]
+    AddVhost {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Comma-separated tags.
+        #[arg(long, default_value = "")]
+        tags: String,
+        /// The type of queues declared durable without `x-queue-type`.
+        #[arg(long, value_parser = ["classic", "quorum", "stream"])]
+        default_queue_type: Option<String>,
+    },
+    /// Delete a vhost and everything in it.
+    #[command(alias = "delete_vhost")]
+    DeleteVhost { name: String },
+    /// Turn the firehose tracer on for a vhost: every message published and
+    /// delivered there is copied to its `amq.rabbitmq.trace` exchange.
+    #[command(alias = "trace_on")]
+    TraceOn {
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
+    /// Turn the firehose tracer off for a vhost.
+    #[command(alias = "trace_off")]
+    TraceOff {
+        #[arg(short = 'p', long, default_value = "/")]
+        vhost: String,
+    },
     /// Cluster membership (a node with `[cluster]` in its configuration).
     #[command(subcommand)]
     Cluster(ClusterCommand),
@@ -675,6 +708,53 @@ pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
             )?;
             Ok(format!("Set user limits for user '{user}'\n"))
         }
+        Command::ListVhosts => {
+            let list = target.call("GET", "/api/vhosts", None)?;
+            Ok(table(
+                &[
+                    "name",
+                    "description",
+                    "tags",
+                    "default_queue_type",
+                    "tracing",
+                ],
+                rows(
+                    &list,
+                    &[
+                        "name",
+                        "description",
+                        "tags",
+                        "default_queue_type",
+                        "tracing",
+                    ],
+                ),
+            ))
+        }
+        Command::AddVhost {
+            name,
+            description,
+            tags,
+            default_queue_type,
+        } => {
+            let mut body = json!({ "description": description, "tags": tags });
+            if let Some(t) = default_queue_type {
+                body["default_queue_type"] = json!(t);
+            }
+            target.call("PUT", &format!("/api/vhosts/{}", seg(&name)), Some(body))?;
+            Ok(format!("Added vhost '{name}'\n"))
+        }
+        Command::DeleteVhost { name } => {
+            target.call("DELETE", &format!("/api/vhosts/{}", seg(&name)), None)?;
+            Ok(format!("Deleted vhost '{name}'\n"))
+        }
+        Command::TraceOn { vhost } => {
+            set_tracing(target, &vhost, true)?;
+            Ok(format!("Started tracing for vhost '{vhost}'\n"))
+        }
+        Command::TraceOff { vhost } => {
+            set_tracing(target, &vhost, false)?;
+            Ok(format!("Stopped tracing for vhost '{vhost}'\n"))
+        }
         Command::ClearUserLimits { user, limit } => {
             let base = format!("/api/user-limits/{}", seg(&user));
             if limit == "all" {
@@ -685,6 +765,27 @@ pub fn run(target: &Target, cmd: Command) -> Result<String, String> {
             Ok(format!("Cleared user limit '{limit}' for user '{user}'\n"))
         }
     }
+}
+
+/// Turn a vhost's firehose on or off, keeping its description, tags and
+/// default queue type (a PUT without them would clear the first two).
+fn set_tracing(target: &Target, vhost: &str, on: bool) -> Result<(), String> {
+    let path = format!("/api/vhosts/{}", seg(vhost));
+    let current = target.call("GET", &path, None)?;
+    let mut body = json!({
+        "description": current.get("description").cloned().unwrap_or(Value::Null),
+        "tags": current.get("tags").cloned().unwrap_or(Value::Null),
+        "tracing": on,
+    });
+    if let Some(t) = current
+        .get("default_queue_type")
+        .and_then(Value::as_str)
+        .filter(|t| *t != "undefined")
+    {
+        body["default_queue_type"] = json!(t);
+    }
+    target.call("PUT", &path, Some(body))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -251,8 +251,8 @@ async fn definitions_import_past_the_limit_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_exchange_put_and_import_past_the_limit_are_refused() {
-    // Six predeclared exchanges, so two more fit.
-    let b = admin_broker(|c| c.max_exchanges_per_vhost = Some(8)).await;
+    // Seven predeclared exchanges (amq.rabbitmq.trace among them), so two more fit.
+    let b = admin_broker(|c| c.max_exchanges_per_vhost = Some(9)).await;
     for name in ["e1", "e2"] {
         let (status, v) = b
             .call(
@@ -273,7 +273,7 @@ async fn admin_exchange_put_and_import_past_the_limit_are_refused() {
     assert_eq!(status, 400, "{v}");
     assert_eq!(
         v["reason"],
-        "PRECONDITION_FAILED - cannot declare exchange 'e3' in vhost '/': exchange limit (8) is reached",
+        "PRECONDITION_FAILED - cannot declare exchange 'e3' in vhost '/': exchange limit (9) is reached",
         "{v}"
     );
     let exchanges = json!({"exchanges": [
@@ -282,5 +282,5 @@ async fn admin_exchange_put_and_import_past_the_limit_are_refused() {
     let (status, v) = b.call("POST", "/api/definitions", Some(exchanges)).await;
     assert_eq!(status, 400, "{v}");
     let (_, list) = b.call("GET", "/api/exchanges/%2f", None).await;
-    assert_eq!(list.as_array().map(Vec::len), Some(8), "{list}");
+    assert_eq!(list.as_array().map(Vec::len), Some(9), "{list}");
 }

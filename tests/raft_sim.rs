@@ -52,6 +52,7 @@ impl Kind for Meta {
         Command::PutVhost {
             name: "barrier".into(),
             creator: None,
+            meta: None,
         }
     }
 
@@ -127,6 +128,7 @@ fn command(rng: &mut StdRng, nodes: usize) -> Command {
         72..=76 => Command::PutVhost {
             name: ["v1", "v2"][rng.gen_range(0..2)].into(),
             creator: Some(user),
+            meta: None,
         },
         77..=78 => Command::DeleteVhost {
             name: ["v1", "v2"][rng.gen_range(0..2)].into(),

@@ -23,7 +23,7 @@ pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Js
     let mut vhosts: Vec<Value> = b
         .vhosts()
         .iter()
-        .map(|v| json!({"name": &*v.name}))
+        .map(|v| json!({"name": &*v.name, "metadata": super::vhosts::metadata_json(&v.meta())}))
         .collect();
     super::sort_by_vhost_name(&mut vhosts);
     let permissions: Vec<Value> = b
@@ -120,10 +120,13 @@ pub fn import_definitions(s: &AdminState, body: &Value, cmds: &mut Vec<Command>)
     let b = &s.broker;
     for v in items(body, "vhosts")? {
         let name = field(v, "name")?;
+        let meta = super::vhosts::meta_from(v, b.vhost(name).map(|v| v.meta()))?;
         b.add_vhost(name);
+        b.set_vhost_meta(name, meta.clone())?;
         cmds.push(Command::PutVhost {
             name: name.to_string(),
             creator: None,
+            meta: Some(meta),
         });
     }
     for u in items(body, "users")? {

@@ -8,7 +8,7 @@ use super::{
 };
 use crate::broker::auth::Access;
 use crate::broker::message::Message;
-use crate::broker::vhost::{Exchange, ExchangeDeclare, PublishFrom};
+use crate::broker::vhost::{Exchange, ExchangeDeclare};
 use crate::broker::Counters;
 use crate::clock::now_ms;
 use crate::cluster::Command;
@@ -21,6 +21,8 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 
 pub fn exchange_json(vhost: &str, e: &Exchange) -> Value {
+    // The exchanges every vhost is made with, as RabbitMQ names their maker.
+    let builtin = e.name.is_empty() || e.name.starts_with("amq.");
     json!({
         "name": &*e.name,
         "vhost": vhost,
@@ -29,7 +31,7 @@ pub fn exchange_json(vhost: &str, e: &Exchange) -> Value {
         "auto_delete": e.auto_delete,
         "internal": e.internal,
         "arguments": table_to_json(&e.arguments),
-        "user_who_performed_action": "",
+        "user_who_performed_action": if builtin { "rmq-internal" } else { "" },
     })
 }
 
@@ -229,7 +231,8 @@ pub async fn publish(
         &keys,
     )?;
     let message = Message::new(exchange, routing_key, props, payload);
-    let published = v.publish_cc(exchange, &message, &cc, PublishFrom::Client, now_ms())?;
+    let tap = crate::broker::firehose::Tap::http_api(&b.node, &caller.0.name);
+    let published = v.publish_client(exchange, &message, &cc, &tap, now_ms())?;
     Counters::add(&b.counters.published, 1);
     if !published.routed {
         Counters::add(&b.counters.unroutable, 1);

@@ -786,12 +786,7 @@ pub fn sort_by_vhost_name(items: &mut [Value]) {
 
 /// The node name reported by the API (`warren@hostname`).
 pub fn node_name() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into());
-    format!("warren@{host}")
+    format!("warren@{}", crate::config::host_name())
 }
 
 /// The answer to a PUT, as RabbitMQ gives it: 201 when it created the object, 204 when

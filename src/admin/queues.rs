@@ -339,7 +339,7 @@ pub fn declare_from(
             "exclusive queues can only be declared by AMQP connections",
         ));
     }
-    let d = QueueDeclare {
+    let mut d = QueueDeclare {
         name: name.to_string(),
         passive: false,
         durable: flag(body, "durable", true)?,
@@ -347,6 +347,7 @@ pub fn declare_from(
         auto_delete: flag(body, "auto_delete", false)?,
         arguments: json_to_table(body.get("arguments").unwrap_or(&Value::Null))?,
     };
+    v.augment_declare(&d.name, d.durable, false, d.auto_delete, &mut d.arguments);
     v.declare_queue(&d, 0, crate::clock::now_ms())?;
     let node = super::cluster::this_node(s);
     Ok((!existed, Command::queue_declared(vhost, &d, &node)))
@@ -446,6 +447,7 @@ pub async fn get_messages(
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
+    let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     caller.permit(&s.broker, &vhost, Access::Read, "queue", &name)?;
     let count = match body.get("count") {
         None => 1,
@@ -485,6 +487,11 @@ pub async fn get_messages(
             break;
         };
         let m = &entry.message;
+        if v.tracing() {
+            let tap = crate::broker::firehose::Tap::http_api(&s.broker.node, &caller.0.name);
+            let now = crate::clock::now_ms();
+            crate::broker::firehose::delivered(&v, &name, m, entry.redelivered, &tap, now);
+        }
         let mut payload = &m.body[..];
         if let Some(t) = truncate {
             payload = &payload[..payload.len().min(t)];

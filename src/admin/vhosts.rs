@@ -1,6 +1,8 @@
-//! `/api/vhosts[/{vhost}]`: list, show, create (with its `amq.*` exchanges), delete.
+//! `/api/vhosts[/{vhost}]`: list, show, create (with its `amq.*` exchanges)
+//! or update (description, tags, default queue type, firehose tracing), delete.
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
+use crate::broker::vhost::VHostMeta;
 use crate::broker::{Broker, VHost};
 use crate::cluster::Command;
 use axum::extract::{Path, State};
@@ -15,11 +17,15 @@ fn vhost_json(b: &Broker, v: &VHost) -> Value {
         ready += s.ready;
         unacked += s.unacked;
     }
+    let meta = v.meta();
     json!({
         "name": &*v.name,
-        "description": "",
-        "tags": [],
-        "tracing": false,
+        "description": &meta.description,
+        "tags": &meta.tags,
+        "default_queue_type": meta.default_queue_type.as_deref().unwrap_or("undefined"),
+        "metadata": metadata_json(&meta),
+        "tracing": v.tracing(),
+        "cluster_state": {b.node.as_str(): "running"},
         "messages": ready + unacked,
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
@@ -52,18 +58,92 @@ pub async fn show(
     Ok(Json(vhost_json(b, &v)))
 }
 
+/// A vhost's `metadata` object (in its JSON and in definitions).
+pub fn metadata_json(meta: &VHostMeta) -> Value {
+    let mut m = json!({"description": &meta.description, "tags": &meta.tags});
+    if let Some(t) = &meta.default_queue_type {
+        m["default_queue_type"] = json!(t);
+    }
+    m
+}
+
+/// The metadata a PUT or a definitions entry gives a vhost, as RabbitMQ
+/// reads it: `description` (default empty) and `tags` (a list, or a
+/// comma-separated string; default none) replace the vhost's, at the top
+/// level or inside `metadata`; `default_queue_type` (`classic`, `quorum` or
+/// `stream`) replaces it when given, else `current`'s stays.
+pub fn meta_from(body: &Value, current: Option<VHostMeta>) -> ApiResult<VHostMeta> {
+    let get = |key: &str| {
+        body.get(key)
+            .or_else(|| body.get("metadata").and_then(|m| m.get(key)))
+            .filter(|v| !v.is_null())
+    };
+    let description = match get("description") {
+        None => String::new(),
+        Some(Value::String(d)) => d.clone(),
+        Some(_) => return Err(ApiError::bad_request("description must be a string")),
+    };
+    let tags = match get("tags") {
+        None => Vec::new(),
+        Some(Value::String(t)) => t
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(String::from)
+            .collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|t| t.as_str().map(String::from))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::bad_request("tags must be strings"))?,
+        Some(_) => return Err(ApiError::bad_request("tags must be a list or a string")),
+    };
+    let default_queue_type = match get("default_queue_type") {
+        None => current.and_then(|m| m.default_queue_type),
+        Some(Value::String(t)) if t == "undefined" => None,
+        Some(Value::String(t)) if VHostMeta::QUEUE_TYPES.contains(&t.as_str()) => Some(t.clone()),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "default_queue_type must be one of classic, quorum, stream, not {other}"
+            )))
+        }
+    };
+    Ok(VHostMeta {
+        description,
+        tags,
+        default_queue_type,
+    })
+}
+
+/// Whether a PUT turns the firehose on or off (`tracing`, a boolean or
+/// "true"/"false"); None leaves it as it is.
+fn tracing_from(body: &Value) -> ApiResult<Option<bool>> {
+    match body.get("tracing") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(Value::String(t)) if t == "true" || t == "false" => Ok(Some(t == "true")),
+        Some(_) => Err(ApiError::bad_request("tracing must be true or false")),
+    }
+}
+
 pub async fn put(
     State(s): State<AdminState>,
     caller: Caller,
     Path(name): Path<String>,
-    _body: Body,
+    Body(body): Body,
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     if name.is_empty() {
         return Err(ApiError::bad_request("vhost name must not be empty"));
     }
     let existed = s.broker.vhost(&name).is_some();
-    s.broker.add_vhost(&name);
+    let meta = meta_from(&body, s.broker.vhost(&name).map(|v| v.meta()))?;
+    let tracing = tracing_from(&body)?;
+    let v = s.broker.add_vhost(&name);
+    s.broker.set_vhost_meta(&name, meta.clone())?;
+    if let Some(on) = tracing {
+        v.set_tracing(on);
+    }
     if !existed {
         // As RabbitMQ's management API does: the creating user gets full permissions.
         if let Ok(all) = crate::broker::auth::Permission::new(".*", ".*", ".*") {
@@ -71,7 +151,15 @@ pub async fn put(
         }
     }
     let creator = (!existed).then(|| caller.0.name.clone());
-    super::cluster::replicate(&s, || Some(Command::PutVhost { name, creator })).await?;
+    let meta = Some(meta);
+    super::cluster::replicate(&s, || {
+        Some(Command::PutVhost {
+            name,
+            creator,
+            meta,
+        })
+    })
+    .await?;
     Ok(super::put_status(!existed))
 }
 

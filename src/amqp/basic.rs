@@ -9,7 +9,6 @@ use crate::broker::queue::{Consumer, Credit, Delivery, Queue, QueueType};
 use crate::broker::remote::{
     RemoteConsume, RemoteConsumer, RemoteDelivery, Settle as RemoteSettle,
 };
-use crate::broker::vhost::PublishFrom;
 use crate::broker::Counters;
 use crate::clock::Now;
 use crate::error::{AmqpError, AmqpResult};
@@ -180,6 +179,7 @@ fn get(
             );
             io.out
                 .content(io.id, |b| entry.encode_properties(b), &m.body);
+            trace_delivery(ctx, io.id, &name, &m, entry.redelivered, now);
             if !g.no_ack {
                 let deadline = ack_deadline(ctx, &q, now.at);
                 ch.unacked.push_back(Unacked {
@@ -632,7 +632,7 @@ pub(super) fn route_and_enqueue(
 ) -> AmqpResult<(bool, Option<Arc<crate::broker::remote::Ticket>>)> {
     let published = ctx
         .vhost
-        .publish_cc(exchange, &message, cc, PublishFrom::Client, now.ms)?;
+        .publish_client(exchange, &message, cc, &ctx.tap(io.id), now.ms)?;
     let counters = &ctx.broker.counters;
     Counters::add(&counters.published, 1);
     if !published.routed {
@@ -693,6 +693,7 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
     };
     io.out
         .deliver(io.id, &args, |b| d.entry.encode_properties(b), &m.body);
+    trace_delivery(ctx, io.id, d.queue.name(), m, d.entry.redelivered, now);
     if !d.no_ack {
         let deadline = ack_deadline(ctx, &d.queue, now.at);
         ch.unacked.push_back(Unacked {
@@ -703,6 +704,29 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
             deadline,
             remote: None,
         });
+    }
+}
+
+/// A delivery (or get-ok) of `message` from `queue` on `channel`, traced to
+/// the firehose while the vhost's tracing is on.
+#[inline]
+fn trace_delivery(
+    ctx: &ConnCtx,
+    channel: u16,
+    queue: &str,
+    message: &Message,
+    redelivered: bool,
+    now: Now,
+) {
+    if ctx.vhost.tracing() {
+        crate::broker::firehose::delivered(
+            &ctx.vhost,
+            queue,
+            message,
+            redelivered,
+            &ctx.tap(channel),
+            now.ms,
+        );
     }
 }
 
@@ -735,6 +759,7 @@ pub fn got_remote(
     );
     io.out
         .content(io.id, |b| b.extend_from_slice(&properties), &message.body);
+    trace_delivery(ctx, io.id, queue.name(), &message, redelivered, now);
     if !no_ack {
         let deadline = ack_deadline(ctx, &queue, now.at);
         let mut entry = Entry::new(0, message, None);
@@ -788,6 +813,7 @@ pub fn deliver_remote(
     let props = &d.properties;
     io.out
         .deliver(io.id, &args, |b| b.extend_from_slice(props), &m.body);
+    trace_delivery(ctx, io.id, queue.name(), m, d.redelivered, now);
     if no_ack {
         return d
             .consumer
@@ -847,6 +873,7 @@ mod tests {
 
     use super::*;
     use crate::broker::queue::DeliverySink;
+    use crate::broker::vhost::PublishFrom;
     use crate::broker::vhost::QueueDeclare;
     use crate::broker::Broker;
     use crate::session::{Confirms, Output};
@@ -879,6 +906,7 @@ mod tests {
             vhost: broker.vhost("/").expect("default vhost"),
             broker,
             id: 1,
+            name: "test".into(),
             user: "guest".into(),
             sink: Arc::clone(&mailbox) as Arc<dyn DeliverySink>,
             cancel_notify: true,

@@ -29,6 +29,8 @@ use std::time::Instant;
 pub struct ConnCtx {
     pub broker: Arc<crate::broker::Broker>,
     pub id: u64,
+    /// The connection's name as the API shows it (`peer -> local`).
+    pub name: String,
     pub vhost: Arc<VHost>,
     pub user: String,
     pub sink: Arc<dyn DeliverySink>,
@@ -42,6 +44,16 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
+    /// What the firehose names for a message moved on `channel`.
+    pub(crate) fn tap(&self, channel: u16) -> crate::broker::firehose::Tap<'_> {
+        crate::broker::firehose::Tap {
+            node: &self.broker.node,
+            connection: &self.name,
+            channel,
+            user: &self.user,
+        }
+    }
+
     /// RabbitMQ's resource check: 403 unless the user's `access` regex in this vhost
     /// matches `name` (the default exchange is checked as `amq.default`).
     pub(crate) fn permit(&self, access: Access, kind: &str, name: &str) -> AmqpResult<()> {

@@ -28,15 +28,7 @@ pub fn take_cc_keys(properties: &mut BasicProperties) -> AmqpResult<Vec<ShortStr
     for name in ["CC", "BCC"] {
         match headers.get(name) {
             None => {}
-            Some(FieldValue::Array(values)) => {
-                for v in values {
-                    if let FieldValue::LongString(b) = v {
-                        if let Ok(s) = std::str::from_utf8(b) {
-                            keys.push(ShortStr::intern(s));
-                        }
-                    }
-                }
-            }
+            Some(FieldValue::Array(values)) => push_keys(values, &mut keys),
             Some(other) => {
                 return Err(AmqpError::precondition_failed(format!(
                     "invalid message: {{unacceptable_type_in_header,\"{name}\",{}}}",
@@ -47,6 +39,28 @@ pub fn take_cc_keys(properties: &mut BasicProperties) -> AmqpResult<Vec<ShortStr
     }
     headers.remove("BCC");
     Ok(keys)
+}
+
+/// The routing keys of the `CC` header of a stored message's `properties`
+/// (its `BCC` is gone by then): what a delivery's trace names besides the
+/// routing key.
+pub fn cc_keys(properties: &BasicProperties) -> Vec<ShortStr> {
+    let mut keys = Vec::new();
+    if let Some(FieldValue::Array(values)) = properties.headers.as_ref().and_then(|h| h.get("CC")) {
+        push_keys(values, &mut keys);
+    }
+    keys
+}
+
+/// The string elements of a `CC` / `BCC` array, as routing keys.
+fn push_keys(values: &[FieldValue], keys: &mut Vec<ShortStr>) {
+    for v in values {
+        if let FieldValue::LongString(b) = v {
+            if let Ok(s) = std::str::from_utf8(b) {
+                keys.push(ShortStr::intern(s));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

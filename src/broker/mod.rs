@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cc;
 pub mod exchange;
+pub mod firehose;
 pub mod limits;
 pub mod memory;
 pub mod message;
@@ -184,6 +185,8 @@ pub struct Broker {
     vhost_limits: crate::config::VHostLimits,
     /// Serialises channel admissions of users with a `max-channels` limit.
     admission: parking_lot::Mutex<()>,
+    /// This node's name (`warren@host`, [`Config::node_name`]).
+    pub node: String,
 }
 
 impl Broker {
@@ -253,6 +256,7 @@ impl Broker {
             counters: Counters::default(),
             vhost_limits: config.vhost_limits(),
             admission: parking_lot::Mutex::new(()),
+            node: config.node_name(),
         };
         broker.add_vhost("/");
         broker.auth.put_user(User {
@@ -282,8 +286,14 @@ impl Broker {
         if let Some(streams) = &self.streams {
             v.set_streams(streams.clone());
         }
+        if name == "/" {
+            v.set_meta(vhost::VHostMeta {
+                description: "Default virtual host".into(),
+                ..Default::default()
+            });
+        }
         if let Some(store) = &self.store {
-            if let Err(e) = persist::save_vhost(store, name) {
+            if let Err(e) = persist::save_vhost(store, name, &Default::default(), &v.meta()) {
                 tracing::error!(vhost = name, error = %e, "cannot persist vhost");
             }
         }
@@ -458,12 +468,31 @@ impl Broker {
         };
         v.limit_values
             .change(f, |next| match &self.store {
-                Some(store) => persist::save_vhost_limits(store, vhost, next).map_err(|e| {
+                Some(store) => persist::save_vhost(store, vhost, next, &v.meta()).map_err(|e| {
                     crate::error::AmqpError::internal_error(format!("cannot store limits: {e}"))
                 }),
                 None => Ok(()),
             })
             .map(Some)
+    }
+
+    /// Replace the metadata of `vhost` (stored first; 541 if that fails).
+    /// False if there is no such vhost.
+    pub fn set_vhost_meta(
+        &self,
+        vhost: &str,
+        meta: vhost::VHostMeta,
+    ) -> crate::error::AmqpResult<bool> {
+        let Some(v) = self.vhost(vhost) else {
+            return Ok(false);
+        };
+        if let Some(store) = &self.store {
+            persist::save_vhost(store, vhost, &v.limit_values.all(), &meta).map_err(|e| {
+                crate::error::AmqpError::internal_error(format!("cannot store vhost: {e}"))
+            })?;
+        }
+        v.set_meta(meta);
+        Ok(true)
     }
 
     pub fn unregister_connection(&self, id: u64) {

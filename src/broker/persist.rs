@@ -24,6 +24,10 @@ pub struct VHostRecord {
     /// written before limits existed.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub limits: crate::broker::limits::LimitMap,
+    /// Description, tags, default queue type; absent in records written
+    /// before they were kept.
+    #[serde(default, flatten)]
+    pub meta: crate::broker::vhost::VHostMeta,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -106,23 +110,12 @@ pub(crate) fn delete(store: &Store, kind: TopologyKind, key: &str) -> Result<(),
     })
 }
 
-pub fn save_vhost(store: &Store, name: &str) -> Result<(), StorageError> {
-    put(
-        store,
-        TopologyKind::VHost,
-        name,
-        &json(&VHostRecord {
-            name: name.into(),
-            limits: Default::default(),
-        }),
-    )
-}
-
-/// Rewrite a vhost's record with its limits.
-pub fn save_vhost_limits(
+/// Write a vhost's record: its limits and metadata.
+pub fn save_vhost(
     store: &Store,
     name: &str,
     limits: &crate::broker::limits::LimitMap,
+    meta: &crate::broker::vhost::VHostMeta,
 ) -> Result<(), StorageError> {
     put(
         store,
@@ -131,6 +124,7 @@ pub fn save_vhost_limits(
         &json(&VHostRecord {
             name: name.into(),
             limits: limits.clone(),
+            meta: meta.clone(),
         }),
     )
 }
@@ -249,7 +243,9 @@ pub fn recover(
     let mut r = Recovered::default();
     for (key, bytes) in store.load_topology(TopologyKind::VHost)? {
         let rec: VHostRecord = parse(store, &key, &bytes)?;
-        vhost(&rec.name).limit_values.replace(rec.limits);
+        let v = vhost(&rec.name);
+        v.limit_values.replace(rec.limits);
+        v.set_meta(rec.meta);
         r.vhosts += 1;
     }
     for (key, bytes) in store.load_topology(TopologyKind::Exchange)? {

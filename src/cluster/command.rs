@@ -86,6 +86,10 @@ pub enum Command {
     PutVhost {
         name: String,
         creator: Option<String>,
+        /// Its description, tags and default queue type (None: as they are;
+        /// absent in entries written before they were replicated).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        meta: Option<crate::broker::vhost::VHostMeta>,
     },
     DeleteVhost {
         name: String,
@@ -487,9 +491,18 @@ impl Command {
         use crate::broker::auth::{Permission, TopicPermission, User};
         use crate::broker::policy::{ApplyTo, Policy};
         Some(match self {
-            Command::PutVhost { name, creator } => {
+            Command::PutVhost {
+                name,
+                creator,
+                meta,
+            } => {
                 let existed = broker.vhost(name).is_some();
                 broker.add_vhost(name);
+                if let Some(meta) = meta {
+                    if let Err(e) = broker.set_vhost_meta(name, meta.clone()) {
+                        return Some(Err(e.text));
+                    }
+                }
                 if let (false, Some(user)) = (existed, creator) {
                     if let Ok(all) = Permission::new(".*", ".*", ".*") {
                         broker.auth.set_permission(name, user, all);
@@ -1122,6 +1135,7 @@ pub(crate) mod tests {
             Command::PutVhost {
                 name: "/".into(),
                 creator: None,
+                meta: None,
             },
             Command::PutUser {
                 name: "ann".into(),
@@ -1153,6 +1167,7 @@ pub(crate) mod tests {
             Command::PutVhost {
                 name: "v".into(),
                 creator: None,
+                meta: None,
             },
             Command::SetTopicPermission {
                 vhost: "v".into(),

@@ -165,15 +165,6 @@ pub fn parse_seed(seed: &str) -> (Option<String>, String) {
     (name, addr)
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
-}
-
 /// The shared secret: configured, or the cookie file in the data directory
 /// (created with a random one, readable by the owner only, on first start).
 fn cookie(cc: &ClusterConfig, data_dir: &std::path::Path) -> Result<String, ClusterError> {
@@ -219,10 +210,7 @@ impl Cluster {
     /// cluster of one (no seeds) or join through the seeds (in the background).
     pub async fn start(config: &Config, broker: Arc<Broker>) -> Result<Arc<Cluster>, ClusterError> {
         let cc = config.cluster.clone().unwrap_or_default();
-        let name = cc
-            .node_name
-            .clone()
-            .unwrap_or_else(|| format!("warren@{}", host_name()));
+        let name = config.node_name();
         let Some((_, host)) = name.split_once('@') else {
             return Err(ClusterError::Config(format!(
                 "node name '{name}' is not of the form warren@host"

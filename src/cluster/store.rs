@@ -791,6 +791,7 @@ mod tests {
         let old = Command::PutVhost {
             name: "gone-v".into(),
             creator: None,
+            meta: None,
         };
         assert_eq!(sm.apply_command(&mut sm.state.lock(), &old, now), None);
         // Made here only: an exchange, a queue, a binding between them, a policy.

@@ -84,6 +84,7 @@ pub async fn run_tls(
 fn local_addr(stream: &TcpStream) -> SocketAddr {
     stream
         .local_addr()
+        .map(super::canonical)
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
@@ -634,7 +635,22 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                     data.kick_consumers(now);
                 }
             }
-            Event::Method { channel, method } => {
+            Event::Method {
+                channel,
+                mut method,
+            } => {
+                // The vhost's default queue type, before anything (forwarding,
+                // the replicated change) reads the declare.
+                if let (Some(ctx), crate::wire::Method::QueueDeclare(d)) = (&self.ctx, &mut method)
+                {
+                    if !d.passive {
+                        let (durable, exclusive, auto_delete) =
+                            (d.durable, d.exclusive, d.auto_delete);
+                        let args = &mut d.arguments;
+                        ctx.vhost
+                            .augment_declare(&d.queue, durable, exclusive, auto_delete, args);
+                    }
+                }
                 if !std::mem::take(&mut self.skip_remote) {
                     match self.remote_op(channel, &method) {
                         None => {}
@@ -788,9 +804,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             );
         }
         let (peer, local) = (self.peer, self.local);
+        let name = format!("{peer} -> {local}");
         let admitted = self.broker.admit_connection(Arc::new(ConnectionInfo {
             id: self.id,
-            name: format!("{peer} -> {local}"),
+            name: name.clone(),
             peer,
             local,
             user: user.clone(),
@@ -830,6 +847,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         self.ctx = Some(ConnCtx {
             broker: Arc::clone(&self.broker),
             id: self.id,
+            name,
             vhost,
             user,
             sink: Arc::clone(&self.sink) as Arc<dyn DeliverySink>,

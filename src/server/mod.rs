@@ -175,6 +175,7 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let peer = canonical(peer);
                     let Some(slot) = ConnectionSlot::take(&open, config.max_connections) else {
                         tracing::warn!(
                             %peer,
@@ -233,4 +234,11 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (what a dual-stack listener
+/// reports for IPv4 peers) as the IPv4 address it is, as RabbitMQ shows
+/// connection names and peer hosts.
+pub fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }

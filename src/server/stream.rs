@@ -134,6 +134,7 @@ async fn accept_loop(
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let peer = super::canonical(peer);
                     let conn = conn.clone();
                     let tls = tls.clone();
                     tokio::spawn(async move {
@@ -446,7 +447,7 @@ async fn write_run<S: Sink>(
 /// Serve one stream connection until it closes.
 pub async fn run(sock: TcpStream, peer: SocketAddr, conn: Conn) -> std::io::Result<()> {
     let _ = sock.set_nodelay(true);
-    let local = sock.local_addr()?;
+    let local = super::canonical(sock.local_addr()?);
     let advertised_port = conn.config.stream.advertised_port.unwrap_or(local.port());
     serve(sock, peer, local, advertised_port, None, conn).await
 }
@@ -460,7 +461,7 @@ pub async fn run_tls(
 ) -> std::io::Result<()> {
     let (tcp, session) = sock.get_ref();
     let _ = tcp.set_nodelay(true);
-    let local = tcp.local_addr()?;
+    let local = super::canonical(tcp.local_addr()?);
     let established = crate::tls::established(session, CertLogin::from_config(&conn.config));
     tracing::debug!(
         %peer,
@@ -498,8 +499,9 @@ async fn serve<S: Sink>(
             .stream
             .advertised_host
             .clone()
-            // An IPv4 client on a dual-stack socket: its IPv4 address, not `::ffff:a.b.c.d`.
-            .unwrap_or_else(|| local.ip().to_canonical().to_string()),
+            // (`local` is canonical: an IPv4 client on a dual-stack socket
+            // gets its IPv4 address, not `::ffff:a.b.c.d`.)
+            .unwrap_or_else(|| local.ip().to_string()),
         advertised_port,
         handshake_timeout_ms: config.handshake_timeout_secs * 1000,
         sac,

@@ -15,4 +15,5 @@ mod overview;
 mod policies;
 mod restart;
 mod topology;
+mod vhosts;
 mod web_ui;

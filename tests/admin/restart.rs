@@ -54,7 +54,12 @@ async fn users_permissions_policies_vhosts_survive_restart() {
         amqp: ([127, 0, 0, 1], amqp).into(),
         base,
     };
-    b.ok("PUT", "/api/vhosts/kept", json!({})).await;
+    b.ok(
+        "PUT",
+        "/api/vhosts/kept",
+        json!({"description": "kept one", "tags": "a,b", "default_queue_type": "quorum", "tracing": true}),
+    )
+    .await;
     b.ok(
         "PUT",
         "/api/users/carol",
@@ -101,6 +106,13 @@ async fn users_permissions_policies_vhosts_survive_restart() {
     let (_, pol) = b.call("GET", "/api/policies/kept/lim", carol, None).await;
     assert_eq!(pol["definition"]["max-length"], 3);
     assert_eq!(b.call("GET", "/api/vhosts/gone", carol, None).await.0, 404);
+    // Metadata is stored with the vhost; the firehose is not (off after a
+    // restart, as in RabbitMQ).
+    let (_, kept) = b.call("GET", "/api/vhosts/kept", carol, None).await;
+    assert_eq!(kept["description"], "kept one", "{kept}");
+    assert_eq!(kept["tags"], json!(["a", "b"]));
+    assert_eq!(kept["default_queue_type"], "quorum");
+    assert_eq!(kept["tracing"], false);
     b.amqp("carol", "c", "kept")
         .await
         .expect("carol connects after restart");

@@ -33,6 +33,7 @@ use crate::storage::Store;
 use crate::wire::FieldTable;
 use parking_lot::RwLock;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 #[derive(Debug)]
@@ -64,10 +65,34 @@ pub struct VHost {
     pub policies: crate::broker::policy::Policies,
     /// Operator policies: caps merged over `policies` (see [`crate::broker::policy`]).
     pub operator_policies: crate::broker::policy::Policies,
+    /// The firehose tracer is on ([`crate::broker::firehose`]): not stored.
+    tracing: AtomicBool,
+    /// Description, tags and default queue type (stored with the vhost's record).
+    meta: RwLock<VHostMeta>,
+}
+
+/// What a vhost says of itself (RabbitMQ's vhost metadata): a description,
+/// tags, and the type of the queues declared without `x-queue-type`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VHostMeta {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// `classic`, `quorum` or `stream`: given (as `x-queue-type`) to durable,
+    /// non-exclusive, non-auto-delete queues declared without a type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_queue_type: Option<String>,
+}
+
+impl VHostMeta {
+    /// The queue types a vhost may default to.
+    pub const QUEUE_TYPES: [&'static str; 3] = ["classic", "quorum", "stream"];
 }
 
 impl VHost {
-    /// A vhost with the default and `amq.*` exchanges.
+    /// A vhost with the default and `amq.*` exchanges (`amq.rabbitmq.trace`
+    /// included).
     pub fn new(
         name: &str,
         store: Option<Store>,
@@ -103,6 +128,8 @@ impl VHost {
             policies,
             operator_policies,
             limit_values: Default::default(),
+            tracing: AtomicBool::new(false),
+            meta: RwLock::new(VHostMeta::default()),
         });
         {
             let mut ex = vhost.exchanges.write();
@@ -119,6 +146,19 @@ impl VHost {
                     Exchange::new(n, k, false, true, false, false, FieldTable::new()),
                 );
             }
+            let trace = crate::broker::firehose::EXCHANGE;
+            ex.insert(
+                trace.to_string(),
+                Exchange::new(
+                    trace,
+                    ExchangeKind::Topic,
+                    false,
+                    true,
+                    false,
+                    true,
+                    FieldTable::new(),
+                ),
+            );
         }
         vhost
     }
@@ -126,6 +166,60 @@ impl VHost {
     /// Give this vhost the broker's stream store (once, before any declare).
     pub fn set_streams(&self, streams: crate::storage::stream::StreamStore) {
         let _ = self.streams.set(streams);
+    }
+
+    /// Whether the firehose tracer is on ([`crate::broker::firehose`]).
+    #[inline]
+    pub fn tracing(&self) -> bool {
+        self.tracing.load(Ordering::Relaxed)
+    }
+
+    /// Turn the firehose tracer on or off (RabbitMQ's `trace_on` / `trace_off`).
+    pub fn set_tracing(&self, on: bool) {
+        self.tracing.store(on, Ordering::Relaxed);
+    }
+
+    /// The vhost's description, tags and default queue type.
+    pub fn meta(&self) -> VHostMeta {
+        self.meta.read().clone()
+    }
+
+    /// Replace the vhost's metadata (the caller stores it).
+    pub fn set_meta(&self, meta: VHostMeta) {
+        *self.meta.write() = meta;
+    }
+
+    /// Give a queue declare without `x-queue-type` the vhost's default queue
+    /// type, as RabbitMQ's `augment_declare_args` does: only a durable,
+    /// non-exclusive, non-auto-delete, non-passive declare. When the queue
+    /// exists, the type it was declared with (if any) is given instead, so a
+    /// redeclare by the same code stays equivalent.
+    ///
+    /// `durable`, `exclusive`, `auto_delete` are the declare's flags, `name`
+    /// its queue, `arguments` what is augmented (a passive declare is not).
+    pub fn augment_declare(
+        &self,
+        name: &str,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        arguments: &mut FieldTable,
+    ) {
+        if !durable || exclusive || auto_delete || arguments.get("x-queue-type").is_some() {
+            return;
+        }
+        let Some(default) = self.meta.read().default_queue_type.clone() else {
+            return;
+        };
+        let existing = self.queues.read().get(name).cloned();
+        let kind = match existing {
+            Some(q) => match q.spec.arguments.get("x-queue-type") {
+                Some(v) => v.clone(),
+                None => return,
+            },
+            None => crate::wire::FieldValue::string(default),
+        };
+        arguments.insert("x-queue-type", kind);
     }
 
     /// The limits this vhost enforces.

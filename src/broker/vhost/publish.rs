@@ -12,6 +12,7 @@
 
 use super::{Exchange, VHost};
 use crate::broker::exchange::{Destination, Router};
+use crate::broker::firehose;
 use crate::broker::message::{Message, ShortStr};
 use crate::broker::queue::{dead_letter, Enqueued, Queue};
 use crate::error::{AmqpError, AmqpResult};
@@ -29,6 +30,9 @@ pub enum PublishFrom {
     DeadLetter,
     /// A delayed exchange releasing a held message: routed now, not held again.
     Delayed,
+    /// The firehose tracer's copy of a message, to `amq.rabbitmq.trace`
+    /// (internal: allowed).
+    Firehose,
 }
 
 /// What became of a published message.
@@ -87,12 +91,48 @@ impl VHost {
         from: PublishFrom,
         now: u64,
     ) -> AmqpResult<Published> {
+        self.publish_routed(exchange, message, cc, from, now)
+            .map(|(published, _)| published)
+    }
+
+    /// A client's publish ([`Self::publish_cc`] from [`PublishFrom::Client`]);
+    /// while the vhost's tracing is on, it is also traced to the firehose
+    /// with the queues it reached, as `tap` names its publisher.
+    pub fn publish_client(
+        &self,
+        exchange: &str,
+        message: &Arc<Message>,
+        cc: &[ShortStr],
+        tap: &firehose::Tap<'_>,
+        now: u64,
+    ) -> AmqpResult<Published> {
+        if !self.tracing() {
+            return self.publish_cc(exchange, message, cc, PublishFrom::Client, now);
+        }
+        let (published, queues) =
+            self.publish_routed(exchange, message, cc, PublishFrom::Client, now)?;
+        let names: Vec<&str> = queues.iter().map(|q| q.name()).collect();
+        firehose::published(self, message, cc, &names, tap, now);
+        Ok(published)
+    }
+
+    /// [`Self::publish_cc`], and the queues routing reached (none when a
+    /// delayed exchange holds the message).
+    fn publish_routed(
+        &self,
+        exchange: &str,
+        message: &Arc<Message>,
+        cc: &[ShortStr],
+        from: PublishFrom,
+        now: u64,
+    ) -> AmqpResult<(Published, Vec<Arc<Queue>>)> {
         let mut queues = Vec::new();
         if let Some(durable) = self.route(exchange, message, cc, from, now, &mut queues)? {
-            return Ok(Published {
+            let held = Published {
                 durable,
                 ..Published::HELD
-            });
+            };
+            return Ok((held, queues));
         }
         let mut out = Published {
             routed: !queues.is_empty(),
@@ -132,7 +172,7 @@ impl VHost {
         if let Some(t) = &out.forwarded {
             t.seal();
         }
-        Ok(out)
+        Ok((out, queues))
     }
 
     /// Enqueue a message another node routed to this node's queue `queue`

@@ -1035,7 +1035,7 @@ mod tests {
     fn limits_hold_for_every_declare_but_recovery() {
         let limits = VHostLimits {
             max_queues: Some(2),
-            max_exchanges: Some(7),
+            max_exchanges: Some(8),
         };
         let v = vhost(None, limits);
         v.declare_queue(&queue("a", false), 0, 0).expect("a");
@@ -1052,12 +1052,12 @@ mod tests {
         v.recover_queue(&queue("stored", true), 0)
             .expect("recovery is not limited");
 
-        // Six predeclared exchanges plus one.
+        // Seven predeclared exchanges (amq.rabbitmq.trace among them) plus one.
         v.declare_exchange(&exchange("x1", false)).expect("x1");
         let e = v.declare_exchange(&exchange("x2", false)).expect_err("x2");
         assert_eq!(
             e.text,
-            "PRECONDITION_FAILED - cannot declare exchange 'x2' in vhost '/': exchange limit (7) is reached"
+            "PRECONDITION_FAILED - cannot declare exchange 'x2' in vhost '/': exchange limit (8) is reached"
         );
         v.declare_exchange(&exchange("x1", false))
             .expect("redeclare at the limit");
