@@ -4,13 +4,13 @@
 //! `/api/consumers[/{vhost}]`.
 
 use super::{table_to_json, AdminState, ApiError, ApiResult, Caller};
-use crate::broker::ConnectionInfo;
+use crate::broker::{ChannelStats, ConnectionInfo};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::Ordering::{self, Relaxed};
 use std::sync::Arc;
 
 pub fn connection_json(s: &AdminState, c: &ConnectionInfo) -> Value {
@@ -157,8 +157,16 @@ pub async fn channels(State(s): State<AdminState>, caller: Caller) -> Json<Value
     let consumers = consumer_counts(&s);
     let mut out = Vec::new();
     for c in visible(&s, &caller) {
-        let numbers: Vec<u16> = c.open_channels.lock().iter().copied().collect();
-        for n in numbers {
+        let open: Vec<(u16, Arc<ChannelStats>)> = c
+            .open_channels
+            .lock()
+            .iter()
+            .map(|(n, st)| (*n, Arc::clone(st)))
+            .collect();
+        for (n, st) in open {
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
+            let (deliver, deliver_no_ack) = (get(&st.deliver), get(&st.deliver_no_ack));
+            let (got, get_no_ack) = (get(&st.get), get(&st.get_no_ack));
             out.push(json!({
                 "name": format!("{} ({n})", c.name),
                 "number": n,
@@ -167,6 +175,26 @@ pub async fn channels(State(s): State<AdminState>, caller: Caller) -> Json<Value
                 "node": super::node_name(),
                 "state": "running",
                 "consumer_count": consumers.get(&(c.id, n)).copied().unwrap_or(0),
+                "prefetch_count": st.prefetch_count.load(Relaxed),
+                "global_prefetch_count": st.global_prefetch_count.load(Relaxed),
+                "confirm": st.confirm.load(Relaxed),
+                "transactional": st.transactional.load(Relaxed),
+                "messages_unacknowledged": get(&st.unacked),
+                "messages_uncommitted": get(&st.uncommitted),
+                "acks_uncommitted": get(&st.acks_uncommitted),
+                "message_stats": {
+                    "publish": get(&st.publish),
+                    "deliver": deliver,
+                    "deliver_no_ack": deliver_no_ack,
+                    "get": got,
+                    "get_no_ack": get_no_ack,
+                    "get_empty": get(&st.get_empty),
+                    "deliver_get": deliver + deliver_no_ack + got + get_no_ack,
+                    "redeliver": get(&st.redeliver),
+                    "ack": get(&st.ack),
+                    "return_unroutable": get(&st.return_unroutable),
+                    "drop_unroutable": get(&st.drop_unroutable),
+                },
                 "connection_details": {
                     "name": c.name,
                     "peer_host": c.peer.ip().to_string(),

@@ -9,7 +9,7 @@ use crate::broker::queue::{Consumer, Credit, Delivery, Queue, QueueType};
 use crate::broker::remote::{
     RemoteConsume, RemoteConsumer, RemoteDelivery, Settle as RemoteSettle,
 };
-use crate::broker::Counters;
+use crate::broker::{ChannelStats, Counters};
 use crate::clock::Now;
 use crate::error::{AmqpError, AmqpResult};
 use crate::session::{Assembled, ChannelIo, Outcome};
@@ -161,9 +161,13 @@ fn get(
         )));
     }
     match q.get(g.no_ack, now.ms) {
-        None => io.method(&BasicGetEmpty::default().into()),
+        None => {
+            ChannelStats::add(&ch.stats.get_empty, 1);
+            io.method(&BasicGetEmpty::default().into())
+        }
         Some((entry, remaining)) => {
             Counters::add(&ctx.broker.counters.delivered, 1);
+            ch.stats.count_get(g.no_ack, entry.redelivered);
             let tag = ch.next_tag;
             ch.next_tag += 1;
             let m = Arc::clone(&entry.message);
@@ -190,6 +194,7 @@ fn get(
                     deadline,
                     remote: None,
                 });
+                ch.count_unacked();
             }
         }
     }
@@ -387,6 +392,7 @@ pub(super) fn apply_settle(ctx: &ConnCtx, ch: &mut Channel, s: Settle, now: Now)
     let mut taken = ch.take_unacked(tag, multiple)?;
     if requeue.is_none() {
         Counters::add(&ctx.broker.counters.acked, taken.len() as u64);
+        ChannelStats::add(&ch.stats.ack, taken.len() as u64);
     }
     settle_remote(
         &mut taken,
@@ -604,6 +610,7 @@ pub fn publish(
     let seq = io.confirms.next_seq();
     let (_, forwarded) = route_and_enqueue(
         ctx,
+        &ch.stats,
         io,
         &publish.exchange,
         publish.mandatory,
@@ -621,8 +628,10 @@ pub fn publish(
 /// Route `message` (also with the `cc` keys) and enqueue it; returns whether a
 /// durable copy was stored, and the ticket of copies forwarded to other nodes
 /// (its confirm waits for them: counted as durable here).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn route_and_enqueue(
     ctx: &ConnCtx,
+    stats: &ChannelStats,
     io: &mut ChannelIo<'_>,
     exchange: &str,
     mandatory: bool,
@@ -635,8 +644,15 @@ pub(super) fn route_and_enqueue(
         .publish_client(exchange, &message, cc, &ctx.tap(io.id), now.ms)?;
     let counters = &ctx.broker.counters;
     Counters::add(&counters.published, 1);
+    ChannelStats::add(&stats.publish, 1);
     if !published.routed {
         Counters::add(&counters.unroutable, 1);
+        let dropped = if mandatory {
+            &stats.return_unroutable
+        } else {
+            &stats.drop_unroutable
+        };
+        ChannelStats::add(dropped, 1);
     }
     if !published.routed && mandatory {
         Counters::add(&counters.returned, 1);
@@ -683,6 +699,7 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
     let tag = ch.next_tag;
     ch.next_tag += 1;
     Counters::add(&ctx.broker.counters.delivered, 1);
+    ch.stats.count_deliver(d.no_ack, d.entry.redelivered);
     let m = &d.entry.message;
     let args = DeliverArgs {
         consumer_tag: &d.consumer_tag,
@@ -704,6 +721,7 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
             deadline,
             remote: None,
         });
+        ch.count_unacked();
     }
 }
 
@@ -745,6 +763,7 @@ pub fn got_remote(
     now: Now,
 ) {
     Counters::add(&ctx.broker.counters.delivered, 1);
+    ch.stats.count_get(no_ack, redelivered);
     let tag = ch.next_tag;
     ch.next_tag += 1;
     io.method(
@@ -772,6 +791,7 @@ pub fn got_remote(
             deadline,
             remote: Some((getter, home_tag)),
         });
+        ch.count_unacked();
     }
 }
 
@@ -802,6 +822,7 @@ pub fn deliver_remote(
     let tag = ch.next_tag;
     ch.next_tag += 1;
     Counters::add(&ctx.broker.counters.delivered, 1);
+    ch.stats.count_deliver(no_ack, d.redelivered);
     let m = &d.message;
     let args = DeliverArgs {
         consumer_tag: &d.consumer_tag,
@@ -831,6 +852,7 @@ pub fn deliver_remote(
         deadline,
         remote: Some((d.consumer, d.tag)),
     });
+    ch.count_unacked();
 }
 
 /// A delivery has stayed unacked past its consumer timeout at `now`: the error

@@ -14,6 +14,9 @@ pub fn handle(ch: &mut Channel, io: &mut ChannelIo<'_>, method: Method) -> AmqpR
                 ));
             }
             io.confirms.enable();
+            ch.stats
+                .confirm
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             if !c.nowait {
                 io.method(&ConfirmSelectOk::default().into());
             }

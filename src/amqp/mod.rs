@@ -207,6 +207,9 @@ pub struct Channel {
     /// Clustered: the queue's home node's counts (messages, consumers) for
     /// the declare-ok or delete-ok of the method being run.
     remote_counts: Option<(u32, u32)>,
+    /// What `/api/channels` shows of this channel (detached until the
+    /// connection registers the channel: [`Channel::set_stats`]).
+    pub(crate) stats: Arc<crate::broker::ChannelStats>,
 }
 
 impl Default for Channel {
@@ -225,6 +228,7 @@ impl Default for Channel {
             cancelled_remote: Vec::new(),
             remote_getters: HashMap::new(),
             remote_counts: None,
+            stats: Arc::default(),
         }
     }
 }
@@ -260,6 +264,40 @@ impl Channel {
 
     /// A passive declare answered by the queue's home node: the queue is the
     /// channel's last declared one.
+    /// Report this channel's figures into `stats` (the connection's record
+    /// of the channel) from now on.
+    pub fn set_stats(&mut self, stats: Arc<crate::broker::ChannelStats>) {
+        self.stats = stats;
+        self.update_gauges();
+    }
+
+    /// The unacked gauge of [`Self::stats`], after a delivery.
+    #[inline]
+    pub(crate) fn count_unacked(&self) {
+        let n = self.unacked.len() as u64;
+        self.stats
+            .unacked
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Bring the gauges of [`Self::stats`] up to date (after each event the
+    /// channel handled).
+    pub(crate) fn update_gauges(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.stats;
+        self.count_unacked();
+        s.prefetch_count.store(self.consumer_prefetch, Relaxed);
+        s.global_prefetch_count
+            .store(self.channel_credit.limit(), Relaxed);
+        s.transactional.store(self.tx.is_some(), Relaxed);
+        let (publishes, settles) = self
+            .tx
+            .as_ref()
+            .map_or((0, 0), |t| (t.publishes.len(), t.settles.len()));
+        s.uncommitted.store(publishes as u64, Relaxed);
+        s.acks_uncommitted.store(settles as u64, Relaxed);
+    }
+
     pub fn set_last_queue(&mut self, name: &str) {
         self.last_queue = Some(name.to_string());
     }
@@ -329,15 +367,16 @@ pub fn dispatch(
     now: Now,
 ) -> AmqpResult<()> {
     let (class_id, method_id) = (method.class_id(), method.method_id());
-    match class_id {
+    let r = match class_id {
         crate::wire::ExchangeDeclare::CLASS_ID => exchange::handle(ctx, io, method),
         crate::wire::QueueDeclare::CLASS_ID => queue::handle(ctx, ch, io, method, now),
         crate::wire::BasicQos::CLASS_ID => basic::handle(ctx, ch, io, method, now),
         crate::wire::ConfirmSelect::CLASS_ID => confirm::handle(ch, io, method),
         crate::wire::TxSelect::CLASS_ID => tx::handle(ctx, ch, io, method, now),
         _ => Err(not_from_client(&method)),
-    }
-    .map_err(|e| e.at(class_id, method_id))
+    };
+    ch.update_gauges();
+    r.map_err(|e| e.at(class_id, method_id))
 }
 
 /// A method only the server sends.

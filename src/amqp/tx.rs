@@ -34,8 +34,9 @@ pub fn handle(
             ch.tx = Some(Tx::default());
             let mut durable = false;
             for (exchange, mandatory, message, cc) in tx.publishes {
-                let (d, forwarded) =
-                    basic::route_and_enqueue(ctx, io, &exchange, mandatory, message, &cc, now)?;
+                let (d, forwarded) = basic::route_and_enqueue(
+                    ctx, &ch.stats, io, &exchange, mandatory, message, &cc, now,
+                )?;
                 durable |= d;
                 // Copies sent to other nodes: commit-ok waits for them too.
                 if let Some(t) = forwarded {

@@ -124,6 +124,65 @@ pub struct TlsInfo {
     pub peer_cert_issuer: Option<String>,
 }
 
+/// One AMQP channel's figures for `/api/channels`: written by its
+/// connection's task as it handles the channel (relaxed atomics), read by
+/// the admin API. Gauges are as of the channel's last event.
+#[derive(Debug, Default)]
+pub struct ChannelStats {
+    /// basic.qos with global=false (per consumer) and global=true.
+    pub prefetch_count: AtomicU32,
+    pub global_prefetch_count: AtomicU32,
+    pub confirm: std::sync::atomic::AtomicBool,
+    pub transactional: std::sync::atomic::AtomicBool,
+    pub unacked: AtomicU64,
+    /// Publishes and acks held by an open transaction.
+    pub uncommitted: AtomicU64,
+    pub acks_uncommitted: AtomicU64,
+    pub publish: AtomicU64,
+    pub deliver: AtomicU64,
+    pub deliver_no_ack: AtomicU64,
+    pub get: AtomicU64,
+    pub get_no_ack: AtomicU64,
+    pub get_empty: AtomicU64,
+    pub redeliver: AtomicU64,
+    pub ack: AtomicU64,
+    pub return_unroutable: AtomicU64,
+    pub drop_unroutable: AtomicU64,
+}
+
+impl ChannelStats {
+    /// Count `n` more in `counter`.
+    #[inline]
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A delivery to a consumer.
+    #[inline]
+    pub fn count_deliver(&self, no_ack: bool, redelivered: bool) {
+        Self::add(
+            if no_ack {
+                &self.deliver_no_ack
+            } else {
+                &self.deliver
+            },
+            1,
+        );
+        if redelivered {
+            Self::add(&self.redeliver, 1);
+        }
+    }
+
+    /// A basic.get answered with a message.
+    #[inline]
+    pub fn count_get(&self, no_ack: bool, redelivered: bool) {
+        Self::add(if no_ack { &self.get_no_ack } else { &self.get }, 1);
+        if redelivered {
+            Self::add(&self.redeliver, 1);
+        }
+    }
+}
+
 /// What the broker knows of an open AMQP connection.
 #[derive(Debug)]
 pub struct ConnectionInfo {
@@ -143,8 +202,8 @@ pub struct ConnectionInfo {
     /// Set on a TLS connection.
     pub tls: Option<TlsInfo>,
     pub channels: AtomicU32,
-    /// Numbers of the open channels (for the admin API).
-    pub open_channels: parking_lot::Mutex<std::collections::BTreeSet<u16>>,
+    /// The open channels by number, with their figures (for the admin API).
+    pub open_channels: parking_lot::Mutex<std::collections::BTreeMap<u16, Arc<ChannelStats>>>,
     pub control: Arc<dyn ConnectionControl>,
     /// Its socket's byte and read/write counters.
     pub socket: Arc<SocketStats>,
@@ -450,7 +509,9 @@ impl Broker {
                 return Err(limits::user_channels_reached(&c.user, max));
             }
         }
-        if c.open_channels.lock().insert(channel) {
+        if let std::collections::btree_map::Entry::Vacant(e) = c.open_channels.lock().entry(channel)
+        {
+            e.insert(Arc::default());
             c.channels.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
@@ -500,18 +561,22 @@ impl Broker {
     }
 
     /// A channel was opened on connection `id` (counted for the admin API).
-    pub fn channel_opened(&self, id: u64, channel: u16) {
-        if let Some(c) = self.connections.read().get(&id) {
-            if c.open_channels.lock().insert(channel) {
-                c.channels.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+    /// The figures the admin API shows for it (None: no such connection).
+    pub fn channel_opened(&self, id: u64, channel: u16) -> Option<Arc<ChannelStats>> {
+        let connections = self.connections.read();
+        let c = connections.get(&id)?;
+        let mut open = c.open_channels.lock();
+        let stats = open.entry(channel).or_insert_with(|| {
+            c.channels.fetch_add(1, Ordering::Relaxed);
+            Arc::default()
+        });
+        Some(Arc::clone(stats))
     }
 
     /// A channel of connection `id` was closed.
     pub fn channel_closed(&self, id: u64, channel: u16) {
         if let Some(c) = self.connections.read().get(&id) {
-            if c.open_channels.lock().remove(&channel) {
+            if c.open_channels.lock().remove(&channel).is_some() {
                 c.channels.fetch_sub(1, Ordering::Relaxed);
             }
         }

@@ -615,7 +615,13 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             }
             Event::Open { vhost } => self.open(vhost, now),
             Event::UpdateSecret { secret, reason } => self.update_secret(&secret, &reason, now),
-            Event::ChannelOpened { channel } => self.broker.channel_opened(self.id, channel),
+            Event::ChannelOpened { channel } => {
+                if let Some(stats) = self.broker.channel_opened(self.id, channel) {
+                    if let Some((data, _)) = self.session.channel(channel) {
+                        data.set_stats(stats);
+                    }
+                }
+            }
             Event::Release { channel } => {
                 if let (Some(ctx), Some((data, _))) = (&self.ctx, self.session.channel(channel)) {
                     data.close(ctx, channel, now);
@@ -689,7 +695,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             Event::Publish { channel, message } => {
                 let Some(ctx) = &self.ctx else { return None };
                 let r = match self.session.channel(channel) {
-                    Some((data, mut io)) => amqp::basic::publish(ctx, data, &mut io, message, now),
+                    Some((data, mut io)) => {
+                        let r = amqp::basic::publish(ctx, data, &mut io, message, now);
+                        data.update_gauges();
+                        r
+                    }
                     None => Ok(()),
                 };
                 if let Err(e) = r {

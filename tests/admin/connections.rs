@@ -200,3 +200,106 @@ async fn amqp_connection_byte_counters() {
     assert!(counter(&listed[0], "send_oct") >= counter(&consumed, "send_oct"));
     assert!(counter(&listed[0], "recv_oct") >= counter(&consumed, "recv_oct"));
 }
+
+/// The channel listed with `number` on the (only) connection.
+async fn channel(b: &Broker, number: u16, ok: impl Fn(&Value) -> bool) -> Value {
+    until(b, "/api/channels", |v| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|c| c["number"] == number))
+            .is_some_and(&ok)
+    })
+    .await
+    .as_array()
+    .and_then(|a| a.iter().find(|c| c["number"] == number).cloned())
+    .expect("channel listed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
+    use futures::StreamExt;
+    let b = start().await;
+    let conn = b.amqp("guest", "guest", "/").await.unwrap();
+    let ch = t(conn.create_channel()).await.unwrap();
+    t(ch.queue_declare("chq", QueueDeclareOptions::default(), FieldTable::default()))
+        .await
+        .unwrap();
+    t(ch.basic_qos(5, BasicQosOptions::default()))
+        .await
+        .unwrap();
+    t(ch.basic_qos(20, BasicQosOptions { global: true }))
+        .await
+        .unwrap();
+    t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        t(ch.basic_publish(
+            "",
+            "chq",
+            BasicPublishOptions::default(),
+            b"m",
+            BasicProperties::default(),
+        ))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    t(ch.basic_publish(
+        "",
+        "nowhere",
+        BasicPublishOptions::default(),
+        b"lost",
+        BasicProperties::default(),
+    ))
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut consumer = t(ch.basic_consume(
+        "chq",
+        "c",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .unwrap();
+    let mut last = None;
+    for _ in 0..3 {
+        last = Some(t(consumer.next()).await.unwrap().unwrap());
+    }
+    let c = channel(&b, 1, |c| c["messages_unacknowledged"] == 3).await;
+    assert_eq!(c["prefetch_count"], 5, "{c}");
+    assert_eq!(c["global_prefetch_count"], 20);
+    assert_eq!(c["confirm"], true);
+    assert_eq!(c["transactional"], false);
+    assert_eq!(c["message_stats"]["publish"], 4);
+    assert_eq!(c["message_stats"]["drop_unroutable"], 1);
+    assert_eq!(c["message_stats"]["deliver"], 3);
+    let d = last.expect("a delivery");
+    t(d.acker.ack(BasicAckOptions { multiple: true }))
+        .await
+        .unwrap();
+    let c = channel(&b, 1, |c| c["messages_unacknowledged"] == 0).await;
+    assert_eq!(c["message_stats"]["ack"], 3, "{c}");
+
+    // A transaction holds its publishes and acks until commit.
+    let tx = t(conn.create_channel()).await.unwrap();
+    t(tx.tx_select()).await.unwrap();
+    t(tx.basic_publish(
+        "",
+        "chq",
+        BasicPublishOptions::default(),
+        b"held",
+        BasicProperties::default(),
+    ))
+    .await
+    .unwrap();
+    let n = tx.id();
+    let c = channel(&b, n, |c| c["messages_uncommitted"] == 1).await;
+    assert_eq!(c["transactional"], true, "{c}");
+    assert_eq!(c["confirm"], false);
+    t(tx.tx_commit()).await.unwrap();
+    let c = channel(&b, n, |c| c["messages_uncommitted"] == 0).await;
+    assert_eq!(c["message_stats"]["publish"], 1, "{c}");
+}
