@@ -153,10 +153,16 @@ pub async fn close(
     }
 }
 
-pub async fn channels(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    let consumers = consumer_counts(&s);
+/// The channels of the connections `caller` sees that `keep` keeps, as
+/// `/api/channels` lists them.
+fn channel_rows(
+    s: &AdminState,
+    caller: &Caller,
+    keep: impl Fn(&ConnectionInfo) -> bool,
+) -> Vec<Value> {
+    let consumers = consumer_counts(s);
     let mut out = Vec::new();
-    for c in visible(&s, &caller) {
+    for c in visible(s, caller).into_iter().filter(|c| keep(c)) {
         let open: Vec<(u16, Arc<ChannelStats>)> = c
             .open_channels
             .lock()
@@ -203,7 +209,50 @@ pub async fn channels(State(s): State<AdminState>, caller: Caller) -> Json<Value
             }));
         }
     }
-    Json(Value::Array(out))
+    out
+}
+
+pub async fn channels(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(Value::Array(channel_rows(&s, &caller, |_| true)))
+}
+
+/// `/api/vhosts/{vhost}/channels`.
+pub async fn channels_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    Ok(Json(Value::Array(channel_rows(&s, &caller, |c| {
+        c.vhost == vhost
+    }))))
+}
+
+/// `/api/connections/{name}/channels` (404 for a connection `caller` does
+/// not see).
+pub async fn connection_channels(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    find(&s, &caller, &name)?;
+    Ok(Json(Value::Array(channel_rows(&s, &caller, |c| {
+        c.name == name
+    }))))
+}
+
+/// `/api/channels/{name}`: one channel, by its name (`<connection> (<number>)`).
+pub async fn channel(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let (conn, _) = name.rsplit_once(" (").ok_or_else(ApiError::not_found)?;
+    channel_rows(&s, &caller, |c| c.name == conn)
+        .into_iter()
+        .find(|row| row["name"] == name.as_str())
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
 }
 
 fn consumer_counts(s: &AdminState) -> HashMap<(u64, u16), usize> {

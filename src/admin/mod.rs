@@ -529,6 +529,15 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/stream/consumers", get(stream::consumers))
         .route("/api/stream/consumers/:vhost", get(stream::consumers_vhost))
         .route("/api/channels", get(connections::channels))
+        .route("/api/channels/:name", get(connections::channel))
+        .route(
+            "/api/connections/:name/channels",
+            get(connections::connection_channels),
+        )
+        .route(
+            "/api/vhosts/:vhost/channels",
+            get(connections::channels_vhost),
+        )
         .route("/api/consumers", get(connections::consumers))
         .route("/api/consumers/:vhost", get(connections::consumers_vhost))
         .route(

@@ -302,4 +302,33 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
     t(tx.tx_commit()).await.unwrap();
     let c = channel(&b, n, |c| c["messages_uncommitted"] == 0).await;
     assert_eq!(c["message_stats"]["publish"], 1, "{c}");
+
+    // One channel by name, a connection's channels, a vhost's channels.
+    let enc = |name: &str| -> String {
+        name.bytes()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    (c as char).to_string()
+                } else {
+                    format!("%{c:02X}")
+                }
+            })
+            .collect()
+    };
+    let name = c["name"].as_str().expect("name").to_string();
+    let one = b.get(&format!("/api/channels/{}", enc(&name))).await;
+    assert_eq!(one["number"], n, "{one}");
+    let conn_name = c["connection_details"]["name"]
+        .as_str()
+        .expect("connection");
+    let of_conn = b
+        .get(&format!("/api/connections/{}/channels", enc(conn_name)))
+        .await;
+    assert_eq!(of_conn.as_array().map(Vec::len), Some(2), "{of_conn}");
+    let of_vhost = b.get("/api/vhosts/%2F/channels").await;
+    assert_eq!(of_vhost.as_array().map(Vec::len), Some(2), "{of_vhost}");
+    let (status, _) = b
+        .call("GET", "/api/channels/nobody%20(1)", GUEST, None)
+        .await;
+    assert_eq!(status, 404);
 }
