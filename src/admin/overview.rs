@@ -60,7 +60,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "cluster_name": this_node(&s),
         "node": this_node(&s),
         "listeners": super::health::overview_listeners(&s),
-        "message_stats": message_stats(&Totals::of(&b.counters), &s.rates.global()),
+        "message_stats": overview_stats(&b.counters, &s.rates.global()),
         "queue_totals": {
             "messages": ready + unacked,
             "messages_ready": ready,
@@ -74,6 +74,36 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
             "consumers": consumers,
         },
     }))
+}
+
+/// The node's `message_stats`: [`message_stats`] and the counts RabbitMQ's
+/// overview adds (confirms, unroutable returned or dropped, deliveries split
+/// by consumer / basic.get and ack mode).
+fn overview_stats(c: &crate::broker::Counters, rates: &super::metrics::RateSet) -> Value {
+    use crate::broker::Counters;
+    let mut stats = message_stats(&Totals::of(c), rates);
+    let get = Counters::get;
+    let returned = get(&c.returned);
+    let (no_ack, got, got_no_ack) = (get(&c.delivered_no_ack), get(&c.got), get(&c.got_no_ack));
+    let deliver = get(&c.delivered).saturating_sub(no_ack + got + got_no_ack);
+    if let Value::Object(m) = &mut stats {
+        for (k, v) in [
+            ("confirm", get(&c.confirmed)),
+            ("return_unroutable", returned),
+            (
+                "drop_unroutable",
+                get(&c.unroutable).saturating_sub(returned),
+            ),
+            ("deliver", deliver),
+            ("deliver_no_ack", no_ack),
+            ("get", got),
+            ("get_no_ack", got_no_ack),
+            ("get_empty", get(&c.get_empty)),
+        ] {
+            m.insert(k.into(), v.into());
+        }
+    }
+    stats
 }
 
 /// This node's health figures, as `/api/nodes` shows them (and as this node

@@ -515,7 +515,9 @@ pub async fn get_messages(
         }));
         entries.push(entry);
     }
-    crate::broker::Counters::add(&s.broker.counters.delivered, entries.len() as u64);
+    let counters = &s.broker.counters;
+    crate::broker::Counters::add(&counters.delivered, entries.len() as u64);
+    crate::broker::Counters::add(&counters.got, entries.len() as u64);
     if requeue {
         q.requeue(entries, true, true, crate::clock::now_ms());
     } else if reject {

@@ -163,10 +163,11 @@ fn get(
     match q.get(g.no_ack, now.ms) {
         None => {
             ChannelStats::add(&ch.stats.get_empty, 1);
+            Counters::add(&ctx.broker.counters.get_empty, 1);
             io.method(&BasicGetEmpty::default().into())
         }
         Some((entry, remaining)) => {
-            Counters::add(&ctx.broker.counters.delivered, 1);
+            ctx.broker.counters.got(g.no_ack);
             ch.stats.count_get(g.no_ack, entry.redelivered);
             let tag = ch.next_tag;
             ch.next_tag += 1;
@@ -698,7 +699,7 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
     };
     let tag = ch.next_tag;
     ch.next_tag += 1;
-    Counters::add(&ctx.broker.counters.delivered, 1);
+    ctx.broker.counters.consumer_delivery(d.no_ack);
     ch.stats.count_deliver(d.no_ack, d.entry.redelivered);
     let m = &d.entry.message;
     let args = DeliverArgs {
@@ -762,7 +763,7 @@ pub fn got_remote(
     (message, properties): (Arc<Message>, bytes::Bytes),
     now: Now,
 ) {
-    Counters::add(&ctx.broker.counters.delivered, 1);
+    ctx.broker.counters.got(no_ack);
     ch.stats.count_get(no_ack, redelivered);
     let tag = ch.next_tag;
     ch.next_tag += 1;
@@ -821,7 +822,7 @@ pub fn deliver_remote(
     };
     let tag = ch.next_tag;
     ch.next_tag += 1;
-    Counters::add(&ctx.broker.counters.delivered, 1);
+    ctx.broker.counters.consumer_delivery(no_ack);
     ch.stats.count_deliver(no_ack, d.redelivered);
     let m = &d.message;
     let args = DeliverArgs {

@@ -41,6 +41,12 @@ pub struct Counters {
     pub unroutable: AtomicU64,
     /// Messages a queue dead-lettered to its dead-letter exchange (queues' counters).
     pub dead_lettered: AtomicU64,
+    /// Of `delivered` (the broker's counters): to no-ack consumers, and by
+    /// basic.get with and without ack; and basic.gets of an empty queue.
+    pub delivered_no_ack: AtomicU64,
+    pub got: AtomicU64,
+    pub got_no_ack: AtomicU64,
+    pub get_empty: AtomicU64,
 }
 
 impl Counters {
@@ -50,6 +56,22 @@ impl Counters {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// A message delivered to a consumer (`no_ack`: one that does not ack).
+    #[inline]
+    pub fn consumer_delivery(&self, no_ack: bool) {
+        Self::add(&self.delivered, 1);
+        if no_ack {
+            Self::add(&self.delivered_no_ack, 1);
+        }
+    }
+
+    /// A message handed out by basic.get.
+    #[inline]
+    pub fn got(&self, no_ack: bool) {
+        Self::add(&self.delivered, 1);
+        Self::add(if no_ack { &self.got_no_ack } else { &self.got }, 1);
     }
 }
 

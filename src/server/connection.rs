@@ -948,7 +948,12 @@ impl<R: AsyncRead + Unpin> Conn<R> {
     fn transmit(&mut self) {
         let now = Instant::now();
         loop {
-            if let Some(chunk) = self.session.poll_transmit(now) {
+            let chunk = self.session.poll_transmit(now);
+            let confirmed = self.session.take_confirmed();
+            if confirmed > 0 {
+                crate::broker::Counters::add(&self.broker.counters.confirmed, confirmed);
+            }
+            if let Some(chunk) = chunk {
                 if !self.out.send(chunk) {
                     self.session.handle_eof();
                 }

@@ -55,6 +55,7 @@ impl Default for Confirms {
 }
 
 fn ack(out: &mut Output, channel: u16, (first, last): (u64, u64)) {
+    out.count_confirmed(last + 1 - first);
     out.method(
         channel,
         &BasicAck {

@@ -270,6 +270,12 @@ impl<T: Default> Session<T> {
     // ---- output ------------------------------------------------------------
 
     /// Bytes to write to the socket (confirms of this batch included), at `now`.
+    /// Publishes confirmed (acked) since the last call, for the broker's
+    /// counter.
+    pub fn take_confirmed(&mut self) -> u64 {
+        self.out.take_confirmed()
+    }
+
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Bytes> {
         for (&id, ch) in self.channels.iter_mut() {
             ch.confirms.flush(id, &mut self.out, &mut self.waits);

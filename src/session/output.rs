@@ -18,6 +18,9 @@ const BUF_BUSY: usize = 32 * 1024;
 pub struct Output {
     buf: BytesMut,
     frame_max: u32,
+    /// Publishes confirmed (basic.ack) in what was written, not yet taken by
+    /// [`Output::take_confirmed`] (the broker's confirm counter).
+    confirmed: u64,
 }
 
 impl Output {
@@ -25,7 +28,18 @@ impl Output {
         Output {
             buf: BytesMut::with_capacity(BUF_INITIAL),
             frame_max,
+            confirmed: 0,
         }
+    }
+
+    /// `n` publishes were confirmed in what was just written.
+    pub(crate) fn count_confirmed(&mut self, n: u64) {
+        self.confirmed += n;
+    }
+
+    /// The publishes confirmed since the last call.
+    pub(crate) fn take_confirmed(&mut self) -> u64 {
+        std::mem::take(&mut self.confirmed)
     }
 
     pub(crate) fn set_frame_max(&mut self, frame_max: u32) {

@@ -331,4 +331,18 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
         .call("GET", "/api/channels/nobody%20(1)", GUEST, None)
         .await;
     assert_eq!(status, 404);
+    // The node's totals: 4 confirms (the unroutable publish is confirmed
+    // too), 1 dropped, 4 deliveries to the consumer (the committed publish
+    // too, so the get finds the queue empty), 5 publishes.
+    let _ = t(ch.basic_get("chq", BasicGetOptions { no_ack: true })).await;
+    let stats = until(&b, "/api/overview", |o| {
+        o["message_stats"]["get_empty"] == 1
+    })
+    .await["message_stats"]
+        .clone();
+    assert_eq!(stats["confirm"], 4, "{stats}");
+    assert_eq!(stats["drop_unroutable"], 1);
+    assert_eq!(stats["return_unroutable"], 0);
+    assert_eq!(stats["deliver"], 4);
+    assert_eq!(stats["publish"], 5);
 }
