@@ -32,6 +32,7 @@ pub fn queue_counts(s: &AdminState, q: &Queue) -> Map<String, Value> {
         "messages": st.ready + st.unacked,
         "messages_ready": st.ready,
         "messages_unacknowledged": st.unacked,
+        "messages_unacknowledged_ram": st.unacked,
         "message_bytes_ready": st.ready_bytes,
         "message_bytes": st.ready_bytes,
         "messages_ram": st.ready_ram + st.unacked,
@@ -42,10 +43,21 @@ pub fn queue_counts(s: &AdminState, q: &Queue) -> Map<String, Value> {
         "consumers": st.consumers,
         "message_stats": queue_stats(&Totals::of(&q.counters), &s.rates.queue(vhost, q.name())),
     });
-    match counts {
+    let mut m = match counts {
         Value::Object(m) => m,
         _ => Map::new(),
-    }
+    };
+    // The consumer holding the queue exclusively, and the active one of a
+    // single-active-consumer queue (the longest-standing: the one served).
+    let consumers = q.consumers();
+    let exclusive = consumers.iter().find(|c| c.exclusive).map(|c| &*c.tag);
+    let active = consumers
+        .first()
+        .filter(|_| q.stream().is_none() && q.args().single_active_consumer)
+        .map(|c| &*c.tag);
+    m.insert("exclusive_consumer_tag".into(), json!(exclusive));
+    m.insert("single_active_consumer_tag".into(), json!(active));
+    m
 }
 
 /// A queue as the API shows it; `homes` (taken once per request) gives its

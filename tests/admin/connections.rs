@@ -346,3 +346,58 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
     assert_eq!(stats["deliver"], 4);
     assert_eq!(stats["publish"], 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_name_their_exclusive_and_single_active_consumers() {
+    let b = start().await;
+    let conn = b.amqp("guest", "guest", "/").await.unwrap();
+    let ch = t(conn.create_channel()).await.unwrap();
+    let mut sac = FieldTable::default();
+    sac.insert(
+        "x-single-active-consumer".into(),
+        lapin::types::AMQPValue::Boolean(true),
+    );
+    t(ch.queue_declare("sacq", QueueDeclareOptions::default(), sac))
+        .await
+        .unwrap();
+    t(ch.queue_declare("exq", QueueDeclareOptions::default(), FieldTable::default()))
+        .await
+        .unwrap();
+    let mut keep = Vec::new();
+    for tag in ["first", "second"] {
+        keep.push(
+            t(ch.basic_consume(
+                "sacq",
+                tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ))
+            .await
+            .unwrap(),
+        );
+    }
+    keep.push(
+        t(ch.basic_consume(
+            "exq",
+            "only",
+            BasicConsumeOptions {
+                exclusive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .await
+        .unwrap(),
+    );
+    let q = b.get("/api/queues/%2F/sacq").await;
+    assert_eq!(q["single_active_consumer_tag"], "first", "{q}");
+    assert_eq!(q["exclusive_consumer_tag"], Value::Null);
+    let q = b.get("/api/queues/%2F/exq").await;
+    assert_eq!(q["exclusive_consumer_tag"], "only", "{q}");
+    assert_eq!(q["single_active_consumer_tag"], Value::Null);
+    t(ch.basic_cancel("first", BasicCancelOptions::default()))
+        .await
+        .unwrap();
+    let q = b.get("/api/queues/%2F/sacq").await;
+    assert_eq!(q["single_active_consumer_tag"], "second", "{q}");
+}
