@@ -294,6 +294,7 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
 pub fn render(broker: &Broker) -> String {
     let mut out = String::new();
     let c = &broker.counters;
+    let churn = broker.churn();
     let connections = broker.connections();
     let channels: u64 = connections
         .iter()
@@ -390,6 +391,46 @@ pub fn render(broker: &Broker) -> String {
         "Total number of messages confirmed to publishers",
         Counters::get(&c.confirmed),
     );
+    for (key, name, help) in [
+        (
+            "connection_created",
+            "rabbitmq_connections_opened_total",
+            "Total number of connections opened",
+        ),
+        (
+            "connection_closed",
+            "rabbitmq_connections_closed_total",
+            "Total number of connections closed or terminated",
+        ),
+        (
+            "channel_created",
+            "rabbitmq_channels_opened_total",
+            "Total number of channels opened",
+        ),
+        (
+            "channel_closed",
+            "rabbitmq_channels_closed_total",
+            "Total number of channels closed",
+        ),
+        (
+            "queue_declared",
+            "rabbitmq_queues_declared_total",
+            "Total number of queues declared",
+        ),
+        (
+            "queue_created",
+            "rabbitmq_queues_created_total",
+            "Total number of queues created",
+        ),
+        (
+            "queue_deleted",
+            "rabbitmq_queues_deleted_total",
+            "Total number of queues deleted",
+        ),
+    ] {
+        let value = churn.iter().find(|(k, _)| *k == key).map_or(0, |(_, v)| *v);
+        metric(&mut out, name, "counter", help, value);
+    }
     metric(
         &mut out,
         "rabbitmq_alarms_memory_used_watermark",

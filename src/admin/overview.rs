@@ -61,6 +61,11 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "node": this_node(&s),
         "listeners": super::health::overview_listeners(&s),
         "message_stats": overview_stats(&b.counters, &s.rates.global()),
+        "churn_rates": churn_json(b),
+        "exchange_types": EXCHANGE_TYPES
+            .iter()
+            .map(|(name, description)| json!({"name": name, "description": description, "enabled": true}))
+            .collect::<Vec<_>>(),
         "queue_totals": {
             "messages": ready + unacked,
             "messages_ready": ready,
@@ -106,6 +111,37 @@ fn overview_stats(c: &crate::broker::Counters, rates: &super::metrics::RateSet) 
     stats
 }
 
+/// The exchange types a declare may name, as the overview lists them (the
+/// management UI's type choices).
+const EXCHANGE_TYPES: [(&str, &str); 5] = [
+    (
+        "direct",
+        "AMQP direct exchange, as per the AMQP specification",
+    ),
+    (
+        "fanout",
+        "AMQP fanout exchange, as per the AMQP specification",
+    ),
+    (
+        "headers",
+        "AMQP headers exchange, as per the AMQP specification",
+    ),
+    (
+        "topic",
+        "AMQP topic exchange, as per the AMQP specification",
+    ),
+    ("x-delayed-message", "Delayed Message Exchange"),
+];
+
+/// The node's churn counts (`churn_rates` in the overview; the same keys at
+/// the top of a node's record).
+fn churn_json(b: &crate::broker::Broker) -> serde_json::Map<String, Value> {
+    b.churn()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.into()))
+        .collect()
+}
+
 /// This node's health figures, as `/api/nodes` shows them (and as this node
 /// answers another member's stats request).
 pub fn node_figures(s: &AdminState) -> Value {
@@ -114,7 +150,7 @@ pub fn node_figures(s: &AdminState) -> Value {
         .as_deref()
         .and_then(super::charts::disk_free)
         .unwrap_or(0);
-    json!({
+    let mut figures = json!({
         "mem_used": resident_memory().unwrap_or(0),
         "mem_alarm": s.broker.memory_alarm(),
         "mem_limit": s.broker.memory_watermark(),
@@ -124,7 +160,11 @@ pub fn node_figures(s: &AdminState) -> Value {
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "fd_used": super::charts::fd_used(),
         "sockets_used": s.broker.connections().len(),
-    })
+    });
+    if let Value::Object(m) = &mut figures {
+        m.extend(churn_json(&s.broker));
+    }
+    figures
 }
 
 /// A node's record: its name, type, whether it runs, and `figures`' fields.

@@ -146,6 +146,16 @@ pub struct TlsInfo {
     pub peer_cert_issuer: Option<String>,
 }
 
+/// Connections and channels opened and closed since start (RabbitMQ's
+/// churn rates); the queues' are each vhost's ([`vhost::QueueChurn`]).
+#[derive(Debug, Default)]
+pub struct Churn {
+    pub connection_created: AtomicU64,
+    pub connection_closed: AtomicU64,
+    pub channel_created: AtomicU64,
+    pub channel_closed: AtomicU64,
+}
+
 /// One AMQP channel's figures for `/api/channels`: written by its
 /// connection's task as it handles the channel (relaxed atomics), read by
 /// the admin API. Gauges are as of the channel's last event.
@@ -268,9 +278,32 @@ pub struct Broker {
     admission: parking_lot::Mutex<()>,
     /// This node's name (`warren@host`, [`Config::node_name`]).
     pub node: String,
+    /// Connections and channels opened and closed.
+    pub churn: Churn,
 }
 
 impl Broker {
+    /// Churn since start, as RabbitMQ names it: connections, channels and
+    /// (summed over the vhosts) queues created, closed, declared, deleted.
+    pub fn churn(&self) -> [(&'static str, u64); 7] {
+        let c = &self.churn;
+        let (mut declared, mut created, mut deleted) = (0, 0, 0);
+        for v in self.vhosts() {
+            declared += Counters::get(&v.churn.declared);
+            created += Counters::get(&v.churn.created);
+            deleted += Counters::get(&v.churn.deleted);
+        }
+        [
+            ("connection_created", Counters::get(&c.connection_created)),
+            ("connection_closed", Counters::get(&c.connection_closed)),
+            ("channel_created", Counters::get(&c.channel_created)),
+            ("channel_closed", Counters::get(&c.channel_closed)),
+            ("queue_declared", declared),
+            ("queue_created", created),
+            ("queue_deleted", deleted),
+        ]
+    }
+
     /// A broker backed by the store in `config.data_dir`, with what it holds
     /// recovered; `now` starts the recovered queues' `x-expires` clocks.
     pub fn open(config: &Config, now: u64) -> Result<Arc<Broker>, StorageError> {
@@ -338,6 +371,7 @@ impl Broker {
             vhost_limits: config.vhost_limits(),
             admission: parking_lot::Mutex::new(()),
             node: config.node_name(),
+            churn: Churn::default(),
         };
         broker.add_vhost("/");
         broker.auth.put_user(User {
@@ -508,6 +542,7 @@ impl Broker {
             }
         }
         connections.insert(info.id, info);
+        Counters::add(&self.churn.connection_created, 1);
         Ok(())
     }
 
@@ -535,6 +570,7 @@ impl Broker {
         {
             e.insert(Arc::default());
             c.channels.fetch_add(1, Ordering::Relaxed);
+            Counters::add(&self.churn.channel_created, 1);
         }
         Ok(())
     }
@@ -579,7 +615,12 @@ impl Broker {
     }
 
     pub fn unregister_connection(&self, id: u64) {
-        self.connections.write().remove(&id);
+        if let Some(c) = self.connections.write().remove(&id) {
+            Counters::add(&self.churn.connection_closed, 1);
+            // Its channels end with it.
+            let open = c.open_channels.lock().len() as u64;
+            Counters::add(&self.churn.channel_closed, open);
+        }
     }
 
     /// A channel was opened on connection `id` (counted for the admin API).
@@ -590,6 +631,7 @@ impl Broker {
         let mut open = c.open_channels.lock();
         let stats = open.entry(channel).or_insert_with(|| {
             c.channels.fetch_add(1, Ordering::Relaxed);
+            Counters::add(&self.churn.channel_created, 1);
             Arc::default()
         });
         Some(Arc::clone(stats))
@@ -600,6 +642,7 @@ impl Broker {
         if let Some(c) = self.connections.read().get(&id) {
             if c.open_channels.lock().remove(&channel).is_some() {
                 c.channels.fetch_sub(1, Ordering::Relaxed);
+                Counters::add(&self.churn.channel_closed, 1);
             }
         }
     }

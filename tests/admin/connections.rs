@@ -345,6 +345,25 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
     assert_eq!(stats["return_unroutable"], 0);
     assert_eq!(stats["deliver"], 4);
     assert_eq!(stats["publish"], 5);
+
+    // Churn: one connection, two channels, one queue declared and created;
+    // closing a channel counts.
+    t(tx.close(200, "done")).await.unwrap();
+    let o = until(&b, "/api/overview", |o| {
+        o["churn_rates"]["channel_closed"] == 1
+    })
+    .await;
+    let churn = &o["churn_rates"];
+    assert_eq!(churn["connection_created"], 1, "{churn}");
+    assert_eq!(churn["channel_created"], 2);
+    assert_eq!(churn["queue_declared"], 1);
+    assert_eq!(churn["queue_created"], 1);
+    assert_eq!(churn["queue_deleted"], 0);
+    let node = &b.get("/api/nodes").await[0];
+    assert_eq!(node["channel_created"], 2, "{node}");
+    let m = parse_metrics(&b.text("/metrics").await);
+    assert_eq!(metric(&m, "rabbitmq_channels_opened_total", ""), 2.0);
+    assert_eq!(metric(&m, "rabbitmq_queues_created_total", ""), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,16 @@ async fn overview_nodes_whoami_health() {
     assert_eq!(o["object_totals"]["channels"], 1);
     assert_eq!(o["object_totals"]["queues"], 1);
     assert!(o["object_totals"]["exchanges"].as_u64().unwrap() >= 6);
+    let types: Vec<&str> = o["exchange_types"]
+        .as_array()
+        .expect("exchange_types")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(
+        types,
+        ["direct", "fanout", "headers", "topic", "x-delayed-message"]
+    );
     assert_eq!(o["queue_totals"]["messages_ready"], 1);
     assert_eq!(o["queue_totals"]["messages"], 1);
     assert_eq!(o["message_stats"]["publish"], 1);

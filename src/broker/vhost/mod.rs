@@ -69,6 +69,30 @@ pub struct VHost {
     tracing: AtomicBool,
     /// Description, tags and default queue type (stored with the vhost's record).
     meta: RwLock<VHostMeta>,
+    /// Queues declared, created and deleted since start.
+    pub churn: QueueChurn,
+}
+
+/// A vhost's queue churn (RabbitMQ's `queue_declared`, `queue_created`,
+/// `queue_deleted`): declares by clients (recovery is not one), the ones that
+/// made a queue, and queues deleted for any reason.
+#[derive(Debug, Default)]
+pub struct QueueChurn {
+    pub declared: std::sync::atomic::AtomicU64,
+    pub created: std::sync::atomic::AtomicU64,
+    pub deleted: std::sync::atomic::AtomicU64,
+}
+
+impl QueueChurn {
+    fn declared(&self, origin: topology::Origin, created: bool) {
+        if origin == topology::Origin::Recovery {
+            return;
+        }
+        crate::broker::Counters::add(&self.declared, 1);
+        if created {
+            crate::broker::Counters::add(&self.created, 1);
+        }
+    }
 }
 
 /// What a vhost says of itself (RabbitMQ's vhost metadata): a description,
@@ -130,6 +154,7 @@ impl VHost {
             limit_values: Default::default(),
             tracing: AtomicBool::new(false),
             meta: RwLock::new(VHostMeta::default()),
+            churn: QueueChurn::default(),
         });
         {
             let mut ex = vhost.exchanges.write();

@@ -108,7 +108,7 @@ pub struct ExchangeDeclare {
 /// Who asks for a change: a client (limits checked, records written) or recovery
 /// from the store (neither: the records are already there).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Origin {
+pub(super) enum Origin {
     Client,
     Recovery,
 }
@@ -523,6 +523,7 @@ impl VHost {
             drop(queues);
             q.touch(now);
             let stats = q.stats(now);
+            self.churn.declared(origin, false);
             return Ok((q, stats));
         }
         if matches!(args.queue_type, QueueType::Quorum | QueueType::Stream) {
@@ -583,6 +584,7 @@ impl VHost {
             ))?;
         }
         queues.insert(name, Arc::clone(&q));
+        self.churn.declared(origin, true);
         Ok((q, QueueStats::default()))
     }
 
@@ -658,6 +660,7 @@ impl VHost {
                         stored(persist::delete_queue(store, &self.name, q.name()))?;
                     }
                     queues.remove(q.name());
+                    crate::broker::Counters::add(&self.churn.deleted, 1);
                 }
                 _ => return Ok(0),
             }
