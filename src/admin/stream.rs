@@ -31,7 +31,7 @@ pub fn connection_json(s: &AdminState, c: &ConnectionInfo, st: &StreamConnStats)
         "user": c.user,
         "user_who_performed_action": c.user,
         "user_provided_name": c.client_properties.get("connection_name").and_then(|v| v.as_str()),
-        "node": super::node_name(),
+        "node": s.broker.node,
         "protocol": "stream",
         "state": "running",
         "auth_mechanism": st.auth_mechanism(),
@@ -69,22 +69,22 @@ pub fn subscriptions_to(b: &crate::broker::Broker, vhost: &str, stream: &str) ->
 }
 
 /// What `connection_details` says of a publisher's or consumer's connection.
-fn details(c: &ConnectionInfo) -> Value {
+fn details(node: &str, c: &ConnectionInfo) -> Value {
     json!({
         "name": c.name,
-        "node": super::node_name(),
+        "node": node,
         "peer_host": c.peer.ip().to_string(),
         "peer_port": c.peer.port(),
         "user": c.user,
     })
 }
 
-fn publisher_json(c: &ConnectionInfo, p: &PublisherStats) -> Value {
+fn publisher_json(node: &str, c: &ConnectionInfo, p: &PublisherStats) -> Value {
     json!({
         "publisher_id": p.id,
         "reference": p.reference,
         "queue": {"name": p.stream, "vhost": c.vhost},
-        "connection_details": details(c),
+        "connection_details": details(node, c),
         "published": p.published.load(Ordering::Relaxed),
         "confirmed": p.confirmed.load(Ordering::Relaxed),
         "errored": p.errored.load(Ordering::Relaxed),
@@ -108,7 +108,7 @@ fn consumer_json(s: &AdminState, c: &ConnectionInfo, x: &ConsumerStats) -> Value
     json!({
         "subscription_id": x.id,
         "queue": {"name": x.stream, "vhost": c.vhost},
-        "connection_details": details(c),
+        "connection_details": details(&s.broker.node, c),
         "credits": x.credits.load(Ordering::Relaxed),
         "consumed": x.consumed.load(Ordering::Relaxed),
         "offset": offset,
@@ -198,7 +198,7 @@ pub async fn connection_publishers(
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let c = find(&s, &caller, &vhost, &name)?;
-    Ok(Json(publishers_of(&[c], None)))
+    Ok(Json(publishers_of(&s.broker.node, &[c], None)))
 }
 
 pub async fn connection_consumers(
@@ -210,7 +210,7 @@ pub async fn connection_consumers(
     Ok(Json(consumers_of(&s, &[c])))
 }
 
-fn publishers_of(conns: &[Arc<ConnectionInfo>], stream: Option<&str>) -> Value {
+fn publishers_of(node: &str, conns: &[Arc<ConnectionInfo>], stream: Option<&str>) -> Value {
     let mut out = Vec::new();
     for c in conns {
         let Some(st) = c.control.stream() else {
@@ -218,7 +218,7 @@ fn publishers_of(conns: &[Arc<ConnectionInfo>], stream: Option<&str>) -> Value {
         };
         for p in st.publishers() {
             if stream.is_none_or(|s| s == p.stream) {
-                out.push(publisher_json(c, &p));
+                out.push(publisher_json(node, c, &p));
             }
         }
     }
@@ -239,7 +239,11 @@ fn consumers_of(s: &AdminState, conns: &[Arc<ConnectionInfo>]) -> Value {
 }
 
 pub async fn publishers(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(publishers_of(&visible(&s, &caller, None), None))
+    Json(publishers_of(
+        &s.broker.node,
+        &visible(&s, &caller, None),
+        None,
+    ))
 }
 
 pub async fn publishers_vhost(
@@ -249,6 +253,7 @@ pub async fn publishers_vhost(
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
     Ok(Json(publishers_of(
+        &s.broker.node,
         &visible(&s, &caller, Some(&vhost)),
         None,
     )))
@@ -261,6 +266,7 @@ pub async fn publishers_stream(
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
     Ok(Json(publishers_of(
+        &s.broker.node,
         &visible(&s, &caller, Some(&vhost)),
         Some(&stream),
     )))

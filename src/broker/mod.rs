@@ -228,6 +228,9 @@ pub struct ConnectionInfo {
     /// ms since the epoch.
     pub connected_at: u64,
     pub client_properties: FieldTable,
+    /// The SASL mechanism of the login (AMQP; a Stream connection's is in its
+    /// stream stats).
+    pub auth_mechanism: String,
     pub frame_max: u32,
     pub channel_max: u16,
     pub heartbeat: u16,

@@ -824,6 +824,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             vhost: vhost_name,
             connected_at: crate::clock::now_ms(),
             client_properties: self.session.client_properties().clone(),
+            auth_mechanism: self.session.mechanism().to_string(),
             frame_max: self.session.frame_max(),
             channel_max: self.session.channel_max(),
             heartbeat: self.session.heartbeat(),

@@ -508,6 +508,11 @@ impl<T: Default> Session<T> {
         &self.client_properties
     }
 
+    /// The SASL mechanism the client chose (`PLAIN`, `AMQPLAIN`, `EXTERNAL`).
+    pub fn mechanism(&self) -> &str {
+        &self.mechanism
+    }
+
     /// The client understands a server-sent basic.cancel.
     pub fn cancel_notify(&self) -> bool {
         self.cancel_notify

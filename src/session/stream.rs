@@ -1152,6 +1152,7 @@ impl StreamSession {
             vhost: vhost.to_owned(),
             connected_at: now_ms,
             client_properties,
+            auth_mechanism: self.auth_mechanism.to_string(),
             frame_max: self.frame_max,
             channel_max: 0,
             heartbeat: u16::try_from(self.heartbeat_ms / 1000).unwrap_or(u16::MAX),
