@@ -976,9 +976,18 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
             Msg::Done { .. } | Msg::Deliver { .. } | Msg::Cancelled { .. } | Msg::Reply { .. } => {}
         }
     };
-    // The other node is gone: its consumers here end, their unacked
-    // deliveries go back to their queues (redelivered).
+    // The other node is gone: its consumers here end (detached first, so no
+    // queue hands them anything more), the deliveries their queues handed
+    // them that this task had not taken yet go back untouched (dropped with
+    // the channel they would stay unacked for good, owned by nobody), and
+    // their unacked deliveries go back redelivered.
     let cids: Vec<u64> = home.consumers.keys().copied().collect();
+    for &cid in &cids {
+        home.cancel(cid);
+    }
+    while let Ok(ev) = ev_rx.try_recv() {
+        home.on_sink(ev);
+    }
     for cid in cids {
         home.release(cid);
     }
