@@ -254,11 +254,32 @@ pub fn message_stats(t: &Totals, r: &RateSet) -> serde_json::Value {
     })
 }
 
-/// A queue's `message_stats`: [`message_stats`] with warren's `dead_lettered`
-/// (messages it dead-lettered to its dead-letter exchange).
-pub fn queue_stats(t: &Totals, r: &RateSet) -> serde_json::Value {
-    let mut v = message_stats(t, r);
+/// Of the messages delivered (`deliver_get`): to consumers that ack, to
+/// no-ack consumers, by basic.get with and without ack; and the basic.gets
+/// that found nothing; as `message_stats` names them.
+pub fn deliveries(c: &Counters) -> [(&'static str, u64); 5] {
+    let get = Counters::get;
+    let (no_ack, got, got_no_ack) = (get(&c.delivered_no_ack), get(&c.got), get(&c.got_no_ack));
+    let deliver = get(&c.delivered).saturating_sub(no_ack + got + got_no_ack);
+    [
+        ("deliver", deliver),
+        ("deliver_no_ack", no_ack),
+        ("get", got),
+        ("get_no_ack", got_no_ack),
+        ("get_empty", get(&c.get_empty)),
+    ]
+}
+
+/// A queue's `message_stats`: [`message_stats`], its [`deliveries`], and
+/// warren's `dead_lettered` (messages it dead-lettered to its dead-letter
+/// exchange).
+pub fn queue_stats(c: &Counters, r: &RateSet) -> serde_json::Value {
+    let t = Totals::of(c);
+    let mut v = message_stats(&t, r);
     if let serde_json::Value::Object(m) = &mut v {
+        for (k, n) in deliveries(c) {
+            m.insert(k.into(), n.into());
+        }
         m.insert("dead_lettered".into(), t.dead_lettered.into());
         m.insert(
             "dead_lettered_details".into(),

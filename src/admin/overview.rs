@@ -89,22 +89,16 @@ fn overview_stats(c: &crate::broker::Counters, rates: &super::metrics::RateSet) 
     let mut stats = message_stats(&Totals::of(c), rates);
     let get = Counters::get;
     let returned = get(&c.returned);
-    let (no_ack, got, got_no_ack) = (get(&c.delivered_no_ack), get(&c.got), get(&c.got_no_ack));
-    let deliver = get(&c.delivered).saturating_sub(no_ack + got + got_no_ack);
     if let Value::Object(m) = &mut stats {
-        for (k, v) in [
+        let unroutable = [
             ("confirm", get(&c.confirmed)),
             ("return_unroutable", returned),
             (
                 "drop_unroutable",
                 get(&c.unroutable).saturating_sub(returned),
             ),
-            ("deliver", deliver),
-            ("deliver_no_ack", no_ack),
-            ("get", got),
-            ("get_no_ack", got_no_ack),
-            ("get_empty", get(&c.get_empty)),
-        ] {
+        ];
+        for (k, v) in unroutable.into_iter().chain(super::metrics::deliveries(c)) {
             m.insert(k.into(), v.into());
         }
     }

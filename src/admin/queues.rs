@@ -2,7 +2,7 @@
 //! `/api/queues/{vhost}/{name}/contents` (purge) and `/get` (fetch messages).
 
 use super::cluster::Homes;
-use super::metrics::{queue_stats, Totals};
+use super::metrics::queue_stats;
 use super::{
     flag, json_to_table, table_to_json, text, AdminState, ApiError, ApiResult, Body, Caller,
 };
@@ -41,7 +41,7 @@ pub fn queue_counts(s: &AdminState, q: &Queue) -> Map<String, Value> {
         "message_bytes_ram": st.ready_ram_bytes,
         "message_bytes_paged_out": st.ready_bytes - st.ready_ram_bytes,
         "consumers": st.consumers,
-        "message_stats": queue_stats(&Totals::of(&q.counters), &s.rates.queue(vhost, q.name())),
+        "message_stats": queue_stats(&q.counters, &s.rates.queue(vhost, q.name())),
     });
     let mut m = match counts {
         Value::Object(m) => m,

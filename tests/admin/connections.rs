@@ -345,6 +345,14 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
     assert_eq!(stats["return_unroutable"], 0);
     assert_eq!(stats["deliver"], 4);
     assert_eq!(stats["publish"], 5);
+    let q = b.get("/api/queues/%2F/chq").await;
+    let qs = &q["message_stats"];
+    assert_eq!(
+        (&qs["deliver"], &qs["get_empty"]),
+        (&json!(4), &json!(1)),
+        "{qs}"
+    );
+    assert_eq!((&qs["get"], &qs["deliver_no_ack"]), (&json!(0), &json!(0)));
 
     // Churn: one connection, two channels, one queue declared and created;
     // closing a channel counts.

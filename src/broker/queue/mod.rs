@@ -623,7 +623,7 @@ impl Queue {
             if !consumer.no_ack {
                 s.unacked += 1;
             }
-            crate::broker::Counters::add(&self.counters.delivered, 1);
+            self.counters.consumer_delivery(consumer.no_ack);
             if entry.redelivered {
                 crate::broker::Counters::add(&self.counters.redelivered, 1);
             }
@@ -669,12 +669,18 @@ impl Queue {
                 continue;
             }
             let entry = s.ready.pop();
-            if let Some(e) = &entry {
-                if !no_ack {
-                    s.unacked += 1;
+            match &entry {
+                Some(e) => {
+                    if !no_ack {
+                        s.unacked += 1;
+                    }
+                    self.counters.got(no_ack);
+                    if e.redelivered {
+                        crate::broker::Counters::add(&self.counters.redelivered, 1);
+                    }
+                    self.handed_out(e, no_ack, &mut fx);
                 }
-                crate::broker::Counters::add(&self.counters.delivered, 1);
-                self.handed_out(e, no_ack, &mut fx);
+                None => crate::broker::Counters::add(&self.counters.get_empty, 1),
             }
             // The count leaves out what has expired behind the head (RabbitMQ's fetch).
             self.expire_locked(&mut s, now, &mut fx);
