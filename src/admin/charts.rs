@@ -117,6 +117,20 @@ pub fn fd_used() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
+/// The process's open file limit (the soft `RLIMIT_NOFILE`), if known.
+pub fn fd_total() -> Option<u64> {
+    let mut lim = std::mem::MaybeUninit::<libc::rlimit>::uninit();
+    // SAFETY: `lim` is writable memory of the right type; getrlimit only
+    // writes into it, and we read it only on success.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, lim.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: getrlimit succeeded, so it wrote the whole struct.
+    let lim = unsafe { lim.assume_init() };
+    Some(lim.rlim_cur)
+}
+
 /// Bytes free for unprivileged users on the file system holding `path`.
 pub fn disk_free(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;

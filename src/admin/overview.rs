@@ -62,10 +62,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "listeners": super::health::overview_listeners(&s),
         "message_stats": overview_stats(&b.counters, &s.rates.global()),
         "churn_rates": churn_json(b),
-        "exchange_types": EXCHANGE_TYPES
-            .iter()
-            .map(|(name, description)| json!({"name": name, "description": description, "enabled": true}))
-            .collect::<Vec<_>>(),
+        "exchange_types": exchange_types(),
         "queue_totals": {
             "messages": ready + unacked,
             "messages_ready": ready,
@@ -127,6 +124,22 @@ const EXCHANGE_TYPES: [(&str, &str); 5] = [
     ("x-delayed-message", "Delayed Message Exchange"),
 ];
 
+/// [`EXCHANGE_TYPES`] as the API lists them.
+fn exchange_types() -> Vec<Value> {
+    EXCHANGE_TYPES
+        .iter()
+        .map(|(name, description)| json!({"name": name, "description": description, "enabled": true}))
+        .collect()
+}
+
+/// The SASL mechanisms connection.start offers (EXTERNAL too on a TLS
+/// listener that verifies client certificates).
+const AUTH_MECHANISMS: [(&str, &str); 3] = [
+    ("PLAIN", "SASL PLAIN authentication mechanism"),
+    ("AMQPLAIN", "QPid AMQPLAIN mechanism"),
+    ("EXTERNAL", "SASL EXTERNAL authentication mechanism"),
+];
+
 /// The node's churn counts (`churn_rates` in the overview; the same keys at
 /// the top of a node's record).
 fn churn_json(b: &crate::broker::Broker) -> serde_json::Map<String, Value> {
@@ -153,6 +166,17 @@ pub fn node_figures(s: &AdminState) -> Value {
         "uptime": now_ms().saturating_sub(s.started_at),
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "fd_used": super::charts::fd_used(),
+        "fd_total": super::charts::fd_total(),
+        "os_pid": std::process::id().to_string(),
+        "exchange_types": exchange_types(),
+    "auth_mechanisms": AUTH_MECHANISMS
+            .iter()
+            .map(|(name, description)| {
+                // EXTERNAL: offered on TLS listeners, to verified client certificates.
+                let enabled = *name != "EXTERNAL" || !s.tls.is_empty();
+                json!({"name": name, "description": description, "enabled": enabled})
+            })
+            .collect::<Vec<_>>(),
         "sockets_used": s.broker.connections().len(),
     });
     if let Value::Object(m) = &mut figures {

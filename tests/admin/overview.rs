@@ -51,6 +51,16 @@ async fn overview_nodes_whoami_health() {
     assert!(o["node"].as_str().unwrap().starts_with("warren@"));
     let nodes = b.get("/api/nodes").await;
     assert_eq!(nodes[0]["running"], true);
+    assert_eq!(nodes[0]["os_pid"], std::process::id().to_string());
+    assert!(
+        nodes[0]["fd_total"].as_u64().unwrap_or(0) >= nodes[0]["fd_used"].as_u64().unwrap_or(1)
+    );
+    let mechanisms = &nodes[0]["auth_mechanisms"];
+    assert_eq!(mechanisms[0]["name"], "PLAIN", "{mechanisms}");
+    assert_eq!(
+        mechanisms[2]["enabled"], false,
+        "EXTERNAL needs a TLS listener"
+    );
     let node = nodes[0]["name"].as_str().unwrap().to_string();
     assert_eq!(b.get(&format!("/api/nodes/{node}")).await["name"], node);
     let me = b.get("/api/whoami").await;
