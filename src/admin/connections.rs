@@ -188,6 +188,7 @@ fn channel_rows(
                 "confirm": st.confirm.load(Relaxed),
                 "transactional": st.transactional.load(Relaxed),
                 "messages_unacknowledged": get(&st.unacked),
+                "messages_unconfirmed": get(&st.unconfirmed),
                 "messages_uncommitted": get(&st.uncommitted),
                 "acks_uncommitted": get(&st.acks_uncommitted),
                 "message_stats": {

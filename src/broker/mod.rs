@@ -167,6 +167,9 @@ pub struct ChannelStats {
     pub confirm: std::sync::atomic::AtomicBool,
     pub transactional: std::sync::atomic::AtomicBool,
     pub unacked: AtomicU64,
+    /// Publishes in confirm mode not acked or nacked yet (kept by the
+    /// session's confirm state, which holds a clone).
+    pub unconfirmed: Arc<AtomicU64>,
     /// Publishes and acks held by an open transaction.
     pub uncommitted: AtomicU64,
     pub acks_uncommitted: AtomicU64,

@@ -617,7 +617,8 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             Event::UpdateSecret { secret, reason } => self.update_secret(&secret, &reason, now),
             Event::ChannelOpened { channel } => {
                 if let Some(stats) = self.broker.channel_opened(self.id, channel) {
-                    if let Some((data, _)) = self.session.channel(channel) {
+                    if let Some((data, io)) = self.session.channel(channel) {
+                        io.confirms.set_gauge(Arc::clone(&stats.unconfirmed));
                         data.set_stats(stats);
                     }
                 }

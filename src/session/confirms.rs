@@ -6,6 +6,8 @@ use super::output::Output;
 use crate::error::AmqpError;
 use crate::wire::{BasicAck, BasicNack};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// What the broker did with one publish on a channel in confirm mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +42,10 @@ pub struct Confirms {
     /// Batches handed to the store and not yet confirmed; while any is out, later
     /// confirms queue behind it so `multiple` acks never cover an unflushed message.
     inflight: usize,
+    /// Publishes not acked or nacked yet, and where the channel's figures
+    /// want that number (`messages_unconfirmed`), if anywhere.
+    unconfirmed: u64,
+    gauge: Option<Arc<AtomicU64>>,
 }
 
 impl Default for Confirms {
@@ -50,6 +56,8 @@ impl Default for Confirms {
             acks: None,
             durable_batch: None,
             inflight: 0,
+            unconfirmed: 0,
+            gauge: None,
         }
     }
 }
@@ -81,6 +89,20 @@ impl Confirms {
         self.enabled = true;
     }
 
+    /// Keep `gauge` at the number of publishes not confirmed yet.
+    pub fn set_gauge(&mut self, gauge: Arc<AtomicU64>) {
+        gauge.store(self.unconfirmed, Ordering::Relaxed);
+        self.gauge = Some(gauge);
+    }
+
+    /// `n` more publishes wait for their confirm (negative: answered).
+    fn unconfirmed_by(&mut self, more: u64, answered: u64) {
+        self.unconfirmed = (self.unconfirmed + more).saturating_sub(answered);
+        if let Some(g) = &self.gauge {
+            g.store(self.unconfirmed, Ordering::Relaxed);
+        }
+    }
+
     /// Record one publish; writes what must go out before later confirms.
     pub(crate) fn published(
         &mut self,
@@ -94,10 +116,12 @@ impl Confirms {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        self.unconfirmed_by(1, 0);
         match outcome {
             Outcome::Rejected => {
                 // One queue refusing is enough to nack.
                 self.flush(channel, out, waits);
+                self.unconfirmed_by(0, 1);
                 out.method(
                     channel,
                     &BasicNack {
@@ -113,7 +137,7 @@ impl Confirms {
             {
                 // Immediate confirms gathered before this one go out first.
                 if let Some(range) = self.acks.take() {
-                    ack(out, channel, range);
+                    self.acked(out, channel, range);
                 }
                 self.durable_batch = Some(match self.durable_batch {
                     Some((first, _)) => (first, seq),
@@ -142,7 +166,7 @@ impl Confirms {
         waits: &mut VecDeque<StoreWait>,
     ) {
         if let Some(range) = self.acks.take() {
-            ack(out, channel, range);
+            self.acked(out, channel, range);
         }
         if let Some((first, last)) = self.durable_batch.take() {
             self.inflight += 1;
@@ -170,7 +194,7 @@ impl Confirms {
             )));
         }
         if !closing && self.enabled {
-            ack(out, channel, (first, last));
+            self.acked(out, channel, (first, last));
         }
         Ok(())
     }
@@ -186,6 +210,7 @@ impl Confirms {
     ) {
         self.inflight = self.inflight.saturating_sub(1);
         if !closing && self.enabled {
+            self.unconfirmed_by(0, last + 1 - first);
             out.method(
                 channel,
                 &BasicNack {
@@ -198,8 +223,49 @@ impl Confirms {
         }
     }
 
+    /// Ack publishes `first..=last`.
+    fn acked(&mut self, out: &mut Output, channel: u16, range: (u64, u64)) {
+        self.unconfirmed_by(0, range.1 + 1 - range.0);
+        ack(out, channel, range);
+    }
+
     /// The channel is closing: immediate confirms not sent yet are dropped.
     pub(crate) fn drop_pending(&mut self) {
         self.acks = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gauge_counts_publishes_until_their_ack_or_nack() {
+        let (mut out, mut waits) = (Output::new(4096), VecDeque::new());
+        let mut c = Confirms::default();
+        c.enable();
+        let gauge = Arc::new(AtomicU64::new(99));
+        c.set_gauge(Arc::clone(&gauge));
+        assert_eq!(gauge.load(Ordering::Relaxed), 0);
+        let immediate = Outcome::Accepted { durable: false };
+        for _ in 0..3 {
+            c.published(1, immediate, &mut out, &mut waits);
+        }
+        assert_eq!(gauge.load(Ordering::Relaxed), 3);
+        c.flush(1, &mut out, &mut waits);
+        assert_eq!(gauge.load(Ordering::Relaxed), 0, "acked 1..=3");
+        c.published(1, Outcome::Accepted { durable: true }, &mut out, &mut waits);
+        c.published(1, Outcome::Accepted { durable: true }, &mut out, &mut waits);
+        c.flush(1, &mut out, &mut waits);
+        assert_eq!(gauge.load(Ordering::Relaxed), 2, "waiting for the store");
+        let Some(StoreWait::Confirms { first, last, .. }) = waits.pop_front() else {
+            panic!("a store wait");
+        };
+        c.durable_done(1, (first, last), true, false, &mut out)
+            .expect("flushed");
+        assert_eq!(gauge.load(Ordering::Relaxed), 0);
+        c.published(1, Outcome::Rejected, &mut out, &mut waits);
+        assert_eq!(gauge.load(Ordering::Relaxed), 0, "nacked at once");
+        assert_eq!(out.take_confirmed(), 5);
     }
 }

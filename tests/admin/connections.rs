@@ -273,6 +273,7 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
     assert_eq!(c["global_prefetch_count"], 20);
     assert_eq!(c["confirm"], true);
     assert_eq!(c["transactional"], false);
+    assert_eq!(c["messages_unconfirmed"], 0, "every publish was confirmed");
     assert_eq!(c["message_stats"]["publish"], 4);
     assert_eq!(c["message_stats"]["drop_unroutable"], 1);
     assert_eq!(c["message_stats"]["deliver"], 3);
