@@ -270,7 +270,7 @@ fn consumer_counts(s: &AdminState) -> HashMap<(u64, u16), usize> {
     m
 }
 
-fn consumers_where(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
+pub(super) fn consumers_where(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
     let conns: HashMap<u64, Arc<ConnectionInfo>> = s
         .broker
         .connections()

@@ -329,10 +329,19 @@ pub async fn show(
     let q = find(&s, &vhost, &name)?;
     let mut homes = Homes::of(&s);
     homes.fetch(&s, std::slice::from_ref(&q)).await;
-    Ok(Json(queue_json(&s, &homes, &q)))
+    let mut v = queue_json(&s, &homes, &q);
+    // As RabbitMQ's single-queue view: its consumers, as /api/consumers
+    // lists them (those attached on this node).
+    let consumers: Vec<Value> = super::connections::consumers_where(&s, &caller, Some(&vhost))
+        .into_iter()
+        .filter(|c| c["queue"]["name"] == name.as_str())
+        .collect();
+    if let Value::Object(m) = &mut v {
+        m.insert("consumer_details".into(), Value::Array(consumers));
+    }
+    Ok(Json(v))
 }
 
-/// Declare a queue from an API / definitions body.
 /// Declare a queue from an API / definitions body: whether it is new, and
 /// the command that replicates the declaration (this node is its home).
 pub fn declare_from(

@@ -422,6 +422,10 @@ async fn queues_name_their_exclusive_and_single_active_consumers() {
     assert_eq!(q["exclusive_consumer_tag"], Value::Null);
     let q = b.get("/api/queues/%2F/exq").await;
     assert_eq!(q["exclusive_consumer_tag"], "only", "{q}");
+    let details = q["consumer_details"].as_array().expect("consumer_details");
+    assert_eq!(details.len(), 1, "{q}");
+    assert_eq!(details[0]["consumer_tag"], "only");
+    assert_eq!(details[0]["exclusive"], true);
     assert_eq!(q["single_active_consumer_tag"], Value::Null);
     t(ch.basic_cancel("first", BasicCancelOptions::default()))
         .await
