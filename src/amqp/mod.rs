@@ -280,6 +280,14 @@ impl Channel {
             .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// After a publish: only a transaction's count changed (if any).
+    #[inline]
+    pub(crate) fn after_publish(&self) {
+        if self.tx.is_some() {
+            self.update_gauges();
+        }
+    }
+
     /// Bring the gauges of [`Self::stats`] up to date (after each event the
     /// channel handled).
     pub(crate) fn update_gauges(&self) {

@@ -698,7 +698,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 let r = match self.session.channel(channel) {
                     Some((data, mut io)) => {
                         let r = amqp::basic::publish(ctx, data, &mut io, message, now);
-                        data.update_gauges();
+                        data.after_publish();
                         r
                     }
                     None => Ok(()),
