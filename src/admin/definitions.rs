@@ -120,13 +120,22 @@ pub fn import_definitions(s: &AdminState, body: &Value, cmds: &mut Vec<Command>)
     let b = &s.broker;
     for v in items(body, "vhosts")? {
         let name = field(v, "name")?;
-        let meta = super::vhosts::meta_from(v, b.vhost(name).map(|v| v.meta()))?;
+        // An entry without metadata (RabbitMQ 3.10 exports none) leaves an
+        // existing vhost's as it is.
+        let given = ["description", "tags", "default_queue_type", "metadata"]
+            .iter()
+            .any(|k| v.get(k).is_some_and(|x| !x.is_null()));
+        let meta = given
+            .then(|| super::vhosts::meta_from(v, b.vhost(name).map(|v| v.meta())))
+            .transpose()?;
         b.add_vhost(name);
-        b.set_vhost_meta(name, meta.clone())?;
+        if let Some(meta) = &meta {
+            b.set_vhost_meta(name, meta.clone())?;
+        }
         cmds.push(Command::PutVhost {
             name: name.to_string(),
             creator: None,
-            meta: Some(meta),
+            meta,
         });
     }
     for u in items(body, "users")? {

@@ -120,6 +120,16 @@ async fn vhost_metadata_is_kept_exported_imported_and_its_default_queue_type_app
     assert_eq!(imported["description"], "from a file", "{imported}");
     assert_eq!(imported["tags"], json!(["t"]));
     assert_eq!(imported["default_queue_type"], "stream");
+    // An entry without metadata (as RabbitMQ 3.10 exports vhosts) keeps it.
+    b.ok(
+        "POST",
+        "/api/definitions",
+        json!({"vhosts": [{"name": "imported"}]}),
+    )
+    .await;
+    let again = b.get("/api/vhosts/imported").await;
+    assert_eq!(again["description"], "from a file", "{again}");
+    assert_eq!(again["default_queue_type"], "stream");
 }
 
 /// A header of a trace message, as JSON-ish text for comparison.
