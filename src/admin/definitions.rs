@@ -89,7 +89,12 @@ pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Js
         "permissions": permissions,
         "topic_permissions": topic_permissions,
         "parameters": parameters,
-        "global_parameters": [],
+        "global_parameters": b
+            .global
+            .list()
+            .into_iter()
+            .map(|(name, value)| json!({"name": name, "value": value}))
+            .collect::<Vec<_>>(),
         "policies": policies,
         "queues": queues,
         "exchanges": exchanges,
@@ -163,6 +168,13 @@ pub fn import_definitions(s: &AdminState, body: &Value, cmds: &mut Vec<Command>)
             continue;
         }
         cmds.extend(super::limits::import_parameter(b, p)?);
+    }
+    // Global parameters (this node's; not replicated).
+    for p in items(body, "global_parameters")? {
+        let value = p.get("value").cloned().unwrap_or(Value::Null);
+        b.global
+            .put(field(p, "name")?, value)
+            .map_err(super::global_parameters::stored)?;
     }
     for p in items(body, "policies")? {
         let (vhost, name) = (field(p, "vhost")?, field(p, "name")?);

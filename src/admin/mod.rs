@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod connections;
 pub mod definitions;
 pub mod exchanges;
+pub mod global_parameters;
 pub mod health;
 pub mod history;
 mod https;
@@ -554,6 +555,7 @@ pub fn router(state: AdminState) -> Router {
         )
         .merge(tenancy_routes())
         .merge(shovels::routes())
+        .merge(global_parameters::routes())
         .route("/metrics", get(metrics::prometheus))
         .merge(ui::routes())
         .fallback(|| async { ApiError::not_found() })

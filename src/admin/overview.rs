@@ -57,7 +57,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "product_name": "warren",
         "product_version": VERSION,
         "rates_mode": "basic",
-        "cluster_name": this_node(&s),
+        "cluster_name": s.broker.cluster_name(),
         "node": this_node(&s),
         "listeners": super::health::overview_listeners(&s),
         "message_stats": overview_stats(&b.counters, &s.rates.global()),

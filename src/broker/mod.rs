@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cc;
 pub mod exchange;
 pub mod firehose;
+pub mod global;
 pub mod limits;
 pub mod memory;
 pub mod message;
@@ -286,9 +287,20 @@ pub struct Broker {
     pub node: String,
     /// Connections and channels opened and closed.
     pub churn: Churn,
+    /// Global runtime parameters (`cluster_name` among them).
+    pub global: global::GlobalParameters,
 }
 
 impl Broker {
+    /// The cluster's name: the `cluster_name` global parameter, else this
+    /// node's name.
+    pub fn cluster_name(&self) -> String {
+        match self.global.get(global::CLUSTER_NAME) {
+            Some(serde_json::Value::String(name)) => name,
+            _ => self.node.clone(),
+        }
+    }
+
     /// Churn since start, as RabbitMQ names it: connections, channels and
     /// (summed over the vhosts) queues created, closed, declared, deleted.
     pub fn churn(&self) -> [(&'static str, u64); 7] {
@@ -323,7 +335,8 @@ impl Broker {
             path: config.data_dir.join("streams"),
             detail: e.to_string(),
         })?;
-        let broker = Self::build(config, Some(store.clone()), Some(streams));
+        let global = global::GlobalParameters::open(Some(store.clone()))?;
+        let broker = Self::build(config, Some(store.clone()), Some(streams), global);
         // Policies are loaded with their vhost, before its queues are recovered.
         let recovered = persist::recover(
             &store,
@@ -355,13 +368,14 @@ impl Broker {
 
     /// A broker that keeps everything in memory only.
     pub fn new(config: &Config) -> Arc<Broker> {
-        Self::build(config, None, None)
+        Self::build(config, None, None, Default::default())
     }
 
     fn build(
         config: &Config,
         store: Option<Store>,
         streams: Option<crate::storage::stream::StreamStore>,
+        global: global::GlobalParameters,
     ) -> Arc<Broker> {
         let broker = Broker {
             store,
@@ -378,6 +392,7 @@ impl Broker {
             admission: parking_lot::Mutex::new(()),
             node: config.node_name(),
             churn: Churn::default(),
+            global,
         };
         broker.add_vhost("/");
         broker.auth.put_user(User {

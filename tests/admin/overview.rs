@@ -114,3 +114,62 @@ async fn memory_alarm_shows_in_health_check_nodes_and_metrics() {
     let m = parse_metrics(&b.text("/metrics").await);
     assert_eq!(metric(&m, "rabbitmq_alarms_memory_used_watermark", ""), 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_name_and_global_parameters() {
+    let b = start().await;
+    let node = b.get("/api/overview").await["node"].clone();
+    assert_eq!(b.get("/api/cluster-name").await["name"], node);
+    let (status, _) = b
+        .call(
+            "PUT",
+            "/api/cluster-name",
+            GUEST,
+            Some(json!({"name": "rusty"})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(b.get("/api/cluster-name").await["name"], "rusty");
+    assert_eq!(b.get("/api/overview").await["cluster_name"], "rusty");
+    let all = b.get("/api/global-parameters").await;
+    assert_eq!(all, json!([{"name": "cluster_name", "value": "rusty"}]));
+
+    let created = b
+        .ok(
+            "PUT",
+            "/api/global-parameters/knob",
+            json!({"name": "knob", "value": {"a": 1}}),
+        )
+        .await;
+    assert_eq!(created, 201);
+    assert_eq!(
+        b.get("/api/global-parameters/knob").await["value"],
+        json!({"a": 1})
+    );
+    let (status, _) = b
+        .call("PUT", "/api/global-parameters/knob", GUEST, Some(json!({})))
+        .await;
+    assert_eq!(status, 400, "no value");
+    let (status, _) = b
+        .call("DELETE", "/api/global-parameters/knob", GUEST, None)
+        .await;
+    assert_eq!(status, 204);
+    let (status, _) = b
+        .call("GET", "/api/global-parameters/knob", GUEST, None)
+        .await;
+    assert_eq!(status, 404);
+
+    // In definitions, exported and imported.
+    let defs = b.get("/api/definitions").await;
+    assert_eq!(
+        defs["global_parameters"],
+        json!([{"name": "cluster_name", "value": "rusty"}])
+    );
+    b.ok(
+        "POST",
+        "/api/definitions",
+        json!({"global_parameters": [{"name": "cluster_name", "value": "restored"}]}),
+    )
+    .await;
+    assert_eq!(b.get("/api/cluster-name").await["name"], "restored");
+}
