@@ -412,6 +412,11 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/api/users", get(users::list))
         .route(
+            "/api/users/without-permissions",
+            get(users::without_permissions),
+        )
+        .route("/api/users/bulk-delete", post(users::bulk_delete))
+        .route(
             "/api/users/:name",
             get(users::show).put(users::put).delete(users::remove),
         )

@@ -176,6 +176,54 @@ pub async fn remove(
     }
 }
 
+/// `GET /api/users/without-permissions`: users with no permissions in any
+/// vhost.
+pub async fn without_permissions(
+    State(s): State<AdminState>,
+    caller: Caller,
+) -> ApiResult<Json<Value>> {
+    caller.require_admin()?;
+    let b = &s.broker;
+    let with: std::collections::HashSet<String> = b
+        .auth
+        .permissions()
+        .into_iter()
+        .map(|(_, u, _)| u)
+        .collect();
+    Ok(Json(Value::Array(
+        b.auth
+            .users()
+            .iter()
+            .filter(|u| !with.contains(&u.name))
+            .map(|u| user_json_with_limits(b, u))
+            .collect(),
+    )))
+}
+
+/// `POST /api/users/bulk-delete` with `{"users": [...]}`: delete each that
+/// exists (the others are skipped, as RabbitMQ does).
+pub async fn bulk_delete(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    let names: Vec<String> = match body.get("users") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|n| n.as_str().map(String::from))
+            .collect::<Option<_>>()
+            .ok_or_else(|| ApiError::bad_request("users must be a list of names"))?,
+        _ => return Err(ApiError::bad_request("users must be a list of names")),
+    };
+    for name in names {
+        if s.broker.auth.delete_user(&name) {
+            super::cluster::replicate(&s, || Some(Command::DeleteUser { name })).await?;
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
 fn permissions_where(b: &Broker, keep: impl Fn(&str, &str) -> bool) -> Json<Value> {
     Json(Value::Array(
         b.auth

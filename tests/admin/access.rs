@@ -410,3 +410,53 @@ async fn amqp_permissions_are_enforced() {
     .await
     .expect("still usable");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_without_permissions_and_bulk_delete() {
+    let b = start().await;
+    for name in ["lone", "bare", "granted"] {
+        b.ok(
+            "PUT",
+            &format!("/api/users/{name}"),
+            json!({"password": "p", "tags": ""}),
+        )
+        .await;
+    }
+    b.ok(
+        "PUT",
+        "/api/permissions/%2F/granted",
+        json!({"configure": ".*", "write": ".*", "read": ".*"}),
+    )
+    .await;
+    let names = |v: &Value| -> Vec<String> {
+        let mut n: Vec<String> = v
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|u| u["name"].as_str().map(String::from))
+            .collect();
+        n.sort();
+        n
+    };
+    let without = b.get("/api/users/without-permissions").await;
+    assert_eq!(names(&without), ["bare", "lone"]);
+    let (status, _) = b
+        .call(
+            "POST",
+            "/api/users/bulk-delete",
+            GUEST,
+            Some(json!({"users": ["bare", "lone", "nobody"]})),
+        )
+        .await;
+    assert_eq!(status, 204);
+    assert_eq!(names(&b.get("/api/users").await), ["granted", "guest"]);
+    let (status, _) = b
+        .call(
+            "POST",
+            "/api/users/bulk-delete",
+            GUEST,
+            Some(json!({"users": "x"})),
+        )
+        .await;
+    assert_eq!(status, 400);
+}
