@@ -124,6 +124,43 @@ pub struct Policy {
     regex: Regex,
 }
 
+/// The policy settings RabbitMQ recognises (its core's, classic mirroring's
+/// and federation's validators): a definition with any other key is refused,
+/// as RabbitMQ refuses it. Those warren does not act on are kept.
+pub const POLICY_KEYS: [&str; 31] = [
+    "alternate-exchange",
+    "dead-letter-exchange",
+    "dead-letter-routing-key",
+    "dead-letter-strategy",
+    "message-ttl",
+    "expires",
+    "max-length",
+    "max-length-bytes",
+    "max-in-memory-length",
+    "max-in-memory-bytes",
+    "delivery-limit",
+    "overflow",
+    "queue-mode",
+    "queue-version",
+    "queue-master-locator",
+    "queue-leader-locator",
+    "initial-cluster-size",
+    "target-group-size",
+    "max-age",
+    "stream-max-segment-size-bytes",
+    "stream-filter-size-bytes",
+    "consumer-timeout",
+    "ha-mode",
+    "ha-params",
+    "ha-sync-mode",
+    "ha-sync-batch-size",
+    "ha-promote-on-shutdown",
+    "ha-promote-on-failure",
+    "federation-upstream",
+    "federation-upstream-set",
+    "queue-type",
+];
+
 impl Policy {
     /// Validate and build a policy; the error is a reason for a 400.
     pub fn new(
@@ -137,6 +174,17 @@ impl Policy {
         let regex = Regex::new(pattern).map_err(|e| format!("invalid pattern: {e}"))?;
         if definition.is_empty() {
             return Err("definition must not be empty".into());
+        }
+        let unknown: Vec<&str> = definition
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !POLICY_KEYS.contains(k))
+            .collect();
+        if !unknown.is_empty() {
+            return Err(format!(
+                "Validation failed\n\n{} are not recognised policy settings",
+                unknown.join(", ")
+            ));
         }
         for (k, v) in &definition {
             let ok = match k.as_str() {

@@ -146,3 +146,35 @@ async fn policies_apply_to_new_queues() {
         404
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_policy_settings_are_refused_known_ones_kept() {
+    let b = start().await;
+    let (status, v) = b
+        .call(
+            "PUT",
+            "/api/policies/%2F/bad",
+            GUEST,
+            Some(json!({"pattern": "^q$", "definition": {"foo": "bar", "max-length": 3}})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let reason = v["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("foo are not recognised policy settings"),
+        "{reason}"
+    );
+    assert_eq!(
+        b.call("GET", "/api/policies/%2F/bad", GUEST, None).await.0,
+        404
+    );
+    // Settings RabbitMQ knows and warren does not act on are kept.
+    b.ok(
+        "PUT",
+        "/api/policies/%2F/mirrored",
+        json!({"pattern": "^q$", "definition": {"ha-mode": "all", "queue-mode": "lazy"}}),
+    )
+    .await;
+    let p = b.get("/api/policies/%2F/mirrored").await;
+    assert_eq!(p["definition"]["ha-mode"], "all", "{p}");
+}
