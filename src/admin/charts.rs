@@ -128,7 +128,8 @@ pub fn fd_total() -> Option<u64> {
     }
     // SAFETY: getrlimit succeeded, so it wrote the whole struct.
     let lim = unsafe { lim.assume_init() };
-    Some(lim.rlim_cur)
+    // RLIM_INFINITY and other huge values as the largest a client expects.
+    Some(lim.rlim_cur.min(u64::from(u32::MAX)))
 }
 
 /// Bytes free for unprivileged users on the file system holding `path`.

@@ -168,6 +168,10 @@ pub fn node_figures(s: &AdminState) -> Value {
         "fd_used": super::charts::fd_used(),
         "fd_total": super::charts::fd_total(),
         "os_pid": std::process::id().to_string(),
+        "rabbitmq_version": VERSION,
+        // Warren has no maintenance mode: a node is never drained of its
+        // clients and queue leaders.
+        "being_drained": false,
         "exchange_types": exchange_types(),
     "auth_mechanisms": AUTH_MECHANISMS
             .iter()

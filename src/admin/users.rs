@@ -14,7 +14,7 @@ pub fn user_json(u: &User) -> Value {
     json!({
         "name": u.name,
         "password_hash": u.password_hash,
-        "hashing_algorithm": HASHING_ALGORITHM,
+        "hashing_algorithm": auth::hash_algorithm(&u.password_hash).unwrap_or(HASHING_ALGORITHM),
         "tags": u.tags_list(),
         "limits": {},
     })
@@ -79,13 +79,17 @@ pub fn put_user_from(b: &Broker, name: &str, body: &Value) -> ApiResult<bool> {
             .as_str()
             .ok_or_else(|| ApiError::bad_request("password_hash must be a string"))?;
         let algo = text(body, "hashing_algorithm", HASHING_ALGORITHM)?;
-        if algo != HASHING_ALGORITHM {
+        if algo != HASHING_ALGORITHM && algo != auth::HASHING_ALGORITHM_SHA512 {
             return Err(ApiError::bad_request(format!(
                 "unsupported hashing_algorithm '{algo}'"
             )));
         }
-        if !auth::valid_hash(h) {
-            return Err(ApiError::bad_request("invalid password_hash"));
+        // The hash's length tells its algorithm; a named one must agree
+        // (an empty hash: no password).
+        if !h.is_empty() && auth::hash_algorithm(h) != Some(algo) {
+            return Err(ApiError::bad_request(format!(
+                "password_hash is not a {algo} hash"
+            )));
         }
         h.to_string()
     } else if let Some(u) = &existing {

@@ -23,8 +23,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// The only hashing algorithm we produce and accept.
+/// The hashing algorithm of the hashes warren makes (RabbitMQ's default).
 pub const HASHING_ALGORITHM: &str = "rabbit_password_hashing_sha256";
+
+/// RabbitMQ's other salted hash (a 4-byte salt and SHA-512 of salt and
+/// password), accepted in `password_hash` and kept as given.
+pub const HASHING_ALGORITHM_SHA512: &str = "rabbit_password_hashing_sha512";
+
+/// The algorithm of a stored hash, told by its length (36 bytes: SHA-256,
+/// 68: SHA-512); None for a malformed one.
+pub fn hash_algorithm(hash: &str) -> Option<&'static str> {
+    match B64.decode(hash).ok()?.len() {
+        36 => Some(HASHING_ALGORITHM),
+        68 => Some(HASHING_ALGORITHM_SHA512),
+        _ => None,
+    }
+}
 
 /// A broker user.
 #[derive(Debug, Clone)]
@@ -214,16 +228,21 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     let Ok(raw) = B64.decode(hash) else {
         return false;
     };
-    if raw.len() != 4 + 32 {
-        return false;
+    match raw.len() {
+        36 => hash_with_salt([raw[0], raw[1], raw[2], raw[3]], password) == hash,
+        68 => {
+            let mut h = sha2::Sha512::new();
+            h.update(&raw[..4]);
+            h.update(password.as_bytes());
+            h.finalize().as_slice() == &raw[4..]
+        }
+        _ => false,
     }
-    let salt = [raw[0], raw[1], raw[2], raw[3]];
-    hash_with_salt(salt, password) == hash
 }
 
 /// Whether a stored hash is well formed (for `password_hash` in the API / definitions).
 pub fn valid_hash(hash: &str) -> bool {
-    hash.is_empty() || B64.decode(hash).is_ok_and(|raw| raw.len() == 36)
+    hash.is_empty() || hash_algorithm(hash).is_some()
 }
 
 /// A user as stored on disk.
@@ -701,6 +720,26 @@ pub(crate) fn drop_record(store: &Store, kind: TopologyKind, key: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sha512_hashes_as_rabbitmq_makes_them_are_verified() {
+        use sha2::Sha512;
+        let salt = [1u8, 2, 3, 4];
+        let mut h = Sha512::new();
+        h.update(salt);
+        h.update(b"s3cret");
+        let mut raw = salt.to_vec();
+        raw.extend_from_slice(&h.finalize());
+        let hash = B64.encode(raw);
+        assert_eq!(hash_algorithm(&hash), Some(HASHING_ALGORITHM_SHA512));
+        assert!(valid_hash(&hash));
+        assert!(verify_password(&hash, "s3cret"));
+        assert!(!verify_password(&hash, "s3cre"));
+        let sha256 = hash_password("x");
+        assert_eq!(hash_algorithm(&sha256), Some(HASHING_ALGORITHM));
+        assert!(verify_password(&sha256, "x"));
+        assert_eq!(hash_algorithm("AAAA"), None);
+    }
 
     #[test]
     fn hashes_verify_and_match_rabbitmq() {
