@@ -5,7 +5,7 @@
 
 use super::{table_to_json, AdminState, ApiError, ApiResult, Caller};
 use crate::broker::{ChannelStats, ConnectionInfo};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
@@ -82,13 +82,17 @@ fn visible(s: &AdminState, caller: &Caller) -> Vec<Arc<ConnectionInfo>> {
     v
 }
 
-pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(Value::Array(
-        visible(&s, &caller)
-            .iter()
-            .map(|c| connection_json(&s, c))
-            .collect(),
-    ))
+/// `/api/connections`, with the listing parameters (`page`, `name`, `sort`, ...).
+pub async fn list(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let rows = visible(&s, &caller)
+        .iter()
+        .map(|c| connection_json(&s, c))
+        .collect();
+    super::queues::paged(rows, &params).map(Json)
 }
 
 pub async fn list_vhost(
@@ -215,8 +219,13 @@ fn channel_rows(
     out
 }
 
-pub async fn channels(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(Value::Array(channel_rows(&s, &caller, |_| true)))
+/// `/api/channels`, with the listing parameters (`page`, `name`, `sort`, ...).
+pub async fn channels(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    super::queues::paged(channel_rows(&s, &caller, |_| true), &params).map(Json)
 }
 
 /// `/api/vhosts/{vhost}/channels`.

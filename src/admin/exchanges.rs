@@ -75,17 +75,24 @@ fn collect(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
     out
 }
 
-pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(Value::Array(collect(&s, &caller, None)))
+/// `/api/exchanges`, with the listing parameters (`page`, `page_size`,
+/// `name`, `use_regex`, `sort`, `sort_reverse`).
+pub async fn list(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    super::queues::paged(collect(&s, &caller, None), &params).map(Json)
 }
 
 pub async fn list_vhost(
     State(s): State<AdminState>,
     caller: Caller,
     Path(vhost): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(Value::Array(collect(&s, &caller, Some(&vhost)))))
+    super::queues::paged(collect(&s, &caller, Some(&vhost)), &params).map(Json)
 }
 
 pub async fn show(

@@ -207,16 +207,9 @@ fn number_param(params: &HashMap<String, String>, key: &str, default: usize) -> 
     }
 }
 
-/// A listing, paginated as RabbitMQ's management API does when `page` is given
-/// (`page`, `page_size` (max 500), `name` (substring, or a regex with
-/// `use_regex=true`), `sort` (a dotted field path), `sort_reverse`); a plain
-/// array otherwise.
-async fn listing(
-    s: &AdminState,
-    caller: &Caller,
-    only: Option<&str>,
-    params: &HashMap<String, String>,
-) -> ApiResult<Value> {
+/// The name filter of a listing (`name`: a case-insensitive substring, or a
+/// regex with `use_regex=true`).
+fn name_filter(params: &HashMap<String, String>) -> ApiResult<impl Fn(&str) -> bool> {
     let name = params.get("name").map(String::as_str).unwrap_or("");
     let regex = if params.get("use_regex").is_some_and(|x| x == "true") && !name.is_empty() {
         Some(
@@ -227,10 +220,76 @@ async fn listing(
         None
     };
     let needle = name.to_lowercase();
-    let keep = |n: &str| match &regex {
+    Ok(move |n: &str| match &regex {
         Some(r) => r.is_match(n),
         None => needle.is_empty() || n.to_lowercase().contains(&needle),
-    };
+    })
+}
+
+/// The page `page` of `page_size` (max 500) of `filtered` items, as its
+/// bounds and the page count; 400 past the last page.
+fn page_bounds(
+    params: &HashMap<String, String>,
+    filtered: usize,
+) -> ApiResult<(usize, usize, usize, usize)> {
+    let page = number_param(params, "page", 1)?;
+    let page_size = number_param(params, "page_size", 100)?;
+    if page_size > 500 {
+        return Err(ApiError::bad_request("page_size must not exceed 500"));
+    }
+    let page_count = filtered.div_ceil(page_size).max(1);
+    if page > page_count {
+        return Err(ApiError::bad_request(format!(
+            "page out of range: {page} of {page_count}"
+        )));
+    }
+    Ok((page, page_size, page_count, (page - 1) * page_size))
+}
+
+/// A listing other than queues' (rendered already, `items`) filtered by
+/// `name`, sorted by `sort` / `sort_reverse`, and paginated when `page` is
+/// given, as [`listing`] does for queues.
+pub(super) fn paged(items: Vec<Value>, params: &HashMap<String, String>) -> ApiResult<Value> {
+    let total = items.len();
+    let keep = name_filter(params)?;
+    let mut items: Vec<Value> = items
+        .into_iter()
+        .filter(|v| keep(v["name"].as_str().unwrap_or("")))
+        .collect();
+    if let Some(sort) = params.get("sort").filter(|s| !s.is_empty()) {
+        items.sort_by(|a, b| cmp_values(at_path(a, sort), at_path(b, sort)));
+    }
+    if params.get("sort_reverse").is_some_and(|x| x == "true") {
+        items.reverse();
+    }
+    if !params.contains_key("page") {
+        return Ok(Value::Array(items));
+    }
+    let filtered = items.len();
+    let (page, page_size, page_count, start) = page_bounds(params, filtered)?;
+    let items: Vec<Value> = items.into_iter().skip(start).take(page_size).collect();
+    Ok(json!({
+        "filtered_count": filtered,
+        "item_count": items.len(),
+        "items": items,
+        "page": page,
+        "page_count": page_count,
+        "page_size": page_size,
+        "total_count": total,
+    }))
+}
+
+/// A listing, paginated as RabbitMQ's management API does when `page` is given
+/// (`page`, `page_size` (max 500), `name` (substring, or a regex with
+/// `use_regex=true`), `sort` (a dotted field path), `sort_reverse`); a plain
+/// array otherwise.
+async fn listing(
+    s: &AdminState,
+    caller: &Caller,
+    only: Option<&str>,
+    params: &HashMap<String, String>,
+) -> ApiResult<Value> {
+    let keep = name_filter(params)?;
     let (mut queues, total) = collect(s, caller, only, &keep);
     let sort = params.get("sort").map(String::as_str).unwrap_or("");
     let reverse = params.get("sort_reverse").is_some_and(|x| x == "true");
@@ -262,19 +321,8 @@ async fn listing(
     if !params.contains_key("page") {
         return Ok(Value::Array(items));
     }
-    let page = number_param(params, "page", 1)?;
-    let page_size = number_param(params, "page_size", 100)?;
-    if page_size > 500 {
-        return Err(ApiError::bad_request("page_size must not exceed 500"));
-    }
     let filtered = queues.len();
-    let page_count = filtered.div_ceil(page_size).max(1);
-    if page > page_count {
-        return Err(ApiError::bad_request(format!(
-            "page out of range: {page} of {page_count}"
-        )));
-    }
-    let start = (page - 1) * page_size;
+    let (page, page_size, page_count, start) = page_bounds(params, filtered)?;
     let items: Vec<Value> = if by_name {
         let page = &queues[start.min(filtered)..(start + page_size).min(filtered)];
         homes.fetch(s, page).await;

@@ -284,3 +284,34 @@ async fn queue_listing_pages_filters_and_sorts() {
         assert_eq!(s, 400, "{bad}: {v}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchanges_and_connections_are_listed_in_pages() {
+    let b = start().await;
+    for n in ["pg-a", "pg-b", "pg-c"] {
+        b.ok(
+            "PUT",
+            &format!("/api/exchanges/%2F/{n}"),
+            json!({"type": "fanout"}),
+        )
+        .await;
+    }
+    let p = b
+        .get("/api/exchanges?page=2&page_size=2&name=pg-&sort=name")
+        .await;
+    assert_eq!(p["filtered_count"], 3, "{p}");
+    assert_eq!(p["page_count"], 2);
+    assert_eq!(p["items"].as_array().map(Vec::len), Some(1));
+    assert_eq!(p["items"][0]["name"], "pg-c");
+    let all = b
+        .get("/api/exchanges/%2F?sort=name&sort_reverse=true")
+        .await;
+    assert_eq!(all[0]["name"], "pg-c", "a plain array without page");
+    let (status, _) = b
+        .call("GET", "/api/exchanges?page=50&page_size=2", GUEST, None)
+        .await;
+    assert_eq!(status, 400);
+    let _conn = b.amqp("guest", "guest", "/").await.expect("connect");
+    let c = b.get("/api/connections?page=1&page_size=1").await;
+    assert_eq!(c["total_count"], 1, "{c}");
+}
