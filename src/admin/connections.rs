@@ -159,6 +159,37 @@ pub async fn close(
     }
 }
 
+/// `GET /api/connections/username/{user}`: that user's connections.
+pub async fn list_user(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(user): Path<String>,
+) -> Json<Value> {
+    Json(Value::Array(
+        visible(&s, &caller)
+            .iter()
+            .filter(|c| c.user == user)
+            .map(|c| connection_json(&s, c))
+            .collect(),
+    ))
+}
+
+/// `DELETE /api/connections/username/{user}`: close every connection of
+/// that user (an administrator, or the user itself), with the `X-Reason`
+/// header's reason.
+pub async fn close_user(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(user): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<StatusCode> {
+    for c in visible(&s, &caller).iter().filter(|c| c.user == user) {
+        let reason = close_reason(&caller, c, &headers)?;
+        s.broker.close_connection(&c.name, reason);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The channels of the connections `caller` sees that `keep` keeps, as
 /// `/api/channels` lists them.
 fn channel_rows(

@@ -537,6 +537,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/channels", get(connections::channels))
         .route("/api/channels/:name", get(connections::channel))
         .route(
+            "/api/connections/username/:user",
+            get(connections::list_user).delete(connections::close_user),
+        )
+        .route(
             "/api/connections/:name/channels",
             get(connections::connection_channels),
         )

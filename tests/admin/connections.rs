@@ -433,3 +433,21 @@ async fn queues_name_their_exclusive_and_single_active_consumers() {
     let q = b.get("/api/queues/%2F/sacq").await;
     assert_eq!(q["single_active_consumer_tag"], "second", "{q}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_connections_are_listed_and_closed_together() {
+    let b = start().await;
+    let _one = b.amqp("guest", "guest", "/").await.unwrap();
+    let _two = b.amqp("guest", "guest", "/").await.unwrap();
+    let mine = b.get("/api/connections/username/guest").await;
+    assert_eq!(mine.as_array().map(Vec::len), Some(2), "{mine}");
+    assert_eq!(b.get("/api/connections/username/nobody").await, json!([]));
+    let (status, _) = b
+        .call("DELETE", "/api/connections/username/guest", GUEST, None)
+        .await;
+    assert_eq!(status, 204);
+    until(&b, "/api/connections", |v| {
+        v.as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+}
