@@ -134,6 +134,96 @@ pub async fn delete_vhost(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The `vhost-limits` runtime parameters `caller` sees (in vhost `only`),
+/// as `/api/parameters` lists them.
+pub fn visible_limit_parameters(b: &Broker, caller: &Caller, only: Option<&str>) -> Vec<Value> {
+    vhost_limit_parameters(b)
+        .into_iter()
+        .filter(|p| {
+            let v = p["vhost"].as_str().unwrap_or("");
+            only.is_none_or(|o| o == v) && caller.sees(b, v)
+        })
+        .collect()
+}
+
+/// `GET /api/parameters/vhost-limits`.
+pub async fn parameters(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    Json(Value::Array(visible_limit_parameters(
+        &s.broker, &caller, None,
+    )))
+}
+
+/// `GET /api/parameters/vhost-limits/{vhost}`.
+pub async fn parameters_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    let rows = visible_limit_parameters(&s.broker, &caller, Some(&vhost));
+    Ok(Json(Value::Array(rows)))
+}
+
+/// `GET /api/parameters/vhost-limits/{vhost}/limits` (the one name this
+/// component has).
+pub async fn parameter(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    caller.require_vhost(&s.broker, &vhost)?;
+    visible_limit_parameters(&s.broker, &caller, Some(&vhost))
+        .into_iter()
+        .find(|p| p["name"] == name.as_str())
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
+}
+
+/// `PUT /api/parameters/vhost-limits/{vhost}/limits` with `{"value": {...}}`:
+/// the vhost's limits replaced, as a definitions entry replaces them.
+pub async fn put_parameter(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    if name != "limits" {
+        return Err(ApiError::bad_request(format!(
+            "vhost-limits parameters are named 'limits', not '{name}'"
+        )));
+    }
+    let existed = s
+        .broker
+        .vhost(&vhost)
+        .is_some_and(|v| !v.limit_values.all().is_empty());
+    let entry = json!({"component": "vhost-limits", "vhost": vhost, "value": body.get("value")});
+    import_parameter(&s.broker, &entry)?;
+    super::cluster::replicate(&s, || vhost_limits_cmd(&s.broker, &vhost)).await?;
+    Ok(super::put_status(!existed))
+}
+
+/// `DELETE /api/parameters/vhost-limits/{vhost}/limits`: every limit cleared.
+pub async fn delete_parameter(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path((vhost, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    if name != "limits" {
+        return Err(ApiError::not_found());
+    }
+    let before = s
+        .broker
+        .change_vhost_limits(&vhost, |m| m.clear())?
+        .ok_or_else(ApiError::not_found)?;
+    if before.is_empty() {
+        return Err(ApiError::not_found());
+    }
+    super::cluster::replicate(&s, || vhost_limits_cmd(&s.broker, &vhost)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 fn user_rows(b: &Broker, keep: impl Fn(&str) -> bool) -> Vec<Value> {
     b.auth
         .all_user_limits()

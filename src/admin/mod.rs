@@ -594,6 +594,17 @@ fn tenancy_routes() -> Router<AdminState> {
             "/api/vhosts/:vhost/topic-permissions",
             get(topic_permissions::list_vhost),
         )
+        .route("/api/parameters/vhost-limits", get(limits::parameters))
+        .route(
+            "/api/parameters/vhost-limits/:vhost",
+            get(limits::parameters_vhost),
+        )
+        .route(
+            "/api/parameters/vhost-limits/:vhost/:name",
+            get(limits::parameter)
+                .put(limits::put_parameter)
+                .delete(limits::delete_parameter),
+        )
         .route("/api/vhost-limits", get(limits::list_vhosts))
         .route("/api/vhost-limits/:vhost", get(limits::show_vhost))
         .route(

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
-        .route("/api/parameters", get(list_all))
+        .route("/api/parameters", get(list_every))
         .route("/api/parameters/shovel", get(list_all))
         .route("/api/parameters/shovel/:vhost", get(list_vhost))
         .route(
@@ -36,6 +36,14 @@ fn visible(s: &AdminState, caller: &Caller, rows: Vec<Value>) -> Vec<Value> {
                 .is_some_and(|v| caller.sees(&s.broker, v))
         })
         .collect()
+}
+
+/// `GET /api/parameters`: every runtime parameter `caller` sees (vhost
+/// limits and shovels).
+async fn list_every(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
+    let mut rows = super::limits::visible_limit_parameters(&s.broker, &caller, None);
+    rows.extend(visible(&s, &caller, s.shovels.parameters(None)));
+    Json(Value::Array(rows))
 }
 
 async fn list_all(State(s): State<AdminState>, caller: Caller) -> Json<Value> {

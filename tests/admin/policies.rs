@@ -178,3 +178,37 @@ async fn unknown_policy_settings_are_refused_known_ones_kept() {
     let p = b.get("/api/policies/%2F/mirrored").await;
     assert_eq!(p["definition"]["ha-mode"], "all", "{p}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhost_limits_as_runtime_parameters() {
+    let b = start().await;
+    let path = "/api/parameters/vhost-limits/%2F/limits";
+    let created = b
+        .ok(
+            "PUT",
+            path,
+            json!({"vhost": "/", "component": "vhost-limits", "name": "limits", "value": {"max-connections": 9988}}),
+        )
+        .await;
+    assert_eq!(created, 201);
+    assert_eq!(b.get(path).await["value"]["max-connections"], 9988);
+    let limits = b.get("/api/vhost-limits/%2F").await;
+    assert_eq!(limits[0]["value"]["max-connections"], 9988, "{limits}");
+    let all = b.get("/api/parameters").await;
+    assert!(
+        all.as_array()
+            .is_some_and(|a| a.iter().any(|p| p["component"] == "vhost-limits")),
+        "{all}"
+    );
+    let (status, _) = b
+        .call(
+            "PUT",
+            path,
+            GUEST,
+            Some(json!({"value": {"max-nonsense": 1}})),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert_eq!(b.call("DELETE", path, GUEST, None).await.0, 204);
+    assert_eq!(b.call("GET", path, GUEST, None).await.0, 404);
+}
