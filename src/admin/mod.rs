@@ -367,6 +367,64 @@ fn basic_credentials(parts: &Parts) -> Option<(String, String)> {
 
 /// The admin router (also usable with `tower::ServiceExt::oneshot` in tests).
 pub fn router(state: AdminState) -> Router {
+    // Routed on the path with its percent-encoded unreserved characters
+    // decoded (clients that encode every non-alphanumeric character of a
+    // segment send `vhost%2Dlimits`, which RabbitMQ routes as `vhost-limits`).
+    Router::new()
+        .fallback_service(routes(state))
+        .layer(axum::middleware::map_request(decode_unreserved))
+}
+
+/// The request with `%XX` escapes of unreserved characters (RFC 3986:
+/// letters, digits, `-`, `.`, `_`, `~`) in its path decoded; escapes of
+/// anything else (`%2F` in a vhost name) stay, for the path parameters.
+async fn decode_unreserved(mut req: axum::extract::Request) -> axum::extract::Request {
+    let uri = req.uri();
+    let path = uri.path();
+    if !path.contains('%') {
+        return req;
+    }
+    let decoded = decode_unreserved_path(path);
+    if decoded == path {
+        return req;
+    }
+    let path_and_query = match uri.query() {
+        Some(q) => format!("{decoded}?{q}"),
+        None => decoded,
+    };
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(new) = axum::http::Uri::from_parts(parts) {
+            *req.uri_mut() = new;
+        }
+    }
+    req
+}
+
+/// [`decode_unreserved`] on a path.
+fn decode_unreserved_path(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+            if let Some(c) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(char::from(c));
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(char::from(b[i]));
+        i += 1;
+    }
+    out
+}
+
+fn routes(state: AdminState) -> Router {
     Router::new()
         .route("/api/overview", get(charts::overview))
         .route("/api/nodes", get(overview::nodes))
@@ -834,6 +892,18 @@ pub(crate) fn put_status(created: bool) -> StatusCode {
 mod tests {
     use super::*;
     use crate::broker::persist::failpoint;
+
+    #[test]
+    fn escaped_unreserved_characters_are_decoded_before_routing() {
+        assert_eq!(
+            decode_unreserved_path("/api/parameters/vhost%2Dlimits/a%2Fb/limits"),
+            "/api/parameters/vhost-limits/a%2Fb/limits"
+        );
+        assert_eq!(decode_unreserved_path("/api/x%5Fy%7E%2e"), "/api/x_y~.");
+        // Reserved or broken escapes stay as they are.
+        assert_eq!(decode_unreserved_path("/a%20b%2"), "/a%20b%2");
+        assert_eq!(decode_unreserved_path("/a%zzb%"), "/a%zzb%");
+    }
 
     #[test]
     fn amqp_errors_map_to_rabbitmq_statuses() {

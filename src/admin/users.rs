@@ -1,7 +1,7 @@
 //! `/api/users[/{name}]` and `/api/permissions[/{vhost}/{user}]`: users with
 //! salted SHA-256 password hashes and tags, and per-vhost permission regexes.
 
-use super::{text, AdminState, ApiError, ApiResult, Body, Caller};
+use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::auth::{self, Permission, User, HASHING_ALGORITHM};
 use crate::broker::Broker;
 use crate::cluster::Command;
@@ -78,18 +78,25 @@ pub fn put_user_from(b: &Broker, name: &str, body: &Value) -> ApiResult<bool> {
         let h = h
             .as_str()
             .ok_or_else(|| ApiError::bad_request("password_hash must be a string"))?;
-        let algo = text(body, "hashing_algorithm", HASHING_ALGORITHM)?;
-        if algo != HASHING_ALGORITHM && algo != auth::HASHING_ALGORITHM_SHA512 {
-            return Err(ApiError::bad_request(format!(
-                "unsupported hashing_algorithm '{algo}'"
-            )));
+        // A hash's length tells its algorithm (SHA-256 or SHA-512); a
+        // `hashing_algorithm` given must be one of them and agree.
+        if !auth::valid_hash(h) {
+            return Err(ApiError::bad_request("invalid password_hash"));
         }
-        // The hash's length tells its algorithm; a named one must agree
-        // (an empty hash: no password).
-        if !h.is_empty() && auth::hash_algorithm(h) != Some(algo) {
-            return Err(ApiError::bad_request(format!(
-                "password_hash is not a {algo} hash"
-            )));
+        if let Some(algo) = body.get("hashing_algorithm").filter(|v| !v.is_null()) {
+            let algo = algo
+                .as_str()
+                .ok_or_else(|| ApiError::bad_request("hashing_algorithm must be a string"))?;
+            if algo != HASHING_ALGORITHM && algo != auth::HASHING_ALGORITHM_SHA512 {
+                return Err(ApiError::bad_request(format!(
+                    "unsupported hashing_algorithm '{algo}'"
+                )));
+            }
+            if !h.is_empty() && auth::hash_algorithm(h) != Some(algo) {
+                return Err(ApiError::bad_request(format!(
+                    "password_hash is not a {algo} hash"
+                )));
+            }
         }
         h.to_string()
     } else if let Some(u) = &existing {

@@ -460,3 +460,48 @@ async fn users_without_permissions_and_bulk_delete() {
         .await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sha512_password_hash_logs_in() {
+    use base64::Engine;
+    use sha2::Digest;
+    let b = start().await;
+    let salt = [9u8, 8, 7, 6];
+    let mut h = sha2::Sha512::new();
+    h.update(salt);
+    h.update(b"pw512");
+    let mut raw = salt.to_vec();
+    raw.extend_from_slice(&h.finalize());
+    let hash = base64::engine::general_purpose::STANDARD.encode(raw);
+    // Without hashing_algorithm (the hash's length tells it), and with it.
+    for (user, body) in [
+        ("u512", json!({"password_hash": hash, "tags": ""})),
+        (
+            "v512",
+            json!({"password_hash": hash, "hashing_algorithm": "rabbit_password_hashing_sha512", "tags": ""}),
+        ),
+    ] {
+        b.ok("PUT", &format!("/api/users/{user}"), body).await;
+        b.ok(
+            "PUT",
+            &format!("/api/permissions/%2F/{user}"),
+            json!({"configure": ".*", "write": ".*", "read": ".*"}),
+        )
+        .await;
+        b.amqp(user, "pw512", "/").await.expect("logs in");
+        assert!(b.amqp(user, "wrong", "/").await.is_err());
+    }
+    assert_eq!(
+        b.get("/api/users/u512").await["hashing_algorithm"],
+        "rabbit_password_hashing_sha512"
+    );
+    let (status, _) = b
+        .call(
+            "PUT",
+            "/api/users/w512",
+            GUEST,
+            Some(json!({"password_hash": hash, "hashing_algorithm": "rabbit_password_hashing_sha256"})),
+        )
+        .await;
+    assert_eq!(status, 400, "the named algorithm must match the hash");
+}
