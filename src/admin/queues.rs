@@ -246,6 +246,25 @@ fn page_bounds(
     Ok((page, page_size, page_count, (page - 1) * page_size))
 }
 
+/// One page of a listing: its `items` (page `page` of `page_count`, of
+/// `page_size`), with how many matched the filter and how many there are.
+fn page_json(
+    items: Vec<Value>,
+    (page, page_size, page_count): (usize, usize, usize),
+    filtered: usize,
+    total: usize,
+) -> Value {
+    json!({
+        "filtered_count": filtered,
+        "item_count": items.len(),
+        "items": items,
+        "page": page,
+        "page_count": page_count,
+        "page_size": page_size,
+        "total_count": total,
+    })
+}
+
 /// A listing other than queues' (rendered already, `items`) filtered by
 /// `name`, sorted by `sort` / `sort_reverse`, and paginated when `page` is
 /// given, as [`listing`] does for queues.
@@ -268,15 +287,12 @@ pub(super) fn paged(items: Vec<Value>, params: &HashMap<String, String>) -> ApiR
     let filtered = items.len();
     let (page, page_size, page_count, start) = page_bounds(params, filtered)?;
     let items: Vec<Value> = items.into_iter().skip(start).take(page_size).collect();
-    Ok(json!({
-        "filtered_count": filtered,
-        "item_count": items.len(),
-        "items": items,
-        "page": page,
-        "page_count": page_count,
-        "page_size": page_size,
-        "total_count": total,
-    }))
+    Ok(page_json(
+        items,
+        (page, page_size, page_count),
+        filtered,
+        total,
+    ))
 }
 
 /// A listing, paginated as RabbitMQ's management API does when `page` is given
@@ -330,15 +346,12 @@ async fn listing(
     } else {
         items.into_iter().skip(start).take(page_size).collect()
     };
-    Ok(json!({
-        "filtered_count": filtered,
-        "item_count": items.len(),
-        "items": items,
-        "page": page,
-        "page_count": page_count,
-        "page_size": page_size,
-        "total_count": total,
-    }))
+    Ok(page_json(
+        items,
+        (page, page_size, page_count),
+        filtered,
+        total,
+    ))
 }
 
 pub async fn list(
