@@ -162,7 +162,7 @@ fn get(
     }
     match q.get(g.no_ack, now.ms) {
         None => {
-            ChannelStats::add(&ch.stats.get_empty, 1);
+            Counters::add(&ch.stats.get_empty, 1);
             Counters::add(&ctx.broker.counters.get_empty, 1);
             io.method(&BasicGetEmpty::default().into())
         }
@@ -195,7 +195,6 @@ fn get(
                     deadline,
                     remote: None,
                 });
-                ch.count_unacked();
             }
         }
     }
@@ -393,7 +392,7 @@ pub(super) fn apply_settle(ctx: &ConnCtx, ch: &mut Channel, s: Settle, now: Now)
     let mut taken = ch.take_unacked(tag, multiple)?;
     if requeue.is_none() {
         Counters::add(&ctx.broker.counters.acked, taken.len() as u64);
-        ChannelStats::add(&ch.stats.ack, taken.len() as u64);
+        Counters::add(&ch.stats.ack, taken.len() as u64);
     }
     settle_remote(
         &mut taken,
@@ -645,7 +644,7 @@ pub(super) fn route_and_enqueue(
         .publish_client(exchange, &message, cc, &ctx.tap(io.id), now.ms)?;
     let counters = &ctx.broker.counters;
     Counters::add(&counters.published, 1);
-    ChannelStats::add(&stats.publish, 1);
+    Counters::add(&stats.publish, 1);
     if !published.routed {
         Counters::add(&counters.unroutable, 1);
         let dropped = if mandatory {
@@ -653,7 +652,7 @@ pub(super) fn route_and_enqueue(
         } else {
             &stats.drop_unroutable
         };
-        ChannelStats::add(dropped, 1);
+        Counters::add(dropped, 1);
     }
     if !published.routed && mandatory {
         Counters::add(&counters.returned, 1);

@@ -262,8 +262,6 @@ impl Channel {
         out
     }
 
-    /// A passive declare answered by the queue's home node: the queue is the
-    /// channel's last declared one.
     /// Report this channel's figures into `stats` (the connection's record
     /// of the channel) from now on.
     pub fn set_stats(&mut self, stats: Arc<crate::broker::ChannelStats>) {
@@ -306,6 +304,8 @@ impl Channel {
         s.acks_uncommitted.store(settles as u64, Relaxed);
     }
 
+    /// A passive declare answered by the queue's home node: the queue is the
+    /// channel's last declared one.
     pub fn set_last_queue(&mut self, name: &str) {
         self.last_queue = Some(name.to_string());
     }

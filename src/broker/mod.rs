@@ -148,13 +148,14 @@ pub struct TlsInfo {
 }
 
 /// Connections and channels opened and closed since start (RabbitMQ's
-/// churn rates); the queues' are each vhost's ([`vhost::QueueChurn`]).
+/// churn rates), and queues' (which the vhosts count into).
 #[derive(Debug, Default)]
 pub struct Churn {
     pub connection_created: AtomicU64,
     pub connection_closed: AtomicU64,
     pub channel_created: AtomicU64,
     pub channel_closed: AtomicU64,
+    pub queues: Arc<vhost::QueueChurn>,
 }
 
 /// One AMQP channel's figures for `/api/channels`: written by its
@@ -187,16 +188,10 @@ pub struct ChannelStats {
 }
 
 impl ChannelStats {
-    /// Count `n` more in `counter`.
-    #[inline]
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-
     /// A delivery to a consumer.
     #[inline]
     pub fn count_deliver(&self, no_ack: bool, redelivered: bool) {
-        Self::add(
+        Counters::add(
             if no_ack {
                 &self.deliver_no_ack
             } else {
@@ -205,16 +200,16 @@ impl ChannelStats {
             1,
         );
         if redelivered {
-            Self::add(&self.redeliver, 1);
+            Counters::add(&self.redeliver, 1);
         }
     }
 
     /// A basic.get answered with a message.
     #[inline]
     pub fn count_get(&self, no_ack: bool, redelivered: bool) {
-        Self::add(if no_ack { &self.get_no_ack } else { &self.get }, 1);
+        Counters::add(if no_ack { &self.get_no_ack } else { &self.get }, 1);
         if redelivered {
-            Self::add(&self.redeliver, 1);
+            Counters::add(&self.redeliver, 1);
         }
     }
 }
@@ -302,15 +297,15 @@ impl Broker {
     }
 
     /// Churn since start, as RabbitMQ names it: connections, channels and
-    /// (summed over the vhosts) queues created, closed, declared, deleted.
+    /// queues created, closed, declared, deleted.
     pub fn churn(&self) -> [(&'static str, u64); 7] {
         let c = &self.churn;
-        let (mut declared, mut created, mut deleted) = (0, 0, 0);
-        for v in self.vhosts() {
-            declared += Counters::get(&v.churn.declared);
-            created += Counters::get(&v.churn.created);
-            deleted += Counters::get(&v.churn.deleted);
-        }
+        let q = &c.queues;
+        let (declared, created, deleted) = (
+            Counters::get(&q.declared),
+            Counters::get(&q.created),
+            Counters::get(&q.deleted),
+        );
         [
             ("connection_created", Counters::get(&c.connection_created)),
             ("connection_closed", Counters::get(&c.connection_closed)),
@@ -422,6 +417,7 @@ impl Broker {
         if let Some(streams) = &self.streams {
             v.set_streams(streams.clone());
         }
+        v.set_churn(Arc::clone(&self.churn.queues));
         if name == "/" {
             v.set_meta(vhost::VHostMeta {
                 description: "Default virtual host".into(),

@@ -173,3 +173,21 @@ async fn cluster_name_and_global_parameters() {
     .await;
     assert_eq!(b.get("/api/cluster-name").await["name"], "restored");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_churn_outlives_its_vhost() {
+    let b = start().await;
+    b.ok("PUT", "/api/vhosts/brief", json!({})).await;
+    b.ok("PUT", "/api/queues/brief/q", json!({"durable": true}))
+        .await;
+    let before = b.get("/api/overview").await["churn_rates"].clone();
+    assert_eq!(before["queue_created"], 1, "{before}");
+    assert_eq!(
+        b.call("DELETE", "/api/vhosts/brief", GUEST, None).await.0,
+        204
+    );
+    // Counters never go down: the deleted vhost's declares stay counted.
+    let after = b.get("/api/overview").await["churn_rates"].clone();
+    assert_eq!(after["queue_created"], 1, "{after}");
+    assert_eq!(after["queue_declared"], before["queue_declared"]);
+}

@@ -69,13 +69,15 @@ pub struct VHost {
     tracing: AtomicBool,
     /// Description, tags and default queue type (stored with the vhost's record).
     meta: RwLock<VHostMeta>,
-    /// Queues declared, created and deleted since start.
-    pub churn: QueueChurn,
+    /// The broker's count of queues declared, created and deleted (set by
+    /// the broker that holds the vhost: a deleted vhost's counts stay in it).
+    churn: std::sync::OnceLock<Arc<QueueChurn>>,
 }
 
-/// A vhost's queue churn (RabbitMQ's `queue_declared`, `queue_created`,
-/// `queue_deleted`): declares by clients (recovery is not one), the ones that
-/// made a queue, and queues deleted for any reason.
+/// Queue churn (RabbitMQ's `queue_declared`, `queue_created`,
+/// `queue_deleted`), counted by the vhosts of a broker: declares by clients
+/// (recovery is not one), the ones that made a queue, and queues deleted for
+/// any reason.
 #[derive(Debug, Default)]
 pub struct QueueChurn {
     pub declared: std::sync::atomic::AtomicU64,
@@ -83,14 +85,28 @@ pub struct QueueChurn {
     pub deleted: std::sync::atomic::AtomicU64,
 }
 
-impl QueueChurn {
-    fn declared(&self, origin: topology::Origin, created: bool) {
+impl VHost {
+    /// Count queue churn into `churn` (once, before any declare).
+    pub fn set_churn(&self, churn: Arc<QueueChurn>) {
+        let _ = self.churn.set(churn);
+    }
+
+    /// A queue declare by `origin` succeeded (`created`: it made the queue).
+    fn count_declared(&self, origin: topology::Origin, created: bool) {
+        let Some(c) = self.churn.get() else { return };
         if origin == topology::Origin::Recovery {
             return;
         }
-        crate::broker::Counters::add(&self.declared, 1);
+        crate::broker::Counters::add(&c.declared, 1);
         if created {
-            crate::broker::Counters::add(&self.created, 1);
+            crate::broker::Counters::add(&c.created, 1);
+        }
+    }
+
+    /// A queue was deleted.
+    fn count_deleted(&self) {
+        if let Some(c) = self.churn.get() {
+            crate::broker::Counters::add(&c.deleted, 1);
         }
     }
 }
@@ -154,7 +170,7 @@ impl VHost {
             limit_values: Default::default(),
             tracing: AtomicBool::new(false),
             meta: RwLock::new(VHostMeta::default()),
-            churn: QueueChurn::default(),
+            churn: std::sync::OnceLock::new(),
         });
         {
             let mut ex = vhost.exchanges.write();

@@ -523,7 +523,7 @@ impl VHost {
             drop(queues);
             q.touch(now);
             let stats = q.stats(now);
-            self.churn.declared(origin, false);
+            self.count_declared(origin, false);
             return Ok((q, stats));
         }
         if matches!(args.queue_type, QueueType::Quorum | QueueType::Stream) {
@@ -584,7 +584,7 @@ impl VHost {
             ))?;
         }
         queues.insert(name, Arc::clone(&q));
-        self.churn.declared(origin, true);
+        self.count_declared(origin, true);
         Ok((q, QueueStats::default()))
     }
 
@@ -660,7 +660,7 @@ impl VHost {
                         stored(persist::delete_queue(store, &self.name, q.name()))?;
                     }
                     queues.remove(q.name());
-                    crate::broker::Counters::add(&self.churn.deleted, 1);
+                    self.count_deleted();
                 }
                 _ => return Ok(0),
             }
