@@ -369,22 +369,25 @@ fn basic_credentials(parts: &Parts) -> Option<(String, String)> {
 pub fn router(state: AdminState) -> Router {
     // Routed on the path with its percent-encoded unreserved characters
     // decoded (clients that encode every non-alphanumeric character of a
-    // segment send `vhost%2Dlimits`, which RabbitMQ routes as `vhost-limits`).
+    // segment send `vhost%2Dlimits`, which RabbitMQ routes as `vhost-limits`)
+    // and without a trailing slash (RabbitMQ's router ignores it:
+    // `/api/connections/` lists the connections).
     Router::new()
         .fallback_service(routes(state))
-        .layer(axum::middleware::map_request(decode_unreserved))
+        .layer(axum::middleware::map_request(normalize_path))
 }
 
 /// The request with `%XX` escapes of unreserved characters (RFC 3986:
-/// letters, digits, `-`, `.`, `_`, `~`) in its path decoded; escapes of
-/// anything else (`%2F` in a vhost name) stay, for the path parameters.
-async fn decode_unreserved(mut req: axum::extract::Request) -> axum::extract::Request {
+/// letters, digits, `-`, `.`, `_`, `~`) in its path decoded (escapes of
+/// anything else, `%2F` in a vhost name, stay for the path parameters) and
+/// its trailing slashes dropped.
+async fn normalize_path(mut req: axum::extract::Request) -> axum::extract::Request {
     let uri = req.uri();
     let path = uri.path();
-    if !path.contains('%') {
+    if !path.contains('%') && !(path.starts_with("/api/") && path.ends_with('/')) {
         return req;
     }
-    let decoded = decode_unreserved_path(path);
+    let decoded = normalized_path(path);
     if decoded == path {
         return req;
     }
@@ -402,8 +405,8 @@ async fn decode_unreserved(mut req: axum::extract::Request) -> axum::extract::Re
     req
 }
 
-/// [`decode_unreserved`] on a path.
-fn decode_unreserved_path(path: &str) -> String {
+/// [`normalize_path`] on a path.
+fn normalized_path(path: &str) -> String {
     let b = path.as_bytes();
     let mut out = String::with_capacity(path.len());
     let mut i = 0;
@@ -420,6 +423,9 @@ fn decode_unreserved_path(path: &str) -> String {
         }
         out.push(char::from(b[i]));
         i += 1;
+    }
+    while out.starts_with("/api/") && out.ends_with('/') {
+        out.pop();
     }
     out
 }
@@ -894,15 +900,19 @@ mod tests {
     use crate::broker::persist::failpoint;
 
     #[test]
-    fn escaped_unreserved_characters_are_decoded_before_routing() {
+    fn paths_are_normalized_before_routing() {
         assert_eq!(
-            decode_unreserved_path("/api/parameters/vhost%2Dlimits/a%2Fb/limits"),
+            normalized_path("/api/parameters/vhost%2Dlimits/a%2Fb/limits"),
             "/api/parameters/vhost-limits/a%2Fb/limits"
         );
-        assert_eq!(decode_unreserved_path("/api/x%5Fy%7E%2e"), "/api/x_y~.");
+        assert_eq!(normalized_path("/api/x%5Fy%7E%2e"), "/api/x_y~.");
         // Reserved or broken escapes stay as they are.
-        assert_eq!(decode_unreserved_path("/a%20b%2"), "/a%20b%2");
-        assert_eq!(decode_unreserved_path("/a%zzb%"), "/a%zzb%");
+        assert_eq!(normalized_path("/a%20b%2"), "/a%20b%2");
+        assert_eq!(normalized_path("/a%zzb%"), "/a%zzb%");
+        assert_eq!(normalized_path("/api/connections/"), "/api/connections");
+        assert_eq!(normalized_path("/api/queues/%2F//"), "/api/queues/%2F");
+        assert_eq!(normalized_path("/api/"), "/api");
+        assert_eq!(normalized_path("/"), "/");
     }
 
     #[test]

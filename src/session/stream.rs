@@ -123,31 +123,59 @@ struct Publisher {
     stream: String,
     log: Arc<StreamLog>,
     reference: Option<Arc<str>>,
-    /// (next offset that must be committed, publishing ids) per publish
-    /// frame; the ids of all of them, in order, in `pending_ids`.
-    pending: VecDeque<(u64, usize)>,
+    /// (next offset that must be committed, publishing ids, of which
+    /// duplicates) per publish frame; the ids of all of them in
+    /// `pending_ids`, each frame's duplicates first.
+    pending: VecDeque<(u64, usize, usize)>,
     pending_ids: VecDeque<u64>,
     /// The log's committed next offset.
     committed: tokio::sync::watch::Receiver<u64>,
     stats: Arc<PublisherStats>,
 }
 
-/// Confirm what `p` published that the log has committed: one frame.
+/// Confirm what `p` published that the log has committed: one frame, or
+/// two when duplicates are among it. As RabbitMQ (whose writer confirms
+/// duplicates before the chunk they came with), a duplicate's id goes in a
+/// frame of its own before the written ids: a client that keys its waiters
+/// by publishing id (the Rust client removes one per id, and panics on an
+/// id it no longer waits for) sees every id it waits on before a repeat.
 fn confirm_ready(out: &mut BytesMut, id: u8, p: &mut Publisher) {
     let committed = *p.committed.borrow();
     let ready = p
         .pending
         .iter()
-        .take_while(|(until, _)| *until <= committed)
+        .take_while(|(until, _, _)| *until <= committed)
         .count();
     if ready == 0 {
         return;
     }
-    let count: usize = p.pending.drain(..ready).map(|(_, n)| n).sum();
+    let (count, dups) = p
+        .pending
+        .iter()
+        .take(ready)
+        .fold((0, 0), |(c, d), (_, n, k)| (c + n, d + k));
     p.stats
         .confirmed
         .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-    response::publish_confirm(out, id, count, p.pending_ids.drain(..count));
+    if dups == 0 {
+        p.pending.drain(..ready);
+        response::publish_confirm(out, id, count, p.pending_ids.drain(..count));
+        return;
+    }
+    let (mut dup_ids, mut ids) = (Vec::with_capacity(dups), Vec::with_capacity(count - dups));
+    for (_, n, k) in p.pending.drain(..ready) {
+        for (i, pid) in p.pending_ids.drain(..n).enumerate() {
+            if i < k {
+                dup_ids.push(pid);
+            } else {
+                ids.push(pid);
+            }
+        }
+    }
+    response::publish_confirm(out, id, dups, dup_ids.into_iter());
+    if !ids.is_empty() {
+        response::publish_confirm(out, id, ids.len(), ids.into_iter());
+    }
 }
 
 /// A piece of output for the socket, in order with the rest.
@@ -1578,9 +1606,17 @@ impl StreamSession {
             .append_from(p.reference.as_ref(), batch, now_ms as i64)
         {
             Ok(a) => {
-                p.pending.push_back((a.next_offset, messages.len()));
+                let dups = a.duplicates.len();
+                p.pending.push_back((a.next_offset, messages.len(), dups));
+                // `duplicates` is in ascending order of index.
                 p.pending_ids
-                    .extend(messages.iter().map(|m| m.publishing_id));
+                    .extend(a.duplicates.iter().map(|&i| messages[i].publishing_id));
+                let mut d = a.duplicates.iter().peekable();
+                for (i, m) in messages.iter().enumerate() {
+                    if d.next_if(|&&x| x == i).is_none() {
+                        p.pending_ids.push_back(m.publishing_id);
+                    }
+                }
                 confirm_ready(&mut self.out, publisher_id, p);
             }
             Err(e) => {
