@@ -384,7 +384,8 @@ pub fn router(state: AdminState) -> Router {
 async fn normalize_path(mut req: axum::extract::Request) -> axum::extract::Request {
     let uri = req.uri();
     let path = uri.path();
-    if !path.contains('%') && !(path.starts_with("/api/") && path.ends_with('/')) {
+    let trailing_slash = path.starts_with("/api/") && path.ends_with('/');
+    if !path.contains('%') && !trailing_slash {
         return req;
     }
     let decoded = normalized_path(path);
