@@ -1,4 +1,4 @@
-//! `/api/definitions`: export and import of users (with their limits), vhosts,
+//! `/api/definitions[/{vhost}]`: export and import of users (with their limits), vhosts,
 //! permissions, topic permissions, vhost limits and shovels (`parameters` of
 //! components `vhost-limits` and `shovel`), policies, exchanges, queues and bindings in RabbitMQ's
 //! definitions JSON format.
@@ -6,12 +6,20 @@
 use super::policies::Kind;
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::cluster::Command;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
+use std::collections::HashMap;
 
-pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
+/// `GET /api/definitions`: everything, as RabbitMQ exports it
+/// (`?download=<file>` names the attachment, as the UI's download link).
+pub async fn export(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
     caller.require_admin()?;
     let b = &s.broker;
     let users: Vec<Value> = b
@@ -38,9 +46,102 @@ pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Js
         .iter()
         .map(|(v, u, p)| super::topic_permissions::topic_permission_json(v, u, p))
         .collect();
+    let t = topology(&s, None);
+    let doc = json!({
+        "rabbit_version": super::overview::VERSION,
+        "rabbitmq_version": super::overview::VERSION,
+        "product_name": "warren",
+        "product_version": super::overview::VERSION,
+        "users": users,
+        "vhosts": vhosts,
+        "permissions": permissions,
+        "topic_permissions": topic_permissions,
+        "parameters": t.parameters,
+        "global_parameters": b
+            .global
+            .list()
+            .into_iter()
+            .map(|(name, value)| json!({"name": name, "value": value}))
+            .collect::<Vec<_>>(),
+        "policies": t.policies,
+        "queues": t.queues,
+        "exchanges": t.exchanges,
+        "bindings": t.bindings,
+    });
+    Ok(download(doc, &q))
+}
+
+/// `GET /api/definitions/{vhost}`: one vhost's parameters, policies,
+/// queues, exchanges and bindings, the last three without their `vhost`
+/// fields (as RabbitMQ 3.10 exports a vhost, to import into another).
+pub async fn export_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Response> {
+    caller.require_admin()?;
+    if s.broker.vhost(&vhost).is_none() {
+        return Err(ApiError::not_found());
+    }
+    let t = topology(&s, Some(&vhost));
+    let strip = |items: Vec<Value>| -> Vec<Value> {
+        items
+            .into_iter()
+            .map(|mut i| {
+                if let Some(o) = i.as_object_mut() {
+                    o.remove("vhost");
+                }
+                i
+            })
+            .collect()
+    };
+    let doc = json!({
+        "rabbit_version": super::overview::VERSION,
+        "rabbitmq_version": super::overview::VERSION,
+        "product_name": "warren",
+        "product_version": super::overview::VERSION,
+        "parameters": t.parameters,
+        "policies": t.policies,
+        "queues": strip(t.queues),
+        "exchanges": strip(t.exchanges),
+        "bindings": strip(t.bindings),
+    });
+    Ok(download(doc, &q))
+}
+
+/// The JSON, as an attachment named by `?download=` when there is one.
+fn download(doc: Value, q: &HashMap<String, String>) -> Response {
+    let mut r = Json(doc).into_response();
+    if let Some(name) = q.get("download").filter(|n| !n.is_empty()) {
+        let name: String = name
+            .chars()
+            .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+            .collect();
+        if let Ok(v) = format!("attachment; filename=\"{name}\"").parse() {
+            r.headers_mut().insert(header::CONTENT_DISPOSITION, v);
+        }
+    }
+    r
+}
+
+/// The exported topology of every vhost, or of `only`.
+struct Topology {
+    parameters: Vec<Value>,
+    policies: Vec<Value>,
+    queues: Vec<Value>,
+    exchanges: Vec<Value>,
+    bindings: Vec<Value>,
+}
+
+fn topology(s: &AdminState, only: Option<&str>) -> Topology {
+    let b = &s.broker;
     let (mut exchanges, mut queues, mut bindings, mut policies) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for v in b.vhosts() {
+        if only.is_some_and(|o| o != &*v.name) {
+            continue;
+        }
         policies.extend(v.policies.list().iter().map(super::policies::policy_json));
         for e in v.exchanges() {
             if e.name.is_empty() || e.name.starts_with("amq.") {
@@ -78,28 +179,15 @@ pub async fn export(State(s): State<AdminState>, caller: Caller) -> ApiResult<Js
     super::sort_by_vhost_name(&mut exchanges);
     super::sort_by_vhost_name(&mut queues);
     let mut parameters = super::limits::vhost_limit_parameters(b);
-    parameters.extend(s.shovels.parameters(None));
-    Ok(Json(json!({
-        "rabbit_version": super::overview::VERSION,
-        "rabbitmq_version": super::overview::VERSION,
-        "product_name": "warren",
-        "product_version": super::overview::VERSION,
-        "users": users,
-        "vhosts": vhosts,
-        "permissions": permissions,
-        "topic_permissions": topic_permissions,
-        "parameters": parameters,
-        "global_parameters": b
-            .global
-            .list()
-            .into_iter()
-            .map(|(name, value)| json!({"name": name, "value": value}))
-            .collect::<Vec<_>>(),
-        "policies": policies,
-        "queues": queues,
-        "exchanges": exchanges,
-        "bindings": bindings,
-    })))
+    parameters.retain(|p| only.is_none_or(|o| p.get("vhost").and_then(Value::as_str) == Some(o)));
+    parameters.extend(s.shovels.parameters(only));
+    Topology {
+        parameters,
+        policies,
+        queues,
+        exchanges,
+        bindings,
+    }
 }
 
 fn items<'a>(body: &'a Value, key: &str) -> ApiResult<&'a [Value]> {
@@ -225,11 +313,56 @@ pub async fn import(
     if !body.is_object() {
         return Err(ApiError::bad_request("definitions must be a JSON object"));
     }
+    apply(&s, &body).await
+}
+
+/// `POST /api/definitions/{vhost}`: import the parameters, policies, queues,
+/// exchanges and bindings of a document into an existing vhost, whatever
+/// vhost its items name (RabbitMQ's per-vhost import; users, vhosts and
+/// permissions in it are ignored).
+pub async fn import_vhost(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(vhost): Path<String>,
+    Body(body): Body,
+) -> ApiResult<StatusCode> {
+    caller.require_admin()?;
+    if s.broker.vhost(&vhost).is_none() {
+        return Err(ApiError::not_found());
+    }
+    if !body.is_object() {
+        return Err(ApiError::bad_request("definitions must be a JSON object"));
+    }
+    let mut doc = serde_json::Map::new();
+    for key in ["parameters", "policies", "queues", "exchanges", "bindings"] {
+        let list = items(&body, key)?
+            .iter()
+            .map(|item| {
+                let mut item = item.clone();
+                match item.as_object_mut() {
+                    Some(o) => {
+                        o.insert("vhost".into(), json!(vhost));
+                        Ok(item)
+                    }
+                    None => Err(ApiError::bad_request(format!(
+                        "{key} must be a list of objects"
+                    ))),
+                }
+            })
+            .collect::<ApiResult<Vec<Value>>>()?;
+        doc.insert(key.into(), Value::Array(list));
+    }
+    apply(&s, &Value::Object(doc)).await
+}
+
+/// Import `body`, replicating what was imported (all of it, or what came
+/// before an error) before answering.
+async fn apply(s: &AdminState, body: &Value) -> ApiResult<StatusCode> {
     let mut cmds = Vec::new();
-    let imported = import_definitions(&s, &body, &mut cmds);
+    let imported = import_definitions(s, body, &mut cmds);
     // What was imported before an error is replicated too: every node has it.
     let batch = (!cmds.is_empty()).then_some(Command::Batch(cmds));
-    super::cluster::replicate(&s, || batch).await?;
+    super::cluster::replicate(s, || batch).await?;
     imported?;
     Ok(StatusCode::NO_CONTENT)
 }

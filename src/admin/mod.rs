@@ -619,6 +619,10 @@ fn routes(state: AdminState) -> Router {
             "/api/definitions",
             get(definitions::export).post(definitions::import),
         )
+        .route(
+            "/api/definitions/:vhost",
+            get(definitions::export_vhost).post(definitions::import_vhost),
+        )
         .route("/api/policies", get(policies::list))
         .route("/api/policies/:vhost", get(policies::list_vhost))
         .route(

@@ -24,7 +24,10 @@ async fn connections_channels_consumers_and_force_close() {
     let conns = b.get("/api/connections").await;
     assert_eq!(conns.as_array().unwrap().len(), 1);
     // A trailing slash routes the same (RabbitMQ's router ignores it).
-    assert_eq!(b.get("/api/connections/").await[0]["name"], conns[0]["name"]);
+    assert_eq!(
+        b.get("/api/connections/").await[0]["name"],
+        conns[0]["name"]
+    );
     let c = &conns[0];
     assert_eq!(c["user"], "guest");
     assert_eq!(c["vhost"], "/");

@@ -130,3 +130,157 @@ async fn definitions_export_wipe_import_round_trip() {
         .await;
     assert_eq!(s, 400);
 }
+
+/// `/api/definitions/{vhost}`: one vhost's topology without `vhost` fields,
+/// imported into another vhost whatever vhost its items name; users and
+/// vhosts in the document are ignored; a missing vhost is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vhost_definitions_copy_one_vhost_into_another() {
+    let b = start().await;
+    b.ok("PUT", "/api/vhosts/src", json!({})).await;
+    b.ok("PUT", "/api/vhosts/dst", json!({})).await;
+    b.ok(
+        "PUT",
+        "/api/exchanges/src/events",
+        json!({"type": "topic", "durable": true}),
+    )
+    .await;
+    b.ok(
+        "PUT",
+        "/api/queues/src/jobs",
+        json!({"durable": true, "arguments": {"x-max-length": 5}}),
+    )
+    .await;
+    b.ok(
+        "POST",
+        "/api/bindings/src/e/events/q/jobs",
+        json!({"routing_key": "job.#"}),
+    )
+    .await;
+    b.ok(
+        "PUT",
+        "/api/policies/src/ttl",
+        json!({"pattern": "^jobs$", "apply-to": "queues", "definition": {"message-ttl": 1000}}),
+    )
+    .await;
+    b.ok(
+        "PUT",
+        "/api/parameters/vhost-limits/src/limits",
+        json!({"value": {"max-queues": 10}}),
+    )
+    .await;
+    // Something elsewhere that must stay out of the export.
+    b.ok("PUT", "/api/queues/dst/other", json!({"durable": true}))
+        .await;
+
+    let defs = b.get("/api/definitions/src").await;
+    for key in ["users", "vhosts", "permissions"] {
+        assert!(defs.get(key).is_none(), "{key} in a vhost export: {defs}");
+    }
+    let names = |key: &str| -> Vec<String> {
+        defs[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("{key}: {defs}"))
+            .iter()
+            .map(|i| {
+                let topology = ["queues", "exchanges", "bindings"].contains(&key);
+                assert_eq!(i.get("vhost").is_none(), topology, "{key}: {i}");
+                i.get("name")
+                    .or(i.get("destination"))
+                    .unwrap()
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    assert_eq!(names("queues"), ["jobs"]);
+    assert_eq!(names("exchanges"), ["events"]);
+    assert_eq!(names("bindings"), ["jobs"]);
+    assert_eq!(names("policies"), ["ttl"]);
+    assert_eq!(defs["parameters"][0]["component"], "vhost-limits");
+    assert_eq!(defs["queues"][0]["arguments"]["x-max-length"], 5);
+
+    // A trailing slash and the download name (the UI's download link).
+    let (status, _) = b
+        .call(
+            "GET",
+            "/api/definitions/src/?download=src.json",
+            GUEST,
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // Into dst: a user in the document is ignored, vhost fields overridden.
+    let mut doc = defs.clone();
+    doc["users"] = json!([{"name": "intruder", "password_hash": "", "tags": "administrator"}]);
+    doc["queues"][0]["vhost"] = json!("src");
+    assert_eq!(b.ok("POST", "/api/definitions/dst", doc).await, 204);
+    assert_eq!(
+        b.get("/api/queues/dst/jobs").await["arguments"]["x-max-length"],
+        5
+    );
+    assert_eq!(b.get("/api/exchanges/dst/events").await["type"], "topic");
+    assert_eq!(
+        b.get("/api/policies/dst/ttl").await["definition"]["message-ttl"],
+        1000
+    );
+    assert_eq!(
+        b.get("/api/vhost-limits/dst").await[0]["value"]["max-queues"],
+        10
+    );
+    let bindings = b.get("/api/bindings/dst/e/events/q/jobs").await;
+    assert_eq!(bindings[0]["routing_key"], "job.#");
+    assert_eq!(
+        b.call("GET", "/api/users/intruder", GUEST, None).await.0,
+        404
+    );
+    // The source is as it was; dst keeps what it had.
+    assert_eq!(b.get("/api/queues/src/jobs").await["name"], "jobs");
+    assert_eq!(b.get("/api/queues/dst/other").await["name"], "other");
+
+    // Routing in dst works with the imported binding.
+    let conn = b
+        .amqp("guest", "guest", "dst")
+        .await
+        .expect("connects to dst");
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "events",
+        "job.1",
+        BasicPublishOptions::default(),
+        b"j",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_declare(
+        "jobs",
+        QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(b.get("/api/queues/dst/jobs").await["messages_ready"], 1);
+
+    for (method, path) in [
+        ("GET", "/api/definitions/nope"),
+        ("POST", "/api/definitions/nope"),
+    ] {
+        let (status, _) = b.call(method, path, GUEST, Some(json!({}))).await;
+        assert_eq!(status, 404, "{method} {path}");
+    }
+    let (status, _) = b
+        .call(
+            "POST",
+            "/api/definitions/dst",
+            GUEST,
+            Some(json!({"queues": [1]})),
+        )
+        .await;
+    assert_eq!(status, 400);
+}
