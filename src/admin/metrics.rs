@@ -485,10 +485,33 @@ pub fn render(broker: &Broker) -> String {
             "Size in bytes of ready messages",
             3,
         ),
+        (
+            "rabbitmq_queue_messages_unacked_bytes",
+            "Size in bytes of all unacknowledged messages",
+            4,
+        ),
+        (
+            "rabbitmq_queue_messages",
+            "Sum of ready and unacknowledged messages - total queue depth",
+            5,
+        ),
+        (
+            "rabbitmq_queue_messages_bytes",
+            "Size in bytes of ready and unacknowledged messages",
+            6,
+        ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
         for (vhost, queue, s) in &queue_lines {
-            let value = [s.ready, s.unacked, s.consumers, s.ready_bytes][pick];
+            let value = [
+                s.ready,
+                s.unacked,
+                s.consumers,
+                s.ready_bytes,
+                s.unacked_bytes,
+                s.ready + s.unacked,
+                s.ready_bytes + s.unacked_bytes,
+            ][pick];
             let _ = writeln!(
                 out,
                 "{name}{{vhost=\"{}\",queue=\"{}\"}} {value}",

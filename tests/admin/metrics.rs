@@ -67,8 +67,23 @@ async fn metrics_parse_and_move() {
     let labels = "vhost=\"/\",queue=\"mq\"";
     assert_eq!(metric(&m, "rabbitmq_queue_messages_ready", labels), 1.0);
     assert_eq!(metric(&m, "rabbitmq_queue_messages_unacked", labels), 1.0);
+    assert_eq!(metric(&m, "rabbitmq_queue_messages", labels), 2.0);
+    assert_eq!(
+        metric(&m, "rabbitmq_queue_messages_ready_bytes", labels),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, "rabbitmq_queue_messages_unacked_bytes", labels),
+        1.0
+    );
+    assert_eq!(metric(&m, "rabbitmq_queue_messages_bytes", labels), 2.0);
     // The queue's message_stats in the API count the same flow.
     let q = b.get("/api/queues/%2F/mq").await;
+    // Bytes: one ready, one unacked (held), as RabbitMQ counts them.
+    assert_eq!(q["message_bytes_ready"], 1);
+    assert_eq!(q["message_bytes_unacknowledged"], 1);
+    assert_eq!(q["message_bytes"], 2);
+    assert_eq!(q["message_bytes_ram"], 2);
     assert_eq!(q["message_stats"]["publish"], 3);
     assert_eq!(q["message_stats"]["deliver_get"], 2);
     assert_eq!(q["message_stats"]["ack"], 1);

@@ -132,11 +132,20 @@ pub enum Enqueued {
     Rejected,
 }
 
+/// `entries`, counted unacked, are no longer.
+fn settle_unacked(s: &mut State, entries: &[Entry]) {
+    s.unacked = s.unacked.saturating_sub(entries.len());
+    let bytes: usize = entries.iter().map(Entry::size).sum();
+    s.unacked_bytes = s.unacked_bytes.saturating_sub(bytes);
+}
+
 #[derive(Debug)]
 struct State {
     ready: Ready,
     /// Messages handed to consumers (or basic.get) and not yet acked.
     unacked: usize,
+    /// Their body bytes (0 for a stream's, whose credits `unacked` counts).
+    unacked_bytes: usize,
     /// Sorted by priority, highest first; round-robin within a priority.
     consumers: Vec<Arc<Consumer>>,
     next_consumer: usize,
@@ -157,6 +166,8 @@ pub struct QueueStats {
     pub unacked: usize,
     pub consumers: usize,
     pub ready_bytes: usize,
+    /// Body bytes of the unacked messages (all in memory).
+    pub unacked_bytes: usize,
     /// Ready messages held in memory; the rest are only in the store.
     pub ready_ram: usize,
     pub ready_ram_bytes: usize,
@@ -239,6 +250,7 @@ impl Queue {
             state: Mutex::new(State {
                 ready: Ready::new(max_priority, budget),
                 unacked: 0,
+                unacked_bytes: 0,
                 consumers: Vec::new(),
                 next_consumer: 0,
                 next_seq: 1,
@@ -304,6 +316,7 @@ impl Queue {
         let mut s = self.state.lock();
         s.ready.drain();
         s.unacked = 0;
+        s.unacked_bytes = 0;
         s.may_expire = false;
         std::mem::take(&mut s.consumers)
     }
@@ -335,6 +348,7 @@ impl Queue {
                 unacked: s.unacked,
                 consumers: s.consumers.len(),
                 ready_bytes: st.bytes as usize,
+                unacked_bytes: 0,
                 ready_ram: 0,
                 ready_ram_bytes: 0,
             };
@@ -348,6 +362,7 @@ impl Queue {
             unacked: s.unacked,
             consumers: s.consumers.len(),
             ready_bytes: s.ready.bytes(),
+            unacked_bytes: s.unacked_bytes,
             ready_ram,
             ready_ram_bytes,
         };
@@ -622,6 +637,7 @@ impl Queue {
             let consumer = Arc::clone(&s.consumers[idx]);
             if !consumer.no_ack {
                 s.unacked += 1;
+                s.unacked_bytes += entry.size();
             }
             self.counters.consumer_delivery(consumer.no_ack);
             if entry.redelivered {
@@ -640,6 +656,7 @@ impl Queue {
                 consumer.give_back_credit();
                 if !consumer.no_ack {
                     s.unacked -= 1;
+                    s.unacked_bytes = s.unacked_bytes.saturating_sub(back.entry.size());
                 }
                 s.ready.requeue(back.entry);
                 s.consumers.retain(|c| !Arc::ptr_eq(c, &consumer));
@@ -673,6 +690,7 @@ impl Queue {
                 Some(e) => {
                     if !no_ack {
                         s.unacked += 1;
+                        s.unacked_bytes += e.size();
                     }
                     self.counters.got(no_ack);
                     if e.redelivered {
@@ -701,7 +719,7 @@ impl Queue {
             self.forget(e, &mut fx);
         }
         let mut s = self.state.lock();
-        s.unacked = s.unacked.saturating_sub(entries.len());
+        settle_unacked(&mut s, entries);
         self.release(s, &mut fx, false);
     }
 
@@ -714,7 +732,7 @@ impl Queue {
         let args = self.args();
         let mut fx = Effects::default();
         let mut s = self.state.lock();
-        s.unacked = s.unacked.saturating_sub(entries.len());
+        settle_unacked(&mut s, &entries);
         for e in entries {
             self.discard(e, Reason::Rejected, &args, &mut fx);
         }
@@ -807,7 +825,7 @@ impl Queue {
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         if were_unacked {
-            s.unacked = s.unacked.saturating_sub(entries.len());
+            settle_unacked(&mut s, &entries);
         }
         if s.deleted {
             return;

@@ -614,3 +614,33 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     assert_eq!(q.stats(T0).ready, 0);
     taken(&[]);
 }
+
+#[test]
+fn unacked_bytes_follow_gets_acks_rejects_and_requeues() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(&dir, 0, &[]);
+    for b in ["a", "bb", "ccc", "dddd"] {
+        q.enqueue(transient(b), T0);
+    }
+    let mut held: Vec<Entry> = (0..4)
+        .filter_map(|_| q.get(false, T0))
+        .map(|(e, _)| e)
+        .collect();
+    let bytes = |q: &Queue| {
+        let st = q.stats(T0);
+        (st.unacked, st.unacked_bytes, st.ready_bytes)
+    };
+    assert_eq!(bytes(&q), (4, 10, 0));
+    let d = held.pop().expect("dddd");
+    let c = held.pop().expect("ccc");
+    let b = held.pop().expect("bb");
+    q.ack(&[d]);
+    assert_eq!(bytes(&q), (3, 6, 0));
+    q.reject(vec![c], T0);
+    assert_eq!(bytes(&q), (2, 3, 0));
+    q.requeue(vec![b], true, true, T0);
+    assert_eq!(bytes(&q), (1, 1, 2));
+    // A get without ack is not counted.
+    assert!(q.get(true, T0).is_some());
+    assert_eq!(bytes(&q), (1, 1, 0));
+}
