@@ -697,7 +697,7 @@ async fn raw_stats_and_metadata_update_on_delete() {
     let f = read_frame(&mut sock).await.expect("stats response");
     assert_eq!(&f[..2], &[0x80, 28]);
     assert_eq!(&f[8..10], &[0, 1]);
-    assert_eq!(&f[10..14], &3i32.to_be_bytes());
+    assert_eq!(&f[10..14], &5i32.to_be_bytes());
     // A publisher on it, then the stream deleted from another connection.
     let mut decl = 7u32.to_be_bytes().to_vec();
     decl.push(0);
@@ -709,6 +709,43 @@ async fn raw_stats_and_metadata_update_on_delete() {
     let env = env().await;
     t(env.delete_stream(&s)).await.expect("delete");
     let f = read_frame(&mut sock).await.expect("metadata update");
+    assert_eq!(&f[..2], &[0, 16]);
+    assert_eq!(&f[4..6], &6u16.to_be_bytes());
+    assert_eq!(&f[6..], &s16(&s)[..]);
+}
+
+/// A stream deleted elsewhere (here over AMQP 0-9-1, as the management API
+/// does) is announced to its publishers' and consumers' connections at once
+/// (RabbitMQ's monitors), not at the next periodic check a second later.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_deleted_elsewhere_is_announced_at_once() {
+    let mut sock = raw_open(broker().1).await;
+    let s = uniq("delnow");
+    let mut create = 1u32.to_be_bytes().to_vec();
+    create.extend(s16(&s));
+    create.extend_from_slice(&0i32.to_be_bytes());
+    sock.write_all(&frame(13, 1, &create)).await.expect("write");
+    assert_eq!(
+        &read_frame(&mut sock).await.expect("created")[8..10],
+        &[0, 1]
+    );
+    let mut decl = 2u32.to_be_bytes().to_vec();
+    decl.push(0);
+    decl.extend_from_slice(&(-1i16).to_be_bytes());
+    decl.extend(s16(&s));
+    sock.write_all(&frame(1, 1, &decl)).await.expect("write");
+    assert_eq!(
+        &read_frame(&mut sock).await.expect("declared")[8..10],
+        &[0, 1]
+    );
+    let (_conn, ch) = amqp_channel().await;
+    ch.queue_delete(&s, lapin::options::QueueDeleteOptions::default())
+        .await
+        .expect("delete");
+    let f = tokio::time::timeout(Duration::from_millis(400), read_frame(&mut sock))
+        .await
+        .expect("the update within 400 ms (the periodic check is every second)")
+        .expect("metadata update");
     assert_eq!(&f[..2], &[0, 16]);
     assert_eq!(&f[4..6], &6u16.to_be_bytes());
     assert_eq!(&f[6..], &s16(&s)[..]);

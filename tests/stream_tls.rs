@@ -28,6 +28,9 @@ async fn broker(pki: &Pki) -> warren::Warren {
     config.ssl_options = pki.options(Verify::VerifyPeer, false);
     config.listeners.ssl = Some(ListenerSetting::Off(warren::config::NoListener::None));
     config.stream.listeners.ssl = Some(ListenerSetting::On { default: 0 });
+    // The name the certificate has: clients connect to the advertised host
+    // (by default this node's host name, as RabbitMQ's).
+    config.stream.advertised_host = Some("localhost".into());
     warren::start(config).await.expect("broker starts")
 }
 

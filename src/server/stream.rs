@@ -84,8 +84,20 @@ pub async fn start(
     let (tx, rx) = watch::channel(false);
     let mut addrs = Vec::new();
     let mut tls_addrs = Vec::new();
+    let node_host = config.node_name().rsplit('@').next().map(str::to_owned);
+    let resolved = match node_host {
+        Some(h) if config.stream.advertised_host.is_none() => resolve(&h).await.map(|a| (h, a)),
+        _ => None,
+    };
     for (listener, tls) in bound {
         let addr = listener.local_addr()?;
+        let advertised_host = match (&config.stream.advertised_host, &resolved) {
+            (Some(h), _) => Some(Arc::from(h.as_str())),
+            (None, Some((h, ips))) if ips.iter().any(|ip| reaches(addr, *ip)) => {
+                Some(Arc::from(h.as_str()))
+            }
+            _ => None,
+        };
         if tls.is_some() {
             tracing::info!(%addr, "stream protocol TLS listener started");
             tls_addrs.push(addr);
@@ -101,6 +113,7 @@ pub async fn start(
                 config: Arc::clone(&config),
                 sac: Arc::clone(&sac),
                 cluster: cluster.clone(),
+                advertised_host,
             },
             rx.clone(),
         ));
@@ -112,6 +125,27 @@ pub async fn start(
     }))
 }
 
+/// The addresses `host` resolves to (None when it does not, in 2 s).
+async fn resolve(host: &str) -> Option<Vec<std::net::IpAddr>> {
+    let lookup = tokio::net::lookup_host((host, 0));
+    let found = tokio::time::timeout(Duration::from_secs(2), lookup).await;
+    let ips: Vec<_> = found.ok()?.ok()?.map(|a| a.ip()).collect();
+    (!ips.is_empty()).then_some(ips)
+}
+
+/// Whether a client dialling `ip` reaches a listener bound to `listener`:
+/// the same address, or any address of this machine (one a socket can be
+/// bound to) when the listener is bound to all of them.
+fn reaches(listener: SocketAddr, ip: std::net::IpAddr) -> bool {
+    let bound = super::canonical(listener).ip();
+    if bound.is_unspecified() {
+        // A dual-stack `[::]` listener takes IPv4 clients too.
+        (bound.is_ipv6() || ip.is_ipv4()) && std::net::UdpSocket::bind((ip, 0)).is_ok()
+    } else {
+        bound == ip
+    }
+}
+
 /// What every connection of a listener shares.
 #[derive(Clone)]
 pub struct Conn {
@@ -120,6 +154,10 @@ pub struct Conn {
     pub sac: Arc<SacRegistry>,
     /// The cluster, when this node is clustered.
     pub cluster: Option<Arc<Cluster>>,
+    /// The host name clients are told to connect to: `stream.advertised_host`,
+    /// else (as RabbitMQ) the host of this node's name when it resolves to
+    /// an address this listener takes; None: the address the client used.
+    pub advertised_host: Option<Arc<str>>,
 }
 
 async fn accept_loop(
@@ -491,14 +529,13 @@ async fn serve<S: Sink>(
         config,
         sac,
         cluster,
+        advertised_host,
     } = conn;
     let settings = StreamSettings {
         frame_max: config.stream.frame_max,
         heartbeat: config.stream.heartbeat,
-        advertised_host: config
-            .stream
-            .advertised_host
-            .clone()
+        advertised_host: advertised_host
+            .map(|h| h.to_string())
             // (`local` is canonical: an IPv4 client on a dual-stack socket
             // gets its IPv4 address, not `::ffff:a.b.c.d`.)
             .unwrap_or_else(|| local.ip().to_string()),

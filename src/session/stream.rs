@@ -742,6 +742,13 @@ impl StreamSession {
     /// allows (deliveries: [`poll_read`](Self::poll_read)).
     pub fn handle_committed(&mut self, _now_ms: u64) {
         self.flush_confirms();
+        // A deletion wakes the followers of its log too: its publishers and
+        // subscribers hear of it now, not at the next periodic check.
+        let deleted = self.publishers.values().any(|p| p.log.is_deleted())
+            || self.subscriptions.values().any(|s| s.log.is_deleted());
+        if deleted {
+            self.check_deleted();
+        }
     }
 
     /// Output for the socket, in order.
@@ -1414,16 +1421,20 @@ impl StreamSession {
                     } else {
                         s.committed_offset as i64 - 1
                     };
+                    let last_chunk = if s.chunks == 0 {
+                        -1
+                    } else {
+                        s.last_offset as i64
+                    };
+                    // RabbitMQ's two (first and committed chunk ids), the
+                    // last chunk's id (chunks are committed once written on
+                    // one node) and the last committed message's offset,
+                    // under the names clients read them by.
                     let stats = [
                         ("first_chunk_id", first),
-                        (
-                            "committed_chunk_id",
-                            if s.chunks == 0 {
-                                -1
-                            } else {
-                                s.last_offset as i64
-                            },
-                        ),
+                        ("committed_chunk_id", last_chunk),
+                        ("last_chunk_id", last_chunk),
+                        ("committed_offset", committed),
                         ("last_offset", committed),
                     ];
                     response::stream_stats(&mut self.out, correlation_id, code::OK, &stats);

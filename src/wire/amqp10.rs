@@ -1135,6 +1135,51 @@ pub fn encode_from_091_into(
     if let Some(e) = expiration {
         pairs[4].1 = Annotation::Str(e);
     }
+    // The header section first (the spec's order), when it says anything:
+    // durable (delivery mode 2), priority, ttl (a numeric expiration), as
+    // RabbitMQ 3.13+ converts an AMQP 0-9-1 message (AMQP 1.0 readers see
+    // them there; the `x-basic-*` annotations keep the 0-9-1 values exact).
+    let durable = props.delivery_mode == Some(2);
+    let ttl = expiration.and_then(|e| e.parse::<u32>().ok());
+    let fields = if ttl.is_some() {
+        3
+    } else if props.priority.is_some() {
+        2
+    } else {
+        usize::from(durable)
+    };
+    if fields > 0 {
+        let mut h = [0u8; 10];
+        let mut n = 0;
+        h[n] = if durable { 0x41 } else { 0x42 };
+        n += 1;
+        if fields >= 2 {
+            match props.priority {
+                Some(p) => {
+                    h[n..n + 2].copy_from_slice(&[0x50, p]);
+                    n += 2;
+                }
+                None => {
+                    h[n] = 0x40;
+                    n += 1;
+                }
+            }
+        }
+        if let Some(t) = ttl {
+            h[n] = 0x70;
+            h[n + 1..n + 5].copy_from_slice(&t.to_be_bytes());
+            n += 5;
+        }
+        buf.put_slice(&[
+            0x00,
+            0x53,
+            section::HEADER as u8,
+            0xc0,
+            n as u8 + 1,
+            fields as u8,
+        ]);
+        buf.put_slice(&h[..n]);
+    }
     let present = || pairs.iter().filter(|(_, v)| !matches!(v, Annotation::None));
     let count = present().count() * 2;
     let size: usize = present()
@@ -1543,6 +1588,32 @@ mod tests {
         assert_eq!(back.routing_key.as_deref(), Some("a.b"));
         let (plain, _) = decode_to_091(&bytes).expect("decodes");
         assert_eq!(plain, props);
+        // AMQP 1.0 readers see durable, priority and ttl in the header.
+        let m = Message::decode(&bytes).expect("decodes");
+        let header = |durable, priority, ttl| Header {
+            durable: Some(durable),
+            priority,
+            ttl,
+            ..Default::default()
+        };
+        assert_eq!(m.header, Some(header(true, Some(3), Some(60000))));
+        for (p, want) in [(Some(7), Some(header(false, Some(7), None))), (None, None)] {
+            let props = BasicProperties {
+                priority: p,
+                expiration: Some("soon".into()),
+                ..Default::default()
+            };
+            let bytes = encode_from_091("", "q", &props, b"x");
+            let m = Message::decode(&bytes).expect("decodes");
+            assert_eq!(m.header, want);
+            assert_eq!(decode_to_091(&bytes).expect("decodes").0, props);
+        }
+        let props = BasicProperties {
+            expiration: Some("5".into()),
+            ..Default::default()
+        };
+        let m = Message::decode(&encode_from_091("", "q", &props, b"x")).expect("decodes");
+        assert_eq!(m.header, Some(header(false, None, Some(5))));
         // No properties at all: where it was published, then the data section.
         let bytes = encode_from_091("", "q", &BasicProperties::default(), b"");
         let mut expected = vec![0x00, 0x53, 0x72, 0xc1, 33, 4];

@@ -53,6 +53,8 @@ def tls_broker():
             WARREN_LISTENERS__SSL__DEFAULT=str(amqps),
             WARREN_STREAM__LISTENERS__TCP__DEFAULT=str(stream),
             WARREN_STREAM__LISTENERS__SSL__DEFAULT=str(stream_tls),
+            # The certificate's name (the default is the host name).
+            WARREN_STREAM__ADVERTISED_HOST="localhost",
             WARREN_SSL_OPTIONS__CACERTFILE=os.path.join(d, "ca.pem"),
             WARREN_SSL_OPTIONS__CERTFILE=os.path.join(d, "server.pem"),
             WARREN_SSL_OPTIONS__KEYFILE=os.path.join(d, "server.key"),

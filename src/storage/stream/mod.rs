@@ -376,6 +376,9 @@ struct LogInner {
     state: Mutex<LogState>,
     writer: Mutex<Writer>,
     committed: tokio::sync::watch::Sender<u64>,
+    /// Set once by [`StreamLog::mark_deleted`] (`LogState::deleted` too),
+    /// read without the lock by connections woken through `committed`.
+    deleted: std::sync::atomic::AtomicBool,
 }
 
 /// Messages appended and not yet taken by the flusher: their entries
@@ -821,15 +824,25 @@ impl StreamLog {
     }
 
     /// The stream was deleted: refuse appends and stop writing. The files are
-    /// removed by [`StreamStore::remove_log`].
+    /// removed by [`StreamStore::remove_log`]. Whoever follows `committed`
+    /// is woken, to see [`StreamLog::is_deleted`] at once.
     pub fn mark_deleted(&self) {
-        let mut s = self.inner.state.lock();
-        s.deleted = true;
-        let bytes = s.pending.data.len() as u64;
-        self.store.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.store.room.notify_waiters();
-        s.pending = Pending::default();
-        s.pending_offsets.clear();
+        {
+            let mut s = self.inner.state.lock();
+            s.deleted = true;
+            let bytes = s.pending.data.len() as u64;
+            self.store.pending_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            self.store.room.notify_waiters();
+            s.pending = Pending::default();
+            s.pending_offsets.clear();
+        }
+        self.inner.deleted.store(true, Ordering::Release);
+        self.inner.committed.send_modify(|_| {});
+    }
+
+    /// Whether the stream was deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.inner.deleted.load(Ordering::Acquire)
     }
 
     /// Wait (blocking) until everything appended so far is committed; for tests
@@ -1421,6 +1434,7 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
         state: Mutex::new(state),
         writer: Mutex::new(writer),
         committed: tokio::sync::watch::channel(next).0,
+        deleted: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
