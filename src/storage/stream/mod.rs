@@ -1690,6 +1690,14 @@ fn build_user_chunks(
         let mut pieces: Vec<(usize, u32, u32)> = Vec::new();
         while a < appends.len() && n < max_entries && pos - chunk_start < limits.bytes {
             let m = &appends[a];
+            // Appends with filter values and appends without are not merged
+            // into one chunk: a filtering consumer is sent whole chunks whose
+            // Bloom filter matches, so a merged chunk would bring it every
+            // unfiltered message published around its values (a publish frame
+            // stays one chunk however it mixes them, as RabbitMQ's batch).
+            if n > 0 && e == 0 && m.filters.is_empty() == filters {
+                break;
+            }
             let left = (m.entries - e) as usize;
             let take_all = n + left <= max_entries && m.end - chunk_start <= limits.bytes;
             let (end_e, end_pos, recs) = if take_all && e == 0 {

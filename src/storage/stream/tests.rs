@@ -447,15 +447,56 @@ fn sub_batches_are_one_entry_with_an_offset_per_record() {
 }
 
 #[test]
-fn appends_since_the_last_flush_merge_into_one_chunk() {
-    // Three appends' messages (as the flusher takes them): one chunk.
+fn appends_with_and_without_filter_values_are_not_merged() {
     let msgs = pending(&[
-        ("a", 1_000, None, Some(("p", 7))),
-        ("b", 1_000, Some("eu"), Some(("p", 8))),
-        ("c", 3_000, None, Some(("q", 2))),
-        ("d", 2_000, None, Some(("p", 5))),
+        ("a", 1_000, None, None),
+        ("b", 1_000, None, None),
+        ("c", 1_000, Some("eu"), None),
+        ("d", 1_000, Some("us"), None),
+        ("e", 1_000, None, None),
     ]);
-    let built = build_user_chunks(msgs, 10, 2_500, 16, CHUNK_LIMITS);
+    let built = build_user_chunks(msgs, 0, 0, 16, CHUNK_LIMITS);
+    let heads: Vec<(u64, u16, u8)> = built
+        .iter()
+        .map(|c| Header::parse(&c.head).expect("header"))
+        .map(|h| (h.first_offset, h.num_entries, h.bloom_len))
+        .collect();
+    assert_eq!(heads, vec![(0, 2, 0), (2, 2, 16), (4, 1, 0)]);
+    let bloom = &built[1].head[chunk::HEADER_LEN..chunk::HEADER_LEN + 16];
+    assert!(chunk::bloom_contains(bloom, "eu") && chunk::bloom_contains(bloom, "us"));
+    assert!(
+        !chunk::bloom_contains(bloom, ""),
+        "no unfiltered message in it"
+    );
+    // One append mixing them stays one chunk (as a publish frame).
+    let mut p = Pending::default();
+    push(
+        &mut p,
+        &[
+            ("a", 0, None, None),
+            ("c", 0, Some("eu"), None),
+            ("e", 0, None, None),
+        ],
+    );
+    let one = build_user_chunks((p.data.freeze(), p.appends), 0, 0, 16, CHUNK_LIMITS);
+    assert_eq!(one.len(), 1);
+}
+
+#[test]
+fn appends_since_the_last_flush_merge_into_one_chunk() {
+    // Three appends' messages (as the flusher takes them), the first mixing
+    // an unfiltered message with a filtered one, the others filtered: one chunk.
+    let mut p = Pending::default();
+    push(
+        &mut p,
+        &[
+            ("a", 1_000, None, Some(("p", 7))),
+            ("b", 1_000, Some("eu"), Some(("p", 8))),
+        ],
+    );
+    push(&mut p, &[("c", 3_000, Some("eu"), Some(("q", 2)))]);
+    push(&mut p, &[("d", 2_000, Some("eu"), Some(("p", 5)))]);
+    let built = build_user_chunks((p.data.freeze(), p.appends), 10, 2_500, 16, CHUNK_LIMITS);
     assert_eq!(built.len(), 1);
     let raw = &built[0].bytes();
     let h = Header::parse(raw).expect("header");
