@@ -721,23 +721,7 @@ async fn raw_stats_and_metadata_update_on_delete() {
 async fn a_stream_deleted_elsewhere_is_announced_at_once() {
     let mut sock = raw_open(broker().1).await;
     let s = uniq("delnow");
-    let mut create = 1u32.to_be_bytes().to_vec();
-    create.extend(s16(&s));
-    create.extend_from_slice(&0i32.to_be_bytes());
-    sock.write_all(&frame(13, 1, &create)).await.expect("write");
-    assert_eq!(
-        &read_frame(&mut sock).await.expect("created")[8..10],
-        &[0, 1]
-    );
-    let mut decl = 2u32.to_be_bytes().to_vec();
-    decl.push(0);
-    decl.extend_from_slice(&(-1i16).to_be_bytes());
-    decl.extend(s16(&s));
-    sock.write_all(&frame(1, 1, &decl)).await.expect("write");
-    assert_eq!(
-        &read_frame(&mut sock).await.expect("declared")[8..10],
-        &[0, 1]
-    );
+    raw_create_and_declare(&mut sock, &s, None).await;
     let (_conn, ch) = amqp_channel().await;
     ch.queue_delete(&s, lapin::options::QueueDeleteOptions::default())
         .await
@@ -988,6 +972,29 @@ async fn exchange_and_routing_key_cross_protocols() {
     let _ = conn.close(200, "bye").await;
 }
 
+/// Create `stream` (correlation 1) and declare publisher 0 on it
+/// (correlation 2), under `reference` if given; both must answer OK.
+async fn raw_create_and_declare(
+    sock: &mut tokio::net::TcpStream,
+    stream: &str,
+    reference: Option<&str>,
+) {
+    let mut create = 1u32.to_be_bytes().to_vec();
+    create.extend(s16(stream));
+    create.extend_from_slice(&0i32.to_be_bytes());
+    sock.write_all(&frame(13, 1, &create)).await.expect("write");
+    assert_eq!(&read_frame(sock).await.expect("created")[8..10], &[0, 1]);
+    let mut decl = 2u32.to_be_bytes().to_vec();
+    decl.push(0);
+    match reference {
+        Some(r) => decl.extend(s16(r)),
+        None => decl.extend_from_slice(&(-1i16).to_be_bytes()),
+    }
+    decl.extend(s16(stream));
+    sock.write_all(&frame(1, 1, &decl)).await.expect("write");
+    assert_eq!(&read_frame(sock).await.expect("declared")[8..10], &[0, 1]);
+}
+
 /// Publish `bodies` as one publish frame of publisher `pid` (ids from `first_id`).
 async fn raw_publish(sock: &mut tokio::net::TcpStream, pid: u8, first_id: u64, bodies: &[String]) {
     let mut p = vec![pid];
@@ -1002,17 +1009,7 @@ async fn raw_publish(sock: &mut tokio::net::TcpStream, pid: u8, first_id: u64, b
 
 /// Read publish confirms until publishing id `last` is confirmed.
 async fn raw_confirmed(sock: &mut tokio::net::TcpStream, last: u64) {
-    loop {
-        let f = read_frame(sock).await.expect("confirm");
-        assert_eq!(&f[..2], &[0, 3], "a publish confirm, got {f:?}");
-        let n = i32::from_be_bytes([f[5], f[6], f[7], f[8]]) as usize;
-        let ids: Vec<u64> = (0..n)
-            .map(|i| u64::from_be_bytes(f[9 + 8 * i..17 + 8 * i].try_into().expect("id")))
-            .collect();
-        if ids.contains(&last) {
-            return;
-        }
-    }
+    while !raw_confirm_ids(sock).await.contains(&last) {}
 }
 
 /// One message of a publish frame: id, then `body` as an AMQP 1.0 data section.
@@ -1042,17 +1039,7 @@ async fn raw_confirm_ids(sock: &mut tokio::net::TcpStream) -> Vec<u64> {
 async fn duplicates_in_one_frame_are_confirmed_before_the_written_ids() {
     let mut p = raw_open(broker().1).await;
     let s = uniq("dupframe");
-    let mut create = 1u32.to_be_bytes().to_vec();
-    create.extend(s16(&s));
-    create.extend_from_slice(&0i32.to_be_bytes());
-    p.write_all(&frame(13, 1, &create)).await.expect("write");
-    assert_eq!(&read_frame(&mut p).await.expect("created")[8..10], &[0, 1]);
-    let mut decl = 2u32.to_be_bytes().to_vec();
-    decl.push(0);
-    decl.extend(s16("dup-writer"));
-    decl.extend(s16(&s));
-    p.write_all(&frame(1, 1, &decl)).await.expect("write");
-    assert_eq!(&read_frame(&mut p).await.expect("declared")[8..10], &[0, 1]);
+    raw_create_and_declare(&mut p, &s, Some("dup-writer")).await;
     // Ids 0, 0, 1, 1 in one frame.
     let mut pl = vec![0u8];
     pl.extend_from_slice(&4i32.to_be_bytes());
@@ -1082,17 +1069,7 @@ async fn duplicates_in_one_frame_are_confirmed_before_the_written_ids() {
 async fn every_message_once_in_order_with_small_credit() {
     let mut p = raw_open(broker().1).await;
     let s = uniq("credit");
-    let mut create = 1u32.to_be_bytes().to_vec();
-    create.extend(s16(&s));
-    create.extend_from_slice(&0i32.to_be_bytes());
-    p.write_all(&frame(13, 1, &create)).await.expect("write");
-    assert_eq!(&read_frame(&mut p).await.expect("created")[8..10], &[0, 1]);
-    let mut decl = 2u32.to_be_bytes().to_vec();
-    decl.push(0);
-    decl.extend_from_slice(&(-1i16).to_be_bytes());
-    decl.extend(s16(&s));
-    p.write_all(&frame(1, 1, &decl)).await.expect("write");
-    assert_eq!(&read_frame(&mut p).await.expect("declared")[8..10], &[0, 1]);
+    raw_create_and_declare(&mut p, &s, None).await;
     let body = |i: u64| format!("m{i}");
     // Three publish frames without waiting (the flusher may merge them into
     // one chunk), then five waited for one by one (a chunk each).
