@@ -95,31 +95,7 @@ async fn definitions_export_wipe_import_round_trip() {
             .0,
         200
     );
-    let conn = b
-        .amqp("svc", "s3cret", "app")
-        .await
-        .expect("svc connects to app");
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_publish(
-        "events",
-        "job",
-        BasicPublishOptions::default(),
-        b"j",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        "jobs",
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(b.get("/api/queues/app/jobs").await["messages_ready"], 1);
+    publish_routes_to_jobs(&b, ("svc", "s3cret"), "app", "job").await;
     let (s, _) = b
         .call(
             "POST",
@@ -241,31 +217,7 @@ async fn vhost_definitions_copy_one_vhost_into_another() {
     assert_eq!(b.get("/api/queues/dst/other").await["name"], "other");
 
     // Routing in dst works with the imported binding.
-    let conn = b
-        .amqp("guest", "guest", "dst")
-        .await
-        .expect("connects to dst");
-    let ch = conn.create_channel().await.unwrap();
-    ch.basic_publish(
-        "events",
-        "job.1",
-        BasicPublishOptions::default(),
-        b"j",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    ch.queue_declare(
-        "jobs",
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(b.get("/api/queues/dst/jobs").await["messages_ready"], 1);
+    publish_routes_to_jobs(&b, ("guest", "guest"), "dst", "job.1").await;
 
     for (method, path) in [
         ("GET", "/api/definitions/nope"),
@@ -283,4 +235,30 @@ async fn vhost_definitions_copy_one_vhost_into_another() {
         )
         .await;
     assert_eq!(status, 400);
+}
+
+/// A message published as `user` to exchange `events` of `vhost` with `key`
+/// lands in its queue `jobs` (the one message there).
+async fn publish_routes_to_jobs(b: &Broker, (user, pass): (&str, &str), vhost: &str, key: &str) {
+    let conn = b.amqp(user, pass, vhost).await.expect("connects");
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_publish(
+        "events",
+        key,
+        BasicPublishOptions::default(),
+        b"j",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    // A round trip after the publish: it has been routed.
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare("jobs", passive, FieldTable::default())
+        .await
+        .unwrap();
+    let q = b.get(&format!("/api/queues/{vhost}/jobs")).await;
+    assert_eq!(q["messages_ready"], 1);
 }
