@@ -815,9 +815,8 @@ impl StreamSession {
     }
 
     /// A read ended: its chunks go out as Deliver frames, one per chunk (the
-    /// frame's head and the chunk's header, with the bloom and trailer
-    /// lengths zeroed, then the data section as a slice of the read buffer:
-    /// no copy), each taking one credit.
+    /// frame's head and the chunk's header as stored, then the data section
+    /// as a slice of the read buffer: no copy), each taking one credit.
     pub fn handle_read(&mut self, done: ReadDone) {
         let ReadDone {
             id,

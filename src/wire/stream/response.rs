@@ -163,8 +163,10 @@ pub fn credit_error(buf: &mut BytesMut, code: u16, subscription_id: u8) {
 
 /// The start of a deliver frame: its size counts `data_len` bytes of
 /// entries the caller sends right after. `header` is the chunk's stored
-/// header; the bloom filter and trailer are not sent, so their lengths are
-/// zeroed. Version 2 carries the committed chunk id.
+/// header, sent as stored (as RabbitMQ's osiris sends it): its trailer
+/// length and bloom size stay, though the bloom filter and the trailer are
+/// not sent (clients read `data_len` bytes of entries). Version 2 carries
+/// the committed chunk id.
 pub fn deliver_head(
     buf: &mut BytesMut,
     version: u16,
@@ -182,10 +184,7 @@ pub fn deliver_head(
     if version >= 2 {
         buf.put_u64(committed_chunk_id);
     }
-    // Magic .. data length as stored; trailer length, bloom size and the
-    // reserved bytes zeroed (bytes 40..48).
-    buf.put_slice(&header[..40]);
-    buf.put_slice(&[0u8; 8]);
+    buf.put_slice(header);
 }
 
 pub fn consumer_update(buf: &mut BytesMut, correlation_id: u32, subscription_id: u8, active: bool) {
@@ -292,7 +291,8 @@ mod tests {
         assert_eq!(b.len(), 4 + 4 + 1 + 48);
         assert_eq!(&b[..4], &(4 + 1 + 48 + 10u32).to_be_bytes());
         assert_eq!(b[9], 0x50);
-        assert_eq!(&b[b.len() - 8..], &[0u8; 8]);
+        // Trailer length and bloom size as stored (RabbitMQ sends them).
+        assert_eq!(&b[b.len() - 8..], &[0, 0, 0, 9, 4, 1, 2, 3]);
         b.clear();
         deliver_head(&mut b, 2, 2, 99, &header, 10);
         assert_eq!(&b[..4], &(4 + 1 + 8 + 48 + 10u32).to_be_bytes());
