@@ -107,8 +107,9 @@ pub async fn protocol_listener(
     _caller: Caller,
     Path(protocol): Path<String>,
 ) -> ApiResult<Response> {
-    let wanted = protocol_name(&protocol)
-        .ok_or_else(|| ApiError::bad_request(format!("unknown protocol '{protocol}'")))?;
+    // A name RabbitMQ does not know either has no listener: the check fails
+    // (503), as RabbitMQ's does, rather than refusing the request.
+    let wanted = protocol_name(&protocol).unwrap_or("unsupported");
     let mut protocols: Vec<&str> = listeners(&s).iter().map(|l| l.protocol).collect();
     protocols.dedup();
     Ok(if protocols.contains(&wanted) {

@@ -5,7 +5,7 @@ use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::auth::{self, Permission, User, HASHING_ALGORITHM};
 use crate::broker::Broker;
 use crate::cluster::Command;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
@@ -115,16 +115,22 @@ pub fn put_user_from(b: &Broker, name: &str, body: &Value) -> ApiResult<bool> {
     Ok(existing.is_none())
 }
 
-pub async fn list(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
+/// `/api/users`, with the listing parameters (`page`, `page_size`, `name`,
+/// `use_regex`, `sort`, `sort_reverse`), as the other listings.
+pub async fn list(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Query(params): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
     caller.require_admin()?;
     let b = &s.broker;
-    Ok(Json(Value::Array(
-        b.auth
-            .users()
-            .iter()
-            .map(|u| user_json_with_limits(b, u))
-            .collect(),
-    )))
+    let users = b
+        .auth
+        .users()
+        .iter()
+        .map(|u| user_json_with_limits(b, u))
+        .collect();
+    super::queues::paged(users, &params).map(Json)
 }
 
 pub async fn show(

@@ -179,6 +179,13 @@ async fn vhosts_users_permissions_crud() {
         .await;
     assert_eq!(s, 400);
     assert_eq!(b.get("/api/users").await.as_array().unwrap().len(), 3);
+    // Paged as the other listings (rabbitmqadmin's `list users --page`).
+    let page = b.get("/api/users?page=1&page_size=2&sort=name").await;
+    assert_eq!(
+        (page["total_count"].as_u64(), page["page_count"].as_u64()),
+        (Some(3), Some(2))
+    );
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(2));
 
     assert_eq!(
         b.ok(

@@ -69,6 +69,17 @@ async fn exchanges_queues_bindings_publish_get() {
     let key = between[0]["properties_key"].as_str().unwrap().to_string();
     assert_eq!(key, "%2A.error");
     assert_eq!(between[0]["destination_type"], "queue");
+    // Missing ends have no bindings: empty lists, as RabbitMQ answers
+    // (clients deleting a binding idempotently list first).
+    for path in [
+        "/api/bindings/%2F/e/nosuch/q/errors",
+        "/api/bindings/%2F/e/logs/q/nosuch",
+        "/api/bindings/%2F/e/logs/e/nosuch",
+        "/api/exchanges/%2F/nosuch/bindings/source",
+        "/api/queues/%2F/nosuch/bindings",
+    ] {
+        assert_eq!(b.get(path).await, json!([]), "{path}");
+    }
     let all = b.get("/api/bindings/%2F").await;
     // The default-exchange binding is listed too, as in RabbitMQ.
     assert!(all
