@@ -452,6 +452,31 @@ pub fn render(broker: &Broker) -> String {
         let value = churn.iter().find(|(k, _)| *k == key).map_or(0, |(_, v)| *v);
         metric(&mut out, name, "counter", help, value);
     }
+    // Login attempts per protocol (RabbitMQ's `rabbitmq_auth_attempts_*`).
+    for (name, help, pick) in [
+        (
+            "rabbitmq_auth_attempts_total",
+            "Total number of authentication attempts",
+            0,
+        ),
+        (
+            "rabbitmq_auth_attempts_succeeded_total",
+            "Total number of successful authentication attempts",
+            1,
+        ),
+        (
+            "rabbitmq_auth_attempts_failed_total",
+            "Total number of failed authentication attempts",
+            2,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for p in crate::broker::AuthProtocol::ALL {
+            let (ok, failed) = broker.auth_attempts.get(p);
+            let value = [ok + failed, ok, failed][pick];
+            let _ = writeln!(out, "{name}{{protocol=\"{}\"}} {value}", p.name());
+        }
+    }
     metric(
         &mut out,
         "rabbitmq_alarms_memory_used_watermark",

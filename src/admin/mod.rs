@@ -298,10 +298,11 @@ where
         }
         let (user, pass) =
             basic_credentials(parts).ok_or_else(|| ApiError::unauthorized("Login failed"))?;
-        let u = broker
-            .auth
-            .check_password(&user, &pass)
-            .ok_or_else(|| ApiError::unauthorized("Login failed"))?;
+        let checked = broker.auth.check_password(&user, &pass);
+        broker
+            .auth_attempts
+            .record(crate::broker::AuthProtocol::Http, checked.is_some());
+        let u = checked.ok_or_else(|| ApiError::unauthorized("Login failed"))?;
         let from_loopback = parts
             .extensions
             .get::<axum::extract::ConnectInfo<SocketAddr>>()
@@ -323,12 +324,14 @@ fn token_caller(broker: &Broker, token: &str) -> Result<Caller, ApiError> {
         .auth
         .oauth2()
         .ok_or_else(|| ApiError::unauthorized("Login failed"))?;
-    let t = verifier
-        .verify(token, crate::clock::now_ms() / 1000, true)
-        .map_err(|why| {
-            tracing::warn!("admin API: OAuth 2 token refused: {why}");
-            ApiError::unauthorized("Login failed")
-        })?;
+    let verified = verifier.verify(token, crate::clock::now_ms() / 1000, true);
+    broker
+        .auth_attempts
+        .record(crate::broker::AuthProtocol::Http, verified.is_ok());
+    let t = verified.map_err(|why| {
+        tracing::warn!("admin API: OAuth 2 token refused: {why}");
+        ApiError::unauthorized("Login failed")
+    })?;
     if !t.tags.iter().any(|t| MANAGEMENT_TAGS.contains(&t.as_str())) {
         return Err(ApiError::forbidden("Not management user"));
     }
@@ -442,6 +445,7 @@ fn routes(state: AdminState) -> Router {
             axum::routing::delete(cluster::forget),
         )
         .route("/api/nodes/:node", get(charts::node))
+        .route("/api/auth/attempts/:node", get(overview::auth_attempts))
         .route("/api/whoami", get(overview::whoami))
         .route(
             "/api/warren/reload-tls",

@@ -304,3 +304,32 @@ pub async fn aliveness(
         )),
     }
 }
+
+/// `GET /api/auth/attempts/{node}`: this node's login attempts since start,
+/// per protocol that had any (RabbitMQ's auth attempt metrics); another
+/// node's are not kept here (404).
+pub async fn auth_attempts(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(node): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_monitor()?;
+    if node != s.broker.node {
+        return Err(ApiError::not_found());
+    }
+    let rows: Vec<Value> = crate::broker::AuthProtocol::ALL
+        .iter()
+        .filter_map(|&p| {
+            let (ok, failed) = s.broker.auth_attempts.get(p);
+            (ok + failed > 0).then(|| {
+                json!({
+                    "protocol": p.name(),
+                    "auth_attempts": ok + failed,
+                    "auth_attempts_failed": failed,
+                    "auth_attempts_succeeded": ok,
+                })
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(rows)))
+}

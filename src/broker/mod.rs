@@ -158,6 +158,52 @@ pub struct Churn {
     pub queues: Arc<vhost::QueueChurn>,
 }
 
+/// Login attempts since start, per protocol (RabbitMQ's auth attempt
+/// metrics: `/api/auth/attempts/{node}`, `rabbitmq_auth_attempts_*`).
+#[derive(Debug, Default)]
+pub struct AuthAttempts {
+    /// (succeeded, failed) per [`AuthProtocol`], in its order.
+    counts: [(AtomicU64, AtomicU64); 3],
+}
+
+/// Where a login was tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthProtocol {
+    Amqp091,
+    Stream,
+    Http,
+}
+
+impl AuthProtocol {
+    pub const ALL: [AuthProtocol; 3] = [
+        AuthProtocol::Amqp091,
+        AuthProtocol::Stream,
+        AuthProtocol::Http,
+    ];
+
+    /// RabbitMQ's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthProtocol::Amqp091 => "amqp091",
+            AuthProtocol::Stream => "stream",
+            AuthProtocol::Http => "http",
+        }
+    }
+}
+
+impl AuthAttempts {
+    pub fn record(&self, protocol: AuthProtocol, succeeded: bool) {
+        let (ok, failed) = &self.counts[protocol as usize];
+        Counters::add(if succeeded { ok } else { failed }, 1);
+    }
+
+    /// (succeeded, failed) for `protocol`.
+    pub fn get(&self, protocol: AuthProtocol) -> (u64, u64) {
+        let (ok, failed) = &self.counts[protocol as usize];
+        (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+    }
+}
+
 /// One AMQP channel's figures for `/api/channels`: written by its
 /// connection's task as it handles the channel (relaxed atomics), read by
 /// the admin API. Gauges are as of the channel's last event.
@@ -282,6 +328,8 @@ pub struct Broker {
     pub node: String,
     /// Connections and channels opened and closed.
     pub churn: Churn,
+    /// Logins tried, per protocol.
+    pub auth_attempts: AuthAttempts,
     /// Global runtime parameters (`cluster_name` among them).
     pub global: global::GlobalParameters,
 }
@@ -387,6 +435,7 @@ impl Broker {
             admission: parking_lot::Mutex::new(()),
             node: config.node_name(),
             churn: Churn::default(),
+            auth_attempts: AuthAttempts::default(),
             global,
         };
         broker.add_vhost("/");

@@ -15,6 +15,7 @@ use crate::amqp::{self, ConnCtx};
 use crate::broker::oauth::{Grant, Verifier};
 use crate::broker::queue::DeliverySink;
 use crate::broker::remote::Ticket;
+use crate::broker::AuthProtocol;
 use crate::broker::{Broker, ConnectionControl, ConnectionInfo, LoginError, SocketStats};
 use crate::clock::Now;
 use crate::cluster::{Cluster, Command};
@@ -595,6 +596,9 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                         r => (user, r),
                     }
                 };
+                self.broker
+                    .auth_attempts
+                    .record(AuthProtocol::Amqp091, result.is_ok());
                 match result {
                     Ok(u) => {
                         self.user = Some(u.name);

@@ -1088,6 +1088,9 @@ impl StreamSession {
         user: &str,
         result: Result<User, LoginError>,
     ) {
+        self.broker
+            .auth_attempts
+            .record(crate::broker::AuthProtocol::Stream, result.is_ok());
         match result {
             Ok(u) => {
                 self.user = Some(u);
