@@ -41,7 +41,7 @@ fn failed(reason: &str, extra: Value) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
 }
 
-fn listeners(s: &AdminState) -> Vec<Listener> {
+pub(super) fn listeners(s: &AdminState) -> Vec<Listener> {
     s.listeners.get().cloned().unwrap_or_default()
 }
 

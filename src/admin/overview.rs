@@ -173,6 +173,7 @@ pub fn node_figures(s: &AdminState) -> Value {
         // clients and queue leaders.
         "being_drained": false,
         "exchange_types": exchange_types(),
+        "enabled_plugins": enabled_plugins(s),
     "auth_mechanisms": AUTH_MECHANISMS
             .iter()
             .map(|(name, description)| {
@@ -187,6 +188,28 @@ pub fn node_figures(s: &AdminState) -> Value {
         m.extend(churn_json(&s.broker));
     }
     figures
+}
+
+/// The RabbitMQ plugins whose function (and HTTP API) this node provides,
+/// by their names, as RabbitMQ lists the plugins it has enabled (tools look
+/// for them there): built in, so always on, except the stream plugins
+/// (only with a stream listener) and OAuth 2 (only when configured).
+fn enabled_plugins(s: &AdminState) -> Vec<&'static str> {
+    let mut plugins = vec![
+        "rabbitmq_management",
+        "rabbitmq_prometheus",
+        "rabbitmq_shovel",
+        "rabbitmq_shovel_management",
+    ];
+    let listeners = super::health::listeners(s);
+    if listeners.iter().any(|l| l.protocol.starts_with("stream")) {
+        plugins.extend(["rabbitmq_stream", "rabbitmq_stream_management"]);
+    }
+    if s.broker.auth.oauth2().is_some() {
+        plugins.push("rabbitmq_auth_backend_oauth2");
+    }
+    plugins.sort_unstable();
+    plugins
 }
 
 /// A node's record: its name, type, whether it runs, and `figures`' fields.

@@ -279,6 +279,22 @@ async fn queue_exchange_and_node_samples() {
 
     let nodes = b.get("/api/nodes").await;
     let name = nodes[0]["name"].as_str().expect("node name").to_string();
+    // The RabbitMQ plugins whose API this node serves, by their names.
+    let plugins = nodes[0]["enabled_plugins"]
+        .as_array()
+        .expect("plugins")
+        .clone();
+    for p in [
+        "rabbitmq_management",
+        "rabbitmq_prometheus",
+        "rabbitmq_shovel",
+    ] {
+        assert!(plugins.contains(&json!(p)), "{p} in {plugins:?}");
+    }
+    assert!(
+        !plugins.contains(&json!("rabbitmq_auth_backend_oauth2")),
+        "not configured"
+    );
     let n = b
         .get(&format!(
             "/api/nodes/{name}?node_stats_age=60&node_stats_incr=5"
