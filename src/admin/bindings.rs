@@ -167,7 +167,6 @@ fn between(
     // Missing exchanges or queues have no bindings: an empty list, as
     // RabbitMQ answers.
     caller.require_vhost(&s.broker, vhost)?;
-    s.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
     let src = source_name(src);
     Ok(collect(s, caller, |vh, source, b| {
         vh == vhost && source == src && is_queue(b) == queue && dest_name(b) == dst

@@ -178,8 +178,7 @@ fn topology(s: &AdminState, only: Option<&str>) -> Topology {
     }
     super::sort_by_vhost_name(&mut exchanges);
     super::sort_by_vhost_name(&mut queues);
-    let mut parameters = super::limits::vhost_limit_parameters(b);
-    parameters.retain(|p| only.is_none_or(|o| p.get("vhost").and_then(Value::as_str) == Some(o)));
+    let mut parameters = super::limits::vhost_limit_parameters(b, |v| only.is_none_or(|o| o == v));
     parameters.extend(s.shovels.parameters(only));
     Topology {
         parameters,

@@ -31,9 +31,10 @@ fn vhost_rows(b: &Broker, keep: impl Fn(&str) -> bool) -> Vec<Value> {
     rows
 }
 
-/// The vhost limits as definitions' `parameters` entries (component `vhost-limits`).
-pub fn vhost_limit_parameters(b: &Broker) -> Vec<Value> {
-    vhost_rows(b, |_| true)
+/// The limits of the vhosts `keep` takes as definitions' `parameters`
+/// entries (component `vhost-limits`).
+pub fn vhost_limit_parameters(b: &Broker, keep: impl Fn(&str) -> bool) -> Vec<Value> {
+    vhost_rows(b, keep)
         .into_iter()
         .map(|row| {
             json!({
@@ -137,13 +138,7 @@ pub async fn delete_vhost(
 /// The `vhost-limits` runtime parameters `caller` sees (in vhost `only`),
 /// as `/api/parameters` lists them.
 pub fn visible_limit_parameters(b: &Broker, caller: &Caller, only: Option<&str>) -> Vec<Value> {
-    vhost_limit_parameters(b)
-        .into_iter()
-        .filter(|p| {
-            let v = p["vhost"].as_str().unwrap_or("");
-            only.is_none_or(|o| o == v) && caller.sees(b, v)
-        })
-        .collect()
+    vhost_limit_parameters(b, |v| only.is_none_or(|o| o == v) && caller.sees(b, v))
 }
 
 /// `GET /api/parameters/vhost-limits`.

@@ -298,18 +298,23 @@ where
         }
         let (user, pass) =
             basic_credentials(parts).ok_or_else(|| ApiError::unauthorized("Login failed"))?;
-        let checked = broker.auth.check_password(&user, &pass);
-        broker
-            .auth_attempts
-            .record(crate::broker::AuthProtocol::Http, checked.is_some());
-        let u = checked.ok_or_else(|| ApiError::unauthorized("Login failed"))?;
         let from_loopback = parts
             .extensions
             .get::<axum::extract::ConnectInfo<SocketAddr>>()
             .is_none_or(|c| is_loopback(&c.0));
-        if u.loopback_only && !from_loopback {
-            return Err(ApiError::unauthorized("User can only log in via localhost"));
-        }
+        // The broker's login check (password, then loopback-only users), as
+        // AMQP and stream logins use it: a loopback-only user logging in
+        // from elsewhere counts as a failed attempt there too.
+        let login = broker.authenticate(&user, &pass, from_loopback);
+        broker
+            .auth_attempts
+            .record(crate::broker::AuthProtocol::Http, login.is_ok());
+        let u = login.map_err(|e| match e {
+            crate::broker::LoginError::Refused => ApiError::unauthorized("Login failed"),
+            crate::broker::LoginError::LoopbackOnly => {
+                ApiError::unauthorized("User can only log in via localhost")
+            }
+        })?;
         if !u.tags.iter().any(|t| MANAGEMENT_TAGS.contains(&t.as_str())) {
             return Err(ApiError::forbidden("Not management user"));
         }
