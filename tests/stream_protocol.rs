@@ -106,9 +106,11 @@ async fn create_publish_confirm_consume_delete() {
     let got = consume(&env, &s, OffsetSpecification::Offset(42), 3).await;
     let from: Vec<u64> = got.iter().map(|(o, _)| *o).filter(|o| *o >= 42).collect();
     assert!(!from.is_empty() && from[0] == 42, "{got:?}");
-    // Last: the last chunk's messages include the last message.
+    // Last: the last chunk's messages include the last message. Chunks are
+    // cut as RabbitMQ's writer cuts its batches (32 entries after a quiet
+    // spell, then growing), so the batch of 90 is not one chunk.
     let got = consume(&env, &s, OffsetSpecification::Last, 1).await;
-    assert!(got[0].0 <= 99);
+    assert!(got[0].0 > 10 && got[0].0 <= 99, "{got:?}");
 
     t(env.delete_stream(&s)).await.expect("delete");
     match t(env.delete_stream(&s)).await {

@@ -513,6 +513,8 @@ struct Writer {
     failed: Option<StreamError>,
     /// Files written this round, to fsync.
     dirty: bool,
+    /// How many entries the next user chunk takes at most.
+    batch: Batch,
 }
 
 /// Most entries (and data bytes, roughly) in one chunk.
@@ -1427,6 +1429,7 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
         last_chunk,
         failed: None,
         dirty: false,
+        batch: Batch::ADAPTIVE,
     };
     Ok(LogInner {
         dir: dir.to_path_buf(),
@@ -1611,6 +1614,50 @@ const CHUNK_LIMITS: ChunkLimits = ChunkLimits {
     bytes: CHUNK_TARGET_BYTES,
 };
 
+/// How many entries the next user chunk takes at most, adapted as osiris's
+/// writer (a `gen_batch_server`) adapts its batches, which become its chunks:
+/// from `min` it doubles (up to `max`) each time a chunk fills up to it and
+/// halves (down to `min`) each time the buffered appends run out before one
+/// does. So a burst after a quiet spell is cut 32, 64, 128, ... (its last
+/// chunk, what a consumer from `last` is sent first, is small, as on
+/// RabbitMQ), and sustained load is written in chunks of `max` entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Batch {
+    size: usize,
+    min: usize,
+    max: usize,
+}
+
+impl Batch {
+    /// `gen_batch_server`'s bounds (its `min_batch_size` / `max_batch_size`
+    /// defaults, which osiris's writer keeps).
+    const ADAPTIVE: Batch = Batch {
+        size: 32,
+        min: 32,
+        max: 8192,
+    };
+
+    /// Always `n`.
+    #[cfg(test)]
+    const fn fixed(n: usize) -> Batch {
+        Batch {
+            size: n,
+            min: n,
+            max: n,
+        }
+    }
+
+    /// A chunk took `size` entries.
+    fn filled(&mut self) {
+        self.size = self.size.saturating_mul(2).min(self.max);
+    }
+
+    /// The appends ran out before a chunk filled.
+    fn ran_dry(&mut self) {
+        self.size = (self.size / 2).max(self.min);
+    }
+}
+
 /// A user chunk built from buffered appends: its header and bloom filter,
 /// its data section (a slice of the write buffer) and its trailer.
 struct BuiltChunk {
@@ -1651,8 +1698,9 @@ fn entry_at(b: &[u8]) -> (usize, u64) {
 }
 
 /// Merge the messages buffered since the last flush (every append, in
-/// order) into as few user chunks as `limits` allow, as osiris's writer does
-/// with what its mailbox holds: the first gets id `first_id`, each the next
+/// order) into as few user chunks as `limits` and `batch` allow (`batch`
+/// adapts as it cuts them), as osiris's writer does with what its mailbox
+/// holds: the first gets id `first_id`, each the next
 /// one's; a chunk's timestamp is the newest of its messages' (never below
 /// `last_timestamp`); its trailer holds each reference's highest publishing
 /// id; its bloom filter (`filter_size` bytes) is there when any message has
@@ -1665,8 +1713,9 @@ fn build_user_chunks(
     last_timestamp: i64,
     filter_size: u8,
     limits: ChunkLimits,
+    batch: &mut Batch,
 ) -> Vec<BuiltChunk> {
-    let max_entries = limits.entries.clamp(1, CHUNK_MAX_ENTRIES);
+    let most_entries = limits.entries.clamp(1, CHUNK_MAX_ENTRIES);
     let mut out = Vec::new();
     let mut id = first_id;
     let mut ts = last_timestamp;
@@ -1681,6 +1730,7 @@ fn build_user_chunks(
         at = m.end;
     }
     while a < appends.len() {
+        let max_entries = most_entries.min(batch.size.max(1));
         let chunk_start = pos;
         let mut n = 0usize;
         let mut records = 0u64;
@@ -1767,6 +1817,11 @@ fn build_user_chunks(
         } else {
             Vec::new()
         };
+        if n >= batch.size {
+            batch.filled();
+        } else if a >= appends.len() {
+            batch.ran_dry();
+        }
         let body = data.slice(chunk_start..pos);
         let records = u32::try_from(records).unwrap_or(u32::MAX);
         let head = chunk::build_head(
@@ -1802,6 +1857,7 @@ fn write_all(
         w.last_timestamp,
         retention.filter_size,
         CHUNK_LIMITS,
+        &mut w.batch,
     );
     for c in built {
         let id = w.next;

@@ -455,7 +455,14 @@ fn appends_with_and_without_filter_values_are_not_merged() {
         ("d", 1_000, Some("us"), None),
         ("e", 1_000, None, None),
     ]);
-    let built = build_user_chunks(msgs, 0, 0, 16, CHUNK_LIMITS);
+    let built = build_user_chunks(
+        msgs,
+        0,
+        0,
+        16,
+        CHUNK_LIMITS,
+        &mut Batch::fixed(CHUNK_MAX_ENTRIES),
+    );
     let heads: Vec<(u64, u16, u8)> = built
         .iter()
         .map(|c| Header::parse(&c.head).expect("header"))
@@ -478,7 +485,14 @@ fn appends_with_and_without_filter_values_are_not_merged() {
             ("e", 0, None, None),
         ],
     );
-    let one = build_user_chunks((p.data.freeze(), p.appends), 0, 0, 16, CHUNK_LIMITS);
+    let one = build_user_chunks(
+        (p.data.freeze(), p.appends),
+        0,
+        0,
+        16,
+        CHUNK_LIMITS,
+        &mut Batch::fixed(CHUNK_MAX_ENTRIES),
+    );
     assert_eq!(one.len(), 1);
 }
 
@@ -496,7 +510,14 @@ fn appends_since_the_last_flush_merge_into_one_chunk() {
     );
     push(&mut p, &[("c", 3_000, Some("eu"), Some(("q", 2)))]);
     push(&mut p, &[("d", 2_000, Some("eu"), Some(("p", 5)))]);
-    let built = build_user_chunks((p.data.freeze(), p.appends), 10, 2_500, 16, CHUNK_LIMITS);
+    let built = build_user_chunks(
+        (p.data.freeze(), p.appends),
+        10,
+        2_500,
+        16,
+        CHUNK_LIMITS,
+        &mut Batch::fixed(CHUNK_MAX_ENTRIES),
+    );
     assert_eq!(built.len(), 1);
     let raw = &built[0].bytes();
     let h = Header::parse(raw).expect("header");
@@ -562,7 +583,7 @@ fn merged_chunks_are_bounded() {
         entries: 2,
         bytes: 1 << 20,
     };
-    let built = build_user_chunks(msgs, 0, 0, 16, limits);
+    let built = build_user_chunks(msgs, 0, 0, 16, limits, &mut Batch::fixed(CHUNK_MAX_ENTRIES));
     let heads: Vec<(u64, u16, i64)> = built
         .iter()
         .map(|c| Header::parse(&c.head).expect("header"))
@@ -573,7 +594,14 @@ fn merged_chunks_are_bounded() {
     // chunk's trailer still with its own highest id.
     let mut p = Pending::default();
     push(&mut p, &one);
-    let split = build_user_chunks((p.data.freeze(), p.appends), 0, 0, 16, limits);
+    let split = build_user_chunks(
+        (p.data.freeze(), p.appends),
+        0,
+        0,
+        16,
+        limits,
+        &mut Batch::fixed(CHUNK_MAX_ENTRIES),
+    );
     let heads: Vec<(u64, u16, i64)> = split
         .iter()
         .map(|c| Header::parse(&c.head).expect("header"))
@@ -612,17 +640,31 @@ fn merged_chunks_are_bounded() {
         entries: 100,
         bytes: 12,
     };
-    let sizes: Vec<u16> = build_user_chunks(pending(&five), 0, 0, 16, limits)
-        .iter()
-        .map(|c| Header::parse(&c.head).expect("header").num_entries)
-        .collect();
+    let sizes: Vec<u16> = build_user_chunks(
+        pending(&five),
+        0,
+        0,
+        16,
+        limits,
+        &mut Batch::fixed(CHUNK_MAX_ENTRIES),
+    )
+    .iter()
+    .map(|c| Header::parse(&c.head).expect("header").num_entries)
+    .collect();
     assert_eq!(sizes, vec![2, 2, 1]);
     let mut p = Pending::default();
     push(&mut p, &five);
-    let sizes: Vec<u16> = build_user_chunks((p.data.freeze(), p.appends), 0, 0, 16, limits)
-        .iter()
-        .map(|c| Header::parse(&c.head).expect("header").num_entries)
-        .collect();
+    let sizes: Vec<u16> = build_user_chunks(
+        (p.data.freeze(), p.appends),
+        0,
+        0,
+        16,
+        limits,
+        &mut Batch::fixed(CHUNK_MAX_ENTRIES),
+    )
+    .iter()
+    .map(|c| Header::parse(&c.head).expect("header").num_entries)
+    .collect();
     assert_eq!(sizes, vec![2, 2, 1]);
 }
 
@@ -846,4 +888,65 @@ fn located_chunks_point_at_the_data_read_batch_reads() {
     assert!(files.is_empty() && !r.has_more());
     store.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn chunks_grow_from_32_and_shrink_when_appends_run_dry() {
+    let sizes = |msgs: (Bytes, Vec<AppendMeta>), batch: &mut Batch| -> Vec<u16> {
+        build_user_chunks(msgs, 0, 0, 16, CHUNK_LIMITS, batch)
+            .iter()
+            .map(|c| Header::parse(&c.head).expect("header").num_entries)
+            .collect()
+    };
+    let names: Vec<String> = (0..20_000).map(|i| format!("{i}")).collect();
+    let frame = |n: usize| {
+        let mut p = Pending::default();
+        let msgs: Vec<Msg> = names[..n]
+            .iter()
+            .map(|s| (s.as_str(), 0, None, None))
+            .collect();
+        push(&mut p, &msgs);
+        (p.data.freeze(), p.appends)
+    };
+    let mut batch = Batch::ADAPTIVE;
+    // A publish frame of 100 after a quiet spell: 32, 64, then the 4 left
+    // (the last chunk a consumer from `last` is sent).
+    assert_eq!(sizes(frame(100), &mut batch), vec![32, 64, 4]);
+    // Two full chunks doubled it to 128, running dry halved it to 64.
+    assert_eq!(batch.size, 64);
+    assert_eq!(sizes(frame(100), &mut batch), vec![64, 36]);
+    assert_eq!(batch.size, 64);
+    // Single-message appends count as one each, as casts to the writer.
+    let singles: Vec<Msg> = names[..40]
+        .iter()
+        .map(|s| (s.as_str(), 0, None, None))
+        .collect();
+    assert_eq!(sizes(pending(&singles), &mut batch), vec![40]);
+    assert_eq!(batch.size, 32);
+    // A long burst: the chunks grow to 8192 entries; each round's rest
+    // halves it.
+    let got = sizes(frame(20_000), &mut batch);
+    assert_eq!(
+        got,
+        vec![
+            32,
+            64,
+            128,
+            256,
+            512,
+            1024,
+            2048,
+            4096,
+            8192,
+            20_000 - 16_352
+        ]
+    );
+    assert_eq!(batch.size, 4096);
+    assert_eq!(sizes(frame(20_000), &mut batch), vec![4096, 8192, 7712]);
+    assert_eq!(batch.size, 4096);
+    // Quiet again: one message per round brings it back to 32.
+    for _ in 0..9 {
+        assert_eq!(sizes(frame(1), &mut batch), vec![1]);
+    }
+    assert_eq!(batch, Batch::ADAPTIVE);
 }
