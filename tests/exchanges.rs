@@ -373,6 +373,69 @@ async fn exchange_bind_missing_source_is_not_found() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbinding_an_auto_deleted_exchange_is_ok() {
+    // aio-pika's bound-exchange test: an auto-delete destination exchange
+    // goes with its last (queue) binding as a source; the clean-up unbind
+    // of the exchange-to-exchange binding that named it succeeds, as on
+    // RabbitMQ, and only on the channel that did it.
+    let (_conn, ch) = connect_channel().await;
+    let (src, dst) = (uniq("ad.src"), uniq("ad.dst"));
+    for x in [&src, &dst] {
+        t(ch.exchange_declare(
+            x,
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .await
+        .expect("declare");
+    }
+    let q = temp_queue(&ch, "ad").await;
+    t(ch.queue_bind(
+        &q,
+        &dst,
+        "k",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("bind queue");
+    t(ch.exchange_bind(
+        &dst,
+        &src,
+        "k",
+        ExchangeBindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("bind exchange");
+    t(ch.queue_unbind(&q, &dst, "k", FieldTable::default()))
+        .await
+        .expect("unbind queue");
+    let passive = ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let (_c2, ch2) = connect_channel().await;
+    let gone =
+        t(ch2.exchange_declare(&dst, ExchangeKind::Direct, passive, FieldTable::default())).await;
+    assert_code(gone, 404);
+    t(ch.exchange_unbind(
+        &dst,
+        &src,
+        "k",
+        ExchangeUnbindOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("unbind from an exchange that went");
+    assert!(ch.status().connected(), "the channel stays open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_exchange_routes_by_queue_name() {
     let (_conn, ch) = connect_channel().await;
     confirm_mode(&ch).await;

@@ -364,10 +364,24 @@ async fn bind_and_unbind() {
         .unwrap();
     publish_confirmed(&ch, "amq.direct", &key, b"unbound").await;
     assert_eq!(message_count(&ch, &q).await, 0);
-    // Unbinding a binding that does not exist is OK on RabbitMQ.
+    // Unbinding a binding that does not exist is OK on RabbitMQ, and so is
+    // unbinding a missing queue or from a missing exchange
+    // (`rabbit_binding:remove` ignores missing ends).
     t(ch.queue_unbind(&q, "amq.direct", &key, FieldTable::default()))
         .await
         .unwrap();
+    t(ch.queue_unbind(&uniq("noq"), "amq.direct", &key, FieldTable::default()))
+        .await
+        .expect("unbind of a missing queue");
+    t(ch.queue_unbind(&q, &uniq("nox"), &key, FieldTable::default()))
+        .await
+        .expect("unbind from a missing exchange");
+    // The default exchange stays refused (403), as a bind.
+    let ch4 = t(conn.create_channel()).await.unwrap();
+    assert_code(
+        t(ch4.queue_unbind(&q, "", &q, FieldTable::default())).await,
+        403,
+    );
     // Binding to a missing exchange: 404.
     let ch2 = t(conn.create_channel()).await.unwrap();
     assert_code(

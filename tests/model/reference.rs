@@ -183,8 +183,10 @@ impl Model {
     }
 
     pub fn bind(&mut self, queue: &str, key: &str, bind: bool) -> Reply {
+        // Binding a missing queue is 404; unbinding one is a no-op (as
+        // RabbitMQ's `rabbit_binding:remove` ignores missing ends).
         if !self.queues.contains_key(queue) {
-            return Reply::Error(404);
+            return if bind { Reply::Error(404) } else { Reply::Done };
         }
         let b = (queue.to_string(), key.to_string());
         if bind {

@@ -692,11 +692,7 @@ impl VHost {
         exchanges: &HashMap<String, Arc<Exchange>>,
         source: &str,
     ) -> AmqpResult<Arc<Exchange>> {
-        if source.is_empty() {
-            return Err(AmqpError::access_refused(
-                "operation not permitted on the default exchange",
-            ));
-        }
+        not_default_exchange(source)?;
         exchanges
             .get(source)
             .cloned()
@@ -787,7 +783,10 @@ impl VHost {
     }
 
     /// queue.unbind / exchange.unbind. An auto-delete source left without
-    /// bindings is deleted.
+    /// bindings is deleted. As on RabbitMQ (`rabbit_binding:remove` ignores
+    /// missing ends), unbinding from or to a queue or exchange that does not
+    /// exist is a no-op: the binding is gone either way (an auto-deleted
+    /// exchange's clean-up unbind succeeds).
     pub fn unbind(
         &self,
         source: &str,
@@ -796,10 +795,25 @@ impl VHost {
         arguments: &FieldTable,
         connection: u64,
     ) -> AmqpResult<()> {
+        not_default_exchange(source)?;
         // Exclusive: the source may be auto-deleted within this change.
         let mut exchanges = self.exchanges.write();
-        self.check_destination(&exchanges, &dest, connection)?;
-        let ex = self.bindable_source(&exchanges, source)?;
+        let Some(ex) = exchanges.get(source).cloned() else {
+            return Ok(());
+        };
+        let dest_exists = match &dest {
+            Destination::Queue(name) => {
+                let q = self.queues.read().get(&**name).cloned();
+                match q {
+                    Some(q) => q.check_access(connection).map(|()| true)?,
+                    None => false,
+                }
+            }
+            Destination::Exchange(name) => exchanges.contains_key(&**name),
+        };
+        if !dest_exists {
+            return Ok(());
+        }
         let binding = Binding {
             destination: dest,
             routing_key: routing_key.to_string(),
@@ -865,6 +879,16 @@ impl VHost {
             crate::broker::policy::apply_to_queues(self, now);
         }
         Ok(removed)
+    }
+}
+
+/// Binds and unbinds name a source other than the default exchange.
+fn not_default_exchange(source: &str) -> AmqpResult<()> {
+    match source.is_empty() {
+        true => Err(AmqpError::access_refused(
+            "operation not permitted on the default exchange",
+        )),
+        false => Ok(()),
     }
 }
 
