@@ -516,6 +516,29 @@ async fn delete_if_empty_refuses_non_empty() {
         0
     );
     assert_code(passive(&ch, &q).await, 404);
+    // A message delivered and not yet acked does not count: RabbitMQ's
+    // if-empty looks at ready messages (aio-pika deletes a queue it just
+    // read with basic.get so).
+    let q = uniq("ifempty.unacked");
+    let ch = t(conn.create_channel()).await.unwrap();
+    declare_queue(&ch, &q).await;
+    confirm_mode(&ch).await;
+    publish_confirmed(&ch, "", &q, b"y").await;
+    let got = t(ch.basic_get(&q, BasicGetOptions::default()))
+        .await
+        .expect("get");
+    assert!(got.is_some(), "the message is delivered");
+    let del = t(ch.queue_delete(
+        &q,
+        QueueDeleteOptions {
+            if_empty: true,
+            ..Default::default()
+        },
+    ))
+    .await;
+    assert_eq!(del.expect("if-empty with an unacked delivery"), 0);
+    let ch = t(conn.create_channel()).await.unwrap();
+    assert_code(passive(&ch, &q).await, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -423,6 +423,51 @@ async fn global_qos_is_refused_on_quorum_queues() {
     delete(&ch, &q).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_with_if_unused_or_if_empty_is_not_implemented() {
+    // RabbitMQ 3.x/4.0: either flag on a quorum queue's queue.delete is 540
+    // NOT_IMPLEMENTED (a connection error); the queue stays.
+    let conn = connect().await;
+    let ch = t(conn.create_channel()).await.unwrap();
+    let q = uniq("qq.ifempty");
+    declare(&ch, &q, &[quorum()]).await.expect("declare");
+    for (opts, flag) in [
+        (
+            QueueDeleteOptions {
+                if_unused: true,
+                if_empty: true,
+                ..Default::default()
+            },
+            "if-unused",
+        ),
+        (
+            QueueDeleteOptions {
+                if_empty: true,
+                ..Default::default()
+            },
+            "if-empty",
+        ),
+    ] {
+        let conn2 = connect().await;
+        let ch2 = t(conn2.create_channel()).await.unwrap();
+        match t(ch2.queue_delete(&q, opts)).await {
+            Err(lapin::Error::ProtocolError(e)) => {
+                assert_eq!(e.get_id(), 540, "{e:?}");
+                assert_eq!(
+                    e.get_message().as_str(),
+                    format!(
+                        "NOT_IMPLEMENTED - cannot delete queue '{q}' in vhost '/'. queue.delete \
+                         operations with {flag} flag set are not supported by quorum queues"
+                    )
+                );
+            }
+            other => panic!("expected 540, got {other:?}"),
+        }
+    }
+    assert_eq!(passive(&ch, &q).await, (0, 0));
+    delete(&ch, &q).await;
+}
+
 /// An in-process broker with the admin API, for policies and `/api/queues`.
 async fn admin_broker() -> (warren::Warren, String, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(uniq("warren-quorum-admin"));

@@ -458,14 +458,10 @@ pub async fn remove(
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
     caller.permit(&s.broker, &vhost, Access::Configure, "queue", &name)?;
-    let st = q.stats(crate::clock::now_ms());
-    if params.get("if-unused").is_some_and(|x| x == "true") && st.consumers > 0 {
-        return Err(ApiError::bad_request(format!("queue '{name}' in use")));
-    }
-    if params.get("if-empty").is_some_and(|x| x == "true") && st.ready + st.unacked > 0 {
-        return Err(ApiError::bad_request(format!(
-            "queue '{name}' is not empty"
-        )));
+    let flag = |k: &str| params.get(k).is_some_and(|x| x == "true");
+    let now = crate::clock::now_ms();
+    if let Some(e) = q.delete_refusal(flag("if-unused"), flag("if-empty"), now) {
+        return Err(ApiError::bad_request(e.text));
     }
     if let Some(v) = s.broker.vhost(&vhost) {
         v.remove_queue(&q)?;

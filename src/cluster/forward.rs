@@ -1171,22 +1171,12 @@ impl Served {
             Op::DeleteCheck {
                 if_unused,
                 if_empty,
-            } => {
-                let st = q.stats(now);
-                if if_unused && st.consumers > 0 {
-                    err(crate::error::AmqpError::precondition_failed(format!(
-                        "queue '{queue}' in vhost '{vhost}' in use"
-                    )))
-                } else if if_empty && st.ready + st.unacked > 0 {
-                    err(crate::error::AmqpError::precondition_failed(format!(
-                        "queue '{queue}' in vhost '{vhost}' is not empty"
-                    )))
-                } else {
-                    Ok(Reply::Checked {
-                        messages: st.ready as u64,
-                    })
-                }
-            }
+            } => match q.delete_refusal(if_unused, if_empty, now) {
+                Some(e) => err(e),
+                None => Ok(Reply::Checked {
+                    messages: q.stats(now).ready as u64,
+                }),
+            },
             Op::Get { no_ack, cid } => match q.get(no_ack, now) {
                 None => Ok(Reply::Empty),
                 Some((entry, remaining)) => {

@@ -337,6 +337,41 @@ impl Queue {
         self.stream.as_ref().map(|sq| &sq.log)
     }
 
+    /// What queue.delete's `if-unused` / `if-empty` flags find against
+    /// deleting this queue as of `now`, as RabbitMQ 3.x answers: a classic
+    /// queue is "in use" with consumers and "not empty" with ready messages
+    /// (as its `is_empty`: deliveries awaiting their ack do not count), 406
+    /// either way; a quorum queue refuses either flag (540, not implemented
+    /// for quorum queues); a stream ignores them.
+    pub fn delete_refusal(&self, if_unused: bool, if_empty: bool, now: u64) -> Option<AmqpError> {
+        let what = format!("queue '{}' in vhost '{}'", self.name(), self.spec.vhost);
+        match self.queue_type() {
+            QueueType::Stream => return None,
+            QueueType::Quorum => {
+                let flag = match (if_unused, if_empty) {
+                    (true, _) => "if-unused",
+                    (false, true) => "if-empty",
+                    (false, false) => return None,
+                };
+                return Some(AmqpError::not_implemented(format!(
+                    "cannot delete {what}. queue.delete operations with {flag} flag set \
+                     are not supported by quorum queues"
+                )));
+            }
+            _ => {}
+        }
+        let st = self.stats(now);
+        if if_unused && st.consumers > 0 {
+            Some(AmqpError::precondition_failed(format!("{what} in use")))
+        } else if if_empty && st.ready > 0 {
+            Some(AmqpError::precondition_failed(format!(
+                "{what} is not empty"
+            )))
+        } else {
+            None
+        }
+    }
+
     /// The counters as of `now` (messages due by then are expired first). A
     /// stream's ready messages are the messages it keeps.
     pub fn stats(&self, now: u64) -> QueueStats {

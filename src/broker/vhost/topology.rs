@@ -630,18 +630,8 @@ impl VHost {
             Err(e) if e.code == crate::wire::reply_code::NOT_FOUND => return Ok(0),
             Err(e) => return Err(e),
         };
-        let stats = q.stats(now);
-        if if_unused && stats.consumers > 0 {
-            return Err(AmqpError::precondition_failed(format!(
-                "queue '{name}' in vhost '{}' in use",
-                self.name
-            )));
-        }
-        if if_empty && stats.ready + stats.unacked > 0 {
-            return Err(AmqpError::precondition_failed(format!(
-                "queue '{name}' in vhost '{}' is not empty",
-                self.name
-            )));
+        if let Some(e) = q.delete_refusal(if_unused, if_empty, now) {
+            return Err(e);
         }
         self.remove_queue(&q)
     }
