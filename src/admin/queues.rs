@@ -607,7 +607,7 @@ pub async fn get_messages(
         q.reject(entries, crate::clock::now_ms());
     } else {
         crate::broker::Counters::add(&s.broker.counters.acked, entries.len() as u64);
-        q.ack(&entries);
+        q.ack(&entries, crate::clock::now_ms());
     }
     Ok(Json(Value::Array(out)))
 }
