@@ -179,8 +179,8 @@ const USE_HALF_LIFE_MS: f64 = 1000.0;
 /// (`rabbit_queue_consumers`), the fraction of time the queue was able to hand
 /// a message to a consumer at once. The queue is *active* while some consumer
 /// has room (prefetch, flow, a writable connection) and *inactive* from the
-/// moment it had a message to deliver and every consumer was full, until one
-/// has room again (an ack, a new consumer). Each inactive period closes an
+/// moment it had a message to deliver and no consumer, or every consumer
+/// full, until one has room again (an ack, a new consumer). Each inactive period closes an
 /// active + inactive cycle whose active share is folded into an exponential
 /// moving average with a one-second half-life, weighted by the cycle's length.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -797,8 +797,14 @@ impl Queue {
 
     fn dispatch_locked(self: &Arc<Self>, s: &mut State, now: u64, fx: &mut Effects) {
         let single_active = self.args().single_active_consumer;
-        // A consumer with room again (an ack, credit, flow) ends an inactive spell.
-        if !s.consumer_use.is_active() && s.consumers.iter().any(|c| c.has_room()) {
+        // A message with no consumer to take it starts an inactive spell (as
+        // RabbitMQ's delivery attempt without consumers); a consumer with room
+        // again (an ack, credit, flow) ends one.
+        if s.consumers.is_empty() {
+            if !s.ready.is_empty() {
+                s.consumer_use.set(false, now);
+            }
+        } else if !s.consumer_use.is_active() && s.consumers.iter().any(|c| c.has_room()) {
             s.consumer_use.set(true, now);
         }
         // A message due exactly now is still delivered to a consumer waiting for it

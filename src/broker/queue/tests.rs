@@ -830,6 +830,14 @@ fn consumer_utilisation_falls_while_every_consumer_is_full() {
     let back = u(T0 + 21_000);
     assert!((back - 0.75).abs() < 0.001, "{back}");
     assert!(u(T0 + 30_000) > back);
+    // Messages waiting with no consumer count as inactive time too: 10 s
+    // active, then 10 s of that, is 0.5 when the next consumer comes.
+    let (_, _) = q.remove_consumer(1, 1, "c", T0 + 30_000);
+    q.enqueue(transient("c"), T0 + 30_000);
+    q.add_consumer(consumer(&sink, true), T0 + 40_000)
+        .expect("consume");
+    let fresh = u(T0 + 40_000);
+    assert!((fresh - 0.5).abs() < 0.001, "{fresh}");
 }
 
 #[test]
