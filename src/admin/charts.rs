@@ -501,6 +501,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn length_rates_come_from_the_two_newest_samples() {
+        let h = History::new();
+        let key: Key = ("/".into(), "q".into());
+        assert_eq!(length_rates(&h, &key), [0.0; 3], "no history yet");
+        let t0 = 1_000_000_000;
+        for (i, (ready, unacked)) in [(10, 0), (10, 0), (30, 5)].into_iter().enumerate() {
+            let mut snap = Snapshot::default();
+            let totals = super::super::history::QueueTotals {
+                ready,
+                unacked,
+                ..Default::default()
+            };
+            snap.queues.insert(key.clone(), totals);
+            let now = t0 + i as u64 * 5_000;
+            assert!(h.due(now));
+            h.record(now, &snap);
+            if i == 0 {
+                assert_eq!(length_rates(&h, &key), [0.0; 3], "one sample");
+            }
+        }
+        // +20 ready and +5 unacked over 5 s.
+        assert_eq!(length_rates(&h, &key), [5.0, 4.0, 1.0]);
+    }
+
+    #[test]
     fn range_parameters() {
         let p = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
             pairs

@@ -1,5 +1,5 @@
-//! `/api/overview`, `/api/nodes`, `/api/whoami`, `/api/health/checks/alarms` and
-//! `/api/aliveness-test/{vhost}`.
+//! `/api/overview`, `/api/nodes`, `/api/whoami`, `/api/health/checks/alarms`,
+//! `/api/auth/attempts/{node}[/source]` and `/api/aliveness-test/{vhost}`.
 
 use super::cluster::this_node;
 use super::metrics::{message_stats, resident_memory, Totals};
@@ -361,6 +361,38 @@ pub async fn auth_attempts(
                     "auth_attempts_failed": failed,
                     "auth_attempts_succeeded": ok,
                 })
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(rows)))
+}
+
+/// `GET /api/auth/attempts/{node}/source`: this node's login attempts per
+/// source (remote address, username, protocol), as RabbitMQ gives them with
+/// `track_auth_attempt_source` on; warren always tracks them, for at most
+/// [`crate::broker::MAX_AUTH_SOURCES`] sources (the first seen go first).
+pub async fn auth_attempts_by_source(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(node): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_monitor()?;
+    if node != s.broker.node {
+        return Err(ApiError::not_found());
+    }
+    let rows: Vec<Value> = s
+        .broker
+        .auth_attempts
+        .sources()
+        .into_iter()
+        .map(|((remote, username, protocol), (ok, failed))| {
+            json!({
+                "remote_address": remote,
+                "username": username,
+                "protocol": protocol.name(),
+                "auth_attempts": ok + failed,
+                "auth_attempts_failed": failed,
+                "auth_attempts_succeeded": ok,
             })
         })
         .collect();
