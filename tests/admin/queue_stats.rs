@@ -223,3 +223,67 @@ async fn auth_attempts_are_counted_per_source() {
         .await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_counts_survive_a_restart() {
+    use crate::restart::{spawn_process, stop_process};
+    let dir = std::env::temp_dir().join(format!(
+        "warren-admin-persistent-{}-{}",
+        std::process::id(),
+        common::uniq("d")
+    ));
+    let (child, amqp, base) = spawn_process(&dir).await;
+    let b = Broker {
+        _warren: None,
+        amqp: ([127, 0, 0, 1], amqp).into(),
+        base,
+    };
+    {
+        let conn = b.amqp("guest", "guest", "/").await.expect("connect");
+        let ch = t(conn.create_channel()).await.expect("channel");
+        t(ch.confirm_select(ConfirmSelectOptions::default()))
+            .await
+            .expect("confirms");
+        t(ch.queue_declare(
+            "rq",
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ))
+        .await
+        .expect("declare");
+        publish(&ch, "rq", b"one", props(2, None)).await;
+        publish(&ch, "rq", b"three", props(2, None)).await;
+        publish(&ch, "rq", b"transient", props(1, None)).await;
+        let q = b.get("/api/queues/%2F/rq").await;
+        assert_eq!(q["messages_persistent"], 2, "{q}");
+        let _ = t(conn.close(200, "bye")).await;
+    }
+    stop_process(child);
+    let (child, amqp, base) = spawn_process(&dir).await;
+    let b = Broker {
+        _warren: None,
+        amqp: ([127, 0, 0, 1], amqp).into(),
+        base,
+    };
+    // Only the persistent ones come back, counted before any is loaded.
+    let q = b.get("/api/queues/%2F/rq").await;
+    assert_eq!(q["messages"], 2, "{q}");
+    assert_eq!(q["messages_persistent"], 2);
+    assert_eq!(q["message_bytes_persistent"], 8);
+    // Loaded and taken: the count follows.
+    let conn = b.amqp("guest", "guest", "/").await.expect("connect");
+    let ch = t(conn.create_channel()).await.expect("channel");
+    let got = t(ch.basic_get("rq", BasicGetOptions { no_ack: true }))
+        .await
+        .expect("get")
+        .expect("a message");
+    assert_eq!(got.delivery.data, b"one");
+    let q = b.get("/api/queues/%2F/rq").await;
+    assert_eq!(q["messages_persistent"], 1, "{q}");
+    assert_eq!(q["message_bytes_persistent"], 5);
+    stop_process(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
