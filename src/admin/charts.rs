@@ -205,6 +205,49 @@ fn last_rate(samples: &[(u64, f64)]) -> f64 {
     }
 }
 
+/// How fast a queue's length changes (per second, between its two newest
+/// samples): messages, ready, unacked; 0 without two samples yet. Rounded as
+/// the `rate` of a `*_details` with samples.
+pub fn length_rates(history: &History, key: &Key) -> [f64; 3] {
+    let (incr, _) = super::history::TIERS[0];
+    let w = history.queue(key, 2 * incr, incr);
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    [
+        |p: &QueuePoint| f64::from(p.ready) + f64::from(p.unacked),
+        |p: &QueuePoint| f64::from(p.ready),
+        |p: &QueuePoint| f64::from(p.unacked),
+    ]
+    .map(|pick| round(last_rate(&gauges(&w, pick))))
+}
+
+/// The sum of [`length_rates`] over `queues` (a vhost's, the visible ones):
+/// the rates of their total lengths (they are sampled on one clock).
+pub fn summed_length_rates<'a>(
+    history: &History,
+    queues: impl IntoIterator<Item = &'a crate::broker::queue::Queue>,
+) -> [f64; 3] {
+    let mut sum = [0.0; 3];
+    for q in queues {
+        let key = (q.spec.vhost.to_string(), q.name().to_string());
+        for (s, r) in sum.iter_mut().zip(length_rates(history, &key)) {
+            *s += r;
+        }
+    }
+    sum.map(|x| (x * 10.0).round() / 10.0)
+}
+
+/// `messages_details`, `messages_ready_details` and
+/// `messages_unacknowledged_details` (`{"rate": ...}`) for the rates
+/// [`length_rates`] gives, into `m`.
+pub fn insert_length_details(m: &mut Map<String, Value>, [all, ready, unacked]: [f64; 3]) {
+    m.insert("messages_details".into(), json!({ "rate": all }));
+    m.insert("messages_ready_details".into(), json!({ "rate": ready }));
+    m.insert(
+        "messages_unacknowledged_details".into(),
+        json!({ "rate": unacked }),
+    );
+}
+
 /// Counter samples widened to full totals against the live total `full`.
 fn totals<P>(samples: &[(u64, P)], full: u64, pick: impl Fn(&P) -> u32) -> Vec<(u64, f64)> {
     samples
@@ -456,6 +499,31 @@ pub async fn overview(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn length_rates_come_from_the_two_newest_samples() {
+        let h = History::new();
+        let key: Key = ("/".into(), "q".into());
+        assert_eq!(length_rates(&h, &key), [0.0; 3], "no history yet");
+        let t0 = 1_000_000_000;
+        for (i, (ready, unacked)) in [(10, 0), (10, 0), (30, 5)].into_iter().enumerate() {
+            let mut snap = Snapshot::default();
+            let totals = super::super::history::QueueTotals {
+                ready,
+                unacked,
+                ..Default::default()
+            };
+            snap.queues.insert(key.clone(), totals);
+            let now = t0 + i as u64 * 5_000;
+            assert!(h.due(now));
+            h.record(now, &snap);
+            if i == 0 {
+                assert_eq!(length_rates(&h, &key), [0.0; 3], "one sample");
+            }
+        }
+        // +20 ready and +5 unacked over 5 s.
+        assert_eq!(length_rates(&h, &key), [5.0, 4.0, 1.0]);
+    }
 
     #[test]
     fn range_parameters() {

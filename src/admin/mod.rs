@@ -293,22 +293,26 @@ where
     type Rejection = ApiError;
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Caller, ApiError> {
         let broker = Arc::<Broker>::from_ref(state);
+        let remote = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| c.0);
         if let Some(token) = bearer_token(parts) {
-            return token_caller(&broker, token);
+            return token_caller(&broker, token, remote);
         }
         let (user, pass) =
             basic_credentials(parts).ok_or_else(|| ApiError::unauthorized("Login failed"))?;
-        let from_loopback = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<SocketAddr>>()
-            .is_none_or(|c| is_loopback(&c.0));
+        let from_loopback = remote.as_ref().is_none_or(is_loopback);
         // The broker's login check (password, then loopback-only users), as
         // AMQP and stream logins use it: a loopback-only user logging in
         // from elsewhere counts as a failed attempt there too.
         let login = broker.authenticate(&user, &pass, from_loopback);
-        broker
-            .auth_attempts
-            .record(crate::broker::AuthProtocol::Http, login.is_ok());
+        broker.auth_attempts.record(
+            crate::broker::AuthProtocol::Http,
+            login.is_ok(),
+            remote.map(|r| r.ip()),
+            &user,
+        );
         let u = login.map_err(|e| match e {
             crate::broker::LoginError::Refused => ApiError::unauthorized("Login failed"),
             crate::broker::LoginError::LoopbackOnly => {
@@ -324,15 +328,27 @@ where
 
 /// A Bearer token's caller: 401 unless it verifies now, 403 without a
 /// management tag scope.
-fn token_caller(broker: &Broker, token: &str) -> Result<Caller, ApiError> {
+fn token_caller(
+    broker: &Broker,
+    token: &str,
+    remote: Option<SocketAddr>,
+) -> Result<Caller, ApiError> {
     let verifier = broker
         .auth
         .oauth2()
         .ok_or_else(|| ApiError::unauthorized("Login failed"))?;
     let verified = verifier.verify(token, crate::clock::now_ms() / 1000, true);
-    broker
-        .auth_attempts
-        .record(crate::broker::AuthProtocol::Http, verified.is_ok());
+    // A refused token names nobody.
+    let name = verified
+        .as_ref()
+        .map(|t| t.as_user().name)
+        .unwrap_or_default();
+    broker.auth_attempts.record(
+        crate::broker::AuthProtocol::Http,
+        verified.is_ok(),
+        remote.map(|r| r.ip()),
+        &name,
+    );
     let t = verified.map_err(|why| {
         tracing::warn!("admin API: OAuth 2 token refused: {why}");
         ApiError::unauthorized("Login failed")
@@ -451,6 +467,10 @@ fn routes(state: AdminState) -> Router {
         )
         .route("/api/nodes/:node", get(charts::node))
         .route("/api/auth/attempts/:node", get(overview::auth_attempts))
+        .route(
+            "/api/auth/attempts/:node/source",
+            get(overview::auth_attempts_by_source),
+        )
         .route("/api/whoami", get(overview::whoami))
         .route(
             "/api/warren/reload-tls",

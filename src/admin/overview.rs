@@ -1,5 +1,5 @@
-//! `/api/overview`, `/api/nodes`, `/api/whoami`, `/api/health/checks/alarms` and
-//! `/api/aliveness-test/{vhost}`.
+//! `/api/overview`, `/api/nodes`, `/api/whoami`, `/api/health/checks/alarms`,
+//! `/api/auth/attempts/{node}[/source]` and `/api/aliveness-test/{vhost}`.
 
 use super::cluster::this_node;
 use super::metrics::{message_stats, resident_memory, Totals};
@@ -23,9 +23,15 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         .filter(|v| caller.sees(b, &v.name))
         .collect();
     let (mut ready, mut unacked, mut consumers, mut queues, mut exchanges) = (0, 0, 0, 0, 0);
+    let mut rates = [0.0; 3];
     for v in &visible {
         exchanges += v.exchanges().len();
-        for q in v.queues() {
+        let vq = v.queues();
+        let vr = super::charts::summed_length_rates(&s.history, vq.iter().map(|q| &**q));
+        for (r, x) in rates.iter_mut().zip(vr) {
+            *r += x;
+        }
+        for q in vq {
             let st = q.stats(now_ms());
             ready += st.ready;
             unacked += st.unacked;
@@ -51,6 +57,14 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         .iter()
         .map(|c| c.channels.load(Ordering::Relaxed))
         .sum();
+    let mut queue_totals = serde_json::Map::new();
+    queue_totals.insert("messages".into(), json!(ready + unacked));
+    queue_totals.insert("messages_ready".into(), json!(ready));
+    queue_totals.insert("messages_unacknowledged".into(), json!(unacked));
+    super::charts::insert_length_details(
+        &mut queue_totals,
+        rates.map(|x| (x * 10.0).round() / 10.0),
+    );
     Json(json!({
         "management_version": VERSION,
         "rabbitmq_version": VERSION,
@@ -63,11 +77,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "message_stats": overview_stats(&b.counters, &s.rates.global()),
         "churn_rates": churn_json(b),
         "exchange_types": exchange_types(),
-        "queue_totals": {
-            "messages": ready + unacked,
-            "messages_ready": ready,
-            "messages_unacknowledged": unacked,
-        },
+        "queue_totals": queue_totals,
         "object_totals": {
             "connections": conns.len(),
             "channels": channels,
@@ -351,6 +361,38 @@ pub async fn auth_attempts(
                     "auth_attempts_failed": failed,
                     "auth_attempts_succeeded": ok,
                 })
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(rows)))
+}
+
+/// `GET /api/auth/attempts/{node}/source`: this node's login attempts per
+/// source (remote address, username, protocol), as RabbitMQ gives them with
+/// `track_auth_attempt_source` on; warren always tracks them, for at most
+/// [`crate::broker::MAX_AUTH_SOURCES`] sources (the first seen go first).
+pub async fn auth_attempts_by_source(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(node): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_monitor()?;
+    if node != s.broker.node {
+        return Err(ApiError::not_found());
+    }
+    let rows: Vec<Value> = s
+        .broker
+        .auth_attempts
+        .sources()
+        .into_iter()
+        .map(|((remote, username, protocol), (ok, failed))| {
+            json!({
+                "remote_address": remote,
+                "username": username,
+                "protocol": protocol.name(),
+                "auth_attempts": ok + failed,
+                "auth_attempts_failed": failed,
+                "auth_attempts_succeeded": ok,
             })
         })
         .collect();

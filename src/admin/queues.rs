@@ -22,8 +22,24 @@ use std::sync::Arc;
 /// A queue's counts (messages, bytes, consumers, message stats) as this node
 /// has them: what a queue's home node answers other members. A stream's
 /// consumers are its AMQP consumers and its Stream protocol subscriptions.
+///
+/// RabbitMQ's classic-queue figures besides: `messages_persistent` /
+/// `message_bytes_persistent` (messages held durably: persistent ones on a
+/// durable queue; on a quorum queue every message, as RabbitMQ's quorum
+/// queues report), `head_message_timestamp` (the `timestamp` property of the
+/// ready head or the oldest unacked message, the older; null if neither has
+/// one or the head is paged out), `idle_since` (from a second after the last
+/// activity, as RabbitMQ 3.10 shows it once the queue process hibernates;
+/// absent while active), `consumer_utilisation` / `consumer_capacity`
+/// (RabbitMQ's moving average of the time the queue could deliver at once,
+/// see [`crate::broker::queue::ConsumerUse`]; 0 without consumers),
+/// `memory` (an estimate: [`crate::broker::queue::queue_memory`]) and the
+/// rates of the three lengths (`messages_details` ...) from the history
+/// samples. Quorum queues have no `head_message_timestamp` or `idle_since`
+/// (nor have RabbitMQ's); streams have neither, nor the persistent counts.
 pub fn queue_counts(s: &AdminState, q: &Queue) -> Map<String, Value> {
-    let mut st = q.stats(crate::clock::now_ms());
+    let now = crate::clock::now_ms();
+    let mut st = q.stats(now);
     let vhost = &*q.spec.vhost;
     if q.stream().is_some() {
         st.consumers += super::stream::subscriptions_to(&s.broker, vhost, q.name());
@@ -58,6 +74,37 @@ pub fn queue_counts(s: &AdminState, q: &Queue) -> Map<String, Value> {
         .map(|c| &*c.tag);
     m.insert("exclusive_consumer_tag".into(), json!(exclusive));
     m.insert("single_active_consumer_tag".into(), json!(active));
+    let key = (vhost.to_string(), q.name().to_string());
+    super::charts::insert_length_details(&mut m, super::charts::length_rates(&s.history, &key));
+    let utilisation = match st.consumer_utilisation {
+        Some(u) => json!(u),
+        None => json!(0),
+    };
+    m.insert("consumer_utilisation".into(), utilisation.clone());
+    m.insert("consumer_capacity".into(), utilisation);
+    m.insert("memory".into(), json!(st.memory));
+    let kind = q.queue_type();
+    match kind {
+        QueueType::Classic => {
+            m.insert("messages_persistent".into(), json!(st.persistent));
+            m.insert(
+                "message_bytes_persistent".into(),
+                json!(st.persistent_bytes),
+            );
+            m.insert("head_message_timestamp".into(), json!(st.head_timestamp));
+            if let Some(at) = st.idle_since {
+                m.insert("idle_since".into(), json!(crate::clock::utc_rfc3339(at)));
+            }
+        }
+        QueueType::Quorum => {
+            m.insert("messages_persistent".into(), json!(st.ready + st.unacked));
+            m.insert(
+                "message_bytes_persistent".into(),
+                json!(st.ready_bytes + st.unacked_bytes),
+            );
+        }
+        QueueType::Stream => {}
+    }
     m
 }
 
@@ -603,7 +650,7 @@ pub async fn get_messages(
         q.reject(entries, crate::clock::now_ms());
     } else {
         crate::broker::Counters::add(&s.broker.counters.acked, entries.len() as u64);
-        q.ack(&entries);
+        q.ack(&entries, crate::clock::now_ms());
     }
     Ok(Json(Value::Array(out)))
 }

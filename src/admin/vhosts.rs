@@ -3,22 +3,27 @@
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::vhost::VHostMeta;
-use crate::broker::{Broker, VHost};
+use crate::broker::VHost;
 use crate::cluster::Command;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
 
-fn vhost_json(b: &Broker, v: &VHost) -> Value {
+/// A vhost as the API shows it: with its queues' message counts and the
+/// rates of their lengths (`messages_details` ...), as RabbitMQ's.
+fn vhost_json(s: &AdminState, v: &VHost) -> Value {
+    let b = &s.broker;
     let (mut ready, mut unacked) = (0, 0);
-    for q in v.queues() {
-        let s = q.stats(crate::clock::now_ms());
-        ready += s.ready;
-        unacked += s.unacked;
+    let queues = v.queues();
+    for q in &queues {
+        let st = q.stats(crate::clock::now_ms());
+        ready += st.ready;
+        unacked += st.unacked;
     }
+    let rates = super::charts::summed_length_rates(&s.history, queues.iter().map(|q| &**q));
     let meta = v.meta();
-    json!({
+    let mut j = json!({
         "name": &*v.name,
         "description": &meta.description,
         "tags": &meta.tags,
@@ -30,7 +35,11 @@ fn vhost_json(b: &Broker, v: &VHost) -> Value {
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
         "connections": b.connections().iter().filter(|c| c.vhost == *v.name).count(),
-    })
+    });
+    if let Value::Object(m) = &mut j {
+        super::charts::insert_length_details(m, rates);
+    }
+    j
 }
 
 pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
@@ -39,7 +48,7 @@ pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
         .vhosts()
         .iter()
         .filter(|v| caller.sees(b, &v.name))
-        .map(|v| vhost_json(b, v))
+        .map(|v| vhost_json(&s, v))
         .collect();
     super::sort_by_vhost_name(&mut out);
     Json(Value::Array(out))
@@ -55,7 +64,7 @@ pub async fn show(
     if !caller.sees(b, &name) {
         return Err(ApiError::forbidden("Access refused."));
     }
-    Ok(Json(vhost_json(b, &v)))
+    Ok(Json(vhost_json(&s, &v)))
 }
 
 /// A vhost's `metadata` object (in its JSON and in definitions).

@@ -409,7 +409,7 @@ pub(super) fn apply_settle(ctx: &ConnCtx, ch: &mut Channel, s: Settle, now: Now)
         match requeue {
             Some(true) => back.queue.requeue(back.entries, true, true, now.ms),
             Some(false) => back.queue.reject(back.entries, now.ms),
-            None => back.queue.ack(&back.entries),
+            None => back.queue.ack(&back.entries, now.ms),
         }
     }
     ch.kick_consumers(now);

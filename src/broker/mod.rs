@@ -159,15 +159,33 @@ pub struct Churn {
 }
 
 /// Login attempts since start, per protocol (RabbitMQ's auth attempt
-/// metrics: `/api/auth/attempts/{node}`, `rabbitmq_auth_attempts_*`).
+/// metrics: `/api/auth/attempts/{node}`, `rabbitmq_auth_attempts_*`), and
+/// per source (`/api/auth/attempts/{node}/source`): remote address, username
+/// and protocol, for at most [`MAX_AUTH_SOURCES`] sources (a new one past
+/// that drops the one first seen longest ago).
 #[derive(Debug, Default)]
 pub struct AuthAttempts {
     /// (succeeded, failed) per [`AuthProtocol`], in its order.
     counts: [(AtomicU64, AtomicU64); 3],
+    sources: parking_lot::Mutex<AuthSources>,
+}
+
+/// Most sources [`AuthAttempts`] keeps.
+pub const MAX_AUTH_SOURCES: usize = 1024;
+
+/// A login's source: remote address (as text), username, protocol.
+pub type AuthSource = (String, String, AuthProtocol);
+
+#[derive(Debug, Default)]
+struct AuthSources {
+    /// (succeeded, failed) per source.
+    counts: HashMap<AuthSource, (u64, u64)>,
+    /// The sources, first seen first.
+    order: std::collections::VecDeque<AuthSource>,
 }
 
 /// Where a login was tried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuthProtocol {
     Amqp091,
     Stream,
@@ -192,9 +210,51 @@ impl AuthProtocol {
 }
 
 impl AuthAttempts {
-    pub fn record(&self, protocol: AuthProtocol, succeeded: bool) {
+    /// A login by `username` over `protocol` from `remote` (None: unknown,
+    /// counted per protocol only).
+    pub fn record(
+        &self,
+        protocol: AuthProtocol,
+        succeeded: bool,
+        remote: Option<std::net::IpAddr>,
+        username: &str,
+    ) {
         let (ok, failed) = &self.counts[protocol as usize];
         Counters::add(if succeeded { ok } else { failed }, 1);
+        let Some(ip) = remote else {
+            return;
+        };
+        // An IPv4 client on a dual-stack listener shows as IPv4, as RabbitMQ's.
+        let key = (
+            ip.to_canonical().to_string(),
+            username.to_string(),
+            protocol,
+        );
+        let mut g = self.sources.lock();
+        let g = &mut *g;
+        if !g.counts.contains_key(&key) {
+            if g.order.len() >= MAX_AUTH_SOURCES {
+                if let Some(oldest) = g.order.pop_front() {
+                    g.counts.remove(&oldest);
+                }
+            }
+            g.order.push_back(key.clone());
+        }
+        let c = g.counts.entry(key).or_default();
+        if succeeded {
+            c.0 += 1;
+        } else {
+            c.1 += 1;
+        }
+    }
+
+    /// Each tracked source with its (succeeded, failed), first seen first.
+    pub fn sources(&self) -> Vec<(AuthSource, (u64, u64))> {
+        let g = self.sources.lock();
+        g.order
+            .iter()
+            .filter_map(|k| Some((k.clone(), *g.counts.get(k)?)))
+            .collect()
     }
 
     /// (succeeded, failed) for `protocol`.
@@ -793,5 +853,38 @@ mod tests {
         assert_eq!(s.octets(), (128, 7));
         assert_eq!(s.recv_cnt.load(Ordering::Relaxed), 2);
         assert_eq!(s.send_cnt.load(Ordering::Relaxed), 1);
+    }
+}
+
+#[cfg(test)]
+mod auth_attempt_tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_counted_and_bounded_dropping_the_first_seen() {
+        let a = AuthAttempts::default();
+        let ip: std::net::IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
+        a.record(AuthProtocol::Amqp091, true, Some(ip), "u");
+        a.record(AuthProtocol::Amqp091, false, Some(ip), "u");
+        a.record(AuthProtocol::Http, false, None, "u");
+        let got = a.sources();
+        assert_eq!(
+            got,
+            vec![(
+                ("10.0.0.1".into(), "u".into(), AuthProtocol::Amqp091),
+                (1, 1)
+            )]
+        );
+        assert_eq!(a.get(AuthProtocol::Http), (0, 1));
+        for i in 0..MAX_AUTH_SOURCES {
+            a.record(AuthProtocol::Stream, true, Some(ip), &format!("n{i}"));
+        }
+        let got = a.sources();
+        assert_eq!(got.len(), MAX_AUTH_SOURCES);
+        assert_eq!(got[0].0 .1, "n0", "the first seen went");
+        assert_eq!(
+            got[MAX_AUTH_SOURCES - 1].0 .1,
+            format!("n{}", MAX_AUTH_SOURCES - 1)
+        );
     }
 }

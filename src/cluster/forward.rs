@@ -1232,7 +1232,7 @@ impl Served {
         }
         let q = Arc::clone(&s.queue);
         match how {
-            Settle::Ack => q.ack(&entries),
+            Settle::Ack => q.ack(&entries, now),
             Settle::Requeue => q.requeue(entries, true, true, now),
             Settle::Unsent => q.requeue(entries, true, false, now),
             Settle::Reject => q.reject(entries, now),

@@ -596,9 +596,12 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                         r => (user, r),
                     }
                 };
-                self.broker
-                    .auth_attempts
-                    .record(AuthProtocol::Amqp091, result.is_ok());
+                self.broker.auth_attempts.record(
+                    AuthProtocol::Amqp091,
+                    result.is_ok(),
+                    Some(self.peer.ip()),
+                    &user,
+                );
                 match result {
                     Ok(u) => {
                         self.user = Some(u.name);

@@ -1088,9 +1088,12 @@ impl StreamSession {
         user: &str,
         result: Result<User, LoginError>,
     ) {
-        self.broker
-            .auth_attempts
-            .record(crate::broker::AuthProtocol::Stream, result.is_ok());
+        self.broker.auth_attempts.record(
+            crate::broker::AuthProtocol::Stream,
+            result.is_ok(),
+            self.admin.as_ref().map(|a| a.peer.ip()),
+            user,
+        );
         match result {
             Ok(u) => {
                 self.user = Some(u);

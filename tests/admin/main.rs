@@ -13,6 +13,7 @@ mod definitions;
 mod metrics;
 mod overview;
 mod policies;
+mod queue_stats;
 mod restart;
 mod topology;
 mod vhosts;

@@ -4,7 +4,7 @@
 use crate::helpers::*;
 
 /// A broker process with admin enabled on `dir`; (child, amqp port, admin base URL).
-async fn spawn_process(dir: &std::path::Path) -> (std::process::Child, u16, String) {
+pub(crate) async fn spawn_process(dir: &std::path::Path) -> (std::process::Child, u16, String) {
     let free = || crate::common::free_port("127.0.0.1");
     let (amqp, admin) = (free(), free());
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_warren"))
@@ -30,7 +30,7 @@ async fn spawn_process(dir: &std::path::Path) -> (std::process::Child, u16, Stri
     panic!("warren did not start");
 }
 
-fn stop_process(mut child: std::process::Child) {
+pub(crate) fn stop_process(mut child: std::process::Child) {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

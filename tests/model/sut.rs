@@ -311,7 +311,7 @@ impl Sut {
                 c.release(1);
             }
             match how {
-                Settle::Ack => q.ack(&entries),
+                Settle::Ack => q.ack(&entries, self.now),
                 Settle::Discard => q.reject(entries, self.now),
                 Settle::Requeue => q.requeue(entries, true, true, self.now),
             }

@@ -144,6 +144,14 @@ impl Consumer {
         true
     }
 
+    /// Whether a delivery could be handed to it now (as `try_take_credit`, without
+    /// taking anything).
+    pub fn has_room(&self) -> bool {
+        self.flow.load(Ordering::Acquire)
+            && !self.sink.blocked()
+            && (self.no_ack || (self.credit.has_room() && self.channel_credit.has_room()))
+    }
+
     /// Undo `try_take_credit` for a delivery that did not happen.
     pub fn give_back_credit(&self) {
         if !self.no_ack {

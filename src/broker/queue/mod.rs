@@ -33,6 +33,14 @@
 //! message memory budget is spent (transient ones then go to the store's ephemeral
 //! space, gone after a restart). Consumers and `basic.get` load the tail's front
 //! in batches of [`PAGE_IN_BATCH`] as they reach it.
+//!
+//! # Statistics
+//!
+//! Besides ready and unacked counts and bytes, a queue counts its persistent
+//! messages (held durably in the store) as they come and go, keeps the
+//! timestamps of its unacked messages (for the head message's timestamp), the
+//! time it was last active (for `idle_since`) and how well its consumers keep
+//! up ([`ConsumerUse`]), all read by [`Queue::stats`].
 
 pub mod args;
 pub mod consumer;
@@ -137,6 +145,100 @@ fn settle_unacked(s: &mut State, entries: &[Entry]) {
     s.unacked = s.unacked.saturating_sub(entries.len());
     let bytes: usize = entries.iter().map(Entry::size).sum();
     s.unacked_bytes = s.unacked_bytes.saturating_sub(bytes);
+    for e in entries {
+        if e.persisted {
+            s.unacked_persistent = s.unacked_persistent.saturating_sub(1);
+            s.unacked_persistent_bytes = s.unacked_persistent_bytes.saturating_sub(e.size());
+        }
+        s.unacked_timestamps.remove(&e.seq);
+    }
+}
+
+/// `e` was handed out and is now counted unacked.
+fn count_unacked(s: &mut State, e: &Entry) {
+    s.unacked += 1;
+    s.unacked_bytes += e.size();
+    if e.persisted {
+        s.unacked_persistent += 1;
+        s.unacked_persistent_bytes += e.size();
+    }
+    s.unacked_timestamps
+        .insert(e.seq, e.message.properties.timestamp);
+}
+
+/// How long a queue goes without activity before it counts as idle (RabbitMQ's
+/// queue process hibernates after about a second without messages, and reports
+/// `idle_since` from then on).
+pub const IDLE_AFTER_MS: u64 = 1000;
+
+/// Half-life of the consumer utilisation's moving average (RabbitMQ's
+/// `?USE_AVG_HALF_LIFE`, one second).
+const USE_HALF_LIFE_MS: f64 = 1000.0;
+
+/// How well a queue's consumers keep up: RabbitMQ's consumer utilisation
+/// (`rabbit_queue_consumers`), the fraction of time the queue was able to hand
+/// a message to a consumer at once. The queue is *active* while some consumer
+/// has room (prefetch, flow, a writable connection) and *inactive* from the
+/// moment it had a message to deliver and no consumer, or every consumer
+/// full, until one has room again (an ack, a new consumer). Each inactive period closes an
+/// active + inactive cycle whose active share is folded into an exponential
+/// moving average with a one-second half-life, weighted by the cycle's length.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ConsumerUse {
+    /// Active since `since` (ms); `avg` the average before.
+    Active { since: u64, avg: f64 },
+    /// Inactive since `since`, after `active` ms of activity.
+    Inactive { since: u64, active: u64, avg: f64 },
+}
+
+impl ConsumerUse {
+    /// A queue starts active, at 1.0 (as RabbitMQ's).
+    pub fn new(now: u64) -> ConsumerUse {
+        ConsumerUse::Active {
+            since: now,
+            avg: 1.0,
+        }
+    }
+
+    /// The queue became active (`true`) or inactive at `now`.
+    pub fn set(&mut self, active: bool, now: u64) {
+        *self = match (*self, active) {
+            (ConsumerUse::Active { since, avg }, false) => ConsumerUse::Inactive {
+                since: now,
+                active: now.saturating_sub(since),
+                avg,
+            },
+            (ConsumerUse::Inactive { since, active, avg }, true) => ConsumerUse::Active {
+                since: now,
+                avg: use_avg(active, now.saturating_sub(since), avg),
+            },
+            (same, _) => same,
+        };
+    }
+
+    pub fn is_active(&self) -> bool {
+        matches!(self, ConsumerUse::Active { .. })
+    }
+
+    /// The utilisation as of `now`, between 0 and 1.
+    pub fn utilisation(&self, now: u64) -> f64 {
+        match *self {
+            ConsumerUse::Active { since, avg } => use_avg(now.saturating_sub(since), 0, avg),
+            ConsumerUse::Inactive { since, active, avg } => {
+                use_avg(active, now.saturating_sub(since), avg)
+            }
+        }
+    }
+}
+
+/// RabbitMQ's `use_avg`: fold a cycle of `active` then `inactive` ms into `avg`.
+fn use_avg(active: u64, inactive: u64, avg: f64) -> f64 {
+    let time = active + inactive;
+    if time == 0 {
+        return avg;
+    }
+    let weight = (time as f64 * 0.5f64.ln() / USE_HALF_LIFE_MS).exp();
+    (active as f64 / time as f64) * (1.0 - weight) + avg * weight
 }
 
 #[derive(Debug)]
@@ -146,6 +248,17 @@ struct State {
     unacked: usize,
     /// Their body bytes (0 for a stream's, whose credits `unacked` counts).
     unacked_bytes: usize,
+    /// Of them, persistent ones (held durably), and their body bytes.
+    unacked_persistent: usize,
+    unacked_persistent_bytes: usize,
+    /// The `timestamp` property of each unacked message, by its seq (the
+    /// oldest counts towards the head message's timestamp, as in RabbitMQ).
+    unacked_timestamps: std::collections::BTreeMap<u64, Option<u64>>,
+    /// Last time messages moved in or out or consumers came or went, ms since
+    /// the epoch (for `idle_since`).
+    active_at: u64,
+    /// Consumer utilisation.
+    consumer_use: ConsumerUse,
     /// Sorted by priority, highest first; round-robin within a priority.
     consumers: Vec<Arc<Consumer>>,
     next_consumer: usize,
@@ -160,7 +273,7 @@ struct State {
 }
 
 /// Counters of a queue, for declare-ok and the admin API.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct QueueStats {
     pub ready: usize,
     pub unacked: usize,
@@ -171,6 +284,44 @@ pub struct QueueStats {
     /// Ready messages held in memory; the rest are only in the store.
     pub ready_ram: usize,
     pub ready_ram_bytes: usize,
+    /// Ready and unacked messages held durably (persistent messages on a
+    /// durable queue, every message of a quorum queue kept in the store), and
+    /// their body bytes: RabbitMQ's `messages_persistent`.
+    pub persistent: usize,
+    pub persistent_bytes: usize,
+    /// The `timestamp` property of the message at the head (the next ready one,
+    /// if in memory) or of the oldest unacked one, whichever is older (RabbitMQ
+    /// takes the least of these). None if neither has one.
+    pub head_timestamp: Option<u64>,
+    /// Since when the queue has been idle (ms since the epoch): [`IDLE_AFTER_MS`]
+    /// after its last activity, once that is past. None while active.
+    pub idle_since: Option<u64>,
+    /// Consumer utilisation ([`ConsumerUse`]); None without consumers.
+    pub consumer_utilisation: Option<f64>,
+    /// Bytes the queue's messages take in memory: [`queue_memory`].
+    pub memory: usize,
+}
+
+/// What one message held in memory costs besides its body: its queue entry
+/// (in the ready list, or in the channel's unacked map), the shared message
+/// (exchange and routing key are reference-counted strings, the common
+/// properties inline) and the `Arc`'s two counters, and for an unacked one
+/// its timestamp slot (a B-tree entry).
+pub const MESSAGE_OVERHEAD: usize = std::mem::size_of::<Entry>()
+    + std::mem::size_of::<Message>()
+    + 2 * std::mem::size_of::<usize>()
+    + std::mem::size_of::<(u64, Option<u64>)>();
+
+/// An estimate of the memory a queue's messages take: the bodies it holds in
+/// memory (ready ones in windows, unacked ones) plus [`MESSAGE_OVERHEAD`] each,
+/// and the queue itself with its consumers. Paged-out messages cost nothing.
+pub fn queue_memory(st: &QueueStats) -> usize {
+    let held = st.ready_ram + st.unacked;
+    std::mem::size_of::<Queue>()
+        + st.consumers * std::mem::size_of::<Consumer>()
+        + st.ready_ram_bytes
+        + st.unacked_bytes
+        + held * MESSAGE_OVERHEAD
 }
 
 /// Messages that left the queue to be dead-lettered.
@@ -251,6 +402,11 @@ impl Queue {
                 ready: Ready::new(max_priority, budget),
                 unacked: 0,
                 unacked_bytes: 0,
+                unacked_persistent: 0,
+                unacked_persistent_bytes: 0,
+                unacked_timestamps: Default::default(),
+                active_at: now,
+                consumer_use: ConsumerUse::new(now),
                 consumers: Vec::new(),
                 next_consumer: 0,
                 next_seq: 1,
@@ -317,6 +473,9 @@ impl Queue {
         s.ready.drain();
         s.unacked = 0;
         s.unacked_bytes = 0;
+        s.unacked_persistent = 0;
+        s.unacked_persistent_bytes = 0;
+        s.unacked_timestamps.clear();
         s.may_expire = false;
         std::mem::take(&mut s.consumers)
     }
@@ -386,12 +545,26 @@ impl Queue {
                 unacked_bytes: 0,
                 ready_ram: 0,
                 ready_ram_bytes: 0,
+                persistent: st.messages as usize,
+                persistent_bytes: st.bytes as usize,
+                consumer_utilisation: (!s.consumers.is_empty())
+                    .then(|| s.consumer_use.utilisation(now)),
+                ..QueueStats::default()
             };
         }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         self.expire_locked(&mut s, now, &mut fx);
         let (ready_ram, ready_ram_bytes) = s.ready.in_memory();
+        let (persistent, persistent_bytes) = s.ready.persistent();
+        let head = match s.ready.peek() {
+            Head::Entry(e) => e.message.properties.timestamp,
+            // Not in memory: unknown without a read, as RabbitMQ's (which
+            // only looks at the messages it holds in memory).
+            Head::Paged(_) | Head::Empty => None,
+        };
+        let oldest_unacked = s.unacked_timestamps.values().next().copied().flatten();
+        let idle_at = s.active_at.saturating_add(IDLE_AFTER_MS);
         let stats = QueueStats {
             ready: s.ready.len(),
             unacked: s.unacked,
@@ -400,9 +573,22 @@ impl Queue {
             unacked_bytes: s.unacked_bytes,
             ready_ram,
             ready_ram_bytes,
+            persistent: persistent + s.unacked_persistent,
+            persistent_bytes: persistent_bytes + s.unacked_persistent_bytes,
+            head_timestamp: match (head, oldest_unacked) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+            idle_since: (now >= idle_at).then_some(idle_at),
+            consumer_utilisation: (!s.consumers.is_empty())
+                .then(|| s.consumer_use.utilisation(now)),
+            memory: 0,
         };
         self.finish(s, fx, now);
-        stats
+        QueueStats {
+            memory: queue_memory(&stats),
+            ..stats
+        }
     }
 
     pub fn is_deleted(&self) -> bool {
@@ -459,6 +645,7 @@ impl Queue {
         if s.deleted {
             return Enqueued::Accepted { durable: false };
         }
+        s.active_at = now;
         let size = message.size();
         let full = args.max_length.is_some_and(|m| s.ready.len() as u64 >= m)
             || args
@@ -502,7 +689,8 @@ impl Queue {
                     durable,
                     record,
                 });
-                s.ready.push_tail(level, pos, size, expires_at.is_some());
+                s.ready
+                    .push_tail(level, pos, size, expires_at.is_some(), durable);
                 s.may_expire |= expires_at.is_some();
             } else {
                 if let Some(record) = record {
@@ -644,6 +832,16 @@ impl Queue {
 
     fn dispatch_locked(self: &Arc<Self>, s: &mut State, now: u64, fx: &mut Effects) {
         let single_active = self.args().single_active_consumer;
+        // A message with no consumer to take it starts an inactive spell (as
+        // RabbitMQ's delivery attempt without consumers); a consumer with room
+        // again (an ack, credit, flow) ends one.
+        if s.consumers.is_empty() {
+            if !s.ready.is_empty() {
+                s.consumer_use.set(false, now);
+            }
+        } else if !s.consumer_use.is_active() && s.consumers.iter().any(|c| c.has_room()) {
+            s.consumer_use.set(true, now);
+        }
         // A message due exactly now is still delivered to a consumer waiting for it
         // (TTL 0 reaches a waiting consumer; the caller expires what is left), but
         // after the first delivery, as RabbitMQ's fetch, what is due now expires.
@@ -657,8 +855,11 @@ impl Queue {
                 Head::Paged(_) => true,
             };
             let Some(idx) = pick_consumer(s, single_active) else {
+                // A message waits and every consumer is full.
+                s.consumer_use.set(false, now);
                 return;
             };
+            s.active_at = now;
             if paged {
                 // Loaded once the lock is released; delivery goes on after that.
                 s.consumers[idx].give_back_credit();
@@ -671,8 +872,7 @@ impl Queue {
             };
             let consumer = Arc::clone(&s.consumers[idx]);
             if !consumer.no_ack {
-                s.unacked += 1;
-                s.unacked_bytes += entry.size();
+                count_unacked(s, &entry);
             }
             self.counters.consumer_delivery(consumer.no_ack);
             if entry.redelivered {
@@ -690,8 +890,7 @@ impl Queue {
                 // The connection is gone: take the message back and drop the consumer.
                 consumer.give_back_credit();
                 if !consumer.no_ack {
-                    s.unacked -= 1;
-                    s.unacked_bytes = s.unacked_bytes.saturating_sub(back.entry.size());
+                    settle_unacked(s, std::slice::from_ref(&back.entry));
                 }
                 s.ready.requeue(back.entry);
                 s.consumers.retain(|c| !Arc::ptr_eq(c, &consumer));
@@ -709,6 +908,7 @@ impl Queue {
             let mut fx = Effects::default();
             let mut s = self.state.lock();
             s.last_used = now;
+            s.active_at = now;
             self.expire_locked(&mut s, now, &mut fx);
             if let Head::Paged(level) = s.ready.peek() {
                 // Load it with the lock released, then try again.
@@ -724,8 +924,7 @@ impl Queue {
             match &entry {
                 Some(e) => {
                     if !no_ack {
-                        s.unacked += 1;
-                        s.unacked_bytes += e.size();
+                        count_unacked(&mut s, e);
                     }
                     self.counters.got(no_ack);
                     if e.redelivered {
@@ -743,8 +942,8 @@ impl Queue {
         }
     }
 
-    /// Unacked messages were acked: they are gone for good.
-    pub fn ack(&self, entries: &[Entry]) {
+    /// Unacked messages were acked at `now`: they are gone for good.
+    pub fn ack(&self, entries: &[Entry], now: u64) {
         crate::broker::Counters::add(&self.counters.acked, entries.len() as u64);
         if self.stream.is_some() {
             return self.stream_settled(entries.len());
@@ -755,6 +954,7 @@ impl Queue {
         }
         let mut s = self.state.lock();
         settle_unacked(&mut s, entries);
+        s.active_at = now;
         self.release(s, &mut fx, false);
     }
 
@@ -768,6 +968,7 @@ impl Queue {
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         settle_unacked(&mut s, &entries);
+        s.active_at = now;
         for e in entries {
             self.discard(e, Reason::Rejected, &args, &mut fx);
         }
@@ -859,6 +1060,7 @@ impl Queue {
         }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
+        s.active_at = now;
         if were_unacked {
             settle_unacked(&mut s, &entries);
         }
@@ -945,6 +1147,8 @@ impl Queue {
         s.consumers.insert(pos, consumer);
         s.had_consumer = true;
         s.last_used = now;
+        s.active_at = now;
+        s.consumer_use.set(true, now);
         self.dispatch_locked(&mut s, now, &mut fx);
         self.settle(s, fx, now);
         Ok(())
@@ -966,6 +1170,7 @@ impl Queue {
             .position(|c| c.is(connection, channel, tag))
             .map(|i| s.consumers.remove(i));
         s.last_used = now;
+        s.active_at = now;
         if let (Some(sq), Some(c)) = (&self.stream, &removed) {
             sq.stop(c);
         }

@@ -10,6 +10,10 @@
 //! but costing no memory per message. New messages join the tail once it is non-empty
 //! (order), and the window is refilled from the tail's front as consumers reach it
 //! ([`Ready::install`]). Every window entry is older than every tail message.
+//!
+//! Persistent messages (held durably in the store: [`Entry::persisted`], and a
+//! tail's messages inserted durably) are counted beside the totals, for the
+//! admin API's `messages_persistent` / `message_bytes_persistent`.
 
 use crate::broker::message::{Entry, MemoryBudget};
 use std::collections::VecDeque;
@@ -22,6 +26,9 @@ pub struct Ready {
     len: usize,
     /// Their body bytes.
     bytes: usize,
+    /// Of them, persistent ones (see the module doc), and their body bytes.
+    persistent: usize,
+    persistent_bytes: usize,
     /// Broker-wide count of resident body bytes, kept up to date here.
     budget: Arc<MemoryBudget>,
 }
@@ -39,6 +46,9 @@ struct Level {
 pub struct Tail {
     pub count: usize,
     pub bytes: usize,
+    /// Of them, stored durably (persistent), and their bytes.
+    pub persistent: usize,
+    pub persistent_bytes: usize,
     /// Store position to read from.
     pub from: u64,
     /// Some of them may carry an expiry.
@@ -66,6 +76,8 @@ impl Ready {
             levels: (0..=max_priority).map(|_| Level::default()).collect(),
             len: 0,
             bytes: 0,
+            persistent: 0,
+            persistent_bytes: 0,
             budget,
         }
     }
@@ -81,6 +93,25 @@ impl Ready {
     /// Total body bytes of the ready messages.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Persistent ready messages (in windows and tails) and their body bytes.
+    pub fn persistent(&self) -> (usize, usize) {
+        (self.persistent, self.persistent_bytes)
+    }
+
+    fn count_persistent(&mut self, e: &Entry) {
+        if e.persisted {
+            self.persistent += 1;
+            self.persistent_bytes += e.size();
+        }
+    }
+
+    fn uncount_persistent(&mut self, e: &Entry) {
+        if e.persisted {
+            self.persistent = self.persistent.saturating_sub(1);
+            self.persistent_bytes = self.persistent_bytes.saturating_sub(e.size());
+        }
     }
 
     fn level(&self, level: u8) -> &Level {
@@ -127,15 +158,21 @@ impl Ready {
     pub fn push_back(&mut self, entry: Entry) {
         let level = self.level_of(&entry);
         self.bytes += entry.size();
+        self.count_persistent(&entry);
         self.budget.add(entry.resident_size());
         self.len += 1;
         self.level_mut(level).window.push_back(entry);
     }
 
-    /// Count a newly published message stored at `pos` of `level` into its tail.
-    pub fn push_tail(&mut self, level: u8, pos: u64, size: usize, expires: bool) {
+    /// Count a newly published message stored at `pos` of `level` into its tail;
+    /// `durable`: stored durably (a persistent message).
+    pub fn push_tail(&mut self, level: u8, pos: u64, size: usize, expires: bool, durable: bool) {
         self.len += 1;
         self.bytes += size;
+        if durable {
+            self.persistent += 1;
+            self.persistent_bytes += size;
+        }
         let tail = &mut self.level_mut(level).tail;
         if tail.count == 0 {
             tail.from = pos;
@@ -144,18 +181,26 @@ impl Ready {
         tail.count += 1;
         tail.bytes += size;
         tail.may_expire |= expires;
+        if durable {
+            tail.persistent += 1;
+            tail.persistent_bytes += size;
+        }
     }
 
     /// Recovery: `level` has `count` stored messages (`bytes`) from position `from`,
-    /// and goes on at `next`.
+    /// and goes on at `next`. They are durable (persistent): only those survive.
     pub fn restore_tail(&mut self, level: u8, from: u64, next: u64, count: usize, bytes: usize) {
         self.len += count;
         self.bytes += bytes;
+        self.persistent += count;
+        self.persistent_bytes += bytes;
         let l = self.level_mut(level);
         l.next_pos = l.next_pos.max(next);
         l.tail = Tail {
             count: l.tail.count + count,
             bytes: l.tail.bytes + bytes,
+            persistent: l.tail.persistent + count,
+            persistent_bytes: l.tail.persistent_bytes + bytes,
             from: if l.tail.count == 0 { from } else { l.tail.from },
             may_expire: true,
         };
@@ -174,16 +219,30 @@ impl Ready {
             entries.len(),
             entries.iter().map(Entry::size).sum::<usize>(),
         );
+        let (durable, durable_bytes) = entries
+            .iter()
+            .filter(|e| e.persisted)
+            .fold((0, 0), |(n, b), e| (n + 1, b + e.size()));
         let lost = n == 0;
         for e in entries {
             budget.add(e.resident_size());
             l.window.push_back(e);
         }
-        let (count, tail_bytes) = if lost || n >= l.tail.count {
+        let (count, tail_bytes, tail_durable, tail_durable_bytes) = if lost || n >= l.tail.count {
             // The store has no more of this tail (a bug, or a lost store): forget it.
-            (l.tail.count, l.tail.bytes)
+            (
+                l.tail.count,
+                l.tail.bytes,
+                l.tail.persistent,
+                l.tail.persistent_bytes,
+            )
         } else {
-            (n, bytes.min(l.tail.bytes))
+            (
+                n,
+                bytes.min(l.tail.bytes),
+                durable.min(l.tail.persistent),
+                durable_bytes.min(l.tail.persistent_bytes),
+            )
         };
         if lost {
             tracing::error!(
@@ -195,9 +254,14 @@ impl Ready {
         }
         l.tail.count -= count;
         l.tail.bytes -= tail_bytes;
+        l.tail.persistent -= tail_durable;
+        l.tail.persistent_bytes -= tail_durable_bytes;
         l.tail.from = next;
         self.len = self.len - count + n;
         self.bytes = self.bytes - tail_bytes + bytes;
+        self.persistent = (self.persistent + durable).saturating_sub(tail_durable);
+        self.persistent_bytes =
+            (self.persistent_bytes + durable_bytes).saturating_sub(tail_durable_bytes);
         true
     }
 
@@ -205,6 +269,7 @@ impl Ready {
     pub fn requeue(&mut self, entry: Entry) {
         let level = self.level_of(&entry);
         self.bytes += entry.size();
+        self.count_persistent(&entry);
         self.budget.add(entry.resident_size());
         self.len += 1;
         let fifo = &mut self.level_mut(level).window;
@@ -241,6 +306,7 @@ impl Ready {
         let entry = self.level_mut(level).window.pop_front()?;
         self.len -= 1;
         self.bytes -= entry.size();
+        self.uncount_persistent(&entry);
         self.budget.sub(entry.resident_size());
         Some(entry)
     }
@@ -250,6 +316,8 @@ impl Ready {
     pub fn drain(&mut self) -> (Vec<Entry>, Vec<(u8, u64)>) {
         self.len = 0;
         self.bytes = 0;
+        self.persistent = 0;
+        self.persistent_bytes = 0;
         let mut tails = Vec::new();
         let mut all = Vec::new();
         for (i, l) in self.levels.iter_mut().enumerate() {
@@ -346,7 +414,7 @@ mod tail_tests {
         r.push_back(entry(1));
         for _ in 0..3 {
             let pos = r.alloc_pos(0);
-            r.push_tail(0, pos, 4, false);
+            r.push_tail(0, pos, 4, false, false);
         }
         assert_eq!((r.len(), r.bytes(), budget.used()), (4, 16, 4));
         assert_eq!(r.tail(0).from, 0);
@@ -369,7 +437,7 @@ mod tail_tests {
     #[test]
     fn a_load_that_finds_nothing_drops_the_tail() {
         let mut r = Ready::new(0, MemoryBudget::unlimited());
-        r.push_tail(0, 0, 4, false);
+        r.push_tail(0, 0, 4, false, false);
         assert!(r.install(0, 0, 0, Vec::new()));
         assert_eq!((r.len(), r.bytes()), (0, 0));
         assert!(matches!(r.peek(), Head::Empty));

@@ -150,7 +150,7 @@ fn the_store_follows_the_queue() {
         stored(&store),
         [(0, true), (1, false), (2, false), (3, false)]
     );
-    q.ack(&[a]);
+    q.ack(&[a], T0);
     // Without ack: gone at once.
     let (b, _) = q.get(true, T0).expect("b");
     assert_eq!(body(&b), "b");
@@ -424,7 +424,7 @@ fn requeued_paged_messages_go_back_in_order_redelivered() {
     q.requeue(taken, true, true, T0);
     let (e, left) = q.get(false, T0).expect("m0");
     assert_eq!((body(&e), e.redelivered, left), ("m0".to_string(), true, 5));
-    q.ack(&[e]);
+    q.ack(&[e], T0);
     let rest: Vec<(String, bool)> = std::iter::from_fn(|| q.get(true, T0))
         .map(|(e, _)| (body(&e), e.redelivered))
         .collect();
@@ -447,7 +447,7 @@ fn purge_drops_the_tail_but_keeps_unacked_messages_stored() {
     assert_eq!(stored(&store), [(0, true)]);
     q.enqueue(persistent("after"), T0);
     assert_eq!(get_all(&q, T0), ["after".to_string()]);
-    q.ack(&[held]);
+    q.ack(&[held], T0);
     assert_eq!(stored(&store), []);
 }
 
@@ -583,7 +583,7 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     // Acked, got without ack, rejected: each reported.
     let (b, _) = q.get(false, T0).expect("b");
     assert_eq!(b.seq, 12);
-    q.ack(&[b]);
+    q.ack(&[b], T0);
     taken(&[12]);
     let (c, _) = q.get(true, T0).expect("c");
     assert_eq!(body(&c), "c");
@@ -634,7 +634,7 @@ fn unacked_bytes_follow_gets_acks_rejects_and_requeues() {
     let d = held.pop().expect("dddd");
     let c = held.pop().expect("ccc");
     let b = held.pop().expect("bb");
-    q.ack(&[d]);
+    q.ack(&[d], T0);
     assert_eq!(bytes(&q), (3, 6, 0));
     q.reject(vec![c], T0);
     assert_eq!(bytes(&q), (2, 3, 0));
@@ -643,4 +643,212 @@ fn unacked_bytes_follow_gets_acks_rejects_and_requeues() {
     // A get without ack is not counted.
     assert!(q.get(true, T0).is_some());
     assert_eq!(bytes(&q), (1, 1, 0));
+}
+
+fn stamped(body: &str, mode: u8, timestamp: Option<u64>) -> Arc<Message> {
+    let props = BasicProperties {
+        delivery_mode: Some(mode),
+        timestamp,
+        ..Default::default()
+    };
+    Message::new("", "q", props, Bytes::from(body.to_string()))
+}
+
+fn persistent_counts(q: &Queue) -> (usize, usize) {
+    let st = q.stats(T0);
+    (st.persistent, st.persistent_bytes)
+}
+
+#[test]
+fn persistent_counts_follow_publish_delivery_settlement_and_purge() {
+    let dir = TempDir::new();
+    let (_store, v, q) = setup(&dir, 0, &[]);
+    q.enqueue(persistent("aa"), T0);
+    q.enqueue(persistent("bbb"), T0);
+    q.enqueue(transient("t"), T0);
+    assert_eq!(persistent_counts(&q), (2, 5), "transient ones do not count");
+    // Unacked ones still count; acked, rejected ones do not.
+    let (a, _) = q.get(false, T0).expect("aa");
+    let (b, _) = q.get(false, T0).expect("bbb");
+    assert_eq!(persistent_counts(&q), (2, 5));
+    q.ack(&[a], T0);
+    assert_eq!(persistent_counts(&q), (1, 3));
+    q.requeue(vec![b], true, true, T0);
+    assert_eq!(persistent_counts(&q), (1, 3));
+    let (b, _) = q.get(false, T0).expect("bbb again");
+    q.reject(vec![b], T0);
+    assert_eq!(persistent_counts(&q), (0, 0));
+    // A get without ack takes it out at once.
+    q.enqueue(persistent("c"), T0);
+    assert_eq!(persistent_counts(&q), (1, 1));
+    let (t, _) = q.get(true, T0).expect("t");
+    assert_eq!(body(&t), "t");
+    assert_eq!(persistent_counts(&q), (1, 1));
+    assert!(q.get(true, T0).is_some());
+    assert_eq!(persistent_counts(&q), (0, 0));
+    q.enqueue(persistent("dd"), T0);
+    q.enqueue(transient("e"), T0);
+    assert_eq!(persistent_counts(&q), (1, 2));
+    assert_eq!(q.purge(), 2);
+    assert_eq!(persistent_counts(&q), (0, 0));
+    // A transient queue holds no persistent message (as RabbitMQ's).
+    let (t, _) = v
+        .declare_queue(
+            &QueueDeclare {
+                name: "t".into(),
+                ..Default::default()
+            },
+            1,
+            T0,
+        )
+        .expect("declare");
+    t.enqueue(persistent("p"), T0);
+    assert_eq!(persistent_counts(&t), (0, 0));
+}
+
+#[test]
+fn persistent_counts_cover_paged_out_and_recovered_messages() {
+    let dir = TempDir::new();
+    // A 1-byte budget: every message is paged out as it arrives.
+    let (store, v, q) = setup(&dir, 1, &[]);
+    for i in 0..10 {
+        q.enqueue(persistent(&format!("m{i}")), T0);
+        q.enqueue(transient(&format!("t{i}")), T0);
+    }
+    assert_eq!(q.stats(T0).ready_ram, 0, "all paged out");
+    assert_eq!(persistent_counts(&q), (10, 20));
+    // Loaded back for a get: counts unchanged, then one leaves.
+    let (m0, _) = q.get(true, T0).expect("m0");
+    assert_eq!(body(&m0), "m0");
+    assert_eq!(persistent_counts(&q), (9, 18));
+    let (t0, _) = q.get(false, T0).expect("t0");
+    assert_eq!(body(&t0), "t0");
+    assert_eq!(persistent_counts(&q), (9, 18));
+    store.flush_blocking().expect("flush");
+    drop((q, v, store));
+    // After a restart only the persistent ones are back, all counted.
+    let store = Store::open(&dir.0).expect("reopen");
+    let v = VHost::new(
+        "/",
+        Some(store.clone()),
+        MemoryBudget::new(0),
+        Default::default(),
+    );
+    let (q, _) = v
+        .declare_queue(
+            &QueueDeclare {
+                name: "q".into(),
+                durable: true,
+                ..Default::default()
+            },
+            1,
+            T0,
+        )
+        .expect("declare");
+    let levels = store
+        .recover_queue(&store.queue(&store_key("/", "q"), true))
+        .expect("recover");
+    assert_eq!(q.restore(&levels), 9);
+    assert_eq!(persistent_counts(&q), (9, 18));
+    let (m1, _) = q.get(false, T0).expect("m1");
+    assert_eq!(body(&m1), "m1");
+    assert_eq!(persistent_counts(&q), (9, 18), "unacked still counted");
+    q.ack(&[m1], T0);
+    assert_eq!(persistent_counts(&q), (8, 16));
+}
+
+#[test]
+fn head_timestamp_is_the_oldest_of_the_ready_head_and_the_unacked() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(&dir, 0, &[]);
+    assert_eq!(q.stats(T0).head_timestamp, None, "empty");
+    q.enqueue(stamped("a", 2, Some(42)), T0);
+    q.enqueue(stamped("b", 2, Some(43)), T0);
+    q.enqueue(stamped("c", 1, None), T0);
+    assert_eq!(q.stats(T0).head_timestamp, Some(42));
+    // Handed out, the oldest unacked still counts (RabbitMQ's pending acks).
+    let (a, _) = q.get(false, T0).expect("a");
+    assert_eq!(q.stats(T0).head_timestamp, Some(42));
+    q.ack(&[a], T0);
+    assert_eq!(q.stats(T0).head_timestamp, Some(43));
+    assert!(q.get(true, T0).is_some());
+    assert_eq!(q.stats(T0).head_timestamp, None, "the head has none");
+}
+
+#[test]
+fn idle_since_follows_the_last_activity() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(&dir, 0, &[]);
+    assert_eq!(q.stats(T0).idle_since, None, "just declared");
+    assert_eq!(
+        q.stats(T0 + IDLE_AFTER_MS).idle_since,
+        Some(T0 + IDLE_AFTER_MS)
+    );
+    q.enqueue(transient("a"), T0 + 5_000);
+    assert_eq!(q.stats(T0 + 5_500).idle_since, None, "active");
+    let at = T0 + 5_000 + IDLE_AFTER_MS;
+    assert_eq!(q.stats(at + 60_000).idle_since, Some(at));
+    // Reading the stats is no activity; a get is.
+    let (e, _) = q.get(false, T0 + 100_000).expect("a");
+    assert_eq!(q.stats(T0 + 100_500).idle_since, None);
+    q.ack(&[e], T0 + 200_000);
+    assert_eq!(
+        q.stats(T0 + 300_000).idle_since,
+        Some(T0 + 200_000 + IDLE_AFTER_MS)
+    );
+}
+
+#[test]
+fn consumer_utilisation_falls_while_every_consumer_is_full() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(&dir, 0, &[]);
+    assert_eq!(q.stats(T0).consumer_utilisation, None, "no consumer");
+    let sink = Arc::new(Sink::default());
+    let c = consumer(&sink, false);
+    c.credit.set_limit(1);
+    q.add_consumer(Arc::clone(&c), T0).expect("consume");
+    assert_eq!(q.stats(T0 + 10_000).consumer_utilisation, Some(1.0));
+    // Two messages, prefetch 1: the second waits, the queue is inactive.
+    q.enqueue(transient("a"), T0 + 10_000);
+    q.enqueue(transient("b"), T0 + 10_000);
+    assert_eq!(sink.0.lock().len(), 1);
+    let u = |t| q.stats(t).consumer_utilisation.unwrap_or(-1.0);
+    assert!((u(T0 + 10_000) - 1.0).abs() < 1e-9);
+    // RabbitMQ's figure: the cycle's active share (10 s of 11, then of 20),
+    // the earlier average (1.0) weighing 2^-11 and 2^-20 by then.
+    let after_1s = u(T0 + 11_000);
+    let after_10s = u(T0 + 20_000);
+    assert!((after_1s - 10.0 / 11.0).abs() < 0.001, "{after_1s}");
+    assert!((after_10s - 0.5).abs() < 0.001, "{after_10s}");
+    // The ack frees the prefetch: active again, the average climbs back.
+    let first = sink.0.lock().remove(0);
+    c.credit.release(1);
+    q.ack(&[first.entry], T0 + 20_000);
+    q.dispatch(T0 + 20_000);
+    assert_eq!(sink.0.lock().len(), 1, "b delivered");
+    // A second fully active folds in with half weight: 0.5 + 0.5 * 0.5.
+    let back = u(T0 + 21_000);
+    assert!((back - 0.75).abs() < 0.001, "{back}");
+    assert!(u(T0 + 30_000) > back);
+    // Messages waiting with no consumer count as inactive time too: 10 s
+    // active, then 10 s of that, is 0.5 when the next consumer comes.
+    let (_, _) = q.remove_consumer(1, 1, "c", T0 + 30_000);
+    q.enqueue(transient("c"), T0 + 30_000);
+    q.add_consumer(consumer(&sink, true), T0 + 40_000)
+        .expect("consume");
+    let fresh = u(T0 + 40_000);
+    assert!((fresh - 0.5).abs() < 0.001, "{fresh}");
+}
+
+#[test]
+fn memory_counts_bodies_held_and_a_per_message_overhead() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(&dir, 0, &[]);
+    let empty = q.stats(T0).memory;
+    q.enqueue(transient(&"x".repeat(1000)), T0);
+    assert_eq!(q.stats(T0).memory, empty + 1000 + MESSAGE_OVERHEAD);
+    let (e, _) = q.get(false, T0).expect("x");
+    assert_eq!(q.stats(T0).memory, empty + 1000 + MESSAGE_OVERHEAD);
+    q.ack(&[e], T0);
+    assert_eq!(q.stats(T0).memory, empty);
 }
