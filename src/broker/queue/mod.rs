@@ -150,7 +150,9 @@ fn settle_unacked(s: &mut State, entries: &[Entry]) {
             s.unacked_persistent = s.unacked_persistent.saturating_sub(1);
             s.unacked_persistent_bytes = s.unacked_persistent_bytes.saturating_sub(e.size());
         }
-        s.unacked_timestamps.remove(&e.seq);
+        if e.message.properties.timestamp.is_some() {
+            s.unacked_timestamps.remove(&e.seq);
+        }
     }
 }
 
@@ -162,8 +164,9 @@ fn count_unacked(s: &mut State, e: &Entry) {
         s.unacked_persistent += 1;
         s.unacked_persistent_bytes += e.size();
     }
-    s.unacked_timestamps
-        .insert(e.seq, e.message.properties.timestamp);
+    if let Some(ts) = e.message.properties.timestamp {
+        s.unacked_timestamps.insert(e.seq, ts);
+    }
 }
 
 /// How long a queue goes without activity before it counts as idle (RabbitMQ's
@@ -251,9 +254,10 @@ struct State {
     /// Of them, persistent ones (held durably), and their body bytes.
     unacked_persistent: usize,
     unacked_persistent_bytes: usize,
-    /// The `timestamp` property of each unacked message, by its seq (the
-    /// oldest counts towards the head message's timestamp, as in RabbitMQ).
-    unacked_timestamps: std::collections::BTreeMap<u64, Option<u64>>,
+    /// The `timestamp` property of each unacked message that has one, by its
+    /// seq (the oldest counts towards the head message's timestamp, as in
+    /// RabbitMQ). Messages without one cost nothing here.
+    unacked_timestamps: std::collections::BTreeMap<u64, u64>,
     /// Last time messages moved in or out or consumers came or went, ms since
     /// the epoch (for `idle_since`).
     active_at: u64,
@@ -306,11 +310,11 @@ pub struct QueueStats {
 /// (in the ready list, or in the channel's unacked map), the shared message
 /// (exchange and routing key are reference-counted strings, the common
 /// properties inline) and the `Arc`'s two counters, and for an unacked one
-/// its timestamp slot (a B-tree entry).
+/// its timestamp slot (a B-tree entry, when it has a timestamp).
 pub const MESSAGE_OVERHEAD: usize = std::mem::size_of::<Entry>()
     + std::mem::size_of::<Message>()
     + 2 * std::mem::size_of::<usize>()
-    + std::mem::size_of::<(u64, Option<u64>)>();
+    + std::mem::size_of::<(u64, u64)>();
 
 /// An estimate of the memory a queue's messages take: the bodies it holds in
 /// memory (ready ones in windows, unacked ones) plus [`MESSAGE_OVERHEAD`] each,
@@ -563,7 +567,7 @@ impl Queue {
             // only looks at the messages it holds in memory).
             Head::Paged(_) | Head::Empty => None,
         };
-        let oldest_unacked = s.unacked_timestamps.values().next().copied().flatten();
+        let oldest_unacked = s.unacked_timestamps.values().next().copied();
         let idle_at = s.active_at.saturating_add(IDLE_AFTER_MS);
         let stats = QueueStats {
             ready: s.ready.len(),
