@@ -172,7 +172,10 @@ fn check_models(w: &mut World<Meta>, barrier: u64) {
     let mut reference = Metadata::default();
     for i in 0..=barrier {
         match w.committed.get(&i) {
-            Some((_, EntryPayload::Normal(cmd))) if !refused(cmd) => reference.record(cmd),
+            Some((_, EntryPayload::Normal(cmd))) if !refused(cmd) => {
+                reference.record(cmd);
+                reference.note_declared(cmd, i);
+            }
             Some(_) => {}
             None => {
                 // Every member installed a snapshot over it: only the

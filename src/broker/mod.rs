@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod cc;
+pub mod deleted;
 pub mod exchange;
 pub mod firehose;
 pub mod global;
@@ -392,6 +393,9 @@ pub struct Broker {
     pub auth_attempts: AuthAttempts,
     /// Global runtime parameters (`cluster_name` among them).
     pub global: global::GlobalParameters,
+    /// Queues that deleted themselves (`x-expires`, auto-delete), for the
+    /// cluster layer to replicate (recorded only while it watches).
+    pub self_deletions: Arc<deleted::SelfDeletions>,
 }
 
 impl Broker {
@@ -497,6 +501,7 @@ impl Broker {
             churn: Churn::default(),
             auth_attempts: AuthAttempts::default(),
             global,
+            self_deletions: Arc::default(),
         };
         broker.add_vhost("/");
         broker.auth.put_user(User {
@@ -527,6 +532,7 @@ impl Broker {
             v.set_streams(streams.clone());
         }
         v.set_churn(Arc::clone(&self.churn.queues));
+        v.set_self_deletions(Arc::clone(&self.self_deletions));
         if name == "/" {
             v.set_meta(vhost::VHostMeta {
                 description: "Default virtual host".into(),

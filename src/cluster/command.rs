@@ -1,5 +1,6 @@
 //! The replicated metadata: the commands of the metadata Raft group (what a
-//! client's declare, bind or delete becomes when the node is clustered), the
+//! client's declare, bind or delete becomes when the node is clustered, and
+//! a queue's deletion of itself, [`Command::QueueGone`]), the
 //! model they build (RabbitMQ's Khepri tree, cut down to what is replicated
 //! today), and how a committed command reaches the local broker: through the
 //! same vhost door the AMQP sessions use (`VHost::declare_exchange`, `bind`, ...).
@@ -60,6 +61,19 @@ pub enum Command {
     DeleteQueue {
         vhost: String,
         name: String,
+    },
+    /// A queue deleted itself on `node` (its `x-expires` ran out, or it was
+    /// auto-delete and its last consumer went), proposed by that node.
+    /// Applied as a [`Command::DeleteQueue`] only while the record is still
+    /// that queue: served on `node` and last declared by the entry
+    /// `declared` ([`Metadata::declared`]). A newer declaration of the name
+    /// (made elsewhere after it expired, say) is left alone, and a record
+    /// already gone makes it nothing.
+    QueueGone {
+        vhost: String,
+        name: String,
+        node: String,
+        declared: u64,
     },
     /// The leader of a quorum queue's Raft group `group` (see
     /// `super::quorum`), where the queue is served: proposed by the new
@@ -394,6 +408,22 @@ impl Command {
                 Err(refused.join("; "))
             };
         }
+        if let Command::QueueGone { vhost, name, .. } = self {
+            if !model.is_incarnation(self) {
+                tracing::debug!(
+                    ?self,
+                    "queue deleted by itself: the record is another declaration now, kept"
+                );
+                return Ok(());
+            }
+            let delete = Command::DeleteQueue {
+                vhost: vhost.clone(),
+                name: name.clone(),
+            };
+            target.apply(&delete, now)?;
+            model.record(&delete);
+            return Ok(());
+        }
         target.apply(self, now)?;
         model.record(self);
         Ok(())
@@ -474,13 +504,18 @@ impl Command {
                 &b.arguments.table(),
                 0,
             ),
-            Command::Unbind(b) => vhost.unbind(
+            // What is gone is unbound (on the node that made the change, an
+            // auto-delete source went with its last binding already).
+            Command::Unbind(b) => match vhost.unbind(
                 &b.source,
                 b.destination(),
                 &b.routing_key,
                 &b.arguments.table(),
                 0,
-            ),
+            ) {
+                Err(e) if e.code == crate::wire::reply_code::NOT_FOUND => Ok(()),
+                r => r,
+            },
             _ => Ok(()),
         };
         r.map_err(|e| e.text)
@@ -634,6 +669,11 @@ pub struct Metadata {
     pub user_limits: BTreeMap<String, Command>,
     /// Quorum queues' Raft groups, keyed like `queues`.
     pub quorum: BTreeMap<String, QuorumRec>,
+    /// Which declaration each queue record is, keyed like `queues`: the log
+    /// index of the last entry that declared it (a redeclare too), set by the
+    /// state machine; absent (0) in models written before it was kept. A
+    /// [`Command::QueueGone`] names the one it deletes.
+    pub declared: BTreeMap<String, u64>,
 }
 
 /// A quorum queue's Raft group as the metadata records it: chosen when its
@@ -678,10 +718,9 @@ impl Metadata {
             }
             Command::DeleteExchange { vhost, name } => {
                 self.exchanges.remove(&key(vhost, name));
-                self.bindings.retain(|_, b| {
-                    !(b.vhost == *vhost
-                        && (b.source == *name || (b.to_exchange && b.destination == *name)))
-                });
+                self.bindings
+                    .retain(|_, b| b.vhost != *vhost || b.source != *name);
+                self.remove_destination(vhost, true, name);
             }
             Command::DeclareQueue { vhost, name, .. } => {
                 // A redeclare on another node does not move the queue: it
@@ -723,15 +762,24 @@ impl Metadata {
             Command::DeleteQueue { vhost, name } => {
                 self.quorum.remove(&key(vhost, name));
                 self.queues.remove(&key(vhost, name));
-                self.bindings.retain(|_, b| {
-                    !(b.vhost == *vhost && !b.to_exchange && b.destination == *name)
-                });
+                self.declared.remove(&key(vhost, name));
+                self.remove_destination(vhost, false, name);
+            }
+            Command::QueueGone { vhost, name, .. } => {
+                if self.is_incarnation(cmd) {
+                    self.record(&Command::DeleteQueue {
+                        vhost: vhost.clone(),
+                        name: name.clone(),
+                    });
+                }
             }
             Command::Bind(b) => {
                 self.bindings.insert(b.key(), b.clone());
             }
             Command::Unbind(b) => {
-                self.bindings.remove(&b.key());
+                if self.bindings.remove(&b.key()).is_some() {
+                    self.drop_if_unbound(&b.vhost, &b.source);
+                }
             }
             Command::PutVhost { name, .. } => {
                 self.vhosts.insert(name.clone(), cmd.clone());
@@ -751,6 +799,7 @@ impl Metadata {
                 }
                 self.bindings.retain(|_, b| b.vhost != *name);
                 self.quorum.retain(|k, _| !k.starts_with(&prefix));
+                self.declared.retain(|k, _| !k.starts_with(&prefix));
                 self.vhost_limits.remove(name);
             }
             Command::PutUser { name, .. } => {
@@ -829,6 +878,87 @@ impl Metadata {
                     self.record(c);
                 }
             }
+        }
+    }
+
+    /// `cmd`, committed as the log entry `index`, was recorded: every queue
+    /// record it declared (or declared again) is that declaration from now
+    /// on ([`Self::declared`]). Returns those queues (vhost, name).
+    pub fn note_declared(&mut self, cmd: &Command, index: u64) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        match cmd {
+            Command::DeclareQueue { vhost, name, .. } => {
+                let k = key(vhost, name);
+                if self.queues.contains_key(&k) {
+                    self.declared.insert(k, index);
+                    out.push((vhost.clone(), name.clone()));
+                }
+            }
+            Command::Batch(cmds) => {
+                for c in cmds {
+                    out.extend(self.note_declared(c, index));
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// Whether `gone` (a [`Command::QueueGone`]) names the queue record as
+    /// it is now: the same node serves it and no declaration came since.
+    pub fn is_incarnation(&self, gone: &Command) -> bool {
+        let Command::QueueGone {
+            vhost,
+            name,
+            node,
+            declared,
+        } = gone
+        else {
+            return false;
+        };
+        let k = key(vhost, name);
+        self.queues.contains_key(&k)
+            && self.queue_node(vhost, name) == Some(node.as_str())
+            && self.declared.get(&k).copied().unwrap_or(0) == *declared
+    }
+
+    /// Remove every binding to the queue (or exchange, `to_exchange`) `name`
+    /// of `vhost`, and the auto-delete exchanges that leaves without
+    /// bindings, as the broker does (`VHost::remove_queue`, `delete_exchange`).
+    fn remove_destination(&mut self, vhost: &str, to_exchange: bool, name: &str) {
+        let mut sources = std::collections::BTreeSet::new();
+        self.bindings.retain(|_, b| {
+            let to_it = b.vhost == vhost && b.to_exchange == to_exchange && b.destination == name;
+            if to_it {
+                sources.insert(b.source.clone());
+            }
+            !to_it
+        });
+        for source in sources {
+            self.drop_if_unbound(vhost, &source);
+        }
+    }
+
+    /// An auto-delete exchange whose last binding went is deleted, as the
+    /// broker deletes it on every node that applies the change (what goes
+    /// with it goes too).
+    fn drop_if_unbound(&mut self, vhost: &str, source: &str) {
+        let auto_delete = matches!(
+            self.exchanges.get(&key(vhost, source)),
+            Some(Command::DeclareExchange {
+                auto_delete: true,
+                ..
+            })
+        );
+        let bound = self
+            .bindings
+            .values()
+            .any(|b| b.vhost == vhost && b.source == source);
+        if auto_delete && !bound {
+            self.record(&Command::DeleteExchange {
+                vhost: vhost.to_string(),
+                name: source.to_string(),
+            });
         }
     }
 
@@ -1104,6 +1234,110 @@ pub(crate) mod tests {
         });
         assert!(m.bindings.is_empty());
         assert_eq!(m.replay(), vec![queue("r")]);
+    }
+
+    #[test]
+    fn a_self_deleted_queue_goes_only_while_the_record_is_that_declaration() {
+        let gone = |node: &str, declared: u64| Command::QueueGone {
+            vhost: "/".into(),
+            name: "q".into(),
+            node: node.into(),
+            declared,
+        };
+        let mut m = Metadata::default();
+        for c in [exchange("x"), queue("q"), bind("x", "q")] {
+            m.record(&c);
+        }
+        m.declared.insert(key("/", "q"), 5);
+        // Declared again since (entry 9): the older incarnation's deletion
+        // leaves the record and its binding alone.
+        m.declared.insert(key("/", "q"), 9);
+        m.record(&gone("warren@a", 5));
+        assert!(m.queues.contains_key(&key("/", "q")));
+        assert_eq!(m.bindings.len(), 1);
+        // Another node does not speak for a queue served on warren@a.
+        m.record(&gone("warren@b", 9));
+        assert!(m.queues.contains_key(&key("/", "q")));
+        // The home node, that declaration: gone, with its binding.
+        m.record(&gone("warren@a", 9));
+        assert!(!m.queues.contains_key(&key("/", "q")));
+        assert!(!m.declared.contains_key(&key("/", "q")));
+        assert!(m.bindings.is_empty());
+        assert_eq!(m.replay(), vec![exchange("x")]);
+        // Again (a retry, a duplicate): nothing to do, nothing refused.
+        let before = m.clone();
+        m.record(&gone("warren@a", 9));
+        assert_eq!(m, before);
+        // A record from before declarations were kept counts as 0.
+        m.record(&queue("q"));
+        m.record(&gone("warren@a", 0));
+        assert!(m.queues.is_empty());
+    }
+
+    #[test]
+    fn an_auto_delete_exchange_goes_with_its_last_binding() {
+        let auto = |name: &str| match exchange(name) {
+            Command::DeclareExchange {
+                vhost,
+                name,
+                kind,
+                durable,
+                internal,
+                arguments,
+                ..
+            } => Command::DeclareExchange {
+                vhost,
+                name,
+                kind,
+                durable,
+                auto_delete: true,
+                internal,
+                arguments,
+            },
+            c => c,
+        };
+        let e2e = |source: &str, dest: &str| match bind(source, dest) {
+            Command::Bind(mut b) => {
+                b.to_exchange = true;
+                Command::Bind(b)
+            }
+            c => c,
+        };
+        let mut m = Metadata::default();
+        for c in [
+            auto("ad"),
+            auto("up"),
+            exchange("plain"),
+            queue("q"),
+            queue("r"),
+            bind("ad", "q"),
+            bind("ad", "r"),
+            bind("plain", "q"),
+            e2e("up", "ad"),
+        ] {
+            m.record(&c);
+        }
+        let unbind = |source: &str, queue: &str| match bind(source, queue) {
+            Command::Bind(b) => Command::Unbind(b),
+            c => c,
+        };
+        // Not its last binding: stays.
+        m.record(&unbind("ad", "q"));
+        assert!(m.exchanges.contains_key(&key("/", "ad")));
+        // An unbind of what is not bound removes nothing.
+        m.record(&unbind("ad", "q"));
+        assert!(m.exchanges.contains_key(&key("/", "ad")));
+        // Its last binding goes with its queue: "ad" goes, and "up", whose
+        // only binding was to "ad", with it; "plain" is not auto-delete.
+        m.record(&unbind("plain", "q"));
+        m.record(&Command::DeleteQueue {
+            vhost: "/".into(),
+            name: "r".into(),
+        });
+        assert!(!m.exchanges.contains_key(&key("/", "ad")));
+        assert!(!m.exchanges.contains_key(&key("/", "up")));
+        assert!(m.exchanges.contains_key(&key("/", "plain")));
+        assert!(m.bindings.is_empty());
     }
 
     #[test]

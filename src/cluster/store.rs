@@ -442,6 +442,14 @@ pub struct StateMachine {
     quorum: Arc<std::sync::OnceLock<Arc<super::quorum::Manager>>>,
 }
 
+/// Record on the local queue `vhost`/`name`, if there is one, which
+/// replicated declaration it is.
+fn stamp(broker: &Broker, vhost: &str, name: &str, declared: u64) {
+    if let Some(q) = broker.vhost(vhost).and_then(|v| v.queue(name, 0).ok()) {
+        q.set_declared(declared);
+    }
+}
+
 /// Whether queue arguments make a quorum queue.
 pub fn is_quorum(arguments: &super::command::Args) -> bool {
     arguments
@@ -564,6 +572,13 @@ impl StateMachine {
         }
     }
 
+    /// The node the replicated queue `vhost`/`name` is served on (None: no
+    /// such record).
+    pub fn queue_node(&self, vhost: &str, name: &str) -> Option<String> {
+        let s = self.state.lock();
+        s.metadata.queue_node(vhost, name).map(str::to_string)
+    }
+
     /// Where queue records' home nodes are told (set once at start).
     pub fn set_forwarder(&self, f: Arc<super::forward::Forwarder>) {
         let _ = self.forwarder.set(f);
@@ -593,6 +608,7 @@ impl StateMachine {
         for (vhost, name, node) in queues {
             f.mark(broker, &vhost, &name, &node);
         }
+        self.stamp_all(&metadata);
         if let Some(q) = self.quorum.get() {
             q.sync(&metadata);
         }
@@ -626,6 +642,38 @@ impl StateMachine {
             }
             Command::Batch(cmds) => cmds.iter().for_each(|c| self.mark_homes(state, c)),
             _ => {}
+        }
+    }
+
+    /// After `cmd` (at log index `index`) was applied: every queue record it
+    /// declared (or declared again) is that declaration from now on
+    /// ([`Metadata::declared`], the same on every node), and so is the local
+    /// queue ([`crate::broker::queue::Queue::set_declared`]), which reports it
+    /// when it deletes itself.
+    fn note_declarations(&self, state: &mut Applied, cmd: &Command, index: u64) {
+        let declared = state.metadata.note_declared(cmd, index);
+        if let Some(broker) = self.target.broker() {
+            for (vhost, name) in declared {
+                stamp(broker, &vhost, &name, index);
+            }
+        }
+    }
+
+    /// Stamp every local queue with the declaration its record is (at start
+    /// and after a snapshot install).
+    fn stamp_all(&self, metadata: &Metadata) {
+        let Some(broker) = self.target.broker() else {
+            return;
+        };
+        for k in metadata.queues.keys() {
+            if let Some((vhost, name)) = k.split_once('\0') {
+                stamp(
+                    broker,
+                    vhost,
+                    name,
+                    metadata.declared.get(k).copied().unwrap_or(0),
+                );
+            }
         }
     }
 
@@ -685,6 +733,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     EntryPayload::Normal(cmd) => {
                         let before = s.metadata.quorum.clone();
                         let r = self.apply_command(&mut s, cmd, now);
+                        self.note_declarations(&mut s, cmd, entry.log_id.index);
                         self.quorum_after(&mut s, &before, cmd, entry.log_id.index);
                         r
                     }
@@ -740,6 +789,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             // The model is the snapshot's, whatever this node's broker said.
             s.metadata = metadata;
+            self.stamp_all(&s.metadata);
             if let (Some(f), Some(broker)) = (self.forwarder.get(), self.target.broker()) {
                 for c in s.metadata.queues.values() {
                     if let Command::DeclareQueue { vhost, name, .. } = c {

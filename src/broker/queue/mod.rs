@@ -115,6 +115,10 @@ pub struct Queue {
     replica: parking_lot::RwLock<Option<Arc<dyn crate::broker::remote::Replica>>>,
     /// `replica` is set (read without its lock on every message).
     replicated: std::sync::atomic::AtomicBool,
+    /// Clustered: which replicated declaration of the queue this is (an
+    /// opaque stamp the cluster layer sets as declarations are applied; 0:
+    /// none), reported when the queue deletes itself.
+    declared: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
 }
 
@@ -401,6 +405,7 @@ impl Queue {
             remote: parking_lot::RwLock::new(None),
             replica: parking_lot::RwLock::new(None),
             replicated: std::sync::atomic::AtomicBool::new(false),
+            declared: std::sync::atomic::AtomicU64::new(0),
             budget: Arc::clone(&budget),
             state: Mutex::new(State {
                 ready: Ready::new(max_priority, budget),
@@ -447,6 +452,17 @@ impl Queue {
         self.replicated
             .store(replica.is_some(), std::sync::atomic::Ordering::Release);
         *r = replica;
+    }
+
+    /// The replicated declaration this queue is (0: none recorded).
+    pub fn declared(&self) -> u64 {
+        self.declared.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The cluster records which replicated declaration this queue is.
+    pub fn set_declared(&self, declaration: u64) {
+        self.declared
+            .store(declaration, std::sync::atomic::Ordering::Release);
     }
 
     fn is_replicated(&self) -> bool {

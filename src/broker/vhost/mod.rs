@@ -72,6 +72,9 @@ pub struct VHost {
     /// The broker's count of queues declared, created and deleted (set by
     /// the broker that holds the vhost: a deleted vhost's counts stay in it).
     churn: std::sync::OnceLock<Arc<QueueChurn>>,
+    /// Where the queues this vhost deletes by itself are reported (set by
+    /// the broker that holds the vhost).
+    self_deletions: std::sync::OnceLock<Arc<crate::broker::deleted::SelfDeletions>>,
 }
 
 /// Queue churn (RabbitMQ's `queue_declared`, `queue_created`,
@@ -89,6 +92,11 @@ impl VHost {
     /// Count queue churn into `churn` (once, before any declare).
     pub fn set_churn(&self, churn: Arc<QueueChurn>) {
         let _ = self.churn.set(churn);
+    }
+
+    /// Report the queues deleted by the broker itself into `d` (once).
+    pub fn set_self_deletions(&self, d: Arc<crate::broker::deleted::SelfDeletions>) {
+        let _ = self.self_deletions.set(d);
     }
 
     /// A queue declare by `origin` succeeded (`created`: it made the queue).
@@ -171,6 +179,7 @@ impl VHost {
             tracing: AtomicBool::new(false),
             meta: RwLock::new(VHostMeta::default()),
             churn: std::sync::OnceLock::new(),
+            self_deletions: std::sync::OnceLock::new(),
         });
         {
             let mut ex = vhost.exchanges.write();
@@ -364,9 +373,20 @@ impl VHost {
 
     /// Delete a queue on the broker's own initiative (no client to answer): a
     /// failed durable write is logged, and the queue stays as the store has it.
-    fn clean_up(&self, q: &Arc<Queue>, why: &str) {
+    /// A non-exclusive queue that went is reported ([`crate::broker::deleted`]):
+    /// clustered, its record is replicated.
+    fn clean_up(&self, q: &Arc<Queue>, why: &'static str) {
         if let Err(e) = self.remove_queue(q) {
             tracing::error!(queue = q.name(), vhost = %self.name, why, error = %e.text, "cannot delete queue");
+            return;
+        }
+        if let (None, Some(d)) = (q.spec.exclusive_owner, self.self_deletions.get()) {
+            d.report(crate::broker::deleted::SelfDeleted {
+                vhost: self.name.to_string(),
+                name: q.name().to_string(),
+                why,
+                declared: q.declared(),
+            });
         }
     }
 }
