@@ -504,18 +504,16 @@ impl Command {
                 &b.arguments.table(),
                 0,
             ),
-            // What is gone is unbound (on the node that made the change, an
-            // auto-delete source went with its last binding already).
-            Command::Unbind(b) => match vhost.unbind(
+            // What is gone is unbound: `unbind` of a missing end is a no-op
+            // (on the node that made the change, an auto-delete source went
+            // with its last binding already).
+            Command::Unbind(b) => vhost.unbind(
                 &b.source,
                 b.destination(),
                 &b.routing_key,
                 &b.arguments.table(),
                 0,
-            ) {
-                Err(e) if e.code == crate::wire::reply_code::NOT_FOUND => Ok(()),
-                r => r,
-            },
+            ),
             _ => Ok(()),
         };
         r.map_err(|e| e.text)
