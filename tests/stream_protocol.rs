@@ -349,8 +349,10 @@ async fn raw_oversized_frame_and_bad_credit() {
     let f = read_frame(&mut sock).await.expect("credit response");
     assert_eq!(&f[..2], &[0x80, 9]);
     assert_eq!(&f[4..7], &[0, 4, 7]);
-    // A frame over the negotiated maximum (1 MiB).
-    let mut big = (2u32 << 20).to_be_bytes().to_vec();
+    // A frame over the negotiated maximum (1 MiB) that does not come whole
+    // is let through as RabbitMQ lets it (the session's unit tests cover one
+    // that does), up to 64 MiB: past that, frame too large at once.
+    let mut big = ((64u32 << 20) + 1).to_be_bytes().to_vec();
     big.extend_from_slice(&[0, 2, 0, 1]);
     sock.write_all(&big).await.expect("write");
     assert_eq!(close_code(&mut sock).await, 14);

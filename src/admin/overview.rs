@@ -346,25 +346,34 @@ pub async fn auth_attempts(
     caller: Caller,
     Path(node): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    caller.require_monitor()?;
-    if node != s.broker.node {
-        return Err(ApiError::not_found());
-    }
+    own_node(&s, &caller, &node)?;
     let rows: Vec<Value> = crate::broker::AuthProtocol::ALL
         .iter()
         .filter_map(|&p| {
             let (ok, failed) = s.broker.auth_attempts.get(p);
-            (ok + failed > 0).then(|| {
-                json!({
-                    "protocol": p.name(),
-                    "auth_attempts": ok + failed,
-                    "auth_attempts_failed": failed,
-                    "auth_attempts_succeeded": ok,
-                })
-            })
+            (ok + failed > 0).then(|| attempts_row(json!({"protocol": p.name()}), ok, failed))
         })
         .collect();
     Ok(Json(Value::Array(rows)))
+}
+
+/// The auth attempt endpoints answer for this node only (a monitor's view).
+fn own_node(s: &AdminState, caller: &Caller, node: &str) -> ApiResult<()> {
+    caller.require_monitor()?;
+    match node == s.broker.node {
+        true => Ok(()),
+        false => Err(ApiError::not_found()),
+    }
+}
+
+/// `row` (what the attempts are of) with RabbitMQ's three counts.
+fn attempts_row(mut row: Value, ok: u64, failed: u64) -> Value {
+    if let Value::Object(m) = &mut row {
+        m.insert("auth_attempts".into(), json!(ok + failed));
+        m.insert("auth_attempts_failed".into(), json!(failed));
+        m.insert("auth_attempts_succeeded".into(), json!(ok));
+    }
+    row
 }
 
 /// `GET /api/auth/attempts/{node}/source`: this node's login attempts per
@@ -376,24 +385,19 @@ pub async fn auth_attempts_by_source(
     caller: Caller,
     Path(node): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    caller.require_monitor()?;
-    if node != s.broker.node {
-        return Err(ApiError::not_found());
-    }
+    own_node(&s, &caller, &node)?;
     let rows: Vec<Value> = s
         .broker
         .auth_attempts
         .sources()
         .into_iter()
         .map(|((remote, username, protocol), (ok, failed))| {
-            json!({
+            let of = json!({
                 "remote_address": remote,
                 "username": username,
                 "protocol": protocol.name(),
-                "auth_attempts": ok + failed,
-                "auth_attempts_failed": failed,
-                "auth_attempts_succeeded": ok,
-            })
+            });
+            attempts_row(of, ok, failed)
         })
         .collect();
     Ok(Json(Value::Array(rows)))

@@ -18,6 +18,16 @@ async fn poll(b: &Broker, path: &str, done: impl Fn(&Value) -> bool) -> Value {
     }
 }
 
+/// A guest connection to `/` and a channel on it in confirm mode.
+async fn confirmed_channel(b: &Broker) -> (lapin::Connection, lapin::Channel) {
+    let conn = b.amqp("guest", "guest", "/").await.expect("connect");
+    let ch = t(conn.create_channel()).await.expect("channel");
+    t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .expect("confirms");
+    (conn, ch)
+}
+
 fn props(mode: u8, timestamp: Option<u64>) -> BasicProperties {
     let p = BasicProperties::default().with_delivery_mode(mode);
     match timestamp {
@@ -39,11 +49,7 @@ async fn publish(ch: &lapin::Channel, queue: &str, body: &[u8], p: BasicProperti
 #[tokio::test]
 async fn persistent_counts_and_head_timestamp_follow_the_messages() {
     let b = start().await;
-    let conn = b.amqp("guest", "guest", "/").await.expect("connect");
-    let ch = t(conn.create_channel()).await.expect("channel");
-    t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirms");
+    let (_conn, ch) = confirmed_channel(&b).await;
     for (name, durable) in [("pq", true), ("tq", false)] {
         t(ch.queue_declare(
             name,
@@ -115,11 +121,7 @@ async fn persistent_counts_and_head_timestamp_follow_the_messages() {
 #[tokio::test]
 async fn idle_since_appears_a_second_after_the_last_activity() {
     let b = start().await;
-    let conn = b.amqp("guest", "guest", "/").await.expect("connect");
-    let ch = t(conn.create_channel()).await.expect("channel");
-    t(ch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirms");
+    let (_conn, ch) = confirmed_channel(&b).await;
     t(ch.queue_declare("iq", QueueDeclareOptions::default(), FieldTable::default()))
         .await
         .expect("declare");
@@ -239,11 +241,7 @@ async fn persistent_counts_survive_a_restart() {
         base,
     };
     {
-        let conn = b.amqp("guest", "guest", "/").await.expect("connect");
-        let ch = t(conn.create_channel()).await.expect("channel");
-        t(ch.confirm_select(ConfirmSelectOptions::default()))
-            .await
-            .expect("confirms");
+        let (conn, ch) = confirmed_channel(&b).await;
         t(ch.queue_declare(
             "rq",
             QueueDeclareOptions {

@@ -84,19 +84,42 @@ fn setup(
     for (k, val) in arguments {
         args.insert(*k, val.clone());
     }
+    let q = declare_q(&v, args);
+    (store, v, q)
+}
+
+/// The durable queue `q` in `v`, with `arguments`.
+fn declare_q(v: &VHost, arguments: FieldTable) -> Arc<Queue> {
     let (q, _) = v
         .declare_queue(
             &QueueDeclare {
                 name: "q".into(),
                 durable: true,
-                arguments: args,
+                arguments,
                 ..Default::default()
             },
             1,
             T0,
         )
         .expect("declare");
-    (store, v, q)
+    q
+}
+
+/// `q` as recovery rebuilds it over `store` (a fresh vhost, nothing loaded
+/// yet), and how many messages it restored.
+fn recovered(store: &Store) -> (Arc<VHost>, Arc<Queue>, usize) {
+    let v = VHost::new(
+        "/",
+        Some(store.clone()),
+        MemoryBudget::new(0),
+        Default::default(),
+    );
+    let q = declare_q(&v, FieldTable::new());
+    let levels = store
+        .recover_queue(&store.queue(&store_key("/", "q"), true))
+        .expect("recover");
+    let n = q.restore(&levels);
+    (v, q, n)
 }
 
 fn stored(store: &Store) -> Vec<(u64, bool)> {
@@ -463,27 +486,8 @@ fn recovery_counts_stored_messages_without_loading_them() {
     store.flush_blocking().expect("flush");
     drop((q, v));
     // A fresh queue over the same store, as recovery builds it.
-    let v = VHost::new(
-        "/",
-        Some(store.clone()),
-        MemoryBudget::new(0),
-        Default::default(),
-    );
-    let (q, _) = v
-        .declare_queue(
-            &QueueDeclare {
-                name: "q".into(),
-                durable: true,
-                ..Default::default()
-            },
-            1,
-            T0,
-        )
-        .expect("declare");
-    let levels = store
-        .recover_queue(&store.queue(&store_key("/", "q"), true))
-        .expect("recover");
-    assert_eq!(q.restore(&levels), 100);
+    let (_v, q, n) = recovered(&store);
+    assert_eq!(n, 100);
     let st = q.stats(T0);
     assert_eq!((st.ready, st.ready_ram), (100, 0), "nothing loaded yet");
     let (first, _) = q.get(true, T0).expect("m0");
@@ -728,27 +732,8 @@ fn persistent_counts_cover_paged_out_and_recovered_messages() {
     drop((q, v, store));
     // After a restart only the persistent ones are back, all counted.
     let store = Store::open(&dir.0).expect("reopen");
-    let v = VHost::new(
-        "/",
-        Some(store.clone()),
-        MemoryBudget::new(0),
-        Default::default(),
-    );
-    let (q, _) = v
-        .declare_queue(
-            &QueueDeclare {
-                name: "q".into(),
-                durable: true,
-                ..Default::default()
-            },
-            1,
-            T0,
-        )
-        .expect("declare");
-    let levels = store
-        .recover_queue(&store.queue(&store_key("/", "q"), true))
-        .expect("recover");
-    assert_eq!(q.restore(&levels), 9);
+    let (_v, q, n) = recovered(&store);
+    assert_eq!(n, 9);
     assert_eq!(persistent_counts(&q), (9, 18));
     let (m1, _) = q.get(false, T0).expect("m1");
     assert_eq!(body(&m1), "m1");

@@ -1593,6 +1593,9 @@ fn flush_log(shared: &Shared, log: &LogInner) -> Result<bool, StreamError> {
         s.last_chunk = last_chunk;
         !s.pending.is_empty()
     };
+    if !busy {
+        log.writer.lock().batch.quiet();
+    }
     log.committed.send_if_modified(|c| {
         let changed = *c != next;
         *c = next;
@@ -1614,18 +1617,29 @@ const CHUNK_LIMITS: ChunkLimits = ChunkLimits {
     bytes: CHUNK_TARGET_BYTES,
 };
 
-/// How many entries the next user chunk takes at most, adapted as osiris's
-/// writer (a `gen_batch_server`) adapts its batches, which become its chunks:
-/// from `min` it doubles (up to `max`) each time a chunk fills up to it and
-/// halves (down to `min`) each time the buffered appends run out before one
-/// does. So a burst after a quiet spell is cut 32, 64, 128, ... (its last
-/// chunk, what a consumer from `last` is sent first, is small, as on
-/// RabbitMQ), and sustained load is written in chunks of `max` entries.
+/// How many entries the next user chunk takes at most, adapted in the manner
+/// of osiris's writer (a `gen_batch_server`), whose batches become its chunks:
+/// from `min` it doubles (up to `max`) each time a chunk fills up to it, and
+/// when the writer runs dry — a round whose last chunk did not fill and
+/// during whose write no more appends came ([`Batch::quiet`]) — it starts
+/// again from twice what came since the last time it ran dry (at least
+/// `min`). `gen_batch_server` halves instead, but its mailbox is rarely dry
+/// under load, where each flusher round here ends dry by construction:
+/// halving there cut steady rounds in two chunks, and so did restarting from
+/// the round's own size when the next round was larger. So a burst after a
+/// quiet spell is
+/// cut 32, 64, 128, ... (its last chunk, what a consumer from `last` is sent
+/// first, is small, as on RabbitMQ), and steady load is written a round to
+/// a chunk, up to `max` entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Batch {
     size: usize,
     min: usize,
     max: usize,
+    /// The last chunk cut did not fill.
+    short: bool,
+    /// Entries cut into chunks since the writer last ran dry.
+    taken: usize,
 }
 
 impl Batch {
@@ -1635,6 +1649,8 @@ impl Batch {
         size: 32,
         min: 32,
         max: 8192,
+        short: false,
+        taken: 0,
     };
 
     /// Always `n`.
@@ -1644,17 +1660,29 @@ impl Batch {
             size: n,
             min: n,
             max: n,
+            short: false,
+            taken: 0,
         }
     }
 
-    /// A chunk took `size` entries.
-    fn filled(&mut self) {
-        self.size = self.size.saturating_mul(2).min(self.max);
+    /// A chunk of `n` entries was cut; `last`: the appends ran out with it.
+    fn cut(&mut self, n: usize, last: bool) {
+        self.taken = self.taken.saturating_add(n);
+        if n >= self.size {
+            self.size = self.size.saturating_mul(2).min(self.max);
+            self.short = false;
+        } else if last {
+            self.short = true;
+        }
     }
 
-    /// The appends ran out before a chunk filled.
-    fn ran_dry(&mut self) {
-        self.size = (self.size / 2).max(self.min);
+    /// The round is written and nothing more came meanwhile: if its last
+    /// chunk did not fill, the writer ran dry.
+    fn quiet(&mut self) {
+        if std::mem::take(&mut self.short) {
+            self.size = self.taken.saturating_mul(2).clamp(self.min, self.max);
+        }
+        self.taken = 0;
     }
 }
 
@@ -1817,11 +1845,7 @@ fn build_user_chunks(
         } else {
             Vec::new()
         };
-        if n >= batch.size {
-            batch.filled();
-        } else if a >= appends.len() {
-            batch.ran_dry();
-        }
+        batch.cut(n, a >= appends.len());
         let body = data.slice(chunk_start..pos);
         let records = u32::try_from(records).unwrap_or(u32::MAX);
         let head = chunk::build_head(

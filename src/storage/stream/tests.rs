@@ -640,31 +640,16 @@ fn merged_chunks_are_bounded() {
         entries: 100,
         bytes: 12,
     };
-    let sizes: Vec<u16> = build_user_chunks(
-        pending(&five),
-        0,
-        0,
-        16,
-        limits,
-        &mut Batch::fixed(CHUNK_MAX_ENTRIES),
-    )
-    .iter()
-    .map(|c| Header::parse(&c.head).expect("header").num_entries)
-    .collect();
+    let sizes: Vec<u16> =
+        entries_per_chunk(pending(&five), limits, &mut Batch::fixed(CHUNK_MAX_ENTRIES));
     assert_eq!(sizes, vec![2, 2, 1]);
     let mut p = Pending::default();
     push(&mut p, &five);
-    let sizes: Vec<u16> = build_user_chunks(
+    let sizes: Vec<u16> = entries_per_chunk(
         (p.data.freeze(), p.appends),
-        0,
-        0,
-        16,
         limits,
         &mut Batch::fixed(CHUNK_MAX_ENTRIES),
-    )
-    .iter()
-    .map(|c| Header::parse(&c.head).expect("header").num_entries)
-    .collect();
+    );
     assert_eq!(sizes, vec![2, 2, 1]);
 }
 
@@ -890,14 +875,21 @@ fn located_chunks_point_at_the_data_read_batch_reads() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The entries of each chunk `build_user_chunks` cuts `msgs` into.
+fn entries_per_chunk(
+    msgs: (Bytes, Vec<AppendMeta>),
+    limits: ChunkLimits,
+    batch: &mut Batch,
+) -> Vec<u16> {
+    build_user_chunks(msgs, 0, 0, 16, limits, batch)
+        .iter()
+        .map(|c| Header::parse(&c.head).expect("header").num_entries)
+        .collect()
+}
+
 #[test]
-fn chunks_grow_from_32_and_shrink_when_appends_run_dry() {
-    let sizes = |msgs: (Bytes, Vec<AppendMeta>), batch: &mut Batch| -> Vec<u16> {
-        build_user_chunks(msgs, 0, 0, 16, CHUNK_LIMITS, batch)
-            .iter()
-            .map(|c| Header::parse(&c.head).expect("header").num_entries)
-            .collect()
-    };
+fn chunks_grow_from_32_and_shrink_when_the_writer_runs_dry() {
+    let sizes = |msgs, batch: &mut Batch| entries_per_chunk(msgs, CHUNK_LIMITS, batch);
     let names: Vec<String> = (0..20_000).map(|i| format!("{i}")).collect();
     let frame = |n: usize| {
         let mut p = Pending::default();
@@ -912,19 +904,27 @@ fn chunks_grow_from_32_and_shrink_when_appends_run_dry() {
     // A publish frame of 100 after a quiet spell: 32, 64, then the 4 left
     // (the last chunk a consumer from `last` is sent).
     assert_eq!(sizes(frame(100), &mut batch), vec![32, 64, 4]);
-    // Two full chunks doubled it to 128, running dry halved it to 64.
-    assert_eq!(batch.size, 64);
-    assert_eq!(sizes(frame(100), &mut batch), vec![64, 36]);
-    assert_eq!(batch.size, 64);
+    assert_eq!(batch.size, 128);
+    // Nothing came meanwhile: the writer ran dry; it starts again from
+    // twice what the round carried.
+    batch.quiet();
+    assert_eq!(batch.size, 200);
+    // Steady rounds of about that size: a chunk each.
+    assert_eq!(sizes(frame(100), &mut batch), vec![100]);
+    batch.quiet();
+    assert_eq!(sizes(frame(150), &mut batch), vec![150]);
+    batch.quiet();
+    assert_eq!(batch.size, 300, "the round that ran dry sets it");
     // Single-message appends count as one each, as casts to the writer.
-    let singles: Vec<Msg> = names[..40]
+    let singles: Vec<Msg> = names[..10]
         .iter()
         .map(|s| (s.as_str(), 0, None, None))
         .collect();
-    assert_eq!(sizes(pending(&singles), &mut batch), vec![40]);
-    assert_eq!(batch.size, 32);
-    // A long burst: the chunks grow to 8192 entries; each round's rest
-    // halves it.
+    assert_eq!(sizes(pending(&singles), &mut batch), vec![10]);
+    batch.quiet();
+    assert_eq!(batch.size, 32, "never below 32");
+    // Sustained load (more appends came while each round was written: no
+    // quiet): chunks grow to 8192 entries and stay there.
     let got = sizes(frame(20_000), &mut batch);
     assert_eq!(
         got,
@@ -941,12 +941,15 @@ fn chunks_grow_from_32_and_shrink_when_appends_run_dry() {
             20_000 - 16_352
         ]
     );
-    assert_eq!(batch.size, 4096);
-    assert_eq!(sizes(frame(20_000), &mut batch), vec![4096, 8192, 7712]);
-    assert_eq!(batch.size, 4096);
-    // Quiet again: one message per round brings it back to 32.
-    for _ in 0..9 {
-        assert_eq!(sizes(frame(1), &mut batch), vec![1]);
-    }
+    assert_eq!(batch.size, 8192);
+    assert_eq!(sizes(frame(3_000), &mut batch), vec![3_000]);
+    assert_eq!(sizes(frame(20_000), &mut batch), vec![8192, 8192, 3616]);
+    // Quiet again: the first dry round counts the busy spell, the next
+    // one brings it back to 32.
+    assert_eq!(sizes(frame(1), &mut batch), vec![1]);
+    batch.quiet();
+    assert_eq!(batch.size, 8192);
+    assert_eq!(sizes(frame(1), &mut batch), vec![1]);
+    batch.quiet();
     assert_eq!(batch, Batch::ADAPTIVE);
 }
