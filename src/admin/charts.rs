@@ -181,8 +181,17 @@ fn details(rate: f64, samples: &[(u64, f64)]) -> Value {
         }
         _ => 0.0,
     };
-    let round = |x: f64| (x * 10.0).round() / 10.0;
-    json!({"rate": round(rate), "samples": list, "avg": round(avg), "avg_rate": round(avg_rate)})
+    json!({
+        "rate": round_rate(rate),
+        "samples": list,
+        "avg": round_rate(avg),
+        "avg_rate": round_rate(avg_rate),
+    })
+}
+
+/// A rate as the API shows it: to one decimal.
+pub fn round_rate(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
 }
 
 /// `stats["{field}_details"]` with `samples`, keeping the rate the plain
@@ -211,13 +220,12 @@ fn last_rate(samples: &[(u64, f64)]) -> f64 {
 pub fn length_rates(history: &History, key: &Key) -> [f64; 3] {
     let (incr, _) = super::history::TIERS[0];
     let w = history.queue(key, 2 * incr, incr);
-    let round = |x: f64| (x * 10.0).round() / 10.0;
     [
         |p: &QueuePoint| f64::from(p.ready) + f64::from(p.unacked),
         |p: &QueuePoint| f64::from(p.ready),
         |p: &QueuePoint| f64::from(p.unacked),
     ]
-    .map(|pick| round(last_rate(&gauges(&w, pick))))
+    .map(|pick| round_rate(last_rate(&gauges(&w, pick))))
 }
 
 /// The sum of [`length_rates`] over `queues` (a vhost's, the visible ones):
@@ -233,7 +241,7 @@ pub fn summed_length_rates<'a>(
             *s += r;
         }
     }
-    sum.map(|x| (x * 10.0).round() / 10.0)
+    sum.map(round_rate)
 }
 
 /// `messages_details`, `messages_ready_details` and

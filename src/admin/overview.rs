@@ -61,10 +61,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
     queue_totals.insert("messages".into(), json!(ready + unacked));
     queue_totals.insert("messages_ready".into(), json!(ready));
     queue_totals.insert("messages_unacknowledged".into(), json!(unacked));
-    super::charts::insert_length_details(
-        &mut queue_totals,
-        rates.map(|x| (x * 10.0).round() / 10.0),
-    );
+    super::charts::insert_length_details(&mut queue_totals, rates.map(super::charts::round_rate));
     Json(json!({
         "management_version": VERSION,
         "rabbitmq_version": VERSION,

@@ -505,9 +505,9 @@ pub async fn remove(
     caller.require_vhost(&s.broker, &vhost)?;
     let q = find(&s, &vhost, &name)?;
     caller.permit(&s.broker, &vhost, Access::Configure, "queue", &name)?;
-    let flag = |k: &str| params.get(k).is_some_and(|x| x == "true");
+    let asked = |k: &str| params.get(k).is_some_and(|x| x == "true");
     let now = crate::clock::now_ms();
-    if let Some(e) = q.delete_refusal(flag("if-unused"), flag("if-empty"), now) {
+    if let Some(e) = q.delete_refusal(asked("if-unused"), asked("if-empty"), now) {
         return Err(ApiError::bad_request(e.text));
     }
     if let Some(v) = s.broker.vhost(&vhost) {
