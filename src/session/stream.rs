@@ -1644,9 +1644,12 @@ impl StreamSession {
             publishing_id: m.publishing_id,
             batch: m.sub_batch,
         });
+        // Sent before its earlier messages were confirmed: the publisher
+        // does not wait for each confirm, so more is likely to follow.
+        let pipelined = !p.pending.is_empty();
         match p
             .log
-            .append_from(p.reference.as_ref(), batch, now_ms as i64)
+            .append_from(p.reference.as_ref(), batch, now_ms as i64, pipelined)
         {
             Ok(a) => {
                 let dups = a.duplicates.len();

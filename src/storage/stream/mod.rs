@@ -250,6 +250,9 @@ struct Shared {
     pending_bytes: AtomicU64,
     /// Notified when the flusher takes buffers (room for more).
     room: tokio::sync::Notify,
+    /// A publisher appended before its earlier messages were confirmed
+    /// since the flusher last took the buffers ([`Linger`]).
+    pipelined: std::sync::atomic::AtomicBool,
 }
 
 /// Past this many buffered bytes, producers wait ([`StreamStore::ready`]).
@@ -274,6 +277,7 @@ impl StreamStore {
             waiters: Mutex::new(Vec::new()),
             pending_bytes: AtomicU64::new(0),
             room: tokio::sync::Notify::new(),
+            pipelined: std::sync::atomic::AtomicBool::new(false),
         });
         let s = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -559,6 +563,7 @@ impl StreamLog {
                 (reference, start, it)
             }),
             timestamp_ms,
+            false,
         )
     }
 
@@ -566,27 +571,39 @@ impl StreamLog {
     /// an id at or below the reference's last one is dropped, its index in
     /// [`Appended::duplicates`]), stamped `timestamp_ms`: as
     /// [`append`](Self::append), with the messages borrowed (a publish
-    /// frame's, encoded straight into the write buffer).
+    /// frame's, encoded straight into the write buffer). `pipelined`: the
+    /// publisher sends this before its earlier messages are confirmed (it
+    /// does not wait for each confirm): sustained load, for which the
+    /// flusher lingers to cut larger chunks ([`Linger`]).
     pub fn append_from<'a>(
         &self,
         reference: Option<&Arc<str>>,
         msgs: impl IntoIterator<Item = NewMessage<'a>>,
         timestamp_ms: i64,
+        pipelined: bool,
     ) -> Result<Appended, StreamError> {
         if reference.is_some_and(|r| r.len() > chunk::MAX_REFERENCE) {
             return Err(StreamError::ReferenceTooLong);
         }
-        self.append_runs(std::iter::once((reference, 0, msgs)), timestamp_ms)
+        self.append_runs(
+            std::iter::once((reference, 0, msgs)),
+            timestamp_ms,
+            pipelined,
+        )
     }
 
     fn append_runs<'a, 'r, I: IntoIterator<Item = NewMessage<'a>>>(
         &self,
         runs: impl Iterator<Item = (Option<&'r Arc<str>>, usize, I)>,
         timestamp_ms: i64,
+        pipelined: bool,
     ) -> Result<Appended, StreamError> {
         let mut s = self.inner.state.lock();
         if s.deleted {
             return Err(StreamError::Deleted);
+        }
+        if pipelined {
+            self.store.pipelined.store(true, Ordering::Relaxed);
         }
         let first = s.next_offset;
         let mut duplicates = Vec::new();
@@ -1441,9 +1458,11 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
     })
 }
 
-/// When the flusher takes what is buffered: at once, unless the last round
-/// saw more appends arrive while it wrote (producers that do not wait for
-/// each confirm: sustained load). Then it lingers up to `max_wait_us` after
+/// When the flusher takes what is buffered: at once, unless producers do not
+/// wait for each confirm (sustained load): a publisher appended before its
+/// earlier messages were confirmed ([`StreamLog::append_from`]'s
+/// `pipelined`), or the last round saw more appends arrive while it wrote.
+/// Then it lingers up to `max_wait_us` after
 /// waking, or until `min_bytes` are buffered, so a round merges more appends
 /// into each chunk (fewer, larger chunks: a consumer pays per chunk, and
 /// each round's writes and fsyncs are paid once for more messages) — but
@@ -1462,7 +1481,7 @@ struct Linger {
 const LINGER: Linger = Linger {
     max_wait_us: 5_000,
     min_bytes: 512 << 10,
-    quiet_us: 2_000,
+    quiet_us: 200,
 };
 
 impl Linger {
@@ -1500,6 +1519,7 @@ fn flusher(shared: Arc<Shared>) {
             }
             let woke = std::time::Instant::now();
             let mut before = None;
+            let busy = busy || shared.pipelined.load(Ordering::Relaxed);
             while !q.shutdown {
                 let waited = woke.elapsed().as_micros() as u64;
                 let pending = shared.pending_bytes.load(Ordering::Relaxed);
@@ -1513,6 +1533,7 @@ fn flusher(shared: Arc<Shared>) {
                     .wake
                     .wait_for(&mut q, std::time::Duration::from_micros(more));
             }
+            shared.pipelined.store(false, Ordering::Relaxed);
             std::mem::take(&mut q.dirty)
         };
         // Every write counted up to here is in a buffer taken below.
