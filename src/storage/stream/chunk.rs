@@ -22,9 +22,14 @@
 //! A simple entry is `0:1, size:31, bytes`; a sub-batch entry is
 //! `1:1, compression:3, reserved:4, records:16, uncompressed length:32,
 //! length:32, bytes`. The trailer of a user chunk lists publisher sequences
-//! `(0u8, ref len u16, ref, chunk id u64, sequence u64)`; the data of a
-//! tracking chunk lists tracking records (`0` sequence as in the trailer, `1`
-//! offset: `(1u8, ref len u16, ref, offset u64)`).
+//! in osiris's layout, `(0u8, ref len u8, ref, sequence u64)` (the chunk id
+//! is the chunk's own; a 256-byte reference's length byte is 0, as osiris
+//! writes it), so its `trailer length` is RabbitMQ's for the same chunk
+//! (clients see it in `Deliver`). The data of a tracking chunk (never sent
+//! to a client) lists tracking records: sequences `(0u8, ref len u16, ref,
+//! chunk id u64, sequence u64)`, offsets `(1u8, ref len u16, ref, offset
+//! u64)`. Segments written before the trailer took osiris's layout hold user
+//! chunk trailers in the tracking layout ([`tracking`] reads them).
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -391,6 +396,45 @@ pub enum Tracking {
 /// Longest reference a tracking record holds.
 pub const MAX_REFERENCE: usize = u16::MAX as usize;
 
+/// Longest publisher reference a user chunk's trailer holds (RabbitMQ's
+/// limit on a publisher's reference).
+pub const MAX_PUBLISHER_REFERENCE: usize = 256;
+
+/// Append a trailer record: `reference` (1 to [`MAX_PUBLISHER_REFERENCE`]
+/// bytes) published up to `sequence` in this chunk.
+pub fn put_trailer_sequence(out: &mut BytesMut, reference: &str, sequence: u64) {
+    out.put_u8(TRK_SEQUENCE);
+    // 256 wraps to 0, as in osiris (a reference is never empty).
+    out.put_u8(reference.len() as u8);
+    out.put_slice(reference.as_bytes());
+    out.put_u64(sequence);
+}
+
+/// Parse the trailer of user chunk `chunk` (osiris's layout); stops at the
+/// first malformed record.
+pub fn trailer(b: &[u8], chunk: u64) -> Vec<Tracking> {
+    let mut out = Vec::new();
+    let mut rest = b;
+    while let [kind, len, tail @ ..] = rest {
+        let len = if *len == 0 { 256 } else { usize::from(*len) };
+        if *kind != TRK_SEQUENCE || tail.len() < len + 8 {
+            break;
+        }
+        let Ok(reference) = std::str::from_utf8(&tail[..len]) else {
+            break;
+        };
+        let mut seq = [0u8; 8];
+        seq.copy_from_slice(&tail[len..len + 8]);
+        out.push(Tracking::Sequence {
+            reference: reference.to_string(),
+            chunk,
+            sequence: u64::from_be_bytes(seq),
+        });
+        rest = &tail[len + 8..];
+    }
+    out
+}
+
 pub fn put_tracking(out: &mut BytesMut, t: &Tracking) {
     match t {
         Tracking::Sequence {
@@ -515,6 +559,32 @@ mod tests {
         assert_eq!(tracking(&t), recs);
         // Truncated: what parses before the cut.
         assert_eq!(tracking(&t[..t.len() - 1]), recs[..1].to_vec());
+    }
+
+    #[test]
+    fn trailers_take_osiris_layout() {
+        // RabbitMQ's trailer for one message of publisher "test-reference":
+        // 24 bytes (what rstream's `test_deliver` expects in Deliver).
+        let mut t = BytesMut::new();
+        put_trailer_sequence(&mut t, "test-reference", 1);
+        assert_eq!(t.len(), 24);
+        assert_eq!(&t[..2], &[0, 14]);
+        assert_eq!(&t[16..], &1u64.to_be_bytes());
+        let long = "r".repeat(MAX_PUBLISHER_REFERENCE);
+        put_trailer_sequence(&mut t, &long, u64::MAX);
+        let seq = |reference: &str, sequence| Tracking::Sequence {
+            reference: reference.into(),
+            chunk: 40,
+            sequence,
+        };
+        let both = vec![seq("test-reference", 1), seq(&long, u64::MAX)];
+        assert_eq!(trailer(&t, 40), both);
+        // Truncated, or an unknown record type: what parses before it.
+        assert_eq!(trailer(&t[..t.len() - 1], 40), both[..1].to_vec());
+        let mut bad = t.clone();
+        bad[24] = 9;
+        assert_eq!(trailer(&bad, 40), both[..1].to_vec());
+        assert_eq!(trailer(&[], 40), vec![]);
     }
 
     #[test]

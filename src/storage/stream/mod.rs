@@ -94,7 +94,11 @@ pub enum StreamError {
     Io(String),
     #[error("the stream is deleted")]
     Deleted,
-    #[error("publisher reference longer than {} bytes", chunk::MAX_REFERENCE)]
+    #[error(
+        "reference too long (publisher: {} bytes at most, consumer: {})",
+        chunk::MAX_PUBLISHER_REFERENCE,
+        chunk::MAX_REFERENCE
+    )]
     ReferenceTooLong,
     #[error("the stream store is shut down")]
     Closed,
@@ -519,6 +523,9 @@ struct Writer {
     dirty: bool,
     /// How many entries the next user chunk takes at most.
     batch: Batch,
+    /// The active segment is of the format before this one (written by an
+    /// older version): the next chunk starts a new segment.
+    legacy: bool,
 }
 
 /// Most entries (and data bytes, roughly) in one chunk.
@@ -536,7 +543,7 @@ impl StreamLog {
         if msgs.iter().any(|m| {
             m.publisher
                 .as_ref()
-                .is_some_and(|(r, _)| r.len() > chunk::MAX_REFERENCE)
+                .is_some_and(|(r, _)| r.len() > chunk::MAX_PUBLISHER_REFERENCE)
         }) {
             return Err(StreamError::ReferenceTooLong);
         }
@@ -582,7 +589,7 @@ impl StreamLog {
         timestamp_ms: i64,
         pipelined: bool,
     ) -> Result<Appended, StreamError> {
-        if reference.is_some_and(|r| r.len() > chunk::MAX_REFERENCE) {
+        if reference.is_some_and(|r| r.len() > chunk::MAX_PUBLISHER_REFERENCE) {
             return Err(StreamError::ReferenceTooLong);
         }
         self.append_runs(
@@ -1332,10 +1339,14 @@ fn read_into(
 fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, StreamError> {
     let mut firsts = segment::list(dir)?;
     let mut scanned = Vec::new();
+    let mut legacy = false;
     // The last segment is scanned; an empty one (a crash right after a roll)
     // is dropped and the one before becomes the last.
     while let Some(&last) = firsts.last() {
-        scanned = segment::recover_last(dir, last)?;
+        segment::Recovered {
+            chunks: scanned,
+            legacy,
+        } = segment::recover_last(dir, last)?;
         if scanned.is_empty() && firsts.len() > 1 {
             let _ = std::fs::remove_file(segment::segment_path(dir, last));
             let _ = std::fs::remove_file(segment::index_path(dir, last));
@@ -1352,7 +1363,7 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
                 // No usable index: rebuild it by a scan (rare: a lost index file).
                 let found = segment::recover_last(dir, first)?;
                 let mut info = SegmentInfo::empty(first);
-                for c in &found {
+                for c in &found.chunks {
                     info.add(&c.header);
                 }
                 info
@@ -1447,6 +1458,7 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
         failed: None,
         dirty: false,
         batch: Batch::ADAPTIVE,
+        legacy,
     };
     Ok(LogInner {
         dir: dir.to_path_buf(),
@@ -1843,15 +1855,9 @@ fn build_user_chunks(
             }
         }
         let mut trailer = BytesMut::new();
-        for (r, seq) in &refs {
-            chunk::put_tracking(
-                &mut trailer,
-                &chunk::Tracking::Sequence {
-                    reference: r.to_string(),
-                    chunk: id,
-                    sequence: *seq,
-                },
-            );
+        // (An empty reference is none: RabbitMQ's clients send it so.)
+        for (r, seq) in refs.iter().filter(|(r, _)| !r.is_empty()) {
+            chunk::put_trailer_sequence(&mut trailer, r, *seq);
         }
         let bloom = if filters {
             let mut b = vec![0u8; usize::from(filter_size.max(1))];
@@ -1951,7 +1957,7 @@ fn write_chunk(
         .segments
         .last()
         .is_none_or(|s| s.chunks > 0 && s.size + len as u64 > retention.max_segment_size);
-    if w.active.is_none() || full {
+    if w.active.is_none() || full || w.legacy {
         roll(log, w)?;
     }
     let h = parts
@@ -2048,6 +2054,7 @@ fn roll(log: &LogInner, w: &mut Writer) -> Result<(), StreamError> {
     // The directory entry of the new files must survive a crash too.
     File::open(&log.dir)?.sync_all()?;
     w.active = Some((first, seg, idx));
+    w.legacy = false;
     w.segments.push(SegmentInfo::empty(first));
     if !w.sequences.is_empty() || !w.offsets.is_empty() {
         let mut d = BytesMut::new();

@@ -3,6 +3,8 @@
 //! ```text
 //! <stream dir>/
 //!   00000000000000000000.segment   "WSTL" u32 version, then chunks back to back
+//!                                  (version 2: user chunk trailers in osiris's
+//!                                  layout; 1: in the tracking layout, see chunk)
 //!   00000000000000000000.index     "WSTI" u32 version, then one 32-byte record a chunk:
 //!                                  chunk id u64, timestamp i64, file position u64,
 //!                                  num records u32, chunk type u8, 3 zero bytes
@@ -19,7 +21,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-pub const SEGMENT_MAGIC: &[u8; 8] = b"WSTL\0\0\0\x01";
+pub const SEGMENT_MAGIC: &[u8; 8] = b"WSTL\0\0\0\x02";
+/// Segments written before user chunk trailers took osiris's layout: read
+/// as they are, never appended to ([`Recovered::legacy`]).
+const SEGMENT_MAGIC_V1: &[u8; 8] = b"WSTL\0\0\0\x01";
 pub const INDEX_MAGIC: &[u8; 8] = b"WSTI\0\0\0\x01";
 pub const FILE_HEADER: u64 = 8;
 pub const INDEX_RECORD: u64 = 32;
@@ -202,9 +207,16 @@ pub struct Scanned {
     pub tracking: Vec<chunk::Tracking>,
 }
 
+/// What the recovery scan of a segment found.
+pub struct Recovered {
+    pub chunks: Vec<Scanned>,
+    /// A version 1 segment with chunks: new chunks go to a new segment.
+    pub legacy: bool,
+}
+
 /// Scan a segment from the start, keep the valid chunks, truncate a torn or
-/// corrupt tail and rewrite the index. Returns the chunks found.
-pub fn recover_last(dir: &Path, first: u64) -> io::Result<Vec<Scanned>> {
+/// corrupt tail and rewrite the index.
+pub fn recover_last(dir: &Path, first: u64) -> io::Result<Recovered> {
     let path = segment_path(dir, first);
     let mut f = std::fs::OpenOptions::new()
         .read(true)
@@ -214,8 +226,9 @@ pub fn recover_last(dir: &Path, first: u64) -> io::Result<Vec<Scanned>> {
     let mut magic = [0u8; 8];
     let valid_magic = len >= FILE_HEADER && {
         f.read_exact(&mut magic)?;
-        &magic == SEGMENT_MAGIC
+        &magic == SEGMENT_MAGIC || &magic == SEGMENT_MAGIC_V1
     };
+    let v1 = &magic == SEGMENT_MAGIC_V1;
     let mut found = Vec::new();
     let mut pos = FILE_HEADER;
     let mut expected: Option<u64> = None;
@@ -235,7 +248,12 @@ pub fn recover_last(dir: &Path, first: u64) -> io::Result<Vec<Scanned>> {
                 break;
             }
             let tracking = if h.chunk_type == chunk::TYPE_USER {
-                chunk::tracking(&rest[data_at + h.data_len as usize..])
+                let trailer = &rest[data_at + h.data_len as usize..];
+                if v1 {
+                    chunk::tracking(trailer)
+                } else {
+                    chunk::trailer(trailer, h.first_offset)
+                }
             } else {
                 chunk::tracking(data)
             };
@@ -248,12 +266,14 @@ pub fn recover_last(dir: &Path, first: u64) -> io::Result<Vec<Scanned>> {
             pos += h.total_len();
         }
     }
-    if !valid_magic {
+    // Nothing kept: an empty segment of the current version.
+    let fresh = !valid_magic || (v1 && found.is_empty());
+    if fresh {
         f.set_len(0)?;
         f.write_all_at(SEGMENT_MAGIC, 0)?;
         pos = FILE_HEADER;
     }
-    if pos < len || !valid_magic {
+    if pos < len || fresh {
         tracing::warn!(segment = %path.display(), kept = pos, dropped = len.saturating_sub(pos), "stream segment: truncating a torn or corrupt tail");
         f.set_len(pos)?;
         f.sync_data()?;
@@ -279,7 +299,10 @@ pub fn recover_last(dir: &Path, first: u64) -> io::Result<Vec<Scanned>> {
         t.sync_data()?;
     }
     std::fs::rename(&tmp, index_path(dir, first))?;
-    Ok(found)
+    Ok(Recovered {
+        legacy: v1 && !fresh,
+        chunks: found,
+    })
 }
 
 /// Find, in an open index of `n` records, the first record for which `past`

@@ -545,7 +545,7 @@ fn appends_since_the_last_flush_merge_into_one_chunk() {
     // The trailer: each reference's highest publishing id, at this chunk.
     let trailer = &raw[data_at + h.data_len as usize..];
     assert_eq!(trailer.len(), h.trailer_len as usize);
-    let mut t = chunk::tracking(trailer);
+    let mut t = chunk::trailer(trailer, h.first_offset);
     t.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
     assert_eq!(
         t,
@@ -626,7 +626,7 @@ fn merged_chunks_are_bounded() {
     let h = Header::parse(&built[1].head).expect("header");
     let at = chunk::HEADER_LEN + h.data_len as usize;
     assert_eq!(
-        chunk::tracking(&built[1].bytes()[at..]),
+        chunk::trailer(&built[1].bytes()[at..], h.first_offset),
         vec![chunk::Tracking::Sequence {
             reference: "p".into(),
             chunk: 2,
@@ -952,4 +952,85 @@ fn chunks_grow_from_32_and_shrink_when_the_writer_runs_dry() {
     assert_eq!(sizes(frame(1), &mut batch), vec![1]);
     batch.quiet();
     assert_eq!(batch, Batch::ADAPTIVE);
+}
+
+/// The segment files of one stream under `dir`, sorted.
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_some_and(|x| x == "segment") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn segments_of_the_previous_trailer_format_are_read_and_never_appended_to() {
+    let dir = tmp("v1");
+    let store = StreamStore::open(&dir).expect("open");
+    let log = store.open_log("k", Retention::default()).expect("log");
+    log.append(vec![pubmsg("a", "pub", 1), pubmsg("b", "pub", 2)], 0)
+        .expect("append");
+    log.wait_committed_blocking();
+    store.shutdown();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Rewrite the one chunk as version 1 wrote it: the trailer in the
+    // tracking layout (u16 length, chunk id), the segment's version 1.
+    let files = segment_files(&dir);
+    assert_eq!(files.len(), 1);
+    let bytes = std::fs::read(&files[0]).expect("read");
+    assert_eq!(&bytes[..8], segment::SEGMENT_MAGIC);
+    let at = segment::FILE_HEADER as usize;
+    let mut h = Header::parse(&bytes[at..]).expect("header");
+    let data_end = at + chunk::HEADER_LEN + usize::from(h.bloom_len) + h.data_len as usize;
+    assert_eq!(h.trailer_len, 1 + 1 + 3 + 8);
+    let mut old = BytesMut::new();
+    chunk::put_tracking(
+        &mut old,
+        &chunk::Tracking::Sequence {
+            reference: "pub".into(),
+            chunk: h.first_offset,
+            sequence: 2,
+        },
+    );
+    h.trailer_len = old.len() as u32;
+    let mut v1 = BytesMut::from(&b"WSTL\0\0\0\x01"[..]);
+    h.write(&mut v1);
+    v1.extend_from_slice(&bytes[at + chunk::HEADER_LEN..data_end]);
+    v1.extend_from_slice(&old);
+    std::fs::write(&files[0], &v1).expect("write");
+
+    let store = StreamStore::open(&dir).expect("reopen");
+    let log = store.open_log("k", Retention::default()).expect("log");
+    // Its trailer read in its own layout: the publisher's sequence is back.
+    assert_eq!(log.publisher_sequence("pub"), 2);
+    let dup = log.append(vec![pubmsg("b", "pub", 2)], 0).expect("append");
+    assert_eq!(dup.duplicates, vec![0]);
+    // A new chunk starts a new segment (of this version) rather than mixing
+    // layouts in the old one.
+    log.append(vec![pubmsg("c", "pub", 3)], 0).expect("append");
+    log.wait_committed_blocking();
+    let files = segment_files(&dir);
+    assert_eq!(files.len(), 2);
+    assert_eq!(std::fs::read(&files[0]).expect("read"), v1.to_vec());
+    let new = std::fs::read(&files[1]).expect("read");
+    assert_eq!(&new[..8], segment::SEGMENT_MAGIC);
+    let want = vec![(0, "a".to_string()), (1, "b".into()), (2, "c".into())];
+    assert_eq!(read_all(&log, OffsetSpec::First), want);
+    store.shutdown();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let store = StreamStore::open(&dir).expect("reopen");
+    let log = store.open_log("k", Retention::default()).expect("log");
+    assert_eq!(log.publisher_sequence("pub"), 3);
+    assert_eq!(read_all(&log, OffsetSpec::First), want);
+    store.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
 }
