@@ -1,9 +1,10 @@
 //! The management API of a cluster: changes made through any node's admin API
 //! (exchanges, queues, bindings, topic permissions, limits, operator
-//! policies, definitions import) are committed by the metadata group and seen
-//! on every node, through the API and over AMQP; without a majority they are
-//! answered 503; `/api/nodes` on any node has every member's figures,
-//! fetched from that member.
+//! policies, global parameters and the cluster name, definitions import) are
+//! committed by the metadata group and seen on every node, through the API
+//! and over AMQP, also by a member that was down meanwhile and by one that
+//! joins later; without a majority they are answered 503; `/api/nodes` on
+//! any node has every member's figures, fetched from that member.
 
 mod common;
 
@@ -232,6 +233,97 @@ async fn admin_writes_on_one_node_are_seen_on_all() {
     })
     .await;
 }
+
+/// `node`'s global parameter `name` (Null when it has none).
+fn global(node: &Node, name: &str) -> Value {
+    match node.get(&format!("/api/global-parameters/{name}")) {
+        (200, p) => p["value"].clone(),
+        _ => Value::Null,
+    }
+}
+
+/// What `node` calls its cluster, through `/api/cluster-name` and the overview.
+fn cluster_names(node: &Node) -> (Value, Value) {
+    (
+        node.get("/api/cluster-name").1["name"].clone(),
+        node.get("/api/overview").1["cluster_name"].clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_parameters_and_the_cluster_name_are_cluster_wide() {
+    let (a, b, mut c) = three_nodes("global").await;
+    let farm = (json!("farm"), json!("farm"));
+    // Each node names the cluster after itself until a name is set.
+    assert_ne!(cluster_names(&b), farm);
+
+    // Set through A's API: seen on B and C.
+    assert_eq!(a.put("/api/cluster-name", json!({"name": "farm"})), 204);
+    assert_eq!(
+        a.put(
+            "/api/global-parameters/gp1",
+            json!({"value": {"k": [1, 2]}})
+        ),
+        201
+    );
+    assert_eq!(
+        a.put("/api/global-parameters/gp2", json!({"value": "two"})),
+        201
+    );
+    for node in [&b, &c] {
+        eventually("global parameters replicated", WAIT, || {
+            cluster_names(node) == farm
+                && global(node, "gp1") == json!({"k": [1, 2]})
+                && global(node, "gp2") == "two"
+        })
+        .await;
+        assert_eq!(global(node, CLUSTER_NAME), "farm");
+    }
+
+    // C is down while B clears gp2 and renames the cluster, and A imports
+    // gp3 with definitions.
+    c.stop();
+    assert_eq!(b.send("DELETE", "/api/global-parameters/gp2", None), 204);
+    assert_eq!(b.put("/api/cluster-name", json!({"name": "farm-2"})), 204);
+    let defs = json!({"global_parameters": [{"name": "gp3", "value": 3}]});
+    assert_eq!(a.send("POST", "/api/definitions", Some(defs)), 204);
+    let farm2 = (json!("farm-2"), json!("farm-2"));
+    eventually("clear, rename and import seen on A and B", WAIT, || {
+        a.get("/api/global-parameters/gp2").0 == 404
+            && cluster_names(&a) == farm2
+            && global(&b, "gp3") == 3
+    })
+    .await;
+    // Deleting what is gone is a 404 on every node.
+    assert_eq!(a.send("DELETE", "/api/global-parameters/gp2", None), 404);
+
+    // C catches up when it is back: gp2 gone from its own store too.
+    c.start().await;
+    eventually("C caught up", Duration::from_secs(20), || {
+        cluster_names(&c) == farm2
+            && c.get("/api/global-parameters/gp2").0 == 404
+            && global(&c, "gp3") == 3
+            && global(&c, "gp1") == json!({"k": [1, 2]})
+    })
+    .await;
+
+    // A node that joins later gets them all.
+    let mut d = Node::new(4, "global");
+    d.seeds = vec![a.seed()];
+    d.start().await;
+    eventually(
+        "D joined with the global parameters",
+        Duration::from_secs(20),
+        || cluster_names(&d) == farm2 && global(&d, "gp1") == json!({"k": [1, 2]}),
+    )
+    .await;
+    let (_, listed) = d.get("/api/global-parameters");
+    let mut listed = names(&listed, "name");
+    listed.sort();
+    assert_eq!(listed, [CLUSTER_NAME, "gp1", "gp3"]);
+}
+
+const CLUSTER_NAME: &str = "cluster_name";
 
 /// `name`'s record in `node`'s `/api/nodes`.
 fn record(node: &Node, name: &str) -> Value {

@@ -1,7 +1,7 @@
 //! `/api/definitions[/{vhost}]`: export and import of users (with their limits), vhosts,
 //! permissions, topic permissions, vhost limits and shovels (`parameters` of
-//! components `vhost-limits` and `shovel`), policies, exchanges, queues and bindings in RabbitMQ's
-//! definitions JSON format.
+//! components `vhost-limits` and `shovel`), global parameters, policies, exchanges, queues
+//! and bindings in RabbitMQ's definitions JSON format.
 
 use super::policies::Kind;
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
@@ -204,7 +204,8 @@ fn field<'a>(item: &'a Value, key: &str) -> ApiResult<&'a str> {
 }
 
 /// Apply a definitions document: vhosts and users first, then permissions, topic
-/// permissions, vhost limits and policies, then exchanges, queues and bindings
+/// permissions, vhost limits, global parameters and policies, then exchanges,
+/// queues and bindings
 /// (RabbitMQ's order). Pushes onto `cmds` the commands that replicate what
 /// was imported, in that order (shovels, which run on the node that has them,
 /// excepted), also for the part imported before an error.
@@ -256,12 +257,13 @@ pub fn import_definitions(s: &AdminState, body: &Value, cmds: &mut Vec<Command>)
         }
         cmds.extend(super::limits::import_parameter(b, p)?);
     }
-    // Global parameters (this node's; not replicated).
     for p in items(body, "global_parameters")? {
+        let name = field(p, "name")?;
         let value = p.get("value").cloned().unwrap_or(Value::Null);
         b.global
-            .put(field(p, "name")?, value)
+            .put(name, value)
             .map_err(super::global_parameters::stored)?;
+        cmds.extend(super::global_parameters::global_cmd(b, name));
     }
     for p in items(body, "policies")? {
         let (vhost, name) = (field(p, "vhost")?, field(p, "name")?);

@@ -1,10 +1,14 @@
 //! `/api/global-parameters[/{name}]` (administrators: list, show, set,
 //! clear) and `/api/cluster-name` (anyone may read it, administrators set
-//! it), over [`crate::broker::global`]. Per node: not replicated to the
-//! other members of a cluster.
+//! it), over [`crate::broker::global`]. Cluster-wide, as in RabbitMQ: a
+//! change made here is committed by the metadata group
+//! ([`Command::SetGlobalParameter`]) before it is answered, and every member
+//! applies it.
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::global::CLUSTER_NAME;
+use crate::broker::Broker;
+use crate::cluster::Command;
 use crate::error::AmqpError;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -25,6 +29,15 @@ pub fn routes() -> Router<AdminState> {
 /// A failed store write, as the API reports it.
 pub(super) fn stored(e: crate::storage::StorageError) -> ApiError {
     AmqpError::internal_error(format!("cannot store the parameter: {e}")).into()
+}
+
+/// The command that replicates the global parameter `name` as this node now
+/// has it (cleared when it has none).
+pub fn global_cmd(b: &Broker, name: &str) -> Option<Command> {
+    Some(Command::SetGlobalParameter {
+        name: name.to_string(),
+        value: b.global.get(name).map(|v| v.to_string()),
+    })
 }
 
 async fn list(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
@@ -74,6 +87,7 @@ async fn put(
         return Err(ApiError::bad_request("cluster_name must be a string"));
     }
     let created = s.broker.global.put(&name, value).map_err(stored)?;
+    super::cluster::replicate(&s, || global_cmd(&s.broker, &name)).await?;
     Ok(super::put_status(created))
 }
 
@@ -83,10 +97,11 @@ async fn remove(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
-    match s.broker.global.delete(&name).map_err(stored)? {
-        true => Ok(StatusCode::NO_CONTENT),
-        false => Err(ApiError::not_found()),
+    if !s.broker.global.delete(&name).map_err(stored)? {
+        return Err(ApiError::not_found());
     }
+    super::cluster::replicate(&s, || global_cmd(&s.broker, &name)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn cluster_name(State(s): State<AdminState>, _caller: Caller) -> Json<Value> {
@@ -109,5 +124,6 @@ async fn set_cluster_name(
         .global
         .put(CLUSTER_NAME, Value::from(name))
         .map_err(stored)?;
+    super::cluster::replicate(&s, || global_cmd(&s.broker, CLUSTER_NAME)).await?;
     Ok(StatusCode::NO_CONTENT)
 }

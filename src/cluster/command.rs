@@ -171,6 +171,12 @@ pub enum Command {
         user: String,
         limits: BTreeMap<String, i64>,
     },
+    /// A global runtime parameter (`cluster_name` among them): its JSON
+    /// value as text, or None to clear it.
+    SetGlobalParameter {
+        name: String,
+        value: Option<String>,
+    },
     /// Several changes committed as one entry (a definitions import), applied
     /// in order; one the local broker refuses does not stop the others.
     Batch(Vec<Command>),
@@ -384,6 +390,10 @@ impl Command {
                 user,
                 limits: BTreeMap::new(),
             },
+            Command::SetGlobalParameter {
+                name,
+                value: Some(_),
+            } => Command::SetGlobalParameter { name, value: None },
             _ => return None,
         })
     }
@@ -519,7 +529,8 @@ impl Command {
         r.map_err(|e| e.text)
     }
 
-    /// Vhosts, users, permissions and policies (None for topology commands).
+    /// Vhosts, users, permissions, policies, limits and global parameters
+    /// (None for topology commands).
     fn apply_access(&self, broker: &Broker, now: u64) -> Option<Result<(), String>> {
         use crate::broker::auth::{Permission, TopicPermission, User};
         use crate::broker::policy::{ApplyTo, Policy};
@@ -643,6 +654,17 @@ impl Command {
                 .change_user_limits(user, |m| *m = limits.clone())
                 .map(drop)
                 .ok_or_else(|| format!("no user '{user}' on this node")),
+            Command::SetGlobalParameter { name, value } => match value {
+                Some(text) => serde_json::from_str(text)
+                    .map_err(|e| format!("global parameter '{name}' is not JSON: {e}"))
+                    .and_then(|v| broker.global.put(name, v).map_err(|e| e.to_string()))
+                    .map(drop),
+                None => broker
+                    .global
+                    .delete(name)
+                    .map(drop)
+                    .map_err(|e| e.to_string()),
+            },
             _ => return None,
         })
     }
@@ -665,6 +687,9 @@ pub struct Metadata {
     pub topic_permissions: BTreeMap<String, Command>,
     pub vhost_limits: BTreeMap<String, Command>,
     pub user_limits: BTreeMap<String, Command>,
+    /// Global runtime parameters, keyed by name (absent in models written
+    /// before they were replicated).
+    pub global_parameters: BTreeMap<String, Command>,
     /// Quorum queues' Raft groups, keyed like `queues`.
     pub quorum: BTreeMap<String, QuorumRec>,
     /// Which declaration each queue record is, keyed like `queues`: the log
@@ -706,6 +731,7 @@ impl Metadata {
             && self.topic_permissions.is_empty()
             && self.vhost_limits.is_empty()
             && self.user_limits.is_empty()
+            && self.global_parameters.is_empty()
     }
 
     /// Record a committed command (pure: no broker, no I/O).
@@ -871,6 +897,13 @@ impl Metadata {
                     self.user_limits.insert(user.clone(), cmd.clone());
                 }
             }
+            Command::SetGlobalParameter { name, value } => {
+                if value.is_some() {
+                    self.global_parameters.insert(name.clone(), cmd.clone());
+                } else {
+                    self.global_parameters.remove(name);
+                }
+            }
             Command::Batch(cmds) => {
                 for c in cmds {
                     self.record(c);
@@ -969,10 +1002,11 @@ impl Metadata {
     }
 
     /// The commands that rebuild this model on an empty node, in an order that
-    /// works: vhosts, users, permissions, topic permissions, limits, policies,
-    /// exchanges, queues, bindings.
+    /// works: global parameters, vhosts, users, permissions, topic
+    /// permissions, limits, policies, exchanges, queues, bindings.
     pub fn replay(&self) -> Vec<Command> {
-        let mut out: Vec<Command> = self.vhosts.values().cloned().collect();
+        let mut out: Vec<Command> = self.global_parameters.values().cloned().collect();
+        out.extend(self.vhosts.values().cloned());
         out.extend(self.users.values().cloned());
         out.extend(self.permissions.values().cloned());
         out.extend(self.topic_permissions.values().cloned());
@@ -989,7 +1023,8 @@ impl Metadata {
     /// What `broker` has of the replicated kinds, as a model (for
     /// [`Self::removals`]): its exchanges (not the default and `amq.*` ones
     /// every vhost has), named non-exclusive queues and their bindings, topic
-    /// permissions, limits, policies and operator policies. Vhosts, users and
+    /// permissions, limits, policies, operator policies and global
+    /// parameters. Vhosts, users and
     /// permissions are taken from `replicated` (the model this node had)
     /// instead: every node makes the default vhost and user at boot, and those
     /// are not records of the group until someone changes them.
@@ -1079,13 +1114,20 @@ impl Metadata {
         for (user, limits) in broker.auth.all_user_limits() {
             m.record(&Command::SetUserLimits { user, limits });
         }
+        for (name, value) in broker.global.list() {
+            m.record(&Command::SetGlobalParameter {
+                name,
+                value: Some(value.to_string()),
+            });
+        }
         m
     }
 
     /// The deletes that take `have` to this model: one for every record of
     /// `have` this model lacks, the dependent ones first (bindings, queues,
     /// exchanges, policies, limits, topic permissions, permissions, users,
-    /// vhosts). Records both have are left to the replay, which updates them.
+    /// vhosts, global parameters). Records both have are left to the replay,
+    /// which updates them.
     pub fn removals(&self, have: &Metadata) -> Vec<Command> {
         let gone = |mine: &BTreeMap<String, Command>, theirs: &BTreeMap<String, Command>| {
             theirs
@@ -1111,6 +1153,7 @@ impl Metadata {
             .chain(gone(&self.permissions, &have.permissions))
             .chain(gone(&self.users, &have.users))
             .chain(gone(&self.vhosts, &have.vhosts))
+            .chain(gone(&self.global_parameters, &have.global_parameters))
             .filter_map(|c| c.undo());
         out.extend(deletes);
         out
@@ -1432,14 +1475,25 @@ pub(crate) mod tests {
                 definition: "{}".into(),
                 operator: true,
             },
+            Command::SetGlobalParameter {
+                name: "cluster_name".into(),
+                value: Some(r#""farm""#.into()),
+            },
         ]));
         assert_eq!(m.topic_permissions.len(), 2);
         assert_eq!(m.operator_policies.len(), 1);
         assert!(m.policies.is_empty(), "an operator policy is not a policy");
+        assert_eq!(m.global_parameters.len(), 1);
         // Replayed after the vhost, as JSON and back.
         let back: Metadata = serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
         assert_eq!(back, m);
-        assert_eq!(back.replay().len(), 6);
+        assert_eq!(back.replay().len(), 7);
+        // And as the cluster's codec writes snapshots.
+        let packed = crate::cluster::codec::encode(&m).unwrap();
+        assert_eq!(
+            crate::cluster::codec::decode::<Metadata>(&packed).unwrap(),
+            m
+        );
         m.record(&Command::ClearTopicPermission {
             vhost: "v".into(),
             user: "ann".into(),
@@ -1449,7 +1503,69 @@ pub(crate) mod tests {
         m.record(&Command::DeleteUser { name: "ann".into() });
         assert!(m.topic_permissions.is_empty() && m.user_limits.is_empty());
         m.record(&Command::DeleteVhost { name: "v".into() });
+        assert!(!m.is_empty(), "a global parameter is still there");
+        m.record(&Command::SetGlobalParameter {
+            name: "cluster_name".into(),
+            value: None,
+        });
         assert!(m.is_empty(), "{m:?}");
+    }
+
+    #[test]
+    fn global_parameters_are_set_cleared_removed_and_read_from_old_models() {
+        let set = |name: &str, value: Option<&str>| Command::SetGlobalParameter {
+            name: name.into(),
+            value: value.map(String::from),
+        };
+        let mut m = Metadata::default();
+        m.record(&set("cluster_name", Some(r#""farm""#)));
+        m.record(&set("other", Some(r#"{"a":[1,2]}"#)));
+        m.record(&set("cluster_name", Some(r#""farm-2""#)));
+        assert_eq!(m.global_parameters.len(), 2);
+        assert_eq!(
+            m.replay()[0],
+            set("cluster_name", Some(r#""farm-2""#)),
+            "the last value is replayed"
+        );
+        // Clearing what is not set is nothing; clearing what is removes it.
+        m.record(&set("absent", None));
+        m.record(&set("other", None));
+        assert_eq!(m.replay(), vec![set("cluster_name", Some(r#""farm-2""#))]);
+        // A snapshot without it clears what a node holds; one with it keeps it.
+        let mut have = Metadata::default();
+        have.record(&set("cluster_name", Some(r#""old""#)));
+        have.record(&set("stale", Some("1")));
+        assert_eq!(m.removals(&have), vec![set("stale", None)]);
+        // Every command survives the log's codec.
+        for c in [set("a", Some("null")), set("a", None)] {
+            let packed = crate::cluster::codec::encode(&c).unwrap();
+            assert_eq!(
+                crate::cluster::codec::decode::<Command>(&packed).unwrap(),
+                c
+            );
+        }
+        // A model written before global parameters were replicated has none.
+        let old: Metadata = serde_json::from_str(r#"{"vhosts":{}}"#).unwrap();
+        assert!(old.global_parameters.is_empty() && old.is_empty());
+    }
+
+    #[test]
+    fn a_global_parameter_is_applied_to_the_broker() {
+        let broker = Broker::new(&crate::Config::default());
+        let set = |value: Option<&str>| Command::SetGlobalParameter {
+            name: "cluster_name".into(),
+            value: value.map(String::from),
+        };
+        set(Some(r#""farm""#)).apply_to(&broker, 0).expect("set");
+        assert_eq!(broker.cluster_name(), "farm");
+        let model = Metadata::of_broker(&broker, &Metadata::default());
+        assert_eq!(model.replay(), vec![set(Some(r#""farm""#))]);
+        assert!(set(Some("not json")).apply_to(&broker, 0).is_err());
+        assert_eq!(broker.cluster_name(), "farm");
+        set(None).apply_to(&broker, 0).expect("clear");
+        assert!(broker.global.get("cluster_name").is_none());
+        // Clearing again is no error (a replay, a duplicate).
+        set(None).apply_to(&broker, 0).expect("clear again");
     }
 
     #[test]
