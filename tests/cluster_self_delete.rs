@@ -5,7 +5,9 @@
 //! (an auto-delete exchange they leave without bindings goes too). An
 //! auto-delete exchange unbound from its last queue is gone from every
 //! node's broker and from the replicated model. Without a majority the home
-//! node deletes the queue anyway and logs that the deletion was not committed.
+//! node deletes the queue anyway, logs that the deletion was not committed,
+//! and proposes it again later: once the home node reaches a majority again
+//! the record goes from every node, with no client action.
 
 mod common;
 
@@ -307,4 +309,71 @@ async fn an_auto_delete_exchange_unbound_is_gone_everywhere() {
     }
     let (_, v): (u16, Value) = a.get("/api/cluster");
     assert!(v["queues"].to_string().contains(&q), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_not_committed_is_proposed_again_after_the_heal() {
+    // Every link between nodes goes through a proxy the test cuts.
+    let (nodes, proxies) = start_proxied("selfdel-retry", 2000).await;
+    let [a, b, c] = [&nodes[0], &nodes[1], &nodes[2]];
+    let all = [a.name(), b.name(), c.name()];
+    eventually("three running members", Duration::from_secs(30), || {
+        nodes.iter().all(|n| {
+            let r = n.running();
+            all.iter().all(|m| r.contains(m))
+        })
+    })
+    .await;
+    let q = common::uniq("rq");
+    let conn = a.connect().await;
+    let ch = common::t(conn.create_channel()).await.expect("channel");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    common::t(ch.queue_declare(&q, durable, expires(2000)))
+        .await
+        .expect("queue.declare");
+    let _ = conn.close(200, "bye").await;
+    let all_nodes = [a, b, c];
+    wait_everywhere(&all_nodes, &q).await;
+    let (_, home) = b.get(&format!("/api/queues/%2F/{q}"));
+    assert_eq!(home["node"], a.name(), "{home}");
+
+    // A, the queue's home, is cut off from B and C while the queue expires:
+    // A deletes it and its proposal cannot commit.
+    for ((from, to), p) in &proxies {
+        if *from == 0 || *to == 0 {
+            p.cut();
+        }
+    }
+    eventually("A's queue expired locally", WAIT, || {
+        api_queue(a, &q) == 404
+    })
+    .await;
+    eventually("the uncommitted deletion logged", WAIT, || {
+        a.log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(&q) && l.contains("not committed"))
+    })
+    .await;
+    // The majority still has the record.
+    for node in [b, c] {
+        assert!(
+            model_queues(node).iter().any(|n| n == &q),
+            "{q} left the model on {} without A",
+            node.name()
+        );
+        assert_eq!(api_queue(node, &q), 200, "{q} on {}", node.name());
+    }
+
+    // The links heal: A proposes the deletion again by itself, and the
+    // record goes from every node (no client touches the queue).
+    for p in proxies.values() {
+        p.heal();
+    }
+    wait_gone_everywhere(&all_nodes, &q, Duration::from_secs(40)).await;
+    for node in [b, c] {
+        assert_eq!(passive_queue(node, &q).await, 404, "{q} on {}", node.name());
+    }
 }

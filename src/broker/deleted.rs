@@ -6,7 +6,8 @@
 //! (`crate::cluster`), so the deletion must reach the other nodes too. The
 //! core does no I/O: it only records the event here ([`SelfDeletions`]), and
 //! the cluster layer, when there is one, takes the events and proposes them to
-//! the metadata group. Nothing is recorded until someone [`SelfDeletions::watch`]es:
+//! the metadata group (again after a failure, until committed or moot:
+//! `crate::cluster::gone`). Nothing is recorded until someone [`SelfDeletions::watch`]es:
 //! a standalone broker keeps nothing and does nothing more than before.
 //!
 //! Exclusive queues are the node's own and are never reported. Exchanges are

@@ -1,7 +1,5 @@
 //! Clustering (RabbitMQ's model, on openraft): this node's name and identity,
-//! the metadata Raft group every node is a member of, and joining/leaving it;
-//! the queues the broker deletes by itself (`crate::broker::deleted`) are
-//! proposed to the group from here.
+//! the metadata Raft group every node is a member of, and joining/leaving it.
 //!
 //! - `frame`: the inter-node frame format (nom), pure bytes.
 //! - `codec`: how values are written as bytes in logs, snapshots and
@@ -15,6 +13,9 @@
 //!   disk (with crashes) for the simulation of the group.
 //! - `values`: the quorum groups' large values (log entries with bodies,
 //!   snapshots) in append-only files, out of sled.
+//! - `gone`: the queues the broker deletes by itself
+//!   (`crate::broker::deleted`), proposed to the group, and proposed again
+//!   after a failure until committed or moot.
 //! - `forward`: the data links between nodes, over which queues homed on
 //!   another node are reached (publishes, consumers, queue operations).
 //!
@@ -28,6 +29,7 @@ pub mod command;
 pub mod disk;
 pub mod forward;
 pub mod frame;
+pub mod gone;
 pub mod network;
 pub mod quorum;
 pub mod store;
@@ -537,52 +539,6 @@ impl Cluster {
                 timeout.as_millis()
             )),
         }
-    }
-
-    /// Replicate the deletions the broker makes by itself
-    /// ([`crate::broker::deleted`]): each queue that deleted itself here and
-    /// is a replicated record served here is proposed as a
-    /// [`Command::QueueGone`] naming this node and the declaration it was, so
-    /// every node drops the record (and its bindings) unless a newer
-    /// declaration took its place. Not committed (no quorum): logged; the
-    /// local deletion stays done, and the other nodes keep the record until a
-    /// later change or snapshot removes it.
-    fn spawn_self_deletions(self: &Arc<Self>) {
-        let deletions = Arc::clone(&self.broker.self_deletions);
-        deletions.watch();
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            loop {
-                deletions.wait().await;
-                let Some(c) = weak.upgrade() else { return };
-                for gone in deletions.take() {
-                    // Only the node that serves the queue (its home, where its
-                    // clock and consumers are) speaks for it.
-                    let served = c.sm.queue_node(&gone.vhost, &gone.name);
-                    if served.as_deref() != Some(c.me.name.as_str()) {
-                        tracing::debug!(vhost = %gone.vhost, queue = %gone.name, ?served, "self-deleted queue not a record served here: not proposed");
-                        continue;
-                    }
-                    let cmd = Command::QueueGone {
-                        vhost: gone.vhost.clone(),
-                        name: gone.name.clone(),
-                        node: c.me.name.clone(),
-                        declared: gone.declared,
-                    };
-                    let c = Arc::clone(&c);
-                    tokio::spawn(async move {
-                        match c.propose(cmd).await {
-                            Ok(()) => {
-                                tracing::debug!(vhost = %gone.vhost, queue = %gone.name, why = gone.why, "queue deletion replicated")
-                            }
-                            Err(e) => {
-                                tracing::warn!(vhost = %gone.vhost, queue = %gone.name, why = gone.why, error = %e, "queue deleted here, its deletion not committed: other nodes keep its record until a later change or snapshot")
-                            }
-                        }
-                    });
-                }
-            }
-        });
     }
 
     /// Wait (up to the commit timeout) until the quorum queue `vhost`/`name`

@@ -579,6 +579,12 @@ impl StateMachine {
         s.metadata.queue_node(vhost, name).map(str::to_string)
     }
 
+    /// Whether `gone` (a [`Command::QueueGone`]) names the queue
+    /// record as it is now ([`Metadata::is_incarnation`]).
+    pub fn is_incarnation(&self, gone: &Command) -> bool {
+        self.state.lock().metadata.is_incarnation(gone)
+    }
+
     /// Where queue records' home nodes are told (set once at start).
     pub fn set_forwarder(&self, f: Arc<super::forward::Forwarder>) {
         let _ = self.forwarder.set(f);
