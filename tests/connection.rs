@@ -54,17 +54,14 @@ async fn unknown_vhost_is_not_allowed() {
 async fn server_properties_capabilities_and_product() {
     let c = RawConn::start().await;
     let props = &c.server_properties;
-    let product = raw::lookup(props, "product").and_then(|v| v.as_str());
-    assert!(
-        product.map(|p| !p.is_empty()).unwrap_or(false),
-        "product missing: {props:?}"
-    );
-    assert!(
-        raw::lookup(props, "version")
-            .and_then(|v| v.as_str())
-            .is_some(),
-        "version missing"
-    );
+    let text = |k: &str| raw::lookup(props, k).and_then(|v| v.as_str());
+    // RabbitMQ's identity, as stock clients' suites check it (amqplib's
+    // asserts the product), at the feature level implemented; warren's own
+    // name in `platform`.
+    assert_eq!(text("product").as_deref(), Some("RabbitMQ"), "{props:?}");
+    assert_eq!(text("version").as_deref(), Some("3.13.0"));
+    assert!(text("platform").is_some_and(|p| p.starts_with("warren ")));
+    assert!(text("cluster_name").is_some_and(|c| !c.is_empty()));
     let caps = raw::lookup(props, "capabilities")
         .and_then(|v| v.as_table())
         .expect("capabilities table");

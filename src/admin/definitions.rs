@@ -48,8 +48,8 @@ pub async fn export(
         .collect();
     let t = topology(&s, None);
     let doc = json!({
-        "rabbit_version": super::overview::VERSION,
-        "rabbitmq_version": super::overview::VERSION,
+        "rabbit_version": super::overview::RABBITMQ_VERSION,
+        "rabbitmq_version": super::overview::RABBITMQ_VERSION,
         "product_name": "warren",
         "product_version": super::overview::VERSION,
         "users": users,
@@ -97,8 +97,8 @@ pub async fn export_vhost(
             .collect()
     };
     let doc = json!({
-        "rabbit_version": super::overview::VERSION,
-        "rabbitmq_version": super::overview::VERSION,
+        "rabbit_version": super::overview::RABBITMQ_VERSION,
+        "rabbitmq_version": super::overview::RABBITMQ_VERSION,
         "product_name": "warren",
         "product_version": super::overview::VERSION,
         "parameters": t.parameters,

@@ -12,8 +12,13 @@ use axum::Json;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
-/// The version we report where RabbitMQ reports `rabbitmq_version`.
+/// warren's version: the `product_version` (RabbitMQ's field for a
+/// distribution's own, beside `product_name`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The RabbitMQ version whose features warren implements: what
+/// `rabbitmq_version` says (tools gate features on it), as the protocols'
+/// handshakes do.
+pub const RABBITMQ_VERSION: &str = crate::session::handshake::RABBITMQ_VERSION;
 
 pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
     let b = &s.broker;
@@ -64,7 +69,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
     super::charts::insert_length_details(&mut queue_totals, rates.map(super::charts::round_rate));
     Json(json!({
         "management_version": VERSION,
-        "rabbitmq_version": VERSION,
+        "rabbitmq_version": RABBITMQ_VERSION,
         "product_name": "warren",
         "product_version": VERSION,
         "rates_mode": "basic",
@@ -175,7 +180,7 @@ pub fn node_figures(s: &AdminState) -> Value {
         "fd_used": super::charts::fd_used(),
         "fd_total": super::charts::fd_total(),
         "os_pid": std::process::id().to_string(),
-        "rabbitmq_version": VERSION,
+        "rabbitmq_version": RABBITMQ_VERSION,
         // Warren has no maintenance mode: a node is never drained of its
         // clients and queue leaders.
         "being_drained": false,

@@ -106,13 +106,14 @@ fn loopback(addr: &SocketAddr) -> bool {
 }
 
 /// The session settings from the broker's configuration.
-fn session_config(config: &Config) -> session::Config {
+fn session_config(config: &Config, broker: &Broker) -> session::Config {
     session::Config {
         frame_max: config.frame_max,
         channel_max: config.channel_max,
         heartbeat: config.heartbeat,
         handshake_timeout: Duration::from_secs(config.handshake_timeout_secs.max(1)),
         max_message_size: config.max_message_size,
+        cluster_name: broker.cluster_name(),
     }
 }
 
@@ -202,7 +203,7 @@ where
     let socket = SocketStats::new();
     let (out, writer_task) = writer::spawn(write, Arc::clone(&socket));
     let (sink, rx) = mailbox::new();
-    let mut session = Session::new(session_config(&config), Instant::now());
+    let mut session = Session::new(session_config(&config, &broker), Instant::now());
     if tls.as_ref().is_some_and(|t| t.login.is_some()) {
         session.offer_external();
     }

@@ -29,6 +29,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Largest message body accepted.
     pub max_message_size: u64,
+    /// The `cluster_name` server property.
+    pub cluster_name: String,
 }
 
 /// Where the connection is.
@@ -314,9 +316,9 @@ impl<T: Default> Session<T> {
                     Header::Ok => {
                         self.input.advance_header();
                         let start = if self.external {
-                            handshake::start_external()
+                            handshake::start_external(&self.config.cluster_name)
                         } else {
-                            handshake::start()
+                            handshake::start(&self.config.cluster_name)
                         };
                         self.out.method(0, &start);
                         self.state = State::StartOk;

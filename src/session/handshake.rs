@@ -32,7 +32,14 @@ pub fn check_header(input: &[u8]) -> Header {
     }
 }
 
-pub fn server_properties() -> FieldTable {
+/// What the server says of itself in `connection.start`. Stock clients and
+/// their test suites look for RabbitMQ's identity (amqplib's asserts
+/// `product` is `RabbitMQ`; clients gate features on `version`), so these
+/// are RabbitMQ's, at the feature level warren implements (as on the Stream
+/// protocol's peer properties); `platform` and `information` name warren.
+/// `cluster_name`: the broker's (its `cluster_name` parameter, else the
+/// node's name).
+pub fn server_properties(cluster_name: &str) -> FieldTable {
     let mut caps = FieldTable::new();
     for cap in [
         "publisher_confirms",
@@ -49,38 +56,47 @@ pub fn server_properties() -> FieldTable {
     }
     let mut props = FieldTable::new();
     props.insert("capabilities", FieldValue::Table(caps));
-    props.insert("cluster_name", FieldValue::string("warren@localhost"));
+    props.insert("cluster_name", FieldValue::string(cluster_name));
     props.insert(
         "copyright",
         FieldValue::string("Copyright (c) the warren authors"),
     );
     props.insert(
         "information",
-        FieldValue::string("Licensed under the MIT or Apache-2.0 license"),
+        FieldValue::string("warren, licensed under the MIT or Apache-2.0 license"),
     );
-    props.insert("platform", FieldValue::string("Rust"));
-    props.insert("product", FieldValue::string("warren"));
-    props.insert("version", FieldValue::string(env!("CARGO_PKG_VERSION")));
+    props.insert(
+        "platform",
+        FieldValue::string(concat!("warren ", env!("CARGO_PKG_VERSION"), " (Rust)")),
+    );
+    props.insert("product", FieldValue::string(PRODUCT));
+    props.insert("version", FieldValue::string(RABBITMQ_VERSION));
     props
 }
 
+/// The product name both protocols announce.
+pub const PRODUCT: &str = "RabbitMQ";
+/// The RabbitMQ version whose features warren implements, as both protocols
+/// announce it.
+pub const RABBITMQ_VERSION: &str = "3.13.0";
+
 /// `connection.start` offering PLAIN and AMQPLAIN.
-pub fn start() -> Method {
-    start_with(b"PLAIN AMQPLAIN")
+pub fn start(cluster_name: &str) -> Method {
+    start_with(b"PLAIN AMQPLAIN", cluster_name)
 }
 
 /// `connection.start` that also offers EXTERNAL (a TLS connection with a
 /// verified client certificate). PLAIN stays first for clients that take the
 /// first mechanism they know.
-pub fn start_external() -> Method {
-    start_with(b"PLAIN AMQPLAIN EXTERNAL")
+pub fn start_external(cluster_name: &str) -> Method {
+    start_with(b"PLAIN AMQPLAIN EXTERNAL", cluster_name)
 }
 
-fn start_with(mechanisms: &'static [u8]) -> Method {
+fn start_with(mechanisms: &'static [u8], cluster_name: &str) -> Method {
     ConnectionStart {
         version_major: 0,
         version_minor: 9,
-        server_properties: server_properties(),
+        server_properties: server_properties(cluster_name),
         mechanisms: bytes::Bytes::from_static(mechanisms),
         locales: bytes::Bytes::from_static(b"en_US"),
     }

@@ -36,7 +36,7 @@ use bytes::{Bytes, BytesMut};
 use crate::broker::auth::{Access, User};
 use crate::broker::vhost::{ExchangeDeclare, QueueDeclare, VHost};
 use crate::broker::{Broker, LoginError};
-use crate::session::handshake::EXTERNAL;
+use crate::session::handshake::{self, EXTERNAL};
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
 use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
 use crate::storage::stream::{
@@ -970,10 +970,16 @@ impl StreamSession {
             ) => {
                 self.peer_properties = properties;
                 let props = vec![
-                    ("product".to_string(), "RabbitMQ".to_string()),
-                    ("version".to_string(), "3.13.0".to_string()),
-                    ("platform".to_string(), "warren".to_string()),
-                    ("cluster_name".to_string(), "warren".to_string()),
+                    ("product".to_string(), handshake::PRODUCT.to_string()),
+                    (
+                        "version".to_string(),
+                        handshake::RABBITMQ_VERSION.to_string(),
+                    ),
+                    (
+                        "platform".to_string(),
+                        concat!("warren ", env!("CARGO_PKG_VERSION")).to_string(),
+                    ),
+                    ("cluster_name".to_string(), self.broker.cluster_name()),
                 ];
                 response::with_pairs(
                     &mut self.out,

@@ -17,6 +17,7 @@ fn config() -> Config {
         heartbeat: 10,
         handshake_timeout: Duration::from_secs(10),
         max_message_size: 1000,
+        cluster_name: "c1".into(),
     }
 }
 
@@ -194,7 +195,7 @@ fn handshake_on_raw_bytes() {
     assert!(sent(&mut s, t0).is_empty());
     s.handle_input(&PROTOCOL_HEADER[5..], t0);
     assert!(events(&mut s, t0).is_empty());
-    assert_eq!(sent(&mut s, t0), method(0, handshake::start()));
+    assert_eq!(sent(&mut s, t0), method(0, handshake::start("c1")));
 
     s.handle_input(&start_ok(&[], "PLAIN", b"\0guest\0secret"), t0);
     match &events(&mut s, t0)[..] {
@@ -613,7 +614,7 @@ fn external_only_when_offered() {
     let mut s = S::new(config(), t0);
     s.handle_input(PROTOCOL_HEADER, t0);
     assert!(events(&mut s, t0).is_empty());
-    assert_eq!(sent(&mut s, t0), method(0, handshake::start()));
+    assert_eq!(sent(&mut s, t0), method(0, handshake::start("c1")));
     s.handle_input(&start_ok(&[], "EXTERNAL", b""), t0);
     assert!(events(&mut s, t0).is_empty());
     assert_eq!(close_of(&sent_frames(&mut s, t0)), (403, 10, 11));

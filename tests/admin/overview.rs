@@ -131,6 +131,10 @@ async fn cluster_name_and_global_parameters() {
     assert_eq!(status, 204);
     assert_eq!(b.get("/api/cluster-name").await["name"], "rusty");
     assert_eq!(b.get("/api/overview").await["cluster_name"], "rusty");
+    // What a new AMQP connection is told (`connection.start`).
+    let c = common::raw::RawConn::start_at(b.amqp).await;
+    let told = common::raw::lookup(&c.server_properties, "cluster_name").and_then(|v| v.as_str());
+    assert_eq!(told.as_deref(), Some("rusty"));
     let all = b.get("/api/global-parameters").await;
     assert_eq!(all, json!([{"name": "cluster_name", "value": "rusty"}]));
 

@@ -317,7 +317,19 @@ pub async fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
 impl RawConn {
     /// TCP connect + protocol header + read connection.start.
     pub async fn start() -> RawConn {
-        let mut stream = tcp().await;
+        Self::start_on(tcp().await).await
+    }
+
+    /// [`RawConn::start`] on the broker at `addr`.
+    pub async fn start_at(addr: std::net::SocketAddr) -> RawConn {
+        let s = tokio::time::timeout(RAW_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .expect("tcp connect timeout")
+            .expect("tcp connect");
+        Self::start_on(s).await
+    }
+
+    async fn start_on(mut stream: TcpStream) -> RawConn {
         stream.write_all(PROTOCOL_HEADER).await.unwrap();
         let mut c = RawConn {
             stream,
