@@ -120,6 +120,17 @@ fn expires(ms: i32) -> FieldTable {
     args
 }
 
+/// Declare the durable queue `q` expiring after `ms` through `ch`.
+async fn declare_expiring(ch: &lapin::Channel, q: &str, ms: i32) {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    common::t(ch.queue_declare(q, durable, expires(ms)))
+        .await
+        .expect("queue.declare");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_queue_is_gone_on_every_node() {
     let (a, mut b, mut c) = three_nodes("selfdel-expires").await;
@@ -135,13 +146,7 @@ async fn an_expired_queue_is_gone_on_every_node() {
     common::t(ch.exchange_declare(&x, ExchangeKind::Direct, ad, FieldTable::default()))
         .await
         .expect("exchange.declare");
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    common::t(ch.queue_declare(&q, durable, expires(1500)))
-        .await
-        .expect("queue.declare");
+    declare_expiring(&ch, &q, 1500).await;
     common::t(ch.queue_bind(&q, &x, "k", Default::default(), FieldTable::default()))
         .await
         .expect("queue.bind");
@@ -178,6 +183,10 @@ async fn an_expired_queue_is_gone_on_every_node() {
     // the old one's expiry does not touch.
     let conn = b.connect().await;
     let ch = common::t(conn.create_channel()).await.expect("channel");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
     common::t(ch.queue_declare(&q, durable, FieldTable::default()))
         .await
         .expect("queue.declare again");
@@ -191,9 +200,7 @@ async fn an_expired_queue_is_gone_on_every_node() {
     let q2 = common::uniq("xq2");
     let conn = a.connect().await;
     let ch = common::t(conn.create_channel()).await.expect("channel");
-    common::t(ch.queue_declare(&q2, durable, expires(1000)))
-        .await
-        .expect("queue.declare");
+    declare_expiring(&ch, &q2, 1000).await;
     let _ = conn.close(200, "bye").await;
     wait_everywhere(&nodes, &q2).await;
     b.stop();
@@ -327,13 +334,7 @@ async fn a_deletion_not_committed_is_proposed_again_after_the_heal() {
     let q = common::uniq("rq");
     let conn = a.connect().await;
     let ch = common::t(conn.create_channel()).await.expect("channel");
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    common::t(ch.queue_declare(&q, durable, expires(2000)))
-        .await
-        .expect("queue.declare");
+    declare_expiring(&ch, &q, 2000).await;
     let _ = conn.close(200, "bye").await;
     let all_nodes = [a, b, c];
     wait_everywhere(&all_nodes, &q).await;
