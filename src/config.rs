@@ -26,10 +26,12 @@ pub struct Config {
     pub heartbeat: u16,
     /// Largest frame the server accepts, in bytes (including the 8 bytes of framing).
     pub frame_max: u32,
-    /// Highest channel number a connection may use.
+    /// Most channels a connection may have open at once (offered in
+    /// connection.tune; as on RabbitMQ, channel numbers are not bounded by it).
     pub channel_max: u16,
     /// Largest message body accepted, in bytes; bigger publishes get 406.
-    /// Default 16 MiB, RabbitMQ 4.0's (3.13's was 128 MiB).
+    /// Default 128 MiB, RabbitMQ 3.x's (4.0 lowered it to 16 MiB; clients'
+    /// suites, aio-pika's and aiormq's, publish 20 MB messages).
     pub max_message_size: u64,
     /// Size of the message store's page cache in bytes (sled's cache capacity).
     pub store_cache_size: u64,
@@ -504,7 +506,7 @@ impl Default for Config {
             heartbeat: 60,
             frame_max: 131_072,
             channel_max: 2047,
-            max_message_size: 16 * 1024 * 1024,
+            max_message_size: 128 * 1024 * 1024,
             handshake_timeout_secs: 10,
             message_memory_limit: 256 * 1024 * 1024,
             store_cache_size: 256 * 1024 * 1024,

@@ -224,6 +224,35 @@ async fn exclusive_queue_locked_for_others_and_deleted_on_close() {
         .await,
         405,
     );
+    // The owner redeclaring it without `exclusive`: 405 too, as RabbitMQ's
+    // strict exclusive check answers (aiormq's suite expects it), not 406.
+    let och1 = t(owner.create_channel()).await.unwrap();
+    assert_code(
+        t(och1.queue_declare(&q, opts(), FieldTable::default())).await,
+        405,
+    );
+    // And a non-exclusive queue redeclared `exclusive`: 405.
+    let shared = uniq("shared");
+    let och1 = t(owner.create_channel()).await.unwrap();
+    let auto = QueueDeclareOptions {
+        auto_delete: true,
+        ..opts()
+    };
+    t(och1.queue_declare(&shared, auto, FieldTable::default()))
+        .await
+        .unwrap();
+    assert_code(
+        t(och1.queue_declare(
+            &shared,
+            QueueDeclareOptions {
+                exclusive: true,
+                ..opts()
+            },
+            FieldTable::default(),
+        ))
+        .await,
+        405,
+    );
     // The owner can use it from another channel of the same connection.
     let och2 = t(owner.create_channel()).await.unwrap();
     passive(&och2, &q).await.unwrap();

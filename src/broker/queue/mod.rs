@@ -623,14 +623,21 @@ impl Queue {
     /// Check that `connection` may use this queue (exclusive queues: only the owner).
     pub fn check_access(&self, connection: u64) -> AmqpResult<()> {
         match self.spec.exclusive_owner {
-            Some(owner) if owner != connection => Err(AmqpError::resource_locked(format!(
-                "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be \
-                 originally declared on another connection or the exclusive property value does \
-                 not match that of the original declaration.",
-                self.spec.name, self.spec.vhost
-            ))),
+            Some(owner) if owner != connection => Err(self.locked()),
             _ => Ok(()),
         }
+    }
+
+    /// 405 RESOURCE_LOCKED, as RabbitMQ answers a use of an exclusive queue
+    /// from another connection, and a redeclare whose `exclusive` flag
+    /// differs from the queue's (its `check_exclusive_access`, strict).
+    pub fn locked(&self) -> AmqpError {
+        AmqpError::resource_locked(format!(
+            "cannot obtain exclusive access to locked queue '{}' in vhost '{}'. It could be \
+             originally declared on another connection or the exclusive property value does \
+             not match that of the original declaration.",
+            self.spec.name, self.spec.vhost
+        ))
     }
 
     /// Add a message published at `now` and deliver what can be delivered.

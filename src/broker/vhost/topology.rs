@@ -484,6 +484,9 @@ impl VHost {
         if let Some(existing) = queues.get(&name) {
             existing.check_access(connection)?;
             let spec = &existing.spec;
+            if spec.exclusive_owner.is_some() != d.exclusive {
+                return Err(existing.locked());
+            }
             let e = |what: &str, got: String, cur: String| {
                 inequivalent(what, "queue", &name, &self.name, got, cur)
             };
@@ -492,13 +495,6 @@ impl VHost {
                     "durable",
                     d.durable.to_string(),
                     spec.durable.to_string(),
-                ));
-            }
-            if spec.exclusive_owner.is_some() != d.exclusive {
-                return Err(e(
-                    "exclusive",
-                    d.exclusive.to_string(),
-                    spec.exclusive_owner.is_some().to_string(),
                 ));
             }
             if spec.auto_delete != d.auto_delete {
