@@ -31,6 +31,7 @@ fn config() -> Config {
         heartbeat: 5,
         handshake_timeout: Duration::from_secs(10),
         max_message_size: 4096,
+        cluster_name: "fuzz".into(),
     }
 }
 
