@@ -110,8 +110,23 @@ async fn three_nodes_replicate_metadata_catch_up_and_refuse_without_quorum() {
     }
     assert!(out.contains("Metadata leader: warren@127.0.0."), "{out}");
 
-    // forget-node: C leaves the membership for good. Stopped, it is first
-    // listed as not running.
+    // forget-node: C leaves the membership for good, and what was only on it
+    // goes (RabbitMQ's forget_cluster_node): a classic queue homed on C and
+    // its binding; C leaves the group of a quorum queue. Stopped, it is
+    // first listed as not running.
+    let (x3, q3) = (common::uniq("cx3"), common::uniq("cq3"));
+    declare_and_bind(&c, &x3, &q3, "k3").await;
+    wait_passive(&a, &x3, &q3).await;
+    let qq = common::uniq("cqq");
+    declare_quorum_queue(&a, &qq).await;
+    let members = |node: &Node| -> usize {
+        let (_, v) = node.get(&format!("/api/queues/%2F/{qq}"));
+        v["members"].as_array().map(Vec::len).unwrap_or(0)
+    };
+    eventually("three members", Duration::from_secs(10), || {
+        members(&a) == 3
+    })
+    .await;
     c.stop();
     eventually("C shown as not running", Duration::from_secs(10), || {
         let (_, nodes) = b.get("/api/nodes");
@@ -124,6 +139,20 @@ async fn three_nodes_replicate_metadata_catch_up_and_refuse_without_quorum() {
     assert!(ok, "forget-node failed: {out}");
     eventually("two members left", Duration::from_secs(10), || {
         b.get("/api/nodes").1.as_array().map(Vec::len) == Some(2)
+    })
+    .await;
+    for node in [&a, &b] {
+        assert_eq!(node.get(&format!("/api/queues/%2F/{q3}")).0, 404);
+        assert!(!has_binding(node, &x3, &q3, "k3"), "binding to {q3} kept");
+        eventually("C left the quorum queue", Duration::from_secs(10), || {
+            members(node) == 2
+        })
+        .await;
+    }
+    // The name is free again: declared on A, A is its home.
+    declare_and_bind(&a, &x3, &q3, "k3").await;
+    eventually("the new record on B", Duration::from_secs(10), || {
+        b.get(&format!("/api/queues/%2F/{q3}")).1["node"] == Value::String(a.name())
     })
     .await;
 

@@ -1159,6 +1159,46 @@ impl Metadata {
         out
     }
 
+    /// What forgetting `node` for good changes, as RabbitMQ's
+    /// `forget_cluster_node` does: the queue records homed on it that are not
+    /// quorum queues (classic queues and streams: their only copy was
+    /// there) are deleted, with their bindings; `node` leaves the quorum
+    /// queues' groups it was a member of, except where it is the only member
+    /// (such a queue stays, unavailable, until deleted).
+    pub fn forgotten(&self, node: &str) -> Vec<Command> {
+        let mut cmds = Vec::new();
+        for (k, cmd) in &self.queues {
+            if let Command::DeclareQueue {
+                vhost,
+                name,
+                node: home,
+                ..
+            } = cmd
+            {
+                if home == node && !self.quorum.contains_key(k) {
+                    cmds.push(Command::DeleteQueue {
+                        vhost: vhost.clone(),
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+        for (k, rec) in &self.quorum {
+            let Some(Command::DeclareQueue { vhost, name, .. }) = self.queues.get(k) else {
+                continue;
+            };
+            if rec.members.iter().any(|m| m == node) && rec.members.len() > 1 {
+                cmds.push(Command::QuorumMembers {
+                    vhost: vhost.clone(),
+                    name: name.clone(),
+                    group: rec.group.clone(),
+                    members: rec.members.iter().filter(|m| *m != node).cloned().collect(),
+                });
+            }
+        }
+        cmds
+    }
+
     /// The node a queue is served on: its home node, or for a replicated
     /// quorum queue the leader of its group once one announced itself.
     pub fn queue_node(&self, vhost: &str, name: &str) -> Option<&str> {
@@ -1236,6 +1276,53 @@ pub(crate) mod tests {
             members: vec!["warren@a".into()],
         });
         assert!(!m.quorum.contains_key(&key("/", "other")));
+    }
+
+    #[test]
+    fn forgetting_a_node_deletes_its_queues_and_leaves_its_groups() {
+        let on = |name: &str, node: &str| Command::DeclareQueue {
+            vhost: "/".into(),
+            name: name.into(),
+            node: node.into(),
+            durable: true,
+            auto_delete: false,
+            arguments: Args::default(),
+        };
+        let mut m = Metadata::default();
+        for c in [on("cq.c", "warren@c"), on("cq.a", "warren@a")] {
+            m.record(&c);
+        }
+        for (name, members) in [
+            ("qq.abc", &["warren@c", "warren@a", "warren@b"][..]),
+            ("qq.c", &["warren@c"][..]),
+            ("qq.ab", &["warren@a", "warren@b"][..]),
+        ] {
+            m.record(&on(name, members[0]));
+            m.quorum.insert(
+                key("/", name),
+                QuorumRec {
+                    group: format!("//{name}/1"),
+                    members: members.iter().map(|s| s.to_string()).collect(),
+                    leader: None,
+                },
+            );
+        }
+        assert_eq!(
+            m.forgotten("warren@c"),
+            vec![
+                Command::DeleteQueue {
+                    vhost: "/".into(),
+                    name: "cq.c".into(),
+                },
+                Command::QuorumMembers {
+                    vhost: "/".into(),
+                    name: "qq.abc".into(),
+                    group: "//qq.abc/1".into(),
+                    members: vec!["warren@a".into(), "warren@b".into()],
+                },
+            ]
+        );
+        assert!(m.forgotten("warren@z").is_empty());
     }
 
     pub(crate) fn exchange(name: &str) -> Command {

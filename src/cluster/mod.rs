@@ -140,6 +140,9 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// The answer to forgetting a node that is no member (any more).
+const NOT_A_MEMBER: &str = "not a member of this cluster";
+
 /// The Raft id of a node name: stable, the same on every node.
 pub fn node_id(name: &str) -> u64 {
     use sha2::{Digest, Sha256};
@@ -463,7 +466,7 @@ impl Cluster {
         }
         let m = self.raft().metrics().borrow().membership_config.clone();
         if !m.membership().nodes().any(|(n, _)| *n == id) {
-            return Err("not a member of this cluster".into());
+            return Err(NOT_A_MEMBER.into());
         }
         if self.voters().contains(&id) {
             self.raft()
@@ -479,15 +482,36 @@ impl Cluster {
         Ok(())
     }
 
-    /// `warren cluster forget-node <name>`: remove a member by name.
+    /// `warren cluster forget-node <name>`: remove a member by name, then
+    /// what was only there (RabbitMQ's `forget_cluster_node`): the records of
+    /// its classic queues and streams go, and it leaves the quorum queues'
+    /// groups ([`command::Metadata::forgotten`]). Run again after a partial
+    /// failure, it finishes the clean-up of a node no longer a member.
     pub async fn forget(&self, name: &str) -> Result<(), String> {
         let id = node_id(name);
         if id == self.id {
             return Err("a node cannot forget itself; run this on another member".into());
         }
-        tokio::time::timeout(self.commit_timeout * 2, self.remove_member(id))
+        let removed = tokio::time::timeout(self.commit_timeout * 2, self.remove_member(id))
             .await
-            .map_err(|_| "timed out: no metadata leader (is a majority of nodes up?)".to_string())?
+            .map_err(|_| {
+                "timed out: no metadata leader (is a majority of nodes up?)".to_string()
+            })?;
+        let cleanup = self.sm.metadata().forgotten(name);
+        match removed {
+            Ok(()) => {}
+            Err(e) if e == NOT_A_MEMBER && !cleanup.is_empty() => {}
+            Err(e) => return Err(e),
+        }
+        if cleanup.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            node = name,
+            changes = cleanup.len(),
+            "forgetting what was on the node"
+        );
+        self.propose(Command::Batch(cleanup)).await
     }
 
     fn voters(&self) -> BTreeSet<u64> {
