@@ -129,12 +129,12 @@ struct Publisher {
     /// `pending_ids`, each frame's duplicates first.
     pending: VecDeque<(u64, usize, usize)>,
     pending_ids: VecDeque<u64>,
-    /// The log's committed next offset.
+    /// The log's durable (fsynced) next offset: what confirms wait for.
     committed: tokio::sync::watch::Receiver<u64>,
     stats: Arc<PublisherStats>,
 }
 
-/// Confirm what `p` published that the log has committed: one frame, or
+/// Confirm what `p` published that the log has fsynced: one frame, or
 /// two when duplicates are among it. As RabbitMQ (whose writer confirms
 /// duplicates before the chunk they came with), a duplicate's id goes in a
 /// frame of its own before the written ids: a client that keys its waiters
@@ -742,9 +742,9 @@ impl StreamSession {
         }
     }
 
-    /// Streams whose committed offsets this session follows (publishers'
-    /// confirms and subscriptions' deliveries). `true` first when the set
-    /// changed since the last call.
+    /// The offsets this session follows, keyed `d:<stream>` (durable:
+    /// publishers' confirms) and `c:<stream>` (committed: subscriptions'
+    /// deliveries). None when the set did not change since the last call.
     pub fn watched(&mut self) -> Option<Vec<(String, tokio::sync::watch::Receiver<u64>)>> {
         if !std::mem::take(&mut self.watch_changed) {
             return None;
@@ -755,14 +755,21 @@ impl StreamSession {
                 self.subscriptions.values().map(|s| Arc::clone(&s.stats)),
             );
         }
-        let mut seen: HashMap<&str, tokio::sync::watch::Receiver<u64>> = HashMap::new();
+        // Publishers follow what is fsynced, subscriptions what is written.
+        let mut seen: HashMap<(bool, &str), tokio::sync::watch::Receiver<u64>> = HashMap::new();
         for p in self.publishers.values() {
-            seen.entry(&p.stream).or_insert_with(|| p.log.committed());
+            seen.entry((true, &p.stream))
+                .or_insert_with(|| p.log.durable());
         }
         for s in self.subscriptions.values() {
-            seen.entry(&s.stream).or_insert_with(|| s.log.committed());
+            seen.entry((false, &s.stream))
+                .or_insert_with(|| s.log.committed());
         }
-        Some(seen.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+        Some(
+            seen.into_iter()
+                .map(|((durable, k), v)| (format!("{}{k}", if durable { "d:" } else { "c:" }), v))
+                .collect(),
+        )
     }
 
     /// Some stream this session uses committed more: send the confirms it
@@ -1601,7 +1608,7 @@ impl StreamSession {
             Publisher {
                 stats,
                 stream: stream.to_owned(),
-                committed: log.committed(),
+                committed: log.durable(),
                 log,
                 reference: reference.map(Arc::from),
                 pending: VecDeque::new(),

@@ -6,10 +6,14 @@
 //! offsets (and drops publisher duplicates) at once and buffers the messages;
 //! the flusher turns each stream's buffer into chunks ([`chunk`], RabbitMQ's
 //! osiris format), writes them to the stream's active segment and its index
-//! ([`segment`]), fdatasyncs every file it wrote in one round (group commit),
-//! then advances each stream's *committed* offset (a `watch`): readers only
-//! see chunks below it. [`StreamStore::on_durable`] runs a callback once
-//! everything appended before the call is fsynced (publisher confirms).
+//! ([`segment`]) and advances each stream's *committed* offset (a `watch`):
+//! readers only see chunks below it, whole in the files (the page cache);
+//! then it fdatasyncs every file it wrote in one round (group commit) and
+//! advances each stream's *durable* offset (another `watch`): publishers are
+//! confirmed below it. So consumers see a chunk without waiting for the disk
+//! (as on RabbitMQ, whose stream writer does not fsync), and a confirm still
+//! means fsynced. [`StreamStore::on_durable`] runs a callback once
+//! everything appended before the call is fsynced (AMQP publisher confirms).
 //!
 //! Publisher sequences (deduplication) travel in the trailer of the chunk
 //! that stores the messages; consumer offsets (`store_offset`) in tracking
@@ -384,6 +388,8 @@ struct LogInner {
     state: Mutex<LogState>,
     writer: Mutex<Writer>,
     committed: tokio::sync::watch::Sender<u64>,
+    /// The next offset not yet fsynced (at most `committed`).
+    durable: tokio::sync::watch::Sender<u64>,
     /// Set once by [`StreamLog::mark_deleted`] (`LogState::deleted` too),
     /// read without the lock by connections woken through `committed`.
     deleted: std::sync::atomic::AtomicBool,
@@ -655,10 +661,16 @@ impl StreamLog {
         self.store.appended.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// Follow the committed next offset: every offset below it is fsynced and
-    /// readable.
+    /// Follow the committed next offset: every offset below it is written
+    /// and readable (not necessarily fsynced yet: [`durable`](Self::durable)).
     pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.committed.subscribe()
+    }
+
+    /// Follow the durable next offset: every offset below it is fsynced
+    /// (what publisher confirms wait for).
+    pub fn durable(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.durable.subscribe()
     }
 
     /// A reader starting at `spec` (resolved now, against what is committed).
@@ -864,6 +876,7 @@ impl StreamLog {
         }
         self.inner.deleted.store(true, Ordering::Release);
         self.inner.committed.send_modify(|_| {});
+        self.inner.durable.send_modify(|_| {});
     }
 
     /// Whether the stream was deleted.
@@ -871,11 +884,11 @@ impl StreamLog {
         self.inner.deleted.load(Ordering::Acquire)
     }
 
-    /// Wait (blocking) until everything appended so far is committed; for tests
-    /// and shutdown.
+    /// Wait (blocking) until everything appended so far is committed and
+    /// fsynced; for tests and shutdown.
     pub fn wait_committed_blocking(&self) {
         let target = self.next_offset();
-        let mut rx = self.committed();
+        let mut rx = self.durable();
         while *rx.borrow_and_update() < target {
             if self.inner.state.lock().deleted {
                 return;
@@ -1466,6 +1479,7 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
         state: Mutex::new(state),
         writer: Mutex::new(writer),
         committed: tokio::sync::watch::channel(next).0,
+        durable: tokio::sync::watch::channel(next).0,
         deleted: std::sync::atomic::AtomicBool::new(false),
     })
 }
@@ -1510,8 +1524,8 @@ impl Linger {
     }
 }
 
-/// The flusher: write what streams buffered, fsync, publish committed offsets,
-/// run durability callbacks; repeat.
+/// The flusher: write what streams buffered, publish committed offsets, fsync,
+/// publish durable offsets, run durability callbacks; repeat.
 fn flusher(shared: Arc<Shared>) {
     let mut busy = false;
     loop {
@@ -1579,7 +1593,8 @@ fn flusher(shared: Arc<Shared>) {
     }
 }
 
-/// Write one stream's buffered messages and offsets as chunks, fsync, commit.
+/// Write one stream's buffered messages and offsets as chunks, commit, fsync,
+/// mark durable.
 /// `Ok(true)`: more appends arrived while it wrote (before the commit, so not
 /// from a producer waiting for this round's confirms).
 fn flush_log(shared: &Shared, log: &LogInner) -> Result<bool, StreamError> {
@@ -1605,36 +1620,44 @@ fn flush_log(shared: &Shared, log: &LogInner) -> Result<bool, StreamError> {
     if let Some(e) = &w.failed {
         return Err(e.clone());
     }
-    let r = write_all(log, &mut w, msgs, offsets, retention).and_then(|()| {
-        if std::mem::take(&mut w.dirty) {
-            if let Some((_, seg, idx)) = &w.active {
-                seg.sync_data()?;
-                idx.sync_data()?;
-            }
-        }
-        Ok(())
-    });
-    if let Err(e) = r {
+    if let Err(e) = write_all(log, &mut w, msgs, offsets, retention) {
         w.failed = Some(e.clone());
         return Err(e);
     }
     let (segments, next, last_chunk) = (w.segments.clone(), w.next, w.last_chunk);
-    drop(w);
-    let busy = {
+    // Readable now (the chunks are whole in the files); durable after the
+    // fsync below.
+    {
         let mut s = log.state.lock();
         s.segments = segments;
         s.last_chunk = last_chunk;
-        !s.pending.is_empty()
-    };
+    }
+    advance(&log.committed, next);
+    if std::mem::take(&mut w.dirty) {
+        if let Some((_, seg, idx)) = &w.active {
+            if let Err(e) = seg.sync_data().and_then(|()| idx.sync_data()) {
+                let e = StreamError::from(e);
+                w.failed = Some(e.clone());
+                return Err(e);
+            }
+        }
+    }
+    drop(w);
+    let busy = !log.state.lock().pending.is_empty();
     if !busy {
         log.writer.lock().batch.quiet();
     }
-    log.committed.send_if_modified(|c| {
+    advance(&log.durable, next);
+    Ok(busy)
+}
+
+/// Move a watched offset to `next`, waking its followers if it changed.
+fn advance(offset: &tokio::sync::watch::Sender<u64>, next: u64) {
+    offset.send_if_modified(|c| {
         let changed = *c != next;
         *c = next;
         changed
     });
-    Ok(busy)
 }
 
 /// The most a user chunk built by the flusher takes.

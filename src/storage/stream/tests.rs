@@ -67,6 +67,7 @@ fn append_commit_read_and_offset_specs() {
     assert_eq!((a.first_offset, a.next_offset), (2, 3));
     log.wait_committed_blocking();
     assert_eq!(*log.committed().borrow(), 3);
+    assert_eq!(*log.durable().borrow(), 3, "fsynced too");
     let all: Vec<String> = read_all(&log, OffsetSpec::First)
         .into_iter()
         .map(|(_, s)| s)
