@@ -673,29 +673,51 @@ impl StreamLog {
         self.inner.durable.subscribe()
     }
 
-    /// A reader starting at `spec` (resolved now, against what is committed).
+    /// A reader starting at `spec`, resolved against the log as this call
+    /// finds it, messages appended and not yet written included: `next` is
+    /// after them, and `last` is resolved once they are committed (the chunk
+    /// that holds the newest of them). So a subscription made after a publish
+    /// was taken, on whatever connection, sees the log with that publish.
     pub fn reader(&self, spec: OffsetSpec) -> StreamReader {
         let committed_rx = self.inner.committed.subscribe();
         let committed = *committed_rx.borrow();
-        let next = match self.resolve(spec, committed) {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(stream = %self.inner.key, error = %e, "cannot resolve an offset; reading from the next one");
+        let appended = self.next_offset();
+        let mut last_after = None;
+        let next = match spec {
+            OffsetSpec::Next => appended.max(committed),
+            OffsetSpec::Last if appended > committed => {
+                last_after = Some(appended);
                 committed
             }
+            spec => self.inner.resolve_or_next(spec, committed),
         };
         StreamReader {
             log: Arc::clone(&self.inner),
             committed: committed_rx,
             start: next,
             next,
+            last_after,
             file: None,
             peek: None,
         }
     }
+}
+
+impl LogInner {
+    /// [`resolve`](Self::resolve), or `committed` (logged) when the index
+    /// cannot be read.
+    fn resolve_or_next(&self, spec: OffsetSpec, committed: u64) -> u64 {
+        match self.resolve(spec, committed) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(stream = %self.key, error = %e, "cannot resolve an offset; reading from the next one");
+                committed
+            }
+        }
+    }
 
     fn resolve(&self, spec: OffsetSpec, committed: u64) -> Result<u64, StreamError> {
-        let segments = self.inner.state.lock().segments.clone();
+        let segments = self.state.lock().segments.clone();
         let first = segments.first().map_or(committed, |s| s.first_offset);
         Ok(match spec {
             OffsetSpec::First => first,
@@ -703,7 +725,7 @@ impl StreamLog {
             OffsetSpec::Offset(n) => n.clamp(first, committed.max(first)),
             OffsetSpec::Last => {
                 for seg in segments.iter().rev() {
-                    let idx = File::open(segment::index_path(&self.inner.dir, seg.first_offset))?;
+                    let idx = File::open(segment::index_path(&self.dir, seg.first_offset))?;
                     let n = segment::index_count(idx.metadata()?.len());
                     for i in (0..n).rev() {
                         let r = segment::read_index(&idx, i)?;
@@ -721,7 +743,7 @@ impl StreamLog {
                 else {
                     return Ok(committed);
                 };
-                let idx = File::open(segment::index_path(&self.inner.dir, seg.first_offset))?;
+                let idx = File::open(segment::index_path(&self.dir, seg.first_offset))?;
                 let n = segment::index_count(idx.metadata()?.len());
                 let i = segment::search(&idx, n, |r| r.timestamp >= t)?;
                 if i == n {
@@ -732,7 +754,9 @@ impl StreamLog {
             }
         })
     }
+}
 
+impl StreamLog {
     /// The oldest offset kept.
     pub fn first_offset(&self) -> u64 {
         let s = self.inner.state.lock();
@@ -907,6 +931,10 @@ pub struct StreamReader {
     start: u64,
     /// Offset of the next chunk to return.
     next: u64,
+    /// Started at `last` while messages were appended and not committed: the
+    /// offset they end at. Until it is committed the reader reads nothing;
+    /// then it starts at the last chunk ([`StreamReader::settle`]).
+    last_after: Option<u64>,
     /// (segment first offset, open segment file, position of the next chunk).
     file: Option<(u64, Arc<File>, u64)>,
     /// The start of the next chunk (header and bloom filter), read ahead
@@ -955,6 +983,9 @@ impl StreamReader {
     /// The next committed user chunk; None when caught up with the committed
     /// offset (wait on [`committed`](Self::committed) and call again).
     pub fn next_chunk(&mut self) -> Result<Option<Chunk>, StreamError> {
+        if !self.settle() {
+            return Ok(None);
+        }
         loop {
             let committed = *self.committed.borrow_and_update();
             if self.next >= committed {
@@ -1002,7 +1033,30 @@ impl StreamReader {
 
     /// Whether committed chunks wait to be read.
     pub fn has_more(&self) -> bool {
-        self.next < *self.committed.borrow()
+        let committed = *self.committed.borrow();
+        match self.last_after {
+            Some(t) => committed >= t,
+            None => self.next < committed,
+        }
+    }
+
+    /// A reader started at `last` before the appends it waits for were
+    /// committed: false while they are not; once they are, it starts at
+    /// the last chunk (true).
+    fn settle(&mut self) -> bool {
+        let Some(t) = self.last_after else {
+            return true;
+        };
+        let committed = *self.committed.borrow();
+        if committed < t {
+            return false;
+        }
+        self.last_after = None;
+        self.next = self.log.resolve_or_next(OffsetSpec::Last, committed);
+        self.start = self.start.min(self.next);
+        self.file = None;
+        self.peek = None;
+        true
     }
 
     /// Read the next committed chunks that `keep` wants (it sees each user
@@ -1020,6 +1074,9 @@ impl StreamReader {
         keep: &dyn Fn(&[u8]) -> bool,
     ) -> Result<BatchRead, StreamError> {
         spans.clear();
+        if !self.settle() {
+            return Ok(BatchRead::Read);
+        }
         loop {
             let committed = *self.committed.borrow_and_update();
             if self.next >= committed || limits.chunks == 0 {
@@ -1107,6 +1164,9 @@ impl StreamReader {
         keep: &dyn Fn(&[u8]) -> bool,
     ) -> Result<BatchRead, StreamError> {
         spans.clear();
+        if !self.settle() {
+            return Ok(BatchRead::Read);
+        }
         let mut head = [0u8; chunk::HEADER_LEN + 255];
         let mut taken = 0usize;
         loop {

@@ -1035,3 +1035,35 @@ fn segments_of_the_previous_trailer_format_are_read_and_never_appended_to() {
     store.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn next_and_last_count_messages_appended_and_not_yet_written() {
+    let dir = tmp("pending-spec");
+    let store = StreamStore::open(&dir).expect("open");
+    let log = store.open_log("/\0s", Retention::default()).expect("log");
+    log.append(vec![msg("old")], 1_000).expect("append");
+    log.wait_committed_blocking();
+    // The flusher cannot write while the writer is held: these stay pending.
+    let held = log.inner.writer.lock();
+    log.append(vec![msg("a"), msg("b"), msg("c")], 2_000)
+        .expect("append");
+    let mut next = log.reader(OffsetSpec::Next);
+    let mut last = log.reader(OffsetSpec::Last);
+    assert_eq!(*log.committed().borrow(), 1, "not written yet");
+    assert!(!last.has_more());
+    assert!(last.next_chunk().expect("read").is_none());
+    drop(held);
+    log.wait_committed_blocking();
+    // `last`: the chunk of the pending messages, not the one before them.
+    assert!(last.has_more());
+    let c = last.next_chunk().expect("read").expect("a chunk");
+    let got: Vec<_> = c.entries().map(|(o, _)| o).collect();
+    assert_eq!(got, vec![1, 2, 3]);
+    // `next`: after them.
+    assert!(!next.has_more());
+    log.append(vec![msg("d")], 3_000).expect("append");
+    log.wait_committed_blocking();
+    let c = next.next_chunk().expect("read").expect("a chunk");
+    assert_eq!(c.first_offset, 4);
+    let _ = std::fs::remove_dir_all(&dir);
+}
