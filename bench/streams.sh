@@ -20,30 +20,15 @@
 # that run (/proc/<pid>/task/*/schedstat, ns; a thread that ends meanwhile
 # is not counted), divided by the messages moved. Broker pinned to CPU 0, client to
 # CPU 1. -P: the ports a warren target listens on (default 5690:5691).
-# -S (root): receive flow steering on the loopback device for the run, so that
-# each socket's receive path (TCP/IP processing of what arrives for it) runs on
-# the CPU of the process reading it, as on a network where the peer's kernel
-# does its own receiving; without it, loopback runs the receiver's path inside
-# the sender's send call, charging the client's receiving to the broker.
-# Restored on exit.
 set -euo pipefail
-rounds=1 n=2000000 m=10000000 perf=target/release/examples/stream_perf wports=5690:5691 steer=""
-while getopts "r:n:N:p:P:S" o; do
-  case $o in r) rounds=$OPTARG ;; n) n=$OPTARG ;; N) m=$OPTARG ;; p) perf=$OPTARG ;; P) wports=$OPTARG ;; S) steer=1 ;; *) exit 2 ;; esac
+rounds=1 n=2000000 m=10000000 perf=target/release/examples/stream_perf wports=5690:5691
+while getopts "r:n:N:p:P:" o; do
+  case $o in r) rounds=$OPTARG ;; n) n=$OPTARG ;; N) m=$OPTARG ;; p) perf=$OPTARG ;; P) wports=$OPTARG ;; *) exit 2 ;; esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { sed -n 2,26p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
 pin_b="" pin_c=""
 if [ "$(nproc)" -ge 2 ]; then pin_b="taskset -c 0" pin_c="taskset -c 1"; fi
-if [ -n "$steer" ]; then
-  rx=/sys/class/net/lo/queues/rx-0 flows=/proc/sys/net/core/rps_sock_flow_entries
-  saved="$(cat $rx/rps_cpus) $(cat $rx/rps_flow_cnt) $(cat $flows)"
-  restore() { read -r c f e <<<"$saved"; echo "$c" >$rx/rps_cpus; echo "$f" >$rx/rps_flow_cnt; echo "$e" >$flows; }
-  trap restore EXIT
-  printf '%x\n' $(((1 << $(nproc)) - 1)) >$rx/rps_cpus
-  echo 32768 >$rx/rps_flow_cnt
-  echo 32768 >$flows
-fi
 # "tid ns" per thread of pid $1.
 cpu_ns() { for f in /proc/"$1"/task/*/schedstat; do t=${f%/schedstat}; echo "${t##*/} $(cut -d' ' -f1 "$f" 2>/dev/null)"; done; }
 
