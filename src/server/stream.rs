@@ -89,12 +89,6 @@ pub async fn start(
         Some(h) if config.stream.advertised_host.is_none() => resolve(&h).await.map(|a| (h, a)),
         _ => None,
     };
-    // A node alone with no advertised host set tells its clients on this
-    // machine `localhost` where that name reaches the listener ([`Conn`]).
-    let localhost = match (&config.stream.advertised_host, &cluster) {
-        (None, None) => resolve("localhost").await.unwrap_or_default(),
-        _ => Vec::new(),
-    };
     for (listener, tls) in bound {
         let addr = listener.local_addr()?;
         let advertised_host = match (&config.stream.advertised_host, &resolved) {
@@ -104,8 +98,6 @@ pub async fn start(
             }
             _ => None,
         };
-        let localhost =
-            tls.is_none() && !localhost.is_empty() && localhost.iter().all(|ip| reaches(addr, *ip));
         if tls.is_some() {
             tracing::info!(%addr, "stream protocol TLS listener started");
             tls_addrs.push(addr);
@@ -122,7 +114,6 @@ pub async fn start(
                 sac: Arc::clone(&sac),
                 cluster: cluster.clone(),
                 advertised_host,
-                localhost,
             },
             rx.clone(),
         ));
@@ -167,14 +158,6 @@ pub struct Conn {
     /// else (as RabbitMQ) the host of this node's name when it resolves to
     /// an address this listener takes; None: the address the client used.
     pub advertised_host: Option<Arc<str>>,
-    /// A client on this machine (a loopback peer) is told `localhost`
-    /// instead: set for a plain listener of a node that is not clustered,
-    /// has no `stream.advertised_host`, and that `localhost` reaches at every
-    /// address it resolves to. The name it is told reaches this listener
-    /// as surely as the host name does, and it is the name the stream
-    /// clients' own suites expect (their CI sets it as the advertised host),
-    /// which lets a client reuse its locator connection for the leader.
-    pub localhost: bool,
 }
 
 async fn accept_loop(
@@ -547,13 +530,7 @@ async fn serve<S: Sink>(
         sac,
         cluster,
         advertised_host,
-        localhost,
     } = conn;
-    let advertised_host = if localhost && loopback(&peer) {
-        Some(Arc::from("localhost"))
-    } else {
-        advertised_host
-    };
     let settings = StreamSettings {
         frame_max: config.stream.frame_max,
         heartbeat: config.stream.heartbeat,

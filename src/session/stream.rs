@@ -241,7 +241,20 @@ struct Subscription {
     reading: Option<u64>,
     /// Stored size of the last chunk sent: sizes the next read.
     last_chunk_len: usize,
+    /// No delivery before this time ([`FIRST_DELIVERY_DELAY_MS`]).
+    not_before_ms: u64,
 }
+
+/// How long after its subscribe response a subscription's first chunk
+/// waits. RabbitMQ's reader takes a few hundred microseconds to open its
+/// osiris reader before the first chunk goes out, and client code relies on
+/// that without knowing: the JavaScript client's own test (and applications
+/// written the same way) reference the consumer object in its message
+/// handler to store an offset, and that object exists only once the
+/// subscribe response has been handled; a chunk arriving in the same read as
+/// the response reaches the handler first. A millisecond or two, once per
+/// subscription, puts the first chunk in a later read.
+const FIRST_DELIVERY_DELAY_MS: u64 = 2;
 
 /// The most one read takes from a segment (and queues for the socket).
 const READ_MAX_BYTES: usize = 1 << 20;
@@ -450,6 +463,8 @@ pub struct StreamSession {
     closing_deadline_ms: u64,
     /// When streams in use are next checked for deletion.
     next_check_ms: u64,
+    /// The time the session was last given (input, timeouts, commits).
+    now_ms: u64,
     publishers: HashMap<u8, Publisher>,
     subscriptions: HashMap<u8, Subscription>,
     watch_changed: bool,
@@ -520,6 +535,7 @@ impl StreamSession {
             last_send_ms: now_ms,
             closing_deadline_ms: 0,
             next_check_ms: now_ms + CHECK_INTERVAL_MS,
+            now_ms,
             publishers: HashMap::new(),
             subscriptions: HashMap::new(),
             watch_changed: false,
@@ -598,6 +614,7 @@ impl StreamSession {
     /// frames after it stay in `buf` until [`Self::change_committed`] and
     /// the next call.
     pub fn handle_input(&mut self, buf: &mut BytesMut, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
         if !buf.is_empty() {
             self.last_recv_ms = now_ms;
         }
@@ -695,6 +712,17 @@ impl StreamSession {
             .get_or_insert_with(|| "client closed the socket".into());
     }
 
+    /// The earliest time a new subscription's first delivery waits for
+    /// (`u64::MAX`: none waits).
+    fn first_delivery_due(&self) -> u64 {
+        self.subscriptions
+            .values()
+            .map(|s| s.not_before_ms)
+            .filter(|t| *t > self.now_ms)
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     /// When `handle_timeout` is next due.
     pub fn poll_timeout(&self) -> Option<u64> {
         match self.state {
@@ -703,14 +731,16 @@ impl StreamSession {
             State::Running if self.heartbeat_ms > 0 => Some(
                 (self.last_send_ms + self.heartbeat_ms)
                     .min(self.last_recv_ms + 2 * self.heartbeat_ms)
-                    .min(self.next_check_ms),
+                    .min(self.next_check_ms)
+                    .min(self.first_delivery_due()),
             ),
-            State::Running => Some(self.next_check_ms),
+            State::Running => Some(self.next_check_ms.min(self.first_delivery_due())),
             _ => Some(self.started_ms + self.settings.handshake_timeout_ms),
         }
     }
 
     pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
         match self.state {
             State::Closed => {}
             State::Closing => {
@@ -774,7 +804,8 @@ impl StreamSession {
 
     /// Some stream this session uses committed more: send the confirms it
     /// allows (deliveries: [`poll_read`](Self::poll_read)).
-    pub fn handle_committed(&mut self, _now_ms: u64) {
+    pub fn handle_committed(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
         self.flush_confirms();
         // A deletion wakes the followers of its log too: its publishers and
         // subscribers hear of it now, not at the next periodic check.
@@ -818,8 +849,12 @@ impl StreamSession {
         if self.state != State::Running || self.ready_bytes + self.out.len() >= DELIVER_BUDGET {
             return None;
         }
+        let now_ms = self.now_ms;
         let (&id, sub) = self.subscriptions.iter_mut().find(|(_, s)| {
-            s.credit > 0 && s.reading.is_none() && s.reader.as_ref().is_some_and(|r| r.has_more())
+            s.credit > 0
+                && s.reading.is_none()
+                && s.not_before_ms <= now_ms
+                && s.reader.as_ref().is_some_and(|r| r.has_more())
         })?;
         let reader = sub.reader.take()?;
         let token = self.next_read;
@@ -1777,6 +1812,7 @@ impl StreamSession {
                 filter,
                 reading: None,
                 last_chunk_len: READ_MIN_BYTES,
+                not_before_ms: self.now_ms + FIRST_DELIVERY_DELAY_MS,
             },
         );
         if activate {
@@ -2625,6 +2661,59 @@ mod tests {
             stream: stream.into(),
             arguments: vec![],
         }
+    }
+
+    #[test]
+    fn a_subscriptions_first_chunk_waits_after_its_response() {
+        let (mut s, dir) = opened("first-delivery", false);
+        feed(
+            &mut s,
+            &[
+                create(10, "fd"),
+                R::DeclarePublisher {
+                    correlation_id: 11,
+                    publisher_id: 0,
+                    reference: None,
+                    stream: "fd".into(),
+                },
+                R::Publish {
+                    version: 1,
+                    publisher_id: 0,
+                    messages: vec![Published {
+                        publishing_id: 1,
+                        filter_value: None,
+                        data: Bytes::from_static(b"m"),
+                        sub_batch: None,
+                    }],
+                },
+            ],
+            100,
+        );
+        s.publishers[&0].log.wait_committed_blocking();
+        s.handle_timeout(1_000); // (the periodic check, next at 2 000)
+        let f = frames(&feed(
+            &mut s,
+            &[R::Subscribe {
+                correlation_id: 12,
+                subscription_id: 1,
+                stream: "fd".into(),
+                offset: OffsetSpec::First,
+                credit: 10,
+                properties: vec![],
+            }],
+            1_000,
+        ));
+        assert!(
+            f.contains(&(key::SUBSCRIBE | 0x8000, 12, code::OK)),
+            "{f:?}"
+        );
+        // The chunk is there, but not before the response has gone alone.
+        assert!(s.poll_read().is_none());
+        assert_eq!(s.poll_timeout(), Some(1_000 + FIRST_DELIVERY_DELAY_MS));
+        s.handle_timeout(1_000 + FIRST_DELIVERY_DELAY_MS);
+        let job = s.poll_read().expect("the first read");
+        assert_eq!(job.id, 1);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
