@@ -589,17 +589,11 @@ async fn admin_api_shows_type_and_one_replica_and_policy_sets_the_limit() {
     nack_requeue(&d).await;
     // basic.nack has no reply: a passive declare on the same channel is
     // answered only after the broker has handled the nack before it.
-    let q = t(ch.queue_declare(
-        "qq.orders",
-        QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    ))
-    .await
-    .expect("passive declare");
-    assert_eq!(q.message_count(), 1, "the nacked message is back");
+    assert_eq!(
+        passive(&ch, "qq.orders").await.0,
+        1,
+        "the nacked message is back"
+    );
     let (status, v) = common::http(
         "POST",
         &format!("{base}/api/queues/%2f/qq.orders/get"),
