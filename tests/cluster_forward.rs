@@ -279,6 +279,30 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
     until_count(&a, "cq", 0).await;
     // The consumer counts on the home node (passive declare there).
     assert_eq!(passive(&a, "cq").await.expect("passive").1, 1);
+    // A consume the home node refuses (exclusive, with c1 there) gets the
+    // channel error a local one gets, instead of consume-ok; c1 goes on.
+    let ch_x = channel(&conn_c).await;
+    let r = common::t(ch_x.basic_consume(
+        "cq",
+        "cx",
+        BasicConsumeOptions {
+            exclusive: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    ))
+    .await;
+    common::assert_code(r.map(drop), 403);
+    assert_eq!(publish_confirmed(&ch_b, "cq", 1, "after").await, (1, 0));
+    let d = common::t(consumer.next())
+        .await
+        .expect("a delivery")
+        .expect("delivery ok");
+    assert_eq!(String::from_utf8_lossy(&d.data), "after-0");
+    common::t(d.ack(BasicAckOptions::default()))
+        .await
+        .expect("ack");
+    until_count(&a, "cq", 0).await;
     common::t(ch_c.basic_cancel("c1", BasicCancelOptions::default()))
         .await
         .expect("cancel");

@@ -308,17 +308,23 @@ fn consume(
             None
         }
     };
+    // Clustered: consume-ok (or the channel error of a refusal) comes with
+    // the home node's answer ([`consume_answered`]), as RabbitMQ answers
+    // after the queue's own process has taken the consumer.
+    let unanswered = remote.as_ref().map(|_| c.nowait);
+    let answered_here = unanswered.is_none();
     ch.consumers.insert(
         Arc::clone(&tag),
         ConsumerRef {
             queue: q,
             consumer,
             remote,
+            unanswered,
         },
     );
     // consume-ok still precedes every delivery: deliveries reach the connection
     // through its mailbox, after this method has been answered.
-    if !c.nowait {
+    if !c.nowait && answered_here {
         io.method(
             &BasicConsumeOk {
                 consumer_tag: tag.to_string(),
@@ -876,7 +882,81 @@ pub fn ack_timed_out(ch: &Channel, io: &ChannelIo<'_>, now: Instant) -> Option<A
 }
 
 /// The queue behind a consumer was deleted.
-pub fn consumer_cancelled(ch: &mut Channel, io: &mut ChannelIo<'_>, tag: &Arc<str>, notify: bool) {
+/// Clustered: the home node answered the opening of consumer `tag`: its
+/// consume-ok goes out now, or its refusal closes the channel (the error
+/// returned), with the home node's reply code and text, as a local
+/// basic.consume would have been refused.
+pub fn consume_answered(
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    tag: &Arc<str>,
+    answer: Result<(), (u16, String)>,
+    notify: bool,
+) -> Result<(), AmqpError> {
+    let Some(c) = ch.consumers.get(tag) else {
+        return Ok(());
+    };
+    let Some(nowait) = c.unanswered else {
+        // (Answered already: a refusal now can only be an end.)
+        if answer.is_err() {
+            ch.consumers.remove(tag);
+            if notify && !io.closing {
+                io.method(
+                    &BasicCancel {
+                        consumer_tag: tag.to_string(),
+                        nowait: true,
+                    }
+                    .into(),
+                );
+            }
+        }
+        return Ok(());
+    };
+    match answer {
+        Ok(()) => {
+            if let Some(c) = ch.consumers.get_mut(tag) {
+                c.unanswered = None;
+            }
+            if !nowait && !io.closing {
+                io.method(
+                    &BasicConsumeOk {
+                        consumer_tag: tag.to_string(),
+                    }
+                    .into(),
+                );
+            }
+            Ok(())
+        }
+        Err((code, text)) => {
+            ch.consumers.remove(tag);
+            Err(AmqpError {
+                code,
+                text,
+                hard: false,
+                class_id: 60,
+                method_id: 20,
+            })
+        }
+    }
+}
+
+/// The queue went away under consumer `tag` (or, clustered, the link to its
+/// home node did). One whose opening the home node never answered gets the
+/// channel error a basic.consume on a queue whose home node is down gets
+/// (returned); the others a basic.cancel when the client takes them.
+pub fn consumer_cancelled(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    tag: &Arc<str>,
+    notify: bool,
+) -> Result<(), AmqpError> {
+    if let Some(c) = ch.consumers.get(tag).filter(|c| c.unanswered.is_some()) {
+        let node = c.remote.as_ref().map_or("", |r| r.home.node());
+        let e = home_down(ctx, &c.queue, node).at(60, 20);
+        ch.consumers.remove(tag);
+        return Err(e);
+    }
     if ch.consumers.remove(tag).is_some() && notify && !io.closing {
         io.method(
             &BasicCancel {
@@ -886,6 +966,7 @@ pub fn consumer_cancelled(ch: &mut Channel, io: &mut ChannelIo<'_>, tag: &Arc<st
             .into(),
         );
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -149,6 +149,9 @@ struct ConsumerRef {
     consumer: Arc<Consumer>,
     /// Clustered: the consumer lives on the queue's home node.
     remote: Option<RemoteConsumer>,
+    /// Clustered: the home node has not answered its opening yet (the
+    /// `nowait` flag of its basic.consume): consume-ok waits for it.
+    unanswered: Option<bool>,
 }
 
 /// Acknowledgement operations, kept aside inside a transaction.

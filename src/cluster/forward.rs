@@ -100,9 +100,13 @@ pub enum Msg {
     Cancel { cid: u64 },
     /// The consuming channel is gone: cancel, requeue what is unacked, forget.
     Release { cid: u64 },
-    /// Home -> consuming node: consumer `cid` is no more (queue deleted, or it
-    /// could not be opened); `why` for the log.
-    Cancelled { cid: u64, why: String },
+    /// Home -> consuming node: consumer `cid` is open (the answer to its
+    /// `Consume`, before any of its deliveries).
+    Consumed { cid: u64 },
+    /// Home -> consuming node: consumer `cid` is no more. `code` 0: it was
+    /// open and ended (its queue deleted), `why` for the log; else it could
+    /// not be opened: the AMQP reply code and text of the refusal.
+    Cancelled { cid: u64, code: u16, why: String },
     /// A queue operation the home node answers ([`Op`]).
     Request {
         id: u64,
@@ -564,6 +568,25 @@ impl Link {
         }
     }
 
+    /// The home node answered consumer `cid`'s `Consume`: open, or refused
+    /// (then it is forgotten here).
+    fn answered(&self, cid: u64, answer: Result<(), (u16, String)>) {
+        let mut consumers = self.consumers.lock();
+        let reg = match &answer {
+            Ok(()) => consumers
+                .get(&cid)
+                .map(|r| (Arc::clone(&r.sink), r.channel, Arc::clone(&r.tag))),
+            Err(_) => consumers.remove(&cid).map(|r| {
+                r.consumer.alive.store(false, Ordering::Release);
+                (r.sink, r.channel, r.tag)
+            }),
+        };
+        drop(consumers);
+        if let Some((sink, channel, tag)) = reg {
+            sink.consume_answered(channel, tag, answer);
+        }
+    }
+
     /// The home node ended consumer `cid`.
     fn cancelled(&self, cid: u64) {
         let reg = self.consumers.lock().remove(&cid);
@@ -861,9 +884,14 @@ async fn serve_dialer(conn: Conn, link: &Link, rx: &mut FrameRx, ctl_rx: &mut Ct
                             let _ = w.send((reply, msg));
                         }
                     }
-                    Ok((Msg::Cancelled { cid, why }, _, _)) => {
+                    Ok((Msg::Consumed { cid }, _, _)) => link.answered(cid, Ok(())),
+                    Ok((Msg::Cancelled { cid, code: 0, why }, _, _)) => {
                         tracing::debug!(node = %link.node, cid, %why, "remote consumer ended");
                         link.cancelled(cid);
+                    }
+                    Ok((Msg::Cancelled { cid, code, why }, _, _)) => {
+                        tracing::debug!(node = %link.node, cid, %why, "remote consumer refused");
+                        link.answered(cid, Err((code, why)));
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -973,7 +1001,11 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                 queue,
                 op,
             } => home.request(id, &vhost, &queue, op),
-            Msg::Done { .. } | Msg::Deliver { .. } | Msg::Cancelled { .. } | Msg::Reply { .. } => {}
+            Msg::Done { .. }
+            | Msg::Deliver { .. }
+            | Msg::Consumed { .. }
+            | Msg::Cancelled { .. }
+            | Msg::Reply { .. } => {}
         }
     };
     // The other node is gone: its consumers here end (detached first, so no
@@ -1045,8 +1077,12 @@ struct Served {
 }
 
 impl Served {
-    fn refuse(&self, cid: u64, why: String) {
-        let _ = self.out.send(encode(&Msg::Cancelled { cid, why }, None));
+    /// Consumer `cid` could not be opened (`code` nonzero: the refusal's
+    /// reply code) or ended (0).
+    fn refuse(&self, cid: u64, code: u16, why: String) {
+        let _ = self
+            .out
+            .send(encode(&Msg::Cancelled { cid, code, why }, None));
     }
 
     fn consume(&mut self, cid: u64, spec: RemoteConsume) {
@@ -1056,7 +1092,14 @@ impl Served {
             .vhost(&spec.vhost)
             .and_then(|v| v.queue(&spec.queue, 0).ok());
         let Some(q) = q.filter(|q| q.remote().is_none()) else {
-            return self.refuse(cid, format!("no queue '{}' homed here", spec.queue));
+            return self.refuse(
+                cid,
+                crate::wire::reply_code::NOT_FOUND,
+                format!(
+                    "NOT_FOUND - no queue '{}' in vhost '{}'",
+                    spec.queue, spec.vhost
+                ),
+            );
         };
         let arguments = crate::cluster::command::Args(spec.arguments).table();
         let tag: Arc<str> = spec.tag.as_str().into();
@@ -1095,7 +1138,9 @@ impl Served {
         );
         if let Err(e) = q.add_consumer(consumer, now) {
             self.consumers.remove(&cid);
-            self.refuse(cid, e.text);
+            self.refuse(cid, e.code, e.text);
+        } else {
+            let _ = self.out.send(encode(&Msg::Consumed { cid }, None));
         }
     }
 
@@ -1132,7 +1177,7 @@ impl Served {
                 if let Some(s) = self.consumers.get_mut(&cid) {
                     s.consumer = None;
                 }
-                self.refuse(cid, "queue deleted".into());
+                self.refuse(cid, 0, "queue deleted".into());
             }
         }
     }

@@ -895,8 +895,30 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             },
             Outbound::Cancelled { channel, tag } => {
                 let notify = self.session.cancel_notify();
-                if let Some((data, mut io)) = self.session.channel(channel) {
-                    amqp::basic::consumer_cancelled(data, &mut io, &tag, notify);
+                let failed = match (&self.ctx, self.session.channel(channel)) {
+                    (Some(ctx), Some((data, mut io))) => {
+                        amqp::basic::consumer_cancelled(ctx, data, &mut io, &tag, notify).err()
+                    }
+                    _ => None,
+                };
+                if let Some(e) = failed {
+                    self.session.channel_error(channel, e, now.at);
+                }
+            }
+            Outbound::ConsumeAnswered {
+                channel,
+                tag,
+                answer,
+            } => {
+                let notify = self.session.cancel_notify();
+                let failed = match self.session.channel(channel) {
+                    Some((data, mut io)) => {
+                        amqp::basic::consume_answered(data, &mut io, &tag, answer, notify).err()
+                    }
+                    None => None,
+                };
+                if let Some(e) = failed {
+                    self.session.channel_error(channel, e, now.at);
                 }
             }
             Outbound::Close(e) => self.session.close(e, now.at),

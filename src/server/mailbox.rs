@@ -19,6 +19,12 @@ pub enum Outbound {
         channel: u16,
         tag: Arc<str>,
     },
+    /// Clustered: the home node opened (Ok) or refused a remote consumer.
+    ConsumeAnswered {
+        channel: u16,
+        tag: Arc<str>,
+        answer: Result<(), (u16, String)>,
+    },
     /// Close the connection with this error (e.g. forced by an operator).
     Close(AmqpError),
     /// The store flush a transaction's commit waited for ended (`ok`: it worked).
@@ -69,6 +75,14 @@ impl DeliverySink for ConnSink {
 
     fn cancelled(&self, channel: u16, tag: Arc<str>) {
         let _ = self.tx.send(Outbound::Cancelled { channel, tag });
+    }
+
+    fn consume_answered(&self, channel: u16, tag: Arc<str>, answer: Result<(), (u16, String)>) {
+        let _ = self.tx.send(Outbound::ConsumeAnswered {
+            channel,
+            tag,
+            answer,
+        });
     }
 
     fn deliver_remote(

@@ -90,6 +90,15 @@ pub trait DeliverySink: Send + Sync + std::fmt::Debug {
     fn deliver(&self, delivery: Delivery) -> Result<(), Delivery>;
     /// The queue went away under this consumer (basic.cancel from the server).
     fn cancelled(&self, channel: u16, consumer_tag: Arc<str>);
+    /// Clustered: the home node answered the opening of a remote consumer:
+    /// open, or refused with (AMQP reply code, text).
+    fn consume_answered(
+        &self,
+        _channel: u16,
+        _consumer_tag: Arc<str>,
+        _answer: Result<(), (u16, String)>,
+    ) {
+    }
     /// Clustered: a delivery from a consumer on another node (see
     /// [`crate::broker::remote`]); gives it back if the connection is gone.
     fn deliver_remote(
