@@ -307,6 +307,61 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
         .await
         .expect("cancel");
 
+    // A channel-wide prefetch (basic.qos global) holds across the channel's
+    // remote consumers: two consumers on C, at most 2 unacked between them,
+    // more only as they are acked; all 6 reach them in the end.
+    assert_eq!(publish_confirmed(&ch_b, "cq", 6, "g").await, (6, 0));
+    let ch_g = channel(&conn_c).await;
+    common::t(ch_g.basic_qos(2, BasicQosOptions { global: true }))
+        .await
+        .expect("qos global");
+    let mut both = futures::stream::select_all(vec![
+        common::t(ch_g.basic_consume(
+            "cq",
+            "g1",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await
+        .expect("consume g1"),
+        common::t(ch_g.basic_consume(
+            "cq",
+            "g2",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ))
+        .await
+        .expect("consume g2"),
+    ]);
+    let mut held = std::collections::VecDeque::new();
+    let mut got = Vec::new();
+    while got.len() < 6 {
+        while held.len() < 2 && got.len() < 6 {
+            let d = common::t(both.next())
+                .await
+                .expect("a delivery")
+                .expect("delivery ok");
+            got.push(String::from_utf8_lossy(&d.data).to_string());
+            held.push_back(d);
+        }
+        // The window is full: nothing more until an ack.
+        let more = tokio::time::timeout(Duration::from_millis(300), both.next()).await;
+        assert!(more.is_err(), "a third unacked delivery: {more:?}");
+        let d = held.pop_front().expect("one held");
+        common::t(d.ack(BasicAckOptions::default()))
+            .await
+            .expect("ack");
+    }
+    for d in held {
+        common::t(d.ack(BasicAckOptions::default()))
+            .await
+            .expect("ack");
+    }
+    got.sort();
+    assert_eq!(got, (0..6).map(|i| format!("g-{i}")).collect::<Vec<_>>());
+    until_count(&a, "cq", 0).await;
+    close_channel(&ch_g).await;
+
     // Unacked on C when its channel closes: the home node requeues them,
     // redelivered.
     assert_eq!(publish_confirmed(&ch_b, "cq", 4, "r").await, (4, 0));

@@ -289,7 +289,15 @@ fn consume(
                 vhost: ctx.vhost.name.to_string(),
                 queue: q.name().to_string(),
                 tag: tag.to_string(),
-                prefetch: if c.no_ack { 0 } else { ch.consumer_prefetch },
+                // A channel-wide prefetch also bounds its window there, so
+                // what waits here for room in it stays within that.
+                prefetch: match (ch.consumer_prefetch, ch.channel_credit.limit()) {
+                    _ if c.no_ack => 0,
+                    (own, _) if q.stream().is_some() => own,
+                    (0, global) => global,
+                    (own, 0) => own,
+                    (own, global) => own.min(global),
+                },
                 exclusive: c.exclusive,
                 priority,
                 arguments: {
@@ -401,6 +409,7 @@ pub(super) fn apply_settle(ctx: &ConnCtx, ch: &mut Channel, s: Settle, now: Now)
         Counters::add(&ch.stats.ack, taken.len() as u64);
     }
     settle_remote(
+        &ch.channel_credit,
         &mut taken,
         match requeue {
             None => RemoteSettle::Ack,
@@ -424,16 +433,19 @@ pub(super) fn apply_settle(ctx: &ConnCtx, ch: &mut Channel, s: Settle, now: Now)
 
 /// Take the deliveries of consumers on other nodes out of `taken` and settle
 /// them there, one message per consumer (nothing for a consumer whose link
-/// went down: its home node requeued them already).
-fn settle_remote(taken: &mut Vec<Unacked>, how: RemoteSettle) {
+/// went down: its home node requeued them already); their units of the
+/// channel-wide prefetch are given back here.
+fn settle_remote(channel_credit: &Credit, taken: &mut Vec<Unacked>, how: RemoteSettle) {
     if taken.iter().all(|u| u.remote.is_none()) {
         return;
     }
     let mut by_consumer: Vec<(RemoteConsumer, Vec<u64>)> = Vec::new();
+    let mut units = 0;
     taken.retain_mut(|u| {
         let Some((r, tag)) = u.remote.take() else {
             return true;
         };
+        units += u32::from(u.credit.is_some());
         match by_consumer
             .iter_mut()
             .find(|(c, _)| c.cid == r.cid && Arc::ptr_eq(&c.alive, &r.alive))
@@ -443,6 +455,7 @@ fn settle_remote(taken: &mut Vec<Unacked>, how: RemoteSettle) {
         }
         false
     });
+    channel_credit.release(units);
     for (r, tags) in by_consumer {
         if r.is_alive() {
             r.home.settle(r.cid, tags, how);
@@ -514,7 +527,7 @@ impl Channel {
     /// Give every unacked message back to its queue, in original order.
     pub(super) fn requeue_all(&mut self, now: Now) {
         let mut all: Vec<Unacked> = self.unacked.drain(..).collect();
-        settle_remote(&mut all, RemoteSettle::Requeue);
+        settle_remote(&self.channel_credit, &mut all, RemoteSettle::Requeue);
         for back in self.release(all) {
             self.give_back(&back.credits);
             back.queue.requeue(back.entries, true, true, now.ms);
@@ -699,7 +712,7 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
                 ch.channel_credit.release(1);
             }
             d.queue.requeue(vec![d.entry], !d.no_ack, false, now.ms);
-            return;
+            return release_held(ctx, ch, io, now);
         }
     };
     let tag = ch.next_tag;
@@ -802,7 +815,9 @@ pub fn got_remote(
 }
 
 /// A consumer on another node delivered: assign a tag of this channel and
-/// write it (no-ack consumers ack it on the home node at once).
+/// write it (no-ack consumers ack it on the home node at once). While the
+/// channel-wide prefetch (basic.qos global) is full it waits here, behind
+/// any delivery already waiting, for acks to make room ([`release_held`]).
 pub fn deliver_remote(
     ctx: &ConnCtx,
     ch: &mut Channel,
@@ -810,21 +825,69 @@ pub fn deliver_remote(
     d: RemoteDelivery,
     now: Now,
 ) {
-    let (queue, no_ack) = match ch.consumers.get(&d.consumer_tag) {
-        Some(cref)
-            if cref
-                .remote
-                .as_ref()
-                .is_some_and(|r| r.cid == d.consumer.cid)
-                && !io.closing =>
-        {
-            (Arc::clone(&cref.queue), cref.consumer.no_ack)
-        }
-        _ => {
-            // Cancelled meanwhile: back to the home node's queue.
-            return d.unsent();
-        }
+    let Some((queue, no_ack, windowed)) = remote_target(ch, io, &d) else {
+        // Cancelled meanwhile: back to the home node's queue.
+        return d.unsent();
     };
+    if windowed && (!ch.held_remote.is_empty() || !ch.channel_credit.try_acquire()) {
+        ch.held_remote.push_back(d);
+        return;
+    }
+    write_remote(ctx, ch, io, d, queue, no_ack, windowed, now);
+}
+
+/// Write the deliveries of remote consumers that wait for room in the
+/// channel-wide prefetch, in their order, while it has room (those of
+/// consumers cancelled meanwhile go back to their home nodes).
+pub fn release_held(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, now: Now) {
+    while let Some(d) = ch.held_remote.front() {
+        let target = remote_target(ch, io, d);
+        if target.as_ref().is_some_and(|t| t.2) && !ch.channel_credit.try_acquire() {
+            return;
+        }
+        let Some(d) = ch.held_remote.pop_front() else {
+            return;
+        };
+        match target {
+            Some((queue, no_ack, windowed)) => {
+                write_remote(ctx, ch, io, d, queue, no_ack, windowed, now)
+            }
+            None => d.unsent(),
+        }
+    }
+}
+
+/// The queue of the remote consumer `d` came from, whether that consumer is
+/// no-ack, and whether its deliveries count against the channel-wide
+/// prefetch (not no-ack ones, nor a stream's, as locally); None when the
+/// consumer is gone from this channel or the channel is closing.
+fn remote_target(
+    ch: &Channel,
+    io: &ChannelIo<'_>,
+    d: &RemoteDelivery,
+) -> Option<(Arc<Queue>, bool, bool)> {
+    let cref = ch.consumers.get(&d.consumer_tag)?;
+    if io.closing || cref.remote.as_ref().is_none_or(|r| r.cid != d.consumer.cid) {
+        return None;
+    }
+    let no_ack = cref.consumer.no_ack;
+    let windowed = !no_ack && cref.queue.stream().is_none();
+    Some((Arc::clone(&cref.queue), no_ack, windowed))
+}
+
+/// Write remote delivery `d` under a new tag of this channel; `windowed`: it
+/// holds a unit of the channel-wide prefetch, given back when it is settled.
+#[allow(clippy::too_many_arguments)]
+fn write_remote(
+    ctx: &ConnCtx,
+    ch: &mut Channel,
+    io: &mut ChannelIo<'_>,
+    d: RemoteDelivery,
+    queue: Arc<Queue>,
+    no_ack: bool,
+    windowed: bool,
+    now: Now,
+) {
     let tag = ch.next_tag;
     ch.next_tag += 1;
     ctx.broker.counters.consumer_delivery(no_ack);
@@ -854,7 +917,8 @@ pub fn deliver_remote(
         tag,
         queue,
         entry,
-        credit: None,
+        // Marks the channel-wide unit it holds (see `settle_remote`).
+        credit: windowed.then(|| Arc::clone(&ch.channel_credit)),
         deadline,
         remote: Some((d.consumer, d.tag)),
     });

@@ -207,6 +207,11 @@ pub struct Channel {
     /// Clustered: per queue homed elsewhere, the consumer id its basic.gets
     /// are settled under on the home node (released with the channel).
     remote_getters: HashMap<String, RemoteConsumer>,
+    /// Clustered: deliveries of consumers on other nodes that came while the
+    /// channel-wide prefetch (basic.qos global) was full, in arrival order,
+    /// written as acks make room ([`basic::release_held`]). Bounded by those
+    /// consumers' windows on their home nodes.
+    held_remote: VecDeque<crate::broker::remote::RemoteDelivery>,
     /// Clustered: the queue's home node's counts (messages, consumers) for
     /// the declare-ok or delete-ok of the method being run.
     remote_counts: Option<(u32, u32)>,
@@ -230,6 +235,7 @@ impl Default for Channel {
             forwarded: VecDeque::new(),
             cancelled_remote: Vec::new(),
             remote_getters: HashMap::new(),
+            held_remote: VecDeque::new(),
             remote_counts: None,
             stats: Arc::default(),
         }
@@ -358,6 +364,10 @@ impl Channel {
                 }
             }
         }
+        // Never written: back to their home nodes' queues as they were.
+        for d in self.held_remote.drain(..) {
+            d.unsent();
+        }
         self.requeue_all(now);
         // The home nodes requeue what is still unacked there.
         for r in remote {
@@ -386,6 +396,8 @@ pub fn dispatch(
         crate::wire::TxSelect::CLASS_ID => tx::handle(ctx, ch, io, method, now),
         _ => Err(not_from_client(&method)),
     };
+    // An ack, a qos or a commit may have made room in the channel-wide window.
+    basic::release_held(ctx, ch, io, now);
     ch.update_gauges();
     r.map_err(|e| e.at(class_id, method_id))
 }
