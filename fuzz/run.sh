@@ -8,7 +8,7 @@ cd "$(dirname "$0")"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(frame_decoder method_decoder content_header connection stream_frame)
+[ ${#targets[@]} -eq 0 ] && targets=(frame_decoder method_decoder content_header connection stream_frame stream_session)
 export RUSTC_BOOTSTRAP=1
 nice -n 10 cargo fuzz build -s none >/dev/null
 status=0

@@ -36,6 +36,7 @@ pub async fn replicate(s: &AdminState, cmd: impl FnOnce() -> Option<Command>) ->
         status: StatusCode::SERVICE_UNAVAILABLE,
         error: "timeout",
         reason,
+        challenge: false,
     })
 }
 

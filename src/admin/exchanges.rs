@@ -210,7 +210,12 @@ pub async fn publish(
     if !exchange.is_empty() {
         v.exchange(exchange).map_err(|_| ApiError::not_found())?;
     }
-    caller.permit(b, &vhost, Access::Write, "exchange", exchange)?;
+    // RabbitMQ publishes through an AMQP channel and answers its refusal as
+    // a bad request naming the channel error.
+    let refused = |e: ApiError| ApiError::bad_request(format!("403 ACCESS_REFUSED - {}", e.reason));
+    caller
+        .permit(b, &vhost, Access::Write, "exchange", exchange)
+        .map_err(refused)?;
     let routing_key = text(&body, "routing_key", "")?;
     let payload = text(&body, "payload", "")?;
     let payload = match text(&body, "payload_encoding", "string")? {
@@ -236,7 +241,8 @@ pub async fn publish(
         Access::Write,
         exchange,
         &keys,
-    )?;
+    )
+    .map_err(refused)?;
     let message = Message::new(exchange, routing_key, props, payload);
     let tap = crate::broker::firehose::Tap::http_api(&b.node, &caller.0.name);
     let published = v.publish_client(exchange, &message, &cc, &tap, now_ms())?;

@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod connections;
 pub mod definitions;
 pub mod exchanges;
+pub mod features;
 pub mod global_parameters;
 pub mod health;
 pub mod history;
@@ -93,6 +94,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error: &'static str,
     pub reason: String,
+    /// A failed login: the 401 carries `WWW-Authenticate` (a refusal to an
+    /// authenticated user is a 401 without it, as RabbitMQ answers both).
+    pub challenge: bool,
 }
 
 impl ApiError {
@@ -101,6 +105,7 @@ impl ApiError {
             status: StatusCode::NOT_FOUND,
             error: "Object Not Found",
             reason: "Not Found".into(),
+            challenge: false,
         }
     }
     pub fn bad_request(reason: impl Into<String>) -> ApiError {
@@ -108,20 +113,28 @@ impl ApiError {
             status: StatusCode::BAD_REQUEST,
             error: "bad_request",
             reason: reason.into(),
+            challenge: false,
         }
     }
+    /// A failed login (no, wrong or refused credentials): 401 with a
+    /// `WWW-Authenticate` challenge.
     pub fn unauthorized(reason: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
             error: "not_authorised",
             reason: reason.into(),
+            challenge: true,
         }
     }
+    /// A logged-in user's tags or permissions do not allow the request:
+    /// RabbitMQ's `not_authorised`, 401 (3.x answers 401, not 403; a 403
+    /// is only "considered for 4.0" there), without a challenge.
     pub fn forbidden(reason: impl Into<String>) -> ApiError {
         ApiError {
-            status: StatusCode::FORBIDDEN,
+            status: StatusCode::UNAUTHORIZED,
             error: "not_authorised",
             reason: reason.into(),
+            challenge: false,
         }
     }
 }
@@ -131,7 +144,8 @@ impl From<AmqpError> for ApiError {
         use crate::wire::reply_code as rc;
         let status = match e.code {
             rc::NOT_FOUND => StatusCode::NOT_FOUND,
-            rc::ACCESS_REFUSED => StatusCode::FORBIDDEN,
+            // RabbitMQ: `not_authorised`, 401 (see `forbidden`).
+            rc::ACCESS_REFUSED => StatusCode::UNAUTHORIZED,
             rc::RESOURCE_LOCKED => StatusCode::LOCKED,
             // A failed durable write (541 INTERNAL_ERROR).
             rc::INTERNAL_ERROR => StatusCode::INTERNAL_SERVER_ERROR,
@@ -143,9 +157,11 @@ impl From<AmqpError> for ApiError {
             error: match status {
                 StatusCode::NOT_FOUND => "Object Not Found",
                 StatusCode::INTERNAL_SERVER_ERROR => "internal_server_error",
+                StatusCode::UNAUTHORIZED => "not_authorised",
                 _ => "bad_request",
             },
             reason: e.text,
+            challenge: false,
         }
     }
 }
@@ -159,7 +175,7 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({"error": self.error, "reason": self.reason}));
-        if self.status == StatusCode::UNAUTHORIZED {
+        if self.challenge {
             (
                 self.status,
                 [(
@@ -239,7 +255,7 @@ impl Caller {
             None => broker.auth.vhost_access(vhost, &self.0.name),
         }
     }
-    /// The caller's own resource permission, as the AMQP side checks it (403 otherwise).
+    /// The caller's own resource permission, as the AMQP side checks it (a 401 refusal otherwise).
     /// The API acts as the user, so administrators need permissions too, as in RabbitMQ.
     pub fn permit(
         &self,
@@ -326,8 +342,8 @@ where
     }
 }
 
-/// A Bearer token's caller: 401 unless it verifies now, 403 without a
-/// management tag scope.
+/// A Bearer token's caller: a failed login (401 with a challenge) unless it
+/// verifies now, a refusal (401 without one) without a management tag scope.
 fn token_caller(
     broker: &Broker,
     token: &str,
@@ -544,6 +560,9 @@ fn routes(state: AdminState) -> Router {
             get(bindings::exchange_destination),
         )
         .route("/api/queues", get(queues::list))
+        // RabbitMQ 4's every-field listing (`detailed_queues_endpoint`):
+        // warren's `/api/queues` has every field already.
+        .route("/api/queues/detailed", get(queues::list))
         .route("/api/queues/:vhost", get(queues::list_vhost))
         .route(
             "/api/queues/:vhost/:name",
@@ -663,6 +682,7 @@ fn routes(state: AdminState) -> Router {
         .merge(tenancy_routes())
         .merge(shovels::routes())
         .merge(global_parameters::routes())
+        .merge(features::routes())
         .route("/metrics", get(metrics::prometheus))
         .merge(ui::routes())
         .fallback(|| async { ApiError::not_found() })
@@ -730,7 +750,8 @@ fn tenancy_routes() -> Router<AdminState> {
 
 /// Requests marked `X-Requested-With: XMLHttpRequest` (the web UI's) get their 401s
 /// without `WWW-Authenticate`, so browsers show the UI's own login form instead of
-/// a native password prompt.
+/// a native password prompt; `X-Warren-Login: failed` tells the UI such a 401 was
+/// a failed login (not a refusal of a logged-in user's request).
 async fn no_browser_challenge(
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -740,8 +761,11 @@ async fn no_browser_challenge(
         .get("x-requested-with")
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"XMLHttpRequest"));
     let mut res = next.run(req).await;
-    if from_script {
-        res.headers_mut().remove(header::WWW_AUTHENTICATE);
+    if from_script && res.headers_mut().remove(header::WWW_AUTHENTICATE).is_some() {
+        res.headers_mut().insert(
+            header::HeaderName::from_static("x-warren-login"),
+            header::HeaderValue::from_static("failed"),
+        );
     }
     res
 }

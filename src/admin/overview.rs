@@ -290,6 +290,7 @@ pub async fn reload_tls(
         status: axum::http::StatusCode::INTERNAL_SERVER_ERROR,
         error: "reload_failed",
         reason: e.to_string(),
+        challenge: false,
     })?;
     Ok(axum::http::StatusCode::NO_CONTENT)
 }

@@ -83,6 +83,7 @@ async fn commit(c: &crate::cluster::Cluster, cmd: Command) -> ApiResult<()> {
         status: StatusCode::SERVICE_UNAVAILABLE,
         error: "timeout",
         reason,
+        challenge: false,
     })
 }
 
@@ -282,6 +283,7 @@ pub async fn rebalance(
             status: StatusCode::CONFLICT,
             error: "conflict",
             reason,
+            challenge: false,
         })?;
         return Ok(Json(outcome).into_response());
     }

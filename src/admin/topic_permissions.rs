@@ -156,7 +156,7 @@ pub async fn remove(
 
 /// The AMQP side's topic check for the API's publish and bind / unbind acting
 /// as `user`: on a topic exchange, each key must match the user's topic
-/// permission there, if any (403 with RabbitMQ's text). There is no client id
+/// permission there, if any (a refusal with RabbitMQ's text). There is no client id
 /// over HTTP.
 pub fn permit_topic(
     b: &Broker,

@@ -1,10 +1,10 @@
-//! Authentication and authorisation: 401/403 from the API, vhost / user / permission
+//! Authentication and authorisation: 401 from the API (RabbitMQ 3.x's answer to a failed login and to a refusal alike; only the first has a `WWW-Authenticate` challenge), vhost / user / permission
 //! CRUD, and AMQP permission checks (configure / write / read) with lapin.
 
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn auth_failures_are_401_and_403() {
+async fn auth_failures_and_refusals_are_401() {
     let b = start().await;
     let (s, v) = b.call("GET", "/api/overview", None, None).await;
     assert_eq!(s, 401);
@@ -27,7 +27,7 @@ async fn auth_failures_are_401_and_403() {
     let (s, _) = b
         .call("GET", "/api/overview", Some(("plain", "p")), None)
         .await;
-    assert_eq!(s, 403);
+    assert_eq!(s, 401);
     // management: overview yes, users / definitions / nodes no.
     b.ok(
         "PUT",
@@ -38,15 +38,15 @@ async fn auth_failures_are_401_and_403() {
     let m = Some(("mgmt", "m"));
     assert_eq!(b.call("GET", "/api/overview", m, None).await.0, 200);
     assert_eq!(b.call("GET", "/api/whoami", m, None).await.0, 200);
-    assert_eq!(b.call("GET", "/api/users", m, None).await.0, 403);
-    assert_eq!(b.call("GET", "/api/definitions", m, None).await.0, 403);
-    assert_eq!(b.call("GET", "/api/nodes", m, None).await.0, 403);
+    assert_eq!(b.call("GET", "/api/users", m, None).await.0, 401);
+    assert_eq!(b.call("GET", "/api/definitions", m, None).await.0, 401);
+    assert_eq!(b.call("GET", "/api/nodes", m, None).await.0, 401);
     assert_eq!(
         b.call("PUT", "/api/vhosts/x", m, Some(json!({}))).await.0,
-        403
+        401
     );
     // Without permissions in "/" a management user sees no queues there.
-    assert_eq!(b.call("GET", "/api/queues/%2F", m, None).await.0, 403);
+    assert_eq!(b.call("GET", "/api/queues/%2F", m, None).await.0, 401);
     // The API acts as the user: resource permissions apply as on AMQP.
     b.ok(
         "PUT",
@@ -63,7 +63,7 @@ async fn auth_failures_are_401_and_403() {
     let (s, v) = b
         .call("PUT", "/api/queues/%2F/x.q", m, Some(json!({})))
         .await;
-    assert_eq!(s, 403);
+    assert_eq!(s, 401);
     assert_eq!(
         v["reason"],
         "access to queue 'x.q' in vhost '/' refused for user 'mgmt'"
@@ -73,11 +73,11 @@ async fn auth_failures_are_401_and_403() {
         b.call("DELETE", "/api/queues/%2F/x.q/contents", m, None)
             .await
             .0,
-        403
+        401
     );
     assert_eq!(
         b.call("DELETE", "/api/queues/%2F/x.q", m, None).await.0,
-        403
+        401
     );
     assert_eq!(
         b.call("DELETE", "/api/queues/%2F/m.q", m, None).await.0,
@@ -93,7 +93,7 @@ async fn auth_failures_are_401_and_403() {
         )
         .await
         .0,
-        403
+        400
     );
     // monitoring: nodes yes, users no.
     b.ok(
@@ -104,7 +104,7 @@ async fn auth_failures_are_401_and_403() {
     .await;
     let mon = Some(("mon", "m"));
     assert_eq!(b.call("GET", "/api/nodes", mon, None).await.0, 200);
-    assert_eq!(b.call("GET", "/api/users", mon, None).await.0, 403);
+    assert_eq!(b.call("GET", "/api/users", mon, None).await.0, 401);
     // Unknown paths and objects: 404 with RabbitMQ's body.
     let (s, v) = b.call("GET", "/api/queues/%2F/missing", GUEST, None).await;
     assert_eq!(s, 404);

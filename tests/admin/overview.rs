@@ -195,3 +195,102 @@ async fn queue_churn_outlives_its_vhost() {
     assert_eq!(after["queue_created"], 1, "{after}");
     assert_eq!(after["queue_declared"], before["queue_declared"]);
 }
+
+/// `/api/feature-flags` lists RabbitMQ's flags for features warren has, all
+/// enabled; enabling one is a no-op, an unknown one is refused.
+/// `/api/deprecated-features` lists RabbitMQ's deprecated features and
+/// `/used` the ones in use now (a global qos, a transient non-exclusive
+/// queue). Administrators only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feature_flags_and_deprecated_features() {
+    let b = start().await;
+    let flags = b.get("/api/feature-flags").await;
+    let names: Vec<&str> = flags
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|f| {
+            assert_eq!(f["state"], "enabled", "{f}");
+            assert_eq!(f["stability"], "stable", "{f}");
+            assert!(f["desc"].is_string() && f["provided_by"].is_string(), "{f}");
+            f["name"].as_str().expect("name")
+        })
+        .collect();
+    for n in [
+        "quorum_queue",
+        "stream_queue",
+        "stream_filtering",
+        "detailed_queues_endpoint",
+    ] {
+        assert!(names.contains(&n), "{n} in {names:?}");
+    }
+    assert!(!names.contains(&"classic_mirrored_queue_version"));
+    let enable = |name: &str| format!("/api/feature-flags/{name}/enable");
+    assert_eq!(
+        b.call("PUT", &enable("quorum_queue"), GUEST, Some(json!({})))
+            .await
+            .0,
+        204
+    );
+    assert_eq!(
+        b.call("PUT", &enable("khepri_db"), GUEST, Some(json!({})))
+            .await
+            .0,
+        400
+    );
+
+    let all = b.get("/api/deprecated-features").await;
+    let phase = |name: &str| {
+        all.as_array()
+            .expect("a list")
+            .iter()
+            .find(|d| d["name"] == name)
+            .map(|d| d["deprecation_phase"].clone())
+    };
+    assert_eq!(phase("ram_node_type"), Some(json!("removed")));
+    assert_eq!(phase("global_qos"), Some(json!("permitted_by_default")));
+    let used = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("a list")
+            .iter()
+            .map(|d| d["name"].as_str().expect("name").to_string())
+            .collect()
+    };
+    assert!(used(&b.get("/api/deprecated-features/used").await).is_empty());
+    let conn = b.amqp("guest", "guest", "/").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.basic_qos(5, BasicQosOptions { global: true })
+        .await
+        .unwrap();
+    ch.queue_declare(
+        "transient",
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        used(&b.get("/api/deprecated-features/used").await),
+        ["global_qos", "transient_nonexcl_queues"]
+    );
+    ch.queue_delete("transient", QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye").await;
+
+    // The detailed queue listing is the listing.
+    assert!(b.get("/api/queues/detailed").await.is_array());
+    // Administrators only.
+    b.ok(
+        "PUT",
+        "/api/users/mon",
+        json!({"password": "p", "tags": "monitoring"}),
+    )
+    .await;
+    assert_eq!(
+        b.call("GET", "/api/feature-flags", Some(("mon", "p")), None)
+            .await
+            .0,
+        401
+    );
+}

@@ -32,7 +32,7 @@ async fn exchanges_queues_bindings_publish_get() {
             Some(json!({"type": "fanout"})),
         )
         .await;
-    assert_eq!(s, 403);
+    assert_eq!(s, 401);
     assert_eq!(b.get("/api/exchanges/%2F/amq.default").await["name"], "");
     let e = b.get("/api/exchanges/%2F/logs").await;
     assert_eq!(e["type"], "topic");

@@ -681,12 +681,12 @@ try {
     await page.waitForSelector('#ov-tiles .tile');
     if (await page.locator('nav a[href="#/users"]').isVisible()) throw new Error('Users link shown to a non-administrator');
     await page.goto(base + '/#/users');
-    await expectText(flash, /Not allowed: .*403.*Not administrator user/);
+    await expectText(flash, /Not allowed: .*401.*Not administrator user/);
     await page.goto(base + '/#/queues/%2F/ui-orders');
     await page.waitForSelector('#qd-pub');
     await page.fill('#qd-pub [name=payload]', 'denied');
     await page.click('#qd-pub button');
-    await expectText(flash, /Not allowed: .*403.*access to exchange/);
+    await expectText(flash, /HTTP 400: 403 ACCESS_REFUSED - access to exchange/);
     await shot('forbidden');
     await page.click('#logout');
     await page.waitForSelector('#login-form');

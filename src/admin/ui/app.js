@@ -22,10 +22,15 @@
   class ApiError extends Error {
     constructor(status, message) { super(message); this.status = status; }
   }
-  function describe(status, body) {
+  // A 401 is a failed login when the server marks it so (X-Warren-Login:
+  // failed, in place of the WWW-Authenticate challenge it keeps from
+  // scripts); otherwise (as RabbitMQ answers a logged-in user's refusal) it
+  // refuses what the user's tags or permissions do not allow.
+  const loginFailed = (res) => res.headers.get('X-Warren-Login') === 'failed';
+  function describe(status, body, challenged) {
     const reason = body && (body.reason || body.error) ? (body.reason || body.error) : '';
-    if (status === 401) return 'Not logged in or wrong username/password (401' + (reason ? ': ' + reason : '') + ').';
-    if (status === 403) return 'Not allowed: your user\'s tags or permissions do not permit this (403' + (reason ? ': ' + reason : '') + ').';
+    if (status === 401 && challenged) return 'Not logged in or wrong username/password (401' + (reason ? ': ' + reason : '') + ').';
+    if (status === 401 || status === 403) return 'Not allowed: your user\'s tags or permissions do not permit this (' + status + (reason ? ': ' + reason : '') + ').';
     if (status === 404) return 'Not found (404' + (reason ? ': ' + reason : '') + ').';
     if (status === 503) return 'Service unavailable (503' + (reason ? ': ' + reason : '') + ').';
     return 'Request failed with HTTP ' + status + (reason ? ': ' + reason : '') + '.';
@@ -45,8 +50,9 @@
     let data = null;
     if (text) { try { data = JSON.parse(text); } catch (e) { data = { reason: text.slice(0, 200) }; } }
     if (!res.ok) {
-      if (res.status === 401 && !authOverride) { logout('Your session is no longer valid: ' + describe(401, data)); }
-      throw new ApiError(res.status, describe(res.status, data));
+      const challenged = loginFailed(res);
+      if (res.status === 401 && challenged && !authOverride) { logout('Your session is no longer valid: ' + describe(401, data, true)); }
+      throw new ApiError(res.status, describe(res.status, data, challenged));
     }
     return data;
   }
@@ -885,7 +891,7 @@
       onClick('.close-conn', async (b) => {
         if (!confirm('Force-close connection ' + b.dataset.name + '?')) return;
         const res = await fetch('/api/connections/' + enc(b.dataset.name), { method: 'DELETE', headers: { Authorization: 'Basic ' + sessionStorage.getItem(AUTH_KEY), 'X-Requested-With': 'XMLHttpRequest', 'X-Reason': 'Closed via warren management UI' } });
-        if (!res.ok) { let body = null; try { body = await res.json(); } catch (e) { /* none */ } throw new ApiError(res.status, describe(res.status, body)); }
+        if (!res.ok) { let body = null; try { body = await res.json(); } catch (e) { /* none */ } throw new ApiError(res.status, describe(res.status, body, loginFailed(res))); }
         info('Connection ' + b.dataset.name + ' closed.'); load();
       });
     };
