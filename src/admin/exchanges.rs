@@ -117,10 +117,13 @@ pub fn declare_from(
 ) -> ApiResult<(bool, Command)> {
     let v = s.broker.vhost(vhost).ok_or_else(ApiError::not_found)?;
     let existed = v.exchange(name).is_ok();
-    let kind = body
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::bad_request("type must be set"))?;
+    // RabbitMQ's default when the body names none.
+    let kind = match body.get("type") {
+        None | Some(Value::Null) => "direct",
+        Some(t) => t
+            .as_str()
+            .ok_or_else(|| ApiError::bad_request("type must be a string"))?,
+    };
     let d = ExchangeDeclare {
         name: name.to_string(),
         kind: kind.to_string(),
@@ -207,8 +210,14 @@ pub async fn publish(
     } else {
         name.as_str()
     };
+    // RabbitMQ publishes through an AMQP channel: a missing exchange is a
+    // bad request naming the channel error.
     if !exchange.is_empty() {
-        v.exchange(exchange).map_err(|_| ApiError::not_found())?;
+        v.exchange(exchange).map_err(|_| {
+            ApiError::bad_request(format!(
+                "404 NOT_FOUND - no exchange '{exchange}' in vhost '{vhost}'"
+            ))
+        })?;
     }
     // RabbitMQ publishes through an AMQP channel and answers its refusal as
     // a bad request naming the channel error.

@@ -575,6 +575,12 @@ pub async fn get_messages(
     let q = find(&s, &vhost, &name)?;
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     caller.permit(&s.broker, &vhost, Access::Read, "queue", &name)?;
+    // RabbitMQ gets through an AMQP channel: a stream refuses basic.get.
+    if q.queue_type() == crate::broker::queue::QueueType::Stream {
+        return Err(ApiError::bad_request(format!(
+            "540 basic.get not supported by stream queues queue '{name}' in vhost '{vhost}'"
+        )));
+    }
     let count = match body.get("count") {
         None => 1,
         Some(v) => v

@@ -68,7 +68,27 @@ pub fn parse_tags(v: Option<&Value>) -> ApiResult<Vec<String>> {
 /// Create or update a user from an API / definitions body.
 pub fn put_user_from(b: &Broker, name: &str, body: &Value) -> ApiResult<bool> {
     let existing = b.auth.user(name);
-    let tags = parse_tags(body.get("tags"))?;
+    // RabbitMQ requires `tags` (or its older `administrator` flag).
+    let tags = match (
+        body.get("tags").filter(|t| !t.is_null()),
+        body.get("administrator").filter(|a| !a.is_null()),
+    ) {
+        (Some(t), _) => parse_tags(Some(t))?,
+        (None, Some(a)) => match a
+            .as_bool()
+            .or_else(|| a.as_str().and_then(|a| a.parse().ok()))
+        {
+            Some(true) => vec!["administrator".to_string()],
+            Some(false) => Vec::new(),
+            None => return Err(ApiError::bad_request("administrator must be true or false")),
+        },
+        (None, None) => return Err(ApiError::bad_request("tags_not_present")),
+    };
+    if body.get("password").is_some() && body.get("password_hash").is_some() {
+        return Err(ApiError::bad_request(
+            "both_password_and_password_hash_are_provided",
+        ));
+    }
     let hash = if let Some(pw) = body.get("password") {
         let pw = pw
             .as_str()
@@ -99,12 +119,10 @@ pub fn put_user_from(b: &Broker, name: &str, body: &Value) -> ApiResult<bool> {
             }
         }
         h.to_string()
-    } else if let Some(u) = &existing {
-        u.password_hash.clone()
     } else {
-        return Err(ApiError::bad_request(
-            "one of password or password_hash must be set",
-        ));
+        // Neither: as RabbitMQ, a user that cannot log in with a password
+        // (certificates, tokens), and an existing user's password is cleared.
+        String::new()
     };
     b.auth.put_user(User {
         name: name.to_string(),

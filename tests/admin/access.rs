@@ -174,10 +174,12 @@ async fn vhosts_users_permissions_crud() {
             .0,
         200
     );
+    // No password nor hash: a user without a password (RabbitMQ's), gone again.
     let (s, _) = b
         .call("PUT", "/api/users/nopw", GUEST, Some(json!({"tags": ""})))
         .await;
-    assert_eq!(s, 400);
+    assert_eq!(s, 201);
+    assert_eq!(b.call("DELETE", "/api/users/nopw", GUEST, None).await.0, 204);
     assert_eq!(b.get("/api/users").await.as_array().unwrap().len(), 3);
     // Paged as the other listings (rabbitmqadmin's `list users --page`).
     let page = b.get("/api/users?page=1&page_size=2&sort=name").await;
@@ -575,4 +577,53 @@ async fn auth_attempts_are_counted_per_protocol() {
             .0,
         404
     );
+}
+
+/// `PUT /api/users/{name}` as RabbitMQ takes it: `tags` required (or the
+/// older `administrator` flag), not both a password and a hash, and neither
+/// makes a user that cannot log in with a password (an existing user's
+/// password is cleared).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_bodies_as_rabbitmq_takes_them() {
+    let b = start().await;
+    let (s, v) = b
+        .call(
+            "PUT",
+            "/api/users/nt",
+            GUEST,
+            Some(json!({"password": "p"})),
+        )
+        .await;
+    assert_eq!((s, v["reason"].as_str()), (400, Some("tags_not_present")));
+    let both = json!({"password": "p", "password_hash": "", "tags": ""});
+    let (s, v) = b.call("PUT", "/api/users/both", GUEST, Some(both)).await;
+    assert_eq!(
+        (s, v["reason"].as_str()),
+        (400, Some("both_password_and_password_hash_are_provided"))
+    );
+    b.ok(
+        "PUT",
+        "/api/users/old",
+        json!({"password": "p", "administrator": "true"}),
+    )
+    .await;
+    assert_eq!(
+        b.get("/api/users/old").await["tags"],
+        json!(["administrator"])
+    );
+    assert_eq!(
+        b.call("GET", "/api/whoami", Some(("old", "p")), None)
+            .await
+            .0,
+        200
+    );
+    // Tags alone: the password goes.
+    b.ok("PUT", "/api/users/old", json!({"tags": "management"}))
+        .await;
+    assert_eq!(b.get("/api/users/old").await["password_hash"], "");
+    let (s, _) = b.call("GET", "/api/whoami", Some(("old", "p")), None).await;
+    assert_eq!(s, 401);
+    b.ok("PUT", "/api/users/nopw", json!({"tags": ""})).await;
+    let (s, _) = b.call("GET", "/api/whoami", Some(("nopw", "")), None).await;
+    assert_eq!(s, 401);
 }

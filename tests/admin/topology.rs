@@ -326,3 +326,42 @@ async fn exchanges_and_connections_are_listed_in_pages() {
     let c = b.get("/api/connections?page=1&page_size=1").await;
     assert_eq!(c["total_count"], 1, "{c}");
 }
+
+/// Where RabbitMQ's API goes through an AMQP channel, its answers name the
+/// channel error; an exchange declared without a type is `direct`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_errors_through_the_api_are_rabbitmqs() {
+    let b = start().await;
+    b.ok("PUT", "/api/exchanges/%2F/untyped", json!({})).await;
+    assert_eq!(b.get("/api/exchanges/%2F/untyped").await["type"], "direct");
+    let publish =
+        json!({"routing_key": "k", "payload": "x", "payload_encoding": "string", "properties": {}});
+    let (s, v) = b
+        .call(
+            "POST",
+            "/api/exchanges/%2F/missing/publish",
+            GUEST,
+            Some(publish),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(
+        v["reason"],
+        "404 NOT_FOUND - no exchange 'missing' in vhost '/'"
+    );
+    b.ok(
+        "PUT",
+        "/api/queues/%2F/log",
+        json!({"durable": true, "arguments": {"x-queue-type": "stream"}}),
+    )
+    .await;
+    let get = json!({"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"});
+    let (s, v) = b
+        .call("POST", "/api/queues/%2F/log/get", GUEST, Some(get))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    assert_eq!(
+        v["reason"],
+        "540 basic.get not supported by stream queues queue 'log' in vhost '/'"
+    );
+}
