@@ -488,6 +488,7 @@ fn routes(state: AdminState) -> Router {
             get(overview::auth_attempts_by_source),
         )
         .route("/api/whoami", get(overview::whoami))
+        .route("/api/extensions", get(overview::extensions))
         .route(
             "/api/warren/reload-tls",
             axum::routing::post(overview::reload_tls),

@@ -272,6 +272,13 @@ pub async fn whoami(caller: Caller) -> Json<Value> {
     Json(json!({"name": caller.0.name, "tags": caller.0.tags_list()}))
 }
 
+/// `GET /api/extensions`: the management UI's plugin scripts, as RabbitMQ
+/// lists them for its plugins' pages; warren's UI has none, so the list is
+/// empty.
+pub async fn extensions(_caller: Caller) -> Json<Value> {
+    Json(json!([]))
+}
+
 /// `POST /api/warren/reload-tls` (administrators; warren's own, the CLI's
 /// `reload-tls`): read the certificate, key and CA files of every TLS listener
 /// again, as SIGHUP does. 204; 400 when no TLS listener is configured; 500 with

@@ -179,7 +179,10 @@ async fn vhosts_users_permissions_crud() {
         .call("PUT", "/api/users/nopw", GUEST, Some(json!({"tags": ""})))
         .await;
     assert_eq!(s, 201);
-    assert_eq!(b.call("DELETE", "/api/users/nopw", GUEST, None).await.0, 204);
+    assert_eq!(
+        b.call("DELETE", "/api/users/nopw", GUEST, None).await.0,
+        204
+    );
     assert_eq!(b.get("/api/users").await.as_array().unwrap().len(), 3);
     // Paged as the other listings (rabbitmqadmin's `list users --page`).
     let page = b.get("/api/users?page=1&page_size=2&sort=name").await;

@@ -278,6 +278,7 @@ async fn feature_flags_and_deprecated_features() {
         .unwrap();
     let _ = conn.close(200, "bye").await;
 
+    assert_eq!(b.get("/api/extensions").await, json!([]));
     // The detailed queue listing is the listing.
     assert!(b.get("/api/queues/detailed").await.is_array());
     // Administrators only.
