@@ -4,7 +4,11 @@
 //! time, its chunk reads run as the driver runs them. No sockets, no clock.
 //!
 //! Input: byte 0 bit 0 logs in as guest and opens `/` first (so most inputs
-//! reach the running state). Then ops, each picked by `byte % 4`:
+//! reach the running state); bit 1 makes the session a clustered node's,
+//! whose creates and deletes hold their response until the change is
+//! committed: after each op a held change is reported committed, or not
+//! (the op byte's top bit), and the rest of the input fed again. Then ops,
+//! each picked by `byte % 4`:
 //! 0 raw bytes (`len` then bytes), 1 a frame (`len` then that many bytes, the
 //! size prefix added: key, version and fields), 2 advance time by
 //! `byte * 50` ms and fire the timer, 3 wake the subscriptions and run the
@@ -110,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
             handshake_timeout_ms: 10_000,
             sac: Arc::default(),
             anonymous: None,
-            clustered: false,
+            clustered: first & 2 == 2,
         },
         1,
         true,
@@ -158,6 +162,14 @@ fuzz_target!(|data: &[u8]| {
                     s.handle_read(job.run());
                 }
             }
+        }
+        // Clustered: the metadata group's answer to a held change.
+        for _ in 0..64 {
+            if s.held_change().is_none() {
+                break;
+            }
+            s.change_committed(op & 0x80 == 0);
+            s.handle_input(&mut input, now);
         }
         drain(&mut s, now, &mut sent);
         if s.is_closed() {
