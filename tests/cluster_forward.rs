@@ -315,24 +315,13 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
     common::t(ch_g.basic_qos(2, BasicQosOptions { global: true }))
         .await
         .expect("qos global");
-    let mut both = futures::stream::select_all(vec![
-        common::t(ch_g.basic_consume(
-            "cq",
-            "g1",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ))
-        .await
-        .expect("consume g1"),
-        common::t(ch_g.basic_consume(
-            "cq",
-            "g2",
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        ))
-        .await
-        .expect("consume g2"),
-    ]);
+    let mut consumers = Vec::new();
+    for tag in ["g1", "g2"] {
+        let opts = BasicConsumeOptions::default();
+        let consumer = common::t(ch_g.basic_consume("cq", tag, opts, FieldTable::default()));
+        consumers.push(consumer.await.expect("consume"));
+    }
+    let mut both = futures::stream::select_all(consumers);
     let mut held = std::collections::VecDeque::new();
     let mut got = Vec::new();
     while got.len() < 6 {

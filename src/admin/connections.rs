@@ -135,7 +135,7 @@ pub(super) fn close_reason<'h>(
     headers: &'h axum::http::HeaderMap,
 ) -> ApiResult<&'h str> {
     if !caller.is_admin() && c.user != caller.0.name {
-        return Err(ApiError::forbidden("Not administrator user"));
+        return Err(ApiError::refused("Not administrator user"));
     }
     Ok(headers
         .get("x-reason")

@@ -213,11 +213,8 @@ pub async fn publish(
     // RabbitMQ publishes through an AMQP channel: a missing exchange is a
     // bad request naming the channel error.
     if !exchange.is_empty() {
-        v.exchange(exchange).map_err(|_| {
-            ApiError::bad_request(format!(
-                "404 NOT_FOUND - no exchange '{exchange}' in vhost '{vhost}'"
-            ))
-        })?;
+        v.exchange(exchange)
+            .map_err(|e| ApiError::bad_request(format!("{} {}", e.code, e.text)))?;
     }
     // RabbitMQ publishes through an AMQP channel and answers its refusal as
     // a bad request naming the channel error.

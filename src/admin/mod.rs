@@ -129,7 +129,7 @@ impl ApiError {
     /// A logged-in user's tags or permissions do not allow the request:
     /// RabbitMQ's `not_authorised`, 401 (3.x answers 401, not 403; a 403
     /// is only "considered for 4.0" there), without a challenge.
-    pub fn forbidden(reason: impl Into<String>) -> ApiError {
+    pub fn refused(reason: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
             error: "not_authorised",
@@ -144,7 +144,7 @@ impl From<AmqpError> for ApiError {
         use crate::wire::reply_code as rc;
         let status = match e.code {
             rc::NOT_FOUND => StatusCode::NOT_FOUND,
-            // RabbitMQ: `not_authorised`, 401 (see `forbidden`).
+            // RabbitMQ: `not_authorised`, 401 (see `refused`).
             rc::ACCESS_REFUSED => StatusCode::UNAUTHORIZED,
             rc::RESOURCE_LOCKED => StatusCode::LOCKED,
             // A failed durable write (541 INTERNAL_ERROR).
@@ -233,14 +233,14 @@ impl Caller {
         if self.is_admin() {
             Ok(())
         } else {
-            Err(ApiError::forbidden("Not administrator user"))
+            Err(ApiError::refused("Not administrator user"))
         }
     }
     pub fn require_monitor(&self) -> ApiResult<()> {
         if self.is_monitor() {
             Ok(())
         } else {
-            Err(ApiError::forbidden("Not monitor user"))
+            Err(ApiError::refused("Not monitor user"))
         }
     }
     /// Objects of `vhost` are visible: monitors see all, others need permissions there.
@@ -277,7 +277,7 @@ impl Caller {
         if allowed {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!(
+            Err(ApiError::refused(format!(
                 "access to {kind} '{name}' in vhost '{vhost}' refused for user '{}'",
                 self.0.name
             )))
@@ -293,7 +293,7 @@ impl Caller {
         if self.vhost_access(broker, vhost) || self.is_admin() {
             Ok(())
         } else {
-            Err(ApiError::forbidden("Access refused."))
+            Err(ApiError::refused("Access refused."))
         }
     }
 }
@@ -336,7 +336,7 @@ where
             }
         })?;
         if !u.tags.iter().any(|t| MANAGEMENT_TAGS.contains(&t.as_str())) {
-            return Err(ApiError::forbidden("Not management user"));
+            return Err(ApiError::refused("Not management user"));
         }
         Ok(Caller(u, None))
     }
@@ -370,7 +370,7 @@ fn token_caller(
         ApiError::unauthorized("Login failed")
     })?;
     if !t.tags.iter().any(|t| MANAGEMENT_TAGS.contains(&t.as_str())) {
-        return Err(ApiError::forbidden("Not management user"));
+        return Err(ApiError::refused("Not management user"));
     }
     Ok(Caller(t.as_user(), Some(Arc::new(t))))
 }

@@ -41,7 +41,7 @@ impl Kind {
     fn require_writer(self, caller: &Caller) -> ApiResult<()> {
         match self {
             Kind::User if !caller.is_policymaker() => {
-                Err(ApiError::forbidden("Not policymaker user"))
+                Err(ApiError::refused("Not policymaker user"))
             }
             Kind::Operator => caller.require_admin(),
             Kind::User => Ok(()),

@@ -578,7 +578,9 @@ pub async fn get_messages(
     // RabbitMQ gets through an AMQP channel: a stream refuses basic.get.
     if q.queue_type() == crate::broker::queue::QueueType::Stream {
         return Err(ApiError::bad_request(format!(
-            "540 basic.get not supported by stream queues queue '{name}' in vhost '{vhost}'"
+            "{} {}",
+            crate::wire::reply_code::NOT_IMPLEMENTED,
+            crate::amqp::basic::stream_get_refused(&name, &vhost)
         )));
     }
     let count = match body.get("count") {

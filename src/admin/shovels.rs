@@ -79,7 +79,7 @@ fn require_policymaker(caller: &Caller) -> ApiResult<()> {
     if caller.is_policymaker() {
         Ok(())
     } else {
-        Err(ApiError::forbidden("Not policymaker user"))
+        Err(ApiError::refused("Not policymaker user"))
     }
 }
 

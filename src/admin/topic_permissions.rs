@@ -186,7 +186,7 @@ pub fn permit_topic(
             } else {
                 "write"
             };
-            return Err(ApiError::forbidden(format!(
+            return Err(ApiError::refused(format!(
                 "{what} access to topic '{key}' in exchange '{exchange}' in vhost '{vhost}' refused for user '{user}'"
             )));
         }

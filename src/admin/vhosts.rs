@@ -62,7 +62,7 @@ pub async fn show(
     let b = &s.broker;
     let v = b.vhost(&name).ok_or_else(ApiError::not_found)?;
     if !caller.sees(b, &name) {
-        return Err(ApiError::forbidden("Access refused."));
+        return Err(ApiError::refused("Access refused."));
     }
     Ok(Json(vhost_json(&s, &v)))
 }

@@ -155,9 +155,9 @@ fn get(
     ctx.permit(Access::Read, "queue", &name)?;
     let q = ctx.vhost.queue(&name, ctx.id)?;
     if q.queue_type() == QueueType::Stream {
-        return Err(AmqpError::not_implemented(format!(
-            "basic.get not supported by stream queues queue '{name}' in vhost '{}'",
-            ctx.vhost.name
+        return Err(AmqpError::not_implemented(stream_get_refused(
+            &name,
+            &ctx.vhost.name,
         )));
     }
     match q.get(g.no_ack, now.ms) {
@@ -812,6 +812,12 @@ pub fn got_remote(
         });
         ch.count_unacked();
     }
+}
+
+/// Why a stream refuses basic.get (RabbitMQ's words; the admin API's get
+/// answers it too).
+pub fn stream_get_refused(queue: &str, vhost: &str) -> String {
+    format!("basic.get not supported by stream queues queue '{queue}' in vhost '{vhost}'")
 }
 
 /// A consumer on another node delivered: assign a tag of this channel and
