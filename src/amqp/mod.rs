@@ -134,7 +134,10 @@ struct Unacked {
     tag: u64,
     queue: Arc<Queue>,
     entry: Entry,
-    /// The consumer's window to give back on ack (None for basic.get).
+    /// The consumer's window to give back on ack (None for basic.get). A
+    /// remote consumer's delivery has the channel's window here when it holds
+    /// a unit of it (`basic::settle_remote` gives that back; its own window
+    /// is on the home node).
     credit: Option<Arc<Credit>>,
     /// When the consumer timeout runs out for it: (deadline, timeout in ms).
     deadline: Option<(Instant, u64)>,
