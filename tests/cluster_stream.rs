@@ -3,9 +3,11 @@
 //! Stream listeners.
 //!
 //! - On a node that is not a stream's home (B, for a stream declared on A),
-//!   which has no member of it, `declare_publisher`, `subscribe`,
-//!   `query_offset` and `query_publisher_sequence` answer
-//!   STREAM_NOT_AVAILABLE (0x06); publishing and consuming on A work.
+//!   which has no member of it, `subscribe` and `query_offset` answer
+//!   STREAM_NOT_AVAILABLE (0x06), as RabbitMQ's do without a local member;
+//!   publishing (with confirms and deduplication), `query_publisher_sequence`
+//!   and `store_offset` go to A, as RabbitMQ's go to the leader; with A
+//!   down, `declare_publisher` on B is STREAM_NOT_AVAILABLE.
 //! - Stream protocol `create` / `delete` and `create_super_stream` /
 //!   `delete_super_stream` are committed by the metadata group before they
 //!   are answered: what A creates B has (AMQP passive declares, `metadata`
@@ -41,8 +43,55 @@ async fn client(n: &Node) -> Client {
     .expect("stream client")
 }
 
+/// What a client's handler hears of its publishes: (confirmed ids, errors
+/// as (id, code)), per frame.
+type Heard = tokio::sync::mpsc::UnboundedReceiver<(Vec<u64>, Vec<(u64, u16)>)>;
+
+/// A client on `n` whose publish confirms and errors come to a channel.
+async fn publishing_client(n: &Node) -> (Client, Heard) {
+    use rabbitmq_stream_client::types::ResponseKind;
+    let c = client(n).await;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    c.set_handler(move |item: rabbitmq_stream_client::types::MessageResult| {
+        let tx = tx.clone();
+        async move {
+            if let Some(Ok(r)) = item {
+                match r.kind_ref() {
+                    ResponseKind::PublishConfirm(c) => {
+                        let _ = tx.send((c.publishing_ids.clone(), Vec::new()));
+                    }
+                    ResponseKind::PublishError(e) => {
+                        let errors = e
+                            .publishing_errors
+                            .iter()
+                            .map(|x| (x.publishing_id, u16::from(&x.error_code)))
+                            .collect();
+                        let _ = tx.send((Vec::new(), errors));
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+    })
+    .await;
+    (c, rx)
+}
+
+/// Wait until `heard` has confirmed every id of `ids` (in any frames); the
+/// ids confirmed meanwhile, in order, and any errors.
+async fn confirmed(heard: &mut Heard, ids: &[u64]) -> (Vec<u64>, Vec<(u64, u16)>) {
+    let (mut got, mut errors) = (Vec::new(), Vec::new());
+    while !ids.iter().all(|i| got.contains(i)) && errors.is_empty() {
+        let (c, e) = common::t(heard.recv()).await.expect("a confirm");
+        got.extend(c);
+        errors.extend(e);
+    }
+    (got, errors)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publish_and_subscribe_on_a_non_home_node_are_not_available() {
+async fn publishing_on_a_non_home_node_goes_to_the_home_node() {
     let (a, b) = two_stream_nodes("strm-home").await;
 
     // Declared over AMQP on A (replicated; A is its home).
@@ -50,10 +99,9 @@ async fn publish_and_subscribe_on_a_non_home_node_are_not_available() {
     let ch = common::t(conn.create_channel()).await.expect("channel");
     stream::declare_stream(&ch, "ss").await;
     let _ = conn.close(200, "bye").await;
-    let on_a = client(&a).await;
 
     // B learns of it and names A as leader.
-    let on_b = client(&b).await;
+    let (on_b, mut heard) = publishing_client(&b).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let m = common::t(on_b.metadata(vec!["ss".to_string()]))
@@ -67,11 +115,8 @@ async fn publish_and_subscribe_on_a_non_home_node_are_not_available() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // On B: no member of the stream here.
-    let p = common::t(on_b.declare_publisher(1, Some("ref".into()), "ss"))
-        .await
-        .expect("declare_publisher");
-    assert_eq!(p.code(), &ResponseCode::StreamNotAvailable);
+    // B has no member of the stream: reading it there is not available
+    // (RabbitMQ's subscribe and query_offset need a local member).
     let s = common::t(on_b.subscribe(1, "ss", OffsetSpecification::First, 10, HashMap::new()))
         .await
         .expect("subscribe");
@@ -84,63 +129,74 @@ async fn publish_and_subscribe_on_a_non_home_node_are_not_available() {
         ),
         "query_offset on B: {q:?}"
     );
-    // query_publisher_sequence (key 5) over a raw connection: the client
-    // library drops its response code.
-    let addr = format!("{}:{}", b.ip, b.stream.expect("stream port"));
-    let mut raw = stream::raw_open(addr.parse().expect("addr")).await;
+
+    // Writing goes to the leader from any node, as RabbitMQ's does: a
+    // publisher on B, with deduplication by its reference.
+    let p = common::t(on_b.declare_publisher(1, Some("ref".into()), "ss"))
+        .await
+        .expect("declare_publisher");
+    assert_eq!(p.code(), &ResponseCode::Ok);
+    let batch = |ids: std::ops::Range<u64>| -> Vec<Message> {
+        ids.map(|i| {
+            Message::builder()
+                .publishing_id(i)
+                .body(format!("m{i}"))
+                .build()
+        })
+        .collect()
+    };
+    common::t(on_b.publish(1, batch(1..4), 1))
+        .await
+        .expect("publish");
+    common::t(on_b.publish(1, batch(4..6), 1))
+        .await
+        .expect("publish");
+    let (ids, errors) = confirmed(&mut heard, &[1, 2, 3, 4, 5]).await;
+    assert_eq!((ids, errors), (vec![1, 2, 3, 4, 5], vec![]));
+    // Resent with one more (as after a reconnect): 4 and 5 are known.
+    common::t(on_b.publish(1, batch(4..7), 1))
+        .await
+        .expect("publish");
+    let (ids, errors) = confirmed(&mut heard, &[4, 5, 6]).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(ids.len(), 3, "each confirmed once: {ids:?}");
+    // The home node's sequence for the reference, asked from B (key 5
+    // over a raw connection: the client library drops its response code).
+    let seq = common::t(on_b.query_publisher_sequence("ref", "ss"))
+        .await
+        .expect("sequence");
+    assert_eq!(seq, 6);
+    let mut raw = stream::raw_open(stream_addr(&b)).await;
     let mut body = stream::s16("ref");
     body.extend_from_slice(&stream::s16("ss"));
-    assert_eq!(
-        stream::request(&mut raw, 5, &body).await,
-        6,
-        "STREAM_NOT_AVAILABLE"
-    );
+    assert_eq!(stream::request(&mut raw, 5, &body).await, 1, "OK");
+    // An offset stored on B is stored on the home node.
+    common::t(on_b.store_offset("reader", "ss", 3))
+        .await
+        .expect("store_offset");
     // A stream that does not exist still says so.
     let none = common::t(on_b.declare_publisher(2, None, "nope"))
         .await
         .expect("declare_publisher");
     assert_eq!(none.code(), &ResponseCode::StreamDoesNotExist);
-    let _ = on_b.close().await;
-    let _ = on_a.close().await;
 
-    // On A (the home): publish with confirms, then consume from the start.
-    let env = common::t(
-        Environment::builder()
-            .host(&a.ip)
-            .port(a.stream.expect("stream port"))
-            .build(),
-    )
-    .await
-    .expect("environment on A");
-    let mut producer = common::t(env.producer().name("ref").build("ss"))
+    // On A (the home): what B published, once each, and the offset.
+    let on_a = &client(&a).await;
+    until("the offset stored from B", || async move {
+        common::t(on_a.query_offset("reader".into(), "ss"))
+            .await
+            .ok()
+            == Some(3)
+    })
+    .await;
+    let _ = on_a.close().await;
+    let bodies = consume_from(&a.ip, a.stream.expect("stream port"), "ss", 6).await;
+    assert_eq!(bodies, ["m1", "m2", "m3", "m4", "m5", "m6"]);
+    let seq = common::t(client(&a).await.query_publisher_sequence("ref", "ss"))
         .await
-        .expect("producer on A");
-    for i in 0..3 {
-        let m = Message::builder().body(format!("m{i}")).build();
-        let st = common::t(producer.send_with_confirm(m))
-            .await
-            .expect("confirmed");
-        assert!(st.confirmed(), "message {i} not confirmed");
-    }
-    let mut consumer = common::t(
-        env.consumer()
-            .offset(OffsetSpecification::First)
-            .build("ss"),
-    )
-    .await
-    .expect("consumer on A");
-    let mut bodies = Vec::new();
-    while bodies.len() < 3 {
-        let d = common::t(consumer.next())
-            .await
-            .expect("delivery")
-            .expect("ok");
-        let body = d.message().data().expect("body").to_vec();
-        bodies.push(String::from_utf8_lossy(&body).to_string());
-    }
-    assert_eq!(bodies, ["m0", "m1", "m2"]);
-    let _ = producer.close().await;
-    let _ = consumer.handle().close().await;
+        .expect("sequence on A");
+    assert_eq!(seq, 6);
+    let _ = on_b.close().await;
 }
 
 /// Where `n`'s Stream listener is.
@@ -488,6 +544,11 @@ async fn without_a_majority_creates_fail_and_a_down_home_leads_nothing() {
         .await
         .expect("subscribe");
     assert_eq!(s.code(), &ResponseCode::StreamNotAvailable);
+    // Nor can B write to it: its home node is down.
+    let p = common::t(on_b.declare_publisher(1, None, "hd"))
+        .await
+        .expect("declare_publisher");
+    assert_eq!(p.code(), &ResponseCode::StreamNotAvailable);
 
     // B alone is no majority: creates are not committed and say so.
     let started = Instant::now();

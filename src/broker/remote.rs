@@ -99,6 +99,55 @@ pub enum Settle {
     Unsent,
 }
 
+/// A Stream protocol request for a stream homed on another node, which the
+/// client's node forwards there (RabbitMQ goes to the stream's leader for
+/// these three, from any node): the home node answers a [`StreamAnswer`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum StreamOp {
+    /// Append entries under the publisher `reference` (deduplicated by it
+    /// on the home node); their data travels after the request, one after
+    /// the other, `len` bytes each. Answered once fsynced.
+    Publish {
+        reference: Option<String>,
+        entries: Vec<StreamEntry>,
+        /// More is likely to follow (the publisher has unconfirmed
+        /// messages): the home node's flusher may linger for it.
+        #[serde(default)]
+        pipelined: bool,
+    },
+    /// The last publishing id stored for `reference`.
+    PublisherSequence { reference: String },
+    /// Store a consumer's offset under `reference` (no answer is awaited).
+    StoreOffset { reference: String, offset: u64 },
+}
+
+/// One entry of a [`StreamOp::Publish`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StreamEntry {
+    /// Its publishing id.
+    pub id: u64,
+    pub len: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// A sub-entry batch's header: compression, records, uncompressed size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<(u8, u16, u32)>,
+}
+
+/// The home node's answer to a [`StreamOp`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum StreamAnswer {
+    /// Appended and fsynced; the entries (by index) that were duplicates
+    /// of their reference's earlier ids (not stored, confirmed anyway).
+    Published {
+        duplicates: Vec<u32>,
+    },
+    Sequence(u64),
+    Stored,
+    /// Refused with this Stream protocol response code.
+    Failed(u16),
+}
+
 /// A consumer opened on another node: its id on the link, and whether the
 /// link it lives on is still up (false: its deliveries are gone, the home
 /// node requeued them; settling them does nothing).

@@ -31,10 +31,12 @@ use crate::broker::message::Message;
 use crate::broker::queue::Enqueued;
 use crate::broker::queue::{Consumer, Credit, Delivery, DeliverySink, Queue};
 use crate::broker::remote::{
-    RemoteConsume, RemoteConsumer, RemoteDelivery, RemoteHome, Settle, Ticket,
+    RemoteConsume, RemoteConsumer, RemoteDelivery, RemoteHome, Settle, StreamAnswer, StreamOp,
+    Ticket,
 };
 use crate::broker::Broker;
 use crate::cluster::quorum::publisher as quorum_pub;
+use crate::wire::stream::SubBatch;
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -133,6 +135,9 @@ pub enum Op {
     DeleteCheck { if_unused: bool, if_empty: bool },
     /// basic.get; an unacked message is settled as a delivery of `cid`.
     Get { no_ack: bool, cid: u64 },
+    /// A Stream protocol request for a stream homed here (a publish's
+    /// entries are the frame's body).
+    Stream(StreamOp),
 }
 
 /// The home node's answer to an [`Op`].
@@ -152,6 +157,7 @@ pub enum Reply {
         messages: u64,
     },
     Empty,
+    Stream(StreamAnswer),
     Got {
         tag: u64,
         redelivered: bool,
@@ -479,21 +485,39 @@ impl Link {
     /// Ask the home node about `vhost`/`queue`: its answer, or None when the
     /// link is down or goes down first.
     pub async fn request(&self, vhost: &str, queue: &str, op: Op) -> Option<Answer> {
+        self.send_request(vhost, queue, op, &[])?.await.ok()
+    }
+
+    /// Send a request now, in order with the link's other requests, with
+    /// `body` after its header; its answer comes through the receiver,
+    /// which fails when the link goes down first. None: the link is down.
+    pub fn send_request(
+        &self,
+        vhost: &str,
+        queue: &str,
+        op: Op,
+        body: &[u8],
+    ) -> Option<tokio::sync::oneshot::Receiver<Answer>> {
         if !self.up.load(Ordering::Acquire) {
             return None;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.requests.lock().insert(id, tx);
-        self.control(&Msg::Request {
+        // Down meanwhile: `fail_all` may have run before the insert.
+        if !self.up.load(Ordering::Acquire) {
+            self.requests.lock().remove(&id);
+            return None;
+        }
+        let msg = Msg::Request {
             id,
             vhost: vhost.to_string(),
             queue: queue.to_string(),
             op,
-        });
-        let r = rx.await.ok();
-        self.requests.lock().remove(&id);
-        r
+        };
+        let header = serde_json::to_vec(&msg).unwrap_or_default();
+        let _ = self.ctl.send(pack(&header, &[], body));
+        Some(rx)
     }
 
     /// A consumer id for basic.get on `home`'s queue from `channel`: what it
@@ -1000,7 +1024,7 @@ pub(super) async fn serve_link(conn: Conn, c: Arc<Cluster>, peer: String) -> Res
                 vhost,
                 queue,
                 op,
-            } => home.request(id, &vhost, &queue, op),
+            } => home.request(id, &vhost, &queue, op, body),
             Msg::Done { .. }
             | Msg::Deliver { .. }
             | Msg::Consumed { .. }
@@ -1183,7 +1207,7 @@ impl Served {
     }
 
     /// Answer a queue operation.
-    fn request(&mut self, id: u64, vhost: &str, queue: &str, op: Op) {
+    fn request(&mut self, id: u64, vhost: &str, queue: &str, op: Op, body: bytes::Bytes) {
         let now = crate::clock::now_ms();
         let v = self.broker.vhost(vhost);
         let q = v
@@ -1197,6 +1221,10 @@ impl Served {
             ));
             let _ = self.out.send(encode(&Msg::Reply { id, reply }, None));
             return;
+        };
+        let op = match op {
+            Op::Stream(op) => return self.stream_request(id, &q, op, &body),
+            op => op,
         };
         let err = |e: crate::error::AmqpError| Err((e.code, e.text));
         let mut attached: Option<(bytes::BytesMut, bytes::Bytes)> = None;
@@ -1222,6 +1250,7 @@ impl Served {
                     messages: q.stats(now).ready as u64,
                 }),
             },
+            Op::Stream(_) => return,
             Op::Get { no_ack, cid } => match q.get(no_ack, now) {
                 None => Ok(Reply::Empty),
                 Some((entry, remaining)) => {
@@ -1260,6 +1289,82 @@ impl Served {
             None => pack(&header, &[], &[]),
         };
         let _ = self.out.send(bytes);
+    }
+
+    /// A Stream protocol request for the stream `q` homed here, from a
+    /// client on the other node: answered at once, a publish once its
+    /// entries are fsynced (what a confirm promises).
+    fn stream_request(&self, id: u64, q: &Arc<Queue>, op: StreamOp, body: &[u8]) {
+        use crate::session::stream::error_code;
+        use crate::wire::stream::code;
+        let out = self.out.clone();
+        let answer = move |a: StreamAnswer| {
+            let reply = Ok(Reply::Stream(a));
+            let _ = out.send(encode(&Msg::Reply { id, reply }, None));
+        };
+        let Some(log) = q.stream().cloned() else {
+            return answer(StreamAnswer::Failed(code::STREAM_DOES_NOT_EXIST));
+        };
+        let (reference, entries, pipelined) = match op {
+            StreamOp::PublisherSequence { reference } => {
+                return answer(StreamAnswer::Sequence(log.publisher_sequence(&reference)));
+            }
+            StreamOp::StoreOffset { reference, offset } => {
+                return answer(match log.store_offset(&reference, offset) {
+                    Ok(()) => StreamAnswer::Stored,
+                    Err(e) => StreamAnswer::Failed(error_code(&e)),
+                });
+            }
+            StreamOp::Publish {
+                reference,
+                entries,
+                pipelined,
+            } => (reference, entries, pipelined),
+        };
+        let mut at = 0usize;
+        let mut msgs = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let end = at.saturating_add(e.len as usize);
+            let Some(data) = body.get(at..end) else {
+                return answer(StreamAnswer::Failed(code::INTERNAL_ERROR));
+            };
+            at = end;
+            msgs.push(crate::storage::stream::NewMessage {
+                data,
+                filter: e.filter.as_deref(),
+                publishing_id: e.id,
+                batch: e
+                    .batch
+                    .map(|(compression, records, uncompressed_len)| SubBatch {
+                        compression,
+                        records,
+                        uncompressed_len,
+                    }),
+            });
+        }
+        let reference: Option<Arc<str>> = reference.map(Arc::from);
+        let now = crate::clock::now_ms() as i64;
+        let appended = match log.append_from(reference.as_ref(), msgs, now, pipelined) {
+            Ok(a) => a,
+            Err(e) => return answer(StreamAnswer::Failed(error_code(&e))),
+        };
+        let duplicates = appended.duplicates.iter().map(|&i| i as u32).collect();
+        let mut durable = log.durable();
+        tokio::spawn(async move {
+            loop {
+                if *durable.borrow_and_update() >= appended.next_offset {
+                    return answer(StreamAnswer::Published { duplicates });
+                }
+                // Deleted meanwhile: what was not fsynced never will be.
+                if log.is_deleted() {
+                    return answer(StreamAnswer::Failed(code::STREAM_DOES_NOT_EXIST));
+                }
+                let changed = tokio::time::timeout(Duration::from_secs(1), durable.changed());
+                if let Ok(Err(_)) = changed.await {
+                    return answer(StreamAnswer::Failed(code::STREAM_DOES_NOT_EXIST));
+                }
+            }
+        });
     }
 
     fn settle(&mut self, cid: u64, tags: Vec<u64>, how: Settle) {

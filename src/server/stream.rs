@@ -20,7 +20,11 @@
 //! replicated metadata ([`StreamSession::held_change`]) is proposed to the
 //! metadata group here, as the commands AMQP and the admin API use, and its
 //! response released only once committed (INTERNAL_ERROR when not within
-//! the commit timeout).
+//! the commit timeout). Publishes, `query_publisher_sequence` and
+//! `store_offset` for a stream homed on another node
+//! ([`StreamSession::poll_forward`]) go to that node over the cluster's data
+//! link, their answers back into the session; past
+//! [`MAX_FORWARDS`] unanswered, the connection reads no more input.
 
 use std::collections::HashMap;
 use std::io::IoSlice;
@@ -35,16 +39,21 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 
+use crate::broker::remote::StreamAnswer;
 use crate::broker::Broker;
 use crate::clock;
+use crate::cluster::forward::{Op, Reply};
 use crate::cluster::{Cluster, Command};
 use crate::config::Config;
 use crate::session::stream::{
-    HeldChange, MetaChange, Out, ReadDone, StreamSession, StreamSettings,
+    Forward, HeldChange, MetaChange, Out, ReadDone, StreamSession, StreamSettings,
 };
 use crate::session::stream_sac::SacRegistry;
 use crate::session::stream_stats::StreamConnStats;
 use crate::tls::{CertLogin, Established, ServerTls};
+use crate::wire::stream::code;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
 
 /// A running stream listener.
 pub struct StreamServer {
@@ -577,6 +586,7 @@ async fn serve<S: Sink>(
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     let mut pieces: Vec<Out> = Vec::new();
     let mut reads = tokio::task::JoinSet::new();
+    let mut forwards = FuturesUnordered::new();
     let result = loop {
         let now = clock::now_ms();
         if let Some(w) = session.watched() {
@@ -585,6 +595,12 @@ async fn serve<S: Sink>(
         // Write what is queued; deliveries continue while there is credit.
         loop {
             start_reads(&mut session, &mut reads);
+            while let Some(f) = session.poll_forward() {
+                match send_forward(cluster.as_deref(), f) {
+                    Ok(answer) => forwards.push(answer),
+                    Err(token) => session.handle_forwarded(token, None),
+                }
+            }
             while let Some(b) = session.poll_output(now) {
                 pieces.push(b);
             }
@@ -615,7 +631,8 @@ async fn serve<S: Sink>(
         if rbuf.capacity() - rbuf.len() < 16 * 1024 {
             rbuf.reserve(64 * 1024);
         }
-        let full = streams.as_ref().is_some_and(|s| !s.has_room());
+        let full = streams.as_ref().is_some_and(|s| !s.has_room())
+            || session.forwards_in_flight() >= MAX_FORWARDS;
         tokio::select! {
             _ = async {
                 if let Some(s) = &streams {
@@ -639,6 +656,9 @@ async fn serve<S: Sink>(
                 Err(e) => break Err(std::io::Error::other(e)),
             },
             Some(ev) = sac_rx.recv() => session.handle_sac(ev),
+            Some((token, answer)) = forwards.next(), if !forwards.is_empty() => {
+                session.handle_forwarded(token, answer);
+            }
             Some(reason) = close_rx.recv() => session.force_close(&reason),
             _ = tokio::time::sleep(Duration::from_millis(deadline)) => session.handle_timeout(clock::now_ms()),
         }
@@ -648,6 +668,36 @@ async fn serve<S: Sink>(
     }
     let _ = sock.shutdown().await;
     result
+}
+
+/// Requests of a connection for streams homed on other nodes that may wait
+/// for their answers, at most.
+pub const MAX_FORWARDS: usize = 1024;
+
+/// A forwarded request's answer: its token and what the home node said
+/// (None: no answer, the link went down first).
+type Forwarded = BoxFuture<'static, (u64, Option<StreamAnswer>)>;
+
+/// Send `f` to its home node over the data link; Err(its token) when the
+/// link is down (or the node is not clustered).
+fn send_forward(cluster: Option<&Cluster>, f: Forward) -> Result<Forwarded, u64> {
+    let token = f.token;
+    let link = cluster.ok_or(token)?.forward.link(&f.node);
+    let rx = link
+        .send_request(&f.vhost, &f.stream, Op::Stream(f.op), &f.body)
+        .ok_or(token)?;
+    Ok(Box::pin(async move {
+        let answer = match rx.await {
+            Ok((Ok(Reply::Stream(a)), _)) => Some(a),
+            // The home node has no such stream (any more).
+            Ok((Err((crate::wire::reply_code::NOT_FOUND, _)), _)) => {
+                Some(StreamAnswer::Failed(code::STREAM_DOES_NOT_EXIST))
+            }
+            Ok(_) => Some(StreamAnswer::Failed(code::INTERNAL_ERROR)),
+            Err(_) => None,
+        };
+        (token, answer)
+    }))
 }
 
 /// Propose what a Stream protocol request changed to the metadata group, as

@@ -34,6 +34,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use crate::broker::auth::{Access, User};
+use crate::broker::remote::{StreamAnswer, StreamEntry, StreamOp};
 use crate::broker::vhost::{ExchangeDeclare, QueueDeclare, VHost};
 use crate::broker::{Broker, LoginError};
 use crate::session::handshake::{self, EXTERNAL};
@@ -132,6 +133,13 @@ struct Publisher {
     /// The log's durable (fsynced) next offset: what confirms wait for.
     committed: tokio::sync::watch::Receiver<u64>,
     stats: Arc<PublisherStats>,
+    /// Clustered, a stream homed on another node: its name. Publishes go
+    /// there ([`Forward`]); `log` is this node's empty copy (watched only
+    /// for the stream's deletion).
+    home: Option<String>,
+    /// Its forwarded publish frames, in order: (token, publishing ids, the
+    /// home node's answer once it came). Confirmed in this order.
+    forwarded: VecDeque<(u64, Vec<u64>, Option<StreamAnswer>)>,
 }
 
 /// Confirm what `p` published that the log has fsynced: one frame, or
@@ -176,6 +184,57 @@ fn confirm_ready(out: &mut BytesMut, id: u8, p: &mut Publisher) {
     response::publish_confirm(out, id, dups, dup_ids.into_iter());
     if !ids.is_empty() {
         response::publish_confirm(out, id, ids.len(), ids.into_iter());
+    }
+}
+
+/// Confirm or refuse what the home node answered of `p`'s forwarded
+/// publish frames, in their order (a frame answered before an earlier one
+/// waits for it); duplicates in a frame of their own first, as
+/// [`confirm_ready`] sends them.
+fn confirm_forwarded(out: &mut BytesMut, id: u8, p: &mut Publisher) {
+    use std::sync::atomic::Ordering::Relaxed;
+    while p.forwarded.front().is_some_and(|f| f.2.is_some()) {
+        let Some((_, ids, Some(answer))) = p.forwarded.pop_front() else {
+            break;
+        };
+        let duplicates = match answer {
+            StreamAnswer::Published { duplicates } => duplicates,
+            other => {
+                let c = match other {
+                    StreamAnswer::Failed(c) => c,
+                    _ => code::INTERNAL_ERROR,
+                };
+                p.stats.errored.fetch_add(ids.len() as u64, Relaxed);
+                let errors: Vec<(u64, u16)> = ids.iter().map(|&i| (i, c)).collect();
+                response::publish_error(out, id, &errors);
+                continue;
+            }
+        };
+        p.stats.confirmed.fetch_add(ids.len() as u64, Relaxed);
+        // `duplicates` is in ascending order of index.
+        let mut d = duplicates.iter().peekable();
+        let (mut dup, mut rest) = (Vec::new(), Vec::with_capacity(ids.len()));
+        for (i, &pid) in ids.iter().enumerate() {
+            if d.next_if(|&&x| x as usize == i).is_some() {
+                dup.push(pid);
+            } else {
+                rest.push(pid);
+            }
+        }
+        for ids in [dup, rest] {
+            if !ids.is_empty() {
+                response::publish_confirm(out, id, ids.len(), ids.into_iter());
+            }
+        }
+    }
+}
+
+/// The Stream protocol's response code for a stream store error.
+pub fn error_code(e: &StreamError) -> u16 {
+    match e {
+        StreamError::Deleted => code::STREAM_DOES_NOT_EXIST,
+        StreamError::ReferenceTooLong => code::PRECONDITION_FAILED,
+        _ => code::INTERNAL_ERROR,
     }
 }
 
@@ -499,6 +558,39 @@ pub struct StreamSession {
     /// Clustered: a response waiting for its change's commit (no frame is
     /// handled meanwhile).
     held: Option<Held>,
+    /// Clustered: requests for streams homed on other nodes, for the
+    /// driver to send ([`StreamSession::poll_forward`]).
+    forwards: VecDeque<Forward>,
+    /// What each forwarded request that is not answered yet is for.
+    awaiting: HashMap<u64, Awaited>,
+    next_token: u64,
+}
+
+/// A Stream protocol request for a stream homed on another node (clustered:
+/// publishes, `query_publisher_sequence` and `store_offset` go to the
+/// stream's home node, as RabbitMQ's go to its leader), for the driver to
+/// send there; its answer comes back through
+/// [`StreamSession::handle_forwarded`].
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub token: u64,
+    /// The home node.
+    pub node: String,
+    pub vhost: String,
+    pub stream: String,
+    pub op: StreamOp,
+    /// A publish's entries, one after the other.
+    pub body: Bytes,
+}
+
+/// What a forwarded request answers.
+#[derive(Debug, Clone, Copy)]
+enum Awaited {
+    /// A publish frame of publisher `0`.
+    Publish(u8),
+    /// A `query_publisher_sequence` (its correlation id).
+    Sequence(u32),
+    StoreOffset,
 }
 
 /// The admin API's view of a connection and where it came from.
@@ -554,6 +646,9 @@ impl StreamSession {
             peer_properties: Vec::new(),
             admin: None,
             held: None,
+            forwards: VecDeque::new(),
+            awaiting: HashMap::new(),
+            next_token: 1,
         }
     }
 
@@ -1311,10 +1406,89 @@ impl StreamSession {
     /// `remote()` marker on the queue), so this node has no member of it and
     /// its local log is an empty copy that must not be read or written.
     fn homed_elsewhere(&self, name: &str) -> bool {
-        self.vhost
+        self.home_elsewhere(name).is_some()
+    }
+
+    /// Clustered: the home node of stream `name` when that is another node,
+    /// and whether this node reaches it now.
+    fn home_elsewhere(&self, name: &str) -> Option<(String, bool)> {
+        let q = self.vhost.as_ref()?.queue(name, self.connection_id).ok()?;
+        let home = q.remote()?;
+        Some((home.node().to_string(), home.reachable()))
+    }
+
+    /// Queue `op` on `stream` for its home node `node`, answered to `what`;
+    /// its token.
+    fn forward(
+        &mut self,
+        node: String,
+        stream: &str,
+        op: StreamOp,
+        body: Bytes,
+        what: Awaited,
+    ) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        let vhost = self
+            .vhost
             .as_ref()
-            .and_then(|v| v.queue(name, self.connection_id).ok())
-            .is_some_and(|q| q.remote().is_some())
+            .map(|v| v.name.to_string())
+            .unwrap_or_default();
+        self.forwards.push_back(Forward {
+            token,
+            node,
+            vhost,
+            stream: stream.to_owned(),
+            op,
+            body,
+        });
+        self.awaiting.insert(token, what);
+        token
+    }
+
+    /// The next request for another node (clustered), in order.
+    pub fn poll_forward(&mut self) -> Option<Forward> {
+        self.forwards.pop_front()
+    }
+
+    /// Forwarded requests not answered yet (the driver reads no more input
+    /// past a bound).
+    pub fn forwards_in_flight(&self) -> usize {
+        self.awaiting.len()
+    }
+
+    /// The home node answered forwarded request `token` (None: it could
+    /// not be reached, or the link went down first).
+    pub fn handle_forwarded(&mut self, token: u64, answer: Option<StreamAnswer>) {
+        let Some(what) = self.awaiting.remove(&token) else {
+            return;
+        };
+        let answer = answer.unwrap_or(StreamAnswer::Failed(code::STREAM_NOT_AVAILABLE));
+        match what {
+            Awaited::Sequence(correlation_id) => {
+                let (c, seq) = match answer {
+                    StreamAnswer::Sequence(n) => (code::OK, n),
+                    StreamAnswer::Failed(c) => (c, 0),
+                    _ => (code::INTERNAL_ERROR, 0),
+                };
+                let k = key::QUERY_PUBLISHER_SEQUENCE;
+                response::with_u64(&mut self.out, k, correlation_id, c, seq);
+            }
+            Awaited::StoreOffset => {
+                if let StreamAnswer::Failed(c) = answer {
+                    tracing::warn!(code = c, "store offset on the stream's home node failed");
+                }
+            }
+            Awaited::Publish(id) => {
+                let Some(p) = self.publishers.get_mut(&id) else {
+                    return;
+                };
+                if let Some(f) = p.forwarded.iter_mut().find(|f| f.0 == token) {
+                    f.2 = Some(answer);
+                }
+                confirm_forwarded(&mut self.out, id, p);
+            }
+        }
     }
 
     fn running(&mut self, req: Request, now_ms: u64) {
@@ -1372,9 +1546,18 @@ impl StreamSession {
                 // Permission first, then the stream, as RabbitMQ checks them.
                 let (c, seq) = match self.log(&stream) {
                     _ if !self.allowed(Access::Read, &stream) => (code::ACCESS_REFUSED, 0),
-                    Some(_) if self.homed_elsewhere(&stream) => (code::STREAM_NOT_AVAILABLE, 0),
-                    Some(log) => (code::OK, log.publisher_sequence(&reference)),
                     None => (code::STREAM_DOES_NOT_EXIST, 0),
+                    // Clustered, homed elsewhere: asked of the home node.
+                    Some(log) => match self.home_elsewhere(&stream) {
+                        Some((node, true)) => {
+                            let op = StreamOp::PublisherSequence { reference };
+                            let what = Awaited::Sequence(correlation_id);
+                            self.forward(node, &stream, op, Bytes::new(), what);
+                            return;
+                        }
+                        Some((_, false)) => (code::STREAM_NOT_AVAILABLE, 0),
+                        None => (code::OK, log.publisher_sequence(&reference)),
+                    },
                 };
                 response::with_u64(
                     &mut self.out,
@@ -1419,15 +1602,26 @@ impl StreamSession {
                 offset,
             } => {
                 // No response; failures are only logged, as RabbitMQ does.
-                // Never into the empty local copy of a stream homed elsewhere.
-                if self.homed_elsewhere(&stream) {
-                    tracing::warn!(%stream, "store offset: stream not available on this node");
-                } else if let Some(log) = self
+                // Never into the empty local copy of a stream homed
+                // elsewhere: stored on its home node.
+                let Some(log) = self
                     .log(&stream)
                     .filter(|_| self.allowed(Access::Read, &stream))
-                {
-                    if let Err(e) = log.store_offset(&reference, offset) {
-                        tracing::warn!(%stream, error = %e, "store offset failed");
+                else {
+                    return;
+                };
+                match self.home_elsewhere(&stream) {
+                    Some((node, true)) => {
+                        let op = StreamOp::StoreOffset { reference, offset };
+                        self.forward(node, &stream, op, Bytes::new(), Awaited::StoreOffset);
+                    }
+                    Some((_, false)) => {
+                        tracing::warn!(%stream, "store offset: the stream's home node is down");
+                    }
+                    None => {
+                        if let Err(e) = log.store_offset(&reference, offset) {
+                            tracing::warn!(%stream, error = %e, "store offset failed");
+                        }
                     }
                 }
             }
@@ -1622,11 +1816,13 @@ impl StreamSession {
         let Some(log) = self.log(stream) else {
             return code::STREAM_DOES_NOT_EXIST;
         };
-        // Clustered: the stream's leader is another node and Stream protocol
-        // publishes are not forwarded; refuse rather than write the local copy.
-        if self.homed_elsewhere(stream) {
-            return code::STREAM_NOT_AVAILABLE;
-        }
+        // Clustered: the stream's leader is another node; its publishes go
+        // there (never into the local copy), while this node reaches it.
+        let home = match self.home_elsewhere(stream) {
+            Some((_, false)) => return code::STREAM_NOT_AVAILABLE,
+            Some((node, true)) => Some(node),
+            None => None,
+        };
         // One publisher per reference and stream on a connection, as RabbitMQ.
         if let Some(r) = &reference {
             if self
@@ -1648,6 +1844,8 @@ impl StreamSession {
                 reference: reference.map(Arc::from),
                 pending: VecDeque::new(),
                 pending_ids: VecDeque::new(),
+                home,
+                forwarded: VecDeque::new(),
             },
         );
         self.watch_changed = true;
@@ -1685,6 +1883,9 @@ impl StreamSession {
         p.stats
             .published
             .fetch_add(messages.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(node) = p.home.clone() {
+            return self.publish_forwarded(publisher_id, node, &messages);
+        }
         // Encoded straight from the frame into the log's write buffer.
         let batch = messages.iter().map(|m| NewMessage {
             data: &m.data,
@@ -1714,11 +1915,7 @@ impl StreamSession {
                 confirm_ready(&mut self.out, publisher_id, p);
             }
             Err(e) => {
-                let c = match e {
-                    StreamError::Deleted => code::STREAM_DOES_NOT_EXIST,
-                    StreamError::ReferenceTooLong => code::PRECONDITION_FAILED,
-                    _ => code::INTERNAL_ERROR,
-                };
+                let c = error_code(&e);
                 p.stats
                     .errored
                     .fetch_add(messages.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -1726,6 +1923,40 @@ impl StreamSession {
                     messages.iter().map(|m| (m.publishing_id, c)).collect();
                 response::publish_error(&mut self.out, publisher_id, &errors);
             }
+        }
+    }
+
+    /// Send a publish frame of publisher `id` to its stream's home node.
+    fn publish_forwarded(&mut self, id: u8, node: String, messages: &[Published]) {
+        let Some(p) = self.publishers.get(&id) else {
+            return;
+        };
+        let mut body = BytesMut::with_capacity(messages.iter().map(|m| m.data.len()).sum());
+        let entries = messages
+            .iter()
+            .map(|m| {
+                body.extend_from_slice(&m.data);
+                StreamEntry {
+                    id: m.publishing_id,
+                    len: m.data.len() as u32,
+                    filter: m.filter_value.clone(),
+                    batch: m
+                        .sub_batch
+                        .map(|b| (b.compression, b.records, b.uncompressed_len)),
+                }
+            })
+            .collect();
+        let op = StreamOp::Publish {
+            reference: p.reference.as_deref().map(str::to_owned),
+            entries,
+            pipelined: !p.forwarded.is_empty(),
+        };
+        let stream = p.stream.clone();
+        let body = body.freeze();
+        let token = self.forward(node, &stream, op, body, Awaited::Publish(id));
+        if let Some(p) = self.publishers.get_mut(&id) {
+            let ids = messages.iter().map(|m| m.publishing_id).collect();
+            p.forwarded.push_back((token, ids, None));
         }
     }
 
