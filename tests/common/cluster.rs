@@ -505,7 +505,28 @@ pub async fn start_proxied(
     Vec<Node>,
     std::collections::BTreeMap<(usize, usize), super::proxy::Proxy>,
 ) {
-    let mut nodes: Vec<Node> = (1..=3).map(|n| Node::new(n, tag)).collect();
+    start_proxied_with(tag, commit_timeout_ms, false).await
+}
+
+/// [`start_proxied`], the nodes with Stream listeners when `stream`.
+pub async fn start_proxied_with(
+    tag: &str,
+    commit_timeout_ms: u64,
+    stream: bool,
+) -> (
+    Vec<Node>,
+    std::collections::BTreeMap<(usize, usize), super::proxy::Proxy>,
+) {
+    let mut nodes: Vec<Node> = (1..=3)
+        .map(|n| {
+            let node = Node::new(n, tag);
+            if stream {
+                node.with_stream()
+            } else {
+                node
+            }
+        })
+        .collect();
     for n in nodes.iter_mut() {
         n.commit_timeout_ms = commit_timeout_ms;
     }
