@@ -368,6 +368,16 @@ async fn figures_of_every_member_and_503_without_a_majority() {
     let (status, rc) = b.get(&format!("/api/nodes/{}", c.name()));
     assert_eq!(status, 200, "{rc}");
     assert_eq!(rc["sockets_used"], 2, "{rc}");
+    // Its memory breakdown, asked of it too.
+    let (status, mc) = b.get(&format!("/api/nodes/{}/memory", c.name()));
+    assert_eq!(status, 200, "{mc}");
+    let rss = mc["memory"]["total"]["rss"].as_u64().unwrap_or(0);
+    assert!(rss > 0, "{mc}");
+    assert!(
+        mc["memory"]["other_proc"].as_u64().unwrap_or(u64::MAX) <= rss,
+        "{mc}"
+    );
+    assert_eq!(b.get("/api/nodes/warren@nowhere/memory").0, 404);
     for conn in conns {
         let _ = conn.close(200, "bye").await;
     }

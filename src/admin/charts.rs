@@ -450,8 +450,18 @@ pub async fn node(
 ) -> ApiResult<Json<Value>> {
     let stats = range(&params, "node_stats")?;
     let here = path.0 == super::cluster::this_node(&s);
+    let name = path.0.clone();
     let Json(mut v) = super::overview::node(State(s.clone()), caller, path).await?;
+    // `?memory=true`: the memory breakdown too (null when the node did not answer).
+    let memory = if params.get("memory").map(String::as_str) == Some("true") {
+        Some(super::overview::memory_of(&s, &name).await.flatten())
+    } else {
+        None
+    };
     let root = object(&mut v);
+    if let Some(m) = memory {
+        root.insert("memory".into(), m.unwrap_or(Value::Null));
+    }
     // The samples are this node's own history.
     if let Some((age, incr)) = stats.filter(|_| here) {
         let w = s.history.node(age, incr);

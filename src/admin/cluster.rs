@@ -148,7 +148,7 @@ pub async fn nodes(c: &Cluster, this_node: Value) -> Vec<Value> {
 }
 
 /// This node's answer to another member's stats request: its health
-/// figures (`node`) and, for `{"queues": [[vhost, name], ...]}`, the counts
+/// figures (`node`), its memory breakdown (`memory`) and, for `{"queues": [[vhost, name], ...]}`, the counts
 /// of those queues (`queues`, in the same order; null for one it does not
 /// have).
 pub fn answer_stats(s: &AdminState, query: &Value) -> Value {
@@ -166,7 +166,11 @@ pub fn answer_stats(s: &AdminState, query: &Value) -> Value {
                 .unwrap_or(Value::Null)
         })
         .collect();
-    json!({ "node": super::overview::node_figures(s), "queues": queues })
+    json!({
+        "node": super::overview::node_figures(s),
+        "memory": super::overview::memory_breakdown(s),
+        "queues": queues,
+    })
 }
 
 /// The most queues one stats request answers for: a bound on the work a

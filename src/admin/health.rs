@@ -1,8 +1,11 @@
 //! RabbitMQ's health checks (`/api/health/checks/...`: what
 //! `rabbitmq-diagnostics check_*`, load balancers and Kubernetes probes
 //! call) beyond the alarms one: a listener on a port or for a protocol,
-//! TLS certificates expiring within a period, and whether stopping this
-//! node would take a quorum queue below its majority. Each answers 200
+//! TLS certificates expiring within a period, whether stopping this
+//! node would take a quorum queue below its majority (or a mirrored classic
+//! queue below its last synchronised mirror: warren has no mirroring, so
+//! never), and whether every virtual host runs, plus the deprecated
+//! `/api/healthchecks/node[/{node}]`. Each answers 200
 //! `{"status": "ok", ...}` when it passes and 503 `{"status": "failed",
 //! "reason": ..., ...}` with what failed. Also this node's listeners for
 //! `GET /api/overview`.
@@ -208,12 +211,68 @@ pub fn quorum_critical(
 /// stopped (what a rolling restart checks before stopping a node). A node
 /// alone (not clustered) has no replicated queue and passes, as
 /// RabbitMQ's.
+/// What RabbitMQ adds to a node-is-*-critical check on a node alone: no
+/// other node to stop, so nothing can be critical.
+fn single_node() -> Response {
+    ok(json!({"reason": "single node cluster"}))
+}
+
+/// `GET /api/health/checks/node-is-mirror-sync-critical`: classic queue
+/// mirroring does not exist in warren (replication is by quorum queues), so
+/// stopping a node never leaves a mirrored queue without a synchronised
+/// mirror.
+pub async fn node_is_mirror_sync_critical(
+    State(s): State<AdminState>,
+    _caller: Caller,
+) -> Response {
+    match &s.cluster {
+        Some(c) if c.members().len() > 1 => ok(json!({})),
+        _ => single_node(),
+    }
+}
+
+/// `GET /api/health/checks/virtual-hosts`: every virtual host runs. A
+/// warren vhost has no process of its own that could be stopped or have
+/// crashed: each runs while the node does.
+pub async fn virtual_hosts(_caller: Caller) -> Response {
+    ok(json!({}))
+}
+
+/// `GET /api/healthchecks/node[/{node}]` (deprecated in RabbitMQ 3.8 for
+/// the checks above, still served): fails with a resource alarm in effect
+/// on this node; another member is asked for its alarm over the cluster
+/// port (it fails when it does not answer).
+pub async fn legacy_node(
+    State(s): State<AdminState>,
+    _caller: Caller,
+    node: Option<Path<String>>,
+) -> ApiResult<Response> {
+    let name = node.map(|Path(n)| n).unwrap_or_else(|| this_node(&s));
+    let alarm = if name == this_node(&s) {
+        s.broker.memory_alarm()
+    } else {
+        let c = s.cluster.as_ref().ok_or_else(ApiError::not_found)?;
+        if !c.members().iter().any(|m| m.name == name) {
+            return Err(ApiError::not_found());
+        }
+        match c.stats_of(&name, &json!({})).await {
+            Some(a) => a["node"]["mem_alarm"].as_bool().unwrap_or(false),
+            None => return Ok(failed(&format!("node {name} is not reachable"), json!({}))),
+        }
+    };
+    Ok(if alarm {
+        failed("resource alarm(s) in effect: [memory]", json!({}))
+    } else {
+        ok(json!({}))
+    })
+}
+
 pub async fn node_is_quorum_critical(
     State(s): State<AdminState>,
     _caller: Caller,
 ) -> ApiResult<Response> {
-    let Some(c) = s.cluster.clone() else {
-        return Ok(ok(json!({})));
+    let Some(c) = s.cluster.clone().filter(|c| c.members().len() > 1) else {
+        return Ok(single_node());
     };
     let running = c
         .members()

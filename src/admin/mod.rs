@@ -116,6 +116,16 @@ impl ApiError {
             challenge: false,
         }
     }
+    /// What the request needs cannot be had now (another node did not
+    /// answer): 503.
+    pub fn unavailable(reason: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: "service_unavailable",
+            reason: reason.into(),
+            challenge: false,
+        }
+    }
     /// A failed login (no, wrong or refused credentials): 401 with a
     /// `WWW-Authenticate` challenge.
     pub fn unauthorized(reason: impl Into<String>) -> ApiError {
@@ -482,6 +492,12 @@ fn routes(state: AdminState) -> Router {
             axum::routing::delete(cluster::forget),
         )
         .route("/api/nodes/:node", get(charts::node))
+        .route("/api/nodes/:node/memory", get(overview::node_memory))
+        .route(
+            "/api/nodes/:node/memory/relative",
+            get(overview::node_memory_relative),
+        )
+        .route("/api/auth", get(overview::auth_settings))
         .route("/api/auth/attempts/:node", get(overview::auth_attempts))
         .route(
             "/api/auth/attempts/:node/source",
@@ -511,6 +527,16 @@ fn routes(state: AdminState) -> Router {
             "/api/health/checks/node-is-quorum-critical",
             get(health::node_is_quorum_critical),
         )
+        .route(
+            "/api/health/checks/node-is-mirror-sync-critical",
+            get(health::node_is_mirror_sync_critical),
+        )
+        .route(
+            "/api/health/checks/virtual-hosts",
+            get(health::virtual_hosts),
+        )
+        .route("/api/healthchecks/node", get(health::legacy_node))
+        .route("/api/healthchecks/node/:node", get(health::legacy_node))
         .route("/api/aliveness-test/:vhost", get(overview::aliveness))
         .route("/api/vhosts", get(vhosts::list))
         .route(
@@ -666,6 +692,11 @@ fn routes(state: AdminState) -> Router {
         .route("/api/consumers/:vhost", get(connections::consumers_vhost))
         .route(
             "/api/definitions",
+            get(definitions::export).post(definitions::import),
+        )
+        // RabbitMQ's older name for the same (still served by 3.x).
+        .route(
+            "/api/all-configuration",
             get(definitions::export).post(definitions::import),
         )
         .route(

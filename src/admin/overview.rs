@@ -268,6 +268,126 @@ pub async fn node(
     Ok(Json(node_record(&name, answer.is_some(), figures)))
 }
 
+/// A node's memory by what uses it, in RabbitMQ's categories
+/// (`/api/nodes/{node}/memory`, `?memory=true`): what warren can tell
+/// apart is attributed — message bodies held in memory by queues
+/// (`queue_procs`: classic queues and a quorum queue leader's, which share
+/// one copy), streams' write buffers (`stream_queue_procs`) — and the rest
+/// of the resident memory is `other_proc` (connections, quorum queue group
+/// state, the metadata, the allocator's slack). Categories of the Erlang
+/// runtime warren has no counterpart of (code, atoms, ETS, Mnesia, ...)
+/// are 0. `total`: the resident set size (the strategy RabbitMQ calls
+/// `rss`), the same in each of its three figures.
+pub fn memory_breakdown(s: &AdminState) -> Value {
+    let rss = resident_memory().unwrap_or(0);
+    let queues = s.broker.budget.used() as u64;
+    let streams = s.broker.streams.as_ref().map_or(0, |st| st.pending_bytes());
+    let other = rss.saturating_sub(queues).saturating_sub(streams);
+    let mut m = serde_json::Map::new();
+    for k in MEMORY_CATEGORIES {
+        m.insert((*k).into(), json!(0));
+    }
+    m.insert("queue_procs".into(), json!(queues));
+    m.insert("stream_queue_procs".into(), json!(streams));
+    m.insert("other_proc".into(), json!(other));
+    m.insert("strategy".into(), json!("rss"));
+    m.insert(
+        "total".into(),
+        json!({"rss": rss, "allocated": rss, "erlang": rss}),
+    );
+    Value::Object(m)
+}
+
+/// RabbitMQ's memory categories (3.10's, and 4.x's metadata store).
+const MEMORY_CATEGORIES: &[&str] = &[
+    "connection_readers",
+    "connection_writers",
+    "connection_channels",
+    "connection_other",
+    "queue_procs",
+    "queue_slave_procs",
+    "quorum_queue_procs",
+    "quorum_queue_dlx_procs",
+    "stream_queue_procs",
+    "stream_queue_replica_reader_procs",
+    "stream_queue_coordinator_procs",
+    "plugins",
+    "metadata_store",
+    "other_proc",
+    "metrics",
+    "mgmt_db",
+    "mnesia",
+    "quorum_ets",
+    "metadata_store_ets",
+    "other_ets",
+    "binary",
+    "msg_index",
+    "code",
+    "atom",
+    "other_system",
+    "allocated_unused",
+    "reserved_unallocated",
+];
+
+/// The same in whole percent of the total (`/api/nodes/{node}/memory/relative`).
+fn relative(breakdown: &Value) -> Value {
+    let total = breakdown["total"]["rss"].as_u64().unwrap_or(0).max(1);
+    let mut m = serde_json::Map::new();
+    m.insert("total".into(), json!(100));
+    for k in MEMORY_CATEGORIES {
+        let v = breakdown[*k].as_u64().unwrap_or(0);
+        m.insert((*k).into(), json!(v * 100 / total));
+    }
+    Value::Object(m)
+}
+
+/// `node`'s memory breakdown: this node's, or asked of another member
+/// (None: no such member; Some(None): it did not answer).
+pub async fn memory_of(s: &AdminState, node: &str) -> Option<Option<Value>> {
+    if node == this_node(s) {
+        return Some(Some(memory_breakdown(s)));
+    }
+    let c = s.cluster.as_ref()?;
+    if !c.members().iter().any(|m| m.name == node) {
+        return None;
+    }
+    let answer = c.stats_of(node, &json!({})).await;
+    Some(answer.and_then(|a| a.get("memory").cloned()))
+}
+
+/// `GET /api/nodes/{node}/memory`: `{"memory": ...}` ([`memory_breakdown`]);
+/// 404 for a node that is not a member, 503 for one that does not answer.
+pub async fn node_memory(
+    State(s): State<AdminState>,
+    caller: Caller,
+    Path(node): Path<String>,
+) -> ApiResult<Json<Value>> {
+    caller.require_monitor()?;
+    let memory = memory_of(&s, &node)
+        .await
+        .ok_or_else(ApiError::not_found)?
+        .ok_or_else(|| ApiError::unavailable(format!("node {node} did not answer")))?;
+    Ok(Json(json!({ "memory": memory })))
+}
+
+/// `GET /api/nodes/{node}/memory/relative`: the same in percent.
+pub async fn node_memory_relative(
+    state: State<AdminState>,
+    caller: Caller,
+    node: Path<String>,
+) -> ApiResult<Json<Value>> {
+    let Json(v) = node_memory(state, caller, node).await?;
+    Ok(Json(json!({ "memory": relative(&v["memory"]) })))
+}
+
+/// `GET /api/auth`: the management UI's single sign-on settings (RabbitMQ
+/// 3.10's `management.enable_uaa` and its client and provider). warren's
+/// UI logs in with a user name and password only (the API also takes
+/// OAuth 2 bearer tokens when `auth_oauth2` is configured), so SSO is off.
+pub async fn auth_settings() -> Json<Value> {
+    Json(json!({"enable_uaa": false, "uaa_client_id": "", "uaa_location": ""}))
+}
+
 pub async fn whoami(caller: Caller) -> Json<Value> {
     Json(json!({"name": caller.0.name, "tags": caller.0.tags_list()}))
 }

@@ -68,6 +68,80 @@ async fn overview_nodes_whoami_health() {
     assert_eq!(me["tags"], json!(["administrator"]));
     assert_eq!(b.get("/api/health/checks/alarms").await["status"], "ok");
     assert_eq!(b.get("/api/nodes").await[0]["mem_alarm"], false);
+    // RabbitMQ's other node checks, on a node alone.
+    for check in ["node-is-quorum-critical", "node-is-mirror-sync-critical"] {
+        let v = b.get(&format!("/api/health/checks/{check}")).await;
+        assert_eq!(v, json!({"status": "ok", "reason": "single node cluster"}));
+    }
+    assert_eq!(
+        b.get("/api/health/checks/virtual-hosts").await,
+        json!({"status": "ok"})
+    );
+    assert_eq!(
+        b.get("/api/healthchecks/node").await,
+        json!({"status": "ok"})
+    );
+    assert_eq!(
+        b.get(&format!("/api/healthchecks/node/{node}")).await["status"],
+        "ok"
+    );
+    assert_eq!(
+        b.call("GET", "/api/healthchecks/node/warren@nowhere", GUEST, None)
+            .await
+            .0,
+        404
+    );
+    // The UI's SSO settings, asked before any login.
+    assert_eq!(
+        b.call("GET", "/api/auth", None, None).await,
+        (
+            200,
+            json!({"enable_uaa": false, "uaa_client_id": "", "uaa_location": ""})
+        )
+    );
+    // The memory breakdown: queued bodies are `queue_procs`, within the total.
+    let conn = b.amqp("guest", "guest", "/").await.expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let q = common::uniq("mem");
+    ch.queue_declare(&q, Default::default(), Default::default())
+        .await
+        .expect("declare");
+    let body = vec![7u8; 100_000];
+    for _ in 0..10 {
+        ch.basic_publish("", &q, Default::default(), &body, Default::default())
+            .await
+            .expect("publish");
+    }
+    let mut queued = 0;
+    for _ in 0..100 {
+        let m = b.get(&format!("/api/nodes/{node}/memory")).await;
+        queued = m["memory"]["queue_procs"].as_u64().unwrap_or(0);
+        if queued >= 1_000_000 {
+            let rss = m["memory"]["total"]["rss"].as_u64().unwrap_or(0);
+            assert!(queued <= rss, "{m}");
+            assert_eq!(m["memory"]["strategy"], "rss");
+            assert_eq!(m["memory"]["code"], 0, "no Erlang code: {m}");
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(queued >= 1_000_000, "queued bodies not counted: {queued}");
+    let r = b.get(&format!("/api/nodes/{node}/memory/relative")).await;
+    assert_eq!(r["memory"]["total"], 100, "{r}");
+    assert!(r["memory"]["queue_procs"].as_u64().is_some(), "{r}");
+    let n = b.get(&format!("/api/nodes/{node}?memory=true")).await;
+    assert!(n["memory"]["total"]["rss"].as_u64().is_some(), "{n}");
+    assert!(b
+        .get(&format!("/api/nodes/{node}"))
+        .await
+        .get("memory")
+        .is_none());
+    let _ = conn.close(200, "bye").await;
+    // The older name of the definitions export.
+    let all = b.get("/api/all-configuration").await;
+    assert!(all["queues"]
+        .as_array()
+        .is_some_and(|qs| qs.iter().any(|x| x["name"] == q.as_str())));
     assert_eq!(b.get("/api/aliveness-test/%2F").await["status"], "ok");
     assert_eq!(
         b.call("GET", "/api/aliveness-test/nope", GUEST, None)
@@ -111,6 +185,8 @@ async fn memory_alarm_shows_in_health_check_nodes_and_metrics() {
     assert_eq!(v["status"], "failed");
     assert_eq!(v["alarms"][0]["resource"], "memory");
     assert_eq!(b.get("/api/nodes").await[0]["mem_alarm"], true);
+    let (status, v) = b.call("GET", "/api/healthchecks/node", GUEST, None).await;
+    assert_eq!((status, &v["status"]), (503, &json!("failed")), "{v}");
     let m = parse_metrics(&b.text("/metrics").await);
     assert_eq!(metric(&m, "rabbitmq_alarms_memory_used_watermark", ""), 1.0);
 }

@@ -339,6 +339,12 @@ impl StreamStore {
         w.push((target, f));
     }
 
+    /// Bytes appended to the streams and not yet written out (their write
+    /// buffers, in memory).
+    pub fn pending_bytes(&self) -> u64 {
+        self.shared.pending_bytes.load(Ordering::Relaxed)
+    }
+
     /// Whether the write buffers are below their limit (cheap: no lock).
     pub fn has_room(&self) -> bool {
         self.shared.pending_bytes.load(Ordering::Relaxed) < MAX_PENDING_BYTES
