@@ -1126,10 +1126,12 @@ fn delivery_count(d: &lapin::message::Delivery) -> Option<i64> {
     }
 }
 
-/// A message nacked back three times on the leader, which is then killed
-/// (-9): the new leader delivers it with `x-delivery-count` 3, the returns
-/// the group counted (the delivery limit does not start again at a
-/// failover).
+/// A message nacked back three times on the leader, then got once more and
+/// held unacked, and the leader killed (-9): the new leader delivers it with
+/// `x-delivery-count` 4, the returns the group counted and one more for the
+/// delivery out with a client whose channel died with the leader (the
+/// delivery limit does not start again at a failover); a message never
+/// delivered comes with no count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_delivery_count_survives_a_failover() {
     let (a, b, c) = three_nodes("quorum-returns").await;
@@ -1137,7 +1139,7 @@ async fn the_delivery_count_survives_a_failover() {
     let q = "qq-returns";
     declare_quorum_queue(&nodes[0], q).await;
     let (conn, ch) = confirming(&nodes[1]).await;
-    assert_eq!(publish_confirmed(&ch, q, &bodies("dc", 1)).await, (1, 0));
+    assert_eq!(publish_confirmed(&ch, q, &bodies("dc", 2)).await, (2, 0));
     let _ = conn.close(200, "bye").await;
     let leader = quorum_leader(&nodes[1], q).expect("a leader");
     let l = node_index(&nodes, &leader);
@@ -1167,11 +1169,18 @@ async fn the_delivery_count_survives_a_failover() {
     }))
     .await
     .expect("nack");
-    let _ = gconn.close(200, "bye").await;
-    // The returns are proposed at the nack and committed a few ms later
-    // (no API shows a group's commit index): then the leader's node dies.
+    let held = common::t(gch.basic_get(q, BasicGetOptions { no_ack: false }))
+        .await
+        .expect("basic.get")
+        .expect("the message");
+    assert_eq!(String::from_utf8_lossy(&held.delivery.data), "dc-0");
+    assert_eq!(delivery_count(&held.delivery), Some(3));
+    // The returns and the checkout are proposed at once and committed a few
+    // ms later (no API shows a group's commit index): then the leader's
+    // node dies, the connection holding the delivery with it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     nodes[l].kill();
+    drop(gconn);
     let other = (l + 1) % 3;
     let deadline = Instant::now() + Duration::from_secs(30);
     let got = loop {
@@ -1191,5 +1200,18 @@ async fn the_delivery_count_survives_a_failover() {
     };
     assert_eq!(String::from_utf8_lossy(&got.delivery.data), "dc-0");
     assert!(got.delivery.redelivered);
-    assert_eq!(delivery_count(&got.delivery), Some(3), "three returns");
+    assert_eq!(
+        delivery_count(&got.delivery),
+        Some(4),
+        "three returns, and the delivery out at the failover"
+    );
+    let conn = nodes[other].connect().await;
+    let ch = channel(&conn).await;
+    let never = common::t(ch.basic_get(q, BasicGetOptions { no_ack: true }))
+        .await
+        .expect("basic.get")
+        .expect("the other message");
+    assert_eq!(String::from_utf8_lossy(&never.delivery.data), "dc-1");
+    assert_eq!(delivery_count(&never.delivery), None, "never delivered");
+    let _ = conn.close(200, "bye").await;
 }

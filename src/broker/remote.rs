@@ -69,6 +69,10 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// requeue, a consumer gone): each counts one more return towards the
     /// delivery limit, on whichever member serves the queue next.
     fn returned(&self, ids: Vec<u64>);
+    /// Messages (by id) handed to a client that must ack them (`out`), and
+    /// messages handed out that went back before they reached it (`back`:
+    /// not a return), so the group knows what is out with clients.
+    fn checked_out(&self, out: Vec<u64>, back: Vec<u64>);
     /// The implementation, for the cluster layer that made it.
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }

@@ -348,6 +348,9 @@ struct Effects {
     page_in: bool,
     /// Replicated queue: ids of messages that left for good, to report.
     settled: Vec<u64>,
+    /// Replicated queue: ids of messages handed to a client that must ack
+    /// them, to report (before `settled`).
+    checked_out: Vec<u64>,
 }
 
 impl Queue {
@@ -689,6 +692,13 @@ impl Queue {
         if let Some((_, redelivered, returns)) = replicated {
             entry.redelivered = redelivered;
             entry.delivery_count = returns;
+            // Loaded by a new leader past its delivery limit (a return at
+            // the failover): dead-lettered or dropped, as on any return.
+            if args.delivery_limit.is_some_and(|l| returns > l) {
+                self.discard(entry, Reason::DeliveryLimit, &args, &mut fx);
+                self.finish(s, fx, now);
+                return Enqueued::Accepted { durable: false };
+            }
         }
         crate::broker::Counters::add(&self.counters.published, 1);
         let outcome = if full && args.overflow != Overflow::DropHead {
@@ -1031,8 +1041,12 @@ impl Queue {
     /// A message went to a consumer or basic.get: without ack it is gone; with ack
     /// it must come back redelivered after a restart.
     fn handed_out(&self, e: &Entry, no_ack: bool, fx: &mut Effects) {
-        if no_ack && e.pos.is_none() && self.is_replicated() {
-            fx.settled.push(e.seq);
+        if e.pos.is_none() && self.is_replicated() {
+            if no_ack {
+                fx.settled.push(e.seq);
+            } else {
+                fx.checked_out.push(e.seq);
+            }
         }
         if e.pos.is_none() {
             return;
@@ -1098,9 +1112,15 @@ impl Queue {
         // A return of a message that reached a client counts towards the
         // delivery limit (RabbitMQ 4: the acquired count, on every return).
         let counting = redelivered && (self.quorum || args.delivery_limit.is_some());
-        // A replicated queue's group counts them too, for the next leader.
+        // A replicated queue's group counts them too, for the next leader,
+        // and hears of those that never reached a client.
         let mut returned = Vec::new();
         let replicated = counting && self.is_replicated();
+        if !redelivered && self.is_replicated() {
+            if let Some(r) = self.replica() {
+                r.checked_out(Vec::new(), entries.iter().map(|e| e.seq).collect());
+            }
+        }
         for mut entry in entries {
             entry.redelivered |= redelivered;
             if counting {
@@ -1282,6 +1302,14 @@ impl Queue {
     /// earlier operations of the queue be submitted (dead letters to be removed
     /// later need that too: a paged-out body is read before its removal).
     fn release(&self, s: MutexGuard<'_, State>, fx: &mut Effects, barrier: bool) {
+        // Reported under the state lock, so in the order the changes were
+        // made (returns are reported under it too).
+        if !fx.checked_out.is_empty() {
+            let out = std::mem::take(&mut fx.checked_out);
+            if let Some(r) = self.replica() {
+                r.checked_out(out, Vec::new());
+            }
+        }
         if !fx.settled.is_empty() {
             let settled = std::mem::take(&mut fx.settled);
             if let Some(r) = self.replica() {

@@ -532,6 +532,8 @@ fn transient_messages_page_out_when_memory_is_short() {
 struct Recorder {
     settled: Mutex<Vec<u64>>,
     returned: Mutex<Vec<u64>>,
+    /// (out, back) as reported.
+    checked_out: Mutex<(Vec<u64>, Vec<u64>)>,
 }
 
 impl crate::broker::remote::Replica for Recorder {
@@ -547,6 +549,11 @@ impl crate::broker::remote::Replica for Recorder {
     }
     fn returned(&self, ids: Vec<u64>) {
         self.returned.lock().extend(ids);
+    }
+    fn checked_out(&self, out: Vec<u64>, back: Vec<u64>) {
+        let mut c = self.checked_out.lock();
+        c.0.extend(out);
+        c.1.extend(back);
     }
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
@@ -584,14 +591,18 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     assert!(stored(&store).is_empty(), "the group's log is the storage");
     // max-length 4, drop-head: the oldest went.
     taken(&[10]);
-    // Acked, got without ack, rejected: each reported.
+    let out = || std::mem::take(&mut *rec.checked_out.lock());
+    // Acked, got without ack, rejected: each reported; a get that must be
+    // acked is checked out first, one without ack is settled at once.
     let (b, _) = q.get(false, T0).expect("b");
     assert_eq!(b.seq, 12);
+    assert_eq!(out(), (vec![12], vec![]));
     q.ack(&[b], T0);
     taken(&[12]);
     let (c, _) = q.get(true, T0).expect("c");
     assert_eq!(body(&c), "c");
     taken(&[13]);
+    assert_eq!(out(), (vec![], vec![]));
     let (d, _) = q.get(false, T0).expect("d");
     // A requeue is not a settlement; it comes back redelivered, and the
     // group is told of the return.
@@ -600,6 +611,13 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     assert_eq!(std::mem::take(&mut *rec.returned.lock()), vec![20]);
     let (d, _) = q.get(false, T0).expect("d again");
     assert!(d.redelivered);
+    assert_eq!(d.delivery_count, 1);
+    assert_eq!(out(), (vec![20, 20], vec![]));
+    // Back unsent (it never reached the client): not a return.
+    q.requeue(vec![d], true, false, T0);
+    assert_eq!(out(), (vec![], vec![20]));
+    assert!(rec.returned.lock().is_empty());
+    let (d, _) = q.get(false, T0).expect("d once more");
     assert_eq!(d.delivery_count, 1);
     q.reject(vec![d], T0);
     taken(&[20]);
@@ -612,6 +630,13 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     let (f, _) = q.get(false, T0).expect("f");
     assert!(f.redelivered);
     assert_eq!(f.delivery_count, 2);
+    // One loaded past the delivery limit (a quorum queue's is 20) is
+    // dropped, and reported settled.
+    assert_eq!(
+        q.enqueue_replicated(persistent("x"), 29, (true, 21), T0),
+        Enqueued::Accepted { durable: false }
+    );
+    taken(&[29]);
     // Losing the leadership forgets without reporting.
     q.enqueue_replicated(persistent("g"), 31, (false, 0), T0);
     assert!(q.reset_replicated().is_empty());

@@ -5,7 +5,7 @@
 
 use crate::broker::message::Message;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// One message as the group keeps it: the broker's own message (shared with
@@ -205,6 +205,7 @@ impl QCommand {
         match self {
             QCommand::Enqueue(batch) => batch.iter().map(|m| m.size_hint()).sum(),
             QCommand::Settle(ids) | QCommand::Return(ids) => ids.len() * 9 + 16,
+            QCommand::Checkout { out, back } => (out.len() + back.len()) * 9 + 16,
         }
     }
 }
@@ -233,8 +234,15 @@ pub enum QCommand {
     Settle(Vec<u64>),
     /// Messages that reached a client and went back into the queue, by id:
     /// one more return each (RabbitMQ's delivery count, which
-    /// `x-delivery-limit` bounds), kept for the next leader.
+    /// `x-delivery-limit` bounds), kept for the next leader; no longer
+    /// out with a client.
     Return(Vec<u64>),
+    /// Messages handed to a client that must ack them (`out`: a consumer
+    /// or a basic.get), and messages handed out that went back before they
+    /// reached it (`back`: not a return), by id: the next leader counts one
+    /// more return for each message still out at the failover (its
+    /// client's channel was on the old leader, or is cancelled with it).
+    Checkout { out: Vec<u64>, back: Vec<u64> },
 }
 
 impl std::fmt::Display for QCommand {
@@ -243,6 +251,9 @@ impl std::fmt::Display for QCommand {
             QCommand::Enqueue(m) => write!(f, "enqueue({} messages)", m.len()),
             QCommand::Settle(ids) => write!(f, "settle({} ids)", ids.len()),
             QCommand::Return(ids) => write!(f, "return({} ids)", ids.len()),
+            QCommand::Checkout { out, back } => {
+                write!(f, "checkout({} out, {} back)", out.len(), back.len())
+            }
         }
     }
 }
@@ -293,6 +304,10 @@ pub struct QState {
     pub enqueuers: BTreeMap<u64, Enqueuer>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub returns: BTreeMap<u64, u32>,
+    /// Live messages out with a client (checked out, not yet settled or
+    /// returned).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub out: BTreeSet<u64>,
 }
 
 impl QState {
@@ -339,6 +354,7 @@ impl QState {
                 for id in ids {
                     self.messages.remove(id);
                     self.returns.remove(id);
+                    self.out.remove(id);
                 }
                 Vec::new()
             }
@@ -346,7 +362,16 @@ impl QState {
                 for id in ids.iter().filter(|id| self.messages.contains_key(id)) {
                     let n = self.returns.entry(*id).or_default();
                     *n = n.saturating_add(1);
+                    self.out.remove(id);
                 }
+                Vec::new()
+            }
+            QCommand::Checkout { out, back } => {
+                for id in back {
+                    self.out.remove(id);
+                }
+                let live = out.iter().filter(|id| self.messages.contains_key(id));
+                self.out.extend(live);
                 Vec::new()
             }
         }
@@ -419,6 +444,38 @@ mod tests {
         // A state written before returns were counted reads as none.
         let old: QState = serde_json::from_str(r#"{"messages":{}}"#).expect("decodes");
         assert!(old.returns.is_empty());
+    }
+
+    #[test]
+    fn checkouts_mark_live_messages_out_until_returned_or_settled() {
+        let mut s = QState::default();
+        s.apply(1, &QCommand::Enqueue(vec![msg("a"), msg("b"), msg("c")]));
+        let (a, b, c) = (id(1, 0), id(1, 1), id(1, 2));
+        let out = |v: Vec<u64>, back: Vec<u64>| QCommand::Checkout { out: v, back };
+        s.apply(2, &out(vec![a, b, c, 99], vec![]));
+        assert_eq!(s.out, BTreeSet::from([a, b, c]), "not an id not live");
+        // Returned: counted, no longer out; back unsent: not counted.
+        s.apply(3, &QCommand::Return(vec![a]));
+        s.apply(4, &out(vec![], vec![b]));
+        assert_eq!(s.out, BTreeSet::from([c]));
+        assert_eq!((s.returns(a), s.returns(b)), (1, 0));
+        // Out again after a return; settled: forgotten.
+        s.apply(5, &out(vec![a], vec![]));
+        s.apply(6, &QCommand::Settle(vec![c]));
+        assert_eq!(s.out, BTreeSet::from([a]));
+        // Kept in the snapshot; a state written before reads as none out.
+        let back: QState =
+            crate::cluster::codec::decode(&crate::cluster::codec::encode(&s).expect("encodes"))
+                .expect("decodes");
+        assert_eq!(back, s);
+        let old: QState = serde_json::from_str(r#"{"messages":{}}"#).expect("decodes");
+        assert!(old.out.is_empty());
+        let cmd = out(vec![a, b], vec![c]);
+        let bin = crate::cluster::codec::encode(&cmd).expect("encodes");
+        assert_eq!(
+            crate::cluster::codec::decode::<QCommand>(&bin).ok(),
+            Some(cmd)
+        );
     }
 
     #[test]

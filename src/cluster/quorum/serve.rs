@@ -2,9 +2,11 @@
 //! serves the queue while this node leads. On becoming leader (and having
 //! applied everything committed before: `ensure_linearizable`) it loads the
 //! state machine's messages into the local queue, every one flagged
-//! redelivered (the group does not log deliveries, so any may have been
-//! delivered by the old leader) and with the returns the group counted
-//! (`x-delivery-count`, `x-delivery-limit`), attaches itself as the queue's
+//! redelivered (a delivery goes out before its `Checkout` commits, so any
+//! may have been delivered by the old leader) and with the returns the
+//! group counted (`x-delivery-count`, `x-delivery-limit`), one more for
+//! each message the group knows was out with a client (whose channel went
+//! with the old leader: a return, proposed as such), attaches itself as the queue's
 //! [`Replica`] door and announces itself to the metadata group (other
 //! nodes then forward to it). On losing leadership it empties the local
 //! queue (the group keeps the messages) and cancels its consumers.
@@ -12,9 +14,10 @@
 //! Publishes are proposed in their order as `Enqueue` batches: at most two
 //! batches wait for their commit, the publishes that arrive meanwhile form
 //! the next one (each confirm waits for its batch's commit); messages
-//! leaving the queue are proposed as `Settle`, and messages going back into
-//! it after reaching a client as `Return` (their delivery count), batched:
-//! one proposal in flight, the ids that arrive meanwhile go in the next.
+//! leaving the queue are proposed as `Settle`, messages going back into
+//! it after reaching a client as `Return` (their delivery count), and
+//! messages handed to a client that must ack them as `Checkout`, batched:
+//! one batch in flight, the ids that arrive meanwhile go in the next.
 
 use super::command::{Outcome, QCommand, QMsg};
 use super::publisher::{Answer, Reply};
@@ -216,21 +219,34 @@ impl Group {
         let mut s = self.sm.inner.lock();
         q.set_replica(Some(self.clone()));
         q.set_remote(None);
+        // Serving from here, so that what the queue reports while it loads
+        // is proposed (nothing applies meanwhile: this holds the lock).
+        s.serving = Some(Arc::clone(&q));
+        self.serving.store(true, Ordering::Release);
         // The local queue is empty here (nothing enqueues into it while this
         // node does not serve it); consumers already attached to it (this
         // node was the recorded leader) stay and get the messages.
+        // A message out with a client at the failover went back with its
+        // client's channel (on the old leader, or cancelled with it): one
+        // more return, counted here and proposed (before anything can
+        // settle it).
+        let out: Vec<u64> = s.state.out.iter().copied().collect();
+        if !out.is_empty() {
+            let _ = self.settle_tx.send(Change::Returned(out));
+        }
         let messages: Vec<(u64, Arc<Message>, u32)> = s
             .state
             .messages
             .iter()
-            .map(|(id, m)| (*id, m.message(), s.state.returns(*id)))
+            .map(|(id, m)| {
+                let out = u32::from(s.state.out.contains(id));
+                (*id, m.message(), s.state.returns(*id).saturating_add(out))
+            })
             .collect();
         let n = messages.len();
         for (id, msg, returns) in messages {
             q.enqueue_replicated(msg, id, (true, returns), now);
         }
-        s.serving = Some(q);
-        self.serving.store(true, Ordering::Release);
         drop(s);
         tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");
         m.announce(self);
@@ -425,6 +441,12 @@ impl Replica for Group {
     fn returned(&self, ids: Vec<u64>) {
         if !ids.is_empty() {
             let _ = self.settle_tx.send(Change::Returned(ids));
+        }
+    }
+
+    fn checked_out(&self, out: Vec<u64>, back: Vec<u64>) {
+        if !out.is_empty() || !back.is_empty() {
+            let _ = self.settle_tx.send(Change::CheckedOut { out, back });
         }
     }
 }
@@ -712,21 +734,66 @@ enum Change {
     Settled(Vec<u64>),
     /// Back in the queue after reaching a client: proposed as `Return`.
     Returned(Vec<u64>),
+    /// Handed to a client that must ack them, or back before reaching it:
+    /// proposed as `Checkout`.
+    CheckedOut { out: Vec<u64>, back: Vec<u64> },
 }
 
-/// Propose the ids of messages that went back into the queue and of those
-/// that left it, a batch at a time: whatever arrived meanwhile, the returns
-/// first (a message is returned before it is settled, never after).
+/// The commands for a batch of changes, in the order they apply: every
+/// return (one each, repeats counted), then what is out with a client and
+/// what came back unsent (each id as its last such change left it), then
+/// the settled. The same state as the changes applied one by one: a
+/// message's returns only add up, its last hand-out or unsent return
+/// decides whether it is out, and a settle ends it.
+fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
+    let (mut returned, mut settled) = (Vec::new(), Vec::new());
+    // Per id, whether it is out after its last change of the batch.
+    let mut last: BTreeMap<u64, bool> = BTreeMap::new();
+    for change in changes {
+        match change {
+            Change::Returned(ids) => {
+                for id in ids {
+                    last.remove(&id);
+                    returned.push(id);
+                }
+            }
+            Change::Settled(ids) => settled.extend(ids),
+            Change::CheckedOut { out, back } => {
+                last.extend(back.into_iter().map(|id| (id, false)));
+                last.extend(out.into_iter().map(|id| (id, true)));
+            }
+        }
+    }
+    let (mut out, mut back) = (Vec::new(), Vec::new());
+    for (id, is_out) in last {
+        if is_out {
+            out.push(id);
+        } else {
+            back.push(id);
+        }
+    }
+    let checkout = QCommand::Checkout { out, back };
+    [
+        QCommand::Return(returned),
+        checkout,
+        QCommand::Settle(settled),
+    ]
+    .into_iter()
+    .filter(|c| match c {
+        QCommand::Return(ids) | QCommand::Settle(ids) => !ids.is_empty(),
+        QCommand::Checkout { out, back } => !out.is_empty() || !back.is_empty(),
+        QCommand::Enqueue(_) => false,
+    })
+    .collect()
+}
+
+/// Propose the changes the serving queue reported, a batch at a time
+/// (whatever arrived meanwhile, as [`batch_commands`]).
 async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<Change>) {
     while let Some(first) = rx.recv().await {
-        let (mut returned, mut settled) = (Vec::new(), Vec::new());
-        let mut next = Some(first);
-        while let Some(change) = next {
-            match change {
-                Change::Returned(ids) => returned.extend(ids),
-                Change::Settled(ids) => settled.extend(ids),
-            }
-            next = rx.try_recv().ok();
+        let mut changes = vec![first];
+        while let Ok(change) = rx.try_recv() {
+            changes.push(change);
         }
         let Some(group) = g.upgrade() else { return };
         group.not_transferring().await;
@@ -736,18 +803,90 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
         }
         let within = group.commit_timeout;
         drop(group);
-        for cmd in [QCommand::Return(returned), QCommand::Settle(settled)] {
-            if matches!(&cmd, QCommand::Return(ids) | QCommand::Settle(ids) if ids.is_empty()) {
-                continue;
-            }
+        // Handed to the Raft core in order (one commit can carry them all),
+        // then their commits awaited.
+        let mut proposed = Vec::new();
+        for cmd in batch_commands(changes) {
             let what = cmd.to_string();
-            match tokio::time::timeout(within, raft.client_write(cmd)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, %what, "quorum queue change not committed")
+            match tokio::time::timeout(within, raft.client_write_ff(cmd)).await {
+                Ok(Ok(answer)) => proposed.push((what, answer)),
+                _ => {
+                    tracing::debug!(%what, "quorum queue change not proposed");
+                    break;
                 }
-                Err(_) => tracing::debug!(%what, "quorum queue change not committed in time"),
             }
         }
+        for (what, answer) in proposed {
+            match tokio::time::timeout(within, answer).await {
+                Ok(Ok(Ok(_))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::debug!(error = %e, %what, "quorum queue change not committed")
+                }
+                _ => tracing::debug!(%what, "quorum queue change not committed in time"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_of_changes_proposes_the_state_they_make_one_by_one() {
+        let out = |ids: &[u64]| Change::CheckedOut {
+            out: ids.to_vec(),
+            back: vec![],
+        };
+        let back = |ids: &[u64]| Change::CheckedOut {
+            out: vec![],
+            back: ids.to_vec(),
+        };
+        let changes = vec![
+            out(&[1, 2, 3, 4]),
+            Change::Returned(vec![1]),
+            out(&[1]),
+            Change::Returned(vec![1, 2]),
+            back(&[3]),
+            Change::Settled(vec![4]),
+            out(&[5]),
+        ];
+        let cmds = batch_commands(changes);
+        assert_eq!(
+            cmds,
+            vec![
+                QCommand::Return(vec![1, 1, 2]),
+                QCommand::Checkout {
+                    out: vec![4, 5],
+                    back: vec![3]
+                },
+                QCommand::Settle(vec![4]),
+            ]
+        );
+        // Applied, the same as the changes one by one would leave it.
+        let mut s = super::super::command::QState::default();
+        let batch: Vec<QMsg> = (0..6)
+            .map(|i| {
+                QMsg::of(&crate::broker::message::Message::new(
+                    "",
+                    "q",
+                    crate::wire::BasicProperties::default(),
+                    bytes::Bytes::from(vec![i]),
+                ))
+            })
+            .collect();
+        s.apply(0, &QCommand::Enqueue(batch));
+        for (i, c) in cmds.iter().enumerate() {
+            s.apply(i as u64 + 1, c);
+        }
+        assert_eq!(s.out, BTreeSet::from([5]));
+        assert_eq!((s.returns(1), s.returns(2), s.returns(3)), (2, 1, 0));
+        assert!(!s.messages.contains_key(&4));
+        // Nothing to propose for nothing; settles alone stay alone.
+        assert!(batch_commands(vec![]).is_empty());
+        assert_eq!(
+            batch_commands(vec![Change::Settled(vec![7])]),
+            vec![QCommand::Settle(vec![7])]
+        );
     }
 }

@@ -127,7 +127,9 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                     let taken = s.state.apply(index, cmd);
                     let batch = match cmd {
                         QCommand::Enqueue(batch) => batch.as_slice(),
-                        QCommand::Settle(_) | QCommand::Return(_) => &[],
+                        QCommand::Settle(_) | QCommand::Return(_) | QCommand::Checkout { .. } => {
+                            &[]
+                        }
                     };
                     // The node serving the queue delivers new messages from
                     // now on; each publisher's confirm follows the queue's
