@@ -3,9 +3,11 @@
 //! level): 3 or 5 members, each on warren's log store over a simulated disk
 //! and the quorum queue state machine (`warren::cluster::quorum::store`,
 //! `QSm`, which rebuilds from its snapshot at each start), clients proposing
-//! `Enqueue` batches of messages with unique bodies and `Settle`s of ids
-//! whose enqueue was acknowledged. Checked besides the Raft level: after each
-//! apply or snapshot install, no id settled at or before it is live and every
+//! `Enqueue` batches of messages with unique bodies, `Settle`s of ids
+//! whose enqueue was acknowledged, and `Checkout`s and `Return`s of such
+//! ids (a serving leader's reports). Checked besides the Raft level: after each
+//! apply or snapshot install, no id settled at or before it is live, every
+//! id out with a client or with returns counted is live, and every
 //! live message is the one its id's committed `Enqueue` carried; after the
 //! final heal, every acknowledged enqueue no client proposed to settle is
 //! live on every member, no message was enqueued under two ids, and every
@@ -73,6 +75,24 @@ impl Kind for Quorum {
 
     fn command(w: &mut World<Quorum>) -> QCommand {
         let known: Vec<u64> = w.record.acked.keys().copied().collect();
+        if !known.is_empty() && w.rng.gen_bool(0.2) {
+            // A serving leader's report of deliveries: some ids out with a
+            // client, some back unsent, or returned (counted).
+            let pick = |w: &mut World<Quorum>| -> Vec<u64> {
+                let k = w.rng.gen_range(0..=known.len().min(3));
+                (0..k)
+                    .map(|_| known[w.rng.gen_range(0..known.len())])
+                    .collect::<BTreeSet<u64>>()
+                    .into_iter()
+                    .collect()
+            };
+            if w.rng.gen_bool(0.3) {
+                return QCommand::Return(pick(w));
+            }
+            let (out, back) = (pick(w), pick(w));
+            let back = back.into_iter().filter(|i| !out.contains(i)).collect();
+            return QCommand::Checkout { out, back };
+        }
         if !known.is_empty() && w.rng.gen_bool(0.45) {
             // Mostly ids not proposed for settling yet; now and then one again
             // (a settle resent after a lost answer).
@@ -137,7 +157,16 @@ impl Kind for Quorum {
             return;
         };
         let mut found = Vec::new();
-        for (mid, m) in &sm.inner.lock().state.messages {
+        let state = sm.inner.lock().state.clone();
+        for mid in state.out.iter().chain(state.returns.keys()) {
+            if !state.messages.contains_key(mid) {
+                found.push(format!(
+                    "n{}: id {mid:#x} is out or counted but not live",
+                    id_of(node)
+                ));
+            }
+        }
+        for (mid, m) in &state.messages {
             if w.record.settled.get(mid).is_some_and(|s| *s <= applied) {
                 found.push(format!(
                     "n{}: id {mid:#x}, settled, is live again (applied to {applied})",
