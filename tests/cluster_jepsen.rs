@@ -29,9 +29,7 @@
 
 mod common;
 
-use common::cluster::{eventually, start_proxied, Node};
-use common::jepsen::Outcome;
-use common::proxy::Proxy;
+use common::jepsen::{Net, Outcome, LINK_FAULTS};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::publisher_confirm::Confirmation;
@@ -283,43 +281,6 @@ async fn consumer(s: Arc<Shared>) {
     }
 }
 
-struct Net {
-    nodes: Vec<Node>,
-    proxies: BTreeMap<(usize, usize), Proxy>,
-}
-
-impl Net {
-    async fn start() -> Net {
-        let (nodes, proxies) = start_proxied("jepsen", 5000).await;
-        let net = Net { nodes, proxies };
-        eventually("three running members", Duration::from_secs(30), || {
-            net.nodes.iter().all(|n| n.running().len() == 3)
-        })
-        .await;
-        net
-    }
-
-    /// Cut both directions between `a` and `b`.
-    fn cut(&self, a: usize, b: usize) {
-        self.proxies[&(a, b)].cut();
-        self.proxies[&(b, a)].cut();
-    }
-
-    fn isolate(&self, i: usize) {
-        for j in 0..3 {
-            if j != i {
-                self.cut(i, j);
-            }
-        }
-    }
-
-    fn heal(&self) {
-        for p in self.proxies.values() {
-            p.heal();
-        }
-    }
-}
-
 /// A passive declare of the queue on `uri` answers: (ready messages).
 async fn ready(uri: &str) -> Option<u32> {
     let conn = connect(uri).await?;
@@ -349,7 +310,7 @@ async fn publish_and_consume_across_nodes_under_partitions() {
     println!("jepsen: seed {seed} (WARREN_JEPSEN_SEED={seed} replays the nemesis)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let net = Net::start().await;
+    let net = Net::start("jepsen", false).await;
     let (a, b, c) = (0, 1, 2);
     // The queue, homed on A.
     {
@@ -381,7 +342,7 @@ async fn publish_and_consume_across_nodes_under_partitions() {
     }
 
     // The phases: the scenarios in a seeded order, each followed by a heal.
-    let mut scenarios = vec!["cut A-B", "cut A-C", "isolate A", "random halves"];
+    let mut scenarios = LINK_FAULTS;
     scenarios.shuffle(&mut rng);
     let mut phases: Vec<String> = vec!["start (healed)".into()];
     let publishers = [
@@ -391,25 +352,7 @@ async fn publish_and_consume_across_nodes_under_partitions() {
     let consuming = tokio::spawn(consumer(Arc::clone(&shared)));
     tokio::time::sleep(HEAL).await;
     for sc in scenarios {
-        let name = match sc {
-            "cut A-B" => {
-                net.cut(a, b);
-                sc.to_string()
-            }
-            "cut A-C" => {
-                net.cut(a, c);
-                sc.to_string()
-            }
-            "isolate A" => {
-                net.isolate(a);
-                sc.to_string()
-            }
-            _ => {
-                let alone = rng.gen_range(0..3);
-                net.isolate(alone);
-                format!("random halves ({} alone)", ["A", "B", "C"][alone])
-            }
-        };
+        let name = net.link_fault(sc, &mut rng);
         shared.history.lock().cuts.push(Instant::now());
         phases.push(name);
         shared.phase.store(phases.len() - 1, Ordering::Release);

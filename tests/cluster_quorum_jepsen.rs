@@ -54,8 +54,7 @@
 mod common;
 
 use common::cluster::{declare_quorum_queue, quorum_leader, start_proxied, Node};
-use common::jepsen::Outcome;
-use common::proxy::Proxy;
+use common::jepsen::{Net, Outcome};
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::publisher_confirm::Confirmation;
@@ -495,36 +494,7 @@ impl Drop for KeepLogs {
     }
 }
 
-struct Net {
-    nodes: Vec<Node>,
-    proxies: BTreeMap<(usize, usize), Proxy>,
-}
-
 impl Net {
-    /// Cut both directions between `a` and `b`.
-    fn cut(&self, a: usize, b: usize) {
-        self.proxies[&(a, b)].cut();
-        self.proxies[&(b, a)].cut();
-    }
-
-    fn isolate(&self, i: usize) {
-        for j in 0..3 {
-            if j != i {
-                self.cut(i, j);
-            }
-        }
-    }
-
-    fn heal(&self) {
-        for p in self.proxies.values() {
-            p.heal();
-        }
-    }
-
-    fn index(&self, name: &str) -> Option<usize> {
-        self.nodes.iter().position(|n| n.name() == name)
-    }
-
     /// Wait until the three nodes run in every node's view and all three
     /// name the same leader of the queue, and, with `traffic`, each of the
     /// `publishing` nodes had a publish sent after `since` acked and the

@@ -20,7 +20,7 @@
 mod common;
 
 use common::cluster::{two_stream_nodes, Node};
-use common::stream;
+use common::stream::{self, Heard};
 use futures::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
@@ -43,39 +43,11 @@ async fn client(n: &Node) -> Client {
     .expect("stream client")
 }
 
-/// What a client's handler hears of its publishes: (confirmed ids, errors
-/// as (id, code)), per frame.
-type Heard = tokio::sync::mpsc::UnboundedReceiver<(Vec<u64>, Vec<(u64, u16)>)>;
-
 /// A client on `n` whose publish confirms and errors come to a channel.
 async fn publishing_client(n: &Node) -> (Client, Heard) {
-    use rabbitmq_stream_client::types::ResponseKind;
     let c = client(n).await;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    c.set_handler(move |item: rabbitmq_stream_client::types::MessageResult| {
-        let tx = tx.clone();
-        async move {
-            if let Some(Ok(r)) = item {
-                match r.kind_ref() {
-                    ResponseKind::PublishConfirm(c) => {
-                        let _ = tx.send((c.publishing_ids.clone(), Vec::new()));
-                    }
-                    ResponseKind::PublishError(e) => {
-                        let errors = e
-                            .publishing_errors
-                            .iter()
-                            .map(|x| (x.publishing_id, u16::from(&x.error_code)))
-                            .collect();
-                        let _ = tx.send((Vec::new(), errors));
-                    }
-                    _ => {}
-                }
-            }
-            Ok(())
-        }
-    })
-    .await;
-    (c, rx)
+    let heard = stream::hear_publishes(&c).await;
+    (c, heard)
 }
 
 /// Wait until `heard` has confirmed every id of `ids` (in any frames); the

@@ -29,10 +29,10 @@
 
 mod common;
 
-use common::cluster::{eventually, start_proxied_with, Node};
-use common::proxy::Proxy;
+use common::jepsen::{Net, LINK_FAULTS};
+use common::stream::Heard;
 use parking_lot::Mutex;
-use rabbitmq_stream_client::types::{Message, OffsetSpecification, ResponseCode, ResponseKind};
+use rabbitmq_stream_client::types::{Message, OffsetSpecification, ResponseCode};
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -40,7 +40,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 const STREAM: &str = "jepsen-stream";
 /// How long a fault lasts, and the heal after it.
@@ -50,12 +49,6 @@ const HEAL: Duration = Duration::from_millis(1200);
 const CONFIRM_WITHIN: Duration = Duration::from_secs(20);
 /// Messages per publish frame.
 const BATCH: u64 = 20;
-
-/// What a client's handler hears: confirmed ids, or error codes.
-enum Heard {
-    Confirmed(Vec<u64>),
-    Failed(Vec<(u64, u16)>),
-}
 
 /// Per phase: (batches confirmed, publish errors seen).
 type Phases = Mutex<BTreeMap<usize, (u64, u64)>>;
@@ -78,47 +71,20 @@ impl Shared {
 
 /// A client on `node` with a publisher (id 1, `reference`) on the stream,
 /// and where its confirms and errors come; None while that cannot be had.
-async fn publisher_client(
-    node: &(String, u16),
-    reference: &str,
-) -> Option<(Client, mpsc::UnboundedReceiver<Heard>)> {
+async fn publisher_client(node: &(String, u16), reference: &str) -> Option<(Client, Heard)> {
     let opts = ClientOptions::builder().host(&node.0).port(node.1).build();
     let client = tokio::time::timeout(Duration::from_secs(5), Client::connect(opts))
         .await
         .ok()?
         .ok()?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    client
-        .set_handler(move |item: rabbitmq_stream_client::types::MessageResult| {
-            let tx = tx.clone();
-            async move {
-                if let Some(Ok(r)) = item {
-                    match r.kind_ref() {
-                        ResponseKind::PublishConfirm(c) => {
-                            let _ = tx.send(Heard::Confirmed(c.publishing_ids.clone()));
-                        }
-                        ResponseKind::PublishError(e) => {
-                            let errors = e
-                                .publishing_errors
-                                .iter()
-                                .map(|x| (x.publishing_id, u16::from(&x.error_code)))
-                                .collect();
-                            let _ = tx.send(Heard::Failed(errors));
-                        }
-                        _ => {}
-                    }
-                }
-                Ok(())
-            }
-        })
-        .await;
+    let heard = common::stream::hear_publishes(&client).await;
     let declared = tokio::time::timeout(
         Duration::from_secs(5),
         client.declare_publisher(1, Some(reference.to_string()), STREAM),
     )
     .await;
     match declared {
-        Ok(Ok(r)) if r.code() == &ResponseCode::Ok => Some((client, rx)),
+        Ok(Ok(r)) if r.code() == &ResponseCode::Ok => Some((client, heard)),
         _ => {
             let _ = client.close().await;
             None
@@ -163,13 +129,13 @@ async fn publisher(s: Arc<Shared>, node: (String, u16), reference: String) -> u6
             let deadline = tokio::time::Instant::now() + CONFIRM_WITHIN;
             let failed = loop {
                 match tokio::time::timeout_at(deadline, heard.recv()).await {
-                    Ok(Some(Heard::Confirmed(c))) => {
+                    Ok(Some((c, e))) if e.is_empty() => {
                         confirmed += c.iter().filter(|i| ids.contains(i)).count();
                         if confirmed == ids.len() {
                             break false;
                         }
                     }
-                    Ok(Some(Heard::Failed(e))) => {
+                    Ok(Some((_, e))) => {
                         assert!(
                             e.iter().all(|(_, c)| *c == 6),
                             "{reference}: unexpected publish errors {e:?}"
@@ -198,35 +164,10 @@ async fn publisher(s: Arc<Shared>, node: (String, u16), reference: String) -> u6
     }
 }
 
-struct Net {
-    nodes: Vec<Node>,
-    proxies: BTreeMap<(usize, usize), Proxy>,
-}
-
-impl Net {
-    fn cut(&self, a: usize, b: usize) {
-        self.proxies[&(a, b)].cut();
-        self.proxies[&(b, a)].cut();
-    }
-
-    fn isolate(&self, i: usize) {
-        for j in 0..3 {
-            if j != i {
-                self.cut(i, j);
-            }
-        }
-    }
-
-    fn heal(&self) {
-        for p in self.proxies.values() {
-            p.heal();
-        }
-    }
-
-    fn stream_addr(&self, i: usize) -> (String, u16) {
-        let n = &self.nodes[i];
-        (n.ip.clone(), n.stream.expect("stream port"))
-    }
+/// Where node `i`'s Stream listener is.
+fn stream_addr(net: &Net, i: usize) -> (String, u16) {
+    let n = &net.nodes[i];
+    (n.ip.clone(), n.stream.expect("stream port"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,16 +179,11 @@ async fn stream_publishes_forwarded_under_partitions_are_stored_once_each() {
     println!("stream jepsen: seed {seed} (WARREN_JEPSEN_SEED={seed} replays the nemesis)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
 
-    let (nodes, proxies) = start_proxied_with("sjepsen", 5000, true).await;
-    let net = Net { nodes, proxies };
-    eventually("three running members", Duration::from_secs(30), || {
-        net.nodes.iter().all(|n| n.running().len() == 3)
-    })
-    .await;
+    let net = Net::start("sjepsen", true).await;
     let (a, b, c) = (0, 1, 2);
 
     // The stream, created on A (its home), known on B and C.
-    let (ah, ap) = net.stream_addr(a);
+    let (ah, ap) = stream_addr(&net, a);
     let on_a = common::t(Client::connect(
         ClientOptions::builder().host(&ah).port(ap).build(),
     ))
@@ -259,7 +195,7 @@ async fn stream_publishes_forwarded_under_partitions_are_stored_once_each() {
     assert_eq!(r.code(), &ResponseCode::Ok);
     for i in [b, c] {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while publisher_client(&net.stream_addr(i), "probe")
+        while publisher_client(&stream_addr(&net, i), "probe")
             .await
             .is_none()
         {
@@ -273,42 +209,24 @@ async fn stream_publishes_forwarded_under_partitions_are_stored_once_each() {
         stop: AtomicBool::new(false),
         phases: Mutex::new(BTreeMap::new()),
     });
-    let mut scenarios = vec!["cut A-B", "cut A-C", "isolate A", "random halves"];
+    let mut scenarios = LINK_FAULTS;
     scenarios.shuffle(&mut rng);
     let mut phases: Vec<String> = vec!["start (healed)".into()];
     let publishers = [
         tokio::spawn(publisher(
             Arc::clone(&shared),
-            net.stream_addr(b),
+            stream_addr(&net, b),
             "b".into(),
         )),
         tokio::spawn(publisher(
             Arc::clone(&shared),
-            net.stream_addr(c),
+            stream_addr(&net, c),
             "c".into(),
         )),
     ];
     tokio::time::sleep(HEAL).await;
     for sc in scenarios {
-        let name = match sc {
-            "cut A-B" => {
-                net.cut(a, b);
-                sc.to_string()
-            }
-            "cut A-C" => {
-                net.cut(a, c);
-                sc.to_string()
-            }
-            "isolate A" => {
-                net.isolate(a);
-                sc.to_string()
-            }
-            _ => {
-                let alone = rng.gen_range(0..3);
-                net.isolate(alone);
-                format!("random halves ({} alone)", ["A", "B", "C"][alone])
-            }
-        };
+        let name = net.link_fault(sc, &mut rng);
         phases.push(name);
         shared.phase.store(phases.len() - 1, Ordering::Release);
         tokio::time::sleep(FAULT).await;

@@ -1,9 +1,83 @@
 //! What the Jepsen-style checks (tests/cluster_jepsen.rs for a classic queue,
-//! tests/cluster_quorum_jepsen.rs for a quorum queue) share: how a publish
+//! tests/cluster_quorum_jepsen.rs for a quorum queue,
+//! tests/cluster_stream_jepsen.rs for Stream protocol publishing) share: the
+//! three proxied nodes and the link faults the nemesis makes, how a publish
 //! ended, and the per-phase table of what was published and consumed, with
 //! the acked publishes never consumed (lost).
 
+use super::cluster::Node;
+use super::proxy::Proxy;
+use rand::Rng;
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+/// Three nodes that reach each other only through the test's proxies
+/// (`start_proxied`, key `(from, to)`): what the nemesis cuts and heals.
+pub struct Net {
+    pub nodes: Vec<Node>,
+    pub proxies: BTreeMap<(usize, usize), Proxy>,
+}
+
+impl Net {
+    /// Three proxied nodes (with Stream listeners when `stream`), a 5 s
+    /// commit timeout, started and all running in every node's view.
+    pub async fn start(tag: &str, stream: bool) -> Net {
+        let (nodes, proxies) = super::cluster::start_proxied_with(tag, 5000, stream).await;
+        let net = Net { nodes, proxies };
+        super::cluster::eventually("three running members", Duration::from_secs(30), || {
+            net.nodes.iter().all(|n| n.running().len() == 3)
+        })
+        .await;
+        net
+    }
+
+    /// Cut both directions between `a` and `b`.
+    pub fn cut(&self, a: usize, b: usize) {
+        self.proxies[&(a, b)].cut();
+        self.proxies[&(b, a)].cut();
+    }
+
+    /// Cut `i` from the two others.
+    pub fn isolate(&self, i: usize) {
+        for j in 0..3 {
+            if j != i {
+                self.cut(i, j);
+            }
+        }
+    }
+
+    pub fn heal(&self) {
+        for p in self.proxies.values() {
+            p.heal();
+        }
+    }
+
+    /// The index of the node named `name`.
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name() == name)
+    }
+
+    /// Make one of the link faults around node 0 (A, the home node):
+    /// [`LINK_FAULTS`] by name, `random halves` isolating a node `rng`
+    /// picks; what was done, for the phase's name.
+    pub fn link_fault(&self, fault: &str, rng: &mut impl Rng) -> String {
+        match fault {
+            "cut A-B" => self.cut(0, 1),
+            "cut A-C" => self.cut(0, 2),
+            "isolate A" => self.isolate(0),
+            _ => {
+                let alone = rng.gen_range(0..3);
+                self.isolate(alone);
+                return format!("random halves ({} alone)", ["A", "B", "C"][alone]);
+            }
+        }
+        fault.to_string()
+    }
+}
+
+/// The link faults of the classic queue and stream checks, each followed by
+/// a heal (their order is seeded).
+pub const LINK_FAULTS: [&str; 4] = ["cut A-B", "cut A-C", "isolate A", "random halves"];
 
 /// How a publish ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,7 +1,8 @@
 //! Raw RabbitMQ Stream protocol helpers for the stream test files: frame
 //! building and reading, the handshake steps (peer properties, SASL, tune and
-//! open), a request/response round trip, and the one in-process broker each
-//! stream test file shares.
+//! open), a request/response round trip, the one in-process broker each
+//! stream test file shares, and a stock client's publish confirms and errors
+//! as a channel.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -183,4 +184,40 @@ pub async fn declare_stream(ch: &lapin::Channel, name: &str) {
     t(ch.queue_declare(name, durable, args))
         .await
         .expect("declare");
+}
+
+/// What a client's handler hears of its publishes, a frame at a time:
+/// (confirmed publishing ids, errors as (id, response code)).
+pub type Heard = tokio::sync::mpsc::UnboundedReceiver<(Vec<u64>, Vec<(u64, u16)>)>;
+
+/// Send what `client` hears of its publishes (confirms, errors) to the
+/// channel returned.
+pub async fn hear_publishes(client: &rabbitmq_stream_client::Client) -> Heard {
+    use rabbitmq_stream_client::types::{MessageResult, ResponseKind};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    client
+        .set_handler(move |item: MessageResult| {
+            let tx = tx.clone();
+            async move {
+                if let Some(Ok(r)) = item {
+                    match r.kind_ref() {
+                        ResponseKind::PublishConfirm(c) => {
+                            let _ = tx.send((c.publishing_ids.clone(), Vec::new()));
+                        }
+                        ResponseKind::PublishError(e) => {
+                            let errors = e
+                                .publishing_errors
+                                .iter()
+                                .map(|x| (x.publishing_id, u16::from(&x.error_code)))
+                                .collect();
+                            let _ = tx.send((Vec::new(), errors));
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(())
+            }
+        })
+        .await;
+    rx
 }
