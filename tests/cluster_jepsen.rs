@@ -351,17 +351,15 @@ async fn publish_and_consume_across_nodes_under_partitions() {
     ];
     let consuming = tokio::spawn(consumer(Arc::clone(&shared)));
     tokio::time::sleep(HEAL).await;
-    for sc in scenarios {
-        let name = net.link_fault(sc, &mut rng);
-        shared.history.lock().cuts.push(Instant::now());
-        phases.push(name);
-        shared.phase.store(phases.len() - 1, Ordering::Release);
-        tokio::time::sleep(FAULT).await;
-        net.heal();
-        phases.push("heal".into());
-        shared.phase.store(phases.len() - 1, Ordering::Release);
-        tokio::time::sleep(HEAL).await;
-    }
+    net.run_link_faults(
+        &scenarios,
+        &mut rng,
+        (FAULT, HEAL),
+        &mut phases,
+        &shared.phase,
+        || shared.history.lock().cuts.push(Instant::now()),
+    )
+    .await;
 
     // Final heal: stop publishing and consuming, then drain from any node.
     net.heal();

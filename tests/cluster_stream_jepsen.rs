@@ -225,16 +225,15 @@ async fn stream_publishes_forwarded_under_partitions_are_stored_once_each() {
         )),
     ];
     tokio::time::sleep(HEAL).await;
-    for sc in scenarios {
-        let name = net.link_fault(sc, &mut rng);
-        phases.push(name);
-        shared.phase.store(phases.len() - 1, Ordering::Release);
-        tokio::time::sleep(FAULT).await;
-        net.heal();
-        phases.push("heal".into());
-        shared.phase.store(phases.len() - 1, Ordering::Release);
-        tokio::time::sleep(HEAL).await;
-    }
+    net.run_link_faults(
+        &scenarios,
+        &mut rng,
+        (FAULT, HEAL),
+        &mut phases,
+        &shared.phase,
+        || {},
+    )
+    .await;
     net.heal();
     phases.push("final".into());
     shared.phase.store(phases.len() - 1, Ordering::Release);

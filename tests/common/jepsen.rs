@@ -75,6 +75,35 @@ impl Net {
     }
 }
 
+impl Net {
+    /// The nemesis' rounds: each of `faults` (in their order, see
+    /// [`Net::link_fault`]) for `fault`, then healed for `heal`; every
+    /// phase named in `phases` and the current one's index in `phase`;
+    /// `on_cut` runs as each fault starts.
+    pub async fn run_link_faults(
+        &self,
+        faults: &[&str],
+        rng: &mut impl Rng,
+        (fault, heal): (Duration, Duration),
+        phases: &mut Vec<String>,
+        phase: &std::sync::atomic::AtomicUsize,
+        mut on_cut: impl FnMut(),
+    ) {
+        use std::sync::atomic::Ordering;
+        for f in faults {
+            let name = self.link_fault(f, rng);
+            on_cut();
+            phases.push(name);
+            phase.store(phases.len() - 1, Ordering::Release);
+            tokio::time::sleep(fault).await;
+            self.heal();
+            phases.push("heal".into());
+            phase.store(phases.len() - 1, Ordering::Release);
+            tokio::time::sleep(heal).await;
+        }
+    }
+}
+
 /// The link faults of the classic queue and stream checks, each followed by
 /// a heal (their order is seeded).
 pub const LINK_FAULTS: [&str; 4] = ["cut A-B", "cut A-C", "isolate A", "random halves"];
