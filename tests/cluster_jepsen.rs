@@ -37,7 +37,6 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use parking_lot::Mutex;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -303,12 +302,7 @@ async fn ready(uri: &str) -> Option<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_and_consume_across_nodes_under_partitions() {
-    let seed: u64 = std::env::var("WARREN_JEPSEN_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen_range(0..10_000));
-    println!("jepsen: seed {seed} (WARREN_JEPSEN_SEED={seed} replays the nemesis)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut rng, seed) = common::jepsen::seeded("WARREN_JEPSEN_SEED", "jepsen");
 
     let net = Net::start("jepsen", false).await;
     let (a, b, c) = (0, 1, 2);

@@ -35,7 +35,6 @@ use parking_lot::Mutex;
 use rabbitmq_stream_client::types::{Message, OffsetSpecification, ResponseCode};
 use rabbitmq_stream_client::{Client, ClientOptions, Environment};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -172,12 +171,7 @@ fn stream_addr(net: &Net, i: usize) -> (String, u16) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_publishes_forwarded_under_partitions_are_stored_once_each() {
-    let seed: u64 = std::env::var("WARREN_JEPSEN_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen_range(0..10_000));
-    println!("stream jepsen: seed {seed} (WARREN_JEPSEN_SEED={seed} replays the nemesis)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let (mut rng, _) = common::jepsen::seeded("WARREN_JEPSEN_SEED", "stream jepsen");
 
     let net = Net::start("sjepsen", true).await;
     let (a, b, c) = (0, 1, 2);

@@ -104,6 +104,19 @@ impl Net {
     }
 }
 
+/// The nemesis' random source: seeded from the environment variable `var`
+/// when set (a run replayed), else from a fresh seed; the seed is printed
+/// with `label` and `var`, so any run can be replayed; and the seed.
+pub fn seeded(var: &str, label: &str) -> (rand::rngs::StdRng, u64) {
+    use rand::SeedableRng;
+    let seed: u64 = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().gen_range(0..10_000));
+    println!("{label}: seed {seed} ({var}={seed} replays the nemesis)");
+    (rand::rngs::StdRng::seed_from_u64(seed), seed)
+}
+
 /// The link faults of the classic queue and stream checks, each followed by
 /// a heal (their order is seeded).
 pub const LINK_FAULTS: [&str; 4] = ["cut A-B", "cut A-C", "isolate A", "random halves"];
