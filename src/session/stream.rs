@@ -21,7 +21,9 @@
 //! leader of each stream: this node, or a clustered stream's home node),
 //! publishers (with
 //! deduplication by reference and publishing id: the log drops duplicates,
-//! and they are confirmed like the rest), confirms sent only once the log's
+//! and they are confirmed like the rest; clustered, a publisher of a stream
+//! homed on another node sends its frames there as [`Forward`] requests, and
+//! `query_publisher_sequence` and `store_offset` go the same way), confirms sent only once the log's
 //! committed offset passes the messages (one confirm frame per publisher per
 //! round), subscriptions with credit (one credit = one chunk, sent as stored),
 //! server-side offsets, stream stats, super streams (a direct exchange with
@@ -586,7 +588,7 @@ pub struct Forward {
 /// What a forwarded request answers.
 #[derive(Debug, Clone, Copy)]
 enum Awaited {
-    /// A publish frame of publisher `0`.
+    /// A publish frame of the publisher with this id.
     Publish(u8),
     /// A `query_publisher_sequence` (its correlation id).
     Sequence(u32),
@@ -2892,6 +2894,199 @@ mod tests {
             stream: stream.into(),
             arguments: vec![],
         }
+    }
+
+    /// A stream's home node, elsewhere (clustered), reachable or not.
+    #[derive(Debug)]
+    struct Elsewhere(bool);
+
+    impl crate::broker::remote::RemoteHome for Elsewhere {
+        fn node(&self) -> &str {
+            "warren@b"
+        }
+        fn reachable(&self) -> bool {
+            self.0
+        }
+        fn stream_endpoint(&self) -> Option<(String, u16)> {
+            None
+        }
+        fn forward(
+            &self,
+            _: &str,
+            _: &str,
+            _: &Arc<crate::broker::message::Message>,
+            t: &Arc<crate::broker::remote::Ticket>,
+        ) {
+            t.expect();
+            t.settle(false);
+        }
+        fn consume(
+            &self,
+            _: crate::broker::remote::RemoteConsume,
+            _: u16,
+            _: Arc<dyn crate::broker::queue::DeliverySink>,
+        ) -> Result<crate::broker::remote::RemoteConsumer, String> {
+            Err("not in this test".into())
+        }
+        fn settle(&self, _: u64, _: Vec<u64>, _: crate::broker::remote::Settle) {}
+        fn cancel(&self, _: u64) {}
+        fn release(&self, _: u64) {}
+    }
+
+    /// One publish confirm (ids) or error ((id, code)s) frame.
+    type PublishAnswer = (Vec<u64>, Vec<(u64, u16)>);
+
+    /// Publish confirms and errors in `out`, in order.
+    fn publish_answers(out: &[u8]) -> Vec<PublishAnswer> {
+        let mut v = Vec::new();
+        let mut i = 0;
+        let u64_at =
+            |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        while i + 4 <= out.len() {
+            let size = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
+            let f = &out[i + 4..i + 4 + size];
+            let n = u32::from_be_bytes([f[5], f[6], f[7], f[8]]) as usize;
+            match u16::from_be_bytes([f[0], f[1]]) {
+                key::PUBLISH_CONFIRM => {
+                    v.push(((0..n).map(|k| u64_at(f, 9 + 8 * k)).collect(), vec![]));
+                }
+                key::PUBLISH_ERROR => v.push((
+                    vec![],
+                    (0..n)
+                        .map(|k| {
+                            let at = 9 + 10 * k;
+                            (u64_at(f, at), u16::from_be_bytes([f[at + 8], f[at + 9]]))
+                        })
+                        .collect(),
+                )),
+                _ => {}
+            }
+            i += 4 + size;
+        }
+        v
+    }
+
+    #[test]
+    fn publishes_to_a_stream_homed_elsewhere_are_forwarded_and_confirmed_in_order() {
+        let (mut s, dir) = opened("forwarded", false);
+        feed(&mut s, &[create(10, "fs")], 0);
+        let q = s.vhost.as_ref().expect("vhost").queue("fs", 1).expect("fs");
+        q.set_remote(Some(Arc::new(Elsewhere(true))));
+        let publish = |ids: &[u64]| R::Publish {
+            version: 1,
+            publisher_id: 0,
+            messages: ids
+                .iter()
+                .map(|i| Published {
+                    publishing_id: *i,
+                    filter_value: None,
+                    data: Bytes::from(format!("m{i}")),
+                    sub_batch: None,
+                })
+                .collect(),
+        };
+        let declare = |id: u8| R::DeclarePublisher {
+            correlation_id: 11,
+            publisher_id: id,
+            reference: Some("r".into()),
+            stream: "fs".into(),
+        };
+        let f = frames(&feed(
+            &mut s,
+            &[declare(0), publish(&[1, 2]), publish(&[3])],
+            0,
+        ));
+        assert_eq!(f, vec![(key::DECLARE_PUBLISHER | 0x8000, 11, code::OK)]);
+        // Two requests for the home node, in order; nothing written here.
+        let (a, b) = (s.poll_forward().expect("a"), s.poll_forward().expect("b"));
+        assert!(s.poll_forward().is_none());
+        assert_eq!((a.node.as_str(), a.stream.as_str()), ("warren@b", "fs"));
+        let StreamOp::Publish {
+            reference,
+            entries,
+            pipelined,
+        } = &a.op
+        else {
+            panic!("a publish: {:?}", a.op)
+        };
+        assert_eq!(reference.as_deref(), Some("r"));
+        let ids: Vec<(u64, u32)> = entries.iter().map(|e| (e.id, e.len)).collect();
+        assert_eq!(ids, vec![(1, 2), (2, 2)]);
+        assert!(!pipelined);
+        assert_eq!(&a.body[..], b"m1m2");
+        assert!(matches!(
+            &b.op,
+            StreamOp::Publish {
+                pipelined: true,
+                ..
+            }
+        ));
+        assert_eq!(s.log("fs").expect("log").publisher_sequence("r"), 0);
+        assert_eq!(s.forwards_in_flight(), 2);
+        // The second frame's answer waits for the first's.
+        s.handle_forwarded(
+            b.token,
+            Some(StreamAnswer::Published { duplicates: vec![] }),
+        );
+        assert!(publish_answers(&feed(&mut s, &[], 0)).is_empty());
+        // The first's: its duplicate (index 1, id 2) confirmed alone first.
+        let dup = StreamAnswer::Published {
+            duplicates: vec![1],
+        };
+        s.handle_forwarded(a.token, Some(dup));
+        assert_eq!(
+            publish_answers(&feed(&mut s, &[], 0)),
+            vec![(vec![2], vec![]), (vec![1], vec![]), (vec![3], vec![])]
+        );
+        // No answer (the link went down): refused, never confirmed.
+        feed(&mut s, &[publish(&[4])], 0);
+        let c = s.poll_forward().expect("c");
+        s.handle_forwarded(c.token, None);
+        assert_eq!(
+            publish_answers(&feed(&mut s, &[], 0)),
+            vec![(vec![], vec![(4, code::STREAM_NOT_AVAILABLE)])]
+        );
+        // The sequence is the home node's.
+        let query = R::QueryPublisherSequence {
+            correlation_id: 20,
+            reference: "r".into(),
+            stream: "fs".into(),
+        };
+        assert!(feed(&mut s, &[query], 0).is_empty(), "answered later");
+        let d = s.poll_forward().expect("d");
+        assert!(matches!(&d.op, StreamOp::PublisherSequence { reference } if reference == "r"));
+        s.handle_forwarded(d.token, Some(StreamAnswer::Sequence(7)));
+        let out = feed(&mut s, &[], 0);
+        assert_eq!(
+            frames(&out),
+            vec![(key::QUERY_PUBLISHER_SEQUENCE | 0x8000, 20, code::OK)]
+        );
+        assert_eq!(&out[out.len() - 8..], &7u64.to_be_bytes());
+        // Offsets are stored there too.
+        let store = R::StoreOffset {
+            reference: "c".into(),
+            stream: "fs".into(),
+            offset: 5,
+        };
+        feed(&mut s, std::slice::from_ref(&store), 0);
+        let e = s.poll_forward().expect("e");
+        assert!(matches!(&e.op, StreamOp::StoreOffset { offset: 5, .. }));
+        s.handle_forwarded(e.token, Some(StreamAnswer::Stored));
+        assert_eq!(s.forwards_in_flight(), 0);
+        // The home node down: no new publisher, no offset sent anywhere.
+        q.set_remote(Some(Arc::new(Elsewhere(false))));
+        let f = frames(&feed(&mut s, &[declare(1), store], 0));
+        assert_eq!(
+            f,
+            vec![(
+                key::DECLARE_PUBLISHER | 0x8000,
+                11,
+                code::STREAM_NOT_AVAILABLE
+            )]
+        );
+        assert!(s.poll_forward().is_none());
+        assert_eq!(s.log("fs").expect("log").query_offset("c"), None);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
