@@ -454,7 +454,7 @@ pub async fn node(
     let Json(mut v) = super::overview::node(State(s.clone()), caller, path).await?;
     // `?memory=true`: the memory breakdown too (null when the node did not answer).
     let memory = if params.get("memory").map(String::as_str) == Some("true") {
-        Some(super::overview::memory_of(&s, &name).await.flatten())
+        Some(super::overview::memory_of(&s, &name).await.ok().flatten())
     } else {
         None
     };

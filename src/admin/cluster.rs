@@ -173,6 +173,17 @@ pub fn answer_stats(s: &AdminState, query: &Value) -> Value {
     })
 }
 
+/// Another member's answer to a stats request ([`answer_stats`], asked
+/// over the cluster port): 404 when `node` is no member (or this node is
+/// not clustered), None when it did not answer.
+pub async fn member_stats(s: &AdminState, node: &str) -> ApiResult<Option<Value>> {
+    let c = s.cluster.as_ref().ok_or_else(ApiError::not_found)?;
+    if !c.members().iter().any(|m| m.name == node) {
+        return Err(ApiError::not_found());
+    }
+    Ok(c.stats_of(node, &json!({})).await)
+}
+
 /// The most queues one stats request answers for: a bound on the work a
 /// single request makes.
 const MAX_QUEUES_ASKED: usize = 100_000;

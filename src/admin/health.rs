@@ -251,11 +251,7 @@ pub async fn legacy_node(
     let alarm = if name == this_node(&s) {
         s.broker.memory_alarm()
     } else {
-        let c = s.cluster.as_ref().ok_or_else(ApiError::not_found)?;
-        if !c.members().iter().any(|m| m.name == name) {
-            return Err(ApiError::not_found());
-        }
-        match c.stats_of(&name, &json!({})).await {
+        match super::cluster::member_stats(&s, &name).await? {
             Some(a) => a["node"]["mem_alarm"].as_bool().unwrap_or(false),
             None => return Ok(failed(&format!("node {name} is not reachable"), json!({}))),
         }

@@ -259,11 +259,7 @@ pub async fn node(
     if name == this_node(&s) {
         return Ok(Json(node_json(&s)));
     }
-    let c = s.cluster.as_ref().ok_or_else(ApiError::not_found)?;
-    if !c.members().iter().any(|m| m.name == name) {
-        return Err(ApiError::not_found());
-    }
-    let answer = c.stats_of(&name, &json!({})).await;
+    let answer = super::cluster::member_stats(&s, &name).await?;
     let figures = answer.as_ref().and_then(|a| a.get("node"));
     Ok(Json(node_record(&name, answer.is_some(), figures)))
 }
@@ -342,17 +338,13 @@ fn relative(breakdown: &Value) -> Value {
 }
 
 /// `node`'s memory breakdown: this node's, or asked of another member
-/// (None: no such member; Some(None): it did not answer).
-pub async fn memory_of(s: &AdminState, node: &str) -> Option<Option<Value>> {
+/// (404: no such member; None: it did not answer).
+pub async fn memory_of(s: &AdminState, node: &str) -> ApiResult<Option<Value>> {
     if node == this_node(s) {
-        return Some(Some(memory_breakdown(s)));
+        return Ok(Some(memory_breakdown(s)));
     }
-    let c = s.cluster.as_ref()?;
-    if !c.members().iter().any(|m| m.name == node) {
-        return None;
-    }
-    let answer = c.stats_of(node, &json!({})).await;
-    Some(answer.and_then(|a| a.get("memory").cloned()))
+    let answer = super::cluster::member_stats(s, node).await?;
+    Ok(answer.and_then(|a| a.get("memory").cloned()))
 }
 
 /// `GET /api/nodes/{node}/memory`: `{"memory": ...}` ([`memory_breakdown`]);
@@ -364,8 +356,7 @@ pub async fn node_memory(
 ) -> ApiResult<Json<Value>> {
     caller.require_monitor()?;
     let memory = memory_of(&s, &node)
-        .await
-        .ok_or_else(ApiError::not_found)?
+        .await?
         .ok_or_else(|| ApiError::unavailable(format!("node {node} did not answer")))?;
     Ok(Json(json!({ "memory": memory })))
 }
