@@ -1222,10 +1222,6 @@ impl Served {
             let _ = self.out.send(encode(&Msg::Reply { id, reply }, None));
             return;
         };
-        let op = match op {
-            Op::Stream(op) => return self.stream_request(id, &q, op, &body),
-            op => op,
-        };
         let err = |e: crate::error::AmqpError| Err((e.code, e.text));
         let mut attached: Option<(bytes::BytesMut, bytes::Bytes)> = None;
         let reply = match op {
@@ -1250,7 +1246,7 @@ impl Served {
                     messages: q.stats(now).ready as u64,
                 }),
             },
-            Op::Stream(_) => return,
+            Op::Stream(op) => return self.stream_request(id, &q, op, &body),
             Op::Get { no_ack, cid } => match q.get(no_ack, now) {
                 None => Ok(Reply::Empty),
                 Some((entry, remaining)) => {
@@ -1302,7 +1298,7 @@ impl Served {
             let reply = Ok(Reply::Stream(a));
             let _ = out.send(encode(&Msg::Reply { id, reply }, None));
         };
-        let Some(log) = q.stream().cloned() else {
+        let (Some(log), Some(streams)) = (q.stream().cloned(), self.broker.streams.clone()) else {
             return answer(StreamAnswer::Failed(code::STREAM_DOES_NOT_EXIST));
         };
         let (reference, entries, pipelined) = match op {
@@ -1349,22 +1345,16 @@ impl Served {
             Err(e) => return answer(StreamAnswer::Failed(error_code(&e))),
         };
         let duplicates = appended.duplicates.iter().map(|&i| i as u32).collect();
-        let mut durable = log.durable();
-        tokio::spawn(async move {
-            loop {
-                if *durable.borrow_and_update() >= appended.next_offset {
-                    return answer(StreamAnswer::Published { duplicates });
-                }
-                // Deleted meanwhile: what was not fsynced never will be.
-                if log.is_deleted() {
-                    return answer(StreamAnswer::Failed(code::STREAM_DOES_NOT_EXIST));
-                }
-                let changed = tokio::time::timeout(Duration::from_secs(1), durable.changed());
-                if let Ok(Err(_)) = changed.await {
-                    return answer(StreamAnswer::Failed(code::STREAM_DOES_NOT_EXIST));
-                }
-            }
-        });
+        // Answered when the stream store has fsynced it, as an AMQP
+        // publisher's confirm to a stream is (`StreamStore::on_durable`).
+        streams.on_durable(Box::new(move |r| {
+            answer(match r {
+                // Deleted meanwhile: what was not written never will be.
+                Ok(()) if log.is_deleted() => StreamAnswer::Failed(code::STREAM_DOES_NOT_EXIST),
+                Ok(()) => StreamAnswer::Published { duplicates },
+                Err(e) => StreamAnswer::Failed(error_code(&e)),
+            })
+        }));
     }
 
     fn settle(&mut self, cid: u64, tags: Vec<u64>, how: Settle) {
