@@ -772,19 +772,17 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
             back.push(id);
         }
     }
-    let checkout = QCommand::Checkout { out, back };
-    [
-        QCommand::Return(returned),
-        checkout,
-        QCommand::Settle(settled),
-    ]
-    .into_iter()
-    .filter(|c| match c {
-        QCommand::Return(ids) | QCommand::Settle(ids) => !ids.is_empty(),
-        QCommand::Checkout { out, back } => !out.is_empty() || !back.is_empty(),
-        QCommand::Enqueue(_) => false,
-    })
-    .collect()
+    let mut cmds = Vec::new();
+    if !returned.is_empty() {
+        cmds.push(QCommand::Return(returned));
+    }
+    if !out.is_empty() || !back.is_empty() {
+        cmds.push(QCommand::Checkout { out, back });
+    }
+    if !settled.is_empty() {
+        cmds.push(QCommand::Settle(settled));
+    }
+    cmds
 }
 
 /// Propose the changes the serving queue reported, a batch at a time
