@@ -17,7 +17,7 @@
 //! queue for good are reported so the group drops them too.
 
 use crate::broker::message::Message;
-use crate::broker::queue::DeliverySink;
+use crate::broker::queue::{Consumer, Delivery, DeliverySink};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -73,6 +73,9 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// messages handed out that went back before they reached it (`back`:
     /// not a return), so the group knows what is out with clients.
     fn checked_out(&self, out: Vec<u64>, back: Vec<u64>);
+    /// Deliveries to send once what was reported before them has committed
+    /// ([`crate::broker::queue::Queue::send_held`]), in their order.
+    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>);
     /// The implementation, for the cluster layer that made it.
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }

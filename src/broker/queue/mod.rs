@@ -161,6 +161,16 @@ fn settle_unacked(s: &mut State, entries: &[Entry]) {
 }
 
 /// `e` was handed out and is now counted unacked.
+/// A delivery that did not reach its consumer goes back where it was, with
+/// the consumer's credit.
+fn take_back(s: &mut State, consumer: &Consumer, entry: Entry) {
+    consumer.give_back_credit();
+    if !consumer.no_ack {
+        settle_unacked(s, std::slice::from_ref(&entry));
+    }
+    s.ready.requeue(entry);
+}
+
 fn count_unacked(s: &mut State, e: &Entry) {
     s.unacked += 1;
     s.unacked_bytes += e.size();
@@ -351,6 +361,10 @@ struct Effects {
     /// Replicated queue: ids of messages handed to a client that must ack
     /// them, to report (before `settled`).
     checked_out: Vec<u64>,
+    /// Replicated queue: deliveries to send once the group has committed
+    /// what they report (their `Checkout`, or `Settle` without ack), handed
+    /// to the replica after the reports.
+    held: Vec<(Arc<Consumer>, Delivery)>,
 }
 
 impl Queue {
@@ -475,8 +489,9 @@ impl Queue {
     /// A message the queue's Raft group committed, with its id there
     /// (increasing in the group's order), on the node serving the queue: enqueued
     /// like a publish, nothing written to the message store. A message a new
-    /// leader loads comes `redelivered`, with the `returns` the group
-    /// counted (towards the delivery limit, as `x-delivery-count`).
+    /// leader loads comes `redelivered` if it went out before, with the
+    /// `returns` the group counted (towards the delivery limit, as
+    /// `x-delivery-count`).
     pub fn enqueue_replicated(
         self: &Arc<Self>,
         message: Arc<Message>,
@@ -915,6 +930,10 @@ impl Queue {
             if entry.redelivered {
                 crate::broker::Counters::add(&self.counters.redelivered, 1);
             }
+            // A replicated queue's delivery waits for its report to commit
+            // (RabbitMQ's `rabbit_fifo` delivers as the effect of a committed
+            // checkout): a new leader then knows of every delivery that went out.
+            let hold = entry.pos.is_none() && self.is_replicated();
             self.handed_out(&entry, consumer.no_ack, fx);
             let delivery = Delivery {
                 channel: consumer.channel,
@@ -923,16 +942,46 @@ impl Queue {
                 entry,
                 no_ack: consumer.no_ack,
             };
-            if let Err(back) = consumer.sink.deliver(delivery) {
+            if hold {
+                fx.held.push((consumer, delivery));
+            } else if let Err(back) = consumer.sink.deliver(delivery) {
                 // The connection is gone: take the message back and drop the consumer.
-                consumer.give_back_credit();
-                if !consumer.no_ack {
-                    settle_unacked(s, std::slice::from_ref(&back.entry));
-                }
-                s.ready.requeue(back.entry);
+                take_back(s, &consumer, back.entry);
                 s.consumers.retain(|c| !Arc::ptr_eq(c, &consumer));
             }
         }
+    }
+
+    /// A delivery the replica held ([`Effects::held`]) once its report
+    /// `committed` (or did not): sent to its consumer, or, not committed or
+    /// its connection gone, put back where it was (never reached a client:
+    /// reported back, not a return) and delivery goes on.
+    pub fn send_held(
+        self: &Arc<Self>,
+        consumer: &Arc<Consumer>,
+        d: Delivery,
+        committed: bool,
+        now: u64,
+    ) {
+        let back = if committed {
+            match consumer.sink.deliver(d) {
+                Ok(()) => return,
+                Err(back) => back,
+            }
+        } else {
+            d
+        };
+        let mut s = self.state.lock();
+        if s.deleted {
+            return;
+        }
+        let id = back.entry.seq;
+        take_back(&mut s, consumer, back.entry);
+        if let Some(r) = self.replica() {
+            r.checked_out(Vec::new(), vec![id]);
+        }
+        drop(s);
+        self.dispatch(now);
     }
 
     /// basic.get at `now`: the next message and how many remain. Counted unacked
@@ -1314,6 +1363,22 @@ impl Queue {
             let settled = std::mem::take(&mut fx.settled);
             if let Some(r) = self.replica() {
                 r.settled(settled);
+            }
+        }
+        if !fx.held.is_empty() {
+            let held = std::mem::take(&mut fx.held);
+            match self.replica() {
+                Some(r) => r.hold(held),
+                // Detached meanwhile: nothing to wait for.
+                None => {
+                    let mut s = s;
+                    for (c, d) in held {
+                        if let Err(back) = c.sink.deliver(d) {
+                            take_back(&mut s, &c, back.entry);
+                        }
+                    }
+                    return self.release(s, fx, barrier);
+                }
             }
         }
         let Some(qs) = &self.store else {

@@ -534,6 +534,8 @@ struct Recorder {
     returned: Mutex<Vec<u64>>,
     /// (out, back) as reported.
     checked_out: Mutex<(Vec<u64>, Vec<u64>)>,
+    /// Deliveries waiting for the reports before them to commit.
+    held: Mutex<Vec<(Arc<Consumer>, Delivery)>>,
 }
 
 impl crate::broker::remote::Replica for Recorder {
@@ -554,6 +556,9 @@ impl crate::broker::remote::Replica for Recorder {
         let mut c = self.checked_out.lock();
         c.0.extend(out);
         c.1.extend(back);
+    }
+    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>) {
+        self.held.lock().extend(deliveries);
     }
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
@@ -642,6 +647,54 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     assert!(q.reset_replicated().is_empty());
     assert_eq!(q.stats(T0).ready, 0);
     taken(&[]);
+}
+
+#[test]
+fn a_replicated_queue_holds_deliveries_until_their_checkout_commits() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(
+        &dir,
+        1 << 20,
+        &[(
+            "x-queue-type",
+            FieldValue::LongString(Bytes::from("quorum")),
+        )],
+    );
+    let rec = Arc::new(Recorder::default());
+    q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
+    let sink = Arc::new(Sink::default());
+    let mut c = consumer(&sink, false);
+    Arc::get_mut(&mut c).expect("one owner").credit = Credit::new(1);
+    q.add_consumer(Arc::clone(&c), T0).expect("consume");
+    for (id, b) in [(10, "a"), (11, "b")] {
+        q.enqueue_replicated(persistent(b), id, (false, 0), T0);
+    }
+    // Handed out (reported, counted unacked, the consumer's credit taken)
+    // but not sent: the replica holds it.
+    let out = || std::mem::take(&mut *rec.checked_out.lock());
+    assert_eq!(out(), (vec![10], vec![]));
+    assert!(sink.0.lock().is_empty(), "nothing sent before the commit");
+    assert_eq!(q.stats(T0).unacked, 1);
+    let held = || std::mem::take(&mut *rec.held.lock());
+    let mut h = held();
+    assert_eq!(h.len(), 1);
+    // Not committed: back where it was, reported back, with the credit, and
+    // handed out (held) again.
+    let (hc, d) = h.remove(0);
+    q.send_held(&hc, d, false, T0);
+    assert_eq!(out(), (vec![10], vec![10]));
+    let mut h = held();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0].1.entry.seq, 10, "the head again, not the next");
+    assert!(sink.0.lock().is_empty());
+    // Committed: sent, unflagged (it never reached a client before).
+    let (hc, d) = h.remove(0);
+    q.send_held(&hc, d, true, T0);
+    let sent = std::mem::take(&mut *sink.0.lock());
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].entry.seq, sent[0].entry.redelivered), (10, false));
+    assert!(held().is_empty(), "the consumer's one credit is in use");
+    assert_eq!(q.stats(T0).unacked, 1);
 }
 
 #[test]

@@ -1,12 +1,12 @@
 //! One quorum queue group on this node: follows the group's leadership and
 //! serves the queue while this node leads. On becoming leader (and having
 //! applied everything committed before: `ensure_linearizable`) it loads the
-//! state machine's messages into the local queue, every one flagged
-//! redelivered (a delivery goes out before its `Checkout` commits, so any
-//! may have been delivered by the old leader) and with the returns the
-//! group counted (`x-delivery-count`, `x-delivery-limit`), one more for
-//! each message the group knows was out with a client (whose channel went
-//! with the old leader: a return, proposed as such), attaches itself as the queue's
+//! state machine's messages into the local queue, flagged redelivered if
+//! they went out before (a delivery waits for its `Checkout` to commit, so
+//! the group knows of every one) and with the returns the group counted
+//! (`x-delivery-count`, `x-delivery-limit`), one more for each message out
+//! with a client (whose channel went with the old leader: a return,
+//! proposed as such), attaches itself as the queue's
 //! [`Replica`] door and announces itself to the metadata group (other
 //! nodes then forward to it). On losing leadership it empties the local
 //! queue (the group keeps the messages) and cancels its consumers.
@@ -17,17 +17,21 @@
 //! leaving the queue are proposed as `Settle`, messages going back into
 //! it after reaching a client as `Return` (their delivery count), and
 //! messages handed to a client that must ack them as `Checkout`, batched:
-//! one batch in flight, the ids that arrive meanwhile go in the next.
+//! one batch in flight, the ids that arrive meanwhile go in the next. The
+//! queue's deliveries wait for the batch that reports them (RabbitMQ's
+//! `rabbit_fifo` delivers as the effect of a committed checkout): sent once
+//! it commits, put back unsent if it does not.
 
 use super::command::{Outcome, QCommand, QMsg};
 use super::publisher::{Answer, Reply};
 use super::store::QSm;
 use super::{Manager, QTypeConfig};
 use crate::broker::message::Message;
+use crate::broker::queue::{Consumer, Delivery};
 use crate::broker::remote::{Replica, Ticket};
 use openraft::ServerState;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -42,8 +46,12 @@ pub struct Group {
     raft: OnceLock<Raft>,
     sm: QSm,
     serving: AtomicBool,
-    settle_tx: mpsc::UnboundedSender<Change>,
-    settle_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
+    /// Counts this member's spells of serving: a change the queue reported
+    /// in an earlier one is not proposed (the queue was emptied and loaded
+    /// again from the group's state since), a delivery held then not sent.
+    epoch: AtomicU64,
+    settle_tx: mpsc::UnboundedSender<(u64, Change)>,
+    settle_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<(u64, Change)>>>,
     enqueue_tx: mpsc::UnboundedSender<Publish>,
     enqueue_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<Publish>>>,
     commit_timeout: Duration,
@@ -96,6 +104,7 @@ impl Group {
             raft: OnceLock::new(),
             sm,
             serving: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             settle_tx,
             settle_rx: parking_lot::Mutex::new(Some(settle_rx)),
             commit_timeout,
@@ -217,6 +226,7 @@ impl Group {
         };
         let now = crate::clock::now_ms();
         let mut s = self.sm.inner.lock();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         q.set_replica(Some(self.clone()));
         q.set_remote(None);
         // Serving from here, so that what the queue reports while it loads
@@ -231,9 +241,10 @@ impl Group {
         // more return, counted here and proposed (before anything can
         // settle it).
         let out: Vec<u64> = s.state.out.iter().copied().collect();
-        if !out.is_empty() {
-            let _ = self.settle_tx.send(Change::Returned(out));
-        }
+        self.report(Change::Returned(out));
+        // Redelivered: those that went out (each delivery waited for its
+        // `Checkout` to commit, so the group knows of every one) and those
+        // that came back before.
         let messages: Vec<(u64, Arc<Message>, u32)> = s
             .state
             .messages
@@ -245,7 +256,7 @@ impl Group {
             .collect();
         let n = messages.len();
         for (id, msg, returns) in messages {
-            q.enqueue_replicated(msg, id, (true, returns), now);
+            q.enqueue_replicated(msg, id, (returns > 0, returns), now);
         }
         drop(s);
         tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");
@@ -433,20 +444,31 @@ impl Replica for Group {
     }
 
     fn settled(&self, ids: Vec<u64>) {
-        if !ids.is_empty() {
-            let _ = self.settle_tx.send(Change::Settled(ids));
-        }
+        self.report(Change::Settled(ids));
     }
 
     fn returned(&self, ids: Vec<u64>) {
-        if !ids.is_empty() {
-            let _ = self.settle_tx.send(Change::Returned(ids));
-        }
+        self.report(Change::Returned(ids));
     }
 
     fn checked_out(&self, out: Vec<u64>, back: Vec<u64>) {
-        if !out.is_empty() || !back.is_empty() {
-            let _ = self.settle_tx.send(Change::CheckedOut { out, back });
+        self.report(Change::CheckedOut { out, back });
+    }
+
+    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>) {
+        self.report(Change::Deliver(deliveries));
+    }
+}
+
+impl Group {
+    /// Hand a change of the serving queue to the settle loop, in the
+    /// queue's order (called under its lock), tagged with this spell of
+    /// serving.
+    fn report(&self, change: Change) {
+        if !change.is_empty() {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            // Not sent: the group stopped; the next leader has the messages.
+            let _ = self.settle_tx.send((epoch, change));
         }
     }
 }
@@ -737,6 +759,19 @@ enum Change {
     /// Handed to a client that must ack them, or back before reaching it:
     /// proposed as `Checkout`.
     CheckedOut { out: Vec<u64>, back: Vec<u64> },
+    /// Deliveries to send once the changes before them have committed (not
+    /// proposed).
+    Deliver(Vec<(Arc<Consumer>, Delivery)>),
+}
+
+impl Change {
+    fn is_empty(&self) -> bool {
+        match self {
+            Change::Settled(ids) | Change::Returned(ids) => ids.is_empty(),
+            Change::CheckedOut { out, back } => out.is_empty() && back.is_empty(),
+            Change::Deliver(d) => d.is_empty(),
+        }
+    }
 }
 
 /// The commands for a batch of changes, in the order they apply: every
@@ -762,6 +797,7 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
                 last.extend(back.into_iter().map(|id| (id, false)));
                 last.extend(out.into_iter().map(|id| (id, true)));
             }
+            Change::Deliver(_) => {}
         }
     }
     let (mut out, mut back) = (Vec::new(), Vec::new());
@@ -786,30 +822,45 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
 }
 
 /// Propose the changes the serving queue reported, a batch at a time
-/// (whatever arrived meanwhile, as [`batch_commands`]).
-async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<Change>) {
+/// (whatever arrived meanwhile, as [`batch_commands`]), then send the
+/// deliveries held for them: once all committed; else they go back into
+/// the queue unsent.
+async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<(u64, Change)>) {
     while let Some(first) = rx.recv().await {
-        let mut changes = vec![first];
+        let mut batch = vec![first];
         while let Ok(change) = rx.try_recv() {
-            changes.push(change);
+            batch.push(change);
         }
         let Some(group) = g.upgrade() else { return };
         group.not_transferring().await;
+        let epoch = group.epoch.load(Ordering::Acquire);
         if !group.is_serving() {
-            // The next leader has them (and redelivers them).
+            // The next leader has them (and redelivers what went out).
             continue;
         }
         let within = group.commit_timeout;
         drop(group);
+        let (mut changes, mut held) = (Vec::new(), Vec::new());
+        // Those of an earlier spell of serving are dropped: the queue was
+        // emptied and loaded again from the group's state since.
+        for (_, change) in batch.into_iter().filter(|(e, _)| *e == epoch) {
+            match change {
+                Change::Deliver(d) => held.extend(d),
+                c => changes.push(c),
+            }
+        }
         // Handed to the Raft core in order (one commit can carry them all),
         // then their commits awaited.
+        let cmds = batch_commands(changes);
+        let mut committed = true;
         let mut proposed = Vec::new();
-        for cmd in batch_commands(changes) {
+        for cmd in cmds {
             let what = cmd.to_string();
             match tokio::time::timeout(within, raft.client_write_ff(cmd)).await {
                 Ok(Ok(answer)) => proposed.push((what, answer)),
                 _ => {
                     tracing::debug!(%what, "quorum queue change not proposed");
+                    committed = false;
                     break;
                 }
             }
@@ -818,10 +869,30 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
             match tokio::time::timeout(within, answer).await {
                 Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(e))) => {
+                    committed = false;
                     tracing::debug!(error = %e, %what, "quorum queue change not committed")
                 }
-                _ => tracing::debug!(%what, "quorum queue change not committed in time"),
+                _ => {
+                    committed = false;
+                    tracing::debug!(%what, "quorum queue change not committed in time")
+                }
             }
+        }
+        if held.is_empty() {
+            continue;
+        }
+        // Still the same spell of serving: else the queue was emptied (its
+        // consumers cancelled) and these are nobody's any more.
+        let still = g
+            .upgrade()
+            .is_some_and(|g| g.is_serving() && g.epoch.load(Ordering::Acquire) == epoch);
+        if !still {
+            continue;
+        }
+        let now = crate::clock::now_ms();
+        for (consumer, d) in held {
+            let q = Arc::clone(&d.queue);
+            q.send_held(&consumer, d, committed, now);
         }
     }
 }
