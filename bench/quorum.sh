@@ -2,8 +2,9 @@
 # A 3-node quorum queue, warren against RabbitMQ, side by side in one go.
 # Method and results: docs/benchmarks.md ("Quorum queues, 3 nodes").
 #
-#   bench/quorum.sh [-r ROUNDS] [-d SECS] [-s BYTES] [-w WARREN] [-p PERF] [-n] [-f TRIALS]
+#   bench/quorum.sh [-r ROUNDS] [-d SECS] [-s BYTES] [-q PREFETCH] [-w WARREN] [-p PERF] [-n] [-f TRIALS]
 #     -s   message size (default 16)
+#     -q   consumer prefetch (default 1000; below 100 every message is acked, else every 100th)
 #     -n   warren only (no RabbitMQ cluster)
 #     -f   failover instead of throughput: TRIALS times, bench/failover.py kills the
 #          leader's node of a fresh quorum queue (kill -9) and measures the time to
@@ -17,10 +18,10 @@
 # every 100. It prints msg/s consumed and the CPU of all three broker processes
 # (utime+stime from /proc/<pid>/stat over the run) per message consumed.
 set -euo pipefail
-rounds=2 secs=10 size=16 warren=target/release/warren perf=target/release/examples/perf rabbit=1 trials=0
-while getopts "r:d:s:w:p:nf:" o; do
+rounds=2 secs=10 size=16 prefetch=1000 warren=target/release/warren perf=target/release/examples/perf rabbit=1 trials=0
+while getopts "r:d:s:q:w:p:nf:" o; do
   case $o in
-    r) rounds=$OPTARG ;; d) secs=$OPTARG ;; s) size=$OPTARG ;; w) warren=$OPTARG ;; p) perf=$OPTARG ;; n) rabbit=0 ;;
+    r) rounds=$OPTARG ;; d) secs=$OPTARG ;; s) size=$OPTARG ;; q) prefetch=$OPTARG ;; w) warren=$OPTARG ;; p) perf=$OPTARG ;; n) rabbit=0 ;;
     f) trials=$OPTARG rabbit=0 ;; *) exit 2 ;;
   esac
 done
@@ -125,8 +126,8 @@ run_one() { # label uri pids...
   local label=$1 uri=$2 out t0 t1 rate moved
   shift 2
   t0=$(cpu_ticks "$@")
-  out=$("$perf" --uri "$uri" -z "$secs" -x1 -y1 -s"$size" -q1000 --persistent --queue-type quorum \
-    --confirm 1000 --multi-ack-every 100 2>&1 | grep '^RESULT' || true)
+  out=$("$perf" --uri "$uri" -z "$secs" -x1 -y1 -s"$size" -q"$prefetch" --persistent --queue-type quorum \
+    --confirm 1000 --multi-ack-every $((prefetch < 100 ? 1 : 100)) 2>&1 | grep '^RESULT' || true)
   t1=$(cpu_ticks "$@")
   moved=$(sed -n 's/.* consumed=\([0-9]*\).*/\1/p' <<<"$out")
   rate=$(sed -n 's/.* consume_rate=\([0-9]*\).*/\1/p' <<<"$out")

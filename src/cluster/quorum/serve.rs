@@ -821,11 +821,30 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
     cmds
 }
 
-/// Propose the changes the serving queue reported, a batch at a time
-/// (whatever arrived meanwhile, as [`batch_commands`]), then send the
-/// deliveries held for them: once all committed; else they go back into
-/// the queue unsent.
+/// Rounds of changes proposed and not yet committed, at most: while they
+/// wait, the changes reported meanwhile form the next round.
+const ROUNDS_IN_FLIGHT: usize = 8;
+
+/// What `client_write_ff` hands back: the command's commit, to await.
+type Answered = <<QTypeConfig as openraft::RaftTypeConfig>::Responder as openraft::raft::responder::Responder<QTypeConfig>>::Receiver;
+
+/// A round of changes handed to the Raft core: the commits to await, and
+/// the deliveries to send once they came.
+struct Round {
+    epoch: u64,
+    proposed: Vec<(String, Answered)>,
+    /// Every command of the round was handed to the Raft core.
+    all_proposed: bool,
+    held: Vec<(Arc<Consumer>, Delivery)>,
+}
+
+/// Propose the changes the serving queue reported, a round at a time
+/// (whatever arrived meanwhile, as [`batch_commands`]), in order, without
+/// waiting for the previous round's commit; [`send_loop`] awaits the rounds'
+/// commits in the same order and sends the deliveries held for them.
 async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<(u64, Change)>) {
+    let (rounds_tx, rounds_rx) = mpsc::channel::<Round>(ROUNDS_IN_FLIGHT);
+    tokio::spawn(send_loop(g.clone(), rounds_rx));
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while let Ok(change) = rx.try_recv() {
@@ -849,23 +868,40 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
                 c => changes.push(c),
             }
         }
-        // Handed to the Raft core in order (one commit can carry them all),
-        // then their commits awaited.
-        let cmds = batch_commands(changes);
-        let mut committed = true;
-        let mut proposed = Vec::new();
-        for cmd in cmds {
+        // Handed to the Raft core in order (one commit can carry them all).
+        let mut round = Round {
+            epoch,
+            proposed: Vec::new(),
+            all_proposed: true,
+            held,
+        };
+        for cmd in batch_commands(changes) {
             let what = cmd.to_string();
             match tokio::time::timeout(within, raft.client_write_ff(cmd)).await {
-                Ok(Ok(answer)) => proposed.push((what, answer)),
+                Ok(Ok(answer)) => round.proposed.push((what, answer)),
                 _ => {
                     tracing::debug!(%what, "quorum queue change not proposed");
-                    committed = false;
+                    round.all_proposed = false;
                     break;
                 }
             }
         }
-        for (what, answer) in proposed {
+        if rounds_tx.send(round).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Await each round's commits, in the order the rounds were proposed, then
+/// send its held deliveries: once all its commands committed; else they go
+/// back into the queue unsent.
+async fn send_loop(g: Weak<Group>, mut rounds: mpsc::Receiver<Round>) {
+    while let Some(round) = rounds.recv().await {
+        let Some(within) = g.upgrade().map(|g| g.commit_timeout) else {
+            return;
+        };
+        let mut committed = round.all_proposed;
+        for (what, answer) in round.proposed {
             match tokio::time::timeout(within, answer).await {
                 Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(e))) => {
@@ -878,19 +914,19 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
                 }
             }
         }
-        if held.is_empty() {
+        if round.held.is_empty() {
             continue;
         }
         // Still the same spell of serving: else the queue was emptied (its
         // consumers cancelled) and these are nobody's any more.
         let still = g
             .upgrade()
-            .is_some_and(|g| g.is_serving() && g.epoch.load(Ordering::Acquire) == epoch);
+            .is_some_and(|g| g.is_serving() && g.epoch.load(Ordering::Acquire) == round.epoch);
         if !still {
             continue;
         }
         let now = crate::clock::now_ms();
-        for (consumer, d) in held {
+        for (consumer, d) in round.held {
             let q = Arc::clone(&d.queue);
             q.send_held(&consumer, d, committed, now);
         }
