@@ -73,9 +73,11 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// messages handed out that went back before they reached it (`back`:
     /// not a return), so the group knows what is out with clients.
     fn checked_out(&self, out: Vec<u64>, back: Vec<u64>);
-    /// Deliveries to send once what was reported before them has committed
-    /// ([`crate::broker::queue::Queue::send_held`]), in their order.
-    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>);
+    /// Deliveries to send once what was reported before them has committed,
+    /// and the delivery `horizon` if one is given (then
+    /// [`crate::broker::queue::Queue::horizon_committed`]), in their order
+    /// ([`crate::broker::queue::Queue::send_held`]).
+    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>, horizon: Option<u64>);
     /// The implementation, for the cluster layer that made it.
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }

@@ -288,7 +288,34 @@ struct State {
     may_expire: bool,
     /// Last time the queue was used (for `x-expires`), ms since the epoch.
     last_used: u64,
+    /// Replicated queue: the delivery horizon, see [`Horizon`].
+    horizon: Horizon,
 }
+
+/// A replicated queue's delivery horizon (RabbitMQ's `rabbit_fifo` commits
+/// a checkout before it delivers; this commits ahead, in bulk): a message
+/// goes out at once only if its id is at most the horizon the group has
+/// committed, so a new leader knows that nothing past that horizon ever went
+/// out. A delivery past it is held ([`Effects::held`]) with a new horizon
+/// [`HORIZON_AHEAD`] messages further, sent once that commits; deliveries
+/// dispatched while some are held are held too, so each consumer gets its
+/// messages in order.
+#[derive(Debug, Default)]
+struct Horizon {
+    /// Committed.
+    committed: u64,
+    /// Asked for (at least `committed`): a delivery up to it waits for the
+    /// round that carries it.
+    asked: u64,
+    /// Deliveries held and not yet sent or taken back.
+    holding: usize,
+}
+
+/// How many ready messages past a held delivery a new horizon covers: a
+/// horizon commit per that many deliveries at most, and at most that many
+/// messages (with the consumers' prefetch) come flagged redelivered after a
+/// failover without having gone out.
+pub const HORIZON_AHEAD: usize = 1024;
 
 /// Counters of a queue, for declare-ok and the admin API.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -362,9 +389,11 @@ struct Effects {
     /// them, to report (before `settled`).
     checked_out: Vec<u64>,
     /// Replicated queue: deliveries to send once the group has committed
-    /// what they report (their `Checkout`, or `Settle` without ack), handed
-    /// to the replica after the reports.
+    /// the reports before them and `horizon` ([`Horizon`]), handed to the
+    /// replica after the reports.
     held: Vec<(Arc<Consumer>, Delivery)>,
+    /// A new delivery horizon to commit before the held deliveries go out.
+    horizon: Option<u64>,
 }
 
 impl Queue {
@@ -440,6 +469,7 @@ impl Queue {
                 deleted: false,
                 may_expire: false,
                 last_used: now,
+                horizon: Horizon::default(),
             }),
         })
     }
@@ -515,6 +545,7 @@ impl Queue {
         s.unacked_persistent_bytes = 0;
         s.unacked_timestamps.clear();
         s.may_expire = false;
+        s.horizon = Horizon::default();
         std::mem::take(&mut s.consumers)
     }
 
@@ -930,10 +961,20 @@ impl Queue {
             if entry.redelivered {
                 crate::broker::Counters::add(&self.counters.redelivered, 1);
             }
-            // A replicated queue's delivery waits for its report to commit
-            // (RabbitMQ's `rabbit_fifo` delivers as the effect of a committed
-            // checkout): a new leader then knows of every delivery that went out.
-            let hold = entry.pos.is_none() && self.is_replicated();
+            // A replicated queue's delivery past the committed horizon
+            // waits for a new one to commit.
+            let hold = entry.pos.is_none()
+                && self.is_replicated()
+                && (s.horizon.holding > 0 || entry.seq > s.horizon.committed);
+            if hold {
+                s.horizon.holding += 1;
+                if entry.seq > s.horizon.asked {
+                    let ahead = s.ready.iter().take(HORIZON_AHEAD).map(|e| e.seq).max();
+                    let h = ahead.unwrap_or(0).max(entry.seq);
+                    s.horizon.asked = h;
+                    fx.horizon = Some(h);
+                }
+            }
             self.handed_out(&entry, consumer.no_ack, fx);
             let delivery = Delivery {
                 channel: consumer.channel,
@@ -952,10 +993,23 @@ impl Queue {
         }
     }
 
-    /// A delivery the replica held ([`Effects::held`]) once its report
-    /// `committed` (or did not): sent to its consumer, or, not committed or
-    /// its connection gone, put back where it was (never reached a client:
-    /// reported back, not a return) and delivery goes on.
+    /// The group committed delivery horizon `h` ([`Horizon`]), or, as
+    /// this node starts serving, the one it had committed before.
+    pub fn horizon_committed(&self, h: u64, serving_starts: bool) {
+        let mut s = self.state.lock();
+        let hz = &mut s.horizon;
+        if serving_starts {
+            *hz = Horizon::default();
+        }
+        hz.committed = hz.committed.max(h);
+        hz.asked = hz.asked.max(hz.committed);
+    }
+
+    /// A delivery the replica held ([`Effects::held`]) once the round that
+    /// carried its reports and horizon `committed` (or did not): sent to its
+    /// consumer, or, not committed or its connection gone, put back where
+    /// it was (never reached a client: reported back, not a return) and
+    /// delivery goes on. Called in the order they were held.
     pub fn send_held(
         self: &Arc<Self>,
         consumer: &Arc<Consumer>,
@@ -963,6 +1017,19 @@ impl Queue {
         committed: bool,
         now: u64,
     ) {
+        let committed = {
+            let mut s = self.state.lock();
+            let hz = &mut s.horizon;
+            hz.holding = hz.holding.saturating_sub(1);
+            // Past the committed horizon (the round that carried it did not
+            // commit): not sent either.
+            let committed = committed && d.entry.seq <= hz.committed;
+            if !committed {
+                // Asked again by the next delivery past the committed one.
+                hz.asked = hz.committed;
+            }
+            committed
+        };
         let back = if committed {
             match consumer.sink.deliver(d) {
                 Ok(()) => return,
@@ -1368,10 +1435,11 @@ impl Queue {
         if !fx.held.is_empty() {
             let held = std::mem::take(&mut fx.held);
             match self.replica() {
-                Some(r) => r.hold(held),
+                Some(r) => r.hold(held, fx.horizon.take()),
                 // Detached meanwhile: nothing to wait for.
                 None => {
                     let mut s = s;
+                    s.horizon.holding = s.horizon.holding.saturating_sub(held.len());
                     for (c, d) in held {
                         if let Err(back) = c.sink.deliver(d) {
                             take_back(&mut s, &c, back.entry);

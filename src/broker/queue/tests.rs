@@ -536,6 +536,8 @@ struct Recorder {
     checked_out: Mutex<(Vec<u64>, Vec<u64>)>,
     /// Deliveries waiting for the reports before them to commit.
     held: Mutex<Vec<(Arc<Consumer>, Delivery)>>,
+    /// Delivery horizons asked for.
+    horizons: Mutex<Vec<u64>>,
 }
 
 impl crate::broker::remote::Replica for Recorder {
@@ -557,8 +559,11 @@ impl crate::broker::remote::Replica for Recorder {
         c.0.extend(out);
         c.1.extend(back);
     }
-    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>) {
+    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>, horizon: Option<u64>) {
         self.held.lock().extend(deliveries);
+        if let Some(h) = horizon {
+            self.horizons.lock().push(h);
+        }
     }
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
@@ -650,7 +655,7 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
 }
 
 #[test]
-fn a_replicated_queue_holds_deliveries_until_their_checkout_commits() {
+fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     let dir = TempDir::new();
     let (_store, _v, q) = setup(
         &dir,
@@ -665,36 +670,66 @@ fn a_replicated_queue_holds_deliveries_until_their_checkout_commits() {
     let sink = Arc::new(Sink::default());
     let mut c = consumer(&sink, false);
     Arc::get_mut(&mut c).expect("one owner").credit = Credit::new(1);
-    q.add_consumer(Arc::clone(&c), T0).expect("consume");
-    for (id, b) in [(10, "a"), (11, "b")] {
+    for (id, b) in [(10, "a"), (11, "b"), (12, "c")] {
         q.enqueue_replicated(persistent(b), id, (false, 0), T0);
     }
-    // Handed out (reported, counted unacked, the consumer's credit taken)
-    // but not sent: the replica holds it.
+    q.add_consumer(Arc::clone(&c), T0).expect("consume");
+    q.dispatch(T0);
+    // Past the horizon (none yet): handed out (reported, counted unacked,
+    // the consumer's credit taken) but held, with a new horizon asked that
+    // covers the ready messages behind it.
     let out = || std::mem::take(&mut *rec.checked_out.lock());
+    let held = || std::mem::take(&mut *rec.held.lock());
+    let horizons = || std::mem::take(&mut *rec.horizons.lock());
     assert_eq!(out(), (vec![10], vec![]));
     assert!(sink.0.lock().is_empty(), "nothing sent before the commit");
     assert_eq!(q.stats(T0).unacked, 1);
-    let held = || std::mem::take(&mut *rec.held.lock());
+    assert_eq!(horizons(), vec![12]);
     let mut h = held();
     assert_eq!(h.len(), 1);
     // Not committed: back where it was, reported back, with the credit, and
-    // handed out (held) again.
+    // held again, the horizon asked again.
     let (hc, d) = h.remove(0);
     q.send_held(&hc, d, false, T0);
     assert_eq!(out(), (vec![10], vec![10]));
+    assert_eq!(horizons(), vec![12]);
     let mut h = held();
     assert_eq!(h.len(), 1);
     assert_eq!(h[0].1.entry.seq, 10, "the head again, not the next");
     assert!(sink.0.lock().is_empty());
-    // Committed: sent, unflagged (it never reached a client before).
+    // Its round committed without the horizon (it did not commit before):
+    // still not sent.
+    let (hc, d) = h.remove(0);
+    q.send_held(&hc, d, true, T0);
+    assert!(sink.0.lock().is_empty());
+    assert_eq!(horizons(), vec![12]);
+    let mut h = held();
+    // The horizon committed: sent, unflagged (it never reached a client).
+    q.horizon_committed(12, false);
     let (hc, d) = h.remove(0);
     q.send_held(&hc, d, true, T0);
     let sent = std::mem::take(&mut *sink.0.lock());
     assert_eq!(sent.len(), 1);
     assert_eq!((sent[0].entry.seq, sent[0].entry.redelivered), (10, false));
     assert!(held().is_empty(), "the consumer's one credit is in use");
-    assert_eq!(q.stats(T0).unacked, 1);
+    // Within the horizon: the next ones go out at once.
+    q.ack(&[sent[0].entry.clone()], T0);
+    c.credit.release(1);
+    q.dispatch(T0);
+    let sent = std::mem::take(&mut *sink.0.lock());
+    assert_eq!(
+        sent.iter().map(|d| d.entry.seq).collect::<Vec<_>>(),
+        vec![11]
+    );
+    assert!(held().is_empty() && horizons().is_empty());
+    // A leader starting to serve takes the group's horizon as it is.
+    q.horizon_committed(5, true);
+    q.ack(&[sent[0].entry.clone()], T0);
+    c.credit.release(1);
+    q.dispatch(T0);
+    assert!(sink.0.lock().is_empty());
+    assert_eq!(held().len(), 1);
+    assert_eq!(horizons(), vec![12]);
 }
 
 #[test]

@@ -206,6 +206,7 @@ impl QCommand {
             QCommand::Enqueue(batch) => batch.iter().map(|m| m.size_hint()).sum(),
             QCommand::Settle(ids) | QCommand::Return(ids) => ids.len() * 9 + 16,
             QCommand::Checkout { out, back } => (out.len() + back.len()) * 9 + 16,
+            QCommand::Horizon(_) => 16,
         }
     }
 }
@@ -243,6 +244,11 @@ pub enum QCommand {
     /// more return for each message still out at the failover (its
     /// client's channel was on the old leader, or is cancelled with it).
     Checkout { out: Vec<u64>, back: Vec<u64> },
+    /// The serving leader's delivery horizon: no message with a larger id
+    /// has gone out to a client (it delivers past it only once a larger one
+    /// commits), so the next leader flags redelivered only what is at most
+    /// this, was returned, or is out.
+    Horizon(u64),
 }
 
 impl std::fmt::Display for QCommand {
@@ -254,6 +260,7 @@ impl std::fmt::Display for QCommand {
             QCommand::Checkout { out, back } => {
                 write!(f, "checkout({} out, {} back)", out.len(), back.len())
             }
+            QCommand::Horizon(h) => write!(f, "horizon({h})"),
         }
     }
 }
@@ -308,6 +315,13 @@ pub struct QState {
     /// returned).
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub out: BTreeSet<u64>,
+    /// The delivery horizon ([`QCommand::Horizon`]): 0 until one commits.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub horizon: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl QState {
@@ -374,12 +388,22 @@ impl QState {
                 self.out.extend(live);
                 Vec::new()
             }
+            QCommand::Horizon(h) => {
+                self.horizon = self.horizon.max(*h);
+                Vec::new()
+            }
         }
     }
 
     /// How many times message `id` went back into the queue.
     pub fn returns(&self, id: u64) -> u32 {
         self.returns.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Message `id` may have reached a client before: at most the delivery
+    /// horizon, returned, or out.
+    pub fn may_have_gone_out(&self, id: u64) -> bool {
+        id <= self.horizon || self.returns.contains_key(&id) || self.out.contains(&id)
     }
 }
 
@@ -471,6 +495,40 @@ mod tests {
         let old: QState = serde_json::from_str(r#"{"messages":{}}"#).expect("decodes");
         assert!(old.out.is_empty());
         let cmd = out(vec![a, b], vec![c]);
+        let bin = crate::cluster::codec::encode(&cmd).expect("encodes");
+        assert_eq!(
+            crate::cluster::codec::decode::<QCommand>(&bin).ok(),
+            Some(cmd)
+        );
+    }
+
+    #[test]
+    fn the_delivery_horizon_only_grows_and_says_what_may_have_gone_out() {
+        let mut s = QState::default();
+        s.apply(1, &QCommand::Enqueue(vec![msg("a"), msg("b"), msg("c")]));
+        let (a, b, c) = (id(1, 0), id(1, 1), id(1, 2));
+        assert!(![a, b, c].iter().any(|i| s.may_have_gone_out(*i)));
+        s.apply(2, &QCommand::Horizon(a));
+        s.apply(3, &QCommand::Horizon(0));
+        assert_eq!(s.horizon, a, "never lowered");
+        // Returned or out (a basic.get) counts too, past the horizon.
+        s.apply(
+            4,
+            &QCommand::Checkout {
+                out: vec![c],
+                back: vec![],
+            },
+        );
+        let gone: Vec<bool> = [a, b, c].iter().map(|i| s.may_have_gone_out(*i)).collect();
+        assert_eq!(gone, [true, false, true]);
+        // Kept in the snapshot; a state written before has none.
+        let back: QState =
+            crate::cluster::codec::decode(&crate::cluster::codec::encode(&s).expect("encodes"))
+                .expect("decodes");
+        assert_eq!(back.horizon, a);
+        let old: QState = serde_json::from_str(r#"{"messages":{}}"#).expect("decodes");
+        assert_eq!(old.horizon, 0);
+        let cmd = QCommand::Horizon(b);
         let bin = crate::cluster::codec::encode(&cmd).expect("encodes");
         assert_eq!(
             crate::cluster::codec::decode::<QCommand>(&bin).ok(),

@@ -242,21 +242,22 @@ impl Group {
         // settle it).
         let out: Vec<u64> = s.state.out.iter().copied().collect();
         self.report(Change::Returned(out));
-        // Redelivered: those that went out (each delivery waited for its
-        // `Checkout` to commit, so the group knows of every one) and those
-        // that came back before.
-        let messages: Vec<(u64, Arc<Message>, u32)> = s
+        // Redelivered: those that may have gone out (a delivery past the
+        // committed horizon waited for a larger one to commit).
+        q.horizon_committed(s.state.horizon, true);
+        let messages: Vec<(u64, Arc<Message>, bool, u32)> = s
             .state
             .messages
             .iter()
             .map(|(id, m)| {
                 let out = u32::from(s.state.out.contains(id));
-                (*id, m.message(), s.state.returns(*id).saturating_add(out))
+                let returns = s.state.returns(*id).saturating_add(out);
+                (*id, m.message(), s.state.may_have_gone_out(*id), returns)
             })
             .collect();
         let n = messages.len();
-        for (id, msg, returns) in messages {
-            q.enqueue_replicated(msg, id, (returns > 0, returns), now);
+        for (id, msg, redelivered, returns) in messages {
+            q.enqueue_replicated(msg, id, (redelivered, returns), now);
         }
         drop(s);
         tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");
@@ -455,8 +456,8 @@ impl Replica for Group {
         self.report(Change::CheckedOut { out, back });
     }
 
-    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>) {
-        self.report(Change::Deliver(deliveries));
+    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>, horizon: Option<u64>) {
+        self.report(Change::Deliver(deliveries, horizon));
     }
 }
 
@@ -759,9 +760,9 @@ enum Change {
     /// Handed to a client that must ack them, or back before reaching it:
     /// proposed as `Checkout`.
     CheckedOut { out: Vec<u64>, back: Vec<u64> },
-    /// Deliveries to send once the changes before them have committed (not
-    /// proposed).
-    Deliver(Vec<(Arc<Consumer>, Delivery)>),
+    /// Deliveries to send once the changes before them and the delivery
+    /// horizon (proposed as `Horizon`) have committed.
+    Deliver(Vec<(Arc<Consumer>, Delivery)>, Option<u64>),
 }
 
 impl Change {
@@ -769,7 +770,7 @@ impl Change {
         match self {
             Change::Settled(ids) | Change::Returned(ids) => ids.is_empty(),
             Change::CheckedOut { out, back } => out.is_empty() && back.is_empty(),
-            Change::Deliver(d) => d.is_empty(),
+            Change::Deliver(d, h) => d.is_empty() && h.is_none(),
         }
     }
 }
@@ -797,7 +798,7 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
                 last.extend(back.into_iter().map(|id| (id, false)));
                 last.extend(out.into_iter().map(|id| (id, true)));
             }
-            Change::Deliver(_) => {}
+            Change::Deliver(..) => {}
         }
     }
     let (mut out, mut back) = (Vec::new(), Vec::new());
@@ -836,6 +837,8 @@ struct Round {
     /// Every command of the round was handed to the Raft core.
     all_proposed: bool,
     held: Vec<(Arc<Consumer>, Delivery)>,
+    /// The delivery horizon the round carries.
+    horizon: Option<u64>,
 }
 
 /// Propose the changes the serving queue reported, a round at a time
@@ -859,23 +862,29 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
         }
         let within = group.commit_timeout;
         drop(group);
-        let (mut changes, mut held) = (Vec::new(), Vec::new());
+        let (mut changes, mut held, mut horizon) = (Vec::new(), Vec::new(), None);
         // Those of an earlier spell of serving are dropped: the queue was
         // emptied and loaded again from the group's state since.
         for (_, change) in batch.into_iter().filter(|(e, _)| *e == epoch) {
             match change {
-                Change::Deliver(d) => held.extend(d),
+                Change::Deliver(d, h) => {
+                    held.extend(d);
+                    horizon = horizon.max(h);
+                }
                 c => changes.push(c),
             }
         }
+        let mut cmds = batch_commands(changes);
+        cmds.extend(horizon.map(QCommand::Horizon));
         // Handed to the Raft core in order (one commit can carry them all).
         let mut round = Round {
             epoch,
             proposed: Vec::new(),
             all_proposed: true,
             held,
+            horizon,
         };
-        for cmd in batch_commands(changes) {
+        for cmd in cmds {
             let what = cmd.to_string();
             match tokio::time::timeout(within, raft.client_write_ff(cmd)).await {
                 Ok(Ok(answer)) => round.proposed.push((what, answer)),
@@ -926,6 +935,9 @@ async fn send_loop(g: Weak<Group>, mut rounds: mpsc::Receiver<Round>) {
             continue;
         }
         let now = crate::clock::now_ms();
+        if let (true, Some(h), Some((_, d))) = (committed, round.horizon, round.held.first()) {
+            d.queue.horizon_committed(h, false);
+        }
         for (consumer, d) in round.held {
             let q = Arc::clone(&d.queue);
             q.send_held(&consumer, d, committed, now);

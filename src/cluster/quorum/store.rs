@@ -127,9 +127,10 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                     let taken = s.state.apply(index, cmd);
                     let batch = match cmd {
                         QCommand::Enqueue(batch) => batch.as_slice(),
-                        QCommand::Settle(_) | QCommand::Return(_) | QCommand::Checkout { .. } => {
-                            &[]
-                        }
+                        QCommand::Settle(_)
+                        | QCommand::Return(_)
+                        | QCommand::Checkout { .. }
+                        | QCommand::Horizon(_) => &[],
                     };
                     // The node serving the queue delivers new messages from
                     // now on; each publisher's confirm follows the queue's
