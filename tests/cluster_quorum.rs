@@ -176,15 +176,22 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
         held.insert(String::from_utf8_lossy(&d.data).to_string());
     }
 
-    // 20 more while the consumer is full: past the delivery horizon the
-    // leader committed for its first deliveries, never delivered.
+    // 400 more while the consumer is full, one log entry each (each
+    // confirmed before the next is sent): the delivery horizon the leader
+    // committed for its first deliveries reaches 256 entries past the
+    // queue's tail, so the last of these are past it, never delivered.
     let pconn = nodes[pi].connect().await;
     let pch = channel(&pconn).await;
     common::t(pch.confirm_select(ConfirmSelectOptions::default()))
         .await
         .expect("confirm.select");
-    let later = bodies("later", 20);
-    assert_eq!(publish_confirmed(&pch, q, &later).await, (20, 0));
+    let later = bodies("later", 400);
+    for b in &later {
+        assert_eq!(
+            publish_confirmed(&pch, q, std::slice::from_ref(b)).await,
+            (1, 0)
+        );
+    }
     let _ = pconn.close(200, "bye").await;
 
     // kill -9 of the leader's node.
@@ -204,11 +211,12 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
             "{h} was delivered before the kill: it comes back redelivered"
         );
     }
-    // The 20 later ones are past the committed delivery horizon (a delivery
-    // past it waits for a larger one to commit, so nothing past it went
-    // out): they come first unflagged (a few may come flagged if a consume
-    // above was cut after the broker sent them). The first 40 may all come
-    // flagged: the horizon reaches past the head.
+    // The last later ones are past the committed delivery horizon (a
+    // delivery past it waits for a larger one to commit, so nothing past it
+    // went out): they come first unflagged (a few may come flagged if a
+    // consume above was cut after the broker sent them); those within it
+    // come flagged ("may have been delivered"). With every message flagged
+    // (before the horizon) none comes unflagged.
     let mut first_seen: BTreeMap<&str, bool> = BTreeMap::new();
     for (b, r) in &seen {
         first_seen.entry(b.as_str()).or_insert(*r);
@@ -218,11 +226,12 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
         .filter(|(b, r)| b.starts_with("later") && !**r)
         .count();
     assert!(
-        unflagged >= 15,
-        "messages never delivered came flagged redelivered: {first_seen:?}"
+        unflagged >= 100,
+        "messages never delivered came flagged redelivered ({unflagged} unflagged): {first_seen:?}"
     );
     println!(
-        "failover: all 60 consumed on a survivor {:.2} s after kill -9 of the leader",
+        "failover: all 440 consumed on a survivor {:.2} s after kill -9 of the leader, \
+         {unflagged} of the 400 later ones first unflagged",
         killed_at.elapsed().as_secs_f64()
     );
     let new_leader = quorum_leader(&nodes[ci], q).expect("a new leader");

@@ -17,7 +17,7 @@
 //! queue for good are reported so the group drops them too.
 
 use crate::broker::message::Message;
-use crate::broker::queue::{Consumer, Delivery, DeliverySink};
+use crate::broker::queue::DeliverySink;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -73,11 +73,14 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// messages handed out that went back before they reached it (`back`:
     /// not a return), so the group knows what is out with clients.
     fn checked_out(&self, out: Vec<u64>, back: Vec<u64>);
-    /// Deliveries to send once what was reported before them has committed,
-    /// and the delivery `horizon` if one is given (then
-    /// [`crate::broker::queue::Queue::horizon_committed`]), in their order
-    /// ([`crate::broker::queue::Queue::send_held`]).
-    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>, horizon: Option<u64>);
+    /// Propose delivery horizon `h` (no message past it has gone out) and
+    /// answer with [`crate::broker::queue::Queue::horizon_answered`].
+    fn ask_horizon(&self, h: u64);
+    /// A delivery horizon past id `last` that also covers ids the group is
+    /// about to give (the queue is short: publishes keep arriving).
+    fn horizon_after(&self, last: u64) -> u64 {
+        last
+    }
     /// The implementation, for the cluster layer that made it.
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync>;
 }

@@ -296,19 +296,22 @@ struct State {
 /// a checkout before it delivers; this commits ahead, in bulk): a message
 /// goes out at once only if its id is at most the horizon the group has
 /// committed, so a new leader knows that nothing past that horizon ever went
-/// out. A delivery past it is held ([`Effects::held`]) with a new horizon
-/// [`HORIZON_AHEAD`] messages further, sent once that commits; deliveries
-/// dispatched while some are held are held too, so each consumer gets its
-/// messages in order.
+/// out. A delivery past it waits in `held` until a larger horizon commits;
+/// deliveries dispatched while some wait queue up behind them, so each
+/// consumer gets its messages in order. A new horizon is asked for before
+/// deliveries reach the one asked ([`Queue::ask_horizon`]), so they rarely
+/// wait.
 #[derive(Debug, Default)]
 struct Horizon {
     /// Committed.
     committed: u64,
-    /// Asked for (at least `committed`): a delivery up to it waits for the
-    /// round that carries it.
+    /// Asked for (at least `committed`).
     asked: u64,
-    /// Deliveries held and not yet sent or taken back.
-    holding: usize,
+    /// A delivery past this asks for the next horizon early (half-way to
+    /// the one asked before).
+    renew_at: u64,
+    /// Deliveries waiting for a larger committed horizon, in order.
+    held: std::collections::VecDeque<(Arc<Consumer>, Delivery)>,
 }
 
 /// How many ready messages past a held delivery a new horizon covers: a
@@ -388,11 +391,8 @@ struct Effects {
     /// Replicated queue: ids of messages handed to a client that must ack
     /// them, to report (before `settled`).
     checked_out: Vec<u64>,
-    /// Replicated queue: deliveries to send once the group has committed
-    /// the reports before them and `horizon` ([`Horizon`]), handed to the
-    /// replica after the reports.
-    held: Vec<(Arc<Consumer>, Delivery)>,
-    /// A new delivery horizon to commit before the held deliveries go out.
+    /// Replicated queue: a new delivery horizon to ask the group for
+    /// ([`Horizon`]).
     horizon: Option<u64>,
 }
 
@@ -962,18 +962,12 @@ impl Queue {
                 crate::broker::Counters::add(&self.counters.redelivered, 1);
             }
             // A replicated queue's delivery past the committed horizon
-            // waits for a new one to commit.
-            let hold = entry.pos.is_none()
-                && self.is_replicated()
-                && (s.horizon.holding > 0 || entry.seq > s.horizon.committed);
-            if hold {
-                s.horizon.holding += 1;
-                if entry.seq > s.horizon.asked {
-                    let ahead = s.ready.iter().take(HORIZON_AHEAD).map(|e| e.seq).max();
-                    let h = ahead.unwrap_or(0).max(entry.seq);
-                    s.horizon.asked = h;
-                    fx.horizon = Some(h);
-                }
+            // waits for a larger one to commit.
+            let replicated = entry.pos.is_none() && self.is_replicated();
+            let hold =
+                replicated && (!s.horizon.held.is_empty() || entry.seq > s.horizon.committed);
+            if replicated {
+                self.ask_horizon(s, entry.seq, fx);
             }
             self.handed_out(&entry, consumer.no_ack, fx);
             let delivery = Delivery {
@@ -984,71 +978,105 @@ impl Queue {
                 no_ack: consumer.no_ack,
             };
             if hold {
-                fx.held.push((consumer, delivery));
+                s.horizon.held.push_back((consumer, delivery));
             } else if let Err(back) = consumer.sink.deliver(delivery) {
                 // The connection is gone: take the message back and drop the consumer.
-                take_back(s, &consumer, back.entry);
-                s.consumers.retain(|c| !Arc::ptr_eq(c, &consumer));
+                self.not_delivered(s, &consumer, back, fx);
             }
         }
     }
 
-    /// The group committed delivery horizon `h` ([`Horizon`]), or, as
-    /// this node starts serving, the one it had committed before.
-    pub fn horizon_committed(&self, h: u64, serving_starts: bool) {
-        let mut s = self.state.lock();
-        let hz = &mut s.horizon;
-        if serving_starts {
-            *hz = Horizon::default();
-        }
-        hz.committed = hz.committed.max(h);
-        hz.asked = hz.asked.max(hz.committed);
-    }
-
-    /// A delivery the replica held ([`Effects::held`]) once the round that
-    /// carried its reports and horizon `committed` (or did not): sent to its
-    /// consumer, or, not committed or its connection gone, put back where
-    /// it was (never reached a client: reported back, not a return) and
-    /// delivery goes on. Called in the order they were held.
-    pub fn send_held(
-        self: &Arc<Self>,
+    /// A delivery's connection is gone: the message goes back where it was
+    /// (with its consumer's credit; a replicated queue reports it back,
+    /// not a return) and the consumer is dropped.
+    fn not_delivered(
+        &self,
+        s: &mut State,
         consumer: &Arc<Consumer>,
-        d: Delivery,
-        committed: bool,
-        now: u64,
+        back: Delivery,
+        fx: &mut Effects,
     ) {
-        let committed = {
-            let mut s = self.state.lock();
-            let hz = &mut s.horizon;
-            hz.holding = hz.holding.saturating_sub(1);
-            // Past the committed horizon (the round that carried it did not
-            // commit): not sent either.
-            let committed = committed && d.entry.seq <= hz.committed;
-            if !committed {
-                // Asked again by the next delivery past the committed one.
-                hz.asked = hz.committed;
+        let id = back.entry.seq;
+        let replicated = back.entry.pos.is_none() && self.is_replicated();
+        take_back(s, consumer, back.entry);
+        if replicated && !consumer.no_ack {
+            fx.checked_out.retain(|i| *i != id);
+            if let Some(r) = self.replica() {
+                r.checked_out(Vec::new(), vec![id]);
             }
-            committed
-        };
-        let back = if committed {
-            match consumer.sink.deliver(d) {
-                Ok(()) => return,
-                Err(back) => back,
-            }
-        } else {
-            d
-        };
-        let mut s = self.state.lock();
-        if s.deleted {
+        }
+        s.consumers.retain(|c| !Arc::ptr_eq(c, consumer));
+    }
+
+    /// A replicated queue hands out message `seq`: past the horizon asked
+    /// for, or (no ask in flight) past half-way to it, ask for a new one
+    /// covering [`HORIZON_AHEAD`] ready messages, and, with fewer ready,
+    /// what the group expects next ([`crate::broker::remote::Replica::horizon_after`]),
+    /// so that deliveries rarely wait for one.
+    fn ask_horizon(&self, s: &mut State, seq: u64, fx: &mut Effects) {
+        let hz = &s.horizon;
+        let renew = seq > hz.renew_at && hz.asked == hz.committed;
+        if seq <= hz.asked && !renew {
             return;
         }
-        let id = back.entry.seq;
-        take_back(&mut s, consumer, back.entry);
-        if let Some(r) = self.replica() {
-            r.checked_out(Vec::new(), vec![id]);
+        let (n, max) = s
+            .ready
+            .iter()
+            .take(HORIZON_AHEAD)
+            .fold((0, seq), |(n, m), e| (n + 1, m.max(e.seq)));
+        let h = match self.replica() {
+            Some(r) if n < HORIZON_AHEAD => r.horizon_after(max),
+            _ => max,
+        };
+        let hz = &mut s.horizon;
+        if h > hz.asked {
+            hz.asked = h;
+            hz.renew_at = seq + (h - seq) / 2;
+            fx.horizon = Some(h);
         }
-        drop(s);
-        self.dispatch(now);
+    }
+
+    /// This node starts serving the replicated queue: the group's
+    /// delivery horizon ([`Horizon`]) is `h`.
+    pub fn horizon_start(&self, h: u64) {
+        self.state.lock().horizon = Horizon {
+            committed: h,
+            asked: h,
+            ..Horizon::default()
+        };
+    }
+
+    /// The group answered the ask for delivery horizon `h`: committed, the
+    /// deliveries now within it go out (in order); else it is asked again.
+    pub fn horizon_answered(self: &Arc<Self>, h: u64, committed: bool, now: u64) {
+        let mut fx = Effects::default();
+        let mut s = self.state.lock();
+        if committed {
+            s.horizon.committed = s.horizon.committed.max(h);
+            s.horizon.asked = s.horizon.asked.max(h);
+        } else {
+            s.horizon.asked = s.horizon.committed;
+        }
+        let mut gone = false;
+        while let Some((_, d)) = s.horizon.held.front() {
+            if d.entry.seq > s.horizon.committed {
+                // Still past it: ask (again) for one that covers them all.
+                let last = s.horizon.held.iter().map(|(_, d)| d.entry.seq).max();
+                self.ask_horizon(&mut s, last.unwrap_or(0), &mut fx);
+                break;
+            }
+            let Some((c, d)) = s.horizon.held.pop_front() else {
+                break;
+            };
+            if let Err(back) = c.sink.deliver(d) {
+                self.not_delivered(&mut s, &c, back, &mut fx);
+                gone = true;
+            }
+        }
+        if gone {
+            self.dispatch_locked(&mut s, now, &mut fx);
+        }
+        self.settle(s, fx, now);
     }
 
     /// basic.get at `now`: the next message and how many remain. Counted unacked
@@ -1432,22 +1460,8 @@ impl Queue {
                 r.settled(settled);
             }
         }
-        if !fx.held.is_empty() {
-            let held = std::mem::take(&mut fx.held);
-            match self.replica() {
-                Some(r) => r.hold(held, fx.horizon.take()),
-                // Detached meanwhile: nothing to wait for.
-                None => {
-                    let mut s = s;
-                    s.horizon.holding = s.horizon.holding.saturating_sub(held.len());
-                    for (c, d) in held {
-                        if let Err(back) = c.sink.deliver(d) {
-                            take_back(&mut s, &c, back.entry);
-                        }
-                    }
-                    return self.release(s, fx, barrier);
-                }
-            }
+        if let (Some(h), Some(r)) = (fx.horizon.take(), self.replica()) {
+            r.ask_horizon(h);
         }
         let Some(qs) = &self.store else {
             return;

@@ -534,8 +534,6 @@ struct Recorder {
     returned: Mutex<Vec<u64>>,
     /// (out, back) as reported.
     checked_out: Mutex<(Vec<u64>, Vec<u64>)>,
-    /// Deliveries waiting for the reports before them to commit.
-    held: Mutex<Vec<(Arc<Consumer>, Delivery)>>,
     /// Delivery horizons asked for.
     horizons: Mutex<Vec<u64>>,
 }
@@ -559,11 +557,8 @@ impl crate::broker::remote::Replica for Recorder {
         c.0.extend(out);
         c.1.extend(back);
     }
-    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>, horizon: Option<u64>) {
-        self.held.lock().extend(deliveries);
-        if let Some(h) = horizon {
-            self.horizons.lock().push(h);
-        }
+    fn ask_horizon(&self, h: u64) {
+        self.horizons.lock().push(h);
     }
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
@@ -668,68 +663,51 @@ fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     let rec = Arc::new(Recorder::default());
     q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
     let sink = Arc::new(Sink::default());
-    let mut c = consumer(&sink, false);
-    Arc::get_mut(&mut c).expect("one owner").credit = Credit::new(1);
-    for (id, b) in [(10, "a"), (11, "b"), (12, "c")] {
-        q.enqueue_replicated(persistent(b), id, (false, 0), T0);
+    for id in 10..=12 {
+        q.enqueue_replicated(persistent(&format!("m{id}")), id, (false, 0), T0);
     }
-    q.add_consumer(Arc::clone(&c), T0).expect("consume");
+    q.add_consumer(consumer(&sink, false), T0).expect("consume");
     q.dispatch(T0);
-    // Past the horizon (none yet): handed out (reported, counted unacked,
-    // the consumer's credit taken) but held, with a new horizon asked that
-    // covers the ready messages behind it.
     let out = || std::mem::take(&mut *rec.checked_out.lock());
-    let held = || std::mem::take(&mut *rec.held.lock());
     let horizons = || std::mem::take(&mut *rec.horizons.lock());
-    assert_eq!(out(), (vec![10], vec![]));
-    assert!(sink.0.lock().is_empty(), "nothing sent before the commit");
-    assert_eq!(q.stats(T0).unacked, 1);
+    let sent = || {
+        std::mem::take(&mut *sink.0.lock())
+            .into_iter()
+            .map(|d| (d.entry.seq, d.entry.redelivered))
+            .collect::<Vec<_>>()
+    };
+    // Past the horizon (none yet): handed out (reported, counted unacked)
+    // but held, and one horizon asked that covers the ready messages
+    // behind the first.
+    assert_eq!(out(), (vec![10, 11, 12], vec![]));
+    assert_eq!(sent(), vec![], "nothing sent before the horizon commits");
+    assert_eq!(q.stats(T0).unacked, 3);
     assert_eq!(horizons(), vec![12]);
-    let mut h = held();
-    assert_eq!(h.len(), 1);
-    // Not committed: back where it was, reported back, with the credit, and
-    // held again, the horizon asked again.
-    let (hc, d) = h.remove(0);
-    q.send_held(&hc, d, false, T0);
-    assert_eq!(out(), (vec![10], vec![10]));
+    // Not committed: asked again, nothing sent.
+    q.horizon_answered(12, false, T0);
     assert_eq!(horizons(), vec![12]);
-    let mut h = held();
-    assert_eq!(h.len(), 1);
-    assert_eq!(h[0].1.entry.seq, 10, "the head again, not the next");
-    assert!(sink.0.lock().is_empty());
-    // Its round committed without the horizon (it did not commit before):
-    // still not sent.
-    let (hc, d) = h.remove(0);
-    q.send_held(&hc, d, true, T0);
-    assert!(sink.0.lock().is_empty());
-    assert_eq!(horizons(), vec![12]);
-    let mut h = held();
-    // The horizon committed: sent, unflagged (it never reached a client).
-    q.horizon_committed(12, false);
-    let (hc, d) = h.remove(0);
-    q.send_held(&hc, d, true, T0);
-    let sent = std::mem::take(&mut *sink.0.lock());
-    assert_eq!(sent.len(), 1);
-    assert_eq!((sent[0].entry.seq, sent[0].entry.redelivered), (10, false));
-    assert!(held().is_empty(), "the consumer's one credit is in use");
-    // Within the horizon: the next ones go out at once.
-    q.ack(&[sent[0].entry.clone()], T0);
-    c.credit.release(1);
-    q.dispatch(T0);
-    let sent = std::mem::take(&mut *sink.0.lock());
-    assert_eq!(
-        sent.iter().map(|d| d.entry.seq).collect::<Vec<_>>(),
-        vec![11]
-    );
-    assert!(held().is_empty() && horizons().is_empty());
-    // A leader starting to serve takes the group's horizon as it is.
-    q.horizon_committed(5, true);
-    q.ack(&[sent[0].entry.clone()], T0);
-    c.credit.release(1);
-    q.dispatch(T0);
-    assert!(sink.0.lock().is_empty());
-    assert_eq!(held().len(), 1);
-    assert_eq!(horizons(), vec![12]);
+    assert_eq!(sent(), vec![]);
+    // Committed: sent in order, unflagged (they never reached a client).
+    q.horizon_answered(12, true, T0);
+    assert_eq!(sent(), vec![(10, false), (11, false), (12, false)]);
+    // Past it again: held; a delivery within it (a loaded redelivery at
+    // the tail) waits behind the held ones, so the consumer's order holds.
+    q.enqueue_replicated(persistent("m13"), 13, (false, 0), T0);
+    q.enqueue_replicated(persistent("m9"), 9, (true, 1), T0);
+    assert_eq!(out(), (vec![13, 9], vec![]));
+    assert_eq!(horizons(), vec![13]);
+    assert_eq!(sent(), vec![]);
+    q.horizon_answered(13, true, T0);
+    assert_eq!(sent(), vec![(13, false), (9, true)]);
+    // Within the horizon a leader starts with, at once.
+    q.horizon_start(20);
+    q.enqueue_replicated(persistent("m14"), 14, (false, 0), T0);
+    assert_eq!(sent(), vec![(14, false)]);
+    // Losing the leadership drops what waits.
+    q.enqueue_replicated(persistent("m21"), 21, (false, 0), T0);
+    assert_eq!(q.reset_replicated().len(), 1);
+    q.horizon_answered(21, true, T0);
+    assert_eq!(sent(), vec![]);
 }
 
 #[test]

@@ -2,8 +2,9 @@
 //! serves the queue while this node leads. On becoming leader (and having
 //! applied everything committed before: `ensure_linearizable`) it loads the
 //! state machine's messages into the local queue, flagged redelivered if
-//! they went out before (a delivery waits for its `Checkout` to commit, so
-//! the group knows of every one) and with the returns the group counted
+//! they may have gone out before (at most the committed delivery horizon,
+//! returned or out: no delivery goes past the committed horizon, so the
+//! others never went out) and with the returns the group counted
 //! (`x-delivery-count`, `x-delivery-limit`), one more for each message out
 //! with a client (whose channel went with the old leader: a return,
 //! proposed as such), attaches itself as the queue's
@@ -17,17 +18,16 @@
 //! leaving the queue are proposed as `Settle`, messages going back into
 //! it after reaching a client as `Return` (their delivery count), and
 //! messages handed to a client that must ack them as `Checkout`, batched:
-//! one batch in flight, the ids that arrive meanwhile go in the next. The
-//! queue's deliveries wait for the batch that reports them (RabbitMQ's
-//! `rabbit_fifo` delivers as the effect of a committed checkout): sent once
-//! it commits, put back unsent if it does not.
+//! with the delivery horizons the queue asks for (`Horizon`), in rounds
+//! proposed one after the other without waiting for the previous one's
+//! commit, each round's commit awaited in order and its horizon answered to
+//! the queue (which sends the deliveries that waited for it).
 
 use super::command::{Outcome, QCommand, QMsg};
 use super::publisher::{Answer, Reply};
 use super::store::QSm;
 use super::{Manager, QTypeConfig};
 use crate::broker::message::Message;
-use crate::broker::queue::{Consumer, Delivery};
 use crate::broker::remote::{Replica, Ticket};
 use openraft::ServerState;
 use std::collections::{BTreeMap, BTreeSet};
@@ -48,7 +48,8 @@ pub struct Group {
     serving: AtomicBool,
     /// Counts this member's spells of serving: a change the queue reported
     /// in an earlier one is not proposed (the queue was emptied and loaded
-    /// again from the group's state since), a delivery held then not sent.
+    /// again from the group's state since), a horizon asked then not
+    /// answered.
     epoch: AtomicU64,
     settle_tx: mpsc::UnboundedSender<(u64, Change)>,
     settle_rx: parking_lot::Mutex<Option<mpsc::UnboundedReceiver<(u64, Change)>>>,
@@ -244,7 +245,7 @@ impl Group {
         self.report(Change::Returned(out));
         // Redelivered: those that may have gone out (a delivery past the
         // committed horizon waited for a larger one to commit).
-        q.horizon_committed(s.state.horizon, true);
+        q.horizon_start(s.state.horizon);
         let messages: Vec<(u64, Arc<Message>, bool, u32)> = s
             .state
             .messages
@@ -456,8 +457,14 @@ impl Replica for Group {
         self.report(Change::CheckedOut { out, back });
     }
 
-    fn hold(&self, deliveries: Vec<(Arc<Consumer>, Delivery)>, horizon: Option<u64>) {
-        self.report(Change::Deliver(deliveries, horizon));
+    fn ask_horizon(&self, h: u64) {
+        self.report(Change::Horizon(h));
+    }
+
+    /// [`HORIZON_ENTRIES`] log entries' messages past `last`.
+    fn horizon_after(&self, last: u64) -> u64 {
+        let index = (last >> 16).saturating_add(HORIZON_ENTRIES);
+        super::command::id(index, 0xffff)
     }
 }
 
@@ -760,9 +767,9 @@ enum Change {
     /// Handed to a client that must ack them, or back before reaching it:
     /// proposed as `Checkout`.
     CheckedOut { out: Vec<u64>, back: Vec<u64> },
-    /// Deliveries to send once the changes before them and the delivery
-    /// horizon (proposed as `Horizon`) have committed.
-    Deliver(Vec<(Arc<Consumer>, Delivery)>, Option<u64>),
+    /// A delivery horizon the queue asks for: proposed as `Horizon`, then
+    /// answered to the queue.
+    Horizon(u64),
 }
 
 impl Change {
@@ -770,7 +777,7 @@ impl Change {
         match self {
             Change::Settled(ids) | Change::Returned(ids) => ids.is_empty(),
             Change::CheckedOut { out, back } => out.is_empty() && back.is_empty(),
-            Change::Deliver(d, h) => d.is_empty() && h.is_none(),
+            Change::Horizon(_) => false,
         }
     }
 }
@@ -778,11 +785,11 @@ impl Change {
 /// The commands for a batch of changes, in the order they apply: every
 /// return (one each, repeats counted), then what is out with a client and
 /// what came back unsent (each id as its last such change left it), then
-/// the settled. The same state as the changes applied one by one: a
+/// the settled, then the largest horizon asked. The same state as the changes applied one by one: a
 /// message's returns only add up, its last hand-out or unsent return
 /// decides whether it is out, and a settle ends it.
 fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
-    let (mut returned, mut settled) = (Vec::new(), Vec::new());
+    let (mut returned, mut settled, mut horizon) = (Vec::new(), Vec::new(), None);
     // Per id, whether it is out after its last change of the batch.
     let mut last: BTreeMap<u64, bool> = BTreeMap::new();
     for change in changes {
@@ -798,7 +805,7 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
                 last.extend(back.into_iter().map(|id| (id, false)));
                 last.extend(out.into_iter().map(|id| (id, true)));
             }
-            Change::Deliver(..) => {}
+            Change::Horizon(h) => horizon = horizon.max(Some(h)),
         }
     }
     let (mut out, mut back) = (Vec::new(), Vec::new());
@@ -819,8 +826,17 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
     if !settled.is_empty() {
         cmds.push(QCommand::Settle(settled));
     }
+    cmds.extend(horizon.map(QCommand::Horizon));
     cmds
 }
+
+/// How many log entries past the last ready message a delivery horizon
+/// reaches when the queue is short ([`Replica::horizon_after`]): publishes
+/// arriving as fast as they are consumed go out without waiting for a new
+/// horizon (asked again half-way); after a failover, at most the messages
+/// of that many entries (a batch of publishes each) come flagged
+/// redelivered without having gone out.
+const HORIZON_ENTRIES: u64 = 256;
 
 /// Rounds of changes proposed and not yet committed, at most: while they
 /// wait, the changes reported meanwhile form the next round.
@@ -836,7 +852,6 @@ struct Round {
     proposed: Vec<(String, Answered)>,
     /// Every command of the round was handed to the Raft core.
     all_proposed: bool,
-    held: Vec<(Arc<Consumer>, Delivery)>,
     /// The delivery horizon the round carries.
     horizon: Option<u64>,
 }
@@ -844,7 +859,7 @@ struct Round {
 /// Propose the changes the serving queue reported, a round at a time
 /// (whatever arrived meanwhile, as [`batch_commands`]), in order, without
 /// waiting for the previous round's commit; [`send_loop`] awaits the rounds'
-/// commits in the same order and sends the deliveries held for them.
+/// commits in the same order.
 async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<(u64, Change)>) {
     let (rounds_tx, rounds_rx) = mpsc::channel::<Round>(ROUNDS_IN_FLIGHT);
     tokio::spawn(send_loop(g.clone(), rounds_rx));
@@ -862,26 +877,23 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
         }
         let within = group.commit_timeout;
         drop(group);
-        let (mut changes, mut held, mut horizon) = (Vec::new(), Vec::new(), None);
         // Those of an earlier spell of serving are dropped: the queue was
         // emptied and loaded again from the group's state since.
-        for (_, change) in batch.into_iter().filter(|(e, _)| *e == epoch) {
-            match change {
-                Change::Deliver(d, h) => {
-                    held.extend(d);
-                    horizon = horizon.max(h);
-                }
-                c => changes.push(c),
-            }
-        }
-        let mut cmds = batch_commands(changes);
-        cmds.extend(horizon.map(QCommand::Horizon));
+        let changes: Vec<Change> = batch
+            .into_iter()
+            .filter(|(e, _)| *e == epoch)
+            .map(|(_, c)| c)
+            .collect();
+        let cmds = batch_commands(changes);
+        let horizon = cmds.iter().find_map(|c| match c {
+            QCommand::Horizon(h) => Some(*h),
+            _ => None,
+        });
         // Handed to the Raft core in order (one commit can carry them all).
         let mut round = Round {
             epoch,
             proposed: Vec::new(),
             all_proposed: true,
-            held,
             horizon,
         };
         for cmd in cmds {
@@ -901,9 +913,10 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
     }
 }
 
-/// Await each round's commits, in the order the rounds were proposed, then
-/// send its held deliveries: once all its commands committed; else they go
-/// back into the queue unsent.
+/// Await each round's commits, in the order the rounds were proposed, and
+/// answer a round's delivery horizon to the queue: committed once all its
+/// commands committed (deliveries that waited for it go out), else not (it
+/// is asked again).
 async fn send_loop(g: Weak<Group>, mut rounds: mpsc::Receiver<Round>) {
     while let Some(round) = rounds.recv().await {
         let Some(within) = g.upgrade().map(|g| g.commit_timeout) else {
@@ -923,25 +936,19 @@ async fn send_loop(g: Weak<Group>, mut rounds: mpsc::Receiver<Round>) {
                 }
             }
         }
-        if round.held.is_empty() {
+        let Some(h) = round.horizon else {
             continue;
-        }
+        };
         // Still the same spell of serving: else the queue was emptied (its
-        // consumers cancelled) and these are nobody's any more.
-        let still = g
-            .upgrade()
-            .is_some_and(|g| g.is_serving() && g.epoch.load(Ordering::Acquire) == round.epoch);
-        if !still {
+        // consumers cancelled) and what waited for it is gone.
+        let Some(group) = g.upgrade() else { return };
+        let queue = group.sm.inner.lock().serving.clone();
+        let still = group.is_serving() && group.epoch.load(Ordering::Acquire) == round.epoch;
+        drop(group);
+        let (true, Some(queue)) = (still, queue) else {
             continue;
-        }
-        let now = crate::clock::now_ms();
-        if let (true, Some(h), Some((_, d))) = (committed, round.horizon, round.held.first()) {
-            d.queue.horizon_committed(h, false);
-        }
-        for (consumer, d) in round.held {
-            let q = Arc::clone(&d.queue);
-            q.send_held(&consumer, d, committed, now);
-        }
+        };
+        queue.horizon_answered(h, committed, crate::clock::now_ms());
     }
 }
 
@@ -965,8 +972,10 @@ mod tests {
             out(&[1]),
             Change::Returned(vec![1, 2]),
             back(&[3]),
+            Change::Horizon(9),
             Change::Settled(vec![4]),
             out(&[5]),
+            Change::Horizon(3),
         ];
         let cmds = batch_commands(changes);
         assert_eq!(
@@ -978,6 +987,7 @@ mod tests {
                     back: vec![3]
                 },
                 QCommand::Settle(vec![4]),
+                QCommand::Horizon(9),
             ]
         );
         // Applied, the same as the changes one by one would leave it.
