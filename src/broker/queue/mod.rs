@@ -314,10 +314,10 @@ struct Horizon {
     held: std::collections::VecDeque<(Arc<Consumer>, Delivery)>,
 }
 
-/// How many ready messages past a held delivery a new horizon covers: a
-/// horizon commit per that many deliveries at most, and at most that many
-/// messages (with the consumers' prefetch) come flagged redelivered after a
-/// failover without having gone out.
+/// How many ready messages past the delivery asking for it a new horizon
+/// covers (and then what the group gives next): at most that many, with
+/// the group's part, come flagged redelivered after a failover without
+/// having gone out.
 pub const HORIZON_AHEAD: usize = 1024;
 
 /// Counters of a queue, for declare-ok and the admin API.
@@ -1010,24 +1010,21 @@ impl Queue {
 
     /// A replicated queue hands out message `seq`: past the horizon asked
     /// for, or (no ask in flight) past half-way to it, ask for a new one
-    /// covering [`HORIZON_AHEAD`] ready messages, and, with fewer ready,
-    /// what the group expects next ([`crate::broker::remote::Replica::horizon_after`]),
-    /// so that deliveries rarely wait for one.
+    /// covering [`HORIZON_AHEAD`] ready messages and what the group gives
+    /// after them ([`crate::broker::remote::Replica::horizon_after`]), so
+    /// that deliveries rarely wait for one.
     fn ask_horizon(&self, s: &mut State, seq: u64, fx: &mut Effects) {
         let hz = &s.horizon;
         let renew = seq > hz.renew_at && hz.asked == hz.committed;
         if seq <= hz.asked && !renew {
             return;
         }
-        let (n, max) = s
+        let max = s
             .ready
             .iter()
             .take(HORIZON_AHEAD)
-            .fold((0, seq), |(n, m), e| (n + 1, m.max(e.seq)));
-        let h = match self.replica() {
-            Some(r) if n < HORIZON_AHEAD => r.horizon_after(max),
-            _ => max,
-        };
+            .fold(seq, |m, e| m.max(e.seq));
+        let h = self.replica().map_or(max, |r| r.horizon_after(max));
         let hz = &mut s.horizon;
         if h > hz.asked {
             hz.asked = h;

@@ -18,10 +18,8 @@
 //! leaving the queue are proposed as `Settle`, messages going back into
 //! it after reaching a client as `Return` (their delivery count), and
 //! messages handed to a client that must ack them as `Checkout`, batched:
-//! with the delivery horizons the queue asks for (`Horizon`), in rounds
-//! proposed one after the other without waiting for the previous one's
-//! commit, each round's commit awaited in order and its horizon answered to
-//! the queue (which sends the deliveries that waited for it).
+//! with the delivery horizons the queue asks for (`Horizon`), answered to
+//! the queue once committed (it sends the deliveries that waited for it).
 
 use super::command::{Outcome, QCommand, QMsg};
 use super::publisher::{Answer, Reply};
@@ -830,39 +828,21 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
     cmds
 }
 
-/// How many log entries past the last ready message a delivery horizon
-/// reaches when the queue is short ([`Replica::horizon_after`]): publishes
-/// arriving as fast as they are consumed go out without waiting for a new
-/// horizon (asked again half-way); after a failover, at most the messages
-/// of that many entries (a batch of publishes each) come flagged
+/// How many log entries past the messages it covers a delivery horizon
+/// reaches ([`Replica::horizon_after`]): consumers keep going for that many
+/// entries' messages (batches of publishes) while the next horizon commits
+/// (asked half-way); after a failover, at most the messages of that many
+/// entries (and [`crate::broker::queue::HORIZON_AHEAD`]) come flagged
 /// redelivered without having gone out.
-const HORIZON_ENTRIES: u64 = 256;
-
-/// Rounds of changes proposed and not yet committed, at most: while they
-/// wait, the changes reported meanwhile form the next round.
-const ROUNDS_IN_FLIGHT: usize = 8;
-
-/// What `client_write_ff` hands back: the command's commit, to await.
-type Answered = <<QTypeConfig as openraft::RaftTypeConfig>::Responder as openraft::raft::responder::Responder<QTypeConfig>>::Receiver;
-
-/// A round of changes handed to the Raft core: the commits to await, and
-/// the deliveries to send once they came.
-struct Round {
-    epoch: u64,
-    proposed: Vec<(String, Answered)>,
-    /// Every command of the round was handed to the Raft core.
-    all_proposed: bool,
-    /// The delivery horizon the round carries.
-    horizon: Option<u64>,
-}
+const HORIZON_ENTRIES: u64 = 64;
 
 /// Propose the changes the serving queue reported, a round at a time
-/// (whatever arrived meanwhile, as [`batch_commands`]), in order, without
-/// waiting for the previous round's commit; [`send_loop`] awaits the rounds'
-/// commits in the same order.
+/// (whatever arrived meanwhile, as [`batch_commands`]: one round in flight,
+/// so that a busy queue makes few, large rounds), and answer a round's
+/// delivery horizon to the queue: committed once all its commands
+/// committed (deliveries that waited for it go out), else not (it is asked
+/// again).
 async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver<(u64, Change)>) {
-    let (rounds_tx, rounds_rx) = mpsc::channel::<Round>(ROUNDS_IN_FLIGHT);
-    tokio::spawn(send_loop(g.clone(), rounds_rx));
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while let Ok(change) = rx.try_recv() {
@@ -889,41 +869,22 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
             QCommand::Horizon(h) => Some(*h),
             _ => None,
         });
-        // Handed to the Raft core in order (one commit can carry them all).
-        let mut round = Round {
-            epoch,
-            proposed: Vec::new(),
-            all_proposed: true,
-            horizon,
-        };
+        // Handed to the Raft core in order (one commit can carry them all),
+        // then their commits awaited.
+        let mut committed = true;
+        let mut proposed = Vec::new();
         for cmd in cmds {
             let what = cmd.to_string();
             match tokio::time::timeout(within, raft.client_write_ff(cmd)).await {
-                Ok(Ok(answer)) => round.proposed.push((what, answer)),
+                Ok(Ok(answer)) => proposed.push((what, answer)),
                 _ => {
                     tracing::debug!(%what, "quorum queue change not proposed");
-                    round.all_proposed = false;
+                    committed = false;
                     break;
                 }
             }
         }
-        if rounds_tx.send(round).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Await each round's commits, in the order the rounds were proposed, and
-/// answer a round's delivery horizon to the queue: committed once all its
-/// commands committed (deliveries that waited for it go out), else not (it
-/// is asked again).
-async fn send_loop(g: Weak<Group>, mut rounds: mpsc::Receiver<Round>) {
-    while let Some(round) = rounds.recv().await {
-        let Some(within) = g.upgrade().map(|g| g.commit_timeout) else {
-            return;
-        };
-        let mut committed = round.all_proposed;
-        for (what, answer) in round.proposed {
+        for (what, answer) in proposed {
             match tokio::time::timeout(within, answer).await {
                 Ok(Ok(Ok(_))) => {}
                 Ok(Ok(Err(e))) => {
@@ -936,19 +897,18 @@ async fn send_loop(g: Weak<Group>, mut rounds: mpsc::Receiver<Round>) {
                 }
             }
         }
-        let Some(h) = round.horizon else {
+        let Some(h) = horizon else {
             continue;
         };
         // Still the same spell of serving: else the queue was emptied (its
         // consumers cancelled) and what waited for it is gone.
         let Some(group) = g.upgrade() else { return };
         let queue = group.sm.inner.lock().serving.clone();
-        let still = group.is_serving() && group.epoch.load(Ordering::Acquire) == round.epoch;
+        let still = group.is_serving() && group.epoch.load(Ordering::Acquire) == epoch;
         drop(group);
-        let (true, Some(queue)) = (still, queue) else {
-            continue;
-        };
-        queue.horizon_answered(h, committed, crate::clock::now_ms());
+        if let (true, Some(queue)) = (still, queue) {
+            queue.horizon_answered(h, committed, crate::clock::now_ms());
+        }
     }
 }
 
