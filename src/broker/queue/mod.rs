@@ -160,7 +160,6 @@ fn settle_unacked(s: &mut State, entries: &[Entry]) {
     }
 }
 
-/// `e` was handed out and is now counted unacked.
 /// A delivery that did not reach its consumer goes back where it was, with
 /// the consumer's credit.
 fn take_back(s: &mut State, consumer: &Consumer, entry: Entry) {
@@ -171,6 +170,7 @@ fn take_back(s: &mut State, consumer: &Consumer, entry: Entry) {
     s.ready.requeue(entry);
 }
 
+/// `e` was handed out and is now counted unacked.
 fn count_unacked(s: &mut State, e: &Entry) {
     s.unacked += 1;
     s.unacked_bytes += e.size();
@@ -1427,6 +1427,8 @@ impl Queue {
         s.deleted = true;
         let n = s.ready.len();
         s.ready.drain();
+        // Deliveries waiting for a delivery horizon go with the queue.
+        s.horizon.held.clear();
         if self.store.is_some() {
             fx.ops.push(MessageOp::DeleteQueue);
         }
