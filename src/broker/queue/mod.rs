@@ -978,6 +978,11 @@ impl Queue {
                 no_ack: consumer.no_ack,
             };
             if hold {
+                if delivery.no_ack {
+                    // Settled once it reaches its client (a connection gone
+                    // meanwhile puts it back).
+                    fx.settled.retain(|i| *i != delivery.entry.seq);
+                }
                 s.horizon.held.push_back((consumer, delivery));
             } else if let Err(back) = consumer.sink.deliver(delivery) {
                 // The connection is gone: take the message back and drop the consumer.
@@ -1065,9 +1070,14 @@ impl Queue {
             let Some((c, d)) = s.horizon.held.pop_front() else {
                 break;
             };
-            if let Err(back) = c.sink.deliver(d) {
-                self.not_delivered(&mut s, &c, back, &mut fx);
-                gone = true;
+            let (id, no_ack) = (d.entry.seq, d.no_ack);
+            match c.sink.deliver(d) {
+                Ok(()) if no_ack => fx.settled.push(id),
+                Ok(()) => {}
+                Err(back) => {
+                    self.not_delivered(&mut s, &c, back, &mut fx);
+                    gone = true;
+                }
             }
         }
         if gone {

@@ -708,6 +708,17 @@ fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     assert_eq!(q.reset_replicated().len(), 1);
     q.horizon_answered(21, true, T0);
     assert_eq!(sent(), vec![]);
+    // Without acks: settled once it reaches the client, not when held.
+    let taken = || std::mem::take(&mut *rec.settled.lock());
+    taken();
+    horizons();
+    q.add_consumer(consumer(&sink, true), T0).expect("consume");
+    q.enqueue_replicated(persistent("m30"), 30, (false, 0), T0);
+    assert_eq!(taken(), Vec::<u64>::new());
+    let h = *horizons().last().expect("a horizon asked");
+    q.horizon_answered(h, true, T0);
+    assert_eq!(sent(), vec![(30, false)]);
+    assert_eq!(taken(), vec![30]);
 }
 
 #[test]
