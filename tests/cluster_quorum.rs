@@ -151,11 +151,7 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
     );
 
     // Publishes with confirms on a follower: all acked (committed).
-    let pconn = nodes[pi].connect().await;
-    let pch = channel(&pconn).await;
-    common::t(pch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    let (pconn, pch) = confirming(&nodes[pi]).await;
     let first = bodies("first", 40);
     assert_eq!(publish_confirmed(&pch, q, &first).await, (40, 0));
     let _ = pconn.close(200, "bye").await;
@@ -178,13 +174,9 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
 
     // 400 more while the consumer is full, one log entry each (each
     // confirmed before the next is sent): the delivery horizon the leader
-    // committed for its first deliveries reaches 256 entries past the
-    // queue's tail, so the last of these are past it, never delivered.
-    let pconn = nodes[pi].connect().await;
-    let pch = channel(&pconn).await;
-    common::t(pch.confirm_select(ConfirmSelectOptions::default()))
-        .await
-        .expect("confirm.select");
+    // committed for its first deliveries reaches 64 log entries past the
+    // queue's tail then, so the last of these are past it, never delivered.
+    let (pconn, pch) = confirming(&nodes[pi]).await;
     let later = bodies("later", 400);
     for b in &later {
         assert_eq!(
@@ -240,11 +232,7 @@ async fn a_quorum_queue_survives_its_leaders_node_and_needs_a_majority() {
     // After the failover publishing with confirms works (on both survivors).
     let after = bodies("after", 10);
     for i in [pi, ci] {
-        let conn = nodes[i].connect().await;
-        let ch = channel(&conn).await;
-        common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-            .await
-            .expect("confirm.select");
+        let (conn, ch) = confirming(&nodes[i]).await;
         let mine: Vec<String> = after.iter().map(|b| format!("{b}@{i}")).collect();
         assert_eq!(publish_confirmed(&ch, q, &mine).await, (10, 0));
         let _ = conn.close(200, "bye").await;
@@ -411,11 +399,7 @@ async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
         ("quorum, on a follower", q, (li + 1) % 3),
         ("classic, on its home", classic, li),
     ] {
-        let conn = nodes[on].connect().await;
-        let ch = channel(&conn).await;
-        common::t(ch.confirm_select(ConfirmSelectOptions::default()))
-            .await
-            .expect("confirm.select");
+        let (conn, ch) = confirming(&nodes[on]).await;
         let started = Instant::now();
         let acked = publish_confirmed(&ch, queue, &bodies(what, N)).await;
         let secs = started.elapsed().as_secs_f64();

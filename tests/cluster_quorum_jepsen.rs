@@ -62,7 +62,7 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use parking_lot::Mutex;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -586,15 +586,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_queue_under_partitions_kills_and_restarts() {
     let _serial = SERIAL.lock().await;
-    let seed: u64 = std::env::var("WARREN_QJEPSEN_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::thread_rng().gen_range(0..10_000));
-    println!(
-        "qjepsen: seed {seed} (WARREN_QJEPSEN_SEED={seed} replays the nemesis: the order, and \
-         each choice relative to the leader of the moment)"
-    );
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // The seed replays the order of the nemesis and each choice relative
+    // to the leader of the moment.
+    let (mut rng, seed) = common::jepsen::seeded("WARREN_QJEPSEN_SEED", "qjepsen");
     let test_started = Instant::now();
 
     let (nodes, proxies) = start_proxied("qjepsen", COMMIT_TIMEOUT_MS).await;

@@ -77,7 +77,7 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// answer with [`crate::broker::queue::Queue::horizon_answered`].
     fn ask_horizon(&self, h: u64);
     /// A delivery horizon past id `last` that also covers ids the group is
-    /// about to give (the queue is short: publishes keep arriving).
+    /// about to give (publishes keep arriving while consumers go on).
     fn horizon_after(&self, last: u64) -> u64 {
         last
     }

@@ -17,9 +17,11 @@
 //! the next one (each confirm waits for its batch's commit); messages
 //! leaving the queue are proposed as `Settle`, messages going back into
 //! it after reaching a client as `Return` (their delivery count), and
-//! messages handed to a client that must ack them as `Checkout`, batched:
-//! with the delivery horizons the queue asks for (`Horizon`), answered to
-//! the queue once committed (it sends the deliveries that waited for it).
+//! messages handed to a client that must ack them as `Checkout`, and the
+//! delivery horizons the queue asks for as `Horizon`, batched: one batch in
+//! flight, what arrives meanwhile goes in the next; a horizon is answered
+//! to the queue once its batch committed (it then sends the deliveries that
+//! waited for it).
 
 use super::command::{Outcome, QCommand, QMsg};
 use super::publisher::{Answer, Reply};
@@ -783,9 +785,10 @@ impl Change {
 /// The commands for a batch of changes, in the order they apply: every
 /// return (one each, repeats counted), then what is out with a client and
 /// what came back unsent (each id as its last such change left it), then
-/// the settled, then the largest horizon asked. The same state as the changes applied one by one: a
-/// message's returns only add up, its last hand-out or unsent return
-/// decides whether it is out, and a settle ends it.
+/// the settled, then the largest horizon asked. The same state as the
+/// changes applied one by one: a message's returns only add up, its last
+/// hand-out or unsent return decides whether it is out, a settle ends it,
+/// and the horizon only grows.
 fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
     let (mut returned, mut settled, mut horizon) = (Vec::new(), Vec::new(), None);
     // Per id, whether it is out after its last change of the batch.
