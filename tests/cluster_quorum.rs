@@ -899,6 +899,121 @@ async fn a_graceful_stop_hands_the_leadership_over() {
     assert_eq!(got, want);
 }
 
+/// Declare quorum queue `q` on `node` with `x-queue-leader-locator: locator`
+/// (none: no such argument); the broker's refusal, if any.
+async fn declare_located(node: &Node, q: &str, locator: Option<&str>) -> Result<(), String> {
+    use lapin::types::AMQPValue;
+    let conn = node.connect().await;
+    let ch = channel(&conn).await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    if let Some(l) = locator {
+        args.insert(
+            "x-queue-leader-locator".into(),
+            AMQPValue::LongString(l.into()),
+        );
+    }
+    let qd = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let r = ch
+        .queue_declare(q, qd, args)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+    let _ = conn.close(200, "bye").await;
+    r
+}
+
+/// RabbitMQ's leader locators: without one (or `client-local`) a new quorum
+/// queue's leader is the declaring node; with `balanced` (the argument or
+/// the `queue-leader-locator` policy) it goes to the running member leading
+/// the fewest queues, and serves from there. A value RabbitMQ does not know
+/// is its 406 (argument) or a 400 (policy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balanced_leader_locator_spreads_new_leaders() {
+    let (a, b, c) = three_nodes("qlocator").await;
+    let nodes = [a, b, c];
+    let first = nodes[0].name();
+    let led_by = |q: &str| quorum_leader(&nodes[1], q);
+    declare_located(&nodes[0], "qq-local", None)
+        .await
+        .expect("declare");
+    declare_located(&nodes[0], "qq-local-named", Some("client-local"))
+        .await
+        .expect("declare");
+    eventually("client-local leaders", Duration::from_secs(20), || {
+        led_by("qq-local").as_ref() == Some(&first)
+            && led_by("qq-local-named").as_ref() == Some(&first)
+    })
+    .await;
+    let e = declare_located(&nodes[0], "qq-bad", Some("min-masters"))
+        .await
+        .expect_err("not a leader locator");
+    assert!(e.contains("invalid_queue_locator_arg"), "{e}");
+    assert_eq!(
+        nodes[0].send(
+            "PUT",
+            "/api/policies/%2F/bad-locator",
+            Some(
+                serde_json::json!({"pattern": "^qq-pol", "apply-to": "quorum_queues",
+                "definition": {"queue-leader-locator": "nowhere"}})
+            )
+        ),
+        400
+    );
+    assert_eq!(
+        nodes[0].send(
+            "PUT",
+            "/api/policies/%2F/locator",
+            Some(
+                serde_json::json!({"pattern": "^qq-pol", "apply-to": "quorum_queues",
+                "definition": {"queue-leader-locator": "balanced"}})
+            )
+        ),
+        201
+    );
+    // The first node leads two: each balanced queue goes to the node leading
+    // fewest (B, C, B, C), all declared on the first node.
+    let balanced = ["qq-bal-0", "qq-bal-1", "qq-pol-2", "qq-bal-3"];
+    for q in balanced {
+        let locator = (!q.starts_with("qq-pol")).then_some("balanced");
+        declare_located(&nodes[0], q, locator)
+            .await
+            .expect("declare");
+        eventually("the leader placed", Duration::from_secs(20), || {
+            led_by(q).is_some_and(|l| l != first)
+        })
+        .await;
+    }
+    let per_node: Vec<usize> = nodes
+        .iter()
+        .map(|n| {
+            ["qq-local", "qq-local-named"]
+                .iter()
+                .chain(balanced.iter())
+                .filter(|q| led_by(q) == Some(n.name()))
+                .count()
+        })
+        .collect();
+    assert_eq!(per_node, vec![2, 2, 2], "leaders per node");
+    // A placed leader serves: confirms through the first node, messages there.
+    let (conn, ch) = confirming(&nodes[0]).await;
+    assert_eq!(
+        publish_confirmed(&ch, "qq-bal-0", &bodies("placed", 10)).await,
+        (10, 0)
+    );
+    let _ = conn.close(200, "bye").await;
+    let want: BTreeSet<String> = bodies("placed", 10).into_iter().collect();
+    let got = consume_all(&nodes[2], "qq-bal-0", &want, Duration::from_secs(20)).await;
+    let got: BTreeSet<String> = got.into_iter().map(|(b, _)| b).collect();
+    assert_eq!(got, want);
+}
+
 /// Established TCP connections to `ip:port` on this machine (both ends are
 /// here: loopback), from /proc/net/tcp.
 fn connections_to(ip: &str, port: u16) -> usize {

@@ -82,6 +82,7 @@ pub const QUEUE_KEYS: &[(&str, &str)] = &[
         "stream-max-segment-size-bytes",
         "x-stream-max-segment-size-bytes",
     ),
+    ("queue-leader-locator", "x-queue-leader-locator"),
 ];
 
 /// The policy keys that apply to streams (the others do not reach them, and
@@ -200,6 +201,10 @@ impl Policy {
                 "overflow" => matches!(
                     v.as_str(),
                     Some("drop-head" | "reject-publish" | "reject-publish-dlx")
+                ),
+                "queue-leader-locator" => matches!(
+                    v.as_str(),
+                    Some("client-local" | "balanced" | "random" | "least-leaders")
                 ),
                 "dead-letter-exchange" | "dead-letter-routing-key" | "alternate-exchange" => {
                     v.is_string()

@@ -50,6 +50,19 @@ impl QueueType {
     }
 }
 
+/// Where a replicated queue's first leader goes (`x-queue-leader-locator`,
+/// policy `queue-leader-locator`), as RabbitMQ places quorum queue leaders.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeaderLocator {
+    /// On the node the client declared it on (RabbitMQ's default).
+    #[default]
+    ClientLocal,
+    /// On the running member with the fewest quorum queue leaders
+    /// (`balanced`; RabbitMQ takes its older `random` and `least-leaders`
+    /// as this too).
+    Balanced,
+}
+
 /// `x-dead-letter-strategy` (quorum queues).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeadLetterStrategy {
@@ -127,6 +140,8 @@ pub struct QueueArgs {
     pub initial_cluster_size: Option<u64>,
     /// Streams: `x-stream-filter-size-bytes` (16 to 255).
     pub stream_filter_size: Option<u8>,
+    /// `x-queue-leader-locator` (acted on by replicated quorum queues).
+    pub leader_locator: LeaderLocator,
 }
 
 impl QueueArgs {
@@ -252,6 +267,13 @@ impl QueueArgs {
                     }
                 }
                 "x-quorum-initial-group-size" => a.initial_group_size = Some(int(name, v, 1)?),
+                "x-queue-leader-locator" => {
+                    a.leader_locator = match string(name, v)?.as_str() {
+                        "client-local" => LeaderLocator::ClientLocal,
+                        "balanced" | "random" | "least-leaders" => LeaderLocator::Balanced,
+                        _ => return Err(bad(name, "invalid_queue_locator_arg".to_string())),
+                    }
+                }
                 // Classic queue storage versions RabbitMQ (3.13 to 4.2) knows;
                 // warren has one store for both.
                 "x-queue-version" => match int(name, v, 0)? {
@@ -459,6 +481,41 @@ mod tests {
             .expect_err("stream-only");
         assert!(
             e.text.ends_with("of queue type rabbit_classic_queue"),
+            "{}",
+            e.text
+        );
+    }
+
+    #[test]
+    fn the_leader_locator_takes_rabbitmqs_values_and_refuses_others() {
+        let quorum = ("x-queue-type", FieldValue::string("quorum"));
+        let locator = |v: FieldValue| {
+            QueueArgs::parse(
+                &table(&[quorum.clone(), ("x-queue-leader-locator", v)]),
+                "q",
+                "/",
+            )
+        };
+        let default =
+            QueueArgs::parse(&table(std::slice::from_ref(&quorum)), "q", "/").expect("no locator");
+        assert_eq!(default.leader_locator, LeaderLocator::ClientLocal);
+        for (v, want) in [
+            ("client-local", LeaderLocator::ClientLocal),
+            ("balanced", LeaderLocator::Balanced),
+            ("random", LeaderLocator::Balanced),
+            ("least-leaders", LeaderLocator::Balanced),
+        ] {
+            let a = locator(FieldValue::string(v)).expect(v);
+            assert_eq!(a.leader_locator, want, "{v}");
+        }
+        let e = locator(FieldValue::string("min-masters")).expect_err("not a leader locator");
+        assert_eq!(
+            e.text,
+            "PRECONDITION_FAILED - invalid arg 'x-queue-leader-locator' for queue 'q' in vhost '/': invalid_queue_locator_arg"
+        );
+        let e = locator(FieldValue::I32(5)).expect_err("not a string");
+        assert!(
+            e.text.ends_with("{unacceptable_type,signedint}"),
             "{}",
             e.text
         );

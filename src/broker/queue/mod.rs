@@ -50,7 +50,7 @@ pub mod stream;
 #[cfg(test)]
 mod tests;
 
-pub use args::{DeadLetterStrategy, Overflow, QueueArgs, QueueType};
+pub use args::{DeadLetterStrategy, LeaderLocator, Overflow, QueueArgs, QueueType};
 pub use consumer::{Consumer, Credit, Delivery, DeliverySink};
 pub use dead_letter::Reason;
 

@@ -292,6 +292,12 @@ impl Manager {
     pub fn declared(self: &Arc<Self>, vhost: &str, name: &str, rec: &QuorumRec) {
         let init = rec.members.first().is_some_and(|m| m == self.me());
         self.start(vhost, name, rec, init);
+        let balanced = self.queue(vhost, name).is_some_and(|q| {
+            q.args().leader_locator == crate::broker::queue::LeaderLocator::Balanced
+        });
+        if init && balanced {
+            tokio::spawn(Manager::place_balanced(Arc::downgrade(self), rec.clone()));
+        }
     }
 
     /// Start (or resume from disk) this node's member of `rec`'s group, if

@@ -113,7 +113,76 @@ pub fn plan(queues: &BTreeMap<String, QuorumRec>, running: &BTreeSet<String>) ->
     moves
 }
 
+/// Where the leader of a new quorum queue (group `group`, members
+/// `members`) goes with `x-queue-leader-locator: balanced`, as RabbitMQ
+/// places it: on the running member with the fewest leaders among `queues`
+/// (a queue whose leader is not announced yet counts for its first member,
+/// which starts it); `me` (where it starts) on a tie, else the first by
+/// name; `me` when no member runs.
+pub fn balanced_leader(
+    queues: &BTreeMap<String, QuorumRec>,
+    group: &str,
+    members: &[String],
+    running: &BTreeSet<String>,
+    me: &str,
+) -> String {
+    let mut counts: BTreeMap<&str, usize> = members
+        .iter()
+        .filter(|m| running.contains(*m))
+        .map(|m| (m.as_str(), 0))
+        .collect();
+    for rec in queues.values().filter(|r| r.group != group) {
+        let leader = rec.leader.as_ref().or(rec.members.first());
+        if let Some(c) = leader.and_then(|l| counts.get_mut(l.as_str())) {
+            *c += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .min_by_key(|(n, c)| (*c, *n != me, *n))
+        .map_or_else(|| me.to_string(), |(n, _)| n.to_string())
+}
+
 impl Manager {
+    /// A queue declared here with `x-queue-leader-locator: balanced` (or
+    /// that policy): once this node serves it, its leadership goes to the
+    /// member [`balanced_leader`] picks, if that is another node.
+    pub(super) async fn place_balanced(m: std::sync::Weak<Manager>, rec: QuorumRec) {
+        let Some((g, within)) = m
+            .upgrade()
+            .and_then(|m| Some((m.group(&rec.group)?, m.commit_timeout * 2)))
+        else {
+            return;
+        };
+        if !g.serves_within(within).await {
+            return;
+        }
+        let Some(m) = m.upgrade() else { return };
+        let Some(cluster) = m.cluster.lock().upgrade() else {
+            return;
+        };
+        let running: BTreeSet<String> = cluster
+            .members()
+            .into_iter()
+            .filter(|n| n.running)
+            .map(|n| n.name)
+            .collect();
+        let queues = cluster.metadata().quorum;
+        drop(cluster);
+        let to = balanced_leader(&queues, &rec.group, &rec.members, &running, m.me());
+        if to == m.me() {
+            return;
+        }
+        match m.transfer(&rec.group, m.me(), &to).await {
+            Ok(()) => {
+                tracing::info!(queue = %g.name, vhost = %g.vhost, to = %to, "quorum queue leader placed (balanced)")
+            }
+            Err(e) => {
+                tracing::warn!(queue = %g.name, vhost = %g.vhost, to = %to, error = %e, "quorum queue leader not placed (balanced)")
+            }
+        }
+    }
+
     /// Move the leaders of the quorum queues `keep` selects (by vhost and
     /// name) so that they spread over the running nodes ([`plan`]), one
     /// transfer at a time. One rebalance at a time per node.
@@ -278,5 +347,34 @@ mod tests {
         assert!(plan(&queues, &nodes(&all)).is_empty());
         assert!(plan(&BTreeMap::new(), &nodes(&all)).is_empty());
         assert!(plan(&queues, &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn a_balanced_leader_goes_to_the_running_member_leading_fewest() {
+        let members: Vec<String> = ["a", "b", "c"].iter().map(|m| m.to_string()).collect();
+        let mut queues = BTreeMap::new();
+        let all = nodes(&["a", "b", "c"]);
+        // Nothing else: stays where it starts.
+        assert_eq!(balanced_leader(&queues, "new", &members, &all, "a"), "a");
+        queues.insert("/\0q1".to_string(), rec("g1", &["a", "b", "c"], "a"));
+        // The new queue's own record (announced by its starter) is left out.
+        queues.insert("/\0new".to_string(), rec("new", &["a", "b", "c"], "a"));
+        assert_eq!(balanced_leader(&queues, "new", &members, &all, "a"), "b");
+        queues.insert("/\0q2".to_string(), rec("g2", &["a", "b", "c"], "b"));
+        assert_eq!(balanced_leader(&queues, "new", &members, &all, "a"), "c");
+        // A queue with no leader announced yet counts for its first member.
+        let mut pending = rec("g3", &["c", "a", "b"], "c");
+        pending.leader = None;
+        queues.insert("/\0q3".to_string(), pending);
+        assert_eq!(balanced_leader(&queues, "new", &members, &all, "b"), "b");
+        // Only running members, and only members, are candidates.
+        assert_eq!(
+            balanced_leader(&queues, "new", &members, &nodes(&["a", "c", "d"]), "a"),
+            "a"
+        );
+        assert_eq!(
+            balanced_leader(&queues, "new", &members, &BTreeSet::new(), "a"),
+            "a"
+        );
     }
 }

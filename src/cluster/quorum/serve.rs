@@ -67,6 +67,8 @@ pub struct Group {
     transferring: AtomicBool,
     /// Wakes the proposal loops when a transfer ends.
     transferred: tokio::sync::Notify,
+    /// Wakes those waiting for this member to serve ([`Group::serves_within`]).
+    served: tokio::sync::Notify,
     /// When this member last heard from a leader ([`super::elect`]).
     pub(super) timer: parking_lot::Mutex<super::elect::Timer>,
 }
@@ -114,6 +116,7 @@ impl Group {
             members: parking_lot::Mutex::new(Vec::new()),
             transferring: AtomicBool::new(false),
             transferred: tokio::sync::Notify::new(),
+            served: tokio::sync::Notify::new(),
             timer: parking_lot::Mutex::new(super::elect::Timer::new(wait)),
         })
     }
@@ -180,6 +183,20 @@ impl Group {
 
     pub fn is_serving(&self) -> bool {
         self.serving.load(Ordering::Acquire)
+    }
+
+    /// This member serves the queue, or starts to within `within`.
+    pub async fn serves_within(&self, within: Duration) -> bool {
+        let give_up = tokio::time::Instant::now() + within;
+        loop {
+            let served = self.served.notified();
+            if self.is_serving() {
+                return true;
+            }
+            if tokio::time::timeout_at(give_up, served).await.is_err() {
+                return self.is_serving();
+            }
+        }
     }
 
     /// Propose one publish (numbered by its publisher) while this node
@@ -263,6 +280,7 @@ impl Group {
         drop(s);
         tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");
         m.announce(self);
+        self.served.notify_waiters();
         true
     }
 
