@@ -23,16 +23,45 @@ pub struct Totals {
     pub redeliver: u64,
     /// Shown for queues only (`message_stats.dead_lettered`).
     pub dead_lettered: u64,
+    /// The counts named in [`MORE`], in its order.
+    pub more: [u64; 8],
 }
+
+/// The `message_stats` counts beside publish, deliver_get, ack and
+/// redeliver: the deliveries by kind ([`deliveries`]; a queue shows these
+/// five), then confirms and unroutable messages returned and dropped (the
+/// overview and a vhost show all eight).
+pub const MORE: [&str; 8] = [
+    "deliver",
+    "deliver_no_ack",
+    "get",
+    "get_no_ack",
+    "get_empty",
+    "confirm",
+    "return_unroutable",
+    "drop_unroutable",
+];
 
 impl Totals {
     pub fn of(c: &Counters) -> Totals {
+        let [d, dn, g, gn, ge] = deliveries(c);
+        let returned = Counters::get(&c.returned);
         Totals {
             publish: Counters::get(&c.published),
             deliver_get: Counters::get(&c.delivered),
             ack: Counters::get(&c.acked),
             redeliver: Counters::get(&c.redelivered),
             dead_lettered: Counters::get(&c.dead_lettered),
+            more: [
+                d,
+                dn,
+                g,
+                gn,
+                ge,
+                Counters::get(&c.confirmed),
+                returned,
+                Counters::get(&c.unroutable).saturating_sub(returned),
+            ],
         }
     }
 }
@@ -45,6 +74,8 @@ pub struct RateSet {
     pub ack: f64,
     pub redeliver: f64,
     pub dead_lettered: f64,
+    /// The rates of the counts named in [`MORE`].
+    pub more: [f64; 8],
 }
 
 fn rate(now: &Totals, then: &Totals, secs: f64) -> RateSet {
@@ -55,7 +86,26 @@ fn rate(now: &Totals, then: &Totals, secs: f64) -> RateSet {
         ack: r(now.ack, then.ack),
         redeliver: r(now.redeliver, then.redeliver),
         dead_lettered: r(now.dead_lettered, then.dead_lettered),
+        more: std::array::from_fn(|i| r(now.more[i], then.more[i])),
     }
+}
+
+/// Totals sampled now against the previous sample's, `secs` apart (zero
+/// rates for a first sample).
+fn rates_since<K: std::hash::Hash + Eq>(
+    now: HashMap<K, Totals>,
+    old: &HashMap<K, (Totals, RateSet)>,
+    secs: Option<f64>,
+) -> HashMap<K, (Totals, RateSet)> {
+    now.into_iter()
+        .map(|(k, t)| {
+            let r = match (old.get(&k), secs) {
+                (Some((prev, _)), Some(d)) => rate(&t, prev, d),
+                _ => RateSet::default(),
+            };
+            (k, (t, r))
+        })
+        .collect()
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +115,8 @@ struct Sampled {
     global_rate: RateSet,
     /// Keyed by (vhost, queue).
     queues: HashMap<(String, String), (Totals, RateSet)>,
+    /// Keyed by vhost.
+    vhosts: HashMap<String, (Totals, RateSet)>,
     /// Keyed by (vhost, exchange).
     exchanges: HashMap<(String, String), (ExchangeTotals, ExchangeRates)>,
     /// Connections' (`recv_oct`, `send_oct`) and their rates, by
@@ -113,7 +165,9 @@ impl Rates {
         let global = Totals::of(&broker.counters);
         let mut queues = HashMap::new();
         let mut exchanges = HashMap::new();
+        let mut vhosts = HashMap::new();
         for vhost in broker.vhosts() {
+            vhosts.insert(vhost.name.to_string(), Totals::of(&vhost.counters));
             for q in vhost.queues() {
                 queues.insert(
                     (vhost.name.to_string(), q.name().to_string()),
@@ -140,17 +194,8 @@ impl Rates {
             .map(|d| rate(&global, &s.global, d))
             .unwrap_or_default();
         s.global = global;
-        let old = std::mem::take(&mut s.queues);
-        s.queues = queues
-            .into_iter()
-            .map(|(k, t)| {
-                let r = match (old.get(&k), secs) {
-                    (Some((prev, _)), Some(d)) => rate(&t, prev, d),
-                    _ => RateSet::default(),
-                };
-                (k, (t, r))
-            })
-            .collect();
+        s.queues = rates_since(queues, &s.queues, secs);
+        s.vhosts = rates_since(vhosts, &s.vhosts, secs);
         let old = std::mem::take(&mut s.exchanges);
         s.exchanges = exchanges
             .into_iter()
@@ -198,6 +243,15 @@ impl Rates {
             .lock()
             .queues
             .get(&(vhost.to_string(), queue.to_string()))
+            .map(|(_, r)| *r)
+            .unwrap_or_default()
+    }
+
+    pub fn vhost(&self, vhost: &str) -> RateSet {
+        self.inner
+            .lock()
+            .vhosts
+            .get(vhost)
             .map(|(_, r)| *r)
             .unwrap_or_default()
     }
@@ -256,30 +310,39 @@ pub fn message_stats(t: &Totals, r: &RateSet) -> serde_json::Value {
 
 /// Of the messages delivered (`deliver_get`): to consumers that ack, to
 /// no-ack consumers, by basic.get with and without ack; and the basic.gets
-/// that found nothing; as `message_stats` names them.
-pub fn deliveries(c: &Counters) -> [(&'static str, u64); 5] {
+/// that found nothing: the first five counts of [`MORE`].
+fn deliveries(c: &Counters) -> [u64; 5] {
     let get = Counters::get;
     let (no_ack, got, got_no_ack) = (get(&c.delivered_no_ack), get(&c.got), get(&c.got_no_ack));
     let deliver = get(&c.delivered).saturating_sub(no_ack + got + got_no_ack);
-    [
-        ("deliver", deliver),
-        ("deliver_no_ack", no_ack),
-        ("get", got),
-        ("get_no_ack", got_no_ack),
-        ("get_empty", get(&c.get_empty)),
-    ]
+    [deliver, no_ack, got, got_no_ack, get(&c.get_empty)]
+}
+
+/// [`message_stats`] with the first `n` counts of [`MORE`] and their rates.
+fn stats_with(t: &Totals, r: &RateSet, n: usize) -> serde_json::Value {
+    let mut v = message_stats(t, r);
+    if let serde_json::Value::Object(m) = &mut v {
+        for (i, k) in MORE.iter().enumerate().take(n) {
+            m.insert((*k).into(), t.more[i].into());
+            m.insert(format!("{k}_details"), super::details(r.more[i]));
+        }
+    }
+    v
+}
+
+/// The `message_stats` of the node's overview and of a vhost: those of
+/// [`message_stats`] and every count of [`MORE`], with their rates.
+pub fn full_stats(c: &Counters, r: &RateSet) -> serde_json::Value {
+    stats_with(&Totals::of(c), r, MORE.len())
 }
 
 /// A queue's `message_stats`: [`message_stats`], its [`deliveries`], and
 /// warren's `dead_lettered` (messages it dead-lettered to its dead-letter
-/// exchange).
+/// exchange), with their rates.
 pub fn queue_stats(c: &Counters, r: &RateSet) -> serde_json::Value {
     let t = Totals::of(c);
-    let mut v = message_stats(&t, r);
+    let mut v = stats_with(&t, r, 5);
     if let serde_json::Value::Object(m) = &mut v {
-        for (k, n) in deliveries(c) {
-            m.insert(k.into(), n.into());
-        }
         m.insert("dead_lettered".into(), t.dead_lettered.into());
         m.insert(
             "dead_lettered_details".into(),

@@ -2,7 +2,7 @@
 //! `/api/auth/attempts/{node}[/source]` and `/api/aliveness-test/{vhost}`.
 
 use super::cluster::this_node;
-use super::metrics::{message_stats, resident_memory, Totals};
+use super::metrics::resident_memory;
 use super::{AdminState, ApiError, ApiResult, Caller};
 use crate::broker::message::Message;
 use crate::broker::vhost::{PublishFrom, QueueDeclare};
@@ -76,7 +76,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "cluster_name": s.broker.cluster_name(),
         "node": this_node(&s),
         "listeners": super::health::overview_listeners(&s),
-        "message_stats": overview_stats(&b.counters, &s.rates.global()),
+        "message_stats": super::metrics::full_stats(&b.counters, &s.rates.global()),
         "churn_rates": churn_json(b),
         "exchange_types": exchange_types(),
         "queue_totals": queue_totals,
@@ -88,30 +88,6 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
             "consumers": consumers,
         },
     }))
-}
-
-/// The node's `message_stats`: [`message_stats`] and the counts RabbitMQ's
-/// overview adds (confirms, unroutable returned or dropped, deliveries split
-/// by consumer / basic.get and ack mode).
-fn overview_stats(c: &crate::broker::Counters, rates: &super::metrics::RateSet) -> Value {
-    use crate::broker::Counters;
-    let mut stats = message_stats(&Totals::of(c), rates);
-    let get = Counters::get;
-    let returned = get(&c.returned);
-    if let Value::Object(m) = &mut stats {
-        let unroutable = [
-            ("confirm", get(&c.confirmed)),
-            ("return_unroutable", returned),
-            (
-                "drop_unroutable",
-                get(&c.unroutable).saturating_sub(returned),
-            ),
-        ];
-        for (k, v) in unroutable.into_iter().chain(super::metrics::deliveries(c)) {
-            m.insert(k.into(), v.into());
-        }
-    }
-    stats
 }
 
 /// The exchange types a declare may name, as the overview lists them (the

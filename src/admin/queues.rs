@@ -649,15 +649,20 @@ pub async fn get_messages(
         }));
         entries.push(entry);
     }
-    let counters = &s.broker.counters;
-    crate::broker::Counters::add(&counters.delivered, entries.len() as u64);
-    crate::broker::Counters::add(&counters.got, entries.len() as u64);
+    let redelivered = entries.iter().filter(|e| e.redelivered).count() as u64;
+    for c in [&s.broker.counters, &v.counters] {
+        crate::broker::Counters::add(&c.delivered, entries.len() as u64);
+        crate::broker::Counters::add(&c.got, entries.len() as u64);
+        crate::broker::Counters::add(&c.redelivered, redelivered);
+        if !requeue && !reject {
+            crate::broker::Counters::add(&c.acked, entries.len() as u64);
+        }
+    }
     if requeue {
         q.requeue(entries, true, true, crate::clock::now_ms());
     } else if reject {
         q.reject(entries, crate::clock::now_ms());
     } else {
-        crate::broker::Counters::add(&s.broker.counters.acked, entries.len() as u64);
         q.ack(&entries, crate::clock::now_ms());
     }
     Ok(Json(Value::Array(out)))

@@ -11,7 +11,9 @@ use axum::Json;
 use serde_json::{json, Value};
 
 /// A vhost as the API shows it: with its queues' message counts and the
-/// rates of their lengths (`messages_details` ...), as RabbitMQ's.
+/// rates of their lengths (`messages_details` ...), its channels'
+/// `message_stats` and its connections' bytes (`recv_oct`, `send_oct`,
+/// summed over the open ones), as RabbitMQ's.
 fn vhost_json(s: &AdminState, v: &VHost) -> Value {
     let b = &s.broker;
     let (mut ready, mut unacked) = (0, 0);
@@ -23,6 +25,18 @@ fn vhost_json(s: &AdminState, v: &VHost) -> Value {
     }
     let rates = super::charts::summed_length_rates(&s.history, queues.iter().map(|q| &**q));
     let meta = v.meta();
+    let conns: Vec<_> = b
+        .connections()
+        .into_iter()
+        .filter(|c| c.vhost == *v.name)
+        .collect();
+    let (mut recv, mut send, mut recv_rate, mut send_rate) = (0, 0, 0.0, 0.0);
+    for c in &conns {
+        let (r, w) = c.socket.octets();
+        let rates = s.rates.connection(c.id);
+        (recv, send) = (recv + r, send + w);
+        (recv_rate, send_rate) = (recv_rate + rates.recv_oct, send_rate + rates.send_oct);
+    }
     let mut j = json!({
         "name": &*v.name,
         "description": &meta.description,
@@ -34,7 +48,12 @@ fn vhost_json(s: &AdminState, v: &VHost) -> Value {
         "messages": ready + unacked,
         "messages_ready": ready,
         "messages_unacknowledged": unacked,
-        "connections": b.connections().iter().filter(|c| c.vhost == *v.name).count(),
+        "connections": conns.len(),
+        "message_stats": super::metrics::full_stats(&v.counters, &s.rates.vhost(&v.name)),
+        "recv_oct": recv,
+        "recv_oct_details": super::details(recv_rate),
+        "send_oct": send,
+        "send_oct_details": super::details(send_rate),
     });
     if let Value::Object(m) = &mut j {
         super::charts::insert_length_details(m, rates);

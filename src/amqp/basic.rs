@@ -163,11 +163,11 @@ fn get(
     match q.get(g.no_ack, now.ms) {
         None => {
             Counters::add(&ch.stats.get_empty, 1);
-            Counters::add(&ctx.broker.counters.get_empty, 1);
+            ctx.count(|c| Counters::add(&c.get_empty, 1));
             io.method(&BasicGetEmpty::default().into())
         }
         Some((entry, remaining)) => {
-            ctx.broker.counters.got(g.no_ack);
+            ctx.count(|c| c.got(g.no_ack, entry.redelivered));
             ch.stats.count_get(g.no_ack, entry.redelivered);
             let tag = ch.next_tag;
             ch.next_tag += 1;
@@ -405,7 +405,7 @@ pub(super) fn apply_settle(ctx: &ConnCtx, ch: &mut Channel, s: Settle, now: Now)
     };
     let mut taken = ch.take_unacked(tag, multiple)?;
     if requeue.is_none() {
-        Counters::add(&ctx.broker.counters.acked, taken.len() as u64);
+        ctx.count(|c| Counters::add(&c.acked, taken.len() as u64));
         Counters::add(&ch.stats.ack, taken.len() as u64);
     }
     settle_remote(
@@ -661,11 +661,10 @@ pub(super) fn route_and_enqueue(
     let published = ctx
         .vhost
         .publish_client(exchange, &message, cc, &ctx.tap(io.id), now.ms)?;
-    let counters = &ctx.broker.counters;
-    Counters::add(&counters.published, 1);
+    ctx.count(|c| Counters::add(&c.published, 1));
     Counters::add(&stats.publish, 1);
     if !published.routed {
-        Counters::add(&counters.unroutable, 1);
+        ctx.count(|c| Counters::add(&c.unroutable, 1));
         let dropped = if mandatory {
             &stats.return_unroutable
         } else {
@@ -674,7 +673,7 @@ pub(super) fn route_and_enqueue(
         Counters::add(dropped, 1);
     }
     if !published.routed && mandatory {
-        Counters::add(&counters.returned, 1);
+        ctx.count(|c| Counters::add(&c.returned, 1));
         io.method(
             &BasicReturn {
                 reply_code: reply_code::NO_ROUTE,
@@ -717,7 +716,7 @@ pub fn deliver(ctx: &ConnCtx, ch: &mut Channel, io: &mut ChannelIo<'_>, d: Deliv
     };
     let tag = ch.next_tag;
     ch.next_tag += 1;
-    ctx.broker.counters.consumer_delivery(d.no_ack);
+    ctx.count(|c| c.consumer_delivery(d.no_ack, d.entry.redelivered));
     ch.stats.count_deliver(d.no_ack, d.entry.redelivered);
     let m = &d.entry.message;
     let args = DeliverArgs {
@@ -781,7 +780,7 @@ pub fn got_remote(
     (message, properties): (Arc<Message>, bytes::Bytes),
     now: Now,
 ) {
-    ctx.broker.counters.got(no_ack);
+    ctx.count(|c| c.got(no_ack, redelivered));
     ch.stats.count_get(no_ack, redelivered);
     let tag = ch.next_tag;
     ch.next_tag += 1;
@@ -896,7 +895,7 @@ fn write_remote(
 ) {
     let tag = ch.next_tag;
     ch.next_tag += 1;
-    ctx.broker.counters.consumer_delivery(no_ack);
+    ctx.count(|c| c.consumer_delivery(no_ack, d.redelivered));
     ch.stats.count_deliver(no_ack, d.redelivered);
     let m = &d.message;
     let args = DeliverArgs {

@@ -44,6 +44,13 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
+    /// Count on the broker's message counters and on its vhost's.
+    #[inline]
+    pub(crate) fn count(&self, f: impl Fn(&crate::broker::Counters)) {
+        f(&self.broker.counters);
+        f(&self.vhost.counters);
+    }
+
     /// What the firehose names for a message moved on `channel`.
     pub(crate) fn tap(&self, channel: u16) -> crate::broker::firehose::Tap<'_> {
         crate::broker::firehose::Tap {

@@ -60,20 +60,27 @@ impl Counters {
         counter.load(Ordering::Relaxed)
     }
 
-    /// A message delivered to a consumer (`no_ack`: one that does not ack).
+    /// A message delivered to a consumer (`no_ack`: one that does not ack;
+    /// `redelivered`: flagged so).
     #[inline]
-    pub fn consumer_delivery(&self, no_ack: bool) {
+    pub fn consumer_delivery(&self, no_ack: bool, redelivered: bool) {
         Self::add(&self.delivered, 1);
         if no_ack {
             Self::add(&self.delivered_no_ack, 1);
+        }
+        if redelivered {
+            Self::add(&self.redelivered, 1);
         }
     }
 
     /// A message handed out by basic.get.
     #[inline]
-    pub fn got(&self, no_ack: bool) {
+    pub fn got(&self, no_ack: bool, redelivered: bool) {
         Self::add(&self.delivered, 1);
         Self::add(if no_ack { &self.got_no_ack } else { &self.got }, 1);
+        if redelivered {
+            Self::add(&self.redelivered, 1);
+        }
     }
 }
 

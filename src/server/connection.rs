@@ -984,6 +984,9 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             let confirmed = self.session.take_confirmed();
             if confirmed > 0 {
                 crate::broker::Counters::add(&self.broker.counters.confirmed, confirmed);
+                if let Some(ctx) = &self.ctx {
+                    crate::broker::Counters::add(&ctx.vhost.counters.confirmed, confirmed);
+                }
             }
             if let Some(chunk) = chunk {
                 if !self.out.send(chunk) {

@@ -43,6 +43,10 @@ async fn connections_channels_consumers_and_force_close() {
     assert_eq!(cons[0]["prefetch_count"], 7);
     assert_eq!(cons[0]["channel_details"]["connection_name"], name);
     assert_eq!(
+        cons[0]["channel_details"]["node"],
+        b.get("/api/overview").await["node"]
+    );
+    assert_eq!(
         b.get("/api/consumers/%2F").await.as_array().unwrap().len(),
         1
     );
@@ -359,6 +363,40 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
         "{qs}"
     );
     assert_eq!((&qs["get"], &qs["deliver_no_ack"]), (&json!(0), &json!(0)));
+    for k in [
+        "deliver",
+        "deliver_no_ack",
+        "get",
+        "get_no_ack",
+        "get_empty",
+    ] {
+        assert!(qs[format!("{k}_details")]["rate"].is_number(), "{k}: {qs}");
+    }
+    // The vhost's channels counted the same (the only vhost here), with
+    // rates, and its connections' bytes.
+    let v = b.get("/api/vhosts/%2F").await;
+    let vs = &v["message_stats"];
+    for k in [
+        "publish",
+        "deliver_get",
+        "ack",
+        "redeliver",
+        "deliver",
+        "deliver_no_ack",
+        "get",
+        "get_no_ack",
+        "get_empty",
+        "confirm",
+        "return_unroutable",
+        "drop_unroutable",
+    ] {
+        assert_eq!(vs[k], stats[k], "{k}: {vs}");
+        assert!(vs[format!("{k}_details")]["rate"].is_number(), "{k}: {vs}");
+        assert!(stats[format!("{k}_details")]["rate"].is_number(), "{k}");
+    }
+    assert!(v["recv_oct"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert!(v["send_oct"].as_u64().is_some_and(|n| n > 0), "{v}");
+    assert!(v["recv_oct_details"]["rate"].is_number(), "{v}");
 
     // Churn: one connection, two channels, one queue declared and created;
     // closing a channel counts.
@@ -378,6 +416,59 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
     let m = parse_metrics(&b.text("/metrics").await);
     assert_eq!(metric(&m, "rabbitmq_channels_opened_total", ""), 2.0);
     assert_eq!(metric(&m, "rabbitmq_queues_created_total", ""), 1.0);
+
+    // A redelivery counts on the node, its vhost and the queue.
+    let before = b.get("/api/overview").await["message_stats"]["redeliver"].clone();
+    assert_eq!(before, 0, "nothing redelivered yet");
+    t(ch.basic_cancel(consumer.tag().as_str(), BasicCancelOptions::default()))
+        .await
+        .unwrap();
+    t(ch.basic_publish(
+        "",
+        "chq",
+        BasicPublishOptions::default(),
+        b"again",
+        BasicProperties::default(),
+    ))
+    .await
+    .unwrap();
+    let got = |ch: lapin::Channel| async move {
+        loop {
+            if let Some(m) = t(ch.basic_get("chq", BasicGetOptions::default()))
+                .await
+                .unwrap()
+            {
+                return m;
+            }
+        }
+    };
+    let first = got(ch.clone()).await;
+    assert!(!first.delivery.redelivered);
+    t(first
+        .delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: true }))
+    .await
+    .unwrap();
+    let second = got(ch.clone()).await;
+    assert!(second.delivery.redelivered);
+    t(second.delivery.acker.ack(BasicAckOptions::default()))
+        .await
+        .unwrap();
+    let o = until(&b, "/api/overview", |o| {
+        o["message_stats"]["redeliver"] == 1
+    })
+    .await;
+    assert_eq!(o["message_stats"]["redeliver"], 1);
+    let v = b.get("/api/vhosts/%2F").await;
+    assert_eq!(v["message_stats"]["redeliver"], 1, "{v}");
+    let q = b.get("/api/queues/%2F/chq").await;
+    assert_eq!(q["message_stats"]["redeliver"], 1, "{q}");
+    let m = parse_metrics(&b.text("/metrics").await);
+    assert_eq!(
+        metric(&m, "rabbitmq_global_messages_redelivered_total", ""),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

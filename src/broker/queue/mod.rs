@@ -957,10 +957,8 @@ impl Queue {
             if !consumer.no_ack {
                 count_unacked(s, &entry);
             }
-            self.counters.consumer_delivery(consumer.no_ack);
-            if entry.redelivered {
-                crate::broker::Counters::add(&self.counters.redelivered, 1);
-            }
+            self.counters
+                .consumer_delivery(consumer.no_ack, entry.redelivered);
             // A replicated queue's delivery past the committed horizon
             // waits for a larger one to commit.
             let replicated = entry.pos.is_none() && self.is_replicated();
@@ -1114,10 +1112,7 @@ impl Queue {
                     if !no_ack {
                         count_unacked(&mut s, e);
                     }
-                    self.counters.got(no_ack);
-                    if e.redelivered {
-                        crate::broker::Counters::add(&self.counters.redelivered, 1);
-                    }
+                    self.counters.got(no_ack, e.redelivered);
                     self.handed_out(e, no_ack, &mut fx);
                 }
                 None => crate::broker::Counters::add(&self.counters.get_empty, 1),

@@ -67,6 +67,9 @@ pub struct VHost {
     pub operator_policies: crate::broker::policy::Policies,
     /// The firehose tracer is on ([`crate::broker::firehose`]): not stored.
     tracing: AtomicBool,
+    /// Message counters of this vhost's channels (the broker's, per vhost:
+    /// the API's `message_stats` of the vhost).
+    pub counters: crate::broker::Counters,
     /// Description, tags and default queue type (stored with the vhost's record).
     meta: RwLock<VHostMeta>,
     /// The broker's count of queues declared, created and deleted (set by
@@ -177,6 +180,7 @@ impl VHost {
             operator_policies,
             limit_values: Default::default(),
             tracing: AtomicBool::new(false),
+            counters: crate::broker::Counters::default(),
             meta: RwLock::new(VHostMeta::default()),
             churn: std::sync::OnceLock::new(),
             self_deletions: std::sync::OnceLock::new(),
