@@ -43,6 +43,13 @@ pub struct Config {
     pub vm_memory_high_watermark: f64,
     /// The same as an absolute number of bytes; overrides the fraction when non-zero.
     pub memory_high_watermark_bytes: u64,
+    /// Free bytes on the data directory's file system below which publishers
+    /// are blocked (the disk alarm; RabbitMQ's `disk_free_limit.absolute`,
+    /// default 50 MB; 0: no alarm).
+    pub disk_free_limit: u64,
+    /// The same as a multiple of physical memory; overrides the bytes when
+    /// above 0 (RabbitMQ's `disk_free_limit.relative`).
+    pub disk_free_limit_relative: f64,
     /// Seconds a client has to complete the handshake.
     pub handshake_timeout_secs: u64,
     /// The user created on first start.
@@ -512,6 +519,8 @@ impl Default for Config {
             store_cache_size: 256 * 1024 * 1024,
             vm_memory_high_watermark: 0.4,
             memory_high_watermark_bytes: 0,
+            disk_free_limit: 50_000_000,
+            disk_free_limit_relative: 0.0,
             default_user: "guest".into(),
             default_pass: "guest".into(),
             default_user_loopback_only: true,

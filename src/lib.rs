@@ -236,6 +236,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         admin::Addrs::default()
     };
     let ticker = Arc::downgrade(&broker);
+    let data_dir = config.data_dir.clone();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(std::time::Duration::from_millis(20));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -249,6 +250,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
             ticks = ticks.wrapping_add(1);
             if ticks.is_multiple_of(10) {
                 broker.check_memory();
+                broker.check_disk(broker::memory::disk_free(&data_dir));
             }
         }
     });

@@ -106,3 +106,181 @@ async fn publishers_are_blocked_above_the_watermark() {
     held.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// GET `path` on the admin API at `admin` as guest: (status, JSON body).
+fn api(admin: std::net::SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let r = match ureq::get(&format!("http://{admin}{path}"))
+        .set("authorization", "Basic Z3Vlc3Q6Z3Vlc3Q=")
+        .call()
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{path}: {e}"),
+    };
+    let status = r.status();
+    let text = r.into_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
+/// RabbitMQ's disk alarm: with less free space on the data directory's file
+/// system than `disk_free_limit`, publishing connections (AMQP 0-9-1 and
+/// Stream) get blocked and are not read from, the alarm health check fails
+/// naming `disk`, and `/api/nodes` and `/metrics` show it; a limit under the
+/// free space clears it and what was held goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disk_alarm_blocks_publishers_while_free_space_is_below_the_limit() {
+    let dir = std::env::temp_dir().join(format!("warren-disk-alarm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let broker = warren::start(warren::Config::for_tests(&dir))
+        .await
+        .expect("start");
+    let core = std::sync::Arc::clone(&broker.server.broker);
+    let admin = broker.admin_addr().expect("admin listener");
+    let uri = format!("amqp://guest:guest@{}/%2f", broker.amqp_addr());
+    let publisher = Connection::connect(&uri, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let pch = publisher.create_channel().await.unwrap();
+    let observer = Connection::connect(&uri, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let och = observer.create_channel().await.unwrap();
+    let q = "diskq";
+    och.queue_declare(q, QueueDeclareOptions::default(), FieldTable::default())
+        .await
+        .unwrap();
+    let count = |ch: lapin::Channel| async move {
+        ch.queue_declare(
+            q,
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+    };
+    pch.basic_publish(
+        "",
+        q,
+        BasicPublishOptions::default(),
+        b"1",
+        BasicProperties::default(),
+    )
+    .await
+    .unwrap();
+    let env = rabbitmq_stream_client::Environment::builder()
+        .host("127.0.0.1")
+        .port(broker.stream_addr().expect("stream listener").port())
+        .build()
+        .await
+        .expect("stream environment");
+    env.stream_creator()
+        .create("disk-s")
+        .await
+        .expect("create stream");
+    // Kept here (a task's send holds a handle): the last handle's drop
+    // closes the producer, which is not what the task should wait for.
+    let producer = env.producer().build("disk-s").await.expect("producer");
+    producer
+        .send_with_confirm(
+            rabbitmq_stream_client::types::Message::builder()
+                .body("s1")
+                .build(),
+        )
+        .await
+        .expect("confirmed before the alarm");
+    wait_for("the node's free space measured", || {
+        core.disk_free().is_some()
+    })
+    .await;
+    let (status, _) = api(admin, "/api/health/checks/alarms");
+    assert_eq!(status, 200, "no alarm yet");
+    assert_eq!(api(admin, "/api/nodes").1[0]["disk_free_alarm"], false);
+
+    // More than any disk has free.
+    core.set_disk_free_limit(u64::MAX);
+    assert!(
+        core.disk_alarm(),
+        "set at once against the last free space measured"
+    );
+    wait_for("connection.blocked", || publisher.status().blocked()).await;
+    let (status, body) = api(admin, "/api/health/checks/alarms");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["alarms"][0]["resource"], "disk", "{body}");
+    assert_eq!(api(admin, "/api/health/checks/local-alarms").0, 503);
+    let node = &api(admin, "/api/nodes").1[0];
+    assert_eq!(node["disk_free_alarm"], true, "{node}");
+    assert_eq!(node["mem_alarm"], false, "{node}");
+    assert_eq!(node["disk_free_limit"], u64::MAX, "{node}");
+    let metrics = ureq::get(&format!("http://{admin}/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .unwrap_or_default();
+    assert!(
+        metrics.contains("\nrabbitmq_alarms_free_disk_space_watermark 1\n"),
+        "{metrics}"
+    );
+    let held = tokio::spawn(async move {
+        pch.basic_publish(
+            "",
+            q,
+            BasicPublishOptions::default(),
+            b"2",
+            BasicProperties::default(),
+        )
+        .await
+        .map(|_| ())
+    });
+    let sender = producer.clone();
+    let stream_held = tokio::spawn(async move {
+        sender
+            .send_with_confirm(
+                rabbitmq_stream_client::types::Message::builder()
+                    .body("s2")
+                    .build(),
+            )
+            .await
+            .map(|c| c.confirmed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        count(och.clone()).await,
+        1,
+        "a blocked publisher is not read from"
+    );
+    assert!(
+        !stream_held.is_finished(),
+        "a blocked stream publisher is not read from"
+    );
+    assert!(
+        !observer.status().blocked(),
+        "non-publishers are not blocked"
+    );
+
+    core.set_disk_free_limit(0);
+    assert!(!core.disk_alarm());
+    wait_for("connection.unblocked", || !publisher.status().blocked()).await;
+    assert_eq!(api(admin, "/api/health/checks/alarms").0, 200);
+    for _ in 0..50 {
+        if count(och.clone()).await == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(och.clone()).await, 2, "the held publish goes through");
+    held.await.unwrap().unwrap();
+    let confirmed = tokio::time::timeout(Duration::from_secs(10), stream_held)
+        .await
+        .expect("the held stream publish is answered")
+        .unwrap();
+    assert!(
+        confirmed.expect("confirm"),
+        "the held stream publish is confirmed"
+    );
+    producer.close().await.expect("producer closed");
+    let _ = std::fs::remove_dir_all(&dir);
+}

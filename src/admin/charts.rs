@@ -101,7 +101,9 @@ pub fn snapshot(broker: &Broker, data_dir: Option<&std::path::Path>, now: u64) -
         ack: Counters::get(&c.acked) as u32,
         redeliver: Counters::get(&c.redelivered) as u32,
         mem_used: super::metrics::resident_memory().unwrap_or(0),
-        disk_free: data_dir.and_then(disk_free).unwrap_or(0),
+        disk_free: data_dir
+            .and_then(crate::broker::memory::disk_free)
+            .unwrap_or(0),
         connections: connections.len() as u32,
         channels: connections
             .iter()
@@ -130,22 +132,6 @@ pub fn fd_total() -> Option<u64> {
     let lim = unsafe { lim.assume_init() };
     // RLIM_INFINITY and other huge values as the largest a client expects.
     Some(lim.rlim_cur.min(u64::from(u32::MAX)))
-}
-
-/// Bytes free for unprivileged users on the file system holding `path`.
-pub fn disk_free(path: &std::path::Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    // SAFETY: `c` is a NUL-terminated path and `st` is writable memory of the
-    // right type; statvfs only writes into it, and we read it only on success.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
-    if rc != 0 {
-        return None;
-    }
-    // SAFETY: statvfs returned 0, so it filled `st`.
-    let st = unsafe { st.assume_init() };
-    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// RabbitMQ's range parameters `{prefix}_age` and `{prefix}_incr` (seconds), in ms.
@@ -580,11 +566,5 @@ mod tests {
         assert_eq!(d["samples"][0]["sample"], 30.0);
         assert_eq!(d["samples"][0]["timestamp"], 10_000);
         assert_eq!(last_rate(&[(10_000, 30.0), (5_000, 20.0)]), 2.0);
-    }
-
-    #[test]
-    fn disk_free_of_the_temp_dir() {
-        assert!(disk_free(&std::env::temp_dir()).is_some_and(|b| b > 0));
-        assert_eq!(disk_free(std::path::Path::new("/no/such/dir")), None);
     }
 }

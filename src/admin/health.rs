@@ -248,18 +248,25 @@ pub async fn legacy_node(
     node: Option<Path<String>>,
 ) -> ApiResult<Response> {
     let name = node.map(|Path(n)| n).unwrap_or_else(|| this_node(&s));
-    let alarm = if name == this_node(&s) {
-        s.broker.memory_alarm()
+    let alarms: Vec<&str> = if name == this_node(&s) {
+        s.broker.alarms().resources()
     } else {
         match super::cluster::member_stats(&s, &name).await? {
-            Some(a) => a["node"]["mem_alarm"].as_bool().unwrap_or(false),
+            Some(a) => [("mem_alarm", "memory"), ("disk_free_alarm", "disk")]
+                .into_iter()
+                .filter(|(field, _)| a["node"][field] == true)
+                .map(|(_, resource)| resource)
+                .collect(),
             None => return Ok(failed(&format!("node {name} is not reachable"), json!({}))),
         }
     };
-    Ok(if alarm {
-        failed("resource alarm(s) in effect: [memory]", json!({}))
-    } else {
+    Ok(if alarms.is_empty() {
         ok(json!({}))
+    } else {
+        failed(
+            &format!("resource alarm(s) in effect: [{}]", alarms.join(",")),
+            json!({}),
+        )
     })
 }
 

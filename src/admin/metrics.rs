@@ -547,6 +547,13 @@ pub fn render(broker: &Broker) -> String {
         "is set to 1 when the memory alarm is in effect",
         u64::from(broker.memory_alarm()),
     );
+    metric(
+        &mut out,
+        "rabbitmq_alarms_free_disk_space_watermark",
+        "gauge",
+        "is set to 1 when the free disk space alarm is in effect",
+        u64::from(broker.disk_alarm()),
+    );
     if let Some(rss) = resident_memory() {
         metric(
             &mut out,

@@ -510,7 +510,10 @@ fn routes(state: AdminState) -> Router {
             axum::routing::post(overview::reload_tls),
         )
         .route("/api/health/checks/alarms", get(overview::alarms))
-        .route("/api/health/checks/local-alarms", get(overview::alarms))
+        .route(
+            "/api/health/checks/local-alarms",
+            get(overview::local_alarms),
+        )
         .route(
             "/api/health/checks/port-listener/:port",
             get(health::port_listener),

@@ -143,14 +143,15 @@ pub fn node_figures(s: &AdminState) -> Value {
     let disk_free = s
         .data_dir
         .as_deref()
-        .and_then(super::charts::disk_free)
+        .and_then(crate::broker::memory::disk_free)
         .unwrap_or(0);
     let mut figures = json!({
         "mem_used": resident_memory().unwrap_or(0),
         "mem_alarm": s.broker.memory_alarm(),
         "mem_limit": s.broker.memory_watermark(),
-        "disk_free_alarm": false,
+        "disk_free_alarm": s.broker.disk_alarm(),
         "disk_free": disk_free,
+        "disk_free_limit": s.broker.disk_free_limit(),
         "uptime": now_ms().saturating_sub(s.started_at),
         "processors": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "fd_used": super::charts::fd_used(),
@@ -389,23 +390,65 @@ pub async fn reload_tls(
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
-/// 200 when no resource alarm is in effect, 503 listing them otherwise (RabbitMQ's
-/// shape). warren's only alarm is the memory alarm.
-pub async fn alarms(State(s): State<AdminState>, _caller: Caller) -> axum::response::Response {
+/// The resource alarms in effect on this node, as the alarm checks list them.
+fn local_alarm_list(s: &AdminState) -> Vec<Value> {
+    let node = this_node(s);
+    s.broker
+        .alarms()
+        .resources()
+        .into_iter()
+        .map(|r| json!({"node": node, "resource": r}))
+        .collect()
+}
+
+/// 200 when none of `alarms` is in effect, 503 listing them otherwise
+/// (RabbitMQ's shape; `place`: "the cluster" or "this node").
+fn alarms_answer(alarms: Vec<Value>, place: &str) -> axum::response::Response {
     use axum::response::IntoResponse;
-    if s.broker.memory_alarm() {
-        (
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "failed",
-                "reason": "There are alarms in effect in the cluster",
-                "alarms": [{"node": this_node(&s), "resource": "memory"}],
-            })),
-        )
-            .into_response()
-    } else {
-        Json(json!({"status": "ok"})).into_response()
+    if alarms.is_empty() {
+        return Json(json!({"status": "ok"})).into_response();
     }
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({
+            "status": "failed",
+            "reason": format!("There are alarms in effect in {place}"),
+            "alarms": alarms,
+        })),
+    )
+        .into_response()
+}
+
+/// `GET /api/health/checks/alarms`: the memory and disk alarms of every
+/// running member of the cluster (each other member asked over the
+/// cluster port; one that does not answer adds none).
+pub async fn alarms(State(s): State<AdminState>, _caller: Caller) -> axum::response::Response {
+    let mut list = local_alarm_list(&s);
+    if let Some(c) = &s.cluster {
+        let me = this_node(&s);
+        for m in c.members() {
+            if !m.running || m.name == me {
+                continue;
+            }
+            let Some(stats) = c.stats_of(&m.name, &json!({})).await else {
+                continue;
+            };
+            for (field, resource) in [("mem_alarm", "memory"), ("disk_free_alarm", "disk")] {
+                if stats["node"][field] == true {
+                    list.push(json!({"node": m.name, "resource": resource}));
+                }
+            }
+        }
+    }
+    alarms_answer(list, "the cluster")
+}
+
+/// `GET /api/health/checks/local-alarms`: this node's alarms only.
+pub async fn local_alarms(
+    State(s): State<AdminState>,
+    _caller: Caller,
+) -> axum::response::Response {
+    alarms_answer(local_alarm_list(&s), "this node")
 }
 
 /// Declare `aliveness-test`, publish to it and get the message back, as RabbitMQ does.

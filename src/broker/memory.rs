@@ -1,4 +1,5 @@
-//! Process memory as the memory alarm sees it: resident size and the watermark.
+//! Process memory as the memory alarm sees it: resident size and the
+//! watermark; and the disk alarm's limit.
 
 use crate::config::Config;
 
@@ -30,4 +31,41 @@ pub fn watermark_bytes(config: &Config) -> u64 {
         return config.memory_high_watermark_bytes;
     }
     (total_bytes() as f64 * config.vm_memory_high_watermark.clamp(0.0, 1.0)) as u64
+}
+
+/// The disk alarm's limit from the configuration: `disk_free_limit_relative`
+/// times physical memory when set, else `disk_free_limit` bytes (RabbitMQ's
+/// `disk_free_limit.relative` / `.absolute`, default 50 MB).
+pub fn disk_limit_bytes(config: &Config) -> u64 {
+    if config.disk_free_limit_relative > 0.0 {
+        return (total_bytes() as f64 * config.disk_free_limit_relative) as u64;
+    }
+    config.disk_free_limit
+}
+
+/// Bytes free for unprivileged users on the file system holding `path`.
+pub fn disk_free(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path and `st` is writable memory of the
+    // right type; statvfs only writes into it, and we read it only on success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_free_of_the_temp_dir() {
+        assert!(disk_free(&std::env::temp_dir()).is_some_and(|b| b > 0));
+        assert_eq!(disk_free(std::path::Path::new("/no/such/dir")), None);
+    }
 }

@@ -31,6 +31,35 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 pub use vhost::VHost;
 
+/// The resource alarms in effect, as RabbitMQ names them (`memory`: the
+/// process above its memory high watermark; `disk`: free disk space below
+/// `disk_free_limit`). While any is on, publishing connections are blocked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Alarms {
+    pub memory: bool,
+    pub disk: bool,
+}
+
+impl Alarms {
+    /// The resources in alarm (RabbitMQ's names).
+    pub fn resources(self) -> Vec<&'static str> {
+        [("memory", self.memory), ("disk", self.disk)]
+            .into_iter()
+            .filter_map(|(r, on)| on.then_some(r))
+            .collect()
+    }
+
+    /// The reason connection.blocked gives (None: no alarm), RabbitMQ's.
+    pub fn blocked_reason(self) -> Option<&'static str> {
+        match (self.memory, self.disk) {
+            (false, false) => None,
+            (true, false) => Some("low on memory"),
+            (false, true) => Some("low on disk"),
+            (true, true) => Some("low on memory & low on disk"),
+        }
+    }
+}
+
 /// Message counters (monotonic totals); rates are derived by whoever samples them.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -384,10 +413,15 @@ pub struct Broker {
     pub streams: Option<crate::storage::stream::StreamStore>,
     /// Resident message bytes in all queues, and the paging limit.
     pub budget: Arc<message::MemoryBudget>,
-    /// The memory alarm: true while the process is above its high watermark.
-    alarm: tokio::sync::watch::Sender<bool>,
+    /// The resource alarms in effect ([`Alarms`]).
+    alarm: tokio::sync::watch::Sender<Alarms>,
     /// The high watermark in bytes (0: no alarm).
     watermark: AtomicU64,
+    /// The disk alarm's limit: free bytes on the data directory's file
+    /// system below this raise it (0: no alarm).
+    disk_limit: AtomicU64,
+    /// Free bytes there at the last check (`u64::MAX`: not measured).
+    disk_free: AtomicU64,
     /// What each vhost may hold (given to it at creation).
     vhost_limits: crate::config::VHostLimits,
     /// Serialises channel admissions of users with a `max-channels` limit.
@@ -495,8 +529,10 @@ impl Broker {
             store,
             streams,
             budget: message::MemoryBudget::new(config.message_memory_limit as usize),
-            alarm: tokio::sync::watch::channel(false).0,
+            alarm: tokio::sync::watch::channel(Alarms::default()).0,
             watermark: AtomicU64::new(memory::watermark_bytes(config)),
+            disk_limit: AtomicU64::new(memory::disk_limit_bytes(config)),
+            disk_free: AtomicU64::new(u64::MAX),
             vhosts: RwLock::new(HashMap::new()),
             auth: auth::Auth::default(),
             next_connection_id: AtomicU64::new(1),
@@ -602,12 +638,76 @@ impl Broker {
 
     /// Whether the memory alarm is on (publishers blocked).
     pub fn memory_alarm(&self) -> bool {
+        self.alarm.borrow().memory
+    }
+
+    /// Whether the disk alarm is on (publishers blocked).
+    pub fn disk_alarm(&self) -> bool {
+        self.alarm.borrow().disk
+    }
+
+    /// The alarms in effect.
+    pub fn alarms(&self) -> Alarms {
         *self.alarm.borrow()
     }
 
-    /// Follow the memory alarm (connections block publishers while it is on).
-    pub fn watch_alarm(&self) -> tokio::sync::watch::Receiver<bool> {
+    /// Follow the alarms (connections block publishers while any is on).
+    pub fn watch_alarm(&self) -> tokio::sync::watch::Receiver<Alarms> {
         self.alarm.subscribe()
+    }
+
+    /// Set one alarm on or off, logging the change.
+    fn set_alarm(&self, which: fn(&mut Alarms) -> &mut bool, on: bool, what: &str) {
+        self.alarm.send_if_modified(|cur| {
+            let flag = which(cur);
+            if *flag == on {
+                return false;
+            }
+            *flag = on;
+            if on {
+                tracing::warn!("{what} alarm set: blocking publishers");
+            } else {
+                tracing::info!("{what} alarm cleared");
+            }
+            true
+        });
+    }
+
+    /// The disk alarm's limit in bytes of free space (0: none).
+    pub fn disk_free_limit(&self) -> u64 {
+        self.disk_limit.load(Ordering::Relaxed)
+    }
+
+    /// A new disk limit (RabbitMQ's `rabbitmqctl set_disk_free_limit`),
+    /// checked at once against the last free space measured.
+    pub fn set_disk_free_limit(&self, bytes: u64) {
+        self.disk_limit.store(bytes, Ordering::Relaxed);
+        let free = self.disk_free.load(Ordering::Relaxed);
+        self.check_disk((free != u64::MAX).then_some(free));
+    }
+
+    /// Free bytes on the data directory's file system at the last check.
+    pub fn disk_free(&self) -> Option<u64> {
+        let free = self.disk_free.load(Ordering::Relaxed);
+        (free != u64::MAX).then_some(free)
+    }
+
+    /// The data directory's file system has `free` bytes free (None: not
+    /// known): below the limit the disk alarm goes on, at or above it off
+    /// (RabbitMQ's `disk_free_limit`).
+    pub fn check_disk(&self, free: Option<u64>) {
+        self.disk_free
+            .store(free.unwrap_or(u64::MAX), Ordering::Relaxed);
+        let limit = self.disk_free_limit();
+        let on = free.is_some_and(|f| f < limit);
+        if on != self.disk_alarm() {
+            tracing::info!(
+                free,
+                limit,
+                "free disk space against the disk alarm's limit"
+            );
+        }
+        self.set_alarm(|a| &mut a.disk, on, "disk");
     }
 
     /// The memory high watermark in bytes (0: none).
@@ -624,23 +724,14 @@ impl Broker {
         let limit = self.memory_watermark();
         let rss = memory::resident_bytes();
         let on = limit != 0 && rss > limit;
-        self.alarm.send_if_modified(|cur| {
-            if *cur != on {
-                if on {
-                    tracing::warn!(
-                        rss,
-                        limit,
-                        "memory high watermark reached: blocking publishers"
-                    );
-                } else {
-                    tracing::info!(rss, limit, "memory alarm cleared: publishers unblocked");
-                }
-                *cur = on;
-                true
-            } else {
-                false
-            }
-        });
+        if on != self.memory_alarm() {
+            tracing::info!(
+                rss,
+                limit,
+                "resident memory against the memory high watermark"
+            );
+        }
+        self.set_alarm(|a| &mut a.memory, on, "memory");
     }
 
     /// A fresh id for a connection (used for exclusive ownership and consumers).
@@ -866,6 +957,42 @@ mod tests {
         assert_eq!(s.octets(), (128, 7));
         assert_eq!(s.recv_cnt.load(Ordering::Relaxed), 2);
         assert_eq!(s.send_cnt.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn the_disk_alarm_follows_free_space_against_its_limit() {
+        let b = Broker::new(&crate::config::Config {
+            disk_free_limit: 1000,
+            ..Default::default()
+        });
+        let mut seen = b.watch_alarm();
+        b.check_disk(Some(1000));
+        assert!(!b.disk_alarm(), "at the limit: no alarm");
+        b.check_disk(Some(999));
+        assert!(b.disk_alarm());
+        assert!(seen.has_changed().unwrap_or(false));
+        assert_eq!(
+            seen.borrow_and_update().blocked_reason(),
+            Some("low on disk")
+        );
+        assert!(!b.memory_alarm());
+        // Not measured: no alarm; a new limit is checked against the last
+        // measure at once.
+        b.check_disk(None);
+        assert!(!b.disk_alarm());
+        assert_eq!(b.disk_free(), None);
+        b.check_disk(Some(5000));
+        b.set_disk_free_limit(6000);
+        assert!(b.disk_alarm());
+        b.set_disk_free_limit(0);
+        assert!(!b.disk_alarm(), "0: no alarm");
+        let both = Alarms {
+            memory: true,
+            disk: true,
+        };
+        assert_eq!(both.resources(), vec!["memory", "disk"]);
+        assert_eq!(both.blocked_reason(), Some("low on memory & low on disk"));
+        assert_eq!(Alarms::default().blocked_reason(), None);
     }
 }
 

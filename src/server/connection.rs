@@ -298,7 +298,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                     if changed.is_err() {
                         alarm_open = false;
                     } else {
-                        let on = *alarm.borrow_and_update();
+                        let on = alarm.borrow_and_update().blocked_reason();
                         self.session.set_alarm(on, Instant::now());
                     }
                 }
@@ -875,7 +875,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             limits: self.config.limits(),
             token: self.grant.clone(),
         });
-        let alarm = *self.broker.watch_alarm().borrow();
+        let alarm = self.broker.alarms().blocked_reason();
         self.session.set_alarm(alarm, now);
     }
 

@@ -562,6 +562,9 @@ async fn serve<S: Sink>(
     // Back-pressure: past the stream store's write buffer limit, no input is
     // read until the flusher catches up.
     let streams = broker.streams.clone();
+    // A resource alarm blocks publishing connections (no input read).
+    let mut alarm = broker.watch_alarm();
+    let mut alarm_open = true;
     let mut session = StreamSession::new(
         broker,
         settings,
@@ -631,14 +634,20 @@ async fn serve<S: Sink>(
         if rbuf.capacity() - rbuf.len() < 16 * 1024 {
             rbuf.reserve(64 * 1024);
         }
-        let full = streams.as_ref().is_some_and(|s| !s.has_room())
+        let blocked = alarm.borrow().blocked_reason().is_some() && session.is_publishing();
+        let full = blocked
+            || streams.as_ref().is_some_and(|s| !s.has_room())
             || session.forwards_in_flight() >= MAX_FORWARDS;
+        session.set_input_paused(full, clock::now_ms());
         tokio::select! {
+            changed = alarm.changed(), if alarm_open => {
+                alarm_open = changed.is_ok();
+            }
             _ = async {
                 if let Some(s) = &streams {
                     s.ready().await
                 }
-            }, if full => {}
+            }, if full && !blocked => {}
             r = sock.read_buf(&mut rbuf), if !full => match r {
                 Ok(0) => {
                     session.handle_eof();

@@ -113,8 +113,8 @@ pub struct Session<T> {
     pub(super) auth_close: bool,
     /// The client published at least once (only publishers get blocked).
     pub(super) published: bool,
-    /// The memory alarm is on.
-    pub(super) alarm: bool,
+    /// A resource alarm is on: connection.blocked's reason.
+    pub(super) alarm: Option<&'static str>,
     /// We told the client it is blocked.
     pub(super) blocked_sent: bool,
     /// The caller stopped reading (output back-pressure).
@@ -178,7 +178,7 @@ impl<T: Default> Session<T> {
             blocked_cap: false,
             auth_close: false,
             published: false,
-            alarm: false,
+            alarm: None,
             blocked_sent: false,
             backpressure: false,
             store_full: false,
@@ -456,8 +456,8 @@ impl<T: Default> Session<T> {
 
     /// The memory alarm went on or off: publishers stop being read, and clients
     /// that understand it get connection.blocked / unblocked.
-    pub fn set_alarm(&mut self, on: bool, now: Instant) {
-        self.alarm = on;
+    pub fn set_alarm(&mut self, reason: Option<&'static str>, now: Instant) {
+        self.alarm = reason;
         self.update_blocked(now);
     }
 
@@ -479,7 +479,7 @@ impl<T: Default> Session<T> {
     /// True while input must not be read (back-pressure or a blocked publisher).
     pub fn reading_paused(&self) -> bool {
         self.state == State::Running
-            && (self.backpressure || self.store_full || (self.alarm && self.published))
+            && (self.backpressure || self.store_full || (self.alarm.is_some() && self.published))
     }
 
     // ---- state for the caller -------------------------------------------------
@@ -560,16 +560,18 @@ impl<T: Default> Session<T> {
         if self.state != State::Running {
             return;
         }
-        if self.alarm && self.published && !self.blocked_sent && self.blocked_cap {
-            self.out.method(
-                0,
-                &ConnectionBlocked {
-                    reason: "low on memory".into(),
-                }
-                .into(),
-            );
-            self.blocked_sent = true;
-        } else if !self.alarm && self.blocked_sent {
+        if let Some(reason) = self.alarm.filter(|_| self.published) {
+            if !self.blocked_sent && self.blocked_cap {
+                self.out.method(
+                    0,
+                    &ConnectionBlocked {
+                        reason: reason.into(),
+                    }
+                    .into(),
+                );
+                self.blocked_sent = true;
+            }
+        } else if self.alarm.is_none() && self.blocked_sent {
             self.out.method(0, &ConnectionUnblocked::default().into());
             self.blocked_sent = false;
         }

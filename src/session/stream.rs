@@ -528,6 +528,9 @@ pub struct StreamSession {
     now_ms: u64,
     publishers: HashMap<u8, Publisher>,
     subscriptions: HashMap<u8, Subscription>,
+    /// The caller does not read input ([`StreamSession::set_input_paused`]):
+    /// the peer's silence is not held against it.
+    input_paused: bool,
     watch_changed: bool,
     /// A subscription that became active while subscribing.
     pending_activation: Option<u8>,
@@ -631,6 +634,7 @@ impl StreamSession {
             next_check_ms: now_ms + CHECK_INTERVAL_MS,
             now_ms,
             publishers: HashMap::new(),
+            input_paused: false,
             subscriptions: HashMap::new(),
             watch_changed: false,
             sac_tx,
@@ -820,6 +824,32 @@ impl StreamSession {
             .unwrap_or(u64::MAX)
     }
 
+    /// When the peer's silence closes the connection (two heartbeat
+    /// intervals without input), never while input is paused.
+    fn silence_limit_ms(&self) -> u64 {
+        if self.input_paused {
+            u64::MAX
+        } else {
+            self.last_recv_ms + 2 * self.heartbeat_ms
+        }
+    }
+
+    /// The caller stops (or resumes) reading input at `now_ms`: a full
+    /// stream store, or a resource alarm while this connection publishes.
+    /// Its silence meanwhile is not the peer's: the heartbeat count starts
+    /// again when reading resumes.
+    pub fn set_input_paused(&mut self, on: bool, now_ms: u64) {
+        if self.input_paused && !on {
+            self.last_recv_ms = self.last_recv_ms.max(now_ms);
+        }
+        self.input_paused = on;
+    }
+
+    /// The connection has declared publishers (a resource alarm blocks it).
+    pub fn is_publishing(&self) -> bool {
+        !self.publishers.is_empty()
+    }
+
     /// When `handle_timeout` is next due.
     pub fn poll_timeout(&self) -> Option<u64> {
         match self.state {
@@ -827,7 +857,7 @@ impl StreamSession {
             State::Closing => Some(self.closing_deadline_ms),
             State::Running if self.heartbeat_ms > 0 => Some(
                 (self.last_send_ms + self.heartbeat_ms)
-                    .min(self.last_recv_ms + 2 * self.heartbeat_ms)
+                    .min(self.silence_limit_ms())
                     .min(self.next_check_ms)
                     .min(self.first_delivery_due()),
             ),
@@ -846,7 +876,7 @@ impl StreamSession {
                 }
             }
             State::Running => {
-                if self.heartbeat_ms > 0 && now_ms >= self.last_recv_ms + 2 * self.heartbeat_ms {
+                if self.heartbeat_ms > 0 && now_ms >= self.silence_limit_ms() {
                     self.close_reason = Some("missed heartbeats from client".into());
                     self.state = State::Closed;
                     return;

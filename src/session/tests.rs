@@ -811,7 +811,7 @@ fn blocked_and_unblocked() {
     let mut s = running(t0, &["connection.blocked"], 0);
     open_channel(&mut s, 1, t0);
     // Not a publisher yet: not blocked.
-    s.set_alarm(true, t0);
+    s.set_alarm(Some("low on disk"), t0);
     assert!(sent(&mut s, t0).is_empty());
     assert!(!s.reading_paused());
     publish_one(&mut s, 1, b"m", t0);
@@ -820,7 +820,7 @@ fn blocked_and_unblocked() {
         vec![Frame::Method {
             channel: 0,
             method: ConnectionBlocked {
-                reason: "low on memory".into()
+                reason: "low on disk".into()
             }
             .into()
         }]
@@ -829,7 +829,7 @@ fn blocked_and_unblocked() {
     // Input waits while blocked.
     s.handle_input(&publish(1), t0);
     assert!(events(&mut s, t0).is_empty());
-    s.set_alarm(false, t0);
+    s.set_alarm(None, t0);
     assert_eq!(
         sent_frames(&mut s, t0),
         vec![Frame::Method {
@@ -842,7 +842,7 @@ fn blocked_and_unblocked() {
     let mut s = running(t0, &[], 0);
     open_channel(&mut s, 1, t0);
     publish_one(&mut s, 1, b"m", t0);
-    s.set_alarm(true, t0);
+    s.set_alarm(Some("low on memory"), t0);
     assert!(s.reading_paused());
     assert!(sent(&mut s, t0).is_empty());
 }
