@@ -234,3 +234,72 @@ async fn a_lone_node_joins_by_cli() {
     })
     .await;
 }
+
+/// RabbitMQ's alarms are cluster-wide: a node whose free disk space is
+/// under its `disk_free_limit` blocks the publishers of every node (they
+/// get connection.blocked and are not read from); the alarms health check
+/// of any node names it, the local one only on that node; once the node
+/// has room again (restarted with a lower limit) the others unblock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_alarm_on_one_node_blocks_the_publishers_of_every_node() {
+    let (a, b, mut c) = three_nodes("diskalarm").await;
+    let conn = a.connect().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_declare(
+        "alarmed",
+        QueueDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .expect("declare");
+    ch.basic_publish(
+        "",
+        "alarmed",
+        BasicPublishOptions::default(),
+        b"before",
+        Default::default(),
+    )
+    .await
+    .expect("publish");
+    assert_eq!(a.get("/api/health/checks/alarms").0, 200);
+
+    // C comes back with more than any disk has free as its limit.
+    c.stop();
+    c.extra = "disk_free_limit = 1000000000000000\n".into();
+    c.start().await;
+    eventually("connection.blocked on A", Duration::from_secs(20), || {
+        conn.status().blocked()
+    })
+    .await;
+    let (status, body) = a.get("/api/health/checks/alarms");
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["alarms"][0]["node"], c.name(), "{body}");
+    assert_eq!(body["alarms"][0]["resource"], "disk", "{body}");
+    assert_eq!(
+        a.get("/api/health/checks/local-alarms").0,
+        200,
+        "A has none"
+    );
+    assert_eq!(c.get("/api/health/checks/local-alarms").0, 503);
+    let nodes = b.get("/api/nodes").1;
+    let of = |name: String| {
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == name.as_str())
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(of(c.name())["disk_free_alarm"], true, "{nodes}");
+    assert_eq!(of(a.name())["disk_free_alarm"], false, "{nodes}");
+
+    c.stop();
+    c.extra.clear();
+    c.start().await;
+    eventually("connection.unblocked on A", Duration::from_secs(20), || {
+        !conn.status().blocked()
+    })
+    .await;
+    assert_eq!(a.get("/api/health/checks/alarms").0, 200);
+}

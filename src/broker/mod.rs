@@ -33,8 +33,10 @@ pub use vhost::VHost;
 
 /// The resource alarms in effect, as RabbitMQ names them (`memory`: the
 /// process above its memory high watermark; `disk`: free disk space below
-/// `disk_free_limit`). While any is on, publishing connections are blocked.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// `disk_free_limit`). While any is on, on this node or on another running
+/// member of its cluster (RabbitMQ's alarms are cluster-wide), publishing
+/// connections are blocked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Alarms {
     pub memory: bool,
     pub disk: bool,
@@ -47,6 +49,14 @@ impl Alarms {
             .into_iter()
             .filter_map(|(r, on)| on.then_some(r))
             .collect()
+    }
+
+    /// Either's alarms.
+    pub fn or(self, other: Alarms) -> Alarms {
+        Alarms {
+            memory: self.memory || other.memory,
+            disk: self.disk || other.disk,
+        }
     }
 
     /// The reason connection.blocked gives (None: no alarm), RabbitMQ's.
@@ -413,8 +423,12 @@ pub struct Broker {
     pub streams: Option<crate::storage::stream::StreamStore>,
     /// Resident message bytes in all queues, and the paging limit.
     pub budget: Arc<message::MemoryBudget>,
-    /// The resource alarms in effect ([`Alarms`]).
+    /// The resource alarms in effect ([`Alarms`]): this node's and those
+    /// of the other running members of its cluster.
     alarm: tokio::sync::watch::Sender<Alarms>,
+    /// This node's own alarms, and the other members' (from the cluster's
+    /// pings).
+    alarms: parking_lot::Mutex<(Alarms, Alarms)>,
     /// The high watermark in bytes (0: no alarm).
     watermark: AtomicU64,
     /// The disk alarm's limit: free bytes on the data directory's file
@@ -530,6 +544,7 @@ impl Broker {
             streams,
             budget: message::MemoryBudget::new(config.message_memory_limit as usize),
             alarm: tokio::sync::watch::channel(Alarms::default()).0,
+            alarms: parking_lot::Mutex::new(Default::default()),
             watermark: AtomicU64::new(memory::watermark_bytes(config)),
             disk_limit: AtomicU64::new(memory::disk_limit_bytes(config)),
             disk_free: AtomicU64::new(u64::MAX),
@@ -636,41 +651,67 @@ impl Broker {
         }
     }
 
-    /// Whether the memory alarm is on (publishers blocked).
+    /// Whether this node's memory alarm is on.
     pub fn memory_alarm(&self) -> bool {
-        self.alarm.borrow().memory
+        self.alarms.lock().0.memory
     }
 
-    /// Whether the disk alarm is on (publishers blocked).
+    /// Whether this node's disk alarm is on.
     pub fn disk_alarm(&self) -> bool {
-        self.alarm.borrow().disk
+        self.alarms.lock().0.disk
     }
 
-    /// The alarms in effect.
+    /// This node's own alarms.
     pub fn alarms(&self) -> Alarms {
+        self.alarms.lock().0
+    }
+
+    /// The alarms that block this node's publishers: its own and the other
+    /// running members'.
+    pub fn alarms_in_effect(&self) -> Alarms {
         *self.alarm.borrow()
     }
 
-    /// Follow the alarms (connections block publishers while any is on).
+    /// Follow the alarms in effect (connections block publishers while any
+    /// is on).
     pub fn watch_alarm(&self) -> tokio::sync::watch::Receiver<Alarms> {
         self.alarm.subscribe()
     }
 
-    /// Set one alarm on or off, logging the change.
+    /// Set one of this node's alarms on or off, logging the change.
     fn set_alarm(&self, which: fn(&mut Alarms) -> &mut bool, on: bool, what: &str) {
-        self.alarm.send_if_modified(|cur| {
-            let flag = which(cur);
-            if *flag == on {
-                return false;
-            }
-            *flag = on;
-            if on {
-                tracing::warn!("{what} alarm set: blocking publishers");
-            } else {
-                tracing::info!("{what} alarm cleared");
-            }
-            true
-        });
+        let mut alarms = self.alarms.lock();
+        let flag = which(&mut alarms.0);
+        if *flag == on {
+            return;
+        }
+        *flag = on;
+        if on {
+            tracing::warn!("{what} alarm set: blocking publishers");
+        } else {
+            tracing::info!("{what} alarm cleared");
+        }
+        let effective = alarms.0.or(alarms.1);
+        self.alarm
+            .send_if_modified(|cur| std::mem::replace(cur, effective) != effective);
+    }
+
+    /// The other running members' alarms, together (from the cluster's
+    /// pings; none when the node is alone).
+    pub fn set_remote_alarms(&self, remote: Alarms) {
+        let mut alarms = self.alarms.lock();
+        if alarms.1 == remote {
+            return;
+        }
+        if remote != Alarms::default() {
+            tracing::warn!(resources = ?remote.resources(), "resource alarm on another cluster member: blocking publishers");
+        } else {
+            tracing::info!("no resource alarm on the other cluster members");
+        }
+        alarms.1 = remote;
+        let effective = alarms.0.or(alarms.1);
+        self.alarm
+            .send_if_modified(|cur| std::mem::replace(cur, effective) != effective);
     }
 
     /// The disk alarm's limit in bytes of free space (0: none).

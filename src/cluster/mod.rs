@@ -37,7 +37,7 @@ pub mod values;
 
 pub use command::Command;
 
-use crate::broker::Broker;
+use crate::broker::{Alarms, Broker};
 use crate::config::{ClusterConfig, Config};
 use frame::Kind;
 use network::{Network, Peer};
@@ -709,19 +709,25 @@ impl Cluster {
                         .unwrap_or_else(|| Peer::to(&node, Arc::clone(&ident)));
                     async move {
                         let mut peer = peer;
-                        let r: Result<(), _> = peer.call(Kind::Ping, &(), PING_EVERY).await;
-                        (id, peer, r.is_ok())
+                        let r: Result<Alarms, _> = peer.call(Kind::Ping, &(), PING_EVERY).await;
+                        (id, peer, r.ok())
                     }
                 });
                 let results = futures::future::join_all(probes).await;
                 let Some(c) = weak.upgrade() else { return };
+                // The answering members' alarms block this node's
+                // publishers too (RabbitMQ's alarms are cluster-wide).
+                let mut remote = Alarms::default();
                 let mut seen = c.seen.lock();
-                for (id, peer, ok) in results {
-                    if ok {
+                for (id, peer, alarms) in results {
+                    if let Some(a) = alarms {
                         seen.insert(id, std::time::Instant::now());
+                        remote = remote.or(a);
                     }
                     peers.insert(id, peer);
                 }
+                drop(seen);
+                c.broker.set_remote_alarms(remote);
             }
         });
     }

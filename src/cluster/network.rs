@@ -492,7 +492,8 @@ impl Cluster {
                 let cmd: super::Command = super::codec::decode(p)?;
                 super::codec::encode(&self.write_here(cmd).await)?
             }
-            Kind::Ping => super::codec::encode(&())?,
+            // The answer carries this node's resource alarms (cluster-wide).
+            Kind::Ping => super::codec::encode(&self.broker.alarms())?,
             Kind::Quorum => super::codec::encode(&self.quorum.handle(p).await)?,
             Kind::Stats => {
                 let query: serde_json::Value = super::codec::decode(p)?;

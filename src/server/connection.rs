@@ -875,7 +875,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             limits: self.config.limits(),
             token: self.grant.clone(),
         });
-        let alarm = self.broker.alarms().blocked_reason();
+        let alarm = self.broker.alarms_in_effect().blocked_reason();
         self.session.set_alarm(alarm, now);
     }
 

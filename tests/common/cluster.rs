@@ -42,6 +42,8 @@ pub struct Node {
     pub commit_timeout_ms: u64,
     /// The Stream protocol port, when the node listens for it (off by default).
     pub stream: Option<u16>,
+    /// More top-level configuration lines (`key = value`).
+    pub extra: String,
     pub child: Option<Child>,
 }
 
@@ -62,6 +64,7 @@ impl Node {
             dial: Vec::new(),
             commit_timeout_ms: 3000,
             stream: None,
+            extra: String::new(),
             child: None,
         }
     }
@@ -98,7 +101,7 @@ impl Node {
             .collect();
         let mut text = format!(
             "bind = \"{ip}\"\namqp_port = {amqp}\nadmin_port = {admin}\ndata_dir = \"{dir}\"\n\
-             log = \"warn,warren::cluster::quorum=info\"\n\n[stream.listeners]\ntcp = {stream}\n\n[cluster]\n\
+             log = \"warn,warren::cluster::quorum=info\"\n{extra}\n[stream.listeners]\ntcp = {stream}\n\n[cluster]\n\
              node_name = \"warren@{ip}\"\nlisten = \"{ip}:{cluster}\"\ncookie = \"{cookie}\"\n\
              seeds = [{seeds}]\ncommit_timeout_ms = {timeout}\nheartbeat_ms = 50\n\
              dial = {{ {dial} }}\n",
@@ -111,6 +114,7 @@ impl Node {
             seeds = seeds.join(", "),
             timeout = self.commit_timeout_ms,
             dial = dial.join(", "),
+            extra = self.extra,
             stream = match self.stream {
                 Some(port) => format!("{{ default = {port} }}"),
                 None => "\"none\"".to_string(),
