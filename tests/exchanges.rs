@@ -184,6 +184,26 @@ async fn default_exchange_declare_is_access_refused() {
     let (conn, ch) = connect_channel().await;
     assert_code(passive_ex(&ch, "").await, 403);
     assert!(conn.status().connected());
+    // Deleting it, or a predeclared amq.* one: 403 with RabbitMQ's texts.
+    for (name, text) in [
+        (
+            "",
+            "ACCESS_REFUSED - operation not permitted on the default exchange",
+        ),
+        (
+            "amq.direct",
+            "ACCESS_REFUSED - deletion of system exchange 'amq.direct' in vhost '/' not allowed",
+        ),
+    ] {
+        let ch = t(conn.create_channel()).await.unwrap();
+        let e = t(ch.exchange_delete(name, ExchangeDeleteOptions::default()))
+            .await
+            .expect_err(name);
+        assert_eq!(code(&e), Some(403), "{name}");
+        assert!(format!("{e:?}").contains(text), "{name}: {e:?}");
+    }
+    let ch = t(conn.create_channel()).await.unwrap();
+    passive_ex(&ch, "amq.direct").await.expect("still there");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

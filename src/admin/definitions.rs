@@ -82,7 +82,8 @@ pub async fn export_vhost(
 ) -> ApiResult<Response> {
     caller.require_admin()?;
     if s.broker.vhost(&vhost).is_none() {
-        return Err(ApiError::not_found());
+        // RabbitMQ's answer for a vhost that is not there.
+        return Err(ApiError::bad_request("vhost_not_found"));
     }
     let t = topology(&s, Some(&vhost));
     let strip = |items: Vec<Value>| -> Vec<Value> {
@@ -329,7 +330,12 @@ pub async fn import_vhost(
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
     if s.broker.vhost(&vhost).is_none() {
-        return Err(ApiError::not_found());
+        return Err(ApiError {
+            status: axum::http::StatusCode::NOT_FOUND,
+            error: "not_found",
+            reason: "vhost_not_found".into(),
+            challenge: false,
+        });
     }
     if !body.is_object() {
         return Err(ApiError::bad_request("definitions must be a JSON object"));

@@ -264,7 +264,10 @@ fn consume(
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| {
                 AmqpError::precondition_failed(format!(
-                    "invalid arg 'x-priority' for consumer '{tag}': {v:?}"
+                    "invalid arg 'x-priority' for queue '{}' in vhost '{}': \"expected integer, got {}\"",
+                    c.queue,
+                    ctx.vhost.name,
+                    v.rabbit_type_name()
                 ))
             })?,
     };

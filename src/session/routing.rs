@@ -148,9 +148,7 @@ impl<T: Default> Session<T> {
         match method {
             Method::ChannelOpen(_) => {
                 if self.channels.contains_key(&channel) {
-                    return Err(AmqpError::channel_error(format!(
-                        "second 'channel.open' seen on channel {channel}"
-                    )));
+                    return Err(AmqpError::channel_error("second 'channel.open' seen"));
                 }
                 if let Some(gate) = self.channel_gate.as_mut() {
                     (gate.0)(channel)?;

@@ -219,12 +219,15 @@ async fn vhost_definitions_copy_one_vhost_into_another() {
     // Routing in dst works with the imported binding.
     publish_routes_to_jobs(&b, ("guest", "guest"), "dst", "job.1").await;
 
-    for (method, path) in [
-        ("GET", "/api/definitions/nope"),
-        ("POST", "/api/definitions/nope"),
+    // RabbitMQ's answers for a vhost that is not there.
+    for (method, path, want, error) in [
+        ("GET", "/api/definitions/nope", 400, "bad_request"),
+        ("POST", "/api/definitions/nope", 404, "not_found"),
     ] {
-        let (status, _) = b.call(method, path, GUEST, Some(json!({}))).await;
-        assert_eq!(status, 404, "{method} {path}");
+        let (status, body) = b.call(method, path, GUEST, Some(json!({}))).await;
+        assert_eq!(status, want, "{method} {path}");
+        assert_eq!(body["error"], error, "{method} {path}: {body}");
+        assert_eq!(body["reason"], "vhost_not_found", "{method} {path}: {body}");
     }
     let (status, _) = b
         .call(

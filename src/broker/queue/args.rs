@@ -332,7 +332,7 @@ impl QueueArgs {
         if a.dead_letter_routing_key.is_some() && a.dead_letter_exchange.is_none() {
             return Err(AmqpError::precondition_failed(format!(
                 "invalid arg 'x-dead-letter-routing-key' for queue '{queue}' in vhost '{vhost}': \
-                 Key x-dead-letter-routing-key should be specified together with x-dead-letter-exchange"
+                 routing_key_but_no_dlx_defined"
             )));
         }
         Ok(a)
@@ -393,7 +393,11 @@ mod tests {
             "/",
         )
         .expect_err("dlrk without dlx");
-        assert!(e.text.contains("x-dead-letter-exchange"));
+        assert!(
+            e.text.ends_with("'x-dead-letter-routing-key' for queue 'q' in vhost '/': routing_key_but_no_dlx_defined"),
+            "{}",
+            e.text
+        );
     }
 
     #[test]

@@ -348,9 +348,14 @@ impl VHost {
 
     /// exchange.delete: the exchange and every binding to or from it.
     pub fn delete_exchange(&self, name: &str, if_unused: bool) -> AmqpResult<()> {
-        if name.is_empty() || name.starts_with("amq.") {
+        if name.is_empty() {
+            return Err(AmqpError::access_refused(
+                "operation not permitted on the default exchange",
+            ));
+        }
+        if name.starts_with("amq.") {
             return Err(AmqpError::access_refused(format!(
-                "operation not permitted on exchange '{name}' in vhost '{}'",
+                "deletion of system exchange '{name}' in vhost '{}' not allowed",
                 self.name
             )));
         }
