@@ -260,9 +260,21 @@ async fn metadata_and_missing_streams() {
     let md = m.get(&s).expect("stream metadata");
     assert_eq!(md.leader.port, u32::from(addr.port()));
     assert!(!m.contains_key("no-such-stream") || m["no-such-stream"].leader.port == 0);
+    // A key RabbitMQ does not know is ignored; a bad value of one it knows
+    // is its precondition failed.
+    let ignored = uniq("ignored");
+    let r = t(client.create_stream(
+        &ignored,
+        HashMap::from([("bogus".to_string(), "1".to_string())]),
+    ))
+    .await
+    .expect("create");
+    assert_eq!(r.code(), &ResponseCode::Ok);
+    let r = t(client.delete_stream(&ignored)).await.expect("delete");
+    assert_eq!(r.code(), &ResponseCode::Ok);
     let r = t(client.create_stream(
         &uniq("bad"),
-        HashMap::from([("bogus".to_string(), "1".to_string())]),
+        HashMap::from([("max-age".to_string(), "10X".to_string())]),
     ))
     .await
     .expect("create");

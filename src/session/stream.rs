@@ -2509,25 +2509,41 @@ fn negotiate(server: u32, client: u32) -> u32 {
     }
 }
 
-/// Stream-protocol create arguments as queue arguments; None for an
-/// unknown key or a bad value (RabbitMQ: precondition failed).
+/// Stream-protocol create arguments as queue arguments, as RabbitMQ's
+/// `rabbit_stream_manager` maps them: its known keys become `x-` arguments
+/// (a bad value: None, RabbitMQ's precondition failed), any other key is
+/// ignored.
 fn create_arguments(arguments: &[(String, String)]) -> Option<FieldTable> {
     let mut t = FieldTable::new();
     t.insert("x-queue-type", FieldValue::string("stream"));
     for (k, v) in arguments {
         match k.as_str() {
-            "max-length-bytes" | "stream-max-segment-size-bytes" | "initial-cluster-size" => {
+            "max-length-bytes" | "stream-max-segment-size-bytes" => {
                 let n: i64 = v.parse().ok().filter(|n| *n >= 0)?;
                 t.insert(format!("x-{k}"), FieldValue::I64(n));
+            }
+            "initial-cluster-size" => {
+                let n: i64 = v.parse().ok().filter(|n| *n > 0)?;
+                t.insert("x-initial-cluster-size", FieldValue::I64(n));
+            }
+            "stream-filter-size-bytes" => {
+                let n: i64 = v.parse().ok().filter(|n| (16..=255).contains(n))?;
+                t.insert("x-stream-filter-size-bytes", FieldValue::I64(n));
             }
             "max-age" => {
                 crate::storage::stream::parse_age(v)?;
                 t.insert("x-max-age", FieldValue::string(v.clone()));
             }
             "queue-leader-locator" => {
+                if !matches!(
+                    v.as_str(),
+                    "client-local" | "balanced" | "random" | "least-leaders"
+                ) {
+                    return None;
+                }
                 t.insert("x-queue-leader-locator", FieldValue::string(v.clone()));
             }
-            _ => return None,
+            _ => {}
         }
     }
     Some(t)
@@ -3462,8 +3478,28 @@ mod tests {
         .expect("valid");
         assert_eq!(t.get("x-queue-type"), Some(&FieldValue::string("stream")));
         assert_eq!(t.get("x-max-length-bytes"), Some(&FieldValue::I64(1000)));
-        assert!(create_arguments(&[("bogus".into(), "1".into())]).is_none());
-        assert!(create_arguments(&[("max-length-bytes".into(), "x".into())]).is_none());
+        // Keys RabbitMQ does not know are ignored; bad values of those it
+        // knows refused.
+        let t = create_arguments(&[("bogus".into(), "1".into())]).expect("ignored");
+        assert_eq!(t.iter().count(), 1, "only the type");
+        for (k, v) in [
+            ("max-length-bytes", "x"),
+            ("initial-cluster-size", "0"),
+            ("stream-filter-size-bytes", "8"),
+            ("queue-leader-locator", "min-masters"),
+            ("max-age", "10X"),
+        ] {
+            assert!(
+                create_arguments(&[(k.into(), v.into())]).is_none(),
+                "{k}={v}"
+            );
+        }
+        let t =
+            create_arguments(&[("stream-filter-size-bytes".into(), "32".into())]).expect("valid");
+        assert_eq!(
+            t.get("x-stream-filter-size-bytes"),
+            Some(&FieldValue::I64(32))
+        );
         assert_eq!(negotiate(0, 5), 5);
         assert_eq!(negotiate(7, 5), 5);
         assert_eq!(negotiate(7, 0), 7);
