@@ -1,5 +1,6 @@
-//! The memory alarm: past the high watermark publishers get connection.blocked and
-//! are not read from; below it they get connection.unblocked and carry on.
+//! The memory and disk alarms: past the memory high watermark, or with less free
+//! disk space than the limit, publishers get connection.blocked and are not read
+//! from; once under it they get connection.unblocked and carry on.
 
 use lapin::options::*;
 use lapin::types::FieldTable;
@@ -16,6 +17,109 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     panic!("timed out waiting for {what}");
 }
 
+/// A publishing connection (one message published to `q`) and an observer
+/// that declared `q` and counts its messages.
+struct Clients {
+    publisher: Connection,
+    pch: lapin::Channel,
+    observer: Connection,
+    och: lapin::Channel,
+    q: &'static str,
+}
+
+impl Clients {
+    async fn new(uri: &str, q: &'static str) -> Clients {
+        let publisher = Connection::connect(uri, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let pch = publisher.create_channel().await.unwrap();
+        let observer = Connection::connect(uri, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let och = observer.create_channel().await.unwrap();
+        och.queue_declare(q, QueueDeclareOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        let c = Clients {
+            publisher,
+            pch,
+            observer,
+            och,
+            q,
+        };
+        c.pch
+            .basic_publish(
+                "",
+                q,
+                BasicPublishOptions::default(),
+                b"1",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        c.count_reaches(1).await;
+        c
+    }
+
+    async fn count(&self) -> u32 {
+        self.och
+            .queue_declare(
+                self.q,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap()
+            .message_count()
+    }
+
+    /// Wait (up to 2.5 s) until the queue holds `n`, then check it does.
+    async fn count_reaches(&self, n: u32) {
+        for _ in 0..50 {
+            if self.count().await == n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(self.count().await, n);
+    }
+
+    /// Publish `body` from a task (lapin itself holds publishes while
+    /// blocked).
+    fn publish_held(&self, body: &'static [u8]) -> tokio::task::JoinHandle<lapin::Result<()>> {
+        let (pch, q) = (self.pch.clone(), self.q);
+        tokio::spawn(async move {
+            pch.basic_publish(
+                "",
+                q,
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .map(|_| ())
+        })
+    }
+
+    /// While blocked: the publisher is not read from, the observer is not
+    /// blocked.
+    async fn held_while_blocked(&self) {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            self.count().await,
+            1,
+            "a blocked publisher is not read from"
+        );
+        assert!(
+            !self.observer.status().blocked(),
+            "non-publishers are not blocked"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_are_blocked_above_the_watermark() {
     let dir = std::env::temp_dir().join(format!("warren-alarm-{}", std::process::id()));
@@ -25,84 +129,19 @@ async fn publishers_are_blocked_above_the_watermark() {
     let broker = warren::start(config).await.expect("start");
     let core = std::sync::Arc::clone(&broker.server.broker);
     let uri = format!("amqp://guest:guest@{}/%2f", broker.amqp_addr());
-    let publisher = Connection::connect(&uri, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let pch = publisher.create_channel().await.unwrap();
-    let observer = Connection::connect(&uri, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let och = observer.create_channel().await.unwrap();
-    och.queue_declare(
-        "alarmq",
-        QueueDeclareOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let count = |ch: lapin::Channel| async move {
-        ch.queue_declare(
-            "alarmq",
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
-    };
-    pch.basic_publish(
-        "",
-        "alarmq",
-        BasicPublishOptions::default(),
-        b"1",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
-    wait_for("first message", || true).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(count(och.clone()).await, 1);
+    let c = Clients::new(&uri, "alarmq").await;
 
     // Any process is above a 1-byte watermark.
     core.set_memory_watermark(1);
     wait_for("the alarm", || core.memory_alarm()).await;
-    wait_for("connection.blocked", || publisher.status().blocked()).await;
-    // lapin itself holds publishes while blocked, so send this one from a task.
-    let held = tokio::spawn(async move {
-        pch.basic_publish(
-            "",
-            "alarmq",
-            BasicPublishOptions::default(),
-            b"2",
-            BasicProperties::default(),
-        )
-        .await
-        .map(|_| ())
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        count(och.clone()).await,
-        1,
-        "a blocked publisher is not read from"
-    );
-    assert!(
-        !observer.status().blocked(),
-        "non-publishers are not blocked"
-    );
+    wait_for("connection.blocked", || c.publisher.status().blocked()).await;
+    let held = c.publish_held(b"2");
+    c.held_while_blocked().await;
 
     core.set_memory_watermark(u64::MAX);
     wait_for("the alarm to clear", || !core.memory_alarm()).await;
-    wait_for("connection.unblocked", || !publisher.status().blocked()).await;
-    for _ in 0..50 {
-        if count(och.clone()).await == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(count(och.clone()).await, 2, "the held publish goes through");
+    wait_for("connection.unblocked", || !c.publisher.status().blocked()).await;
+    c.count_reaches(2).await;
     held.await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -137,40 +176,7 @@ async fn the_disk_alarm_blocks_publishers_while_free_space_is_below_the_limit() 
     let core = std::sync::Arc::clone(&broker.server.broker);
     let admin = broker.admin_addr().expect("admin listener");
     let uri = format!("amqp://guest:guest@{}/%2f", broker.amqp_addr());
-    let publisher = Connection::connect(&uri, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let pch = publisher.create_channel().await.unwrap();
-    let observer = Connection::connect(&uri, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let och = observer.create_channel().await.unwrap();
-    let q = "diskq";
-    och.queue_declare(q, QueueDeclareOptions::default(), FieldTable::default())
-        .await
-        .unwrap();
-    let count = |ch: lapin::Channel| async move {
-        ch.queue_declare(
-            q,
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
-    };
-    pch.basic_publish(
-        "",
-        q,
-        BasicPublishOptions::default(),
-        b"1",
-        BasicProperties::default(),
-    )
-    .await
-    .unwrap();
+    let c = Clients::new(&uri, "diskq").await;
     let env = rabbitmq_stream_client::Environment::builder()
         .host("127.0.0.1")
         .port(broker.stream_addr().expect("stream listener").port())
@@ -181,23 +187,25 @@ async fn the_disk_alarm_blocks_publishers_while_free_space_is_below_the_limit() 
         .create("disk-s")
         .await
         .expect("create stream");
-    // Kept here (a task's send holds a handle): the last handle's drop
-    // closes the producer, which is not what the task should wait for.
     let producer = env.producer().build("disk-s").await.expect("producer");
+    let message = |body: &str| {
+        rabbitmq_stream_client::types::Message::builder()
+            .body(body.to_string())
+            .build()
+    };
     producer
-        .send_with_confirm(
-            rabbitmq_stream_client::types::Message::builder()
-                .body("s1")
-                .build(),
-        )
+        .send_with_confirm(message("s1"))
         .await
         .expect("confirmed before the alarm");
     wait_for("the node's free space measured", || {
         core.disk_free().is_some()
     })
     .await;
-    let (status, _) = api(admin, "/api/health/checks/alarms");
-    assert_eq!(status, 200, "no alarm yet");
+    assert_eq!(
+        api(admin, "/api/health/checks/alarms").0,
+        200,
+        "no alarm yet"
+    );
     assert_eq!(api(admin, "/api/nodes").1[0]["disk_free_alarm"], false);
 
     // More than any disk has free.
@@ -206,7 +214,7 @@ async fn the_disk_alarm_blocks_publishers_while_free_space_is_below_the_limit() 
         core.disk_alarm(),
         "set at once against the last free space measured"
     );
-    wait_for("connection.blocked", || publisher.status().blocked()).await;
+    wait_for("connection.blocked", || c.publisher.status().blocked()).await;
     let (status, body) = api(admin, "/api/health/checks/alarms");
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["alarms"][0]["resource"], "disk", "{body}");
@@ -224,54 +232,27 @@ async fn the_disk_alarm_blocks_publishers_while_free_space_is_below_the_limit() 
         metrics.contains("\nrabbitmq_alarms_free_disk_space_watermark 1\n"),
         "{metrics}"
     );
-    let held = tokio::spawn(async move {
-        pch.basic_publish(
-            "",
-            q,
-            BasicPublishOptions::default(),
-            b"2",
-            BasicProperties::default(),
-        )
-        .await
-        .map(|_| ())
-    });
+    let held = c.publish_held(b"2");
+    // A clone sends (the last handle's drop closes the producer, which the
+    // task should not wait for).
     let sender = producer.clone();
     let stream_held = tokio::spawn(async move {
         sender
-            .send_with_confirm(
-                rabbitmq_stream_client::types::Message::builder()
-                    .body("s2")
-                    .build(),
-            )
+            .send_with_confirm(message("s2"))
             .await
             .map(|c| c.confirmed())
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        count(och.clone()).await,
-        1,
-        "a blocked publisher is not read from"
-    );
+    c.held_while_blocked().await;
     assert!(
         !stream_held.is_finished(),
         "a blocked stream publisher is not read from"
     );
-    assert!(
-        !observer.status().blocked(),
-        "non-publishers are not blocked"
-    );
 
     core.set_disk_free_limit(0);
     assert!(!core.disk_alarm());
-    wait_for("connection.unblocked", || !publisher.status().blocked()).await;
+    wait_for("connection.unblocked", || !c.publisher.status().blocked()).await;
     assert_eq!(api(admin, "/api/health/checks/alarms").0, 200);
-    for _ in 0..50 {
-        if count(och.clone()).await == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(count(och.clone()).await, 2, "the held publish goes through");
+    c.count_reaches(2).await;
     held.await.unwrap().unwrap();
     let confirmed = tokio::time::timeout(Duration::from_secs(10), stream_held)
         .await

@@ -678,8 +678,15 @@ impl Broker {
         self.alarm.subscribe()
     }
 
-    /// Set one of this node's alarms on or off, logging the change.
-    fn set_alarm(&self, which: fn(&mut Alarms) -> &mut bool, on: bool, what: &str) {
+    /// Set one of this node's alarms on or off, logging the change with the
+    /// measure that made it (`value` against `limit`).
+    fn set_alarm(
+        &self,
+        which: fn(&mut Alarms) -> &mut bool,
+        on: bool,
+        what: &str,
+        (value, limit): (u64, u64),
+    ) {
         let mut alarms = self.alarms.lock();
         let flag = which(&mut alarms.0);
         if *flag == on {
@@ -687,11 +694,17 @@ impl Broker {
         }
         *flag = on;
         if on {
-            tracing::warn!("{what} alarm set: blocking publishers");
+            tracing::warn!(value, limit, "{what} alarm set: blocking publishers");
         } else {
-            tracing::info!("{what} alarm cleared");
+            tracing::info!(value, limit, "{what} alarm cleared");
         }
-        let effective = alarms.0.or(alarms.1);
+        self.publish_alarms(&alarms);
+    }
+
+    /// Tell the connections the alarms now in effect (this node's and the
+    /// other members').
+    fn publish_alarms(&self, (local, remote): &(Alarms, Alarms)) {
+        let effective = local.or(*remote);
         self.alarm
             .send_if_modified(|cur| std::mem::replace(cur, effective) != effective);
     }
@@ -709,9 +722,7 @@ impl Broker {
             tracing::info!("no resource alarm on the other cluster members");
         }
         alarms.1 = remote;
-        let effective = alarms.0.or(alarms.1);
-        self.alarm
-            .send_if_modified(|cur| std::mem::replace(cur, effective) != effective);
+        self.publish_alarms(&alarms);
     }
 
     /// The disk alarm's limit in bytes of free space (0: none).
@@ -741,14 +752,7 @@ impl Broker {
             .store(free.unwrap_or(u64::MAX), Ordering::Relaxed);
         let limit = self.disk_free_limit();
         let on = free.is_some_and(|f| f < limit);
-        if on != self.disk_alarm() {
-            tracing::info!(
-                free,
-                limit,
-                "free disk space against the disk alarm's limit"
-            );
-        }
-        self.set_alarm(|a| &mut a.disk, on, "disk");
+        self.set_alarm(|a| &mut a.disk, on, "disk", (free.unwrap_or(0), limit));
     }
 
     /// The memory high watermark in bytes (0: none).
@@ -765,14 +769,7 @@ impl Broker {
         let limit = self.memory_watermark();
         let rss = memory::resident_bytes();
         let on = limit != 0 && rss > limit;
-        if on != self.memory_alarm() {
-            tracing::info!(
-                rss,
-                limit,
-                "resident memory against the memory high watermark"
-            );
-        }
-        self.set_alarm(|a| &mut a.memory, on, "memory");
+        self.set_alarm(|a| &mut a.memory, on, "memory", (rss, limit));
     }
 
     /// A fresh id for a connection (used for exclusive ownership and consumers).
