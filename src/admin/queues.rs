@@ -614,6 +614,15 @@ pub async fn get_messages(
                 as usize,
         ),
     };
+    // A replicated queue hands out only what its committed delivery horizon
+    // covers (one asked for covers the next 1024 messages).
+    if q.get_waits_for().is_some() {
+        let within = s
+            .cluster
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(5), |c| c.commit_timeout());
+        crate::server::horizon_for_get(&q, within).await;
+    }
     let mut entries = Vec::new();
     let mut out = Vec::new();
     while (entries.len() as u64) < count {

@@ -134,7 +134,14 @@ pub enum Op {
     /// The if-unused / if-empty checks of a queue.delete.
     DeleteCheck { if_unused: bool, if_empty: bool },
     /// basic.get; an unacked message is settled as a delivery of `cid`.
-    Get { no_ack: bool, cid: u64 },
+    /// `waited`: answered even when its head message is past the delivery
+    /// horizon (the asker gave up waiting for one to commit).
+    Get {
+        no_ack: bool,
+        cid: u64,
+        #[serde(default)]
+        waited: bool,
+    },
     /// A Stream protocol request for a stream homed here (a publish's
     /// entries are the frame's body).
     Stream(StreamOp),
@@ -157,6 +164,9 @@ pub enum Reply {
         messages: u64,
     },
     Empty,
+    /// A get on a replicated queue whose head message is past the committed
+    /// delivery horizon (a larger one is asked for): ask again shortly.
+    NotYet,
     Stream(StreamAnswer),
     Got {
         tag: u64,
@@ -1247,7 +1257,8 @@ impl Served {
                 }),
             },
             Op::Stream(op) => return self.stream_request(id, &q, op, &body),
-            Op::Get { no_ack, cid } => match q.get(no_ack, now) {
+            Op::Get { waited: false, .. } if q.get_waits_for().is_some() => Ok(Reply::NotYet),
+            Op::Get { no_ack, cid, .. } => match q.get(no_ack, now) {
                 None => Ok(Reply::Empty),
                 Some((entry, remaining)) => {
                     let m = Arc::clone(&entry.message);

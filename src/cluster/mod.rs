@@ -808,6 +808,11 @@ impl Cluster {
     }
 
     /// The committed metadata model.
+    /// How long a replicated change may take to commit (`commit_timeout_ms`).
+    pub fn commit_timeout(&self) -> Duration {
+        self.commit_timeout
+    }
+
     pub fn metadata(&self) -> command::Metadata {
         self.sm.metadata()
     }

@@ -160,6 +160,12 @@ struct Conn<R> {
     /// The next method runs locally even if its queue lives elsewhere (a
     /// delete whose checks the home node passed).
     skip_remote: bool,
+    /// A basic.get on a local replicated queue whose head message is past
+    /// the committed delivery horizon: answered once a horizon covering it
+    /// commits (the session's output is held until then).
+    gated: Option<(u16, crate::wire::Method, Arc<crate::broker::queue::Queue>)>,
+    /// The next method is answered even if its get would wait (it waited).
+    skip_gate: bool,
 }
 
 /// A passive declare, basic.get, purge or checked delete of a queue homed on
@@ -230,6 +236,8 @@ where
         commit: None,
         batches: Default::default(),
         remote: None,
+        gated: None,
+        skip_gate: false,
         skip_remote: false,
     };
     let end = conn.main_loop().await;
@@ -273,6 +281,14 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             }
             if let Some(op) = self.remote.take() {
                 self.await_remote(op).await;
+                continue;
+            }
+            if let Some((channel, method, q)) = self.gated.take() {
+                crate::server::horizon_for_get(&q, self.commit_timeout()).await;
+                self.skip_gate = true;
+                if let Some(end) = self.on_event(Event::Method { channel, method }, Now::read()) {
+                    return end;
+                }
                 continue;
             }
             self.transmit();
@@ -401,6 +417,38 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         }))
     }
 
+    /// A basic.get on a local replicated queue that must wait for a larger
+    /// delivery horizon ([`crate::broker::queue::Queue::get_waits_for`]): the
+    /// queue; None for any other method or queue (answered as they come).
+    fn get_gate(
+        &mut self,
+        channel: u16,
+        method: &crate::wire::Method,
+    ) -> Option<Arc<crate::broker::queue::Queue>> {
+        use crate::broker::auth::Access;
+        let crate::wire::Method::BasicGet(g) = method else {
+            return None;
+        };
+        let ctx = self.ctx.as_ref()?;
+        let (data, _) = self.session.channel(channel)?;
+        let name = data.queue_name(&g.queue).ok()?;
+        let q = ctx.vhost.queue(&name, ctx.id).ok()?;
+        if q.remote().is_some() || ctx.permit(Access::Read, "queue", &name).is_err() {
+            return None;
+        }
+        q.get_waits_for().map(|_| q)
+    }
+
+    /// How long a replicated change may take to commit.
+    fn commit_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.config
+                .cluster
+                .as_ref()
+                .map_or(5000, |c| c.commit_timeout_ms.max(1)),
+        )
+    }
+
     /// Ask the queue's home node and answer the method with what it says.
     async fn await_remote(&mut self, op: RemoteOp) {
         use crate::cluster::forward::{Op, Reply};
@@ -436,20 +484,32 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                 Op::Get {
                     no_ack: g.no_ack,
                     cid,
+                    waited: false,
                 }
             }
             _ => return,
         };
-        let timeout = Duration::from_millis(
-            self.config
-                .cluster
-                .as_ref()
-                .map_or(5000, |c| c.commit_timeout_ms.max(1)),
-        );
-        let answer = tokio::time::timeout(timeout, link.request(&ctx.vhost.name, &name, req))
-            .await
-            .ok()
-            .flatten();
+        // A get the home node cannot answer yet (its head message is past
+        // the committed delivery horizon) is asked again until it can.
+        // (Past the commit timeout it is answered as it is, as a local
+        // one is.)
+        let timeout = self.commit_timeout();
+        let give_up = tokio::time::Instant::now() + timeout;
+        let mut req = req;
+        let answer = loop {
+            let asked = link.request(&ctx.vhost.name, &name, req.clone());
+            let answer = tokio::time::timeout(timeout, asked).await.ok().flatten();
+            match (answer, &mut req) {
+                (Some((Ok(Reply::NotYet), _)), Op::Get { waited, .. }) => {
+                    if tokio::time::Instant::now() >= give_up {
+                        *waited = true;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                (other, _) => break other,
+            }
+        };
         let now = Now::read();
         let at = |e: AmqpError| e.at(method.class_id(), method.method_id());
         let (reply, msg) = match answer {
@@ -557,7 +617,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             if let Some(end) = self.on_event(event, now) {
                 return Some(end);
             }
-            if self.commit.is_some() || self.remote.is_some() {
+            if self.commit.is_some() || self.remote.is_some() || self.gated.is_some() {
                 return None;
             }
             if !self.backpressure && self.backlog() > self.backlog_limit {
@@ -664,6 +724,13 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                         let args = &mut d.arguments;
                         ctx.vhost
                             .augment_declare(&d.queue, durable, exclusive, auto_delete, args);
+                    }
+                }
+                if !std::mem::take(&mut self.skip_gate) {
+                    if let Some(q) = self.get_gate(channel, &method) {
+                        self.transmit();
+                        self.gated = Some((channel, method, q));
+                        return None;
                     }
                 }
                 if !std::mem::take(&mut self.skip_remote) {

@@ -12,6 +12,7 @@ pub mod mailbox;
 pub mod stream;
 pub mod writer;
 
+use crate::broker::queue::Queue;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::tls::ServerTls;
@@ -19,6 +20,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// Wait, at most `within`, until a basic.get on the replicated queue `q`
+/// may be answered: its head message within the committed delivery horizon
+/// ([`Queue::get_waits_for`], asked again each 200 ms round, since an ask
+/// that did not commit is not retried on its own). False when `within`
+/// passed first (the group commits nothing: no majority) or the queue is
+/// gone.
+pub async fn horizon_for_get(q: &Queue, within: std::time::Duration) -> bool {
+    let give_up = tokio::time::Instant::now() + within;
+    let mut committed = q.follow_horizon();
+    while q.get_waits_for().is_some() {
+        let now = tokio::time::Instant::now();
+        if now >= give_up {
+            return false;
+        }
+        let round = (now + std::time::Duration::from_millis(200)).min(give_up);
+        if let Ok(Err(_)) = tokio::time::timeout_at(round, committed.changed()).await {
+            return false;
+        }
+    }
+    true
+}
 
 /// A running AMQP listener.
 #[derive(Debug)]

@@ -119,6 +119,9 @@ pub struct Queue {
     /// opaque stamp the cluster layer sets as declarations are applied; 0:
     /// none), reported when the queue deletes itself.
     declared: std::sync::atomic::AtomicU64,
+    /// Replicated queue: the committed delivery horizon, followed by the
+    /// gets waiting for it ([`Queue::get_waits_for`]).
+    horizon_committed: tokio::sync::watch::Sender<u64>,
     state: Mutex<State>,
 }
 
@@ -452,6 +455,7 @@ impl Queue {
             replica: parking_lot::RwLock::new(None),
             replicated: std::sync::atomic::AtomicBool::new(false),
             declared: std::sync::atomic::AtomicU64::new(0),
+            horizon_committed: tokio::sync::watch::channel(0).0,
             budget: Arc::clone(&budget),
             state: Mutex::new(State {
                 ready: Ready::new(max_priority, budget),
@@ -546,6 +550,7 @@ impl Queue {
         s.unacked_timestamps.clear();
         s.may_expire = false;
         s.horizon = Horizon::default();
+        self.horizon_committed.send_replace(0);
         std::mem::take(&mut s.consumers)
     }
 
@@ -1044,6 +1049,33 @@ impl Queue {
             asked: h,
             ..Horizon::default()
         };
+        self.horizon_committed.send_replace(h);
+    }
+
+    /// basic.get on a replicated queue hands out only a message within the
+    /// committed delivery horizon, as a consumer's delivery waits for it
+    /// ([`Horizon`]): the id of the message at the head when it is past it
+    /// (a horizon covering it is asked for, unless one is on its way; the
+    /// get waits for [`Queue::follow_horizon`] to reach it, then asks
+    /// again), None when the get may be answered now.
+    pub fn get_waits_for(&self) -> Option<u64> {
+        if self.stream.is_some() || !self.is_replicated() {
+            return None;
+        }
+        let mut fx = Effects::default();
+        let mut s = self.state.lock();
+        let seq = match s.ready.peek() {
+            Head::Entry(e) if e.pos.is_none() && e.seq > s.horizon.committed => e.seq,
+            _ => return None,
+        };
+        self.ask_horizon(&mut s, seq, &mut fx);
+        self.release(s, &mut fx, false);
+        Some(seq)
+    }
+
+    /// The committed delivery horizon of a replicated queue, as it grows.
+    pub fn follow_horizon(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.horizon_committed.subscribe()
     }
 
     /// The group answered the ask for delivery horizon `h`: committed, the
@@ -1054,6 +1086,7 @@ impl Queue {
         if committed {
             s.horizon.committed = s.horizon.committed.max(h);
             s.horizon.asked = s.horizon.asked.max(h);
+            self.horizon_committed.send_replace(s.horizon.committed);
         } else {
             s.horizon.asked = s.horizon.committed;
         }

@@ -650,6 +650,51 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
 }
 
 #[test]
+fn a_replicated_queue_gets_only_within_the_committed_horizon() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(
+        &dir,
+        1 << 20,
+        &[(
+            "x-queue-type",
+            FieldValue::LongString(Bytes::from("quorum")),
+        )],
+    );
+    // Not replicated: a get never waits.
+    q.enqueue_replicated(persistent("m9"), 9, (false, 0), T0);
+    assert_eq!(q.get_waits_for(), None);
+    assert_eq!(q.get(true, T0).map(|(e, _)| e.seq), Some(9));
+    let rec = Arc::new(Recorder::default());
+    q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
+    for id in 10..=12 {
+        q.enqueue_replicated(persistent(&format!("m{id}")), id, (false, 0), T0);
+    }
+    let horizons = || std::mem::take(&mut *rec.horizons.lock());
+    let mut committed = q.follow_horizon();
+    // Past the horizon (none yet): the get waits, one horizon is asked that
+    // covers the ready messages, and not again while it is on its way.
+    assert_eq!(q.get_waits_for(), Some(10));
+    assert_eq!(horizons(), vec![12]);
+    assert_eq!(q.get_waits_for(), Some(10));
+    assert_eq!(horizons(), Vec::<u64>::new(), "one ask in flight");
+    // Not committed: the next look asks again.
+    q.horizon_answered(12, false, T0);
+    assert_eq!(q.get_waits_for(), Some(10));
+    assert_eq!(horizons(), vec![12]);
+    assert!(!committed.has_changed().unwrap_or(true));
+    // Committed: followers hear of it, and the gets are answered.
+    q.horizon_answered(12, true, T0);
+    assert!(committed.has_changed().unwrap_or(false));
+    assert_eq!(*committed.borrow_and_update(), 12);
+    assert_eq!(q.get_waits_for(), None);
+    let (e, remaining) = q.get(false, T0).expect("within the horizon");
+    assert_eq!((e.seq, remaining), (10, 2));
+    // The leadership lost: back to none.
+    q.reset_replicated();
+    assert_eq!(*committed.borrow_and_update(), 0);
+}
+
+#[test]
 fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     let dir = TempDir::new();
     let (_store, _v, q) = setup(
