@@ -433,10 +433,14 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         let (data, _) = self.session.channel(channel)?;
         let name = data.queue_name(&g.queue).ok()?;
         let q = ctx.vhost.queue(&name, ctx.id).ok()?;
-        if q.remote().is_some() || ctx.permit(Access::Read, "queue", &name).is_err() {
+        if q.remote().is_some() {
             return None;
         }
-        q.get_waits_for().map(|_| q)
+        // (Nothing to look at unless replicated; the permission before any
+        // wait, its refusal is the get's to answer.)
+        q.get_waits_for()?;
+        ctx.permit(Access::Read, "queue", &name).ok()?;
+        Some(q)
     }
 
     /// How long a replicated change may take to commit.
