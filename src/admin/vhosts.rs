@@ -12,8 +12,9 @@ use serde_json::{json, Value};
 
 /// A vhost as the API shows it: with its queues' message counts and the
 /// rates of their lengths (`messages_details` ...), its channels'
-/// `message_stats` and its connections' bytes (`recv_oct`, `send_oct`,
-/// summed over the open ones), as RabbitMQ's.
+/// `message_stats` and its connections' bytes (`recv_oct`, `send_oct`:
+/// those that closed and the open ones; rates of the open ones), as
+/// RabbitMQ's.
 fn vhost_json(s: &AdminState, v: &VHost) -> Value {
     let b = &s.broker;
     let (mut ready, mut unacked) = (0, 0);
@@ -30,7 +31,11 @@ fn vhost_json(s: &AdminState, v: &VHost) -> Value {
         .into_iter()
         .filter(|c| c.vhost == *v.name)
         .collect();
-    let (mut recv, mut send, mut recv_rate, mut send_rate) = (0, 0, 0.0, 0.0);
+    let (mut recv, mut send) = (
+        crate::broker::Counters::get(&v.closed_octets.0),
+        crate::broker::Counters::get(&v.closed_octets.1),
+    );
+    let (mut recv_rate, mut send_rate) = (0.0, 0.0);
     for c in &conns {
         let (r, w) = c.socket.octets();
         let rates = s.rates.connection(c.id);

@@ -883,8 +883,14 @@ impl Broker {
     }
 
     pub fn unregister_connection(&self, id: u64) {
-        if let Some(c) = self.connections.write().remove(&id) {
+        let gone = self.connections.write().remove(&id);
+        if let Some(c) = gone {
             Counters::add(&self.churn.connection_closed, 1);
+            if let Some(v) = self.vhost(&c.vhost) {
+                let (recv, send) = c.socket.octets();
+                Counters::add(&v.closed_octets.0, recv);
+                Counters::add(&v.closed_octets.1, send);
+            }
             // Its channels end with it.
             let open = c.open_channels.lock().len() as u64;
             Counters::add(&self.churn.channel_closed, open);

@@ -469,6 +469,15 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
         metric(&m, "rabbitmq_global_messages_redelivered_total", ""),
         1.0
     );
+
+    // A vhost's bytes keep what its closed connections moved.
+    let open = b.get("/api/vhosts/%2F").await;
+    let (recv, send) = (open["recv_oct"].as_u64(), open["send_oct"].as_u64());
+    t(conn.close(200, "bye")).await.unwrap();
+    let closed = until(&b, "/api/vhosts/%2F", |v| v["connections"] == 0).await;
+    assert!(closed["recv_oct"].as_u64() >= recv, "{closed}");
+    assert!(closed["send_oct"].as_u64() >= send, "{closed}");
+    assert!(recv.is_some_and(|n| n > 0), "{open}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,6 +70,9 @@ pub struct VHost {
     /// Message counters of this vhost's channels (the broker's, per vhost:
     /// the API's `message_stats` of the vhost).
     pub counters: crate::broker::Counters,
+    /// Bytes received and sent by this vhost's connections that closed (the
+    /// API's `recv_oct` / `send_oct` of the vhost add the open ones').
+    pub closed_octets: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64),
     /// Description, tags and default queue type (stored with the vhost's record).
     meta: RwLock<VHostMeta>,
     /// The broker's count of queues declared, created and deleted (set by
@@ -181,6 +184,7 @@ impl VHost {
             limit_values: Default::default(),
             tracing: AtomicBool::new(false),
             counters: crate::broker::Counters::default(),
+            closed_octets: Default::default(),
             meta: RwLock::new(VHostMeta::default()),
             churn: std::sync::OnceLock::new(),
             self_deletions: std::sync::OnceLock::new(),
