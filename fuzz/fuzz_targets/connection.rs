@@ -221,7 +221,7 @@ fuzz_target!(|data: &[u8]| {
                 rest = rest.get(1..).unwrap_or(&[]);
                 if which & 1 == 0 {
                     alarm = !alarm;
-                    s.set_alarm(alarm, now);
+                    s.set_alarm(alarm.then_some("low on memory"), now);
                 } else {
                     backpressure = !backpressure;
                     s.set_backpressure(backpressure, now);
