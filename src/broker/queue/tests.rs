@@ -649,17 +649,22 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     taken(&[]);
 }
 
-#[test]
-fn a_replicated_queue_gets_only_within_the_committed_horizon() {
-    let dir = TempDir::new();
-    let (_store, _v, q) = setup(
-        &dir,
+/// A quorum queue (a replica is set by the test) in `dir`'s store.
+fn quorum_queue(dir: &TempDir) -> (Store, Arc<VHost>, Arc<Queue>) {
+    setup(
+        dir,
         1 << 20,
         &[(
             "x-queue-type",
             FieldValue::LongString(Bytes::from("quorum")),
         )],
-    );
+    )
+}
+
+#[test]
+fn a_replicated_queue_gets_only_within_the_committed_horizon() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = quorum_queue(&dir);
     // Not replicated: a get never waits.
     q.enqueue_replicated(persistent("m9"), 9, (false, 0), T0);
     assert_eq!(q.get_waits_for(), None);
@@ -697,14 +702,7 @@ fn a_replicated_queue_gets_only_within_the_committed_horizon() {
 #[test]
 fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     let dir = TempDir::new();
-    let (_store, _v, q) = setup(
-        &dir,
-        1 << 20,
-        &[(
-            "x-queue-type",
-            FieldValue::LongString(Bytes::from("quorum")),
-        )],
-    );
+    let (_store, _v, q) = quorum_queue(&dir);
     let rec = Arc::new(Recorder::default());
     q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
     let sink = Arc::new(Sink::default());
