@@ -955,28 +955,18 @@ async fn the_balanced_leader_locator_spreads_new_leaders() {
         .await
         .expect_err("not a leader locator");
     assert!(e.contains("invalid_queue_locator_arg"), "{e}");
-    assert_eq!(
+    let policy = |name: &str, locator: &str| {
         nodes[0].send(
             "PUT",
-            "/api/policies/%2F/bad-locator",
+            &format!("/api/policies/%2F/{name}"),
             Some(
                 serde_json::json!({"pattern": "^qq-pol", "apply-to": "quorum_queues",
-                "definition": {"queue-leader-locator": "nowhere"}})
-            )
-        ),
-        400
-    );
-    assert_eq!(
-        nodes[0].send(
-            "PUT",
-            "/api/policies/%2F/locator",
-            Some(
-                serde_json::json!({"pattern": "^qq-pol", "apply-to": "quorum_queues",
-                "definition": {"queue-leader-locator": "balanced"}})
-            )
-        ),
-        201
-    );
+                "definition": {"queue-leader-locator": locator}}),
+            ),
+        )
+    };
+    assert_eq!(policy("bad-locator", "nowhere"), 400);
+    assert_eq!(policy("locator", "balanced"), 201);
     // The first node leads two: each balanced queue goes to the node leading
     // fewest (B, C, B, C), all declared on the first node.
     let balanced = ["qq-bal-0", "qq-bal-1", "qq-pol-2", "qq-bal-3"];
