@@ -238,12 +238,11 @@ impl<C: LogConfig<Node = NodeInfo, SnapshotData = Cursor<Vec<u8>>>> LogStore<C> 
     pub(crate) async fn put_snapshot(
         &self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        data: Vec<u8>,
+        data: &[u8],
     ) -> Result<(), SErr> {
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
+        // Encoded as a `StoredSnapshot`, from borrowed parts (a snapshot
+        // can be large: no copy of it is made to be written).
+        let stored = StoredSnapshotRef { meta, data };
         self.put(SNAPSHOT, &stored).map_err(|e| {
             StorageIOError::write_snapshot(Some(meta.signature()), string_err(e)).into()
         })
@@ -392,6 +391,14 @@ pub(super) struct StoredSnapshot {
     pub meta: SnapshotMeta<NodeId, NodeInfo>,
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+}
+
+/// A [`StoredSnapshot`] to write, borrowed (encodes the same).
+#[derive(Serialize)]
+struct StoredSnapshotRef<'a> {
+    meta: &'a SnapshotMeta<NodeId, NodeInfo>,
+    #[serde(with = "serde_bytes")]
+    data: &'a [u8],
 }
 
 /// Where a committed command takes effect, besides the model: the local
@@ -705,7 +712,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
             (snapshot_meta(s.last_applied, s.membership.clone()), data)
         };
-        self.store.put_snapshot(&meta, data.clone()).await?;
+        self.store.put_snapshot(&meta, &data).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -814,7 +821,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.persist(&state)
             .map_err(|e| StorageIOError::write_state_machine(string_err(e)))?;
-        self.store.put_snapshot(meta, data).await
+        self.store.put_snapshot(meta, &data).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
@@ -830,6 +837,29 @@ mod tests {
     use crate::cluster::command::Command;
     use openraft::CommittedLeaderId;
     use std::time::Duration;
+
+    /// A snapshot is written from borrowed parts and read back as the owned
+    /// record: the two encode alike (snapshots on disk stay readable).
+    #[test]
+    fn a_borrowed_snapshot_encodes_as_the_stored_one() {
+        let meta = snapshot_meta(
+            Some(LogId::new(CommittedLeaderId::new(3, 1), 42)),
+            StoredMembership::default(),
+        );
+        let data = vec![0u8, 1, 2, 255];
+        let owned = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        let borrowed = StoredSnapshotRef {
+            meta: &meta,
+            data: &data,
+        };
+        let bytes = super::super::codec::encode(&borrowed).expect("encode");
+        assert_eq!(bytes, super::super::codec::encode(&owned).expect("encode"));
+        let back: StoredSnapshot = super::super::codec::decode(&bytes).expect("decode");
+        assert_eq!((back.meta, back.data), (meta, data));
+    }
 
     /// Installing a snapshot removes the replicated records the node has and
     /// the snapshot lacks (made here and never committed, or deleted by the

@@ -76,7 +76,7 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
                 .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
             (snapshot_meta(s.last_applied, s.membership.clone()), data)
         };
-        self.put_snapshot(&meta, data.clone()).await?;
+        self.put_snapshot(&meta, &data).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -90,7 +90,7 @@ impl QSm {
     async fn put_snapshot(
         &self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        data: Vec<u8>,
+        data: &[u8],
     ) -> Result<(), SErr> {
         self.log.put_snapshot(meta, data).await?;
         self.log
@@ -188,7 +188,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             s.last_applied = meta.last_log_id;
             s.membership = meta.last_membership.clone();
         }
-        self.put_snapshot(meta, data).await
+        self.put_snapshot(meta, &data).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<QTypeConfig>>, SErr> {
