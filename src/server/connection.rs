@@ -429,6 +429,8 @@ impl<R: AsyncRead + Unpin> Conn<R> {
         let crate::wire::Method::BasicGet(g) = method else {
             return None;
         };
+        // Only a clustered node has replicated queues: no lookup otherwise.
+        self.cluster.as_ref()?;
         let ctx = self.ctx.as_ref()?;
         let (data, _) = self.session.channel(channel)?;
         let name = data.queue_name(&g.queue).ok()?;
