@@ -252,11 +252,11 @@ pub async fn publish(
     let message = Message::new(exchange, routing_key, props, payload);
     let tap = crate::broker::firehose::Tap::http_api(&b.node, &caller.0.name);
     let published = v.publish_client(exchange, &message, &cc, &tap, now_ms())?;
-    for c in [&b.counters, &v.counters] {
+    b.count(&v, |c| {
         Counters::add(&c.published, 1);
         if !published.routed {
             Counters::add(&c.unroutable, 1);
         }
-    }
+    });
     Ok(Json(json!({ "routed": published.accepted })))
 }

@@ -659,14 +659,14 @@ pub async fn get_messages(
         entries.push(entry);
     }
     let redelivered = entries.iter().filter(|e| e.redelivered).count() as u64;
-    for c in [&s.broker.counters, &v.counters] {
+    s.broker.count(&v, |c| {
         crate::broker::Counters::add(&c.delivered, entries.len() as u64);
         crate::broker::Counters::add(&c.got, entries.len() as u64);
         crate::broker::Counters::add(&c.redelivered, redelivered);
         if !requeue && !reject {
             crate::broker::Counters::add(&c.acked, entries.len() as u64);
         }
-    }
+    });
     if requeue {
         q.requeue(entries, true, true, crate::clock::now_ms());
     } else if reject {

@@ -47,8 +47,7 @@ impl ConnCtx {
     /// Count on the broker's message counters and on its vhost's.
     #[inline]
     pub(crate) fn count(&self, f: impl Fn(&crate::broker::Counters)) {
-        f(&self.broker.counters);
-        f(&self.vhost.counters);
+        self.broker.count(&self.vhost, f);
     }
 
     /// What the firehose names for a message moved on `channel`.

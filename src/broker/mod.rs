@@ -651,6 +651,13 @@ impl Broker {
         }
     }
 
+    /// Count on this node's message counters and on `vhost`'s.
+    #[inline]
+    pub fn count(&self, vhost: &VHost, f: impl Fn(&Counters)) {
+        f(&self.counters);
+        f(&vhost.counters);
+    }
+
     /// Whether this node's memory alarm is on.
     pub fn memory_alarm(&self) -> bool {
         self.alarms.lock().0.memory
