@@ -101,9 +101,7 @@ pub fn snapshot(broker: &Broker, data_dir: Option<&std::path::Path>, now: u64) -
         ack: Counters::get(&c.acked) as u32,
         redeliver: Counters::get(&c.redelivered) as u32,
         mem_used: super::metrics::resident_memory().unwrap_or(0),
-        disk_free: data_dir
-            .and_then(crate::broker::memory::disk_free)
-            .unwrap_or(0),
+        disk_free: disk_free(broker, data_dir),
         connections: connections.len() as u32,
         channels: connections
             .iter()
@@ -112,6 +110,15 @@ pub fn snapshot(broker: &Broker, data_dir: Option<&std::path::Path>, now: u64) -
         fd_used: fd_used() as u32,
     };
     snap
+}
+
+/// Free bytes on the data directory's file system: as the disk alarm last
+/// measured them (every 200 ms), else measured now; 0 when unknown.
+pub fn disk_free(broker: &Broker, data_dir: Option<&std::path::Path>) -> u64 {
+    broker
+        .disk_free()
+        .or_else(|| data_dir.and_then(crate::broker::memory::disk_free))
+        .unwrap_or(0)
 }
 
 /// Open file descriptors of this process.

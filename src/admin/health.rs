@@ -252,11 +252,7 @@ pub async fn legacy_node(
         s.broker.alarms().resources()
     } else {
         match super::cluster::member_stats(&s, &name).await? {
-            Some(a) => [("mem_alarm", "memory"), ("disk_free_alarm", "disk")]
-                .into_iter()
-                .filter(|(field, _)| a["node"][field] == true)
-                .map(|(_, resource)| resource)
-                .collect(),
+            Some(a) => super::overview::alarms_of_figures(&a["node"]).resources(),
             None => return Ok(failed(&format!("node {name} is not reachable"), json!({}))),
         }
     };

@@ -140,11 +140,7 @@ fn churn_json(b: &crate::broker::Broker) -> serde_json::Map<String, Value> {
 /// This node's health figures, as `/api/nodes` shows them (and as this node
 /// answers another member's stats request).
 pub fn node_figures(s: &AdminState) -> Value {
-    let disk_free = s
-        .data_dir
-        .as_deref()
-        .and_then(crate::broker::memory::disk_free)
-        .unwrap_or(0);
+    let disk_free = super::charts::disk_free(&s.broker, s.data_dir.as_deref());
     let mut figures = json!({
         "mem_used": resident_memory().unwrap_or(0),
         "mem_alarm": s.broker.memory_alarm(),
@@ -390,15 +386,18 @@ pub async fn reload_tls(
     Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
-/// The resource alarms in effect on this node, as the alarm checks list them.
-fn local_alarm_list(s: &AdminState) -> Vec<Value> {
-    let node = this_node(s);
-    s.broker
-        .alarms()
+/// `alarms` of `node`, as the alarm checks list them.
+fn alarm_rows(node: &str, alarms: crate::broker::Alarms) -> Vec<Value> {
+    alarms
         .resources()
         .into_iter()
         .map(|r| json!({"node": node, "resource": r}))
         .collect()
+}
+
+/// The resource alarms in effect on this node, as the alarm checks list them.
+fn local_alarm_list(s: &AdminState) -> Vec<Value> {
+    alarm_rows(&this_node(s), s.broker.alarms())
 }
 
 /// 200 when none of `alarms` is in effect, 503 listing them otherwise
@@ -419,6 +418,15 @@ fn alarms_answer(alarms: Vec<Value>, place: &str) -> axum::response::Response {
         .into_response()
 }
 
+/// The resource alarms a member's figures ([`node_figures`], from a stats
+/// request) say are in effect on it.
+pub fn alarms_of_figures(figures: &Value) -> crate::broker::Alarms {
+    crate::broker::Alarms {
+        memory: figures["mem_alarm"] == true,
+        disk: figures["disk_free_alarm"] == true,
+    }
+}
+
 /// `GET /api/health/checks/alarms`: the memory and disk alarms of every
 /// running member of the cluster (each other member asked over the
 /// cluster port; one that does not answer adds none).
@@ -430,13 +438,8 @@ pub async fn alarms(State(s): State<AdminState>, _caller: Caller) -> axum::respo
             if !m.running || m.name == me {
                 continue;
             }
-            let Some(stats) = c.stats_of(&m.name, &json!({})).await else {
-                continue;
-            };
-            for (field, resource) in [("mem_alarm", "memory"), ("disk_free_alarm", "disk")] {
-                if stats["node"][field] == true {
-                    list.push(json!({"node": m.name, "resource": resource}));
-                }
+            if let Some(stats) = c.stats_of(&m.name, &json!({})).await {
+                list.extend(alarm_rows(&m.name, alarms_of_figures(&stats["node"])));
             }
         }
     }
