@@ -205,7 +205,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
             None
         }
     };
-    let shovels = start_shovels(&config, &broker, server.amqp_addr())?;
+    let shovels = start_shovels(&config, &broker, server.amqp_addr(), cluster.as_ref());
     let admin_tls = match config.admin_ssl_port() {
         Some(_) => Some(tls::ServerTls::new(
             &config.admin_ssl_options(),
@@ -268,14 +268,16 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     Ok(warren)
 }
 
-/// The shovel registry: the dynamic shovels in the store and the static ones
-/// in the config, started. `amqp://` without a host in a shovel URI means this
-/// broker, reached on loopback as the default user.
+/// The shovel registry: the dynamic shovels of the broker's runtime
+/// parameters (those the cluster places here, when clustered) and the static
+/// ones in the config, started. `amqp://` without a host in a shovel URI
+/// means this broker, reached on loopback as the default user.
 fn start_shovels(
     config: &Config,
-    broker: &broker::Broker,
+    broker: &Arc<broker::Broker>,
     amqp: std::net::SocketAddr,
-) -> Result<Arc<shovel::Shovels>, StartError> {
+    cluster: Option<&Arc<cluster::Cluster>>,
+) -> Arc<shovel::Shovels> {
     let enc = |s: &str| -> String {
         s.bytes()
             .map(|c| match c {
@@ -286,10 +288,13 @@ fn start_shovels(
             })
             .collect()
     };
-    let host = if amqp.ip().is_ipv6() {
-        "[::1]"
-    } else {
-        "127.0.0.1"
+    // A listener on one address is dialled there (nodes of a test cluster
+    // share a port on several loopback addresses); on all of them, on loopback.
+    let host = match amqp.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv6() => "[::1]".to_string(),
+        ip if ip.is_unspecified() => "127.0.0.1".to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
     };
     let local = format!(
         "{}:{}@{host}:{}",
@@ -297,17 +302,21 @@ fn start_shovels(
         enc(&config.default_pass),
         amqp.port()
     );
-    let shovels = shovel::Shovels::new(broker.store.clone(), local);
-    let n = shovels.recover()?;
+    let node = cluster.map_or_else(admin::node_name, |c| c.me.name.clone());
+    let shovels = shovel::Shovels::new(Arc::clone(broker), local, node);
+    if let Some(c) = cluster {
+        shovels.place_with(Arc::new(shovel::ClusterPlacement(Arc::downgrade(c))));
+    }
+    let n = shovels.start();
     if n > 0 {
-        tracing::info!(count = n, "dynamic shovels recovered");
+        tracing::info!(count = n, "dynamic shovels started");
     }
     for (name, value) in &config.shovels {
         if let Err(e) = shovels.start_static(name, value.clone()) {
             tracing::error!(name, error = %e, "static shovel not started");
         }
     }
-    Ok(shovels)
+    shovels
 }
 
 /// An IPv6 literal in brackets, for `host:port`.

@@ -22,6 +22,8 @@ use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+const WAIT: Duration = Duration::from_secs(15);
+
 async fn channel(conn: &Connection) -> Channel {
     common::t(conn.create_channel()).await.expect("channel")
 }
@@ -1340,4 +1342,100 @@ async fn the_delivery_count_survives_a_failover() {
     assert_eq!(String::from_utf8_lossy(&never.delivery.data), "dc-1");
     assert_eq!(delivery_count(&never.delivery), None, "never delivered");
     let _ = conn.close(200, "bye").await;
+}
+
+/// The rows of `/api/shovels` on `node` for shovel `name`: (its node, its state).
+fn shovel_rows(node: &Node, name: &str) -> Vec<(String, String)> {
+    let (status, rows) = node.get("/api/shovels");
+    assert_eq!(status, 200, "{rows}");
+    rows.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["name"] == name)
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap_or_default().to_string();
+            (s("node"), s("state"))
+        })
+        .collect()
+}
+
+/// A dynamic shovel defined through one node's API is a replicated runtime
+/// parameter: every node has it, one node runs it (every node's
+/// `/api/shovels` shows that one), and when that node is killed another runs
+/// it and moves what is published meanwhile; deleted through a survivor,
+/// it stops and is gone everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dynamic_shovel_runs_on_one_node_and_moves_when_it_goes() {
+    let (a, b, c) = three_nodes("shovel-move").await;
+    let mut nodes = [a, b, c];
+    let (src, dst, name) = ("sh-src", "sh-dst", "mover");
+    declare_quorum_queue(&nodes[0], src).await;
+    declare_quorum_queue(&nodes[0], dst).await;
+    let path = format!("/api/parameters/shovel/%2F/{name}");
+    let value = serde_json::json!({"value": {
+        "src-uri": "amqp://", "src-queue": src,
+        "dest-uri": "amqp://", "dest-queue": dst,
+    }});
+    assert_eq!(nodes[1].put(&path, value), 201);
+    eventually("the parameter on every node", WAIT, || {
+        nodes.iter().all(|n| n.get(&path).0 == 200)
+    })
+    .await;
+
+    // One node runs it, and every node says which.
+    let mut runner = String::new();
+    eventually("one running shovel seen from every node", WAIT, || {
+        let rows: Vec<Vec<(String, String)>> = nodes.iter().map(|n| shovel_rows(n, name)).collect();
+        let one = rows
+            .iter()
+            .all(|r| r.len() == 1 && r[0].1 == "running" && r[0] == rows[0][0]);
+        if one {
+            runner.clone_from(&rows[0][0].0);
+        }
+        one
+    })
+    .await;
+    let ri = node_index(&nodes, &runner);
+    let other = (ri + 1) % 3;
+
+    // It moves what is published, wherever the publisher is.
+    let (pconn, pch) = confirming(&nodes[other]).await;
+    let first = bodies("before", 30);
+    assert_eq!(publish_confirmed(&pch, src, &first).await, (30, 0));
+    let _ = pconn.close(200, "bye").await;
+    eventually("30 moved", WAIT, || {
+        queue_api(&nodes[other], dst)["messages"] == 30
+    })
+    .await;
+
+    // Its node goes: another runs it.
+    nodes[ri].kill();
+    let (pconn, pch) = confirming(&nodes[other]).await;
+    let second = bodies("after", 30);
+    assert_eq!(publish_confirmed(&pch, src, &second).await, (30, 0));
+    let _ = pconn.close(200, "bye").await;
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != ri).collect();
+    eventually("the shovel running on a survivor", WAIT, || {
+        survivors.iter().all(|i| {
+            let rows = shovel_rows(&nodes[*i], name);
+            rows.len() == 1 && rows[0].1 == "running" && rows[0].0 != runner
+        })
+    })
+    .await;
+    let want: BTreeSet<String> = first.iter().chain(&second).cloned().collect();
+    let seen = consume_all(&nodes[other], dst, &want, Duration::from_secs(30)).await;
+    let got: BTreeSet<String> = seen.into_iter().map(|(b, _)| b).collect();
+    assert_eq!(
+        got, want,
+        "every message moved, before and after the failover"
+    );
+
+    // Deleted through a survivor: gone from both, and stopped.
+    assert_eq!(nodes[other].send("DELETE", &path, None), 204);
+    eventually("the shovel gone from the survivors", WAIT, || {
+        survivors
+            .iter()
+            .all(|i| nodes[*i].get(&path).0 == 404 && shovel_rows(&nodes[*i], name).is_empty())
+    })
+    .await;
 }

@@ -253,7 +253,9 @@ pub fn import_definitions(s: &AdminState, body: &Value, cmds: &mut Vec<Command>)
     }
     for p in items(body, "parameters")? {
         if p.get("component").and_then(Value::as_str) == Some(crate::shovel::COMPONENT) {
-            super::shovels::put_from(s, field(p, "vhost")?, field(p, "name")?, p)?;
+            let (vhost, name) = (field(p, "vhost")?, field(p, "name")?);
+            super::shovels::put_from(s, vhost, name, p)?;
+            cmds.extend(super::shovels::shovel_cmd(s, vhost, name));
             continue;
         }
         cmds.extend(super::limits::import_parameter(b, p)?);

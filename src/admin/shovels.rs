@@ -2,15 +2,20 @@
 //! them: the `shovel` runtime parameters (`/api/parameters/shovel[/{vhost}[/{name}]]`,
 //! set and cleared by policymakers) and the status of every shovel, dynamic and
 //! static (`/api/shovels[/{vhost}]`, `/api/shovels/vhost/{vhost}/{name}`, and its
-//! `/restart`).
+//! `/restart`). Clustered, the parameters are replicated like the rest of
+//! the metadata (committed before the answer) and each dynamic shovel runs
+//! on one node ([`crate::shovel::ClusterPlacement`]): the statuses are asked
+//! of every member ([`member_statuses`]) and a restart goes to the node that
+//! runs the shovel.
 
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
-use crate::shovel::PutError;
+use crate::cluster::Command;
+use crate::shovel::{PutError, COMPONENT};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 pub fn routes() -> Router<AdminState> {
     Router::new()
@@ -104,6 +109,21 @@ pub fn put_from(s: &AdminState, vhost: &str, name: &str, body: &Value) -> ApiRes
         })
 }
 
+/// The command that replicates shovel `name` of `vhost` as this node now has
+/// it (cleared when it has none).
+pub fn shovel_cmd(s: &AdminState, vhost: &str, name: &str) -> Option<Command> {
+    Some(Command::SetParameter {
+        component: COMPONENT.into(),
+        vhost: vhost.into(),
+        name: name.into(),
+        value: s
+            .broker
+            .parameters
+            .get(COMPONENT, vhost, name)
+            .map(|v| v.to_string()),
+    })
+}
+
 async fn put(
     State(s): State<AdminState>,
     caller: Caller,
@@ -112,7 +132,9 @@ async fn put(
 ) -> ApiResult<StatusCode> {
     require_policymaker(&caller)?;
     caller.require_vhost(&s.broker, &vhost)?;
-    put_from(&s, &vhost, &name, &body).map(super::put_status)
+    let created = put_from(&s, &vhost, &name, &body)?;
+    super::cluster::replicate(&s, || shovel_cmd(&s, &vhost, &name)).await?;
+    Ok(super::put_status(created))
 }
 
 async fn remove(
@@ -123,7 +145,10 @@ async fn remove(
     require_policymaker(&caller)?;
     caller.require_vhost(&s.broker, &vhost)?;
     match s.shovels.delete(&vhost, &name) {
-        Ok(true) => Ok(StatusCode::NO_CONTENT),
+        Ok(true) => {
+            super::cluster::replicate(&s, || shovel_cmd(&s, &vhost, &name)).await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
         Ok(false) => Err(ApiError::not_found()),
         Err(e) => Err(ApiError::from(crate::error::AmqpError::internal_error(
             format!("cannot delete the shovel: {e}"),
@@ -131,8 +156,48 @@ async fn remove(
     }
 }
 
+/// The statuses of the shovels running on this node and, clustered, on
+/// every member that answers (in `vhost`, or all).
+async fn member_statuses(s: &AdminState, vhost: Option<&str>) -> Vec<Value> {
+    let mut rows = s.shovels.statuses(vhost);
+    if let Some(c) = &s.cluster {
+        for (_, answer) in c.member_stats(&json!({"shovels": true})).await {
+            let theirs = answer
+                .as_ref()
+                .and_then(|a| a.get("shovels"))
+                .and_then(Value::as_array);
+            let wanted = |r: &&Value| {
+                vhost.is_none_or(|v| r.get("vhost").and_then(Value::as_str) == Some(v))
+            };
+            rows.extend(theirs.into_iter().flatten().filter(wanted).cloned());
+        }
+    }
+    rows
+}
+
+/// A member's answer to a stats request about shovels: the statuses of the
+/// shovels running on it (`{"shovels": true}`), or whether it restarted one
+/// it runs (`{"restart_shovel": [vhost, name]}`); None for other requests.
+pub fn answer_stats(s: &AdminState, query: &Value) -> Option<Value> {
+    if let Some([vhost, name]) = query
+        .get("restart_shovel")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+    {
+        let (vhost, name) = (vhost.as_str()?, name.as_str()?);
+        return Some(json!({"restarted": s.shovels.restart(vhost, name)}));
+    }
+    query
+        .get("shovels")
+        .map(|_| json!({"shovels": s.shovels.statuses(None)}))
+}
+
 async fn status_all(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(Value::Array(visible(&s, &caller, s.shovels.statuses(None))))
+    Json(Value::Array(visible(
+        &s,
+        &caller,
+        member_statuses(&s, None).await,
+    )))
 }
 
 async fn status_vhost(
@@ -141,7 +206,7 @@ async fn status_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(Value::Array(s.shovels.statuses(Some(&vhost)))))
+    Ok(Json(Value::Array(member_statuses(&s, Some(&vhost)).await)))
 }
 
 async fn status_one(
@@ -150,8 +215,8 @@ async fn status_one(
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    s.shovels
-        .statuses(Some(&vhost))
+    member_statuses(&s, Some(&vhost))
+        .await
         .into_iter()
         .find(|r| r.get("name").and_then(Value::as_str) == Some(name.as_str()))
         .map(Json)
@@ -166,8 +231,15 @@ async fn restart(
     require_policymaker(&caller)?;
     caller.require_vhost(&s.broker, &vhost)?;
     if s.shovels.restart(&vhost, &name) {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::not_found())
+        return Ok(StatusCode::NO_CONTENT);
     }
+    if let Some(c) = &s.cluster {
+        let ask = json!({"restart_shovel": [vhost, name]});
+        for (_, answer) in c.member_stats(&ask).await {
+            if answer.and_then(|a| a.get("restarted").and_then(Value::as_bool)) == Some(true) {
+                return Ok(StatusCode::NO_CONTENT);
+            }
+        }
+    }
+    Err(ApiError::not_found())
 }

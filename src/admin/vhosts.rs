@@ -202,9 +202,8 @@ pub async fn remove(
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
     caller.require_admin()?;
+    // Its runtime parameters (shovels) go with it, as in RabbitMQ.
     if s.broker.delete_vhost(&name) {
-        // Its runtime parameters go with it, as in RabbitMQ.
-        s.shovels.delete_vhost(&name);
         super::cluster::replicate(&s, || Some(Command::DeleteVhost { name })).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {

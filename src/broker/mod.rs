@@ -15,6 +15,7 @@ pub mod limits;
 pub mod memory;
 pub mod message;
 pub mod oauth;
+pub mod parameters;
 pub mod persist;
 pub mod policy;
 pub mod queue;
@@ -448,6 +449,8 @@ pub struct Broker {
     pub auth_attempts: AuthAttempts,
     /// Global runtime parameters (`cluster_name` among them).
     pub global: global::GlobalParameters,
+    /// Runtime parameters of vhosts (`shovel` among their components).
+    pub parameters: parameters::Parameters,
     /// Queues that deleted themselves (`x-expires`, auto-delete), for the
     /// cluster layer to replicate (recorded only while it watches).
     pub self_deletions: Arc<deleted::SelfDeletions>,
@@ -498,7 +501,15 @@ impl Broker {
             detail: e.to_string(),
         })?;
         let global = global::GlobalParameters::open(Some(store.clone()))?;
-        let broker = Self::build(config, Some(store.clone()), Some(streams), global);
+        let parameters =
+            parameters::Parameters::open(Some(store.clone()), |c| c != global::COMPONENT)?;
+        let broker = Self::build(
+            config,
+            Some(store.clone()),
+            Some(streams),
+            global,
+            parameters,
+        );
         // Policies are loaded with their vhost, before its queues are recovered.
         let recovered = persist::recover(
             &store,
@@ -530,7 +541,7 @@ impl Broker {
 
     /// A broker that keeps everything in memory only.
     pub fn new(config: &Config) -> Arc<Broker> {
-        Self::build(config, None, None, Default::default())
+        Self::build(config, None, None, Default::default(), Default::default())
     }
 
     fn build(
@@ -538,6 +549,7 @@ impl Broker {
         store: Option<Store>,
         streams: Option<crate::storage::stream::StreamStore>,
         global: global::GlobalParameters,
+        parameters: parameters::Parameters,
     ) -> Arc<Broker> {
         let broker = Broker {
             store,
@@ -559,6 +571,7 @@ impl Broker {
             churn: Churn::default(),
             auth_attempts: AuthAttempts::default(),
             global,
+            parameters,
             self_deletions: Arc::default(),
         };
         broker.add_vhost("/");
@@ -613,6 +626,7 @@ impl Broker {
             return false;
         };
         self.auth.vhost_deleted(name);
+        self.parameters.delete_vhost(name);
         vhost.policies.clear();
         vhost.operator_policies.clear();
         if let Some(store) = &self.store {

@@ -177,6 +177,14 @@ pub enum Command {
         name: String,
         value: Option<String>,
     },
+    /// A vhost's runtime parameter (component `shovel`, say): its JSON value
+    /// as text, or None to clear it.
+    SetParameter {
+        component: String,
+        vhost: String,
+        name: String,
+        value: Option<String>,
+    },
     /// Several changes committed as one entry (a definitions import), applied
     /// in order; one the local broker refuses does not stop the others.
     Batch(Vec<Command>),
@@ -394,6 +402,17 @@ impl Command {
                 name,
                 value: Some(_),
             } => Command::SetGlobalParameter { name, value: None },
+            Command::SetParameter {
+                component,
+                vhost,
+                name,
+                value: Some(_),
+            } => Command::SetParameter {
+                component,
+                vhost,
+                name,
+                value: None,
+            },
             _ => return None,
         })
     }
@@ -665,6 +684,27 @@ impl Command {
                     .map(drop)
                     .map_err(|e| e.to_string()),
             },
+            Command::SetParameter {
+                component,
+                vhost,
+                name,
+                value,
+            } => {
+                if broker.vhost(vhost).is_none() {
+                    return Some(Err(format!("no vhost '{vhost}' on this node")));
+                }
+                let p = &broker.parameters;
+                match value {
+                    Some(text) => serde_json::from_str(text)
+                        .map_err(|e| format!("parameter '{name}' is not JSON: {e}"))
+                        .and_then(|v| p.put(component, vhost, name, v).map_err(|e| e.to_string()))
+                        .map(drop),
+                    None => p
+                        .delete(component, vhost, name)
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                }
+            }
             _ => return None,
         })
     }
@@ -690,6 +730,10 @@ pub struct Metadata {
     /// Global runtime parameters, keyed by name (absent in models written
     /// before they were replicated).
     pub global_parameters: BTreeMap<String, Command>,
+    /// Vhosts' runtime parameters, keyed by vhost, component and name
+    /// ([`parameter_key`]; absent in models written before they were
+    /// replicated).
+    pub parameters: BTreeMap<String, Command>,
     /// Quorum queues' Raft groups, keyed like `queues`.
     pub quorum: BTreeMap<String, QuorumRec>,
     /// Which declaration each queue record is, keyed like `queues`: the log
@@ -717,6 +761,12 @@ pub(crate) fn key(vhost: &str, name: &str) -> String {
     format!("{vhost}\0{name}")
 }
 
+/// A runtime parameter's key in [`Metadata::parameters`]: its vhost first,
+/// as every per-vhost record's.
+fn parameter_key(vhost: &str, component: &str, name: &str) -> String {
+    format!("{vhost}\0{component}\0{name}")
+}
+
 impl Metadata {
     /// Nothing replicated yet.
     pub fn is_empty(&self) -> bool {
@@ -732,6 +782,7 @@ impl Metadata {
             && self.vhost_limits.is_empty()
             && self.user_limits.is_empty()
             && self.global_parameters.is_empty()
+            && self.parameters.is_empty()
     }
 
     /// Record a committed command (pure: no broker, no I/O).
@@ -818,6 +869,7 @@ impl Metadata {
                     &mut self.queues,
                     &mut self.operator_policies,
                     &mut self.topic_permissions,
+                    &mut self.parameters,
                 ] {
                     map.retain(|k, _| !k.starts_with(&prefix));
                 }
@@ -902,6 +954,19 @@ impl Metadata {
                     self.global_parameters.insert(name.clone(), cmd.clone());
                 } else {
                     self.global_parameters.remove(name);
+                }
+            }
+            Command::SetParameter {
+                component,
+                vhost,
+                name,
+                value,
+            } => {
+                let k = parameter_key(vhost, component, name);
+                if value.is_some() {
+                    self.parameters.insert(k, cmd.clone());
+                } else {
+                    self.parameters.remove(&k);
                 }
             }
             Command::Batch(cmds) => {
@@ -1011,6 +1076,7 @@ impl Metadata {
         out.extend(self.permissions.values().cloned());
         out.extend(self.topic_permissions.values().cloned());
         out.extend(self.vhost_limits.values().cloned());
+        out.extend(self.parameters.values().cloned());
         out.extend(self.user_limits.values().cloned());
         out.extend(self.policies.values().cloned());
         out.extend(self.operator_policies.values().cloned());
@@ -1023,8 +1089,8 @@ impl Metadata {
     /// What `broker` has of the replicated kinds, as a model (for
     /// [`Self::removals`]): its exchanges (not the default and `amq.*` ones
     /// every vhost has), named non-exclusive queues and their bindings, topic
-    /// permissions, limits, policies, operator policies and global
-    /// parameters. Vhosts, users and
+    /// permissions, limits, policies, operator policies, global and vhost
+    /// runtime parameters. Vhosts, users and
     /// permissions are taken from `replicated` (the model this node had)
     /// instead: every node makes the default vhost and user at boot, and those
     /// are not records of the group until someone changes them.
@@ -1120,13 +1186,21 @@ impl Metadata {
                 value: Some(value.to_string()),
             });
         }
+        for (component, vhost, name, value) in broker.parameters.all() {
+            m.record(&Command::SetParameter {
+                component,
+                vhost,
+                name,
+                value: Some(value.to_string()),
+            });
+        }
         m
     }
 
     /// The deletes that take `have` to this model: one for every record of
     /// `have` this model lacks, the dependent ones first (bindings, queues,
-    /// exchanges, policies, limits, topic permissions, permissions, users,
-    /// vhosts, global parameters). Records both have are left to the replay,
+    /// runtime parameters, exchanges, policies, limits, topic permissions,
+    /// permissions, users, vhosts, global parameters). Records both have are left to the replay,
     /// which updates them.
     pub fn removals(&self, have: &Metadata) -> Vec<Command> {
         let gone = |mine: &BTreeMap<String, Command>, theirs: &BTreeMap<String, Command>| {
@@ -1144,6 +1218,7 @@ impl Metadata {
             .collect();
         let deletes = gone(&self.queues, &have.queues)
             .into_iter()
+            .chain(gone(&self.parameters, &have.parameters))
             .chain(gone(&self.exchanges, &have.exchanges))
             .chain(gone(&self.policies, &have.policies))
             .chain(gone(&self.operator_policies, &have.operator_policies))
@@ -1634,6 +1709,55 @@ pub(crate) mod tests {
         // A model written before global parameters were replicated has none.
         let old: Metadata = serde_json::from_str(r#"{"vhosts":{}}"#).unwrap();
         assert!(old.global_parameters.is_empty() && old.is_empty());
+    }
+
+    #[test]
+    fn vhost_parameters_are_replayed_removed_and_go_with_their_vhost() {
+        let set = |vhost: &str, name: &str, value: Option<&str>| Command::SetParameter {
+            component: "shovel".into(),
+            vhost: vhost.into(),
+            name: name.into(),
+            value: value.map(String::from),
+        };
+        let mut m = Metadata::default();
+        m.record(&Command::PutVhost {
+            name: "v".into(),
+            creator: None,
+            meta: None,
+        });
+        m.record(&set("/", "a", Some("1")));
+        m.record(&set("v", "b", Some("2")));
+        m.record(&set("/", "a", Some("3")));
+        assert!(!m.is_empty());
+        let replay = m.replay();
+        let vhost_at = replay
+            .iter()
+            .position(|c| matches!(c, Command::PutVhost { .. }));
+        let param_at = replay.iter().position(|c| *c == set("v", "b", Some("2")));
+        assert!(vhost_at < param_at, "a vhost before its parameters");
+        assert!(replay.contains(&set("/", "a", Some("3"))), "the last value");
+        // A snapshot without one clears it on a node that has it.
+        let mut have = Metadata::default();
+        have.record(&set("/", "stale", Some("0")));
+        have.record(&set("/", "a", Some("1")));
+        assert_eq!(m.removals(&have), vec![set("/", "stale", None)]);
+        // A deleted vhost takes its parameters.
+        m.record(&Command::DeleteVhost { name: "v".into() });
+        assert_eq!(m.parameters.len(), 1);
+        m.record(&set("/", "a", None));
+        assert!(m.parameters.is_empty());
+        // Applied to a broker: set, cleared, refused for a missing vhost.
+        let broker = Broker::new(&crate::Config::default());
+        set("/", "a", Some(r#"{"x":1}"#))
+            .apply_to(&broker, 0)
+            .expect("set");
+        assert_eq!(
+            broker.parameters.get("shovel", "/", "a"),
+            Some(serde_json::json!({"x": 1}))
+        );
+        assert!(set("nope", "a", Some("1")).apply_to(&broker, 0).is_err());
+        set("/", "a", None).apply_to(&broker, 0).expect("clear");
+        assert_eq!(broker.parameters.get("shovel", "/", "a"), None);
     }
 
     #[test]

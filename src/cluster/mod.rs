@@ -682,6 +682,26 @@ impl Cluster {
             .collect()
     }
 
+    /// The running member that does the work named `key` (a dynamic shovel,
+    /// say) now: of the running voters, the one whose name hashed with `key`
+    /// is highest (rendezvous hashing: the same answer on every node that
+    /// sees the same members running, and a member's coming or going moves
+    /// only the work it gains or had). None while this node does not see a
+    /// majority of the voters running: a node cut off from the others leaves
+    /// the work to the majority's side.
+    pub fn runner_of(&self, key: &str) -> Option<String> {
+        let members = self.members();
+        let voters = members.iter().filter(|m| m.voter).count();
+        let running: Vec<&Member> = members.iter().filter(|m| m.voter && m.running).collect();
+        if running.len() * 2 <= voters {
+            return None;
+        }
+        running
+            .into_iter()
+            .max_by_key(|m| node_id(&format!("{}\0{key}", m.name)))
+            .map(|m| m.name.clone())
+    }
+
     /// Probe every other member every [`PING_EVERY`]: what `running` in
     /// [`Self::members`] is made of, the same on every node.
     fn spawn_pinger(self: &Arc<Self>) {

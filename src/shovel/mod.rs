@@ -3,11 +3,13 @@
 //! acknowledging at the source per the ack mode.
 //!
 //! Dynamic shovels are runtime parameters of component `shovel`
-//! (`/api/parameters/shovel/{vhost}/{name}`, definitions' `parameters`), stored as
-//! durable topology records so they survive a restart; static shovels come from
-//! the config file (`[shovels.<name>]`). [`Shovels`] owns both: it checks
-//! definitions ([`definition`]), stores the dynamic ones, runs one task per shovel
-//! ([`worker`], an AMQP client through lapin) and reports their status in
+//! (`/api/parameters/shovel/{vhost}/{name}`, definitions' `parameters`), which
+//! the broker holds and stores ([`crate::broker::parameters`]) and a cluster
+//! replicates; static shovels come from the config file (`[shovels.<name>]`).
+//! [`Shovels`] runs them: it checks definitions ([`definition`]), keeps one
+//! task per shovel running here ([`worker`], an AMQP client through lapin) —
+//! every static one, and the dynamic ones its [`Placement`] puts on this node
+//! (all of them on a node without a cluster) — and reports their status in
 //! RabbitMQ's `/api/shovels` shape.
 
 pub mod definition;
@@ -15,13 +17,13 @@ mod worker;
 
 pub use definition::{parse, redact, AckMode, Definition, DeleteAfter, Destination, Source};
 
-use crate::storage::{StorageError, Store, TopologyKind};
+use crate::broker::Broker;
+use crate::storage::StorageError;
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 /// The runtime parameter component shovels are stored under.
 pub const COMPONENT: &str = "shovel";
@@ -146,28 +148,74 @@ pub enum PutError {
     Storage(#[from] StorageError),
 }
 
-/// The stored record of a dynamic shovel (a runtime parameter).
-#[derive(Debug, Serialize, Deserialize)]
-struct ParameterRecord {
-    component: String,
-    vhost: String,
-    name: String,
-    value: Value,
+/// Where dynamic shovels run when the node is one of a cluster: each on one
+/// node (RabbitMQ runs a dynamic shovel on one node of the cluster, and on
+/// another when that one goes).
+pub trait Placement: Send + Sync {
+    /// Whether this node runs dynamic shovel `name` of `vhost` now.
+    fn runs_here(&self, vhost: &str, name: &str) -> bool;
+    /// Dynamic shovel `name` of `vhost` finished (`src-delete-after`) and
+    /// its parameter was cleared on this node: clear it everywhere.
+    fn deleted(&self, vhost: &str, name: &str);
 }
 
-fn record_key(vhost: &str, name: &str) -> String {
+/// The placement of a clustered node: each dynamic shovel runs on the
+/// running member [`crate::cluster::Cluster::runner_of`] names, and only
+/// while this node sees a majority of the cluster (a node cut off from the
+/// others stops its shovels rather than run them twice). Weak: the cluster's
+/// stats answers hold the registry.
+pub struct ClusterPlacement(pub Weak<crate::cluster::Cluster>);
+
+/// What [`Cluster::runner_of`](crate::cluster::Cluster::runner_of) places.
+fn placement_key(vhost: &str, name: &str) -> String {
     format!("{COMPONENT}\0{vhost}\0{name}")
+}
+
+impl Placement for ClusterPlacement {
+    fn runs_here(&self, vhost: &str, name: &str) -> bool {
+        self.0.upgrade().is_some_and(|c| {
+            c.runner_of(&placement_key(vhost, name))
+                .is_some_and(|n| n == c.me.name)
+        })
+    }
+
+    fn deleted(&self, vhost: &str, name: &str) {
+        let Some(c) = self.0.upgrade() else { return };
+        let cmd = crate::cluster::Command::SetParameter {
+            component: COMPONENT.into(),
+            vhost: vhost.into(),
+            name: name.into(),
+            value: None,
+        };
+        let (vhost, name) = (vhost.to_string(), name.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = c.propose(cmd).await {
+                tracing::error!(vhost, name, error = %e, "the finished shovel's deletion was not replicated");
+            }
+        });
+    }
 }
 
 /// Every shovel of a broker, dynamic and static, with their tasks.
 pub struct Shovels {
-    store: Option<Store>,
+    /// Holds the dynamic shovels' definitions (runtime parameters of
+    /// component [`COMPONENT`]).
+    broker: Arc<Broker>,
     /// `host:port` (with `user:pass@`) that `amqp://` without a host means: this broker.
     local: String,
     node: String,
     me: Weak<Shovels>,
+    /// The shovels running here: the static ones and the dynamic ones
+    /// placed here.
     entries: Mutex<BTreeMap<(String, String), Entry>>,
     generations: AtomicU64,
+    /// Clustered: which node runs each dynamic shovel.
+    placement: OnceLock<Arc<dyn Placement>>,
+    /// Dynamic shovels whose stored definition does not parse, with that
+    /// definition (logged once, not started).
+    refused: Mutex<BTreeMap<(String, String), Value>>,
+    /// Shut down: nothing starts any more.
+    stopped: AtomicBool,
 }
 
 impl std::fmt::Debug for Shovels {
@@ -179,48 +227,116 @@ impl std::fmt::Debug for Shovels {
 }
 
 impl Shovels {
-    /// A registry storing dynamic shovels in `store`; `local` is the
-    /// `user:pass@host:port` an `amqp://` URI without a host connects to.
-    pub fn new(store: Option<Store>, local: String) -> Arc<Shovels> {
+    /// A registry running the dynamic shovels among `broker`'s runtime
+    /// parameters, as node `node`; `local` is the `user:pass@host:port` an
+    /// `amqp://` URI without a host connects to. Nothing runs before
+    /// [`Self::start`].
+    pub fn new(broker: Arc<Broker>, local: String, node: String) -> Arc<Shovels> {
         Arc::new_cyclic(|me| Shovels {
-            store,
+            broker,
             local,
-            node: crate::admin::node_name(),
+            node,
             me: me.clone(),
             entries: Mutex::new(BTreeMap::new()),
             generations: AtomicU64::new(0),
+            placement: OnceLock::new(),
+            refused: Mutex::new(BTreeMap::new()),
+            stopped: AtomicBool::new(false),
         })
     }
 
-    /// Start the dynamic shovels found in the store. Records that no longer
-    /// parse are logged and skipped.
-    pub fn recover(&self) -> Result<usize, StorageError> {
-        let Some(store) = &self.store else {
-            return Ok(0);
-        };
-        let mut n = 0;
-        for (key, bytes) in store.load_topology(TopologyKind::Parameter)? {
-            let rec: ParameterRecord = match serde_json::from_slice(&bytes) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(key = %key.escape_debug(), error = %e, "unreadable parameter record skipped");
-                    continue;
+    /// Run dynamic shovels only where `p` places them (a clustered node; set
+    /// before [`Self::start`]).
+    pub fn place_with(&self, p: Arc<dyn Placement>) {
+        let _ = self.placement.set(p);
+    }
+
+    /// Start the dynamic shovels placed here, and keep the running ones
+    /// those the parameters and the placement say: at every change of the
+    /// parameters, and every second (a cluster's members come and go).
+    /// Returns how many started now.
+    pub fn start(&self) -> usize {
+        let n = self.reconcile();
+        let weak = self.me.clone();
+        let mut changes = self.broker.parameters.changes();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = tick.tick() => {}
                 }
-            };
-            if rec.component != COMPONENT {
-                continue;
+                let Some(s) = weak.upgrade() else { return };
+                if s.stopped.load(Ordering::Relaxed) {
+                    return;
+                }
+                s.reconcile();
             }
-            match parse(&rec.value) {
-                Ok(def) => {
-                    self.install(&rec.vhost, &rec.name, Kind::Dynamic, rec.value, def);
-                    n += 1;
+        });
+        n
+    }
+
+    /// Whether this node runs dynamic shovel `name` of `vhost`.
+    fn runs_here(&self, vhost: &str, name: &str) -> bool {
+        match self.placement.get() {
+            None => true,
+            Some(p) => p.runs_here(vhost, name),
+        }
+    }
+
+    /// Make the dynamic shovels running here those the parameters define and
+    /// the placement puts here: stop the others (and those whose definition
+    /// changed), start the missing ones. Returns how many started.
+    pub fn reconcile(&self) -> usize {
+        if self.stopped.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let wanted: BTreeMap<(String, String), Value> = self
+            .broker
+            .parameters
+            .list(COMPONENT, None)
+            .into_iter()
+            .filter(|(v, n, _)| self.runs_here(v, n))
+            .map(|(v, n, value)| ((v, n), value))
+            .collect();
+        let mut missing = Vec::new();
+        {
+            let mut entries = self.entries.lock();
+            entries.retain(|k, e| {
+                let keep = e.kind == Kind::Static || wanted.get(k) == Some(&e.value);
+                if !keep {
+                    if let Some(t) = e.task.take() {
+                        t.abort();
+                    }
+                    tracing::info!(vhost = k.0, name = k.1, "shovel stopped here");
                 }
-                Err(e) => {
-                    tracing::error!(vhost = %rec.vhost, name = %rec.name, error = %e, "stored shovel is invalid; not started")
+                keep
+            });
+            for (k, value) in &wanted {
+                if !entries.contains_key(k) {
+                    missing.push((k.clone(), value.clone()));
                 }
             }
         }
-        Ok(n)
+        self.refused.lock().retain(|k, _| wanted.contains_key(k));
+        let mut started = 0;
+        for ((vhost, name), value) in missing {
+            match parse(&value) {
+                Ok(def) => {
+                    self.install(&vhost, &name, Kind::Dynamic, value, def);
+                    started += 1;
+                }
+                Err(e) => {
+                    let mut refused = self.refused.lock();
+                    if refused.get(&(vhost.clone(), name.clone())) != Some(&value) {
+                        tracing::error!(vhost, name, error = %e, "stored shovel is invalid; not started");
+                        refused.insert((vhost, name), value);
+                    }
+                }
+            }
+        }
+        started
     }
 
     /// Start a static shovel (from the config file) in vhost `/`.
@@ -230,73 +346,38 @@ impl Shovels {
         Ok(())
     }
 
-    /// Set dynamic shovel `name` in `vhost` (starting it, or restarting it with the
-    /// new definition); true when it is new. The vhost's existence is the caller's
-    /// to check.
+    /// Set dynamic shovel `name` in `vhost` (started where it is placed, or
+    /// restarted with the new definition); true when it is new. The vhost's
+    /// existence is the caller's to check.
     pub fn put(&self, vhost: &str, name: &str, value: Value) -> Result<bool, PutError> {
-        let def = parse(&value).map_err(PutError::Invalid)?;
-        if let Some(e) = self
+        parse(&value).map_err(PutError::Invalid)?;
+        if self
             .entries
             .lock()
             .get(&(vhost.to_string(), name.to_string()))
+            .is_some_and(|e| e.kind == Kind::Static)
         {
-            if e.kind == Kind::Static {
-                return Err(PutError::Invalid(format!(
-                    "shovel '{name}' is a static shovel (from the config file)"
-                )));
-            }
+            return Err(PutError::Invalid(format!(
+                "shovel '{name}' is a static shovel (from the config file)"
+            )));
         }
-        if let Some(store) = &self.store {
-            let rec = ParameterRecord {
-                component: COMPONENT.into(),
-                vhost: vhost.into(),
-                name: name.into(),
-                value: value.clone(),
-            };
-            let bytes = serde_json::to_vec(&rec).map_err(|e| PutError::Invalid(e.to_string()))?;
-            store.put_topology(TopologyKind::Parameter, &record_key(vhost, name), &bytes)?;
-        }
-        Ok(self.install(vhost, name, Kind::Dynamic, value, def))
+        let created = self.broker.parameters.put(COMPONENT, vhost, name, value)?;
+        self.reconcile();
+        Ok(created)
     }
 
     /// Delete dynamic shovel `name` in `vhost`, stopping it; false if there is none.
     pub fn delete(&self, vhost: &str, name: &str) -> Result<bool, StorageError> {
-        let key = (vhost.to_string(), name.to_string());
-        let mut entries = self.entries.lock();
-        match entries.get(&key) {
-            Some(e) if e.kind == Kind::Dynamic => {}
-            _ => return Ok(false),
+        let gone = self.broker.parameters.delete(COMPONENT, vhost, name)?;
+        if gone {
+            self.reconcile();
+            tracing::info!(vhost, name, "shovel deleted");
         }
-        if let Some(store) = &self.store {
-            store.delete_topology(TopologyKind::Parameter, &record_key(vhost, name))?;
-        }
-        if let Some(e) = entries.remove(&key) {
-            if let Some(t) = e.task {
-                t.abort();
-            }
-        }
-        tracing::info!(vhost, name, "shovel deleted");
-        Ok(true)
+        Ok(gone)
     }
 
-    /// Delete every dynamic shovel of `vhost` (the vhost was deleted). Failures
-    /// to delete a record are logged.
-    pub fn delete_vhost(&self, vhost: &str) {
-        let names: Vec<String> = self
-            .entries
-            .lock()
-            .iter()
-            .filter(|((v, _), e)| v == vhost && e.kind == Kind::Dynamic)
-            .map(|((_, n), _)| n.clone())
-            .collect();
-        for name in names {
-            if let Err(e) = self.delete(vhost, &name) {
-                tracing::error!(vhost, name, error = %e, "cannot delete the shovel of a deleted vhost");
-            }
-        }
-    }
-
-    /// Restart a shovel's task (`DELETE /api/shovels/vhost/{vhost}/{name}/restart`).
+    /// Restart a shovel's task (`DELETE /api/shovels/vhost/{vhost}/{name}/restart`);
+    /// false if it does not run here.
     pub fn restart(&self, vhost: &str, name: &str) -> bool {
         let found = self
             .entries
@@ -312,8 +393,9 @@ impl Shovels {
         }
     }
 
-    /// Stop every shovel's task (shutdown).
+    /// Stop every shovel's task for good (shutdown).
     pub fn stop_all(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
         for e in self.entries.lock().values_mut() {
             if let Some(t) = e.task.take() {
                 t.abort();
@@ -363,7 +445,8 @@ impl Shovels {
     }
 
     /// A task finished its `src-delete-after` work: a dynamic shovel deletes
-    /// itself (as RabbitMQ's does); a static one stays, terminated.
+    /// itself (as RabbitMQ's does; on every node of a cluster); a static one
+    /// stays, terminated.
     fn completed(&self, vhost: &str, name: &str, generation: u64) {
         let kind = self
             .entries
@@ -372,8 +455,15 @@ impl Shovels {
             .filter(|e| e.generation == generation)
             .map(|e| e.kind);
         if kind == Some(Kind::Dynamic) {
-            if let Err(e) = self.delete(vhost, name) {
-                tracing::error!(vhost, name, error = %e, "cannot delete the finished shovel's parameter");
+            match self.delete(vhost, name) {
+                Ok(_) => {
+                    if let Some(p) = self.placement.get() {
+                        p.deleted(vhost, name);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(vhost, name, error = %e, "cannot delete the finished shovel's parameter")
+                }
             }
         }
     }
@@ -387,23 +477,17 @@ impl Shovels {
     }
 
     /// Dynamic shovels as runtime parameters (`/api/parameters/shovel`,
-    /// definitions), in `vhost` or all.
+    /// definitions), in `vhost` or all: every one defined, wherever it runs.
     pub fn parameters(&self, vhost: Option<&str>) -> Vec<Value> {
-        self.entries
-            .lock()
-            .iter()
-            .filter(|((v, _), e)| e.kind == Kind::Dynamic && vhost.is_none_or(|w| w == v))
-            .map(|((v, n), e)| parameter_json(v, n, &e.value))
+        let all = self.broker.parameters.list(COMPONENT, vhost).into_iter();
+        all.map(|(v, n, value)| parameter_json(&v, &n, &value))
             .collect()
     }
 
     /// One dynamic shovel's parameter.
     pub fn parameter(&self, vhost: &str, name: &str) -> Option<Value> {
-        self.entries
-            .lock()
-            .get(&(vhost.to_string(), name.to_string()))
-            .filter(|e| e.kind == Kind::Dynamic)
-            .map(|e| parameter_json(vhost, name, &e.value))
+        let value = self.broker.parameters.get(COMPONENT, vhost, name)?;
+        Some(parameter_json(vhost, name, &value))
     }
 
     /// `/api/shovels` rows, in `vhost` or all.
