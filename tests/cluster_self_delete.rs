@@ -378,3 +378,84 @@ async fn a_deletion_not_committed_is_proposed_again_after_the_heal() {
         assert_eq!(passive_queue(node, &q).await, 404, "{q} on {}", node.name());
     }
 }
+
+/// A restart of the home node does not lose a deletion that had not
+/// committed: a queue that expired while its home was cut off, and a
+/// non-durable queue (which a restart loses, as RabbitMQ's transient
+/// queues), are both deleted from every node once the home node is back,
+/// while a durable queue it recovers stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_home_nodes_restart_deletes_the_records_of_queues_it_lost() {
+    let (mut nodes, proxies) = start_proxied("selfdel-restart", 2000).await;
+    let all: Vec<String> = nodes.iter().map(Node::name).collect();
+    eventually("three running members", Duration::from_secs(30), || {
+        nodes.iter().all(|n| {
+            let r = n.running();
+            all.iter().all(|m| r.contains(m))
+        })
+    })
+    .await;
+    let (expiring, transient, kept) = (common::uniq("rx"), common::uniq("rt"), common::uniq("rk"));
+    let conn = nodes[0].connect().await;
+    let ch = common::t(conn.create_channel()).await.expect("channel");
+    declare_expiring(&ch, &expiring, 2000).await;
+    let transient_opts = QueueDeclareOptions::default();
+    common::t(ch.queue_declare(&transient, transient_opts, FieldTable::default()))
+        .await
+        .expect("queue.declare (non-durable)");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    common::t(ch.queue_declare(&kept, durable, FieldTable::default()))
+        .await
+        .expect("queue.declare (durable)");
+    let _ = conn.close(200, "bye").await;
+    {
+        let [a, b, c] = [&nodes[0], &nodes[1], &nodes[2]];
+        for q in [&expiring, &transient, &kept] {
+            wait_everywhere(&[a, b, c], q).await;
+        }
+    }
+
+    // A, the home, is cut off while the first expires: its deletion cannot
+    // commit. Then A stops, the links heal, and A starts again.
+    for ((from, to), p) in &proxies {
+        if *from == 0 || *to == 0 {
+            p.cut();
+        }
+    }
+    eventually("the uncommitted deletion logged", WAIT, || {
+        nodes[0]
+            .log()
+            .lines()
+            .any(|l| l.contains("WARN") && l.contains(&expiring) && l.contains("not committed"))
+    })
+    .await;
+    nodes[0].stop();
+    for p in proxies.values() {
+        p.heal();
+    }
+    for node in [&nodes[1], &nodes[2]] {
+        assert!(
+            model_queues(node).iter().any(|n| n == &expiring),
+            "{expiring} left the model on {} without A",
+            node.name()
+        );
+    }
+    nodes[0].start().await;
+
+    let [a, b, c] = [&nodes[0], &nodes[1], &nodes[2]];
+    wait_gone_everywhere(&[a, b, c], &expiring, Duration::from_secs(40)).await;
+    wait_gone_everywhere(&[a, b, c], &transient, Duration::from_secs(40)).await;
+    for node in [a, b, c] {
+        assert_eq!(
+            passive_queue(node, &transient).await,
+            404,
+            "on {}",
+            node.name()
+        );
+        assert_eq!(passive_queue(node, &kept).await, 200, "on {}", node.name());
+        assert!(model_queues(node).iter().any(|n| n == &kept));
+    }
+}

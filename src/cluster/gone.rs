@@ -13,9 +13,11 @@
 //! will report its own deletion again). There is at most one pending retry
 //! per queue record (keyed by vhost and name; a newer report replaces an
 //! older one), and at most one proposal of it in flight. Pending retries are
-//! in memory: a restart of the node forgets them (the record then stays, as
-//! before, until a client deletes or declares the queue again or a snapshot
-//! brings it back on its home node).
+//! in memory, but a restart finds them again: at start, every record served
+//! here (not a quorum queue's) whose queue the node's broker did not
+//! recover is taken as gone ([`Cluster::gone_at_start`]): a self-deletion
+//! that had not committed, or a non-durable queue, which does not outlive
+//! its node's restart (RabbitMQ deletes those records too).
 //!
 //! [`Retries`] is pure (time is passed in); the driver that feeds it, asks
 //! it what is due on a periodic tick and proposes is
@@ -204,6 +206,37 @@ impl Cluster {
         !back && self.sm.is_incarnation(&self.gone_command(gone))
     }
 
+    /// The queue records served here (by their home node, not quorum
+    /// queues') whose queue this node's broker does not have: at start, the
+    /// queues that deleted themselves before a restart without their
+    /// deletion committing, and the non-durable ones (a restart loses them).
+    fn gone_at_start(&self) -> Vec<SelfDeleted> {
+        let m = self.sm.metadata();
+        let mut gone = Vec::new();
+        for (k, cmd) in &m.queues {
+            let Command::DeclareQueue {
+                vhost, name, node, ..
+            } = cmd
+            else {
+                continue;
+            };
+            let here = self
+                .broker
+                .vhost(vhost)
+                .is_some_and(|v| v.queue(name, 0).is_ok());
+            if *node != self.me.name || m.quorum.contains_key(k) || here {
+                continue;
+            }
+            gone.push(SelfDeleted {
+                vhost: vhost.clone(),
+                name: name.clone(),
+                why: "gone at restart",
+                declared: m.declared.get(k).copied().unwrap_or(0),
+            });
+        }
+        gone
+    }
+
     /// Replicate the deletions the broker makes by itself
     /// ([`crate::broker::deleted`]): each queue that deleted itself here and
     /// is a replicated record served here is proposed as a
@@ -211,13 +244,19 @@ impl Cluster {
     /// every node drops the record (and its bindings) unless a newer
     /// declaration took its place. Not committed (no quorum): logged at
     /// warn, and proposed again ([`Retries`]) until it commits or is moot;
-    /// the local deletion stays done.
+    /// the local deletion stays done. Proposed first: the records
+    /// [`Self::gone_at_start`] finds.
     pub(super) fn spawn_self_deletions(self: &Arc<Self>) {
         let deletions = Arc::clone(&self.broker.self_deletions);
         deletions.watch();
         let weak = Arc::downgrade(self);
+        let at_start = self.gone_at_start();
         tokio::spawn(async move {
             let mut retries = Retries::default();
+            for gone in at_start {
+                tracing::info!(vhost = %gone.vhost, queue = %gone.name, "queue served here not recovered: its record is deleted");
+                retries.add(gone, Instant::now());
+            }
             let (answers, mut answered) =
                 tokio::sync::mpsc::unbounded_channel::<(Attempt, Result<(), String>)>();
             let mut tick = tokio::time::interval(TICK);

@@ -211,6 +211,19 @@ pub struct Member {
     pub leader: bool,
 }
 
+/// [`Cluster::runner_of`] over `members` as a node sees them (pure).
+pub fn runner<'a>(members: &'a [Member], key: &str) -> Option<&'a str> {
+    let voters = members.iter().filter(|m| m.voter).count();
+    let running: Vec<&Member> = members.iter().filter(|m| m.voter && m.running).collect();
+    if running.len() * 2 <= voters {
+        return None;
+    }
+    running
+        .into_iter()
+        .max_by_key(|m| node_id(&format!("{}\0{key}", m.name)))
+        .map(|m| m.name.as_str())
+}
+
 impl Cluster {
     /// Start this node's part of the cluster: open the store, start the Raft
     /// node and the inter-node listener, and on a first start either form a
@@ -690,16 +703,7 @@ impl Cluster {
     /// majority of the voters running: a node cut off from the others leaves
     /// the work to the majority's side.
     pub fn runner_of(&self, key: &str) -> Option<String> {
-        let members = self.members();
-        let voters = members.iter().filter(|m| m.voter).count();
-        let running: Vec<&Member> = members.iter().filter(|m| m.voter && m.running).collect();
-        if running.len() * 2 <= voters {
-            return None;
-        }
-        running
-            .into_iter()
-            .max_by_key(|m| node_id(&format!("{}\0{key}", m.name)))
-            .map(|m| m.name.clone())
+        runner(&self.members(), key).map(String::from)
     }
 
     /// Probe every other member every [`PING_EVERY`]: what `running` in
@@ -946,6 +950,50 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
+    fn member(name: &str, voter: bool, running: bool) -> Member {
+        Member {
+            name: name.into(),
+            addr: String::new(),
+            id: node_id(name),
+            voter,
+            running,
+            leader: false,
+        }
+    }
+
+    #[test]
+    fn work_goes_to_one_running_voter_and_only_with_a_majority() {
+        let names = ["warren@a", "warren@b", "warren@c"];
+        let all: Vec<Member> = names.iter().map(|n| member(n, true, true)).collect();
+        let keys: Vec<String> = (0..60).map(|i| format!("shovel\0/\0s{i}")).collect();
+        // Every key has a runner; the three nodes share them.
+        let runners: Vec<&str> = keys.iter().map(|k| runner(&all, k).unwrap()).collect();
+        for n in names {
+            let mine = runners.iter().filter(|r| **r == n).count();
+            assert!(mine > 5, "{n} runs {mine} of 60");
+        }
+        // One node down: only its keys move, to the running ones.
+        let mut b_down = all.clone();
+        b_down[1].running = false;
+        for (k, before) in keys.iter().zip(&runners) {
+            let now = runner(&b_down, k).unwrap();
+            if *before == "warren@b" {
+                assert_ne!(now, "warren@b");
+            } else {
+                assert_eq!(now, *before, "a key that did not run on b stays");
+            }
+        }
+        // A learner runs nothing; a minority's view runs nothing.
+        let mut learner = all.clone();
+        learner.push(member("warren@d", false, true));
+        assert!(keys.iter().all(|k| runner(&learner, k) != Some("warren@d")));
+        let mut alone = all.clone();
+        alone[1].running = false;
+        alone[2].running = false;
+        assert!(keys.iter().all(|k| runner(&alone, k).is_none()));
+        // A single-node cluster runs everything.
+        assert_eq!(runner(&all[..1], &keys[0]), Some("warren@a"));
+    }
 
     #[test]
     fn seeds_in_every_form() {
