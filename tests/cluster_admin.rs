@@ -378,6 +378,45 @@ async fn figures_of_every_member_and_503_without_a_majority() {
         "{mc}"
     );
     assert_eq!(b.get("/api/nodes/warren@nowhere/memory").0, 404);
+
+    // B's API lists C's connections and channels (each row's node is C),
+    // counts them in its overview, and closes one of them.
+    let _ch = common::t(conns[0].create_channel()).await.expect("channel");
+    let (status, listed) = b.get("/api/connections");
+    assert_eq!(status, 200, "{listed}");
+    let rows = listed.as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 2, "{listed}");
+    assert!(
+        rows.iter().all(|r| r["node"] == c.name().as_str()),
+        "{listed}"
+    );
+    let (_, channels) = b.get("/api/channels");
+    assert_eq!(channels.as_array().map(Vec::len), Some(1), "{channels}");
+    assert_eq!(channels[0]["node"], c.name().as_str(), "{channels}");
+    let (_, overview) = b.get("/api/overview");
+    assert_eq!(overview["object_totals"]["connections"], 2, "{overview}");
+    assert_eq!(overview["object_totals"]["channels"], 1, "{overview}");
+    let with_channel = rows
+        .iter()
+        .find(|r| r["channels"] == 1)
+        .and_then(|r| r["name"].as_str())
+        .expect("the connection with a channel")
+        .to_string();
+    let escaped = with_channel
+        .replace(' ', "%20")
+        .replace('>', "%3E")
+        .replace(':', "%3A");
+    let path = format!("/api/connections/{escaped}");
+    assert_eq!(b.get(&path).0, 200);
+    assert_eq!(b.send("DELETE", &path, None), 204);
+    eventually("the connection closed by B's API", WAIT, || {
+        !conns[0].status().connected()
+    })
+    .await;
+    eventually("one connection left, seen from A", WAIT, || {
+        a.get("/api/connections").1.as_array().map(Vec::len) == Some(1)
+    })
+    .await;
     for conn in conns {
         let _ = conn.close(200, "bye").await;
     }
@@ -414,6 +453,9 @@ async fn figures_of_every_member_and_503_without_a_majority() {
     assert_eq!(row["messages"], 3, "{row}");
     let (_, paged) = c.get(&format!("/api/queues/%2F?page=1&page_size=500&name={q}"));
     assert_eq!(paged["items"][0]["messages"], 3, "{paged}");
+    // So are the overview's totals.
+    let (_, overview) = c.get("/api/overview");
+    assert_eq!(overview["queue_totals"]["messages"], 3, "{overview}");
 
     // A member that does not answer is not running, and has no figures.
     a.stop();

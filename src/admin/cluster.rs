@@ -152,7 +152,9 @@ pub async fn nodes(c: &Cluster, this_node: Value) -> Vec<Value> {
 /// of those queues (`queues`, in the same order; null for one it does not
 /// have).
 pub fn answer_stats(s: &AdminState, query: &Value) -> Value {
-    if let Some(answer) = super::shovels::answer_stats(s, query) {
+    if let Some(answer) = super::shovels::answer_stats(s, query)
+        .or_else(|| super::connections::answer_stats(s, query))
+    {
         return answer;
     }
     let wanted = query.get("queues").and_then(Value::as_array);

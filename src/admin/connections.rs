@@ -1,7 +1,10 @@
 //! `/api/connections[/{name}]` (list, show, force-close; Stream protocol
 //! connections included, shown by [`super::stream`]; both with their
 //! socket's counters and byte rates), `/api/channels` and
-//! `/api/consumers[/{vhost}]`.
+//! `/api/consumers[/{vhost}]`. Clustered, as RabbitMQ's: the rows of every
+//! member that answers ([`member_rows`], asked over the cluster port; each
+//! row's `node` is where the connection is), and a connection on another
+//! member is shown and closed through this node's API too.
 
 use super::{table_to_json, AdminState, ApiError, ApiResult, Caller};
 use crate::broker::{ChannelStats, ConnectionInfo};
@@ -70,16 +73,174 @@ pub(super) fn with_socket_stats(s: &AdminState, c: &ConnectionInfo, mut v: Value
     v
 }
 
+/// Whose objects a listing shows: a caller's (monitors see every
+/// connection, others their own), or all of them (another member asked:
+/// the asking node filters for its caller).
+#[derive(Clone, Copy)]
+enum Viewer<'a> {
+    All,
+    Caller(&'a Caller),
+}
+
+impl Viewer<'_> {
+    /// Sees the connections (and channels) of `user`.
+    fn sees_user(&self, user: &str) -> bool {
+        match self {
+            Viewer::All => true,
+            Viewer::Caller(c) => c.is_monitor() || c.0.name == user,
+        }
+    }
+
+    /// Sees the consumers of `vhost`.
+    fn sees_vhost(&self, s: &AdminState, vhost: &str) -> bool {
+        match self {
+            Viewer::All => true,
+            Viewer::Caller(c) => c.sees(&s.broker, vhost),
+        }
+    }
+
+    /// Sees `row`, a connection's or a channel's (by its `user`) or a
+    /// consumer's (by its queue's vhost), as another member listed it.
+    fn sees_row(&self, s: &AdminState, row: &Value) -> bool {
+        match row["queue"]["vhost"].as_str() {
+            Some(vhost) => self.sees_vhost(s, vhost),
+            None => self.sees_user(row["user"].as_str().unwrap_or_default()),
+        }
+    }
+}
+
 /// Connections the caller may see: monitors all, others their own.
 fn visible(s: &AdminState, caller: &Caller) -> Vec<Arc<ConnectionInfo>> {
+    visible_to(s, Viewer::Caller(caller))
+}
+
+fn visible_to(s: &AdminState, viewer: Viewer<'_>) -> Vec<Arc<ConnectionInfo>> {
     let mut v: Vec<_> = s
         .broker
         .connections()
         .into_iter()
-        .filter(|c| caller.is_monitor() || c.user == caller.0.name)
+        .filter(|c| viewer.sees_user(&c.user))
         .collect();
     v.sort_by(|a, b| a.name.cmp(&b.name));
     v
+}
+
+/// The rows of one kind (`connections`, `channels`, `consumers`) this node
+/// has, for another member's request.
+fn local_rows(s: &AdminState, kind: &str) -> Vec<Value> {
+    match kind {
+        "connections" => visible_to(s, Viewer::All)
+            .iter()
+            .map(|c| connection_json(s, c))
+            .collect(),
+        "channels" => channel_rows(s, Viewer::All, |_| true),
+        "consumers" => consumer_rows(s, Viewer::All, None),
+        _ => Vec::new(),
+    }
+}
+
+/// What another member asks of this node's connections: its rows of a kind
+/// (`{"rows": "connections"}`), or to close one of its connections
+/// (`{"close_connection": name, "reason": ...}`, checked by the asking
+/// node); None for other requests.
+pub fn answer_stats(s: &AdminState, query: &Value) -> Option<Value> {
+    if let Some(kind) = query.get("rows").and_then(Value::as_str) {
+        return Some(json!({ "rows": local_rows(s, kind) }));
+    }
+    if query.get("connection_counts").is_some() {
+        return Some(json!({ "connection_counts": local_counts(s) }));
+    }
+    let name = query.get("close_connection").and_then(Value::as_str)?;
+    let reason = query["reason"]
+        .as_str()
+        .unwrap_or("Closed via management plugin");
+    Some(json!({ "closed": s.broker.close_connection(name, reason) }))
+}
+
+/// This node's connections counted for the overview: by user, how many
+/// connections and channels; by vhost, how many Stream protocol
+/// subscriptions (consumers, as RabbitMQ counts them).
+fn local_counts(s: &AdminState) -> Value {
+    let mut users: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut subscriptions: HashMap<String, u64> = HashMap::new();
+    for c in s.broker.connections() {
+        let u = users.entry(c.user.clone()).or_default();
+        u.0 += 1;
+        u.1 += u64::from(c.channels.load(Ordering::Relaxed));
+        if let Some(st) = c.control.stream() {
+            *subscriptions.entry(c.vhost.clone()).or_default() += st.consumers().len() as u64;
+        }
+    }
+    json!({"users": users, "subscriptions": subscriptions})
+}
+
+/// The other members' connections, channels and Stream protocol
+/// subscriptions that `caller` sees, counted (for the overview's totals).
+pub(super) async fn member_counts(s: &AdminState, caller: &Caller) -> (u64, u64, u64) {
+    let Some(c) = &s.cluster else {
+        return (0, 0, 0);
+    };
+    let viewer = Viewer::Caller(caller);
+    let (mut conns, mut channels, mut subs) = (0, 0, 0);
+    for (_, answer) in c.member_stats(&json!({"connection_counts": true})).await {
+        let Some(counts) = answer.as_ref().map(|a| &a["connection_counts"]) else {
+            continue;
+        };
+        for (user, n) in counts["users"].as_object().into_iter().flatten() {
+            if viewer.sees_user(user) {
+                conns += n[0].as_u64().unwrap_or(0);
+                channels += n[1].as_u64().unwrap_or(0);
+            }
+        }
+        for (vhost, n) in counts["subscriptions"].as_object().into_iter().flatten() {
+            if viewer.sees_vhost(s, vhost) {
+                subs += n.as_u64().unwrap_or(0);
+            }
+        }
+    }
+    (conns, channels, subs)
+}
+
+/// The rows of `kind` the other members have, that `caller` may see (none
+/// on a node without a cluster; a member that does not answer has none).
+async fn member_rows(s: &AdminState, caller: &Caller, kind: &str) -> Vec<Value> {
+    let Some(c) = &s.cluster else {
+        return Vec::new();
+    };
+    let viewer = Viewer::Caller(caller);
+    let mut rows = Vec::new();
+    for (_, answer) in c.member_stats(&json!({ "rows": kind })).await {
+        let Some(Value::Array(theirs)) =
+            answer.and_then(|mut a| a.get_mut("rows").map(Value::take))
+        else {
+            continue;
+        };
+        rows.extend(theirs.into_iter().filter(|r| viewer.sees_row(s, r)));
+    }
+    rows
+}
+
+/// This node's rows of `kind` and the other members', by name.
+async fn cluster_rows(
+    s: &AdminState,
+    caller: &Caller,
+    kind: &str,
+    mut rows: Vec<Value>,
+) -> Vec<Value> {
+    rows.extend(member_rows(s, caller, kind).await);
+    if kind != "consumers" {
+        rows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    }
+    rows
+}
+
+/// Every connection `caller` sees, on every member.
+async fn all_connections(s: &AdminState, caller: &Caller) -> Vec<Value> {
+    let here = visible(s, caller)
+        .iter()
+        .map(|c| connection_json(s, c))
+        .collect();
+    cluster_rows(s, caller, "connections", here).await
 }
 
 /// `/api/connections`, with the listing parameters (`page`, `name`, `sort`, ...).
@@ -88,10 +249,7 @@ pub async fn list(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let rows = visible(&s, &caller)
-        .iter()
-        .map(|c| connection_json(&s, c))
-        .collect();
+    let rows = all_connections(&s, &caller).await;
     super::queues::paged(rows, &params).map(Json)
 }
 
@@ -101,12 +259,9 @@ pub async fn list_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
+    let rows = all_connections(&s, &caller).await.into_iter();
     Ok(Json(Value::Array(
-        visible(&s, &caller)
-            .iter()
-            .filter(|c| c.vhost == vhost)
-            .map(|c| connection_json(&s, c))
-            .collect(),
+        rows.filter(|r| r["vhost"] == vhost.as_str()).collect(),
     )))
 }
 
@@ -122,8 +277,15 @@ pub async fn show(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let c = find(&s, &caller, &name)?;
-    Ok(Json(connection_json(&s, &c)))
+    if let Ok(c) = find(&s, &caller, &name) {
+        return Ok(Json(connection_json(&s, &c)));
+    }
+    member_rows(&s, &caller, "connections")
+        .await
+        .into_iter()
+        .find(|r| r["name"] == name.as_str())
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
 }
 
 /// The reason to close `c` with (the `X-Reason` header, or the management
@@ -131,10 +293,10 @@ pub async fn show(
 /// connection's own user.
 pub(super) fn close_reason<'h>(
     caller: &Caller,
-    c: &ConnectionInfo,
+    user: &str,
     headers: &'h axum::http::HeaderMap,
 ) -> ApiResult<&'h str> {
-    if !caller.is_admin() && c.user != caller.0.name {
+    if !caller.is_admin() && user != caller.0.name {
         return Err(ApiError::refused("Not administrator user"));
     }
     Ok(headers
@@ -150,13 +312,37 @@ pub async fn close(
     Path(name): Path<String>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<StatusCode> {
-    let c = find(&s, &caller, &name)?;
-    let reason = close_reason(&caller, &c, &headers)?;
-    if s.broker.close_connection(&name, reason) {
+    if let Ok(c) = find(&s, &caller, &name) {
+        let reason = close_reason(&caller, &c.user, &headers)?;
+        return if s.broker.close_connection(&name, reason) {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            Err(ApiError::not_found())
+        };
+    }
+    let row = member_rows(&s, &caller, "connections")
+        .await
+        .into_iter()
+        .find(|r| r["name"] == name.as_str())
+        .ok_or_else(ApiError::not_found)?;
+    let reason = close_reason(&caller, row["user"].as_str().unwrap_or_default(), &headers)?;
+    if close_remote(&s, &row, reason).await {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::not_found())
     }
+}
+
+/// Ask the member named by `row`'s `node` to close its connection `row`.
+async fn close_remote(s: &AdminState, row: &Value, reason: &str) -> bool {
+    let (Some(c), Some(node), Some(name)) =
+        (&s.cluster, row["node"].as_str(), row["name"].as_str())
+    else {
+        return false;
+    };
+    let ask = json!({"close_connection": name, "reason": reason});
+    let answer = c.stats_of(node, &ask).await;
+    answer.is_some_and(|a| a["closed"] == true)
 }
 
 /// `GET /api/connections/username/{user}`: that user's connections.
@@ -165,12 +351,9 @@ pub async fn list_user(
     caller: Caller,
     Path(user): Path<String>,
 ) -> Json<Value> {
+    let rows = all_connections(&s, &caller).await.into_iter();
     Json(Value::Array(
-        visible(&s, &caller)
-            .iter()
-            .filter(|c| c.user == user)
-            .map(|c| connection_json(&s, c))
-            .collect(),
+        rows.filter(|r| r["user"] == user.as_str()).collect(),
     ))
 }
 
@@ -184,8 +367,14 @@ pub async fn close_user(
     headers: axum::http::HeaderMap,
 ) -> ApiResult<StatusCode> {
     for c in visible(&s, &caller).iter().filter(|c| c.user == user) {
-        let reason = close_reason(&caller, c, &headers)?;
+        let reason = close_reason(&caller, &c.user, &headers)?;
         s.broker.close_connection(&c.name, reason);
+    }
+    for row in member_rows(&s, &caller, "connections").await {
+        if row["user"] == user.as_str() {
+            let reason = close_reason(&caller, &user, &headers)?;
+            close_remote(&s, &row, reason).await;
+        }
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -194,12 +383,12 @@ pub async fn close_user(
 /// `/api/channels` lists them.
 fn channel_rows(
     s: &AdminState,
-    caller: &Caller,
+    viewer: Viewer<'_>,
     keep: impl Fn(&ConnectionInfo) -> bool,
 ) -> Vec<Value> {
     let consumers = consumer_counts(s);
     let mut out = Vec::new();
-    for c in visible(s, caller).into_iter().filter(|c| keep(c)) {
+    for c in visible_to(s, viewer).into_iter().filter(|c| keep(c)) {
         let open: Vec<(u16, Arc<ChannelStats>)> = c
             .open_channels
             .lock()
@@ -256,7 +445,14 @@ pub async fn channels(
     caller: Caller,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    super::queues::paged(channel_rows(&s, &caller, |_| true), &params).map(Json)
+    let rows = all_channels(&s, &caller).await;
+    super::queues::paged(rows, &params).map(Json)
+}
+
+/// Every channel `caller` sees, on every member.
+async fn all_channels(s: &AdminState, caller: &Caller) -> Vec<Value> {
+    let here = channel_rows(s, Viewer::Caller(caller), |_| true);
+    cluster_rows(s, caller, "channels", here).await
 }
 
 /// `/api/vhosts/{vhost}/channels`.
@@ -266,9 +462,10 @@ pub async fn channels_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(Value::Array(channel_rows(&s, &caller, |c| {
-        c.vhost == vhost
-    }))))
+    let rows = all_channels(&s, &caller).await.into_iter();
+    Ok(Json(Value::Array(
+        rows.filter(|r| r["vhost"] == vhost.as_str()).collect(),
+    )))
 }
 
 /// `/api/connections/{name}/channels` (404 for a connection `caller` does
@@ -278,10 +475,19 @@ pub async fn connection_channels(
     caller: Caller,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    find(&s, &caller, &name)?;
-    Ok(Json(Value::Array(channel_rows(&s, &caller, |c| {
-        c.name == name
-    }))))
+    let here = find(&s, &caller, &name).is_ok();
+    let rows = if here {
+        channel_rows(&s, Viewer::Caller(&caller), |c| c.name == name)
+    } else {
+        let theirs = member_rows(&s, &caller, "connections").await;
+        if !theirs.iter().any(|r| r["name"] == name.as_str()) {
+            return Err(ApiError::not_found());
+        }
+        let all = member_rows(&s, &caller, "channels").await.into_iter();
+        all.filter(|r| r["connection_details"]["name"] == name.as_str())
+            .collect()
+    };
+    Ok(Json(Value::Array(rows)))
 }
 
 /// `/api/channels/{name}`: one channel, by its name (`<connection> (<number>)`).
@@ -291,11 +497,15 @@ pub async fn channel(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let (conn, _) = name.rsplit_once(" (").ok_or_else(ApiError::not_found)?;
-    channel_rows(&s, &caller, |c| c.name == conn)
-        .into_iter()
-        .find(|row| row["name"] == name.as_str())
-        .map(Json)
-        .ok_or_else(ApiError::not_found)
+    let here = channel_rows(&s, Viewer::Caller(&caller), |c| c.name == conn);
+    let row = match here.into_iter().find(|row| row["name"] == name.as_str()) {
+        Some(row) => Some(row),
+        None => member_rows(&s, &caller, "channels")
+            .await
+            .into_iter()
+            .find(|row| row["name"] == name.as_str()),
+    };
+    row.map(Json).ok_or_else(ApiError::not_found)
 }
 
 fn consumer_counts(s: &AdminState) -> HashMap<(u64, u16), usize> {
@@ -310,7 +520,13 @@ fn consumer_counts(s: &AdminState) -> HashMap<(u64, u16), usize> {
     m
 }
 
+/// The consumers of this node's queues (and its Stream protocol
+/// subscriptions) that `caller` sees, in vhost `only` or all.
 pub(super) fn consumers_where(s: &AdminState, caller: &Caller, only: Option<&str>) -> Vec<Value> {
+    consumer_rows(s, Viewer::Caller(caller), only)
+}
+
+fn consumer_rows(s: &AdminState, viewer: Viewer<'_>, only: Option<&str>) -> Vec<Value> {
     let conns: HashMap<u64, Arc<ConnectionInfo>> = s
         .broker
         .connections()
@@ -319,7 +535,7 @@ pub(super) fn consumers_where(s: &AdminState, caller: &Caller, only: Option<&str
         .collect();
     let mut out = Vec::new();
     for v in s.broker.vhosts() {
-        if only.is_some_and(|o| o != &*v.name) || !caller.sees(&s.broker, &v.name) {
+        if only.is_some_and(|o| o != &*v.name) || !viewer.sees_vhost(s, &v.name) {
             continue;
         }
         for q in v.queues() {
@@ -357,7 +573,7 @@ pub(super) fn consumers_where(s: &AdminState, caller: &Caller, only: Option<&str
         let Some(st) = conn.control.stream() else {
             continue;
         };
-        if only.is_some_and(|o| o != conn.vhost) || !caller.sees(&s.broker, &conn.vhost) {
+        if only.is_some_and(|o| o != conn.vhost) || !viewer.sees_vhost(s, &conn.vhost) {
             continue;
         }
         for x in st.consumers() {
@@ -392,7 +608,10 @@ pub(super) fn consumers_where(s: &AdminState, caller: &Caller, only: Option<&str
 }
 
 pub async fn consumers(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(Value::Array(consumers_where(&s, &caller, None)))
+    let here = consumers_where(&s, &caller, None);
+    Json(Value::Array(
+        cluster_rows(&s, &caller, "consumers", here).await,
+    ))
 }
 
 pub async fn consumers_vhost(
@@ -401,9 +620,12 @@ pub async fn consumers_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(Value::Array(consumers_where(
-        &s,
-        &caller,
-        Some(&vhost),
-    ))))
+    let here = consumers_where(&s, &caller, Some(&vhost));
+    let rows = cluster_rows(&s, &caller, "consumers", here)
+        .await
+        .into_iter();
+    Ok(Json(Value::Array(
+        rows.filter(|r| r["queue"]["vhost"] == vhost.as_str())
+            .collect(),
+    )))
 }

@@ -29,6 +29,11 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         .collect();
     let (mut ready, mut unacked, mut consumers, mut queues, mut exchanges) = (0, 0, 0, 0, 0);
     let mut rates = [0.0; 3];
+    // Clustered, a queue's counts are its home node's (one request per
+    // member), as RabbitMQ's overview totals the whole cluster.
+    let mut homes = super::cluster::Homes::of(&s);
+    let all_queues: Vec<_> = visible.iter().flat_map(|v| v.queues()).collect();
+    homes.fetch(&s, &all_queues).await;
     for v in &visible {
         exchanges += v.exchanges().len();
         let vq = v.queues();
@@ -37,11 +42,22 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
             *r += x;
         }
         for q in vq {
+            queues += 1;
+            if let Some(c) = homes.counts(&v.name, q.name()) {
+                let n = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
+                ready += n("messages_ready");
+                unacked += n("messages_unacknowledged");
+                // A stream's counts include its home node's Stream protocol
+                // subscriptions, which every member's count below has.
+                if q.stream().is_none() {
+                    consumers += n("consumers");
+                }
+                continue;
+            }
             let st = q.stats(now_ms());
             ready += st.ready;
             unacked += st.unacked;
             consumers += st.consumers;
-            queues += 1;
         }
     }
     let conns: Vec<_> = b
@@ -58,10 +74,13 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         .filter_map(|c| c.control.stream())
         .map(|st| st.consumers().len())
         .sum::<usize>();
-    let channels: u32 = conns
+    let channels: u64 = conns
         .iter()
-        .map(|c| c.channels.load(Ordering::Relaxed))
+        .map(|c| u64::from(c.channels.load(Ordering::Relaxed)))
         .sum();
+    let (their_conns, their_channels, their_subs) =
+        super::connections::member_counts(&s, &caller).await;
+    consumers += their_subs as usize;
     let mut queue_totals = serde_json::Map::new();
     queue_totals.insert("messages".into(), json!(ready + unacked));
     queue_totals.insert("messages_ready".into(), json!(ready));
@@ -81,8 +100,8 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "exchange_types": exchange_types(),
         "queue_totals": queue_totals,
         "object_totals": {
-            "connections": conns.len(),
-            "channels": channels,
+            "connections": conns.len() as u64 + their_conns,
+            "channels": channels + their_channels,
             "exchanges": exchanges,
             "queues": queues,
             "consumers": consumers,

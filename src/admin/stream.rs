@@ -187,7 +187,7 @@ pub async fn close(
     headers: axum::http::HeaderMap,
 ) -> ApiResult<StatusCode> {
     let c = find(&s, &caller, &vhost, &name)?;
-    let reason = super::connections::close_reason(&caller, &c, &headers)?;
+    let reason = super::connections::close_reason(&caller, &c.user, &headers)?;
     c.control.force_close(reason);
     Ok(StatusCode::NO_CONTENT)
 }
