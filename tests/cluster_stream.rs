@@ -108,6 +108,32 @@ async fn publishing_on_a_non_home_node_goes_to_the_home_node() {
         .await
         .expect("declare_publisher");
     assert_eq!(p.code(), &ResponseCode::Ok);
+    // A's management API lists B's Stream connection and its publisher (as
+    // RabbitMQ's lists the whole cluster's), each row naming node B.
+    let (_, conns) = a.get("/api/stream/connections");
+    let rows = conns.as_array().cloned().unwrap_or_default();
+    assert_eq!(rows.len(), 1, "{conns}");
+    assert_eq!(rows[0]["node"], b.name().as_str(), "{conns}");
+    for path in ["/api/stream/publishers", "/api/stream/publishers/%2F/ss"] {
+        let (status, pubs) = a.get(path);
+        assert_eq!(status, 200, "{path}: {pubs}");
+        let rows = pubs.as_array().cloned().unwrap_or_default();
+        assert_eq!(rows.len(), 1, "{path}: {pubs}");
+        assert_eq!(rows[0]["reference"], "ref", "{pubs}");
+        assert_eq!(rows[0]["connection_details"]["node"], b.name().as_str());
+    }
+    let name = rows[0]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .replace(' ', "%20")
+        .replace('>', "%3E")
+        .replace(':', "%3A");
+    let (status, one) = a.get(&format!("/api/stream/connections/%2F/{name}"));
+    assert_eq!(
+        (status, &one["node"]),
+        (200, &serde_json::json!(b.name())),
+        "{one}"
+    );
     let batch = |ids: std::ops::Range<u64>| -> Vec<Message> {
         ids.map(|i| {
             Message::builder()

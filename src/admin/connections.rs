@@ -135,7 +135,7 @@ fn local_rows(s: &AdminState, kind: &str) -> Vec<Value> {
             .collect(),
         "channels" => channel_rows(s, Viewer::All, |_| true),
         "consumers" => consumer_rows(s, Viewer::All, None),
-        _ => Vec::new(),
+        other => super::stream::local_rows(s, other),
     }
 }
 
@@ -204,10 +204,19 @@ pub(super) async fn member_counts(s: &AdminState, caller: &Caller) -> (u64, u64,
 /// The rows of `kind` the other members have, that `caller` may see (none
 /// on a node without a cluster; a member that does not answer has none).
 async fn member_rows(s: &AdminState, caller: &Caller, kind: &str) -> Vec<Value> {
+    let viewer = Viewer::Caller(caller);
+    member_rows_where(s, kind, |r| viewer.sees_row(s, r)).await
+}
+
+/// The rows of `kind` the other members have that `keep` keeps.
+pub(super) async fn member_rows_where(
+    s: &AdminState,
+    kind: &str,
+    keep: impl Fn(&Value) -> bool,
+) -> Vec<Value> {
     let Some(c) = &s.cluster else {
         return Vec::new();
     };
-    let viewer = Viewer::Caller(caller);
     let mut rows = Vec::new();
     for (_, answer) in c.member_stats(&json!({ "rows": kind })).await {
         let Some(Value::Array(theirs)) =
@@ -215,7 +224,7 @@ async fn member_rows(s: &AdminState, caller: &Caller, kind: &str) -> Vec<Value> 
         else {
             continue;
         };
-        rows.extend(theirs.into_iter().filter(|r| viewer.sees_row(s, r)));
+        rows.extend(theirs.into_iter().filter(|r| keep(r)));
     }
     rows
 }
@@ -334,7 +343,7 @@ pub async fn close(
 }
 
 /// Ask the member named by `row`'s `node` to close its connection `row`.
-async fn close_remote(s: &AdminState, row: &Value, reason: &str) -> bool {
+pub(super) async fn close_remote(s: &AdminState, row: &Value, reason: &str) -> bool {
     let (Some(c), Some(node), Some(name)) =
         (&s.cluster, row["node"].as_str(), row["name"].as_str())
     else {

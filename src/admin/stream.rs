@@ -132,6 +132,88 @@ fn visible(s: &AdminState, caller: &Caller, vhost: Option<&str>) -> Vec<Arc<Conn
     v
 }
 
+/// Every stream connection of this node, by name.
+fn all_here(s: &AdminState) -> Vec<Arc<ConnectionInfo>> {
+    let mut v: Vec<_> = s
+        .broker
+        .connections()
+        .into_iter()
+        .filter(|c| c.control.stream().is_some())
+        .collect();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+/// This node's rows of a kind (`stream_connections`, `stream_publishers`,
+/// `stream_consumers`) for another member's request.
+pub(super) fn local_rows(s: &AdminState, kind: &str) -> Vec<Value> {
+    let rows = match kind {
+        "stream_connections" => connections_json(s, &all_here(s)),
+        "stream_publishers" => publishers_of(&s.broker.node, &all_here(s), None),
+        "stream_consumers" => consumers_of(s, &all_here(s)),
+        _ => return Vec::new(),
+    };
+    match rows {
+        Value::Array(rows) => rows,
+        _ => Vec::new(),
+    }
+}
+
+/// What a row (a connection's, or a publisher's or consumer's with its
+/// `connection_details`) is of: (vhost, connection name, user).
+fn row_keys(row: &Value) -> (&str, &str, &str) {
+    fn s(v: &Value) -> &str {
+        v.as_str().unwrap_or_default()
+    }
+    match row.get("connection_details") {
+        Some(d) => (s(&row["queue"]["vhost"]), s(&d["name"]), s(&d["user"])),
+        None => (s(&row["vhost"]), s(&row["name"]), s(&row["user"])),
+    }
+}
+
+/// `here` (this node's rows of `kind`), with the other members' rows that
+/// `caller` sees (as [`visible`]), of `vhost` and of connection `name` when
+/// given.
+async fn with_members(
+    s: &AdminState,
+    caller: &Caller,
+    kind: &str,
+    here: Value,
+    vhost: Option<&str>,
+    name: Option<&str>,
+) -> Value {
+    let mut rows = match here {
+        Value::Array(rows) => rows,
+        _ => Vec::new(),
+    };
+    rows.extend(
+        super::connections::member_rows_where(s, kind, |r| {
+            let (v, n, user) = row_keys(r);
+            (caller.is_monitor() || user == caller.0.name)
+                && vhost.is_none_or(|w| w == v)
+                && name.is_none_or(|w| w == n)
+        })
+        .await,
+    );
+    Value::Array(rows)
+}
+
+/// Connection `name` of `vhost` on another member, as `caller` sees it.
+async fn find_remote(s: &AdminState, caller: &Caller, vhost: &str, name: &str) -> ApiResult<Value> {
+    let rows = with_members(
+        s,
+        caller,
+        "stream_connections",
+        json!([]),
+        Some(vhost),
+        Some(name),
+    );
+    match rows.await {
+        Value::Array(mut rows) if !rows.is_empty() => Ok(rows.swap_remove(0)),
+        _ => Err(ApiError::not_found()),
+    }
+}
+
 fn find(
     s: &AdminState,
     caller: &Caller,
@@ -154,7 +236,8 @@ fn connections_json(s: &AdminState, conns: &[Arc<ConnectionInfo>]) -> Value {
 }
 
 pub async fn connections(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(connections_json(&s, &visible(&s, &caller, None)))
+    let here = connections_json(&s, &visible(&s, &caller, None));
+    Json(with_members(&s, &caller, "stream_connections", here, None, None).await)
 }
 
 pub async fn connections_vhost(
@@ -163,10 +246,11 @@ pub async fn connections_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(connections_json(
-        &s,
-        &visible(&s, &caller, Some(&vhost)),
-    )))
+    let here = connections_json(&s, &visible(&s, &caller, Some(&vhost)));
+    let kind = "stream_connections";
+    Ok(Json(
+        with_members(&s, &caller, kind, here, Some(&vhost), None).await,
+    ))
 }
 
 pub async fn connection(
@@ -174,7 +258,9 @@ pub async fn connection(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let c = find(&s, &caller, &vhost, &name)?;
+    let Ok(c) = find(&s, &caller, &vhost, &name) else {
+        return find_remote(&s, &caller, &vhost, &name).await.map(Json);
+    };
     let st = c.control.stream().ok_or_else(ApiError::not_found)?;
     Ok(Json(connection_json(&s, &c, st)))
 }
@@ -186,7 +272,16 @@ pub async fn close(
     Path((vhost, name)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<StatusCode> {
-    let c = find(&s, &caller, &vhost, &name)?;
+    let Ok(c) = find(&s, &caller, &vhost, &name) else {
+        let row = find_remote(&s, &caller, &vhost, &name).await?;
+        let user = row["user"].as_str().unwrap_or_default();
+        let reason = super::connections::close_reason(&caller, user, &headers)?;
+        return if super::connections::close_remote(&s, &row, reason).await {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            Err(ApiError::not_found())
+        };
+    };
     let reason = super::connections::close_reason(&caller, &c.user, &headers)?;
     c.control.force_close(reason);
     Ok(StatusCode::NO_CONTENT)
@@ -197,7 +292,12 @@ pub async fn connection_publishers(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let c = find(&s, &caller, &vhost, &name)?;
+    let Ok(c) = find(&s, &caller, &vhost, &name) else {
+        find_remote(&s, &caller, &vhost, &name).await?;
+        let kind = "stream_publishers";
+        let theirs = with_members(&s, &caller, kind, json!([]), Some(&vhost), Some(&name));
+        return Ok(Json(theirs.await));
+    };
     Ok(Json(publishers_of(&s.broker.node, &[c], None)))
 }
 
@@ -206,7 +306,12 @@ pub async fn connection_consumers(
     caller: Caller,
     Path((vhost, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let c = find(&s, &caller, &vhost, &name)?;
+    let Ok(c) = find(&s, &caller, &vhost, &name) else {
+        find_remote(&s, &caller, &vhost, &name).await?;
+        let kind = "stream_consumers";
+        let theirs = with_members(&s, &caller, kind, json!([]), Some(&vhost), Some(&name));
+        return Ok(Json(theirs.await));
+    };
     Ok(Json(consumers_of(&s, &[c])))
 }
 
@@ -239,11 +344,8 @@ fn consumers_of(s: &AdminState, conns: &[Arc<ConnectionInfo>]) -> Value {
 }
 
 pub async fn publishers(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(publishers_of(
-        &s.broker.node,
-        &visible(&s, &caller, None),
-        None,
-    ))
+    let here = publishers_of(&s.broker.node, &visible(&s, &caller, None), None);
+    Json(with_members(&s, &caller, "stream_publishers", here, None, None).await)
 }
 
 pub async fn publishers_vhost(
@@ -252,11 +354,11 @@ pub async fn publishers_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(publishers_of(
-        &s.broker.node,
-        &visible(&s, &caller, Some(&vhost)),
-        None,
-    )))
+    let here = publishers_of(&s.broker.node, &visible(&s, &caller, Some(&vhost)), None);
+    let kind = "stream_publishers";
+    Ok(Json(
+        with_members(&s, &caller, kind, here, Some(&vhost), None).await,
+    ))
 }
 
 pub async fn publishers_stream(
@@ -265,15 +367,33 @@ pub async fn publishers_stream(
     Path((vhost, stream)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(publishers_of(
-        &s.broker.node,
-        &visible(&s, &caller, Some(&vhost)),
-        Some(&stream),
-    )))
+    let conns = visible(&s, &caller, Some(&vhost));
+    let here = publishers_of(&s.broker.node, &conns, Some(&stream));
+    let theirs = with_members(
+        &s,
+        &caller,
+        "stream_publishers",
+        json!([]),
+        Some(&vhost),
+        None,
+    );
+    let mut rows = match here {
+        Value::Array(rows) => rows,
+        _ => Vec::new(),
+    };
+    if let Value::Array(theirs) = theirs.await {
+        rows.extend(
+            theirs
+                .into_iter()
+                .filter(|r| r["queue"]["name"] == stream.as_str()),
+        );
+    }
+    Ok(Json(Value::Array(rows)))
 }
 
 pub async fn consumers(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
-    Json(consumers_of(&s, &visible(&s, &caller, None)))
+    let here = consumers_of(&s, &visible(&s, &caller, None));
+    Json(with_members(&s, &caller, "stream_consumers", here, None, None).await)
 }
 
 pub async fn consumers_vhost(
@@ -282,5 +402,9 @@ pub async fn consumers_vhost(
     Path(vhost): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_vhost(&s.broker, &vhost)?;
-    Ok(Json(consumers_of(&s, &visible(&s, &caller, Some(&vhost)))))
+    let here = consumers_of(&s, &visible(&s, &caller, Some(&vhost)));
+    let kind = "stream_consumers";
+    Ok(Json(
+        with_members(&s, &caller, kind, here, Some(&vhost), None).await,
+    ))
 }
