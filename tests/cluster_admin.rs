@@ -456,6 +456,7 @@ async fn figures_of_every_member_and_503_without_a_majority() {
     // So are the overview's totals.
     let (_, overview) = c.get("/api/overview");
     assert_eq!(overview["queue_totals"]["messages"], 3, "{overview}");
+    assert_eq!(overview["message_stats"]["publish"], 3, "{overview}");
 
     // A member that does not answer is not running, and has no figures.
     a.stop();

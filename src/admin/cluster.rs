@@ -154,6 +154,7 @@ pub async fn nodes(c: &Cluster, this_node: Value) -> Vec<Value> {
 pub fn answer_stats(s: &AdminState, query: &Value) -> Value {
     if let Some(answer) = super::shovels::answer_stats(s, query)
         .or_else(|| super::connections::answer_stats(s, query))
+        .or_else(|| super::overview::answer_stats(s, query))
     {
         return answer;
     }

@@ -147,9 +147,6 @@ pub fn answer_stats(s: &AdminState, query: &Value) -> Option<Value> {
     if let Some(kind) = query.get("rows").and_then(Value::as_str) {
         return Some(json!({ "rows": local_rows(s, kind) }));
     }
-    if query.get("connection_counts").is_some() {
-        return Some(json!({ "connection_counts": local_counts(s) }));
-    }
     let name = query.get("close_connection").and_then(Value::as_str)?;
     let reason = query["reason"]
         .as_str()
@@ -160,7 +157,7 @@ pub fn answer_stats(s: &AdminState, query: &Value) -> Option<Value> {
 /// This node's connections counted for the overview: by user, how many
 /// connections and channels; by vhost, how many Stream protocol
 /// subscriptions (consumers, as RabbitMQ counts them).
-fn local_counts(s: &AdminState) -> Value {
+pub(super) fn local_counts(s: &AdminState) -> Value {
     let mut users: HashMap<String, (u64, u64)> = HashMap::new();
     let mut subscriptions: HashMap<String, u64> = HashMap::new();
     for c in s.broker.connections() {
@@ -174,28 +171,20 @@ fn local_counts(s: &AdminState) -> Value {
     json!({"users": users, "subscriptions": subscriptions})
 }
 
-/// The other members' connections, channels and Stream protocol
-/// subscriptions that `caller` sees, counted (for the overview's totals).
-pub(super) async fn member_counts(s: &AdminState, caller: &Caller) -> (u64, u64, u64) {
-    let Some(c) = &s.cluster else {
-        return (0, 0, 0);
-    };
+/// The connections, channels and Stream protocol subscriptions that
+/// `caller` sees in `counts` (a member's [`local_counts`]), counted.
+pub(super) fn counted(s: &AdminState, caller: &Caller, counts: &Value) -> (u64, u64, u64) {
     let viewer = Viewer::Caller(caller);
     let (mut conns, mut channels, mut subs) = (0, 0, 0);
-    for (_, answer) in c.member_stats(&json!({"connection_counts": true})).await {
-        let Some(counts) = answer.as_ref().map(|a| &a["connection_counts"]) else {
-            continue;
-        };
-        for (user, n) in counts["users"].as_object().into_iter().flatten() {
-            if viewer.sees_user(user) {
-                conns += n[0].as_u64().unwrap_or(0);
-                channels += n[1].as_u64().unwrap_or(0);
-            }
+    for (user, n) in counts["users"].as_object().into_iter().flatten() {
+        if viewer.sees_user(user) {
+            conns += n[0].as_u64().unwrap_or(0);
+            channels += n[1].as_u64().unwrap_or(0);
         }
-        for (vhost, n) in counts["subscriptions"].as_object().into_iter().flatten() {
-            if viewer.sees_vhost(s, vhost) {
-                subs += n.as_u64().unwrap_or(0);
-            }
+    }
+    for (vhost, n) in counts["subscriptions"].as_object().into_iter().flatten() {
+        if viewer.sees_vhost(s, vhost) {
+            subs += n.as_u64().unwrap_or(0);
         }
     }
     (conns, channels, subs)

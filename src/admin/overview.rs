@@ -78,9 +78,18 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         .iter()
         .map(|c| u64::from(c.channels.load(Ordering::Relaxed)))
         .sum();
-    let (their_conns, their_channels, their_subs) =
-        super::connections::member_counts(&s, &caller).await;
-    consumers += their_subs as usize;
+    // The other members' connections, channels, subscriptions and message
+    // counts (RabbitMQ's overview totals the cluster).
+    let (mut their_conns, mut their_channels) = (0, 0);
+    let mut message_stats = super::metrics::full_stats(&b.counters, &s.rates.global());
+    for theirs in member_overviews(&s).await {
+        let counts = &theirs["connection_counts"];
+        let (c, ch, subs) = super::connections::counted(&s, &caller, counts);
+        their_conns += c;
+        their_channels += ch;
+        consumers += subs as usize;
+        add_numbers(&mut message_stats, &theirs["message_stats"]);
+    }
     let mut queue_totals = serde_json::Map::new();
     queue_totals.insert("messages".into(), json!(ready + unacked));
     queue_totals.insert("messages_ready".into(), json!(ready));
@@ -95,7 +104,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "cluster_name": s.broker.cluster_name(),
         "node": this_node(&s),
         "listeners": super::health::overview_listeners(&s),
-        "message_stats": super::metrics::full_stats(&b.counters, &s.rates.global()),
+        "message_stats": message_stats,
         "churn_rates": churn_json(b),
         "exchange_types": exchange_types(),
         "queue_totals": queue_totals,
@@ -107,6 +116,51 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
             "consumers": consumers,
         },
     }))
+}
+
+/// What another member asks for its overview (`{"overview": true}`): this
+/// node's connections counted ([`super::connections::local_counts`]) and its
+/// message counts with their rates; None for other requests.
+pub fn answer_stats(s: &AdminState, query: &Value) -> Option<Value> {
+    query.get("overview")?;
+    Some(json!({
+        "connection_counts": super::connections::local_counts(s),
+        "message_stats": super::metrics::full_stats(&s.broker.counters, &s.rates.global()),
+    }))
+}
+
+/// The other members' answers to an overview request (none on a node
+/// without a cluster; a member that does not answer is left out).
+async fn member_overviews(s: &AdminState) -> Vec<Value> {
+    let Some(c) = &s.cluster else {
+        return Vec::new();
+    };
+    let answers = c.member_stats(&json!({"overview": true})).await;
+    answers.into_iter().filter_map(|(_, a)| a).collect()
+}
+
+/// Add the numbers of `from` to those at the same places in `into` (counts,
+/// and rates rounded as the API shows them); other values stay.
+fn add_numbers(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in a.iter_mut() {
+                if let Some(w) = b.get(k) {
+                    add_numbers(v, w);
+                }
+            }
+        }
+        (n @ Value::Number(_), Value::Number(m)) => {
+            *n = match (n.as_u64(), m.as_u64()) {
+                (Some(x), Some(y)) => json!(x.saturating_add(y)),
+                _ => {
+                    let sum = n.as_f64().unwrap_or(0.0) + m.as_f64().unwrap_or(0.0);
+                    json!(super::charts::round_rate(sum))
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The exchange types a declare may name, as the overview lists them (the
@@ -563,4 +617,22 @@ pub async fn auth_attempts_by_source(
         })
         .collect();
     Ok(Json(Value::Array(rows)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_numbers_are_added_in_place() {
+        let mut ours =
+            json!({"publish": 3, "publish_details": {"rate": 1.5}, "name": "x", "only": 1});
+        let theirs =
+            json!({"publish": 4, "publish_details": {"rate": 0.25}, "name": "y", "extra": 9});
+        add_numbers(&mut ours, &theirs);
+        assert_eq!(
+            ours,
+            json!({"publish": 7, "publish_details": {"rate": 1.8}, "name": "x", "only": 1})
+        );
+    }
 }
