@@ -1439,3 +1439,81 @@ async fn a_dynamic_shovel_runs_on_one_node_and_moves_when_it_goes() {
     })
     .await;
 }
+
+/// A node cut off from the others stops its dynamic shovels (it may be the
+/// one the others gave up on) while the majority's side runs them: after the
+/// runner is isolated, one row runs on the majority's side, the isolated
+/// node runs none, and what is published on the majority's side is moved;
+/// after the heal exactly one node runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_isolated_node_stops_its_shovels_and_the_majority_runs_them() {
+    let (nodes, proxies) = common::cluster::start_proxied("shovel-cut", 2000).await;
+    let all: Vec<String> = nodes.iter().map(Node::name).collect();
+    eventually("three running members", Duration::from_secs(30), || {
+        nodes.iter().all(|n| {
+            let r = n.running();
+            all.iter().all(|m| r.contains(m))
+        })
+    })
+    .await;
+    let (src, dst, name) = ("cut-src", "cut-dst", "cutter");
+    declare_quorum_queue(&nodes[0], src).await;
+    declare_quorum_queue(&nodes[0], dst).await;
+    let path = format!("/api/parameters/shovel/%2F/{name}");
+    let value = serde_json::json!({"value": {
+        "src-uri": "amqp://", "src-queue": src,
+        "dest-uri": "amqp://", "dest-queue": dst,
+    }});
+    assert_eq!(nodes[0].put(&path, value), 201);
+    let mut runner = String::new();
+    eventually("one running shovel", WAIT, || {
+        let rows = shovel_rows(&nodes[0], name);
+        let one = rows.len() == 1 && rows[0].1 == "running";
+        if one {
+            runner.clone_from(&rows[0].0);
+        }
+        one
+    })
+    .await;
+    let ri = node_index(&nodes, &runner);
+
+    // The runner is cut off from both others.
+    for ((from, to), p) in &proxies {
+        if *from == ri || *to == ri {
+            p.cut();
+        }
+    }
+    let others: Vec<usize> = (0..3).filter(|i| *i != ri).collect();
+    eventually(
+        "the isolated node runs nothing, a survivor runs it",
+        WAIT,
+        || {
+            let mine = shovel_rows(&nodes[ri], name);
+            let theirs = shovel_rows(&nodes[others[0]], name);
+            mine.is_empty()
+                && theirs.len() == 1
+                && theirs[0].1 == "running"
+                && theirs[0].0 != runner
+        },
+    )
+    .await;
+    let (pconn, pch) = confirming(&nodes[others[0]]).await;
+    let moved = bodies("cut", 20);
+    assert_eq!(publish_confirmed(&pch, src, &moved).await, (20, 0));
+    let _ = pconn.close(200, "bye").await;
+    eventually("20 moved on the majority's side", WAIT, || {
+        queue_api(&nodes[others[1]], dst)["messages"] == 20
+    })
+    .await;
+
+    // Healed: one node runs it, seen alike from every node.
+    for p in proxies.values() {
+        p.heal();
+    }
+    eventually("one running shovel after the heal", WAIT, || {
+        let rows: Vec<Vec<(String, String)>> = nodes.iter().map(|n| shovel_rows(n, name)).collect();
+        rows.iter()
+            .all(|r| r.len() == 1 && r[0].1 == "running" && r[0] == rows[0][0])
+    })
+    .await;
+}

@@ -211,6 +211,18 @@ pub struct Member {
     pub leader: bool,
 }
 
+impl Member {
+    /// Its name and address, to dial it by (through the `dial` overrides,
+    /// as every request to a member).
+    fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            name: self.name.clone(),
+            addr: self.addr.clone(),
+            stream: None,
+        }
+    }
+}
+
 /// [`Cluster::runner_of`] over `members` as a node sees them (pure).
 pub fn runner<'a>(members: &'a [Member], key: &str) -> Option<&'a str> {
     let voters = members.iter().filter(|m| m.voter).count();
@@ -779,7 +791,7 @@ impl Cluster {
             if m.id == self.id {
                 return (m, None);
             }
-            let mut peer = Peer::new(m.addr.clone(), Arc::clone(&self.ident));
+            let mut peer = Peer::to(&m.node_info(), Arc::clone(&self.ident));
             let r: Result<Result<serde_json::Value, String>, _> =
                 peer.call(Kind::Stats, query, STATS_TIMEOUT).await;
             match r {
@@ -808,7 +820,7 @@ impl Cluster {
         if m.id == self.id {
             return self.local_stats(query).ok();
         }
-        let mut peer = Peer::new(m.addr, Arc::clone(&self.ident));
+        let mut peer = Peer::to(&m.node_info(), Arc::clone(&self.ident));
         let r: Result<Result<serde_json::Value, String>, _> =
             peer.call(Kind::Stats, query, STATS_TIMEOUT).await;
         r.ok()?.ok()
