@@ -279,6 +279,18 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
     until_count(&a, "cq", 0).await;
     // The consumer counts on the home node (passive declare there).
     assert_eq!(passive(&a, "cq").await.expect("passive").1, 1);
+    // Every node's API lists it once, with its channel on C.
+    for node in [&a, &b, &c] {
+        let (_, listed) = node.get("/api/consumers");
+        let rows = listed.as_array().cloned().unwrap_or_default();
+        assert_eq!(rows.len(), 1, "{listed}");
+        let d = &rows[0]["channel_details"];
+        assert_eq!(d["node"], c.name().as_str(), "{listed}");
+        assert_eq!(d["user"], "guest", "{listed}");
+        assert_eq!(d["number"], 1, "{listed}");
+        let conn = d["connection_name"].as_str().unwrap_or_default();
+        assert!(conn.ends_with(&format!("{}:{}", c.ip, c.amqp)), "{listed}");
+    }
     // A consume the home node refuses (exclusive, with c1 there) gets the
     // channel error a local one gets, instead of consume-ok; c1 goes on.
     let ch_x = channel(&conn_c).await;

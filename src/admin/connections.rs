@@ -531,6 +531,7 @@ fn consumer_rows(s: &AdminState, viewer: Viewer<'_>, only: Option<&str>) -> Vec<
         .into_iter()
         .map(|c| (c.id, c))
         .collect();
+    let origins = s.broker.remote_origins.lock().clone();
     let mut out = Vec::new();
     for v in s.broker.vhosts() {
         if only.is_some_and(|o| o != &*v.name) || !viewer.sees_vhost(s, &v.name) {
@@ -539,10 +540,18 @@ fn consumer_rows(s: &AdminState, viewer: Viewer<'_>, only: Option<&str>) -> Vec<
         for q in v.queues() {
             for c in q.consumers() {
                 let conn = conns.get(&c.connection);
-                out.push(json!({
-                    "consumer_tag": &*c.tag,
-                    "queue": {"name": q.name(), "vhost": &*v.name},
-                    "channel_details": {
+                let details = match (conn, origins.get(&c.connection)) {
+                    // Opened from another node: its channel there.
+                    (None, Some(o)) => json!({
+                        "number": o.channel,
+                        "name": format!("{} ({})", o.connection_name, o.channel),
+                        "connection_name": o.connection_name,
+                        "peer_host": o.peer_host,
+                        "peer_port": o.peer_port,
+                        "user": o.user,
+                        "node": o.node,
+                    }),
+                    _ => json!({
                         "number": c.channel,
                         "name": conn.map(|x| format!("{} ({})", x.name, c.channel)),
                         "connection_name": conn.map(|x| x.name.clone()),
@@ -550,7 +559,12 @@ fn consumer_rows(s: &AdminState, viewer: Viewer<'_>, only: Option<&str>) -> Vec<
                         "peer_port": conn.map(|x| x.peer.port()),
                         "user": conn.map(|x| x.user.clone()),
                         "node": &*s.broker.node,
-                    },
+                    }),
+                };
+                out.push(json!({
+                    "consumer_tag": &*c.tag,
+                    "queue": {"name": q.name(), "vhost": &*v.name},
+                    "channel_details": details,
                     "ack_required": !c.no_ack,
                     "exclusive": c.exclusive,
                     "prefetch_count": c.credit.limit(),

@@ -308,6 +308,16 @@ fn consume(
                     encode_field_table(&c.arguments, &mut b);
                     b.to_vec()
                 },
+                origin: ctx.broker.connection(ctx.id).map(|info| {
+                    crate::broker::remote::ConsumerOrigin {
+                        connection_name: ctx.name.clone(),
+                        channel: io.id,
+                        peer_host: info.peer.ip().to_string(),
+                        peer_port: info.peer.port(),
+                        user: ctx.user.clone(),
+                        node: ctx.broker.node.clone(),
+                    }
+                }),
             };
             let r = home
                 .consume(spec, io.id, Arc::clone(&ctx.sink))

@@ -451,6 +451,10 @@ pub struct Broker {
     pub global: global::GlobalParameters,
     /// Runtime parameters of vhosts (`shovel` among their components).
     pub parameters: parameters::Parameters,
+    /// Where the consumers other nodes opened on queues homed here are, by
+    /// the connection id each is attached under here (the cluster layer
+    /// adds and removes them with the consumers).
+    pub remote_origins: parking_lot::Mutex<HashMap<u64, Arc<remote::ConsumerOrigin>>>,
     /// Queues that deleted themselves (`x-expires`, auto-delete), for the
     /// cluster layer to replicate (recorded only while it watches).
     pub self_deletions: Arc<deleted::SelfDeletions>,
@@ -572,6 +576,7 @@ impl Broker {
             auth_attempts: AuthAttempts::default(),
             global,
             parameters,
+            remote_origins: Default::default(),
             self_deletions: Arc::default(),
         };
         broker.add_vhost("/");
@@ -951,6 +956,11 @@ impl Broker {
 
     pub fn connections(&self) -> Vec<Arc<ConnectionInfo>> {
         self.connections.read().values().cloned().collect()
+    }
+
+    /// The connection with id `id`, if open.
+    pub fn connection(&self, id: u64) -> Option<Arc<ConnectionInfo>> {
+        self.connections.read().get(&id).cloned()
     }
 
     /// Close the connection named `name` (or with id `id`); false if unknown.

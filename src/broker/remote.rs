@@ -97,6 +97,22 @@ pub struct RemoteConsume {
     pub priority: i32,
     /// The consume arguments in their wire encoding (`x-stream-offset`...).
     pub arguments: Vec<u8>,
+    /// Whose consumer it is, for the home node's consumer listings (absent
+    /// from nodes that did not send it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<ConsumerOrigin>,
+}
+
+/// Where a consumer opened from another node is: its channel there, as the
+/// management API's `channel_details` show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsumerOrigin {
+    pub connection_name: String,
+    pub channel: u16,
+    pub peer_host: String,
+    pub peer_port: u16,
+    pub user: String,
+    pub node: String,
 }
 
 /// How deliveries are settled.

@@ -1158,6 +1158,10 @@ impl Served {
                 events: self.events.clone(),
             }),
         });
+        if let Some(origin) = spec.origin {
+            let origins = &self.broker.remote_origins;
+            origins.lock().insert(connection, Arc::new(origin));
+        }
         // Registered first: the first deliveries may come at once.
         self.consumers.insert(
             cid,
@@ -1172,6 +1176,7 @@ impl Served {
         );
         if let Err(e) = q.add_consumer(consumer, now) {
             self.consumers.remove(&cid);
+            self.broker.remote_origins.lock().remove(&connection);
             self.refuse(cid, e.code, e.text);
         } else {
             let _ = self.out.send(encode(&Msg::Consumed { cid }, None));
@@ -1401,6 +1406,7 @@ impl Served {
                 v.cancel_consumer(&s.queue, s.connection, 1, &s.tag, now);
             }
         }
+        self.broker.remote_origins.lock().remove(&s.connection);
     }
 
     fn release(&mut self, cid: u64) {
