@@ -1517,3 +1517,63 @@ async fn an_isolated_node_stops_its_shovels_and_the_majority_runs_them() {
     })
     .await;
 }
+
+/// A message's `x-message-ttl` counts from when its group took it, not
+/// from when a new leader loads it: a message published 2.5 s before its
+/// leader's node is killed expires 6 s after it was published (or at once
+/// when the new leader serves later than that), where a clock started at the
+/// load would keep it 6 s past the failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_ttl_keeps_counting_across_a_failover() {
+    use lapin::types::AMQPValue;
+    let (a, b, c) = three_nodes("quorum-ttl").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-ttl";
+    let conn = nodes[0].connect().await;
+    let ch = channel(&conn).await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-message-ttl".into(), AMQPValue::LongInt(6000));
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    common::t(ch.queue_declare(q, durable, args))
+        .await
+        .expect("queue.declare");
+    let _ = conn.close(200, "bye").await;
+    eventually("a leader", WAIT, || quorum_leader(&nodes[0], q).is_some()).await;
+    let leader = quorum_leader(&nodes[0], q).expect("a leader");
+    let li = node_index(&nodes, &leader);
+    let other = (li + 1) % 3;
+    let (pconn, pch) = confirming(&nodes[other]).await;
+    assert_eq!(publish_confirmed(&pch, q, &bodies("ttl", 1)).await, (1, 0));
+    let published = Instant::now();
+    let _ = pconn.close(200, "bye").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(queue_api(&nodes[other], q)["messages"], 1);
+
+    nodes[li].kill();
+    eventually("a new leader", Duration::from_secs(30), || {
+        quorum_leader(&nodes[other], q).is_some_and(|l| l != leader)
+            && queue_api(&nodes[other], q)["messages"].is_u64()
+    })
+    .await;
+    let served = Instant::now();
+    let due = (published + Duration::from_secs(6)).max(served) + Duration::from_secs(2);
+    loop {
+        if queue_api(&nodes[other], q)["messages"] == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < due,
+            "still there {:?} after publishing (served again after {:?})",
+            published.elapsed(),
+            served - published
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -138,6 +138,17 @@ struct QueueStore {
     order: Mutex<()>,
 }
 
+/// What a quorum queue's group knows of a message its serving member
+/// enqueues: its id in the group, whether it comes redelivered, its returns
+/// so far, and when the group took it (ms; 0: not known).
+#[derive(Debug, Clone, Copy)]
+struct Replicated {
+    id: u64,
+    redelivered: bool,
+    returns: u32,
+    at: u64,
+}
+
 /// What happened to a published message at one queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
@@ -531,9 +542,16 @@ impl Queue {
         message: Arc<Message>,
         id: u64,
         (redelivered, returns): (bool, u32),
+        at: u64,
         now: u64,
     ) -> Enqueued {
-        self.enqueue_inner(message, now, Some((id, redelivered, returns)))
+        let replicated = Replicated {
+            id,
+            redelivered,
+            returns,
+            at,
+        };
+        self.enqueue_inner(message, now, Some(replicated))
     }
 
     /// This node stopped serving the replicated queue (it lost the group's
@@ -699,14 +717,13 @@ impl Queue {
         self.enqueue_inner(message, now, None)
     }
 
-    /// `replicated`: the message's id in the queue's Raft group, whether it
-    /// comes redelivered and its returns so far (a replicated queue writes
-    /// nothing to the store).
+    /// `replicated`: what the queue's Raft group knows of the message (a
+    /// replicated queue writes nothing to the store).
     fn enqueue_inner(
         self: &Arc<Self>,
         message: Arc<Message>,
         now: u64,
-        replicated: Option<(u64, bool, u32)>,
+        replicated: Option<Replicated>,
     ) -> Enqueued {
         if let Some(sq) = &self.stream {
             return self.stream_enqueue(sq, &message, now);
@@ -716,7 +733,10 @@ impl Queue {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let expires_at = ttl.map(|t| now.saturating_add(t));
+        // A replicated message's TTL counts from when its group took it
+        // (a new leader loading it keeps its clock).
+        let arrived = replicated.map_or(now, |r| if r.at == 0 { now } else { r.at.min(now) });
+        let expires_at = ttl.map(|t| arrived.saturating_add(t));
         let durable =
             replicated.is_none() && self.is_durable() && (self.quorum || message.is_persistent());
         // The costly part of a durable write (copying the body) happens unlocked.
@@ -733,14 +753,19 @@ impl Queue {
                 .max_length_bytes
                 .is_some_and(|m| (s.ready.bytes() + size) as u64 > m);
         let seq = match replicated {
-            Some((id, _, _)) => id,
+            Some(r) => r.id,
             None => {
                 s.next_seq += 1;
                 s.next_seq - 1
             }
         };
         let mut entry = Entry::new(seq, message, expires_at);
-        if let Some((_, redelivered, returns)) = replicated {
+        if let Some(Replicated {
+            redelivered,
+            returns,
+            ..
+        }) = replicated
+        {
             entry.redelivered = redelivered;
             entry.delivery_count = returns;
             // Loaded by a new leader past its delivery limit (a return at

@@ -589,7 +589,7 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     // Ids are the group's; nothing goes to the message store.
     for (id, b) in [(10, "a"), (12, "b"), (13, "c"), (20, "d"), (21, "e")] {
         assert_eq!(
-            q.enqueue_replicated(persistent(b), id, (false, 0), T0),
+            q.enqueue_replicated(persistent(b), id, (false, 0), T0, T0),
             Enqueued::Accepted { durable: false }
         );
     }
@@ -631,19 +631,19 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     taken(&[21]);
     // A message loaded by a new leader comes redelivered, with the returns
     // the group counted.
-    q.enqueue_replicated(persistent("f"), 30, (true, 2), T0);
+    q.enqueue_replicated(persistent("f"), 30, (true, 2), T0, T0);
     let (f, _) = q.get(false, T0).expect("f");
     assert!(f.redelivered);
     assert_eq!(f.delivery_count, 2);
     // One loaded past the delivery limit (a quorum queue's is 20) is
     // dropped, and reported settled.
     assert_eq!(
-        q.enqueue_replicated(persistent("x"), 29, (true, 21), T0),
+        q.enqueue_replicated(persistent("x"), 29, (true, 21), T0, T0),
         Enqueued::Accepted { durable: false }
     );
     taken(&[29]);
     // Losing the leadership forgets without reporting.
-    q.enqueue_replicated(persistent("g"), 31, (false, 0), T0);
+    q.enqueue_replicated(persistent("g"), 31, (false, 0), T0, T0);
     assert!(q.reset_replicated().is_empty());
     assert_eq!(q.stats(T0).ready, 0);
     taken(&[]);
@@ -666,13 +666,13 @@ fn a_replicated_queue_gets_only_within_the_committed_horizon() {
     let dir = TempDir::new();
     let (_store, _v, q) = quorum_queue(&dir);
     // Not replicated: a get never waits.
-    q.enqueue_replicated(persistent("m9"), 9, (false, 0), T0);
+    q.enqueue_replicated(persistent("m9"), 9, (false, 0), T0, T0);
     assert_eq!(q.get_waits_for(), None);
     assert_eq!(q.get(true, T0).map(|(e, _)| e.seq), Some(9));
     let rec = Arc::new(Recorder::default());
     q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
     for id in 10..=12 {
-        q.enqueue_replicated(persistent(&format!("m{id}")), id, (false, 0), T0);
+        q.enqueue_replicated(persistent(&format!("m{id}")), id, (false, 0), T0, T0);
     }
     let horizons = || std::mem::take(&mut *rec.horizons.lock());
     let mut committed = q.follow_horizon();
@@ -707,7 +707,7 @@ fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
     let sink = Arc::new(Sink::default());
     for id in 10..=12 {
-        q.enqueue_replicated(persistent(&format!("m{id}")), id, (false, 0), T0);
+        q.enqueue_replicated(persistent(&format!("m{id}")), id, (false, 0), T0, T0);
     }
     q.add_consumer(consumer(&sink, false), T0).expect("consume");
     q.dispatch(T0);
@@ -735,8 +735,8 @@ fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     assert_eq!(sent(), vec![(10, false), (11, false), (12, false)]);
     // Past it again: held; a delivery within it (a loaded redelivery at
     // the tail) waits behind the held ones, so the consumer's order holds.
-    q.enqueue_replicated(persistent("m13"), 13, (false, 0), T0);
-    q.enqueue_replicated(persistent("m9"), 9, (true, 1), T0);
+    q.enqueue_replicated(persistent("m13"), 13, (false, 0), T0, T0);
+    q.enqueue_replicated(persistent("m9"), 9, (true, 1), T0, T0);
     assert_eq!(out(), (vec![13, 9], vec![]));
     assert_eq!(horizons(), vec![13]);
     assert_eq!(sent(), vec![]);
@@ -744,10 +744,10 @@ fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     assert_eq!(sent(), vec![(13, false), (9, true)]);
     // Within the horizon a leader starts with, at once.
     q.horizon_start(20);
-    q.enqueue_replicated(persistent("m14"), 14, (false, 0), T0);
+    q.enqueue_replicated(persistent("m14"), 14, (false, 0), T0, T0);
     assert_eq!(sent(), vec![(14, false)]);
     // Losing the leadership drops what waits.
-    q.enqueue_replicated(persistent("m21"), 21, (false, 0), T0);
+    q.enqueue_replicated(persistent("m21"), 21, (false, 0), T0, T0);
     assert_eq!(q.reset_replicated().len(), 1);
     q.horizon_answered(21, true, T0);
     assert_eq!(sent(), vec![]);
@@ -756,7 +756,7 @@ fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     taken();
     horizons();
     q.add_consumer(consumer(&sink, true), T0).expect("consume");
-    q.enqueue_replicated(persistent("m30"), 30, (false, 0), T0);
+    q.enqueue_replicated(persistent("m30"), 30, (false, 0), T0, T0);
     assert_eq!(taken(), Vec::<u64>::new());
     let h = *horizons().last().expect("a horizon asked");
     q.horizon_answered(h, true, T0);
@@ -981,4 +981,34 @@ fn memory_counts_bodies_held_and_a_per_message_overhead() {
     assert_eq!(q.stats(T0).memory, empty + 1000 + MESSAGE_OVERHEAD);
     q.ack(&[e], T0);
     assert_eq!(q.stats(T0).memory, empty);
+}
+
+#[test]
+fn a_replicated_message_keeps_the_ttl_clock_its_group_started() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = setup(
+        &dir,
+        1 << 20,
+        &[
+            (
+                "x-queue-type",
+                FieldValue::LongString(Bytes::from("quorum")),
+            ),
+            ("x-message-ttl", FieldValue::I64(5000)),
+        ],
+    );
+    let rec = Arc::new(Recorder::default());
+    q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
+    // Loaded 3 s after its group took it (a new leader): 2 s left, not 5.
+    q.enqueue_replicated(persistent("old"), 1, (false, 0), T0, T0 + 3000);
+    // Taken by an older entry that does not say when: from now.
+    q.enqueue_replicated(persistent("unknown"), 2, (false, 0), 0, T0 + 3000);
+    // A clock ahead of this node's is taken as now.
+    q.enqueue_replicated(persistent("ahead"), 3, (false, 0), T0 + 9000, T0 + 3000);
+    q.tick(T0 + 4999);
+    assert_eq!(q.stats(T0 + 4999).ready, 3);
+    q.tick(T0 + 5000);
+    assert_eq!(q.stats(T0 + 5000).ready, 2, "the first expired at T0 + 5 s");
+    q.tick(T0 + 8000);
+    assert_eq!(q.stats(T0 + 8000).ready, 0);
 }

@@ -19,6 +19,10 @@ pub struct QMsg {
     pub message: Arc<Message>,
     pub publisher: u64,
     pub seq: u64,
+    /// When the group's leader took it (ms since the epoch; 0: not known,
+    /// an entry written before it was kept): its `x-message-ttl` counts
+    /// from then on whichever member serves it.
+    pub at: u64,
 }
 
 impl QMsg {
@@ -27,6 +31,7 @@ impl QMsg {
             message: Arc::clone(m),
             publisher: 0,
             seq: 0,
+            at: 0,
         }
     }
 
@@ -58,6 +63,7 @@ impl QMsg {
             body: &self.message.body,
             p,
             s,
+            t: (self.at != 0).then_some(self.at),
         }
     }
 }
@@ -69,6 +75,7 @@ impl PartialEq for QMsg {
         let (a, b) = (&self.message, &other.message);
         self.publisher == other.publisher
             && self.seq == other.seq
+            && self.at == other.at
             && a.exchange == b.exchange
             && a.routing_key == b.routing_key
             && a.body == b.body
@@ -114,6 +121,8 @@ mod wire {
         pub p: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         pub s: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pub t: Option<u64>,
     }
 
     #[derive(Deserialize)]
@@ -128,6 +137,8 @@ mod wire {
         pub p: Option<u64>,
         #[serde(default)]
         pub s: Option<u64>,
+        #[serde(default)]
+        t: Option<u64>,
     }
 
     impl Owned {
@@ -137,7 +148,9 @@ mod wire {
             let properties = crate::wire::BasicProperties::decode(&self.properties)
                 .map_err(|e| E::custom(format!("message properties: {e:?}")))?;
             let m = Message::new(&self.exchange, &self.routing_key, properties, self.body);
-            Ok(QMsg::of(&m))
+            let mut msg = QMsg::of(&m);
+            msg.at = self.t.unwrap_or(0);
+            Ok(msg)
         }
     }
 }
@@ -608,10 +621,12 @@ mod tests {
     fn commands_and_state_round_trip_through_the_binary_encoding() {
         use crate::cluster::codec::{decode, encode};
         let body: Vec<u8> = (0..=255u8).collect();
+        let mut taken = bytes_msg(b"x");
+        taken.at = 1_764_892_800_123;
         let batch = vec![
             bytes_msg(&body).sent_by(7, 1),
             bytes_msg(b"").sent_by(7, 2),
-            bytes_msg(b"x"),
+            taken,
         ];
         let cmd = QCommand::Enqueue(batch);
         let bin = encode(&cmd).expect("encodes");
@@ -625,6 +640,9 @@ mod tests {
         let back: QState = decode(&encode(&s).expect("encodes")).expect("decodes");
         assert_eq!(back, s);
         assert_eq!(back.messages[&id(1, 0)].message.body, body);
+        // When the group took a message stays with it (its TTL's start).
+        assert_eq!(back.messages[&id(1, 2)].at, 1_764_892_800_123);
+        assert_eq!(back.messages[&id(1, 0)].at, 0);
         // Properties that do not decode make the entry unreadable.
         let settle = encode(&QCommand::Settle(vec![1, 2])).expect("encodes");
         assert_eq!(
@@ -640,6 +658,7 @@ mod tests {
             body: b"",
             p: None,
             s: None,
+            t: None,
         };
         let bad =
             encode(&std::collections::BTreeMap::from([("Enqueue", vec![w])])).expect("encodes");

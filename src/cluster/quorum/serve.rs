@@ -203,10 +203,12 @@ impl Group {
     /// serves the queue; `reply` gets the group's answer ([`Answer::Resend`]
     /// at once when it does not serve). `count`: counted in this node's
     /// pending publishes (a publisher on another node).
-    pub fn propose(&self, m: QMsg, reply: Reply, count: bool) {
+    pub fn propose(&self, mut m: QMsg, reply: Reply, count: bool) {
         if self.raft().is_none() || !self.is_serving() {
             return reply(Answer::Resend);
         }
+        // Taken now: its TTL counts from here on every member.
+        m.at = crate::clock::now_ms();
         let counter = count.then(|| {
             self.pending.fetch_add(1, Ordering::Relaxed);
             Arc::clone(&self.pending)
@@ -263,19 +265,20 @@ impl Group {
         // Redelivered: those that may have gone out (a delivery past the
         // committed horizon waited for a larger one to commit).
         q.horizon_start(s.state.horizon);
-        let messages: Vec<(u64, Arc<Message>, bool, u32)> = s
+        let messages: Vec<(u64, Arc<Message>, bool, u32, u64)> = s
             .state
             .messages
             .iter()
             .map(|(id, m)| {
                 let out = u32::from(s.state.out.contains(id));
                 let returns = s.state.returns(*id).saturating_add(out);
-                (*id, m.message(), s.state.may_have_gone_out(*id), returns)
+                let redelivered = s.state.may_have_gone_out(*id);
+                (*id, m.message(), redelivered, returns, m.at)
             })
             .collect();
         let n = messages.len();
-        for (id, msg, redelivered, returns) in messages {
-            q.enqueue_replicated(msg, id, (redelivered, returns), now);
+        for (id, msg, redelivered, returns, at) in messages {
+            q.enqueue_replicated(msg, id, (redelivered, returns), at, now);
         }
         drop(s);
         tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");

@@ -148,6 +148,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                                     m.message(),
                                     id(index, i),
                                     (false, 0),
+                                    m.at,
                                     now,
                                 ) {
                                     Enqueued::Rejected => Outcome::Refused,
