@@ -474,10 +474,7 @@ async fn confirmed_publish_rates_of_a_quorum_queue_and_a_classic_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
     let (nodes, proxies) = common::cluster::start_proxied("quorum-part", 3000).await;
-    eventually("three running members", Duration::from_secs(30), || {
-        nodes.iter().all(|n| n.running().len() == 3)
-    })
-    .await;
+    common::cluster::wait_all_running(&nodes.iter().collect::<Vec<_>>()).await;
     let q = "qq-part";
     declare_quorum_queue(&nodes[0], q).await;
     let leader = quorum_leader(&nodes[0], q).expect("a leader");
@@ -1150,10 +1147,7 @@ async fn publishes_in_flight_at_a_failover_are_resent_and_taken_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_cut_off_alone_does_not_unseat_the_leader() {
     let (nodes, proxies) = common::cluster::start_proxied("qprevote", 3000).await;
-    eventually("three running members", Duration::from_secs(30), || {
-        nodes.iter().all(|n| n.running().len() == 3)
-    })
-    .await;
+    common::cluster::wait_all_running(&nodes.iter().collect::<Vec<_>>()).await;
     let q = "qq-prevote";
     declare_quorum_queue(&nodes[0], q).await;
     eventually("a leader", Duration::from_secs(20), || {
@@ -1344,6 +1338,21 @@ async fn the_delivery_count_survives_a_failover() {
     let _ = conn.close(200, "bye").await;
 }
 
+/// Declare the quorum queues `src` and `dst` on `on`, then define through
+/// `through`'s API the dynamic shovel `name` moving from one to the other
+/// (`amqp://`: the node that runs it); its parameter's path.
+async fn define_shovel(on: &Node, through: &Node, name: &str, (src, dst): (&str, &str)) -> String {
+    declare_quorum_queue(on, src).await;
+    declare_quorum_queue(on, dst).await;
+    let path = format!("/api/parameters/shovel/%2F/{name}");
+    let value = serde_json::json!({"value": {
+        "src-uri": "amqp://", "src-queue": src,
+        "dest-uri": "amqp://", "dest-queue": dst,
+    }});
+    assert_eq!(through.put(&path, value), 201);
+    path
+}
+
 /// The rows of `/api/shovels` on `node` for shovel `name`: (its node, its state).
 fn shovel_rows(node: &Node, name: &str) -> Vec<(String, String)> {
     let (status, rows) = node.get("/api/shovels");
@@ -1369,14 +1378,7 @@ async fn a_dynamic_shovel_runs_on_one_node_and_moves_when_it_goes() {
     let (a, b, c) = three_nodes("shovel-move").await;
     let mut nodes = [a, b, c];
     let (src, dst, name) = ("sh-src", "sh-dst", "mover");
-    declare_quorum_queue(&nodes[0], src).await;
-    declare_quorum_queue(&nodes[0], dst).await;
-    let path = format!("/api/parameters/shovel/%2F/{name}");
-    let value = serde_json::json!({"value": {
-        "src-uri": "amqp://", "src-queue": src,
-        "dest-uri": "amqp://", "dest-queue": dst,
-    }});
-    assert_eq!(nodes[1].put(&path, value), 201);
+    let path = define_shovel(&nodes[0], &nodes[1], name, (src, dst)).await;
     eventually("the parameter on every node", WAIT, || {
         nodes.iter().all(|n| n.get(&path).0 == 200)
     })
@@ -1448,23 +1450,9 @@ async fn a_dynamic_shovel_runs_on_one_node_and_moves_when_it_goes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_isolated_node_stops_its_shovels_and_the_majority_runs_them() {
     let (nodes, proxies) = common::cluster::start_proxied("shovel-cut", 2000).await;
-    let all: Vec<String> = nodes.iter().map(Node::name).collect();
-    eventually("three running members", Duration::from_secs(30), || {
-        nodes.iter().all(|n| {
-            let r = n.running();
-            all.iter().all(|m| r.contains(m))
-        })
-    })
-    .await;
+    common::cluster::wait_all_running(&nodes.iter().collect::<Vec<_>>()).await;
     let (src, dst, name) = ("cut-src", "cut-dst", "cutter");
-    declare_quorum_queue(&nodes[0], src).await;
-    declare_quorum_queue(&nodes[0], dst).await;
-    let path = format!("/api/parameters/shovel/%2F/{name}");
-    let value = serde_json::json!({"value": {
-        "src-uri": "amqp://", "src-queue": src,
-        "dest-uri": "amqp://", "dest-queue": dst,
-    }});
-    assert_eq!(nodes[0].put(&path, value), 201);
+    define_shovel(&nodes[0], &nodes[0], name, (src, dst)).await;
     let mut runner = String::new();
     eventually("one running shovel", WAIT, || {
         let rows = shovel_rows(&nodes[0], name);

@@ -323,14 +323,7 @@ async fn a_deletion_not_committed_is_proposed_again_after_the_heal() {
     // Every link between nodes goes through a proxy the test cuts.
     let (nodes, proxies) = start_proxied("selfdel-retry", 2000).await;
     let [a, b, c] = [&nodes[0], &nodes[1], &nodes[2]];
-    let all = [a.name(), b.name(), c.name()];
-    eventually("three running members", Duration::from_secs(30), || {
-        nodes.iter().all(|n| {
-            let r = n.running();
-            all.iter().all(|m| r.contains(m))
-        })
-    })
-    .await;
+    wait_all_running(&[a, b, c]).await;
     let q = common::uniq("rq");
     let conn = a.connect().await;
     let ch = common::t(conn.create_channel()).await.expect("channel");
@@ -387,14 +380,7 @@ async fn a_deletion_not_committed_is_proposed_again_after_the_heal() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_home_nodes_restart_deletes_the_records_of_queues_it_lost() {
     let (mut nodes, proxies) = start_proxied("selfdel-restart", 2000).await;
-    let all: Vec<String> = nodes.iter().map(Node::name).collect();
-    eventually("three running members", Duration::from_secs(30), || {
-        nodes.iter().all(|n| {
-            let r = n.running();
-            all.iter().all(|m| r.contains(m))
-        })
-    })
-    .await;
+    wait_all_running(&nodes.iter().collect::<Vec<_>>()).await;
     let (expiring, transient, kept) = (common::uniq("rx"), common::uniq("rt"), common::uniq("rk"));
     let conn = nodes[0].connect().await;
     let ch = common::t(conn.create_channel()).await.expect("channel");

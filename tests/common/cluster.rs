@@ -488,15 +488,24 @@ pub async fn three_nodes_with(tag: &str, commit_timeout_ms: u64) -> (Node, Node,
     a.start().await;
     b.start().await;
     c.start().await;
-    let all = [a.name(), b.name(), c.name()];
-    eventually("three running members", Duration::from_secs(20), || {
-        [&a, &b, &c].iter().all(|n| {
-            let r = n.running();
-            all.iter().all(|m| r.contains(m))
-        })
-    })
-    .await;
+    wait_all_running(&[&a, &b, &c]).await;
     (a, b, c)
+}
+
+/// Wait (at most 30 s) until every one of `nodes` sees all of them running.
+pub async fn wait_all_running(nodes: &[&Node]) {
+    let all: Vec<String> = nodes.iter().map(|n| n.name()).collect();
+    eventually(
+        "every member running in every node's view",
+        Duration::from_secs(30),
+        || {
+            nodes.iter().all(|n| {
+                let r = n.running();
+                all.iter().all(|m| r.contains(m))
+            })
+        },
+    )
+    .await;
 }
 
 /// Three nodes that reach each other only through a test-owned proxy per
