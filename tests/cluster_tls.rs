@@ -77,18 +77,7 @@ async fn three_nodes_with_tls_form_a_cluster_and_replicate_a_declare() {
     for n in nodes.iter_mut() {
         n.start().await;
     }
-    let all: Vec<String> = nodes.iter().map(Node::name).collect();
-    eventually(
-        "three running members over TLS",
-        Duration::from_secs(30),
-        || {
-            nodes.iter().all(|n| {
-                let r = n.running();
-                all.iter().all(|m| r.contains(m))
-            })
-        },
-    )
-    .await;
+    common::cluster::wait_all_running(&nodes.iter().collect::<Vec<_>>()).await;
     let x = common::uniq("tlsx");
     declare(&nodes[1], &x, Duration::from_secs(10))
         .await
