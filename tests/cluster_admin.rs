@@ -396,6 +396,14 @@ async fn figures_of_every_member_and_503_without_a_majority() {
     let (_, overview) = b.get("/api/overview");
     assert_eq!(overview["object_totals"]["connections"], 2, "{overview}");
     assert_eq!(overview["object_totals"]["channels"], 1, "{overview}");
+    let (_, vhost) = b.get("/api/vhosts/%2F");
+    assert_eq!(vhost["connections"], 2, "{vhost}");
+    let states = vhost["cluster_state"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(states.len(), 3, "{vhost}");
+    assert!(states.values().all(|s| s == "running"), "{vhost}");
     let with_channel = rows
         .iter()
         .find(|r| r["channels"] == 1)
@@ -457,6 +465,11 @@ async fn figures_of_every_member_and_503_without_a_majority() {
     let (_, overview) = c.get("/api/overview");
     assert_eq!(overview["queue_totals"]["messages"], 3, "{overview}");
     assert_eq!(overview["message_stats"]["publish"], 3, "{overview}");
+    let (_, vhosts) = c.get("/api/vhosts");
+    let root = &vhosts[0];
+    assert_eq!(root["name"], "/", "{vhosts}");
+    assert_eq!(root["messages"], 3, "{vhosts}");
+    assert_eq!(root["message_stats"]["publish"], 3, "{vhosts}");
 
     // A member that does not answer is not running, and has no figures.
     a.stop();

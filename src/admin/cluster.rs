@@ -155,6 +155,7 @@ pub fn answer_stats(s: &AdminState, query: &Value) -> Value {
     if let Some(answer) = super::shovels::answer_stats(s, query)
         .or_else(|| super::connections::answer_stats(s, query))
         .or_else(|| super::overview::answer_stats(s, query))
+        .or_else(|| super::vhosts::answer_stats(s, query))
     {
         return answer;
     }

@@ -141,7 +141,7 @@ async fn member_overviews(s: &AdminState) -> Vec<Value> {
 
 /// Add the numbers of `from` to those at the same places in `into` (counts,
 /// and rates rounded as the API shows them); other values stay.
-fn add_numbers(into: &mut Value, from: &Value) {
+pub(super) fn add_numbers(into: &mut Value, from: &Value) {
     match (into, from) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in a.iter_mut() {

@@ -1,6 +1,7 @@
 //! `/api/vhosts[/{vhost}]`: list, show, create (with its `amq.*` exchanges)
 //! or update (description, tags, default queue type, firehose tracing), delete.
 
+use super::cluster::Homes;
 use super::{AdminState, ApiError, ApiResult, Body, Caller};
 use crate::broker::vhost::VHostMeta;
 use crate::broker::VHost;
@@ -14,19 +15,67 @@ use serde_json::{json, Value};
 /// rates of their lengths (`messages_details` ...), its channels'
 /// `message_stats` and its connections' bytes (`recv_oct`, `send_oct`:
 /// those that closed and the open ones; rates of the open ones), as
-/// RabbitMQ's.
-fn vhost_json(s: &AdminState, v: &VHost) -> Value {
-    let b = &s.broker;
+/// RabbitMQ's. Clustered, the whole cluster's: each queue's counts from its
+/// home node (`homes`), the connections, message counts and bytes of every
+/// member that answered (`theirs`: each member's name and its
+/// [`answer_stats`] figures, None when it did not answer: down).
+fn vhost_json(
+    s: &AdminState,
+    v: &VHost,
+    homes: &Homes,
+    theirs: &[(String, Option<Value>)],
+) -> Value {
     let (mut ready, mut unacked) = (0, 0);
     let queues = v.queues();
     for q in &queues {
+        if let Some(c) = homes.counts(&v.name, q.name()) {
+            ready += c["messages_ready"].as_u64().unwrap_or(0) as usize;
+            unacked += c["messages_unacknowledged"].as_u64().unwrap_or(0) as usize;
+            continue;
+        }
         let st = q.stats(crate::clock::now_ms());
         ready += st.ready;
         unacked += st.unacked;
     }
     let rates = super::charts::summed_length_rates(&s.history, queues.iter().map(|q| &**q));
     let meta = v.meta();
-    let conns: Vec<_> = b
+    let mut figures = vhost_figures(s, v);
+    let mut cluster_state = serde_json::Map::new();
+    cluster_state.insert(super::cluster::this_node(s), json!("running"));
+    for (node, answer) in theirs {
+        let state = match answer {
+            Some(t) => {
+                super::overview::add_numbers(&mut figures, &t[&*v.name]);
+                "running"
+            }
+            None => "nodedown",
+        };
+        cluster_state.insert(node.clone(), json!(state));
+    }
+    let mut j = json!({
+        "name": &*v.name,
+        "description": &meta.description,
+        "tags": &meta.tags,
+        "default_queue_type": meta.default_queue_type.as_deref().unwrap_or("undefined"),
+        "metadata": metadata_json(&meta),
+        "tracing": v.tracing(),
+        "cluster_state": cluster_state,
+        "messages": ready + unacked,
+        "messages_ready": ready,
+        "messages_unacknowledged": unacked,
+    });
+    if let (Value::Object(m), Value::Object(f)) = (&mut j, figures) {
+        m.extend(f);
+        super::charts::insert_length_details(m, rates);
+    }
+    j
+}
+
+/// What this node has of vhost `v`'s traffic: its connections (how many),
+/// its channels' `message_stats`, its connections' bytes and their rates.
+fn vhost_figures(s: &AdminState, v: &VHost) -> Value {
+    let conns: Vec<_> = s
+        .broker
         .connections()
         .into_iter()
         .filter(|c| c.vhost == *v.name)
@@ -42,38 +91,58 @@ fn vhost_json(s: &AdminState, v: &VHost) -> Value {
         (recv, send) = (recv + r, send + w);
         (recv_rate, send_rate) = (recv_rate + rates.recv_oct, send_rate + rates.send_oct);
     }
-    let mut j = json!({
-        "name": &*v.name,
-        "description": &meta.description,
-        "tags": &meta.tags,
-        "default_queue_type": meta.default_queue_type.as_deref().unwrap_or("undefined"),
-        "metadata": metadata_json(&meta),
-        "tracing": v.tracing(),
-        "cluster_state": {b.node.as_str(): "running"},
-        "messages": ready + unacked,
-        "messages_ready": ready,
-        "messages_unacknowledged": unacked,
+    json!({
         "connections": conns.len(),
         "message_stats": super::metrics::full_stats(&v.counters, &s.rates.vhost(&v.name)),
         "recv_oct": recv,
         "recv_oct_details": super::details(recv_rate),
         "send_oct": send,
         "send_oct_details": super::details(send_rate),
-    });
-    if let Value::Object(m) = &mut j {
-        super::charts::insert_length_details(m, rates);
-    }
-    j
+    })
+}
+
+/// What another member asks of this node's vhosts (`{"vhosts": true}`):
+/// each vhost's [`vhost_figures`], by name; None for other requests.
+pub fn answer_stats(s: &AdminState, query: &Value) -> Option<Value> {
+    query.get("vhosts")?;
+    let all: serde_json::Map<String, Value> = s
+        .broker
+        .vhosts()
+        .iter()
+        .map(|v| (v.name.to_string(), vhost_figures(s, v)))
+        .collect();
+    Some(json!({ "vhosts": all }))
+}
+
+/// The vhosts `vs` as the API shows them (one request per member for
+/// their figures and the queue counts).
+async fn vhosts_json(s: &AdminState, vs: &[std::sync::Arc<VHost>]) -> Vec<Value> {
+    let mut homes = Homes::of(s);
+    let queues: Vec<_> = vs.iter().flat_map(|v| v.queues()).collect();
+    homes.fetch(s, &queues).await;
+    let theirs: Vec<(String, Option<Value>)> = match &s.cluster {
+        Some(c) => c
+            .member_stats(&json!({"vhosts": true}))
+            .await
+            .into_iter()
+            .filter(|(m, _)| m.id != c.id)
+            .map(|(m, a)| (m.name, a.map(|mut a| a["vhosts"].take())))
+            .collect(),
+        None => Vec::new(),
+    };
+    vs.iter()
+        .map(|v| vhost_json(s, v, &homes, &theirs))
+        .collect()
 }
 
 pub async fn list(State(s): State<AdminState>, caller: Caller) -> Json<Value> {
     let b = &s.broker;
-    let mut out: Vec<Value> = b
+    let visible: Vec<_> = b
         .vhosts()
-        .iter()
+        .into_iter()
         .filter(|v| caller.sees(b, &v.name))
-        .map(|v| vhost_json(&s, v))
         .collect();
+    let mut out = vhosts_json(&s, &visible).await;
     super::sort_by_vhost_name(&mut out);
     Json(Value::Array(out))
 }
@@ -88,7 +157,8 @@ pub async fn show(
     if !caller.sees(b, &name) {
         return Err(ApiError::refused("Access refused."));
     }
-    Ok(Json(vhost_json(&s, &v)))
+    let mut one = vhosts_json(&s, &[v]).await;
+    Ok(Json(one.pop().unwrap_or(Value::Null)))
 }
 
 /// A vhost's `metadata` object (in its JSON and in definitions).
