@@ -290,6 +290,15 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
         assert_eq!(d["number"], 1, "{listed}");
         let conn = d["connection_name"].as_str().unwrap_or_default();
         assert!(conn.ends_with(&format!("{}:{}", c.ip, c.amqp)), "{listed}");
+        // And the queue's own view, from its home node.
+        let (_, queue) = node.get("/api/queues/%2F/cq");
+        let details = queue["consumer_details"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(details.len(), 1, "{queue}");
+        assert_eq!(details[0]["consumer_tag"], "c1", "{queue}");
+        assert_eq!(details[0]["channel_details"]["node"], c.name().as_str());
     }
     // A consume the home node refuses (exclusive, with c1 there) gets the
     // channel error a local one gets, instead of consume-ok; c1 goes on.

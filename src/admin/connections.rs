@@ -524,6 +524,29 @@ pub(super) fn consumers_where(s: &AdminState, caller: &Caller, only: Option<&str
     consumer_rows(s, Viewer::Caller(caller), only)
 }
 
+/// The consumers of queue `name` of `vhost` that `caller` sees, as the
+/// queue's `home` node lists them (this one, or another member: asked).
+pub(super) async fn consumers_of_queue(
+    s: &AdminState,
+    caller: &Caller,
+    (vhost, name): (&str, &str),
+    home: &str,
+) -> Vec<Value> {
+    let rows = match &s.cluster {
+        Some(c) if home != c.me.name => {
+            let answer = c.stats_of(home, &json!({"rows": "consumers"})).await;
+            match answer.map(|mut a| a["rows"].take()) {
+                Some(Value::Array(rows)) => rows,
+                _ => Vec::new(),
+            }
+        }
+        _ => consumers_where(s, caller, Some(vhost)),
+    };
+    rows.into_iter()
+        .filter(|c| c["queue"]["name"] == name && c["queue"]["vhost"] == vhost)
+        .collect()
+}
+
 fn consumer_rows(s: &AdminState, viewer: Viewer<'_>, only: Option<&str>) -> Vec<Value> {
     let conns: HashMap<u64, Arc<ConnectionInfo>> = s
         .broker

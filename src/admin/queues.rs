@@ -440,11 +440,10 @@ pub async fn show(
     homes.fetch(&s, std::slice::from_ref(&q)).await;
     let mut v = queue_json(&s, &homes, &q);
     // As RabbitMQ's single-queue view: its consumers, as /api/consumers
-    // lists them (those attached on this node).
-    let consumers: Vec<Value> = super::connections::consumers_where(&s, &caller, Some(&vhost))
-        .into_iter()
-        .filter(|c| c["queue"]["name"] == name.as_str())
-        .collect();
+    // lists them (asked of its home node when that is another member).
+    let home = homes.node(&vhost, &name).to_string();
+    let consumers =
+        super::connections::consumers_of_queue(&s, &caller, (&vhost, &name), &home).await;
     if let Value::Object(m) = &mut v {
         m.insert("consumer_details".into(), Value::Array(consumers));
     }
