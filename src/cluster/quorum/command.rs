@@ -54,8 +54,9 @@ impl QMsg {
         props
     }
 
-    /// As written: the publisher's fields only where given (`p`, `s`).
-    fn wire(&self, p: Option<u64>, s: Option<u64>) -> wire::Ref<'_> {
+    /// As written: the publisher's fields and the time only where given
+    /// (`p`, `s`, `t`).
+    fn wire(&self, p: Option<u64>, s: Option<u64>, t: Option<u64>) -> wire::Ref<'_> {
         wire::Ref {
             exchange: &self.message.exchange,
             routing_key: &self.message.routing_key,
@@ -63,7 +64,7 @@ impl QMsg {
             body: &self.message.body,
             p,
             s,
-            t: (self.at != 0).then_some(self.at),
+            t,
         }
     }
 }
@@ -88,7 +89,8 @@ impl Eq for QMsg {}
 impl Serialize for QMsg {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let some = |v: u64| (v != 0).then_some(v);
-        self.wire(some(self.publisher), some(self.seq)).serialize(s)
+        self.wire(some(self.publisher), some(self.seq), some(self.at))
+            .serialize(s)
     }
 }
 
@@ -138,7 +140,7 @@ mod wire {
         #[serde(default)]
         pub s: Option<u64>,
         #[serde(default)]
-        t: Option<u64>,
+        pub t: Option<u64>,
     }
 
     impl Owned {
@@ -158,8 +160,10 @@ mod wire {
 /// An `Enqueue`'s messages with their publishers' numbers as runs: a
 /// message carries `p` only when its publisher differs from the one before
 /// it, and `s` only when its number is not the one before plus one (a batch
-/// from one publisher numbers only its first message). Entries written with
-/// the numbers on every message, or with none, read the same.
+/// from one publisher numbers only its first message); likewise `t`, the
+/// time its group took it, only when it differs from the one before (one
+/// per batch: the leader stamps a batch once). Entries written with the
+/// numbers on every message, or with none, read the same.
 mod runs {
     use super::{wire, QMsg};
     use serde::{Deserialize, Deserializer, Serializer};
@@ -177,27 +181,31 @@ mod runs {
     pub fn serialize<S: Serializer>(msgs: &[QMsg], s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
         let mut seq = s.serialize_seq(Some(msgs.len()))?;
-        let (mut prev, mut prev_seq) = (0, 0);
+        let (mut prev, mut prev_seq, mut prev_at) = (0, 0, 0);
         for m in msgs {
             let implied = implied(m.publisher, prev, prev_seq);
             seq.serialize_element(&m.wire(
                 (m.publisher != prev).then_some(m.publisher),
                 (m.seq != implied).then_some(m.seq),
+                (m.at != prev_at).then_some(m.at),
             ))?;
-            (prev, prev_seq) = (m.publisher, m.seq);
+            (prev, prev_seq, prev_at) = (m.publisher, m.seq, m.at);
         }
         seq.end()
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<QMsg>, D::Error> {
         let wire = Vec::<wire::Owned>::deserialize(d)?;
-        let (mut prev, mut prev_seq) = (0, 0);
+        let (mut prev, mut prev_seq, mut prev_at) = (0, 0, 0);
         wire.into_iter()
             .map(|w| {
                 let publisher = w.p.unwrap_or(prev);
                 let seq = w.s.unwrap_or_else(|| implied(publisher, prev, prev_seq));
-                (prev, prev_seq) = (publisher, seq);
-                Ok(w.into_msg()?.sent_by(publisher, seq))
+                let at = w.t.unwrap_or(prev_at);
+                (prev, prev_seq, prev_at) = (publisher, seq, at);
+                let mut m = w.into_msg()?.sent_by(publisher, seq);
+                m.at = at;
+                Ok(m)
             })
             .collect()
     }
@@ -599,6 +607,16 @@ mod tests {
         let json = String::from_utf8(serde_json::to_vec(&cmd).expect("encodes")).expect("utf8");
         assert_eq!(json.matches("\"p\":").count(), 4, "{json}");
         assert_eq!(json.matches("\"s\":").count(), 4, "{json}");
+        let back: QCommand = serde_json::from_str(&json).expect("decodes");
+        assert_eq!(back, cmd);
+        // A batch stamped once writes its time once; a change writes it again.
+        let mut stamped = batch;
+        for (i, m) in stamped.iter_mut().enumerate() {
+            m.at = if i < 6 { 1_000 } else { 2_000 };
+        }
+        let cmd = QCommand::Enqueue(stamped);
+        let json = String::from_utf8(serde_json::to_vec(&cmd).expect("encodes")).expect("utf8");
+        assert_eq!(json.matches("\"t\":").count(), 2, "{json}");
         let back: QCommand = serde_json::from_str(&json).expect("decodes");
         assert_eq!(back, cmd);
         // Numbers on every message (or on none) read the same.

@@ -203,12 +203,10 @@ impl Group {
     /// serves the queue; `reply` gets the group's answer ([`Answer::Resend`]
     /// at once when it does not serve). `count`: counted in this node's
     /// pending publishes (a publisher on another node).
-    pub fn propose(&self, mut m: QMsg, reply: Reply, count: bool) {
+    pub fn propose(&self, m: QMsg, reply: Reply, count: bool) {
         if self.raft().is_none() || !self.is_serving() {
             return reply(Answer::Resend);
         }
-        // Taken now: its TTL counts from here on every member.
-        m.at = crate::clock::now_ms();
         let counter = count.then(|| {
             self.pending.fetch_add(1, Ordering::Relaxed);
             Arc::clone(&self.pending)
@@ -731,7 +729,13 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
                 Err(_) => break,
             }
         }
-        let (messages, tickets): (Vec<QMsg>, Vec<Counted>) = batch.into_iter().unzip();
+        let (mut messages, tickets): (Vec<QMsg>, Vec<Counted>) = batch.into_iter().unzip();
+        // Taken now: their TTLs count from here on every member (one time
+        // per batch, written once).
+        let at = crate::clock::now_ms();
+        for m in &mut messages {
+            m.at = at;
+        }
         let Some(group) = g.upgrade() else { return };
         group.not_transferring().await;
         let within = group.commit_timeout;
