@@ -288,6 +288,7 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
         assert_eq!(d["node"], c.name().as_str(), "{listed}");
         assert_eq!(d["user"], "guest", "{listed}");
         assert_eq!(d["number"], 1, "{listed}");
+        assert_eq!(rows[0]["prefetch_count"], 3, "the client's own: {listed}");
         let conn = d["connection_name"].as_str().unwrap_or_default();
         assert!(conn.ends_with(&format!("{}:{}", c.ip, c.amqp)), "{listed}");
         // And the queue's own view, from its home node.

@@ -563,7 +563,8 @@ fn consumer_rows(s: &AdminState, viewer: Viewer<'_>, only: Option<&str>) -> Vec<
         for q in v.queues() {
             for c in q.consumers() {
                 let conn = conns.get(&c.connection);
-                let details = match (conn, origins.get(&c.connection)) {
+                let origin = origins.get(&c.connection).filter(|_| conn.is_none());
+                let details = match (conn, origin) {
                     // Opened from another node: its channel there.
                     (None, Some(o)) => json!({
                         "number": o.channel,
@@ -590,7 +591,7 @@ fn consumer_rows(s: &AdminState, viewer: Viewer<'_>, only: Option<&str>) -> Vec<
                     "channel_details": details,
                     "ack_required": !c.no_ack,
                     "exclusive": c.exclusive,
-                    "prefetch_count": c.credit.limit(),
+                    "prefetch_count": origin.map_or(c.credit.limit(), |o| o.prefetch),
                     "priority": c.priority,
                     "active": true,
                     "activity_status": "up",

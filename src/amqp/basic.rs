@@ -316,6 +316,7 @@ fn consume(
                         peer_port: info.peer.port(),
                         user: ctx.user.clone(),
                         node: ctx.broker.node.clone(),
+                        prefetch: ch.consumer_prefetch,
                     }
                 }),
             };

@@ -113,6 +113,9 @@ pub struct ConsumerOrigin {
     pub peer_port: u16,
     pub user: String,
     pub node: String,
+    /// The consumer's own prefetch as its client set it (0: none).
+    #[serde(default)]
+    pub prefetch: u32,
 }
 
 /// How deliveries are settled.
