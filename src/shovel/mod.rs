@@ -216,7 +216,19 @@ pub struct Shovels {
     refused: Mutex<BTreeMap<(String, String), Value>>,
     /// Shut down: nothing starts any more.
     stopped: AtomicBool,
+    /// Clustered: since when each dynamic shovel has been placed here (see
+    /// [`HOLD_OFF`]).
+    placed: Mutex<BTreeMap<(String, String), std::time::Instant>>,
 }
+
+/// Clustered, a shovel newly placed on this node starts only once it has
+/// been placed here this long: the node that ran it sees the change about
+/// when this one does (each acts on its own view of the members, fresh to
+/// about a second), and stops it by then, so the two do not run it at once
+/// (an exchange-sourced shovel would move what was published meanwhile
+/// twice). A shovel that stays placed here restarts at once (a new
+/// definition).
+pub const HOLD_OFF: std::time::Duration = std::time::Duration::from_millis(1500);
 
 impl std::fmt::Debug for Shovels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -242,6 +254,7 @@ impl Shovels {
             placement: OnceLock::new(),
             refused: Mutex::new(BTreeMap::new()),
             stopped: AtomicBool::new(false),
+            placed: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -320,6 +333,23 @@ impl Shovels {
             }
         }
         self.refused.lock().retain(|k, _| wanted.contains_key(k));
+        let held = {
+            let now = std::time::Instant::now();
+            let mut placed = self.placed.lock();
+            placed.retain(|k, _| wanted.contains_key(k));
+            for k in wanted.keys() {
+                placed.entry(k.clone()).or_insert(now);
+            }
+            let clustered = self.placement.get().is_some();
+            move |k: &(String, String)| {
+                clustered
+                    && placed
+                        .get(k)
+                        .is_some_and(|at| now.duration_since(*at) < HOLD_OFF)
+            }
+        };
+        missing.retain(|(k, _)| !held(k));
+        drop(held);
         let mut started = 0;
         for ((vhost, name), value) in missing {
             match parse(&value) {
