@@ -87,7 +87,7 @@ impl Viewer<'_> {
     fn sees_user(&self, user: &str) -> bool {
         match self {
             Viewer::All => true,
-            Viewer::Caller(c) => c.is_monitor() || c.0.name == user,
+            Viewer::Caller(c) => c.sees_connections_of(user),
         }
     }
 

@@ -253,6 +253,11 @@ impl Caller {
             Err(ApiError::refused("Not monitor user"))
         }
     }
+    /// The connections (and their channels) of `user` are visible: monitors
+    /// see every connection, others their own.
+    pub fn sees_connections_of(&self, user: &str) -> bool {
+        self.is_monitor() || self.0.name == user
+    }
     /// Objects of `vhost` are visible: monitors see all, others need permissions there.
     pub fn sees(&self, broker: &Broker, vhost: &str) -> bool {
         self.is_monitor() || self.vhost_access(broker, vhost)

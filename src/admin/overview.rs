@@ -63,7 +63,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
     let conns: Vec<_> = b
         .connections()
         .into_iter()
-        .filter(|c| caller.is_monitor() || c.user == caller.0.name)
+        .filter(|c| caller.sees_connections_of(&c.user))
         .collect();
     // Stream protocol subscriptions are consumers too (RabbitMQ registers
     // each as `stream.subid-N` of its connection).

@@ -120,15 +120,8 @@ fn consumer_json(s: &AdminState, c: &ConnectionInfo, x: &ConsumerStats) -> Value
 /// The stream connections the caller may see (monitors all, others their
 /// own), of `vhost` if given, by name.
 fn visible(s: &AdminState, caller: &Caller, vhost: Option<&str>) -> Vec<Arc<ConnectionInfo>> {
-    let mut v: Vec<_> = s
-        .broker
-        .connections()
-        .into_iter()
-        .filter(|c| c.control.stream().is_some())
-        .filter(|c| vhost.is_none_or(|v| c.vhost == v))
-        .filter(|c| caller.is_monitor() || c.user == caller.0.name)
-        .collect();
-    v.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut v = all_here(s);
+    v.retain(|c| vhost.is_none_or(|v| c.vhost == v) && caller.sees_connections_of(&c.user));
     v
 }
 
@@ -189,7 +182,7 @@ async fn with_members(
     rows.extend(
         super::connections::member_rows_where(s, kind, |r| {
             let (v, n, user) = row_keys(r);
-            (caller.is_monitor() || user == caller.0.name)
+            caller.sees_connections_of(user)
                 && vhost.is_none_or(|w| w == v)
                 && name.is_none_or(|w| w == n)
         })
