@@ -117,6 +117,41 @@ impl Homes {
     pub fn counts(&self, vhost: &str, name: &str) -> Option<&Value> {
         self.remote.get(&(vhost.to_string(), name.to_string()))
     }
+
+    /// Queue `q`'s ready and unacknowledged messages and consumers: its home
+    /// node's answer when another member answered for it, else this node's.
+    pub fn lengths(&self, q: &crate::broker::queue::Queue) -> Lengths {
+        match self.counts(&q.spec.vhost, q.name()) {
+            Some(c) => {
+                let n = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
+                Lengths {
+                    ready: n("messages_ready"),
+                    unacked: n("messages_unacknowledged"),
+                    consumers: n("consumers"),
+                    from_home: true,
+                }
+            }
+            None => {
+                let st = q.stats(crate::clock::now_ms());
+                Lengths {
+                    ready: st.ready,
+                    unacked: st.unacked,
+                    consumers: st.consumers,
+                    from_home: false,
+                }
+            }
+        }
+    }
+}
+
+/// A queue's lengths, as [`Homes::lengths`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Lengths {
+    pub ready: usize,
+    pub unacked: usize,
+    pub consumers: usize,
+    /// Answered by its home node (another member).
+    pub from_home: bool,
 }
 
 /// `/api/nodes` when clustered: this node's full record plus one per member,
@@ -178,6 +213,20 @@ pub fn answer_stats(s: &AdminState, query: &Value) -> Value {
         "memory": super::overview::memory_breakdown(s),
         "queues": queues,
     })
+}
+
+/// Every other member's answer to the stats request `query` ([`answer_stats`],
+/// asked all at once; None: no answer within a second), as member name and
+/// answer; none on a node without a cluster.
+pub async fn ask_members(s: &AdminState, query: &Value) -> Vec<(String, Option<Value>)> {
+    let Some(c) = &s.cluster else {
+        return Vec::new();
+    };
+    let answers = c.member_stats(query).await.into_iter();
+    answers
+        .filter(|(m, _)| m.id != c.id)
+        .map(|(m, a)| (m.name, a))
+        .collect()
 }
 
 /// Another member's answer to a stats request ([`answer_stats`], asked

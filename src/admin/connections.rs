@@ -203,11 +203,8 @@ pub(super) async fn member_rows_where(
     kind: &str,
     keep: impl Fn(&Value) -> bool,
 ) -> Vec<Value> {
-    let Some(c) = &s.cluster else {
-        return Vec::new();
-    };
     let mut rows = Vec::new();
-    for (_, answer) in c.member_stats(&json!({ "rows": kind })).await {
+    for (_, answer) in super::cluster::ask_members(s, &json!({ "rows": kind })).await {
         let Some(Value::Array(theirs)) =
             answer.and_then(|mut a| a.get_mut("rows").map(Value::take))
         else {

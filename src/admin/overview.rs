@@ -43,21 +43,15 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         }
         for q in vq {
             queues += 1;
-            if let Some(c) = homes.counts(&v.name, q.name()) {
-                let n = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
-                ready += n("messages_ready");
-                unacked += n("messages_unacknowledged");
-                // A stream's counts include its home node's Stream protocol
-                // subscriptions, which every member's count below has.
-                if q.stream().is_none() {
-                    consumers += n("consumers");
-                }
-                continue;
+            let l = homes.lengths(&q);
+            ready += l.ready;
+            unacked += l.unacked;
+            // A stream's counts from its home node include that node's
+            // Stream protocol subscriptions, which every member's count
+            // below has.
+            if !(l.from_home && q.stream().is_some()) {
+                consumers += l.consumers;
             }
-            let st = q.stats(now_ms());
-            ready += st.ready;
-            unacked += st.unacked;
-            consumers += st.consumers;
         }
     }
     let conns: Vec<_> = b
@@ -82,7 +76,8 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
     // counts (RabbitMQ's overview totals the cluster).
     let (mut their_conns, mut their_channels) = (0, 0);
     let mut message_stats = super::metrics::full_stats(&b.counters, &s.rates.global());
-    for theirs in member_overviews(&s).await {
+    let answers = super::cluster::ask_members(&s, &json!({"overview": true})).await;
+    for theirs in answers.into_iter().filter_map(|(_, a)| a) {
         let counts = &theirs["connection_counts"];
         let (c, ch, subs) = super::connections::counted(&s, &caller, counts);
         their_conns += c;
@@ -127,16 +122,6 @@ pub fn answer_stats(s: &AdminState, query: &Value) -> Option<Value> {
         "connection_counts": super::connections::local_counts(s),
         "message_stats": super::metrics::full_stats(&s.broker.counters, &s.rates.global()),
     }))
-}
-
-/// The other members' answers to an overview request (none on a node
-/// without a cluster; a member that does not answer is left out).
-async fn member_overviews(s: &AdminState) -> Vec<Value> {
-    let Some(c) = &s.cluster else {
-        return Vec::new();
-    };
-    let answers = c.member_stats(&json!({"overview": true})).await;
-    answers.into_iter().filter_map(|(_, a)| a).collect()
 }
 
 /// Add the numbers of `from` to those at the same places in `into` (counts,

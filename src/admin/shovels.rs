@@ -160,17 +160,14 @@ async fn remove(
 /// every member that answers (in `vhost`, or all).
 async fn member_statuses(s: &AdminState, vhost: Option<&str>) -> Vec<Value> {
     let mut rows = s.shovels.statuses(vhost);
-    if let Some(c) = &s.cluster {
-        for (_, answer) in c.member_stats(&json!({"shovels": true})).await {
-            let theirs = answer
-                .as_ref()
-                .and_then(|a| a.get("shovels"))
-                .and_then(Value::as_array);
-            let wanted = |r: &&Value| {
-                vhost.is_none_or(|v| r.get("vhost").and_then(Value::as_str) == Some(v))
-            };
-            rows.extend(theirs.into_iter().flatten().filter(wanted).cloned());
-        }
+    for (_, answer) in super::cluster::ask_members(s, &json!({"shovels": true})).await {
+        let theirs = answer
+            .as_ref()
+            .and_then(|a| a.get("shovels"))
+            .and_then(Value::as_array);
+        let wanted =
+            |r: &&Value| vhost.is_none_or(|v| r.get("vhost").and_then(Value::as_str) == Some(v));
+        rows.extend(theirs.into_iter().flatten().filter(wanted).cloned());
     }
     rows
 }
@@ -233,12 +230,10 @@ async fn restart(
     if s.shovels.restart(&vhost, &name) {
         return Ok(StatusCode::NO_CONTENT);
     }
-    if let Some(c) = &s.cluster {
-        let ask = json!({"restart_shovel": [vhost, name]});
-        for (_, answer) in c.member_stats(&ask).await {
-            if answer.and_then(|a| a.get("restarted").and_then(Value::as_bool)) == Some(true) {
-                return Ok(StatusCode::NO_CONTENT);
-            }
+    let ask = json!({"restart_shovel": [vhost, name]});
+    for (_, answer) in super::cluster::ask_members(&s, &ask).await {
+        if answer.and_then(|a| a.get("restarted").and_then(Value::as_bool)) == Some(true) {
+            return Ok(StatusCode::NO_CONTENT);
         }
     }
     Err(ApiError::not_found())

@@ -28,14 +28,9 @@ fn vhost_json(
     let (mut ready, mut unacked) = (0, 0);
     let queues = v.queues();
     for q in &queues {
-        if let Some(c) = homes.counts(&v.name, q.name()) {
-            ready += c["messages_ready"].as_u64().unwrap_or(0) as usize;
-            unacked += c["messages_unacknowledged"].as_u64().unwrap_or(0) as usize;
-            continue;
-        }
-        let st = q.stats(crate::clock::now_ms());
-        ready += st.ready;
-        unacked += st.unacked;
+        let l = homes.lengths(q);
+        ready += l.ready;
+        unacked += l.unacked;
     }
     let rates = super::charts::summed_length_rates(&s.history, queues.iter().map(|q| &**q));
     let meta = v.meta();
@@ -120,16 +115,12 @@ async fn vhosts_json(s: &AdminState, vs: &[std::sync::Arc<VHost>]) -> Vec<Value>
     let mut homes = Homes::of(s);
     let queues: Vec<_> = vs.iter().flat_map(|v| v.queues()).collect();
     homes.fetch(s, &queues).await;
-    let theirs: Vec<(String, Option<Value>)> = match &s.cluster {
-        Some(c) => c
-            .member_stats(&json!({"vhosts": true}))
+    let theirs: Vec<(String, Option<Value>)> =
+        super::cluster::ask_members(s, &json!({"vhosts": true}))
             .await
             .into_iter()
-            .filter(|(m, _)| m.id != c.id)
-            .map(|(m, a)| (m.name, a.map(|mut a| a["vhosts"].take())))
-            .collect(),
-        None => Vec::new(),
-    };
+            .map(|(node, a)| (node, a.map(|mut a| a["vhosts"].take())))
+            .collect();
     vs.iter()
         .map(|v| vhost_json(s, v, &homes, &theirs))
         .collect()
