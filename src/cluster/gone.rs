@@ -199,11 +199,13 @@ impl Cluster {
     /// deleted itself (served here, not declared again since) and the queue
     /// is not back in the local broker.
     fn gone_matters(&self, gone: &SelfDeleted) -> bool {
-        let back = self
-            .broker
-            .vhost(&gone.vhost)
-            .is_some_and(|v| v.queue(&gone.name, 0).is_ok());
-        !back && self.sm.is_incarnation(&self.gone_command(gone))
+        !self.has_queue(&gone.vhost, &gone.name) && self.sm.is_incarnation(&self.gone_command(gone))
+    }
+
+    /// This node's broker has queue `name` of `vhost`.
+    fn has_queue(&self, vhost: &str, name: &str) -> bool {
+        let v = self.broker.vhost(vhost);
+        v.is_some_and(|v| v.queue(name, 0).is_ok())
     }
 
     /// The queue records served here (by their home node, not quorum
@@ -220,11 +222,7 @@ impl Cluster {
             else {
                 continue;
             };
-            let here = self
-                .broker
-                .vhost(vhost)
-                .is_some_and(|v| v.queue(name, 0).is_ok());
-            if *node != self.me.name || m.quorum.contains_key(k) || here {
+            if *node != self.me.name || m.quorum.contains_key(k) || self.has_queue(vhost, name) {
                 continue;
             }
             gone.push(SelfDeleted {
