@@ -154,12 +154,27 @@ impl Disk {
                 Ok(())
             }
             Disk::Shared { tree, values, .. } => {
+                // Very large values (snapshots of long queues) first, each
+                // to a file of its own, outside the lock below; their
+                // pointers go in like small values.
+                let mut landing = Vec::new();
+                let mut rest = Vec::with_capacity(writes.len());
+                for w in writes {
+                    match w {
+                        Write::Put(t, k, v) if v.len() >= values::OWN_FILE_AT => {
+                            let (p, l) = values.put_alone(&v)?;
+                            landing.push(l);
+                            rest.push(Write::Put(t, k, p.encode()));
+                        }
+                        w => rest.push(w),
+                    }
+                }
                 // No collection of the value files while the pointers are
                 // on their way into the tree.
                 let _writing = values.writes.read();
                 let mut batch = sled::Batch::default();
                 let mut spilled = false;
-                for w in writes {
+                for w in rest {
                     match w {
                         Write::Put(t, k, v) if v.len() > values::INLINE_MAX => {
                             let p = values.put(&v)?;
@@ -174,7 +189,9 @@ impl Disk {
                 if spilled {
                     values.sync()?;
                 }
-                tree.apply_batch(batch).map_err(sled_err)
+                tree.apply_batch(batch).map_err(sled_err)?;
+                drop(landing);
+                Ok(())
             }
             Disk::Memory(m) => m.write(writes),
         }

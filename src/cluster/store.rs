@@ -240,6 +240,17 @@ impl<C: LogConfig<Node = NodeInfo, SnapshotData = Cursor<Vec<u8>>>> LogStore<C> 
         meta: &SnapshotMeta<NodeId, NodeInfo>,
         data: &[u8],
     ) -> Result<(), SErr> {
+        self.put_snapshot_now(meta, data)
+    }
+
+    /// [`Self::put_snapshot`], blocking (a large snapshot is written from a
+    /// blocking thread, not the runtime's).
+    #[allow(clippy::result_large_err)] // openraft's error, as the async callers'
+    pub(crate) fn put_snapshot_now(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        data: &[u8],
+    ) -> Result<(), SErr> {
         // Encoded as a `StoredSnapshot`, from borrowed parts (a snapshot
         // can be large: no copy of it is made to be written).
         let stored = StoredSnapshotRef { meta, data };

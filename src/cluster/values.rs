@@ -31,6 +31,14 @@ pub const INLINE_MAX: usize = 4096;
 /// A file is closed to new values once it holds this many bytes.
 pub const ROLL_AT: u64 = 64 << 20;
 
+/// A value this long (a long queue's snapshot) gets a file of its own,
+/// written outside the writer's lock and made durable as it is written, in
+/// steps of [`SYNC_STEP`]: in the shared file, the next sync of the logs
+/// would have had to write all of it first (a 1 GB snapshot held every
+/// group's appends for seconds, long enough to lose leaderships).
+pub const OWN_FILE_AT: usize = 8 << 20;
+const SYNC_STEP: usize = 16 << 20;
+
 /// First byte of a pointer. The store's own values start with the codec's
 /// marker (0xc1) or an ASCII byte (JSON).
 const TAG: u8 = 0xfe;
@@ -99,6 +107,22 @@ pub struct ValueLog {
     /// them at the next one either (a reader that took a pointer before the
     /// first has long finished by then).
     unreferenced: Mutex<BTreeSet<u64>>,
+    /// Files of their own whose pointers are not in sled yet
+    /// ([`Self::put_alone`]): never collected.
+    landing: Mutex<BTreeSet<u64>>,
+}
+
+/// A file of its own on its way ([`ValueLog::put_alone`]): collection
+/// leaves it alone until this is dropped.
+pub struct Landing<'a> {
+    log: &'a ValueLog,
+    id: u64,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.log.landing.lock().remove(&self.id);
+    }
 }
 
 fn file_name(id: u64) -> String {
@@ -147,6 +171,7 @@ impl ValueLog {
             syncing: Mutex::new(()),
             writes: parking_lot::RwLock::new(()),
             unreferenced: Mutex::new(BTreeSet::new()),
+            landing: Mutex::new(BTreeSet::new()),
         }))
     }
 
@@ -174,6 +199,41 @@ impl ValueLog {
             w.dirty.push(f);
         }
         Ok(p)
+    }
+
+    /// Write `v` (of [`OWN_FILE_AT`] bytes or more) to a file of its own
+    /// (the next id; new values go to the one after it), durable when this
+    /// returns. Called without [`Self::writes`] (it can take seconds, and a
+    /// collection waiting for that lock would hold every other write):
+    /// collection leaves the file alone while the [`Landing`] lives, which
+    /// the caller drops once the pointer is in sled.
+    pub fn put_alone(&self, v: &[u8]) -> io::Result<(Pointer, Landing<'_>)> {
+        let len = u32::try_from(v.len()).map_err(|_| io::Error::other("value over 4 GiB"))?;
+        let id = {
+            let mut w = self.writer.lock();
+            let id = w.id + 1;
+            let file = create(&self.dir, id + 1)?;
+            w.id = id + 1;
+            w.file = file;
+            w.len = 0;
+            self.landing.lock().insert(id);
+            id
+        };
+        let landing = Landing { log: self, id };
+        let file = create(&self.dir, id)?;
+        let mut at = 0;
+        for step in v.chunks(SYNC_STEP) {
+            file.write_all_at(step, at as u64)?;
+            file.sync_data()?;
+            at += step.len();
+        }
+        let p = Pointer {
+            file: id,
+            offset: 0,
+            len,
+            crc: crc32fast::hash(v),
+        };
+        Ok((p, landing))
     }
 
     /// Make every value put so far durable.
@@ -225,6 +285,7 @@ impl ValueLog {
             .into_iter()
             .filter(|id| *id < current && !live.contains(id))
             .collect();
+        let idle: BTreeSet<u64> = idle.difference(&self.landing.lock()).copied().collect();
         let mut unreferenced = self.unreferenced.lock();
         let mut deleted = 0;
         for id in idle.intersection(&unreferenced) {
@@ -291,8 +352,13 @@ mod tests {
     fn files_roll_and_unreferenced_ones_go_at_the_second_collection() {
         let d = dir("gc");
         let log = ValueLog::open(&d).unwrap();
-        let big = vec![1u8; (ROLL_AT / 2 + 1) as usize];
+        // The largest values that share files: a file holds `per_file`.
+        let big = vec![1u8; OWN_FILE_AT - 1];
+        let per_file = (ROLL_AT / big.len() as u64) as usize;
         let p0 = log.put(&big).unwrap();
+        for _ in 1..per_file {
+            assert_eq!(log.put(&big).unwrap().file, 0);
+        }
         let p1 = log.put(&big).unwrap();
         let p2 = log.put(b"small").unwrap();
         assert_eq!((p0.file, p1.file, p2.file), (0, 1, 1), "rolled when full");
@@ -307,12 +373,46 @@ mod tests {
         assert!(!d.join(file_name(0)).exists());
         assert!(log.get(&p1).is_ok());
         // A file named again in between is kept.
+        for _ in 1..per_file {
+            assert_eq!(log.put(&big).unwrap().file, 1);
+        }
         let p3 = log.put(&big).unwrap();
         assert_eq!(p3.file, 2);
         let current = log.current();
         assert_eq!(log.collect(current, &BTreeSet::new()).unwrap(), 0);
         assert_eq!(log.collect(current, &BTreeSet::from([1])).unwrap(), 0);
         assert!(log.get(&p1).is_ok());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_large_value_gets_a_file_of_its_own() {
+        let d = dir("alone");
+        let log = ValueLog::open(&d).unwrap();
+        let a = log.put(b"before").unwrap();
+        let big: Vec<u8> = (0..OWN_FILE_AT + SYNC_STEP + 3).map(|i| i as u8).collect();
+        let (b, landing) = log.put_alone(&big).unwrap();
+        let c = log.put(b"after").unwrap();
+        assert_eq!((a.file, b.file, b.offset, c.file), (0, 1, 0, 2));
+        assert_eq!(
+            std::fs::metadata(d.join(file_name(1))).unwrap().len(),
+            big.len() as u64
+        );
+        log.sync().unwrap();
+        assert_eq!(log.get(&b).unwrap(), big);
+        assert_eq!(log.get(&a).unwrap(), b"before");
+        assert_eq!(log.get(&c).unwrap(), b"after");
+        // Never collected while it lands; once no pointer names it, it
+        // goes like any other file.
+        let current = log.current();
+        assert_eq!(log.collect(current, &BTreeSet::from([0])).unwrap(), 0);
+        assert_eq!(log.collect(current, &BTreeSet::from([0])).unwrap(), 0);
+        assert!(log.get(&b).is_ok());
+        drop(landing);
+        assert_eq!(log.collect(current, &BTreeSet::from([0])).unwrap(), 0);
+        assert_eq!(log.collect(current, &BTreeSet::from([0])).unwrap(), 1);
+        assert!(log.get(&b).is_err());
+        assert!(log.get(&a).is_ok());
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -181,7 +181,9 @@ impl Manager {
             election_timeout_min: heartbeat * 5,
             election_timeout_max: heartbeat * 7,
             max_payload_entries: 64,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(4096),
+            // Snapshots by the state's size instead (`store`, "When a group
+            // snapshots"), triggered by the group's watch loop.
+            snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: 256,
             // Elections are this module's, with a pre-vote (`elect`).
             enable_elect: false,

@@ -572,6 +572,9 @@ async fn watch(g: Weak<Group>, raft: Raft) {
             }
             group.unserve();
         }
+        if group.sm.snapshot_wanted() {
+            let _ = raft.trigger().snapshot().await;
+        }
         drop(group);
         tokio::select! {
             r = metrics.changed() => {

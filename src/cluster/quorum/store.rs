@@ -12,8 +12,24 @@
 //! are written to the group's tree, and openraft purges the log behind them,
 //! so the tree stays bounded by the live messages plus the entries since the
 //! last snapshot.
+//!
+//! # When a group snapshots
+//!
+//! A snapshot holds every live message, so its cost grows with the queue: a
+//! group snapshots once [`SNAPSHOT_EVERY`] entries have been applied since
+//! the last one AND the bytes of messages added and removed since then reach
+//! what that snapshot held ([`snapshot_due`]). Every byte written to a
+//! snapshot is paid for by a byte that came or went (a growing queue
+//! snapshots each time it doubles), so a long queue is not rewritten whole
+//! every few thousand entries (it was: a 1 GB backlog was encoded and
+//! written every 4096 entries), and the log between snapshots holds about
+//! as much as the last snapshot at most. A large snapshot is encoded and
+//! written on a blocking thread from a copy of the state taken under the
+//! lock (applying goes on meanwhile), to a value file of its own synced as
+//! it is written (`cluster::values`, [`OWN_FILE_AT`](crate::cluster::values::OWN_FILE_AT)),
+//! so the groups' log syncs never wait for it.
 
-use super::command::{id, Outcome, QCommand, QState, Taken};
+use super::command::{id, Outcome, QCommand, QMsg, QState, Taken};
 use super::QTypeConfig;
 use crate::broker::queue::{Enqueued, Queue};
 use crate::cluster::store::{io_err, snapshot_meta, LogStore, StoredSnapshot, SNAPSHOT};
@@ -35,6 +51,39 @@ type SErr = StorageError<NodeId>;
 /// simulation of the groups, on a simulated disk).
 pub type QLog = LogStore<QTypeConfig>;
 
+/// A group snapshots no more often than once per this many applied entries.
+pub const SNAPSHOT_EVERY: u64 = 4096;
+
+/// A snapshot of a state at least this large (bytes, [`weight`]) is encoded
+/// and written on a blocking thread, and one received is decoded there.
+const BLOCKING_AT: u64 = 1 << 20;
+
+/// What one live message counts for in the snapshot rule: its body and a
+/// fixed allowance for its properties, routing and ids.
+pub fn weight(m: &QMsg) -> u64 {
+    m.message.body.len() as u64 + 64
+}
+
+/// A snapshot is due: `entries` applied and `changed` bytes of messages
+/// added or removed since the last one, which held `held` bytes of them.
+pub fn snapshot_due(entries: u64, changed: u64, held: u64) -> bool {
+    entries >= SNAPSHOT_EVERY && changed >= held
+}
+
+/// `f()`, on a blocking thread when `large` (a large snapshot's encoding,
+/// decoding and writing), else right here.
+async fn off_runtime_if<T: Send + 'static>(
+    large: bool,
+    f: impl FnOnce() -> Result<T, SErr> + Send + 'static,
+) -> Result<T, SErr> {
+    if !large {
+        return f();
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?
+}
+
 /// What the state machine holds.
 #[derive(Default)]
 pub struct SmInner {
@@ -43,6 +92,30 @@ pub struct SmInner {
     membership: StoredMembership<NodeId, NodeInfo>,
     /// This node serves the queue: committed enqueues go into it.
     pub serving: Option<Arc<Queue>>,
+    /// The live messages' bytes ([`weight`]).
+    live: u64,
+    /// The last snapshot's index and live bytes, and the bytes of messages
+    /// added and removed since it.
+    snapshot_at: u64,
+    held: u64,
+    changed: u64,
+    /// The applied index a snapshot was asked for at, until it is built.
+    asked_at: Option<u64>,
+}
+
+impl SmInner {
+    /// The state is now `state`, as of a snapshot at `index`.
+    fn restart_at(&mut self, index: u64) {
+        self.live = self.state.messages.values().map(weight).sum();
+        self.held = self.live;
+        self.snapshot_at = index;
+        self.changed = 0;
+        self.asked_at = None;
+    }
+
+    fn applied_index(&self) -> u64 {
+        self.last_applied.map_or(0, |l| l.index)
+    }
 }
 
 /// The group's state machine (cheap to clone: a handle).
@@ -61,6 +134,8 @@ impl QSm {
             inner.last_applied = snap.meta.last_log_id;
             inner.membership = snap.meta.last_membership;
         }
+        let at = inner.applied_index();
+        inner.restart_at(at);
         Ok(QSm {
             log,
             inner: Arc::new(Mutex::new(inner)),
@@ -69,14 +144,30 @@ impl QSm {
 }
 
 impl RaftSnapshotBuilder<QTypeConfig> for QSm {
+    // The closure sent to a blocking thread returns openraft's own error.
+    #[allow(clippy::result_large_err)]
     async fn build_snapshot(&mut self) -> Result<Snapshot<QTypeConfig>, SErr> {
-        let (meta, data) = {
-            let s = self.inner.lock();
-            let data = crate::cluster::codec::encode(&s.state)
-                .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
-            (snapshot_meta(s.last_applied, s.membership.clone()), data)
+        let (meta, state, live) = {
+            let mut s = self.inner.lock();
+            let at = s.applied_index();
+            s.snapshot_at = at;
+            s.held = s.live;
+            s.changed = 0;
+            s.asked_at = None;
+            let meta = snapshot_meta(s.last_applied, s.membership.clone());
+            (meta, s.state.clone(), s.live)
         };
-        self.put_snapshot(&meta, &data).await?;
+        let write = {
+            let (log, meta) = (self.log.clone(), meta.clone());
+            move || {
+                let data = crate::cluster::codec::encode(&state)
+                    .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
+                log.put_snapshot_now(&meta, &data)?;
+                Ok::<_, SErr>(data)
+            }
+        };
+        let data = off_runtime_if(live >= BLOCKING_AT, write).await?;
+        self.flush_snapshot(&meta).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -85,14 +176,24 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
 }
 
 impl QSm {
-    /// Keep a snapshot, flushed (the quorum groups' store flushes only when
-    /// asked).
-    async fn put_snapshot(
-        &self,
-        meta: &SnapshotMeta<NodeId, NodeInfo>,
-        data: &[u8],
-    ) -> Result<(), SErr> {
-        self.log.put_snapshot(meta, data).await?;
+    /// A snapshot is due ([`snapshot_due`]) and was not asked for in the
+    /// last [`SNAPSHOT_EVERY`] entries: it counts as asked for now (the
+    /// group's watch loop triggers it; openraft's own policy is off).
+    pub fn snapshot_wanted(&self) -> bool {
+        let mut s = self.inner.lock();
+        let at = s.applied_index();
+        let due = snapshot_due(at.saturating_sub(s.snapshot_at), s.changed, s.held)
+            && s.asked_at
+                .is_none_or(|a| at.saturating_sub(a) >= SNAPSHOT_EVERY);
+        if due {
+            s.asked_at = Some(at);
+        }
+        due
+    }
+
+    /// Make the snapshot just kept durable (the quorum groups' store
+    /// flushes only when asked).
+    async fn flush_snapshot(&self, meta: &SnapshotMeta<NodeId, NodeInfo>) -> Result<(), SErr> {
         self.log
             .flush()
             .await
@@ -124,6 +225,18 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             out.push(match &entry.payload {
                 EntryPayload::Blank => Vec::new(),
                 EntryPayload::Normal(cmd) => {
+                    if let QCommand::Settle(ids) = cmd {
+                        let mut ids = ids.clone();
+                        ids.sort_unstable();
+                        ids.dedup();
+                        let gone: u64 = ids
+                            .iter()
+                            .filter_map(|id| s.state.messages.get(id))
+                            .map(weight)
+                            .sum();
+                        s.live = s.live.saturating_sub(gone);
+                        s.changed = s.changed.saturating_add(gone);
+                    }
                     let taken = s.state.apply(index, cmd);
                     let batch = match cmd {
                         QCommand::Enqueue(batch) => batch.as_slice(),
@@ -132,6 +245,14 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                         | QCommand::Checkout { .. }
                         | QCommand::Horizon(_) => &[],
                     };
+                    let added: u64 = batch
+                        .iter()
+                        .zip(&taken)
+                        .filter(|(_, t)| **t == Taken::New)
+                        .map(|(m, _)| weight(m))
+                        .sum();
+                    s.live = s.live.saturating_add(added);
+                    s.changed = s.changed.saturating_add(added);
                     // The node serving the queue delivers new messages from
                     // now on; each publisher's confirm follows the queue's
                     // answer.
@@ -175,24 +296,175 @@ impl RaftStateMachine<QTypeConfig> for QSm {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
+    // The closure sent to a blocking thread returns openraft's own error.
+    #[allow(clippy::result_large_err)]
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
-        let state: QState = crate::cluster::codec::decode(&data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
+        let large = data.len() as u64 >= BLOCKING_AT;
+        let keep = {
+            let (log, meta) = (self.log.clone(), meta.clone());
+            move || {
+                let state = crate::cluster::codec::decode::<QState>(&data).map_err(|e| {
+                    StorageIOError::read_snapshot(Some(meta.signature()), io_err(e))
+                })?;
+                log.put_snapshot_now(&meta, &data)?;
+                Ok(state)
+            }
+        };
+        let state = off_runtime_if(large, keep).await?;
         {
             let mut s = self.inner.lock();
             s.state = state;
             s.last_applied = meta.last_log_id;
             s.membership = meta.last_membership.clone();
+            let at = s.applied_index();
+            s.restart_at(at);
         }
-        self.put_snapshot(meta, &data).await
+        self.flush_snapshot(meta).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<QTypeConfig>>, SErr> {
         self.log.current_snapshot().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::disk::MemoryDisk;
+    use openraft::CommittedLeaderId;
+
+    fn msg(len: usize) -> QMsg {
+        let m = crate::broker::message::Message::new(
+            "",
+            "q",
+            crate::wire::BasicProperties::default(),
+            bytes::Bytes::from(vec![7u8; len]),
+        );
+        QMsg::of(&m)
+    }
+
+    async fn apply(sm: &mut QSm, index: u64, cmd: QCommand) {
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Normal(cmd),
+        };
+        sm.apply([entry]).await.expect("applied");
+    }
+
+    #[test]
+    fn the_rule_pays_each_snapshot_with_as_many_bytes_changed() {
+        assert!(
+            !snapshot_due(SNAPSHOT_EVERY - 1, 10, 0),
+            "a few entries: not yet"
+        );
+        assert!(
+            snapshot_due(SNAPSHOT_EVERY, 0, 0),
+            "small state: every few thousand entries"
+        );
+        assert!(!snapshot_due(SNAPSHOT_EVERY * 100, 999, 1000));
+        assert!(snapshot_due(SNAPSHOT_EVERY, 1000, 1000));
+    }
+
+    #[tokio::test]
+    async fn a_long_queue_snapshots_once_what_changed_reaches_what_the_last_one_held() {
+        let disk = MemoryDisk::new(std::time::Duration::ZERO);
+        let mut sm = QSm::open(QLog::in_memory(&disk)).expect("opens");
+        let mut index = 0;
+        for _ in 0..SNAPSHOT_EVERY {
+            index += 1;
+            apply(&mut sm, index, QCommand::Enqueue(vec![msg(1000)])).await;
+        }
+        assert!(
+            sm.snapshot_wanted(),
+            "the first one after the first entries"
+        );
+        assert!(!sm.snapshot_wanted(), "asked for once");
+        sm.build_snapshot().await.expect("built");
+        let held = SNAPSHOT_EVERY * 1064;
+        // Entries that change no message: never due, however many.
+        for _ in 0..SNAPSHOT_EVERY {
+            index += 1;
+            apply(&mut sm, index, QCommand::Settle(vec![u64::MAX])).await;
+        }
+        assert!(!sm.snapshot_wanted());
+        // Half of it settled (each id once, however often listed), as many
+        // bytes enqueued: due.
+        let ids: Vec<u64> = sm.inner.lock().state.messages.keys().copied().collect();
+        let half: Vec<u64> = ids[..ids.len() / 2].to_vec();
+        index += 1;
+        apply(
+            &mut sm,
+            index,
+            QCommand::Settle([half.clone(), half].concat()),
+        )
+        .await;
+        assert_eq!(sm.inner.lock().changed, held / 2);
+        assert!(!sm.snapshot_wanted());
+        index += 1;
+        let batch = (0..SNAPSHOT_EVERY / 2 - 1).map(|_| msg(1000)).collect();
+        apply(&mut sm, index, QCommand::Enqueue(batch)).await;
+        assert!(!sm.snapshot_wanted(), "{} short", 1064);
+        index += 1;
+        apply(&mut sm, index, QCommand::Enqueue(vec![msg(1000)])).await;
+        assert!(sm.snapshot_wanted());
+        assert_eq!(sm.inner.lock().live, held);
+        // Reopened from the snapshot: counted from it.
+        sm.build_snapshot().await.expect("built");
+        let sm = QSm::open(QLog::in_memory(&disk)).expect("reopens");
+        let s = sm.inner.lock();
+        assert_eq!(
+            (s.live, s.held, s.changed, s.snapshot_at),
+            (held, held, 0, index)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_large_snapshot_is_written_to_a_file_of_its_own_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("warren-qsnap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let values_dir = dir.join("values");
+        let open = || {
+            let db = sled::open(dir.join("db")).expect("sled");
+            let tree = db.open_tree("g").expect("tree");
+            let values = crate::cluster::values::ValueLog::open(&values_dir).expect("values");
+            QSm::open(QLog::new(db, tree, values)).expect("opens")
+        };
+        let mut sm = open();
+        // 16 MiB of messages: built on a blocking thread, kept in a file
+        // of its own.
+        for index in 1..=SNAPSHOT_EVERY {
+            apply(&mut sm, index, QCommand::Enqueue(vec![msg(4096)])).await;
+        }
+        assert!(sm.snapshot_wanted());
+        let snap = sm.build_snapshot().await.expect("built");
+        assert!(snap.snapshot.get_ref().len() >= crate::cluster::values::OWN_FILE_AT);
+        let files = || {
+            let mut sizes: Vec<u64> = std::fs::read_dir(&values_dir)
+                .expect("dir")
+                .map(|e| e.expect("entry").metadata().expect("meta").len())
+                .collect();
+            sizes.sort_unstable();
+            sizes
+        };
+        let sizes = files();
+        assert!(
+            sizes.last().copied().unwrap_or(0) >= crate::cluster::values::OWN_FILE_AT as u64,
+            "{sizes:?}"
+        );
+        let state = sm.inner.lock().state.clone();
+        drop(sm);
+        let sm = open();
+        let s = sm.inner.lock();
+        assert_eq!(s.state, state);
+        assert_eq!(s.state.messages.len() as u64, SNAPSHOT_EVERY);
+        assert_eq!(s.snapshot_at, SNAPSHOT_EVERY);
+        drop(s);
+        drop(sm);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
