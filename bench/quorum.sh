@@ -9,6 +9,11 @@
 #     -f   failover instead of throughput: TRIALS times, bench/failover.py kills the
 #          leader's node of a fresh quorum queue (kill -9) and measures the time to
 #          the next publisher confirm; the killed node is restarted between trials
+#     -B   publishing behind a backlog instead: fill a fresh quorum queue with BACKLOG
+#          persistent messages of -s bytes (confirms, 1000 in flight), then 4 producers
+#          publish to it one message at a time (each waits for its confirm, so each
+#          message is one log entry) for -d seconds, no consumer; prints their msg/s
+#          and the brokers' CPU per message published
 #
 # Starts three warren nodes (127.0.0.1..3, one cluster) and three RabbitMQ nodes
 # (q1..q3@localhost, one cluster, no plugins), then for every round runs
@@ -18,11 +23,11 @@
 # every 100. It prints msg/s consumed and the CPU of all three broker processes
 # (utime+stime from /proc/<pid>/stat over the run) per message consumed.
 set -euo pipefail
-rounds=2 secs=10 size=16 prefetch=1000 warren=target/release/warren perf=target/release/examples/perf rabbit=1 trials=0
-while getopts "r:d:s:q:w:p:nf:" o; do
+rounds=2 secs=10 size=16 prefetch=1000 warren=target/release/warren perf=target/release/examples/perf rabbit=1 trials=0 backlog=0
+while getopts "r:d:s:q:w:p:nf:B:" o; do
   case $o in
     r) rounds=$OPTARG ;; d) secs=$OPTARG ;; s) size=$OPTARG ;; q) prefetch=$OPTARG ;; w) warren=$OPTARG ;; p) perf=$OPTARG ;; n) rabbit=0 ;;
-    f) trials=$OPTARG rabbit=0 ;; *) exit 2 ;;
+    f) trials=$OPTARG rabbit=0 ;; B) backlog=$OPTARG ;; *) exit 2 ;;
   esac
 done
 tck=$(getconf CLK_TCK)
@@ -135,8 +140,30 @@ run_one() { # label uri pids...
     'BEGIN { printf "%-10s quorum_3_nodes_1p1c_confirms %10d msg/s  %7.2f us CPU/msg (3 nodes)\n", l, r, (m > 0 ? d * 1e6 / t / m : 0) }'
 }
 
+run_backlog() { # label uri queue pids...
+  local label=$1 uri=$2 queue=$3 out t0 t1 rate moved
+  shift 3
+  "$perf" --uri "$uri" -x1 -y0 -s"$size" -C "$backlog" -z 600 --persistent --queue-type quorum \
+    --confirm 1000 -u "$queue" --keep-queue >/dev/null 2>&1
+  t0=$(cpu_ticks "$@")
+  out=$("$perf" --uri "$uri" -z "$secs" -x4 -y0 -s"$size" --persistent --queue-type quorum \
+    --confirm 1 -u "$queue" --keep-queue 2>&1 | grep '^RESULT' || true)
+  t1=$(cpu_ticks "$@")
+  moved=$(sed -n 's/.* published=\([0-9]*\).*/\1/p' <<<"$out")
+  rate=$(sed -n 's/.* publish_rate=\([0-9]*\).*/\1/p' <<<"$out")
+  awk -v l="$label" -v r="${rate:-0}" -v m="${moved:-0}" -v d=$((t1 - t0)) -v t="$tck" -v b="$backlog" \
+    'BEGIN { printf "%-10s quorum_behind_%d_4p_confirm_each %8d msg/s  %7.2f us CPU/msg (3 nodes)\n", l, b, r, (m > 0 ? d * 1e6 / t / m : 0) }'
+}
+
 for round in $(seq "$rounds"); do
   echo "# round $round"
+  if [ "$backlog" -gt 0 ]; then
+    run_backlog warren "amqp://guest:guest@127.0.0.1:5701/%2f" "backlog-$round" "${warren_pids[@]}"
+    if [ "$rabbit" = 1 ]; then
+      run_backlog rabbitmq "amqp://guest:guest@127.0.0.1:5711/%2f" "backlog-$round" "${rabbit_pids[@]}"
+    fi
+    continue
+  fi
   run_one warren "amqp://guest:guest@127.0.0.1:5701/%2f" "${warren_pids[@]}"
   if [ "$rabbit" = 1 ]; then
     run_one rabbitmq "amqp://guest:guest@127.0.0.1:5711/%2f" "${rabbit_pids[@]}"
