@@ -517,6 +517,22 @@ async fn an_isolated_leader_stops_serving_and_the_majority_goes_on() {
         "isolated leader stopped serving {:.2} s after the cut",
         cut_at.elapsed().as_secs_f64()
     );
+    // Not serving, it still shows the queue's committed messages (its local
+    // queue is empty now: it showed 0), all ready (nothing is out).
+    let shown = queue_api(&nodes[li], q);
+    assert_eq!(
+        (
+            &shown["messages"],
+            &shown["messages_ready"],
+            &shown["messages_unacknowledged"]
+        ),
+        (
+            &serde_json::json!(20),
+            &serde_json::json!(20),
+            &serde_json::json!(0)
+        ),
+        "{shown}"
+    );
     // A publish on the cut-off node is never acked.
     common::t(lch.confirm_select(ConfirmSelectOptions::default()))
         .await

@@ -120,7 +120,7 @@ impl Homes {
 
     /// Queue `q`'s ready and unacknowledged messages and consumers: its home
     /// node's answer when another member answered for it, else this node's.
-    pub fn lengths(&self, q: &crate::broker::queue::Queue) -> Lengths {
+    pub fn lengths(&self, s: &AdminState, q: &crate::broker::queue::Queue) -> Lengths {
         match self.counts(&q.spec.vhost, q.name()) {
             Some(c) => {
                 let n = |k: &str| c[k].as_u64().unwrap_or(0) as usize;
@@ -132,7 +132,7 @@ impl Homes {
                 }
             }
             None => {
-                let st = q.stats(crate::clock::now_ms());
+                let st = super::queues::local_stats(s, q, crate::clock::now_ms());
                 Lengths {
                     ready: st.ready,
                     unacked: st.unacked,

@@ -43,7 +43,7 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         }
         for q in vq {
             queues += 1;
-            let l = homes.lengths(&q);
+            let l = homes.lengths(&s, &q);
             ready += l.ready;
             unacked += l.unacked;
             // A stream's counts from its home node include that node's

@@ -19,6 +19,31 @@ use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Queue `q`'s counters on this node. A quorum queue this node does not
+/// serve (a follower, or the recorded leader between two leaders) shows
+/// its group's committed messages as this node's member applied them, all
+/// ready (its local queue holds nothing then; it showed 0 messages during a
+/// failover).
+pub fn local_stats(s: &AdminState, q: &Queue, now: u64) -> crate::broker::queue::QueueStats {
+    let st = q.stats(now);
+    let committed = s
+        .cluster
+        .as_ref()
+        .and_then(|c| c.quorum_lengths(&q.spec.vhost, q.name()));
+    match committed {
+        Some((n, bytes)) => crate::broker::queue::QueueStats {
+            ready: n,
+            unacked: 0,
+            ready_bytes: bytes as usize,
+            unacked_bytes: 0,
+            ready_ram: n,
+            ready_ram_bytes: bytes as usize,
+            ..st
+        },
+        None => st,
+    }
+}
+
 /// A queue's counts (messages, bytes, consumers, message stats) as this node
 /// has them: what a queue's home node answers other members. A stream's
 /// consumers are its AMQP consumers and its Stream protocol subscriptions.
@@ -39,7 +64,7 @@ use std::sync::Arc;
 /// (nor have RabbitMQ's); streams have neither, nor the persistent counts.
 pub fn queue_counts(s: &AdminState, q: &Queue) -> Map<String, Value> {
     let now = crate::clock::now_ms();
-    let mut st = q.stats(now);
+    let mut st = local_stats(s, q, now);
     let vhost = &*q.spec.vhost;
     if q.stream().is_some() {
         st.consumers += super::stream::subscriptions_to(&s.broker, vhost, q.name());

@@ -28,7 +28,7 @@ fn vhost_json(
     let (mut ready, mut unacked) = (0, 0);
     let queues = v.queues();
     for q in &queues {
-        let l = homes.lengths(q);
+        let l = homes.lengths(s, q);
         ready += l.ready;
         unacked += l.unacked;
     }

@@ -611,6 +611,16 @@ impl Cluster {
         self.sm.quorum_record(vhost, name)
     }
 
+    /// A quorum queue's committed messages and their body bytes, from this
+    /// node's member of its group when it has one and does not serve the
+    /// queue (between leaders, or a follower): what a serving leader's
+    /// local queue would hold, with nothing out with clients.
+    pub fn quorum_lengths(&self, vhost: &str, name: &str) -> Option<(usize, u64)> {
+        let rec = self.quorum_record(vhost, name)?;
+        let g = self.quorum.group(&rec.group)?;
+        (!g.is_serving()).then(|| g.committed_lengths())
+    }
+
     /// The voters of a quorum queue's group as this node's member of it
     /// sees them, once a membership change is complete (None: the group
     /// does not run here, or a change is half-way).

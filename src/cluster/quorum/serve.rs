@@ -185,6 +185,12 @@ impl Group {
         self.serving.load(Ordering::Acquire)
     }
 
+    /// The group's live messages as this member applied them: how many,
+    /// and their body bytes.
+    pub fn committed_lengths(&self) -> (usize, u64) {
+        self.sm.inner.lock().lengths()
+    }
+
     /// This member serves the queue, or starts to within `within`.
     pub async fn serves_within(&self, within: Duration) -> bool {
         let give_up = tokio::time::Instant::now() + within;

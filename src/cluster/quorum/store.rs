@@ -61,8 +61,11 @@ const BLOCKING_AT: u64 = 1 << 20;
 /// What one live message counts for in the snapshot rule: its body and a
 /// fixed allowance for its properties, routing and ids.
 pub fn weight(m: &QMsg) -> u64 {
-    m.message.body.len() as u64 + 64
+    m.message.body.len() as u64 + WEIGHT_EXTRA
 }
+
+/// What [`weight`] adds to a message's body.
+const WEIGHT_EXTRA: u64 = 64;
 
 /// A snapshot is due: `entries` applied and `changed` bytes of messages
 /// added or removed since the last one, which held `held` bytes of them.
@@ -111,6 +114,12 @@ impl SmInner {
         self.snapshot_at = index;
         self.changed = 0;
         self.asked_at = None;
+    }
+
+    /// The live messages: how many, and their body bytes.
+    pub fn lengths(&self) -> (usize, u64) {
+        let n = self.state.messages.len();
+        (n, self.live.saturating_sub(n as u64 * WEIGHT_EXTRA))
     }
 
     fn applied_index(&self) -> u64 {
