@@ -10,8 +10,9 @@
 mod common;
 
 use common::cluster::{
-    bodies, declare_quorum_queue, declare_quorum_sized, eventually, node_index, publish_confirmed,
-    publish_persistent, quorum_leader, three_nodes, three_nodes_with, Node,
+    bodies, declare_quorum_queue, declare_quorum_sized, declare_quorum_with, eventually,
+    node_index, publish_confirmed, publish_persistent, quorum_leader, three_nodes,
+    three_nodes_with, Node,
 };
 use futures::StreamExt;
 use lapin::options::*;
@@ -1533,22 +1534,8 @@ async fn a_message_ttl_keeps_counting_across_a_failover() {
     let (a, b, c) = three_nodes("quorum-ttl").await;
     let mut nodes = [a, b, c];
     let q = "qq-ttl";
-    let conn = nodes[0].connect().await;
-    let ch = channel(&conn).await;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
-    args.insert("x-message-ttl".into(), AMQPValue::LongInt(6000));
-    let durable = QueueDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    common::t(ch.queue_declare(q, durable, args))
-        .await
-        .expect("queue.declare");
-    let _ = conn.close(200, "bye").await;
+    let ttl = ("x-message-ttl", AMQPValue::LongInt(6000));
+    declare_quorum_with(&nodes[0], q, &[ttl]).await;
     eventually("a leader", WAIT, || quorum_leader(&nodes[0], q).is_some()).await;
     let leader = quorum_leader(&nodes[0], q).expect("a leader");
     let li = node_index(&nodes, &leader);

@@ -627,6 +627,18 @@ pub async fn declare_quorum_queue(node: &Node, q: &str) {
 /// Declare the durable quorum queue `q` on `node`, with
 /// `x-quorum-initial-group-size` when `size` is given.
 pub async fn declare_quorum_sized(node: &Node, q: &str, size: Option<i32>) {
+    let size = size.map(|n| {
+        (
+            "x-quorum-initial-group-size",
+            lapin::types::AMQPValue::LongInt(n),
+        )
+    });
+    declare_quorum_with(node, q, size.as_slice()).await;
+}
+
+/// Declare the durable quorum queue `q` on `node`, with the arguments
+/// `more` besides `x-queue-type`.
+pub async fn declare_quorum_with(node: &Node, q: &str, more: &[(&str, lapin::types::AMQPValue)]) {
     use lapin::types::AMQPValue;
     let conn = node.connect().await;
     let ch = super::t(conn.create_channel()).await.expect("channel");
@@ -635,8 +647,8 @@ pub async fn declare_quorum_sized(node: &Node, q: &str, size: Option<i32>) {
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
-    if let Some(n) = size {
-        args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(n));
+    for (k, v) in more {
+        args.insert((*k).into(), v.clone());
     }
     let qd = QueueDeclareOptions {
         durable: true,

@@ -568,19 +568,8 @@ impl crate::broker::remote::Replica for Recorder {
 #[test]
 fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     let dir = TempDir::new();
-    let (store, _v, q) = setup(
-        &dir,
-        1 << 20,
-        &[
-            (
-                "x-queue-type",
-                FieldValue::LongString(Bytes::from("quorum")),
-            ),
-            ("x-max-length", FieldValue::I64(4)),
-        ],
-    );
-    let rec = Arc::new(Recorder::default());
-    q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
+    let (store, _v, q) = quorum_queue(&dir, &[("x-max-length", FieldValue::I64(4))]);
+    let rec = replicate(&q);
     let taken = |ids: &[u64]| {
         let mut v = std::mem::take(&mut *rec.settled.lock());
         v.sort_unstable();
@@ -649,28 +638,34 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     taken(&[]);
 }
 
-/// A quorum queue (a replica is set by the test) in `dir`'s store.
-fn quorum_queue(dir: &TempDir) -> (Store, Arc<VHost>, Arc<Queue>) {
-    setup(
-        dir,
-        1 << 20,
-        &[(
-            "x-queue-type",
-            FieldValue::LongString(Bytes::from("quorum")),
-        )],
-    )
+/// A quorum queue with `more` arguments (a replica is set by the test,
+/// [`replicate`]) in `dir`'s store.
+fn quorum_queue(dir: &TempDir, more: &[(&str, FieldValue)]) -> (Store, Arc<VHost>, Arc<Queue>) {
+    let kind = (
+        "x-queue-type",
+        FieldValue::LongString(Bytes::from("quorum")),
+    );
+    let arguments: Vec<(&str, FieldValue)> =
+        std::iter::once(kind).chain(more.iter().cloned()).collect();
+    setup(dir, 1 << 20, &arguments)
+}
+
+/// Make `q` replicated, with a [`Recorder`] for its group.
+fn replicate(q: &Queue) -> Arc<Recorder> {
+    let rec = Arc::new(Recorder::default());
+    q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
+    rec
 }
 
 #[test]
 fn a_replicated_queue_gets_only_within_the_committed_horizon() {
     let dir = TempDir::new();
-    let (_store, _v, q) = quorum_queue(&dir);
+    let (_store, _v, q) = quorum_queue(&dir, &[]);
     // Not replicated: a get never waits.
     q.enqueue_replicated(persistent("m9"), 9, (false, 0), T0, T0);
     assert_eq!(q.get_waits_for(), None);
     assert_eq!(q.get(true, T0).map(|(e, _)| e.seq), Some(9));
-    let rec = Arc::new(Recorder::default());
-    q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
+    let rec = replicate(&q);
     for id in 10..=12 {
         q.enqueue_replicated(persistent(&format!("m{id}")), id, (false, 0), T0, T0);
     }
@@ -702,9 +697,8 @@ fn a_replicated_queue_gets_only_within_the_committed_horizon() {
 #[test]
 fn a_replicated_queue_delivers_past_its_horizon_only_once_a_new_one_commits() {
     let dir = TempDir::new();
-    let (_store, _v, q) = quorum_queue(&dir);
-    let rec = Arc::new(Recorder::default());
-    q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
+    let (_store, _v, q) = quorum_queue(&dir, &[]);
+    let rec = replicate(&q);
     let sink = Arc::new(Sink::default());
     for id in 10..=12 {
         q.enqueue_replicated(persistent(&format!("m{id}")), id, (false, 0), T0, T0);
@@ -986,19 +980,8 @@ fn memory_counts_bodies_held_and_a_per_message_overhead() {
 #[test]
 fn a_replicated_message_keeps_the_ttl_clock_its_group_started() {
     let dir = TempDir::new();
-    let (_store, _v, q) = setup(
-        &dir,
-        1 << 20,
-        &[
-            (
-                "x-queue-type",
-                FieldValue::LongString(Bytes::from("quorum")),
-            ),
-            ("x-message-ttl", FieldValue::I64(5000)),
-        ],
-    );
-    let rec = Arc::new(Recorder::default());
-    q.set_replica(Some(rec.clone() as Arc<dyn crate::broker::remote::Replica>));
+    let (_store, _v, q) = quorum_queue(&dir, &[("x-message-ttl", FieldValue::I64(5000))]);
+    replicate(&q);
     // Loaded 3 s after its group took it (a new leader): 2 s left, not 5.
     q.enqueue_replicated(persistent("old"), 1, (false, 0), T0, T0 + 3000);
     // Taken by an older entry that does not say when: from now.
