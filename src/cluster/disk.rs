@@ -127,7 +127,7 @@ impl Disk {
     }
 
     /// Apply `writes` together: all of them or none survive a crash.
-    pub(crate) fn write(&self, writes: Vec<Write>) -> io::Result<()> {
+    pub(crate) fn write(&self, mut writes: Vec<Write>) -> io::Result<()> {
         match self {
             Disk::Sled { log, meta, .. } => {
                 let (mut lb, mut mb) = (sled::Batch::default(), sled::Batch::default());
@@ -158,15 +158,13 @@ impl Disk {
                 // to a file of its own, outside the lock below; their
                 // pointers go in like small values.
                 let mut landing = Vec::new();
-                let mut rest = Vec::with_capacity(writes.len());
-                for w in writes {
-                    match w {
-                        Write::Put(t, k, v) if v.len() >= values::OWN_FILE_AT => {
-                            let (p, l) = values.put_alone(&v)?;
+                for w in &mut writes {
+                    if let Write::Put(_, _, v) = w {
+                        if v.len() >= values::OWN_FILE_AT {
+                            let (p, l) = values.put_alone(v)?;
                             landing.push(l);
-                            rest.push(Write::Put(t, k, p.encode()));
+                            *v = p.encode();
                         }
-                        w => rest.push(w),
                     }
                 }
                 // No collection of the value files while the pointers are
@@ -174,7 +172,7 @@ impl Disk {
                 let _writing = values.writes.read();
                 let mut batch = sled::Batch::default();
                 let mut spilled = false;
-                for w in rest {
+                for w in writes {
                     match w {
                         Write::Put(t, k, v) if v.len() > values::INLINE_MAX => {
                             let p = values.put(&v)?;

@@ -107,13 +107,18 @@ pub struct SmInner {
 }
 
 impl SmInner {
-    /// The state is now `state`, as of a snapshot at `index`.
-    fn restart_at(&mut self, index: u64) {
-        self.live = self.state.messages.values().map(weight).sum();
+    /// A snapshot of the state as it is now was taken: count from here.
+    fn snapshot_taken(&mut self) {
+        self.snapshot_at = self.applied_index();
         self.held = self.live;
-        self.snapshot_at = index;
         self.changed = 0;
         self.asked_at = None;
+    }
+
+    /// The state is a snapshot's just loaded: weigh it, count from here.
+    fn loaded(&mut self) {
+        self.live = self.state.messages.values().map(weight).sum();
+        self.snapshot_taken();
     }
 
     /// The live messages: how many, and their body bytes.
@@ -143,8 +148,7 @@ impl QSm {
             inner.last_applied = snap.meta.last_log_id;
             inner.membership = snap.meta.last_membership;
         }
-        let at = inner.applied_index();
-        inner.restart_at(at);
+        inner.loaded();
         Ok(QSm {
             log,
             inner: Arc::new(Mutex::new(inner)),
@@ -158,11 +162,7 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
     async fn build_snapshot(&mut self) -> Result<Snapshot<QTypeConfig>, SErr> {
         let (meta, state, live) = {
             let mut s = self.inner.lock();
-            let at = s.applied_index();
-            s.snapshot_at = at;
-            s.held = s.live;
-            s.changed = 0;
-            s.asked_at = None;
+            s.snapshot_taken();
             let meta = snapshot_meta(s.last_applied, s.membership.clone());
             (meta, s.state.clone(), s.live)
         };
@@ -330,8 +330,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             s.state = state;
             s.last_applied = meta.last_log_id;
             s.membership = meta.last_membership.clone();
-            let at = s.applied_index();
-            s.restart_at(at);
+            s.loaded();
         }
         self.flush_snapshot(meta).await
     }
