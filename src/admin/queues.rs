@@ -29,6 +29,7 @@ pub fn local_stats(s: &AdminState, q: &Queue, now: u64) -> crate::broker::queue:
     let committed = s
         .cluster
         .as_ref()
+        .filter(|_| q.queue_type() == QueueType::Quorum)
         .and_then(|c| c.quorum_lengths(&q.spec.vhost, q.name()));
     match committed {
         Some((n, bytes)) => crate::broker::queue::QueueStats {
