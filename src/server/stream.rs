@@ -53,7 +53,7 @@ use crate::session::stream_stats::StreamConnStats;
 use crate::tls::{CertLogin, Established, ServerTls};
 use crate::wire::stream::code;
 use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesOrdered, StreamExt};
 
 /// A running stream listener.
 pub struct StreamServer {
@@ -589,7 +589,10 @@ async fn serve<S: Sink>(
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
     let mut pieces: Vec<Out> = Vec::new();
     let mut reads = tokio::task::JoinSet::new();
-    let mut forwards = FuturesUnordered::new();
+    // Answered in the order asked, as the requests were made (a second
+    // publish's confirm was seen before the first's when both answers came
+    // in between two polls).
+    let mut forwards: FuturesOrdered<Forwarded> = FuturesOrdered::new();
     let result = loop {
         let now = clock::now_ms();
         if let Some(w) = session.watched() {
@@ -599,10 +602,9 @@ async fn serve<S: Sink>(
         loop {
             start_reads(&mut session, &mut reads);
             while let Some(f) = session.poll_forward() {
-                match send_forward(cluster.as_deref(), f) {
-                    Ok(answer) => forwards.push(answer),
-                    Err(token) => session.handle_forwarded(token, None),
-                }
+                let answer = send_forward(cluster.as_deref(), f)
+                    .unwrap_or_else(|token| Box::pin(futures::future::ready((token, None))));
+                forwards.push_back(answer);
             }
             while let Some(b) = session.poll_output(now) {
                 pieces.push(b);
