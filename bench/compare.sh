@@ -2,7 +2,8 @@
 # Side-by-side benchmark of warren builds (and optionally RabbitMQ) in one go.
 # Method and results: docs/benchmarks.md.
 #
-#   bench/compare.sh [-r ROUNDS] [-d SECS] [-p PERF] TARGET...
+#   bench/compare.sh [-r ROUNDS] [-d SECS] [-p PERF] [-S REGEX] TARGET...
+#     -S   only the scenarios whose name matches REGEX (grep -E)
 #     TARGET = label=/path/to/warren        a warren binary (fresh process + data dir per run)
 #            | label=amqp://...:5673/%2f    a running broker (RabbitMQ: its beam.smp is measured)
 #
@@ -12,12 +13,12 @@
 # over the run divided by the messages moved). The broker is pinned to CPU 0 and the
 # load client to CPU 1 (taskset), when the machine has two CPUs or more.
 set -euo pipefail
-rounds=2 secs=10 perf=target/release/examples/perf
-while getopts "r:d:p:" o; do
-  case $o in r) rounds=$OPTARG ;; d) secs=$OPTARG ;; p) perf=$OPTARG ;; *) exit 2 ;; esac
+rounds=2 secs=10 perf=target/release/examples/perf only=.
+while getopts "r:d:p:S:" o; do
+  case $o in r) rounds=$OPTARG ;; d) secs=$OPTARG ;; p) perf=$OPTARG ;; S) only=$OPTARG ;; *) exit 2 ;; esac
 done
 shift $((OPTIND - 1))
-[ $# -ge 1 ] || { sed -n 2,13p "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n 2,14p "$0"; exit 2; }
 tck=$(getconf CLK_TCK)
 port=5680
 pin_b="" pin_c=""
@@ -30,6 +31,8 @@ scenarios=(
   "c_1p1c_autoack|-x1 -y1 -s16 --autoack"
   "e1_persistent_confirms_1p1c|-x1 -y1 -s16 -q1000 --persistent --durable-queue --confirm 1000 --multi-ack-every 100"
   "e2_persistent_confirms_publish_only|-x2 -y0 -s16 --persistent --durable-queue --confirm 1000"
+  "e3_persistent_confirm_each_1p|-x1 -y0 -s16 --persistent --durable-queue --confirm 1"
+  "e4_persistent_confirm_each_4p|-x4 -y0 -s16 --persistent --durable-queue --confirm 1"
 )
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -66,6 +69,7 @@ run_one() { # label target scenario-name args
 for round in $(seq "$rounds"); do
   echo "# round $round"
   for s in "${scenarios[@]}"; do
+    grep -qE "$only" <<<"${s%%|*}" || continue
     for t in "$@"; do
       run_one "${t%%=*}" "${t#*=}" "${s%%|*}" "${s#*|}"
     done

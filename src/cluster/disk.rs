@@ -8,7 +8,8 @@
 //! simulations of the groups (`tests/raft_sim.rs`, `tests/quorum_sim.rs`),
 //! memory that behaves like a disk: a write is volatile until a flush, a flush
 //! takes (virtual) time, and a crash keeps what was flushed plus a prefix of
-//! the writes after it (a batch is one write, as sled's batches are atomic).
+//! the writes after it (a batch is one write, as sled's batches are atomic;
+//! an append's entries are a write each, as they go into sled).
 
 use super::values::{self, Pointer, ValueLog};
 use parking_lot::Mutex;
@@ -446,7 +447,16 @@ impl MemoryHandle {
         for w in &writes {
             apply(&mut s.volatile, w);
         }
-        s.pending.push(writes);
+        // An append is written key by key, as sled writes it
+        // ([`apply_to_sled`]): a crash can keep a prefix of it.
+        if writes
+            .iter()
+            .all(|w| matches!(w, Write::Put(Tree::Log, ..)))
+        {
+            s.pending.extend(writes.into_iter().map(|w| vec![w]));
+        } else {
+            s.pending.push(writes);
+        }
         Ok(())
     }
 
