@@ -63,6 +63,7 @@ use crate::storage::{
 use crate::wire::FieldTable;
 use parking_lot::{Mutex, MutexGuard};
 use ready::{level_for, Head, Ready};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 
 /// How many stored messages at the head are loaded in one go (read-ahead).
@@ -123,6 +124,12 @@ pub struct Queue {
     /// gets waiting for it ([`Queue::get_waits_for`]).
     horizon_committed: tokio::sync::watch::Sender<u64>,
     state: Mutex<State>,
+    /// Some ready message may carry an expiry (written under the state's
+    /// lock; read without it by [`Queue::needs_tick`]).
+    may_expire: AtomicBool,
+    /// The queue's arguments expire the queue or its messages (written with
+    /// them; read without a lock by [`Queue::needs_tick`]).
+    timed: AtomicBool,
 }
 
 /// A queue's handle on the message store.
@@ -298,8 +305,6 @@ struct State {
     /// A consumer was ever attached (auto-delete only applies after that).
     had_consumer: bool,
     deleted: bool,
-    /// Some ready message may carry an expiry.
-    may_expire: bool,
     /// Last time the queue was used (for `x-expires`), ms since the epoch.
     last_used: u64,
     /// Replicated queue: the delivery horizon, see [`Horizon`].
@@ -386,6 +391,12 @@ pub fn queue_memory(st: &QueueStats) -> usize {
         + held * MESSAGE_OVERHEAD
 }
 
+/// Whether `args` expire the queue (`x-expires`) or its messages
+/// (`x-message-ttl`): it must be looked at periodically ([`Queue::tick`]).
+fn is_timed(args: &QueueArgs) -> bool {
+    args.expires.is_some() || args.message_ttl.is_some()
+}
+
 /// Messages that left the queue to be dead-lettered.
 type DeadLetters = Vec<(Entry, Reason)>;
 
@@ -455,6 +466,8 @@ impl Queue {
         });
         Arc::new(Queue {
             spec,
+            timed: AtomicBool::new(is_timed(&args)),
+            may_expire: AtomicBool::new(false),
             args: parking_lot::RwLock::new(Arc::new(args)),
             counters: Default::default(),
             vhost,
@@ -482,7 +495,6 @@ impl Queue {
                 next_seq: 1,
                 had_consumer: false,
                 deleted: false,
-                may_expire: false,
                 last_used: now,
                 horizon: Horizon::default(),
             }),
@@ -566,7 +578,7 @@ impl Queue {
         s.unacked_persistent = 0;
         s.unacked_persistent_bytes = 0;
         s.unacked_timestamps.clear();
-        s.may_expire = false;
+        self.may_expire.store(false, Ordering::Relaxed);
         s.horizon = Horizon::default();
         self.horizon_committed.send_replace(0);
         std::mem::take(&mut s.consumers)
@@ -804,7 +816,8 @@ impl Queue {
                 });
                 s.ready
                     .push_tail(level, pos, size, expires_at.is_some(), durable);
-                s.may_expire |= expires_at.is_some();
+                self.may_expire
+                    .fetch_or(expires_at.is_some(), Ordering::Relaxed);
             } else {
                 if let Some(record) = record {
                     let pos = s.ready.alloc_pos(level);
@@ -818,7 +831,8 @@ impl Queue {
                     entry.persisted = true;
                     entry.pos = Some(pos);
                 }
-                s.may_expire |= entry.expires_at.is_some();
+                self.may_expire
+                    .fetch_or(entry.expires_at.is_some(), Ordering::Relaxed);
                 s.ready.push_back(entry);
             }
             // As RabbitMQ: a waiting consumer takes the message before the length
@@ -873,7 +887,7 @@ impl Queue {
 
     /// Drop (dead-letter) messages at the head due by `now`, as RabbitMQ does.
     fn expire_locked(&self, s: &mut State, now: u64, fx: &mut Effects) {
-        if !s.may_expire {
+        if !self.may_expire.load(Ordering::Relaxed) {
             return;
         }
         let mut args = None;
@@ -899,7 +913,7 @@ impl Queue {
             }
         }
         if s.ready.is_empty() {
-            s.may_expire = false;
+            self.may_expire.store(false, Ordering::Relaxed);
         }
     }
 
@@ -928,8 +942,7 @@ impl Queue {
         if let Some(sq) = &self.stream {
             return sq.log.has_closed_segments();
         }
-        let args = self.args();
-        args.expires.is_some() || args.message_ttl.is_some() || self.state.lock().may_expire
+        self.timed.load(Ordering::Relaxed) || self.may_expire.load(Ordering::Relaxed)
     }
 
     /// Deliver ready messages to consumers with credit.
@@ -1274,7 +1287,7 @@ impl Queue {
             let count = usize::try_from(l.count).unwrap_or(usize::MAX);
             let bytes = usize::try_from(l.bytes).unwrap_or(usize::MAX);
             s.ready.restore_tail(l.level, l.first, l.next, count, bytes);
-            s.may_expire |= count > 0;
+            self.may_expire.fetch_or(count > 0, Ordering::Relaxed);
             n += count;
         }
         n
@@ -1348,7 +1361,8 @@ impl Queue {
                     });
                 }
             }
-            s.may_expire |= entry.expires_at.is_some();
+            self.may_expire
+                .fetch_or(entry.expires_at.is_some(), Ordering::Relaxed);
             s.ready.requeue(entry);
         }
         // RabbitMQ applies drop-head on requeue too: the requeued head may go.
@@ -1447,7 +1461,11 @@ impl Queue {
             sq.log.set_retention(stream::retention(&args));
         }
         let args = Arc::new(args);
-        *self.args.write() = Arc::clone(&args);
+        {
+            let mut held = self.args.write();
+            *held = Arc::clone(&args);
+            self.timed.store(is_timed(&args), Ordering::Relaxed);
+        }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         self.enforce_limits(&mut s, &args, &mut fx);
@@ -1604,7 +1622,8 @@ impl Queue {
             entry.delivery_count = r.returns;
             entry.persisted = r.durable;
             entry.pos = Some(r.pos);
-            s.may_expire |= expires_at.is_some();
+            self.may_expire
+                .fetch_or(expires_at.is_some(), Ordering::Relaxed);
             entries.push(entry);
         }
         s.ready.install(level, from, next, entries);
