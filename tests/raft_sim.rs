@@ -34,7 +34,13 @@ impl Kind for Meta {
     type Record = Vec<Command>;
     const TEST: &'static str = "raft_sim";
     const ENV: &'static str = "WARREN_SIM";
-    const APPLIED_IS_DURABLE: bool = true;
+    // The model is rebuilt at each start from its base (written at each
+    // snapshot) and the entries after it, applied again to the model only:
+    // no entry twice within a life here; that the broker is not given them
+    // again is the store's unit test
+    // (`after_a_restart_the_entries_since_the_base_rebuild_the_model_only`),
+    // and every member's model is checked against the others'.
+    const APPLIED_IS_DURABLE: bool = false;
     const SNAPSHOT_EVERY: (u64, u64) = (20, 5);
 
     fn open(disk: &MemoryDisk) -> (LogStore, StateMachine) {

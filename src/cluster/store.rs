@@ -239,17 +239,9 @@ impl<C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>>> LogConfig for C {}
 
 impl<C: LogConfig<Node = NodeInfo, SnapshotData = Cursor<Vec<u8>>>> LogStore<C> {
     /// Keep `data` as the snapshot `meta` describes: the one
-    /// [`Self::current_snapshot`] answers with, and purges wait for.
-    pub(crate) async fn put_snapshot(
-        &self,
-        meta: &SnapshotMeta<NodeId, NodeInfo>,
-        data: &[u8],
-    ) -> Result<(), SErr> {
-        self.put_snapshot_now(meta, data)
-    }
-
-    /// [`Self::put_snapshot`], blocking (a large snapshot is written from a
-    /// blocking thread, not the runtime's).
+    /// [`Self::current_snapshot`] answers with, and purges wait for
+    /// (blocking: a large snapshot is written from a blocking thread, not
+    /// the runtime's).
     #[allow(clippy::result_large_err)] // openraft's error, as the async callers'
     pub(crate) fn put_snapshot_now(
         &self,
@@ -262,6 +254,30 @@ impl<C: LogConfig<Node = NodeInfo, SnapshotData = Cursor<Vec<u8>>>> LogStore<C> 
         self.put(SNAPSHOT, &stored).map_err(|e| {
             StorageIOError::write_snapshot(Some(meta.signature()), string_err(e)).into()
         })
+    }
+
+    /// [`Self::put_snapshot_now`] and the metadata keys `also` in one atomic
+    /// write (the state machine's base goes with the snapshot it is: a crash
+    /// between the two left a base no snapshot covered, and openraft then
+    /// purged up to it at the next start, waiting for that snapshot).
+    #[allow(clippy::result_large_err)] // openraft's error, as the callers'
+    pub(crate) fn put_snapshot_with(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        data: &[u8],
+        also: Vec<(&[u8], Vec<u8>)>,
+    ) -> Result<(), SErr> {
+        let err = |e: String| StorageIOError::write_snapshot(Some(meta.signature()), string_err(e));
+        let stored = super::codec::encode(&StoredSnapshotRef { meta, data })
+            .map_err(|e| err(e.to_string()))?;
+        let mut writes = vec![Write::Put(Tree::Meta, SNAPSHOT.to_vec(), stored)];
+        writes.extend(
+            also.into_iter()
+                .map(|(k, v)| Write::Put(Tree::Meta, k.to_vec(), v)),
+        );
+        self.disk
+            .write(writes)
+            .map_err(|e| err(e.to_string()).into())
     }
 
     /// The last snapshot kept, for openraft's `get_current_snapshot`.
@@ -813,16 +829,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let mut s = self.state.lock();
             let data = super::codec::encode(&s.metadata)
                 .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
-            // The new base, written before any later tail (under the lock):
-            // a crash that keeps a tail keeps the base before it.
+            let base = super::codec::encode(&*s)
+                .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
+            let meta = snapshot_meta(s.last_applied, s.membership.clone());
+            // The snapshot and the new base, written before any later tail
+            // (under the lock): a crash that keeps a tail keeps them.
             self.store
-                .put(SM, &*s)
-                .map_err(|e| StorageIOError::write_snapshot(None, string_err(e)))?;
-            let base = s.last_applied.map_or(0, |l| l.index);
-            s.refused.retain(|i, _| *i > base);
-            (snapshot_meta(s.last_applied, s.membership.clone()), data)
+                .put_snapshot_with(&meta, &data, vec![(SM, base)])?;
+            let at = s.last_applied.map_or(0, |l| l.index);
+            s.refused.retain(|i, _| *i > at);
+            (meta, data)
         };
-        self.store.put_snapshot(&meta, &data).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -958,21 +975,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             s.refused.clear();
             self.replay_upto
                 .store(0, std::sync::atomic::Ordering::Relaxed);
-            // The new base, and a tail that adds nothing to it.
+            // The snapshot, the new base and a tail that adds nothing to
+            // it, in one write.
+            let encoded = super::codec::encode(&*s).and_then(|base| {
+                let tail = Tail {
+                    last_applied: s.last_applied,
+                    refused: BTreeMap::new(),
+                };
+                Ok((base, super::codec::encode(&tail)?))
+            });
+            let (base, tail) =
+                encoded.map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
             self.store
-                .put(SM, &*s)
-                .and_then(|()| {
-                    self.store.put(
-                        SM_TAIL,
-                        &Tail {
-                            last_applied: s.last_applied,
-                            refused: BTreeMap::new(),
-                        },
-                    )
-                })
-                .map_err(|e| StorageIOError::write_state_machine(string_err(e)))?;
+                .put_snapshot_with(meta, &data, vec![(SM, base), (SM_TAIL, tail)])?;
         };
-        self.store.put_snapshot(meta, &data).await
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
