@@ -85,37 +85,13 @@ fn resolve(values: &ValueLog, stored: &[u8]) -> io::Result<Vec<u8>> {
     }
 }
 
-/// Make `changes` to `tree`, as one atomic write. sled's `apply_batch` writes
-/// its batch between two log buffers of its own, each written and synced on
-/// its own (a `pwrite` and a `sync_file_range` each, on sled's thread pool,
-/// at every batch): measured, two to three syncs per commit of a quorum
-/// queue. So a single change is made alone (atomic by itself), and so are
-/// `appends` (log entries in index order, nothing removed: sled's log is
-/// recovered as a prefix, and a prefix of an append that was not yet
-/// acknowledged is a shorter append); only the rest (removals, several keys
-/// of the metadata) go in a batch.
-fn apply_to_sled(
-    tree: &sled::Tree,
-    changes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    appends: bool,
-) -> io::Result<()> {
-    if changes.len() <= 1 || appends {
-        for (k, v) in changes {
-            match v {
-                Some(v) => drop(tree.insert(k, v).map_err(sled_err)?),
-                None => drop(tree.remove(k).map_err(sled_err)?),
-            }
-        }
-        return Ok(());
-    }
-    let mut batch = sled::Batch::default();
-    for (k, v) in changes {
-        match v {
-            Some(v) => batch.insert(k, v),
-            None => batch.remove(k),
-        }
-    }
-    tree.apply_batch(batch).map_err(sled_err)
+/// Whether `writes` are an append: log entries only, nothing removed (sled
+/// takes them key by key, [`crate::storage::apply_changes`], and a crash can
+/// keep a prefix of them).
+fn is_append(writes: &[Write]) -> bool {
+    writes
+        .iter()
+        .all(|w| matches!(w, Write::Put(Tree::Log, ..)))
 }
 
 /// The value files named by pointers in `db`'s trees (every quorum group's),
@@ -173,9 +149,9 @@ impl Disk {
                         Write::Del(Tree::Meta, k) => to_meta.push((k, None)),
                     }
                 }
-                let appends = to_log.iter().all(|(_, v)| v.is_some());
-                apply_to_sled(log, to_log, appends)?;
-                apply_to_sled(meta, to_meta, false)
+                let append = to_log.iter().all(|(_, v)| v.is_some());
+                crate::storage::apply_changes(log, to_log, append).map_err(sled_err)?;
+                crate::storage::apply_changes(meta, to_meta, false).map_err(sled_err)
             }
             Disk::Shared { tree, values, .. } => {
                 // Very large values (snapshots of long queues) first, each
@@ -196,9 +172,7 @@ impl Disk {
                 let _writing = values.writes.read();
                 let mut changes = Vec::with_capacity(writes.len());
                 let mut spilled = false;
-                let appends = writes
-                    .iter()
-                    .all(|w| matches!(w, Write::Put(Tree::Log, ..)));
+                let append = is_append(&writes);
                 for w in writes {
                     match w {
                         Write::Put(t, k, v) if v.len() > values::INLINE_MAX => {
@@ -214,7 +188,7 @@ impl Disk {
                 if spilled {
                     values.sync()?;
                 }
-                apply_to_sled(tree, changes, appends)?;
+                crate::storage::apply_changes(tree, changes, append).map_err(sled_err)?;
                 drop(landing);
                 Ok(())
             }
@@ -447,12 +421,9 @@ impl MemoryHandle {
         for w in &writes {
             apply(&mut s.volatile, w);
         }
-        // An append is written key by key, as sled writes it
-        // ([`apply_to_sled`]): a crash can keep a prefix of it.
-        if writes
-            .iter()
-            .all(|w| matches!(w, Write::Put(Tree::Log, ..)))
-        {
+        // An append is written key by key, as sled writes it: a crash can
+        // keep a prefix of it.
+        if is_append(&writes) {
             s.pending.extend(writes.into_iter().map(|w| vec![w]));
         } else {
             s.pending.push(writes);

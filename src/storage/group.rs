@@ -1,7 +1,7 @@
 //! One group flush: folds the operations taken from the pending list, in call
 //! order, into the chunks and metas to write, writes the chunks to the data
 //! files (one write per group per space, synced for the durable space) and
-//! then applies the metas as one sled batch per tree.
+//! then applies the metas as one atomic write per tree (`super::apply_changes`).
 //!
 //! * Each level's inserts become a new chunk (split at the chunk limits) with
 //!   a fresh meta. A message settled in the same group it was inserted in is
@@ -23,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 
-use ::sled::{Batch, Tree};
+use ::sled::Tree;
 use bytes::Bytes;
 
 use super::files::{DataFiles, GcPass};
@@ -210,43 +210,14 @@ pub(super) fn apply(sh: &Shared, group: &[Submitted]) -> Result<(), StorageError
         w.finish(sh)?;
         w.copy_forward(sh, tree, files)?;
         w.write_chunks(files)?;
-        apply_metas(tree, w.writes)?;
+        // One meta (a publish-only group's new chunk: a publisher waiting
+        // for each confirm makes one per flush) goes in without a batch.
+        super::apply_changes(tree, w.writes, false)?;
         for loc in w.freed {
             files.free(loc);
         }
     }
     sh.messages_written.fetch_add(inserts, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Write a group's metas to `tree`, atomically. One meta (a publish-only
-/// group's new chunk: a publisher waiting for each confirm makes one per
-/// flush) is inserted alone, atomic by itself: sled writes a batch between
-/// two log buffers of its own, each written and synced apart, which cost
-/// two `sync_file_range`s per flush on top of the flush's own.
-fn apply_metas(
-    tree: &Tree,
-    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
-) -> Result<(), StorageError> {
-    if writes.len() == 1 {
-        for (k, v) in writes {
-            match v {
-                Some(v) => drop(tree.insert(k, v)?),
-                None => drop(tree.remove(k)?),
-            }
-        }
-        return Ok(());
-    }
-    if !writes.is_empty() {
-        let mut batch = Batch::default();
-        for (k, v) in writes {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        tree.apply_batch(batch)?;
-    }
     Ok(())
 }
 

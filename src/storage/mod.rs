@@ -47,11 +47,13 @@ mod read;
 mod segment;
 mod sled;
 pub mod stream;
+mod tree;
 
 use std::path::PathBuf;
 
 pub use self::read::{LevelSummary, ReadMessage};
 pub use self::sled::{EncodedMessage, MessageOp, QueueRef, Store, StoreOptions};
+pub use self::tree::apply_changes;
 pub use codec::{decode_message, encode_message, encode_parts, MessageParts, RECORD_VERSION};
 
 /// The content of `<data_dir>/VERSION` written and accepted by this build.
