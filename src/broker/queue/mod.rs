@@ -816,8 +816,7 @@ impl Queue {
                 });
                 s.ready
                     .push_tail(level, pos, size, expires_at.is_some(), durable);
-                self.may_expire
-                    .fetch_or(expires_at.is_some(), Ordering::Relaxed);
+                self.note_expiry(expires_at.is_some());
             } else {
                 if let Some(record) = record {
                     let pos = s.ready.alloc_pos(level);
@@ -831,8 +830,7 @@ impl Queue {
                     entry.persisted = true;
                     entry.pos = Some(pos);
                 }
-                self.may_expire
-                    .fetch_or(entry.expires_at.is_some(), Ordering::Relaxed);
+                self.note_expiry(entry.expires_at.is_some());
                 s.ready.push_back(entry);
             }
             // As RabbitMQ: a waiting consumer takes the message before the length
@@ -882,6 +880,15 @@ impl Queue {
             fx.dead.push((e, reason));
         } else {
             self.forget(&e, fx);
+        }
+    }
+
+    /// A ready message that `may` carry an expiry went in (under the state's
+    /// lock, which orders the flag's writes: a plain store, no atomic
+    /// read-modify-write on every publish).
+    fn note_expiry(&self, may: bool) {
+        if may {
+            self.may_expire.store(true, Ordering::Relaxed);
         }
     }
 
@@ -1287,7 +1294,7 @@ impl Queue {
             let count = usize::try_from(l.count).unwrap_or(usize::MAX);
             let bytes = usize::try_from(l.bytes).unwrap_or(usize::MAX);
             s.ready.restore_tail(l.level, l.first, l.next, count, bytes);
-            self.may_expire.fetch_or(count > 0, Ordering::Relaxed);
+            self.note_expiry(count > 0);
             n += count;
         }
         n
@@ -1361,8 +1368,7 @@ impl Queue {
                     });
                 }
             }
-            self.may_expire
-                .fetch_or(entry.expires_at.is_some(), Ordering::Relaxed);
+            self.note_expiry(entry.expires_at.is_some());
             s.ready.requeue(entry);
         }
         // RabbitMQ applies drop-head on requeue too: the requeued head may go.
@@ -1622,8 +1628,7 @@ impl Queue {
             entry.delivery_count = r.returns;
             entry.persisted = r.durable;
             entry.pos = Some(r.pos);
-            self.may_expire
-                .fetch_or(expires_at.is_some(), Ordering::Relaxed);
+            self.note_expiry(expires_at.is_some());
             entries.push(entry);
         }
         s.ready.install(level, from, next, entries);
