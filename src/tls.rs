@@ -546,6 +546,31 @@ mod tests {
     }
 
     #[test]
+    fn hash_and_key_exchange_are_named_as_erlangs_ssl_names_them() {
+        let info = |cipher: &str| TlsInfo {
+            protocol: "tlsv1.2",
+            cipher: cipher.into(),
+            peer_cert_subject: None,
+            peer_cert_issuer: None,
+        };
+        let v13 = info("TLS13_AES_256_GCM_SHA384");
+        assert_eq!(
+            (v13.key_exchange(), v13.hash()),
+            ("any".into(), "aead".into())
+        );
+        let gcm = info("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256");
+        assert_eq!(
+            (gcm.key_exchange(), gcm.hash()),
+            ("ecdhe_rsa".into(), "aead".into())
+        );
+        let cbc = info("TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA384");
+        assert_eq!(
+            (cbc.key_exchange(), cbc.hash()),
+            ("ecdhe_ecdsa".into(), "sha384".into())
+        );
+    }
+
+    #[test]
     fn common_name_is_the_default_login() {
         let der = with_subject(
             &[

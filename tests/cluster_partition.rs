@@ -16,6 +16,7 @@ mod common;
 use common::cluster::{declare, eventually, start_proxied, wait_all_present, Node};
 use common::proxy::Proxy;
 use rand::{Rng, SeedableRng};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -196,6 +197,31 @@ async fn a_majority_ring() {
             p.cut();
         }
     }
+    // Node 0's `/api/nodes`: it is cut off from node 2, which node 1
+    // reaches (a partition, as RabbitMQ lists them); node 1 from node 0,
+    // which answers node 0 itself; node 2 does not answer node 0.
+    let partitions = || -> Vec<Value> {
+        let (_, nodes) = net.nodes[0].get("/api/nodes");
+        (0..3)
+            .map(|i| {
+                let name = net.nodes[i].name();
+                let all = nodes.as_array().into_iter().flatten();
+                let mut mine = all.filter(|n| n["name"] == name.as_str());
+                mine.next().map_or(Value::Null, |n| n["partitions"].clone())
+            })
+            .collect()
+    };
+    let expected = vec![
+        serde_json::json!([net.nodes[2].name()]),
+        serde_json::json!([net.nodes[0].name()]),
+        serde_json::json!([]),
+    ];
+    eventually(
+        "the ring's partitions listed",
+        Duration::from_secs(20),
+        || partitions() == expected,
+    )
+    .await;
     // Declares on every node at once for a while: each either commits or is
     // refused with 541; none hangs. A declare made on the leader commits (it
     // reaches one follower: a majority); one made on a follower whose link to
@@ -226,6 +252,11 @@ async fn a_majority_ring() {
     println!("majority ring: {ok} declares committed, {refused} refused with 541");
     net.heal();
     net.wait_agreed_leader(Duration::from_secs(20)).await;
+    let none = vec![serde_json::json!([]); 3];
+    eventually("no partitions once healed", Duration::from_secs(20), || {
+        partitions() == none
+    })
+    .await;
     // Committing works again everywhere, and nothing acknowledged was lost.
     for i in 0..3 {
         net.declare_on(i, "after")

@@ -521,6 +521,29 @@ async fn admin_api_shows_streams_and_a_policy_sets_retention() {
     assert_eq!(v["committed_offset"], 20);
     assert!(v["segments"].as_u64().expect("segments") > 2, "{v}");
     assert!(v["message_bytes"].as_u64().expect("bytes") > 10_000, "{v}");
+    assert_eq!(
+        v["incoming"],
+        serde_json::json!([]),
+        "basic rates mode: {v}"
+    );
+    let node = v["node"].as_str().expect("node").to_string();
+    assert_eq!(v["readers"], serde_json::json!({ node.clone(): 0 }), "{v}");
+    // A reader: an AMQP consumer of the stream.
+    let reader = t(conn.create_channel()).await.expect("channel");
+    t(reader.basic_qos(10, BasicQosOptions::default()))
+        .await
+        .expect("qos");
+    let _consumer = t(reader.basic_consume(
+        "events",
+        "reader",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .expect("consume");
+    let (_, v) = common::http("GET", &url, GUEST, None).await;
+    assert_eq!(v["readers"], serde_json::json!({ node: 1 }), "{v}");
+    t(reader.close(200, "done")).await.expect("close");
     // A policy for streams: max-length-bytes drops old segments.
     let (status, v) = common::http(
         "PUT",

@@ -221,6 +221,32 @@ pub fn length_rates(history: &History, key: &Key) -> [f64; 3] {
     .map(|pick| round_rate(last_rate(&gauges(&w, pick))))
 }
 
+/// Reads one gauge from a node's sample.
+type NodeGauge = fn(&NodePoint) -> f64;
+
+/// A node's gauges kept in its history, by their fields in its record.
+const NODE_GAUGES: [(&str, NodeGauge); 5] = [
+    ("mem_used", |p| p.mem_used as f64),
+    ("disk_free", |p| p.disk_free as f64),
+    ("fd_used", |p| f64::from(p.fd_used)),
+    ("sockets_used", |p| f64::from(p.connections)),
+    ("channels", |p| f64::from(p.channels)),
+];
+
+/// `{field}_details` (`{"rate": ...}`: its change per second between the
+/// two newest samples) beside each of this node's [`NODE_GAUGES`] that the
+/// record `m` has.
+pub fn insert_node_gauge_details(history: &History, m: &mut Map<String, Value>) {
+    let (incr, _) = super::history::TIERS[0];
+    let w = history.node(2 * incr, incr);
+    for (field, pick) in NODE_GAUGES {
+        if m.contains_key(field) {
+            let rate = round_rate(last_rate(&gauges(&w, pick)));
+            m.insert(format!("{field}_details"), json!({ "rate": rate }));
+        }
+    }
+}
+
 /// The sum of [`length_rates`] over `queues` (a vhost's, the visible ones):
 /// the rates of their total lengths (they are sampled on one clock).
 pub fn summed_length_rates<'a>(
@@ -458,18 +484,9 @@ pub async fn node(
     // The samples are this node's own history.
     if let Some((age, incr)) = stats.filter(|_| here) {
         let w = s.history.node(age, incr);
-        for (field, pick) in [
-            (
-                "mem_used_details",
-                (|p| p.mem_used as f64) as fn(&NodePoint) -> f64,
-            ),
-            ("disk_free_details", |p| p.disk_free as f64),
-            ("fd_used_details", |p| f64::from(p.fd_used)),
-            ("sockets_used_details", |p| f64::from(p.connections)),
-            ("channels_details", |p| f64::from(p.channels)),
-        ] {
+        for (field, pick) in NODE_GAUGES {
             let g = gauges(&w, pick);
-            root.insert(field.into(), details(last_rate(&g), &g));
+            root.insert(format!("{field}_details"), details(last_rate(&g), &g));
         }
     }
     Ok(Json(v))

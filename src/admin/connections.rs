@@ -20,7 +20,6 @@ pub fn connection_json(s: &AdminState, c: &ConnectionInfo) -> Value {
     if let Some(st) = c.control.stream() {
         return super::stream::connection_json(s, c, st);
     }
-    let tls = c.tls.as_ref();
     let v = json!({
         "name": c.name,
         "vhost": c.vhost,
@@ -41,14 +40,34 @@ pub fn connection_json(s: &AdminState, c: &ConnectionInfo) -> Value {
         "frame_max": c.frame_max,
         "channel_max": c.channel_max,
         "timeout": c.heartbeat,
-        // As RabbitMQ: the TLS keys are null on a plain connection.
-        "ssl": tls.is_some(),
-        "ssl_protocol": tls.map(|t| t.protocol),
-        "ssl_cipher": tls.map(|t| t.cipher.as_str()),
-        "peer_cert_subject": tls.and_then(|t| t.peer_cert_subject.as_deref()),
-        "peer_cert_issuer": tls.and_then(|t| t.peer_cert_issuer.as_deref()),
     });
-    with_socket_stats(s, c, v)
+    with_socket_stats(s, c, with_tls(v, c.tls.as_ref()))
+}
+
+/// `v` (a connection's object) with RabbitMQ's TLS keys, null on a plain
+/// connection (`peer_cert_validity` always: not kept).
+pub(super) fn with_tls(mut v: Value, tls: Option<&crate::broker::TlsInfo>) -> Value {
+    if let Value::Object(m) = &mut v {
+        for (k, x) in [
+            ("ssl", json!(tls.is_some())),
+            ("ssl_protocol", json!(tls.map(|t| t.protocol))),
+            ("ssl_cipher", json!(tls.map(|t| t.cipher.as_str()))),
+            ("ssl_hash", json!(tls.map(|t| t.hash()))),
+            ("ssl_key_exchange", json!(tls.map(|t| t.key_exchange()))),
+            (
+                "peer_cert_subject",
+                json!(tls.and_then(|t| t.peer_cert_subject.as_deref())),
+            ),
+            (
+                "peer_cert_issuer",
+                json!(tls.and_then(|t| t.peer_cert_issuer.as_deref())),
+            ),
+            ("peer_cert_validity", Value::Null),
+        ] {
+            m.insert(k.into(), x);
+        }
+    }
+    v
 }
 
 /// `v` (a connection's object) with its socket's counters (`recv_oct`,
@@ -392,13 +411,13 @@ fn channel_rows(
             .collect();
         for (n, st) in open {
             let get = |a: &std::sync::atomic::AtomicU64| a.load(Relaxed);
-            let (deliver, deliver_no_ack) = (get(&st.deliver), get(&st.deliver_no_ack));
-            let (got, get_no_ack) = (get(&st.get), get(&st.get_no_ack));
-            out.push(json!({
+            let sample = s.rates.channel(c.id, n);
+            let mut row = json!({
                 "name": format!("{} ({n})", c.name),
                 "number": n,
                 "vhost": c.vhost,
                 "user": c.user,
+                "user_who_performed_action": c.user,
                 "node": s.broker.node,
                 "state": "running",
                 "consumer_count": consumers.get(&(c.id, n)).copied().unwrap_or(0),
@@ -407,28 +426,25 @@ fn channel_rows(
                 "confirm": st.confirm.load(Relaxed),
                 "transactional": st.transactional.load(Relaxed),
                 "messages_unacknowledged": get(&st.unacked),
-                "messages_unconfirmed": get(&st.unconfirmed),
+                "messages_unconfirmed": get(&st.confirms.unconfirmed),
                 "messages_uncommitted": get(&st.uncommitted),
                 "acks_uncommitted": get(&st.acks_uncommitted),
-                "message_stats": {
-                    "publish": get(&st.publish),
-                    "deliver": deliver,
-                    "deliver_no_ack": deliver_no_ack,
-                    "get": got,
-                    "get_no_ack": get_no_ack,
-                    "get_empty": get(&st.get_empty),
-                    "deliver_get": deliver + deliver_no_ack + got + get_no_ack,
-                    "redeliver": get(&st.redeliver),
-                    "ack": get(&st.ack),
-                    "return_unroutable": get(&st.return_unroutable),
-                    "drop_unroutable": get(&st.drop_unroutable),
-                },
+                "message_stats": super::metrics::channel_stats(
+                    &st.counts(),
+                    sample.as_ref().map(|x| &x.rates),
+                ),
                 "connection_details": {
                     "name": c.name,
                     "peer_host": c.peer.ip().to_string(),
                     "peer_port": c.peer.port(),
                 },
-            }));
+            });
+            // Idle (as RabbitMQ shows it) when the last sample saw no
+            // count move: since the sample that first saw them as they are.
+            if let Some(x) = sample.filter(|x| x.rates.iter().all(|r| *r == 0.0)) {
+                row["idle_since"] = json!(crate::clock::utc_rfc3339(x.unchanged_since));
+            }
+            out.push(row);
         }
     }
     out
@@ -500,7 +516,19 @@ pub async fn channel(
             .into_iter()
             .find(|row| row["name"] == name.as_str()),
     };
-    row.map(Json).ok_or_else(ApiError::not_found)
+    let mut row = row.ok_or_else(ApiError::not_found)?;
+    let consumers =
+        cluster_rows(&s, &caller, "consumers", consumers_where(&s, &caller, None)).await;
+    row["consumer_details"] = consumers
+        .into_iter()
+        .filter(|c| c["channel_details"]["name"] == name.as_str())
+        .collect();
+    // Per exchange and per queue figures are kept only in RabbitMQ's
+    // `detailed` rates mode; in `basic` (warren's, as RabbitMQ's default)
+    // these lists are empty.
+    row["publishes"] = json!([]);
+    row["deliveries"] = json!([]);
+    Ok(Json(row))
 }
 
 fn consumer_counts(s: &AdminState) -> HashMap<(u64, u16), usize> {

@@ -104,7 +104,12 @@ pub async fn show(
     let v = s.broker.vhost(&vhost).ok_or_else(ApiError::not_found)?;
     let name = if name == "amq.default" { "" } else { &name };
     let e = v.exchange(name).map_err(|_| ApiError::not_found())?;
-    Ok(Json(with_policy(&s, &v, &e)))
+    let mut row = with_policy(&s, &v, &e);
+    // Per channel and per queue figures: RabbitMQ keeps them only in its
+    // `detailed` rates mode; in `basic` (warren's) they are empty.
+    row["incoming"] = json!([]);
+    row["outgoing"] = json!([]);
+    Ok(Json(row))
 }
 
 /// Declare an exchange from an API / definitions body: whether it is new,

@@ -4,7 +4,7 @@
 
 use super::AdminState;
 use crate::broker::exchange::ExchangeTotals;
-use crate::broker::{Broker, Counters};
+use crate::broker::{Broker, Counters, CHANNEL_COUNTS};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -122,6 +122,51 @@ struct Sampled {
     /// Connections' (`recv_oct`, `send_oct`) and their rates, by
     /// connection id.
     connections: HashMap<u64, ((u64, u64), OctetRates)>,
+    /// Channels' counts, by (connection id, channel number).
+    channels: HashMap<(u64, u16), ChannelSample>,
+    /// The node's churn counts ([`Broker::churn`]'s order) and their rates.
+    churn: ([u64; 7], [f64; 7]),
+}
+
+/// A channel's counts ([`CHANNEL_COUNTS`]) at the last sample, their rates,
+/// and since when (ms since the epoch) they have not changed: the sample
+/// that first saw them as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ChannelSample {
+    pub counts: [u64; 12],
+    pub rates: [f64; 12],
+    pub unchanged_since: u64,
+}
+
+/// Per-second rates of the counts `now` against `then`, `secs` apart.
+fn per_sec<const N: usize>(now: &[u64; N], then: &[u64; N], secs: f64) -> [f64; N] {
+    std::array::from_fn(|i| now[i].saturating_sub(then[i]) as f64 / secs)
+}
+
+/// A channel's sample from its `counts` now (`now_ms`, ms since the epoch)
+/// and its previous one, `secs` ago; None before it (rates zero).
+fn channel_sample(
+    counts: [u64; 12],
+    prev: Option<&ChannelSample>,
+    secs: Option<f64>,
+    now_ms: u64,
+) -> ChannelSample {
+    match (prev, secs) {
+        (Some(p), Some(d)) => ChannelSample {
+            counts,
+            rates: per_sec(&counts, &p.counts, d),
+            unchanged_since: if counts == p.counts {
+                p.unchanged_since
+            } else {
+                now_ms
+            },
+        },
+        _ => ChannelSample {
+            counts,
+            rates: [0.0; 12],
+            unchanged_since: now_ms,
+        },
+    }
 }
 
 /// A connection's bytes per second over the last sample interval.
@@ -181,11 +226,21 @@ impl Rates {
                 );
             }
         }
-        let connections: Vec<(u64, (u64, u64))> = broker
-            .connections()
+        let open = broker.connections();
+        let connections: Vec<(u64, (u64, u64))> =
+            open.iter().map(|c| (c.id, c.socket.octets())).collect();
+        let channels: Vec<((u64, u16), [u64; 12])> = open
             .iter()
-            .map(|c| (c.id, c.socket.octets()))
+            .flat_map(|c| {
+                let chans = c.open_channels.lock();
+                chans
+                    .iter()
+                    .map(|(n, st)| ((c.id, *n), st.counts()))
+                    .collect::<Vec<_>>()
+            })
             .collect();
+        let churn = broker.churn().map(|(_, n)| n);
+        let now_ms = crate::clock::now_ms();
         let mut s = self.inner.lock();
         let secs =
             s.at.map(|t| now.duration_since(t).as_secs_f64())
@@ -221,7 +276,30 @@ impl Rates {
                 (id, ((recv, send), r))
             })
             .collect();
+        let old = std::mem::take(&mut s.channels);
+        s.channels = channels
+            .into_iter()
+            .map(|(k, counts)| (k, channel_sample(counts, old.get(&k), secs, now_ms)))
+            .collect();
+        let churn_rates = secs
+            .map(|d| per_sec(&churn, &s.churn.0, d))
+            .unwrap_or_default();
+        s.churn = (churn, churn_rates);
         s.at = Some(now);
+    }
+
+    /// A channel's last sample (None before one saw it).
+    pub fn channel(&self, connection: u64, channel: u16) -> Option<ChannelSample> {
+        self.inner
+            .lock()
+            .channels
+            .get(&(connection, channel))
+            .copied()
+    }
+
+    /// The rates of the node's churn counts, in [`Broker::churn`]'s order.
+    pub fn churn(&self) -> [f64; 7] {
+        self.inner.lock().churn.1
     }
 
     /// A connection's byte rates (zero before two samples saw it).
@@ -306,6 +384,18 @@ pub fn message_stats(t: &Totals, r: &RateSet) -> serde_json::Value {
         "redeliver": t.redeliver,
         "redeliver_details": super::details(r.redeliver),
     })
+}
+
+/// A channel's `message_stats`: its [`CHANNEL_COUNTS`] and their rates
+/// (zero before a sample saw the channel).
+pub fn channel_stats(counts: &[u64; 12], rates: Option<&[f64; 12]>) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    for (i, k) in CHANNEL_COUNTS.iter().enumerate() {
+        m.insert((*k).into(), counts[i].into());
+        let r = rates.map_or(0.0, |r| r[i]);
+        m.insert(format!("{k}_details"), super::details(r));
+    }
+    serde_json::Value::Object(m)
 }
 
 /// Of the messages delivered (`deliver_get`): to consumers that ack, to
@@ -627,4 +717,27 @@ pub async fn prometheus(State(state): State<AdminState>) -> impl IntoResponse {
         )],
         render(&state.broker),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_sample_has_rates_and_the_time_its_counts_stopped() {
+        let first = channel_sample([0; 12], None, None, 1_000);
+        assert_eq!((first.rates, first.unchanged_since), ([0.0; 12], 1_000));
+        let mut counts = [0; 12];
+        counts[0] = 50; // publish
+        let busy = channel_sample(counts, Some(&first), Some(5.0), 6_000);
+        assert_eq!(busy.rates[0], 10.0);
+        assert_eq!(busy.unchanged_since, 6_000, "moved in this interval");
+        let quiet = channel_sample(counts, Some(&busy), Some(5.0), 11_000);
+        assert_eq!(quiet.rates, [0.0; 12]);
+        assert_eq!(quiet.unchanged_since, 6_000, "as they were at 6 s");
+        let json = channel_stats(&quiet.counts, Some(&busy.rates));
+        assert_eq!(json["publish"], 50);
+        assert_eq!(json["publish_details"]["rate"], 10.0);
+        assert_eq!(json["ack_details"]["rate"], 0.0);
+    }
 }

@@ -100,7 +100,14 @@ pub async fn overview(State(s): State<AdminState>, caller: Caller) -> Json<Value
         "node": this_node(&s),
         "listeners": super::health::overview_listeners(&s),
         "message_stats": message_stats,
-        "churn_rates": churn_json(b),
+        "churn_rates": churn_json(&s),
+        "sample_retention_policies": retention(),
+        "contexts": contexts(&s, Some(&this_node(&s))),
+        "disable_stats": false,
+        "enable_queue_totals": false,
+        // Counters are read where they are kept: no event queue to a
+        // statistics database to fall behind.
+        "statistics_db_event_queue": 0,
         "exchange_types": exchange_types(),
         "queue_totals": queue_totals,
         "object_totals": {
@@ -186,13 +193,66 @@ const AUTH_MECHANISMS: [(&str, &str); 3] = [
     ("EXTERNAL", "SASL EXTERNAL authentication mechanism"),
 ];
 
-/// The node's churn counts (`churn_rates` in the overview; the same keys at
-/// the top of a node's record).
-fn churn_json(b: &crate::broker::Broker) -> serde_json::Map<String, Value> {
-    b.churn()
+/// The node's churn counts and their rates over the last sample
+/// (`churn_rates` in the overview; the same keys at the top of a node's
+/// record).
+fn churn_json(s: &AdminState) -> serde_json::Map<String, Value> {
+    let rates = s.rates.churn();
+    let mut m = serde_json::Map::new();
+    for ((k, v), r) in s.broker.churn().into_iter().zip(rates) {
+        m.insert(k.to_string(), v.into());
+        m.insert(format!("{k}_details"), super::details(r));
+    }
+    m
+}
+
+/// The management listeners, as RabbitMQ's `contexts` (with `node` in the
+/// overview's).
+fn contexts(s: &AdminState, node: Option<&str>) -> Vec<Value> {
+    super::health::listeners(s)
         .into_iter()
-        .map(|(k, v)| (k.to_string(), v.into()))
+        .filter(|l| l.protocol.starts_with("http"))
+        .map(|l| {
+            let mut c = json!({
+                "description": "RabbitMQ Management",
+                "path": "/",
+                "port": l.addr.port().to_string(),
+                "ssl": l.protocol == "https",
+            });
+            if let Some(n) = node {
+                c["node"] = json!(n);
+            }
+            c
+        })
         .collect()
+}
+
+/// How long the charts keep samples, in seconds per tier, as RabbitMQ's
+/// `sample_retention_policies` (`detailed`: none kept, as warren's rates
+/// mode is `basic`).
+fn retention() -> Value {
+    let tiers: Vec<u64> = super::history::TIERS
+        .iter()
+        .map(|(step, points)| step * (*points as u64 - 1) / 1000)
+        .collect();
+    json!({"global": tiers, "basic": tiers, "detailed": []})
+}
+
+/// Context switches of every thread of this process (voluntary and not),
+/// from `/proc/self/task/*/status`.
+fn context_switches() -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
 }
 
 /// This node's health figures, as `/api/nodes` shows them (and as this node
@@ -226,9 +286,26 @@ pub fn node_figures(s: &AdminState) -> Value {
             })
             .collect::<Vec<_>>(),
         "sockets_used": s.broker.connections().len(),
+        // No limit of warren's own below the file descriptors'.
+        "sockets_total": super::charts::fd_total(),
+        "rates_mode": "basic",
+        "db_dir": s.data_dir.as_ref().map(|d| d.display().to_string()),
+        "contexts": contexts(s, None),
+        // Tasks ready to run and waiting in the runtime's shared queue (the
+        // nearest to Erlang's scheduler run queue).
+        "run_queue": tokio::runtime::Handle::try_current()
+            .map_or(0, |h| h.metrics().global_queue_depth()),
+        "context_switches": context_switches(),
+        // Seconds without an answer to its probes after which this node
+        // takes another member for down (RabbitMQ: `net_ticktime`).
+        "net_ticktime": crate::cluster::DOWN_AFTER.as_secs_f64().ceil() as u64,
+        // Members this node cannot reach (the nodes' records answer
+        // `partitions` from these: `super::cluster::nodes`).
+        "unreachable": s.cluster.as_ref().map_or_else(Vec::new, |c| c.unreachable()),
     });
     if let Value::Object(m) = &mut figures {
-        m.extend(churn_json(&s.broker));
+        m.extend(churn_json(s));
+        super::charts::insert_node_gauge_details(&s.history, m);
     }
     figures
 }
@@ -270,12 +347,62 @@ fn node_json(s: &AdminState) -> Value {
     node_record(&this_node(s), true, Some(&node_figures(s)))
 }
 
+/// Every node's record (this one's alone, or every member's), with their
+/// `partitions`.
+async fn node_records(s: &AdminState) -> Vec<Value> {
+    let mut records = match &s.cluster {
+        Some(c) => super::cluster::nodes(c, node_json(s)).await,
+        None => vec![node_json(s)],
+    };
+    with_partitions(&mut records);
+    records
+}
+
+/// Each record's `partitions` (RabbitMQ's: the nodes it is cut off from
+/// that still run) from the `unreachable` members its node reported: those
+/// another running node reaches (or that answered this one). A member that
+/// is down is in no one's partitions, as in RabbitMQ.
+fn with_partitions(records: &mut [Value]) {
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let views: Vec<(String, bool, Vec<String>)> = records
+        .iter()
+        .map(|r| {
+            let name = r["name"].as_str().unwrap_or_default().to_string();
+            (name, r["running"] == true, names(&r["unreachable"]))
+        })
+        .collect();
+    for r in records.iter_mut() {
+        let Some(o) = r.as_object_mut() else { continue };
+        let me = o
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let cut = names(o.get("unreachable").unwrap_or(&Value::Null));
+        let partitions: Vec<&String> = cut
+            .iter()
+            .filter(|y| {
+                views.iter().any(|(z, running, theirs)| {
+                    *z != me && *running && (*z == **y || !theirs.contains(y))
+                })
+            })
+            .collect();
+        o.remove("unreachable");
+        o.insert("partitions".into(), json!(partitions));
+    }
+}
+
 pub async fn nodes(State(s): State<AdminState>, caller: Caller) -> ApiResult<Json<Value>> {
     caller.require_monitor()?;
-    if let Some(c) = &s.cluster {
-        return Ok(Json(json!(super::cluster::nodes(c, node_json(&s)).await)));
-    }
-    Ok(Json(json!([node_json(&s)])))
+    Ok(Json(json!(node_records(&s).await)))
 }
 
 /// `GET /api/nodes/{node}`: this node's record, or (clustered) another
@@ -287,12 +414,12 @@ pub async fn node(
     Path(name): Path<String>,
 ) -> ApiResult<Json<Value>> {
     caller.require_monitor()?;
-    if name == this_node(&s) {
-        return Ok(Json(node_json(&s)));
-    }
-    let answer = super::cluster::member_stats(&s, &name).await?;
-    let figures = answer.as_ref().and_then(|a| a.get("node"));
-    Ok(Json(node_record(&name, answer.is_some(), figures)))
+    node_records(&s)
+        .await
+        .into_iter()
+        .find(|r| r["name"] == name.as_str())
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
 }
 
 /// A node's memory by what uses it, in RabbitMQ's categories
@@ -619,5 +746,28 @@ mod tests {
             ours,
             json!({"publish": 7, "publish_details": {"rate": 1.8}, "name": "x", "only": 1})
         );
+    }
+
+    #[test]
+    fn a_partition_is_a_member_cut_off_that_another_reaches() {
+        // a cannot reach c or d; b reaches c but not d (down); c did not
+        // answer a; d is down.
+        let mut records = vec![
+            json!({"name": "a", "running": true, "unreachable": ["c", "d"]}),
+            json!({"name": "b", "running": true, "unreachable": ["d"]}),
+            json!({"name": "c", "running": false}),
+            json!({"name": "d", "running": false}),
+        ];
+        with_partitions(&mut records);
+        let partitions: Vec<&Value> = records.iter().map(|r| &r["partitions"]).collect();
+        assert_eq!(
+            partitions,
+            [&json!(["c"]), &json!([]), &json!([]), &json!([])]
+        );
+        assert!(records.iter().all(|r| r.get("unreachable").is_none()));
+        // Alone: nothing to be cut off from.
+        let mut alone = vec![json!({"name": "a", "running": true, "unreachable": []})];
+        with_partitions(&mut alone);
+        assert_eq!(alone[0]["partitions"], json!([]));
     }
 }

@@ -129,7 +129,14 @@ pub fn queue_counts(s: &AdminState, q: &Queue) -> Map<String, Value> {
                 json!(st.ready_bytes + st.unacked_bytes),
             );
         }
-        QueueType::Stream => {}
+        QueueType::Stream => {
+            // Its readers (AMQP consumers and Stream protocol
+            // subscriptions) on its node, which holds its one copy.
+            m.insert(
+                "readers".into(),
+                json!({ super::cluster::this_node(s): st.consumers }),
+            );
+        }
     }
     m
 }
@@ -472,6 +479,10 @@ pub async fn show(
         super::connections::consumers_of_queue(&s, &caller, (&vhost, &name), &home).await;
     if let Value::Object(m) = &mut v {
         m.insert("consumer_details".into(), Value::Array(consumers));
+        // Per channel and per exchange figures: RabbitMQ keeps them only in
+        // its `detailed` rates mode; in `basic` (warren's) they are empty.
+        m.insert("incoming".into(), json!([]));
+        m.insert("deliveries".into(), json!([]));
     }
     Ok(Json(v))
 }

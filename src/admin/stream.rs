@@ -24,7 +24,6 @@ use std::sync::Arc;
 /// With its socket's byte counters (`recv_oct`, `send_oct`, `recv_cnt`,
 /// `send_cnt`) and their rates over the last sample (`*_details.rate`).
 pub fn connection_json(s: &AdminState, c: &ConnectionInfo, st: &StreamConnStats) -> Value {
-    let tls = c.tls.as_ref();
     let v = json!({
         "name": c.name,
         "vhost": c.vhost,
@@ -45,15 +44,8 @@ pub fn connection_json(s: &AdminState, c: &ConnectionInfo, st: &StreamConnStats)
         "client_properties": table_to_json(&c.client_properties),
         "frame_max": c.frame_max,
         "timeout": c.heartbeat,
-        "ssl": tls.is_some(),
-        "ssl_protocol": tls.map(|t| t.protocol),
-        "ssl_cipher": tls.map(|t| t.cipher.as_str()),
-        "ssl_hash": Value::Null,
-        "ssl_key_exchange": Value::Null,
-        "peer_cert_subject": tls.and_then(|t| t.peer_cert_subject.as_deref()),
-        "peer_cert_issuer": tls.and_then(|t| t.peer_cert_issuer.as_deref()),
-        "peer_cert_validity": Value::Null,
     });
+    let v = super::connections::with_tls(v, c.tls.as_ref());
     super::connections::with_socket_stats(s, c, v)
 }
 

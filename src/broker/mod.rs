@@ -195,6 +195,32 @@ pub struct TlsInfo {
     pub peer_cert_issuer: Option<String>,
 }
 
+impl TlsInfo {
+    /// The cipher suite's key exchange as Erlang's `ssl` (so RabbitMQ's
+    /// `ssl_key_exchange`) names it: `any` for TLS 1.3 suites, else the
+    /// part before `_WITH_` (`ecdhe_rsa`).
+    pub fn key_exchange(&self) -> String {
+        match self.cipher.split_once("_WITH_") {
+            Some((kx, _)) => kx.trim_start_matches("TLS_").to_ascii_lowercase(),
+            None => "any".into(),
+        }
+    }
+
+    /// The suite's MAC as Erlang's `ssl` (so RabbitMQ's `ssl_hash`) names
+    /// it: `aead` for AEAD ciphers (GCM, CCM, ChaCha20-Poly1305), else the
+    /// hash at its end (`sha384`).
+    pub fn hash(&self) -> String {
+        let c = &self.cipher;
+        if ["GCM", "CCM", "POLY1305"].iter().any(|a| c.contains(a)) {
+            return "aead".into();
+        }
+        c.rsplit('_')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    }
+}
+
 /// Connections and channels opened and closed since start (RabbitMQ's
 /// churn rates), and queues' (which the vhosts count into).
 #[derive(Debug, Default)]
@@ -323,9 +349,9 @@ pub struct ChannelStats {
     pub confirm: std::sync::atomic::AtomicBool,
     pub transactional: std::sync::atomic::AtomicBool,
     pub unacked: AtomicU64,
-    /// Publishes in confirm mode not acked or nacked yet (kept by the
-    /// session's confirm state, which holds a clone).
-    pub unconfirmed: Arc<AtomicU64>,
+    /// Publishes in confirm mode not acked or nacked yet, and those acked
+    /// (kept by the session's confirm state, which holds a clone).
+    pub confirms: Arc<ConfirmGauges>,
     /// Publishes and acks held by an open transaction.
     pub uncommitted: AtomicU64,
     pub acks_uncommitted: AtomicU64,
@@ -341,7 +367,55 @@ pub struct ChannelStats {
     pub drop_unroutable: AtomicU64,
 }
 
+/// A channel's confirm figures, kept by its session's confirm state.
+#[derive(Debug, Default)]
+pub struct ConfirmGauges {
+    /// Publishes not acked or nacked yet (`messages_unconfirmed`).
+    pub unconfirmed: AtomicU64,
+    /// Publishes acked (`message_stats.confirm`).
+    pub confirmed: AtomicU64,
+}
+
+/// The names of a channel's `message_stats` counts, in the order of
+/// [`ChannelStats::counts`].
+pub const CHANNEL_COUNTS: [&str; 12] = [
+    "publish",
+    "confirm",
+    "return_unroutable",
+    "drop_unroutable",
+    "deliver",
+    "deliver_no_ack",
+    "get",
+    "get_no_ack",
+    "get_empty",
+    "deliver_get",
+    "redeliver",
+    "ack",
+];
+
 impl ChannelStats {
+    /// The channel's message counts, named by [`CHANNEL_COUNTS`]
+    /// (`deliver_get`: every message delivered or got).
+    pub fn counts(&self) -> [u64; 12] {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (deliver, deliver_no_ack) = (get(&self.deliver), get(&self.deliver_no_ack));
+        let (got, got_no_ack) = (get(&self.get), get(&self.get_no_ack));
+        [
+            get(&self.publish),
+            get(&self.confirms.confirmed),
+            get(&self.return_unroutable),
+            get(&self.drop_unroutable),
+            deliver,
+            deliver_no_ack,
+            got,
+            got_no_ack,
+            get(&self.get_empty),
+            deliver + deliver_no_ack + got + got_no_ack,
+            get(&self.redeliver),
+            get(&self.ack),
+        ]
+    }
+
     /// A delivery to a consumer.
     #[inline]
     pub fn count_deliver(&self, no_ack: bool, redelivered: bool) {

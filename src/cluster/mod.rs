@@ -81,6 +81,10 @@ openraft::declare_raft_types!(
 /// not running.
 const PING_EVERY: Duration = Duration::from_millis(250);
 
+/// A member not heard from by the probes for this long is taken for down
+/// (`running: false` in [`Cluster::members`]).
+pub const DOWN_AFTER: Duration = Duration::from_millis(PING_EVERY.as_millis() as u64 * 4);
+
 /// The default inter-node port (RabbitMQ's distribution port).
 pub const DEFAULT_PORT: u16 = 25672;
 
@@ -703,7 +707,7 @@ impl Cluster {
         let membership = m.membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let seen = self.seen.lock();
-        let fresh = |id: &u64| seen.get(id).is_some_and(|at| at.elapsed() < PING_EVERY * 4);
+        let fresh = |id: &u64| seen.get(id).is_some_and(|at| at.elapsed() < DOWN_AFTER);
         membership
             .nodes()
             .map(|(id, n)| Member {
@@ -784,10 +788,23 @@ impl Cluster {
     }
 
     /// This node's answer to a stats request.
+    /// With its node figures, the members this node cannot reach
+    /// (`unreachable`: the asker's `partitions` come from these).
     fn local_stats(&self, query: &serde_json::Value) -> Result<serde_json::Value, String> {
         let f = self.stats.read().clone();
-        f.map(|f| f(query))
-            .ok_or_else(|| "this node has no management API to answer".to_string())
+        let mut answer = f
+            .map(|f| f(query))
+            .ok_or_else(|| "this node has no management API to answer".to_string())?;
+        if let Some(node) = answer.get_mut("node").and_then(|n| n.as_object_mut()) {
+            node.insert("unreachable".into(), self.unreachable().into());
+        }
+        Ok(answer)
+    }
+
+    /// The members this node's probes do not reach now.
+    pub fn unreachable(&self) -> Vec<String> {
+        let members = self.members().into_iter();
+        members.filter(|m| !m.running).map(|m| m.name).collect()
     }
 
     /// Ask every other member (all at once, each on a connection of its own,

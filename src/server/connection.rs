@@ -692,7 +692,7 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             Event::ChannelOpened { channel } => {
                 if let Some(stats) = self.broker.channel_opened(self.id, channel) {
                     if let Some((data, io)) = self.session.channel(channel) {
-                        io.confirms.set_gauge(Arc::clone(&stats.unconfirmed));
+                        io.confirms.set_gauge(Arc::clone(&stats.confirms));
                         data.set_stats(stats);
                     }
                 }

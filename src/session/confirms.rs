@@ -3,10 +3,11 @@
 //! store's flush (a failed flush closes the connection with 541 instead).
 
 use super::output::Output;
+use crate::broker::ConfirmGauges;
 use crate::error::AmqpError;
 use crate::wire::{BasicAck, BasicNack};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// What the broker did with one publish on a channel in confirm mode.
@@ -43,9 +44,10 @@ pub struct Confirms {
     /// confirms queue behind it so `multiple` acks never cover an unflushed message.
     inflight: usize,
     /// Publishes not acked or nacked yet, and where the channel's figures
-    /// want that number (`messages_unconfirmed`), if anywhere.
+    /// want that number (`messages_unconfirmed`) and the count of those
+    /// acked, if anywhere.
     unconfirmed: u64,
-    gauge: Option<Arc<AtomicU64>>,
+    gauge: Option<Arc<ConfirmGauges>>,
 }
 
 impl Default for Confirms {
@@ -89,9 +91,10 @@ impl Confirms {
         self.enabled = true;
     }
 
-    /// Keep `gauge` at the number of publishes not confirmed yet.
-    pub fn set_gauge(&mut self, gauge: Arc<AtomicU64>) {
-        gauge.store(self.unconfirmed, Ordering::Relaxed);
+    /// Keep `gauge` at the number of publishes not confirmed yet, and
+    /// count the confirms there.
+    pub fn set_gauge(&mut self, gauge: Arc<ConfirmGauges>) {
+        gauge.unconfirmed.store(self.unconfirmed, Ordering::Relaxed);
         self.gauge = Some(gauge);
     }
 
@@ -99,7 +102,7 @@ impl Confirms {
     fn unconfirmed_by(&mut self, more: u64, answered: u64) {
         self.unconfirmed = (self.unconfirmed + more).saturating_sub(answered);
         if let Some(g) = &self.gauge {
-            g.store(self.unconfirmed, Ordering::Relaxed);
+            g.unconfirmed.store(self.unconfirmed, Ordering::Relaxed);
         }
     }
 
@@ -226,6 +229,10 @@ impl Confirms {
     /// Ack publishes `first..=last`.
     fn acked(&mut self, out: &mut Output, channel: u16, range: (u64, u64)) {
         self.unconfirmed_by(0, range.1 + 1 - range.0);
+        if let Some(g) = &self.gauge {
+            g.confirmed
+                .fetch_add(range.1 + 1 - range.0, Ordering::Relaxed);
+        }
         ack(out, channel, range);
     }
 
@@ -244,8 +251,10 @@ mod tests {
         let (mut out, mut waits) = (Output::new(4096), VecDeque::new());
         let mut c = Confirms::default();
         c.enable();
-        let gauge = Arc::new(AtomicU64::new(99));
-        c.set_gauge(Arc::clone(&gauge));
+        let gauges = Arc::new(ConfirmGauges::default());
+        gauges.unconfirmed.store(99, Ordering::Relaxed);
+        c.set_gauge(Arc::clone(&gauges));
+        let gauge = &gauges.unconfirmed;
         assert_eq!(gauge.load(Ordering::Relaxed), 0);
         let immediate = Outcome::Accepted { durable: false };
         for _ in 0..3 {
@@ -267,5 +276,10 @@ mod tests {
         c.published(1, Outcome::Rejected, &mut out, &mut waits);
         assert_eq!(gauge.load(Ordering::Relaxed), 0, "nacked at once");
         assert_eq!(out.take_confirmed(), 5);
+        assert_eq!(
+            gauges.confirmed.load(Ordering::Relaxed),
+            5,
+            "acked, not nacked"
+        );
     }
 }

@@ -556,3 +556,105 @@ async fn a_users_connections_are_listed_and_closed_together() {
     })
     .await;
 }
+
+/// `%`-encode a name for a path.
+fn enc_path(name: &str) -> String {
+    name.bytes()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                (c as char).to_string()
+            } else {
+                format!("%{c:02X}")
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_rates_confirms_idle_since_and_consumers_as_rabbitmq_shows_them() {
+    use futures::StreamExt;
+    let b = start_with(|c| c.admin_sample_interval_secs = 1).await;
+    let conn = b.amqp("guest", "guest", "/").await.unwrap();
+    let ch = t(conn.create_channel()).await.unwrap();
+    t(ch.queue_declare("rq", QueueDeclareOptions::default(), FieldTable::default()))
+        .await
+        .unwrap();
+    t(ch.confirm_select(ConfirmSelectOptions::default()))
+        .await
+        .unwrap();
+    // Publish until a sample has seen the channel's counts move.
+    let mut published = 0;
+    let busy = loop {
+        for _ in 0..50 {
+            t(ch.basic_publish(
+                "",
+                "rq",
+                BasicPublishOptions::default(),
+                b"m",
+                BasicProperties::default(),
+            ))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+            published += 1;
+        }
+        let c = channel(&b, 1, |_| true).await;
+        if c["message_stats"]["publish_details"]["rate"].as_f64() > Some(0.0) {
+            break c;
+        }
+        assert!(published < 100_000, "no publish rate: {c:#}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let ms = &busy["message_stats"];
+    assert!(
+        ms["confirm"].as_u64() >= Some(50),
+        "confirms counted: {busy:#}"
+    );
+    assert!(
+        ms["confirm_details"]["rate"].as_f64() > Some(0.0),
+        "{busy:#}"
+    );
+    assert!(busy.get("idle_since").is_none(), "busy: {busy:#}");
+    assert_eq!(busy["user_who_performed_action"], "guest");
+    // Stopped: a later sample sees nothing move, and the channel is idle
+    // since then; every confirm was counted.
+    let idle = channel(&b, 1, |c| c.get("idle_since").is_some()).await;
+    assert_eq!(idle["message_stats"]["publish"], published);
+    assert_eq!(idle["message_stats"]["confirm"], published);
+    assert_eq!(idle["message_stats"]["publish_details"]["rate"], 0.0);
+    let since = idle["idle_since"].as_str().expect("a time");
+    assert!(since.ends_with("+00:00") && since.contains('T'), "{since}");
+
+    // One channel's page lists its consumers.
+    let consuming = t(conn.create_channel()).await.unwrap();
+    let mut consumer = t(consuming.basic_consume(
+        "rq",
+        "rc",
+        BasicConsumeOptions::default(),
+        FieldTable::default(),
+    ))
+    .await
+    .unwrap();
+    t(consumer.next()).await.unwrap().unwrap();
+    let name = channel(&b, consuming.id(), |c| c["consumer_count"] == 1).await["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    let one = b.get(&format!("/api/channels/{}", enc_path(&name))).await;
+    let consumers = one["consumer_details"].as_array().expect("consumers");
+    assert_eq!(consumers.len(), 1, "{one:#}");
+    assert_eq!(consumers[0]["consumer_tag"], "rc");
+    assert_eq!(consumers[0]["queue"]["name"], "rq");
+    // Per exchange / per queue figures: RabbitMQ's `basic` rates mode
+    // keeps none.
+    assert_eq!(one["publishes"], json!([]));
+    assert_eq!(one["deliveries"], json!([]));
+    let publisher = b
+        .get(&format!(
+            "/api/channels/{}",
+            enc_path(idle["name"].as_str().expect("name"))
+        ))
+        .await;
+    assert_eq!(publisher["consumer_details"], json!([]), "{publisher:#}");
+}

@@ -18,6 +18,11 @@ pub(crate) struct Broker {
 }
 
 pub(crate) async fn start() -> Broker {
+    start_with(|_| {}).await
+}
+
+/// [`start`] with `f`'s changes to the configuration.
+pub(crate) async fn start_with(f: impl FnOnce(&mut warren::Config)) -> Broker {
     let dir = std::env::temp_dir().join(format!(
         "warren-admin-test-{}-{}",
         std::process::id(),
@@ -25,6 +30,7 @@ pub(crate) async fn start() -> Broker {
     ));
     let mut config = warren::Config::for_tests(dir);
     config.admin_enabled = true;
+    f(&mut config);
     let w = warren::start(config).await.expect("broker starts");
     let admin = w.admin_addr().expect("admin enabled");
     Broker {

@@ -63,6 +63,36 @@ async fn overview_nodes_whoami_health() {
     );
     let node = nodes[0]["name"].as_str().unwrap().to_string();
     assert_eq!(b.get(&format!("/api/nodes/{node}")).await["name"], node);
+    // RabbitMQ's other node figures: alone, no partitions; the data
+    // directory; the management listener; the rates of the gauges.
+    let n = &nodes[0];
+    assert_eq!(n["partitions"], json!([]), "{n:#}");
+    assert!(
+        n.get("unreachable").is_none(),
+        "internal field shown: {n:#}"
+    );
+    assert!(n["net_ticktime"].as_u64() >= Some(1), "{n:#}");
+    assert!(n["context_switches"].as_u64() > Some(0), "{n:#}");
+    assert!(n["run_queue"].is_u64(), "{n:#}");
+    assert_eq!(n["rates_mode"], "basic");
+    assert!(
+        n["db_dir"]
+            .as_str()
+            .is_some_and(|d| d.contains("warren-admin-test")),
+        "{n:#}"
+    );
+    let port = b.base.rsplit(':').next().expect("port").to_string();
+    assert_eq!(n["contexts"][0]["port"], port.as_str(), "{n:#}");
+    assert!(n["disk_free_details"]["rate"].is_number(), "{n:#}");
+    assert!(n["connection_created_details"]["rate"].is_number(), "{n:#}");
+    let o = b.get("/api/overview").await;
+    assert_eq!(o["contexts"][0]["node"], node.as_str(), "{o:#}");
+    assert_eq!(o["sample_retention_policies"]["basic"], json!([600, 3600]));
+    assert!(
+        o["churn_rates"]["queue_declared_details"]["rate"].is_number(),
+        "{o:#}"
+    );
+    assert_eq!(o["churn_rates"]["queue_declared"], 1);
     let me = b.get("/api/whoami").await;
     assert_eq!(me["name"], "guest");
     assert_eq!(me["tags"], json!(["administrator"]));

@@ -74,6 +74,8 @@ async fn persistent_counts_and_head_timestamp_follow_the_messages() {
     }
     let q = b.get("/api/queues/%2F/pq").await;
     assert_eq!(q["messages"], 3);
+    // RabbitMQ's `basic` rates mode keeps no per channel figures.
+    assert_eq!((&q["incoming"], &q["deliveries"]), (&json!([]), &json!([])));
     assert_eq!(q["messages_persistent"], 2, "{q}");
     assert_eq!(q["message_bytes_persistent"], 14);
     assert_eq!(q["head_message_timestamp"], 1_700_000_000);
