@@ -62,7 +62,7 @@ const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"last_purged";
 /// The state machine's base: the whole model as of a log index ([`Applied`]),
 /// written at each snapshot (and install), not at every apply.
-const SM: &[u8] = b"state_machine";
+pub(crate) const SM: &[u8] = b"state_machine";
 /// What the state machine applied since its base ([`Tail`]), written after
 /// every batch it applies.
 const SM_TAIL: &[u8] = b"state_machine_tail";
