@@ -238,8 +238,10 @@ pub struct Pool {
     idle: parking_lot::Mutex<std::collections::HashMap<String, Vec<Conn>>>,
 }
 
-/// Idle pooled connections kept per peer.
-pub const POOL_IDLE_MAX: usize = 16;
+/// Idle pooled connections kept per peer: room for the RPCs in flight to
+/// a node when hundreds of groups heartbeat it (a call that finds none idle
+/// dials, and one returned to a full pool is closed).
+pub const POOL_IDLE_MAX: usize = 64;
 
 impl Pool {
     fn take(&self, addr: &str) -> Option<Conn> {
@@ -327,7 +329,12 @@ impl Peer {
             Ok(bytes) => Ok(super::codec::decode(&bytes)?),
             Err(e) => {
                 self.conn = None;
-                if self.pooled {
+                // A call that failed on its connection: the others to
+                // that peer most likely share its fate. One that only took
+                // too long (the peer busy) says nothing of them: dropping
+                // them all made every next call dial, and under load the
+                // dials timed out in turn.
+                if self.pooled && !matches!(e, CallError::Timeout) {
                     self.ident.pool.clear(&self.addr);
                 }
                 Err(e)

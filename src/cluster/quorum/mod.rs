@@ -107,6 +107,9 @@ pub struct Manager {
     publishers: Mutex<HashMap<String, HashMap<String, Arc<publisher::Publisher>>>>,
 }
 
+/// How long an RPC for a member still starting here waits for it.
+const STARTING_WAIT: Duration = Duration::from_millis(500);
+
 /// How often the value files no log entry or snapshot names any more are
 /// looked for (a file goes at the second look that finds it unnamed).
 const COLLECT_EVERY: Duration = Duration::from_secs(30);
@@ -578,12 +581,25 @@ impl Manager {
     pub async fn handle(&self, payload: &[u8]) -> Result<serde_json::Value, String> {
         let req: network::GroupRpc =
             crate::cluster::codec::decode(payload).map_err(|e| e.to_string())?;
-        let group = self
-            .group(&req.group)
-            .ok_or_else(|| format!("no quorum group '{}' here", req.group))?;
-        let raft = group
-            .raft()
-            .ok_or_else(|| format!("quorum group '{}' not started", req.group))?;
+        // A member not started yet (this node has not applied the
+        // declaration, or its Raft is being opened: the declaring node's
+        // first vote request often comes that soon) answers once it runs,
+        // rather than failing the election for a whole round.
+        let until = tokio::time::Instant::now() + STARTING_WAIT;
+        let (group, raft) = loop {
+            let group = self.group(&req.group);
+            let raft = group.as_ref().and_then(|g| g.raft());
+            match (group, raft) {
+                (Some(g), Some(r)) => break (g, r),
+                (group, _) if tokio::time::Instant::now() >= until => {
+                    return Err(match group {
+                        None => format!("no quorum group '{}' here", req.group),
+                        Some(_) => format!("quorum group '{}' not started", req.group),
+                    });
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
         let v = match req.rpc {
             network::Rpc::Append(r) => {
                 let resp = raft.append_entries(r).await;
