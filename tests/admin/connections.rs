@@ -314,17 +314,7 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
     assert_eq!(c["message_stats"]["publish"], 1, "{c}");
 
     // One channel by name, a connection's channels, a vhost's channels.
-    let enc = |name: &str| -> String {
-        name.bytes()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    (c as char).to_string()
-                } else {
-                    format!("%{c:02X}")
-                }
-            })
-            .collect()
-    };
+    let enc = enc_path;
     let name = c["name"].as_str().expect("name").to_string();
     let one = b.get(&format!("/api/channels/{}", enc(&name))).await;
     assert_eq!(one["number"], n, "{one}");
