@@ -253,7 +253,7 @@ struct Shared {
     appended: AtomicU64,
     /// The `appended` value whose writes are all fsynced.
     synced: AtomicU64,
-    waiters: Mutex<Vec<(u64, Callback)>>,
+    waiters: Mutex<Waiters>,
     /// Message bytes appended and not yet taken by the flusher (all streams).
     pending_bytes: AtomicU64,
     /// Notified when the flusher takes buffers (room for more).
@@ -261,6 +261,16 @@ struct Shared {
     /// A publisher appended before its earlier messages were confirmed
     /// since the flusher last took the buffers ([`Linger`]).
     pipelined: std::sync::atomic::AtomicBool,
+}
+
+/// The callbacks of [`StreamStore::on_durable`] that wait for an fsync.
+#[derive(Default)]
+struct Waiters {
+    /// In the order they came, each with the `appended` value it waits for.
+    list: Vec<(u64, Callback)>,
+    /// The flusher is calling callbacks it took from `list`: a later one
+    /// must not run before them ([`answer_waiters`]).
+    draining: bool,
 }
 
 /// Past this many buffered bytes, producers wait ([`StreamStore::ready`]).
@@ -282,7 +292,7 @@ impl StreamStore {
             wake: Condvar::new(),
             appended: AtomicU64::new(0),
             synced: AtomicU64::new(0),
-            waiters: Mutex::new(Vec::new()),
+            waiters: Mutex::new(Waiters::default()),
             pending_bytes: AtomicU64::new(0),
             room: tokio::sync::Notify::new(),
             pipelined: std::sync::atomic::AtomicBool::new(false),
@@ -325,18 +335,19 @@ impl StreamStore {
 
     /// Call `f` once everything appended to any stream before this call is
     /// fsynced (at once if nothing waits).
+    /// Callbacks run in the order of their calls: one is run at once only
+    /// when no earlier one waits or is being run (a publisher's confirms,
+    /// forwarded from another node one request after the other, came out of
+    /// order when a later request found its data synced while the flusher
+    /// had yet to answer an earlier one).
     pub fn on_durable(&self, f: Callback) {
         let target = self.shared.appended.load(Ordering::SeqCst);
-        if self.shared.synced.load(Ordering::SeqCst) >= target {
-            return f(Ok(()));
-        }
         let mut w = self.shared.waiters.lock();
-        // The flusher may have caught up meanwhile (it drains under this lock).
-        if self.shared.synced.load(Ordering::SeqCst) >= target {
+        if self.shared.synced.load(Ordering::SeqCst) >= target && w.list.is_empty() && !w.draining {
             drop(w);
             return f(Ok(()));
         }
-        w.push((target, f));
+        w.list.push((target, f));
     }
 
     /// Bytes appended to the streams and not yet written out (their write
@@ -1642,16 +1653,32 @@ fn flusher(shared: Arc<Shared>) {
             }
         }
         shared.synced.fetch_max(target, Ordering::SeqCst);
+        answer_waiters(&shared, failed.as_ref());
+    }
+}
+
+/// Run, in order, the [`StreamStore::on_durable`] callbacks whose writes are
+/// synced now (with `failed`, the error of the round that synced them), and
+/// those that come meanwhile already synced, until none is left (marked
+/// `draining` while the callbacks run outside the lock, so that no later
+/// one runs ahead of them).
+fn answer_waiters(shared: &Shared, failed: Option<&StreamError>) {
+    loop {
         let due: Vec<(u64, Callback)> = {
             let mut w = shared.waiters.lock();
-            let (due, keep) = std::mem::take(&mut *w)
+            let synced = shared.synced.load(Ordering::SeqCst);
+            let (due, keep) = std::mem::take(&mut w.list)
                 .into_iter()
-                .partition(|(t, _)| *t <= target);
-            *w = keep;
+                .partition(|(t, _)| *t <= synced);
+            w.list = keep;
+            w.draining = !due.is_empty();
             due
         };
+        if due.is_empty() {
+            return;
+        }
         for (_, f) in due {
-            f(match &failed {
+            f(match failed {
                 None => Ok(()),
                 Some(e) => Err(e.clone()),
             });

@@ -1067,3 +1067,37 @@ fn next_and_last_count_messages_appended_and_not_yet_written() {
     assert_eq!(c.first_offset, 4);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn durable_callbacks_run_in_the_order_of_their_calls() {
+    let dir = tmp("order");
+    let store = StreamStore::open(&dir).expect("open");
+    let order = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let note = |n: u32| -> Callback {
+        let order = Arc::clone(&order);
+        Box::new(move |r| {
+            assert!(r.is_ok());
+            order.lock().push(n);
+        })
+    };
+    // Nothing waits: at once.
+    store.on_durable(note(0));
+    assert_eq!(*order.lock(), [0]);
+    // 1 waits for a write not synced yet ...
+    let shared = &store.shared;
+    shared.appended.fetch_add(1, Ordering::SeqCst);
+    store.on_durable(note(1));
+    // ... which the flusher has synced but not answered 1 for: 2 finds its
+    // data synced and must still come after 1.
+    shared
+        .synced
+        .fetch_max(shared.appended.load(Ordering::SeqCst), Ordering::SeqCst);
+    store.on_durable(note(2));
+    assert_eq!(*order.lock(), [0], "waits behind 1");
+    answer_waiters(shared, None);
+    assert_eq!(*order.lock(), [0, 1, 2]);
+    store.on_durable(note(3));
+    assert_eq!(*order.lock(), [0, 1, 2, 3], "none waits: at once again");
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
