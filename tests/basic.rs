@@ -218,16 +218,7 @@ async fn unknown_delivery_tag_ack_is_precondition_failed() {
     assert!(conn.status().connected());
     // Only the channel was closed: the connection still works.
     let other = t(conn.create_channel()).await.unwrap();
-    t(other.queue_declare(
-        "",
-        QueueDeclareOptions {
-            exclusive: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    ))
-    .await
-    .unwrap();
+    temp_queue(&other, "after-406").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

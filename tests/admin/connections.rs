@@ -242,17 +242,7 @@ async fn channels_show_prefetch_modes_unacked_uncommitted_and_message_stats() {
         .await
         .unwrap();
     for _ in 0..3 {
-        t(ch.basic_publish(
-            "",
-            "chq",
-            BasicPublishOptions::default(),
-            b"m",
-            BasicProperties::default(),
-        ))
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        publish_confirmed(&ch, "chq").await;
     }
     t(ch.basic_publish(
         "",
@@ -547,6 +537,21 @@ async fn a_users_connections_are_listed_and_closed_together() {
     .await;
 }
 
+/// Publish `m` to `queue` on a confirming channel and wait for its confirm.
+async fn publish_confirmed(ch: &lapin::Channel, queue: &str) {
+    t(ch.basic_publish(
+        "",
+        queue,
+        BasicPublishOptions::default(),
+        b"m",
+        BasicProperties::default(),
+    ))
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
 /// `%`-encode a name for a path.
 fn enc_path(name: &str) -> String {
     name.bytes()
@@ -576,17 +581,7 @@ async fn channel_rates_confirms_idle_since_and_consumers_as_rabbitmq_shows_them(
     let mut published = 0;
     let busy = loop {
         for _ in 0..50 {
-            t(ch.basic_publish(
-                "",
-                "rq",
-                BasicPublishOptions::default(),
-                b"m",
-                BasicProperties::default(),
-            ))
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+            publish_confirmed(&ch, "rq").await;
             published += 1;
         }
         let c = channel(&b, 1, |_| true).await;
