@@ -83,7 +83,7 @@ const PING_EVERY: Duration = Duration::from_millis(250);
 
 /// A member not heard from by the probes for this long is taken for down
 /// (`running: false` in [`Cluster::members`]).
-pub const DOWN_AFTER: Duration = Duration::from_millis(PING_EVERY.as_millis() as u64 * 4);
+pub const DOWN_AFTER: Duration = PING_EVERY.saturating_mul(4);
 
 /// The default inter-node port (RabbitMQ's distribution port).
 pub const DEFAULT_PORT: u16 = 25672;

@@ -563,7 +563,6 @@ pub fn is_quorum(arguments: &super::command::Args) -> bool {
         .is_some_and(|t| t == "quorum")
 }
 
-/// The quorum queue declarations in `cmd` (a batch's too).
 /// The quorum records `cmd` may change (the queue it names; a vhost's,
 /// deleting it), as they are before it is applied: what
 /// [`StateMachine::quorum_after`] compares with (a copy of every record per
@@ -602,6 +601,7 @@ fn quorum_before(
     }
 }
 
+/// The quorum queue declarations in `cmd` (a batch's too).
 fn quorum_declares(cmd: &Command, out: &mut Vec<(String, String, String, usize)>) {
     match cmd {
         Command::DeclareQueue {
