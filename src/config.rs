@@ -203,6 +203,11 @@ pub struct StreamConfig {
     /// TCP sockets (`sendfile(2)`, as osiris does) instead of reading them
     /// into memory first (TLS connections always read). Default on.
     pub sendfile: bool,
+    /// Consecutive stored chunks written within this many milliseconds of
+    /// the first are delivered to a Stream-protocol consumer as one chunk
+    /// (one credit, one frame; up to 1 MiB of data and the frame-max), its
+    /// timestamp the newest of theirs. 0: each stored chunk as it is.
+    pub deliver_merge_ms: u32,
 }
 
 /// `stream.listeners.*`.
@@ -229,6 +234,7 @@ impl Default for StreamConfig {
             frame_max: 1_048_576,
             heartbeat: 60,
             sendfile: true,
+            deliver_merge_ms: 10,
         }
     }
 }

@@ -1183,14 +1183,18 @@ fn stored_deliveries(dir: &std::path::Path) -> Vec<Vec<u8>> {
     out
 }
 
-/// Deliveries are the stored chunks byte for byte, across segment files and
-/// to many consumers at once, with chunk data sent by `sendfile(2)` (`on`) or
-/// read then written.
-async fn deliveries_are_the_stored_chunks(sendfile: bool) {
+/// Deliveries are the stored chunks byte for byte (`merge_ms` 0), or
+/// (`merge_ms` > 0) stored chunks written close together merged into fewer
+/// delivered ones that hold the same entries, each with its records'
+/// count, first offset and data CRC; across segment files and to many
+/// consumers at once, with chunk data sent by `sendfile(2)` (`on`) or read
+/// then written.
+async fn deliveries_are_the_stored_chunks(sendfile: bool, merge_ms: u32) {
     let dir = std::env::temp_dir().join(uniq(&format!("warren-sendfile-{sendfile}")));
     let mut config = warren::Config::for_tests(&dir);
     config.admin_enabled = false;
     config.stream.sendfile = sendfile;
+    config.stream.deliver_merge_ms = merge_ms;
     let w = warren::start(config).await.expect("broker starts");
     let addr = w.stream_addr().expect("stream");
     let mut p = raw_open(addr).await;
@@ -1255,17 +1259,45 @@ async fn deliveries_are_the_stored_chunks(sendfile: bool) {
             }
         }));
     }
+    // A Deliver frame's first offset, records and data (after its header).
+    let parts = |f: &[u8]| {
+        let u64_at = |i: usize| u64::from_be_bytes(f[i..i + 8].try_into().expect("8"));
+        let u32_at = |i: usize| u32::from_be_bytes(f[i..i + 4].try_into().expect("4"));
+        let data = f[53..].to_vec();
+        assert_eq!(u32_at(5 + 36) as usize, data.len(), "data length");
+        assert_eq!(u32_at(5 + 32), crc32fast::hash(&data), "data CRC");
+        (u64_at(5 + 24), u64::from(u32_at(5 + 4)), data)
+    };
     for task in tasks {
         let got = t(task).await.expect("consumer");
-        assert_eq!(got.len(), want.len(), "one deliver per stored chunk");
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert!(
-                g == w,
-                "chunk {i} differs ({} vs {} bytes)",
-                g.len(),
-                w.len()
-            );
+        if merge_ms == 0 {
+            assert_eq!(got.len(), want.len(), "one deliver per stored chunk");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    g == w,
+                    "chunk {i} differs ({} vs {} bytes)",
+                    g.len(),
+                    w.len()
+                );
+            }
+            continue;
         }
+        assert!(
+            got.len() < want.len(),
+            "{} delivers for {} stored chunks",
+            got.len(),
+            want.len()
+        );
+        let (mut next, mut data) = (0u64, Vec::new());
+        for f in &got {
+            let (first, records, d) = parts(f);
+            assert_eq!(first, next, "delivered chunks follow each other");
+            next += records;
+            data.extend_from_slice(&d);
+        }
+        let stored: Vec<u8> = want.iter().flat_map(|f| parts(f).2).collect();
+        assert_eq!(next, total);
+        assert!(data == stored, "the same entries");
     }
     drop(w);
     let _ = std::fs::remove_dir_all(&dir);
@@ -1273,10 +1305,20 @@ async fn deliveries_are_the_stored_chunks(sendfile: bool) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sendfile_deliveries_are_the_stored_chunks() {
-    deliveries_are_the_stored_chunks(true).await;
+    deliveries_are_the_stored_chunks(true, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sendfile_deliveries_merge_stored_chunks_written_close_together() {
+    deliveries_are_the_stored_chunks(true, 60_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_deliveries_merge_stored_chunks_written_close_together() {
+    deliveries_are_the_stored_chunks(false, 60_000).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn read_deliveries_are_the_stored_chunks() {
-    deliveries_are_the_stored_chunks(false).await;
+    deliveries_are_the_stored_chunks(false, 0).await;
 }

@@ -18,9 +18,11 @@ use tokio::io::AsyncWriteExt;
 
 use common::stream::{self, expect, frame, raw_open, read_frame, request, s16, t};
 
-/// One broker for the whole file: (AMQP, stream) addresses.
+/// One broker for the whole file: (AMQP, stream) addresses. Stored chunks
+/// are delivered as stored (not merged with the ones written right after
+/// them): the test reads the layout they were written in.
 fn broker() -> (SocketAddr, SocketAddr) {
-    stream::shared_broker("stream-subentry")
+    stream::shared_broker_with("stream-subentry", |c| c.stream.deliver_merge_ms = 0)
 }
 
 /// An AMQP 1.0 message of one data section.

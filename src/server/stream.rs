@@ -556,6 +556,7 @@ async fn serve<S: Sink>(
             (u, pass)
         }),
         clustered: cluster.is_some(),
+        deliver_merge_ms: config.stream.deliver_merge_ms,
     };
     let (sac_tx, mut sac_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = broker.next_connection_id();

@@ -42,8 +42,10 @@ use crate::broker::{Broker, LoginError};
 use crate::session::handshake::{self, EXTERNAL};
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
 use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
+use crate::storage::stream::chunk::{Header, Merged, HEADER_LEN};
 use crate::storage::stream::{
-    BatchLimits, BatchRead, ChunkSpan, FileSpan, NewMessage, StreamError, StreamLog, StreamReader,
+    BatchLimits, BatchRead, ChunkSpan, FileSpan, MergeLimits, NewMessage, StreamError, StreamLog,
+    StreamReader,
 };
 use crate::wire::stream::{
     check_frame, code, key, request, response, FrameError, OffsetSpec, Published, Request,
@@ -76,6 +78,9 @@ pub struct StreamSettings {
     /// report what they changed ([`StreamSession::held_change`]) and their
     /// response waits for the metadata group's commit.
     pub clustered: bool,
+    /// Stored chunks written within this many ms of each other go out as one
+    /// ([`chunk::Merged`]); 0: as stored.
+    pub deliver_merge_ms: u32,
 }
 
 /// One change of replicated metadata a request made in the local broker
@@ -489,6 +494,43 @@ impl Drop for Lent {
     fn drop(&mut self) {
         self.pool.put(std::mem::take(&mut self.buf));
     }
+}
+
+/// The most data one delivered chunk of merged stored ones carries.
+const MERGED_DATA_MAX: u32 = 1 << 20;
+
+/// The most data a delivered chunk of merged stored chunks may carry for
+/// its `Deliver` frame (of `version`) to fit `frame_max` (0: no limit).
+fn merged_data_max(frame_max: u32, version: u16) -> u32 {
+    let head = 4 + 4 + 1 + if version >= 2 { 8 } else { 0 } + HEADER_LEN as u32;
+    match frame_max {
+        0 => MERGED_DATA_MAX,
+        f => MERGED_DATA_MAX.min(f.saturating_sub(head)),
+    }
+}
+
+/// The header a delivered chunk is sent with: the stored one (`first_raw`,
+/// as stored) for a chunk alone, else the [`Merged`] header of the stored
+/// chunks (`headers`, in order) it is made of.
+fn delivered_header<'a>(
+    first_raw: &[u8; HEADER_LEN],
+    mut headers: impl Iterator<Item = &'a Header>,
+) -> ([u8; HEADER_LEN], Header) {
+    let Some(first) = headers.next() else {
+        return (*first_raw, Header::default());
+    };
+    let mut merged = Merged::new(first);
+    for h in headers {
+        merged.add(h);
+    }
+    if merged.parts == 1 {
+        return (*first_raw, merged.header);
+    }
+    let mut raw = [0u8; HEADER_LEN];
+    let mut b = BytesMut::with_capacity(HEADER_LEN);
+    merged.header.write(&mut b);
+    raw.copy_from_slice(&b);
+    (raw, merged.header)
 }
 
 /// How often the streams a connection uses are checked for deletion.
@@ -988,6 +1030,10 @@ impl StreamSession {
         self.next_read += 1;
         sub.reading = Some(token);
         let chunks = sub.credit as usize;
+        let merge = (self.settings.deliver_merge_ms > 0).then(|| MergeLimits {
+            data_len: merged_data_max(self.frame_max, self.deliver_version),
+            span_ms: i64::from(self.settings.deliver_merge_ms),
+        });
         // A credit's worth of chunks the size of the last one, within bounds.
         let bytes = sub
             .last_chunk_len
@@ -1003,6 +1049,7 @@ impl StreamSession {
                 chunks,
                 bytes,
                 cached_only: false,
+                merge,
             },
             filter: sub.filter.clone(),
             buf: self.read_bufs.take(),
@@ -1045,61 +1092,71 @@ impl StreamSession {
             .as_ref()
             .map_or(0, |r| *r.committed().borrow())
             .saturating_sub(1);
-        for span in files {
-            let head = span.raw_header;
-            let len = span.header.data_len as usize;
+        // Each run of spans joined to the one before goes out as one chunk.
+        let mut rest = &files[..];
+        while let Some(first) = rest.first() {
+            let n = 1 + rest[1..].iter().take_while(|s| s.joins).count();
+            let (group, after) = rest.split_at(n);
+            rest = after;
+            let (raw, header) =
+                delivered_header(&first.raw_header, group.iter().map(|s| &s.header));
+            let len = header.data_len as usize;
             response::deliver_head(
                 &mut self.out,
                 self.deliver_version,
                 id,
                 committed,
-                &head,
+                &raw,
                 len as u32,
             );
             let head = self.out.split().freeze();
             self.ready_bytes += head.len() + len;
             self.ready.push_back(Out::Bytes(head));
-            self.ready.push_back(Out::File {
-                file: span.file,
-                pos: span.data_pos,
-                len,
-            });
-            sub.last_chunk_len = span.header.total_len() as usize;
+            for span in group {
+                self.ready.push_back(Out::File {
+                    file: Arc::clone(&span.file),
+                    pos: span.data_pos,
+                    len: span.header.data_len as usize,
+                });
+            }
+            sub.last_chunk_len = header.total_len() as usize;
             sub.credit = sub.credit.saturating_sub(1);
-            sub.stats.delivered(
-                span.header.first_offset,
-                span.header.num_records,
-                sub.credit,
-            );
+            sub.stats
+                .delivered(header.first_offset, header.num_records, sub.credit);
         }
         if spans.is_empty() {
             pool.put(buf);
             return;
         }
         let lent = Bytes::from_owner(Lent { buf, pool });
-        for span in spans {
-            let mut head = [0u8; response::CHUNK_HEADER_LEN];
-            head.copy_from_slice(&lent[span.header_range()]);
-            let data = lent.slice(span.data_range());
+        let mut rest = &spans[..];
+        while let Some(first) = rest.first() {
+            let n = 1 + rest[1..].iter().take_while(|s| s.joins).count();
+            let (group, after) = rest.split_at(n);
+            rest = after;
+            let mut stored = [0u8; HEADER_LEN];
+            stored.copy_from_slice(&lent[first.header_range()]);
+            let (raw, header) = delivered_header(&stored, group.iter().map(|s| &s.header));
+            let len = header.data_len as usize;
             response::deliver_head(
                 &mut self.out,
                 self.deliver_version,
                 id,
                 committed,
-                &head,
-                data.len() as u32,
+                &raw,
+                len as u32,
             );
             let head = self.out.split().freeze();
-            self.ready_bytes += head.len() + data.len();
+            self.ready_bytes += head.len() + len;
             self.ready.push_back(Out::Bytes(head));
-            self.ready.push_back(Out::Bytes(data));
-            sub.last_chunk_len = span.header.total_len() as usize;
+            for span in group {
+                self.ready
+                    .push_back(Out::Bytes(lent.slice(span.data_range())));
+            }
+            sub.last_chunk_len = header.total_len() as usize;
             sub.credit = sub.credit.saturating_sub(1);
-            sub.stats.delivered(
-                span.header.first_offset,
-                span.header.num_records,
-                sub.credit,
-            );
+            sub.stats
+                .delivered(header.first_offset, header.num_records, sub.credit);
         }
     }
 
@@ -2567,6 +2624,7 @@ mod tests {
                 sac: Arc::default(),
                 anonymous: None,
                 clustered: false,
+                deliver_merge_ms: 10,
             },
             1,
             true,
@@ -2914,6 +2972,7 @@ mod tests {
                 sac: Arc::default(),
                 anonymous: None,
                 clustered,
+                deliver_merge_ms: 10,
             },
             1,
             true,
@@ -3186,6 +3245,111 @@ mod tests {
         let job = s.poll_read().expect("the first read");
         assert_eq!(job.id, 1);
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Three messages published a frame each at 100, 101 and 102 ms (each
+    /// stored as a chunk of its own), then a subscription from `first` with
+    /// one credit: the Deliver frames of its read (after their size).
+    fn deliveries(tag: &str, merge_ms: u32, zero_copy: bool) -> Vec<Vec<u8>> {
+        let (mut s, dir) = opened(tag, false);
+        s.settings.deliver_merge_ms = merge_ms;
+        s.set_zero_copy(zero_copy);
+        let declare = R::DeclarePublisher {
+            correlation_id: 11,
+            publisher_id: 0,
+            reference: None,
+            stream: "m".into(),
+        };
+        feed(&mut s, &[create(10, "m"), declare], 100);
+        for (i, body) in ["a", "bb", "ccc"].into_iter().enumerate() {
+            let publish = R::Publish {
+                version: 1,
+                publisher_id: 0,
+                messages: vec![Published {
+                    publishing_id: i as u64,
+                    filter_value: None,
+                    data: Bytes::from(body),
+                    sub_batch: None,
+                }],
+            };
+            feed(&mut s, &[publish], 100 + i as u64);
+            s.publishers[&0].log.wait_committed_blocking();
+        }
+        let subscribe = R::Subscribe {
+            correlation_id: 12,
+            subscription_id: 1,
+            stream: "m".into(),
+            offset: OffsetSpec::First,
+            credit: 1,
+            properties: vec![],
+        };
+        feed(&mut s, &[subscribe], 1_000);
+        let now = 1_000 + FIRST_DELIVERY_DELAY_MS;
+        s.handle_timeout(now);
+        let job = s.poll_read().expect("a read");
+        let done = match job.run_cached() {
+            Ok(done) => done,
+            Err(job) => job.run(),
+        };
+        s.handle_read(done);
+        let mut out = Vec::new();
+        while let Some(x) = s.poll_transmit(now) {
+            out.extend_from_slice(&x);
+        }
+        // The one credit is spent.
+        assert!(s.poll_read().is_none());
+        let mut delivers = Vec::new();
+        let mut i = 0;
+        while i + 4 <= out.len() {
+            let size = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
+            let f = &out[i + 4..i + 4 + size];
+            if u16::from_be_bytes([f[0], f[1]]) == key::DELIVER {
+                delivers.push(f.to_vec());
+            }
+            i += 4 + size;
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        delivers
+    }
+
+    /// A Deliver frame's chunk header and entries.
+    fn delivered(f: &[u8]) -> (Header, Vec<Bytes>) {
+        let version = u16::from_be_bytes([f[2], f[3]]);
+        let at = 5 + if version >= 2 { 8 } else { 0 };
+        let h = Header::parse(&f[at..]).expect("a chunk header");
+        let data = Bytes::copy_from_slice(&f[at + HEADER_LEN..]);
+        assert_eq!(data.len(), h.data_len as usize);
+        assert_eq!(h.crc, crc32fast::hash(&data), "the data's CRC");
+        let entries = crate::storage::stream::chunk::entries(data)
+            .map(|e| match e {
+                crate::storage::stream::chunk::Entry::Simple(b) => b,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        (h, entries)
+    }
+
+    #[test]
+    fn stored_chunks_written_close_together_go_out_as_one_for_a_credit() {
+        for zero_copy in [false, true] {
+            let f = deliveries("merged", 10, zero_copy);
+            assert_eq!(f.len(), 1, "one Deliver for the one credit");
+            let (h, entries) = delivered(&f[0]);
+            assert_eq!(entries, [&b"a"[..], b"bb", b"ccc"].map(Bytes::from_static));
+            assert_eq!((h.first_offset, h.num_entries, h.num_records), (0, 3, 3));
+            // The newest part's timestamp; no bloom filter or trailer.
+            assert_eq!((h.timestamp, h.bloom_len, h.trailer_len), (102, 0, 0));
+        }
+        // Merging off: the first stored chunk alone, as stored.
+        let f = deliveries("unmerged", 0, true);
+        assert_eq!(f.len(), 1);
+        let (h, entries) = delivered(&f[0]);
+        assert_eq!(entries, [Bytes::from_static(b"a")]);
+        assert_eq!((h.first_offset, h.num_records, h.timestamp), (0, 1, 100));
+        // Written further apart than the span: one at a time too.
+        let f = deliveries("apart", 1, false);
+        let (h, _) = delivered(&f[0]);
+        assert_eq!((h.num_records, h.timestamp), (2, 101));
     }
 
     #[test]

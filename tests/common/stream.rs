@@ -21,11 +21,20 @@ pub async fn t<F: std::future::Future>(f: F) -> F::Output {
 /// One broker for the whole test file, its data under `name`: (AMQP, stream)
 /// addresses. The first call starts it; later calls return its addresses.
 pub fn shared_broker(name: &str) -> (SocketAddr, SocketAddr) {
+    shared_broker_with(name, |_| {})
+}
+
+/// [`shared_broker`], its configuration changed by `set` first.
+pub fn shared_broker_with(
+    name: &str,
+    set: impl FnOnce(&mut warren::Config),
+) -> (SocketAddr, SocketAddr) {
     static ADDRS: std::sync::OnceLock<(SocketAddr, SocketAddr)> = std::sync::OnceLock::new();
     *ADDRS.get_or_init(|| {
         let dir = super::process::data_dir(name);
         let mut config = warren::Config::for_tests(dir);
         config.admin_enabled = false;
+        set(&mut config);
         super::spawn_broker(config, |w| {
             (w.amqp_addr(), w.stream_addr().expect("stream listener"))
         })

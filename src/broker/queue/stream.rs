@@ -232,6 +232,7 @@ async fn read_ahead(
         chunks: usize::MAX,
         bytes: READ_AHEAD,
         cached_only: true,
+        merge: None,
     };
     let r = match rd.read_batch(&mut buf, &mut spans, limits, &|_| true) {
         Ok(BatchRead::WouldBlock) => {

@@ -47,7 +47,7 @@ const TRK_SEQUENCE: u8 = 0;
 const TRK_OFFSET: u8 = 1;
 
 /// The fixed header of a chunk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Header {
     pub chunk_type: u8,
     pub num_entries: u16,
@@ -113,6 +113,81 @@ impl Header {
     /// The offset after this chunk's records.
     pub fn next_offset(&self) -> u64 {
         self.first_offset + u64::from(self.num_records)
+    }
+}
+
+/// What consecutive stored user chunks delivered as one may add up to
+/// ([`Merged`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeLimits {
+    /// Data bytes of the delivered chunk (its frame must fit the client's
+    /// frame-max).
+    pub data_len: u32,
+    /// How much newer than the first part's timestamp a part may be (the
+    /// delivered chunk carries the newest part's).
+    pub span_ms: i64,
+}
+
+/// Consecutive stored user chunks sent to a consumer as one chunk: a
+/// credit, a frame and a wake-up of the client for all of them. A consumer
+/// pays per chunk, and a stream written by a fast, bursty producer holds
+/// many small chunks; RabbitMQ's slower writer cuts larger ones. The
+/// delivered header is what a chunk written with all their entries would
+/// have: the first part's id and epoch, the sums of entries, records and
+/// data, the newest timestamp (every message was written by then), the
+/// data's CRC combined from the parts' (their data is not read), and no
+/// bloom filter or trailer (neither is sent). Pure.
+#[derive(Debug, Clone)]
+pub struct Merged {
+    pub header: Header,
+    /// Stored chunks in it.
+    pub parts: usize,
+    first_timestamp: i64,
+    crc: crc32fast::Hasher,
+}
+
+impl Merged {
+    pub fn new(first: &Header) -> Merged {
+        Merged {
+            header: *first,
+            parts: 1,
+            first_timestamp: first.timestamp,
+            crc: crc32fast::Hasher::new_with_initial_len(first.crc, u64::from(first.data_len)),
+        }
+    }
+
+    /// Whether `next`, the stored chunk read after the last part, may join:
+    /// a user chunk of the same epoch right after it (no offset between
+    /// them), within `limits` and the header's field widths.
+    pub fn fits(&self, next: &Header, limits: &MergeLimits) -> bool {
+        let h = &self.header;
+        next.chunk_type == TYPE_USER
+            && h.chunk_type == TYPE_USER
+            && next.epoch == h.epoch
+            && next.first_offset == h.next_offset()
+            && next.timestamp.saturating_sub(self.first_timestamp) <= limits.span_ms
+            && u32::from(h.num_entries) + u32::from(next.num_entries) <= u32::from(u16::MAX)
+            && h.num_records.checked_add(next.num_records).is_some()
+            && h.data_len
+                .checked_add(next.data_len)
+                .is_some_and(|d| d <= limits.data_len)
+    }
+
+    /// Add `next` (checked with [`fits`](Self::fits)).
+    pub fn add(&mut self, next: &Header) {
+        let h = &mut self.header;
+        h.num_entries = h.num_entries.saturating_add(next.num_entries);
+        h.num_records = h.num_records.saturating_add(next.num_records);
+        h.timestamp = h.timestamp.max(next.timestamp);
+        h.data_len = h.data_len.saturating_add(next.data_len);
+        h.trailer_len = 0;
+        h.bloom_len = 0;
+        self.crc.combine(&crc32fast::Hasher::new_with_initial_len(
+            next.crc,
+            u64::from(next.data_len),
+        ));
+        h.crc = self.crc.clone().finalize();
+        self.parts += 1;
     }
 }
 
@@ -527,6 +602,86 @@ mod tests {
             ]
         );
         assert!(Header::parse(&c[..47]).is_none());
+    }
+
+    #[test]
+    fn merged_chunks_read_as_one_written_with_all_their_entries() {
+        // Three stored chunks of 2, 1 and 3 messages, written 0, 5 and 9 ms apart.
+        let parts: Vec<(u64, i64, Vec<&[u8]>)> = vec![
+            (10, 1_000, vec![b"a", b"bb"]),
+            (12, 1_005, vec![b"ccc"]),
+            (13, 1_009, vec![b"", b"dddd", b"e"]),
+        ];
+        let mut all = BytesMut::new();
+        let mut headers = Vec::new();
+        for (first, ts, msgs) in &parts {
+            let mut d = BytesMut::new();
+            for m in msgs {
+                put_simple_entry(&mut d, m);
+            }
+            all.put_slice(&d);
+            let n = msgs.len();
+            let c = build(
+                TYPE_USER,
+                *first,
+                *ts,
+                (n as u16, n as u32),
+                &[7; 4],
+                &d,
+                b"tr",
+            );
+            headers.push(Header::parse(&c).expect("header"));
+        }
+        let wide = MergeLimits {
+            data_len: 1 << 20,
+            span_ms: 10,
+        };
+        let mut m = Merged::new(&headers[0]);
+        for h in &headers[1..] {
+            assert!(m.fits(h, &wide));
+            m.add(h);
+        }
+        let h = m.header;
+        assert_eq!(m.parts, 3);
+        assert_eq!((h.first_offset, h.num_entries, h.num_records), (10, 6, 6));
+        assert_eq!(
+            (h.timestamp, h.epoch, h.chunk_type),
+            (1_009, EPOCH, TYPE_USER)
+        );
+        assert_eq!(h.data_len as usize, all.len());
+        assert_eq!(h.crc, crc32fast::hash(&all));
+        // Neither the parts' bloom filters nor their trailers are sent.
+        assert_eq!((h.bloom_len, h.trailer_len), (0, 0));
+        let es: Vec<Entry> = entries(all.freeze()).collect();
+        assert_eq!(es.len(), 6);
+
+        // What may not join: past the time span, past the data limit, a gap
+        // in the offsets, another epoch, a tracking chunk.
+        let first = Merged::new(&headers[0]);
+        let narrow = MergeLimits { span_ms: 4, ..wide };
+        assert!(!first.fits(&headers[1], &narrow));
+        let small = MergeLimits {
+            data_len: headers[0].data_len + headers[1].data_len - 1,
+            ..wide
+        };
+        assert!(!first.fits(&headers[1], &small));
+        assert!(!first.fits(&headers[2], &wide));
+        let other_epoch = Header {
+            epoch: 2,
+            ..headers[1]
+        };
+        assert!(!first.fits(&other_epoch, &wide));
+        let tracking = Header {
+            chunk_type: TYPE_TRACKING_DELTA,
+            ..headers[1]
+        };
+        assert!(!first.fits(&tracking, &wide));
+        // Entries beyond the header's u16.
+        let many = Header {
+            num_entries: u16::MAX,
+            ..headers[1]
+        };
+        assert!(!first.fits(&many, &wide));
     }
 
     #[test]

@@ -30,6 +30,7 @@ mod segment;
 #[cfg(test)]
 mod tests;
 
+pub use chunk::MergeLimits;
 pub use retention::{parse_age, Retention, DEFAULT_MAX_SEGMENT_SIZE};
 
 use bytes::{Bytes, BytesMut};
@@ -172,6 +173,8 @@ pub fn may_match<S: AsRef<str>>(bloom: &[u8], values: &[S], match_unfiltered: bo
 pub struct ChunkSpan {
     pub header: Header,
     pub at: usize,
+    /// Delivered in one chunk with the span before ([`BatchLimits::merge`]).
+    pub joins: bool,
 }
 
 impl ChunkSpan {
@@ -204,18 +207,66 @@ pub struct FileSpan {
     pub file: Arc<File>,
     /// Where the data section starts in the file.
     pub data_pos: u64,
+    /// Delivered in one chunk with the span before ([`BatchLimits::merge`]).
+    pub joins: bool,
 }
 
 /// What one [`StreamReader::read_batch`] may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
-    /// User chunks (a consumer's credit).
+    /// User chunks (a consumer's credit); with `merge`, chunks as delivered
+    /// (each may be several stored ones).
     pub chunks: usize,
     /// Bytes read at once (a larger first chunk is still read whole).
     pub bytes: usize,
     /// Only what the page cache holds (`preadv2` with `RWF_NOWAIT`): never
     /// wait for the disk; [`BatchRead::WouldBlock`] instead.
     pub cached_only: bool,
+    /// Consecutive chunks that may be delivered as one ([`chunk::Merged`]):
+    /// marked [`ChunkSpan::joins`] / [`FileSpan::joins`].
+    pub merge: Option<MergeLimits>,
+}
+
+/// Whether a stored chunk starts a delivered chunk or joins the one before
+/// ([`BatchLimits::merge`]), counting the delivered chunks of one read.
+struct Groups {
+    limits: Option<MergeLimits>,
+    current: Option<chunk::Merged>,
+    count: usize,
+}
+
+impl Groups {
+    fn new(limits: Option<MergeLimits>) -> Groups {
+        Groups {
+            limits,
+            current: None,
+            count: 0,
+        }
+    }
+
+    /// Whether `h` joins the delivered chunk before it.
+    fn joins(&self, h: &Header) -> bool {
+        match (&self.current, &self.limits) {
+            (Some(m), Some(l)) => m.fits(h, l),
+            _ => false,
+        }
+    }
+
+    /// Take `h` (after [`joins`](Self::joins) said `joins`).
+    fn take(&mut self, h: &Header, joins: bool) {
+        match &mut self.current {
+            Some(m) if joins => m.add(h),
+            _ => {
+                self.count += 1;
+                self.current = self.limits.map(|_| chunk::Merged::new(h));
+            }
+        }
+    }
+
+    /// A stored chunk was passed over: nothing joins across it.
+    fn skip(&mut self) {
+        self.current = None;
+    }
 }
 
 /// How a [`StreamReader::read_batch`] ended.
@@ -1094,6 +1145,7 @@ impl StreamReader {
         if !self.settle() {
             return Ok(BatchRead::Read);
         }
+        let mut groups = Groups::new(limits.merge);
         loop {
             let committed = *self.committed.borrow_and_update();
             if self.next >= committed || limits.chunks == 0 {
@@ -1130,10 +1182,16 @@ impl StreamReader {
                 continue;
             }
             let (mut at, mut next, mut p) = (0usize, self.next, *pos);
+            let mut full = false;
             // Only committed chunks are whole on disk: look at none past it.
-            while at + chunk::HEADER_LEN <= n && next < committed && spans.len() < limits.chunks {
+            while at + chunk::HEADER_LEN <= n && next < committed {
                 let h = Header::parse(&buf[at..])
                     .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
+                let joins = groups.joins(&h);
+                if !joins && groups.count >= limits.chunks {
+                    full = true;
+                    break;
+                }
                 let total = h.total_len() as usize;
                 if at + total > n {
                     if at > 0 {
@@ -1149,9 +1207,16 @@ impl StreamReader {
                         _ => return Err(StreamError::Io(format!("short chunk at {p}"))),
                     }
                 }
-                let span = ChunkSpan { header: h, at };
+                let span = ChunkSpan {
+                    header: h,
+                    at,
+                    joins,
+                };
                 if h.chunk_type == chunk::TYPE_USER && keep(&buf[span.bloom_range()]) {
+                    groups.take(&h, joins);
                     spans.push(span);
+                } else if h.chunk_type == chunk::TYPE_USER {
+                    groups.skip();
                 }
                 at += total;
                 p += total as u64;
@@ -1159,7 +1224,7 @@ impl StreamReader {
             }
             *pos = p;
             self.next = next;
-            if !spans.is_empty() {
+            if !spans.is_empty() || full {
                 return Ok(BatchRead::Read);
             }
             // Only skipped chunks: read on (the buffer is free again).
@@ -1186,9 +1251,12 @@ impl StreamReader {
         }
         let mut head = [0u8; chunk::HEADER_LEN + 255];
         let mut taken = 0usize;
+        let mut groups = Groups::new(limits.merge);
         loop {
             let committed = *self.committed.borrow_and_update();
-            if self.next >= committed || spans.len() >= limits.chunks.max(1) {
+            if self.next >= committed
+                || (groups.count >= limits.chunks.max(1) && groups.current.is_none())
+            {
                 return Ok(BatchRead::Read);
             }
             if !spans.is_empty() && taken >= limits.bytes {
@@ -1243,6 +1311,22 @@ impl StreamReader {
             let p = *pos;
             let h = Header::parse(&head[..n])
                 .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
+            let joins = groups.joins(&h);
+            if !joins && groups.count >= limits.chunks.max(1) {
+                // Starts a delivered chunk past the limit: left for the next
+                // read (with what was read of it).
+                if peeked.is_some() {
+                    let mut bytes = [0u8; chunk::HEADER_LEN + 255];
+                    bytes[..n].copy_from_slice(&head[..n]);
+                    self.peek = Some(Peek {
+                        seg: *seg_first,
+                        pos: p,
+                        len: n,
+                        bytes,
+                    });
+                }
+                return Ok(BatchRead::Read);
+            }
             let bloom_end = chunk::HEADER_LEN + usize::from(h.bloom_len);
             if n < bloom_end && peeked.is_some() {
                 // Read ahead short of the whole bloom filter: read it here.
@@ -1290,13 +1374,17 @@ impl StreamReader {
             if h.chunk_type == chunk::TYPE_USER && keep(&head[chunk::HEADER_LEN..bloom_end]) {
                 let mut raw_header = [0u8; chunk::HEADER_LEN];
                 raw_header.copy_from_slice(&head[..chunk::HEADER_LEN]);
+                groups.take(&h, joins);
                 spans.push(FileSpan {
                     header: h,
                     raw_header,
                     file: Arc::clone(file),
                     data_pos,
+                    joins,
                 });
                 taken += h.total_len() as usize;
+            } else if h.chunk_type == chunk::TYPE_USER {
+                groups.skip();
             }
             *pos = p + h.total_len();
             self.next = h.next_offset().max(self.next);
@@ -1637,6 +1725,12 @@ fn flusher(shared: Arc<Shared>) {
                     .wait_for(&mut q, std::time::Duration::from_micros(more));
             }
             shared.pipelined.store(false, Ordering::Relaxed);
+            tracing::trace!(
+                busy,
+                waited_us = woke.elapsed().as_micros() as u64,
+                bytes = shared.pending_bytes.load(Ordering::Relaxed),
+                "flusher round"
+            );
             std::mem::take(&mut q.dirty)
         };
         // Every write counted up to here is in a buffer taken below.

@@ -709,6 +709,7 @@ fn batch_reads_take_contiguous_chunks_up_to_credit_and_bytes() {
             chunks,
             bytes,
             cached_only: false,
+            merge: None,
         };
         assert_eq!(
             r.read_batch(&mut buf, &mut spans, limits, &|_| true),
@@ -736,6 +737,7 @@ fn batch_reads_take_contiguous_chunks_up_to_credit_and_bytes() {
         chunks: 10,
         bytes: 1 << 20,
         cached_only: false,
+        merge: None,
     };
     assert_eq!(
         r.read_batch(&mut buf, &mut spans, limits, &|_| false),
@@ -764,6 +766,7 @@ fn located_chunks_point_at_the_data_read_batch_reads() {
         chunks: 10,
         bytes: 1 << 20,
         cached_only: false,
+        merge: None,
     };
     let mut r = log.reader(OffsetSpec::First);
     let (mut buf, mut spans) = (Vec::new(), Vec::new());
@@ -1099,5 +1102,104 @@ fn durable_callbacks_run_in_the_order_of_their_calls() {
     store.on_durable(note(3));
     assert_eq!(*order.lock(), [0, 1, 2, 3], "none waits: at once again");
     drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn merged_reads_count_delivered_chunks_and_stop_before_the_next_one() {
+    let dir = tmp("merge");
+    let store = StreamStore::open(&dir).expect("open");
+    let log = store.open_log("/\0s", Retention::default()).expect("log");
+    // Six chunks of 3 messages: three written 1 ms apart (a tracking chunk
+    // between the second and the third), then three a second later.
+    for (c, ts) in [1_000, 1_001, 1_002, 2_000, 2_000, 2_001]
+        .into_iter()
+        .enumerate()
+    {
+        let m: Vec<StreamMessage> = (0..3).map(|i| msg(&format!("{}", c * 3 + i))).collect();
+        log.append(m, ts).expect("append");
+        log.wait_committed_blocking();
+        if c == 1 {
+            log.store_offset("reader", 4).expect("store");
+            log.wait_committed_blocking();
+        }
+    }
+    let merge = MergeLimits {
+        data_len: 1 << 20,
+        span_ms: 10,
+    };
+    let limits = BatchLimits {
+        chunks: 1,
+        bytes: 1 << 20,
+        cached_only: false,
+        merge: Some(merge),
+    };
+    // One delivered chunk a read: the first three stored ones, then the last three.
+    let (mut buf, mut spans, mut files) = (Vec::new(), Vec::new(), Vec::new());
+    let mut r = log.reader(OffsetSpec::First);
+    let mut located = log.reader(OffsetSpec::First);
+    for first in [0u64, 9] {
+        assert_eq!(
+            r.read_batch(&mut buf, &mut spans, limits, &|_| true),
+            Ok(BatchRead::Read)
+        );
+        assert_eq!(
+            located.locate_batch(&mut files, limits, &|_| true),
+            Ok(BatchRead::Read)
+        );
+        let ids: Vec<(u64, bool)> = spans
+            .iter()
+            .map(|s| (s.header.first_offset, s.joins))
+            .collect();
+        let want = vec![(first, false), (first + 3, true), (first + 6, true)];
+        assert_eq!(ids, want);
+        let located_ids: Vec<(u64, bool)> = files
+            .iter()
+            .map(|s| (s.header.first_offset, s.joins))
+            .collect();
+        assert_eq!(located_ids, want);
+    }
+    assert!(!r.has_more() && !located.has_more());
+    // Two delivered chunks in one read.
+    let mut r = log.reader(OffsetSpec::First);
+    let two = BatchLimits {
+        chunks: 2,
+        ..limits
+    };
+    r.read_batch(&mut buf, &mut spans, two, &|_| true)
+        .expect("read");
+    let joins: Vec<bool> = spans.iter().map(|s| s.joins).collect();
+    assert_eq!(joins, [false, true, true, false, true, true]);
+    // Data limits past which nothing joins: one stored chunk a delivered one.
+    let mut r = log.reader(OffsetSpec::First);
+    let alone = BatchLimits {
+        chunks: 3,
+        merge: Some(MergeLimits {
+            data_len: spans[0].header.data_len * 2 - 1,
+            ..merge
+        }),
+        ..limits
+    };
+    r.read_batch(&mut buf, &mut spans, alone, &|_| true)
+        .expect("read");
+    let ids: Vec<(u64, bool)> = spans
+        .iter()
+        .map(|s| (s.header.first_offset, s.joins))
+        .collect();
+    assert_eq!(ids, [(0, false), (3, false), (6, false)]);
+    // A chunk a filter passes over ends the run before it.
+    let mut r = log.reader(OffsetSpec::First);
+    let seen = std::cell::Cell::new(0);
+    let keep = |_: &[u8]| {
+        seen.set(seen.get() + 1);
+        seen.get() != 2
+    };
+    r.read_batch(&mut buf, &mut spans, two, &keep)
+        .expect("read");
+    let ids: Vec<(u64, bool)> = spans
+        .iter()
+        .map(|s| (s.header.first_offset, s.joins))
+        .collect();
+    assert_eq!(ids, [(0, false), (6, false)]);
     let _ = std::fs::remove_dir_all(&dir);
 }
