@@ -115,6 +115,8 @@ fuzz_target!(|data: &[u8]| {
             sac: Arc::default(),
             anonymous: None,
             clustered: first & 2 == 2,
+            // Deliveries merged from stored chunks, or each as stored.
+            deliver_merge_ms: if first & 4 == 4 { 10 } else { 0 },
         },
         1,
         true,
