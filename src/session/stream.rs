@@ -42,7 +42,7 @@ use crate::broker::{Broker, LoginError};
 use crate::session::handshake::{self, EXTERNAL};
 use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
 use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
-use crate::storage::stream::chunk::{Header, Merged, HEADER_LEN};
+use crate::storage::stream::chunk::{Header, HEADER_LEN};
 use crate::storage::stream::{
     BatchLimits, BatchRead, ChunkSpan, FileSpan, MergeLimits, NewMessage, StreamError, StreamLog,
     StreamReader,
@@ -79,7 +79,7 @@ pub struct StreamSettings {
     /// response waits for the metadata group's commit.
     pub clustered: bool,
     /// Stored chunks written within this many ms of each other go out as one
-    /// ([`chunk::Merged`]); 0: as stored.
+    /// ([`crate::storage::stream::chunk::Merged`]); 0: as stored.
     pub deliver_merge_ms: u32,
 }
 
@@ -502,35 +502,30 @@ const MERGED_DATA_MAX: u32 = 1 << 20;
 /// The most data a delivered chunk of merged stored chunks may carry for
 /// its `Deliver` frame (of `version`) to fit `frame_max` (0: no limit).
 fn merged_data_max(frame_max: u32, version: u16) -> u32 {
-    let head = 4 + 4 + 1 + if version >= 2 { 8 } else { 0 } + HEADER_LEN as u32;
+    // The frame's length field and the rest of its head.
+    let head = 4 + response::deliver_size(version, 0);
     match frame_max {
         0 => MERGED_DATA_MAX,
         f => MERGED_DATA_MAX.min(f.saturating_sub(head)),
     }
 }
 
-/// The header a delivered chunk is sent with: the stored one (`first_raw`,
-/// as stored) for a chunk alone, else the [`Merged`] header of the stored
-/// chunks (`headers`, in order) it is made of.
-fn delivered_header<'a>(
+/// The header bytes a delivered chunk of `parts` stored chunks is sent
+/// with: the stored ones (`first_raw`) for a chunk alone, else its
+/// `delivered` ([`crate::storage::stream::chunk::Merged`]) header written out.
+fn delivered_raw(
+    parts: usize,
     first_raw: &[u8; HEADER_LEN],
-    mut headers: impl Iterator<Item = &'a Header>,
-) -> ([u8; HEADER_LEN], Header) {
-    let Some(first) = headers.next() else {
-        return (*first_raw, Header::default());
-    };
-    let mut merged = Merged::new(first);
-    for h in headers {
-        merged.add(h);
-    }
-    if merged.parts == 1 {
-        return (*first_raw, merged.header);
+    delivered: &Header,
+) -> [u8; HEADER_LEN] {
+    if parts == 1 {
+        return *first_raw;
     }
     let mut raw = [0u8; HEADER_LEN];
     let mut b = BytesMut::with_capacity(HEADER_LEN);
-    merged.header.write(&mut b);
+    delivered.write(&mut b);
     raw.copy_from_slice(&b);
-    (raw, merged.header)
+    raw
 }
 
 /// How often the streams a connection uses are checked for deletion.
@@ -1098,8 +1093,8 @@ impl StreamSession {
             let n = 1 + rest[1..].iter().take_while(|s| s.joins).count();
             let (group, after) = rest.split_at(n);
             rest = after;
-            let (raw, header) =
-                delivered_header(&first.raw_header, group.iter().map(|s| &s.header));
+            let header = group[n - 1].delivered;
+            let raw = delivered_raw(n, &first.raw_header, &header);
             let len = header.data_len as usize;
             response::deliver_head(
                 &mut self.out,
@@ -1136,7 +1131,8 @@ impl StreamSession {
             rest = after;
             let mut stored = [0u8; HEADER_LEN];
             stored.copy_from_slice(&lent[first.header_range()]);
-            let (raw, header) = delivered_header(&stored, group.iter().map(|s| &s.header));
+            let header = group[n - 1].delivered;
+            let raw = delivered_raw(n, &stored, &header);
             let len = header.data_len as usize;
             response::deliver_head(
                 &mut self.out,
@@ -2648,17 +2644,26 @@ mod tests {
 
     /// (key, correlation id or first u32, code) of each frame in `out`.
     fn frames(out: &[u8]) -> Vec<(u16, u32, u16)> {
+        split_frames(out)
+            .into_iter()
+            .map(|f| {
+                let k = u16::from_be_bytes([f[0], f[1]]);
+                let corr = f
+                    .get(4..8)
+                    .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                let c = f.get(8..10).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                (k, corr, c)
+            })
+            .collect()
+    }
+
+    /// The frames in `out`, each without its size.
+    fn split_frames(out: &[u8]) -> Vec<&[u8]> {
         let mut v = Vec::new();
         let mut i = 0;
         while i + 4 <= out.len() {
             let size = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
-            let f = &out[i + 4..i + 4 + size];
-            let k = u16::from_be_bytes([f[0], f[1]]);
-            let corr = f
-                .get(4..8)
-                .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-            let c = f.get(8..10).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-            v.push((k, corr, c));
+            v.push(&out[i + 4..i + 4 + size]);
             i += 4 + size;
         }
         v
@@ -3298,16 +3303,11 @@ mod tests {
         }
         // The one credit is spent.
         assert!(s.poll_read().is_none());
-        let mut delivers = Vec::new();
-        let mut i = 0;
-        while i + 4 <= out.len() {
-            let size = u32::from_be_bytes([out[i], out[i + 1], out[i + 2], out[i + 3]]) as usize;
-            let f = &out[i + 4..i + 4 + size];
-            if u16::from_be_bytes([f[0], f[1]]) == key::DELIVER {
-                delivers.push(f.to_vec());
-            }
-            i += 4 + size;
-        }
+        let delivers = split_frames(&out)
+            .into_iter()
+            .filter(|f| u16::from_be_bytes([f[0], f[1]]) == key::DELIVER)
+            .map(<[u8]>::to_vec)
+            .collect();
         let _ = std::fs::remove_dir_all(dir);
         delivers
     }

@@ -47,7 +47,7 @@ const TRK_SEQUENCE: u8 = 0;
 const TRK_OFFSET: u8 = 1;
 
 /// The fixed header of a chunk.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub chunk_type: u8,
     pub num_entries: u16,

@@ -175,6 +175,10 @@ pub struct ChunkSpan {
     pub at: usize,
     /// Delivered in one chunk with the span before ([`BatchLimits::merge`]).
     pub joins: bool,
+    /// The header of the chunk it is delivered in, up to and with it (its
+    /// own `header` when it is alone; the last span of a run holds the
+    /// run's [`chunk::Merged`] header).
+    pub delivered: Header,
 }
 
 impl ChunkSpan {
@@ -209,6 +213,8 @@ pub struct FileSpan {
     pub data_pos: u64,
     /// Delivered in one chunk with the span before ([`BatchLimits::merge`]).
     pub joins: bool,
+    /// As [`ChunkSpan::delivered`].
+    pub delivered: Header,
 }
 
 /// What one [`StreamReader::read_batch`] may take.
@@ -252,13 +258,18 @@ impl Groups {
         }
     }
 
-    /// Take `h` (after [`joins`](Self::joins) said `joins`).
-    fn take(&mut self, h: &Header, joins: bool) {
+    /// Take `h` (after [`joins`](Self::joins) said `joins`): the header of
+    /// the delivered chunk it is in, so far.
+    fn take(&mut self, h: &Header, joins: bool) -> Header {
         match &mut self.current {
-            Some(m) if joins => m.add(h),
+            Some(m) if joins => {
+                m.add(h);
+                m.header
+            }
             _ => {
                 self.count += 1;
                 self.current = self.limits.map(|_| chunk::Merged::new(h));
+                *h
             }
         }
     }
@@ -1207,13 +1218,14 @@ impl StreamReader {
                         _ => return Err(StreamError::Io(format!("short chunk at {p}"))),
                     }
                 }
-                let span = ChunkSpan {
+                let mut span = ChunkSpan {
                     header: h,
                     at,
                     joins,
+                    delivered: h,
                 };
                 if h.chunk_type == chunk::TYPE_USER && keep(&buf[span.bloom_range()]) {
-                    groups.take(&h, joins);
+                    span.delivered = groups.take(&h, joins);
                     spans.push(span);
                 } else if h.chunk_type == chunk::TYPE_USER {
                     groups.skip();
@@ -1374,13 +1386,14 @@ impl StreamReader {
             if h.chunk_type == chunk::TYPE_USER && keep(&head[chunk::HEADER_LEN..bloom_end]) {
                 let mut raw_header = [0u8; chunk::HEADER_LEN];
                 raw_header.copy_from_slice(&head[..chunk::HEADER_LEN]);
-                groups.take(&h, joins);
+                let delivered = groups.take(&h, joins);
                 spans.push(FileSpan {
                     header: h,
                     raw_header,
                     file: Arc::clone(file),
                     data_pos,
                     joins,
+                    delivered,
                 });
                 taken += h.total_len() as usize;
             } else if h.chunk_type == chunk::TYPE_USER {

@@ -1158,6 +1158,14 @@ fn merged_reads_count_delivered_chunks_and_stop_before_the_next_one() {
             .map(|s| (s.header.first_offset, s.joins))
             .collect();
         assert_eq!(located_ids, want);
+        // The last span of the run holds the delivered chunk's header.
+        let d = spans[2].delivered;
+        assert_eq!(
+            (d.first_offset, d.num_entries, d.num_records),
+            (first, 9, 9)
+        );
+        assert_eq!(files[2].delivered, d);
+        assert_eq!(spans[0].delivered, spans[0].header);
     }
     assert!(!r.has_more() && !located.has_more());
     // Two delivered chunks in one read.

@@ -161,6 +161,13 @@ pub fn credit_error(buf: &mut BytesMut, code: u16, subscription_id: u8) {
     });
 }
 
+/// The size (the frame's length field) of a deliver frame of `version`
+/// carrying `data_len` bytes of entries.
+pub fn deliver_size(version: u16, data_len: u32) -> u32 {
+    let extra = if version >= 2 { 8 } else { 0 };
+    (4 + 1 + extra + CHUNK_HEADER_LEN as u32).saturating_add(data_len)
+}
+
 /// The start of a deliver frame: its size counts `data_len` bytes of
 /// entries the caller sends right after. `header` is the chunk's stored
 /// header, sent as stored (as RabbitMQ's osiris sends it): its trailer
@@ -175,9 +182,7 @@ pub fn deliver_head(
     header: &[u8; CHUNK_HEADER_LEN],
     data_len: u32,
 ) {
-    let extra = if version >= 2 { 8 } else { 0 };
-    let size = 4 + 1 + extra + CHUNK_HEADER_LEN as u32 + data_len;
-    buf.put_u32(size);
+    buf.put_u32(deliver_size(version, data_len));
     buf.put_u16(key::DELIVER);
     buf.put_u16(version);
     buf.put_u8(subscription_id);
