@@ -235,25 +235,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     } else {
         admin::Addrs::default()
     };
-    let ticker = Arc::downgrade(&broker);
-    let data_dir = config.data_dir.clone();
-    tokio::spawn(async move {
-        let mut interval = tokio::time::interval(std::time::Duration::from_millis(20));
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut ticks = 0u32;
-        loop {
-            interval.tick().await;
-            let Some(broker) = ticker.upgrade() else {
-                return;
-            };
-            broker.tick(clock::now_ms());
-            ticks = ticks.wrapping_add(1);
-            if ticks.is_multiple_of(10) {
-                broker.check_memory();
-                broker.check_disk(broker::memory::disk_free(&data_dir));
-            }
-        }
-    });
+    tokio::spawn(run_ticker(Arc::downgrade(&broker), config.data_dir.clone()));
     let warren = Warren {
         server,
         shovels,
@@ -266,6 +248,44 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         let _ = l.set(warren.listeners());
     }
     Ok(warren)
+}
+
+/// The broker's clock: [`broker::Broker::tick`] with the time, every
+/// [`broker::ticks::FAST`] while anything wants ticks (message and queue
+/// expiry, delayed messages), else every [`broker::ticks::SLOW`] or when the
+/// core says something began to want them (never twice within `FAST`); the
+/// memory and disk checks every `SLOW`. Ends with the broker.
+async fn run_ticker(broker: std::sync::Weak<broker::Broker>, data_dir: std::path::PathBuf) {
+    use broker::ticks::{FAST, SLOW};
+    use tokio::time::{sleep_until, Instant};
+    let Some(ticks) = broker.upgrade().map(|b| Arc::clone(&b.ticks)) else {
+        return;
+    };
+    let mut checked = Instant::now();
+    let mut ticked = Instant::now();
+    loop {
+        let Some(fast) = broker.upgrade().map(|b| b.wants_ticks()) else {
+            return;
+        };
+        if fast {
+            sleep_until(ticked + FAST).await;
+        } else {
+            tokio::select! {
+                _ = sleep_until(ticked + SLOW) => {}
+                _ = ticks.wanted() => sleep_until(ticked + FAST).await,
+            }
+        }
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        ticked = Instant::now();
+        broker.tick(clock::now_ms());
+        if ticked.duration_since(checked) >= SLOW {
+            checked = ticked;
+            broker.check_memory();
+            broker.check_disk(broker::memory::disk_free(&data_dir));
+        }
+    }
 }
 
 /// The shovel registry: the dynamic shovels of the broker's runtime

@@ -20,6 +20,7 @@ pub mod persist;
 pub mod policy;
 pub mod queue;
 pub mod remote;
+pub mod ticks;
 pub mod vhost;
 
 use crate::config::Config;
@@ -532,6 +533,9 @@ pub struct Broker {
     /// Queues that deleted themselves (`x-expires`, auto-delete), for the
     /// cluster layer to replicate (recorded only while it watches).
     pub self_deletions: Arc<deleted::SelfDeletions>,
+    /// The ticker's wake-up: the vhosts call it when something starts
+    /// wanting ticks ([`ticks`]).
+    pub ticks: Arc<ticks::Ticks>,
 }
 
 impl Broker {
@@ -652,6 +656,7 @@ impl Broker {
             parameters,
             remote_origins: Default::default(),
             self_deletions: Arc::default(),
+            ticks: Arc::default(),
         };
         broker.add_vhost("/");
         broker.auth.put_user(User {
@@ -683,6 +688,7 @@ impl Broker {
         }
         v.set_churn(Arc::clone(&self.churn.queues));
         v.set_self_deletions(Arc::clone(&self.self_deletions));
+        v.set_ticks(Arc::clone(&self.ticks));
         if name == "/" {
             v.set_meta(vhost::VHostMeta {
                 description: "Default virtual host".into(),
@@ -742,6 +748,12 @@ impl Broker {
         for vhost in self.vhosts() {
             vhost.tick(now);
         }
+    }
+
+    /// Whether anything wants the ticker's fast period ([`ticks`]): messages
+    /// that may expire, timed queues, held delayed messages.
+    pub fn wants_ticks(&self) -> bool {
+        self.vhosts.read().values().any(|v| v.wants_ticks())
     }
 
     /// Count on this node's message counters and on `vhost`'s.
@@ -1142,6 +1154,106 @@ mod tests {
         assert_eq!(both.resources(), vec!["memory", "disk"]);
         assert_eq!(both.blocked_reason(), Some("low on memory & low on disk"));
         assert_eq!(Alarms::default().blocked_reason(), None);
+    }
+}
+
+#[cfg(test)]
+mod ticks_tests {
+    use super::*;
+    use crate::broker::vhost::{ExchangeDeclare, QueueDeclare};
+    use crate::wire::{BasicProperties, FieldTable, FieldValue};
+    use futures::FutureExt;
+
+    /// Whether the ticker was told (consumes the wake-up).
+    fn told(b: &Broker) -> bool {
+        b.ticks.wanted().now_or_never().is_some()
+    }
+
+    fn publish(v: &VHost, exchange: &str, key: &str, props: BasicProperties) {
+        let m = message::Message::new(exchange, key, props, bytes::Bytes::from_static(b"x"));
+        v.publish(exchange, &m, vhost::PublishFrom::Client, 0)
+            .expect("publish");
+    }
+
+    #[test]
+    fn an_idle_broker_wants_no_ticks_and_what_may_expire_wakes_the_ticker() {
+        let b = Broker::new(&crate::config::Config::default());
+        let v = b.add_vhost("/");
+        let plain = QueueDeclare {
+            name: "plain".into(),
+            ..Default::default()
+        };
+        v.declare_queue(&plain, 0, 0).expect("queue");
+        publish(&v, "", "plain", BasicProperties::default());
+        assert!(!b.wants_ticks(), "no expiry anywhere: the slow period");
+        assert!(!told(&b));
+        assert_eq!(v.purge_queue("plain", 0), Ok(1));
+
+        // A message with a TTL: the queue may expire it.
+        let expiring = BasicProperties {
+            expiration: Some("100".into()),
+            ..Default::default()
+        };
+        publish(&v, "", "plain", expiring.clone());
+        assert!(b.wants_ticks());
+        assert!(
+            told(&b),
+            "the first message that may expire wakes the ticker"
+        );
+        publish(&v, "", "plain", expiring);
+        assert!(!told(&b), "told once, not per message");
+        publish(&v, "", "plain", BasicProperties::default());
+        b.tick(50);
+        assert!(b.wants_ticks(), "not due yet");
+        b.tick(100);
+        let q = v.queue("plain", 0).expect("queue");
+        assert_eq!(
+            q.stats(100).ready,
+            1,
+            "the two expired, the plain one stays"
+        );
+        // Messages are left: the queue still looks at its head.
+        assert!(b.wants_ticks());
+        assert_eq!(q.purge(), 1);
+        b.tick(120);
+        assert!(!b.wants_ticks(), "an empty queue has nothing to expire");
+
+        // A queue that may expire itself wants ticks from its declaration.
+        let args = FieldTable(vec![("x-expires".to_string(), FieldValue::I32(1000))]);
+        let timed = QueueDeclare {
+            name: "timed".into(),
+            arguments: args,
+            ..Default::default()
+        };
+        v.declare_queue(&timed, 0, 0).expect("queue");
+        assert!(b.wants_ticks());
+        assert!(told(&b));
+        v.delete_queue("timed", false, false, 0, 0).expect("delete");
+        assert!(!b.wants_ticks());
+
+        // A delayed exchange holding a message.
+        let ex = ExchangeDeclare {
+            name: "later".into(),
+            kind: "x-delayed-message".into(),
+            arguments: FieldTable(vec![(
+                "x-delayed-type".to_string(),
+                FieldValue::string("direct"),
+            )]),
+            ..Default::default()
+        };
+        v.declare_exchange(&ex).expect("exchange");
+        let delayed = BasicProperties {
+            headers: Some(FieldTable(vec![(
+                "x-delay".to_string(),
+                FieldValue::I32(500),
+            )])),
+            ..Default::default()
+        };
+        publish(&v, "later", "plain", delayed);
+        assert!(b.wants_ticks());
+        assert!(told(&b));
+        b.tick(600);
+        assert!(!b.wants_ticks(), "released");
     }
 }
 

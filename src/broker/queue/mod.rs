@@ -887,8 +887,16 @@ impl Queue {
     /// lock, which orders the flag's writes: a plain store, no atomic
     /// read-modify-write on every publish).
     fn note_expiry(&self, may: bool) {
-        if may {
+        if may && !self.may_expire.load(Ordering::Relaxed) {
             self.may_expire.store(true, Ordering::Relaxed);
+            self.want_ticks();
+        }
+    }
+
+    /// This queue began to want ticks: tell the broker's ticker.
+    fn want_ticks(&self) {
+        if let Some(v) = self.vhost.upgrade() {
+            v.want_ticks();
         }
     }
 
@@ -950,6 +958,14 @@ impl Queue {
             return sq.log.has_closed_segments();
         }
         self.timed.load(Ordering::Relaxed) || self.may_expire.load(Ordering::Relaxed)
+    }
+
+    /// Whether this queue wants the ticker's fast period: it may have
+    /// messages to expire, or may expire itself. (A stream's retention is
+    /// applied at the slow period.)
+    pub fn wants_ticks(&self) -> bool {
+        self.stream.is_none()
+            && (self.timed.load(Ordering::Relaxed) || self.may_expire.load(Ordering::Relaxed))
     }
 
     /// Deliver ready messages to consumers with credit.
@@ -1471,6 +1487,9 @@ impl Queue {
             let mut held = self.args.write();
             *held = Arc::clone(&args);
             self.timed.store(is_timed(&args), Ordering::Relaxed);
+        }
+        if is_timed(&args) {
+            self.want_ticks();
         }
         let mut fx = Effects::default();
         let mut s = self.state.lock();

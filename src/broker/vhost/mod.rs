@@ -81,6 +81,8 @@ pub struct VHost {
     /// Where the queues this vhost deletes by itself are reported (set by
     /// the broker that holds the vhost).
     self_deletions: std::sync::OnceLock<Arc<crate::broker::deleted::SelfDeletions>>,
+    /// The broker's ticker wake-up (set by the broker that holds the vhost).
+    ticks: std::sync::OnceLock<Arc<crate::broker::ticks::Ticks>>,
 }
 
 /// Queue churn (RabbitMQ's `queue_declared`, `queue_created`,
@@ -103,6 +105,24 @@ impl VHost {
     /// Report the queues deleted by the broker itself into `d` (once).
     pub fn set_self_deletions(&self, d: Arc<crate::broker::deleted::SelfDeletions>) {
         let _ = self.self_deletions.set(d);
+    }
+
+    /// Wake the broker's ticker through `ticks` (once, before any declare).
+    pub fn set_ticks(&self, ticks: Arc<crate::broker::ticks::Ticks>) {
+        let _ = self.ticks.set(ticks);
+    }
+
+    /// Something here began to want ticks: tell the broker's ticker.
+    pub(crate) fn want_ticks(&self) {
+        if let Some(t) = self.ticks.get() {
+            t.want();
+        }
+    }
+
+    /// Whether anything here wants the ticker's fast period: a queue that
+    /// may expire messages or itself, or held delayed messages.
+    pub fn wants_ticks(&self) -> bool {
+        self.delayed.len() > 0 || self.queues.read().values().any(|q| q.wants_ticks())
     }
 
     /// A queue declare by `origin` succeeded (`created`: it made the queue).
@@ -188,6 +208,7 @@ impl VHost {
             meta: RwLock::new(VHostMeta::default()),
             churn: std::sync::OnceLock::new(),
             self_deletions: std::sync::OnceLock::new(),
+            ticks: std::sync::OnceLock::new(),
         });
         {
             let mut ex = vhost.exchanges.write();

@@ -228,6 +228,7 @@ impl VHost {
                     Arc::clone(message),
                     store,
                 );
+                self.want_ticks();
                 return Ok(Some(durable));
             }
         }

@@ -585,6 +585,9 @@ impl VHost {
             ))?;
         }
         queues.insert(name, Arc::clone(&q));
+        if q.wants_ticks() {
+            self.want_ticks();
+        }
         self.count_declared(origin, true);
         Ok((q, QueueStats::default()))
     }
