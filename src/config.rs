@@ -10,6 +10,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
+    /// The TOML file this configuration was loaded from (none: defaults and
+    /// the environment only); not a key of its own.
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
     /// Address the AMQP and admin listeners bind to. `::` listens on IPv6 and IPv4.
     pub bind: String,
     /// AMQP port (5672). 0 picks a free port.
@@ -510,6 +514,7 @@ impl Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            config_file: None,
             bind: "::".into(),
             amqp_port: 5672,
             admin_port: 15672,
@@ -590,7 +595,9 @@ impl Config {
             environment = environment.with_list_parse_key(key);
         }
         builder = builder.add_source(environment);
-        Ok(builder.build()?.try_deserialize()?)
+        let mut config: Config = builder.build()?.try_deserialize()?;
+        config.config_file = path.map(|p| p.canonicalize().unwrap_or_else(|_| p.to_path_buf()));
+        Ok(config)
     }
 
     /// A configuration for tests: loopback, ephemeral ports, a fresh data dir.
@@ -665,6 +672,9 @@ mod limit_tests {
     fn example_file_parses_with_the_defaults_and_limit_keys() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("warren.example.toml");
         let c = Config::load(Some(&path)).expect("example config loads");
+        let file = c.config_file.as_deref().expect("the file is recorded");
+        assert!(file.is_absolute() && file.ends_with("warren.example.toml"));
+        assert_eq!(Config::load(None).expect("loads").config_file, None);
         assert_eq!(c.max_connections, None);
         assert_eq!(c.max_queues_per_vhost, None);
         assert_eq!(c.consumer_max_per_channel, None);

@@ -229,6 +229,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
         state.tls = tls_listeners(server.tls(), admin_tls.as_ref());
         state.data_dir = Some(config.data_dir.clone());
+        state.config_file = config.config_file.clone();
         state.cluster = cluster.clone();
         listeners = Some(Arc::clone(&state.listeners));
         admin::start(http.as_deref(), https, state, every).await?

@@ -59,6 +59,8 @@ pub struct AdminState {
     pub history: Arc<history::History>,
     /// The data directory, whose file system's free space the node reports.
     pub data_dir: Option<std::path::PathBuf>,
+    /// The configuration file the node was started with, if any.
+    pub config_file: Option<std::path::PathBuf>,
     /// This node's part of the cluster, when clustered.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Every listener of this node, set once they are all bound.
@@ -76,6 +78,7 @@ impl AdminState {
             tls: Vec::new(),
             history: Arc::new(history::History::new()),
             data_dir: None,
+            config_file: None,
             cluster: None,
             listeners: Arc::default(),
         }

@@ -290,6 +290,11 @@ pub fn node_figures(s: &AdminState) -> Value {
         "sockets_total": super::charts::fd_total(),
         "rates_mode": "basic",
         "db_dir": s.data_dir.as_ref().map(|d| d.display().to_string()),
+        "config_files": s.config_file.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        // The log goes to standard output (RabbitMQ's name for its console log).
+        "log_files": ["<stdout>"],
+        // `mem_used` is the process's resident set (`VmRSS`).
+        "mem_calculation_strategy": "rss",
         "contexts": contexts(s, None),
         // Tasks ready to run and waiting in the runtime's shared queue (the
         // nearest to Erlang's scheduler run queue).

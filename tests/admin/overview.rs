@@ -75,6 +75,10 @@ async fn overview_nodes_whoami_health() {
     assert!(n["context_switches"].as_u64() > Some(0), "{n:#}");
     assert!(n["run_queue"].is_u64(), "{n:#}");
     assert_eq!(n["rates_mode"], "basic");
+    // Started without a configuration file; the log on standard output.
+    assert_eq!(n["config_files"], json!([]), "{n:#}");
+    assert_eq!(n["log_files"], json!(["<stdout>"]), "{n:#}");
+    assert_eq!(n["mem_calculation_strategy"], "rss");
     assert!(
         n["db_dir"]
             .as_str()
