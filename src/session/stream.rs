@@ -510,6 +510,61 @@ fn merged_data_max(frame_max: u32, version: u16) -> u32 {
     }
 }
 
+/// One stored chunk read for a subscription: whether it joins the one
+/// before in a delivered chunk, the header of the chunk it is delivered in
+/// (up to and with it), its stored header and its data.
+struct Part {
+    joins: bool,
+    delivered: Header,
+    stored: [u8; HEADER_LEN],
+    data: Out,
+}
+
+/// Where a read's deliveries for subscription `id` are queued.
+struct Deliveries<'a> {
+    out: &'a mut BytesMut,
+    ready: &'a mut VecDeque<Out>,
+    ready_bytes: &'a mut usize,
+    version: u16,
+    id: u8,
+    committed: u64,
+}
+
+impl Deliveries<'_> {
+    /// Queue `parts`: each run of parts joined to the one before goes out
+    /// as one chunk (the deliver frame's head, then each part's data), for
+    /// one of `sub`'s credits.
+    fn runs(&mut self, sub: &mut Subscription, parts: impl Iterator<Item = Part>) {
+        let mut parts = parts.peekable();
+        while let Some(first) = parts.next() {
+            let mut run = vec![first.data];
+            let mut header = first.delivered;
+            while let Some(p) = parts.next_if(|p| p.joins) {
+                header = p.delivered;
+                run.push(p.data);
+            }
+            let raw = delivered_raw(run.len(), &first.stored, &header);
+            let len = header.data_len as usize;
+            response::deliver_head(
+                self.out,
+                self.version,
+                self.id,
+                self.committed,
+                &raw,
+                len as u32,
+            );
+            let head = self.out.split().freeze();
+            *self.ready_bytes += head.len() + len;
+            self.ready.push_back(Out::Bytes(head));
+            self.ready.extend(run);
+            sub.last_chunk_len = header.total_len() as usize;
+            sub.credit = sub.credit.saturating_sub(1);
+            sub.stats
+                .delivered(header.first_offset, header.num_records, sub.credit);
+        }
+    }
+}
+
 /// The header bytes a delivered chunk of `parts` stored chunks is sent
 /// with: the stored ones (`first_raw`) for a chunk alone, else its
 /// `delivered` ([`crate::storage::stream::chunk::Merged`]) header written out.
@@ -1087,73 +1142,45 @@ impl StreamSession {
             .as_ref()
             .map_or(0, |r| *r.committed().borrow())
             .saturating_sub(1);
-        // Each run of spans joined to the one before goes out as one chunk.
-        let mut rest = &files[..];
-        while let Some(first) = rest.first() {
-            let n = 1 + rest[1..].iter().take_while(|s| s.joins).count();
-            let (group, after) = rest.split_at(n);
-            rest = after;
-            let header = group[n - 1].delivered;
-            let raw = delivered_raw(n, &first.raw_header, &header);
-            let len = header.data_len as usize;
-            response::deliver_head(
-                &mut self.out,
-                self.deliver_version,
-                id,
-                committed,
-                &raw,
-                len as u32,
-            );
-            let head = self.out.split().freeze();
-            self.ready_bytes += head.len() + len;
-            self.ready.push_back(Out::Bytes(head));
-            for span in group {
-                self.ready.push_back(Out::File {
+        let mut q = Deliveries {
+            out: &mut self.out,
+            ready: &mut self.ready,
+            ready_bytes: &mut self.ready_bytes,
+            version: self.deliver_version,
+            id,
+            committed,
+        };
+        q.runs(
+            sub,
+            files.iter().map(|span| Part {
+                joins: span.joins,
+                delivered: span.delivered,
+                stored: span.raw_header,
+                data: Out::File {
                     file: Arc::clone(&span.file),
                     pos: span.data_pos,
                     len: span.header.data_len as usize,
-                });
-            }
-            sub.last_chunk_len = header.total_len() as usize;
-            sub.credit = sub.credit.saturating_sub(1);
-            sub.stats
-                .delivered(header.first_offset, header.num_records, sub.credit);
-        }
+                },
+            }),
+        );
         if spans.is_empty() {
             pool.put(buf);
             return;
         }
         let lent = Bytes::from_owner(Lent { buf, pool });
-        let mut rest = &spans[..];
-        while let Some(first) = rest.first() {
-            let n = 1 + rest[1..].iter().take_while(|s| s.joins).count();
-            let (group, after) = rest.split_at(n);
-            rest = after;
-            let mut stored = [0u8; HEADER_LEN];
-            stored.copy_from_slice(&lent[first.header_range()]);
-            let header = group[n - 1].delivered;
-            let raw = delivered_raw(n, &stored, &header);
-            let len = header.data_len as usize;
-            response::deliver_head(
-                &mut self.out,
-                self.deliver_version,
-                id,
-                committed,
-                &raw,
-                len as u32,
-            );
-            let head = self.out.split().freeze();
-            self.ready_bytes += head.len() + len;
-            self.ready.push_back(Out::Bytes(head));
-            for span in group {
-                self.ready
-                    .push_back(Out::Bytes(lent.slice(span.data_range())));
-            }
-            sub.last_chunk_len = header.total_len() as usize;
-            sub.credit = sub.credit.saturating_sub(1);
-            sub.stats
-                .delivered(header.first_offset, header.num_records, sub.credit);
-        }
+        q.runs(
+            sub,
+            spans.iter().map(|span| {
+                let mut stored = [0u8; HEADER_LEN];
+                stored.copy_from_slice(&lent[span.header_range()]);
+                Part {
+                    joins: span.joins,
+                    delivered: span.delivered,
+                    stored,
+                    data: Out::Bytes(lent.slice(span.data_range())),
+                }
+            }),
+        );
     }
 
     // ---- frames ----
