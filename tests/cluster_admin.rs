@@ -364,6 +364,34 @@ async fn figures_of_every_member_and_503_without_a_majority() {
         }
         assert!(r["uptime"].as_u64().is_some(), "{r}");
     }
+    // Each member's links to the other two, with the bytes that went over
+    // them both ways (each record as its own node answers it).
+    for (node, others) in [
+        (a.name(), [b.name(), c.name()]),
+        (b.name(), [a.name(), c.name()]),
+        (c.name(), [a.name(), b.name()]),
+    ] {
+        let r = record(&b, &node);
+        let links = r["cluster_links"].as_array().cloned().unwrap_or_default();
+        let mut names: Vec<String> = links
+            .iter()
+            .filter_map(|l| l["name"].as_str().map(String::from))
+            .collect();
+        names.sort();
+        let mut want = others.to_vec();
+        want.sort();
+        assert_eq!(names, want, "links of {node}: {r}");
+        for l in &links {
+            for f in ["send_bytes", "recv_bytes"] {
+                assert!(l[f].as_u64() > Some(0), "{f} of {node}: {l}");
+                assert_eq!(l[f], l["stats"][f], "{l}");
+                assert!(
+                    l["stats"][format!("{f}_details")]["rate"].is_number(),
+                    "{l}"
+                );
+            }
+        }
+    }
     // One member's record on its own, fetched the same way.
     let (status, rc) = b.get(&format!("/api/nodes/{}", c.name()));
     assert_eq!(status, 200, "{rc}");

@@ -255,6 +255,14 @@ fn context_switches() -> Option<u64> {
     Some(total)
 }
 
+/// This node's links to the other members, as RabbitMQ's `cluster_links`
+/// (none when alone; `crate::cluster::links`).
+fn cluster_links(s: &AdminState) -> Vec<Value> {
+    s.cluster
+        .as_ref()
+        .map_or_else(Vec::new, |c| c.links(now_ms()))
+}
+
 /// This node's health figures, as `/api/nodes` shows them (and as this node
 /// answers another member's stats request).
 pub fn node_figures(s: &AdminState) -> Value {
@@ -290,6 +298,7 @@ pub fn node_figures(s: &AdminState) -> Value {
         "sockets_total": super::charts::fd_total(),
         "rates_mode": "basic",
         "db_dir": s.data_dir.as_ref().map(|d| d.display().to_string()),
+        "cluster_links": cluster_links(s),
         "config_files": s.config_file.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
         // The log goes to standard output (RabbitMQ's name for its console log).
         "log_files": ["<stdout>"],

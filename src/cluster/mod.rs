@@ -30,6 +30,7 @@ pub mod disk;
 pub mod forward;
 pub mod frame;
 pub mod gone;
+pub mod links;
 pub mod network;
 pub mod quorum;
 pub mod store;
@@ -700,6 +701,20 @@ impl Cluster {
         }
     }
 
+    /// This node's links to the other members (`cluster_links`) at
+    /// `now_ms`: the current members' only.
+    pub fn links(&self, now_ms: u64) -> Vec<serde_json::Value> {
+        let members: Vec<String> = self
+            .members()
+            .into_iter()
+            .filter(|m| m.id != self.id)
+            .map(|m| m.name)
+            .collect();
+        self.ident
+            .links
+            .json(now_ms, |name| members.iter().any(|m| m == name))
+    }
+
     /// Every member with what this node knows of it.
     pub fn members(&self) -> Vec<Member> {
         let m = self.raft().metrics().borrow().clone();
@@ -789,7 +804,8 @@ impl Cluster {
 
     /// This node's answer to a stats request.
     /// With its node figures, the members this node cannot reach
-    /// (`unreachable`: the asker's `partitions` come from these).
+    /// (`unreachable`: the asker's `partitions` come from these) and its
+    /// links to the others (`cluster_links`).
     fn local_stats(&self, query: &serde_json::Value) -> Result<serde_json::Value, String> {
         let f = self.stats.read().clone();
         let mut answer = f
@@ -797,6 +813,8 @@ impl Cluster {
             .ok_or_else(|| "this node has no management API to answer".to_string())?;
         if let Some(node) = answer.get_mut("node").and_then(|n| n.as_object_mut()) {
             node.insert("unreachable".into(), self.unreachable().into());
+            let links = self.links(crate::clock::now_ms());
+            node.insert("cluster_links".into(), links.into());
         }
         Ok(answer)
     }
@@ -930,6 +948,8 @@ pub struct Identity {
     complaints: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Idle connections the quorum queue groups share.
     pub pool: network::Pool,
+    /// Bytes to and from each peer, for `cluster_links`.
+    pub links: links::Links,
 }
 
 /// How often the same connection problem with one peer is logged.
@@ -946,6 +966,7 @@ impl Identity {
             dial: BTreeMap::new(),
             complaints: Default::default(),
             pool: network::Pool::default(),
+            links: links::Links::default(),
         }
     }
 

@@ -17,6 +17,7 @@
 //! address `[cluster] dial` gives for it, if any (NAT, proxies).
 
 use super::frame::{self, Frame, FrameCodec, Kind};
+use super::links::{Counted, Ends, Tally};
 use super::{Cluster, Identity, NodeInfo, TypeConfig};
 use crate::tls::HandshakeError;
 use futures::{SinkExt, StreamExt};
@@ -117,9 +118,23 @@ fn host_of(name: Option<&str>, addr: &str) -> String {
         .to_string()
 }
 
+/// This node's end of `stream` and the peer's.
+fn ends_of(stream: &TcpStream) -> Option<Ends> {
+    Some(Ends {
+        sock: stream.local_addr().ok()?,
+        peer: stream.peer_addr().ok()?,
+    })
+}
+
 /// Re-frame a connection's bytes (and what was read ahead of them) over a
 /// boxed link.
-fn boxed<T: Link + 'static>(io: T, codec: FrameCodec, read_ahead: bytes::BytesMut) -> Conn {
+fn boxed<T: Link + 'static>(
+    io: T,
+    codec: FrameCodec,
+    read_ahead: bytes::BytesMut,
+    tally: &Tally,
+) -> Conn {
+    let io = Counted::new(io, tally.clone());
     let mut parts = FramedParts::new::<(Kind, Vec<u8>)>(Box::new(io) as Box<dyn Link>, codec);
     parts.read_buf = read_ahead;
     Framed::from_parts(parts)
@@ -150,6 +165,8 @@ async fn dial_inner(
 ) -> Result<Conn, CallError> {
     let stream = TcpStream::connect(target).await?;
     let _ = stream.set_nodelay(true);
+    let ends = ends_of(&stream);
+    let tally = Tally::default();
     // Nothing large is expected before the handshake is over.
     let mut plain = Framed::new(stream, FrameCodec::handshake());
     let first = next(&mut plain).await?;
@@ -166,7 +183,12 @@ async fn dial_inner(
                     .connect(parts.io, &host, HANDSHAKE_TIMEOUT)
                     .await
                     .map_err(|e| CallError::Tls(addr.into(), e.to_string()))?;
-                let mut conn = boxed(stream, FrameCodec::default(), bytes::BytesMut::new());
+                let mut conn = boxed(
+                    stream,
+                    FrameCodec::default(),
+                    bytes::BytesMut::new(),
+                    &tally,
+                );
                 let challenge = next(&mut conn).await?;
                 (conn, challenge)
             }
@@ -181,7 +203,7 @@ async fn dial_inner(
             (_, _) => {
                 let parts = plain.into_parts();
                 (
-                    boxed(parts.io, FrameCodec::default(), parts.read_buf),
+                    boxed(parts.io, FrameCodec::default(), parts.read_buf, &tally),
                     first,
                 )
             }
@@ -209,6 +231,7 @@ async fn dial_inner(
             "the listener does not know the cookie".into(),
         ));
     }
+    ident.links.bind(&w.node.name, &tally, ends, true);
     Ok(conn)
 }
 
@@ -407,6 +430,8 @@ pub fn serve(listener: TcpListener, cluster: Weak<Cluster>) {
 async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError> {
     let peer = stream.peer_addr()?;
     let _ = stream.set_nodelay(true);
+    let ends = ends_of(&stream);
+    let tally = Tally::default();
     let link: Box<dyn Link> = match &c.ident.tls {
         None => Box::new(stream),
         Some(tls) => {
@@ -438,6 +463,7 @@ async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError
             }
         }
     };
+    let link: Box<dyn Link> = Box::new(Counted::new(link, tally.clone()));
     let mut conn = Framed::new(link, FrameCodec::handshake());
     let nonce: [u8; 16] = rand::random();
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -463,6 +489,7 @@ async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError
     conn.send((Kind::Welcome, super::codec::encode(&welcome)?))
         .await?;
     *conn.codec_mut() = FrameCodec::default();
+    c.ident.links.bind(&hello.node.name, &tally, ends, false);
     tracing::debug!(%peer, node = %hello.node.name, "inter-node connection accepted");
     loop {
         let frame = next(&mut conn).await?;

@@ -79,6 +79,7 @@ async fn overview_nodes_whoami_health() {
     assert_eq!(n["config_files"], json!([]), "{n:#}");
     assert_eq!(n["log_files"], json!(["<stdout>"]), "{n:#}");
     assert_eq!(n["mem_calculation_strategy"], "rss");
+    assert_eq!(n["cluster_links"], json!([]), "alone: no links");
     assert!(
         n["db_dir"]
             .as_str()
