@@ -264,10 +264,10 @@ async fn run_ticker(broker: std::sync::Weak<broker::Broker>, data_dir: std::path
     };
     let mut checked = Instant::now();
     let mut ticked = Instant::now();
+    let Some(mut fast) = broker.upgrade().map(|b| b.wants_ticks()) else {
+        return;
+    };
     loop {
-        let Some(fast) = broker.upgrade().map(|b| b.wants_ticks()) else {
-            return;
-        };
         if fast {
             sleep_until(ticked + FAST).await;
         } else {
@@ -280,7 +280,9 @@ async fn run_ticker(broker: std::sync::Weak<broker::Broker>, data_dir: std::path
             return;
         };
         ticked = Instant::now();
-        broker.tick(clock::now_ms());
+        // What the tick leaves wanting ticks, found on its walk (what
+        // starts wanting them later calls `want`).
+        fast = broker.tick(clock::now_ms());
         if ticked.duration_since(checked) >= SLOW {
             checked = ticked;
             broker.check_memory();

@@ -744,10 +744,14 @@ impl Broker {
     }
 
     /// Periodic work of every vhost (TTL, queue expiry, delayed messages).
-    pub fn tick(&self, now: u64) {
+    /// Returns whether anything still wants the ticker's fast period
+    /// ([`Broker::wants_ticks`], found on the same walk).
+    pub fn tick(&self, now: u64) -> bool {
+        let mut wants = false;
         for vhost in self.vhosts() {
-            vhost.tick(now);
+            wants |= vhost.tick(now);
         }
+        wants
     }
 
     /// Whether anything wants the ticker's fast period ([`ticks`]): messages
@@ -1203,9 +1207,9 @@ mod ticks_tests {
         publish(&v, "", "plain", expiring);
         assert!(!told(&b), "told once, not per message");
         publish(&v, "", "plain", BasicProperties::default());
-        b.tick(50);
-        assert!(b.wants_ticks(), "not due yet");
-        b.tick(100);
+        assert!(b.tick(50), "not due yet");
+        assert!(b.wants_ticks());
+        assert!(b.tick(100), "a message is left");
         let q = v.queue("plain", 0).expect("queue");
         assert_eq!(
             q.stats(100).ready,
@@ -1215,8 +1219,8 @@ mod ticks_tests {
         // Messages are left: the queue still looks at its head.
         assert!(b.wants_ticks());
         assert_eq!(q.purge(), 1);
-        b.tick(120);
-        assert!(!b.wants_ticks(), "an empty queue has nothing to expire");
+        assert!(!b.tick(120), "an empty queue has nothing to expire");
+        assert!(!b.wants_ticks());
 
         // A queue that may expire itself wants ticks from its declaration.
         let args = FieldTable(vec![("x-expires".to_string(), FieldValue::I32(1000))]);
@@ -1252,8 +1256,8 @@ mod ticks_tests {
         publish(&v, "later", "plain", delayed);
         assert!(b.wants_ticks());
         assert!(told(&b));
-        b.tick(600);
-        assert!(!b.wants_ticks(), "released");
+        assert!(!b.tick(600), "released");
+        assert!(!b.wants_ticks());
     }
 }
 

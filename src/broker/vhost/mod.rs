@@ -364,7 +364,9 @@ impl VHost {
     /// Only the queues that need it are looked at, found without a lock of
     /// theirs ([`Queue::needs_tick`]): every queue's locks, 50 times a
     /// second, took a quarter of a core at 16,000 idle queues.
-    pub fn tick(&self, now: u64) {
+    /// Returns whether anything here still wants the ticker's fast period
+    /// ([`VHost::wants_ticks`], found on the same walk).
+    pub fn tick(&self, now: u64) -> bool {
         let due: Vec<Arc<Queue>> = self
             .queues
             .read()
@@ -372,12 +374,16 @@ impl VHost {
             .filter(|q| q.needs_tick())
             .cloned()
             .collect();
+        let mut wants = false;
         for q in due {
             if q.tick(now) {
                 self.clean_up(&q, "expired");
+            } else {
+                wants |= q.wants_ticks();
             }
         }
         self.release_delayed(now);
+        wants || self.delayed.len() > 0
     }
 
     /// Consumer cancelled: detach it and auto-delete the queue if it was the last.
