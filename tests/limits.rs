@@ -16,16 +16,28 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 use warren::wire::{self, Frame, FrameCodec, Method};
 
+/// A broker of its own and its data directory, removed after it.
+struct Owned {
+    warren: warren::Warren,
+    _dir: common::TempDir,
+}
+
+impl std::ops::Deref for Owned {
+    type Target = warren::Warren;
+    fn deref(&self) -> &warren::Warren {
+        &self.warren
+    }
+}
+
 /// A broker of its own with `tweak` applied to the test configuration.
-async fn broker(tweak: impl FnOnce(&mut warren::Config)) -> (warren::Warren, String) {
-    let dir = std::env::temp_dir().join(common::uniq("warren-limits"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut config = warren::Config::for_tests(dir);
+async fn broker(tweak: impl FnOnce(&mut warren::Config)) -> (Owned, String) {
+    let dir = common::TempDir::new("warren-limits");
+    let mut config = warren::Config::for_tests(dir.path());
     config.admin_enabled = false;
     tweak(&mut config);
-    let w = warren::start(config).await.expect("broker starts");
-    let uri = format!("amqp://guest:guest@{}/%2f", w.amqp_addr());
-    (w, uri)
+    let warren = warren::start(config).await.expect("broker starts");
+    let uri = format!("amqp://guest:guest@{}/%2f", warren.amqp_addr());
+    (Owned { warren, _dir: dir }, uri)
 }
 
 async fn connect(uri: &str) -> Connection {

@@ -17,18 +17,20 @@ struct Broker {
     _warren: Option<warren::Warren>,
     amqp: std::net::SocketAddr,
     base: String,
+    /// Its data directory (removed after it).
+    _dir: Option<common::TempDir>,
 }
 
 async fn start() -> Broker {
-    let dir = std::env::temp_dir().join(common::uniq("warren-tenancy"));
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut config = warren::Config::for_tests(dir);
+    let dir = common::TempDir::new("warren-tenancy");
+    let mut config = warren::Config::for_tests(dir.path());
     config.admin_enabled = true;
     let w = warren::start(config).await.expect("broker starts");
     Broker {
         amqp: w.amqp_addr(),
         base: format!("http://{}", w.admin_addr().expect("admin enabled")),
         _warren: Some(w),
+        _dir: Some(dir),
     }
 }
 
@@ -644,6 +646,7 @@ async fn tenancy_survives_restart_and_round_trips_through_definitions() {
         _warren: None,
         amqp: ([127, 0, 0, 1], 0).into(),
         base,
+        _dir: None,
     };
     b.user("frank").await;
     b.ok("PUT", "/api/vhosts/tenant", json!({})).await;

@@ -246,6 +246,29 @@ pub async fn within<F: Future>(d: Duration, fut: F) -> Option<F::Output> {
     tokio::time::timeout(d, fut).await.ok()
 }
 
+/// A test's data directory under the system's temporary one, empty at
+/// first and removed when dropped (declare it before the broker that uses
+/// it, so the broker goes first).
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(uniq(prefix));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A unique name for a queue/exchange so tests run in parallel and re-run.
 pub fn uniq(prefix: &str) -> String {
     use rand::Rng;
