@@ -147,10 +147,13 @@ struct Admin {
     _warren: warren::Warren,
     amqp: String,
     base: String,
+    /// Its data directory (removed after it).
+    _dir: common::TempDir,
 }
 
 async fn admin_broker(tweak: impl FnOnce(&mut warren::Config)) -> Admin {
-    let mut config = warren::Config::for_tests(data_dir("limits"));
+    let dir = data_dir("limits");
+    let mut config = warren::Config::for_tests(dir.path());
     config.admin_enabled = true;
     tweak(&mut config);
     let w = warren::start(config).await.expect("broker starts");
@@ -159,6 +162,7 @@ async fn admin_broker(tweak: impl FnOnce(&mut warren::Config)) -> Admin {
         amqp: format!("amqp://guest:guest@{}/%2f", w.amqp_addr()),
         base: format!("http://{admin}"),
         _warren: w,
+        _dir: dir,
     }
 }
 

@@ -14,16 +14,6 @@ use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
 
-/// Removes a test's data directory when the test ends, passed or failed (these
-/// hold hundreds of MiB).
-struct Cleanup(std::path::PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Small memory settings so a queue of a CI-sized volume is "many times" them.
 const SMALL: &[(&str, &str)] = &[
     ("WARREN_MESSAGE_MEMORY_LIMIT", "4194304"),
@@ -152,7 +142,6 @@ async fn drain(b: &Broker, ch: &Channel, queue: &str, from: usize, n: usize) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_many_times_memory_fills_restarts_and_drains_with_bounded_rss() {
     let dir = data_dir("segments");
-    let _cleanup = Cleanup(dir.clone());
     // WARREN_SEGMENT_TEST_N: a bigger run by hand.
     let n_env = std::env::var("WARREN_SEGMENT_TEST_N").ok();
     let n: usize = n_env.and_then(|v| v.parse().ok()).unwrap_or(60_000);
@@ -241,8 +230,7 @@ async fn a_queue_many_times_memory_fills_restarts_and_drains_with_bounded_rss() 
 async fn transient_backlog_pages_out_and_is_gone_after_a_restart() {
     // In process, to read the broker's own accounting.
     let dir = data_dir("transient-pages");
-    let _cleanup = Cleanup(dir.clone());
-    let mut config = warren::Config::for_tests(&dir);
+    let mut config = warren::Config::for_tests(dir.path());
     config.admin_enabled = false;
     const LIMIT: u64 = 1 << 20;
     config.message_memory_limit = LIMIT;
@@ -320,7 +308,6 @@ async fn transient_backlog_pages_out_and_is_gone_after_a_restart() {
 
     // A durable queue's transient messages paged out: gone after a restart.
     let dir = data_dir("transient-durable");
-    let _cleanup = Cleanup(dir.clone());
     let b = Broker::start_with(&dir, SMALL).await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.expect("channel");
@@ -338,7 +325,6 @@ async fn transient_backlog_pages_out_and_is_gone_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_delayed_messages_survive_a_kill_9() {
     let dir = data_dir("delayed-store");
-    let _cleanup = Cleanup(dir.clone());
     let b = Broker::start(&dir).await;
     let conn = b.connect().await;
     let ch = conn.create_channel().await.expect("channel");

@@ -3,7 +3,7 @@
 //! what survives a restart.
 
 use lapin::{Connection, ConnectionProperties};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -17,11 +17,9 @@ fn free_port() -> u16 {
     super::free_port("127.0.0.1")
 }
 
-/// A fresh, empty data directory for one test.
-pub fn data_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(super::uniq(&format!("warren-proc-{name}")));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A fresh, empty data directory for one test, removed when dropped.
+pub fn data_dir(name: &str) -> super::TempDir {
+    super::TempDir::new(&format!("warren-proc-{name}"))
 }
 
 impl BrokerProcess {

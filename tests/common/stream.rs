@@ -31,7 +31,7 @@ pub fn shared_broker_with(
 ) -> (SocketAddr, SocketAddr) {
     static ADDRS: std::sync::OnceLock<(SocketAddr, SocketAddr)> = std::sync::OnceLock::new();
     *ADDRS.get_or_init(|| {
-        let dir = super::process::data_dir(name);
+        let dir = super::process::data_dir(name).keep();
         let mut config = warren::Config::for_tests(dir);
         config.admin_enabled = false;
         set(&mut config);
