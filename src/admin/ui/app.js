@@ -278,7 +278,7 @@
       else if (!nodeInfo) node.textContent = 'Node details need the monitoring or administrator tag.';
       else node.innerHTML = '<dl class="kv"><dt>Name</dt><dd>' + esc(nodeInfo.name) + '</dd><dt>Version</dt><dd>' + esc(o.product_name) + ' ' + esc(o.product_version) +
         '</dd><dt>Uptime</dt><dd>' + esc(Math.round(nodeInfo.uptime / 1000)) + ' s</dd><dt>Memory high watermark</dt><dd>' + (nodeInfo.mem_limit ? esc(bytes(nodeInfo.mem_limit)) : 'none') + '</dd><dt>Memory alarm</dt><dd>' + (nodeInfo.mem_alarm ? 'ON — publishers are blocked' : 'off') +
-        '</dd><dt>Alarm check</dt><dd>' + esc(alarmInfo ? (alarmInfo.status === 'ok' ? 'ok' : alarmInfo.reason || alarmInfo.status) : '') + '</dd><dt>File descriptors</dt><dd>' + esc(nodeInfo.fd_used) + '</dd></dl>';
+        '</dd><dt>Alarm check</dt><dd>' + esc(alarmInfo ? (alarmInfo.status === 'ok' ? 'ok' : alarmInfo.reason || alarmInfo.status) : '') + '</dd><dt>File descriptors</dt><dd>' + esc(nodeInfo.fd_used) + '</dd></dl>' + linksTable(nodeInfo.cluster_links || []);
     }
     if (serverRates.length >= 3) drawChart($('#ov-chart'), serverRates, chartWindow() * 1000); else drawChart($('#ov-chart'), history);
     if (nodeInfo && $('#ov-mem')) {
@@ -287,6 +287,19 @@
       window.WarrenFlow.lineChart($('#ov-conns'), NODE_CONNS.map(([k, l, c]) => ({ key: k, label: l, color: c, points: P((nodeInfo[k + '_details'] || {}).samples) })), { span, now, title: 'Connections' });
       window.WarrenFlow.lineChart($('#ov-disk'), [{ key: 'disk_free', label: 'Free', color: '#1b7a34', points: P((nodeInfo.disk_free_details || {}).samples) }], { span, now, format: bytes, title: 'Free disk' });
     }
+  }
+  // This node's links to the other members (RabbitMQ's "Cluster links"):
+  // bytes both ways over its inter-node connections, with their rates.
+  function linksTable(links) {
+    if (!links.length) return '';
+    const flow = (l, f) => esc(bytes(l[f])) + ' <span class="muted">' + esc(bytes(((l.stats || {})[f + '_details'] || {}).rate || 0)) + '/s</span>';
+    const cols = [
+      { label: 'Peer', cell: (l) => esc(l.name) },
+      { label: 'Address', cell: (l) => (l.peer_addr ? esc(l.peer_addr + ':' + l.peer_port) : '<span class="muted">n/a</span>') },
+      { label: 'Sent', n: 1, cell: (l) => flow(l, 'send_bytes') },
+      { label: 'Received', n: 1, cell: (l) => flow(l, 'recv_bytes') },
+    ];
+    return '<h3>Cluster links</h3>' + table(cols, links, { id: 'links-table', label: 'Cluster links' });
   }
   // RabbitMQ's nodes table: every member with its state and health figures
   // (fetched by the answering node from each member); "n/a" for a member
