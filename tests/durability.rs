@@ -182,7 +182,6 @@ async fn durable_topology_and_messages_survive_restart() {
         b"again"
     );
     b.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Publish persistent messages with confirms from several connections until killed.
@@ -351,5 +350,4 @@ async fn kill_9_loses_no_confirmed_message() {
         );
     }
     b.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }

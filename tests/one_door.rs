@@ -138,7 +138,6 @@ async fn concurrent_binds_to_one_durable_exchange_survive_restart() {
     assert_eq!(q.message_count() as usize, ROUNDS * CONNECTIONS);
     let _ = conn.close(200, "bye").await;
     broker.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 // ------------------------------------------------------------ limits, every door

@@ -649,7 +649,6 @@ async fn transient_messages_in_a_quorum_queue_survive_a_restart() {
     );
     drop(conn);
     b.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The default `max_message_size` is RabbitMQ 3.x's 128 MiB (4.0 lowered it
@@ -730,5 +729,4 @@ async fn delivery_count_survives_a_restart() {
     assert!(get(&ch, "qq.count").await.is_none(), "past the limit of 3");
     drop(conn);
     b.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }

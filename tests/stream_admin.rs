@@ -13,24 +13,14 @@ use futures::StreamExt;
 use rabbitmq_stream_client::types::{Message, OffsetSpecification};
 use rabbitmq_stream_client::Environment;
 use serde_json::Value;
-use std::path::PathBuf;
 use std::time::Duration;
 
-/// The test's data directory, removed at the end.
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-async fn broker(name: &str) -> (warren::Warren, Dir) {
-    let dir = std::env::temp_dir().join(common::uniq(&format!("warren-sadmin-{name}")));
-    let w = warren::start(warren::Config::for_tests(&dir))
+async fn broker(name: &str) -> (warren::Warren, common::TempDir) {
+    let dir = common::TempDir::new(&format!("warren-sadmin-{name}"));
+    let w = warren::start(warren::Config::for_tests(dir.path()))
         .await
         .expect("broker starts");
-    (w, Dir(dir))
+    (w, dir)
 }
 
 fn api(w: &warren::Warren, path: &str) -> String {
@@ -310,11 +300,10 @@ async fn vhost_max_connections_counts_stream_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn byte_counters_rates_and_subscriptions_as_consumers() {
-    let dir = std::env::temp_dir().join(common::uniq("warren-sadmin-bytes"));
-    let mut config = warren::Config::for_tests(&dir);
+    let dir = common::TempDir::new("warren-sadmin-bytes");
+    let mut config = warren::Config::for_tests(dir.path());
     config.admin_sample_interval_secs = 1;
     let w = warren::start(config).await.expect("broker starts");
-    let _dir = Dir(dir);
     let port = w.stream_addr().expect("stream").port();
     let env = t(Environment::builder().host("127.0.0.1").port(port).build())
         .await
@@ -458,12 +447,11 @@ async fn byte_counters_rates_and_subscriptions_as_consumers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sasl_anonymous_logs_in_as_the_configured_user() {
-    let dir = std::env::temp_dir().join(common::uniq("warren-sadmin-anon"));
-    let mut config = warren::Config::for_tests(&dir);
+    let dir = common::TempDir::new("warren-sadmin-anon");
+    let mut config = warren::Config::for_tests(dir.path());
     config.anonymous_login_user = Some("anon".into());
     config.anonymous_login_pass = Some("s3cret".into());
     let w = warren::start(config).await.expect("broker starts");
-    let _dir = Dir(dir);
     let addr = w.stream_addr().expect("stream");
     let (status, body) = http(
         "PUT",
@@ -510,12 +498,11 @@ async fn sasl_anonymous_logs_in_as_the_configured_user() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sasl_anonymous_with_a_wrong_password_fails() {
-    let dir = std::env::temp_dir().join(common::uniq("warren-sadmin-anonbad"));
-    let mut config = warren::Config::for_tests(&dir);
+    let dir = common::TempDir::new("warren-sadmin-anonbad");
+    let mut config = warren::Config::for_tests(dir.path());
     config.anonymous_login_user = Some("guest".into());
     config.anonymous_login_pass = Some("not-the-password".into());
     let w = warren::start(config).await.expect("broker starts");
-    let _dir = Dir(dir);
     let mut sock = tokio::net::TcpStream::connect(w.stream_addr().expect("stream"))
         .await
         .expect("connect");

@@ -485,7 +485,6 @@ async fn confirmed_messages_survive_kill_9() {
     publish_all(&ch, "ks", &["after".to_string()]).await;
     assert_eq!(take(&mut c, 1).await, vec![(200, "after".to_string())]);
     b.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 const GUEST: Option<(&str, &str)> = Some(("guest", "guest"));

@@ -954,10 +954,10 @@ impl Queue {
 
     /// Whether `tick` has anything to do for this queue.
     pub fn needs_tick(&self) -> bool {
-        if let Some(sq) = &self.stream {
-            return sq.log.has_closed_segments();
+        match &self.stream {
+            Some(sq) => sq.log.has_closed_segments(),
+            None => self.wants_ticks(),
         }
-        self.timed.load(Ordering::Relaxed) || self.may_expire.load(Ordering::Relaxed)
     }
 
     /// Whether this queue wants the ticker's fast period: it may have

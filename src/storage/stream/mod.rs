@@ -1030,6 +1030,21 @@ struct Peek {
     bytes: [u8; chunk::HEADER_LEN + 255],
 }
 
+impl Peek {
+    /// What was read ahead at (`seg`, `pos`): `read`, at most a header and
+    /// 255 bytes of bloom filter.
+    fn of(seg: u64, pos: u64, read: &[u8]) -> Peek {
+        let mut bytes = [0u8; chunk::HEADER_LEN + 255];
+        bytes[..read.len()].copy_from_slice(read);
+        Peek {
+            seg,
+            pos,
+            len: read.len(),
+            bytes,
+        }
+    }
+}
+
 /// The most trailer bytes read through to reach the next chunk's header.
 const PEEK_TRAILER_MAX: usize = 1024;
 
@@ -1328,14 +1343,7 @@ impl StreamReader {
                 // Starts a delivered chunk past the limit: left for the next
                 // read (with what was read of it).
                 if peeked.is_some() {
-                    let mut bytes = [0u8; chunk::HEADER_LEN + 255];
-                    bytes[..n].copy_from_slice(&head[..n]);
-                    self.peek = Some(Peek {
-                        seg: *seg_first,
-                        pos: p,
-                        len: n,
-                        bytes,
-                    });
+                    self.peek = Some(Peek::of(*seg_first, p, &head[..n]));
                 }
                 return Ok(BatchRead::Read);
             }
@@ -1369,15 +1377,8 @@ impl StreamReader {
                 match read_into(file, &mut look[..want], end, true)? {
                     Some(m) if m >= 1 => {
                         if ahead && m >= tail + chunk::HEADER_LEN {
-                            let len = m - tail;
-                            let mut bytes = [0u8; chunk::HEADER_LEN + 255];
-                            bytes[..len].copy_from_slice(&look[tail..m]);
-                            self.peek = Some(Peek {
-                                seg: *seg_first,
-                                pos: p + h.total_len(),
-                                len,
-                                bytes,
-                            });
+                            let at = p + h.total_len();
+                            self.peek = Some(Peek::of(*seg_first, at, &look[tail..m]));
                         }
                     }
                     _ => return would_block(spans),
