@@ -59,6 +59,11 @@ pub enum Kind {
     /// A quorum queue group's Raft RPC (payload: the group id and the
     /// request, `super::quorum::network::GroupRpc`).
     Quorum = 21,
+    /// The dialer makes this connection a multiplexed one for the quorum
+    /// groups' RPCs (`super::mux`): from then on it sends [`Kind::Quorum`]
+    /// frames and the listener answers [`Kind::Reply`] frames, each headed
+    /// by the request's id, in any order.
+    Mux = 22,
 }
 
 impl Kind {
@@ -80,6 +85,7 @@ impl Kind {
             19 => Kind::Data,
             20 => Kind::Reply,
             21 => Kind::Quorum,
+            22 => Kind::Mux,
             _ => return None,
         })
     }

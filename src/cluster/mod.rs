@@ -31,6 +31,7 @@ pub mod forward;
 pub mod frame;
 pub mod gone;
 pub mod links;
+pub mod mux;
 pub mod network;
 pub mod quorum;
 pub mod store;
@@ -946,8 +947,8 @@ pub struct Identity {
     pub dial: BTreeMap<String, String>,
     /// When a connection problem with a peer was last logged, by peer.
     complaints: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
-    /// Idle connections the quorum queue groups share.
-    pub pool: network::Pool,
+    /// The quorum queue groups' connections, one per peer ([`mux`]).
+    pub mux: mux::Muxes,
     /// Bytes to and from each peer, for `cluster_links`.
     pub links: links::Links,
 }
@@ -965,7 +966,7 @@ impl Identity {
             tls: None,
             dial: BTreeMap::new(),
             complaints: Default::default(),
-            pool: network::Pool::default(),
+            mux: mux::Muxes::default(),
             links: links::Links::default(),
         }
     }

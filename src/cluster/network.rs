@@ -244,49 +244,6 @@ pub struct Peer {
     conn: Option<Conn>,
     /// A dial under way (outlives a call abandoned while it runs).
     dialing: Option<tokio::task::JoinHandle<Result<Conn, CallError>>>,
-    /// Takes its connection from, and gives it back to, the node's [`Pool`]
-    /// between calls rather than keeping one of its own.
-    pooled: bool,
-}
-
-/// Idle inter-node connections shared by the [`Peer::pooled`] peers (the
-/// quorum queue groups'), by peer address: a group's RPC borrows one for
-/// its request and reply and gives it back, so the connections to a node
-/// number the RPCs in flight to it at once, not the groups. At most
-/// [`POOL_IDLE_MAX`] idle per peer; all of a peer's are dropped when one
-/// fails (they most likely share its fate: the peer restarted, the link
-/// was cut).
-#[derive(Default)]
-pub struct Pool {
-    idle: parking_lot::Mutex<std::collections::HashMap<String, Vec<Conn>>>,
-}
-
-/// Idle pooled connections kept per peer: room for the RPCs in flight to
-/// a node when hundreds of groups heartbeat it (a call that finds none idle
-/// dials, and one returned to a full pool is closed).
-pub const POOL_IDLE_MAX: usize = 64;
-
-impl Pool {
-    fn take(&self, addr: &str) -> Option<Conn> {
-        self.idle.lock().get_mut(addr)?.pop()
-    }
-
-    fn put(&self, addr: &str, conn: Conn) {
-        let mut idle = self.idle.lock();
-        let list = idle.entry(addr.to_string()).or_default();
-        if list.len() < POOL_IDLE_MAX {
-            list.push(conn);
-        }
-    }
-
-    fn clear(&self, addr: &str) {
-        self.idle.lock().remove(addr);
-    }
-
-    /// Idle connections to `addr` now.
-    pub fn idle(&self, addr: &str) -> usize {
-        self.idle.lock().get(addr).map_or(0, Vec::len)
-    }
 }
 
 impl Peer {
@@ -298,7 +255,6 @@ impl Peer {
             ident,
             conn: None,
             dialing: None,
-            pooled: false,
         }
     }
 
@@ -310,15 +266,6 @@ impl Peer {
             ident,
             conn: None,
             dialing: None,
-            pooled: false,
-        }
-    }
-
-    /// A member, reached over the node's shared [`Pool`] of connections.
-    pub fn pooled(node: &NodeInfo, ident: Arc<Identity>) -> Peer {
-        Peer {
-            pooled: true,
-            ..Peer::to(node, ident)
         }
     }
 
@@ -331,7 +278,6 @@ impl Peer {
             ident,
             conn: None,
             dialing: None,
-            pooled: false,
         }
     }
 
@@ -352,14 +298,6 @@ impl Peer {
             Ok(bytes) => Ok(super::codec::decode(&bytes)?),
             Err(e) => {
                 self.conn = None;
-                // A call that failed on its connection: the others to
-                // that peer most likely share its fate. One that only took
-                // too long (the peer busy) says nothing of them: dropping
-                // them all made every next call dial, and under load the
-                // dials timed out in turn.
-                if self.pooled && !matches!(e, CallError::Timeout) {
-                    self.ident.pool.clear(&self.addr);
-                }
                 Err(e)
             }
         }
@@ -372,12 +310,7 @@ impl Peer {
     /// its own; and the dial runs in a task of its own, kept across abandoned
     /// calls, so a slow link still ends up connected.
     async fn exchange(&mut self, kind: Kind, payload: Vec<u8>) -> Result<bytes::Bytes, CallError> {
-        let idle = match self.conn.take() {
-            Some(conn) => Some(conn),
-            None if self.pooled => self.ident.pool.take(&self.addr),
-            None => None,
-        };
-        let mut conn = match idle {
+        let mut conn = match self.conn.take() {
             Some(conn) => conn,
             None => {
                 let dialing = self.dialing.get_or_insert_with(|| {
@@ -401,11 +334,7 @@ impl Peer {
                 "not a reply".into(),
             ));
         }
-        if self.pooled {
-            self.ident.pool.put(&self.addr, conn);
-        } else {
-            self.conn = Some(conn);
-        }
+        self.conn = Some(conn);
         Ok(reply.payload)
     }
 }
@@ -495,6 +424,9 @@ async fn serve_conn(stream: TcpStream, c: &Arc<Cluster>) -> Result<(), CallError
         let frame = next(&mut conn).await?;
         if frame.kind == Kind::Link {
             return super::forward::serve_link(conn, Arc::clone(c), hello.node.name).await;
+        }
+        if frame.kind == Kind::Mux {
+            return super::mux::serve(conn, Arc::clone(c)).await;
         }
         let reply = c.handle_request(frame).await?;
         conn.send((Kind::Reply, reply)).await?;

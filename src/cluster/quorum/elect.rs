@@ -27,10 +27,9 @@
 use super::network::{GroupRpc, Rpc};
 use super::serve::Group;
 use super::Manager;
-use crate::cluster::frame::Kind;
-use crate::cluster::network::Peer;
 use futures::StreamExt;
 use openraft::ServerState;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -98,10 +97,29 @@ impl Group {
             && candidate_last >= m.last_log_index
     }
 
-    /// Due for a pre-vote round now (and marked as asking).
-    fn due(&self, me: u64, now: Instant) -> bool {
+    /// What the ticker does for this member now: a leader heartbeats
+    /// (unless a transfer stopped it); a voter that heard from no leader
+    /// for its wait asks for pre-votes (and is marked as asking).
+    fn due(&self, me: u64, now: Instant) -> Due {
+        let leading = self.leading.load(Ordering::Acquire);
+        {
+            let mut t = self.timer.lock();
+            if leading || self.is_transferring() {
+                // A leader that steps down waits a whole round first.
+                t.heard = now;
+                let quiet = self.quiet.load(Ordering::Acquire);
+                return match (leading && !quiet).then(|| self.raft()).flatten() {
+                    Some(raft) => Due::Beat(raft),
+                    None => Due::Nothing,
+                };
+            }
+            if t.asking || now.duration_since(t.heard.max(t.round)) < t.wait {
+                return Due::Nothing;
+            }
+        }
+        // Only a member whose wait is over reads its metrics.
         let Some(raft) = self.raft() else {
-            return false;
+            return Due::Nothing;
         };
         let (leader, voter) = {
             let metrics = raft.metrics();
@@ -114,16 +132,15 @@ impl Group {
             (m.state == ServerState::Leader, voter)
         };
         let mut t = self.timer.lock();
-        if leader || self.is_transferring() {
-            // A leader that steps down waits a whole round first.
+        if leader {
             t.heard = now;
-            return false;
+            return Due::Beat(raft);
         }
-        if !voter || t.asking || now.duration_since(t.heard.max(t.round)) < t.wait {
-            return false;
+        if !voter || t.asking {
+            return Due::Nothing;
         }
         t.asking = true;
-        true
+        Due::Stand
     }
 
     /// One round: ask the other voters for pre-votes, stand if a majority
@@ -152,16 +169,15 @@ impl Group {
             let mut asks: futures::stream::FuturesUnordered<_> = others
                 .iter()
                 .map(|node| {
-                    let mut peer = Peer::pooled(node, Arc::clone(&m.ident));
                     let req = GroupRpc {
                         group: self.id.clone(),
                         rpc: Rpc::PreVote {
                             last_log_index: last,
                         },
                     };
+                    let ident = Arc::clone(&m.ident);
                     async move {
-                        let r: Result<Result<serde_json::Value, String>, _> =
-                            peer.call(Kind::Quorum, &req, within).await;
+                        let r = super::network::call(&ident, node, &req, within).await;
                         matches!(r, Ok(Ok(serde_json::Value::Bool(true))))
                     }
                 })
@@ -194,21 +210,43 @@ impl Group {
     }
 }
 
-/// Tick every group of this node every half heartbeat; start a round for
-/// each one due.
+/// What [`run`] does for a member at a tick.
+enum Due {
+    Nothing,
+    Stand,
+    Beat(openraft::Raft<super::QTypeConfig>),
+}
+
+/// Tick every group of this node every half heartbeat: start a pre-vote
+/// round for each one due, and every third tick (one and a half heartbeat
+/// intervals, as often as openraft's own tick sent them) send the
+/// heartbeats of every group this node leads (openraft's own are off), all
+/// at once, so that those to one peer share its connection's writes and
+/// reads ([`crate::cluster::mux`]) instead of a thousand groups' being
+/// spread over the interval one by one.
 pub(super) async fn run(m: Weak<Manager>) {
     let every = match m.upgrade() {
         Some(m) => Duration::from_millis((m.config.heartbeat_interval / 2).max(10)),
         None => return,
     };
+    let mut ticks = 0u64;
     loop {
         tokio::time::sleep(every).await;
         let Some(m) = m.upgrade() else { return };
         let now = Instant::now();
+        ticks += 1;
+        let beat = ticks.is_multiple_of(3);
         let groups: Vec<Arc<Group>> = m.groups.lock().values().cloned().collect();
         for g in groups {
-            if g.due(m.ident.id, now) {
-                tokio::spawn(g.stand(Arc::clone(&m)));
+            match g.due(m.ident.id, now) {
+                Due::Nothing => {}
+                Due::Stand => {
+                    tokio::spawn(g.stand(Arc::clone(&m)));
+                }
+                Due::Beat(raft) if beat => {
+                    let _ = raft.trigger().heartbeat().await;
+                }
+                Due::Beat(_) => {}
             }
         }
     }

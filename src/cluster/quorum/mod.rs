@@ -188,8 +188,12 @@ impl Manager {
             // snapshots"), triggered by the group's watch loop.
             snapshot_policy: openraft::SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: 256,
-            // Elections are this module's, with a pre-vote (`elect`).
+            // Elections are this module's, with a pre-vote (`elect`), and
+            // so are heartbeats: the node's ticker sends every group's at
+            // the same moment, so that one peer's go out together over
+            // their shared connection (`crate::cluster::mux`).
             enable_elect: false,
+            enable_heartbeat: false,
             ..Default::default()
         }
         .validate()

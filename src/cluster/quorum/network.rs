@@ -1,7 +1,6 @@
 //! A quorum queue group's Raft RPCs between nodes: carried by the cluster's
-//! own connections ([`crate::cluster::network::Peer`], so the same `dial`,
-//! TLS and cookie handshake), borrowed from the node's shared pool (so the
-//! connections to a node number the RPCs in flight, not the groups), in
+//! own connections (the same `dial`, TLS and cookie handshake), all groups'
+//! over one multiplexed connection per peer ([`crate::cluster::mux`]), in
 //! [`Kind::Quorum`] frames that name the group; the listener
 //! ([`crate::cluster::network::serve`]) hands them to
 //! [`super::Manager::handle`]. No listener of their own. Besides openraft's
@@ -9,8 +8,7 @@
 //! the pre-vote before an election (`super::elect`).
 
 use super::QTypeConfig;
-use crate::cluster::frame::Kind;
-use crate::cluster::network::{CallError, Peer};
+use crate::cluster::network::CallError;
 use crate::cluster::{Identity, NodeInfo};
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -67,7 +65,8 @@ impl RaftNetworkFactory<QTypeConfig> for GroupNetwork {
         GroupPeer {
             target,
             group: self.group.clone(),
-            peer: Peer::pooled(node, Arc::clone(&self.ident)),
+            node: node.clone(),
+            ident: Arc::clone(&self.ident),
         }
     }
 }
@@ -75,7 +74,24 @@ impl RaftNetworkFactory<QTypeConfig> for GroupNetwork {
 pub struct GroupPeer {
     target: NodeId,
     group: String,
-    peer: Peer,
+    node: NodeInfo,
+    ident: Arc<Identity>,
+}
+
+/// Send one group's RPC to `node` and wait at most `timeout` for the
+/// answer: the listener's `Result` (Err when it has no such group).
+pub async fn call(
+    ident: &Arc<Identity>,
+    node: &NodeInfo,
+    req: &GroupRpc,
+    timeout: Duration,
+) -> Result<Result<serde_json::Value, String>, CallError> {
+    let payload = crate::cluster::codec::encode(req)?;
+    let reply = ident
+        .mux
+        .call(ident, Some(&node.name), &node.addr, &payload, timeout)
+        .await?;
+    Ok(crate::cluster::codec::decode(&reply)?)
 }
 
 impl GroupPeer {
@@ -94,8 +110,7 @@ impl GroupPeer {
         };
         // The listener answers Err when it has no such group (not started
         // yet, or deleted): unreachable, for now.
-        let r: Result<Result<serde_json::Value, String>, CallError> =
-            self.peer.call(Kind::Quorum, &req, option.hard_ttl()).await;
+        let r = call(&self.ident, &self.node, &req, option.hard_ttl()).await;
         let value = match r {
             Ok(Ok(v)) => v,
             Ok(Err(why)) => {

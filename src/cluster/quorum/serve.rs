@@ -65,6 +65,12 @@ pub struct Group {
     /// A leadership transfer is under way ([`Group::transfer_to`]): nothing
     /// is proposed and no heartbeat sent until it ends.
     transferring: AtomicBool,
+    /// The transfer has stopped this leader's heartbeats (sent by the
+    /// node's ticker, `super::elect::run`, for every group it leads).
+    pub(super) quiet: AtomicBool,
+    /// openraft has made this member the leader (kept by [`watch`], so
+    /// that the ticker need not read every group's metrics).
+    pub(super) leading: AtomicBool,
     /// Wakes the proposal loops when a transfer ends.
     transferred: tokio::sync::Notify,
     /// Wakes those waiting for this member to serve ([`Group::serves_within`]).
@@ -115,6 +121,8 @@ impl Group {
             pending,
             members: parking_lot::Mutex::new(Vec::new()),
             transferring: AtomicBool::new(false),
+            quiet: AtomicBool::new(false),
+            leading: AtomicBool::new(false),
             transferred: tokio::sync::Notify::new(),
             served: tokio::sync::Notify::new(),
             timer: parking_lot::Mutex::new(super::elect::Timer::new(wait)),
@@ -366,7 +374,7 @@ impl Group {
         if self.transferring.swap(true, Ordering::AcqRel) {
             return Err("a leadership transfer is already under way".into());
         }
-        let _resume = Resume(self, raft.clone());
+        let _resume = Resume(self);
         // Everything proposed is applied here and replicated to `to`: its
         // log is as long as this leader's, so it can win.
         let caught_up = raft
@@ -389,7 +397,7 @@ impl Group {
         if caught_up.is_err() {
             return Err(format!("node {to} did not catch up in time"));
         }
-        raft.runtime_config().heartbeat(false);
+        self.quiet.store(true, Ordering::Release);
         let ask_every = Duration::from_millis(manager.config.heartbeat_interval);
         let mut peer = crate::cluster::network::Peer::to(&target, Arc::clone(&manager.ident));
         // Given up before any other member's own timer (lease plus an
@@ -437,11 +445,11 @@ impl Group {
 
 /// Ends a leadership transfer, however it went: heartbeats again (a leader
 /// that stayed goes on leading) and proposals resume.
-struct Resume<'a>(&'a Group, Raft);
+struct Resume<'a>(&'a Group);
 
 impl Drop for Resume<'_> {
     fn drop(&mut self) {
-        self.1.runtime_config().heartbeat(true);
+        self.0.quiet.store(false, Ordering::Release);
         self.0.transferring.store(false, Ordering::Release);
         self.0.transferred.notify_waiters();
     }
@@ -523,9 +531,14 @@ async fn watch(g: Weak<Group>, raft: Raft) {
         None => return,
     };
     let mut checked = tokio::time::Instant::now();
+    let mut next_tick = checked + tick;
     loop {
-        let leader = metrics.borrow_and_update().state == ServerState::Leader;
+        let (leader, seen) = {
+            let m = metrics.borrow_and_update();
+            (m.state == ServerState::Leader, Seen::of(&m))
+        };
         let Some(group) = g.upgrade() else { return };
+        group.leading.store(leader, Ordering::Release);
         if let Some(m) = group.manager.upgrade() {
             if group.has_left(m.ident.id) {
                 tracing::info!(queue = %group.name, vhost = %group.vhost, "left the quorum queue's group");
@@ -586,16 +599,66 @@ async fn watch(g: Weak<Group>, raft: Raft) {
             let _ = raft.trigger().snapshot().await;
         }
         drop(group);
-        tokio::select! {
-            r = metrics.changed() => {
-                if r.is_err() {
-                    if let Some(group) = g.upgrade() {
-                        group.unserve();
+        // Until what this loop looks at changes, or the tick: the metrics
+        // also change at every reply to a heartbeat (replication progress,
+        // the quorum's last ack), which asks nothing of this loop.
+        loop {
+            tokio::select! {
+                r = metrics.changed() => {
+                    if r.is_err() {
+                        if let Some(group) = g.upgrade() {
+                            group.unserve();
+                        }
+                        return;
                     }
-                    return;
+                    if Seen::of(&metrics.borrow_and_update()) != seen {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep_until(next_tick) => {
+                    next_tick = tokio::time::Instant::now() + tick;
+                    break;
                 }
             }
-            () = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+/// What [`watch`] reacts to in a member's metrics: its role, the leader,
+/// the vote, the membership, its log and applied entries, and how far the
+/// learners have replicated (a learner being removed goes once it has the
+/// configuration that removes it, see [`reconcile`]; there are learners
+/// only while the membership changes).
+#[derive(PartialEq)]
+struct Seen {
+    state: ServerState,
+    leader: Option<u64>,
+    vote: openraft::Vote<u64>,
+    membership: Option<openraft::LogId<u64>>,
+    last_log: Option<u64>,
+    applied: Option<u64>,
+    learners: Vec<(u64, Option<u64>)>,
+}
+
+impl Seen {
+    fn of(m: &openraft::RaftMetrics<u64, crate::cluster::NodeInfo>) -> Seen {
+        let learners = match &m.replication {
+            Some(r) => m
+                .membership_config
+                .membership()
+                .learner_ids()
+                .map(|id| (id, r.get(&id).copied().flatten().map(|l| l.index)))
+                .collect(),
+            None => Vec::new(),
+        };
+        Seen {
+            state: m.state,
+            leader: m.current_leader,
+            vote: m.vote,
+            membership: *m.membership_config.log_id(),
+            last_log: m.last_log_index,
+            applied: m.last_applied.map(|l| l.index),
+            learners,
         }
     }
 }
