@@ -13,11 +13,12 @@
 //! (one request per pooled connection, before).
 //!
 //! Bounded: at most [`IN_FLIGHT_MAX`] requests wait for a reply on one
-//! connection, on either side (a caller past it waits for room, within its
-//! timeout; the listener stops reading until a handler finishes). A
-//! connection over which nothing at all came back for as long as a call
-//! waited (a link cut without a reset) is closed, and the next call dials
-//! again.
+//! connection, and as many frames for the write, on either side (a call
+//! past it fails at once; the listener stops reading until a handler
+//! finishes). A connection over which nothing at all came back for as long
+//! as a call waited (a link cut without a reset) is closed, and the next
+//! call dials again. Requests and replies are written by the callers and
+//! handlers themselves ([`Writer`]), not handed to a task.
 
 use super::frame::Kind;
 use super::network::{dial, CallError, Conn};
@@ -26,11 +27,11 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
@@ -125,41 +126,29 @@ impl Muxes {
     }
 }
 
-/// One multiplexed connection, dialer's side: a writer task takes the
-/// requests from `out` (as many as are queued per write), a reader task
-/// hands each reply to the call waiting for its id.
+/// One multiplexed connection, dialer's side: callers write their requests
+/// themselves ([`Writer`]), a reader task hands each reply to the call
+/// waiting for its id.
 struct MuxConn {
-    out: mpsc::Sender<Vec<u8>>,
+    writer: Writer,
     waiting: Mutex<HashMap<u64, oneshot::Sender<Bytes>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
     /// When the reader last took a reply.
     last_read: Mutex<Instant>,
-    tasks: Mutex<Vec<AbortHandle>>,
+    reader: Mutex<Option<AbortHandle>>,
 }
 
 impl MuxConn {
     fn start(conn: Conn) -> Arc<MuxConn> {
         let (sink, stream) = conn.split();
-        let (out, rx) = mpsc::channel(IN_FLIGHT_MAX);
         let me = Arc::new(MuxConn {
-            out,
+            writer: Writer::new(sink, Kind::Quorum),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
             last_read: Mutex::new(Instant::now()),
-            tasks: Mutex::new(Vec::new()),
-        });
-        let writer = tokio::spawn({
-            let me = Arc::downgrade(&me);
-            async move {
-                let (mut sink, mut rx) = (sink, rx);
-                let r = write_frames(&mut sink, &mut rx, Kind::Quorum).await;
-                if let Some(me) = me.upgrade() {
-                    tracing::debug!(error = ?r.err(), "multiplexed inter-node connection: writer ended");
-                    me.close();
-                }
-            }
+            reader: Mutex::new(None),
         });
         let reader = tokio::spawn({
             let me = Arc::downgrade(&me);
@@ -190,17 +179,16 @@ impl MuxConn {
                 }
             }
         });
-        me.tasks
-            .lock()
-            .extend([writer.abort_handle(), reader.abort_handle()]);
+        *me.reader.lock() = Some(reader.abort_handle());
         me
     }
 
-    /// Closed for good: both tasks stopped (the socket with them), every
-    /// waiting call told at once (its reply will not come).
+    /// Closed for good: the reader stopped, every waiting call told at
+    /// once (its reply will not come); the socket closes when the last
+    /// call holding the connection lets it go.
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        for t in self.tasks.lock().drain(..) {
+        if let Some(t) = self.reader.lock().take() {
             t.abort();
         }
         self.waiting.lock().clear();
@@ -220,15 +208,23 @@ impl MuxConn {
             if self.closed.load(Ordering::Acquire) {
                 return Err(lost());
             }
+            if waiting.len() >= IN_FLIGHT_MAX {
+                return Err(CallError::Io(std::io::Error::other(
+                    "too many requests in flight to the peer",
+                )));
+            }
             waiting.insert(id, tx);
         }
         let _forget = Forget(self, id);
         let mut frame = Vec::with_capacity(8 + payload.len());
         frame.extend_from_slice(&id.to_be_bytes());
         frame.extend_from_slice(payload);
-        match tokio::time::timeout_at(deadline, self.out.send(frame)).await {
+        match tokio::time::timeout_at(deadline, self.writer.send(frame)).await {
             Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(lost()),
+            Ok(Err(e)) => {
+                self.close();
+                return Err(e.into());
+            }
             Err(_) => return Err(CallError::Timeout),
         }
         match tokio::time::timeout_at(deadline, rx).await {
@@ -258,47 +254,83 @@ impl Drop for Forget<'_> {
     }
 }
 
-/// Write what `rx` brings as `kind` frames, as many per write as are
-/// queued, until it or the connection ends (both sides).
-async fn write_frames<S>(
-    sink: &mut S,
-    rx: &mut mpsc::Receiver<Vec<u8>>,
+type Sink = futures::stream::SplitSink<Conn, (Kind, Vec<u8>)>;
+
+/// A connection's write half, written by whoever sends (flat combining): a
+/// frame joins the queue, and a sender that finds the half free writes
+/// every queued frame (its own, and those of the senders that found it
+/// busy meanwhile) and flushes them together. No task of its own and no
+/// hand-off: a lone request is written by its caller, a burst of them in a
+/// few writes.
+struct Writer {
     kind: Kind,
-) -> Result<(), CallError>
-where
-    S: futures::Sink<(Kind, Vec<u8>), Error = std::io::Error> + Unpin,
-{
-    while let Some(first) = rx.recv().await {
-        sink.feed((kind, first)).await?;
-        while let Ok(more) = rx.try_recv() {
-            sink.feed((kind, more)).await?;
+    queue: Mutex<VecDeque<Vec<u8>>>,
+    sink: tokio::sync::Mutex<Sink>,
+}
+
+impl Writer {
+    fn new(sink: Sink, kind: Kind) -> Writer {
+        Writer {
+            kind,
+            queue: Mutex::new(VecDeque::new()),
+            sink: tokio::sync::Mutex::new(sink),
         }
-        sink.flush().await?;
     }
-    Ok(())
+
+    /// Queue `frame` (a `kind` frame's payload) and write what is queued
+    /// unless another sender is writing (it takes this one too). A frame
+    /// leaves the queue only once the connection has room for it, so a
+    /// sender dropped while it writes loses none; what it had written but
+    /// not flushed goes out with the next flush.
+    async fn send(&self, frame: Vec<u8>) -> std::io::Result<()> {
+        use futures::Sink as _;
+        {
+            let mut queue = self.queue.lock();
+            if queue.len() >= IN_FLIGHT_MAX {
+                return Err(std::io::Error::other(
+                    "too many frames waiting to be written",
+                ));
+            }
+            queue.push_back(frame);
+        }
+        loop {
+            let Ok(mut sink) = self.sink.try_lock() else {
+                return Ok(());
+            };
+            while !self.queue.lock().is_empty() {
+                futures::future::poll_fn(|cx| std::pin::Pin::new(&mut *sink).poll_ready(cx))
+                    .await?;
+                let Some(f) = self.queue.lock().pop_front() else {
+                    break;
+                };
+                std::pin::Pin::new(&mut *sink).start_send((self.kind, f))?;
+            }
+            sink.flush().await?;
+            drop(sink);
+            // A frame queued while this sender held the half, by one that
+            // found it busy after this one's last look: written now.
+            if self.queue.lock().is_empty() {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// The listener's side of a connection the dialer made multiplexed: each
 /// request is handled in a task of its own (at most [`IN_FLIGHT_MAX`] at
 /// once) and answered as it finishes.
 pub(super) async fn serve(conn: Conn, c: Arc<Cluster>) -> Result<(), CallError> {
-    let (mut sink, mut stream) = conn.split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(IN_FLIGHT_MAX);
-    let writer = tokio::spawn(async move {
-        let r = write_frames(&mut sink, &mut rx, Kind::Reply).await;
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "multiplexed inter-node connection: replies ended");
-        }
-    });
+    let (sink, mut stream) = conn.split();
+    let writer = Arc::new(Writer::new(sink, Kind::Reply));
     let room = Arc::new(Semaphore::new(IN_FLIGHT_MAX));
-    let r = loop {
+    loop {
         let frame = match stream.next().await {
             Some(Ok(f)) => f,
-            Some(Err(e)) => break Err(e.into()),
-            None => break Ok(()),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Ok(()),
         };
         if frame.kind != Kind::Quorum || frame.payload.len() < 8 {
-            break Err(CallError::Handshake(
+            return Err(CallError::Handshake(
                 "peer".into(),
                 format!(
                     "unexpected {:?} frame on a multiplexed connection",
@@ -307,9 +339,9 @@ pub(super) async fn serve(conn: Conn, c: Arc<Cluster>) -> Result<(), CallError> 
             ));
         }
         let Ok(permit) = Arc::clone(&room).acquire_owned().await else {
-            break Ok(());
+            return Ok(());
         };
-        let (c, tx) = (Arc::clone(&c), tx.clone());
+        let (c, writer) = (Arc::clone(&c), Arc::clone(&writer));
         tokio::spawn(async move {
             let payload = frame.payload;
             let answer = c.quorum.handle(&payload[8..]).await;
@@ -321,12 +353,11 @@ pub(super) async fn serve(conn: Conn, c: Arc<Cluster>) -> Result<(), CallError> 
                     return;
                 }
             }
-            let _ = tx.send(reply).await;
+            // A failed write is the connection's end, which the reads see.
+            let _ = writer.send(reply).await;
             drop(permit);
         });
-    };
-    writer.abort();
-    r
+    }
 }
 
 #[cfg(test)]
@@ -396,6 +427,32 @@ mod tests {
         assert_eq!(answers, [&b"ONE"[..], b"TWO", b"THREE"]);
         assert!(c.waiting.lock().is_empty(), "nothing left waiting");
         assert!(!c.closed.load(Ordering::Acquire));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_calls_from_many_tasks_is_written_whole() {
+        let (c, mut far) = pair();
+        let calls: Vec<_> = (0..300u32)
+            .map(|i| {
+                let c = Arc::clone(&c);
+                tokio::spawn(async move {
+                    let body = i.to_be_bytes();
+                    let wait = Duration::from_secs(30);
+                    c.call(&body, Instant::now() + wait, wait).await
+                })
+            })
+            .collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..300 {
+            let (id, body) = request(&mut far).await;
+            assert!(seen.insert(body.clone()), "each request once");
+            reply(&mut far, id, &body).await;
+        }
+        for (i, h) in calls.into_iter().enumerate() {
+            let got = h.await.expect("joined").expect("answered");
+            assert_eq!(got, &(i as u32).to_be_bytes()[..]);
+        }
+        assert!(c.writer.queue.lock().is_empty());
     }
 
     #[tokio::test(start_paused = true)]
