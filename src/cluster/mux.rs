@@ -115,15 +115,6 @@ impl Muxes {
             .await
             .map_err(|(kind, why)| CallError::Io(std::io::Error::new(kind, why)))
     }
-
-    /// Multiplexed connections open now (to any peer).
-    pub fn open(&self) -> usize {
-        self.conns
-            .lock()
-            .values()
-            .filter(|d| matches!(d.peek(), Some(Ok(c)) if !c.closed.load(Ordering::Acquire)))
-            .count()
-    }
 }
 
 /// One multiplexed connection, dialer's side: callers write their requests
