@@ -29,7 +29,17 @@ pub enum CodecError {
 
 /// `value` as MessagePack, after [`MARKER`].
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::with_capacity(128);
+    encode_after(&[], value)
+}
+
+/// `prefix`, then `value` as [`encode`] writes it (a header of the caller's
+/// in the same buffer, with no copy of the value behind it).
+pub fn encode_after<T: Serialize + ?Sized>(
+    prefix: &[u8],
+    value: &T,
+) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(prefix.len() + 128);
+    out.extend_from_slice(prefix);
     out.push(MARKER);
     rmp_serde::encode::write_named(&mut out, value)?;
     Ok(out)
@@ -94,6 +104,9 @@ mod tests {
         };
         let bin = encode(&t).expect("encodes");
         assert_eq!(bin[0], MARKER);
+        let after = encode_after(b"head", &t).expect("encodes");
+        assert_eq!(after[..4], *b"head");
+        assert_eq!(after[4..], bin[..]);
         // Raw bytes, not base64: the body's four bytes follow a bin8 header.
         assert!(bin.windows(6).any(|w| w == [0xc4, 4, 0, 1, 255, 7]));
         assert_eq!(decode::<T>(&bin).expect("decodes"), t);

@@ -56,8 +56,9 @@ pub enum Kind {
     Data = 19,
     /// The answer to any request: a JSON `Result<T, String>`.
     Reply = 20,
-    /// A quorum queue group's Raft RPC (payload: the group id and the
-    /// request, `super::quorum::network::GroupRpc`).
+    /// A quorum queue group's RPC, on a [`Kind::Mux`] connection only
+    /// (payload: the request's id, then the group id and the request,
+    /// `super::quorum::network::GroupRpc`).
     Quorum = 21,
     /// The dialer makes this connection a multiplexed one for the quorum
     /// groups' RPCs (`super::mux`): from then on it sends [`Kind::Quorum`]

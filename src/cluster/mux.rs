@@ -38,6 +38,9 @@ use tokio::time::Instant;
 /// Requests waiting for their replies on one connection, at most.
 pub const IN_FLIGHT_MAX: usize = 4096;
 
+/// The request id at the head of every frame's payload (big-endian).
+pub const ID_LEN: usize = 8;
+
 /// A dial under way or done (shared by the calls that wait for it).
 type Dialing = Shared<BoxFuture<'static, Result<Arc<MuxConn>, (std::io::ErrorKind, String)>>>;
 
@@ -48,14 +51,15 @@ pub struct Muxes {
 }
 
 impl Muxes {
-    /// Send `payload` (a [`Kind::Quorum`] request) to the node `name` at
-    /// `addr` and wait at most `timeout` for its reply.
+    /// Send `frame` (a [`Kind::Quorum`] request after [`ID_LEN`] bytes of
+    /// room, where its id is written) to the node `name` at `addr` and wait
+    /// at most `timeout` for its reply.
     pub async fn call(
         &self,
         ident: &Arc<Identity>,
         name: Option<&str>,
         addr: &str,
-        payload: &[u8],
+        frame: Vec<u8>,
         timeout: Duration,
     ) -> Result<Bytes, CallError> {
         let deadline = Instant::now() + timeout;
@@ -63,7 +67,7 @@ impl Muxes {
             Ok(r) => r?,
             Err(_) => return Err(CallError::Timeout),
         };
-        conn.call(payload, deadline, timeout).await
+        conn.call(frame, deadline, timeout).await
     }
 
     /// The connection to `addr`: the open one, the dial under way, or a
@@ -152,16 +156,16 @@ impl MuxConn {
                         None => break "closed by the peer".to_string(),
                     };
                     let Some(me) = me.upgrade() else { return };
-                    if frame.kind != Kind::Reply || frame.payload.len() < 8 {
+                    if frame.kind != Kind::Reply || frame.payload.len() < ID_LEN {
                         break format!("unexpected {:?} frame", frame.kind);
                     }
-                    let mut id = [0u8; 8];
-                    id.copy_from_slice(&frame.payload[..8]);
+                    let mut id = [0u8; ID_LEN];
+                    id.copy_from_slice(&frame.payload[..ID_LEN]);
                     *me.last_read.lock() = Instant::now();
                     // A call that gave up (timed out) has no sender here.
                     let tx = me.waiting.lock().remove(&u64::from_be_bytes(id));
                     if let Some(tx) = tx {
-                        let _ = tx.send(frame.payload.slice(8..));
+                        let _ = tx.send(frame.payload.slice(ID_LEN..));
                     }
                 };
                 if let Some(me) = me.upgrade() {
@@ -187,10 +191,15 @@ impl MuxConn {
 
     async fn call(
         &self,
-        payload: &[u8],
+        mut frame: Vec<u8>,
         deadline: Instant,
         timeout: Duration,
     ) -> Result<Bytes, CallError> {
+        if frame.len() < ID_LEN {
+            return Err(CallError::Io(std::io::Error::other(
+                "a request without room for its id",
+            )));
+        }
         let lost = || CallError::Io(std::io::ErrorKind::ConnectionReset.into());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -207,9 +216,7 @@ impl MuxConn {
             waiting.insert(id, tx);
         }
         let _forget = Forget(self, id);
-        let mut frame = Vec::with_capacity(8 + payload.len());
-        frame.extend_from_slice(&id.to_be_bytes());
-        frame.extend_from_slice(payload);
+        frame[..ID_LEN].copy_from_slice(&id.to_be_bytes());
         match tokio::time::timeout_at(deadline, self.writer.send(frame)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
@@ -320,7 +327,7 @@ pub(super) async fn serve(conn: Conn, c: Arc<Cluster>) -> Result<(), CallError> 
             Some(Err(e)) => return Err(e.into()),
             None => return Ok(()),
         };
-        if frame.kind != Kind::Quorum || frame.payload.len() < 8 {
+        if frame.kind != Kind::Quorum || frame.payload.len() < ID_LEN {
             return Err(CallError::Handshake(
                 "peer".into(),
                 format!(
@@ -335,15 +342,14 @@ pub(super) async fn serve(conn: Conn, c: Arc<Cluster>) -> Result<(), CallError> 
         let (c, writer) = (Arc::clone(&c), Arc::clone(&writer));
         tokio::spawn(async move {
             let payload = frame.payload;
-            let answer = c.quorum.handle(&payload[8..]).await;
-            let mut reply = payload[..8].to_vec();
-            match super::codec::encode(&answer) {
-                Ok(bytes) => reply.extend_from_slice(&bytes),
+            let answer = c.quorum.handle(&payload[ID_LEN..]).await;
+            let reply = match super::codec::encode_after(&payload[..ID_LEN], &answer) {
+                Ok(reply) => reply,
                 Err(e) => {
                     tracing::warn!(error = %e, "quorum RPC reply not encoded");
                     return;
                 }
-            }
+            };
             // A failed write is the connection's end, which the reads see.
             let _ = writer.send(reply).await;
             drop(permit);
@@ -379,6 +385,13 @@ mod tests {
         (id, f.payload.slice(8..))
     }
 
+    /// `body` after the room a request's id is written in.
+    fn room_for_id(body: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0; ID_LEN];
+        frame.extend_from_slice(body);
+        frame
+    }
+
     async fn reply(far: &mut Far, id: [u8; 8], body: &[u8]) {
         let mut p = id.to_vec();
         p.extend_from_slice(body);
@@ -391,7 +404,7 @@ mod tests {
         wait: Duration,
     ) -> tokio::task::JoinHandle<Result<Bytes, CallError>> {
         let c = Arc::clone(c);
-        tokio::spawn(async move { c.call(body, Instant::now() + wait, wait).await })
+        tokio::spawn(async move { c.call(room_for_id(body), Instant::now() + wait, wait).await })
     }
 
     #[tokio::test(start_paused = true)]
@@ -427,9 +440,9 @@ mod tests {
             .map(|i| {
                 let c = Arc::clone(&c);
                 tokio::spawn(async move {
-                    let body = i.to_be_bytes();
                     let wait = Duration::from_secs(30);
-                    c.call(&body, Instant::now() + wait, wait).await
+                    c.call(room_for_id(&i.to_be_bytes()), Instant::now() + wait, wait)
+                        .await
                 })
             })
             .collect();

@@ -460,7 +460,6 @@ impl Cluster {
             }
             // The answer carries this node's resource alarms (cluster-wide).
             Kind::Ping => super::codec::encode(&self.broker.alarms())?,
-            Kind::Quorum => super::codec::encode(&self.quorum.handle(p).await)?,
             Kind::Stats => {
                 let query: serde_json::Value = super::codec::decode(p)?;
                 super::codec::encode(&self.local_stats(&query))?

@@ -133,8 +133,10 @@ impl Group {
         };
         let mut t = self.timer.lock();
         if leader {
+            // Not yet seen by the watch loop: it heartbeats from the next
+            // tick on (the fast path above).
             t.heard = now;
-            return Due::Beat(raft);
+            return Due::Nothing;
         }
         if !voter || t.asking {
             return Due::Nothing;

@@ -86,10 +86,10 @@ pub async fn call(
     req: &GroupRpc,
     timeout: Duration,
 ) -> Result<Result<serde_json::Value, String>, CallError> {
-    let payload = crate::cluster::codec::encode(req)?;
+    let frame = crate::cluster::codec::encode_after(&[0; crate::cluster::mux::ID_LEN], req)?;
     let reply = ident
         .mux
-        .call(ident, Some(&node.name), &node.addr, &payload, timeout)
+        .call(ident, Some(&node.name), &node.addr, frame, timeout)
         .await?;
     Ok(crate::cluster::codec::decode(&reply)?)
 }

@@ -10,11 +10,8 @@
 use super::network::{GroupRpc, Rpc};
 use super::Manager;
 use crate::cluster::command::QuorumRec;
-use crate::cluster::frame::Kind;
-use crate::cluster::network::{CallError, Peer};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// One leadership to move.
@@ -253,7 +250,6 @@ impl Manager {
         let info = self
             .node_info(leader)
             .ok_or_else(|| format!("node '{leader}' is not a cluster member"))?;
-        let mut peer = Peer::to(&info, Arc::clone(&self.ident));
         let req = GroupRpc {
             group: group.to_string(),
             rpc: Rpc::Transfer { to },
@@ -261,9 +257,7 @@ impl Manager {
         let within = self.commit_timeout
             + Duration::from_millis(self.config.election_timeout_max * 2)
             + Duration::from_secs(1);
-        let r: Result<Result<serde_json::Value, String>, CallError> =
-            peer.call(Kind::Quorum, &req, within).await;
-        match r {
+        match super::network::call(&self.ident, &info, &req, within).await {
             Ok(Ok(v)) => serde_json::from_value::<Result<(), String>>(v)
                 .map_err(|e| format!("bad reply from {leader}: {e}"))?,
             Ok(Err(e)) => Err(e),

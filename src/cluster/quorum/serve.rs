@@ -399,7 +399,6 @@ impl Group {
         }
         self.quiet.store(true, Ordering::Release);
         let ask_every = Duration::from_millis(manager.config.heartbeat_interval);
-        let mut peer = crate::cluster::network::Peer::to(&target, Arc::clone(&manager.ident));
         // Given up before any other member's own timer (lease plus an
         // election timeout) can fire, so a transfer that fails does not
         // cause an election of its own.
@@ -413,9 +412,7 @@ impl Group {
                 group: self.id.clone(),
                 rpc: super::network::Rpc::Elect,
             };
-            let asked: Result<Result<serde_json::Value, String>, _> = peer
-                .call(crate::cluster::frame::Kind::Quorum, &req, ask_every)
-                .await;
+            let asked = super::network::call(&manager.ident, &target, &req, ask_every).await;
             if let Err(e) = asked {
                 tracing::debug!(group = %self.id, error = %e, "leadership transfer: member not reached");
             }
