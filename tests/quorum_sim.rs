@@ -157,7 +157,16 @@ impl Kind for Quorum {
             return;
         };
         let mut found = Vec::new();
-        let state = sm.inner.lock().state.clone();
+        // Bodies a member does not hold are read back from its disk (a
+        // follower keeps them there only): checked as well.
+        let state = match sm.full_state() {
+            Ok(Some(state)) => state,
+            Ok(None) => return,
+            Err(e) => {
+                w.violation(format!("n{}: reading bodies back: {e}", id_of(node)));
+                return;
+            }
+        };
         for mid in state.out.iter().chain(state.returns.keys()) {
             if !state.messages.contains_key(mid) {
                 found.push(format!(
@@ -197,13 +206,20 @@ impl Kind for Quorum {
     fn check_models(w: &mut World<Quorum>, barrier: u64) {
         let n = w.n();
         let states: Vec<Option<QState>> = (0..n)
-            .map(|i| {
-                w.slots[i]
-                    .sm
-                    .as_ref()
-                    .map(|sm| sm.inner.lock().state.clone())
+            .map(|i| w.slots[i].sm.as_ref().map(|sm| sm.full_state()))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|r| match r {
+                Some(Ok(Some(state))) => Ok(Some(state)),
+                Some(Ok(None)) => Err("a snapshot was being replaced".to_string()),
+                Some(Err(e)) => Err(e),
+                None => Ok(None),
             })
-            .collect();
+            .collect::<Result<_, _>>()
+            .unwrap_or_else(|e| {
+                w.violation(format!("reading bodies back after convergence: {e}"));
+                vec![None; n]
+            });
         let mut found = Vec::new();
         // The committed sequence's state, when every entry of it was seen.
         let full = w.full(barrier);

@@ -300,17 +300,28 @@ impl<C: LogConfig> RaftLogReader<C> for LogStore<C> {
         let Some((start, end)) = index_range(&range) else {
             return Ok(Vec::new());
         };
-        let rows = self
-            .disk
-            .log_range(start, end)
-            .map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (_, v) in rows {
-            let entry: Entry<C> =
-                super::codec::decode(&v).map_err(|e| StorageIOError::read_logs(io_err(e)))?;
-            out.push(entry);
-        }
-        Ok(out)
+        self.entries_now(start, end)
+            .map_err(|e| StorageIOError::read_logs(io_err(e)).into())
+    }
+}
+
+impl<C: LogConfig> LogStore<C> {
+    /// Write `entry` into the log (tests: a state machine's entries
+    /// without a Raft group).
+    #[cfg(test)]
+    pub(crate) fn put_entry_now(&self, entry: &Entry<C>) -> std::io::Result<()> {
+        let v = super::codec::encode(entry).map_err(std::io::Error::other)?;
+        let key = entry.log_id.index.to_be_bytes().to_vec();
+        self.disk.write(vec![Write::Put(Tree::Log, key, v)])
+    }
+
+    /// The entries kept from index `from` to `to` (included; None: the
+    /// last), read here and now (blocking).
+    pub(crate) fn entries_now(&self, from: u64, to: Option<u64>) -> std::io::Result<Vec<Entry<C>>> {
+        let rows = self.disk.log_range(from, to)?;
+        rows.into_iter()
+            .map(|(_, v)| super::codec::decode(&v).map_err(std::io::Error::other))
+            .collect()
     }
 }
 

@@ -14,6 +14,12 @@ use std::sync::Arc;
 /// publishing node, see `super::publisher`) and its number in that
 /// publisher's sequence; 0: none (taken as it comes, never recognised as a
 /// resend).
+///
+/// A member that does not serve the queue keeps only the message's id,
+/// body length and time ([`QMsg::strip`]: the message stays in its log or
+/// snapshot on disk, `super::store` reads it back when the member comes to
+/// serve the queue or writes a snapshot); a message let go of is never
+/// written (encoding one is an error).
 #[derive(Debug, Clone)]
 pub struct QMsg {
     pub message: Arc<Message>,
@@ -23,6 +29,9 @@ pub struct QMsg {
     /// an entry written before it was kept): its `x-message-ttl` counts
     /// from then on whichever member serves it.
     pub at: u64,
+    /// The message is not held (`message` is an empty one): its body's
+    /// length.
+    stripped: Option<usize>,
 }
 
 impl QMsg {
@@ -32,7 +41,42 @@ impl QMsg {
             publisher: 0,
             seq: 0,
             at: 0,
+            stripped: None,
         }
+    }
+
+    /// The body's length, held or not.
+    pub fn body_len(&self) -> usize {
+        self.stripped.unwrap_or(self.message.body.len())
+    }
+
+    /// The body is held in memory.
+    pub fn is_held(&self) -> bool {
+        self.stripped.is_none()
+    }
+
+    /// Let go of the message (its exchange, routing key, properties and
+    /// body: one empty message stands for every message let go of): its
+    /// bytes are on disk. Kept are its id, body length, time and returns.
+    pub fn strip(&mut self) {
+        static NONE: std::sync::LazyLock<Arc<Message>> = std::sync::LazyLock::new(|| {
+            Message::new(
+                "",
+                "",
+                crate::wire::BasicProperties::default(),
+                bytes::Bytes::new(),
+            )
+        });
+        if self.stripped.is_none() {
+            self.stripped = Some(self.message.body.len());
+            self.message = Arc::clone(&NONE);
+        }
+    }
+
+    /// Hold the body again: `full` is the message as it was written.
+    pub fn hold(&mut self, full: Arc<Message>) {
+        self.message = full;
+        self.stripped = None;
     }
 
     /// The same message as number `seq` of `publisher`.
@@ -74,7 +118,8 @@ impl QMsg {
 impl PartialEq for QMsg {
     fn eq(&self, other: &QMsg) -> bool {
         let (a, b) = (&self.message, &other.message);
-        self.publisher == other.publisher
+        self.stripped == other.stripped
+            && self.publisher == other.publisher
             && self.seq == other.seq
             && self.at == other.at
             && a.exchange == b.exchange
@@ -88,6 +133,9 @@ impl Eq for QMsg {}
 
 impl Serialize for QMsg {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if !self.is_held() {
+            return Err(serde::ser::Error::custom(NOT_HELD));
+        }
         let some = |v: u64| (v != 0).then_some(v);
         self.wire(some(self.publisher), some(self.seq), some(self.at))
             .serialize(s)
@@ -101,6 +149,9 @@ impl<'de> Deserialize<'de> for QMsg {
         Ok(w.into_msg()?.sent_by(p, s))
     }
 }
+
+/// Why a message was not written: its body was not read back first.
+const NOT_HELD: &str = "a quorum message's body is not held (it was not read back)";
 
 /// One message as the log, the RPCs and the snapshots write it: by field
 /// name, the properties encoded as in a content header; bodies and
@@ -183,6 +234,9 @@ mod runs {
         let mut seq = s.serialize_seq(Some(msgs.len()))?;
         let (mut prev, mut prev_seq, mut prev_at) = (0, 0, 0);
         for m in msgs {
+            if !m.is_held() {
+                return Err(serde::ser::Error::custom(super::NOT_HELD));
+            }
             let implied = implied(m.publisher, prev, prev_seq);
             seq.serialize_element(&m.wire(
                 (m.publisher != prev).then_some(m.publisher),
@@ -236,7 +290,7 @@ impl QMsg {
     /// About how many bytes the message takes encoded.
     pub fn size_hint(&self) -> usize {
         let m = &self.message;
-        m.body.len() + m.exchange.len() + m.routing_key.len() + 64
+        self.body_len() + m.exchange.len() + m.routing_key.len() + 64
     }
 }
 

@@ -258,6 +258,10 @@ impl Group {
         };
         let now = crate::clock::now_ms();
         let mut s = self.sm.inner.lock();
+        if !s.ready_to_serve() {
+            // Not read back (`QSm::hold_bodies` comes first): not yet.
+            return false;
+        }
         self.epoch.fetch_add(1, Ordering::AcqRel);
         q.set_replica(Some(self.clone()));
         q.set_remote(None);
@@ -307,6 +311,7 @@ impl Group {
             self.serving.store(false, Ordering::Release);
             s.serving.take()
         };
+        self.sm.release_bodies();
         if let Some(q) = q {
             for c in q.reset_replicated() {
                 c.sink.cancelled(c.channel, Arc::clone(&c.tag));
@@ -572,7 +577,14 @@ async fn watch(g: Weak<Group>, raft: Raft) {
             };
             let ok = tokio::time::timeout(group.commit_timeout, ready).await;
             let still = raft.metrics().borrow().state == ServerState::Leader;
-            if matches!(ok, Ok(Ok(_))) && still {
+            // The bodies this member let go of as a follower, read back.
+            let held = match ok {
+                Ok(Ok(_)) if still => group.sm.hold_bodies().await.map_err(|e| {
+                    tracing::error!(queue = %group.name, vhost = %group.vhost, error = %e, "reading the quorum queue's messages back");
+                }),
+                _ => Err(()),
+            };
+            if held.is_ok() && raft.metrics().borrow().state == ServerState::Leader {
                 if !group.serve() {
                     drop(group);
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -591,6 +603,10 @@ async fn watch(g: Weak<Group>, raft: Raft) {
                 tracing::warn!(queue = %group.name, vhost = %group.vhost, "quorum queue leader cut off from its members");
             }
             group.unserve();
+        }
+        if !leader && group.sm.holds_unserved() {
+            // Read back to serve, and then no longer the leader.
+            group.sm.release_bodies();
         }
         if group.sm.snapshot_wanted() {
             let _ = raft.trigger().snapshot().await;

@@ -13,6 +13,18 @@
 //! so the tree stays bounded by the live messages plus the entries since the
 //! last snapshot.
 //!
+//! # Bodies on disk on the members that do not serve the queue
+//!
+//! Only the member serving the queue (its leader) holds the messages'
+//! bodies in memory, shared with its local queue. The others keep each live
+//! message's id, body length and time only ([`QMsg::strip`]): the message is in the group's
+//! log (the `Enqueue` that carried it) or, once the log behind a snapshot is
+//! purged, in that snapshot, which holds every message live at its index.
+//! They are read back ([`read_bodies`]) when the member is about to serve
+//! the queue ([`QSm::hold_bodies`]) and when it writes a snapshot; a
+//! snapshot is replaced only under the state machine's `reads` lock, so a read never falls
+//! between an old snapshot and the log purged behind a new one.
+//!
 //! # When a group snapshots
 //!
 //! A snapshot holds every live message, so its cost grows with the queue: a
@@ -31,8 +43,11 @@
 
 use super::command::{id, Outcome, QCommand, QMsg, QState, Taken};
 use super::QTypeConfig;
+use crate::broker::message::Message;
 use crate::broker::queue::{Enqueued, Queue};
-use crate::cluster::store::{io_err, snapshot_meta, LogStore, StoredSnapshot, SNAPSHOT};
+use crate::cluster::store::{
+    io_err, snapshot_meta, string_err, LogStore, StoredSnapshot, SNAPSHOT,
+};
 use crate::cluster::NodeInfo;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -40,6 +55,7 @@ use openraft::{
     StoredMembership,
 };
 use parking_lot::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::sync::Arc;
 
@@ -61,7 +77,7 @@ const BLOCKING_AT: u64 = 1 << 20;
 /// What one live message counts for in the snapshot rule: its body and a
 /// fixed allowance for its properties, routing and ids.
 pub fn weight(m: &QMsg) -> u64 {
-    m.message.body.len() as u64 + WEIGHT_EXTRA
+    m.body_len() as u64 + WEIGHT_EXTRA
 }
 
 /// What [`weight`] adds to a message's body.
@@ -95,6 +111,9 @@ pub struct SmInner {
     membership: StoredMembership<NodeId, NodeInfo>,
     /// This node serves the queue: committed enqueues go into it.
     pub serving: Option<Arc<Queue>>,
+    /// Bodies are held (the member serves the queue or is about to): a
+    /// member that does not keeps its messages' bodies on disk only.
+    hold: bool,
     /// The live messages' bytes ([`weight`]).
     live: u64,
     /// The last snapshot's index and live bytes, and the bytes of messages
@@ -130,6 +149,79 @@ impl SmInner {
     fn applied_index(&self) -> u64 {
         self.last_applied.map_or(0, |l| l.index)
     }
+
+    /// Every body is held (read back by [`QSm::hold_bodies`]): they are
+    /// from now on, and the member may serve the queue.
+    pub fn ready_to_serve(&mut self) -> bool {
+        let all = self.state.messages.values().all(QMsg::is_held);
+        self.hold |= all;
+        all
+    }
+
+    /// The live messages whose bodies are not held.
+    fn stripped(&self) -> BTreeSet<u64> {
+        let m = self.state.messages.iter();
+        m.filter(|(_, m)| !m.is_held()).map(|(id, _)| *id).collect()
+    }
+
+    /// Let go of every body unless they are held.
+    fn strip_unless_held(&mut self) {
+        if !self.hold {
+            self.state.messages.values_mut().for_each(QMsg::strip);
+        }
+    }
+}
+
+/// How many log entries [`read_bodies`] reads at a time.
+const READ_ENTRIES: u64 = 256;
+
+/// The bodies of the live messages `want` (ids), read back from the
+/// group's log and, for those whose entries were purged, its snapshot: a
+/// live message is in one of them (a snapshot holds every message live at
+/// its index, and the log is purged only behind the snapshot kept). Reads
+/// the log before the snapshot, so that a purge meanwhile finds the
+/// message in the snapshot it followed. Blocking. Ids found in neither are
+/// left out (a message settled meanwhile, when the caller does not hold
+/// the state still).
+fn read_bodies(log: &QLog, want: &BTreeSet<u64>) -> Result<BTreeMap<u64, Arc<Message>>, String> {
+    let mut found = BTreeMap::new();
+    let (Some(first), Some(last)) = (want.first(), want.last()) else {
+        return Ok(found);
+    };
+    // A few entries at a time: what is held is what was wanted.
+    let (mut from, to) = (first >> 16, last >> 16);
+    while from <= to {
+        let upto = from.saturating_add(READ_ENTRIES - 1).min(to);
+        let entries = log
+            .entries_now(from, Some(upto))
+            .map_err(|e| format!("reading the log: {e}"))?;
+        for entry in entries {
+            if let EntryPayload::Normal(QCommand::Enqueue(batch)) = entry.payload {
+                let index = entry.log_id.index;
+                for (i, m) in batch.into_iter().enumerate() {
+                    if want.contains(&id(index, i)) {
+                        found.insert(id(index, i), m.message);
+                    }
+                }
+            }
+        }
+        from = upto.saturating_add(1);
+        if upto == u64::MAX {
+            break;
+        }
+    }
+    if found.len() < want.len() {
+        if let Some(snap) = log.get::<StoredSnapshot>(SNAPSHOT)? {
+            let state: QState =
+                crate::cluster::codec::decode(&snap.data).map_err(|e| e.to_string())?;
+            for (id, m) in state.messages {
+                if want.contains(&id) && m.is_held() {
+                    found.entry(id).or_insert(m.message);
+                }
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// The group's state machine (cheap to clone: a handle).
@@ -137,6 +229,10 @@ impl SmInner {
 pub struct QSm {
     log: QLog,
     pub inner: Arc<Mutex<SmInner>>,
+    /// Held while bodies are read back from the snapshot kept, and while it
+    /// is replaced (a snapshot built or installed): a read never misses a
+    /// message between an old snapshot and a new one.
+    reads: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl QSm {
@@ -149,10 +245,85 @@ impl QSm {
             inner.membership = snap.meta.last_membership;
         }
         inner.loaded();
+        inner.strip_unless_held();
         Ok(QSm {
             log,
             inner: Arc::new(Mutex::new(inner)),
+            reads: Arc::default(),
         })
+    }
+
+    /// Hold every body from now on, and read back those not held: the
+    /// member is about to serve the queue. An error when a live message's
+    /// body is found neither in the log nor in the snapshot, or either
+    /// cannot be read.
+    pub async fn hold_bodies(&self) -> Result<(), String> {
+        let want = {
+            let mut s = self.inner.lock();
+            s.hold = true;
+            s.stripped()
+        };
+        if want.is_empty() {
+            return Ok(());
+        }
+        let reads = self.reads.lock().await;
+        let log = self.log.clone();
+        let read = move || read_bodies(&log, &want);
+        let mut found = tokio::task::spawn_blocking(read)
+            .await
+            .map_err(|e| e.to_string())??;
+        drop(reads);
+        let mut s = self.inner.lock();
+        // Messages settled meanwhile are gone; those applied since came
+        // held.
+        let mut missing = 0;
+        for (id, m) in s.state.messages.iter_mut() {
+            if !m.is_held() {
+                match found.remove(id) {
+                    Some(full) => m.hold(full),
+                    None => missing += 1,
+                }
+            }
+        }
+        if missing > 0 {
+            return Err(format!("{missing} live messages' bodies not found on disk"));
+        }
+        Ok(())
+    }
+
+    /// Let go of the bodies: the member no longer serves the queue.
+    pub fn release_bodies(&self) {
+        let mut s = self.inner.lock();
+        if s.serving.is_none() {
+            s.hold = false;
+            s.strip_unless_held();
+        }
+    }
+
+    /// Whether bodies are held without the queue being served (a member
+    /// that was about to serve it and did not).
+    pub fn holds_unserved(&self) -> bool {
+        let s = self.inner.lock();
+        s.hold && s.serving.is_none()
+    }
+
+    /// The state with every body read back (for checks: blocking, and
+    /// None while a snapshot is being replaced).
+    pub fn full_state(&self) -> Result<Option<QState>, String> {
+        let Ok(_reads) = self.reads.try_lock() else {
+            return Ok(None);
+        };
+        let (mut state, want) = {
+            let s = self.inner.lock();
+            (s.state.clone(), s.stripped())
+        };
+        let mut found = read_bodies(&self.log, &want)?;
+        for (id, m) in state.messages.iter_mut() {
+            if let Some(full) = found.remove(id) {
+                m.hold(full);
+            }
+        }
+        Ok(Some(state))
     }
 }
 
@@ -160,15 +331,28 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
     // The closure sent to a blocking thread returns openraft's own error.
     #[allow(clippy::result_large_err)]
     async fn build_snapshot(&mut self) -> Result<Snapshot<QTypeConfig>, SErr> {
-        let (meta, state, live) = {
+        // The bodies not held are read back from the snapshot this one
+        // replaces (and the log after it) before it is replaced.
+        let reads = self.reads.lock().await;
+        let (meta, mut state, live, want) = {
             let mut s = self.inner.lock();
             s.snapshot_taken();
             let meta = snapshot_meta(s.last_applied, s.membership.clone());
-            (meta, s.state.clone(), s.live)
+            (meta, s.state.clone(), s.live, s.stripped())
         };
         let write = {
             let (log, meta) = (self.log.clone(), meta.clone());
             move || {
+                let err = |e: String| StorageIOError::write_snapshot(None, string_err(e));
+                let mut found = read_bodies(&log, &want).map_err(err)?;
+                for (id, m) in state.messages.iter_mut() {
+                    if !m.is_held() {
+                        let full = found.remove(id).ok_or_else(|| {
+                            err(format!("message {id:#x}'s body not found on disk"))
+                        })?;
+                        m.hold(full);
+                    }
+                }
                 let data = crate::cluster::codec::encode(&state)
                     .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
                 log.put_snapshot_now(&meta, &data)?;
@@ -176,6 +360,7 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
             }
         };
         let data = off_runtime_if(live >= BLOCKING_AT, write).await?;
+        drop(reads);
         self.flush_snapshot(&meta).await?;
         Ok(Snapshot {
             meta,
@@ -262,6 +447,14 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                         .sum();
                     s.live = s.live.saturating_add(added);
                     s.changed = s.changed.saturating_add(added);
+                    if !s.hold {
+                        // Not served here: the bodies stay on disk only.
+                        for (i, _) in taken.iter().enumerate().filter(|(_, t)| **t == Taken::New) {
+                            if let Some(m) = s.state.messages.get_mut(&id(index, i)) {
+                                m.strip();
+                            }
+                        }
+                    }
                     // The node serving the queue delivers new messages from
                     // now on; each publisher's confirm follows the queue's
                     // answer.
@@ -314,6 +507,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
     ) -> Result<(), SErr> {
         let data = snapshot.into_inner();
         let large = data.len() as u64 >= BLOCKING_AT;
+        let reads = self.reads.lock().await;
         let keep = {
             let (log, meta) = (self.log.clone(), meta.clone());
             move || {
@@ -331,7 +525,9 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             s.last_applied = meta.last_log_id;
             s.membership = meta.last_membership.clone();
             s.loaded();
+            s.strip_unless_held();
         }
+        drop(reads);
         self.flush_snapshot(meta).await
     }
 
@@ -356,12 +552,119 @@ mod tests {
         QMsg::of(&m)
     }
 
+    /// Write the entry into the log and apply it, as a member does.
     async fn apply(sm: &mut QSm, index: u64, cmd: QCommand) {
         let entry = Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
             payload: EntryPayload::Normal(cmd),
         };
+        sm.log.put_entry_now(&entry).expect("written");
         sm.apply([entry]).await.expect("applied");
+    }
+
+    fn body(n: u64) -> QMsg {
+        let m = crate::broker::message::Message::new(
+            "",
+            "q",
+            crate::wire::BasicProperties::default(),
+            bytes::Bytes::from(format!("message {n}")),
+        );
+        QMsg::of(&m)
+    }
+
+    /// The live messages' bodies, which must all be held.
+    fn bodies(sm: &QSm) -> Vec<String> {
+        let s = sm.inner.lock();
+        let held = s.state.messages.values().filter(|m| m.is_held());
+        held.map(|m| String::from_utf8_lossy(&m.message.body).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_member_not_serving_keeps_bodies_on_disk_and_reads_them_back() {
+        use openraft::storage::RaftLogStorage;
+        let disk = MemoryDisk::new(std::time::Duration::ZERO);
+        let mut sm = QSm::open(QLog::in_memory(&disk)).expect("opens");
+        let mut index = 0;
+        let mut n = 0;
+        let mut enqueue = |index: &mut u64, k: u64| {
+            *index += 1;
+            let batch: Vec<QMsg> = (0..k)
+                .map(|_| {
+                    n += 1;
+                    body(n)
+                })
+                .collect();
+            (*index, QCommand::Enqueue(batch))
+        };
+        for _ in 0..10 {
+            let (i, cmd) = enqueue(&mut index, 3);
+            apply(&mut sm, i, cmd).await;
+        }
+        {
+            let s = sm.inner.lock();
+            assert_eq!(s.state.messages.len(), 30);
+            assert!(
+                s.state.messages.values().all(|m| !m.is_held()),
+                "no body held"
+            );
+            assert_eq!(
+                s.lengths(),
+                (
+                    30,
+                    (1..=30).map(|n| format!("message {n}").len() as u64).sum()
+                )
+            );
+        }
+        // A snapshot reads them back from the log and holds them all.
+        let snap = sm.build_snapshot().await.expect("built");
+        let state: QState =
+            crate::cluster::codec::decode(snap.snapshot.get_ref()).expect("decodes");
+        assert_eq!(state.messages.len(), 30);
+        assert_eq!(state.messages[&id(1, 0)].message.body, "message 1");
+        // The log behind it purged: bodies from the snapshot now; some
+        // settled, more enqueued (in the log).
+        let mut log = sm.log.clone();
+        log.purge(LogId::new(CommittedLeaderId::new(1, 0), index))
+            .await
+            .expect("purged");
+        index += 1;
+        apply(&mut sm, index, QCommand::Settle(vec![id(1, 0), id(2, 1)])).await;
+        for _ in 0..2 {
+            let (i, cmd) = enqueue(&mut index, 2);
+            apply(&mut sm, i, cmd).await;
+        }
+        let want: Vec<String> = (1..=34)
+            .filter(|n| *n != 1 && *n != 5)
+            .map(|n| format!("message {n}"))
+            .collect();
+        let full = sm.full_state().expect("read").expect("not replacing");
+        assert_eq!(full.messages.len(), 32);
+        assert!(full.messages.values().all(QMsg::is_held));
+        // About to serve: every body held, applied ones too.
+        sm.hold_bodies().await.expect("read back");
+        assert_eq!(bodies(&sm), want);
+        let (i, cmd) = enqueue(&mut index, 1);
+        apply(&mut sm, i, cmd).await;
+        assert_eq!(bodies(&sm).len(), 33, "held as it came");
+        // Not serving after all: let go of them again.
+        assert!(sm.holds_unserved());
+        sm.release_bodies();
+        assert!(bodies(&sm).is_empty());
+        // Restarted: the snapshot and the log after it give them back.
+        let sm = QSm::open(QLog::in_memory(&disk)).expect("reopens");
+        assert!(bodies(&sm).is_empty(), "not held at start");
+        let mut sm2 = sm.clone();
+        for e in sm2
+            .log
+            .entries_now(11, None)
+            .expect("log: after the snapshot at 10")
+        {
+            sm2.apply([e]).await.expect("re-applied");
+        }
+        sm.hold_bodies().await.expect("read back");
+        assert_eq!(bodies(&sm).len(), 33);
+        assert_eq!(bodies(&sm)[..32], want[..]);
     }
 
     #[test]
