@@ -1569,3 +1569,108 @@ async fn a_message_ttl_keeps_counting_across_a_failover() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Consume `n` distinct bodies from `q` on `node` (prefetch 1000, acked
+/// together), consuming again while a leader is not known or until
+/// `within` passed: the bodies seen.
+async fn drain_quorum(node: &Node, q: &str, n: usize, within: Duration) -> BTreeSet<String> {
+    let deadline = Instant::now() + within;
+    let mut seen = BTreeSet::new();
+    while seen.len() < n && Instant::now() < deadline {
+        let conn = node.connect().await;
+        let ch = channel(&conn).await;
+        let _ = common::t(ch.basic_qos(1000, BasicQosOptions::default())).await;
+        let consumer = common::within(
+            Duration::from_secs(3),
+            ch.basic_consume(q, "", BasicConsumeOptions::default(), FieldTable::default()),
+        )
+        .await;
+        let Some(Ok(mut consumer)) = consumer else {
+            let _ = conn.close(200, "bye").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut unacked = 0;
+        while seen.len() < n && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+                Ok(Some(Ok(d))) => {
+                    seen.insert(String::from_utf8_lossy(&d.data).to_string());
+                    unacked += 1;
+                    if unacked == 500 || seen.len() == n {
+                        let multiple = BasicAckOptions { multiple: true };
+                        let _ = common::within(Duration::from_secs(3), d.ack(multiple)).await;
+                        unacked = 0;
+                    }
+                }
+                Ok(Some(Err(_)) | None) | Err(_) => break,
+            }
+        }
+        let _ = conn.close(200, "bye").await;
+    }
+    seen
+}
+
+/// The followers keep the messages on disk only (in their log, and in the
+/// snapshot written after 4096 entries, the log behind it purged): with
+/// the leader's node killed, the new leader reads every message back and
+/// serves it whole; what was acked before stays gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_leader_reads_the_messages_back_from_its_snapshot_and_log() {
+    let (a, b, c) = three_nodes("quorum-read-back").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-read-back";
+    declare_quorum_queue(&nodes[0], q).await;
+    let leader = quorum_leader(&nodes[0], q).expect("a leader");
+    let leader = node_index(&nodes, &leader);
+    // One log entry a message: each waits for its confirm.
+    let filler = "y".repeat(200);
+    let all: Vec<String> = (0..4400).map(|i| format!("rb-{i}-{filler}")).collect();
+    let (conn, ch) = confirming(&nodes[leader]).await;
+    for body in &all {
+        let confirm = publish_persistent(&ch, q, body).await;
+        let confirmed = common::t(confirm).await.expect("confirm");
+        assert!(matches!(confirmed, Confirmation::Ack(_)), "{body}");
+    }
+    let _ = conn.close(200, "bye").await;
+    // The first 100 taken and acked.
+    {
+        let conn = nodes[leader].connect().await;
+        let ch = channel(&conn).await;
+        for want in &all[..100] {
+            let got = common::t(ch.basic_get(q, BasicGetOptions::default()))
+                .await
+                .expect("basic.get")
+                .expect("a message");
+            assert_eq!(
+                String::from_utf8_lossy(&got.delivery.data),
+                *want,
+                "in order"
+            );
+            common::t(got.delivery.ack(BasicAckOptions::default()))
+                .await
+                .expect("ack");
+        }
+        let _ = conn.close(200, "bye").await;
+    }
+    // The acks committed: the followers' committed counts.
+    for n in nodes.iter().filter(|n| n.name() != nodes[leader].name()) {
+        eventually("the acks committed", WAIT, || {
+            queue_api(n, q)["messages"].as_u64() == Some(4300)
+        })
+        .await;
+    }
+    // Every member wrote a snapshot (its live messages, over 4 KiB: in the
+    // value files; the entries of one small message each are not).
+    eventually(
+        "every member wrote a snapshot",
+        Duration::from_secs(30),
+        || nodes.iter().all(|n| value_file_bytes(n) >= 4000 * 200),
+    )
+    .await;
+    nodes[leader].kill();
+    let other = (leader + 1) % 3;
+    let want: BTreeSet<String> = all[100..].iter().cloned().collect();
+    let got = drain_quorum(&nodes[other], q, want.len(), Duration::from_secs(60)).await;
+    assert_eq!(got.len(), want.len(), "every message");
+    assert!(got == want, "whole, and none of those acked before");
+}
