@@ -67,6 +67,33 @@ fn queue_api(node: &Node, q: &str) -> Value {
     node.get(&format!("/api/queues/%2F/{q}")).1
 }
 
+/// A consumer of `q` on `node` (manual acks, a prefetch of `prefetch`; 0:
+/// none) with its connection; None after a pause when the consume is
+/// refused or not answered (forwarded to a node that cannot be reached: a
+/// cut link, before the new leader is known here).
+async fn consumer_of(node: &Node, q: &str, prefetch: u16) -> Option<(Connection, lapin::Consumer)> {
+    let conn = node.connect().await;
+    let ch = channel(&conn).await;
+    if prefetch > 0 {
+        common::t(ch.basic_qos(prefetch, BasicQosOptions::default()))
+            .await
+            .expect("qos");
+    }
+    let consumer = common::within(
+        Duration::from_secs(3),
+        ch.basic_consume(q, "", BasicConsumeOptions::default(), FieldTable::default()),
+    )
+    .await;
+    match consumer {
+        Some(Ok(consumer)) => Some((conn, consumer)),
+        _ => {
+            let _ = conn.close(200, "bye").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            None
+        }
+    }
+}
+
 /// Consume from `q` on `node` (manual acks, acking each) until `want` distinct
 /// bodies arrived or `within` passed; a consume refused or cancelled (leader
 /// not known yet, or gone) is retried. The bodies seen, with whether each
@@ -81,18 +108,7 @@ async fn consume_all(
     let mut seen: Vec<(String, bool)> = Vec::new();
     let have = |seen: &Vec<(String, bool)>| want.iter().all(|w| seen.iter().any(|(b, _)| b == w));
     while !have(&seen) && Instant::now() < deadline {
-        let conn = node.connect().await;
-        let ch = channel(&conn).await;
-        // A consume forwarded to a node that cannot be reached (a cut link,
-        // before the new leader is known here) may not be answered: retried.
-        let consumer = common::within(
-            Duration::from_secs(3),
-            ch.basic_consume(q, "", BasicConsumeOptions::default(), FieldTable::default()),
-        )
-        .await;
-        let Some(Ok(mut consumer)) = consumer else {
-            let _ = conn.close(200, "bye").await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some((conn, mut consumer)) = consumer_of(node, q, 0).await else {
             continue;
         };
         while !have(&seen) && Instant::now() < deadline {
@@ -1577,17 +1593,7 @@ async fn drain_quorum(node: &Node, q: &str, n: usize, within: Duration) -> BTree
     let deadline = Instant::now() + within;
     let mut seen = BTreeSet::new();
     while seen.len() < n && Instant::now() < deadline {
-        let conn = node.connect().await;
-        let ch = channel(&conn).await;
-        let _ = common::t(ch.basic_qos(1000, BasicQosOptions::default())).await;
-        let consumer = common::within(
-            Duration::from_secs(3),
-            ch.basic_consume(q, "", BasicConsumeOptions::default(), FieldTable::default()),
-        )
-        .await;
-        let Some(Ok(mut consumer)) = consumer else {
-            let _ = conn.close(200, "bye").await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some((conn, mut consumer)) = consumer_of(node, q, 1000).await else {
             continue;
         };
         let mut unacked = 0;
