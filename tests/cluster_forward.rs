@@ -213,16 +213,32 @@ async fn close_channel(ch: &Channel) {
 }
 
 async fn until_count(node: &Node, q: &str, want: u32) {
+    until_passive(node, q, ("messages", |(m, _)| m), want).await;
+}
+
+/// Wait until `q`'s consumer count on `node` is `want`.
+async fn until_consumers(node: &Node, q: &str, want: u32) {
+    until_passive(node, q, ("consumers", |(_, c)| c), want).await;
+}
+
+/// A count a passive declare answers (named, and how to pick it from the
+/// messages and consumers).
+type Count = (&'static str, fn((u32, u32)) -> u32);
+
+/// Wait (10 s at most) until the count `what` picks from a passive declare
+/// of `q` on `node` is `want`.
+async fn until_passive(node: &Node, q: &str, what: Count, want: u32) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let got = passive(node, q).await.expect("passive").0;
+        let got = what.1(passive(node, q).await.expect("passive"));
         if got == want {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "{q} on {}: {got} messages, want {want}",
-            node.name()
+            "{q} on {}: {got} {}, want {want}",
+            node.name(),
+            what.0
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -372,6 +388,11 @@ async fn consumers_on_other_nodes_are_served_by_the_home_node_and_cancelled_when
     assert_eq!(got, (0..6).map(|i| format!("g-{i}")).collect::<Vec<_>>());
     until_count(&a, "cq", 0).await;
     close_channel(&ch_g).await;
+    // The home node learns of the channel's end after its close-ok (as a
+    // RabbitMQ queue learns of a channel's end from its monitor): a
+    // message published before could go to its consumers and come back
+    // redelivered.
+    until_consumers(&a, "cq", 0).await;
 
     // Unacked on C when its channel closes: the home node requeues them,
     // redelivered.
