@@ -206,10 +206,7 @@ impl Kind for Quorum {
     fn check_models(w: &mut World<Quorum>, barrier: u64) {
         let n = w.n();
         let states: Vec<Option<QState>> = (0..n)
-            .map(|i| w.slots[i].sm.as_ref().map(|sm| sm.full_state()))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .map(|r| match r {
+            .map(|i| match w.slots[i].sm.as_ref().map(|sm| sm.full_state()) {
                 Some(Ok(Some(state))) => Ok(Some(state)),
                 Some(Ok(None)) => Err("a snapshot was being replaced".to_string()),
                 Some(Err(e)) => Err(e),

@@ -172,6 +172,19 @@ impl SmInner {
     }
 }
 
+/// Hold again the bodies of `state`'s messages that [`read_bodies`] found;
+/// how many live messages are still without one.
+fn hold_found(state: &mut QState, mut found: BTreeMap<u64, Arc<Message>>) -> usize {
+    let mut missing = 0;
+    for (id, m) in state.messages.iter_mut().filter(|(_, m)| !m.is_held()) {
+        match found.remove(id) {
+            Some(full) => m.hold(full),
+            None => missing += 1,
+        }
+    }
+    missing
+}
+
 /// How many log entries [`read_bodies`] reads at a time.
 const READ_ENTRIES: u64 = 256;
 
@@ -188,10 +201,11 @@ fn read_bodies(log: &QLog, want: &BTreeSet<u64>) -> Result<BTreeMap<u64, Arc<Mes
     let (Some(first), Some(last)) = (want.first(), want.last()) else {
         return Ok(found);
     };
-    // A few entries at a time: what is held is what was wanted.
-    let (mut from, to) = (first >> 16, last >> 16);
-    while from <= to {
-        let upto = from.saturating_add(READ_ENTRIES - 1).min(to);
+    // A few entries at a time: what is held is what was wanted (an id's
+    // entry index is at most 48 bits: no overflow).
+    let to = last >> 16;
+    for from in (first >> 16..=to).step_by(READ_ENTRIES as usize) {
+        let upto = (from + READ_ENTRIES - 1).min(to);
         let entries = log
             .entries_now(from, Some(upto))
             .map_err(|e| format!("reading the log: {e}"))?;
@@ -204,10 +218,6 @@ fn read_bodies(log: &QLog, want: &BTreeSet<u64>) -> Result<BTreeMap<u64, Arc<Mes
                     }
                 }
             }
-        }
-        from = upto.saturating_add(1);
-        if upto == u64::MAX {
-            break;
         }
     }
     if found.len() < want.len() {
@@ -269,22 +279,13 @@ impl QSm {
         let reads = self.reads.lock().await;
         let log = self.log.clone();
         let read = move || read_bodies(&log, &want);
-        let mut found = tokio::task::spawn_blocking(read)
+        let found = tokio::task::spawn_blocking(read)
             .await
             .map_err(|e| e.to_string())??;
         drop(reads);
-        let mut s = self.inner.lock();
         // Messages settled meanwhile are gone; those applied since came
         // held.
-        let mut missing = 0;
-        for (id, m) in s.state.messages.iter_mut() {
-            if !m.is_held() {
-                match found.remove(id) {
-                    Some(full) => m.hold(full),
-                    None => missing += 1,
-                }
-            }
-        }
+        let missing = hold_found(&mut self.inner.lock().state, found);
         if missing > 0 {
             return Err(format!("{missing} live messages' bodies not found on disk"));
         }
@@ -317,12 +318,8 @@ impl QSm {
             let s = self.inner.lock();
             (s.state.clone(), s.stripped())
         };
-        let mut found = read_bodies(&self.log, &want)?;
-        for (id, m) in state.messages.iter_mut() {
-            if let Some(full) = found.remove(id) {
-                m.hold(full);
-            }
-        }
+        let found = read_bodies(&self.log, &want)?;
+        hold_found(&mut state, found);
         Ok(Some(state))
     }
 }
@@ -344,14 +341,12 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
             let (log, meta) = (self.log.clone(), meta.clone());
             move || {
                 let err = |e: String| StorageIOError::write_snapshot(None, string_err(e));
-                let mut found = read_bodies(&log, &want).map_err(err)?;
-                for (id, m) in state.messages.iter_mut() {
-                    if !m.is_held() {
-                        let full = found.remove(id).ok_or_else(|| {
-                            err(format!("message {id:#x}'s body not found on disk"))
-                        })?;
-                        m.hold(full);
-                    }
+                let found = read_bodies(&log, &want).map_err(err)?;
+                let missing = hold_found(&mut state, found);
+                if missing > 0 {
+                    return Err(
+                        err(format!("{missing} live messages' bodies not found on disk")).into(),
+                    );
                 }
                 let data = crate::cluster::codec::encode(&state)
                     .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
