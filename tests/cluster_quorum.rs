@@ -1680,3 +1680,64 @@ async fn a_new_leader_reads_the_messages_back_from_its_snapshot_and_log() {
     assert_eq!(got.len(), want.len(), "every message");
     assert!(got == want, "whole, and none of those acked before");
 }
+
+/// The leader keeps a window of a long quorum queue in memory and the rest
+/// paged out to its message store; gets read the paged-out messages back
+/// in order, and a purge settles them in the group too: the next leader
+/// does not have them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_pages_a_long_quorum_queue_out_and_a_purge_settles_it_in_the_group() {
+    let (a, b, c) = three_nodes("quorum-paging").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-paging";
+    declare_quorum_queue(&nodes[0], q).await;
+    let leader = quorum_leader(&nodes[0], q).expect("a leader");
+    let leader = node_index(&nodes, &leader);
+    let all: Vec<String> = (0..3000).map(|i| format!("pg-{i}")).collect();
+    let (conn, ch) = confirming(&nodes[leader]).await;
+    assert_eq!(publish_confirmed(&ch, q, &all).await, (3000, 0));
+    let st = queue_api(&nodes[leader], q);
+    assert_eq!(st["messages_ready"].as_u64(), Some(3000), "{st}");
+    let in_memory = st["messages_ready_ram"]
+        .as_u64()
+        .expect("messages_ready_ram");
+    assert!(in_memory <= 2048, "{in_memory} in memory: a window only");
+    let get = |ch: Channel| async move {
+        let got = common::t(ch.basic_get(q, BasicGetOptions { no_ack: true }))
+            .await
+            .expect("basic.get")
+            .expect("a message");
+        String::from_utf8_lossy(&got.delivery.data).into_owned()
+    };
+    // Past the window, in order.
+    for want in &all[..2100] {
+        assert_eq!(get(ch.clone()).await, *want);
+    }
+    let purged = common::t(ch.queue_purge(q, QueuePurgeOptions::default()))
+        .await
+        .expect("purge");
+    assert_eq!(purged, 900);
+    // A get past every horizon committed so far waits for a new one, which
+    // commits after the purge's settlement (proposed in order).
+    let after = vec!["after".to_string()];
+    assert_eq!(publish_confirmed(&ch, q, &after).await, (1, 0));
+    assert_eq!(get(ch.clone()).await, "after");
+    let _ = conn.close(200, "bye").await;
+    // The next leader has none of the purged messages.
+    nodes[leader].kill();
+    let other = &nodes[(leader + 1) % 3];
+    let (conn, ch) = confirming(other).await;
+    let last = vec!["last".to_string()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while publish_confirmed(&ch, q, &last).await != (1, 0) {
+        assert!(Instant::now() < deadline, "no new leader confirmed");
+    }
+    // (the get of "after" settled it without an ack: that settlement may
+    // not have committed before the kill, and then it comes again)
+    let mut got = get(ch.clone()).await;
+    if got == "after" {
+        got = get(ch.clone()).await;
+    }
+    assert_eq!(got, "last", "no purged message comes back");
+    let _ = conn.close(200, "bye").await;
+}

@@ -12,6 +12,23 @@ pub fn resident_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// Give the heap memory freed so far back to the system. glibc's allocator
+/// keeps freed small blocks for reuse, so after a large transient read (a
+/// quorum queue's backlog read back to serve it or to write a snapshot:
+/// hundreds of thousands of bodies allocated, then freed) the process would
+/// keep its peak as resident memory (measured: 1.26 GB resident after a
+/// 500 MB backlog was loaded and paged out again, 115 MB once trimmed).
+/// Walks the heap: call it on a blocking thread, after large frees only.
+/// A no-op where the allocator is not glibc's.
+pub fn give_back_freed() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and only releases free memory
+    // at the allocator's own discretion; safe to call from any thread.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Physical memory in bytes (0 where /proc is unavailable).
 pub fn total_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")

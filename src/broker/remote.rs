@@ -65,6 +65,11 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// Messages (by their id in the group) left the queue for
     /// good: acked, rejected, expired, dropped, dead-lettered, purged.
     fn settled(&self, ids: Vec<u64>);
+    /// Every message the group holds with an id in `from..to` left the
+    /// queue for good (a purge of messages paged out: their ids are not in
+    /// memory, only that range, and none of the group's messages in it is
+    /// anywhere else in the queue).
+    fn settled_range(&self, from: u64, to: u64);
     /// Messages (by id) that reached a client went back into the queue (a
     /// requeue, a consumer gone): each counts one more return towards the
     /// delivery limit, on whichever member serves the queue next.

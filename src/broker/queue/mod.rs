@@ -31,8 +31,11 @@
 //! [`ready`]). A persistent message on a durable queue joins the tail once the
 //! window holds [`PERSISTENT_WINDOW`] messages; any message does when the broker's
 //! message memory budget is spent (transient ones then go to the store's ephemeral
-//! space, gone after a restart). Consumers and `basic.get` load the tail's front
-//! in batches of [`PAGE_IN_BATCH`] as they reach it.
+//! space, gone after a restart). So does a message of a replicated quorum queue
+//! (its group's log holds it durably; the store has a transient copy at the
+//! message's id in the group, read back in the group's order and dropped as it
+//! is). Consumers and `basic.get` load the tail's front in batches of
+//! [`PAGE_IN_BATCH`] as they reach it.
 //!
 //! # Statistics
 //!
@@ -110,9 +113,10 @@ pub struct Queue {
     /// Set by the cluster from the queue's replicated record.
     remote: parking_lot::RwLock<Option<Arc<dyn crate::broker::remote::RemoteHome>>>,
     /// Clustered quorum queue on a member node: its Raft group (None: a
-    /// queue of this node alone). While set, the queue keeps nothing in the
-    /// message store (the group's log is its storage), its entries' `seq` is
-    /// their id in the group, and what leaves the queue for good is reported.
+    /// queue of this node alone). While set, the queue keeps nothing durable
+    /// in the message store (the group's log is its storage; past its window
+    /// it pages out transient copies), its entries' `seq` is their id in the
+    /// group, and what leaves the queue for good is reported.
     replica: parking_lot::RwLock<Option<Arc<dyn crate::broker::remote::Replica>>>,
     /// `replica` is set (read without its lock on every message).
     replicated: std::sync::atomic::AtomicBool,
@@ -545,7 +549,8 @@ impl Queue {
 
     /// A message the queue's Raft group committed, with its id there
     /// (increasing in the group's order), on the node serving the queue: enqueued
-    /// like a publish, nothing written to the message store. A message a new
+    /// like a publish, nothing durable written to the message store (past the
+    /// window, a transient copy at its id). A message a new
     /// leader loads comes `redelivered` if it went out before, with the
     /// `returns` the group counted (towards the delivery limit, as
     /// `x-delivery-count`).
@@ -566,13 +571,34 @@ impl Queue {
         self.enqueue_inner(message, now, Some(replicated))
     }
 
+    /// Resolves once the message store has written what the queue gave it
+    /// so far (at once for a queue without a store; a store error counts
+    /// as written: nothing more will be).
+    pub fn written(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let sync = self.store.as_ref().map(|qs| qs.store.sync());
+        async move {
+            if let Some(sync) = sync {
+                let _ = sync.await;
+            }
+        }
+    }
+
     /// This node stopped serving the replicated queue (it lost the group's
     /// leadership): forget the ready messages without reporting them (the
     /// group keeps them) and detach every consumer; returns the consumers,
     /// to be told they are cancelled.
     pub fn reset_replicated(&self) -> Vec<Arc<Consumer>> {
+        let mut fx = Effects::default();
         let mut s = self.state.lock();
-        s.ready.drain();
+        let (_, tails) = s.ready.drain();
+        // The paged-out copies go too.
+        if self.store.is_some() {
+            fx.ops.extend(
+                tails
+                    .into_iter()
+                    .map(|(level, from)| MessageOp::DropFrom { level, from }),
+            );
+        }
         s.unacked = 0;
         s.unacked_bytes = 0;
         s.unacked_persistent = 0;
@@ -581,7 +607,9 @@ impl Queue {
         self.may_expire.store(false, Ordering::Relaxed);
         s.horizon = Horizon::default();
         self.horizon_committed.send_replace(0);
-        std::mem::take(&mut s.consumers)
+        let consumers = std::mem::take(&mut s.consumers);
+        self.release(s, &mut fx, false);
+        consumers
     }
 
     /// The queue type, fixed at declaration.
@@ -730,7 +758,7 @@ impl Queue {
     }
 
     /// `replicated`: what the queue's Raft group knows of the message (a
-    /// replicated queue writes nothing to the store).
+    /// replicated queue writes nothing durable to the store).
     fn enqueue_inner(
         self: &Arc<Self>,
         message: Arc<Message>,
@@ -798,15 +826,27 @@ impl Queue {
             Enqueued::Rejected
         } else {
             let level = level_for(entry.priority, self.max_priority);
+            // A replicated message is durable in its group: it pages out as
+            // a persistent one does (to the store's transient space, since
+            // the group, not this copy, is what survives a restart).
+            let tail = s.ready.tail(level);
             let to_tail = self.store.is_some()
-                && replicated.is_none()
-                && (s.ready.tail(level).count > 0
-                    || (durable && s.ready.window_len(level) >= PERSISTENT_WINDOW)
+                // (never behind the tail's end: it reads back in position order)
+                && replicated.is_none_or(|r| tail.count == 0 || r.id >= tail.to)
+                && (tail.count > 0
+                    || ((durable || replicated.is_some())
+                        && s.ready.window_len(level) >= PERSISTENT_WINDOW)
                     || self.budget.over(size));
             if to_tail {
-                // Only in the store until a consumer gets near it.
-                let pos = s.ready.alloc_pos(level);
-                let record = record.unwrap_or_else(|| encode(&entry.message, false, expires_at));
+                // Only in the store until a consumer gets near it. A
+                // replicated message's position is its id in the group
+                // (increasing: the tail reads back in the group's order).
+                let pos = match replicated {
+                    Some(r) => r.id,
+                    None => s.ready.alloc_pos(level),
+                };
+                let record =
+                    record.unwrap_or_else(|| encode(&entry.message, entry.redelivered, expires_at));
                 fx.ops.push(MessageOp::Insert {
                     level,
                     pos,
@@ -814,6 +854,13 @@ impl Queue {
                     durable,
                     record,
                 });
+                if entry.delivery_count > 0 {
+                    fx.ops.push(MessageOp::SetReturns {
+                        level,
+                        pos,
+                        count: entry.delivery_count,
+                    });
+                }
                 s.ready
                     .push_tail(level, pos, size, expires_at.is_some(), durable);
                 self.note_expiry(expires_at.is_some());
@@ -1123,15 +1170,27 @@ impl Queue {
         if self.stream.is_some() || !self.is_replicated() {
             return None;
         }
-        let mut fx = Effects::default();
-        let mut s = self.state.lock();
-        let seq = match s.ready.peek() {
-            Head::Entry(e) if e.pos.is_none() && e.seq > s.horizon.committed => e.seq,
-            _ => return None,
-        };
-        self.ask_horizon(&mut s, seq, &mut fx);
-        self.release(s, &mut fx, false);
-        Some(seq)
+        loop {
+            let mut fx = Effects::default();
+            let mut s = self.state.lock();
+            let seq = match s.ready.peek() {
+                Head::Entry(e) if e.pos.is_none() && e.seq > s.horizon.committed => e.seq,
+                Head::Paged(level) => {
+                    // Loaded first: its id is the one to wait for.
+                    let from = s.ready.tail(level).from;
+                    self.release(s, &mut fx, true);
+                    let loaded = self.load(level, from);
+                    let mut s = self.state.lock();
+                    self.install(&mut s, level, from, loaded, &mut fx);
+                    self.release(s, &mut fx, false);
+                    continue;
+                }
+                _ => return None,
+            };
+            self.ask_horizon(&mut s, seq, &mut fx);
+            self.release(s, &mut fx, false);
+            return Some(seq);
+        }
     }
 
     /// The committed delivery horizon of a replicated queue, as it grows.
@@ -1196,7 +1255,7 @@ impl Queue {
                 self.release(s, &mut fx, true);
                 let loaded = self.load(level, from);
                 let mut s = self.state.lock();
-                self.install(&mut s, level, from, loaded);
+                self.install(&mut s, level, from, loaded, &mut fx);
                 self.finish(s, fx, now);
                 continue;
             }
@@ -1510,6 +1569,14 @@ impl Queue {
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         let n = s.ready.len();
+        // A replicated queue's paged-out messages are reported by their
+        // ids' range (a quorum queue has one level).
+        let tail = s.ready.tail(0);
+        if tail.count > 0 && self.is_replicated() {
+            if let Some(r) = self.replica() {
+                r.settled_range(tail.from, tail.to);
+            }
+        }
         let (drained, tails) = s.ready.drain();
         for e in &drained {
             self.forget(e, &mut fx);
@@ -1596,7 +1663,7 @@ impl Queue {
             self.release(s, &mut fx, true);
             let loaded = self.load(level, from);
             s = self.state.lock();
-            self.install(&mut s, level, from, loaded);
+            self.install(&mut s, level, from, loaded, &mut fx);
             let args = self.args();
             self.enforce_limits(&mut s, &args, &mut fx);
             self.expire_locked(&mut s, now, &mut fx);
@@ -1625,13 +1692,33 @@ impl Queue {
 
     /// Put messages loaded from the front of `level`'s tail into its window, if the
     /// tail is still where the read started.
-    fn install(&self, s: &mut State, level: u8, from: u64, loaded: Vec<ReadMessage>) {
-        if s.ready.tail(level).from != from {
+    ///
+    /// A replicated queue's message comes back as it went (its id in the
+    /// group, no position: the group holds it durably) and its paged-out
+    /// copy is dropped from the store.
+    fn install(
+        &self,
+        s: &mut State,
+        level: u8,
+        from: u64,
+        loaded: Vec<ReadMessage>,
+        fx: &mut Effects,
+    ) {
+        if s.ready.tail(level).from != from || s.ready.tail(level).count == 0 {
             return;
         }
         let next = loaded.last().map_or(from, |r| r.pos + 1);
+        let replicated = self.is_replicated();
         let mut entries = Vec::with_capacity(loaded.len());
         for r in loaded {
+            if replicated {
+                fx.ops.push(MessageOp::Settle {
+                    level,
+                    pos: r.pos,
+                    size: r.size,
+                    durable: false,
+                });
+            }
             let (expires_at, redelivered) = (r.message.expires_at, r.message.redelivered);
             let message = match stored_message(r.message) {
                 Ok(m) => m,
@@ -1640,13 +1727,17 @@ impl Queue {
                     continue;
                 }
             };
-            let seq = s.next_seq;
-            s.next_seq += 1;
+            let seq = if replicated {
+                r.pos
+            } else {
+                s.next_seq += 1;
+                s.next_seq - 1
+            };
             let mut entry = Entry::new(seq, message, expires_at);
             entry.redelivered = redelivered;
             entry.delivery_count = r.returns;
             entry.persisted = r.durable;
-            entry.pos = Some(r.pos);
+            entry.pos = (!replicated).then_some(r.pos);
             self.note_expiry(expires_at.is_some());
             entries.push(entry);
         }

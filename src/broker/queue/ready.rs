@@ -51,6 +51,9 @@ pub struct Tail {
     pub persistent_bytes: usize,
     /// Store position to read from.
     pub from: u64,
+    /// One past the last position in the tail (the tail's messages are in
+    /// `from..to`, not necessarily at every position).
+    pub to: u64,
     /// Some of them may carry an expiry.
     pub may_expire: bool,
 }
@@ -173,11 +176,14 @@ impl Ready {
             self.persistent += 1;
             self.persistent_bytes += size;
         }
-        let tail = &mut self.level_mut(level).tail;
+        let l = self.level_mut(level);
+        l.next_pos = l.next_pos.max(pos + 1);
+        let tail = &mut l.tail;
         if tail.count == 0 {
             tail.from = pos;
             tail.may_expire = false;
         }
+        tail.to = pos + 1;
         tail.count += 1;
         tail.bytes += size;
         tail.may_expire |= expires;
@@ -202,6 +208,7 @@ impl Ready {
             persistent: l.tail.persistent + count,
             persistent_bytes: l.tail.persistent_bytes + bytes,
             from: if l.tail.count == 0 { from } else { l.tail.from },
+            to: next.max(l.tail.to),
             may_expire: true,
         };
     }

@@ -536,6 +536,8 @@ struct Recorder {
     checked_out: Mutex<(Vec<u64>, Vec<u64>)>,
     /// Delivery horizons asked for.
     horizons: Mutex<Vec<u64>>,
+    /// Ranges of ids settled (a purge of paged-out messages).
+    ranges: Mutex<Vec<(u64, u64)>>,
 }
 
 impl crate::broker::remote::Replica for Recorder {
@@ -548,6 +550,9 @@ impl crate::broker::remote::Replica for Recorder {
     }
     fn settled(&self, ids: Vec<u64>) {
         self.settled.lock().extend(ids);
+    }
+    fn settled_range(&self, from: u64, to: u64) {
+        self.ranges.lock().push((from, to));
     }
     fn returned(&self, ids: Vec<u64>) {
         self.returned.lock().extend(ids);
@@ -636,6 +641,79 @@ fn a_replicated_queue_reports_every_message_that_leaves_it_and_stores_none() {
     assert!(q.reset_replicated().is_empty());
     assert_eq!(q.stats(T0).ready, 0);
     taken(&[]);
+}
+
+#[test]
+fn a_replicated_queue_pages_out_past_its_window_and_reads_back_in_the_groups_order() {
+    let dir = TempDir::new();
+    let (store, _v, q) = quorum_queue(&dir, &[]);
+    let rec = replicate(&q);
+    // Ids as the group gives them (entry index << 16 | place in the batch).
+    let id = |n: usize| ((n as u64 / 3 + 1) << 16) | (n as u64 % 3);
+    let n = PERSISTENT_WINDOW + 700;
+    for i in 0..n {
+        // Some come back from an earlier leader: redelivered, with returns.
+        let earlier = i % 97 == 5;
+        let state = (earlier, if earlier { 3 } else { 0 });
+        q.enqueue_replicated(persistent(&format!("m{i}")), id(i), state, T0, T0);
+    }
+    let st = q.stats(T0);
+    assert_eq!((st.ready, st.ready_ram), (n, PERSISTENT_WINDOW));
+    // The rest is in the store's transient space, at their ids.
+    let paged = stored(&store);
+    assert_eq!(paged.len(), 700);
+    assert_eq!(paged.first().map(|p| p.0), Some(id(PERSISTENT_WINDOW)));
+    // Read back in order, as the group knows them.
+    let mut got = Vec::new();
+    for _ in 0..PERSISTENT_WINDOW {
+        got.extend(q.get(false, T0).map(|(e, _)| e));
+    }
+    // A get waits for a horizon past the paged-out head's id: read first.
+    assert_eq!(q.stats(T0).ready_ram, 0);
+    assert_eq!(q.get_waits_for(), Some(id(PERSISTENT_WINDOW)));
+    assert!(q.stats(T0).ready_ram > 0);
+    while let Some((e, _)) = q.get(false, T0) {
+        got.push(e);
+    }
+    assert_eq!(got.len(), n);
+    for (i, e) in got.iter().enumerate() {
+        assert_eq!((e.seq, body(e)), (id(i), format!("m{i}")));
+        let earlier = i % 97 == 5;
+        assert_eq!(
+            (e.redelivered, e.delivery_count),
+            (earlier, if earlier { 3 } else { 0 })
+        );
+        assert!(e.pos.is_none(), "a replicated entry has no position");
+    }
+    // Each reported by its id when acked; the paged-out copies are gone.
+    assert_eq!(rec.checked_out.lock().0.len(), n);
+    q.ack(&got, T0);
+    let mut settled = std::mem::take(&mut *rec.settled.lock());
+    settled.sort_unstable();
+    assert_eq!(settled, (0..n).map(id).collect::<Vec<_>>());
+    assert!(stored(&store).is_empty());
+
+    // A purge reports the window by ids and the paged-out rest by range.
+    for i in n..2 * n {
+        q.enqueue_replicated(persistent("p"), id(i), (false, 0), T0, T0);
+    }
+    assert_eq!(q.purge(), n);
+    let settled = std::mem::take(&mut *rec.settled.lock());
+    assert_eq!(settled.len(), PERSISTENT_WINDOW);
+    assert_eq!(
+        *rec.ranges.lock(),
+        vec![(id(n + PERSISTENT_WINDOW), id(2 * n - 1) + 1)]
+    );
+    assert!(stored(&store).is_empty());
+
+    // Losing the leadership drops the paged-out copies too.
+    for i in 2 * n..3 * n {
+        q.enqueue_replicated(persistent("r"), id(i), (false, 0), T0, T0);
+    }
+    assert_eq!(stored(&store).len(), 700);
+    q.reset_replicated();
+    assert!(stored(&store).is_empty());
+    assert_eq!(q.stats(T0).ready, 0);
 }
 
 /// A quorum queue with `more` arguments (a replica is set by the test,

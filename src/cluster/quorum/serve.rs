@@ -1,7 +1,9 @@
 //! One quorum queue group on this node: follows the group's leadership and
 //! serves the queue while this node leads. On becoming leader (and having
-//! applied everything committed before: `ensure_linearizable`) it loads the
-//! state machine's messages into the local queue, flagged redelivered if
+//! applied everything committed before: `ensure_linearizable`) it reads the
+//! messages' bodies back from the group's log and snapshot and loads them
+//! into the local queue (which keeps a window in memory and pages the rest
+//! out to the message store), flagged redelivered if
 //! they may have gone out before (at most the committed delivery horizon,
 //! returned or out: no delivery goes past the committed horizon, so the
 //! others never went out) and with the returns the group counted
@@ -293,10 +295,24 @@ impl Group {
             })
             .collect();
         let n = messages.len();
+        // The queue takes them (past its window, paged out to the message
+        // store): the group's state lets go of the bodies again, first, so
+        // that each is held once while it goes in.
+        s.release_held();
         for (id, msg, redelivered, returns, at) in messages {
             q.enqueue_replicated(msg, id, (redelivered, returns), at, now);
         }
+        let loaded = s.lengths().1;
         drop(s);
+        if loaded >= GIVE_BACK_AT {
+            // Read back, paged out again: the memory back to the system
+            // once the store has written the pages (they held copies).
+            let written = q.written();
+            tokio::spawn(async move {
+                written.await;
+                let _ = tokio::task::spawn_blocking(crate::broker::memory::give_back_freed).await;
+            });
+        }
         tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");
         m.announce(self);
         self.served.notify_waiters();
@@ -484,6 +500,12 @@ impl Replica for Group {
         self.report(Change::Settled(ids));
     }
 
+    fn settled_range(&self, from: u64, to: u64) {
+        if from < to {
+            self.report(Change::SettledRange(from, to));
+        }
+    }
+
     fn returned(&self, ids: Vec<u64>) {
         self.report(Change::Returned(ids));
     }
@@ -504,6 +526,24 @@ impl Replica for Group {
 }
 
 impl Group {
+    /// A change as the group's commands name it: a range of ids settled
+    /// becomes the live messages of the group in it.
+    fn expand(&self, change: Change) -> Change {
+        match change {
+            Change::SettledRange(from, to) => {
+                let s = self.sm.inner.lock();
+                Change::Settled(
+                    s.state
+                        .messages
+                        .range(from..to)
+                        .map(|(id, _)| *id)
+                        .collect(),
+                )
+            }
+            other => other,
+        }
+    }
+
     /// Hand a change of the serving queue to the settle loop, in the
     /// queue's order (called under its lock), tagged with this spell of
     /// serving.
@@ -610,6 +650,11 @@ async fn watch(g: Weak<Group>, raft: Raft) {
         }
         if group.sm.snapshot_wanted() {
             let _ = raft.trigger().snapshot().await;
+        }
+        if group.sm.take_freed() >= GIVE_BACK_AT {
+            // A backlog read back and let go of: its memory back to the
+            // system (else the allocator keeps the peak resident).
+            tokio::task::spawn_blocking(crate::broker::memory::give_back_freed);
         }
         drop(group);
         // Until what this loop looks at changes, or the tick: the metrics
@@ -876,6 +921,11 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
 enum Change {
     /// Gone for good: proposed as `Settle`.
     Settled(Vec<u64>),
+    /// Every message of the group with an id in this range is gone for
+    /// good (paged out of the queue, so only the range is known there):
+    /// made [`Change::Settled`] from the group's state by the settle loop
+    /// ([`Group::expand`]), which the queue's lock cannot take.
+    SettledRange(u64, u64),
     /// Back in the queue after reaching a client: proposed as `Return`.
     Returned(Vec<u64>),
     /// Handed to a client that must ack them, or back before reaching it:
@@ -891,7 +941,7 @@ impl Change {
         match self {
             Change::Settled(ids) | Change::Returned(ids) => ids.is_empty(),
             Change::CheckedOut { out, back } => out.is_empty() && back.is_empty(),
-            Change::Horizon(_) => false,
+            Change::Horizon(_) | Change::SettledRange(..) => false,
         }
     }
 }
@@ -916,6 +966,9 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
                 }
             }
             Change::Settled(ids) => settled.extend(ids),
+            Change::SettledRange(from, to) => {
+                debug_assert!(false, "unexpanded range {from}..{to}");
+            }
             Change::CheckedOut { out, back } => {
                 last.extend(back.into_iter().map(|id| (id, false)));
                 last.extend(out.into_iter().map(|id| (id, true)));
@@ -944,6 +997,11 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
     cmds.extend(horizon.map(QCommand::Horizon));
     cmds
 }
+
+/// Bytes of bodies let go of after which a group's watch loop gives the
+/// freed memory back to the system
+/// ([`crate::broker::memory::give_back_freed`]).
+const GIVE_BACK_AT: u64 = 32 << 20;
 
 /// How many log entries past the messages it covers a delivery horizon
 /// reaches ([`Replica::horizon_after`]): consumers keep going for that many
@@ -976,11 +1034,13 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
         drop(group);
         // Those of an earlier spell of serving are dropped: the queue was
         // emptied and loaded again from the group's state since.
+        let Some(group) = g.upgrade() else { return };
         let changes: Vec<Change> = batch
             .into_iter()
             .filter(|(e, _)| *e == epoch)
-            .map(|(_, c)| c)
+            .map(|(_, c)| group.expand(c))
             .collect();
+        drop(group);
         let cmds = batch_commands(changes);
         let horizon = cmds.iter().find_map(|c| match c {
             QCommand::Horizon(h) => Some(*h),

@@ -13,17 +13,22 @@
 //! so the tree stays bounded by the live messages plus the entries since the
 //! last snapshot.
 //!
-//! # Bodies on disk on the members that do not serve the queue
+//! # Bodies on disk
 //!
-//! Only the member serving the queue (its leader) holds the messages'
-//! bodies in memory, shared with its local queue. The others keep each live
-//! message's id, body length and time only ([`QMsg::strip`]): the message is in the group's
+//! The state machine keeps each live message's id, body length and time
+//! only ([`QMsg::strip`]), on every member: the message is in the group's
 //! log (the `Enqueue` that carried it) or, once the log behind a snapshot is
 //! purged, in that snapshot, which holds every message live at its index.
-//! They are read back ([`read_bodies`]) when the member is about to serve
-//! the queue ([`QSm::hold_bodies`]) and when it writes a snapshot; a
-//! snapshot is replaced only under the state machine's `reads` lock, so a read never falls
-//! between an old snapshot and the log purged behind a new one.
+//! The member serving the queue (its leader) hands each new message to its
+//! local queue before letting go of it there; the local queue keeps a
+//! window of them in memory and pages the rest out to the node's message
+//! store, as a classic queue does (`broker::queue`). The bodies are read
+//! back ([`read_bodies`]) when the member is about to serve the queue
+//! ([`QSm::hold_bodies`]: held until they are loaded into the queue, then
+//! let go of again, [`SmInner::release_held`]) and when it writes a
+//! snapshot; a snapshot is replaced only under the state machine's `reads`
+//! lock, so a read never falls between an old snapshot and the log purged
+//! behind a new one.
 //!
 //! # When a group snapshots
 //!
@@ -57,6 +62,7 @@ use openraft::{
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 type NodeId = u64;
@@ -111,8 +117,8 @@ pub struct SmInner {
     membership: StoredMembership<NodeId, NodeInfo>,
     /// This node serves the queue: committed enqueues go into it.
     pub serving: Option<Arc<Queue>>,
-    /// Bodies are held (the member serves the queue or is about to): a
-    /// member that does not keeps its messages' bodies on disk only.
+    /// Bodies are held: the member is about to serve the queue and loads
+    /// them into it (otherwise they are on disk only, see the module doc).
     hold: bool,
     /// The live messages' bytes ([`weight`]).
     live: u64,
@@ -162,6 +168,13 @@ impl SmInner {
     fn stripped(&self) -> BTreeSet<u64> {
         let m = self.state.messages.iter();
         m.filter(|(_, m)| !m.is_held()).map(|(id, _)| *id).collect()
+    }
+
+    /// Let go of every body: they were held to be loaded into the queue
+    /// this member now serves, which keeps its own copies.
+    pub fn release_held(&mut self) {
+        self.hold = false;
+        self.strip_unless_held();
     }
 
     /// Let go of every body unless they are held.
@@ -243,6 +256,10 @@ pub struct QSm {
     /// is replaced (a snapshot built or installed): a read never misses a
     /// message between an old snapshot and a new one.
     reads: Arc<tokio::sync::Mutex<()>>,
+    /// Bytes of bodies read back (or decoded from a snapshot) and let go of
+    /// again since the group's watch loop last gave freed memory back to
+    /// the system ([`QSm::take_freed`]).
+    freed: Arc<AtomicU64>,
 }
 
 impl QSm {
@@ -256,10 +273,12 @@ impl QSm {
         }
         inner.loaded();
         inner.strip_unless_held();
+        let freed = Arc::new(AtomicU64::new(inner.live));
         Ok(QSm {
             log,
             inner: Arc::new(Mutex::new(inner)),
             reads: Arc::default(),
+            freed,
         })
     }
 
@@ -308,6 +327,16 @@ impl QSm {
         s.hold && s.serving.is_none()
     }
 
+    /// `bytes` of bodies held for a while were let go of.
+    pub fn note_freed(&self, bytes: u64) {
+        self.freed.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// How many bytes of bodies were let go of since the last call.
+    pub fn take_freed(&self) -> u64 {
+        self.freed.swap(0, Ordering::Relaxed)
+    }
+
     /// The state with every body read back (for checks: blocking, and
     /// None while a snapshot is being replaced).
     pub fn full_state(&self) -> Result<Option<QState>, String> {
@@ -337,6 +366,7 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
             let meta = snapshot_meta(s.last_applied, s.membership.clone());
             (meta, s.state.clone(), s.live, s.stripped())
         };
+        let read_back = !want.is_empty();
         let write = {
             let (log, meta) = (self.log.clone(), meta.clone());
             move || {
@@ -356,6 +386,10 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
         };
         let data = off_runtime_if(live >= BLOCKING_AT, write).await?;
         drop(reads);
+        if read_back {
+            // (openraft drops the snapshot's data as this returns)
+            self.note_freed(live);
+        }
         self.flush_snapshot(&meta).await?;
         Ok(Snapshot {
             meta,
@@ -442,22 +476,14 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                         .sum();
                     s.live = s.live.saturating_add(added);
                     s.changed = s.changed.saturating_add(added);
-                    if !s.hold {
-                        // Not served here: the bodies stay on disk only.
-                        for (i, _) in taken.iter().enumerate().filter(|(_, t)| **t == Taken::New) {
-                            if let Some(m) = s.state.messages.get_mut(&id(index, i)) {
-                                m.strip();
-                            }
-                        }
-                    }
                     // The node serving the queue delivers new messages from
                     // now on; each publisher's confirm follows the queue's
                     // answer.
-                    batch
+                    let outcomes = batch
                         .iter()
-                        .zip(taken)
+                        .zip(&taken)
                         .enumerate()
-                        .map(|(i, (m, taken))| match (taken, &s.serving) {
+                        .map(|(i, (m, taken))| match (*taken, &s.serving) {
                             (Taken::Duplicate, _) => Outcome::Taken,
                             (Taken::OutOfSequence, _) => Outcome::OutOfSequence,
                             (Taken::New, None) => Outcome::Taken,
@@ -474,7 +500,17 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                                 }
                             }
                         })
-                        .collect()
+                        .collect();
+                    if !s.hold {
+                        // The bodies stay on disk only (the serving queue
+                        // has its own copies, paged out past its window).
+                        for (i, _) in taken.iter().enumerate().filter(|(_, t)| **t == Taken::New) {
+                            if let Some(m) = s.state.messages.get_mut(&id(index, i)) {
+                                m.strip();
+                            }
+                        }
+                    }
+                    outcomes
                 }
                 EntryPayload::Membership(m) => {
                     s.membership = StoredMembership::new(Some(entry.log_id), m.clone());
@@ -521,6 +557,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             s.membership = meta.last_membership.clone();
             s.loaded();
             s.strip_unless_held();
+            self.note_freed(s.live);
         }
         drop(reads);
         self.flush_snapshot(meta).await
