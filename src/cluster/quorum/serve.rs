@@ -48,6 +48,9 @@ pub struct Group {
     raft: OnceLock<Raft>,
     sm: QSm,
     serving: AtomicBool,
+    /// The queue this member is loading the group's messages into, while
+    /// it does ([`Group::serve`]; then the state machine's `serving`).
+    loading: parking_lot::Mutex<Option<Arc<crate::broker::queue::Queue>>>,
     /// Counts this member's spells of serving: a change the queue reported
     /// in an earlier one is not proposed (the queue was emptied and loaded
     /// again from the group's state since), a horizon asked then not
@@ -115,6 +118,7 @@ impl Group {
             raft: OnceLock::new(),
             sm,
             serving: AtomicBool::new(false),
+            loading: parking_lot::Mutex::new(None),
             epoch: AtomicU64::new(0),
             settle_tx,
             settle_rx: parking_lot::Mutex::new(Some(settle_rx)),
@@ -250,61 +254,127 @@ impl Group {
         }
     }
 
-    /// Load the group's messages into the local queue and serve it.
-    fn serve(self: &Arc<Self>) -> bool {
+    /// Serve the queue: from here this member proposes what the local queue
+    /// reports, and loads the group's messages into it in the group's
+    /// order, a batch at a time, their bodies read back from the log and
+    /// snapshot ([`QSm::read_back`]; the queue keeps a window in memory and
+    /// pages the rest out). Consumers are served as the messages come in.
+    /// What applies meanwhile (publishes, what the queue reports) is in the
+    /// group's state, and loaded from it too; once nothing is left to load,
+    /// under the state machine's lock, committed messages go straight into
+    /// the queue. False (the caller stops serving) when the leadership or
+    /// the queue goes meanwhile, or a body cannot be read.
+    async fn serve(self: &Arc<Self>, raft: &Raft) -> bool {
         let Some(m) = self.manager.upgrade() else {
             return false;
         };
         let Some(q) = m.queue(&self.vhost, &self.name) else {
             return false;
         };
-        let now = crate::clock::now_ms();
-        let mut s = self.sm.inner.lock();
-        if !s.ready_to_serve() {
-            // Not read back (`QSm::hold_bodies` comes first): not yet.
-            return false;
-        }
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        q.set_replica(Some(self.clone()));
-        q.set_remote(None);
-        // Serving from here, so that what the queue reports while it loads
-        // is proposed (nothing applies meanwhile: this holds the lock).
-        s.serving = Some(Arc::clone(&q));
-        self.serving.store(true, Ordering::Release);
-        // The local queue is empty here (nothing enqueues into it while this
-        // node does not serve it); consumers already attached to it (this
-        // node was the recorded leader) stay and get the messages.
-        // A message out with a client at the failover went back with its
-        // client's channel (on the old leader, or cancelled with it): one
-        // more return, counted here and proposed (before anything can
-        // settle it).
-        let out: Vec<u64> = s.state.out.iter().copied().collect();
-        self.report(Change::Returned(out));
-        // Redelivered: those that may have gone out (a delivery past the
-        // committed horizon waited for a larger one to commit).
-        q.horizon_start(s.state.horizon);
-        let messages: Vec<(u64, Arc<Message>, bool, u32, u64)> = s
-            .state
-            .messages
-            .iter()
-            .map(|(id, m)| {
-                let out = u32::from(s.state.out.contains(id));
-                let returns = s.state.returns(*id).saturating_add(out);
-                let redelivered = s.state.may_have_gone_out(*id);
-                (*id, m.message(), redelivered, returns, m.at)
+        let mut reader = self.sm.read_back().await;
+        // (and the horizon as the last leader left it: what this one asks
+        // for while it loads covers messages not loaded yet)
+        let (epoch, horizon) = {
+            let s = self.sm.inner.lock();
+            let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+            q.set_replica(Some(self.clone()));
+            q.set_remote(None);
+            *self.loading.lock() = Some(Arc::clone(&q));
+            self.serving.store(true, Ordering::Release);
+            // The local queue is empty here (nothing enqueues into it while
+            // this node does not serve it); consumers already attached to
+            // it (this node was the recorded leader) stay and get the
+            // messages. A message out with a client at the failover went
+            // back with its client's channel (on the old leader, or
+            // cancelled with it): one more return, proposed here (before
+            // anything can settle it) and counted as each is loaded.
+            let out: Vec<u64> = s.state.out.iter().copied().collect();
+            self.report(Change::Returned(out));
+            // Redelivered: those that may have gone out (a delivery past
+            // the committed horizon waited for a larger one to commit).
+            q.horizon_start(s.state.horizon);
+            (epoch, s.state.horizon)
+        };
+        m.announce(self);
+        self.served.notify_waiters();
+        let (mut next, mut n, mut bytes) = (0u64, 0usize, 0u64);
+        loop {
+            if raft.metrics().borrow().state != ServerState::Leader {
+                return false;
+            }
+            let want: BTreeSet<u64> = {
+                let mut s = self.sm.inner.lock();
+                if !self.loads(epoch) {
+                    return false;
+                }
+                let ids = s.state.messages.range(next..).map(|(id, _)| *id);
+                let want: BTreeSet<u64> = ids.take(LOAD_BATCH).collect();
+                if want.is_empty() {
+                    // Everything loaded: committed messages go into the
+                    // queue as they apply from now on.
+                    s.serving = Some(Arc::clone(&q));
+                    *self.loading.lock() = None;
+                    break;
+                }
+                want
+            };
+            let read = tokio::task::spawn_blocking(move || {
+                let found = reader.read(&want);
+                (reader, want, found)
             })
-            .collect();
-        let n = messages.len();
-        // The queue takes them (past its window, paged out to the message
-        // store): the group's state lets go of the bodies again, first, so
-        // that each is held once while it goes in.
-        s.release_held();
-        for (id, msg, redelivered, returns, at) in messages {
-            q.enqueue_replicated(msg, id, (redelivered, returns), at, now);
+            .await;
+            let found = match read {
+                Ok((r, w, Ok(found))) if found.len() == w.len() => {
+                    reader = r;
+                    next = w.last().map_or(next, |l| l + 1);
+                    found
+                }
+                Ok((r, w, Ok(found))) => {
+                    // Some settled meanwhile (consumers are served as the
+                    // messages come in), or a body is missing.
+                    let s = self.sm.inner.lock();
+                    let missing = w
+                        .iter()
+                        .filter(|id| !found.contains_key(id) && s.state.messages.contains_key(id))
+                        .count();
+                    if missing > 0 {
+                        tracing::error!(queue = %self.name, vhost = %self.vhost, missing, "live quorum queue messages' bodies not found on disk");
+                        return false;
+                    }
+                    drop(s);
+                    reader = r;
+                    next = w.last().map_or(next, |l| l + 1);
+                    found
+                }
+                Ok((_, _, Err(e))) => {
+                    tracing::error!(queue = %self.name, vhost = %self.vhost, error = %e, "reading the quorum queue's messages back");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::error!(queue = %self.name, vhost = %self.vhost, error = %e, "reading the quorum queue's messages back");
+                    return false;
+                }
+            };
+            let now = crate::clock::now_ms();
+            let s = self.sm.inner.lock();
+            if !self.loads(epoch) {
+                return false;
+            }
+            for (id, msg) in found {
+                // Those settled while their bodies were read are gone.
+                let Some(at) = s.state.messages.get(&id).map(|m| m.at) else {
+                    continue;
+                };
+                let out = u32::from(s.state.out.contains(&id));
+                let returns = s.state.returns(id).saturating_add(out);
+                let redelivered = id <= horizon || returns > 0;
+                bytes += msg.body.len() as u64;
+                n += 1;
+                q.enqueue_replicated(msg, id, (redelivered, returns), at, now);
+            }
         }
-        let loaded = s.lengths().1;
-        drop(s);
-        if loaded >= GIVE_BACK_AT {
+        drop(reader);
+        if bytes >= GIVE_BACK_AT {
             // Read back, paged out again: the memory back to the system
             // once the store has written the pages (they held copies).
             let written = q.written();
@@ -314,9 +384,13 @@ impl Group {
             });
         }
         tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");
-        m.announce(self);
-        self.served.notify_waiters();
         true
+    }
+
+    /// Still loading the queue in spell `epoch` (checked under the state
+    /// machine's lock, which [`Group::unserve`] takes to stop it).
+    fn loads(&self, epoch: u64) -> bool {
+        self.epoch.load(Ordering::Acquire) == epoch && self.loading.lock().is_some()
     }
 
     /// Stop serving: the local queue forgets its messages (the group keeps
@@ -325,9 +399,8 @@ impl Group {
         let q = {
             let mut s = self.sm.inner.lock();
             self.serving.store(false, Ordering::Release);
-            s.serving.take()
+            s.serving.take().or_else(|| self.loading.lock().take())
         };
-        self.sm.release_bodies();
         if let Some(q) = q {
             for c in q.reset_replicated() {
                 c.sink.cancelled(c.channel, Arc::clone(&c.tag));
@@ -617,15 +690,9 @@ async fn watch(g: Weak<Group>, raft: Raft) {
             };
             let ok = tokio::time::timeout(group.commit_timeout, ready).await;
             let still = raft.metrics().borrow().state == ServerState::Leader;
-            // The bodies this member let go of as a follower, read back.
-            let held = match ok {
-                Ok(Ok(_)) if still => group.sm.hold_bodies().await.map_err(|e| {
-                    tracing::error!(queue = %group.name, vhost = %group.vhost, error = %e, "reading the quorum queue's messages back");
-                }),
-                _ => Err(()),
-            };
-            if held.is_ok() && raft.metrics().borrow().state == ServerState::Leader {
-                if !group.serve() {
+            if matches!(ok, Ok(Ok(_))) && still {
+                if !group.serve(&raft).await {
+                    group.unserve();
                     drop(group);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -643,10 +710,6 @@ async fn watch(g: Weak<Group>, raft: Raft) {
                 tracing::warn!(queue = %group.name, vhost = %group.vhost, "quorum queue leader cut off from its members");
             }
             group.unserve();
-        }
-        if !leader && group.sm.holds_unserved() {
-            // Read back to serve, and then no longer the leader.
-            group.sm.release_bodies();
         }
         if group.sm.snapshot_wanted() {
             let _ = raft.trigger().snapshot().await;
@@ -997,6 +1060,9 @@ fn batch_commands(changes: Vec<Change>) -> Vec<QCommand> {
     cmds.extend(horizon.map(QCommand::Horizon));
     cmds
 }
+
+/// How many messages a new leader loads into its queue at a time.
+const LOAD_BATCH: usize = 4096;
 
 /// Bytes of bodies let go of after which a group's watch loop gives the
 /// freed memory back to the system

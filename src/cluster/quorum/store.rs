@@ -23,12 +23,11 @@
 //! local queue before letting go of it there; the local queue keeps a
 //! window of them in memory and pages the rest out to the node's message
 //! store, as a classic queue does (`broker::queue`). The bodies are read
-//! back ([`read_bodies`]) when the member is about to serve the queue
-//! ([`QSm::hold_bodies`]: held until they are loaded into the queue, then
-//! let go of again, [`SmInner::release_held`]) and when it writes a
-//! snapshot; a snapshot is replaced only under the state machine's `reads`
-//! lock, so a read never falls between an old snapshot and the log purged
-//! behind a new one.
+//! back ([`read_bodies`]) when the member comes to serve the queue
+//! ([`QSm::read_back`]: a batch at a time, each loaded into the queue
+//! before the next is read) and when it writes a snapshot; a snapshot is
+//! replaced only under the state machine's `reads` lock, so a read never
+//! falls between an old snapshot and the log purged behind a new one.
 //!
 //! # When a group snapshots
 //!
@@ -117,9 +116,6 @@ pub struct SmInner {
     membership: StoredMembership<NodeId, NodeInfo>,
     /// This node serves the queue: committed enqueues go into it.
     pub serving: Option<Arc<Queue>>,
-    /// Bodies are held: the member is about to serve the queue and loads
-    /// them into it (otherwise they are on disk only, see the module doc).
-    hold: bool,
     /// The live messages' bytes ([`weight`]).
     live: u64,
     /// The last snapshot's index and live bytes, and the bytes of messages
@@ -156,32 +152,15 @@ impl SmInner {
         self.last_applied.map_or(0, |l| l.index)
     }
 
-    /// Every body is held (read back by [`QSm::hold_bodies`]): they are
-    /// from now on, and the member may serve the queue.
-    pub fn ready_to_serve(&mut self) -> bool {
-        let all = self.state.messages.values().all(QMsg::is_held);
-        self.hold |= all;
-        all
-    }
-
     /// The live messages whose bodies are not held.
     fn stripped(&self) -> BTreeSet<u64> {
         let m = self.state.messages.iter();
         m.filter(|(_, m)| !m.is_held()).map(|(id, _)| *id).collect()
     }
 
-    /// Let go of every body: they were held to be loaded into the queue
-    /// this member now serves, which keeps its own copies.
-    pub fn release_held(&mut self) {
-        self.hold = false;
-        self.strip_unless_held();
-    }
-
-    /// Let go of every body unless they are held.
-    fn strip_unless_held(&mut self) {
-        if !self.hold {
-            self.state.messages.values_mut().for_each(QMsg::strip);
-        }
+    /// Let go of every body (they are on disk, see the module doc).
+    fn strip(&mut self) {
+        self.state.messages.values_mut().for_each(QMsg::strip);
     }
 }
 
@@ -209,7 +188,15 @@ const READ_ENTRIES: u64 = 256;
 /// message in the snapshot it followed. Blocking. Ids found in neither are
 /// left out (a message settled meanwhile, when the caller does not hold
 /// the state still).
-fn read_bodies(log: &QLog, want: &BTreeSet<u64>) -> Result<BTreeMap<u64, Arc<Message>>, String> {
+///
+/// `snapshot`: the snapshot's messages decoded by an earlier call, or None
+/// (decoded here when some wanted id is not in the log, keeping those from
+/// the first wanted id on, for later calls that want later ids).
+fn read_bodies(
+    log: &QLog,
+    want: &BTreeSet<u64>,
+    snapshot: &mut Option<BTreeMap<u64, Arc<Message>>>,
+) -> Result<BTreeMap<u64, Arc<Message>>, String> {
     let mut found = BTreeMap::new();
     let (Some(first), Some(last)) = (want.first(), want.last()) else {
         return Ok(found);
@@ -234,12 +221,25 @@ fn read_bodies(log: &QLog, want: &BTreeSet<u64>) -> Result<BTreeMap<u64, Arc<Mes
         }
     }
     if found.len() < want.len() {
-        if let Some(snap) = log.get::<StoredSnapshot>(SNAPSHOT)? {
-            let state: QState =
-                crate::cluster::codec::decode(&snap.data).map_err(|e| e.to_string())?;
-            for (id, m) in state.messages {
-                if want.contains(&id) && m.is_held() {
-                    found.entry(id).or_insert(m.message);
+        if snapshot.is_none() {
+            let mut kept = BTreeMap::new();
+            if let Some(snap) = log.get::<StoredSnapshot>(SNAPSHOT)? {
+                let state: QState =
+                    crate::cluster::codec::decode(&snap.data).map_err(|e| e.to_string())?;
+                kept.extend(
+                    state
+                        .messages
+                        .into_iter()
+                        .filter(|(id, m)| id >= first && m.is_held())
+                        .map(|(id, m)| (id, m.message)),
+                );
+            }
+            *snapshot = Some(kept);
+        }
+        if let Some(snap) = snapshot {
+            for id in want {
+                if let Some(m) = snap.remove(id) {
+                    found.entry(*id).or_insert(m);
                 }
             }
         }
@@ -262,6 +262,28 @@ pub struct QSm {
     freed: Arc<AtomicU64>,
 }
 
+/// Reads the live messages' bodies back in the group's order, a batch at a
+/// time, for a member loading them into the queue it is about to serve
+/// ([`QSm::read_back`]). Holds the state machine's `reads` lock while it
+/// lives: no snapshot is built or installed meanwhile, so the snapshot it
+/// decodes (once, for the messages whose log entries were purged behind
+/// it) stays the one the log was purged behind.
+pub struct ReadBack {
+    log: QLog,
+    _reads: tokio::sync::OwnedMutexGuard<()>,
+    /// The snapshot's messages not read yet, once decoded.
+    snapshot: Option<BTreeMap<u64, Arc<Message>>>,
+}
+
+impl ReadBack {
+    /// The bodies of the live messages `want` (ids), each call's after the
+    /// last one's. Blocking. Ids found nowhere (settled meanwhile) are
+    /// left out.
+    pub fn read(&mut self, want: &BTreeSet<u64>) -> Result<BTreeMap<u64, Arc<Message>>, String> {
+        read_bodies(&self.log, want, &mut self.snapshot)
+    }
+}
+
 impl QSm {
     /// The state machine of `log`'s group, from its last snapshot.
     pub fn open(log: QLog) -> Result<QSm, String> {
@@ -272,7 +294,7 @@ impl QSm {
             inner.membership = snap.meta.last_membership;
         }
         inner.loaded();
-        inner.strip_unless_held();
+        inner.strip();
         let freed = Arc::new(AtomicU64::new(inner.live));
         Ok(QSm {
             log,
@@ -282,49 +304,14 @@ impl QSm {
         })
     }
 
-    /// Hold every body from now on, and read back those not held: the
-    /// member is about to serve the queue. An error when a live message's
-    /// body is found neither in the log nor in the snapshot, or either
-    /// cannot be read.
-    pub async fn hold_bodies(&self) -> Result<(), String> {
-        let want = {
-            let mut s = self.inner.lock();
-            s.hold = true;
-            s.stripped()
-        };
-        if want.is_empty() {
-            return Ok(());
+    /// A reader of the live messages' bodies, for a member about to
+    /// serve the queue ([`ReadBack`]).
+    pub async fn read_back(&self) -> ReadBack {
+        ReadBack {
+            log: self.log.clone(),
+            _reads: Arc::clone(&self.reads).lock_owned().await,
+            snapshot: None,
         }
-        let reads = self.reads.lock().await;
-        let log = self.log.clone();
-        let read = move || read_bodies(&log, &want);
-        let found = tokio::task::spawn_blocking(read)
-            .await
-            .map_err(|e| e.to_string())??;
-        drop(reads);
-        // Messages settled meanwhile are gone; those applied since came
-        // held.
-        let missing = hold_found(&mut self.inner.lock().state, found);
-        if missing > 0 {
-            return Err(format!("{missing} live messages' bodies not found on disk"));
-        }
-        Ok(())
-    }
-
-    /// Let go of the bodies: the member no longer serves the queue.
-    pub fn release_bodies(&self) {
-        let mut s = self.inner.lock();
-        if s.serving.is_none() {
-            s.hold = false;
-            s.strip_unless_held();
-        }
-    }
-
-    /// Whether bodies are held without the queue being served (a member
-    /// that was about to serve it and did not).
-    pub fn holds_unserved(&self) -> bool {
-        let s = self.inner.lock();
-        s.hold && s.serving.is_none()
     }
 
     /// `bytes` of bodies held for a while were let go of.
@@ -347,7 +334,7 @@ impl QSm {
             let s = self.inner.lock();
             (s.state.clone(), s.stripped())
         };
-        let found = read_bodies(&self.log, &want)?;
+        let found = read_bodies(&self.log, &want, &mut None)?;
         hold_found(&mut state, found);
         Ok(Some(state))
     }
@@ -371,7 +358,7 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
             let (log, meta) = (self.log.clone(), meta.clone());
             move || {
                 let err = |e: String| StorageIOError::write_snapshot(None, string_err(e));
-                let found = read_bodies(&log, &want).map_err(err)?;
+                let found = read_bodies(&log, &want, &mut None).map_err(err)?;
                 let missing = hold_found(&mut state, found);
                 if missing > 0 {
                     return Err(
@@ -501,13 +488,11 @@ impl RaftStateMachine<QTypeConfig> for QSm {
                             }
                         })
                         .collect();
-                    if !s.hold {
-                        // The bodies stay on disk only (the serving queue
-                        // has its own copies, paged out past its window).
-                        for (i, _) in taken.iter().enumerate().filter(|(_, t)| **t == Taken::New) {
-                            if let Some(m) = s.state.messages.get_mut(&id(index, i)) {
-                                m.strip();
-                            }
+                    // The bodies stay on disk only (the serving queue has
+                    // its own copies, paged out past its window).
+                    for (i, _) in taken.iter().enumerate().filter(|(_, t)| **t == Taken::New) {
+                        if let Some(m) = s.state.messages.get_mut(&id(index, i)) {
+                            m.strip();
                         }
                     }
                     outcomes
@@ -556,7 +541,7 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             s.last_applied = meta.last_log_id;
             s.membership = meta.last_membership.clone();
             s.loaded();
-            s.strip_unless_held();
+            s.strip();
             self.note_freed(s.live);
         }
         drop(reads);
@@ -673,16 +658,13 @@ mod tests {
         let full = sm.full_state().expect("read").expect("not replacing");
         assert_eq!(full.messages.len(), 32);
         assert!(full.messages.values().all(QMsg::is_held));
-        // About to serve: every body held, applied ones too.
-        sm.hold_bodies().await.expect("read back");
-        assert_eq!(bodies(&sm), want);
+        // About to serve: read back in the group's order, a batch at a
+        // time (the snapshot decoded once), nothing held by the state.
+        assert_eq!(read_all(&sm, 5).await, want);
+        assert!(bodies(&sm).is_empty(), "nothing held");
         let (i, cmd) = enqueue(&mut index, 1);
         apply(&mut sm, i, cmd).await;
-        assert_eq!(bodies(&sm).len(), 33, "held as it came");
-        // Not serving after all: let go of them again.
-        assert!(sm.holds_unserved());
-        sm.release_bodies();
-        assert!(bodies(&sm).is_empty());
+        assert!(bodies(&sm).is_empty(), "nor as it comes");
         // Restarted: the snapshot and the log after it give them back.
         let sm = QSm::open(QLog::in_memory(&disk)).expect("reopens");
         assert!(bodies(&sm).is_empty(), "not held at start");
@@ -694,9 +676,28 @@ mod tests {
         {
             sm2.apply([e]).await.expect("re-applied");
         }
-        sm.hold_bodies().await.expect("read back");
-        assert_eq!(bodies(&sm).len(), 33);
-        assert_eq!(bodies(&sm)[..32], want[..]);
+        let all = read_all(&sm, 7).await;
+        assert_eq!(all.len(), 33);
+        assert_eq!(all[..32], want[..]);
+    }
+
+    /// Every live message's body, read back `per` ids at a time.
+    async fn read_all(sm: &QSm, per: usize) -> Vec<String> {
+        let live: Vec<u64> = sm.inner.lock().state.messages.keys().copied().collect();
+        let mut reader = sm.read_back().await;
+        let mut got = Vec::new();
+        for ids in live.chunks(per) {
+            let found = reader
+                .read(&ids.iter().copied().collect())
+                .expect("read back");
+            assert_eq!(found.len(), ids.len(), "every one found");
+            got.extend(
+                found
+                    .values()
+                    .map(|m| String::from_utf8_lossy(&m.body).into_owned()),
+            );
+        }
+        got
     }
 
     #[test]
