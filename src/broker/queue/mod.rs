@@ -32,9 +32,9 @@
 //! window holds [`PERSISTENT_WINDOW`] messages; any message does when the broker's
 //! message memory budget is spent (transient ones then go to the store's ephemeral
 //! space, gone after a restart). So does a message of a replicated quorum queue
-//! (its group's log holds it durably; the store has a transient copy at the
-//! message's id in the group, read back in the group's order and dropped as it
-//! is). Consumers and `basic.get` load the tail's front in batches of
+//! (its group's log holds it durably; the store's ephemeral space, never synced,
+//! has a copy at the message's id in the group, read back in the group's order
+//! and dropped as it is). Consumers and `basic.get` load the tail's front in batches of
 //! [`PAGE_IN_BATCH`] as they reach it.
 //!
 //! # Statistics
@@ -142,6 +142,10 @@ struct QueueStore {
     store: Store,
     /// The queue in the store (key `vhost \0 name`; durable or ephemeral).
     queue: QueueRef,
+    /// A quorum queue's pages while it is replicated (served for its group):
+    /// transient copies in the store's ephemeral space, never synced (the
+    /// group's log is the durable copy).
+    pages: Option<QueueRef>,
     /// Held from before the state lock is released until this operation's store
     /// operations are submitted: the store sees them in the queue's order, and a
     /// reader that takes it knows every earlier write was submitted. Lock order:
@@ -465,6 +469,7 @@ impl Queue {
         let quorum = args.queue_type == QueueType::Quorum;
         let store = store.map(|(store, durable)| QueueStore {
             queue: store.queue(&store_key(&spec.vhost, &spec.name), durable),
+            pages: quorum.then(|| store.queue(&pages_key(&spec.vhost, &spec.name), false)),
             store,
             order: Mutex::new(()),
         });
@@ -579,6 +584,18 @@ impl Queue {
         async move {
             if let Some(sync) = sync {
                 let _ = sync.await;
+            }
+        }
+    }
+
+    /// Resolves once the message store has room for more of what the queue
+    /// pages out (its buffer of writes below its limit; at once without a
+    /// store): a caller loading many messages awaits it between batches.
+    pub fn store_ready(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let store = self.store.as_ref().map(|qs| qs.store.clone());
+        async move {
+            if let Some(store) = store {
+                store.ready().await;
             }
         }
     }
@@ -1333,6 +1350,15 @@ impl Queue {
         })
     }
 
+    /// Where the queue's store operations go: its pages while it is
+    /// replicated, else its own space.
+    fn space<'a>(&self, qs: &'a QueueStore) -> &'a QueueRef {
+        match &qs.pages {
+            Some(pages) if self.is_replicated() => pages,
+            _ => &qs.queue,
+        }
+    }
+
     fn is_durable(&self) -> bool {
         self.store.as_ref().is_some_and(|qs| qs.queue.is_durable())
     }
@@ -1607,6 +1633,17 @@ impl Queue {
         }
         let consumers = std::mem::take(&mut s.consumers);
         self.release(s, &mut fx, false);
+        // Both spaces of a quorum queue (`release` wrote to one).
+        if let Some(qs) = &self.store {
+            let other = match &qs.pages {
+                Some(_) if self.is_replicated() => Some(&qs.queue),
+                Some(pages) => Some(pages),
+                None => None,
+            };
+            if let Some(other) = other {
+                qs.store.submit(other, vec![MessageOp::DeleteQueue]);
+            }
+        }
         if let Some(sq) = &self.stream {
             sq.delete();
         }
@@ -1641,7 +1678,7 @@ impl Queue {
         if fx.ops.is_empty() && !barrier && !fx.dead.iter().any(|(e, _)| e.pos.is_some()) {
             return;
         }
-        submit_in_order(qs, s, std::mem::take(&mut fx.ops));
+        submit_in_order(qs, self.space(qs), s, std::mem::take(&mut fx.ops));
     }
 
     /// Release the lock, submit store operations and route dead letters.
@@ -1680,7 +1717,7 @@ impl Queue {
         };
         match qs
             .store
-            .read(&qs.queue, level, from, PAGE_IN_BATCH, PAGE_IN_BYTES)
+            .read(self.space(qs), level, from, PAGE_IN_BATCH, PAGE_IN_BYTES)
         {
             Ok(v) => v,
             Err(err) => {
@@ -1783,20 +1820,30 @@ impl Queue {
             if s.deleted {
                 return;
             }
-            submit_in_order(qs, s, removes);
+            submit_in_order(qs, &qs.queue, s, removes);
         }
     }
 }
 
 /// Release a queue's state lock and submit `ops` (if any) in the queue's order: its
 /// submit lock is taken before the state lock goes, and held until they are buffered.
-fn submit_in_order(qs: &QueueStore, s: MutexGuard<'_, State>, ops: Vec<MessageOp>) {
+fn submit_in_order(
+    qs: &QueueStore,
+    space: &QueueRef,
+    s: MutexGuard<'_, State>,
+    ops: Vec<MessageOp>,
+) {
     let order = qs.order.lock();
     drop(s);
     if !ops.is_empty() {
-        qs.store.submit(&qs.queue, ops);
+        qs.store.submit(space, ops);
     }
     drop(order);
+}
+
+/// The store key of a quorum queue's pages ([`QueueStore::pages`]).
+fn pages_key(vhost: &str, name: &str) -> String {
+    format!("{vhost}\0{name}\0pages")
 }
 
 /// The store key of a queue.

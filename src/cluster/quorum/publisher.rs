@@ -195,7 +195,8 @@ impl Publisher {
         let q = m.queue(&self.vhost, &self.name)?;
         let member = Group::of(&q);
         if let Some(g) = member.as_ref().filter(|g| g.is_serving()) {
-            return Some(Target::Local(Arc::clone(g)));
+            // (not while it loads the queue: resent after)
+            return g.takes_publishes().then(|| Target::Local(Arc::clone(g)));
         }
         let c = m.cluster.lock().upgrade()?;
         let heard = member

@@ -205,6 +205,14 @@ impl Group {
         self.sm.inner.lock().lengths()
     }
 
+    /// This member takes publishes for the queue: it serves it and has
+    /// loaded the group's messages into it (a publish committed during the
+    /// load would be confirmed before the queue, which could refuse it by
+    /// its length limit, had it).
+    pub fn takes_publishes(&self) -> bool {
+        self.is_serving() && self.loading.lock().is_none()
+    }
+
     /// This member serves the queue, or starts to within `within`.
     pub async fn serves_within(&self, within: Duration) -> bool {
         let give_up = tokio::time::Instant::now() + within;
@@ -224,7 +232,7 @@ impl Group {
     /// at once when it does not serve). `count`: counted in this node's
     /// pending publishes (a publisher on another node).
     pub fn propose(&self, m: QMsg, reply: Reply, count: bool) {
-        if self.raft().is_none() || !self.is_serving() {
+        if self.raft().is_none() || !self.takes_publishes() {
             return reply(Answer::Resend);
         }
         let counter = count.then(|| {
@@ -302,6 +310,9 @@ impl Group {
             if raft.metrics().borrow().state != ServerState::Leader {
                 return false;
             }
+            // What the last batch paged out is written before the next is
+            // read (the pages are copies: memory stays about a batch).
+            q.store_ready().await;
             let want: BTreeSet<u64> = {
                 let mut s = self.sm.inner.lock();
                 if !self.loads(epoch) {
@@ -385,6 +396,12 @@ impl Group {
         }
         tracing::info!(queue = %self.name, vhost = %self.vhost, messages = n, "serving the quorum queue (group leader)");
         true
+    }
+
+    /// The queue this member serves, or is loading to serve.
+    fn served_queue(&self) -> Option<Arc<crate::broker::queue::Queue>> {
+        let s = self.sm.inner.lock();
+        s.serving.clone().or_else(|| self.loading.lock().clone())
     }
 
     /// Still loading the queue in spell `epoch` (checked under the state
@@ -936,7 +953,7 @@ async fn propose_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceive
         let Some(group) = g.upgrade() else { return };
         group.not_transferring().await;
         let within = group.commit_timeout;
-        let serving = group.is_serving();
+        let serving = group.takes_publishes();
         drop(group);
         if !serving {
             for t in tickets {
@@ -1146,7 +1163,7 @@ async fn settle_loop(g: Weak<Group>, raft: Raft, mut rx: mpsc::UnboundedReceiver
         // Still the same spell of serving: else the queue was emptied (its
         // consumers cancelled) and what waited for it is gone.
         let Some(group) = g.upgrade() else { return };
-        let queue = group.sm.inner.lock().serving.clone();
+        let queue = group.served_queue();
         let still = group.is_serving() && group.epoch.load(Ordering::Acquire) == epoch;
         drop(group);
         if let (true, Some(queue)) = (still, queue) {
