@@ -1741,3 +1741,44 @@ async fn a_leader_pages_a_long_quorum_queue_out_and_a_purge_settles_it_in_the_gr
     assert_eq!(got, "last", "no purged message comes back");
     let _ = conn.close(200, "bye").await;
 }
+
+/// A new leader serves consumers while it loads a long backlog into its
+/// queue (a batch at a time): a consumer that attaches during the load gets
+/// every message (the delivery horizons its queue asks for meanwhile are
+/// answered), and publishes made meanwhile are taken once it has loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_during_a_new_leaders_load_gets_every_message() {
+    let (a, b, c) = three_nodes("quorum-load").await;
+    let mut nodes = [a, b, c];
+    let q = "qq-load";
+    declare_quorum_queue(&nodes[0], q).await;
+    let leader = quorum_leader(&nodes[0], q).expect("a leader");
+    let leader = node_index(&nodes, &leader);
+    let filler = "z".repeat(100);
+    let all: Vec<String> = (0..40_000).map(|i| format!("ld-{i}-{filler}")).collect();
+    {
+        let (conn, ch) = confirming(&nodes[leader]).await;
+        for part in all.chunks(5000) {
+            assert_eq!(publish_confirmed(&ch, q, part).await, (part.len(), 0));
+        }
+        let _ = conn.close(200, "bye").await;
+    }
+    nodes[leader].kill();
+    let other = &nodes[(leader + 1) % 3];
+    // Consumes as soon as the new leader serves (it serves while it loads).
+    let drain = drain_quorum(other, q, all.len() + 1, Duration::from_secs(90));
+    let publish = async {
+        let (conn, ch) = confirming(other).await;
+        let late = vec!["late".to_string()];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while publish_confirmed(&ch, q, &late).await != (1, 0) {
+            assert!(Instant::now() < deadline, "no new leader confirmed");
+        }
+        let _ = conn.close(200, "bye").await;
+    };
+    let (got, ()) = tokio::join!(drain, publish);
+    let mut want: BTreeSet<String> = all.into_iter().collect();
+    want.insert("late".to_string());
+    assert_eq!(got.len(), want.len(), "every message");
+    assert!(got == want, "the same messages");
+}
