@@ -609,13 +609,7 @@ impl Queue {
         let mut s = self.state.lock();
         let (_, tails) = s.ready.drain();
         // The paged-out copies go too.
-        if self.store.is_some() {
-            fx.ops.extend(
-                tails
-                    .into_iter()
-                    .map(|(level, from)| MessageOp::DropFrom { level, from }),
-            );
-        }
+        self.drop_tails(tails, &mut fx);
         s.unacked = 0;
         s.unacked_bytes = 0;
         s.unacked_persistent = 0;
@@ -1194,11 +1188,7 @@ impl Queue {
                 Head::Entry(e) if e.pos.is_none() && e.seq > s.horizon.committed => e.seq,
                 Head::Paged(level) => {
                     // Loaded first: its id is the one to wait for.
-                    let from = s.ready.tail(level).from;
-                    self.release(s, &mut fx, true);
-                    let loaded = self.load(level, from);
-                    let mut s = self.state.lock();
-                    self.install(&mut s, level, from, loaded, &mut fx);
+                    let s = self.page_in(s, level, &mut fx);
                     self.release(s, &mut fx, false);
                     continue;
                 }
@@ -1268,11 +1258,7 @@ impl Queue {
             self.expire_locked(&mut s, now, &mut fx);
             if let Head::Paged(level) = s.ready.peek() {
                 // Load it with the lock released, then try again.
-                let from = s.ready.tail(level).from;
-                self.release(s, &mut fx, true);
-                let loaded = self.load(level, from);
-                let mut s = self.state.lock();
-                self.install(&mut s, level, from, loaded, &mut fx);
+                let s = self.page_in(s, level, &mut fx);
                 self.finish(s, fx, now);
                 continue;
             }
@@ -1348,6 +1334,17 @@ impl Queue {
             size: e.size() as u32,
             durable: e.persisted,
         })
+    }
+
+    /// Drop from the store the tails [`Ready::drain`] gave up (each level's
+    /// from its first position on).
+    fn drop_tails(&self, tails: Vec<(u8, u64)>, fx: &mut Effects) {
+        if self.store.is_some() {
+            let drops = tails
+                .into_iter()
+                .map(|(level, from)| MessageOp::DropFrom { level, from });
+            fx.ops.extend(drops);
+        }
     }
 
     /// Where the queue's store operations go: its pages while it is
@@ -1607,13 +1604,7 @@ impl Queue {
         for e in &drained {
             self.forget(e, &mut fx);
         }
-        if self.store.is_some() {
-            fx.ops.extend(
-                tails
-                    .into_iter()
-                    .map(|(level, from)| MessageOp::DropFrom { level, from }),
-            );
-        }
+        self.drop_tails(tails, &mut fx);
         self.release(s, &mut fx, false);
         n
     }
@@ -1633,16 +1624,18 @@ impl Queue {
         }
         let consumers = std::mem::take(&mut s.consumers);
         self.release(s, &mut fx, false);
-        // Both spaces of a quorum queue (`release` wrote to one).
-        if let Some(qs) = &self.store {
-            let other = match &qs.pages {
-                Some(_) if self.is_replicated() => Some(&qs.queue),
-                Some(pages) => Some(pages),
-                None => None,
+        // A quorum queue's other space too (`release` wrote to the one in use).
+        if let Some((qs, pages)) = self
+            .store
+            .as_ref()
+            .and_then(|qs| Some((qs, qs.pages.as_ref()?)))
+        {
+            let other = if self.is_replicated() {
+                &qs.queue
+            } else {
+                pages
             };
-            if let Some(other) = other {
-                qs.store.submit(other, vec![MessageOp::DeleteQueue]);
-            }
+            qs.store.submit(other, vec![MessageOp::DeleteQueue]);
         }
         if let Some(sq) = &self.stream {
             sq.delete();
@@ -1696,17 +1689,30 @@ impl Queue {
             let Head::Paged(level) = s.ready.peek() else {
                 break;
             };
-            let from = s.ready.tail(level).from;
-            self.release(s, &mut fx, true);
-            let loaded = self.load(level, from);
-            s = self.state.lock();
-            self.install(&mut s, level, from, loaded, &mut fx);
+            s = self.page_in(s, level, &mut fx);
             let args = self.args();
             self.enforce_limits(&mut s, &args, &mut fx);
             self.expire_locked(&mut s, now, &mut fx);
             self.dispatch_locked(&mut s, now, &mut fx);
         }
         self.finish(s, fx, now);
+    }
+
+    /// Load the front of `level`'s tail: the lock is released for the read
+    /// (the queue's earlier store operations submitted first) and taken
+    /// again to install what was read.
+    fn page_in<'a>(
+        &'a self,
+        s: MutexGuard<'a, State>,
+        level: u8,
+        fx: &mut Effects,
+    ) -> MutexGuard<'a, State> {
+        let from = s.ready.tail(level).from;
+        self.release(s, fx, true);
+        let loaded = self.load(level, from);
+        let mut s = self.state.lock();
+        self.install(&mut s, level, from, loaded, fx);
+        s
     }
 
     /// Read the next batch of `level` from the store, from position `from` (no
