@@ -1616,18 +1616,25 @@ async fn drain_quorum(node: &Node, q: &str, n: usize, within: Duration) -> BTree
     seen
 }
 
+/// Three nodes (named after `name`), a quorum queue `q` declared on the
+/// first, and the index of its leader's node.
+async fn quorum_queue_on_three(name: &str, q: &str) -> ([Node; 3], usize) {
+    let (a, b, c) = three_nodes(name).await;
+    let nodes = [a, b, c];
+    declare_quorum_queue(&nodes[0], q).await;
+    let leader = quorum_leader(&nodes[0], q).expect("a leader");
+    let leader = node_index(&nodes, &leader);
+    (nodes, leader)
+}
+
 /// The followers keep the messages on disk only (in their log, and in the
 /// snapshot written after 4096 entries, the log behind it purged): with
 /// the leader's node killed, the new leader reads every message back and
 /// serves it whole; what was acked before stays gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_leader_reads_the_messages_back_from_its_snapshot_and_log() {
-    let (a, b, c) = three_nodes("quorum-read-back").await;
-    let mut nodes = [a, b, c];
     let q = "qq-read-back";
-    declare_quorum_queue(&nodes[0], q).await;
-    let leader = quorum_leader(&nodes[0], q).expect("a leader");
-    let leader = node_index(&nodes, &leader);
+    let (mut nodes, leader) = quorum_queue_on_three("quorum-read-back", q).await;
     // One log entry a message: each waits for its confirm.
     let filler = "y".repeat(200);
     let all: Vec<String> = (0..4400).map(|i| format!("rb-{i}-{filler}")).collect();
@@ -1687,12 +1694,8 @@ async fn a_new_leader_reads_the_messages_back_from_its_snapshot_and_log() {
 /// does not have them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_pages_a_long_quorum_queue_out_and_a_purge_settles_it_in_the_group() {
-    let (a, b, c) = three_nodes("quorum-paging").await;
-    let mut nodes = [a, b, c];
     let q = "qq-paging";
-    declare_quorum_queue(&nodes[0], q).await;
-    let leader = quorum_leader(&nodes[0], q).expect("a leader");
-    let leader = node_index(&nodes, &leader);
+    let (mut nodes, leader) = quorum_queue_on_three("quorum-paging", q).await;
     let all: Vec<String> = (0..3000).map(|i| format!("pg-{i}")).collect();
     let (conn, ch) = confirming(&nodes[leader]).await;
     assert_eq!(publish_confirmed(&ch, q, &all).await, (3000, 0));
@@ -1748,12 +1751,8 @@ async fn a_leader_pages_a_long_quorum_queue_out_and_a_purge_settles_it_in_the_gr
 /// answered), and publishes made meanwhile are taken once it has loaded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_during_a_new_leaders_load_gets_every_message() {
-    let (a, b, c) = three_nodes("quorum-load").await;
-    let mut nodes = [a, b, c];
     let q = "qq-load";
-    declare_quorum_queue(&nodes[0], q).await;
-    let leader = quorum_leader(&nodes[0], q).expect("a leader");
-    let leader = node_index(&nodes, &leader);
+    let (mut nodes, leader) = quorum_queue_on_three("quorum-load", q).await;
     let filler = "z".repeat(100);
     let all: Vec<String> = (0..40_000).map(|i| format!("ld-{i}-{filler}")).collect();
     {

@@ -331,44 +331,38 @@ impl Group {
             };
             let read = tokio::task::spawn_blocking(move || {
                 let found = reader.read(&want);
-                (reader, want, found)
+                found.map(|found| (reader, want, found))
             })
-            .await;
-            let found = match read {
-                Ok((r, w, Ok(found))) if found.len() == w.len() => {
-                    reader = r;
-                    next = w.last().map_or(next, |l| l + 1);
-                    found
-                }
-                Ok((r, w, Ok(found))) => {
-                    // Some settled meanwhile (consumers are served as the
-                    // messages come in), or a body is missing.
-                    let s = self.sm.inner.lock();
-                    let missing = w
-                        .iter()
-                        .filter(|id| !found.contains_key(id) && s.state.messages.contains_key(id))
-                        .count();
-                    if missing > 0 {
-                        tracing::error!(queue = %self.name, vhost = %self.vhost, missing, "live quorum queue messages' bodies not found on disk");
-                        return false;
-                    }
-                    drop(s);
-                    reader = r;
-                    next = w.last().map_or(next, |l| l + 1);
-                    found
-                }
-                Ok((_, _, Err(e))) => {
-                    tracing::error!(queue = %self.name, vhost = %self.vhost, error = %e, "reading the quorum queue's messages back");
-                    return false;
-                }
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|read| read);
+            let (r, w, found) = match read {
+                Ok(read) => read,
                 Err(e) => {
                     tracing::error!(queue = %self.name, vhost = %self.vhost, error = %e, "reading the quorum queue's messages back");
                     return false;
                 }
             };
+            reader = r;
+            next = w.last().map_or(next, |l| l + 1);
             let now = crate::clock::now_ms();
             let s = self.sm.inner.lock();
             if !self.loads(epoch) {
+                return false;
+            }
+            // A wanted id not found was settled meanwhile (consumers are
+            // served as the messages come in), or its body is missing.
+            let missing = if found.len() < w.len() {
+                let live = |id: &&u64| s.state.messages.contains_key(*id);
+                w.iter()
+                    .filter(|id| !found.contains_key(*id))
+                    .filter(live)
+                    .count()
+            } else {
+                0
+            };
+            if missing > 0 {
+                tracing::error!(queue = %self.name, vhost = %self.vhost, missing, "live quorum queue messages' bodies not found on disk");
                 return false;
             }
             for (id, msg) in found {
