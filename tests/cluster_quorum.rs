@@ -1781,3 +1781,52 @@ async fn a_consumer_during_a_new_leaders_load_gets_every_message() {
     assert_eq!(got.len(), want.len(), "every message");
     assert!(got == want, "the same messages");
 }
+
+/// A purge while a new leader loads a long backlog drops the messages it
+/// has not loaded yet too (the load stops there and settles them in the
+/// group), and `purge-ok` counts them: no message published before the
+/// purge comes afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_while_a_new_leader_loads_drops_what_it_has_not_loaded() {
+    let q = "qq-load-purge";
+    let (mut nodes, leader) = quorum_queue_on_three("quorum-load-purge", q).await;
+    let filler = "p".repeat(100);
+    let all: Vec<String> = (0..60_000).map(|i| format!("lp-{i}-{filler}")).collect();
+    {
+        let (conn, ch) = confirming(&nodes[leader]).await;
+        for part in all.chunks(5000) {
+            assert_eq!(publish_confirmed(&ch, q, part).await, (part.len(), 0));
+        }
+        let _ = conn.close(200, "bye").await;
+    }
+    nodes[leader].kill();
+    let next = (leader + 1) % 3;
+    // Purged as soon as a new leader answers (it does while it loads).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let purged = loop {
+        assert!(Instant::now() < deadline, "no purge answered");
+        let conn = nodes[next].connect().await;
+        let ch = channel(&conn).await;
+        let purge = common::t(ch.queue_purge(q, QueuePurgeOptions::default())).await;
+        let _ = conn.close(200, "bye").await;
+        match purge {
+            Ok(n) => break n,
+            // (no leader yet: the channel was closed)
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(purged as usize, all.len(), "purge-ok counts every message");
+    // Taken once the (stopped) load is done; the only message there is.
+    let (conn, ch) = confirming(&nodes[next]).await;
+    let after = vec!["after".to_string()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while publish_confirmed(&ch, q, &after).await != (1, 0) {
+        assert!(Instant::now() < deadline, "the publish was not confirmed");
+    }
+    let _ = conn.close(200, "bye").await;
+    let got = drain_quorum(&nodes[next], q, 1, Duration::from_secs(30)).await;
+    assert_eq!(got, BTreeSet::from(["after".to_string()]));
+    // Nothing else comes.
+    let got = drain_quorum(&nodes[next], q, 1, Duration::from_secs(3)).await;
+    assert!(got.is_empty(), "{} purged messages came back", got.len());
+}

@@ -162,6 +162,9 @@ struct Replicated {
     redelivered: bool,
     returns: u32,
     at: u64,
+    /// Taken only if the queue was not purged since its purge count was
+    /// this (a new leader loading the group's messages).
+    unless_purged_since: Option<u64>,
 }
 
 /// What happened to a published message at one queue.
@@ -313,6 +316,9 @@ struct State {
     /// A consumer was ever attached (auto-delete only applies after that).
     had_consumer: bool,
     deleted: bool,
+    /// How many times the queue was purged (a new leader's load stops at
+    /// a purge: [`Queue::load_replicated`]).
+    purges: u64,
     /// Last time the queue was used (for `x-expires`), ms since the epoch.
     last_used: u64,
     /// Replicated queue: the delivery horizon, see [`Horizon`].
@@ -504,6 +510,7 @@ impl Queue {
                 next_seq: 1,
                 had_consumer: false,
                 deleted: false,
+                purges: 0,
                 last_used: now,
                 horizon: Horizon::default(),
             }),
@@ -572,6 +579,36 @@ impl Queue {
             redelivered,
             returns,
             at,
+            unless_purged_since: None,
+        };
+        self.enqueue_inner(message, now, Some(replicated))
+            .unwrap_or(Enqueued::Accepted { durable: false })
+    }
+
+    /// How many times the queue was purged so far.
+    pub fn purges(&self) -> u64 {
+        self.state.lock().purges
+    }
+
+    /// [`Queue::enqueue_replicated`] for a message a new leader loads from
+    /// its group, unless the queue was purged since [`Queue::purges`] said
+    /// `purges` (None: nothing enqueued, the purge covers it, and the
+    /// caller lets the group know).
+    pub fn load_replicated(
+        self: &Arc<Self>,
+        message: Arc<Message>,
+        id: u64,
+        (redelivered, returns): (bool, u32),
+        at: u64,
+        now: u64,
+        purges: u64,
+    ) -> Option<Enqueued> {
+        let replicated = Replicated {
+            id,
+            redelivered,
+            returns,
+            at,
+            unless_purged_since: Some(purges),
         };
         self.enqueue_inner(message, now, Some(replicated))
     }
@@ -766,6 +803,7 @@ impl Queue {
     /// Add a message published at `now` and deliver what can be delivered.
     pub fn enqueue(self: &Arc<Self>, message: Arc<Message>, now: u64) -> Enqueued {
         self.enqueue_inner(message, now, None)
+            .unwrap_or(Enqueued::Accepted { durable: false })
     }
 
     /// `replicated`: what the queue's Raft group knows of the message (a
@@ -775,9 +813,9 @@ impl Queue {
         message: Arc<Message>,
         now: u64,
         replicated: Option<Replicated>,
-    ) -> Enqueued {
+    ) -> Option<Enqueued> {
         if let Some(sq) = &self.stream {
-            return self.stream_enqueue(sq, &message, now);
+            return Some(self.stream_enqueue(sq, &message, now));
         }
         let args = self.args();
         let ttl = match (args.message_ttl, message.ttl()) {
@@ -795,7 +833,13 @@ impl Queue {
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         if s.deleted {
-            return Enqueued::Accepted { durable: false };
+            return Some(Enqueued::Accepted { durable: false });
+        }
+        if replicated
+            .and_then(|r| r.unless_purged_since)
+            .is_some_and(|p| p != s.purges)
+        {
+            return None;
         }
         s.active_at = now;
         let size = message.size();
@@ -824,7 +868,7 @@ impl Queue {
             if args.delivery_limit.is_some_and(|l| returns > l) {
                 self.discard(entry, Reason::DeliveryLimit, &args, &mut fx);
                 self.finish(s, fx, now);
-                return Enqueued::Accepted { durable: false };
+                return Some(Enqueued::Accepted { durable: false });
             }
         }
         crate::broker::Counters::add(&self.counters.published, 1);
@@ -900,7 +944,7 @@ impl Queue {
             Enqueued::Accepted { durable }
         };
         self.settle(s, fx, now);
-        outcome
+        Some(outcome)
     }
 
     /// drop-head: remove the oldest messages until the limits hold.
@@ -1591,14 +1635,17 @@ impl Queue {
         }
         let mut fx = Effects::default();
         let mut s = self.state.lock();
-        let n = s.ready.len();
-        // A replicated queue's paged-out messages are reported by their
-        // ids' range (a quorum queue has one level).
-        let tail = s.ready.tail(0);
-        if tail.count > 0 && self.is_replicated() {
-            if let Some(r) = self.replica() {
+        s.purges += 1;
+        let mut n = s.ready.len();
+        if let Some(r) = self.replica().filter(|_| self.is_replicated()) {
+            // A replicated queue's paged-out messages are reported by
+            // their ids' range (a quorum queue has one level).
+            let tail = s.ready.tail(0);
+            if tail.count > 0 {
                 r.settled_range(tail.from, tail.to);
             }
+            // And those its group holds that a new leader did not load yet.
+            n += r.purged();
         }
         let (drained, tails) = s.ready.drain();
         for e in &drained {

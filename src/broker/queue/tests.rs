@@ -555,6 +555,8 @@ struct Recorder {
     horizons: Mutex<Vec<u64>>,
     /// Ranges of ids settled (a purge of paged-out messages).
     ranges: Mutex<Vec<(u64, u64)>>,
+    /// What a purge finds the group still has to load (and drops).
+    unloaded: std::sync::atomic::AtomicUsize,
 }
 
 impl crate::broker::remote::Replica for Recorder {
@@ -571,6 +573,9 @@ impl crate::broker::remote::Replica for Recorder {
     fn settled_range(&self, from: u64, to: u64) {
         self.ranges.lock().push((from, to));
     }
+    fn purged(&self) -> usize {
+        self.unloaded.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
     fn returned(&self, ids: Vec<u64>) {
         self.returned.lock().extend(ids);
     }
@@ -585,6 +590,33 @@ impl crate::broker::remote::Replica for Recorder {
     fn as_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
     }
+}
+
+#[test]
+fn a_purge_stops_a_load_and_counts_what_the_group_had_left_to_load() {
+    let dir = TempDir::new();
+    let (_store, _v, q) = quorum_queue(&dir, &[]);
+    let rec = replicate(&q);
+    let purges = q.purges();
+    for (id, b) in [(1, "a"), (2, "b")] {
+        let taken = q.load_replicated(persistent(b), id, (false, 0), T0, T0, purges);
+        assert_eq!(taken, Some(Enqueued::Accepted { durable: false }));
+    }
+    rec.unloaded.store(5, std::sync::atomic::Ordering::Relaxed);
+    // The two loaded and the five the group had yet to load.
+    assert_eq!(q.purge(), 7);
+    assert_eq!(q.purges(), purges + 1);
+    // The load's next message is refused (the purge covers it), a
+    // message committed later is taken.
+    assert_eq!(
+        q.load_replicated(persistent("c"), 3, (false, 0), T0, T0, purges),
+        None
+    );
+    assert_eq!(q.stats(T0).ready, 0);
+    q.enqueue_replicated(persistent("d"), 4, (false, 0), T0, T0);
+    let (d, _) = q.get(true, T0).expect("d");
+    assert_eq!(d.seq, 4);
+    assert_eq!(q.purge(), 0, "nothing left to load is counted once");
 }
 
 #[test]

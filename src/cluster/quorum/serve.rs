@@ -51,6 +51,10 @@ pub struct Group {
     /// The queue this member is loading the group's messages into, while
     /// it does ([`Group::serve`]; then the state machine's `serving`).
     loading: parking_lot::Mutex<Option<Arc<crate::broker::queue::Queue>>>,
+    /// How many of the group's messages the load has not handed to the
+    /// queue yet (0 when not loading): what a purge meanwhile also drops
+    /// ([`Replica::purged`]).
+    unloaded: AtomicUsize,
     /// Counts this member's spells of serving: a change the queue reported
     /// in an earlier one is not proposed (the queue was emptied and loaded
     /// again from the group's state since), a horizon asked then not
@@ -119,6 +123,7 @@ impl Group {
             sm,
             serving: AtomicBool::new(false),
             loading: parking_lot::Mutex::new(None),
+            unloaded: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
             settle_tx,
             settle_rx: parking_lot::Mutex::new(Some(settle_rx)),
@@ -282,7 +287,7 @@ impl Group {
         let mut reader = self.sm.read_back().await;
         // (and the horizon as the last leader left it: what this one asks
         // for while it loads covers messages not loaded yet)
-        let (epoch, horizon) = {
+        let (epoch, horizon, purges) = {
             let s = self.sm.inner.lock();
             let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
             q.set_replica(Some(self.clone()));
@@ -301,7 +306,10 @@ impl Group {
             // Redelivered: those that may have gone out (a delivery past
             // the committed horizon waited for a larger one to commit).
             q.horizon_start(s.state.horizon);
-            (epoch, s.state.horizon)
+            self.unloaded
+                .store(s.state.messages.len(), Ordering::Release);
+            // A purge from here on also drops what is not loaded yet.
+            (epoch, s.state.horizon, q.purges())
         };
         m.announce(self);
         self.served.notify_waiters();
@@ -323,6 +331,7 @@ impl Group {
                 if want.is_empty() {
                     // Everything loaded: committed messages go into the
                     // queue as they apply from now on.
+                    self.unloaded.store(0, Ordering::Release);
                     s.serving = Some(Arc::clone(&q));
                     *self.loading.lock() = None;
                     break;
@@ -346,7 +355,7 @@ impl Group {
             reader = r;
             next = w.last().map_or(next, |l| l + 1);
             let now = crate::clock::now_ms();
-            let s = self.sm.inner.lock();
+            let mut s = self.sm.inner.lock();
             if !self.loads(epoch) {
                 return false;
             }
@@ -365,6 +374,7 @@ impl Group {
                 tracing::error!(queue = %self.name, vhost = %self.vhost, missing, "live quorum queue messages' bodies not found on disk");
                 return false;
             }
+            let (mut purged_from, mut taken) = (None, 0);
             for (id, msg) in found {
                 // Those settled while their bodies were read are gone.
                 let Some(at) = s.state.messages.get(&id).map(|m| m.at) else {
@@ -373,10 +383,31 @@ impl Group {
                 let out = u32::from(s.state.out.contains(&id));
                 let returns = s.state.returns(id).saturating_add(out);
                 let redelivered = id <= horizon || returns > 0;
-                bytes += msg.body.len() as u64;
+                let size = msg.body.len() as u64;
+                let flags = (redelivered, returns);
+                if q.load_replicated(msg, id, flags, at, now, purges).is_none() {
+                    purged_from = Some(id);
+                    break;
+                }
+                self.unload(1);
+                taken += 1;
+                bytes += size;
                 n += 1;
-                q.enqueue_replicated(msg, id, (redelivered, returns), at, now);
             }
+            if let Some(from) = purged_from {
+                // The queue was purged meanwhile: what is not loaded yet
+                // went with it (every message from here on; none of them
+                // reached the queue), settled in the group as the rest of
+                // the purge was.
+                let rest = s.state.messages.range(from..).map(|(id, _)| *id).collect();
+                self.report(Change::Settled(rest));
+                self.unloaded.store(0, Ordering::Release);
+                s.serving = Some(Arc::clone(&q));
+                *self.loading.lock() = None;
+                break;
+            }
+            // (those of the batch settled meanwhile: none is left to load)
+            self.unload(w.len() - taken);
         }
         drop(reader);
         if bytes >= GIVE_BACK_AT {
@@ -398,6 +429,15 @@ impl Group {
         s.serving.clone().or_else(|| self.loading.lock().clone())
     }
 
+    /// `n` more of the group's messages are loaded (or gone).
+    fn unload(&self, n: usize) {
+        let _ = self
+            .unloaded
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+
     /// Still loading the queue in spell `epoch` (checked under the state
     /// machine's lock, which [`Group::unserve`] takes to stop it).
     fn loads(&self, epoch: u64) -> bool {
@@ -410,6 +450,7 @@ impl Group {
         let q = {
             let mut s = self.sm.inner.lock();
             self.serving.store(false, Ordering::Release);
+            self.unloaded.store(0, Ordering::Release);
             s.serving.take().or_else(|| self.loading.lock().take())
         };
         if let Some(q) = q {
@@ -588,6 +629,13 @@ impl Replica for Group {
         if from < to {
             self.report(Change::SettledRange(from, to));
         }
+    }
+
+    /// While loading: the load stops at its next message
+    /// ([`crate::broker::queue::Queue::load_replicated`] refuses it) and
+    /// settles what is left in the group; counted here.
+    fn purged(&self) -> usize {
+        self.unloaded.swap(0, Ordering::AcqRel)
     }
 
     fn returned(&self, ids: Vec<u64>) {
