@@ -1745,6 +1745,21 @@ async fn a_leader_pages_a_long_quorum_queue_out_and_a_purge_settles_it_in_the_gr
     let _ = conn.close(200, "bye").await;
 }
 
+/// `n` messages of ~110 bytes (`{tag}-{i}-...`) published to `q` on its
+/// leader's node (with confirms, 5,000 at a time), then that node killed:
+/// the bodies.
+async fn backlog_then_kill(leader: &mut Node, q: &str, tag: &str, n: usize) -> Vec<String> {
+    let filler = "f".repeat(100);
+    let all: Vec<String> = (0..n).map(|i| format!("{tag}-{i}-{filler}")).collect();
+    let (conn, ch) = confirming(leader).await;
+    for part in all.chunks(5000) {
+        assert_eq!(publish_confirmed(&ch, q, part).await, (part.len(), 0));
+    }
+    let _ = conn.close(200, "bye").await;
+    leader.kill();
+    all
+}
+
 /// A new leader serves consumers while it loads a long backlog into its
 /// queue (a batch at a time): a consumer that attaches during the load gets
 /// every message (the delivery horizons its queue asks for meanwhile are
@@ -1753,16 +1768,7 @@ async fn a_leader_pages_a_long_quorum_queue_out_and_a_purge_settles_it_in_the_gr
 async fn a_consumer_during_a_new_leaders_load_gets_every_message() {
     let q = "qq-load";
     let (mut nodes, leader) = quorum_queue_on_three("quorum-load", q).await;
-    let filler = "z".repeat(100);
-    let all: Vec<String> = (0..40_000).map(|i| format!("ld-{i}-{filler}")).collect();
-    {
-        let (conn, ch) = confirming(&nodes[leader]).await;
-        for part in all.chunks(5000) {
-            assert_eq!(publish_confirmed(&ch, q, part).await, (part.len(), 0));
-        }
-        let _ = conn.close(200, "bye").await;
-    }
-    nodes[leader].kill();
+    let all = backlog_then_kill(&mut nodes[leader], q, "ld", 40_000).await;
     let other = &nodes[(leader + 1) % 3];
     // Consumes as soon as the new leader serves (it serves while it loads).
     let drain = drain_quorum(other, q, all.len() + 1, Duration::from_secs(90));
@@ -1790,16 +1796,7 @@ async fn a_consumer_during_a_new_leaders_load_gets_every_message() {
 async fn a_purge_while_a_new_leader_loads_drops_what_it_has_not_loaded() {
     let q = "qq-load-purge";
     let (mut nodes, leader) = quorum_queue_on_three("quorum-load-purge", q).await;
-    let filler = "p".repeat(100);
-    let all: Vec<String> = (0..60_000).map(|i| format!("lp-{i}-{filler}")).collect();
-    {
-        let (conn, ch) = confirming(&nodes[leader]).await;
-        for part in all.chunks(5000) {
-            assert_eq!(publish_confirmed(&ch, q, part).await, (part.len(), 0));
-        }
-        let _ = conn.close(200, "bye").await;
-    }
-    nodes[leader].kill();
+    let all = backlog_then_kill(&mut nodes[leader], q, "lp", 60_000).await;
     let next = (leader + 1) % 3;
     // Purged as soon as a new leader answers (it does while it loads).
     let deadline = Instant::now() + Duration::from_secs(30);

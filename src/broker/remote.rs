@@ -70,12 +70,6 @@ pub trait Replica: Send + Sync + std::fmt::Debug {
     /// memory, only that range, and none of the group's messages in it is
     /// anywhere else in the queue).
     fn settled_range(&self, from: u64, to: u64);
-    /// The queue was purged (called under its lock): the group drops the
-    /// messages not handed to the queue yet (a new leader still loading
-    /// them); how many.
-    fn purged(&self) -> usize {
-        0
-    }
     /// Messages (by id) that reached a client went back into the queue (a
     /// requeue, a consumer gone): each counts one more return towards the
     /// delivery limit, on whichever member serves the queue next.

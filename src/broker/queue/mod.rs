@@ -319,6 +319,9 @@ struct State {
     /// How many times the queue was purged (a new leader's load stops at
     /// a purge: [`Queue::load_replicated`]).
     purges: u64,
+    /// Messages of its group a new leader has yet to load into the queue
+    /// ([`Queue::expect_loads`]): a purge counts them (and the load stops).
+    unloaded: usize,
     /// Last time the queue was used (for `x-expires`), ms since the epoch.
     last_used: u64,
     /// Replicated queue: the delivery horizon, see [`Horizon`].
@@ -511,6 +514,7 @@ impl Queue {
                 had_consumer: false,
                 deleted: false,
                 purges: 0,
+                unloaded: 0,
                 last_used: now,
                 horizon: Horizon::default(),
             }),
@@ -570,18 +574,11 @@ impl Queue {
         self: &Arc<Self>,
         message: Arc<Message>,
         id: u64,
-        (redelivered, returns): (bool, u32),
+        flags: (bool, u32),
         at: u64,
         now: u64,
     ) -> Enqueued {
-        let replicated = Replicated {
-            id,
-            redelivered,
-            returns,
-            at,
-            unless_purged_since: None,
-        };
-        self.enqueue_inner(message, now, Some(replicated))
+        self.load_replicated(message, id, flags, at, now, None)
             .unwrap_or(Enqueued::Accepted { durable: false })
     }
 
@@ -590,10 +587,22 @@ impl Queue {
         self.state.lock().purges
     }
 
+    /// `n` messages of the group are to be loaded ([`Queue::load_replicated`],
+    /// each taken counts one off): until then a purge counts them too.
+    pub fn expect_loads(&self, n: usize) {
+        self.state.lock().unloaded = n;
+    }
+
+    /// `n` of the messages to load will not come (settled meanwhile).
+    pub fn loads_gone(&self, n: usize) {
+        let mut s = self.state.lock();
+        s.unloaded = s.unloaded.saturating_sub(n);
+    }
+
     /// [`Queue::enqueue_replicated`] for a message a new leader loads from
     /// its group, unless the queue was purged since [`Queue::purges`] said
-    /// `purges` (None: nothing enqueued, the purge covers it, and the
-    /// caller lets the group know).
+    /// `purges` (if given; None back: nothing enqueued, the purge covers it,
+    /// and the caller lets the group know).
     pub fn load_replicated(
         self: &Arc<Self>,
         message: Arc<Message>,
@@ -601,14 +610,14 @@ impl Queue {
         (redelivered, returns): (bool, u32),
         at: u64,
         now: u64,
-        purges: u64,
+        purges: Option<u64>,
     ) -> Option<Enqueued> {
         let replicated = Replicated {
             id,
             redelivered,
             returns,
             at,
-            unless_purged_since: Some(purges),
+            unless_purged_since: purges,
         };
         self.enqueue_inner(message, now, Some(replicated))
     }
@@ -652,6 +661,7 @@ impl Queue {
         s.unacked_persistent = 0;
         s.unacked_persistent_bytes = 0;
         s.unacked_timestamps.clear();
+        s.unloaded = 0;
         self.may_expire.store(false, Ordering::Relaxed);
         s.horizon = Horizon::default();
         self.horizon_committed.send_replace(0);
@@ -835,11 +845,11 @@ impl Queue {
         if s.deleted {
             return Some(Enqueued::Accepted { durable: false });
         }
-        if replicated
-            .and_then(|r| r.unless_purged_since)
-            .is_some_and(|p| p != s.purges)
-        {
-            return None;
+        if let Some(p) = replicated.and_then(|r| r.unless_purged_since) {
+            if p != s.purges {
+                return None;
+            }
+            s.unloaded = s.unloaded.saturating_sub(1);
         }
         s.active_at = now;
         let size = message.size();
@@ -1636,16 +1646,15 @@ impl Queue {
         let mut fx = Effects::default();
         let mut s = self.state.lock();
         s.purges += 1;
-        let mut n = s.ready.len();
-        if let Some(r) = self.replica().filter(|_| self.is_replicated()) {
-            // A replicated queue's paged-out messages are reported by
-            // their ids' range (a quorum queue has one level).
-            let tail = s.ready.tail(0);
-            if tail.count > 0 {
+        // (with those a new leader has yet to load: the load stops here)
+        let n = s.ready.len() + std::mem::take(&mut s.unloaded);
+        // A replicated queue's paged-out messages are reported by their
+        // ids' range (a quorum queue has one level).
+        let tail = s.ready.tail(0);
+        if tail.count > 0 && self.is_replicated() {
+            if let Some(r) = self.replica() {
                 r.settled_range(tail.from, tail.to);
             }
-            // And those its group holds that a new leader did not load yet.
-            n += r.purged();
         }
         let (drained, tails) = s.ready.drain();
         for e in &drained {

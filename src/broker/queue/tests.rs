@@ -555,8 +555,6 @@ struct Recorder {
     horizons: Mutex<Vec<u64>>,
     /// Ranges of ids settled (a purge of paged-out messages).
     ranges: Mutex<Vec<(u64, u64)>>,
-    /// What a purge finds the group still has to load (and drops).
-    unloaded: std::sync::atomic::AtomicUsize,
 }
 
 impl crate::broker::remote::Replica for Recorder {
@@ -572,9 +570,6 @@ impl crate::broker::remote::Replica for Recorder {
     }
     fn settled_range(&self, from: u64, to: u64) {
         self.ranges.lock().push((from, to));
-    }
-    fn purged(&self) -> usize {
-        self.unloaded.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
     fn returned(&self, ids: Vec<u64>) {
         self.returned.lock().extend(ids);
@@ -596,20 +591,22 @@ impl crate::broker::remote::Replica for Recorder {
 fn a_purge_stops_a_load_and_counts_what_the_group_had_left_to_load() {
     let dir = TempDir::new();
     let (_store, _v, q) = quorum_queue(&dir, &[]);
-    let rec = replicate(&q);
+    let _rec = replicate(&q);
     let purges = q.purges();
+    q.expect_loads(8);
     for (id, b) in [(1, "a"), (2, "b")] {
-        let taken = q.load_replicated(persistent(b), id, (false, 0), T0, T0, purges);
+        let taken = q.load_replicated(persistent(b), id, (false, 0), T0, T0, Some(purges));
         assert_eq!(taken, Some(Enqueued::Accepted { durable: false }));
     }
-    rec.unloaded.store(5, std::sync::atomic::Ordering::Relaxed);
+    // One of the eight was settled meanwhile.
+    q.loads_gone(1);
     // The two loaded and the five the group had yet to load.
     assert_eq!(q.purge(), 7);
     assert_eq!(q.purges(), purges + 1);
     // The load's next message is refused (the purge covers it), a
     // message committed later is taken.
     assert_eq!(
-        q.load_replicated(persistent("c"), 3, (false, 0), T0, T0, purges),
+        q.load_replicated(persistent("c"), 3, (false, 0), T0, T0, Some(purges)),
         None
     );
     assert_eq!(q.stats(T0).ready, 0);

@@ -51,10 +51,6 @@ pub struct Group {
     /// The queue this member is loading the group's messages into, while
     /// it does ([`Group::serve`]; then the state machine's `serving`).
     loading: parking_lot::Mutex<Option<Arc<crate::broker::queue::Queue>>>,
-    /// How many of the group's messages the load has not handed to the
-    /// queue yet (0 when not loading): what a purge meanwhile also drops
-    /// ([`Replica::purged`]).
-    unloaded: AtomicUsize,
     /// Counts this member's spells of serving: a change the queue reported
     /// in an earlier one is not proposed (the queue was emptied and loaded
     /// again from the group's state since), a horizon asked then not
@@ -123,7 +119,6 @@ impl Group {
             sm,
             serving: AtomicBool::new(false),
             loading: parking_lot::Mutex::new(None),
-            unloaded: AtomicUsize::new(0),
             epoch: AtomicU64::new(0),
             settle_tx,
             settle_rx: parking_lot::Mutex::new(Some(settle_rx)),
@@ -306,9 +301,9 @@ impl Group {
             // Redelivered: those that may have gone out (a delivery past
             // the committed horizon waited for a larger one to commit).
             q.horizon_start(s.state.horizon);
-            self.unloaded
-                .store(s.state.messages.len(), Ordering::Release);
-            // A purge from here on also drops what is not loaded yet.
+            // A purge from here on also drops (and counts) what is not
+            // loaded yet.
+            q.expect_loads(s.state.messages.len());
             (epoch, s.state.horizon, q.purges())
         };
         m.announce(self);
@@ -331,7 +326,7 @@ impl Group {
                 if want.is_empty() {
                     // Everything loaded: committed messages go into the
                     // queue as they apply from now on.
-                    self.unloaded.store(0, Ordering::Release);
+                    q.expect_loads(0);
                     s.serving = Some(Arc::clone(&q));
                     *self.loading.lock() = None;
                     break;
@@ -385,11 +380,12 @@ impl Group {
                 let redelivered = id <= horizon || returns > 0;
                 let size = msg.body.len() as u64;
                 let flags = (redelivered, returns);
-                if q.load_replicated(msg, id, flags, at, now, purges).is_none() {
+                if q.load_replicated(msg, id, flags, at, now, Some(purges))
+                    .is_none()
+                {
                     purged_from = Some(id);
                     break;
                 }
-                self.unload(1);
                 taken += 1;
                 bytes += size;
                 n += 1;
@@ -401,13 +397,12 @@ impl Group {
                 // the purge was.
                 let rest = s.state.messages.range(from..).map(|(id, _)| *id).collect();
                 self.report(Change::Settled(rest));
-                self.unloaded.store(0, Ordering::Release);
                 s.serving = Some(Arc::clone(&q));
                 *self.loading.lock() = None;
                 break;
             }
             // (those of the batch settled meanwhile: none is left to load)
-            self.unload(w.len() - taken);
+            q.loads_gone(w.len() - taken);
         }
         drop(reader);
         if bytes >= GIVE_BACK_AT {
@@ -429,15 +424,6 @@ impl Group {
         s.serving.clone().or_else(|| self.loading.lock().clone())
     }
 
-    /// `n` more of the group's messages are loaded (or gone).
-    fn unload(&self, n: usize) {
-        let _ = self
-            .unloaded
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                Some(u.saturating_sub(n))
-            });
-    }
-
     /// Still loading the queue in spell `epoch` (checked under the state
     /// machine's lock, which [`Group::unserve`] takes to stop it).
     fn loads(&self, epoch: u64) -> bool {
@@ -450,7 +436,6 @@ impl Group {
         let q = {
             let mut s = self.sm.inner.lock();
             self.serving.store(false, Ordering::Release);
-            self.unloaded.store(0, Ordering::Release);
             s.serving.take().or_else(|| self.loading.lock().take())
         };
         if let Some(q) = q {
@@ -629,13 +614,6 @@ impl Replica for Group {
         if from < to {
             self.report(Change::SettledRange(from, to));
         }
-    }
-
-    /// While loading: the load stops at its next message
-    /// ([`crate::broker::queue::Queue::load_replicated`] refuses it) and
-    /// settles what is left in the group; counted here.
-    fn purged(&self) -> usize {
-        self.unloaded.swap(0, Ordering::AcqRel)
     }
 
     fn returned(&self, ids: Vec<u64>) {
