@@ -256,6 +256,37 @@ impl<C: LogConfig<Node = NodeInfo, SnapshotData = Cursor<Vec<u8>>>> LogStore<C> 
         })
     }
 
+    /// [`Self::put_snapshot_now`] for a state that `encode` writes straight
+    /// into the snapshot's record: given the record's beginning (the meta
+    /// and the head of the state's bytes), it returns the record with the
+    /// state's bytes after it. A long quorum queue's snapshot is so written
+    /// once, not once more as a copy. Blocking.
+    #[allow(clippy::result_large_err)] // openraft's error, as the callers'
+    pub(crate) fn put_snapshot_encoded(
+        &self,
+        meta: &SnapshotMeta<NodeId, NodeInfo>,
+        encode: impl FnOnce(&[u8]) -> Result<Vec<u8>, String>,
+    ) -> Result<(), SErr> {
+        let err = |e: String| StorageIOError::write_snapshot(Some(meta.signature()), string_err(e));
+        let head = super::codec::encode(&StoredSnapshotRef { meta, data: &[] })
+            .map_err(|e| err(e.to_string()))?;
+        // The record ends with its (here empty) state bytes, last field:
+        // the same with a 32-bit length, set once they are written.
+        let Some(head) = head.strip_suffix(&[BIN8, 0]) else {
+            return Err(err("the snapshot record does not end with its data".into()).into());
+        };
+        let mut prefix = head.to_vec();
+        prefix.push(BIN32);
+        prefix.extend_from_slice(&[0; 4]);
+        let mut record = encode(&prefix).map_err(err)?;
+        let len = record.len() - prefix.len();
+        let len = u32::try_from(len).map_err(|_| err(format!("a snapshot of {len} bytes")))?;
+        record[prefix.len() - 4..prefix.len()].copy_from_slice(&len.to_be_bytes());
+        self.disk
+            .write(vec![Write::Put(Tree::Meta, SNAPSHOT.to_vec(), record)])
+            .map_err(|e| err(e.to_string()).into())
+    }
+
     /// [`Self::put_snapshot_now`] and the metadata keys `also` in one atomic
     /// write (the state machine's base goes with the snapshot it is: a crash
     /// between the two left a base no snapshot covered, and openraft then
@@ -497,6 +528,10 @@ pub(super) struct StoredSnapshot {
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
 }
+
+/// MessagePack's markers of a byte string with an 8-bit and a 32-bit length.
+const BIN8: u8 = 0xc4;
+const BIN32: u8 = 0xc6;
 
 /// A [`StoredSnapshot`] to write, borrowed (encodes the same).
 #[derive(Serialize)]

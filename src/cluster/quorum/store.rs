@@ -49,9 +49,7 @@ use super::command::{id, Outcome, QCommand, QMsg, QState, Taken};
 use super::QTypeConfig;
 use crate::broker::message::Message;
 use crate::broker::queue::{Enqueued, Queue};
-use crate::cluster::store::{
-    io_err, snapshot_meta, string_err, LogStore, StoredSnapshot, SNAPSHOT,
-};
+use crate::cluster::store::{io_err, snapshot_meta, LogStore, StoredSnapshot, SNAPSHOT};
 use crate::cluster::NodeInfo;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -59,6 +57,7 @@ use openraft::{
     StoredMembership,
 };
 use parking_lot::Mutex;
+use serde::{Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,6 +174,88 @@ fn hold_found(state: &mut QState, mut found: BTreeMap<u64, Arc<Message>>) -> usi
         }
     }
     missing
+}
+
+/// A state whose bodies were let go of, encoded as [`QState`] encodes the
+/// whole state (field for field, the same bytes), each message's body
+/// read back ([`read_bodies`]) as it is written, [`WRITE_BATCH`] messages
+/// at a time: a snapshot being written holds what it wrote so far and one
+/// batch of bodies, not every body besides.
+struct WithBodies<'a> {
+    state: &'a QState,
+    log: &'a QLog,
+}
+
+/// How many messages [`WithBodies`] reads the bodies of at a time.
+const WRITE_BATCH: usize = 4096;
+
+impl Serialize for WithBodies<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        // As `#[derive(Serialize)]` writes `QState`: the fields it skips
+        // when empty are left out of the count and the struct.
+        let st = self.state;
+        let (enqueuers, returns, out) = (
+            !st.enqueuers.is_empty(),
+            !st.returns.is_empty(),
+            !st.out.is_empty(),
+        );
+        let horizon = st.horizon != 0;
+        let len = 1 + [enqueuers, returns, out, horizon]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        let mut w = s.serialize_struct("QState", len)?;
+        w.serialize_field("messages", &Messages(self))?;
+        if enqueuers {
+            w.serialize_field("enqueuers", &st.enqueuers)?;
+        }
+        if returns {
+            w.serialize_field("returns", &st.returns)?;
+        }
+        if out {
+            w.serialize_field("out", &st.out)?;
+        }
+        if horizon {
+            w.serialize_field("horizon", &st.horizon)?;
+        }
+        w.end()
+    }
+}
+
+/// [`WithBodies`]' messages, as a map by id.
+struct Messages<'a>(&'a WithBodies<'a>);
+
+impl Serialize for Messages<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap};
+        let WithBodies { state, log } = self.0;
+        let mut map = s.serialize_map(Some(state.messages.len()))?;
+        // The snapshot's messages, once decoded (by the first batch that
+        // wants one), for the later batches.
+        let mut snapshot = None;
+        let mut messages = state.messages.iter().peekable();
+        while messages.peek().is_some() {
+            let batch: Vec<(&u64, &QMsg)> = messages.by_ref().take(WRITE_BATCH).collect();
+            let want = batch.iter().filter(|(_, m)| !m.is_held());
+            let want: BTreeSet<u64> = want.map(|(id, _)| **id).collect();
+            let mut found = read_bodies(log, &want, &mut snapshot).map_err(S::Error::custom)?;
+            for (id, m) in batch {
+                if m.is_held() {
+                    map.serialize_entry(id, m)?;
+                    continue;
+                }
+                let Some(body) = found.remove(id) else {
+                    let e = format!("the body of live message {id} is not on disk");
+                    return Err(S::Error::custom(e));
+                };
+                let mut full = m.clone();
+                full.hold(body);
+                map.serialize_entry(id, &full)?;
+            }
+        }
+        map.end()
+    }
 }
 
 /// How many log entries [`read_bodies`] reads at a time.
@@ -347,40 +428,39 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
         // The bodies not held are read back from the snapshot this one
         // replaces (and the log after it) before it is replaced.
         let reads = self.reads.lock().await;
-        let (meta, mut state, live, want) = {
+        let (meta, state, live, read_back) = {
             let mut s = self.inner.lock();
             s.snapshot_taken();
             let meta = snapshot_meta(s.last_applied, s.membership.clone());
-            (meta, s.state.clone(), s.live, s.stripped())
+            let read_back = s.state.messages.values().any(|m| !m.is_held());
+            (meta, s.state.clone(), s.live, read_back)
         };
-        let read_back = !want.is_empty();
         let write = {
             let (log, meta) = (self.log.clone(), meta.clone());
             move || {
-                let err = |e: String| StorageIOError::write_snapshot(None, string_err(e));
-                let found = read_bodies(&log, &want, &mut None).map_err(err)?;
-                let missing = hold_found(&mut state, found);
-                if missing > 0 {
-                    return Err(
-                        err(format!("{missing} live messages' bodies not found on disk")).into(),
-                    );
-                }
-                let data = crate::cluster::codec::encode(&state)
-                    .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
-                log.put_snapshot_now(&meta, &data)?;
-                Ok::<_, SErr>(data)
+                // Bodies read back a batch at a time as the state is
+                // encoded, into the record written (no copy of it).
+                log.put_snapshot_encoded(&meta, |head| {
+                    let state = WithBodies {
+                        state: &state,
+                        log: &log,
+                    };
+                    crate::cluster::codec::encode_after(head, &state).map_err(|e| e.to_string())
+                })
             }
         };
-        let data = off_runtime_if(live >= BLOCKING_AT, write).await?;
+        off_runtime_if(live >= BLOCKING_AT, write).await?;
         drop(reads);
         if read_back {
-            // (openraft drops the snapshot's data as this returns)
             self.note_freed(live);
         }
         self.flush_snapshot(&meta).await?;
+        // openraft takes the meta of a snapshot built (0.9:
+        // `Response::BuildSnapshot(snap.meta)`) and reads what it sends a
+        // follower with `get_current_snapshot`: the data is not kept twice.
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(Cursor::new(Vec::new())),
         })
     }
 }
@@ -633,12 +713,28 @@ mod tests {
                 )
             );
         }
-        // A snapshot reads them back from the log and holds them all.
-        let snap = sm.build_snapshot().await.expect("built");
-        let state: QState =
-            crate::cluster::codec::decode(snap.snapshot.get_ref()).expect("decodes");
+        // Every field of the state in use.
+        index += 1;
+        apply(&mut sm, index, QCommand::Return(vec![id(2, 0)])).await;
+        index += 1;
+        let out = QCommand::Checkout {
+            out: vec![id(3, 1)],
+            back: vec![],
+        };
+        apply(&mut sm, index, out).await;
+        index += 1;
+        apply(&mut sm, index, QCommand::Horizon(id(4, 0))).await;
+        let full = sm.full_state().expect("read").expect("not replacing");
+        assert!(!full.returns.is_empty() && !full.out.is_empty() && full.horizon > 0);
+        // A snapshot reads them back from the log and writes them all, the
+        // same bytes as the whole state encodes to.
+        sm.build_snapshot().await.expect("built");
+        let snapshot_at = index;
+        let (data, state) = stored(&mut sm).await;
         assert_eq!(state.messages.len(), 30);
         assert_eq!(state.messages[&id(1, 0)].message.body, "message 1");
+        assert!(state == full, "the state as it was");
+        assert!(data == crate::cluster::codec::encode(&full).expect("encodes"));
         // The log behind it purged: bodies from the snapshot now; some
         // settled, more enqueued (in the log).
         let mut log = sm.log.clone();
@@ -671,14 +767,28 @@ mod tests {
         let mut sm2 = sm.clone();
         for e in sm2
             .log
-            .entries_now(11, None)
-            .expect("log: after the snapshot at 10")
+            .entries_now(snapshot_at + 1, None)
+            .expect("log: after the snapshot")
         {
             sm2.apply([e]).await.expect("re-applied");
         }
         let all = read_all(&sm, 7).await;
         assert_eq!(all.len(), 33);
         assert_eq!(all[..32], want[..]);
+        // A second snapshot: bodies from the first one and from the log.
+        let full = sm2.full_state().expect("read").expect("not replacing");
+        sm2.build_snapshot().await.expect("built");
+        let (data, state) = stored(&mut sm2).await;
+        assert!(state == full, "the state as it is");
+        assert!(data == crate::cluster::codec::encode(&full).expect("encodes"));
+    }
+
+    /// The snapshot kept: its state's bytes, decoded.
+    async fn stored(sm: &mut QSm) -> (Vec<u8>, QState) {
+        let snap = sm.get_current_snapshot().await.expect("read").expect("one");
+        let data = snap.snapshot.into_inner();
+        let state = crate::cluster::codec::decode(&data).expect("decodes");
+        (data, state)
     }
 
     /// Every live message's body, read back `per` ids at a time.
@@ -785,8 +895,10 @@ mod tests {
             apply(&mut sm, index, QCommand::Enqueue(vec![msg(4096)])).await;
         }
         assert!(sm.snapshot_wanted());
-        let snap = sm.build_snapshot().await.expect("built");
-        assert!(snap.snapshot.get_ref().len() >= crate::cluster::values::OWN_FILE_AT);
+        sm.build_snapshot().await.expect("built");
+        let (data, state) = stored(&mut sm).await;
+        assert!(data.len() >= crate::cluster::values::OWN_FILE_AT);
+        assert_eq!(state.messages.len() as u64, SNAPSHOT_EVERY);
         let files = || {
             let mut sizes: Vec<u64> = std::fs::read_dir(&values_dir)
                 .expect("dir")
