@@ -112,6 +112,11 @@ impl<C> LogStore<C> {
         }
     }
 
+    /// The bytes kept at `key`, not decoded.
+    pub(crate) fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
+        self.disk.get(Tree::Meta, key).map_err(|e| e.to_string())
+    }
+
     pub(crate) fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), String> {
         let v = super::codec::encode(value).map_err(|e| e.to_string())?;
         self.disk

@@ -270,13 +270,13 @@ const READ_ENTRIES: u64 = 256;
 /// left out (a message settled meanwhile, when the caller does not hold
 /// the state still).
 ///
-/// `snapshot`: the snapshot's messages decoded by an earlier call, or None
-/// (decoded here when some wanted id is not in the log, keeping those from
-/// the first wanted id on, for later calls that want later ids).
+/// `snapshot`: the snapshot's messages as an earlier call left them, or
+/// None (opened here when some wanted id is not in the log); each call must
+/// want ids after the last one's ([`SnapshotMessages::take`]).
 fn read_bodies(
     log: &QLog,
     want: &BTreeSet<u64>,
-    snapshot: &mut Option<BTreeMap<u64, Arc<Message>>>,
+    snapshot: &mut Option<SnapshotMessages>,
 ) -> Result<BTreeMap<u64, Arc<Message>>, String> {
     let mut found = BTreeMap::new();
     let (Some(first), Some(last)) = (want.first(), want.last()) else {
@@ -303,29 +303,195 @@ fn read_bodies(
     }
     if found.len() < want.len() {
         if snapshot.is_none() {
-            let mut kept = BTreeMap::new();
-            if let Some(snap) = log.get::<StoredSnapshot>(SNAPSHOT)? {
-                let state: QState =
-                    crate::cluster::codec::decode(&snap.data).map_err(|e| e.to_string())?;
-                kept.extend(
-                    state
-                        .messages
-                        .into_iter()
-                        .filter(|(id, m)| id >= first && m.is_held())
-                        .map(|(id, m)| (id, m.message)),
-                );
-            }
-            *snapshot = Some(kept);
+            *snapshot = Some(SnapshotMessages::open(log)?);
         }
         if let Some(snap) = snapshot {
-            for id in want {
-                if let Some(m) = snap.remove(id) {
-                    found.entry(*id).or_insert(m);
-                }
-            }
+            snap.take(want, &mut found)?;
         }
     }
     Ok(found)
+}
+
+/// The messages of the snapshot kept, decoded in id order as they are
+/// asked for ([`SnapshotMessages::take`]) from its record, which is held
+/// as read: a long queue's snapshot is not decoded into memory whole.
+pub struct SnapshotMessages {
+    record: Vec<u8>,
+    /// Where the next message (its id, then it) starts in `record`, and
+    /// how many are left after it.
+    pos: usize,
+    left: usize,
+    /// One decoded and not asked for yet (past what the last call wanted).
+    next: Option<(u64, QMsg)>,
+    /// A record of another layout (JSON): decoded whole instead.
+    whole: BTreeMap<u64, Arc<Message>>,
+}
+
+impl SnapshotMessages {
+    /// The snapshot kept by `log` (none: no messages).
+    fn open(log: &QLog) -> Result<SnapshotMessages, String> {
+        Self::of(log.get_raw(SNAPSHOT)?.unwrap_or_default())
+    }
+
+    /// The messages of a snapshot `record` (empty: none).
+    fn of(record: Vec<u8>) -> Result<SnapshotMessages, String> {
+        let mut snap = SnapshotMessages {
+            record: Vec::new(),
+            pos: 0,
+            left: 0,
+            next: None,
+            whole: BTreeMap::new(),
+        };
+        if record.is_empty() {
+            return Ok(snap);
+        }
+        match messages_at(&record) {
+            Some((pos, left)) => {
+                (snap.record, snap.pos, snap.left) = (record, pos, left);
+            }
+            None => {
+                let stored: StoredSnapshot =
+                    crate::cluster::codec::decode(&record).map_err(|e| e.to_string())?;
+                let state: QState =
+                    crate::cluster::codec::decode(&stored.data).map_err(|e| e.to_string())?;
+                snap.whole = state
+                    .messages
+                    .into_iter()
+                    .filter(|(_, m)| m.is_held())
+                    .map(|(id, m)| (id, m.message))
+                    .collect();
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Add the bodies of those of `want` it holds to `found` (unless found
+    /// there already). Each call must want ids after the last one's: the
+    /// messages before its last wanted id are passed for good.
+    fn take(
+        &mut self,
+        want: &BTreeSet<u64>,
+        found: &mut BTreeMap<u64, Arc<Message>>,
+    ) -> Result<(), String> {
+        let Some(&last) = want.last() else {
+            return Ok(());
+        };
+        if !self.whole.is_empty() {
+            for id in want {
+                if let Some(m) = self.whole.remove(id) {
+                    found.entry(*id).or_insert(m);
+                }
+            }
+            return Ok(());
+        }
+        loop {
+            let (id, m) = match self.next.take() {
+                Some(next) => next,
+                None if self.left == 0 => return Ok(()),
+                None => self.decode_next()?,
+            };
+            if id > last {
+                self.next = Some((id, m));
+                return Ok(());
+            }
+            if want.contains(&id) && m.is_held() {
+                found.entry(id).or_insert(m.message);
+            }
+        }
+    }
+
+    /// Decode the message at `pos` and move past it.
+    fn decode_next(&mut self) -> Result<(u64, QMsg), String> {
+        use serde::Deserialize;
+        let rest = self.record.get(self.pos..).unwrap_or_default();
+        let mut cursor = std::io::Cursor::new(rest);
+        let (id, m) = {
+            let mut de = rmp_serde::Deserializer::new(&mut cursor);
+            let id = u64::deserialize(&mut de).map_err(|e| e.to_string())?;
+            let m = QMsg::deserialize(&mut de).map_err(|e| e.to_string())?;
+            (id, m)
+        };
+        self.pos += cursor.position() as usize;
+        self.left -= 1;
+        Ok((id, m))
+    }
+}
+
+/// Where the messages of a snapshot record (a [`StoredSnapshot`] of a
+/// [`QState`], both MessagePack by field name) start, and how many there
+/// are; None for another layout.
+fn messages_at(record: &[u8]) -> Option<(usize, usize)> {
+    use crate::cluster::codec::MARKER;
+    // The state's bytes, borrowed from the record.
+    #[derive(serde::Deserialize)]
+    struct Data<'a> {
+        #[serde(borrow, with = "serde_bytes")]
+        data: &'a [u8],
+    }
+    let (&MARKER, rest) = record.split_first()? else {
+        return None;
+    };
+    let data = rmp_serde::from_slice::<Data<'_>>(rest).ok()?.data;
+    let start = (data.as_ptr() as usize).checked_sub(record.as_ptr() as usize)?;
+    let (&MARKER, _) = data.split_first()? else {
+        return None;
+    };
+    let mut pos = start + 1;
+    for _ in 0..msgpack::map_len(record, &mut pos)? {
+        let key = msgpack::str_at(record, &mut pos)?;
+        if key == b"messages" {
+            let n = msgpack::map_len(record, &mut pos)?;
+            return Some((pos, n));
+        }
+        // Another field first: skipped.
+        let mut cursor = std::io::Cursor::new(record.get(pos..)?);
+        {
+            use serde::Deserialize;
+            let mut de = rmp_serde::Deserializer::new(&mut cursor);
+            serde::de::IgnoredAny::deserialize(&mut de).ok()?;
+        }
+        pos += cursor.position() as usize;
+    }
+    // No messages.
+    Some((pos, 0))
+}
+
+/// The few MessagePack heads [`messages_at`] reads.
+mod msgpack {
+    fn take<'a>(b: &'a [u8], pos: &mut usize, n: usize) -> Option<&'a [u8]> {
+        let s = b.get(*pos..pos.checked_add(n)?)?;
+        *pos += n;
+        Some(s)
+    }
+
+    fn uint(b: &[u8], pos: &mut usize, n: usize) -> Option<usize> {
+        let s = take(b, pos, n)?;
+        Some(s.iter().fold(0usize, |v, d| (v << 8) | usize::from(*d)))
+    }
+
+    /// A map's length.
+    pub fn map_len(b: &[u8], pos: &mut usize) -> Option<usize> {
+        let m = *take(b, pos, 1)?.first()?;
+        match m {
+            0x80..=0x8f => Some(usize::from(m & 0x0f)),
+            0xde => uint(b, pos, 2),
+            0xdf => uint(b, pos, 4),
+            _ => None,
+        }
+    }
+
+    /// A string's bytes.
+    pub fn str_at<'a>(b: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
+        let m = *take(b, pos, 1)?.first()?;
+        let n = match m {
+            0xa0..=0xbf => usize::from(m & 0x1f),
+            0xd9 => uint(b, pos, 1)?,
+            0xda => uint(b, pos, 2)?,
+            0xdb => uint(b, pos, 4)?,
+            _ => return None,
+        };
+        take(b, pos, n)
+    }
 }
 
 /// The group's state machine (cheap to clone: a handle).
@@ -352,8 +518,8 @@ pub struct QSm {
 pub struct ReadBack {
     log: QLog,
     _reads: tokio::sync::OwnedMutexGuard<()>,
-    /// The snapshot's messages not read yet, once decoded.
-    snapshot: Option<BTreeMap<u64, Arc<Message>>>,
+    /// The snapshot's messages not read yet, once opened.
+    snapshot: Option<SnapshotMessages>,
 }
 
 impl ReadBack {
@@ -789,6 +955,69 @@ mod tests {
         let data = snap.snapshot.into_inner();
         let state = crate::cluster::codec::decode(&data).expect("decodes");
         (data, state)
+    }
+
+    /// A snapshot's messages are read from its record in order, wherever
+    /// its other fields are, and from a JSON record (written by older
+    /// versions) too.
+    #[test]
+    fn a_snapshots_messages_are_read_from_its_record_a_few_at_a_time() {
+        #[derive(serde::Serialize)]
+        struct HorizonFirst<'a> {
+            horizon: u64,
+            messages: &'a BTreeMap<u64, QMsg>,
+        }
+        let messages: BTreeMap<u64, QMsg> = (1..=5).map(|n| (id(n, 0), body(n))).collect();
+        let meta = snapshot_meta(None, StoredMembership::default());
+        let state = QState {
+            messages: messages.clone(),
+            horizon: 7,
+            ..QState::default()
+        };
+        let record = |data: Vec<u8>, json: bool| {
+            let stored = StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            };
+            if json {
+                serde_json::to_vec(&stored).expect("json")
+            } else {
+                crate::cluster::codec::encode(&stored).expect("encodes")
+            }
+        };
+        let first = crate::cluster::codec::encode(&state).expect("encodes");
+        let later = crate::cluster::codec::encode(&HorizonFirst {
+            horizon: 7,
+            messages: &messages,
+        })
+        .expect("encodes");
+        let json = serde_json::to_vec(&state).expect("json");
+        for (name, rec, streamed) in [
+            ("messages first", record(first, false), true),
+            ("messages after another field", record(later, false), true),
+            ("JSON", record(json, true), false),
+        ] {
+            assert_eq!(messages_at(&rec).is_some(), streamed, "{name}");
+            let mut snap = SnapshotMessages::of(rec).expect(name);
+            let body_of = |found: &BTreeMap<u64, Arc<Message>>, n: u64| {
+                String::from_utf8_lossy(&found[&id(n, 0)].body).into_owned()
+            };
+            // 1 and 2, then 4 and 5 (3 passed for good), then nothing.
+            let mut found = BTreeMap::new();
+            snap.take(&[id(1, 0), id(2, 0)].into(), &mut found)
+                .expect(name);
+            assert_eq!(found.len(), 2, "{name}");
+            assert_eq!(body_of(&found, 2), "message 2", "{name}");
+            let mut found = BTreeMap::new();
+            snap.take(&[id(4, 0), id(5, 0)].into(), &mut found)
+                .expect(name);
+            assert_eq!(found.len(), 2, "{name}");
+            assert_eq!(body_of(&found, 5), "message 5", "{name}");
+            let mut found = BTreeMap::new();
+            snap.take(&[id(6, 0)].into(), &mut found).expect(name);
+            assert!(found.is_empty(), "{name}");
+        }
+        assert!(SnapshotMessages::of(Vec::new()).expect("none").left == 0);
     }
 
     /// Every live message's body, read back `per` ids at a time.
