@@ -1730,11 +1730,7 @@ async fn a_leader_pages_a_long_quorum_queue_out_and_a_purge_settles_it_in_the_gr
     nodes[leader].kill();
     let other = &nodes[(leader + 1) % 3];
     let (conn, ch) = confirming(other).await;
-    let last = vec!["last".to_string()];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while publish_confirmed(&ch, q, &last).await != (1, 0) {
-        assert!(Instant::now() < deadline, "no new leader confirmed");
-    }
+    confirmed_once_led(&ch, q, "last").await;
     // (the get of "after" settled it without an ack: that settlement may
     // not have committed before the kill, and then it comes again)
     let mut got = get(ch.clone()).await;
@@ -1743,6 +1739,16 @@ async fn a_leader_pages_a_long_quorum_queue_out_and_a_purge_settles_it_in_the_gr
     }
     assert_eq!(got, "last", "no purged message comes back");
     let _ = conn.close(200, "bye").await;
+}
+
+/// `body` published to `q` until a confirm comes (a new leader takes
+/// publishes once elected and loaded; nacks before then), within 30 s.
+async fn confirmed_once_led(ch: &Channel, q: &str, body: &str) {
+    let one = vec![body.to_string()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while publish_confirmed(ch, q, &one).await != (1, 0) {
+        assert!(Instant::now() < deadline, "no leader confirmed {body}");
+    }
 }
 
 /// `n` messages of ~110 bytes (`{tag}-{i}-...`) published to `q` on its
@@ -1774,11 +1780,7 @@ async fn a_consumer_during_a_new_leaders_load_gets_every_message() {
     let drain = drain_quorum(other, q, all.len() + 1, Duration::from_secs(90));
     let publish = async {
         let (conn, ch) = confirming(other).await;
-        let late = vec!["late".to_string()];
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while publish_confirmed(&ch, q, &late).await != (1, 0) {
-            assert!(Instant::now() < deadline, "no new leader confirmed");
-        }
+        confirmed_once_led(&ch, q, "late").await;
         let _ = conn.close(200, "bye").await;
     };
     let (got, ()) = tokio::join!(drain, publish);
@@ -1815,11 +1817,7 @@ async fn a_purge_while_a_new_leader_loads_drops_what_it_has_not_loaded() {
     assert_eq!(purged as usize, all.len(), "purge-ok counts every message");
     // Taken once the (stopped) load is done; the only message there is.
     let (conn, ch) = confirming(&nodes[next]).await;
-    let after = vec!["after".to_string()];
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while publish_confirmed(&ch, q, &after).await != (1, 0) {
-        assert!(Instant::now() < deadline, "the publish was not confirmed");
-    }
+    confirmed_once_led(&ch, q, "after").await;
     let _ = conn.close(200, "bye").await;
     let got = drain_quorum(&nodes[next], q, 1, Duration::from_secs(30)).await;
     assert_eq!(got, BTreeSet::from(["after".to_string()]));

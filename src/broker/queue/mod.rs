@@ -582,15 +582,15 @@ impl Queue {
             .unwrap_or(Enqueued::Accepted { durable: false })
     }
 
-    /// How many times the queue was purged so far.
-    pub fn purges(&self) -> u64 {
-        self.state.lock().purges
-    }
-
     /// `n` messages of the group are to be loaded ([`Queue::load_replicated`],
-    /// each taken counts one off): until then a purge counts them too.
-    pub fn expect_loads(&self, n: usize) {
-        self.state.lock().unloaded = n;
+    /// each taken counts one off): until then a purge counts them too. The
+    /// queue's purge count as it is now, under the same lock (a purge in
+    /// between would have counted them and not stopped the load): what the
+    /// loads are to give `load_replicated`.
+    pub fn expect_loads(&self, n: usize) -> u64 {
+        let mut s = self.state.lock();
+        s.unloaded = n;
+        s.purges
     }
 
     /// `n` of the messages to load will not come (settled meanwhile).
@@ -600,9 +600,9 @@ impl Queue {
     }
 
     /// [`Queue::enqueue_replicated`] for a message a new leader loads from
-    /// its group, unless the queue was purged since [`Queue::purges`] said
-    /// `purges` (if given; None back: nothing enqueued, the purge covers it,
-    /// and the caller lets the group know).
+    /// its group, unless the queue was purged since [`Queue::expect_loads`]
+    /// said `purges` (if given; None back: nothing enqueued, the purge
+    /// covers it, and the caller lets the group know).
     pub fn load_replicated(
         self: &Arc<Self>,
         message: Arc<Message>,

@@ -303,8 +303,8 @@ impl Group {
             q.horizon_start(s.state.horizon);
             // A purge from here on also drops (and counts) what is not
             // loaded yet.
-            q.expect_loads(s.state.messages.len());
-            (epoch, s.state.horizon, q.purges())
+            let purges = q.expect_loads(s.state.messages.len());
+            (epoch, s.state.horizon, purges)
         };
         m.announce(self);
         self.served.notify_waiters();
