@@ -1224,6 +1224,35 @@ async fn a_follower_cut_off_alone_does_not_unseat_the_leader() {
     assert_eq!(quorum_leader(&nodes[f], q), Some(leader));
 }
 
+/// 4,400 messages of `filler` bytes and a little (`{tag}-{i}-...`)
+/// published to `q` on `node`, each waiting for its confirm (one log entry
+/// each, the group's first snapshot at entry 4,096): the bodies.
+async fn one_entry_each(node: &Node, q: &str, tag: &str, filler: usize) -> Vec<String> {
+    let filler = "f".repeat(filler);
+    let all: Vec<String> = (0..4400).map(|i| format!("{tag}-{i}-{filler}")).collect();
+    let (conn, ch) = confirming(node).await;
+    for body in &all {
+        let confirm = publish_persistent(&ch, q, body).await;
+        let confirmed = common::t(confirm).await.expect("confirm");
+        assert!(matches!(confirmed, Confirmation::Ack(_)), "{body}");
+    }
+    let _ = conn.close(200, "bye").await;
+    all
+}
+
+/// The files in `node`'s `<data_dir>/quorum-values`, with their lengths.
+fn value_files(node: &Node) -> Vec<(String, u64)> {
+    let Ok(dir) = std::fs::read_dir(node.dir.join("quorum-values")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let len = e.metadata().ok()?.len();
+        Some((e.file_name().to_string_lossy().into_owned(), len))
+    })
+    .collect()
+}
+
 /// The bytes in `node`'s quorum value files (`<data_dir>/quorum-values`).
 fn value_file_bytes(node: &Node) -> u64 {
     std::fs::read_dir(node.dir.join("quorum-values"))
@@ -1636,15 +1665,7 @@ async fn a_new_leader_reads_the_messages_back_from_its_snapshot_and_log() {
     let q = "qq-read-back";
     let (mut nodes, leader) = quorum_queue_on_three("quorum-read-back", q).await;
     // One log entry a message: each waits for its confirm.
-    let filler = "y".repeat(200);
-    let all: Vec<String> = (0..4400).map(|i| format!("rb-{i}-{filler}")).collect();
-    let (conn, ch) = confirming(&nodes[leader]).await;
-    for body in &all {
-        let confirm = publish_persistent(&ch, q, body).await;
-        let confirmed = common::t(confirm).await.expect("confirm");
-        assert!(matches!(confirmed, Confirmation::Ack(_)), "{body}");
-    }
-    let _ = conn.close(200, "bye").await;
+    let all = one_entry_each(&nodes[leader], q, "rb", 200).await;
     // The first 100 taken and acked.
     {
         let conn = nodes[leader].connect().await;
@@ -1686,6 +1707,69 @@ async fn a_new_leader_reads_the_messages_back_from_its_snapshot_and_log() {
     let got = drain_quorum(&nodes[other], q, want.len(), Duration::from_secs(60)).await;
     assert_eq!(got.len(), want.len(), "every message");
     assert!(got == want, "whole, and none of those acked before");
+}
+
+/// A member that was down while the group snapshotted (its log purged
+/// behind the snapshot) catches up from the snapshot: sent from the
+/// record's own file (over 8 MiB) a chunk at a time, received into a file,
+/// installed into its own record; its count is the group's, no received
+/// file is left, and after a restart of it and the leader's death every
+/// message is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_the_log_catches_up_from_the_snapshot_file() {
+    let q = "qq-behind";
+    let (mut nodes, leader) = quorum_queue_on_three("quorum-behind", q).await;
+    let f = (leader + 1) % 3;
+    nodes[f].kill();
+    // One log entry a message (each waits for its confirm), 2.5 KB each:
+    // ~11 MB, a snapshot file of its own.
+    let all = one_entry_each(&nodes[leader], q, "cb", 2500).await;
+    // The snapshot at index 4096 holds about 4,090 of them (in the value
+    // files: the entries, under 4 KiB each, are not).
+    let snapshot = 4000 * 2500;
+    assert!(snapshot > 8 << 20, "over a value file's own size");
+    eventually(
+        "the live members wrote the snapshot",
+        Duration::from_secs(30),
+        || {
+            (0..3)
+                .filter(|i| *i != f)
+                .all(|i| value_file_bytes(&nodes[i]) >= snapshot)
+        },
+    )
+    .await;
+    nodes[f].start().await;
+    // Installed: the snapshot in its value files, the file received into
+    // (a chunk at a time) gone.
+    let installed = || {
+        let files = value_files(&nodes[f]);
+        let val: u64 = files
+            .iter()
+            .filter(|(n, _)| n.ends_with(".val"))
+            .map(|(_, l)| l)
+            .sum();
+        let parts = files.iter().filter(|(n, _)| n.ends_with(".part")).count();
+        val >= snapshot && parts == 0
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !installed() {
+        assert!(
+            Instant::now() < deadline,
+            "not installed: {:?}\n{}",
+            value_files(&nodes[f]),
+            nodes[f].log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Restarted from what it installed, then the leader gone: the two
+    // left serve every message.
+    nodes[f].kill();
+    nodes[f].start().await;
+    nodes[leader].kill();
+    let want: BTreeSet<String> = all.iter().cloned().collect();
+    let got = drain_quorum(&nodes[f], q, want.len(), Duration::from_secs(90)).await;
+    assert_eq!(got.len(), want.len(), "every message");
+    assert!(got == want, "whole");
 }
 
 /// The leader keeps a window of a long quorum queue in memory and the rest

@@ -25,6 +25,8 @@ pub enum CodecError {
     Decode(#[from] rmp_serde::decode::Error),
     #[error("{0}")]
     Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// `value` as MessagePack, after [`MARKER`].
@@ -45,11 +47,74 @@ pub fn encode_after<T: Serialize + ?Sized>(
     Ok(out)
 }
 
+/// `value` as [`encode`] writes it, to `out` (a long value written a part
+/// at a time, not held whole).
+pub fn encode_to<T: Serialize + ?Sized>(
+    out: &mut dyn std::io::Write,
+    value: &T,
+) -> Result<(), CodecError> {
+    out.write_all(&[MARKER])?;
+    rmp_serde::encode::write_named(out, value)?;
+    Ok(())
+}
+
 /// A value written by [`encode`], or JSON (what earlier versions wrote).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     match bytes.split_first() {
         Some((&MARKER, rest)) => Ok(rmp_serde::from_slice(rest)?),
         _ => Ok(serde_json::from_slice(bytes)?),
+    }
+}
+
+/// Reading a value written by [`encode`] from a reader a part at a time,
+/// head by head (a long snapshot streamed from its file): each call reads
+/// no further than what it returns.
+pub mod read {
+    use super::MARKER;
+    use serde::Deserialize;
+    use std::io::BufRead;
+
+    /// An error met reading a snapshot, as these readers word it.
+    pub fn err(e: impl std::fmt::Display) -> String {
+        format!("reading a snapshot: {e}")
+    }
+
+    /// Whether the next byte is the [`MARKER`] (without reading it).
+    pub fn at_marker(r: &mut dyn BufRead) -> Result<bool, String> {
+        Ok(r.fill_buf().map_err(err)?.first() == Some(&MARKER))
+    }
+
+    /// The [`MARKER`] a value starts with.
+    pub fn marker(r: &mut dyn BufRead) -> Result<(), String> {
+        let mut b = [0u8];
+        r.read_exact(&mut b).map_err(err)?;
+        match b[0] {
+            MARKER => Ok(()),
+            other => Err(err(format!("0x{other:02x} where its marker belongs"))),
+        }
+    }
+
+    /// One value of type `T` (`serde::de::IgnoredAny` to skip one).
+    pub fn value<T: for<'de> Deserialize<'de>>(r: &mut dyn BufRead) -> Result<T, String> {
+        T::deserialize(&mut rmp_serde::Deserializer::new(r)).map_err(err)
+    }
+
+    /// A map's length (a struct's fields, by name).
+    pub fn map_len(mut r: &mut dyn BufRead) -> Result<u32, String> {
+        rmp::decode::read_map_len(&mut r).map_err(err)
+    }
+
+    /// A byte string's length (its bytes follow).
+    pub fn bin_len(mut r: &mut dyn BufRead) -> Result<u32, String> {
+        rmp::decode::read_bin_len(&mut r).map_err(err)
+    }
+
+    /// A string (a field's name).
+    pub fn key(mut r: &mut dyn BufRead) -> Result<Vec<u8>, String> {
+        let n = rmp::decode::read_str_len(&mut r).map_err(err)?;
+        let mut k = vec![0u8; n as usize];
+        r.read_exact(&mut k).map_err(err)?;
+        Ok(k)
     }
 }
 

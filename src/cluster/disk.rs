@@ -85,6 +85,45 @@ pub(crate) enum Write {
     Del(Tree, Vec<u8>),
 }
 
+/// How much [`Disk::get_reader`] reads from a value file at a time.
+const READ_BUF: usize = 256 << 10;
+
+/// Where [`Disk::put_streamed`] writes a value: memory, until a body that
+/// grows long on a store with value files goes on to a file of its own.
+enum Spill<'a> {
+    Memory {
+        buf: Vec<u8>,
+        head_len: usize,
+        values: Option<&'a ValueLog>,
+    },
+    File(values::AloneWriter<'a>),
+}
+
+impl io::Write for Spill<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Spill::Memory {
+                buf,
+                head_len,
+                values,
+            } => {
+                buf.extend_from_slice(b);
+                if let Some(values) = values.filter(|_| buf.len() >= values::OWN_FILE_AT) {
+                    let mut w = values.stream_alone(*head_len)?;
+                    w.write_all(&buf[*head_len..])?;
+                    *self = Spill::File(w);
+                }
+                Ok(b.len())
+            }
+            Spill::File(w) => w.write(b),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 fn sled_err(e: sled::Error) -> io::Error {
     io::Error::other(e)
 }
@@ -159,6 +198,107 @@ impl Disk {
                 .map(|v| resolve(values, &v))
                 .transpose(),
             Disk::Memory(m) => m.read(|s| s.volatile(tree).get(key).cloned()),
+        }
+    }
+
+    /// The value of `key` in `tree`, to read a part at a time: a value in
+    /// a file ([`Disk::Shared`], a long queue's snapshot) is not read into
+    /// memory whole (and, when `checked`, it is checked against its CRC
+    /// first, a block at a time: unchecked only to peek at its head).
+    pub(crate) fn get_reader(
+        &self,
+        tree: Tree,
+        key: &[u8],
+        checked: bool,
+    ) -> io::Result<Option<Box<dyn io::BufRead + Send>>> {
+        if let Disk::Shared {
+            tree: t, values, ..
+        } = self
+        {
+            if let Some(v) = t.get(shared_key(tree, key)).map_err(sled_err)? {
+                if let Some(p) = Pointer::decode(&v) {
+                    let r = io::BufReader::with_capacity(READ_BUF, values.reader(&p, checked)?);
+                    return Ok(Some(Box::new(r)));
+                }
+            }
+        }
+        let v = self.get(tree, key)?;
+        Ok(v.map(|v| Box::new(io::Cursor::new(v)) as Box<dyn io::BufRead + Send>))
+    }
+
+    /// The value of `key` in `tree` when it is a file of its own (a long
+    /// queue's snapshot on a [`Disk::Shared`]), checked against its CRC: a
+    /// handle at its start, and its length.
+    pub(crate) fn get_file(
+        &self,
+        tree: Tree,
+        key: &[u8],
+    ) -> io::Result<Option<(std::fs::File, u64)>> {
+        let Disk::Shared {
+            tree: t, values, ..
+        } = self
+        else {
+            return Ok(None);
+        };
+        let Some(p) = t
+            .get(shared_key(tree, key))
+            .map_err(sled_err)?
+            .and_then(|v| Pointer::decode(&v))
+        else {
+            return Ok(None);
+        };
+        Ok(values.file_alone(&p)?.map(|f| (f, u64::from(p.len))))
+    }
+
+    /// Where the value files are ([`Disk::Shared`] only).
+    pub(crate) fn values_dir(&self) -> Option<&std::path::Path> {
+        match self {
+            Disk::Shared { values, .. } => Some(values.dir()),
+            Disk::Sled { .. } | Disk::Memory(_) => None,
+        }
+    }
+
+    /// Put at `key` in `tree` the value `head ++ body`, `body` being what
+    /// `write` writes and `head` (`head_len` bytes) what `head` makes of the
+    /// body's length once it is written. On a [`Disk::Shared`], a body that
+    /// grows to [`values::OWN_FILE_AT`] goes on to a file of its own a block
+    /// at a time (a long queue's snapshot is not held whole in memory);
+    /// elsewhere, and below that, the value is written as [`Self::write`]
+    /// writes it.
+    pub(crate) fn put_streamed(
+        &self,
+        tree: Tree,
+        key: &[u8],
+        head_len: usize,
+        write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>,
+        head: impl FnOnce(u64) -> io::Result<Vec<u8>>,
+    ) -> io::Result<()> {
+        let values = match self {
+            Disk::Shared { values, .. } => Some(&**values),
+            Disk::Sled { .. } | Disk::Memory(_) => None,
+        };
+        let mut out = Spill::Memory {
+            buf: vec![0; head_len],
+            head_len,
+            values,
+        };
+        write(&mut out)?;
+        match out {
+            Spill::Memory { mut buf, .. } => {
+                let h = head((buf.len() - head_len) as u64)?;
+                if h.len() != head_len {
+                    return Err(io::Error::other("a head of the wrong length"));
+                }
+                buf[..head_len].copy_from_slice(&h);
+                self.write(vec![Write::Put(tree, key.to_vec(), buf)])
+            }
+            Spill::File(w) => {
+                let h = head(w.written())?;
+                let (p, landing) = w.finish(&h)?;
+                self.write(vec![Write::Put(tree, key.to_vec(), p.encode())])?;
+                drop(landing);
+                Ok(())
+            }
         }
     }
 
@@ -259,6 +399,25 @@ impl Disk {
 
     /// The log entries with index keys in `[from, to]` (`to` None: to the end), in order.
     pub(crate) fn log_range(&self, from: u64, to: Option<u64>) -> io::Result<Vec<(u64, Vec<u8>)>> {
+        self.log_rows(from, to, true)
+    }
+
+    /// The indexes of the log entries in `[from, to]`, in order: their
+    /// values are not read (a purge behind a long queue's snapshot read
+    /// every body it removed).
+    pub(crate) fn log_keys(&self, from: u64, to: Option<u64>) -> io::Result<Vec<u64>> {
+        let rows = self.log_rows(from, to, false)?;
+        Ok(rows.into_iter().map(|(i, _)| i).collect())
+    }
+
+    /// [`Self::log_range`], the values left empty unless `values`.
+    fn log_rows(
+        &self,
+        from: u64,
+        to: Option<u64>,
+        with_values: bool,
+    ) -> io::Result<Vec<(u64, Vec<u8>)>> {
+        let value = |v: &[u8]| if with_values { v.to_vec() } else { Vec::new() };
         let start = Bound::Included(from.to_be_bytes().to_vec());
         let end = match to {
             Some(t) => Bound::Included(t.to_be_bytes().to_vec()),
@@ -268,7 +427,7 @@ impl Disk {
             Disk::Sled { log, .. } => log
                 .range::<Vec<u8>, _>((start, end))
                 .map(|kv| {
-                    kv.map(|(k, v)| (index_of_key(&k), v.to_vec()))
+                    kv.map(|(k, v)| (index_of_key(&k), value(&v)))
                         .map_err(sled_err)
                 })
                 .collect(),
@@ -281,14 +440,19 @@ impl Disk {
                 tree.range::<Vec<u8>, _>((prefixed(start), prefixed(end)))
                     .map(|kv| {
                         let (k, v) = kv.map_err(sled_err)?;
-                        Ok((index_of_key(&k[1..]), resolve(values, &v)?))
+                        let v = if with_values {
+                            resolve(values, &v)?
+                        } else {
+                            Vec::new()
+                        };
+                        Ok((index_of_key(&k[1..]), v))
                     })
                     .collect()
             }
             Disk::Memory(m) => m.read(|s| {
                 s.volatile(Tree::Log)
                     .range((start, end))
-                    .map(|(k, v)| (index_of_key(k), v.clone()))
+                    .map(|(k, v)| (index_of_key(k), value(v)))
                     .collect()
             }),
         }
@@ -570,15 +734,46 @@ mod tests {
                 );
                 assert_eq!(referenced_files(db).unwrap().len(), 1);
             }
+            // A value written a part at a time reads back the same, whole
+            // or a part at a time; a long one on the shared store goes to
+            // a file of its own.
+            for body_len in [10, values::OWN_FILE_AT + 10] {
+                let body: Vec<u8> = (0..body_len).map(|i| (i % 251) as u8).collect();
+                let parts =
+                    |w: &mut dyn io::Write| body.chunks(1000).try_for_each(|p| w.write_all(p));
+                let head = |n: u64| Ok(vec![1, 2, (n % 256) as u8]);
+                d.put_streamed(Tree::Meta, b"streamed", 3, parts, head)
+                    .unwrap();
+                let want = [&[1, 2, (body_len % 256) as u8][..], &body].concat();
+                assert_eq!(d.get(Tree::Meta, b"streamed").unwrap(), Some(want.clone()));
+                let mut read = Vec::new();
+                let mut r = d
+                    .get_reader(Tree::Meta, b"streamed", true)
+                    .unwrap()
+                    .unwrap();
+                r.read_to_end(&mut read).unwrap();
+                assert!(read == want, "read a part at a time");
+                if let Disk::Shared { tree, .. } = &d {
+                    let stored = tree.get(shared_key(Tree::Meta, b"streamed")).unwrap();
+                    let p = stored.and_then(|v| Pointer::decode(&v));
+                    let alone = body_len >= values::OWN_FILE_AT;
+                    assert_eq!(
+                        p.map(|p| (p.offset, p.len as usize)),
+                        alone.then_some((0, want.len()))
+                    );
+                }
+            }
             d.write(vec![
                 Write::Del(Tree::Log, key),
                 Write::Del(Tree::Meta, b"snap".to_vec()),
+                Write::Del(Tree::Meta, b"streamed".to_vec()),
             ])
             .unwrap();
             d.write(put("vote", "v")).unwrap();
             d.write(vec![Write::Del(Tree::Log, 4u64.to_be_bytes().to_vec())])
                 .unwrap();
             d.flush_blocking().unwrap();
+            assert_eq!(d.log_keys(2, None).unwrap(), vec![2, 3]);
             let rows = d.log_range(2, Some(3)).unwrap();
             assert_eq!(rows, vec![(2, vec![2]), (3, vec![3])]);
             assert_eq!(d.log_range(2, None).unwrap().len(), 2);

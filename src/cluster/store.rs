@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::io::{Cursor, Read as _};
 use std::marker::PhantomData;
 use std::ops::RangeBounds;
 use std::path::Path;
@@ -112,9 +112,27 @@ impl<C> LogStore<C> {
         }
     }
 
-    /// The bytes kept at `key`, not decoded.
-    pub(crate) fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
-        self.disk.get(Tree::Meta, key).map_err(|e| e.to_string())
+    /// The value at `key` when it is a file of its own ([`Disk::get_file`]).
+    pub(crate) fn get_file(&self, key: &[u8]) -> Result<Option<(std::fs::File, u64)>, String> {
+        self.disk
+            .get_file(Tree::Meta, key)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where the store's value files are, if it has some.
+    pub(crate) fn values_dir(&self) -> Option<std::path::PathBuf> {
+        self.disk.values_dir().map(|d| d.to_path_buf())
+    }
+
+    /// The bytes kept at `key`, to read a part at a time
+    /// ([`Disk::get_reader`]).
+    pub(crate) fn get_reader(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<Box<dyn std::io::BufRead + Send>>, String> {
+        self.disk
+            .get_reader(Tree::Meta, key, true)
+            .map_err(|e| e.to_string())
     }
 
     pub(crate) fn put<T: Serialize>(&self, key: &[u8], value: &T) -> Result<(), String> {
@@ -136,12 +154,14 @@ impl<C> LogStore<C> {
     /// with an older leader's entries after it (see
     /// `tests::a_crash_while_removing_entries_leaves_no_hole`).
     async fn remove_logs(&self, from: u64, to: Option<u64>) -> Result<(), SErr> {
+        // Their keys only (a purge behind a long queue's snapshot read
+        // every body it removed).
         let removals = self
             .disk
-            .log_range(from, to)
+            .log_keys(from, to)
             .map_err(|e| StorageIOError::write_logs(io_err(e)))?
             .into_iter()
-            .map(|(i, _)| Write::Del(Tree::Log, i.to_be_bytes().to_vec()))
+            .map(|i| Write::Del(Tree::Log, i.to_be_bytes().to_vec()))
             .collect();
         self.disk
             .write(removals)
@@ -165,12 +185,31 @@ impl<C> LogStore<C> {
         struct Meta {
             meta: SnapshotMeta<NodeId, serde_json::Value>,
         }
+        // Only the record's head is read (a long queue's snapshot is not
+        // read whole for its index; nor checked here, which its readers do).
+        let stored_at = || -> Result<Option<u64>, String> {
+            let Some(mut r) = self
+                .disk
+                .get_reader(Tree::Meta, SNAPSHOT, false)
+                .map_err(|e| e.to_string())?
+            else {
+                return Ok(None);
+            };
+            let meta = match snapshot_head::<serde_json::Value>(&mut r)? {
+                Some((meta, _)) => meta,
+                None => {
+                    let mut bytes = Vec::new();
+                    r.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+                    super::codec::decode::<Meta>(&bytes)
+                        .map_err(|e| e.to_string())?
+                        .meta
+                }
+            };
+            Ok(meta.last_log_id.map(|l| l.index))
+        };
         let deadline = tokio::time::Instant::now() + SNAPSHOT_WAIT;
         loop {
-            let stored: Option<Meta> = self
-                .get(SNAPSHOT)
-                .map_err(|e| StorageIOError::read_snapshot(None, string_err(e)))?;
-            let at = stored.and_then(|s| s.meta.last_log_id).map(|l| l.index);
+            let at = stored_at().map_err(|e| StorageIOError::read_snapshot(None, string_err(e)))?;
             if at >= Some(log_id.index) {
                 return Ok(());
             }
@@ -242,57 +281,48 @@ pub trait LogConfig: RaftTypeConfig<NodeId = NodeId, Entry = Entry<Self>> {}
 
 impl<C: RaftTypeConfig<NodeId = NodeId, Entry = Entry<C>>> LogConfig for C {}
 
-impl<C: LogConfig<Node = NodeInfo, SnapshotData = Cursor<Vec<u8>>>> LogStore<C> {
-    /// Keep `data` as the snapshot `meta` describes: the one
-    /// [`Self::current_snapshot`] answers with, and purges wait for
-    /// (blocking: a large snapshot is written from a blocking thread, not
-    /// the runtime's).
-    #[allow(clippy::result_large_err)] // openraft's error, as the async callers'
-    pub(crate) fn put_snapshot_now(
-        &self,
-        meta: &SnapshotMeta<NodeId, NodeInfo>,
-        data: &[u8],
-    ) -> Result<(), SErr> {
-        // Encoded as a `StoredSnapshot`, from borrowed parts (a snapshot
-        // can be large: no copy of it is made to be written).
-        let stored = StoredSnapshotRef { meta, data };
-        self.put(SNAPSHOT, &stored).map_err(|e| {
-            StorageIOError::write_snapshot(Some(meta.signature()), string_err(e)).into()
-        })
-    }
-
-    /// [`Self::put_snapshot_now`] for a state that `encode` writes straight
-    /// into the snapshot's record: given the record's beginning (the meta
-    /// and the head of the state's bytes), it returns the record with the
-    /// state's bytes after it. A long quorum queue's snapshot is so written
-    /// once, not once more as a copy. Blocking.
+impl<C: LogConfig<Node = NodeInfo>> LogStore<C> {
+    /// Keep the snapshot `meta` describes, its state's bytes written by
+    /// `encode` (as [`super::codec::encode_to`] writes them) straight into
+    /// the snapshot's record: the one a state machine answers openraft's
+    /// `get_current_snapshot` with, and purges wait for. A long one is
+    /// written a block at a time into a file of its own
+    /// ([`Disk::put_streamed`]): a long quorum queue's snapshot is not held
+    /// in memory whole. Blocking.
     #[allow(clippy::result_large_err)] // openraft's error, as the callers'
-    pub(crate) fn put_snapshot_encoded(
+    pub(crate) fn put_snapshot_streamed(
         &self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        encode: impl FnOnce(&[u8]) -> Result<Vec<u8>, String>,
+        encode: impl FnOnce(&mut dyn std::io::Write) -> Result<(), String>,
     ) -> Result<(), SErr> {
         let err = |e: String| StorageIOError::write_snapshot(Some(meta.signature()), string_err(e));
         let head = super::codec::encode(&StoredSnapshotRef { meta, data: &[] })
             .map_err(|e| err(e.to_string()))?;
         // The record ends with its (here empty) state bytes, last field:
         // the same with a 32-bit length, set once they are written.
-        let Some(head) = head.strip_suffix(&[BIN8, 0]) else {
+        let Some(prefix) = head.strip_suffix(&[BIN8, 0]) else {
             return Err(err("the snapshot record does not end with its data".into()).into());
         };
-        let mut prefix = head.to_vec();
-        prefix.push(BIN32);
-        prefix.extend_from_slice(&[0; 4]);
-        let mut record = encode(&prefix).map_err(err)?;
-        let len = record.len() - prefix.len();
-        let len = u32::try_from(len).map_err(|_| err(format!("a snapshot of {len} bytes")))?;
-        record[prefix.len() - 4..prefix.len()].copy_from_slice(&len.to_be_bytes());
-        self.disk
-            .write(vec![Write::Put(Tree::Meta, SNAPSHOT.to_vec(), record)])
-            .map_err(|e| err(e.to_string()).into())
+        let head_len = prefix.len() + 5;
+        let written = self.disk.put_streamed(
+            Tree::Meta,
+            SNAPSHOT,
+            head_len,
+            |out| encode(out).map_err(std::io::Error::other),
+            |len| {
+                let len = u32::try_from(len)
+                    .map_err(|_| std::io::Error::other(format!("a snapshot of {len} bytes")))?;
+                let mut h = prefix.to_vec();
+                h.push(BIN32);
+                h.extend_from_slice(&len.to_be_bytes());
+                Ok(h)
+            },
+        );
+        // (an encoding error reads as `encode` put it)
+        written.map_err(|e| err(e.to_string()).into())
     }
 
-    /// [`Self::put_snapshot_now`] and the metadata keys `also` in one atomic
+    /// Keep `data` as the snapshot `meta` describes, and the metadata keys `also` in one atomic
     /// write (the state machine's base goes with the snapshot it is: a crash
     /// between the two left a base no snapshot covered, and openraft then
     /// purged up to it at the next start, waiting for that snapshot).
@@ -315,7 +345,9 @@ impl<C: LogConfig<Node = NodeInfo, SnapshotData = Cursor<Vec<u8>>>> LogStore<C> 
             .write(writes)
             .map_err(|e| err(e.to_string()).into())
     }
+}
 
+impl<C: LogConfig<Node = NodeInfo, SnapshotData = Cursor<Vec<u8>>>> LogStore<C> {
     /// The last snapshot kept, for openraft's `get_current_snapshot`.
     pub(crate) async fn current_snapshot(&self) -> Result<Option<Snapshot<C>>, SErr> {
         let stored: Option<StoredSnapshot> = self
@@ -532,6 +564,37 @@ pub(super) struct StoredSnapshot {
     pub meta: SnapshotMeta<NodeId, NodeInfo>,
     #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+}
+
+/// A snapshot record's meta and the length of its state's bytes.
+pub(crate) type SnapshotHead<N> = Option<(SnapshotMeta<NodeId, N>, u32)>;
+
+/// The meta of the [`StoredSnapshot`] record at `r` and the length of its
+/// state's bytes, `r` left at their start (a long record is not read
+/// whole); None, `r` as it was, for a record in JSON (earlier versions).
+pub(crate) fn snapshot_head<N: openraft::Node>(
+    r: &mut dyn std::io::BufRead,
+) -> Result<SnapshotHead<N>, String> {
+    use super::codec::read;
+    if !read::at_marker(r)? {
+        return Ok(None);
+    }
+    read::marker(r)?;
+    let mut meta = None;
+    for _ in 0..read::map_len(r)? {
+        match read::key(r)?.as_slice() {
+            b"meta" => meta = Some(read::value(r)?),
+            b"data" => {
+                let len = read::bin_len(r)?;
+                let meta = meta.ok_or("a snapshot record's data before its meta")?;
+                return Ok(Some((meta, len)));
+            }
+            _ => {
+                read::value::<serde::de::IgnoredAny>(r)?;
+            }
+        }
+    }
+    Err("a snapshot record without data".into())
 }
 
 /// MessagePack's markers of a byte string with an 8-bit and a 32-bit length.

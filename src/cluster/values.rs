@@ -19,7 +19,7 @@
 use parking_lot::Mutex;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -125,6 +125,131 @@ impl Drop for Landing<'_> {
     }
 }
 
+/// How much a streamed value is written or read at a time.
+const STREAM_BLOCK: usize = 1 << 20;
+
+fn damaged(p: &Pointer) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("value at {}:{} fails its checksum", p.file, p.offset),
+    )
+}
+
+/// A value on its way to a file of its own, written a part at a time
+/// ([`ValueLog::stream_alone`]): buffered a block at a time, synced every
+/// [`SYNC_STEP`] as [`ValueLog::put_alone`] is, its CRC-32 computed as it
+/// goes. Dropped unfinished, its file is collected like any unnamed one.
+pub struct AloneWriter<'a> {
+    file: Arc<File>,
+    id: u64,
+    /// Bytes left at the start for [`Self::finish`].
+    head_len: u64,
+    /// Where the next block goes; how far the file is synced.
+    at: u64,
+    synced: u64,
+    buf: Vec<u8>,
+    /// Of what was written after the head.
+    crc: crc32fast::Hasher,
+    landing: Landing<'a>,
+}
+
+impl AloneWriter<'_> {
+    /// Bytes written after the head so far.
+    pub fn written(&self) -> u64 {
+        self.at - self.head_len + self.buf.len() as u64
+    }
+
+    fn write_block(&mut self, b: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(b, self.at)?;
+        self.crc.update(b);
+        self.at += b.len() as u64;
+        if self.at - self.synced >= SYNC_STEP as u64 {
+            self.file.sync_data()?;
+            self.synced = self.at;
+        }
+        Ok(())
+    }
+
+    fn spill(&mut self) -> io::Result<()> {
+        let buf = std::mem::take(&mut self.buf);
+        let done = self.write_block(&buf);
+        self.buf = buf;
+        self.buf.clear();
+        done
+    }
+}
+
+impl<'a> AloneWriter<'a> {
+    /// Write the head (`head_len` bytes, now that the rest is known) and
+    /// make the value durable; its pointer, and the [`Landing`] to drop
+    /// once the pointer is in sled.
+    pub fn finish(mut self, head: &[u8]) -> io::Result<(Pointer, Landing<'a>)> {
+        if head.len() as u64 != self.head_len {
+            let e = format!("a head of {} bytes for {}", head.len(), self.head_len);
+            return Err(io::Error::other(e));
+        }
+        self.spill()?;
+        self.file.write_all_at(head, 0)?;
+        self.file.sync_data()?;
+        let len = u32::try_from(self.at).map_err(|_| io::Error::other("value over 4 GiB"))?;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(head);
+        crc.combine(&self.crc);
+        let p = Pointer {
+            file: self.id,
+            offset: 0,
+            len,
+            crc: crc.finalize(),
+        };
+        Ok((p, self.landing))
+    }
+}
+
+impl io::Write for AloneWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        if self.buf.len() + b.len() < STREAM_BLOCK {
+            self.buf.extend_from_slice(b);
+            return Ok(b.len());
+        }
+        self.spill()?;
+        if b.len() >= STREAM_BLOCK {
+            // Synced every step as it goes, not once at the end.
+            for step in b.chunks(SYNC_STEP) {
+                self.write_block(step)?;
+            }
+        } else {
+            self.buf.extend_from_slice(b);
+        }
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A value read a part at a time ([`ValueLog::reader`]).
+pub struct ValueReader {
+    file: Arc<File>,
+    at: u64,
+    end: u64,
+}
+
+impl io::Read for ValueReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.end - self.at).min(buf.len() as u64) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.file.read_at(&mut buf[..n], self.at)?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.at += got as u64;
+        Ok(got)
+    }
+}
+
 fn file_name(id: u64) -> String {
     format!("{id:016}.val")
 }
@@ -208,7 +333,16 @@ impl ValueLog {
     /// collection leaves the file alone while the [`Landing`] lives, which
     /// the caller drops once the pointer is in sled.
     pub fn put_alone(&self, v: &[u8]) -> io::Result<(Pointer, Landing<'_>)> {
-        let len = u32::try_from(v.len()).map_err(|_| io::Error::other("value over 4 GiB"))?;
+        let mut w = self.stream_alone(0)?;
+        w.write_all(v)?;
+        w.finish(&[])
+    }
+
+    /// [`Self::put_alone`] for a value written a part at a time through the
+    /// [`AloneWriter`] returned (a long queue's snapshot, encoded as it is
+    /// written): its first `head_len` bytes are left for
+    /// [`AloneWriter::finish`], which takes them once the rest is written.
+    pub fn stream_alone(&self, head_len: usize) -> io::Result<AloneWriter<'_>> {
         let id = {
             let mut w = self.writer.lock();
             let id = w.id + 1;
@@ -221,19 +355,16 @@ impl ValueLog {
         };
         let landing = Landing { log: self, id };
         let file = create(&self.dir, id)?;
-        let mut at = 0;
-        for step in v.chunks(SYNC_STEP) {
-            file.write_all_at(step, at as u64)?;
-            file.sync_data()?;
-            at += step.len();
-        }
-        let p = Pointer {
-            file: id,
-            offset: 0,
-            len,
-            crc: crc32fast::hash(v),
-        };
-        Ok((p, landing))
+        Ok(AloneWriter {
+            file,
+            id,
+            head_len: head_len as u64,
+            at: head_len as u64,
+            synced: 0,
+            buf: Vec::new(),
+            crc: crc32fast::Hasher::new(),
+            landing,
+        })
     }
 
     /// Make every value put so far durable.
@@ -248,26 +379,72 @@ impl ValueLog {
 
     /// The value `p` points at.
     pub fn get(&self, p: &Pointer) -> io::Result<Vec<u8>> {
-        let file = {
-            let mut readers = self.readers.lock();
-            match readers.get(&p.file) {
-                Some(f) => Arc::clone(f),
-                None => {
-                    let f = Arc::new(File::open(self.dir.join(file_name(p.file)))?);
-                    readers.insert(p.file, Arc::clone(&f));
-                    f
-                }
-            }
-        };
+        let file = self.file(p.file)?;
         let mut buf = vec![0u8; p.len as usize];
         file.read_exact_at(&mut buf, p.offset)?;
         if crc32fast::hash(&buf) != p.crc {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("value at {}:{} fails its checksum", p.file, p.offset),
-            ));
+            return Err(damaged(p));
         }
         Ok(buf)
+    }
+
+    /// The value `p` points at, to read a part at a time (a long queue's
+    /// snapshot): when `checked`, checked against its CRC first, read
+    /// through once a block at a time, so that what the reader gives is
+    /// what was written.
+    pub fn reader(&self, p: &Pointer, checked: bool) -> io::Result<ValueReader> {
+        let file = self.file(p.file)?;
+        let region = |file| ValueReader {
+            file,
+            at: p.offset,
+            end: p.offset + u64::from(p.len),
+        };
+        if !checked {
+            return Ok(region(file));
+        }
+        let mut check = region(Arc::clone(&file));
+        let mut crc = crc32fast::Hasher::new();
+        let mut block = vec![0u8; STREAM_BLOCK];
+        loop {
+            let n = check.read(&mut block)?;
+            if n == 0 {
+                break;
+            }
+            crc.update(&block[..n]);
+        }
+        if crc.finalize() != p.crc {
+            return Err(damaged(p));
+        }
+        Ok(region(file))
+    }
+
+    /// The file of its own `p` points at, when it is one (a long queue's
+    /// snapshot, [`Self::put_alone`]), checked against its CRC as
+    /// [`Self::reader`] does: a handle of the caller's, at the start.
+    pub fn file_alone(&self, p: &Pointer) -> io::Result<Option<File>> {
+        let file = File::open(self.dir.join(file_name(p.file)))?;
+        if p.offset != 0 || file.metadata()?.len() != u64::from(p.len) {
+            return Ok(None);
+        }
+        // The check reads it through once; the reader itself is not needed.
+        self.reader(p, true)?;
+        Ok(Some(file))
+    }
+
+    /// Where the files are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Value file `id`, opened once for reads.
+    fn file(&self, id: u64) -> io::Result<Arc<File>> {
+        let mut readers = self.readers.lock();
+        if let Some(f) = readers.get(&id) {
+            return Ok(Arc::clone(f));
+        }
+        let f = Arc::new(File::open(self.dir.join(file_name(id)))?);
+        readers.insert(id, Arc::clone(&f));
+        Ok(f)
     }
 
     /// The file new values go to now, noted with no write half-way (see
@@ -413,6 +590,34 @@ mod tests {
         assert_eq!(log.collect(current, &BTreeSet::from([0])).unwrap(), 1);
         assert!(log.get(&b).is_err());
         assert!(log.get(&a).is_ok());
+        // Written a part at a time, its head last: the same as put whole,
+        // read back whole or a part at a time; damage is an error before
+        // anything is read.
+        let mut w = log.stream_alone(4).unwrap();
+        for part in big[4..].chunks(STREAM_BLOCK / 3 + 1) {
+            w.write_all(part).unwrap();
+        }
+        assert_eq!(w.written(), (big.len() - 4) as u64);
+        let (s, landing) = w.finish(&big[..4]).unwrap();
+        drop(landing);
+        assert_eq!((s.len, s.crc, s.offset), (b.len, b.crc, 0));
+        assert_eq!(log.get(&s).unwrap(), big);
+        let mut read = Vec::new();
+        log.reader(&s, true)
+            .unwrap()
+            .read_to_end(&mut read)
+            .unwrap();
+        assert!(read == big);
+        let f = OpenOptions::new()
+            .write(true)
+            .open(d.join(file_name(s.file)))
+            .unwrap();
+        f.write_all_at(&[big[SYNC_STEP + 1] ^ 1], SYNC_STEP as u64 + 1)
+            .unwrap();
+        assert_eq!(
+            log.reader(&s, true).err().map(|e| e.kind()),
+            Some(io::ErrorKind::InvalidData)
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 }

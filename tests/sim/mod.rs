@@ -41,7 +41,6 @@ use rand::{Rng, SeedableRng};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::ops::RangeBounds;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,6 +51,9 @@ use warren::cluster::NodeInfo;
 
 pub type NodeId = u64;
 type SErr = StorageError<NodeId>;
+/// A kind's snapshot data.
+type SnapshotData<K> = <<K as Kind>::C as openraft::RaftTypeConfig>::SnapshotData;
+
 type Rpc<T, E = openraft::error::Infallible> =
     Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>;
 
@@ -61,7 +63,6 @@ pub trait Kind: Sized + Send + 'static {
     type C: LogConfig<
         D: Clone + PartialEq + Debug,
         Node = NodeInfo,
-        SnapshotData = Cursor<Vec<u8>>,
         Responder = OneshotResponder<Self::C>,
         AsyncRuntime = TokioRuntime,
     >;
@@ -615,14 +616,14 @@ impl<K: Kind> RaftStateMachine<K::C> for ObservedSm<K> {
         self.inner.get_snapshot_builder().await
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData<K>>, SErr> {
         self.inner.begin_receiving_snapshot().await
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData<K>>,
     ) -> Result<(), SErr> {
         crash_point(&self.world, self.node, self.life, "install_snapshot");
         let r = self.inner.install_snapshot(meta, snapshot).await;

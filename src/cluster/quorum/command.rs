@@ -378,7 +378,10 @@ pub struct Enqueuer {
 pub const ENQUEUER_IDLE: u64 = 1 << 20;
 
 /// The live messages of the queue, by id (ascending: the queue's order),
-/// the returns of those returned, and its publishers' next numbers.
+/// the returns of those returned, and its publishers' next numbers. A
+/// snapshot's state is also read field by field, by name, as it streams
+/// from disk (`quorum::store::record::stripped`): a field added here is
+/// read there too.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QState {
     pub messages: BTreeMap<u64, QMsg>,

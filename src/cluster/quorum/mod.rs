@@ -10,6 +10,7 @@
 //! - `serve`: following leadership: the leader loads the messages into its
 //!   local queue and serves it; proposals of publishes and settlements;
 //!   leadership transfer.
+//! - `snapdata`: snapshots on their way between members, a chunk at a time.
 //! - `rebalance`: spreading the leaders over the running nodes.
 //! - `elect`: elections with a pre-vote (openraft's own timer is off).
 //! - `publisher`: each node's publisher per queue, which numbers publishes
@@ -26,6 +27,7 @@ pub mod network;
 pub mod publisher;
 pub mod rebalance;
 pub mod serve;
+pub mod snapdata;
 pub mod store;
 
 use super::command::{Metadata, QuorumRec};
@@ -33,7 +35,6 @@ use super::{Cluster, Identity, NodeInfo};
 use crate::broker::Broker;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io::Cursor;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -45,7 +46,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = NodeInfo,
         Entry = openraft::Entry<QTypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = snapdata::SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
@@ -168,6 +169,9 @@ impl Manager {
         let values_dir = dir.with_file_name("quorum-values");
         let values = crate::cluster::values::ValueLog::open(&values_dir)
             .map_err(|e| format!("{}: {e}", values_dir.display()))?;
+        // Snapshots half received when the node stopped.
+        snapdata::remove_parts(&values_dir)
+            .map_err(|e| format!("{}: {e}", values_dir.display()))?;
         // openraft gives an append-entries RPC one heartbeat interval: a
         // group's appends carry message bodies and a follower fsyncs them
         // before answering, so the interval is longer than the metadata
@@ -184,6 +188,13 @@ impl Manager {
             election_timeout_min: heartbeat * 5,
             election_timeout_max: heartbeat * 7,
             max_payload_entries: 64,
+            // A member that fell behind the log is sent the snapshot in
+            // chunks; the last one's RPC also waits for the install (a long
+            // queue's snapshot is decoded and written there, seconds for a
+            // GB): openraft's 200 ms made every chunk of a few MiB time out
+            // and the send start over.
+            snapshot_max_chunk_size: 1 << 20,
+            install_snapshot_timeout: 60_000,
             // Snapshots by the state's size instead (`store`, "When a group
             // snapshots"), triggered by the group's watch loop.
             snapshot_policy: openraft::SnapshotPolicy::Never,

@@ -44,12 +44,24 @@
 //! lock (applying goes on meanwhile), to a value file of its own synced as
 //! it is written (`cluster::values`, [`OWN_FILE_AT`](crate::cluster::values::OWN_FILE_AT)),
 //! so the groups' log syncs never wait for it.
+//!
+//! # Snapshots a part at a time
+//!
+//! No member holds a long queue's snapshot whole: it is encoded into its
+//! file a block at a time ([`WithBodies`], `Disk::put_streamed`), read back
+//! from it a part at a time ([`record`]: at start, each body let go of as
+//! it is decoded; [`SnapshotMessages`]: a new leader's load), sent to a
+//! member that fell behind from that file and received into a file there
+//! (`super::snapdata`), and installed in one pass ([`Tee`]).
 
 use super::command::{id, Outcome, QCommand, QMsg, QState, Taken};
+use super::snapdata::SnapshotData;
 use super::QTypeConfig;
 use crate::broker::message::Message;
 use crate::broker::queue::{Enqueued, Queue};
-use crate::cluster::store::{io_err, snapshot_meta, LogStore, StoredSnapshot, SNAPSHOT};
+use crate::cluster::store::{
+    io_err, snapshot_meta, string_err, LogStore, StoredSnapshot, SNAPSHOT,
+};
 use crate::cluster::NodeInfo;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -59,7 +71,7 @@ use openraft::{
 use parking_lot::Mutex;
 use serde::{Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
+use std::io::{BufRead, Read};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -155,11 +167,6 @@ impl SmInner {
     fn stripped(&self) -> BTreeSet<u64> {
         let m = self.state.messages.iter();
         m.filter(|(_, m)| !m.is_held()).map(|(id, _)| *id).collect()
-    }
-
-    /// Let go of every body (they are on disk, see the module doc).
-    fn strip(&mut self) {
-        self.state.messages.values_mut().for_each(QMsg::strip);
     }
 }
 
@@ -313,13 +320,12 @@ fn read_bodies(
 }
 
 /// The messages of the snapshot kept, decoded in id order as they are
-/// asked for ([`SnapshotMessages::take`]) from its record, which is held
-/// as read: a long queue's snapshot is not decoded into memory whole.
+/// asked for ([`SnapshotMessages::take`]) from its record, read a part at a
+/// time ([`QLog::get_reader`]): a long queue's snapshot is not read into
+/// memory, nor decoded, whole.
 pub struct SnapshotMessages {
-    record: Vec<u8>,
-    /// Where the next message (its id, then it) starts in `record`, and
-    /// how many are left after it.
-    pos: usize,
+    /// At the next message (its id, then it), `left` of them to come.
+    reader: Option<Box<dyn BufRead + Send>>,
     left: usize,
     /// One decoded and not asked for yet (past what the last call wanted).
     next: Option<(u64, QMsg)>,
@@ -330,38 +336,32 @@ pub struct SnapshotMessages {
 impl SnapshotMessages {
     /// The snapshot kept by `log` (none: no messages).
     fn open(log: &QLog) -> Result<SnapshotMessages, String> {
-        Self::of(log.get_raw(SNAPSHOT)?.unwrap_or_default())
+        Self::of(log.get_reader(SNAPSHOT)?)
     }
 
-    /// The messages of a snapshot `record` (empty: none).
-    fn of(record: Vec<u8>) -> Result<SnapshotMessages, String> {
+    /// The messages of the snapshot record at `r` (none: no messages).
+    fn of(r: Option<Box<dyn BufRead + Send>>) -> Result<SnapshotMessages, String> {
         let mut snap = SnapshotMessages {
-            record: Vec::new(),
-            pos: 0,
+            reader: None,
             left: 0,
             next: None,
             whole: BTreeMap::new(),
         };
-        if record.is_empty() {
+        let Some(mut r) = r else {
+            return Ok(snap);
+        };
+        if record::head(&mut r)?.is_some() {
+            snap.left = record::messages(&mut r)?;
+            snap.reader = Some(r);
             return Ok(snap);
         }
-        match messages_at(&record) {
-            Some((pos, left)) => {
-                (snap.record, snap.pos, snap.left) = (record, pos, left);
-            }
-            None => {
-                let stored: StoredSnapshot =
-                    crate::cluster::codec::decode(&record).map_err(|e| e.to_string())?;
-                let state: QState =
-                    crate::cluster::codec::decode(&stored.data).map_err(|e| e.to_string())?;
-                snap.whole = state
-                    .messages
-                    .into_iter()
-                    .filter(|(_, m)| m.is_held())
-                    .map(|(id, m)| (id, m.message))
-                    .collect();
-            }
-        }
+        let (_, state) = record::whole(r)?;
+        snap.whole = state
+            .messages
+            .into_iter()
+            .filter(|(_, m)| m.is_held())
+            .map(|(id, m)| (id, m.message))
+            .collect();
         Ok(snap)
     }
 
@@ -385,10 +385,13 @@ impl SnapshotMessages {
             return Ok(());
         }
         loop {
-            let (id, m) = match self.next.take() {
-                Some(next) => next,
-                None if self.left == 0 => return Ok(()),
-                None => self.decode_next()?,
+            let (id, m) = match (self.next.take(), &mut self.reader) {
+                (Some(next), _) => next,
+                (None, Some(r)) if self.left > 0 => {
+                    self.left -= 1;
+                    record::message(r)?
+                }
+                (None, _) => return Ok(()),
             };
             if id > last {
                 self.next = Some((id, m));
@@ -399,98 +402,103 @@ impl SnapshotMessages {
             }
         }
     }
-
-    /// Decode the message at `pos` and move past it.
-    fn decode_next(&mut self) -> Result<(u64, QMsg), String> {
-        use serde::Deserialize;
-        let rest = self.record.get(self.pos..).unwrap_or_default();
-        let mut cursor = std::io::Cursor::new(rest);
-        let (id, m) = {
-            let mut de = rmp_serde::Deserializer::new(&mut cursor);
-            let id = u64::deserialize(&mut de).map_err(|e| e.to_string())?;
-            let m = QMsg::deserialize(&mut de).map_err(|e| e.to_string())?;
-            (id, m)
-        };
-        self.pos += cursor.position() as usize;
-        self.left -= 1;
-        Ok((id, m))
-    }
 }
 
-/// Where the messages of a snapshot record (a [`StoredSnapshot`] of a
-/// [`QState`], both MessagePack by field name) start, and how many there
-/// are; None for another layout.
-fn messages_at(record: &[u8]) -> Option<(usize, usize)> {
-    use crate::cluster::codec::MARKER;
-    // The state's bytes, borrowed from the record.
-    #[derive(serde::Deserialize)]
-    struct Data<'a> {
-        #[serde(borrow, with = "serde_bytes")]
-        data: &'a [u8],
+/// A quorum queue's snapshot record (a [`StoredSnapshot`] of a [`QState`],
+/// both MessagePack by field name, [`crate::cluster::codec`]) read from a
+/// reader a part at a time: its meta, then its state's fields, the
+/// messages one by one.
+mod record {
+    use super::{QMsg, QState, StoredSnapshot};
+    use crate::cluster::codec;
+    use crate::cluster::codec::read::{self, err};
+    use crate::cluster::NodeInfo;
+    use openraft::SnapshotMeta;
+    use serde::de::IgnoredAny;
+    use std::io::{BufRead, Read};
+
+    type Meta = SnapshotMeta<u64, NodeInfo>;
+
+    /// The record's meta, `r` left at the start of its state's bytes (and
+    /// their length); None, `r` as it was, for a record of another layout
+    /// (JSON, from earlier versions: [`whole`]).
+    pub fn head(r: &mut dyn BufRead) -> Result<Option<(Meta, u32)>, String> {
+        crate::cluster::store::snapshot_head(r)
     }
-    let (&MARKER, rest) = record.split_first()? else {
-        return None;
-    };
-    let data = rmp_serde::from_slice::<Data<'_>>(rest).ok()?.data;
-    let start = (data.as_ptr() as usize).checked_sub(record.as_ptr() as usize)?;
-    let (&MARKER, _) = data.split_first()? else {
-        return None;
-    };
-    let mut pos = start + 1;
-    for _ in 0..msgpack::map_len(record, &mut pos)? {
-        let key = msgpack::str_at(record, &mut pos)?;
-        if key == b"messages" {
-            let n = msgpack::map_len(record, &mut pos)?;
-            return Some((pos, n));
+
+    /// How many messages the state at `r` holds, `r` left at the first
+    /// (the fields before them skipped).
+    pub fn messages(r: &mut dyn BufRead) -> Result<usize, String> {
+        read::marker(r)?;
+        for _ in 0..read::map_len(r)? {
+            if read::key(r)? == b"messages" {
+                return Ok(read::map_len(r)? as usize);
+            }
+            read::value::<IgnoredAny>(r)?;
         }
-        // Another field first: skipped.
-        let mut cursor = std::io::Cursor::new(record.get(pos..)?);
-        {
-            use serde::Deserialize;
-            let mut de = rmp_serde::Deserializer::new(&mut cursor);
-            serde::de::IgnoredAny::deserialize(&mut de).ok()?;
+        Ok(0)
+    }
+
+    /// The message at `r` (its id, then it).
+    pub fn message(r: &mut dyn BufRead) -> Result<(u64, QMsg), String> {
+        Ok((read::value(r)?, read::value(r)?))
+    }
+
+    /// The state at `r` (its bytes, MessagePack or JSON), each message's
+    /// body let go of as it is read ([`QMsg::strip`]): what a member
+    /// keeps, without the bodies held at once.
+    pub fn stripped(r: &mut dyn BufRead) -> Result<QState, String> {
+        if !read::at_marker(r)? {
+            let mut bytes = Vec::new();
+            r.read_to_end(&mut bytes).map_err(err)?;
+            let mut state: QState = codec::decode(&bytes).map_err(err)?;
+            state.messages.values_mut().for_each(QMsg::strip);
+            return Ok(state);
         }
-        pos += cursor.position() as usize;
-    }
-    // No messages.
-    Some((pos, 0))
-}
-
-/// The few MessagePack heads [`messages_at`] reads.
-mod msgpack {
-    fn take<'a>(b: &'a [u8], pos: &mut usize, n: usize) -> Option<&'a [u8]> {
-        let s = b.get(*pos..pos.checked_add(n)?)?;
-        *pos += n;
-        Some(s)
-    }
-
-    fn uint(b: &[u8], pos: &mut usize, n: usize) -> Option<usize> {
-        let s = take(b, pos, n)?;
-        Some(s.iter().fold(0usize, |v, d| (v << 8) | usize::from(*d)))
-    }
-
-    /// A map's length.
-    pub fn map_len(b: &[u8], pos: &mut usize) -> Option<usize> {
-        let m = *take(b, pos, 1)?.first()?;
-        match m {
-            0x80..=0x8f => Some(usize::from(m & 0x0f)),
-            0xde => uint(b, pos, 2),
-            0xdf => uint(b, pos, 4),
-            _ => None,
+        read::marker(r)?;
+        // Field for field as `#[derive(Deserialize)]` reads `QState`
+        // (fields it does not know skipped; a test checks every field).
+        let mut state = QState::default();
+        for _ in 0..read::map_len(r)? {
+            match read::key(r)?.as_slice() {
+                b"messages" => {
+                    for _ in 0..read::map_len(r)? {
+                        let (id, mut m) = message(r)?;
+                        m.strip();
+                        state.messages.insert(id, m);
+                    }
+                }
+                b"enqueuers" => state.enqueuers = read::value(r)?,
+                b"returns" => state.returns = read::value(r)?,
+                b"out" => state.out = read::value(r)?,
+                b"horizon" => state.horizon = read::value(r)?,
+                _ => {
+                    read::value::<IgnoredAny>(r)?;
+                }
+            }
         }
+        Ok(state)
     }
 
-    /// A string's bytes.
-    pub fn str_at<'a>(b: &'a [u8], pos: &mut usize) -> Option<&'a [u8]> {
-        let m = *take(b, pos, 1)?.first()?;
-        let n = match m {
-            0xa0..=0xbf => usize::from(m & 0x1f),
-            0xd9 => uint(b, pos, 1)?,
-            0xda => uint(b, pos, 2)?,
-            0xdb => uint(b, pos, 4)?,
-            _ => return None,
-        };
-        take(b, pos, n)
+    /// A record of the other layout (JSON), read and decoded whole.
+    pub fn whole(mut r: Box<dyn BufRead + Send>) -> Result<(Meta, QState), String> {
+        let mut bytes = Vec::new();
+        r.read_to_end(&mut bytes).map_err(err)?;
+        let stored: StoredSnapshot = codec::decode(&bytes).map_err(err)?;
+        let state = codec::decode(&stored.data).map_err(err)?;
+        Ok((stored.meta, state))
+    }
+
+    /// The meta and the stripped state ([`stripped`]) of the record at `r`.
+    pub fn read(mut r: Box<dyn BufRead + Send>) -> Result<(Meta, QState), String> {
+        match head(&mut r)? {
+            Some((meta, _)) => Ok((meta, stripped(&mut r)?)),
+            None => {
+                let (meta, mut state) = whole(r)?;
+                state.messages.values_mut().for_each(QMsg::strip);
+                Ok((meta, state))
+            }
+        }
     }
 }
 
@@ -535,13 +543,14 @@ impl QSm {
     /// The state machine of `log`'s group, from its last snapshot.
     pub fn open(log: QLog) -> Result<QSm, String> {
         let mut inner = SmInner::default();
-        if let Some(snap) = log.get::<StoredSnapshot>(SNAPSHOT)? {
-            inner.state = crate::cluster::codec::decode(&snap.data).map_err(|e| e.to_string())?;
-            inner.last_applied = snap.meta.last_log_id;
-            inner.membership = snap.meta.last_membership;
+        // Read a part at a time, each body let go of as it is read.
+        if let Some(r) = log.get_reader(SNAPSHOT)? {
+            let (meta, state) = record::read(r)?;
+            inner.state = state;
+            inner.last_applied = meta.last_log_id;
+            inner.membership = meta.last_membership;
         }
         inner.loaded();
-        inner.strip();
         let freed = Arc::new(AtomicU64::new(inner.live));
         Ok(QSm {
             log,
@@ -606,12 +615,12 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
             move || {
                 // Bodies read back a batch at a time as the state is
                 // encoded, into the record written (no copy of it).
-                log.put_snapshot_encoded(&meta, |head| {
+                log.put_snapshot_streamed(&meta, |out| {
                     let state = WithBodies {
                         state: &state,
                         log: &log,
                     };
-                    crate::cluster::codec::encode_after(head, &state).map_err(|e| e.to_string())
+                    crate::cluster::codec::encode_to(out, &state).map_err(|e| e.to_string())
                 })
             }
         };
@@ -626,7 +635,7 @@ impl RaftSnapshotBuilder<QTypeConfig> for QSm {
         // follower with `get_current_snapshot`: the data is not kept twice.
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
+            snapshot: Box::new(SnapshotData::memory(Vec::new())),
         })
     }
 }
@@ -756,8 +765,13 @@ impl RaftStateMachine<QTypeConfig> for QSm {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, SErr> {
+        // A file next to the value files, written a chunk at a time.
+        let dir = self.log.values_dir();
+        let data = SnapshotData::receive_into(dir.as_deref())
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
+        Ok(Box::new(data))
     }
 
     // The closure sent to a blocking thread returns openraft's own error.
@@ -765,19 +779,35 @@ impl RaftStateMachine<QTypeConfig> for QSm {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, NodeInfo>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), SErr> {
-        let data = snapshot.into_inner();
-        let large = data.len() as u64 >= BLOCKING_AT;
+        let large = match &*snapshot {
+            SnapshotData::Memory(c) => c.get_ref().len() as u64 >= BLOCKING_AT,
+            SnapshotData::File { .. } => true,
+        };
+        let from = snapshot
+            .into_reader()
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
         let reads = self.reads.lock().await;
         let keep = {
             let (log, meta) = (self.log.clone(), meta.clone());
             move || {
-                let state = crate::cluster::codec::decode::<QState>(&data).map_err(|e| {
-                    StorageIOError::read_snapshot(Some(meta.signature()), io_err(e))
+                // Read once, a part at a time: each body let go of as it
+                // is decoded, every byte written to the snapshot kept as
+                // it passes (the bytes are kept as they came).
+                let mut state = None;
+                log.put_snapshot_streamed(&meta, |to| {
+                    let mut tee = std::io::BufReader::new(Tee { from, to });
+                    let read = record::stripped(&mut tee)?;
+                    std::io::copy(&mut tee, &mut std::io::sink()).map_err(|e| e.to_string())?;
+                    state = Some(read);
+                    Ok(())
                 })?;
-                log.put_snapshot_now(&meta, &data)?;
-                Ok(state)
+                state.ok_or_else(|| {
+                    let e = string_err("a snapshot installed without its state".into());
+                    StorageIOError::read_snapshot(Some(meta.signature()), e).into()
+                })
             }
         };
         let state = off_runtime_if(large, keep).await?;
@@ -787,15 +817,66 @@ impl RaftStateMachine<QTypeConfig> for QSm {
             s.last_applied = meta.last_log_id;
             s.membership = meta.last_membership.clone();
             s.loaded();
-            s.strip();
             self.note_freed(s.live);
         }
         drop(reads);
         self.flush_snapshot(meta).await
     }
 
+    // The closure sent to a blocking thread returns openraft's own error.
+    #[allow(clippy::result_large_err)]
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<QTypeConfig>>, SErr> {
-        self.log.current_snapshot().await
+        let log = self.log.clone();
+        let read = move || -> Result<Option<Snapshot<QTypeConfig>>, String> {
+            // A long one: the state's bytes end the record's own file, and
+            // are sent from there a chunk at a time.
+            if let Some((file, len)) = log.get_file(SNAPSHOT)? {
+                let head = file.try_clone().map_err(|e| e.to_string())?;
+                if let Some((meta, data)) = record::head(&mut std::io::BufReader::new(head))? {
+                    let start = len
+                        .checked_sub(u64::from(data))
+                        .ok_or("a snapshot's data longer than its record")?;
+                    let snapshot = Box::new(SnapshotData::file(file, start));
+                    return Ok(Some(Snapshot { meta, snapshot }));
+                }
+            }
+            // A short one: its state's bytes read into one buffer.
+            let Some(mut r) = log.get_reader(SNAPSHOT)? else {
+                return Ok(None);
+            };
+            let Some((meta, len)) = record::head(&mut r)? else {
+                let (meta, state) = record::whole(r)?;
+                let data = crate::cluster::codec::encode(&state).map_err(|e| e.to_string())?;
+                let snapshot = Box::new(SnapshotData::memory(data));
+                return Ok(Some(Snapshot { meta, snapshot }));
+            };
+            let mut data = vec![0u8; len as usize];
+            r.read_exact(&mut data)
+                .map_err(crate::cluster::codec::read::err)?;
+            let snapshot = Box::new(SnapshotData::memory(data));
+            Ok(Some(Snapshot { meta, snapshot }))
+        };
+        // Off the runtime on a real disk (file reads); inline on the
+        // simulated one, whose runs must replay the same.
+        let on_disk = self.log.values_dir().is_some();
+        off_runtime_if(on_disk, move || {
+            read().map_err(|e| StorageIOError::read_snapshot(None, string_err(e)).into())
+        })
+        .await
+    }
+}
+
+/// A reader that writes what it reads from `from` to `to`.
+struct Tee<'a> {
+    from: Box<dyn BufRead + Send>,
+    to: &'a mut dyn std::io::Write,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.from.read(buf)?;
+        self.to.write_all(&buf[..n])?;
+        Ok(n)
     }
 }
 
@@ -804,6 +885,7 @@ mod tests {
     use super::*;
     use crate::cluster::disk::MemoryDisk;
     use openraft::CommittedLeaderId;
+    use std::io::Cursor;
 
     fn msg(len: usize) -> QMsg {
         let m = crate::broker::message::Message::new(
@@ -949,10 +1031,89 @@ mod tests {
         assert!(data == crate::cluster::codec::encode(&full).expect("encodes"));
     }
 
+    /// A long queue's snapshot goes from the record's own file to a member
+    /// that fell behind a chunk at a time (openraft's chunked transfer, as
+    /// `network::snapshot_transport` runs it), into a file there, and is
+    /// installed from it: the same state, the bodies read back from it.
+    #[tokio::test]
+    async fn a_long_snapshot_moves_between_members_from_file_to_file() {
+        use crate::cluster::values::{ValueLog, OWN_FILE_AT};
+        use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+        let root = std::env::temp_dir().join(format!("warren-qsnap-move-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let member = |name: &str| {
+            let db = sled::open(root.join(name).join("quorum")).expect("sled");
+            let values = ValueLog::open(&root.join(name).join("quorum-values")).expect("values");
+            let tree = db.open_tree("q").expect("tree");
+            QSm::open(QLog::new(db, tree, values)).expect("opens")
+        };
+        let mut a = member("a");
+        // 64 KiB bodies past a value file of its own.
+        let n = (OWN_FILE_AT / (64 << 10)) as u64 + 8;
+        let mut index = 0;
+        for k in 0..n {
+            index += 1;
+            apply(
+                &mut a,
+                index,
+                QCommand::Enqueue(vec![msg((64 << 10) + k as usize)]),
+            )
+            .await;
+        }
+        a.build_snapshot().await.expect("built");
+        let full = a.full_state().expect("read").expect("not replacing");
+        let snap = a.get_current_snapshot().await.expect("read").expect("one");
+        assert!(
+            matches!(*snap.snapshot, SnapshotData::File { .. }),
+            "sent from its file"
+        );
+        let mut sent = snap.snapshot;
+        let end = sent.seek(std::io::SeekFrom::End(0)).await.expect("seek");
+        assert!(end > OWN_FILE_AT as u64);
+        let mut b = member("b");
+        let mut received = b.begin_receiving_snapshot().await.expect("begins");
+        assert!(
+            matches!(*received, SnapshotData::File { .. }),
+            "received into a file"
+        );
+        let mut offset = 0;
+        while offset < end {
+            sent.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .expect("seek");
+            let mut chunk = Vec::with_capacity(3 << 20);
+            while chunk.len() < chunk.capacity() {
+                if sent.read_buf(&mut chunk).await.expect("read") == 0 {
+                    break;
+                }
+            }
+            received
+                .seek(std::io::SeekFrom::Start(offset))
+                .await
+                .expect("seek");
+            received.write_all(&chunk).await.expect("written");
+            offset += chunk.len() as u64;
+        }
+        received.shutdown().await.expect("shut");
+        b.install_snapshot(&snap.meta, received)
+            .await
+            .expect("installed");
+        assert!(
+            b.inner.lock().state.messages.values().all(|m| !m.is_held()),
+            "held nowhere"
+        );
+        let got = b.full_state().expect("read").expect("not replacing");
+        assert!(got == full, "the same state, bodies and all");
+        let (data, _) = stored(&mut b).await;
+        assert!(data == crate::cluster::codec::encode(&full).expect("encodes"));
+        drop((a, b));
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     /// The snapshot kept: its state's bytes, decoded.
     async fn stored(sm: &mut QSm) -> (Vec<u8>, QState) {
         let snap = sm.get_current_snapshot().await.expect("read").expect("one");
-        let data = snap.snapshot.into_inner();
+        let data = snap.snapshot.bytes().await.expect("read");
         let state = crate::cluster::codec::decode(&data).expect("decodes");
         (data, state)
     }
@@ -962,17 +1123,24 @@ mod tests {
     /// versions) too.
     #[test]
     fn a_snapshots_messages_are_read_from_its_record_a_few_at_a_time() {
+        /// The state's fields in another order.
         #[derive(serde::Serialize)]
-        struct HorizonFirst<'a> {
+        struct OthersFirst<'a> {
             horizon: u64,
+            out: &'a BTreeSet<u64>,
+            returns: &'a BTreeMap<u64, u32>,
+            enqueuers: &'a BTreeMap<u64, super::super::command::Enqueuer>,
             messages: &'a BTreeMap<u64, QMsg>,
         }
         let messages: BTreeMap<u64, QMsg> = (1..=5).map(|n| (id(n, 0), body(n))).collect();
         let meta = snapshot_meta(None, StoredMembership::default());
+        // Every field set: a field the streamed reading missed would show.
         let state = QState {
             messages: messages.clone(),
             horizon: 7,
-            ..QState::default()
+            out: [id(2, 0)].into(),
+            returns: [(id(3, 0), 2)].into(),
+            enqueuers: [(9, super::super::command::Enqueuer { next: 4, at: 5 })].into(),
         };
         let record = |data: Vec<u8>, json: bool| {
             let stored = StoredSnapshot {
@@ -986,8 +1154,11 @@ mod tests {
             }
         };
         let first = crate::cluster::codec::encode(&state).expect("encodes");
-        let later = crate::cluster::codec::encode(&HorizonFirst {
-            horizon: 7,
+        let later = crate::cluster::codec::encode(&OthersFirst {
+            horizon: state.horizon,
+            out: &state.out,
+            returns: &state.returns,
+            enqueuers: &state.enqueuers,
             messages: &messages,
         })
         .expect("encodes");
@@ -997,8 +1168,19 @@ mod tests {
             ("messages after another field", record(later, false), true),
             ("JSON", record(json, true), false),
         ] {
-            assert_eq!(messages_at(&rec).is_some(), streamed, "{name}");
-            let mut snap = SnapshotMessages::of(rec).expect(name);
+            let head = record::head(&mut &rec[..]).expect(name);
+            assert_eq!(
+                head.map(|(m, _)| m.snapshot_id),
+                streamed.then(|| meta.snapshot_id.clone()),
+                "{name}"
+            );
+            // The meta and every field, each body let go of as it is read.
+            let (m, got) = record::read(Box::new(Cursor::new(rec.clone()))).expect(name);
+            assert_eq!(m, meta, "{name}");
+            let mut want = state.clone();
+            want.messages.values_mut().for_each(QMsg::strip);
+            assert!(got == want, "{name}");
+            let mut snap = SnapshotMessages::of(Some(Box::new(Cursor::new(rec)))).expect(name);
             let body_of = |found: &BTreeMap<u64, Arc<Message>>, n: u64| {
                 String::from_utf8_lossy(&found[&id(n, 0)].body).into_owned()
             };
@@ -1017,7 +1199,7 @@ mod tests {
             snap.take(&[id(6, 0)].into(), &mut found).expect(name);
             assert!(found.is_empty(), "{name}");
         }
-        assert!(SnapshotMessages::of(Vec::new()).expect("none").left == 0);
+        assert!(SnapshotMessages::of(None).expect("none").left == 0);
     }
 
     /// Every live message's body, read back `per` ids at a time.
