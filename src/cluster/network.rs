@@ -16,6 +16,7 @@
 //! type gets the same TLS and handshake. The dialer reaches a peer at the
 //! address `[cluster] dial` gives for it, if any (NAT, proxies).
 
+use super::codec::snapshot_chunk::Chunk;
 use super::frame::{self, Frame, FrameCodec, Kind};
 use super::links::{Counted, Ends, Tally};
 use super::{Cluster, Identity, NodeInfo, TypeConfig};
@@ -447,8 +448,8 @@ impl Cluster {
                 super::codec::encode(&self.raft().vote(req).await)?
             }
             Kind::InstallSnapshot => {
-                let req: InstallSnapshotRequest<TypeConfig> = super::codec::decode(p)?;
-                super::codec::encode(&self.raft().install_snapshot(req).await)?
+                let req: Chunk<TypeConfig> = super::codec::decode(p)?;
+                super::codec::encode(&self.raft().install_snapshot(req.0).await)?
             }
             Kind::Join => {
                 let (id, node): (NodeId, NodeInfo) = super::codec::decode(p)?;
@@ -551,7 +552,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, NodeInfo, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        self.rpc(Kind::InstallSnapshot, &rpc, &option).await
+        self.rpc(Kind::InstallSnapshot, &Chunk(rpc), &option).await
     }
 
     async fn vote(

@@ -36,7 +36,10 @@ pub struct GroupRpc {
 pub enum Rpc {
     Append(AppendEntriesRequest<QTypeConfig>),
     Vote(VoteRequest<NodeId>),
-    Snapshot(InstallSnapshotRequest<QTypeConfig>),
+    Snapshot(
+        #[serde(with = "crate::cluster::codec::snapshot_chunk")]
+        InstallSnapshotRequest<QTypeConfig>,
+    ),
     /// To the leader: hand the leadership to member `to`
     /// ([`super::serve::Group::transfer_to`]); answers `Result<(), String>`.
     Transfer {
