@@ -628,7 +628,17 @@ pub trait Target: Send + Sync + 'static {
     fn broker(&self) -> Option<&Broker> {
         None
     }
+
+    /// Resolves once every change [`apply`](Self::apply) made so far is on
+    /// disk, where the target keeps its own records (the broker's message
+    /// store); None: nothing to wait for.
+    fn sync(&self) -> Option<BoxSync> {
+        None
+    }
 }
+
+/// A target's [`Target::sync`].
+pub type BoxSync = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 
 impl Target for Broker {
     fn apply(&self, cmd: &Command, now: u64) -> Result<(), String> {
@@ -641,6 +651,13 @@ impl Target for Broker {
 
     fn broker(&self) -> Option<&Broker> {
         Some(self)
+    }
+
+    fn sync(&self) -> Option<BoxSync> {
+        let sync = self.store.as_ref()?.sync();
+        Some(Box::pin(
+            async move { sync.await.map_err(|e| e.to_string()) },
+        ))
     }
 }
 
@@ -1019,6 +1036,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let now = crate::clock::now_ms();
         let replay_upto = self.replay_upto.load(std::sync::atomic::Ordering::Relaxed);
         let mut out = Vec::new();
+        // Some entry made a change in the broker.
+        let mut changed = false;
         let tail = {
             let mut s = self.state.lock();
             for entry in entries {
@@ -1049,6 +1068,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             refused: Mutex::new(Vec::new()),
                         };
                         let r = self.apply_command_to(&recording, &mut s, cmd, now);
+                        changed |= recording.calls.load(std::sync::atomic::Ordering::Relaxed) > 0;
                         let refused = recording.refused.into_inner();
                         if !refused.is_empty() {
                             s.refused.insert(index, refused);
@@ -1075,6 +1095,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 refused: s.refused.clone(),
             }
         };
+        // The broker's records of these changes are on disk before the tail
+        // says they were made: a crash between the two would otherwise leave
+        // the broker without them for good (the restart makes them in the
+        // model only). The other way round, a crash re-applies this batch to
+        // the broker, which the commands' idempotence absorbs.
+        if changed {
+            if let Some(sync) = self.target.sync() {
+                sync.await
+                    .map_err(|e| StorageIOError::write_state_machine(string_err(e)))?;
+            }
+        }
         self.store
             .put(SM_TAIL, &tail)
             .map_err(|e| StorageIOError::write_state_machine(string_err(e)))?;
@@ -1104,7 +1135,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let metadata: Metadata = super::codec::decode(&data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
         let now = crate::clock::now_ms();
-        {
+        let (base, tail) = {
             let mut s = self.state.lock();
             // Exact: what this node has of the replicated kinds and the
             // snapshot lacks goes first (a record the group deleted while this
@@ -1148,11 +1179,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 };
                 Ok((base, super::codec::encode(&tail)?))
             });
-            let (base, tail) =
-                encoded.map_err(|e| StorageIOError::write_state_machine(io_err(e)))?;
-            self.store
-                .put_snapshot_with(meta, &data, vec![(SM, base), (SM_TAIL, tail)])?;
+            encoded.map_err(|e| StorageIOError::write_state_machine(io_err(e)))?
         };
+        // The broker's records first, as in `apply`.
+        if let Some(sync) = self.target.sync() {
+            sync.await
+                .map_err(|e| StorageIOError::write_state_machine(string_err(e)))?;
+        }
+        self.store
+            .put_snapshot_with(meta, &data, vec![(SM, base), (SM_TAIL, tail)])?;
         Ok(())
     }
 
@@ -1369,6 +1404,54 @@ mod tests {
         again.apply(vec![normal(7, vhost("f"))]).await.unwrap();
         assert_eq!(second.0.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert!(again.metadata().vhosts.contains_key("f"));
+    }
+
+    /// A target whose records are on disk once its `sync` resolves, which
+    /// notes how far the state machine's tail said it had applied then.
+    struct Syncing {
+        store: LogStore,
+        tails_at_sync: Mutex<Vec<Option<u64>>>,
+    }
+
+    impl Target for Syncing {
+        fn apply(&self, _: &Command, _: u64) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn sync(&self) -> Option<BoxSync> {
+            let tail: Option<Tail> = self.store.get(SM_TAIL).expect("reads");
+            self.tails_at_sync
+                .lock()
+                .push(tail.and_then(|t| t.last_applied).map(|l| l.index));
+            Some(Box::pin(async { Ok(()) }))
+        }
+    }
+
+    /// The broker's records of a batch are synced before the tail says the
+    /// batch was applied (else a crash between the two loses them in the
+    /// broker for good: a restart makes them in the model only); a batch that
+    /// changes nothing in the broker does not wait for it.
+    #[tokio::test]
+    async fn the_brokers_records_are_synced_before_the_tail() {
+        let disk = MemoryDisk::new(Duration::ZERO);
+        let target = Arc::new(Syncing {
+            store: LogStore::in_memory(&disk),
+            tails_at_sync: Mutex::new(Vec::new()),
+        });
+        let mut sm = StateMachine::open(target.clone(), LogStore::in_memory(&disk)).unwrap();
+        sm.apply(vec![normal(1, vhost("a")), normal(2, vhost("b"))])
+            .await
+            .unwrap();
+        sm.apply(vec![normal(3, vhost("c"))]).await.unwrap();
+        assert_eq!(*target.tails_at_sync.lock(), [None, Some(2)]);
+        let blank = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(2, 1), 4),
+            payload: EntryPayload::Blank,
+        };
+        sm.apply(vec![blank]).await.unwrap();
+        assert_eq!(target.tails_at_sync.lock().len(), 2);
+        let tail: Option<Tail> = target.store.get(SM_TAIL).unwrap();
+        assert_eq!(tail.and_then(|t| t.last_applied).map(|l| l.index), Some(4));
     }
 
     fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
