@@ -127,19 +127,35 @@ impl Warren {
     }
 
     fn tls_listeners(&self) -> tls::Listeners {
-        tls_listeners(self.server.tls(), self.admin_tls.as_ref())
+        tls_listeners(
+            self.server.tls(),
+            self.admin_tls.as_ref(),
+            self.cluster.as_ref(),
+        )
     }
 }
 
-/// The TLS listeners that are configured, by name.
+/// The TLS configurations in use, by name: the listeners' and the
+/// inter-node connections'.
 fn tls_listeners(
     amqps: Option<&Arc<tls::ServerTls>>,
     admin: Option<&Arc<tls::ServerTls>>,
+    cluster: Option<&Arc<cluster::Cluster>>,
 ) -> tls::Listeners {
-    [("AMQPS", amqps), ("admin HTTPS", admin)]
-        .into_iter()
-        .filter_map(|(what, t)| Some((what, Arc::clone(t?))))
-        .collect()
+    let listener = |t: Option<&Arc<tls::ServerTls>>| -> Option<Arc<dyn tls::TlsFiles>> {
+        Some(Arc::clone(t?) as Arc<dyn tls::TlsFiles>)
+    };
+    let inter_node = cluster
+        .and_then(|c| c.tls())
+        .map(|t| t as Arc<dyn tls::TlsFiles>);
+    [
+        ("AMQPS", listener(amqps)),
+        ("admin HTTPS", listener(admin)),
+        ("inter-node", inter_node),
+    ]
+    .into_iter()
+    .filter_map(|(what, t)| Some((what, t?)))
+    .collect()
 }
 
 /// Why the broker could not start.
@@ -227,7 +243,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     let admin = if http.is_some() || https.is_some() {
         let every = std::time::Duration::from_secs(config.admin_sample_interval_secs.max(1));
         let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
-        state.tls = tls_listeners(server.tls(), admin_tls.as_ref());
+        state.tls = tls_listeners(server.tls(), admin_tls.as_ref(), cluster.as_ref());
         state.data_dir = Some(config.data_dir.clone());
         state.config_file = config.config_file.clone();
         state.cluster = cluster.clone();

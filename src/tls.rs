@@ -69,6 +69,11 @@ impl ServerTls {
         Ok(())
     }
 
+    /// Take `other`'s configuration in force (built from the same files).
+    fn swap(&self, other: &ServerTls) {
+        *self.current.write() = Arc::clone(&other.current.read());
+    }
+
     /// An acceptor with the configuration in force now.
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(Arc::clone(&self.current.read()))
@@ -192,8 +197,9 @@ fn build(options: &SslOptions, alpn: &[Vec<u8>]) -> Result<Arc<ServerConfig>, Tl
 /// dialer also checks that the listener's certificate names the host of the
 /// node it means to reach.
 pub struct MutualTls {
+    options: ClusterTls,
     server: Arc<ServerTls>,
-    client: TlsConnector,
+    client: RwLock<TlsConnector>,
 }
 
 impl std::fmt::Debug for MutualTls {
@@ -206,6 +212,15 @@ impl std::fmt::Debug for MutualTls {
 
 impl MutualTls {
     pub fn new(options: &ClusterTls) -> Result<MutualTls, TlsError> {
+        let (server, client) = Self::build(options)?;
+        Ok(MutualTls {
+            options: options.clone(),
+            server,
+            client: RwLock::new(client),
+        })
+    }
+
+    fn build(options: &ClusterTls) -> Result<(Arc<ServerTls>, TlsConnector), TlsError> {
         let missing = |what| TlsError::Rustls(format!("[cluster.tls] needs {what}"));
         let certfile = options.certfile.as_deref().ok_or(missing("certfile"))?;
         let keyfile = options.keyfile.as_deref().ok_or(missing("keyfile"))?;
@@ -226,10 +241,17 @@ impl MutualTls {
             .with_root_certificates(roots(ca)?)
             .with_client_auth_cert(read_certs(certfile)?, read_key(keyfile)?)
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        Ok(MutualTls {
-            server,
-            client: TlsConnector::from(Arc::new(client)),
-        })
+        Ok((server, TlsConnector::from(Arc::new(client))))
+    }
+
+    /// Read the files again, both ends: new connections (accepted and
+    /// dialed) use them, open ones keep theirs. On failure both ends keep
+    /// the configuration in use and the error is returned.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let (server, client) = Self::build(&self.options)?;
+        self.server.swap(&server);
+        *self.client.write() = client;
+        Ok(())
     }
 
     /// The listener's side: [`accept`] with a client certificate required.
@@ -255,7 +277,8 @@ impl MutualTls {
                 format!("'{host}' is not a host name: {e}"),
             ))
         })?;
-        tokio::time::timeout(timeout, self.client.connect(name, stream))
+        let client = self.client.read().clone();
+        tokio::time::timeout(timeout, client.connect(name, stream))
             .await
             .map_err(|_| HandshakeError::Timeout(timeout))?
             .map_err(HandshakeError::Failed)
@@ -488,9 +511,56 @@ fn san_value(name: &GeneralName<'_>, kind: SanType) -> Option<String> {
     }
 }
 
-/// The TLS listeners of a running broker, by name ("AMQPS", "admin HTTPS"), for
-/// reloading their files together (SIGHUP, or `warren reload-tls` via the API).
-pub type Listeners = Vec<(&'static str, Arc<ServerTls>)>;
+/// What a TLS reload reads again: a listener's files ([`ServerTls`]), or
+/// both ends of the inter-node connections ([`MutualTls`]).
+pub trait TlsFiles: Send + Sync + std::fmt::Debug {
+    /// Read the files again; on failure the configuration in use stays.
+    fn reload(&self) -> Result<(), TlsError>;
+    /// The certificate file's chain: each certificate's subject and
+    /// `notAfter` (Unix seconds).
+    fn certificate_expiries(&self) -> Vec<(String, i64)>;
+    /// The configured certificate file, for reports.
+    fn certfile_name(&self) -> String;
+    /// Clients connect with it (AMQPS, the Stream protocol's TLS port,
+    /// HTTPS), so it can offer them SASL EXTERNAL; the inter-node
+    /// connections cannot.
+    fn serves_clients(&self) -> bool;
+}
+
+impl TlsFiles for ServerTls {
+    fn reload(&self) -> Result<(), TlsError> {
+        ServerTls::reload(self)
+    }
+    fn certificate_expiries(&self) -> Vec<(String, i64)> {
+        ServerTls::certificate_expiries(self)
+    }
+    fn certfile_name(&self) -> String {
+        ServerTls::certfile_name(self)
+    }
+    fn serves_clients(&self) -> bool {
+        true
+    }
+}
+
+impl TlsFiles for MutualTls {
+    fn reload(&self) -> Result<(), TlsError> {
+        MutualTls::reload(self)
+    }
+    fn certificate_expiries(&self) -> Vec<(String, i64)> {
+        self.server.certificate_expiries()
+    }
+    fn certfile_name(&self) -> String {
+        self.server.certfile_name()
+    }
+    fn serves_clients(&self) -> bool {
+        false
+    }
+}
+
+/// The TLS configurations of a running broker, by name ("AMQPS", "admin
+/// HTTPS", "inter-node"), for reloading their files together (SIGHUP, or
+/// `warren reload-tls` via the API).
+pub type Listeners = Vec<(&'static str, Arc<dyn TlsFiles>)>;
 
 /// Reloads every listener's files; one whose files do not load keeps its
 /// configuration (logged), and the last such error is returned.

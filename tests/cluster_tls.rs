@@ -191,3 +191,64 @@ async fn a_node_from_another_ca_or_without_tls_cannot_join() {
     assert_eq!(a.running(), vec![a.name()]);
     assert!(!a.log().contains("panicked"), "{}", a.log());
 }
+
+/// Rotating the CA of the inter-node connections without a restart: B's
+/// certificate comes from a new CA, so it cannot join A; A's files are
+/// replaced by ones from the new CA and reloaded (`POST
+/// /api/warren/reload-tls`, what SIGHUP does): B joins, which takes both ends
+/// of A's connections (B dials A to join, A dials B to replicate). A reload
+/// whose files do not load is refused and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reloads_its_inter_node_certificates() {
+    let certs = Certs::new("reload");
+    let (old, new) = (
+        Ca::new("warren cluster CA 1"),
+        Ca::new("warren cluster CA 2"),
+    );
+    let mut a = Node::new(1, "tlsre");
+    let files = certs.node(&old, "ca", &a.ip);
+    a.tls = Some(files.clone());
+    a.start().await;
+    eventually("A leads a cluster of one", Duration::from_secs(10), || {
+        a.leader() == Some(a.name())
+    })
+    .await;
+    let (_, checks) = a.get("/api/health/checks/certificate-expiration/1/months");
+    assert_eq!(checks["status"], "ok", "{checks}");
+
+    let mut b = Node::new(2, "tlsre");
+    b.tls = Some(certs.node(&new, "new", &b.ip));
+    b.seeds = vec![a.seed()];
+    b.start().await;
+    eventually(
+        "B cannot join A, whose certificate it does not trust",
+        Duration::from_secs(10),
+        || b.log().contains("invalid peer certificate"),
+    )
+    .await;
+
+    // Files that do not load: refused, the old configuration stays.
+    std::fs::write(&files.keyfile, "not a key").expect("write");
+    assert_eq!(a.send("POST", "/api/warren/reload-tls", None), 500);
+    assert!(
+        a.log().contains("inter-node certificate not reloaded"),
+        "{}",
+        a.log()
+    );
+    // The new CA's files in place of the old ones, then a reload.
+    let leaf = new.issue_node(&a.ip);
+    std::fs::write(&files.certfile, &leaf.cert_pem).expect("write");
+    std::fs::write(&files.keyfile, &leaf.key_pem).expect("write");
+    std::fs::write(&files.cacertfile, new.pem()).expect("write");
+    assert_eq!(a.send("POST", "/api/warren/reload-tls", None), 204);
+    eventually("B joined A", Duration::from_secs(20), || {
+        a.members() == 2 && b.running().len() == 2
+    })
+    .await;
+    let x = common::uniq("tlsre");
+    declare(&b, &x, Duration::from_secs(10))
+        .await
+        .expect("declare on B answered -ok");
+    wait_all_present(&a, std::slice::from_ref(&x), Duration::from_secs(10)).await;
+    assert!(!a.log().contains("panicked"), "{}", a.log());
+}

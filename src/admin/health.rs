@@ -161,6 +161,7 @@ pub async fn certificate_expiration(
                 let protocol = match *what {
                     "AMQPS" => "amqp/ssl",
                     "admin HTTPS" => "https",
+                    "inter-node" => "clustering",
                     other => other,
                 };
                 expiring.push(json!({

@@ -289,7 +289,7 @@ pub fn node_figures(s: &AdminState) -> Value {
             .iter()
             .map(|(name, description)| {
                 // EXTERNAL: offered on TLS listeners, to verified client certificates.
-                let enabled = *name != "EXTERNAL" || !s.tls.is_empty();
+                let enabled = *name != "EXTERNAL" || s.tls.iter().any(|(_, t)| t.serves_clients());
                 json!({"name": name, "description": description, "enabled": enabled})
             })
             .collect::<Vec<_>>(),

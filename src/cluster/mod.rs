@@ -243,6 +243,11 @@ pub fn runner<'a>(members: &'a [Member], key: &str) -> Option<&'a str> {
 }
 
 impl Cluster {
+    /// `[cluster.tls]`, loaded (None: the inter-node connections are plain).
+    pub fn tls(&self) -> Option<Arc<crate::tls::MutualTls>> {
+        self.ident.tls.clone()
+    }
+
     /// Start this node's part of the cluster: open the store, start the Raft
     /// node and the inter-node listener, and on a first start either form a
     /// cluster of one (no seeds) or join through the seeds (in the background).
