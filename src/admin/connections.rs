@@ -41,7 +41,21 @@ pub fn connection_json(s: &AdminState, c: &ConnectionInfo) -> Value {
         "channel_max": c.channel_max,
         "timeout": c.heartbeat,
     });
-    with_socket_stats(s, c, with_tls(v, c.tls.as_ref()))
+    with_socket_stats(s, c, with_tls(with_provided_name(v, c), c.tls.as_ref()))
+}
+
+/// `v` (a connection's object) with `user_provided_name`, the name the
+/// client gave its connection (the `connection_name` client property), as
+/// RabbitMQ shows it when there is one.
+fn with_provided_name(mut v: Value, c: &ConnectionInfo) -> Value {
+    let given = c
+        .client_properties
+        .get("connection_name")
+        .and_then(|n| n.as_str());
+    if let (Value::Object(m), Some(name)) = (&mut v, given) {
+        m.insert("user_provided_name".into(), json!(name));
+    }
+    v
 }
 
 /// `v` (a connection's object) with RabbitMQ's TLS keys, null on a plain

@@ -33,7 +33,25 @@ async fn connections_channels_consumers_and_force_close() {
     assert_eq!(c["vhost"], "/");
     assert_eq!(c["channels"], 1);
     assert_eq!(c["protocol"], "AMQP 0-9-1");
+    // No connection_name client property: no user_provided_name.
+    assert!(c.get("user_provided_name").is_none(), "{c}");
     let name = c["name"].as_str().unwrap().to_string();
+    // One that names itself is shown with that name, as RabbitMQ shows it.
+    let named = Connection::connect(
+        &format!("amqp://guest:guest@{}/%2f", b.amqp),
+        common::props().with_connection_name("billing-worker".into()),
+    )
+    .await
+    .unwrap();
+    let all = b.get("/api/connections").await;
+    let provided: Vec<&Value> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.get("user_provided_name"))
+        .collect();
+    assert_eq!(provided, [&json!("billing-worker")]);
+    named.close(200, "bye").await.unwrap();
     let chans = b.get("/api/channels").await;
     assert_eq!(chans[0]["number"], 1);
     assert_eq!(chans[0]["consumer_count"], 1);
