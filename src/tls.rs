@@ -69,11 +69,6 @@ impl ServerTls {
         Ok(())
     }
 
-    /// Take `other`'s configuration in force (built from the same files).
-    fn swap(&self, other: &ServerTls) {
-        *self.current.write() = Arc::clone(&other.current.read());
-    }
-
     /// An acceptor with the configuration in force now.
     pub fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(Arc::clone(&self.current.read()))
@@ -212,19 +207,7 @@ impl std::fmt::Debug for MutualTls {
 
 impl MutualTls {
     pub fn new(options: &ClusterTls) -> Result<MutualTls, TlsError> {
-        let (server, client) = Self::build(options)?;
-        Ok(MutualTls {
-            options: options.clone(),
-            server,
-            client: RwLock::new(client),
-        })
-    }
-
-    fn build(options: &ClusterTls) -> Result<(Arc<ServerTls>, TlsConnector), TlsError> {
-        let missing = |what| TlsError::Rustls(format!("[cluster.tls] needs {what}"));
-        let certfile = options.certfile.as_deref().ok_or(missing("certfile"))?;
-        let keyfile = options.keyfile.as_deref().ok_or(missing("keyfile"))?;
-        let ca = options.cacertfile.as_deref().ok_or(missing("cacertfile"))?;
+        let (certfile, keyfile, ca) = Self::files(options)?;
         let server = ServerTls::new(
             &SslOptions {
                 cacertfile: Some(ca.to_path_buf()),
@@ -235,21 +218,42 @@ impl MutualTls {
             },
             &[],
         )?;
+        Ok(MutualTls {
+            options: options.clone(),
+            server,
+            client: RwLock::new(Self::client(options)?),
+        })
+    }
+
+    /// The certificate, key and CA files `options` names.
+    fn files(options: &ClusterTls) -> Result<(&Path, &Path, &Path), TlsError> {
+        let missing = |what| TlsError::Rustls(format!("[cluster.tls] needs {what}"));
+        Ok((
+            options.certfile.as_deref().ok_or(missing("certfile"))?,
+            options.keyfile.as_deref().ok_or(missing("keyfile"))?,
+            options.cacertfile.as_deref().ok_or(missing("cacertfile"))?,
+        ))
+    }
+
+    /// The dialing end, read from the files.
+    fn client(options: &ClusterTls) -> Result<TlsConnector, TlsError> {
+        let (certfile, keyfile, ca) = Self::files(options)?;
         let client = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(|e| TlsError::Rustls(e.to_string()))?
             .with_root_certificates(roots(ca)?)
             .with_client_auth_cert(read_certs(certfile)?, read_key(keyfile)?)
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
-        Ok((server, TlsConnector::from(Arc::new(client))))
+        Ok(TlsConnector::from(Arc::new(client)))
     }
 
     /// Read the files again, both ends: new connections (accepted and
     /// dialed) use them, open ones keep theirs. On failure both ends keep
-    /// the configuration in use and the error is returned.
+    /// the configuration in use and the error is returned (the dialing end
+    /// is read first and put in place last).
     pub fn reload(&self) -> Result<(), TlsError> {
-        let (server, client) = Self::build(&self.options)?;
-        self.server.swap(&server);
+        let client = Self::client(&self.options)?;
+        self.server.reload()?;
         *self.client.write() = client;
         Ok(())
     }

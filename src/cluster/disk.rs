@@ -211,16 +211,9 @@ impl Disk {
         key: &[u8],
         checked: bool,
     ) -> io::Result<Option<Box<dyn io::BufRead + Send>>> {
-        if let Disk::Shared {
-            tree: t, values, ..
-        } = self
-        {
-            if let Some(v) = t.get(shared_key(tree, key)).map_err(sled_err)? {
-                if let Some(p) = Pointer::decode(&v) {
-                    let r = io::BufReader::with_capacity(READ_BUF, values.reader(&p, checked)?);
-                    return Ok(Some(Box::new(r)));
-                }
-            }
+        if let Some((values, p)) = self.value_pointer(tree, key)? {
+            let r = io::BufReader::with_capacity(READ_BUF, values.reader(&p, checked)?);
+            return Ok(Some(Box::new(r)));
         }
         let v = self.get(tree, key)?;
         Ok(v.map(|v| Box::new(io::Cursor::new(v)) as Box<dyn io::BufRead + Send>))
@@ -234,26 +227,36 @@ impl Disk {
         tree: Tree,
         key: &[u8],
     ) -> io::Result<Option<(std::fs::File, u64)>> {
+        let Some((values, p)) = self.value_pointer(tree, key)? else {
+            return Ok(None);
+        };
+        Ok(values.file_alone(&p)?.map(|f| (f, u64::from(p.len))))
+    }
+
+    /// Where the value of `key` in `tree` is, when it is in a value file
+    /// ([`Disk::Shared`] only), and the log of that file.
+    fn value_pointer(&self, tree: Tree, key: &[u8]) -> io::Result<Option<(&ValueLog, Pointer)>> {
         let Disk::Shared {
             tree: t, values, ..
         } = self
         else {
             return Ok(None);
         };
-        let Some(p) = t
-            .get(shared_key(tree, key))
-            .map_err(sled_err)?
+        let stored = t.get(shared_key(tree, key)).map_err(sled_err)?;
+        Ok(stored
             .and_then(|v| Pointer::decode(&v))
-        else {
-            return Ok(None);
-        };
-        Ok(values.file_alone(&p)?.map(|f| (f, u64::from(p.len))))
+            .map(|p| (&**values, p)))
     }
 
     /// Where the value files are ([`Disk::Shared`] only).
     pub(crate) fn values_dir(&self) -> Option<&std::path::Path> {
+        self.value_log().map(ValueLog::dir)
+    }
+
+    /// The value files ([`Disk::Shared`] only).
+    fn value_log(&self) -> Option<&ValueLog> {
         match self {
-            Disk::Shared { values, .. } => Some(values.dir()),
+            Disk::Shared { values, .. } => Some(values),
             Disk::Sled { .. } | Disk::Memory(_) => None,
         }
     }
@@ -273,14 +276,10 @@ impl Disk {
         write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>,
         head: impl FnOnce(u64) -> io::Result<Vec<u8>>,
     ) -> io::Result<()> {
-        let values = match self {
-            Disk::Shared { values, .. } => Some(&**values),
-            Disk::Sled { .. } | Disk::Memory(_) => None,
-        };
         let mut out = Spill::Memory {
             buf: vec![0; head_len],
             head_len,
-            values,
+            values: self.value_log(),
         };
         write(&mut out)?;
         match out {

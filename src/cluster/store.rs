@@ -782,6 +782,16 @@ impl StateMachine {
         })
     }
 
+    /// Wait for the target's records to be on disk ([`Target::sync`]).
+    async fn sync_target(&self) -> Result<(), SErr> {
+        match self.target.sync() {
+            Some(sync) => sync
+                .await
+                .map_err(|e| StorageIOError::write_state_machine(string_err(e)).into()),
+            None => Ok(()),
+        }
+    }
+
     /// Where quorum queue records are acted on (set once at start).
     pub fn set_quorum(&self, q: Arc<super::quorum::Manager>) {
         let _ = self.quorum.set(q);
@@ -1101,10 +1111,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // model only). The other way round, a crash re-applies this batch to
         // the broker, which the commands' idempotence absorbs.
         if changed {
-            if let Some(sync) = self.target.sync() {
-                sync.await
-                    .map_err(|e| StorageIOError::write_state_machine(string_err(e)))?;
-            }
+            self.sync_target().await?;
         }
         self.store
             .put(SM_TAIL, &tail)
@@ -1182,10 +1189,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             encoded.map_err(|e| StorageIOError::write_state_machine(io_err(e)))?
         };
         // The broker's records first, as in `apply`.
-        if let Some(sync) = self.target.sync() {
-            sync.await
-                .map_err(|e| StorageIOError::write_state_machine(string_err(e)))?;
-        }
+        self.sync_target().await?;
         self.store
             .put_snapshot_with(meta, &data, vec![(SM, base), (SM_TAIL, tail)])?;
         Ok(())
