@@ -53,12 +53,12 @@ stop_target() {
   if [ -n "$data" ]; then kill "$pid"; wait "$pid" 2>/dev/null || true; rm -rf "$data" "$data.log"; fi
 }
 
-# Chunks stored so far: warren (all streams of its data directory, 32 B per
+# Chunks stored so far: warren (all streams of its data directory, 64 B per
 # index record) or RabbitMQ (the stream $1's osiris index, 29 B per record).
 chunks() {
   local t=0 f
   if [ -n "$data" ]; then
-    for f in "$data"/streams/*/*.index; do [ -e "$f" ] && t=$((t + ($(stat -c %s "$f") - 8) / 32)); done
+    for f in "$data"/streams/*/*.index; do [ -e "$f" ] && t=$((t + ($(stat -c %s "$f") - 8) / 64)); done
   else
     for f in /var/lib/rabbitmq/mnesia/*/stream/__"$1"_*/*.index; do [ -e "$f" ] && t=$((t + ($(stat -c %s "$f") - 8) / 29)); done
   fi

@@ -44,8 +44,8 @@ use crate::session::stream_sac::{GroupKey, SacEvent, SacRegistry};
 use crate::session::stream_stats::{ConsumerStats, PublisherStats, StreamConnStats};
 use crate::storage::stream::chunk::{Header, HEADER_LEN};
 use crate::storage::stream::{
-    BatchLimits, BatchRead, ChunkSpan, FileSpan, MergeLimits, NewMessage, StreamError, StreamLog,
-    StreamReader,
+    BatchLimits, BatchRead, ChunkSpan, FileSpan, Keep, MergeLimits, NewMessage, StreamError,
+    StreamLog, StreamReader,
 };
 use crate::wire::stream::{
     check_frame, code, key, request, response, FrameError, OffsetSpec, Published, Request,
@@ -425,7 +425,9 @@ impl ReadJob {
                 }
                 None => true,
             };
-            let r = self.reader.locate_batch(&mut files, limits, &keep);
+            // Without a filter every user chunk is kept: no bloom filter read.
+            let keep: Option<Keep<'_>> = filter.is_some().then_some(&keep);
+            let r = self.reader.locate_batch(&mut files, limits, keep);
             return match r {
                 Ok(BatchRead::WouldBlock) => Err(Box::new(self)),
                 Ok(BatchRead::Read) => {

@@ -36,7 +36,7 @@ pub use retention::{parse_age, Retention, DEFAULT_MAX_SEGMENT_SIZE};
 use bytes::{Bytes, BytesMut};
 use chunk::Header;
 use parking_lot::{Condvar, Mutex};
-use segment::{IndexRecord, SegmentInfo};
+use segment::{read_at_most, Index, IndexRecord, SegmentInfo};
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -199,6 +199,10 @@ impl ChunkSpan {
         at..at + self.header.data_len as usize
     }
 }
+
+/// What a reader is given to see each user chunk's bloom filter and say
+/// whether it is wanted (stream filtering).
+pub type Keep<'a> = &'a dyn Fn(&[u8]) -> bool;
 
 /// One chunk of a [`StreamReader::locate_batch`]: its header and where its
 /// data section is in its segment file (committed chunks never change, and
@@ -778,6 +782,7 @@ impl StreamLog {
             last_after,
             file: None,
             peek: None,
+            index: None,
         }
     }
 }
@@ -804,10 +809,9 @@ impl LogInner {
             OffsetSpec::Offset(n) => n.clamp(first, committed.max(first)),
             OffsetSpec::Last => {
                 for seg in segments.iter().rev() {
-                    let idx = File::open(segment::index_path(&self.dir, seg.first_offset))?;
-                    let n = segment::index_count(idx.metadata()?.len());
-                    for i in (0..n).rev() {
-                        let r = segment::read_index(&idx, i)?;
+                    let idx = Index::open(&segment::index_path(&self.dir, seg.first_offset))?;
+                    for i in (0..idx.count()?).rev() {
+                        let r = idx.read(i)?;
                         if r.chunk_type == chunk::TYPE_USER && r.chunk_id < committed {
                             return Ok(r.chunk_id);
                         }
@@ -822,13 +826,13 @@ impl LogInner {
                 else {
                     return Ok(committed);
                 };
-                let idx = File::open(segment::index_path(&self.dir, seg.first_offset))?;
-                let n = segment::index_count(idx.metadata()?.len());
-                let i = segment::search(&idx, n, |r| r.timestamp >= t)?;
+                let idx = Index::open(&segment::index_path(&self.dir, seg.first_offset))?;
+                let n = idx.count()?;
+                let i = idx.search(n, |r| r.timestamp >= t)?;
                 if i == n {
                     committed
                 } else {
-                    segment::read_index(&idx, i)?.chunk_id.min(committed)
+                    idx.read(i)?.chunk_id.min(committed)
                 }
             }
         })
@@ -1019,6 +1023,77 @@ pub struct StreamReader {
     /// The start of the next chunk (header and bloom filter), read ahead
     /// with the last bytes of the one before ([`locate_batch`](Self::locate_batch)).
     peek: Option<Peek>,
+    /// The records of the segment being read, read ahead from its index.
+    index: Option<Cursor>,
+}
+
+/// Where a located span's chunk is, and whether its last data byte was
+/// read from the page cache ([`StreamReader::locate_batch`]).
+struct SpanAt {
+    seg: u64,
+    pos: u64,
+    probed: bool,
+}
+
+/// Index records a [`Cursor`] reads at once (a page of a version 2 index).
+const CURSOR_AHEAD: usize = 64;
+
+/// The records of one segment's index (of version 2: they hold the chunks'
+/// headers), read ahead a page at a time.
+struct Cursor {
+    seg: u64,
+    index: Index,
+    ahead: std::collections::VecDeque<IndexRecord>,
+    /// The number of the record after those read.
+    next: u64,
+}
+
+impl Cursor {
+    fn open(seg: u64, index: Index) -> Option<Cursor> {
+        index.holds_headers().then(|| Cursor {
+            seg,
+            index,
+            ahead: Default::default(),
+            next: 0,
+        })
+    }
+
+    /// The stored header of the committed chunk at `pos`; None if the index
+    /// cannot tell (then the segment is read).
+    fn at(&mut self, pos: u64, committed: u64) -> Option<[u8; chunk::HEADER_LEN]> {
+        let mut sought = false;
+        loop {
+            while self.ahead.front().is_some_and(|r| r.pos < pos) {
+                self.ahead.pop_front();
+            }
+            match self.ahead.front() {
+                Some(r) if r.pos == pos => return r.raw_header,
+                Some(_) if sought => return None,
+                Some(_) => {}
+                None => {
+                    let read = self
+                        .index
+                        .read_run(self.next, CURSOR_AHEAD, committed, &mut self.ahead)
+                        .ok()?;
+                    self.next += read as u64;
+                    if read == 0 {
+                        return None;
+                    }
+                    if self.ahead.back().is_some_and(|r| r.pos >= pos) {
+                        continue;
+                    }
+                    if sought {
+                        return None;
+                    }
+                }
+            }
+            // `pos` is not where the records read are: look it up.
+            sought = true;
+            self.ahead.clear();
+            let n = self.index.count().ok()?;
+            self.next = self.index.search(n, |r| r.pos >= pos).ok()?;
+        }
+    }
 }
 
 /// Bytes read ahead at (segment, position): a chunk's header and at most
@@ -1150,6 +1225,7 @@ impl StreamReader {
         self.start = self.start.min(self.next);
         self.file = None;
         self.peek = None;
+        self.index = None;
         true
     }
 
@@ -1258,27 +1334,86 @@ impl StreamReader {
         }
     }
 
-    /// As [`read_batch`](Self::read_batch), but only each chunk's header and
-    /// bloom filter are read (one small `pread` per chunk): the data sections
-    /// stay in the segment file, for `sendfile(2)`. `limits.bytes` bounds the
-    /// chunks' stored bytes (the first is taken whatever its size). With
-    /// `cached_only`, the headers must be in the page cache and so must the
-    /// last byte of each data section (chunks are written whole, so their
-    /// pages are cached and evicted together): else the chunks found so far,
-    /// or [`BatchRead::WouldBlock`] if none.
+    /// As [`read_batch`](Self::read_batch), but only the chunks' headers are
+    /// read: the data sections stay in the segment file, for `sendfile(2)`.
+    /// The headers come from the segment's index (one `pread` for many
+    /// chunks; an index of version 1 holds no header: then one small `pread`
+    /// of the segment per chunk), and each bloom filter from the segment when
+    /// there is a `keep` to see it (`None`: every user chunk is kept).
+    /// `limits.bytes` bounds the chunks' stored bytes (the first is taken
+    /// whatever its size). With `cached_only`, the page cache must hold the
+    /// headers and bloom filters read and the chunks' data sections: the
+    /// chunks found up to the first one it does not hold, or
+    /// [`BatchRead::WouldBlock`] if none.
     pub fn locate_batch(
         &mut self,
         spans: &mut Vec<FileSpan>,
         limits: BatchLimits,
-        keep: &dyn Fn(&[u8]) -> bool,
+        keep: Option<Keep<'_>>,
     ) -> Result<BatchRead, StreamError> {
         spans.clear();
+        let mut at = Vec::new();
+        let r = self.locate_run(spans, &mut at, limits, keep);
+        if !limits.cached_only {
+            return r;
+        }
+        // The data of the chunks whose headers came from the index: one
+        // look at the page cache for all of them, one each if that fails.
+        let mut unprobed = at.iter().enumerate().filter(|(_, a)| !a.probed);
+        if let (Some((i, _)), Some((j, _))) = (unprobed.clone().next(), unprobed.next_back()) {
+            let (a, b) = (&spans[i], &spans[j]);
+            let end = b.data_pos + u64::from(b.header.data_len);
+            if Arc::ptr_eq(&a.file, &b.file)
+                && cache_holds(&a.file, a.data_pos, end - a.data_pos) == Some(true)
+            {
+                return r;
+            }
+        } else {
+            return r;
+        }
+        let Some(k) = spans
+            .iter()
+            .zip(&at)
+            .position(|(s, a)| !a.probed && !data_cached(s))
+        else {
+            return r;
+        };
+        // Not cached from span k on: read on from it next time (where the
+        // disk may be waited for, if it is the first).
+        let (seg, pos) = (at[k].seg, at[k].pos);
+        self.next = spans[k].header.first_offset;
+        self.file = Some((seg, Arc::clone(&spans[k].file), pos));
+        self.peek = None;
+        spans.truncate(k);
+        Ok(if k == 0 {
+            BatchRead::WouldBlock
+        } else {
+            BatchRead::Read
+        })
+    }
+
+    /// The walk of [`locate_batch`](Self::locate_batch): `at` gets where each
+    /// span's chunk is and whether the page cache was seen to hold its data.
+    fn locate_run(
+        &mut self,
+        spans: &mut Vec<FileSpan>,
+        at: &mut Vec<SpanAt>,
+        limits: BatchLimits,
+        keep: Option<Keep<'_>>,
+    ) -> Result<BatchRead, StreamError> {
         if !self.settle() {
             return Ok(BatchRead::Read);
         }
         let mut head = [0u8; chunk::HEADER_LEN + 255];
         let mut taken = 0usize;
         let mut groups = Groups::new(limits.merge);
+        let would_block = |spans: &Vec<FileSpan>| {
+            Ok(if spans.is_empty() {
+                BatchRead::WouldBlock
+            } else {
+                BatchRead::Read
+            })
+        };
         loop {
             let committed = *self.committed.borrow_and_update();
             if self.next >= committed
@@ -1291,34 +1426,34 @@ impl StreamReader {
             }
             if self.file.is_none() {
                 if limits.cached_only {
-                    return Ok(if spans.is_empty() {
-                        BatchRead::WouldBlock
-                    } else {
-                        BatchRead::Read
-                    });
+                    return would_block(spans);
                 }
                 self.locate()?;
             }
             let Some((seg_first, file, pos)) = &mut self.file else {
                 return Ok(BatchRead::Read);
             };
-            let would_block = |spans: &Vec<FileSpan>| {
-                Ok(if spans.is_empty() {
-                    BatchRead::WouldBlock
-                } else {
-                    BatchRead::Read
-                })
-            };
+            let p = *pos;
+            // The header: read ahead with the chunk before, or from the index,
+            // or from the segment.
             let peeked = match self.peek.take() {
-                Some(pk) if pk.seg == *seg_first && pk.pos == *pos => {
+                Some(pk) if pk.seg == *seg_first && pk.pos == p => {
                     head[..pk.len].copy_from_slice(&pk.bytes[..pk.len]);
                     Some(pk.len)
                 }
                 _ => None,
             };
-            let n = match peeked {
-                Some(n) => n,
-                None => match read_into(file, &mut head, *pos, limits.cached_only)? {
+            let indexed = match (peeked, &mut self.index) {
+                (None, Some(c)) if c.seg == *seg_first => c.at(p, committed),
+                _ => None,
+            };
+            let n = match (peeked, &indexed) {
+                (Some(n), _) => n,
+                (None, Some(raw)) => {
+                    head[..chunk::HEADER_LEN].copy_from_slice(raw);
+                    chunk::HEADER_LEN
+                }
+                (None, None) => match read_into(file, &mut head, p, limits.cached_only)? {
                     Some(n) => n,
                     None => return would_block(spans),
                 },
@@ -1335,7 +1470,6 @@ impl StreamReader {
                 }
                 continue;
             }
-            let p = *pos;
             let h = Header::parse(&head[..n])
                 .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
             let joins = groups.joins(&h);
@@ -1348,12 +1482,28 @@ impl StreamReader {
                 return Ok(BatchRead::Read);
             }
             let bloom_end = chunk::HEADER_LEN + usize::from(h.bloom_len);
-            if n < bloom_end && peeked.is_some() {
+            let user = h.chunk_type == chunk::TYPE_USER;
+            let n = if indexed.is_some() && user && keep.is_some() && n < bloom_end {
+                // The bloom filter, for `keep`: from the segment.
+                let bloom = &mut head[chunk::HEADER_LEN..bloom_end];
+                match read_into(
+                    file,
+                    bloom,
+                    p + chunk::HEADER_LEN as u64,
+                    limits.cached_only,
+                )? {
+                    Some(m) => chunk::HEADER_LEN + m,
+                    None => return would_block(spans),
+                }
+            } else {
+                n
+            };
+            let bloom_seen = n >= bloom_end || (indexed.is_some() && (!user || keep.is_none()));
+            if !bloom_seen && peeked.is_some() {
                 // Read ahead short of the whole bloom filter: read it here.
-                *pos = p;
                 continue;
             }
-            if n < bloom_end {
+            if !bloom_seen {
                 // Part of the bloom filter is not cached.
                 if limits.cached_only {
                     return would_block(spans);
@@ -1361,7 +1511,8 @@ impl StreamReader {
                 return Err(StreamError::Io(format!("short chunk at {p}")));
             }
             let data_pos = p + bloom_end as u64;
-            if limits.cached_only && h.data_len > 0 {
+            let mut probed = false;
+            if limits.cached_only && h.data_len > 0 && indexed.is_none() {
                 let end = data_pos + u64::from(h.data_len) - 1;
                 let tail = 1 + h.trailer_len as usize;
                 // The next chunk is whole on disk once the committed offset
@@ -1383,8 +1534,14 @@ impl StreamReader {
                     }
                     _ => return would_block(spans),
                 }
+                probed = true;
             }
-            if h.chunk_type == chunk::TYPE_USER && keep(&head[chunk::HEADER_LEN..bloom_end]) {
+            let kept = user
+                && match keep {
+                    Some(keep) => keep(head.get(chunk::HEADER_LEN..bloom_end).unwrap_or(&[])),
+                    None => true,
+                };
+            if kept {
                 let mut raw_header = [0u8; chunk::HEADER_LEN];
                 raw_header.copy_from_slice(&head[..chunk::HEADER_LEN]);
                 let delivered = groups.take(&h, joins);
@@ -1396,8 +1553,13 @@ impl StreamReader {
                     joins,
                     delivered,
                 });
+                at.push(SpanAt {
+                    seg: *seg_first,
+                    pos: p,
+                    probed: probed || h.data_len == 0,
+                });
                 taken += h.total_len() as usize;
-            } else if h.chunk_type == chunk::TYPE_USER {
+            } else if user {
                 groups.skip();
             }
             *pos = p + h.total_len();
@@ -1418,9 +1580,15 @@ impl StreamReader {
             return false;
         };
         match File::open(segment::segment_path(&self.log.dir, first)) {
-            Ok(f) => self.file = Some((first, Arc::new(f), segment::FILE_HEADER)),
+            Ok(f) => {
+                self.file = Some((first, Arc::new(f), segment::FILE_HEADER));
+                self.index = Index::open(&segment::index_path(&self.log.dir, first))
+                    .ok()
+                    .and_then(|i| Cursor::open(first, i));
+            }
             Err(_) => {
                 self.file = None;
+                self.index = None;
                 self.next = self.next.max(first);
             }
         }
@@ -1444,7 +1612,7 @@ impl StreamReader {
             let first = seg.first_offset;
             let (f, idx) = match (
                 File::open(segment::segment_path(&self.log.dir, first)),
-                File::open(segment::index_path(&self.log.dir, first)),
+                Index::open(&segment::index_path(&self.log.dir, first)),
             ) {
                 (Ok(f), Ok(i)) => (f, i),
                 // Dropped by retention meanwhile: look again.
@@ -1453,20 +1621,21 @@ impl StreamReader {
             if self.next < first {
                 self.next = first;
             }
-            let n = segment::index_count(idx.metadata()?.len());
+            let n = idx.count()?;
             let target = self.next;
-            let i = segment::search(&idx, n, |r: &IndexRecord| r.chunk_id > target)?;
+            let i = idx.search(n, |r: &IndexRecord| r.chunk_id > target)?;
             let pos = if i == 0 {
                 segment::FILE_HEADER
             } else {
-                let r = segment::read_index(&idx, i - 1)?;
+                let r = idx.read(i - 1)?;
                 // A user chunk at the same id follows a tracking chunk: start there.
-                let j = segment::search(&idx, i, |x: &IndexRecord| x.chunk_id >= r.chunk_id)?;
-                let r = segment::read_index(&idx, j)?;
+                let j = idx.search(i, |x: &IndexRecord| x.chunk_id >= r.chunk_id)?;
+                let r = idx.read(j)?;
                 self.next = r.chunk_id.min(self.next);
                 r.pos
             };
             self.file = Some((first, Arc::new(f), pos));
+            self.index = Cursor::open(first, idx);
             return Ok(());
         }
         Err(StreamError::Io(format!(
@@ -1476,18 +1645,103 @@ impl StreamReader {
     }
 }
 
-/// Read up to `buf.len()` bytes at `pos`; fewer at the end of the file.
-fn read_at_most(f: &File, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read_at(&mut buf[n..], pos + n as u64) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+/// Whether the page cache holds a span's data section: `cachestat(2)` where
+/// the kernel has it, else its last byte read with `RWF_NOWAIT` (a chunk is
+/// written whole, so its pages are cached and evicted together).
+fn data_cached(s: &FileSpan) -> bool {
+    let len = u64::from(s.header.data_len);
+    if len == 0 {
+        return true;
     }
-    Ok(n)
+    if let Some(held) = cache_holds(&s.file, s.data_pos, len) {
+        return held;
+    }
+    let mut last = [0u8; 1];
+    matches!(
+        read_into(&s.file, &mut last, s.data_pos + len - 1, true),
+        Ok(Some(1))
+    )
+}
+
+/// Whether the page cache holds every page of `len` bytes of `f` from
+/// `pos`, with `cachestat(2)` (Linux 6.5; it touches none of them); None
+/// where the kernel (or a seccomp filter) does not offer it.
+fn cache_holds(f: &File, pos: u64, len: u64) -> Option<bool> {
+    #[cfg(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64"
+        )
+    ))]
+    {
+        use std::os::fd::AsRawFd;
+        use std::sync::atomic::AtomicBool;
+        /// The same number on these architectures.
+        const SYS_CACHESTAT: libc::c_long = 451;
+        static REFUSED: AtomicBool = AtomicBool::new(false);
+        #[repr(C)]
+        struct Range {
+            off: u64,
+            len: u64,
+        }
+        #[repr(C)]
+        #[derive(Default)]
+        struct Stat {
+            nr_cache: u64,
+            nr_dirty: u64,
+            nr_writeback: u64,
+            nr_evicted: u64,
+            nr_recently_evicted: u64,
+        }
+        if len == 0 || REFUSED.load(Ordering::Relaxed) {
+            return None;
+        }
+        let range = Range { off: pos, len };
+        let mut stat = Stat::default();
+        // SAFETY: `range` and `stat` are live locals of the kernel's layouts
+        // (`struct cachestat_range`, `struct cachestat`); the fd is open for
+        // the call; flags must be 0.
+        let r = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                f.as_raw_fd(),
+                &range as *const Range,
+                &mut stat as *mut Stat,
+                0u32,
+            )
+        };
+        if r != 0 {
+            REFUSED.store(true, Ordering::Relaxed);
+            return None;
+        }
+        let page = page_size();
+        let pages = (pos + len - 1) / page - pos / page + 1;
+        Some(stat.nr_cache >= pages)
+    }
+    #[cfg(not(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "riscv64"
+        )
+    )))]
+    {
+        let _ = (f, pos, len);
+        None
+    }
+}
+
+/// The size of a page of memory (and of the page cache).
+fn page_size() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+    })
 }
 
 /// Read into `buf` at `pos`: up to its length, fewer at the end of the file.
@@ -1600,11 +1854,11 @@ fn recover(dir: &Path, key: &str, retention: Retention) -> Result<LogInner, Stre
     if last_chunk == 0 {
         // The last user chunk is in an earlier segment: its index says.
         for s in segments.iter().rev().skip(1) {
-            if let Ok(idx) = File::open(segment::index_path(dir, s.first_offset)) {
-                let n = segment::index_count(idx.metadata()?.len());
+            if let Ok(idx) = Index::open(&segment::index_path(dir, s.first_offset)) {
+                let n = idx.count()?;
                 if let Some(r) = (0..n)
                     .rev()
-                    .filter_map(|i| segment::read_index(&idx, i).ok())
+                    .filter_map(|i| idx.read(i).ok())
                     .find(|r| r.chunk_type == chunk::TYPE_USER)
                 {
                     last_chunk = r.chunk_id;
@@ -2197,18 +2451,10 @@ fn write_chunk(
     let Some((_, file, idx)) = &w.active else {
         return Err(StreamError::Io("no active segment".into()));
     };
+    let mut raw = [0u8; chunk::HEADER_LEN];
+    raw.copy_from_slice(&parts[0][..chunk::HEADER_LEN]);
     write_all_vectored_at(file, parts, pos)?;
-    idx.write_all_at(
-        &IndexRecord {
-            chunk_id: h.first_offset,
-            timestamp: h.timestamp,
-            pos,
-            num_records: h.num_records,
-            chunk_type: h.chunk_type,
-        }
-        .encode(),
-        index_pos,
-    )?;
+    idx.write_all_at(&IndexRecord::encode(&raw, pos), index_pos)?;
     seg.add(&h);
     w.next = h.next_offset();
     w.last_timestamp = w.last_timestamp.max(h.timestamp);

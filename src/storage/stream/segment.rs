@@ -5,17 +5,24 @@
 //!   00000000000000000000.segment   "WSTL" u32 version, then chunks back to back
 //!                                  (version 2: user chunk trailers in osiris's
 //!                                  layout; 1: in the tracking layout, see chunk)
-//!   00000000000000000000.index     "WSTI" u32 version, then one 32-byte record a chunk:
-//!                                  chunk id u64, timestamp i64, file position u64,
-//!                                  num records u32, chunk type u8, 3 zero bytes
+//!   00000000000000000000.index     "WSTI" u32 version, then one 64-byte record a chunk
+//!                                  (version 2): the chunk's 48-byte header as
+//!                                  stored, its file position u64, 8 zero bytes;
+//!                                  (version 1, still read: 32 bytes: chunk id
+//!                                  u64, timestamp i64, file position u64, num
+//!                                  records u32, chunk type u8, 3 zero bytes)
 //! ```
 //! A segment is named by the id of its first chunk. Only the last segment can
 //! end in a torn chunk (a segment is fsynced before the next is created), so
 //! recovery reads the first and last index records of the others and scans the
 //! last one chunk by chunk (checking each data CRC), truncating what does not
-//! check and rewriting its index from the scan.
+//! check and rewriting its index from the scan (in the current version).
+//! A reader takes the headers of the chunks it sends from the index (a page
+//! of it holds 64), so sending a chunk's data with `sendfile(2)` touches no
+//! page of the segment in the broker.
 
 use super::chunk::{self, Header, HEADER_LEN};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -25,9 +32,12 @@ pub const SEGMENT_MAGIC: &[u8; 8] = b"WSTL\0\0\0\x02";
 /// Segments written before user chunk trailers took osiris's layout: read
 /// as they are, never appended to ([`Recovered::legacy`]).
 const SEGMENT_MAGIC_V1: &[u8; 8] = b"WSTL\0\0\0\x01";
-pub const INDEX_MAGIC: &[u8; 8] = b"WSTI\0\0\0\x01";
+pub const INDEX_MAGIC: &[u8; 8] = b"WSTI\0\0\0\x02";
+/// Indexes written before records held the whole header: read as they are.
+const INDEX_MAGIC_V1: &[u8; 8] = b"WSTI\0\0\0\x01";
 pub const FILE_HEADER: u64 = 8;
-pub const INDEX_RECORD: u64 = 32;
+pub const INDEX_RECORD: u64 = 64;
+const INDEX_RECORD_V1: u64 = 32;
 
 /// One index record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,40 +47,166 @@ pub struct IndexRecord {
     pub pos: u64,
     pub num_records: u32,
     pub chunk_type: u8,
+    /// The chunk's header as stored (version 2 records).
+    pub raw_header: Option<[u8; HEADER_LEN]>,
 }
 
 impl IndexRecord {
-    pub fn encode(&self) -> [u8; INDEX_RECORD as usize] {
+    /// The record of the chunk whose stored header is `raw` at `pos`.
+    pub fn encode(raw: &[u8; HEADER_LEN], pos: u64) -> [u8; INDEX_RECORD as usize] {
         let mut b = [0u8; INDEX_RECORD as usize];
-        b[0..8].copy_from_slice(&self.chunk_id.to_be_bytes());
-        b[8..16].copy_from_slice(&self.timestamp.to_be_bytes());
-        b[16..24].copy_from_slice(&self.pos.to_be_bytes());
-        b[24..28].copy_from_slice(&self.num_records.to_be_bytes());
-        b[28] = self.chunk_type;
+        b[..HEADER_LEN].copy_from_slice(raw);
+        b[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&pos.to_be_bytes());
         b
     }
 
+    /// A record of the current version; None if `b` is short or its
+    /// header is not a chunk header.
     pub fn decode(b: &[u8]) -> Option<IndexRecord> {
-        if b.len() < INDEX_RECORD as usize {
-            return None;
-        }
-        let u64_at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i..i + 8]);
-            u64::from_be_bytes(a)
-        };
+        let h = Header::parse(b.get(..HEADER_LEN)?)?;
+        let mut raw = [0u8; HEADER_LEN];
+        raw.copy_from_slice(&b[..HEADER_LEN]);
         Some(IndexRecord {
-            chunk_id: u64_at(0),
-            timestamp: u64_at(8) as i64,
-            pos: u64_at(16),
+            chunk_id: h.first_offset,
+            timestamp: h.timestamp,
+            pos: u64_at(b, HEADER_LEN)?,
+            num_records: h.num_records,
+            chunk_type: h.chunk_type,
+            raw_header: Some(raw),
+        })
+    }
+
+    /// A version 1 record.
+    fn decode_v1(b: &[u8]) -> Option<IndexRecord> {
+        let b = b.get(..INDEX_RECORD_V1 as usize)?;
+        Some(IndexRecord {
+            chunk_id: u64_at(b, 0)?,
+            timestamp: u64_at(b, 8)? as i64,
+            pos: u64_at(b, 16)?,
             num_records: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
             chunk_type: b[28],
+            raw_header: None,
         })
     }
 
     pub fn next_offset(&self) -> u64 {
         self.chunk_id + u64::from(self.num_records)
     }
+}
+
+fn u64_at(b: &[u8], i: usize) -> Option<u64> {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b.get(i..i + 8)?);
+    Some(u64::from_be_bytes(a))
+}
+
+/// An open index file of either version.
+pub struct Index {
+    file: File,
+    record: u64,
+}
+
+impl Index {
+    /// Open the index at `path` and read its version (a file shorter than
+    /// its magic holds no record).
+    pub fn open(path: &Path) -> io::Result<Index> {
+        Index::of(File::open(path)?)
+    }
+
+    pub fn of(file: File) -> io::Result<Index> {
+        let mut magic = [0u8; 8];
+        let n = read_at_most(&file, &mut magic, 0)?;
+        let record = if n == magic.len() && &magic == INDEX_MAGIC_V1 {
+            INDEX_RECORD_V1
+        } else if n < magic.len() || &magic == INDEX_MAGIC {
+            INDEX_RECORD
+        } else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "not a stream index of a known version",
+            ));
+        };
+        Ok(Index { file, record })
+    }
+
+    /// The number of records.
+    pub fn count(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len().saturating_sub(FILE_HEADER) / self.record)
+    }
+
+    /// Record `i`.
+    pub fn read(&self, i: u64) -> io::Result<IndexRecord> {
+        let mut b = [0u8; INDEX_RECORD as usize];
+        let b = &mut b[..self.record as usize];
+        self.file.read_exact_at(b, FILE_HEADER + i * self.record)?;
+        self.decode(b)
+            .ok_or_else(|| io::Error::other("bad index record"))
+    }
+
+    /// Whether its records hold the chunks' headers (version 2).
+    pub fn holds_headers(&self) -> bool {
+        self.record == INDEX_RECORD
+    }
+
+    /// Records from `i` on, at most `max` and only of chunks below `below`
+    /// (committed: their records are whole), appended to `out` (fewer at
+    /// the end of the file); one `pread`. How many it appended.
+    pub fn read_run(
+        &self,
+        i: u64,
+        max: usize,
+        below: u64,
+        out: &mut VecDeque<IndexRecord>,
+    ) -> io::Result<usize> {
+        let mut buf = vec![0u8; max * self.record as usize];
+        let n = read_at_most(&self.file, &mut buf, FILE_HEADER + i * self.record)?;
+        let mut added = 0;
+        for b in buf[..n].chunks_exact(self.record as usize) {
+            match self.decode(b) {
+                Some(r) if r.chunk_id < below => out.push_back(r),
+                _ => break,
+            }
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    fn decode(&self, b: &[u8]) -> Option<IndexRecord> {
+        if self.record == INDEX_RECORD_V1 {
+            IndexRecord::decode_v1(b)
+        } else {
+            IndexRecord::decode(b)
+        }
+    }
+
+    /// The first of its `n` records for which `past` is true (records are
+    /// sorted by chunk id and by timestamp); `n` if none.
+    pub fn search(&self, n: u64, past: impl Fn(&IndexRecord) -> bool) -> io::Result<u64> {
+        let (mut lo, mut hi) = (0u64, n);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            if past(&self.read(mid)?) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(lo)
+    }
+}
+
+/// Read up to `buf.len()` bytes at `pos`; fewer at the end of the file.
+pub fn read_at_most(f: &File, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], pos + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// What the log keeps in memory about one segment (a few words, not per message).
@@ -159,32 +295,20 @@ pub fn create(dir: &Path, first: u64) -> io::Result<(File, File)> {
     Ok((seg, idx))
 }
 
-/// The number of records in an index file of `len` bytes.
-pub fn index_count(len: u64) -> u64 {
-    len.saturating_sub(FILE_HEADER) / INDEX_RECORD
-}
-
-/// Read index record `i` of an open index file.
-pub fn read_index(idx: &File, i: u64) -> io::Result<IndexRecord> {
-    let mut b = [0u8; INDEX_RECORD as usize];
-    idx.read_exact_at(&mut b, FILE_HEADER + i * INDEX_RECORD)?;
-    IndexRecord::decode(&b).ok_or_else(|| io::Error::other("short index record"))
-}
-
 /// The summary of a closed (not last) segment from its index's first and last
 /// records; None if the index is missing or holds no record.
 pub fn summarize_closed(dir: &Path, first: u64) -> io::Result<Option<SegmentInfo>> {
-    let idx = match File::open(index_path(dir, first)) {
+    let idx = match Index::open(&index_path(dir, first)) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    let n = index_count(idx.metadata()?.len());
+    let n = idx.count()?;
     if n == 0 {
         return Ok(None);
     }
-    let a = read_index(&idx, 0)?;
-    let b = read_index(&idx, n - 1)?;
+    let a = idx.read(0)?;
+    let b = idx.read(n - 1)?;
     let size = std::fs::metadata(segment_path(dir, first))?.len();
     Ok(Some(SegmentInfo {
         first_offset: a.chunk_id,
@@ -202,6 +326,8 @@ pub fn summarize_closed(dir: &Path, first: u64) -> io::Result<Option<SegmentInfo
 /// A valid chunk found by the recovery scan.
 pub struct Scanned {
     pub header: Header,
+    /// The header as stored.
+    pub raw_header: [u8; HEADER_LEN],
     pub pos: u64,
     /// The tracking records it carries (its trailer, or its data if a tracking chunk).
     pub tracking: Vec<chunk::Tracking>,
@@ -260,6 +386,7 @@ pub fn recover_last(dir: &Path, first: u64) -> io::Result<Recovered> {
             expected = Some(h.next_offset());
             found.push(Scanned {
                 header: h,
+                raw_header: head,
                 pos,
                 tracking,
             });
@@ -281,16 +408,7 @@ pub fn recover_last(dir: &Path, first: u64) -> io::Result<Recovered> {
     let mut idx = Vec::with_capacity(8 + found.len() * INDEX_RECORD as usize);
     idx.extend_from_slice(INDEX_MAGIC);
     for s in &found {
-        idx.extend_from_slice(
-            &IndexRecord {
-                chunk_id: s.header.first_offset,
-                timestamp: s.header.timestamp,
-                pos: s.pos,
-                num_records: s.header.num_records,
-                chunk_type: s.header.chunk_type,
-            }
-            .encode(),
-        );
+        idx.extend_from_slice(&IndexRecord::encode(&s.raw_header, s.pos));
     }
     let tmp = dir.join("index.tmp");
     {
@@ -303,19 +421,4 @@ pub fn recover_last(dir: &Path, first: u64) -> io::Result<Recovered> {
         legacy: v1 && !fresh,
         chunks: found,
     })
-}
-
-/// Find, in an open index of `n` records, the first record for which `past`
-/// is true (records are sorted by chunk id and by timestamp); `n` if none.
-pub fn search(idx: &File, n: u64, past: impl Fn(&IndexRecord) -> bool) -> io::Result<u64> {
-    let (mut lo, mut hi) = (0u64, n);
-    while lo < hi {
-        let mid = lo + (hi - lo) / 2;
-        if past(&read_index(idx, mid)?) {
-            hi = mid;
-        } else {
-            lo = mid + 1;
-        }
-    }
-    Ok(lo)
 }

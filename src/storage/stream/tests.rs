@@ -13,6 +13,28 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// Rewrite the indexes in `dir` in version 1's layout (32-byte records
+/// without the chunk's header), as brokers before version 2 wrote them.
+fn index_to_v1(dir: &Path) {
+    for e in std::fs::read_dir(dir).expect("dir") {
+        let path = e.expect("entry").path();
+        if path.extension().is_none_or(|x| x != "index") {
+            continue;
+        }
+        let idx = segment::Index::open(&path).expect("index");
+        let mut out = b"WSTI\0\0\0\x01".to_vec();
+        for i in 0..idx.count().expect("count") {
+            let r = idx.read(i).expect("record");
+            out.extend_from_slice(&r.chunk_id.to_be_bytes());
+            out.extend_from_slice(&r.timestamp.to_be_bytes());
+            out.extend_from_slice(&r.pos.to_be_bytes());
+            out.extend_from_slice(&r.num_records.to_be_bytes());
+            out.extend_from_slice(&[r.chunk_type, 0, 0, 0]);
+        }
+        std::fs::write(&path, out).expect("write");
+    }
+}
+
 fn msg(s: &str) -> StreamMessage {
     StreamMessage {
         data: Bytes::copy_from_slice(s.as_bytes()),
@@ -99,6 +121,65 @@ fn append_commit_read_and_offset_specs() {
         (0, 4, 4)
     );
     assert_eq!(st.first_timestamp, 1_000);
+    store.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn indexes_of_version_1_are_read_and_the_last_one_is_rewritten() {
+    let dir = tmp("index-v1");
+    let wrote;
+    {
+        let store = StreamStore::open(&dir).expect("open");
+        let log = store.open_log("k", retention(200)).expect("log");
+        for i in 0..10 {
+            log.append(vec![msg(&format!("m{i}"))], 1_000 + i as i64)
+                .expect("append");
+            log.wait_committed_blocking();
+        }
+        assert!(log.stats().segments > 2, "{:?}", log.stats());
+        wrote = read_all(&log, OffsetSpec::First);
+        store.shutdown();
+    }
+    let sdir = std::fs::read_dir(&dir)
+        .expect("dir")
+        .next()
+        .expect("a stream")
+        .expect("entry")
+        .path();
+    index_to_v1(&sdir);
+    let store = StreamStore::open(&dir).expect("reopen");
+    let log = store.open_log("k", retention(200)).expect("log");
+    let firsts = segment::list(&sdir).expect("list");
+    let holds = |first: u64| {
+        segment::Index::open(&segment::index_path(&sdir, first))
+            .expect("index")
+            .holds_headers()
+    };
+    // The closed segments' indexes as they were; the last one's rebuilt by
+    // the recovery scan, in the current version.
+    assert!(firsts[..firsts.len() - 1].iter().all(|&f| !holds(f)));
+    assert!(holds(firsts[firsts.len() - 1]));
+    assert_eq!(read_all(&log, OffsetSpec::First), wrote);
+    assert_eq!(read_all(&log, OffsetSpec::Timestamp(1_004)), wrote[4..]);
+    assert_eq!(read_all(&log, OffsetSpec::Offset(7)), wrote[7..]);
+    // Located through either kind of index: every chunk, in order.
+    let limits = BatchLimits {
+        chunks: 100,
+        bytes: 1 << 20,
+        cached_only: false,
+        merge: None,
+    };
+    let mut r = log.reader(OffsetSpec::First);
+    let (mut files, mut ids) = (Vec::new(), Vec::new());
+    while r.has_more() {
+        assert_eq!(
+            r.locate_batch(&mut files, limits, None),
+            Ok(BatchRead::Read)
+        );
+        ids.extend(files.iter().map(|f| f.header.first_offset));
+    }
+    assert_eq!(ids, (0..10).collect::<Vec<u64>>());
     store.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -748,6 +829,170 @@ fn batch_reads_take_contiguous_chunks_up_to_credit_and_bytes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Chunks of 3 messages of `size` bytes, written and fsynced, and where
+/// each one's data is (located, not from the page cache only).
+fn located_log(name: &str, size: usize) -> (PathBuf, StreamStore, Arc<StreamLog>, Vec<FileSpan>) {
+    let dir = tmp(name);
+    let store = StreamStore::open(&dir).expect("open");
+    let log = store.open_log("/\0s", Retention::default()).expect("log");
+    for c in 0..4u8 {
+        let body = vec![b'a' + c; size];
+        let m: Vec<StreamMessage> = (0..3)
+            .map(|_| StreamMessage {
+                data: Bytes::from(body.clone()),
+                ..msg("")
+            })
+            .collect();
+        log.append(m, 1_000).expect("append");
+        log.wait_committed_blocking();
+    }
+    let limits = BatchLimits {
+        chunks: 10,
+        bytes: 1 << 20,
+        cached_only: false,
+        merge: None,
+    };
+    let mut files = Vec::new();
+    let mut r = log.reader(OffsetSpec::First);
+    assert_eq!(
+        r.locate_batch(&mut files, limits, None),
+        Ok(BatchRead::Read)
+    );
+    assert_eq!(files.len(), 4);
+    (dir, store, log, files)
+}
+
+#[test]
+fn located_chunks_take_their_headers_from_the_index() {
+    let (dir, store, log, files) = located_log("locate-index", 100);
+    // Every stored header in the segment spoiled: the reader that sends data
+    // sections from the file still finds the chunks (the index holds their
+    // headers), the one that reads them whole does not.
+    let seg = std::fs::OpenOptions::new()
+        .write(true)
+        .open(segment::segment_path(&log.inner.dir, 0))
+        .expect("segment");
+    for f in &files {
+        let at = f.data_pos - chunk::HEADER_LEN as u64 - u64::from(f.header.bloom_len);
+        seg.write_all_at(&[0xff], at).expect("spoil");
+    }
+    let limits = BatchLimits {
+        chunks: 10,
+        bytes: 1 << 20,
+        cached_only: false,
+        merge: None,
+    };
+    let mut again = Vec::new();
+    let mut r = log.reader(OffsetSpec::First);
+    assert_eq!(
+        r.locate_batch(&mut again, limits, None),
+        Ok(BatchRead::Read)
+    );
+    assert_eq!(
+        again
+            .iter()
+            .map(|f| (f.raw_header, f.data_pos))
+            .collect::<Vec<_>>(),
+        files
+            .iter()
+            .map(|f| (f.raw_header, f.data_pos))
+            .collect::<Vec<_>>()
+    );
+    let (mut buf, mut spans) = (Vec::new(), Vec::new());
+    let mut whole = log.reader(OffsetSpec::First);
+    assert!(whole
+        .read_batch(&mut buf, &mut spans, limits, &|_| true)
+        .is_err());
+    store.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn located_chunks_the_page_cache_dropped_are_left_for_a_read_that_may_wait() {
+    // Chunks of 48 KiB: several pages each.
+    let (dir, store, log, files) = located_log("locate-evicted", 16 << 10);
+    let seg = File::open(segment::segment_path(&log.inner.dir, 0)).expect("segment");
+    // The last two chunks dropped from the page cache (written and fsynced:
+    // clean pages the kernel lets go).
+    use std::os::fd::AsRawFd;
+    let from = files[2].data_pos;
+    let len = seg.metadata().expect("len").len() - from;
+    // SAFETY: the fd is open for the call.
+    let r = unsafe {
+        libc::posix_fadvise(
+            seg.as_raw_fd(),
+            from as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(r, 0);
+    let mut probe = [0u8; 1];
+    if read_into(&seg, &mut probe, from + len - 1, true)
+        .ok()
+        .flatten()
+        == Some(1)
+    {
+        // A file system whose pages cannot be dropped (tmpfs): nothing to see.
+        eprintln!("the page cache kept the segment's pages; not checked");
+        store.shutdown();
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let limits = BatchLimits {
+        chunks: 10,
+        bytes: 1 << 20,
+        cached_only: true,
+        merge: None,
+    };
+    let mut r = log.reader(OffsetSpec::First);
+    // The segment is opened where the disk may be waited for.
+    let mut got = Vec::new();
+    let opening = BatchLimits {
+        chunks: 1,
+        cached_only: false,
+        ..limits
+    };
+    assert_eq!(r.locate_batch(&mut got, opening, None), Ok(BatchRead::Read));
+    assert_eq!(got.len(), 1);
+    // From the page cache: the chunk it holds, then nothing (not a chunk
+    // whose data would make `sendfile(2)` wait for the disk).
+    let mut cached = Vec::new();
+    assert_eq!(
+        r.locate_batch(&mut cached, limits, None),
+        Ok(BatchRead::Read)
+    );
+    assert_eq!(cached.len(), 1);
+    got.append(&mut cached);
+    assert_eq!(
+        r.locate_batch(&mut cached, limits, None),
+        Ok(BatchRead::WouldBlock)
+    );
+    assert!(cached.is_empty());
+    // A read that may wait takes the rest, from where the cached one stopped.
+    let waiting = BatchLimits {
+        cached_only: false,
+        ..limits
+    };
+    assert_eq!(
+        r.locate_batch(&mut cached, waiting, None),
+        Ok(BatchRead::Read)
+    );
+    got.append(&mut cached);
+    assert!(!r.has_more());
+    assert_eq!(
+        got.iter()
+            .map(|f| (f.raw_header, f.data_pos))
+            .collect::<Vec<_>>(),
+        files
+            .iter()
+            .map(|f| (f.raw_header, f.data_pos))
+            .collect::<Vec<_>>()
+    );
+    store.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn located_chunks_point_at_the_data_read_batch_reads() {
     let dir = tmp("locate");
@@ -781,7 +1026,7 @@ fn located_chunks_point_at_the_data_read_batch_reads() {
     for chunks in [2, 10] {
         let limits = BatchLimits { chunks, ..limits };
         assert_eq!(
-            located.locate_batch(&mut files, limits, &|_| true),
+            located.locate_batch(&mut files, limits, None),
             Ok(BatchRead::Read)
         );
         assert!(files.len() <= chunks);
@@ -803,64 +1048,62 @@ fn located_chunks_point_at_the_data_read_batch_reads() {
         cached_only: true,
         ..limits
     };
-    match cached.locate_batch(&mut files, limits, &|_| true) {
+    match cached.locate_batch(&mut files, limits, None) {
         Ok(BatchRead::Read) => assert_eq!(files.len(), 4),
         // The reader's segment is opened on a thread that may block.
         Ok(BatchRead::WouldBlock) => assert!(files.is_empty()),
         Err(e) => panic!("{e}"),
     }
     // One chunk per call (a consumer giving one credit at a time), from the
-    // page cache once the segment is open: the same chunks, each next one's
-    // header read ahead with the last bytes of the one before (the tracking
-    // chunk's too).
-    let mut one = log.reader(OffsetSpec::First);
-    let opening = BatchLimits {
-        chunks: 1,
-        cached_only: false,
-        ..limits
-    };
-    let cached1 = BatchLimits {
-        cached_only: true,
-        ..opening
-    };
-    assert_eq!(
-        one.locate_batch(&mut files, opening, &|_| true),
-        Ok(BatchRead::Read)
-    );
-    let mut got = std::mem::take(&mut files);
-    let mut peeked = 0;
-    while one.has_more() {
-        peeked += usize::from(one.peek.is_some());
-        match one.locate_batch(&mut files, cached1, &|_| true) {
-            Ok(BatchRead::Read) => got.append(&mut files),
-            Ok(BatchRead::WouldBlock) => {
-                assert_eq!(
-                    one.locate_batch(&mut files, opening, &|_| true),
-                    Ok(BatchRead::Read)
-                );
-                got.append(&mut files);
+    // page cache once the segment is open: the same chunks. Their headers
+    // come from the index; from an index of version 1, which holds none,
+    // each next one's header is read ahead with the last bytes of the one
+    // before (the tracking chunk's too).
+    let one_at_a_time = |files: &mut Vec<FileSpan>| {
+        let mut one = log.reader(OffsetSpec::First);
+        let opening = BatchLimits {
+            chunks: 1,
+            cached_only: false,
+            ..limits
+        };
+        let cached1 = BatchLimits {
+            cached_only: true,
+            ..opening
+        };
+        assert_eq!(one.locate_batch(files, opening, None), Ok(BatchRead::Read));
+        let mut one_by_one = std::mem::take(files);
+        let mut peeked = 0;
+        while one.has_more() {
+            peeked += usize::from(one.peek.is_some());
+            match one.locate_batch(files, cached1, None) {
+                Ok(BatchRead::Read) => one_by_one.append(files),
+                Ok(BatchRead::WouldBlock) => {
+                    assert_eq!(one.locate_batch(files, opening, None), Ok(BatchRead::Read));
+                    one_by_one.append(files);
+                }
+                Err(e) => panic!("{e}"),
             }
-            Err(e) => panic!("{e}"),
         }
-    }
-    assert_eq!(
-        got.iter()
-            .map(|f| (f.header, f.data_pos))
-            .collect::<Vec<_>>(),
-        spans
-            .iter()
-            .zip(&got)
-            .map(|(s, f)| (s.header, f.data_pos))
-            .collect::<Vec<_>>()
-    );
-    assert_eq!(got.len(), 4);
-    for (f, s) in got.iter().zip(&spans) {
-        assert_eq!(&f.raw_header[..], &buf[s.header_range()]);
-    }
+        assert_eq!(
+            one_by_one
+                .iter()
+                .map(|f| (f.header, f.data_pos))
+                .collect::<Vec<_>>(),
+            got.iter()
+                .map(|f| (f.header, f.data_pos))
+                .collect::<Vec<_>>()
+        );
+        for (f, s) in one_by_one.iter().zip(&spans) {
+            assert_eq!(&f.raw_header[..], &buf[s.header_range()]);
+        }
+        peeked
+    };
+    assert_eq!(one_at_a_time(&mut files), 0);
+    index_to_v1(&log.inner.dir);
     // The page cache holds what was just written: the calls after the
     // second started from a header read ahead by the call before (the
     // first, not page-cache only, reads no last byte and so none ahead).
-    assert_eq!(peeked, 2);
+    assert_eq!(one_at_a_time(&mut files), 2);
     // A filter that wants nothing: none, and caught up.
     let mut r = log.reader(OffsetSpec::First);
     assert_eq!(
@@ -870,7 +1113,7 @@ fn located_chunks_point_at_the_data_read_batch_reads() {
                 cached_only: false,
                 ..limits
             },
-            &|_| false
+            Some(&|_| false)
         ),
         Ok(BatchRead::Read)
     );
@@ -1144,7 +1387,7 @@ fn merged_reads_count_delivered_chunks_and_stop_before_the_next_one() {
             Ok(BatchRead::Read)
         );
         assert_eq!(
-            located.locate_batch(&mut files, limits, &|_| true),
+            located.locate_batch(&mut files, limits, None),
             Ok(BatchRead::Read)
         );
         let ids: Vec<(u64, bool)> = spans
