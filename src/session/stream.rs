@@ -499,7 +499,7 @@ impl Drop for Lent {
 }
 
 /// The most data one delivered chunk of merged stored ones carries.
-const MERGED_DATA_MAX: u32 = 1 << 20;
+const MERGED_DATA_MAX: u32 = 256 << 10;
 
 /// The most data a delivered chunk of merged stored chunks may carry for
 /// its `Deliver` frame (of `version`) to fit `frame_max` (0: no limit).
