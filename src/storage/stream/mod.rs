@@ -278,6 +278,13 @@ impl Groups {
         }
     }
 
+    /// Whether `h` would start a delivered chunk past `limit` of them. A
+    /// tracking chunk starts none (it is not sent, and a user chunk after it
+    /// may still join the one before it).
+    fn starts_past(&self, h: &Header, joins: bool, limit: usize) -> bool {
+        !joins && h.chunk_type == chunk::TYPE_USER && self.count >= limit
+    }
+
     /// A stored chunk was passed over: nothing joins across it.
     fn skip(&mut self) {
         self.current = None;
@@ -1290,7 +1297,7 @@ impl StreamReader {
                 let h = Header::parse(&buf[at..])
                     .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
                 let joins = groups.joins(&h);
-                if !joins && groups.count >= limits.chunks {
+                if groups.starts_past(&h, joins, limits.chunks) {
                     full = true;
                     break;
                 }
@@ -1473,7 +1480,7 @@ impl StreamReader {
             let h = Header::parse(&head[..n])
                 .ok_or_else(|| StreamError::Io(format!("bad chunk header at {p}")))?;
             let joins = groups.joins(&h);
-            if !joins && groups.count >= limits.chunks.max(1) {
+            if groups.starts_past(&h, joins, limits.chunks.max(1)) {
                 // Starts a delivered chunk past the limit: left for the next
                 // read (with what was read of it).
                 if peeked.is_some() {

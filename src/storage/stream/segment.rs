@@ -296,11 +296,19 @@ pub fn create(dir: &Path, first: u64) -> io::Result<(File, File)> {
 }
 
 /// The summary of a closed (not last) segment from its index's first and last
-/// records; None if the index is missing or holds no record.
+/// records; None if the index is missing, not an index, or holds no record.
 pub fn summarize_closed(dir: &Path, first: u64) -> io::Result<Option<SegmentInfo>> {
     let idx = match Index::open(&index_path(dir, first)) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        // Missing, or not an index: rebuilt by a scan.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+            ) =>
+        {
+            return Ok(None)
+        }
         Err(e) => return Err(e),
     };
     let n = idx.count()?;

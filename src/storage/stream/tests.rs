@@ -35,6 +35,16 @@ fn index_to_v1(dir: &Path) {
     }
 }
 
+/// The directory of the one stream in a store's directory.
+fn only_stream(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .next()
+        .expect("a stream")
+        .expect("entry")
+        .path()
+}
+
 fn msg(s: &str) -> StreamMessage {
     StreamMessage {
         data: Bytes::copy_from_slice(s.as_bytes()),
@@ -141,35 +151,28 @@ fn indexes_of_version_1_are_read_and_the_last_one_is_rewritten() {
         wrote = read_all(&log, OffsetSpec::First);
         store.shutdown();
     }
-    let sdir = std::fs::read_dir(&dir)
-        .expect("dir")
-        .next()
-        .expect("a stream")
-        .expect("entry")
-        .path();
+    let sdir = only_stream(&dir);
     index_to_v1(&sdir);
+    // And the first one no index at all: rebuilt by a scan.
+    let firsts = segment::list(&sdir).expect("list");
+    std::fs::write(segment::index_path(&sdir, firsts[0]), b"spoiled!").expect("spoil");
     let store = StreamStore::open(&dir).expect("reopen");
     let log = store.open_log("k", retention(200)).expect("log");
-    let firsts = segment::list(&sdir).expect("list");
     let holds = |first: u64| {
         segment::Index::open(&segment::index_path(&sdir, first))
             .expect("index")
             .holds_headers()
     };
-    // The closed segments' indexes as they were; the last one's rebuilt by
-    // the recovery scan, in the current version.
-    assert!(firsts[..firsts.len() - 1].iter().all(|&f| !holds(f)));
+    // The closed segments' indexes as they were; the spoiled one and the
+    // last one's rebuilt by the recovery scan, in the current version.
+    assert!(holds(firsts[0]));
+    assert!(firsts[1..firsts.len() - 1].iter().all(|&f| !holds(f)));
     assert!(holds(firsts[firsts.len() - 1]));
     assert_eq!(read_all(&log, OffsetSpec::First), wrote);
     assert_eq!(read_all(&log, OffsetSpec::Timestamp(1_004)), wrote[4..]);
     assert_eq!(read_all(&log, OffsetSpec::Offset(7)), wrote[7..]);
     // Located through either kind of index: every chunk, in order.
-    let limits = BatchLimits {
-        chunks: 100,
-        bytes: 1 << 20,
-        cached_only: false,
-        merge: None,
-    };
+    let limits = ten_chunks(false);
     let mut r = log.reader(OffsetSpec::First);
     let (mut files, mut ids) = (Vec::new(), Vec::new());
     while r.has_more() {
@@ -201,12 +204,7 @@ fn recovery_truncates_a_torn_tail_and_keeps_the_rest() {
         assert!(log.stats().segments > 2, "{:?}", log.stats());
         store.shutdown();
     }
-    let sdir = std::fs::read_dir(&dir)
-        .expect("dir")
-        .next()
-        .expect("a stream")
-        .expect("entry")
-        .path();
+    let sdir = only_stream(&dir);
     let last = *segment::list(&sdir).expect("list").last().expect("segment");
     // A torn chunk: a valid header promising more bytes than written.
     let path = segment::segment_path(&sdir, last);
@@ -829,6 +827,21 @@ fn batch_reads_take_contiguous_chunks_up_to_credit_and_bytes() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Ten chunks at most, 1 MiB, no merging.
+fn ten_chunks(cached_only: bool) -> BatchLimits {
+    BatchLimits {
+        chunks: 10,
+        bytes: 1 << 20,
+        cached_only,
+        merge: None,
+    }
+}
+
+/// Each located chunk's stored header and where its data is.
+fn places(files: &[FileSpan]) -> Vec<([u8; chunk::HEADER_LEN], u64)> {
+    files.iter().map(|f| (f.raw_header, f.data_pos)).collect()
+}
+
 /// Chunks of 3 messages of `size` bytes, written and fsynced, and where
 /// each one's data is (located, not from the page cache only).
 fn located_log(name: &str, size: usize) -> (PathBuf, StreamStore, Arc<StreamLog>, Vec<FileSpan>) {
@@ -846,20 +859,20 @@ fn located_log(name: &str, size: usize) -> (PathBuf, StreamStore, Arc<StreamLog>
         log.append(m, 1_000).expect("append");
         log.wait_committed_blocking();
     }
-    let limits = BatchLimits {
-        chunks: 10,
-        bytes: 1 << 20,
-        cached_only: false,
-        merge: None,
-    };
+    let files = locate_from_first(&log);
+    assert_eq!(files.len(), 4);
+    (dir, store, log, files)
+}
+
+/// Up to ten chunks from the first, located (not from the page cache only).
+fn locate_from_first(log: &StreamLog) -> Vec<FileSpan> {
     let mut files = Vec::new();
     let mut r = log.reader(OffsetSpec::First);
     assert_eq!(
-        r.locate_batch(&mut files, limits, None),
+        r.locate_batch(&mut files, ten_chunks(false), None),
         Ok(BatchRead::Read)
     );
-    assert_eq!(files.len(), 4);
-    (dir, store, log, files)
+    files
 }
 
 #[test]
@@ -876,28 +889,8 @@ fn located_chunks_take_their_headers_from_the_index() {
         let at = f.data_pos - chunk::HEADER_LEN as u64 - u64::from(f.header.bloom_len);
         seg.write_all_at(&[0xff], at).expect("spoil");
     }
-    let limits = BatchLimits {
-        chunks: 10,
-        bytes: 1 << 20,
-        cached_only: false,
-        merge: None,
-    };
-    let mut again = Vec::new();
-    let mut r = log.reader(OffsetSpec::First);
-    assert_eq!(
-        r.locate_batch(&mut again, limits, None),
-        Ok(BatchRead::Read)
-    );
-    assert_eq!(
-        again
-            .iter()
-            .map(|f| (f.raw_header, f.data_pos))
-            .collect::<Vec<_>>(),
-        files
-            .iter()
-            .map(|f| (f.raw_header, f.data_pos))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(places(&locate_from_first(&log)), places(&files));
+    let limits = ten_chunks(false);
     let (mut buf, mut spans) = (Vec::new(), Vec::new());
     let mut whole = log.reader(OffsetSpec::First);
     assert!(whole
@@ -939,12 +932,7 @@ fn located_chunks_the_page_cache_dropped_are_left_for_a_read_that_may_wait() {
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
-    let limits = BatchLimits {
-        chunks: 10,
-        bytes: 1 << 20,
-        cached_only: true,
-        merge: None,
-    };
+    let limits = ten_chunks(true);
     let mut r = log.reader(OffsetSpec::First);
     // The segment is opened where the disk may be waited for.
     let mut got = Vec::new();
@@ -970,25 +958,14 @@ fn located_chunks_the_page_cache_dropped_are_left_for_a_read_that_may_wait() {
     );
     assert!(cached.is_empty());
     // A read that may wait takes the rest, from where the cached one stopped.
-    let waiting = BatchLimits {
-        cached_only: false,
-        ..limits
-    };
+    let waiting = ten_chunks(false);
     assert_eq!(
         r.locate_batch(&mut cached, waiting, None),
         Ok(BatchRead::Read)
     );
     got.append(&mut cached);
     assert!(!r.has_more());
-    assert_eq!(
-        got.iter()
-            .map(|f| (f.raw_header, f.data_pos))
-            .collect::<Vec<_>>(),
-        files
-            .iter()
-            .map(|f| (f.raw_header, f.data_pos))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(places(&got), places(&files));
     store.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1007,12 +984,7 @@ fn located_chunks_point_at_the_data_read_batch_reads() {
             log.wait_committed_blocking();
         }
     }
-    let limits = BatchLimits {
-        chunks: 10,
-        bytes: 1 << 20,
-        cached_only: false,
-        merge: None,
-    };
+    let limits = ten_chunks(false);
     let mut r = log.reader(OffsetSpec::First);
     let (mut buf, mut spans) = (Vec::new(), Vec::new());
     assert_eq!(
@@ -1363,8 +1335,13 @@ fn merged_reads_count_delivered_chunks_and_stop_before_the_next_one() {
         log.append(m, ts).expect("append");
         log.wait_committed_blocking();
         if c == 1 {
+            // Written on its own, before the next append (not after it, in
+            // the same round).
+            let chunks = log.stats().chunks;
             log.store_offset("reader", 4).expect("store");
-            log.wait_committed_blocking();
+            while log.stats().chunks == chunks {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
     }
     let merge = MergeLimits {
