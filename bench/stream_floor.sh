@@ -13,6 +13,7 @@
 # the bytes, with no protocol, credit or wake-up around them. Broker and sender on
 # CPU 0, clients and the drain on CPU 1.
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 n=10000000 rounds=3 ports=5690:5691 rport=""
 while getopts "n:r:P:R:" o; do
   case $o in n) n=$OPTARG ;; r) rounds=$OPTARG ;; P) ports=$OPTARG ;; R) rport=$OPTARG ;; *) exit 2 ;; esac
@@ -21,20 +22,17 @@ shift $((OPTIND - 1))
 [ $# -eq 2 ] || { sed -n 2,14p "$0"; exit 2; }
 bin=$1 perf=$2
 IFS=: read -r sport aport <<<"$ports"
-pin_b="" pin_c=""
-if [ "$(nproc)" -ge 2 ]; then pin_b="taskset -c 0" pin_c="taskset -c 1"; fi
 data=$(mktemp -d /tmp/warren-floor.XXXXXX)
 WARREN_AMQP_PORT=$aport WARREN_STREAM__LISTENERS__TCP__DEFAULT=$sport WARREN_ADMIN_ENABLED=false \
   WARREN_DATA_DIR=$data $pin_b "$bin" >/dev/null 2>&1 &
 wpid=$!
 trap 'kill $wpid 2>/dev/null; wait $wpid 2>/dev/null; rm -rf "$data"' EXIT
-for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$sport") 2>/dev/null && break; sleep 0.1; done
+wait_port "$sport"
 rpid=""
 if [ -n "$rport" ]; then
   rpid=$(pgrep -f beam.smp | head -1)
   [ -n "$pin_b" ] && taskset -a -pc 0 "$rpid" >/dev/null
 fi
-cpu() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ s += $1 } END { printf "%.0f", s }'; }
 $pin_c "$perf" --port "$sport" --mode publish --stream floor --messages "$n" | tail -1
 [ -n "$rport" ] && $pin_c "$perf" --port "$rport" --mode publish --stream floor --messages "$n" | tail -1
 seg=$(ls "$data"/streams/*/*.segment | head -1)
@@ -67,10 +65,10 @@ EOF
 
 consume() { # label port pid
   local a b out
-  a=$(cpu "$3")
+  a=$(cpu_ns "$3")
   out=$($pin_c "$perf" --port "$2" --mode consume --stream floor --messages "$n" 2>&1 | tail -1)
-  b=$(cpu "$3")
-  awk -v l="$1" -v r="$(sed -n 's/.* rate=\([0-9]*\).*/\1/p' <<<"$out")" -v d=$((b - a)) -v n="$n" \
+  b=$(cpu_ns "$3")
+  awk -v l="$1" -v r="$(sed -n 's/.* rate=\([0-9]*\).*/\1/p' <<<"$out")" -v d="$(cpu_delta "$a" "$b")" -v n="$n" \
     'BEGIN { printf "%-8s %10d msg/s  %6.2f ns CPU/msg\n", l, r, d / n }'
 }
 

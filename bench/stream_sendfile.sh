@@ -8,6 +8,7 @@
 # directory with WARREN_STREAM__SENDFILE=false, then =true, and consumes all of them
 # from first each time: msg/s and broker CPU per message (/proc/<pid>/task/*/schedstat).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 n=10000000 rounds=3 ports=5690:5691
 while getopts "n:r:P:" o; do
   case $o in n) n=$OPTARG ;; r) rounds=$OPTARG ;; P) ports=$OPTARG ;; *) exit 2 ;; esac
@@ -16,17 +17,14 @@ shift $((OPTIND - 1))
 [ $# -eq 2 ] || { sed -n 2,9p "$0"; exit 2; }
 bin=$1 perf=$2
 IFS=: read -r sport aport <<<"$ports"
-pin_b="" pin_c=""
-if [ "$(nproc)" -ge 2 ]; then pin_b="taskset -c 0" pin_c="taskset -c 1"; fi
 data=$(mktemp -d /tmp/warren-sendfile.XXXXXX)
 trap 'rm -rf "$data"' EXIT
-cpu_ns() { for f in /proc/"$1"/task/*/schedstat; do t=${f%/schedstat}; echo "${t##*/} $(cut -d' ' -f1 "$f" 2>/dev/null)"; done; }
 pid=""
 start() {
   WARREN_STREAM__SENDFILE=$1 WARREN_AMQP_PORT=$aport WARREN_STREAM__LISTENERS__TCP__DEFAULT=$sport \
     WARREN_ADMIN_ENABLED=false WARREN_DATA_DIR=$data $pin_b "$bin" >/dev/null 2>&1 &
   pid=$!
-  for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$sport") 2>/dev/null && break; sleep 0.1; done
+  wait_port "$sport"
 }
 stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; }
 start true
@@ -38,8 +36,7 @@ for _ in $(seq "$rounds"); do
     t0=$(cpu_ns "$pid")
     out=$($pin_c "$perf" --port "$sport" --mode consume --stream sf --messages "$n" 2>&1 | tail -1)
     t1=$(cpu_ns "$pid")
-    ns=$(awk 'NR == FNR { a[$1] = $2; next } { d += $2 - ($1 in a ? a[$1] : 0) } END { printf "%.0f", d }' \
-      <(echo "$t0") <(echo "$t1"))
+    ns=$(cpu_delta "$t0" "$t1")
     echo "sendfile=$sf $out cpu_us_per_msg=$(awk -v d="$ns" -v n="$n" 'BEGIN { printf "%.4f", d / 1e3 / n }')"
     stop
   done

@@ -21,16 +21,13 @@
 # is not counted), divided by the messages moved. Broker pinned to CPU 0, client to
 # CPU 1. -P: the ports a warren target listens on (default 5690:5691).
 set -euo pipefail
+. "$(dirname "$0")/lib.sh"
 rounds=1 n=2000000 m=10000000 perf=target/release/examples/stream_perf wports=5690:5691
 while getopts "r:n:N:p:P:" o; do
   case $o in r) rounds=$OPTARG ;; n) n=$OPTARG ;; N) m=$OPTARG ;; p) perf=$OPTARG ;; P) wports=$OPTARG ;; *) exit 2 ;; esac
 done
 shift $((OPTIND - 1))
 [ $# -ge 1 ] || { sed -n 2,20p "$0"; exit 2; }
-pin_b="" pin_c=""
-if [ "$(nproc)" -ge 2 ]; then pin_b="taskset -c 0" pin_c="taskset -c 1"; fi
-# "tid ns" per thread of pid $1.
-cpu_ns() { for f in /proc/"$1"/task/*/schedstat; do t=${f%/schedstat}; echo "${t##*/} $(cut -d' ' -f1 "$f" 2>/dev/null)"; done; }
 
 pid="" sport="" aport="" data=""
 start_target() { # target
@@ -46,7 +43,7 @@ start_target() { # target
     WARREN_AMQP_PORT=$aport WARREN_STREAM__LISTENERS__TCP__DEFAULT=$sport WARREN_ADMIN_ENABLED=false \
       WARREN_DATA_DIR=$data $pin_b "$t" >"$data.log" 2>&1 &
     pid=$!
-    for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$sport) 2>/dev/null && break; sleep 0.1; done
+    wait_port "$sport"
   fi
 }
 stop_target() {
@@ -71,8 +68,7 @@ measure() { # label scenario stream_perf-args...
   t0=$(cpu_ns "$pid")
   out=$($pin_c "$perf" --port "$sport" --amqp-uri "amqp://guest:guest@127.0.0.1:$aport/%2f" "$@" 2>&1 | tail -1)
   t1=$(cpu_ns "$pid")
-  ns=$(awk 'NR == FNR { a[$1] = $2; next } { d += $2 - ($1 in a ? a[$1] : 0) } END { printf "%.0f", d }' \
-    <(echo "$t0") <(echo "$t1"))
+  ns=$(cpu_delta "$t0" "$t1")
   rate=$(sed -n 's/.* rate=\([0-9]*\).*/\1/p' <<<"$out")
   moved=$(sed -n 's/.* messages=\([0-9]*\).*/\1/p' <<<"$out")
   [ -n "$rate" ] || echo "$label $name failed: $out" >&2
