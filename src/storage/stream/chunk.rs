@@ -68,18 +68,13 @@ impl Header {
             return None;
         }
         let u32_at = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let u64_at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i..i + 8]);
-            u64::from_be_bytes(a)
-        };
         Some(Header {
             chunk_type: b[1],
             num_entries: u16::from_be_bytes([b[2], b[3]]),
             num_records: u32_at(4),
-            timestamp: u64_at(8) as i64,
-            epoch: u64_at(16),
-            first_offset: u64_at(24),
+            timestamp: u64_at(b, 8)? as i64,
+            epoch: u64_at(b, 16)?,
+            first_offset: u64_at(b, 24)?,
             crc: u32_at(32),
             data_len: u32_at(36),
             trailer_len: u32_at(40),
@@ -532,6 +527,13 @@ pub fn put_tracking(out: &mut BytesMut, t: &Tracking) {
     }
 }
 
+/// The big-endian u64 at `i` of `b`; None if `b` ends before it.
+pub fn u64_at(b: &[u8], i: usize) -> Option<u64> {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b.get(i..i.checked_add(8)?)?);
+    Some(u64::from_be_bytes(a))
+}
+
 /// Parse tracking records; stops at the first malformed one.
 pub fn tracking(b: &[u8]) -> Vec<Tracking> {
     let mut out = Vec::new();
@@ -547,15 +549,10 @@ pub fn tracking(b: &[u8]) -> Vec<Tracking> {
         else {
             break;
         };
-        let u64_at = |i: usize| -> Option<u64> {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(b.get(i..i + 8)?);
-            Some(u64::from_be_bytes(a))
-        };
         let v = s + len;
         match kind {
             TRK_SEQUENCE => {
-                let (Some(chunk), Some(sequence)) = (u64_at(v), u64_at(v + 8)) else {
+                let (Some(chunk), Some(sequence)) = (u64_at(b, v), u64_at(b, v + 8)) else {
                     break;
                 };
                 out.push(Tracking::Sequence {
@@ -566,7 +563,7 @@ pub fn tracking(b: &[u8]) -> Vec<Tracking> {
                 p = v + 16;
             }
             TRK_OFFSET => {
-                let Some(offset) = u64_at(v) else { break };
+                let Some(offset) = u64_at(b, v) else { break };
                 out.push(Tracking::Offset { reference, offset });
                 p = v + 8;
             }

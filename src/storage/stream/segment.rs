@@ -21,7 +21,7 @@
 //! of it holds 64), so sending a chunk's data with `sendfile(2)` touches no
 //! page of the segment in the broker.
 
-use super::chunk::{self, Header, HEADER_LEN};
+use super::chunk::{self, u64_at, Header, HEADER_LEN};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -92,12 +92,6 @@ impl IndexRecord {
     pub fn next_offset(&self) -> u64 {
         self.chunk_id + u64::from(self.num_records)
     }
-}
-
-fn u64_at(b: &[u8], i: usize) -> Option<u64> {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(b.get(i..i + 8)?);
-    Some(u64::from_be_bytes(a))
 }
 
 /// An open index file of either version.
