@@ -85,6 +85,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     runtime.block_on(async move {
+        let mut signals = Signals::register();
         let broker = match warren::start(config).await {
             Ok(b) => b,
             Err(e) => {
@@ -99,7 +100,7 @@ fn main() -> std::process::ExitCode {
             admin_https = ?broker.admin_tls_addr(),
             "warren started"
         );
-        wait_for_signal(&broker).await;
+        signals.wait(&broker).await;
         tracing::info!("shutting down");
         broker.server.shutdown();
         broker.shovels.stop_all();
@@ -118,21 +119,47 @@ fn main() -> std::process::ExitCode {
     })
 }
 
-/// Until ctrl-c or SIGTERM; SIGHUP meanwhile reloads the TLS certificates.
-async fn wait_for_signal(broker: &warren::Warren) {
+/// The signals the broker answers. Registered before the broker starts, so
+/// that a SIGTERM or ctrl-c that comes while it starts (its listeners already
+/// open) waits for it and shuts it down cleanly, flushing the store, instead
+/// of killing the process with writes still buffered.
+struct Signals {
+    /// SIGTERM, SIGINT, SIGHUP; `None` where they cannot be registered
+    /// (then only ctrl-c is waited for).
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let (Ok(mut term), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
-        ) {
-            let ctrl_c = tokio::signal::ctrl_c();
-            tokio::pin!(ctrl_c);
+    unix: Option<[tokio::signal::unix::Signal; 3]>,
+}
+
+impl Signals {
+    fn register() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let unix = match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::hangup()),
+            ) {
+                (Ok(term), Ok(int), Ok(hup)) => Some([term, int, hup]),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+                    tracing::warn!(error = %e, "cannot register signal handlers; only ctrl-c stops the broker");
+                    None
+                }
+            };
+            Signals { unix }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    /// Until ctrl-c or SIGTERM; SIGHUP meanwhile reloads the TLS certificates.
+    async fn wait(&mut self, broker: &warren::Warren) {
+        #[cfg(unix)]
+        if let Some([term, int, hup]) = &mut self.unix {
             loop {
                 tokio::select! {
-                    _ = &mut ctrl_c => return,
                     _ = term.recv() => return,
+                    _ = int.recv() => return,
                     _ = hup.recv() => {
                         tracing::info!("SIGHUP: reloading TLS certificates");
                         // Failures are logged; the old certificates stay in use.
@@ -141,8 +168,9 @@ async fn wait_for_signal(broker: &warren::Warren) {
                 }
             }
         }
+        let _ = broker;
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Raise the open-files limit to its hard maximum: every AMQP connection is a file

@@ -12,6 +12,18 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// A SIGTERM that comes while the broker is still starting (its AMQP port
+/// already open) is a clean shutdown, as later: exit status 0, after the
+/// final flush, not death by the signal with writes still buffered.
+#[test]
+fn sigterm_while_starting_is_a_clean_shutdown() {
+    let dir = data_dir("sigterm-starting");
+    for round in 0..5 {
+        let status = common::process::terminate_once_listening(dir.path());
+        assert!(status.success(), "round {round}: {status}");
+    }
+}
+
 fn persistent() -> BasicProperties {
     BasicProperties::default().with_delivery_mode(2)
 }

@@ -703,16 +703,7 @@ impl Proc {
     }
 
     fn stop(&mut self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..200 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill9();
+        common::process::stop_cleanly(&mut self.child);
     }
 }
 

@@ -609,17 +609,7 @@ async fn spawn_process(dir: &std::path::Path) -> (std::process::Child, String) {
 }
 
 fn stop_process(mut child: std::process::Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..100 {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    common::process::stop_cleanly(&mut child);
 }
 
 /// The tenancy parts of a definitions export, for comparison.

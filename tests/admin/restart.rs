@@ -31,17 +31,7 @@ pub(crate) async fn spawn_process(dir: &std::path::Path) -> (std::process::Child
 }
 
 pub(crate) fn stop_process(mut child: std::process::Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    for _ in 0..100 {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    crate::common::process::stop_cleanly(&mut child);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

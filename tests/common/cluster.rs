@@ -166,22 +166,25 @@ impl Node {
         );
     }
 
-    /// SIGTERM, and wait for the exit.
+    /// SIGTERM, and wait for a clean exit (status 0: it shut down, it was
+    /// not killed by the signal).
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        for _ in 0..200 {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(25));
+        match super::process::terminate(&mut child) {
+            Some(status) => assert!(
+                status.success(),
+                "{} did not shut down cleanly on SIGTERM: {status}; log:\n{}",
+                self.ip,
+                self.log()
+            ),
+            None => panic!(
+                "{} did not stop within 10 s of SIGTERM; log:\n{}",
+                self.ip,
+                self.log()
+            ),
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 
     /// Listen for the Stream protocol on a free port.

@@ -31,17 +31,7 @@ impl BrokerProcess {
 
     /// Like [`start`](Self::start), with more `WARREN_*` settings.
     pub async fn start_with(dir: &Path, env: &[(&str, &str)]) -> BrokerProcess {
-        let port = free_port();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_warren"))
-            .envs(env.iter().copied())
-            .env("WARREN_AMQP_PORT", port.to_string())
-            .env("WARREN_BIND", "127.0.0.1")
-            .env("WARREN_ADMIN_ENABLED", "false")
-            .env("WARREN_DATA_DIR", dir)
-            .env("WARREN_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn warren");
+        let (mut child, port) = spawn(dir, env);
         for _ in 0..200 {
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
@@ -85,20 +75,78 @@ impl BrokerProcess {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM and wait for a clean exit.
+    /// SIGTERM and wait for a clean exit (see [`stop_cleanly`]).
     pub fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..200 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        stop_cleanly(&mut self.child);
+    }
+}
+
+/// The binary on `dir` (AMQP on a free loopback port, no admin API), not
+/// waited for.
+fn spawn(dir: &Path, env: &[(&str, &str)]) -> (Child, u16) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_warren"))
+        .envs(env.iter().copied())
+        .env("WARREN_AMQP_PORT", port.to_string())
+        .env("WARREN_BIND", "127.0.0.1")
+        .env("WARREN_ADMIN_ENABLED", "false")
+        .env("WARREN_DATA_DIR", dir)
+        .env("WARREN_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn warren");
+    (child, port)
+}
+
+/// Start the binary on `dir` and send it SIGTERM the moment its AMQP port
+/// first accepts a connection (while it may still be starting); how it
+/// exited.
+pub fn terminate_once_listening(dir: &Path) -> std::process::ExitStatus {
+    let (mut child, port) = spawn(dir, &[]);
+    let deadline = std::time::Instant::now() + super::TIMEOUT;
+    // No sleep between attempts: a refused connect returns at once, and the
+    // point is to land as close as possible to the listener's opening.
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("warren did not start on port {port}");
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        panic!("warren did not stop on SIGTERM");
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("warren exited before listening: {status}");
+        }
+    }
+    terminate(&mut child).unwrap_or_else(|| panic!("warren did not stop on SIGTERM"))
+}
+
+/// SIGTERM to `child` (sent directly, no `kill` process to start first) and
+/// its exit status, or `None` (and SIGKILL) if it has not exited within 10 s.
+pub fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) touches no memory of ours; `pid` is our own child,
+        // not yet reaped, so it cannot name another process.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    for _ in 0..400 {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// [`terminate`], asserting a clean exit: status 0, the broker shut down and
+/// flushed, it was not killed by the signal nor had to be killed after it.
+pub fn stop_cleanly(child: &mut Child) {
+    match terminate(child) {
+        Some(status) => assert!(
+            status.success(),
+            "warren did not shut down cleanly on SIGTERM: {status}"
+        ),
+        None => panic!("warren did not stop within 10 s of SIGTERM"),
     }
 }
 
