@@ -363,3 +363,61 @@ async fn kill_9_loses_no_confirmed_message() {
     }
     b.stop();
 }
+
+/// A durable exchange, queue and binding whose `-ok`s came are there after a
+/// SIGKILL sent the moment the last one came (no later confirm or clean
+/// stop flushing them meanwhile): the replies wait for the store's flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_topology_survives_an_immediate_kill_9() {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let durable_x = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let passive_q = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let none = FieldTable::default;
+    for round in 0..5 {
+        let dir = data_dir(&format!("kill9-topology-{round}"));
+        let b = Broker::start(&dir).await;
+        let conn = b.connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.exchange_declare("kx", lapin::ExchangeKind::Direct, durable_x, none())
+            .await
+            .unwrap();
+        ch.queue_declare("kq", durable, none()).await.unwrap();
+        ch.queue_bind("kq", "kx", "k", QueueBindOptions::default(), none())
+            .await
+            .unwrap();
+        b.kill9();
+        let b = Broker::start(&dir).await;
+        let conn = b.connect().await;
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        // The exchange routes to the queue: all three are there.
+        ch.basic_publish(
+            "kx",
+            "k",
+            BasicPublishOptions::default(),
+            b"m",
+            persistent(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: {e}"))
+        .await
+        .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let q = ch
+            .queue_declare("kq", passive_q, none())
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the queue is gone: {e}"));
+        assert_eq!(q.message_count(), 1, "round {round}: the binding is gone");
+        b.kill9();
+    }
+}

@@ -591,6 +591,25 @@ async fn dynamic_shovels_survive_a_restart() {
     )
     .await;
     drop(conn);
+    // One answered 201 survives a SIGKILL right after it, too (the answer
+    // waited for the store's flush).
+    let (s, body) = http(
+        "PUT",
+        &format!("{}/api/parameters/shovel/%2f/crashed", p.admin()),
+        GUEST,
+        Some(json!({"value": {"src-uri": "amqp://", "src-queue": "c", "dest-uri": "amqp://", "dest-queue": "d"}})),
+    )
+    .await;
+    assert_eq!(s, 201, "{body}");
+    let mut p = p;
+    p.kill9();
+    let p = Proc::start(&dir, None, true).await;
+    for name in ["kept", "crashed"] {
+        let url = format!("{}/api/parameters/shovel/%2f/{name}", p.admin());
+        let (s, got) = http("GET", &url, GUEST, None).await;
+        assert_eq!(s, 200, "{name}: {got}");
+    }
+    drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -557,6 +557,36 @@ async fn dedup_and_offsets_survive_kill9() {
     broker.stop();
 }
 
+/// A stream whose create was answered OK is there after a SIGKILL sent the
+/// moment the answer came (the answer waited for the store's flush).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_answered_create_survives_an_immediate_kill9() {
+    for round in 0..3 {
+        let dir = common::process::data_dir(&format!("stream-create-kill9-{round}"));
+        let port = free_port();
+        let env_port = port.to_string();
+        let settings = [("WARREN_STREAM__LISTENERS__TCP__DEFAULT", env_port.as_str())];
+        let broker = common::process::BrokerProcess::start_with(&dir, &settings).await;
+        let client = process_client(port).await;
+        let r = t(client.create_stream("kept", HashMap::new()))
+            .await
+            .expect("create");
+        assert_eq!(r.code(), &ResponseCode::Ok);
+        broker.kill9();
+        let broker = common::process::BrokerProcess::start_with(&dir, &settings).await;
+        let client = process_client(port).await;
+        let r = t(client.create_stream("kept", HashMap::new()))
+            .await
+            .expect("create again");
+        assert_eq!(
+            r.code(),
+            &ResponseCode::StreamAlreadyExists,
+            "round {round}: the stream is gone"
+        );
+        broker.kill9();
+    }
+}
+
 // ---- across protocols ----
 
 /// An AMQP 0-9-1 connection to the file's broker and a channel on it.

@@ -730,6 +730,10 @@ fn routes(state: AdminState) -> Router {
         .merge(ui::routes())
         .fallback(|| async { ApiError::not_found() })
         .layer(axum::middleware::from_fn(no_browser_challenge))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            durable_answers,
+        ))
         .with_state(state)
 }
 
@@ -789,6 +793,43 @@ fn tenancy_routes() -> Router<AdminState> {
                 .put(policies::put_operator)
                 .delete(policies::remove_operator),
         )
+}
+
+/// A request that wrote durable topology (a vhost, user, permission, queue,
+/// exchange, binding, policy, limit, parameter, definitions) is answered once
+/// the store has flushed the write, so what the API said it did survives a
+/// crash, as RabbitMQ answers after writing its metadata store. A flush that
+/// fails turns the answer into a 500: the change may be gone after a
+/// restart. (Other requests' writes made meanwhile can make one wait for a
+/// flush it did not need, no more.)
+async fn durable_answers(
+    axum::extract::State(s): axum::extract::State<AdminState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let store = match &s.broker.store {
+        Some(store)
+            if !matches!(
+                *req.method(),
+                axum::http::Method::GET | axum::http::Method::HEAD
+            ) =>
+        {
+            store.clone()
+        }
+        _ => return next.run(req).await,
+    };
+    let before = store.topology_writes();
+    let res = next.run(req).await;
+    if store.topology_writes() != before {
+        if let Err(e) = store.sync().await {
+            tracing::error!(error = %e, "cannot store an admin API change");
+            return ApiError::from(AmqpError::internal_error(format!(
+                "cannot store the change: {e}"
+            )))
+            .into_response();
+        }
+    }
+    res
 }
 
 /// Requests marked `X-Requested-With: XMLHttpRequest` (the web UI's) get their 401s

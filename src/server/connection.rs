@@ -166,6 +166,9 @@ struct Conn<R> {
     gated: Option<(u16, crate::wire::Method, Arc<crate::broker::queue::Queue>)>,
     /// The next method is answered even if its get would wait (it waited).
     skip_gate: bool,
+    /// Single node: the last method wrote durable topology; the session's
+    /// output is held until the store has flushed it (see `await_topology`).
+    topology_sync: bool,
 }
 
 /// A passive declare, basic.get, purge or checked delete of a queue homed on
@@ -239,6 +242,7 @@ where
         gated: None,
         skip_gate: false,
         skip_remote: false,
+        topology_sync: false,
     };
     let end = conn.main_loop().await;
     conn.cleanup();
@@ -277,6 +281,10 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             }
             if let Some(change) = self.commit.take() {
                 self.await_commit(change).await;
+                continue;
+            }
+            if std::mem::take(&mut self.topology_sync) {
+                self.await_topology().await;
                 continue;
             }
             if let Some(op) = self.remote.take() {
@@ -360,11 +368,32 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             return;
         };
         if let Err(why) = cluster.propose(change).await {
-            tracing::warn!(id = self.id, peer = %self.peer, "{why}");
-            let now = Instant::now();
-            while self.session.poll_transmit(now).is_some() {}
-            self.session.close(AmqpError::internal_error(why), now);
+            self.drop_held_output(why);
         }
+    }
+
+    /// Single node: the last method wrote durable topology (a durable queue,
+    /// exchange or binding declared or deleted, ...): its reply waits until
+    /// the store has flushed the write, so an answered change survives a
+    /// crash, as RabbitMQ's, which answers after writing its metadata log.
+    /// When the flush fails, the held output is dropped and the connection
+    /// closed with 541: the client must not see `-ok`.
+    async fn await_topology(&mut self) {
+        let Some(store) = self.broker.store.clone() else {
+            return;
+        };
+        if let Err(e) = store.sync().await {
+            self.drop_held_output(format!("cannot store the change: {e}"));
+        }
+    }
+
+    /// A held reply cannot be given: drop the session's output and close
+    /// the connection with 541 and `why`.
+    fn drop_held_output(&mut self, why: String) {
+        tracing::warn!(id = self.id, peer = %self.peer, "{why}");
+        let now = Instant::now();
+        while self.session.poll_transmit(now).is_some() {}
+        self.session.close(AmqpError::internal_error(why), now);
     }
 
     /// Clustered: the method is about a queue homed on another node and its
@@ -623,7 +652,11 @@ impl<R: AsyncRead + Unpin> Conn<R> {
             if let Some(end) = self.on_event(event, now) {
                 return Some(end);
             }
-            if self.commit.is_some() || self.remote.is_some() || self.gated.is_some() {
+            if self.commit.is_some()
+                || self.remote.is_some()
+                || self.gated.is_some()
+                || self.topology_sync
+            {
                 return None;
             }
             if !self.backpressure && self.backlog() > self.backlog_limit {
@@ -765,10 +798,19 @@ impl<R: AsyncRead + Unpin> Conn<R> {
                     self.transmit();
                 }
                 let Some(ctx) = &self.ctx else { return None };
+                // Single node: whether the method writes durable topology
+                // (the count also moves with other connections' writes: then
+                // the reply waits for a flush it did not need, no more).
+                let writes = match (&self.cluster, &self.broker.store) {
+                    (None, Some(store)) => Some((store, store.topology_writes())),
+                    _ => None,
+                };
                 let r = match self.session.channel(channel) {
                     Some((data, mut io)) => amqp::dispatch(ctx, data, &mut io, method, now),
                     None => Ok(()),
                 };
+                self.topology_sync =
+                    writes.is_some_and(|(store, before)| store.topology_writes() != before);
                 match r {
                     Err(e) => self.session.channel_error(channel, e, now.at),
                     Ok(()) => self.commit = change,

@@ -560,6 +560,12 @@ async fn serve<S: Sink>(
     };
     let (sac_tx, mut sac_rx) = tokio::sync::mpsc::unbounded_channel();
     let id = broker.next_connection_id();
+    // Single node: a request that wrote durable topology (a stream or super
+    // stream created or deleted) is answered once the store has flushed the
+    // write, so an answered create survives a crash; clustered, the metadata
+    // group's commit is what the answer waits for (`held_change`).
+    let store = broker.store.clone().filter(|_| cluster.is_none());
+    let mut unflushed = false;
     // Back-pressure: past the stream store's write buffer limit, no input is
     // read until the flusher catches up.
     let streams = broker.streams.clone();
@@ -598,6 +604,13 @@ async fn serve<S: Sink>(
         let now = clock::now_ms();
         if let Some(w) = session.watched() {
             watches.set(w);
+        }
+        if let Some(store) = store.as_ref().filter(|_| std::mem::take(&mut unflushed)) {
+            if let Err(e) = store.sync().await {
+                // The answers written so far do not go out.
+                tracing::warn!(%peer, error = %e, "cannot store a stream change; closing the connection");
+                break Err(std::io::Error::other(e.to_string()));
+            }
         }
         // Write what is queued; deliveries continue while there is credit.
         loop {
@@ -658,7 +671,9 @@ async fn serve<S: Sink>(
                 }
                 Ok(n) => {
                     stats.socket.received(n);
+                    let before = store.as_ref().map(crate::storage::Store::topology_writes);
                     session.handle_input(&mut rbuf, clock::now_ms());
+                    unflushed = before != store.as_ref().map(crate::storage::Store::topology_writes);
                 }
                 Err(e) => break Err(e),
             },

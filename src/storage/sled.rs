@@ -290,6 +290,8 @@ pub(super) struct Shared {
     pending_hint: AtomicUsize,
     pub(super) messages_written: AtomicU64,
     flushes: AtomicU64,
+    /// Topology records written or deleted since the store opened.
+    topology_writes: AtomicU64,
 }
 
 /// Owned by the `Store` clones; the last one to go stops the flusher.
@@ -481,6 +483,7 @@ impl Store {
             room: tokio::sync::Notify::new(),
             pending_hint: AtomicUsize::new(0),
             messages_written: AtomicU64::new(0),
+            topology_writes: AtomicU64::new(0),
             flushes: AtomicU64::new(0),
         });
         shared.recover(started, store_existed)?;
@@ -548,8 +551,16 @@ impl Store {
         Ok(out)
     }
 
+    /// How many topology records were written or deleted since the store
+    /// opened: a caller that sees it move across a change it made waits for
+    /// [`Store::sync`] before answering, so what it answers survives a crash.
+    pub fn topology_writes(&self) -> u64 {
+        self.shared().topology_writes.load(Ordering::Acquire)
+    }
+
     fn topology_written(&self) {
         let sh = self.shared();
+        sh.topology_writes.fetch_add(1, Ordering::AcqRel);
         let mut p = sh.pending.lock();
         let was_idle = p.idle();
         p.topology_dirty = true;
@@ -1063,6 +1074,19 @@ mod tests {
         let fut = store.sync();
         send(&fut);
         block_on(fut).unwrap();
+    }
+
+    #[test]
+    fn topology_writes_count_puts_and_deletes_not_reads() {
+        let dir = TempDir::new();
+        let store = Store::open(dir.path()).unwrap();
+        let start = store.topology_writes();
+        store.put_topology(TopologyKind::Queue, "q", b"{}").unwrap();
+        assert_eq!(store.topology_writes(), start + 1);
+        store.load_topology(TopologyKind::Queue).unwrap();
+        assert_eq!(store.topology_writes(), start + 1);
+        store.delete_topology(TopologyKind::Queue, "q").unwrap();
+        assert_eq!(store.topology_writes(), start + 2);
     }
 
     #[test]
