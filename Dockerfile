@@ -12,6 +12,6 @@ USER warren
 ENV WARREN_DATA_DIR=/var/lib/warren \
     WARREN_DEFAULT_USER_LOOPBACK_ONLY=false
 VOLUME ["/var/lib/warren"]
-EXPOSE 5672 15672
+EXPOSE 5672 15672 15692
 HEALTHCHECK --interval=10s --timeout=3s CMD bash -c 'exec 3<>/dev/tcp/127.0.0.1/5672' || exit 1
 ENTRYPOINT ["/usr/local/bin/warren"]

@@ -22,6 +22,12 @@ pub struct Config {
     pub admin_port: u16,
     /// Run the admin HTTP API.
     pub admin_enabled: bool,
+    /// Port of the Prometheus listener (15692, RabbitMQ's `prometheus.tcp.port`):
+    /// `/metrics` and `/metrics/per-object`, without authentication, as
+    /// `rabbitmq_prometheus` serves them. 0 picks a free port.
+    pub prometheus_port: u16,
+    /// Run the Prometheus listener.
+    pub prometheus_enabled: bool,
     /// Seconds between samples of the message counters behind the API's rates.
     pub admin_sample_interval_secs: u64,
     /// Directory of the message store and topology.
@@ -519,6 +525,8 @@ impl Default for Config {
             amqp_port: 5672,
             admin_port: 15672,
             admin_enabled: true,
+            prometheus_port: 15692,
+            prometheus_enabled: true,
             admin_sample_interval_secs: 5,
             data_dir: PathBuf::from("warren-data"),
             heartbeat: 60,
@@ -606,6 +614,7 @@ impl Config {
             bind: "127.0.0.1".into(),
             amqp_port: 0,
             admin_port: 0,
+            prometheus_enabled: false,
             data_dir: data_dir.into(),
             stream: StreamConfig {
                 listeners: StreamListeners {

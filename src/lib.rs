@@ -53,6 +53,8 @@ pub struct Warren {
     pub cluster: Option<Arc<cluster::Cluster>>,
     admin: admin::Addrs,
     admin_tls: Option<Arc<tls::ServerTls>>,
+    /// Where the Prometheus listener listens, when it is on.
+    prometheus: Option<std::net::SocketAddr>,
 }
 
 impl Warren {
@@ -82,6 +84,11 @@ impl Warren {
     /// `management.tcp = "none"`).
     pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
         self.admin.http
+    }
+
+    /// Where the Prometheus listener listens, when it is on.
+    pub fn prometheus_addr(&self) -> Option<std::net::SocketAddr> {
+        self.prometheus
     }
 
     /// Where the admin API listens over HTTPS, when configured.
@@ -118,6 +125,7 @@ impl Warren {
                 one("stream/ssl", self.stream_tls_addr()),
                 one("http", self.admin_addr()),
                 one("https", self.admin_tls_addr()),
+                one("http/prometheus", self.prometheus_addr()),
                 one("clustering", self.cluster.as_ref().map(|c| c.listen)),
             ]
             .into_iter()
@@ -252,6 +260,21 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
     } else {
         admin::Addrs::default()
     };
+    let prometheus = match config.prometheus_enabled {
+        true => {
+            let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
+            state.data_dir = Some(config.data_dir.clone());
+            let addr = format!("{host}:{}", config.prometheus_port);
+            admin::start_prometheus(&addr, state)
+                .await
+                .inspect_err(|e| {
+                    // As the Stream listener's: the broker runs without it.
+                    tracing::error!(%addr, error = %e, "prometheus listener not started");
+                })
+                .ok()
+        }
+        false => None,
+    };
     tokio::spawn(run_ticker(Arc::downgrade(&broker), config.data_dir.clone()));
     let warren = Warren {
         server,
@@ -260,6 +283,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         cluster,
         admin,
         admin_tls,
+        prometheus,
     };
     if let Some(l) = listeners {
         let _ = l.set(warren.listeners());

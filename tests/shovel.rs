@@ -682,6 +682,7 @@ impl Proc {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_warren"));
         cmd.env("WARREN_AMQP_PORT", amqp.to_string())
             .env("WARREN_BIND", "127.0.0.1")
+            .env("WARREN_PROMETHEUS_ENABLED", "false")
             .env("WARREN_DATA_DIR", dir)
             .env("WARREN_LOG", "warn")
             .stdout(std::process::Stdio::null());

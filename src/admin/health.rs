@@ -97,6 +97,8 @@ fn protocol_name(p: &str) -> Option<&'static str> {
         "http" | "management" | "http/management" => "http",
         "https" | "management/ssl" | "http/ssl" | "https/management" => "https",
         "clustering" | "cluster" | "inter-node" => "clustering",
+        "prometheus" | "http/prometheus" => "http/prometheus",
+        "https/prometheus" | "prometheus/ssl" => "unsupported",
         // Protocols warren has no listener for: always missing.
         "mqtt" | "mqtt/ssl" | "stomp" | "stomp/ssl" | "http/web-mqtt" | "http/web-stomp"
         | "amqp1.0" | "amqp10" => "unsupported",
@@ -314,6 +316,7 @@ mod tests {
         assert_eq!(protocol_name("amqps"), Some("amqp/ssl"));
         assert_eq!(protocol_name("management"), Some("http"));
         assert_eq!(protocol_name("stream"), Some("stream"));
+        assert_eq!(protocol_name("prometheus"), Some("http/prometheus"));
         assert_eq!(protocol_name("mqtt"), Some("unsupported"));
         assert_eq!(protocol_name("gopher"), None);
     }

@@ -464,9 +464,32 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     );
 }
 
-/// The Prometheus text exposition of the broker.
-pub fn render(broker: &Broker) -> String {
+/// The Prometheus text exposition of the node, as RabbitMQ's
+/// `rabbitmq_prometheus` gives it: queue figures summed over the node's
+/// queues (its default, `/metrics`), or one line per queue labelled with its
+/// vhost and name (`per_object`: `/metrics/per-object`, and warren's admin
+/// `/metrics`).
+pub fn render(state: &AdminState, per_object: bool) -> String {
+    let broker = &*state.broker;
     let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP rabbitmq_identity_info RabbitMQ node & cluster identity info\n\
+         # TYPE rabbitmq_identity_info untyped\n\
+         rabbitmq_identity_info{{rabbitmq_node=\"{}\",rabbitmq_cluster=\"{}\",rabbitmq_cluster_permanent_id=\"{}\"}} 1",
+        label(&broker.node),
+        label(&broker.cluster_name()),
+        label(&format!("warren-cluster-id-{}", broker.node)),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP rabbitmq_build_info RabbitMQ & Erlang/OTP version info\n\
+         # TYPE rabbitmq_build_info untyped\n\
+         rabbitmq_build_info{{rabbitmq_version=\"{}\",prometheus_plugin_version=\"{}\",product=\"warren\",product_version=\"{}\"}} 1",
+        super::overview::RABBITMQ_VERSION,
+        super::overview::RABBITMQ_VERSION,
+        env!("CARGO_PKG_VERSION"),
+    );
     let c = &broker.counters;
     let churn = broker.churn();
     let connections = broker.connections();
@@ -565,6 +588,48 @@ pub fn render(broker: &Broker) -> String {
         "Total number of messages confirmed to publishers",
         Counters::get(&c.confirmed),
     );
+    metric(
+        &mut out,
+        "rabbitmq_global_messages_routed_total",
+        "counter",
+        "Total number of messages routed to queues or streams",
+        Counters::get(&c.published).saturating_sub(Counters::get(&c.unroutable)),
+    );
+    // `delivered` counts basic.get's too (see `Counters`).
+    let (delivered, no_ack) = (
+        Counters::get(&c.delivered),
+        Counters::get(&c.delivered_no_ack),
+    );
+    let (got, got_no_ack) = (Counters::get(&c.got), Counters::get(&c.got_no_ack));
+    for (name, help, value) in [
+        (
+            "rabbitmq_global_messages_delivered_consume_auto_ack_total",
+            "Total number of messages delivered to consumers using basic.consume with automatic acknowledgment",
+            no_ack,
+        ),
+        (
+            "rabbitmq_global_messages_delivered_consume_manual_ack_total",
+            "Total number of messages delivered to consumers using basic.consume with manual acknowledgment",
+            delivered.saturating_sub(no_ack + got + got_no_ack),
+        ),
+        (
+            "rabbitmq_global_messages_delivered_get_auto_ack_total",
+            "Total number of messages delivered to consumers using basic.get with automatic acknowledgment",
+            got_no_ack,
+        ),
+        (
+            "rabbitmq_global_messages_delivered_get_manual_ack_total",
+            "Total number of messages delivered to consumers using basic.get with manual acknowledgment",
+            got,
+        ),
+        (
+            "rabbitmq_global_messages_get_empty_total",
+            "Total number of times basic.get operations fetched no message",
+            Counters::get(&c.get_empty),
+        ),
+    ] {
+        metric(&mut out, name, "counter", help, value);
+    }
     for (key, name, help) in [
         (
             "connection_created",
@@ -653,6 +718,53 @@ pub fn render(broker: &Broker) -> String {
             rss,
         );
     }
+    let max_fds = super::charts::fd_total().unwrap_or(0);
+    for (name, help, value) in [
+        (
+            "rabbitmq_resident_memory_limit_bytes",
+            "Memory high watermark in bytes",
+            broker.memory_watermark(),
+        ),
+        (
+            "rabbitmq_disk_space_available_bytes",
+            "Disk space available in bytes",
+            super::charts::disk_free(broker, state.data_dir.as_deref()),
+        ),
+        (
+            "rabbitmq_disk_space_available_limit_bytes",
+            "Free disk space low watermark in bytes",
+            broker.disk_free_limit(),
+        ),
+        (
+            "rabbitmq_process_open_fds",
+            "Open file descriptors",
+            super::charts::fd_used() as u64,
+        ),
+        (
+            "rabbitmq_process_max_fds",
+            "Open file descriptors limit",
+            max_fds,
+        ),
+        (
+            "rabbitmq_process_open_tcp_sockets",
+            "Open TCP sockets",
+            connections.len() as u64,
+        ),
+        (
+            "rabbitmq_process_max_tcp_sockets",
+            "Open TCP sockets limit",
+            max_fds,
+        ),
+    ] {
+        metric(&mut out, name, "gauge", help, value);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP rabbitmq_erlang_uptime_seconds Node uptime\n\
+         # TYPE rabbitmq_erlang_uptime_seconds gauge\n\
+         rabbitmq_erlang_uptime_seconds {:.3}",
+        crate::clock::now_ms().saturating_sub(state.started_at) as f64 / 1000.0
+    );
     for (name, help, pick) in [
         (
             "rabbitmq_queue_messages_ready",
@@ -687,8 +799,8 @@ pub fn render(broker: &Broker) -> String {
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (vhost, queue, s) in &queue_lines {
-            let value = [
+        let value = |s: &crate::broker::queue::QueueStats| {
+            [
                 s.ready,
                 s.unacked,
                 s.consumers,
@@ -696,27 +808,58 @@ pub fn render(broker: &Broker) -> String {
                 s.unacked_bytes,
                 s.ready + s.unacked,
                 s.ready_bytes + s.unacked_bytes,
-            ][pick];
-            let _ = writeln!(
-                out,
-                "{name}{{vhost=\"{}\",queue=\"{}\"}} {value}",
-                label(vhost),
-                label(queue)
-            );
+            ][pick]
+        };
+        if per_object {
+            for (vhost, queue, s) in &queue_lines {
+                let _ = writeln!(
+                    out,
+                    "{name}{{vhost=\"{}\",queue=\"{}\"}} {}",
+                    label(vhost),
+                    label(queue),
+                    value(s)
+                );
+            }
+        } else {
+            let sum: usize = queue_lines.iter().map(|(_, _, s)| value(s)).sum();
+            let _ = writeln!(out, "{name} {sum}");
         }
     }
     out
 }
 
-/// `GET /metrics`: no authentication, like RabbitMQ's prometheus plugin.
+/// `GET /metrics` of the admin API: one line per queue; no authentication,
+/// like RabbitMQ's prometheus plugin.
 pub async fn prometheus(State(state): State<AdminState>) -> impl IntoResponse {
+    exposition(render(&state, true))
+}
+
+fn exposition(body: String) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        render(&state.broker),
+        body,
     )
+}
+
+/// The Prometheus listener's routes (`prometheus_port`, 15692), as
+/// `rabbitmq_prometheus` serves them: `/metrics` with the queue figures
+/// summed over the node, `/metrics/per-object` with one line per queue.
+pub fn prometheus_routes(state: AdminState) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(|State(s): State<AdminState>| async move { exposition(render(&s, false)) }),
+        )
+        .route(
+            "/metrics/per-object",
+            get(|State(s): State<AdminState>| async move { exposition(render(&s, true)) }),
+        )
+        .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "Not Found") })
+        .with_state(state)
 }
 
 #[cfg(test)]

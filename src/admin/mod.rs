@@ -920,6 +920,20 @@ pub async fn start(
     Ok(addrs)
 }
 
+/// Bind the Prometheus listener on `addr` and serve
+/// [`metrics::prometheus_routes`] in the background; returns its address.
+pub async fn start_prometheus(addr: &str, state: AdminState) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = metrics::prometheus_routes(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "prometheus listener stopped");
+        }
+    });
+    Ok(local)
+}
+
 /// A field table as RabbitMQ renders arguments and headers in JSON.
 pub fn table_to_json(t: &FieldTable) -> Value {
     Value::Object(

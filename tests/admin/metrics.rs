@@ -102,3 +102,138 @@ fn rates_are_computed_from_samples() {
     assert!(r.publish > 100.0 && r.publish <= 500.0, "{r:?}");
     assert_eq!(r.ack, 0.0);
 }
+
+/// The Prometheus listener (RabbitMQ's port 15692, here a free one):
+/// `/metrics` sums the queue figures over the node, `/metrics/per-object`
+/// has one line per queue; both without credentials, with the node's
+/// identity, and listed among the node's listeners.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_listener_aggregates_and_lists_per_object() {
+    let b = start_with(|c| {
+        c.prometheus_enabled = true;
+        c.prometheus_port = 0;
+    })
+    .await;
+    let addr = b
+        ._warren
+        .as_ref()
+        .and_then(|w| w.prometheus_addr())
+        .expect("prometheus listener");
+    let conn = b.amqp("guest", "guest", "/").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    for (q, n) in [("pq1", 2), ("pq2", 3)] {
+        ch.queue_declare(q, QueueDeclareOptions::default(), FieldTable::default())
+            .await
+            .unwrap();
+        for _ in 0..n {
+            ch.basic_publish(
+                "",
+                q,
+                BasicPublishOptions::default(),
+                b"xy",
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    let got = ch
+        .basic_get("pq2", BasicGetOptions::default())
+        .await
+        .unwrap()
+        .expect("a message");
+    // (status, content type, body) of a GET on the Prometheus listener.
+    let fetch = |path: &'static str| async move {
+        let url = format!("http://{addr}{path}");
+        tokio::task::spawn_blocking(move || match ureq::get(&url).call() {
+            Ok(r) => (
+                r.status(),
+                r.content_type().to_string(),
+                r.into_string().expect("body"),
+            ),
+            Err(ureq::Error::Status(code, _)) => (code, String::new(), String::new()),
+            Err(e) => panic!("{url}: {e}"),
+        })
+        .await
+        .expect("task")
+    };
+    let (status, kind, body) = fetch("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(kind.starts_with("text/plain"), "{kind}");
+    let m = parse_metrics(&body);
+    assert_eq!(metric(&m, "rabbitmq_queues", ""), 2.0);
+    assert_eq!(metric(&m, "rabbitmq_queue_messages_ready", ""), 4.0);
+    assert_eq!(metric(&m, "rabbitmq_queue_messages_unacked", ""), 1.0);
+    assert_eq!(metric(&m, "rabbitmq_queue_messages", ""), 5.0);
+    assert_eq!(metric(&m, "rabbitmq_queue_messages_bytes", ""), 10.0);
+    assert_eq!(
+        metric(
+            &m,
+            "rabbitmq_global_messages_delivered_get_manual_ack_total",
+            ""
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "rabbitmq_global_messages_routed_total", ""), 5.0);
+    assert!(metric(&m, "rabbitmq_process_open_fds", "") > 0.0);
+    assert!(metric(&m, "rabbitmq_process_max_fds", "") > 0.0);
+    assert!(metric(&m, "rabbitmq_disk_space_available_bytes", "") > 0.0);
+    assert!(metric(&m, "rabbitmq_resident_memory_limit_bytes", "") > 0.0);
+    let identity = m
+        .iter()
+        .find(|(name, _, _)| name == "rabbitmq_identity_info")
+        .expect("identity");
+    assert!(
+        identity.1.contains("rabbitmq_node=\"warren@"),
+        "{identity:?}"
+    );
+    assert!(
+        !m.iter()
+            .any(|(name, labels, _)| name == "rabbitmq_queue_messages_ready" && !labels.is_empty()),
+        "aggregated: no per-queue lines"
+    );
+
+    let m = parse_metrics(&fetch("/metrics/per-object").await.2);
+    assert_eq!(
+        metric(
+            &m,
+            "rabbitmq_queue_messages_ready",
+            "vhost=\"/\",queue=\"pq1\""
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "rabbitmq_queue_messages_ready",
+            "vhost=\"/\",queue=\"pq2\""
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "rabbitmq_queue_messages_unacked",
+            "vhost=\"/\",queue=\"pq2\""
+        ),
+        1.0
+    );
+
+    assert_eq!(
+        fetch("/api/overview").await.0,
+        404,
+        "only the metrics there"
+    );
+    let overview = b.get("/api/overview").await;
+    let listed = overview["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .any(|l| l["protocol"] == "http/prometheus" && l["port"] == addr.port());
+    assert!(listed, "{}", overview["listeners"]);
+    let check = b
+        .get("/api/health/checks/protocol-listener/prometheus")
+        .await;
+    assert_eq!(check["status"], "ok", "{check}");
+    got.ack(BasicAckOptions::default()).await.unwrap();
+}

@@ -11,6 +11,7 @@ pub(crate) async fn spawn_process(dir: &std::path::Path) -> (std::process::Child
         .env("WARREN_AMQP_PORT", amqp.to_string())
         .env("WARREN_ADMIN_PORT", admin.to_string())
         .env("WARREN_BIND", "127.0.0.1")
+        .env("WARREN_PROMETHEUS_ENABLED", "false")
         .env("WARREN_DATA_DIR", dir)
         .env("WARREN_LOG", "warn")
         .stdout(std::process::Stdio::null())

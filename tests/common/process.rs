@@ -89,6 +89,7 @@ fn spawn(dir: &Path, env: &[(&str, &str)]) -> (Child, u16) {
         .envs(env.iter().copied())
         .env("WARREN_AMQP_PORT", port.to_string())
         .env("WARREN_BIND", "127.0.0.1")
+        .env("WARREN_PROMETHEUS_ENABLED", "false")
         .env("WARREN_ADMIN_ENABLED", "false")
         .env("WARREN_DATA_DIR", dir)
         .env("WARREN_LOG", "warn")
