@@ -206,8 +206,8 @@ fn churn_json(s: &AdminState) -> serde_json::Map<String, Value> {
     m
 }
 
-/// The management listeners, as RabbitMQ's `contexts` (with `node` in the
-/// overview's).
+/// The HTTP listeners (management and Prometheus), as RabbitMQ's
+/// `contexts` (with `node` in the overview's).
 fn contexts(s: &AdminState, node: Option<&str>) -> Vec<Value> {
     super::health::listeners(s)
         .into_iter()
@@ -219,6 +219,10 @@ fn contexts(s: &AdminState, node: Option<&str>) -> Vec<Value> {
                 "port": l.addr.port().to_string(),
                 "ssl": l.protocol == "https",
             });
+            if l.protocol == "http/prometheus" {
+                c["description"] = json!("RabbitMQ Prometheus");
+                c["protocol"] = json!(l.protocol);
+            }
             if let Some(n) = node {
                 c["node"] = json!(n);
             }

@@ -231,6 +231,13 @@ async fn prometheus_listener_aggregates_and_lists_per_object() {
         .iter()
         .any(|l| l["protocol"] == "http/prometheus" && l["port"] == addr.port());
     assert!(listed, "{}", overview["listeners"]);
+    let context = overview["contexts"]
+        .as_array()
+        .expect("contexts")
+        .iter()
+        .find(|c| c["port"].as_str().and_then(|p| p.parse().ok()) == Some(addr.port()))
+        .expect("a context of the Prometheus listener");
+    assert_eq!(context["description"], "RabbitMQ Prometheus");
     let check = b
         .get("/api/health/checks/protocol-listener/prometheus")
         .await;
