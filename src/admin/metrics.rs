@@ -464,14 +464,33 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, value: u64) {
     );
 }
 
-/// The Prometheus text exposition of the node, as RabbitMQ's
-/// `rabbitmq_prometheus` gives it: queue figures summed over the node's
-/// queues (its default, `/metrics`), or one line per queue labelled with its
-/// vhost and name (`per_object`: `/metrics/per-object`, and warren's admin
-/// `/metrics`).
-pub fn render(state: &AdminState, per_object: bool) -> String {
-    let broker = &*state.broker;
-    let mut out = String::new();
+/// Every queue's figures (of the vhosts in `only`, or all), by vhost and
+/// name: (vhost, queue, stats), a stream's consumers counting its Stream
+/// protocol subscriptions.
+fn queue_lines(
+    broker: &Broker,
+    only: Option<&[&str]>,
+) -> Vec<(String, String, crate::broker::queue::QueueStats)> {
+    let mut lines = Vec::new();
+    for v in broker.vhosts() {
+        if only.is_some_and(|only| !only.contains(&&*v.name)) {
+            continue;
+        }
+        for q in v.queues() {
+            let mut s = q.stats(crate::clock::now_ms());
+            if q.stream().is_some() {
+                s.consumers += super::stream::subscriptions_to(broker, &v.name, q.name());
+            }
+            lines.push((v.name.to_string(), q.name().to_string(), s));
+        }
+    }
+    lines.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    lines
+}
+
+/// `rabbitmq_identity_info` and `rabbitmq_build_info`, which every
+/// exposition starts with.
+fn identity(out: &mut String, broker: &Broker) {
     let _ = writeln!(
         out,
         "# HELP rabbitmq_identity_info RabbitMQ node & cluster identity info\n\
@@ -490,6 +509,169 @@ pub fn render(state: &AdminState, per_object: bool) -> String {
         super::overview::RABBITMQ_VERSION,
         env!("CARGO_PKG_VERSION"),
     );
+}
+
+/// Per-queue gauges of the detailed families: (family, metric, help, pick
+/// from ready, unacked, consumers, ready bytes, unacked bytes, messages,
+/// bytes).
+const DETAILED_QUEUE: [(&str, &str, &str, usize); 8] = [
+    (
+        "queue_coarse_metrics",
+        "rabbitmq_detailed_queue_messages_ready",
+        "Messages ready to be delivered to consumers",
+        0,
+    ),
+    (
+        "queue_coarse_metrics",
+        "rabbitmq_detailed_queue_messages_unacked",
+        "Messages delivered to consumers but not yet acknowledged",
+        1,
+    ),
+    (
+        "queue_coarse_metrics",
+        "rabbitmq_detailed_queue_messages",
+        "Sum of ready and unacknowledged messages - total queue depth",
+        5,
+    ),
+    (
+        "queue_consumer_count",
+        "rabbitmq_detailed_queue_consumers",
+        "Consumers on a queue",
+        2,
+    ),
+    (
+        "queue_metrics",
+        "rabbitmq_detailed_queue_consumers",
+        "Consumers on a queue",
+        2,
+    ),
+    (
+        "queue_metrics",
+        "rabbitmq_detailed_queue_messages_ready_bytes",
+        "Size in bytes of ready messages",
+        3,
+    ),
+    (
+        "queue_metrics",
+        "rabbitmq_detailed_queue_messages_unacked_bytes",
+        "Size in bytes of all unacknowledged messages",
+        4,
+    ),
+    (
+        "queue_metrics",
+        "rabbitmq_detailed_queue_messages_bytes",
+        "Size in bytes of ready and unacknowledged messages",
+        6,
+    ),
+];
+
+fn pick(s: &crate::broker::queue::QueueStats, which: usize) -> usize {
+    [
+        s.ready,
+        s.unacked,
+        s.consumers,
+        s.ready_bytes,
+        s.unacked_bytes,
+        s.ready + s.unacked,
+        s.ready_bytes + s.unacked_bytes,
+    ][which]
+}
+
+/// `/metrics/detailed`: the metric families named by the `family`
+/// parameters, per object, as `rabbitmq_prometheus` names them (queue
+/// families restricted to the `vhost` parameters' vhosts when given):
+/// `queue_coarse_metrics`, `queue_consumer_count`, `queue_metrics` (the
+/// figures warren keeps), `exchange_names`, `exchange_bindings`,
+/// `vhost_status`. Families it does not know give nothing, as there.
+pub fn render_detailed(state: &AdminState, params: &[(String, String)]) -> String {
+    let broker = &*state.broker;
+    let mut out = String::new();
+    identity(&mut out, broker);
+    let families: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k == "family")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let vhosts: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k == "vhost")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let asked = |f: &str| families.contains(&f);
+    if DETAILED_QUEUE.iter().any(|(f, ..)| asked(f)) {
+        let lines = queue_lines(broker, (!vhosts.is_empty()).then_some(&vhosts[..]));
+        let mut done: Vec<&str> = Vec::new();
+        for (family, name, help, which) in DETAILED_QUEUE {
+            if !asked(family) || done.contains(&name) {
+                continue;
+            }
+            done.push(name);
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (vhost, queue, s) in &lines {
+                let _ = writeln!(
+                    out,
+                    "{name}{{vhost=\"{}\",queue=\"{}\"}} {}",
+                    label(vhost),
+                    label(queue),
+                    pick(s, which)
+                );
+            }
+        }
+    }
+    for (family, name, help) in [
+        (
+            "exchange_names",
+            "rabbitmq_cluster_exchange_name",
+            "Enumerates exchanges without any additional info. This value is cluster-wide. A cheaper alternative to `exchange_bindings`",
+        ),
+        (
+            "exchange_bindings",
+            "rabbitmq_cluster_exchange_bindings",
+            "Number of bindings for an exchange. This value is cluster-wide.",
+        ),
+    ] {
+        if !asked(family) {
+            continue;
+        }
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for v in broker.vhosts() {
+            for e in v.exchanges().iter().filter(|e| !e.name.is_empty()) {
+                let value = match family {
+                    "exchange_bindings" => e.bindings().len(),
+                    _ => 1,
+                };
+                let _ = writeln!(
+                    out,
+                    "{name}{{vhost=\"{}\",exchange=\"{}\",type=\"{}\"}} {value}",
+                    label(&v.name),
+                    label(&e.name),
+                    e.type_name()
+                );
+            }
+        }
+    }
+    if asked("vhost_status") {
+        let name = "rabbitmq_cluster_vhost_status";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Whether a given vhost is running\n# TYPE {name} gauge"
+        );
+        for v in broker.vhosts() {
+            let _ = writeln!(out, "{name}{{vhost=\"{}\"}} 1", label(&v.name));
+        }
+    }
+    out
+}
+
+/// The Prometheus text exposition of the node, as RabbitMQ's
+/// `rabbitmq_prometheus` gives it: queue figures summed over the node's
+/// queues (its default, `/metrics`), or one line per queue labelled with its
+/// vhost and name (`per_object`: `/metrics/per-object`, and warren's admin
+/// `/metrics`).
+pub fn render(state: &AdminState, per_object: bool) -> String {
+    let broker = &*state.broker;
+    let mut out = String::new();
+    identity(&mut out, broker);
     let c = &broker.counters;
     let churn = broker.churn();
     let connections = broker.connections();
@@ -497,20 +679,8 @@ pub fn render(state: &AdminState, per_object: bool) -> String {
         .iter()
         .map(|c| u64::from(c.channels.load(std::sync::atomic::Ordering::Relaxed)))
         .sum();
-    let vhosts = broker.vhosts();
-    let mut queue_lines = Vec::new();
-    let mut consumers = 0u64;
-    for v in &vhosts {
-        for q in v.queues() {
-            let mut s = q.stats(crate::clock::now_ms());
-            if q.stream().is_some() {
-                s.consumers += super::stream::subscriptions_to(broker, &v.name, q.name());
-            }
-            consumers += s.consumers as u64;
-            queue_lines.push((v.name.to_string(), q.name().to_string(), s));
-        }
-    }
-    queue_lines.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    let queue_lines = queue_lines(broker, None);
+    let consumers: u64 = queue_lines.iter().map(|(_, _, s)| s.consumers as u64).sum();
     metric(
         &mut out,
         "rabbitmq_connections",
@@ -799,17 +969,7 @@ pub fn render(state: &AdminState, per_object: bool) -> String {
         ),
     ] {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        let value = |s: &crate::broker::queue::QueueStats| {
-            [
-                s.ready,
-                s.unacked,
-                s.consumers,
-                s.ready_bytes,
-                s.unacked_bytes,
-                s.ready + s.unacked,
-                s.ready_bytes + s.unacked_bytes,
-            ][pick]
-        };
+        let value = |s: &crate::broker::queue::QueueStats| self::pick(s, pick);
         if per_object {
             for (vhost, queue, s) in &queue_lines {
                 let _ = writeln!(
@@ -846,7 +1006,8 @@ fn exposition(body: String) -> impl IntoResponse {
 
 /// The Prometheus listener's routes (`prometheus_port`, 15692), as
 /// `rabbitmq_prometheus` serves them: `/metrics` with the queue figures
-/// summed over the node, `/metrics/per-object` with one line per queue.
+/// summed over the node, `/metrics/per-object` with one line per queue,
+/// `/metrics/detailed` with the families asked for ([`render_detailed`]).
 pub fn prometheus_routes(state: AdminState) -> axum::Router {
     use axum::routing::get;
     axum::Router::new()
@@ -857,6 +1018,15 @@ pub fn prometheus_routes(state: AdminState) -> axum::Router {
         .route(
             "/metrics/per-object",
             get(|State(s): State<AdminState>| async move { exposition(render(&s, true)) }),
+        )
+        .route(
+            "/metrics/detailed",
+            get(
+                |State(s): State<AdminState>,
+                 axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>| async move {
+                    exposition(render_detailed(&s, &params))
+                },
+            ),
         )
         .fallback(|| async { (axum::http::StatusCode::NOT_FOUND, "Not Found") })
         .with_state(state)

@@ -219,6 +219,33 @@ async fn prometheus_listener_aggregates_and_lists_per_object() {
         1.0
     );
 
+    // Detailed: the families asked for, per object, in the vhosts asked for.
+    let detailed =
+        "/metrics/detailed?family=queue_coarse_metrics&family=exchange_bindings&vhost=%2F";
+    let m = parse_metrics(&fetch(detailed).await.2);
+    let pq1 = "vhost=\"/\",queue=\"pq1\"";
+    assert_eq!(
+        metric(&m, "rabbitmq_detailed_queue_messages_ready", pq1),
+        2.0
+    );
+    assert_eq!(metric(&m, "rabbitmq_detailed_queue_messages", pq1), 2.0);
+    let direct = "vhost=\"/\",exchange=\"amq.direct\",type=\"direct\"";
+    assert_eq!(
+        metric(&m, "rabbitmq_cluster_exchange_bindings", direct),
+        0.0
+    );
+    let not_asked = m
+        .iter()
+        .any(|(n, _, _)| n == "rabbitmq_detailed_queue_consumers");
+    assert!(!not_asked, "a family not asked for");
+    let other = "/metrics/detailed?family=queue_coarse_metrics&vhost=other";
+    let m = parse_metrics(&fetch(other).await.2);
+    let queue_lines = m
+        .iter()
+        .filter(|(n, _, _)| n.starts_with("rabbitmq_detailed_queue"));
+    assert_eq!(queue_lines.count(), 0, "no queue of vhost 'other'");
+    assert!(m.iter().any(|(n, _, _)| n == "rabbitmq_identity_info"));
+
     assert_eq!(
         fetch("/api/overview").await.0,
         404,
