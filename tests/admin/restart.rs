@@ -110,3 +110,58 @@ async fn users_permissions_policies_vhosts_survive_restart() {
     stop_process(child);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A broker process killed if the test fails before it stops it.
+struct Reaped(Option<std::process::Child>);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What the API answered it made is there after a SIGKILL sent the moment
+/// the answer came: the answer waited for the store's flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_api_changes_survive_an_immediate_kill_9() {
+    for round in 0..5 {
+        let dir = std::env::temp_dir().join(crate::common::uniq("warren-admin-kill9"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (child, amqp, base) = spawn_process(&dir).await;
+        let first = Reaped(Some(child));
+        let b = Broker {
+            _warren: None,
+            amqp: ([127, 0, 0, 1], amqp).into(),
+            base,
+        };
+        b.ok("PUT", "/api/queues/%2F/api-kept", json!({"durable": true}))
+            .await;
+        b.ok(
+            "PUT",
+            "/api/policies/%2F/api-lim",
+            json!({"pattern": "^api-", "definition": {"max-length": 7}}),
+        )
+        .await;
+        drop(first); // SIGKILL
+        let (child, amqp, base) = spawn_process(&dir).await;
+        let mut second = Reaped(Some(child));
+        let b = Broker {
+            _warren: None,
+            amqp: ([127, 0, 0, 1], amqp).into(),
+            base,
+        };
+        let (s, q) = b.call("GET", "/api/queues/%2F/api-kept", GUEST, None).await;
+        assert_eq!(s, 200, "round {round}: the queue is gone: {q}");
+        let (s, p) = b
+            .call("GET", "/api/policies/%2F/api-lim", GUEST, None)
+            .await;
+        assert_eq!(s, 200, "round {round}: the policy is gone: {p}");
+        if let Some(child) = second.0.take() {
+            stop_process(child);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
