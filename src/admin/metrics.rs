@@ -565,6 +565,27 @@ const DETAILED_QUEUE: [(&str, &str, &str, usize); 8] = [
     ),
 ];
 
+/// Gauge `name`, one line per queue of `lines` labelled with its vhost and
+/// name, its value [`pick`]ed by `which`.
+fn per_queue(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    lines: &[(String, String, crate::broker::queue::QueueStats)],
+    which: usize,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (vhost, queue, s) in lines {
+        let _ = writeln!(
+            out,
+            "{name}{{vhost=\"{}\",queue=\"{}\"}} {}",
+            label(vhost),
+            label(queue),
+            pick(s, which)
+        );
+    }
+}
+
 fn pick(s: &crate::broker::queue::QueueStats, which: usize) -> usize {
     [
         s.ready,
@@ -606,16 +627,7 @@ pub fn render_detailed(state: &AdminState, params: &[(String, String)]) -> Strin
                 continue;
             }
             done.push(name);
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (vhost, queue, s) in &lines {
-                let _ = writeln!(
-                    out,
-                    "{name}{{vhost=\"{}\",queue=\"{}\"}} {}",
-                    label(vhost),
-                    label(queue),
-                    pick(s, which)
-                );
-            }
+            per_queue(&mut out, name, help, &lines, which);
         }
     }
     for (family, name, help) in [
@@ -968,21 +980,17 @@ pub fn render(state: &AdminState, per_object: bool) -> String {
             6,
         ),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        let value = |s: &crate::broker::queue::QueueStats| self::pick(s, pick);
         if per_object {
-            for (vhost, queue, s) in &queue_lines {
-                let _ = writeln!(
-                    out,
-                    "{name}{{vhost=\"{}\",queue=\"{}\"}} {}",
-                    label(vhost),
-                    label(queue),
-                    value(s)
-                );
-            }
+            per_queue(&mut out, name, help, &queue_lines, pick);
         } else {
-            let sum: usize = queue_lines.iter().map(|(_, _, s)| value(s)).sum();
-            let _ = writeln!(out, "{name} {sum}");
+            let sum: usize = queue_lines
+                .iter()
+                .map(|(_, _, s)| self::pick(s, pick))
+                .sum();
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {sum}"
+            );
         }
     }
     out
