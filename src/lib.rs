@@ -247,23 +247,22 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
             tls,
             handshake_timeout: tls::handshake_timeout(&config),
         });
-    let mut listeners = None;
+    // One state for the admin API and the Prometheus listener (the node's
+    // start time, its data directory's file system, its listeners).
+    let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
+    state.tls = tls_listeners(server.tls(), admin_tls.as_ref(), cluster.as_ref());
+    state.data_dir = Some(config.data_dir.clone());
+    state.config_file = config.config_file.clone();
+    state.cluster = cluster.clone();
+    let listeners = Arc::clone(&state.listeners);
     let admin = if http.is_some() || https.is_some() {
         let every = std::time::Duration::from_secs(config.admin_sample_interval_secs.max(1));
-        let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
-        state.tls = tls_listeners(server.tls(), admin_tls.as_ref(), cluster.as_ref());
-        state.data_dir = Some(config.data_dir.clone());
-        state.config_file = config.config_file.clone();
-        state.cluster = cluster.clone();
-        listeners = Some(Arc::clone(&state.listeners));
-        admin::start(http.as_deref(), https, state, every).await?
+        admin::start(http.as_deref(), https, state.clone(), every).await?
     } else {
         admin::Addrs::default()
     };
     let prometheus = match config.prometheus_enabled {
         true => {
-            let mut state = admin::AdminState::new(Arc::clone(&broker), Arc::clone(&shovels));
-            state.data_dir = Some(config.data_dir.clone());
             let addr = format!("{host}:{}", config.prometheus_port);
             admin::start_prometheus(&addr, state)
                 .await
@@ -285,9 +284,7 @@ pub async fn start(config: Config) -> Result<Warren, StartError> {
         admin_tls,
         prometheus,
     };
-    if let Some(l) = listeners {
-        let _ = l.set(warren.listeners());
-    }
+    let _ = listeners.set(warren.listeners());
     Ok(warren)
 }
 
