@@ -605,7 +605,9 @@ async fn serve<S: Sink>(
         if let Some(w) = session.watched() {
             watches.set(w);
         }
-        if let Some(store) = store.as_ref().filter(|_| std::mem::take(&mut unflushed)) {
+        // (`unflushed` is only ever set with a store.)
+        if let Some(store) = store.as_ref().filter(|_| unflushed) {
+            unflushed = false;
             if let Err(e) = store.sync().await {
                 // The answers written so far do not go out.
                 tracing::warn!(%peer, error = %e, "cannot store a stream change; closing the connection");
